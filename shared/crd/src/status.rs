@@ -1,0 +1,41 @@
+//! Status of the custom resources: `observedGeneration` and Gateway-API-style conditions.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition type: the object is valid enough to be compiled into a snapshot.
+pub const CONDITION_ACCEPTED: &str = "Accepted";
+/// Condition type: every object this one references exists.
+pub const CONDITION_RESOLVED_REFS: &str = "ResolvedRefs";
+/// Condition type: the snapshot holding this generation was ACKed by the dataplanes.
+pub const CONDITION_PROGRAMMED: &str = "Programmed";
+
+/// Observed state of a ModelRoute.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRouteStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Observed state of a ModelServer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelServerStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Selected pods that are Running and Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_pods: Option<i32>,
+    /// Selected pods in any state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_pods: Option<i32>,
+    /// When the engine metrics of this ModelServer's pods were last scraped successfully (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scrape_time: Option<String>,
+}

@@ -1,0 +1,10 @@
+//! Compiles `proto/` with protox (pure Rust), so building needs no system `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = "../../proto";
+    let file = "switchyard/routing/v1/routing.proto";
+    println!("cargo:rerun-if-changed={proto_root}/{file}");
+    let descriptors = protox::compile([file], [proto_root])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}
