@@ -1,1 +1,19 @@
+//! switchyard-controller: turns ModelRoute / ModelServer / Pod state and scraped
+//! engine load into versioned routing snapshots, and streams them to dataplanes.
+//!
+//! Layout:
+//! - [`compile`]: the pure core, inputs -> snapshot + per-object reports;
+//! - [`local`]: local mode, objects read from YAML files in a directory;
+//! - [`scrape`]: engine `/metrics` and `/v1/models` scraping and parsing;
+//! - [`xds`]: the snapshot stream server (versions, nonces, ACK/NACK);
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`app`]: wires the pieces together for `main`.
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod compile;
+pub mod local;
+pub mod scrape;
+pub mod xds;

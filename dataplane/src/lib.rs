@@ -1,1 +1,23 @@
+//! switchyard-dataplane: a stateless OpenAI-compatible proxy. It routes with the
+//! latest snapshot pushed by the controller plus its own in-flight counts.
+//!
+//! Where a request goes, in order:
+//! - [`request`]: parse only what routing needs from the body (model, stream);
+//! - [`routing`]: find the ModelRoute, its first matching rule, a weighted target;
+//! - [`scheduling`]: pick a pod of that ModelServer (local in-flight counts);
+//! - [`proxy`]: the HTTP server and the upstream call, streaming through.
+//!
+//! Around it: [`snapshot`] (validate + atomically swap the routing table),
+//! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug).
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod error;
+pub mod proxy;
+pub mod request;
+pub mod routing;
+pub mod scheduling;
+pub mod snapshot;
+pub mod xds_client;

@@ -1,1 +1,7 @@
+//! End-to-end test support for Switchyard.
+//!
+//! - [`mock_engine`]: `switchyard-mock-engine`, an OpenAI-compatible fake vLLM / SGLang server that
+//!   stands in for model pods in end-to-end tests and the demo.
+#![forbid(unsafe_code)]
 
+pub mod mock_engine;

@@ -3,11 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod duration;
+pub mod manifests;
 pub mod model_route;
 pub mod model_server;
 pub mod status;
 
 pub use duration::{GoDurationError, parse_go_duration};
+pub use manifests::{CrdManifest, crd_yaml, crd_yaml_stream};
 pub use model_route::{
     BodyMatch, ModelMatch, ModelRoute, ModelRouteSpec, ParentReference, RateLimit, RateLimitUnit, Rule,
     StringMatch, TargetModel,

@@ -2,38 +2,55 @@
 
 use std::collections::BTreeMap;
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::status::ModelRouteStatus;
 
 /// Routes requests by their `model` (or LoRA adapter name) to weighted ModelServers.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "networking.serving.volcano.sh",
     version = "v1alpha1",
     kind = "ModelRoute",
+    doc = "Routes OpenAI-style requests by their `model` (or LoRA adapter name) to weighted ModelServers.",
     namespaced,
     status = "ModelRouteStatus",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"MODEL","type":"string","jsonPath":".spec.modelName"}"#,
     printcolumn = r#"{"name":"ACCEPTED","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"PROGRAMMED","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+// `has()` guards: both fields are optional, and CEL errors (rather than yields false) on a missing field.
+#[x_kube(validation = Rule::new(
+    "(has(self.modelName) && self.modelName != '') || (has(self.loraAdapters) && size(self.loraAdapters) > 0)"
+).message("ModelName and LoraAdapters cannot both be empty"))]
+// A LoRA adapter name only means something to the pods that loaded it, never to an external provider.
+#[x_kube(validation = Rule::new(
+    "!has(self.loraAdapters) || size(self.loraAdapters) == 0 || self.rules.all(r, r.targetModels.all(t, !has(t.externalModelProviderName) || t.externalModelProviderName == ''))"
+).message("a route with loraAdapters cannot target an ExternalModelProvider"))]
 #[serde(rename_all = "camelCase")]
 pub struct ModelRouteSpec {
-    /// The request `model` this route serves (a base model, LoRA or virtual name).
+    /// The request `model` this route serves (a base model, LoRA or virtual name). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("modelName is immutable"))]
     pub model_name: Option<String>,
     /// Further request `model` values (LoRA adapter names) this route serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10), inner(length(min = 1)))]
     pub lora_adapters: Vec<String>,
     /// Gateways this route attaches to (accepted for compatibility).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // Gateway API's own bound for a route's parentRefs.
+    #[schemars(length(max = 32))]
     pub parent_refs: Vec<ParentReference>,
     /// Ordered rules; the first whose `modelMatch` holds wins.
-    pub rules: Vec<Rule>,
+    // Spelled out because `KubeSchema` re-declares this struct inside a function that imports
+    // `kube::core::Rule` (the CEL rule type), which would shadow our `Rule` there.
+    #[schemars(length(max = 16))]
+    pub rules: Vec<crate::model_route::Rule>,
     /// Token rate limit for the whole route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
@@ -43,21 +60,32 @@ pub struct ModelRouteSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ParentReference {
+    /// API group of the parent; absent = `gateway.networking.k8s.io`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Kind of the parent; absent = `Gateway`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// Namespace of the parent; absent = the route's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// Name of the parent.
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// A listener of the parent Gateway; absent = all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub section_name: Option<String>,
+    /// A listener port of the parent Gateway; absent = all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
 }
 
 /// One routing rule: a match and the weighted targets it sends to.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+// Weights are relative, so a rule whose weights are all 0 could never pick a target.
+#[x_kube(validation = Rule::new("self.targetModels.exists(t, !has(t.weight) || t.weight > 0)")
+    .message("the weights of a rule's targetModels must not all be 0"))]
 #[serde(rename_all = "camelCase")]
 pub struct Rule {
     /// A label for humans and logs.
@@ -67,6 +95,7 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_match: Option<ModelMatch>,
     /// Weighted destinations.
+    #[schemars(length(min = 1, max = 16))]
     pub target_models: Vec<TargetModel>,
 }
 
@@ -94,30 +123,41 @@ pub struct BodyMatch {
     pub model: Option<String>,
 }
 
-/// Matches a string exactly, by prefix, or by regular expression (unanchored).
+/// Matches a string exactly, by prefix, or by regular expression (unanchored). Only one
+/// should be set; as in the reference API this is not enforced, and `exact` wins over
+/// `prefix`, which wins over `regex`. None set = matches anything.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StringMatch {
+    /// The whole value equals this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exact: Option<String>,
+    /// The value starts with this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// RE2 syntax, unanchored: matching anywhere in the value is enough.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regex: Option<String>,
 }
 
 /// A weighted destination of a rule.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[x_kube(validation = Rule::new(
+    "(has(self.modelServerName) && self.modelServerName != '') != (has(self.externalModelProviderName) && self.externalModelProviderName != '')"
+).message("exactly one of modelServerName and externalModelProviderName must be set"))]
 #[serde(rename_all = "camelCase")]
 pub struct TargetModel {
     /// A ModelServer in the route's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub model_server_name: Option<String>,
     /// An ExternalModelProvider in the route's namespace (not served by Switchyard yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub external_model_provider_name: Option<String>,
     /// Relative weight, 0..=100; default 100.
     #[serde(default = "default_weight")]
+    #[schemars(range(min = 0, max = 100))]
     pub weight: u32,
 }
 
@@ -132,15 +172,43 @@ fn default_weight() -> u32 {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
+    /// Prompt tokens allowed per `unit`; absent = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub input_tokens_per_unit: Option<u32>,
+    /// Completion tokens allowed per `unit`; absent = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub output_tokens_per_unit: Option<u32>,
+    /// The period the token counts apply to; default `second`.
     #[serde(default)]
     pub unit: RateLimitUnit,
     /// A Redis-backed limit shared by every router (accepted for compatibility).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "global_rate_limit_schema")]
     pub global: Option<serde_json::Value>,
+}
+
+/// Kept as a raw value in Rust (Switchyard does not implement it), but its shape is still
+/// validated so a typo in a Kthena manifest is reported instead of silently ignored.
+fn global_rate_limit_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "A Redis-backed limit shared by every router (accepted for compatibility).",
+        "type": "object",
+        "nullable": true,
+        "properties": {
+            "redis": {
+                "type": "object",
+                "required": ["address"],
+                "properties": {
+                    "address": {
+                        "description": "Redis `host:port`.",
+                        "type": "string",
+                    },
+                },
+            },
+        },
+    })
 }
 
 /// The period a rate limit's token counts apply to.

@@ -1,7 +1,7 @@
 //! Status of the custom resources: `observedGeneration` and Gateway-API-style conditions.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use schemars::JsonSchema;
+use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 /// Condition type: the object is valid enough to be compiled into a snapshot.
@@ -12,22 +12,28 @@ pub const CONDITION_RESOLVED_REFS: &str = "ResolvedRefs";
 pub const CONDITION_PROGRAMMED: &str = "Programmed";
 
 /// Observed state of a ModelRoute.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelRouteStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Current conditions, at most one per `type` (a list-map, so each writer can own its types).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".to_owned()]))]
     pub conditions: Vec<Condition>,
 }
 
 /// Observed state of a ModelServer.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelServerStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Current conditions, at most one per `type` (a list-map, so each writer can own its types).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".to_owned()]))]
     pub conditions: Vec<Condition>,
     /// Selected pods that are Running and Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,5 +43,6 @@ pub struct ModelServerStatus {
     pub total_pods: Option<i32>,
     /// When the engine metrics of this ModelServer's pods were last scraped successfully (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub last_scrape_time: Option<String>,
 }

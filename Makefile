@@ -1,0 +1,33 @@
+# Switchyard: `make demo` runs the local demo, `make test` runs every test.
+CARGO ?= cargo
+
+.PHONY: all build test lint fmt crds demo demo-up demo-down
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+# The end-to-end tests start the real binaries, so build them first.
+test: build
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# Regenerates crds/ from the Rust types (a test fails when they drift).
+crds:
+	$(CARGO) run -q -p switchyard-controller --bin crdgen -- --write crds
+
+demo: build
+	e2e/demo.sh run
+
+demo-up: build
+	e2e/demo.sh up
+
+demo-down:
+	e2e/demo.sh down

@@ -1,0 +1,221 @@
+//! The pure core: ModelRoutes, ModelServers, Pods and scraped engine load in,
+//! a routing snapshot and one report per object out.
+//!
+//! No I/O and no clock reads (the time is an input), and every list in the
+//! output is built in a canonical order, so equal inputs give byte-identical
+//! protobuf encodings and therefore the same `content_version` on every
+//! controller replica.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_snapshot::{object_key, pb};
+
+use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
+
+mod report;
+mod routes;
+mod servers;
+#[cfg(test)]
+mod tests;
+
+pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
+pub use servers::DEFAULT_RETRY_INTERVAL;
+
+/// Namespace of objects whose `metadata.namespace` is unset (local files), as in Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Everything a compile reads.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileInput<'a> {
+    pub routes: &'a [ModelRoute],
+    pub servers: &'a [ModelServer],
+    pub pods: &'a [Pod],
+    pub pod_loads: &'a BTreeMap<PodKey, PodLoad>,
+    /// The compile time; becomes the snapshot's `generated_at_unix_ms`.
+    pub now_unix_ms: i64,
+}
+
+/// Everything a compile produces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compiled {
+    pub route_config: pb::RouteConfig,
+    pub endpoint_loads: pb::EndpointLoads,
+    /// One per ready endpoint of every accepted ModelServer, sorted, one per pod.
+    pub scrape_targets: Vec<ScrapeTarget>,
+    /// One per input ModelRoute and ModelServer, sorted by (kind, namespace, name).
+    pub reports: Vec<ObjectReport>,
+    pub generated_at_unix_ms: i64,
+}
+
+/// The slow-changing half of a compile: what only depends on the objects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompiledRoutes {
+    pub route_config: pb::RouteConfig,
+    pub scrape_targets: Vec<ScrapeTarget>,
+    pub reports: Vec<ObjectReport>,
+}
+
+/// Compiles routes, servers and pods, then the endpoint loads of the result.
+pub fn compile(input: &CompileInput<'_>) -> Compiled {
+    let routes = compile_route_config(input.routes, input.servers, input.pods);
+    let endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
+    Compiled {
+        route_config: routes.route_config,
+        endpoint_loads,
+        scrape_targets: routes.scrape_targets,
+        reports: routes.reports,
+        generated_at_unix_ms: input.now_unix_ms,
+    }
+}
+
+/// Validates every object, resolves references and builds the RouteConfig.
+///
+/// An invalid object is left out and reported; it never takes the rest down.
+/// When two objects of one kind share a namespace/name (possible with local
+/// files), the first one in input order wins and the others are reported as
+/// `Duplicate`.
+pub fn compile_route_config(routes: &[ModelRoute], servers: &[ModelServer], pods: &[Pod]) -> CompiledRoutes {
+    let mut reports = Vec::with_capacity(routes.len() + servers.len());
+
+    let pods_by_namespace = servers::index_pods(pods);
+    let mut compiled_servers: BTreeMap<(&str, &str), servers::CompiledServer> = BTreeMap::new();
+    let mut present_servers: BTreeSet<(&str, &str)> = BTreeSet::new();
+    for server in servers {
+        let key = (namespace_of(&server.metadata), server.metadata.name.as_deref().unwrap_or_default());
+        if !key.1.is_empty() && !present_servers.insert(key) {
+            reports.push(duplicate_report(ObjectKind::ModelServer, key, server.metadata.generation));
+            continue;
+        }
+        let (compiled, report) = servers::compile_server(server, &pods_by_namespace);
+        reports.push(report);
+        if let Some(compiled) = compiled {
+            compiled_servers.insert(key, compiled);
+        }
+    }
+
+    let known_servers = routes::KnownServers {
+        accepted: compiled_servers.keys().copied().collect(),
+        present: present_servers,
+    };
+    let mut seen_routes: BTreeSet<(&str, &str)> = BTreeSet::new();
+    let mut compiled_routes = Vec::with_capacity(routes.len());
+    for route in routes {
+        let key = (namespace_of(&route.metadata), route.metadata.name.as_deref().unwrap_or_default());
+        if !key.1.is_empty() && !seen_routes.insert(key) {
+            reports.push(duplicate_report(ObjectKind::ModelRoute, key, route.metadata.generation));
+            continue;
+        }
+        let (compiled, report) = routes::compile_route(route, &known_servers);
+        reports.push(report);
+        compiled_routes.extend(compiled);
+    }
+    // Oldest first: when several routes serve one model, the dataplane tries them in this order.
+    compiled_routes.sort_by(|a, b| {
+        (a.creation_timestamp_unix_ms, &a.namespace, &a.name).cmp(&(
+            b.creation_timestamp_unix_ms,
+            &b.namespace,
+            &b.name,
+        ))
+    });
+    // Stable: duplicates keep their input order behind the object they lost to.
+    reports.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+
+    let mut scrape_targets: Vec<ScrapeTarget> = compiled_servers
+        .values()
+        .flat_map(|compiled| compiled.scrape_targets.iter().cloned())
+        .collect();
+    scrape_targets.sort();
+    // Two ModelServers may select the same pod; loads are keyed by pod, so scrape it once.
+    scrape_targets.dedup_by(|later, earlier| later.key == earlier.key);
+
+    CompiledRoutes {
+        route_config: pb::RouteConfig {
+            routes: compiled_routes,
+            // BTreeMap order: (namespace, name).
+            servers: compiled_servers.into_values().map(|compiled| compiled.server).collect(),
+        },
+        scrape_targets,
+        reports,
+    }
+}
+
+/// One load entry per endpoint of `route_config` that has a scraped load,
+/// sorted by (namespace, pod). Cheap enough to run on every scrape.
+pub fn compile_endpoint_loads(route_config: &pb::RouteConfig, pod_loads: &BTreeMap<PodKey, PodLoad>) -> pb::EndpointLoads {
+    let mut loads: BTreeMap<(&str, &str), pb::EndpointLoad> = BTreeMap::new();
+    for server in &route_config.servers {
+        for endpoint in &server.endpoints {
+            let key = (server.namespace.as_str(), endpoint.name.as_str());
+            if loads.contains_key(&key) {
+                continue;
+            }
+            let Some(load) = pod_loads.get(&object_key(key.0, key.1)) else {
+                continue;
+            };
+            let mut models = load.models.clone();
+            models.sort();
+            models.dedup();
+            loads.insert(
+                key,
+                pb::EndpointLoad {
+                    namespace: key.0.to_owned(),
+                    pod: key.1.to_owned(),
+                    requests_waiting: finite_or_zero(load.requests_waiting),
+                    requests_running: finite_or_zero(load.requests_running),
+                    kv_cache_usage: finite_or_zero(load.kv_cache_usage),
+                    ttft_seconds: finite_or_zero(load.ttft_seconds),
+                    tpot_seconds: finite_or_zero(load.tpot_seconds),
+                    models,
+                    observed_at_unix_ms: load.observed_at_unix_ms,
+                },
+            );
+        }
+    }
+    pb::EndpointLoads {
+        loads: loads.into_values().collect(),
+    }
+}
+
+/// Engines can export NaN (e.g. a mean over zero samples); a dataplane would
+/// rightly reject such a snapshot, and "no data" is what 0 means on the wire.
+fn finite_or_zero(value: f64) -> f64 {
+    if value.is_finite() { value } else { 0.0 }
+}
+
+fn duplicate_report(kind: ObjectKind, (namespace, name): (&str, &str), generation: Option<i64>) -> ObjectReport {
+    let message = format!(
+        "another {} {namespace}/{name} came earlier in the input (local files are read in file-name order); this one is ignored",
+        kind.as_str()
+    );
+    ObjectReport {
+        kind,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        generation,
+        accepted: ConditionReport {
+            status: false,
+            reason: Reason::Duplicate,
+            message: message.clone(),
+        },
+        resolved_refs: ConditionReport {
+            status: false,
+            reason: Reason::Duplicate,
+            message: "not evaluated: the object was not accepted".to_owned(),
+        },
+        ready_pods: None,
+        total_pods: None,
+        in_snapshot: false,
+    }
+}
+
+/// `metadata.namespace`, or `default` when unset.
+pub(crate) fn namespace_of(metadata: &ObjectMeta) -> &str {
+    non_empty(metadata.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)
+}
+
+pub(crate) fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.filter(|value| !value.is_empty())
+}

@@ -1,0 +1,169 @@
+//! Per-object outcome of a compile: the facts a status writer turns into
+//! `Accepted` / `ResolvedRefs` conditions, and `/debug/objects` shows as is.
+
+use serde::Serialize;
+
+/// Which custom resource a report is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum ObjectKind {
+    ModelRoute,
+    ModelServer,
+}
+
+impl ObjectKind {
+    /// The resource's `kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ModelRoute => "ModelRoute",
+            Self::ModelServer => "ModelServer",
+        }
+    }
+}
+
+/// CamelCase condition reasons, as Kubernetes conditions spell them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Reason {
+    /// `Accepted=True`.
+    Accepted,
+    /// `ResolvedRefs=True`.
+    ResolvedRefs,
+    /// `metadata.name` is missing.
+    InvalidName,
+    /// Neither `modelName` nor any `loraAdapters`, or an empty LoRA adapter name.
+    InvalidModelName,
+    /// No rules, a rule without targets, or a target that is not exactly one backend.
+    InvalidRules,
+    /// A weight above 100, or a rule whose weights sum to 0.
+    InvalidWeights,
+    /// A header or URI regex that does not compile.
+    InvalidRegex,
+    /// A string match with several of exact/prefix/regex, or an unusable header name.
+    InvalidMatch,
+    /// A target kind Switchyard cannot route to (external model providers).
+    UnsupportedBackend,
+    /// `workloadPort.port` outside 1..=65535.
+    InvalidPort,
+    /// Empty `workloadSelector.matchLabels` (it would select nothing).
+    InvalidSelector,
+    /// A `trafficPolicy` duration that does not parse.
+    InvalidDuration,
+    /// Negative `trafficPolicy.retry.attempts`.
+    InvalidRetry,
+    /// `workloadPort.protocol` other than `http`.
+    UnsupportedProtocol,
+    /// Another object with the same namespace/name came earlier in the input.
+    Duplicate,
+    /// A target names a ModelServer that does not exist or was not accepted.
+    BackendNotFound,
+    /// The ModelServer's selector matched no pod.
+    NoMatchingPods,
+}
+
+impl Reason {
+    /// The reason as it appears in a condition.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "Accepted",
+            Self::ResolvedRefs => "ResolvedRefs",
+            Self::InvalidName => "InvalidName",
+            Self::InvalidModelName => "InvalidModelName",
+            Self::InvalidRules => "InvalidRules",
+            Self::InvalidWeights => "InvalidWeights",
+            Self::InvalidRegex => "InvalidRegex",
+            Self::InvalidMatch => "InvalidMatch",
+            Self::UnsupportedBackend => "UnsupportedBackend",
+            Self::InvalidPort => "InvalidPort",
+            Self::InvalidSelector => "InvalidSelector",
+            Self::InvalidDuration => "InvalidDuration",
+            Self::InvalidRetry => "InvalidRetry",
+            Self::UnsupportedProtocol => "UnsupportedProtocol",
+            Self::Duplicate => "Duplicate",
+            Self::BackendNotFound => "BackendNotFound",
+            Self::NoMatchingPods => "NoMatchingPods",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One condition of one object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConditionReport {
+    pub status: bool,
+    pub reason: Reason,
+    /// For humans; names the offending field. Several problems are joined with `"; "`.
+    pub message: String,
+}
+
+impl ConditionReport {
+    pub(crate) fn ok(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            status: true,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// `True` with `ok_reason` when there are no problems, else `False` with the
+    /// first problem's reason and every problem's message.
+    pub(crate) fn from_problems(problems: &[Problem], ok_reason: Reason, ok_message: &str) -> Self {
+        match problems.first() {
+            None => Self::ok(ok_reason, ok_message),
+            Some(first) => Self {
+                status: false,
+                reason: first.reason,
+                message: problems
+                    .iter()
+                    .map(|problem| problem.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            },
+        }
+    }
+}
+
+/// What the compiler concluded about one ModelRoute or ModelServer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ObjectReport {
+    pub kind: ObjectKind,
+    pub namespace: String,
+    pub name: String,
+    /// `metadata.generation`; absent for objects read from local files.
+    pub generation: Option<i64>,
+    pub accepted: ConditionReport,
+    pub resolved_refs: ConditionReport,
+    /// ModelServers only: selected pods that are Running and Ready.
+    pub ready_pods: Option<u32>,
+    /// ModelServers only: selected pods in any state.
+    pub total_pods: Option<u32>,
+    /// Whether the object is part of the published RouteConfig (an accepted
+    /// route whose every rule lost its targets is not).
+    pub in_snapshot: bool,
+}
+
+impl ObjectReport {
+    /// Accepted and every reference resolved.
+    pub fn is_healthy(&self) -> bool {
+        self.accepted.status && self.resolved_refs.status
+    }
+}
+
+/// One thing wrong with an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Problem {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Problem {
+    pub(crate) fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}

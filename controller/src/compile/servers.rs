@@ -1,0 +1,264 @@
+//! ModelServer validation and pod selection.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use switchyard_crd::{ModelServer, parse_go_duration};
+use switchyard_snapshot::{object_key, pb};
+
+use super::report::{ConditionReport, ObjectKind, ObjectReport, Problem, Reason};
+use super::{namespace_of, non_empty};
+use crate::scrape::ScrapeTarget;
+
+/// Retry interval when `trafficPolicy.retry` is set without `retryInterval`
+/// (the reference API's documented default).
+pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The only workload protocol the dataplane speaks to pods.
+const SUPPORTED_PROTOCOL: &str = "http";
+
+/// A ModelServer that passed validation, with its selected pods.
+pub(crate) struct CompiledServer {
+    pub server: pb::ModelServer,
+    pub scrape_targets: Vec<ScrapeTarget>,
+}
+
+/// Pods indexed by namespace, first occurrence of each name only (local files
+/// may repeat a pod; the first one read wins, like for routes).
+pub(crate) fn index_pods(pods: &[Pod]) -> BTreeMap<&str, BTreeMap<&str, &Pod>> {
+    let mut index: BTreeMap<&str, BTreeMap<&str, &Pod>> = BTreeMap::new();
+    for pod in pods {
+        let Some(name) = non_empty(pod.metadata.name.as_deref()) else {
+            continue;
+        };
+        index
+            .entry(namespace_of(&pod.metadata))
+            .or_default()
+            .entry(name)
+            .or_insert(pod);
+    }
+    index
+}
+
+/// Validates one ModelServer and selects its ready pods.
+pub(crate) fn compile_server(
+    server: &ModelServer,
+    pods_by_namespace: &BTreeMap<&str, BTreeMap<&str, &Pod>>,
+) -> (Option<CompiledServer>, ObjectReport) {
+    let namespace = namespace_of(&server.metadata);
+    let name = server.metadata.name.as_deref().unwrap_or_default();
+    let spec = &server.spec;
+    let mut problems = Vec::new();
+
+    if name.is_empty() {
+        problems.push(Problem::new(Reason::InvalidName, "metadata.name: must be set"));
+    }
+    let port = u16::try_from(spec.workload_port.port).ok().filter(|port| *port != 0);
+    if port.is_none() {
+        problems.push(Problem::new(
+            Reason::InvalidPort,
+            format!(
+                "spec.workloadPort.port: {} is outside 1..=65535",
+                spec.workload_port.port
+            ),
+        ));
+    }
+    let protocol = spec.workload_port.protocol.as_str();
+    if !protocol.eq_ignore_ascii_case(SUPPORTED_PROTOCOL) {
+        let message = if protocol.eq_ignore_ascii_case("https") {
+            "spec.workloadPort.protocol: https to model pods is not supported yet; use http".to_owned()
+        } else {
+            format!("spec.workloadPort.protocol: unknown protocol {protocol:?}; only http is supported")
+        };
+        problems.push(Problem::new(Reason::UnsupportedProtocol, message));
+    }
+    if spec.workload_selector.match_labels.is_empty() {
+        problems.push(Problem::new(
+            Reason::InvalidSelector,
+            "spec.workloadSelector.matchLabels: must not be empty (an empty selector would select no pod)",
+        ));
+    }
+    let traffic_policy = compile_traffic_policy(spec.traffic_policy.as_ref(), &mut problems);
+
+    let generation = server.metadata.generation;
+    let (Some(port), true) = (port, problems.is_empty()) else {
+        let accepted = ConditionReport::from_problems(&problems, Reason::Accepted, "");
+        let report = ObjectReport {
+            kind: ObjectKind::ModelServer,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            generation,
+            resolved_refs: ConditionReport {
+                status: false,
+                reason: accepted.reason,
+                message: "not evaluated: the ModelServer was not accepted".to_owned(),
+            },
+            accepted,
+            ready_pods: None,
+            total_pods: None,
+            in_snapshot: false,
+        };
+        return (None, report);
+    };
+
+    let selected: Vec<(&str, &Pod)> = pods_by_namespace
+        .get(namespace)
+        .into_iter()
+        .flat_map(|pods| pods.iter())
+        .filter(|(_, pod)| selector_matches(&spec.workload_selector.match_labels, pod))
+        .map(|(pod_name, pod)| (*pod_name, *pod))
+        .collect();
+    // BTreeMap iteration already yields pods sorted by name.
+    let ready: Vec<(&str, IpAddr)> = selected
+        .iter()
+        .filter_map(|(pod_name, pod)| ready_pod_ip(pod).map(|ip| (*pod_name, ip)))
+        .collect();
+
+    let endpoints = ready
+        .iter()
+        .map(|(pod_name, ip)| pb::Endpoint {
+            name: (*pod_name).to_owned(),
+            ip: ip.to_string(),
+        })
+        .collect();
+    let scrape_targets = ready
+        .iter()
+        .map(|(pod_name, ip)| ScrapeTarget {
+            key: object_key(namespace, pod_name),
+            addr: SocketAddr::new(*ip, port),
+            engine: spec.inference_engine,
+        })
+        .collect();
+
+    let total_pods = u32::try_from(selected.len()).unwrap_or(u32::MAX);
+    let ready_pods = u32::try_from(ready.len()).unwrap_or(u32::MAX);
+    let resolved_refs = if selected.is_empty() {
+        ConditionReport {
+            status: false,
+            reason: Reason::NoMatchingPods,
+            message: format!(
+                "spec.workloadSelector.matchLabels: {} selects no pod in namespace {namespace}; requests routed here get 503",
+                format_labels(&spec.workload_selector.match_labels)
+            ),
+        }
+    } else {
+        ConditionReport::ok(
+            Reason::ResolvedRefs,
+            format!("{ready_pods} of {total_pods} selected pods ready"),
+        )
+    };
+
+    let compiled = CompiledServer {
+        server: pb::ModelServer {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            model: non_empty(spec.model.as_deref()).map(str::to_owned),
+            inference_engine: spec.inference_engine.as_str().to_owned(),
+            port: u32::from(port),
+            traffic_policy: Some(traffic_policy),
+            endpoints,
+            generation: generation.unwrap_or(0),
+        },
+        scrape_targets,
+    };
+    let report = ObjectReport {
+        kind: ObjectKind::ModelServer,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        generation,
+        accepted: ConditionReport::ok(Reason::Accepted, ""),
+        resolved_refs,
+        ready_pods: Some(ready_pods),
+        total_pods: Some(total_pods),
+        in_snapshot: true,
+    };
+    (Some(compiled), report)
+}
+
+fn compile_traffic_policy(
+    policy: Option<&switchyard_crd::TrafficPolicy>,
+    problems: &mut Vec<Problem>,
+) -> pb::TrafficPolicy {
+    let mut compiled = pb::TrafficPolicy::default();
+    let Some(policy) = policy else {
+        return compiled;
+    };
+    if let Some(timeout) = policy.timeout.as_deref() {
+        match parse_go_duration(timeout) {
+            Ok(duration) => compiled.timeout_ms = duration_ms(duration),
+            Err(error) => problems.push(Problem::new(
+                Reason::InvalidDuration,
+                format!("spec.trafficPolicy.timeout: {error}"),
+            )),
+        }
+    }
+    if let Some(retry) = &policy.retry {
+        match u32::try_from(retry.attempts) {
+            Ok(attempts) => compiled.retry_attempts = attempts,
+            Err(_) => problems.push(Problem::new(
+                Reason::InvalidRetry,
+                format!(
+                    "spec.trafficPolicy.retry.attempts: {} is negative",
+                    retry.attempts
+                ),
+            )),
+        }
+        let interval = match retry.retry_interval.as_deref() {
+            None => Ok(DEFAULT_RETRY_INTERVAL),
+            Some(text) => parse_go_duration(text),
+        };
+        match interval {
+            Ok(duration) => compiled.retry_interval_ms = duration_ms(duration),
+            Err(error) => problems.push(Problem::new(
+                Reason::InvalidDuration,
+                format!("spec.trafficPolicy.retry.retryInterval: {error}"),
+            )),
+        }
+    }
+    compiled
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn selector_matches(match_labels: &BTreeMap<String, String>, pod: &Pod) -> bool {
+    // An empty selector is rejected before this point; guard anyway so it can never select everything.
+    if match_labels.is_empty() {
+        return false;
+    }
+    let Some(labels) = pod.metadata.labels.as_ref() else {
+        return false;
+    };
+    match_labels
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
+}
+
+/// The pod's IP when it may receive traffic: Running, condition Ready=True,
+/// not being deleted, with a parseable `status.podIP`.
+pub(crate) fn ready_pod_ip(pod: &Pod) -> Option<IpAddr> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|condition| condition.type_ == "Ready" && condition.status == "True");
+    if !ready {
+        return None;
+    }
+    status.pod_ip.as_deref()?.parse().ok()
+}
+
+fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
+    format!("{{{}}}", pairs.join(","))
+}

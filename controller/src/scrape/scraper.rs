@@ -1,0 +1,673 @@
+//! The scrape loop: polls every target's `/metrics` (and now and then
+//! `/v1/models`) and publishes the pods' loads on a watch channel.
+//!
+//! Behaviour:
+//! - Every [`ScrapeConfig::interval`] all current targets are scraped
+//!   concurrently (at most [`ScrapeConfig::max_concurrency`] at once), each
+//!   request bounded by [`ScrapeConfig::timeout`], so a dead pod costs one
+//!   timeout and never holds up the others. A pass that runs late delays the
+//!   next tick instead of bunching passes up.
+//! - A target that appears is scraped at once instead of at the next tick; a
+//!   target that disappears is dropped from the published map and its metric
+//!   series are removed right away. A target whose address or engine changed
+//!   starts over (histogram deltas across two processes would be meaningless).
+//! - A pod enters the map after its first successful `/metrics` scrape. When a
+//!   later scrape fails the pod keeps its last [`PodLoad`] unchanged; its
+//!   `observed_at_unix_ms` is not refreshed, so consumers see how old it is.
+//! - `/v1/models` is fetched with the first scrape of a pod, then every
+//!   [`ScrapeConfig::models_interval`] (retried every pass while it fails).
+//! - A new map is published only when it differs from the previous one.
+//! - The task ends when the target sender or every load receiver is dropped.
+//!
+//! Metrics (on the registry given to [`Scraper::spawn`]):
+//! - `switchyard_controller_scrape_duration_seconds{engine}`: histogram of
+//!   `/metrics` scrapes, failed ones included;
+//! - `switchyard_controller_scrape_errors_total{pod,reason}`: failed `/metrics`
+//!   and `/v1/models` requests, `reason` one of [`ScrapeErrorReason`];
+//! - `switchyard_controller_scrape_age_seconds{pod}`: time since the pod's last
+//!   successful `/metrics` scrape, updated after every pass; the series exists
+//!   from the first success on.
+//!
+//! Both per-pod series are removed when the pod leaves the target list, which
+//! keeps their cardinality bounded by the live pods.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, info, warn};
+
+use super::{
+    EngineSample, HistogramTotals, PodKey, PodLoad, ScrapeTarget, interval_mean, parse_engine_page,
+};
+
+/// Kthena's `METRICS_SCRAPE_INTERVAL` default; fast enough for load-aware
+/// routing, cheap enough for hundreds of pods.
+pub const DEFAULT_SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
+/// Below the interval so a pass with a dead pod still ends before the next tick,
+/// yet long enough for a busy Python engine to render its page.
+pub const DEFAULT_SCRAPE_TIMEOUT: Duration = Duration::from_millis(750);
+/// The loaded models (LoRA adapters) change rarely; 10 s keeps `/v1/models`
+/// traffic at a tenth of `/metrics` while adapters show up quickly.
+pub const DEFAULT_MODELS_INTERVAL: Duration = Duration::from_secs(10);
+/// Enough parallel scrapes that even a few hundred pods finish well inside one
+/// interval, without opening a socket per pod at once on big clusters.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
+/// Real vLLM pages are ~60 KiB; 8 MiB leaves room for many models and LoRA
+/// label sets while bounding the memory a misbehaving pod can make us hold.
+pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+/// Below the 5 s keep-alive of uvicorn (which serves vLLM and SGLang), so we
+/// drop an idle connection before the server does and never reuse one it is
+/// closing; with 1 s scrapes a pod's connection is reused long before this.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// One connection for `/metrics` and one for a concurrent `/v1/models`.
+const POOL_MAX_IDLE_PER_HOST: usize = 2;
+/// Ask for the classic text format, which is what [`super::prometheus_text`]
+/// parses, rather than OpenMetrics.
+const METRICS_ACCEPT: &str = "text/plain;version=0.0.4;q=1,*/*;q=0.1";
+
+/// Published map of pod loads; shared, never mutated in place.
+pub type PodLoads = Arc<BTreeMap<PodKey, PodLoad>>;
+
+/// Tuning of the scrape loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScrapeConfig {
+    /// Time between the starts of two scrape passes.
+    pub interval: Duration,
+    /// Bound on one request (connect, response and body).
+    pub timeout: Duration,
+    /// Time between two `/v1/models` fetches of one pod.
+    pub models_interval: Duration,
+    /// Most scrapes in flight at once.
+    pub max_concurrency: usize,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_SCRAPE_INTERVAL,
+            timeout: DEFAULT_SCRAPE_TIMEOUT,
+            models_interval: DEFAULT_MODELS_INTERVAL,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+        }
+    }
+}
+
+impl ScrapeConfig {
+    /// Rejects values the loop cannot run with.
+    pub fn validate(&self) -> Result<(), ScrapeConfigError> {
+        if self.interval.is_zero() {
+            return Err(ScrapeConfigError::ZeroInterval);
+        }
+        if self.timeout.is_zero() {
+            return Err(ScrapeConfigError::ZeroTimeout);
+        }
+        if self.max_concurrency == 0 {
+            return Err(ScrapeConfigError::ZeroConcurrency);
+        }
+        Ok(())
+    }
+}
+
+/// An unusable [`ScrapeConfig`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScrapeConfigError {
+    #[error("the scrape interval must be greater than zero")]
+    ZeroInterval,
+    #[error("the scrape timeout must be greater than zero")]
+    ZeroTimeout,
+    #[error("the scrape concurrency must be at least 1")]
+    ZeroConcurrency,
+}
+
+/// Why [`Scraper::spawn`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScraperError {
+    #[error("invalid scrape configuration: {0}")]
+    InvalidConfig(#[from] ScrapeConfigError),
+    /// E.g. the scrape metrics are already registered on this registry.
+    #[error("registering the scrape metrics failed: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// The `reason` label of `switchyard_controller_scrape_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ScrapeErrorReason {
+    /// No TCP connection could be made.
+    Connect,
+    /// No complete response within the scrape timeout.
+    Timeout,
+    /// The pod answered with a non-2xx status.
+    HttpStatus,
+    /// The exchange broke after connecting (reset, malformed HTTP, body read error).
+    Transport,
+    /// The answer was unusable: too large, not UTF-8, malformed exposition
+    /// text or JSON, or no engine metrics on the page.
+    Parse,
+}
+
+impl ScrapeErrorReason {
+    /// Every reason, for removing a pod's series.
+    pub const ALL: [Self; 5] = [
+        Self::Connect,
+        Self::Timeout,
+        Self::HttpStatus,
+        Self::Transport,
+        Self::Parse,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::HttpStatus => "http_status",
+            Self::Transport => "transport",
+            Self::Parse => "parse",
+        }
+    }
+}
+
+/// A running scrape loop.
+#[derive(Debug)]
+pub struct Scraper {
+    /// Latest loads of the scraped pods, keyed by pod.
+    pub loads: watch::Receiver<PodLoads>,
+    /// The loop; abort it to stop scraping.
+    pub task: JoinHandle<()>,
+}
+
+impl Scraper {
+    /// Registers the scrape metrics on `registry` and starts the loop on the
+    /// current Tokio runtime (call it from within one). The target list is read
+    /// at every pass, and a change to it is acted on at once.
+    pub fn spawn(
+        config: ScrapeConfig,
+        targets: watch::Receiver<Vec<ScrapeTarget>>,
+        registry: &Registry,
+    ) -> Result<Self, ScraperError> {
+        config.validate()?;
+        if config.timeout >= config.interval {
+            warn!(
+                timeout = ?config.timeout,
+                interval = ?config.interval,
+                "scrape timeout is not below the interval: a dead pod will stretch scrape passes"
+            );
+        }
+        let metrics = ScrapeMetrics::register(registry)?;
+        let (loads_sender, loads) = watch::channel(PodLoads::default());
+        let worker = Worker {
+            client: http_client(),
+            config,
+            metrics,
+            pods: BTreeMap::new(),
+            loads: loads_sender,
+        };
+        let task = tokio::spawn(worker.run(targets));
+        Ok(Self { loads, task })
+    }
+}
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+struct ScrapeMetrics {
+    duration: HistogramVec,
+    errors: IntCounterVec,
+    age: GaugeVec,
+}
+
+impl ScrapeMetrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_controller_scrape_duration_seconds",
+                "Duration of engine /metrics scrapes, failed ones included.",
+            ),
+            &["engine"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "switchyard_controller_scrape_errors_total",
+                "Failed engine /metrics and /v1/models requests, by pod and reason.",
+            ),
+            &["pod", "reason"],
+        )?;
+        let age = GaugeVec::new(
+            Opts::new(
+                "switchyard_controller_scrape_age_seconds",
+                "Seconds since the pod's last successful /metrics scrape.",
+            ),
+            &["pod"],
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(age.clone()))?;
+        Ok(Self {
+            duration,
+            errors,
+            age,
+        })
+    }
+
+    fn count_error(&self, pod: &str, reason: ScrapeErrorReason) {
+        self.errors.with_label_values(&[pod, reason.as_str()]).inc();
+    }
+
+    fn remove_pod(&self, pod: &str) {
+        // Absent series are fine: a pod may never have failed or succeeded.
+        let _ = self.age.remove_label_values(&[pod]);
+        for reason in ScrapeErrorReason::ALL {
+            let _ = self.errors.remove_label_values(&[pod, reason.as_str()]);
+        }
+    }
+}
+
+/// What the loop remembers about one target.
+struct PodState {
+    target: ScrapeTarget,
+    /// `None` until the first successful `/metrics` scrape.
+    load: Option<PodLoad>,
+    previous_ttft: Option<HistogramTotals>,
+    previous_tpot: Option<HistogramTotals>,
+    models: Vec<String>,
+    models_refreshed_at: Option<Instant>,
+    last_success: Option<Instant>,
+    age_gauge: Option<Gauge>,
+    metrics_failing: bool,
+    models_failing: bool,
+}
+
+impl PodState {
+    fn new(target: ScrapeTarget) -> Self {
+        Self {
+            target,
+            load: None,
+            previous_ttft: None,
+            previous_tpot: None,
+            models: Vec::new(),
+            models_refreshed_at: None,
+            last_success: None,
+            age_gauge: None,
+            metrics_failing: false,
+            models_failing: false,
+        }
+    }
+
+    fn models_due(&self, now: Instant, models_interval: Duration) -> bool {
+        self.models_refreshed_at
+            .is_none_or(|refreshed| now.saturating_duration_since(refreshed) >= models_interval)
+    }
+}
+
+struct Worker {
+    config: ScrapeConfig,
+    client: HttpClient,
+    metrics: ScrapeMetrics,
+    pods: BTreeMap<PodKey, PodState>,
+    loads: watch::Sender<PodLoads>,
+}
+
+impl Worker {
+    async fn run(mut self, mut targets: watch::Receiver<Vec<ScrapeTarget>>) {
+        let mut ticker = tokio::time::interval(self.config.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let current = targets.borrow_and_update().clone();
+                    self.reconcile(&current);
+                    let all: Vec<ScrapeTarget> =
+                        self.pods.values().map(|pod| pod.target.clone()).collect();
+                    self.scrape(all).await;
+                }
+                changed = targets.changed() => {
+                    if changed.is_err() {
+                        debug!("scrape target sender dropped, stopping the scrape loop");
+                        return;
+                    }
+                    let current = targets.borrow_and_update().clone();
+                    let added = self.reconcile(&current);
+                    self.scrape(added).await;
+                }
+                () = self.loads.closed() => {
+                    debug!("every pod load receiver dropped, stopping the scrape loop");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Aligns the pod states with `targets` and returns the targets that need a
+    /// first scrape. With duplicate keys the last target wins.
+    fn reconcile(&mut self, targets: &[ScrapeTarget]) -> Vec<ScrapeTarget> {
+        let desired: BTreeMap<&PodKey, &ScrapeTarget> =
+            targets.iter().map(|target| (&target.key, target)).collect();
+
+        let departed: Vec<PodKey> = self
+            .pods
+            .iter()
+            .filter(|(key, pod)| desired.get(key).is_none_or(|target| **target != pod.target))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in departed {
+            self.pods.remove(&key);
+            self.metrics.remove_pod(&key);
+        }
+
+        let mut added = Vec::new();
+        for (key, target) in desired {
+            if !self.pods.contains_key(key) {
+                self.pods.insert(key.clone(), PodState::new(target.clone()));
+                added.push(target.clone());
+            }
+        }
+        added
+    }
+
+    async fn scrape(&mut self, targets: Vec<ScrapeTarget>) {
+        let started = Instant::now();
+        let jobs: Vec<(ScrapeTarget, bool)> = targets
+            .into_iter()
+            .map(|target| {
+                let models_due = self
+                    .pods
+                    .get(&target.key)
+                    .is_some_and(|pod| pod.models_due(started, self.config.models_interval));
+                (target, models_due)
+            })
+            .collect();
+        let client = &self.client;
+        let timeout = self.config.timeout;
+        let results: Vec<PodScrape> = futures::stream::iter(jobs)
+            .map(|(target, fetch_models)| scrape_pod(client, target, timeout, fetch_models))
+            .buffer_unordered(self.config.max_concurrency)
+            .collect()
+            .await;
+        for result in results {
+            self.apply(result);
+        }
+        self.update_ages();
+        self.publish();
+    }
+
+    fn apply(&mut self, scrape: PodScrape) {
+        let metrics = &self.metrics;
+        let Some(pod) = self.pods.get_mut(&scrape.target.key) else {
+            return;
+        };
+        if pod.target != scrape.target {
+            return;
+        }
+        let key = scrape.target.key.as_str();
+        metrics
+            .duration
+            .with_label_values(&[scrape.target.engine.as_str()])
+            .observe(scrape.metrics_duration.as_secs_f64());
+
+        if let Some(models) = scrape.models {
+            match models {
+                Ok(models) => {
+                    if pod.models_failing {
+                        info!(pod = key, "/v1/models scrape recovered");
+                    }
+                    pod.models_failing = false;
+                    pod.models_refreshed_at = Some(scrape.finished_at);
+                    if let Some(load) = &mut pod.load {
+                        load.models.clone_from(&models);
+                    }
+                    pod.models = models;
+                }
+                Err(error) => {
+                    metrics.count_error(key, error.reason());
+                    if pod.models_failing {
+                        debug!(pod = key, %error, "/v1/models scrape failed");
+                    } else {
+                        warn!(pod = key, %error, "/v1/models scrape failed");
+                    }
+                    pod.models_failing = true;
+                }
+            }
+        }
+
+        match scrape.metrics {
+            Ok(sample) => {
+                if pod.metrics_failing {
+                    info!(pod = key, "/metrics scrape recovered");
+                }
+                pod.metrics_failing = false;
+                pod.load = Some(PodLoad {
+                    requests_waiting: sample.requests_waiting,
+                    requests_running: sample.requests_running,
+                    kv_cache_usage: sample.kv_cache_usage,
+                    ttft_seconds: interval_mean(pod.previous_ttft, sample.ttft),
+                    tpot_seconds: interval_mean(pod.previous_tpot, sample.tpot),
+                    models: pod.models.clone(),
+                    observed_at_unix_ms: scrape.observed_at_unix_ms,
+                });
+                pod.previous_ttft = Some(sample.ttft);
+                pod.previous_tpot = Some(sample.tpot);
+                pod.last_success = Some(scrape.finished_at);
+                if pod.age_gauge.is_none() {
+                    pod.age_gauge = Some(metrics.age.with_label_values(&[key]));
+                }
+            }
+            Err(error) => {
+                metrics.count_error(key, error.reason());
+                if pod.metrics_failing {
+                    debug!(pod = key, %error, "/metrics scrape failed");
+                } else {
+                    warn!(pod = key, %error, "/metrics scrape failed, keeping the last values");
+                }
+                pod.metrics_failing = true;
+            }
+        }
+    }
+
+    fn update_ages(&self) {
+        let now = Instant::now();
+        for pod in self.pods.values() {
+            if let (Some(gauge), Some(last_success)) = (&pod.age_gauge, pod.last_success) {
+                gauge.set(now.saturating_duration_since(last_success).as_secs_f64());
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let loads: BTreeMap<PodKey, PodLoad> = self
+            .pods
+            .iter()
+            .filter_map(|(key, pod)| pod.load.clone().map(|load| (key.clone(), load)))
+            .collect();
+        self.loads.send_if_modified(|current| {
+            if **current == loads {
+                false
+            } else {
+                *current = Arc::new(loads);
+                true
+            }
+        });
+    }
+}
+
+/// Outcome of scraping one pod in one pass.
+struct PodScrape {
+    target: ScrapeTarget,
+    metrics: Result<EngineSample, FetchError>,
+    metrics_duration: Duration,
+    observed_at_unix_ms: i64,
+    /// `None` when `/v1/models` was not due.
+    models: Option<Result<Vec<String>, FetchError>>,
+    finished_at: Instant,
+}
+
+async fn scrape_pod(
+    client: &HttpClient,
+    target: ScrapeTarget,
+    timeout: Duration,
+    fetch_models: bool,
+) -> PodScrape {
+    let metrics = async {
+        let started = Instant::now();
+        let result = fetch(client, target.addr, "/metrics", METRICS_ACCEPT, timeout)
+            .await
+            .and_then(|body| {
+                let text = std::str::from_utf8(&body).map_err(|_| FetchError::NotUtf8)?;
+                Ok(parse_engine_page(target.engine, text)?)
+            });
+        (result, started.elapsed(), unix_millis_now())
+    };
+    let models = async {
+        if fetch_models {
+            Some(fetch_models_list(client, target.addr, timeout).await)
+        } else {
+            None
+        }
+    };
+    let ((metrics, metrics_duration, observed_at_unix_ms), models) =
+        tokio::join!(metrics, models);
+    PodScrape {
+        target,
+        metrics,
+        metrics_duration,
+        observed_at_unix_ms,
+        models,
+        finished_at: Instant::now(),
+    }
+}
+
+/// OpenAI-compatible `GET /v1/models` answer; only the ids matter.
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ModelCard>,
+}
+
+#[derive(Deserialize)]
+struct ModelCard {
+    id: String,
+}
+
+/// The ids of the served models, sorted and without duplicates so that equal
+/// sets compare equal whatever order the engine lists them in.
+async fn fetch_models_list(
+    client: &HttpClient,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Vec<String>, FetchError> {
+    let body = fetch(client, addr, "/v1/models", "application/json", timeout).await?;
+    let list: ModelList = serde_json::from_slice(&body)?;
+    let ids: BTreeSet<String> = list.data.into_iter().map(|card| card.id).collect();
+    Ok(ids.into_iter().collect())
+}
+
+/// One failed request, internal; its [`ScrapeErrorReason`] is what gets counted.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("connect failed: {0}")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("no complete response within the scrape timeout")]
+    Timeout,
+    #[error("unexpected HTTP status {0}")]
+    HttpStatus(StatusCode),
+    #[error("request failed: {0}")]
+    Request(#[source] hyper_util::client::legacy::Error),
+    #[error("building the request failed: {0}")]
+    BuildRequest(#[source] http::Error),
+    #[error("reading the body failed: {0}")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the body is larger than {MAX_RESPONSE_BYTES} bytes")]
+    BodyTooLarge,
+    #[error("the body is not UTF-8")]
+    NotUtf8,
+    #[error("{0}")]
+    EnginePage(#[from] super::EnginePageError),
+    #[error("invalid /v1/models JSON: {0}")]
+    ModelsJson(#[from] serde_json::Error),
+}
+
+impl FetchError {
+    fn reason(&self) -> ScrapeErrorReason {
+        match self {
+            Self::Connect(_) => ScrapeErrorReason::Connect,
+            Self::Timeout => ScrapeErrorReason::Timeout,
+            Self::HttpStatus(_) => ScrapeErrorReason::HttpStatus,
+            Self::Request(_) | Self::BuildRequest(_) | Self::Body(_) => {
+                ScrapeErrorReason::Transport
+            }
+            Self::BodyTooLarge | Self::NotUtf8 | Self::EnginePage(_) | Self::ModelsJson(_) => {
+                ScrapeErrorReason::Parse
+            }
+        }
+    }
+}
+
+/// `GET http://addr{path}`, whole exchange (body included) under `timeout`,
+/// body capped at [`MAX_RESPONSE_BYTES`].
+async fn fetch(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    accept: &'static str,
+    timeout: Duration,
+) -> Result<Bytes, FetchError> {
+    let request = Request::get(format!("http://{addr}{path}"))
+        .header(header::ACCEPT, accept)
+        .body(Empty::<Bytes>::new())
+        .map_err(FetchError::BuildRequest)?;
+    let exchange = async {
+        let response = client.request(request).await.map_err(|error| {
+            if error.is_connect() {
+                FetchError::Connect(error)
+            } else {
+                FetchError::Request(error)
+            }
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(FetchError::HttpStatus(status));
+        }
+        let collected = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|error| {
+                if error.is::<LengthLimitError>() {
+                    FetchError::BodyTooLarge
+                } else {
+                    FetchError::Body(error)
+                }
+            })?;
+        Ok(collected.to_bytes())
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| FetchError::Timeout)?
+}
+
+fn unix_millis_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since_epoch| i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

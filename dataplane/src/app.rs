@@ -1,0 +1,205 @@
+//! Wires the dataplane together: snapshot store, controller stream, listeners.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{Admin, AdminMetrics};
+use crate::cli::{Args, LogFormat};
+use crate::proxy::{Proxy, ProxyBody, ProxyConfig};
+use crate::snapshot::SnapshotStore;
+use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
+
+/// A client must send its request headers within this: bounds how long a
+/// slow or idle-at-start connection can hold a connection slot.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// On SIGTERM, in-flight requests (long SSE streams included) get this long to
+/// finish; matches a typical terminationGracePeriodSeconds minus headroom.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Why the dataplane could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Logs to stderr, so stdout stays free for access logs.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Runs the dataplane until `shutdown` resolves, then drains.
+pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    let controller: http::Uri = args
+        .controller
+        .parse()
+        .map_err(|error| AppError::Config(format!("--controller {:?}: {error}", args.controller)))?;
+    let traffic_addr = SocketAddr::new(args.host, args.port);
+    let metrics_addr = SocketAddr::new(args.host, args.metrics_port);
+    let debug_addr = SocketAddr::new(args.debug_addr, args.debug_port);
+
+    let store = Arc::new(SnapshotStore::new());
+    let status = Arc::new(ControllerStatus::default());
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        controller: status.clone(),
+        metrics: AdminMetrics::new(prometheus::Registry::new())?,
+    });
+    let proxy = Arc::new(Proxy::new(
+        store.clone(),
+        ProxyConfig {
+            max_body_bytes: args.max_body_bytes,
+        },
+    ));
+
+    let traffic = bind(traffic_addr).await?;
+    let metrics = bind(metrics_addr).await?;
+    let debug = bind(debug_addr).await?;
+    tracing::info!(traffic = %traffic_addr, metrics = %metrics_addr, debug = %debug_addr, "switchyard-dataplane listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let xds = xds_client::spawn(
+        XdsClientConfig {
+            controller,
+            node_id: args.resolved_node_id(),
+            ..XdsClientConfig::default()
+        },
+        store.clone(),
+        status.clone(),
+        wait_for_stop(stop_rx.clone()),
+    );
+
+    let traffic_server = tokio::spawn(serve(traffic, stop_rx.clone(), move |request| {
+        let proxy = proxy.clone();
+        async move { proxy.handle(request).await }
+    }));
+    let metrics_admin = admin.clone();
+    let metrics_server = tokio::spawn(serve(metrics, stop_rx.clone(), move |request| {
+        let admin = metrics_admin.clone();
+        async move { admin.handle_metrics_port(&request) }
+    }));
+    let debug_server = tokio::spawn(serve(debug, stop_rx, move |request| {
+        let admin = admin.clone();
+        async move { admin.handle_debug_port(&request) }
+    }));
+
+    shutdown.await;
+    tracing::info!("shutting down: draining in-flight requests");
+    let _ = stop_tx.send(true);
+    let _ = tokio::join!(traffic_server, metrics_server, debug_server, xds);
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
+}
+
+async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Accepts HTTP/1.1 and HTTP/2 connections until `stop`, then waits up to
+/// [`DRAIN_TIMEOUT`] for open connections to finish.
+pub async fn serve<H, F>(listener: TcpListener, stop: watch::Receiver<bool>, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    let stopped = wait_for_stop(stop);
+    tokio::pin!(stopped);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off briefly instead of spinning.
+                    tracing::warn!(error = %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stopped => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(request).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+}

@@ -1,0 +1,64 @@
+//! Command-line flags of `switchyard-dataplane`.
+
+use std::net::IpAddr;
+
+use clap::Parser;
+
+/// Default traffic port, as the reference router's.
+pub const DEFAULT_PORT: u16 = 8080;
+/// Default Prometheus port, as the reference router's.
+pub const DEFAULT_METRICS_PORT: u16 = 9090;
+/// Default debug port, as the reference router's.
+pub const DEFAULT_DEBUG_PORT: u16 = 15000;
+
+/// Stateless OpenAI-compatible LLM router driven by switchyard-controller.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "switchyard-dataplane", version)]
+pub struct Args {
+    /// Controller snapshot stream, e.g. http://switchyard-controller:15010.
+    #[arg(long, env = "SWITCHYARD_CONTROLLER")]
+    pub controller: String,
+    /// Address the traffic and metrics listeners bind to.
+    #[arg(long, env = "SWITCHYARD_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// Traffic port (OpenAI API, /healthz, /readyz).
+    #[arg(long, env = "SWITCHYARD_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Prometheus /metrics port (also /healthz and /readyz).
+    #[arg(long, env = "SWITCHYARD_METRICS_PORT", default_value_t = DEFAULT_METRICS_PORT)]
+    pub metrics_port: u16,
+    /// Debug endpoints port.
+    #[arg(long, env = "SWITCHYARD_DEBUG_PORT", default_value_t = DEFAULT_DEBUG_PORT)]
+    pub debug_port: u16,
+    /// Address of the debug listener; loopback by default because debug dumps are for operators on the node.
+    #[arg(long, env = "SWITCHYARD_DEBUG_ADDR", default_value = "127.0.0.1")]
+    pub debug_addr: IpAddr,
+    /// Request bodies larger than this are refused with 413.
+    #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = crate::proxy::DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Identity reported to the controller (defaults to $POD_NAME, then $HOSTNAME, then a random id).
+    #[arg(long, env = "SWITCHYARD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Application log format.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Application log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Args {
+    /// The node id to report: flag, then pod/host name, then a random id.
+    pub fn resolved_node_id(&self) -> String {
+        self.node_id
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| format!("dataplane-{}", uuid::Uuid::new_v4()))
+    }
+}

@@ -1,0 +1,138 @@
+//! Errors the dataplane returns to HTTP clients, as OpenAI-style JSON:
+//! `{"error":{"message":"…","type":"…","code":"…"}}`.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+
+/// Why a request failed before or while reaching an engine. Each kind has a
+/// fixed status, OpenAI error `type` and `code`, so clients and dashboards can
+/// branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The path is not one of the served API paths.
+    UnknownPath,
+    /// The path exists but not for this method.
+    MethodNotAllowed,
+    /// The body exceeds `--max-body-bytes`.
+    BodyTooLarge,
+    /// The body is not valid JSON / UTF-8, or not a JSON object.
+    InvalidBody,
+    /// `Content-Type` is not JSON.
+    UnsupportedMediaType,
+    /// `model` is missing or not a string.
+    InvalidModel,
+    /// No ModelRoute serves this model (or none of its rules matched).
+    RouteNotFound,
+    /// The dataplane has not received its first snapshot yet.
+    NotReady,
+    /// The chosen ModelServer has no ready pod.
+    NoReadyPod,
+    /// Every attempt to connect to a pod failed.
+    UpstreamUnavailable,
+    /// The pod did not answer with headers within the ModelServer's timeout.
+    UpstreamTimeout,
+    /// The pod's connection failed after the request was sent.
+    UpstreamFailed,
+}
+
+impl ErrorKind {
+    /// HTTP status returned to the client.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::UnknownPath | Self::RouteNotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InvalidBody | Self::InvalidModel | Self::UnsupportedMediaType => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::NotReady | Self::NoReadyPod | Self::UpstreamUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Stable machine-readable code (`error.code`), also the metrics `error_type`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::UnknownPath => "unknown_path",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BodyTooLarge => "body_too_large",
+            Self::InvalidBody => "invalid_request_body",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::InvalidModel => "invalid_model",
+            Self::RouteNotFound => "route_not_found",
+            Self::NotReady => "router_not_ready",
+            Self::NoReadyPod => "no_ready_pod",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamFailed => "upstream_failed",
+        }
+    }
+
+    /// OpenAI error `type`: client mistakes vs. server-side failures.
+    pub fn openai_type(self) -> &'static str {
+        if self.status().is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        }
+    }
+}
+
+/// An error response: a kind plus a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind.openai_type(),
+                "code": self.kind.code(),
+            }
+        });
+        Bytes::from(body.to_string())
+    }
+
+    /// Status, JSON content type and body, for any body type built from `Bytes`.
+    pub fn into_response<B: From<Bytes>>(self) -> http::Response<B> {
+        let mut response = http::Response::new(B::from(self.body()));
+        *response.status_mut() = self.kind.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_error_object() {
+        let error = ApiError::new(ErrorKind::RouteNotFound, "route not found for model \"x\"");
+        let body: serde_json::Value = serde_json::from_slice(&error.body()).expect("json");
+        assert_eq!(body["error"]["message"], "route not found for model \"x\"");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "route_not_found");
+        assert_eq!(ErrorKind::RouteNotFound.status(), StatusCode::NOT_FOUND);
+        assert_eq!(ErrorKind::NoReadyPod.openai_type(), "server_error");
+    }
+}

@@ -1,0 +1,20 @@
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use switchyard_dataplane::{app, cli::Args};
+
+/// Exit code for a configuration error (sysexits EX_USAGE).
+const EXIT_USAGE: i32 = 64;
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    app::init_tracing(args.log_format);
+    if let Err(error) = app::run(args, app::shutdown_signal()).await {
+        tracing::error!(error = %error, "switchyard-dataplane failed");
+        std::process::exit(match error {
+            app::AppError::Config(_) => EXIT_USAGE,
+            _ => 1,
+        });
+    }
+}

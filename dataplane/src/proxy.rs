@@ -1,0 +1,427 @@
+//! The traffic listener: OpenAI API paths in, engine responses streamed back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::error::{ApiError, ErrorKind};
+use crate::request::{parse_body, splice_model};
+use crate::routing::RequestFacts;
+use crate::scheduling::{InFlightGuard, pick_pod};
+use crate::snapshot::SnapshotStore;
+
+/// Default request body limit: large enough for 100k-token agentic prompts
+/// (~400 KB of text) many times over, small enough to bound memory per request.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// How many different pods one request may try when connections fail: the
+/// reference router's top-N of 5, enough to get past a few dead pods without
+/// making a client wait on every pod of a large ModelServer.
+pub const MAX_CONNECT_ATTEMPTS: usize = 5;
+
+/// Idle upstream connections are kept this long: engines keep connections
+/// open much longer, and reconnecting costs a handshake on the request path.
+pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Bounds connection setup to a pod when the ModelServer sets no timeout: a
+/// pod that does not accept within this is as good as gone.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The request header carrying the request id.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// API paths whose POST bodies carry a `model` and are proxied.
+const PROXIED_PATHS: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy recomputes.
+const NOT_FORWARDED: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::HOST,
+    header::CONTENT_LENGTH,
+];
+
+/// The proxy's settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub max_body_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Serves the traffic port.
+#[derive(Debug)]
+pub struct Proxy {
+    store: Arc<SnapshotStore>,
+    client: UpstreamClient,
+    config: ProxyConfig,
+}
+
+impl Proxy {
+    pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
+            .build(connector);
+        Self {
+            store,
+            client,
+            config,
+        }
+    }
+
+    /// Handles one request on the traffic port.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        let path = request.uri().path();
+        if PROXIED_PATHS.contains(&path) {
+            if request.method() != Method::POST {
+                return ApiError::new(
+                    ErrorKind::MethodNotAllowed,
+                    format!("{path} only accepts POST"),
+                )
+                .into_response();
+            }
+            return match self.proxy(request).await {
+                Ok(response) => response,
+                Err(error) => error.into_response(),
+            };
+        }
+        match (request.method(), path) {
+            (&Method::GET, "/v1/models") => match self.store.table() {
+                Some(table) => json_response(StatusCode::OK, table.models_body.clone()),
+                None => not_ready().into_response(),
+            },
+            (&Method::GET, "/healthz") => {
+                json_response(StatusCode::OK, Bytes::from_static(br#"{"message":"ok"}"#))
+            }
+            (&Method::GET, "/readyz") => readiness(&self.store),
+            _ => ApiError::new(
+                ErrorKind::UnknownPath,
+                format!("unknown path {path}: the router serves {PROXIED_PATHS:?} and /v1/models"),
+            )
+            .into_response(),
+        }
+    }
+
+    async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+        let (parts, body) = request.into_parts();
+        check_content_type(&parts.headers)?;
+        let body = read_body(body, &parts.headers, self.config.max_body_bytes).await?;
+        let parsed = parse_body(&body)?;
+        let table = self.store.table().ok_or_else(not_ready)?;
+        let decision = table
+            .index
+            .lookup(&RequestFacts {
+                model: &parsed.model,
+                path: parts.uri.path(),
+                headers: &parts.headers,
+            })
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorKind::RouteNotFound,
+                    format!("route not found for model {:?}", parsed.model),
+                )
+            })?;
+        let server = &decision.server;
+        let body = match (&server.model_rewrite_literal, decision.is_lora) {
+            (Some(literal), false) => splice_model(&body, &parsed.model_span, literal),
+            _ => body,
+        };
+        let request_id = request_id(&parts.headers);
+        let mut headers = forwarded_headers(&parts.headers);
+        headers.insert(REQUEST_ID_HEADER, request_id.clone());
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+
+        let mut tried = Vec::new();
+        loop {
+            let Some(pod) = pick_pod(&server.pods, &server.rotation, &tried, Instant::now()) else {
+                return Err(if tried.is_empty() {
+                    ApiError::new(
+                        ErrorKind::NoReadyPod,
+                        format!("no ready pod for ModelServer {}", server.key),
+                    )
+                } else {
+                    ApiError::new(
+                        ErrorKind::UpstreamUnavailable,
+                        format!(
+                            "could not connect to any pod of ModelServer {} ({} tried)",
+                            server.key,
+                            tried.len()
+                        ),
+                    )
+                });
+            };
+            let pod = pod.clone();
+            let guard = pod.begin_request();
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(pod.authority.clone())
+                .path_and_query(path_and_query.as_str())
+                .build()
+                .map_err(|error| {
+                    ApiError::new(ErrorKind::InvalidBody, format!("invalid request path: {error}"))
+                })?;
+            let mut upstream = Request::new(Full::new(body.clone()));
+            *upstream.method_mut() = Method::POST;
+            *upstream.uri_mut() = uri;
+            *upstream.headers_mut() = headers.clone();
+            let pending = self.client.request(upstream);
+            let outcome = match server.timeout {
+                Some(limit) => match tokio::time::timeout(limit, pending).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        return Err(ApiError::new(
+                            ErrorKind::UpstreamTimeout,
+                            format!(
+                                "pod {} of ModelServer {} sent no response headers within {:?}",
+                                pod.key, server.key, limit
+                            ),
+                        ));
+                    }
+                },
+                None => pending.await,
+            };
+            match outcome {
+                Ok(response) => return Ok(downstream_response(response, guard, request_id)),
+                Err(error) if error.is_connect() => {
+                    tracing::warn!(pod = %pod.key, server = %server.key, error = %error, "upstream connect failed; ejecting pod");
+                    pod.eject(Instant::now());
+                    drop(guard);
+                    tried.push(pod);
+                    if tried.len() >= MAX_CONNECT_ATTEMPTS {
+                        return Err(ApiError::new(
+                            ErrorKind::UpstreamUnavailable,
+                            format!(
+                                "could not connect to any pod of ModelServer {} ({} tried)",
+                                server.key,
+                                tried.len()
+                            ),
+                        ));
+                    }
+                }
+                Err(error) => {
+                    return Err(ApiError::new(
+                        ErrorKind::UpstreamFailed,
+                        format!("pod {} failed before responding: {error}", pod.key),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn not_ready() -> ApiError {
+    ApiError::new(
+        ErrorKind::NotReady,
+        "router is not ready: no routing snapshot received from the controller yet",
+    )
+}
+
+fn readiness(store: &SnapshotStore) -> Response<ProxyBody> {
+    match store.table() {
+        Some(_) => json_response(
+            StatusCode::OK,
+            Bytes::from_static(br#"{"message":"router is ready"}"#),
+        ),
+        None => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(br#"{"message":"router is not ready"}"#),
+        ),
+    }
+}
+
+/// Readiness response, shared with the admin listener.
+pub fn readiness_response(store: &SnapshotStore) -> Response<ProxyBody> {
+    readiness(store)
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let is_json = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| {
+            let media = media.trim();
+            media.eq_ignore_ascii_case("application/json")
+                || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case("+json"))
+        });
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorKind::UnsupportedMediaType,
+            format!(
+                "unsupported Content-Type {:?}: send application/json",
+                value.to_str().unwrap_or("<non-ASCII>")
+            ),
+        ))
+    }
+}
+
+async fn read_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::BodyTooLarge,
+            format!("request body exceeds the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(error) => Err(ApiError::new(
+            ErrorKind::InvalidBody,
+            format!("failed to read request body: {error}"),
+        )),
+    }
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .filter(|value| !value.is_empty())
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid-uuid"))
+        })
+}
+
+fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(incoming.len());
+    for (name, value) in incoming {
+        if !NOT_FORWARDED.contains(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+fn downstream_response(
+    response: Response<Incoming>,
+    guard: InFlightGuard,
+    request_id: HeaderValue,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    for name in &NOT_FORWARDED {
+        if *name != header::CONTENT_LENGTH {
+            parts.headers.remove(name);
+        }
+    }
+    parts.headers.insert(REQUEST_ID_HEADER, request_id);
+    Response::from_parts(
+        parts,
+        ProxyBody::Upstream {
+            body,
+            guard: Some(guard),
+        },
+    )
+}
+
+/// Response body: a fixed buffer, or an engine's body streamed frame by frame
+/// while holding the pod's in-flight count until it ends.
+#[derive(Debug)]
+pub enum ProxyBody {
+    Full(Full<Bytes>),
+    Upstream {
+        body: Incoming,
+        guard: Option<InFlightGuard>,
+    },
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::Full(Full::new(bytes))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|result| result.map_err(|never| match never {}))),
+            Self::Upstream { body, guard } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    guard.take();
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(full) => full.is_end_stream(),
+            Self::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(full) => full.size_hint(),
+            Self::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! Route lookup: request `model` -> ModelRoute -> first matching rule ->
+//! weighted ModelServer. Everything here is built once per snapshot by
+//! [`crate::snapshot`]; the request path only reads it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::HeaderMap;
+use http::header::HeaderName;
+use regex::Regex;
+
+use crate::scheduling::PodState;
+
+/// A ModelServer as the dataplane uses it.
+#[derive(Debug)]
+pub struct Server {
+    /// `namespace/name`.
+    pub key: String,
+    /// JSON string literal (quotes included) the request `model` is rewritten to, if any.
+    pub model_rewrite_literal: Option<String>,
+    pub model_rewrite: Option<String>,
+    /// Bounds connect + send + wait for response headers.
+    pub timeout: Option<Duration>,
+    pub retry_attempts: u32,
+    pub retry_interval: Duration,
+    /// Ready pods, in snapshot order.
+    pub pods: Vec<Arc<PodState>>,
+    /// Spreads ties between equally loaded pods.
+    pub rotation: AtomicUsize,
+}
+
+/// A compiled string condition.
+#[derive(Debug)]
+pub enum StringMatcher {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+    /// A StringMatch with no condition set matches anything.
+    Any,
+}
+
+impl StringMatcher {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(expected) => value == expected,
+            Self::Prefix(prefix) => value.starts_with(prefix.as_str()),
+            Self::Regex(regex) => regex.is_match(value),
+            Self::Any => true,
+        }
+    }
+}
+
+/// A rule's conditions; all must hold.
+#[derive(Debug, Default)]
+pub struct Matcher {
+    pub headers: Vec<(HeaderName, StringMatcher)>,
+    pub uri: Option<StringMatcher>,
+    pub body_model: Option<StringMatcher>,
+}
+
+impl Matcher {
+    fn matches(&self, request: &RequestFacts<'_>) -> bool {
+        self.headers.iter().all(|(name, matcher)| {
+            let value = request
+                .headers
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("");
+            matcher.matches(value)
+        }) && self.uri.as_ref().is_none_or(|m| m.matches(request.path))
+            && self
+                .body_model
+                .as_ref()
+                .is_none_or(|m| m.matches(request.model))
+    }
+}
+
+/// Weighted targets of a rule, picked by smooth weighted round-robin.
+///
+/// The whole smooth-WRR cycle is precomputed when the snapshot is applied, so
+/// a request only does one atomic increment: any window of requests follows
+/// the weights closely and no lock is shared between requests.
+#[derive(Debug)]
+pub struct WeightedTargets {
+    servers: Vec<Arc<Server>>,
+    /// Indices into `servers`, one full smooth-WRR period.
+    cycle: Vec<u16>,
+    next: AtomicUsize,
+}
+
+impl WeightedTargets {
+    /// `targets` with weight 0 are excluded. Returns None when no weight is positive.
+    pub fn new(targets: Vec<(Arc<Server>, u32)>) -> Option<Self> {
+        let targets: Vec<_> = targets.into_iter().filter(|(_, w)| *w > 0).collect();
+        if targets.is_empty() {
+            return None;
+        }
+        let divisor = targets.iter().fold(0, |acc, (_, w)| gcd(acc, *w));
+        let weights: Vec<i64> = targets
+            .iter()
+            .map(|(_, w)| i64::from(*w / divisor))
+            .collect();
+        let total: i64 = weights.iter().sum();
+        let mut current = vec![0i64; weights.len()];
+        let mut cycle = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            for (c, w) in current.iter_mut().zip(&weights) {
+                *c += w;
+            }
+            let (chosen, _) = current
+                .iter()
+                .enumerate()
+                .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))?;
+            current[chosen] -= total;
+            cycle.push(chosen as u16);
+        }
+        Some(Self {
+            servers: targets.into_iter().map(|(s, _)| s).collect(),
+            cycle,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn pick(&self) -> &Arc<Server> {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.cycle.len();
+        &self.servers[usize::from(self.cycle[slot])]
+    }
+
+    pub fn servers(&self) -> &[Arc<Server>] {
+        &self.servers
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// One rule of a route.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: String,
+    /// None = matches every request.
+    pub matcher: Option<Matcher>,
+    pub targets: WeightedTargets,
+}
+
+/// A ModelRoute as the dataplane uses it.
+#[derive(Debug)]
+pub struct Route {
+    /// `namespace/name`.
+    pub key: String,
+    pub model_name: String,
+    pub lora_adapters: Vec<String>,
+    pub rules: Vec<Rule>,
+}
+
+/// What a rule may look at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub model: &'a str,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// The outcome of a lookup.
+#[derive(Debug, Clone)]
+pub struct RouteDecision {
+    pub route: Arc<Route>,
+    pub rule_index: usize,
+    pub server: Arc<Server>,
+    /// The model matched a route's `loraAdapters` (no model rewrite then).
+    pub is_lora: bool,
+}
+
+/// Routes indexed by the model names they serve, oldest route first.
+#[derive(Debug, Default)]
+pub struct RouteIndex {
+    by_model_name: HashMap<String, Vec<Arc<Route>>>,
+    by_lora_adapter: HashMap<String, Vec<Arc<Route>>>,
+}
+
+impl RouteIndex {
+    /// `routes` must already be oldest first.
+    pub fn new(routes: &[Arc<Route>]) -> Self {
+        let mut index = Self::default();
+        for route in routes {
+            if !route.model_name.is_empty() {
+                index
+                    .by_model_name
+                    .entry(route.model_name.clone())
+                    .or_default()
+                    .push(route.clone());
+            }
+            for adapter in &route.lora_adapters {
+                index
+                    .by_lora_adapter
+                    .entry(adapter.clone())
+                    .or_default()
+                    .push(route.clone());
+            }
+        }
+        index
+    }
+
+    /// Routes serving `model` by name first, then by LoRA adapter; in each
+    /// group the oldest route first, falling through to the next route when
+    /// none of a route's rules match.
+    pub fn lookup(&self, request: &RequestFacts<'_>) -> Option<RouteDecision> {
+        let by_name = self.by_model_name.get(request.model).into_iter().flatten();
+        let by_lora = self
+            .by_lora_adapter
+            .get(request.model)
+            .into_iter()
+            .flatten();
+        by_name
+            .map(|route| (route, false))
+            .chain(by_lora.map(|route| (route, true)))
+            .find_map(|(route, is_lora)| {
+                let (rule_index, rule) = route.rules.iter().enumerate().find(|(_, rule)| {
+                    rule.matcher.as_ref().is_none_or(|m| m.matches(request))
+                })?;
+                Some(RouteDecision {
+                    route: route.clone(),
+                    rule_index,
+                    server: rule.targets.pick().clone(),
+                    is_lora,
+                })
+            })
+    }
+
+    /// Every model name and LoRA adapter served, sorted.
+    pub fn model_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .by_model_name
+            .keys()
+            .chain(self.by_lora_adapter.keys())
+            .map(String::as_str)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn server(key: &str) -> Arc<Server> {
+        Arc::new(Server {
+            key: key.into(),
+            model_rewrite_literal: None,
+            model_rewrite: None,
+            timeout: None,
+            retry_attempts: 0,
+            retry_interval: Duration::ZERO,
+            pods: Vec::new(),
+            rotation: AtomicUsize::new(0),
+        })
+    }
+
+    fn count_picks(targets: &WeightedTargets, n: usize) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            *counts.entry(targets.pick().key.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn smooth_wrr_follows_weights_in_every_window() {
+        let targets =
+            WeightedTargets::new(vec![(server("v1"), 70), (server("v2"), 30)]).expect("targets");
+        let counts = count_picks(&targets, 1000);
+        assert_eq!(counts["v1"], 700);
+        assert_eq!(counts["v2"], 300);
+        // Smooth: every window of 10 consecutive picks holds exactly 7/3.
+        let picks: Vec<String> = (0..100).map(|_| targets.pick().key.clone()).collect();
+        for window in picks.windows(10) {
+            let v1 = window.iter().filter(|k| *k == "v1").count();
+            assert!((6..=8).contains(&v1), "{window:?}");
+        }
+    }
+
+    #[test]
+    fn relative_weights_and_zero_excluded() {
+        let targets = WeightedTargets::new(vec![
+            (server("a"), 50),
+            (server("b"), 30),
+            (server("c"), 0),
+        ])
+        .expect("targets");
+        let counts = count_picks(&targets, 800);
+        assert_eq!(counts["a"], 500, "50/30 is 62.5%");
+        assert_eq!(counts["b"], 300);
+        assert!(!counts.contains_key("c"));
+        assert!(WeightedTargets::new(vec![(server("a"), 0)]).is_none());
+    }
+
+    fn route(key: &str, model: &str, lora: &[&str], rules: Vec<Rule>) -> Arc<Route> {
+        Arc::new(Route {
+            key: key.into(),
+            model_name: model.into(),
+            lora_adapters: lora.iter().map(|s| s.to_string()).collect(),
+            rules,
+        })
+    }
+
+    fn rule(name: &str, matcher: Option<Matcher>, target: &str) -> Rule {
+        Rule {
+            name: name.into(),
+            matcher,
+            targets: WeightedTargets::new(vec![(server(target), 100)]).expect("targets"),
+        }
+    }
+
+    fn header_matcher(name: &'static str, exact: &str) -> Matcher {
+        Matcher {
+            headers: vec![(
+                HeaderName::from_static(name),
+                StringMatcher::Exact(exact.into()),
+            )],
+            ..Matcher::default()
+        }
+    }
+
+    fn lookup(index: &RouteIndex, model: &str, headers: &HeaderMap) -> Option<(String, String, bool)> {
+        index
+            .lookup(&RequestFacts {
+                model,
+                path: "/v1/completions",
+                headers,
+            })
+            .map(|d| (d.route.key.clone(), d.server.key.clone(), d.is_lora))
+    }
+
+    #[test]
+    fn first_matching_rule_then_fall_through_then_lora() {
+        let premium = route(
+            "default/premium-only",
+            "m",
+            &[],
+            vec![rule("premium", Some(header_matcher("user-type", "premium")), "7b")],
+        );
+        let catch_all = route("default/catch-all", "m", &[], vec![rule("default", None, "1.5b")]);
+        let lora = route("default/lora", "", &["lora-A"], vec![rule("lora", None, "lora-server")]);
+        let index = RouteIndex::new(&[premium, catch_all, lora]);
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            lookup(&index, "m", &headers),
+            Some(("default/catch-all".into(), "1.5b".into(), false))
+        );
+        headers.insert("user-type", "premium".parse().expect("header"));
+        assert_eq!(
+            lookup(&index, "m", &headers),
+            Some(("default/premium-only".into(), "7b".into(), false))
+        );
+        assert_eq!(
+            lookup(&index, "lora-A", &headers),
+            Some(("default/lora".into(), "lora-server".into(), true))
+        );
+        assert_eq!(lookup(&index, "unknown", &headers), None);
+        assert_eq!(index.model_names(), vec!["lora-A", "m"]);
+    }
+
+    #[test]
+    fn string_matchers() {
+        assert!(StringMatcher::Exact("a".into()).matches("a"));
+        assert!(!StringMatcher::Exact("a".into()).matches("ab"));
+        assert!(StringMatcher::Prefix("/v1/chat".into()).matches("/v1/chat/completions"));
+        assert!(StringMatcher::Regex(Regex::new("comp").expect("regex")).matches("/v1/completions"));
+        assert!(StringMatcher::Any.matches(""));
+    }
+}

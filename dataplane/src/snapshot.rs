@@ -1,0 +1,526 @@
+//! The routing table: a validated, immutable view of one RouteConfig, swapped
+//! atomically as a whole. Per-pod state is carried from table to table.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::HeaderName;
+use parking_lot::Mutex;
+use regex::Regex;
+use switchyard_snapshot::pb;
+
+use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
+use crate::scheduling::PodState;
+use crate::xds_client::SnapshotSink;
+
+/// Why a RouteConfig was rejected (the dataplane NACKs it and keeps its table).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("duplicate ModelServer {0}")]
+    DuplicateServer(String),
+    #[error("duplicate ModelRoute {0}")]
+    DuplicateRoute(String),
+    #[error("ModelServer {server}: invalid port {port}")]
+    InvalidPort { server: String, port: u32 },
+    #[error("ModelServer {server}: pod {pod} has invalid IP {ip:?}")]
+    InvalidPodIp { server: String, pod: String, ip: String },
+    #[error("ModelServer {server}: model {model:?} cannot be used as a JSON string")]
+    InvalidModelRewrite { server: String, model: String },
+    #[error("ModelRoute {route} rule {rule}: target {server} is not in the snapshot")]
+    DanglingTarget { route: String, rule: usize, server: String },
+    #[error("ModelRoute {route} rule {rule}: no target with a positive weight")]
+    NoWeightedTarget { route: String, rule: usize },
+    #[error("ModelRoute {route} rule {rule}: invalid header name {name:?}")]
+    InvalidHeaderName { route: String, rule: usize, name: String },
+    #[error("ModelRoute {route} rule {rule}: invalid regex {pattern:?}: {reason}")]
+    InvalidRegex { route: String, rule: usize, pattern: String, reason: String },
+    #[error("ModelRoute {route}: serves no model name and no LoRA adapter")]
+    NoModelName { route: String },
+}
+
+/// One applied RouteConfig, ready for the request path.
+#[derive(Debug)]
+pub struct RoutingTable {
+    pub version: String,
+    pub applied_at: SystemTime,
+    pub routes: Vec<Arc<Route>>,
+    pub servers: Vec<Arc<Server>>,
+    pub index: RouteIndex,
+    /// Pods by `namespace/name`.
+    pub pods: HashMap<String, Arc<PodState>>,
+    /// The `GET /v1/models` response body, rendered once.
+    pub models_body: Bytes,
+    /// The RouteConfig this table was built from, for debug dumps.
+    pub source: pb::RouteConfig,
+}
+
+impl RoutingTable {
+    /// Validates `config` and builds the table, reusing `previous_pods` so
+    /// in-flight counts and loads survive the swap.
+    pub fn build(
+        version: &str,
+        config: pb::RouteConfig,
+        previous_pods: &HashMap<String, Arc<PodState>>,
+    ) -> Result<Self, SnapshotError> {
+        let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
+        let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
+        let mut servers = Vec::with_capacity(config.servers.len());
+        for server in &config.servers {
+            let built = build_server(server, previous_pods, &mut pods)?;
+            if servers_by_key
+                .insert(built.key.clone(), built.clone())
+                .is_some()
+            {
+                return Err(SnapshotError::DuplicateServer(built.key.clone()));
+            }
+            servers.push(built);
+        }
+        let mut routes = Vec::with_capacity(config.routes.len());
+        let mut route_keys = std::collections::HashSet::new();
+        for route in &config.routes {
+            let built = build_route(route, &servers_by_key)?;
+            if !route_keys.insert(built.key.clone()) {
+                return Err(SnapshotError::DuplicateRoute(built.key.clone()));
+            }
+            routes.push(Arc::new(built));
+        }
+        let index = RouteIndex::new(&routes);
+        let models_body = render_models(&index.model_names());
+        Ok(Self {
+            version: version.to_owned(),
+            applied_at: SystemTime::now(),
+            routes,
+            servers,
+            index,
+            pods,
+            models_body,
+            source: config,
+        })
+    }
+}
+
+fn build_server(
+    server: &pb::ModelServer,
+    previous_pods: &HashMap<String, Arc<PodState>>,
+    pods: &mut HashMap<String, Arc<PodState>>,
+) -> Result<Arc<Server>, SnapshotError> {
+    let key = switchyard_snapshot::object_key(&server.namespace, &server.name);
+    let port = u16::try_from(server.port)
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or(SnapshotError::InvalidPort {
+            server: key.clone(),
+            port: server.port,
+        })?;
+    let mut server_pods = Vec::with_capacity(server.endpoints.len());
+    for endpoint in &server.endpoints {
+        let ip: IpAddr = endpoint
+            .ip
+            .parse()
+            .map_err(|_| SnapshotError::InvalidPodIp {
+                server: key.clone(),
+                pod: endpoint.name.clone(),
+                ip: endpoint.ip.clone(),
+            })?;
+        let addr = SocketAddr::new(ip, port);
+        let pod_key = switchyard_snapshot::object_key(&server.namespace, &endpoint.name);
+        let pod = match pods.get(&pod_key).or_else(|| previous_pods.get(&pod_key)) {
+            Some(existing) if existing.addr == addr => existing.clone(),
+            _ => Arc::new(
+                PodState::new(pod_key.clone(), endpoint.name.clone(), addr).map_err(|_| {
+                    SnapshotError::InvalidPodIp {
+                        server: key.clone(),
+                        pod: endpoint.name.clone(),
+                        ip: endpoint.ip.clone(),
+                    }
+                })?,
+            ),
+        };
+        pods.insert(pod_key, pod.clone());
+        server_pods.push(pod);
+    }
+    let model_rewrite_literal = server
+        .model
+        .as_ref()
+        .map(|model| {
+            serde_json::to_string(model).map_err(|_| SnapshotError::InvalidModelRewrite {
+                server: key.clone(),
+                model: model.clone(),
+            })
+        })
+        .transpose()?;
+    let policy = server.traffic_policy.clone().unwrap_or_default();
+    Ok(Arc::new(Server {
+        key,
+        model_rewrite_literal,
+        model_rewrite: server.model.clone(),
+        timeout: (policy.timeout_ms > 0).then(|| Duration::from_millis(policy.timeout_ms)),
+        retry_attempts: policy.retry_attempts,
+        retry_interval: Duration::from_millis(policy.retry_interval_ms),
+        pods: server_pods,
+        rotation: AtomicUsize::new(0),
+    }))
+}
+
+fn build_route(
+    route: &pb::ModelRoute,
+    servers: &HashMap<String, Arc<Server>>,
+) -> Result<Route, SnapshotError> {
+    let key = switchyard_snapshot::object_key(&route.namespace, &route.name);
+    if route.model_name.is_empty() && route.lora_adapters.is_empty() {
+        return Err(SnapshotError::NoModelName { route: key });
+    }
+    let mut rules = Vec::with_capacity(route.rules.len());
+    for (rule_index, rule) in route.rules.iter().enumerate() {
+        let mut targets = Vec::with_capacity(rule.targets.len());
+        for target in &rule.targets {
+            let server = servers.get(&target.model_server).ok_or_else(|| {
+                SnapshotError::DanglingTarget {
+                    route: key.clone(),
+                    rule: rule_index,
+                    server: target.model_server.clone(),
+                }
+            })?;
+            targets.push((server.clone(), target.weight));
+        }
+        let targets = WeightedTargets::new(targets).ok_or_else(|| SnapshotError::NoWeightedTarget {
+            route: key.clone(),
+            rule: rule_index,
+        })?;
+        let matcher = rule
+            .r#match
+            .as_ref()
+            .map(|m| build_matcher(m, &key, rule_index))
+            .transpose()?;
+        rules.push(Rule {
+            name: rule.name.clone(),
+            matcher,
+            targets,
+        });
+    }
+    Ok(Route {
+        key,
+        model_name: route.model_name.clone(),
+        lora_adapters: route.lora_adapters.clone(),
+        rules,
+    })
+}
+
+fn build_matcher(m: &pb::ModelMatch, route: &str, rule: usize) -> Result<Matcher, SnapshotError> {
+    let string_matcher = |s: &pb::StringMatch| -> Result<StringMatcher, SnapshotError> {
+        Ok(match &s.kind {
+            Some(pb::string_match::Kind::Exact(value)) => StringMatcher::Exact(value.clone()),
+            Some(pb::string_match::Kind::Prefix(value)) => StringMatcher::Prefix(value.clone()),
+            Some(pb::string_match::Kind::Regex(pattern)) => {
+                StringMatcher::Regex(Regex::new(pattern).map_err(|error| {
+                    SnapshotError::InvalidRegex {
+                        route: route.to_owned(),
+                        rule,
+                        pattern: pattern.clone(),
+                        reason: error.to_string(),
+                    }
+                })?)
+            }
+            None => StringMatcher::Any,
+        })
+    };
+    let mut headers = Vec::with_capacity(m.headers.len());
+    for header in &m.headers {
+        let name = HeaderName::try_from(header.name.as_str()).map_err(|_| {
+            SnapshotError::InvalidHeaderName {
+                route: route.to_owned(),
+                rule,
+                name: header.name.clone(),
+            }
+        })?;
+        let matcher = match &header.value {
+            Some(value) => string_matcher(value)?,
+            None => StringMatcher::Any,
+        };
+        headers.push((name, matcher));
+    }
+    Ok(Matcher {
+        headers,
+        uri: m.uri.as_ref().map(string_matcher).transpose()?,
+        body_model: m.body_model.as_ref().map(string_matcher).transpose()?,
+    })
+}
+
+/// OpenAI's model list, as the reference router renders it.
+fn render_models(names: &[&str]) -> Bytes {
+    let data: Vec<_> = names
+        .iter()
+        .map(|id| {
+            serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard"})
+        })
+        .collect();
+    Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
+}
+
+/// The dataplane's current routing state: one atomically swapped table, plus
+/// the latest engine loads (applied onto the table's pods).
+#[derive(Debug, Default)]
+pub struct SnapshotStore {
+    table: ArcSwapOption<RoutingTable>,
+    loads: ArcSwapOption<AppliedLoads>,
+    /// Serialises writers (the controller stream); never taken by requests.
+    apply_lock: Mutex<()>,
+}
+
+/// The latest EndpointLoads, kept so a later table gets them too.
+#[derive(Debug)]
+pub struct AppliedLoads {
+    pub version: String,
+    pub loads: HashMap<String, Arc<pb::EndpointLoad>>,
+}
+
+impl SnapshotStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current table, if a RouteConfig was ever applied.
+    pub fn table(&self) -> Option<Arc<RoutingTable>> {
+        self.table.load_full()
+    }
+
+    pub fn loads_version(&self) -> Option<String> {
+        self.loads.load().as_ref().map(|loads| loads.version.clone())
+    }
+
+    pub fn apply_route_config(
+        &self,
+        version: &str,
+        config: pb::RouteConfig,
+    ) -> Result<(), SnapshotError> {
+        let _writer = self.apply_lock.lock();
+        let previous = self.table.load_full();
+        let empty = HashMap::new();
+        let previous_pods = previous.as_ref().map_or(&empty, |table| &table.pods);
+        let table = RoutingTable::build(version, config, previous_pods)?;
+        if let Some(loads) = self.loads.load_full() {
+            apply_loads_to(&table, &loads);
+        }
+        self.table.store(Some(Arc::new(table)));
+        Ok(())
+    }
+
+    pub fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) {
+        let _writer = self.apply_lock.lock();
+        let applied = AppliedLoads {
+            version: version.to_owned(),
+            loads: loads
+                .loads
+                .into_iter()
+                .map(|load| {
+                    let key = switchyard_snapshot::object_key(&load.namespace, &load.pod);
+                    (key, Arc::new(load))
+                })
+                .collect(),
+        };
+        if let Some(table) = self.table.load_full() {
+            apply_loads_to(&table, &applied);
+        }
+        self.loads.store(Some(Arc::new(applied)));
+    }
+}
+
+fn apply_loads_to(table: &RoutingTable, loads: &AppliedLoads) {
+    for (key, pod) in &table.pods {
+        pod.set_load(loads.loads.get(key).cloned());
+    }
+}
+
+impl SnapshotSink for SnapshotStore {
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String> {
+        SnapshotStore::apply_route_config(self, version, config).map_err(|error| error.to_string())
+    }
+
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String> {
+        SnapshotStore::apply_endpoint_loads(self, version, loads);
+        Ok(())
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(name: &str, pods: &[(&str, &str)]) -> pb::ModelServer {
+        pb::ModelServer {
+            namespace: "default".into(),
+            name: name.into(),
+            model: Some(format!("org/{name}")),
+            inference_engine: "vLLM".into(),
+            port: 8000,
+            traffic_policy: None,
+            endpoints: pods
+                .iter()
+                .map(|(name, ip)| pb::Endpoint {
+                    name: (*name).into(),
+                    ip: (*ip).into(),
+                })
+                .collect(),
+            generation: 1,
+        }
+    }
+
+    fn route(name: &str, model: &str, servers: &[(&str, u32)]) -> pb::ModelRoute {
+        pb::ModelRoute {
+            namespace: "default".into(),
+            name: name.into(),
+            model_name: model.into(),
+            rules: vec![pb::Rule {
+                name: "default".into(),
+                r#match: None,
+                targets: servers
+                    .iter()
+                    .map(|(s, w)| pb::WeightedTarget {
+                        model_server: format!("default/{s}"),
+                        weight: *w,
+                    })
+                    .collect(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn config() -> pb::RouteConfig {
+        pb::RouteConfig {
+            routes: vec![route("r", "m", &[("s", 100)])],
+            servers: vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
+        }
+    }
+
+    #[test]
+    fn pod_state_survives_swaps() {
+        let store = SnapshotStore::new();
+        store.apply_route_config("v1", config()).expect("valid");
+        let table = store.table().expect("table");
+        let pod = table.pods["default/p1"].clone();
+        let _guard = pod.begin_request();
+        let mut next = config();
+        next.routes[0].model_name = "renamed".into();
+        store.apply_route_config("v2", next).expect("valid");
+        let table = store.table().expect("table");
+        assert_eq!(table.version, "v2");
+        assert_eq!(table.pods["default/p1"].in_flight(), 1);
+        assert!(Arc::ptr_eq(&table.pods["default/p1"], &pod));
+    }
+
+    #[test]
+    fn invalid_config_keeps_previous_table() {
+        let store = SnapshotStore::new();
+        store.apply_route_config("v1", config()).expect("valid");
+        let cases: Vec<(pb::RouteConfig, &str)> = vec![
+            (
+                {
+                    let mut c = config();
+                    c.routes[0].rules[0].targets[0].model_server = "default/missing".into();
+                    c
+                },
+                "not in the snapshot",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.routes[0].rules[0].targets[0].weight = 0;
+                    c
+                },
+                "positive weight",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.servers[0].endpoints[0].ip = "not-an-ip".into();
+                    c
+                },
+                "invalid IP",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.routes[0].rules[0].r#match = Some(pb::ModelMatch {
+                        uri: Some(pb::StringMatch {
+                            kind: Some(pb::string_match::Kind::Regex("(".into())),
+                        }),
+                        ..Default::default()
+                    });
+                    c
+                },
+                "invalid regex",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.servers.push(c.servers[0].clone());
+                    c
+                },
+                "duplicate ModelServer",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.servers[0].port = 70000;
+                    c
+                },
+                "invalid port",
+            ),
+        ];
+        for (bad, expected) in cases {
+            let error = store.apply_route_config("bad", bad).expect_err(expected);
+            assert!(error.to_string().contains(expected), "{error} vs {expected}");
+            assert_eq!(store.table().expect("table").version, "v1");
+        }
+    }
+
+    #[test]
+    fn loads_reach_pods_even_when_sent_before_their_route_config() {
+        let store = SnapshotStore::new();
+        store.apply_endpoint_loads(
+            "l1",
+            pb::EndpointLoads {
+                loads: vec![pb::EndpointLoad {
+                    namespace: "default".into(),
+                    pod: "p2".into(),
+                    requests_waiting: 3.0,
+                    ..Default::default()
+                }],
+            },
+        );
+        store.apply_route_config("v1", config()).expect("valid");
+        let table = store.table().expect("table");
+        assert_eq!(
+            table.pods["default/p2"].load().expect("load").requests_waiting,
+            3.0
+        );
+        assert!(table.pods["default/p1"].load().is_none());
+        assert_eq!(store.loads_version().as_deref(), Some("l1"));
+    }
+
+    #[test]
+    fn models_body_lists_names_and_adapters() {
+        let mut c = config();
+        c.routes.push(pb::ModelRoute {
+            name: "lora".into(),
+            lora_adapters: vec!["lora-B".into(), "lora-A".into()],
+            ..route("lora", "", &[("s", 1)])
+        });
+        let table = RoutingTable::build("v", c, &HashMap::new()).expect("valid");
+        let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");
+        let ids: Vec<&str> = body["data"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|m| m["id"].as_str())
+            .collect();
+        assert_eq!(ids, vec!["lora-A", "lora-B", "m"]);
+        assert_eq!(body["object"], "list");
+    }
+}

@@ -1,0 +1,995 @@
+//! The controller stream client.
+//!
+//! Subscribes to RouteConfig and EndpointLoads on one `StreamSnapshots` stream,
+//! hands every response to a [`SnapshotSink`], answers it with an ACK or a NACK,
+//! and reconnects with jittered exponential backoff. The dataplane keeps serving
+//! its last applied snapshot while the controller is unreachable; on reconnect
+//! the subscriptions carry the applied versions, so the controller sends only
+//! what changed meanwhile. Rules: `notes/protocol.md` ("Dataplane (client)").
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::Uri;
+use parking_lot::Mutex;
+use rand::Rng;
+use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
+use switchyard_snapshot::pb::snapshot_response::Resource;
+use switchyard_snapshot::{
+    ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, ROUTE_CONFIG_TYPE_URL, pb,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+/// First reconnect delay: a controller restart costs the fleet almost nothing,
+/// yet a refused port is not hammered in a tight loop.
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Reconnect delay cap: a fleet retrying a controller that is down for long stays
+/// cheap for it, and recovery is still noticed within ~15 s (Envoy, ztunnel use 15 s too).
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// TCP connect bound: an address that silently drops SYNs (controller node gone)
+/// fails the attempt in 5 s instead of the kernel's ~2 min, so the retry loop moves on.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where a dataplane started without `--controller` looks: a controller on the same
+/// host in local mode (15010 is the conventional plaintext xDS port).
+pub const DEFAULT_CONTROLLER_URI: &str = "http://127.0.0.1:15010";
+/// Node id when the caller gives none; real deployments pass the pod name.
+pub const DEFAULT_NODE_ID: &str = "switchyard-dataplane";
+/// HTTP/2 PING interval on the controller connection: the stream sits idle while
+/// nothing changes, and without pings a controller whose node vanished (no FIN,
+/// no RST) would go unnoticed until the next write, possibly forever.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a PING may stay unanswered before the connection is declared dead:
+/// with [`KEEPALIVE_INTERVAL`] a silent controller is noticed within ~15 s.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Relative jitter on every backoff delay (±20 %): dataplanes that lost the
+/// controller together do not retry in lockstep.
+pub const BACKOFF_JITTER: f64 = 0.2;
+/// Upper bound of the random pause before reconnecting after the controller closed
+/// the stream cleanly (rollout, max connection age): spreads the fleet's reconnects
+/// without noticeably delaying fresh state.
+pub const CLEAN_CLOSE_RECONNECT_JITTER: Duration = Duration::from_millis(50);
+/// Largest response accepted from the controller: a RouteConfig carries every pod
+/// of every ModelServer, which can outgrow tonic's 4 MiB default in a large
+/// cluster; refusing it would leave the dataplane in a reconnect loop.
+pub const MAX_SNAPSHOT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Smallest backoff delay: a zero `initial_backoff` would otherwise never grow and
+/// retry a refused connection in a busy loop.
+const MIN_BACKOFF: Duration = Duration::from_millis(1);
+/// Requests queued towards the controller: two subscriptions plus one ACK/NACK per
+/// response, and at most one response per type is un-ACKed, so a few slots suffice.
+const REQUEST_QUEUE_CAPACITY: usize = 8;
+
+/// Where validated resources go. Implemented by the dataplane's snapshot store.
+pub trait SnapshotSink: Send + Sync + 'static {
+    /// Validate and apply atomically; `Err(message)` -> NACK, previous state kept.
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String>;
+    /// Validate and apply atomically; `Err(message)` -> NACK, previous state kept.
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String>;
+}
+
+/// The resource types this client subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceKind {
+    RouteConfig,
+    EndpointLoads,
+}
+
+impl ResourceKind {
+    /// Every type, in the order the subscriptions are sent (RouteConfig first, so
+    /// it carries the node and is answered first).
+    pub const ALL: [ResourceKind; 2] = [ResourceKind::RouteConfig, ResourceKind::EndpointLoads];
+
+    /// The `type_url` of this type on the stream.
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceKind::RouteConfig => ROUTE_CONFIG_TYPE_URL,
+            ResourceKind::EndpointLoads => ENDPOINT_LOADS_TYPE_URL,
+        }
+    }
+
+    /// The type a `type_url` names, `None` for a type this dataplane does not know.
+    pub fn from_type_url(type_url: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.type_url() == type_url)
+    }
+
+    /// Short snake_case name for logs and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            ResourceKind::RouteConfig => "route_config",
+            ResourceKind::EndpointLoads => "endpoint_loads",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            ResourceKind::RouteConfig => 0,
+            ResourceKind::EndpointLoads => 1,
+        }
+    }
+}
+
+/// How to reach the controller and how to retry.
+#[derive(Debug, Clone)]
+pub struct XdsClientConfig {
+    /// `http://host:port` of the controller's gRPC listener.
+    pub controller: Uri,
+    /// Sent in the first request of every stream; the controller's sync registry key.
+    pub node_id: String,
+    /// Sent next to `node_id`, so the controller can tell dataplane builds apart.
+    pub build_version: String,
+    /// First delay after a failed attempt; doubles per failure up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Bound on establishing the TCP connection of one attempt.
+    pub connect_timeout: Duration,
+}
+
+impl XdsClientConfig {
+    /// Defaults for everything but where the controller is and who we are.
+    pub fn new(controller: Uri, node_id: impl Into<String>) -> Self {
+        Self {
+            controller,
+            node_id: node_id.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for XdsClientConfig {
+    fn default() -> Self {
+        Self {
+            controller: Uri::from_static(DEFAULT_CONTROLLER_URI),
+            node_id: DEFAULT_NODE_ID.to_owned(),
+            build_version: env!("CARGO_PKG_VERSION").to_owned(),
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// Per-type sync state, as shown on /debug.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceStatus {
+    /// Version of the last resource of this type applied ("snapshot in use").
+    pub applied_version: Option<String>,
+    /// When that version was applied (source of the "snapshot age" metric).
+    pub applied_at: Option<SystemTime>,
+    /// Version of the last response of this type the dataplane rejected.
+    pub rejected_version: Option<String>,
+    /// Responses of this type answered with an ACK (including unchanged re-sends).
+    pub acks: u64,
+    /// Responses of this type answered with a NACK.
+    pub nacks: u64,
+}
+
+/// A consistent copy of everything [`ControllerStatus`] knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControllerStatusView {
+    /// A stream to the controller is open right now.
+    pub connected: bool,
+    /// When the current stream opened (`None` while disconnected).
+    pub connected_since: Option<SystemTime>,
+    /// `control_plane_id` of the last response (which controller replica we follow).
+    pub control_plane_id: Option<String>,
+    pub route_config: ResourceStatus,
+    pub endpoint_loads: ResourceStatus,
+    /// Most recent failure (connect error, broken stream, NACK reason). Kept after
+    /// recovery so /debug can still show why the last reconnect happened.
+    pub last_error: Option<String>,
+    /// Streams opened since start.
+    pub connect_count: u64,
+    /// Attempts that failed to open and streams that broke (clean closes after a
+    /// delivered snapshot are not failures).
+    pub stream_failures: u64,
+}
+
+/// Shared, cheap-to-read view of the controller connection for /readyz, /debug
+/// and metrics. Written only by the client task.
+#[derive(Debug)]
+pub struct ControllerStatus {
+    state: Mutex<ControllerStatusView>,
+    /// Flips to true once, when the first RouteConfig is applied.
+    ready: watch::Sender<bool>,
+}
+
+impl Default for ControllerStatus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControllerStatus {
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(ControllerStatusView::default()),
+            ready: watch::Sender::new(false),
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.state.lock().connected
+    }
+
+    /// A RouteConfig has been applied at least once (it stays applied while the
+    /// controller is down, so readiness never flips back).
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Resolves once the first RouteConfig has been applied (at once if it has).
+    pub async fn wait_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        // The sender lives in `self`, which outlives this borrow, so the channel
+        // cannot close while waiting; an error here is unreachable.
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+
+    pub fn route_config_version(&self) -> Option<String> {
+        self.state.lock().route_config.applied_version.clone()
+    }
+
+    pub fn endpoint_loads_version(&self) -> Option<String> {
+        self.state.lock().endpoint_loads.applied_version.clone()
+    }
+
+    /// When the applied resource of `kind` was applied; `now - this` is its age.
+    pub fn last_applied_at(&self, kind: ResourceKind) -> Option<SystemTime> {
+        self.resource(kind).applied_at
+    }
+
+    pub fn resource(&self, kind: ResourceKind) -> ResourceStatus {
+        let state = self.state.lock();
+        resource_of(&state, kind).clone()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.state.lock().last_error.clone()
+    }
+
+    pub fn connect_count(&self) -> u64 {
+        self.state.lock().connect_count
+    }
+
+    pub fn stream_failures(&self) -> u64 {
+        self.state.lock().stream_failures
+    }
+
+    pub fn ack_count(&self, kind: ResourceKind) -> u64 {
+        resource_of(&self.state.lock(), kind).acks
+    }
+
+    pub fn nack_count(&self, kind: ResourceKind) -> u64 {
+        resource_of(&self.state.lock(), kind).nacks
+    }
+
+    /// Everything at once, consistent with itself (for /debug).
+    pub fn view(&self) -> ControllerStatusView {
+        self.state.lock().clone()
+    }
+
+    fn record_connected(&self) {
+        let mut state = self.state.lock();
+        state.connected = true;
+        state.connected_since = Some(SystemTime::now());
+        state.connect_count += 1;
+    }
+
+    /// `failure` is `None` when the stream ended in an orderly way (clean close
+    /// after a snapshot, shutdown).
+    fn record_disconnected(&self, failure: Option<String>) {
+        let mut state = self.state.lock();
+        state.connected = false;
+        state.connected_since = None;
+        if let Some(failure) = failure {
+            state.stream_failures += 1;
+            state.last_error = Some(failure);
+        }
+    }
+
+    fn record_control_plane(&self, control_plane_id: &str) {
+        let mut state = self.state.lock();
+        if state.control_plane_id.as_deref() != Some(control_plane_id) {
+            state.control_plane_id = Some(control_plane_id.to_owned());
+        }
+    }
+
+    fn record_ack(&self, kind: ResourceKind, newly_applied: Option<&str>) {
+        {
+            let mut state = self.state.lock();
+            let resource = resource_of_mut(&mut state, kind);
+            resource.acks += 1;
+            if let Some(version) = newly_applied {
+                resource.applied_version = Some(version.to_owned());
+                resource.applied_at = Some(SystemTime::now());
+            }
+        }
+        if kind == ResourceKind::RouteConfig && newly_applied.is_some() {
+            self.ready
+                .send_if_modified(|ready| !std::mem::replace(ready, true));
+        }
+    }
+
+    fn record_nack(&self, kind: Option<ResourceKind>, rejected_version: &str, message: &str) {
+        let mut state = self.state.lock();
+        if let Some(kind) = kind {
+            let resource = resource_of_mut(&mut state, kind);
+            resource.nacks += 1;
+            resource.rejected_version = Some(rejected_version.to_owned());
+        }
+        state.last_error = Some(message.to_owned());
+    }
+}
+
+fn resource_of(state: &ControllerStatusView, kind: ResourceKind) -> &ResourceStatus {
+    match kind {
+        ResourceKind::RouteConfig => &state.route_config,
+        ResourceKind::EndpointLoads => &state.endpoint_loads,
+    }
+}
+
+fn resource_of_mut(state: &mut ControllerStatusView, kind: ResourceKind) -> &mut ResourceStatus {
+    match kind {
+        ResourceKind::RouteConfig => &mut state.route_config,
+        ResourceKind::EndpointLoads => &mut state.endpoint_loads,
+    }
+}
+
+/// Jittered exponential backoff: each delay is the current base ±[`BACKOFF_JITTER`],
+/// the base doubling from `initial` up to `max`, so a delay never exceeds
+/// `max * (1 + BACKOFF_JITTER)`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next_base: Duration,
+}
+
+impl Backoff {
+    /// `initial` below 1 ms is raised to 1 ms; `max` below `initial` is raised to it.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        let initial = initial.max(MIN_BACKOFF);
+        Self {
+            initial,
+            max: max.max(initial),
+            next_base: initial,
+        }
+    }
+
+    /// The delay to wait now; the following one will be about twice as long.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next_base;
+        self.next_base = base.saturating_mul(2).min(self.max);
+        jittered(base, BACKOFF_JITTER)
+    }
+
+    /// Back to `initial`, after a connection that worked.
+    pub fn reset(&mut self) {
+        self.next_base = self.initial;
+    }
+}
+
+/// `base` scaled by a random factor in `[1 - fraction, 1 + fraction]`.
+fn jittered(base: Duration, fraction: f64) -> Duration {
+    let factor = rand::rng().random_range((1.0 - fraction)..=(1.0 + fraction));
+    // Only an absurd `max_backoff` can overflow; then the unjittered base will do.
+    Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(base)
+}
+
+/// Starts the client on the current Tokio runtime. It runs until `shutdown`
+/// resolves; the sink and `status` keep the last applied state afterwards.
+pub fn spawn<S>(
+    config: XdsClientConfig,
+    sink: Arc<S>,
+    status: Arc<ControllerStatus>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()>
+where
+    S: SnapshotSink + ?Sized,
+{
+    tokio::spawn(run(config, sink, status, shutdown))
+}
+
+async fn run<S>(
+    config: XdsClientConfig,
+    sink: Arc<S>,
+    status: Arc<ControllerStatus>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) where
+    S: SnapshotSink + ?Sized,
+{
+    tokio::pin!(shutdown);
+    let mut applied = AppliedVersions::default();
+    let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
+    tracing::info!(
+        controller = %config.controller,
+        node = %config.node_id,
+        "starting controller stream client"
+    );
+    loop {
+        let mut session = Session {
+            config: &config,
+            sink: &*sink,
+            status: &status,
+            applied: &mut applied,
+            responses_received: 0,
+        };
+        let end = tokio::select! {
+            () = &mut shutdown => break,
+            end = session.run() => end,
+        };
+        let delivered = session.responses_received > 0;
+        if delivered {
+            // The controller was healthy enough to serve us: whatever went wrong
+            // now is a fresh problem, not the continuation of an outage.
+            backoff.reset();
+        }
+        let delay = if matches!(end, StreamEnd::ClosedByController) {
+            status.record_disconnected(None);
+            tracing::info!(
+                controller = %config.controller,
+                node = %config.node_id,
+                "controller closed the stream; reconnecting"
+            );
+            jittered_pause(CLEAN_CLOSE_RECONNECT_JITTER)
+        } else {
+            let error = end.to_string();
+            status.record_disconnected(Some(error.clone()));
+            let delay = backoff.next_delay();
+            tracing::warn!(
+                controller = %config.controller,
+                node = %config.node_id,
+                error = %error,
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                route_config_version = applied.get(ResourceKind::RouteConfig),
+                "controller stream down; serving the last applied snapshot"
+            );
+            delay
+        };
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    status.record_disconnected(None);
+    tracing::info!(node = %config.node_id, "controller stream client stopped");
+}
+
+/// A uniformly random pause in `[0, max]`.
+fn jittered_pause(max: Duration) -> Duration {
+    max.mul_f64(rand::rng().random_range(0.0..=1.0))
+}
+
+/// Version last applied per type; survives reconnects (it is what we serve with).
+#[derive(Debug, Default)]
+struct AppliedVersions([Option<String>; 2]);
+
+impl AppliedVersions {
+    fn get(&self, kind: ResourceKind) -> &str {
+        self.0[kind.index()].as_deref().unwrap_or("")
+    }
+
+    fn set(&mut self, kind: ResourceKind, version: &str) {
+        self.0[kind.index()] = Some(version.to_owned());
+    }
+}
+
+/// Why one stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    #[error("cannot open the stream: {}", describe_status(.0))]
+    OpenFailed(tonic::Status),
+    #[error("stream broke: {}", describe_status(.0))]
+    Broken(tonic::Status),
+    /// Orderly end (rollout, max connection age) of a stream that delivered.
+    #[error("controller closed the stream")]
+    ClosedByController,
+    /// Orderly end of a stream that delivered nothing: retried with backoff, so
+    /// a controller that keeps doing this is not hammered.
+    #[error("controller closed the stream before sending a snapshot")]
+    ClosedBeforeSnapshot,
+    #[error("request stream to the controller closed")]
+    RequestStreamClosed,
+}
+
+/// Code, message and cause chain of a status (tonic's own Display is noisy and
+/// a transport error's message alone is just "transport error").
+fn describe_status(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}", status.code());
+    if !status.message().is_empty() {
+        text.push_str(": ");
+        text.push_str(status.message());
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// One stream to the controller, from subscribing until it ends.
+struct Session<'a, S: ?Sized> {
+    config: &'a XdsClientConfig,
+    sink: &'a S,
+    status: &'a ControllerStatus,
+    applied: &'a mut AppliedVersions,
+    responses_received: u64,
+}
+
+impl<S: SnapshotSink + ?Sized> Session<'_, S> {
+    async fn run(&mut self) -> StreamEnd {
+        let (requests, outgoing) = mpsc::channel(REQUEST_QUEUE_CAPACITY);
+        for (position, kind) in ResourceKind::ALL.into_iter().enumerate() {
+            let subscription = pb::SnapshotRequest {
+                node: (position == 0).then(|| pb::Node {
+                    id: self.config.node_id.clone(),
+                    build_version: self.config.build_version.clone(),
+                }),
+                type_url: kind.type_url().to_owned(),
+                version_info: self.applied.get(kind).to_owned(),
+                response_nonce: String::new(),
+                error_detail: None,
+            };
+            if requests.send(subscription).await.is_err() {
+                return StreamEnd::RequestStreamClosed;
+            }
+        }
+
+        // A fresh channel per attempt: every attempt starts from a new connection
+        // (and a new DNS lookup), never from a half-dead one the last stream left.
+        let channel = Endpoint::from(self.config.controller.clone())
+            .connect_timeout(self.config.connect_timeout)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .connect_lazy();
+        let mut client = RoutingDiscoveryClient::new(channel)
+            .max_decoding_message_size(MAX_SNAPSHOT_MESSAGE_BYTES);
+        let mut responses = match client.stream_snapshots(ReceiverStream::new(outgoing)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return StreamEnd::OpenFailed(status),
+        };
+        self.status.record_connected();
+        tracing::info!(
+            controller = %self.config.controller,
+            node = %self.config.node_id,
+            route_config_version = self.applied.get(ResourceKind::RouteConfig),
+            endpoint_loads_version = self.applied.get(ResourceKind::EndpointLoads),
+            "connected to controller"
+        );
+
+        loop {
+            let response = match responses.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) if self.responses_received > 0 => return StreamEnd::ClosedByController,
+                Ok(None) => return StreamEnd::ClosedBeforeSnapshot,
+                Err(status) => return StreamEnd::Broken(status),
+            };
+            self.responses_received += 1;
+            let answer = self.answer(response);
+            if requests.send(answer).await.is_err() {
+                return StreamEnd::RequestStreamClosed;
+            }
+        }
+    }
+
+    /// Applies one response and builds its ACK or NACK, recording the outcome.
+    fn answer(&mut self, response: pb::SnapshotResponse) -> pb::SnapshotRequest {
+        let type_url = response.type_url.clone();
+        let version = response.version_info.clone();
+        let nonce = response.nonce.clone();
+        if !response.control_plane_id.is_empty() {
+            self.status.record_control_plane(&response.control_plane_id);
+        }
+        let kind = ResourceKind::from_type_url(&type_url);
+        match apply_response(self.sink, self.applied, response) {
+            Ok(applied) => {
+                let kind = applied.kind;
+                self.status
+                    .record_ack(kind, applied.changed.then_some(version.as_str()));
+                if applied.changed {
+                    self.log_applied(kind, &version, &nonce);
+                } else {
+                    tracing::debug!(
+                        node = %self.config.node_id,
+                        resource = kind.label(),
+                        version = %version,
+                        nonce = %nonce,
+                        "controller re-sent the applied version; acknowledged without applying"
+                    );
+                }
+                pb::SnapshotRequest {
+                    node: None,
+                    type_url,
+                    version_info: version,
+                    response_nonce: nonce,
+                    error_detail: None,
+                }
+            }
+            Err(message) => {
+                let kept_version = kind
+                    .map(|kind| self.applied.get(kind).to_owned())
+                    .unwrap_or_default();
+                self.status.record_nack(kind, &version, &message);
+                tracing::warn!(
+                    node = %self.config.node_id,
+                    type_url = %type_url,
+                    version = %version,
+                    nonce = %nonce,
+                    kept_version = %kept_version,
+                    error = %message,
+                    "rejected snapshot from controller (NACK); keeping the previous one"
+                );
+                pb::SnapshotRequest {
+                    node: None,
+                    type_url,
+                    version_info: kept_version,
+                    response_nonce: nonce,
+                    error_detail: Some(pb::ErrorDetail {
+                        code: NACK_INVALID_ARGUMENT,
+                        message,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn log_applied(&self, kind: ResourceKind, version: &str, nonce: &str) {
+        // EndpointLoads changes every scrape interval; at info it would drown the log.
+        match kind {
+            ResourceKind::RouteConfig => tracing::info!(
+                node = %self.config.node_id,
+                resource = kind.label(),
+                version = %version,
+                nonce = %nonce,
+                "applied snapshot from controller"
+            ),
+            ResourceKind::EndpointLoads => tracing::debug!(
+                node = %self.config.node_id,
+                resource = kind.label(),
+                version = %version,
+                nonce = %nonce,
+                "applied snapshot from controller"
+            ),
+        }
+    }
+}
+
+/// A response that was accepted.
+#[derive(Debug, PartialEq, Eq)]
+struct Accepted {
+    kind: ResourceKind,
+    /// False when the response carried the version already applied (content
+    /// versions are hashes, so there was nothing to do).
+    changed: bool,
+}
+
+/// Checks that `response` is well formed and hands its resource to `sink`;
+/// `Err` is the NACK message. `applied` is updated only on success.
+fn apply_response<S: SnapshotSink + ?Sized>(
+    sink: &S,
+    applied: &mut AppliedVersions,
+    response: pb::SnapshotResponse,
+) -> Result<Accepted, String> {
+    let type_url = response.type_url;
+    let kind = ResourceKind::from_type_url(&type_url).ok_or_else(|| {
+        format!(
+            "unknown type_url {type_url:?}; this dataplane understands \
+             {ROUTE_CONFIG_TYPE_URL:?} and {ENDPOINT_LOADS_TYPE_URL:?}"
+        )
+    })?;
+    let version = response.version_info;
+    if version.is_empty() {
+        return Err(format!(
+            "response for {type_url:?} has an empty version_info"
+        ));
+    }
+    let resource = response
+        .resource
+        .ok_or_else(|| format!("response for {type_url:?} carries no resource"))?;
+    if applied.get(kind) == version {
+        return Ok(Accepted {
+            kind,
+            changed: false,
+        });
+    }
+    match (kind, resource) {
+        (ResourceKind::RouteConfig, Resource::RouteConfig(config)) => {
+            sink.apply_route_config(&version, config)?;
+        }
+        (ResourceKind::EndpointLoads, Resource::EndpointLoads(loads)) => {
+            sink.apply_endpoint_loads(&version, loads)?;
+        }
+        (_, other) => {
+            let carried = match other {
+                Resource::RouteConfig(_) => "a RouteConfig",
+                Resource::EndpointLoads(_) => "an EndpointLoads",
+            };
+            return Err(format!(
+                "response for {type_url:?} carries {carried} resource"
+            ));
+        }
+    }
+    applied.set(kind, &version);
+    Ok(Accepted {
+        kind,
+        changed: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLES: usize = 2_000;
+
+    fn within(delay: Duration, base: Duration) -> bool {
+        delay >= base.mul_f64(1.0 - BACKOFF_JITTER) && delay <= base.mul_f64(1.0 + BACKOFF_JITTER)
+    }
+
+    #[test]
+    fn backoff_doubles_from_initial() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
+        for step in 0..7u32 {
+            let base = Duration::from_millis(100) * 2u32.pow(step);
+            let delay = backoff.next_delay();
+            assert!(
+                within(delay, base),
+                "step {step}: {delay:?} not within ±20% of {base:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_caps_at_max() {
+        let max = Duration::from_secs(15);
+        let mut backoff = Backoff::new(Duration::from_millis(100), max);
+        for _ in 0..10 {
+            backoff.next_delay();
+        }
+        for _ in 0..100 {
+            let delay = backoff.next_delay();
+            assert!(within(delay, max), "{delay:?} not within ±20% of the cap");
+        }
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_bounds_and_varies() {
+        let initial = Duration::from_millis(100);
+        let delays: Vec<Duration> = (0..SAMPLES)
+            .map(|_| Backoff::new(initial, Duration::from_secs(15)).next_delay())
+            .collect();
+        assert!(delays.iter().all(|delay| within(*delay, initial)));
+        let lowest = delays.iter().min().copied().unwrap_or_default();
+        let highest = delays.iter().max().copied().unwrap_or_default();
+        // With 2000 uniform samples over ±20 ms, both ends of the range are reached
+        // to within a few ms (missing a 5 ms band has probability ~(0.975)^2000).
+        assert!(lowest < Duration::from_millis(85), "lowest {lowest:?}");
+        assert!(highest > Duration::from_millis(115), "highest {highest:?}");
+    }
+
+    #[test]
+    fn backoff_reset_starts_over() {
+        let initial = Duration::from_millis(100);
+        let mut backoff = Backoff::new(initial, Duration::from_secs(15));
+        for _ in 0..5 {
+            backoff.next_delay();
+        }
+        backoff.reset();
+        let delay = backoff.next_delay();
+        assert!(within(delay, initial), "{delay:?} after reset");
+    }
+
+    #[test]
+    fn backoff_never_spins_on_zero_initial() {
+        let mut backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
+        assert!(backoff.next_delay() >= MIN_BACKOFF.mul_f64(1.0 - BACKOFF_JITTER));
+    }
+
+    #[test]
+    fn backoff_survives_huge_max() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::MAX);
+        for _ in 0..80 {
+            backoff.next_delay();
+        }
+    }
+
+    #[test]
+    fn resource_kind_round_trips_type_urls() {
+        for kind in ResourceKind::ALL {
+            assert_eq!(ResourceKind::from_type_url(kind.type_url()), Some(kind));
+        }
+        assert_eq!(ResourceKind::from_type_url("type.example/Other"), None);
+    }
+
+    #[derive(Default)]
+    struct RecordingSink {
+        applied: Mutex<Vec<(ResourceKind, String)>>,
+        reject_with: Option<String>,
+    }
+
+    impl SnapshotSink for RecordingSink {
+        fn apply_route_config(&self, version: &str, _: pb::RouteConfig) -> Result<(), String> {
+            if let Some(reason) = &self.reject_with {
+                return Err(reason.clone());
+            }
+            self.applied
+                .lock()
+                .push((ResourceKind::RouteConfig, version.to_owned()));
+            Ok(())
+        }
+
+        fn apply_endpoint_loads(&self, version: &str, _: pb::EndpointLoads) -> Result<(), String> {
+            self.applied
+                .lock()
+                .push((ResourceKind::EndpointLoads, version.to_owned()));
+            Ok(())
+        }
+    }
+
+    fn response(type_url: &str, version: &str, resource: Option<Resource>) -> pb::SnapshotResponse {
+        pb::SnapshotResponse {
+            type_url: type_url.to_owned(),
+            version_info: version.to_owned(),
+            nonce: "n".to_owned(),
+            resource,
+            ..Default::default()
+        }
+    }
+
+    fn route_config() -> Option<Resource> {
+        Some(Resource::RouteConfig(pb::RouteConfig::default()))
+    }
+
+    fn endpoint_loads() -> Option<Resource> {
+        Some(Resource::EndpointLoads(pb::EndpointLoads::default()))
+    }
+
+    #[test]
+    fn applies_each_type_through_its_sink_method() {
+        let sink = RecordingSink::default();
+        let mut applied = AppliedVersions::default();
+        let accepted = apply_response(
+            &sink,
+            &mut applied,
+            response(ROUTE_CONFIG_TYPE_URL, "rc-1", route_config()),
+        );
+        assert_eq!(
+            accepted,
+            Ok(Accepted {
+                kind: ResourceKind::RouteConfig,
+                changed: true
+            })
+        );
+        let accepted = apply_response(
+            &sink,
+            &mut applied,
+            response(ENDPOINT_LOADS_TYPE_URL, "el-1", endpoint_loads()),
+        );
+        assert_eq!(
+            accepted,
+            Ok(Accepted {
+                kind: ResourceKind::EndpointLoads,
+                changed: true
+            })
+        );
+        assert_eq!(
+            *sink.applied.lock(),
+            vec![
+                (ResourceKind::RouteConfig, "rc-1".to_owned()),
+                (ResourceKind::EndpointLoads, "el-1".to_owned())
+            ]
+        );
+        assert_eq!(applied.get(ResourceKind::RouteConfig), "rc-1");
+        assert_eq!(applied.get(ResourceKind::EndpointLoads), "el-1");
+    }
+
+    #[test]
+    fn same_version_is_acknowledged_without_reapplying() {
+        let sink = RecordingSink::default();
+        let mut applied = AppliedVersions::default();
+        applied.set(ResourceKind::RouteConfig, "rc-1");
+        let accepted = apply_response(
+            &sink,
+            &mut applied,
+            response(ROUTE_CONFIG_TYPE_URL, "rc-1", route_config()),
+        );
+        assert_eq!(
+            accepted,
+            Ok(Accepted {
+                kind: ResourceKind::RouteConfig,
+                changed: false
+            })
+        );
+        assert!(sink.applied.lock().is_empty());
+    }
+
+    #[test]
+    fn rejects_malformed_responses_without_touching_state() {
+        let sink = RecordingSink::default();
+        let mut applied = AppliedVersions::default();
+        applied.set(ResourceKind::RouteConfig, "rc-1");
+        let cases = [
+            (
+                response("type.example/Other", "x-1", route_config()),
+                "unknown type_url",
+            ),
+            (
+                response(ROUTE_CONFIG_TYPE_URL, "rc-2", None),
+                "carries no resource",
+            ),
+            (
+                response(ROUTE_CONFIG_TYPE_URL, "rc-2", endpoint_loads()),
+                "carries an EndpointLoads resource",
+            ),
+            (
+                response(ENDPOINT_LOADS_TYPE_URL, "el-2", route_config()),
+                "carries a RouteConfig resource",
+            ),
+            (
+                response(ROUTE_CONFIG_TYPE_URL, "", route_config()),
+                "empty version_info",
+            ),
+        ];
+        for (bad, expected) in cases {
+            let error = apply_response(&sink, &mut applied, bad).expect_err(expected);
+            assert!(
+                error.contains(expected),
+                "{error:?} should mention {expected:?}"
+            );
+        }
+        assert!(sink.applied.lock().is_empty());
+        assert_eq!(applied.get(ResourceKind::RouteConfig), "rc-1");
+        assert_eq!(applied.get(ResourceKind::EndpointLoads), "");
+    }
+
+    #[test]
+    fn sink_rejection_keeps_the_applied_version() {
+        let sink = RecordingSink {
+            reject_with: Some("duplicate ModelServer default/s".to_owned()),
+            ..Default::default()
+        };
+        let mut applied = AppliedVersions::default();
+        applied.set(ResourceKind::RouteConfig, "rc-1");
+        let error = apply_response(
+            &sink,
+            &mut applied,
+            response(ROUTE_CONFIG_TYPE_URL, "rc-2", route_config()),
+        );
+        assert_eq!(error, Err("duplicate ModelServer default/s".to_owned()));
+        assert_eq!(applied.get(ResourceKind::RouteConfig), "rc-1");
+    }
+
+    #[tokio::test]
+    async fn ready_flips_once_on_first_route_config() {
+        let status = ControllerStatus::new();
+        assert!(!status.is_ready());
+        status.record_ack(ResourceKind::EndpointLoads, Some("el-1"));
+        assert!(
+            !status.is_ready(),
+            "EndpointLoads alone does not make a dataplane ready"
+        );
+        status.record_ack(ResourceKind::RouteConfig, Some("rc-1"));
+        assert!(status.is_ready());
+        // Resolves at once: readiness was reached before anyone waited.
+        status.wait_ready().await;
+        status.record_disconnected(Some("boom".to_owned()));
+        assert!(
+            status.is_ready(),
+            "readiness survives losing the controller"
+        );
+        assert_eq!(status.route_config_version().as_deref(), Some("rc-1"));
+        assert_eq!(status.last_error().as_deref(), Some("boom"));
+        assert_eq!(status.stream_failures(), 1);
+    }
+}

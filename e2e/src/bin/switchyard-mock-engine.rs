@@ -1,0 +1,91 @@
+//! `switchyard-mock-engine`: see [`switchyard_e2e::mock_engine`].
+#![forbid(unsafe_code)]
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchyard_e2e::mock_engine::{MockEngineArgs, serve};
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Logs go to stderr: stdout carries only the `listening on` line that tests wait for.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let args = MockEngineArgs::parse();
+    let listener = match TcpListener::bind((args.host.as_str(), args.port)).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("cannot listen on {}:{}: {error}", args.host, args.port);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(error) => {
+            eprintln!("cannot read the bound address: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = args.to_config(addr.port());
+    if let Err(error) = config.validate() {
+        eprintln!("invalid configuration: {error}");
+        return ExitCode::from(2);
+    }
+
+    let mut stdout = std::io::stdout().lock();
+    if writeln!(stdout, "listening on {addr}")
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        // Whoever started us stopped reading; keep serving, the port is still usable.
+        tracing::warn!("could not write the listening line to stdout");
+    }
+    drop(stdout);
+    tracing::info!(%addr, model = %config.model, pod = %config.pod_name, engine = ?config.engine, "mock engine started");
+
+    match serve(config, listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM (the signal Kubernetes and test harnesses send).
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

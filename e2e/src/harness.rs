@@ -1,0 +1,436 @@
+//! Helpers for end-to-end tests: start the real binaries on loopback, wait for
+//! them, talk HTTP to them, and always stop them (processes are killed on drop).
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// How long tests wait for a process or a condition before failing: generous,
+/// because a busy 2-core CI machine can be slow, and a passing test never
+/// waits this long.
+pub const WAIT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Path of a workspace binary, built by `cargo build --workspace --bins`
+/// (as `make test` does) next to the test executable's directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps layout");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` (make test does) before the e2e tests",
+        path.display()
+    );
+    path
+}
+
+/// A child process that is killed when dropped; its output goes to a log file
+/// printed when the test fails.
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `binary(bin)` with `args`, logging to `log_dir/name.log`.
+    pub fn start(bin: &str, name: &str, args: &[String], log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("create log file");
+        let err = file.try_clone().expect("clone log file");
+        let child = Command::new(binary(bin))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {bin}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Kills the process and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- log of {} -----\n{}\n----- end of {} -----",
+                self.name,
+                self.log_text(),
+                self.name
+            );
+        }
+    }
+}
+
+/// A loopback address of its own for each test, so parallel tests never share
+/// a port: `127.<per-process>.<per-test>.<n>`.
+pub fn test_subnet() -> [u8; 3] {
+    static NEXT: AtomicU8 = AtomicU8::new(1);
+    let process_octet = (std::process::id() % 200) as u8 + 20;
+    [127, process_octet, NEXT.fetch_add(1, Ordering::Relaxed)]
+}
+
+/// An address in `subnet`.
+pub fn ip_in(subnet: [u8; 3], host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(subnet[0], subnet[1], subnet[2], host)
+}
+
+/// A port free on `ip` right now.
+pub fn free_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A free loopback socket address on 127.0.0.1.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)))
+}
+
+/// Polls `check` until it returns Some or [`WAIT_DEADLINE`] passes.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT_DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A fully read HTTP response.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A small HTTP/1.1 client for tests.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        }
+    }
+}
+
+impl HttpClient {
+    /// Sends a request and returns its response head, body unread.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        let mut request = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(body.into()))
+            .expect("valid test request");
+        self.client.request(request).await
+    }
+
+    /// Sends a request and reads the whole response.
+    pub async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<HttpResponse, String> {
+        let response = self
+            .send(method, url, headers, body)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let (parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("{url}: reading body: {e}"))?
+            .to_bytes();
+        Ok(HttpResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub async fn get(&self, url: &str) -> Result<HttpResponse, String> {
+        self.call(Method::GET, url, &[], Bytes::new()).await
+    }
+
+    /// POSTs a JSON body.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<HttpResponse, String> {
+        let mut all = vec![("content-type", "application/json")];
+        all.extend_from_slice(headers);
+        self.call(Method::POST, url, &all, body.to_owned()).await
+    }
+
+    /// Waits until `url` answers 200.
+    pub async fn wait_ok(&self, url: &str) {
+        wait_for(url, || async {
+            match self.get(url).await {
+                Ok(response) if response.status == StatusCode::OK => Some(()),
+                _ => None,
+            }
+        })
+        .await
+    }
+}
+
+/// YAML of a Pod that local mode treats as ready.
+pub fn ready_pod_yaml(name: &str, ip: Ipv4Addr, labels: &[(&str, &str)]) -> String {
+    let labels: String = labels
+        .iter()
+        .map(|(k, v)| format!("    {k}: {v}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}status:\n  phase: Running\n  podIP: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n"
+    )
+}
+
+/// One mock engine to start.
+#[derive(Debug, Clone)]
+pub struct EngineSpec {
+    /// Pod name, also reported by the engine in `x-mock-pod`.
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub model: String,
+    pub extra_args: Vec<String>,
+}
+
+/// Mock engines, a controller in local mode and dataplanes, all on loopback.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub config_dir: PathBuf,
+    pub engines: Vec<Process>,
+    pub controller: Option<Process>,
+    pub xds_addr: SocketAddr,
+    pub controller_admin: SocketAddr,
+    pub dataplanes: Vec<Dataplane>,
+    pub http: HttpClient,
+}
+
+/// A running dataplane and its ports.
+pub struct Dataplane {
+    pub process: Process,
+    pub traffic: SocketAddr,
+    pub metrics: SocketAddr,
+    pub debug: SocketAddr,
+}
+
+impl Dataplane {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.traffic)
+    }
+}
+
+impl Stack {
+    /// An empty stack with a config dir holding `files` (name, YAML).
+    pub fn new(files: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_dir = dir.path().join("config");
+        std::fs::create_dir(&config_dir).expect("config dir");
+        for (name, yaml) in files {
+            std::fs::write(config_dir.join(name), yaml).expect("write config");
+        }
+        Self {
+            dir,
+            config_dir,
+            engines: Vec::new(),
+            controller: None,
+            xds_addr: free_addr(),
+            controller_admin: free_addr(),
+            dataplanes: Vec::new(),
+            http: HttpClient::default(),
+        }
+    }
+
+    /// Replaces a config file atomically (write + rename), as editors and ConfigMaps do.
+    pub fn write_config(&self, name: &str, yaml: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write config");
+        std::fs::rename(&tmp, self.config_dir.join(name)).expect("rename config");
+    }
+
+    /// Starts mock engines and waits until each answers.
+    pub async fn start_engines(&mut self, engines: &[EngineSpec]) {
+        for engine in engines {
+            let mut args = vec![
+                "--host".to_owned(),
+                engine.ip.to_string(),
+                "--port".to_owned(),
+                engine.port.to_string(),
+                "--model".to_owned(),
+                engine.model.clone(),
+                "--name".to_owned(),
+                engine.name.clone(),
+            ];
+            args.extend(engine.extra_args.iter().cloned());
+            self.engines.push(Process::start(
+                "switchyard-mock-engine",
+                &engine.name,
+                &args,
+                self.dir.path(),
+            ));
+        }
+        for engine in engines {
+            self.http
+                .wait_ok(&format!("http://{}:{}/health", engine.ip, engine.port))
+                .await;
+        }
+    }
+
+    /// Starts (or restarts) the controller and waits until it is ready.
+    pub async fn start_controller(&mut self) {
+        if let Some(mut old) = self.controller.take() {
+            old.stop();
+        }
+        let args = vec![
+            "--config-dir".to_owned(),
+            self.config_dir.display().to_string(),
+            "--xds-addr".to_owned(),
+            self.xds_addr.to_string(),
+            "--metrics-addr".to_owned(),
+            self.controller_admin.to_string(),
+        ];
+        self.controller = Some(Process::start(
+            "switchyard-controller",
+            "controller",
+            &args,
+            self.dir.path(),
+        ));
+        self.http
+            .wait_ok(&format!("http://{}/readyz", self.controller_admin))
+            .await;
+    }
+
+    pub fn stop_controller(&mut self) {
+        if let Some(mut controller) = self.controller.take() {
+            controller.stop();
+        }
+    }
+
+    /// Starts a dataplane; does not wait for readiness.
+    pub fn spawn_dataplane(&mut self) -> usize {
+        let index = self.dataplanes.len();
+        let (traffic, metrics, debug) = (free_addr(), free_addr(), free_addr());
+        let args = vec![
+            "--controller".to_owned(),
+            format!("http://{}", self.xds_addr),
+            "--host".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--port".to_owned(),
+            traffic.port().to_string(),
+            "--metrics-port".to_owned(),
+            metrics.port().to_string(),
+            "--debug-port".to_owned(),
+            debug.port().to_string(),
+            "--node-id".to_owned(),
+            format!("dataplane-{index}"),
+        ];
+        let process = Process::start(
+            "switchyard-dataplane",
+            &format!("dataplane-{index}"),
+            &args,
+            self.dir.path(),
+        );
+        self.dataplanes.push(Dataplane {
+            process,
+            traffic,
+            metrics,
+            debug,
+        });
+        index
+    }
+
+    /// Starts a dataplane and waits until it has applied a snapshot.
+    pub async fn start_dataplane(&mut self) -> usize {
+        let index = self.spawn_dataplane();
+        self.wait_dataplane_ready(index).await;
+        index
+    }
+
+    pub async fn wait_dataplane_ready(&self, index: usize) {
+        self.http
+            .wait_ok(&self.dataplanes[index].url("/readyz"))
+            .await;
+    }
+}
