@@ -81,10 +81,9 @@ pub async fn shutdown_signal() {
 
 /// Runs the dataplane until `shutdown` resolves, then drains.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-    let controller: http::Uri = args
-        .controller
-        .parse()
-        .map_err(|error| AppError::Config(format!("--controller {:?}: {error}", args.controller)))?;
+    let controller: http::Uri = args.controller.parse().map_err(|error| {
+        AppError::Config(format!("--controller {:?}: {error}", args.controller))
+    })?;
     let traffic_addr = SocketAddr::new(args.host, args.port);
     let metrics_addr = SocketAddr::new(args.host, args.metrics_port);
     let debug_addr = SocketAddr::new(args.debug_addr, args.debug_port);

@@ -40,7 +40,12 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_NODE_ID")]
     pub node_id: Option<String>,
     /// Application log format.
-    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 

@@ -194,7 +194,10 @@ impl Proxy {
                 .path_and_query(path_and_query.as_str())
                 .build()
                 .map_err(|error| {
-                    ApiError::new(ErrorKind::InvalidBody, format!("invalid request path: {error}"))
+                    ApiError::new(
+                        ErrorKind::InvalidBody,
+                        format!("invalid request path: {error}"),
+                    )
                 })?;
             let mut upstream = Request::new(Full::new(body.clone()));
             *upstream.method_mut() = Method::POST;

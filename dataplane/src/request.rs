@@ -85,8 +85,7 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
 /// Replaces the `model` string literal at `span` with `replacement_literal`
 /// (an already JSON-encoded string, quotes included), copying the body once.
 pub fn splice_model(body: &Bytes, span: &Range<usize>, replacement_literal: &str) -> Bytes {
-    let mut out =
-        BytesMut::with_capacity(body.len() - span.len() + replacement_literal.len());
+    let mut out = BytesMut::with_capacity(body.len() - span.len() + replacement_literal.len());
     out.extend_from_slice(&body[..span.start]);
     out.extend_from_slice(replacement_literal.as_bytes());
     out.extend_from_slice(&body[span.end..]);
@@ -99,7 +98,8 @@ mod tests {
 
     #[test]
     fn reads_model_and_stream() {
-        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"llama","stream":true}"#;
+        let body =
+            br#"{"messages":[{"role":"user","content":"hi"}],"model":"llama","stream":true}"#;
         let parsed = parse_body(body).expect("parses");
         assert_eq!(parsed.model, "llama");
         assert!(parsed.stream);
@@ -115,7 +115,11 @@ mod tests {
             (r#"{"model":"m","stream":1}"#, false),
             (r#"{"model":"m","stream":true}"#, true),
         ] {
-            assert_eq!(parse_body(body.as_bytes()).expect(body).stream, expected, "{body}");
+            assert_eq!(
+                parse_body(body.as_bytes()).expect(body).stream,
+                expected,
+                "{body}"
+            );
         }
     }
 
@@ -141,7 +145,13 @@ mod tests {
         ];
         for (body, kind) in cases {
             let error = parse_body(body).expect_err("must fail");
-            assert_eq!(error.kind, kind, "{:?}: {}", String::from_utf8_lossy(body), error);
+            assert_eq!(
+                error.kind,
+                kind,
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                error
+            );
         }
     }
 

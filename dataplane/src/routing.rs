@@ -218,9 +218,10 @@ impl RouteIndex {
             .map(|route| (route, false))
             .chain(by_lora.map(|route| (route, true)))
             .find_map(|(route, is_lora)| {
-                let (rule_index, rule) = route.rules.iter().enumerate().find(|(_, rule)| {
-                    rule.matcher.as_ref().is_none_or(|m| m.matches(request))
-                })?;
+                let (rule_index, rule) =
+                    route.rules.iter().enumerate().find(|(_, rule)| {
+                        rule.matcher.as_ref().is_none_or(|m| m.matches(request))
+                    })?;
                 Some(RouteDecision {
                     route: route.clone(),
                     rule_index,
@@ -286,12 +287,9 @@ mod tests {
 
     #[test]
     fn relative_weights_and_zero_excluded() {
-        let targets = WeightedTargets::new(vec![
-            (server("a"), 50),
-            (server("b"), 30),
-            (server("c"), 0),
-        ])
-        .expect("targets");
+        let targets =
+            WeightedTargets::new(vec![(server("a"), 50), (server("b"), 30), (server("c"), 0)])
+                .expect("targets");
         let counts = count_picks(&targets, 800);
         assert_eq!(counts["a"], 500, "50/30 is 62.5%");
         assert_eq!(counts["b"], 300);
@@ -326,7 +324,11 @@ mod tests {
         }
     }
 
-    fn lookup(index: &RouteIndex, model: &str, headers: &HeaderMap) -> Option<(String, String, bool)> {
+    fn lookup(
+        index: &RouteIndex,
+        model: &str,
+        headers: &HeaderMap,
+    ) -> Option<(String, String, bool)> {
         index
             .lookup(&RequestFacts {
                 model,
@@ -342,10 +344,24 @@ mod tests {
             "default/premium-only",
             "m",
             &[],
-            vec![rule("premium", Some(header_matcher("user-type", "premium")), "7b")],
+            vec![rule(
+                "premium",
+                Some(header_matcher("user-type", "premium")),
+                "7b",
+            )],
         );
-        let catch_all = route("default/catch-all", "m", &[], vec![rule("default", None, "1.5b")]);
-        let lora = route("default/lora", "", &["lora-A"], vec![rule("lora", None, "lora-server")]);
+        let catch_all = route(
+            "default/catch-all",
+            "m",
+            &[],
+            vec![rule("default", None, "1.5b")],
+        );
+        let lora = route(
+            "default/lora",
+            "",
+            &["lora-A"],
+            vec![rule("lora", None, "lora-server")],
+        );
         let index = RouteIndex::new(&[premium, catch_all, lora]);
         let mut headers = HeaderMap::new();
         assert_eq!(
@@ -370,7 +386,9 @@ mod tests {
         assert!(StringMatcher::Exact("a".into()).matches("a"));
         assert!(!StringMatcher::Exact("a".into()).matches("ab"));
         assert!(StringMatcher::Prefix("/v1/chat".into()).matches("/v1/chat/completions"));
-        assert!(StringMatcher::Regex(Regex::new("comp").expect("regex")).matches("/v1/completions"));
+        assert!(
+            StringMatcher::Regex(Regex::new("comp").expect("regex")).matches("/v1/completions")
+        );
         assert!(StringMatcher::Any.matches(""));
     }
 }

@@ -172,8 +172,11 @@ mod tests {
         b.eject(now);
         let chosen = pick_pod(&pods, &rotation, &[], now).expect("pod");
         assert_eq!(chosen.name, "a", "ejected pods come last");
-        let chosen = pick_pod(&pods, &rotation, &[a.clone()], now).expect("pod");
-        assert_eq!(chosen.name, "c", "tried pods are skipped; ejected b ranks after c");
+        let chosen = pick_pod(&pods, &rotation, std::slice::from_ref(&a), now).expect("pod");
+        assert_eq!(
+            chosen.name, "c",
+            "tried pods are skipped; ejected b ranks after c"
+        );
         assert!(pick_pod(&pods, &rotation, &pods, now).is_none());
     }
 

@@ -28,17 +28,34 @@ pub enum SnapshotError {
     #[error("ModelServer {server}: invalid port {port}")]
     InvalidPort { server: String, port: u32 },
     #[error("ModelServer {server}: pod {pod} has invalid IP {ip:?}")]
-    InvalidPodIp { server: String, pod: String, ip: String },
+    InvalidPodIp {
+        server: String,
+        pod: String,
+        ip: String,
+    },
     #[error("ModelServer {server}: model {model:?} cannot be used as a JSON string")]
     InvalidModelRewrite { server: String, model: String },
     #[error("ModelRoute {route} rule {rule}: target {server} is not in the snapshot")]
-    DanglingTarget { route: String, rule: usize, server: String },
+    DanglingTarget {
+        route: String,
+        rule: usize,
+        server: String,
+    },
     #[error("ModelRoute {route} rule {rule}: no target with a positive weight")]
     NoWeightedTarget { route: String, rule: usize },
     #[error("ModelRoute {route} rule {rule}: invalid header name {name:?}")]
-    InvalidHeaderName { route: String, rule: usize, name: String },
+    InvalidHeaderName {
+        route: String,
+        rule: usize,
+        name: String,
+    },
     #[error("ModelRoute {route} rule {rule}: invalid regex {pattern:?}: {reason}")]
-    InvalidRegex { route: String, rule: usize, pattern: String, reason: String },
+    InvalidRegex {
+        route: String,
+        rule: usize,
+        pattern: String,
+        reason: String,
+    },
     #[error("ModelRoute {route}: serves no model name and no LoRA adapter")]
     NoModelName { route: String },
 }
@@ -154,7 +171,7 @@ fn build_server(
             })
         })
         .transpose()?;
-    let policy = server.traffic_policy.clone().unwrap_or_default();
+    let policy = server.traffic_policy.unwrap_or_default();
     Ok(Arc::new(Server {
         key,
         model_rewrite_literal,
@@ -179,19 +196,21 @@ fn build_route(
     for (rule_index, rule) in route.rules.iter().enumerate() {
         let mut targets = Vec::with_capacity(rule.targets.len());
         for target in &rule.targets {
-            let server = servers.get(&target.model_server).ok_or_else(|| {
-                SnapshotError::DanglingTarget {
-                    route: key.clone(),
-                    rule: rule_index,
-                    server: target.model_server.clone(),
-                }
-            })?;
+            let server =
+                servers
+                    .get(&target.model_server)
+                    .ok_or_else(|| SnapshotError::DanglingTarget {
+                        route: key.clone(),
+                        rule: rule_index,
+                        server: target.model_server.clone(),
+                    })?;
             targets.push((server.clone(), target.weight));
         }
-        let targets = WeightedTargets::new(targets).ok_or_else(|| SnapshotError::NoWeightedTarget {
-            route: key.clone(),
-            rule: rule_index,
-        })?;
+        let targets =
+            WeightedTargets::new(targets).ok_or_else(|| SnapshotError::NoWeightedTarget {
+                route: key.clone(),
+                rule: rule_index,
+            })?;
         let matcher = rule
             .r#match
             .as_ref()
@@ -290,7 +309,10 @@ impl SnapshotStore {
     }
 
     pub fn loads_version(&self) -> Option<String> {
-        self.loads.load().as_ref().map(|loads| loads.version.clone())
+        self.loads
+            .load()
+            .as_ref()
+            .map(|loads| loads.version.clone())
     }
 
     pub fn apply_route_config(
@@ -346,7 +368,6 @@ impl SnapshotSink for SnapshotStore {
         Ok(())
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -475,7 +496,10 @@ mod tests {
         ];
         for (bad, expected) in cases {
             let error = store.apply_route_config("bad", bad).expect_err(expected);
-            assert!(error.to_string().contains(expected), "{error} vs {expected}");
+            assert!(
+                error.to_string().contains(expected),
+                "{error} vs {expected}"
+            );
             assert_eq!(store.table().expect("table").version, "v1");
         }
     }
@@ -497,7 +521,10 @@ mod tests {
         store.apply_route_config("v1", config()).expect("valid");
         let table = store.table().expect("table");
         assert_eq!(
-            table.pods["default/p2"].load().expect("load").requests_waiting,
+            table.pods["default/p2"]
+                .load()
+                .expect("load")
+                .requests_waiting,
             3.0
         );
         assert!(table.pods["default/p1"].load().is_none());

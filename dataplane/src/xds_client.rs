@@ -125,6 +125,7 @@ pub struct XdsClientConfig {
     pub build_version: String,
     /// First delay after a failed attempt; doubles per failure up to `max_backoff`.
     pub initial_backoff: Duration,
+    /// Cap of the doubling (each delay is jittered ±[`BACKOFF_JITTER`] around it).
     pub max_backoff: Duration,
     /// Bound on establishing the TCP connection of one attempt.
     pub connect_timeout: Duration,
@@ -295,6 +296,7 @@ impl ControllerStatus {
 
     fn record_control_plane(&self, control_plane_id: &str) {
         let mut state = self.state.lock();
+        // Compared first: it is the same id on every response, no need to reallocate.
         if state.control_plane_id.as_deref() != Some(control_plane_id) {
             state.control_plane_id = Some(control_plane_id.to_owned());
         }

@@ -29,14 +29,16 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<(), String> {
     let Some(dir) = &args.write else {
-        let stream = switchyard_crd::crd_yaml_stream().map_err(|err| format!("rendering CRDs: {err}"))?;
+        let stream =
+            switchyard_crd::crd_yaml_stream().map_err(|err| format!("rendering CRDs: {err}"))?;
         print!("{stream}");
         return Ok(());
     };
     std::fs::create_dir_all(dir).map_err(|err| format!("creating {}: {err}", dir.display()))?;
     for manifest in switchyard_crd::crd_yaml().map_err(|err| format!("rendering CRDs: {err}"))? {
         let path = dir.join(&manifest.file_name);
-        std::fs::write(&path, &manifest.yaml).map_err(|err| format!("writing {}: {err}", path.display()))?;
+        std::fs::write(&path, &manifest.yaml)
+            .map_err(|err| format!("writing {}: {err}", path.display()))?;
         eprintln!("crdgen: wrote {}", path.display());
     }
     Ok(())

@@ -11,7 +11,9 @@ pub mod sglang;
 pub mod vllm;
 
 pub use prometheus_text::{ParseError, ParseErrorKind};
-pub use scraper::{ScrapeConfig, ScrapeConfigError, ScrapeErrorReason, Scraper, ScraperError};
+pub use scraper::{
+    PodLoads, ScrapeConfig, ScrapeConfigError, ScrapeErrorReason, Scraper, ScraperError,
+};
 
 /// `namespace/name` of a pod.
 pub type PodKey = String;
@@ -108,7 +110,11 @@ pub fn interval_mean(prev: Option<HistogramTotals>, now: HistogramTotals) -> f64
     } else {
         ratio_or_zero(now.sum - prev.sum, now.count - prev.count)
     };
-    if mean.is_finite() && mean >= 0.0 { mean } else { 0.0 }
+    if mean.is_finite() && mean >= 0.0 {
+        mean
+    } else {
+        0.0
+    }
 }
 
 fn ratio_or_zero(numerator: f64, denominator: f64) -> f64 {
@@ -269,6 +275,7 @@ fn add_histogram_sample(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 
@@ -283,7 +290,10 @@ mod tests {
 
     #[test]
     fn interval_mean_is_the_delta_ratio() {
-        assert_eq!(interval_mean(Some(totals(2.0, 4.0)), totals(5.0, 10.0)), 0.5);
+        assert_eq!(
+            interval_mean(Some(totals(2.0, 4.0)), totals(5.0, 10.0)),
+            0.5
+        );
     }
 
     #[test]
@@ -294,11 +304,20 @@ mod tests {
 
     #[test]
     fn interval_mean_after_a_counter_reset_is_the_cumulative_mean() {
-        assert_eq!(interval_mean(Some(totals(50.0, 100.0)), totals(3.0, 4.0)), 0.75);
+        assert_eq!(
+            interval_mean(Some(totals(50.0, 100.0)), totals(3.0, 4.0)),
+            0.75
+        );
         // Reset to an empty histogram: no data yet.
-        assert_eq!(interval_mean(Some(totals(50.0, 100.0)), totals(0.0, 0.0)), 0.0);
+        assert_eq!(
+            interval_mean(Some(totals(50.0, 100.0)), totals(0.0, 0.0)),
+            0.0
+        );
         // The count grew past its old value after a restart but the sum shows the reset.
-        assert_eq!(interval_mean(Some(totals(50.0, 3.0)), totals(8.0, 4.0)), 2.0);
+        assert_eq!(
+            interval_mean(Some(totals(50.0, 3.0)), totals(8.0, 4.0)),
+            2.0
+        );
     }
 
     #[test]

@@ -193,7 +193,9 @@ fn parse_sample(line: &str) -> Result<Sample<'_>, ParseErrorKind> {
         Some(after_brace) => split_label_set(after_brace)?,
         // Without labels the name must end at a blank: `m-1 1` is a bad name,
         // not the sample `m` with value `-1`.
-        None if after_name.is_empty() || after_name.as_bytes().first().copied().is_some_and(is_blank) => {
+        None if after_name.is_empty()
+            || after_name.as_bytes().first().copied().is_some_and(is_blank) =>
+        {
             (NO_LABELS, after_name)
         }
         None => return Err(ParseErrorKind::InvalidMetricName),
@@ -310,6 +312,7 @@ fn parse_value(token: &str) -> Option<f64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 
@@ -326,7 +329,10 @@ mod tests {
         assert_eq!(samples[0].name, "vllm:num_requests_running");
         assert_eq!(samples[0].value, 8.0);
         assert_eq!(samples[0].label("engine").as_deref(), Some("0"));
-        assert_eq!(samples[0].label("model_name").as_deref(), Some("tiny-llama"));
+        assert_eq!(
+            samples[0].label("model_name").as_deref(),
+            Some("tiny-llama")
+        );
         assert_eq!(samples[0].label("absent"), None);
         assert_eq!(samples[0].timestamp_ms, None);
         assert_eq!(samples[1].name, "process_cpu_seconds_total");
@@ -336,7 +342,8 @@ mod tests {
 
     #[test]
     fn parses_special_values_exponents_and_timestamps() {
-        let page = "a{le=\"+Inf\"} +Inf\nb -Inf\nc NaN\nd 4.849987584e+09 1712345678901\ne\t7\t-5\n";
+        let page =
+            "a{le=\"+Inf\"} +Inf\nb -Inf\nc NaN\nd 4.849987584e+09 1712345678901\ne\t7\t-5\n";
         let samples = parse(page).unwrap();
         assert_eq!(samples[0].value, f64::INFINITY);
         assert_eq!(samples[0].label("le").as_deref(), Some("+Inf"));
@@ -365,7 +372,10 @@ mod tests {
                 ("plain", "x".to_owned()),
             ]
         );
-        assert!(matches!(samples[0].label("plain"), Some(Cow::Borrowed("x"))));
+        assert!(matches!(
+            samples[0].label("plain"),
+            Some(Cow::Borrowed("x"))
+        ));
     }
 
     #[test]
@@ -389,7 +399,11 @@ mod tests {
             ("m{a=x} 1", 1, ParseErrorKind::MissingLabelValueQuote),
             ("m{a=\"x} 1", 1, ParseErrorKind::UnterminatedLabelValue),
             ("m{a=\"\\t\"} 1", 1, ParseErrorKind::InvalidEscape),
-            ("m{a=\"x\" b=\"y\"} 1", 1, ParseErrorKind::MissingLabelSeparator),
+            (
+                "m{a=\"x\" b=\"y\"} 1",
+                1,
+                ParseErrorKind::MissingLabelSeparator,
+            ),
             ("m{a=\"x\"", 1, ParseErrorKind::UnterminatedLabelSet),
             ("m{a=\"x\",", 1, ParseErrorKind::UnterminatedLabelSet),
             ("# c\n\nm\n", 3, ParseErrorKind::MissingValue),
@@ -400,11 +414,7 @@ mod tests {
             ("m-1 1", 1, ParseErrorKind::InvalidMetricName),
         ];
         for (page, line, kind) in cases {
-            assert_eq!(
-                parse(page),
-                Err(ParseError { line, kind }),
-                "page {page:?}"
-            );
+            assert_eq!(parse(page), Err(ParseError { line, kind }), "page {page:?}");
         }
     }
 

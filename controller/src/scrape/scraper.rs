@@ -546,8 +546,7 @@ async fn scrape_pod(
             None
         }
     };
-    let ((metrics, metrics_duration, observed_at_unix_ms), models) =
-        tokio::join!(metrics, models);
+    let ((metrics, metrics_duration, observed_at_unix_ms), models) = tokio::join!(metrics, models);
     PodScrape {
         target,
         metrics,
@@ -670,4 +669,443 @@ fn unix_millis_now() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|since_epoch| i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use http::Response;
+    use http_body_util::Full;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use switchyard_crd::InferenceEngine;
+    use tokio::net::TcpListener;
+    use tokio::task::JoinSet;
+
+    use super::super::prometheus_text;
+    use super::*;
+
+    /// Generous: the machine running the tests may be busy.
+    const WAIT_DEADLINE: Duration = Duration::from_secs(10);
+    const MODELS_JSON: &str = r#"{"object":"list","data":[
+        {"id":"tiny-lora","object":"model","parent":"tiny-llama"},
+        {"id":"tiny-llama","object":"model","parent":null}]}"#;
+    /// Used when the captured fixture is not available; same key values.
+    const SYNTHETIC_PAGE: &str = r#"# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny-llama"} 8.0
+vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 16.0
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny-llama"} 0.17322834645669294
+vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny-llama"} 18.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.773876905441284
+"#;
+
+    fn engine_page() -> String {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/fixtures/vllm/metrics_during_load.txt"
+        );
+        std::fs::read_to_string(path).unwrap_or_else(|_| {
+            eprintln!("note: {path} missing, serving a synthetic page");
+            SYNTHETIC_PAGE.to_owned()
+        })
+    }
+
+    /// What a test server does with requests.
+    #[derive(Clone)]
+    enum Behaviour {
+        /// Serves `/metrics` and `/v1/models`.
+        Engine { metrics: String },
+        /// Accepts connections and never answers.
+        Hang,
+        /// Answers every request with this status.
+        Status(StatusCode),
+        /// Answers `/metrics` with text that is not exposition format.
+        Garbage,
+    }
+
+    /// A loopback HTTP server, stopped (with its connections) on drop.
+    struct TestServer {
+        addr: SocketAddr,
+        behaviour: Arc<Mutex<Behaviour>>,
+        task: JoinHandle<()>,
+    }
+
+    impl TestServer {
+        async fn start(behaviour: Behaviour) -> Self {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let behaviour = Arc::new(Mutex::new(behaviour));
+            let shared = behaviour.clone();
+            let task = tokio::spawn(async move {
+                let mut connections = JoinSet::new();
+                let mut held_open = Vec::new();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    while connections.try_join_next().is_some() {}
+                    if matches!(*shared.lock().unwrap(), Behaviour::Hang) {
+                        held_open.push(stream);
+                        continue;
+                    }
+                    let shared = shared.clone();
+                    connections.spawn(async move {
+                        let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                            let behaviour = shared.lock().unwrap().clone();
+                            let response = respond(&behaviour, request.uri().path());
+                            async move { Ok::<_, Infallible>(response) }
+                        });
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+            Self {
+                addr,
+                behaviour,
+                task,
+            }
+        }
+
+        fn set_behaviour(&self, behaviour: Behaviour) {
+            *self.behaviour.lock().unwrap() = behaviour;
+        }
+
+        fn target(&self, key: &str) -> ScrapeTarget {
+            ScrapeTarget {
+                key: key.to_owned(),
+                addr: self.addr,
+                engine: InferenceEngine::Vllm,
+            }
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn respond(behaviour: &Behaviour, path: &str) -> Response<Full<Bytes>> {
+        let (status, body) = match (behaviour, path) {
+            (Behaviour::Engine { metrics }, "/metrics") => (StatusCode::OK, metrics.clone()),
+            (Behaviour::Engine { .. } | Behaviour::Garbage, "/v1/models") => {
+                (StatusCode::OK, MODELS_JSON.to_owned())
+            }
+            (Behaviour::Garbage, "/metrics") => (StatusCode::OK, "<html>hello</html>".to_owned()),
+            (Behaviour::Status(status), _) => (*status, "unavailable".to_owned()),
+            _ => (StatusCode::NOT_FOUND, "not found".to_owned()),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+    }
+
+    /// Value of the sample `name` whose labels include `labels`.
+    fn metric_value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        let samples = prometheus_text::parse(&text).unwrap();
+        samples
+            .iter()
+            .find(|sample| {
+                sample.name == name
+                    && labels
+                        .iter()
+                        .all(|(label, value)| sample.label(label).as_deref() == Some(*value))
+            })
+            .map(|sample| sample.value)
+    }
+
+    fn error_count(registry: &Registry, pod: &str, reason: ScrapeErrorReason) -> f64 {
+        metric_value(
+            registry,
+            "switchyard_controller_scrape_errors_total",
+            &[("pod", pod), ("reason", reason.as_str())],
+        )
+        .unwrap_or(0.0)
+    }
+
+    fn age_series(registry: &Registry, pod: &str) -> Option<f64> {
+        metric_value(
+            registry,
+            "switchyard_controller_scrape_age_seconds",
+            &[("pod", pod)],
+        )
+    }
+
+    /// Waits on the published loads until `condition` holds; panics after
+    /// [`WAIT_DEADLINE`].
+    async fn wait_for(
+        loads: &mut watch::Receiver<PodLoads>,
+        mut condition: impl FnMut(&BTreeMap<PodKey, PodLoad>) -> bool,
+    ) -> PodLoads {
+        let deadline = tokio::time::Instant::now() + WAIT_DEADLINE;
+        loop {
+            let current = loads.borrow_and_update().clone();
+            if condition(&current) {
+                return current;
+            }
+            tokio::time::timeout_at(deadline, loads.changed())
+                .await
+                .expect("condition not met before the deadline")
+                .expect("scraper stopped");
+        }
+    }
+
+    fn fast_config() -> ScrapeConfig {
+        ScrapeConfig {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
+            ..ScrapeConfig::default()
+        }
+    }
+
+    fn assert_during_load_values(load: &PodLoad) {
+        assert_eq!(load.requests_waiting, 16.0);
+        assert_eq!(load.requests_running, 8.0);
+        assert_eq!(load.kv_cache_usage, 0.17322834645669294);
+        assert!(load.observed_at_unix_ms > 0);
+    }
+
+    #[tokio::test]
+    async fn fast_pod_is_published_while_a_hanging_pod_times_out() {
+        let fast = TestServer::start(Behaviour::Engine {
+            metrics: engine_page(),
+        })
+        .await;
+        let hanging = TestServer::start(Behaviour::Hang).await;
+        let (_targets_sender, targets) =
+            watch::channel(vec![fast.target("ns/fast"), hanging.target("ns/hanging")]);
+        let registry = Registry::new();
+        let Scraper { mut loads, task } =
+            Scraper::spawn(fast_config(), targets, &registry).unwrap();
+
+        let published = wait_for(&mut loads, |loads| {
+            loads.contains_key("ns/fast")
+                && error_count(&registry, "ns/hanging", ScrapeErrorReason::Timeout) >= 1.0
+        })
+        .await;
+
+        assert_during_load_values(&published["ns/fast"]);
+        // The first scrape has no previous totals to diff against.
+        assert_eq!(published["ns/fast"].ttft_seconds, 0.0);
+        assert!(!published.contains_key("ns/hanging"));
+        assert_eq!(
+            error_count(&registry, "ns/fast", ScrapeErrorReason::Timeout),
+            0.0
+        );
+        assert!(age_series(&registry, "ns/fast").is_some());
+        assert_eq!(age_series(&registry, "ns/hanging"), None);
+        let scrapes = metric_value(
+            &registry,
+            "switchyard_controller_scrape_duration_seconds_count",
+            &[("engine", "vLLM")],
+        );
+        assert!(scrapes.is_some_and(|count| count >= 2.0), "{scrapes:?}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn models_ids_land_in_the_pod_load() {
+        let fast = TestServer::start(Behaviour::Engine {
+            metrics: engine_page(),
+        })
+        .await;
+        let (_targets_sender, targets) = watch::channel(vec![fast.target("ns/fast")]);
+        let registry = Registry::new();
+        let Scraper { mut loads, task } =
+            Scraper::spawn(fast_config(), targets, &registry).unwrap();
+
+        let published = wait_for(&mut loads, |loads| {
+            loads
+                .get("ns/fast")
+                .is_some_and(|load| !load.models.is_empty())
+        })
+        .await;
+
+        assert_eq!(published["ns/fast"].models, vec!["tiny-llama", "tiny-lora"]);
+        assert_during_load_values(&published["ns/fast"]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_removed_pod_leaves_the_map_and_its_age_series_is_removed() {
+        let first = TestServer::start(Behaviour::Engine {
+            metrics: engine_page(),
+        })
+        .await;
+        let second = TestServer::start(Behaviour::Engine {
+            metrics: engine_page(),
+        })
+        .await;
+        let (targets_sender, targets) =
+            watch::channel(vec![first.target("ns/first"), second.target("ns/second")]);
+        let registry = Registry::new();
+        let Scraper { mut loads, task } =
+            Scraper::spawn(fast_config(), targets, &registry).unwrap();
+        wait_for(&mut loads, |loads| {
+            loads.contains_key("ns/first") && loads.contains_key("ns/second")
+        })
+        .await;
+        assert!(age_series(&registry, "ns/second").is_some());
+
+        targets_sender.send(vec![first.target("ns/first")]).unwrap();
+        let published = wait_for(&mut loads, |loads| !loads.contains_key("ns/second")).await;
+
+        assert!(published.contains_key("ns/first"));
+        assert_eq!(age_series(&registry, "ns/second"), None);
+        assert!(age_series(&registry, "ns/first").is_some());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_failing_pod_keeps_its_last_load_without_refreshing_it() {
+        let flaky = TestServer::start(Behaviour::Engine {
+            metrics: engine_page(),
+        })
+        .await;
+        // Keeps passes publishing while the flaky pod fails.
+        let steady = TestServer::start(Behaviour::Engine {
+            metrics: engine_page(),
+        })
+        .await;
+        let (_targets_sender, targets) =
+            watch::channel(vec![flaky.target("ns/flaky"), steady.target("ns/steady")]);
+        let registry = Registry::new();
+        let Scraper { mut loads, task } =
+            Scraper::spawn(fast_config(), targets, &registry).unwrap();
+        wait_for(&mut loads, |loads| loads.contains_key("ns/flaky")).await;
+
+        flaky.set_behaviour(Behaviour::Status(StatusCode::SERVICE_UNAVAILABLE));
+        let failed_once = wait_for(&mut loads, |_| {
+            error_count(&registry, "ns/flaky", ScrapeErrorReason::HttpStatus) >= 1.0
+        })
+        .await;
+        let kept = failed_once["ns/flaky"].clone();
+        let later = wait_for(&mut loads, |_| {
+            error_count(&registry, "ns/flaky", ScrapeErrorReason::HttpStatus) >= 3.0
+        })
+        .await;
+
+        assert_eq!(later["ns/flaky"], kept);
+        assert_during_load_values(&kept);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn failures_are_counted_by_reason() {
+        let steady = TestServer::start(Behaviour::Engine {
+            metrics: engine_page(),
+        })
+        .await;
+        let erroring =
+            TestServer::start(Behaviour::Status(StatusCode::INTERNAL_SERVER_ERROR)).await;
+        let garbage = TestServer::start(Behaviour::Garbage).await;
+        let closed_addr = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listener.local_addr().unwrap()
+        };
+        let closed = ScrapeTarget {
+            key: "ns/closed".to_owned(),
+            addr: closed_addr,
+            engine: InferenceEngine::Vllm,
+        };
+        let (_targets_sender, targets) = watch::channel(vec![
+            steady.target("ns/steady"),
+            erroring.target("ns/erroring"),
+            garbage.target("ns/garbage"),
+            closed,
+        ]);
+        let registry = Registry::new();
+        let Scraper { mut loads, task } =
+            Scraper::spawn(fast_config(), targets, &registry).unwrap();
+
+        let published = wait_for(&mut loads, |_| {
+            error_count(&registry, "ns/erroring", ScrapeErrorReason::HttpStatus) >= 1.0
+                && error_count(&registry, "ns/garbage", ScrapeErrorReason::Parse) >= 1.0
+                && error_count(&registry, "ns/closed", ScrapeErrorReason::Connect) >= 1.0
+        })
+        .await;
+
+        let keys: Vec<&str> = published.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["ns/steady"]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_new_target_is_scraped_without_waiting_for_the_next_tick() {
+        let fast = TestServer::start(Behaviour::Engine {
+            metrics: engine_page(),
+        })
+        .await;
+        let (targets_sender, targets) = watch::channel(Vec::new());
+        let registry = Registry::new();
+        let config = ScrapeConfig {
+            // The only tick in the test's lifetime is the immediate first one.
+            interval: Duration::from_secs(3600),
+            ..ScrapeConfig::default()
+        };
+        let Scraper { mut loads, task } = Scraper::spawn(config, targets, &registry).unwrap();
+
+        targets_sender.send(vec![fast.target("ns/fast")]).unwrap();
+        let published = wait_for(&mut loads, |loads| loads.contains_key("ns/fast")).await;
+
+        assert_during_load_values(&published["ns/fast"]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn the_loop_ends_when_the_target_sender_is_dropped() {
+        let (targets_sender, targets) = watch::channel(Vec::new());
+        let registry = Registry::new();
+        let scraper = Scraper::spawn(ScrapeConfig::default(), targets, &registry).unwrap();
+        drop(targets_sender);
+        tokio::time::timeout(WAIT_DEADLINE, scraper.task)
+            .await
+            .expect("scrape loop still running")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn spawn_rejects_bad_configs_and_double_registration() {
+        let registry = Registry::new();
+        let (_targets_sender, targets) = watch::channel(Vec::new());
+        let zero_interval = ScrapeConfig {
+            interval: Duration::ZERO,
+            ..ScrapeConfig::default()
+        };
+        assert!(matches!(
+            Scraper::spawn(zero_interval, targets.clone(), &registry),
+            Err(ScraperError::InvalidConfig(ScrapeConfigError::ZeroInterval))
+        ));
+        let zero_concurrency = ScrapeConfig {
+            max_concurrency: 0,
+            ..ScrapeConfig::default()
+        };
+        assert_eq!(
+            zero_concurrency.validate(),
+            Err(ScrapeConfigError::ZeroConcurrency)
+        );
+
+        let first = Scraper::spawn(ScrapeConfig::default(), targets.clone(), &registry).unwrap();
+        assert!(matches!(
+            Scraper::spawn(ScrapeConfig::default(), targets, &registry),
+            Err(ScraperError::Metrics(_))
+        ));
+        first.task.abort();
+    }
+
+    #[test]
+    fn default_timeout_is_below_the_interval() {
+        let config = ScrapeConfig::default();
+        assert!(config.timeout < config.interval);
+        assert_eq!(config.validate(), Ok(()));
+    }
 }

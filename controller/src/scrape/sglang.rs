@@ -38,6 +38,7 @@ pub fn parse_page(text: &str) -> Result<EngineSample, EnginePageError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::super::HistogramTotals;
     use super::*;

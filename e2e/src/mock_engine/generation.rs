@@ -123,10 +123,17 @@ impl Generation {
                     now - self.arrived_at,
                 );
             }
-            Some(previous) => self.stats.record_next_token(self.plan.delivery, now - previous),
+            Some(previous) => self
+                .stats
+                .record_next_token(self.plan.delivery, now - previous),
         }
         self.last_token_at = Some(now);
-        let text = self.plan.pieces.get(self.produced).cloned().unwrap_or_default();
+        let text = self
+            .plan
+            .pieces
+            .get(self.produced)
+            .cloned()
+            .unwrap_or_default();
         self.produced += 1;
         let is_last = self.produced >= self.plan.pieces.len();
         if is_last {
@@ -254,8 +261,14 @@ mod tests {
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.prompt_tokens[Delivery::Streamed.slot()], 3);
         assert_eq!(snapshot.generation_tokens[Delivery::Streamed.slot()], 3);
-        assert_eq!(snapshot.finished(FinishReason::Length, Delivery::Streamed), 1);
-        assert_eq!(snapshot.finished(FinishReason::Abort, Delivery::Streamed), 0);
+        assert_eq!(
+            snapshot.finished(FinishReason::Length, Delivery::Streamed),
+            1
+        );
+        assert_eq!(
+            snapshot.finished(FinishReason::Abort, Delivery::Streamed),
+            0
+        );
         assert_eq!(snapshot.inter_token_latency.count(), 2);
     }
 
@@ -268,7 +281,13 @@ mod tests {
         drop(generation);
         assert_eq!(backend.load().running, 0);
         let snapshot = stats.snapshot();
-        assert_eq!(snapshot.finished(FinishReason::Abort, Delivery::Streamed), 1);
-        assert_eq!(snapshot.finished(FinishReason::Length, Delivery::Streamed), 0);
+        assert_eq!(
+            snapshot.finished(FinishReason::Abort, Delivery::Streamed),
+            1
+        );
+        assert_eq!(
+            snapshot.finished(FinishReason::Length, Delivery::Streamed),
+            0
+        );
     }
 }

@@ -18,9 +18,7 @@ use tokio::time::Instant;
 
 use super::backend::{Backend, PacedBackend};
 use super::config::MockEngineConfig;
-use super::generation::{
-    Generation, GenerationPlan, completion_pieces, output_length,
-};
+use super::generation::{Generation, GenerationPlan, completion_pieces, output_length};
 use super::metrics::{self, MetricsInput};
 use super::openai::{
     self, Endpoint, ModelList, ResponseMeta, SSE_DONE, Usage, error_body, parse_request,
@@ -176,7 +174,10 @@ impl EngineState {
                 );
             }
         };
-        echo.received_model = json.get("model").and_then(Value::as_str).map(str::to_string);
+        echo.received_model = json
+            .get("model")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         if let Some(status) = forced_status {
             let message = format!(
                 "Simulated failure: {} requested this status from pod {}.",
@@ -190,9 +191,7 @@ impl EngineState {
                 return error_response(StatusCode::BAD_REQUEST, &error.to_string(), error.param());
             }
         };
-        let model = parsed
-            .model
-            .unwrap_or_else(|| self.config.model.clone());
+        let model = parsed.model.unwrap_or_else(|| self.config.model.clone());
         if !self.serves(&model) {
             let message = format!(
                 "The model `{model}` does not exist. Valid aliases: {}.",
@@ -441,7 +440,11 @@ fn event_stream(stream: SseStream) -> Response<ResponseBody> {
     response
 }
 
-fn full(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) -> Response<ResponseBody> {
+fn full(
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    body: Bytes,
+) -> Response<ResponseBody> {
     let mut response = Response::new(UnsyncBoxBody::new(Full::new(body)));
     *response.status_mut() = status;
     if let Some(content_type) = content_type {
@@ -455,8 +458,16 @@ fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response
     full(status, Some(JSON), body.into())
 }
 
-fn error_response(status: StatusCode, message: &str, param: Option<&str>) -> Response<ResponseBody> {
-    full(status, Some(JSON), error_body(status, message, param).into())
+fn error_response(
+    status: StatusCode,
+    message: &str,
+    param: Option<&str>,
+) -> Response<ResponseBody> {
+    full(
+        status,
+        Some(JSON),
+        error_body(status, message, param).into(),
+    )
 }
 
 /// FastAPI's own answer for unknown routes and methods, which vLLM does not override.

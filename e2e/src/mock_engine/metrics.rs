@@ -373,11 +373,7 @@ impl Exposition {
                 if index > 0 {
                     self.text.push(',');
                 }
-                let _ = write!(
-                    self.text,
-                    "{label}=\"{}\"",
-                    escape_label_value(label_value)
-                );
+                let _ = write!(self.text, "{label}=\"{}\"", escape_label_value(label_value));
             }
             self.text.push('}');
         }
@@ -481,10 +477,7 @@ mod tests {
         assert_eq!(format_value(0.0), "0.0");
         assert_eq!(format_value(0.17322834645669294), "0.17322834645669294");
         assert_eq!(format_value(4.773876905441284), "4.773876905441284");
-        assert_eq!(
-            format_value(1.7952664050212803e9),
-            "1.7952664050212803e+09"
-        );
+        assert_eq!(format_value(1.7952664050212803e9), "1.7952664050212803e+09");
         assert_eq!(format_value(1_000_000.0), "1e+06");
         assert_eq!(format_value(123456.0), "123456.0");
         assert_eq!(format_value(5e-5), "5e-05");
@@ -555,7 +548,10 @@ mod tests {
             "vllm:e2e_request_latency_seconds_count{engine=\"0\",model_name=\"base\"} 1.0",
             "vllm:lora_requests_info{max_lora=\"1\",running_lora_adapters=\"tiny-lora\",waiting_lora_adapters=\"\"} 1.7952664105e+09",
         ] {
-            assert!(page.lines().any(|l| l == line), "missing `{line}` in\n{page}");
+            assert!(
+                page.lines().any(|l| l == line),
+                "missing `{line}` in\n{page}"
+            );
         }
     }
 

@@ -140,9 +140,10 @@ pub fn parse_request(endpoint: Endpoint, body: Value) -> Result<InferenceRequest
                 .filter_map(|message| message.content.as_ref())
                 .flat_map(|content| match content {
                     MessageContent::Text(text) => vec![text.as_str()],
-                    MessageContent::Parts(parts) => {
-                        parts.iter().filter_map(|part| part.text.as_deref()).collect()
-                    }
+                    MessageContent::Parts(parts) => parts
+                        .iter()
+                        .filter_map(|part| part.text.as_deref())
+                        .collect(),
                 })
                 .collect();
             InferenceRequest {
@@ -536,7 +537,11 @@ impl ModelList {
             }],
         };
         let data = std::iter::once(card(base_model, None))
-            .chain(adapters.iter().map(|adapter| card(adapter, Some(base_model))))
+            .chain(
+                adapters
+                    .iter()
+                    .map(|adapter| card(adapter, Some(base_model))),
+            )
             .collect();
         Self {
             object: "list",
@@ -579,8 +584,11 @@ mod tests {
     #[test]
     fn completion_request_accepts_every_prompt_form() {
         let tokens = |prompt: Value| {
-            parse_request(Endpoint::Completions, json!({"model": "m", "prompt": prompt}))
-                .map(|request| request.prompt_tokens)
+            parse_request(
+                Endpoint::Completions,
+                json!({"model": "m", "prompt": prompt}),
+            )
+            .map(|request| request.prompt_tokens)
         };
         assert_eq!(tokens(json!("The license grants")), Ok(3));
         assert_eq!(tokens(json!(["a b", "c"])), Ok(3));
@@ -591,7 +599,10 @@ mod tests {
 
     #[test]
     fn request_without_model_or_stream_defaults_like_vllm() {
-        let request = parse_request(Endpoint::Completions, json!({"prompt": "hi", "stream": null}));
+        let request = parse_request(
+            Endpoint::Completions,
+            json!({"prompt": "hi", "stream": null}),
+        );
         assert_eq!(
             request,
             Ok(InferenceRequest {
@@ -613,28 +624,31 @@ mod tests {
         assert_eq!(zero, Err(RequestError::MaxTokensTooSmall(0)));
         assert!(parse_request(Endpoint::ChatCompletions, json!({"model": "m"})).is_err());
         assert!(parse_request(Endpoint::ChatCompletions, json!([1, 2])).is_err());
-        assert!(
-            parse_request(
-                Endpoint::Completions,
-                json!({"model": 7, "prompt": "hi"})
-            )
-            .is_err()
-        );
+        assert!(parse_request(Endpoint::Completions, json!({"model": 7, "prompt": "hi"})).is_err());
     }
 
     #[test]
     fn error_types_follow_the_status_phrase() {
         assert_eq!(error_type(StatusCode::BAD_REQUEST), "BadRequestError");
         assert_eq!(error_type(StatusCode::NOT_FOUND), "NotFoundError");
-        assert_eq!(error_type(StatusCode::INTERNAL_SERVER_ERROR), "InternalServerError");
-        assert_eq!(error_type(StatusCode::SERVICE_UNAVAILABLE), "ServiceUnavailableError");
-        assert_eq!(error_type(StatusCode::TOO_MANY_REQUESTS), "TooManyRequestsError");
+        assert_eq!(
+            error_type(StatusCode::INTERNAL_SERVER_ERROR),
+            "InternalServerError"
+        );
+        assert_eq!(
+            error_type(StatusCode::SERVICE_UNAVAILABLE),
+            "ServiceUnavailableError"
+        );
+        assert_eq!(
+            error_type(StatusCode::TOO_MANY_REQUESTS),
+            "TooManyRequestsError"
+        );
     }
 
     #[test]
     fn error_body_has_vllm_shape() {
         let body = error_body(StatusCode::NOT_FOUND, "no such model", Some("model"));
-        let value: Value = serde_json::from_slice(&body).unwrap();
+        let value: Value = serde_json::from_slice(&body).expect("error body is JSON");
         assert_eq!(
             value,
             json!({"error": {"message": "no such model", "type": "NotFoundError", "param": "model", "code": 404}})
@@ -662,8 +676,8 @@ mod tests {
             let json = event
                 .strip_prefix("data: ")
                 .and_then(|rest| rest.strip_suffix("\n\n"))
-                .unwrap();
-            serde_json::from_str(json).unwrap()
+                .expect("event is `data: ...` followed by a blank line");
+            serde_json::from_str(json).expect("event payload is JSON")
         };
         assert_eq!(
             parse(meta.role_event()),
@@ -693,7 +707,7 @@ mod tests {
     #[test]
     fn model_list_puts_adapters_under_the_base_model() {
         let list = ModelList::new("base", &["lora-a".to_string()], "vllm", 5, 4096);
-        let value = serde_json::to_value(&list).unwrap();
+        let value = serde_json::to_value(&list).expect("model list serializes");
         assert_eq!(value["object"], "list");
         assert_eq!(value["data"][0]["id"], "base");
         assert_eq!(value["data"][0]["parent"], Value::Null);

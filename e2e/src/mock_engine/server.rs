@@ -118,7 +118,9 @@ impl RunningMockEngine {
         addr: impl ToSocketAddrs,
     ) -> Result<Self, MockEngineError> {
         config.validate()?;
-        let listener = TcpListener::bind(addr).await.map_err(MockEngineError::Bind)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(MockEngineError::Bind)?;
         let addr = listener.local_addr().map_err(MockEngineError::Bind)?;
         let (shutdown, shutdown_requested) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(config, listener, async move {

@@ -18,7 +18,11 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
-    pub const ALL: [FinishReason; 3] = [FinishReason::Stop, FinishReason::Length, FinishReason::Abort];
+    pub const ALL: [FinishReason; 3] = [
+        FinishReason::Stop,
+        FinishReason::Length,
+        FinishReason::Abort,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -93,7 +97,11 @@ impl Histogram {
 
     /// `(upper bound, cumulative count)` per bucket, ending with `(+Inf, count)`.
     pub fn cumulative_buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        let bounds = self.bounds.iter().copied().chain(std::iter::once(f64::INFINITY));
+        let bounds = self
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY));
         bounds.zip(self.counts.iter().scan(0, |running, count| {
             *running += count;
             Some(*running)
@@ -268,10 +276,19 @@ mod tests {
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.prompt_tokens, [0, 7]);
         assert_eq!(snapshot.generation_tokens, [0, 2]);
-        assert_eq!(snapshot.finished(FinishReason::Abort, Delivery::Streamed), 1);
+        assert_eq!(
+            snapshot.finished(FinishReason::Abort, Delivery::Streamed),
+            1
+        );
         assert_eq!(snapshot.finished(FinishReason::Length, Delivery::Unary), 1);
-        assert_eq!(snapshot.e2e_request_latency[Delivery::Streamed.slot()].count(), 0);
-        assert_eq!(snapshot.e2e_request_latency[Delivery::Unary.slot()].count(), 1);
+        assert_eq!(
+            snapshot.e2e_request_latency[Delivery::Streamed.slot()].count(),
+            0
+        );
+        assert_eq!(
+            snapshot.e2e_request_latency[Delivery::Unary.slot()].count(),
+            1
+        );
         let tpot = &snapshot.time_per_output_token[Delivery::Unary.slot()];
         assert_eq!(tpot.count(), 1);
         assert!((tpot.sum() - 0.1).abs() < 1e-9);

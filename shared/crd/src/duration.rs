@@ -7,7 +7,9 @@ use std::time::Duration;
 pub enum GoDurationError {
     #[error("empty duration")]
     Empty,
-    #[error("invalid duration {0:?}: expected a sequence of number+unit such as 10s, 1m30s or 100ms")]
+    #[error(
+        "invalid duration {0:?}: expected a sequence of number+unit such as 10s, 1m30s or 100ms"
+    )]
     Invalid(String),
     #[error("negative duration {0:?} is not allowed")]
     Negative(String),
@@ -83,7 +85,10 @@ mod tests {
     #[test]
     fn rejects_bad_durations() {
         for text in ["", "10", "s", "10x", "-1s", "1.2.3s", "ten seconds"] {
-            assert!(parse_go_duration(text).is_err(), "{text} should be rejected");
+            assert!(
+                parse_go_duration(text).is_err(),
+                "{text} should be rejected"
+            );
         }
     }
 }

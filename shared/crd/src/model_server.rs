@@ -138,7 +138,7 @@ pub struct TrafficPolicy {
 /// than `duration(self)`, because a string `duration()` cannot parse is an evaluation error,
 /// which the API server reports without the rule's message.
 const GO_DURATION_RULE: &str =
-    r"self == '0' || self.matches('^(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h))+$')";
+    "self == '0' || self.matches('^(([0-9]+([.][0-9]*)?|[.][0-9]+)(ns|us|µs|μs|ms|s|m|h))+$')";
 
 /// Retry policy towards the pods.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
@@ -149,7 +149,10 @@ pub struct Retry {
     #[schemars(transform = without_default)]
     pub attempts: i32,
     /// Go duration; default `100ms`.
-    #[serde(default = "default_retry_interval", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default = "default_retry_interval",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(extend("default" = DEFAULT_RETRY_INTERVAL), length(max = 64))]
     #[x_kube(validation = Rule::new(GO_DURATION_RULE)
         .message("retryInterval must be a non-negative Go duration such as 100ms or 1s"))]
@@ -174,7 +177,11 @@ fn without_default(schema: &mut schemars::Schema) {
 #[serde(rename_all = "camelCase")]
 pub struct KvConnector {
     /// `http` | `lmcache` | `nixl` | `mooncake`; default `http`.
-    #[serde(default = "default_kv_connector_type", rename = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default = "default_kv_connector_type",
+        rename = "type",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schemars(extend("enum" = ["http", "lmcache", "nixl", "mooncake"], "default" = DEFAULT_KV_CONNECTOR_TYPE))]
     pub connector_type: Option<String>,
 }

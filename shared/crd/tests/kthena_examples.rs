@@ -1,5 +1,6 @@
 //! The Kthena example manifests must load into Switchyard's types unchanged, and the routing
 //! guide's examples (seed 004) must be among them.
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod common;
 
@@ -7,8 +8,8 @@ use std::collections::BTreeMap;
 
 use common::{ExampleDocument, kthena_example_documents, shared_dir};
 use switchyard_crd::{
-    InferenceEngine, ModelMatch, ModelRoute, ModelRouteSpec, ModelServer, RateLimitUnit, Rule, StringMatch,
-    TargetModel,
+    InferenceEngine, ModelMatch, ModelRoute, ModelRouteSpec, ModelServer, RateLimitUnit, Rule,
+    StringMatch, TargetModel,
 };
 
 const MODEL_ROUTE_KIND: &str = "ModelRoute";
@@ -45,22 +46,48 @@ fn every_example_model_route_and_model_server_deserialises_and_round_trips() {
     let routes = routes(&documents);
     let servers = servers(&documents);
 
-    let route_documents = documents.iter().filter(|doc| doc.kind == MODEL_ROUTE_KIND).count();
-    let server_documents = documents.iter().filter(|doc| doc.kind == MODEL_SERVER_KIND).count();
-    assert_eq!(routes.len(), route_documents, "ModelRoute names must be unique across the examples");
-    assert_eq!(servers.len(), server_documents, "ModelServer names must be unique across the examples");
-    assert!(route_documents >= 10, "expected the 10 Kthena example routes, found {route_documents}");
-    assert!(server_documents >= 8, "expected the 8 Kthena example servers, found {server_documents}");
+    let route_documents = documents
+        .iter()
+        .filter(|doc| doc.kind == MODEL_ROUTE_KIND)
+        .count();
+    let server_documents = documents
+        .iter()
+        .filter(|doc| doc.kind == MODEL_SERVER_KIND)
+        .count();
+    assert_eq!(
+        routes.len(),
+        route_documents,
+        "ModelRoute names must be unique across the examples"
+    );
+    assert_eq!(
+        servers.len(),
+        server_documents,
+        "ModelServer names must be unique across the examples"
+    );
+    assert!(
+        route_documents >= 10,
+        "expected the 10 Kthena example routes, found {route_documents}"
+    );
+    assert!(
+        server_documents >= 8,
+        "expected the 8 Kthena example servers, found {server_documents}"
+    );
 
     for (name, route) in &routes {
         let json = serde_json::to_value(route).unwrap();
         let again: ModelRoute = serde_json::from_value(json).unwrap();
-        assert_eq!(&again, route, "ModelRoute {name} changed on a serialise/deserialise round trip");
+        assert_eq!(
+            &again, route,
+            "ModelRoute {name} changed on a serialise/deserialise round trip"
+        );
     }
     for (name, server) in &servers {
         let json = serde_json::to_value(server).unwrap();
         let again: ModelServer = serde_json::from_value(json).unwrap();
-        assert_eq!(&again, server, "ModelServer {name} changed on a serialise/deserialise round trip");
+        assert_eq!(
+            &again, server,
+            "ModelServer {name} changed on a serialise/deserialise round trip"
+        );
     }
 }
 
@@ -78,7 +105,13 @@ fn example_fields_land_in_the_right_rust_fields() {
         .iter()
         .map(|target| (target.model_server_name.as_deref(), target.weight))
         .collect();
-    assert_eq!(weights, [(Some("deepseek-r1-1-5b-v1"), 70), (Some("deepseek-r1-1-5b-v2"), 30)]);
+    assert_eq!(
+        weights,
+        [
+            (Some("deepseek-r1-1-5b-v1"), 70),
+            (Some("deepseek-r1-1-5b-v2"), 30)
+        ]
+    );
 
     let lora = &routes["deepseek-lora"].spec;
     assert_eq!(lora.model_name, None);
@@ -86,15 +119,29 @@ fn example_fields_land_in_the_right_rust_fields() {
 
     let premium = &routes["deepseek-multi-models"].spec.rules[0];
     assert_eq!(premium.name.as_deref(), Some("premium"));
-    let header = &premium.model_match.as_ref().unwrap().headers.as_ref().unwrap()["user-type"];
+    let header = &premium
+        .model_match
+        .as_ref()
+        .unwrap()
+        .headers
+        .as_ref()
+        .unwrap()["user-type"];
     assert_eq!(header.exact.as_deref(), Some("premium"));
 
-    let limited = routes["deepseek-rate-limit"].spec.rate_limit.as_ref().unwrap();
+    let limited = routes["deepseek-rate-limit"]
+        .spec
+        .rate_limit
+        .as_ref()
+        .unwrap();
     assert_eq!(limited.input_tokens_per_unit, Some(30));
     assert_eq!(limited.output_tokens_per_unit, Some(100));
     assert_eq!(limited.unit, RateLimitUnit::Minute);
     assert_eq!(limited.global, None);
-    let global = routes["deepseek-global-rate-limit"].spec.rate_limit.as_ref().unwrap();
+    let global = routes["deepseek-global-rate-limit"]
+        .spec
+        .rate_limit
+        .as_ref()
+        .unwrap();
     assert_eq!(
         global.global.as_ref().unwrap()["redis"]["address"],
         "redis-server.kthena-system.svc.cluster.local:6379"
@@ -109,14 +156,26 @@ fn example_fields_land_in_the_right_rust_fields() {
     assert_eq!(sglang.inference_engine, InferenceEngine::Sglang);
     assert_eq!(sglang.workload_port.port, 30000);
     assert_eq!(sglang.model.as_deref(), Some("Qwen/Qwen3-8B"));
-    assert_eq!(sglang.traffic_policy.as_ref().unwrap().timeout.as_deref(), Some("10s"));
+    assert_eq!(
+        sglang.traffic_policy.as_ref().unwrap().timeout.as_deref(),
+        Some("10s")
+    );
 
     let pd = &servers["deepseek-v2"].spec;
-    assert_eq!(pd.kv_connector.as_ref().unwrap().connector_type.as_deref(), Some("nixl"));
+    assert_eq!(
+        pd.kv_connector.as_ref().unwrap().connector_type.as_deref(),
+        Some("nixl")
+    );
     let group = pd.workload_selector.pd_group.as_ref().unwrap();
     assert_eq!(group.group_key, "modelserving.volcano.sh/group-name");
-    assert_eq!(group.prefill_labels["modelserving.volcano.sh/role"], "prefill");
-    assert_eq!(group.decode_labels["modelserving.volcano.sh/role"], "decode");
+    assert_eq!(
+        group.prefill_labels["modelserving.volcano.sh/role"],
+        "prefill"
+    );
+    assert_eq!(
+        group.decode_labels["modelserving.volcano.sh/role"],
+        "decode"
+    );
     assert_eq!(
         pd.workload_selector.match_labels["modelserving.volcano.sh/name"],
         "deepseek-v2-lite"
@@ -141,7 +200,10 @@ fn defaults_apply_to_minimal_objects() {
         "modelName: m\nrules:\n- targetModels:\n  - modelServerName: s\nrateLimit:\n  inputTokensPerUnit: 5\n",
     )
     .unwrap();
-    assert_eq!(route.rules[0].target_models[0].weight, switchyard_crd::model_route::DEFAULT_TARGET_WEIGHT);
+    assert_eq!(
+        route.rules[0].target_models[0].weight,
+        switchyard_crd::model_route::DEFAULT_TARGET_WEIGHT
+    );
     assert_eq!(route.rules[0].target_models[0].weight, 100);
     let rate_limit = route.rate_limit.unwrap();
     assert_eq!(rate_limit.unit, RateLimitUnit::Second);
@@ -156,7 +218,10 @@ fn defaults_apply_to_minimal_objects() {
     let retry = server.traffic_policy.unwrap().retry.unwrap();
     assert_eq!(retry.attempts, 2);
     assert_eq!(retry.retry_interval.as_deref(), Some("100ms"));
-    assert_eq!(server.kv_connector.unwrap().connector_type.as_deref(), Some("http"));
+    assert_eq!(
+        server.kv_connector.unwrap().connector_type.as_deref(),
+        Some("http")
+    );
 }
 
 #[test]
@@ -183,12 +248,18 @@ fn unknown_enum_values_are_rejected() {
     );
     // Engine names are case-sensitive, as in the reference API.
     let engine_error = engine.unwrap_err().to_string();
-    assert!(engine_error.contains("unknown variant `vllm`"), "{engine_error}");
+    assert!(
+        engine_error.contains("unknown variant `vllm`"),
+        "{engine_error}"
+    );
     let unit = serde_yaml::from_str::<ModelRouteSpec>(
         "modelName: m\nrules:\n- targetModels:\n  - modelServerName: s\nrateLimit:\n  unit: week\n",
     );
     let unit_error = unit.unwrap_err().to_string();
-    assert!(unit_error.contains("unknown variant `week`"), "{unit_error}");
+    assert!(
+        unit_error.contains("unknown variant `week`"),
+        "{unit_error}"
+    );
 }
 
 /// A ModelRoute of the routing guide (seed 004), read back from its flattened YAML.
@@ -215,16 +286,29 @@ fn guide_routes(text: &str) -> Vec<GuideRoute> {
             let line = line.trim();
             let rule = route.spec.rules.last_mut();
             if let Some(value) = line.strip_prefix("- name:") {
-                route.spec.rules.push(Rule { name: Some(unquote(value)), ..Rule::default() });
+                route.spec.rules.push(Rule {
+                    name: Some(unquote(value)),
+                    ..Rule::default()
+                });
             } else if let Some(value) = line.strip_prefix("name:") {
                 route.name = unquote(value);
             } else if let Some(value) = line.strip_prefix("modelName:") {
                 route.spec.model_name = Some(unquote(value));
             } else if let Some(value) = line.strip_prefix("- modelServerName:") {
-                let target = TargetModel { model_server_name: Some(unquote(value)), ..TargetModel::default() };
-                rule.expect("target outside a rule").target_models.push(TargetModel { weight: 100, ..target });
+                let target = TargetModel {
+                    model_server_name: Some(unquote(value)),
+                    ..TargetModel::default()
+                };
+                rule.expect("target outside a rule")
+                    .target_models
+                    .push(TargetModel {
+                        weight: 100,
+                        ..target
+                    });
             } else if let Some(value) = line.strip_prefix("weight:") {
-                let target = rule.and_then(|rule| rule.target_models.last_mut()).expect("weight outside a target");
+                let target = rule
+                    .and_then(|rule| rule.target_models.last_mut())
+                    .expect("weight outside a target");
                 target.weight = value.trim().parse().unwrap();
             } else if let Some(value) = line.strip_prefix("exact:") {
                 let header = header_name.take().expect("exact outside a header");
@@ -234,12 +318,26 @@ fn guide_routes(text: &str) -> Vec<GuideRoute> {
                     .get_or_insert_with(ModelMatch::default)
                     .headers
                     .get_or_insert_with(BTreeMap::new);
-                headers.insert(header, StringMatch { exact: Some(unquote(value)), ..StringMatch::default() });
+                headers.insert(
+                    header,
+                    StringMatch {
+                        exact: Some(unquote(value)),
+                        ..StringMatch::default()
+                    },
+                );
             } else if let Some(value) = line.strip_prefix("- ") {
                 route.spec.lora_adapters.push(unquote(value));
             } else if let Some(key) = line.strip_suffix(':') {
-                if !matches!(key, "metadata" | "spec" | "rules" | "targetModels" | "modelMatch" | "headers" | "loraAdapters")
-                {
+                if !matches!(
+                    key,
+                    "metadata"
+                        | "spec"
+                        | "rules"
+                        | "targetModels"
+                        | "modelMatch"
+                        | "headers"
+                        | "loraAdapters"
+                ) {
                     header_name = Some(key.to_owned());
                 }
             } else if !line.starts_with("namespace:") {
@@ -255,24 +353,43 @@ fn guide_routes(text: &str) -> Vec<GuideRoute> {
 fn the_routing_guide_routes_are_among_the_examples() {
     let Some(shared) = shared_dir() else { return };
     let seed_path = shared.join("seeds/004_fdb263dd83749e7a.txt");
-    let seed = std::fs::read_to_string(&seed_path).unwrap_or_else(|err| panic!("{}: {err}", seed_path.display()));
+    let seed = std::fs::read_to_string(&seed_path)
+        .unwrap_or_else(|err| panic!("{}: {err}", seed_path.display()));
     let guide = guide_routes(&seed);
     let names: Vec<&str> = guide.iter().map(|route| route.name.as_str()).collect();
-    assert_eq!(names, ["deepseek-simple", "deepseek-lora", "deepseek-subset", "deepseek-multi-models"]);
+    assert_eq!(
+        names,
+        [
+            "deepseek-simple",
+            "deepseek-lora",
+            "deepseek-subset",
+            "deepseek-multi-models"
+        ]
+    );
 
     let examples = routes(&kthena_example_documents(&shared));
     for route in guide {
-        let example = examples
-            .get(&route.name)
-            .unwrap_or_else(|| panic!("guide route {} is not among the Kthena examples", route.name));
+        let example = examples.get(&route.name).unwrap_or_else(|| {
+            panic!(
+                "guide route {} is not among the Kthena examples",
+                route.name
+            )
+        });
         let mut expected = route.spec;
         if route.name == "deepseek-lora" {
             // The only divergence: the guide page sends the LoRA adapters to the 1.5B server,
             // the repository's ModelRouteLora.yaml to the 7B one. Pin both so a change shows up.
             let target = &mut expected.rules[0].target_models[0];
-            assert_eq!(target.model_server_name.as_deref(), Some("deepseek-r1-1-5b"));
+            assert_eq!(
+                target.model_server_name.as_deref(),
+                Some("deepseek-r1-1-5b")
+            );
             target.model_server_name = Some("deepseek-r1-7b".to_owned());
         }
-        assert_eq!(example.spec, expected, "guide route {} differs from the example", route.name);
+        assert_eq!(
+            example.spec, expected,
+            "guide route {} differs from the example",
+            route.name
+        );
     }
 }

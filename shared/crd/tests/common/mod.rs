@@ -48,8 +48,16 @@ pub fn kthena_example_documents(shared: &Path) -> Vec<ExampleDocument> {
                 continue; // an empty document, e.g. after a trailing `---`
             }
             let kind = value["kind"].as_str().unwrap_or_default().to_owned();
-            let name = value["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-            documents.push(ExampleDocument { file: file.clone(), kind, name, value });
+            let name = value["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            documents.push(ExampleDocument {
+                file: file.clone(),
+                kind,
+                name,
+                value,
+            });
         }
     }
     documents

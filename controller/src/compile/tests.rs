@@ -1,0 +1,1131 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use prost::Message;
+use switchyard_crd::{InferenceEngine, ModelRoute, ModelServer};
+use switchyard_snapshot::{content_version, pb};
+
+use super::*;
+
+fn route(yaml: &str) -> ModelRoute {
+    serde_yaml::from_str(yaml).expect("test ModelRoute YAML parses")
+}
+
+fn server(yaml: &str) -> ModelServer {
+    serde_yaml::from_str(yaml).expect("test ModelServer YAML parses")
+}
+
+/// A ModelServer `name` selecting `app: <app>` on port 8000.
+fn simple_server(name: &str, app: &str) -> ModelServer {
+    server(&format!(
+        r#"
+metadata: {{ name: {name}, namespace: default }}
+spec:
+  workloadSelector: {{ matchLabels: {{ app: {app} }} }}
+  workloadPort: {{ port: 8000 }}
+  inferenceEngine: vLLM
+"#
+    ))
+}
+
+/// A route `name` for model `name` with one rule to `server`.
+fn simple_route(name: &str, server: &str) -> ModelRoute {
+    route(&format!(
+        r#"
+metadata: {{ name: {name}, namespace: default }}
+spec:
+  modelName: {name}
+  rules:
+  - name: default
+    targetModels:
+    - modelServerName: {server}
+"#
+    ))
+}
+
+fn pod(namespace: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: None,
+        status: Some(PodStatus {
+            phase: Some("Running".to_owned()),
+            pod_ip: Some(ip.to_owned()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".to_owned(),
+                status: "True".to_owned(),
+                ..PodCondition::default()
+            }]),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn created_at(mut route: ModelRoute, unix_seconds: i64) -> ModelRoute {
+    let timestamp = Timestamp::from_second(unix_seconds).expect("valid timestamp");
+    route.metadata.creation_timestamp = Some(Time(timestamp));
+    route
+}
+
+fn report<'a>(reports: &'a [ObjectReport], kind: ObjectKind, name: &str) -> &'a ObjectReport {
+    reports
+        .iter()
+        .find(|report| report.kind == kind && report.name == name)
+        .unwrap_or_else(|| panic!("no report for {kind:?} {name}: {reports:#?}"))
+}
+
+fn exact(value: &str) -> Option<pb::StringMatch> {
+    Some(pb::StringMatch {
+        kind: Some(pb::string_match::Kind::Exact(value.to_owned())),
+    })
+}
+
+fn target(server: &str, weight: u32) -> pb::WeightedTarget {
+    pb::WeightedTarget {
+        model_server: server.to_owned(),
+        weight,
+    }
+}
+
+fn endpoint(name: &str, ip: &str) -> pb::Endpoint {
+    pb::Endpoint {
+        name: name.to_owned(),
+        ip: ip.to_owned(),
+    }
+}
+
+fn compile_objects(routes: &[ModelRoute], servers: &[ModelServer], pods: &[Pod]) -> CompiledRoutes {
+    compile_route_config(routes, servers, pods)
+}
+
+// --- the Kthena routing guide scenarios (seed 004) ---------------------------
+
+const SEED_SERVERS: &str = r#"
+metadata: { name: deepseek-r1-1-5b, namespace: default }
+spec:
+  workloadSelector: { matchLabels: { app: deepseek-r1-1-5b } }
+  workloadPort: { port: 8000 }
+  model: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
+  inferenceEngine: vLLM
+  trafficPolicy: { timeout: 10s }
+---
+metadata: { name: deepseek-r1-7b, namespace: default }
+spec:
+  workloadSelector: { matchLabels: { app: deepseek-r1-7b } }
+  workloadPort: { port: 8000 }
+  model: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B
+  inferenceEngine: SGLang
+  trafficPolicy: { timeout: 10s }
+---
+metadata: { name: deepseek-r1-1-5b-v1, namespace: default }
+spec:
+  workloadSelector: { matchLabels: { app: deepseek-r1-1-5b, version: v1 } }
+  workloadPort: { port: 8000 }
+  model: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B-v1
+  inferenceEngine: vLLM
+  trafficPolicy: { timeout: 10s }
+---
+metadata: { name: deepseek-r1-1-5b-v2, namespace: default }
+spec:
+  workloadSelector: { matchLabels: { app: deepseek-r1-1-5b, version: v2 } }
+  workloadPort: { port: 8000 }
+  model: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B-v2
+  inferenceEngine: vLLM
+  trafficPolicy: { timeout: 10s }
+"#;
+
+const SEED_ROUTES: &str = r#"
+metadata: { name: deepseek-simple, namespace: default }
+spec:
+  modelName: "deepseek-simple"
+  rules:
+  - name: "default"
+    targetModels:
+    - modelServerName: "deepseek-r1-1-5b"
+---
+metadata: { name: deepseek-lora, namespace: default }
+spec:
+  loraAdapters: ["lora-A", "lora-B"]
+  rules:
+  - name: "lora-route"
+    targetModels:
+    - modelServerName: "deepseek-r1-1-5b"
+---
+metadata: { name: deepseek-subset, namespace: default }
+spec:
+  modelName: "deepseek-subset"
+  rules:
+  - name: "deepseek-r1-route"
+    targetModels:
+    - modelServerName: "deepseek-r1-1-5b-v1"
+      weight: 70
+    - modelServerName: "deepseek-r1-1-5b-v2"
+      weight: 30
+---
+metadata: { name: deepseek-multi-models, namespace: default }
+spec:
+  modelName: "deepseek-multi-models"
+  rules:
+  - name: "premium"
+    modelMatch:
+      headers:
+        user-type:
+          exact: premium
+    targetModels:
+    - modelServerName: "deepseek-r1-7b"
+  - name: "default"
+    targetModels:
+    - modelServerName: "deepseek-r1-1-5b"
+"#;
+
+fn seed_inputs() -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
+    use serde::Deserialize;
+    let servers: Vec<ModelServer> = serde_yaml::Deserializer::from_str(SEED_SERVERS)
+        .map(|document| ModelServer::deserialize(document).expect("seed server parses"))
+        .collect();
+    // Created one second apart in document order: simple, lora, subset, multi-models.
+    let routes: Vec<ModelRoute> = serde_yaml::Deserializer::from_str(SEED_ROUTES)
+        .enumerate()
+        .map(|(index, document)| {
+            let route = ModelRoute::deserialize(document).expect("seed route parses");
+            created_at(route, 1_700_000_000 + index as i64)
+        })
+        .collect();
+    let pods = vec![
+        pod("default", "ds15-v1-0", "10.0.0.11", &[("app", "deepseek-r1-1-5b"), ("version", "v1")]),
+        pod("default", "ds15-v2-0", "10.0.0.21", &[("app", "deepseek-r1-1-5b"), ("version", "v2")]),
+        pod("default", "ds15-v1-1", "10.0.0.12", &[("app", "deepseek-r1-1-5b"), ("version", "v1")]),
+        pod("default", "ds7-0", "10.0.1.1", &[("app", "deepseek-r1-7b")]),
+    ];
+    (routes, servers, pods)
+}
+
+fn seed_expected_route_config() -> pb::RouteConfig {
+    let ten_seconds = Some(pb::TrafficPolicy {
+        timeout_ms: 10_000,
+        retry_attempts: 0,
+        retry_interval_ms: 0,
+    });
+    let default_rule = |name: &str, server: &str| pb::Rule {
+        name: name.to_owned(),
+        r#match: None,
+        targets: vec![target(server, 100)],
+    };
+    pb::RouteConfig {
+        routes: vec![
+            pb::ModelRoute {
+                namespace: "default".into(),
+                name: "deepseek-simple".into(),
+                model_name: "deepseek-simple".into(),
+                lora_adapters: vec![],
+                creation_timestamp_unix_ms: 1_700_000_000_000,
+                generation: 0,
+                rules: vec![default_rule("default", "default/deepseek-r1-1-5b")],
+                rate_limit: None,
+            },
+            pb::ModelRoute {
+                namespace: "default".into(),
+                name: "deepseek-lora".into(),
+                model_name: String::new(),
+                lora_adapters: vec!["lora-A".into(), "lora-B".into()],
+                creation_timestamp_unix_ms: 1_700_000_001_000,
+                generation: 0,
+                rules: vec![default_rule("lora-route", "default/deepseek-r1-1-5b")],
+                rate_limit: None,
+            },
+            pb::ModelRoute {
+                namespace: "default".into(),
+                name: "deepseek-subset".into(),
+                model_name: "deepseek-subset".into(),
+                lora_adapters: vec![],
+                creation_timestamp_unix_ms: 1_700_000_002_000,
+                generation: 0,
+                rules: vec![pb::Rule {
+                    name: "deepseek-r1-route".into(),
+                    r#match: None,
+                    targets: vec![
+                        target("default/deepseek-r1-1-5b-v1", 70),
+                        target("default/deepseek-r1-1-5b-v2", 30),
+                    ],
+                }],
+                rate_limit: None,
+            },
+            pb::ModelRoute {
+                namespace: "default".into(),
+                name: "deepseek-multi-models".into(),
+                model_name: "deepseek-multi-models".into(),
+                lora_adapters: vec![],
+                creation_timestamp_unix_ms: 1_700_000_003_000,
+                generation: 0,
+                rules: vec![
+                    pb::Rule {
+                        name: "premium".into(),
+                        r#match: Some(pb::ModelMatch {
+                            headers: vec![pb::HeaderMatch {
+                                name: "user-type".into(),
+                                value: exact("premium"),
+                            }],
+                            uri: None,
+                            body_model: None,
+                        }),
+                        targets: vec![target("default/deepseek-r1-7b", 100)],
+                    },
+                    default_rule("default", "default/deepseek-r1-1-5b"),
+                ],
+                rate_limit: None,
+            },
+        ],
+        servers: vec![
+            pb::ModelServer {
+                namespace: "default".into(),
+                name: "deepseek-r1-1-5b".into(),
+                model: Some("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B".into()),
+                inference_engine: "vLLM".into(),
+                port: 8000,
+                traffic_policy: ten_seconds,
+                endpoints: vec![
+                    endpoint("ds15-v1-0", "10.0.0.11"),
+                    endpoint("ds15-v1-1", "10.0.0.12"),
+                    endpoint("ds15-v2-0", "10.0.0.21"),
+                ],
+                generation: 0,
+            },
+            pb::ModelServer {
+                namespace: "default".into(),
+                name: "deepseek-r1-1-5b-v1".into(),
+                model: Some("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B-v1".into()),
+                inference_engine: "vLLM".into(),
+                port: 8000,
+                traffic_policy: ten_seconds,
+                endpoints: vec![
+                    endpoint("ds15-v1-0", "10.0.0.11"),
+                    endpoint("ds15-v1-1", "10.0.0.12"),
+                ],
+                generation: 0,
+            },
+            pb::ModelServer {
+                namespace: "default".into(),
+                name: "deepseek-r1-1-5b-v2".into(),
+                model: Some("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B-v2".into()),
+                inference_engine: "vLLM".into(),
+                port: 8000,
+                traffic_policy: ten_seconds,
+                endpoints: vec![endpoint("ds15-v2-0", "10.0.0.21")],
+                generation: 0,
+            },
+            pb::ModelServer {
+                namespace: "default".into(),
+                name: "deepseek-r1-7b".into(),
+                model: Some("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B".into()),
+                inference_engine: "SGLang".into(),
+                port: 8000,
+                traffic_policy: ten_seconds,
+                endpoints: vec![endpoint("ds7-0", "10.0.1.1")],
+                generation: 0,
+            },
+        ],
+    }
+}
+
+#[test]
+fn seed_scenarios_compile_to_the_expected_snapshot() {
+    let (routes, servers, pods) = seed_inputs();
+    let compiled = compile_objects(&routes, &servers, &pods);
+    assert_eq!(compiled.route_config, seed_expected_route_config());
+    assert_eq!(compiled.reports.len(), 8);
+    for report in &compiled.reports {
+        assert!(report.is_healthy(), "{report:#?}");
+        assert!(report.in_snapshot, "{report:#?}");
+    }
+    let ds15 = report(&compiled.reports, ObjectKind::ModelServer, "deepseek-r1-1-5b");
+    assert_eq!((ds15.ready_pods, ds15.total_pods), (Some(3), Some(3)));
+    assert_eq!(ds15.resolved_refs.message, "3 of 3 selected pods ready");
+}
+
+#[test]
+fn seed_scrape_targets_are_one_per_pod_sorted() {
+    let (routes, servers, pods) = seed_inputs();
+    let compiled = compile_objects(&routes, &servers, &pods);
+    let targets: Vec<(String, String, InferenceEngine)> = compiled
+        .scrape_targets
+        .iter()
+        .map(|target| (target.key.clone(), target.addr.to_string(), target.engine))
+        .collect();
+    assert_eq!(
+        targets,
+        vec![
+            ("default/ds15-v1-0".into(), "10.0.0.11:8000".into(), InferenceEngine::Vllm),
+            ("default/ds15-v1-1".into(), "10.0.0.12:8000".into(), InferenceEngine::Vllm),
+            ("default/ds15-v2-0".into(), "10.0.0.21:8000".into(), InferenceEngine::Vllm),
+            ("default/ds7-0".into(), "10.0.1.1:8000".into(), InferenceEngine::Sglang),
+        ]
+    );
+}
+
+#[test]
+fn equal_inputs_in_any_order_give_identical_bytes() {
+    let (routes, servers, pods) = seed_inputs();
+    let first = compile_objects(&routes, &servers, &pods);
+    let mut shuffled_routes = routes.clone();
+    shuffled_routes.reverse();
+    let mut shuffled_servers = servers.clone();
+    shuffled_servers.rotate_left(1);
+    let mut shuffled_pods = pods.clone();
+    shuffled_pods.reverse();
+    let second = compile_objects(&shuffled_routes, &shuffled_servers, &shuffled_pods);
+
+    assert_eq!(
+        first.route_config.encode_to_vec(),
+        second.route_config.encode_to_vec()
+    );
+    assert_eq!(
+        content_version("rc", &first.route_config),
+        content_version("rc", &second.route_config)
+    );
+    assert_eq!(first.scrape_targets, second.scrape_targets);
+    assert_eq!(first.reports, second.reports);
+}
+
+#[test]
+fn header_names_are_lower_cased_and_sorted() {
+    let routes = [route(
+        r#"
+metadata: { name: r }
+spec:
+  modelName: m
+  rules:
+  - modelMatch:
+      headers:
+        X-Tier: { prefix: gold }
+        User-Type: { exact: premium }
+        a-first: { regex: "^x" }
+    targetModels: [{ modelServerName: s }]
+"#,
+    )];
+    let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
+    let headers: Vec<&str> = compiled.route_config.routes[0].rules[0]
+        .r#match
+        .as_ref()
+        .expect("match kept")
+        .headers
+        .iter()
+        .map(|header| header.name.as_str())
+        .collect();
+    assert_eq!(headers, ["a-first", "user-type", "x-tier"]);
+}
+
+// --- validation ---------------------------------------------------------------
+
+#[test]
+fn an_invalid_regex_rejects_only_its_route() {
+    let routes = [
+        simple_route("good", "s"),
+        route(
+            r#"
+metadata: { name: bad }
+spec:
+  modelName: bad
+  rules:
+  - name: first
+    targetModels: [{ modelServerName: s }]
+  - name: second
+    modelMatch:
+      uri: { regex: "(" }
+    targetModels: [{ modelServerName: s }]
+"#,
+        ),
+    ];
+    let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
+    let names: Vec<&str> = compiled
+        .route_config
+        .routes
+        .iter()
+        .map(|route| route.name.as_str())
+        .collect();
+    assert_eq!(names, ["good"]);
+
+    let bad = report(&compiled.reports, ObjectKind::ModelRoute, "bad");
+    assert!(!bad.accepted.status);
+    assert_eq!(bad.accepted.reason, Reason::InvalidRegex);
+    assert!(
+        bad.accepted
+            .message
+            .starts_with(r#"spec.rules[1].modelMatch.uri.regex: invalid regex "(": "#),
+        "{}",
+        bad.accepted.message
+    );
+    assert!(!bad.accepted.message.contains('\n'), "{}", bad.accepted.message);
+    assert!(!bad.in_snapshot);
+    assert!(report(&compiled.reports, ObjectKind::ModelRoute, "good").is_healthy());
+}
+
+/// Each case: a route spec (YAML, under `spec:`), the expected reason and a
+/// fragment of the message.
+#[test]
+fn invalid_routes_are_rejected_with_a_reason_naming_the_field() {
+    let cases: &[(&str, &str, Reason, &str)] = &[
+        (
+            "no model name and no LoRA adapters",
+            "rules: [{ targetModels: [{ modelServerName: s }] }]",
+            Reason::InvalidModelName,
+            "spec.modelName: must be set when spec.loraAdapters is empty",
+        ),
+        (
+            "empty LoRA adapter name",
+            r#"{ loraAdapters: [a, ""], rules: [{ targetModels: [{ modelServerName: s }] }] }"#,
+            Reason::InvalidModelName,
+            "spec.loraAdapters[1]: a LoRA adapter name cannot be an empty string",
+        ),
+        ("no rules", "{ modelName: m, rules: [] }", Reason::InvalidRules, "spec.rules: at least one rule"),
+        (
+            "rule without targets",
+            "{ modelName: m, rules: [{ targetModels: [] }] }",
+            Reason::InvalidRules,
+            "spec.rules[0].targetModels: at least one target",
+        ),
+        (
+            "target naming no backend",
+            "{ modelName: m, rules: [{ targetModels: [{ weight: 10 }] }] }",
+            Reason::InvalidRules,
+            "spec.rules[0].targetModels[0]: exactly one of modelServerName or externalModelProviderName",
+        ),
+        (
+            "target naming two backends",
+            "{ modelName: m, rules: [{ targetModels: [{ modelServerName: s, externalModelProviderName: p }] }] }",
+            Reason::InvalidRules,
+            "spec.rules[0].targetModels[0]: exactly one of",
+        ),
+        (
+            "weight above 100",
+            "{ modelName: m, rules: [{ targetModels: [{ modelServerName: s, weight: 150 }] }] }",
+            Reason::InvalidWeights,
+            "spec.rules[0].targetModels[0].weight: 150 is above the maximum 100",
+        ),
+        (
+            "all weights 0",
+            "{ modelName: m, rules: [{ targetModels: [{ modelServerName: s, weight: 0 }, { modelServerName: s, weight: 0 }] }] }",
+            Reason::InvalidWeights,
+            "spec.rules[0].targetModels: weights sum to 0",
+        ),
+        (
+            "invalid header regex",
+            r#"{ modelName: m, rules: [{ modelMatch: { headers: { x-a: { regex: "a[" } } }, targetModels: [{ modelServerName: s }] }] }"#,
+            Reason::InvalidRegex,
+            r#"spec.rules[0].modelMatch.headers["x-a"].regex: invalid regex "a[""#,
+        ),
+        (
+            "string match with two kinds",
+            "{ modelName: m, rules: [{ modelMatch: { uri: { exact: /a, prefix: /b } }, targetModels: [{ modelServerName: s }] }] }",
+            Reason::InvalidMatch,
+            "spec.rules[0].modelMatch.uri: only one of exact, prefix or regex may be set",
+        ),
+        (
+            "one header spelled twice",
+            "{ modelName: m, rules: [{ modelMatch: { headers: { X-A: { exact: a }, x-a: { exact: b } } }, targetModels: [{ modelServerName: s }] }] }",
+            Reason::InvalidMatch,
+            "header names are case-insensitive",
+        ),
+        (
+            "header name that is not a header name",
+            r#"{ modelName: m, rules: [{ modelMatch: { headers: { "bad header": { exact: a } } }, targetModels: [{ modelServerName: s }] }] }"#,
+            Reason::InvalidMatch,
+            "is not a valid HTTP header name",
+        ),
+    ];
+    for (description, spec, reason, fragment) in cases {
+        let bad = route(&format!("metadata: {{ name: bad }}\nspec: {spec}\n"));
+        let routes = [simple_route("good", "s"), bad];
+        let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
+        let names: Vec<&str> = compiled
+            .route_config
+            .routes
+            .iter()
+            .map(|route| route.name.as_str())
+            .collect();
+        assert_eq!(names, ["good"], "{description}: the valid route must survive");
+        let bad = report(&compiled.reports, ObjectKind::ModelRoute, "bad");
+        assert!(!bad.accepted.status, "{description}");
+        assert!(!bad.in_snapshot, "{description}");
+        assert_eq!(bad.accepted.reason, *reason, "{description}: {}", bad.accepted.message);
+        assert!(
+            bad.accepted.message.contains(fragment),
+            "{description}: {:?} does not contain {fragment:?}",
+            bad.accepted.message
+        );
+    }
+}
+
+#[test]
+fn invalid_servers_are_rejected_with_a_reason_naming_the_field() {
+    let cases: &[(&str, &str, Reason, &str)] = &[
+        ("port 0", "workloadPort: { port: 0 }", Reason::InvalidPort, "spec.workloadPort.port: 0 is outside 1..=65535"),
+        (
+            "port too large",
+            "workloadPort: { port: 70000 }",
+            Reason::InvalidPort,
+            "spec.workloadPort.port: 70000 is outside",
+        ),
+        (
+            "https",
+            "workloadPort: { port: 8443, protocol: https }",
+            Reason::UnsupportedProtocol,
+            "spec.workloadPort.protocol: https to model pods is not supported yet",
+        ),
+        (
+            "unknown protocol",
+            "workloadPort: { port: 8000, protocol: grpc }",
+            Reason::UnsupportedProtocol,
+            r#"unknown protocol "grpc""#,
+        ),
+        (
+            "bad timeout",
+            "workloadPort: { port: 8000 }\n  trafficPolicy: { timeout: ten }",
+            Reason::InvalidDuration,
+            "spec.trafficPolicy.timeout: invalid duration",
+        ),
+        (
+            "bad retry interval",
+            "workloadPort: { port: 8000 }\n  trafficPolicy: { retry: { attempts: 2, retryInterval: 5 } }",
+            Reason::InvalidDuration,
+            "spec.trafficPolicy.retry.retryInterval: invalid duration",
+        ),
+        (
+            "negative attempts",
+            "workloadPort: { port: 8000 }\n  trafficPolicy: { retry: { attempts: -1 } }",
+            Reason::InvalidRetry,
+            "spec.trafficPolicy.retry.attempts: -1 is negative",
+        ),
+    ];
+    for (description, fields, reason, fragment) in cases {
+        let bad = server(&format!(
+            "metadata: {{ name: bad }}\nspec:\n  inferenceEngine: vLLM\n  workloadSelector: {{ matchLabels: {{ app: bad }} }}\n  {fields}\n"
+        ));
+        let compiled = compile_objects(&[], &[simple_server("good", "good"), bad], &[]);
+        let names: Vec<&str> = compiled
+            .route_config
+            .servers
+            .iter()
+            .map(|server| server.name.as_str())
+            .collect();
+        assert_eq!(names, ["good"], "{description}");
+        let bad = report(&compiled.reports, ObjectKind::ModelServer, "bad");
+        assert!(!bad.accepted.status, "{description}");
+        assert_eq!(bad.accepted.reason, *reason, "{description}: {}", bad.accepted.message);
+        assert!(
+            bad.accepted.message.contains(fragment),
+            "{description}: {:?} does not contain {fragment:?}",
+            bad.accepted.message
+        );
+        assert_eq!((bad.ready_pods, bad.total_pods), (None, None), "{description}");
+    }
+}
+
+#[test]
+fn an_empty_selector_is_rejected_rather_than_selecting_everything() {
+    let bad = server(
+        "metadata: { name: bad }\nspec:\n  inferenceEngine: vLLM\n  workloadSelector: { matchLabels: {} }\n  workloadPort: { port: 8000 }\n",
+    );
+    let pods = [pod("default", "p", "10.0.0.1", &[("app", "x")])];
+    let compiled = compile_objects(&[], &[bad], &pods);
+    assert!(compiled.route_config.servers.is_empty());
+    assert!(compiled.scrape_targets.is_empty());
+    let bad = report(&compiled.reports, ObjectKind::ModelServer, "bad");
+    assert_eq!(bad.accepted.reason, Reason::InvalidSelector);
+}
+
+#[test]
+fn several_problems_are_all_reported() {
+    let bad = route(
+        r#"
+metadata: { name: bad }
+spec:
+  rules:
+  - targetModels: [{ modelServerName: s, weight: 101 }]
+  - targetModels: []
+"#,
+    );
+    let compiled = compile_objects(&[bad], &[simple_server("s", "s")], &[]);
+    let bad = report(&compiled.reports, ObjectKind::ModelRoute, "bad");
+    assert_eq!(bad.accepted.reason, Reason::InvalidModelName, "the first problem names the reason");
+    assert_eq!(
+        bad.accepted.message,
+        "spec.modelName: must be set when spec.loraAdapters is empty; \
+         spec.rules[0].targetModels[0].weight: 101 is above the maximum 100; \
+         spec.rules[1].targetModels: at least one target is required"
+    );
+}
+
+// --- references -----------------------------------------------------------------
+
+#[test]
+fn a_missing_server_drops_its_target_and_keeps_the_rest() {
+    let routes = [route(
+        r#"
+metadata: { name: r }
+spec:
+  modelName: m
+  rules:
+  - targetModels:
+    - { modelServerName: present, weight: 60 }
+    - { modelServerName: missing, weight: 40 }
+"#,
+    )];
+    let compiled = compile_objects(&routes, &[simple_server("present", "p")], &[]);
+    assert_eq!(
+        compiled.route_config.routes[0].rules[0].targets,
+        vec![target("default/present", 60)]
+    );
+    let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
+    assert!(report.accepted.status);
+    assert!(report.in_snapshot);
+    assert!(!report.resolved_refs.status);
+    assert_eq!(report.resolved_refs.reason, Reason::BackendNotFound);
+    assert_eq!(
+        report.resolved_refs.message,
+        "spec.rules[0].targetModels[1].modelServerName: ModelServer default/missing not found; target dropped"
+    );
+}
+
+#[test]
+fn a_rule_left_without_targets_is_dropped_so_requests_fall_through() {
+    let routes = [route(
+        r#"
+metadata: { name: r }
+spec:
+  modelName: m
+  rules:
+  - name: canary
+    modelMatch: { headers: { x-canary: { exact: "1" } } }
+    targetModels: [{ modelServerName: missing }]
+  - name: stable
+    targetModels: [{ modelServerName: present }]
+"#,
+    )];
+    let compiled = compile_objects(&routes, &[simple_server("present", "p")], &[]);
+    let rules: Vec<&str> = compiled.route_config.routes[0]
+        .rules
+        .iter()
+        .map(|rule| rule.name.as_str())
+        .collect();
+    assert_eq!(rules, ["stable"]);
+    let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
+    assert_eq!(report.resolved_refs.reason, Reason::BackendNotFound);
+    assert!(
+        report.resolved_refs.message.contains("spec.rules[0]: no target with a weight above 0 is left; rule dropped"),
+        "{}",
+        report.resolved_refs.message
+    );
+}
+
+#[test]
+fn a_rule_whose_weighted_targets_all_dropped_is_dropped() {
+    let routes = [route(
+        r#"
+metadata: { name: r }
+spec:
+  modelName: m
+  rules:
+  - targetModels:
+    - { modelServerName: missing, weight: 100 }
+    - { modelServerName: present, weight: 0 }
+  - name: fallback
+    targetModels: [{ modelServerName: present }]
+"#,
+    )];
+    let compiled = compile_objects(&routes, &[simple_server("present", "p")], &[]);
+    let rules: Vec<&str> = compiled.route_config.routes[0]
+        .rules
+        .iter()
+        .map(|rule| rule.name.as_str())
+        .collect();
+    assert_eq!(rules, ["fallback"]);
+}
+
+#[test]
+fn a_route_without_any_resolvable_rule_is_left_out() {
+    let routes = [simple_route("orphan", "missing"), simple_route("fine", "present")];
+    let compiled = compile_objects(&routes, &[simple_server("present", "p")], &[]);
+    let names: Vec<&str> = compiled
+        .route_config
+        .routes
+        .iter()
+        .map(|route| route.name.as_str())
+        .collect();
+    assert_eq!(names, ["fine"]);
+    let orphan = report(&compiled.reports, ObjectKind::ModelRoute, "orphan");
+    assert!(orphan.accepted.status, "the route itself is valid");
+    assert!(!orphan.resolved_refs.status);
+    assert!(!orphan.in_snapshot);
+    assert!(
+        orphan
+            .resolved_refs
+            .message
+            .ends_with("no rule has a resolvable target; the route is left out of the snapshot"),
+        "{}",
+        orphan.resolved_refs.message
+    );
+}
+
+#[test]
+fn a_target_on_a_rejected_server_is_dropped_and_says_so() {
+    let bad_server = server(
+        "metadata: { name: broken }\nspec:\n  inferenceEngine: vLLM\n  workloadSelector: { matchLabels: { app: b } }\n  workloadPort: { port: 0 }\n",
+    );
+    let compiled = compile_objects(&[simple_route("r", "broken")], &[bad_server], &[]);
+    assert!(compiled.route_config.routes.is_empty());
+    let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
+    assert!(
+        report
+            .resolved_refs
+            .message
+            .contains("ModelServer default/broken was not accepted"),
+        "{}",
+        report.resolved_refs.message
+    );
+}
+
+#[test]
+fn targets_resolve_in_the_routes_namespace_only() {
+    let mut other = simple_server("s", "s");
+    other.metadata.namespace = Some("other".into());
+    let compiled = compile_objects(&[simple_route("r", "s")], &[other], &[]);
+    assert!(compiled.route_config.routes.is_empty());
+    let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
+    assert!(report.resolved_refs.message.contains("ModelServer default/s not found"));
+}
+
+#[test]
+fn external_provider_targets_are_dropped_as_unsupported() {
+    let routes = [route(
+        r#"
+metadata: { name: r }
+spec:
+  modelName: m
+  rules:
+  - targetModels:
+    - { externalModelProviderName: openai }
+    - { modelServerName: s }
+"#,
+    )];
+    let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
+    assert_eq!(
+        compiled.route_config.routes[0].rules[0].targets,
+        vec![target("default/s", 100)]
+    );
+    let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
+    assert!(report.accepted.status);
+    assert_eq!(report.resolved_refs.reason, Reason::UnsupportedBackend);
+    assert!(
+        report
+            .resolved_refs
+            .message
+            .starts_with("spec.rules[0].targetModels[0].externalModelProviderName: external model providers are not supported yet"),
+        "{}",
+        report.resolved_refs.message
+    );
+}
+
+#[test]
+fn duplicates_keep_the_first_object_read() {
+    let first = simple_route("r", "s");
+    let mut second = simple_route("r", "s");
+    second.spec.model_name = Some("other-model".into());
+    let server_copy = simple_server("s", "different-app");
+    let compiled = compile_objects(&[first, second], &[simple_server("s", "s"), server_copy], &[]);
+    assert_eq!(compiled.route_config.routes.len(), 1);
+    assert_eq!(compiled.route_config.routes[0].model_name, "r");
+    assert_eq!(compiled.route_config.servers.len(), 1);
+
+    let route_reports: Vec<&ObjectReport> = compiled
+        .reports
+        .iter()
+        .filter(|report| report.kind == ObjectKind::ModelRoute)
+        .collect();
+    assert_eq!(route_reports.len(), 2);
+    assert!(route_reports[0].accepted.status);
+    assert_eq!(route_reports[1].accepted.reason, Reason::Duplicate);
+    assert!(route_reports[1].accepted.message.contains("another ModelRoute default/r came earlier"));
+    let server_reports: Vec<&ObjectReport> = compiled
+        .reports
+        .iter()
+        .filter(|report| report.kind == ObjectKind::ModelServer)
+        .collect();
+    assert_eq!(server_reports[1].accepted.reason, Reason::Duplicate);
+}
+
+// --- servers and pods --------------------------------------------------------------
+
+#[test]
+fn only_ready_selected_pods_in_the_namespace_become_endpoints() {
+    let labels = [("app", "s")];
+    let mut not_running = pod("default", "not-running", "10.0.0.2", &labels);
+    if let Some(status) = not_running.status.as_mut() {
+        status.phase = Some("Pending".into());
+    }
+    let mut not_ready = pod("default", "not-ready", "10.0.0.3", &labels);
+    if let Some(status) = not_ready.status.as_mut() {
+        status.conditions = Some(vec![PodCondition {
+            type_: "Ready".into(),
+            status: "False".into(),
+            ..PodCondition::default()
+        }]);
+    }
+    let mut no_ip = pod("default", "no-ip", "", &labels);
+    if let Some(status) = no_ip.status.as_mut() {
+        status.pod_ip = None;
+    }
+    let mut deleting = pod("default", "deleting", "10.0.0.4", &labels);
+    deleting.metadata.deletion_timestamp = Some(Time(Timestamp::UNIX_EPOCH));
+    let mut no_status = pod("default", "no-status", "10.0.0.5", &labels);
+    no_status.status = None;
+    let pods = [
+        pod("default", "zeta", "10.0.0.9", &labels),
+        pod("default", "alpha", "fd00::1", &[("app", "s"), ("extra", "label")]),
+        not_running,
+        not_ready,
+        no_ip,
+        deleting,
+        no_status,
+        pod("other", "elsewhere", "10.0.0.6", &labels),
+        pod("default", "unlabelled", "10.0.0.7", &[("app", "t")]),
+    ];
+    let compiled = compile_objects(&[], &[simple_server("s", "s")], &pods);
+    assert_eq!(
+        compiled.route_config.servers[0].endpoints,
+        vec![endpoint("alpha", "fd00::1"), endpoint("zeta", "10.0.0.9")]
+    );
+    let report = report(&compiled.reports, ObjectKind::ModelServer, "s");
+    assert_eq!((report.ready_pods, report.total_pods), (Some(2), Some(7)));
+    assert!(report.resolved_refs.status);
+    let addrs: Vec<String> = compiled
+        .scrape_targets
+        .iter()
+        .map(|target| target.addr.to_string())
+        .collect();
+    assert_eq!(addrs, ["[fd00::1]:8000", "10.0.0.9:8000"]);
+}
+
+#[test]
+fn a_server_without_pods_stays_in_the_snapshot_with_no_endpoints() {
+    let compiled = compile_objects(&[simple_route("r", "s")], &[simple_server("s", "s")], &[]);
+    assert_eq!(compiled.route_config.servers.len(), 1);
+    assert!(compiled.route_config.servers[0].endpoints.is_empty());
+    assert_eq!(compiled.route_config.routes.len(), 1, "requests get a 503, not a 404");
+    let report = report(&compiled.reports, ObjectKind::ModelServer, "s");
+    assert!(report.accepted.status);
+    assert!(!report.resolved_refs.status);
+    assert_eq!(report.resolved_refs.reason, Reason::NoMatchingPods);
+    assert!(report.resolved_refs.message.contains("{app=s} selects no pod in namespace default"));
+    assert_eq!((report.ready_pods, report.total_pods), (Some(0), Some(0)));
+}
+
+#[test]
+fn traffic_policy_is_converted_to_milliseconds() {
+    let cases: &[(&str, pb::TrafficPolicy)] = &[
+        ("", pb::TrafficPolicy::default()),
+        (
+            "trafficPolicy: { timeout: 1m30s }",
+            pb::TrafficPolicy {
+                timeout_ms: 90_000,
+                ..Default::default()
+            },
+        ),
+        (
+            "trafficPolicy: { retry: { attempts: 3 } }",
+            pb::TrafficPolicy {
+                timeout_ms: 0,
+                retry_attempts: 3,
+                retry_interval_ms: 100,
+            },
+        ),
+        (
+            "trafficPolicy: { timeout: 2s, retry: { attempts: 1, retryInterval: 250ms } }",
+            pb::TrafficPolicy {
+                timeout_ms: 2_000,
+                retry_attempts: 1,
+                retry_interval_ms: 250,
+            },
+        ),
+    ];
+    for (policy, expected) in cases {
+        let server = server(&format!(
+            "metadata: {{ name: s }}\nspec:\n  inferenceEngine: vLLM\n  workloadSelector: {{ matchLabels: {{ app: s }} }}\n  workloadPort: {{ port: 8000 }}\n  {policy}\n"
+        ));
+        let compiled = compile_objects(&[], &[server], &[]);
+        assert_eq!(
+            compiled.route_config.servers[0].traffic_policy.as_ref(),
+            Some(expected),
+            "{policy}"
+        );
+    }
+}
+
+#[test]
+fn objects_without_namespace_are_in_default() {
+    let mut route = simple_route("r", "s");
+    route.metadata.namespace = None;
+    let mut server = simple_server("s", "s");
+    server.metadata.namespace = None;
+    let mut pod = pod("default", "p", "10.0.0.1", &[("app", "s")]);
+    pod.metadata.namespace = None;
+    let compiled = compile_objects(&[route], &[server], &[pod]);
+    assert_eq!(compiled.route_config.routes[0].namespace, "default");
+    assert_eq!(compiled.route_config.routes[0].rules[0].targets[0].model_server, "default/s");
+    assert_eq!(compiled.route_config.servers[0].namespace, "default");
+    assert_eq!(compiled.route_config.servers[0].endpoints.len(), 1);
+    assert_eq!(compiled.scrape_targets[0].key, "default/p");
+}
+
+#[test]
+fn routes_are_ordered_oldest_first_then_by_namespace_and_name() {
+    let mut routes = vec![
+        created_at(simple_route("newest", "s"), 300),
+        simple_route("no-timestamp", "s"),
+        created_at(simple_route("b-same-time", "s"), 200),
+        created_at(simple_route("a-same-time", "s"), 200),
+    ];
+    routes[0].metadata.generation = Some(7);
+    let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
+    let order: Vec<(&str, i64, i64)> = compiled
+        .route_config
+        .routes
+        .iter()
+        .map(|route| (route.name.as_str(), route.creation_timestamp_unix_ms, route.generation))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("no-timestamp", 0, 0),
+            ("a-same-time", 200_000, 0),
+            ("b-same-time", 200_000, 0),
+            ("newest", 300_000, 7),
+        ]
+    );
+    assert_eq!(report(&compiled.reports, ObjectKind::ModelRoute, "newest").generation, Some(7));
+}
+
+#[test]
+fn matches_and_rate_limits_are_carried_over() {
+    let routes = [route(
+        r#"
+metadata: { name: r }
+spec:
+  modelName: m
+  rateLimit: { inputTokensPerUnit: 10, outputTokensPerUnit: 20, unit: minute }
+  rules:
+  - modelMatch:
+      uri: { prefix: /v1/chat }
+      body: { model: m }
+      headers: { x-any: {} }
+    targetModels: [{ modelServerName: s }]
+  - modelMatch: { headers: { x-any: {} } }
+    targetModels: [{ modelServerName: s }]
+"#,
+    )];
+    let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
+    let route = &compiled.route_config.routes[0];
+    assert_eq!(
+        route.rate_limit,
+        Some(pb::RateLimit {
+            input_tokens_per_unit: 10,
+            output_tokens_per_unit: 20,
+            unit: "minute".into(),
+        })
+    );
+    assert_eq!(
+        route.rules[0].r#match,
+        Some(pb::ModelMatch {
+            // A header condition that sets nothing holds for any value: dropped.
+            headers: vec![],
+            uri: Some(pb::StringMatch {
+                kind: Some(pb::string_match::Kind::Prefix("/v1/chat".into())),
+            }),
+            body_model: exact("m"),
+        })
+    );
+    assert_eq!(route.rules[1].r#match, None, "a match without conditions matches everything");
+}
+
+// --- endpoint loads ----------------------------------------------------------------
+
+fn load(waiting: f64, observed_at_unix_ms: i64) -> PodLoad {
+    PodLoad {
+        requests_waiting: waiting,
+        requests_running: 2.0,
+        kv_cache_usage: 0.5,
+        ttft_seconds: 0.1,
+        tpot_seconds: 0.01,
+        models: vec!["lora-B".into(), "base".into(), "lora-B".into()],
+        observed_at_unix_ms,
+    }
+}
+
+#[test]
+fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
+    let (routes, servers, pods) = seed_inputs();
+    let pod_loads: BTreeMap<PodKey, PodLoad> = [
+        ("default/ds7-0".to_owned(), load(1.0, 1_000)),
+        ("default/ds15-v1-0".to_owned(), load(f64::NAN, 2_000)),
+        // Not an endpoint of any server in the snapshot: ignored.
+        ("default/gone".to_owned(), load(9.0, 3_000)),
+    ]
+    .into_iter()
+    .collect();
+    let compiled = compile(&CompileInput {
+        routes: &routes,
+        servers: &servers,
+        pods: &pods,
+        pod_loads: &pod_loads,
+        now_unix_ms: 42,
+    });
+    assert_eq!(compiled.generated_at_unix_ms, 42);
+    let expected = |pod: &str, waiting: f64, observed_at_unix_ms: i64| pb::EndpointLoad {
+        namespace: "default".into(),
+        pod: pod.into(),
+        requests_waiting: waiting,
+        requests_running: 2.0,
+        kv_cache_usage: 0.5,
+        ttft_seconds: 0.1,
+        tpot_seconds: 0.01,
+        models: vec!["base".into(), "lora-B".into()],
+        observed_at_unix_ms,
+    };
+    // ds15-v1-0 is an endpoint of two servers: listed once.
+    assert_eq!(
+        compiled.endpoint_loads,
+        pb::EndpointLoads {
+            loads: vec![expected("ds15-v1-0", 0.0, 2_000), expected("ds7-0", 1.0, 1_000)],
+        }
+    );
+}
+
+#[test]
+fn endpoint_loads_are_empty_without_scrapes() {
+    let (routes, servers, pods) = seed_inputs();
+    let compiled = compile_objects(&routes, &servers, &pods);
+    assert_eq!(
+        compile_endpoint_loads(&compiled.route_config, &BTreeMap::new()),
+        pb::EndpointLoads::default()
+    );
+}
+
+#[test]
+fn a_pod_selected_by_two_servers_is_scraped_once() {
+    let servers = [simple_server("a", "shared"), simple_server("b", "shared")];
+    let pods = [pod("default", "p", "10.0.0.1", &[("app", "shared")])];
+    let compiled = compile_objects(&[], &servers, &pods);
+    assert_eq!(compiled.route_config.servers.len(), 2);
+    assert_eq!(compiled.scrape_targets.len(), 1);
+    assert_eq!(compiled.scrape_targets[0].key, "default/p");
+}

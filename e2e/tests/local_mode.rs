@@ -1,0 +1,423 @@
+//! End to end in local mode: real controller, dataplane and mock-engine
+//! processes on loopback, configured with the demo's YAML (the routing guide's
+//! scenarios, verbatim).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use switchyard_e2e::harness::{EngineSpec, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for};
+
+const MODEL_1_5B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B";
+const MODEL_7B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B";
+/// Port of every ModelServer in config/demo; each test has its own IPs.
+const ENGINE_PORT: u16 = 8000;
+
+fn demo_file(name: &str) -> String {
+    let path = format!("{}/../config/demo/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// (pod name, host octet, labels, model, extra engine args) as in config/demo/pods.yaml.
+fn demo_pods() -> Vec<(
+    &'static str,
+    u8,
+    Vec<(&'static str, &'static str)>,
+    String,
+    Vec<String>,
+)> {
+    let lora = vec!["--lora".to_owned(), "lora-A,lora-B".to_owned()];
+    vec![
+        (
+            "deepseek-r1-1-5b-0",
+            11,
+            vec![("app", "deepseek-r1-1-5b")],
+            MODEL_1_5B.into(),
+            lora.clone(),
+        ),
+        (
+            "deepseek-r1-1-5b-1",
+            12,
+            vec![("app", "deepseek-r1-1-5b")],
+            MODEL_1_5B.into(),
+            lora,
+        ),
+        (
+            "deepseek-r1-7b-0",
+            13,
+            vec![("app", "deepseek-r1-7b")],
+            MODEL_7B.into(),
+            vec![],
+        ),
+        (
+            "deepseek-r1-1-5b-v1-0",
+            14,
+            vec![("app", "deepseek-r1-1-5b-canary"), ("version", "v1")],
+            format!("{MODEL_1_5B}-v1"),
+            vec![],
+        ),
+        (
+            "deepseek-r1-1-5b-v2-0",
+            15,
+            vec![("app", "deepseek-r1-1-5b-canary"), ("version", "v2")],
+            format!("{MODEL_1_5B}-v2"),
+            vec![],
+        ),
+    ]
+}
+
+/// The demo stack on this test's own loopback subnet, controller running.
+async fn demo_stack(dataplanes: usize, engine_args: &[&str]) -> Stack {
+    let subnet = test_subnet();
+    let pods: Vec<String> = demo_pods()
+        .iter()
+        .map(|(name, host, labels, _, _)| ready_pod_yaml(name, ip_in(subnet, *host), labels))
+        .collect();
+    let mut stack = Stack::new(&[
+        ("routes.yaml", demo_file("routes.yaml")),
+        ("modelservers.yaml", demo_file("modelservers.yaml")),
+        ("pods.yaml", pods.join("---\n")),
+    ]);
+    let engines: Vec<EngineSpec> = demo_pods()
+        .into_iter()
+        .map(|(name, host, _, model, mut extra)| {
+            extra.extend(engine_args.iter().map(|a| a.to_string()));
+            EngineSpec {
+                name: name.to_owned(),
+                ip: ip_in(subnet, host),
+                port: ENGINE_PORT,
+                model,
+                extra_args: extra,
+            }
+        })
+        .collect();
+    stack.start_engines(&engines).await;
+    stack.start_controller().await;
+    for _ in 0..dataplanes {
+        stack.start_dataplane().await;
+    }
+    stack
+}
+
+fn completion(model: &str) -> String {
+    format!(r#"{{"model": "{model}", "prompt": "San Francisco is a", "temperature": 0}}"#)
+}
+
+/// Sends a completion through dataplane `index`; returns (status, answering pod, response).
+async fn ask(
+    stack: &Stack,
+    index: usize,
+    model: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String, switchyard_e2e::harness::HttpResponse) {
+    let response = stack
+        .http
+        .post_json(
+            &stack.dataplanes[index].url("/v1/completions"),
+            headers,
+            &completion(model),
+        )
+        .await
+        .expect("dataplane answers");
+    let pod = response.header("x-mock-pod").unwrap_or("").to_owned();
+    (response.status, pod, response)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_scenarios_reach_the_right_pods() {
+    let stack = demo_stack(1, &[]).await;
+
+    // 1. Simple: deepseek-simple -> deepseek-r1-1-5b, model rewritten.
+    let (status, pod, response) = ask(&stack, 0, "deepseek-simple", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{}", response.text());
+    assert!(
+        pod.starts_with("deepseek-r1-1-5b-") && !pod.contains("-v"),
+        "{pod}"
+    );
+    assert_eq!(response.header("x-mock-received-model"), Some(MODEL_1_5B));
+    assert_eq!(response.json()["model"], MODEL_1_5B);
+    assert!(
+        response.json()["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some()
+    );
+
+    // 2. LoRA: lora-A -> deepseek-r1-1-5b, model NOT rewritten.
+    let (status, pod, response) = ask(&stack, 0, "lora-A", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{}", response.text());
+    assert!(
+        pod.starts_with("deepseek-r1-1-5b-") && !pod.contains("-v"),
+        "{pod}"
+    );
+    assert_eq!(response.header("x-mock-received-model"), Some("lora-A"));
+
+    // 4. Header-based: premium -> 7b, anyone else -> 1.5b.
+    let (status, pod, _) = ask(
+        &stack,
+        0,
+        "deepseek-multi-models",
+        &[("user-type", "premium")],
+    )
+    .await;
+    assert_eq!((status, pod.as_str()), (StatusCode::OK, "deepseek-r1-7b-0"));
+    let (status, pod, _) = ask(
+        &stack,
+        0,
+        "deepseek-multi-models",
+        &[("user-type", "basic")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        pod.starts_with("deepseek-r1-1-5b-") && !pod.contains("-v"),
+        "{pod}"
+    );
+
+    // 3. Weighted 70/30 through one dataplane: exactly 70/30 per 100.
+    let mut counts = BTreeMap::new();
+    for _ in 0..100 {
+        let (status, pod, _) = ask(&stack, 0, "deepseek-subset", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        *counts.entry(pod).or_insert(0) += 1;
+    }
+    assert_eq!(counts.get("deepseek-r1-1-5b-v1-0"), Some(&70), "{counts:?}");
+    assert_eq!(counts.get("deepseek-r1-1-5b-v2-0"), Some(&30), "{counts:?}");
+
+    // Pods of one ModelServer share the load.
+    let mut pods = BTreeMap::new();
+    for _ in 0..10 {
+        let (_, pod, _) = ask(&stack, 0, "deepseek-simple", &[]).await;
+        *pods.entry(pod).or_insert(0) += 1;
+    }
+    assert_eq!(pods.len(), 2, "{pods:?}");
+
+    // Request ids: echoed when given, generated otherwise, and forwarded.
+    let (_, _, response) = ask(&stack, 0, "deepseek-simple", &[("x-request-id", "req-123")]).await;
+    assert_eq!(response.header("x-request-id"), Some("req-123"));
+    assert_eq!(response.header("x-mock-request-id"), Some("req-123"));
+    let (_, _, response) = ask(&stack, 0, "deepseek-simple", &[]).await;
+    let generated = response.header("x-request-id").expect("generated id");
+    assert_eq!(generated.len(), 36, "{generated}");
+    assert_eq!(response.header("x-mock-request-id"), Some(generated));
+
+    // Unknown model and bad input: OpenAI-style errors.
+    let (status, _, response) = ask(&stack, 0, "no-such-model", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let error = &response.json()["error"];
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains("route not found")
+    );
+    assert_eq!(error["code"], "route_not_found");
+    let url = stack.dataplanes[0].url("/v1/completions");
+    let bad = stack
+        .http
+        .post_json(&url, &[], "{not json")
+        .await
+        .expect("answer");
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.json()["error"]["code"], "invalid_request_body");
+    let bad = stack
+        .http
+        .post_json(&url, &[], r#"{"prompt":"x"}"#)
+        .await
+        .expect("answer");
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(
+        bad.json()["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("model")
+    );
+
+    // /v1/models: every route model name and LoRA adapter.
+    let models = stack
+        .http
+        .get(&stack.dataplanes[0].url("/v1/models"))
+        .await
+        .expect("models");
+    assert_eq!(models.status, StatusCode::OK);
+    let ids: Vec<String> = models.json()["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "deepseek-multi-models",
+            "deepseek-simple",
+            "deepseek-subset",
+            "lora-A",
+            "lora-B"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_arrives_chunk_by_chunk() {
+    let stack = demo_stack(1, &["--itl-ms", "300", "--output-tokens", "5"]).await;
+    let body = r#"{"model": "deepseek-multi-models", "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
+    let response = stack
+        .http
+        .send(
+            Method::POST,
+            &stack.dataplanes[0].url("/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("user-type", "premium"),
+            ],
+            body.to_owned(),
+        )
+        .await
+        .expect("stream starts");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-mock-pod"], "deepseek-r1-7b-0");
+    let mut body = response.into_body();
+    let first = loop {
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        if let Ok(data) = frame.into_data() {
+            break data;
+        }
+    };
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("data: "),
+        "{first:?}"
+    );
+    // The engine is still generating while the client already holds the first chunk.
+    let engine_metrics = stack
+        .http
+        .get(&format!(
+            "http://{}:{ENGINE_PORT}/metrics",
+            ip_of(&stack, "deepseek-r1-7b-0")
+        ))
+        .await
+        .expect("engine metrics");
+    let running = engine_metrics
+        .text()
+        .lines()
+        .find(|l| l.starts_with("vllm:num_requests_running"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("running gauge");
+    assert_eq!(running, 1.0, "engine must still be running the request");
+    let mut rest = Vec::from(first);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("no error").into_data() {
+            rest.extend_from_slice(&data);
+        }
+    }
+    let text = String::from_utf8(rest).expect("utf-8");
+    assert_eq!(
+        text.matches("data: ").count(),
+        5 + 2,
+        "5 tokens + final chunk + [DONE]: {text}"
+    );
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+}
+
+fn ip_of(stack: &Stack, pod: &str) -> String {
+    let pods = std::fs::read_to_string(stack.config_dir.join("pods.yaml")).expect("pods.yaml");
+    let doc = pods
+        .split("---")
+        .find(|doc| doc.contains(&format!("name: {pod}\n")))
+        .expect("pod in pods.yaml");
+    doc.lines()
+        .find_map(|l| l.trim().strip_prefix("podIP: "))
+        .expect("podIP")
+        .to_owned()
+}
+
+/// Routes deepseek-simple to the 7b ModelServer instead.
+fn retarget_simple_route(stack: &Stack) {
+    let routes = demo_file("routes.yaml");
+    let edited = routes.replacen(
+        "modelName: \"deepseek-simple\"\n  rules:\n  - name: \"default\"\n    targetModels:\n    - modelServerName: \"deepseek-r1-1-5b\"",
+        "modelName: \"deepseek-simple\"\n  rules:\n  - name: \"default\"\n    targetModels:\n    - modelServerName: \"deepseek-r1-7b\"",
+        1,
+    );
+    assert_ne!(routes, edited, "the edit must apply");
+    stack.write_config("routes.yaml", &edited);
+}
+
+async fn wait_until_simple_goes_to_7b(stack: &Stack, index: usize) {
+    wait_for("deepseek-simple to reach the 7b pod", || async {
+        let (status, pod, _) = ask(stack, index, "deepseek-simple", &[]).await;
+        (status == StatusCode::OK && pod == "deepseek-r1-7b-0").then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_edit_reroutes_both_dataplanes_within_two_seconds() {
+    let stack = demo_stack(2, &[]).await;
+    for index in 0..2 {
+        let (_, pod, _) = ask(&stack, index, "deepseek-simple", &[]).await;
+        assert!(pod.starts_with("deepseek-r1-1-5b-"), "{pod}");
+    }
+    let edited_at = Instant::now();
+    retarget_simple_route(&stack);
+    for index in 0..2 {
+        wait_until_simple_goes_to_7b(&stack, index).await;
+    }
+    let elapsed = edited_at.elapsed();
+    assert!(
+        elapsed.as_secs_f64() < 2.0,
+        "routing changed on both dataplanes only after {elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataplanes_keep_serving_without_controller_and_resync_on_restart() {
+    let mut stack = demo_stack(2, &[]).await;
+    stack.stop_controller();
+    for index in 0..2 {
+        for _ in 0..5 {
+            let (status, pod, response) = ask(&stack, index, "deepseek-simple", &[]).await;
+            assert_eq!(status, StatusCode::OK, "{}", response.text());
+            assert!(pod.starts_with("deepseek-r1-1-5b-"), "{pod}");
+        }
+        let ready = stack
+            .http
+            .get(&stack.dataplanes[index].url("/readyz"))
+            .await
+            .expect("readyz");
+        assert_eq!(
+            ready.status,
+            StatusCode::OK,
+            "still ready on the last snapshot"
+        );
+    }
+    // Edited while the controller is down; the restarted controller resyncs both.
+    retarget_simple_route(&stack);
+    stack.start_controller().await;
+    for index in 0..2 {
+        wait_until_simple_goes_to_7b(&stack, index).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dataplane_started_before_controller_becomes_ready_when_it_comes_up() {
+    let mut stack = demo_stack(0, &[]).await;
+    stack.stop_controller();
+    let index = stack.spawn_dataplane();
+    let readyz = stack.dataplanes[index].url("/readyz");
+    let not_ready = wait_for("the dataplane to listen", || async {
+        stack.http.get(&readyz).await.ok()
+    })
+    .await;
+    assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _, response) = ask(&stack, index, "deepseek-simple", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.json()["error"]["code"], "router_not_ready");
+
+    stack.start_controller().await;
+    stack.wait_dataplane_ready(index).await;
+    let (status, pod, _) = ask(&stack, index, "deepseek-simple", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(pod.starts_with("deepseek-r1-1-5b-"), "{pod}");
+}
