@@ -134,7 +134,14 @@ impl DirScan {
         let mut entries: Vec<_> = self
             .files
             .iter()
-            .map(|file| (file.name.clone(), file.len, file.modified, file.content_hash))
+            .map(|file| {
+                (
+                    file.name.clone(),
+                    file.len,
+                    file.modified,
+                    file.content_hash,
+                )
+            })
             .collect();
         // An unreadable file counts too: fixing its permissions is a change.
         entries.extend(
@@ -154,9 +161,9 @@ impl DirScan {
         for file in &self.files {
             parse_documents(&file.name, &file.text, &mut objects);
         }
-        objects.problems.sort_by(|a, b| {
-            (&a.file, a.document_index).cmp(&(&b.file, b.document_index))
-        });
+        objects
+            .problems
+            .sort_by(|a, b| (&a.file, a.document_index).cmp(&(&b.file, b.document_index)));
         objects
     }
 }
@@ -202,7 +209,8 @@ pub async fn scan_dir(dir: &Path) -> Result<DirScan, LocalError> {
             // Deleted between listing and reading: the next poll sees it gone.
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
             Err(error) => {
-                scan.problems.push(file_problem(format!("cannot read file: {error}")));
+                scan.problems
+                    .push(file_problem(format!("cannot read file: {error}")));
                 continue;
             }
         };
@@ -220,7 +228,8 @@ pub async fn scan_dir(dir: &Path) -> Result<DirScan, LocalError> {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
             Err(error) => {
-                scan.problems.push(file_problem(format!("cannot read file: {error}")));
+                scan.problems
+                    .push(file_problem(format!("cannot read file: {error}")));
                 continue;
             }
         };
@@ -230,7 +239,8 @@ pub async fn scan_dir(dir: &Path) -> Result<DirScan, LocalError> {
         let text = match String::from_utf8(bytes) {
             Ok(text) => text,
             Err(error) => {
-                scan.problems.push(file_problem(format!("file is not UTF-8: {error}")));
+                scan.problems
+                    .push(file_problem(format!("file is not UTF-8: {error}")));
                 continue;
             }
         };
@@ -270,7 +280,9 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(value) => value,
             Err(error) => {
-                objects.problems.push(problem(None, None, error.to_string()));
+                objects
+                    .problems
+                    .push(problem(None, None, error.to_string()));
                 continue;
             }
         };
@@ -288,7 +300,12 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             Some("ModelRoute" | "ModelServer") => CRD_API_VERSION,
             Some("Pod") => POD_API_VERSION,
             Some(other) => {
-                tracing::debug!(file, document_index = index, kind = other, "ignoring a document of a kind local mode does not use");
+                tracing::debug!(
+                    file,
+                    document_index = index,
+                    kind = other,
+                    "ignoring a document of a kind local mode does not use"
+                );
                 continue;
             }
             None => {
@@ -310,12 +327,18 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             continue;
         }
         let parsed = match kind {
-            Some("ModelRoute") => serde_yaml::from_value(value.clone()).map(|route| objects.routes.push(route)),
-            Some("ModelServer") => serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server)),
+            Some("ModelRoute") => {
+                serde_yaml::from_value(value.clone()).map(|route| objects.routes.push(route))
+            }
+            Some("ModelServer") => {
+                serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server))
+            }
             _ => serde_yaml::from_value(value.clone()).map(|pod| objects.pods.push(pod)),
         };
         if let Err(error) = parsed {
-            objects.problems.push(problem(kind, name, error.to_string()));
+            objects
+                .problems
+                .push(problem(kind, name, error.to_string()));
         }
     }
 }
@@ -482,13 +505,22 @@ status:
         let objects = parse(&text);
         assert_eq!(objects.problems, vec![]);
         assert_eq!(objects.routes.len(), 1);
-        assert_eq!(objects.routes[0].metadata.name.as_deref(), Some("deepseek-simple"));
-        assert_eq!(objects.routes[0].spec.model_name.as_deref(), Some("deepseek-simple"));
+        assert_eq!(
+            objects.routes[0].metadata.name.as_deref(),
+            Some("deepseek-simple")
+        );
+        assert_eq!(
+            objects.routes[0].spec.model_name.as_deref(),
+            Some("deepseek-simple")
+        );
         assert_eq!(objects.servers.len(), 1);
         assert_eq!(objects.servers[0].spec.workload_port.port, 8000);
         assert_eq!(objects.pods.len(), 1);
         assert_eq!(
-            objects.pods[0].status.as_ref().and_then(|status| status.pod_ip.as_deref()),
+            objects.pods[0]
+                .status
+                .as_ref()
+                .and_then(|status| status.pod_ip.as_deref()),
             Some("127.0.0.1")
         );
     }
@@ -519,12 +551,17 @@ status:
 
     #[test]
     fn wrong_api_version_is_reported() {
-        let text = ROUTE.replace("networking.serving.volcano.sh/v1alpha1", "networking.serving.volcano.sh/v1");
+        let text = ROUTE.replace(
+            "networking.serving.volcano.sh/v1alpha1",
+            "networking.serving.volcano.sh/v1",
+        );
         let objects = parse(&text);
         assert!(objects.routes.is_empty());
         assert_eq!(objects.problems.len(), 1);
         assert!(
-            objects.problems[0].error.contains("networking.serving.volcano.sh/v1alpha1"),
+            objects.problems[0]
+                .error
+                .contains("networking.serving.volcano.sh/v1alpha1"),
             "{}",
             objects.problems[0].error
         );
@@ -551,10 +588,22 @@ status:
 
         let scan = scan_dir(dir.path()).await.expect("scan");
         let names: Vec<&str> = scan.files.iter().map(|file| file.name.as_str()).collect();
-        assert_eq!(names, ["a-route.yaml", "b-server.yml", "c-pod.yaml", "z-broken.yaml"]);
+        assert_eq!(
+            names,
+            [
+                "a-route.yaml",
+                "b-server.yml",
+                "c-pod.yaml",
+                "z-broken.yaml"
+            ]
+        );
         let objects = scan.parse();
         assert_eq!(
-            (objects.routes.len(), objects.servers.len(), objects.pods.len()),
+            (
+                objects.routes.len(),
+                objects.servers.len(),
+                objects.pods.len()
+            ),
             (1, 1, 1)
         );
         assert_eq!(objects.problems.len(), 1);
@@ -565,10 +614,16 @@ status:
     async fn a_missing_directory_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("nope");
-        assert!(matches!(load_dir(&missing).await, Err(LocalError::ReadDir { .. })));
+        assert!(matches!(
+            load_dir(&missing).await,
+            Err(LocalError::ReadDir { .. })
+        ));
         let file = dir.path().join("file.yaml");
         std::fs::write(&file, ROUTE).expect("write");
-        assert!(matches!(load_dir(&file).await, Err(LocalError::NotADirectory(_))));
+        assert!(matches!(
+            load_dir(&file).await,
+            Err(LocalError::NotADirectory(_))
+        ));
     }
 
     #[tokio::test]
@@ -580,7 +635,9 @@ status:
             quiet_period: Duration::from_millis(20),
             max_delay: Duration::from_millis(200),
         };
-        let (mut receiver, task) = watch_dir(dir.path().to_owned(), settings).await.expect("watch");
+        let (mut receiver, task) = watch_dir(dir.path().to_owned(), settings)
+            .await
+            .expect("watch");
         assert_eq!(receiver.borrow_and_update().routes.len(), 1);
 
         // Same length as the original: a size comparison alone would miss it.
@@ -592,7 +649,11 @@ status:
         tokio::time::timeout(
             Duration::from_secs(10),
             receiver.wait_for(|objects| {
-                objects.routes.first().and_then(|route| route.metadata.name.as_deref()) == Some("deepseek-simplX")
+                objects
+                    .routes
+                    .first()
+                    .and_then(|route| route.metadata.name.as_deref())
+                    == Some("deepseek-simplX")
             }),
         )
         .await

@@ -2,6 +2,8 @@
 //!
 //! - [`mock_engine`]: `switchyard-mock-engine`, an OpenAI-compatible fake vLLM / SGLang server that
 //!   stands in for model pods in end-to-end tests and the demo.
+//! - [`harness`]: starting the real binaries on loopback for end-to-end tests.
 #![forbid(unsafe_code)]
 
+pub mod harness;
 pub mod mock_engine;

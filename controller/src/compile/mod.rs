@@ -77,16 +77,27 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
 /// When two objects of one kind share a namespace/name (possible with local
 /// files), the first one in input order wins and the others are reported as
 /// `Duplicate`.
-pub fn compile_route_config(routes: &[ModelRoute], servers: &[ModelServer], pods: &[Pod]) -> CompiledRoutes {
+pub fn compile_route_config(
+    routes: &[ModelRoute],
+    servers: &[ModelServer],
+    pods: &[Pod],
+) -> CompiledRoutes {
     let mut reports = Vec::with_capacity(routes.len() + servers.len());
 
     let pods_by_namespace = servers::index_pods(pods);
     let mut compiled_servers: BTreeMap<(&str, &str), servers::CompiledServer> = BTreeMap::new();
     let mut present_servers: BTreeSet<(&str, &str)> = BTreeSet::new();
     for server in servers {
-        let key = (namespace_of(&server.metadata), server.metadata.name.as_deref().unwrap_or_default());
+        let key = (
+            namespace_of(&server.metadata),
+            server.metadata.name.as_deref().unwrap_or_default(),
+        );
         if !key.1.is_empty() && !present_servers.insert(key) {
-            reports.push(duplicate_report(ObjectKind::ModelServer, key, server.metadata.generation));
+            reports.push(duplicate_report(
+                ObjectKind::ModelServer,
+                key,
+                server.metadata.generation,
+            ));
             continue;
         }
         let (compiled, report) = servers::compile_server(server, &pods_by_namespace);
@@ -103,9 +114,16 @@ pub fn compile_route_config(routes: &[ModelRoute], servers: &[ModelServer], pods
     let mut seen_routes: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut compiled_routes = Vec::with_capacity(routes.len());
     for route in routes {
-        let key = (namespace_of(&route.metadata), route.metadata.name.as_deref().unwrap_or_default());
+        let key = (
+            namespace_of(&route.metadata),
+            route.metadata.name.as_deref().unwrap_or_default(),
+        );
         if !key.1.is_empty() && !seen_routes.insert(key) {
-            reports.push(duplicate_report(ObjectKind::ModelRoute, key, route.metadata.generation));
+            reports.push(duplicate_report(
+                ObjectKind::ModelRoute,
+                key,
+                route.metadata.generation,
+            ));
             continue;
         }
         let (compiled, report) = routes::compile_route(route, &known_servers);
@@ -135,7 +153,10 @@ pub fn compile_route_config(routes: &[ModelRoute], servers: &[ModelServer], pods
         route_config: pb::RouteConfig {
             routes: compiled_routes,
             // BTreeMap order: (namespace, name).
-            servers: compiled_servers.into_values().map(|compiled| compiled.server).collect(),
+            servers: compiled_servers
+                .into_values()
+                .map(|compiled| compiled.server)
+                .collect(),
         },
         scrape_targets,
         reports,
@@ -144,7 +165,10 @@ pub fn compile_route_config(routes: &[ModelRoute], servers: &[ModelServer], pods
 
 /// One load entry per endpoint of `route_config` that has a scraped load,
 /// sorted by (namespace, pod). Cheap enough to run on every scrape.
-pub fn compile_endpoint_loads(route_config: &pb::RouteConfig, pod_loads: &BTreeMap<PodKey, PodLoad>) -> pb::EndpointLoads {
+pub fn compile_endpoint_loads(
+    route_config: &pb::RouteConfig,
+    pod_loads: &BTreeMap<PodKey, PodLoad>,
+) -> pb::EndpointLoads {
     let mut loads: BTreeMap<(&str, &str), pb::EndpointLoad> = BTreeMap::new();
     for server in &route_config.servers {
         for endpoint in &server.endpoints {
@@ -185,7 +209,11 @@ fn finite_or_zero(value: f64) -> f64 {
     if value.is_finite() { value } else { 0.0 }
 }
 
-fn duplicate_report(kind: ObjectKind, (namespace, name): (&str, &str), generation: Option<i64>) -> ObjectReport {
+fn duplicate_report(
+    kind: ObjectKind,
+    (namespace, name): (&str, &str),
+    generation: Option<i64>,
+) -> ObjectReport {
     let message = format!(
         "another {} {namespace}/{name} came earlier in the input (local files are read in file-name order); this one is ignored",
         kind.as_str()

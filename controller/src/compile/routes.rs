@@ -20,14 +20,20 @@ pub(crate) struct KnownServers<'a> {
 
 /// Validates one ModelRoute and resolves its targets. Returns the route to put
 /// in the snapshot (when it was accepted and kept at least one rule).
-pub(crate) fn compile_route(route: &ModelRoute, servers: &KnownServers<'_>) -> (Option<pb::ModelRoute>, ObjectReport) {
+pub(crate) fn compile_route(
+    route: &ModelRoute,
+    servers: &KnownServers<'_>,
+) -> (Option<pb::ModelRoute>, ObjectReport) {
     let namespace = namespace_of(&route.metadata);
     let name = route.metadata.name.as_deref().unwrap_or_default();
     let spec = &route.spec;
 
     let mut invalid = Vec::new();
     if name.is_empty() {
-        invalid.push(Problem::new(Reason::InvalidName, "metadata.name: must be set"));
+        invalid.push(Problem::new(
+            Reason::InvalidName,
+            "metadata.name: must be set",
+        ));
     }
     let model_name = spec.model_name.as_deref().unwrap_or_default();
     if model_name.is_empty() && spec.lora_adapters.is_empty() {
@@ -40,7 +46,9 @@ pub(crate) fn compile_route(route: &ModelRoute, servers: &KnownServers<'_>) -> (
         if adapter.is_empty() {
             invalid.push(Problem::new(
                 Reason::InvalidModelName,
-                format!("spec.loraAdapters[{index}]: a LoRA adapter name cannot be an empty string"),
+                format!(
+                    "spec.loraAdapters[{index}]: a LoRA adapter name cannot be an empty string"
+                ),
             ));
         }
     }
@@ -57,10 +65,20 @@ pub(crate) fn compile_route(route: &ModelRoute, servers: &KnownServers<'_>) -> (
         let path = format!("spec.rules[{rule_index}]");
         let matcher = compile_model_match(&path, rule.model_match.as_ref(), &mut invalid);
         validate_targets(&path, &rule.target_models, &mut invalid);
-        let targets = resolve_targets(&path, namespace, &rule.target_models, servers, &mut unresolved);
+        let targets = resolve_targets(
+            &path,
+            namespace,
+            &rule.target_models,
+            servers,
+            &mut unresolved,
+        );
         let kept_weight: u64 = targets.iter().map(|target| u64::from(target.weight)).sum();
         if kept_weight == 0 {
-            let declared_weight: u64 = rule.target_models.iter().map(|target| u64::from(target.weight)).sum();
+            let declared_weight: u64 = rule
+                .target_models
+                .iter()
+                .map(|target| u64::from(target.weight))
+                .sum();
             // A rule whose own weights sum to 0 is already rejected by validation;
             // here resolution dropped every target that carried weight.
             if declared_weight > 0 {
@@ -175,7 +193,9 @@ fn validate_targets(path: &str, targets: &[TargetModel], invalid: &mut Vec<Probl
     if total_weight == 0 {
         invalid.push(Problem::new(
             Reason::InvalidWeights,
-            format!("{path}.targetModels: weights sum to 0; at least one target needs a weight above 0"),
+            format!(
+                "{path}.targetModels: weights sum to 0; at least one target needs a weight above 0"
+            ),
         ));
     }
 }
@@ -228,7 +248,11 @@ fn resolve_targets(
     resolved
 }
 
-fn compile_model_match(path: &str, model_match: Option<&switchyard_crd::ModelMatch>, invalid: &mut Vec<Problem>) -> Option<pb::ModelMatch> {
+fn compile_model_match(
+    path: &str,
+    model_match: Option<&switchyard_crd::ModelMatch>,
+    invalid: &mut Vec<Problem>,
+) -> Option<pb::ModelMatch> {
     let model_match = model_match?;
     let path = format!("{path}.modelMatch");
     // Header names are case-insensitive; two spellings of one name would be
@@ -268,7 +292,12 @@ fn compile_model_match(path: &str, model_match: Option<&switchyard_crd::ModelMat
     let headers: Vec<pb::HeaderMatch> = headers
         .into_iter()
         // A match with no exact/prefix/regex holds for any value: no condition.
-        .filter_map(|(name, (_, value))| value.map(|value| pb::HeaderMatch { name, value: Some(value) }))
+        .filter_map(|(name, (_, value))| {
+            value.map(|value| pb::HeaderMatch {
+                name,
+                value: Some(value),
+            })
+        })
         .collect();
     if headers.is_empty() && uri.is_none() && body_model.is_none() {
         // No condition at all matches every request, which is what an absent match means.
@@ -282,7 +311,11 @@ fn compile_model_match(path: &str, model_match: Option<&switchyard_crd::ModelMat
 }
 
 /// `None` when the match sets nothing (holds for any value).
-fn compile_string_match(path: &str, string_match: &StringMatch, invalid: &mut Vec<Problem>) -> Option<pb::StringMatch> {
+fn compile_string_match(
+    path: &str,
+    string_match: &StringMatch,
+    invalid: &mut Vec<Problem>,
+) -> Option<pb::StringMatch> {
     use pb::string_match::Kind;
     let set = [
         string_match.exact.is_some(),
@@ -307,7 +340,10 @@ fn compile_string_match(path: &str, string_match: &StringMatch, invalid: &mut Ve
         if let Err(error) = regex::Regex::new(pattern) {
             invalid.push(Problem::new(
                 Reason::InvalidRegex,
-                format!("{path}.regex: invalid regex {pattern:?}: {}", regex_error_summary(&error)),
+                format!(
+                    "{path}.regex: invalid regex {pattern:?}: {}",
+                    regex_error_summary(&error)
+                ),
             ));
             return None;
         }

@@ -53,9 +53,14 @@ pub(crate) fn compile_server(
     let mut problems = Vec::new();
 
     if name.is_empty() {
-        problems.push(Problem::new(Reason::InvalidName, "metadata.name: must be set"));
+        problems.push(Problem::new(
+            Reason::InvalidName,
+            "metadata.name: must be set",
+        ));
     }
-    let port = u16::try_from(spec.workload_port.port).ok().filter(|port| *port != 0);
+    let port = u16::try_from(spec.workload_port.port)
+        .ok()
+        .filter(|port| *port != 0);
     if port.is_none() {
         problems.push(Problem::new(
             Reason::InvalidPort,
@@ -68,9 +73,12 @@ pub(crate) fn compile_server(
     let protocol = spec.workload_port.protocol.as_str();
     if !protocol.eq_ignore_ascii_case(SUPPORTED_PROTOCOL) {
         let message = if protocol.eq_ignore_ascii_case("https") {
-            "spec.workloadPort.protocol: https to model pods is not supported yet; use http".to_owned()
+            "spec.workloadPort.protocol: https to model pods is not supported yet; use http"
+                .to_owned()
         } else {
-            format!("spec.workloadPort.protocol: unknown protocol {protocol:?}; only http is supported")
+            format!(
+                "spec.workloadPort.protocol: unknown protocol {protocol:?}; only http is supported"
+            )
         };
         problems.push(Problem::new(Reason::UnsupportedProtocol, message));
     }
@@ -259,6 +267,9 @@ pub(crate) fn ready_pod_ip(pod: &Pod) -> Option<IpAddr> {
 }
 
 fn format_labels(labels: &BTreeMap<String, String>) -> String {
-    let pairs: Vec<String> = labels.iter().map(|(key, value)| format!("{key}={value}")).collect();
+    let pairs: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
     format!("{{{}}}", pairs.join(","))
 }

@@ -203,9 +203,24 @@ fn seed_inputs() -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
         })
         .collect();
     let pods = vec![
-        pod("default", "ds15-v1-0", "10.0.0.11", &[("app", "deepseek-r1-1-5b"), ("version", "v1")]),
-        pod("default", "ds15-v2-0", "10.0.0.21", &[("app", "deepseek-r1-1-5b"), ("version", "v2")]),
-        pod("default", "ds15-v1-1", "10.0.0.12", &[("app", "deepseek-r1-1-5b"), ("version", "v1")]),
+        pod(
+            "default",
+            "ds15-v1-0",
+            "10.0.0.11",
+            &[("app", "deepseek-r1-1-5b"), ("version", "v1")],
+        ),
+        pod(
+            "default",
+            "ds15-v2-0",
+            "10.0.0.21",
+            &[("app", "deepseek-r1-1-5b"), ("version", "v2")],
+        ),
+        pod(
+            "default",
+            "ds15-v1-1",
+            "10.0.0.12",
+            &[("app", "deepseek-r1-1-5b"), ("version", "v1")],
+        ),
         pod("default", "ds7-0", "10.0.1.1", &[("app", "deepseek-r1-7b")]),
     ];
     (routes, servers, pods)
@@ -348,7 +363,11 @@ fn seed_scenarios_compile_to_the_expected_snapshot() {
         assert!(report.is_healthy(), "{report:#?}");
         assert!(report.in_snapshot, "{report:#?}");
     }
-    let ds15 = report(&compiled.reports, ObjectKind::ModelServer, "deepseek-r1-1-5b");
+    let ds15 = report(
+        &compiled.reports,
+        ObjectKind::ModelServer,
+        "deepseek-r1-1-5b",
+    );
     assert_eq!((ds15.ready_pods, ds15.total_pods), (Some(3), Some(3)));
     assert_eq!(ds15.resolved_refs.message, "3 of 3 selected pods ready");
 }
@@ -365,10 +384,26 @@ fn seed_scrape_targets_are_one_per_pod_sorted() {
     assert_eq!(
         targets,
         vec![
-            ("default/ds15-v1-0".into(), "10.0.0.11:8000".into(), InferenceEngine::Vllm),
-            ("default/ds15-v1-1".into(), "10.0.0.12:8000".into(), InferenceEngine::Vllm),
-            ("default/ds15-v2-0".into(), "10.0.0.21:8000".into(), InferenceEngine::Vllm),
-            ("default/ds7-0".into(), "10.0.1.1:8000".into(), InferenceEngine::Sglang),
+            (
+                "default/ds15-v1-0".into(),
+                "10.0.0.11:8000".into(),
+                InferenceEngine::Vllm
+            ),
+            (
+                "default/ds15-v1-1".into(),
+                "10.0.0.12:8000".into(),
+                InferenceEngine::Vllm
+            ),
+            (
+                "default/ds15-v2-0".into(),
+                "10.0.0.21:8000".into(),
+                InferenceEngine::Vllm
+            ),
+            (
+                "default/ds7-0".into(),
+                "10.0.1.1:8000".into(),
+                InferenceEngine::Sglang
+            ),
         ]
     );
 }
@@ -465,7 +500,11 @@ spec:
         "{}",
         bad.accepted.message
     );
-    assert!(!bad.accepted.message.contains('\n'), "{}", bad.accepted.message);
+    assert!(
+        !bad.accepted.message.contains('\n'),
+        "{}",
+        bad.accepted.message
+    );
     assert!(!bad.in_snapshot);
     assert!(report(&compiled.reports, ObjectKind::ModelRoute, "good").is_healthy());
 }
@@ -487,7 +526,12 @@ fn invalid_routes_are_rejected_with_a_reason_naming_the_field() {
             Reason::InvalidModelName,
             "spec.loraAdapters[1]: a LoRA adapter name cannot be an empty string",
         ),
-        ("no rules", "{ modelName: m, rules: [] }", Reason::InvalidRules, "spec.rules: at least one rule"),
+        (
+            "no rules",
+            "{ modelName: m, rules: [] }",
+            Reason::InvalidRules,
+            "spec.rules: at least one rule",
+        ),
         (
             "rule without targets",
             "{ modelName: m, rules: [{ targetModels: [] }] }",
@@ -553,11 +597,19 @@ fn invalid_routes_are_rejected_with_a_reason_naming_the_field() {
             .iter()
             .map(|route| route.name.as_str())
             .collect();
-        assert_eq!(names, ["good"], "{description}: the valid route must survive");
+        assert_eq!(
+            names,
+            ["good"],
+            "{description}: the valid route must survive"
+        );
         let bad = report(&compiled.reports, ObjectKind::ModelRoute, "bad");
         assert!(!bad.accepted.status, "{description}");
         assert!(!bad.in_snapshot, "{description}");
-        assert_eq!(bad.accepted.reason, *reason, "{description}: {}", bad.accepted.message);
+        assert_eq!(
+            bad.accepted.reason, *reason,
+            "{description}: {}",
+            bad.accepted.message
+        );
         assert!(
             bad.accepted.message.contains(fragment),
             "{description}: {:?} does not contain {fragment:?}",
@@ -569,7 +621,12 @@ fn invalid_routes_are_rejected_with_a_reason_naming_the_field() {
 #[test]
 fn invalid_servers_are_rejected_with_a_reason_naming_the_field() {
     let cases: &[(&str, &str, Reason, &str)] = &[
-        ("port 0", "workloadPort: { port: 0 }", Reason::InvalidPort, "spec.workloadPort.port: 0 is outside 1..=65535"),
+        (
+            "port 0",
+            "workloadPort: { port: 0 }",
+            Reason::InvalidPort,
+            "spec.workloadPort.port: 0 is outside 1..=65535",
+        ),
         (
             "port too large",
             "workloadPort: { port: 70000 }",
@@ -621,13 +678,21 @@ fn invalid_servers_are_rejected_with_a_reason_naming_the_field() {
         assert_eq!(names, ["good"], "{description}");
         let bad = report(&compiled.reports, ObjectKind::ModelServer, "bad");
         assert!(!bad.accepted.status, "{description}");
-        assert_eq!(bad.accepted.reason, *reason, "{description}: {}", bad.accepted.message);
+        assert_eq!(
+            bad.accepted.reason, *reason,
+            "{description}: {}",
+            bad.accepted.message
+        );
         assert!(
             bad.accepted.message.contains(fragment),
             "{description}: {:?} does not contain {fragment:?}",
             bad.accepted.message
         );
-        assert_eq!((bad.ready_pods, bad.total_pods), (None, None), "{description}");
+        assert_eq!(
+            (bad.ready_pods, bad.total_pods),
+            (None, None),
+            "{description}"
+        );
     }
 }
 
@@ -657,7 +722,11 @@ spec:
     );
     let compiled = compile_objects(&[bad], &[simple_server("s", "s")], &[]);
     let bad = report(&compiled.reports, ObjectKind::ModelRoute, "bad");
-    assert_eq!(bad.accepted.reason, Reason::InvalidModelName, "the first problem names the reason");
+    assert_eq!(
+        bad.accepted.reason,
+        Reason::InvalidModelName,
+        "the first problem names the reason"
+    );
     assert_eq!(
         bad.accepted.message,
         "spec.modelName: must be set when spec.loraAdapters is empty; \
@@ -722,7 +791,10 @@ spec:
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
     assert_eq!(report.resolved_refs.reason, Reason::BackendNotFound);
     assert!(
-        report.resolved_refs.message.contains("spec.rules[0]: no target with a weight above 0 is left; rule dropped"),
+        report
+            .resolved_refs
+            .message
+            .contains("spec.rules[0]: no target with a weight above 0 is left; rule dropped"),
         "{}",
         report.resolved_refs.message
     );
@@ -754,7 +826,10 @@ spec:
 
 #[test]
 fn a_route_without_any_resolvable_rule_is_left_out() {
-    let routes = [simple_route("orphan", "missing"), simple_route("fine", "present")];
+    let routes = [
+        simple_route("orphan", "missing"),
+        simple_route("fine", "present"),
+    ];
     let compiled = compile_objects(&routes, &[simple_server("present", "p")], &[]);
     let names: Vec<&str> = compiled
         .route_config
@@ -802,7 +877,12 @@ fn targets_resolve_in_the_routes_namespace_only() {
     let compiled = compile_objects(&[simple_route("r", "s")], &[other], &[]);
     assert!(compiled.route_config.routes.is_empty());
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
-    assert!(report.resolved_refs.message.contains("ModelServer default/s not found"));
+    assert!(
+        report
+            .resolved_refs
+            .message
+            .contains("ModelServer default/s not found")
+    );
 }
 
 #[test]
@@ -842,7 +922,11 @@ fn duplicates_keep_the_first_object_read() {
     let mut second = simple_route("r", "s");
     second.spec.model_name = Some("other-model".into());
     let server_copy = simple_server("s", "different-app");
-    let compiled = compile_objects(&[first, second], &[simple_server("s", "s"), server_copy], &[]);
+    let compiled = compile_objects(
+        &[first, second],
+        &[simple_server("s", "s"), server_copy],
+        &[],
+    );
     assert_eq!(compiled.route_config.routes.len(), 1);
     assert_eq!(compiled.route_config.routes[0].model_name, "r");
     assert_eq!(compiled.route_config.servers.len(), 1);
@@ -855,7 +939,12 @@ fn duplicates_keep_the_first_object_read() {
     assert_eq!(route_reports.len(), 2);
     assert!(route_reports[0].accepted.status);
     assert_eq!(route_reports[1].accepted.reason, Reason::Duplicate);
-    assert!(route_reports[1].accepted.message.contains("another ModelRoute default/r came earlier"));
+    assert!(
+        route_reports[1]
+            .accepted
+            .message
+            .contains("another ModelRoute default/r came earlier")
+    );
     let server_reports: Vec<&ObjectReport> = compiled
         .reports
         .iter()
@@ -891,7 +980,12 @@ fn only_ready_selected_pods_in_the_namespace_become_endpoints() {
     no_status.status = None;
     let pods = [
         pod("default", "zeta", "10.0.0.9", &labels),
-        pod("default", "alpha", "fd00::1", &[("app", "s"), ("extra", "label")]),
+        pod(
+            "default",
+            "alpha",
+            "fd00::1",
+            &[("app", "s"), ("extra", "label")],
+        ),
         not_running,
         not_ready,
         no_ip,
@@ -921,12 +1015,21 @@ fn a_server_without_pods_stays_in_the_snapshot_with_no_endpoints() {
     let compiled = compile_objects(&[simple_route("r", "s")], &[simple_server("s", "s")], &[]);
     assert_eq!(compiled.route_config.servers.len(), 1);
     assert!(compiled.route_config.servers[0].endpoints.is_empty());
-    assert_eq!(compiled.route_config.routes.len(), 1, "requests get a 503, not a 404");
+    assert_eq!(
+        compiled.route_config.routes.len(),
+        1,
+        "requests get a 503, not a 404"
+    );
     let report = report(&compiled.reports, ObjectKind::ModelServer, "s");
     assert!(report.accepted.status);
     assert!(!report.resolved_refs.status);
     assert_eq!(report.resolved_refs.reason, Reason::NoMatchingPods);
-    assert!(report.resolved_refs.message.contains("{app=s} selects no pod in namespace default"));
+    assert!(
+        report
+            .resolved_refs
+            .message
+            .contains("{app=s} selects no pod in namespace default")
+    );
     assert_eq!((report.ready_pods, report.total_pods), (Some(0), Some(0)));
 }
 
@@ -981,7 +1084,10 @@ fn objects_without_namespace_are_in_default() {
     pod.metadata.namespace = None;
     let compiled = compile_objects(&[route], &[server], &[pod]);
     assert_eq!(compiled.route_config.routes[0].namespace, "default");
-    assert_eq!(compiled.route_config.routes[0].rules[0].targets[0].model_server, "default/s");
+    assert_eq!(
+        compiled.route_config.routes[0].rules[0].targets[0].model_server,
+        "default/s"
+    );
     assert_eq!(compiled.route_config.servers[0].namespace, "default");
     assert_eq!(compiled.route_config.servers[0].endpoints.len(), 1);
     assert_eq!(compiled.scrape_targets[0].key, "default/p");
@@ -1001,7 +1107,13 @@ fn routes_are_ordered_oldest_first_then_by_namespace_and_name() {
         .route_config
         .routes
         .iter()
-        .map(|route| (route.name.as_str(), route.creation_timestamp_unix_ms, route.generation))
+        .map(|route| {
+            (
+                route.name.as_str(),
+                route.creation_timestamp_unix_ms,
+                route.generation,
+            )
+        })
         .collect();
     assert_eq!(
         order,
@@ -1012,7 +1124,10 @@ fn routes_are_ordered_oldest_first_then_by_namespace_and_name() {
             ("newest", 300_000, 7),
         ]
     );
-    assert_eq!(report(&compiled.reports, ObjectKind::ModelRoute, "newest").generation, Some(7));
+    assert_eq!(
+        report(&compiled.reports, ObjectKind::ModelRoute, "newest").generation,
+        Some(7)
+    );
 }
 
 #[test]
@@ -1054,7 +1169,10 @@ spec:
             body_model: exact("m"),
         })
     );
-    assert_eq!(route.rules[1].r#match, None, "a match without conditions matches everything");
+    assert_eq!(
+        route.rules[1].r#match, None,
+        "a match without conditions matches everything"
+    );
 }
 
 // --- endpoint loads ----------------------------------------------------------------
@@ -1105,7 +1223,10 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
     assert_eq!(
         compiled.endpoint_loads,
         pb::EndpointLoads {
-            loads: vec![expected("ds15-v1-0", 0.0, 2_000), expected("ds7-0", 1.0, 1_000)],
+            loads: vec![
+                expected("ds15-v1-0", 0.0, 2_000),
+                expected("ds7-0", 1.0, 1_000)
+            ],
         }
     );
 }

@@ -23,7 +23,8 @@ impl XdsMetrics {
             "switchyard_controller_connected_dataplanes",
             "Dataplane snapshot streams currently open.",
         ))?;
-        let per_type = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["type"]);
+        let per_type =
+            |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["type"]);
         let pushes = per_type(
             "switchyard_controller_snapshot_pushes_total",
             "Snapshot responses sent to dataplanes, by resource type.",
@@ -84,7 +85,9 @@ impl XdsMetrics {
             // Only the current version keeps a series; old ones would pile up forever.
             let _ = self.version_info.remove_label_values(&[label, previous]);
         }
-        self.version_info.with_label_values(&[label, version]).set(1);
+        self.version_info
+            .with_label_values(&[label, version])
+            .set(1);
         self.generated_at_seconds
             .with_label_values(&[label])
             .set(generated_at_unix_ms / 1000);

@@ -21,7 +21,9 @@ mod service;
 pub use metrics::XdsMetrics;
 pub use publisher::{PublishResult, PublishedResource, ResourceReceiver, SnapshotPublisher};
 pub use registry::{DataplaneRegistry, DataplaneStatus, TypeSyncStatus};
-pub use service::{RoutingDiscoveryService, STREAM_CHANNEL_CAPACITY, STREAM_SEND_TIMEOUT, StreamSettings};
+pub use service::{
+    RoutingDiscoveryService, STREAM_CHANNEL_CAPACITY, STREAM_SEND_TIMEOUT, StreamSettings,
+};
 
 /// HTTP/2 PING period: finds dataplanes whose connection died without a FIN
 /// (node crash, network partition) so their streams and gauges go away.
@@ -48,7 +50,9 @@ impl ResourceType {
     }
 
     pub fn from_type_url(type_url: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|resource| resource.type_url() == type_url)
+        Self::ALL
+            .into_iter()
+            .find(|resource| resource.type_url() == type_url)
     }
 
     /// Metric label and log field value.
@@ -72,7 +76,9 @@ pub async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(XDS_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(XDS_KEEPALIVE_TIMEOUT))
-        .add_service(pb::routing_discovery_server::RoutingDiscoveryServer::new(service))
+        .add_service(pb::routing_discovery_server::RoutingDiscoveryServer::new(
+            service,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             closer.close_streams();

@@ -58,7 +58,11 @@ impl SnapshotPublisher {
     }
 
     /// Publishes a RouteConfig unless its content version is already the published one.
-    pub fn publish_route_config(&self, route_config: pb::RouteConfig, generated_at_unix_ms: i64) -> PublishResult {
+    pub fn publish_route_config(
+        &self,
+        route_config: pb::RouteConfig,
+        generated_at_unix_ms: i64,
+    ) -> PublishResult {
         let version = content_version(ROUTE_CONFIG_VERSION_PREFIX, &route_config);
         self.publish(
             ResourceType::RouteConfig,
@@ -69,7 +73,11 @@ impl SnapshotPublisher {
     }
 
     /// Publishes EndpointLoads unless its content version is already the published one.
-    pub fn publish_endpoint_loads(&self, endpoint_loads: pb::EndpointLoads, generated_at_unix_ms: i64) -> PublishResult {
+    pub fn publish_endpoint_loads(
+        &self,
+        endpoint_loads: pb::EndpointLoads,
+        generated_at_unix_ms: i64,
+    ) -> PublishResult {
         let version = content_version(ENDPOINT_LOADS_VERSION_PREFIX, &endpoint_loads);
         self.publish(
             ResourceType::EndpointLoads,

@@ -138,7 +138,9 @@ impl DataplaneRegistry {
     }
 
     fn bump(&self) {
-        self.inner.revision.send_modify(|revision| *revision = revision.wrapping_add(1));
+        self.inner
+            .revision
+            .send_modify(|revision| *revision = revision.wrapping_add(1));
     }
 }
 

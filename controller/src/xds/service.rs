@@ -51,7 +51,11 @@ pub struct RoutingDiscoveryService {
 }
 
 impl RoutingDiscoveryService {
-    pub fn new(publisher: Arc<SnapshotPublisher>, registry: DataplaneRegistry, metrics: XdsMetrics) -> Self {
+    pub fn new(
+        publisher: Arc<SnapshotPublisher>,
+        registry: DataplaneRegistry,
+        metrics: XdsMetrics,
+    ) -> Self {
         Self {
             publisher,
             registry,
@@ -196,11 +200,19 @@ impl SnapshotStream {
             let nonce = self.next_nonce.to_string();
             let mut response = latest.response.clone();
             response.nonce.clone_from(&nonce);
-            match tokio::time::timeout(self.settings.send_timeout, self.responses.send(Ok(response))).await {
+            match tokio::time::timeout(
+                self.settings.send_timeout,
+                self.responses.send(Ok(response)),
+            )
+            .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(StreamEnd::ResponseStreamDropped),
                 Err(_) => {
-                    self.metrics.send_timeouts.with_label_values(&[resource.label()]).inc();
+                    self.metrics
+                        .send_timeouts
+                        .with_label_values(&[resource.label()])
+                        .inc();
                     return Err(StreamEnd::SendTimeout(resource));
                 }
             }
@@ -208,7 +220,10 @@ impl SnapshotStream {
             sync.sent_version = Some(latest.version.clone());
             sync.pending_nonce = Some(nonce);
             sync.responses_sent += 1;
-            self.metrics.pushes.with_label_values(&[resource.label()]).inc();
+            self.metrics
+                .pushes
+                .with_label_values(&[resource.label()])
+                .inc();
             self.entry.update(&self.status);
             tracing::debug!(
                 stream_id = self.status.stream_id,
@@ -275,7 +290,10 @@ impl SnapshotStream {
                 sync.nacked_version = answered_version;
                 sync.last_nack_error = Some(error.message.clone());
                 sync.nacks += 1;
-                self.metrics.nacks.with_label_values(&[resource.label()]).inc();
+                self.metrics
+                    .nacks
+                    .with_label_values(&[resource.label()])
+                    .inc();
                 tracing::warn!(
                     stream_id,
                     node_id,
@@ -290,7 +308,10 @@ impl SnapshotStream {
             None => {
                 sync.acked_version = answered_version;
                 sync.acks += 1;
-                self.metrics.acks.with_label_values(&[resource.label()]).inc();
+                self.metrics
+                    .acks
+                    .with_label_values(&[resource.label()])
+                    .inc();
                 tracing::debug!(
                     stream_id,
                     node_id,
@@ -341,5 +362,7 @@ fn is_due(sync: &TypeSyncStatus, latest_version: &str) -> bool {
 fn unix_ms_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
 }

@@ -68,24 +68,29 @@ pub struct EngineState {
 }
 
 /// Per-request values echoed back in response headers.
-#[derive(Default)]
 struct Echo {
     request_id: String,
     received_model: Option<String>,
 }
 
 impl EngineState {
+    /// An engine whose tokens are paced by [`PacedBackend`] from the configured latencies.
     pub fn new(config: MockEngineConfig) -> Self {
         let backend = PacedBackend::new(
             config.time_to_first_token,
             config.inter_token_latency,
             config.kv_cache_capacity_tokens,
         );
+        Self::with_backend(config, Box::new(backend))
+    }
+
+    /// An engine whose token timing and load come from `backend` (e.g. a batching simulator).
+    pub fn with_backend(config: MockEngineConfig, backend: Box<dyn Backend>) -> Self {
         let stats = Arc::new(EngineStats::new(metrics::histogram_layout(config.engine)));
         Self {
             adapters: RwLock::new(config.lora_adapters.clone()),
             config,
-            backend: Box::new(backend),
+            backend,
             stats,
             started_at: SystemTime::now(),
         }
@@ -110,19 +115,25 @@ impl EngineState {
         let path = request.uri().path().to_string();
         let method = request.method().clone();
         let mut response = match (method, path.as_str()) {
-            (Method::POST, "/v1/chat/completions") => {
-                self.inference(Endpoint::ChatCompletions, request, arrived_at, &mut echo)
-                    .await
-            }
-            (Method::POST, "/v1/completions") => {
-                self.inference(Endpoint::Completions, request, arrived_at, &mut echo)
-                    .await
-            }
+            (Method::POST, "/v1/chat/completions") => self
+                .inference(Endpoint::ChatCompletions, request, arrived_at, &mut echo)
+                .await
+                .unwrap_or_else(ApiError::into_response),
+            (Method::POST, "/v1/completions") => self
+                .inference(Endpoint::Completions, request, arrived_at, &mut echo)
+                .await
+                .unwrap_or_else(ApiError::into_response),
             (Method::GET, "/v1/models") => self.models(),
             (Method::GET, "/metrics") => self.metrics(),
             (Method::GET, "/health") => full(StatusCode::OK, None, Bytes::new()),
-            (Method::POST, "/v1/load_lora_adapter") => self.load_adapter(request).await,
-            (Method::POST, "/v1/unload_lora_adapter") => self.unload_adapter(request).await,
+            (Method::POST, "/v1/load_lora_adapter") => self
+                .load_adapter(request)
+                .await
+                .unwrap_or_else(ApiError::into_response),
+            (Method::POST, "/v1/unload_lora_adapter") => self
+                .unload_adapter(request)
+                .await
+                .unwrap_or_else(ApiError::into_response),
             (
                 _,
                 "/v1/chat/completions"
@@ -151,29 +162,15 @@ impl EngineState {
         request: Request<B>,
         arrived_at: Instant,
         echo: &mut Echo,
-    ) -> Response<ResponseBody>
+    ) -> Result<Response<ResponseBody>, ApiError>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let forced_status = match forced_status(&request) {
-            Ok(status) => status,
-            Err(response) => return response,
-        };
-        let body = match read_body(request.into_body()).await {
-            Ok(body) => body,
-            Err(response) => return response,
-        };
-        let json: Value = match serde_json::from_slice(&body) {
-            Ok(json) => json,
-            Err(error) => {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("Invalid JSON body: {error}"),
-                    None,
-                );
-            }
-        };
+        let forced_status = forced_status(&request)?;
+        let body = read_body(request.into_body()).await?;
+        let json: Value = serde_json::from_slice(&body)
+            .map_err(|error| ApiError::bad_request(format!("Invalid JSON body: {error}")))?;
         echo.received_model = json
             .get("model")
             .and_then(Value::as_str)
@@ -183,21 +180,19 @@ impl EngineState {
                 "Simulated failure: {} requested this status from pod {}.",
                 FORCED_STATUS_HEADER, self.config.pod_name
             );
-            return error_response(status, &message, None);
+            return Err(ApiError::new(status, message));
         }
-        let parsed = match parse_request(endpoint, json) {
-            Ok(parsed) => parsed,
-            Err(error) => {
-                return error_response(StatusCode::BAD_REQUEST, &error.to_string(), error.param());
-            }
-        };
+        let parsed = parse_request(endpoint, json).map_err(|error| ApiError {
+            param: error.param(),
+            ..ApiError::bad_request(error.to_string())
+        })?;
         let model = parsed.model.unwrap_or_else(|| self.config.model.clone());
         if !self.serves(&model) {
             let message = format!(
                 "The model `{model}` does not exist. Valid aliases: {}.",
                 self.config.model
             );
-            return error_response(StatusCode::NOT_FOUND, &message, Some("model"));
+            return Err(ApiError::new(StatusCode::NOT_FOUND, message).param("model"));
         }
 
         let (output_tokens, finish_reason) =
@@ -217,17 +212,17 @@ impl EngineState {
         );
         let meta = ResponseMeta::new(endpoint, &echo.request_id, unix_seconds(), model);
         if parsed.stream {
-            return event_stream(SseStream {
+            return Ok(event_stream(SseStream {
                 generation,
                 meta,
                 include_usage: parsed.include_usage,
                 phase: SsePhase::Tokens,
-            });
+            }));
         }
         let text = generation.collect_text().await;
         let usage = Usage::new(generation.prompt_tokens(), generation.completion_tokens());
         let body = openai::completion_body(&meta, &text, generation.finish_reason(), usage);
-        full(StatusCode::OK, Some(JSON), body.into())
+        Ok(full(StatusCode::OK, Some(JSON), body.into()))
     }
 
     fn serves(&self, model: &str) -> bool {
@@ -266,85 +261,110 @@ impl EngineState {
         full(StatusCode::OK, Some(PROMETHEUS_TEXT), page.into())
     }
 
-    async fn load_adapter<B>(&self, request: Request<B>) -> Response<ResponseBody>
+    async fn load_adapter<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, ApiError>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let name = match adapter_name(request).await {
-            Ok(name) => name,
-            Err(response) => return response,
-        };
+        let name = adapter_name(request).await?;
         let mut adapters = self.adapters.write();
         if name == self.config.model || adapters.contains(&name) {
             let message = format!("The lora adapter '{name}' has already been loaded.");
-            return error_response(StatusCode::BAD_REQUEST, &message, Some("lora_name"));
+            return Err(ApiError::bad_request(message).param("lora_name"));
         }
         adapters.push(name.clone());
         let message = format!("Success: LoRA adapter '{name}' added successfully.");
-        full(StatusCode::OK, Some(PLAIN_TEXT), message.into())
+        Ok(full(StatusCode::OK, Some(PLAIN_TEXT), message.into()))
     }
 
-    async fn unload_adapter<B>(&self, request: Request<B>) -> Response<ResponseBody>
+    async fn unload_adapter<B>(
+        &self,
+        request: Request<B>,
+    ) -> Result<Response<ResponseBody>, ApiError>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let name = match adapter_name(request).await {
-            Ok(name) => name,
-            Err(response) => return response,
-        };
+        let name = adapter_name(request).await?;
         let mut adapters = self.adapters.write();
         let Some(position) = adapters.iter().position(|adapter| *adapter == name) else {
             let message = format!("The lora adapter '{name}' cannot be found.");
-            return error_response(StatusCode::NOT_FOUND, &message, Some("lora_name"));
+            return Err(ApiError::new(StatusCode::NOT_FOUND, message).param("lora_name"));
         };
         adapters.remove(position);
         let message = format!("Success: LoRA adapter '{name}' removed successfully.");
-        full(StatusCode::OK, Some(PLAIN_TEXT), message.into())
+        Ok(full(StatusCode::OK, Some(PLAIN_TEXT), message.into()))
+    }
+}
+
+/// A failed request, answered with vLLM's error body.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    /// The request field at fault, if one is.
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn param(self, param: &'static str) -> Self {
+        Self {
+            param: Some(param),
+            ..self
+        }
+    }
+
+    fn into_response(self) -> Response<ResponseBody> {
+        let body = error_body(self.status, &self.message, self.param);
+        full(self.status, Some(JSON), body.into())
     }
 }
 
 /// The `x-mock-status` the caller asked for, if any; only 4xx and 5xx make sense there.
-#[allow(clippy::result_large_err)]
-fn forced_status<B>(request: &Request<B>) -> Result<Option<StatusCode>, Response<ResponseBody>> {
+fn forced_status<B>(request: &Request<B>) -> Result<Option<StatusCode>, ApiError> {
     let Some(value) = request.headers().get(FORCED_STATUS_HEADER) else {
         return Ok(None);
     };
-    let status = value
+    value
         .to_str()
         .ok()
         .and_then(|text| text.trim().parse::<u16>().ok())
         .and_then(|code| StatusCode::from_u16(code).ok())
-        .filter(|status| status.is_client_error() || status.is_server_error());
-    match status {
-        Some(status) => Ok(Some(status)),
-        None => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("{FORCED_STATUS_HEADER} must be a 4xx or 5xx status code, got {value:?}."),
-            None,
-        )),
-    }
+        .filter(|status| status.is_client_error() || status.is_server_error())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{FORCED_STATUS_HEADER} must be a 4xx or 5xx status code, got {value:?}."
+            ))
+        })
 }
 
-#[allow(clippy::result_large_err)]
-async fn read_body<B>(body: B) -> Result<Bytes, Response<ResponseBody>>
+async fn read_body<B>(body: B) -> Result<Bytes, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     match Limited::new(body, MAX_REQUEST_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(error_response(
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("Request body exceeds {MAX_REQUEST_BODY_BYTES} bytes."),
-            None,
+            format!("Request body exceeds {MAX_REQUEST_BODY_BYTES} bytes."),
         )),
-        Err(error) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("Could not read the request body: {error}"),
-            None,
-        )),
+        Err(error) => Err(ApiError::bad_request(format!(
+            "Could not read the request body: {error}"
+        ))),
     }
 }
 
@@ -353,26 +373,18 @@ struct AdapterRequest {
     lora_name: String,
 }
 
-#[allow(clippy::result_large_err)]
-async fn adapter_name<B>(request: Request<B>) -> Result<String, Response<ResponseBody>>
+async fn adapter_name<B>(request: Request<B>) -> Result<String, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     let body = read_body(request.into_body()).await?;
-    match serde_json::from_slice::<AdapterRequest>(&body) {
-        Ok(request) if !request.lora_name.trim().is_empty() => Ok(request.lora_name),
-        Ok(_) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "lora_name must not be empty.",
-            Some("lora_name"),
-        )),
-        Err(error) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("Invalid adapter request: {error}"),
-            None,
-        )),
+    let request: AdapterRequest = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::bad_request(format!("Invalid adapter request: {error}")))?;
+    if request.lora_name.trim().is_empty() {
+        return Err(ApiError::bad_request("lora_name must not be empty.").param("lora_name"));
     }
+    Ok(request.lora_name)
 }
 
 /// Where an event stream is.
@@ -456,18 +468,6 @@ fn full(
 fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ResponseBody> {
     let body = serde_json::to_vec(value).unwrap_or_default();
     full(status, Some(JSON), body.into())
-}
-
-fn error_response(
-    status: StatusCode,
-    message: &str,
-    param: Option<&str>,
-) -> Response<ResponseBody> {
-    full(
-        status,
-        Some(JSON),
-        error_body(status, message, param).into(),
-    )
 }
 
 /// FastAPI's own answer for unknown routes and methods, which vLLM does not override.
