@@ -1,1 +1,128 @@
-//! placeholder
+//! Command line (every flag can also come from a `SWITCHYARD_*` environment variable).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Where dataplanes connect by default: Istio's xDS port, familiar to operators.
+pub const DEFAULT_XDS_ADDR: &str = "0.0.0.0:15010";
+/// Conventional Prometheus exporter port, also serving health and debug endpoints.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
+/// Kthena's metrics scrape interval: fresh enough for load-aware routing.
+pub const DEFAULT_SCRAPE_INTERVAL: &str = "1s";
+/// Default scrape timeout as a share of the interval, so a pass with a dead
+/// pod still ends before the next one starts (1 s interval -> 750 ms).
+pub const DEFAULT_SCRAPE_TIMEOUT_PERCENT_OF_INTERVAL: u32 = 75;
+
+/// Exit code when the command line is unusable (BSD `EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Switchyard controller: compiles ModelRoute / ModelServer / Pod objects and
+/// engine load into routing snapshots and streams them to dataplanes.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "switchyard-controller", version, about)]
+pub struct Args {
+    /// Local mode: read ModelRoute, ModelServer and Pod objects from the YAML
+    /// files in this directory (reloaded on change) instead of Kubernetes.
+    #[arg(long, env = "SWITCHYARD_CONFIG_DIR", value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Address of the snapshot stream (gRPC) server dataplanes connect to.
+    #[arg(long, env = "SWITCHYARD_XDS_ADDR", default_value = DEFAULT_XDS_ADDR, value_name = "ADDR")]
+    pub xds_addr: SocketAddr,
+
+    /// Address of the admin server: /metrics, /healthz, /readyz, /debug/*.
+    #[arg(long, env = "SWITCHYARD_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR, value_name = "ADDR")]
+    pub metrics_addr: SocketAddr,
+
+    /// Time between two scrapes of a pod's engine metrics (Go duration: 1s, 500ms).
+    #[arg(long, env = "SWITCHYARD_SCRAPE_INTERVAL", default_value = DEFAULT_SCRAPE_INTERVAL, value_parser = parse_positive_duration, value_name = "DURATION")]
+    pub scrape_interval: Duration,
+
+    /// Bound on one scrape request [default: 75% of --scrape-interval].
+    #[arg(long, env = "SWITCHYARD_SCRAPE_TIMEOUT", value_parser = parse_positive_duration, value_name = "DURATION")]
+    pub scrape_timeout: Option<Duration>,
+
+    /// Log line format.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Identity sent to dataplanes in every snapshot [default: $HOSTNAME, else a random id].
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_ID", value_name = "ID")]
+    pub controller_id: Option<String>,
+}
+
+impl Args {
+    /// `--scrape-timeout`, or the default share of the interval.
+    pub fn effective_scrape_timeout(&self) -> Duration {
+        self.scrape_timeout
+            .unwrap_or_else(|| self.scrape_interval * DEFAULT_SCRAPE_TIMEOUT_PERCENT_OF_INTERVAL / 100)
+    }
+
+    /// `--controller-id`, else the host name (the pod name in Kubernetes), else a random id.
+    pub fn effective_controller_id(&self) -> String {
+        if let Some(id) = self.controller_id.as_deref().filter(|id| !id.is_empty()) {
+            return id.to_owned();
+        }
+        match std::env::var("HOSTNAME") {
+            Ok(hostname) if !hostname.is_empty() => hostname,
+            _ => format!("switchyard-controller-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = switchyard_crd::parse_go_duration(text).map_err(|error| error.to_string())?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("switchyard-controller").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let args = parse(&["--config-dir", "/etc/switchyard"]).expect("parses");
+        assert_eq!(args.config_dir, Some(PathBuf::from("/etc/switchyard")));
+        assert_eq!(args.xds_addr, "0.0.0.0:15010".parse().expect("addr"));
+        assert_eq!(args.metrics_addr, "0.0.0.0:9090".parse().expect("addr"));
+        assert_eq!(args.scrape_interval, Duration::from_secs(1));
+        assert_eq!(args.effective_scrape_timeout(), Duration::from_millis(750));
+        assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn durations_use_go_syntax_and_must_be_positive() {
+        let args = parse(&["--scrape-interval", "500ms", "--scrape-timeout", "2s"]).expect("parses");
+        assert_eq!(args.scrape_interval, Duration::from_millis(500));
+        assert_eq!(args.effective_scrape_timeout(), Duration::from_secs(2));
+        assert!(parse(&["--scrape-interval", "0s"]).is_err());
+        assert!(parse(&["--scrape-interval", "soon"]).is_err());
+    }
+
+    #[test]
+    fn explicit_controller_id_wins() {
+        let args = parse(&["--controller-id", "replica-a", "--log-format", "json"]).expect("parses");
+        assert_eq!(args.effective_controller_id(), "replica-a");
+        assert_eq!(args.log_format, LogFormat::Json);
+    }
+}

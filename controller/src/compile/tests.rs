@@ -516,7 +516,7 @@ fn invalid_routes_are_rejected_with_a_reason_naming_the_field() {
     let cases: &[(&str, &str, Reason, &str)] = &[
         (
             "no model name and no LoRA adapters",
-            "rules: [{ targetModels: [{ modelServerName: s }] }]",
+            "{ rules: [{ targetModels: [{ modelServerName: s }] }] }",
             Reason::InvalidModelName,
             "spec.modelName: must be set when spec.loraAdapters is empty",
         ),
