@@ -1,1 +1,404 @@
-//! placeholder
+//! The admin HTTP server: health, readiness, Prometheus metrics and debug views.
+//!
+//! - `GET /healthz`: 200 while the process serves HTTP;
+//! - `GET /readyz`: 200 once a RouteConfig has been published, else 503;
+//! - `GET /metrics`: Prometheus text exposition of the controller's registry;
+//! - `GET /debug/dataplanes`: every connected dataplane's sync state;
+//! - `GET /debug/snapshot`: the published RouteConfig and EndpointLoads;
+//! - `GET /debug/objects`: why each object was (not) accepted, and the files
+//!   or documents that could not be loaded.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use serde_json::{Value, json};
+use switchyard_snapshot::pb;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::compile::ObjectReport;
+use crate::local::LoadProblem;
+use crate::xds::{DataplaneRegistry, PublishedResource, SnapshotPublisher};
+
+/// A client that has not sent its request headers by then is dropped, so idle
+/// or malicious connections cannot pile up on the admin port.
+pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
+/// does not spin at 100% CPU while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What `/debug/objects` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ObjectsView {
+    pub reports: Vec<ObjectReport>,
+    pub load_problems: Vec<LoadProblem>,
+}
+
+/// Everything the admin endpoints read.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    pub metrics_registry: prometheus::Registry,
+    pub publisher: Arc<SnapshotPublisher>,
+    pub dataplanes: DataplaneRegistry,
+    pub objects: watch::Receiver<Arc<ObjectsView>>,
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` completes.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Future<Output = ()>) {
+    let state = Arc::new(state);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _peer)) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "admin server cannot accept a connection");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                        continue;
+                    }
+                };
+                let state = state.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let response = handle(&state, request.method(), request.uri().path());
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                    let served = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    if let Err(error) = served {
+                        tracing::debug!(%error, "admin connection ended with an error");
+                    }
+                });
+            }
+            // Reap finished connections so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    // Admin requests are short; cutting the ones in flight at shutdown is fine.
+    connections.shutdown().await;
+}
+
+/// Answers one admin request.
+pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut response = json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": "only GET is supported"}),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match path {
+        "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        "/readyz" => match state.publisher.route_config() {
+            Some(published) => json_response(
+                StatusCode::OK,
+                &json!({"status": "ready", "route_config_version": published.version}),
+            ),
+            None => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not ready", "reason": "no routing snapshot compiled yet"}),
+            ),
+        },
+        "/metrics" => metrics_response(&state.metrics_registry),
+        "/debug/dataplanes" => json_response(
+            StatusCode::OK,
+            &json!({"dataplanes": state.dataplanes.list()}),
+        ),
+        "/debug/snapshot" => json_response(
+            StatusCode::OK,
+            &json!({
+                "control_plane_id": state.publisher.control_plane_id(),
+                "route_config": state.publisher.route_config().map(|published| route_config_json(&published)),
+                "endpoint_loads": state.publisher.endpoint_loads().map(|published| endpoint_loads_json(&published)),
+            }),
+        ),
+        "/debug/objects" => {
+            let objects = state.objects.borrow().clone();
+            json_response(StatusCode::OK, &*objects)
+        }
+        _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    }
+}
+
+fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    let (status, body) = match serde_json::to_vec_pretty(body) {
+        Ok(body) => (status, body),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{{\"error\":{:?}}}", error.to_string()).into_bytes(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn metrics_response(registry: &prometheus::Registry) -> Response<Full<Bytes>> {
+    let encoder = prometheus::TextEncoder::new();
+    match encoder.encode_to_string(&registry.gather()) {
+        Ok(text) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            if let Ok(content_type) = header::HeaderValue::from_str(prometheus::TEXT_FORMAT) {
+                response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+            }
+            response
+        }
+        Err(error) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"error": format!("encoding metrics failed: {error}")}),
+        ),
+    }
+}
+
+// prost types do not implement Serialize; these views are the debug JSON shape.
+
+fn route_config_json(published: &PublishedResource) -> Value {
+    let Some(pb::snapshot_response::Resource::RouteConfig(config)) = &published.response.resource else {
+        return Value::Null;
+    };
+    json!({
+        "version": published.version,
+        "generated_at_unix_ms": published.generated_at_unix_ms,
+        "routes": config.routes.iter().map(route_json).collect::<Vec<_>>(),
+        "servers": config.servers.iter().map(server_json).collect::<Vec<_>>(),
+    })
+}
+
+fn route_json(route: &pb::ModelRoute) -> Value {
+    json!({
+        "namespace": route.namespace,
+        "name": route.name,
+        "model_name": route.model_name,
+        "lora_adapters": route.lora_adapters,
+        "creation_timestamp_unix_ms": route.creation_timestamp_unix_ms,
+        "generation": route.generation,
+        "rules": route.rules.iter().map(|rule| json!({
+            "name": rule.name,
+            "match": rule.r#match.as_ref().map(|model_match| json!({
+                "headers": model_match.headers.iter().map(|header| json!({
+                    "name": header.name,
+                    "value": string_match_json(header.value.as_ref()),
+                })).collect::<Vec<_>>(),
+                "uri": string_match_json(model_match.uri.as_ref()),
+                "body_model": string_match_json(model_match.body_model.as_ref()),
+            })),
+            "targets": rule.targets.iter().map(|target| json!({
+                "model_server": target.model_server,
+                "weight": target.weight,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "rate_limit": route.rate_limit.as_ref().map(|limit| json!({
+            "input_tokens_per_unit": limit.input_tokens_per_unit,
+            "output_tokens_per_unit": limit.output_tokens_per_unit,
+            "unit": limit.unit,
+        })),
+    })
+}
+
+fn string_match_json(string_match: Option<&pb::StringMatch>) -> Value {
+    use pb::string_match::Kind;
+    match string_match.and_then(|string_match| string_match.kind.as_ref()) {
+        None => Value::Null,
+        Some(Kind::Exact(value)) => json!({"exact": value}),
+        Some(Kind::Prefix(value)) => json!({"prefix": value}),
+        Some(Kind::Regex(value)) => json!({"regex": value}),
+    }
+}
+
+fn server_json(server: &pb::ModelServer) -> Value {
+    json!({
+        "namespace": server.namespace,
+        "name": server.name,
+        "model": server.model,
+        "inference_engine": server.inference_engine,
+        "port": server.port,
+        "generation": server.generation,
+        "traffic_policy": server.traffic_policy.as_ref().map(|policy| json!({
+            "timeout_ms": policy.timeout_ms,
+            "retry_attempts": policy.retry_attempts,
+            "retry_interval_ms": policy.retry_interval_ms,
+        })),
+        "endpoints": server.endpoints.iter().map(|endpoint| json!({
+            "name": endpoint.name,
+            "ip": endpoint.ip,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn endpoint_loads_json(published: &PublishedResource) -> Value {
+    let Some(pb::snapshot_response::Resource::EndpointLoads(loads)) = &published.response.resource else {
+        return Value::Null;
+    };
+    json!({
+        "version": published.version,
+        "generated_at_unix_ms": published.generated_at_unix_ms,
+        "loads": loads.loads.iter().map(|load| json!({
+            "namespace": load.namespace,
+            "pod": load.pod,
+            "requests_waiting": load.requests_waiting,
+            "requests_running": load.requests_running,
+            "kv_cache_usage": load.kv_cache_usage,
+            "ttft_seconds": load.ttft_seconds,
+            "tpot_seconds": load.tpot_seconds,
+            "models": load.models,
+            "observed_at_unix_ms": load.observed_at_unix_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::XdsMetrics;
+    use http_body_util::BodyExt;
+
+    fn state() -> (AdminState, watch::Sender<Arc<ObjectsView>>) {
+        let registry = prometheus::Registry::new();
+        let metrics = XdsMetrics::register(&registry).expect("metrics register");
+        let (objects_sender, objects) = watch::channel(Arc::new(ObjectsView::default()));
+        let state = AdminState {
+            metrics_registry: registry,
+            publisher: Arc::new(SnapshotPublisher::new("test-controller", metrics)),
+            dataplanes: DataplaneRegistry::new(),
+            objects,
+        };
+        (state, objects_sender)
+    }
+
+    async fn body_json(response: Response<Full<Bytes>>) -> Value {
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        serde_json::from_slice(&bytes).expect("JSON body")
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_first_publish() {
+        let (state, _objects) = state();
+        assert_eq!(handle(&state, &Method::GET, "/healthz").status(), StatusCode::OK);
+        let not_ready = handle(&state, &Method::GET, "/readyz");
+        assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+        let published = state.publisher.publish_route_config(pb::RouteConfig::default(), 1);
+        let ready = handle(&state, &Method::GET, "/readyz");
+        assert_eq!(ready.status(), StatusCode::OK);
+        assert_eq!(body_json(ready).await["route_config_version"], published.version);
+    }
+
+    #[tokio::test]
+    async fn snapshot_view_shows_routes_and_servers() {
+        let (state, _objects) = state();
+        let config = pb::RouteConfig {
+            routes: vec![pb::ModelRoute {
+                namespace: "default".into(),
+                name: "r".into(),
+                model_name: "m".into(),
+                rules: vec![pb::Rule {
+                    name: "rule".into(),
+                    r#match: Some(pb::ModelMatch {
+                        headers: vec![pb::HeaderMatch {
+                            name: "x-tier".into(),
+                            value: Some(pb::StringMatch {
+                                kind: Some(pb::string_match::Kind::Prefix("gold".into())),
+                            }),
+                        }],
+                        uri: None,
+                        body_model: None,
+                    }),
+                    targets: vec![pb::WeightedTarget {
+                        model_server: "default/s".into(),
+                        weight: 100,
+                    }],
+                }],
+                ..Default::default()
+            }],
+            servers: vec![pb::ModelServer {
+                namespace: "default".into(),
+                name: "s".into(),
+                port: 8000,
+                endpoints: vec![pb::Endpoint {
+                    name: "p".into(),
+                    ip: "10.0.0.1".into(),
+                }],
+                ..Default::default()
+            }],
+        };
+        let version = state.publisher.publish_route_config(config, 1234).version;
+        let body = body_json(handle(&state, &Method::GET, "/debug/snapshot")).await;
+        assert_eq!(body["control_plane_id"], "test-controller");
+        assert_eq!(body["route_config"]["version"], version);
+        assert_eq!(body["route_config"]["generated_at_unix_ms"], 1234);
+        let rule = &body["route_config"]["routes"][0]["rules"][0];
+        assert_eq!(rule["match"]["headers"][0], json!({"name": "x-tier", "value": {"prefix": "gold"}}));
+        assert_eq!(rule["targets"][0], json!({"model_server": "default/s", "weight": 100}));
+        assert_eq!(
+            body["route_config"]["servers"][0]["endpoints"],
+            json!([{"name": "p", "ip": "10.0.0.1"}])
+        );
+        assert_eq!(body["endpoint_loads"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn objects_view_shows_the_latest_reports() {
+        let (state, objects) = state();
+        objects.send_replace(Arc::new(ObjectsView {
+            reports: vec![],
+            load_problems: vec![LoadProblem {
+                file: "routes.yaml".into(),
+                document_index: Some(2),
+                kind: Some("ModelRoute".into()),
+                name: Some("r".into()),
+                error: "spec: missing field `rules`".into(),
+            }],
+        }));
+        let body = body_json(handle(&state, &Method::GET, "/debug/objects")).await;
+        assert_eq!(body["load_problems"][0]["file"], "routes.yaml");
+        assert_eq!(body["load_problems"][0]["document_index"], 2);
+        assert_eq!(body["reports"], json!([]));
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text() {
+        let (state, _objects) = state();
+        state.publisher.publish_route_config(pb::RouteConfig::default(), 5_000);
+        let response = handle(&state, &Method::GET, "/metrics");
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8(bytes.to_vec()).expect("UTF-8");
+        assert!(text.contains("switchyard_controller_connected_dataplanes 0"), "{text}");
+        assert!(
+            text.contains("switchyard_controller_snapshot_generated_at_seconds{type=\"route_config\"} 5"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_methods_are_refused() {
+        let (state, _objects) = state();
+        assert_eq!(handle(&state, &Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
+        let post = handle(&state, &Method::POST, "/healthz");
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");
+    }
+}

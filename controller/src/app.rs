@@ -1,1 +1,441 @@
-//! placeholder
+//! Wires local mode together: config directory watcher -> compile -> publish
+//! -> snapshot stream server, plus the engine scraper and the admin server.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::{HistogramOpts, HistogramVec, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminState, ObjectsView};
+use crate::cli::{Args, EXIT_USAGE, LogFormat};
+use crate::compile::{CompiledRoutes, ObjectReport, compile_endpoint_loads, compile_route_config};
+use crate::local::{self, LocalError, LocalObjects, WatchSettings};
+use crate::scrape::{PodKey, PodLoad, ScrapeConfig, ScrapeTarget, Scraper, ScraperError};
+use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
+
+/// How long shutdown waits for the servers to close their connections before
+/// giving up on them; well under Kubernetes' default 30 s termination grace.
+pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(5);
+/// Exit code when the config directory cannot be read (BSD `EX_NOINPUT`).
+pub const EXIT_NO_INPUT: i32 = 66;
+/// Exit code of every other failure.
+pub const EXIT_FAILURE: i32 = 1;
+/// Log filter when `RUST_LOG` is unset.
+const DEFAULT_LOG_FILTER: &str = "info";
+
+/// Why the controller could not start or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(
+        "Kubernetes mode is not available in this build yet: pass --config-dir DIR (or set SWITCHYARD_CONFIG_DIR) to run in local mode"
+    )]
+    KubernetesModeUnavailable,
+    #[error("cannot listen on {addr} for the {server} server: {source}")]
+    Bind {
+        server: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] LocalError),
+    #[error("registering metrics failed: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("starting the engine scraper failed: {0}")]
+    Scraper(#[from] ScraperError),
+    #[error("the snapshot stream server failed: {0}")]
+    Xds(#[from] tonic::transport::Error),
+    #[error("the {0} task ended unexpectedly")]
+    TaskEnded(&'static str),
+}
+
+impl AppError {
+    /// Process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::KubernetesModeUnavailable | Self::Scraper(ScraperError::InvalidConfig(_)) => EXIT_USAGE,
+            Self::Config(_) => EXIT_NO_INPUT,
+            _ => EXIT_FAILURE,
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber (logs go to stderr; `RUST_LOG` filters).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // `try_init` fails only when a subscriber is already set (tests): keep that one.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!(signal = "SIGINT", "shutting down"),
+        () = terminate => tracing::info!(signal = "SIGTERM", "shutting down"),
+    }
+}
+
+/// Runs the controller in the mode `args` select until `shutdown` completes.
+pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    if args.config_dir.is_none() {
+        return Err(AppError::KubernetesModeUnavailable);
+    }
+    run_local(args, shutdown).await
+}
+
+/// Local mode: objects from `--config-dir`, until `shutdown` completes.
+pub async fn run_local(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    start_local(&args).await?.run_until(shutdown).await
+}
+
+/// A running local-mode controller.
+#[derive(Debug)]
+pub struct LocalController {
+    /// Where the snapshot stream server listens (useful with port 0).
+    pub xds_addr: SocketAddr,
+    /// Where the admin server listens.
+    pub admin_addr: SocketAddr,
+    pub publisher: Arc<SnapshotPublisher>,
+    pub dataplanes: DataplaneRegistry,
+    stop: Arc<watch::Sender<bool>>,
+    task: JoinHandle<Result<(), AppError>>,
+}
+
+impl LocalController {
+    /// Runs until `shutdown` completes (then stops gracefully) or a part fails.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+        tokio::select! {
+            () = shutdown => self.shutdown().await,
+            joined = &mut self.task => joined.unwrap_or(Err(AppError::TaskEnded("controller"))),
+        }
+    }
+
+    /// Stops every part and waits for the servers to close.
+    pub async fn shutdown(self) -> Result<(), AppError> {
+        self.stop.send_replace(true);
+        self.task.await.unwrap_or(Err(AppError::TaskEnded("controller")))
+    }
+}
+
+/// Starts local mode: binds both servers, loads the directory, publishes the
+/// first snapshot (so the controller is ready when this returns) and starts
+/// the watcher, scraper and servers in the background.
+pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
+    let Some(config_dir) = args.config_dir.as_deref() else {
+        return Err(AppError::KubernetesModeUnavailable);
+    };
+    let controller_id = args.effective_controller_id();
+    let bind = |server: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { server, addr, source })
+    };
+    let xds_listener = bind("snapshot stream", args.xds_addr).await?;
+    let admin_listener = bind("admin", args.metrics_addr).await?;
+    let xds_addr = local_addr(&xds_listener, "snapshot stream", args.xds_addr)?;
+    let admin_addr = local_addr(&admin_listener, "admin", args.metrics_addr)?;
+
+    let registry = Registry::new();
+    let xds_metrics = XdsMetrics::register(&registry)?;
+    let compile_duration = register_compile_duration(&registry)?;
+    let publisher = Arc::new(SnapshotPublisher::new(controller_id.clone(), xds_metrics.clone()));
+    let dataplanes = DataplaneRegistry::new();
+
+    let (objects, watcher) = local::watch_dir(config_dir.to_owned(), WatchSettings::default()).await?;
+    let (targets_sender, targets) = watch::channel(Vec::new());
+    let scrape_config = ScrapeConfig {
+        interval: args.scrape_interval,
+        timeout: args.effective_scrape_timeout(),
+        ..ScrapeConfig::default()
+    };
+    let scraper = match Scraper::spawn(scrape_config, targets, &registry) {
+        Ok(scraper) => scraper,
+        Err(error) => {
+            watcher.abort();
+            return Err(error.into());
+        }
+    };
+
+    let (objects_view_sender, objects_view) = watch::channel(Arc::new(ObjectsView::default()));
+    let mut compile_loop = CompileLoop {
+        config_dir: config_dir.to_owned(),
+        publisher: publisher.clone(),
+        targets: targets_sender,
+        objects_view: objects_view_sender,
+        compile_duration,
+        objects,
+        pod_loads: scraper.loads.clone(),
+        compiled: None,
+        reported: Vec::new(),
+    };
+    compile_loop.on_objects_changed();
+
+    let (stop_sender, stop) = watch::channel(false);
+    let stop_sender = Arc::new(stop_sender);
+    let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), xds_metrics);
+    let xds_task = tokio::spawn(xds::serve(xds_listener, service, stopped(stop.clone())));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        AdminState {
+            metrics_registry: registry,
+            publisher: publisher.clone(),
+            dataplanes: dataplanes.clone(),
+            objects: objects_view,
+        },
+        stopped(stop.clone()),
+    ));
+    tracing::info!(addr = %xds_addr, "xds listening on {xds_addr}");
+    tracing::info!(addr = %admin_addr, "admin listening on {admin_addr}");
+    tracing::info!(controller_id = %controller_id, config_dir = %config_dir.display(), "controller started in local mode");
+
+    let task = tokio::spawn(supervise(Parts {
+        compile_loop,
+        stop_sender: stop_sender.clone(),
+        stop,
+        xds_task,
+        admin_task,
+        scraper,
+        watcher,
+    }));
+    Ok(LocalController {
+        xds_addr,
+        admin_addr,
+        publisher,
+        dataplanes,
+        stop: stop_sender,
+        task,
+    })
+}
+
+fn local_addr(listener: &TcpListener, server: &'static str, addr: SocketAddr) -> Result<SocketAddr, AppError> {
+    listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { server, addr, source })
+}
+
+fn register_compile_duration(registry: &Registry) -> Result<HistogramVec, prometheus::Error> {
+    let histogram = HistogramVec::new(
+        HistogramOpts::new(
+            "switchyard_controller_compile_duration_seconds",
+            "Time to compile a resource from the current objects and loads.",
+        )
+        // 100 µs .. ~1.6 s: loads compile in microseconds, big route sets in milliseconds.
+        .buckets(prometheus::exponential_buckets(0.000_1, 4.0, 8)?),
+        &["type"],
+    )?;
+    registry.register(Box::new(histogram.clone()))?;
+    Ok(histogram)
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+struct Parts {
+    compile_loop: CompileLoop,
+    stop_sender: Arc<watch::Sender<bool>>,
+    stop: watch::Receiver<bool>,
+    xds_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin_task: JoinHandle<()>,
+    scraper: Scraper,
+    watcher: JoinHandle<()>,
+}
+
+/// Runs the compile loop until stopped or until the stream server dies, then stops the rest.
+async fn supervise(parts: Parts) -> Result<(), AppError> {
+    let Parts {
+        compile_loop,
+        stop_sender,
+        stop,
+        mut xds_task,
+        admin_task,
+        scraper,
+        watcher,
+    } = parts;
+    let outcome = tokio::select! {
+        () = compile_loop.run(stop) => Ok(()),
+        joined = &mut xds_task => Err(match joined {
+            Ok(Err(error)) => AppError::Xds(error),
+            _ => AppError::TaskEnded("snapshot stream server"),
+        }),
+    };
+    if let Err(error) = &outcome {
+        tracing::error!(%error, "stopping the controller");
+    }
+    stop_sender.send_replace(true);
+    scraper.task.abort();
+    watcher.abort();
+    let servers = async {
+        if !xds_task.is_finished()
+            && let Ok(Err(error)) = (&mut xds_task).await
+        {
+            tracing::warn!(%error, "snapshot stream server failed while shutting down");
+        }
+        let _ = admin_task.await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE_PERIOD, servers).await.is_err() {
+        tracing::warn!(grace_period = ?SHUTDOWN_GRACE_PERIOD, "servers did not close in time; dropping their connections");
+        xds_task.abort();
+    }
+    tracing::info!("controller stopped");
+    outcome
+}
+
+/// Recompiles on every change of its inputs and publishes the results.
+struct CompileLoop {
+    config_dir: std::path::PathBuf,
+    publisher: Arc<SnapshotPublisher>,
+    targets: watch::Sender<Vec<ScrapeTarget>>,
+    objects_view: watch::Sender<Arc<ObjectsView>>,
+    compile_duration: HistogramVec,
+    objects: watch::Receiver<Arc<LocalObjects>>,
+    pod_loads: watch::Receiver<Arc<BTreeMap<PodKey, PodLoad>>>,
+    compiled: Option<CompiledRoutes>,
+    /// Reports already logged, so an unchanged rejection is not logged again on every reload.
+    reported: Vec<ObjectReport>,
+}
+
+impl CompileLoop {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut watcher_alive = true;
+        let mut scraper_alive = true;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stopped| *stopped) => return,
+                changed = self.objects.changed(), if watcher_alive => match changed {
+                    Ok(()) => self.on_objects_changed(),
+                    Err(_) => {
+                        watcher_alive = false;
+                        tracing::error!(config_dir = %self.config_dir.display(), "config watcher stopped; serving the last loaded objects");
+                    }
+                },
+                changed = self.pod_loads.changed(), if scraper_alive => match changed {
+                    Ok(()) => self.publish_endpoint_loads(),
+                    Err(_) => {
+                        scraper_alive = false;
+                        tracing::error!("engine scraper stopped; endpoint loads are no longer updated");
+                    }
+                },
+            }
+        }
+    }
+
+    fn on_objects_changed(&mut self) {
+        let objects = self.objects.borrow_and_update().clone();
+        let started = Instant::now();
+        let compiled = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+        self.compile_duration
+            .with_label_values(&["route_config"])
+            .observe(started.elapsed().as_secs_f64());
+
+        let published = self
+            .publisher
+            .publish_route_config(compiled.route_config.clone(), unix_ms_now());
+        if published.changed {
+            tracing::info!(
+                version = %published.version,
+                routes = compiled.route_config.routes.len(),
+                servers = compiled.route_config.servers.len(),
+                endpoints = compiled.scrape_targets.len(),
+                "published route config"
+            );
+        }
+        self.log_new_rejections(&compiled.reports);
+        self.targets.send_if_modified(|targets| {
+            if *targets == compiled.scrape_targets {
+                return false;
+            }
+            targets.clone_from(&compiled.scrape_targets);
+            true
+        });
+        self.objects_view.send_replace(Arc::new(ObjectsView {
+            reports: compiled.reports.clone(),
+            load_problems: objects.problems.clone(),
+        }));
+        self.compiled = Some(compiled);
+        // Endpoints may have come or gone: their loads follow.
+        self.publish_endpoint_loads();
+    }
+
+    fn publish_endpoint_loads(&mut self) {
+        let Some(compiled) = &self.compiled else {
+            return;
+        };
+        let pod_loads = self.pod_loads.borrow_and_update().clone();
+        let started = Instant::now();
+        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        self.compile_duration
+            .with_label_values(&["endpoint_loads"])
+            .observe(started.elapsed().as_secs_f64());
+        let count = loads.loads.len();
+        let published = self.publisher.publish_endpoint_loads(loads, unix_ms_now());
+        if published.changed {
+            tracing::debug!(version = %published.version, endpoints = count, "published endpoint loads");
+        }
+    }
+
+    fn log_new_rejections(&mut self, reports: &[ObjectReport]) {
+        for report in reports {
+            if report.is_healthy() || self.reported.contains(report) {
+                continue;
+            }
+            let failed = if report.accepted.status {
+                &report.resolved_refs
+            } else {
+                &report.accepted
+            };
+            tracing::warn!(
+                kind = report.kind.as_str(),
+                namespace = %report.namespace,
+                name = %report.name,
+                condition = if report.accepted.status { "ResolvedRefs" } else { "Accepted" },
+                reason = failed.reason.as_str(),
+                in_snapshot = report.in_snapshot,
+                message = %failed.message,
+                "object not fully programmed"
+            );
+        }
+        self.reported = reports.to_vec();
+    }
+}
+
+fn unix_ms_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+}
+

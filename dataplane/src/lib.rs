@@ -5,7 +5,8 @@
 //! - [`request`]: parse only what routing needs from the body (model, stream);
 //! - [`routing`]: find the ModelRoute, its first matching rule, a weighted target;
 //! - [`scheduling`]: pick a pod of that ModelServer (local in-flight counts);
-//! - [`proxy`]: the HTTP server and the upstream call, streaming through.
+//! - [`proxy`]: the HTTP server and the upstream call (retries, timeouts);
+//! - [`response`]: streaming the engine's answer back, reading token usage.
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug).
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod error;
 pub mod proxy;
 pub mod request;
+pub mod response;
 pub mod routing;
 pub mod scheduling;
 pub mod snapshot;

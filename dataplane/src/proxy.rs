@@ -16,9 +16,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::{ApiError, ErrorKind};
-use crate::request::{parse_body, splice_model};
-use crate::routing::RequestFacts;
-use crate::scheduling::{InFlightGuard, pick_pod};
+use crate::request::{Edit, apply_edits, parse_body};
+use crate::response::ResponseObserver;
+use crate::routing::{RequestFacts, Server};
+use crate::scheduling::{InFlightGuard, PodState, pick_pod};
 use crate::snapshot::SnapshotStore;
 
 /// Default request body limit: large enough for 100k-token agentic prompts
@@ -153,11 +154,20 @@ impl Proxy {
                     format!("route not found for model {:?}", parsed.model),
                 )
             })?;
-        let server = &decision.server;
-        let body = match (&server.model_rewrite_literal, decision.is_lora) {
-            (Some(literal), false) => splice_model(&body, &parsed.model_span, literal),
-            _ => body,
-        };
+        let server = decision.server.clone();
+
+        let mut edits = Vec::new();
+        if let (Some(literal), false) = (&server.model_rewrite_literal, decision.is_lora) {
+            edits.push(Edit {
+                range: parsed.model_span.clone(),
+                replacement: literal.clone(),
+            });
+        }
+        let usage_edit = parsed.include_usage_edit(&body);
+        let hide_usage_chunk = usage_edit.is_some();
+        edits.extend(usage_edit);
+        let body = apply_edits(body, &mut edits);
+
         let request_id = request_id(&parts.headers);
         let mut headers = forwarded_headers(&parts.headers);
         headers.insert(REQUEST_ID_HEADER, request_id.clone());
@@ -167,26 +177,11 @@ impl Proxy {
             .map_or("/", |pq| pq.as_str())
             .to_owned();
 
-        let mut tried = Vec::new();
+        let mut attempt = Attempts::new(&server);
         loop {
-            let Some(pod) = pick_pod(&server.pods, &server.rotation, &tried, Instant::now()) else {
-                return Err(if tried.is_empty() {
-                    ApiError::new(
-                        ErrorKind::NoReadyPod,
-                        format!("no ready pod for ModelServer {}", server.key),
-                    )
-                } else {
-                    ApiError::new(
-                        ErrorKind::UpstreamUnavailable,
-                        format!(
-                            "could not connect to any pod of ModelServer {} ({} tried)",
-                            server.key,
-                            tried.len()
-                        ),
-                    )
-                });
+            let Some(pod) = attempt.next_pod() else {
+                return Err(attempt.exhausted());
             };
-            let pod = pod.clone();
             let guard = pod.begin_request();
             let uri = Uri::builder()
                 .scheme("http")
@@ -219,31 +214,156 @@ impl Proxy {
                 },
                 None => pending.await,
             };
-            match outcome {
-                Ok(response) => return Ok(downstream_response(response, guard, request_id)),
-                Err(error) if error.is_connect() => {
-                    tracing::warn!(pod = %pod.key, server = %server.key, error = %error, "upstream connect failed; ejecting pod");
-                    pod.eject(Instant::now());
-                    drop(guard);
-                    tried.push(pod);
-                    if tried.len() >= MAX_CONNECT_ATTEMPTS {
-                        return Err(ApiError::new(
-                            ErrorKind::UpstreamUnavailable,
-                            format!(
-                                "could not connect to any pod of ModelServer {} ({} tried)",
-                                server.key,
-                                tried.len()
-                            ),
+            let failure = match outcome {
+                Ok(response) if RETRYABLE_STATUSES.contains(&response.status()) => {
+                    if attempt.may_retry() {
+                        Failure::Status(response.status())
+                    } else {
+                        return Ok(downstream_response(
+                            response,
+                            guard,
+                            request_id,
+                            hide_usage_chunk,
                         ));
                     }
                 }
-                Err(error) => {
-                    return Err(ApiError::new(
-                        ErrorKind::UpstreamFailed,
-                        format!("pod {} failed before responding: {error}", pod.key),
+                Ok(response) => {
+                    return Ok(downstream_response(
+                        response,
+                        guard,
+                        request_id,
+                        hide_usage_chunk,
                     ));
                 }
+                Err(error) if error.is_connect() => {
+                    pod.eject(Instant::now());
+                    Failure::Connect(error.to_string())
+                }
+                Err(error) => Failure::BeforeHeaders(error.to_string()),
+            };
+            drop(guard);
+            tracing::warn!(pod = %pod.key, server = %server.key, failure = %failure, "upstream attempt failed");
+            if !attempt.record_failure(pod, failure) {
+                return Err(attempt.exhausted());
             }
+            if !attempt.retry_interval().is_zero() {
+                tokio::time::sleep(attempt.retry_interval()).await;
+            }
+        }
+    }
+}
+
+/// Engine statuses that mean "this pod cannot serve it now; another may".
+const RETRYABLE_STATUSES: [StatusCode; 3] = [
+    StatusCode::BAD_GATEWAY,
+    StatusCode::SERVICE_UNAVAILABLE,
+    StatusCode::GATEWAY_TIMEOUT,
+];
+
+/// Why one attempt failed before anything reached the client.
+#[derive(Debug)]
+enum Failure {
+    /// The pod did not accept the connection: always worth another pod.
+    Connect(String),
+    /// The connection broke before response headers.
+    BeforeHeaders(String),
+    /// The engine answered 502/503/504.
+    Status(StatusCode),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect(error) => write!(f, "connect failed: {error}"),
+            Self::BeforeHeaders(error) => {
+                write!(f, "connection failed before response headers: {error}")
+            }
+            Self::Status(status) => write!(f, "engine answered {status}"),
+        }
+    }
+}
+
+/// The attempts of one request: connect failures move on to another pod (up
+/// to [`MAX_CONNECT_ATTEMPTS`] pods); other retryable failures consume the
+/// ModelServer's `retry.attempts`, each on a pod not tried yet.
+struct Attempts<'s> {
+    server: &'s Server,
+    tried: Vec<Arc<PodState>>,
+    retries_left: u32,
+    last_failure: Option<Failure>,
+    retry_interval: Duration,
+}
+
+impl<'s> Attempts<'s> {
+    fn new(server: &'s Server) -> Self {
+        Self {
+            server,
+            tried: Vec::new(),
+            retries_left: server.retry_attempts,
+            last_failure: None,
+            retry_interval: Duration::ZERO,
+        }
+    }
+
+    fn next_pod(&self) -> Option<Arc<PodState>> {
+        pick_pod(
+            &self.server.pods,
+            &self.server.rotation,
+            &self.tried,
+            Instant::now(),
+        )
+        .cloned()
+    }
+
+    /// Whether a retryable engine status may be retried instead of returned.
+    fn may_retry(&self) -> bool {
+        self.retries_left > 0 && self.tried.len() + 1 < self.server.pods.len()
+    }
+
+    /// Records a failed attempt; false when no further attempt is allowed.
+    fn record_failure(&mut self, pod: Arc<PodState>, failure: Failure) -> bool {
+        self.tried.push(pod);
+        let allowed = match failure {
+            Failure::Connect(_) => {
+                self.retry_interval = Duration::ZERO;
+                self.tried.len() < MAX_CONNECT_ATTEMPTS
+            }
+            Failure::BeforeHeaders(_) | Failure::Status(_) => {
+                self.retry_interval = self.server.retry_interval;
+                let allowed = self.retries_left > 0;
+                self.retries_left = self.retries_left.saturating_sub(1);
+                allowed
+            }
+        };
+        self.last_failure = Some(failure);
+        allowed
+    }
+
+    fn retry_interval(&self) -> Duration {
+        self.retry_interval
+    }
+
+    fn exhausted(&self) -> ApiError {
+        let key = &self.server.key;
+        match &self.last_failure {
+            None => ApiError::new(
+                ErrorKind::NoReadyPod,
+                format!("no ready pod for ModelServer {key}"),
+            ),
+            Some(Failure::Connect(error)) => ApiError::new(
+                ErrorKind::UpstreamUnavailable,
+                format!(
+                    "could not connect to any pod of ModelServer {key} ({} tried; last error: {error})",
+                    self.tried.len()
+                ),
+            ),
+            Some(failure) => ApiError::new(
+                ErrorKind::UpstreamFailed,
+                format!(
+                    "ModelServer {key}: {failure} ({} attempts)",
+                    self.tried.len()
+                ),
+            ),
         }
     }
 }
@@ -358,6 +478,7 @@ fn downstream_response(
     response: Response<Incoming>,
     guard: InFlightGuard,
     request_id: HeaderValue,
+    hide_usage_chunk: bool,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     for name in &NOT_FORWARDED {
@@ -365,25 +486,43 @@ fn downstream_response(
             parts.headers.remove(name);
         }
     }
+    let is_event_stream = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if is_event_stream && hide_usage_chunk {
+        // The body shrinks when the usage chunk is hidden.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     parts.headers.insert(REQUEST_ID_HEADER, request_id);
     Response::from_parts(
         parts,
-        ProxyBody::Upstream {
+        ProxyBody::Upstream(Box::new(UpstreamBody {
             body,
+            observer: ResponseObserver::new(is_event_stream, hide_usage_chunk),
             guard: Some(guard),
-        },
+            finished: false,
+        })),
     )
 }
 
-/// Response body: a fixed buffer, or an engine's body streamed frame by frame
-/// while holding the pod's in-flight count until it ends.
+/// Response body: a fixed buffer, or an engine's body streamed frame by frame.
 #[derive(Debug)]
 pub enum ProxyBody {
     Full(Full<Bytes>),
-    Upstream {
-        body: Incoming,
-        guard: Option<InFlightGuard>,
-    },
+    Upstream(Box<UpstreamBody>),
+}
+
+/// An engine's body on its way to the client: frames are observed for usage
+/// (and the injected usage chunk hidden) and the pod's in-flight count is held
+/// until the body ends or the client goes away.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    body: Incoming,
+    observer: ResponseObserver,
+    guard: Option<InFlightGuard>,
+    finished: bool,
 }
 
 impl From<Bytes> for ProxyBody {
@@ -404,27 +543,65 @@ impl Body for ProxyBody {
             Self::Full(full) => Pin::new(full)
                 .poll_frame(cx)
                 .map(|frame| frame.map(|result| result.map_err(|never| match never {}))),
-            Self::Upstream { body, guard } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                    guard.take();
-                }
-                polled
-            }
+            Self::Upstream(upstream) => upstream.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(full) => full.is_end_stream(),
-            Self::Upstream { body, .. } => body.is_end_stream(),
+            Self::Upstream(upstream) => upstream.finished,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full(full) => full.size_hint(),
-            Self::Upstream { body, .. } => body.size_hint(),
+            Self::Upstream(upstream) => upstream.body.size_hint(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if let Some(data) = self.observer.on_data(data) {
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(Some(Err(error))) => {
+                    self.end();
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(None) => {
+                    let rest = self.observer.finish();
+                    self.end();
+                    return Poll::Ready(rest.map(|data| Ok(Frame::data(data))));
+                }
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        self.finished = true;
+        if let Some(guard) = self.guard.take() {
+            tracing::debug!(
+                pod = %guard.pod().key,
+                usage = ?self.observer.usage(),
+                "response finished"
+            );
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Parsing an OpenAI request body: only what routing needs (`model`, `stream`),
-//! in one pass, without building a JSON tree or re-serialising the body.
+//! Parsing an OpenAI request body: only what routing needs (`model`, `stream`,
+//! `stream_options`, the size of the prompt), in one pass, without building a
+//! JSON tree; and editing it by splicing byte ranges, never re-serialising it.
 
 use std::ops::Range;
 
@@ -19,7 +20,21 @@ pub struct ParsedBody {
     pub model_span: Range<usize>,
     /// `stream` is honoured only when it is JSON `true`.
     pub stream: bool,
+    /// The client asked for usage in the stream (`stream_options.include_usage: true`).
+    pub include_usage: bool,
+    /// Byte range of the `stream_options` value, when present.
+    pub stream_options_span: Option<Range<usize>>,
+    /// Rough input token count for limits before the engine reports usage:
+    /// ~4 bytes of prompt JSON per token, like the reference router's estimator.
+    pub estimated_input_tokens: u64,
 }
+
+/// Bytes of prompt text per token in the pre-response estimate (the reference
+/// router's ceil(chars / 4) rule).
+pub const BYTES_PER_ESTIMATED_TOKEN: usize = 4;
+
+/// The field added to streaming requests so the engine reports usage.
+const INCLUDE_USAGE_FIELD: &str = r#""stream_options":{"include_usage":true},"#;
 
 /// The top-level fields routing needs; serde skips every other field without
 /// materialising it.
@@ -29,6 +44,29 @@ struct RoutingFields<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow)]
     stream: Option<&'a RawValue>,
+    /// Kept even when `null`, so an edit replaces it rather than adding a duplicate key.
+    #[serde(borrow, default, deserialize_with = "raw_even_if_null")]
+    stream_options: Option<&'a RawValue>,
+    /// Prompt fields: only their length is used (completions, chat, responses).
+    #[serde(borrow)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input: Option<&'a RawValue>,
+}
+
+fn raw_even_if_null<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// `stream_options`, read only when present.
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 /// Parses `body`: it must be UTF-8 JSON, an object, with a string `model`.
@@ -73,22 +111,89 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
             "field `model` in request body must not be empty",
         ));
     }
-    let start = raw_model.get().as_ptr() as usize - text.as_ptr() as usize;
-    let stream = fields.stream.is_some_and(|raw| raw.get() == "true");
+    let span_of = |raw: &RawValue| {
+        let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+        start..start + raw.get().len()
+    };
+    let include_usage = fields.stream_options.is_some_and(|raw| {
+        serde_json::from_str::<StreamOptions>(raw.get())
+            .is_ok_and(|options| options.include_usage == Some(true))
+    });
+    let prompt_bytes: usize = [fields.prompt, fields.messages, fields.input]
+        .iter()
+        .flatten()
+        .map(|raw| raw.get().len())
+        .sum();
     Ok(ParsedBody {
         model,
-        model_span: start..start + raw_model.get().len(),
-        stream,
+        model_span: span_of(raw_model),
+        stream: fields.stream.is_some_and(|raw| raw.get() == "true"),
+        include_usage,
+        stream_options_span: fields.stream_options.map(span_of),
+        estimated_input_tokens: prompt_bytes.div_ceil(BYTES_PER_ESTIMATED_TOKEN) as u64,
     })
 }
 
-/// Replaces the `model` string literal at `span` with `replacement_literal`
-/// (an already JSON-encoded string, quotes included), copying the body once.
-pub fn splice_model(body: &Bytes, span: &Range<usize>, replacement_literal: &str) -> Bytes {
-    let mut out = BytesMut::with_capacity(body.len() - span.len() + replacement_literal.len());
-    out.extend_from_slice(&body[..span.start]);
-    out.extend_from_slice(replacement_literal.as_bytes());
-    out.extend_from_slice(&body[span.end..]);
+/// One replacement of `range` in a body by `replacement`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub range: Range<usize>,
+    pub replacement: Bytes,
+}
+
+impl ParsedBody {
+    /// The edit that makes a streaming request report usage in its last
+    /// chunk, or None when the client already asked for it.
+    pub fn include_usage_edit(&self, body: &[u8]) -> Option<Edit> {
+        if !self.stream || self.include_usage {
+            return None;
+        }
+        match &self.stream_options_span {
+            // `"stream_options": {...}` without include_usage: true. Rewrite
+            // that one small value; the rest of the body is untouched.
+            Some(span) => {
+                let mut options = serde_json::from_slice::<serde_json::Value>(&body[span.clone()])
+                    .ok()
+                    .and_then(|value| match value {
+                        serde_json::Value::Object(map) => Some(map),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+                Some(Edit {
+                    range: span.clone(),
+                    replacement: Bytes::from(serde_json::Value::Object(options).to_string()),
+                })
+            }
+            // Insert the field right after the object's opening brace.
+            None => {
+                let brace = body.iter().position(|b| *b == b'{')?;
+                Some(Edit {
+                    range: brace + 1..brace + 1,
+                    replacement: Bytes::from_static(INCLUDE_USAGE_FIELD.as_bytes()),
+                })
+            }
+        }
+    }
+}
+
+/// Applies non-overlapping `edits` to `body`, copying it once; returns the
+/// body untouched (no copy) when there is nothing to edit.
+pub fn apply_edits(body: Bytes, edits: &mut [Edit]) -> Bytes {
+    if edits.is_empty() {
+        return body;
+    }
+    edits.sort_by_key(|edit| edit.range.start);
+    let added: usize = edits.iter().map(|e| e.replacement.len()).sum();
+    let removed: usize = edits.iter().map(|e| e.range.len()).sum();
+    let mut out = BytesMut::with_capacity(body.len() - removed + added);
+    let mut cursor = 0;
+    for edit in edits.iter() {
+        out.extend_from_slice(&body[cursor..edit.range.start]);
+        out.extend_from_slice(&edit.replacement);
+        cursor = edit.range.end;
+    }
+    out.extend_from_slice(&body[cursor..]);
     out.freeze()
 }
 
@@ -165,10 +270,79 @@ mod tests {
     fn splice_replaces_only_the_model_literal() {
         let body = Bytes::from_static(br#"{"model": "short", "prompt": "model \"short\""}"#);
         let parsed = parse_body(&body).expect("parses");
-        let out = splice_model(&body, &parsed.model_span, r#""org/a-much-longer-name""#);
+        let out = apply_edits(
+            body,
+            &mut [Edit {
+                range: parsed.model_span,
+                replacement: Bytes::from_static(br#""org/a-much-longer-name""#),
+            }],
+        );
         assert_eq!(
             &out[..],
             br#"{"model": "org/a-much-longer-name", "prompt": "model \"short\""}"#
         );
+    }
+
+    fn edited(body: &'static str) -> String {
+        let body = Bytes::from_static(body.as_bytes());
+        let parsed = parse_body(&body).expect("parses");
+        let edits: Vec<Edit> = parsed.include_usage_edit(&body).into_iter().collect();
+        let out = apply_edits(body, &mut edits.clone());
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("still JSON");
+        assert_eq!(value["stream_options"]["include_usage"], true, "{value}");
+        String::from_utf8(out.to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn include_usage_is_added_only_to_streams_that_lack_it() {
+        assert_eq!(
+            edited(r#"{"model":"m","stream":true}"#),
+            r#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
+        assert_eq!(
+            edited(
+                r#"{"model":"m","stream":true,"stream_options":{"continuous_usage_stats":false}}"#
+            ),
+            r#"{"model":"m","stream":true,"stream_options":{"continuous_usage_stats":false,"include_usage":true}}"#
+        );
+        edited(r#"{"model":"m","stream":true,"stream_options":null}"#);
+        let asked =
+            parse_body(br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#)
+                .expect("parses");
+        assert!(asked.include_usage);
+        assert!(asked.include_usage_edit(b"{}").is_none());
+        let not_streaming = parse_body(br#"{"model":"m"}"#).expect("parses");
+        assert!(
+            not_streaming
+                .include_usage_edit(br#"{"model":"m"}"#)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn model_and_usage_edits_combine() {
+        let body = Bytes::from_static(br#"{"model":"a","stream":true}"#);
+        let parsed = parse_body(&body).expect("parses");
+        let mut edits = vec![Edit {
+            range: parsed.model_span.clone(),
+            replacement: Bytes::from_static(br#""org/b""#),
+        }];
+        edits.extend(parsed.include_usage_edit(&body));
+        let out = apply_edits(body, &mut edits);
+        assert_eq!(
+            &out[..],
+            br#"{"stream_options":{"include_usage":true},"model":"org/b","stream":true}"#
+        );
+    }
+
+    #[test]
+    fn estimates_input_tokens_from_prompt_fields() {
+        let parsed = parse_body(br#"{"model":"m","prompt":"abcdefgh"}"#).expect("parses");
+        assert_eq!(
+            parsed.estimated_input_tokens, 3,
+            "10 bytes incl. quotes -> 3 tokens"
+        );
+        let parsed = parse_body(br#"{"model":"m"}"#).expect("parses");
+        assert_eq!(parsed.estimated_input_tokens, 0);
     }
 }

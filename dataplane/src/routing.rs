@@ -19,7 +19,7 @@ pub struct Server {
     /// `namespace/name`.
     pub key: String,
     /// JSON string literal (quotes included) the request `model` is rewritten to, if any.
-    pub model_rewrite_literal: Option<String>,
+    pub model_rewrite_literal: Option<bytes::Bytes>,
     pub model_rewrite: Option<String>,
     /// Bounds connect + send + wait for response headers.
     pub timeout: Option<Duration>,

@@ -165,10 +165,12 @@ fn build_server(
         .model
         .as_ref()
         .map(|model| {
-            serde_json::to_string(model).map_err(|_| SnapshotError::InvalidModelRewrite {
-                server: key.clone(),
-                model: model.clone(),
-            })
+            serde_json::to_string(model)
+                .map(bytes::Bytes::from)
+                .map_err(|_| SnapshotError::InvalidModelRewrite {
+                    server: key.clone(),
+                    model: model.clone(),
+                })
         })
         .transpose()?;
     let policy = server.traffic_policy.unwrap_or_default();

@@ -1,0 +1,493 @@
+//! The snapshot stream server against a real tonic client on loopback.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_controller::xds::{
+    self, DataplaneRegistry, DataplaneStatus, ResourceType, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics,
+};
+use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
+use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, ROUTE_CONFIG_TYPE_URL, pb};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+/// Generous bound for anything that should happen "at once": only a hung test waits this long.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Server {
+    addr: SocketAddr,
+    publisher: Arc<SnapshotPublisher>,
+    dataplanes: DataplaneRegistry,
+    metrics_registry: prometheus::Registry,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let metrics_registry = prometheus::Registry::new();
+        let metrics = XdsMetrics::register(&metrics_registry).expect("metrics");
+        let publisher = Arc::new(SnapshotPublisher::new("test-controller", metrics.clone()));
+        let dataplanes = DataplaneRegistry::new();
+        let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(xds::serve(listener, service, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            publisher,
+            dataplanes,
+            metrics_registry,
+            stop,
+            task,
+        }
+    }
+
+    fn publish(&self, model: &str) -> String {
+        let result = self.publisher.publish_route_config(route_config(model), 1_000);
+        assert!(result.changed, "{model} is new content");
+        result.version
+    }
+
+    async fn wait_for_dataplane(&self, condition: impl Fn(&DataplaneStatus) -> bool) {
+        tokio::time::timeout(
+            DEADLINE,
+            self.dataplanes
+                .wait_until(|dataplanes| dataplanes.len() == 1 && condition(&dataplanes[0])),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("dataplane state not reached: {:#?}", self.dataplanes.list()));
+    }
+
+    fn dataplane(&self) -> DataplaneStatus {
+        let mut list = self.dataplanes.list();
+        assert_eq!(list.len(), 1, "{list:#?}");
+        list.remove(0)
+    }
+
+    fn metric_text(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.metrics_registry.gather())
+            .expect("metrics encode")
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("server stops in time")
+            .expect("server task did not panic")
+            .expect("server ran without error");
+    }
+}
+
+fn route_config(model: &str) -> pb::RouteConfig {
+    pb::RouteConfig {
+        routes: vec![pb::ModelRoute {
+            namespace: "default".into(),
+            name: model.into(),
+            model_name: model.into(),
+            rules: vec![pb::Rule {
+                name: "default".into(),
+                r#match: None,
+                targets: vec![pb::WeightedTarget {
+                    model_server: "default/s".into(),
+                    weight: 100,
+                }],
+            }],
+            ..Default::default()
+        }],
+        servers: vec![pb::ModelServer {
+            namespace: "default".into(),
+            name: "s".into(),
+            port: 8000,
+            ..Default::default()
+        }],
+    }
+}
+
+fn endpoint_loads(waiting: f64) -> pb::EndpointLoads {
+    pb::EndpointLoads {
+        loads: vec![pb::EndpointLoad {
+            namespace: "default".into(),
+            pod: "p".into(),
+            requests_waiting: waiting,
+            ..Default::default()
+        }],
+    }
+}
+
+fn subscribe(type_url: &str, version_info: &str) -> pb::SnapshotRequest {
+    pb::SnapshotRequest {
+        node: None,
+        type_url: type_url.into(),
+        version_info: version_info.into(),
+        response_nonce: String::new(),
+        error_detail: None,
+    }
+}
+
+struct Client {
+    requests: mpsc::Sender<pb::SnapshotRequest>,
+    responses: Streaming<pb::SnapshotResponse>,
+}
+
+impl Client {
+    /// Opens a stream whose first requests are `subscriptions` (the node is set on the first).
+    async fn connect(addr: SocketAddr, subscriptions: Vec<pb::SnapshotRequest>) -> Result<Self, tonic::Status> {
+        let mut client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect to loopback server");
+        let (requests, receiver) = mpsc::channel(16);
+        for (index, mut request) in subscriptions.into_iter().enumerate() {
+            if index == 0 {
+                request.node = Some(pb::Node {
+                    id: "dataplane-1".into(),
+                    build_version: "test".into(),
+                });
+            }
+            requests.send(request).await.expect("queue request");
+        }
+        let responses = client.stream_snapshots(ReceiverStream::new(receiver)).await?.into_inner();
+        Ok(Self { requests, responses })
+    }
+
+    async fn next(&mut self) -> pb::SnapshotResponse {
+        tokio::time::timeout(DEADLINE, self.responses.message())
+            .await
+            .expect("a response in time")
+            .expect("stream healthy")
+            .expect("stream still open")
+    }
+
+    async fn send(&self, request: pb::SnapshotRequest) {
+        self.requests.send(request).await.expect("stream open");
+    }
+
+    async fn ack(&self, response: &pb::SnapshotResponse) {
+        self.send(pb::SnapshotRequest {
+            node: None,
+            type_url: response.type_url.clone(),
+            version_info: response.version_info.clone(),
+            response_nonce: response.nonce.clone(),
+            error_detail: None,
+        })
+        .await;
+    }
+
+    async fn nack(&self, response: &pb::SnapshotResponse, applied_version: &str, message: &str) {
+        self.send(pb::SnapshotRequest {
+            node: None,
+            type_url: response.type_url.clone(),
+            version_info: applied_version.into(),
+            response_nonce: response.nonce.clone(),
+            error_detail: Some(pb::ErrorDetail {
+                code: NACK_INVALID_ARGUMENT,
+                message: message.into(),
+            }),
+        })
+        .await;
+    }
+}
+
+fn route_config_of(response: &pb::SnapshotResponse) -> &pb::RouteConfig {
+    match &response.resource {
+        Some(pb::snapshot_response::Resource::RouteConfig(config)) => config,
+        other => panic!("expected a RouteConfig, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn streams_are_refused_until_a_route_config_is_published() {
+    let server = Server::start().await;
+    let refused = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")]).await;
+    let status = refused.err().expect("no stream before the first snapshot");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(server.dataplanes.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn first_response_carries_the_published_config() {
+    let server = Server::start().await;
+    let version = server.publish("m1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let response = client.next().await;
+    assert_eq!(response.type_url, ROUTE_CONFIG_TYPE_URL);
+    assert_eq!(response.version_info, version);
+    assert!(!response.nonce.is_empty());
+    assert_eq!(response.control_plane_id, "test-controller");
+    assert_eq!(response.generated_at_unix_ms, 1_000);
+    assert_eq!(route_config_of(&response), &route_config("m1"));
+
+    server
+        .wait_for_dataplane(|dataplane| dataplane.route_config.responses_sent == 1)
+        .await;
+    let dataplane = server.dataplane();
+    assert_eq!(dataplane.node_id.as_deref(), Some("dataplane-1"));
+    assert_eq!(dataplane.build_version.as_deref(), Some("test"));
+    assert!(dataplane.peer.as_deref().is_some_and(|peer| peer.starts_with("127.0.0.1:")));
+    assert_eq!(dataplane.route_config.pending_nonce.as_deref(), Some(response.nonce.as_str()));
+    assert!(server.metric_text().contains("switchyard_controller_connected_dataplanes 1"));
+
+    drop(client);
+    tokio::time::timeout(DEADLINE, server.dataplanes.wait_until(<[_]>::is_empty))
+        .await
+        .expect("a closed stream leaves the registry");
+    assert!(server.metric_text().contains("switchyard_controller_connected_dataplanes 0"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_acked_client_receives_each_new_version_with_a_new_nonce() {
+    let server = Server::start().await;
+    server.publish("m1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let first = client.next().await;
+    client.ack(&first).await;
+    server
+        .wait_for_dataplane(|dataplane| dataplane.route_config.acked_version.as_deref() == Some(&first.version_info))
+        .await;
+
+    let second_version = server.publish("m2");
+    let second = client.next().await;
+    assert_eq!(second.version_info, second_version);
+    assert_ne!(second.nonce, first.nonce);
+    assert_eq!(route_config_of(&second), &route_config("m2"));
+    assert!(
+        server
+            .metric_text()
+            .contains("switchyard_controller_snapshot_acks_total{type=\"route_config\"} 1")
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn publishing_identical_content_sends_nothing() {
+    let server = Server::start().await;
+    let first_version = server.publish("m1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let first = client.next().await;
+    client.ack(&first).await;
+    server
+        .wait_for_dataplane(|dataplane| dataplane.route_config.acked_version.as_deref() == Some(&first_version))
+        .await;
+
+    // Same content, later compile time: same version, no wakeup.
+    let again = server.publisher.publish_route_config(route_config("m1"), 2_000);
+    assert!(!again.changed);
+    assert_eq!(again.version, first_version);
+    assert_eq!(server.dataplane().route_config.responses_sent, 1);
+
+    // Responses arrive in order: had the identical publish sent anything, it would come first.
+    let second_version = server.publish("m2");
+    let second = client.next().await;
+    assert_eq!(second.version_info, second_version);
+    server
+        .wait_for_dataplane(|dataplane| dataplane.route_config.responses_sent == 2)
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
+    let server = Server::start().await;
+    let bad_version = server.publish("bad");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let bad = client.next().await;
+    client.nack(&bad, "", "route default/bad: unknown server").await;
+    server
+        .wait_for_dataplane(|dataplane| dataplane.route_config.nacked_version.as_deref() == Some(&bad_version))
+        .await;
+    let dataplane = server.dataplane();
+    assert_eq!(
+        dataplane.route_config.last_nack_error.as_deref(),
+        Some("route default/bad: unknown server")
+    );
+    assert_eq!(dataplane.route_config.pending_nonce, None);
+    assert_eq!(dataplane.route_config.responses_sent, 1);
+    assert!(
+        server
+            .metric_text()
+            .contains("switchyard_controller_snapshot_nacks_total{type=\"route_config\"} 1")
+    );
+
+    let good_version = server.publish("good");
+    let good = client.next().await;
+    assert_eq!(good.version_info, good_version);
+    client.ack(&good).await;
+    server
+        .wait_for_dataplane(|dataplane| dataplane.route_config.acked_version.as_deref() == Some(&good_version))
+        .await;
+
+    // Back to the rejected content: not sent again...
+    assert!(server.publisher.publish_route_config(route_config("bad"), 3_000).changed);
+    // ...so the next response is the version after it.
+    let newest_version = server.publish("newest");
+    let newest = client.next().await;
+    assert_eq!(newest.version_info, newest_version);
+    server
+        .wait_for_dataplane(|dataplane| dataplane.route_config.sent_version.as_deref() == Some(&newest_version))
+        .await;
+    assert_eq!(server.dataplane().route_config.responses_sent, 3, "bad, good, newest");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_nonce_is_ignored() {
+    let server = Server::start().await;
+    server.publish("m1");
+    server.publisher.publish_endpoint_loads(endpoint_loads(1.0), 1_000);
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let first = client.next().await;
+    client
+        .send(pb::SnapshotRequest {
+            node: None,
+            type_url: ROUTE_CONFIG_TYPE_URL.into(),
+            version_info: first.version_info.clone(),
+            response_nonce: "not-a-nonce-we-sent".into(),
+            error_detail: None,
+        })
+        .await;
+    // Requests are handled in order: once the EndpointLoads answer arrives, the stale ACK was seen.
+    client.send(subscribe(ENDPOINT_LOADS_TYPE_URL, "")).await;
+    let loads = client.next().await;
+    assert_eq!(loads.type_url, ENDPOINT_LOADS_TYPE_URL);
+    let dataplane = server.dataplane();
+    assert_eq!(dataplane.route_config.acked_version, None);
+    assert_eq!(dataplane.route_config.pending_nonce.as_deref(), Some(first.nonce.as_str()));
+
+    // Still pending, so a new version waits for the real answer.
+    let second_version = server.publish("m2");
+    client.ack(&first).await;
+    let second = client.next().await;
+    assert_eq!(second.version_info, second_version);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_has_the_current_version_is_sent_nothing_for_it() {
+    let server = Server::start().await;
+    let current = server.publish("m1");
+    let loads_version = server
+        .publisher
+        .publish_endpoint_loads(endpoint_loads(1.0), 1_000)
+        .version;
+    let mut client = Client::connect(
+        server.addr,
+        vec![
+            subscribe(ROUTE_CONFIG_TYPE_URL, &current),
+            subscribe(ENDPOINT_LOADS_TYPE_URL, ""),
+        ],
+    )
+    .await
+    .expect("stream opens");
+    let first = client.next().await;
+    assert_eq!(first.type_url, ENDPOINT_LOADS_TYPE_URL, "the RouteConfig it has is skipped");
+    assert_eq!(first.version_info, loads_version);
+    let dataplane = server.dataplane();
+    assert_eq!(dataplane.route_config.acked_version.as_deref(), Some(current.as_str()));
+    assert_eq!(dataplane.route_config.responses_sent, 0);
+
+    let next_version = server.publish("m2");
+    let next = client.next().await;
+    assert_eq!(next.type_url, ROUTE_CONFIG_TYPE_URL);
+    assert_eq!(next.version_info, next_version);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_client_gets_the_latest_version_not_every_intermediate_one() {
+    let server = Server::start().await;
+    server.publish("v1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let first = client.next().await;
+    server.publish("v2");
+    let latest_version = server.publish("v3");
+    client.ack(&first).await;
+    let next = client.next().await;
+    assert_eq!(next.version_info, latest_version);
+    assert_eq!(route_config_of(&next), &route_config("v3"));
+    server
+        .wait_for_dataplane(|dataplane| dataplane.route_config.sent_version.as_deref() == Some(&latest_version))
+        .await;
+    let status = server.dataplane();
+    assert_eq!(status.route_config.responses_sent, 2, "v2 was never sent");
+    assert_eq!(status.route_config.acked_version.as_deref(), Some(first.version_info.as_str()));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_two_types_are_tracked_independently() {
+    let server = Server::start().await;
+    server.publish("m1");
+    server.publisher.publish_endpoint_loads(endpoint_loads(1.0), 1_000);
+    let mut client = Client::connect(
+        server.addr,
+        vec![
+            subscribe(ROUTE_CONFIG_TYPE_URL, ""),
+            subscribe(ENDPOINT_LOADS_TYPE_URL, ""),
+        ],
+    )
+    .await
+    .expect("stream opens");
+    let mut first_two = [client.next().await, client.next().await];
+    first_two.sort_by(|a, b| a.type_url.cmp(&b.type_url));
+    let [loads, routes] = first_two;
+    assert_eq!(loads.type_url, ENDPOINT_LOADS_TYPE_URL);
+    assert_eq!(routes.type_url, ROUTE_CONFIG_TYPE_URL);
+
+    // The RouteConfig stays un-ACKed; EndpointLoads still flow once ACKed.
+    client.ack(&loads).await;
+    server
+        .wait_for_dataplane(|dataplane| dataplane.endpoint_loads.acked_version.as_deref() == Some(&loads.version_info))
+        .await;
+    let newer = server.publisher.publish_endpoint_loads(endpoint_loads(2.0), 2_000);
+    let next = client.next().await;
+    assert_eq!(next.type_url, ENDPOINT_LOADS_TYPE_URL);
+    assert_eq!(next.version_info, newer.version);
+    assert_eq!(
+        server.dataplane().resource(ResourceType::RouteConfig).pending_nonce.as_deref(),
+        Some(routes.nonce.as_str())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_cleanly() {
+    let server = Server::start().await;
+    server.publish("m1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    client.next().await;
+    let _ = server.stop.send(());
+    let end = tokio::time::timeout(DEADLINE, client.responses.message())
+        .await
+        .expect("stream ends in time");
+    assert!(matches!(end, Ok(None)), "clean end of stream, got {end:?}");
+    tokio::time::timeout(DEADLINE, server.task)
+        .await
+        .expect("server stops in time")
+        .expect("no panic")
+        .expect("no error");
+}

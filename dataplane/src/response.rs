@@ -1,0 +1,364 @@
+//! The response path: reading token usage from what the engine sends back, and
+//! hiding the usage-only stream chunk the router asked for on the client's
+//! behalf, so the client sees exactly the stream it requested.
+//!
+//! Bodies pass through frame by frame. A frame is copied only when it holds
+//! an event that must be removed; otherwise it is forwarded as the same
+//! `Bytes`.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+/// A non-streamed body larger than this is passed through without reading its
+/// usage: engine JSON responses are far smaller, and accounting must not make
+/// the router hold a huge body in memory.
+pub const MAX_ACCOUNTED_BODY_BYTES: usize = 1024 * 1024;
+
+/// An SSE event still being received is dropped from accounting past this size
+/// (and forwarded as-is), so a stream without event boundaries cannot grow the
+/// buffer without bound.
+pub const MAX_PENDING_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Token counts the engine reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+/// The fields of a chunk or body that accounting reads.
+#[derive(Deserialize)]
+struct UsageCarrier {
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// Watches one response body.
+#[derive(Debug)]
+pub enum ResponseObserver {
+    /// `text/event-stream`: usage from the last chunk that carries it.
+    Stream(SseObserver),
+    /// A JSON body: usage from the body once complete.
+    Json(JsonObserver),
+}
+
+impl ResponseObserver {
+    /// `hide_usage_chunk`: the router added `include_usage`, so the
+    /// usage-only chunk must not reach the client.
+    pub fn new(is_event_stream: bool, hide_usage_chunk: bool) -> Self {
+        if is_event_stream {
+            Self::Stream(SseObserver {
+                pending: BytesMut::new(),
+                hide_usage_chunk,
+                usage: None,
+                overflowed: false,
+            })
+        } else {
+            Self::Json(JsonObserver::default())
+        }
+    }
+
+    /// Returns what to forward for this frame (None = nothing this time).
+    pub fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
+        match self {
+            Self::Stream(stream) => stream.on_data(data),
+            Self::Json(json) => {
+                json.on_data(&data);
+                Some(data)
+            }
+        }
+    }
+
+    /// Called at the end of the body; returns what is left to forward.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        match self {
+            Self::Stream(stream) => stream.finish(),
+            Self::Json(json) => {
+                json.finish();
+                None
+            }
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            Self::Stream(stream) => stream.usage,
+            Self::Json(json) => json.usage,
+        }
+    }
+}
+
+/// Accounts a JSON body.
+#[derive(Debug, Default)]
+pub struct JsonObserver {
+    frames: Vec<Bytes>,
+    len: usize,
+    usage: Option<Usage>,
+}
+
+impl JsonObserver {
+    fn on_data(&mut self, data: &Bytes) {
+        self.len += data.len();
+        if self.len <= MAX_ACCOUNTED_BODY_BYTES {
+            // A reference to the frame, not a copy of it.
+            self.frames.push(data.clone());
+        } else {
+            self.frames.clear();
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.len > MAX_ACCOUNTED_BODY_BYTES {
+            return;
+        }
+        let frames = std::mem::take(&mut self.frames);
+        let usage = match frames.as_slice() {
+            [single] => usage_of(single),
+            _ => usage_of(&frames.concat()),
+        };
+        self.usage = usage.map(|(usage, _)| usage);
+    }
+}
+
+/// Accounts (and filters) an SSE stream.
+#[derive(Debug)]
+pub struct SseObserver {
+    /// The start of an event whose end has not arrived yet.
+    pending: BytesMut,
+    hide_usage_chunk: bool,
+    usage: Option<Usage>,
+    /// `pending` outgrew its bound; pass the rest through unexamined.
+    overflowed: bool,
+}
+
+impl SseObserver {
+    fn on_data(&mut self, data: Bytes) -> Option<Bytes> {
+        if self.overflowed {
+            return Some(data);
+        }
+        if self.pending.is_empty() {
+            // Common case: the frame holds whole events.
+            let complete = complete_prefix_len(&data);
+            if complete == data.len() {
+                return self.filter_events(data);
+            }
+        }
+        self.pending.extend_from_slice(&data);
+        let complete = complete_prefix_len(&self.pending);
+        if complete == 0 {
+            if self.pending.len() > MAX_PENDING_EVENT_BYTES {
+                self.overflowed = true;
+                return Some(self.pending.split().freeze());
+            }
+            return None;
+        }
+        let events = self.pending.split_to(complete).freeze();
+        self.filter_events(events)
+    }
+
+    fn finish(&mut self) -> Option<Bytes> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let rest = self.pending.split().freeze();
+        self.filter_events(rest)
+    }
+
+    /// `events` holds whole events. Reads usage and drops the usage-only event
+    /// when asked to; returns the same `Bytes` when nothing is dropped.
+    fn filter_events(&mut self, events: Bytes) -> Option<Bytes> {
+        let mut drop_range = None;
+        let mut start = 0;
+        while start < events.len() {
+            let end = next_event_end(&events[start..]).map_or(events.len(), |len| start + len);
+            let event = &events[start..end];
+            if let Some((usage, usage_only)) = data_payload(event)
+                .filter(|payload| mentions_usage(payload))
+                .and_then(usage_of)
+            {
+                self.usage = Some(usage);
+                if usage_only && self.hide_usage_chunk {
+                    drop_range = Some(start..end);
+                }
+            }
+            start = end;
+        }
+        match drop_range {
+            None => Some(events),
+            Some(range) => {
+                let mut kept = BytesMut::with_capacity(events.len() - range.len());
+                kept.extend_from_slice(&events[..range.start]);
+                kept.extend_from_slice(&events[range.end..]);
+                (!kept.is_empty()).then(|| kept.freeze())
+            }
+        }
+    }
+}
+
+/// Length of the longest prefix of `data` made of whole events (ending in a
+/// blank line).
+fn complete_prefix_len(data: &[u8]) -> usize {
+    let mut complete = 0;
+    let mut start = 0;
+    while let Some(len) = next_event_end(&data[start..]) {
+        start += len;
+        complete = start;
+    }
+    complete
+}
+
+/// Length of the first event in `data` including its terminating blank line,
+/// if that blank line has arrived.
+fn next_event_end(data: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < data.len() {
+        if data[i] == b'\n' {
+            if data[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if data[i + 1] == b'\r' && data.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The payload of an event's `data:` line, if it has one.
+fn data_payload(event: &[u8]) -> Option<&[u8]> {
+    event
+        .split(|b| *b == b'\n')
+        .find_map(|line| line.strip_prefix(b"data:"))
+        .map(|payload| payload.trim_ascii())
+}
+
+/// Cheap pre-check so only the chunk that carries usage is JSON-parsed.
+fn mentions_usage(payload: &[u8]) -> bool {
+    payload.windows(7).any(|w| w == b"\"usage\"")
+}
+
+/// (usage, whether the chunk carries nothing but usage).
+fn usage_of(json: &[u8]) -> Option<(Usage, bool)> {
+    let carrier: UsageCarrier = serde_json::from_slice(json).ok()?;
+    let usage = carrier.usage?;
+    let usage_only = carrier.choices.is_some_and(|choices| choices.is_empty());
+    Some((usage, usage_only))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Option<Vec<u8>> {
+        let path = format!(
+            "{}/../../shared/fixtures/vllm/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(path).ok()
+    }
+
+    fn run(observer: &mut ResponseObserver, frames: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for frame in frames {
+            if let Some(data) = observer.on_data(Bytes::copy_from_slice(frame)) {
+                out.extend_from_slice(&data);
+            }
+        }
+        if let Some(data) = observer.finish() {
+            out.extend_from_slice(&data);
+        }
+        out
+    }
+
+    const STREAM: &str = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn hides_the_injected_usage_chunk_in_any_framing() {
+        let expected: String = STREAM
+            .split_inclusive("\n\n")
+            .filter(|e| !e.contains("\"usage\""))
+            .collect();
+        for split in [1, 2, 5, 13, 40, STREAM.len()] {
+            let frames: Vec<&[u8]> = STREAM.as_bytes().chunks(split).collect();
+            let mut observer = ResponseObserver::new(true, true);
+            let out = run(&mut observer, &frames);
+            assert_eq!(
+                String::from_utf8(out).expect("utf-8"),
+                expected,
+                "split {split}"
+            );
+            assert_eq!(
+                observer.usage(),
+                Some(Usage {
+                    prompt_tokens: 7,
+                    completion_tokens: 2
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn keeps_the_usage_chunk_the_client_asked_for_and_forwards_frames_unchanged() {
+        let mut observer = ResponseObserver::new(true, false);
+        let frame = Bytes::from_static(STREAM.as_bytes());
+        let out = observer.on_data(frame.clone()).expect("forwarded");
+        assert_eq!(
+            out.as_ptr(),
+            frame.as_ptr(),
+            "no copy when nothing is removed"
+        );
+        assert_eq!(observer.usage().map(|u| u.completion_tokens), Some(2));
+    }
+
+    #[test]
+    fn reads_usage_of_json_bodies() {
+        let body = br#"{"id":"x","choices":[{"text":"hi"}],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+        let mut observer = ResponseObserver::new(false, false);
+        let out = run(&mut observer, &[&body[..10], &body[10..]]);
+        assert_eq!(out, body);
+        assert_eq!(
+            observer.usage(),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 5
+            })
+        );
+    }
+
+    #[test]
+    fn real_vllm_captures() {
+        let Some(stream) = fixture("chat_completion_stream.sse") else {
+            eprintln!("shared fixtures not found; skipping");
+            return;
+        };
+        let mut observer = ResponseObserver::new(true, true);
+        let out = run(&mut observer, &[&stream]);
+        let usage = observer.usage().expect("usage in the capture");
+        assert!(
+            usage.completion_tokens > 0 && usage.prompt_tokens > 0,
+            "{usage:?}"
+        );
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        assert!(
+            !text.contains("\"choices\":[]"),
+            "usage-only chunk hidden: {text}"
+        );
+        if let Some(body) = fixture("chat_completion.response.json") {
+            let mut observer = ResponseObserver::new(false, false);
+            run(&mut observer, &[&body]);
+            assert!(observer.usage().expect("usage").completion_tokens > 0);
+        }
+    }
+}
