@@ -162,7 +162,9 @@ fn metrics_response(registry: &prometheus::Registry) -> Response<Full<Bytes>> {
         Ok(text) => {
             let mut response = Response::new(Full::new(Bytes::from(text)));
             if let Ok(content_type) = header::HeaderValue::from_str(prometheus::TEXT_FORMAT) {
-                response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type);
             }
             response
         }
@@ -176,7 +178,8 @@ fn metrics_response(registry: &prometheus::Registry) -> Response<Full<Bytes>> {
 // prost types do not implement Serialize; these views are the debug JSON shape.
 
 fn route_config_json(published: &PublishedResource) -> Value {
-    let Some(pb::snapshot_response::Resource::RouteConfig(config)) = &published.response.resource else {
+    let Some(pb::snapshot_response::Resource::RouteConfig(config)) = &published.response.resource
+    else {
         return Value::Null;
     };
     json!({
@@ -249,7 +252,8 @@ fn server_json(server: &pb::ModelServer) -> Value {
 }
 
 fn endpoint_loads_json(published: &PublishedResource) -> Value {
-    let Some(pb::snapshot_response::Resource::EndpointLoads(loads)) = &published.response.resource else {
+    let Some(pb::snapshot_response::Resource::EndpointLoads(loads)) = &published.response.resource
+    else {
         return Value::Null;
     };
     json!({
@@ -289,21 +293,34 @@ mod tests {
     }
 
     async fn body_json(response: Response<Full<Bytes>>) -> Value {
-        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         serde_json::from_slice(&bytes).expect("JSON body")
     }
 
     #[tokio::test]
     async fn readiness_follows_the_first_publish() {
         let (state, _objects) = state();
-        assert_eq!(handle(&state, &Method::GET, "/healthz").status(), StatusCode::OK);
+        assert_eq!(
+            handle(&state, &Method::GET, "/healthz").status(),
+            StatusCode::OK
+        );
         let not_ready = handle(&state, &Method::GET, "/readyz");
         assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
 
-        let published = state.publisher.publish_route_config(pb::RouteConfig::default(), 1);
+        let published = state
+            .publisher
+            .publish_route_config(pb::RouteConfig::default(), 1);
         let ready = handle(&state, &Method::GET, "/readyz");
         assert_eq!(ready.status(), StatusCode::OK);
-        assert_eq!(body_json(ready).await["route_config_version"], published.version);
+        assert_eq!(
+            body_json(ready).await["route_config_version"],
+            published.version
+        );
     }
 
     #[tokio::test]
@@ -350,8 +367,14 @@ mod tests {
         assert_eq!(body["route_config"]["version"], version);
         assert_eq!(body["route_config"]["generated_at_unix_ms"], 1234);
         let rule = &body["route_config"]["routes"][0]["rules"][0];
-        assert_eq!(rule["match"]["headers"][0], json!({"name": "x-tier", "value": {"prefix": "gold"}}));
-        assert_eq!(rule["targets"][0], json!({"model_server": "default/s", "weight": 100}));
+        assert_eq!(
+            rule["match"]["headers"][0],
+            json!({"name": "x-tier", "value": {"prefix": "gold"}})
+        );
+        assert_eq!(
+            rule["targets"][0],
+            json!({"model_server": "default/s", "weight": 100})
+        );
         assert_eq!(
             body["route_config"]["servers"][0]["endpoints"],
             json!([{"name": "p", "ip": "10.0.0.1"}])
@@ -381,14 +404,26 @@ mod tests {
     #[tokio::test]
     async fn metrics_are_prometheus_text() {
         let (state, _objects) = state();
-        state.publisher.publish_route_config(pb::RouteConfig::default(), 5_000);
+        state
+            .publisher
+            .publish_route_config(pb::RouteConfig::default(), 5_000);
         let response = handle(&state, &Method::GET, "/metrics");
         assert_eq!(response.status(), StatusCode::OK);
-        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         let text = String::from_utf8(bytes.to_vec()).expect("UTF-8");
-        assert!(text.contains("switchyard_controller_connected_dataplanes 0"), "{text}");
         assert!(
-            text.contains("switchyard_controller_snapshot_generated_at_seconds{type=\"route_config\"} 5"),
+            text.contains("switchyard_controller_connected_dataplanes 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "switchyard_controller_snapshot_generated_at_seconds{type=\"route_config\"} 5"
+            ),
             "{text}"
         );
     }
@@ -396,7 +431,10 @@ mod tests {
     #[tokio::test]
     async fn unknown_paths_and_methods_are_refused() {
         let (state, _objects) = state();
-        assert_eq!(handle(&state, &Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            handle(&state, &Method::GET, "/nope").status(),
+            StatusCode::NOT_FOUND
+        );
         let post = handle(&state, &Method::POST, "/healthz");
         assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");

@@ -59,7 +59,9 @@ impl AppError {
     /// Process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::KubernetesModeUnavailable | Self::Scraper(ScraperError::InvalidConfig(_)) => EXIT_USAGE,
+            Self::KubernetesModeUnavailable | Self::Scraper(ScraperError::InvalidConfig(_)) => {
+                EXIT_USAGE
+            }
             Self::Config(_) => EXIT_NO_INPUT,
             _ => EXIT_FAILURE,
         }
@@ -146,7 +148,9 @@ impl LocalController {
     /// Stops every part and waits for the servers to close.
     pub async fn shutdown(self) -> Result<(), AppError> {
         self.stop.send_replace(true);
-        self.task.await.unwrap_or(Err(AppError::TaskEnded("controller")))
+        self.task
+            .await
+            .unwrap_or(Err(AppError::TaskEnded("controller")))
     }
 }
 
@@ -161,7 +165,11 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
     let bind = |server: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
-            .map_err(|source| AppError::Bind { server, addr, source })
+            .map_err(|source| AppError::Bind {
+                server,
+                addr,
+                source,
+            })
     };
     let xds_listener = bind("snapshot stream", args.xds_addr).await?;
     let admin_listener = bind("admin", args.metrics_addr).await?;
@@ -171,10 +179,14 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
     let compile_duration = register_compile_duration(&registry)?;
-    let publisher = Arc::new(SnapshotPublisher::new(controller_id.clone(), xds_metrics.clone()));
+    let publisher = Arc::new(SnapshotPublisher::new(
+        controller_id.clone(),
+        xds_metrics.clone(),
+    ));
     let dataplanes = DataplaneRegistry::new();
 
-    let (objects, watcher) = local::watch_dir(config_dir.to_owned(), WatchSettings::default()).await?;
+    let (objects, watcher) =
+        local::watch_dir(config_dir.to_owned(), WatchSettings::default()).await?;
     let (targets_sender, targets) = watch::channel(Vec::new());
     let scrape_config = ScrapeConfig {
         interval: args.scrape_interval,
@@ -240,10 +252,16 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
     })
 }
 
-fn local_addr(listener: &TcpListener, server: &'static str, addr: SocketAddr) -> Result<SocketAddr, AppError> {
-    listener
-        .local_addr()
-        .map_err(|source| AppError::Bind { server, addr, source })
+fn local_addr(
+    listener: &TcpListener,
+    server: &'static str,
+    addr: SocketAddr,
+) -> Result<SocketAddr, AppError> {
+    listener.local_addr().map_err(|source| AppError::Bind {
+        server,
+        addr,
+        source,
+    })
 }
 
 fn register_compile_duration(registry: &Registry) -> Result<HistogramVec, prometheus::Error> {
@@ -307,7 +325,10 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
         }
         let _ = admin_task.await;
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE_PERIOD, servers).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE_PERIOD, servers)
+        .await
+        .is_err()
+    {
         tracing::warn!(grace_period = ?SHUTDOWN_GRACE_PERIOD, "servers did not close in time; dropping their connections");
         xds_task.abort();
     }
@@ -436,6 +457,7 @@ impl CompileLoop {
 fn unix_ms_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
 }
-

@@ -67,8 +67,9 @@ pub struct Args {
 impl Args {
     /// `--scrape-timeout`, or the default share of the interval.
     pub fn effective_scrape_timeout(&self) -> Duration {
-        self.scrape_timeout
-            .unwrap_or_else(|| self.scrape_interval * DEFAULT_SCRAPE_TIMEOUT_PERCENT_OF_INTERVAL / 100)
+        self.scrape_timeout.unwrap_or_else(|| {
+            self.scrape_interval * DEFAULT_SCRAPE_TIMEOUT_PERCENT_OF_INTERVAL / 100
+        })
     }
 
     /// `--controller-id`, else the host name (the pod name in Kubernetes), else a random id.
@@ -112,7 +113,8 @@ mod tests {
 
     #[test]
     fn durations_use_go_syntax_and_must_be_positive() {
-        let args = parse(&["--scrape-interval", "500ms", "--scrape-timeout", "2s"]).expect("parses");
+        let args =
+            parse(&["--scrape-interval", "500ms", "--scrape-timeout", "2s"]).expect("parses");
         assert_eq!(args.scrape_interval, Duration::from_millis(500));
         assert_eq!(args.effective_scrape_timeout(), Duration::from_secs(2));
         assert!(parse(&["--scrape-interval", "0s"]).is_err());
@@ -121,7 +123,8 @@ mod tests {
 
     #[test]
     fn explicit_controller_id_wins() {
-        let args = parse(&["--controller-id", "replica-a", "--log-format", "json"]).expect("parses");
+        let args =
+            parse(&["--controller-id", "replica-a", "--log-format", "json"]).expect("parses");
         assert_eq!(args.effective_controller_id(), "replica-a");
         assert_eq!(args.log_format, LogFormat::Json);
     }

@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_controller::xds::{
-    self, DataplaneRegistry, DataplaneStatus, ResourceType, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics,
+    self, DataplaneRegistry, DataplaneStatus, ResourceType, RoutingDiscoveryService,
+    SnapshotPublisher, XdsMetrics,
 };
 use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
-use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, ROUTE_CONFIG_TYPE_URL, pb};
+use switchyard_snapshot::{
+    ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, ROUTE_CONFIG_TYPE_URL, pb,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -29,7 +32,9 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let metrics_registry = prometheus::Registry::new();
         let metrics = XdsMetrics::register(&metrics_registry).expect("metrics");
@@ -51,7 +56,9 @@ impl Server {
     }
 
     fn publish(&self, model: &str) -> String {
-        let result = self.publisher.publish_route_config(route_config(model), 1_000);
+        let result = self
+            .publisher
+            .publish_route_config(route_config(model), 1_000);
         assert!(result.changed, "{model} is new content");
         result.version
     }
@@ -141,7 +148,10 @@ struct Client {
 
 impl Client {
     /// Opens a stream whose first requests are `subscriptions` (the node is set on the first).
-    async fn connect(addr: SocketAddr, subscriptions: Vec<pb::SnapshotRequest>) -> Result<Self, tonic::Status> {
+    async fn connect(
+        addr: SocketAddr,
+        subscriptions: Vec<pb::SnapshotRequest>,
+    ) -> Result<Self, tonic::Status> {
         let mut client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
             .await
             .expect("connect to loopback server");
@@ -155,8 +165,14 @@ impl Client {
             }
             requests.send(request).await.expect("queue request");
         }
-        let responses = client.stream_snapshots(ReceiverStream::new(receiver)).await?.into_inner();
-        Ok(Self { requests, responses })
+        let responses = client
+            .stream_snapshots(ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        Ok(Self {
+            requests,
+            responses,
+        })
     }
 
     async fn next(&mut self) -> pb::SnapshotResponse {
@@ -235,15 +251,31 @@ async fn first_response_carries_the_published_config() {
     let dataplane = server.dataplane();
     assert_eq!(dataplane.node_id.as_deref(), Some("dataplane-1"));
     assert_eq!(dataplane.build_version.as_deref(), Some("test"));
-    assert!(dataplane.peer.as_deref().is_some_and(|peer| peer.starts_with("127.0.0.1:")));
-    assert_eq!(dataplane.route_config.pending_nonce.as_deref(), Some(response.nonce.as_str()));
-    assert!(server.metric_text().contains("switchyard_controller_connected_dataplanes 1"));
+    assert!(
+        dataplane
+            .peer
+            .as_deref()
+            .is_some_and(|peer| peer.starts_with("127.0.0.1:"))
+    );
+    assert_eq!(
+        dataplane.route_config.pending_nonce.as_deref(),
+        Some(response.nonce.as_str())
+    );
+    assert!(
+        server
+            .metric_text()
+            .contains("switchyard_controller_connected_dataplanes 1")
+    );
 
     drop(client);
     tokio::time::timeout(DEADLINE, server.dataplanes.wait_until(<[_]>::is_empty))
         .await
         .expect("a closed stream leaves the registry");
-    assert!(server.metric_text().contains("switchyard_controller_connected_dataplanes 0"));
+    assert!(
+        server
+            .metric_text()
+            .contains("switchyard_controller_connected_dataplanes 0")
+    );
     server.stop().await;
 }
 
@@ -257,7 +289,9 @@ async fn an_acked_client_receives_each_new_version_with_a_new_nonce() {
     let first = client.next().await;
     client.ack(&first).await;
     server
-        .wait_for_dataplane(|dataplane| dataplane.route_config.acked_version.as_deref() == Some(&first.version_info))
+        .wait_for_dataplane(|dataplane| {
+            dataplane.route_config.acked_version.as_deref() == Some(&first.version_info)
+        })
         .await;
 
     let second_version = server.publish("m2");
@@ -283,11 +317,15 @@ async fn publishing_identical_content_sends_nothing() {
     let first = client.next().await;
     client.ack(&first).await;
     server
-        .wait_for_dataplane(|dataplane| dataplane.route_config.acked_version.as_deref() == Some(&first_version))
+        .wait_for_dataplane(|dataplane| {
+            dataplane.route_config.acked_version.as_deref() == Some(&first_version)
+        })
         .await;
 
     // Same content, later compile time: same version, no wakeup.
-    let again = server.publisher.publish_route_config(route_config("m1"), 2_000);
+    let again = server
+        .publisher
+        .publish_route_config(route_config("m1"), 2_000);
     assert!(!again.changed);
     assert_eq!(again.version, first_version);
     assert_eq!(server.dataplane().route_config.responses_sent, 1);
@@ -310,9 +348,13 @@ async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
         .await
         .expect("stream opens");
     let bad = client.next().await;
-    client.nack(&bad, "", "route default/bad: unknown server").await;
+    client
+        .nack(&bad, "", "route default/bad: unknown server")
+        .await;
     server
-        .wait_for_dataplane(|dataplane| dataplane.route_config.nacked_version.as_deref() == Some(&bad_version))
+        .wait_for_dataplane(|dataplane| {
+            dataplane.route_config.nacked_version.as_deref() == Some(&bad_version)
+        })
         .await;
     let dataplane = server.dataplane();
     assert_eq!(
@@ -332,19 +374,32 @@ async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
     assert_eq!(good.version_info, good_version);
     client.ack(&good).await;
     server
-        .wait_for_dataplane(|dataplane| dataplane.route_config.acked_version.as_deref() == Some(&good_version))
+        .wait_for_dataplane(|dataplane| {
+            dataplane.route_config.acked_version.as_deref() == Some(&good_version)
+        })
         .await;
 
     // Back to the rejected content: not sent again...
-    assert!(server.publisher.publish_route_config(route_config("bad"), 3_000).changed);
+    assert!(
+        server
+            .publisher
+            .publish_route_config(route_config("bad"), 3_000)
+            .changed
+    );
     // ...so the next response is the version after it.
     let newest_version = server.publish("newest");
     let newest = client.next().await;
     assert_eq!(newest.version_info, newest_version);
     server
-        .wait_for_dataplane(|dataplane| dataplane.route_config.sent_version.as_deref() == Some(&newest_version))
+        .wait_for_dataplane(|dataplane| {
+            dataplane.route_config.sent_version.as_deref() == Some(&newest_version)
+        })
         .await;
-    assert_eq!(server.dataplane().route_config.responses_sent, 3, "bad, good, newest");
+    assert_eq!(
+        server.dataplane().route_config.responses_sent,
+        3,
+        "bad, good, newest"
+    );
     server.stop().await;
 }
 
@@ -352,7 +407,9 @@ async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
 async fn a_stale_nonce_is_ignored() {
     let server = Server::start().await;
     server.publish("m1");
-    server.publisher.publish_endpoint_loads(endpoint_loads(1.0), 1_000);
+    server
+        .publisher
+        .publish_endpoint_loads(endpoint_loads(1.0), 1_000);
     let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
         .await
         .expect("stream opens");
@@ -372,7 +429,10 @@ async fn a_stale_nonce_is_ignored() {
     assert_eq!(loads.type_url, ENDPOINT_LOADS_TYPE_URL);
     let dataplane = server.dataplane();
     assert_eq!(dataplane.route_config.acked_version, None);
-    assert_eq!(dataplane.route_config.pending_nonce.as_deref(), Some(first.nonce.as_str()));
+    assert_eq!(
+        dataplane.route_config.pending_nonce.as_deref(),
+        Some(first.nonce.as_str())
+    );
 
     // Still pending, so a new version waits for the real answer.
     let second_version = server.publish("m2");
@@ -400,10 +460,16 @@ async fn a_client_that_has_the_current_version_is_sent_nothing_for_it() {
     .await
     .expect("stream opens");
     let first = client.next().await;
-    assert_eq!(first.type_url, ENDPOINT_LOADS_TYPE_URL, "the RouteConfig it has is skipped");
+    assert_eq!(
+        first.type_url, ENDPOINT_LOADS_TYPE_URL,
+        "the RouteConfig it has is skipped"
+    );
     assert_eq!(first.version_info, loads_version);
     let dataplane = server.dataplane();
-    assert_eq!(dataplane.route_config.acked_version.as_deref(), Some(current.as_str()));
+    assert_eq!(
+        dataplane.route_config.acked_version.as_deref(),
+        Some(current.as_str())
+    );
     assert_eq!(dataplane.route_config.responses_sent, 0);
 
     let next_version = server.publish("m2");
@@ -428,11 +494,16 @@ async fn a_slow_client_gets_the_latest_version_not_every_intermediate_one() {
     assert_eq!(next.version_info, latest_version);
     assert_eq!(route_config_of(&next), &route_config("v3"));
     server
-        .wait_for_dataplane(|dataplane| dataplane.route_config.sent_version.as_deref() == Some(&latest_version))
+        .wait_for_dataplane(|dataplane| {
+            dataplane.route_config.sent_version.as_deref() == Some(&latest_version)
+        })
         .await;
     let status = server.dataplane();
     assert_eq!(status.route_config.responses_sent, 2, "v2 was never sent");
-    assert_eq!(status.route_config.acked_version.as_deref(), Some(first.version_info.as_str()));
+    assert_eq!(
+        status.route_config.acked_version.as_deref(),
+        Some(first.version_info.as_str())
+    );
     server.stop().await;
 }
 
@@ -440,7 +511,9 @@ async fn a_slow_client_gets_the_latest_version_not_every_intermediate_one() {
 async fn the_two_types_are_tracked_independently() {
     let server = Server::start().await;
     server.publish("m1");
-    server.publisher.publish_endpoint_loads(endpoint_loads(1.0), 1_000);
+    server
+        .publisher
+        .publish_endpoint_loads(endpoint_loads(1.0), 1_000);
     let mut client = Client::connect(
         server.addr,
         vec![
@@ -459,14 +532,22 @@ async fn the_two_types_are_tracked_independently() {
     // The RouteConfig stays un-ACKed; EndpointLoads still flow once ACKed.
     client.ack(&loads).await;
     server
-        .wait_for_dataplane(|dataplane| dataplane.endpoint_loads.acked_version.as_deref() == Some(&loads.version_info))
+        .wait_for_dataplane(|dataplane| {
+            dataplane.endpoint_loads.acked_version.as_deref() == Some(&loads.version_info)
+        })
         .await;
-    let newer = server.publisher.publish_endpoint_loads(endpoint_loads(2.0), 2_000);
+    let newer = server
+        .publisher
+        .publish_endpoint_loads(endpoint_loads(2.0), 2_000);
     let next = client.next().await;
     assert_eq!(next.type_url, ENDPOINT_LOADS_TYPE_URL);
     assert_eq!(next.version_info, newer.version);
     assert_eq!(
-        server.dataplane().resource(ResourceType::RouteConfig).pending_nonce.as_deref(),
+        server
+            .dataplane()
+            .resource(ResourceType::RouteConfig)
+            .pending_nonce
+            .as_deref(),
         Some(routes.nonce.as_str())
     );
     server.stop().await;

@@ -21,10 +21,6 @@ use crate::proxy::{Proxy, ProxyBody, ProxyConfig};
 use crate::snapshot::SnapshotStore;
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 
-/// A client must send its request headers within this: bounds how long a
-/// slow or idle-at-start connection can hold a connection slot.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// On SIGTERM, in-flight requests (long SSE streams included) get this long to
 /// finish; matches a typical terminationGracePeriodSeconds minus headroom.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
@@ -119,16 +115,27 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
         wait_for_stop(stop_rx.clone()),
     );
 
-    let traffic_server = tokio::spawn(serve(traffic, stop_rx.clone(), move |request| {
-        let proxy = proxy.clone();
-        async move { proxy.handle(request).await }
-    }));
+    let idle_timeout = args.idle_timeout;
+    let traffic_server = tokio::spawn(serve(
+        traffic,
+        idle_timeout,
+        stop_rx.clone(),
+        move |request| {
+            let proxy = proxy.clone();
+            async move { proxy.handle(request).await }
+        },
+    ));
     let metrics_admin = admin.clone();
-    let metrics_server = tokio::spawn(serve(metrics, stop_rx.clone(), move |request| {
-        let admin = metrics_admin.clone();
-        async move { admin.handle_metrics_port(&request) }
-    }));
-    let debug_server = tokio::spawn(serve(debug, stop_rx, move |request| {
+    let metrics_server = tokio::spawn(serve(
+        metrics,
+        idle_timeout,
+        stop_rx.clone(),
+        move |request| {
+            let admin = metrics_admin.clone();
+            async move { admin.handle_metrics_port(&request) }
+        },
+    ));
+    let debug_server = tokio::spawn(serve(debug, idle_timeout, stop_rx, move |request| {
         let admin = admin.clone();
         async move { admin.handle_debug_port(&request) }
     }));
@@ -152,8 +159,17 @@ async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
 
 /// Accepts HTTP/1.1 and HTTP/2 connections until `stop`, then waits up to
 /// [`DRAIN_TIMEOUT`] for open connections to finish.
-pub async fn serve<H, F>(listener: TcpListener, stop: watch::Receiver<bool>, handler: H)
-where
+///
+/// `idle_timeout` bounds both the wait for a request's headers and the idle
+/// time of a keep-alive connection (hyper starts the same timer whenever it
+/// waits for the next request head), so slow or idle clients cannot hold
+/// connections forever.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    idle_timeout: Duration,
+    stop: watch::Receiver<bool>,
+    handler: H,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
@@ -161,7 +177,12 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(idle_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(idle_timeout / 2))
+        .keep_alive_timeout(idle_timeout / 2);
     let graceful = GracefulShutdown::new();
     let stopped = wait_for_stop(stop);
     tokio::pin!(stopped);
@@ -184,12 +205,21 @@ where
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(request).await) }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            // HTTP version detection waits for the first bytes without a
+            // timeout of its own, so a client that connects and sends nothing
+            // is bounded here; hyper's header timeout covers the rest.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(idle_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(read)) if read > 0 => {}
+                _ => return,
+            }
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
             }
         });

@@ -36,6 +36,10 @@ pub struct Args {
     /// Request bodies larger than this are refused with 413.
     #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = crate::proxy::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Closes client connections that send no complete request headers for this
+    /// long, whether slow or idle between keep-alive requests (e.g. 60s, 500ms).
+    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: std::time::Duration,
     /// Identity reported to the controller (defaults to $POD_NAME, then $HOSTNAME, then a random id).
     #[arg(long, env = "SWITCHYARD_NODE_ID")]
     pub node_id: Option<String>,
@@ -47,6 +51,26 @@ pub struct Args {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+/// Durations as `60s`, `500ms`, `2m`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 60s or 500ms"))?;
+    let duration = match unit {
+        "ms" => std::time::Duration::from_millis(value),
+        "s" => std::time::Duration::from_secs(value),
+        "m" => std::time::Duration::from_secs(value * 60),
+        _ => return Err(format!("invalid duration unit in {text:?}: use ms, s or m")),
+    };
+    if duration.is_zero() {
+        return Err("duration must be positive".to_owned());
+    }
+    Ok(duration)
 }
 
 /// Application log format.

@@ -123,6 +123,10 @@ impl Proxy {
                 Some(table) => json_response(StatusCode::OK, table.models_body.clone()),
                 None => not_ready().into_response(),
             },
+            (_, "/v1/models") => {
+                ApiError::new(ErrorKind::MethodNotAllowed, "/v1/models only accepts GET")
+                    .into_response()
+            }
             (&Method::GET, "/healthz") => {
                 json_response(StatusCode::OK, Bytes::from_static(br#"{"message":"ok"}"#))
             }

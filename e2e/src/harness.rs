@@ -74,6 +74,10 @@ impl Process {
         }
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -278,14 +282,16 @@ pub struct EngineSpec {
 
 /// Mock engines, a controller in local mode and dataplanes, all on loopback.
 pub struct Stack {
-    pub dir: tempfile::TempDir,
-    pub config_dir: PathBuf,
-    pub engines: Vec<Process>,
+    // Fields drop in order: processes first (printing their logs on failure),
+    // the directory holding the logs last.
+    pub dataplanes: Vec<Dataplane>,
     pub controller: Option<Process>,
+    pub engines: Vec<Process>,
+    pub config_dir: PathBuf,
     pub xds_addr: SocketAddr,
     pub controller_admin: SocketAddr,
-    pub dataplanes: Vec<Dataplane>,
     pub http: HttpClient,
+    pub dir: tempfile::TempDir,
 }
 
 /// A running dataplane and its ports.
@@ -382,6 +388,15 @@ impl Stack {
             .await;
     }
 
+    /// Kills the mock engine whose pod name is `name`.
+    pub fn kill_engine(&mut self, name: &str) {
+        self.engines
+            .iter_mut()
+            .find(|engine| engine.name() == name)
+            .unwrap_or_else(|| panic!("no engine {name}"))
+            .stop();
+    }
+
     pub fn stop_controller(&mut self) {
         if let Some(mut controller) = self.controller.take() {
             controller.stop();
@@ -390,9 +405,14 @@ impl Stack {
 
     /// Starts a dataplane; does not wait for readiness.
     pub fn spawn_dataplane(&mut self) -> usize {
+        self.spawn_dataplane_with(&[])
+    }
+
+    /// Starts a dataplane with extra flags; does not wait for readiness.
+    pub fn spawn_dataplane_with(&mut self, extra_args: &[&str]) -> usize {
         let index = self.dataplanes.len();
         let (traffic, metrics, debug) = (free_addr(), free_addr(), free_addr());
-        let args = vec![
+        let mut args = vec![
             "--controller".to_owned(),
             format!("http://{}", self.xds_addr),
             "--host".to_owned(),
@@ -406,6 +426,7 @@ impl Stack {
             "--node-id".to_owned(),
             format!("dataplane-{index}"),
         ];
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
         let process = Process::start(
             "switchyard-dataplane",
             &format!("dataplane-{index}"),

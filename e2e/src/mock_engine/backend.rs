@@ -2,9 +2,9 @@
 //! engine is right now.
 //!
 //! The HTTP layer talks only to [`Backend`]. [`PacedBackend`] serves every request at once at a
-//! fixed pace (nothing ever waits); a batching simulator with a finite KV cache can implement the
-//! same trait later (queueing requests, stretching inter-token latency with the batch size)
-//! without any change to request parsing, response shapes or `/metrics` rendering.
+//! fixed pace (nothing ever waits); the batching simulator in [`sim`](super::sim) implements the
+//! same trait (queueing requests, stretching inter-token latency with the batch size) without any
+//! change to request parsing, response shapes or `/metrics` rendering.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -35,6 +35,26 @@ pub trait Backend: Send + Sync {
     fn admit(&self, request: GenerationRequest) -> TokenStream;
     /// The load the engine reports on `/metrics` at this instant.
     fn load(&self) -> EngineLoad;
+    /// Prefix-cache counters, for backends that model a prefix cache; `/metrics` leaves the
+    /// prefix-cache families out when this is `None`, as an engine without prefix caching does.
+    fn prefix_cache(&self) -> Option<PrefixCacheStats> {
+        None
+    }
+}
+
+/// Prefix-cache and preemption counters, cumulative since the engine started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PrefixCacheStats {
+    /// Prompt tokens looked up in the prefix cache when requests were admitted (vLLM's
+    /// `prefix_cache_queries`).
+    pub queried_tokens: u64,
+    /// Of those, tokens whose KV was already cached (vLLM's `prefix_cache_hits`).
+    pub hit_tokens: u64,
+    /// Hit rate of the most recently admitted batch of prompts: SGLang's `cache_hit_rate`
+    /// gauge, which describes the last prefill batch rather than the whole run.
+    pub last_batch_hit_rate: f64,
+    /// Running sequences pushed back to the waiting queue to free KV blocks for others.
+    pub preemptions: u64,
 }
 
 /// Instantaneous engine load, the gauges of `/metrics`.

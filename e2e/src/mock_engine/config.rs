@@ -20,6 +20,138 @@ pub const DEFAULT_HOST: &str = "127.0.0.1";
 /// `workloadPort` in the Kthena examples.
 pub const DEFAULT_PORT: u16 = 8000;
 
+/// Engine steps a simulated engine may run at once when `--max-num-seqs` is not given: the
+/// `--max-num-seqs 8` of the real vLLM capture in the fixtures, small enough that a handful of
+/// concurrent test requests already makes others wait.
+pub const DEFAULT_MAX_NUM_SEQS: u32 = 8;
+
+/// KV cache blocks of a simulated engine: with [`DEFAULT_BLOCK_SIZE`] that is 8192 tokens, room
+/// for a few dozen multi-hundred-token prompts, so eviction only starts under real pressure.
+pub const DEFAULT_KV_BLOCKS: u32 = 512;
+
+/// Tokens per KV block: vLLM's default `--block-size` on GPUs, and therefore the granularity at
+/// which its prefix cache matches.
+pub const DEFAULT_BLOCK_SIZE: u32 = 16;
+
+/// Prefill cost per uncached prompt token: about 20k tokens/s, the prefill throughput of an 8B
+/// model on one data-centre GPU, so a 1000-token cold prompt costs 50 ms.
+pub const DEFAULT_PREFILL_MS_PER_TOKEN: f64 = 0.05;
+
+/// Decode step time of a simulated engine with a single running sequence when `--itl-ms` is not
+/// given: the ~10 ms inter-token latency of an 8B model on one GPU at batch size 1.
+pub const DEFAULT_SIM_ITL_MS: u64 = 10;
+
+/// Extra decode step time per running sequence: memory-bound decoding slows down mildly with the
+/// batch, so 8 sequences add 4 ms to the 10 ms base.
+pub const DEFAULT_ITL_MS_PER_SEQ: f64 = 0.5;
+
+/// Seed of a simulated engine when `--seed` is not given; any fixed value keeps runs repeatable.
+pub const DEFAULT_SEED: u64 = 0;
+
+/// Simulated time runs at wall-clock speed unless `--time-scale` says otherwise.
+pub const DEFAULT_TIME_SCALE: f64 = 1.0;
+
+/// Step times are exact unless `--latency-jitter` asks for noise, so tests see the model's
+/// latencies unblurred.
+pub const DEFAULT_LATENCY_JITTER: f64 = 0.0;
+
+/// How tokens are scheduled: `simple` serves every request at once at a fixed pace, `sim`
+/// simulates a continuous-batching engine with a paged, prefix-caching KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    #[default]
+    Simple,
+    Sim,
+}
+
+/// The scheduler behind the HTTP layer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum EngineMode {
+    /// [`PacedBackend`](super::backend::PacedBackend): the configured TTFT and ITL for every
+    /// request, nothing ever waits.
+    #[default]
+    Simple,
+    /// [`Simulator`](super::sim::Simulator): latency and load follow from batching and caching.
+    Sim(SimConfig),
+}
+
+/// Parameters of the engine simulator. Latencies are milliseconds of simulated time; the
+/// `time_scale` factor turns them into tokio time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    /// Sequences decoded together at most (vLLM's `--max-num-seqs`); the rest wait.
+    pub max_num_seqs: u32,
+    /// KV cache size in blocks.
+    pub kv_blocks: u32,
+    /// Tokens per KV block, the unit of allocation and of prefix matching.
+    pub block_size: u32,
+    /// Prefill time per prompt token not found in the prefix cache.
+    pub prefill_ms_per_token: f64,
+    /// Decode step time of an empty batch; the inter-token latency is this plus
+    /// `itl_ms_per_seq` per running sequence.
+    pub itl_ms: f64,
+    pub itl_ms_per_seq: f64,
+    /// Seeds the block hashes and the latency jitter.
+    pub seed: u64,
+    /// Multiplies every simulated duration: 0.1 runs ten times faster than modelled.
+    pub time_scale: f64,
+    /// Each step lasts its modelled time times a factor drawn uniformly from
+    /// `1 ± latency_jitter`; 0 makes step times exact.
+    pub latency_jitter: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: DEFAULT_MAX_NUM_SEQS,
+            kv_blocks: DEFAULT_KV_BLOCKS,
+            block_size: DEFAULT_BLOCK_SIZE,
+            prefill_ms_per_token: DEFAULT_PREFILL_MS_PER_TOKEN,
+            itl_ms: DEFAULT_SIM_ITL_MS as f64,
+            itl_ms_per_seq: DEFAULT_ITL_MS_PER_SEQ,
+            seed: DEFAULT_SEED,
+            time_scale: DEFAULT_TIME_SCALE,
+            latency_jitter: DEFAULT_LATENCY_JITTER,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Tokens the KV cache holds.
+    pub fn kv_capacity_tokens(&self) -> u64 {
+        u64::from(self.kv_blocks) * u64::from(self.block_size)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_num_seqs == 0 {
+            return Err(ConfigError::ZeroSimParameter("--max-num-seqs"));
+        }
+        if self.kv_blocks == 0 {
+            return Err(ConfigError::ZeroSimParameter("--kv-blocks"));
+        }
+        if self.block_size == 0 {
+            return Err(ConfigError::ZeroSimParameter("--block-size"));
+        }
+        let non_negative = [
+            ("--prefill-ms-per-token", self.prefill_ms_per_token),
+            ("--itl-ms", self.itl_ms),
+            ("--itl-ms-per-seq", self.itl_ms_per_seq),
+        ];
+        for (flag, value) in non_negative {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(ConfigError::InvalidSimLatency { flag, value });
+            }
+        }
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            return Err(ConfigError::InvalidTimeScale(self.time_scale));
+        }
+        if !(0.0..1.0).contains(&self.latency_jitter) {
+            return Err(ConfigError::InvalidJitter(self.latency_jitter));
+        }
+        Ok(())
+    }
+}
+
 /// Which real engine the mock imitates; decides the `/metrics` names and the `owned_by` field.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineFlavor {
@@ -54,8 +186,12 @@ pub struct MockEngineConfig {
     pub inter_token_latency: Duration,
     /// Tokens generated per request unless `max_tokens` asks for fewer.
     pub output_tokens: u32,
-    /// Denominator of the KV cache usage gauge.
+    /// Denominator of the KV cache usage gauge (simple mode; the simulator's cache size is
+    /// [`SimConfig::kv_capacity_tokens`]).
     pub kv_cache_capacity_tokens: u64,
+    /// Simple pacing or the engine simulator. In sim mode latencies come from [`SimConfig`]
+    /// and `time_to_first_token` / `inter_token_latency` must stay zero.
+    pub mode: EngineMode,
 }
 
 impl MockEngineConfig {
@@ -70,6 +206,7 @@ impl MockEngineConfig {
             inter_token_latency: Duration::ZERO,
             output_tokens: DEFAULT_OUTPUT_TOKENS,
             kv_cache_capacity_tokens: DEFAULT_KV_CACHE_CAPACITY_TOKENS,
+            mode: EngineMode::Simple,
         }
     }
 
@@ -92,11 +229,17 @@ impl MockEngineConfig {
         if self.kv_cache_capacity_tokens == 0 {
             return Err(ConfigError::ZeroKvCacheCapacity);
         }
+        if let EngineMode::Sim(sim) = &self.mode {
+            if !self.time_to_first_token.is_zero() || !self.inter_token_latency.is_zero() {
+                return Err(ConfigError::FixedLatencyInSimMode);
+            }
+            sim.validate()?;
+        }
         Ok(())
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
     #[error("the model name must not be empty")]
     EmptyModelName,
@@ -108,6 +251,19 @@ pub enum ConfigError {
     ZeroOutputTokens,
     #[error("the KV cache capacity must be at least 1 token")]
     ZeroKvCacheCapacity,
+    #[error(
+        "fixed latencies (--ttft-ms) do not apply in sim mode: latency follows from queueing, \
+         prefill and batch size"
+    )]
+    FixedLatencyInSimMode,
+    #[error("{0} must be at least 1")]
+    ZeroSimParameter(&'static str),
+    #[error("{flag} must be a finite number of milliseconds >= 0, got {value}")]
+    InvalidSimLatency { flag: &'static str, value: f64 },
+    #[error("--time-scale must be a finite factor > 0, got {0}")]
+    InvalidTimeScale(f64),
+    #[error("--latency-jitter must be in [0, 1), got {0}")]
+    InvalidJitter(f64),
 }
 
 /// Command line of `switchyard-mock-engine`.
@@ -135,15 +291,44 @@ pub struct MockEngineArgs {
     /// Milliseconds before the first token of each request.
     #[arg(long, default_value_t = 0)]
     pub ttft_ms: u64,
-    /// Milliseconds between two tokens of a request.
-    #[arg(long, default_value_t = 0)]
-    pub itl_ms: u64,
+    /// Milliseconds between two tokens of a request; in sim mode the decode step time of an
+    /// empty batch [default: 0, sim: 10].
+    #[arg(long)]
+    pub itl_ms: Option<u64>,
     /// Tokens per completion unless the request's `max_tokens` is lower.
     #[arg(long, default_value_t = DEFAULT_OUTPUT_TOKENS)]
     pub output_tokens: u32,
     /// Pod name reported in completions and `x-mock-pod` (default `mock-<port>`).
     #[arg(long)]
     pub name: Option<String>,
+    /// `simple`: fixed TTFT/ITL, nothing waits. `sim`: continuous batching with a paged,
+    /// prefix-caching KV cache; the flags below apply to it only.
+    #[arg(long, value_enum, default_value_t = ModeArg::Simple)]
+    pub mode: ModeArg,
+    /// Sim: sequences decoded together at most; the rest wait.
+    #[arg(long, default_value_t = DEFAULT_MAX_NUM_SEQS)]
+    pub max_num_seqs: u32,
+    /// Sim: KV cache size in blocks.
+    #[arg(long, default_value_t = DEFAULT_KV_BLOCKS)]
+    pub kv_blocks: u32,
+    /// Sim: tokens per KV block (unit of allocation and prefix matching).
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
+    pub block_size: u32,
+    /// Sim: prefill milliseconds per prompt token not in the prefix cache.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_MS_PER_TOKEN)]
+    pub prefill_ms_per_token: f64,
+    /// Sim: extra decode step milliseconds per running sequence.
+    #[arg(long, default_value_t = DEFAULT_ITL_MS_PER_SEQ)]
+    pub itl_ms_per_seq: f64,
+    /// Sim: seed of block hashes and latency jitter; same seed and requests, same results.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Sim: multiplies every simulated duration (0.1 = ten times faster).
+    #[arg(long, default_value_t = DEFAULT_TIME_SCALE)]
+    pub time_scale: f64,
+    /// Sim: each step lasts its modelled time times a seeded factor in `1 ± this`.
+    #[arg(long, default_value_t = DEFAULT_LATENCY_JITTER)]
+    pub latency_jitter: f64,
 }
 
 impl MockEngineArgs {
@@ -154,12 +339,33 @@ impl MockEngineArgs {
             .name
             .clone()
             .unwrap_or_else(|| format!("mock-{bound_port}"));
+        let (mode, inter_token_latency) = match self.mode {
+            ModeArg::Simple => (
+                EngineMode::Simple,
+                Duration::from_millis(self.itl_ms.unwrap_or(0)),
+            ),
+            ModeArg::Sim => {
+                let sim = SimConfig {
+                    max_num_seqs: self.max_num_seqs,
+                    kv_blocks: self.kv_blocks,
+                    block_size: self.block_size,
+                    prefill_ms_per_token: self.prefill_ms_per_token,
+                    itl_ms: self.itl_ms.unwrap_or(DEFAULT_SIM_ITL_MS) as f64,
+                    itl_ms_per_seq: self.itl_ms_per_seq,
+                    seed: self.seed,
+                    time_scale: self.time_scale,
+                    latency_jitter: self.latency_jitter,
+                };
+                (EngineMode::Sim(sim), Duration::ZERO)
+            }
+        };
         MockEngineConfig {
             lora_adapters: self.lora.clone(),
             engine: self.engine,
             time_to_first_token: Duration::from_millis(self.ttft_ms),
-            inter_token_latency: Duration::from_millis(self.itl_ms),
+            inter_token_latency,
             output_tokens: self.output_tokens,
+            mode,
             ..MockEngineConfig::new(self.model.clone(), pod_name)
         }
     }

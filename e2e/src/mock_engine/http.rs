@@ -17,13 +17,14 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::backend::{Backend, PacedBackend};
-use super::config::MockEngineConfig;
+use super::config::{EngineMode, MockEngineConfig};
 use super::generation::{Generation, GenerationPlan, completion_pieces, output_length};
 use super::metrics::{self, MetricsInput};
 use super::openai::{
     self, Endpoint, ModelList, ResponseMeta, SSE_DONE, Usage, error_body, parse_request,
 };
-use super::stats::{Delivery, EngineStats};
+use super::sim::{self, Simulator};
+use super::stats::{Delivery, EngineStats, FinishReason};
 
 /// Error type request bodies must convert into.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,6 +61,9 @@ const PROMETHEUS_TEXT: HeaderValue =
 pub struct EngineState {
     config: MockEngineConfig,
     backend: Box<dyn Backend>,
+    /// In sim mode, the simulator that `backend` also is, reached directly to hand it each
+    /// prompt's token ids and to serve `/sim/state`.
+    simulator: Option<Simulator>,
     stats: Arc<EngineStats>,
     /// Starts as the configured adapters; `/v1/load_lora_adapter` and
     /// `/v1/unload_lora_adapter` change it at runtime like vLLM's dynamic LoRA API.
@@ -74,14 +78,25 @@ struct Echo {
 }
 
 impl EngineState {
-    /// An engine whose tokens are paced by [`PacedBackend`] from the configured latencies.
+    /// An engine whose tokens are paced by [`PacedBackend`] from the configured latencies, or
+    /// by a [`Simulator`] in sim mode (which needs a tokio runtime).
     pub fn new(config: MockEngineConfig) -> Self {
-        let backend = PacedBackend::new(
-            config.time_to_first_token,
-            config.inter_token_latency,
-            config.kv_cache_capacity_tokens,
-        );
-        Self::with_backend(config, Box::new(backend))
+        match &config.mode {
+            EngineMode::Simple => {
+                let backend = PacedBackend::new(
+                    config.time_to_first_token,
+                    config.inter_token_latency,
+                    config.kv_cache_capacity_tokens,
+                );
+                Self::with_backend(config, Box::new(backend))
+            }
+            EngineMode::Sim(sim_config) => {
+                let simulator = Simulator::spawn(sim_config.clone());
+                let mut state = Self::with_backend(config, Box::new(simulator.clone()));
+                state.simulator = Some(simulator);
+                state
+            }
+        }
     }
 
     /// An engine whose token timing and load come from `backend` (e.g. a batching simulator).
@@ -91,6 +106,7 @@ impl EngineState {
             adapters: RwLock::new(config.lora_adapters.clone()),
             config,
             backend,
+            simulator: None,
             stats,
             started_at: SystemTime::now(),
         }
@@ -126,6 +142,10 @@ impl EngineState {
             (Method::GET, "/v1/models") => self.models(),
             (Method::GET, "/metrics") => self.metrics(),
             (Method::GET, "/health") => full(StatusCode::OK, None, Bytes::new()),
+            (method, "/sim/state") if self.simulator.is_some() => match method {
+                Method::GET => self.sim_state(),
+                _ => fastapi_detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
+            },
             (Method::POST, "/v1/load_lora_adapter") => self
                 .load_adapter(request)
                 .await
@@ -171,6 +191,10 @@ impl EngineState {
         let body = read_body(request.into_body()).await?;
         let json: Value = serde_json::from_slice(&body)
             .map_err(|error| ApiError::bad_request(format!("Invalid JSON body: {error}")))?;
+        let prompt = self
+            .simulator
+            .as_ref()
+            .map(|_| sim::prompt_token_ids(endpoint, &json));
         echo.received_model = json
             .get("model")
             .and_then(Value::as_str)
@@ -195,21 +219,37 @@ impl EngineState {
             return Err(ApiError::new(StatusCode::NOT_FOUND, message).param("model"));
         }
 
-        let (output_tokens, finish_reason) =
+        let (mut output_tokens, mut finish_reason) =
             output_length(self.config.output_tokens, parsed.max_tokens);
+        let mut prompt_tokens = parsed.prompt_tokens;
+        let mut backend = None;
+        if let (Some(simulator), Some(prompt)) = (&self.simulator, prompt) {
+            // The simulator's own token count, so usage and metrics agree with its KV cache.
+            prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+            let context = MAX_MODEL_LEN_TOKENS.min(simulator.kv_capacity_tokens());
+            let room = context.saturating_sub(u64::from(prompt_tokens));
+            if room == 0 {
+                return Err(context_length_exceeded(context, prompt_tokens));
+            }
+            // Like vLLM, a completion that would overrun the context is cut at its end.
+            if u64::from(output_tokens) > room {
+                output_tokens = u32::try_from(room).unwrap_or(u32::MAX);
+                finish_reason = FinishReason::Length;
+            }
+            backend = Some(simulator.with_prompt(prompt));
+        }
         let plan = GenerationPlan {
             pieces: completion_pieces(&model, &self.config.pod_name, output_tokens),
             model: model.clone(),
-            prompt_tokens: parsed.prompt_tokens,
+            prompt_tokens,
             finish_reason,
             delivery: Delivery::from_streaming(parsed.stream),
         };
-        let mut generation = Generation::start(
-            self.backend.as_ref(),
-            Arc::clone(&self.stats),
-            plan,
-            arrived_at,
-        );
+        let backend: &dyn Backend = match &backend {
+            Some(prompt_backend) => prompt_backend,
+            None => self.backend.as_ref(),
+        };
+        let mut generation = Generation::start(backend, Arc::clone(&self.stats), plan, arrived_at);
         let meta = ResponseMeta::new(endpoint, &echo.request_id, unix_seconds(), model);
         if parsed.stream {
             return Ok(event_stream(SseStream {
@@ -247,6 +287,7 @@ impl EngineState {
 
     fn metrics(&self) -> Response<ResponseBody> {
         let load = self.backend.load();
+        let prefix_cache = self.backend.prefix_cache();
         let stats = self.stats.snapshot();
         let adapters = self.adapters.read().clone();
         let page = metrics::render(&MetricsInput {
@@ -254,11 +295,20 @@ impl EngineState {
             model: &self.config.model,
             lora_adapters: &adapters,
             load: &load,
+            prefix_cache: prefix_cache.as_ref(),
             stats: &stats,
             started_at_unix: unix_seconds_f64(self.started_at),
             now_unix: unix_seconds_f64(SystemTime::now()),
         });
         full(StatusCode::OK, Some(PROMETHEUS_TEXT), page.into())
+    }
+
+    /// `GET /sim/state`: the simulator's scheduler and cache state; only routed in sim mode.
+    fn sim_state(&self) -> Response<ResponseBody> {
+        match &self.simulator {
+            Some(simulator) => json_response(StatusCode::OK, &simulator.state()),
+            None => fastapi_detail(StatusCode::NOT_FOUND, "Not Found"),
+        }
     }
 
     async fn load_adapter<B>(&self, request: Request<B>) -> Result<Response<ResponseBody>, ApiError>
@@ -330,6 +380,16 @@ impl ApiError {
         let body = error_body(self.status, &self.message, self.param);
         full(self.status, Some(JSON), body.into())
     }
+}
+
+/// vLLM's answer to a prompt that leaves no room for a single output token.
+fn context_length_exceeded(context: u64, prompt_tokens: u32) -> ApiError {
+    let message = format!(
+        "This model's maximum context length is {context} tokens. However, your prompt contains \
+         {prompt_tokens} input tokens, which leaves no room for output tokens. Please reduce the \
+         length of the input prompt. (parameter=input_tokens, value={prompt_tokens})"
+    );
+    ApiError::bad_request(message).param("input_tokens")
 }
 
 /// The `x-mock-status` the caller asked for, if any; only 4xx and 5xx make sense there.

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::backend::EngineLoad;
+use super::backend::{EngineLoad, PrefixCacheStats};
 use super::config::EngineFlavor;
 use super::stats::{Delivery, FinishReason, Histogram, HistogramLayout, StatsSnapshot};
 
@@ -68,6 +68,9 @@ pub struct MetricsInput<'a> {
     pub model: &'a str,
     pub lora_adapters: &'a [String],
     pub load: &'a EngineLoad,
+    /// Present when the backend models a prefix cache (sim mode); its families are left out
+    /// otherwise.
+    pub prefix_cache: Option<&'a PrefixCacheStats>,
     pub stats: &'a StatsSnapshot,
     /// Unix seconds at engine start: value of vLLM's `*_created` series.
     pub started_at_unix: f64,
@@ -108,6 +111,28 @@ fn render_vllm(page: &mut Exposition, input: &MetricsInput<'_>) {
         "KV-cache usage. 1 means 100 percent usage.",
     );
     page.sample("vllm:kv_cache_usage_perc", &labels, load.kv_cache_usage());
+    if let Some(cache) = input.prefix_cache {
+        let counters = [
+            (
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                cache.queried_tokens,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                cache.hit_tokens,
+            ),
+            (
+                "vllm:num_preemptions",
+                "Cumulative number of preemption from the engine.",
+                cache.preemptions,
+            ),
+        ];
+        for (base, help, value) in counters {
+            page.vllm_counter(base, help, &[(labels.to_vec(), value)], created);
+        }
+    }
 
     page.vllm_counter(
         "vllm:prompt_tokens",
@@ -253,6 +278,32 @@ fn render_sglang(page: &mut Exposition, input: &MetricsInput<'_>) {
     for (name, help, value) in gauges {
         page.family(name, "gauge", help);
         page.sample(name, &scheduler, value);
+    }
+    if let Some(cache) = input.prefix_cache {
+        page.family(
+            "sglang:cache_hit_rate",
+            "gauge",
+            "The prefix cache hit rate.",
+        );
+        page.sample(
+            "sglang:cache_hit_rate",
+            &scheduler,
+            cache.last_batch_hit_rate,
+        );
+        page.family(
+            "sglang:cached_tokens_total",
+            "counter",
+            "Number of cached prompt tokens by source (device/host/storage).",
+        );
+        page.sample(
+            "sglang:cached_tokens_total",
+            &[
+                ("cache_source", "device"),
+                ("engine_type", "unified"),
+                ("model_name", input.model),
+            ],
+            cache.hit_tokens as f64,
+        );
     }
 
     let per_delivery_counters = [
@@ -520,6 +571,7 @@ mod tests {
             model: "base",
             lora_adapters: &adapters,
             load: &load,
+            prefix_cache: None,
             stats: &stats,
             started_at_unix: 1_795_266_405.0,
             now_unix: 1_795_266_410.5,
@@ -563,6 +615,7 @@ mod tests {
             model: "base",
             lora_adapters: &[],
             load: &EngineLoad::default(),
+            prefix_cache: None,
             stats: &stats,
             started_at_unix: 0.0,
             now_unix: 0.0,
@@ -587,6 +640,7 @@ mod tests {
             model: "qwen",
             lora_adapters: &[],
             load: &load,
+            prefix_cache: None,
             stats: &stats,
             started_at_unix: 0.0,
             now_unix: 0.0,

@@ -10,12 +10,14 @@
 //! - every response carries `x-mock-pod`, `x-mock-received-model` (the body's `model` as
 //!   received) and `x-mock-request-id` (the request's `x-request-id`);
 //! - `x-mock-status: NNN` on an inference request makes it fail with that status and a
-//!   vLLM-style error body.
+//!   vLLM-style error body;
+//! - in sim mode, `GET /sim/state` returns the simulator's [`SimState`] as JSON.
 //!
 //! Layout:
 //! - [`config`]: [`MockEngineConfig`] and the command line;
-//! - [`backend`]: when tokens come out and how loaded the engine is (the [`Backend`] trait, where
-//!   a batching simulator plugs in);
+//! - [`backend`]: when tokens come out and how loaded the engine is (the [`Backend`] trait);
+//! - [`sim`]: `--mode sim`, a continuous-batching simulator with a paged, prefix-caching KV
+//!   cache whose true state `/metrics` and `GET /sim/state` report;
 //! - [`generation`]: one request's output text and its statistics;
 //! - [`openai`]: request parsing and the response, chunk and error shapes;
 //! - [`stats`] and [`metrics`]: counters, histograms and the Prometheus page;
@@ -28,11 +30,17 @@ pub mod http;
 pub mod metrics;
 pub mod openai;
 pub mod server;
+pub mod sim;
 pub mod stats;
 
-pub use backend::{Backend, EngineLoad, GenerationRequest, PacedBackend, TokenStream};
-pub use config::{ConfigError, EngineFlavor, MockEngineArgs, MockEngineConfig};
+pub use backend::{
+    Backend, EngineLoad, GenerationRequest, PacedBackend, PrefixCacheStats, TokenStream,
+};
+pub use config::{
+    ConfigError, EngineFlavor, EngineMode, MockEngineArgs, MockEngineConfig, ModeArg, SimConfig,
+};
 pub use server::{RunningMockEngine, SHUTDOWN_GRACE_PERIOD, serve};
+pub use sim::{SimState, Simulator};
 
 /// Why the engine could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,398 @@
+//! Local mode end to end: YAML files -> compile -> snapshot stream, with a fake
+//! engine to scrape, the admin endpoints, and a file edit reaching the client.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use switchyard_controller::app::{self, AppError};
+use switchyard_controller::cli::{Args, LogFormat};
+use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
+use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, pb};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+/// Generous bound for anything that should happen "soon": only a hung test waits this long.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+const METRICS_PAGE: &str = "\
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 3.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 5.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.25
+";
+
+const MODELS: &str =
+    r#"{"object":"list","data":[{"id":"m","object":"model"},{"id":"lora-a","object":"model"}]}"#;
+
+/// Serves a fixed vLLM `/metrics` page and `/v1/models` list on loopback.
+struct FakeEngine {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl FakeEngine {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = service_fn(
+                        |request: hyper::Request<hyper::body::Incoming>| async move {
+                            let body = match request.uri().path() {
+                                "/metrics" => METRICS_PAGE,
+                                "/v1/models" => MODELS,
+                                _ => "",
+                            };
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from_static(body.as_bytes()),
+                            )))
+                        },
+                    );
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for FakeEngine {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn args(config_dir: &Path) -> Args {
+    Args {
+        config_dir: Some(config_dir.to_owned()),
+        xds_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+        scrape_interval: Duration::from_millis(100),
+        scrape_timeout: None,
+        log_format: LogFormat::Text,
+        controller_id: Some("test-controller".into()),
+    }
+}
+
+fn write_config(dir: &Path, engine_port: u16, model: &str) {
+    std::fs::write(
+        dir.join("10-servers.yaml"),
+        format!(
+            r#"
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelServer
+metadata: {{ name: s1 }}
+spec:
+  inferenceEngine: vLLM
+  workloadSelector: {{ matchLabels: {{ app: fake }} }}
+  workloadPort: {{ port: {engine_port} }}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: fake-0
+  labels: {{ app: fake }}
+status:
+  phase: Running
+  podIP: 127.0.0.1
+  conditions: [{{ type: Ready, status: "True" }}]
+"#
+        ),
+    )
+    .expect("write servers");
+    write_routes(dir, model);
+}
+
+fn write_routes(dir: &Path, model: &str) {
+    std::fs::write(
+        dir.join("20-routes.yaml"),
+        format!(
+            r#"
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelRoute
+metadata: {{ name: main }}
+spec:
+  modelName: {model}
+  rules:
+  - targetModels: [{{ modelServerName: s1 }}]
+---
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelRoute
+metadata: {{ name: broken }}
+spec:
+  modelName: broken
+  rules:
+  - modelMatch: {{ uri: {{ regex: "(" }} }}
+    targetModels: [{{ modelServerName: s1 }}]
+"#
+        ),
+    )
+    .expect("write routes");
+}
+
+/// A bare HTTP/1.1 GET; returns the status code and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect admin");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut response = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read response");
+    let response = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    (status, body.to_owned())
+}
+
+async fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let (status, body) = http_get(addr, path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).expect("JSON body")
+}
+
+struct Dataplane {
+    requests: mpsc::Sender<pb::SnapshotRequest>,
+    responses: Streaming<pb::SnapshotResponse>,
+}
+
+impl Dataplane {
+    async fn connect(addr: SocketAddr) -> Self {
+        let mut client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let (requests, receiver) = mpsc::channel(16);
+        for (index, type_url) in [ROUTE_CONFIG_TYPE_URL, ENDPOINT_LOADS_TYPE_URL]
+            .into_iter()
+            .enumerate()
+        {
+            requests
+                .send(pb::SnapshotRequest {
+                    node: (index == 0).then(|| pb::Node {
+                        id: "dataplane-under-test".into(),
+                        build_version: "test".into(),
+                    }),
+                    type_url: type_url.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("queue request");
+        }
+        let responses = client
+            .stream_snapshots(ReceiverStream::new(receiver))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        Self {
+            requests,
+            responses,
+        }
+    }
+
+    /// ACKs every response until one satisfies `wanted`, and returns it.
+    async fn next_matching(
+        &mut self,
+        mut wanted: impl FnMut(&pb::SnapshotResponse) -> bool,
+    ) -> pb::SnapshotResponse {
+        let wait = async {
+            loop {
+                let response = self
+                    .responses
+                    .message()
+                    .await
+                    .expect("stream healthy")
+                    .expect("stream open");
+                self.requests
+                    .send(pb::SnapshotRequest {
+                        type_url: response.type_url.clone(),
+                        version_info: response.version_info.clone(),
+                        response_nonce: response.nonce.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("ACK");
+                if wanted(&response) {
+                    return response;
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, wait)
+            .await
+            .expect("wanted response in time")
+    }
+}
+
+fn route_models(response: &pb::SnapshotResponse) -> Option<Vec<String>> {
+    match &response.resource {
+        Some(pb::snapshot_response::Resource::RouteConfig(config)) => Some(
+            config
+                .routes
+                .iter()
+                .map(|route| route.model_name.clone())
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn local_mode_serves_files_loads_and_edits() {
+    let engine = FakeEngine::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_config(dir.path(), engine.addr.port(), "m1");
+    let controller = app::start_local(&args(dir.path()))
+        .await
+        .expect("controller starts");
+
+    // Ready at once: the first snapshot is published before start_local returns.
+    let ready = get_json(controller.admin_addr, "/readyz").await;
+    assert_eq!(ready["status"], "ready");
+    let objects = get_json(controller.admin_addr, "/debug/objects").await;
+    let broken = objects["reports"]
+        .as_array()
+        .expect("reports")
+        .iter()
+        .find(|report| report["name"] == "broken")
+        .expect("report for the broken route");
+    assert_eq!(broken["accepted"]["status"], false);
+    assert_eq!(broken["accepted"]["reason"], "InvalidRegex");
+    assert!(
+        broken["accepted"]["message"].as_str().is_some_and(
+            |message| message.starts_with("spec.rules[0].modelMatch.uri.regex: invalid regex")
+        ),
+        "{broken}"
+    );
+
+    let mut dataplane = Dataplane::connect(controller.xds_addr).await;
+    let routes = dataplane
+        .next_matching(|response| route_models(response).is_some())
+        .await;
+    assert_eq!(
+        route_models(&routes),
+        Some(vec!["m1".to_owned()]),
+        "the broken route is left out"
+    );
+    assert_eq!(routes.control_plane_id, "test-controller");
+
+    // The scraper finds the fake engine through the Pod file and its load reaches the stream.
+    let loads = dataplane
+        .next_matching(|response| match &response.resource {
+            Some(pb::snapshot_response::Resource::EndpointLoads(loads)) => !loads.loads.is_empty(),
+            _ => false,
+        })
+        .await;
+    let Some(pb::snapshot_response::Resource::EndpointLoads(loads)) = loads.resource else {
+        panic!("EndpointLoads expected");
+    };
+    let load = &loads.loads[0];
+    assert_eq!(
+        (load.namespace.as_str(), load.pod.as_str()),
+        ("default", "fake-0")
+    );
+    assert_eq!(load.requests_waiting, 3.0);
+    assert_eq!(load.requests_running, 5.0);
+    assert_eq!(load.kv_cache_usage, 0.25);
+    assert!(load.observed_at_unix_ms > 0);
+
+    // Editing a file reroutes the dataplane.
+    write_routes(dir.path(), "m2");
+    let rerouted = dataplane
+        .next_matching(|response| route_models(response).is_some_and(|models| models == ["m2"]))
+        .await;
+    assert_eq!(rerouted.type_url, ROUTE_CONFIG_TYPE_URL);
+    assert_ne!(rerouted.version_info, routes.version_info);
+
+    let dataplanes = get_json(controller.admin_addr, "/debug/dataplanes").await;
+    assert_eq!(
+        dataplanes["dataplanes"][0]["node_id"],
+        "dataplane-under-test"
+    );
+    let snapshot = get_json(controller.admin_addr, "/debug/snapshot").await;
+    assert_eq!(snapshot["route_config"]["routes"][0]["model_name"], "m2");
+    let (status, metrics) = http_get(controller.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("switchyard_controller_connected_dataplanes 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "switchyard_controller_compile_duration_seconds_count{type=\"route_config\"}"
+        ),
+        "{metrics}"
+    );
+
+    controller.shutdown().await.expect("clean shutdown");
+    let end = tokio::time::timeout(DEADLINE, dataplane.responses.message())
+        .await
+        .expect("stream ends with the controller");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "no response after shutdown: {end:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_config_dir_is_a_startup_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let error = app::start_local(&args(&dir.path().join("missing")))
+        .await
+        .expect_err("cannot start without the directory");
+    assert!(matches!(error, AppError::Config(_)), "{error}");
+    assert_eq!(error.exit_code(), app::EXIT_NO_INPUT);
+}
+
+#[tokio::test]
+async fn without_config_dir_kubernetes_mode_is_refused() {
+    let mut args = args(Path::new("/unused"));
+    args.config_dir = None;
+    let error = app::run(args, std::future::pending())
+        .await
+        .expect_err("Kubernetes mode is not available");
+    assert!(matches!(error, AppError::KubernetesModeUnavailable));
+    assert_eq!(error.exit_code(), 64);
+}
+
+#[test]
+fn the_binary_exits_64_without_config_dir() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard-controller"))
+        .env_remove("SWITCHYARD_CONFIG_DIR")
+        .env("SWITCHYARD_XDS_ADDR", "127.0.0.1:0")
+        .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0")
+        .output()
+        .expect("run the binary");
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("Kubernetes mode is not available in this build yet"),
+        "{stderr}"
+    );
+}
