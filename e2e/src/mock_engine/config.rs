@@ -425,6 +425,129 @@ mod tests {
     }
 
     #[test]
+    fn sim_mode_collects_its_flags_and_defaults() {
+        let args = MockEngineArgs::parse_from(["switchyard-mock-engine", "--model", "m"]);
+        assert_eq!(args.to_config(1).mode, EngineMode::Simple);
+
+        let args =
+            MockEngineArgs::parse_from(["switchyard-mock-engine", "--model", "m", "--mode", "sim"]);
+        let config = args.to_config(1);
+        assert_eq!(config.mode, EngineMode::Sim(SimConfig::default()));
+        assert_eq!(config.inter_token_latency, Duration::ZERO);
+        assert_eq!(config.validate(), Ok(()));
+
+        let args = MockEngineArgs::parse_from([
+            "switchyard-mock-engine",
+            "--model",
+            "m",
+            "--mode",
+            "sim",
+            "--max-num-seqs",
+            "4",
+            "--kv-blocks",
+            "64",
+            "--block-size",
+            "32",
+            "--prefill-ms-per-token",
+            "0.1",
+            "--itl-ms",
+            "20",
+            "--itl-ms-per-seq",
+            "1.5",
+            "--seed",
+            "42",
+            "--time-scale",
+            "0.25",
+            "--latency-jitter",
+            "0.1",
+        ]);
+        let expected = SimConfig {
+            max_num_seqs: 4,
+            kv_blocks: 64,
+            block_size: 32,
+            prefill_ms_per_token: 0.1,
+            itl_ms: 20.0,
+            itl_ms_per_seq: 1.5,
+            seed: 42,
+            time_scale: 0.25,
+            latency_jitter: 0.1,
+        };
+        assert_eq!(expected.kv_capacity_tokens(), 2048);
+        assert_eq!(args.to_config(1).mode, EngineMode::Sim(expected));
+    }
+
+    #[test]
+    fn validation_rejects_unusable_sim_parameters() {
+        let sim = |sim: SimConfig| MockEngineConfig {
+            mode: EngineMode::Sim(sim),
+            ..MockEngineConfig::new("m", "pod")
+        };
+        let default = SimConfig::default;
+        assert_eq!(
+            sim(SimConfig {
+                max_num_seqs: 0,
+                ..default()
+            })
+            .validate(),
+            Err(ConfigError::ZeroSimParameter("--max-num-seqs"))
+        );
+        assert_eq!(
+            sim(SimConfig {
+                block_size: 0,
+                ..default()
+            })
+            .validate(),
+            Err(ConfigError::ZeroSimParameter("--block-size"))
+        );
+        assert_eq!(
+            sim(SimConfig {
+                prefill_ms_per_token: -1.0,
+                ..default()
+            })
+            .validate(),
+            Err(ConfigError::InvalidSimLatency {
+                flag: "--prefill-ms-per-token",
+                value: -1.0
+            })
+        );
+        assert!(matches!(
+            sim(SimConfig {
+                itl_ms_per_seq: f64::NAN,
+                ..default()
+            })
+            .validate(),
+            Err(ConfigError::InvalidSimLatency {
+                flag: "--itl-ms-per-seq",
+                ..
+            })
+        ));
+        assert_eq!(
+            sim(SimConfig {
+                time_scale: 0.0,
+                ..default()
+            })
+            .validate(),
+            Err(ConfigError::InvalidTimeScale(0.0))
+        );
+        assert_eq!(
+            sim(SimConfig {
+                latency_jitter: 1.0,
+                ..default()
+            })
+            .validate(),
+            Err(ConfigError::InvalidJitter(1.0))
+        );
+        let fixed_ttft = MockEngineConfig {
+            time_to_first_token: Duration::from_millis(5),
+            ..sim(default())
+        };
+        assert_eq!(
+            fixed_ttft.validate(),
+            Err(ConfigError::FixedLatencyInSimMode)
+        );
+    }
+
+    #[test]
     fn validation_rejects_ambiguous_or_empty_names() {
         let mut config = MockEngineConfig::new("base", "pod");
         config.lora_adapters = vec!["base".into()];

@@ -226,7 +226,7 @@ impl EngineState {
         if let (Some(simulator), Some(prompt)) = (&self.simulator, prompt) {
             // The simulator's own token count, so usage and metrics agree with its KV cache.
             prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
-            let context = MAX_MODEL_LEN_TOKENS.min(simulator.kv_capacity_tokens());
+            let context = self.max_model_len();
             let room = context.saturating_sub(u64::from(prompt_tokens));
             if room == 0 {
                 return Err(context_length_exceeded(context, prompt_tokens));
@@ -265,6 +265,16 @@ impl EngineState {
         Ok(full(StatusCode::OK, Some(JSON), body.into()))
     }
 
+    /// The context length: [`MAX_MODEL_LEN_TOKENS`], or less when a simulated KV cache is
+    /// smaller, since one sequence must fit in it.
+    fn max_model_len(&self) -> u64 {
+        self.simulator
+            .as_ref()
+            .map_or(MAX_MODEL_LEN_TOKENS, |simulator| {
+                MAX_MODEL_LEN_TOKENS.min(simulator.kv_capacity_tokens())
+            })
+    }
+
     fn serves(&self, model: &str) -> bool {
         model == self.config.model || self.adapters.read().iter().any(|adapter| adapter == model)
     }
@@ -280,7 +290,7 @@ impl EngineState {
             &self.adapters.read(),
             self.config.engine.owner(),
             created,
-            MAX_MODEL_LEN_TOKENS,
+            self.max_model_len(),
         );
         json_response(StatusCode::OK, &list)
     }

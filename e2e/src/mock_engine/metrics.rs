@@ -625,6 +625,57 @@ mod tests {
     }
 
     #[test]
+    fn prefix_cache_families_appear_only_with_a_prefix_cache() {
+        let cache = PrefixCacheStats {
+            queried_tokens: 7627,
+            hit_tokens: 2624,
+            last_batch_hit_rate: 0.25,
+            preemptions: 1,
+        };
+        for flavor in [EngineFlavor::Vllm, EngineFlavor::Sglang] {
+            let stats = sample_input_stats(histogram_layout(flavor));
+            let render_with = |prefix_cache| {
+                render(&MetricsInput {
+                    flavor,
+                    model: "base",
+                    lora_adapters: &[],
+                    load: &EngineLoad::default(),
+                    prefix_cache,
+                    stats: &stats,
+                    started_at_unix: 1_795_266_405.0,
+                    now_unix: 0.0,
+                })
+            };
+            let without = render_with(None);
+            assert!(!without.contains("prefix_cache"));
+            assert!(!without.contains("cache_hit_rate"));
+            assert!(!without.contains("cached_tokens"));
+            let page = render_with(Some(&cache));
+            let expected: &[&str] = match flavor {
+                EngineFlavor::Vllm => &[
+                    "# TYPE vllm:prefix_cache_queries_total counter",
+                    "vllm:prefix_cache_queries_total{engine=\"0\",model_name=\"base\"} 7627.0",
+                    "vllm:prefix_cache_queries_created{engine=\"0\",model_name=\"base\"} 1.795266405e+09",
+                    "vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"base\"} 2624.0",
+                    "vllm:num_preemptions_total{engine=\"0\",model_name=\"base\"} 1.0",
+                ],
+                EngineFlavor::Sglang => &[
+                    "# TYPE sglang:cache_hit_rate gauge",
+                    "sglang:cache_hit_rate{engine_type=\"unified\",model_name=\"base\",moe_ep_rank=\"0\",pp_rank=\"0\",tp_rank=\"0\"} 0.25",
+                    "# TYPE sglang:cached_tokens_total counter",
+                    "sglang:cached_tokens_total{cache_source=\"device\",engine_type=\"unified\",model_name=\"base\"} 2624.0",
+                ],
+            };
+            for line in expected {
+                assert!(
+                    page.lines().any(|l| l == *line),
+                    "missing `{line}` in\n{page}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn sglang_page_uses_sglang_names_and_labels() {
         let stats = sample_input_stats(SGLANG_HISTOGRAMS);
         let load = EngineLoad {
