@@ -280,10 +280,15 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(value) => value,
             Err(error) => {
-                objects
-                    .problems
-                    .push(problem(None, None, error.to_string()));
-                continue;
+                // Not a typed-field error (those come from `from_value` below) but
+                // YAML syntax: the parser cannot find where the next document
+                // starts, and serde_yaml would yield this same error forever.
+                objects.problems.push(problem(
+                    None,
+                    None,
+                    format!("{error}; the rest of the file was not read"),
+                ));
+                break;
             }
         };
         if value.is_null() {
@@ -608,6 +613,22 @@ status:
         );
         assert_eq!(objects.problems.len(), 1);
         assert_eq!(objects.problems[0].file, "z-broken.yaml");
+    }
+
+    #[test]
+    fn a_syntax_error_keeps_the_documents_before_it() {
+        let text = format!("{ROUTE}---\nkind: [unclosed\n---\n{POD}");
+        let objects = parse(&text);
+        assert_eq!(objects.routes.len(), 1);
+        assert_eq!(objects.problems.len(), 1, "{:?}", objects.problems);
+        assert_eq!(objects.problems[0].document_index, Some(1));
+        assert!(
+            objects.problems[0]
+                .error
+                .ends_with("the rest of the file was not read"),
+            "{}",
+            objects.problems[0].error
+        );
     }
 
     #[tokio::test]

@@ -20,13 +20,15 @@ fn demo_file(name: &str) -> String {
 }
 
 /// (pod name, host octet, labels, model, extra engine args) as in config/demo/pods.yaml.
-fn demo_pods() -> Vec<(
+type DemoPod = (
     &'static str,
     u8,
     Vec<(&'static str, &'static str)>,
     String,
     Vec<String>,
-)> {
+);
+
+fn demo_pods() -> Vec<DemoPod> {
     let lora = vec!["--lora".to_owned(), "lora-A,lora-B".to_owned()];
     vec![
         (

@@ -152,13 +152,25 @@ spec:
 "#;
 
 /// (pod, host octet, app label, served model, engine args; None = no engine: refuses connections)
-fn pods() -> Vec<(
+type TestPod = (
     &'static str,
     u8,
     &'static str,
     &'static str,
     Option<Vec<&'static str>>,
-)> {
+);
+
+/// (case, method, path, headers, body, expected status)
+type BadInput<'a> = (
+    &'a str,
+    Method,
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    Vec<u8>,
+    StatusCode,
+);
+
+fn pods() -> Vec<TestPod> {
     let adapters = vec!["--lora", "ad-1,ad-2"];
     vec![
         ("alpha-0", 11, "alpha", "org/alpha", Some(adapters.clone())),
@@ -437,7 +449,7 @@ async fn bad_input_gets_specific_errors_and_the_router_keeps_serving() {
     );
     let big = format!(r#"{{"model":"shared","prompt":"{}"}}"#, "a".repeat(5000));
     let json = ("content-type", "application/json");
-    let cases: Vec<(&str, Method, &str, Vec<(&str, &str)>, Vec<u8>, StatusCode)> = vec![
+    let cases: Vec<BadInput<'_>> = vec![
         (
             "truncated JSON",
             Method::POST,
