@@ -446,7 +446,7 @@ impl CompileLoop {
                 condition = if report.accepted.status { "ResolvedRefs" } else { "Accepted" },
                 reason = failed.reason.as_str(),
                 in_snapshot = report.in_snapshot,
-                message = %failed.message,
+                detail = %failed.message,
                 "object not fully programmed"
             );
         }

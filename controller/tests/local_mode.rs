@@ -351,13 +351,19 @@ async fn local_mode_serves_files_loads_and_edits() {
     );
 
     controller.shutdown().await.expect("clean shutdown");
-    let end = tokio::time::timeout(DEADLINE, dataplane.responses.message())
+    // Responses queued before the shutdown may still arrive; then the stream ends cleanly.
+    let drained = async {
+        loop {
+            match dataplane.responses.message().await {
+                Ok(Some(_)) => continue,
+                end => return end,
+            }
+        }
+    };
+    let end = tokio::time::timeout(DEADLINE, drained)
         .await
         .expect("stream ends with the controller");
-    assert!(
-        !matches!(end, Ok(Some(_))),
-        "no response after shutdown: {end:?}"
-    );
+    assert!(matches!(end, Ok(None)), "clean end of stream, got {end:?}");
 }
 
 #[tokio::test]
