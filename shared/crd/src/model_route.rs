@@ -124,8 +124,8 @@ pub struct BodyMatch {
 }
 
 /// Matches a string exactly, by prefix, or by regular expression (unanchored). Only one
-/// should be set; as in the reference API this is not enforced, and `exact` wins over
-/// `prefix`, which wins over `regex`. None set = matches anything.
+/// may be set: the schema accepts several, as the reference API does, and the controller
+/// rejects such a route (reason `InvalidMatch`) rather than guess. None set = matches anything.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StringMatch {
