@@ -90,6 +90,8 @@ requests() {
   ask "2. LoRA-aware routing" lora-A
   ask "4. Header-based routing (premium)" deepseek-multi-models -H "user-type: premium"
   ask "4. Header-based routing (default)" deepseek-multi-models
+  ask "5. Route fall-through (gold tier, older route)" deepseek-tiered -H "x-tier: gold-eu"
+  ask "5. Route fall-through (other tiers, newer route)" deepseek-tiered
   echo
   echo "== 3. Weighted 70/30: 100 requests for deepseek-subset"
   for _ in $(seq 1 100); do

@@ -78,6 +78,7 @@ async fn demo_stack(dataplanes: usize, engine_args: &[&str]) -> Stack {
         .collect();
     let mut stack = Stack::new(&[
         ("routes.yaml", demo_file("routes.yaml")),
+        ("more-routes.yaml", demo_file("more-routes.yaml")),
         ("modelservers.yaml", demo_file("modelservers.yaml")),
         ("pods.yaml", pods.join("---\n")),
     ]);
@@ -251,13 +252,49 @@ async fn seed_scenarios_reach_the_right_pods() {
     assert_eq!(
         ids,
         [
+            "deepseek-by-path",
             "deepseek-multi-models",
             "deepseek-simple",
             "deepseek-subset",
+            "deepseek-tiered",
             "lora-A",
             "lora-B"
         ]
     );
+}
+
+/// The README's "Routing" examples beyond the guide (config/demo/more-routes.yaml).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_uri_match_and_route_fall_through() {
+    let stack = demo_stack(1, &[]).await;
+    let is_1_5b = |pod: &str| pod.starts_with("deepseek-r1-1-5b-") && !pod.contains("-v");
+
+    // URI prefix: chat goes to the 7B server, completions to 1.5B.
+    let chat = stack
+        .http
+        .post_json(
+            &stack.dataplanes[0].url("/v1/chat/completions"),
+            &[],
+            r#"{"model": "deepseek-by-path", "messages": [{"role": "user", "content": "hi"}]}"#,
+        )
+        .await
+        .expect("dataplane answers");
+    assert_eq!(chat.status, StatusCode::OK, "{}", chat.text());
+    assert_eq!(chat.header("x-mock-pod"), Some("deepseek-r1-7b-0"));
+    let (status, pod, _) = ask(&stack, 0, "deepseek-by-path", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(is_1_5b(&pod), "{pod}");
+
+    // The older route's only rule matches gold tiers (regex); everything else
+    // falls through to the newer route of the same model name.
+    let (status, pod, _) = ask(&stack, 0, "deepseek-tiered", &[("x-tier", "gold-eu")]).await;
+    assert_eq!((status, pod.as_str()), (StatusCode::OK, "deepseek-r1-7b-0"));
+    let (status, pod, _) = ask(&stack, 0, "deepseek-tiered", &[("x-tier", "silver")]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(is_1_5b(&pod), "{pod}");
+    let (status, pod, _) = ask(&stack, 0, "deepseek-tiered", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(is_1_5b(&pod), "{pod}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
