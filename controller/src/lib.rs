@@ -16,4 +16,5 @@ pub mod cli;
 pub mod compile;
 pub mod local;
 pub mod scrape;
+pub mod status;
 pub mod xds;
