@@ -91,6 +91,9 @@ fn args(config_dir: &Path) -> Args {
         scrape_timeout: None,
         log_format: LogFormat::Text,
         controller_id: Some("test-controller".into()),
+        namespaces: Vec::new(),
+        lease_name: "switchyard-controller".into(),
+        lease_namespace: "switchyard-system".into(),
     }
 }
 
