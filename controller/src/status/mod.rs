@@ -224,11 +224,17 @@ fn condition_from_report(
     previous: &[Condition],
     now: Timestamp,
 ) -> Condition {
+    // `kubectl describe` reads better with a sentence than with an empty message.
+    let message = match (reported.message.is_empty(), reported.status, type_) {
+        (true, true, CONDITION_ACCEPTED) => "the object is valid".to_owned(),
+        (true, true, _) => "every referenced object exists".to_owned(),
+        _ => reported.message.clone(),
+    };
     condition(
         type_,
         reported.status,
         reported.reason.as_str(),
-        reported.message.clone(),
+        message,
         report.generation,
         previous,
         now,
