@@ -262,12 +262,15 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
         status_task,
         leader_task,
     } = parts;
+    let stopping = stop.clone();
     let outcome = tokio::select! {
         () = compile_loop.run(stop) => Ok(()),
-        joined = &mut xds_task => Err(match joined {
-            Ok(Err(error)) => AppError::Xds(error),
-            _ => AppError::TaskEnded("snapshot stream server"),
-        }),
+        joined = &mut xds_task => match joined {
+            // Asked to stop: the server may finish closing before the compile loop notices.
+            Ok(Ok(())) if *stopping.borrow() => Ok(()),
+            Ok(Err(error)) => Err(AppError::Xds(error)),
+            _ => Err(AppError::TaskEnded("snapshot stream server")),
+        },
     };
     if let Err(error) = &outcome {
         tracing::error!(%error, "stopping the controller");
