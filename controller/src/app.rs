@@ -270,7 +270,9 @@ pub(crate) fn local_addr(
     })
 }
 
-pub(crate) fn register_compile_duration(registry: &Registry) -> Result<HistogramVec, prometheus::Error> {
+pub(crate) fn register_compile_duration(
+    registry: &Registry,
+) -> Result<HistogramVec, prometheus::Error> {
     let histogram = HistogramVec::new(
         HistogramOpts::new(
             "switchyard_controller_compile_duration_seconds",

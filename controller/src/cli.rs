@@ -63,7 +63,12 @@ pub struct Args {
 
     /// Kubernetes mode: watch ModelRoutes, ModelServers and Pods only in these
     /// namespaces (comma-separated) [default: all namespaces].
-    #[arg(long, env = "SWITCHYARD_NAMESPACES", value_delimiter = ',', value_name = "NS,...")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NS,..."
+    )]
     pub namespaces: Vec<String>,
 
     /// Kubernetes mode: name of the Lease used to elect the replica that writes status.
@@ -134,8 +139,8 @@ mod tests {
 
     #[test]
     fn namespaces_are_comma_separated() {
-        let args = parse(&["--namespaces", "team-a,team-b", "--lease-namespace", "ops"])
-            .expect("parses");
+        let args =
+            parse(&["--namespaces", "team-a,team-b", "--lease-namespace", "ops"]).expect("parses");
         assert_eq!(args.namespaces, ["team-a", "team-b"]);
         assert_eq!(args.lease_namespace, "ops");
     }

@@ -72,7 +72,10 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         let path = entry.path();
         if path.is_dir() {
             files.extend(walk(&path));
-        } else if path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml") {
+        } else if path
+            .extension()
+            .is_some_and(|ext| ext == "yaml" || ext == "yml")
+        {
             files.push(path);
         }
     }
@@ -105,20 +108,33 @@ fn labels(value: &Value) -> BTreeMap<String, String> {
         .map(|mapping| {
             mapping
                 .iter()
-                .filter_map(|(key, value)| Some((key.as_str()?.to_owned(), value.as_str()?.to_owned())))
+                .filter_map(|(key, value)| {
+                    Some((key.as_str()?.to_owned(), value.as_str()?.to_owned()))
+                })
                 .collect()
         })
         .unwrap_or_default()
 }
 
 fn selects(selector: &BTreeMap<String, String>, pod_labels: &BTreeMap<String, String>) -> bool {
-    !selector.is_empty() && selector.iter().all(|(key, value)| pod_labels.get(key) == Some(value))
+    !selector.is_empty()
+        && selector
+            .iter()
+            .all(|(key, value)| pod_labels.get(key) == Some(value))
 }
 
-fn deployment_selected_by<'a>(objects: &'a [(String, Value)], selector: &BTreeMap<String, String>) -> Vec<&'a Value> {
+fn deployment_selected_by<'a>(
+    objects: &'a [(String, Value)],
+    selector: &BTreeMap<String, String>,
+) -> Vec<&'a Value> {
     of_kind(objects, "Deployment")
         .into_iter()
-        .filter(|deployment| selects(selector, &labels(&deployment["spec"]["template"]["metadata"]["labels"])))
+        .filter(|deployment| {
+            selects(
+                selector,
+                &labels(&deployment["spec"]["template"]["metadata"]["labels"]),
+            )
+        })
         .collect()
 }
 
@@ -127,8 +143,18 @@ fn container_ports(deployment: &Value) -> Vec<(Option<String>, i64)> {
         .as_sequence()
         .into_iter()
         .flatten()
-        .flat_map(|container| container["ports"].as_sequence().cloned().unwrap_or_default())
-        .map(|port| (port["name"].as_str().map(str::to_owned), port["containerPort"].as_i64().unwrap_or(0)))
+        .flat_map(|container| {
+            container["ports"]
+                .as_sequence()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|port| {
+            (
+                port["name"].as_str().map(str::to_owned),
+                port["containerPort"].as_i64().unwrap_or(0),
+            )
+        })
         .collect()
 }
 
@@ -150,7 +176,12 @@ fn every_object_has_a_known_kind_and_api_version() {
         ("CustomResourceDefinition", "apiextensions.k8s.io/v1"),
     ]
     .into();
-    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"];
+    let cluster_scoped = [
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+    ];
     for (file, object) in &objects {
         let kind = object["kind"].as_str().unwrap_or_default();
         let name = str_of(object, &["metadata", "name"]).unwrap_or_default();
@@ -178,9 +209,12 @@ fn the_crds_are_the_generated_ones() {
         "modelservers.networking.serving.volcano.sh.yaml",
     ] {
         let generated = std::fs::read_to_string(repo().join("crds").join(name)).expect("crds/");
-        let packaged =
-            std::fs::read_to_string(repo().join("manifests/crds").join(name)).expect("manifests/crds/");
-        assert_eq!(packaged, generated, "manifests/crds/{name} drifted from crds/: run `make crds`");
+        let packaged = std::fs::read_to_string(repo().join("manifests/crds").join(name))
+            .expect("manifests/crds/");
+        assert_eq!(
+            packaged, generated,
+            "manifests/crds/{name} drifted from crds/: run `make crds`"
+        );
     }
 }
 
@@ -190,33 +224,56 @@ fn services_pdbs_and_autoscalers_point_at_real_pods_and_ports() {
     for service in of_kind(&objects, "Service") {
         let name = str_of(service, &["metadata", "name"]).unwrap_or_default();
         let selected = deployment_selected_by(&objects, &labels(&service["spec"]["selector"]));
-        assert_eq!(selected.len(), 1, "Service {name} selects exactly one Deployment's pods");
+        assert_eq!(
+            selected.len(),
+            1,
+            "Service {name} selects exactly one Deployment's pods"
+        );
         let ports = container_ports(selected[0]);
         for port in service["spec"]["ports"].as_sequence().expect("ports") {
             let found = match &port["targetPort"] {
-                Value::String(target) => ports.iter().any(|(name, _)| name.as_deref() == Some(target)),
-                Value::Number(target) => ports.iter().any(|(_, number)| Some(*number) == target.as_i64()),
+                Value::String(target) => ports
+                    .iter()
+                    .any(|(name, _)| name.as_deref() == Some(target)),
+                Value::Number(target) => ports
+                    .iter()
+                    .any(|(_, number)| Some(*number) == target.as_i64()),
                 _ => false,
             };
-            assert!(found, "Service {name}: targetPort {:?} is no container port", port["targetPort"]);
+            assert!(
+                found,
+                "Service {name}: targetPort {:?} is no container port",
+                port["targetPort"]
+            );
         }
     }
-    let dataplane_service = find(&objects, "Service", "switchyard-dataplane").expect("dataplane Service");
-    assert_eq!(str_of(dataplane_service, &["spec", "type"]), Some("LoadBalancer"));
+    let dataplane_service =
+        find(&objects, "Service", "switchyard-dataplane").expect("dataplane Service");
+    assert_eq!(
+        str_of(dataplane_service, &["spec", "type"]),
+        Some("LoadBalancer")
+    );
 
     for pdb in of_kind(&objects, "PodDisruptionBudget") {
-        let selected = deployment_selected_by(&objects, &labels(&pdb["spec"]["selector"]["matchLabels"]));
+        let selected =
+            deployment_selected_by(&objects, &labels(&pdb["spec"]["selector"]["matchLabels"]));
         assert_eq!(selected.len(), 1, "the PDB covers one Deployment");
     }
     for hpa in of_kind(&objects, "HorizontalPodAutoscaler") {
         let target = str_of(hpa, &["spec", "scaleTargetRef", "name"]).unwrap_or_default();
-        assert!(find(&objects, "Deployment", target).is_some(), "HPA target {target} exists");
+        assert!(
+            find(&objects, "Deployment", target).is_some(),
+            "HPA target {target} exists"
+        );
     }
     for deployment in of_kind(&objects, "Deployment") {
         let name = str_of(deployment, &["metadata", "name"]).unwrap_or_default();
         let selector = labels(&deployment["spec"]["selector"]["matchLabels"]);
         assert!(
-            selects(&selector, &labels(&deployment["spec"]["template"]["metadata"]["labels"])),
+            selects(
+                &selector,
+                &labels(&deployment["spec"]["template"]["metadata"]["labels"])
+            ),
             "Deployment {name}: its selector matches its own pods"
         );
     }
@@ -229,32 +286,58 @@ fn service_accounts_config_maps_and_rbac_exist_and_the_dataplane_has_no_credenti
         let name = str_of(deployment, &["metadata", "name"]).unwrap_or_default();
         let pod = &deployment["spec"]["template"]["spec"];
         let account = pod["serviceAccountName"].as_str().unwrap_or_default();
-        assert!(find(&objects, "ServiceAccount", account).is_some(), "{name}: ServiceAccount {account} exists");
+        assert!(
+            find(&objects, "ServiceAccount", account).is_some(),
+            "{name}: ServiceAccount {account} exists"
+        );
         for container in pod["containers"].as_sequence().expect("containers") {
             for source in container["envFrom"].as_sequence().into_iter().flatten() {
                 if let Some(config_map) = str_of(source, &["configMapRef", "name"]) {
-                    assert!(find(&objects, "ConfigMap", config_map).is_some(), "{name}: ConfigMap {config_map} exists");
+                    assert!(
+                        find(&objects, "ConfigMap", config_map).is_some(),
+                        "{name}: ConfigMap {config_map} exists"
+                    );
                 }
             }
-            assert_eq!(str_of(container, &["readinessProbe", "httpGet", "path"]), Some("/readyz"), "{name}");
+            assert_eq!(
+                str_of(container, &["readinessProbe", "httpGet", "path"]),
+                Some("/readyz"),
+                "{name}"
+            );
         }
     }
     let controller = find(&objects, "Deployment", "switchyard-controller").expect("controller");
     assert_eq!(controller["spec"]["replicas"].as_i64(), Some(2));
     let dataplane = find(&objects, "Deployment", "switchyard-dataplane").expect("dataplane");
     assert_eq!(dataplane["spec"]["replicas"].as_i64(), Some(3));
-    assert_eq!(dataplane["spec"]["template"]["spec"]["automountServiceAccountToken"].as_bool(), Some(false));
-    let account = find(&objects, "ServiceAccount", "switchyard-dataplane").expect("dataplane ServiceAccount");
-    assert_eq!(account["automountServiceAccountToken"].as_bool(), Some(false));
+    assert_eq!(
+        dataplane["spec"]["template"]["spec"]["automountServiceAccountToken"].as_bool(),
+        Some(false)
+    );
+    let account =
+        find(&objects, "ServiceAccount", "switchyard-dataplane").expect("dataplane ServiceAccount");
+    assert_eq!(
+        account["automountServiceAccountToken"].as_bool(),
+        Some(false)
+    );
 
     let mut bound_roles = Vec::new();
-    for binding in of_kind(&objects, "ClusterRoleBinding").into_iter().chain(of_kind(&objects, "RoleBinding")) {
+    for binding in of_kind(&objects, "ClusterRoleBinding")
+        .into_iter()
+        .chain(of_kind(&objects, "RoleBinding"))
+    {
         let role_kind = str_of(binding, &["roleRef", "kind"]).unwrap_or_default();
         let role = str_of(binding, &["roleRef", "name"]).unwrap_or_default();
-        assert!(find(&objects, role_kind, role).is_some(), "{role_kind} {role} exists");
+        assert!(
+            find(&objects, role_kind, role).is_some(),
+            "{role_kind} {role} exists"
+        );
         for subject in binding["subjects"].as_sequence().expect("subjects") {
             let account = str_of(subject, &["name"]).unwrap_or_default();
-            assert_eq!(account, "switchyard-controller", "only the controller is granted anything");
+            assert_eq!(
+                account, "switchyard-controller",
+                "only the controller is granted anything"
+            );
             assert!(find(&objects, "ServiceAccount", account).is_some());
         }
         bound_roles.push((role_kind.to_owned(), role.to_owned()));
@@ -306,8 +389,14 @@ fn the_samples_compile_and_select_the_mock_engine() {
     for (file, object) in &objects {
         let text = serde_yaml::to_string(object).expect("YAML");
         match object["kind"].as_str() {
-            Some("ModelRoute") => routes.push(serde_yaml::from_str::<ModelRoute>(&text).unwrap_or_else(|error| panic!("{file}: {error}"))),
-            Some("ModelServer") => servers.push(serde_yaml::from_str::<ModelServer>(&text).unwrap_or_else(|error| panic!("{file}: {error}"))),
+            Some("ModelRoute") => routes.push(
+                serde_yaml::from_str::<ModelRoute>(&text)
+                    .unwrap_or_else(|error| panic!("{file}: {error}")),
+            ),
+            Some("ModelServer") => servers.push(
+                serde_yaml::from_str::<ModelServer>(&text)
+                    .unwrap_or_else(|error| panic!("{file}: {error}")),
+            ),
             Some("Deployment") => {}
             other => panic!("{file}: unexpected kind {other:?}"),
         }
@@ -320,7 +409,9 @@ fn the_samples_compile_and_select_the_mock_engine() {
             if selects(&server.spec.workload_selector.match_labels, &pod_labels) {
                 let ports = container_ports(deployment);
                 assert!(
-                    ports.iter().any(|(_, port)| *port == i64::from(server.spec.workload_port.port)),
+                    ports
+                        .iter()
+                        .any(|(_, port)| *port == i64::from(server.spec.workload_port.port)),
                     "the mock engine listens on the ModelServer's workloadPort"
                 );
             }
@@ -347,7 +438,12 @@ fn the_samples_compile_and_select_the_mock_engine() {
     }
     let compiled = compile_route_config(&routes, &servers, &pods);
     for report in &compiled.reports {
-        assert!(report.is_healthy(), "sample {} {}: {report:?}", report.kind.as_str(), report.name);
+        assert!(
+            report.is_healthy(),
+            "sample {} {}: {report:?}",
+            report.kind.as_str(),
+            report.name
+        );
     }
     assert_eq!(compiled.route_config.routes.len(), 1);
     assert_eq!(compiled.route_config.servers[0].endpoints.len(), 1);
@@ -356,9 +452,15 @@ fn the_samples_compile_and_select_the_mock_engine() {
 #[test]
 fn the_dockerfile_is_multi_stage_non_root_and_builds_both_binaries() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
-    let stages = dockerfile.lines().filter(|line| line.starts_with("FROM ")).count();
+    let stages = dockerfile
+        .lines()
+        .filter(|line| line.starts_with("FROM "))
+        .count();
     assert!(stages >= 2, "multi-stage");
-    assert!(dockerfile.contains("--bin switchyard-controller") && dockerfile.contains("--bin switchyard-dataplane"));
+    assert!(
+        dockerfile.contains("--bin switchyard-controller")
+            && dockerfile.contains("--bin switchyard-dataplane")
+    );
     let user = dockerfile
         .lines()
         .rev()
@@ -369,10 +471,16 @@ fn the_dockerfile_is_multi_stage_non_root_and_builds_both_binaries() {
     // The manifests start the binaries the image installs.
     let objects = kustomize(&repo().join("manifests"));
     for deployment in of_kind(&objects, "Deployment") {
-        for container in deployment["spec"]["template"]["spec"]["containers"].as_sequence().expect("containers") {
+        for container in deployment["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .expect("containers")
+        {
             let command = container["command"][0].as_str().unwrap_or_default();
             let binary = command.trim_start_matches("/usr/local/bin/");
-            assert!(dockerfile.contains(&format!("--bin {binary}")), "image builds {binary}");
+            assert!(
+                dockerfile.contains(&format!("--bin {binary}")),
+                "image builds {binary}"
+            );
         }
     }
 }

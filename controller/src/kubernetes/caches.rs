@@ -131,7 +131,11 @@ impl Caches {
     /// Owned copies of every object, in a canonical order (namespace, name) so
     /// equal cluster states compile to equal snapshots on every replica.
     pub fn snapshot(&self) -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
-        (collect(&self.routes), collect(&self.servers), collect(&self.pods))
+        (
+            collect(&self.routes),
+            collect(&self.servers),
+            collect(&self.pods),
+        )
     }
 
     pub fn find_route(&self, namespace: &str, name: &str) -> Option<Arc<ModelRoute>> {
@@ -171,7 +175,10 @@ where
         (a.meta().namespace.as_deref(), a.meta().name.as_deref())
             .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
     });
-    objects.into_iter().map(|object| (*object).clone()).collect()
+    objects
+        .into_iter()
+        .map(|object| (*object).clone())
+        .collect()
 }
 
 fn find<K>(caches: &[Cache<K>], namespace: &str, name: &str) -> Option<Arc<K>>

@@ -27,10 +27,10 @@ use crate::scrape::{PodLoads, ScrapeConfig, ScrapeTarget, Scraper};
 use crate::status::{self, AckSummary};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
+pub mod caches;
 pub mod leader;
 pub mod pod_selector;
 pub mod status_writer;
-pub mod caches;
 
 pub use self::caches::{Caches, Scope};
 use pod_selector::PodWatch;
@@ -353,8 +353,9 @@ impl CompileLoop {
 
     fn on_objects_changed(&mut self) {
         let (routes, servers, pods) = self.caches.snapshot();
-        self.pod_watch
-            .send_if_modified(|current| replace_if_changed(current, pod_selector::pod_watch(&servers)));
+        self.pod_watch.send_if_modified(|current| {
+            replace_if_changed(current, pod_selector::pod_watch(&servers))
+        });
         let started = Instant::now();
         let compiled = compile_route_config(&routes, &servers, &pods);
         self.compile_duration
@@ -491,7 +492,10 @@ impl StatusLoop {
     }
 
     fn acks(&self) -> AckSummary {
-        let version = self.publisher.route_config().map(|published| published.version.clone());
+        let version = self
+            .publisher
+            .route_config()
+            .map(|published| published.version.clone());
         AckSummary::from_dataplanes(version.as_deref(), &self.dataplanes.list())
     }
 }

@@ -122,7 +122,10 @@ mod tests {
             server(&[("model.example.com/name", "a"), ("app", "x")]),
             server(&[("model.example.com/name", "b"), ("app", "y")]),
         ];
-        assert_eq!(pod_watch(&servers), PodWatch::Labels("app in (x,y)".to_owned()));
+        assert_eq!(
+            pod_watch(&servers),
+            PodWatch::Labels("app in (x,y)".to_owned())
+        );
     }
 
     #[test]

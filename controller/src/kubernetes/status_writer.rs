@@ -181,7 +181,11 @@ impl StatusWriter {
         Ok(())
     }
 
-    async fn publish(&self, event: &RejectionEvent, uid: Option<String>) -> Result<(), kube::Error> {
+    async fn publish(
+        &self,
+        event: &RejectionEvent,
+        uid: Option<String>,
+    ) -> Result<(), kube::Error> {
         let reference = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some(ModelRoute::api_version(&()).into_owned()),
             kind: Some(event.kind.as_str().to_owned()),

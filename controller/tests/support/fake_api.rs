@@ -23,6 +23,8 @@ use tokio_stream::wrappers::ReceiverStream;
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
+/// Feeds one open watch response.
+type WatchSender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
 
 /// One request the controller made.
 #[derive(Clone, Debug)]
@@ -46,7 +48,7 @@ struct State {
     /// Collection path (e.g. `/api/v1/pods`, cluster-wide) -> objects.
     collections: BTreeMap<String, Vec<Value>>,
     /// Open watch bodies per collection path.
-    watchers: BTreeMap<String, Vec<mpsc::Sender<Result<Frame<Bytes>, Infallible>>>>,
+    watchers: BTreeMap<String, Vec<WatchSender>>,
     lease: Option<Value>,
     requests: Vec<Recorded>,
     resource_version: u64,
@@ -105,7 +107,9 @@ impl FakeApi {
         };
         let line = format!("{}\n", json!({"type": event_type, "object": object}));
         for sender in senders {
-            let _ = sender.send(Ok(Frame::data(Bytes::from(line.clone())))).await;
+            let _ = sender
+                .send(Ok(Frame::data(Bytes::from(line.clone()))))
+                .await;
         }
     }
 
@@ -115,7 +119,11 @@ impl FakeApi {
     }
 
     /// Waits for a request matching `wanted` (already made or future) and returns it.
-    pub async fn wait_for(&self, what: &str, mut wanted: impl FnMut(&Recorded) -> bool) -> Recorded {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        mut wanted: impl FnMut(&Recorded) -> bool,
+    ) -> Recorded {
         let mut revision = self.revision.subscribe();
         let wait = async {
             loop {
@@ -203,7 +211,11 @@ impl FakeApi {
                     .unwrap_or_else(|_| not_found());
             }
             let state = self.state.lock();
-            let items = state.collections.get(&collection).cloned().unwrap_or_default();
+            let items = state
+                .collections
+                .get(&collection)
+                .cloned()
+                .unwrap_or_default();
             return json_response(
                 StatusCode::OK,
                 json!({
@@ -221,9 +233,14 @@ impl FakeApi {
     fn stored(&self, path: &str) -> Option<Value> {
         let (collection, namespace, name) = object_path(path)?;
         let state = self.state.lock();
-        state.collections.get(&collection)?.iter().find(|object| {
-            object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
-        }).cloned()
+        state
+            .collections
+            .get(&collection)?
+            .iter()
+            .find(|object| {
+                object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
+            })
+            .cloned()
     }
 
     fn patch_status(&self, request: &Recorded) -> Response<ResponseBody> {
@@ -231,15 +248,11 @@ impl FakeApi {
             return not_found();
         };
         let mut state = self.state.lock();
-        let Some(object) = state
-            .collections
-            .get_mut(&collection)
-            .and_then(|objects| {
-                objects.iter_mut().find(|object| {
-                    object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
-                })
+        let Some(object) = state.collections.get_mut(&collection).and_then(|objects| {
+            objects.iter_mut().find(|object| {
+                object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
             })
-        else {
+        }) else {
             return not_found();
         };
         object["status"] = request.body["status"].clone();
@@ -286,7 +299,9 @@ impl FakeApi {
 
 /// `.../namespaces/{ns}/{plural}/{name}[/status]` -> (cluster-wide collection, ns, name).
 fn object_path(path: &str) -> Option<(String, String, String)> {
-    let (prefix, rest) = path.trim_end_matches("/status").split_once("/namespaces/")?;
+    let (prefix, rest) = path
+        .trim_end_matches("/status")
+        .split_once("/namespaces/")?;
     let mut parts = rest.split('/');
     let namespace = parts.next()?.to_owned();
     let plural = parts.next()?;
@@ -298,7 +313,9 @@ fn object_path(path: &str) -> Option<(String, String, String)> {
 fn cluster_wide(path: &str) -> String {
     match path.split_once("/namespaces/") {
         Some((prefix, rest)) => match rest.split_once('/') {
-            Some((_, plural)) => format!("{prefix}/{}", plural.split('/').next().unwrap_or_default()),
+            Some((_, plural)) => {
+                format!("{prefix}/{}", plural.split('/').next().unwrap_or_default())
+            }
             None => path.to_owned(),
         },
         None => path.to_owned(),
@@ -309,7 +326,9 @@ fn json_response(status: StatusCode, body: Value) -> Response<ResponseBody> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(BodyExt::boxed_unsync(Full::new(Bytes::from(body.to_string()))))
+        .body(BodyExt::boxed_unsync(Full::new(Bytes::from(
+            body.to_string(),
+        ))))
         .unwrap_or_else(|_| Response::new(BodyExt::boxed_unsync(Full::new(Bytes::new()))))
 }
 
