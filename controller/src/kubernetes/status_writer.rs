@@ -208,3 +208,129 @@ impl StatusWriter {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use tower_test::mock;
+
+    use super::*;
+    use crate::compile::compile_route_config;
+
+    const ROUTE: &str = r#"
+metadata: { name: broken, namespace: team-a, uid: uid-1, generation: 3 }
+spec:
+  modelName: broken
+  rules:
+  - name: default
+    targetModels:
+    - modelServerName: gone
+"#;
+
+    /// Plans from a reflector store seeded by hand, then checks, request by
+    /// request, what the writer sends (tower-test scenario, as kube-rs tests do).
+    #[tokio::test]
+    async fn writes_status_by_server_side_apply_then_the_event() {
+        let route: ModelRoute = serde_yaml::from_str(ROUTE).expect("test route parses");
+        let caches = Caches::seeded(vec![route.clone()], Vec::new(), Vec::new());
+        let compiled = compile_route_config(&[route], &[], &[]);
+        let acks = AckSummary::from_dataplanes(Some("rc-1"), &[]);
+        let now = Timestamp::from_second(1_780_000_000).expect("timestamp");
+        let updates = plan(&PlanInput {
+            reports: &compiled.reports,
+            caches: &caches,
+            acks: &acks,
+            last_scrape: &BTreeMap::new(),
+            now,
+        });
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].uid.as_deref(), Some("uid-1"));
+
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut writer =
+            StatusWriter::new(kube::Client::new(service, "default"), "replica-a".into());
+        let scenario = tokio::spawn(async move {
+            let (request, respond) = handle.next_request().await.expect("status patch");
+            assert_eq!(request.method(), http::Method::PATCH);
+            assert_eq!(
+                request.uri().to_string(),
+                "/apis/networking.serving.volcano.sh/v1alpha1/namespaces/team-a/modelroutes/broken/status?&force=true&fieldManager=switchyard-controller"
+            );
+            assert_eq!(
+                request
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|value| value.as_bytes()),
+                Some(&b"application/apply-patch+yaml"[..])
+            );
+            let body = http_body_util::BodyExt::collect(request.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            let body: Value = serde_json::from_slice(&body).expect("JSON body");
+            assert_eq!(body["apiVersion"], "networking.serving.volcano.sh/v1alpha1");
+            assert_eq!(body["kind"], "ModelRoute");
+            assert_eq!(body["status"]["observedGeneration"], 3);
+            let conditions = body["status"]["conditions"].as_array().expect("conditions");
+            let summary: Vec<(&str, &str, &str)> = conditions
+                .iter()
+                .map(|c| {
+                    (
+                        c["type"].as_str().unwrap_or_default(),
+                        c["status"].as_str().unwrap_or_default(),
+                        c["reason"].as_str().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                summary,
+                [
+                    ("Accepted", "True", "Accepted"),
+                    ("ResolvedRefs", "False", "BackendNotFound"),
+                    ("Programmed", "False", "NotInSnapshot"),
+                ]
+            );
+            assert_eq!(conditions[1]["lastTransitionTime"], "2026-05-28T20:26:40Z");
+            let object = json!({"apiVersion": "networking.serving.volcano.sh/v1alpha1", "kind": "ModelRoute",
+                "metadata": {"name": "broken", "namespace": "team-a"}, "spec": {"rules": []}, "status": body["status"]});
+            respond.send_response(Response::new(Body::from(object.to_string().into_bytes())));
+
+            let (request, respond) = handle.next_request().await.expect("event");
+            assert_eq!(request.method(), http::Method::POST);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/events.k8s.io/v1/namespaces/team-a/events"
+            );
+            let body = http_body_util::BodyExt::collect(request.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            let event: Value = serde_json::from_slice(&body).expect("JSON body");
+            assert_eq!(event["type"], "Warning");
+            assert_eq!(event["reason"], "BackendNotFound");
+            assert_eq!(event["action"], "Compile");
+            assert_eq!(event["regarding"]["uid"], "uid-1");
+            assert_eq!(event["reportingInstance"], "replica-a");
+            respond.send_response(Response::new(Body::from(body.to_vec())));
+        });
+        writer.sync(updates.clone()).await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), scenario)
+            .await
+            .expect("scenario in time")
+            .expect("scenario assertions");
+
+        // Remembered as applied, so the same plan is not sent again before the watch catches up.
+        assert_eq!(
+            writer.applied.get(&(
+                ObjectKind::ModelRoute,
+                "team-a".to_owned(),
+                "broken".to_owned()
+            )),
+            Some(&updates[0].patch)
+        );
+        // Leadership lost: forgotten, the next leader owns it.
+        writer.forget();
+        assert!(writer.applied.is_empty());
+    }
+}
