@@ -1,7 +1,7 @@
 # Switchyard: `make demo` runs the local demo, `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt crds demo demo-up demo-down
+.PHONY: all build test lint fmt crds demo demo-up demo-down e2e-vllm
 
 all: build
 
@@ -22,6 +22,7 @@ fmt:
 # Regenerates crds/ from the Rust types (a test fails when they drift).
 crds:
 	$(CARGO) run -q -p switchyard-controller --bin crdgen -- --write crds
+	cp crds/*.yaml manifests/crds/
 
 demo: build
 	e2e/demo.sh run
@@ -31,3 +32,8 @@ demo-up: build
 
 demo-down:
 	e2e/demo.sh down
+
+# Optional, not part of `make test`: two real vLLM engines (CPU build, ~6 GB
+# download on first run) behind the controller (local mode) and a dataplane.
+e2e-vllm: build
+	e2e/vllm.sh

@@ -1,5 +1,6 @@
 //! Wires local mode together: config directory watcher -> compile -> publish
 //! -> snapshot stream server, plus the engine scraper and the admin server.
+//! Kubernetes mode (no `--config-dir`) lives in [`crate::kubernetes`].
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -24,6 +25,8 @@ use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPubli
 pub const SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(5);
 /// Exit code when the config directory cannot be read (BSD `EX_NOINPUT`).
 pub const EXIT_NO_INPUT: i32 = 66;
+/// Exit code when Kubernetes mode finds no cluster credentials (BSD `EX_CONFIG`).
+pub const EXIT_CONFIG: i32 = 78;
 /// Exit code of every other failure.
 pub const EXIT_FAILURE: i32 = 1;
 /// Log filter when `RUST_LOG` is unset.
@@ -32,10 +35,10 @@ const DEFAULT_LOG_FILTER: &str = "info";
 /// Why the controller could not start or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error(
-        "Kubernetes mode is not available in this build yet: pass --config-dir DIR (or set SWITCHYARD_CONFIG_DIR) to run in local mode"
-    )]
+    #[error("local mode needs --config-dir DIR (or SWITCHYARD_CONFIG_DIR)")]
     KubernetesModeUnavailable,
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kubernetes::KubernetesError),
     #[error("cannot listen on {addr} for the {server} server: {source}")]
     Bind {
         server: &'static str,
@@ -63,6 +66,7 @@ impl AppError {
                 EXIT_USAGE
             }
             Self::Config(_) => EXIT_NO_INPUT,
+            Self::Kubernetes(_) => EXIT_CONFIG,
             _ => EXIT_FAILURE,
         }
     }
@@ -113,7 +117,7 @@ pub async fn shutdown_signal() {
 /// Runs the controller in the mode `args` select until `shutdown` completes.
 pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     if args.config_dir.is_none() {
-        return Err(AppError::KubernetesModeUnavailable);
+        return crate::kubernetes::run(args, shutdown).await;
     }
     run_local(args, shutdown).await
 }
@@ -162,15 +166,6 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
         return Err(AppError::KubernetesModeUnavailable);
     };
     let controller_id = args.effective_controller_id();
-    let bind = |server: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| AppError::Bind {
-                server,
-                addr,
-                source,
-            })
-    };
     let xds_listener = bind("snapshot stream", args.xds_addr).await?;
     let admin_listener = bind("admin", args.metrics_addr).await?;
     let xds_addr = local_addr(&xds_listener, "snapshot stream", args.xds_addr)?;
@@ -252,7 +247,18 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
     })
 }
 
-fn local_addr(
+/// Binds a listener for `server`, naming it in the error.
+pub(crate) async fn bind(server: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            server,
+            addr,
+            source,
+        })
+}
+
+pub(crate) fn local_addr(
     listener: &TcpListener,
     server: &'static str,
     addr: SocketAddr,
@@ -264,7 +270,9 @@ fn local_addr(
     })
 }
 
-fn register_compile_duration(registry: &Registry) -> Result<HistogramVec, prometheus::Error> {
+pub(crate) fn register_compile_duration(
+    registry: &Registry,
+) -> Result<HistogramVec, prometheus::Error> {
     let histogram = HistogramVec::new(
         HistogramOpts::new(
             "switchyard_controller_compile_duration_seconds",
@@ -279,7 +287,7 @@ fn register_compile_duration(registry: &Registry) -> Result<HistogramVec, promet
 }
 
 /// Completes once `stop` turns true (or its sender is gone).
-async fn stopped(mut stop: watch::Receiver<bool>) {
+pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
@@ -454,7 +462,7 @@ impl CompileLoop {
     }
 }
 
-fn unix_ms_now() -> i64 {
+pub(crate) fn unix_ms_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| {

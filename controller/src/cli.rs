@@ -16,6 +16,12 @@ pub const DEFAULT_SCRAPE_INTERVAL: &str = "1s";
 /// pod still ends before the next one starts (1 s interval -> 750 ms).
 pub const DEFAULT_SCRAPE_TIMEOUT_PERCENT_OF_INTERVAL: u32 = 75;
 
+/// Lease that elects the replica writing status (Kubernetes mode); replicas share it by name.
+pub const DEFAULT_LEASE_NAME: &str = "switchyard-controller";
+/// Namespace of the Lease when `POD_NAMESPACE` (downward API) is unset: the
+/// namespace the manifests install the controller into.
+pub const DEFAULT_LEASE_NAMESPACE: &str = "switchyard-system";
+
 /// Exit code when the command line is unusable (BSD `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 
@@ -54,6 +60,24 @@ pub struct Args {
     /// Bound on one scrape request [default: 75% of --scrape-interval].
     #[arg(long, env = "SWITCHYARD_SCRAPE_TIMEOUT", value_parser = parse_positive_duration, value_name = "DURATION")]
     pub scrape_timeout: Option<Duration>,
+
+    /// Kubernetes mode: watch ModelRoutes, ModelServers and Pods only in these
+    /// namespaces (comma-separated) [default: all namespaces].
+    #[arg(
+        long,
+        env = "SWITCHYARD_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NS,..."
+    )]
+    pub namespaces: Vec<String>,
+
+    /// Kubernetes mode: name of the Lease used to elect the replica that writes status.
+    #[arg(long, env = "SWITCHYARD_LEASE_NAME", default_value = DEFAULT_LEASE_NAME, value_name = "NAME")]
+    pub lease_name: String,
+
+    /// Kubernetes mode: namespace of that Lease (the controller's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_LEASE_NAMESPACE, value_name = "NS")]
+    pub lease_namespace: String,
 
     /// Log line format.
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -109,6 +133,16 @@ mod tests {
         assert_eq!(args.scrape_interval, Duration::from_secs(1));
         assert_eq!(args.effective_scrape_timeout(), Duration::from_millis(750));
         assert_eq!(args.log_format, LogFormat::Text);
+        assert!(args.namespaces.is_empty());
+        assert_eq!(args.lease_name, "switchyard-controller");
+    }
+
+    #[test]
+    fn namespaces_are_comma_separated() {
+        let args =
+            parse(&["--namespaces", "team-a,team-b", "--lease-namespace", "ops"]).expect("parses");
+        assert_eq!(args.namespaces, ["team-a", "team-b"]);
+        assert_eq!(args.lease_namespace, "ops");
     }
 
     #[test]

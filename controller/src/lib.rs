@@ -4,6 +4,8 @@
 //! Layout:
 //! - [`compile`]: the pure core, inputs -> snapshot + per-object reports;
 //! - [`local`]: local mode, objects read from YAML files in a directory;
+//! - [`kubernetes`]: Kubernetes mode: watches, leader election, status writing;
+//! - [`status`]: the pure status-condition computation;
 //! - [`scrape`]: engine `/metrics` and `/v1/models` scraping and parsing;
 //! - [`xds`]: the snapshot stream server (versions, nonces, ACK/NACK);
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`;
@@ -14,6 +16,8 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod compile;
+pub mod kubernetes;
 pub mod local;
 pub mod scrape;
+pub mod status;
 pub mod xds;

@@ -91,6 +91,9 @@ fn args(config_dir: &Path) -> Args {
         scrape_timeout: None,
         log_format: LogFormat::Text,
         controller_id: Some("test-controller".into()),
+        namespaces: Vec::new(),
+        lease_name: "switchyard-controller".into(),
+        lease_namespace: "switchyard-system".into(),
     }
 }
 
@@ -376,29 +379,21 @@ async fn a_missing_config_dir_is_a_startup_error() {
     assert_eq!(error.exit_code(), app::EXIT_NO_INPUT);
 }
 
-#[tokio::test]
-async fn without_config_dir_kubernetes_mode_is_refused() {
-    let mut args = args(Path::new("/unused"));
-    args.config_dir = None;
-    let error = app::run(args, std::future::pending())
-        .await
-        .expect_err("Kubernetes mode is not available");
-    assert!(matches!(error, AppError::KubernetesModeUnavailable));
-    assert_eq!(error.exit_code(), 64);
-}
-
 #[test]
-fn the_binary_exits_64_without_config_dir() {
+fn without_config_dir_and_without_cluster_credentials_the_binary_exits_78() {
+    let home = tempfile::tempdir().expect("tempdir");
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard-controller"))
         .env_remove("SWITCHYARD_CONFIG_DIR")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("HOME", home.path())
+        .env("KUBECONFIG", home.path().join("no-such-kubeconfig"))
         .env("SWITCHYARD_XDS_ADDR", "127.0.0.1:0")
         .env("SWITCHYARD_METRICS_ADDR", "127.0.0.1:0")
         .output()
         .expect("run the binary");
-    assert_eq!(output.status.code(), Some(64));
+    assert_eq!(output.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("Kubernetes mode is not available in this build yet"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("no Kubernetes credentials"), "{stderr}");
+    assert!(stderr.contains("--config-dir"), "{stderr}");
 }

@@ -1,0 +1,386 @@
+//! Reflectors: local caches of ModelRoutes, ModelServers and Pods, kept in
+//! sync with the API server by list+watch, one per watched namespace (or one
+//! cluster-wide), each bumping a shared change counter on every event.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, reflector::store::Writer};
+use kube::{Api, Client, Resource};
+use parking_lot::RwLock;
+use serde::de::DeserializeOwned;
+use switchyard_crd::{ModelRoute, ModelServer};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::pod_selector::PodWatch;
+
+/// Which namespaces are watched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Namespaces(Vec<String>),
+}
+
+impl Scope {
+    /// `--namespaces`: empty means every namespace.
+    pub fn from_namespaces(namespaces: &[String]) -> Self {
+        let mut namespaces: Vec<String> = namespaces
+            .iter()
+            .map(|namespace| namespace.trim().to_owned())
+            .filter(|namespace| !namespace.is_empty())
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        if namespaces.is_empty() {
+            Self::All
+        } else {
+            Self::Namespaces(namespaces)
+        }
+    }
+
+    fn apis<K>(&self, client: &Client) -> Vec<Api<K>>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match self {
+            Self::All => vec![Api::all(client.clone())],
+            Self::Namespaces(namespaces) => namespaces
+                .iter()
+                .map(|namespace| Api::namespaced(client.clone(), namespace))
+                .collect(),
+        }
+    }
+}
+
+/// The cache of one kind in one namespace (or cluster-wide). The store is
+/// swapped whole when the watch is restarted with a new selector, once the new
+/// one has listed everything, so readers never see a half-filled cache.
+#[derive(Clone)]
+pub struct Cache<K: Resource<DynamicType = ()> + 'static> {
+    store: Arc<RwLock<Store<K>>>,
+    synced: watch::Receiver<bool>,
+}
+
+impl<K> Cache<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    /// A cache holding `objects`, already synced: for tests and for "watch nothing".
+    pub fn seeded(objects: Vec<K>) -> Self {
+        let (store, mut writer) = reflector::store();
+        seed(&mut writer, objects);
+        Self {
+            store: Arc::new(RwLock::new(store)),
+            synced: watch::channel(true).1,
+        }
+    }
+
+    /// Every cached object.
+    pub fn objects(&self) -> Vec<Arc<K>> {
+        self.store.read().state()
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    async fn wait_synced(&mut self) {
+        // A dropped sender means the reflector task ended; the caller's task supervision reports it.
+        let _ = self.synced.wait_for(|synced| *synced).await;
+    }
+}
+
+fn seed<K>(writer: &mut Writer<K>, objects: Vec<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    writer.apply_watcher_event(&Event::Init);
+    for object in objects {
+        writer.apply_watcher_event(&Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&Event::InitDone);
+}
+
+/// Every cache the compile reads, plus the change counter its loop waits on.
+#[derive(Clone)]
+pub struct Caches {
+    pub routes: Vec<Cache<ModelRoute>>,
+    pub servers: Vec<Cache<ModelServer>>,
+    pub pods: Vec<Cache<Pod>>,
+    /// Bumped on every watch event of any kind.
+    pub changes: watch::Receiver<u64>,
+}
+
+impl Caches {
+    /// Caches holding fixed objects, already synced (reflector stores seeded by hand).
+    pub fn seeded(routes: Vec<ModelRoute>, servers: Vec<ModelServer>, pods: Vec<Pod>) -> Self {
+        Self {
+            routes: vec![Cache::seeded(routes)],
+            servers: vec![Cache::seeded(servers)],
+            pods: vec![Cache::seeded(pods)],
+            changes: watch::channel(0).1,
+        }
+    }
+
+    /// Owned copies of every object, in a canonical order (namespace, name) so
+    /// equal cluster states compile to equal snapshots on every replica.
+    pub fn snapshot(&self) -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
+        (
+            collect(&self.routes),
+            collect(&self.servers),
+            collect(&self.pods),
+        )
+    }
+
+    pub fn find_route(&self, namespace: &str, name: &str) -> Option<Arc<ModelRoute>> {
+        find(&self.routes, namespace, name)
+    }
+
+    pub fn find_server(&self, namespace: &str, name: &str) -> Option<Arc<ModelServer>> {
+        find(&self.servers, namespace, name)
+    }
+
+    /// Whether every cache has completed its initial list.
+    pub fn is_synced(&self) -> bool {
+        self.routes.iter().all(Cache::is_synced)
+            && self.servers.iter().all(Cache::is_synced)
+            && self.pods.iter().all(Cache::is_synced)
+    }
+
+    pub async fn wait_synced(&mut self) {
+        for cache in &mut self.routes {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.servers {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.pods {
+            cache.wait_synced().await;
+        }
+    }
+}
+
+fn collect<K>(caches: &[Cache<K>]) -> Vec<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut objects: Vec<Arc<K>> = caches.iter().flat_map(Cache::objects).collect();
+    objects.sort_by(|a, b| {
+        (a.meta().namespace.as_deref(), a.meta().name.as_deref())
+            .cmp(&(b.meta().namespace.as_deref(), b.meta().name.as_deref()))
+    });
+    objects
+        .into_iter()
+        .map(|object| (*object).clone())
+        .collect()
+}
+
+fn find<K>(caches: &[Cache<K>], namespace: &str, name: &str) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let key = reflector::ObjectRef::new(name).within(namespace);
+    caches.iter().find_map(|cache| cache.store.read().get(&key))
+}
+
+/// The running reflector tasks of [`Caches`].
+pub struct Reflectors {
+    pub caches: Caches,
+    /// Where the compile loop sends the pod watch derived from the ModelServers.
+    pub pod_watch: watch::Sender<PodWatch>,
+    _fixed_selection: watch::Sender<PodWatch>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+impl Reflectors {
+    pub fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the ModelRoute and ModelServer reflectors of `scope`, waits for
+/// the ModelServers to sync, derives the pod watch from them, then starts the
+/// Pod reflectors. Returns once the tasks are started (not synced: see
+/// [`Caches::wait_synced`]).
+pub async fn start(client: &Client, scope: &Scope) -> Reflectors {
+    let (changes_sender, changes) = watch::channel(0_u64);
+    let changes_sender = Arc::new(changes_sender);
+    let mut tasks = Vec::new();
+    // Routes and servers are watched whole; this sender never changes and lives in `Reflectors`.
+    let (fixed_selection, fixed) = watch::channel(PodWatch::All);
+
+    let mut routes = Vec::new();
+    for api in scope.apis::<ModelRoute>(client) {
+        let (cache, task) = spawn_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+        routes.push(cache);
+        tasks.push(task);
+    }
+    let mut servers = Vec::new();
+    for api in scope.apis::<ModelServer>(client) {
+        let (cache, task) = spawn_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+        servers.push(cache);
+        tasks.push(task);
+    }
+    for cache in &mut servers {
+        cache.wait_synced().await;
+    }
+    let initial_watch = super::pod_selector::pod_watch(&collect(&servers));
+    tracing::info!(pod_watch = ?initial_watch, "watching pods");
+    let (pod_watch, pod_watch_receiver) = watch::channel(initial_watch);
+    let mut pods = Vec::new();
+    for api in scope.apis::<Pod>(client) {
+        let (cache, task) = spawn_reflector(
+            api,
+            pod_watch_receiver.clone(),
+            changes_sender.clone(),
+            strip_pod,
+        );
+        pods.push(cache);
+        tasks.push(task);
+    }
+    Reflectors {
+        caches: Caches {
+            routes,
+            servers,
+            pods,
+            changes,
+        },
+        pod_watch,
+        _fixed_selection: fixed_selection,
+        tasks,
+    }
+}
+
+fn keep<K>(_: &mut K) {}
+
+/// Keeps only what compile reads of a pod (labels, deletion, IP, phase,
+/// conditions): a pod's spec and managed fields are most of its size.
+fn strip_pod(pod: &mut Pod) {
+    let metadata = std::mem::take(&mut pod.metadata);
+    pod.metadata = ObjectMeta {
+        name: metadata.name,
+        namespace: metadata.namespace,
+        labels: metadata.labels,
+        deletion_timestamp: metadata.deletion_timestamp,
+        resource_version: metadata.resource_version,
+        uid: metadata.uid,
+        ..ObjectMeta::default()
+    };
+    pod.spec = None;
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        conditions: status.conditions,
+        ..PodStatus::default()
+    });
+}
+
+fn spawn_reflector<K>(
+    api: Api<K>,
+    selection: watch::Receiver<PodWatch>,
+    changes: Arc<watch::Sender<u64>>,
+    modify: fn(&mut K),
+) -> (Cache<K>, JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (empty, _) = reflector::store::<K>();
+    let store = Arc::new(RwLock::new(empty));
+    let (synced_sender, synced) = watch::channel(false);
+    let cache = Cache {
+        store: store.clone(),
+        synced,
+    };
+    let task = tokio::spawn(run_reflector(
+        api,
+        selection,
+        store,
+        synced_sender,
+        changes,
+        modify,
+    ));
+    (cache, task)
+}
+
+/// Lists and watches `api` with the current selection; when the selection
+/// changes, starts over with the new one and swaps the store in once listed.
+async fn run_reflector<K>(
+    api: Api<K>,
+    mut selection: watch::Receiver<PodWatch>,
+    current: Arc<RwLock<Store<K>>>,
+    synced: watch::Sender<bool>,
+    changes: Arc<watch::Sender<u64>>,
+    modify: fn(&mut K),
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let bump = || changes.send_modify(|count| *count = count.wrapping_add(1));
+    let kind = K::kind(&());
+    loop {
+        let watching = selection.borrow_and_update().clone();
+        let config = match &watching {
+            PodWatch::Nothing => {
+                *current.write() = Cache::<K>::seeded(Vec::new()).store.read().clone();
+                synced.send_replace(true);
+                bump();
+                if selection.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            PodWatch::All => watcher::Config::default(),
+            PodWatch::Labels(selector) => watcher::Config::default().labels(selector),
+        };
+        let (store, writer) = reflector::store();
+        let stream = reflector::reflector(
+            writer,
+            watcher::watcher(api.clone(), config)
+                .default_backoff()
+                .modify(modify),
+        );
+        futures::pin_mut!(stream);
+        let mut swapped = false;
+        let mut selection_open = true;
+        loop {
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(Ok(event)) => {
+                        if !swapped && matches!(event, Event::InitDone) {
+                            *current.write() = store.clone();
+                            swapped = true;
+                            synced.send_replace(true);
+                            tracing::debug!(kind = %kind, objects = store.len(), "cache synced");
+                        }
+                        if swapped {
+                            bump();
+                        }
+                    }
+                    Some(Err(error)) => {
+                        // The backoff retries; the cache keeps serving what it has.
+                        tracing::warn!(kind = %kind, %error, "watch failed; retrying");
+                    }
+                    None => return,
+                },
+                changed = selection.changed(), if selection_open => {
+                    if changed.is_err() {
+                        // Shutting down: keep the current watch until the task is aborted.
+                        selection_open = false;
+                        continue;
+                    }
+                    if *selection.borrow() != watching {
+                        tracing::info!(kind = %kind, selection = ?*selection.borrow(), "restarting the watch with a new selector");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Writes status (server-side apply on the status subresource) and Events for
+//! rejected objects. Only the elected leader runs [`StatusWriter::sync`];
+//! what to write is decided by the pure [`plan`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource};
+use serde_json::{Value, json};
+use switchyard_crd::{ModelRoute, ModelServer};
+
+use super::caches::Caches;
+use crate::compile::{ObjectKind, ObjectReport};
+use crate::status::{self, AckSummary, RejectionEvent};
+
+/// Field manager of every status patch: `kubectl get -o yaml --show-managed-fields` names it.
+pub const FIELD_MANAGER: &str = "switchyard-controller";
+/// `action` of the Events published for rejected objects.
+const EVENT_ACTION: &str = "Compile";
+
+/// One status to apply, and the Event that goes with it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusUpdate {
+    pub kind: ObjectKind,
+    pub namespace: String,
+    pub name: String,
+    /// The server-side apply body: `apiVersion`, `kind`, `status`.
+    pub patch: Value,
+    pub event: Option<RejectionEvent>,
+    /// `metadata.uid`, so the Event is attached to this very object (`kubectl describe` matches on it).
+    pub uid: Option<String>,
+}
+
+/// Everything [`plan`] reads.
+pub struct PlanInput<'a> {
+    pub reports: &'a [ObjectReport],
+    pub caches: &'a Caches,
+    pub acks: &'a AckSummary,
+    /// Newest successful scrape per ModelServer (namespace, name).
+    pub last_scrape: &'a BTreeMap<(String, String), Timestamp>,
+    pub now: Timestamp,
+}
+
+/// The status patches that would change something, given each object's
+/// current status in the cache. Objects no longer cached (deleted since the
+/// compile) are skipped.
+pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
+    let mut updates = Vec::new();
+    for report in input.reports {
+        let update = match report.kind {
+            ObjectKind::ModelRoute => {
+                let Some(object) = input.caches.find_route(&report.namespace, &report.name) else {
+                    continue;
+                };
+                let previous = object.status.as_ref();
+                let desired = status::route_status(report, input.acks, previous, input.now);
+                if previous == Some(&desired) {
+                    continue;
+                }
+                let conditions = previous.map_or(&[][..], |status| &status.conditions);
+                StatusUpdate {
+                    kind: report.kind,
+                    namespace: report.namespace.clone(),
+                    name: report.name.clone(),
+                    patch: apply_body::<ModelRoute>(serde_json::to_value(&desired)),
+                    event: status::rejection_event(report, conditions),
+                    uid: object.metadata.uid.clone(),
+                }
+            }
+            ObjectKind::ModelServer => {
+                let Some(object) = input.caches.find_server(&report.namespace, &report.name) else {
+                    continue;
+                };
+                let previous = object.status.as_ref();
+                let last_scrape = input
+                    .last_scrape
+                    .get(&(report.namespace.clone(), report.name.clone()))
+                    .copied();
+                let desired =
+                    status::server_status(report, input.acks, previous, last_scrape, input.now);
+                if previous == Some(&desired) {
+                    continue;
+                }
+                let conditions = previous.map_or(&[][..], |status| &status.conditions);
+                StatusUpdate {
+                    kind: report.kind,
+                    namespace: report.namespace.clone(),
+                    name: report.name.clone(),
+                    patch: apply_body::<ModelServer>(serde_json::to_value(&desired)),
+                    event: status::rejection_event(report, conditions),
+                    uid: object.metadata.uid.clone(),
+                }
+            }
+        };
+        updates.push(update);
+    }
+    updates
+}
+
+fn apply_body<K: Resource<DynamicType = ()>>(status: Result<Value, serde_json::Error>) -> Value {
+    json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        // Status types are plain structs of strings and numbers: serialising cannot fail.
+        "status": status.unwrap_or(Value::Null),
+    })
+}
+
+/// Applies [`StatusUpdate`]s and publishes their Events.
+pub struct StatusWriter {
+    client: Client,
+    recorder: Recorder,
+    /// What this replica last applied per object, so a patch is not repeated
+    /// before its watch event brings the new status into the cache.
+    applied: HashMap<(ObjectKind, String, String), Value>,
+}
+
+impl StatusWriter {
+    pub fn new(client: Client, instance: String) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_owned(),
+                instance: Some(instance),
+            },
+        );
+        Self {
+            client,
+            recorder,
+            applied: HashMap::new(),
+        }
+    }
+
+    /// Forgets what was applied (leadership lost: the next leader owns it now).
+    pub fn forget(&mut self) {
+        self.applied.clear();
+    }
+
+    /// Applies every update not already applied; a failed one is logged and retried on the next sync.
+    pub async fn sync(&mut self, updates: Vec<StatusUpdate>) {
+        for update in updates {
+            let key = (update.kind, update.namespace.clone(), update.name.clone());
+            if self.applied.get(&key) == Some(&update.patch) {
+                continue;
+            }
+            match self.apply(&update).await {
+                Ok(()) => {
+                    tracing::debug!(kind = update.kind.as_str(), namespace = %update.namespace, name = %update.name, "status applied");
+                    self.applied.insert(key, update.patch.clone());
+                }
+                Err(error) => {
+                    tracing::warn!(kind = update.kind.as_str(), namespace = %update.namespace, name = %update.name, %error, "cannot write status; retrying later");
+                    continue;
+                }
+            }
+            if let Some(event) = &update.event
+                && let Err(error) = self.publish(event, update.uid.clone()).await
+            {
+                tracing::warn!(kind = event.kind.as_str(), namespace = %event.namespace, name = %event.name, %error, "cannot publish event");
+            }
+        }
+    }
+
+    async fn apply(&self, update: &StatusUpdate) -> Result<(), kube::Error> {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let patch = Patch::Apply(&update.patch);
+        match update.kind {
+            ObjectKind::ModelRoute => {
+                Api::<ModelRoute>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+            ObjectKind::ModelServer => {
+                Api::<ModelServer>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        event: &RejectionEvent,
+        uid: Option<String>,
+    ) -> Result<(), kube::Error> {
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(ModelRoute::api_version(&()).into_owned()),
+            kind: Some(event.kind.as_str().to_owned()),
+            namespace: Some(event.namespace.clone()),
+            name: Some(event.name.clone()),
+            uid,
+            ..Default::default()
+        };
+        self.recorder
+            .publish(
+                &Event {
+                    type_: EventType::Warning,
+                    reason: event.reason.clone(),
+                    note: Some(event.note.clone()),
+                    action: EVENT_ACTION.to_owned(),
+                    secondary: None,
+                },
+                &reference,
+            )
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use tower_test::mock;
+
+    use super::*;
+    use crate::compile::compile_route_config;
+
+    const ROUTE: &str = r#"
+metadata: { name: broken, namespace: team-a, uid: uid-1, generation: 3 }
+spec:
+  modelName: broken
+  rules:
+  - name: default
+    targetModels:
+    - modelServerName: gone
+"#;
+
+    /// Plans from a reflector store seeded by hand, then checks, request by
+    /// request, what the writer sends (tower-test scenario, as kube-rs tests do).
+    #[tokio::test]
+    async fn writes_status_by_server_side_apply_then_the_event() {
+        let route: ModelRoute = serde_yaml::from_str(ROUTE).expect("test route parses");
+        let caches = Caches::seeded(vec![route.clone()], Vec::new(), Vec::new());
+        let compiled = compile_route_config(&[route], &[], &[]);
+        let acks = AckSummary::from_dataplanes(Some("rc-1"), &[]);
+        let now = Timestamp::from_second(1_780_000_000).expect("timestamp");
+        let updates = plan(&PlanInput {
+            reports: &compiled.reports,
+            caches: &caches,
+            acks: &acks,
+            last_scrape: &BTreeMap::new(),
+            now,
+        });
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].uid.as_deref(), Some("uid-1"));
+
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let mut writer =
+            StatusWriter::new(kube::Client::new(service, "default"), "replica-a".into());
+        let scenario = tokio::spawn(async move {
+            let (request, respond) = handle.next_request().await.expect("status patch");
+            assert_eq!(request.method(), http::Method::PATCH);
+            assert_eq!(
+                request.uri().to_string(),
+                "/apis/networking.serving.volcano.sh/v1alpha1/namespaces/team-a/modelroutes/broken/status?&force=true&fieldManager=switchyard-controller"
+            );
+            assert_eq!(
+                request
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|value| value.as_bytes()),
+                Some(&b"application/apply-patch+yaml"[..])
+            );
+            let body = http_body_util::BodyExt::collect(request.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            let body: Value = serde_json::from_slice(&body).expect("JSON body");
+            assert_eq!(body["apiVersion"], "networking.serving.volcano.sh/v1alpha1");
+            assert_eq!(body["kind"], "ModelRoute");
+            assert_eq!(body["status"]["observedGeneration"], 3);
+            let conditions = body["status"]["conditions"].as_array().expect("conditions");
+            let summary: Vec<(&str, &str, &str)> = conditions
+                .iter()
+                .map(|c| {
+                    (
+                        c["type"].as_str().unwrap_or_default(),
+                        c["status"].as_str().unwrap_or_default(),
+                        c["reason"].as_str().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                summary,
+                [
+                    ("Accepted", "True", "Accepted"),
+                    ("ResolvedRefs", "False", "BackendNotFound"),
+                    ("Programmed", "False", "NotInSnapshot"),
+                ]
+            );
+            assert_eq!(conditions[1]["lastTransitionTime"], "2026-05-28T20:26:40Z");
+            let object = json!({"apiVersion": "networking.serving.volcano.sh/v1alpha1", "kind": "ModelRoute",
+                "metadata": {"name": "broken", "namespace": "team-a"}, "spec": {"rules": []}, "status": body["status"]});
+            respond.send_response(Response::new(Body::from(object.to_string().into_bytes())));
+
+            let (request, respond) = handle.next_request().await.expect("event");
+            assert_eq!(request.method(), http::Method::POST);
+            assert_eq!(
+                request.uri().path(),
+                "/apis/events.k8s.io/v1/namespaces/team-a/events"
+            );
+            let body = http_body_util::BodyExt::collect(request.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            let event: Value = serde_json::from_slice(&body).expect("JSON body");
+            assert_eq!(event["type"], "Warning");
+            assert_eq!(event["reason"], "BackendNotFound");
+            assert_eq!(event["action"], "Compile");
+            assert_eq!(event["regarding"]["uid"], "uid-1");
+            assert_eq!(event["reportingInstance"], "replica-a");
+            respond.send_response(Response::new(Body::from(body.to_vec())));
+        });
+        writer.sync(updates.clone()).await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), scenario)
+            .await
+            .expect("scenario in time")
+            .expect("scenario assertions");
+
+        // Remembered as applied, so the same plan is not sent again before the watch catches up.
+        assert_eq!(
+            writer.applied.get(&(
+                ObjectKind::ModelRoute,
+                "team-a".to_owned(),
+                "broken".to_owned()
+            )),
+            Some(&updates[0].patch)
+        );
+        // Leadership lost: forgotten, the next leader owns it.
+        writer.forget();
+        assert!(writer.applied.is_empty());
+    }
+}

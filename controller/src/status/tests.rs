@@ -1,0 +1,378 @@
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use switchyard_crd::{ModelRoute, ModelServer};
+
+use super::*;
+use crate::compile::{Reason, compile_route_config};
+use crate::xds::TypeSyncStatus;
+
+fn ts(second: i64) -> Timestamp {
+    Timestamp::from_second(1_780_000_000 + second).expect("valid timestamp")
+}
+
+fn route(yaml: &str) -> ModelRoute {
+    serde_yaml::from_str(yaml).expect("test ModelRoute YAML parses")
+}
+
+fn server(yaml: &str) -> ModelServer {
+    serde_yaml::from_str(yaml).expect("test ModelServer YAML parses")
+}
+
+fn ready_pod(name: &str, app: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("default".to_owned()),
+            labels: Some([("app".to_owned(), app.to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        status: Some(PodStatus {
+            phase: Some("Running".to_owned()),
+            pod_ip: Some("10.0.0.7".to_owned()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".to_owned(),
+                status: "True".to_owned(),
+                ..PodCondition::default()
+            }]),
+            ..PodStatus::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+const SERVER: &str = r#"
+metadata: { name: llama, namespace: default, generation: 2 }
+spec:
+  workloadSelector: { matchLabels: { app: llama } }
+  workloadPort: { port: 8000 }
+  inferenceEngine: vLLM
+"#;
+
+const ROUTE: &str = r#"
+metadata: { name: chat, namespace: default, generation: 3 }
+spec:
+  modelName: chat
+  rules:
+  - name: default
+    targetModels:
+    - modelServerName: llama
+"#;
+
+const ROUTE_TO_MISSING: &str = r#"
+metadata: { name: chat, namespace: default, generation: 4 }
+spec:
+  modelName: chat
+  rules:
+  - name: default
+    targetModels:
+    - modelServerName: gone
+"#;
+
+const ROUTE_BAD_REGEX: &str = r#"
+metadata: { name: chat, namespace: default, generation: 5 }
+spec:
+  modelName: chat
+  rules:
+  - name: default
+    modelMatch:
+      headers:
+        user-type: { regex: "(" }
+    targetModels:
+    - modelServerName: llama
+"#;
+
+fn reports(routes: &[&str]) -> Vec<ObjectReport> {
+    let routes: Vec<ModelRoute> = routes.iter().map(|yaml| route(yaml)).collect();
+    compile_route_config(&routes, &[server(SERVER)], &[ready_pod("llama-0", "llama")]).reports
+}
+
+fn report_of(reports: &[ObjectReport], kind: ObjectKind) -> &ObjectReport {
+    reports
+        .iter()
+        .find(|report| report.kind == kind)
+        .expect("report of that kind")
+}
+
+fn dataplane(stream_id: u64, acked: Option<&str>, nacked: Option<(&str, &str)>) -> DataplaneStatus {
+    DataplaneStatus {
+        stream_id,
+        node_id: Some(format!("dataplane-{stream_id}")),
+        build_version: None,
+        peer: None,
+        connected_since_unix_ms: 0,
+        route_config: TypeSyncStatus {
+            subscribed: true,
+            acked_version: acked.map(str::to_owned),
+            nacked_version: nacked.map(|(version, _)| version.to_owned()),
+            last_nack_error: nacked.map(|(_, error)| error.to_owned()),
+            ..TypeSyncStatus::default()
+        },
+        endpoint_loads: TypeSyncStatus::default(),
+    }
+}
+
+fn all_acked(count: u64) -> AckSummary {
+    let dataplanes: Vec<_> = (1..=count)
+        .map(|id| dataplane(id, Some("rc-1"), None))
+        .collect();
+    AckSummary::from_dataplanes(Some("rc-1"), &dataplanes)
+}
+
+fn find<'a>(conditions: &'a [Condition], type_: &str) -> &'a Condition {
+    conditions
+        .iter()
+        .find(|condition| condition.type_ == type_)
+        .expect("condition present")
+}
+
+#[test]
+fn healthy_route_is_accepted_resolved_and_programmed_on_every_dataplane() {
+    let reports = reports(&[ROUTE]);
+    let status = route_status(
+        report_of(&reports, ObjectKind::ModelRoute),
+        &all_acked(3),
+        None,
+        ts(0),
+    );
+    assert_eq!(status.observed_generation, Some(3));
+    let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(types, ["Accepted", "ResolvedRefs", "Programmed"]);
+    for condition in &status.conditions {
+        assert_eq!(condition.status, "True", "{condition:?}");
+        assert_eq!(condition.observed_generation, Some(3));
+        assert_eq!(condition.last_transition_time, Time(ts(0)));
+    }
+    let programmed = find(&status.conditions, "Programmed");
+    assert_eq!(programmed.reason, "Programmed");
+    assert_eq!(programmed.message, "3/3 dataplanes at version rc-1");
+}
+
+#[test]
+fn missing_backend_names_it_and_is_not_programmed() {
+    let reports = reports(&[ROUTE_TO_MISSING]);
+    let status = route_status(
+        report_of(&reports, ObjectKind::ModelRoute),
+        &all_acked(2),
+        None,
+        ts(0),
+    );
+    let resolved = find(&status.conditions, "ResolvedRefs");
+    assert_eq!(resolved.status, "False");
+    assert_eq!(resolved.reason, "BackendNotFound");
+    assert!(resolved.message.contains("gone"), "{}", resolved.message);
+    let programmed = find(&status.conditions, "Programmed");
+    assert_eq!(
+        (programmed.status.as_str(), programmed.reason.as_str()),
+        ("False", "NotInSnapshot")
+    );
+}
+
+#[test]
+fn invalid_regex_is_not_accepted() {
+    let reports = reports(&[ROUTE_BAD_REGEX]);
+    let report = report_of(&reports, ObjectKind::ModelRoute);
+    let status = route_status(report, &all_acked(1), None, ts(0));
+    let accepted = find(&status.conditions, "Accepted");
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        ("False", "InvalidRegex")
+    );
+    assert_eq!(status.observed_generation, Some(5));
+    let event = rejection_event(report, &[]).expect("a rejection deserves an event");
+    assert_eq!(event.reason, "InvalidRegex");
+    assert_eq!(
+        (event.namespace.as_str(), event.name.as_str()),
+        ("default", "chat")
+    );
+    // Once the object carries that rejection, the same rejection is not reported again.
+    assert_eq!(rejection_event(report, &status.conditions), None);
+}
+
+#[test]
+fn last_transition_time_moves_only_when_status_flips() {
+    let good = reports(&[ROUTE]);
+    let first = route_status(
+        report_of(&good, ObjectKind::ModelRoute),
+        &all_acked(3),
+        None,
+        ts(0),
+    );
+
+    // Same facts later: nothing changes, so a writer has nothing to patch.
+    let again = route_status(
+        report_of(&good, ObjectKind::ModelRoute),
+        &all_acked(3),
+        Some(&first),
+        ts(50),
+    );
+    assert_eq!(again, first);
+
+    // A new dataplane count changes the message, not the transition time.
+    let four = route_status(
+        report_of(&good, ObjectKind::ModelRoute),
+        &all_acked(4),
+        Some(&first),
+        ts(60),
+    );
+    let programmed = find(&four.conditions, "Programmed");
+    assert_eq!(programmed.message, "4/4 dataplanes at version rc-1");
+    assert_eq!(programmed.last_transition_time, Time(ts(0)));
+
+    // The backend disappears: ResolvedRefs and Programmed flip, Accepted stays.
+    let broken = reports(&[ROUTE_TO_MISSING]);
+    let flipped = route_status(
+        report_of(&broken, ObjectKind::ModelRoute),
+        &all_acked(4),
+        Some(&four),
+        ts(100),
+    );
+    assert_eq!(
+        find(&flipped.conditions, "Accepted").last_transition_time,
+        Time(ts(0))
+    );
+    assert_eq!(
+        find(&flipped.conditions, "ResolvedRefs").last_transition_time,
+        Time(ts(100))
+    );
+    assert_eq!(
+        find(&flipped.conditions, "Programmed").last_transition_time,
+        Time(ts(100))
+    );
+}
+
+#[test]
+fn programmed_follows_the_ack_state() {
+    let cases = [
+        (
+            vec![],
+            false,
+            "NoDataplanes",
+            "0/0 dataplanes at version rc-1: no dataplane is connected",
+        ),
+        (
+            vec![
+                dataplane(1, Some("rc-1"), None),
+                dataplane(2, Some("rc-0"), None),
+            ],
+            false,
+            "Pending",
+            "1/2 dataplanes at version rc-1",
+        ),
+        (
+            vec![
+                dataplane(1, Some("rc-1"), None),
+                dataplane(2, Some("rc-0"), Some(("rc-1", "bad regex"))),
+            ],
+            false,
+            "RejectedByDataplane",
+            "1/2 dataplanes at version rc-1; rejected by dataplane-2: bad regex",
+        ),
+        (
+            vec![
+                dataplane(1, Some("rc-1"), None),
+                dataplane(2, Some("rc-1"), None),
+            ],
+            true,
+            "Programmed",
+            "2/2 dataplanes at version rc-1",
+        ),
+    ];
+    for (dataplanes, status, reason, message) in cases {
+        let acks = AckSummary::from_dataplanes(Some("rc-1"), &dataplanes);
+        let (got_status, got_reason, got_message) = acks.programmed(true);
+        assert_eq!(
+            (got_status, got_reason.as_str(), got_message.as_str()),
+            (status, reason, message)
+        );
+    }
+    // A stream that never asked for RouteConfig does not count.
+    let mut unsubscribed = dataplane(9, None, None);
+    unsubscribed.route_config.subscribed = false;
+    assert_eq!(
+        AckSummary::from_dataplanes(Some("rc-1"), &[unsubscribed]).dataplanes,
+        0
+    );
+}
+
+#[test]
+fn server_status_counts_pods_and_keeps_scrape_time_coarse() {
+    let reports = reports(&[ROUTE]);
+    let report = report_of(&reports, ObjectKind::ModelServer);
+    let first = server_status(report, &all_acked(1), None, Some(ts(5)), ts(5));
+    assert_eq!(first.observed_generation, Some(2));
+    assert_eq!((first.ready_pods, first.total_pods), (Some(1), Some(1)));
+    assert_eq!(
+        first.last_scrape_time.as_deref(),
+        Some("2026-05-28T20:26:45Z")
+    );
+    assert_eq!(
+        find(&first.conditions, "ResolvedRefs").reason,
+        Reason::ResolvedRefs.as_str()
+    );
+
+    // Scraped again 10 s later: below the resolution, nothing to write.
+    let soon = server_status(report, &all_acked(1), Some(&first), Some(ts(15)), ts(15));
+    assert_eq!(soon, first);
+    // A minute later it moves.
+    let later = server_status(report, &all_acked(1), Some(&first), Some(ts(65)), ts(65));
+    assert_eq!(
+        later.last_scrape_time.as_deref(),
+        Some("2026-05-28T20:27:45Z")
+    );
+    // No scrape data (all pods failing): the last known time stays, it is not erased.
+    let failing = server_status(report, &all_acked(1), Some(&later), None, ts(70));
+    assert_eq!(failing.last_scrape_time, later.last_scrape_time);
+}
+
+#[test]
+fn foreign_conditions_are_kept_and_long_messages_truncated() {
+    let reports = reports(&[ROUTE]);
+    let report = report_of(&reports, ObjectKind::ModelRoute);
+    let foreign = condition("Degraded", true, "Other", "x".to_owned(), None, &[], ts(1));
+    let previous = ModelRouteStatus {
+        observed_generation: Some(1),
+        conditions: vec![foreign.clone()],
+    };
+    let status = route_status(report, &all_acked(1), Some(&previous), ts(2));
+    assert_eq!(status.conditions.last(), Some(&foreign));
+
+    let long = condition(
+        "Accepted",
+        false,
+        "InvalidRules",
+        "é".repeat(40_000),
+        None,
+        &[],
+        ts(1),
+    );
+    assert!(long.message.len() <= MAX_CONDITION_MESSAGE_BYTES);
+    assert!(long.message.ends_with("..."));
+}
+
+#[test]
+fn last_scrape_by_server_takes_the_newest_pod() {
+    let server = switchyard_snapshot::pb::ModelServer {
+        namespace: "default".to_owned(),
+        name: "llama".to_owned(),
+        endpoints: vec![
+            switchyard_snapshot::pb::Endpoint {
+                name: "a".to_owned(),
+                ip: "10.0.0.1".to_owned(),
+            },
+            switchyard_snapshot::pb::Endpoint {
+                name: "b".to_owned(),
+                ip: "10.0.0.2".to_owned(),
+            },
+        ],
+        ..Default::default()
+    };
+    let observed = BTreeMap::from([
+        ("default/a".to_owned(), 1_780_000_000_000),
+        ("default/b".to_owned(), 1_780_000_005_000),
+    ]);
+    let newest = last_scrape_by_server(&[server], &observed);
+    assert_eq!(
+        newest.get(&("default".to_owned(), "llama".to_owned())),
+        Some(&ts(5))
+    );
+}

@@ -1,0 +1,372 @@
+//! Kubernetes mode against an in-process fake API server (no cluster, no
+//! socket to it): the exact list/watch requests, the pod label selector, the
+//! leader Lease, the server-side-apply status patches, the Events for a
+//! rejected object, the snapshot a dataplane receives, and a watch event
+//! reaching status.
+
+mod support;
+
+use std::time::Duration;
+
+use http::Method;
+use serde_json::{Value, json};
+use switchyard_controller::cli::{Args, LogFormat};
+use switchyard_controller::kubernetes;
+use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
+use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, pb};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use support::fake_api::{DEADLINE, FakeApi, Recorded};
+
+const ROUTES: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelroutes";
+const SERVERS: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelservers";
+const PODS: &str = "/api/v1/pods";
+const API_VERSION: &str = "networking.serving.volcano.sh/v1alpha1";
+/// Stands in for every `lastTransitionTime` in the README's rendering (the real ones are "now").
+const README_TIME: &str = "2026-12-01T17:00:05Z";
+
+fn args() -> Args {
+    Args {
+        config_dir: None,
+        xds_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+        scrape_interval: Duration::from_millis(200),
+        scrape_timeout: None,
+        log_format: LogFormat::Text,
+        controller_id: Some("switchyard-controller-7d9f-abcde".into()),
+        namespaces: Vec::new(),
+        lease_name: "switchyard-controller".into(),
+        lease_namespace: "switchyard-system".into(),
+    }
+}
+
+fn metadata(name: &str, generation: i64) -> Value {
+    json!({
+        "name": name,
+        "namespace": "default",
+        "uid": format!("uid-{name}"),
+        "generation": generation,
+        "resourceVersion": "1",
+        "creationTimestamp": "2026-12-01T17:00:00Z",
+    })
+}
+
+fn route(name: &str, generation: i64, server: &str) -> Value {
+    json!({
+        "apiVersion": API_VERSION,
+        "kind": "ModelRoute",
+        "metadata": metadata(name, generation),
+        "spec": {
+            "modelName": name,
+            "rules": [{"name": "default", "targetModels": [{"modelServerName": server}]}],
+        },
+    })
+}
+
+fn seeded() -> FakeApi {
+    let fake = FakeApi::default();
+    fake.seed(
+        SERVERS,
+        json!({
+            "apiVersion": API_VERSION,
+            "kind": "ModelServer",
+            "metadata": metadata("llama", 1),
+            "spec": {
+                "workloadSelector": {"matchLabels": {"app": "llama"}},
+                "workloadPort": {"port": 8000},
+                "inferenceEngine": "vLLM",
+            },
+        }),
+    );
+    fake.seed(
+        PODS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "llama-0", "namespace": "default", "labels": {"app": "llama"}},
+            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai"}]},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }),
+    );
+    fake.seed(ROUTES, route("chat", 2, "llama"));
+    fake.seed(ROUTES, route("broken", 1, "gone"));
+    fake
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|conditions| {
+            conditions
+                .iter()
+                .find(|condition| condition["type"] == type_)
+        })
+        .unwrap_or(&Value::Null)
+}
+
+fn is_status_patch(request: &Recorded, plural: &str, name: &str) -> bool {
+    request.method == Method::PATCH
+        && request.path
+            == format!(
+                "/apis/networking.serving.volcano.sh/v1alpha1/namespaces/default/{plural}/{name}/status"
+            )
+}
+
+/// A dataplane on the stream that ACKs everything.
+async fn dataplane(
+    addr: std::net::SocketAddr,
+) -> (
+    mpsc::Sender<pb::SnapshotRequest>,
+    tonic::Streaming<pb::SnapshotResponse>,
+) {
+    let mut client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the stream");
+    let (requests, receiver) = mpsc::channel(16);
+    for (index, type_url) in [ROUTE_CONFIG_TYPE_URL, ENDPOINT_LOADS_TYPE_URL]
+        .into_iter()
+        .enumerate()
+    {
+        requests
+            .send(pb::SnapshotRequest {
+                node: (index == 0).then(|| pb::Node {
+                    id: "dataplane-0".into(),
+                    build_version: "test".into(),
+                }),
+                type_url: type_url.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("queue request");
+    }
+    let responses = client
+        .stream_snapshots(ReceiverStream::new(receiver))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    (requests, responses)
+}
+
+#[tokio::test]
+async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
+    let fake = seeded();
+    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts against the fake API");
+
+    // List then watch, cluster-wide, for each kind; pods only with the label the ModelServers select on.
+    for collection in [ROUTES, SERVERS] {
+        let list = fake
+            .wait_for("a list", |request| {
+                request.path == collection && !request.params().contains_key("watch")
+            })
+            .await;
+        assert_eq!(list.method, Method::GET);
+        fake.wait_for("a watch", |request| {
+            request.path == collection
+                && request.params().get("watch").map(String::as_str) == Some("true")
+        })
+        .await;
+    }
+    let pod_list = fake
+        .wait_for("the pod list", |request| request.path == PODS)
+        .await;
+    assert_eq!(
+        pod_list.params().get("labelSelector").map(String::as_str),
+        Some("app in (llama)"),
+        "{pod_list:?}"
+    );
+
+    // The stream serves the compiled cluster state.
+    let (acks, mut responses) = dataplane(controller.xds_addr).await;
+    let route_config = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let response = responses
+                .message()
+                .await
+                .expect("stream healthy")
+                .expect("stream open");
+            acks.send(pb::SnapshotRequest {
+                type_url: response.type_url.clone(),
+                version_info: response.version_info.clone(),
+                response_nonce: response.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("ACK");
+            if let Some(pb::snapshot_response::Resource::RouteConfig(config)) = response.resource {
+                return config;
+            }
+        }
+    })
+    .await
+    .expect("a RouteConfig in time");
+    let models: Vec<&str> = route_config
+        .routes
+        .iter()
+        .map(|route| route.model_name.as_str())
+        .collect();
+    assert_eq!(models, ["chat"], "the broken route is left out");
+    assert_eq!(route_config.servers.len(), 1);
+    assert_eq!(route_config.servers[0].endpoints[0].name, "llama-0");
+    assert_eq!(route_config.servers[0].endpoints[0].ip, "127.0.0.1");
+
+    // This replica wins the election: its identity holds the Lease.
+    let lease = fake
+        .wait_for("the lease taken", |request| {
+            request.method == Method::PATCH
+                && request.path == "/apis/coordination.k8s.io/v1/namespaces/switchyard-system/leases/switchyard-controller"
+                && request.body["spec"]["holderIdentity"] == "switchyard-controller-7d9f-abcde"
+        })
+        .await;
+    assert_eq!(lease.body["spec"]["leaseDurationSeconds"], 15);
+
+    // Status: server-side apply on the status subresource, forced, as switchyard-controller,
+    // and Programmed once the dataplane ACKed.
+    let patch = fake
+        .wait_for("chat programmed", |request| {
+            is_status_patch(request, "modelroutes", "chat")
+                && condition(&request.body["status"], "Programmed")["status"] == "True"
+        })
+        .await;
+    assert_eq!(
+        patch.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    let params = patch.params();
+    assert_eq!(
+        params.get("fieldManager").map(String::as_str),
+        Some("switchyard-controller")
+    );
+    assert_eq!(params.get("force").map(String::as_str), Some("true"));
+    assert_eq!(patch.body["apiVersion"], API_VERSION);
+    assert_eq!(patch.body["kind"], "ModelRoute");
+    let status = &patch.body["status"];
+    assert_eq!(status["observedGeneration"], 2);
+    let version = &route_config_version(&controller);
+    assert_eq!(
+        condition(status, "Programmed")["message"],
+        format!("1/1 dataplanes at version {version}")
+    );
+    for type_ in ["Accepted", "ResolvedRefs", "Programmed"] {
+        assert_eq!(
+            condition(status, type_)["status"],
+            "True",
+            "{type_}: {status}"
+        );
+        assert_eq!(condition(status, type_)["observedGeneration"], 2);
+    }
+
+    // The broken route: accepted, its backend named as missing, and a Warning Event.
+    let broken = fake
+        .wait_for("broken's status", |request| {
+            is_status_patch(request, "modelroutes", "broken")
+        })
+        .await;
+    let resolved = condition(&broken.body["status"], "ResolvedRefs");
+    assert_eq!(resolved["status"], "False");
+    assert_eq!(resolved["reason"], "BackendNotFound");
+    assert!(
+        resolved["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(
+                "spec.rules[0].targetModels[0].modelServerName: ModelServer default/gone not found"
+            ),
+        "{resolved}"
+    );
+    assert_eq!(
+        condition(&broken.body["status"], "Programmed")["reason"],
+        "NotInSnapshot"
+    );
+    let event = fake
+        .wait_for("an event for broken", |request| {
+            request.method == Method::POST
+                && request.path == "/apis/events.k8s.io/v1/namespaces/default/events"
+        })
+        .await;
+    assert_eq!(event.body["type"], "Warning");
+    assert_eq!(event.body["reason"], "BackendNotFound");
+    assert_eq!(event.body["regarding"]["kind"], "ModelRoute");
+    assert_eq!(event.body["regarding"]["name"], "broken");
+    assert_eq!(event.body["regarding"]["uid"], "uid-broken");
+    assert_eq!(event.body["reportingController"], "switchyard-controller");
+
+    // The ModelServer: pod counts.
+    let server = fake
+        .wait_for("llama's status", |request| {
+            is_status_patch(request, "modelservers", "llama")
+        })
+        .await;
+    assert_eq!(server.body["kind"], "ModelServer");
+    assert_eq!(server.body["status"]["readyPods"], 1);
+    assert_eq!(server.body["status"]["totalPods"], 1);
+    assert_eq!(server.body["status"]["observedGeneration"], 1);
+
+    // A watch event: the broken route now targets llama; its status follows.
+    fake.push_event(ROUTES, "MODIFIED", route("broken", 2, "llama"))
+        .await;
+    let fixed = fake
+        .wait_for("broken fixed", |request| {
+            is_status_patch(request, "modelroutes", "broken")
+                && request.body["status"]["observedGeneration"] == 2
+        })
+        .await;
+    assert_eq!(
+        condition(&fixed.body["status"], "ResolvedRefs")["status"],
+        "True"
+    );
+    assert_eq!(
+        condition(&fixed.body["status"], "Accepted")["status"],
+        "True"
+    );
+
+    // The README shows this very object, as `kubectl get modelroute chat -o yaml` would.
+    let rendered = readme_rendering(&route("chat", 2, "llama"), status);
+    println!("{rendered}");
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    assert!(
+        readme.contains(&rendered),
+        "README's `kubectl get modelroute chat -o yaml` block is out of date; replace it with:\n{rendered}"
+    );
+
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+    // Shutting down hands the lease over: its holder is cleared.
+    fake.wait_for("the lease released", |request| {
+        request.method == Method::PATCH
+            && request.path.ends_with("/leases/switchyard-controller")
+            && request.body["spec"].get("holderIdentity") == Some(&Value::Null)
+    })
+    .await;
+}
+
+fn route_config_version(controller: &kubernetes::KubernetesController) -> String {
+    controller
+        .publisher
+        .route_config()
+        .map(|published| published.version.clone())
+        .unwrap_or_default()
+}
+
+/// The object with the applied status, its transition times pinned, as YAML.
+fn readme_rendering(object: &Value, status: &Value) -> String {
+    let mut object = object.clone();
+    let mut status = status.clone();
+    if let Some(conditions) = status["conditions"].as_array_mut() {
+        for condition in conditions {
+            condition["lastTransitionTime"] = json!(README_TIME);
+        }
+    }
+    object["status"] = status;
+    serde_yaml::to_string(&object).expect("YAML")
+}
