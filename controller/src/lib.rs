@@ -6,7 +6,8 @@
 //! - [`local`]: local mode, objects read from YAML files in a directory;
 //! - [`scrape`]: engine `/metrics` and `/v1/models` scraping and parsing;
 //! - [`xds`]: the snapshot stream server (versions, nonces, ACK/NACK);
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/debug/...`;
+//! - [`metrics`]: status-write and leader metrics;
 //! - [`app`]: wires the pieces together for `main`.
 #![forbid(unsafe_code)]
 
@@ -15,5 +16,6 @@ pub mod app;
 pub mod cli;
 pub mod compile;
 pub mod local;
+pub mod metrics;
 pub mod scrape;
 pub mod xds;
