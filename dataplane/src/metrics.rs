@@ -148,6 +148,9 @@ pub struct RouterMetrics {
     resolved: ArcSwap<Resolved>,
     /// Serialises snapshot applications (never taken by requests).
     resolve_lock: Mutex<()>,
+    /// (name, help, type) of every family, so `/metrics` lists families that
+    /// have no series yet (the Prometheus crate leaves them out).
+    declared: Vec<(String, String, &'static str)>,
 }
 
 /// The handles of one snapshot.
@@ -217,7 +220,7 @@ impl RouterMetrics {
     pub fn new() -> prometheus::Result<Arc<Self>> {
         let registry = Registry::new();
         let request_labels = ["model", "path", "status_code"];
-        let metrics = Self {
+        let mut metrics = Self {
             requests_total: counter(
                 "kthena_router_requests_total",
                 "Total requests processed",
@@ -334,32 +337,60 @@ impl RouterMetrics {
             )?,
             resolved: ArcSwap::from_pointee(Resolved::default()),
             resolve_lock: Mutex::new(()),
+            declared: Vec::new(),
             registry,
         };
-        let collectors: Vec<Box<dyn Collector>> = vec![
-            Box::new(metrics.requests_total.clone()),
-            Box::new(metrics.request_duration_seconds.clone()),
-            Box::new(metrics.request_prefill_duration_seconds.clone()),
-            Box::new(metrics.request_decode_duration_seconds.clone()),
-            Box::new(metrics.active_downstream_requests.clone()),
-            Box::new(metrics.active_upstream_requests.clone()),
-            Box::new(metrics.tokens_total.clone()),
-            Box::new(metrics.fairness_queue_size.clone()),
-            Box::new(metrics.fairness_queue_duration_seconds.clone()),
-            Box::new(metrics.rate_limit_exceeded_total.clone()),
-            Box::new(metrics.time_to_first_token_seconds.clone()),
-            Box::new(metrics.time_per_output_token_seconds.clone()),
-            Box::new(metrics.upstream_connect_errors_total.clone()),
-            Box::new(metrics.access_log_dropped_total.clone()),
-            Box::new(metrics.controller_connected.clone()),
-            Box::new(metrics.snapshot_age_seconds.clone()),
-            Box::new(metrics.snapshot_info.clone()),
-            Box::new(metrics.pod_active_requests.clone()),
-            Box::new(metrics.pod_requests_waiting.clone()),
-            Box::new(metrics.pod_requests_running.clone()),
-            Box::new(metrics.pod_kv_cache_usage.clone()),
+        let (counter, gauge, histogram) = ("counter", "gauge", "histogram");
+        let collectors: Vec<(Box<dyn Collector>, &'static str)> = vec![
+            (Box::new(metrics.requests_total.clone()), counter),
+            (
+                Box::new(metrics.request_duration_seconds.clone()),
+                histogram,
+            ),
+            (
+                Box::new(metrics.request_prefill_duration_seconds.clone()),
+                histogram,
+            ),
+            (
+                Box::new(metrics.request_decode_duration_seconds.clone()),
+                histogram,
+            ),
+            (Box::new(metrics.active_downstream_requests.clone()), gauge),
+            (Box::new(metrics.active_upstream_requests.clone()), gauge),
+            (Box::new(metrics.tokens_total.clone()), counter),
+            (Box::new(metrics.fairness_queue_size.clone()), gauge),
+            (
+                Box::new(metrics.fairness_queue_duration_seconds.clone()),
+                histogram,
+            ),
+            (Box::new(metrics.rate_limit_exceeded_total.clone()), counter),
+            (
+                Box::new(metrics.time_to_first_token_seconds.clone()),
+                histogram,
+            ),
+            (
+                Box::new(metrics.time_per_output_token_seconds.clone()),
+                histogram,
+            ),
+            (
+                Box::new(metrics.upstream_connect_errors_total.clone()),
+                counter,
+            ),
+            (Box::new(metrics.access_log_dropped_total.clone()), counter),
+            (Box::new(metrics.controller_connected.clone()), gauge),
+            (Box::new(metrics.snapshot_age_seconds.clone()), gauge),
+            (Box::new(metrics.snapshot_info.clone()), gauge),
+            (Box::new(metrics.pod_active_requests.clone()), gauge),
+            (Box::new(metrics.pod_requests_waiting.clone()), gauge),
+            (Box::new(metrics.pod_requests_running.clone()), gauge),
+            (Box::new(metrics.pod_kv_cache_usage.clone()), gauge),
         ];
-        for collector in collectors {
+        for (collector, kind) in collectors {
+            for desc in collector.desc() {
+                metrics
+                    .declared
+                    .push((desc.fq_name.clone(), desc.help.clone(), kind));
+            }
             metrics.registry.register(collector)?;
         }
         Ok(Arc::new(metrics))
@@ -549,11 +580,20 @@ impl RouterMetrics {
         }
     }
 
-    /// The text exposition of every family.
+    /// The text exposition of every family of the registry; families of
+    /// this module without series yet are listed with `# HELP` and `# TYPE`
+    /// only, so they can be discovered (and grepped for) before traffic.
     pub fn render(&self) -> Result<Vec<u8>, prometheus::Error> {
         use prometheus::Encoder;
+        use std::io::Write as _;
+        let families = self.registry.gather();
         let mut buffer = Vec::new();
-        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        prometheus::TextEncoder::new().encode(&families, &mut buffer)?;
+        for (name, help, kind) in &self.declared {
+            if !families.iter().any(|family| family.name() == name) {
+                let _ = writeln!(buffer, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            }
+        }
         Ok(buffer)
     }
 }
