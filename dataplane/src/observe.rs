@@ -106,12 +106,17 @@ impl RequestRecord {
             uri: request.uri().clone(),
             version: request.version(),
             path: PathLabel::of(request.uri().path()),
+            // The client's id, if any; the proxy sets the one it forwards.
+            request_id: request
+                .headers()
+                .get(crate::proxy::REQUEST_ID_HEADER)
+                .filter(|id| !id.is_empty())
+                .cloned(),
             model_name: None,
             model: None,
             route: None,
             server: None,
             pod: None,
-            request_id: None,
             upstream_gauge: None,
             attempts: 0,
             upstream_started: None,

@@ -630,10 +630,24 @@ impl UpstreamBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        if let Some(data) = self.observer.on_data(data) {
-                            if let Some(record) = &mut self.record {
-                                record.on_chunk();
-                            }
+                        let forwarded = self.observer.on_data(data);
+                        if forwarded.is_some()
+                            && let Some(record) = &mut self.record
+                        {
+                            record.on_chunk();
+                        }
+                        if self.body.is_end_stream() {
+                            // A sized body may be dropped right after its last
+                            // byte is written, without another poll: end here.
+                            let rest = self.observer.finish();
+                            self.end(None);
+                            let last = match (forwarded, rest) {
+                                (Some(data), Some(rest)) => Some([data, rest].concat().into()),
+                                (data, rest) => data.or(rest),
+                            };
+                            return Poll::Ready(last.map(|data| Ok(Frame::data(data))));
+                        }
+                        if let Some(data) = forwarded {
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                     }
