@@ -29,6 +29,11 @@ use crate::snapshot::SnapshotStore;
 use crate::xds_client::SnapshotSink;
 use switchyard_snapshot::pb;
 
+/// `status_code` of a request whose client went away before any response
+/// head was sent (nginx's "client closed request"), so it is not counted as
+/// a success or as a router error.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// Metrics and access log, shared by every request.
 #[derive(Debug)]
 pub struct Observer {
@@ -207,6 +212,9 @@ impl RequestRecord {
             return;
         }
         self.finished = true;
+        if self.status == 0 {
+            self.status = CLIENT_CLOSED_REQUEST;
+        }
         let ended = Instant::now();
         let total = ended.duration_since(self.started);
         let error_type = match (&self.error, outcome) {

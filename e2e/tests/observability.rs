@@ -363,7 +363,7 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
     // Dataplane 0: defaults (JSON access log on stdout, text app logs on
     // stderr, both in one log as `kubectl logs` shows them) plus /metrics on
     // the traffic port. Dataplane 1: text access log to a file, configured
-    // by the file's accessLogger block.
+    // by the file's accessLogger block, and JSON application logs.
     let text_log = stack.dir.path().join("access-text.log");
     let config_file = stack.dir.path().join("dataplane.yaml");
     std::fs::write(
@@ -376,7 +376,7 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
     .expect("write dataplane config");
     let first = stack.spawn_dataplane_with(&["--expose-metrics-on-router-port"]);
     let config_arg = config_file.display().to_string();
-    let second = stack.spawn_dataplane_with(&["--config", &config_arg]);
+    let second = stack.spawn_dataplane_with(&["--config", &config_arg, "--log-format", "json"]);
     stack.wait_dataplane_ready(first).await;
     stack.wait_dataplane_ready(second).await;
 
@@ -856,13 +856,20 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
             && text_line.contains(&format!("/{OUTPUT_TOKENS} timings=")),
         "{text_line}"
     );
+    let second_log = stack.dataplanes[1].process.log_text();
     assert!(
-        !stack.dataplanes[1]
-            .process
-            .log_text()
-            .contains("obs-req-text"),
+        !second_log.contains("obs-req-text"),
         "the file gets the line, stdout does not"
     );
+    // With --log-format json, application logs are JSON too: `jq` can read
+    // the whole stream.
+    assert!(second_log.lines().count() > 0);
+    for line in second_log.lines() {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok_and(|v| v.is_object()),
+            "not a JSON log line: {line}"
+        );
+    }
 
     // --- Debug endpoints -------------------------------------------------------
     let debug = |path: &str| format!("http://{}{path}", stack.dataplanes[0].debug);
