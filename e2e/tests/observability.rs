@@ -36,6 +36,24 @@ spec:
   workloadSelector: {matchLabels: {app: dead}}
   workloadPort: {port: 8000}
   inferenceEngine: vLLM
+---
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelServer
+metadata: {name: slow-server, namespace: default}
+spec:
+  workloadSelector: {matchLabels: {app: slow}}
+  workloadPort: {port: 8000}
+  inferenceEngine: vLLM
+"#;
+
+const ROUTE_SLOW: &str = r#"
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelRoute
+metadata: {name: slow-route, namespace: default}
+spec:
+  modelName: slow-model
+  rules:
+  - targetModels: [{modelServerName: slow-server}]
 "#;
 
 const ROUTE_OBS: &str = r#"
@@ -331,6 +349,7 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
     let pods = [
         ("obs-0", 11, "obs"),
         ("obs-1", 12, "obs"),
+        ("slow-0", 14, "slow"),
         ("dead-0", 13, "dead"),
     ];
     let pod_yaml: Vec<String> = pods
@@ -339,23 +358,36 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
         .collect();
     let mut stack = Stack::new(&[
         ("servers.yaml", SERVERS.to_owned()),
-        ("routes.yaml", format!("{ROUTE_OBS}---{ROUTE_DEAD}")),
+        (
+            "routes.yaml",
+            format!("{ROUTE_OBS}---{ROUTE_DEAD}---{ROUTE_SLOW}"),
+        ),
         ("pods.yaml", pod_yaml.join("---\n")),
     ]);
-    // dead-0 has no engine: connections to it are refused.
-    let engines: Vec<EngineSpec> = pods[..2]
+    // dead-0 has no engine: connections to it are refused. slow-0 streams
+    // for a minute, so a client can leave in the middle.
+    let engines: Vec<EngineSpec> = pods[..3]
         .iter()
-        .map(|(name, host, _)| EngineSpec {
+        .map(|(name, host, app)| EngineSpec {
             name: (*name).to_owned(),
             ip: ip_in(subnet, *host),
             port: PORT,
-            model: "obs-model".to_owned(),
-            extra_args: vec![
-                "--output-tokens".into(),
-                OUTPUT_TOKENS.to_string(),
-                "--itl-ms".into(),
-                "5".into(),
-            ],
+            model: format!("{app}-model"),
+            extra_args: if *app == "slow" {
+                vec![
+                    "--output-tokens".into(),
+                    "300".into(),
+                    "--itl-ms".into(),
+                    "200".into(),
+                ]
+            } else {
+                vec![
+                    "--output-tokens".into(),
+                    OUTPUT_TOKENS.to_string(),
+                    "--itl-ms".into(),
+                    "5".into(),
+                ]
+            },
         })
         .collect();
     stack.start_engines(&engines).await;
@@ -435,9 +467,31 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
         .await
         .expect("second dataplane answers");
     assert_eq!(second_dataplane.status, StatusCode::OK);
+    // A client that leaves in the middle of a stream.
+    let abandoned = stack
+        .http
+        .send(
+            Method::POST,
+            &stack.dataplanes[0].url("/v1/chat/completions"),
+            &[
+                ("content-type", "application/json"),
+                ("x-request-id", "obs-req-gone"),
+            ],
+            r#"{"model":"slow-model","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await
+        .expect("stream starts");
+    assert_eq!(abandoned.status(), StatusCode::OK);
+    drop(abandoned);
+    let metrics_url = format!("http://{}/metrics", stack.dataplanes[0].metrics);
+    wait_for("the abandoned stream to be counted", || async {
+        let text = get(&stack, &metrics_url).await.text();
+        text.contains("error_type=\"client_disconnected\"")
+            .then_some(())
+    })
+    .await;
 
     // --- Metrics: the seed tables -------------------------------------------
-    let metrics_url = format!("http://{}/metrics", stack.dataplanes[0].metrics);
     let metrics_text = get(&stack, &metrics_url).await.text();
     let metrics = Exposition::parse(&metrics_text);
     for (family, kind, labels, buckets) in SEED_METRICS {
@@ -613,8 +667,29 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
     }
     assert_eq!(
         metrics.value(
-            "kthena_router_active_downstream_requests",
-            &[("model", "obs-model")]
+            "kthena_router_requests_total",
+            &[
+                ("model", "slow-model"),
+                ("status_code", "200"),
+                ("error_type", "client_disconnected"),
+            ],
+        ),
+        1.0
+    );
+    for model in ["obs-model", "slow-model"] {
+        assert_eq!(
+            metrics.value(
+                "kthena_router_active_downstream_requests",
+                &[("model", model)]
+            ),
+            0.0,
+            "{model}"
+        );
+    }
+    assert_eq!(
+        metrics.value(
+            "kthena_router_active_upstream_requests",
+            &[("model_route", "default/slow-route")],
         ),
         0.0
     );
@@ -637,7 +712,12 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
         1,
         "one snapshot version in use"
     );
-    for pod in ["default/obs-0", "default/obs-1", "default/dead-0"] {
+    for pod in [
+        "default/obs-0",
+        "default/obs-1",
+        "default/slow-0",
+        "default/dead-0",
+    ] {
         assert_eq!(
             metrics.value("kthena_router_pod_active_requests", &[("pod", pod)]),
             0.0
@@ -651,7 +731,7 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
         .collect();
     assert_eq!(
         models,
-        BTreeSet::from(["dead-model", "obs-model", "unknown"])
+        BTreeSet::from(["dead-model", "obs-model", "slow-model", "unknown"])
     );
     let paths: BTreeSet<&str> = metrics
         .samples
@@ -743,10 +823,16 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
             .iter()
             .filter_map(|l| l["request_id"].as_str().map(str::to_owned))
             .collect();
-        ["obs-req-1", "obs-req-stream", "obs-req-404", "obs-req-503"]
-            .iter()
-            .all(|id| ids.contains(*id))
-            .then_some(lines)
+        [
+            "obs-req-1",
+            "obs-req-stream",
+            "obs-req-404",
+            "obs-req-503",
+            "obs-req-gone",
+        ]
+        .iter()
+        .all(|id| ids.contains(*id))
+        .then_some(lines)
     })
     .await;
     // Application logs are on the same stream but never match `^{.*}$`.
@@ -812,6 +898,10 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
             .expect("message")
             .contains("route not found")
     );
+    let gone = by_id("obs-req-gone");
+    assert_eq!(gone["status_code"], 200);
+    assert_eq!(gone["error"]["type"], "client_disconnected");
+    assert_eq!(gone["selected_pod"], "slow-0");
     let failed = by_id("obs-req-503");
     assert_eq!(failed["error"]["type"], "upstream_unavailable");
     assert_eq!(failed["selected_pod"], "dead-0");
@@ -897,7 +987,7 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
         .iter()
         .filter_map(|s| s["name"].as_str())
         .collect();
-    assert_eq!(names, BTreeSet::from(["dead", "obs-server"]));
+    assert_eq!(names, BTreeSet::from(["dead", "obs-server", "slow-server"]));
     // Engine loads arrive with the controller's next scrape.
     let pods_dump = wait_for("pod metrics in the pods dump", || async {
         let dump = get(&stack, &debug("/debug/config_dump/pods")).await.json();
@@ -994,7 +1084,7 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
     assert_eq!(state["snapshot"]["routeConfigVersion"], table["version"]);
     assert!(state["snapshot"]["ageSeconds"].is_number());
     let state_pods = state["pods"].as_array().expect("pods");
-    assert_eq!(state_pods.len(), 3);
+    assert_eq!(state_pods.len(), 4);
     assert!(state_pods.iter().all(|p| p["inFlight"] == 0));
     for dump in [
         "/debug/config_dump/modelroutes",
