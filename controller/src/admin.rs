@@ -6,7 +6,9 @@
 //! - `GET /debug/dataplanes`: every connected dataplane's sync state;
 //! - `GET /debug/snapshot`: the published RouteConfig and EndpointLoads;
 //! - `GET /debug/objects`: why each object was (not) accepted, and the files
-//!   or documents that could not be loaded.
+//!   or documents that could not be loaded;
+//! - `GET /debug/config_dump/...`: the published snapshot in the dataplane's
+//!   config dump shapes (see `switchyard_snapshot::config_dump`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -135,7 +137,65 @@ pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<
             let objects = state.objects.borrow().clone();
             json_response(StatusCode::OK, &*objects)
         }
-        _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+        _ => match path.strip_prefix("/debug/config_dump/") {
+            Some(rest) => config_dump(state, rest),
+            None => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+        },
+    }
+}
+
+/// `/debug/config_dump/...`: the published snapshot in the same shapes as the
+/// dataplane's dumps.
+fn config_dump(state: &AdminState, rest: &str) -> Response<Full<Bytes>> {
+    use switchyard_snapshot::config_dump;
+    let Some(published) = state.publisher.route_config() else {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "no routing snapshot compiled yet"}),
+        );
+    };
+    let Some(pb::snapshot_response::Resource::RouteConfig(config)) = &published.response.resource
+    else {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "no routing snapshot compiled yet"}),
+        );
+    };
+    let loads = state.publisher.endpoint_loads();
+    let load_of = |namespace: &str, name: &str| -> Option<&pb::EndpointLoad> {
+        match loads
+            .as_deref()
+            .and_then(|published| published.response.resource.as_ref())
+        {
+            Some(pb::snapshot_response::Resource::EndpointLoads(loads)) => loads
+                .loads
+                .iter()
+                .find(|load| load.namespace == namespace && load.pod == name),
+            _ => None,
+        }
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let found = match segments.as_slice() {
+        ["modelroutes"] => Some(config_dump::modelroutes(config)),
+        ["modelservers"] => Some(config_dump::modelservers(config)),
+        ["pods"] => Some(config_dump::pods(config, load_of)),
+        ["namespaces", namespace, "modelroutes", name] => {
+            config_dump::find_modelroute(config, namespace, name)
+        }
+        ["namespaces", namespace, "modelservers", name] => {
+            config_dump::find_modelserver(config, namespace, name)
+        }
+        ["namespaces", namespace, "pods", name] => {
+            config_dump::pod(config, namespace, name, load_of(namespace, name))
+        }
+        _ => None,
+    };
+    match found {
+        Some(value) => json_response(StatusCode::OK, &value),
+        None => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": format!("no object at /debug/config_dump/{rest} in the published snapshot")}),
+        ),
     }
 }
 
@@ -380,6 +440,65 @@ mod tests {
             json!([{"name": "p", "ip": "10.0.0.1"}])
         );
         assert_eq!(body["endpoint_loads"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn config_dumps_show_the_published_snapshot() {
+        let (state, _objects) = state();
+        assert_eq!(
+            handle(&state, &Method::GET, "/debug/config_dump/modelroutes").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let config = pb::RouteConfig {
+            routes: vec![pb::ModelRoute {
+                namespace: "default".into(),
+                name: "r".into(),
+                model_name: "m".into(),
+                ..Default::default()
+            }],
+            servers: vec![pb::ModelServer {
+                namespace: "default".into(),
+                name: "s".into(),
+                port: 8000,
+                inference_engine: "vLLM".into(),
+                endpoints: vec![pb::Endpoint {
+                    name: "p".into(),
+                    ip: "10.0.0.1".into(),
+                }],
+                ..Default::default()
+            }],
+        };
+        state.publisher.publish_route_config(config, 1);
+        let routes = body_json(handle(
+            &state,
+            &Method::GET,
+            "/debug/config_dump/modelroutes",
+        ))
+        .await;
+        assert_eq!(routes["modelroutes"][0]["spec"]["modelName"], "m");
+        let servers = body_json(handle(
+            &state,
+            &Method::GET,
+            "/debug/config_dump/modelservers",
+        ))
+        .await;
+        assert_eq!(servers["modelservers"][0]["name"], "s");
+        let pod = body_json(handle(
+            &state,
+            &Method::GET,
+            "/debug/config_dump/namespaces/default/pods/p",
+        ))
+        .await;
+        assert_eq!(pod["podInfo"]["podIP"], "10.0.0.1");
+        assert_eq!(pod["modelServers"], json!(["default/s"]));
+        assert_eq!(pod["metrics"], Value::Null);
+        let missing = handle(
+            &state,
+            &Method::GET,
+            "/debug/config_dump/namespaces/default/modelroutes/nope",
+        );
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        assert!(body_json(missing).await["error"].is_string());
     }
 
     #[tokio::test]

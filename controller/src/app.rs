@@ -17,6 +17,7 @@ use crate::admin::{self, AdminState, ObjectsView};
 use crate::cli::{Args, EXIT_USAGE, LogFormat};
 use crate::compile::{CompiledRoutes, ObjectReport, compile_endpoint_loads, compile_route_config};
 use crate::local::{self, LocalError, LocalObjects, WatchSettings};
+use crate::metrics::ControllerMetrics;
 use crate::scrape::{PodKey, PodLoad, ScrapeConfig, ScrapeTarget, Scraper, ScraperError};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
@@ -136,6 +137,8 @@ pub struct LocalController {
     pub admin_addr: SocketAddr,
     pub publisher: Arc<SnapshotPublisher>,
     pub dataplanes: DataplaneRegistry,
+    /// Status-write and leader metrics, for whoever writes status.
+    pub metrics: ControllerMetrics,
     stop: Arc<watch::Sender<bool>>,
     task: JoinHandle<Result<(), AppError>>,
 }
@@ -174,6 +177,9 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
     let compile_duration = register_compile_duration(&registry)?;
+    let controller_metrics = ControllerMetrics::register(&registry)?;
+    // Local mode runs one controller: it is the leader.
+    controller_metrics.leader.set(1);
     let publisher = Arc::new(SnapshotPublisher::new(
         controller_id.clone(),
         xds_metrics.clone(),
@@ -242,6 +248,7 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
         admin_addr,
         publisher,
         dataplanes,
+        metrics: controller_metrics,
         stop: stop_sender,
         task,
     })

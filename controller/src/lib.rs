@@ -8,7 +8,8 @@
 //! - [`status`]: the pure status-condition computation;
 //! - [`scrape`]: engine `/metrics` and `/v1/models` scraping and parsing;
 //! - [`xds`]: the snapshot stream server (versions, nonces, ACK/NACK);
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/debug/...`;
+//! - [`metrics`]: status-write and leader metrics;
 //! - [`app`]: wires the pieces together for `main`.
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod compile;
 pub mod kubernetes;
 pub mod local;
+pub mod metrics;
 pub mod scrape;
 pub mod status;
 pub mod xds;

@@ -1,113 +1,137 @@
 //! The metrics listener (`/metrics`, `/healthz`, `/readyz`) and the loopback
 //! debug listener (`/debug/...`): read-only views of the dataplane's state.
+//!
+//! Debug endpoints (GET only; JSON; unknown objects answer 404 JSON):
+//! - `/debug/router/state`: snapshot versions and age, controller connection,
+//!   in-flight requests and engine load per pod;
+//! - `/debug/routing/table`: the routes, rules and ModelServers in use;
+//! - `/debug/config_dump/{modelroutes,modelservers,pods}` and
+//!   `/debug/config_dump/namespaces/{ns}/{modelroutes,modelservers,pods}/{name}`:
+//!   the snapshot in the Kthena router's dump shapes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
-use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 use serde_json::json;
+use switchyard_snapshot::{config_dump, pb};
 
+use crate::metrics::RouterMetrics;
 use crate::proxy::{ProxyBody, readiness_response};
-use crate::snapshot::SnapshotStore;
+use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::ControllerStatus;
-
-/// Dataplane-level gauges, refreshed when scraped.
-#[derive(Debug, Clone)]
-pub struct AdminMetrics {
-    registry: Registry,
-    controller_connected: IntGauge,
-    snapshot_age_seconds: IntGauge,
-    snapshot_pods: IntGauge,
-}
-
-impl AdminMetrics {
-    pub fn new(registry: Registry) -> Result<Self, prometheus::Error> {
-        let controller_connected = IntGauge::new(
-            "kthena_router_controller_connected",
-            "1 when the snapshot stream to the controller is up",
-        )?;
-        let snapshot_age_seconds = IntGauge::new(
-            "kthena_router_snapshot_age_seconds",
-            "Seconds since the routing snapshot in use was applied",
-        )?;
-        let snapshot_pods = IntGauge::new(
-            "kthena_router_snapshot_pods",
-            "Ready pods in the routing snapshot in use",
-        )?;
-        registry.register(Box::new(controller_connected.clone()))?;
-        registry.register(Box::new(snapshot_age_seconds.clone()))?;
-        registry.register(Box::new(snapshot_pods.clone()))?;
-        Ok(Self {
-            registry,
-            controller_connected,
-            snapshot_age_seconds,
-            snapshot_pods,
-        })
-    }
-
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-}
 
 /// Shared state of both admin listeners.
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub store: Arc<SnapshotStore>,
     pub controller: Arc<ControllerStatus>,
-    pub metrics: AdminMetrics,
+    pub metrics: Arc<RouterMetrics>,
 }
 
 impl Admin {
-    /// The metrics port.
-    pub fn handle_metrics_port(&self, request: &Request<Incoming>) -> Response<ProxyBody> {
+    /// The metrics port (and `/metrics` on the traffic port when exposed there).
+    pub fn handle_metrics_port<B>(&self, request: &Request<B>) -> Response<ProxyBody> {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/metrics") => self.render_metrics(),
             (&Method::GET, "/healthz") => json(StatusCode::OK, &json!({"message": "ok"})),
             (&Method::GET, "/readyz") => readiness_response(&self.store),
-            _ => not_found(),
+            _ => not_found("not found"),
         }
     }
 
     /// The debug port.
-    pub fn handle_debug_port(&self, request: &Request<Incoming>) -> Response<ProxyBody> {
-        match (request.method(), request.uri().path()) {
-            (&Method::GET, "/debug/router/state") => json(StatusCode::OK, &self.router_state()),
-            (&Method::GET, "/debug/routing/table") => json(StatusCode::OK, &self.routing_table()),
-            _ => not_found(),
+    pub fn handle_debug_port<B>(&self, request: &Request<B>) -> Response<ProxyBody> {
+        let path = request.uri().path();
+        if request.method() != Method::GET {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "debug endpoints are read-only: use GET",
+            );
+        }
+        match path {
+            "/debug/router/state" => json(StatusCode::OK, &self.router_state()),
+            "/debug/routing/table" => json(StatusCode::OK, &self.routing_table()),
+            _ => match path.strip_prefix("/debug/config_dump/") {
+                Some(rest) => self.config_dump(rest),
+                None => not_found(&format!("no debug endpoint {path}")),
+            },
+        }
+    }
+
+    fn config_dump(&self, rest: &str) -> Response<ProxyBody> {
+        let Some(table) = self.store.table() else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "router_not_ready",
+                "no routing snapshot received from the controller yet",
+            );
+        };
+        let config = &table.source;
+        let segments: Vec<&str> = rest.split('/').collect();
+        match segments.as_slice() {
+            ["modelroutes"] => json(StatusCode::OK, &config_dump::modelroutes(config)),
+            ["modelservers"] => json(StatusCode::OK, &config_dump::modelservers(config)),
+            ["pods"] => {
+                let loads = pod_loads(&table);
+                json(
+                    StatusCode::OK,
+                    &config_dump::pods(config, |namespace, name| {
+                        loads
+                            .get(&switchyard_snapshot::object_key(namespace, name))
+                            .map(|load| &**load)
+                    }),
+                )
+            }
+            ["namespaces", namespace, kind, name] => {
+                let found = match *kind {
+                    "modelroutes" => config_dump::find_modelroute(config, namespace, name),
+                    "modelservers" => config_dump::find_modelserver(config, namespace, name),
+                    "pods" => {
+                        let load = table
+                            .pods
+                            .get(&switchyard_snapshot::object_key(namespace, name))
+                            .and_then(|pod| pod.load());
+                        config_dump::pod(config, namespace, name, load.as_deref())
+                    }
+                    _ => {
+                        return not_found(&format!(
+                            "unknown object kind {kind:?}: use modelroutes, modelservers or pods"
+                        ));
+                    }
+                };
+                match found {
+                    Some(value) => json(StatusCode::OK, &value),
+                    None => not_found(&format!(
+                        "{} {namespace}/{name} not found in the routing snapshot",
+                        kind.trim_end_matches('s')
+                    )),
+                }
+            }
+            _ => not_found(&format!("no config dump /debug/config_dump/{rest}")),
         }
     }
 
     fn render_metrics(&self) -> Response<ProxyBody> {
-        let table = self.store.table();
-        self.metrics
-            .controller_connected
-            .set(i64::from(self.controller.connected()));
-        self.metrics.snapshot_age_seconds.set(
-            table
-                .as_ref()
-                .and_then(|t| SystemTime::now().duration_since(t.applied_at).ok())
-                .map_or(0, |age| age.as_secs() as i64),
-        );
-        self.metrics
-            .snapshot_pods
-            .set(table.as_ref().map_or(0, |t| t.pods.len() as i64));
-        let mut buffer = Vec::new();
-        let encoder = TextEncoder::new();
-        if let Err(error) = encoder.encode(&self.metrics.registry.gather(), &mut buffer) {
-            return json(
+        self.metrics.refresh_state(&self.store, &self.controller);
+        match self.metrics.render() {
+            Ok(buffer) => {
+                let mut response = Response::new(ProxyBody::from(Bytes::from(buffer)));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(prometheus::TEXT_FORMAT),
+                );
+                response
+            }
+            Err(encode_error) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                &json!({"message": format!("failed to encode metrics: {error}")}),
-            );
+                "metrics_encoding_failed",
+                &format!("failed to encode metrics: {encode_error}"),
+            ),
         }
-        let mut response = Response::new(ProxyBody::from(Bytes::from(buffer)));
-        if let Ok(value) = encoder.format_type().parse() {
-            response.headers_mut().insert(header::CONTENT_TYPE, value);
-        }
-        response
     }
 
     fn router_state(&self) -> serde_json::Value {
@@ -187,6 +211,14 @@ impl Admin {
     }
 }
 
+fn pod_loads(table: &RoutingTable) -> HashMap<String, Arc<pb::EndpointLoad>> {
+    table
+        .pods
+        .iter()
+        .filter_map(|(key, pod)| pod.load().map(|load| (key.clone(), load)))
+        .collect()
+}
+
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::from(Bytes::from(value.to_string())));
     *response.status_mut() = status;
@@ -197,6 +229,14 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
     response
 }
 
-fn not_found() -> Response<ProxyBody> {
-    json(StatusCode::NOT_FOUND, &json!({"message": "not found"}))
+/// An OpenAI-style error body, as on the traffic port.
+fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
+    json(
+        status,
+        &json!({"error": {"message": message, "type": "invalid_request_error", "code": code}}),
+    )
+}
+
+fn not_found(message: &str) -> Response<ProxyBody> {
+    error(StatusCode::NOT_FOUND, "not_found", message)
 }

@@ -15,8 +15,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::{Admin, AdminMetrics};
+use crate::access_log::{AccessLog, AccessLogConfig};
+use crate::admin::Admin;
 use crate::cli::{Args, LogFormat};
+use crate::config_file::ConfigFile;
+use crate::metrics::RouterMetrics;
+use crate::observe::{ObservedStore, Observer};
 use crate::proxy::{Proxy, ProxyBody, ProxyConfig};
 use crate::snapshot::SnapshotStore;
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
@@ -39,7 +43,8 @@ pub enum AppError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Logs to stderr, so stdout stays free for access logs.
+/// Logs to stderr, so stdout stays free for access logs (and `--log-format
+/// json` makes every line JSON, for collectors that read both streams).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -84,19 +89,46 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
     let metrics_addr = SocketAddr::new(args.host, args.metrics_port);
     let debug_addr = SocketAddr::new(args.debug_addr, args.debug_port);
 
+    let config_file = match &args.config {
+        Some(path) => {
+            ConfigFile::load(path).map_err(|error| AppError::Config(error.to_string()))?
+        }
+        None => ConfigFile::default(),
+    };
+    let access_log_config = AccessLogConfig::resolve(config_file.access_logger.as_ref(), |name| {
+        std::env::var(name).ok()
+    })
+    .map_err(|error| AppError::Config(error.to_string()))?;
+
     let store = Arc::new(SnapshotStore::new());
     let status = Arc::new(ControllerStatus::default());
+    let metrics = RouterMetrics::new()?;
+    let access_log = AccessLog::start(&access_log_config, metrics.access_log_dropped_total.clone())
+        .map_err(|error| {
+            AppError::Config(format!(
+                "cannot open the access log {:?}: {error}",
+                access_log_config.output
+            ))
+        })?;
     let admin = Arc::new(Admin {
         store: store.clone(),
         controller: status.clone(),
-        metrics: AdminMetrics::new(prometheus::Registry::new())?,
+        metrics: metrics.clone(),
     });
     let proxy = Arc::new(Proxy::new(
         store.clone(),
         ProxyConfig {
             max_body_bytes: args.max_body_bytes,
         },
+        Arc::new(Observer {
+            metrics: metrics.clone(),
+            access_log,
+        }),
     ));
+    let sink = Arc::new(ObservedStore {
+        store: store.clone(),
+        metrics,
+    });
 
     let traffic = bind(traffic_addr).await?;
     let metrics = bind(metrics_addr).await?;
@@ -110,19 +142,27 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
             node_id: args.resolved_node_id(),
             ..XdsClientConfig::default()
         },
-        store.clone(),
+        sink,
         status.clone(),
         wait_for_stop(stop_rx.clone()),
     );
 
     let idle_timeout = args.idle_timeout;
+    let expose_metrics = args.expose_metrics_on_router_port;
+    let traffic_admin = admin.clone();
     let traffic_server = tokio::spawn(serve(
         traffic,
         idle_timeout,
         stop_rx.clone(),
         move |request| {
             let proxy = proxy.clone();
-            async move { proxy.handle(request).await }
+            let admin = traffic_admin.clone();
+            async move {
+                if expose_metrics && request.uri().path() == "/metrics" {
+                    return admin.handle_metrics_port(&request);
+                }
+                proxy.handle(request).await
+            }
         },
     ));
     let metrics_admin = admin.clone();

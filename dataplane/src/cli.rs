@@ -43,6 +43,14 @@ pub struct Args {
     /// Identity reported to the controller (defaults to $POD_NAME, then $HOSTNAME, then a random id).
     #[arg(long, env = "SWITCHYARD_NODE_ID")]
     pub node_id: Option<String>,
+    /// Also serve `/metrics` on the traffic port (for scrapers and the
+    /// troubleshooting commands that expect it on the router port).
+    #[arg(long, env = "SWITCHYARD_EXPOSE_METRICS_ON_ROUTER_PORT")]
+    pub expose_metrics_on_router_port: bool,
+    /// YAML configuration file (e.g. its `accessLogger:` block); the
+    /// `ACCESS_LOG_*` environment variables override it.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     /// Application log format.
     #[arg(
         long,

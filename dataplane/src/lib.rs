@@ -9,13 +9,18 @@
 //! - [`response`]: streaming the engine's answer back, reading token usage.
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
-//! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug).
+//! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
+//! [`observe`] (per-request [`metrics`] and [`access_log`] lines).
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod config_file;
 pub mod error;
+pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod request;
 pub mod response;

@@ -2,39 +2,70 @@
 //! labels and buckets so existing dashboards and alerts work unchanged.
 //!
 //! Cardinality is bounded: `model` is a model name of the snapshot or
-//! `unknown`, `path` one of [`PathLabel`], `error_type` one of the fixed error
-//! codes. The handles the success path needs are resolved once per snapshot
-//! ([`ModelMetrics`]); series of models, routes and servers that leave the
-//! snapshot are removed.
+//! `unknown`, `path` one of [`PathLabel`], `error_type` one of the fixed
+//! [`crate::error::ErrorKind`] codes or [`OutcomeLabel`]s, `status_code` an
+//! HTTP status. The handles the success path needs are resolved once per
+//! snapshot ([`RouterMetrics::resolve`]); series of models, routes, servers
+//! and pods that leave the snapshot are removed.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
+
+use crate::snapshot::{RoutingTable, SnapshotStore};
+use crate::xds_client::ControllerStatus;
 
 /// End-to-end, prefill and decode latency buckets (seconds), as documented for the router.
 pub const REQUEST_DURATION_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
-/// Scheduler plugin buckets (seconds), as documented for the router.
+/// Scheduler plugin buckets (seconds), as documented for the router. The
+/// scheduler plugin histogram itself belongs to the scheduling module.
 pub const PLUGIN_DURATION_BUCKETS: [f64; 6] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5];
 /// Fairness queue wait buckets (seconds), as documented for the router.
-pub const QUEUE_DURATION_BUCKETS: [f64; 11] =
-    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+pub const QUEUE_DURATION_BUCKETS: [f64; 11] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 /// Time per output token buckets (seconds): engines produce tokens every few
 /// milliseconds to a few hundred.
 pub const TPOT_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0,
 ];
 
-/// The `model` label of a request whose model no route serves.
+/// The `model` label of a request whose model no route serves (or that names none).
 pub const UNKNOWN_MODEL: &str = "unknown";
-/// The `error_type` of a request that succeeded.
-pub const SUCCESS: &str = "successful_request";
+
+/// `error_type` values that are not router errors ([`crate::error::ErrorKind`] codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeLabel {
+    /// The engine answered 1xx-3xx and the body was delivered.
+    Success,
+    /// The engine answered 4xx/5xx itself; its body was passed through.
+    EngineError,
+    /// The engine's connection broke while the body was streamed.
+    UpstreamStreamError,
+    /// The client went away before the body was delivered.
+    ClientDisconnected,
+}
+
+impl OutcomeLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "successful_request",
+            Self::EngineError => "engine_error",
+            Self::UpstreamStreamError => "upstream_stream_error",
+            Self::ClientDisconnected => "client_disconnected",
+        }
+    }
+}
 
 /// The `path` label: the served API paths, everything else is `other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,9 +113,10 @@ impl PathLabel {
 
 const PATHS: usize = PathLabel::ALL.len();
 
-/// Every metric family of the request path.
+/// Every metric family of the dataplane.
 #[derive(Debug)]
 pub struct RouterMetrics {
+    registry: Registry,
     pub requests_total: IntCounterVec,
     pub request_duration_seconds: HistogramVec,
     pub request_prefill_duration_seconds: HistogramVec,
@@ -92,36 +124,106 @@ pub struct RouterMetrics {
     pub active_downstream_requests: IntGaugeVec,
     pub active_upstream_requests: IntGaugeVec,
     pub tokens_total: IntCounterVec,
-    pub scheduler_plugin_duration_seconds: HistogramVec,
+    /// Registered so dashboards find the family; stays empty until the
+    /// fairness queue exists.
     pub fairness_queue_size: IntGaugeVec,
+    /// Registered so dashboards find the family; stays empty until the
+    /// fairness queue exists.
     pub fairness_queue_duration_seconds: HistogramVec,
+    /// Registered so dashboards find the family; stays empty until rate
+    /// limiting exists.
     pub rate_limit_exceeded_total: IntCounterVec,
     pub time_to_first_token_seconds: HistogramVec,
     pub time_per_output_token_seconds: HistogramVec,
     pub upstream_connect_errors_total: IntCounterVec,
-    /// Label sets created outside of snapshot application (error series),
-    /// remembered so they can be removed with their model.
-    lazily_created: Mutex<HashSet<Vec<String>>>,
-    /// Models and (route, server) pairs the current snapshot has series for.
-    resolved: Mutex<Resolved>,
+    pub access_log_dropped_total: IntCounter,
+    controller_connected: IntGauge,
+    snapshot_age_seconds: Gauge,
+    snapshot_info: IntGaugeVec,
+    pod_active_requests: IntGaugeVec,
+    pod_requests_waiting: GaugeVec,
+    pod_requests_running: GaugeVec,
+    pod_kv_cache_usage: GaugeVec,
+    /// Handles of the current snapshot, read lock-free by requests.
+    resolved: ArcSwap<Resolved>,
+    /// Serialises snapshot applications (never taken by requests).
+    resolve_lock: Mutex<()>,
+    /// (name, help, type) of every family, so `/metrics` lists families that
+    /// have no series yet (the Prometheus crate leaves them out).
+    declared: Vec<(String, String, &'static str)>,
 }
 
+/// The handles of one snapshot.
 #[derive(Debug, Default)]
-struct Resolved {
-    models: HashSet<String>,
-    upstream_pairs: HashSet<(String, String)>,
+pub struct Resolved {
+    models: HashMap<String, Arc<ModelMetrics>>,
+    /// route key -> server key -> `active_upstream_requests` gauge.
+    upstream: HashMap<String, HashMap<String, IntGauge>>,
+    /// server key -> `upstream_connect_errors_total` counter.
+    connect_errors: HashMap<String, IntCounter>,
 }
 
-fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> prometheus::Result<HistogramVec> {
-    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+impl Resolved {
+    pub fn model(&self, model: &str) -> Option<&Arc<ModelMetrics>> {
+        self.models.get(model)
+    }
+
+    pub fn upstream_gauge(&self, route: &str, server: &str) -> Option<&IntGauge> {
+        self.upstream
+            .get(route)
+            .and_then(|servers| servers.get(server))
+    }
+
+    pub fn connect_errors(&self, server: &str) -> Option<&IntCounter> {
+        self.connect_errors.get(server)
+    }
+}
+
+fn histogram(
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> prometheus::Result<HistogramVec> {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    IntCounterVec::new(Opts::new(name, help), labels)
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    IntGaugeVec::new(Opts::new(name, help), labels)
+}
+
+/// Removes every series of `vec` whose `label` is `value`.
+fn remove_where<T: MetricVecBuilder>(vec: &MetricVec<T>, label: &str, value: &str) {
+    for family in vec.collect() {
+        for metric in family.get_metric() {
+            let labels: HashMap<&str, &str> = metric
+                .get_label()
+                .iter()
+                .map(|pair| (pair.name(), pair.value()))
+                .collect();
+            if labels.get(label) == Some(&value) {
+                let _ = vec.remove(&labels);
+            }
+        }
+    }
 }
 
 impl RouterMetrics {
-    pub fn new(registry: &Registry) -> prometheus::Result<Arc<Self>> {
+    /// Creates every family and registers it in a new registry.
+    pub fn new() -> prometheus::Result<Arc<Self>> {
+        let registry = Registry::new();
         let request_labels = ["model", "path", "status_code"];
-        let metrics = Self {
-            requests_total: IntCounterVec::new(
-                Opts::new("kthena_router_requests_total", "Total requests processed"),
+        let mut metrics = Self {
+            requests_total: counter(
+                "kthena_router_requests_total",
+                "Total requests processed",
                 &["model", "path", "status_code", "error_type"],
             )?,
             request_duration_seconds: histogram(
@@ -132,51 +234,50 @@ impl RouterMetrics {
             )?,
             request_prefill_duration_seconds: histogram(
                 "kthena_router_request_prefill_duration_seconds",
-                "Prefill phase duration: request received to first response byte",
+                "Prefill phase of streamed responses: request received to the first response chunk",
                 &request_labels,
                 &REQUEST_DURATION_BUCKETS,
             )?,
             request_decode_duration_seconds: histogram(
                 "kthena_router_request_decode_duration_seconds",
-                "Decode phase duration: first response byte to the end of the response",
+                "Decode phase of streamed responses: first response chunk to the end of the stream",
                 &request_labels,
                 &REQUEST_DURATION_BUCKETS,
             )?,
-            active_downstream_requests: IntGaugeVec::new(
-                Opts::new("kthena_router_active_downstream_requests", "Currently active client requests"),
+            active_downstream_requests: gauge(
+                "kthena_router_active_downstream_requests",
+                "Currently active client requests",
                 &["model"],
             )?,
-            active_upstream_requests: IntGaugeVec::new(
-                Opts::new("kthena_router_active_upstream_requests", "Currently active requests to inference pods"),
+            active_upstream_requests: gauge(
+                "kthena_router_active_upstream_requests",
+                "Currently active requests to inference pods",
                 &["model_route", "model_server"],
             )?,
-            tokens_total: IntCounterVec::new(
-                Opts::new("kthena_router_tokens_total", "Total tokens processed (input + output)"),
+            tokens_total: counter(
+                "kthena_router_tokens_total",
+                "Total tokens processed (input + output)",
                 &["model", "path", "token_type"],
             )?,
-            scheduler_plugin_duration_seconds: histogram(
-                "kthena_router_scheduler_plugin_duration_seconds",
-                "Execution time per scheduler plugin",
-                &["model", "plugin", "type"],
-                &PLUGIN_DURATION_BUCKETS,
-            )?,
-            fairness_queue_size: IntGaugeVec::new(
-                Opts::new("kthena_router_fairness_queue_size", "Current queued requests per model/user"),
+            fairness_queue_size: gauge(
+                "kthena_router_fairness_queue_size",
+                "Current queued requests per model/user (no fairness queue yet: always empty)",
                 &["model", "user_id"],
             )?,
             fairness_queue_duration_seconds: histogram(
                 "kthena_router_fairness_queue_duration_seconds",
-                "Time spent waiting in fairness/priority queue",
+                "Time spent waiting in fairness/priority queue (no fairness queue yet: always empty)",
                 &["model", "user_id"],
                 &QUEUE_DURATION_BUCKETS,
             )?,
-            rate_limit_exceeded_total: IntCounterVec::new(
-                Opts::new("kthena_router_rate_limit_exceeded_total", "Requests rejected due to rate limiting"),
+            rate_limit_exceeded_total: counter(
+                "kthena_router_rate_limit_exceeded_total",
+                "Requests rejected due to rate limiting (no rate limiting yet: always empty)",
                 &["model", "limit_type", "path"],
             )?,
             time_to_first_token_seconds: histogram(
                 "kthena_router_time_to_first_token_seconds",
-                "Router-measured time from request received to the first streamed token",
+                "Router-measured time from request received to the first chunk of a streamed response",
                 &["model"],
                 &REQUEST_DURATION_BUCKETS,
             )?,
@@ -186,139 +287,333 @@ impl RouterMetrics {
                 &["model"],
                 &TPOT_BUCKETS,
             )?,
-            upstream_connect_errors_total: IntCounterVec::new(
-                Opts::new(
-                    "kthena_router_upstream_connect_errors_total",
-                    "Connections to inference pods that failed",
-                ),
+            upstream_connect_errors_total: counter(
+                "kthena_router_upstream_connect_errors_total",
+                "Connection attempts to inference pods that failed",
                 &["model_server"],
             )?,
-            lazily_created: Mutex::new(HashSet::new()),
-            resolved: Mutex::new(Resolved::default()),
+            access_log_dropped_total: IntCounter::new(
+                "kthena_router_access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind",
+            )?,
+            controller_connected: IntGauge::new(
+                "kthena_router_controller_connected",
+                "1 when the snapshot stream to the controller is up",
+            )?,
+            snapshot_age_seconds: Gauge::new(
+                "kthena_router_snapshot_age_seconds",
+                "Seconds since the routing snapshot in use was applied",
+            )?,
+            snapshot_info: gauge(
+                "kthena_router_snapshot_info",
+                "Always 1; labels name the snapshot versions in use",
+                &["route_config_version", "endpoint_loads_version"],
+            )?,
+            pod_active_requests: gauge(
+                "kthena_router_pod_active_requests",
+                "Requests this dataplane has in flight to each pod",
+                &["pod"],
+            )?,
+            pod_requests_waiting: GaugeVec::new(
+                Opts::new(
+                    "kthena_router_pod_requests_waiting",
+                    "Requests waiting in the engine of each pod, as last scraped by the controller",
+                ),
+                &["pod"],
+            )?,
+            pod_requests_running: GaugeVec::new(
+                Opts::new(
+                    "kthena_router_pod_requests_running",
+                    "Requests running in the engine of each pod, as last scraped by the controller",
+                ),
+                &["pod"],
+            )?,
+            pod_kv_cache_usage: GaugeVec::new(
+                Opts::new(
+                    "kthena_router_pod_kv_cache_usage",
+                    "KV-cache usage (0..1) of each pod, as last scraped by the controller",
+                ),
+                &["pod"],
+            )?,
+            resolved: ArcSwap::from_pointee(Resolved::default()),
+            resolve_lock: Mutex::new(()),
+            declared: Vec::new(),
+            registry,
         };
-        registry.register(Box::new(metrics.requests_total.clone()))?;
-        registry.register(Box::new(metrics.request_duration_seconds.clone()))?;
-        registry.register(Box::new(metrics.request_prefill_duration_seconds.clone()))?;
-        registry.register(Box::new(metrics.request_decode_duration_seconds.clone()))?;
-        registry.register(Box::new(metrics.active_downstream_requests.clone()))?;
-        registry.register(Box::new(metrics.active_upstream_requests.clone()))?;
-        registry.register(Box::new(metrics.tokens_total.clone()))?;
-        registry.register(Box::new(metrics.scheduler_plugin_duration_seconds.clone()))?;
-        registry.register(Box::new(metrics.fairness_queue_size.clone()))?;
-        registry.register(Box::new(metrics.fairness_queue_duration_seconds.clone()))?;
-        registry.register(Box::new(metrics.rate_limit_exceeded_total.clone()))?;
-        registry.register(Box::new(metrics.time_to_first_token_seconds.clone()))?;
-        registry.register(Box::new(metrics.time_per_output_token_seconds.clone()))?;
-        registry.register(Box::new(metrics.upstream_connect_errors_total.clone()))?;
+        let (counter, gauge, histogram) = ("counter", "gauge", "histogram");
+        let collectors: Vec<(Box<dyn Collector>, &'static str)> = vec![
+            (Box::new(metrics.requests_total.clone()), counter),
+            (
+                Box::new(metrics.request_duration_seconds.clone()),
+                histogram,
+            ),
+            (
+                Box::new(metrics.request_prefill_duration_seconds.clone()),
+                histogram,
+            ),
+            (
+                Box::new(metrics.request_decode_duration_seconds.clone()),
+                histogram,
+            ),
+            (Box::new(metrics.active_downstream_requests.clone()), gauge),
+            (Box::new(metrics.active_upstream_requests.clone()), gauge),
+            (Box::new(metrics.tokens_total.clone()), counter),
+            (Box::new(metrics.fairness_queue_size.clone()), gauge),
+            (
+                Box::new(metrics.fairness_queue_duration_seconds.clone()),
+                histogram,
+            ),
+            (Box::new(metrics.rate_limit_exceeded_total.clone()), counter),
+            (
+                Box::new(metrics.time_to_first_token_seconds.clone()),
+                histogram,
+            ),
+            (
+                Box::new(metrics.time_per_output_token_seconds.clone()),
+                histogram,
+            ),
+            (
+                Box::new(metrics.upstream_connect_errors_total.clone()),
+                counter,
+            ),
+            (Box::new(metrics.access_log_dropped_total.clone()), counter),
+            (Box::new(metrics.controller_connected.clone()), gauge),
+            (Box::new(metrics.snapshot_age_seconds.clone()), gauge),
+            (Box::new(metrics.snapshot_info.clone()), gauge),
+            (Box::new(metrics.pod_active_requests.clone()), gauge),
+            (Box::new(metrics.pod_requests_waiting.clone()), gauge),
+            (Box::new(metrics.pod_requests_running.clone()), gauge),
+            (Box::new(metrics.pod_kv_cache_usage.clone()), gauge),
+        ];
+        for (collector, kind) in collectors {
+            for desc in collector.desc() {
+                metrics
+                    .declared
+                    .push((desc.fq_name.clone(), desc.help.clone(), kind));
+            }
+            metrics.registry.register(collector)?;
+        }
         Ok(Arc::new(metrics))
     }
 
-    /// Resolves the handles of one model (the success path's series).
-    pub fn model(&self, model: &str) -> ModelMetrics {
-        let per_path = |f: &dyn Fn(PathLabel) -> IntCounter| PathLabel::ALL.map(f);
-        ModelMetrics {
-            name: model.to_owned(),
-            ok_requests: per_path(&|path| {
-                self.requests_total
-                    .with_label_values(&[model, path.as_str(), "200", SUCCESS])
-            }),
-            ok_duration: PathLabel::ALL.map(|path| {
-                self.request_duration_seconds
-                    .with_label_values(&[model, path.as_str(), "200"])
-            }),
-            ok_prefill: PathLabel::ALL.map(|path| {
-                self.request_prefill_duration_seconds
-                    .with_label_values(&[model, path.as_str(), "200"])
-            }),
-            ok_decode: PathLabel::ALL.map(|path| {
-                self.request_decode_duration_seconds
-                    .with_label_values(&[model, path.as_str(), "200"])
-            }),
-            input_tokens: per_path(&|path| {
-                self.tokens_total
-                    .with_label_values(&[model, path.as_str(), "input"])
-            }),
-            output_tokens: per_path(&|path| {
-                self.tokens_total
-                    .with_label_values(&[model, path.as_str(), "output"])
-            }),
-            active_downstream: self.active_downstream_requests.with_label_values(&[model]),
-            ttft: self.time_to_first_token_seconds.with_label_values(&[model]),
-            tpot: self.time_per_output_token_seconds.with_label_values(&[model]),
+    /// The registry to add other modules' families to (e.g. the scheduler's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The handles of the current snapshot.
+    pub fn resolved(&self) -> arc_swap::Guard<Arc<Resolved>> {
+        self.resolved.load()
+    }
+
+    /// Resolves the handles of `table` and removes the series of models,
+    /// (route, server) pairs and servers that are no longer in it. Called
+    /// after every applied RouteConfig, never by requests.
+    pub fn resolve(&self, table: &RoutingTable) {
+        let _writer = self.resolve_lock.lock();
+        let previous = self.resolved.load_full();
+        let mut next = Resolved::default();
+        for name in table.index.model_names() {
+            let handles = previous
+                .models
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(self.model(name)));
+            next.models.insert(name.to_owned(), handles);
         }
-    }
-
-    /// The `active_upstream_requests` gauge of one (route, server) pair.
-    pub fn upstream_gauge(&self, route: &str, server: &str) -> IntGauge {
-        self.active_upstream_requests.with_label_values(&[route, server])
-    }
-
-    /// Counts a request that did not end in the success series.
-    pub fn observe_other(&self, model: &str, path: PathLabel, status: u16, error_type: &str, seconds: f64) {
-        let status = status.to_string();
-        let labels = [model, path.as_str(), status.as_str(), error_type];
-        self.requests_total.with_label_values(&labels).inc();
-        self.request_duration_seconds
-            .with_label_values(&labels[..3])
-            .observe(seconds);
-        let key: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
-        let mut created = self.lazily_created.lock();
-        if !created.contains(&key) {
-            created.insert(key);
-        }
-    }
-
-    /// Called when a snapshot is applied: removes the series of models and
-    /// (route, server) pairs that are gone.
-    pub fn retain(&self, models: HashSet<String>, upstream_pairs: HashSet<(String, String)>) {
-        let mut resolved = self.resolved.lock();
-        for gone in resolved.models.difference(&models) {
-            if gone == UNKNOWN_MODEL {
-                continue;
+        for route in &table.routes {
+            let servers = next.upstream.entry(route.key.clone()).or_default();
+            for rule in &route.rules {
+                for server in rule.targets.servers() {
+                    servers.entry(server.key.clone()).or_insert_with(|| {
+                        self.active_upstream_requests
+                            .with_label_values(&[&route.key, &server.key])
+                    });
+                }
             }
+        }
+        for server in &table.servers {
+            next.connect_errors.insert(
+                server.key.clone(),
+                self.upstream_connect_errors_total
+                    .with_label_values(&[&server.key]),
+            );
+        }
+        for gone in previous
+            .models
+            .keys()
+            .filter(|m| !next.models.contains_key(*m))
+        {
             self.remove_model(gone);
         }
-        for (route, server) in resolved.upstream_pairs.difference(&upstream_pairs) {
-            let _ = self.active_upstream_requests.remove_label_values(&[route, server]);
+        for (route, servers) in &previous.upstream {
+            for server in servers.keys() {
+                if next.upstream_gauge(route, server).is_none() {
+                    let _ = self
+                        .active_upstream_requests
+                        .remove_label_values(&[route, server]);
+                }
+            }
         }
-        *resolved = Resolved {
-            models,
-            upstream_pairs,
+        for server in previous.connect_errors.keys() {
+            if !next.connect_errors.contains_key(server) {
+                let _ = self
+                    .upstream_connect_errors_total
+                    .remove_label_values(&[server]);
+            }
+        }
+        self.resolved.store(Arc::new(next));
+    }
+
+    /// Resolves the success-path handles of one model.
+    fn model(&self, model: &str) -> ModelMetrics {
+        let ok = |vec: &HistogramVec| {
+            PathLabel::ALL.map(|path| vec.with_label_values(&[model, path.as_str(), "200"]))
         };
+        let tokens = |kind: &str| {
+            PathLabel::ALL.map(|path| {
+                self.tokens_total
+                    .with_label_values(&[model, path.as_str(), kind])
+            })
+        };
+        ModelMetrics {
+            name: model.to_owned(),
+            ok_requests: PathLabel::ALL.map(|path| {
+                self.requests_total.with_label_values(&[
+                    model,
+                    path.as_str(),
+                    "200",
+                    OutcomeLabel::Success.as_str(),
+                ])
+            }),
+            ok_duration: ok(&self.request_duration_seconds),
+            ok_prefill: ok(&self.request_prefill_duration_seconds),
+            ok_decode: ok(&self.request_decode_duration_seconds),
+            input_tokens: tokens("input"),
+            output_tokens: tokens("output"),
+            active_downstream: self.active_downstream_requests.with_label_values(&[model]),
+            ttft: self.time_to_first_token_seconds.with_label_values(&[model]),
+            tpot: self
+                .time_per_output_token_seconds
+                .with_label_values(&[model]),
+        }
     }
 
     fn remove_model(&self, model: &str) {
-        for path in PathLabel::ALL {
-            let p = path.as_str();
-            let _ = self.requests_total.remove_label_values(&[model, p, "200", SUCCESS]);
-            let _ = self.request_duration_seconds.remove_label_values(&[model, p, "200"]);
-            let _ = self.request_prefill_duration_seconds.remove_label_values(&[model, p, "200"]);
-            let _ = self.request_decode_duration_seconds.remove_label_values(&[model, p, "200"]);
-            let _ = self.tokens_total.remove_label_values(&[model, p, "input"]);
-            let _ = self.tokens_total.remove_label_values(&[model, p, "output"]);
+        remove_where(&self.requests_total, "model", model);
+        remove_where(&self.request_duration_seconds, "model", model);
+        remove_where(&self.request_prefill_duration_seconds, "model", model);
+        remove_where(&self.request_decode_duration_seconds, "model", model);
+        remove_where(&self.tokens_total, "model", model);
+        let _ = self
+            .active_downstream_requests
+            .remove_label_values(&[model]);
+        let _ = self
+            .time_to_first_token_seconds
+            .remove_label_values(&[model]);
+        let _ = self
+            .time_per_output_token_seconds
+            .remove_label_values(&[model]);
+    }
+
+    /// Counts a finished request outside the pre-resolved success series
+    /// (errors, non-200 statuses, unknown models). Rare by construction, so
+    /// the label lookup is acceptable here.
+    pub fn observe_other(&self, request: &Observation<'_>) {
+        let status = request.status.to_string();
+        let labels = [request.model, request.path.as_str(), status.as_str()];
+        self.requests_total
+            .with_label_values(&[labels[0], labels[1], labels[2], request.error_type])
+            .inc();
+        self.request_duration_seconds
+            .with_label_values(&labels)
+            .observe(request.total_seconds);
+        if let Some((prefill, decode)) = request.phases {
+            self.request_prefill_duration_seconds
+                .with_label_values(&labels)
+                .observe(prefill);
+            self.request_decode_duration_seconds
+                .with_label_values(&labels)
+                .observe(decode);
         }
-        let _ = self.active_downstream_requests.remove_label_values(&[model]);
-        let _ = self.time_to_first_token_seconds.remove_label_values(&[model]);
-        let _ = self.time_per_output_token_seconds.remove_label_values(&[model]);
-        let mut created = self.lazily_created.lock();
-        created.retain(|labels| {
-            if labels[0] != model {
-                return true;
+    }
+
+    /// Refreshes the gauges that describe the snapshot in use; called when
+    /// `/metrics` is scraped, so gone pods disappear with the next scrape.
+    pub fn refresh_state(&self, store: &SnapshotStore, controller: &ControllerStatus) {
+        self.controller_connected
+            .set(i64::from(controller.connected()));
+        let table = store.table();
+        self.snapshot_age_seconds.set(
+            table
+                .as_ref()
+                .and_then(|t| SystemTime::now().duration_since(t.applied_at).ok())
+                .map_or(0.0, |age| age.as_secs_f64()),
+        );
+        self.snapshot_info.reset();
+        self.pod_active_requests.reset();
+        self.pod_requests_waiting.reset();
+        self.pod_requests_running.reset();
+        self.pod_kv_cache_usage.reset();
+        let Some(table) = table else {
+            return;
+        };
+        let loads_version = store.loads_version().unwrap_or_default();
+        self.snapshot_info
+            .with_label_values(&[&table.version, &loads_version])
+            .set(1);
+        for (key, pod) in &table.pods {
+            self.pod_active_requests
+                .with_label_values(&[key])
+                .set(i64::try_from(pod.in_flight()).unwrap_or(i64::MAX));
+            if let Some(load) = pod.load() {
+                self.pod_requests_waiting
+                    .with_label_values(&[key])
+                    .set(load.requests_waiting);
+                self.pod_requests_running
+                    .with_label_values(&[key])
+                    .set(load.requests_running);
+                self.pod_kv_cache_usage
+                    .with_label_values(&[key])
+                    .set(load.kv_cache_usage);
             }
-            let _ = self.requests_total.remove_label_values(
-                &labels.iter().map(String::as_str).collect::<Vec<_>>(),
-            );
-            let _ = self
-                .request_duration_seconds
-                .remove_label_values(&[&labels[0], &labels[1], &labels[2]]);
-            false
-        });
+        }
+    }
+
+    /// The text exposition of every family of the registry; families of
+    /// this module without series yet are listed with `# HELP` and `# TYPE`
+    /// only, so they can be discovered (and grepped for) before traffic.
+    pub fn render(&self) -> Result<Vec<u8>, prometheus::Error> {
+        use prometheus::Encoder;
+        use std::io::Write as _;
+        let families = self.registry.gather();
+        let mut buffer = Vec::new();
+        prometheus::TextEncoder::new().encode(&families, &mut buffer)?;
+        for (name, help, kind) in &self.declared {
+            if !families.iter().any(|family| family.name() == name) {
+                let _ = writeln!(buffer, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            }
+        }
+        Ok(buffer)
     }
 }
 
+/// What a finished request looked like, for [`RouterMetrics::observe_other`].
+#[derive(Debug)]
+pub struct Observation<'a> {
+    pub model: &'a str,
+    pub path: PathLabel,
+    pub status: u16,
+    pub error_type: &'a str,
+    pub total_seconds: f64,
+    /// (prefill, decode) seconds of a streamed response.
+    pub phases: Option<(f64, f64)>,
+}
+
 /// Handles of one model's success-path series, resolved when a snapshot is applied.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ModelMetrics {
+    /// The `model` label value.
     pub name: String,
     ok_requests: [IntCounter; PATHS],
     ok_duration: [Histogram; PATHS],
@@ -332,14 +627,13 @@ pub struct ModelMetrics {
 }
 
 impl ModelMetrics {
-    pub fn observe_success(&self, path: PathLabel, total: f64, prefill: Option<f64>, decode: Option<f64>) {
+    /// A 200 response delivered in full.
+    pub fn observe_success(&self, path: PathLabel, total: f64, phases: Option<(f64, f64)>) {
         let i = path as usize;
         self.ok_requests[i].inc();
         self.ok_duration[i].observe(total);
-        if let Some(prefill) = prefill {
+        if let Some((prefill, decode)) = phases {
             self.ok_prefill[i].observe(prefill);
-        }
-        if let Some(decode) = decode {
             self.ok_decode[i].observe(decode);
         }
     }
@@ -354,54 +648,163 @@ impl ModelMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_snapshot::pb;
 
-    fn value(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        registry.gather().into_iter().find(|f| f.name() == name).and_then(|family| {
-            family.get_metric().iter().find_map(|m| {
-                let matches = labels.iter().all(|(k, v)| {
-                    m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)
-                });
-                matches.then(|| {
-                    if m.get_counter().has_value() {
-                        m.get_counter().value()
-                    } else if m.get_gauge().has_value() {
-                        m.get_gauge().value()
-                    } else {
-                        m.get_histogram().get_sample_count() as f64
-                    }
+    fn value(metrics: &RouterMetrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        metrics
+            .registry()
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == name)
+            .and_then(|family| {
+                family.get_metric().iter().find_map(|m| {
+                    let matches = labels.iter().all(|(k, v)| {
+                        m.get_label()
+                            .iter()
+                            .any(|l| l.name() == *k && l.value() == *v)
+                    });
+                    matches.then(|| match family.get_field_type() {
+                        prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
+                        prometheus::proto::MetricType::GAUGE => m.get_gauge().get_value(),
+                        _ => m.get_histogram().get_sample_count() as f64,
+                    })
                 })
             })
-        })
+    }
+
+    fn table(models: &[&str]) -> RoutingTable {
+        let config = pb::RouteConfig {
+            routes: models
+                .iter()
+                .map(|model| pb::ModelRoute {
+                    namespace: "default".into(),
+                    name: format!("{model}-route"),
+                    model_name: (*model).into(),
+                    rules: vec![pb::Rule {
+                        name: "default".into(),
+                        r#match: None,
+                        targets: vec![pb::WeightedTarget {
+                            model_server: format!("default/{model}-server"),
+                            weight: 100,
+                        }],
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+            servers: models
+                .iter()
+                .map(|model| pb::ModelServer {
+                    namespace: "default".into(),
+                    name: format!("{model}-server"),
+                    port: 8000,
+                    endpoints: vec![pb::Endpoint {
+                        name: format!("{model}-pod"),
+                        ip: "127.0.0.1".into(),
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        RoutingTable::build("v", config, &HashMap::new()).expect("valid table")
     }
 
     #[test]
-    fn success_series_and_removal() {
-        let registry = Registry::new();
-        let metrics = RouterMetrics::new(&registry).expect("metrics");
-        let model = metrics.model("m");
-        model.observe_success(PathLabel::Completions, 0.2, Some(0.1), Some(0.1));
+    fn success_series_resolved_per_snapshot_and_removed_with_their_model() {
+        let metrics = RouterMetrics::new().expect("metrics");
+        metrics.resolve(&table(&["m", "keep"]));
+        let resolved = metrics.resolved();
+        let model = resolved.model("m").expect("model m resolved");
+        model.observe_success(PathLabel::Completions, 0.2, Some((0.1, 0.1)));
         model.add_tokens(PathLabel::Completions, 3, 5);
-        metrics.observe_other("m", PathLabel::Completions, 503, "no_ready_pod", 0.01);
-        metrics.retain(HashSet::from(["m".to_owned()]), HashSet::new());
-        let labels = [("model", "m"), ("path", "/v1/completions"), ("status_code", "200")];
-        assert_eq!(value(&registry, "kthena_router_requests_total", &labels), Some(1.0));
+        resolved
+            .upstream_gauge("default/m-route", "default/m-server")
+            .expect("upstream gauge")
+            .inc();
+        metrics.observe_other(&Observation {
+            model: "m",
+            path: PathLabel::Completions,
+            status: 503,
+            error_type: "no_ready_pod",
+            total_seconds: 0.01,
+            phases: None,
+        });
+        let labels = [
+            ("model", "m"),
+            ("path", "/v1/completions"),
+            ("status_code", "200"),
+        ];
         assert_eq!(
-            value(&registry, "kthena_router_tokens_total", &[("model", "m"), ("token_type", "output")]),
+            value(&metrics, "kthena_router_requests_total", &labels),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &metrics,
+                "kthena_router_tokens_total",
+                &[
+                    ("model", "m"),
+                    ("path", "/v1/completions"),
+                    ("token_type", "output")
+                ]
+            ),
             Some(5.0)
         );
         assert_eq!(
-            value(&registry, "kthena_router_requests_total", &[("error_type", "no_ready_pod")]),
+            value(
+                &metrics,
+                "kthena_router_requests_total",
+                &[("error_type", "no_ready_pod")]
+            ),
             Some(1.0)
         );
-        metrics.retain(HashSet::new(), HashSet::new());
-        assert_eq!(value(&registry, "kthena_router_requests_total", &[("model", "m")]), None);
-        assert_eq!(value(&registry, "kthena_router_tokens_total", &[("model", "m")]), None);
+        assert_eq!(
+            value(
+                &metrics,
+                "kthena_router_active_upstream_requests",
+                &[("model_route", "default/m-route")]
+            ),
+            Some(1.0)
+        );
+
+        metrics.resolve(&table(&["keep"]));
+        for family in [
+            "kthena_router_requests_total",
+            "kthena_router_tokens_total",
+            "kthena_router_request_duration_seconds",
+            "kthena_router_active_downstream_requests",
+        ] {
+            assert_eq!(value(&metrics, family, &[("model", "m")]), None, "{family}");
+            assert!(
+                value(&metrics, family, &[("model", "keep")]).is_some(),
+                "{family}"
+            );
+        }
+        assert_eq!(
+            value(
+                &metrics,
+                "kthena_router_active_upstream_requests",
+                &[("model_route", "default/m-route")]
+            ),
+            None
+        );
+        assert_eq!(
+            value(
+                &metrics,
+                "kthena_router_upstream_connect_errors_total",
+                &[("model_server", "default/m-server")]
+            ),
+            None
+        );
+        assert!(metrics.resolved().model("m").is_none());
     }
 
     #[test]
     fn path_labels_are_bounded() {
-        assert_eq!(PathLabel::of("/v1/chat/completions").as_str(), "/v1/chat/completions");
-        assert_eq!(PathLabel::of("/v1/anything?x").as_str(), "other");
+        assert_eq!(
+            PathLabel::of("/v1/chat/completions").as_str(),
+            "/v1/chat/completions"
+        );
+        assert_eq!(PathLabel::of("/v1/anything").as_str(), "other");
         assert_eq!(PathLabel::of("/admin").as_str(), "other");
     }
 }

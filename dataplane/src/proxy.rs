@@ -16,6 +16,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::{ApiError, ErrorKind};
+use crate::metrics::OutcomeLabel;
+use crate::observe::{Observer, RequestRecord};
 use crate::request::{Edit, apply_edits, parse_body};
 use crate::response::ResponseObserver;
 use crate::routing::{RequestFacts, Server};
@@ -85,10 +87,11 @@ pub struct Proxy {
     store: Arc<SnapshotStore>,
     client: UpstreamClient,
     config: ProxyConfig,
+    observer: Arc<Observer>,
 }
 
 impl Proxy {
-    pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig) -> Self {
+    pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig, observer: Arc<Observer>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
@@ -99,51 +102,74 @@ impl Proxy {
             store,
             client,
             config,
+            observer,
         }
     }
 
-    /// Handles one request on the traffic port.
+    /// Handles one request on the traffic port; every request but probes is
+    /// recorded (metrics, access log) until its response body ends.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        if request.method() == Method::GET {
+            match request.uri().path() {
+                "/healthz" => {
+                    return json_response(
+                        StatusCode::OK,
+                        Bytes::from_static(br#"{"message":"ok"}"#),
+                    );
+                }
+                "/readyz" => return readiness(&self.store),
+                _ => {}
+            }
+        }
+        let mut record = RequestRecord::start(&self.observer, &request);
+        let response = self.respond(request, &mut record).await;
+        attach_record(response, record)
+    }
+
+    async fn respond(
+        &self,
+        request: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Response<ProxyBody> {
         let path = request.uri().path();
         if PROXIED_PATHS.contains(&path) {
             if request.method() != Method::POST {
-                return ApiError::new(
+                return record.failed(ApiError::new(
                     ErrorKind::MethodNotAllowed,
                     format!("{path} only accepts POST"),
-                )
-                .into_response();
+                ));
             }
-            return match self.proxy(request).await {
+            return match self.proxy(request, record).await {
                 Ok(response) => response,
-                Err(error) => error.into_response(),
+                Err(error) => record.failed(error),
             };
         }
         match (request.method(), path) {
             (&Method::GET, "/v1/models") => match self.store.table() {
                 Some(table) => json_response(StatusCode::OK, table.models_body.clone()),
-                None => not_ready().into_response(),
+                None => record.failed(not_ready()),
             },
-            (_, "/v1/models") => {
-                ApiError::new(ErrorKind::MethodNotAllowed, "/v1/models only accepts GET")
-                    .into_response()
-            }
-            (&Method::GET, "/healthz") => {
-                json_response(StatusCode::OK, Bytes::from_static(br#"{"message":"ok"}"#))
-            }
-            (&Method::GET, "/readyz") => readiness(&self.store),
-            _ => ApiError::new(
+            (_, "/v1/models") => record.failed(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                "/v1/models only accepts GET",
+            )),
+            _ => record.failed(ApiError::new(
                 ErrorKind::UnknownPath,
                 format!("unknown path {path}: the router serves {PROXIED_PATHS:?} and /v1/models"),
-            )
-            .into_response(),
+            )),
         }
     }
 
-    async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ApiError> {
+    async fn proxy(
+        &self,
+        request: Request<Incoming>,
+        record: &mut RequestRecord,
+    ) -> Result<Response<ProxyBody>, ApiError> {
         let (parts, body) = request.into_parts();
         check_content_type(&parts.headers)?;
         let body = read_body(body, &parts.headers, self.config.max_body_bytes).await?;
         let parsed = parse_body(&body)?;
+        record.set_model(&parsed.model);
         let table = self.store.table().ok_or_else(not_ready)?;
         let decision = table
             .index
@@ -158,6 +184,7 @@ impl Proxy {
                     format!("route not found for model {:?}", parsed.model),
                 )
             })?;
+        record.set_route(&parsed.model, &decision);
         let server = decision.server.clone();
 
         let mut edits = Vec::new();
@@ -173,6 +200,7 @@ impl Proxy {
         let body = apply_edits(body, &mut edits);
 
         let request_id = request_id(&parts.headers);
+        record.set_request_id(&request_id);
         let mut headers = forwarded_headers(&parts.headers);
         headers.insert(REQUEST_ID_HEADER, request_id.clone());
         let path_and_query = parts
@@ -187,6 +215,7 @@ impl Proxy {
                 return Err(attempt.exhausted());
             };
             let guard = pod.begin_request();
+            record.begin_attempt(&pod);
             let uri = Uri::builder()
                 .scheme("http")
                 .authority(pod.authority.clone())
@@ -240,6 +269,7 @@ impl Proxy {
                     ));
                 }
                 Err(error) if error.is_connect() => {
+                    record.connect_failed();
                     pod.eject(Instant::now());
                     Failure::Connect(error.to_string())
                 }
@@ -506,6 +536,7 @@ fn downstream_response(
             body,
             observer: ResponseObserver::new(is_event_stream, hide_usage_chunk),
             guard: Some(guard),
+            record: None,
             finished: false,
         })),
     )
@@ -526,7 +557,27 @@ pub struct UpstreamBody {
     body: Incoming,
     observer: ResponseObserver,
     guard: Option<InFlightGuard>,
+    record: Option<RequestRecord>,
     finished: bool,
+}
+
+/// Hands the record to the response body when the body comes from an engine
+/// (it finishes when the body ends), else finishes it now.
+fn attach_record(
+    mut response: Response<ProxyBody>,
+    mut record: RequestRecord,
+) -> Response<ProxyBody> {
+    let is_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    record.set_response(response.status().as_u16(), is_stream);
+    match response.body_mut() {
+        ProxyBody::Upstream(upstream) => upstream.record = Some(record),
+        ProxyBody::Full(_) => record.finish(None, None),
+    }
+    response
 }
 
 impl From<Bytes> for ProxyBody {
@@ -579,27 +630,47 @@ impl UpstreamBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        if let Some(data) = self.observer.on_data(data) {
+                        let forwarded = self.observer.on_data(data);
+                        if forwarded.is_some()
+                            && let Some(record) = &mut self.record
+                        {
+                            record.on_chunk();
+                        }
+                        if self.body.is_end_stream() {
+                            // A sized body may be dropped right after its last
+                            // byte is written, without another poll: end here.
+                            let rest = self.observer.finish();
+                            self.end(None);
+                            let last = match (forwarded, rest) {
+                                (Some(data), Some(rest)) => Some([data, rest].concat().into()),
+                                (data, rest) => data.or(rest),
+                            };
+                            return Poll::Ready(last.map(|data| Ok(Frame::data(data))));
+                        }
+                        if let Some(data) = forwarded {
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                     }
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 },
                 Poll::Ready(Some(Err(error))) => {
-                    self.end();
+                    self.end(Some(OutcomeLabel::UpstreamStreamError));
                     return Poll::Ready(Some(Err(error)));
                 }
                 Poll::Ready(None) => {
                     let rest = self.observer.finish();
-                    self.end();
+                    self.end(None);
                     return Poll::Ready(rest.map(|data| Ok(Frame::data(data))));
                 }
             }
         }
     }
 
-    fn end(&mut self) {
+    fn end(&mut self, outcome: Option<OutcomeLabel>) {
         self.finished = true;
+        if let Some(mut record) = self.record.take() {
+            record.finish(self.observer.usage(), outcome);
+        }
         if let Some(guard) = self.guard.take() {
             tracing::debug!(
                 pod = %guard.pod().key,

@@ -1,8 +1,20 @@
 //! Prometheus metrics of the snapshot stream server.
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::sync::Arc;
 
-use super::ResourceType;
+use parking_lot::Mutex;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+use super::registry::DataplaneStatus;
+use super::{PublishedResource, ResourceType};
+
+/// Push latency buckets (seconds): a healthy push reaches every dataplane in
+/// milliseconds; seconds mean a slow or stuck dataplane.
+pub const PUSH_LATENCY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Metric handles shared by the publisher and every stream (cheap to clone).
 #[derive(Clone, Debug)]
@@ -14,6 +26,10 @@ pub struct XdsMetrics {
     pub(crate) send_timeouts: IntCounterVec,
     version_info: IntGaugeVec,
     generated_at_seconds: IntGaugeVec,
+    push_latency: HistogramVec,
+    /// Per resource type, the last version whose push latency was observed,
+    /// so each version is observed once.
+    push_observed: Arc<Mutex<[Option<String>; 2]>>,
 }
 
 impl XdsMetrics {
@@ -55,6 +71,15 @@ impl XdsMetrics {
             ),
             &["type"],
         )?;
+        let push_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_controller_push_latency_seconds",
+                "Time from publishing a new version (right after compiling it) until every connected dataplane ACKed it, by resource type.",
+            )
+            .buckets(PUSH_LATENCY_BUCKETS.to_vec()),
+            &["type"],
+        )?;
+        registry.register(Box::new(push_latency.clone()))?;
         registry.register(Box::new(connected_dataplanes.clone()))?;
         registry.register(Box::new(pushes.clone()))?;
         registry.register(Box::new(acks.clone()))?;
@@ -70,7 +95,43 @@ impl XdsMetrics {
             send_timeouts,
             version_info,
             generated_at_seconds,
+            push_latency,
+            push_observed: Arc::new(Mutex::new([None, None])),
         })
+    }
+
+    /// Called after an ACK of `latest`: once every subscribed stream has
+    /// applied it, observes its push latency (once per version).
+    pub(crate) fn record_ack(
+        &self,
+        resource: ResourceType,
+        latest: &PublishedResource,
+        streams: &[DataplaneStatus],
+        now_unix_ms: i64,
+    ) {
+        let all_acked = streams
+            .iter()
+            .map(|stream| stream.resource(resource))
+            .filter(|sync| sync.subscribed)
+            .all(|sync| sync.acked_version.as_deref() == Some(latest.version.as_str()));
+        if !all_acked {
+            return;
+        }
+        let slot = match resource {
+            ResourceType::RouteConfig => 0,
+            ResourceType::EndpointLoads => 1,
+        };
+        let mut observed = self.push_observed.lock();
+        if observed[slot].as_deref() == Some(latest.version.as_str()) {
+            return;
+        }
+        observed[slot] = Some(latest.version.clone());
+        let elapsed_ms = now_unix_ms
+            .saturating_sub(latest.generated_at_unix_ms)
+            .max(0);
+        self.push_latency
+            .with_label_values(&[resource.label()])
+            .observe(elapsed_ms as f64 / 1000.0);
     }
 
     pub(crate) fn record_published(
@@ -91,5 +152,60 @@ impl XdsMetrics {
         self.generated_at_seconds
             .with_label_values(&[label])
             .set(generated_at_unix_ms / 1000);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::TypeSyncStatus;
+
+    fn stream(acked: Option<&str>) -> DataplaneStatus {
+        DataplaneStatus {
+            stream_id: 1,
+            node_id: None,
+            build_version: None,
+            peer: None,
+            connected_since_unix_ms: 0,
+            route_config: TypeSyncStatus {
+                subscribed: true,
+                acked_version: acked.map(str::to_owned),
+                ..TypeSyncStatus::default()
+            },
+            endpoint_loads: TypeSyncStatus::default(),
+        }
+    }
+
+    fn observed(registry: &Registry) -> (u64, f64) {
+        // A vector without series is left out of `gather`.
+        registry
+            .gather()
+            .into_iter()
+            .find(|family| family.name() == "switchyard_controller_push_latency_seconds")
+            .and_then(|family| {
+                family.get_metric().first().map(|metric| {
+                    let histogram = metric.get_histogram();
+                    (histogram.get_sample_count(), histogram.get_sample_sum())
+                })
+            })
+            .unwrap_or((0, 0.0))
+    }
+
+    #[test]
+    fn push_latency_is_observed_once_when_every_dataplane_acked() {
+        let registry = Registry::new();
+        let metrics = XdsMetrics::register(&registry).expect("register");
+        let latest = PublishedResource {
+            version: "rc-1".into(),
+            generated_at_unix_ms: 10_000,
+            response: Default::default(),
+        };
+        let waiting = [stream(Some("rc-1")), stream(Some("rc-0"))];
+        metrics.record_ack(ResourceType::RouteConfig, &latest, &waiting, 10_250);
+        assert_eq!(observed(&registry).0, 0, "one dataplane has not ACKed yet");
+        let done = [stream(Some("rc-1")), stream(Some("rc-1"))];
+        metrics.record_ack(ResourceType::RouteConfig, &latest, &done, 10_500);
+        metrics.record_ack(ResourceType::RouteConfig, &latest, &done, 10_900);
+        assert_eq!(observed(&registry), (1, 0.5));
     }
 }

@@ -153,6 +153,10 @@ pub(crate) struct RegistryEntry {
 }
 
 impl RegistryEntry {
+    pub(crate) fn registry(&self) -> &DataplaneRegistry {
+        &self.registry
+    }
+
     pub(crate) fn update(&self, status: &DataplaneStatus) {
         if let Some(entry) = self.registry.inner.streams.lock().get_mut(&self.stream_id) {
             entry.clone_from(status);

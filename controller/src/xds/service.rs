@@ -285,6 +285,7 @@ impl SnapshotStream {
         sync.pending_nonce = None;
         // The nonce identifies what is answered; trust it over the request's version_info.
         let answered_version = sync.sent_version.clone();
+        let mut acked = false;
         match request.error_detail {
             Some(error) => {
                 sync.nacked_version = answered_version;
@@ -319,9 +320,24 @@ impl SnapshotStream {
                     version = sync.acked_version.as_deref().unwrap_or_default(),
                     "dataplane applied a snapshot (ACK)"
                 );
+                acked = true;
             }
         }
         self.entry.update(&self.status);
+        if acked {
+            let latest = match resource {
+                ResourceType::RouteConfig => self.route_config.borrow().clone(),
+                ResourceType::EndpointLoads => self.endpoint_loads.borrow().clone(),
+            };
+            if let Some(latest) = latest {
+                self.metrics.record_ack(
+                    resource,
+                    &latest,
+                    &self.entry.registry().list(),
+                    unix_ms_now(),
+                );
+            }
+        }
     }
 
     fn log_end(&self, end: StreamEnd) {

@@ -8,6 +8,8 @@ pub mod pb {
     tonic::include_proto!("switchyard.routing.v1");
 }
 
+pub mod config_dump;
+
 use prost::Message;
 
 /// Type URL of [`pb::RouteConfig`] on the stream.

@@ -1,0 +1,536 @@
+//! The access log: one line per request, JSON (default) or text, in the
+//! Kthena router's format, written off the request path.
+//!
+//! Requests hand a finished [`AccessLogEntry`] (mostly `Arc`s of the snapshot
+//! objects, nothing formatted) to a bounded channel with `try_send`; a
+//! dedicated writer thread formats and writes the lines. When the channel is
+//! full the line is dropped and counted in
+//! `kthena_router_access_log_dropped_total`: a slow log sink never slows a
+//! request.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Method, Uri, Version};
+use prometheus::IntCounter;
+use serde::Serialize;
+
+use crate::config_file::AccessLoggerSection;
+use crate::routing::{Route, Server};
+use crate::scheduling::PodState;
+
+/// Lines buffered between requests and the writer: a few seconds of a busy
+/// router's traffic, so a brief stall of the log sink loses nothing, while
+/// the memory held stays bounded (a few MB at worst).
+pub const ACCESS_LOG_CHANNEL_CAPACITY: usize = 8192;
+
+/// The writer writes what it has once this much is formatted, so a burst
+/// becomes a few large writes instead of one per line.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+/// Environment variables, as the Kthena router reads them.
+pub const ENV_ENABLED: &str = "ACCESS_LOG_ENABLED";
+pub const ENV_FORMAT: &str = "ACCESS_LOG_FORMAT";
+pub const ENV_OUTPUT: &str = "ACCESS_LOG_OUTPUT";
+
+/// Line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Json,
+    Text,
+}
+
+/// Where lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogOutput {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+/// Why the access log settings are unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessLogConfigError {
+    #[error("access log {source_name}: invalid enabled value {value:?}: use true or false")]
+    Enabled { source_name: String, value: String },
+    #[error("access log {source_name}: invalid format {value:?}: use json or text")]
+    Format { source_name: String, value: String },
+    #[error(
+        "access log {source_name}: output must not be empty: use stdout, stderr or a file path"
+    )]
+    EmptyOutput { source_name: String },
+}
+
+/// The effective settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    pub format: AccessLogFormat,
+    pub output: AccessLogOutput,
+}
+
+impl Default for AccessLogConfig {
+    /// On, JSON, stdout: the Kthena router's defaults, and stdout keeps the
+    /// lines apart from application logs (stderr).
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            format: AccessLogFormat::Json,
+            output: AccessLogOutput::Stdout,
+        }
+    }
+}
+
+impl AccessLogConfig {
+    /// Defaults, overridden by the file's `accessLogger:` block, overridden
+    /// by the `ACCESS_LOG_*` environment variables (as a Deployment's `env:`
+    /// is meant to win over a shared ConfigMap).
+    pub fn resolve(
+        file: Option<&AccessLoggerSection>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, AccessLogConfigError> {
+        let mut config = Self::default();
+        if let Some(section) = file {
+            let source = "accessLogger";
+            if let Some(enabled) = section.enabled {
+                config.enabled = enabled;
+            }
+            if let Some(format) = &section.format {
+                config.format = parse_format(&format!("{source}.format"), format)?;
+            }
+            if let Some(output) = &section.output {
+                config.output = parse_output(&format!("{source}.output"), output)?;
+            }
+        }
+        if let Some(enabled) = env(ENV_ENABLED) {
+            config.enabled = match enabled.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(AccessLogConfigError::Enabled {
+                        source_name: ENV_ENABLED.into(),
+                        value: enabled,
+                    });
+                }
+            };
+        }
+        if let Some(format) = env(ENV_FORMAT) {
+            config.format = parse_format(ENV_FORMAT, &format)?;
+        }
+        if let Some(output) = env(ENV_OUTPUT) {
+            config.output = parse_output(ENV_OUTPUT, &output)?;
+        }
+        Ok(config)
+    }
+}
+
+fn parse_format(source: &str, value: &str) -> Result<AccessLogFormat, AccessLogConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "json" => Ok(AccessLogFormat::Json),
+        "text" => Ok(AccessLogFormat::Text),
+        _ => Err(AccessLogConfigError::Format {
+            source_name: source.into(),
+            value: value.into(),
+        }),
+    }
+}
+
+fn parse_output(source: &str, value: &str) -> Result<AccessLogOutput, AccessLogConfigError> {
+    match value.trim() {
+        "" => Err(AccessLogConfigError::EmptyOutput {
+            source_name: source.into(),
+        }),
+        "stdout" => Ok(AccessLogOutput::Stdout),
+        "stderr" => Ok(AccessLogOutput::Stderr),
+        path => Ok(AccessLogOutput::File(PathBuf::from(path))),
+    }
+}
+
+/// One finished request. Built only when the access log is on.
+#[derive(Debug)]
+pub struct AccessLogEntry {
+    pub started_at: SystemTime,
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub status: u16,
+    pub model_name: Option<String>,
+    pub route: Option<Arc<Route>>,
+    pub server: Option<Arc<Server>>,
+    pub pod: Option<Arc<PodState>>,
+    pub request_id: Option<HeaderValue>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total: Duration,
+    pub queue: Duration,
+    pub request_processing: Duration,
+    pub upstream: Duration,
+    pub response_processing: Duration,
+    /// Streams only: request received to the first response chunk.
+    pub ttft: Option<Duration>,
+    pub upstream_attempts: u32,
+    /// (`type`, `message`) of a failed request.
+    pub error: Option<(&'static str, String)>,
+}
+
+/// The sending side, held by the request path.
+#[derive(Debug)]
+pub struct AccessLog {
+    sender: Option<SyncSender<AccessLogEntry>>,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    /// An access log that is off.
+    pub fn disabled(dropped: IntCounter) -> Self {
+        Self {
+            sender: None,
+            dropped,
+        }
+    }
+
+    /// Opens the output and starts the writer thread (or nothing when disabled).
+    pub fn start(config: &AccessLogConfig, dropped: IntCounter) -> std::io::Result<Self> {
+        if !config.enabled {
+            return Ok(Self::disabled(dropped));
+        }
+        let output: Box<dyn Write + Send> = match &config.output {
+            AccessLogOutput::Stdout => Box::new(std::io::stdout()),
+            AccessLogOutput::Stderr => Box::new(std::io::stderr()),
+            AccessLogOutput::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (sender, receiver) = sync_channel(ACCESS_LOG_CHANNEL_CAPACITY);
+        let format = config.format;
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(receiver, output, format))?;
+        Ok(Self {
+            sender: Some(sender),
+            dropped,
+        })
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.sender.is_some()
+    }
+
+    /// Queues a line; never blocks.
+    pub fn log(&self, entry: AccessLogEntry) {
+        let Some(sender) = &self.sender else {
+            return;
+        };
+        match sender.try_send(entry) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+fn write_lines(
+    receiver: Receiver<AccessLogEntry>,
+    mut output: Box<dyn Write + Send>,
+    format: AccessLogFormat,
+) {
+    let mut buffer = Vec::with_capacity(WRITE_BATCH_BYTES);
+    let mut failing = false;
+    while let Ok(first) = receiver.recv() {
+        buffer.clear();
+        format_line(&first, format, &mut buffer);
+        while buffer.len() < WRITE_BATCH_BYTES {
+            match receiver.try_recv() {
+                Ok(entry) => format_line(&entry, format, &mut buffer),
+                Err(_) => break,
+            }
+        }
+        // Whole lines in one write, so lines never interleave with other
+        // writers of the same stream.
+        let written = output.write_all(&buffer).and_then(|()| output.flush());
+        match (written, failing) {
+            (Err(error), false) => {
+                failing = true;
+                tracing::warn!(%error, "cannot write the access log; lines are lost until it recovers");
+            }
+            (Ok(()), true) => failing = false,
+            _ => {}
+        }
+    }
+}
+
+/// The JSON line, fields in the documented order.
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    timestamp: String,
+    method: &'a str,
+    path: &'a str,
+    protocol: &'static str,
+    status_code: u16,
+    model_name: Option<&'a str>,
+    model_route: Option<&'a str>,
+    model_server: Option<&'a str>,
+    selected_pod: Option<&'a str>,
+    request_id: Option<&'a str>,
+    input_tokens: u64,
+    output_tokens: u64,
+    duration_total_ms: u64,
+    duration_queue_ms: u64,
+    duration_request_processing_ms: u64,
+    duration_upstream_ms: u64,
+    duration_response_processing_ms: u64,
+    ttft_ms: Option<u64>,
+    upstream_attempts: u32,
+    error: Option<JsonError<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonError<'a> {
+    r#type: &'a str,
+    message: &'a str,
+}
+
+fn protocol(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Appends one line (with its newline) to `out`.
+pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Vec<u8>) {
+    let timestamp = humantime::format_rfc3339_millis(entry.started_at).to_string();
+    let request_id = entry.request_id.as_ref().and_then(|id| id.to_str().ok());
+    let route = entry.route.as_ref().map(|route| route.key.as_str());
+    let server = entry.server.as_ref().map(|server| server.key.as_str());
+    let pod = entry.pod.as_ref().map(|pod| pod.name.as_str());
+    match format {
+        AccessLogFormat::Json => {
+            let line = JsonLine {
+                timestamp,
+                method: entry.method.as_str(),
+                path: entry.uri.path(),
+                protocol: protocol(entry.version),
+                status_code: entry.status,
+                model_name: entry.model_name.as_deref(),
+                model_route: route,
+                model_server: server,
+                selected_pod: pod,
+                request_id,
+                input_tokens: entry.input_tokens,
+                output_tokens: entry.output_tokens,
+                duration_total_ms: millis(entry.total),
+                duration_queue_ms: millis(entry.queue),
+                duration_request_processing_ms: millis(entry.request_processing),
+                duration_upstream_ms: millis(entry.upstream),
+                duration_response_processing_ms: millis(entry.response_processing),
+                ttft_ms: entry.ttft.map(millis),
+                upstream_attempts: entry.upstream_attempts,
+                error: entry.error.as_ref().map(|(kind, message)| JsonError {
+                    r#type: kind,
+                    message,
+                }),
+            };
+            // Serialising plain strings and numbers into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &line);
+            out.push(b'\n');
+        }
+        AccessLogFormat::Text => {
+            use std::fmt::Write as _;
+            let mut line = format!(
+                "[{timestamp}] \"{} {} {}\" {}",
+                entry.method,
+                entry.uri.path(),
+                protocol(entry.version),
+                entry.status
+            );
+            if let Some((kind, message)) = &entry.error {
+                let _ = write!(line, " error={kind}:{message:?}");
+            }
+            let fields = [
+                ("model_name", entry.model_name.as_deref()),
+                ("model_route", route),
+                ("model_server", server),
+                ("selected_pod", pod),
+                ("request_id", request_id),
+            ];
+            for (name, value) in fields {
+                if let Some(value) = value {
+                    let _ = write!(line, " {name}={value}");
+                }
+            }
+            if entry.error.is_none() {
+                let _ = write!(
+                    line,
+                    " tokens={}/{}",
+                    entry.input_tokens, entry.output_tokens
+                );
+            }
+            let _ = write!(
+                line,
+                " timings={}ms({}+{}+{})",
+                millis(entry.total),
+                millis(entry.request_processing),
+                millis(entry.upstream),
+                millis(entry.response_processing)
+            );
+            if let Some(ttft) = entry.ttft {
+                let _ = write!(line, " ttft={}ms", millis(ttft));
+            }
+            let _ = write!(line, " upstream_attempts={}", entry.upstream_attempts);
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn entry(error: Option<(&'static str, String)>) -> AccessLogEntry {
+        AccessLogEntry {
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_705_314_645_123),
+            method: Method::POST,
+            uri: Uri::from_static("/v1/chat/completions"),
+            version: Version::HTTP_11,
+            status: if error.is_some() { 504 } else { 200 },
+            model_name: Some("llama2-7b".into()),
+            route: None,
+            server: None,
+            pod: None,
+            request_id: Some(HeaderValue::from_static("550e8400")),
+            input_tokens: 150,
+            output_tokens: 75,
+            total: Duration::from_millis(2350),
+            queue: Duration::ZERO,
+            request_processing: Duration::from_millis(45),
+            upstream: Duration::from_millis(2300),
+            response_processing: Duration::from_millis(5),
+            ttft: Some(Duration::from_millis(120)),
+            upstream_attempts: 1,
+            error,
+        }
+    }
+
+    #[test]
+    fn json_line_has_every_documented_field() {
+        let mut out = Vec::new();
+        format_line(&entry(None), AccessLogFormat::Json, &mut out);
+        assert_eq!(out.last(), Some(&b'\n'));
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(line["timestamp"], "2024-01-15T10:30:45.123Z");
+        assert_eq!(line["method"], "POST");
+        assert_eq!(line["path"], "/v1/chat/completions");
+        assert_eq!(line["protocol"], "HTTP/1.1");
+        assert_eq!(line["status_code"], 200);
+        assert_eq!(line["model_name"], "llama2-7b");
+        assert_eq!(line["request_id"], "550e8400");
+        assert_eq!(line["duration_total_ms"], 2350);
+        assert_eq!(line["duration_upstream_ms"], 2300);
+        assert_eq!(line["ttft_ms"], 120);
+        assert_eq!(line["upstream_attempts"], 1);
+        assert_eq!(line["error"], serde_json::Value::Null);
+        let keys: Vec<&str> = line
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(keys.len(), 20, "{keys:?}");
+    }
+
+    #[test]
+    fn text_line_matches_the_documented_shape() {
+        let mut out = Vec::new();
+        format_line(&entry(None), AccessLogFormat::Text, &mut out);
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.starts_with("[2024-01-15T10:30:45.123Z] \"POST /v1/chat/completions HTTP/1.1\" 200 model_name=llama2-7b request_id=550e8400 tokens=150/75 timings=2350ms(45+2300+5)"),
+            "{line}"
+        );
+        let mut out = Vec::new();
+        format_line(
+            &entry(Some(("upstream_timeout", "no headers within 30s".into()))),
+            AccessLogFormat::Text,
+            &mut out,
+        );
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.contains(
+                "\" 504 error=upstream_timeout:\"no headers within 30s\" model_name=llama2-7b"
+            ),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn settings_resolve_defaults_then_file_then_env() {
+        let none = |_: &str| None;
+        assert_eq!(
+            AccessLogConfig::resolve(None, none).expect("defaults"),
+            AccessLogConfig::default()
+        );
+        let file = AccessLoggerSection {
+            enabled: Some(true),
+            format: Some("text".into()),
+            output: Some("/var/log/router.log".into()),
+        };
+        let from_file = AccessLogConfig::resolve(Some(&file), none).expect("file");
+        assert_eq!(from_file.format, AccessLogFormat::Text);
+        assert_eq!(
+            from_file.output,
+            AccessLogOutput::File("/var/log/router.log".into())
+        );
+        let env: HashMap<&str, &str> = HashMap::from([
+            (ENV_ENABLED, "false"),
+            (ENV_FORMAT, "json"),
+            (ENV_OUTPUT, "stderr"),
+        ]);
+        let from_env =
+            AccessLogConfig::resolve(Some(&file), |name| env.get(name).map(|v| (*v).to_owned()))
+                .expect("env");
+        assert_eq!(
+            from_env,
+            AccessLogConfig {
+                enabled: false,
+                format: AccessLogFormat::Json,
+                output: AccessLogOutput::Stderr,
+            }
+        );
+        let bad =
+            AccessLogConfig::resolve(None, |name| (name == ENV_FORMAT).then(|| "xml".to_owned()))
+                .expect_err("bad format");
+        assert_eq!(
+            bad.to_string(),
+            "access log ACCESS_LOG_FORMAT: invalid format \"xml\": use json or text"
+        );
+    }
+
+    #[test]
+    fn a_full_channel_drops_and_counts_instead_of_blocking() {
+        let dropped = IntCounter::new("dropped", "test").expect("counter");
+        let (sender, _receiver) = sync_channel(1);
+        let log = AccessLog {
+            sender: Some(sender),
+            dropped: dropped.clone(),
+        };
+        log.log(entry(None));
+        log.log(entry(None));
+        log.log(entry(None));
+        assert_eq!(dropped.get(), 2);
+    }
+}

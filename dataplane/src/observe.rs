@@ -1,0 +1,326 @@
+//! What the request path reports: one [`RequestRecord`] per request, filled
+//! in by the proxy at a few fixed points (routed, attempt started, response
+//! head, first chunk) and turned into metrics and an access log line when
+//! the response body ends, fails, or the client goes away (on drop).
+//!
+//! Timings of a record (all from the moment the request arrived):
+//! - request processing: reading and parsing the body and routing, up to the
+//!   first upstream attempt (the whole request when none was made);
+//! - upstream: first attempt sent to the end of the engine's body (retries
+//!   and the engine's prefill and decode included);
+//! - response processing: what is left after the upstream part;
+//! - queue: always 0, as there is no fairness queue yet.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderValue, Method, Request, Uri, Version};
+use prometheus::IntGauge;
+
+use crate::access_log::{AccessLog, AccessLogEntry};
+use crate::error::ApiError;
+use crate::metrics::{
+    ModelMetrics, Observation, OutcomeLabel, PathLabel, RouterMetrics, UNKNOWN_MODEL,
+};
+use crate::response::Usage;
+use crate::routing::{Route, RouteDecision, Server};
+use crate::scheduling::PodState;
+use crate::snapshot::SnapshotStore;
+use crate::xds_client::SnapshotSink;
+use switchyard_snapshot::pb;
+
+/// `status_code` of a request whose client went away before any response
+/// head was sent (nginx's "client closed request"), so it is not counted as
+/// a success or as a router error.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Metrics and access log, shared by every request.
+#[derive(Debug)]
+pub struct Observer {
+    pub metrics: Arc<RouterMetrics>,
+    pub access_log: AccessLog,
+}
+
+impl Observer {
+    /// Metrics only, no access log.
+    pub fn without_access_log(metrics: Arc<RouterMetrics>) -> Self {
+        let dropped = metrics.access_log_dropped_total.clone();
+        Self {
+            metrics,
+            access_log: AccessLog::disabled(dropped),
+        }
+    }
+}
+
+/// A [`SnapshotSink`] that resolves the metric handles of every applied
+/// RouteConfig, so requests never look labels up.
+#[derive(Debug)]
+pub struct ObservedStore {
+    pub store: Arc<SnapshotStore>,
+    pub metrics: Arc<RouterMetrics>,
+}
+
+impl SnapshotSink for ObservedStore {
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String> {
+        SnapshotSink::apply_route_config(&*self.store, version, config)?;
+        if let Some(table) = self.store.table() {
+            self.metrics.resolve(&table);
+        }
+        Ok(())
+    }
+
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String> {
+        SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
+    }
+}
+
+/// One request, from arrival to the end of its response.
+#[derive(Debug)]
+pub struct RequestRecord {
+    observer: Arc<Observer>,
+    started: Instant,
+    started_at: SystemTime,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    path: PathLabel,
+    /// Kept only for the access log.
+    model_name: Option<String>,
+    model: Option<Arc<ModelMetrics>>,
+    route: Option<Arc<Route>>,
+    server: Option<Arc<Server>>,
+    pod: Option<Arc<PodState>>,
+    request_id: Option<HeaderValue>,
+    upstream_gauge: Option<IntGauge>,
+    attempts: u32,
+    upstream_started: Option<Instant>,
+    first_chunk: Option<Instant>,
+    status: u16,
+    is_stream: bool,
+    error: Option<(&'static str, String)>,
+    finished: bool,
+}
+
+impl RequestRecord {
+    pub fn start<B>(observer: &Arc<Observer>, request: &Request<B>) -> Self {
+        Self {
+            observer: observer.clone(),
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            path: PathLabel::of(request.uri().path()),
+            // The client's id, if any; the proxy sets the one it forwards.
+            request_id: request
+                .headers()
+                .get(crate::proxy::REQUEST_ID_HEADER)
+                .filter(|id| !id.is_empty())
+                .cloned(),
+            model_name: None,
+            model: None,
+            route: None,
+            server: None,
+            pod: None,
+            upstream_gauge: None,
+            attempts: 0,
+            upstream_started: None,
+            first_chunk: None,
+            status: 0,
+            is_stream: false,
+            error: None,
+            finished: false,
+        }
+    }
+
+    /// The body named `model`.
+    pub fn set_model(&mut self, model: &str) {
+        if self.observer.access_log.is_enabled() {
+            self.model_name = Some(model.to_owned());
+        }
+    }
+
+    /// The request was routed: its model is one the snapshot serves.
+    pub fn set_route(&mut self, model: &str, decision: &RouteDecision) {
+        let resolved = self.observer.metrics.resolved();
+        if let Some(handles) = resolved.model(model) {
+            handles.active_downstream.inc();
+            self.model = Some(handles.clone());
+        }
+        self.route = Some(decision.route.clone());
+        self.server = Some(decision.server.clone());
+    }
+
+    pub fn set_request_id(&mut self, request_id: &HeaderValue) {
+        self.request_id = Some(request_id.clone());
+    }
+
+    /// An attempt to `pod` starts.
+    pub fn begin_attempt(&mut self, pod: &Arc<PodState>) {
+        self.attempts += 1;
+        self.pod = Some(pod.clone());
+        if self.upstream_started.is_none() {
+            self.upstream_started = Some(Instant::now());
+            if let (Some(route), Some(server)) = (&self.route, &self.server) {
+                let resolved = self.observer.metrics.resolved();
+                if let Some(gauge) = resolved.upstream_gauge(&route.key, &server.key) {
+                    gauge.inc();
+                    self.upstream_gauge = Some(gauge.clone());
+                }
+            }
+        }
+    }
+
+    /// The attempt could not connect to its pod.
+    pub fn connect_failed(&self) {
+        if let Some(server) = &self.server {
+            let resolved = self.observer.metrics.resolved();
+            if let Some(counter) = resolved.connect_errors(&server.key) {
+                counter.inc();
+            }
+        }
+    }
+
+    /// The router answers with `error` itself: records it and renders it.
+    pub fn failed<B: From<bytes::Bytes>>(&mut self, error: ApiError) -> http::Response<B> {
+        self.fail(&error);
+        error.into_response()
+    }
+
+    /// The router answers with `error` itself.
+    pub fn fail(&mut self, error: &ApiError) {
+        self.status = error.kind.status().as_u16();
+        self.error = Some((error.kind.code(), error.message.clone()));
+    }
+
+    /// The response head going to the client.
+    pub fn set_response(&mut self, status: u16, is_stream: bool) {
+        self.status = status;
+        self.is_stream = is_stream;
+    }
+
+    /// A chunk of the response body is about to reach the client.
+    pub fn on_chunk(&mut self) {
+        if self.first_chunk.is_none() {
+            self.first_chunk = Some(Instant::now());
+        }
+    }
+
+    /// The response is over: metrics and the access log line.
+    pub fn finish(&mut self, usage: Option<Usage>, outcome: Option<OutcomeLabel>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if self.status == 0 {
+            self.status = CLIENT_CLOSED_REQUEST;
+        }
+        let ended = Instant::now();
+        let total = ended.duration_since(self.started);
+        let error_type = match (&self.error, outcome) {
+            (Some((kind, _)), _) => kind,
+            (None, Some(outcome)) => outcome.as_str(),
+            (None, None) if self.status >= 400 => OutcomeLabel::EngineError.as_str(),
+            (None, None) => OutcomeLabel::Success.as_str(),
+        };
+        let phases = match (self.is_stream, self.first_chunk) {
+            (true, Some(first)) => Some((
+                first.duration_since(self.started).as_secs_f64(),
+                ended.duration_since(first).as_secs_f64(),
+            )),
+            _ => None,
+        };
+        let usage = usage.unwrap_or_default();
+        let metrics = &self.observer.metrics;
+        match &self.model {
+            Some(model) => {
+                if self.status == 200 && error_type == OutcomeLabel::Success.as_str() {
+                    model.observe_success(self.path, total.as_secs_f64(), phases);
+                } else {
+                    metrics.observe_other(&Observation {
+                        model: &model.name,
+                        path: self.path,
+                        status: self.status,
+                        error_type,
+                        total_seconds: total.as_secs_f64(),
+                        phases,
+                    });
+                }
+                model.add_tokens(self.path, usage.prompt_tokens, usage.completion_tokens);
+                if let Some((prefill, decode)) = phases {
+                    model.ttft.observe(prefill);
+                    if usage.completion_tokens > 1 {
+                        model
+                            .tpot
+                            .observe(decode / (usage.completion_tokens - 1) as f64);
+                    }
+                }
+                model.active_downstream.dec();
+            }
+            None => metrics.observe_other(&Observation {
+                model: UNKNOWN_MODEL,
+                path: self.path,
+                status: self.status,
+                error_type,
+                total_seconds: total.as_secs_f64(),
+                phases,
+            }),
+        }
+        if let Some(gauge) = self.upstream_gauge.take() {
+            gauge.dec();
+        }
+        if !self.observer.access_log.is_enabled() {
+            return;
+        }
+        let request_processing = self
+            .upstream_started
+            .map_or(total, |at| at.duration_since(self.started));
+        let upstream = self
+            .upstream_started
+            .map_or(Duration::ZERO, |at| ended.duration_since(at));
+        let ttft = match (self.is_stream, self.first_chunk) {
+            (true, Some(first)) => Some(first.duration_since(self.started)),
+            _ => None,
+        };
+        let error = self.error.take().or_else(|| match outcome {
+            Some(OutcomeLabel::UpstreamStreamError) => Some((
+                OutcomeLabel::UpstreamStreamError.as_str(),
+                "the engine's connection broke while the response was streamed".to_owned(),
+            )),
+            Some(OutcomeLabel::ClientDisconnected) => Some((
+                OutcomeLabel::ClientDisconnected.as_str(),
+                "the client closed the connection before the response was complete".to_owned(),
+            )),
+            _ => None,
+        });
+        self.observer.access_log.log(AccessLogEntry {
+            started_at: self.started_at,
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            version: self.version,
+            status: self.status,
+            model_name: self.model_name.take(),
+            route: self.route.take(),
+            server: self.server.take(),
+            pod: self.pod.take(),
+            request_id: self.request_id.take(),
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            total,
+            queue: Duration::ZERO,
+            request_processing,
+            upstream,
+            response_processing: total.saturating_sub(request_processing + upstream),
+            ttft,
+            upstream_attempts: self.attempts,
+            error,
+        });
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        // Still open: the client went away (or the handler was cancelled).
+        self.finish(None, Some(OutcomeLabel::ClientDisconnected));
+    }
+}

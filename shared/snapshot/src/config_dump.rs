@@ -1,0 +1,339 @@
+//! The `/debug/config_dump/...` JSON views of a snapshot, shaped like the
+//! Kthena router's (camelCase CRD field names, `{"modelroutes": [...]}`
+//! lists), shared by the dataplane and the controller so both show the same.
+//!
+//! Only what the snapshot carries is shown: it holds no credentials and no
+//! request data, so nothing secret can leak through a dump. Pod fields that
+//! never reach the snapshot (node name, labels, start time) are left out
+//! rather than invented.
+
+use serde_json::{Map, Value, json};
+
+use crate::pb;
+
+/// `phase` of every pod in a snapshot: the controller only puts ready,
+/// running pods in it.
+const SNAPSHOT_POD_PHASE: &str = "Running";
+
+/// `GET /debug/config_dump/modelroutes`.
+pub fn modelroutes(config: &pb::RouteConfig) -> Value {
+    json!({"modelroutes": config.routes.iter().map(modelroute).collect::<Vec<_>>()})
+}
+
+/// `GET /debug/config_dump/modelservers`.
+pub fn modelservers(config: &pb::RouteConfig) -> Value {
+    json!({"modelservers": config.servers.iter().map(modelserver).collect::<Vec<_>>()})
+}
+
+/// `GET /debug/config_dump/pods`: every pod of the snapshot with its latest load.
+pub fn pods<'a>(
+    config: &pb::RouteConfig,
+    load_of: impl Fn(&str, &str) -> Option<&'a pb::EndpointLoad>,
+) -> Value {
+    let mut keys: Vec<(&str, &str)> = config
+        .servers
+        .iter()
+        .flat_map(|server| {
+            server
+                .endpoints
+                .iter()
+                .map(|endpoint| (server.namespace.as_str(), endpoint.name.as_str()))
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let pods: Vec<Value> = keys
+        .into_iter()
+        .filter_map(|(namespace, name)| pod(config, namespace, name, load_of(namespace, name)))
+        .collect();
+    json!({"pods": pods})
+}
+
+/// `GET /debug/config_dump/namespaces/{ns}/modelroutes/{name}`.
+pub fn find_modelroute(config: &pb::RouteConfig, namespace: &str, name: &str) -> Option<Value> {
+    config
+        .routes
+        .iter()
+        .find(|route| route.namespace == namespace && route.name == name)
+        .map(modelroute)
+}
+
+/// `GET /debug/config_dump/namespaces/{ns}/modelservers/{name}`.
+pub fn find_modelserver(config: &pb::RouteConfig, namespace: &str, name: &str) -> Option<Value> {
+    config
+        .servers
+        .iter()
+        .find(|server| server.namespace == namespace && server.name == name)
+        .map(modelserver)
+}
+
+/// One pod of the snapshot, or None when no ModelServer has it.
+pub fn pod(
+    config: &pb::RouteConfig,
+    namespace: &str,
+    name: &str,
+    load: Option<&pb::EndpointLoad>,
+) -> Option<Value> {
+    let mut servers = config
+        .servers
+        .iter()
+        .filter(|server| server.namespace == namespace)
+        .filter_map(|server| {
+            server
+                .endpoints
+                .iter()
+                .find(|endpoint| endpoint.name == name)
+                .map(|endpoint| (server, endpoint))
+        })
+        .peekable();
+    let (first_server, endpoint) = *servers.peek()?;
+    let model_servers: Vec<String> = servers
+        .map(|(server, _)| crate::object_key(&server.namespace, &server.name))
+        .collect();
+    let metrics = load.map_or(Value::Null, |load| {
+        json!({
+            "gpuCacheUsage": load.kv_cache_usage,
+            "requestWaitingNum": load.requests_waiting,
+            "requestRunningNum": load.requests_running,
+            "tpot": load.tpot_seconds,
+            "ttft": load.ttft_seconds,
+        })
+    });
+    let models: Vec<&str> = load.map_or_else(Vec::new, |load| {
+        load.models.iter().map(String::as_str).collect()
+    });
+    Some(json!({
+        "name": name,
+        "namespace": namespace,
+        "podInfo": {
+            "podIP": endpoint.ip,
+            "port": first_server.port,
+            "phase": SNAPSHOT_POD_PHASE,
+        },
+        "engine": first_server.inference_engine,
+        "metrics": metrics,
+        "models": models,
+        "modelServers": model_servers,
+    }))
+}
+
+fn modelroute(route: &pb::ModelRoute) -> Value {
+    let mut spec = Map::new();
+    if !route.model_name.is_empty() {
+        spec.insert("modelName".into(), json!(route.model_name));
+    }
+    if !route.lora_adapters.is_empty() {
+        spec.insert("loraAdapters".into(), json!(route.lora_adapters));
+    }
+    spec.insert(
+        "rules".into(),
+        route.rules.iter().map(rule).collect::<Vec<_>>().into(),
+    );
+    if let Some(limit) = &route.rate_limit {
+        spec.insert(
+            "rateLimit".into(),
+            json!({
+                "inputTokensPerUnit": limit.input_tokens_per_unit,
+                "outputTokensPerUnit": limit.output_tokens_per_unit,
+                "unit": limit.unit,
+            }),
+        );
+    }
+    json!({
+        "name": route.name,
+        "namespace": route.namespace,
+        "spec": spec,
+    })
+}
+
+fn rule(rule: &pb::Rule) -> Value {
+    let mut value = Map::new();
+    value.insert("name".into(), json!(rule.name));
+    if let Some(model_match) = &rule.r#match {
+        let mut matched = Map::new();
+        if !model_match.headers.is_empty() {
+            let headers: Map<String, Value> = model_match
+                .headers
+                .iter()
+                .map(|header| (header.name.clone(), string_match(header.value.as_ref())))
+                .collect();
+            matched.insert("headers".into(), headers.into());
+        }
+        if let Some(uri) = &model_match.uri {
+            matched.insert("uri".into(), string_match(Some(uri)));
+        }
+        if let Some(model) = &model_match.body_model {
+            // The CRD's `body.model` is a plain string: an exact match.
+            let model = match &model.kind {
+                Some(pb::string_match::Kind::Exact(exact)) => json!(exact),
+                _ => string_match(Some(model)),
+            };
+            matched.insert("body".into(), json!({"model": model}));
+        }
+        value.insert("modelMatch".into(), matched.into());
+    }
+    value.insert(
+        "targetModels".into(),
+        rule.targets
+            .iter()
+            .map(|target| {
+                let (namespace, name) = target
+                    .model_server
+                    .split_once('/')
+                    .unwrap_or(("", target.model_server.as_str()));
+                json!({
+                    "modelServer": {"name": name, "namespace": namespace},
+                    "weight": target.weight,
+                })
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    );
+    value.into()
+}
+
+fn string_match(value: Option<&pb::StringMatch>) -> Value {
+    use pb::string_match::Kind;
+    match value.and_then(|value| value.kind.as_ref()) {
+        None => Value::Null,
+        Some(Kind::Exact(value)) => json!({"exact": value}),
+        Some(Kind::Prefix(value)) => json!({"prefix": value}),
+        Some(Kind::Regex(value)) => json!({"regex": value}),
+    }
+}
+
+fn modelserver(server: &pb::ModelServer) -> Value {
+    let mut spec = Map::new();
+    if let Some(model) = &server.model {
+        spec.insert("model".into(), json!(model));
+    }
+    spec.insert("inferenceEngine".into(), json!(server.inference_engine));
+    spec.insert("workloadPort".into(), json!({"port": server.port}));
+    if let Some(policy) = &server.traffic_policy {
+        let mut traffic = Map::new();
+        if policy.timeout_ms > 0 {
+            traffic.insert("timeout".into(), json!(format!("{}ms", policy.timeout_ms)));
+        }
+        traffic.insert(
+            "retry".into(),
+            json!({
+                "attempts": policy.retry_attempts,
+                "retryInterval": format!("{}ms", policy.retry_interval_ms),
+            }),
+        );
+        spec.insert("trafficPolicy".into(), traffic.into());
+    }
+    json!({
+        "name": server.name,
+        "namespace": server.namespace,
+        "spec": spec,
+        "pods": server.endpoints.iter().map(|endpoint| json!({
+            "name": endpoint.name,
+            "podIP": endpoint.ip,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> pb::RouteConfig {
+        pb::RouteConfig {
+            routes: vec![pb::ModelRoute {
+                namespace: "default".into(),
+                name: "llama2-route".into(),
+                model_name: "llama2-7b".into(),
+                lora_adapters: vec!["lora-adapter-1".into()],
+                rules: vec![pb::Rule {
+                    name: "default-rule".into(),
+                    r#match: Some(pb::ModelMatch {
+                        headers: vec![pb::HeaderMatch {
+                            name: "user-type".into(),
+                            value: Some(pb::StringMatch {
+                                kind: Some(pb::string_match::Kind::Exact("premium".into())),
+                            }),
+                        }],
+                        uri: None,
+                        body_model: Some(pb::StringMatch {
+                            kind: Some(pb::string_match::Kind::Exact("llama2-7b".into())),
+                        }),
+                    }),
+                    targets: vec![pb::WeightedTarget {
+                        model_server: "default/llama2-server".into(),
+                        weight: 100,
+                    }],
+                }],
+                rate_limit: Some(pb::RateLimit {
+                    input_tokens_per_unit: 1000,
+                    output_tokens_per_unit: 500,
+                    unit: "second".into(),
+                }),
+                ..Default::default()
+            }],
+            servers: vec![pb::ModelServer {
+                namespace: "default".into(),
+                name: "llama2-server".into(),
+                model: Some("meta/llama2".into()),
+                inference_engine: "vLLM".into(),
+                port: 8000,
+                endpoints: vec![pb::Endpoint {
+                    name: "llama2-0".into(),
+                    ip: "10.244.2.20".into(),
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn modelroutes_have_the_kthena_shape() {
+        let dump = modelroutes(&config());
+        let route = &dump["modelroutes"][0];
+        assert_eq!(route["name"], "llama2-route");
+        assert_eq!(route["namespace"], "default");
+        assert_eq!(route["spec"]["modelName"], "llama2-7b");
+        assert_eq!(route["spec"]["loraAdapters"], json!(["lora-adapter-1"]));
+        let rule = &route["spec"]["rules"][0];
+        assert_eq!(rule["modelMatch"]["body"]["model"], "llama2-7b");
+        assert_eq!(
+            rule["modelMatch"]["headers"]["user-type"],
+            json!({"exact": "premium"})
+        );
+        assert_eq!(
+            rule["targetModels"][0],
+            json!({"modelServer": {"name": "llama2-server", "namespace": "default"}, "weight": 100})
+        );
+        assert_eq!(route["spec"]["rateLimit"]["inputTokensPerUnit"], 1000);
+    }
+
+    #[test]
+    fn pods_carry_metrics_models_and_servers() {
+        let load = pb::EndpointLoad {
+            namespace: "default".into(),
+            pod: "llama2-0".into(),
+            requests_waiting: 3.0,
+            requests_running: 2.0,
+            kv_cache_usage: 0.75,
+            ttft_seconds: 1.2,
+            tpot_seconds: 0.045,
+            models: vec!["llama2-7b".into(), "lora-adapter-1".into()],
+            observed_at_unix_ms: 1,
+        };
+        let config = config();
+        let dump = pods(&config, |_, _| Some(&load));
+        let pod = &dump["pods"][0];
+        assert_eq!(pod["name"], "llama2-0");
+        assert_eq!(pod["podInfo"]["podIP"], "10.244.2.20");
+        assert_eq!(pod["engine"], "vLLM");
+        assert_eq!(
+            pod["metrics"],
+            json!({"gpuCacheUsage": 0.75, "requestWaitingNum": 3.0, "requestRunningNum": 2.0, "tpot": 0.045, "ttft": 1.2})
+        );
+        assert_eq!(pod["models"], json!(["llama2-7b", "lora-adapter-1"]));
+        assert_eq!(pod["modelServers"], json!(["default/llama2-server"]));
+        assert!(self::pod(&config, "default", "missing", None).is_none());
+        assert!(find_modelserver(&config, "default", "llama2-server").is_some());
+        assert!(find_modelroute(&config, "other", "llama2-route").is_none());
+    }
+}
