@@ -43,7 +43,7 @@ fn kustomize(dir: &Path) -> Vec<(String, Value)> {
             .expect("inside")
             .to_string_lossy()
             .into_owned();
-        if relative == "kustomization.yaml" || relative.starts_with("samples/") {
+        if relative == "kustomization.yaml" {
             continue;
         }
         assert!(
@@ -71,7 +71,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
         let path = entry.path();
         if path.is_dir() {
-            files.extend(walk(&path));
+            // A folder with its own kustomization is a separate stack
+            // (samples, observability), applied on its own.
+            if !path.join("kustomization.yaml").exists() {
+                files.extend(walk(&path));
+            }
         } else if path
             .extension()
             .is_some_and(|ext| ext == "yaml" || ext == "yml")
