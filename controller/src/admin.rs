@@ -327,6 +327,7 @@ mod tests {
     async fn snapshot_view_shows_routes_and_servers() {
         let (state, _objects) = state();
         let config = pb::RouteConfig {
+            scheduler: None,
             routes: vec![pb::ModelRoute {
                 namespace: "default".into(),
                 name: "r".into(),

@@ -416,6 +416,7 @@ mod tests {
 
     fn config() -> pb::RouteConfig {
         pb::RouteConfig {
+            scheduler: None,
             routes: vec![route("r", "m", &[("s", 100)])],
             servers: vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
         }

@@ -8,6 +8,8 @@ pub mod pb {
     tonic::include_proto!("switchyard.routing.v1");
 }
 
+pub mod scheduler;
+
 use prost::Message;
 
 /// Type URL of [`pb::RouteConfig`] on the stream.
@@ -39,6 +41,7 @@ mod tests {
 
     fn sample() -> pb::RouteConfig {
         pb::RouteConfig {
+            scheduler: None,
             routes: vec![pb::ModelRoute {
                 namespace: "default".into(),
                 name: "r".into(),
