@@ -77,6 +77,10 @@ impl Admin {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/debug/router/state") => json(StatusCode::OK, &self.router_state()),
             (&Method::GET, "/debug/routing/table") => json(StatusCode::OK, &self.routing_table()),
+            (&Method::GET, "/debug/routing/decisions") => json(
+                StatusCode::OK,
+                &crate::scheduling::decisions::decisions_view(&self.store, request.uri().query()),
+            ),
             _ => not_found(),
         }
     }

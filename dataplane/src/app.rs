@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use crate::admin::{Admin, AdminMetrics};
 use crate::cli::{Args, LogFormat};
 use crate::proxy::{Proxy, ProxyBody, ProxyConfig};
+use crate::scheduling::SchedulingShared;
+use crate::scheduling::metrics::PluginMetrics;
 use crate::snapshot::SnapshotStore;
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 
@@ -84,12 +86,16 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
     let metrics_addr = SocketAddr::new(args.host, args.metrics_port);
     let debug_addr = SocketAddr::new(args.debug_addr, args.debug_port);
 
-    let store = Arc::new(SnapshotStore::new());
+    let registry = prometheus::Registry::new();
+    let plugin_metrics = PluginMetrics::register(&registry)?;
+    let store = Arc::new(SnapshotStore::with_scheduling(Arc::new(
+        SchedulingShared::new(Some(plugin_metrics)),
+    )));
     let status = Arc::new(ControllerStatus::default());
     let admin = Arc::new(Admin {
         store: store.clone(),
         controller: status.clone(),
-        metrics: AdminMetrics::new(prometheus::Registry::new())?,
+        metrics: AdminMetrics::new(registry)?,
     });
     let proxy = Arc::new(Proxy::new(
         store.clone(),

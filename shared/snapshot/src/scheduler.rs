@@ -230,7 +230,10 @@ mod tests {
             validate(&config).expect_err("invalid").to_string()
         };
         assert!(with(&|c| c.filters.push("kvcache-aware".into())).contains("unknown filter"));
-        assert!(with(&|c| c.scores[0].name = "fastest".into()).contains("unknown score plugin \"fastest\""));
+        assert!(
+            with(&|c| c.scores[0].name = "fastest".into())
+                .contains("unknown score plugin \"fastest\"")
+        );
         assert!(with(&|c| c.scores.clear()).contains("no score plugin"));
         assert!(with(&|c| c.filters.push(LEAST_REQUEST.into())).contains("listed twice"));
         assert!(with(&|c| c.top_n = 17).contains("topN 17"));
@@ -242,7 +245,9 @@ mod tests {
             })
         };
         assert!(with_args(&|a| a.ttft_tpot_weight_factor = 1.5).contains("TTFTTPOTWeightFactor"));
-        assert!(with_args(&|a| a.ttft_tpot_weight_factor = f64::NAN).contains("TTFTTPOTWeightFactor"));
+        assert!(
+            with_args(&|a| a.ttft_tpot_weight_factor = f64::NAN).contains("TTFTTPOTWeightFactor")
+        );
         assert!(with_args(&|a| a.load_bound_factor = 0.5).contains("loadBoundFactor"));
         assert!(with_args(&|a| a.session_header = "X Session".into()).contains("header"));
         assert!(with_args(&|a| a.max_blocks_to_match = 5000).contains("maxBlocksToMatch"));
