@@ -15,5 +15,6 @@ pub mod app;
 pub mod cli;
 pub mod compile;
 pub mod local;
+pub mod router_config;
 pub mod scrape;
 pub mod xds;
