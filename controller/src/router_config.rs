@@ -422,7 +422,25 @@ auth:
 "#,
         )
         .expect("valid");
-        assert_eq!(config.scheduler, Some(names::default_config()));
+        let scheduler = config.scheduler.expect("section");
+        let defaults = names::default_config();
+        assert_eq!(scheduler.filters, defaults.filters);
+        assert_eq!(scheduler.args, defaults.args);
+        assert_eq!(scheduler.top_n, defaults.top_n);
+        let weights: Vec<(&str, u32)> = scheduler
+            .scores
+            .iter()
+            .map(|s| (s.name.as_str(), s.weight))
+            .collect();
+        assert_eq!(
+            weights,
+            [
+                ("least-request", 1),
+                ("gpu-usage", 1),
+                ("least-latency", 1),
+                ("prefix-cache", 1)
+            ]
+        );
         assert!(config.warnings.is_empty());
     }
 

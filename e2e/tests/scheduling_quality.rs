@@ -623,10 +623,10 @@ async fn hit_totals(bench: &Bench) -> (f64, f64) {
     totals
 }
 
-/// 8 system prompts x 8 requests each, 4 clients, round-robin over `dataplanes`.
+/// 8 system prompts x 16 requests each, 4 clients, round-robin over `dataplanes`.
 async fn run_shared_prefix_workload(bench: &Bench, phase: &str, dataplanes: usize) {
     const GROUPS: usize = 8;
-    const PER_GROUP: usize = 8;
+    const PER_GROUP: usize = 16;
     const CLIENTS: usize = 4;
     let requests: Vec<(usize, Value)> = (0..GROUPS * PER_GROUP)
         .map(|i| {
@@ -660,4 +660,63 @@ async fn run_shared_prefix_workload(bench: &Bench, phase: &str, dataplanes: usiz
     for worker in workers {
         worker.await.expect("client");
     }
+}
+
+/// The router configuration reaches running dataplanes without a restart; an
+/// invalid edit is rejected (the controller logs why) and the previous one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_config_changes_reach_dataplanes_and_invalid_ones_are_rejected() {
+    let bench = Bench::start(2, simple(), &config(&[], &["random"], ""), &[], 2).await;
+    let scores_of = |decisions: &Value| decisions["scheduler"]["scores"].clone();
+    for dataplane in 0..2 {
+        let view = bench.debug(dataplane, "/debug/routing/decisions").await;
+        assert_eq!(scores_of(&view), json!([{"name": "random", "weight": 1}]));
+    }
+    let write = |text: &str| {
+        let tmp = bench.router_config.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, &bench.router_config).expect("rename");
+    };
+    write("scheduler:\n  plugins:\n    Score: {enabled: [{name: fastest-pod}]}\n");
+    wait_for("the controller to reject the edit", || async {
+        let log = bench
+            .stack
+            .controller
+            .as_ref()
+            .map(Process::log_text)
+            .unwrap_or_default();
+        (log.contains("router configuration rejected") && log.contains("fastest-pod")).then_some(())
+    })
+    .await;
+    let (status, _, _) = bench.complete(0, &completion("still served", 1), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        scores_of(&bench.debug(1, "/debug/routing/decisions").await),
+        json!([{"name": "random", "weight": 1}]),
+        "the previous configuration stays"
+    );
+
+    write(
+        "scheduler:\n  topN: 2\n  plugins:\n    Score: {enabled: [{name: least-request, weight: 3}]}\n",
+    );
+    for dataplane in 0..2 {
+        wait_for("the new configuration on every dataplane", || async {
+            let view = bench.debug(dataplane, "/debug/routing/decisions").await;
+            (scores_of(&view) == json!([{"name": "least-request", "weight": 3}])
+                && view["scheduler"]["topN"] == 2)
+                .then_some(())
+        })
+        .await;
+    }
+    let (status, _, _) = bench.complete(1, &completion("after reload", 1), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let latest = &bench.debug(1, "/debug/routing/decisions?limit=1").await["decisions"][0];
+    assert_eq!(
+        latest["plugins"],
+        json!([{"name": "least-request", "weight": 3}])
+    );
+    assert!(
+        latest["ranked"][0]["scores"]["least-request"].is_u64(),
+        "{latest}"
+    );
 }

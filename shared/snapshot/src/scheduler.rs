@@ -90,18 +90,32 @@ pub enum SchedulerConfigError {
     SessionHeader(String),
 }
 
+/// Weight of prefix-cache in the default mix. The reference chart weighs
+/// every plugin 1, which lets one extra in-flight request on the pod holding
+/// a prefix (least-request 100 -> 0) cancel the cache hit. Here prefix-cache
+/// already scores 0 on pods over the load bound, so it can outweigh
+/// least-request without piling onto a hot pod.
+pub const DEFAULT_PREFIX_CACHE_WEIGHT: u32 = 2;
+
 /// The configuration used when the router configuration has no scheduler
-/// section: the reference's Helm chart default.
+/// section: the reference's Helm chart default (filter least-request; score
+/// least-request, gpu-usage, least-latency, prefix-cache), with prefix-cache
+/// weighted [`DEFAULT_PREFIX_CACHE_WEIGHT`].
 pub fn default_config() -> pb::SchedulerConfig {
     pb::SchedulerConfig {
         filters: vec![LEAST_REQUEST.to_owned()],
-        scores: [LEAST_REQUEST, GPU_USAGE, LEAST_LATENCY, PREFIX_CACHE]
-            .iter()
-            .map(|name| pb::ScorePlugin {
-                name: (*name).to_owned(),
-                weight: 1,
-            })
-            .collect(),
+        scores: [
+            (LEAST_REQUEST, 1),
+            (GPU_USAGE, 1),
+            (LEAST_LATENCY, 1),
+            (PREFIX_CACHE, DEFAULT_PREFIX_CACHE_WEIGHT),
+        ]
+        .iter()
+        .map(|(name, weight)| pb::ScorePlugin {
+            name: (*name).to_owned(),
+            weight: *weight,
+        })
+        .collect(),
         top_n: DEFAULT_TOP_N,
         args: Some(default_args()),
     }
