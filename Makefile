@@ -1,7 +1,7 @@
 # Switchyard: `make demo` runs the local demo, `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt crds demo demo-up demo-down
+.PHONY: all build test lint fmt crds demo demo-up demo-down bench-quality
 
 all: build
 
@@ -31,3 +31,8 @@ demo-up: build
 
 demo-down:
 	e2e/demo.sh down
+
+# Scheduling quality benchmark (not part of `make test`): shared-prefix
+# workload against simulated engines; prints the README's results table.
+bench-quality: build
+	$(CARGO) test -p switchyard-e2e --test bench_quality -- --ignored --nocapture
