@@ -193,12 +193,8 @@ fn fill_unknown(out: &mut [u32], candidates: &[Candidate], known: impl Fn(&Candi
         .iter()
         .zip(candidates)
         .filter(|(_, c)| known(c))
-        .fold((0u32, 0u32), |(s, n), (v, _)| (s + v, n + 1));
-    let neutral = if count == 0 {
-        MAX_SCORE / 2
-    } else {
-        sum / count
-    };
+        .fold((0u32, 0u32), |(s, n), (v, _)| (s.saturating_add(*v), n + 1));
+    let neutral = sum.checked_div(count).unwrap_or(MAX_SCORE / 2);
     for (value, candidate) in out.iter_mut().zip(candidates) {
         if !known(candidate) {
             *value = neutral;
