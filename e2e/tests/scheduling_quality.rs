@@ -720,3 +720,80 @@ async fn router_config_changes_reach_dataplanes_and_invalid_ones_are_rejected() 
         "{latest}"
     );
 }
+
+/// session-affinity: one session, one pod, on every dataplane; when that pod
+/// dies the session moves to another pod and stays there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_affinity_is_sticky_across_dataplanes_and_falls_back() {
+    let mut bench = Bench::start(
+        4,
+        simple(),
+        &config(
+            &[],
+            &["session-affinity"],
+            "  - name: session-affinity\n    args: {header: x-conversation}\n",
+        ),
+        &[],
+        2,
+    )
+    .await;
+    let mut homes = BTreeMap::new();
+    for session in ["alpha", "beta", "gamma", "delta", "epsilon"] {
+        let mut pods = Vec::new();
+        for i in 0..6 {
+            let (status, pod, _) = bench
+                .complete(
+                    i % 2,
+                    &completion(&format!("q{i}"), 1),
+                    &[("x-conversation", session)],
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            pods.push(pod);
+        }
+        let counts = counts(&pods);
+        assert_eq!(
+            counts.len(),
+            1,
+            "session {session} on both dataplanes: {counts:?}"
+        );
+        homes.insert(session, pods[0].clone());
+    }
+    assert!(
+        homes
+            .values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            >= 2,
+        "sessions spread over pods: {homes:?}"
+    );
+    let home = homes["alpha"].clone();
+    bench.stack.kill_engine(&home);
+    // The first request on each dataplane finds the pod gone (connect
+    // failure) and is answered by its next candidate; the pod is then ejected.
+    for dataplane in 0..2 {
+        let (status, _, _) = bench
+            .complete(
+                dataplane,
+                &completion("retry", 1),
+                &[("x-conversation", "alpha")],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "the next candidate answers");
+    }
+    let mut pods = Vec::new();
+    for i in 0..6 {
+        let (status, pod, _) = bench
+            .complete(
+                i % 2,
+                &completion(&format!("r{i}"), 1),
+                &[("x-conversation", "alpha")],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(pod);
+    }
+    let counts = counts(&pods);
+    assert_eq!(counts.len(), 1, "one new home: {counts:?}");
+    assert!(!counts.contains_key(&home), "{counts:?}");
+}
