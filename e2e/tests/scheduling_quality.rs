@@ -18,8 +18,8 @@ const PORT: u16 = 8000;
 /// Fast enough that tests waiting on engine load are quick, slow enough for a busy 2-core machine.
 const SCRAPE_INTERVAL: &str = "250ms";
 
-fn objects(pods: usize, lora_adapters: &[&str]) -> String {
-    let mut yaml = format!(
+fn objects(lora_adapters: &[&str]) -> String {
+    format!(
         r#"
 apiVersion: networking.serving.volcano.sh/v1alpha1
 kind: ModelServer
@@ -38,10 +38,7 @@ spec:
   rules:
   - targetModels: [{{modelServerName: sim}}]
 "#
-    );
-    let _ = pods;
-    yaml.push('\n');
-    yaml
+    )
 }
 
 /// A stack of `engines` mock engines (`pod-0`..), a controller with
@@ -70,13 +67,17 @@ impl Bench {
                 extra_args: engine_args(i),
             })
             .collect();
-        let mut files = vec![("objects.yaml", objects(engines, lora_adapters))];
+        let mut files = vec![("objects.yaml".to_owned(), objects(lora_adapters))];
         for spec in &specs {
             files.push((
-                Box::leak(format!("{}.yaml", spec.name).into_boxed_str()),
+                format!("{}.yaml", spec.name),
                 ready_pod_yaml(&spec.name, spec.ip, &[("app", "sim")]),
             ));
         }
+        let files: Vec<(&str, String)> = files
+            .iter()
+            .map(|(name, yaml)| (name.as_str(), yaml.clone()))
+            .collect();
         let mut stack = Stack::new(&files);
         let router_config_path = stack.dir.path().join("router-config.yaml");
         std::fs::write(&router_config_path, router_config).expect("write router config");
@@ -611,7 +612,6 @@ async fn three_dataplanes_keep_the_one_dataplane_prefix_hit_rate() {
         rates[1] >= 0.95 * rates[0],
         "three dataplanes vs one: {rates:?}"
     );
-    let _ = &bench.router_config;
 }
 
 async fn hit_totals(bench: &Bench) -> (f64, f64) {

@@ -149,9 +149,8 @@ impl BlockHasher<'_> {
             self.pending.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
             if self.pending.len() == self.block_size {
-                let block = std::mem::take(&mut self.pending);
-                self.push(&block);
-                self.pending = block;
+                self.previous = xxh3_64_with_seed(&self.pending, self.previous);
+                self.out.push(self.previous);
                 self.pending.clear();
             }
         }
