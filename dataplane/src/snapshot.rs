@@ -519,6 +519,20 @@ mod tests {
                 },
                 "invalid port",
             ),
+            (
+                {
+                    let mut c = config();
+                    c.scheduler = Some(pb::SchedulerConfig {
+                        scores: vec![pb::ScorePlugin {
+                            name: "kvcache-aware".into(),
+                            weight: 1,
+                        }],
+                        ..Default::default()
+                    });
+                    c
+                },
+                "scheduler configuration: unknown score plugin \"kvcache-aware\"",
+            ),
         ];
         for (bad, expected) in cases {
             let error = store.apply_route_config("bad", bad).expect_err(expected);
