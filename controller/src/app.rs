@@ -333,6 +333,8 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
         router_config_watcher,
     } = parts;
     let outcome = tokio::select! {
+        // On shutdown both branches complete; the stop is what happened, not a server failure.
+        biased;
         () = compile_loop.run(stop) => Ok(()),
         joined = &mut xds_task => Err(match joined {
             Ok(Err(error)) => AppError::Xds(error),
