@@ -1,11 +1,15 @@
 //! `least-latency`: pods with low TTFT and TPOT. Each metric is min-max
 //! normalised over the pods that have data (100 = fastest); the final score
 //! is `alpha x TTFT score + (1 - alpha) x TPOT score`. Pods without data (or
-//! with stale data) get 50 and do not move the min / max, as in the reference.
+//! with stale data) do not move the min / max and get, per metric, the mean
+//! score of the pods that have data (50 when none has). The reference gives
+//! them a flat 50, which makes the only pod that served traffic in the last
+//! scrape interval (score 100) win every request, and so keep being the only
+//! one with data; the mean keeps such pods level instead.
 
 use super::{Candidate, MAX_SCORE};
 
-/// Score of a pod the metric says nothing about.
+/// Score for a metric no pod has data for.
 const NO_DATA_SCORE: f64 = 50.0;
 
 pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
@@ -20,14 +24,39 @@ pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
             })
     };
     let (ttft_range, tpot_range) = (range(&ttft), range(&tpot));
-    let normalised = |value: Option<f64>, range: Option<(f64, f64)>| match (value, range) {
-        (Some(v), Some((lo, hi))) if hi > lo => f64::from(MAX_SCORE) * (hi - v) / (hi - lo),
-        (Some(_), Some(_)) => f64::from(MAX_SCORE),
-        _ => NO_DATA_SCORE,
+    let normalised = |value: f64, (lo, hi): (f64, f64)| {
+        if hi > lo {
+            f64::from(MAX_SCORE) * (hi - value) / (hi - lo)
+        } else {
+            f64::from(MAX_SCORE)
+        }
     };
+    // Per metric: the mean score of the pods with data, for the pods without.
+    let neutral = |metric: &dyn Fn(&Candidate) -> Option<f64>, range: Option<(f64, f64)>| {
+        let Some(range) = range else {
+            return NO_DATA_SCORE;
+        };
+        let (sum, count) = candidates
+            .iter()
+            .filter_map(metric)
+            .fold((0.0, 0.0), |(s, n), v| (s + normalised(v, range), n + 1.0));
+        if count > 0.0 {
+            sum / count
+        } else {
+            NO_DATA_SCORE
+        }
+    };
+    let (ttft_neutral, tpot_neutral) = (neutral(&ttft, ttft_range), neutral(&tpot, tpot_range));
     for (slot, candidate) in out.iter_mut().zip(candidates) {
-        let s = ttft_weight * normalised(ttft(candidate), ttft_range)
-            + (1.0 - ttft_weight) * normalised(tpot(candidate), tpot_range);
+        let ttft_score = match (ttft(candidate), ttft_range) {
+            (Some(v), Some(range)) => normalised(v, range),
+            _ => ttft_neutral,
+        };
+        let tpot_score = match (tpot(candidate), tpot_range) {
+            (Some(v), Some(range)) => normalised(v, range),
+            _ => tpot_neutral,
+        };
+        let s = ttft_weight * ttft_score + (1.0 - ttft_weight) * tpot_score;
         *slot = s.round().clamp(0.0, f64::from(MAX_SCORE)) as u32;
     }
 }
@@ -65,5 +94,13 @@ mod tests {
         assert_eq!(out[2], 50);
         score(&pods, 0.0, &mut out);
         assert_eq!((out[0], out[1]), (100, 0));
+    }
+
+    #[test]
+    fn the_only_pod_with_data_does_not_win_by_default() {
+        let pods = [candidate(0, 0, latency(0.2, 0.02)), candidate(1, 0, None)];
+        let mut out = [0; 2];
+        score(&pods, 0.5, &mut out);
+        assert_eq!(out[0], out[1], "{out:?}");
     }
 }
