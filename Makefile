@@ -1,7 +1,7 @@
 # Switchyard: `make demo` runs the local demo, `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt crds demo demo-up demo-down e2e-vllm
+.PHONY: all build test lint fmt crds demo demo-up demo-down e2e-vllm bench-quality
 
 all: build
 
@@ -37,3 +37,7 @@ demo-down:
 # download on first run) behind the controller (local mode) and a dataplane.
 e2e-vllm: build
 	e2e/vllm.sh
+# Scheduling quality benchmark (not part of `make test`): shared-prefix
+# workload against simulated engines; prints the README's results table.
+bench-quality: build
+	$(CARGO) test -p switchyard-e2e --test bench_quality -- --ignored --nocapture

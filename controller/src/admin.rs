@@ -387,6 +387,7 @@ mod tests {
     async fn snapshot_view_shows_routes_and_servers() {
         let (state, _objects) = state();
         let config = pb::RouteConfig {
+            scheduler: None,
             routes: vec![pb::ModelRoute {
                 namespace: "default".into(),
                 name: "r".into(),
@@ -467,6 +468,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            scheduler: None,
         };
         state.publisher.publish_route_config(config, 1);
         let routes = body_json(handle(

@@ -18,8 +18,10 @@ use crate::cli::{Args, EXIT_USAGE, LogFormat};
 use crate::compile::{CompiledRoutes, ObjectReport, compile_endpoint_loads, compile_route_config};
 use crate::local::{self, LocalError, LocalObjects, WatchSettings};
 use crate::metrics::ControllerMetrics;
+use crate::router_config::{RouterConfigError, watch_router_config};
 use crate::scrape::{PodKey, PodLoad, ScrapeConfig, ScrapeTarget, Scraper, ScraperError};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
+use switchyard_snapshot::pb;
 
 /// How long shutdown waits for the servers to close their connections before
 /// giving up on them; well under Kubernetes' default 30 s termination grace.
@@ -57,6 +59,8 @@ pub enum AppError {
     Xds(#[from] tonic::transport::Error),
     #[error("the {0} task ended unexpectedly")]
     TaskEnded(&'static str),
+    #[error(transparent)]
+    RouterConfig(#[from] RouterConfigError),
 }
 
 impl AppError {
@@ -66,8 +70,9 @@ impl AppError {
             Self::KubernetesModeUnavailable | Self::Scraper(ScraperError::InvalidConfig(_)) => {
                 EXIT_USAGE
             }
-            Self::Config(_) => EXIT_NO_INPUT,
+            Self::Config(_) | Self::RouterConfig(RouterConfigError::Read { .. }) => EXIT_NO_INPUT,
             Self::Kubernetes(_) => EXIT_CONFIG,
+            Self::RouterConfig(_) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }
@@ -186,8 +191,24 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
     ));
     let dataplanes = DataplaneRegistry::new();
 
+    let (scheduler, router_config_watcher) = match &args.router_config {
+        Some(path) => {
+            let (receiver, task) = watch_router_config(path.clone()).await?;
+            (receiver, Some(task))
+        }
+        // No file: the snapshot carries no scheduler section and dataplanes use their defaults.
+        None => (watch::channel(None).1, None),
+    };
     let (objects, watcher) =
-        local::watch_dir(config_dir.to_owned(), WatchSettings::default()).await?;
+        match local::watch_dir(config_dir.to_owned(), WatchSettings::default()).await {
+            Ok(watching) => watching,
+            Err(error) => {
+                if let Some(task) = &router_config_watcher {
+                    task.abort();
+                }
+                return Err(error.into());
+            }
+        };
     let (targets_sender, targets) = watch::channel(Vec::new());
     let scrape_config = ScrapeConfig {
         interval: args.scrape_interval,
@@ -198,6 +219,9 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
         Ok(scraper) => scraper,
         Err(error) => {
             watcher.abort();
+            if let Some(task) = &router_config_watcher {
+                task.abort();
+            }
             return Err(error.into());
         }
     };
@@ -211,6 +235,7 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
         compile_duration,
         objects,
         pod_loads: scraper.loads.clone(),
+        scheduler,
         compiled: None,
         reported: Vec::new(),
     };
@@ -242,6 +267,7 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
         admin_task,
         scraper,
         watcher,
+        router_config_watcher,
     }));
     Ok(LocalController {
         xds_addr,
@@ -306,6 +332,7 @@ struct Parts {
     admin_task: JoinHandle<()>,
     scraper: Scraper,
     watcher: JoinHandle<()>,
+    router_config_watcher: Option<JoinHandle<()>>,
 }
 
 /// Runs the compile loop until stopped or until the stream server dies, then stops the rest.
@@ -318,8 +345,11 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
         admin_task,
         scraper,
         watcher,
+        router_config_watcher,
     } = parts;
     let outcome = tokio::select! {
+        // On shutdown both branches complete; the stop is what happened, not a server failure.
+        biased;
         () = compile_loop.run(stop) => Ok(()),
         joined = &mut xds_task => Err(match joined {
             Ok(Err(error)) => AppError::Xds(error),
@@ -332,6 +362,9 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     stop_sender.send_replace(true);
     scraper.task.abort();
     watcher.abort();
+    if let Some(task) = router_config_watcher {
+        task.abort();
+    }
     let servers = async {
         if !xds_task.is_finished()
             && let Ok(Err(error)) = (&mut xds_task).await
@@ -360,6 +393,8 @@ struct CompileLoop {
     compile_duration: HistogramVec,
     objects: watch::Receiver<Arc<LocalObjects>>,
     pod_loads: watch::Receiver<Arc<BTreeMap<PodKey, PodLoad>>>,
+    /// The router configuration's scheduler section, shipped inside the RouteConfig.
+    scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
     compiled: Option<CompiledRoutes>,
     /// Reports already logged, so an unchanged rejection is not logged again on every reload.
     reported: Vec<ObjectReport>,
@@ -369,6 +404,7 @@ impl CompileLoop {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut watcher_alive = true;
         let mut scraper_alive = true;
+        let mut scheduler_alive = true;
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stopped| *stopped) => return,
@@ -378,6 +414,11 @@ impl CompileLoop {
                         watcher_alive = false;
                         tracing::error!(config_dir = %self.config_dir.display(), "config watcher stopped; serving the last loaded objects");
                     }
+                },
+                changed = self.scheduler.changed(), if scheduler_alive => match changed {
+                    Ok(()) => self.on_objects_changed(),
+                    // No file (or its watcher stopped): the last configuration stays.
+                    Err(_) => scheduler_alive = false,
                 },
                 changed = self.pod_loads.changed(), if scraper_alive => match changed {
                     Ok(()) => self.publish_endpoint_loads(),
@@ -393,7 +434,8 @@ impl CompileLoop {
     fn on_objects_changed(&mut self) {
         let objects = self.objects.borrow_and_update().clone();
         let started = Instant::now();
-        let compiled = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+        let mut compiled = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+        compiled.route_config.scheduler = self.scheduler.borrow_and_update().clone();
         self.compile_duration
             .with_label_values(&["route_config"])
             .observe(started.elapsed().as_secs_f64());

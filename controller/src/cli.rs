@@ -45,6 +45,11 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_CONFIG_DIR", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
 
+    /// Router configuration file in the reference router's format; its
+    /// `scheduler` section is shipped to every dataplane (reloaded on change).
+    #[arg(long, env = "SWITCHYARD_ROUTER_CONFIG", value_name = "FILE")]
+    pub router_config: Option<PathBuf>,
+
     /// Address of the snapshot stream (gRPC) server dataplanes connect to.
     #[arg(long, env = "SWITCHYARD_XDS_ADDR", default_value = DEFAULT_XDS_ADDR, value_name = "ADDR")]
     pub xds_addr: SocketAddr,

@@ -20,6 +20,7 @@ pub mod compile;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;
+pub mod router_config;
 pub mod scrape;
 pub mod status;
 pub mod xds;

@@ -38,6 +38,7 @@ fn args() -> Args {
         namespaces: Vec::new(),
         lease_name: "switchyard-controller".into(),
         lease_namespace: "switchyard-system".into(),
+        router_config: None,
     }
 }
 

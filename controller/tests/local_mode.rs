@@ -85,6 +85,7 @@ impl Drop for FakeEngine {
 fn args(config_dir: &Path) -> Args {
     Args {
         config_dir: Some(config_dir.to_owned()),
+        router_config: None,
         xds_addr: "127.0.0.1:0".parse().expect("addr"),
         metrics_addr: "127.0.0.1:0".parse().expect("addr"),
         scrape_interval: Duration::from_millis(100),
@@ -396,4 +397,56 @@ fn without_config_dir_and_without_cluster_credentials_the_binary_exits_78() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no Kubernetes credentials"), "{stderr}");
     assert!(stderr.contains("--config-dir"), "{stderr}");
+}
+
+#[tokio::test]
+async fn router_config_is_shipped_in_the_route_config_and_invalid_files_stop_startup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = dir.path().join("objects");
+    std::fs::create_dir(&objects).expect("objects dir");
+    write_config(&objects, 9, "m");
+    let router_config = dir.path().join("router.yaml");
+
+    std::fs::write(
+        &router_config,
+        "scheduler:\n  plugins:\n    Score: {enabled: [{name: fastest}]}\n",
+    )
+    .expect("write");
+    let mut with_file = args(&objects);
+    with_file.router_config = Some(router_config.clone());
+    let error = app::start_local(&with_file)
+        .await
+        .expect_err("an invalid router configuration stops startup");
+    assert!(
+        error
+            .to_string()
+            .contains("unknown score plugin \"fastest\""),
+        "{error}"
+    );
+    assert_eq!(error.exit_code(), 64);
+
+    std::fs::write(
+        &router_config,
+        "scheduler:\n  topN: 3\n  plugins:\n    Score: {enabled: [{name: gpu-usage, weight: 2}]}\n",
+    )
+    .expect("write");
+    let controller = app::start_local(&with_file).await.expect("starts");
+    let published = controller.publisher.route_config().expect("published");
+    let Some(pb::snapshot_response::Resource::RouteConfig(config)) = &published.response.resource
+    else {
+        panic!("a RouteConfig");
+    };
+    let scheduler = config
+        .scheduler
+        .as_ref()
+        .expect("scheduler section shipped");
+    assert_eq!(scheduler.top_n, 3);
+    assert_eq!(
+        scheduler.scores,
+        vec![pb::ScorePlugin {
+            name: "gpu-usage".into(),
+            weight: 2
+        }]
+    );
+    controller.shutdown().await.expect("clean shutdown");
 }

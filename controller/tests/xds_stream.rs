@@ -97,6 +97,7 @@ impl Server {
 
 fn route_config(model: &str) -> pb::RouteConfig {
     pb::RouteConfig {
+        scheduler: None,
         routes: vec![pb::ModelRoute {
             namespace: "default".into(),
             name: model.into(),

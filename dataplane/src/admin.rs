@@ -55,6 +55,10 @@ impl Admin {
         match path {
             "/debug/router/state" => json(StatusCode::OK, &self.router_state()),
             "/debug/routing/table" => json(StatusCode::OK, &self.routing_table()),
+            "/debug/routing/decisions" => json(
+                StatusCode::OK,
+                &crate::scheduling::decisions::decisions_view(&self.store, request.uri().query()),
+            ),
             _ => match path.strip_prefix("/debug/config_dump/") {
                 Some(rest) => self.config_dump(rest),
                 None => not_found(&format!("no debug endpoint {path}")),

@@ -22,6 +22,8 @@ use crate::config_file::ConfigFile;
 use crate::metrics::RouterMetrics;
 use crate::observe::{ObservedStore, Observer};
 use crate::proxy::{Proxy, ProxyBody, ProxyConfig};
+use crate::scheduling::SchedulingShared;
+use crate::scheduling::metrics::PluginMetrics;
 use crate::snapshot::SnapshotStore;
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 
@@ -100,9 +102,12 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
     })
     .map_err(|error| AppError::Config(error.to_string()))?;
 
-    let store = Arc::new(SnapshotStore::new());
-    let status = Arc::new(ControllerStatus::default());
     let metrics = RouterMetrics::new()?;
+    let plugin_metrics = PluginMetrics::register(metrics.registry())?;
+    let store = Arc::new(SnapshotStore::with_scheduling(Arc::new(
+        SchedulingShared::new(Some(plugin_metrics)),
+    )));
+    let status = Arc::new(ControllerStatus::default());
     let access_log = AccessLog::start(&access_log_config, metrics.access_log_dropped_total.clone())
         .map_err(|error| {
             AppError::Config(format!(

@@ -4,7 +4,7 @@
 //! Where a request goes, in order:
 //! - [`request`]: parse only what routing needs from the body (model, stream);
 //! - [`routing`]: find the ModelRoute, its first matching rule, a weighted target;
-//! - [`scheduling`]: pick a pod of that ModelServer (local in-flight counts);
+//! - [`scheduling`]: rank that ModelServer's pods (filter + score plugins);
 //! - [`proxy`]: the HTTP server and the upstream call (retries, timeouts);
 //! - [`response`]: streaming the engine's answer back, reading token usage.
 //!

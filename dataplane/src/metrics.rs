@@ -27,9 +27,6 @@ use crate::xds_client::ControllerStatus;
 pub const REQUEST_DURATION_BUCKETS: [f64; 13] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
-/// Scheduler plugin buckets (seconds), as documented for the router. The
-/// scheduler plugin histogram itself belongs to the scheduling module.
-pub const PLUGIN_DURATION_BUCKETS: [f64; 6] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5];
 /// Fairness queue wait buckets (seconds), as documented for the router.
 pub const QUEUE_DURATION_BUCKETS: [f64; 11] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -704,8 +701,9 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            scheduler: None,
         };
-        RoutingTable::build("v", config, &HashMap::new()).expect("valid table")
+        RoutingTable::build("v", config, &HashMap::new(), &Arc::default()).expect("valid table")
     }
 
     #[test]

@@ -21,17 +21,12 @@ use crate::observe::{Observer, RequestRecord};
 use crate::request::{Edit, apply_edits, parse_body};
 use crate::response::ResponseObserver;
 use crate::routing::{RequestFacts, Server};
-use crate::scheduling::{InFlightGuard, PodState, pick_pod};
+use crate::scheduling::{InFlightGuard, PodState, Ranking, ScheduleError, ScheduleRequest};
 use crate::snapshot::SnapshotStore;
 
 /// Default request body limit: large enough for 100k-token agentic prompts
 /// (~400 KB of text) many times over, small enough to bound memory per request.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
-
-/// How many different pods one request may try when connections fail: the
-/// reference router's top-N of 5, enough to get past a few dead pods without
-/// making a client wait on every pod of a large ModelServer.
-pub const MAX_CONNECT_ATTEMPTS: usize = 5;
 
 /// Idle upstream connections are kept this long: engines keep connections
 /// open much longer, and reconnecting costs a handshake on the request path.
@@ -186,6 +181,14 @@ impl Proxy {
             })?;
         record.set_route(&parsed.model, &decision);
         let server = decision.server.clone();
+        let served_model = match (&server.model_rewrite, decision.is_lora) {
+            (Some(upstream), false) => upstream.as_str(),
+            _ => parsed.model.as_str(),
+        };
+        let prompt_hashes =
+            table
+                .scheduler
+                .prompt_hashes(&parsed.model, &body, parsed.prompt_span.as_ref());
 
         let mut edits = Vec::new();
         if let (Some(literal), false) = (&server.model_rewrite_literal, decision.is_lora) {
@@ -209,7 +212,22 @@ impl Proxy {
             .map_or("/", |pq| pq.as_str())
             .to_owned();
 
-        let mut attempt = Attempts::new(&server);
+        let ranking = table
+            .scheduler
+            .schedule(
+                &server,
+                &ScheduleRequest {
+                    model: &parsed.model,
+                    served_model,
+                    headers: &parts.headers,
+                    prompt_hashes: &prompt_hashes,
+                    request_id: request_id.to_str().unwrap_or_default(),
+                },
+            )
+            .map_err(|error: ScheduleError| {
+                ApiError::new(ErrorKind::NoReadyPod, error.to_string())
+            })?;
+        let mut attempt = Attempts::new(&server, ranking);
         loop {
             let Some(pod) = attempt.next_pod() else {
                 return Err(attempt.exhausted());
@@ -252,6 +270,7 @@ impl Proxy {
                     if attempt.may_retry() {
                         Failure::Status(response.status())
                     } else {
+                        table.scheduler.on_dispatched(pod.id, &prompt_hashes);
                         return Ok(downstream_response(
                             response,
                             guard,
@@ -261,6 +280,7 @@ impl Proxy {
                     }
                 }
                 Ok(response) => {
+                    table.scheduler.on_dispatched(pod.id, &prompt_hashes);
                     return Ok(downstream_response(
                         response,
                         guard,
@@ -317,11 +337,13 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// The attempts of one request: connect failures move on to another pod (up
-/// to [`MAX_CONNECT_ATTEMPTS`] pods); other retryable failures consume the
-/// ModelServer's `retry.attempts`, each on a pod not tried yet.
+/// The attempts of one request, over the scheduler's ranked candidates in
+/// order: connect failures move on to the next candidate (up to top-N);
+/// other retryable failures consume the ModelServer's `retry.attempts`, each
+/// on the next candidate.
 struct Attempts<'s> {
     server: &'s Server,
+    ranking: Ranking,
     tried: Vec<Arc<PodState>>,
     retries_left: u32,
     last_failure: Option<Failure>,
@@ -329,9 +351,10 @@ struct Attempts<'s> {
 }
 
 impl<'s> Attempts<'s> {
-    fn new(server: &'s Server) -> Self {
+    fn new(server: &'s Server, ranking: Ranking) -> Self {
         Self {
             server,
+            ranking,
             tried: Vec::new(),
             retries_left: server.retry_attempts,
             last_failure: None,
@@ -340,18 +363,15 @@ impl<'s> Attempts<'s> {
     }
 
     fn next_pod(&self) -> Option<Arc<PodState>> {
-        pick_pod(
-            &self.server.pods,
-            &self.server.rotation,
-            &self.tried,
-            Instant::now(),
-        )
-        .cloned()
+        self.ranking
+            .get(self.tried.len())
+            .and_then(|index| self.server.pods.get(index))
+            .cloned()
     }
 
     /// Whether a retryable engine status may be retried instead of returned.
     fn may_retry(&self) -> bool {
-        self.retries_left > 0 && self.tried.len() + 1 < self.server.pods.len()
+        self.retries_left > 0 && self.tried.len() + 1 < self.ranking.len()
     }
 
     /// Records a failed attempt; false when no further attempt is allowed.
@@ -360,7 +380,7 @@ impl<'s> Attempts<'s> {
         let allowed = match failure {
             Failure::Connect(_) => {
                 self.retry_interval = Duration::ZERO;
-                self.tried.len() < MAX_CONNECT_ATTEMPTS
+                self.tried.len() < self.ranking.len()
             }
             Failure::BeforeHeaders(_) | Failure::Status(_) => {
                 self.retry_interval = self.server.retry_interval;

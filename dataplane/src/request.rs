@@ -27,6 +27,19 @@ pub struct ParsedBody {
     /// Rough input token count for limits before the engine reports usage:
     /// ~4 bytes of prompt JSON per token, like the reference router's estimator.
     pub estimated_input_tokens: u64,
+    /// Which prompt field the body has and its value's byte range, for prefix hashing.
+    pub prompt_span: Option<(PromptField, Range<usize>)>,
+}
+
+/// The field holding a request's prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptField {
+    /// `/v1/completions`: a string or a list of strings.
+    Prompt,
+    /// `/v1/chat/completions`: a list of `{role, content}`.
+    Messages,
+    /// `/v1/responses`: a string or a list of messages.
+    Input,
 }
 
 /// Bytes of prompt text per token in the pre-response estimate (the reference
@@ -131,6 +144,13 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
         include_usage,
         stream_options_span: fields.stream_options.map(span_of),
         estimated_input_tokens: prompt_bytes.div_ceil(BYTES_PER_ESTIMATED_TOKEN) as u64,
+        prompt_span: [
+            (PromptField::Messages, fields.messages),
+            (PromptField::Prompt, fields.prompt),
+            (PromptField::Input, fields.input),
+        ]
+        .into_iter()
+        .find_map(|(field, raw)| raw.map(|raw| (field, span_of(raw)))),
     })
 }
 

@@ -15,7 +15,7 @@ use regex::Regex;
 use switchyard_snapshot::pb;
 
 use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
-use crate::scheduling::PodState;
+use crate::scheduling::{PodState, Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
 
 /// Why a RouteConfig was rejected (the dataplane NACKs it and keeps its table).
@@ -58,6 +58,8 @@ pub enum SnapshotError {
     },
     #[error("ModelRoute {route}: serves no model name and no LoRA adapter")]
     NoModelName { route: String },
+    #[error("scheduler configuration: {0}")]
+    InvalidScheduler(String),
 }
 
 /// One applied RouteConfig, ready for the request path.
@@ -74,6 +76,8 @@ pub struct RoutingTable {
     pub models_body: Bytes,
     /// The RouteConfig this table was built from, for debug dumps.
     pub source: pb::RouteConfig,
+    /// Picks pods, configured by the snapshot's scheduler section.
+    pub scheduler: Scheduler,
 }
 
 impl RoutingTable {
@@ -83,6 +87,7 @@ impl RoutingTable {
         version: &str,
         config: pb::RouteConfig,
         previous_pods: &HashMap<String, Arc<PodState>>,
+        scheduling: &Arc<SchedulingShared>,
     ) -> Result<Self, SnapshotError> {
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
         let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
@@ -107,7 +112,10 @@ impl RoutingTable {
             routes.push(Arc::new(built));
         }
         let index = RouteIndex::new(&routes);
-        let models_body = render_models(&index.model_names());
+        let model_names = index.model_names();
+        let models_body = render_models(&model_names);
+        let scheduler = Scheduler::build(config.scheduler.as_ref(), &model_names, scheduling)
+            .map_err(|error| SnapshotError::InvalidScheduler(error.to_string()))?;
         Ok(Self {
             version: version.to_owned(),
             applied_at: SystemTime::now(),
@@ -117,6 +125,7 @@ impl RoutingTable {
             pods,
             models_body,
             source: config,
+            scheduler,
         })
     }
 }
@@ -291,6 +300,8 @@ pub struct SnapshotStore {
     loads: ArcSwapOption<AppliedLoads>,
     /// Serialises writers (the controller stream); never taken by requests.
     apply_lock: Mutex<()>,
+    /// Scheduling state that outlives tables (prefix index, recent decisions, metrics).
+    scheduling: Arc<SchedulingShared>,
 }
 
 /// The latest EndpointLoads, kept so a later table gets them too.
@@ -303,6 +314,18 @@ pub struct AppliedLoads {
 impl SnapshotStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store whose schedulers report plugin timings to `scheduling`'s metrics.
+    pub fn with_scheduling(scheduling: Arc<SchedulingShared>) -> Self {
+        Self {
+            scheduling,
+            ..Self::default()
+        }
+    }
+
+    pub fn scheduling(&self) -> &Arc<SchedulingShared> {
+        &self.scheduling
     }
 
     /// The current table, if a RouteConfig was ever applied.
@@ -326,7 +349,7 @@ impl SnapshotStore {
         let previous = self.table.load_full();
         let empty = HashMap::new();
         let previous_pods = previous.as_ref().map_or(&empty, |table| &table.pods);
-        let table = RoutingTable::build(version, config, previous_pods)?;
+        let table = RoutingTable::build(version, config, previous_pods, &self.scheduling)?;
         if let Some(loads) = self.loads.load_full() {
             apply_loads_to(&table, &loads);
         }
@@ -416,6 +439,7 @@ mod tests {
 
     fn config() -> pb::RouteConfig {
         pb::RouteConfig {
+            scheduler: None,
             routes: vec![route("r", "m", &[("s", 100)])],
             servers: vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
         }
@@ -495,6 +519,20 @@ mod tests {
                 },
                 "invalid port",
             ),
+            (
+                {
+                    let mut c = config();
+                    c.scheduler = Some(pb::SchedulerConfig {
+                        scores: vec![pb::ScorePlugin {
+                            name: "kvcache-aware".into(),
+                            weight: 1,
+                        }],
+                        ..Default::default()
+                    });
+                    c
+                },
+                "scheduler configuration: unknown score plugin \"kvcache-aware\"",
+            ),
         ];
         for (bad, expected) in cases {
             let error = store.apply_route_config("bad", bad).expect_err(expected);
@@ -541,7 +579,7 @@ mod tests {
             lora_adapters: vec!["lora-B".into(), "lora-A".into()],
             ..route("lora", "", &[("s", 1)])
         });
-        let table = RoutingTable::build("v", c, &HashMap::new()).expect("valid");
+        let table = RoutingTable::build("v", c, &HashMap::new(), &Arc::default()).expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");
         let ids: Vec<&str> = body["data"]
             .as_array()

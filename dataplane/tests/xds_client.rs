@@ -285,6 +285,7 @@ impl SnapshotSink for RecordingSink {
 
 fn route_config() -> pb::RouteConfig {
     pb::RouteConfig {
+        scheduler: None,
         routes: vec![pb::ModelRoute {
             namespace: "default".into(),
             name: "llama".into(),

@@ -130,6 +130,12 @@ const SEED_METRICS: &[SeedMetric] = &[
         &["model", "path", "token_type"],
         &[],
     ),
+    (
+        "kthena_router_scheduler_plugin_duration_seconds",
+        "histogram",
+        &["model", "plugin", "type"],
+        &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5],
+    ),
 ];
 /// Seed families of features Switchyard does not have yet: declared (HELP and
 /// TYPE) so dashboards and `grep`s find them, without series.
@@ -138,9 +144,6 @@ const DECLARED_ONLY: &[(&str, &str)] = &[
     ("kthena_router_fairness_queue_duration_seconds", "histogram"),
     ("kthena_router_rate_limit_exceeded_total", "counter"),
 ];
-/// Metrics the dashboard may use that another module registers (the
-/// scheduler owns its plugin histogram).
-const REGISTERED_ELSEWHERE: &[&str] = &["kthena_router_scheduler_plugin_duration_seconds"];
 
 /// The access log's JSON fields: seed 000's plus `ttft_ms` and `upstream_attempts`.
 const ACCESS_LOG_FIELDS: &[&str] = &[
@@ -1174,7 +1177,6 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
     // --- Dashboard and alert rules only use metrics that exist ---------------
     let mut existing = metrics.families();
     existing.extend(controller_metrics.families());
-    existing.extend(REGISTERED_ELSEWHERE.iter().map(|m| (*m).to_owned()));
     // Families without series yet (declared, or vectors without samples).
     for line in metrics_text.lines().chain(controller_text.lines()) {
         if let Some(rest) = line.strip_prefix("# HELP ") {

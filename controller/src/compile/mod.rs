@@ -151,6 +151,7 @@ pub fn compile_route_config(
 
     CompiledRoutes {
         route_config: pb::RouteConfig {
+            scheduler: None,
             routes: compiled_routes,
             // BTreeMap order: (namespace, name).
             servers: compiled_servers

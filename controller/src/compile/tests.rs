@@ -238,6 +238,7 @@ fn seed_expected_route_config() -> pb::RouteConfig {
         targets: vec![target(server, 100)],
     };
     pb::RouteConfig {
+        scheduler: None,
         routes: vec![
             pb::ModelRoute {
                 namespace: "default".into(),

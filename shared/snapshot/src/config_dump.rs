@@ -283,6 +283,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            scheduler: None,
         }
     }
 

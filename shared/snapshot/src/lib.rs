@@ -9,6 +9,7 @@ pub mod pb {
 }
 
 pub mod config_dump;
+pub mod scheduler;
 
 use prost::Message;
 
@@ -41,6 +42,7 @@ mod tests {
 
     fn sample() -> pb::RouteConfig {
         pb::RouteConfig {
+            scheduler: None,
             routes: vec![pb::ModelRoute {
                 namespace: "default".into(),
                 name: "r".into(),

@@ -1,0 +1,527 @@
+//! The router configuration file (`--router-config FILE`): the reference
+//! router's format, of which the `scheduler` section is read (`auth` and any
+//! other section are left to their own features).
+//!
+//! ```yaml
+//! scheduler:
+//!   topN: 5                     # Switchyard: candidates tried in order
+//!   maxLoadAge: 5s              # Switchyard: older engine metrics are not trusted
+//!   pluginConfig:
+//!   - name: least-request
+//!     args: {maxWaitingRequests: 10}
+//!   - name: least-latency
+//!     args: {TTFTTPOTWeightFactor: 0.5}
+//!   - name: prefix-cache
+//!     args: {blockSizeToHash: 64, maxBlocksToMatch: 128, maxHashCacheSize: 50000,
+//!            affinityBlocks: 16, loadBoundFactor: 1.25}
+//!   - name: session-affinity
+//!     args: {header: x-session-id, loadBoundFactor: 1.25}
+//!   plugins:
+//!     Filter: {enabled: [least-request]}
+//!     Score:
+//!       enabled: [{name: least-request, weight: 1}, {name: prefix-cache, weight: 1}]
+//! ```
+//!
+//! The result travels inside the snapshot, so every dataplane applies a change
+//! without restarting. A file that does not parse or validate is rejected with
+//! the reason and the previous configuration stays in force.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use switchyard_snapshot::pb;
+use switchyard_snapshot::scheduler::{self as names, SchedulerConfigError};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How often the file is checked for changes: like the config directory, a
+/// poll (works on ConfigMap volumes, whose updates are symlink swaps).
+pub const ROUTER_CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why a router configuration file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterConfigError {
+    #[error("cannot read router configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("router configuration {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("router configuration {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: SchedulerConfigError,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct RouterConfigFile {
+    #[serde(default)]
+    scheduler: Option<SchedulerSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SchedulerSection {
+    #[serde(default)]
+    plugin_config: Vec<PluginConfigEntry>,
+    #[serde(default)]
+    plugins: Option<PluginsSection>,
+    #[serde(default, rename = "topN")]
+    top_n: Option<u32>,
+    #[serde(default)]
+    max_load_age: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginConfigEntry {
+    name: String,
+    #[serde(default)]
+    args: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginsSection {
+    #[serde(rename = "Filter", default)]
+    filter: Option<FilterSet>,
+    #[serde(rename = "Score", default)]
+    score: Option<ScoreSet>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterSet {
+    #[serde(default)]
+    enabled: Vec<String>,
+    /// Parsed and ignored, as in the reference.
+    #[serde(default)]
+    #[allow(dead_code)]
+    disabled: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScoreSet {
+    #[serde(default)]
+    enabled: Vec<ScoreEntry>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    disabled: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScoreEntry {
+    name: String,
+    /// Absent = 1; negative = 0, as in the reference.
+    #[serde(default)]
+    weight: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LeastRequestArgs {
+    max_waiting_requests: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeastLatencyArgs {
+    #[serde(rename = "TTFTTPOTWeightFactor")]
+    ttft_tpot_weight_factor: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PrefixCacheArgs {
+    block_size_to_hash: Option<u32>,
+    max_blocks_to_match: Option<u32>,
+    max_hash_cache_size: Option<u32>,
+    /// Accepted for compatibility; matches are always capped at the reference's 5.
+    #[allow(dead_code)]
+    top_k_matches: Option<u32>,
+    affinity_blocks: Option<u32>,
+    load_bound_factor: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SessionAffinityArgs {
+    header: Option<String>,
+    load_bound_factor: Option<f64>,
+}
+
+/// A parsed file: the scheduler configuration to ship (None = the file has
+/// no scheduler section; dataplanes use their defaults) and warnings to log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterConfig {
+    pub scheduler: Option<pb::SchedulerConfig>,
+    pub warnings: Vec<String>,
+}
+
+/// Parses and validates the text of a router configuration file.
+pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, RouterConfigError> {
+    let parse_error = |message: String| RouterConfigError::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    let file: Option<RouterConfigFile> =
+        serde_yaml::from_str(text).map_err(|error| parse_error(error.to_string()))?;
+    let Some(section) = file.and_then(|file| file.scheduler) else {
+        return Ok(RouterConfig {
+            scheduler: None,
+            warnings: Vec::new(),
+        });
+    };
+    let mut warnings = Vec::new();
+    let defaults = names::default_config();
+    let mut args = names::default_args();
+    let mut load_bound: Option<(f64, &'static str)> = None;
+    for entry in &section.plugin_config {
+        let value = entry.args.clone().unwrap_or(serde_yaml::Value::Null);
+        let typed = |plugin: &str| format!("pluginConfig {plugin}: ");
+        match entry.name.as_str() {
+            names::LEAST_REQUEST => {
+                let a: LeastRequestArgs =
+                    args_of(&value).map_err(|e| parse_error(typed(&entry.name) + &e))?;
+                if let Some(max) = a.max_waiting_requests.filter(|m| *m > 0) {
+                    args.max_waiting_requests = max;
+                }
+            }
+            names::LEAST_LATENCY => {
+                let a: LeastLatencyArgs =
+                    args_of(&value).map_err(|e| parse_error(typed(&entry.name) + &e))?;
+                if let Some(factor) = a.ttft_tpot_weight_factor {
+                    args.ttft_tpot_weight_factor = factor;
+                }
+            }
+            names::PREFIX_CACHE => {
+                let a: PrefixCacheArgs =
+                    args_of(&value).map_err(|e| parse_error(typed(&entry.name) + &e))?;
+                set_positive(&mut args.block_size_to_hash, a.block_size_to_hash);
+                set_positive(&mut args.max_blocks_to_match, a.max_blocks_to_match);
+                set_positive(&mut args.max_hash_cache_size, a.max_hash_cache_size);
+                set_positive(&mut args.affinity_blocks, a.affinity_blocks);
+                if let Some(factor) = a.load_bound_factor {
+                    merge_load_bound(&mut load_bound, factor, names::PREFIX_CACHE)
+                        .map_err(parse_error)?;
+                }
+            }
+            names::SESSION_AFFINITY => {
+                let a: SessionAffinityArgs =
+                    args_of(&value).map_err(|e| parse_error(typed(&entry.name) + &e))?;
+                if let Some(header) = a.header {
+                    args.session_header = header.to_ascii_lowercase();
+                }
+                if let Some(factor) = a.load_bound_factor {
+                    merge_load_bound(&mut load_bound, factor, names::SESSION_AFFINITY)
+                        .map_err(parse_error)?;
+                }
+            }
+            other => warnings.push(format!(
+                "pluginConfig for {other:?} ignored: Switchyard has no such plugin with arguments"
+            )),
+        }
+    }
+    if let Some((factor, _)) = load_bound {
+        args.load_bound_factor = factor;
+    }
+    if let Some(age) = &section.max_load_age {
+        let age = switchyard_crd::parse_go_duration(age)
+            .map_err(|error| parse_error(format!("maxLoadAge {age:?}: {error}")))?;
+        if age.is_zero() {
+            return Err(parse_error(
+                "maxLoadAge must be greater than zero".to_owned(),
+            ));
+        }
+        args.max_load_age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+    }
+    let (filter, score) = match section.plugins {
+        Some(plugins) => (plugins.filter, plugins.score),
+        None => (None, None),
+    };
+    let filters = filter.map_or(defaults.filters, |set| set.enabled);
+    let mut scores: Vec<pb::ScorePlugin> = match score {
+        Some(set) => set
+            .enabled
+            .into_iter()
+            .map(|entry| pb::ScorePlugin {
+                weight: u32::try_from(entry.weight.unwrap_or(1).max(0)).unwrap_or(u32::MAX),
+                name: entry.name,
+            })
+            .collect(),
+        None => defaults.scores,
+    };
+    if scores.len() > 1 && scores.iter().any(|s| s.name == names::RANDOM) {
+        scores.retain(|s| s.name != names::RANDOM);
+        warnings.push("score plugin random is meant to be used alone; removed because other score plugins are enabled".to_owned());
+    }
+    let config = pb::SchedulerConfig {
+        filters,
+        scores,
+        top_n: section.top_n.unwrap_or(names::DEFAULT_TOP_N),
+        args: Some(args),
+    };
+    names::validate(&config).map_err(|source| RouterConfigError::Invalid {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(RouterConfig {
+        scheduler: Some(config),
+        warnings,
+    })
+}
+
+fn args_of<T: Default + for<'de> Deserialize<'de>>(value: &serde_yaml::Value) -> Result<T, String> {
+    if value.is_null() {
+        return Ok(T::default());
+    }
+    serde_yaml::from_value(value.clone()).map_err(|error| error.to_string())
+}
+
+fn set_positive(slot: &mut u32, value: Option<u32>) {
+    if let Some(value) = value.filter(|v| *v > 0) {
+        *slot = value;
+    }
+}
+
+fn merge_load_bound(
+    current: &mut Option<(f64, &'static str)>,
+    factor: f64,
+    plugin: &'static str,
+) -> Result<(), String> {
+    match current {
+        Some((existing, other)) if *existing != factor => Err(format!(
+            "loadBoundFactor {factor} of {plugin} differs from {existing} of {other}: the bound is shared, set one value"
+        )),
+        _ => {
+            *current = Some((factor, plugin));
+            Ok(())
+        }
+    }
+}
+
+/// Reads and parses the file.
+pub async fn load_router_config(path: &Path) -> Result<RouterConfig, RouterConfigError> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| RouterConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    parse_router_config(path, &text)
+}
+
+fn log_warnings(path: &Path, config: &RouterConfig) {
+    for warning in &config.warnings {
+        tracing::warn!(path = %path.display(), "router configuration: {warning}");
+    }
+}
+
+/// Loads the file once (an error here is fatal: there is no previous
+/// configuration to keep), then polls it; each valid change is sent, each
+/// invalid one is logged and ignored.
+pub async fn watch_router_config(
+    path: PathBuf,
+) -> Result<(watch::Receiver<Option<pb::SchedulerConfig>>, JoinHandle<()>), RouterConfigError> {
+    let text =
+        tokio::fs::read_to_string(&path)
+            .await
+            .map_err(|source| RouterConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+    let initial = parse_router_config(&path, &text)?;
+    log_warnings(&path, &initial);
+    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, "router configuration loaded");
+    let (sender, receiver) = watch::channel(initial.scheduler);
+    let task = tokio::spawn(async move {
+        let mut last_text = text;
+        let mut interval = tokio::time::interval(ROUTER_CONFIG_POLL_INTERVAL);
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            let text = match tokio::fs::read_to_string(&path).await {
+                Ok(text) => text,
+                Err(error) => {
+                    if !last_text.is_empty() {
+                        tracing::error!(path = %path.display(), %error, "cannot read router configuration; keeping the previous one");
+                        last_text.clear();
+                    }
+                    continue;
+                }
+            };
+            if text == last_text {
+                continue;
+            }
+            match parse_router_config(&path, &text) {
+                Ok(config) => {
+                    log_warnings(&path, &config);
+                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, "router configuration reloaded");
+                    sender.send_replace(config.scheduler);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "router configuration rejected; keeping the previous one");
+                }
+            }
+            last_text = text;
+        }
+    });
+    Ok((receiver, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RouterConfig, RouterConfigError> {
+        parse_router_config(Path::new("router.yaml"), text)
+    }
+
+    #[test]
+    fn reference_chart_default_parses() {
+        let config = parse(
+            r#"
+scheduler:
+  pluginConfig:
+  - name: least-request
+    args:
+      maxWaitingRequests: 10
+  - name: least-latency
+    args:
+      TTFTTPOTWeightFactor: 0.5
+  - name: prefix-cache
+    args:
+      blockSizeToHash: 64
+      maxBlocksToMatch: 128
+      maxHashCacheSize: 50000
+  plugins:
+    Filter:
+      enabled:
+        - least-request
+      disabled:
+        - lora-affinity
+    Score:
+      enabled:
+        - name: least-request
+          weight: 1
+        - name: gpu-usage
+          weight: 1
+        - name: least-latency
+          weight: 1
+        - name: prefix-cache
+          weight: 1
+auth:
+  issuer: https://issuer.example
+"#,
+        )
+        .expect("valid");
+        let scheduler = config.scheduler.expect("section");
+        let defaults = names::default_config();
+        assert_eq!(scheduler.filters, defaults.filters);
+        assert_eq!(scheduler.args, defaults.args);
+        assert_eq!(scheduler.top_n, defaults.top_n);
+        let weights: Vec<(&str, u32)> = scheduler
+            .scores
+            .iter()
+            .map(|s| (s.name.as_str(), s.weight))
+            .collect();
+        assert_eq!(
+            weights,
+            [
+                ("least-request", 1),
+                ("gpu-usage", 1),
+                ("least-latency", 1),
+                ("prefix-cache", 1)
+            ]
+        );
+        assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn no_scheduler_section_means_defaults_not_nothing() {
+        assert_eq!(
+            parse("auth:\n  issuer: x\n").expect("valid").scheduler,
+            None
+        );
+        assert_eq!(parse("").expect("valid").scheduler, None);
+        let partial = parse("scheduler:\n  topN: 3\n").expect("valid");
+        let scheduler = partial.scheduler.expect("section");
+        assert_eq!(scheduler.top_n, 3);
+        assert_eq!(scheduler.scores, names::default_config().scores);
+    }
+
+    #[test]
+    fn switchyard_arguments_and_random_alone() {
+        let config = parse(
+            r#"
+scheduler:
+  maxLoadAge: 2s
+  pluginConfig:
+  - name: session-affinity
+    args: {header: X-Conversation, loadBoundFactor: 1.5}
+  - name: kvcache-aware
+    args: {vllmTokenizerPort: 8000}
+  plugins:
+    Filter: {enabled: [lora-affinity]}
+    Score:
+      enabled: [{name: random}, {name: session-affinity, weight: -3}]
+"#,
+        )
+        .expect("valid");
+        let scheduler = config.scheduler.expect("section");
+        let args = scheduler.args.expect("args");
+        assert_eq!(args.session_header, "x-conversation");
+        assert_eq!(args.load_bound_factor, 1.5);
+        assert_eq!(args.max_load_age_ms, 2000);
+        assert_eq!(scheduler.filters, vec!["lora-affinity"]);
+        assert_eq!(
+            scheduler.scores,
+            vec![pb::ScorePlugin {
+                name: "session-affinity".into(),
+                weight: 0
+            }]
+        );
+        assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
+    }
+
+    #[test]
+    fn invalid_files_are_rejected_with_the_reason() {
+        let cases = [
+            ("scheduler: [", "router.yaml"),
+            (
+                "scheduler:\n  plugins:\n    Score:\n      enabled: [{name: fastest}]\n",
+                "unknown score plugin \"fastest\"",
+            ),
+            (
+                "scheduler:\n  plugins:\n    Filter: {enabled: [kvcache-aware]}\n",
+                "unknown filter plugin",
+            ),
+            (
+                "scheduler:\n  plugins:\n    Score: {enabled: []}\n",
+                "no score plugin",
+            ),
+            (
+                "scheduler:\n  pluginConfig:\n  - name: least-latency\n    args: {TTFTTPOTWeightFactor: 2}\n",
+                "TTFTTPOTWeightFactor",
+            ),
+            (
+                "scheduler:\n  pluginConfig:\n  - name: least-request\n    args: {maxWaiting: 2}\n",
+                "unknown field `maxWaiting`",
+            ),
+            ("scheduler:\n  topN: 99\n", "topN 99"),
+            ("scheduler:\n  maxLoadAge: soon\n", "maxLoadAge"),
+            ("scheduler:\n  sheduler: typo\n", "unknown field `sheduler`"),
+        ];
+        for (text, expected) in cases {
+            let error = parse(text).expect_err(text).to_string();
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+    }
+}

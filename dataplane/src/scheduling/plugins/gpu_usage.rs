@@ -1,0 +1,30 @@
+//! `gpu-usage`: pods with free KV cache; score = (1 - usage) x 100.
+
+use super::{Candidate, MAX_SCORE, fill_unknown};
+
+pub fn score(candidates: &[Candidate], out: &mut [u32]) {
+    for (slot, candidate) in out.iter_mut().zip(candidates) {
+        *slot = candidate.load.as_ref().map_or(0, |load| {
+            ((1.0 - load.kv_cache_usage.clamp(0.0, 1.0)) * f64::from(MAX_SCORE)).round() as u32
+        });
+    }
+    fill_unknown(out, candidates, |c| c.load.is_some());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{candidate, load};
+    use super::*;
+
+    #[test]
+    fn free_cache_scores_higher_and_unknown_is_neutral() {
+        let pods = [
+            candidate(0, 0, Some(load(0.0, 0.0, 0.9))),
+            candidate(1, 0, Some(load(0.0, 0.0, 0.1))),
+            candidate(2, 0, None),
+        ];
+        let mut out = [0; 3];
+        score(&pods, &mut out);
+        assert_eq!(out, [10, 90, 50]);
+    }
+}

@@ -1,0 +1,79 @@
+//! `least-request`: as a filter, pods whose engine queue is below a bound; as
+//! a scorer, pods with the fewest requests.
+
+use super::{Candidate, MAX_SCORE};
+
+/// Keeps pods whose fresh engine `waiting` is below `max_waiting`; pods with
+/// unknown load stay. When every pod is over the bound, all stay: the filter
+/// steers load, it does not shed it (rejecting would turn a spike into errors
+/// while the queues drain on their own).
+pub fn filter(candidates: &mut Vec<Candidate>, max_waiting: u32) {
+    let under = |c: &Candidate| {
+        c.load
+            .as_ref()
+            .is_none_or(|load| load.requests_waiting < f64::from(max_waiting))
+    };
+    if candidates.iter().any(under) {
+        candidates.retain(under);
+    }
+}
+
+/// The pod's load: the larger of this dataplane's in-flight count (current,
+/// but only its own) and the engine's running + waiting (everyone's, but a
+/// scrape old), plus the waiting queue again, because a queue means the pod is
+/// already full. score = (max - load) / max x 100; all idle = 100.
+pub fn score(candidates: &[Candidate], out: &mut [u32]) {
+    let load_of = |c: &Candidate| {
+        let (engine, waiting) = c.load.as_ref().map_or((0.0, 0.0), |load| {
+            let waiting = load.requests_waiting.max(0.0);
+            (load.requests_running.max(0.0) + waiting, waiting)
+        });
+        (c.in_flight as f64).max(engine) + waiting
+    };
+    let max = candidates.iter().map(load_of).fold(0.0, f64::max);
+    for (slot, candidate) in out.iter_mut().zip(candidates) {
+        *slot = if max <= 0.0 {
+            MAX_SCORE
+        } else {
+            ((max - load_of(candidate)) / max * f64::from(MAX_SCORE)).round() as u32
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{candidate, load};
+    use super::*;
+
+    #[test]
+    fn filter_drops_queued_pods_but_never_all() {
+        let mut pods = vec![
+            candidate(0, 0, Some(load(12.0, 8.0, 0.5))),
+            candidate(1, 0, Some(load(2.0, 8.0, 0.5))),
+            candidate(2, 0, None),
+        ];
+        filter(&mut pods, 10);
+        assert_eq!(pods.iter().map(|c| c.index).collect::<Vec<_>>(), [1, 2]);
+        let mut all_queued = vec![candidate(0, 0, Some(load(12.0, 8.0, 0.5)))];
+        filter(&mut all_queued, 10);
+        assert_eq!(all_queued.len(), 1);
+    }
+
+    #[test]
+    fn fewer_requests_score_higher() {
+        let pods = [
+            candidate(0, 0, Some(load(0.0, 0.0, 0.0))),
+            candidate(1, 2, Some(load(0.0, 1.0, 0.0))),
+            candidate(2, 0, Some(load(4.0, 8.0, 0.0))),
+        ];
+        let mut out = [0; 3];
+        score(&pods, &mut out);
+        assert_eq!(out[0], 100);
+        assert!(out[1] > out[2], "{out:?}");
+        assert_eq!(out[2], 0);
+        let idle = [candidate(0, 0, None), candidate(1, 0, None)];
+        let mut out = [0; 2];
+        score(&idle, &mut out);
+        assert_eq!(out, [100, 100]);
+    }
+}

@@ -1,0 +1,134 @@
+//! Per-pod state that outlives snapshots: identity, the latest engine load
+//! pushed by the controller, and passive ejection after connect failures.
+//! The in-flight counter lives in [`super::ledger`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use switchyard_snapshot::pb;
+
+use super::ledger::InFlight;
+
+/// How long a pod whose connection failed is avoided by this dataplane: long
+/// enough to stop sending it traffic until the controller's next snapshot
+/// (pods are scraped every second) drops it, short enough that a pod that
+/// merely restarted gets traffic back soon.
+pub const CONNECT_FAILURE_EJECTION: Duration = Duration::from_secs(5);
+
+/// State of one pod that outlives snapshots.
+#[derive(Debug)]
+pub struct PodState {
+    /// `namespace/name`.
+    pub key: String,
+    pub name: String,
+    pub addr: SocketAddr,
+    /// `ip:port`, ready to use as the upstream URI authority.
+    pub authority: http::uri::Authority,
+    /// Hash of `key`: the pod's identity in prefix indexes and rendezvous hashing,
+    /// the same on every dataplane.
+    pub id: u64,
+    pub(super) in_flight: InFlight,
+    /// Latest engine load pushed by the controller, if any.
+    load: ArcSwapOption<pb::EndpointLoad>,
+    /// Until when (ms on [`monotonic_ms`]'s clock) a connect failure ejected this pod; 0 = never.
+    ejected_until_ms: AtomicU64,
+}
+
+impl PodState {
+    pub fn new(key: String, name: String, addr: SocketAddr) -> Result<Self, http::uri::InvalidUri> {
+        let authority = http::uri::Authority::try_from(addr.to_string())?;
+        Ok(Self {
+            id: xxhash_rust::xxh3::xxh3_64(key.as_bytes()),
+            key,
+            name,
+            addr,
+            authority,
+            in_flight: InFlight::default(),
+            load: ArcSwapOption::empty(),
+            ejected_until_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// Requests this dataplane has sent to the pod that have not finished.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.get()
+    }
+
+    pub fn load(&self) -> Option<Arc<pb::EndpointLoad>> {
+        self.load.load_full()
+    }
+
+    /// The engine load, only when it was observed within `max_age_ms` of `now_unix_ms`.
+    pub fn fresh_load(&self, now_unix_ms: i64, max_age_ms: u64) -> Option<Arc<pb::EndpointLoad>> {
+        self.load
+            .load_full()
+            .filter(|load| is_fresh(load.observed_at_unix_ms, now_unix_ms, max_age_ms))
+    }
+
+    pub fn set_load(&self, load: Option<Arc<pb::EndpointLoad>>) {
+        self.load.store(load);
+    }
+
+    /// Avoid this pod for [`CONNECT_FAILURE_EJECTION`].
+    pub fn eject(&self, now: Instant) {
+        let until = monotonic_ms(now + CONNECT_FAILURE_EJECTION);
+        self.ejected_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        monotonic_ms(now) < self.ejected_until_ms.load(Ordering::Relaxed)
+    }
+}
+
+/// A load observed at `observed_at_unix_ms` (0 = unknown) is fresh at `now_unix_ms`.
+pub fn is_fresh(observed_at_unix_ms: i64, now_unix_ms: i64, max_age_ms: u64) -> bool {
+    observed_at_unix_ms > 0
+        && now_unix_ms.saturating_sub(observed_at_unix_ms)
+            <= i64::try_from(max_age_ms).unwrap_or(i64::MAX)
+}
+
+/// Wall-clock milliseconds, the clock of `observed_at_unix_ms`.
+pub fn unix_ms_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Milliseconds since the first call in this process, so an instant fits in an atomic.
+fn monotonic_ms(at: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    // +1 so that no real instant maps to 0 ("never ejected").
+    at.saturating_duration_since(epoch).as_millis() as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staleness_uses_the_observation_time() {
+        assert!(is_fresh(1_000, 1_500, 1_000));
+        assert!(is_fresh(1_000, 2_000, 1_000));
+        assert!(!is_fresh(1_000, 2_001, 1_000));
+        assert!(!is_fresh(0, 10, 1_000), "never observed is not fresh");
+    }
+
+    #[test]
+    fn ejection_expires() {
+        let pod = PodState::new(
+            "d/p".into(),
+            "p".into(),
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+        )
+        .expect("valid");
+        let now = Instant::now();
+        assert!(!pod.is_ejected(now));
+        pod.eject(now);
+        assert!(pod.is_ejected(now));
+        assert!(!pod.is_ejected(now + CONNECT_FAILURE_EJECTION + Duration::from_millis(2)));
+    }
+}

@@ -1,0 +1,472 @@
+//! Prompt prefix hashing, the local index of where prefixes were sent, and
+//! the deterministic choice (rendezvous hashing with bounded load) that lets
+//! several dataplanes agree on a pod for a prefix without talking.
+//!
+//! A prompt (the `prompt` string, or chat `messages` flattened as
+//! `role: content\n`) is cut into fixed blocks of bytes; block `i`'s hash is
+//! seeded with block `i-1`'s, and block 0's with the model's, so one hash
+//! names a whole prefix of one model.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use crate::request::PromptField;
+
+/// Shards of the prefix index: requests for different prefixes rarely touch
+/// the same lock; 64 keeps contention negligible on the largest nodes.
+const INDEX_SHARDS: usize = 64;
+/// Pods remembered per prefix block: a prefix spilled by the load bound
+/// lives on a few pods; more would only keep stale owners.
+const OWNERS_PER_BLOCK: usize = 4;
+/// Pods that get a match score at most, as in the reference (`topKMatches`).
+pub const TOP_K_MATCHES: usize = 5;
+/// Below this many requests a pod is never "overloaded": one engine step
+/// batches many sequences, and without a floor the second concurrent request
+/// of a prefix would leave its pod at almost no load.
+pub const BOUNDED_LOAD_FLOOR: f64 = 2.0;
+
+/// Chained block hashes of a prompt; appends to `out` (cleared first).
+pub fn hash_prompt(
+    model: &str,
+    field: PromptField,
+    raw: &str,
+    block_size: usize,
+    max_blocks: usize,
+    out: &mut Vec<u64>,
+) {
+    out.clear();
+    let mut hasher = BlockHasher {
+        block_size,
+        max_blocks,
+        pending: Vec::new(),
+        previous: xxh3_64(model.as_bytes()),
+        out,
+    };
+    match field {
+        PromptField::Prompt => flatten_prompt(raw, &mut hasher),
+        PromptField::Messages | PromptField::Input => {
+            if let Ok(messages) = serde_json::from_str::<Vec<Message<'_>>>(raw) {
+                for message in &messages {
+                    hasher.feed(message.role.as_bytes());
+                    hasher.feed(b": ");
+                    if let Some(content) = message.content {
+                        feed_text(content, &mut hasher);
+                    }
+                    hasher.feed(b"\n");
+                }
+            } else {
+                flatten_prompt(raw, &mut hasher);
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    role: Cow<'a, str>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ContentPart<'a> {
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+fn flatten_prompt(raw: &str, hasher: &mut BlockHasher<'_>) {
+    if let Ok(parts) = serde_json::from_str::<Vec<Cow<'_, str>>>(raw) {
+        for part in parts {
+            hasher.feed(part.as_bytes());
+            hasher.feed(b"\n");
+        }
+    } else {
+        feed_text(&RawText(raw), hasher);
+    }
+}
+
+/// A JSON value's text: strings decoded, text parts concatenated, anything else as its JSON.
+fn feed_text(raw: &(impl AsRawJson + ?Sized), hasher: &mut BlockHasher<'_>) {
+    let json = raw.json();
+    if json.starts_with('"') {
+        match serde_json::from_str::<Cow<'_, str>>(json) {
+            Ok(text) => hasher.feed(text.as_bytes()),
+            Err(_) => hasher.feed(json.as_bytes()),
+        }
+    } else if let Ok(parts) = serde_json::from_str::<Vec<ContentPart<'_>>>(json) {
+        for text in parts.iter().filter_map(|part| part.text.as_deref()) {
+            hasher.feed(text.as_bytes());
+        }
+    } else {
+        hasher.feed(json.as_bytes());
+    }
+}
+
+trait AsRawJson {
+    fn json(&self) -> &str;
+}
+
+impl AsRawJson for RawValue {
+    fn json(&self) -> &str {
+        self.get()
+    }
+}
+
+struct RawText<'a>(&'a str);
+
+impl AsRawJson for RawText<'_> {
+    fn json(&self) -> &str {
+        self.0
+    }
+}
+
+/// Cuts a byte stream into blocks and chains their hashes.
+struct BlockHasher<'o> {
+    block_size: usize,
+    max_blocks: usize,
+    pending: Vec<u8>,
+    previous: u64,
+    out: &'o mut Vec<u64>,
+}
+
+impl BlockHasher<'_> {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.out.len() < self.max_blocks {
+            if self.pending.is_empty() && bytes.len() >= self.block_size {
+                let (block, rest) = bytes.split_at(self.block_size);
+                self.push(block);
+                bytes = rest;
+                continue;
+            }
+            let take = (self.block_size - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() == self.block_size {
+                self.previous = xxh3_64_with_seed(&self.pending, self.previous);
+                self.out.push(self.previous);
+                self.pending.clear();
+            }
+        }
+    }
+
+    fn push(&mut self, block: &[u8]) {
+        self.previous = xxh3_64_with_seed(block, self.previous);
+        self.out.push(self.previous);
+    }
+}
+
+/// Hashes are already uniformly distributed: use them as they are.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 << 8) | u64::from(*byte);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type BlockMap = HashMap<u64, [u64; OWNERS_PER_BLOCK], BuildHasherDefault<IdentityHasher>>;
+
+/// Where this dataplane recently sent each prefix block: block hash -> pod
+/// ids, most recent first. Bounded: each shard keeps two generations and
+/// drops the older one when the newer is full (an LRU approximation with
+/// O(1) upkeep and no per-entry list).
+#[derive(Debug)]
+pub struct PrefixIndex {
+    shards: Vec<Mutex<Shard>>,
+    per_generation: usize,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    current: BlockMap,
+    previous: BlockMap,
+}
+
+impl std::fmt::Debug for IdentityHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityHasher")
+    }
+}
+
+impl PrefixIndex {
+    /// An index holding about `capacity` block hashes.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..INDEX_SHARDS).map(|_| Mutex::default()).collect(),
+            per_generation: (capacity / 2 / INDEX_SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
+        // The low bits pick the HashMap bucket; use high bits for the shard.
+        &self.shards[(hash >> 58) as usize % INDEX_SHARDS]
+    }
+
+    /// Records that the prefix ending at each of `hashes` was sent to `pod_id`.
+    pub fn record(&self, hashes: &[u64], pod_id: u64) {
+        for &hash in hashes {
+            let mut shard = self.shard(hash).lock();
+            let mut owners = shard
+                .current
+                .get(&hash)
+                .or_else(|| shard.previous.get(&hash))
+                .copied()
+                .unwrap_or([0; OWNERS_PER_BLOCK]);
+            if owners[0] != pod_id {
+                let position = owners
+                    .iter()
+                    .position(|owner| *owner == pod_id)
+                    .unwrap_or(OWNERS_PER_BLOCK - 1);
+                owners.copy_within(0..position, 1);
+                owners[0] = pod_id;
+            }
+            if shard.current.len() >= self.per_generation && !shard.current.contains_key(&hash) {
+                let full = std::mem::take(&mut shard.current);
+                shard.previous = full;
+            }
+            shard.current.insert(hash, owners);
+        }
+    }
+
+    /// For each pod in `pod_ids`, the number of leading blocks of `hashes` it
+    /// was last seen holding (0 = none); at most [`TOP_K_MATCHES`] pods match.
+    /// Walks from the longest prefix back, as the reference does.
+    pub fn matches(&self, hashes: &[u64], pod_ids: &[u64], out: &mut [usize]) {
+        out.fill(0);
+        let mut found = 0;
+        for (index, &hash) in hashes.iter().enumerate().rev() {
+            let owners = {
+                let shard = self.shard(hash).lock();
+                match shard
+                    .current
+                    .get(&hash)
+                    .or_else(|| shard.previous.get(&hash))
+                {
+                    Some(owners) => *owners,
+                    None => continue,
+                }
+            };
+            for owner in owners.iter().filter(|owner| **owner != 0) {
+                if let Some(slot) = pod_ids.iter().position(|id| id == owner)
+                    && out[slot] == 0
+                {
+                    out[slot] = index + 1;
+                    found += 1;
+                }
+            }
+            if found >= TOP_K_MATCHES.min(pod_ids.len()) {
+                return;
+            }
+        }
+    }
+}
+
+/// Rendezvous (highest random weight) hashing: the weight of `pod_id` for
+/// `key`; every dataplane computes the same.
+pub fn rendezvous_weight(key: u64, pod_id: u64) -> u64 {
+    // splitmix64 finaliser over the pair: cheap and well mixed.
+    let mut z = key ^ pod_id.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Consistent hashing with bounded loads: the pod with the highest
+/// rendezvous weight for `key` among those whose load stays within
+/// `factor` x the mean (counting this request), never below
+/// [`BOUNDED_LOAD_FLOOR`]. `eligible[i]` false excludes pod `i` (e.g. ejected).
+pub fn bounded_rendezvous(
+    key: u64,
+    pod_ids: &[u64],
+    loads: &[f64],
+    eligible: &[bool],
+    factor: f64,
+) -> Option<usize> {
+    let count = eligible.iter().filter(|e| **e).count();
+    if count == 0 {
+        return None;
+    }
+    let total: f64 = loads
+        .iter()
+        .zip(eligible)
+        .filter(|(_, e)| **e)
+        .map(|(load, _)| *load)
+        .sum();
+    let bound = (factor * (total + 1.0) / count as f64)
+        .ceil()
+        .max(BOUNDED_LOAD_FLOOR);
+    let mut best: Option<(usize, u64)> = None;
+    let mut best_any: Option<(usize, u64)> = None;
+    for (index, (&id, &load)) in pod_ids.iter().zip(loads).enumerate() {
+        if !eligible[index] {
+            continue;
+        }
+        let weight = rendezvous_weight(key, id);
+        if best_any.is_none_or(|(_, w)| weight > w) {
+            best_any = Some((index, weight));
+        }
+        if load + 1.0 <= bound && best.is_none_or(|(_, w)| weight > w) {
+            best = Some((index, weight));
+        }
+    }
+    // The bound always admits the least loaded pod; the fallback is for NaN loads.
+    best.or(best_any).map(|(index, _)| index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes(field: PromptField, raw: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        hash_prompt("m", field, raw, 4, 128, &mut out);
+        out
+    }
+
+    #[test]
+    fn chained_blocks_share_a_prefix() {
+        let a = hashes(PromptField::Prompt, r#""aaaabbbbcccc""#);
+        let b = hashes(PromptField::Prompt, r#""aaaabbbbdddd""#);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a[..2], b[..2]);
+        assert_ne!(a[2], b[2]);
+        let c = hashes(PromptField::Prompt, r#""xxxxbbbbcccc""#);
+        assert_ne!(a[1], c[1], "a block's hash depends on everything before it");
+        let mut other_model = Vec::new();
+        hash_prompt(
+            "n",
+            PromptField::Prompt,
+            r#""aaaabbbbcccc""#,
+            4,
+            128,
+            &mut other_model,
+        );
+        assert_ne!(a[0], other_model[0]);
+        assert_eq!(
+            hashes(PromptField::Prompt, r#""aaa""#),
+            Vec::<u64>::new(),
+            "no full block"
+        );
+    }
+
+    #[test]
+    fn chat_messages_flatten_deterministically() {
+        let plain = hashes(
+            PromptField::Messages,
+            r#"[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]"#,
+        );
+        let parts = hashes(
+            PromptField::Messages,
+            r#"[{"role":"system","content":[{"type":"text","text":"be "},{"type":"text","text":"brief"}]},{"content":"hi","role":"user"}]"#,
+        );
+        assert_eq!(plain, parts, "content parts and key order do not matter");
+        let flat = hashes(PromptField::Prompt, r#""system: be brief\nuser: hi\n""#);
+        assert_eq!(plain, flat);
+        assert!(
+            !hashes(PromptField::Messages, r#"{"not":"a list of messages"}"#).is_empty(),
+            "odd shapes still hash"
+        );
+    }
+
+    #[test]
+    fn max_blocks_bounds_the_work() {
+        let long = format!("\"{}\"", "x".repeat(10_000));
+        let mut out = Vec::new();
+        hash_prompt("m", PromptField::Prompt, &long, 64, 128, &mut out);
+        assert_eq!(out.len(), 128);
+    }
+
+    #[test]
+    fn index_finds_longest_prefix_per_pod() {
+        let index = PrefixIndex::new(1000);
+        index.record(&[1, 2, 3, 4], 10);
+        index.record(&[1, 2], 20);
+        let mut out = [0; 3];
+        index.matches(&[1, 2, 3, 4, 5], &[10, 20, 30], &mut out);
+        assert_eq!(out, [4, 2, 0]);
+    }
+
+    #[test]
+    fn index_stays_bounded() {
+        let index = PrefixIndex::new(INDEX_SHARDS * 2 * 10);
+        for hash in 0..100_000u64 {
+            index.record(&[hash.wrapping_mul(0x9e37_79b9_7f4a_7c15)], 1);
+        }
+        let entries: usize = index
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.lock();
+                s.current.len() + s.previous.len()
+            })
+            .sum();
+        assert!(entries <= INDEX_SHARDS * 2 * 10, "{entries}");
+    }
+
+    #[test]
+    fn rendezvous_is_stable_and_spreads() {
+        let ids = [11, 22, 33, 44];
+        let loads = [0.0; 4];
+        let all = [true; 4];
+        let mut counts = [0; 4];
+        for key in 0..4000u64 {
+            let chosen = bounded_rendezvous(key, &ids, &loads, &all, 1.25).expect("pod");
+            assert_eq!(
+                Some(chosen),
+                bounded_rendezvous(key, &ids, &loads, &all, 1.25)
+            );
+            counts[chosen] += 1;
+        }
+        assert!(
+            counts.iter().all(|&n| (800..1200).contains(&n)),
+            "{counts:?}"
+        );
+        // Removing a pod only moves the keys that were on it.
+        let fewer = [11, 22, 44];
+        for key in 0..1000u64 {
+            let before = ids[bounded_rendezvous(key, &ids, &loads, &all, 1.25).expect("pod")];
+            let after =
+                fewer[bounded_rendezvous(key, &fewer, &[0.0; 3], &[true; 3], 1.25).expect("pod")];
+            if before != 33 {
+                assert_eq!(before, after);
+            }
+        }
+    }
+
+    #[test]
+    fn bounded_load_moves_away_from_a_hot_pod() {
+        let ids = [11, 22, 33, 44];
+        let key = 7;
+        let preferred = bounded_rendezvous(key, &ids, &[0.0; 4], &[true; 4], 1.25).expect("pod");
+        let mut loads = [1.0; 4];
+        loads[preferred] = 6.0;
+        let chosen = bounded_rendezvous(key, &ids, &loads, &[true; 4], 1.25).expect("pod");
+        assert_ne!(
+            chosen, preferred,
+            "6 in flight vs a mean of 2.25 is over 1.25x"
+        );
+        let mut eligible = [true; 4];
+        eligible[preferred] = false;
+        let fallback = bounded_rendezvous(key, &ids, &[0.0; 4], &eligible, 1.25).expect("pod");
+        assert_eq!(
+            chosen, fallback,
+            "the spill goes where the pod's absence would"
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Scheduling quality benchmark (`make bench-quality`; ignored by `make test`).
+//!
+//! A shared-prefix workload (groups of requests sharing a long system prompt,
+//! Poisson arrivals, seeded) against simulated engines, for several scheduler
+//! configurations, with one and with three dataplanes behind a round-robin
+//! client. Reports client-measured TTFT p50/p90/p99, throughput and the
+//! prefix-cache hit rate the engines measured, as a Markdown table.
+//!
+//! Tunables (environment): `BENCH_ENGINES` (4), `BENCH_REQUESTS` (240),
+//! `BENCH_RATE` (requests/s, 16), `BENCH_GROUPS` (16), `BENCH_SEED` (1).
+
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use switchyard_e2e::harness::{
+    EngineSpec, Process, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for,
+};
+
+const PORT: u16 = 8000;
+
+const OBJECTS: &str = r#"
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelServer
+metadata: {name: sim, namespace: default}
+spec:
+  workloadSelector: {matchLabels: {app: sim}}
+  workloadPort: {port: 8000}
+  inferenceEngine: vLLM
+---
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelRoute
+metadata: {name: base, namespace: default}
+spec:
+  modelName: base
+  rules:
+  - targetModels: [{modelServerName: sim}]
+"#;
+
+/// The strategies compared, as router configuration files.
+const STRATEGIES: [(&str, &str); 4] = [
+    (
+        "random",
+        "scheduler:\n  plugins:\n    Filter: {enabled: []}\n    Score: {enabled: [{name: random}]}\n",
+    ),
+    // Every pod scores 0: ties rotate, which is round-robin.
+    (
+        "round-robin",
+        "scheduler:\n  plugins:\n    Filter: {enabled: []}\n    Score: {enabled: [{name: least-request, weight: 0}]}\n",
+    ),
+    (
+        "least-request",
+        "scheduler:\n  plugins:\n    Filter: {enabled: [least-request]}\n    Score: {enabled: [{name: least-request}]}\n",
+    ),
+    ("default mix", "auth: {}\n"),
+];
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Engines as a mid-size GPU might behave: prefill dominates uncached prompts.
+fn engine_args() -> Vec<String> {
+    [
+        "--mode",
+        "sim",
+        "--max-num-seqs",
+        "8",
+        "--kv-blocks",
+        "512",
+        "--block-size",
+        "16",
+        "--prefill-ms-per-token",
+        "0.3",
+        "--itl-ms",
+        "10",
+        "--itl-ms-per-seq",
+        "0.5",
+        "--output-tokens",
+        "1000",
+        "--seed",
+        "7",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn words(topic: &str, count: usize) -> String {
+    (0..count)
+        .map(|i| format!("{topic}{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Outcome {
+    ttft: Vec<Duration>,
+    elapsed: Duration,
+    completed: usize,
+    hit_rate: f64,
+}
+
+async fn counter(stack: &Stack, ip: std::net::Ipv4Addr, name: &str) -> f64 {
+    let text = stack
+        .http
+        .get(&format!("http://{ip}:{PORT}/metrics"))
+        .await
+        .expect("engine metrics")
+        .text();
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn run(router_config: &str, dataplanes: usize) -> Outcome {
+    let engines = env("BENCH_ENGINES", 4);
+    let requests = env("BENCH_REQUESTS", 240);
+    let rate = env("BENCH_RATE", 16) as f64;
+    let groups = env("BENCH_GROUPS", 16);
+    let seed = env("BENCH_SEED", 1) as u64;
+
+    let subnet = test_subnet();
+    let specs: Vec<EngineSpec> = (0..engines)
+        .map(|i| EngineSpec {
+            name: format!("pod-{i}"),
+            ip: ip_in(subnet, 10 + i as u8),
+            port: PORT,
+            model: "base".into(),
+            extra_args: engine_args(),
+        })
+        .collect();
+    let mut files = vec![("objects.yaml".to_owned(), OBJECTS.to_owned())];
+    for spec in &specs {
+        files.push((
+            format!("{}.yaml", spec.name),
+            ready_pod_yaml(&spec.name, spec.ip, &[("app", "sim")]),
+        ));
+    }
+    let borrowed: Vec<(&str, String)> =
+        files.iter().map(|(n, y)| (n.as_str(), y.clone())).collect();
+    let mut stack = Stack::new(&borrowed);
+    let router_path = stack.dir.path().join("router.yaml");
+    std::fs::write(&router_path, router_config).expect("router config");
+    stack.start_engines(&specs).await;
+    let args: Vec<String> = vec![
+        "--config-dir".into(),
+        stack.config_dir.display().to_string(),
+        "--router-config".into(),
+        router_path.display().to_string(),
+        "--xds-addr".into(),
+        stack.xds_addr.to_string(),
+        "--metrics-addr".into(),
+        stack.controller_admin.to_string(),
+        "--scrape-interval".into(),
+        "500ms".into(),
+    ];
+    stack.controller = Some(Process::start(
+        "switchyard-controller",
+        "controller",
+        &args,
+        stack.dir.path(),
+    ));
+    stack
+        .http
+        .wait_ok(&format!("http://{}/readyz", stack.controller_admin))
+        .await;
+    for _ in 0..dataplanes {
+        stack.start_dataplane().await;
+    }
+    for index in 0..dataplanes {
+        let url = format!(
+            "http://{}/debug/router/state",
+            stack.dataplanes[index].debug
+        );
+        let http = stack.http.clone();
+        wait_for("pods in the snapshot", || async {
+            let state = http.get(&url).await.ok()?.json();
+            (state["pods"].as_array().map(Vec::len) == Some(engines)).then_some(())
+        })
+        .await;
+    }
+
+    let mut hits_before = 0.0;
+    let mut queries_before = 0.0;
+    for spec in &specs {
+        hits_before += counter(&stack, spec.ip, "vllm:prefix_cache_hits").await;
+        queries_before += counter(&stack, spec.ip, "vllm:prefix_cache_queries").await;
+    }
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let systems: Vec<String> = (0..groups).map(|g| words(&format!("s{g}w"), 600)).collect();
+    let started = Instant::now();
+    let mut at = Duration::ZERO;
+    let mut tasks = Vec::with_capacity(requests);
+    for i in 0..requests {
+        // Poisson arrivals: exponential gaps.
+        let gap = -(1.0 - rng.random::<f64>()).ln() / rate;
+        at += Duration::from_secs_f64(gap);
+        let group = rng.random_range(0..groups);
+        let body = json!({
+            "model": "base",
+            "prompt": format!("{} {}", systems[group], words(&format!("q{i}x"), 20)),
+            "max_tokens": 32,
+            "stream": true,
+        })
+        .to_string();
+        let url = stack.dataplanes[i % dataplanes].url("/v1/completions");
+        let http = stack.http.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
+            let sent = Instant::now();
+            let response = http
+                .send(
+                    Method::POST,
+                    &url,
+                    &[("content-type", "application/json")],
+                    body,
+                )
+                .await
+                .ok()?;
+            if response.status() != StatusCode::OK {
+                return None;
+            }
+            let mut body = response.into_body();
+            let mut ttft = None;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.ok()?;
+                if ttft.is_none() && frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                    ttft = Some(sent.elapsed());
+                }
+            }
+            ttft
+        }));
+    }
+    let mut ttft = Vec::new();
+    for task in tasks {
+        if let Ok(Some(t)) = task.await {
+            ttft.push(t);
+        }
+    }
+    let elapsed = started.elapsed();
+    let mut hits = 0.0;
+    let mut queries = 0.0;
+    for spec in &specs {
+        hits += counter(&stack, spec.ip, "vllm:prefix_cache_hits").await;
+        queries += counter(&stack, spec.ip, "vllm:prefix_cache_queries").await;
+    }
+    ttft.sort();
+    Outcome {
+        completed: ttft.len(),
+        ttft,
+        elapsed,
+        hit_rate: (hits - hits_before) / (queries - queries_before).max(1.0),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index].as_secs_f64() * 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with `make bench-quality`"]
+async fn bench_quality() {
+    let mut table = String::from(
+        "| strategy | dataplanes | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p99 (ms) | throughput (req/s) | prefix hit rate |\n|---|---|---|---|---|---|---|\n",
+    );
+    for (name, config) in STRATEGIES {
+        for dataplanes in [1, 3] {
+            let outcome = run(config, dataplanes).await;
+            let row = format!(
+                "| {name} | {dataplanes} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1}% |\n",
+                percentile(&outcome.ttft, 0.5),
+                percentile(&outcome.ttft, 0.9),
+                percentile(&outcome.ttft, 0.99),
+                outcome.completed as f64 / outcome.elapsed.as_secs_f64(),
+                outcome.hit_rate * 100.0,
+            );
+            eprint!("{row}");
+            table.push_str(&row);
+        }
+    }
+    println!("\n{table}");
+}

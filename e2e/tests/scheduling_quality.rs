@@ -1,0 +1,799 @@
+//! Routing quality end to end: real controller and dataplanes, simulated
+//! engines, one scheduler configuration per test (shipped by the controller
+//! from `--router-config`), and the share of requests each plugin sends where
+//! it should. Thresholds are the issue's; each test stays within seconds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use http::StatusCode;
+use serde_json::{Value, json};
+use switchyard_e2e::harness::{
+    EngineSpec, HttpClient, Process, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for,
+};
+
+const PORT: u16 = 8000;
+/// Fast enough that tests waiting on engine load are quick, slow enough for a busy 2-core machine.
+const SCRAPE_INTERVAL: &str = "250ms";
+
+fn objects(lora_adapters: &[&str]) -> String {
+    format!(
+        r#"
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelServer
+metadata: {{name: sim, namespace: default}}
+spec:
+  workloadSelector: {{matchLabels: {{app: sim}}}}
+  workloadPort: {{port: {PORT}}}
+  inferenceEngine: vLLM
+---
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelRoute
+metadata: {{name: base, namespace: default}}
+spec:
+  modelName: base
+  loraAdapters: {lora_adapters:?}
+  rules:
+  - targetModels: [{{modelServerName: sim}}]
+"#
+    )
+}
+
+/// A stack of `engines` mock engines (`pod-0`..), a controller with
+/// `router_config` and `dataplanes` dataplanes.
+struct Bench {
+    stack: Stack,
+    engines: Vec<EngineSpec>,
+    router_config: PathBuf,
+}
+
+impl Bench {
+    async fn start(
+        engines: usize,
+        engine_args: impl Fn(usize) -> Vec<String>,
+        router_config: &str,
+        lora_adapters: &[&str],
+        dataplanes: usize,
+    ) -> Self {
+        let subnet = test_subnet();
+        let specs: Vec<EngineSpec> = (0..engines)
+            .map(|i| EngineSpec {
+                name: format!("pod-{i}"),
+                ip: ip_in(subnet, 10 + i as u8),
+                port: PORT,
+                model: "base".into(),
+                extra_args: engine_args(i),
+            })
+            .collect();
+        let mut files = vec![("objects.yaml".to_owned(), objects(lora_adapters))];
+        for spec in &specs {
+            files.push((
+                format!("{}.yaml", spec.name),
+                ready_pod_yaml(&spec.name, spec.ip, &[("app", "sim")]),
+            ));
+        }
+        let files: Vec<(&str, String)> = files
+            .iter()
+            .map(|(name, yaml)| (name.as_str(), yaml.clone()))
+            .collect();
+        let mut stack = Stack::new(&files);
+        let router_config_path = stack.dir.path().join("router-config.yaml");
+        std::fs::write(&router_config_path, router_config).expect("write router config");
+        stack.start_engines(&specs).await;
+        let args = vec![
+            "--config-dir".to_owned(),
+            stack.config_dir.display().to_string(),
+            "--router-config".to_owned(),
+            router_config_path.display().to_string(),
+            "--xds-addr".to_owned(),
+            stack.xds_addr.to_string(),
+            "--metrics-addr".to_owned(),
+            stack.controller_admin.to_string(),
+            "--scrape-interval".to_owned(),
+            SCRAPE_INTERVAL.to_owned(),
+        ];
+        stack.controller = Some(Process::start(
+            "switchyard-controller",
+            "controller",
+            &args,
+            stack.dir.path(),
+        ));
+        stack
+            .http
+            .wait_ok(&format!("http://{}/readyz", stack.controller_admin))
+            .await;
+        for _ in 0..dataplanes {
+            stack.start_dataplane().await;
+        }
+        let bench = Self {
+            stack,
+            engines: specs,
+            router_config: router_config_path,
+        };
+        for index in 0..dataplanes {
+            bench
+                .wait_state(index, "every pod in the snapshot", |pods| {
+                    pods.len() == engines
+                })
+                .await;
+        }
+        bench
+    }
+
+    fn http(&self) -> &HttpClient {
+        &self.stack.http
+    }
+
+    fn engine_url(&self, pod: usize, path: &str) -> String {
+        format!("http://{}:{}{path}", self.engines[pod].ip, PORT)
+    }
+
+    /// Posts a completion through dataplane `dataplane`; returns (status, pod that answered, body).
+    async fn complete(
+        &self,
+        dataplane: usize,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, String, Value) {
+        let response = self
+            .http()
+            .post_json(
+                &self.stack.dataplanes[dataplane].url("/v1/completions"),
+                headers,
+                &body.to_string(),
+            )
+            .await
+            .expect("dataplane answers");
+        let pod = response.header("x-mock-pod").unwrap_or_default().to_owned();
+        let value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        (response.status, pod, value)
+    }
+
+    async fn debug(&self, dataplane: usize, path: &str) -> Value {
+        let url = format!("http://{}{path}", self.stack.dataplanes[dataplane].debug);
+        self.http().get(&url).await.expect("debug port").json()
+    }
+
+    /// Waits until dataplane `dataplane`'s view of the pods (from
+    /// `/debug/router/state`, by pod name) satisfies `check`.
+    async fn wait_state(
+        &self,
+        dataplane: usize,
+        what: &str,
+        check: impl Fn(&BTreeMap<String, Value>) -> bool,
+    ) {
+        wait_for(what, || async {
+            let state = self.debug(dataplane, "/debug/router/state").await;
+            let pods: BTreeMap<String, Value> = state["pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|pod| {
+                    let key = pod["pod"].as_str().unwrap_or_default();
+                    (key.trim_start_matches("default/").to_owned(), pod.clone())
+                })
+                .collect();
+            check(&pods).then_some(())
+        })
+        .await;
+    }
+
+    /// Sends `count` direct requests to an engine in the background, to load it.
+    fn load_engine(
+        &self,
+        pod: usize,
+        count: usize,
+        body: Value,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..count)
+            .map(|_| {
+                let http = self.http().clone();
+                let url = self.engine_url(pod, "/v1/completions");
+                let body = body.to_string();
+                tokio::spawn(async move {
+                    let _ = http.post_json(&url, &[], &body).await;
+                })
+            })
+            .collect()
+    }
+
+    async fn engine_counter(&self, pod: usize, name: &str) -> f64 {
+        let text = self
+            .http()
+            .get(&self.engine_url(pod, "/metrics"))
+            .await
+            .expect("engine metrics")
+            .text();
+        text.lines()
+            .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// `words` one-token words starting with `topic` (the simulator's tokenizer).
+fn prompt(topic: &str, words: usize) -> String {
+    (0..words)
+        .map(|i| format!("{topic}{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn completion(prompt: &str, max_tokens: u32) -> Value {
+    json!({"model": "base", "prompt": prompt, "max_tokens": max_tokens})
+}
+
+fn counts(pods: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for pod in pods {
+        *counts.entry(pod.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn config(filters: &[&str], scores: &[&str], plugin_config: &str) -> String {
+    let scores: Vec<String> = scores
+        .iter()
+        .map(|s| format!("{{name: {s}, weight: 1}}"))
+        .collect();
+    format!(
+        "scheduler:\n  pluginConfig:\n{plugin_config}  plugins:\n    Filter: {{enabled: {filters:?}}}\n    Score: {{enabled: [{}]}}\n",
+        scores.join(", ")
+    )
+    .replace("pluginConfig:\n  plugins", "pluginConfig: []\n  plugins")
+}
+
+fn simple() -> impl Fn(usize) -> Vec<String> {
+    |_| Vec::new()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cache_alone_keeps_repeated_prompts_on_one_pod() {
+    let bench = Bench::start(4, simple(), &config(&[], &["prefix-cache"], ""), &[], 1).await;
+    let mut all = Vec::new();
+    for group in 0..5 {
+        let body = completion(&prompt(&format!("g{group}w"), 300), 1);
+        let mut pods = Vec::new();
+        for _ in 0..10 {
+            let (status, pod, _) = bench.complete(0, &body, &[]).await;
+            assert_eq!(status, StatusCode::OK);
+            pods.push(pod);
+        }
+        let counts = counts(&pods);
+        let top = counts.values().max().copied().unwrap_or(0);
+        assert!(top >= 9, "group {group}: {counts:?}");
+        all.extend(pods);
+    }
+    assert!(
+        counts(&all).len() >= 2,
+        "different prefixes use different pods: {:?}",
+        counts(&all)
+    );
+
+    // The decision log shows the plugin's scores, the metric its timings.
+    let decisions = bench.debug(0, "/debug/routing/decisions?limit=3").await;
+    assert_eq!(decisions["scheduler"]["scores"][0]["name"], "prefix-cache");
+    assert_eq!(decisions["scheduler"]["fromSnapshot"], true);
+    let latest = &decisions["decisions"][0];
+    assert_eq!(decisions["decisions"].as_array().map(Vec::len), Some(3));
+    assert_eq!(latest["model"], "base");
+    assert_eq!(
+        latest["ranked"][0]["scores"]["prefix-cache"], 100,
+        "{latest}"
+    );
+    let metrics_url = format!("http://{}/metrics", bench.stack.dataplanes[0].metrics);
+    let metrics = bench
+        .http()
+        .get(&metrics_url)
+        .await
+        .expect("metrics")
+        .text();
+    assert!(
+        metrics.contains(
+            r#"kthena_router_scheduler_plugin_duration_seconds_count{model="base",plugin="prefix-cache",type="score"} 50"#
+        ),
+        "{metrics}"
+    );
+
+    // Clients that go away mid-stream, and requests that finish: the ledger returns to zero.
+    for _ in 0..4 {
+        let url = bench.stack.dataplanes[0].url("/v1/completions");
+        let body = json!({"model": "base", "prompt": "bye", "max_tokens": 500, "stream": true})
+            .to_string();
+        let response = bench
+            .http()
+            .send(
+                http::Method::POST,
+                &url,
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await
+            .expect("headers");
+        drop(response);
+    }
+    bench
+        .wait_state(0, "in-flight back to zero", |pods| {
+            pods.values().all(|pod| pod["inFlight"] == 0)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_sends_requests_away_from_saturated_pods() {
+    let bench = Bench::start(
+        4,
+        |_| {
+            [
+                "--mode",
+                "sim",
+                "--max-num-seqs",
+                "2",
+                "--itl-ms",
+                "40",
+                "--output-tokens",
+                "1000",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+        &config(
+            &["least-request"],
+            &["least-request"],
+            "  - name: least-request\n    args: {maxWaitingRequests: 3}\n",
+        ),
+        &[],
+        1,
+    )
+    .await;
+    let mut background = Vec::new();
+    for pod in [0, 1] {
+        background.extend(bench.load_engine(pod, 10, completion("busy", 400)));
+    }
+    bench
+        .wait_state(0, "pods 0 and 1 saturated", |pods| {
+            ["pod-0", "pod-1"].iter().all(|name| {
+                pods.get(*name)
+                    .and_then(|pod| pod["load"]["requestsWaiting"].as_f64())
+                    .is_some_and(|waiting| waiting >= 5.0)
+            })
+        })
+        .await;
+    let mut pods = Vec::new();
+    for i in 0..20 {
+        let (status, pod, _) = bench
+            .complete(0, &completion(&format!("q{i}"), 1), &[])
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(pod);
+    }
+    let counts = counts(&pods);
+    let away = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
+    assert!(away >= 18, "{counts:?}");
+    for task in background {
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_usage_avoids_pods_with_hot_kv_cache() {
+    let bench = Bench::start(
+        4,
+        |_| {
+            [
+                "--mode",
+                "sim",
+                "--kv-blocks",
+                "64",
+                "--block-size",
+                "16",
+                "--itl-ms",
+                "40",
+                "--output-tokens",
+                "1000",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+        &config(&[], &["gpu-usage"], ""),
+        &[],
+        1,
+    )
+    .await;
+    let mut background = Vec::new();
+    for pod in [0, 1] {
+        background.extend(bench.load_engine(pod, 1, completion(&prompt("h", 600), 150)));
+    }
+    bench
+        .wait_state(0, "pods 0 and 1 with a hot KV cache", |pods| {
+            ["pod-0", "pod-1"].iter().all(|name| {
+                pods.get(*name)
+                    .and_then(|pod| pod["load"]["kvCacheUsage"].as_f64())
+                    .is_some_and(|usage| usage >= 0.5)
+            })
+        })
+        .await;
+    let mut pods = Vec::new();
+    for i in 0..20 {
+        let (status, pod, _) = bench
+            .complete(0, &completion(&format!("q{i}"), 1), &[])
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(pod);
+    }
+    let counts = counts(&pods);
+    let away = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
+    assert!(away >= 18, "{counts:?}");
+    for task in background {
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_latency_prefers_fast_pods() {
+    let bench = Bench::start(
+        4,
+        |i| {
+            let (ttft, itl) = if i < 2 { ("120", "25") } else { ("5", "2") };
+            vec![
+                "--ttft-ms".into(),
+                ttft.into(),
+                "--itl-ms".into(),
+                itl.into(),
+            ]
+        },
+        &config(&[], &["least-latency"], ""),
+        &[],
+        1,
+    )
+    .await;
+    // Engines report TTFT / TPOT means over each scrape interval: keep traffic on every pod.
+    let running = Arc::new(AtomicBool::new(true));
+    let warmers: Vec<_> = (0..4)
+        .map(|pod| {
+            let http = bench.http().clone();
+            let url = bench.engine_url(pod, "/v1/completions");
+            let running = running.clone();
+            tokio::spawn(async move {
+                let body = completion("warm", 3).to_string();
+                while running.load(Ordering::Relaxed) {
+                    let _ = http.post_json(&url, &[], &body).await;
+                }
+            })
+        })
+        .collect();
+    bench
+        .wait_state(0, "latency data for every pod", |pods| {
+            pods.len() == 4
+                && pods.values().all(|pod| {
+                    pod["load"]["ttftSeconds"].as_f64().is_some_and(|v| v > 0.0)
+                        && pod["load"]["tpotSeconds"].as_f64().is_some_and(|v| v > 0.0)
+                })
+        })
+        .await;
+    let mut pods = Vec::new();
+    for i in 0..20 {
+        let (status, pod, _) = bench
+            .complete(0, &completion(&format!("q{i}"), 1), &[])
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(pod);
+    }
+    running.store(false, Ordering::Relaxed);
+    for warmer in warmers {
+        let _ = warmer.await;
+    }
+    let counts = counts(&pods);
+    let fast = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
+    assert!(fast >= 18, "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_affinity_never_sends_to_pods_without_the_adapter() {
+    let bench = Bench::start(
+        4,
+        |i| {
+            if i < 2 {
+                vec!["--lora".into(), "lora-a".into()]
+            } else {
+                Vec::new()
+            }
+        },
+        &config(&["lora-affinity"], &["random"], ""),
+        &["lora-a", "lora-b"],
+        1,
+    )
+    .await;
+    bench
+        .wait_state(0, "model lists of every pod", |pods| {
+            pods.len() == 4
+                && pods.values().all(|pod| {
+                    pod["load"]["models"]
+                        .as_array()
+                        .is_some_and(|m| !m.is_empty())
+                })
+        })
+        .await;
+    let mut pods = Vec::new();
+    for i in 0..40 {
+        let body = json!({"model": "lora-a", "prompt": format!("q{i}"), "max_tokens": 1});
+        let (status, pod, _) = bench.complete(0, &body, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(pod);
+    }
+    let counts = counts(&pods);
+    assert_eq!(
+        counts.get("pod-2").copied().unwrap_or(0) + counts.get("pod-3").copied().unwrap_or(0),
+        0,
+        "{counts:?}"
+    );
+    assert_eq!(counts.len(), 2, "both adapter pods serve: {counts:?}");
+
+    let body = json!({"model": "lora-b", "prompt": "q", "max_tokens": 1});
+    let (status, _, error) = bench.complete(0, &body, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error["error"]["code"], "no_ready_pod");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(r#"no pod has model "lora-b" loaded"#),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_spreads_evenly() {
+    let bench = Bench::start(2, simple(), &config(&[], &["random"], ""), &[], 1).await;
+    const REQUESTS: usize = 2500;
+    const CONCURRENCY: usize = 16;
+    let bench = Arc::new(bench);
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|worker| {
+            let bench = bench.clone();
+            tokio::spawn(async move {
+                let mut pods = Vec::new();
+                for i in (worker..REQUESTS).step_by(CONCURRENCY) {
+                    let (status, pod, _) = bench
+                        .complete(0, &completion(&format!("q{i}"), 1), &[])
+                        .await;
+                    assert_eq!(status, StatusCode::OK);
+                    pods.push(pod);
+                }
+                pods
+            })
+        })
+        .collect();
+    let mut pods = Vec::new();
+    for task in tasks {
+        pods.extend(task.await.expect("worker"));
+    }
+    let counts = counts(&pods);
+    let expected = REQUESTS / 2;
+    // ±10% of the fair share; 2500 requests make that five standard deviations.
+    for (pod, count) in &counts {
+        assert!(
+            count.abs_diff(expected) <= expected / 10,
+            "{pod}: {counts:?}"
+        );
+    }
+    assert_eq!(counts.len(), 2, "{counts:?}");
+}
+
+/// Simulated engines, groups of requests sharing a long system prompt, a
+/// round-robin client: the prefix-cache hit rate the engines measure with
+/// three dataplanes is at least 95% of the one-dataplane rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_dataplanes_keep_the_one_dataplane_prefix_hit_rate() {
+    let bench = Bench::start(
+        4,
+        |_| {
+            ["--mode", "sim", "--time-scale", "0.2"]
+                .map(String::from)
+                .to_vec()
+        },
+        // No scheduler section: the default plugin mix.
+        "auth: {}\n",
+        &[],
+        3,
+    )
+    .await;
+    let mut rates = Vec::new();
+    for (phase, dataplanes) in [("a", 1usize), ("b", 3)] {
+        let before = hit_totals(&bench).await;
+        run_shared_prefix_workload(&bench, phase, dataplanes).await;
+        let after = hit_totals(&bench).await;
+        let rate = (after.0 - before.0) / (after.1 - before.1);
+        rates.push(rate);
+    }
+    eprintln!("prefix-cache hit rate, one dataplane vs three: {rates:?}");
+    assert!(rates[0] > 0.5, "the workload is cache-friendly: {rates:?}");
+    assert!(
+        rates[1] >= 0.95 * rates[0],
+        "three dataplanes vs one: {rates:?}"
+    );
+}
+
+async fn hit_totals(bench: &Bench) -> (f64, f64) {
+    let mut totals = (0.0, 0.0);
+    for pod in 0..bench.engines.len() {
+        totals.0 += bench.engine_counter(pod, "vllm:prefix_cache_hits").await;
+        totals.1 += bench.engine_counter(pod, "vllm:prefix_cache_queries").await;
+    }
+    totals
+}
+
+/// 8 system prompts x 16 requests each, 4 clients, round-robin over `dataplanes`.
+async fn run_shared_prefix_workload(bench: &Bench, phase: &str, dataplanes: usize) {
+    const GROUPS: usize = 8;
+    const PER_GROUP: usize = 16;
+    const CLIENTS: usize = 4;
+    let requests: Vec<(usize, Value)> = (0..GROUPS * PER_GROUP)
+        .map(|i| {
+            let group = i % GROUPS;
+            let system = prompt(&format!("{phase}{group}s"), 300);
+            let question = prompt(&format!("{phase}q{i}x"), 12);
+            (
+                i % dataplanes,
+                completion(&format!("{system} {question}"), 4),
+            )
+        })
+        .collect();
+    let requests = Arc::new(requests);
+    let mut workers = Vec::new();
+    for client in 0..CLIENTS {
+        let requests = requests.clone();
+        let urls: Vec<String> = (0..dataplanes)
+            .map(|d| bench.stack.dataplanes[d].url("/v1/completions"))
+            .collect();
+        let http = bench.http().clone();
+        workers.push(tokio::spawn(async move {
+            for (dataplane, body) in requests.iter().skip(client).step_by(CLIENTS) {
+                let response = http
+                    .post_json(&urls[*dataplane], &[], &body.to_string())
+                    .await
+                    .expect("dataplane answers");
+                assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("client");
+    }
+}
+
+/// The router configuration reaches running dataplanes without a restart; an
+/// invalid edit is rejected (the controller logs why) and the previous one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_config_changes_reach_dataplanes_and_invalid_ones_are_rejected() {
+    let bench = Bench::start(2, simple(), &config(&[], &["random"], ""), &[], 2).await;
+    let scores_of = |decisions: &Value| decisions["scheduler"]["scores"].clone();
+    for dataplane in 0..2 {
+        let view = bench.debug(dataplane, "/debug/routing/decisions").await;
+        assert_eq!(scores_of(&view), json!([{"name": "random", "weight": 1}]));
+    }
+    let write = |text: &str| {
+        let tmp = bench.router_config.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, &bench.router_config).expect("rename");
+    };
+    write("scheduler:\n  plugins:\n    Score: {enabled: [{name: fastest-pod}]}\n");
+    wait_for("the controller to reject the edit", || async {
+        let log = bench
+            .stack
+            .controller
+            .as_ref()
+            .map(Process::log_text)
+            .unwrap_or_default();
+        (log.contains("router configuration rejected") && log.contains("fastest-pod")).then_some(())
+    })
+    .await;
+    let (status, _, _) = bench.complete(0, &completion("still served", 1), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        scores_of(&bench.debug(1, "/debug/routing/decisions").await),
+        json!([{"name": "random", "weight": 1}]),
+        "the previous configuration stays"
+    );
+
+    write(
+        "scheduler:\n  topN: 2\n  plugins:\n    Score: {enabled: [{name: least-request, weight: 3}]}\n",
+    );
+    for dataplane in 0..2 {
+        wait_for("the new configuration on every dataplane", || async {
+            let view = bench.debug(dataplane, "/debug/routing/decisions").await;
+            (scores_of(&view) == json!([{"name": "least-request", "weight": 3}])
+                && view["scheduler"]["topN"] == 2)
+                .then_some(())
+        })
+        .await;
+    }
+    let (status, _, _) = bench.complete(1, &completion("after reload", 1), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let latest = &bench.debug(1, "/debug/routing/decisions?limit=1").await["decisions"][0];
+    assert_eq!(
+        latest["plugins"],
+        json!([{"name": "least-request", "weight": 3}])
+    );
+    assert!(
+        latest["ranked"][0]["scores"]["least-request"].is_u64(),
+        "{latest}"
+    );
+}
+
+/// session-affinity: one session, one pod, on every dataplane; when that pod
+/// dies the session moves to another pod and stays there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_affinity_is_sticky_across_dataplanes_and_falls_back() {
+    let mut bench = Bench::start(
+        4,
+        simple(),
+        &config(
+            &[],
+            &["session-affinity"],
+            "  - name: session-affinity\n    args: {header: x-conversation}\n",
+        ),
+        &[],
+        2,
+    )
+    .await;
+    let mut homes = BTreeMap::new();
+    for session in ["alpha", "beta", "gamma", "delta", "epsilon"] {
+        let mut pods = Vec::new();
+        for i in 0..6 {
+            let (status, pod, _) = bench
+                .complete(
+                    i % 2,
+                    &completion(&format!("q{i}"), 1),
+                    &[("x-conversation", session)],
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            pods.push(pod);
+        }
+        let counts = counts(&pods);
+        assert_eq!(
+            counts.len(),
+            1,
+            "session {session} on both dataplanes: {counts:?}"
+        );
+        homes.insert(session, pods[0].clone());
+    }
+    assert!(
+        homes
+            .values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            >= 2,
+        "sessions spread over pods: {homes:?}"
+    );
+    let home = homes["alpha"].clone();
+    bench.stack.kill_engine(&home);
+    // The first request on each dataplane finds the pod gone (connect
+    // failure) and is answered by its next candidate; the pod is then ejected.
+    for dataplane in 0..2 {
+        let (status, _, _) = bench
+            .complete(
+                dataplane,
+                &completion("retry", 1),
+                &[("x-conversation", "alpha")],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "the next candidate answers");
+    }
+    let mut pods = Vec::new();
+    for i in 0..6 {
+        let (status, pod, _) = bench
+            .complete(
+                i % 2,
+                &completion(&format!("r{i}"), 1),
+                &[("x-conversation", "alpha")],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(pod);
+    }
+    let counts = counts(&pods);
+    assert_eq!(counts.len(), 1, "one new home: {counts:?}");
+    assert!(!counts.contains_key(&home), "{counts:?}");
+}
