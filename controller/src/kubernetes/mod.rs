@@ -444,6 +444,7 @@ impl StatusLoop {
         let stopped = app::stopped(stop);
         tokio::pin!(stopped);
         let mut leader_alive = true;
+        let mut compile_alive = true;
         loop {
             let acks = self.acks();
             let version = acks.version.clone();
@@ -454,7 +455,11 @@ impl StatusLoop {
                         leader_alive = false;
                     }
                 }
-                _ = self.compiled.changed() => {}
+                changed = self.compiled.changed(), if compile_alive => {
+                    if changed.is_err() {
+                        compile_alive = false;
+                    }
+                }
                 () = self.dataplanes.wait_until(|list| AckSummary::from_dataplanes(version.as_deref(), list) != acks) => {}
                 () = tokio::time::sleep(STATUS_RESYNC_INTERVAL) => {}
             }
