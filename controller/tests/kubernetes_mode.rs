@@ -281,6 +281,20 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
         "status was written before leading"
     );
 
+    let metrics = admin_get(controller.admin_addr, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "switchyard_controller_leader 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|line| line.starts_with(
+            "switchyard_controller_status_writes_total{kind=\"ModelRoute\",result=\"applied\"}"
+        )),
+        "{metrics}"
+    );
+
     // The broken route: accepted, its backend named as missing, and a Warning Event.
     let broken = fake
         .wait_for("broken's status", |request| {
@@ -454,4 +468,21 @@ async fn an_expired_lease_of_another_replica_is_taken_over() {
         .await
         .expect("stops in time")
         .expect("stops cleanly");
+}
+
+/// GET on the admin server; the body.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect admin");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
 }

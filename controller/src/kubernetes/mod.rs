@@ -29,6 +29,7 @@ use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPubli
 
 pub mod caches;
 pub mod leader;
+pub mod metrics;
 pub mod pod_selector;
 pub mod status_writer;
 
@@ -120,6 +121,7 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
     let compile_duration = app::register_compile_duration(&registry)?;
+    let kubernetes_metrics = metrics::KubernetesMetrics::register(&registry)?;
     let publisher = Arc::new(SnapshotPublisher::new(
         controller_id.clone(),
         xds_metrics.clone(),
@@ -204,7 +206,8 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     );
     let status_task = tokio::spawn(
         StatusLoop {
-            writer: StatusWriter::new(client, controller_id.clone()),
+            writer: StatusWriter::new(client, controller_id.clone(), kubernetes_metrics.clone()),
+            leader_gauge: kubernetes_metrics.leader.clone(),
             leading: leading.clone(),
             compiled,
             caches,
@@ -431,6 +434,7 @@ async fn debounce(changes: &mut watch::Receiver<u64>) {
 /// Writes status while this replica leads.
 struct StatusLoop {
     writer: StatusWriter,
+    leader_gauge: prometheus::IntGauge,
     leading: watch::Receiver<bool>,
     compiled: watch::Receiver<Option<Arc<CompiledRoutes>>>,
     caches: Caches,
@@ -467,7 +471,9 @@ impl StatusLoop {
                 () = &mut stopped => return,
                 () = tokio::time::sleep(STATUS_DEBOUNCE) => {}
             }
-            if !*self.leading.borrow_and_update() {
+            let leading = *self.leading.borrow_and_update();
+            self.leader_gauge.set(i64::from(leading));
+            if !leading {
                 self.writer.forget();
                 continue;
             }
