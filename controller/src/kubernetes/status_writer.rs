@@ -268,8 +268,13 @@ spec:
         assert_eq!(updates[0].uid.as_deref(), Some("uid-1"));
 
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let mut writer =
-            StatusWriter::new(kube::Client::new(service, "default"), "replica-a".into());
+        let registry = prometheus::Registry::new();
+        let metrics = KubernetesMetrics::register(&registry).expect("metrics register");
+        let mut writer = StatusWriter::new(
+            kube::Client::new(service, "default"),
+            "replica-a".into(),
+            metrics.clone(),
+        );
         let scenario = tokio::spawn(async move {
             let (request, respond) = handle.next_request().await.expect("status patch");
             assert_eq!(request.method(), http::Method::PATCH);
