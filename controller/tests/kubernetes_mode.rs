@@ -486,3 +486,34 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default()
 }
+
+#[tokio::test]
+async fn namespaces_limit_the_watches_to_those_namespaces() {
+    let fake = FakeApi::default();
+    let mut args = args();
+    args.namespaces = vec!["team-b".into(), "team-a".into()];
+    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts with nothing to route");
+    for namespace in ["team-a", "team-b"] {
+        for plural in ["modelroutes", "modelservers"] {
+            let path = format!(
+                "/apis/networking.serving.volcano.sh/v1alpha1/namespaces/{namespace}/{plural}"
+            );
+            fake.wait_for(&path, |request| request.path == path).await;
+        }
+    }
+    assert!(
+        fake.requests()
+            .iter()
+            .all(|request| request.path != ROUTES && request.path != SERVERS),
+        "no cluster-wide watch"
+    );
+    // An empty cluster still compiles (an empty snapshot) and serves.
+    assert!(controller.publisher.route_config().is_some());
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}
