@@ -264,6 +264,38 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
         assert_eq!(condition(status, type_)["observedGeneration"], 2);
     }
 
+    // Only the leader writes status: no status patch came before the lease was taken.
+    let requests = fake.requests();
+    let lease_taken = requests
+        .iter()
+        .position(|request| {
+            request.method == Method::PATCH
+                && request.body["spec"]["holderIdentity"] == "switchyard-controller-7d9f-abcde"
+        })
+        .expect("lease taken");
+    let first_status = requests
+        .iter()
+        .position(|request| request.method == Method::PATCH && request.path.ends_with("/status"))
+        .expect("a status patch");
+    assert!(
+        lease_taken < first_status,
+        "status was written before leading"
+    );
+
+    let metrics = admin_get(controller.admin_addr, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "switchyard_controller_leader 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|line| line.starts_with(
+            "switchyard_controller_status_writes_total{kind=\"ModelRoute\",result=\"applied\"}"
+        )),
+        "{metrics}"
+    );
+
     // The broken route: accepted, its backend named as missing, and a Warning Event.
     let broken = fake
         .wait_for("broken's status", |request| {
@@ -328,6 +360,38 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
         "True"
     );
 
+    // A new ModelServer selecting another app: the pod watch restarts with both values.
+    fake.push_event(
+        SERVERS,
+        "ADDED",
+        json!({
+            "apiVersion": API_VERSION,
+            "kind": "ModelServer",
+            "metadata": metadata("qwen", 1),
+            "spec": {
+                "workloadSelector": {"matchLabels": {"app": "qwen"}},
+                "workloadPort": {"port": 8000},
+                "inferenceEngine": "SGLang",
+            },
+        }),
+    )
+    .await;
+    fake.wait_for("the pod list with the new selector", |request| {
+        request.path == PODS
+            && request.params().get("labelSelector").map(String::as_str)
+                == Some("app in (llama,qwen)")
+    })
+    .await;
+    let qwen = fake
+        .wait_for("qwen's status", |request| {
+            is_status_patch(request, "modelservers", "qwen")
+        })
+        .await;
+    assert_eq!(
+        condition(&qwen.body["status"], "ResolvedRefs")["reason"],
+        "NoMatchingPods"
+    );
+
     // The README shows this very object, as `kubectl get modelroute chat -o yaml` would.
     let rendered = readme_rendering(&route("chat", 2, "llama"), status);
     println!("{rendered}");
@@ -370,4 +434,87 @@ fn readme_rendering(object: &Value, status: &Value) -> String {
     }
     object["status"] = status;
     serde_yaml::to_string(&object).expect("YAML")
+}
+
+#[tokio::test]
+async fn an_expired_lease_of_another_replica_is_taken_over() {
+    let fake = seeded();
+    fake.seed_lease(json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "switchyard-controller", "namespace": "switchyard-system", "resourceVersion": "7"},
+        "spec": {
+            "holderIdentity": "switchyard-controller-old",
+            "leaseDurationSeconds": 15,
+            "acquireTime": "2026-12-01T16:00:00.000000Z",
+            "renewTime": "2026-12-01T16:00:00.000000Z",
+        },
+    }));
+    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts against the fake API");
+    fake.wait_for("the lease taken over", |request| {
+        request.method == Method::PATCH
+            && request.path.ends_with("/leases/switchyard-controller")
+            && request.body["spec"]["holderIdentity"] == "switchyard-controller-7d9f-abcde"
+    })
+    .await;
+    // And then this replica writes status.
+    fake.wait_for("a status patch", |request| {
+        is_status_patch(request, "modelroutes", "chat")
+    })
+    .await;
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}
+
+/// GET on the admin server; the body.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect admin");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn namespaces_limit_the_watches_to_those_namespaces() {
+    let fake = FakeApi::default();
+    let mut args = args();
+    args.namespaces = vec!["team-b".into(), "team-a".into()];
+    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts with nothing to route");
+    for namespace in ["team-a", "team-b"] {
+        for plural in ["modelroutes", "modelservers"] {
+            let path = format!(
+                "/apis/networking.serving.volcano.sh/v1alpha1/namespaces/{namespace}/{plural}"
+            );
+            fake.wait_for(&path, |request| request.path == path).await;
+        }
+    }
+    assert!(
+        fake.requests()
+            .iter()
+            .all(|request| request.path != ROUTES && request.path != SERVERS),
+        "no cluster-wide watch"
+    );
+    // An empty cluster still compiles (an empty snapshot) and serves.
+    assert!(controller.publisher.route_config().is_some());
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
 }

@@ -384,3 +384,104 @@ async fn run_reflector<K>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{Container, PodCondition, PodSpec};
+
+    use super::*;
+
+    fn route(namespace: &str, name: &str) -> ModelRoute {
+        serde_yaml::from_str(&format!(
+            "metadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  modelName: {name}\n  rules: []\n"
+        ))
+        .expect("test route parses")
+    }
+
+    #[test]
+    fn seeded_stores_give_a_canonical_snapshot_and_lookups() {
+        let caches = Caches::seeded(
+            vec![route("b", "z"), route("a", "y"), route("b", "a")],
+            Vec::new(),
+            Vec::new(),
+        );
+        assert!(caches.is_synced());
+        let (routes, servers, pods) = caches.snapshot();
+        let keys: Vec<_> = routes
+            .iter()
+            .map(|route| {
+                (
+                    route.metadata.namespace.clone().unwrap_or_default(),
+                    route.metadata.name.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("a".to_owned(), "y".to_owned()),
+                ("b".to_owned(), "a".to_owned()),
+                ("b".to_owned(), "z".to_owned())
+            ]
+        );
+        assert!(servers.is_empty() && pods.is_empty());
+        assert!(caches.find_route("b", "z").is_some());
+        assert!(caches.find_route("a", "z").is_none());
+    }
+
+    #[test]
+    fn pods_keep_only_what_routing_reads() {
+        let mut pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("p".to_owned()),
+                namespace: Some("ns".to_owned()),
+                labels: Some([("app".to_owned(), "llama".to_owned())].into()),
+                annotations: Some([("big".to_owned(), "x".repeat(1000))].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "engine".to_owned(),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".to_owned()),
+                pod_ip: Some("10.0.0.1".to_owned()),
+                host_ip: Some("192.0.2.1".to_owned()),
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".to_owned(),
+                    status: "True".to_owned(),
+                    ..PodCondition::default()
+                }]),
+                ..PodStatus::default()
+            }),
+        };
+        strip_pod(&mut pod);
+        assert_eq!(pod.spec, None);
+        assert_eq!(pod.metadata.annotations, None);
+        assert_eq!(
+            pod.metadata.labels.as_ref().map(|labels| labels.len()),
+            Some(1)
+        );
+        let status = pod.status.expect("status kept");
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.host_ip, None);
+        assert_eq!(
+            status.conditions.map(|conditions| conditions.len()),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn namespaces_flag_becomes_a_scope() {
+        assert_eq!(Scope::from_namespaces(&[]), Scope::All);
+        assert_eq!(Scope::from_namespaces(&[" ".to_owned()]), Scope::All);
+        assert_eq!(
+            Scope::from_namespaces(&["b".to_owned(), "a".to_owned(), "b".to_owned()]),
+            Scope::Namespaces(vec!["a".to_owned(), "b".to_owned()])
+        );
+    }
+}

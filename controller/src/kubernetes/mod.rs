@@ -29,6 +29,7 @@ use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPubli
 
 pub mod caches;
 pub mod leader;
+pub mod metrics;
 pub mod pod_selector;
 pub mod status_writer;
 
@@ -120,6 +121,7 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
     let compile_duration = app::register_compile_duration(&registry)?;
+    let kubernetes_metrics = metrics::KubernetesMetrics::register(&registry)?;
     let publisher = Arc::new(SnapshotPublisher::new(
         controller_id.clone(),
         xds_metrics.clone(),
@@ -204,7 +206,8 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     );
     let status_task = tokio::spawn(
         StatusLoop {
-            writer: StatusWriter::new(client, controller_id.clone()),
+            writer: StatusWriter::new(client, controller_id.clone(), kubernetes_metrics.clone()),
+            leader_gauge: kubernetes_metrics.leader.clone(),
             leading: leading.clone(),
             compiled,
             caches,
@@ -431,6 +434,7 @@ async fn debounce(changes: &mut watch::Receiver<u64>) {
 /// Writes status while this replica leads.
 struct StatusLoop {
     writer: StatusWriter,
+    leader_gauge: prometheus::IntGauge,
     leading: watch::Receiver<bool>,
     compiled: watch::Receiver<Option<Arc<CompiledRoutes>>>,
     caches: Caches,
@@ -444,6 +448,7 @@ impl StatusLoop {
         let stopped = app::stopped(stop);
         tokio::pin!(stopped);
         let mut leader_alive = true;
+        let mut compile_alive = true;
         loop {
             let acks = self.acks();
             let version = acks.version.clone();
@@ -454,7 +459,11 @@ impl StatusLoop {
                         leader_alive = false;
                     }
                 }
-                _ = self.compiled.changed() => {}
+                changed = self.compiled.changed(), if compile_alive => {
+                    if changed.is_err() {
+                        compile_alive = false;
+                    }
+                }
                 () = self.dataplanes.wait_until(|list| AckSummary::from_dataplanes(version.as_deref(), list) != acks) => {}
                 () = tokio::time::sleep(STATUS_RESYNC_INTERVAL) => {}
             }
@@ -462,7 +471,9 @@ impl StatusLoop {
                 () = &mut stopped => return,
                 () = tokio::time::sleep(STATUS_DEBOUNCE) => {}
             }
-            if !*self.leading.borrow_and_update() {
+            let leading = *self.leading.borrow_and_update();
+            self.leader_gauge.set(i64::from(leading));
+            if !leading {
                 self.writer.forget();
                 continue;
             }

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use switchyard_crd::{ModelRoute, ModelServer};
 
 use super::caches::Caches;
+use super::metrics::KubernetesMetrics;
 use crate::compile::{ObjectKind, ObjectReport};
 use crate::status::{self, AckSummary, RejectionEvent};
 
@@ -115,10 +116,11 @@ pub struct StatusWriter {
     /// What this replica last applied per object, so a patch is not repeated
     /// before its watch event brings the new status into the cache.
     applied: HashMap<(ObjectKind, String, String), Value>,
+    metrics: KubernetesMetrics,
 }
 
 impl StatusWriter {
-    pub fn new(client: Client, instance: String) -> Self {
+    pub fn new(client: Client, instance: String, metrics: KubernetesMetrics) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -130,6 +132,7 @@ impl StatusWriter {
             client,
             recorder,
             applied: HashMap::new(),
+            metrics,
         }
     }
 
@@ -145,7 +148,15 @@ impl StatusWriter {
             if self.applied.get(&key) == Some(&update.patch) {
                 continue;
             }
-            match self.apply(&update).await {
+            let outcome = self.apply(&update).await;
+            self.metrics
+                .status_writes
+                .with_label_values(&[
+                    update.kind.as_str(),
+                    if outcome.is_ok() { "applied" } else { "failed" },
+                ])
+                .inc();
+            match outcome {
                 Ok(()) => {
                     tracing::debug!(kind = update.kind.as_str(), namespace = %update.namespace, name = %update.name, "status applied");
                     self.applied.insert(key, update.patch.clone());
@@ -155,10 +166,19 @@ impl StatusWriter {
                     continue;
                 }
             }
-            if let Some(event) = &update.event
-                && let Err(error) = self.publish(event, update.uid.clone()).await
-            {
-                tracing::warn!(kind = event.kind.as_str(), namespace = %event.namespace, name = %event.name, %error, "cannot publish event");
+            if let Some(event) = &update.event {
+                let outcome = self.publish(event, update.uid.clone()).await;
+                self.metrics
+                    .events
+                    .with_label_values(&[if outcome.is_ok() {
+                        "published"
+                    } else {
+                        "failed"
+                    }])
+                    .inc();
+                if let Err(error) = outcome {
+                    tracing::warn!(kind = event.kind.as_str(), namespace = %event.namespace, name = %event.name, %error, "cannot publish event");
+                }
             }
         }
     }
@@ -248,8 +268,13 @@ spec:
         assert_eq!(updates[0].uid.as_deref(), Some("uid-1"));
 
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let mut writer =
-            StatusWriter::new(kube::Client::new(service, "default"), "replica-a".into());
+        let registry = prometheus::Registry::new();
+        let metrics = KubernetesMetrics::register(&registry).expect("metrics register");
+        let mut writer = StatusWriter::new(
+            kube::Client::new(service, "default"),
+            "replica-a".into(),
+            metrics.clone(),
+        );
         let scenario = tokio::spawn(async move {
             let (request, respond) = handle.next_request().await.expect("status patch");
             assert_eq!(request.method(), http::Method::PATCH);
@@ -329,6 +354,14 @@ spec:
             )),
             Some(&updates[0].patch)
         );
+        assert_eq!(
+            metrics
+                .status_writes
+                .with_label_values(&["ModelRoute", "applied"])
+                .get(),
+            1
+        );
+        assert_eq!(metrics.events.with_label_values(&["published"]).get(), 1);
         // Leadership lost: forgotten, the next leader owns it.
         writer.forget();
         assert!(writer.applied.is_empty());

@@ -82,6 +82,11 @@ impl FakeApi {
             .push(object);
     }
 
+    /// Starts with this Lease in place (another replica's, say).
+    pub fn seed_lease(&self, lease: Value) {
+        self.state.lock().lease = Some(lease);
+    }
+
     /// A `kube::Client` talking to this fake.
     pub fn client(&self) -> kube::Client {
         let fake = self.clone();
