@@ -309,6 +309,21 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A text-format value: as is when it is one plain token, else quoted and
+/// escaped, so a client-chosen value (the body's `model`, a request id)
+/// cannot break a line or forge fields.
+fn text_value(value: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !value.is_empty()
+        && !value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '=');
+    if plain {
+        value.into()
+    } else {
+        format!("{value:?}").into()
+    }
+}
+
 /// Appends one line (with its newline) to `out`.
 pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Vec<u8>) {
     let timestamp = humantime::format_rfc3339_millis(entry.started_at).to_string();
@@ -368,7 +383,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
             ];
             for (name, value) in fields {
                 if let Some(value) = value {
-                    let _ = write!(line, " {name}={value}");
+                    let _ = write!(line, " {name}={}", text_value(value));
                 }
             }
             if entry.error.is_none() {
@@ -475,6 +490,13 @@ mod tests {
             ),
             "{line}"
         );
+        let mut forged = entry(None);
+        forged.model_name = Some("m\n[forged] x=y".into());
+        let mut out = Vec::new();
+        format_line(&forged, AccessLogFormat::Text, &mut out);
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(line.contains(r#" model_name="m\n[forged] x=y" "#), "{line}");
     }
 
     #[test]

@@ -1343,5 +1343,17 @@ fn check_rules(existing: &BTreeSet<String>) {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+        // The rules' unit tests: the alerts fire (and stay quiet) as meant.
+        let output = Command::new(promtool)
+            .args(["test", "rules", "switchyard-rules.test.yaml"])
+            .current_dir(dir.join("alerts"))
+            .output()
+            .expect("run promtool");
+        assert!(
+            output.status.success(),
+            "promtool test rules:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }

@@ -24,11 +24,13 @@
 //!   `/metrics` scrapes, failed ones included;
 //! - `switchyard_controller_scrape_errors_total{pod,reason}`: failed `/metrics`
 //!   and `/v1/models` requests, `reason` one of [`ScrapeErrorReason`];
+//! - `switchyard_controller_scrape_last_duration_seconds{pod}`: duration of
+//!   the pod's latest `/metrics` scrape;
 //! - `switchyard_controller_scrape_age_seconds{pod}`: time since the pod's last
 //!   successful `/metrics` scrape, updated after every pass; the series exists
 //!   from the first success on.
 //!
-//! Both per-pod series are removed when the pod leaves the target list, which
+//! The per-pod series are removed when the pod leaves the target list, which
 //! keeps their cardinality bounded by the live pods.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -235,6 +237,7 @@ fn http_client() -> HttpClient {
 
 struct ScrapeMetrics {
     duration: HistogramVec,
+    last_duration: GaugeVec,
     errors: IntCounterVec,
     age: GaugeVec,
 }
@@ -255,6 +258,15 @@ impl ScrapeMetrics {
             ),
             &["pod", "reason"],
         )?;
+        // Per pod a gauge, not a histogram: one series per pod stays cheap
+        // with thousands of pods; the histogram above has the distribution.
+        let last_duration = GaugeVec::new(
+            Opts::new(
+                "switchyard_controller_scrape_last_duration_seconds",
+                "Duration of the pod's latest /metrics scrape, failed ones included.",
+            ),
+            &["pod"],
+        )?;
         let age = GaugeVec::new(
             Opts::new(
                 "switchyard_controller_scrape_age_seconds",
@@ -263,10 +275,12 @@ impl ScrapeMetrics {
             &["pod"],
         )?;
         registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(last_duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(age.clone()))?;
         Ok(Self {
             duration,
+            last_duration,
             errors,
             age,
         })
@@ -279,6 +293,7 @@ impl ScrapeMetrics {
     fn remove_pod(&self, pod: &str) {
         // Absent series are fine: a pod may never have failed or succeeded.
         let _ = self.age.remove_label_values(&[pod]);
+        let _ = self.last_duration.remove_label_values(&[pod]);
         for reason in ScrapeErrorReason::ALL {
             let _ = self.errors.remove_label_values(&[pod, reason.as_str()]);
         }
@@ -426,6 +441,10 @@ impl Worker {
             .duration
             .with_label_values(&[scrape.target.engine.as_str()])
             .observe(scrape.metrics_duration.as_secs_f64());
+        metrics
+            .last_duration
+            .with_label_values(&[key])
+            .set(scrape.metrics_duration.as_secs_f64());
 
         if let Some(models) = scrape.models {
             match models {
@@ -962,6 +981,15 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.77387
         assert!(published.contains_key("ns/first"));
         assert_eq!(age_series(&registry, "ns/second"), None);
         assert!(age_series(&registry, "ns/first").is_some());
+        let last_duration = |pod: &str| {
+            metric_value(
+                &registry,
+                "switchyard_controller_scrape_last_duration_seconds",
+                &[("pod", pod)],
+            )
+        };
+        assert_eq!(last_duration("ns/second"), None);
+        assert!(last_duration("ns/first").is_some());
         task.abort();
     }
 
