@@ -18,7 +18,7 @@ use crate::cli::{Args, EXIT_USAGE, LogFormat};
 use crate::compile::{CompiledRoutes, ObjectReport, compile_endpoint_loads, compile_route_config};
 use crate::local::{self, LocalError, LocalObjects, WatchSettings};
 use crate::metrics::ControllerMetrics;
-use crate::router_config::{RouterConfigError, watch_router_config};
+use crate::router_config::{RouterConfigError, watch_optional_router_config};
 use crate::scrape::{PodKey, PodLoad, ScrapeConfig, ScrapeTarget, Scraper, ScraperError};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 use switchyard_snapshot::pb;
@@ -191,14 +191,8 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
     ));
     let dataplanes = DataplaneRegistry::new();
 
-    let (scheduler, router_config_watcher) = match &args.router_config {
-        Some(path) => {
-            let (receiver, task) = watch_router_config(path.clone()).await?;
-            (receiver, Some(task))
-        }
-        // No file: the snapshot carries no scheduler section and dataplanes use their defaults.
-        None => (watch::channel(None).1, None),
-    };
+    let (scheduler, router_config_watcher) =
+        watch_optional_router_config(args.router_config.as_deref()).await?;
     let (objects, watcher) =
         match local::watch_dir(config_dir.to_owned(), WatchSettings::default()).await {
             Ok(watching) => watching,

@@ -1,51 +1,49 @@
 //! Controller-wide metrics that are not about the snapshot stream
 //! ([`crate::xds::XdsMetrics`]) or scraping ([`crate::scrape`]): status
-//! writes and leadership. The handles are cheap to clone; whoever writes
-//! status conditions or runs leader election increments them.
+//! writes, Events and leadership. The handles are cheap to clone.
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
-/// Handles of the controller-wide metrics.
+/// Handles of the controller-wide metrics, resolved once at start-up.
 #[derive(Clone, Debug)]
 pub struct ControllerMetrics {
-    /// `switchyard_controller_status_writes_total{kind}`: status updates written.
-    pub status_writes: IntCounterVec,
-    /// `switchyard_controller_status_write_errors_total{kind}`: status updates
-    /// the API server refused or that failed.
-    pub status_write_errors: IntCounterVec,
-    /// `switchyard_controller_leader`: 1 while this replica is the one that
-    /// writes status; local mode has a single controller, always 1.
+    /// 1 while this replica holds the leader Lease and writes status; local
+    /// mode has a single controller, always 1.
     pub leader: IntGauge,
+    /// Status patches by kind and result (`applied`, `failed`).
+    pub status_writes: IntCounterVec,
+    /// Events for rejected objects by result (`published`, `failed`).
+    pub events: IntCounterVec,
 }
 
 impl ControllerMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let leader = IntGauge::new(
+            "switchyard_controller_leader",
+            "1 while this controller replica holds the leader Lease and writes status.",
+        )?;
         let status_writes = IntCounterVec::new(
             Opts::new(
                 "switchyard_controller_status_writes_total",
-                "Status condition updates written, by object kind.",
+                "Status patches (server-side apply) by object kind and result.",
             ),
-            &["kind"],
+            &["kind", "result"],
         )?;
-        let status_write_errors = IntCounterVec::new(
+        let events = IntCounterVec::new(
             Opts::new(
-                "switchyard_controller_status_write_errors_total",
-                "Status condition updates that failed, by object kind.",
+                "switchyard_controller_events_total",
+                "Kubernetes Events published for rejected objects, by result.",
             ),
-            &["kind"],
+            &["result"],
         )?;
-        let leader = IntGauge::new(
-            "switchyard_controller_leader",
-            "1 while this controller replica is the leader (writes status), else 0.",
-        )?;
-        registry.register(Box::new(status_writes.clone()))?;
-        registry.register(Box::new(status_write_errors.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(status_writes.clone()))?;
+        registry.register(Box::new(events.clone()))?;
         Ok(Self {
-            status_writes,
-            status_write_errors,
             leader,
+            status_writes,
+            events,
         })
     }
 }

@@ -324,6 +324,26 @@ fn log_warnings(path: &Path, config: &RouterConfig) {
     }
 }
 
+/// The scheduler section to ship: from `path` (watched) when one is given, else
+/// none (dataplanes then use their defaults, and there is nothing to watch).
+pub async fn watch_optional_router_config(
+    path: Option<&std::path::Path>,
+) -> Result<
+    (
+        watch::Receiver<Option<pb::SchedulerConfig>>,
+        Option<JoinHandle<()>>,
+    ),
+    RouterConfigError,
+> {
+    match path {
+        Some(path) => {
+            let (receiver, task) = watch_router_config(path.to_owned()).await?;
+            Ok((receiver, Some(task)))
+        }
+        None => Ok((watch::channel(None).1, None)),
+    }
+}
+
 /// Loads the file once (an error here is fatal: there is no previous
 /// configuration to keep), then polls it; each valid change is sent, each
 /// invalid one is logged and ignored.

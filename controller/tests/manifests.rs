@@ -312,6 +312,20 @@ fn service_accounts_config_maps_and_rbac_exist_and_the_dataplane_has_no_credenti
     }
     let controller = find(&objects, "Deployment", "switchyard-controller").expect("controller");
     assert_eq!(controller["spec"]["replicas"].as_i64(), Some(2));
+    for deployment in [
+        controller,
+        find(&objects, "Deployment", "switchyard-dataplane").expect("dataplane"),
+    ] {
+        let pod = &deployment["spec"]["template"]["spec"];
+        for volume in pod["volumes"].as_sequence().into_iter().flatten() {
+            if let Some(config_map) = str_of(volume, &["configMap", "name"]) {
+                assert!(
+                    find(&objects, "ConfigMap", config_map).is_some(),
+                    "volume ConfigMap {config_map} exists"
+                );
+            }
+        }
+    }
     let dataplane = find(&objects, "Deployment", "switchyard-dataplane").expect("dataplane");
     assert_eq!(dataplane["spec"]["replicas"].as_i64(), Some(3));
     assert_eq!(
@@ -487,4 +501,38 @@ fn the_dockerfile_is_multi_stage_non_root_and_builds_both_binaries() {
             );
         }
     }
+}
+
+/// The router configuration file both binaries are pointed at is mounted
+/// where the settings say, and the controller's own parser accepts it.
+#[test]
+fn the_router_configuration_file_is_mounted_and_valid() {
+    let objects = kustomize(&repo().join("manifests"));
+    let settings = find(&objects, "ConfigMap", "switchyard-settings").expect("settings");
+    let file = find(&objects, "ConfigMap", "switchyard-router-config").expect("router config");
+    let path = str_of(settings, &["data", "SWITCHYARD_ROUTER_CONFIG"]).expect("controller path");
+    assert_eq!(str_of(settings, &["data", "SWITCHYARD_CONFIG"]), Some(path));
+    let (dir, key) = path.rsplit_once('/').expect("absolute path");
+    for name in ["switchyard-controller", "switchyard-dataplane"] {
+        let pod = &find(&objects, "Deployment", name).expect(name)["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|v| str_of(v, &["configMap", "name"]) == Some("switchyard-router-config"))
+            .unwrap_or_else(|| panic!("{name} mounts the router configuration"));
+        let volume_name = volume["name"].as_str().expect("volume name");
+        let mounted = pod["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|m| {
+                m["name"].as_str() == Some(volume_name) && m["mountPath"].as_str() == Some(dir)
+            });
+        assert!(mounted, "{name} mounts it at {dir}");
+    }
+    let text = str_of(file, &["data", key]).expect("file content");
+    let parsed = switchyard_controller::router_config::parse_router_config(Path::new(path), text)
+        .expect("the controller accepts the shipped router configuration");
+    assert!(parsed.scheduler.is_some(), "it has a scheduler section");
 }

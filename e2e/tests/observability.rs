@@ -1188,7 +1188,6 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
     existing.extend(
         [
             "switchyard_controller_status_writes_total",
-            "switchyard_controller_status_write_errors_total",
             "switchyard_controller_snapshot_nacks_total",
             "switchyard_controller_scrape_errors_total",
         ]

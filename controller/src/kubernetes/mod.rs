@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use prometheus::{HistogramVec, Registry};
+use switchyard_snapshot::pb;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -23,13 +24,13 @@ use crate::admin::{self, AdminState, ObjectsView};
 use crate::app::{self, AppError};
 use crate::cli::Args;
 use crate::compile::{CompiledRoutes, ObjectReport, compile_endpoint_loads, compile_route_config};
+use crate::router_config::watch_optional_router_config;
 use crate::scrape::{PodLoads, ScrapeConfig, ScrapeTarget, Scraper};
 use crate::status::{self, AckSummary};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
 pub mod caches;
 pub mod leader;
-pub mod metrics;
 pub mod pod_selector;
 pub mod status_writer;
 
@@ -121,7 +122,7 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
     let compile_duration = app::register_compile_duration(&registry)?;
-    let kubernetes_metrics = metrics::KubernetesMetrics::register(&registry)?;
+    let controller_metrics = crate::metrics::ControllerMetrics::register(&registry)?;
     let publisher = Arc::new(SnapshotPublisher::new(
         controller_id.clone(),
         xds_metrics.clone(),
@@ -142,6 +143,14 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     ));
     tracing::info!(addr = %admin_addr, "admin listening on {admin_addr}");
 
+    let (scheduler, router_config_watcher) =
+        match watch_optional_router_config(args.router_config.as_deref()).await {
+            Ok(watching) => watching,
+            Err(error) => {
+                admin_task.abort();
+                return Err(error.into());
+            }
+        };
     let scope = Scope::from_namespaces(&args.namespaces);
     tracing::info!(scope = ?scope, "starting the Kubernetes watches");
     let reflectors = caches::start(&client, &scope).await;
@@ -173,6 +182,7 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
         compiled_out: compiled_sender,
         compile_duration,
         pod_loads: scraper.loads.clone(),
+        scheduler,
         compiled: None,
         reported: Vec::new(),
     };
@@ -206,8 +216,8 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     );
     let status_task = tokio::spawn(
         StatusLoop {
-            writer: StatusWriter::new(client, controller_id.clone(), kubernetes_metrics.clone()),
-            leader_gauge: kubernetes_metrics.leader.clone(),
+            writer: StatusWriter::new(client, controller_id.clone(), controller_metrics.clone()),
+            leader_gauge: controller_metrics.leader.clone(),
             leading: leading.clone(),
             compiled,
             caches,
@@ -229,6 +239,7 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
         scraper,
         status_task,
         leader_task,
+        router_config_watcher,
     }));
     Ok(KubernetesController {
         xds_addr,
@@ -251,6 +262,7 @@ struct Parts {
     scraper: Scraper,
     status_task: JoinHandle<()>,
     leader_task: JoinHandle<()>,
+    router_config_watcher: Option<JoinHandle<()>>,
 }
 
 async fn supervise(parts: Parts) -> Result<(), AppError> {
@@ -264,6 +276,7 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
         scraper,
         status_task,
         leader_task,
+        router_config_watcher,
     } = parts;
     let stopping = stop.clone();
     let outcome = tokio::select! {
@@ -281,6 +294,9 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     stop_sender.send_replace(true);
     scraper.task.abort();
     reflectors.abort();
+    if let Some(task) = router_config_watcher {
+        task.abort();
+    }
     // The status loop ends on `stop` and drops the last leadership receiver:
     // the leader task then releases the lease.
     let _ = status_task.await;
@@ -319,6 +335,8 @@ struct CompileLoop {
     compiled_out: watch::Sender<Option<Arc<CompiledRoutes>>>,
     compile_duration: HistogramVec,
     pod_loads: watch::Receiver<PodLoads>,
+    /// The router configuration's scheduler section, shipped inside the RouteConfig.
+    scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
     compiled: Option<Arc<CompiledRoutes>>,
     reported: Vec<ObjectReport>,
 }
@@ -330,9 +348,15 @@ impl CompileLoop {
         let mut changes = self.caches.changes.clone();
         let mut watches_alive = true;
         let mut scraper_alive = true;
+        let mut scheduler_alive = true;
         loop {
             tokio::select! {
                 () = &mut stopped => return,
+                changed = self.scheduler.changed(), if scheduler_alive => match changed {
+                    Ok(()) => self.on_objects_changed(),
+                    // No file (or its watcher stopped): the last configuration stays.
+                    Err(_) => scheduler_alive = false,
+                },
                 changed = changes.changed(), if watches_alive => match changed {
                     Ok(()) => {
                         debounce(&mut changes).await;
@@ -360,7 +384,8 @@ impl CompileLoop {
             replace_if_changed(current, pod_selector::pod_watch(&servers))
         });
         let started = Instant::now();
-        let compiled = compile_route_config(&routes, &servers, &pods);
+        let mut compiled = compile_route_config(&routes, &servers, &pods);
+        compiled.route_config.scheduler = self.scheduler.borrow_and_update().clone();
         self.compile_duration
             .with_label_values(&["route_config"])
             .observe(started.elapsed().as_secs_f64());

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use switchyard_crd::{ModelRoute, ModelServer};
 
 use super::caches::Caches;
-use super::metrics::KubernetesMetrics;
 use crate::compile::{ObjectKind, ObjectReport};
+use crate::metrics::ControllerMetrics;
 use crate::status::{self, AckSummary, RejectionEvent};
 
 /// Field manager of every status patch: `kubectl get -o yaml --show-managed-fields` names it.
@@ -116,11 +116,11 @@ pub struct StatusWriter {
     /// What this replica last applied per object, so a patch is not repeated
     /// before its watch event brings the new status into the cache.
     applied: HashMap<(ObjectKind, String, String), Value>,
-    metrics: KubernetesMetrics,
+    metrics: ControllerMetrics,
 }
 
 impl StatusWriter {
-    pub fn new(client: Client, instance: String, metrics: KubernetesMetrics) -> Self {
+    pub fn new(client: Client, instance: String, metrics: ControllerMetrics) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -269,7 +269,7 @@ spec:
 
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let registry = prometheus::Registry::new();
-        let metrics = KubernetesMetrics::register(&registry).expect("metrics register");
+        let metrics = ControllerMetrics::register(&registry).expect("metrics register");
         let mut writer = StatusWriter::new(
             kube::Client::new(service, "default"),
             "replica-a".into(),
