@@ -31,3 +31,15 @@ demo-up: build
 
 demo-down:
 	e2e/demo.sh down
+
+# Benchmarks (not part of `make test`; loopback only, bounded in time, see README "Performance").
+.PHONY: bench bench-scale
+bench:
+	$(CARGO) build --release -p switchyard-bench -p switchyard-controller -p switchyard-dataplane
+	python3 bench/run.py $(BENCH_ARGS)
+
+bench-scale:
+	$(CARGO) build --release -p switchyard-bench -p switchyard-dataplane
+	$${CARGO_TARGET_DIR:-target}/release/switchyard-bench-scale \
+		--dataplane-bin $${CARGO_TARGET_DIR:-target}/release/switchyard-dataplane \
+		--output bench/results/bench-scale.md $(BENCH_SCALE_ARGS)
