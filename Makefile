@@ -37,6 +37,7 @@ demo-down:
 bench:
 	$(CARGO) build --release -p switchyard-bench -p switchyard-controller -p switchyard-dataplane
 	python3 bench/run.py $(BENCH_ARGS)
+	taskset -c 1 $${CARGO_TARGET_DIR:-target}/release/switchyard-bench-hotpath | tee bench/results/hotpath.md
 
 bench-scale:
 	$(CARGO) build --release -p switchyard-bench -p switchyard-dataplane

@@ -113,7 +113,12 @@ fn table() -> RoutingTable {
             PODS_PER_OTHER_SERVER,
             0x0b00_0000 + (s * PODS_PER_OTHER_SERVER) as u32 + 1,
         ));
-        routes.push(route(&format!("r-{s}"), &format!("model-{s}"), &name, false));
+        routes.push(route(
+            &format!("r-{s}"),
+            &format!("model-{s}"),
+            &name,
+            false,
+        ));
     }
     servers.sort_by(|a, b| a.name.cmp(&b.name));
     let config = pb::RouteConfig { routes, servers };
@@ -197,7 +202,9 @@ fn hot_path_allocations_stay_within_bounds() {
         routed.allocations
     );
 
-    let large_routed = measure(REQUESTS / 40, || sink += route_one(&table, &large, &headers));
+    let large_routed = measure(REQUESTS / 40, || {
+        sink += route_one(&table, &large, &headers)
+    });
     eprintln!(
         "400 KB chat: {:.2} allocations, {:.0} bytes per request",
         large_routed.allocations, large_routed.bytes
@@ -234,7 +241,10 @@ fn hot_path_allocations_stay_within_bounds() {
         sink += observer.finish().map_or(0, |b| b.len());
         sink += observer.usage().map_or(0, |u| u.completion_tokens as usize);
     });
-    eprintln!("JSON response: {:.2} allocations per response", json.allocations);
+    eprintln!(
+        "JSON response: {:.2} allocations per response",
+        json.allocations
+    );
     assert!(
         json.allocations <= MAX_ALLOCATIONS_PER_JSON_RESPONSE,
         "observing a JSON response allocates {:.2} times (bound {MAX_ALLOCATIONS_PER_JSON_RESPONSE})",

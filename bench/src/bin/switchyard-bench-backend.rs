@@ -183,7 +183,11 @@ async fn answer(
             if asks_for_stream(&body) {
                 Ok(stream(&answers))
             } else {
-                Ok(full(StatusCode::OK, "application/json", answers.chat.clone()))
+                Ok(full(
+                    StatusCode::OK,
+                    "application/json",
+                    answers.chat.clone(),
+                ))
             }
         }
         _ => Ok(full(

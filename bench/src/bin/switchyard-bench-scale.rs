@@ -115,7 +115,10 @@ fn parse(yaml: &str) -> Result<LocalObjects, String> {
     let mut objects = LocalObjects::default();
     parse_documents("scale.yaml", yaml, &mut objects);
     if !objects.problems.is_empty() {
-        return Err(format!("generated YAML rejected: {:?}", objects.problems[0]));
+        return Err(format!(
+            "generated YAML rejected: {:?}",
+            objects.problems[0]
+        ));
     }
     Ok(objects)
 }
@@ -212,7 +215,12 @@ async fn simulated_dataplane(endpoint: String, id: usize) -> Result<(), String> 
     Ok(())
 }
 
-fn all_acked(statuses: &[DataplaneStatus], resource: ResourceType, version: &str, n: usize) -> bool {
+fn all_acked(
+    statuses: &[DataplaneStatus],
+    resource: ResourceType,
+    version: &str,
+    n: usize,
+) -> bool {
     statuses
         .iter()
         .filter(|s| s.resource(resource).acked_version.as_deref() == Some(version))
@@ -231,7 +239,12 @@ async fn wait_all_acked(
         registry.wait_until(|statuses| all_acked(statuses, resource, version, n)),
     )
     .await
-    .map_err(|_| format!("{} {version} not ACKed by {n} streams within {ACK_DEADLINE:?}", resource.label()))
+    .map_err(|_| {
+        format!(
+            "{} {version} not ACKed by {n} streams within {ACK_DEADLINE:?}",
+            resource.label()
+        )
+    })
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -305,8 +318,20 @@ async fn run(args: Args) -> Result<(), String> {
     for id in 0..args.streams {
         clients.push(tokio::spawn(simulated_dataplane(endpoint.clone(), id)));
     }
-    wait_all_acked(&registry, ResourceType::RouteConfig, &first_rc.version, args.streams).await?;
-    wait_all_acked(&registry, ResourceType::EndpointLoads, &first_el.version, args.streams).await?;
+    wait_all_acked(
+        &registry,
+        ResourceType::RouteConfig,
+        &first_rc.version,
+        args.streams,
+    )
+    .await?;
+    wait_all_acked(
+        &registry,
+        ResourceType::EndpointLoads,
+        &first_el.version,
+        args.streams,
+    )
+    .await?;
     let initial_sync = started.elapsed();
 
     // A real dataplane for its memory with the whole snapshot.
@@ -332,10 +357,20 @@ async fn run(args: Args) -> Result<(), String> {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-        wait_all_acked(&registry, ResourceType::RouteConfig, &first_rc.version, args.streams + 1)
-            .await?;
-        wait_all_acked(&registry, ResourceType::EndpointLoads, &first_el.version, args.streams + 1)
-            .await?;
+        wait_all_acked(
+            &registry,
+            ResourceType::RouteConfig,
+            &first_rc.version,
+            args.streams + 1,
+        )
+        .await?;
+        wait_all_acked(
+            &registry,
+            ResourceType::EndpointLoads,
+            &first_el.version,
+            args.streams + 1,
+        )
+        .await?;
         real = Some(child);
     }
     let total_streams = args.streams + usize::from(real.is_some());
@@ -350,8 +385,13 @@ async fn run(args: Args) -> Result<(), String> {
         let routes = compile_route_config(&changed.routes, &changed.servers, &changed.pods);
         let published = publisher.publish_route_config(routes.route_config, 2 + change as i64);
         if published.changed {
-            wait_all_acked(&registry, ResourceType::RouteConfig, &published.version, total_streams)
-                .await?;
+            wait_all_acked(
+                &registry,
+                ResourceType::RouteConfig,
+                &published.version,
+                total_streams,
+            )
+            .await?;
             route_changes.push(started.elapsed());
         }
 
@@ -360,8 +400,13 @@ async fn run(args: Args) -> Result<(), String> {
         let loads = compile_endpoint_loads(&compiled.route_config, &changed_loads);
         let published = publisher.publish_endpoint_loads(loads, 2 + change as i64);
         if published.changed {
-            wait_all_acked(&registry, ResourceType::EndpointLoads, &published.version, total_streams)
-                .await?;
+            wait_all_acked(
+                &registry,
+                ResourceType::EndpointLoads,
+                &published.version,
+                total_streams,
+            )
+            .await?;
             load_changes.push(started.elapsed());
         }
     }
@@ -385,7 +430,11 @@ async fn run(args: Args) -> Result<(), String> {
         args.servers,
         args.routes,
         args.streams,
-        if real.is_some() { " + 1 real dataplane" } else { "" }
+        if real.is_some() {
+            " + 1 real dataplane"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(table, "| Measure | Value | Target |");
     let _ = writeln!(table, "|---|---|---|");
@@ -457,12 +506,16 @@ async fn run(args: Args) -> Result<(), String> {
             );
         }
         None => {
-            let _ = writeln!(table, "| Real dataplane RSS | not measured (no --dataplane-bin) | < 100 MiB |");
+            let _ = writeln!(
+                table,
+                "| Real dataplane RSS | not measured (no --dataplane-bin) | < 100 MiB |"
+            );
         }
     }
     print!("{table}");
     if let Some(path) = &args.output {
-        std::fs::write(path, &table).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, &table)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
 
     drop(real);
