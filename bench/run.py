@@ -288,7 +288,8 @@ def oha(url, body_file, seconds, connections, rate=None):
     codes = report.get("statusCodeDistribution", {})
     ok = sum(count for code, count in codes.items() if code == "200")
     failed = sum(count for code, count in codes.items() if code != "200")
-    errors = sum(report.get("errorDistribution", {}).values())
+    # Requests still in flight when -z ends are reported as "aborted due to deadline": not failures.
+    errors = sum(count for kind, count in report.get("errorDistribution", {}).items() if "deadline" not in kind)
     percentiles = report.get("latencyPercentiles", {})
     return {
         "rps": report["summary"]["requestsPerSec"],
