@@ -41,3 +41,16 @@ e2e-vllm: build
 # workload against simulated engines; prints the README's results table.
 bench-quality: build
 	$(CARGO) test -p switchyard-e2e --test bench_quality -- --ignored --nocapture
+
+# Benchmarks (not part of `make test`; loopback only, bounded in time, see README "Performance").
+.PHONY: bench bench-scale
+bench:
+	$(CARGO) build --release -p switchyard-bench -p switchyard-controller -p switchyard-dataplane
+	python3 bench/run.py $(BENCH_ARGS)
+	taskset -c 1 $${CARGO_TARGET_DIR:-target}/release/switchyard-bench-hotpath | tee bench/results/hotpath.md
+
+bench-scale:
+	$(CARGO) build --release -p switchyard-bench -p switchyard-dataplane
+	$${CARGO_TARGET_DIR:-target}/release/switchyard-bench-scale \
+		--dataplane-bin $${CARGO_TARGET_DIR:-target}/release/switchyard-dataplane \
+		--output bench/results/bench-scale.md $(BENCH_SCALE_ARGS)

@@ -8,7 +8,7 @@
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use serde::de::IgnoredAny;
+use serde::de::{IgnoredAny, SeqAccess, Visitor};
 
 /// A non-streamed body larger than this is passed through without reading its
 /// usage: engine JSON responses are far smaller, and accounting must not make
@@ -32,10 +32,46 @@ pub struct Usage {
 /// The fields of a chunk or body that accounting reads.
 #[derive(Deserialize)]
 struct UsageCarrier {
-    #[serde(default)]
-    choices: Option<Vec<IgnoredAny>>,
+    /// Whether `choices` is an empty array; its elements are skipped, not collected.
+    #[serde(default, rename = "choices", deserialize_with = "array_emptiness")]
+    choices_empty: Option<bool>,
     #[serde(default)]
     usage: Option<Usage>,
+}
+
+/// `null` -> None, an array -> Some(is it empty), without allocating.
+fn array_emptiness<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<bool>, D::Error> {
+    struct OptionalArray;
+    struct Array;
+    impl<'de> Visitor<'de> for OptionalArray {
+        type Value = Option<bool>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(Array).map(Some)
+        }
+    }
+    impl<'de> Visitor<'de> for Array {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+            let empty = seq.next_element::<IgnoredAny>()?.is_none();
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(empty)
+        }
+    }
+    deserializer.deserialize_option(OptionalArray)
 }
 
 /// Watches one response body.
@@ -96,7 +132,10 @@ impl ResponseObserver {
 /// Accounts a JSON body.
 #[derive(Debug, Default)]
 pub struct JsonObserver {
-    frames: Vec<Bytes>,
+    /// The first frame, kept apart: most engine answers are one frame, and
+    /// then no list is allocated.
+    first: Option<Bytes>,
+    rest: Vec<Bytes>,
     len: usize,
     usage: Option<Usage>,
 }
@@ -104,11 +143,14 @@ pub struct JsonObserver {
 impl JsonObserver {
     fn on_data(&mut self, data: &Bytes) {
         self.len += data.len();
-        if self.len <= MAX_ACCOUNTED_BODY_BYTES {
+        if self.len > MAX_ACCOUNTED_BODY_BYTES {
+            self.first = None;
+            self.rest = Vec::new();
+        } else if self.first.is_none() {
             // A reference to the frame, not a copy of it.
-            self.frames.push(data.clone());
+            self.first = Some(data.clone());
         } else {
-            self.frames.clear();
+            self.rest.push(data.clone());
         }
     }
 
@@ -116,10 +158,19 @@ impl JsonObserver {
         if self.len > MAX_ACCOUNTED_BODY_BYTES {
             return;
         }
-        let frames = std::mem::take(&mut self.frames);
-        let usage = match frames.as_slice() {
-            [single] => usage_of(single),
-            _ => usage_of(&frames.concat()),
+        let Some(first) = self.first.take() else {
+            return;
+        };
+        let rest = std::mem::take(&mut self.rest);
+        let usage = if rest.is_empty() {
+            usage_of(&first)
+        } else {
+            let mut whole = Vec::with_capacity(self.len);
+            whole.extend_from_slice(&first);
+            for frame in &rest {
+                whole.extend_from_slice(frame);
+            }
+            usage_of(&whole)
         };
         self.usage = usage.map(|(usage, _)| usage);
     }
@@ -215,19 +266,12 @@ fn complete_prefix_len(data: &[u8]) -> usize {
 /// Length of the first event in `data` including its terminating blank line,
 /// if that blank line has arrived.
 fn next_event_end(data: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i + 1 < data.len() {
-        if data[i] == b'\n' {
-            if data[i + 1] == b'\n' {
-                return Some(i + 2);
-            }
-            if data[i + 1] == b'\r' && data.get(i + 2) == Some(&b'\n') {
-                return Some(i + 3);
-            }
-        }
-        i += 1;
-    }
-    None
+    // memchr jumps from newline to newline instead of testing every byte.
+    memchr::memchr_iter(b'\n', data).find_map(|i| match data.get(i + 1) {
+        Some(b'\n') => Some(i + 2),
+        Some(b'\r') if data.get(i + 2) == Some(&b'\n') => Some(i + 3),
+        _ => None,
+    })
 }
 
 /// The payload of an event's `data:` line, if it has one.
@@ -240,14 +284,16 @@ fn data_payload(event: &[u8]) -> Option<&[u8]> {
 
 /// Cheap pre-check so only the chunk that carries usage is JSON-parsed.
 fn mentions_usage(payload: &[u8]) -> bool {
-    payload.windows(7).any(|w| w == b"\"usage\"")
+    static USAGE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    USAGE_KEY.find(payload).is_some()
 }
 
 /// (usage, whether the chunk carries nothing but usage).
 fn usage_of(json: &[u8]) -> Option<(Usage, bool)> {
     let carrier: UsageCarrier = serde_json::from_slice(json).ok()?;
     let usage = carrier.usage?;
-    let usage_only = carrier.choices.is_some_and(|choices| choices.is_empty());
+    let usage_only = carrier.choices_empty == Some(true);
     Some((usage, usage_only))
 }
 
@@ -334,6 +380,30 @@ mod tests {
                 completion_tokens: 5
             })
         );
+    }
+
+    #[test]
+    fn usage_only_means_an_empty_choices_array() {
+        let usage = r#""usage":{"prompt_tokens":1,"completion_tokens":2}"#;
+        for (choices, usage_only) in [
+            ("[]", true),
+            (r#"[{"index":0,"delta":{"content":"x"}}]"#, false),
+            (r#"[[],{"a":[1,2]}]"#, false),
+            ("null", false),
+        ] {
+            let chunk = format!(r#"{{"choices":{choices},{usage}}}"#);
+            assert_eq!(
+                usage_of(chunk.as_bytes()).map(|(_, only)| only),
+                Some(usage_only),
+                "{chunk}"
+            );
+        }
+        let without_choices = format!("{{{usage}}}");
+        assert_eq!(
+            usage_of(without_choices.as_bytes()).map(|(_, only)| only),
+            Some(false)
+        );
+        assert!(usage_of(format!(r#"{{"choices":3,{usage}}}"#).as_bytes()).is_none());
     }
 
     #[test]

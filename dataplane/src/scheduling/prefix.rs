@@ -75,6 +75,11 @@ struct Message<'a> {
     content: Option<&'a RawValue>,
 }
 
+/// A JSON string, borrowed from the body unless it has escapes: serde's own
+/// `Cow<str>` impl always copies, which for a 400 KB prompt is a 400 KB copy.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
 #[derive(Deserialize)]
 struct ContentPart<'a> {
     #[serde(borrow, default)]
@@ -82,8 +87,8 @@ struct ContentPart<'a> {
 }
 
 fn flatten_prompt(raw: &str, hasher: &mut BlockHasher<'_>) {
-    if let Ok(parts) = serde_json::from_str::<Vec<Cow<'_, str>>>(raw) {
-        for part in parts {
+    if let Ok(parts) = serde_json::from_str::<Vec<Text<'_>>>(raw) {
+        for Text(part) in parts {
             hasher.feed(part.as_bytes());
             hasher.feed(b"\n");
         }
@@ -96,8 +101,8 @@ fn flatten_prompt(raw: &str, hasher: &mut BlockHasher<'_>) {
 fn feed_text(raw: &(impl AsRawJson + ?Sized), hasher: &mut BlockHasher<'_>) {
     let json = raw.json();
     if json.starts_with('"') {
-        match serde_json::from_str::<Cow<'_, str>>(json) {
-            Ok(text) => hasher.feed(text.as_bytes()),
+        match serde_json::from_str::<Text<'_>>(json) {
+            Ok(Text(text)) => hasher.feed(text.as_bytes()),
             Err(_) => hasher.feed(json.as_bytes()),
         }
     } else if let Ok(parts) = serde_json::from_str::<Vec<ContentPart<'_>>>(json) {

@@ -1,0 +1,176 @@
+//! `switchyard-bench-hotpath`: nanoseconds per operation of the request hot
+//! path at library level (no network): body parsing (1 KB and 400 KB),
+//! route lookup + pod pick with 1000 candidate pods among 5000, and response
+//! observing (SSE chunks, JSON bodies). Guides optimisations; `make bench`
+//! prints it after the end-to-end table.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use switchyard_dataplane::request::parse_body;
+use switchyard_dataplane::response::ResponseObserver;
+use switchyard_dataplane::routing::RequestFacts;
+use switchyard_dataplane::scheduling::ScheduleRequest;
+use switchyard_dataplane::snapshot::RoutingTable;
+use switchyard_snapshot::pb;
+
+/// Each measurement runs at least this long, so clock resolution does not matter.
+const MIN_RUN: Duration = Duration::from_millis(300);
+
+fn ns_per_op(mut op: impl FnMut()) -> f64 {
+    for _ in 0..8 {
+        op();
+    }
+    let mut iterations = 0u64;
+    let started = Instant::now();
+    while started.elapsed() < MIN_RUN {
+        for _ in 0..16 {
+            op();
+        }
+        iterations += 16;
+    }
+    started.elapsed().as_nanos() as f64 / iterations as f64
+}
+
+fn chat_body(prompt_bytes: usize, stream: bool) -> Bytes {
+    let prompt = "lorem ipsum dolor sit amet ".repeat(prompt_bytes / 27 + 1);
+    Bytes::from(format!(
+        r#"{{"model":"bench-model","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"{}"}}],"temperature":0.7,"max_tokens":256{}}}"#,
+        &prompt[..prompt_bytes],
+        if stream { r#","stream":true"# } else { "" }
+    ))
+}
+
+fn server(name: &str, pods: usize, first_ip: u32) -> pb::ModelServer {
+    pb::ModelServer {
+        namespace: "bench".into(),
+        name: name.into(),
+        inference_engine: "vLLM".into(),
+        port: 8000,
+        endpoints: (0..pods)
+            .map(|i| pb::Endpoint {
+                name: format!("{name}-pod-{i}"),
+                ip: std::net::Ipv4Addr::from(first_ip + i as u32).to_string(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn route(name: &str, model: &str, server: &str) -> pb::ModelRoute {
+    pb::ModelRoute {
+        namespace: "bench".into(),
+        name: name.into(),
+        model_name: model.into(),
+        rules: vec![pb::Rule {
+            name: "default".into(),
+            r#match: None,
+            targets: vec![pb::WeightedTarget {
+                model_server: format!("bench/{server}"),
+                weight: 100,
+            }],
+        }],
+        ..Default::default()
+    }
+}
+
+fn table(candidates: usize) -> Option<RoutingTable> {
+    let mut servers = vec![server("candidates", candidates, 0x0a00_0001)];
+    let mut routes = vec![route("chat", "bench-model", "candidates")];
+    for s in 0..200 {
+        let name = format!("other-{s:03}");
+        servers.push(server(&name, 20, 0x0b00_0001 + s * 20));
+        routes.push(route(&format!("r-{s}"), &format!("model-{s}"), &name));
+    }
+    servers.sort_by(|a, b| a.name.cmp(&b.name));
+    RoutingTable::build(
+        "v1",
+        pb::RouteConfig {
+            routes,
+            servers,
+            scheduler: None,
+        },
+        &HashMap::new(),
+        &Default::default(),
+    )
+    .ok()
+}
+
+fn main() {
+    let small = chat_body(800, false);
+    let large = chat_body(400 * 1024, false);
+    let headers = HeaderMap::new();
+    println!("Hot path at library level (one core, release build):\n");
+    println!("| Operation | ns/op | throughput |");
+    println!("|---|---|---|");
+    let parse_small = ns_per_op(|| {
+        black_box(parse_body(black_box(&small)).map(|p| p.model.len()).ok());
+    });
+    println!(
+        "| parse_body, {} B chat | {parse_small:.0} | {:.0} MB/s |",
+        small.len(),
+        small.len() as f64 / parse_small * 1e3
+    );
+    let parse_large = ns_per_op(|| {
+        black_box(parse_body(black_box(&large)).map(|p| p.model.len()).ok());
+    });
+    println!(
+        "| parse_body, {} KB prompt | {parse_large:.0} | {:.0} MB/s |",
+        large.len() / 1024,
+        large.len() as f64 / parse_large * 1e3
+    );
+    for candidates in [10, 1000] {
+        let Some(table) = table(candidates) else {
+            eprintln!("the bench snapshot was rejected");
+            return;
+        };
+        let pick = ns_per_op(|| {
+            let decision = table.index.lookup(&RequestFacts {
+                model: "bench-model",
+                path: "/v1/chat/completions",
+                headers: &headers,
+            });
+            if let Some(decision) = decision {
+                let ranking = table.scheduler.schedule(
+                    &decision.server,
+                    &ScheduleRequest {
+                        model: "bench-model",
+                        served_model: "bench-model",
+                        headers: &headers,
+                        prompt_hashes: &[],
+                        request_id: "bench",
+                    },
+                );
+                let pod = ranking
+                    .ok()
+                    .and_then(|ranking| ranking.get(0))
+                    .map(|index| &decision.server.pods[index]);
+                black_box(pod.map(|pod| pod.begin_request()));
+            }
+        });
+        println!(
+            "| route lookup + pick among {candidates} candidate pods (+4000 others) | {pick:.0} | |"
+        );
+    }
+    let chunk = Bytes::from_static(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n");
+    let mut observer = ResponseObserver::new(true, true);
+    let sse = ns_per_op(|| {
+        black_box(observer.on_data(chunk.clone()));
+    });
+    println!("| SSE chunk observed ({} B) | {sse:.0} | |", chunk.len());
+    let json = Bytes::from_static(br#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":12,"total_tokens":262}}"#);
+    let json_ns = ns_per_op(|| {
+        let mut observer = ResponseObserver::new(false, false);
+        black_box(observer.on_data(json.clone()));
+        black_box(observer.finish());
+        black_box(observer.usage());
+    });
+    println!(
+        "| JSON response observed ({} B) | {json_ns:.0} | |",
+        json.len()
+    );
+}

@@ -1,0 +1,527 @@
+//! `switchyard-bench-scale`: the control plane at scale, in one process on
+//! loopback.
+//!
+//! Builds `--pods` pods across `--servers` ModelServers and `--routes`
+//! ModelRoutes (as local-mode YAML, parsed the way the controller parses it),
+//! then measures: compile time, snapshot size on the wire, and the time from a
+//! change (one route's weights, one pod's load) to every one of `--streams`
+//! simulated dataplanes having ACKed it, as the controller's own stream
+//! registry sees the ACKs. With `--dataplane-bin` a real dataplane process is
+//! connected too and its memory with the full snapshot is read from /proc.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use prost::Message as _;
+use switchyard_controller::compile::{compile_endpoint_loads, compile_route_config};
+use switchyard_controller::local::{LocalObjects, parse_documents};
+use switchyard_controller::scrape::PodLoad;
+use switchyard_controller::xds::{
+    DataplaneRegistry, DataplaneStatus, ResourceType, RoutingDiscoveryService, SnapshotPublisher,
+    XdsMetrics,
+};
+use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, object_key, pb};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How long one change may take to reach every stream before the bench gives
+/// up on it: far above the 250 ms target, so only a hang trips it.
+const ACK_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Snapshots above tonic's 4 MiB default must still reach the simulated dataplanes.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-bench-scale")]
+struct Args {
+    #[arg(long, default_value_t = 10_000)]
+    pods: usize,
+    #[arg(long, default_value_t = 500)]
+    servers: usize,
+    #[arg(long, default_value_t = 1_000)]
+    routes: usize,
+    /// Simulated dataplane streams.
+    #[arg(long, default_value_t = 100)]
+    streams: usize,
+    /// Changes of each kind, for the ACK-time percentiles.
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    /// Compiles timed, for the compile-time percentiles.
+    #[arg(long, default_value_t = 10)]
+    compiles: usize,
+    /// A real `switchyard-dataplane` binary to connect as well, for its memory.
+    #[arg(long)]
+    dataplane_bin: Option<PathBuf>,
+    /// Also write the table to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench-scale failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Local-mode YAML for the scale case: server `s` selects pods labelled
+/// `app: s-<s>`; route `r` targets server `r % servers` (and, for every
+/// other route, a second server at 90/10), with a header rule first.
+fn scale_yaml(args: &Args, weight_of_route_0: u32) -> String {
+    let mut yaml = String::with_capacity(args.pods * 260 + args.routes * 400);
+    for s in 0..args.servers {
+        let _ = write!(
+            yaml,
+            "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ModelServer\nmetadata:\n  name: s-{s}\n  namespace: bench\nspec:\n  workloadSelector:\n    matchLabels:\n      app: s-{s}\n  workloadPort:\n    port: 8000\n  model: model-{s}\n  inferenceEngine: vLLM\n  trafficPolicy:\n    timeout: 30s\n---\n"
+        );
+    }
+    for p in 0..args.pods {
+        let server = p % args.servers;
+        let (a, b) = (p / 250, p % 250 + 1);
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod-{p}\n  namespace: bench\n  labels:\n    app: s-{server}\nstatus:\n  phase: Running\n  podIP: 10.{}.{a}.{b}\n  conditions:\n  - type: Ready\n    status: \"True\"\n---\n",
+            a / 250
+        );
+    }
+    for r in 0..args.routes {
+        let first = r % args.servers;
+        let second = (r + 1) % args.servers;
+        let weight = if r == 0 { weight_of_route_0 } else { 90 };
+        let _ = write!(
+            yaml,
+            "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ModelRoute\nmetadata:\n  name: route-{r}\n  namespace: bench\nspec:\n  modelName: model-{r}\n  rules:\n  - name: premium\n    modelMatch:\n      headers:\n        user-type:\n          exact: premium\n    targetModels:\n    - modelServerName: s-{second}\n  - name: default\n    targetModels:\n    - modelServerName: s-{first}\n      weight: {weight}\n    - modelServerName: s-{second}\n      weight: {}\n---\n",
+            100 - weight
+        );
+    }
+    yaml
+}
+
+fn parse(yaml: &str) -> Result<LocalObjects, String> {
+    let mut objects = LocalObjects::default();
+    parse_documents("scale.yaml", yaml, &mut objects);
+    if !objects.problems.is_empty() {
+        return Err(format!(
+            "generated YAML rejected: {:?}",
+            objects.problems[0]
+        ));
+    }
+    Ok(objects)
+}
+
+fn loads(objects: &LocalObjects, waiting_of_pod_0: f64) -> BTreeMap<String, PodLoad> {
+    objects
+        .pods
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let load = PodLoad {
+                requests_waiting: if i == 0 { waiting_of_pod_0 } else { 1.0 },
+                requests_running: 4.0,
+                kv_cache_usage: 0.25,
+                ttft_seconds: 0.05,
+                tpot_seconds: 0.01,
+                models: vec![format!("model-{}", i % objects.servers.len().max(1))],
+                observed_at_unix_ms: 1_700_000_000_000,
+            };
+            (object_key("bench", &name), load)
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn sorted_ms(durations: &[Duration]) -> Vec<f64> {
+    let mut ms: Vec<f64> = durations.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
+/// `VmHWM` and `VmRSS` of a process, in KiB.
+fn memory_kib(pid: &str) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse::<u64>().ok())
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// One simulated dataplane: asks for both types and ACKs every response after decoding it.
+async fn simulated_dataplane(endpoint: String, id: usize) -> Result<(), String> {
+    let mut client = pb::routing_discovery_client::RoutingDiscoveryClient::connect(endpoint)
+        .await
+        .map_err(|e| format!("dataplane {id}: connect: {e}"))?
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let (requests, receiver) = mpsc::channel(8);
+    for (i, type_url) in [ROUTE_CONFIG_TYPE_URL, ENDPOINT_LOADS_TYPE_URL]
+        .into_iter()
+        .enumerate()
+    {
+        let node = (i == 0).then(|| pb::Node {
+            id: format!("sim-{id}"),
+            build_version: "bench".into(),
+        });
+        let _ = requests
+            .send(pb::SnapshotRequest {
+                node,
+                type_url: type_url.into(),
+                ..Default::default()
+            })
+            .await;
+    }
+    let mut responses = client
+        .stream_snapshots(ReceiverStream::new(receiver))
+        .await
+        .map_err(|e| format!("dataplane {id}: stream: {e}"))?
+        .into_inner();
+    while let Some(response) = responses.next().await {
+        let Ok(response) = response else { break };
+        let ack = pb::SnapshotRequest {
+            node: None,
+            type_url: response.type_url,
+            version_info: response.version_info,
+            response_nonce: response.nonce,
+            error_detail: None,
+        };
+        if requests.send(ack).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn all_acked(
+    statuses: &[DataplaneStatus],
+    resource: ResourceType,
+    version: &str,
+    n: usize,
+) -> bool {
+    statuses
+        .iter()
+        .filter(|s| s.resource(resource).acked_version.as_deref() == Some(version))
+        .count()
+        >= n
+}
+
+async fn wait_all_acked(
+    registry: &DataplaneRegistry,
+    resource: ResourceType,
+    version: &str,
+    n: usize,
+) -> Result<(), String> {
+    tokio::time::timeout(
+        ACK_DEADLINE,
+        registry.wait_until(|statuses| all_acked(statuses, resource, version, n)),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "{} {version} not ACKed by {n} streams within {ACK_DEADLINE:?}",
+            resource.label()
+        )
+    })
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if args.servers == 0 || args.pods == 0 || args.routes == 0 {
+        return Err("--servers, --pods and --routes must be positive".into());
+    }
+    // Inputs.
+    let yaml = scale_yaml(&args, 90);
+    let objects = parse(&yaml)?;
+    let pod_loads = loads(&objects, 1.0);
+
+    // Compile time.
+    let mut compile_times = Vec::new();
+    let mut compiled = None;
+    for _ in 0..args.compiles.max(1) {
+        let started = Instant::now();
+        let routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+        compile_times.push(started.elapsed());
+        compiled = Some(routes);
+    }
+    let compiled = compiled.ok_or("no compile ran")?;
+    let accepted_routes = compiled.route_config.routes.len();
+    let endpoints: usize = compiled
+        .route_config
+        .servers
+        .iter()
+        .map(|s| s.endpoints.len())
+        .sum();
+    if accepted_routes != args.routes || compiled.route_config.servers.len() != args.servers {
+        return Err(format!(
+            "compile accepted {accepted_routes} routes and {} servers, expected {} and {}",
+            compiled.route_config.servers.len(),
+            args.routes,
+            args.servers
+        ));
+    }
+    let mut load_times = Vec::new();
+    let mut endpoint_loads = None;
+    for _ in 0..args.compiles.max(1) {
+        let started = Instant::now();
+        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        load_times.push(started.elapsed());
+        endpoint_loads = Some(loads);
+    }
+    let endpoint_loads = endpoint_loads.ok_or("no load compile ran")?;
+    let route_config_bytes = compiled.route_config.encoded_len();
+    let endpoint_loads_bytes = endpoint_loads.encoded_len();
+
+    // The stream server, in this process.
+    let prometheus = prometheus::Registry::new();
+    let metrics = XdsMetrics::register(&prometheus).map_err(|e| e.to_string())?;
+    let publisher = Arc::new(SnapshotPublisher::new("bench-controller", metrics.clone()));
+    let registry = DataplaneRegistry::new();
+    let service = RoutingDiscoveryService::new(Arc::clone(&publisher), registry.clone(), metrics);
+    let first_rc = publisher.publish_route_config(compiled.route_config.clone(), 1);
+    let first_el = publisher.publish_endpoint_loads(endpoint_loads.clone(), 1);
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let xds_addr: SocketAddr = listener.local_addr().map_err(|e| e.to_string())?;
+    let server = tokio::spawn(switchyard_controller::xds::serve(
+        listener,
+        service,
+        std::future::pending(),
+    ));
+    let memory_before_streams = memory_kib("self");
+
+    let endpoint = format!("http://{xds_addr}");
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for id in 0..args.streams {
+        clients.push(tokio::spawn(simulated_dataplane(endpoint.clone(), id)));
+    }
+    wait_all_acked(
+        &registry,
+        ResourceType::RouteConfig,
+        &first_rc.version,
+        args.streams,
+    )
+    .await?;
+    wait_all_acked(
+        &registry,
+        ResourceType::EndpointLoads,
+        &first_el.version,
+        args.streams,
+    )
+    .await?;
+    let initial_sync = started.elapsed();
+
+    // A real dataplane for its memory with the whole snapshot.
+    let mut real = None;
+    if let Some(binary) = &args.dataplane_bin {
+        let child = tokio::process::Command::new(binary)
+            .args([
+                "--controller",
+                &endpoint,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--debug-port",
+                "0",
+                "--node-id",
+                "real-dataplane",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        wait_all_acked(
+            &registry,
+            ResourceType::RouteConfig,
+            &first_rc.version,
+            args.streams + 1,
+        )
+        .await?;
+        wait_all_acked(
+            &registry,
+            ResourceType::EndpointLoads,
+            &first_el.version,
+            args.streams + 1,
+        )
+        .await?;
+        real = Some(child);
+    }
+    let total_streams = args.streams + usize::from(real.is_some());
+
+    // Changes: one route's weights, then one pod's load; each must reach every stream.
+    let mut route_changes = Vec::new();
+    let mut load_changes = Vec::new();
+    for change in 0..args.changes {
+        let weight = 10 + (change as u32 % 80);
+        let changed = parse(&scale_yaml(&args, weight))?;
+        let started = Instant::now();
+        let routes = compile_route_config(&changed.routes, &changed.servers, &changed.pods);
+        let published = publisher.publish_route_config(routes.route_config, 2 + change as i64);
+        if published.changed {
+            wait_all_acked(
+                &registry,
+                ResourceType::RouteConfig,
+                &published.version,
+                total_streams,
+            )
+            .await?;
+            route_changes.push(started.elapsed());
+        }
+
+        let changed_loads = loads(&objects, 100.0 + change as f64);
+        let started = Instant::now();
+        let loads = compile_endpoint_loads(&compiled.route_config, &changed_loads);
+        let published = publisher.publish_endpoint_loads(loads, 2 + change as i64);
+        if published.changed {
+            wait_all_acked(
+                &registry,
+                ResourceType::EndpointLoads,
+                &published.version,
+                total_streams,
+            )
+            .await?;
+            load_changes.push(started.elapsed());
+        }
+    }
+
+    let controller_memory = memory_kib("self");
+    let dataplane_memory = match &real {
+        Some(child) => child.id().and_then(|pid| memory_kib(&pid.to_string())),
+        None => None,
+    };
+
+    let compile_ms = sorted_ms(&compile_times);
+    let load_ms = sorted_ms(&load_times);
+    let route_ms = sorted_ms(&route_changes);
+    let load_change_ms = sorted_ms(&load_changes);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "Control-plane scale: {} pods ({endpoints} endpoints) / {} ModelServers / {} ModelRoutes, {} simulated dataplane streams{}\n",
+        args.pods,
+        args.servers,
+        args.routes,
+        args.streams,
+        if real.is_some() {
+            " + 1 real dataplane"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(table, "| Measure | Value | Target |");
+    let _ = writeln!(table, "|---|---|---|");
+    let _ = writeln!(
+        table,
+        "| RouteConfig compile (p50 / max of {}) | {:.1} ms / {:.1} ms | < 100 ms |",
+        compile_ms.len(),
+        percentile(&compile_ms, 50.0),
+        percentile(&compile_ms, 100.0)
+    );
+    let _ = writeln!(
+        table,
+        "| EndpointLoads compile (p50 / max) | {:.1} ms / {:.1} ms | |",
+        percentile(&load_ms, 50.0),
+        percentile(&load_ms, 100.0)
+    );
+    let _ = writeln!(
+        table,
+        "| RouteConfig on the wire | {:.1} KiB | |",
+        route_config_bytes as f64 / 1024.0
+    );
+    let _ = writeln!(
+        table,
+        "| EndpointLoads on the wire (whole world per change) | {:.1} KiB | |",
+        endpoint_loads_bytes as f64 / 1024.0
+    );
+    let _ = writeln!(
+        table,
+        "| Initial sync of all streams (both types) | {:.0} ms | |",
+        initial_sync.as_secs_f64() * 1e3
+    );
+    let _ = writeln!(
+        table,
+        "| Route change -> all {total_streams} ACKed, incl. compile (p50 / p99 of {}) | {:.1} ms / {:.1} ms | p99 < 250 ms |",
+        route_ms.len(),
+        percentile(&route_ms, 50.0),
+        percentile(&route_ms, 99.0)
+    );
+    let _ = writeln!(
+        table,
+        "| One pod's load change -> all {total_streams} ACKed (p50 / p99 of {}) | {:.1} ms / {:.1} ms | p99 < 250 ms |",
+        load_change_ms.len(),
+        percentile(&load_change_ms, 50.0),
+        percentile(&load_change_ms, 99.0)
+    );
+    if let Some((hwm, _)) = memory_before_streams {
+        let _ = writeln!(
+            table,
+            "| Controller peak RSS before streams (objects + compiled snapshot) | {:.1} MiB | |",
+            mib(hwm)
+        );
+    }
+    if let Some((hwm, rss)) = controller_memory {
+        let _ = writeln!(
+            table,
+            "| Bench process peak / current RSS (controller + {} simulated streams) | {:.1} / {:.1} MiB | |",
+            args.streams,
+            mib(hwm),
+            mib(rss)
+        );
+    }
+    match dataplane_memory {
+        Some((hwm, rss)) => {
+            let _ = writeln!(
+                table,
+                "| Real dataplane peak / current RSS with the snapshot | {:.1} / {:.1} MiB | < 100 MiB |",
+                mib(hwm),
+                mib(rss)
+            );
+        }
+        None => {
+            let _ = writeln!(
+                table,
+                "| Real dataplane RSS | not measured (no --dataplane-bin) | < 100 MiB |"
+            );
+        }
+    }
+    print!("{table}");
+    if let Some(path) = &args.output {
+        std::fs::write(path, &table)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+
+    drop(real);
+    for client in clients {
+        client.abort();
+    }
+    server.abort();
+    Ok(())
+}
