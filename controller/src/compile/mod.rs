@@ -15,6 +15,7 @@ use switchyard_snapshot::{object_key, pb};
 
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+mod pod_index;
 mod report;
 mod routes;
 mod servers;
@@ -84,7 +85,7 @@ pub fn compile_route_config(
 ) -> CompiledRoutes {
     let mut reports = Vec::with_capacity(routes.len() + servers.len());
 
-    let pods_by_namespace = servers::index_pods(pods);
+    let pod_index = pod_index::PodIndex::new(pods);
     let mut compiled_servers: BTreeMap<(&str, &str), servers::CompiledServer> = BTreeMap::new();
     let mut present_servers: BTreeSet<(&str, &str)> = BTreeSet::new();
     for server in servers {
@@ -100,7 +101,7 @@ pub fn compile_route_config(
             ));
             continue;
         }
-        let (compiled, report) = servers::compile_server(server, &pods_by_namespace);
+        let (compiled, report) = servers::compile_server(server, &pod_index);
         reports.push(report);
         if let Some(compiled) = compiled {
             compiled_servers.insert(key, compiled);

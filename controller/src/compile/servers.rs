@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use switchyard_crd::{ModelServer, parse_go_duration};
 use switchyard_snapshot::{object_key, pb};
 
+use super::pod_index::PodIndex;
 use super::report::{ConditionReport, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
 use crate::scrape::ScrapeTarget;
@@ -25,27 +26,10 @@ pub(crate) struct CompiledServer {
     pub scrape_targets: Vec<ScrapeTarget>,
 }
 
-/// Pods indexed by namespace, first occurrence of each name only (local files
-/// may repeat a pod; the first one read wins, like for routes).
-pub(crate) fn index_pods(pods: &[Pod]) -> BTreeMap<&str, BTreeMap<&str, &Pod>> {
-    let mut index: BTreeMap<&str, BTreeMap<&str, &Pod>> = BTreeMap::new();
-    for pod in pods {
-        let Some(name) = non_empty(pod.metadata.name.as_deref()) else {
-            continue;
-        };
-        index
-            .entry(namespace_of(&pod.metadata))
-            .or_default()
-            .entry(name)
-            .or_insert(pod);
-    }
-    index
-}
-
 /// Validates one ModelServer and selects its ready pods.
 pub(crate) fn compile_server(
     server: &ModelServer,
-    pods_by_namespace: &BTreeMap<&str, BTreeMap<&str, &Pod>>,
+    pods: &PodIndex<'_>,
 ) -> (Option<CompiledServer>, ObjectReport) {
     let namespace = namespace_of(&server.metadata);
     let name = server.metadata.name.as_deref().unwrap_or_default();
@@ -111,14 +95,8 @@ pub(crate) fn compile_server(
         return (None, report);
     };
 
-    let selected: Vec<(&str, &Pod)> = pods_by_namespace
-        .get(namespace)
-        .into_iter()
-        .flat_map(|pods| pods.iter())
-        .filter(|(_, pod)| selector_matches(&spec.workload_selector.match_labels, pod))
-        .map(|(pod_name, pod)| (*pod_name, *pod))
-        .collect();
-    // BTreeMap iteration already yields pods sorted by name.
+    // Sorted by pod name.
+    let selected: Vec<(&str, &Pod)> = pods.select(namespace, &spec.workload_selector.match_labels);
     let ready: Vec<(&str, IpAddr)> = selected
         .iter()
         .filter_map(|(pod_name, pod)| ready_pod_ip(pod).map(|ip| (*pod_name, ip)))
@@ -230,19 +208,6 @@ fn compile_traffic_policy(
 
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn selector_matches(match_labels: &BTreeMap<String, String>, pod: &Pod) -> bool {
-    // An empty selector is rejected before this point; guard anyway so it can never select everything.
-    if match_labels.is_empty() {
-        return false;
-    }
-    let Some(labels) = pod.metadata.labels.as_ref() else {
-        return false;
-    };
-    match_labels
-        .iter()
-        .all(|(key, value)| labels.get(key) == Some(value))
 }
 
 /// The pod's IP when it may receive traffic: Running, condition Ready=True,
