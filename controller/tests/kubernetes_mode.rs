@@ -518,3 +518,56 @@ async fn namespaces_limit_the_watches_to_those_namespaces() {
         .expect("stops in time")
         .expect("stops cleanly");
 }
+
+/// `--router-config` (in a cluster: the mounted ConfigMap) reaches the
+/// snapshot in Kubernetes mode too, and an edit follows without a restart.
+#[tokio::test]
+async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("routerConfiguration.yaml");
+    std::fs::write(
+        &path,
+        "scheduler:\n  topN: 3\n  plugins:\n    Score: {enabled: [{name: gpu-usage, weight: 2}]}\n",
+    )
+    .expect("write");
+    let fake = FakeApi::default();
+    let mut args = args();
+    args.router_config = Some(path.clone());
+    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts");
+    let shipped = |controller: &kubernetes::KubernetesController| {
+        let published = controller.publisher.route_config()?;
+        match &published.response.resource {
+            Some(pb::snapshot_response::Resource::RouteConfig(config)) => config.scheduler.clone(),
+            _ => None,
+        }
+    };
+    let scheduler = shipped(&controller).expect("scheduler section shipped");
+    assert_eq!(scheduler.top_n, 3);
+    assert_eq!(
+        scheduler.scores,
+        vec![pb::ScorePlugin {
+            name: "gpu-usage".into(),
+            weight: 2
+        }]
+    );
+
+    std::fs::write(
+        &path,
+        "scheduler:\n  topN: 2\n  plugins:\n    Score: {enabled: [{name: least-request, weight: 1}]}\n",
+    )
+    .expect("edit");
+    tokio::time::timeout(DEADLINE, async {
+        while shipped(&controller).map(|s| s.top_n) != Some(2) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the edit is shipped");
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}
