@@ -40,7 +40,7 @@ e2e-vllm: build
 # Scheduling quality benchmark (not part of `make test`): shared-prefix
 # workload against simulated engines; prints the README's results table.
 bench-quality: build
-	$(CARGO) test -p switchyard-e2e --test bench_quality -- --ignored --nocapture
+	$(CARGO) run -p switchyard-e2e --example bench_quality
 
 # Benchmarks (not part of `make test`; loopback only, bounded in time, see README "Performance").
 .PHONY: bench bench-scale

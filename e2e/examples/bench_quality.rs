@@ -1,4 +1,4 @@
-//! Scheduling quality benchmark (`make bench-quality`; ignored by `make test`).
+//! Scheduling quality benchmark (`make bench-quality`; not part of `make test`).
 //!
 //! A shared-prefix workload (groups of requests sharing a long system prompt,
 //! Poisson arrivals, seeded) against simulated engines, for several scheduler
@@ -268,9 +268,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[index].as_secs_f64() * 1000.0
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: run with `make bench-quality`"]
-async fn bench_quality() {
+/// Run with `make bench-quality` (after `cargo build --workspace --bins`).
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
     let mut table = String::from(
         "| strategy | dataplanes | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p99 (ms) | throughput (req/s) | prefix hit rate |\n|---|---|---|---|---|---|---|\n",
     );
