@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use http::HeaderMap;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+use switchyard_bench::{chat_body, server};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::routing::RequestFacts;
@@ -53,22 +54,6 @@ const MAX_ALLOCATIONS_PER_JSON_RESPONSE: f64 = 2.0;
 const CANDIDATE_PODS: usize = 1000;
 const OTHER_SERVERS: usize = 200;
 const PODS_PER_OTHER_SERVER: usize = 20;
-
-fn server(name: &str, pods: usize, first_ip: u32) -> pb::ModelServer {
-    pb::ModelServer {
-        namespace: "bench".into(),
-        name: name.into(),
-        inference_engine: "vLLM".into(),
-        port: 8000,
-        endpoints: (0..pods)
-            .map(|i| pb::Endpoint {
-                name: format!("{name}-pod-{i}"),
-                ip: std::net::Ipv4Addr::from(first_ip + i as u32).to_string(),
-            })
-            .collect(),
-        ..Default::default()
-    }
-}
 
 fn route(name: &str, model: &str, server: &str, with_header_rule: bool) -> pb::ModelRoute {
     let target = |server: &str| pb::WeightedTarget {
@@ -130,14 +115,6 @@ fn table() -> RoutingTable {
     };
     RoutingTable::build("v1", config, &HashMap::new(), &Default::default())
         .expect("the bench snapshot is valid")
-}
-
-fn chat_body(prompt_bytes: usize) -> Bytes {
-    let prompt = "lorem ipsum dolor sit amet ".repeat(prompt_bytes / 27 + 1);
-    Bytes::from(format!(
-        r#"{{"model":"bench-model","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"{}"}}],"temperature":0.7,"max_tokens":256}}"#,
-        &prompt[..prompt_bytes]
-    ))
 }
 
 /// One request's routing work, as the proxy does it before the upstream call.
@@ -205,8 +182,8 @@ const JSON_RESPONSE: &[u8] = br#"{"id":"c","object":"chat.completion","choices":
 fn hot_path_allocations_stay_within_bounds() {
     let table = table();
     let headers = HeaderMap::new();
-    let small = chat_body(1000);
-    let large = chat_body(400 * 1024);
+    let small = chat_body(1000, false);
+    let large = chat_body(400 * 1024, false);
     let mut sink = 0usize;
 
     let routed = measure(REQUESTS, || sink += route_one(&table, &small, &headers));

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
+use switchyard_bench::{chat_body, server};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::routing::RequestFacts;
@@ -34,31 +35,6 @@ fn ns_per_op(mut op: impl FnMut()) -> f64 {
         iterations += 16;
     }
     started.elapsed().as_nanos() as f64 / iterations as f64
-}
-
-fn chat_body(prompt_bytes: usize, stream: bool) -> Bytes {
-    let prompt = "lorem ipsum dolor sit amet ".repeat(prompt_bytes / 27 + 1);
-    Bytes::from(format!(
-        r#"{{"model":"bench-model","messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"{}"}}],"temperature":0.7,"max_tokens":256{}}}"#,
-        &prompt[..prompt_bytes],
-        if stream { r#","stream":true"# } else { "" }
-    ))
-}
-
-fn server(name: &str, pods: usize, first_ip: u32) -> pb::ModelServer {
-    pb::ModelServer {
-        namespace: "bench".into(),
-        name: name.into(),
-        inference_engine: "vLLM".into(),
-        port: 8000,
-        endpoints: (0..pods)
-            .map(|i| pb::Endpoint {
-                name: format!("{name}-pod-{i}"),
-                ip: std::net::Ipv4Addr::from(first_ip + i as u32).to_string(),
-            })
-            .collect(),
-        ..Default::default()
-    }
 }
 
 fn route(name: &str, model: &str, server: &str) -> pb::ModelRoute {
