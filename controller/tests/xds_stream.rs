@@ -129,6 +129,7 @@ fn endpoint_loads(waiting: f64) -> pb::EndpointLoads {
             requests_waiting: waiting,
             ..Default::default()
         }],
+        ..Default::default()
     }
 }
 
@@ -572,4 +573,84 @@ async fn shutdown_ends_open_streams_cleanly() {
         .expect("server stops in time")
         .expect("no panic")
         .expect("no error");
+}
+
+/// Loads of `pods` pods, all waiting 1 except `changed`, which waits `waiting`.
+fn many_loads(pods: usize, changed: usize, waiting: f64) -> pb::EndpointLoads {
+    pb::EndpointLoads {
+        loads: (0..pods)
+            .map(|index| pb::EndpointLoad {
+                namespace: "default".into(),
+                pod: format!("p{index:03}"),
+                requests_waiting: if index == changed { waiting } else { 1.0 },
+                ..Default::default()
+            })
+            .collect(),
+        observed_at_unix_ms: 1_000,
+        ..Default::default()
+    }
+}
+
+fn endpoint_loads_of(response: &pb::SnapshotResponse) -> &pb::EndpointLoads {
+    match &response.resource {
+        Some(pb::snapshot_response::Resource::EndpointLoads(loads)) => loads,
+        other => panic!("expected EndpointLoads, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_dataplane_holding_the_previous_loads_gets_only_what_changed() {
+    let server = Server::start().await;
+    server.publish("m1");
+    let first = server
+        .publisher
+        .publish_endpoint_loads(many_loads(100, 7, 1.0), 1_000);
+    let mut client = Client::connect(server.addr, vec![subscribe(ENDPOINT_LOADS_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let whole = client.next().await;
+    assert_eq!(whole.version_info, first.version);
+    assert_eq!(endpoint_loads_of(&whole).loads.len(), 100);
+    assert_eq!(endpoint_loads_of(&whole).base_version, "");
+    client.ack(&whole).await;
+    server
+        .wait_for_dataplane(|dataplane| {
+            dataplane.endpoint_loads.acked_version.as_deref() == Some(&first.version)
+        })
+        .await;
+
+    // One pod's load changes: the update names that pod only.
+    let second = server
+        .publisher
+        .publish_endpoint_loads(many_loads(100, 7, 5.0), 2_000);
+    let update = client.next().await;
+    assert_eq!(update.version_info, second.version);
+    let loads = endpoint_loads_of(&update);
+    assert_eq!(loads.base_version, first.version);
+    assert_eq!(loads.loads.len(), 1);
+    assert_eq!(loads.loads[0].pod, "p007");
+    assert_eq!(loads.loads[0].requests_waiting, 5.0);
+    assert!(loads.removed.is_empty());
+    assert!(
+        server.metric_text().contains(
+            "switchyard_controller_snapshot_incremental_pushes_total{type=\"endpoint_loads\"} 1"
+        ),
+        "{}",
+        server.metric_text()
+    );
+
+    // A dataplane that reconnects holding a version the update does not apply to gets the whole set.
+    let mut fresh = Client::connect(
+        server.addr,
+        vec![subscribe(ENDPOINT_LOADS_TYPE_URL, "el-unknown")],
+    )
+    .await
+    .expect("second stream opens");
+    let resync = fresh.next().await;
+    assert_eq!(resync.version_info, second.version);
+    assert_eq!(endpoint_loads_of(&resync).base_version, "");
+    assert_eq!(endpoint_loads_of(&resync).loads.len(), 100);
+    drop(fresh);
+    drop(client);
+    server.stop().await;
 }

@@ -156,7 +156,7 @@ impl Admin {
                         "ttftSeconds": load.ttft_seconds,
                         "tpotSeconds": load.tpot_seconds,
                         "models": load.models,
-                        "observedAtUnixMs": load.observed_at_unix_ms,
+                        "observedAtUnixMs": self.store.scheduling().observed_at(&load),
                     })),
                 })
             })

@@ -60,6 +60,14 @@ pub enum SnapshotError {
     NoModelName { route: String },
     #[error("scheduler configuration: {0}")]
     InvalidScheduler(String),
+    #[error(
+        "EndpointLoads update applies to version {base:?}, but this dataplane holds {}",
+        .applied.as_deref().map_or("none".to_owned(), |held| format!("{held:?}"))
+    )]
+    LoadsBaseMismatch {
+        base: String,
+        applied: Option<String>,
+    },
 }
 
 /// One applied RouteConfig, ready for the request path.
@@ -297,18 +305,19 @@ fn render_models(names: &[&str]) -> Bytes {
 #[derive(Debug, Default)]
 pub struct SnapshotStore {
     table: ArcSwapOption<RoutingTable>,
-    loads: ArcSwapOption<AppliedLoads>,
-    /// Serialises writers (the controller stream); never taken by requests.
-    apply_lock: Mutex<()>,
+    /// The latest EndpointLoads; its lock also serialises writers (the
+    /// controller stream) and is never taken by requests.
+    loads: Mutex<Option<AppliedLoads>>,
     /// Scheduling state that outlives tables (prefix index, recent decisions, metrics).
     scheduling: Arc<SchedulingShared>,
 }
 
-/// The latest EndpointLoads, kept so a later table gets them too.
+/// The latest EndpointLoads, kept so a later table gets them too and an
+/// incremental update has something to apply to.
 #[derive(Debug)]
-pub struct AppliedLoads {
-    pub version: String,
-    pub loads: HashMap<String, Arc<pb::EndpointLoad>>,
+struct AppliedLoads {
+    version: String,
+    loads: HashMap<String, Arc<pb::EndpointLoad>>,
 }
 
 impl SnapshotStore {
@@ -335,7 +344,7 @@ impl SnapshotStore {
 
     pub fn loads_version(&self) -> Option<String> {
         self.loads
-            .load()
+            .lock()
             .as_ref()
             .map(|loads| loads.version.clone())
     }
@@ -345,41 +354,73 @@ impl SnapshotStore {
         version: &str,
         config: pb::RouteConfig,
     ) -> Result<(), SnapshotError> {
-        let _writer = self.apply_lock.lock();
+        let loads = self.loads.lock();
         let previous = self.table.load_full();
         let empty = HashMap::new();
         let previous_pods = previous.as_ref().map_or(&empty, |table| &table.pods);
         let table = RoutingTable::build(version, config, previous_pods, &self.scheduling)?;
-        if let Some(loads) = self.loads.load_full() {
-            apply_loads_to(&table, &loads);
+        if let Some(loads) = loads.as_ref() {
+            for (key, pod) in &table.pods {
+                pod.set_load(loads.loads.get(key).cloned());
+            }
         }
         self.table.store(Some(Arc::new(table)));
         Ok(())
     }
 
-    pub fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) {
-        let _writer = self.apply_lock.lock();
-        let applied = AppliedLoads {
-            version: version.to_owned(),
-            loads: loads
-                .loads
-                .into_iter()
-                .map(|load| {
-                    let key = switchyard_snapshot::object_key(&load.namespace, &load.pod);
-                    (key, Arc::new(load))
-                })
-                .collect(),
+    /// Applies a whole EndpointLoads set, or an update of the one held
+    /// (`base_version` set), touching only the pods the update names.
+    pub fn apply_endpoint_loads(
+        &self,
+        version: &str,
+        update: pb::EndpointLoads,
+    ) -> Result<(), SnapshotError> {
+        let mut held = self.loads.lock();
+        let table = self.table.load_full();
+        let pod = |key: &str| table.as_ref().and_then(|table| table.pods.get(key));
+        let keyed = |load: pb::EndpointLoad| {
+            let key = switchyard_snapshot::object_key(&load.namespace, &load.pod);
+            (key, Arc::new(load))
         };
-        if let Some(table) = self.table.load_full() {
-            apply_loads_to(&table, &applied);
+        if update.base_version.is_empty() {
+            let loads: HashMap<_, _> = update.loads.into_iter().map(keyed).collect();
+            if let Some(table) = &table {
+                for (key, pod) in &table.pods {
+                    pod.set_load(loads.get(key).cloned());
+                }
+            }
+            *held = Some(AppliedLoads {
+                version: version.to_owned(),
+                loads,
+            });
+        } else {
+            let current = match held.as_mut() {
+                Some(current) if current.version == update.base_version => current,
+                other => {
+                    return Err(SnapshotError::LoadsBaseMismatch {
+                        base: update.base_version,
+                        applied: other.map(|current| current.version.clone()),
+                    });
+                }
+            };
+            for gone in &update.removed {
+                let key = switchyard_snapshot::object_key(&gone.namespace, &gone.pod);
+                current.loads.remove(&key);
+                if let Some(pod) = pod(&key) {
+                    pod.set_load(None);
+                }
+            }
+            for (key, load) in update.loads.into_iter().map(keyed) {
+                if let Some(pod) = pod(&key) {
+                    pod.set_load(Some(load.clone()));
+                }
+                current.loads.insert(key, load);
+            }
+            version.clone_into(&mut current.version);
         }
-        self.loads.store(Some(Arc::new(applied)));
-    }
-}
-
-fn apply_loads_to(table: &RoutingTable, loads: &AppliedLoads) {
-    for (key, pod) in &table.pods {
-        pod.set_load(loads.loads.get(key).cloned());
+        self.scheduling
+            .set_loads_observed_at(update.observed_at_unix_ms);
+        Ok(())
     }
 }
 
@@ -389,8 +430,7 @@ impl SnapshotSink for SnapshotStore {
     }
 
     fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String> {
-        SnapshotStore::apply_endpoint_loads(self, version, loads);
-        Ok(())
+        SnapshotStore::apply_endpoint_loads(self, version, loads).map_err(|error| error.to_string())
     }
 }
 
@@ -544,20 +584,31 @@ mod tests {
         }
     }
 
+    fn waiting(pod: &str, requests_waiting: f64) -> pb::EndpointLoad {
+        pb::EndpointLoad {
+            namespace: "default".into(),
+            pod: pod.into(),
+            requests_waiting,
+            ..Default::default()
+        }
+    }
+
+    fn waiting_of(table: &RoutingTable, pod: &str) -> Option<f64> {
+        table.pods[pod].load().map(|load| load.requests_waiting)
+    }
+
     #[test]
     fn loads_reach_pods_even_when_sent_before_their_route_config() {
         let store = SnapshotStore::new();
-        store.apply_endpoint_loads(
-            "l1",
-            pb::EndpointLoads {
-                loads: vec![pb::EndpointLoad {
-                    namespace: "default".into(),
-                    pod: "p2".into(),
-                    requests_waiting: 3.0,
+        store
+            .apply_endpoint_loads(
+                "l1",
+                pb::EndpointLoads {
+                    loads: vec![waiting("p2", 3.0)],
                     ..Default::default()
-                }],
-            },
-        );
+                },
+            )
+            .expect("whole set");
         store.apply_route_config("v1", config()).expect("valid");
         let table = store.table().expect("table");
         assert_eq!(
@@ -569,6 +620,88 @@ mod tests {
         );
         assert!(table.pods["default/p1"].load().is_none());
         assert_eq!(store.loads_version().as_deref(), Some("l1"));
+    }
+
+    #[test]
+    fn an_update_changes_only_the_pods_it_names_and_the_pass_time() {
+        let store = SnapshotStore::new();
+        store.apply_route_config("v1", config()).expect("valid");
+        let whole = pb::EndpointLoads {
+            loads: vec![waiting("p1", 1.0), waiting("p2", 2.0)],
+            observed_at_unix_ms: 5_000,
+            ..Default::default()
+        };
+        store.apply_endpoint_loads("l1", whole).expect("whole set");
+        let table = store.table().expect("table");
+        let untouched = table.pods["default/p1"].load().expect("load");
+
+        let update = pb::EndpointLoads {
+            loads: vec![waiting("p2", 7.0)],
+            base_version: "l1".into(),
+            observed_at_unix_ms: 6_000,
+            ..Default::default()
+        };
+        store
+            .apply_endpoint_loads("l2", update)
+            .expect("update of l1");
+        assert_eq!(store.loads_version().as_deref(), Some("l2"));
+        assert_eq!(waiting_of(&table, "default/p2"), Some(7.0));
+        let p1 = table.pods["default/p1"].load().expect("load");
+        assert!(Arc::ptr_eq(&p1, &untouched), "p1 is not in the update");
+        assert_eq!(store.scheduling().observed_at(&p1), 6_000);
+
+        let removal = pb::EndpointLoads {
+            base_version: "l2".into(),
+            removed: vec![pb::EndpointRef {
+                namespace: "default".into(),
+                pod: "p1".into(),
+            }],
+            ..Default::default()
+        };
+        store
+            .apply_endpoint_loads("l3", removal)
+            .expect("update of l2");
+        assert_eq!(waiting_of(&table, "default/p1"), None);
+        // A later table gets the updated set.
+        store.apply_route_config("v2", config()).expect("valid");
+        let table = store.table().expect("table");
+        assert_eq!(waiting_of(&table, "default/p1"), None);
+        assert_eq!(waiting_of(&table, "default/p2"), Some(7.0));
+    }
+
+    #[test]
+    fn an_update_of_another_version_is_rejected_and_changes_nothing() {
+        let store = SnapshotStore::new();
+        store.apply_route_config("v1", config()).expect("valid");
+        let update = |base: &str| pb::EndpointLoads {
+            loads: vec![waiting("p1", 9.0)],
+            base_version: base.into(),
+            ..Default::default()
+        };
+        let error = store
+            .apply_endpoint_loads("l2", update("l1"))
+            .expect_err("nothing to update");
+        assert!(matches!(
+            error,
+            SnapshotError::LoadsBaseMismatch { applied: None, .. }
+        ));
+        let whole = pb::EndpointLoads {
+            loads: vec![waiting("p1", 1.0)],
+            ..Default::default()
+        };
+        store.apply_endpoint_loads("l1", whole).expect("whole set");
+        let error = store
+            .apply_endpoint_loads("l3", update("l2"))
+            .expect_err("l2 was never applied");
+        assert_eq!(
+            error.to_string(),
+            "EndpointLoads update applies to version \"l2\", but this dataplane holds \"l1\""
+        );
+        assert_eq!(store.loads_version().as_deref(), Some("l1"));
+        assert_eq!(
+            waiting_of(&store.table().expect("table"), "default/p1"),
+            Some(1.0)
+        );
     }
 
     #[test]

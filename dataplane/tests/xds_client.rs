@@ -321,6 +321,7 @@ fn endpoint_loads() -> pb::EndpointLoads {
             requests_waiting: 2.0,
             ..Default::default()
         }],
+        ..Default::default()
     }
 }
 

@@ -165,43 +165,77 @@ pub fn compile_route_config(
     }
 }
 
+/// Scrapes that completed within this span of the newest one count as one
+/// scrape pass. A pass over healthy pods finishes in well under this, and a
+/// pass starts at most every `--scrape-interval` (1 s by default); if passes
+/// are closer than this, two merge and their time is the older one's, which
+/// only makes loads look older than they are, never fresher.
+pub const SAME_PASS_WINDOW_MS: i64 = 500;
+
 /// One load entry per endpoint of `route_config` that has a scraped load,
 /// sorted by (namespace, pod). Cheap enough to run on every scrape.
+///
+/// Entries scraped in the latest pass carry `observed_at_unix_ms = 0` and the
+/// set carries the pass's time (the oldest scrape of that pass, so no load
+/// looks fresher than it is): a pod whose load did not change then has an
+/// identical entry from pass to pass, and an incremental update leaves it out.
+/// A pod whose latest scrapes failed keeps the time of its last success.
 pub fn compile_endpoint_loads(
     route_config: &pb::RouteConfig,
     pod_loads: &BTreeMap<PodKey, PodLoad>,
 ) -> pb::EndpointLoads {
-    let mut loads: BTreeMap<(&str, &str), pb::EndpointLoad> = BTreeMap::new();
+    let mut selected: BTreeMap<(&str, &str), &PodLoad> = BTreeMap::new();
     for server in &route_config.servers {
         for endpoint in &server.endpoints {
             let key = (server.namespace.as_str(), endpoint.name.as_str());
-            if loads.contains_key(&key) {
+            if selected.contains_key(&key) {
                 continue;
             }
-            let Some(load) = pod_loads.get(&object_key(key.0, key.1)) else {
-                continue;
-            };
+            if let Some(load) = pod_loads.get(&object_key(key.0, key.1)) {
+                selected.insert(key, load);
+            }
+        }
+    }
+    let newest = selected
+        .values()
+        .map(|load| load.observed_at_unix_ms)
+        .max()
+        .unwrap_or(0);
+    let in_latest_pass =
+        |load: &PodLoad| load.observed_at_unix_ms >= newest.saturating_sub(SAME_PASS_WINDOW_MS);
+    let pass_observed_at = selected
+        .values()
+        .filter(|load| in_latest_pass(load))
+        .map(|load| load.observed_at_unix_ms)
+        .min()
+        .unwrap_or(0);
+    let loads = selected
+        .into_iter()
+        .map(|((namespace, pod), load)| {
             let mut models = load.models.clone();
             models.sort();
             models.dedup();
-            loads.insert(
-                key,
-                pb::EndpointLoad {
-                    namespace: key.0.to_owned(),
-                    pod: key.1.to_owned(),
-                    requests_waiting: finite_or_zero(load.requests_waiting),
-                    requests_running: finite_or_zero(load.requests_running),
-                    kv_cache_usage: finite_or_zero(load.kv_cache_usage),
-                    ttft_seconds: finite_or_zero(load.ttft_seconds),
-                    tpot_seconds: finite_or_zero(load.tpot_seconds),
-                    models,
-                    observed_at_unix_ms: load.observed_at_unix_ms,
+            pb::EndpointLoad {
+                namespace: namespace.to_owned(),
+                pod: pod.to_owned(),
+                requests_waiting: finite_or_zero(load.requests_waiting),
+                requests_running: finite_or_zero(load.requests_running),
+                kv_cache_usage: finite_or_zero(load.kv_cache_usage),
+                ttft_seconds: finite_or_zero(load.ttft_seconds),
+                tpot_seconds: finite_or_zero(load.tpot_seconds),
+                models,
+                observed_at_unix_ms: if in_latest_pass(load) {
+                    0
+                } else {
+                    load.observed_at_unix_ms
                 },
-            );
-        }
-    }
+            }
+        })
+        .collect();
     pb::EndpointLoads {
-        loads: loads.into_values().collect(),
+        loads,
+        observed_at_unix_ms: pass_observed_at,
+        ..Default::default()
     }
 }
 

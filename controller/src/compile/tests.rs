@@ -1220,16 +1220,37 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         models: vec!["base".into(), "lora-B".into()],
         observed_at_unix_ms,
     };
-    // ds15-v1-0 is an endpoint of two servers: listed once.
+    // ds15-v1-0 is an endpoint of two servers: listed once. It was scraped in
+    // the latest pass (2000): its time is the set's; ds7-0's last success is older.
     assert_eq!(
         compiled.endpoint_loads,
         pb::EndpointLoads {
-            loads: vec![
-                expected("ds15-v1-0", 0.0, 2_000),
-                expected("ds7-0", 1.0, 1_000)
-            ],
+            loads: vec![expected("ds15-v1-0", 0.0, 0), expected("ds7-0", 1.0, 1_000)],
+            observed_at_unix_ms: 2_000,
+            ..Default::default()
         }
     );
+}
+
+#[test]
+fn a_pass_is_dated_by_its_oldest_scrape_and_unchanged_pods_keep_their_entry() {
+    let (routes, servers, pods) = seed_inputs();
+    let compiled = compile_objects(&routes, &servers, &pods);
+    let pass = |first: i64, second: i64| -> BTreeMap<PodKey, PodLoad> {
+        [
+            ("default/ds7-0".to_owned(), load(1.0, first)),
+            ("default/ds15-v1-0".to_owned(), load(3.0, second)),
+        ]
+        .into_iter()
+        .collect()
+    };
+    let earlier = compile_endpoint_loads(&compiled.route_config, &pass(10_000, 10_040));
+    let later = compile_endpoint_loads(&compiled.route_config, &pass(11_010, 11_000));
+    assert_eq!(earlier.observed_at_unix_ms, 10_000);
+    assert_eq!(later.observed_at_unix_ms, 11_000);
+    // Same values, new pass: only the set's time moved.
+    assert_eq!(earlier.loads, later.loads);
+    assert!(later.loads.iter().all(|load| load.observed_at_unix_ms == 0));
 }
 
 #[test]

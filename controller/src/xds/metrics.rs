@@ -21,6 +21,7 @@ pub const PUSH_LATENCY_BUCKETS: [f64; 12] = [
 pub struct XdsMetrics {
     pub(crate) connected_dataplanes: IntGauge,
     pub(crate) pushes: IntCounterVec,
+    pub(crate) incremental_pushes: IntCounterVec,
     pub(crate) acks: IntCounterVec,
     pub(crate) nacks: IntCounterVec,
     pub(crate) send_timeouts: IntCounterVec,
@@ -44,6 +45,10 @@ impl XdsMetrics {
         let pushes = per_type(
             "switchyard_controller_snapshot_pushes_total",
             "Snapshot responses sent to dataplanes, by resource type.",
+        )?;
+        let incremental_pushes = per_type(
+            "switchyard_controller_snapshot_incremental_pushes_total",
+            "Snapshot responses sent as an incremental update from the version the dataplane had (a part of the pushes), by resource type.",
         )?;
         let acks = per_type(
             "switchyard_controller_snapshot_acks_total",
@@ -82,6 +87,7 @@ impl XdsMetrics {
         registry.register(Box::new(push_latency.clone()))?;
         registry.register(Box::new(connected_dataplanes.clone()))?;
         registry.register(Box::new(pushes.clone()))?;
+        registry.register(Box::new(incremental_pushes.clone()))?;
         registry.register(Box::new(acks.clone()))?;
         registry.register(Box::new(nacks.clone()))?;
         registry.register(Box::new(send_timeouts.clone()))?;
@@ -90,6 +96,7 @@ impl XdsMetrics {
         Ok(Self {
             connected_dataplanes,
             pushes,
+            incremental_pushes,
             acks,
             nacks,
             send_timeouts,
@@ -199,6 +206,7 @@ mod tests {
             version: "rc-1".into(),
             generated_at_unix_ms: 10_000,
             response: Default::default(),
+            update: None,
         };
         let waiting = [stream(Some("rc-1")), stream(Some("rc-0"))];
         metrics.record_ack(ResourceType::RouteConfig, &latest, &waiting, 10_250);

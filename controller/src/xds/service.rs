@@ -198,7 +198,9 @@ impl SnapshotStream {
             }
             self.next_nonce += 1;
             let nonce = self.next_nonce.to_string();
-            let mut response = latest.response.clone();
+            let (response, incremental) =
+                latest.response_for(self.status.resource(resource).acked_version.as_deref());
+            let mut response = response.clone();
             response.nonce.clone_from(&nonce);
             match tokio::time::timeout(
                 self.settings.send_timeout,
@@ -224,12 +226,19 @@ impl SnapshotStream {
                 .pushes
                 .with_label_values(&[resource.label()])
                 .inc();
+            if incremental {
+                self.metrics
+                    .incremental_pushes
+                    .with_label_values(&[resource.label()])
+                    .inc();
+            }
             self.entry.update(&self.status);
             tracing::debug!(
                 stream_id = self.status.stream_id,
                 node_id = self.status.node_id.as_deref().unwrap_or_default(),
                 r#type = resource.label(),
                 version = %latest.version,
+                incremental,
                 "sent snapshot"
             );
         }

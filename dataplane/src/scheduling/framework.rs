@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use http::HeaderMap;
@@ -53,6 +53,10 @@ pub struct SchedulingShared {
     prefix: Mutex<Option<(usize, Arc<PrefixIndex>)>>,
     metrics: Option<PluginMetrics>,
     pub decisions: DecisionLog,
+    /// `EndpointLoads.observed_at_unix_ms` of the latest loads: the observation
+    /// time of every load whose own time is 0. One atomic written once per
+    /// update, so an update need not touch the pods whose load did not change.
+    loads_observed_at_unix_ms: AtomicI64,
 }
 
 impl SchedulingShared {
@@ -61,6 +65,21 @@ impl SchedulingShared {
             prefix: Mutex::new(None),
             metrics,
             decisions: DecisionLog::new(),
+            loads_observed_at_unix_ms: AtomicI64::new(0),
+        }
+    }
+
+    pub fn set_loads_observed_at(&self, unix_ms: i64) {
+        self.loads_observed_at_unix_ms
+            .store(unix_ms, Ordering::Relaxed);
+    }
+
+    /// When `load` was observed (0 = unknown).
+    pub fn observed_at(&self, load: &pb::EndpointLoad) -> i64 {
+        if load.observed_at_unix_ms != 0 {
+            load.observed_at_unix_ms
+        } else {
+            self.loads_observed_at_unix_ms.load(Ordering::Relaxed)
         }
     }
 
@@ -295,7 +314,7 @@ impl Scheduler {
                 let any_load = pod.load();
                 let load = any_load
                     .clone()
-                    .filter(|l| is_fresh(l.observed_at_unix_ms, now_ms, self.max_load_age_ms));
+                    .filter(|l| is_fresh(self.shared.observed_at(l), now_ms, self.max_load_age_ms));
                 candidates.push(Candidate {
                     index,
                     pod_id: pod.id,

@@ -61,13 +61,6 @@ impl PodState {
         self.load.load_full()
     }
 
-    /// The engine load, only when it was observed within `max_age_ms` of `now_unix_ms`.
-    pub fn fresh_load(&self, now_unix_ms: i64, max_age_ms: u64) -> Option<Arc<pb::EndpointLoad>> {
-        self.load
-            .load_full()
-            .filter(|load| is_fresh(load.observed_at_unix_ms, now_unix_ms, max_age_ms))
-    }
-
     pub fn set_load(&self, load: Option<Arc<pb::EndpointLoad>>) {
         self.load.store(load);
     }
