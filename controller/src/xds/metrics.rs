@@ -206,6 +206,7 @@ mod tests {
             version: "rc-1".into(),
             generated_at_unix_ms: 10_000,
             response: Default::default(),
+            encoded: Default::default(),
             update: None,
         };
         let waiting = [stream(Some("rc-1")), stream(Some("rc-0"))];

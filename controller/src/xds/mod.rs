@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, pb};
+use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -17,6 +17,7 @@ mod metrics;
 mod publisher;
 mod registry;
 mod service;
+mod wire;
 
 pub use metrics::XdsMetrics;
 pub use publisher::{PublishResult, PublishedResource, ResourceReceiver, SnapshotPublisher};
@@ -76,9 +77,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(XDS_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(XDS_KEEPALIVE_TIMEOUT))
-        .add_service(pb::routing_discovery_server::RoutingDiscoveryServer::new(
-            service,
-        ))
+        .add_service(wire::RoutingDiscoveryServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             closer.close_streams();

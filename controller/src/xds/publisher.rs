@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prost::Message;
 use switchyard_snapshot::{content_version, pb};
 use tokio::sync::watch;
 
 use super::ResourceType;
 use super::metrics::XdsMetrics;
+use super::wire::EncodedResponse;
 
 /// Version prefix of RouteConfig resources.
 const ROUTE_CONFIG_VERSION_PREFIX: &str = "rc";
@@ -21,6 +23,8 @@ pub struct PublishedResource {
     pub generated_at_unix_ms: i64,
     /// The whole resource. `nonce` is empty; each stream sets its own.
     pub response: pb::SnapshotResponse,
+    /// `response` encoded, shared by every stream.
+    pub encoded: Bytes,
     /// The same state as an incremental update from the previously published
     /// version, for streams whose dataplane applied that one; `None` when the
     /// type has no updates or the update would not be smaller than the whole.
@@ -32,17 +36,19 @@ pub struct PublishedResource {
 pub struct IncrementalUpdate {
     pub base_version: String,
     pub response: pb::SnapshotResponse,
+    pub encoded: Bytes,
 }
 
 impl PublishedResource {
-    /// What to send a dataplane that has applied `applied_version`: the update
-    /// when it applies to that version, the whole resource otherwise.
-    pub fn response_for(&self, applied_version: Option<&str>) -> (&pb::SnapshotResponse, bool) {
+    /// What to send a dataplane that has applied `applied_version` (encoded,
+    /// and whether it is the update): the update when it applies to that
+    /// version, the whole resource otherwise.
+    pub fn encoded_for(&self, applied_version: Option<&str>) -> (&Bytes, bool) {
         match &self.update {
             Some(update) if applied_version == Some(update.base_version.as_str()) => {
-                (&update.response, true)
+                (&update.encoded, true)
             }
-            _ => (&self.response, false),
+            _ => (&self.encoded, false),
         }
     }
 }
@@ -167,15 +173,21 @@ impl SnapshotPublisher {
                     return false;
                 }
                 previous_version = Some(current.version.clone());
-                incremental = update(current, &resource).map(|resource| IncrementalUpdate {
-                    base_version: current.version.clone(),
-                    response: response(resource),
+                incremental = update(current, &resource).map(|resource| {
+                    let response = response(resource);
+                    IncrementalUpdate {
+                        base_version: current.version.clone(),
+                        encoded: EncodedResponse::share(&response),
+                        response,
+                    }
                 });
             }
+            let response = response(resource);
             *current = Some(Arc::new(PublishedResource {
                 version: version.clone(),
                 generated_at_unix_ms,
-                response: response(resource),
+                encoded: EncodedResponse::share(&response),
+                response,
                 update: incremental,
             }));
             true
@@ -334,12 +346,12 @@ mod tests {
             .expect("one pod changed: an update");
         assert_eq!(update.base_version, first.version);
         assert_eq!(update.response.version_info, published.version);
-        let (sent, incremental) = published.response_for(Some(&first.version));
+        let (sent, incremental) = published.encoded_for(Some(&first.version));
         assert!(incremental);
-        assert_eq!(sent, &update.response);
-        let (sent, incremental) = published.response_for(Some("el-other"));
+        assert_eq!(sent, &update.response.encode_to_vec());
+        let (sent, incremental) = published.encoded_for(Some("el-other"));
         assert!(!incremental);
-        assert_eq!(sent, &published.response);
+        assert_eq!(sent, &published.response.encode_to_vec());
 
         // Every pod changed: the update would be as big as the set, so there is none.
         publisher.publish_endpoint_loads(all(9.0), 3);

@@ -14,6 +14,7 @@ use super::ResourceType;
 use super::metrics::XdsMetrics;
 use super::publisher::{ResourceReceiver, SnapshotPublisher};
 use super::registry::{DataplaneRegistry, DataplaneStatus, RegistryEntry, TypeSyncStatus};
+use super::wire::EncodedResponse;
 
 /// Responses queued per stream: at most one un-ACKed response per type is in
 /// flight, so 4 only fills up when the dataplane stopped reading.
@@ -76,14 +77,12 @@ impl RoutingDiscoveryService {
     }
 }
 
-#[tonic::async_trait]
-impl pb::routing_discovery_server::RoutingDiscovery for RoutingDiscoveryService {
-    type StreamSnapshotsStream = ReceiverStream<Result<pb::SnapshotResponse, Status>>;
-
-    async fn stream_snapshots(
+impl RoutingDiscoveryService {
+    /// `RoutingDiscovery.StreamSnapshots`: starts the stream's task.
+    pub(super) async fn open_stream(
         &self,
         request: Request<Streaming<pb::SnapshotRequest>>,
-    ) -> Result<Response<Self::StreamSnapshotsStream>, Status> {
+    ) -> Result<Response<ReceiverStream<Result<EncodedResponse, Status>>>, Status> {
         if self.publisher.route_config().is_none() {
             // A dataplane must not believe it is in sync with an empty config.
             return Err(Status::unavailable("no routing snapshot compiled yet"));
@@ -104,7 +103,7 @@ struct SnapshotStream {
     metrics: XdsMetrics,
     settings: StreamSettings,
     closing: watch::Receiver<bool>,
-    responses: mpsc::Sender<Result<pb::SnapshotResponse, Status>>,
+    responses: mpsc::Sender<Result<EncodedResponse, Status>>,
     route_config: ResourceReceiver,
     endpoint_loads: ResourceReceiver,
     status: DataplaneStatus,
@@ -126,7 +125,7 @@ impl SnapshotStream {
     fn new(
         service: &RoutingDiscoveryService,
         peer: Option<SocketAddr>,
-        responses: mpsc::Sender<Result<pb::SnapshotResponse, Status>>,
+        responses: mpsc::Sender<Result<EncodedResponse, Status>>,
     ) -> Self {
         let status = DataplaneStatus {
             stream_id: service.registry.next_stream_id(),
@@ -198,10 +197,9 @@ impl SnapshotStream {
             }
             self.next_nonce += 1;
             let nonce = self.next_nonce.to_string();
-            let (response, incremental) =
-                latest.response_for(self.status.resource(resource).acked_version.as_deref());
-            let mut response = response.clone();
-            response.nonce.clone_from(&nonce);
+            let (encoded, incremental) =
+                latest.encoded_for(self.status.resource(resource).acked_version.as_deref());
+            let response = EncodedResponse::new(encoded.clone(), nonce.clone());
             match tokio::time::timeout(
                 self.settings.send_timeout,
                 self.responses.send(Ok(response)),
