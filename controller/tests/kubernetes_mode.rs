@@ -12,11 +12,9 @@ use http::Method;
 use serde_json::{Value, json};
 use switchyard_controller::cli::{Args, LogFormat};
 use switchyard_controller::kubernetes;
-use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
-use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, pb};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use switchyard_snapshot::pb;
 
+use support::dataplane::Dataplane;
 use support::fake_api::{DEADLINE, FakeApi, Recorded};
 
 const ROUTES: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelroutes";
@@ -118,41 +116,6 @@ fn is_status_patch(request: &Recorded, plural: &str, name: &str) -> bool {
             )
 }
 
-/// A dataplane on the stream that ACKs everything.
-async fn dataplane(
-    addr: std::net::SocketAddr,
-) -> (
-    mpsc::Sender<pb::SnapshotRequest>,
-    tonic::Streaming<pb::SnapshotResponse>,
-) {
-    let mut client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect to the stream");
-    let (requests, receiver) = mpsc::channel(16);
-    for (index, type_url) in [ROUTE_CONFIG_TYPE_URL, ENDPOINT_LOADS_TYPE_URL]
-        .into_iter()
-        .enumerate()
-    {
-        requests
-            .send(pb::SnapshotRequest {
-                node: (index == 0).then(|| pb::Node {
-                    id: "dataplane-0".into(),
-                    build_version: "test".into(),
-                }),
-                type_url: type_url.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("queue request");
-    }
-    let responses = client
-        .stream_snapshots(ReceiverStream::new(receiver))
-        .await
-        .expect("stream opens")
-        .into_inner();
-    (requests, responses)
-}
-
 #[tokio::test]
 async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     let fake = seeded();
@@ -185,29 +148,8 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     );
 
     // The stream serves the compiled cluster state.
-    let (acks, mut responses) = dataplane(controller.xds_addr).await;
-    let route_config = tokio::time::timeout(DEADLINE, async {
-        loop {
-            let response = responses
-                .message()
-                .await
-                .expect("stream healthy")
-                .expect("stream open");
-            acks.send(pb::SnapshotRequest {
-                type_url: response.type_url.clone(),
-                version_info: response.version_info.clone(),
-                response_nonce: response.nonce.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("ACK");
-            if let Some(pb::snapshot_response::Resource::RouteConfig(config)) = response.resource {
-                return config;
-            }
-        }
-    })
-    .await
-    .expect("a RouteConfig in time");
+    let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
+    let route_config = dataplane.next_route_config().await;
     let models: Vec<&str> = route_config
         .routes
         .iter()

@@ -11,21 +11,21 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use prometheus::{HistogramVec, Registry};
-use switchyard_snapshot::pb;
+use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState, ObjectsView};
 use crate::app::{self, AppError};
 use crate::cli::Args;
-use crate::compile::{CompiledRoutes, ObjectReport, compile_endpoint_loads, compile_route_config};
+use crate::compile::CompiledRoutes;
+use crate::compile_loop::{CompileInputs, CompileLoop, ObjectSet};
 use crate::router_config::watch_optional_router_config;
-use crate::scrape::{PodLoads, ScrapeConfig, ScrapeTarget, Scraper};
+use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
 use crate::status::{self, AckSummary};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
@@ -173,9 +173,10 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
         }
     };
     let (compiled_sender, compiled) = watch::channel(None);
-    let mut compile_loop = CompileLoop {
-        caches: caches.clone(),
-        pod_watch: reflectors.pod_watch.clone(),
+    let (objects_sender, objects) = watch::channel(object_set(&caches, &reflectors.pod_watch));
+    let mut compile_loop = CompileLoop::new(CompileInputs {
+        source: "every Kubernetes watch",
+        objects,
         publisher: publisher.clone(),
         targets: targets_sender,
         objects_view: objects_view_sender,
@@ -183,9 +184,7 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
         compile_duration,
         pod_loads: scraper.loads.clone(),
         scheduler,
-        compiled: None,
-        reported: Vec::new(),
-    };
+    });
     compile_loop.on_objects_changed();
 
     let xds_listener = match app::bind("snapshot stream", args.xds_addr).await {
@@ -198,6 +197,11 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
         }
     };
     let xds_addr = app::local_addr(&xds_listener, "snapshot stream", args.xds_addr)?;
+    let feeder_task = tokio::spawn(feed_objects(
+        caches.clone(),
+        reflectors.pod_watch.clone(),
+        objects_sender,
+    ));
     let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), xds_metrics);
     let xds_task = tokio::spawn(xds::serve(
         xds_listener,
@@ -231,6 +235,7 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
 
     let task = tokio::spawn(supervise(Parts {
         compile_loop,
+        feeder_task,
         reflectors,
         stop_sender: stop_sender.clone(),
         stop,
@@ -254,6 +259,7 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
 
 struct Parts {
     compile_loop: CompileLoop,
+    feeder_task: JoinHandle<()>,
     reflectors: caches::Reflectors,
     stop_sender: Arc<watch::Sender<bool>>,
     stop: watch::Receiver<bool>,
@@ -268,6 +274,7 @@ struct Parts {
 async fn supervise(parts: Parts) -> Result<(), AppError> {
     let Parts {
         compile_loop,
+        feeder_task,
         reflectors,
         stop_sender,
         stop,
@@ -293,6 +300,7 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     }
     stop_sender.send_replace(true);
     scraper.task.abort();
+    feeder_task.abort();
     reflectors.abort();
     if let Some(task) = router_config_watcher {
         task.abort();
@@ -325,114 +333,36 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     outcome
 }
 
-/// Recompiles on every (debounced) cache change and publishes the results.
-struct CompileLoop {
+/// Keeps the compile loop's objects current: a consistent copy of the caches
+/// after each debounced burst of watch events. Ends when every watch stopped
+/// (the loop then says so) or the loop is gone.
+async fn feed_objects(
     caches: Caches,
     pod_watch: watch::Sender<PodWatch>,
-    publisher: Arc<SnapshotPublisher>,
-    targets: watch::Sender<Vec<ScrapeTarget>>,
-    objects_view: watch::Sender<Arc<ObjectsView>>,
-    compiled_out: watch::Sender<Option<Arc<CompiledRoutes>>>,
-    compile_duration: HistogramVec,
-    pod_loads: watch::Receiver<PodLoads>,
-    /// The router configuration's scheduler section, shipped inside the RouteConfig.
-    scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
-    compiled: Option<Arc<CompiledRoutes>>,
-    reported: Vec<ObjectReport>,
+    objects: watch::Sender<Arc<ObjectSet>>,
+) {
+    let mut changes = caches.changes.clone();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = objects.closed() => return,
+        }
+        debounce(&mut changes).await;
+        objects.send_replace(object_set(&caches, &pod_watch));
+    }
 }
 
-impl CompileLoop {
-    async fn run(mut self, stop: watch::Receiver<bool>) {
-        let stopped = app::stopped(stop);
-        tokio::pin!(stopped);
-        let mut changes = self.caches.changes.clone();
-        let mut watches_alive = true;
-        let mut scraper_alive = true;
-        let mut scheduler_alive = true;
-        loop {
-            tokio::select! {
-                () = &mut stopped => return,
-                changed = self.scheduler.changed(), if scheduler_alive => match changed {
-                    Ok(()) => self.on_objects_changed(),
-                    // No file (or its watcher stopped): the last configuration stays.
-                    Err(_) => scheduler_alive = false,
-                },
-                changed = changes.changed(), if watches_alive => match changed {
-                    Ok(()) => {
-                        debounce(&mut changes).await;
-                        self.on_objects_changed();
-                    }
-                    Err(_) => {
-                        watches_alive = false;
-                        tracing::error!("every Kubernetes watch stopped; serving the last compiled snapshot");
-                    }
-                },
-                changed = self.pod_loads.changed(), if scraper_alive => match changed {
-                    Ok(()) => self.publish_endpoint_loads(),
-                    Err(_) => {
-                        scraper_alive = false;
-                        tracing::error!("engine scraper stopped; endpoint loads are no longer updated");
-                    }
-                },
-            }
-        }
-    }
-
-    fn on_objects_changed(&mut self) {
-        let (routes, servers, pods) = self.caches.snapshot();
-        self.pod_watch.send_if_modified(|current| {
-            replace_if_changed(current, pod_selector::pod_watch(&servers))
-        });
-        let started = Instant::now();
-        let mut compiled = compile_route_config(&routes, &servers, &pods);
-        compiled.route_config.scheduler = self.scheduler.borrow_and_update().clone();
-        self.compile_duration
-            .with_label_values(&["route_config"])
-            .observe(started.elapsed().as_secs_f64());
-        let published = self
-            .publisher
-            .publish_route_config(compiled.route_config.clone(), app::unix_ms_now());
-        if published.changed {
-            tracing::info!(
-                version = %published.version,
-                routes = compiled.route_config.routes.len(),
-                servers = compiled.route_config.servers.len(),
-                endpoints = compiled.scrape_targets.len(),
-                "published route config"
-            );
-        }
-        for report in &compiled.reports {
-            if !report.is_healthy() && !self.reported.contains(report) {
-                tracing::warn!(kind = report.kind.as_str(), namespace = %report.namespace, name = %report.name, accepted = %report.accepted.reason, resolved_refs = %report.resolved_refs.reason, "object not fully programmed");
-            }
-        }
-        self.reported.clone_from(&compiled.reports);
-        self.targets.send_if_modified(|targets| {
-            replace_if_changed(targets, compiled.scrape_targets.clone())
-        });
-        self.objects_view.send_replace(Arc::new(ObjectsView {
-            reports: compiled.reports.clone(),
-            load_problems: Vec::new(),
-        }));
-        let compiled = Arc::new(compiled);
-        self.compiled = Some(compiled.clone());
-        self.compiled_out.send_replace(Some(compiled));
-        self.publish_endpoint_loads();
-    }
-
-    fn publish_endpoint_loads(&mut self) {
-        let Some(compiled) = &self.compiled else {
-            return;
-        };
-        let pod_loads = self.pod_loads.borrow_and_update().clone();
-        let started = Instant::now();
-        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
-        self.compile_duration
-            .with_label_values(&["endpoint_loads"])
-            .observe(started.elapsed().as_secs_f64());
-        self.publisher
-            .publish_endpoint_loads(loads, app::unix_ms_now());
-    }
+/// The caches' objects; on the way, points the pod watch at what the ModelServers select.
+fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<ObjectSet> {
+    let (routes, servers, pods) = caches.snapshot();
+    pod_watch
+        .send_if_modified(|current| replace_if_changed(current, pod_selector::pod_watch(&servers)));
+    Arc::new(ObjectSet {
+        routes,
+        servers,
+        pods,
+        problems: Vec::new(),
+    })
 }
 
 fn replace_if_changed<T: PartialEq>(current: &mut T, new: T) -> bool {
