@@ -413,8 +413,15 @@ async fn an_expired_lease_of_another_replica_is_taken_over() {
         .expect("stops cleanly");
 }
 
-/// GET on the admin server; the body.
+/// GET on the admin server; the body of a 200.
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let (status, body) = admin_request(addr, path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+/// GET on the admin server; the status code and body.
+async fn admin_request(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -422,12 +429,81 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response))
+        .await
+        .expect("admin answers in time")
+        .expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Issue 4: no snapshot is served before every cache has listed the cluster
+/// and the first compile is published. The fake holds the ModelRoute list
+/// back (and says when it arrived), so the "before" state is certain, not timed.
+#[tokio::test]
+async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile() {
+    let fake = seeded();
+    let hold = fake.hold_lists(ROUTES);
+    let starting = tokio::time::timeout(DEADLINE, kubernetes::begin(&args(), fake.client()))
+        .await
+        .expect("admin up in time")
+        .expect("begins against the fake API");
+    let admin_addr = starting.admin_addr;
+    let publisher = starting.publisher.clone();
+    let ready = tokio::spawn(starting.until_ready());
+    fake.wait_for("the held ModelRoute list", |request| {
+        request.path == ROUTES && !request.params().contains_key("watch")
+    })
+    .await;
+
+    // Held: not ready, nothing compiled or published, and no stream server
+    // (its address exists only once `until_ready` returns).
+    let (status, body) = admin_request(admin_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(publisher.route_config().is_none());
+    assert!(publisher.endpoint_loads().is_none());
+    assert!(
+        !ready.is_finished(),
+        "ready before the ModelRoute list was answered"
+    );
+    assert!(
+        !fake
+            .requests()
+            .iter()
+            .any(|request| request.path.contains("/leases")),
+        "no election before the caches synced"
+    );
+
+    hold.release();
+    let controller = tokio::time::timeout(DEADLINE, ready)
+        .await
+        .expect("ready in time")
+        .expect("start task")
+        .expect("starts once the list is answered");
+    let body = admin_get(admin_addr, "/readyz").await;
+    let version = route_config_version(&controller);
+    assert!(body.contains(&version), "{body}");
+    // The very first snapshot a dataplane sees already holds the route that was held back.
+    let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
+    let route_config = dataplane.next_route_config().await;
+    let models: Vec<&str> = route_config
+        .routes
+        .iter()
+        .map(|route| route.model_name.as_str())
+        .collect();
+    assert_eq!(models, ["chat"]);
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
 }
 
 #[tokio::test]

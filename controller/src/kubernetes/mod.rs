@@ -115,6 +115,13 @@ impl KubernetesController {
 /// waits for the caches to sync, publishes the first snapshot, then binds the
 /// stream server and starts the scraper, the election and the status writer.
 pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, AppError> {
+    begin(args, client).await?.until_ready().await
+}
+
+/// The first half of [`start`]: binds and serves the admin endpoints
+/// (`/readyz` answers 503 until the first snapshot is published) and watches
+/// the router configuration. Nothing is listed or served on the stream yet.
+pub async fn begin(args: &Args, client: Client) -> Result<StartingController, AppError> {
     let controller_id = args.effective_controller_id();
     let admin_listener = app::bind("admin", args.metrics_addr).await?;
     let admin_addr = app::local_addr(&admin_listener, "admin", args.metrics_addr)?;
@@ -130,7 +137,6 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     let dataplanes = DataplaneRegistry::new();
     let (objects_view_sender, objects_view) = watch::channel(Arc::new(ObjectsView::default()));
     let (stop_sender, stop) = watch::channel(false);
-    let stop_sender = Arc::new(stop_sender);
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         AdminState {
@@ -151,110 +157,188 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
                 return Err(error.into());
             }
         };
-    let scope = Scope::from_namespaces(&args.namespaces);
-    tracing::info!(scope = ?scope, "starting the Kubernetes watches");
-    let reflectors = caches::start(&client, &scope).await;
-    let mut caches = reflectors.caches.clone();
-    caches.wait_synced().await;
-    tracing::info!("Kubernetes caches synced");
-
-    let (targets_sender, targets) = watch::channel(Vec::new());
-    let scrape_config = ScrapeConfig {
-        interval: args.scrape_interval,
-        timeout: args.effective_scrape_timeout(),
-        ..ScrapeConfig::default()
-    };
-    let scraper = match Scraper::spawn(scrape_config, targets, &registry) {
-        Ok(scraper) => scraper,
-        Err(error) => {
-            reflectors.abort();
-            admin_task.abort();
-            return Err(error.into());
-        }
-    };
-    let (compiled_sender, compiled) = watch::channel(None);
-    let (objects_sender, objects) = watch::channel(object_set(&caches, &reflectors.pod_watch));
-    let mut compile_loop = CompileLoop::new(CompileInputs {
-        source: "every Kubernetes watch",
-        objects,
-        publisher: publisher.clone(),
-        targets: targets_sender,
-        objects_view: objects_view_sender,
-        compiled_out: compiled_sender,
-        compile_duration,
-        pod_loads: scraper.loads.clone(),
-        scheduler,
-    });
-    compile_loop.on_objects_changed();
-
-    let xds_listener = match app::bind("snapshot stream", args.xds_addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            reflectors.abort();
-            scraper.task.abort();
-            admin_task.abort();
-            return Err(error);
-        }
-    };
-    let xds_addr = app::local_addr(&xds_listener, "snapshot stream", args.xds_addr)?;
-    let feeder_task = tokio::spawn(feed_objects(
-        caches.clone(),
-        reflectors.pod_watch.clone(),
-        objects_sender,
-    ));
-    let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), xds_metrics);
-    let xds_task = tokio::spawn(xds::serve(
-        xds_listener,
-        service,
-        app::stopped(stop.clone()),
-    ));
-    tracing::info!(addr = %xds_addr, "xds listening on {xds_addr}");
-
-    let (leading, leader_task) = leader::spawn(
-        client.clone(),
-        leader::LeaseSettings {
-            namespace: args.lease_namespace.clone(),
-            name: args.lease_name.clone(),
-            identity: controller_id.clone(),
-        },
-    );
-    let status_task = tokio::spawn(
-        StatusLoop {
-            writer: StatusWriter::new(client, controller_id.clone(), controller_metrics.clone()),
-            leader_gauge: controller_metrics.leader.clone(),
-            leading: leading.clone(),
-            compiled,
-            caches,
-            publisher: publisher.clone(),
-            dataplanes: dataplanes.clone(),
-            pod_loads: scraper.loads.clone(),
-        }
-        .run(stop.clone()),
-    );
-    tracing::info!(controller_id = %controller_id, "controller started in Kubernetes mode");
-
-    let task = tokio::spawn(supervise(Parts {
-        compile_loop,
-        feeder_task,
-        reflectors,
-        stop_sender: stop_sender.clone(),
-        stop,
-        xds_task,
-        admin_task,
-        scraper,
-        status_task,
-        leader_task,
-        router_config_watcher,
-    }));
-    Ok(KubernetesController {
-        xds_addr,
+    Ok(StartingController {
         admin_addr,
         publisher,
+        args: args.clone(),
+        client,
+        controller_id,
+        registry,
+        xds_metrics,
+        compile_duration,
+        controller_metrics,
         dataplanes,
-        leading,
-        stop: stop_sender,
-        task,
+        objects_view: objects_view_sender,
+        stop_sender: Arc::new(stop_sender),
+        stop,
+        admin_task,
+        scheduler,
+        router_config_watcher,
     })
+}
+
+/// A controller between [`begin`] and [`StartingController::until_ready`]:
+/// admin endpoints up, not ready, no stream server.
+pub struct StartingController {
+    /// Where the admin server listens.
+    pub admin_addr: SocketAddr,
+    /// Empty until the first compile after the caches synced.
+    pub publisher: Arc<SnapshotPublisher>,
+    args: Args,
+    client: Client,
+    controller_id: String,
+    registry: Registry,
+    xds_metrics: XdsMetrics,
+    compile_duration: prometheus::HistogramVec,
+    controller_metrics: crate::metrics::ControllerMetrics,
+    dataplanes: DataplaneRegistry,
+    objects_view: watch::Sender<Arc<ObjectsView>>,
+    stop_sender: Arc<watch::Sender<bool>>,
+    stop: watch::Receiver<bool>,
+    admin_task: JoinHandle<()>,
+    scheduler: watch::Receiver<Option<switchyard_snapshot::pb::SchedulerConfig>>,
+    router_config_watcher: Option<JoinHandle<()>>,
+}
+
+impl StartingController {
+    /// The second half of [`start`]: lists and watches the cluster, waits
+    /// for every cache to sync, publishes the first snapshot, and only then
+    /// binds the stream server and starts the election and status writing.
+    pub async fn until_ready(self) -> Result<KubernetesController, AppError> {
+        let Self {
+            admin_addr,
+            publisher,
+            args,
+            client,
+            controller_id,
+            registry,
+            xds_metrics,
+            compile_duration,
+            controller_metrics,
+            dataplanes,
+            objects_view: objects_view_sender,
+            stop_sender,
+            stop,
+            admin_task,
+            scheduler,
+            router_config_watcher,
+        } = self;
+        let abort_early = |admin_task: &JoinHandle<()>, watcher: &Option<JoinHandle<()>>| {
+            admin_task.abort();
+            if let Some(task) = watcher {
+                task.abort();
+            }
+        };
+        let scope = Scope::from_namespaces(&args.namespaces);
+        tracing::info!(scope = ?scope, "starting the Kubernetes watches");
+        let reflectors = caches::start(&client, &scope).await;
+        let mut caches = reflectors.caches.clone();
+        caches.wait_synced().await;
+        tracing::info!("Kubernetes caches synced");
+
+        let (targets_sender, targets) = watch::channel(Vec::new());
+        let scrape_config = ScrapeConfig {
+            interval: args.scrape_interval,
+            timeout: args.effective_scrape_timeout(),
+            ..ScrapeConfig::default()
+        };
+        let scraper = match Scraper::spawn(scrape_config, targets, &registry) {
+            Ok(scraper) => scraper,
+            Err(error) => {
+                reflectors.abort();
+                abort_early(&admin_task, &router_config_watcher);
+                return Err(error.into());
+            }
+        };
+        let (compiled_sender, compiled) = watch::channel(None);
+        let (objects_sender, objects) = watch::channel(object_set(&caches, &reflectors.pod_watch));
+        let mut compile_loop = CompileLoop::new(CompileInputs {
+            source: "every Kubernetes watch",
+            objects,
+            publisher: publisher.clone(),
+            targets: targets_sender,
+            objects_view: objects_view_sender,
+            compiled_out: compiled_sender,
+            compile_duration,
+            pod_loads: scraper.loads.clone(),
+            scheduler,
+        });
+        compile_loop.on_objects_changed();
+
+        let xds_listener = match app::bind("snapshot stream", args.xds_addr).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                reflectors.abort();
+                scraper.task.abort();
+                abort_early(&admin_task, &router_config_watcher);
+                return Err(error);
+            }
+        };
+        let xds_addr = app::local_addr(&xds_listener, "snapshot stream", args.xds_addr)?;
+        let feeder_task = tokio::spawn(feed_objects(
+            caches.clone(),
+            reflectors.pod_watch.clone(),
+            objects_sender,
+        ));
+        let service =
+            RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), xds_metrics);
+        let xds_task = tokio::spawn(xds::serve(
+            xds_listener,
+            service,
+            app::stopped(stop.clone()),
+        ));
+        tracing::info!(addr = %xds_addr, "xds listening on {xds_addr}");
+
+        let (leading, leader_task) = leader::spawn(
+            client.clone(),
+            leader::LeaseSettings {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: controller_id.clone(),
+            },
+        );
+        let status_task = tokio::spawn(
+            StatusLoop {
+                writer: StatusWriter::new(
+                    client,
+                    controller_id.clone(),
+                    controller_metrics.clone(),
+                ),
+                leader_gauge: controller_metrics.leader.clone(),
+                leading: leading.clone(),
+                compiled,
+                caches,
+                publisher: publisher.clone(),
+                dataplanes: dataplanes.clone(),
+                pod_loads: scraper.loads.clone(),
+            }
+            .run(stop.clone()),
+        );
+        tracing::info!(controller_id = %controller_id, "controller started in Kubernetes mode");
+
+        let task = tokio::spawn(supervise(Parts {
+            compile_loop,
+            feeder_task,
+            reflectors,
+            stop_sender: stop_sender.clone(),
+            stop,
+            xds_task,
+            admin_task,
+            scraper,
+            status_task,
+            leader_task,
+            router_config_watcher,
+        }));
+        Ok(KubernetesController {
+            xds_addr,
+            admin_addr,
+            publisher,
+            dataplanes,
+            leading,
+            stop: stop_sender,
+            task,
+        })
+    }
 }
 
 struct Parts {

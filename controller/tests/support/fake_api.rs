@@ -50,6 +50,8 @@ struct State {
     /// Open watch bodies per collection path.
     watchers: BTreeMap<String, Vec<WatchSender>>,
     lease: Option<Value>,
+    /// Collection path -> turns true when its held lists may be answered.
+    held_lists: BTreeMap<String, watch::Receiver<bool>>,
     requests: Vec<Recorded>,
     resource_version: u64,
 }
@@ -85,6 +87,18 @@ impl FakeApi {
     /// Starts with this Lease in place (another replica's, say).
     pub fn seed_lease(&self, lease: Value) {
         self.state.lock().lease = Some(lease);
+    }
+
+    /// Holds back the answers to lists (not watches) of `path` until the
+    /// returned hold is released. A held request is recorded as it arrives,
+    /// so [`Self::wait_for`] tells a test it is waiting.
+    pub fn hold_lists(&self, path: &str) -> ListHold {
+        let (release, released) = watch::channel(false);
+        self.state
+            .lock()
+            .held_lists
+            .insert(path.to_owned(), released);
+        ListHold(release)
     }
 
     /// A `kube::Client` talking to this fake.
@@ -171,20 +185,39 @@ impl FakeApi {
                 .map(str::to_owned),
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         };
+        let is_list = recorded.method == Method::GET && !recorded.params().contains_key("watch");
+        let held = is_list
+            .then(|| {
+                self.state
+                    .lock()
+                    .held_lists
+                    .get(&cluster_wide(&recorded.path))
+                    .cloned()
+            })
+            .flatten();
+        if let Some(mut released) = held {
+            self.record(recorded.clone());
+            let _ = released.wait_for(|released| *released).await;
+            return self.respond(&recorded);
+        }
         let response = self.respond(&recorded);
         let applied_status = (recorded.method == Method::PATCH
             && recorded.path.ends_with("/status")
             && response.status() == StatusCode::OK)
             .then(|| self.stored(&recorded.path))
             .flatten();
-        self.state.lock().requests.push(recorded.clone());
-        self.revision.send_modify(|revision| *revision += 1);
+        self.record(recorded.clone());
         // Like the API server, a status change reaches the watches.
         if let Some(object) = applied_status {
             self.push_event(&cluster_wide(&recorded.path), "MODIFIED", object)
                 .await;
         }
         response
+    }
+
+    fn record(&self, recorded: Recorded) {
+        self.state.lock().requests.push(recorded);
+        self.revision.send_modify(|revision| *revision += 1);
     }
 
     fn respond(&self, request: &Recorded) -> Response<ResponseBody> {
@@ -299,6 +332,21 @@ impl FakeApi {
             }
             _ => not_found(),
         }
+    }
+}
+
+/// Releases the lists [`FakeApi::hold_lists`] holds back; dropping it does too.
+pub struct ListHold(watch::Sender<bool>);
+
+impl ListHold {
+    pub fn release(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Drop for ListHold {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
