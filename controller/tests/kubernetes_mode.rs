@@ -589,3 +589,191 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
         .expect("stops in time")
         .expect("stops cleanly");
 }
+
+const CONFIGMAPS: &str = "/api/v1/configmaps";
+const OWN_REPORT: &str = "/api/v1/namespaces/switchyard-system/configmaps/switchyard-dataplanes-switchyard-controller-7d9f-abcde";
+
+/// Another replica's dataplane report, as that replica would apply it.
+fn peer_report(replica: &str, renewed_at_unix_ms: i64, dataplanes: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": format!("switchyard-dataplanes-{replica}"),
+            "namespace": "switchyard-system",
+            "labels": {"app.kubernetes.io/component": "dataplane-report"},
+        },
+        "data": {"report.json": json!({
+            "replica": replica,
+            "renewedAtUnixMs": renewed_at_unix_ms,
+            "dataplanes": dataplanes,
+        }).to_string()},
+    })
+}
+
+fn reported(node: &str, acked: &str, nacked: Option<(&str, &str)>) -> Value {
+    let mut route_config = json!({"subscribed": true, "ackedVersion": acked});
+    if let Some((version, error)) = nacked {
+        route_config["nackedVersion"] = json!(version);
+        route_config["lastNackError"] = json!(error);
+    }
+    json!({"nodeId": node, "routeConfig": route_config, "endpointLoads": {"subscribed": true}})
+}
+
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
+        .unwrap_or_default()
+}
+
+/// Issue 4: `Programmed` counts the dataplanes of every controller replica.
+/// This replica reports its own dataplanes in a ConfigMap; as leader it reads
+/// the other replicas' reports, skips expired ones, and counts the rest.
+#[tokio::test]
+async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
+    let fake = seeded();
+    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts against the fake API");
+    let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
+    dataplane.next_route_config().await;
+    let version = route_config_version(&controller);
+
+    // Its own report: server-side apply, labelled, with the ACK of its dataplane.
+    let report = fake
+        .wait_for("this replica's report with its dataplane", |request| {
+            request.method == Method::PATCH
+                && request.path == OWN_REPORT
+                && request.body["data"]["report.json"]
+                    .as_str()
+                    .is_some_and(|text| text.contains(&version))
+        })
+        .await;
+    assert_eq!(
+        report.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(
+        report.params().get("fieldManager").map(String::as_str),
+        Some("switchyard-controller")
+    );
+    assert_eq!(
+        report.body["metadata"]["labels"]["app.kubernetes.io/component"],
+        "dataplane-report"
+    );
+    let own: Value = serde_json::from_str(
+        report.body["data"]["report.json"]
+            .as_str()
+            .unwrap_or_default(),
+    )
+    .expect("report JSON");
+    assert_eq!(own["replica"], "switchyard-controller-7d9f-abcde");
+    assert_eq!(own["dataplanes"][0]["nodeId"], "dataplane-0");
+    assert_eq!(
+        own["dataplanes"][0]["routeConfig"]["ackedVersion"],
+        version.as_str()
+    );
+
+    // Alone, it counts its one dataplane.
+    fake.wait_for("chat programmed by one dataplane", |request| {
+        is_status_patch(request, "modelroutes", "chat")
+            && condition(&request.body["status"], "Programmed")["message"]
+                == format!("1/1 dataplanes at version {version}")
+    })
+    .await;
+
+    // Another replica serves two more dataplanes; a third replica died long ago.
+    fake.push_event(
+        CONFIGMAPS,
+        "ADDED",
+        peer_report(
+            "switchyard-controller-7d9f-fghij",
+            unix_ms_now(),
+            json!([
+                reported("dataplane-1", &version, None),
+                reported("dataplane-2", &version, None)
+            ]),
+        ),
+    )
+    .await;
+    fake.push_event(
+        CONFIGMAPS,
+        "ADDED",
+        peer_report(
+            "switchyard-controller-dead",
+            unix_ms_now() - 10 * 60 * 1000,
+            json!([reported("dataplane-9", "rc-old", None)]),
+        ),
+    )
+    .await;
+    let merged = fake
+        .wait_for("chat programmed by three dataplanes", |request| {
+            is_status_patch(request, "modelroutes", "chat")
+                && condition(&request.body["status"], "Programmed")["message"]
+                    == format!("3/3 dataplanes at version {version}")
+        })
+        .await;
+    assert_eq!(
+        condition(&merged.body["status"], "Programmed")["status"],
+        "True"
+    );
+    let list = fake
+        .wait_for("the report list", |request| {
+            request.method == Method::GET
+                && request.path == "/api/v1/namespaces/switchyard-system/configmaps"
+        })
+        .await;
+    assert_eq!(
+        list.params().get("labelSelector").map(String::as_str),
+        Some("app.kubernetes.io/component=dataplane-report")
+    );
+
+    // A NACK from a dataplane on the other replica shows in the condition.
+    fake.push_event(
+        CONFIGMAPS,
+        "MODIFIED",
+        peer_report(
+            "switchyard-controller-7d9f-fghij",
+            unix_ms_now(),
+            json!([
+                reported("dataplane-1", &version, None),
+                reported(
+                    "dataplane-2",
+                    "rc-old",
+                    Some((&version, "scheduler: unknown plugin"))
+                ),
+            ]),
+        ),
+    )
+    .await;
+    let rejected = fake
+        .wait_for("chat rejected on the other replica", |request| {
+            is_status_patch(request, "modelroutes", "chat")
+                && condition(&request.body["status"], "Programmed")["reason"]
+                    == "RejectedByDataplane"
+        })
+        .await;
+    assert_eq!(
+        condition(&rejected.body["status"], "Programmed")["message"],
+        format!(
+            "2/3 dataplanes at version {version}; rejected by dataplane-2: scheduler: unknown plugin"
+        )
+    );
+    assert_eq!(
+        condition(&rejected.body["status"], "Programmed")["status"],
+        "False"
+    );
+
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+    // Stopping withdraws its report, so the next leader does not wait for it to expire.
+    fake.wait_for("the report deleted", |request| {
+        request.method == Method::DELETE && request.path == OWN_REPORT
+    })
+    .await;
+}

@@ -26,15 +26,17 @@ use crate::compile::CompiledRoutes;
 use crate::compile_loop::{CompileInputs, CompileLoop, ObjectSet};
 use crate::router_config::watch_optional_router_config;
 use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
-use crate::status::{self, AckSummary};
+use crate::status::{self, AckSummary, DataplaneReport};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
 pub mod caches;
+pub mod dataplane_reports;
 pub mod leader;
 pub mod pod_selector;
 pub mod status_writer;
 
 pub use self::caches::{Caches, Scope};
+use dataplane_reports::{PEER_REPORTS_POLL_INTERVAL, PeerReports, REPORT_TTL};
 use pod_selector::PodWatch;
 use status_writer::{PlanInput, StatusWriter};
 
@@ -297,8 +299,21 @@ impl StartingController {
                 identity: controller_id.clone(),
             },
         );
+        let report_task = tokio::spawn(dataplane_reports::publish(
+            client.clone(),
+            args.lease_namespace.clone(),
+            controller_id.clone(),
+            dataplanes.clone(),
+            stop.clone(),
+        ));
         let status_task = tokio::spawn(
             StatusLoop {
+                peers: PeerReports::new(
+                    client.clone(),
+                    &args.lease_namespace,
+                    controller_id.clone(),
+                ),
+                identity: controller_id.clone(),
                 writer: StatusWriter::new(
                     client,
                     controller_id.clone(),
@@ -326,6 +341,7 @@ impl StartingController {
             admin_task,
             scraper,
             status_task,
+            report_task,
             leader_task,
             router_config_watcher,
         }));
@@ -351,6 +367,7 @@ struct Parts {
     admin_task: JoinHandle<()>,
     scraper: Scraper,
     status_task: JoinHandle<()>,
+    report_task: JoinHandle<()>,
     leader_task: JoinHandle<()>,
     router_config_watcher: Option<JoinHandle<()>>,
 }
@@ -366,6 +383,7 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
         admin_task,
         scraper,
         status_task,
+        report_task,
         leader_task,
         router_config_watcher,
     } = parts;
@@ -392,6 +410,8 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     // The status loop ends on `stop` and drops the last leadership receiver:
     // the leader task then releases the lease.
     let _ = status_task.await;
+    // The report task deletes this replica's report on `stop` (bounded by its own timeout).
+    let _ = report_task.await;
     if tokio::time::timeout(LEASE_RELEASE_TIMEOUT, leader_task)
         .await
         .is_err()
@@ -472,6 +492,9 @@ async fn debounce(changes: &mut watch::Receiver<u64>) {
 
 /// Writes status while this replica leads.
 struct StatusLoop {
+    /// The other replicas' dataplanes, merged into `Programmed`.
+    peers: PeerReports,
+    identity: String,
     writer: StatusWriter,
     leader_gauge: prometheus::IntGauge,
     leading: watch::Receiver<bool>,
@@ -489,8 +512,9 @@ impl StatusLoop {
         let mut leader_alive = true;
         let mut compile_alive = true;
         loop {
-            let acks = self.acks();
+            let acks = self.own_acks();
             let version = acks.version.clone();
+            let leading = *self.leading.borrow();
             tokio::select! {
                 () = &mut stopped => return,
                 changed = self.leading.changed(), if leader_alive => {
@@ -505,6 +529,8 @@ impl StatusLoop {
                 }
                 () = self.dataplanes.wait_until(|list| AckSummary::from_dataplanes(version.as_deref(), list) != acks) => {}
                 () = tokio::time::sleep(STATUS_RESYNC_INTERVAL) => {}
+                // The other replicas' dataplanes change without telling this one.
+                () = tokio::time::sleep(PEER_REPORTS_POLL_INTERVAL), if leading => {}
             }
             tokio::select! {
                 () = &mut stopped => return,
@@ -527,10 +553,14 @@ impl StatusLoop {
                 .collect();
             let last_scrape =
                 status::last_scrape_by_server(&compiled.route_config.servers, &observed);
+            let acks = tokio::select! {
+                () = &mut stopped => return,
+                acks = self.acks_across_replicas() => acks,
+            };
             let updates = status_writer::plan(&PlanInput {
                 reports: &compiled.reports,
                 caches: &self.caches,
-                acks: &self.acks(),
+                acks: &acks,
                 last_scrape: &last_scrape,
                 now: Timestamp::now(),
             });
@@ -541,11 +571,23 @@ impl StatusLoop {
         }
     }
 
-    fn acks(&self) -> AckSummary {
-        let version = self
-            .publisher
+    fn published_version(&self) -> Option<String> {
+        self.publisher
             .route_config()
-            .map(|published| published.version.clone());
-        AckSummary::from_dataplanes(version.as_deref(), &self.dataplanes.list())
+            .map(|published| published.version.clone())
+    }
+
+    /// This replica's dataplanes only: what wakes the loop.
+    fn own_acks(&self) -> AckSummary {
+        AckSummary::from_dataplanes(self.published_version().as_deref(), &self.dataplanes.list())
+    }
+
+    /// Every replica's dataplanes: what `Programmed` says.
+    async fn acks_across_replicas(&mut self) -> AckSummary {
+        let now = app::unix_ms_now();
+        let own = DataplaneReport::from_dataplanes(&self.identity, &self.dataplanes.list(), now);
+        let version = self.published_version();
+        let others = self.peers.refresh().await;
+        AckSummary::across_replicas(version.as_deref(), &own, others, now, REPORT_TTL)
     }
 }

@@ -1,7 +1,7 @@
 //! An in-process stand-in for the Kubernetes API server, plugged into
 //! `kube::Client::new` as a tower service (no socket at all): it answers
 //! lists and watches from seeded objects, keeps a Lease, applies status
-//! patches, accepts Events, and records every request so tests can assert
+//! patches and whole objects (ConfigMaps), accepts Events, and records every request so tests can assert
 //! exactly what the controller sent.
 
 use std::collections::BTreeMap;
@@ -231,6 +231,9 @@ impl FakeApi {
         if path.ends_with("/status") && request.method == Method::PATCH {
             return self.patch_status(request);
         }
+        if request.method == Method::PATCH || request.method == Method::DELETE {
+            return self.apply_or_delete(request);
+        }
         if request.method == Method::GET {
             let collection = cluster_wide(path);
             if request.params().get("watch").map(String::as_str) == Some("true") {
@@ -295,6 +298,34 @@ impl FakeApi {
         };
         object["status"] = request.body["status"].clone();
         json_response(StatusCode::OK, object.clone())
+    }
+
+    /// Server-side apply of a whole object (the controller's ConfigMaps):
+    /// stores the body as the object; DELETE removes it.
+    fn apply_or_delete(&self, request: &Recorded) -> Response<ResponseBody> {
+        let Some((collection, namespace, name)) = object_path(&request.path) else {
+            return not_found();
+        };
+        let mut state = self.state.lock();
+        state.resource_version += 1;
+        let resource_version = state.resource_version.to_string();
+        let objects = state.collections.entry(collection).or_default();
+        let existing = objects.iter().position(|object| {
+            object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
+        });
+        if request.method == Method::DELETE {
+            return match existing {
+                Some(index) => json_response(StatusCode::OK, objects.remove(index)),
+                None => not_found(),
+            };
+        }
+        let mut object = request.body.clone();
+        object["metadata"]["resourceVersion"] = json!(resource_version);
+        match existing {
+            Some(index) => objects[index] = object.clone(),
+            None => objects.push(object.clone()),
+        }
+        json_response(StatusCode::OK, object)
     }
 
     fn lease(&self, request: &Recorded) -> Response<ResponseBody> {
