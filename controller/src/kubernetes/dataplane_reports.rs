@@ -4,8 +4,8 @@
 //! Every replica server-side-applies a ConfigMap of its own in the
 //! controller namespace, `switchyard-dataplanes-<identity>`, labelled
 //! [`REPORT_LABEL`]=[`REPORT_LABEL_VALUE`], holding a
-//! [`DataplaneReport`] as JSON: on every change of its streams (debounced)
-//! and at least every [`REPORT_RENEW_INTERVAL`]. The leader lists those
+//! [`DataplaneReport`] as JSON: on every change of its streams' RouteConfig
+//! state (debounced) and at least every [`REPORT_RENEW_INTERVAL`]. The leader lists those
 //! ConfigMaps and merges the unexpired ones with its own streams
 //! (`AckSummary::across_replicas`). A replica deletes its report when it stops;
 //! one that crashed stops renewing and is ignored after [`REPORT_TTL`].
@@ -104,11 +104,17 @@ pub async fn publish(
                 }
             },
         }
+        // Only what `Programmed` reads triggers a write: EndpointLoads are
+        // re-ACKed after every scrape, and writing a ConfigMap each time would
+        // load the API server for nothing; their state rides along on renewals.
         let changed = dataplanes.wait_until(|list| {
             !list
                 .iter()
                 .map(ReportedDataplane::from_status)
-                .eq(written.iter().cloned())
+                .map(|dataplane| (dataplane.node_id, dataplane.route_config))
+                .eq(written
+                    .iter()
+                    .map(|dataplane| (dataplane.node_id.clone(), dataplane.route_config.clone())))
         });
         tokio::select! {
             () = &mut stopped => break,
