@@ -2,11 +2,10 @@
 //! -> snapshot stream server, plus the engine scraper and the admin server.
 //! Kubernetes mode (no `--config-dir`) lives in [`crate::kubernetes`].
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{HistogramOpts, HistogramVec, Registry};
 use tokio::net::TcpListener;
@@ -15,13 +14,12 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState, ObjectsView};
 use crate::cli::{Args, EXIT_USAGE, LogFormat};
-use crate::compile::{CompiledRoutes, ObjectReport, compile_endpoint_loads, compile_route_config};
-use crate::local::{self, LocalError, LocalObjects, WatchSettings};
+use crate::compile_loop::{CompileInputs, CompileLoop};
+use crate::local::{self, LocalError, WatchSettings};
 use crate::metrics::ControllerMetrics;
 use crate::router_config::{RouterConfigError, watch_optional_router_config};
-use crate::scrape::{PodKey, PodLoad, ScrapeConfig, ScrapeTarget, Scraper, ScraperError};
+use crate::scrape::{ScrapeConfig, Scraper, ScraperError};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
-use switchyard_snapshot::pb;
 
 /// How long shutdown waits for the servers to close their connections before
 /// giving up on them; well under Kubernetes' default 30 s termination grace.
@@ -221,18 +219,17 @@ pub async fn start_local(args: &Args) -> Result<LocalController, AppError> {
     };
 
     let (objects_view_sender, objects_view) = watch::channel(Arc::new(ObjectsView::default()));
-    let mut compile_loop = CompileLoop {
-        config_dir: config_dir.to_owned(),
+    let mut compile_loop = CompileLoop::new(CompileInputs {
+        source: "config directory watcher",
+        objects,
         publisher: publisher.clone(),
         targets: targets_sender,
         objects_view: objects_view_sender,
+        compiled_out: watch::channel(None).0,
         compile_duration,
-        objects,
         pod_loads: scraper.loads.clone(),
         scheduler,
-        compiled: None,
-        reported: Vec::new(),
-    };
+    });
     compile_loop.on_objects_changed();
 
     let (stop_sender, stop) = watch::channel(false);
@@ -376,133 +373,6 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     }
     tracing::info!("controller stopped");
     outcome
-}
-
-/// Recompiles on every change of its inputs and publishes the results.
-struct CompileLoop {
-    config_dir: std::path::PathBuf,
-    publisher: Arc<SnapshotPublisher>,
-    targets: watch::Sender<Vec<ScrapeTarget>>,
-    objects_view: watch::Sender<Arc<ObjectsView>>,
-    compile_duration: HistogramVec,
-    objects: watch::Receiver<Arc<LocalObjects>>,
-    pod_loads: watch::Receiver<Arc<BTreeMap<PodKey, PodLoad>>>,
-    /// The router configuration's scheduler section, shipped inside the RouteConfig.
-    scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
-    compiled: Option<CompiledRoutes>,
-    /// Reports already logged, so an unchanged rejection is not logged again on every reload.
-    reported: Vec<ObjectReport>,
-}
-
-impl CompileLoop {
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut watcher_alive = true;
-        let mut scraper_alive = true;
-        let mut scheduler_alive = true;
-        loop {
-            tokio::select! {
-                _ = stop.wait_for(|stopped| *stopped) => return,
-                changed = self.objects.changed(), if watcher_alive => match changed {
-                    Ok(()) => self.on_objects_changed(),
-                    Err(_) => {
-                        watcher_alive = false;
-                        tracing::error!(config_dir = %self.config_dir.display(), "config watcher stopped; serving the last loaded objects");
-                    }
-                },
-                changed = self.scheduler.changed(), if scheduler_alive => match changed {
-                    Ok(()) => self.on_objects_changed(),
-                    // No file (or its watcher stopped): the last configuration stays.
-                    Err(_) => scheduler_alive = false,
-                },
-                changed = self.pod_loads.changed(), if scraper_alive => match changed {
-                    Ok(()) => self.publish_endpoint_loads(),
-                    Err(_) => {
-                        scraper_alive = false;
-                        tracing::error!("engine scraper stopped; endpoint loads are no longer updated");
-                    }
-                },
-            }
-        }
-    }
-
-    fn on_objects_changed(&mut self) {
-        let objects = self.objects.borrow_and_update().clone();
-        let started = Instant::now();
-        let mut compiled = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
-        compiled.route_config.scheduler = self.scheduler.borrow_and_update().clone();
-        self.compile_duration
-            .with_label_values(&["route_config"])
-            .observe(started.elapsed().as_secs_f64());
-
-        let published = self
-            .publisher
-            .publish_route_config(compiled.route_config.clone(), unix_ms_now());
-        if published.changed {
-            tracing::info!(
-                version = %published.version,
-                routes = compiled.route_config.routes.len(),
-                servers = compiled.route_config.servers.len(),
-                endpoints = compiled.scrape_targets.len(),
-                "published route config"
-            );
-        }
-        self.log_new_rejections(&compiled.reports);
-        self.targets.send_if_modified(|targets| {
-            if *targets == compiled.scrape_targets {
-                return false;
-            }
-            targets.clone_from(&compiled.scrape_targets);
-            true
-        });
-        self.objects_view.send_replace(Arc::new(ObjectsView {
-            reports: compiled.reports.clone(),
-            load_problems: objects.problems.clone(),
-        }));
-        self.compiled = Some(compiled);
-        // Endpoints may have come or gone: their loads follow.
-        self.publish_endpoint_loads();
-    }
-
-    fn publish_endpoint_loads(&mut self) {
-        let Some(compiled) = &self.compiled else {
-            return;
-        };
-        let pod_loads = self.pod_loads.borrow_and_update().clone();
-        let started = Instant::now();
-        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
-        self.compile_duration
-            .with_label_values(&["endpoint_loads"])
-            .observe(started.elapsed().as_secs_f64());
-        let count = loads.loads.len();
-        let published = self.publisher.publish_endpoint_loads(loads, unix_ms_now());
-        if published.changed {
-            tracing::debug!(version = %published.version, endpoints = count, "published endpoint loads");
-        }
-    }
-
-    fn log_new_rejections(&mut self, reports: &[ObjectReport]) {
-        for report in reports {
-            if report.is_healthy() || self.reported.contains(report) {
-                continue;
-            }
-            let failed = if report.accepted.status {
-                &report.resolved_refs
-            } else {
-                &report.accepted
-            };
-            tracing::warn!(
-                kind = report.kind.as_str(),
-                namespace = %report.namespace,
-                name = %report.name,
-                condition = if report.accepted.status { "ResolvedRefs" } else { "Accepted" },
-                reason = failed.reason.as_str(),
-                in_snapshot = report.in_snapshot,
-                detail = %failed.message,
-                "object not fully programmed"
-            );
-        }
-        self.reported = reports.to_vec();
-    }
 }
 
 pub(crate) fn unix_ms_now() -> i64 {

@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - [`compile`]: the pure core, inputs -> snapshot + per-object reports;
+//! - [`compile_loop`]: recompiles and publishes on every input change, in both modes;
 //! - [`local`]: local mode, objects read from YAML files in a directory;
 //! - [`kubernetes`]: Kubernetes mode: watches, leader election, status writing;
 //! - [`status`]: the pure status-condition computation;
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod compile;
+pub mod compile_loop;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
-use switchyard_crd::{ModelRoute, ModelServer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -49,15 +47,9 @@ pub enum LocalError {
     NotADirectory(PathBuf),
 }
 
-/// The objects of one directory read.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LocalObjects {
-    pub routes: Vec<ModelRoute>,
-    pub servers: Vec<ModelServer>,
-    pub pods: Vec<Pod>,
-    /// Documents or files that were skipped, in file then document order.
-    pub problems: Vec<LoadProblem>,
-}
+/// The objects of one directory read: the same set the Kubernetes caches
+/// produce, so both feed the one compile loop.
+pub type LocalObjects = crate::compile_loop::ObjectSet;
 
 /// A file or document that could not be loaded; the rest of the directory still is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -12,11 +12,9 @@ use http::Method;
 use serde_json::{Value, json};
 use switchyard_controller::cli::{Args, LogFormat};
 use switchyard_controller::kubernetes;
-use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
-use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, pb};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use switchyard_snapshot::pb;
 
+use support::dataplane::Dataplane;
 use support::fake_api::{DEADLINE, FakeApi, Recorded};
 
 const ROUTES: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelroutes";
@@ -118,41 +116,6 @@ fn is_status_patch(request: &Recorded, plural: &str, name: &str) -> bool {
             )
 }
 
-/// A dataplane on the stream that ACKs everything.
-async fn dataplane(
-    addr: std::net::SocketAddr,
-) -> (
-    mpsc::Sender<pb::SnapshotRequest>,
-    tonic::Streaming<pb::SnapshotResponse>,
-) {
-    let mut client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect to the stream");
-    let (requests, receiver) = mpsc::channel(16);
-    for (index, type_url) in [ROUTE_CONFIG_TYPE_URL, ENDPOINT_LOADS_TYPE_URL]
-        .into_iter()
-        .enumerate()
-    {
-        requests
-            .send(pb::SnapshotRequest {
-                node: (index == 0).then(|| pb::Node {
-                    id: "dataplane-0".into(),
-                    build_version: "test".into(),
-                }),
-                type_url: type_url.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("queue request");
-    }
-    let responses = client
-        .stream_snapshots(ReceiverStream::new(receiver))
-        .await
-        .expect("stream opens")
-        .into_inner();
-    (requests, responses)
-}
-
 #[tokio::test]
 async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     let fake = seeded();
@@ -185,29 +148,8 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     );
 
     // The stream serves the compiled cluster state.
-    let (acks, mut responses) = dataplane(controller.xds_addr).await;
-    let route_config = tokio::time::timeout(DEADLINE, async {
-        loop {
-            let response = responses
-                .message()
-                .await
-                .expect("stream healthy")
-                .expect("stream open");
-            acks.send(pb::SnapshotRequest {
-                type_url: response.type_url.clone(),
-                version_info: response.version_info.clone(),
-                response_nonce: response.nonce.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("ACK");
-            if let Some(pb::snapshot_response::Resource::RouteConfig(config)) = response.resource {
-                return config;
-            }
-        }
-    })
-    .await
-    .expect("a RouteConfig in time");
+    let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
+    let route_config = dataplane.next_route_config().await;
     let models: Vec<&str> = route_config
         .routes
         .iter()
@@ -471,8 +413,15 @@ async fn an_expired_lease_of_another_replica_is_taken_over() {
         .expect("stops cleanly");
 }
 
-/// GET on the admin server; the body.
+/// GET on the admin server; the body of a 200.
 async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let (status, body) = admin_request(addr, path).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+/// GET on the admin server; the status code and body.
+async fn admin_request(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -480,12 +429,81 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response))
+        .await
+        .expect("admin answers in time")
+        .expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Issue 4: no snapshot is served before every cache has listed the cluster
+/// and the first compile is published. The fake holds the ModelRoute list
+/// back (and says when it arrived), so the "before" state is certain, not timed.
+#[tokio::test]
+async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile() {
+    let fake = seeded();
+    let hold = fake.hold_lists(ROUTES);
+    let starting = tokio::time::timeout(DEADLINE, kubernetes::begin(&args(), fake.client()))
+        .await
+        .expect("admin up in time")
+        .expect("begins against the fake API");
+    let admin_addr = starting.admin_addr;
+    let publisher = starting.publisher.clone();
+    let ready = tokio::spawn(starting.until_ready());
+    fake.wait_for("the held ModelRoute list", |request| {
+        request.path == ROUTES && !request.params().contains_key("watch")
+    })
+    .await;
+
+    // Held: not ready, nothing compiled or published, and no stream server
+    // (its address exists only once `until_ready` returns).
+    let (status, body) = admin_request(admin_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(publisher.route_config().is_none());
+    assert!(publisher.endpoint_loads().is_none());
+    assert!(
+        !ready.is_finished(),
+        "ready before the ModelRoute list was answered"
+    );
+    assert!(
+        !fake
+            .requests()
+            .iter()
+            .any(|request| request.path.contains("/leases")),
+        "no election before the caches synced"
+    );
+
+    hold.release();
+    let controller = tokio::time::timeout(DEADLINE, ready)
+        .await
+        .expect("ready in time")
+        .expect("start task")
+        .expect("starts once the list is answered");
+    let body = admin_get(admin_addr, "/readyz").await;
+    let version = route_config_version(&controller);
+    assert!(body.contains(&version), "{body}");
+    // The very first snapshot a dataplane sees already holds the route that was held back.
+    let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
+    let route_config = dataplane.next_route_config().await;
+    let models: Vec<&str> = route_config
+        .routes
+        .iter()
+        .map(|route| route.model_name.as_str())
+        .collect();
+    assert_eq!(models, ["chat"]);
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
 }
 
 #[tokio::test]
@@ -570,4 +588,192 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
         .await
         .expect("stops in time")
         .expect("stops cleanly");
+}
+
+const CONFIGMAPS: &str = "/api/v1/configmaps";
+const OWN_REPORT: &str = "/api/v1/namespaces/switchyard-system/configmaps/switchyard-dataplanes-switchyard-controller-7d9f-abcde";
+
+/// Another replica's dataplane report, as that replica would apply it.
+fn peer_report(replica: &str, renewed_at_unix_ms: i64, dataplanes: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": format!("switchyard-dataplanes-{replica}"),
+            "namespace": "switchyard-system",
+            "labels": {"app.kubernetes.io/component": "dataplane-report"},
+        },
+        "data": {"report.json": json!({
+            "replica": replica,
+            "renewedAtUnixMs": renewed_at_unix_ms,
+            "dataplanes": dataplanes,
+        }).to_string()},
+    })
+}
+
+fn reported(node: &str, acked: &str, nacked: Option<(&str, &str)>) -> Value {
+    let mut route_config = json!({"subscribed": true, "ackedVersion": acked});
+    if let Some((version, error)) = nacked {
+        route_config["nackedVersion"] = json!(version);
+        route_config["lastNackError"] = json!(error);
+    }
+    json!({"nodeId": node, "routeConfig": route_config, "endpointLoads": {"subscribed": true}})
+}
+
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
+        .unwrap_or_default()
+}
+
+/// Issue 4: `Programmed` counts the dataplanes of every controller replica.
+/// This replica reports its own dataplanes in a ConfigMap; as leader it reads
+/// the other replicas' reports, skips expired ones, and counts the rest.
+#[tokio::test]
+async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
+    let fake = seeded();
+    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts against the fake API");
+    let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
+    dataplane.next_route_config().await;
+    let version = route_config_version(&controller);
+
+    // Its own report: server-side apply, labelled, with the ACK of its dataplane.
+    let report = fake
+        .wait_for("this replica's report with its dataplane", |request| {
+            request.method == Method::PATCH
+                && request.path == OWN_REPORT
+                && request.body["data"]["report.json"]
+                    .as_str()
+                    .is_some_and(|text| text.contains(&version))
+        })
+        .await;
+    assert_eq!(
+        report.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(
+        report.params().get("fieldManager").map(String::as_str),
+        Some("switchyard-controller")
+    );
+    assert_eq!(
+        report.body["metadata"]["labels"]["app.kubernetes.io/component"],
+        "dataplane-report"
+    );
+    let own: Value = serde_json::from_str(
+        report.body["data"]["report.json"]
+            .as_str()
+            .unwrap_or_default(),
+    )
+    .expect("report JSON");
+    assert_eq!(own["replica"], "switchyard-controller-7d9f-abcde");
+    assert_eq!(own["dataplanes"][0]["nodeId"], "dataplane-0");
+    assert_eq!(
+        own["dataplanes"][0]["routeConfig"]["ackedVersion"],
+        version.as_str()
+    );
+
+    // Alone, it counts its one dataplane.
+    fake.wait_for("chat programmed by one dataplane", |request| {
+        is_status_patch(request, "modelroutes", "chat")
+            && condition(&request.body["status"], "Programmed")["message"]
+                == format!("1/1 dataplanes at version {version}")
+    })
+    .await;
+
+    // Another replica serves two more dataplanes; a third replica died long ago.
+    fake.push_event(
+        CONFIGMAPS,
+        "ADDED",
+        peer_report(
+            "switchyard-controller-7d9f-fghij",
+            unix_ms_now(),
+            json!([
+                reported("dataplane-1", &version, None),
+                reported("dataplane-2", &version, None)
+            ]),
+        ),
+    )
+    .await;
+    fake.push_event(
+        CONFIGMAPS,
+        "ADDED",
+        peer_report(
+            "switchyard-controller-dead",
+            unix_ms_now() - 10 * 60 * 1000,
+            json!([reported("dataplane-9", "rc-old", None)]),
+        ),
+    )
+    .await;
+    let merged = fake
+        .wait_for("chat programmed by three dataplanes", |request| {
+            is_status_patch(request, "modelroutes", "chat")
+                && condition(&request.body["status"], "Programmed")["message"]
+                    == format!("3/3 dataplanes at version {version}")
+        })
+        .await;
+    assert_eq!(
+        condition(&merged.body["status"], "Programmed")["status"],
+        "True"
+    );
+    let list = fake
+        .wait_for("the report list", |request| {
+            request.method == Method::GET
+                && request.path == "/api/v1/namespaces/switchyard-system/configmaps"
+        })
+        .await;
+    assert_eq!(
+        list.params().get("labelSelector").map(String::as_str),
+        Some("app.kubernetes.io/component=dataplane-report")
+    );
+
+    // A NACK from a dataplane on the other replica shows in the condition.
+    fake.push_event(
+        CONFIGMAPS,
+        "MODIFIED",
+        peer_report(
+            "switchyard-controller-7d9f-fghij",
+            unix_ms_now(),
+            json!([
+                reported("dataplane-1", &version, None),
+                reported(
+                    "dataplane-2",
+                    "rc-old",
+                    Some((&version, "scheduler: unknown plugin"))
+                ),
+            ]),
+        ),
+    )
+    .await;
+    let rejected = fake
+        .wait_for("chat rejected on the other replica", |request| {
+            is_status_patch(request, "modelroutes", "chat")
+                && condition(&request.body["status"], "Programmed")["reason"]
+                    == "RejectedByDataplane"
+        })
+        .await;
+    assert_eq!(
+        condition(&rejected.body["status"], "Programmed")["message"],
+        format!(
+            "2/3 dataplanes at version {version}; rejected by dataplane-2: scheduler: unknown plugin"
+        )
+    );
+    assert_eq!(
+        condition(&rejected.body["status"], "Programmed")["status"],
+        "False"
+    );
+
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+    // Stopping withdraws its report, so the next leader does not wait for it to expire.
+    fake.wait_for("the report deleted", |request| {
+        request.method == Method::DELETE && request.path == OWN_REPORT
+    })
+    .await;
 }

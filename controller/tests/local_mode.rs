@@ -1,6 +1,8 @@
 //! Local mode end to end: YAML files -> compile -> snapshot stream, with a fake
 //! engine to scrape, the admin endpoints, and a file edit reaching the client.
 
+mod support;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,17 +16,13 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use switchyard_controller::app::{self, AppError};
 use switchyard_controller::cli::{Args, LogFormat};
-use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
-use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, pb};
+use switchyard_snapshot::{ROUTE_CONFIG_TYPE_URL, pb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 
-/// Generous bound for anything that should happen "soon": only a hung test waits this long.
-const DEADLINE: Duration = Duration::from_secs(20);
+use support::dataplane::Dataplane;
+use support::fake_api::DEADLINE;
 
 const METRICS_PAGE: &str = "\
 # HELP vllm:num_requests_waiting Number of requests waiting to be processed.
@@ -183,77 +181,6 @@ async fn get_json(addr: SocketAddr, path: &str) -> Value {
     serde_json::from_str(&body).expect("JSON body")
 }
 
-struct Dataplane {
-    requests: mpsc::Sender<pb::SnapshotRequest>,
-    responses: Streaming<pb::SnapshotResponse>,
-}
-
-impl Dataplane {
-    async fn connect(addr: SocketAddr) -> Self {
-        let mut client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect");
-        let (requests, receiver) = mpsc::channel(16);
-        for (index, type_url) in [ROUTE_CONFIG_TYPE_URL, ENDPOINT_LOADS_TYPE_URL]
-            .into_iter()
-            .enumerate()
-        {
-            requests
-                .send(pb::SnapshotRequest {
-                    node: (index == 0).then(|| pb::Node {
-                        id: "dataplane-under-test".into(),
-                        build_version: "test".into(),
-                    }),
-                    type_url: type_url.into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("queue request");
-        }
-        let responses = client
-            .stream_snapshots(ReceiverStream::new(receiver))
-            .await
-            .expect("stream opens")
-            .into_inner();
-        Self {
-            requests,
-            responses,
-        }
-    }
-
-    /// ACKs every response until one satisfies `wanted`, and returns it.
-    async fn next_matching(
-        &mut self,
-        mut wanted: impl FnMut(&pb::SnapshotResponse) -> bool,
-    ) -> pb::SnapshotResponse {
-        let wait = async {
-            loop {
-                let response = self
-                    .responses
-                    .message()
-                    .await
-                    .expect("stream healthy")
-                    .expect("stream open");
-                self.requests
-                    .send(pb::SnapshotRequest {
-                        type_url: response.type_url.clone(),
-                        version_info: response.version_info.clone(),
-                        response_nonce: response.nonce.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("ACK");
-                if wanted(&response) {
-                    return response;
-                }
-            }
-        };
-        tokio::time::timeout(DEADLINE, wait)
-            .await
-            .expect("wanted response in time")
-    }
-}
-
 fn route_models(response: &pb::SnapshotResponse) -> Option<Vec<String>> {
     match &response.resource {
         Some(pb::snapshot_response::Resource::RouteConfig(config)) => Some(
@@ -295,7 +222,7 @@ async fn local_mode_serves_files_loads_and_edits() {
         "{broken}"
     );
 
-    let mut dataplane = Dataplane::connect(controller.xds_addr).await;
+    let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-under-test").await;
     let routes = dataplane
         .next_matching(|response| route_models(response).is_some())
         .await;

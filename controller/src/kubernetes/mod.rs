@@ -11,30 +11,32 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use prometheus::{HistogramVec, Registry};
-use switchyard_snapshot::pb;
+use prometheus::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState, ObjectsView};
 use crate::app::{self, AppError};
 use crate::cli::Args;
-use crate::compile::{CompiledRoutes, ObjectReport, compile_endpoint_loads, compile_route_config};
+use crate::compile::CompiledRoutes;
+use crate::compile_loop::{CompileInputs, CompileLoop, ObjectSet};
 use crate::router_config::watch_optional_router_config;
-use crate::scrape::{PodLoads, ScrapeConfig, ScrapeTarget, Scraper};
-use crate::status::{self, AckSummary};
+use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
+use crate::status::{self, AckSummary, DataplaneReport};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
 pub mod caches;
+pub mod dataplane_reports;
 pub mod leader;
 pub mod pod_selector;
 pub mod status_writer;
 
 pub use self::caches::{Caches, Scope};
+use dataplane_reports::{PEER_REPORTS_POLL_INTERVAL, PeerReports, REPORT_TTL};
 use pod_selector::PodWatch;
 use status_writer::{PlanInput, StatusWriter};
 
@@ -115,6 +117,13 @@ impl KubernetesController {
 /// waits for the caches to sync, publishes the first snapshot, then binds the
 /// stream server and starts the scraper, the election and the status writer.
 pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, AppError> {
+    begin(args, client).await?.until_ready().await
+}
+
+/// The first half of [`start`]: binds and serves the admin endpoints
+/// (`/readyz` answers 503 until the first snapshot is published) and watches
+/// the router configuration. Nothing is listed or served on the stream yet.
+pub async fn begin(args: &Args, client: Client) -> Result<StartingController, AppError> {
     let controller_id = args.effective_controller_id();
     let admin_listener = app::bind("admin", args.metrics_addr).await?;
     let admin_addr = app::local_addr(&admin_listener, "admin", args.metrics_addr)?;
@@ -130,7 +139,6 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
     let dataplanes = DataplaneRegistry::new();
     let (objects_view_sender, objects_view) = watch::channel(Arc::new(ObjectsView::default()));
     let (stop_sender, stop) = watch::channel(false);
-    let stop_sender = Arc::new(stop_sender);
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         AdminState {
@@ -151,109 +159,207 @@ pub async fn start(args: &Args, client: Client) -> Result<KubernetesController, 
                 return Err(error.into());
             }
         };
-    let scope = Scope::from_namespaces(&args.namespaces);
-    tracing::info!(scope = ?scope, "starting the Kubernetes watches");
-    let reflectors = caches::start(&client, &scope).await;
-    let mut caches = reflectors.caches.clone();
-    caches.wait_synced().await;
-    tracing::info!("Kubernetes caches synced");
-
-    let (targets_sender, targets) = watch::channel(Vec::new());
-    let scrape_config = ScrapeConfig {
-        interval: args.scrape_interval,
-        timeout: args.effective_scrape_timeout(),
-        ..ScrapeConfig::default()
-    };
-    let scraper = match Scraper::spawn(scrape_config, targets, &registry) {
-        Ok(scraper) => scraper,
-        Err(error) => {
-            reflectors.abort();
-            admin_task.abort();
-            return Err(error.into());
-        }
-    };
-    let (compiled_sender, compiled) = watch::channel(None);
-    let mut compile_loop = CompileLoop {
-        caches: caches.clone(),
-        pod_watch: reflectors.pod_watch.clone(),
-        publisher: publisher.clone(),
-        targets: targets_sender,
-        objects_view: objects_view_sender,
-        compiled_out: compiled_sender,
-        compile_duration,
-        pod_loads: scraper.loads.clone(),
-        scheduler,
-        compiled: None,
-        reported: Vec::new(),
-    };
-    compile_loop.on_objects_changed();
-
-    let xds_listener = match app::bind("snapshot stream", args.xds_addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            reflectors.abort();
-            scraper.task.abort();
-            admin_task.abort();
-            return Err(error);
-        }
-    };
-    let xds_addr = app::local_addr(&xds_listener, "snapshot stream", args.xds_addr)?;
-    let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), xds_metrics);
-    let xds_task = tokio::spawn(xds::serve(
-        xds_listener,
-        service,
-        app::stopped(stop.clone()),
-    ));
-    tracing::info!(addr = %xds_addr, "xds listening on {xds_addr}");
-
-    let (leading, leader_task) = leader::spawn(
-        client.clone(),
-        leader::LeaseSettings {
-            namespace: args.lease_namespace.clone(),
-            name: args.lease_name.clone(),
-            identity: controller_id.clone(),
-        },
-    );
-    let status_task = tokio::spawn(
-        StatusLoop {
-            writer: StatusWriter::new(client, controller_id.clone(), controller_metrics.clone()),
-            leader_gauge: controller_metrics.leader.clone(),
-            leading: leading.clone(),
-            compiled,
-            caches,
-            publisher: publisher.clone(),
-            dataplanes: dataplanes.clone(),
-            pod_loads: scraper.loads.clone(),
-        }
-        .run(stop.clone()),
-    );
-    tracing::info!(controller_id = %controller_id, "controller started in Kubernetes mode");
-
-    let task = tokio::spawn(supervise(Parts {
-        compile_loop,
-        reflectors,
-        stop_sender: stop_sender.clone(),
-        stop,
-        xds_task,
-        admin_task,
-        scraper,
-        status_task,
-        leader_task,
-        router_config_watcher,
-    }));
-    Ok(KubernetesController {
-        xds_addr,
+    Ok(StartingController {
         admin_addr,
         publisher,
+        args: args.clone(),
+        client,
+        controller_id,
+        registry,
+        xds_metrics,
+        compile_duration,
+        controller_metrics,
         dataplanes,
-        leading,
-        stop: stop_sender,
-        task,
+        objects_view: objects_view_sender,
+        stop_sender: Arc::new(stop_sender),
+        stop,
+        admin_task,
+        scheduler,
+        router_config_watcher,
     })
+}
+
+/// A controller between [`begin`] and [`StartingController::until_ready`]:
+/// admin endpoints up, not ready, no stream server.
+pub struct StartingController {
+    /// Where the admin server listens.
+    pub admin_addr: SocketAddr,
+    /// Empty until the first compile after the caches synced.
+    pub publisher: Arc<SnapshotPublisher>,
+    args: Args,
+    client: Client,
+    controller_id: String,
+    registry: Registry,
+    xds_metrics: XdsMetrics,
+    compile_duration: prometheus::HistogramVec,
+    controller_metrics: crate::metrics::ControllerMetrics,
+    dataplanes: DataplaneRegistry,
+    objects_view: watch::Sender<Arc<ObjectsView>>,
+    stop_sender: Arc<watch::Sender<bool>>,
+    stop: watch::Receiver<bool>,
+    admin_task: JoinHandle<()>,
+    scheduler: watch::Receiver<Option<switchyard_snapshot::pb::SchedulerConfig>>,
+    router_config_watcher: Option<JoinHandle<()>>,
+}
+
+impl StartingController {
+    /// The second half of [`start`]: lists and watches the cluster, waits
+    /// for every cache to sync, publishes the first snapshot, and only then
+    /// binds the stream server and starts the election and status writing.
+    pub async fn until_ready(self) -> Result<KubernetesController, AppError> {
+        let Self {
+            admin_addr,
+            publisher,
+            args,
+            client,
+            controller_id,
+            registry,
+            xds_metrics,
+            compile_duration,
+            controller_metrics,
+            dataplanes,
+            objects_view: objects_view_sender,
+            stop_sender,
+            stop,
+            admin_task,
+            scheduler,
+            router_config_watcher,
+        } = self;
+        let abort_early = |admin_task: &JoinHandle<()>, watcher: &Option<JoinHandle<()>>| {
+            admin_task.abort();
+            if let Some(task) = watcher {
+                task.abort();
+            }
+        };
+        let scope = Scope::from_namespaces(&args.namespaces);
+        tracing::info!(scope = ?scope, "starting the Kubernetes watches");
+        let reflectors = caches::start(&client, &scope).await;
+        let mut caches = reflectors.caches.clone();
+        caches.wait_synced().await;
+        tracing::info!("Kubernetes caches synced");
+
+        let (targets_sender, targets) = watch::channel(Vec::new());
+        let scrape_config = ScrapeConfig {
+            interval: args.scrape_interval,
+            timeout: args.effective_scrape_timeout(),
+            ..ScrapeConfig::default()
+        };
+        let scraper = match Scraper::spawn(scrape_config, targets, &registry) {
+            Ok(scraper) => scraper,
+            Err(error) => {
+                reflectors.abort();
+                abort_early(&admin_task, &router_config_watcher);
+                return Err(error.into());
+            }
+        };
+        let (compiled_sender, compiled) = watch::channel(None);
+        let (objects_sender, objects) = watch::channel(object_set(&caches, &reflectors.pod_watch));
+        let mut compile_loop = CompileLoop::new(CompileInputs {
+            source: "every Kubernetes watch",
+            objects,
+            publisher: publisher.clone(),
+            targets: targets_sender,
+            objects_view: objects_view_sender,
+            compiled_out: compiled_sender,
+            compile_duration,
+            pod_loads: scraper.loads.clone(),
+            scheduler,
+        });
+        compile_loop.on_objects_changed();
+
+        let xds_listener = match app::bind("snapshot stream", args.xds_addr).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                reflectors.abort();
+                scraper.task.abort();
+                abort_early(&admin_task, &router_config_watcher);
+                return Err(error);
+            }
+        };
+        let xds_addr = app::local_addr(&xds_listener, "snapshot stream", args.xds_addr)?;
+        let feeder_task = tokio::spawn(feed_objects(
+            caches.clone(),
+            reflectors.pod_watch.clone(),
+            objects_sender,
+        ));
+        let service =
+            RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), xds_metrics);
+        let xds_task = tokio::spawn(xds::serve(
+            xds_listener,
+            service,
+            app::stopped(stop.clone()),
+        ));
+        tracing::info!(addr = %xds_addr, "xds listening on {xds_addr}");
+
+        let (leading, leader_task) = leader::spawn(
+            client.clone(),
+            leader::LeaseSettings {
+                namespace: args.lease_namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: controller_id.clone(),
+            },
+        );
+        let report_task = tokio::spawn(dataplane_reports::publish(
+            client.clone(),
+            args.lease_namespace.clone(),
+            controller_id.clone(),
+            dataplanes.clone(),
+            stop.clone(),
+        ));
+        let status_task = tokio::spawn(
+            StatusLoop {
+                peers: PeerReports::new(
+                    client.clone(),
+                    &args.lease_namespace,
+                    controller_id.clone(),
+                ),
+                identity: controller_id.clone(),
+                writer: StatusWriter::new(
+                    client,
+                    controller_id.clone(),
+                    controller_metrics.clone(),
+                ),
+                leader_gauge: controller_metrics.leader.clone(),
+                leading: leading.clone(),
+                compiled,
+                caches,
+                publisher: publisher.clone(),
+                dataplanes: dataplanes.clone(),
+                pod_loads: scraper.loads.clone(),
+            }
+            .run(stop.clone()),
+        );
+        tracing::info!(controller_id = %controller_id, "controller started in Kubernetes mode");
+
+        let task = tokio::spawn(supervise(Parts {
+            compile_loop,
+            feeder_task,
+            reflectors,
+            stop_sender: stop_sender.clone(),
+            stop,
+            xds_task,
+            admin_task,
+            scraper,
+            status_task,
+            report_task,
+            leader_task,
+            router_config_watcher,
+        }));
+        Ok(KubernetesController {
+            xds_addr,
+            admin_addr,
+            publisher,
+            dataplanes,
+            leading,
+            stop: stop_sender,
+            task,
+        })
+    }
 }
 
 struct Parts {
     compile_loop: CompileLoop,
+    feeder_task: JoinHandle<()>,
     reflectors: caches::Reflectors,
     stop_sender: Arc<watch::Sender<bool>>,
     stop: watch::Receiver<bool>,
@@ -261,6 +367,7 @@ struct Parts {
     admin_task: JoinHandle<()>,
     scraper: Scraper,
     status_task: JoinHandle<()>,
+    report_task: JoinHandle<()>,
     leader_task: JoinHandle<()>,
     router_config_watcher: Option<JoinHandle<()>>,
 }
@@ -268,6 +375,7 @@ struct Parts {
 async fn supervise(parts: Parts) -> Result<(), AppError> {
     let Parts {
         compile_loop,
+        feeder_task,
         reflectors,
         stop_sender,
         stop,
@@ -275,6 +383,7 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
         admin_task,
         scraper,
         status_task,
+        report_task,
         leader_task,
         router_config_watcher,
     } = parts;
@@ -293,6 +402,7 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     }
     stop_sender.send_replace(true);
     scraper.task.abort();
+    feeder_task.abort();
     reflectors.abort();
     if let Some(task) = router_config_watcher {
         task.abort();
@@ -300,6 +410,8 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     // The status loop ends on `stop` and drops the last leadership receiver:
     // the leader task then releases the lease.
     let _ = status_task.await;
+    // The report task deletes this replica's report on `stop` (bounded by its own timeout).
+    let _ = report_task.await;
     if tokio::time::timeout(LEASE_RELEASE_TIMEOUT, leader_task)
         .await
         .is_err()
@@ -325,114 +437,36 @@ async fn supervise(parts: Parts) -> Result<(), AppError> {
     outcome
 }
 
-/// Recompiles on every (debounced) cache change and publishes the results.
-struct CompileLoop {
+/// Keeps the compile loop's objects current: a consistent copy of the caches
+/// after each debounced burst of watch events. Ends when every watch stopped
+/// (the loop then says so) or the loop is gone.
+async fn feed_objects(
     caches: Caches,
     pod_watch: watch::Sender<PodWatch>,
-    publisher: Arc<SnapshotPublisher>,
-    targets: watch::Sender<Vec<ScrapeTarget>>,
-    objects_view: watch::Sender<Arc<ObjectsView>>,
-    compiled_out: watch::Sender<Option<Arc<CompiledRoutes>>>,
-    compile_duration: HistogramVec,
-    pod_loads: watch::Receiver<PodLoads>,
-    /// The router configuration's scheduler section, shipped inside the RouteConfig.
-    scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
-    compiled: Option<Arc<CompiledRoutes>>,
-    reported: Vec<ObjectReport>,
+    objects: watch::Sender<Arc<ObjectSet>>,
+) {
+    let mut changes = caches.changes.clone();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = objects.closed() => return,
+        }
+        debounce(&mut changes).await;
+        objects.send_replace(object_set(&caches, &pod_watch));
+    }
 }
 
-impl CompileLoop {
-    async fn run(mut self, stop: watch::Receiver<bool>) {
-        let stopped = app::stopped(stop);
-        tokio::pin!(stopped);
-        let mut changes = self.caches.changes.clone();
-        let mut watches_alive = true;
-        let mut scraper_alive = true;
-        let mut scheduler_alive = true;
-        loop {
-            tokio::select! {
-                () = &mut stopped => return,
-                changed = self.scheduler.changed(), if scheduler_alive => match changed {
-                    Ok(()) => self.on_objects_changed(),
-                    // No file (or its watcher stopped): the last configuration stays.
-                    Err(_) => scheduler_alive = false,
-                },
-                changed = changes.changed(), if watches_alive => match changed {
-                    Ok(()) => {
-                        debounce(&mut changes).await;
-                        self.on_objects_changed();
-                    }
-                    Err(_) => {
-                        watches_alive = false;
-                        tracing::error!("every Kubernetes watch stopped; serving the last compiled snapshot");
-                    }
-                },
-                changed = self.pod_loads.changed(), if scraper_alive => match changed {
-                    Ok(()) => self.publish_endpoint_loads(),
-                    Err(_) => {
-                        scraper_alive = false;
-                        tracing::error!("engine scraper stopped; endpoint loads are no longer updated");
-                    }
-                },
-            }
-        }
-    }
-
-    fn on_objects_changed(&mut self) {
-        let (routes, servers, pods) = self.caches.snapshot();
-        self.pod_watch.send_if_modified(|current| {
-            replace_if_changed(current, pod_selector::pod_watch(&servers))
-        });
-        let started = Instant::now();
-        let mut compiled = compile_route_config(&routes, &servers, &pods);
-        compiled.route_config.scheduler = self.scheduler.borrow_and_update().clone();
-        self.compile_duration
-            .with_label_values(&["route_config"])
-            .observe(started.elapsed().as_secs_f64());
-        let published = self
-            .publisher
-            .publish_route_config(compiled.route_config.clone(), app::unix_ms_now());
-        if published.changed {
-            tracing::info!(
-                version = %published.version,
-                routes = compiled.route_config.routes.len(),
-                servers = compiled.route_config.servers.len(),
-                endpoints = compiled.scrape_targets.len(),
-                "published route config"
-            );
-        }
-        for report in &compiled.reports {
-            if !report.is_healthy() && !self.reported.contains(report) {
-                tracing::warn!(kind = report.kind.as_str(), namespace = %report.namespace, name = %report.name, accepted = %report.accepted.reason, resolved_refs = %report.resolved_refs.reason, "object not fully programmed");
-            }
-        }
-        self.reported.clone_from(&compiled.reports);
-        self.targets.send_if_modified(|targets| {
-            replace_if_changed(targets, compiled.scrape_targets.clone())
-        });
-        self.objects_view.send_replace(Arc::new(ObjectsView {
-            reports: compiled.reports.clone(),
-            load_problems: Vec::new(),
-        }));
-        let compiled = Arc::new(compiled);
-        self.compiled = Some(compiled.clone());
-        self.compiled_out.send_replace(Some(compiled));
-        self.publish_endpoint_loads();
-    }
-
-    fn publish_endpoint_loads(&mut self) {
-        let Some(compiled) = &self.compiled else {
-            return;
-        };
-        let pod_loads = self.pod_loads.borrow_and_update().clone();
-        let started = Instant::now();
-        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
-        self.compile_duration
-            .with_label_values(&["endpoint_loads"])
-            .observe(started.elapsed().as_secs_f64());
-        self.publisher
-            .publish_endpoint_loads(loads, app::unix_ms_now());
-    }
+/// The caches' objects; on the way, points the pod watch at what the ModelServers select.
+fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<ObjectSet> {
+    let (routes, servers, pods) = caches.snapshot();
+    pod_watch
+        .send_if_modified(|current| replace_if_changed(current, pod_selector::pod_watch(&servers)));
+    Arc::new(ObjectSet {
+        routes,
+        servers,
+        pods,
+        problems: Vec::new(),
+    })
 }
 
 fn replace_if_changed<T: PartialEq>(current: &mut T, new: T) -> bool {
@@ -458,6 +492,9 @@ async fn debounce(changes: &mut watch::Receiver<u64>) {
 
 /// Writes status while this replica leads.
 struct StatusLoop {
+    /// The other replicas' dataplanes, merged into `Programmed`.
+    peers: PeerReports,
+    identity: String,
     writer: StatusWriter,
     leader_gauge: prometheus::IntGauge,
     leading: watch::Receiver<bool>,
@@ -475,8 +512,9 @@ impl StatusLoop {
         let mut leader_alive = true;
         let mut compile_alive = true;
         loop {
-            let acks = self.acks();
+            let acks = self.own_acks();
             let version = acks.version.clone();
+            let leading = *self.leading.borrow();
             tokio::select! {
                 () = &mut stopped => return,
                 changed = self.leading.changed(), if leader_alive => {
@@ -491,6 +529,8 @@ impl StatusLoop {
                 }
                 () = self.dataplanes.wait_until(|list| AckSummary::from_dataplanes(version.as_deref(), list) != acks) => {}
                 () = tokio::time::sleep(STATUS_RESYNC_INTERVAL) => {}
+                // The other replicas' dataplanes change without telling this one.
+                () = tokio::time::sleep(PEER_REPORTS_POLL_INTERVAL), if leading => {}
             }
             tokio::select! {
                 () = &mut stopped => return,
@@ -513,10 +553,14 @@ impl StatusLoop {
                 .collect();
             let last_scrape =
                 status::last_scrape_by_server(&compiled.route_config.servers, &observed);
+            let acks = tokio::select! {
+                () = &mut stopped => return,
+                acks = self.acks_across_replicas() => acks,
+            };
             let updates = status_writer::plan(&PlanInput {
                 reports: &compiled.reports,
                 caches: &self.caches,
-                acks: &self.acks(),
+                acks: &acks,
                 last_scrape: &last_scrape,
                 now: Timestamp::now(),
             });
@@ -527,11 +571,23 @@ impl StatusLoop {
         }
     }
 
-    fn acks(&self) -> AckSummary {
-        let version = self
-            .publisher
+    fn published_version(&self) -> Option<String> {
+        self.publisher
             .route_config()
-            .map(|published| published.version.clone());
-        AckSummary::from_dataplanes(version.as_deref(), &self.dataplanes.list())
+            .map(|published| published.version.clone())
+    }
+
+    /// This replica's dataplanes only: what wakes the loop.
+    fn own_acks(&self) -> AckSummary {
+        AckSummary::from_dataplanes(self.published_version().as_deref(), &self.dataplanes.list())
+    }
+
+    /// Every replica's dataplanes: what `Programmed` says.
+    async fn acks_across_replicas(&mut self) -> AckSummary {
+        let now = app::unix_ms_now();
+        let own = DataplaneReport::from_dataplanes(&self.identity, &self.dataplanes.list(), now);
+        let version = self.published_version();
+        let others = self.peers.refresh().await;
+        AckSummary::across_replicas(version.as_deref(), &own, others, now, REPORT_TTL)
     }
 }

@@ -22,8 +22,11 @@ use switchyard_crd::{ModelRouteStatus, ModelServerStatus};
 use crate::compile::{ConditionReport, ObjectKind, ObjectReport};
 use crate::xds::DataplaneStatus;
 
+mod reports;
 #[cfg(test)]
 mod tests;
+
+pub use reports::{DataplaneReport, ReportedDataplane, ReportedSync};
 
 /// Kubernetes caps `Condition.message` at 32768 bytes; compile messages join
 /// every problem, so a pathological object could exceed it and make the whole
@@ -43,7 +46,7 @@ pub enum ProgrammedReason {
     Programmed,
     /// Some connected dataplanes have not ACKed that version yet.
     Pending,
-    /// No dataplane is connected to this controller replica.
+    /// No dataplane is connected to any controller replica.
     NoDataplanes,
     /// At least one dataplane NACKed that version (it keeps serving its previous one).
     RejectedByDataplane,
@@ -79,29 +82,11 @@ pub struct AckSummary {
 impl AckSummary {
     /// Summarises the registry's streams against the published `version`.
     pub fn from_dataplanes(version: Option<&str>, dataplanes: &[DataplaneStatus]) -> Self {
-        let mut summary = Self {
-            version: version.map(str::to_owned),
-            ..Self::default()
-        };
-        for dataplane in dataplanes {
-            let sync = &dataplane.route_config;
-            if !sync.subscribed {
-                continue;
-            }
-            summary.dataplanes += 1;
-            let Some(version) = version else { continue };
-            if sync.acked_version.as_deref() == Some(version) {
-                summary.at_version += 1;
-            } else if sync.nacked_version.as_deref() == Some(version) {
-                let node = dataplane
-                    .node_id
-                    .clone()
-                    .unwrap_or_else(|| format!("stream {}", dataplane.stream_id));
-                let error = sync.last_nack_error.as_deref().unwrap_or("no error given");
-                summary.rejections.push(format!("{node}: {error}"));
-            }
-        }
-        summary
+        let reported: Vec<ReportedDataplane> = dataplanes
+            .iter()
+            .map(ReportedDataplane::from_status)
+            .collect();
+        Self::from_reported(version, &reported)
     }
 
     /// The `Programmed` condition of an object (`in_snapshot`: it is part of `version`).

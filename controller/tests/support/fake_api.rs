@@ -1,7 +1,7 @@
 //! An in-process stand-in for the Kubernetes API server, plugged into
 //! `kube::Client::new` as a tower service (no socket at all): it answers
 //! lists and watches from seeded objects, keeps a Lease, applies status
-//! patches, accepts Events, and records every request so tests can assert
+//! patches and whole objects (ConfigMaps), accepts Events, and records every request so tests can assert
 //! exactly what the controller sent.
 
 use std::collections::BTreeMap;
@@ -50,6 +50,8 @@ struct State {
     /// Open watch bodies per collection path.
     watchers: BTreeMap<String, Vec<WatchSender>>,
     lease: Option<Value>,
+    /// Collection path -> turns true when its held lists may be answered.
+    held_lists: BTreeMap<String, watch::Receiver<bool>>,
     requests: Vec<Recorded>,
     resource_version: u64,
 }
@@ -85,6 +87,18 @@ impl FakeApi {
     /// Starts with this Lease in place (another replica's, say).
     pub fn seed_lease(&self, lease: Value) {
         self.state.lock().lease = Some(lease);
+    }
+
+    /// Holds back the answers to lists (not watches) of `path` until the
+    /// returned hold is released. A held request is recorded as it arrives,
+    /// so [`Self::wait_for`] tells a test it is waiting.
+    pub fn hold_lists(&self, path: &str) -> ListHold {
+        let (release, released) = watch::channel(false);
+        self.state
+            .lock()
+            .held_lists
+            .insert(path.to_owned(), released);
+        ListHold(release)
     }
 
     /// A `kube::Client` talking to this fake.
@@ -171,20 +185,39 @@ impl FakeApi {
                 .map(str::to_owned),
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         };
+        let is_list = recorded.method == Method::GET && !recorded.params().contains_key("watch");
+        let held = is_list
+            .then(|| {
+                self.state
+                    .lock()
+                    .held_lists
+                    .get(&cluster_wide(&recorded.path))
+                    .cloned()
+            })
+            .flatten();
+        if let Some(mut released) = held {
+            self.record(recorded.clone());
+            let _ = released.wait_for(|released| *released).await;
+            return self.respond(&recorded);
+        }
         let response = self.respond(&recorded);
         let applied_status = (recorded.method == Method::PATCH
             && recorded.path.ends_with("/status")
             && response.status() == StatusCode::OK)
             .then(|| self.stored(&recorded.path))
             .flatten();
-        self.state.lock().requests.push(recorded.clone());
-        self.revision.send_modify(|revision| *revision += 1);
+        self.record(recorded.clone());
         // Like the API server, a status change reaches the watches.
         if let Some(object) = applied_status {
             self.push_event(&cluster_wide(&recorded.path), "MODIFIED", object)
                 .await;
         }
         response
+    }
+
+    fn record(&self, recorded: Recorded) {
+        self.state.lock().requests.push(recorded);
+        self.revision.send_modify(|revision| *revision += 1);
     }
 
     fn respond(&self, request: &Recorded) -> Response<ResponseBody> {
@@ -197,6 +230,9 @@ impl FakeApi {
         }
         if path.ends_with("/status") && request.method == Method::PATCH {
             return self.patch_status(request);
+        }
+        if request.method == Method::PATCH || request.method == Method::DELETE {
+            return self.apply_or_delete(request);
         }
         if request.method == Method::GET {
             let collection = cluster_wide(path);
@@ -264,6 +300,34 @@ impl FakeApi {
         json_response(StatusCode::OK, object.clone())
     }
 
+    /// Server-side apply of a whole object (the controller's ConfigMaps):
+    /// stores the body as the object; DELETE removes it.
+    fn apply_or_delete(&self, request: &Recorded) -> Response<ResponseBody> {
+        let Some((collection, namespace, name)) = object_path(&request.path) else {
+            return not_found();
+        };
+        let mut state = self.state.lock();
+        state.resource_version += 1;
+        let resource_version = state.resource_version.to_string();
+        let objects = state.collections.entry(collection).or_default();
+        let existing = objects.iter().position(|object| {
+            object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
+        });
+        if request.method == Method::DELETE {
+            return match existing {
+                Some(index) => json_response(StatusCode::OK, objects.remove(index)),
+                None => not_found(),
+            };
+        }
+        let mut object = request.body.clone();
+        object["metadata"]["resourceVersion"] = json!(resource_version);
+        match existing {
+            Some(index) => objects[index] = object.clone(),
+            None => objects.push(object.clone()),
+        }
+        json_response(StatusCode::OK, object)
+    }
+
     fn lease(&self, request: &Recorded) -> Response<ResponseBody> {
         let mut state = self.state.lock();
         match request.method {
@@ -299,6 +363,21 @@ impl FakeApi {
             }
             _ => not_found(),
         }
+    }
+}
+
+/// Releases the lists [`FakeApi::hold_lists`] holds back; dropping it does too.
+pub struct ListHold(watch::Sender<bool>);
+
+impl ListHold {
+    pub fn release(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Drop for ListHold {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
