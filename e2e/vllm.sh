@@ -59,7 +59,7 @@ start_engine() { # port cpu
   PORT=$1 VLLM_CPU_OMP_THREADS_BIND=$2 "$VLLM_TOOL" start || true
   local deadline=$((SECONDS + ENGINE_START_TIMEOUT_S))
   until curl -fs "http://127.0.0.1:$1/health" >/dev/null 2>&1; do
-    PORT=$1 "$VLLM_TOOL" status | grep -q '^pid' || fail "engine on port $1 died (see $VLLM_HOME/logs/server-$1.log)"
+    [[ "$(PORT=$1 "$VLLM_TOOL" status)" == pid* ]] || fail "engine on port $1 died (see $VLLM_HOME/logs/server-$1.log)"
     [ $SECONDS -lt $deadline ] || fail "engine on port $1 not healthy after $ENGINE_START_TIMEOUT_S s"
     sleep 2
   done
