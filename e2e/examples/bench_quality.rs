@@ -16,29 +16,11 @@ use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use switchyard_e2e::harness::{
-    EngineSpec, Process, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for,
-};
+use switchyard_e2e::sim_stack::{SIM_MODEL, SimStack, SimStackOptions, words};
 
-const PORT: u16 = 8000;
-
-const OBJECTS: &str = r#"
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelServer
-metadata: {name: sim, namespace: default}
-spec:
-  workloadSelector: {matchLabels: {app: sim}}
-  workloadPort: {port: 8000}
-  inferenceEngine: vLLM
----
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelRoute
-metadata: {name: base, namespace: default}
-spec:
-  modelName: base
-  rules:
-  - targetModels: [{modelServerName: sim}]
-"#;
+/// Slower than the tests' interval: the benchmark measures routing, and a
+/// 500 ms scrape is still several samples per strategy run.
+const SCRAPE_INTERVAL: &str = "500ms";
 
 /// The strategies compared, as router configuration files.
 const STRATEGIES: [(&str, &str); 4] = [
@@ -91,31 +73,11 @@ fn engine_args() -> Vec<String> {
     .to_vec()
 }
 
-fn words(topic: &str, count: usize) -> String {
-    (0..count)
-        .map(|i| format!("{topic}{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 struct Outcome {
     ttft: Vec<Duration>,
     elapsed: Duration,
     completed: usize,
     hit_rate: f64,
-}
-
-async fn counter(stack: &Stack, ip: std::net::Ipv4Addr, name: &str) -> f64 {
-    let text = stack
-        .http
-        .get(&format!("http://{ip}:{PORT}/metrics"))
-        .await
-        .expect("engine metrics")
-        .text();
-    text.lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 async fn run(router_config: &str, dataplanes: usize) -> Outcome {
@@ -125,73 +87,16 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
     let groups = env("BENCH_GROUPS", 16);
     let seed = env("BENCH_SEED", 1) as u64;
 
-    let subnet = test_subnet();
-    let specs: Vec<EngineSpec> = (0..engines)
-        .map(|i| EngineSpec {
-            name: format!("pod-{i}"),
-            ip: ip_in(subnet, 10 + i as u8),
-            port: PORT,
-            model: "base".into(),
-            extra_args: engine_args(),
-        })
-        .collect();
-    let mut files = vec![("objects.yaml".to_owned(), OBJECTS.to_owned())];
-    for spec in &specs {
-        files.push((
-            format!("{}.yaml", spec.name),
-            ready_pod_yaml(&spec.name, spec.ip, &[("app", "sim")]),
-        ));
-    }
-    let borrowed: Vec<(&str, String)> =
-        files.iter().map(|(n, y)| (n.as_str(), y.clone())).collect();
-    let mut stack = Stack::new(&borrowed);
-    let router_path = stack.dir.path().join("router.yaml");
-    std::fs::write(&router_path, router_config).expect("router config");
-    stack.start_engines(&specs).await;
-    let args: Vec<String> = vec![
-        "--config-dir".into(),
-        stack.config_dir.display().to_string(),
-        "--router-config".into(),
-        router_path.display().to_string(),
-        "--xds-addr".into(),
-        stack.xds_addr.to_string(),
-        "--metrics-addr".into(),
-        stack.controller_admin.to_string(),
-        "--scrape-interval".into(),
-        "500ms".into(),
-    ];
-    stack.controller = Some(Process::start(
-        "switchyard-controller",
-        "controller",
-        &args,
-        stack.dir.path(),
-    ));
-    stack
-        .http
-        .wait_ok(&format!("http://{}/readyz", stack.controller_admin))
-        .await;
-    for _ in 0..dataplanes {
-        stack.start_dataplane().await;
-    }
-    for index in 0..dataplanes {
-        let url = format!(
-            "http://{}/debug/router/state",
-            stack.dataplanes[index].debug
-        );
-        let http = stack.http.clone();
-        wait_for("pods in the snapshot", || async {
-            let state = http.get(&url).await.ok()?.json();
-            (state["pods"].as_array().map(Vec::len) == Some(engines)).then_some(())
-        })
-        .await;
-    }
-
-    let mut hits_before = 0.0;
-    let mut queries_before = 0.0;
-    for spec in &specs {
-        hits_before += counter(&stack, spec.ip, "vllm:prefix_cache_hits").await;
-        queries_before += counter(&stack, spec.ip, "vllm:prefix_cache_queries").await;
-    }
+    let sim = SimStack::start(SimStackOptions {
+        engines,
+        engine_args: &|_| engine_args(),
+        router_config,
+        lora_adapters: &[],
+        dataplanes,
+        scrape_interval: SCRAPE_INTERVAL,
+    })
+    .await;
+    let (hits_before, queries_before) = sim.prefix_cache_totals().await;
 
     let mut rng = StdRng::seed_from_u64(seed);
     let systems: Vec<String> = (0..groups).map(|g| words(&format!("s{g}w"), 600)).collect();
@@ -204,14 +109,14 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
         at += Duration::from_secs_f64(gap);
         let group = rng.random_range(0..groups);
         let body = json!({
-            "model": "base",
+            "model": SIM_MODEL,
             "prompt": format!("{} {}", systems[group], words(&format!("q{i}x"), 20)),
             "max_tokens": 32,
             "stream": true,
         })
         .to_string();
-        let url = stack.dataplanes[i % dataplanes].url("/v1/completions");
-        let http = stack.http.clone();
+        let url = sim.stack.dataplanes[i % dataplanes].url("/v1/completions");
+        let http = sim.http().clone();
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
             let sent = Instant::now();
@@ -245,12 +150,7 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
         }
     }
     let elapsed = started.elapsed();
-    let mut hits = 0.0;
-    let mut queries = 0.0;
-    for spec in &specs {
-        hits += counter(&stack, spec.ip, "vllm:prefix_cache_hits").await;
-        queries += counter(&stack, spec.ip, "vllm:prefix_cache_queries").await;
-    }
+    let (hits, queries) = sim.prefix_cache_totals().await;
     ttft.sort();
     Outcome {
         completed: ttft.len(),

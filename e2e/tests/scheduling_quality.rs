@@ -4,233 +4,72 @@
 //! it should. Thresholds are the issue's; each test stays within seconds.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::StatusCode;
 use serde_json::{Value, json};
-use switchyard_e2e::harness::{
-    EngineSpec, HttpClient, Process, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for,
-};
+use switchyard_e2e::harness::{Process, wait_for};
+use switchyard_e2e::sim_stack::{SimStack, SimStackOptions, counts, words};
 
-const PORT: u16 = 8000;
 /// Fast enough that tests waiting on engine load are quick, slow enough for a busy 2-core machine.
 const SCRAPE_INTERVAL: &str = "250ms";
 
-fn objects(lora_adapters: &[&str]) -> String {
-    format!(
-        r#"
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelServer
-metadata: {{name: sim, namespace: default}}
-spec:
-  workloadSelector: {{matchLabels: {{app: sim}}}}
-  workloadPort: {{port: {PORT}}}
-  inferenceEngine: vLLM
----
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelRoute
-metadata: {{name: base, namespace: default}}
-spec:
-  modelName: base
-  loraAdapters: {lora_adapters:?}
-  rules:
-  - targetModels: [{{modelServerName: sim}}]
-"#
-    )
+/// `engines` simulated engines (`pod-0`..), a controller with `router_config`
+/// and `dataplanes` dataplanes, each seeing every pod.
+async fn start_bench(
+    engines: usize,
+    engine_args: impl Fn(usize) -> Vec<String>,
+    router_config: &str,
+    lora_adapters: &[&str],
+    dataplanes: usize,
+) -> SimStack {
+    SimStack::start(SimStackOptions {
+        engines,
+        engine_args: &engine_args,
+        router_config,
+        lora_adapters,
+        dataplanes,
+        scrape_interval: SCRAPE_INTERVAL,
+    })
+    .await
 }
 
-/// A stack of `engines` mock engines (`pod-0`..), a controller with
-/// `router_config` and `dataplanes` dataplanes.
-struct Bench {
-    stack: Stack,
-    engines: Vec<EngineSpec>,
-    router_config: PathBuf,
-}
-
-impl Bench {
-    async fn start(
-        engines: usize,
-        engine_args: impl Fn(usize) -> Vec<String>,
-        router_config: &str,
-        lora_adapters: &[&str],
-        dataplanes: usize,
-    ) -> Self {
-        let subnet = test_subnet();
-        let specs: Vec<EngineSpec> = (0..engines)
-            .map(|i| EngineSpec {
-                name: format!("pod-{i}"),
-                ip: ip_in(subnet, 10 + i as u8),
-                port: PORT,
-                model: "base".into(),
-                extra_args: engine_args(i),
+/// Sends `count` direct requests to an engine in the background, to load it.
+fn load_engine(
+    bench: &SimStack,
+    pod: usize,
+    count: usize,
+    body: Value,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..count)
+        .map(|_| {
+            let http = bench.http().clone();
+            let url = bench.engine_url(pod, "/v1/completions");
+            let body = body.to_string();
+            tokio::spawn(async move {
+                let _ = http.post_json(&url, &[], &body).await;
             })
-            .collect();
-        let mut files = vec![("objects.yaml".to_owned(), objects(lora_adapters))];
-        for spec in &specs {
-            files.push((
-                format!("{}.yaml", spec.name),
-                ready_pod_yaml(&spec.name, spec.ip, &[("app", "sim")]),
-            ));
-        }
-        let files: Vec<(&str, String)> = files
-            .iter()
-            .map(|(name, yaml)| (name.as_str(), yaml.clone()))
-            .collect();
-        let mut stack = Stack::new(&files);
-        let router_config_path = stack.dir.path().join("router-config.yaml");
-        std::fs::write(&router_config_path, router_config).expect("write router config");
-        stack.start_engines(&specs).await;
-        let args = vec![
-            "--config-dir".to_owned(),
-            stack.config_dir.display().to_string(),
-            "--router-config".to_owned(),
-            router_config_path.display().to_string(),
-            "--xds-addr".to_owned(),
-            stack.xds_addr.to_string(),
-            "--metrics-addr".to_owned(),
-            stack.controller_admin.to_string(),
-            "--scrape-interval".to_owned(),
-            SCRAPE_INTERVAL.to_owned(),
-        ];
-        stack.controller = Some(Process::start(
-            "switchyard-controller",
-            "controller",
-            &args,
-            stack.dir.path(),
-        ));
-        stack
-            .http
-            .wait_ok(&format!("http://{}/readyz", stack.controller_admin))
-            .await;
-        for _ in 0..dataplanes {
-            stack.start_dataplane().await;
-        }
-        let bench = Self {
-            stack,
-            engines: specs,
-            router_config: router_config_path,
-        };
-        for index in 0..dataplanes {
-            bench
-                .wait_state(index, "every pod in the snapshot", |pods| {
-                    pods.len() == engines
-                })
-                .await;
-        }
-        bench
-    }
-
-    fn http(&self) -> &HttpClient {
-        &self.stack.http
-    }
-
-    fn engine_url(&self, pod: usize, path: &str) -> String {
-        format!("http://{}:{}{path}", self.engines[pod].ip, PORT)
-    }
-
-    /// Posts a completion through dataplane `dataplane`; returns (status, pod that answered, body).
-    async fn complete(
-        &self,
-        dataplane: usize,
-        body: &Value,
-        headers: &[(&str, &str)],
-    ) -> (StatusCode, String, Value) {
-        let response = self
-            .http()
-            .post_json(
-                &self.stack.dataplanes[dataplane].url("/v1/completions"),
-                headers,
-                &body.to_string(),
-            )
-            .await
-            .expect("dataplane answers");
-        let pod = response.header("x-mock-pod").unwrap_or_default().to_owned();
-        let value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
-        (response.status, pod, value)
-    }
-
-    async fn debug(&self, dataplane: usize, path: &str) -> Value {
-        let url = format!("http://{}{path}", self.stack.dataplanes[dataplane].debug);
-        self.http().get(&url).await.expect("debug port").json()
-    }
-
-    /// Waits until dataplane `dataplane`'s view of the pods (from
-    /// `/debug/router/state`, by pod name) satisfies `check`.
-    async fn wait_state(
-        &self,
-        dataplane: usize,
-        what: &str,
-        check: impl Fn(&BTreeMap<String, Value>) -> bool,
-    ) {
-        wait_for(what, || async {
-            let state = self.debug(dataplane, "/debug/router/state").await;
-            let pods: BTreeMap<String, Value> = state["pods"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|pod| {
-                    let key = pod["pod"].as_str().unwrap_or_default();
-                    (key.trim_start_matches("default/").to_owned(), pod.clone())
-                })
-                .collect();
-            check(&pods).then_some(())
         })
-        .await;
-    }
-
-    /// Sends `count` direct requests to an engine in the background, to load it.
-    fn load_engine(
-        &self,
-        pod: usize,
-        count: usize,
-        body: Value,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..count)
-            .map(|_| {
-                let http = self.http().clone();
-                let url = self.engine_url(pod, "/v1/completions");
-                let body = body.to_string();
-                tokio::spawn(async move {
-                    let _ = http.post_json(&url, &[], &body).await;
-                })
-            })
-            .collect()
-    }
-
-    async fn engine_counter(&self, pod: usize, name: &str) -> f64 {
-        let text = self
-            .http()
-            .get(&self.engine_url(pod, "/metrics"))
-            .await
-            .expect("engine metrics")
-            .text();
-        text.lines()
-            .filter(|line| line.starts_with(name) && !line.starts_with('#'))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
+        .collect()
 }
 
-/// `words` one-token words starting with `topic` (the simulator's tokenizer).
-fn prompt(topic: &str, words: usize) -> String {
-    (0..words)
-        .map(|i| format!("{topic}{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Sends 20 distinct one-token completions through dataplane 0, one after the
+/// other; asserts each succeeds and returns how many each pod answered.
+async fn route_twenty_queries(bench: &SimStack) -> BTreeMap<String, usize> {
+    let mut pods = Vec::new();
+    for i in 0..20 {
+        let (status, pod, _) = bench
+            .complete(0, &completion(&format!("q{i}"), 1), &[])
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(pod);
+    }
+    counts(&pods)
 }
 
 fn completion(prompt: &str, max_tokens: u32) -> Value {
     json!({"model": "base", "prompt": prompt, "max_tokens": max_tokens})
-}
-
-fn counts(pods: &[String]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for pod in pods {
-        *counts.entry(pod.clone()).or_insert(0) += 1;
-    }
-    counts
 }
 
 fn config(filters: &[&str], scores: &[&str], plugin_config: &str) -> String {
@@ -251,10 +90,10 @@ fn simple() -> impl Fn(usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_cache_alone_keeps_repeated_prompts_on_one_pod() {
-    let bench = Bench::start(4, simple(), &config(&[], &["prefix-cache"], ""), &[], 1).await;
+    let bench = start_bench(4, simple(), &config(&[], &["prefix-cache"], ""), &[], 1).await;
     let mut all = Vec::new();
     for group in 0..5 {
-        let body = completion(&prompt(&format!("g{group}w"), 300), 1);
+        let body = completion(&words(&format!("g{group}w"), 300), 1);
         let mut pods = Vec::new();
         for _ in 0..10 {
             let (status, pod, _) = bench.complete(0, &body, &[]).await;
@@ -323,7 +162,7 @@ async fn prefix_cache_alone_keeps_repeated_prompts_on_one_pod() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_request_sends_requests_away_from_saturated_pods() {
-    let bench = Bench::start(
+    let bench = start_bench(
         4,
         |_| {
             [
@@ -350,7 +189,7 @@ async fn least_request_sends_requests_away_from_saturated_pods() {
     .await;
     let mut background = Vec::new();
     for pod in [0, 1] {
-        background.extend(bench.load_engine(pod, 10, completion("busy", 400)));
+        background.extend(load_engine(&bench, pod, 10, completion("busy", 400)));
     }
     bench
         .wait_state(0, "pods 0 and 1 saturated", |pods| {
@@ -361,15 +200,7 @@ async fn least_request_sends_requests_away_from_saturated_pods() {
             })
         })
         .await;
-    let mut pods = Vec::new();
-    for i in 0..20 {
-        let (status, pod, _) = bench
-            .complete(0, &completion(&format!("q{i}"), 1), &[])
-            .await;
-        assert_eq!(status, StatusCode::OK);
-        pods.push(pod);
-    }
-    let counts = counts(&pods);
+    let counts = route_twenty_queries(&bench).await;
     let away = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
     assert!(away >= 18, "{counts:?}");
     for task in background {
@@ -379,7 +210,7 @@ async fn least_request_sends_requests_away_from_saturated_pods() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_usage_avoids_pods_with_hot_kv_cache() {
-    let bench = Bench::start(
+    let bench = start_bench(
         4,
         |_| {
             [
@@ -404,7 +235,12 @@ async fn gpu_usage_avoids_pods_with_hot_kv_cache() {
     .await;
     let mut background = Vec::new();
     for pod in [0, 1] {
-        background.extend(bench.load_engine(pod, 1, completion(&prompt("h", 600), 150)));
+        background.extend(load_engine(
+            &bench,
+            pod,
+            1,
+            completion(&words("h", 600), 150),
+        ));
     }
     bench
         .wait_state(0, "pods 0 and 1 with a hot KV cache", |pods| {
@@ -415,15 +251,7 @@ async fn gpu_usage_avoids_pods_with_hot_kv_cache() {
             })
         })
         .await;
-    let mut pods = Vec::new();
-    for i in 0..20 {
-        let (status, pod, _) = bench
-            .complete(0, &completion(&format!("q{i}"), 1), &[])
-            .await;
-        assert_eq!(status, StatusCode::OK);
-        pods.push(pod);
-    }
-    let counts = counts(&pods);
+    let counts = route_twenty_queries(&bench).await;
     let away = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
     assert!(away >= 18, "{counts:?}");
     for task in background {
@@ -433,7 +261,7 @@ async fn gpu_usage_avoids_pods_with_hot_kv_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_latency_prefers_fast_pods() {
-    let bench = Bench::start(
+    let bench = start_bench(
         4,
         |i| {
             let (ttft, itl) = if i < 2 { ("120", "25") } else { ("5", "2") };
@@ -473,26 +301,18 @@ async fn least_latency_prefers_fast_pods() {
                 })
         })
         .await;
-    let mut pods = Vec::new();
-    for i in 0..20 {
-        let (status, pod, _) = bench
-            .complete(0, &completion(&format!("q{i}"), 1), &[])
-            .await;
-        assert_eq!(status, StatusCode::OK);
-        pods.push(pod);
-    }
+    let counts = route_twenty_queries(&bench).await;
     running.store(false, Ordering::Relaxed);
     for warmer in warmers {
         let _ = warmer.await;
     }
-    let counts = counts(&pods);
     let fast = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
     assert!(fast >= 18, "{counts:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_affinity_never_sends_to_pods_without_the_adapter() {
-    let bench = Bench::start(
+    let bench = start_bench(
         4,
         |i| {
             if i < 2 {
@@ -544,7 +364,7 @@ async fn lora_affinity_never_sends_to_pods_without_the_adapter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_spreads_evenly() {
-    let bench = Bench::start(2, simple(), &config(&[], &["random"], ""), &[], 1).await;
+    let bench = start_bench(2, simple(), &config(&[], &["random"], ""), &[], 1).await;
     const REQUESTS: usize = 2500;
     const CONCURRENCY: usize = 16;
     let bench = Arc::new(bench);
@@ -585,7 +405,7 @@ async fn random_spreads_evenly() {
 /// three dataplanes is at least 95% of the one-dataplane rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_dataplanes_keep_the_one_dataplane_prefix_hit_rate() {
-    let bench = Bench::start(
+    let bench = start_bench(
         4,
         |_| {
             ["--mode", "sim", "--time-scale", "0.2"]
@@ -600,9 +420,9 @@ async fn three_dataplanes_keep_the_one_dataplane_prefix_hit_rate() {
     .await;
     let mut rates = Vec::new();
     for (phase, dataplanes) in [("a", 1usize), ("b", 3)] {
-        let before = hit_totals(&bench).await;
+        let before = bench.prefix_cache_totals().await;
         run_shared_prefix_workload(&bench, phase, dataplanes).await;
-        let after = hit_totals(&bench).await;
+        let after = bench.prefix_cache_totals().await;
         let rate = (after.0 - before.0) / (after.1 - before.1);
         rates.push(rate);
     }
@@ -614,25 +434,16 @@ async fn three_dataplanes_keep_the_one_dataplane_prefix_hit_rate() {
     );
 }
 
-async fn hit_totals(bench: &Bench) -> (f64, f64) {
-    let mut totals = (0.0, 0.0);
-    for pod in 0..bench.engines.len() {
-        totals.0 += bench.engine_counter(pod, "vllm:prefix_cache_hits").await;
-        totals.1 += bench.engine_counter(pod, "vllm:prefix_cache_queries").await;
-    }
-    totals
-}
-
 /// 8 system prompts x 16 requests each, 4 clients, round-robin over `dataplanes`.
-async fn run_shared_prefix_workload(bench: &Bench, phase: &str, dataplanes: usize) {
+async fn run_shared_prefix_workload(bench: &SimStack, phase: &str, dataplanes: usize) {
     const GROUPS: usize = 8;
     const PER_GROUP: usize = 16;
     const CLIENTS: usize = 4;
     let requests: Vec<(usize, Value)> = (0..GROUPS * PER_GROUP)
         .map(|i| {
             let group = i % GROUPS;
-            let system = prompt(&format!("{phase}{group}s"), 300);
-            let question = prompt(&format!("{phase}q{i}x"), 12);
+            let system = words(&format!("{phase}{group}s"), 300);
+            let question = words(&format!("{phase}q{i}x"), 12);
             (
                 i % dataplanes,
                 completion(&format!("{system} {question}"), 4),
@@ -666,7 +477,7 @@ async fn run_shared_prefix_workload(bench: &Bench, phase: &str, dataplanes: usiz
 /// invalid edit is rejected (the controller logs why) and the previous one stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_config_changes_reach_dataplanes_and_invalid_ones_are_rejected() {
-    let bench = Bench::start(2, simple(), &config(&[], &["random"], ""), &[], 2).await;
+    let bench = start_bench(2, simple(), &config(&[], &["random"], ""), &[], 2).await;
     let scores_of = |decisions: &Value| decisions["scheduler"]["scores"].clone();
     for dataplane in 0..2 {
         let view = bench.debug(dataplane, "/debug/routing/decisions").await;
@@ -725,7 +536,7 @@ async fn router_config_changes_reach_dataplanes_and_invalid_ones_are_rejected() 
 /// dies the session moves to another pod and stays there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_affinity_is_sticky_across_dataplanes_and_falls_back() {
-    let mut bench = Bench::start(
+    let mut bench = start_bench(
         4,
         simple(),
         &config(

@@ -1,0 +1,243 @@
+//! A scheduling stack for quality tests and benchmarks: `N` simulated engines
+//! (`pod-0`..) behind one ModelServer/ModelRoute (`base`), a controller shipping
+//! a router configuration file, and dataplanes that all see every pod before
+//! [`SimStack::start`] returns. Shared by `tests/scheduling_quality.rs` and
+//! `examples/bench_quality.rs`, so both measure the same setup.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use http::StatusCode;
+use serde_json::Value;
+
+use crate::harness::{
+    EngineSpec, HttpClient, Process, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for,
+};
+
+/// Every simulated engine listens on this port, each on its own loopback IP,
+/// as pods of one ModelServer do.
+pub const SIM_ENGINE_PORT: u16 = 8000;
+
+/// The model every simulated engine serves and the route matches.
+pub const SIM_MODEL: &str = "base";
+
+/// What to start.
+pub struct SimStackOptions<'a> {
+    pub engines: usize,
+    /// Extra mock-engine flags for engine `i`.
+    pub engine_args: &'a dyn Fn(usize) -> Vec<String>,
+    /// Contents of the `--router-config` file.
+    pub router_config: &'a str,
+    /// `loraAdapters` of the `base` route.
+    pub lora_adapters: &'a [&'a str],
+    pub dataplanes: usize,
+    /// The controller's `--scrape-interval`.
+    pub scrape_interval: &'a str,
+}
+
+/// A running [`SimStack::start`] stack.
+pub struct SimStack {
+    pub stack: Stack,
+    pub engines: Vec<EngineSpec>,
+    /// The router configuration file the controller watches (tests edit it).
+    pub router_config: PathBuf,
+}
+
+fn objects(lora_adapters: &[&str]) -> String {
+    format!(
+        r#"
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelServer
+metadata: {{name: sim, namespace: default}}
+spec:
+  workloadSelector: {{matchLabels: {{app: sim}}}}
+  workloadPort: {{port: {SIM_ENGINE_PORT}}}
+  inferenceEngine: vLLM
+---
+apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelRoute
+metadata: {{name: {SIM_MODEL}, namespace: default}}
+spec:
+  modelName: {SIM_MODEL}
+  loraAdapters: {lora_adapters:?}
+  rules:
+  - targetModels: [{{modelServerName: sim}}]
+"#
+    )
+}
+
+impl SimStack {
+    /// Starts engines, the controller and dataplanes; returns once every
+    /// dataplane's `/debug/router/state` lists every engine.
+    pub async fn start(options: SimStackOptions<'_>) -> Self {
+        let subnet = test_subnet();
+        let specs: Vec<EngineSpec> = (0..options.engines)
+            .map(|i| EngineSpec {
+                name: format!("pod-{i}"),
+                ip: ip_in(subnet, 10 + i as u8),
+                port: SIM_ENGINE_PORT,
+                model: SIM_MODEL.into(),
+                extra_args: (options.engine_args)(i),
+            })
+            .collect();
+        let mut files = vec![("objects.yaml", objects(options.lora_adapters))];
+        let pod_files: Vec<(String, String)> = specs
+            .iter()
+            .map(|spec| {
+                (
+                    format!("{}.yaml", spec.name),
+                    ready_pod_yaml(&spec.name, spec.ip, &[("app", "sim")]),
+                )
+            })
+            .collect();
+        files.extend(
+            pod_files
+                .iter()
+                .map(|(name, yaml)| (name.as_str(), yaml.clone())),
+        );
+        let mut stack = Stack::new(&files);
+        let router_config = stack.dir.path().join("router-config.yaml");
+        std::fs::write(&router_config, options.router_config).expect("write router config");
+        stack.start_engines(&specs).await;
+        let args = vec![
+            "--config-dir".to_owned(),
+            stack.config_dir.display().to_string(),
+            "--router-config".to_owned(),
+            router_config.display().to_string(),
+            "--xds-addr".to_owned(),
+            stack.xds_addr.to_string(),
+            "--metrics-addr".to_owned(),
+            stack.controller_admin.to_string(),
+            "--scrape-interval".to_owned(),
+            options.scrape_interval.to_owned(),
+        ];
+        stack.controller = Some(Process::start(
+            "switchyard-controller",
+            "controller",
+            &args,
+            stack.dir.path(),
+        ));
+        stack
+            .http
+            .wait_ok(&format!("http://{}/readyz", stack.controller_admin))
+            .await;
+        for _ in 0..options.dataplanes {
+            stack.start_dataplane().await;
+        }
+        let sim = Self {
+            stack,
+            engines: specs,
+            router_config,
+        };
+        for index in 0..options.dataplanes {
+            sim.wait_state(index, "every pod in the snapshot", |pods| {
+                pods.len() == options.engines
+            })
+            .await;
+        }
+        sim
+    }
+
+    pub fn http(&self) -> &HttpClient {
+        &self.stack.http
+    }
+
+    /// URL of `path` on engine `pod` directly (bypassing the dataplanes).
+    pub fn engine_url(&self, pod: usize, path: &str) -> String {
+        format!("http://{}:{SIM_ENGINE_PORT}{path}", self.engines[pod].ip)
+    }
+
+    /// Posts a completion through dataplane `dataplane`; returns (status, pod that answered, body).
+    pub async fn complete(
+        &self,
+        dataplane: usize,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, String, Value) {
+        let response = self
+            .http()
+            .post_json(
+                &self.stack.dataplanes[dataplane].url("/v1/completions"),
+                headers,
+                &body.to_string(),
+            )
+            .await
+            .expect("dataplane answers");
+        let pod = response.header("x-mock-pod").unwrap_or_default().to_owned();
+        let value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        (response.status, pod, value)
+    }
+
+    /// A JSON document from dataplane `dataplane`'s debug port.
+    pub async fn debug(&self, dataplane: usize, path: &str) -> Value {
+        let url = format!("http://{}{path}", self.stack.dataplanes[dataplane].debug);
+        self.http().get(&url).await.expect("debug port").json()
+    }
+
+    /// Waits until dataplane `dataplane`'s view of the pods (from
+    /// `/debug/router/state`, by pod name) satisfies `check`.
+    pub async fn wait_state(
+        &self,
+        dataplane: usize,
+        what: &str,
+        check: impl Fn(&BTreeMap<String, Value>) -> bool,
+    ) {
+        wait_for(what, || async {
+            let state = self.debug(dataplane, "/debug/router/state").await;
+            let pods: BTreeMap<String, Value> = state["pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|pod| {
+                    let key = pod["pod"].as_str().unwrap_or_default();
+                    (key.trim_start_matches("default/").to_owned(), pod.clone())
+                })
+                .collect();
+            check(&pods).then_some(())
+        })
+        .await;
+    }
+
+    /// Sum over label sets of the engine's own counter or gauge `name`.
+    pub async fn engine_counter(&self, pod: usize, name: &str) -> f64 {
+        let text = self
+            .http()
+            .get(&self.engine_url(pod, "/metrics"))
+            .await
+            .expect("engine metrics")
+            .text();
+        text.lines()
+            .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// (prefix-cache hits, prefix-cache queries) summed over every engine, in
+    /// tokens, as the engines themselves count them.
+    pub async fn prefix_cache_totals(&self) -> (f64, f64) {
+        let mut totals = (0.0, 0.0);
+        for pod in 0..self.engines.len() {
+            totals.0 += self.engine_counter(pod, "vllm:prefix_cache_hits").await;
+            totals.1 += self.engine_counter(pod, "vllm:prefix_cache_queries").await;
+        }
+        totals
+    }
+}
+
+/// `count` one-token words starting with `topic` (the simulator's tokenizer
+/// counts one token per word), so prompts share exactly the prefix intended.
+pub fn words(topic: &str, count: usize) -> String {
+    (0..count)
+        .map(|i| format!("{topic}{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How many requests each pod answered.
+pub fn counts(pods: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for pod in pods {
+        *counts.entry(pod.clone()).or_insert(0) += 1;
+    }
+    counts
+}
