@@ -187,11 +187,16 @@ async fn seed_scenarios_reach_the_right_pods() {
     assert_eq!(counts.get("deepseek-r1-1-5b-v1-0"), Some(&70), "{counts:?}");
     assert_eq!(counts.get("deepseek-r1-1-5b-v2-0"), Some(&30), "{counts:?}");
 
-    // Pods of one ModelServer share the load.
+    // Pods of one ModelServer share the load. Which pod the scheduler prefers
+    // for a single request follows the scraped engine load (and so timing on a
+    // busy machine); over many requests both must answer.
     let mut pods = BTreeMap::new();
-    for _ in 0..10 {
+    for _ in 0..100 {
         let (_, pod, _) = ask(&stack, 0, "deepseek-simple", &[]).await;
         *pods.entry(pod).or_insert(0) += 1;
+        if pods.len() == 2 {
+            break;
+        }
     }
     assert_eq!(pods.len(), 2, "{pods:?}");
 

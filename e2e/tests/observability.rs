@@ -487,9 +487,16 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
     assert_eq!(abandoned.status(), StatusCode::OK);
     drop(abandoned);
     let metrics_url = format!("http://{}/metrics", stack.dataplanes[0].metrics);
-    wait_for("the abandoned stream to be counted", || async {
+    // A request is counted when its response body ends, which the dataplane
+    // may see just after the client has read the last byte: wait for all.
+    wait_for("the traffic to be counted", || async {
         let text = get(&stack, &metrics_url).await.text();
-        text.contains("error_type=\"client_disconnected\"")
+        let exposition = Exposition::parse(&text);
+        let successes = exposition.find(
+            "kthena_router_requests_total",
+            &[("model", "obs-model"), ("status_code", "200")],
+        );
+        (text.contains("error_type=\"client_disconnected\"") && successes.len() >= 2)
             .then_some(())
     })
     .await;
