@@ -46,6 +46,12 @@ PROXY_CORE = "1"
 SATURATION_CONNECTIONS = 32
 OPEN_LOOP_CONNECTIONS = 32
 STREAM_CHUNKS = 64
+# The paced streaming case: chunks this far apart (tokio's timer rounds to
+# whole ms), as an engine emits tokens, so neither proxy can coalesce chunks
+# that arrive together into one write. The burst case (all chunks at once)
+# lets both coalesce as much as they do.
+PACED_CHUNK_INTERVAL_US = 1000
+PACED_HEADER = "x-bench-chunk-interval-us"
 TTFB_SAMPLES = 200
 # The controller scrapes every fake pod; slow scrapes keep that traffic out of the numbers.
 SCRAPE_INTERVAL = "30s"
@@ -272,12 +278,14 @@ http {{
     return conf
 
 
-def oha(url, body_file, seconds, connections, rate=None):
+def oha(url, body_file, seconds, connections, rate=None, headers=()):
     argv = [
         "taskset", "-c", LOAD_CORE, "oha", "--no-tui", "--output-format", "json",
         "-z", f"{seconds}s", "-c", str(connections), "-m", "POST",
         "-H", "content-type: application/json", "-D", str(body_file),
     ]
+    for header in headers:
+        argv += ["-H", header]
     if rate is not None:
         argv += ["-q", str(rate), "--latency-correction"]
     argv.append(url)
@@ -396,12 +404,14 @@ def main():
         "stream": make_body(workdir / "stream.json", 800, True),
         "large": make_body(workdir / "large.json", 400 * 1024, False),
     }
+    paced = (f"{PACED_HEADER}: {PACED_CHUNK_INTERVAL_US}",)
     cases = [
-        # (label, body, pods in the snapshot)
-        ("~1 KB chat", "chat", 1),
-        ("streaming, 64 chunks", "stream", 1),
-        ("400 KB prompt", "large", 1),
-        ("~1 KB chat, 1000 pods", "chat", 1000),
+        # (label, body, pods in the snapshot, extra request headers)
+        ("~1 KB chat", "chat", 1, ()),
+        ("streaming, 64 chunks", "stream", 1, ()),
+        (f"streaming, 64 chunks {PACED_CHUNK_INTERVAL_US // 1000} ms apart", "stream", 1, paced),
+        ("400 KB prompt", "large", 1, ()),
+        ("~1 KB chat, 1000 pods", "chat", 1000, ()),
     ]
     rows = []
     stack = None
@@ -420,8 +430,9 @@ def main():
         dp_url = f"http://127.0.0.1:{DATAPLANE_PORT}/v1/chat/completions"
         nginx_url = f"http://127.0.0.1:{NGINX_PORT}/v1/chat/completions"
         chat_cpu_per_request = None
+        nginx_chat_cpu_per_request = None
         current_pods = None
-        for label, body_name, pods in cases:
+        for label, body_name, pods, headers in cases:
             body = bodies[body_name]
             if current_pods != pods:
                 if stack:
@@ -434,26 +445,28 @@ def main():
                 raise RuntimeError(f"{label}: dataplane answered {status}")
             dp_pid = real_pid(stack.dataplane)
             log(f"{label}: saturation runs ({seconds}s each)")
-            sat = {"direct": oha(direct_url, body, seconds, SATURATION_CONNECTIONS)}
-            sat["dataplane"] = oha(dp_url, body, seconds, SATURATION_CONNECTIONS)
+            sat = {"direct": oha(direct_url, body, seconds, SATURATION_CONNECTIONS, headers=headers)}
+            sat["dataplane"] = oha(dp_url, body, seconds, SATURATION_CONNECTIONS, headers=headers)
             if nginx_process:
-                sat["nginx"] = oha(nginx_url, body, seconds, SATURATION_CONNECTIONS)
+                sat["nginx"] = oha(nginx_url, body, seconds, SATURATION_CONNECTIONS, headers=headers)
             rate = max(10, int(sat["dataplane"]["rps"] / 2))
             log(f"{label}: open-loop runs at {rate} req/s")
-            fixed = {"direct": oha(direct_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate)}
+            fixed = {"direct": oha(direct_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)}
             cpu_before = cpu_seconds([dp_pid])
-            fixed["dataplane"] = oha(dp_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate)
+            fixed["dataplane"] = oha(dp_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)
             cpu_after = cpu_seconds([dp_pid])
             nginx_cpu = None
             if nginx_process:
                 nginx_pids = [nginx_process.pid] + children(nginx_process.pid)
                 n_before = cpu_seconds(nginx_pids)
-                fixed["nginx"] = oha(nginx_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate)
+                fixed["nginx"] = oha(nginx_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)
                 nginx_cpu = (cpu_seconds(nginx_pids) - n_before) / max(1, fixed["nginx"]["ok"]) * 1000
             served = max(1, fixed["dataplane"]["ok"])
             cpu_per_1000 = (cpu_after - cpu_before) / served * 1000
             if body_name == "chat" and pods == 1:
                 chat_cpu_per_request = cpu_per_1000 / 1000
+                if nginx_cpu is not None:
+                    nginx_chat_cpu_per_request = nginx_cpu / 1000
             row = {
                 "case": label,
                 "sat": sat,
@@ -465,11 +478,15 @@ def main():
                 "failed": sum(r["failed"] for r in list(sat.values()) + list(fixed.values())),
             }
             if body_name == "stream":
-                row["ttfb_direct"] = ttfb_ms(direct_url, body, ttfb_samples)
-                row["ttfb_dataplane"] = ttfb_ms(dp_url, body, ttfb_samples)
+                if not headers:
+                    row["ttfb_direct"] = ttfb_ms(direct_url, body, ttfb_samples)
+                    row["ttfb_dataplane"] = ttfb_ms(dp_url, body, ttfb_samples)
                 if chat_cpu_per_request is not None:
                     stream_cpu = cpu_per_1000 / 1000
                     row["cpu_us_per_chunk"] = max(0.0, (stream_cpu - chat_cpu_per_request) / (STREAM_CHUNKS + 2) * 1e6)
+                    if nginx_cpu is not None and nginx_chat_cpu_per_request is not None:
+                        row["nginx_cpu_us_per_chunk"] = max(
+                            0.0, (nginx_cpu / 1000 - nginx_chat_cpu_per_request) / (STREAM_CHUNKS + 2) * 1e6)
             rows.append(row)
     finally:
         if stack:
@@ -525,13 +542,17 @@ def render(rows, seconds, note):
             f"{row['cpu_per_1000']:.3f} ({fmt(row['nginx_cpu_per_1000'], 3)}) | {row['rss_mib']:.1f} MiB | {row['failed']} |"
         )
     for row in rows:
-        if "ttfb_direct" in row:
+        if "cpu_us_per_chunk" in row or "ttfb_direct" in row:
+            ttfb = ""
+            if "ttfb_direct" in row:
+                ttfb = (f"median time to first byte {fmt(row['ttfb_direct'], 3)} ms direct, "
+                        f"{fmt(row['ttfb_dataplane'], 3)} ms through the dataplane (curl, sequential); ")
             lines.append("")
             lines.append(
-                f"Streaming: median time to first byte {fmt(row['ttfb_direct'], 3)} ms direct, "
-                f"{fmt(row['ttfb_dataplane'], 3)} ms through the dataplane (curl, sequential); "
-                f"dataplane CPU per chunk ≈ {fmt(row.get('cpu_us_per_chunk'), 1)} µs "
-                f"((CPU per stream − CPU per ~1 KB chat) ÷ {STREAM_CHUNKS + 2} chunks)."
+                f"{row['case']}: {ttfb}"
+                f"CPU per chunk ≈ {fmt(row.get('cpu_us_per_chunk'), 1)} µs dataplane, "
+                f"{fmt(row.get('nginx_cpu_us_per_chunk'), 1)} µs nginx "
+                f"((CPU per stream − CPU per ~1 KB chat) ÷ {STREAM_CHUNKS + 2} events)."
             )
     if note:
         lines += ["", note]

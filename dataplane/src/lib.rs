@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod observe;
 pub mod proxy;
 pub mod request;
+pub mod request_id;
 pub mod response;
 pub mod routing;
 pub mod scheduling;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, Limited};
@@ -35,6 +36,12 @@ pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Bounds connection setup to a pod when the ModelServer sets no timeout: a
 /// pod that does not accept within this is as good as gone.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stream data that arrives back to back is gathered into one frame up to
+/// this size (one write to the client instead of one per chunk), as nginx does
+/// with what one read from the engine returns; bounded so a fast stream is
+/// still written out in pieces instead of being held.
+pub const MAX_COALESCED_BYTES: usize = 16 * 1024;
 
 /// The request header carrying the request id.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -204,13 +211,6 @@ impl Proxy {
 
         let request_id = request_id(&parts.headers);
         record.set_request_id(&request_id);
-        let mut headers = forwarded_headers(&parts.headers);
-        headers.insert(REQUEST_ID_HEADER, request_id.clone());
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
 
         let ranking = table
             .scheduler
@@ -227,6 +227,19 @@ impl Proxy {
             .map_err(|error: ScheduleError| {
                 ApiError::new(ErrorKind::NoReadyPod, error.to_string())
             })?;
+        // The client's header map becomes the upstream one in place (hop-by-hop
+        // headers removed); it is copied only for an attempt that may be
+        // followed by another, as the client consumes what it sends.
+        let mut headers = parts.headers;
+        strip_not_forwarded(&mut headers);
+        headers.insert(REQUEST_ID_HEADER, request_id.clone());
+        let mut headers = Some(headers);
+        // Shares the bytes of the request line, no copy.
+        let path_and_query = parts
+            .uri
+            .into_parts()
+            .path_and_query
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut attempt = Attempts::new(&server, ranking);
         loop {
             let Some(pod) = attempt.next_pod() else {
@@ -237,7 +250,7 @@ impl Proxy {
             let uri = Uri::builder()
                 .scheme("http")
                 .authority(pod.authority.clone())
-                .path_and_query(path_and_query.as_str())
+                .path_and_query(path_and_query.clone())
                 .build()
                 .map_err(|error| {
                     ApiError::new(
@@ -248,7 +261,12 @@ impl Proxy {
             let mut upstream = Request::new(Full::new(body.clone()));
             *upstream.method_mut() = Method::POST;
             *upstream.uri_mut() = uri;
-            *upstream.headers_mut() = headers.clone();
+            let attempt_headers = if attempt.may_follow() {
+                headers.clone()
+            } else {
+                headers.take()
+            };
+            *upstream.headers_mut() = attempt_headers.unwrap_or_default();
             let pending = self.client.request(upstream);
             let outcome = match server.timeout {
                 Some(limit) => match tokio::time::timeout(limit, pending).await {
@@ -367,6 +385,11 @@ impl<'s> Attempts<'s> {
             .get(self.tried.len())
             .and_then(|index| self.server.pods.get(index))
             .cloned()
+    }
+
+    /// Whether another attempt could follow the one about to start.
+    fn may_follow(&self) -> bool {
+        self.tried.len() + 1 < self.ranking.len()
     }
 
     /// Whether a retryable engine status may be retried instead of returned.
@@ -512,20 +535,14 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         .get(REQUEST_ID_HEADER)
         .filter(|value| !value.is_empty())
         .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("invalid-uuid"))
-        })
+        .unwrap_or_else(crate::request_id::generate)
 }
 
-fn forwarded_headers(incoming: &HeaderMap) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(incoming.len());
-    for (name, value) in incoming {
-        if !NOT_FORWARDED.contains(name) {
-            headers.append(name.clone(), value.clone());
-        }
+/// Removes the headers that must not reach the engine (all their values).
+fn strip_not_forwarded(headers: &mut HeaderMap) {
+    for name in &NOT_FORWARDED {
+        headers.remove(name);
     }
-    headers
 }
 
 fn downstream_response(
@@ -552,26 +569,40 @@ fn downstream_response(
     parts.headers.insert(REQUEST_ID_HEADER, request_id);
     Response::from_parts(
         parts,
-        ProxyBody::Upstream(Box::new(UpstreamBody {
+        ProxyBody::Upstream(UpstreamBody {
             body,
             observer: ResponseObserver::new(is_event_stream, hide_usage_chunk),
             guard: Some(guard),
             record: None,
             finished: false,
-        })),
+            gathered: Gathered::default(),
+            held: None,
+            yielded: false,
+        }),
     )
 }
 
 /// Response body: a fixed buffer, or an engine's body streamed frame by frame.
+///
+/// Not boxed: hyper keeps the body in its per-connection state, so a large
+/// variant costs nothing per response while a box would be an allocation each.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     Full(Full<Bytes>),
-    Upstream(Box<UpstreamBody>),
+    Upstream(UpstreamBody),
 }
 
 /// An engine's body on its way to the client: frames are observed for usage
 /// (and the injected usage chunk hidden) and the pod's in-flight count is held
 /// until the body ends or the client goes away.
+///
+/// Frames that arrive back to back are coalesced: hyper writes to the client
+/// (a system call) whenever the body has nothing ready, and the engine's
+/// connection task hands over one frame at a time, so without this a burst
+/// of SSE chunks costs one write each. When the next frame is not there yet
+/// the body yields once (the connection task runs first and may deliver it)
+/// and only then hands over what it has.
 #[derive(Debug)]
 pub struct UpstreamBody {
     body: Incoming,
@@ -579,6 +610,62 @@ pub struct UpstreamBody {
     guard: Option<InFlightGuard>,
     record: Option<RequestRecord>,
     finished: bool,
+    /// Data received and observed, not yet handed to hyper.
+    gathered: Gathered,
+    /// A trailers frame or error that came after `gathered`, for the next poll.
+    held: Option<Result<Frame<Bytes>, hyper::Error>>,
+    /// This body already yielded once waiting for more data.
+    yielded: bool,
+}
+
+/// Forwardable data gathered while frames keep arriving: one frame is kept as
+/// is (no copy); a second starts a buffer.
+#[derive(Debug, Default)]
+enum Gathered {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(bytes::BytesMut),
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        match self {
+            Self::Empty => 0,
+            Self::One(data) => data.len(),
+            Self::Many(buffer) => buffer.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, data: Bytes) {
+        *self = match std::mem::take(self) {
+            Self::Empty => Self::One(data),
+            Self::One(first) => {
+                let mut buffer = bytes::BytesMut::with_capacity(
+                    (first.len() + data.len()).max(MAX_COALESCED_BYTES),
+                );
+                buffer.extend_from_slice(&first);
+                buffer.extend_from_slice(&data);
+                Self::Many(buffer)
+            }
+            Self::Many(mut buffer) => {
+                buffer.extend_from_slice(&data);
+                Self::Many(buffer)
+            }
+        };
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        match std::mem::take(self) {
+            Self::Empty => None,
+            Self::One(data) => Some(data),
+            Self::Many(buffer) => Some(buffer.freeze()),
+        }
+    }
 }
 
 /// Hands the record to the response body when the body comes from an engine
@@ -625,7 +712,9 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(full) => full.is_end_stream(),
-            Self::Upstream(upstream) => upstream.finished,
+            Self::Upstream(upstream) => {
+                upstream.finished && upstream.gathered.is_empty() && upstream.held.is_none()
+            }
         }
     }
 
@@ -642,47 +731,89 @@ impl UpstreamBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(held) = self.held.take() {
+            return Poll::Ready(Some(held));
+        }
         loop {
             if self.finished {
-                return Poll::Ready(None);
+                return Poll::Ready(self.gathered.take().map(|data| Ok(Frame::data(data))));
             }
             match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if self.gathered.is_empty() {
+                        self.yielded = false;
+                        return Poll::Pending;
+                    }
+                    if !self.yielded {
+                        // The engine's connection task was woken when its last
+                        // frame was taken and runs before this task is polled
+                        // again: give it that one turn to deliver the next.
+                        self.yielded = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    self.yielded = false;
+                    return Poll::Ready(self.gathered.take().map(|data| Ok(Frame::data(data))));
+                }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
+                        self.yielded = false;
                         let forwarded = self.observer.on_data(data);
-                        if forwarded.is_some()
-                            && let Some(record) = &mut self.record
-                        {
-                            record.on_chunk();
+                        if let Some(data) = forwarded {
+                            if let Some(record) = &mut self.record {
+                                record.on_chunk();
+                            }
+                            self.gathered.push(data);
                         }
                         if self.body.is_end_stream() {
                             // A sized body may be dropped right after its last
                             // byte is written, without another poll: end here.
-                            let rest = self.observer.finish();
+                            if let Some(rest) = self.observer.finish() {
+                                self.gathered.push(rest);
+                            }
                             self.end(None);
-                            let last = match (forwarded, rest) {
-                                (Some(data), Some(rest)) => Some([data, rest].concat().into()),
-                                (data, rest) => data.or(rest),
-                            };
-                            return Poll::Ready(last.map(|data| Ok(Frame::data(data))));
+                            return Poll::Ready(
+                                self.gathered.take().map(|data| Ok(Frame::data(data))),
+                            );
                         }
-                        if let Some(data) = forwarded {
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        if self.gathered.len() >= MAX_COALESCED_BYTES {
+                            return Poll::Ready(
+                                self.gathered.take().map(|data| Ok(Frame::data(data))),
+                            );
                         }
                     }
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    Err(frame) => return Poll::Ready(Some(Ok(self.before(frame)))),
                 },
                 Poll::Ready(Some(Err(error))) => {
                     self.end(Some(OutcomeLabel::UpstreamStreamError));
-                    return Poll::Ready(Some(Err(error)));
+                    return Poll::Ready(Some(match self.gathered.take() {
+                        // What arrived before the break still reaches the client.
+                        Some(data) => {
+                            self.held = Some(Err(error));
+                            Ok(Frame::data(data))
+                        }
+                        None => Err(error),
+                    }));
                 }
                 Poll::Ready(None) => {
-                    let rest = self.observer.finish();
+                    if let Some(rest) = self.observer.finish() {
+                        self.gathered.push(rest);
+                    }
                     self.end(None);
-                    return Poll::Ready(rest.map(|data| Ok(Frame::data(data))));
+                    return Poll::Ready(self.gathered.take().map(|data| Ok(Frame::data(data))));
                 }
             }
+        }
+    }
+
+    /// `frame` (trailers) goes out after the data gathered before it.
+    fn before(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
+        match self.gathered.take() {
+            Some(data) => {
+                self.held = Some(Ok(frame));
+                Frame::data(data)
+            }
+            None => frame,
         }
     }
 

@@ -3,7 +3,9 @@
 //!
 //! It reads each request body to the end (the proxy must send all of it) and
 //! answers with a fixed OpenAI chat completion, or with an SSE stream of
-//! `--stream-chunks` chunks when the body asks for `"stream": true`. It also
+//! `--stream-chunks` chunks when the body asks for `"stream": true`: all at
+//! once by default, or [`CHUNK_INTERVAL_HEADER`] microseconds apart, as a real
+//! engine emits tokens (so no proxy can coalesce chunks). It also
 //! answers the controller's `/metrics` and `/v1/models` scrapes. It listens on
 //! every `--listen` address (one per fake pod) with the same port.
 #![forbid(unsafe_code)]
@@ -37,6 +39,10 @@ const METRICS: &str = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests
 
 const MODELS: &str =
     r#"{"object":"list","data":[{"id":"bench-model","object":"model","owned_by":"bench"}]}"#;
+
+/// Request header asking for this many microseconds between stream chunks
+/// (tokio's timer rounds up to whole milliseconds).
+const CHUNK_INTERVAL_HEADER: &str = "x-bench-chunk-interval-us";
 
 /// Token chunks per streamed answer by default: a short answer.
 const DEFAULT_STREAM_CHUNKS: usize = 64;
@@ -170,6 +176,13 @@ async fn answer(
             Bytes::from_static(MODELS.as_bytes()),
         )),
         (&Method::POST, _) => {
+            let interval = request
+                .headers()
+                .get(CHUNK_INTERVAL_HEADER)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse::<u64>().ok())
+                .map(std::time::Duration::from_micros)
+                .filter(|interval| !interval.is_zero());
             let body = match request.into_body().collect().await {
                 Ok(collected) => collected.to_bytes(),
                 Err(_) => {
@@ -181,7 +194,7 @@ async fn answer(
                 }
             };
             if asks_for_stream(&body) {
-                Ok(stream(&answers))
+                Ok(stream(&answers, interval))
             } else {
                 Ok(full(
                     StatusCode::OK,
@@ -204,11 +217,21 @@ fn asks_for_stream(body: &[u8]) -> bool {
         || memchr::memmem::find(body, b"\"stream\": true").is_some()
 }
 
-fn stream(answers: &Answers) -> Response<AnswerBody> {
+fn stream(answers: &Answers, interval: Option<std::time::Duration>) -> Response<AnswerBody> {
     let frames = std::iter::repeat_n(answers.chunk.clone(), answers.chunks)
         .chain(std::iter::once(answers.tail.clone()))
         .map(|data| Ok::<_, Infallible>(Frame::data(data)));
-    let body = StreamBody::new(futures::stream::iter(frames)).boxed();
+    let body = match interval {
+        None => StreamBody::new(futures::stream::iter(frames)).boxed(),
+        Some(interval) => {
+            let paced =
+                futures::StreamExt::then(futures::stream::iter(frames), move |frame| async move {
+                    tokio::time::sleep(interval).await;
+                    frame
+                });
+            StreamBody::new(paced).boxed()
+        }
+    };
     let mut response = Response::new(body);
     response.headers_mut().insert(
         header::CONTENT_TYPE,

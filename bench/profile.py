@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Instruction counts of the dataplane per request and per SSE chunk.
+
+Wall-clock benchmarks are noisy on a shared 2-core machine; instruction
+counts are not. This starts the same loopback stack as `make bench` (fake
+backend, controller in local mode, one dataplane), but the dataplane runs
+under `valgrind --tool=callgrind` with collection off. For each case it warms
+up, zeroes the counters, sends a fixed number of requests with oha (few
+connections: valgrind runs the dataplane slowly, one thread at a time) and
+dumps the counters: user-space instructions per request. `--syscalls` runs
+the dataplane natively under `strace -c -f` instead and reports system calls
+per request, the part callgrind cannot see.
+
+    python3 bench/profile.py [--requests 400] [--syscalls] [--keep DIR]
+
+Per-chunk cost = (instructions per streamed request - per ~1 KB chat
+request) / chunks per stream. The callgrind dumps are kept with `--keep`
+for `callgrind_annotate`.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402  (the stack helpers of `make bench`)
+
+CASES = [("~1 KB chat", "chat"), ("streaming, 64 chunks", "stream"), ("400 KB prompt", "large")]
+# Few connections: the dataplane under valgrind is ~50x slower and serialised.
+CONNECTIONS = 4
+WARMUP_REQUESTS = 50
+
+
+def oha_count(url, body_file, requests, headers=()):
+    argv = ["oha", "--no-tui", "-n", str(requests), "-c", str(CONNECTIONS), "-m", "POST",
+            "-H", "content-type: application/json", "-D", str(body_file)]
+    for header in headers:
+        argv += ["-H", header]
+    argv.append(url)
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"oha failed: {result.stderr.strip()[:500]}")
+    codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", result.stdout)
+    ok = sum(int(count) for code, count in codes if code == "200")
+    if ok != requests:
+        raise RuntimeError(f"expected {requests} answers 200, got {codes}: {result.stdout[-800:]}")
+
+
+def callgrind_total(path):
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("summary:") or line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--syscalls", action="store_true", help="count system calls (strace) instead")
+    parser.add_argument("--bin-dir", default=None)
+    parser.add_argument("--dataplane", default=None, help="dataplane binary (default: the one in --bin-dir)")
+    parser.add_argument("--backend-cmd", default=None,
+                        help="start this instead of switchyard-bench-backend (IP and port are appended)")
+    parser.add_argument("--keep", default=None, help="directory to keep the callgrind dumps in")
+    parser.add_argument("--paced", action="store_true", help="also a stream with chunks 1 ms apart")
+    args = parser.parse_args()
+    target = Path(os.environ.get("CARGO_TARGET_DIR", bench.REPO / "target"))
+    bins = Path(args.bin_dir) if args.bin_dir else target / "release"
+    tool = "strace" if args.syscalls else "valgrind"
+    if shutil.which(tool) is None or shutil.which("oha") is None:
+        raise SystemExit(f"needs {tool} and oha on PATH")
+
+    workdir = Path(tempfile.mkdtemp(prefix="switchyard-profile-"))
+    keep = Path(args.keep) if args.keep else workdir
+    keep.mkdir(parents=True, exist_ok=True)
+    bodies = {
+        "chat": bench.make_body(workdir / "chat.json", 800, False),
+        "stream": bench.make_body(workdir / "stream.json", 800, True),
+        "large": bench.make_body(workdir / "large.json", 400 * 1024, False),
+    }
+    config_dir = workdir / "config"
+    bench.write_config(config_dir, 1)
+    results = {}
+    try:
+        if args.backend_cmd:
+            backend = args.backend_cmd.split() + [bench.loopback_pod_ip(0), str(bench.BACKEND_PORT)]
+        else:
+            backend = [str(bins / "switchyard-bench-backend"), "--listen", bench.loopback_pod_ip(0),
+                       "--port", str(bench.BACKEND_PORT), "--stream-chunks", str(bench.STREAM_CHUNKS)]
+        bench.start("backend", backend, workdir)
+        bench.start("controller", [str(bins / "switchyard-controller"), "--config-dir", str(config_dir),
+                                   "--xds-addr", bench.CONTROLLER_XDS, "--metrics-addr", bench.CONTROLLER_ADMIN,
+                                   "--scrape-interval", bench.SCRAPE_INTERVAL], workdir)
+        dataplane = [args.dataplane or str(bins / "switchyard-dataplane"), "--controller", f"http://{bench.CONTROLLER_XDS}",
+                     "--host", "127.0.0.1", "--port", str(bench.DATAPLANE_PORT),
+                     "--metrics-port", str(bench.DATAPLANE_METRICS_PORT),
+                     "--debug-port", str(bench.DATAPLANE_DEBUG_PORT), "--node-id", "profile"]
+        out_file = keep / "callgrind.out"
+        if not args.syscalls:
+            dataplane = ["valgrind", "--tool=callgrind", "--collect-atstart=no",
+                         f"--callgrind-out-file={out_file}"] + dataplane
+        process = bench.start("dataplane", dataplane, workdir)
+        base = f"http://127.0.0.1:{bench.DATAPLANE_PORT}"
+        bench.wait_for("dataplane ready", lambda: bench.http_get(base + "/readyz")[0] == 200, timeout=120)
+        url = base + "/v1/chat/completions"
+        cases = list(CASES)
+        if args.paced:
+            cases.append(("streaming, paced", "stream"))
+        for label, body_name in cases:
+            body = bodies[body_name]
+            headers = (f"{bench.PACED_HEADER}: {bench.PACED_CHUNK_INTERVAL_US}",) if "paced" in label else ()
+            oha_count(url, body, WARMUP_REQUESTS, headers)
+            if args.syscalls:
+                trace_file = keep / f"strace-{body_name}.txt"
+                strace = subprocess.Popen(["strace", "-c", "-f", "-o", str(trace_file), "-p", str(process.pid)],
+                                          stderr=subprocess.DEVNULL)
+                time.sleep(1.0)  # strace attaches to every thread
+                oha_count(url, body, args.requests, headers)
+                strace.send_signal(signal.SIGINT)
+                strace.wait(timeout=30)
+                total = parse_strace_total(trace_file)
+                results[label] = total / args.requests
+                bench.log(f"{label}: {total / args.requests:.1f} syscalls per request ({trace_file})")
+            else:
+                subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], check=True,
+                               capture_output=True)
+                oha_count(url, body, args.requests, headers)
+                dump = keep / f"callgrind-{label.split(',')[0].replace(' ', '-').replace('~', '')}"
+                subprocess.run(["callgrind_control", "-i", "off", str(process.pid)], check=True,
+                               capture_output=True)
+                subprocess.run(["callgrind_control", "-d", body_name, str(process.pid)], check=True,
+                               capture_output=True)
+                # Dumps are numbered files next to --callgrind-out-file; take the newest and name it.
+                time.sleep(0.5)
+                newest = max(keep.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+                newest.rename(dump)
+                subprocess.run(["callgrind_control", "-z", str(process.pid)], check=True, capture_output=True)
+                total = callgrind_total(dump)
+                results[label] = total / args.requests
+                bench.log(f"{label}: {total / args.requests:.0f} instructions per request ({dump})")
+    finally:
+        bench.stop_all()
+    unit = "system calls" if args.syscalls else "instructions (user space)"
+    print(f"| Case | dataplane {unit} per request |")
+    print("|---|---|")
+    for label, value in results.items():
+        print(f"| {label} | {value:.1f} |" if args.syscalls else f"| {label} | {value:.0f} |")
+    chat, stream = results.get("~1 KB chat"), results.get("streaming, 64 chunks")
+    if chat is not None and stream is not None:
+        per_chunk = (stream - chat) / (bench.STREAM_CHUNKS + 1)
+        print(f"\nPer SSE chunk (stream - chat) / {bench.STREAM_CHUNKS + 1} chunks: {per_chunk:.1f} {unit}")
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def parse_strace_total(path):
+    for line in Path(path).read_text().splitlines():
+        if line.strip().endswith("total"):
+            fields = line.split()
+            # "100.00 0.001 1 1234 56 total": calls is the 4th column.
+            return int(fields[3])
+    raise RuntimeError(f"no total line in {path}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: (bench.stop_all(), sys.exit(1)))
+    try:
+        main()
+    except KeyboardInterrupt:
+        bench.stop_all()
+        sys.exit(130)

@@ -1,0 +1,108 @@
+//! Request ids the router generates when the client sent none.
+//!
+//! A UUID v4 per request costs a `getrandom` system call and a formatted
+//! `String`. An id only has to be unique, not unpredictable, so this one is a
+//! random per-process prefix (unique across replicas and restarts with
+//! overwhelming probability) followed by a counter. It keeps the UUID shape
+//! clients and log tooling expect: 36 characters, 8-4-4-4-12 lowercase hex,
+//! stamped as an RFC 9562 version 8 ("custom") UUID.
+//!
+//! Each thread takes a block of counter values at a time, so requests do not
+//! all contend on one shared atomic.
+
+use std::cell::Cell;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::HeaderValue;
+
+/// Counter values a thread reserves at once: large enough that the shared
+/// atomic is touched once per thousands of requests, small enough that ids
+/// stay roughly ordered across the runtime's worker threads.
+const COUNTER_BLOCK: u64 = 4096;
+
+/// Bits of the counter in an id (the low 64 bits of the UUID less its 2
+/// variant bits): 2^62 ids per process, which no process lives to use up.
+const COUNTER_BITS: u32 = 62;
+
+/// The per-process random half of every id, drawn once.
+static PROCESS_PREFIX: LazyLock<u64> = LazyLock::new(rand::random);
+
+/// Next block of counter values to hand to a thread.
+static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// (next value, end of this thread's block).
+    static BLOCK: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+fn next_counter() -> u64 {
+    BLOCK.with(|block| {
+        let (mut next, mut end) = block.get();
+        if next == end {
+            next = NEXT_BLOCK.fetch_add(COUNTER_BLOCK, Ordering::Relaxed);
+            end = next + COUNTER_BLOCK;
+        }
+        block.set((next + 1, end));
+        next
+    })
+}
+
+/// A fresh id for a request that came without one.
+pub fn generate() -> HeaderValue {
+    let prefix = *PROCESS_PREFIX;
+    let counter = next_counter() & ((1 << COUNTER_BITS) - 1);
+    // Version 8 in bits 48..52, variant 0b10 in bits 64..66 (RFC 9562 §5.8).
+    let high = (prefix & !0xf000) | 0x8000;
+    let low = counter | (0b10 << COUNTER_BITS);
+    let id = (u128::from(high) << 64) | u128::from(low);
+    let mut text = [0u8; 36];
+    let mut nibble = 32;
+    for (i, byte) in text.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            *byte = b'-';
+            continue;
+        }
+        nibble -= 1;
+        *byte = b"0123456789abcdef"[((id >> (nibble * 4)) & 0xf) as usize];
+    }
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid-id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn ids_are_uuid_shaped_version_8_and_unique_across_threads() {
+        let ids: Vec<String> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        (0..(COUNTER_BLOCK + 10))
+                            .map(|_| generate().to_str().expect("ascii").to_owned())
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|worker| worker.join().expect("worker"))
+                .collect()
+        });
+        let unique: HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "every id is distinct");
+        for id in &ids {
+            let parsed = uuid::Uuid::parse_str(id).expect("a UUID");
+            assert_eq!(parsed.get_version_num(), 8, "{id}");
+            assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122, "{id}");
+            assert_eq!(id.len(), 36);
+            assert_eq!(id, &id.to_lowercase());
+        }
+        // One process, one prefix: the first 16 hex digits are shared.
+        let prefix = &ids[0][..18];
+        assert!(ids.iter().all(|id| id.starts_with(prefix)), "{prefix}");
+    }
+}
