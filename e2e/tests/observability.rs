@@ -496,8 +496,7 @@ async fn metrics_access_logs_and_debug_endpoints_after_real_traffic() {
             "kthena_router_requests_total",
             &[("model", "obs-model"), ("status_code", "200")],
         );
-        (text.contains("error_type=\"client_disconnected\"") && successes.len() >= 2)
-            .then_some(())
+        (text.contains("error_type=\"client_disconnected\"") && successes.len() >= 2).then_some(())
     })
     .await;
 
