@@ -54,10 +54,12 @@ def oha_count(url, body_file, requests, headers=()):
 
 
 def callgrind_total(path):
-    for line in Path(path).read_text().splitlines():
-        if line.startswith("summary:") or line.startswith("totals:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no totals in {path}")
+    # A dump's header "summary:" can read 0; the "totals:" line at its end holds the count.
+    totals = [int(line.split()[1]) for line in Path(path).read_text().splitlines()
+              if line.startswith("totals:")]
+    if not totals:
+        raise RuntimeError(f"no totals in {path}")
+    return sum(totals)
 
 
 def main():
@@ -104,7 +106,7 @@ def main():
                      "--debug-port", str(bench.DATAPLANE_DEBUG_PORT), "--node-id", "profile"]
         out_file = keep / "callgrind.out"
         if not args.syscalls:
-            dataplane = ["valgrind", "--tool=callgrind", "--collect-atstart=no",
+            dataplane = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                          f"--callgrind-out-file={out_file}"] + dataplane
         process = bench.start("dataplane", dataplane, workdir)
         base = f"http://127.0.0.1:{bench.DATAPLANE_PORT}"
