@@ -50,8 +50,7 @@ const STREAM_CHUNKS: usize = 64;
 const MAX_ALLOCATIONS_PER_CHAT_REQUEST: f64 = 62.0;
 
 /// Frames pass from the engine's connection to the client's as the same
-/// `Bytes` (a burst is gathered into one buffer per 16 KiB), so well under
-/// one allocation per chunk (measured 0.12); a copy or a boxed frame per
+/// `Bytes`, so well under one allocation per chunk (measured 0.12); a copy or a boxed frame per
 /// chunk exceeds it.
 const MAX_ALLOCATIONS_PER_STREAM_CHUNK: f64 = 0.25;
 

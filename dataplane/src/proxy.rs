@@ -37,12 +37,6 @@ pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// pod that does not accept within this is as good as gone.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Stream data that arrives back to back is gathered into one frame up to
-/// this size (one write to the client instead of one per chunk), as nginx does
-/// with what one read from the engine returns; bounded so a fast stream is
-/// still written out in pieces instead of being held.
-pub const MAX_COALESCED_BYTES: usize = 16 * 1024;
-
 /// The request header carrying the request id.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -575,9 +569,6 @@ fn downstream_response(
             guard: Some(guard),
             record: None,
             finished: false,
-            gathered: Gathered::default(),
-            held: None,
-            yielded: false,
         }),
     )
 }
@@ -596,13 +587,6 @@ pub enum ProxyBody {
 /// An engine's body on its way to the client: frames are observed for usage
 /// (and the injected usage chunk hidden) and the pod's in-flight count is held
 /// until the body ends or the client goes away.
-///
-/// Frames that arrive back to back are coalesced: hyper writes to the client
-/// (a system call) whenever the body has nothing ready, and the engine's
-/// connection task hands over one frame at a time, so without this a burst
-/// of SSE chunks costs one write each. When the next frame is not there yet
-/// the body yields once (the connection task runs first and may deliver it)
-/// and only then hands over what it has.
 #[derive(Debug)]
 pub struct UpstreamBody {
     body: Incoming,
@@ -610,62 +594,6 @@ pub struct UpstreamBody {
     guard: Option<InFlightGuard>,
     record: Option<RequestRecord>,
     finished: bool,
-    /// Data received and observed, not yet handed to hyper.
-    gathered: Gathered,
-    /// A trailers frame or error that came after `gathered`, for the next poll.
-    held: Option<Result<Frame<Bytes>, hyper::Error>>,
-    /// This body already yielded once waiting for more data.
-    yielded: bool,
-}
-
-/// Forwardable data gathered while frames keep arriving: one frame is kept as
-/// is (no copy); a second starts a buffer.
-#[derive(Debug, Default)]
-enum Gathered {
-    #[default]
-    Empty,
-    One(Bytes),
-    Many(bytes::BytesMut),
-}
-
-impl Gathered {
-    fn len(&self) -> usize {
-        match self {
-            Self::Empty => 0,
-            Self::One(data) => data.len(),
-            Self::Many(buffer) => buffer.len(),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn push(&mut self, data: Bytes) {
-        *self = match std::mem::take(self) {
-            Self::Empty => Self::One(data),
-            Self::One(first) => {
-                let mut buffer = bytes::BytesMut::with_capacity(
-                    (first.len() + data.len()).max(MAX_COALESCED_BYTES),
-                );
-                buffer.extend_from_slice(&first);
-                buffer.extend_from_slice(&data);
-                Self::Many(buffer)
-            }
-            Self::Many(mut buffer) => {
-                buffer.extend_from_slice(&data);
-                Self::Many(buffer)
-            }
-        };
-    }
-
-    fn take(&mut self) -> Option<Bytes> {
-        match std::mem::take(self) {
-            Self::Empty => None,
-            Self::One(data) => Some(data),
-            Self::Many(buffer) => Some(buffer.freeze()),
-        }
-    }
 }
 
 /// Hands the record to the response body when the body comes from an engine
@@ -712,9 +640,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Full(full) => full.is_end_stream(),
-            Self::Upstream(upstream) => {
-                upstream.finished && upstream.gathered.is_empty() && upstream.held.is_none()
-            }
+            Self::Upstream(upstream) => upstream.finished,
         }
     }
 
@@ -731,89 +657,47 @@ impl UpstreamBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(held) = self.held.take() {
-            return Poll::Ready(Some(held));
-        }
         loop {
             if self.finished {
-                return Poll::Ready(self.gathered.take().map(|data| Ok(Frame::data(data))));
+                return Poll::Ready(None);
             }
             match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => {
-                    if self.gathered.is_empty() {
-                        self.yielded = false;
-                        return Poll::Pending;
-                    }
-                    if !self.yielded {
-                        // The engine's connection task was woken when its last
-                        // frame was taken and runs before this task is polled
-                        // again: give it that one turn to deliver the next.
-                        self.yielded = true;
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
-                    }
-                    self.yielded = false;
-                    return Poll::Ready(self.gathered.take().map(|data| Ok(Frame::data(data))));
-                }
+                Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        self.yielded = false;
                         let forwarded = self.observer.on_data(data);
-                        if let Some(data) = forwarded {
-                            if let Some(record) = &mut self.record {
-                                record.on_chunk();
-                            }
-                            self.gathered.push(data);
+                        if forwarded.is_some()
+                            && let Some(record) = &mut self.record
+                        {
+                            record.on_chunk();
                         }
                         if self.body.is_end_stream() {
                             // A sized body may be dropped right after its last
                             // byte is written, without another poll: end here.
-                            if let Some(rest) = self.observer.finish() {
-                                self.gathered.push(rest);
-                            }
+                            let rest = self.observer.finish();
                             self.end(None);
-                            return Poll::Ready(
-                                self.gathered.take().map(|data| Ok(Frame::data(data))),
-                            );
+                            let last = match (forwarded, rest) {
+                                (Some(data), Some(rest)) => Some([data, rest].concat().into()),
+                                (data, rest) => data.or(rest),
+                            };
+                            return Poll::Ready(last.map(|data| Ok(Frame::data(data))));
                         }
-                        if self.gathered.len() >= MAX_COALESCED_BYTES {
-                            return Poll::Ready(
-                                self.gathered.take().map(|data| Ok(Frame::data(data))),
-                            );
+                        if let Some(data) = forwarded {
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                     }
-                    Err(frame) => return Poll::Ready(Some(Ok(self.before(frame)))),
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 },
                 Poll::Ready(Some(Err(error))) => {
                     self.end(Some(OutcomeLabel::UpstreamStreamError));
-                    return Poll::Ready(Some(match self.gathered.take() {
-                        // What arrived before the break still reaches the client.
-                        Some(data) => {
-                            self.held = Some(Err(error));
-                            Ok(Frame::data(data))
-                        }
-                        None => Err(error),
-                    }));
+                    return Poll::Ready(Some(Err(error)));
                 }
                 Poll::Ready(None) => {
-                    if let Some(rest) = self.observer.finish() {
-                        self.gathered.push(rest);
-                    }
+                    let rest = self.observer.finish();
                     self.end(None);
-                    return Poll::Ready(self.gathered.take().map(|data| Ok(Frame::data(data))));
+                    return Poll::Ready(rest.map(|data| Ok(Frame::data(data))));
                 }
             }
-        }
-    }
-
-    /// `frame` (trailers) goes out after the data gathered before it.
-    fn before(&mut self, frame: Frame<Bytes>) -> Frame<Bytes> {
-        match self.gathered.take() {
-            Some(data) => {
-                self.held = Some(Ok(frame));
-                Frame::data(data)
-            }
-            None => frame,
         }
     }
 
