@@ -20,6 +20,10 @@ use hyper_util::rt::TokioExecutor;
 /// waits this long.
 pub const WAIT_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Starts of the controller tried when it exits before it is ready (its port
+/// was taken between picking and binding it).
+const CONTROLLER_START_ATTEMPTS: u32 = 3;
+
 /// Path of a workspace binary, built by `cargo build --workspace --bins`
 /// (as `make test` does) next to the test executable's directory.
 pub fn binary(name: &str) -> PathBuf {
@@ -365,27 +369,58 @@ impl Stack {
     }
 
     /// Starts (or restarts) the controller and waits until it is ready.
+    ///
+    /// A port [`free_addr`] picked can be taken by another test's process
+    /// before the controller binds it; a controller that exits before it is
+    /// ready is started again on fresh ports, as long as no dataplane was
+    /// given the old ones.
     pub async fn start_controller(&mut self) {
         if let Some(mut old) = self.controller.take() {
             old.stop();
         }
-        let args = vec![
-            "--config-dir".to_owned(),
-            self.config_dir.display().to_string(),
-            "--xds-addr".to_owned(),
-            self.xds_addr.to_string(),
-            "--metrics-addr".to_owned(),
-            self.controller_admin.to_string(),
-        ];
-        self.controller = Some(Process::start(
-            "switchyard-controller",
-            "controller",
-            &args,
-            self.dir.path(),
-        ));
-        self.http
-            .wait_ok(&format!("http://{}/readyz", self.controller_admin))
+        for attempt in 1..=CONTROLLER_START_ATTEMPTS {
+            let args = vec![
+                "--config-dir".to_owned(),
+                self.config_dir.display().to_string(),
+                "--xds-addr".to_owned(),
+                self.xds_addr.to_string(),
+                "--metrics-addr".to_owned(),
+                self.controller_admin.to_string(),
+            ];
+            let mut process = Process::start(
+                "switchyard-controller",
+                "controller",
+                &args,
+                self.dir.path(),
+            );
+            let url = format!("http://{}/readyz", self.controller_admin);
+            let http = &self.http;
+            let ready = wait_for(&url, || {
+                let running = process.is_running();
+                let url = url.clone();
+                async move {
+                    if !running {
+                        return Some(false);
+                    }
+                    match http.get(&url).await {
+                        Ok(response) if response.status == StatusCode::OK => Some(true),
+                        _ => None,
+                    }
+                }
+            })
             .await;
+            if ready {
+                self.controller = Some(process);
+                return;
+            }
+            assert!(
+                attempt < CONTROLLER_START_ATTEMPTS && self.dataplanes.is_empty(),
+                "controller exited before it was ready:\n{}",
+                process.log_text()
+            );
+            self.xds_addr = free_addr();
+            self.controller_admin = free_addr();
+        }
     }
 
     /// Kills the mock engine whose pod name is `name`.
