@@ -193,14 +193,25 @@ pub struct Scraper {
 }
 
 impl Scraper {
-    /// Registers the scrape metrics on `registry` and starts the loop on the
-    /// current Tokio runtime (call it from within one). The target list is read
-    /// at every pass, and a change to it is acted on at once.
+    /// [`Scraper::prepare`], then runs the loop on the current Tokio runtime.
     pub fn spawn(
         config: ScrapeConfig,
         targets: watch::Receiver<Vec<ScrapeTarget>>,
         registry: &Registry,
     ) -> Result<Self, ScraperError> {
+        let (loads, scrape_loop) = Self::prepare(config, targets, registry)?;
+        let task = tokio::spawn(scrape_loop.run());
+        Ok(Self { loads, task })
+    }
+
+    /// Registers the scrape metrics on `registry` and returns the loads the
+    /// loop will publish and the loop, to run where the caller supervises it.
+    /// The target list is read at every pass, and a change to it is acted on at once.
+    pub fn prepare(
+        config: ScrapeConfig,
+        targets: watch::Receiver<Vec<ScrapeTarget>>,
+        registry: &Registry,
+    ) -> Result<(watch::Receiver<PodLoads>, ScrapeLoop), ScraperError> {
         config.validate()?;
         if config.timeout >= config.interval {
             warn!(
@@ -218,8 +229,20 @@ impl Scraper {
             pods: BTreeMap::new(),
             loads: loads_sender,
         };
-        let task = tokio::spawn(worker.run(targets));
-        Ok(Self { loads, task })
+        Ok((loads, ScrapeLoop { worker, targets }))
+    }
+}
+
+/// A scrape loop not yet running; see [`Scraper::prepare`].
+pub struct ScrapeLoop {
+    worker: Worker,
+    targets: watch::Receiver<Vec<ScrapeTarget>>,
+}
+
+impl ScrapeLoop {
+    /// Scrapes until the target sender or every load receiver is gone.
+    pub async fn run(self) {
+        self.worker.run(self.targets).await;
     }
 }
 

@@ -34,10 +34,9 @@ pub fn unix_ms_now() -> i64 {
 
 /// `time` in milliseconds since the Unix epoch, clamped as [`unix_ms_now`].
 pub fn unix_ms(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
+    time.duration_since(UNIX_EPOCH).map_or(0, |elapsed| {
+        i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+    })
 }
 
 #[cfg(test)]
@@ -48,7 +47,10 @@ mod tests {
 
     #[test]
     fn unix_ms_counts_from_the_epoch_and_clamps_before_it() {
-        assert_eq!(unix_ms(UNIX_EPOCH + Duration::from_millis(1_705_314_645_123)), 1_705_314_645_123);
+        assert_eq!(
+            unix_ms(UNIX_EPOCH + Duration::from_millis(1_705_314_645_123)),
+            1_705_314_645_123
+        );
         assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
         assert!(unix_ms_now() > 1_700_000_000_000);
     }

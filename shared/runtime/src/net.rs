@@ -37,17 +37,15 @@ mod tests {
 
     #[tokio::test]
     async fn binds_port_zero_and_names_the_listener_in_a_failure() {
-        let (first, addr) = bind("admin", "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let (first, addr) = bind("admin", "127.0.0.1:0".parse().unwrap()).await.unwrap();
         assert_ne!(addr.port(), 0);
         let error = bind("snapshot stream", addr).await.unwrap_err();
         assert_eq!(error.listener, "snapshot stream");
         assert_eq!(error.addr, addr);
         assert!(
-            error
-                .to_string()
-                .starts_with(&format!("cannot listen on {addr} for the snapshot stream server: ")),
+            error.to_string().starts_with(&format!(
+                "cannot listen on {addr} for the snapshot stream server: "
+            )),
             "{error}"
         );
         drop(first);

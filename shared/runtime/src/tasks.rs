@@ -252,7 +252,10 @@ mod tests {
         let mut tasks = TaskSet::new(CancellationToken::new());
         tasks.spawn("feeder", async {});
         let error = tasks.run(GRACE).await.unwrap_err();
-        assert!(matches!(error, TaskError::Ended { task: "feeder" }), "{error}");
+        assert!(
+            matches!(error, TaskError::Ended { task: "feeder" }),
+            "{error}"
+        );
         assert_eq!(error.to_string(), "the feeder task ended unexpectedly");
 
         let mut tasks = TaskSet::new(CancellationToken::new());
@@ -290,7 +293,10 @@ mod tests {
             clock::sleep(Duration::from_secs(10)).await;
             cancel.cancel();
         });
-        tasks.run(GRACE).await.expect("a requested shutdown is not a failure");
+        tasks
+            .run(GRACE)
+            .await
+            .expect("a requested shutdown is not a failure");
         assert_eq!(clock::now() - start, Duration::from_secs(12));
         assert!(drained.load(Ordering::SeqCst));
         assert!(dropped.load(Ordering::SeqCst));
