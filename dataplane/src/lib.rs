@@ -8,7 +8,8 @@
 //! - [`proxy`]: the HTTP server and the upstream call (retries, timeouts);
 //! - [`response`]: streaming the engine's answer back, reading token usage.
 //!
-//! Around it: [`snapshot`] (validate + atomically swap the routing table),
+//! Around it: [`app`] (wiring), [`server`] (the HTTP servers and their drain),
+//! [`snapshot`] (validate + atomically swap the routing table),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`observe`] (per-request [`metrics`] and [`access_log`] lines).
 #![forbid(unsafe_code)]
@@ -27,5 +28,6 @@ pub mod request_id;
 pub mod response;
 pub mod routing;
 pub mod scheduling;
+pub mod server;
 pub mod snapshot;
 pub mod xds_client;

@@ -384,8 +384,7 @@ fn jittered(base: Duration, fraction: f64) -> Duration {
     Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(base)
 }
 
-/// Starts the client on the current Tokio runtime. It runs until `shutdown`
-/// resolves; the sink and `status` keep the last applied state afterwards.
+/// [`run`] on the current Tokio runtime.
 pub fn spawn<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
@@ -398,7 +397,9 @@ where
     tokio::spawn(run(config, sink, status, shutdown))
 }
 
-async fn run<S>(
+/// Runs the client until `shutdown` resolves; the sink and `status` keep the
+/// last applied state afterwards.
+pub async fn run<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
     status: Arc<ControllerStatus>,

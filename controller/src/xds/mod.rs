@@ -13,6 +13,7 @@ use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+mod grpc;
 mod metrics;
 mod publisher;
 mod registry;
@@ -77,7 +78,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(XDS_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(XDS_KEEPALIVE_TIMEOUT))
-        .add_service(wire::RoutingDiscoveryServer::new(service))
+        .add_service(grpc::RoutingDiscoveryServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             closer.close_streams();

@@ -52,41 +52,15 @@ async fn main() -> ExitCode {
     drop(stdout);
     tracing::info!(%addr, model = %config.model, pod = %config.pod_name, engine = ?config.engine, "mock engine started");
 
-    match serve(config, listener, shutdown_signal()).await {
+    let shutdown = async {
+        let signal = switchyard_runtime::shutdown::shutdown_signal().await;
+        tracing::info!(signal, "shutting down");
+    };
+    match serve(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{error}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// Completes on SIGINT or SIGTERM (the signal Kubernetes and test harnesses send).
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::warn!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                terminate.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down");
 }
