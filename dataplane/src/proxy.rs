@@ -3,7 +3,9 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use switchyard_runtime::clock;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -302,7 +304,7 @@ impl Proxy {
                 }
                 Err(error) if error.is_connect() => {
                     record.connect_failed();
-                    pod.eject(Instant::now());
+                    pod.eject(clock::now());
                     Failure::Connect(error.to_string())
                 }
                 Err(error) => Failure::BeforeHeaders(error.to_string()),

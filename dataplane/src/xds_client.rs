@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use http::Uri;
 use parking_lot::Mutex;
 use rand::Rng;
+use switchyard_runtime::clock;
 use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
 use switchyard_snapshot::pb::snapshot_response::Resource;
 use switchyard_snapshot::{
@@ -278,7 +279,7 @@ impl ControllerStatus {
     fn record_connected(&self) {
         let mut state = self.state.lock();
         state.connected = true;
-        state.connected_since = Some(SystemTime::now());
+        state.connected_since = Some(clock::wall_now());
         state.connect_count += 1;
     }
 
@@ -309,7 +310,7 @@ impl ControllerStatus {
             resource.acks += 1;
             if let Some(version) = newly_applied {
                 resource.applied_version = Some(version.to_owned());
-                resource.applied_at = Some(SystemTime::now());
+                resource.applied_at = Some(clock::wall_now());
             }
         }
         if kind == ResourceKind::RouteConfig && newly_applied.is_some() {

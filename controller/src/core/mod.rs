@@ -69,11 +69,13 @@ pub trait ObjectSource: Send + 'static {
 pub struct SourceStarted {
     /// The current object set, replaced on every change.
     pub objects: watch::Receiver<Arc<ObjectSet>>,
-    /// Called once the first snapshot is served: starts what needs the
-    /// running core (Kubernetes: election, status writing, dataplane reports)
-    /// and announces the mode.
-    pub on_serving: Box<dyn FnOnce(&Serving, &mut TaskSet) + Send>,
+    pub on_serving: OnServing,
 }
+
+/// Called once the first snapshot is served: starts what needs the running
+/// core (Kubernetes: election, status writing, dataplane reports) and
+/// announces the mode.
+pub type OnServing = Box<dyn FnOnce(&Serving, &mut TaskSet) + Send>;
 
 /// What a source's duties may use of the running core.
 #[derive(Clone, Debug)]

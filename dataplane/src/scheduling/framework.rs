@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Instant;
+use switchyard_runtime::clock::{self, Instant, unix_ms_now};
 
 use http::HeaderMap;
 use http::header::HeaderName;
@@ -28,7 +28,7 @@ use switchyard_snapshot::scheduler::{
 use super::decisions::DecisionLog;
 use super::metrics::PluginMetrics;
 use super::plugins::{Candidate, Filter, FilterError, ScoreInput, Scorer};
-use super::pod::{is_fresh, unix_ms_now};
+use super::pod::is_fresh;
 use super::prefix::{PrefixIndex, hash_prompt};
 use crate::request::PromptField;
 use crate::routing::Server;
@@ -292,7 +292,7 @@ impl Scheduler {
         if server.pods.is_empty() {
             return Err(ScheduleError::NoPods(server.key.clone()));
         }
-        let now = Instant::now();
+        let now = clock::now();
         let now_ms = unix_ms_now();
         let handles = self.handles.get(request.model);
         let session_key = self.session_header.as_ref().and_then(|name| {
@@ -326,7 +326,7 @@ impl Scheduler {
             }
             let considered = candidates.len();
             for (position, filter) in self.filters.iter().enumerate() {
-                let started = Instant::now();
+                let started = clock::now();
                 let outcome = filter.apply(candidates, request.served_model);
                 observe(handles.and_then(|h| h.filters.get(position)), started);
                 outcome.map_err(|source| ScheduleError::Filtered {
@@ -345,7 +345,7 @@ impl Scheduler {
                 prefix: &self.prefix,
             };
             for (position, (scorer, weight)) in self.scorers.iter().enumerate() {
-                let started = Instant::now();
+                let started = clock::now();
                 let out = &mut scores[position * count..(position + 1) * count];
                 scorer.score(candidates, &input, out);
                 observe(handles.and_then(|h| h.scores.get(position)), started);
@@ -540,7 +540,7 @@ mod tests {
         let server = server(7);
         let _busy: Vec<_> = (0..3).map(|_| server.pods[0].begin_request()).collect();
         let _one = server.pods[2].begin_request();
-        server.pods[1].eject(Instant::now());
+        server.pods[1].eject(clock::now());
         let headers = HeaderMap::new();
         let ranking = scheduler
             .schedule(&server, &request(&headers, &[]))

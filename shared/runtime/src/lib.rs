@@ -9,7 +9,7 @@
 //! - [`clock`]: the one place library code reads time from, so tests can pause it;
 //! - [`debounce`]: one rule for turning a burst of changes into one reaction.
 #![forbid(unsafe_code)]
-#![cfg_attr(test, allow(clippy::disallowed_methods, clippy::unwrap_used))]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod clock;
 pub mod debounce;
