@@ -15,6 +15,7 @@ test: build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 scripts/import-cycles.py controller/src shared/runtime/src
 
 fmt:
 	$(CARGO) fmt --all
