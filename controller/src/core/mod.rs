@@ -174,43 +174,33 @@ impl StartingController {
     /// Starts `source`, waits for its first object set, publishes the first
     /// snapshot, binds and serves the stream, then starts the source's duties.
     pub async fn start(self, source: impl ObjectSource) -> Result<Controller, ControllerError> {
-        let Self {
-            admin_addr,
-            publisher,
-            mut tasks,
-            controller_id,
-            registry,
-            xds_metrics,
-            compile_duration,
-            metrics,
-            dataplanes,
-            objects_view,
-            scheduler,
-            xds_addr,
-            scrape_config,
-        } = self;
+        let mut tasks = self.tasks;
         let SourceStarted {
             objects,
             on_serving,
         } = source.start(&mut tasks).await?;
 
         let (targets, scrape_targets) = watch::channel(Vec::new());
-        let (pod_loads, scrape_loop) = Scraper::prepare(scrape_config, scrape_targets, &registry)?;
+        let (pod_loads, scrape_loop) =
+            Scraper::prepare(self.scrape_config, scrape_targets, &self.registry)?;
         tasks.spawn("engine scraper", scrape_loop.run());
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
-            scheduler,
+            scheduler: self.scheduler,
             pod_loads: pod_loads.clone(),
-            publisher: publisher.clone(),
+            publisher: self.publisher.clone(),
             targets,
-            objects_view,
-            compile_duration,
+            objects_view: self.objects_view,
+            compile_duration: self.compile_duration,
         });
         tasks.spawn("compile loop", compile_loop.run());
 
-        let (xds_listener, xds_addr) = bind("snapshot stream", xds_addr).await?;
-        let service =
-            RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), xds_metrics);
+        let (xds_listener, xds_addr) = bind("snapshot stream", self.xds_addr).await?;
+        let service = RoutingDiscoveryService::new(
+            self.publisher.clone(),
+            self.dataplanes.clone(),
+            self.xds_metrics,
+        );
         tasks.spawn_graceful("snapshot stream server", |stop| {
             xds::serve(xds_listener, service, stop.cancelled_owned())
         });
@@ -218,12 +208,12 @@ impl StartingController {
 
         on_serving(
             &Serving {
-                controller_id,
-                publisher: publisher.clone(),
-                dataplanes: dataplanes.clone(),
+                controller_id: self.controller_id,
+                publisher: self.publisher.clone(),
+                dataplanes: self.dataplanes.clone(),
                 compiled,
                 pod_loads,
-                metrics,
+                metrics: self.metrics,
             },
             &mut tasks,
         );
@@ -235,9 +225,9 @@ impl StartingController {
         });
         Ok(Controller {
             xds_addr,
-            admin_addr,
-            publisher,
-            dataplanes,
+            admin_addr: self.admin_addr,
+            publisher: self.publisher,
+            dataplanes: self.dataplanes,
             stop_when_dropped: shutdown.clone().drop_guard(),
             shutdown,
             supervisor,
