@@ -284,3 +284,113 @@ fn register_compile_duration(registry: &Registry) -> Result<HistogramVec, promet
     registry.register(Box::new(histogram.clone()))?;
     Ok(histogram)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// A source with no objects whose one task fails when told to.
+    struct FailingSource {
+        fail: oneshot::Receiver<()>,
+    }
+
+    impl ObjectSource for FailingSource {
+        async fn start(self, tasks: &mut TaskSet) -> Result<SourceStarted, ControllerError> {
+            let (sender, objects) = watch::channel(Arc::new(ObjectSet::default()));
+            let fail = self.fail;
+            tasks.spawn("test watcher", async move {
+                let _keep_open = sender;
+                let _ = fail.await;
+                Err::<(), _>(std::io::Error::other("watch connection lost"))
+            });
+            Ok(SourceStarted {
+                objects,
+                on_serving: Box::new(|core: &Serving, _: &mut TaskSet| core.metrics.leader.set(1)),
+            })
+        }
+    }
+
+    fn args() -> Args {
+        Args::try_parse_from([
+            "switchyard-controller",
+            "--xds-addr=127.0.0.1:0",
+            "--metrics-addr=127.0.0.1:0",
+            "--controller-id=core-test",
+        ])
+        .expect("valid flags")
+    }
+
+    #[tokio::test]
+    async fn a_failing_source_task_stops_the_whole_controller_and_is_named() {
+        let (fail, failing) = oneshot::channel();
+        let starting = begin(&args(), CancellationToken::new())
+            .await
+            .expect("admin up");
+        assert!(starting.publisher.route_config().is_none());
+        let controller = starting
+            .start(FailingSource { fail: failing })
+            .await
+            .expect("starts");
+        assert!(
+            controller.publisher.route_config().is_some(),
+            "published before start returns"
+        );
+        let (admin_addr, xds_addr) = (controller.admin_addr, controller.xds_addr);
+        tokio::net::TcpStream::connect(admin_addr)
+            .await
+            .expect("admin serves");
+
+        let _ = fail.send(());
+        let error = tokio::time::timeout(DEADLINE, controller.wait())
+            .await
+            .expect("stops in time")
+            .expect_err("a task failure is the controller's failure");
+        assert!(
+            matches!(
+                &error,
+                ControllerError::Task(TaskError::Failed {
+                    task: "test watcher",
+                    ..
+                })
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "the test watcher task failed: watch connection lost"
+        );
+        assert_eq!(error.exit_code(), crate::error::EXIT_FAILURE);
+        // Every other task stopped with it: both servers are closed.
+        for addr in [admin_addr, xds_addr] {
+            assert!(
+                tokio::net::TcpStream::connect(addr).await.is_err(),
+                "{addr} still accepts connections"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_a_running_controller_stops_it() {
+        let (_fail, failing) = oneshot::channel();
+        let controller = begin(&args(), CancellationToken::new())
+            .await
+            .expect("admin up")
+            .start(FailingSource { fail: failing })
+            .await
+            .expect("starts");
+        let admin_addr = controller.admin_addr;
+        drop(controller);
+        tokio::time::timeout(DEADLINE, async {
+            while tokio::net::TcpStream::connect(admin_addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the admin server closes");
+    }
+}

@@ -262,13 +262,13 @@ mod tests {
         tasks.spawn("compile loop", async {
             clock::sleep(Duration::from_millis(1)).await;
             if true {
-                panic!("index out of bounds");
+                panic!("simulated bug");
             }
         });
         let error = tasks.run(GRACE).await.unwrap_err();
         assert_eq!(
             error.to_string(),
-            "the compile loop task panicked: index out of bounds"
+            "the compile loop task panicked: simulated bug"
         );
     }
 
