@@ -13,14 +13,12 @@
 //! [`observe`] (per-request [`metrics`] and [`access_log`] lines).
 #![forbid(unsafe_code)]
 
-pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config_file;
 pub mod error;
 pub mod metrics;
-pub mod observe;
 pub mod proxy;
 pub mod request;
 pub mod request_id;

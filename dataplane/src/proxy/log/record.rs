@@ -1,7 +1,7 @@
-//! What the request path reports: one [`RequestRecord`] per request, filled
-//! in by the proxy at a few fixed points (routed, attempt started, response
-//! head, first chunk) and turned into metrics and an access log line when
-//! the response body ends, fails, or the client goes away (on drop).
+//! One [`RequestRecord`] per request, filled in by the phases at a few fixed
+//! points (model read, routed, named, attempt started, response head, first
+//! chunk) and turned into metrics and an access log line when the response
+//! body ends, fails, or the client goes away (on drop).
 //!
 //! Timings of a record (all from the moment the request arrived):
 //! - request processing: reading and parsing the body and routing, up to the
@@ -17,62 +17,19 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{HeaderValue, Method, Request, Uri, Version};
 use prometheus::IntGauge;
 
-use crate::access_log::{AccessLog, AccessLogEntry};
+use super::Observer;
+use super::access_log::AccessLogEntry;
 use crate::error::ApiError;
-use crate::metrics::{
-    ModelMetrics, Observation, OutcomeLabel, PathLabel, RouterMetrics, UNKNOWN_MODEL,
-};
+use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, UNKNOWN_MODEL};
+use crate::request_id::REQUEST_ID_HEADER;
 use crate::response::Usage;
 use crate::routing::{Route, RouteDecision, Server};
 use crate::scheduling::PodState;
-use crate::snapshot::SnapshotStore;
-use crate::xds_client::SnapshotSink;
-use switchyard_snapshot::pb;
 
 /// `status_code` of a request whose client went away before any response
 /// head was sent (nginx's "client closed request"), so it is not counted as
 /// a success or as a router error.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
-
-/// Metrics and access log, shared by every request.
-#[derive(Debug)]
-pub struct Observer {
-    pub metrics: Arc<RouterMetrics>,
-    pub access_log: AccessLog,
-}
-
-impl Observer {
-    /// Metrics only, no access log.
-    pub fn without_access_log(metrics: Arc<RouterMetrics>) -> Self {
-        let dropped = metrics.access_log_dropped_total.clone();
-        Self {
-            metrics,
-            access_log: AccessLog::disabled(dropped),
-        }
-    }
-}
-
-/// A [`SnapshotSink`] that resolves the metric handles of every applied
-/// RouteConfig, so requests never look labels up.
-#[derive(Debug)]
-pub struct ObservedStore {
-    pub store: Arc<SnapshotStore>,
-    pub metrics: Arc<RouterMetrics>,
-}
-
-impl SnapshotSink for ObservedStore {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String> {
-        SnapshotSink::apply_route_config(&*self.store, version, config)?;
-        if let Some(table) = self.store.table() {
-            self.metrics.resolve(&table);
-        }
-        Ok(())
-    }
-
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String> {
-        SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
-    }
-}
 
 /// One request, from arrival to the end of its response.
 #[derive(Debug)]
@@ -114,7 +71,7 @@ impl RequestRecord {
             // The client's id, if any; the proxy sets the one it forwards.
             request_id: request
                 .headers()
-                .get(crate::proxy::REQUEST_ID_HEADER)
+                .get(REQUEST_ID_HEADER)
                 .filter(|id| !id.is_empty())
                 .cloned(),
             model_name: None,
@@ -169,6 +126,11 @@ impl RequestRecord {
                 }
             }
         }
+    }
+
+    /// Upstream attempts started so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     /// The attempt could not connect to its pod.

@@ -1,0 +1,208 @@
+//! Phase `respond`: the delivered engine response goes back to the client,
+//! its body frame by frame: usage is read on the way, the usage-only chunk
+//! the router asked for is hidden, and the pod stays counted in flight until
+//! the body ends. The request's record rides along and is finished when the
+//! body ends, fails, or the client goes away.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use super::forward::{Delivered, HOP_BY_HOP};
+use super::log::RequestRecord;
+use crate::metrics::OutcomeLabel;
+use crate::request_id::REQUEST_ID_HEADER;
+use crate::response::ResponseObserver;
+use crate::scheduling::InFlightGuard;
+
+/// The response of a delivered attempt, as the client gets it.
+pub fn respond<B: Body<Data = Bytes> + Unpin>(
+    delivered: Delivered<B>,
+    request_id: HeaderValue,
+    hide_usage_chunk: bool,
+    record: &mut RequestRecord,
+) -> Response<ProxyBody<B>> {
+    let Delivered { response, guard } = delivered;
+    let (mut parts, body) = response.into_parts();
+    for name in &HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    let is_event_stream = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if is_event_stream && hide_usage_chunk {
+        // The body shrinks when the usage chunk is hidden.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    parts.headers.insert(REQUEST_ID_HEADER, request_id);
+    record.set_response(parts.status.as_u16(), is_event_stream);
+    Response::from_parts(
+        parts,
+        ProxyBody::Upstream(UpstreamBody {
+            body,
+            observer: ResponseObserver::new(is_event_stream, hide_usage_chunk),
+            guard: Some(guard),
+            record: None,
+            finished: false,
+        }),
+    )
+}
+
+/// Hands `record` to an engine's body (finished when the body ends), or
+/// finishes it now for a response the router wrote itself.
+pub fn hand_over<B>(
+    mut response: Response<ProxyBody<B>>,
+    mut record: RequestRecord,
+) -> Response<ProxyBody<B>> {
+    let status = response.status().as_u16();
+    match response.body_mut() {
+        ProxyBody::Upstream(upstream) => upstream.record = Some(record),
+        ProxyBody::Full(_) => {
+            // The router writes JSON only, never a stream.
+            record.set_response(status, false);
+            record.finish(None, None);
+        }
+    }
+    response
+}
+
+/// A JSON response written by the router.
+pub fn json_response<B>(status: StatusCode, body: Bytes) -> Response<ProxyBody<B>> {
+    let mut response = Response::new(ProxyBody::Full(Full::new(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Response body: a buffer the router wrote, or an engine's body streamed
+/// frame by frame.
+///
+/// Not boxed: hyper keeps the body in its per-connection state, so a large
+/// variant costs nothing per response while a box would be an allocation each.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum ProxyBody<B = Incoming> {
+    Full(Full<Bytes>),
+    Upstream(UpstreamBody<B>),
+}
+
+/// An engine's body on its way to the client: frames are observed for usage
+/// (and the injected usage chunk hidden) and the pod's in-flight count is held
+/// until the body ends or the client goes away.
+#[derive(Debug)]
+pub struct UpstreamBody<B> {
+    body: B,
+    observer: ResponseObserver,
+    guard: Option<InFlightGuard>,
+    record: Option<RequestRecord>,
+    finished: bool,
+}
+
+impl<B> From<Bytes> for ProxyBody<B> {
+    fn from(bytes: Bytes) -> Self {
+        Self::Full(Full::new(bytes))
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for ProxyBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.get_mut() {
+            Self::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|result| result.map_err(|never| match never {}))),
+            Self::Upstream(upstream) => upstream.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(full) => full.is_end_stream(),
+            Self::Upstream(upstream) => upstream.finished,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(full) => full.size_hint(),
+            Self::Upstream(upstream) => upstream.body.size_hint(),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let forwarded = self.observer.on_data(data);
+                        if forwarded.is_some()
+                            && let Some(record) = &mut self.record
+                        {
+                            record.on_chunk();
+                        }
+                        if self.body.is_end_stream() {
+                            // A sized body may be dropped right after its last
+                            // byte is written, without another poll: end here.
+                            let rest = self.observer.finish();
+                            self.end(None);
+                            let last = match (forwarded, rest) {
+                                (Some(data), Some(rest)) => Some([data, rest].concat().into()),
+                                (data, rest) => data.or(rest),
+                            };
+                            return Poll::Ready(last.map(|data| Ok(Frame::data(data))));
+                        }
+                        if let Some(data) = forwarded {
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(Some(Err(error))) => {
+                    self.end(Some(OutcomeLabel::UpstreamStreamError));
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(None) => {
+                    let rest = self.observer.finish();
+                    self.end(None);
+                    return Poll::Ready(rest.map(|data| Ok(Frame::data(data))));
+                }
+            }
+        }
+    }
+
+    fn end(&mut self, outcome: Option<OutcomeLabel>) {
+        self.finished = true;
+        if let Some(mut record) = self.record.take() {
+            record.finish(self.observer.usage(), outcome);
+        }
+        if let Some(guard) = self.guard.take() {
+            tracing::debug!(
+                pod = %guard.pod().key,
+                usage = ?self.observer.usage(),
+                "response finished"
+            );
+        }
+    }
+}
