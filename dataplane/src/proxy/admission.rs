@@ -13,26 +13,18 @@ pub async fn admission(_identity: &Identity, _request: &InferenceRequest) -> Res
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-    use http::Request;
-
     use super::*;
-    use crate::request::parse_body;
+    use crate::proxy::testing::inference_request;
 
     #[tokio::test(start_paused = true)]
     async fn admits_at_once_without_limits() {
-        let body = Bytes::from_static(br#"{"model":"m","prompt":"hi"}"#);
-        let (head, ()) = Request::post("/v1/completions")
-            .body(())
-            .expect("request")
-            .into_parts();
-        let request = InferenceRequest {
-            head,
-            parsed: parse_body(&body).expect("parses"),
-            body,
-        };
+        let request = inference_request("/v1/completions", r#"{"model":"m","prompt":"hi"}"#);
         let started = tokio::time::Instant::now();
         assert_eq!(admission(&Identity::Anonymous, &request).await, Ok(()));
-        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+        assert_eq!(
+            started.elapsed(),
+            std::time::Duration::ZERO,
+            "nothing waits"
+        );
     }
 }

@@ -10,8 +10,7 @@ use http::{Method, Request};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 
-use super::forward::upstream::BodyError;
-use crate::error::{ApiError, ErrorKind};
+use crate::error::{ApiError, BodyError, ErrorKind};
 use crate::request::{ParsedBody, parse_body};
 
 /// Default request body limit: large enough for 100k-token agentic prompts

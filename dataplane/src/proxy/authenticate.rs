@@ -20,25 +20,16 @@ pub fn authenticate(_request: &InferenceRequest) -> Result<Identity, ApiError> {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-    use http::Request;
-
     use super::*;
-    use crate::request::parse_body;
+    use crate::proxy::testing::inference_request;
 
     #[test]
     fn every_request_is_anonymous_without_credential_checks() {
-        let body = Bytes::from_static(br#"{"model":"m"}"#);
-        let (head, ()) = Request::post("/v1/completions")
-            .header("authorization", "Bearer anything")
-            .body(())
-            .expect("request")
-            .into_parts();
-        let request = InferenceRequest {
-            head,
-            parsed: parse_body(&body).expect("parses"),
-            body,
-        };
+        let mut request = inference_request("/v1/completions", r#"{"model":"m"}"#);
+        request.head.headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static("Bearer anything"),
+        );
         assert_eq!(authenticate(&request), Ok(Identity::Anonymous));
     }
 }

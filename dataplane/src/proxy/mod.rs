@@ -40,12 +40,11 @@ pub use self::admit::DEFAULT_MAX_BODY_BYTES;
 use self::admit::{Admitted, InferenceRequest};
 pub use self::authenticate::Identity;
 use self::forward::Outbound;
-pub use self::forward::upstream::BodyError;
 use self::forward::{HyperUpstream, Upstream};
 use self::log::{Observer, RequestRecord};
 pub use self::respond::ProxyBody;
 use self::respond::json_response;
-use crate::error::{ApiError, ErrorKind};
+use crate::error::{ApiError, BodyError, ErrorKind};
 use crate::snapshot::SnapshotStore;
 
 /// The proxy's settings.

@@ -15,6 +15,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::error::BodyError;
+
 /// Idle upstream connections are kept this long: engines keep connections
 /// open much longer, and reconnecting costs a handshake on the request path.
 pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -22,9 +24,6 @@ pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Bounds connection setup to a pod when the ModelServer sets no timeout: a
 /// pod that does not accept within this is as good as gone.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The error type response bodies may fail with (what hyper's server accepts).
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why an attempt got no response head; the attempt policy branches on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
