@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config_file;
 pub mod error;
 pub mod metrics;
+pub mod pod;
 pub mod proxy;
 pub mod request;
 pub mod request_id;

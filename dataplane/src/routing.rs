@@ -11,7 +11,7 @@ use http::HeaderMap;
 use http::header::HeaderName;
 use regex::Regex;
 
-use crate::scheduling::PodState;
+use crate::pod::PodState;
 
 /// A ModelServer as the dataplane uses it.
 #[derive(Debug)]

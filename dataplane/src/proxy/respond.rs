@@ -17,9 +17,9 @@ use hyper::body::Incoming;
 use super::forward::{Delivered, HOP_BY_HOP};
 use super::log::RequestRecord;
 use crate::metrics::OutcomeLabel;
+use crate::pod::InFlightGuard;
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::response::ResponseObserver;
-use crate::scheduling::InFlightGuard;
 
 /// The response of a delivered attempt, as the client gets it.
 pub fn respond<B: Body<Data = Bytes> + Unpin>(

@@ -8,8 +8,9 @@ use super::admit::InferenceRequest;
 use super::log::RequestRecord;
 use super::route::Routed;
 use crate::error::{ApiError, ErrorKind};
+use crate::pod::PodState;
 use crate::request_id::REQUEST_ID_HEADER;
-use crate::scheduling::{PodState, Ranking, ScheduleRequest, Scheduler};
+use crate::scheduling::{Ranking, ScheduleRequest, Scheduler};
 
 /// The candidates of one request, best first.
 #[derive(Debug)]

@@ -24,9 +24,10 @@ use super::admit::InferenceRequest;
 use super::forward::{Upstream, UpstreamError};
 use super::log::{Observer, RequestRecord};
 use crate::metrics::RouterMetrics;
+use crate::pod::PodState;
 use crate::request::parse_body;
 use crate::routing::Server;
-use crate::scheduling::{PodState, Ranking, ScheduleRequest, Scheduler, SchedulingShared};
+use crate::scheduling::{Ranking, ScheduleRequest, Scheduler, SchedulingShared};
 use crate::snapshot::SnapshotStore;
 
 /// Port of every test pod.

@@ -28,8 +28,8 @@ use switchyard_snapshot::scheduler::{
 use super::decisions::DecisionLog;
 use super::metrics::PluginMetrics;
 use super::plugins::{Candidate, Filter, FilterError, ScoreInput, Scorer};
-use super::pod::{is_fresh, unix_ms_now};
 use super::prefix::{PrefixIndex, hash_prompt};
+use crate::pod::{is_fresh, unix_ms_now};
 use crate::request::PromptField;
 use crate::routing::Server;
 
@@ -473,7 +473,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::scheduling::PodState;
+    use crate::pod::PodState;
     use crate::scheduling::metrics::PluginMetrics;
 
     fn server(pods: usize) -> Server {

@@ -19,9 +19,10 @@ use self::policy::{AttemptPolicy, Next, Verdict};
 pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind};
+use crate::pod::{InFlightGuard, PodState};
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::routing::Server;
-use crate::scheduling::{InFlightGuard, PodState, Ranking};
+use crate::scheduling::Ranking;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not
 /// the message, so they never cross the proxy in either direction.

@@ -24,8 +24,9 @@ use http::StatusCode;
 
 use super::upstream::UpstreamError;
 use crate::error::{ApiError, ErrorKind};
+use crate::pod::PodState;
 use crate::routing::Server;
-use crate::scheduling::{PodState, Ranking};
+use crate::scheduling::Ranking;
 
 /// Engine statuses that mean "this pod cannot serve it now; another may".
 pub const RETRYABLE_STATUSES: [StatusCode; 3] = [

@@ -21,10 +21,10 @@ use super::Observer;
 use super::access_log::AccessLogEntry;
 use crate::error::ApiError;
 use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, UNKNOWN_MODEL};
+use crate::pod::PodState;
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::response::Usage;
 use crate::routing::{Route, RouteDecision, Server};
-use crate::scheduling::PodState;
 
 /// `status_code` of a request whose client went away before any response
 /// head was sent (nginx's "client closed request"), so it is not counted as
