@@ -9,6 +9,7 @@
 //! [`metrics`] and the access log).
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
+//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`app`] (wiring the listeners together).
 #![forbid(unsafe_code)]
