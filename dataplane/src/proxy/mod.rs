@@ -187,7 +187,9 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use switchyard_snapshot::pb;
 
-    use super::testing::{Script, ScriptedBody, ScriptedUpstream, one_route_config, test_observer};
+    use super::testing::{
+        self, Script, ScriptedBody, ScriptedUpstream, one_route_config, test_observer,
+    };
     use super::*;
     use crate::metrics::RouterMetrics;
 
@@ -265,10 +267,8 @@ mod tests {
             }
         }
 
-        fn metric(&self, name_and_labels: &str) -> Option<f64> {
-            let text = String::from_utf8(self.metrics.render().expect("render")).expect("UTF-8");
-            text.lines()
-                .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+        fn metric(&self, series: &str) -> Option<f64> {
+            testing::metric(&self.metrics, series)
         }
     }
 

@@ -167,6 +167,14 @@ pub fn test_observer() -> Arc<Observer> {
     ))
 }
 
+/// The value of one series in `metrics`' exposition, e.g.
+/// `kthena_router_requests_total{error_type="...",model="m",...}`.
+pub fn metric(metrics: &RouterMetrics, series: &str) -> Option<f64> {
+    let text = String::from_utf8(metrics.render().expect("render")).expect("UTF-8");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// The record of a `POST /v1/completions`.
 pub fn test_record() -> RequestRecord {
     let request = Request::post("/v1/completions").body(()).expect("request");

@@ -286,3 +286,105 @@ impl Drop for RequestRecord {
         self.finish(None, Some(OutcomeLabel::ClientDisconnected));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::proxy::testing::{metric, one_route_store, test_observer};
+    use crate::routing::RequestFacts;
+
+    fn started(observer: &Arc<Observer>, path: &str) -> RequestRecord {
+        let request = Request::post(path).body(()).expect("request");
+        RequestRecord::start(observer, &request)
+    }
+
+    #[test]
+    fn a_client_gone_before_the_response_head_is_499() {
+        let observer = test_observer();
+        drop(started(&observer, "/v1/completions"));
+        assert_eq!(
+            metric(
+                &observer.metrics,
+                r#"kthena_router_requests_total{error_type="client_disconnected",model="unknown",path="/v1/completions",status_code="499"}"#
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn a_router_error_is_counted_with_its_code_once() {
+        let observer = test_observer();
+        let mut record = started(&observer, "/v1/chat/completions");
+        let response: http::Response<bytes::Bytes> =
+            record.failed(ApiError::new(ErrorKind::NotReady, "no snapshot"));
+        assert_eq!(response.status(), 503);
+        record.set_response(503, false);
+        record.finish(None, None);
+        drop(record);
+        assert_eq!(
+            metric(
+                &observer.metrics,
+                r#"kthena_router_requests_total{error_type="router_not_ready",model="unknown",path="/v1/chat/completions",status_code="503"}"#
+            ),
+            Some(1.0),
+            "finished once, not again on drop"
+        );
+    }
+
+    #[test]
+    fn a_routed_stream_counts_tokens_ttft_and_releases_its_gauges() {
+        let observer = test_observer();
+        let store = one_route_store("m", &[], None, 1);
+        let table = store.table().expect("snapshot");
+        observer.metrics.resolve(&table);
+        let mut record = started(&observer, "/v1/chat/completions");
+        let headers = http::HeaderMap::new();
+        let decision = table
+            .index
+            .lookup(&RequestFacts {
+                model: "m",
+                path: "/v1/chat/completions",
+                headers: &headers,
+            })
+            .expect("routed");
+        record.set_model("m");
+        record.set_route("m", &decision);
+        let active = r#"kthena_router_active_downstream_requests{model="m"}"#;
+        assert_eq!(metric(&observer.metrics, active), Some(1.0));
+        record.begin_attempt(&decision.server.pods[0]);
+        record.set_response(200, true);
+        record.on_chunk();
+        record.finish(
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3,
+            }),
+            None,
+        );
+        let m = &observer.metrics;
+        assert_eq!(metric(m, active), Some(0.0));
+        assert_eq!(
+            metric(
+                m,
+                r#"kthena_router_active_upstream_requests{model_route="default/r",model_server="default/s"}"#
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric(
+                m,
+                r#"kthena_router_tokens_total{model="m",path="/v1/chat/completions",token_type="output"}"#
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric(
+                m,
+                r#"kthena_router_time_to_first_token_seconds_count{model="m"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(record.attempts(), 1);
+    }
+}
