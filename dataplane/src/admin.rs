@@ -245,6 +245,7 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
 fn not_found(message: &str) -> Response<ProxyBody> {
     error(StatusCode::NOT_FOUND, "not_found", message)
 }
+
 /// Decisions returned when the query does not say `?limit=N`.
 const DEFAULT_DECISIONS_SHOWN: usize = 50;
 

@@ -19,7 +19,6 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
-
 use switchyard_snapshot::pb;
 
 use crate::snapshot::{RoutingTable, SnapshotStore};
