@@ -247,6 +247,10 @@ mod tests {
     }
 
     impl Harness {
+        async fn post(&self, path: &str, body: &'static str) -> Answer {
+            self.call(Method::POST, path, body).await
+        }
+
         async fn call(&self, method: Method, path: &str, body: &'static str) -> Answer {
             let request = Request::builder()
                 .method(method)
@@ -282,11 +286,7 @@ mod tests {
             pb::TrafficPolicy::default(),
         );
         let answer = h
-            .call(
-                Method::POST,
-                "/v1/completions",
-                r#"{"model":"m","prompt":"hi"}"#,
-            )
+            .post("/v1/completions", r#"{"model":"m","prompt":"hi"}"#)
             .await;
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.text(), USAGE_BODY);
@@ -328,11 +328,7 @@ mod tests {
             pb::TrafficPolicy::default(),
         );
         let answer = h
-            .call(
-                Method::POST,
-                "/v1/chat/completions",
-                r#"{"model":"m","stream":true}"#,
-            )
+            .post("/v1/chat/completions", r#"{"model":"m","stream":true}"#)
             .await;
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(
@@ -363,9 +359,7 @@ mod tests {
             2,
             policy,
         );
-        let answer = h
-            .call(Method::POST, "/v1/completions", r#"{"model":"m"}"#)
-            .await;
+        let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(h.proxy.upstream.pods().len(), 2);
     }
@@ -377,9 +371,7 @@ mod tests {
             2,
             pb::TrafficPolicy::default(),
         );
-        let answer = h
-            .call(Method::POST, "/v1/completions", r#"{"model":"m"}"#)
-            .await;
+        let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;
         assert_eq!(answer.status, StatusCode::BAD_REQUEST);
         assert_eq!(answer.text(), r#"{"error":"bad"}"#);
         assert!(answer.headers.contains_key("x-request-id"));
@@ -392,9 +384,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn router_errors_are_openai_json_and_counted() {
         let h = harness([], 1, pb::TrafficPolicy::default());
-        let answer = h
-            .call(Method::POST, "/v1/completions", r#"{"model":"other"}"#)
-            .await;
+        let answer = h.post("/v1/completions", r#"{"model":"other"}"#).await;
         assert_eq!(answer.status, StatusCode::NOT_FOUND);
         assert_eq!(answer.json()["error"]["code"], "route_not_found");
         assert!(!answer.headers.contains_key("x-request-id"));
@@ -415,11 +405,7 @@ mod tests {
             pb::TrafficPolicy::default(),
         );
         let answer = h
-            .call(
-                Method::POST,
-                "/v1/completions",
-                r#"{"model":"m","stream":true}"#,
-            )
+            .post("/v1/completions", r#"{"model":"m","stream":true}"#)
             .await;
         assert_eq!(answer.status, StatusCode::OK);
         assert!(answer.body.is_err(), "the client sees the cut");
@@ -453,9 +439,7 @@ mod tests {
         let answer = h.call(Method::GET, "/v1/models", "").await;
         assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(answer.json()["error"]["code"], "router_not_ready");
-        let answer = h
-            .call(Method::POST, "/v1/completions", r#"{"model":"m"}"#)
-            .await;
+        let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;
         assert_eq!(answer.json()["error"]["code"], "router_not_ready");
 
         let h = harness([], 1, pb::TrafficPolicy::default());

@@ -218,12 +218,15 @@ mod tests {
     use crate::proxy::testing::{
         Script, ScriptedBody, ScriptedUpstream, server_with_pods, test_record,
     };
+    use crate::routing::Server;
 
-    /// The engine's answer to one request, delivered from pod `p0`.
-    async fn delivered(
+    /// The engine's answer (with `headers` added) delivered from pod `p0`,
+    /// through the respond phase, with its record handed over.
+    async fn responded(
         script: Script,
         headers: &[(&'static str, &'static str)],
-    ) -> (Delivered<ScriptedBody>, crate::routing::Server) {
+        hide_usage_chunk: bool,
+    ) -> (Response<ProxyBody<ScriptedBody>>, Server) {
         let server = server_with_pods(1, 0, Duration::ZERO, None);
         let upstream = ScriptedUpstream::new([script]);
         let request = http::Request::post("http://127.0.0.1:8000/v1/completions")
@@ -235,8 +238,19 @@ mod tests {
                 .headers_mut()
                 .insert(*name, HeaderValue::from_static(value));
         }
-        let guard = server.pods[0].begin_request();
-        (Delivered { response, guard }, server)
+        let delivered = Delivered {
+            response,
+            guard: server.pods[0].begin_request(),
+        };
+        let mut record = test_record();
+        let id = HeaderValue::from_static("id-9");
+        let response = respond(delivered, id, hide_usage_chunk, &mut record);
+        (hand_over(response, record), server)
+    }
+
+    async fn body_of(response: Response<ProxyBody<ScriptedBody>>) -> Bytes {
+        let collected = response.into_body().collect().await.expect("body");
+        collected.to_bytes()
     }
 
     const STREAM: [&str; 3] = [
@@ -247,79 +261,43 @@ mod tests {
 
     #[tokio::test]
     async fn hop_by_hop_headers_stay_behind_and_the_request_id_goes_back() {
-        let (delivered, _server) = delivered(
-            Script::status(200),
-            &[
-                ("connection", "close"),
-                ("transfer-encoding", "chunked"),
-                ("x-engine", "vllm"),
-            ],
-        )
-        .await;
-        let mut record = test_record();
-        let response = respond(
-            delivered,
-            HeaderValue::from_static("id-9"),
-            false,
-            &mut record,
-        );
+        let engine_headers = [
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("x-engine", "vllm"),
+        ];
+        let (response, _server) = responded(Script::status(200), &engine_headers, false).await;
         let headers = response.headers();
         assert_eq!(headers["x-request-id"], "id-9");
         assert_eq!(headers["x-engine"], "vllm", "end-to-end headers pass");
-        assert!(!headers.contains_key("connection") && !headers.contains_key("transfer-encoding"));
+        assert!(!headers.contains_key("connection"));
+        assert!(!headers.contains_key("transfer-encoding"));
     }
 
     #[tokio::test]
     async fn the_injected_usage_chunk_is_hidden_and_the_length_dropped() {
-        let (delivered, server) =
-            delivered(Script::sse(&STREAM), &[("content-length", "999")]).await;
-        let mut record = test_record();
-        let response = respond(delivered, HeaderValue::from_static("id"), true, &mut record);
+        let length = [("content-length", "999")];
+        let (response, server) = responded(Script::sse(&STREAM), &length, true).await;
         assert!(
             !response.headers().contains_key(header::CONTENT_LENGTH),
             "the body shrinks"
         );
-        let response = hand_over(response, record);
         assert_eq!(server.pods[0].in_flight(), 1, "held while the body streams");
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        assert_eq!(body, [STREAM[0], STREAM[2]].concat());
+        assert_eq!(body_of(response).await, [STREAM[0], STREAM[2]].concat());
         assert_eq!(server.pods[0].in_flight(), 0, "released at the end");
     }
 
     #[tokio::test]
     async fn a_stream_the_client_asked_usage_for_passes_unchanged() {
-        let (delivered, _server) =
-            delivered(Script::sse(&STREAM), &[("content-length", "999")]).await;
-        let mut record = test_record();
-        let response = respond(
-            delivered,
-            HeaderValue::from_static("id"),
-            false,
-            &mut record,
-        );
+        let length = [("content-length", "999")];
+        let (response, _server) = responded(Script::sse(&STREAM), &length, false).await;
         assert_eq!(response.headers()[header::CONTENT_LENGTH], "999");
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        assert_eq!(body, STREAM.concat());
+        assert_eq!(body_of(response).await, STREAM.concat());
     }
 
     #[tokio::test]
     async fn a_client_that_goes_away_releases_the_pod() {
-        let (delivered, server) = delivered(Script::sse(&STREAM), &[]).await;
-        let mut record = test_record();
-        let response = hand_over(
-            respond(delivered, HeaderValue::from_static("id"), true, &mut record),
-            record,
-        );
+        let (response, server) = responded(Script::sse(&STREAM), &[], true).await;
         let mut body = response.into_body();
         body.frame().await.expect("a frame").expect("data");
         assert_eq!(server.pods[0].in_flight(), 1);
