@@ -19,7 +19,7 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
-use switchyard_snapshot::pb;
+use switchyard_snapshot::{Nack, pb};
 
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::{ControllerStatus, SnapshotSink};
@@ -652,7 +652,7 @@ pub struct ObservedStore {
 }
 
 impl SnapshotSink for ObservedStore {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String> {
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
         SnapshotSink::apply_route_config(&*self.store, version, config)?;
         if let Some(table) = self.store.table() {
             self.metrics.resolve(&table);
@@ -660,7 +660,7 @@ impl SnapshotSink for ObservedStore {
         Ok(())
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String> {
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
         SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
     }
 }

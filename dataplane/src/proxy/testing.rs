@@ -68,13 +68,11 @@ pub fn server_with_pods(
 /// in order `p0, p1, ...` on a fresh server, ejected ones last.
 pub fn ranked(server: &Server) -> Ranking {
     let config = pb::SchedulerConfig {
-        filters: Vec::new(),
         scores: vec![pb::ScorePlugin {
-            name: "least-request".into(),
+            name: switchyard_snapshot::scheduler::least_request::NAME.into(),
             weight: 1,
         }],
-        top_n: 0,
-        args: None,
+        ..Default::default()
     };
     let shared = Arc::new(SchedulingShared::default());
     let scheduler = Scheduler::build(Some(&config), &["m"], &shared).expect("valid config");
