@@ -70,7 +70,11 @@ impl Outbound {
         }
     }
 
-    fn to(&mut self, pod: &PodState, is_last: bool) -> Result<Request<Full<Bytes>>, ApiError> {
+    fn request_to(
+        &mut self,
+        pod: &PodState,
+        is_last: bool,
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
         let uri = Uri::builder()
             .scheme("http")
             .authority(pod.authority.clone())
@@ -128,7 +132,7 @@ pub async fn forward<U: Upstream>(
         // failed attempt never counts against the pod while the next one runs.
         let guard = pod.begin_request();
         record.begin_attempt(pod);
-        let sent = upstream.send(outbound.to(pod, attempt.is_last)?);
+        let sent = upstream.send(outbound.request_to(pod, attempt.is_last)?);
         let outcome = match attempt.timeout {
             Some(limit) => tokio::time::timeout(limit, sent)
                 .await
