@@ -15,7 +15,7 @@ test: build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	python3 scripts/import-cycles.py controller/src shared/runtime/src
+	python3 scripts/import-cycles.py controller/src dataplane/src shared/runtime/src shared/snapshot/src shared/crd/src
 
 fmt:
 	$(CARGO) fmt --all

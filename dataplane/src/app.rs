@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind};
 
-use crate::access_log::{AccessLog, AccessLogConfig};
 use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
-use crate::metrics::RouterMetrics;
-use crate::observe::{ObservedStore, Observer};
+use crate::metrics::{ObservedStore, RouterMetrics};
+use crate::proxy::log::Observer;
+use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
