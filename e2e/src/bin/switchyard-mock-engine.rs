@@ -1,7 +1,7 @@
 //! `switchyard-mock-engine`: see [`switchyard_e2e::mock_engine`].
 #![forbid(unsafe_code)]
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -11,14 +11,7 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> ExitCode {
     // Logs go to stderr: stdout carries only the `listening on` line that tests wait for.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    switchyard_runtime::init_tracing(switchyard_runtime::LogFormat::Text);
 
     let args = MockEngineArgs::parse();
     let listener = match TcpListener::bind((args.host.as_str(), args.port)).await {

@@ -1,5 +1,9 @@
-//! Process logs: to stderr (stdout stays free for access logs), filtered by
-//! `RUST_LOG`, as text or one JSON object per line.
+//! Process logs: to stderr (stdout stays free for access logs and, in the
+//! mock engine, the `listening on` line), filtered by `RUST_LOG`, as text or
+//! one JSON object per line; colours only when stderr is a terminal, so log
+//! files and `kubectl logs` carry no escape codes.
+
+use std::io::IsTerminal as _;
 
 /// Log filter when `RUST_LOG` is unset or invalid.
 pub const DEFAULT_LOG_FILTER: &str = "info";
@@ -22,7 +26,8 @@ pub fn init_tracing(format: LogFormat) -> bool {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.try_init().is_ok(),
         LogFormat::Json => builder.json().try_init().is_ok(),
