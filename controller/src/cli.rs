@@ -45,7 +45,7 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_CONFIG_DIR", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
 
-    /// Router configuration file in the reference router's format; its
+    /// Router configuration file in the Kthena router's format; its
     /// `scheduler` section is shipped to every dataplane (reloaded on change).
     #[arg(long, env = "SWITCHYARD_ROUTER_CONFIG", value_name = "FILE")]
     pub router_config: Option<PathBuf>,

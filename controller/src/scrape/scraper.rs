@@ -713,24 +713,9 @@ mod tests {
     const MODELS_JSON: &str = r#"{"object":"list","data":[
         {"id":"tiny-lora","object":"model","parent":"tiny-llama"},
         {"id":"tiny-llama","object":"model","parent":null}]}"#;
-    /// Used when the captured fixture is not available; same key values.
-    const SYNTHETIC_PAGE: &str = r#"# TYPE vllm:num_requests_running gauge
-vllm:num_requests_running{engine="0",model_name="tiny-llama"} 8.0
-vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 16.0
-vllm:kv_cache_usage_perc{engine="0",model_name="tiny-llama"} 0.17322834645669294
-vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny-llama"} 18.0
-vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.773876905441284
-"#;
-
+    /// A `/metrics` page recorded from a real vLLM engine under load (`testdata/README.md`).
     fn engine_page() -> String {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/fixtures/vllm/metrics_during_load.txt"
-        );
-        std::fs::read_to_string(path).unwrap_or_else(|_| {
-            eprintln!("note: {path} missing, serving a synthetic page");
-            SYNTHETIC_PAGE.to_owned()
-        })
+        include_str!("../../../testdata/vllm/metrics_during_load.txt").to_owned()
     }
 
     /// What a test server does with requests.

@@ -1,12 +1,12 @@
-//! The Kthena example manifests must load into Switchyard's types unchanged, and the routing
-//! guide's examples (seed 004) must be among them.
+//! The Kthena example manifests must load into Switchyard's types unchanged, and the routes of
+//! Kthena's routing guide must be among them (both in `testdata/kthena/`).
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod common;
 
 use std::collections::BTreeMap;
 
-use common::{ExampleDocument, kthena_example_documents, shared_dir};
+use common::{ExampleDocument, kthena_example_documents, kthena_testdata};
 use switchyard_crd::{
     InferenceEngine, ModelMatch, ModelRoute, ModelRouteSpec, ModelServer, RateLimitUnit, Rule,
     StringMatch, TargetModel,
@@ -41,8 +41,7 @@ fn servers(documents: &[ExampleDocument]) -> BTreeMap<String, ModelServer> {
 
 #[test]
 fn every_example_model_route_and_model_server_deserialises_and_round_trips() {
-    let Some(shared) = shared_dir() else { return };
-    let documents = kthena_example_documents(&shared);
+    let documents = kthena_example_documents();
     let routes = routes(&documents);
     let servers = servers(&documents);
 
@@ -93,8 +92,7 @@ fn every_example_model_route_and_model_server_deserialises_and_round_trips() {
 
 #[test]
 fn example_fields_land_in_the_right_rust_fields() {
-    let Some(shared) = shared_dir() else { return };
-    let documents = kthena_example_documents(&shared);
+    let documents = kthena_example_documents();
     let routes = routes(&documents);
     let servers = servers(&documents);
 
@@ -184,8 +182,7 @@ fn example_fields_land_in_the_right_rust_fields() {
 
 #[test]
 fn omitted_fields_take_the_api_defaults_on_deserialisation() {
-    let Some(shared) = shared_dir() else { return };
-    let documents = kthena_example_documents(&shared);
+    let documents = kthena_example_documents();
 
     // The examples omit weight and protocol almost everywhere; they must read as the defaults.
     let simple = &routes(&documents)["deepseek-simple"].spec;
@@ -246,7 +243,7 @@ fn unknown_enum_values_are_rejected() {
     let engine = serde_yaml::from_str::<switchyard_crd::ModelServerSpec>(
         "inferenceEngine: vllm\nworkloadSelector: {}\nworkloadPort:\n  port: 8000\n",
     );
-    // Engine names are case-sensitive, as in the reference API.
+    // Engine names are case-sensitive, as in Kthena's API.
     let engine_error = engine.unwrap_err().to_string();
     assert!(
         engine_error.contains("unknown variant `vllm`"),
@@ -262,7 +259,8 @@ fn unknown_enum_values_are_rejected() {
     );
 }
 
-/// A ModelRoute of the routing guide (seed 004), read back from its flattened YAML.
+/// A ModelRoute of the routing guide (`testdata/kthena/router-routing-guide.txt`), read back
+/// from its flattened YAML.
 #[derive(Debug, Default)]
 struct GuideRoute {
     name: String,
@@ -351,11 +349,10 @@ fn guide_routes(text: &str) -> Vec<GuideRoute> {
 
 #[test]
 fn the_routing_guide_routes_are_among_the_examples() {
-    let Some(shared) = shared_dir() else { return };
-    let seed_path = shared.join("seeds/004_fdb263dd83749e7a.txt");
-    let seed = std::fs::read_to_string(&seed_path)
-        .unwrap_or_else(|err| panic!("{}: {err}", seed_path.display()));
-    let guide = guide_routes(&seed);
+    let guide_path = kthena_testdata().join("router-routing-guide.txt");
+    let guide_text = std::fs::read_to_string(&guide_path)
+        .unwrap_or_else(|err| panic!("{}: {err}", guide_path.display()));
+    let guide = guide_routes(&guide_text);
     let names: Vec<&str> = guide.iter().map(|route| route.name.as_str()).collect();
     assert_eq!(
         names,
@@ -367,7 +364,7 @@ fn the_routing_guide_routes_are_among_the_examples() {
         ]
     );
 
-    let examples = routes(&kthena_example_documents(&shared));
+    let examples = routes(&kthena_example_documents());
     for route in guide {
         let example = examples.get(&route.name).unwrap_or_else(|| {
             panic!(
