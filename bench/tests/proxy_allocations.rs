@@ -24,13 +24,14 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use switchyard_bench::{chat_body, server};
+use switchyard_bench::{NAMESPACE, chat_body, server};
 use switchyard_dataplane::app::serve;
 use switchyard_dataplane::metrics::RouterMetrics;
 use switchyard_dataplane::observe::Observer;
 use switchyard_dataplane::proxy::{Proxy, ProxyConfig};
 use switchyard_dataplane::snapshot::SnapshotStore;
 use switchyard_snapshot::pb;
+use switchyard_snapshot::test_builders as builders;
 use tokio::net::{TcpListener, TcpStream};
 
 #[global_allocator]
@@ -108,24 +109,15 @@ async fn start_engine() -> SocketAddr {
 fn route_config(engine: SocketAddr) -> pb::RouteConfig {
     let mut engine_server = server("engine", 1, 0x7f00_0001);
     engine_server.port = u32::from(engine.port());
-    pb::RouteConfig {
-        routes: vec![pb::ModelRoute {
-            namespace: "bench".into(),
-            name: "chat".into(),
-            model_name: "bench-model".into(),
-            rules: vec![pb::Rule {
-                name: "default".into(),
-                r#match: None,
-                targets: vec![pb::WeightedTarget {
-                    model_server: "bench/engine".into(),
-                    weight: 100,
-                }],
-            }],
-            ..Default::default()
-        }],
-        servers: vec![engine_server],
-        scheduler: None,
-    }
+    builders::route_config(
+        vec![builders::route_in(
+            NAMESPACE,
+            "chat",
+            "bench-model",
+            "engine",
+        )],
+        vec![engine_server],
+    )
 }
 
 async fn start_proxy(engine: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {

@@ -338,6 +338,7 @@ mod tests {
     use super::*;
     use crate::xds::XdsMetrics;
     use http_body_util::BodyExt;
+    use switchyard_snapshot::test_builders as builders;
 
     fn state() -> (AdminState, watch::Sender<Arc<ObjectsView>>) {
         let registry = prometheus::Registry::new();
@@ -386,42 +387,27 @@ mod tests {
     #[tokio::test]
     async fn snapshot_view_shows_routes_and_servers() {
         let (state, _objects) = state();
-        let config = pb::RouteConfig {
-            scheduler: None,
-            routes: vec![pb::ModelRoute {
-                namespace: "default".into(),
-                name: "r".into(),
-                model_name: "m".into(),
-                rules: vec![pb::Rule {
-                    name: "rule".into(),
-                    r#match: Some(pb::ModelMatch {
-                        headers: vec![pb::HeaderMatch {
-                            name: "x-tier".into(),
-                            value: Some(pb::StringMatch {
-                                kind: Some(pb::string_match::Kind::Prefix("gold".into())),
-                            }),
-                        }],
-                        uri: None,
-                        body_model: None,
-                    }),
-                    targets: vec![pb::WeightedTarget {
-                        model_server: "default/s".into(),
-                        weight: 100,
-                    }],
-                }],
-                ..Default::default()
+        let gold_prefix = pb::ModelMatch {
+            headers: vec![pb::HeaderMatch {
+                name: "x-tier".into(),
+                value: Some(pb::StringMatch {
+                    kind: Some(pb::string_match::Kind::Prefix("gold".into())),
+                }),
             }],
-            servers: vec![pb::ModelServer {
-                namespace: "default".into(),
-                name: "s".into(),
-                port: 8000,
-                endpoints: vec![pb::Endpoint {
-                    name: "p".into(),
-                    ip: "10.0.0.1".into(),
-                }],
-                ..Default::default()
-            }],
+            ..Default::default()
         };
+        let config = builders::route_config(
+            vec![builders::route_with_rules(
+                "r",
+                "m",
+                vec![builders::rule(
+                    "rule",
+                    Some(gold_prefix),
+                    &[("default/s", 100)],
+                )],
+            )],
+            vec![builders::server("s", &[("p", "10.0.0.1")])],
+        );
         let version = state.publisher.publish_route_config(config, 1234).version;
         let body = body_json(handle(&state, &Method::GET, "/debug/snapshot")).await;
         assert_eq!(body["control_plane_id"], "test-controller");
@@ -450,26 +436,10 @@ mod tests {
             handle(&state, &Method::GET, "/debug/config_dump/modelroutes").status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
-        let config = pb::RouteConfig {
-            routes: vec![pb::ModelRoute {
-                namespace: "default".into(),
-                name: "r".into(),
-                model_name: "m".into(),
-                ..Default::default()
-            }],
-            servers: vec![pb::ModelServer {
-                namespace: "default".into(),
-                name: "s".into(),
-                port: 8000,
-                inference_engine: "vLLM".into(),
-                endpoints: vec![pb::Endpoint {
-                    name: "p".into(),
-                    ip: "10.0.0.1".into(),
-                }],
-                ..Default::default()
-            }],
-            scheduler: None,
-        };
+        let config = builders::route_config(
+            vec![builders::route_with_rules("r", "m", Vec::new())],
+            vec![builders::server("s", &[("p", "10.0.0.1")])],
+        );
         state.publisher.publish_route_config(config, 1);
         let routes = body_json(handle(
             &state,

@@ -9,6 +9,7 @@ use switchyard_controller::xds::{
     SnapshotPublisher, XdsMetrics,
 };
 use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
+use switchyard_snapshot::test_builders as builders;
 use switchyard_snapshot::{
     ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, ROUTE_CONFIG_TYPE_URL, pb,
 };
@@ -96,29 +97,10 @@ impl Server {
 }
 
 fn route_config(model: &str) -> pb::RouteConfig {
-    pb::RouteConfig {
-        scheduler: None,
-        routes: vec![pb::ModelRoute {
-            namespace: "default".into(),
-            name: model.into(),
-            model_name: model.into(),
-            rules: vec![pb::Rule {
-                name: "default".into(),
-                r#match: None,
-                targets: vec![pb::WeightedTarget {
-                    model_server: "default/s".into(),
-                    weight: 100,
-                }],
-            }],
-            ..Default::default()
-        }],
-        servers: vec![pb::ModelServer {
-            namespace: "default".into(),
-            name: "s".into(),
-            port: 8000,
-            ..Default::default()
-        }],
-    }
+    builders::route_config(
+        vec![builders::route(model, model, "s")],
+        vec![builders::server("s", &[])],
+    )
 }
 
 fn endpoint_loads(waiting: f64) -> pb::EndpointLoads {

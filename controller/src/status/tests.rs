@@ -351,21 +351,10 @@ fn foreign_conditions_are_kept_and_long_messages_truncated() {
 
 #[test]
 fn last_scrape_by_server_takes_the_newest_pod() {
-    let server = switchyard_snapshot::pb::ModelServer {
-        namespace: "default".to_owned(),
-        name: "llama".to_owned(),
-        endpoints: vec![
-            switchyard_snapshot::pb::Endpoint {
-                name: "a".to_owned(),
-                ip: "10.0.0.1".to_owned(),
-            },
-            switchyard_snapshot::pb::Endpoint {
-                name: "b".to_owned(),
-                ip: "10.0.0.2".to_owned(),
-            },
-        ],
-        ..Default::default()
-    };
+    let server = switchyard_snapshot::test_builders::server(
+        "llama",
+        &[("a", "10.0.0.1"), ("b", "10.0.0.2")],
+    );
     let observed = BTreeMap::from([
         ("default/a".to_owned(), 1_780_000_000_000),
         ("default/b".to_owned(), 1_780_000_005_000),
