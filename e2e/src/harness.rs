@@ -1,9 +1,12 @@
 //! Helpers for end-to-end tests: start the real binaries on loopback, wait for
-//! them, talk HTTP to them, and always stop them (processes are killed on drop).
+//! them, talk HTTP to them, and always stop them (processes are killed on drop,
+//! and by [`reaper`] when the test binary ends without dropping them).
 
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,6 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
 
 /// How long tests wait for a process or a condition before failing: generous,
 /// because a busy 2-core CI machine can be slow, and a passing test never
@@ -41,6 +45,47 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Reads `+PID` and `-PID` lines on its standard input; when that ends, kills
+/// every PID added and not removed since.
+const REAPER_SCRIPT: &str = r#"
+pids=
+while read -r line; do
+  case $line in
+    +*) pids="$pids ${line#+}" ;;
+    -*) kept=; for pid in $pids; do [ "$pid" = "${line#-}" ] || kept="$kept $pid"; done; pids=$kept ;;
+  esac
+done
+[ -z "$pids" ] || kill -9 $pids 2>/dev/null
+"#;
+
+/// Kills the processes a test binary started when it ends without stopping
+/// them: a stack shared through a `static` is never dropped, and a test binary
+/// killed by a signal drops nothing. A shell reads [`REAPER_SCRIPT`] lines on a
+/// pipe only this process holds; the kernel closes the pipe however this
+/// process ends, and the shell then kills what is still registered.
+fn reaper() -> &'static Mutex<Option<ChildStdin>> {
+    static REAPER: OnceLock<Mutex<Option<ChildStdin>>> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let stdin = Command::new("sh")
+            .args(["-c", REAPER_SCRIPT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+            .and_then(|mut reaper| reaper.stdin.take());
+        Mutex::new(stdin)
+    })
+}
+
+/// Registers `pid` with the [`reaper`] (`+`) or removes it once stopped (`-`).
+fn tell_reaper(sign: char, pid: u32) {
+    if let Some(stdin) = reaper().lock().as_mut() {
+        // A reaper that is gone can do nothing more; the test goes on without it.
+        let _ = writeln!(stdin, "{sign}{pid}");
+    }
+}
+
 /// A child process that is killed when dropped; its output goes to a log file
 /// printed when the test fails.
 pub struct Process {
@@ -63,6 +108,7 @@ impl Process {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start {bin}: {e}"));
+        tell_reaper('+', child.id());
         Self {
             name: name.to_owned(),
             child: Some(child),
@@ -75,6 +121,7 @@ impl Process {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            tell_reaper('-', child.id());
         }
     }
 
@@ -91,20 +138,105 @@ impl Process {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Prints the log, framed by the process name.
+    pub fn print_log(&self) {
+        eprintln!(
+            "----- log of {} -----\n{}\n----- end of {} -----",
+            self.name,
+            self.log_text(),
+            self.name
+        );
+    }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            eprintln!(
-                "----- log of {} -----\n{}\n----- end of {} -----",
-                self.name,
-                self.log_text(),
-                self.name
-            );
+            self.print_log();
         }
     }
+}
+
+/// The `switchyard-mock-engine` binary on a port it picks itself, for the tests
+/// of the binary: started with its own flags, stopped by SIGTERM as Kubernetes
+/// stops a pod. Killed when dropped before [`MockEngineBinary::terminate`].
+pub struct MockEngineBinary {
+    child: tokio::process::Child,
+    pid: u32,
+    /// Where it listens, from the `listening on ADDR` line it prints first.
+    pub addr: SocketAddr,
+}
+
+impl MockEngineBinary {
+    /// Starts the binary with `args` and `--port 0`.
+    pub async fn start(args: &[&str]) -> Self {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+
+        let mut child = tokio::process::Command::new(binary("switchyard-mock-engine"))
+            .args(args)
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mock engine binary starts");
+        let pid = child.id().expect("running child has a pid");
+        tell_reaper('+', pid);
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        tokio::time::timeout(WAIT_DEADLINE, BufReader::new(stdout).read_line(&mut line))
+            .await
+            .expect("listening line in time")
+            .expect("stdout readable");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("socket address");
+        Self { child, pid, addr }
+    }
+
+    /// `http://ADDR{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn terminate(mut self) -> ExitStatus {
+        let signalled = tokio::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(signalled.success());
+        tokio::time::timeout(WAIT_DEADLINE, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("exit status")
+    }
+}
+
+impl Drop for MockEngineBinary {
+    fn drop(&mut self) {
+        // Stopped by now, or killed right after this (`kill_on_drop`).
+        tell_reaper('-', self.pid);
+    }
+}
+
+/// Value of the first sample of `name` in a text exposition `page` whose labels
+/// contain every fragment of `labels` (e.g. `finished_reason="stop"`).
+pub fn sample_value(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{page}"))
 }
 
 /// A loopback address of its own for each test, so parallel tests never share
