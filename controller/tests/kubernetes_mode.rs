@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::{Value, json};
-use switchyard_controller::cli::{Args, LogFormat};
+use switchyard_controller::cli::Args;
 use switchyard_controller::kubernetes;
 use switchyard_snapshot::pb;
 
@@ -26,17 +26,9 @@ const README_TIME: &str = "2026-12-01T17:00:05Z";
 
 fn args() -> Args {
     Args {
-        config_dir: None,
-        xds_addr: "127.0.0.1:0".parse().expect("addr"),
-        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
         scrape_interval: Duration::from_millis(200),
-        scrape_timeout: None,
-        log_format: LogFormat::Text,
         controller_id: Some("switchyard-controller-7d9f-abcde".into()),
-        namespaces: Vec::new(),
-        lease_name: "switchyard-controller".into(),
-        lease_namespace: "switchyard-system".into(),
-        router_config: None,
+        ..Args::for_test()
     }
 }
 
@@ -509,8 +501,10 @@ async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile
 #[tokio::test]
 async fn namespaces_limit_the_watches_to_those_namespaces() {
     let fake = FakeApi::default();
-    let mut args = args();
-    args.namespaces = vec!["team-b".into(), "team-a".into()];
+    let args = Args {
+        namespaces: vec!["team-b".into(), "team-a".into()],
+        ..args()
+    };
     let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
         .await
         .expect("started in time")
@@ -549,8 +543,10 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
     )
     .expect("write");
     let fake = FakeApi::default();
-    let mut args = args();
-    args.router_config = Some(path.clone());
+    let args = Args {
+        router_config: Some(path.clone()),
+        ..args()
+    };
     let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
         .await
         .expect("started in time")

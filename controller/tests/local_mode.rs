@@ -6,7 +6,6 @@ mod support;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use switchyard_controller::app::{self, AppError};
-use switchyard_controller::cli::{Args, LogFormat};
+use switchyard_controller::cli::Args;
 use switchyard_snapshot::{ROUTE_CONFIG_TYPE_URL, pb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -83,16 +82,7 @@ impl Drop for FakeEngine {
 fn args(config_dir: &Path) -> Args {
     Args {
         config_dir: Some(config_dir.to_owned()),
-        router_config: None,
-        xds_addr: "127.0.0.1:0".parse().expect("addr"),
-        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-        scrape_interval: Duration::from_millis(100),
-        scrape_timeout: None,
-        log_format: LogFormat::Text,
-        controller_id: Some("test-controller".into()),
-        namespaces: Vec::new(),
-        lease_name: "switchyard-controller".into(),
-        lease_namespace: "switchyard-system".into(),
+        ..Args::for_test()
     }
 }
 
@@ -341,8 +331,10 @@ async fn router_config_is_shipped_in_the_route_config_and_invalid_files_stop_sta
         "scheduler:\n  plugins:\n    Score: {enabled: [{name: fastest}]}\n",
     )
     .expect("write");
-    let mut with_file = args(&objects);
-    with_file.router_config = Some(router_config.clone());
+    let with_file = Args {
+        router_config: Some(router_config.clone()),
+        ..args(&objects)
+    };
     let error = app::start_local(&with_file)
         .await
         .expect_err("an invalid router configuration stops startup");

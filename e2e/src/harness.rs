@@ -45,17 +45,20 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Reads `+PID` and `-PID` lines on its standard input; when that ends, kills
-/// every PID added and not removed since.
+/// Reads `+PID`, `-PID` and `/DIR` lines on its standard input; when that
+/// ends, kills every PID added and not removed since, then removes the DIRs.
 const REAPER_SCRIPT: &str = r#"
 pids=
+dirs=
 while read -r line; do
   case $line in
     +*) pids="$pids ${line#+}" ;;
     -*) kept=; for pid in $pids; do [ "$pid" = "${line#-}" ] || kept="$kept $pid"; done; pids=$kept ;;
+    /*) dirs="$dirs $line" ;;
   esac
 done
 [ -z "$pids" ] || kill -9 $pids 2>/dev/null
+[ -z "$dirs" ] || rm -rf $dirs
 "#;
 
 /// Kills the processes a test binary started when it ends without stopping
@@ -78,11 +81,11 @@ fn reaper() -> &'static Mutex<Option<ChildStdin>> {
     })
 }
 
-/// Registers `pid` with the [`reaper`] (`+`) or removes it once stopped (`-`).
-fn tell_reaper(sign: char, pid: u32) {
+/// Sends the [`reaper`] one line of [`REAPER_SCRIPT`].
+fn tell_reaper(line: impl std::fmt::Display) {
     if let Some(stdin) = reaper().lock().as_mut() {
         // A reaper that is gone can do nothing more; the test goes on without it.
-        let _ = writeln!(stdin, "{sign}{pid}");
+        let _ = writeln!(stdin, "{line}");
     }
 }
 
@@ -108,7 +111,7 @@ impl Process {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start {bin}: {e}"));
-        tell_reaper('+', child.id());
+        tell_reaper(format_args!("+{}", child.id()));
         Self {
             name: name.to_owned(),
             child: Some(child),
@@ -121,7 +124,7 @@ impl Process {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            tell_reaper('-', child.id());
+            tell_reaper(format_args!("-{}", child.id()));
         }
     }
 
@@ -183,7 +186,7 @@ impl MockEngineBinary {
             .spawn()
             .expect("mock engine binary starts");
         let pid = child.id().expect("running child has a pid");
-        tell_reaper('+', pid);
+        tell_reaper(format_args!("+{pid}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         tokio::time::timeout(WAIT_DEADLINE, BufReader::new(stdout).read_line(&mut line))
@@ -222,7 +225,7 @@ impl MockEngineBinary {
 impl Drop for MockEngineBinary {
     fn drop(&mut self) {
         // Stopped by now, or killed right after this (`kill_on_drop`).
-        tell_reaper('-', self.pid);
+        tell_reaper(format_args!("-{}", self.pid));
     }
 }
 
@@ -405,6 +408,68 @@ pub fn ready_pod_yaml(name: &str, ip: Ipv4Addr, labels: &[(&str, &str)]) -> Stri
     )
 }
 
+/// Port of every mock engine a [`TestPod`] starts, and of [`model_server_yaml`].
+pub const ENGINE_PORT: u16 = 8000;
+
+/// YAML of a vLLM ModelServer `name` in `default` for the pods labelled
+/// `app: <name>` on [`ENGINE_PORT`]; `spec` adds fields in YAML flow style
+/// (`"trafficPolicy: {timeout: 300ms}"`).
+pub fn model_server_yaml(name: &str, spec: &str) -> String {
+    let base = format!(
+        "workloadSelector: {{matchLabels: {{app: {name}}}}}, workloadPort: {{port: {ENGINE_PORT}}}, inferenceEngine: vLLM"
+    );
+    object_yaml(
+        "ModelServer",
+        &format!("name: {name}"),
+        &join_flow(&base, spec),
+    )
+}
+
+/// YAML of a ModelRoute in `default`: `metadata` and `spec` fields in YAML flow
+/// style (`"name: r"`, `"modelName: m, rules: [...]"`).
+pub fn model_route_yaml(metadata: &str, spec: &str) -> String {
+    object_yaml("ModelRoute", metadata, spec)
+}
+
+/// YAML of a ModelRoute `name` sending model `model` to the ModelServer `server`.
+pub fn simple_route_yaml(name: &str, model: &str, server: &str) -> String {
+    model_route_yaml(
+        &format!("name: {name}"),
+        &format!("modelName: {model}, rules: [{{targetModels: [{{modelServerName: {server}}}]}}]"),
+    )
+}
+
+fn object_yaml(kind: &str, metadata: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: {kind}\nmetadata: {{{}}}\nspec: {{{spec}}}\n",
+        join_flow(metadata, "namespace: default")
+    )
+}
+
+fn join_flow(first: &str, more: &str) -> String {
+    if more.is_empty() {
+        first.to_owned()
+    } else {
+        format!("{first}, {more}")
+    }
+}
+
+/// YAML documents in one file.
+pub fn yaml_documents(documents: &[String]) -> String {
+    documents.join("---\n")
+}
+
+/// A ready pod of a test stack: its name, the last octet of its IP in the
+/// stack's subnet, its labels, and the mock engine behind it (the model it
+/// serves and extra flags), or `None`: nothing listens, connections to the pod
+/// are refused.
+pub type TestPod<'a> = (
+    &'a str,
+    u8,
+    &'a [(&'a str, &'a str)],
+    Option<(&'a str, &'a [&'a str])>,
+);
+
 /// One mock engine to start.
 #[derive(Debug, Clone)]
 pub struct EngineSpec {
@@ -427,7 +492,29 @@ pub struct Stack {
     pub xds_addr: SocketAddr,
     pub controller_admin: SocketAddr,
     pub http: HttpClient,
+    /// This stack's own loopback subnet ([`test_subnet`]).
+    pub subnet: [u8; 3],
     pub dir: tempfile::TempDir,
+}
+
+/// See [`Stack::logs_on_failure`].
+pub struct LogsOnFailure<'a>(&'a Stack);
+
+impl Drop for LogsOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let stack = self.0;
+            let dataplanes = stack.dataplanes.iter().map(|dataplane| &dataplane.process);
+            for process in stack
+                .engines
+                .iter()
+                .chain(&stack.controller)
+                .chain(dataplanes)
+            {
+                process.print_log();
+            }
+        }
+    }
 }
 
 /// A running dataplane and its ports.
@@ -462,7 +549,48 @@ impl Stack {
             controller_admin: free_addr(),
             dataplanes: Vec::new(),
             http: HttpClient::default(),
+            subnet: test_subnet(),
         }
+    }
+
+    /// The address `.host` in this stack's subnet.
+    pub fn ip(&self, host: u8) -> Ipv4Addr {
+        ip_in(self.subnet, host)
+    }
+
+    /// Writes `pods.yaml` with the Pod objects of `pods` and starts their engines.
+    pub async fn start_pods(&mut self, pods: &[TestPod<'_>]) {
+        let yaml: Vec<String> = pods
+            .iter()
+            .map(|(name, host, labels, _)| ready_pod_yaml(name, self.ip(*host), labels))
+            .collect();
+        self.write_config("pods.yaml", &yaml_documents(&yaml));
+        let engines: Vec<EngineSpec> = pods
+            .iter()
+            .filter_map(|(name, host, _, engine)| {
+                engine.map(|(model, args)| EngineSpec {
+                    name: (*name).to_owned(),
+                    ip: self.ip(*host),
+                    port: ENGINE_PORT,
+                    model: model.to_owned(),
+                    extra_args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+                })
+            })
+            .collect();
+        self.start_engines(&engines).await;
+    }
+
+    /// For a stack kept in a `static`, which is never dropped: its directory
+    /// is removed when the test binary ends, after its processes are killed.
+    pub fn remove_at_exit(&self) {
+        tell_reaper(self.dir.path().display());
+    }
+
+    /// Prints the log of every process of the stack if the test fails while
+    /// the guard is alive: for a stack shared by several tests, whose
+    /// processes are not dropped when one test fails.
+    pub fn logs_on_failure(&self) -> LogsOnFailure<'_> {
+        LogsOnFailure(self)
     }
 
     /// Replaces a config file atomically (write + rename), as editors and ConfigMaps do.

@@ -43,16 +43,14 @@ pub fn route_with_rules(name: &str, model: &str, rules: Vec<pb::Rule>) -> pb::Mo
 /// A rule `name` matching `matcher` (every request when `None`), splitting traffic over
 /// `targets`: (`namespace/name` of a ModelServer, weight).
 pub fn rule(name: &str, matcher: Option<pb::ModelMatch>, targets: &[(&str, u32)]) -> pb::Rule {
+    let target = |&(server, weight): &(&str, u32)| pb::WeightedTarget {
+        model_server: server.into(),
+        weight,
+    };
     pb::Rule {
         name: name.into(),
         r#match: matcher,
-        targets: targets
-            .iter()
-            .map(|(server, weight)| pb::WeightedTarget {
-                model_server: (*server).into(),
-                weight: *weight,
-            })
-            .collect(),
+        targets: targets.iter().map(target).collect(),
     }
 }
 
