@@ -425,15 +425,10 @@ pub fn model_server_yaml(name: &str, spec: &str) -> String {
     )
 }
 
-/// YAML of a ModelRoute in `default`: `metadata` and `spec` fields in YAML flow
-/// style (`"name: r"`, `"modelName: m, rules: [...]"`).
-pub fn model_route_yaml(metadata: &str, spec: &str) -> String {
-    object_yaml("ModelRoute", metadata, spec)
-}
-
 /// YAML of a ModelRoute `name` sending model `model` to the ModelServer `server`.
 pub fn simple_route_yaml(name: &str, model: &str, server: &str) -> String {
-    model_route_yaml(
+    object_yaml(
+        "ModelRoute",
         &format!("name: {name}"),
         &format!("modelName: {model}, rules: [{{targetModels: [{{modelServerName: {server}}}]}}]"),
     )
@@ -459,16 +454,45 @@ pub fn yaml_documents(documents: &[String]) -> String {
     documents.join("---\n")
 }
 
-/// A ready pod of a test stack: its name, the last octet of its IP in the
-/// stack's subnet, its labels, and the mock engine behind it (the model it
-/// serves and extra flags), or `None`: nothing listens, connections to the pod
-/// are refused.
-pub type TestPod<'a> = (
-    &'a str,
-    u8,
-    &'a [(&'a str, &'a str)],
-    Option<(&'a str, &'a [&'a str])>,
-);
+/// A ready pod of a test stack and the mock engine behind it, if any.
+#[derive(Debug, Clone)]
+pub struct TestPod {
+    name: String,
+    /// Last octet of its IP in the stack's subnet.
+    host: u8,
+    labels: Vec<(String, String)>,
+    /// The model its engine serves and the engine's extra flags.
+    engine: Option<(String, Vec<String>)>,
+}
+
+impl TestPod {
+    /// Pod `name` at `.host`, labelled `app: <app>`, served by a mock engine
+    /// for `model` started with `engine_args`.
+    pub fn serving(name: &str, host: u8, app: &str, model: &str, engine_args: &[&str]) -> Self {
+        let args = engine_args.iter().map(|arg| (*arg).to_owned()).collect();
+        Self {
+            engine: Some((model.to_owned(), args)),
+            ..Self::without_engine(name, host, app)
+        }
+    }
+
+    /// Pod `name` at `.host`, labelled `app: <app>`, where nothing listens:
+    /// connections to it are refused.
+    pub fn without_engine(name: &str, host: u8, app: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            host,
+            labels: vec![("app".to_owned(), app.to_owned())],
+            engine: None,
+        }
+    }
+
+    /// The pod with one more label.
+    pub fn labelled(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
 
 /// One mock engine to start.
 #[derive(Debug, Clone)]
@@ -559,21 +583,29 @@ impl Stack {
     }
 
     /// Writes `pods.yaml` with the Pod objects of `pods` and starts their engines.
-    pub async fn start_pods(&mut self, pods: &[TestPod<'_>]) {
+    pub async fn start_pods(&mut self, pods: &[TestPod]) {
         let yaml: Vec<String> = pods
             .iter()
-            .map(|(name, host, labels, _)| ready_pod_yaml(name, self.ip(*host), labels))
+            .map(|pod| {
+                let labels: Vec<(&str, &str)> = pod
+                    .labels
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), value.as_str()))
+                    .collect();
+                ready_pod_yaml(&pod.name, self.ip(pod.host), &labels)
+            })
             .collect();
         self.write_config("pods.yaml", &yaml_documents(&yaml));
         let engines: Vec<EngineSpec> = pods
             .iter()
-            .filter_map(|(name, host, _, engine)| {
-                engine.map(|(model, args)| EngineSpec {
-                    name: (*name).to_owned(),
-                    ip: self.ip(*host),
+            .filter_map(|pod| {
+                let (model, extra_args) = pod.engine.clone()?;
+                Some(EngineSpec {
+                    name: pod.name.clone(),
+                    ip: self.ip(pod.host),
                     port: ENGINE_PORT,
-                    model: model.to_owned(),
-                    extra_args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+                    model,
+                    extra_args,
                 })
             })
             .collect();
@@ -626,6 +658,31 @@ impl Stack {
                 .wait_ok(&format!("http://{}:{}/health", engine.ip, engine.port))
                 .await;
         }
+    }
+
+    /// POSTs a JSON `body` to dataplane 0.
+    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
+        let url = self.dataplanes[0].url(path);
+        let response = self.http.post_json(&url, headers, body).await;
+        response.expect("dataplane answers")
+    }
+
+    /// POSTs a JSON `body` to dataplane 0 and returns the response with its
+    /// body unread: a stream to follow, or to leave in the middle.
+    pub async fn post_streaming(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> http::Response<Incoming> {
+        let mut all = vec![("content-type", "application/json")];
+        all.extend_from_slice(headers);
+        let url = self.dataplanes[0].url(path);
+        let response = self
+            .http
+            .send(Method::POST, &url, &all, body.to_owned())
+            .await;
+        response.expect("dataplane answers")
     }
 
     /// Starts (or restarts) the controller and waits until it is ready.

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use http_body_util::BodyExt;
 use switchyard_e2e::harness::{EngineSpec, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for};
 
@@ -307,18 +307,8 @@ async fn stream_arrives_chunk_by_chunk() {
     let stack = demo_stack(1, &["--itl-ms", "300", "--output-tokens", "5"]).await;
     let body = r#"{"model": "deepseek-multi-models", "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
     let response = stack
-        .http
-        .send(
-            Method::POST,
-            &stack.dataplanes[0].url("/v1/chat/completions"),
-            &[
-                ("content-type", "application/json"),
-                ("user-type", "premium"),
-            ],
-            body.to_owned(),
-        )
-        .await
-        .expect("stream starts");
+        .post_streaming("/v1/chat/completions", &[("user-type", "premium")], body)
+        .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-mock-pod"], "deepseek-r1-7b-0");
     let mut body = response.into_body();

@@ -17,15 +17,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use http::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 use switchyard_e2e::harness::{
-    ENGINE_PORT, HttpClient, HttpResponse, Stack, TestPod, model_server_yaml, simple_route_yaml,
-    wait_for, yaml_documents,
+    ENGINE_PORT, HttpClient, HttpResponse, LogsOnFailure, Stack, TestPod, model_server_yaml,
+    simple_route_yaml, wait_for, yaml_documents,
 };
 use tokio::sync::OnceCell;
 
 const OUTPUT_TOKENS: u64 = 5;
-/// A credential a client sends; it must never show up in logs or dumps.
+/// A credential the clients send; it must never show up in logs or dumps.
 const SECRET_TOKEN: &str = "Bearer sk-observability-secret-token";
 
 const GUIDE: &str = include_str!("../../testdata/kthena/router-observability-guide.txt");
@@ -125,14 +125,35 @@ const ACCESS_LOG_FIELDS: &[&str] = &[
     "error",
 ];
 
-/// The request ids of the traffic to dataplane 0.
-const DATAPLANE_0_REQUESTS: [&str; 5] = [
-    "obs-req-1",
-    "obs-req-stream",
-    "obs-req-404",
-    "obs-req-503",
-    "obs-req-gone",
+/// Requests to dataplane 0 that run to their end: (request id, path, body, status).
+const DATAPLANE_0_ENDING_REQUESTS: [(&str, &str, &str, StatusCode); 4] = [
+    (
+        "obs-req-1",
+        "/v1/completions",
+        r#"{"model":"obs-model","prompt":"San Francisco is a"}"#,
+        StatusCode::OK,
+    ),
+    (
+        "obs-req-stream",
+        "/v1/chat/completions",
+        r#"{"model":"obs-model","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        StatusCode::OK,
+    ),
+    (
+        "obs-req-404",
+        "/v1/completions",
+        r#"{"model":"no-such-model","prompt":"hi"}"#,
+        StatusCode::NOT_FOUND,
+    ),
+    (
+        "obs-req-503",
+        "/v1/completions",
+        r#"{"model":"dead-model","prompt":"hi"}"#,
+        StatusCode::SERVICE_UNAVAILABLE,
+    ),
 ];
+/// The request to dataplane 0 whose client leaves in the middle of the stream.
+const ABANDONED_REQUEST: &str = "obs-req-gone";
 
 fn servers_yaml() -> String {
     yaml_documents(&[
@@ -321,12 +342,11 @@ async fn get(http: &HttpClient, url: &str) -> HttpResponse {
     http.get(url).await.expect("GET answers")
 }
 
-async fn post(stack: &Stack, path: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
-    stack
-        .http
-        .post_json(&stack.dataplanes[0].url(path), headers, body)
-        .await
-        .expect("dataplane answers")
+/// Asserts that `line` has each field of `expected`, with its value.
+fn assert_fields(line: &Value, expected: Value) {
+    for (field, value) in expected.as_object().expect("fields") {
+        assert_eq!(&line[field], value, "{field} of {line}");
+    }
 }
 
 /// Parsed access log JSON lines found by the guide's `grep -E '^{.*}$'`.
@@ -352,10 +372,31 @@ struct Observed {
     text_log: PathBuf,
 }
 
-/// The shared stack, started and sent its traffic by the first test that asks.
-async fn observed() -> &'static Observed {
+/// What a test observes: the shared stack, started and sent its traffic by the
+/// first test that asks; an HTTP client of the test's own; and the stack's
+/// logs, printed if the test fails.
+async fn observed() -> Observing {
     static OBSERVED: OnceCell<Observed> = OnceCell::const_new();
-    OBSERVED.get_or_init(Observed::start).await
+    let observed = OBSERVED.get_or_init(Observed::start).await;
+    Observing {
+        observed,
+        http: HttpClient::default(),
+        _logs: observed.stack.logs_on_failure(),
+    }
+}
+
+struct Observing {
+    observed: &'static Observed,
+    http: HttpClient,
+    _logs: LogsOnFailure<'static>,
+}
+
+impl std::ops::Deref for Observing {
+    type Target = Observed;
+
+    fn deref(&self) -> &Observed {
+        self.observed
+    }
 }
 
 impl Observed {
@@ -375,26 +416,11 @@ impl Observed {
         let output_tokens = OUTPUT_TOKENS.to_string();
         let fast: &[&str] = &["--output-tokens", &output_tokens, "--itl-ms", "5"];
         let slow: &[&str] = &["--output-tokens", "300", "--itl-ms", "200"];
-        let pods: [TestPod<'_>; 4] = [
-            (
-                "obs-0",
-                11,
-                &[("app", "obs-server")],
-                Some(("obs-model", fast)),
-            ),
-            (
-                "obs-1",
-                12,
-                &[("app", "obs-server")],
-                Some(("obs-model", fast)),
-            ),
-            (
-                "slow-0",
-                14,
-                &[("app", "slow-server")],
-                Some(("slow-model", slow)),
-            ),
-            ("dead-0", 13, &[("app", "dead")], None),
+        let pods = [
+            TestPod::serving("obs-0", 11, "obs-server", "obs-model", fast),
+            TestPod::serving("obs-1", 12, "obs-server", "obs-model", fast),
+            TestPod::serving("slow-0", 14, "slow-server", "slow-model", slow),
+            TestPod::without_engine("dead-0", 13, "dead"),
         ];
         stack.start_pods(&pods).await;
         stack.start_controller().await;
@@ -470,7 +496,8 @@ impl Observed {
                 .iter()
                 .filter_map(|line| line["request_id"].as_str())
                 .collect();
-            let all_in = DATAPLANE_0_REQUESTS.iter().all(|id| ids.contains(id));
+            let ending = DATAPLANE_0_ENDING_REQUESTS.iter().map(|request| request.0);
+            let all_in = ending.chain([ABANDONED_REQUEST]).all(|id| ids.contains(id));
             all_in.then(|| lines.clone())
         })
         .await
@@ -482,47 +509,18 @@ impl Observed {
 /// and a client that leaves in the middle of a stream. Returns the pod that
 /// answered the completion.
 async fn send_traffic(stack: &Stack) -> String {
-    let completion = post(
-        stack,
-        "/v1/completions",
-        &[
-            ("x-request-id", "obs-req-1"),
-            ("authorization", SECRET_TOKEN),
-        ],
-        r#"{"model":"obs-model","prompt":"San Francisco is a"}"#,
-    )
-    .await;
-    assert_eq!(completion.status, StatusCode::OK, "{}", completion.text());
-    let stream = post(
-        stack,
-        "/v1/chat/completions",
-        &[("x-request-id", "obs-req-stream")],
-        r#"{"model":"obs-model","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
-    )
-    .await;
-    assert_eq!(stream.status, StatusCode::OK, "{}", stream.text());
-    assert!(stream.text().contains("data: [DONE]"), "{}", stream.text());
-    let unknown = post(
-        stack,
-        "/v1/completions",
-        &[("x-request-id", "obs-req-404")],
-        r#"{"model":"no-such-model","prompt":"hi"}"#,
-    )
-    .await;
-    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
-    let dead = post(
-        stack,
-        "/v1/completions",
-        &[("x-request-id", "obs-req-503")],
-        r#"{"model":"dead-model","prompt":"hi"}"#,
-    )
-    .await;
-    assert_eq!(
-        dead.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{}",
-        dead.text()
-    );
+    let mut completion_pod = None;
+    for (id, path, body, status) in DATAPLANE_0_ENDING_REQUESTS {
+        // Every request carries a client credential, which must never show up in logs or dumps.
+        let headers = [("x-request-id", id), ("authorization", SECRET_TOKEN)];
+        let response = stack.post(path, &headers, body).await;
+        assert_eq!(response.status, status, "{id}: {}", response.text());
+        if path == "/v1/chat/completions" {
+            assert!(response.text().contains("data: [DONE]"), "{id}");
+        } else if id == "obs-req-1" {
+            completion_pod = response.header("x-mock-pod").map(str::to_owned);
+        }
+    }
     let bad_path = get(&stack.http, &stack.dataplanes[0].url("/v1/not-an-api")).await;
     assert_eq!(bad_path.status, StatusCode::NOT_FOUND);
     let second_dataplane = stack
@@ -536,30 +534,20 @@ async fn send_traffic(stack: &Stack) -> String {
         .expect("second dataplane answers");
     assert_eq!(second_dataplane.status, StatusCode::OK);
     let abandoned = stack
-        .http
-        .send(
-            Method::POST,
-            &stack.dataplanes[0].url("/v1/chat/completions"),
-            &[
-                ("content-type", "application/json"),
-                ("x-request-id", "obs-req-gone"),
-            ],
+        .post_streaming(
+            "/v1/chat/completions",
+            &[("x-request-id", ABANDONED_REQUEST)],
             r#"{"model":"slow-model","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
         )
-        .await
-        .expect("stream starts");
+        .await;
     assert_eq!(abandoned.status(), StatusCode::OK);
     drop(abandoned);
-    completion
-        .header("x-mock-pod")
-        .expect("x-mock-pod names the pod")
-        .to_owned()
+    completion_pod.expect("x-mock-pod names the pod")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guides_metric_families_have_their_types_labels_and_buckets() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
     let metrics = observed.metrics();
     for (family, kind, labels, buckets) in DOCUMENTED_METRICS {
         assert!(GUIDE.contains(family), "{family} is in the guide");
@@ -621,7 +609,6 @@ async fn the_guides_metric_families_have_their_types_labels_and_buckets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_token_and_phase_metrics_count_the_traffic() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
     let metrics = observed.metrics();
     let requests = "kthena_router_requests_total";
     let tokens = "kthena_router_tokens_total";
@@ -714,7 +701,6 @@ async fn request_token_and_phase_metrics_count_the_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gauges_return_to_zero_and_label_values_stay_bounded() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
     let metrics = observed.metrics();
     let downstream = "kthena_router_active_downstream_requests";
     let upstream = "kthena_router_active_upstream_requests";
@@ -768,24 +754,22 @@ async fn gauges_return_to_zero_and_label_values_stay_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_on_the_traffic_port_only_with_the_flag() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
-    let http = HttpClient::default();
+    let http = &observed.http;
     let dataplanes = &observed.stack.dataplanes;
-    let router_port_metrics = get(&http, &dataplanes[0].url("/metrics")).await;
+    let router_port_metrics = get(http, &dataplanes[0].url("/metrics")).await;
     assert_eq!(router_port_metrics.status, StatusCode::OK);
     assert!(
         router_port_metrics
             .text()
             .contains("# TYPE kthena_router_requests_total counter")
     );
-    let without_flag = get(&http, &dataplanes[1].url("/metrics")).await;
+    let without_flag = get(http, &dataplanes[1].url("/metrics")).await;
     assert_eq!(without_flag.status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guides_troubleshooting_greps_find_what_they_look_for() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
     let metrics_text = &observed.metrics_text;
     let grep_finds = |pipeline: &str, expected: &str| {
         let found = shell(pipeline, metrics_text);
@@ -840,7 +824,6 @@ async fn the_guides_troubleshooting_greps_find_what_they_look_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_access_log_lines_carry_every_field_of_each_request() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
     for field in ACCESS_LOG_FIELDS {
         let in_guide = GUIDE.contains(&format!("\"{field}\":"));
         assert_eq!(
@@ -869,20 +852,25 @@ async fn json_access_log_lines_carry_every_field_of_each_request() {
             .unwrap_or_else(|| panic!("access log line of {id}"))
     };
     let line = by_id("obs-req-1");
-    assert_eq!(line["method"], "POST");
-    assert_eq!(line["path"], "/v1/completions");
-    assert_eq!(line["protocol"], "HTTP/1.1");
-    assert_eq!(line["status_code"], 200);
-    assert_eq!(line["model_name"], "obs-model");
-    assert_eq!(line["model_route"], "default/obs-route");
-    assert_eq!(line["model_server"], "default/obs-server");
-    assert_eq!(line["selected_pod"], observed.completion_pod.as_str());
-    assert_eq!(line["output_tokens"], OUTPUT_TOKENS);
+    assert_fields(
+        line,
+        json!({
+            "method": "POST",
+            "path": "/v1/completions",
+            "protocol": "HTTP/1.1",
+            "status_code": 200,
+            "model_name": "obs-model",
+            "model_route": "default/obs-route",
+            "model_server": "default/obs-server",
+            "selected_pod": observed.completion_pod,
+            "output_tokens": OUTPUT_TOKENS,
+            "upstream_attempts": 1,
+            "duration_queue_ms": 0,
+            "ttft_ms": null, // not a stream
+            "error": null,
+        }),
+    );
     assert!(line["input_tokens"].as_u64().expect("input tokens") > 0);
-    assert_eq!(line["upstream_attempts"], 1);
-    assert_eq!(line["duration_queue_ms"], 0);
-    assert_eq!(line["ttft_ms"], Value::Null, "not a stream");
-    assert_eq!(line["error"], Value::Null);
     let timestamp = line["timestamp"].as_str().expect("timestamp");
     assert!(
         timestamp.len() == 24 && timestamp.ends_with('Z') && timestamp.as_bytes()[10] == b'T',
@@ -901,12 +889,13 @@ async fn json_access_log_lines_carry_every_field_of_each_request() {
     assert!(parts <= total + 3, "parts {parts} add up to total {total}");
     let stream_line = by_id("obs-req-stream");
     assert!(stream_line["ttft_ms"].is_u64(), "{stream_line}");
-    assert_eq!(stream_line["output_tokens"], OUTPUT_TOKENS);
-    assert_eq!(stream_line["path"], "/v1/chat/completions");
+    let stream_fields = json!({"output_tokens": OUTPUT_TOKENS, "path": "/v1/chat/completions"});
+    assert_fields(stream_line, stream_fields);
     let not_found = by_id("obs-req-404");
-    assert_eq!(not_found["status_code"], 404);
-    assert_eq!(not_found["model_name"], "no-such-model");
-    assert_eq!(not_found["model_route"], Value::Null);
+    assert_fields(
+        not_found,
+        json!({"status_code": 404, "model_name": "no-such-model", "model_route": null}),
+    );
     assert_eq!(not_found["error"]["type"], "route_not_found");
     assert!(
         not_found["error"]["message"]
@@ -914,20 +903,18 @@ async fn json_access_log_lines_carry_every_field_of_each_request() {
             .expect("message")
             .contains("route not found")
     );
-    let gone = by_id("obs-req-gone");
-    assert_eq!(gone["status_code"], 200);
+    let gone = by_id(ABANDONED_REQUEST);
+    assert_fields(gone, json!({"status_code": 200, "selected_pod": "slow-0"}));
     assert_eq!(gone["error"]["type"], "client_disconnected");
-    assert_eq!(gone["selected_pod"], "slow-0");
     let failed = by_id("obs-req-503");
+    assert_fields(failed, json!({"selected_pod": "dead-0"}));
     assert_eq!(failed["error"]["type"], "upstream_unavailable");
-    assert_eq!(failed["selected_pod"], "dead-0");
     assert!(failed["upstream_attempts"].as_u64().expect("attempts") >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guides_log_queries_find_the_requests_and_no_credentials() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
     let lines = observed.access_log_lines().await;
     // The guide's `jq 'select(.status_code >= 500) | {...}'`.
     let server_errors: Vec<&Value> = lines
@@ -951,7 +938,6 @@ async fn the_guides_log_queries_find_the_requests_and_no_credentials() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_text_access_log_goes_to_its_file_and_application_logs_can_be_json() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
     let text = wait_for("the text access log line", || async {
         std::fs::read_to_string(&observed.text_log)
             .ok()
@@ -990,10 +976,9 @@ async fn a_text_access_log_goes_to_its_file_and_application_logs_can_be_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
-    let http = HttpClient::default();
+    let http = &observed.http;
     let debug = |path: &str| observed.debug_url(path);
-    let routes = get(&http, &debug("/debug/config_dump/modelroutes")).await;
+    let routes = get(http, &debug("/debug/config_dump/modelroutes")).await;
     assert_eq!(routes.status, StatusCode::OK);
     let routes = routes.json();
     let obs_route = routes["modelroutes"]
@@ -1008,7 +993,7 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
         obs_route["spec"]["rules"][0]["targetModels"][0]["modelServer"],
         serde_json::json!({"name": "obs-server", "namespace": "default"})
     );
-    let servers = get(&http, &debug("/debug/config_dump/modelservers"))
+    let servers = get(http, &debug("/debug/config_dump/modelservers"))
         .await
         .json();
     let names: BTreeSet<&str> = servers["modelservers"]
@@ -1018,7 +1003,7 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
         .filter_map(|s| s["name"].as_str())
         .collect();
     assert_eq!(names, BTreeSet::from(["dead", "obs-server", "slow-server"]));
-    let obs_pod = obs_pod_with_metrics(observed, &http).await;
+    let obs_pod = obs_pod_with_metrics(&observed, http).await;
     for field in [
         "gpuCacheUsage",
         "requestWaitingNum",
@@ -1070,7 +1055,7 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
         "/debug/config_dump/namespaces/default/secrets/x",
         "/debug/config_dump/whatever",
     ] {
-        let response = get(&http, &debug(missing)).await;
+        let response = get(http, &debug(missing)).await;
         assert_eq!(response.status, StatusCode::NOT_FOUND, "{missing}");
         assert_eq!(response.json()["error"]["code"], "not_found", "{missing}");
     }
@@ -1084,7 +1069,7 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
         .await
         .expect("debug port answers");
     assert_eq!(post_debug.status, StatusCode::METHOD_NOT_ALLOWED);
-    let table = get(&http, &debug("/debug/routing/table")).await.json();
+    let table = get(http, &debug("/debug/routing/table")).await.json();
     assert!(table["version"].is_string());
     assert!(
         table["routes"]
@@ -1093,7 +1078,7 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
             .iter()
             .any(|r| r["route"] == "default/obs-route" && r["modelName"] == "obs-model")
     );
-    let state = get(&http, &debug("/debug/router/state")).await.json();
+    let state = get(http, &debug("/debug/router/state")).await.json();
     assert_eq!(state["controller"]["connected"], true);
     assert_eq!(state["snapshot"]["routeConfigVersion"], table["version"]);
     assert!(state["snapshot"]["ageSeconds"].is_number());
@@ -1107,7 +1092,7 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
         "/debug/routing/table",
     ] {
         assert!(
-            !get(&http, &debug(dump))
+            !get(http, &debug(dump))
                 .await
                 .text()
                 .contains("sk-observability"),
@@ -1143,8 +1128,7 @@ async fn obs_pod_with_metrics(observed: &Observed, http: &HttpClient) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_dumps_what_the_dataplanes_hold_and_counts_their_acks() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
-    let http = HttpClient::default();
+    let http = &observed.http;
     let controller = |path: &str| observed.controller_url(path);
     let dataplane = |path: &str| observed.debug_url(path);
     for dump in [
@@ -1152,12 +1136,12 @@ async fn the_controller_dumps_what_the_dataplanes_hold_and_counts_their_acks() {
         "/debug/config_dump/modelservers",
     ] {
         assert_eq!(
-            get(&http, &controller(dump)).await.json(),
-            get(&http, &dataplane(dump)).await.json(),
+            get(http, &controller(dump)).await.json(),
+            get(http, &dataplane(dump)).await.json(),
             "controller and dataplane dump the same {dump}"
         );
     }
-    let obs_pod = obs_pod_with_metrics(observed, &http).await;
+    let obs_pod = obs_pod_with_metrics(&observed, http).await;
     let controller_pod = get(
         &http,
         &controller("/debug/config_dump/namespaces/default/pods/obs-0"),
@@ -1174,8 +1158,8 @@ async fn the_controller_dumps_what_the_dataplanes_hold_and_counts_their_acks() {
         .status,
         StatusCode::NOT_FOUND
     );
-    let table = get(&http, &dataplane("/debug/routing/table")).await.json();
-    let dataplanes = get(&http, &controller("/debug/dataplanes")).await.json();
+    let table = get(http, &dataplane("/debug/routing/table")).await.json();
+    let dataplanes = get(http, &controller("/debug/dataplanes")).await.json();
     let dataplanes = dataplanes["dataplanes"].as_array().expect("dataplanes");
     assert_eq!(dataplanes.len(), 2);
     for dataplane in dataplanes {
@@ -1185,7 +1169,7 @@ async fn the_controller_dumps_what_the_dataplanes_hold_and_counts_their_acks() {
         );
         assert_eq!(dataplane["route_config"]["nacked_version"], Value::Null);
     }
-    let controller_text = observed.controller_metrics_text(&http).await;
+    let controller_text = observed.controller_metrics_text(http).await;
     let controller_metrics = Exposition::parse(&controller_text);
     controller_metrics.assert_values(&[
         ("switchyard_controller_connected_dataplanes", &[], 2.0),
@@ -1207,10 +1191,7 @@ async fn the_controller_dumps_what_the_dataplanes_hold_and_counts_their_acks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_and_alert_rules_only_use_metrics_that_exist() {
     let observed = observed().await;
-    let _logs = observed.stack.logs_on_failure();
-    let controller_text = observed
-        .controller_metrics_text(&HttpClient::default())
-        .await;
+    let controller_text = observed.controller_metrics_text(&observed.http).await;
     let mut existing = observed.metrics().families();
     existing.extend(Exposition::parse(&controller_text).families());
     // Families without series yet (declared, or vectors without samples).
@@ -1379,14 +1360,9 @@ async fn series_of_a_route_and_server_that_leave_the_snapshot_are_removed() {
             ]),
         ),
     ]);
-    let pods: [TestPod<'_>; 2] = [
-        (
-            "obs-0",
-            11,
-            &[("app", "obs-server")],
-            Some(("obs-model", &[])),
-        ),
-        ("dead-0", 13, &[("app", "dead")], None),
+    let pods = [
+        TestPod::serving("obs-0", 11, "obs-server", "obs-model", &[]),
+        TestPod::without_engine("dead-0", 13, "dead"),
     ];
     stack.start_pods(&pods).await;
     stack.start_controller().await;
