@@ -6,6 +6,13 @@ use bytes::Bytes;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::test_builders as builders;
 
+/// A non-streamed chat answer an engine sends.
+pub const CHAT_RESPONSE: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":12,"total_tokens":262}}"#;
+/// One token of a streamed chat answer: one SSE event.
+pub const STREAM_CHUNK: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n";
+/// The end of a streamed chat answer: the usage event and `[DONE]`.
+pub const STREAM_TAIL: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":250,\"completion_tokens\":64,\"total_tokens\":314}}\n\ndata: [DONE]\n\n";
+
 /// A chat request for `bench-model` whose user message has `prompt_bytes` bytes.
 pub fn chat_body(prompt_bytes: usize, stream: bool) -> Bytes {
     let prompt = "lorem ipsum dolor sit amet ".repeat(prompt_bytes / 27 + 1);

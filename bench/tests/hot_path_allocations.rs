@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use http::HeaderMap;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use switchyard_bench::{chat_body, snapshot};
+use switchyard_bench::{CHAT_RESPONSE, STREAM_CHUNK, STREAM_TAIL, chat_body, snapshot};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::routing::RequestFacts;
@@ -119,10 +119,6 @@ fn measure(requests: u64, mut work: impl FnMut()) -> PerRequest {
     }
 }
 
-const SSE_CHUNK: &[u8] = b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n";
-const SSE_TAIL: &[u8] = b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":250,\"completion_tokens\":64,\"total_tokens\":314}}\n\ndata: [DONE]\n\n";
-const JSON_RESPONSE: &[u8] = br#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":12,"total_tokens":262}}"#;
-
 #[test]
 fn hot_path_allocations_stay_within_bounds() {
     let table = table();
@@ -155,8 +151,8 @@ fn hot_path_allocations_stay_within_bounds() {
         large_routed.bytes
     );
 
-    let chunk = Bytes::from_static(SSE_CHUNK);
-    let tail = Bytes::from_static(SSE_TAIL);
+    let chunk = Bytes::from_static(STREAM_CHUNK.as_bytes());
+    let tail = Bytes::from_static(STREAM_TAIL.as_bytes());
     let mut observer = ResponseObserver::new(true, false);
     let chunks = 64 * REQUESTS;
     let streamed = measure(chunks, || {
@@ -174,7 +170,7 @@ fn hot_path_allocations_stay_within_bounds() {
         streamed.allocations
     );
 
-    let body = Bytes::from_static(JSON_RESPONSE);
+    let body = Bytes::from_static(CHAT_RESPONSE.as_bytes());
     let json = measure(REQUESTS, || {
         let mut observer = ResponseObserver::new(false, false);
         sink += observer.on_data(body.clone()).map_or(0, |b| b.len());

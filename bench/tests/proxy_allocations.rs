@@ -24,7 +24,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use switchyard_bench::{NAMESPACE, chat_body, server};
+use switchyard_bench::{CHAT_RESPONSE, NAMESPACE, STREAM_CHUNK, STREAM_TAIL, chat_body, server};
 use switchyard_dataplane::app::serve;
 use switchyard_dataplane::metrics::RouterMetrics;
 use switchyard_dataplane::observe::Observer;
@@ -54,10 +54,6 @@ const MAX_ALLOCATIONS_PER_CHAT_REQUEST: f64 = 62.0;
 /// `Bytes`, so well under one allocation per chunk (measured 0.12); a copy or a boxed frame per
 /// chunk exceeds it.
 const MAX_ALLOCATIONS_PER_STREAM_CHUNK: f64 = 0.25;
-
-const CHAT_RESPONSE: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":12,"total_tokens":262}}"#;
-const STREAM_CHUNK: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n";
-const STREAM_TAIL: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":250,\"completion_tokens\":64,\"total_tokens\":314}}\n\ndata: [DONE]\n\n";
 
 type EngineBody = BoxBody<Bytes, Infallible>;
 

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use support::dataplane::Dataplane;
 use support::fake_api::DEADLINE;
+use support::{GPU_USAGE_ROUTER_CONFIG, assert_gpu_usage_scheduler_shipped};
 
 const METRICS_PAGE: &str = "\
 # HELP vllm:num_requests_waiting Number of requests waiting to be processed.
@@ -86,60 +87,19 @@ fn args(config_dir: &Path) -> Args {
     }
 }
 
+/// Writes the ModelServer `s1` and its pod `fake-0`, an engine on
+/// `engine_port`, and the routes of [`write_routes`].
 fn write_config(dir: &Path, engine_port: u16, model: &str) {
-    std::fs::write(
-        dir.join("10-servers.yaml"),
-        format!(
-            r#"
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelServer
-metadata: {{ name: s1 }}
-spec:
-  inferenceEngine: vLLM
-  workloadSelector: {{ matchLabels: {{ app: fake }} }}
-  workloadPort: {{ port: {engine_port} }}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: fake-0
-  labels: {{ app: fake }}
-status:
-  phase: Running
-  podIP: 127.0.0.1
-  conditions: [{{ type: Ready, status: "True" }}]
-"#
-        ),
-    )
-    .expect("write servers");
+    let servers = include_str!("config/local_mode_servers.yaml");
+    let servers = servers.replace("ENGINE_PORT", &engine_port.to_string());
+    std::fs::write(dir.join("10-servers.yaml"), servers).expect("write servers");
     write_routes(dir, model);
 }
 
+/// Writes the route `main` for `model` to `s1`, and a route with an invalid regex.
 fn write_routes(dir: &Path, model: &str) {
-    std::fs::write(
-        dir.join("20-routes.yaml"),
-        format!(
-            r#"
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelRoute
-metadata: {{ name: main }}
-spec:
-  modelName: {model}
-  rules:
-  - targetModels: [{{ modelServerName: s1 }}]
----
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelRoute
-metadata: {{ name: broken }}
-spec:
-  modelName: broken
-  rules:
-  - modelMatch: {{ uri: {{ regex: "(" }} }}
-    targetModels: [{{ modelServerName: s1 }}]
-"#
-        ),
-    )
-    .expect("write routes");
+    let routes = include_str!("config/local_mode_routes.yaml").replace("MODEL", model);
+    std::fs::write(dir.join("20-routes.yaml"), routes).expect("write routes");
 }
 
 /// A bare HTTP/1.1 GET; returns the status code and the body.
@@ -346,28 +306,8 @@ async fn router_config_is_shipped_in_the_route_config_and_invalid_files_stop_sta
     );
     assert_eq!(error.exit_code(), 64);
 
-    std::fs::write(
-        &router_config,
-        "scheduler:\n  topN: 3\n  plugins:\n    Score: {enabled: [{name: gpu-usage, weight: 2}]}\n",
-    )
-    .expect("write");
+    std::fs::write(&router_config, GPU_USAGE_ROUTER_CONFIG).expect("write");
     let controller = app::start_local(&with_file).await.expect("starts");
-    let published = controller.publisher.route_config().expect("published");
-    let Some(pb::snapshot_response::Resource::RouteConfig(config)) = &published.response.resource
-    else {
-        panic!("a RouteConfig");
-    };
-    let scheduler = config
-        .scheduler
-        .as_ref()
-        .expect("scheduler section shipped");
-    assert_eq!(scheduler.top_n, 3);
-    assert_eq!(
-        scheduler.scores,
-        vec![pb::ScorePlugin {
-            name: "gpu-usage".into(),
-            weight: 2
-        }]
-    );
+    assert_gpu_usage_scheduler_shipped(&controller.publisher);
     controller.shutdown().await.expect("clean shutdown");
 }

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
 use serde_yaml::Value;
 use switchyard_controller::compile::compile_route_config;
+use switchyard_crd::test_builders::ready_pod;
 use switchyard_crd::{ModelRoute, ModelServer};
 
 const NAMESPACE: &str = "switchyard-system";
@@ -468,25 +468,16 @@ fn the_samples_compile_and_select_the_mock_engine() {
                 );
             }
         }
-        pods.push(Pod {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some("mock-llama-0".to_owned()),
-                namespace: Some("default".to_owned()),
-                labels: Some(pod_labels),
-                ..Default::default()
-            },
-            status: Some(PodStatus {
-                phase: Some("Running".to_owned()),
-                pod_ip: Some("10.1.0.5".to_owned()),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".to_owned(),
-                    status: "True".to_owned(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        let pod_labels: Vec<(&str, &str)> = pod_labels
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect();
+        pods.push(ready_pod(
+            "default",
+            "mock-llama-0",
+            "10.1.0.5",
+            &pod_labels,
+        ));
     }
     let compiled = compile_route_config(&routes, &servers, &pods);
     for report in &compiled.reports {

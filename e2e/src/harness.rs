@@ -202,9 +202,13 @@ impl MockEngineBinary {
         Self { child, pid, addr }
     }
 
-    /// `http://ADDR{path}`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+    /// `GET path`, on a connection closed again before this returns.
+    pub async fn get(&self, path: &str) -> HttpResponse {
+        let url = format!("http://{}{path}", self.addr);
+        HttpClient::default()
+            .get(&url)
+            .await
+            .expect("the binary answers")
     }
 
     /// Sends SIGTERM and waits for the exit.
@@ -582,8 +586,9 @@ impl Stack {
         ip_in(self.subnet, host)
     }
 
-    /// Writes `pods.yaml` with the Pod objects of `pods` and starts their engines.
-    pub async fn start_pods(&mut self, pods: &[TestPod]) {
+    /// Writes `pods.yaml` with the Pod objects of `pods`, starts their engines
+    /// and returns what it started.
+    pub async fn start_pods(&mut self, pods: &[TestPod]) -> Vec<EngineSpec> {
         let yaml: Vec<String> = pods
             .iter()
             .map(|pod| {
@@ -610,6 +615,7 @@ impl Stack {
             })
             .collect();
         self.start_engines(&engines).await;
+        engines
     }
 
     /// For a stack kept in a `static`, which is never dropped: its directory
@@ -692,11 +698,16 @@ impl Stack {
     /// ready is started again on fresh ports, as long as no dataplane was
     /// given the old ones.
     pub async fn start_controller(&mut self) {
+        self.start_controller_with(&[]).await;
+    }
+
+    /// [`Stack::start_controller`] with more flags.
+    pub async fn start_controller_with(&mut self, extra_args: &[&str]) {
         if let Some(mut old) = self.controller.take() {
             old.stop();
         }
         for attempt in 1..=CONTROLLER_START_ATTEMPTS {
-            let args = vec![
+            let mut args = vec![
                 "--config-dir".to_owned(),
                 self.config_dir.display().to_string(),
                 "--xds-addr".to_owned(),
@@ -704,6 +715,7 @@ impl Stack {
                 "--metrics-addr".to_owned(),
                 self.controller_admin.to_string(),
             ];
+            args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
             let mut process = Process::start(
                 "switchyard-controller",
                 "controller",

@@ -681,16 +681,11 @@ async fn sglang_flavour_exposes_sglang_metric_names() {
 async fn binary_announces_its_address_and_exits_cleanly_on_sigterm() {
     let engine =
         MockEngineBinary::start(&["--host", "127.0.0.1", "--model", "base", "--lora", "a,b"]).await;
-    let http = HttpClient::default();
-    let response = http
-        .get(&engine.url("/v1/models"))
-        .await
-        .expect("the binary answers");
+    let response = engine.get("/v1/models").await;
     assert_eq!(response.status, StatusCode::OK);
     let expected_pod = format!("mock-{}", engine.addr.port());
     assert_eq!(response.header("x-mock-pod"), Some(expected_pod.as_str()));
     assert_eq!(response.json()["data"].as_array().map(Vec::len), Some(3));
-    drop(http); // closes the kept-alive connection
 
     let status = engine.terminate().await;
     assert!(status.success(), "{status}");

@@ -75,16 +75,12 @@ impl Reply {
 }
 
 async fn into_reply(response: Response<ResponseBody>) -> Reply {
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("bodies are infallible")
-        .to_bytes();
+    let (head, body) = response.into_parts();
+    let collected = body.collect().await.expect("bodies are infallible");
+    let body = String::from_utf8(collected.to_bytes().to_vec()).expect("UTF-8 body");
     Reply {
-        status,
-        body: String::from_utf8(bytes.to_vec()).expect("UTF-8 body"),
+        status: head.status,
+        body,
     }
 }
 
@@ -616,18 +612,13 @@ async fn the_binary_takes_the_sim_flags() {
         "0.01",
     ])
     .await;
-    let http = HttpClient::default();
-    let response = http
-        .get(&engine.url("/sim/state"))
-        .await
-        .expect("the binary answers");
+    let response = engine.get("/sim/state").await;
     assert_eq!(response.status, StatusCode::OK);
     let state: SimState = serde_json::from_slice(&response.body).expect("a SimState");
     assert_eq!(
         (state.max_num_seqs, state.kv_blocks_total, state.block_size),
         (3, 32, 8)
     );
-    drop(http); // closes the kept-alive connection
 
     let status = engine.terminate().await;
     assert!(status.success(), "{status}");

@@ -31,6 +31,11 @@ const SECRET_TOKEN: &str = "Bearer sk-observability-secret-token";
 const GUIDE: &str = include_str!("../../testdata/kthena/router-observability-guide.txt");
 const OLDER_GUIDE: &str = include_str!("../../testdata/kthena/router-observability-guide-older.md");
 
+const REQUESTS_TOTAL: &str = "kthena_router_requests_total";
+const TOKENS_TOTAL: &str = "kthena_router_tokens_total";
+const ACTIVE_DOWNSTREAM: &str = "kthena_router_active_downstream_requests";
+const ACTIVE_UPSTREAM: &str = "kthena_router_active_upstream_requests";
+
 /// The guide's metric tables: (family, type, label names without `le`, buckets).
 const REQUEST_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -43,7 +48,7 @@ type DocumentedMetric = (
 );
 const DOCUMENTED_METRICS: &[DocumentedMetric] = &[
     (
-        "kthena_router_requests_total",
+        REQUESTS_TOTAL,
         "counter",
         &["model", "path", "status_code", "error_type"],
         &[],
@@ -66,20 +71,15 @@ const DOCUMENTED_METRICS: &[DocumentedMetric] = &[
         &["model", "path", "status_code"],
         REQUEST_BUCKETS,
     ),
+    (ACTIVE_DOWNSTREAM, "gauge", &["model"], &[]),
     (
-        "kthena_router_active_downstream_requests",
-        "gauge",
-        &["model"],
-        &[],
-    ),
-    (
-        "kthena_router_active_upstream_requests",
+        ACTIVE_UPSTREAM,
         "gauge",
         &["model_route", "model_server"],
         &[],
     ),
     (
-        "kthena_router_tokens_total",
+        TOKENS_TOTAL,
         "counter",
         &["model", "path", "token_type"],
         &[],
@@ -342,6 +342,22 @@ async fn get(http: &HttpClient, url: &str) -> HttpResponse {
     http.get(url).await.expect("GET answers")
 }
 
+/// The element of the JSON array `list` whose `name` is `name`.
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    let mut elements = list.as_array().into_iter().flatten();
+    elements
+        .find(|element| element["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+}
+
+/// The `name`s of the elements of the JSON array `list`.
+fn names(list: &Value) -> BTreeSet<&str> {
+    let elements = list.as_array().into_iter().flatten();
+    elements
+        .filter_map(|element| element["name"].as_str())
+        .collect()
+}
+
 /// Asserts that `line` has each field of `expected`, with its value.
 fn assert_fields(line: &Value, expected: Value) {
     for (field, value) in expected.as_object().expect("fields") {
@@ -448,7 +464,7 @@ impl Observed {
             let text = get(&stack.http, &metrics_url).await.text();
             let exposition = Exposition::parse(&text);
             let successes = exposition.find(
-                "kthena_router_requests_total",
+                REQUESTS_TOTAL,
                 &[("model", "obs-model"), ("status_code", "200")],
             );
             let counted =
@@ -610,8 +626,7 @@ async fn the_guides_metric_families_have_their_types_labels_and_buckets() {
 async fn request_token_and_phase_metrics_count_the_traffic() {
     let observed = observed().await;
     let metrics = observed.metrics();
-    let requests = "kthena_router_requests_total";
-    let tokens = "kthena_router_tokens_total";
+    let (requests, tokens) = (REQUESTS_TOTAL, TOKENS_TOTAL);
     let completions = ("path", "/v1/completions");
     let chat = ("path", "/v1/chat/completions");
     let obs = ("model", "obs-model");
@@ -702,9 +717,8 @@ async fn request_token_and_phase_metrics_count_the_traffic() {
 async fn gauges_return_to_zero_and_label_values_stay_bounded() {
     let observed = observed().await;
     let metrics = observed.metrics();
-    let downstream = "kthena_router_active_downstream_requests";
-    let upstream = "kthena_router_active_upstream_requests";
     let pod_active = "kthena_router_pod_active_requests";
+    let (downstream, upstream) = (ACTIVE_DOWNSTREAM, ACTIVE_UPSTREAM);
     metrics.assert_values(&[
         (downstream, &[("model", "obs-model")], 0.0),
         (downstream, &[("model", "slow-model")], 0.0),
@@ -981,12 +995,7 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
     let routes = get(http, &debug("/debug/config_dump/modelroutes")).await;
     assert_eq!(routes.status, StatusCode::OK);
     let routes = routes.json();
-    let obs_route = routes["modelroutes"]
-        .as_array()
-        .expect("modelroutes list")
-        .iter()
-        .find(|r| r["name"] == "obs-route")
-        .expect("obs-route");
+    let obs_route = named(&routes["modelroutes"], "obs-route");
     assert_eq!(obs_route["namespace"], "default");
     assert_eq!(obs_route["spec"]["modelName"], "obs-model");
     assert_eq!(
@@ -996,13 +1005,10 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
     let servers = get(http, &debug("/debug/config_dump/modelservers"))
         .await
         .json();
-    let names: BTreeSet<&str> = servers["modelservers"]
-        .as_array()
-        .expect("modelservers list")
-        .iter()
-        .filter_map(|s| s["name"].as_str())
-        .collect();
-    assert_eq!(names, BTreeSet::from(["dead", "obs-server", "slow-server"]));
+    assert_eq!(
+        names(&servers["modelservers"]),
+        BTreeSet::from(["dead", "obs-server", "slow-server"])
+    );
     let obs_pod = obs_pod_with_metrics(&observed, http).await;
     for field in [
         "gpuCacheUsage",
@@ -1116,13 +1122,7 @@ async fn obs_pod_with_metrics(observed: &Observed, http: &HttpClient) -> Value {
         obs_pods_have_metrics.then_some(dump)
     })
     .await;
-    pods_dump["pods"]
-        .as_array()
-        .expect("pods")
-        .iter()
-        .find(|p| p["name"] == "obs-0")
-        .expect("obs-0")
-        .clone()
+    named(&pods_dump["pods"], "obs-0").clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1284,7 +1284,7 @@ fn check_dashboard(existing: &BTreeSet<String>) {
             used.extend(names);
         }
     }
-    assert!(used.contains("kthena_router_requests_total"));
+    assert!(used.contains(REQUESTS_TOTAL));
 }
 
 fn check_rules(existing: &BTreeSet<String>) {
@@ -1381,7 +1381,7 @@ async fn series_of_a_route_and_server_that_leave_the_snapshot_are_removed() {
         assert_eq!(response.status, status, "{}", response.text());
     }
     let metrics_url = format!("http://{}/metrics", dataplane.metrics);
-    let requests = "kthena_router_requests_total";
+    let requests = REQUESTS_TOTAL;
     let obs_success = [
         ("model", "obs-model"),
         ("path", "/v1/completions"),

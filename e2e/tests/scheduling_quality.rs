@@ -1,7 +1,8 @@
 //! Routing quality end to end: real controller and dataplanes, simulated
 //! engines, one scheduler configuration per test (shipped by the controller
 //! from `--router-config`), and the share of requests each plugin sends where
-//! it should. Thresholds are the issue's; each test stays within seconds.
+//! it should. The thresholds are those the README's "Scheduling quality"
+//! section states; each test stays within seconds.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use switchyard_bench::{chat_body, snapshot};
+use switchyard_bench::{STREAM_CHUNK, chat_body, snapshot};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::routing::RequestFacts;
@@ -102,7 +102,7 @@ fn main() {
             "| route lookup + pick among {candidates} candidate pods (+4000 others) | {pick:.0} | |"
         );
     }
-    let chunk = Bytes::from_static(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n");
+    let chunk = Bytes::from_static(STREAM_CHUNK.as_bytes());
     let mut observer = ResponseObserver::new(true, true);
     let sse = ns_per_op(|| {
         black_box(observer.on_data(chunk.clone()));

@@ -1,9 +1,10 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Pod, PodCondition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use prost::Message;
+use switchyard_crd::test_builders::ready_pod as pod;
 use switchyard_crd::{InferenceEngine, ModelRoute, ModelServer};
 use switchyard_snapshot::test_builders as builders;
 use switchyard_snapshot::{content_version, pb};
@@ -44,33 +45,6 @@ spec:
     - modelServerName: {server}
 "#
     ))
-}
-
-fn pod(namespace: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            labels: Some(
-                labels
-                    .iter()
-                    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
-                    .collect(),
-            ),
-            ..ObjectMeta::default()
-        },
-        spec: None,
-        status: Some(PodStatus {
-            phase: Some("Running".to_owned()),
-            pod_ip: Some(ip.to_owned()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".to_owned(),
-                status: "True".to_owned(),
-                ..PodCondition::default()
-            }]),
-            ..PodStatus::default()
-        }),
-    }
 }
 
 fn created_at(mut route: ModelRoute, unix_seconds: i64) -> ModelRoute {

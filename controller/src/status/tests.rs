@@ -1,5 +1,4 @@
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use switchyard_crd::test_builders::ready_pod;
 use switchyard_crd::{ModelRoute, ModelServer};
 
 use super::*;
@@ -16,28 +15,6 @@ fn route(yaml: &str) -> ModelRoute {
 
 fn server(yaml: &str) -> ModelServer {
     serde_yaml::from_str(yaml).expect("test ModelServer YAML parses")
-}
-
-fn ready_pod(name: &str, app: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some("default".to_owned()),
-            labels: Some([("app".to_owned(), app.to_owned())].into()),
-            ..ObjectMeta::default()
-        },
-        status: Some(PodStatus {
-            phase: Some("Running".to_owned()),
-            pod_ip: Some("10.0.0.7".to_owned()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".to_owned(),
-                status: "True".to_owned(),
-                ..PodCondition::default()
-            }]),
-            ..PodStatus::default()
-        }),
-        ..Pod::default()
-    }
 }
 
 const SERVER: &str = r#"
@@ -83,7 +60,17 @@ spec:
 
 fn reports(routes: &[&str]) -> Vec<ObjectReport> {
     let routes: Vec<ModelRoute> = routes.iter().map(|yaml| route(yaml)).collect();
-    compile_route_config(&routes, &[server(SERVER)], &[ready_pod("llama-0", "llama")]).reports
+    compile_route_config(
+        &routes,
+        &[server(SERVER)],
+        &[ready_pod(
+            "default",
+            "llama-0",
+            "10.0.0.7",
+            &[("app", "llama")],
+        )],
+    )
+    .reports
 }
 
 fn report_of(reports: &[ObjectReport], kind: ObjectKind) -> &ObjectReport {

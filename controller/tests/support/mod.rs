@@ -4,3 +4,30 @@
 
 pub mod dataplane;
 pub mod fake_api;
+
+use switchyard_controller::xds::SnapshotPublisher;
+use switchyard_snapshot::pb;
+
+/// A router configuration file: the top 3 pods, scored by gpu-usage with weight 2.
+pub const GPU_USAGE_ROUTER_CONFIG: &str =
+    "scheduler:\n  topN: 3\n  plugins:\n    Score: {enabled: [{name: gpu-usage, weight: 2}]}\n";
+
+/// The scheduler section of the RouteConfig `publisher` published last.
+pub fn shipped_scheduler(publisher: &SnapshotPublisher) -> Option<pb::SchedulerConfig> {
+    let published = publisher.route_config()?;
+    match &published.response.resource {
+        Some(pb::snapshot_response::Resource::RouteConfig(config)) => config.scheduler.clone(),
+        _ => None,
+    }
+}
+
+/// Asserts that `publisher` ships the scheduler of [`GPU_USAGE_ROUTER_CONFIG`].
+pub fn assert_gpu_usage_scheduler_shipped(publisher: &SnapshotPublisher) {
+    let scheduler = shipped_scheduler(publisher).expect("scheduler section shipped");
+    assert_eq!(scheduler.top_n, 3);
+    let gpu_usage = pb::ScorePlugin {
+        name: "gpu-usage".into(),
+        weight: 2,
+    };
+    assert_eq!(scheduler.scores, vec![gpu_usage]);
+}

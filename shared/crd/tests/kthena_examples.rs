@@ -6,88 +6,68 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use common::{ExampleDocument, kthena_example_documents, kthena_testdata};
 use switchyard_crd::{
     InferenceEngine, ModelMatch, ModelRoute, ModelRouteSpec, ModelServer, RateLimitUnit, Rule,
     StringMatch, TargetModel,
 };
 
-const MODEL_ROUTE_KIND: &str = "ModelRoute";
-const MODEL_SERVER_KIND: &str = "ModelServer";
-
-fn routes(documents: &[ExampleDocument]) -> BTreeMap<String, ModelRoute> {
+/// The documents of `kind` in `documents`, by name, as `T`.
+fn objects<T: DeserializeOwned>(documents: &[ExampleDocument], kind: &str) -> BTreeMap<String, T> {
     documents
         .iter()
-        .filter(|doc| doc.kind == MODEL_ROUTE_KIND)
+        .filter(|doc| doc.kind == kind)
         .map(|doc| {
-            let route: ModelRoute = serde_json::from_value(doc.value.clone())
-                .unwrap_or_else(|err| panic!("{} ModelRoute {}: {err}", doc.file, doc.name));
-            (doc.name.clone(), route)
+            let object = serde_json::from_value(doc.value.clone())
+                .unwrap_or_else(|err| panic!("{} {kind} {}: {err}", doc.file, doc.name));
+            (doc.name.clone(), object)
         })
         .collect()
 }
 
+fn routes(documents: &[ExampleDocument]) -> BTreeMap<String, ModelRoute> {
+    objects(documents, "ModelRoute")
+}
+
 fn servers(documents: &[ExampleDocument]) -> BTreeMap<String, ModelServer> {
-    documents
-        .iter()
-        .filter(|doc| doc.kind == MODEL_SERVER_KIND)
-        .map(|doc| {
-            let server: ModelServer = serde_json::from_value(doc.value.clone())
-                .unwrap_or_else(|err| panic!("{} ModelServer {}: {err}", doc.file, doc.name));
-            (doc.name.clone(), server)
-        })
-        .collect()
+    objects(documents, "ModelServer")
+}
+
+/// Every `kind` document loads as `T` under a name no other one has, there
+/// are at least `expected` of them, and each survives a serialise/deserialise
+/// round trip unchanged.
+fn assert_all_load_and_round_trip<T>(documents: &[ExampleDocument], kind: &str, expected: usize)
+where
+    T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug,
+{
+    let loaded: BTreeMap<String, T> = objects(documents, kind);
+    let count = documents.iter().filter(|doc| doc.kind == kind).count();
+    assert_eq!(
+        loaded.len(),
+        count,
+        "{kind} names must be unique across the examples"
+    );
+    assert!(
+        count >= expected,
+        "expected the {expected} Kthena example {kind}s, found {count}"
+    );
+    for (name, object) in &loaded {
+        let again: T = serde_json::from_value(serde_json::to_value(object).unwrap()).unwrap();
+        assert_eq!(
+            &again, object,
+            "{kind} {name} changed on a serialise/deserialise round trip"
+        );
+    }
 }
 
 #[test]
 fn every_example_model_route_and_model_server_deserialises_and_round_trips() {
     let documents = kthena_example_documents();
-    let routes = routes(&documents);
-    let servers = servers(&documents);
-
-    let route_documents = documents
-        .iter()
-        .filter(|doc| doc.kind == MODEL_ROUTE_KIND)
-        .count();
-    let server_documents = documents
-        .iter()
-        .filter(|doc| doc.kind == MODEL_SERVER_KIND)
-        .count();
-    assert_eq!(
-        routes.len(),
-        route_documents,
-        "ModelRoute names must be unique across the examples"
-    );
-    assert_eq!(
-        servers.len(),
-        server_documents,
-        "ModelServer names must be unique across the examples"
-    );
-    assert!(
-        route_documents >= 10,
-        "expected the 10 Kthena example routes, found {route_documents}"
-    );
-    assert!(
-        server_documents >= 8,
-        "expected the 8 Kthena example servers, found {server_documents}"
-    );
-
-    for (name, route) in &routes {
-        let json = serde_json::to_value(route).unwrap();
-        let again: ModelRoute = serde_json::from_value(json).unwrap();
-        assert_eq!(
-            &again, route,
-            "ModelRoute {name} changed on a serialise/deserialise round trip"
-        );
-    }
-    for (name, server) in &servers {
-        let json = serde_json::to_value(server).unwrap();
-        let again: ModelServer = serde_json::from_value(json).unwrap();
-        assert_eq!(
-            &again, server,
-            "ModelServer {name} changed on a serialise/deserialise round trip"
-        );
-    }
+    assert_all_load_and_round_trip::<ModelRoute>(&documents, "ModelRoute", 10);
+    assert_all_load_and_round_trip::<ModelServer>(&documents, "ModelServer", 8);
 }
 
 #[test]
