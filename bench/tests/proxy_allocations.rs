@@ -34,9 +34,6 @@ use switchyard_snapshot::pb;
 use switchyard_snapshot::test_builders as builders;
 use tokio::net::{TcpListener, TcpStream};
 
-#[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
 /// Requests per measurement (after a warm-up): one-off allocations (pools,
 /// lazy statics, buffer growth) vanish in the average.
 const REQUESTS: u64 = 300;
@@ -54,6 +51,9 @@ const MAX_ALLOCATIONS_PER_CHAT_REQUEST: f64 = 62.0;
 /// `Bytes`, so well under one allocation per chunk (measured 0.12); a copy or a boxed frame per
 /// chunk exceeds it.
 const MAX_ALLOCATIONS_PER_STREAM_CHUNK: f64 = 0.25;
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 type EngineBody = BoxBody<Bytes, Infallible>;
 

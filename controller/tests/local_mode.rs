@@ -17,7 +17,7 @@ use switchyard_controller::app::{self, AppError};
 use switchyard_controller::cli::Args;
 use switchyard_snapshot::{ROUTE_CONFIG_TYPE_URL, pb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use support::dataplane::Dataplane;
@@ -45,10 +45,7 @@ struct FakeEngine {
 
 impl FakeEngine {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
+        let (listener, addr) = support::loopback_listener().await;
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(async move {

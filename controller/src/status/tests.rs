@@ -17,46 +17,18 @@ fn server(yaml: &str) -> ModelServer {
     serde_yaml::from_str(yaml).expect("test ModelServer YAML parses")
 }
 
-const SERVER: &str = r#"
-metadata: { name: llama, namespace: default, generation: 2 }
-spec:
-  workloadSelector: { matchLabels: { app: llama } }
-  workloadPort: { port: 8000 }
-  inferenceEngine: vLLM
-"#;
+const SERVER: &str = "{metadata: {name: llama, namespace: default, generation: 2}, spec: \
+    {workloadSelector: {matchLabels: {app: llama}}, workloadPort: {port: 8000}, inferenceEngine: vLLM}}";
 
-const ROUTE: &str = r#"
-metadata: { name: chat, namespace: default, generation: 3 }
-spec:
-  modelName: chat
-  rules:
-  - name: default
-    targetModels:
-    - modelServerName: llama
-"#;
+const ROUTE: &str = "{metadata: {name: chat, namespace: default, generation: 3}, spec: \
+    {modelName: chat, rules: [{name: default, targetModels: [{modelServerName: llama}]}]}}";
 
-const ROUTE_TO_MISSING: &str = r#"
-metadata: { name: chat, namespace: default, generation: 4 }
-spec:
-  modelName: chat
-  rules:
-  - name: default
-    targetModels:
-    - modelServerName: gone
-"#;
+const ROUTE_TO_MISSING: &str = "{metadata: {name: chat, namespace: default, generation: 4}, spec: \
+    {modelName: chat, rules: [{name: default, targetModels: [{modelServerName: gone}]}]}}";
 
-const ROUTE_BAD_REGEX: &str = r#"
-metadata: { name: chat, namespace: default, generation: 5 }
-spec:
-  modelName: chat
-  rules:
-  - name: default
-    modelMatch:
-      headers:
-        user-type: { regex: "(" }
-    targetModels:
-    - modelServerName: llama
-"#;
+const ROUTE_BAD_REGEX: &str = "{metadata: {name: chat, namespace: default, generation: 5}, spec: \
+    {modelName: chat, rules: [{name: default, modelMatch: {headers: {user-type: {regex: \"(\"}}}, \
+    targetModels: [{modelServerName: llama}]}]}}";
 
 fn reports(routes: &[&str]) -> Vec<ObjectReport> {
     let routes: Vec<ModelRoute> = routes.iter().map(|yaml| route(yaml)).collect();
@@ -81,20 +53,18 @@ fn report_of(reports: &[ObjectReport], kind: ObjectKind) -> &ObjectReport {
 }
 
 fn dataplane(stream_id: u64, acked: Option<&str>, nacked: Option<(&str, &str)>) -> DataplaneStatus {
+    let route_config = TypeSyncStatus {
+        subscribed: true,
+        acked_version: acked.map(str::to_owned),
+        nacked_version: nacked.map(|(version, _)| version.to_owned()),
+        last_nack_error: nacked.map(|(_, error)| error.to_owned()),
+        ..TypeSyncStatus::default()
+    };
     DataplaneStatus {
         stream_id,
         node_id: Some(format!("dataplane-{stream_id}")),
-        build_version: None,
-        peer: None,
-        connected_since_unix_ms: 0,
-        route_config: TypeSyncStatus {
-            subscribed: true,
-            acked_version: acked.map(str::to_owned),
-            nacked_version: nacked.map(|(version, _)| version.to_owned()),
-            last_nack_error: nacked.map(|(_, error)| error.to_owned()),
-            ..TypeSyncStatus::default()
-        },
-        endpoint_loads: TypeSyncStatus::default(),
+        route_config,
+        ..DataplaneStatus::default()
     }
 }
 
@@ -178,41 +148,23 @@ fn invalid_regex_is_not_accepted() {
 #[test]
 fn last_transition_time_moves_only_when_status_flips() {
     let good = reports(&[ROUTE]);
-    let first = route_status(
-        report_of(&good, ObjectKind::ModelRoute),
-        &all_acked(3),
-        None,
-        ts(0),
-    );
+    let good = report_of(&good, ObjectKind::ModelRoute);
+    let first = route_status(good, &all_acked(3), None, ts(0));
 
     // Same facts later: nothing changes, so a writer has nothing to patch.
-    let again = route_status(
-        report_of(&good, ObjectKind::ModelRoute),
-        &all_acked(3),
-        Some(&first),
-        ts(50),
-    );
+    let again = route_status(good, &all_acked(3), Some(&first), ts(50));
     assert_eq!(again, first);
 
     // A new dataplane count changes the message, not the transition time.
-    let four = route_status(
-        report_of(&good, ObjectKind::ModelRoute),
-        &all_acked(4),
-        Some(&first),
-        ts(60),
-    );
+    let four = route_status(good, &all_acked(4), Some(&first), ts(60));
     let programmed = find(&four.conditions, "Programmed");
     assert_eq!(programmed.message, "4/4 dataplanes at version rc-1");
     assert_eq!(programmed.last_transition_time, Time(ts(0)));
 
     // The backend disappears: ResolvedRefs and Programmed flip, Accepted stays.
     let broken = reports(&[ROUTE_TO_MISSING]);
-    let flipped = route_status(
-        report_of(&broken, ObjectKind::ModelRoute),
-        &all_acked(4),
-        Some(&four),
-        ts(100),
-    );
+    let broken = report_of(&broken, ObjectKind::ModelRoute);
+    let flipped = route_status(broken, &all_acked(4), Some(&four), ts(100));
     assert_eq!(
         find(&flipped.conditions, "Accepted").last_transition_time,
         Time(ts(0))

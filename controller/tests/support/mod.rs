@@ -5,8 +5,11 @@
 pub mod dataplane;
 pub mod fake_api;
 
+use std::net::SocketAddr;
+
 use switchyard_controller::xds::SnapshotPublisher;
 use switchyard_snapshot::pb;
+use tokio::net::TcpListener;
 
 /// A router configuration file: the top 3 pods, scored by gpu-usage with weight 2.
 pub const GPU_USAGE_ROUTER_CONFIG: &str =
@@ -30,4 +33,13 @@ pub fn assert_gpu_usage_scheduler_shipped(publisher: &SnapshotPublisher) {
         weight: 2,
     };
     assert_eq!(scheduler.scores, vec![gpu_usage]);
+}
+
+/// A listener on a loopback port the OS picks, and its address.
+pub async fn loopback_listener() -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    (listener, addr)
 }
