@@ -12,7 +12,6 @@ use http::Method;
 use serde_json::{Value, json};
 use switchyard_controller::cli::Args;
 use switchyard_controller::kubernetes;
-use switchyard_snapshot::pb;
 
 use support::dataplane::Dataplane;
 use support::fake_api::{DEADLINE, FakeApi, Recorded};
