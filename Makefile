@@ -8,8 +8,10 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-# The end-to-end tests start the real binaries, so build them first.
-test: build
+# The end-to-end tests start the real binaries: `cargo test --workspace`
+# builds them (with the test build's features) before any test runs, so a
+# separate `cargo build` would only compile the workspace a second time.
+test:
 	$(CARGO) test --workspace
 
 lint:

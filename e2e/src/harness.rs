@@ -28,8 +28,8 @@ pub const WAIT_DEADLINE: Duration = Duration::from_secs(30);
 /// was taken between picking and binding it).
 const CONTROLLER_START_ATTEMPTS: u32 = 3;
 
-/// Path of a workspace binary, built by `cargo build --workspace --bins`
-/// (as `make test` does) next to the test executable's directory.
+/// Path of a workspace binary, next to the test executable's directory: built
+/// by `cargo test --workspace` (`make test`) or `cargo build --workspace --bins`.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
@@ -39,7 +39,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
-        "{} not found: run `cargo build --workspace --bins` (make test does) before the e2e tests",
+        "{} not found: run the e2e tests with `cargo test --workspace` (make test), or `cargo build --workspace --bins` first",
         path.display()
     );
     path
