@@ -7,7 +7,7 @@ use prost::Message;
 use switchyard_crd::test_builders::ready_pod as pod;
 use switchyard_crd::{InferenceEngine, ModelRoute, ModelServer};
 use switchyard_snapshot::test_builders as builders;
-use switchyard_snapshot::{content_version, pb};
+use switchyard_snapshot::{ResourceType, content_version, pb};
 
 use super::*;
 
@@ -361,8 +361,8 @@ fn equal_inputs_in_any_order_give_identical_bytes() {
         second.route_config.encode_to_vec()
     );
     assert_eq!(
-        content_version("rc", &first.route_config),
-        content_version("rc", &second.route_config)
+        content_version(ResourceType::RouteConfig, &first.route_config),
+        content_version(ResourceType::RouteConfig, &second.route_config)
     );
     assert_eq!(first.scrape_targets, second.scrape_targets);
     assert_eq!(first.reports, second.reports);
