@@ -329,25 +329,30 @@ impl Default for HttpClient {
     }
 }
 
-impl HttpClient {
-    /// Sends a request and returns its response head, body unread.
-    pub async fn send(
-        &self,
-        method: Method,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Bytes>,
-    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
-        let mut request = Request::builder().method(method).uri(url);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let request = request
-            .body(Full::new(body.into()))
-            .expect("valid test request");
-        self.client.request(request).await
+/// A request to send: method, URL, headers and body.
+fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
+    request
+        .body(Full::new(body.into()))
+        .expect("valid test request")
+}
 
+/// `headers` after a JSON content type.
+fn json_headers<'a>(headers: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    all
+}
+
+impl HttpClient {
     /// Sends a request and reads the whole response.
     pub async fn call(
         &self,
@@ -357,7 +362,8 @@ impl HttpClient {
         body: impl Into<Bytes>,
     ) -> Result<HttpResponse, String> {
         let response = self
-            .send(method, url, headers, body)
+            .client
+            .request(request(method, url, headers, body))
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         let (parts, body) = response.into_parts();
@@ -384,9 +390,21 @@ impl HttpClient {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Result<HttpResponse, String> {
-        let mut all = vec![("content-type", "application/json")];
-        all.extend_from_slice(headers);
-        self.call(Method::POST, url, &all, body.to_owned()).await
+        let headers = json_headers(headers);
+        self.call(Method::POST, url, &headers, body.to_owned())
+            .await
+    }
+
+    /// POSTs a JSON body and returns the response head with its body unread:
+    /// a stream to follow, or to leave in the middle.
+    pub async fn post_json_streaming(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        let request = request(Method::POST, url, &json_headers(headers), body.to_owned());
+        self.client.request(request).await
     }
 
     /// Waits until `url` answers 200.
@@ -681,13 +699,8 @@ impl Stack {
         headers: &[(&str, &str)],
         body: &str,
     ) -> http::Response<Incoming> {
-        let mut all = vec![("content-type", "application/json")];
-        all.extend_from_slice(headers);
         let url = self.dataplanes[0].url(path);
-        let response = self
-            .http
-            .send(Method::POST, &url, &all, body.to_owned())
-            .await;
+        let response = self.http.post_json_streaming(&url, headers, body).await;
         response.expect("dataplane answers")
     }
 

@@ -313,13 +313,12 @@ async fn first_chunk_arrives_while_the_request_runs_and_a_disconnect_ends_it() {
     .await;
 
     let http = HttpClient::default();
+    let body = json!({"model": "base", "messages": [{"role": "user", "content": "one two"}], "stream": true});
     let mut response = http
-        .send(
-            Method::POST,
+        .post_json_streaming(
             &url(&engine, "/v1/chat/completions"),
-            &[("content-type", "application/json")],
-            json!({"model": "base", "messages": [{"role": "user", "content": "one two"}], "stream": true})
-                .to_string(),
+            &[],
+            &body.to_string(),
         )
         .await
         .expect("the engine answers");

@@ -188,12 +188,7 @@ async fn prefix_cache_alone_keeps_repeated_prompts_on_one_pod() {
             .to_string();
         let response = bench
             .http()
-            .send(
-                http::Method::POST,
-                &url,
-                &[("content-type", "application/json")],
-                body,
-            )
+            .post_json_streaming(&url, &[], &body)
             .await
             .expect("headers");
         drop(response);
