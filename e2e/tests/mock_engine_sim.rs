@@ -484,16 +484,17 @@ async fn prompts_are_bounded_by_the_kv_cache() {
 
 #[tokio::test(start_paused = true)]
 async fn chat_prompts_share_blocks_when_their_leading_messages_match() {
-    let engine = Engine::start(sim_engine_config(SimConfig {
-        block_size: 4,
-        ..round_latencies()
-    }));
+    // Two conversations with the same 30-word system message.
     let chat = |question: &str| {
         json!({"model": "base", "max_tokens": 1, "messages": [
             {"role": "system", "content": prompt("s", 30)},
             {"role": "user", "content": question},
         ]})
     };
+    let engine = Engine::start(sim_engine_config(SimConfig {
+        block_size: 4,
+        ..round_latencies()
+    }));
     for question in ["what is up", "how are you"] {
         let reply = into_reply(
             engine
