@@ -1,6 +1,6 @@
 //! Helpers for end-to-end tests: start the real binaries on loopback, wait for
 //! them, talk HTTP to them, and always stop them (processes are killed on drop,
-//! and by [`reaper`] when the test binary ends without dropping them).
+//! and by a reaper process when the test binary ends without dropping them).
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

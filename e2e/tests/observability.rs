@@ -171,6 +171,9 @@ fn routes_yaml() -> String {
     ])
 }
 
+/// A sample's name, some of its labels, and the value it must have.
+type ExpectedSample<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// One sample line of a text exposition.
 #[derive(Debug, Clone)]
 struct Sample {
@@ -232,7 +235,7 @@ impl Exposition {
     }
 
     /// Asserts the value of each `(name, labels, value)`.
-    fn assert_values(&self, expected: &[(&str, &[(&str, &str)], f64)]) {
+    fn assert_values(&self, expected: &[ExpectedSample<'_>]) {
         for (name, labels, value) in expected {
             assert_eq!(self.value(name, labels), *value, "{name} {labels:?}");
         }
@@ -1033,14 +1036,14 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
             .contains(&Value::from("obs-model"))
     );
     let single_route = get(
-        &http,
+        http,
         &debug("/debug/config_dump/namespaces/default/modelroutes/obs-route"),
     )
     .await;
     assert_eq!(single_route.status, StatusCode::OK);
     assert_eq!(&single_route.json(), obs_route);
     let single_server = get(
-        &http,
+        http,
         &debug("/debug/config_dump/namespaces/default/modelservers/obs-server"),
     )
     .await
@@ -1048,7 +1051,7 @@ async fn debug_endpoints_dump_routes_servers_pods_and_router_state() {
     assert_eq!(single_server["spec"]["inferenceEngine"], "vLLM");
     assert_eq!(single_server["spec"]["workloadPort"]["port"], ENGINE_PORT);
     let single_pod = get(
-        &http,
+        http,
         &debug("/debug/config_dump/namespaces/default/pods/obs-1"),
     )
     .await
@@ -1143,7 +1146,7 @@ async fn the_controller_dumps_what_the_dataplanes_hold_and_counts_their_acks() {
     }
     let obs_pod = obs_pod_with_metrics(&observed, http).await;
     let controller_pod = get(
-        &http,
+        http,
         &controller("/debug/config_dump/namespaces/default/pods/obs-0"),
     )
     .await
@@ -1151,7 +1154,7 @@ async fn the_controller_dumps_what_the_dataplanes_hold_and_counts_their_acks() {
     assert_eq!(controller_pod["podInfo"], obs_pod["podInfo"]);
     assert_eq!(
         get(
-            &http,
+            http,
             &controller("/debug/config_dump/namespaces/default/modelroutes/nope")
         )
         .await
