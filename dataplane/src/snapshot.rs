@@ -302,7 +302,7 @@ fn build_matcher(m: &pb::ModelMatch, route: &str, rule: usize) -> Result<Matcher
     })
 }
 
-/// OpenAI's model list, as the reference router renders it.
+/// OpenAI's model list, as the Kthena router renders it.
 fn render_models(names: &[&str]) -> Bytes {
     let data: Vec<_> = names
         .iter()
