@@ -9,6 +9,12 @@ use serde_json::{Value, json};
 use switchyard_e2e::harness::{HttpClient, HttpResponse, MockEngineBinary, sample_value};
 use switchyard_e2e::mock_engine::{EngineFlavor, MockEngineConfig, RunningMockEngine};
 
+/// Label fragments of `vllm:request_success_total` and of SGLang's per-request series.
+const ABORTED: &[&str] = &["finished_reason=\"abort\""];
+const CUT_AT_LENGTH: &[&str] = &["finished_reason=\"length\""];
+const STOPPED: &[&str] = &["finished_reason=\"stop\""];
+const NOT_STREAMED: &[&str] = &["is_streaming=\"false\""];
+
 /// Upper bound for a condition the engine reaches on its own (a gauge settling after a
 /// disconnect); generous because CI machines can be slow, and only reached on failure.
 const CONDITION_DEADLINE: Duration = Duration::from_secs(10);
@@ -179,11 +185,7 @@ async fn completion_for_a_lora_adapter_is_capped_by_max_tokens() {
         &[
             ("vllm:prompt_tokens_total", &[], 3.0),
             ("vllm:generation_tokens_total", &[], 4.0),
-            (
-                "vllm:request_success_total",
-                &["finished_reason=\"length\""],
-                1.0,
-            ),
+            ("vllm:request_success_total", CUT_AT_LENGTH, 1.0),
         ],
     )
     .await;
@@ -360,11 +362,7 @@ async fn first_chunk_arrives_while_the_request_runs_and_a_disconnect_ends_it() {
         &engine,
         &[
             ("vllm:kv_cache_usage_perc", &[], 0.0),
-            (
-                "vllm:request_success_total",
-                &["finished_reason=\"abort\""],
-                1.0,
-            ),
+            ("vllm:request_success_total", ABORTED, 1.0),
         ],
     )
     .await;
@@ -398,16 +396,8 @@ async fn a_paced_stream_that_completes_is_counted_and_leaves_the_engine_idle() {
             ("vllm:generation_tokens_total", &[], 4.0),
             ("vllm:time_to_first_token_seconds_count", &[], 1.0),
             ("vllm:inter_token_latency_seconds_count", &[], 3.0),
-            (
-                "vllm:request_success_total",
-                &["finished_reason=\"stop\""],
-                1.0,
-            ),
-            (
-                "vllm:request_success_total",
-                &["finished_reason=\"abort\""],
-                0.0,
-            ),
+            ("vllm:request_success_total", STOPPED, 1.0),
+            ("vllm:request_success_total", ABORTED, 0.0),
         ],
     )
     .await;
@@ -654,14 +644,10 @@ async fn sglang_flavour_exposes_sglang_metric_names() {
             ("sglang:num_running_reqs", &[], 0.0),
             ("sglang:num_queue_reqs", &[], 0.0),
             ("sglang:token_usage", &[], 0.0),
-            (
-                "sglang:prompt_tokens_total",
-                &["is_streaming=\"false\""],
-                3.0,
-            ),
+            ("sglang:prompt_tokens_total", NOT_STREAMED, 3.0),
             (
                 "sglang:time_to_first_token_seconds_count",
-                &["is_streaming=\"false\""],
+                NOT_STREAMED,
                 1.0,
             ),
             ("sglang:inter_token_latency_seconds_count", &[], 15.0),
