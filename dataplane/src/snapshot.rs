@@ -14,8 +14,9 @@ use parking_lot::Mutex;
 use regex::Regex;
 use switchyard_snapshot::{Nack, pb};
 
+use crate::pod::PodState;
 use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
-use crate::scheduling::{PodState, Scheduler, SchedulingShared};
+use crate::scheduling::{Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
 
 /// Why a RouteConfig was rejected (the dataplane NACKs it and keeps its table).
