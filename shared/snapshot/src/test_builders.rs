@@ -1,6 +1,6 @@
 //! Snapshot objects in one line each, for tests and benchmarks: a route, a rule, a
-//! ModelServer, a pod. Enabled by the `test-support` feature (tests list it in their
-//! dev-dependencies), so production builds do not carry it.
+//! ModelServer, a pod. Behind the `test-support` feature, which only tests (as a
+//! dev-dependency) and the benchmarks enable: the binaries' own builds do not carry it.
 //!
 //! Objects live in [`NAMESPACE`] unless an `_in` variant names another; a ModelServer is a vLLM
 //! server on [`PORT`]. Set a field of the result for anything else:
