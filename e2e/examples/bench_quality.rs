@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -121,15 +121,7 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
         tasks.push(tokio::spawn(async move {
             clock::sleep_until(started + at).await;
             let sent = clock::now();
-            let response = http
-                .send(
-                    Method::POST,
-                    &url,
-                    &[("content-type", "application/json")],
-                    body,
-                )
-                .await
-                .ok()?;
+            let response = http.post_json_streaming(&url, &[], &body).await.ok()?;
             if response.status() != StatusCode::OK {
                 return None;
             }
