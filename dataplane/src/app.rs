@@ -1,5 +1,7 @@
 //! Wires the dataplane together: snapshot store, controller stream, the
-//! traffic, metrics and debug servers, all supervised by one task set.
+//! traffic workers, the metrics and debug servers, all supervised by one task
+//! set. This runs on the control thread; the traffic workers run on their own
+//! threads (see [`workers`](crate::workers)).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,13 +13,15 @@ use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
 use crate::metrics::{ObservedStore, RouterMetrics};
+use crate::per_worker;
 use crate::proxy::log::Observer;
-use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
+use crate::proxy::log::access_log::{AccessLogConfig, AccessLogWriter};
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
-use crate::server::{DRAIN_TIMEOUT, serve};
+use crate::server::{DRAIN_TIMEOUT, bind_traffic_listeners, serve};
 use crate::snapshot::SnapshotStore;
+use crate::workers::{self, TrafficWorker};
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 
 /// How long shutdown waits for every task: the servers give up draining
@@ -35,6 +39,23 @@ pub enum AppError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Task(#[from] TaskError),
+    #[error("cannot start the control thread's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Builds the control thread's runtime and runs the dataplane on it until
+/// SIGINT or SIGTERM, then drains.
+pub fn main(args: Args) -> Result<(), AppError> {
+    // One thread: the controller stream and the admin listeners are idle
+    // almost always, and the traffic workers have their own threads.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    runtime.block_on(async {
+        let shutdown = switchyard_runtime::cancel_on_signal();
+        run(args, shutdown).await
+    })
 }
 
 /// Runs the dataplane until `shutdown` is cancelled, then drains.
@@ -57,43 +78,37 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     })
     .map_err(|error| AppError::Config(error.to_string()))?;
 
+    // Fixed before any snapshot state exists: it sizes every per-worker slot set.
+    let worker_count = args.resolved_workers();
+    per_worker::set_count(worker_count);
     let metrics = RouterMetrics::new()?;
     let plugin_metrics = PluginMetrics::register(metrics.registry())?;
     let store = Arc::new(SnapshotStore::with_scheduling(Arc::new(
         SchedulingShared::new(Some(plugin_metrics)),
     )));
     let status = Arc::new(ControllerStatus::default());
-    let access_log = AccessLog::start(&access_log_config, metrics.access_log_dropped_total.clone())
-        .map_err(|error| {
-            AppError::Config(format!(
-                "cannot open the access log {:?}: {error}",
-                access_log_config.output
-            ))
-        })?;
+    let access_log =
+        AccessLogWriter::start(&access_log_config, metrics.access_log_dropped_total.clone())
+            .map_err(|error| {
+                AppError::Config(format!(
+                    "cannot open the access log {:?}: {error}",
+                    access_log_config.output
+                ))
+            })?;
     let admin = Arc::new(Admin {
         store: store.clone(),
         controller: status.clone(),
         metrics: metrics.clone(),
     });
-    let proxy = Arc::new(Proxy::new(
-        store.clone(),
-        ProxyConfig {
-            max_body_bytes: args.max_body_bytes,
-        },
-        Arc::new(Observer {
-            metrics: metrics.clone(),
-            access_log,
-        }),
-    ));
     let sink = Arc::new(ObservedStore {
         store: store.clone(),
-        metrics,
+        metrics: metrics.clone(),
     });
 
-    let (traffic, _) = bind("traffic", traffic_addr).await?;
-    let (metrics, _) = bind("metrics", metrics_addr).await?;
-    let (debug, _) = bind("debug", debug_addr).await?;
-    tracing::info!(traffic = %traffic_addr, metrics = %metrics_addr, debug = %debug_addr, "switchyard-dataplane listening");
+    let traffic = bind_traffic_listeners(traffic_addr, worker_count)?;
+    let (metrics_listener, _) = bind("metrics", metrics_addr).await?;
+    let (debug_listener, _) = bind("debug", debug_addr).await?;
+    tracing::info!(traffic = %traffic_addr, workers = worker_count, metrics = %metrics_addr, debug = %debug_addr, "switchyard-dataplane listening");
 
     let mut tasks = TaskSet::new(shutdown);
     let xds_config = XdsClientConfig {
@@ -105,30 +120,38 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         xds_client::run(xds_config, sink, status, stop.cancelled_owned())
     });
 
+    let proxy_config = ProxyConfig {
+        max_body_bytes: args.max_body_bytes,
+    };
+    let metrics_on_traffic_port = args.expose_metrics_on_router_port.then(|| admin.clone());
+    for (index, listener) in traffic.into_iter().enumerate() {
+        let worker = TrafficWorker {
+            index,
+            listener,
+            // Its own observer: what requests count on is the worker's alone.
+            proxy: Proxy::new(
+                store.clone(),
+                proxy_config.clone(),
+                Arc::new(Observer {
+                    metrics: metrics.clone(),
+                    access_log: access_log.worker_log(),
+                }),
+            ),
+            metrics_on_traffic_port: metrics_on_traffic_port.clone(),
+            idle_timeout: args.idle_timeout,
+        };
+        tasks.spawn_graceful("traffic worker", |stop| workers::run(worker, stop));
+    }
     let idle_timeout = args.idle_timeout;
-    let expose_metrics = args.expose_metrics_on_router_port;
-    let traffic_admin = admin.clone();
-    tasks.spawn_graceful("traffic server", |stop| {
-        serve(traffic, idle_timeout, stop, move |request| {
-            let proxy = proxy.clone();
-            let admin = traffic_admin.clone();
-            async move {
-                if expose_metrics && request.uri().path() == "/metrics" {
-                    return admin.handle_metrics_port(&request);
-                }
-                proxy.handle(request).await
-            }
-        })
-    });
     let metrics_admin = admin.clone();
     tasks.spawn_graceful("metrics server", |stop| {
-        serve(metrics, idle_timeout, stop, move |request| {
+        serve(metrics_listener, idle_timeout, stop, move |request| {
             let admin = metrics_admin.clone();
             async move { admin.handle_metrics_port(&request) }
         })
     });
     tasks.spawn_graceful("debug server", |stop| {
-        serve(debug, idle_timeout, stop, move |request| {
+        serve(debug_listener, idle_timeout, stop, move |request| {
             let admin = admin.clone();
             async move { admin.handle_debug_port(&request) }
         })
@@ -137,5 +160,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         stop.cancelled().await;
         tracing::info!("shutting down: draining in-flight requests");
     });
-    Ok(tasks.run(SHUTDOWN_GRACE_PERIOD).await?)
+    let stopped = tasks.run(SHUTDOWN_GRACE_PERIOD).await;
+    // The workers are done: write the lines they handed over.
+    access_log.close();
+    Ok(stopped?)
 }

@@ -11,7 +11,9 @@
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
-//! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
+//! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain),
+//! [`workers`] (the traffic worker threads, each with its own runtime, listener
+//! and upstream connections) and [`per_worker`] (state kept once per worker).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod config_file;
 pub mod error;
 pub mod metrics;
+pub mod per_worker;
 pub mod pod;
 pub mod proxy;
 pub mod request;
@@ -29,4 +32,5 @@ pub mod routing;
 pub mod scheduling;
 pub mod server;
 pub mod snapshot;
+pub mod workers;
 pub mod xds_client;

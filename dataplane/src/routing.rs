@@ -11,6 +11,7 @@ use http::HeaderMap;
 use http::header::HeaderName;
 use regex::Regex;
 
+use crate::per_worker::PerWorker;
 use crate::pod::PodState;
 
 /// A ModelServer as the dataplane uses it.
@@ -27,8 +28,9 @@ pub struct Server {
     pub retry_interval: Duration,
     /// Ready pods, in snapshot order.
     pub pods: Vec<Arc<PodState>>,
-    /// Spreads ties between equally loaded pods.
-    pub rotation: AtomicUsize,
+    /// Spreads ties between equally loaded pods (per worker: no counter
+    /// shared by all requests).
+    pub rotation: PerWorker<AtomicUsize>,
 }
 
 /// A compiled string condition.
@@ -80,14 +82,15 @@ impl Matcher {
 /// Weighted targets of a rule, picked by smooth weighted round-robin.
 ///
 /// The whole smooth-WRR cycle is precomputed when the snapshot is applied, so
-/// a request only does one atomic increment: any window of requests follows
-/// the weights closely and no lock is shared between requests.
+/// a request only increments its worker's position in it: any window of a
+/// worker's requests follows the weights closely, and no lock or counter is
+/// shared between the workers' requests.
 #[derive(Debug)]
 pub struct WeightedTargets {
     servers: Vec<Arc<Server>>,
     /// Indices into `servers`, one full smooth-WRR period.
     cycle: Vec<u16>,
-    next: AtomicUsize,
+    next: PerWorker<AtomicUsize>,
 }
 
 impl WeightedTargets {
@@ -119,12 +122,12 @@ impl WeightedTargets {
         Some(Self {
             servers: targets.into_iter().map(|(s, _)| s).collect(),
             cycle,
-            next: AtomicUsize::new(0),
+            next: PerWorker::default(),
         })
     }
 
     pub fn pick(&self) -> &Arc<Server> {
-        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.cycle.len();
+        let slot = self.next.local().fetch_add(1, Ordering::Relaxed) % self.cycle.len();
         &self.servers[usize::from(self.cycle[slot])]
     }
 
@@ -258,7 +261,7 @@ mod tests {
             retry_attempts: 0,
             retry_interval: Duration::ZERO,
             pods: Vec::new(),
-            rotation: AtomicUsize::new(0),
+            rotation: Default::default(),
         })
     }
 

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -214,7 +213,7 @@ fn build_server(
         retry_attempts: policy.retry_attempts,
         retry_interval: Duration::from_millis(policy.retry_interval_ms),
         pods: server_pods,
-        rotation: AtomicUsize::new(0),
+        rotation: Default::default(),
     }))
 }
 

@@ -40,7 +40,7 @@ pub use self::admit::DEFAULT_MAX_BODY_BYTES;
 use self::admit::{Admitted, InferenceRequest};
 pub use self::authenticate::Identity;
 use self::forward::Outbound;
-use self::forward::{HyperUpstream, Upstream};
+use self::forward::{Http1Upstream, Upstream};
 use self::log::{Observer, RequestRecord};
 pub use self::respond::ProxyBody;
 use self::respond::json_response;
@@ -63,7 +63,7 @@ impl Default for ProxyConfig {
 
 /// Serves the traffic port.
 #[derive(Debug)]
-pub struct Proxy<U = HyperUpstream> {
+pub struct Proxy<U = Http1Upstream> {
     store: Arc<SnapshotStore>,
     upstream: U,
     config: ProxyConfig,
@@ -71,9 +71,9 @@ pub struct Proxy<U = HyperUpstream> {
 }
 
 impl Proxy {
-    /// A proxy that sends to engines over HTTP.
+    /// A proxy that sends to engines over HTTP/1.1, with its own connection pool.
     pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig, observer: Arc<Observer>) -> Self {
-        Self::with_upstream(store, config, observer, HyperUpstream::new())
+        Self::with_upstream(store, config, observer, Http1Upstream::new())
     }
 }
 

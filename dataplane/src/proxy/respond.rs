@@ -12,9 +12,8 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
-use super::forward::{Delivered, HOP_BY_HOP};
+use super::forward::{Delivered, EngineBody, HOP_BY_HOP};
 use super::log::RequestRecord;
 use crate::metrics::OutcomeLabel;
 use crate::pod::InFlightGuard;
@@ -92,7 +91,7 @@ pub fn json_response<B>(status: StatusCode, body: Bytes) -> Response<ProxyBody<B
 /// variant costs nothing per response while a box would be an allocation each.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
-pub enum ProxyBody<B = Incoming> {
+pub enum ProxyBody<B = EngineBody> {
     Full(Full<Bytes>),
     Upstream(UpstreamBody<B>),
 }

@@ -8,7 +8,6 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -61,7 +60,7 @@ pub fn server_with_pods(
                 )
             })
             .collect(),
-        rotation: AtomicUsize::new(0),
+        rotation: Default::default(),
     }
 }
 

@@ -330,7 +330,7 @@ impl Scheduler {
                 }
             }
             // Ties rotate, so equal pods share the load.
-            let start = server.rotation.fetch_add(1, Ordering::Relaxed) % count.max(1);
+            let start = server.rotation.local().fetch_add(1, Ordering::Relaxed) % count.max(1);
             order.clear();
             order.extend(0..count);
             order.sort_unstable_by_key(|&i| {
@@ -361,7 +361,7 @@ impl Scheduler {
                     let candidate = &candidates[i];
                     let plugin_scores = (0..self.scorers.len()).map(|p| scores[p * count + i]);
                     record.push_candidate(
-                        server.pods[candidate.index].clone(),
+                        &server.pods[candidate.index],
                         totals[i],
                         candidate.ejected,
                         plugin_scores,
@@ -445,7 +445,6 @@ fn with_framework_scratch<R>(f: impl FnOnce(&mut FrameworkScratch) -> R) -> R {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
-    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
     use switchyard_snapshot::scheduler::gpu_usage::NAME as GPU_USAGE;
@@ -479,7 +478,7 @@ mod tests {
                     )
                 })
                 .collect(),
-            rotation: AtomicUsize::new(0),
+            rotation: Default::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! the response head of the attempt that is delivered (its pod still counted
 //! in flight) or with the error the client gets.
 
+pub mod http1;
 pub mod policy;
 pub mod upstream;
 
@@ -14,8 +15,9 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use switchyard_runtime::clock;
 
+pub use self::http1::{EngineBody, Http1Upstream};
 use self::policy::{AttemptPolicy, Next, Verdict};
-pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
+pub use self::upstream::{Upstream, UpstreamError};
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind};
 use crate::pod::{InFlightGuard, PodState};

@@ -1,6 +1,7 @@
 //! The seam between the attempt policy and the network: one request to one
 //! pod, answered by a response head (and its body) or by a classified
-//! failure. Production sends with hyper's pooled client; tests script engine
+//! failure. Production sends with the worker's pooled HTTP/1.1 client
+//! ([`Http1Upstream`](super::http1::Http1Upstream)); tests script engine
 //! behaviour with a fake.
 
 use std::future::Future;
@@ -10,10 +11,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::error::BodyError;
 
@@ -51,48 +48,4 @@ pub trait Upstream: Send + Sync + 'static {
         &self,
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<Response<Self::Body>, UpstreamError>> + Send;
-}
-
-/// hyper's pooled HTTP/1.1 client.
-#[derive(Debug, Clone)]
-pub struct HyperUpstream {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl HyperUpstream {
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
-            .build(connector);
-        Self { client }
-    }
-}
-
-impl Default for HyperUpstream {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Upstream for HyperUpstream {
-    type Body = Incoming;
-
-    fn send(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send {
-        let pending = self.client.request(request);
-        async move {
-            pending.await.map_err(|error| {
-                if error.is_connect() {
-                    UpstreamError::Connect(error.to_string())
-                } else {
-                    UpstreamError::BeforeHeaders(error.to_string())
-                }
-            })
-        }
-    }
 }
