@@ -333,13 +333,20 @@ impl Scheduler {
             let start = server.rotation.local().fetch_add(1, Ordering::Relaxed) % count.max(1);
             order.clear();
             order.extend(0..count);
-            order.sort_unstable_by_key(|&i| {
+            let rank = |&i: &usize| {
                 (
                     candidates[i].ejected,
                     Reverse(totals[i]),
                     (i + count - start) % count,
                 )
-            });
+            };
+            // Only the top N are tried: select them in linear time, then
+            // order just those (a full sort of 1000 candidates was most of a pick).
+            let top = self.top_n.min(count);
+            if top > 0 && top < count {
+                order.select_nth_unstable_by_key(top - 1, rank);
+            }
+            order[..top].sort_unstable_by_key(rank);
             let mut ranking = Ranking::default();
             for &i in order.iter().take(self.top_n) {
                 ranking.push(candidates[i].index);

@@ -4,6 +4,8 @@
 //! framing (a length, chunks, or the connection's end) decoded in place, so
 //! body data reaches the client as slices of the read buffer, uncopied.
 
+use std::mem::MaybeUninit;
+
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
@@ -90,14 +92,30 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
+/// Where one header's name and value lie in a response head.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldSpan {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
 /// Parses the response head at the start of `buffer` and removes it from
 /// there. `None`: the head is not complete yet. Informational (1xx) heads
-/// are skipped: the response that follows is the one wanted.
-pub fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<Head>, ProtocolError> {
+/// are skipped: the response that follows is the one wanted. `fields` is
+/// scratch space, kept by the caller so no response allocates it.
+pub fn parse_response_head(
+    buffer: &mut BytesMut,
+    fields: &mut Vec<FieldSpan>,
+) -> Result<Option<Head>, ProtocolError> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut parsed = httparse::Response::new(&mut slots);
-        let head_len = match parsed.parse(buffer) {
+        let mut slots =
+            [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buffer,
+            &mut slots,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => {
                 if buffer.len() > MAX_RESPONSE_HEAD_BYTES {
@@ -115,22 +133,22 @@ pub fn parse_response_head(buffer: &mut BytesMut) -> Result<Option<Head>, Protoc
         } else {
             Version::HTTP_11
         };
-        // Header values as offsets into the head, to share its bytes once split off.
+        // Offsets into the head, so the values can share its bytes once it is split off.
         let base = buffer.as_ptr() as usize;
-        let mut fields: [(usize, usize, usize, usize); MAX_RESPONSE_HEADERS] =
-            [(0, 0, 0, 0); MAX_RESPONSE_HEADERS];
-        let count = parsed.headers.len();
-        for (field, header) in fields.iter_mut().zip(parsed.headers.iter()) {
-            let name = header.name.as_ptr() as usize - base;
-            let value = header.value.as_ptr() as usize - base;
-            *field = (name, header.name.len(), value, header.value.len());
-        }
+        let offset = |part: &[u8]| (part.as_ptr() as usize - base, part.len());
+        fields.clear();
+        fields.extend(parsed.headers.iter().map(|header| FieldSpan {
+            name: offset(header.name.as_bytes()),
+            value: offset(header.value),
+        }));
         let head = buffer.split_to(head_len).freeze();
         if status.is_informational() {
             continue;
         }
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(name, name_len, value, value_len) in &fields[..count] {
+        let mut headers = HeaderMap::with_capacity(fields.len());
+        for field in fields.iter() {
+            let (name, name_len) = field.name;
+            let (value, value_len) = field.value;
             let name = HeaderName::from_bytes(&head[name..name + name_len])
                 .map_err(|_| ProtocolError::Head("invalid header name".into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
@@ -374,7 +392,7 @@ mod tests {
     use super::*;
 
     fn head(text: &str) -> Result<Option<Head>, ProtocolError> {
-        parse_response_head(&mut BytesMut::from(text))
+        parse_response_head(&mut BytesMut::from(text), &mut Vec::new())
     }
 
     fn decode_all(framing: Framing, wire: &[u8], split: usize) -> Result<Vec<u8>, ProtocolError> {
@@ -422,9 +440,13 @@ mod tests {
     #[test]
     fn a_head_is_parsed_once_complete_and_leaves_the_body_in_the_buffer() {
         let mut buffer = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n");
-        assert!(parse_response_head(&mut buffer).expect("valid").is_none());
+        assert!(
+            parse_response_head(&mut buffer, &mut Vec::new())
+                .expect("valid")
+                .is_none()
+        );
         buffer.extend_from_slice(b"transfer-encoding: chunked\r\nx-engine: vllm\r\n\r\n5\r\nhello");
-        let head = parse_response_head(&mut buffer)
+        let head = parse_response_head(&mut buffer, &mut Vec::new())
             .expect("valid")
             .expect("complete");
         assert_eq!(head.response.status(), StatusCode::OK);
@@ -485,7 +507,7 @@ mod tests {
         let mut buffer = BytesMut::from(
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
         );
-        let head = parse_response_head(&mut buffer)
+        let head = parse_response_head(&mut buffer, &mut Vec::new())
             .expect("valid")
             .expect("complete");
         assert_eq!(head.response.status(), StatusCode::CREATED);

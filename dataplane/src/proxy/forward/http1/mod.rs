@@ -66,6 +66,8 @@ struct Connection {
     read: BytesMut,
     /// The request head being written (kept for its capacity).
     head: Vec<u8>,
+    /// Scratch of the response head parser (kept for its capacity).
+    fields: Vec<codec::FieldSpan>,
     /// It carried a request before.
     reused: bool,
 }
@@ -84,6 +86,7 @@ impl Connection {
             stream,
             read: BytesMut::with_capacity(READ_BUFFER_BYTES),
             head: Vec::new(),
+            fields: Vec::new(),
             reused: false,
         })
     }
@@ -168,7 +171,7 @@ async fn exchange(connection: &mut Connection, body: &Bytes) -> Result<codec::He
         });
     }
     loop {
-        match codec::parse_response_head(&mut connection.read) {
+        match codec::parse_response_head(&mut connection.read, &mut connection.fields) {
             Ok(Some(head)) => return Ok(head),
             Ok(None) => {}
             Err(error) => {
