@@ -286,7 +286,7 @@ fn duplicate_report(
 }
 
 /// `metadata.namespace`, or `default` when unset.
-pub(crate) fn namespace_of(metadata: &ObjectMeta) -> &str {
+pub fn namespace_of(metadata: &ObjectMeta) -> &str {
     non_empty(metadata.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)
 }
 
