@@ -502,11 +502,74 @@ async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile
         .expect("stops cleanly");
 }
 
+/// A successful but empty ModelRoute list at start holds the first snapshot
+/// (and the stream server) instead of wiping the dataplanes that would
+/// reconnect to this replica; the first ModelRoute ends the hold at once.
+/// (The grace period's expiry is tested on paused time in `core::source_hold`.)
+#[tokio::test]
+async fn an_empty_route_list_at_start_holds_the_first_snapshot_until_a_route_appears() {
+    let fake = FakeApi::default();
+    let starting = tokio::time::timeout(DEADLINE, core::begin(&args(), CancellationToken::new()))
+        .await
+        .expect("admin up in time")
+        .expect("begins");
+    let admin_addr = starting.admin_addr;
+    let publisher = starting.publisher.clone();
+    let ready = tokio::spawn(starting.start(KubernetesSource::new(&args(), fake.client())));
+    let held = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let (status, body) = admin_request(admin_addr, "/readyz").await;
+            if body.contains("holds no ModelRoute") {
+                return (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the hold shows in /readyz");
+    assert_eq!(held.0, 503, "{}", held.1);
+    let objects: Value =
+        serde_json::from_str(&admin_get(admin_addr, "/debug/objects").await).expect("JSON");
+    assert_eq!(objects["source"]["state"], "holding");
+    let metrics = admin_get(admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("switchyard_controller_source_held 1"),
+        "{metrics}"
+    );
+    assert!(publisher.route_config().is_none(), "nothing published");
+    assert!(!ready.is_finished(), "no stream server while holding");
+
+    fake.push_event(ROUTES, "ADDED", route("chat", 1, "llama"))
+        .await;
+    let controller = tokio::time::timeout(DEADLINE, ready)
+        .await
+        .expect("ready in time")
+        .expect("start task")
+        .expect("starts once a route appears");
+    assert!(controller.publisher.route_config().is_some(), "published");
+    let objects: Value =
+        serde_json::from_str(&admin_get(admin_addr, "/debug/objects").await).expect("JSON");
+    assert_eq!(objects["reports"][0]["name"], "chat");
+    assert_eq!(objects["source"]["state"], "serving");
+    assert_eq!(objects["source"]["empty_after_grace"], false);
+    assert!(
+        admin_get(admin_addr, "/metrics")
+            .await
+            .contains("switchyard_controller_source_held 0")
+    );
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}
+
 #[tokio::test]
 async fn namespaces_limit_the_watches_to_those_namespaces() {
     let fake = FakeApi::default();
     let args = Args {
         namespaces: vec!["team-b".into(), "team-a".into()],
+        // An empty cluster: no hold (the hold has its own test).
+        empty_source_grace_period: Duration::ZERO,
         ..args()
     };
     let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
@@ -527,8 +590,13 @@ async fn namespaces_limit_the_watches_to_those_namespaces() {
             .all(|request| request.path != ROUTES && request.path != SERVERS),
         "no cluster-wide watch"
     );
-    // An empty cluster still compiles (an empty snapshot) and serves.
+    // An empty cluster still compiles (an empty snapshot) and serves, and says so.
     assert!(controller.publisher.route_config().is_some());
+    let objects: Value =
+        serde_json::from_str(&admin_get(controller.admin_addr, "/debug/objects").await)
+            .expect("JSON");
+    assert_eq!(objects["source"]["state"], "serving");
+    assert_eq!(objects["source"]["empty_after_grace"], true);
     tokio::time::timeout(DEADLINE, controller.shutdown())
         .await
         .expect("stops in time")
@@ -545,6 +613,7 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
     let fake = FakeApi::default();
     let args = Args {
         router_config: Some(path.clone()),
+        empty_source_grace_period: Duration::ZERO,
         ..args()
     };
     let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
