@@ -819,3 +819,59 @@ async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
     })
     .await;
 }
+
+/// Fields the router does not act on yet: a condition on the object and one
+/// Warning Event each, as a `kubectl describe` would show them.
+#[tokio::test]
+async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
+    let fake = seeded();
+    let mut gateway_route = route("gateway-bound", 1, "llama");
+    gateway_route["spec"]["parentRefs"] =
+        json!([{"name": "default", "namespace": "kthena-system", "kind": "Gateway"}]);
+    fake.seed(ROUTES, gateway_route);
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts against the fake API");
+    let patch = fake
+        .wait_for("gateway-bound's status", |request| {
+            is_status_patch(request, "modelroutes", "gateway-bound")
+        })
+        .await;
+    let ignored = condition(&patch.body["status"], "IgnoredFields");
+    assert_eq!(ignored["status"], "True");
+    assert_eq!(ignored["reason"], "NotImplemented");
+    assert!(
+        ignored["message"].as_str().is_some_and(|message| message
+            .contains("spec.parentRefs: Gateway API attachment is not implemented yet")),
+        "{ignored}"
+    );
+    assert_eq!(
+        condition(&patch.body["status"], "Accepted")["status"],
+        "True"
+    );
+    let event = fake
+        .wait_for("the IgnoredFields event", |request| {
+            request.method == Method::POST
+                && request.path == "/apis/events.k8s.io/v1/namespaces/default/events"
+                && request.body["regarding"]["name"] == "gateway-bound"
+        })
+        .await;
+    assert_eq!(event.body["type"], "Warning");
+    assert_eq!(event.body["reason"], "IgnoredFields");
+    assert_eq!(event.body["note"], ignored["message"]);
+    // A route without such fields carries no IgnoredFields condition.
+    let chat = fake
+        .wait_for("chat's status", |request| {
+            is_status_patch(request, "modelroutes", "chat")
+        })
+        .await;
+    assert_eq!(
+        condition(&chat.body["status"], "IgnoredFields"),
+        &Value::Null
+    );
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}

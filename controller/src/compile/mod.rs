@@ -17,6 +17,7 @@ use switchyard_snapshot::{object_key, pb};
 
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+mod ignored;
 mod objects;
 mod pod_index;
 mod report;
@@ -26,7 +27,7 @@ mod servers;
 mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
-pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
+pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
 /// Namespace of objects whose `metadata.namespace` is unset (local files), as in Kubernetes.
@@ -282,6 +283,7 @@ fn duplicate_report(
         ready_pods: None,
         total_pods: None,
         in_snapshot: false,
+        ignored_fields: Vec::new(),
     }
 }
 

@@ -75,6 +75,7 @@ pub(crate) fn compile_server(
     let traffic_policy = compile_traffic_policy(spec.traffic_policy.as_ref(), &mut problems);
 
     let generation = server.metadata.generation;
+    let ignored_fields = super::ignored::server_fields(server);
     let (Some(port), true) = (port, problems.is_empty()) else {
         let accepted = ConditionReport::from_problems(&problems, Reason::Accepted, "");
         let report = ObjectReport {
@@ -91,16 +92,22 @@ pub(crate) fn compile_server(
             ready_pods: None,
             total_pods: None,
             in_snapshot: false,
+            ignored_fields,
         };
         return (None, report);
     };
 
     // Sorted by pod name.
     let selected: Vec<(&str, &Pod)> = pods.select(namespace, &spec.workload_selector.match_labels);
-    let ready: Vec<(&str, IpAddr)> = selected
-        .iter()
-        .filter_map(|(pod_name, pod)| ready_pod_ip(pod).map(|ip| (*pod_name, ip)))
-        .collect();
+    let mut ready: Vec<(&str, IpAddr)> = Vec::with_capacity(selected.len());
+    let mut unusable: Vec<String> = Vec::new();
+    for (pod_name, pod) in &selected {
+        match ready_pod_ip(pod) {
+            Ok(Some(ip)) => ready.push((pod_name, ip)),
+            Ok(None) => {}
+            Err(why) => unusable.push(format!("{pod_name}: {why}")),
+        }
+    }
 
     let endpoints = ready
         .iter()
@@ -120,7 +127,16 @@ pub(crate) fn compile_server(
 
     let total_pods = u32::try_from(selected.len()).unwrap_or(u32::MAX);
     let ready_pods = u32::try_from(ready.len()).unwrap_or(u32::MAX);
-    let resolved_refs = if selected.is_empty() {
+    let resolved_refs = if !unusable.is_empty() {
+        ConditionReport {
+            status: false,
+            reason: Reason::InvalidPodIP,
+            message: format!(
+                "{ready_pods} of {total_pods} selected pods ready; left out, Running and Ready but with no usable address: {}",
+                unusable.join("; ")
+            ),
+        }
+    } else if selected.is_empty() {
         ConditionReport {
             status: false,
             reason: Reason::NoMatchingPods,
@@ -159,6 +175,7 @@ pub(crate) fn compile_server(
         ready_pods: Some(ready_pods),
         total_pods: Some(total_pods),
         in_snapshot: true,
+        ignored_fields,
     };
     (Some(compiled), report)
 }
@@ -211,14 +228,18 @@ fn duration_ms(duration: Duration) -> u64 {
 }
 
 /// The pod's IP when it may receive traffic: Running, condition Ready=True,
-/// not being deleted, with a parseable `status.podIP`.
-pub(crate) fn ready_pod_ip(pod: &Pod) -> Option<IpAddr> {
+/// not being deleted, with a `status.podIP`. `Ok(None)` for a pod that is
+/// not ready; an error for a ready pod whose `status.podIP` no request can
+/// go to (not an IP address, unspecified, multicast or broadcast).
+pub(crate) fn ready_pod_ip(pod: &Pod) -> Result<Option<IpAddr>, String> {
     if pod.metadata.deletion_timestamp.is_some() {
-        return None;
+        return Ok(None);
     }
-    let status = pod.status.as_ref()?;
+    let Some(status) = pod.status.as_ref() else {
+        return Ok(None);
+    };
     if status.phase.as_deref() != Some("Running") {
-        return None;
+        return Ok(None);
     }
     let ready = status
         .conditions
@@ -226,9 +247,28 @@ pub(crate) fn ready_pod_ip(pod: &Pod) -> Option<IpAddr> {
         .flatten()
         .any(|condition| condition.type_ == "Ready" && condition.status == "True");
     if !ready {
-        return None;
+        return Ok(None);
     }
-    status.pod_ip.as_deref()?.parse().ok()
+    // No address yet: not ready (as before the kubelet sets one).
+    let Some(text) = non_empty(status.pod_ip.as_deref()) else {
+        return Ok(None);
+    };
+    let ip: IpAddr = text
+        .parse()
+        .map_err(|_| format!("status.podIP {text:?} is not an IP address"))?;
+    let unusable = if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    };
+    match unusable {
+        Some(what) => Err(format!("status.podIP {text:?} is {what}")),
+        None => Ok(Some(ip)),
+    }
 }
 
 fn format_labels(labels: &BTreeMap<String, String>) -> String {

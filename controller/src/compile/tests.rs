@@ -1233,3 +1233,76 @@ fn a_pod_selected_by_two_servers_is_scraped_once() {
     assert_eq!(compiled.scrape_targets.len(), 1);
     assert_eq!(compiled.scrape_targets[0].key, "default/p");
 }
+
+// --- addresses no request can go to, and settings that mean nothing
+
+#[test]
+fn ready_pods_with_unusable_ips_are_left_out_and_named() {
+    let pods = [
+        pod("default", "good", "10.0.0.1", &[("app", "a")]),
+        pod("default", "zeros", "0.0.0.0", &[("app", "a")]),
+        pod("default", "v6-zeros", "::", &[("app", "a")]),
+        pod("default", "words", "not-an-ip", &[("app", "a")]),
+        pod("default", "multicast", "224.0.0.1", &[("app", "a")]),
+    ];
+    let compiled = compile_objects(&[simple_route("m", "a")], &[simple_server("a", "a")], &pods);
+    let endpoints: Vec<&str> = compiled.route_config.servers[0]
+        .endpoints
+        .iter()
+        .map(|endpoint| endpoint.name.as_str())
+        .collect();
+    assert_eq!(endpoints, ["good"]);
+    let report = report(&compiled.reports, ObjectKind::ModelServer, "a");
+    assert!(report.in_snapshot, "the usable pods still serve");
+    assert!(!report.resolved_refs.status);
+    assert_eq!(report.resolved_refs.reason, Reason::InvalidPodIP);
+    assert_eq!(
+        report.resolved_refs.message,
+        "1 of 5 selected pods ready; left out, Running and Ready but with no usable address: \
+         multicast: status.podIP \"224.0.0.1\" is a multicast address; \
+         v6-zeros: status.podIP \"::\" is the unspecified address; \
+         words: status.podIP \"not-an-ip\" is not an IP address; \
+         zeros: status.podIP \"0.0.0.0\" is the unspecified address"
+    );
+    assert_eq!(compiled.scrape_targets.len(), 1);
+}
+
+#[test]
+fn matches_that_set_nothing_are_reported_as_ignored() {
+    let empty_matches = route(
+        r#"
+metadata: { name: r, namespace: default }
+spec:
+  modelName: m
+  rules:
+  - name: default
+    modelMatch:
+      headers: { x-tier: {} }
+      uri: {}
+      body: {}
+    targetModels:
+    - modelServerName: a
+"#,
+    );
+    let compiled = compile_objects(
+        &[empty_matches],
+        &[simple_server("a", "a")],
+        &[pod("default", "p", "10.0.0.1", &[("app", "a")])],
+    );
+    let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
+    assert!(report.is_healthy());
+    let paths: Vec<&str> = report
+        .ignored_fields
+        .iter()
+        .map(|field| field.path.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "spec.rules[0].modelMatch.headers[\"x-tier\"]",
+            "spec.rules[0].modelMatch.uri",
+            "spec.rules[0].modelMatch.body"
+        ]
+    );
+    assert!(compiled.route_config.routes[0].rules[0].r#match.is_none());
+}

@@ -180,7 +180,20 @@ fn publish_loads(io: &LoopIo, loads: pb::EndpointLoads, now_unix_ms: i64) {
 
 fn log_new_rejections(reported: &mut Vec<ObjectReport>, reports: &[ObjectReport]) {
     for report in reports {
-        if report.is_healthy() || reported.contains(report) {
+        if reported.contains(report) {
+            continue;
+        }
+        for field in &report.ignored_fields {
+            tracing::warn!(
+                kind = report.kind.as_str(),
+                namespace = %report.namespace,
+                name = %report.name,
+                field = %field.path,
+                detail = %field.message,
+                "field set but not acted on by the router"
+            );
+        }
+        if report.is_healthy() {
             continue;
         }
         let failed = if report.accepted.status {
