@@ -99,11 +99,11 @@ pub(crate) fn compile_server(
 
     // Sorted by pod name.
     let selected: Vec<(&str, &Pod)> = pods.select(namespace, &spec.workload_selector.match_labels);
-    let mut ready: Vec<(&str, IpAddr)> = Vec::with_capacity(selected.len());
+    let mut ready: Vec<(&str, &Pod, IpAddr)> = Vec::with_capacity(selected.len());
     let mut unusable: Vec<String> = Vec::new();
     for (pod_name, pod) in &selected {
         match ready_pod_ip(pod) {
-            Ok(Some(ip)) => ready.push((pod_name, ip)),
+            Ok(Some(ip)) => ready.push((pod_name, pod, ip)),
             Ok(None) => {}
             Err(why) => unusable.push(format!("{pod_name}: {why}")),
         }
@@ -111,14 +111,25 @@ pub(crate) fn compile_server(
 
     let endpoints = ready
         .iter()
-        .map(|(pod_name, ip)| pb::Endpoint {
+        .map(|(pod_name, pod, ip)| pb::Endpoint {
             name: (*pod_name).to_owned(),
             ip: ip.to_string(),
+            node_name: pod
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.node_name.clone())
+                .unwrap_or_default(),
+            start_time_unix_ms: pod
+                .status
+                .as_ref()
+                .and_then(|status| status.start_time.as_ref())
+                .map_or(0, |time| time.0.as_millisecond()),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
         })
         .collect();
     let scrape_targets = ready
         .iter()
-        .map(|(pod_name, ip)| ScrapeTarget {
+        .map(|(pod_name, _, ip)| ScrapeTarget {
             key: object_key(namespace, pod_name),
             addr: SocketAddr::new(*ip, port),
             engine: spec.inference_engine,
