@@ -766,6 +766,28 @@ impl Stack {
         }
     }
 
+    /// (Re)starts the controller on the stack's ports with more flags and
+    /// returns at once: for a controller that is not meant to become ready
+    /// yet (e.g. one holding an empty config directory).
+    pub fn spawn_controller_with(&mut self, extra_args: &[&str]) {
+        self.stop_controller();
+        let mut args = vec![
+            "--config-dir".to_owned(),
+            self.config_dir.display().to_string(),
+            "--xds-addr".to_owned(),
+            self.xds_addr.to_string(),
+            "--metrics-addr".to_owned(),
+            self.controller_admin.to_string(),
+        ];
+        args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
+        self.controller = Some(Process::start(
+            "switchyard-controller",
+            "controller",
+            &args,
+            self.dir.path(),
+        ));
+    }
+
     /// Kills the mock engine whose pod name is `name`.
     pub fn kill_engine(&mut self, name: &str) {
         self.engines
