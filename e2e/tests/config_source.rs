@@ -180,6 +180,14 @@ async fn a_file_rewritten_in_two_halves_with_a_pause_never_turns_requests_into_4
         "{failed} of {} requests failed: {statuses:?}",
         statuses.len()
     );
+    if let Some(applied_at) = added_served_at {
+        // The README's figures (`--nocapture`).
+        eprintln!(
+            "{} requests during the rewrite, 0 failed; the new route was held {:?} after the write began",
+            statuses.len(),
+            applied_at - started
+        );
+    }
     assert!(
         statuses.len() >= 10,
         "requests throughout: {}",
