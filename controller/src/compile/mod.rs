@@ -16,12 +16,16 @@ use switchyard_snapshot::{object_key, pb};
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
 mod pod_index;
+mod prefill_decode;
+#[cfg(test)]
+mod prefill_decode_tests;
 mod report;
 mod routes;
 mod servers;
 #[cfg(test)]
 mod tests;
 
+pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
 pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
@@ -271,6 +275,8 @@ fn duplicate_report(
         },
         ready_pods: None,
         total_pods: None,
+        pd_groups: None,
+        complete_pd_groups: None,
         in_snapshot: false,
     }
 }

@@ -102,6 +102,7 @@ fn endpoint(name: &str, ip: &str) -> pb::Endpoint {
     pb::Endpoint {
         name: name.to_owned(),
         ip: ip.to_owned(),
+        ..Default::default()
     }
 }
 
@@ -316,6 +317,7 @@ fn seed_expected_route_config() -> pb::RouteConfig {
                     endpoint("ds15-v2-0", "10.0.0.21"),
                 ],
                 generation: 0,
+                ..Default::default()
             },
             pb::ModelServer {
                 namespace: "default".into(),
@@ -329,6 +331,7 @@ fn seed_expected_route_config() -> pb::RouteConfig {
                     endpoint("ds15-v1-1", "10.0.0.12"),
                 ],
                 generation: 0,
+                ..Default::default()
             },
             pb::ModelServer {
                 namespace: "default".into(),
@@ -339,6 +342,7 @@ fn seed_expected_route_config() -> pb::RouteConfig {
                 traffic_policy: ten_seconds,
                 endpoints: vec![endpoint("ds15-v2-0", "10.0.0.21")],
                 generation: 0,
+                ..Default::default()
             },
             pb::ModelServer {
                 namespace: "default".into(),
@@ -349,6 +353,7 @@ fn seed_expected_route_config() -> pb::RouteConfig {
                 traffic_policy: ten_seconds,
                 endpoints: vec![endpoint("ds7-0", "10.0.1.1")],
                 generation: 0,
+                ..Default::default()
             },
         ],
     }

@@ -358,10 +358,12 @@ fn last_scrape_by_server_takes_the_newest_pod() {
             switchyard_snapshot::pb::Endpoint {
                 name: "a".to_owned(),
                 ip: "10.0.0.1".to_owned(),
+                ..Default::default()
             },
             switchyard_snapshot::pb::Endpoint {
                 name: "b".to_owned(),
                 ip: "10.0.0.2".to_owned(),
+                ..Default::default()
             },
         ],
         ..Default::default()
