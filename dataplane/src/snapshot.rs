@@ -15,7 +15,10 @@ use regex::Regex;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::pod::PodState;
-use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
+use crate::routing::{
+    KvConnector, Matcher, PdGroup, PrefillDecode, Route, RouteIndex, Rule, Server, StringMatcher,
+    WeightedTargets,
+};
 use crate::scheduling::{Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
 
@@ -57,6 +60,8 @@ pub enum SnapshotError {
         pattern: String,
         reason: String,
     },
+    #[error("ModelServer {server}: prefill/decode {problem}")]
+    InvalidPrefillDecode { server: String, problem: String },
     #[error("ModelRoute {route}: serves no model name and no LoRA adapter")]
     NoModelName { route: String },
     #[error("scheduler configuration: {0}")]
@@ -204,6 +209,15 @@ fn build_server(
                 })
         })
         .transpose()?;
+    let prefill_decode = server
+        .prefill_decode
+        .as_ref()
+        .map(|pd| build_prefill_decode(pd, server))
+        .transpose()
+        .map_err(|problem| SnapshotError::InvalidPrefillDecode {
+            server: key.clone(),
+            problem,
+        })?;
     let policy = server.traffic_policy.unwrap_or_default();
     Ok(Arc::new(Server {
         key,
@@ -214,7 +228,87 @@ fn build_server(
         retry_interval: Duration::from_millis(policy.retry_interval_ms),
         pods: server_pods,
         rotation: AtomicUsize::new(0),
+        prefill_decode,
     }))
+}
+
+/// The groups of `server` by pod index; every pod named must be an endpoint
+/// of the server, in one group and one role.
+fn build_prefill_decode(
+    pd: &pb::PrefillDecode,
+    server: &pb::ModelServer,
+) -> Result<PrefillDecode, String> {
+    let connector = match pd.kv_connector() {
+        pb::KvConnector::Http => KvConnector::Http,
+        pb::KvConnector::Lmcache => KvConnector::Lmcache,
+        pb::KvConnector::Nixl => KvConnector::Nixl,
+        pb::KvConnector::Mooncake => KvConnector::Mooncake,
+        pb::KvConnector::Sglang => KvConnector::Sglang,
+        pb::KvConnector::Unspecified => {
+            return Err(format!("unknown KV connector {}", pd.kv_connector));
+        }
+    };
+    let index_of: HashMap<&str, usize> = server
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(index, endpoint)| (endpoint.name.as_str(), index))
+        .collect();
+    let mut group_of = vec![usize::MAX; server.endpoints.len()];
+    let mut groups = Vec::with_capacity(pd.groups.len());
+    let mut decode_candidates = Vec::new();
+    for (group_index, group) in pd.groups.iter().enumerate() {
+        if group_index > 0 && pd.groups[group_index - 1].name >= group.name {
+            return Err(format!(
+                "groups are not sorted by name or repeat one ({:?})",
+                group.name
+            ));
+        }
+        let mut members = |names: &[String]| -> Result<Vec<usize>, String> {
+            names
+                .iter()
+                .map(|name| {
+                    let index = *index_of.get(name.as_str()).ok_or_else(|| {
+                        format!("group {:?}: pod {name} is not an endpoint", group.name)
+                    })?;
+                    if group_of[index] != usize::MAX {
+                        return Err(format!("pod {name} is in more than one group or role"));
+                    }
+                    group_of[index] = group_index;
+                    Ok(index)
+                })
+                .collect()
+        };
+        let built = PdGroup {
+            name: group.name.clone(),
+            prefill: members(&group.prefill)?,
+            decode: members(&group.decode)?,
+        };
+        if built.is_complete() {
+            decode_candidates.extend(built.decode.iter().copied());
+        }
+        groups.push(built);
+    }
+    let bootstrap_ports = server
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            u16::try_from(endpoint.bootstrap_port).map_err(|_| {
+                format!(
+                    "pod {}: invalid bootstrap port {}",
+                    endpoint.name, endpoint.bootstrap_port
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(PrefillDecode {
+        connector,
+        group_label: pd.group_label.clone(),
+        groups,
+        decode_candidates,
+        group_of,
+        bootstrap_ports,
+    })
 }
 
 fn build_route(
@@ -465,9 +559,11 @@ mod tests {
                 .map(|(name, ip)| pb::Endpoint {
                     name: (*name).into(),
                     ip: (*ip).into(),
+                    ..Default::default()
                 })
                 .collect(),
             generation: 1,
+            ..Default::default()
         }
     }
 

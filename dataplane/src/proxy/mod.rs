@@ -39,13 +39,18 @@ use http_body::Body;
 pub use self::admit::DEFAULT_MAX_BODY_BYTES;
 use self::admit::{Admitted, InferenceRequest};
 pub use self::authenticate::Identity;
-use self::forward::Outbound;
-use self::forward::{HyperUpstream, Upstream};
+use self::forward::pairs::PairOutbound;
+use self::forward::{HyperUpstream, Outbound, Upstream};
 use self::log::{Observer, RequestRecord};
 pub use self::respond::ProxyBody;
 use self::respond::json_response;
+use self::route::Routed;
 use crate::error::{ApiError, BodyError, ErrorKind};
-use crate::snapshot::SnapshotStore;
+use crate::snapshot::{RoutingTable, SnapshotStore};
+
+/// The API paths a prefill/decode pair serves: those that generate tokens
+/// from a prompt.
+pub const PAIR_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
 /// The proxy's settings.
 #[derive(Debug, Clone)]
@@ -65,7 +70,8 @@ impl Default for ProxyConfig {
 #[derive(Debug)]
 pub struct Proxy<U = HyperUpstream> {
     store: Arc<SnapshotStore>,
-    upstream: U,
+    /// Shared with the background prefill legs of SGLang pairs.
+    upstream: Arc<U>,
     config: ProxyConfig,
     observer: Arc<Observer>,
 }
@@ -86,7 +92,7 @@ impl<U: Upstream> Proxy<U> {
     ) -> Self {
         Self {
             store,
-            upstream,
+            upstream: Arc::new(upstream),
             config,
             observer,
         }
@@ -137,14 +143,81 @@ impl<U: Upstream> Proxy<U> {
         let identity = authenticate::authenticate(&request)?;
         admission::admission(&identity, &request).await?;
         let table = self.store.table().ok_or_else(not_ready)?;
-        let mut routed = route::route(&table.index, &request, record)?;
+        let routed = route::route(&table.index, &request, record)?;
+        if routed.decision.server.prefill_decode.is_some() {
+            return self.pairs(&table, request, routed, record).await;
+        }
+        let mut routed = routed;
         let scheduled = schedule::schedule(&table.scheduler, &request, &routed, record)?;
         let InferenceRequest { head, body, .. } = request;
         let outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
         let server = &routed.decision.server;
-        let delivered =
-            forward::forward(&self.upstream, record, server, scheduled.ranking, outbound).await?;
+        let delivered = forward::forward(
+            self.upstream.as_ref(),
+            record,
+            server,
+            scheduled.ranking,
+            outbound,
+        )
+        .await?;
         schedule::dispatched(&table.scheduler, &scheduled, delivered.guard.pod());
+        Ok(respond::respond(
+            delivered,
+            scheduled.request_id,
+            routed.hide_usage_chunk,
+            record,
+        ))
+    }
+
+    /// Schedule, forward and respond for a prefill/decode ModelServer: the
+    /// candidates are pairs, each attempt two legs.
+    async fn pairs(
+        &self,
+        table: &RoutingTable,
+        request: InferenceRequest,
+        mut routed: Routed,
+        record: &mut RequestRecord,
+    ) -> Result<Response<ProxyBody<U::Body>>, ApiError> {
+        let edits = routed.take_edits();
+        let model_literal = routed.model_literal().cloned();
+        let server = &routed.decision.server;
+        let Some(pd) = &server.prefill_decode else {
+            return Err(ApiError::new(
+                ErrorKind::NoReadyPod,
+                format!("ModelServer {} has no prefill/decode pairs", server.key),
+            ));
+        };
+        let path = request.head.uri.path();
+        if !PAIR_PATHS.contains(&path) {
+            return Err(ApiError::new(
+                ErrorKind::UnsupportedPath,
+                format!(
+                    "ModelServer {} disaggregates prefill and decode, which serves {PAIR_PATHS:?} only, not {path}",
+                    server.key
+                ),
+            ));
+        }
+        let scheduled = schedule::schedule_pairs(&table.scheduler, &request, &routed, pd, record)?;
+        let outbound = PairOutbound::new(
+            request.head,
+            request.body,
+            edits,
+            model_literal,
+            &scheduled.request_id,
+        );
+        let delivered = forward::pairs::forward(
+            &self.upstream,
+            record,
+            server,
+            pd.connector,
+            scheduled.ranking,
+            outbound,
+        )
+        .await?;
+        // The prompt's KV lives on the prefill pod: that is where prefix affinity points.
+        if let Some(pod) = record.prefill_pod() {
+            schedule::dispatched(&table.scheduler, &scheduled, pod);
+        }
         Ok(respond::respond(
             delivered,
             scheduled.request_id,

@@ -61,6 +61,7 @@ pub fn server_with_pods(
             })
             .collect(),
         rotation: AtomicUsize::new(0),
+        prefill_decode: None,
     }
 }
 
@@ -150,6 +151,7 @@ pub fn one_route_config(
                 .map(|i| pb::Endpoint {
                     name: format!("p{i}"),
                     ip: pod_addr(i).ip().to_string(),
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

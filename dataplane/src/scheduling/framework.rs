@@ -31,13 +31,17 @@ use super::plugins::{
 use super::prefix::{SharedPrefixIndex, hash_prompt};
 use crate::pod::{is_fresh, unix_ms_now};
 use crate::request::PromptField;
-use crate::routing::Server;
+use crate::routing::{PrefillDecode, Server};
 
 /// Why no pod can be tried for a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
     #[error("no ready pod for ModelServer {0}")]
     NoPods(String),
+    #[error(
+        "ModelServer {0} has no prefill/decode group with a ready prefill and a ready decode pod"
+    )]
+    NoCompleteGroup(String),
     #[error("ModelServer {server}: {source}")]
     Filtered {
         server: String,
@@ -135,6 +139,49 @@ impl Ranking {
     pub fn get(&self, n: usize) -> Option<usize> {
         (n < self.len).then(|| self.pods[n] as usize)
     }
+}
+
+/// The (prefill, decode) pairs to try for one request, best first (indices
+/// into the ModelServer's pods).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PairRanking {
+    pairs: [(u32, u32); MAX_TOP_N as usize],
+    len: usize,
+}
+
+impl PairRanking {
+    fn push(&mut self, prefill: usize, decode: usize) {
+        if self.len < self.pairs.len() {
+            self.pairs[self.len] = (prefill as u32, decode as u32);
+            self.len += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `n`-th pair: (prefill, decode) indices into the ModelServer's pods.
+    pub fn get(&self, n: usize) -> Option<(usize, usize)> {
+        (n < self.len).then(|| {
+            let (prefill, decode) = self.pairs[n];
+            (prefill as usize, decode as usize)
+        })
+    }
+}
+
+/// How one ranking is made and recorded.
+#[derive(Debug, Clone, Copy)]
+struct Ranked {
+    /// The prefill/decode role of the pods ranked, if any (for the decision log).
+    role: Option<&'static str>,
+    top_n: usize,
+    /// Whether the decision goes to the decision log.
+    record: bool,
 }
 
 /// One snapshot's scheduler.
@@ -275,14 +322,105 @@ impl Scheduler {
         if server.pods.is_empty() {
             return Err(ScheduleError::NoPods(server.key.clone()));
         }
-        let now = Instant::now();
-        let now_ms = unix_ms_now();
-        let handles = self.handles.get(request.model);
         let input = PluginInput {
             served_model: request.served_model,
             headers: request.headers,
             prompt_hashes: request.prompt_hashes,
         };
+        self.rank(
+            server,
+            0..server.pods.len(),
+            &input,
+            request,
+            Ranked {
+                role: None,
+                top_n: self.top_n,
+                record: true,
+            },
+        )
+    }
+
+    /// Ranks the (prefill, decode) pairs of a prefill/decode `server` for one
+    /// request: its decode pods (of complete groups) by the filters and
+    /// scores, then for each of the top ones the best prefill pod of its
+    /// group. Prefix affinity scores prefill pods only, since the prompt's KV
+    /// is computed (and cached) there; load counts for both.
+    pub fn schedule_pairs(
+        &self,
+        server: &Server,
+        pd: &PrefillDecode,
+        request: &ScheduleRequest<'_>,
+    ) -> Result<PairRanking, ScheduleError> {
+        if pd.decode_candidates.is_empty() {
+            return Err(ScheduleError::NoCompleteGroup(server.key.clone()));
+        }
+        let prefill_input = PluginInput {
+            served_model: request.served_model,
+            headers: request.headers,
+            prompt_hashes: request.prompt_hashes,
+        };
+        let decode_input = PluginInput {
+            prompt_hashes: &[],
+            ..prefill_input
+        };
+        let decodes = self.rank(
+            server,
+            pd.decode_candidates.iter().copied(),
+            &decode_input,
+            request,
+            Ranked {
+                role: Some("decode"),
+                top_n: self.top_n,
+                record: true,
+            },
+        )?;
+        let mut pairs = PairRanking::default();
+        let mut filtered = None;
+        for position in 0..decodes.len() {
+            let Some(decode) = decodes.get(position) else {
+                continue;
+            };
+            let Some(group) = pd.group_of.get(decode).and_then(|g| pd.groups.get(*g)) else {
+                continue;
+            };
+            let best = self.rank(
+                server,
+                group.prefill.iter().copied(),
+                &prefill_input,
+                request,
+                Ranked {
+                    role: Some("prefill"),
+                    top_n: 1,
+                    // The first pair's choice; the others would flood the log.
+                    record: position == 0,
+                },
+            );
+            match best.map(|ranking| ranking.get(0)) {
+                Ok(Some(prefill)) => pairs.push(prefill, decode),
+                Ok(None) => {}
+                Err(error) => filtered = Some(error),
+            }
+        }
+        if pairs.is_empty() {
+            return Err(
+                filtered.unwrap_or_else(|| ScheduleError::NoCompleteGroup(server.key.clone()))
+            );
+        }
+        Ok(pairs)
+    }
+
+    /// Ranks the pods of `server` at `indices` with the filters and the scorers.
+    fn rank(
+        &self,
+        server: &Server,
+        indices: impl Iterator<Item = usize>,
+        input: &PluginInput<'_>,
+        request: &ScheduleRequest<'_>,
+        ranked: Ranked,
+    ) -> Result<Ranking, ScheduleError> {
+        let now = Instant::now();
+        let now_ms = unix_ms_now();
+        let handles = self.handles.get(request.model);
         with_framework_scratch(|scratch| {
             let FrameworkScratch {
                 candidates,
@@ -291,7 +429,10 @@ impl Scheduler {
                 order,
             } = scratch;
             candidates.clear();
-            for (index, pod) in server.pods.iter().enumerate() {
+            for index in indices {
+                let Some(pod) = server.pods.get(index) else {
+                    continue;
+                };
                 let any_load = pod.load();
                 let load = any_load
                     .clone()
@@ -308,7 +449,7 @@ impl Scheduler {
             let considered = candidates.len();
             for (position, filtering) in self.filters.iter().enumerate() {
                 let started = Instant::now();
-                let outcome = filtering.plugin.filter(candidates, &input);
+                let outcome = filtering.plugin.filter(candidates, input);
                 observe(handles.and_then(|h| h.filters.get(position)), started);
                 outcome.map_err(|source| ScheduleError::Filtered {
                     server: server.key.clone(),
@@ -323,7 +464,7 @@ impl Scheduler {
             for (position, scoring) in self.scorers.iter().enumerate() {
                 let started = Instant::now();
                 let out = &mut scores[position * count..(position + 1) * count];
-                scoring.plugin.score(candidates, &input, out);
+                scoring.plugin.score(candidates, input, out);
                 observe(handles.and_then(|h| h.scores.get(position)), started);
                 for (total, score) in totals.iter_mut().zip(out.iter()) {
                     *total = total.saturating_add(scoring.weight.saturating_mul(*score));
@@ -341,8 +482,11 @@ impl Scheduler {
                 )
             });
             let mut ranking = Ranking::default();
-            for &i in order.iter().take(self.top_n) {
+            for &i in order.iter().take(ranked.top_n) {
                 ranking.push(candidates[i].index);
+            }
+            if !ranked.record {
+                return Ok(ranking);
             }
             self.shared.decisions.record(|record| {
                 record.begin(
@@ -350,6 +494,7 @@ impl Scheduler {
                     request.request_id,
                     request.model,
                     &server.key,
+                    ranked.role,
                     considered,
                     count,
                 );
@@ -357,7 +502,7 @@ impl Scheduler {
                     .plugins
                     .extend(self.scorers.iter().map(|s| (s.name, s.weight)));
                 record.filters.extend(self.filters.iter().map(|f| f.name));
-                for &i in order.iter().take(self.top_n) {
+                for &i in order.iter().take(ranked.top_n) {
                     let candidate = &candidates[i];
                     let plugin_scores = (0..self.scorers.len()).map(|p| scores[p * count + i]);
                     record.push_candidate(
@@ -480,6 +625,7 @@ mod tests {
                 })
                 .collect(),
             rotation: AtomicUsize::new(0),
+            prefill_decode: None,
         }
     }
 

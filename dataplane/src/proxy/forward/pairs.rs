@@ -1,0 +1,434 @@
+//! Forwarding to a prefill/decode pair: each attempt is two legs, shaped by
+//! the ModelServer's KV connector.
+//!
+//! - `http`, `lmcache`: the prefill request (a copy of the client's body
+//!   made to generate one token, see [`prefill_body`]) is sent and its
+//!   answer read whole and discarded; then the decode request, the client's
+//!   body with the usual routing edits, whose answer goes to the client.
+//! - `nixl`, `mooncake`: the same, with `kv_transfer_params`
+//!   `{"do_remote_decode":true,"do_remote_prefill":false}` in the prefill
+//!   request, and the `kv_transfer_params` object of the prefill answer put
+//!   verbatim into the decode request (without it the decode engine silently
+//!   recomputes the prompt; a prefill answer without one is logged and
+//!   counted).
+//! - `sglang`: both legs at once, both carrying the prefill pod's
+//!   `bootstrap_host`, its `bootstrap_port` when configured, and one fresh
+//!   random 63-bit `bootstrap_room`, through which the engines pair up. A
+//!   failed decode cancels its prefill; a failed prefill cancels its decode.
+//!   Once the decode answers, the prefill runs on to its end in the
+//!   background, still counted in flight on its pod.
+//!
+//! Both legs carry the client's request id. The ModelServer's timeout bounds
+//! each leg on its own: the prefill leg up to its whole answer, the decode
+//! leg up to its response head (its body may stream for as long as it
+//! takes). A leg that fails is judged by the [`policy`](super::policy), and
+//! a retry is a new pair.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::policy::{self, AttemptPolicy, Next, Pair, Verdict};
+use super::upstream::{Upstream, UpstreamError};
+use super::{Delivered, upstream_head, upstream_request, within};
+use crate::error::{ApiError, BodyError};
+use crate::pod::{InFlightGuard, PodState};
+use crate::proxy::log::RequestRecord;
+use crate::request::{
+    Bootstrap, Edit, PairFieldSpans, PrefillShape, apply_edits, kv_transfer_params_of,
+    prefill_body, set_field_edit,
+};
+use crate::routing::{KvConnector, Server};
+use crate::scheduling::PairRanking;
+
+/// Largest prefill answer kept to read its `kv_transfer_params`: a one-token
+/// completion is a few hundred bytes, but one that asked for prompt logprobs
+/// carries an entry per prompt token.
+pub const MAX_PREFILL_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// The requests of every attempt of one client request to a prefill/decode
+/// ModelServer.
+#[derive(Debug)]
+pub struct PairOutbound {
+    path_and_query: PathAndQuery,
+    headers: HeaderMap,
+    /// The body as the client sent it.
+    body: Bytes,
+    /// The routing edits of the decode body (model name, `include_usage`).
+    decode_edits: Vec<Edit>,
+    /// Where the fields a leg may set already are in `body`.
+    spans: PairFieldSpans,
+    /// The ModelServer's model name as a JSON string, when it rewrites it.
+    model_literal: Option<Bytes>,
+    /// The prefill body, when every attempt sends the same one.
+    prefill_body: Option<Bytes>,
+}
+
+impl PairOutbound {
+    pub fn new(
+        head: Parts,
+        body: Bytes,
+        decode_edits: Vec<Edit>,
+        model_literal: Option<Bytes>,
+        request_id: &HeaderValue,
+    ) -> Self {
+        let (path_and_query, headers) = upstream_head(head, request_id);
+        Self {
+            spans: PairFieldSpans::of(&body),
+            path_and_query,
+            headers,
+            body,
+            decode_edits,
+            model_literal,
+            prefill_body: None,
+        }
+    }
+
+    fn request(&self, pod: &PodState, body: Bytes) -> Result<Request<Full<Bytes>>, ApiError> {
+        upstream_request(pod, &self.path_and_query, self.headers.clone(), body)
+    }
+
+    fn prefill_body(
+        &mut self,
+        connector: KvConnector,
+        bootstrap: Option<Bootstrap>,
+    ) -> Result<Bytes, ApiError> {
+        if let Some(body) = &self.prefill_body {
+            return Ok(body.clone());
+        }
+        let body = prefill_body(
+            &self.body,
+            &PrefillShape {
+                model: self.model_literal.as_deref(),
+                kv_transfer_params: connector.relays_kv_transfer_params(),
+                bootstrap,
+            },
+        )?;
+        // Bootstrap fields change with every attempt; nothing else does.
+        if bootstrap.is_none() {
+            self.prefill_body = Some(body.clone());
+        }
+        Ok(body)
+    }
+
+    /// The client's body with the routing edits and `edits`.
+    fn decode_body(&self, edits: impl IntoIterator<Item = Edit>) -> Bytes {
+        let mut all = self.decode_edits.clone();
+        all.extend(edits);
+        apply_edits(self.body.clone(), &mut all)
+    }
+}
+
+/// How one attempt ended.
+enum Outcome<'s, B> {
+    /// A leg answered: the decode, or the prefill with an error the policy
+    /// must judge.
+    Answer(Answer<B>),
+    /// A leg got no usable answer from `pod`.
+    Failed(&'s Arc<PodState>, UpstreamError),
+}
+
+/// A response head from one leg, its pod counted in flight.
+struct Answer<B> {
+    response: Response<B>,
+    guard: InFlightGuard,
+    /// A prefill still running (SGLang) when the decode answered.
+    prefill: Option<JoinHandle<PrefillDone<B>>>,
+}
+
+impl<B> Answer<B> {
+    /// The response goes to the client. A prefill still running goes on
+    /// when the decode succeeded (the decode needs its KV), and is
+    /// cancelled when the decode failed.
+    fn deliver(self) -> Delivered<B> {
+        if let Some(prefill) = self.prefill
+            && !self.response.status().is_success()
+        {
+            prefill.abort();
+        }
+        Delivered {
+            response: self.response,
+            guard: self.guard,
+        }
+    }
+
+    /// The response is dropped for another attempt.
+    fn abandon(self) {
+        if let Some(prefill) = self.prefill {
+            prefill.abort();
+        }
+    }
+}
+
+/// Runs the attempts of one request to `server`'s `pairs`.
+pub async fn forward<U: Upstream>(
+    upstream: &Arc<U>,
+    record: &mut RequestRecord,
+    server: &Server,
+    connector: KvConnector,
+    pairs: PairRanking,
+    mut outbound: PairOutbound,
+) -> Result<Delivered<U::Body>, ApiError> {
+    let mut policy = AttemptPolicy::new(server, pairs);
+    let mut next = policy.first();
+    loop {
+        let attempt = match next {
+            Next::Try(attempt) => attempt,
+            Next::GiveUp(error) => return Err(error),
+        };
+        if !attempt.wait.is_zero() {
+            tokio::time::sleep(attempt.wait).await;
+        }
+        let pair = attempt.target;
+        record.begin_pair(pair.prefill, pair.decode, pair.group);
+        let outcome = match connector {
+            KvConnector::Sglang => {
+                concurrent_legs(upstream, record, &mut outbound, pair, attempt.timeout).await?
+            }
+            _ => {
+                sequential_legs(
+                    upstream.as_ref(),
+                    record,
+                    connector,
+                    &mut outbound,
+                    pair,
+                    attempt.timeout,
+                )
+                .await?
+            }
+        };
+        next = match outcome {
+            Outcome::Answer(answer) => match policy.on_response(answer.response.status()) {
+                Verdict::Deliver => return Ok(answer.deliver()),
+                Verdict::Retry(retry) => {
+                    tracing::warn!(
+                        prefill = %pair.prefill.key,
+                        decode = %pair.decode.key,
+                        pod = %answer.guard.pod().key,
+                        server = %server.key,
+                        status = %answer.response.status(),
+                        "prefill/decode attempt failed"
+                    );
+                    answer.abandon();
+                    Next::Try(retry)
+                }
+            },
+            Outcome::Failed(pod, error) => {
+                if policy::ejects(&error) {
+                    record.connect_failed();
+                    pod.eject(Instant::now());
+                }
+                tracing::warn!(
+                    prefill = %pair.prefill.key,
+                    decode = %pair.decode.key,
+                    pod = %pod.key,
+                    server = %server.key,
+                    failure = %error,
+                    "prefill/decode attempt failed"
+                );
+                policy.on_failure(error, pod)
+            }
+        };
+    }
+}
+
+/// `http`, `lmcache`, `nixl`, `mooncake`: the prefill leg, then the decode leg.
+async fn sequential_legs<'s, U: Upstream>(
+    upstream: &U,
+    record: &mut RequestRecord,
+    connector: KvConnector,
+    outbound: &mut PairOutbound,
+    pair: Pair<'s>,
+    timeout: Option<Duration>,
+) -> Result<Outcome<'s, U::Body>, ApiError> {
+    let relays = connector.relays_kv_transfer_params();
+    let body = outbound.prefill_body(connector, None)?;
+    let request = outbound.request(pair.prefill, body)?;
+    let guard = pair.prefill.begin_request();
+    record.prefill_sent();
+    let started = Instant::now();
+    let answer = match within(timeout, prefill_leg(upstream, request, relays)).await {
+        Err(error) => return Ok(Outcome::Failed(pair.prefill, error)),
+        Ok(PrefillAnswer::Refused(response)) => {
+            return Ok(Outcome::Answer(Answer {
+                response,
+                guard,
+                prefill: None,
+            }));
+        }
+        Ok(PrefillAnswer::Done(answer)) => answer,
+    };
+    record.prefill_finished(started.elapsed());
+    drop(guard);
+    let kv_edit = if relays {
+        let params = kv_transfer_params_of(&answer);
+        record.kv_transfer_params(params.is_some());
+        if params.is_none() {
+            tracing::warn!(
+                prefill = %pair.prefill.key,
+                connector = connector.as_str(),
+                "the prefill answer has no kv_transfer_params: the decode recomputes the prompt"
+            );
+        }
+        params.and_then(|params| {
+            set_field_edit(
+                &outbound.body,
+                outbound.spans.kv_transfer_params.as_ref(),
+                "kv_transfer_params",
+                params,
+            )
+        })
+    } else {
+        None
+    };
+    let request = outbound.request(pair.decode, outbound.decode_body(kv_edit))?;
+    let guard = pair.decode.begin_request();
+    record.decode_sent();
+    Ok(match within(timeout, upstream.send(request)).await {
+        Ok(response) => Outcome::Answer(Answer {
+            response,
+            guard,
+            prefill: None,
+        }),
+        Err(error) => Outcome::Failed(pair.decode, error),
+    })
+}
+
+/// What a finished prefill leg hands back: how it ended and its pod's
+/// in-flight count (released when this is dropped).
+type PrefillDone<B> = (Result<PrefillAnswer<B>, UpstreamError>, InFlightGuard);
+
+/// `sglang`: both legs at once, paired by a bootstrap room.
+async fn concurrent_legs<'s, U: Upstream>(
+    upstream: &Arc<U>,
+    record: &mut RequestRecord,
+    outbound: &mut PairOutbound,
+    pair: Pair<'s>,
+    timeout: Option<Duration>,
+) -> Result<Outcome<'s, U::Body>, ApiError> {
+    let bootstrap = Bootstrap {
+        host: pair.prefill.addr.ip(),
+        port: pair.bootstrap_port,
+        // Fresh per attempt: a room must never pair legs of two attempts.
+        room: rand::random::<u64>() >> 1,
+    };
+    let prefill_body = outbound.prefill_body(KvConnector::Sglang, Some(bootstrap))?;
+    let prefill_request = outbound.request(pair.prefill, prefill_body)?;
+    let decode_body = outbound.decode_body(bootstrap.edits(&outbound.body, &outbound.spans));
+    let decode_request = outbound.request(pair.decode, decode_body)?;
+
+    let prefill_guard = pair.prefill.begin_request();
+    record.prefill_sent();
+    let (took_sender, took) = oneshot::channel();
+    record.prefill_running(took);
+    let task_upstream = Arc::clone(upstream);
+    let started = Instant::now();
+    let mut prefill = tokio::spawn(async move {
+        let answer = within(
+            timeout,
+            prefill_leg(task_upstream.as_ref(), prefill_request, false),
+        )
+        .await;
+        let _ = took_sender.send(started.elapsed());
+        (answer, prefill_guard)
+    });
+    let decode_guard = pair.decode.begin_request();
+    record.decode_sent();
+    let decode = within(timeout, upstream.send(decode_request));
+    tokio::pin!(decode);
+    let decoded = tokio::select! {
+        decoded = &mut decode => decoded,
+        joined = &mut prefill => {
+            // The prefill ended first: a failure cancels the decode (dropped
+            // on return), a success leaves the decode to finish.
+            let (answer, prefill_guard) = match joined {
+                Ok(done) => done,
+                Err(error) => {
+                    return Ok(Outcome::Failed(
+                        pair.prefill,
+                        UpstreamError::Incomplete(format!("the prefill leg ended abnormally: {error}")),
+                    ));
+                }
+            };
+            match answer {
+                Err(error) => return Ok(Outcome::Failed(pair.prefill, error)),
+                Ok(PrefillAnswer::Refused(response)) => {
+                    return Ok(Outcome::Answer(Answer {
+                        response,
+                        guard: prefill_guard,
+                        prefill: None,
+                    }));
+                }
+                Ok(PrefillAnswer::Done(_)) => drop(prefill_guard),
+            }
+            return Ok(match decode.await {
+                Ok(response) => Outcome::Answer(Answer {
+                    response,
+                    guard: decode_guard,
+                    prefill: None,
+                }),
+                Err(error) => Outcome::Failed(pair.decode, error),
+            });
+        }
+    };
+    Ok(match decoded {
+        Ok(response) => Outcome::Answer(Answer {
+            response,
+            guard: decode_guard,
+            prefill: Some(prefill),
+        }),
+        Err(error) => {
+            prefill.abort();
+            Outcome::Failed(pair.decode, error)
+        }
+    })
+}
+
+/// How a prefill leg ended when its pod answered.
+enum PrefillAnswer<B> {
+    /// A success, read whole: the body when it was asked for, else empty.
+    Done(Bytes),
+    /// Any other status: the pod's answer, for the policy to judge.
+    Refused(Response<B>),
+}
+
+/// Sends a prefill request and reads its answer to the end (keeping the
+/// body when `keep`).
+async fn prefill_leg<U: Upstream>(
+    upstream: &U,
+    request: Request<Full<Bytes>>,
+    keep: bool,
+) -> Result<PrefillAnswer<U::Body>, UpstreamError> {
+    let response = upstream.send(request).await?;
+    if !response.status().is_success() {
+        return Ok(PrefillAnswer::Refused(response));
+    }
+    let mut body = response.into_body();
+    let mut kept = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            let error: BodyError = error.into();
+            UpstreamError::Incomplete(error.to_string())
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if keep {
+            if kept.len() + data.len() > MAX_PREFILL_ANSWER_BYTES {
+                return Err(UpstreamError::Incomplete(format!(
+                    "the prefill answer exceeds {MAX_PREFILL_ANSWER_BYTES} bytes"
+                )));
+            }
+            kept.extend_from_slice(&data);
+        }
+    }
+    Ok(PrefillAnswer::Done(kept.freeze()))
+}
