@@ -625,4 +625,90 @@ mod tests {
         let parsed = parse_body(br#"{"model":"m"}"#).expect("parses");
         assert_eq!(parsed.estimated_input_tokens, 0);
     }
+
+    fn prefill(body: &str, shape: &PrefillShape<'_>) -> String {
+        let out = prefill_body(body.as_bytes(), shape).expect("an object");
+        serde_json::from_slice::<serde_json::Value>(&out).expect("still JSON");
+        String::from_utf8(out.to_vec()).expect("UTF-8")
+    }
+
+    #[test]
+    fn the_prefill_copy_keeps_every_other_value_byte_for_byte() {
+        let body = r#"{ "model" : "m", "messages":[{"role":"user","content":"caf\u00e9 1e400"}],"temperature":0.70,"n":4,"stream":true,"stream_options":{"include_usage":true},"min_tokens":8,"max_tokens":128,"logprobs":true}"#;
+        assert_eq!(
+            prefill(body, &PrefillShape::default()),
+            r#"{"model":"m","messages":[{"role":"user","content":"caf\u00e9 1e400"}],"temperature":0.70,"n":1,"max_tokens":1,"logprobs":true}"#
+        );
+    }
+
+    #[test]
+    fn the_prefill_copy_renames_the_model_and_asks_for_a_remote_decode() {
+        let shape = PrefillShape {
+            model: Some(br#""org/m""#),
+            kv_transfer_params: true,
+            bootstrap: None,
+        };
+        assert_eq!(
+            prefill(
+                r#"{"model":"m","prompt":"x","kv_transfer_params":{"x":1}}"#,
+                &shape
+            ),
+            r#"{"model":"org/m","prompt":"x","kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false},"max_tokens":1}"#
+        );
+    }
+
+    #[test]
+    fn bootstrap_fields_are_set_on_both_legs() {
+        let bootstrap = Bootstrap {
+            host: "10.0.0.7".parse().expect("IP"),
+            port: Some(8998),
+            room: 42,
+        };
+        let shape = PrefillShape {
+            bootstrap: Some(bootstrap),
+            ..PrefillShape::default()
+        };
+        assert_eq!(
+            prefill(r#"{"model":"m","prompt":"x"}"#, &shape),
+            r#"{"model":"m","prompt":"x","max_tokens":1,"bootstrap_host":"10.0.0.7","bootstrap_port":8998,"bootstrap_room":42}"#
+        );
+        let decode = |body: &'static str, bootstrap: Bootstrap| {
+            let body = Bytes::from_static(body.as_bytes());
+            let spans = PairFieldSpans::of(&body);
+            let mut edits = bootstrap.edits(&body, &spans);
+            String::from_utf8(apply_edits(body, &mut edits).to_vec()).expect("UTF-8")
+        };
+        assert_eq!(
+            decode(r#"{"model":"m","stream":true}"#, bootstrap),
+            r#"{"bootstrap_host":"10.0.0.7","bootstrap_port":8998,"bootstrap_room":42,"model":"m","stream":true}"#
+        );
+        assert_eq!(
+            decode(
+                r#"{"model":"m","bootstrap_room":7,"bootstrap_port":1}"#,
+                Bootstrap {
+                    port: None,
+                    ..bootstrap
+                }
+            ),
+            r#"{"bootstrap_host":"10.0.0.7","model":"m","bootstrap_room":42,"bootstrap_port":null}"#,
+            "the client's values are replaced, not duplicated; no port: the engine's default"
+        );
+    }
+
+    #[test]
+    fn kv_transfer_params_are_read_verbatim_or_not_at_all() {
+        assert_eq!(
+            kv_transfer_params_of(
+                br#"{"id":"x","kv_transfer_params":{"remote_block_ids":[1, 2],"remote_host":"h"}}"#
+            )
+            .as_deref(),
+            Some(&br#"{"remote_block_ids":[1, 2],"remote_host":"h"}"#[..])
+        );
+        assert_eq!(
+            kv_transfer_params_of(br#"{"kv_transfer_params":null}"#),
+            None
+        );
+        assert_eq!(kv_transfer_params_of(br#"{"id":"x"}"#), None);
+        assert_eq!(kv_transfer_params_of(b"not json"), None);
+    }
 }

@@ -839,4 +839,92 @@ mod tests {
         assert_eq!(ids, vec!["lora-A", "lora-B", "m"]);
         assert_eq!(body["object"], "list");
     }
+
+    fn pd_config(groups: Vec<pb::PdGroup>, connector: pb::KvConnector) -> pb::RouteConfig {
+        let mut config = config();
+        let server = &mut config.servers[0];
+        server.endpoints.push(pb::Endpoint {
+            name: "p3".into(),
+            ip: "127.0.0.13".into(),
+            bootstrap_port: 9001,
+        });
+        server.prefill_decode = Some(pb::PrefillDecode {
+            kv_connector: connector.into(),
+            group_label: "group".into(),
+            groups,
+        });
+        config
+    }
+
+    fn pd_group(name: &str, prefill: &[&str], decode: &[&str]) -> pb::PdGroup {
+        let names = |pods: &[&str]| pods.iter().map(|pod| (*pod).to_owned()).collect();
+        pb::PdGroup {
+            name: name.into(),
+            prefill: names(prefill),
+            decode: names(decode),
+        }
+    }
+
+    #[test]
+    fn prefill_decode_groups_are_indexed_by_pod() {
+        let store = SnapshotStore::new();
+        let groups = vec![pd_group("a", &["p3"], &["p1"]), pd_group("b", &[], &["p2"])];
+        store
+            .apply_route_config("v1", pd_config(groups, pb::KvConnector::Sglang))
+            .expect("valid");
+        let table = store.table().expect("table");
+        let pd = table.servers[0].prefill_decode.as_ref().expect("PD");
+        assert_eq!(pd.connector, KvConnector::Sglang);
+        assert_eq!(pd.group_of, [0, 1, 0], "p1, p2, p3");
+        assert_eq!(pd.decode_candidates, [0], "group b has no prefill pod");
+        assert_eq!(pd.bootstrap_ports, [0, 0, 9001]);
+        assert_eq!(
+            (
+                pd.groups[0].prefill.as_slice(),
+                pd.groups[0].decode.as_slice()
+            ),
+            (&[2][..], &[0][..])
+        );
+    }
+
+    #[test]
+    fn inconsistent_prefill_decode_groups_are_rejected() {
+        let cases = [
+            (
+                vec![pd_group("a", &["p3"], &["gone"])],
+                pb::KvConnector::Http,
+                "group \"a\": pod gone is not an endpoint",
+            ),
+            (
+                vec![pd_group("a", &["p3"], &["p3"])],
+                pb::KvConnector::Http,
+                "pod p3 is in more than one group or role",
+            ),
+            (
+                vec![pd_group("b", &["p3"], &["p1"]), pd_group("a", &[], &["p2"])],
+                pb::KvConnector::Http,
+                "not sorted by name",
+            ),
+            (
+                vec![pd_group("a", &["p3"], &["p1"])],
+                pb::KvConnector::Unspecified,
+                "unknown KV connector 0",
+            ),
+        ];
+        let store = SnapshotStore::new();
+        store.apply_route_config("v1", config()).expect("valid");
+        for (groups, connector, expected) in cases {
+            let error = store
+                .apply_route_config("bad", pd_config(groups, connector))
+                .expect_err(expected);
+            assert!(error.to_string().contains(expected), "{error}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("ModelServer default/s: prefill/decode "),
+                "{error}"
+            );
+            assert_eq!(store.table().expect("table").version, "v1");
+        }
+    }
 }

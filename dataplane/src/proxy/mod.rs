@@ -524,4 +524,143 @@ mod tests {
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.json()["data"][0]["id"], "m");
     }
+
+    /// Route `m` to a NIXL ModelServer of groups g0 (prefill p0, decode p1)
+    /// and g1 (prefill p2 only).
+    fn pd_harness(scripts: impl IntoIterator<Item = (&'static str, Vec<Script>)>) -> Harness {
+        let mut config = one_route_config("m", &[], None, 3, pb::TrafficPolicy::default());
+        config.servers[0].prefill_decode = Some(pb::PrefillDecode {
+            kv_connector: pb::KvConnector::Nixl.into(),
+            group_label: "group".into(),
+            groups: vec![
+                pb::PdGroup {
+                    name: "g0".into(),
+                    prefill: vec!["p0".into()],
+                    decode: vec!["p1".into()],
+                },
+                pb::PdGroup {
+                    name: "g1".into(),
+                    prefill: vec!["p2".into()],
+                    decode: vec![],
+                },
+            ],
+        });
+        let store = Arc::new(SnapshotStore::new());
+        store
+            .apply_route_config("v1", config)
+            .expect("valid snapshot");
+        let observer = test_observer();
+        let metrics = observer.metrics.clone();
+        if let Some(table) = store.table() {
+            metrics.resolve(&table);
+        }
+        let proxy = Proxy::with_upstream(
+            store.clone(),
+            ProxyConfig::default(),
+            observer,
+            ScriptedUpstream::per_pod(scripts),
+        );
+        Harness {
+            proxy,
+            store,
+            metrics,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_decode_request_is_counted_per_group_role_and_leg() {
+        let h = pd_harness([
+            (
+                "p0",
+                vec![
+                    Script::json(200, r#"{"kv_transfer_params":{"remote_engine_id":"e"}}"#),
+                    Script::json(200, r#"{"id":"no-params"}"#),
+                ],
+            ),
+            (
+                "p1",
+                vec![Script::json(200, USAGE_BODY), Script::json(200, USAGE_BODY)],
+            ),
+        ]);
+        for _ in 0..2 {
+            let answer = h
+                .post("/v1/completions", r#"{"model":"m","prompt":"hi"}"#)
+                .await;
+            assert_eq!(answer.status, StatusCode::OK);
+            assert_eq!(answer.text(), USAGE_BODY);
+        }
+        for (series, value) in [
+            (
+                r#"kthena_pd_group_requests_total{group_key="g0",model="m",role="prefill"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_pd_group_requests_total{group_key="g0",model="m",role="decode"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_pd_group_requests_total{group_key="g1",model="m",role="prefill"}"#,
+                0.0,
+            ),
+            (
+                r#"kthena_pd_group_routing_decisions{group_key="g0",source_role="decode",target_role="prefill"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_router_pd_kv_transfer_params_total{model_server="default/s",outcome="relayed"}"#,
+                1.0,
+            ),
+            (
+                r#"kthena_router_pd_kv_transfer_params_total{model_server="default/s",outcome="missing"}"#,
+                1.0,
+            ),
+            (
+                r#"kthena_router_request_prefill_duration_seconds_count{model="m",path="/v1/completions",status_code="200"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_router_request_decode_duration_seconds_count{model="m",path="/v1/completions",status_code="200"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_router_tokens_total{model="m",path="/v1/completions",token_type="output"}"#,
+                10.0,
+            ),
+        ] {
+            assert_eq!(h.metric(series), Some(value), "{series}");
+        }
+        let table = h.store.table().expect("snapshot");
+        assert!(table.pods.values().all(|pod| pod.in_flight() == 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_decode_server_refuses_paths_it_cannot_split() {
+        let h = pd_harness([]);
+        let answer = h
+            .post("/v1/embeddings", r#"{"model":"m","input":"hi"}"#)
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+        assert_eq!(answer.json()["error"]["code"], "unsupported_path");
+        assert!(h.proxy.upstream.sent().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_decode_server_without_a_complete_group_is_503() {
+        let h = pd_harness([]);
+        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
+        config.servers[0].prefill_decode = Some(pb::PrefillDecode {
+            kv_connector: pb::KvConnector::Http.into(),
+            group_label: "group".into(),
+            groups: vec![pb::PdGroup {
+                name: "g0".into(),
+                prefill: vec!["p0".into()],
+                decode: vec![],
+            }],
+        });
+        h.store.apply_route_config("v2", config).expect("valid");
+        let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.json()["error"]["code"], "no_ready_pod");
+        assert!(h.proxy.upstream.sent().is_empty());
+    }
 }

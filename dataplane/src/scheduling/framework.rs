@@ -836,4 +836,103 @@ mod tests {
             "{error}"
         );
     }
+
+    fn pair_names<'s>(server: &'s Server, pairs: &PairRanking) -> Vec<(&'s str, &'s str)> {
+        (0..pairs.len())
+            .filter_map(|n| pairs.get(n))
+            .map(|(p, d)| (server.pods[p].name.as_str(), server.pods[d].name.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn pairs_rank_decode_pods_by_load_then_the_best_prefill_of_their_group() {
+        use crate::proxy::testing::pd_server;
+        use crate::routing::KvConnector;
+        let shared = Arc::new(SchedulingShared::default());
+        let scheduler = Scheduler::build(Some(&only(&[(LEAST_REQUEST, 1)], &[])), &["m"], &shared)
+            .expect("valid");
+        // g0: prefill p0 p1, decode p2 p3; g1: prefill p4, no decode; g2: prefill p5, decode p6.
+        let server = pd_server(
+            &[("g0", 2, 2), ("g1", 1, 0), ("g2", 1, 1)],
+            KvConnector::Http,
+            0,
+            Duration::ZERO,
+            None,
+        );
+        let pd = server.prefill_decode.as_ref().expect("PD");
+        assert_eq!(pd.decode_candidates, [2, 3, 6], "g1 is incomplete");
+        let _busy_decode = server.pods[2].begin_request();
+        let _busy_prefill = server.pods[0].begin_request();
+        let headers = HeaderMap::new();
+        let pairs = scheduler
+            .schedule_pairs(&server, pd, &request(&headers, &[]))
+            .expect("pairs");
+        assert_eq!(
+            pair_names(&server, &pairs),
+            [("p1", "p3"), ("p5", "p6"), ("p1", "p2")],
+            "the busy decode pod last, each with its group's idle prefill pod"
+        );
+        let unpaired = pd_server(&[("g1", 1, 0)], KvConnector::Http, 0, Duration::ZERO, None);
+        let error = scheduler
+            .schedule_pairs(
+                &unpaired,
+                unpaired.prefill_decode.as_ref().expect("PD"),
+                &request(&headers, &[]),
+            )
+            .expect_err("no complete group");
+        assert_eq!(
+            error.to_string(),
+            "ModelServer default/s has no prefill/decode group with a ready prefill and a ready decode pod"
+        );
+    }
+
+    #[test]
+    fn prefix_affinity_scores_prefill_pods_only() {
+        use crate::proxy::testing::pd_server;
+        use crate::routing::KvConnector;
+        let shared = Arc::new(SchedulingShared::default());
+        let scheduler = Scheduler::build(
+            Some(&only(&[(PREFIX_CACHE, 1), (LEAST_REQUEST, 1)], &[])),
+            &["m"],
+            &shared,
+        )
+        .expect("valid");
+        let server = pd_server(&[("g0", 3, 3)], KvConnector::Nixl, 0, Duration::ZERO, None);
+        let pd = server.prefill_decode.as_ref().expect("PD");
+        let hashes: Vec<u64> = (1..=8).collect();
+        // The prefix went to p2 (a prefill pod) and to p5 (a decode pod) before.
+        scheduler.on_dispatched(server.pods[2].id, &hashes);
+        scheduler.on_dispatched(server.pods[5].id, &hashes);
+        let headers = HeaderMap::new();
+        let pairs = scheduler
+            .schedule_pairs(&server, pd, &request(&headers, &hashes))
+            .expect("pairs");
+        let names = pair_names(&server, &pairs);
+        assert!(
+            names.iter().all(|(prefill, _)| *prefill == "p2"),
+            "{names:?}"
+        );
+        let decisions = shared.decisions.recent(2);
+        let score = |decision: &serde_json::Value, pod: &str| {
+            decision["ranked"]
+                .as_array()
+                .expect("ranked")
+                .iter()
+                .find(|ranked| ranked["pod"] == pod)
+                .map(|ranked| ranked["scores"][PREFIX_CACHE].clone())
+        };
+        let (prefill, decode) = (&decisions[0], &decisions[1]);
+        assert_eq!(
+            (prefill["role"].as_str(), decode["role"].as_str()),
+            (Some("prefill"), Some("decode"))
+        );
+        assert_eq!(score(prefill, "default/p2"), Some(100.into()));
+        for pod in ["default/p3", "default/p4", "default/p5"] {
+            assert_eq!(
+                score(decode, pod),
+                Some(0.into()),
+                "decode pods ignore the prefix: {decode}"
+            );
+        }
+    }
 }

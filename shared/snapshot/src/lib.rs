@@ -53,6 +53,7 @@ mod tests {
                 endpoints: vec![pb::Endpoint {
                     name: "p".into(),
                     ip: "127.0.0.1".into(),
+                    ..Default::default()
                 }],
                 ..Default::default()
             }],

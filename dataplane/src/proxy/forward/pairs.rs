@@ -432,3 +432,467 @@ async fn prefill_leg<U: Upstream>(
     }
     Ok(PrefillAnswer::Done(kept.freeze()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::{Request, StatusCode, header};
+    use http_body_util::BodyExt;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::proxy::testing::{
+        Script, ScriptedBody, ScriptedUpstream, pd_server, ranked_pairs, test_record,
+    };
+
+    const CLIENT_BODY: &str = r#"{"model":"m","prompt":"hi","max_tokens":50,"n":2,"min_tokens":3,"stream":true,"stream_options":{"include_usage":true}}"#;
+    const ANSWER: &str = r#"{"choices":[{"text":"hi"}]}"#;
+
+    fn outbound(body: &str) -> PairOutbound {
+        let (head, ()) = Request::post("/v1/completions")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("authorization", "Bearer k")
+            .body(())
+            .expect("request")
+            .into_parts();
+        PairOutbound::new(
+            head,
+            Bytes::copy_from_slice(body.as_bytes()),
+            Vec::new(),
+            None,
+            &HeaderValue::from_static("id-1"),
+        )
+    }
+
+    async fn run(
+        upstream: &Arc<ScriptedUpstream>,
+        server: &Server,
+        body: &str,
+    ) -> (Result<Delivered<ScriptedBody>, ApiError>, RequestRecord) {
+        let mut record = test_record();
+        let connector = server
+            .prefill_decode
+            .as_ref()
+            .expect("a PD server")
+            .connector;
+        let result = forward(
+            upstream,
+            &mut record,
+            server,
+            connector,
+            ranked_pairs(server),
+            outbound(body),
+        )
+        .await;
+        (result, record)
+    }
+
+    fn json_of(bytes: &Bytes) -> Value {
+        serde_json::from_slice(bytes).expect("a JSON body")
+    }
+
+    fn delivered_pod(result: &Result<Delivered<ScriptedBody>, ApiError>) -> String {
+        result.as_ref().expect("delivered").guard.pod().name.clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http_prefills_a_one_token_copy_then_decodes_the_clients_body() {
+        let server = pd_server(&[("g0", 1, 1)], KvConnector::Http, 0, Duration::ZERO, None);
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            ("p0", vec![Script::json(200, ANSWER)]),
+            ("p1", vec![Script::sse(&["data: [DONE]\n\n"])]),
+        ]));
+        let (result, record) = run(&upstream, &server, CLIENT_BODY).await;
+        assert_eq!(delivered_pod(&result), "p1", "the decode pod answers");
+        assert_eq!(upstream.pods(), ["p0", "p1"], "prefill first, then decode");
+        let prefill = &upstream.sent_to("p0")[0];
+        assert_eq!(
+            prefill.body, r#"{"model":"m","prompt":"hi","max_tokens":1,"n":1}"#,
+            "no stream, stream_options or min_tokens; one token, one choice"
+        );
+        let decode = &upstream.sent_to("p1")[0];
+        assert_eq!(decode.body, CLIENT_BODY, "the client's bytes, unchanged");
+        for sent in [prefill, decode] {
+            assert_eq!(sent.headers["x-request-id"], "id-1");
+            assert_eq!(sent.headers["authorization"], "Bearer k");
+        }
+        assert_eq!(record.attempts(), 1);
+        assert_eq!(
+            record.prefill_pod().map(|pod| pod.name.as_str()),
+            Some("p0")
+        );
+        assert_eq!(server.pods[0].in_flight(), 0, "the prefill leg is over");
+        assert_eq!(server.pods[1].in_flight(), 1, "held until the body ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_prefill_sets_only_the_length_field_the_client_used() {
+        let cases = [
+            (
+                r#"{"model":"m","messages":[],"max_completion_tokens":9}"#,
+                r#"{"model":"m","messages":[],"max_completion_tokens":1}"#,
+            ),
+            (
+                r#"{"model":"m","messages":[],"max_tokens":9,"max_completion_tokens":9}"#,
+                r#"{"model":"m","messages":[],"max_completion_tokens":1}"#,
+            ),
+            (
+                r#"{"model":"m","prompt":"x"}"#,
+                r#"{"model":"m","prompt":"x","max_tokens":1}"#,
+            ),
+        ];
+        for (client, prefill) in cases {
+            let server = pd_server(
+                &[("g0", 1, 1)],
+                KvConnector::Lmcache,
+                0,
+                Duration::ZERO,
+                None,
+            );
+            let upstream = Arc::new(ScriptedUpstream::per_pod([
+                ("p0", vec![Script::json(200, ANSWER)]),
+                ("p1", vec![Script::json(200, ANSWER)]),
+            ]));
+            let (result, _) = run(&upstream, &server, client).await;
+            result.expect("delivered");
+            assert_eq!(upstream.sent_to("p0")[0].body, prefill, "{client}");
+            assert_eq!(upstream.sent_to("p1")[0].body, client);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nixl_relays_the_prefill_answers_kv_transfer_params_verbatim() {
+        let params = r#"{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[1, 2],"remote_engine_id":"p0-engine","remote_request_id":"id-1","remote_host":"127.0.0.1","remote_port":5600,"tp_size":1}"#;
+        let answer: &'static str = Box::leak(
+            format!(r#"{{"id":"cmpl-1","kv_transfer_params":{params}}}"#).into_boxed_str(),
+        );
+        for connector in [KvConnector::Nixl, KvConnector::Mooncake] {
+            let server = pd_server(&[("g0", 1, 1)], connector, 0, Duration::ZERO, None);
+            let upstream = Arc::new(ScriptedUpstream::per_pod([
+                ("p0", vec![Script::json(200, answer)]),
+                ("p1", vec![Script::json(200, ANSWER)]),
+            ]));
+            let client = r#"{"model":"m","prompt":"hi","kv_transfer_params":{"forged":1}}"#;
+            let (result, _) = run(&upstream, &server, client).await;
+            result.expect("delivered");
+            let prefill = json_of(&upstream.sent_to("p0")[0].body);
+            assert_eq!(
+                prefill["kv_transfer_params"],
+                json!({"do_remote_decode": true, "do_remote_prefill": false}),
+                "{connector:?}"
+            );
+            assert_eq!(
+                upstream.sent_to("p1")[0].body,
+                format!(r#"{{"model":"m","prompt":"hi","kv_transfer_params":{params}}}"#),
+                "the answer's object, byte for byte, in place of the client's"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_answer_without_kv_transfer_params_still_decodes() {
+        let server = pd_server(&[("g0", 1, 1)], KvConnector::Nixl, 0, Duration::ZERO, None);
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            (
+                "p0",
+                vec![Script::json(200, r#"{"kv_transfer_params":null}"#)],
+            ),
+            ("p1", vec![Script::json(200, ANSWER)]),
+        ]));
+        let (result, _) = run(&upstream, &server, r#"{"model":"m","prompt":"hi"}"#).await;
+        assert_eq!(delivered_pod(&result), "p1");
+        assert_eq!(
+            upstream.sent_to("p1")[0].body,
+            r#"{"model":"m","prompt":"hi"}"#
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_prefill_moves_to_the_next_pair_and_skips_its_other_pairs() {
+        // g0: prefill p0, decode p1 and p2; g1: prefill p3, decode p4.
+        let server = pd_server(
+            &[("g0", 1, 2), ("g1", 1, 1)],
+            KvConnector::Http,
+            0,
+            Duration::from_secs(1),
+            None,
+        );
+        let pairs = ranked_pairs(&server);
+        assert_eq!(
+            (0..pairs.len())
+                .filter_map(|n| pairs.get(n))
+                .collect::<Vec<_>>(),
+            [(0, 1), (0, 2), (3, 4)]
+        );
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            ("p0", vec![Script::Refuse]),
+            ("p3", vec![Script::json(200, ANSWER)]),
+            ("p4", vec![Script::json(200, ANSWER)]),
+        ]));
+        let started = tokio::time::Instant::now();
+        let (result, record) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+        assert_eq!(delivered_pod(&result), "p4");
+        assert_eq!(upstream.pods(), ["p0", "p3", "p4"], "(p0, p2) is skipped");
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "refusals are not waited on"
+        );
+        assert_eq!(record.attempts(), 2);
+        assert!(server.pods[0].is_ejected(std::time::Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_decode_503_retries_a_whole_new_pair_after_the_interval() {
+        let server = pd_server(
+            &[("g0", 1, 1), ("g1", 1, 1)],
+            KvConnector::Http,
+            1,
+            Duration::from_millis(100),
+            None,
+        );
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            ("p0", vec![Script::json(200, ANSWER)]),
+            ("p1", vec![Script::status(503)]),
+            ("p2", vec![Script::json(200, ANSWER)]),
+            ("p3", vec![Script::json(200, ANSWER)]),
+        ]));
+        let started = tokio::time::Instant::now();
+        let (result, record) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+        assert_eq!(delivered_pod(&result), "p3");
+        assert_eq!(upstream.pods(), ["p0", "p1", "p2", "p3"]);
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        assert_eq!(record.attempts(), 2);
+        assert_eq!(
+            record.prefill_pod().map(|pod| pod.name.as_str()),
+            Some("p2")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_retries_left_a_prefill_error_reaches_the_client() {
+        let server = pd_server(
+            &[("g0", 1, 1), ("g1", 1, 1)],
+            KvConnector::Http,
+            0,
+            Duration::ZERO,
+            None,
+        );
+        let upstream = Arc::new(ScriptedUpstream::per_pod([(
+            "p0",
+            vec![Script::json(400, r#"{"error":"prompt too long"}"#)],
+        )]));
+        let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+        let delivered = result.expect("delivered");
+        assert_eq!(delivered.response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(delivered.guard.pod().name, "p0");
+        let body = delivered
+            .response
+            .into_body()
+            .collect()
+            .await
+            .expect("body");
+        assert_eq!(body.to_bytes(), r#"{"error":"prompt too long"}"#);
+        assert_eq!(upstream.pods(), ["p0"], "no decode, no other pair");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timeout_bounds_each_leg_not_the_pair() {
+        let limit = Duration::from_millis(300);
+        let server = pd_server(
+            &[("g0", 1, 1)],
+            KvConnector::Http,
+            0,
+            Duration::ZERO,
+            Some(limit),
+        );
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            ("p0", vec![Script::SlowHeaders(Duration::from_millis(200))]),
+            ("p1", vec![Script::SlowHeaders(Duration::from_millis(200))]),
+        ]));
+        let started = tokio::time::Instant::now();
+        let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+        assert_eq!(delivered_pod(&result), "p1");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(400),
+            "longer than one timeout"
+        );
+
+        for (slow, pod) in [("p0", "default/p0"), ("p1", "default/p1")] {
+            let server = pd_server(
+                &[("g0", 1, 1)],
+                KvConnector::Http,
+                2,
+                Duration::ZERO,
+                Some(limit),
+            );
+            let fast = if slow == "p0" { "p1" } else { "p0" };
+            let upstream = Arc::new(ScriptedUpstream::per_pod([
+                (slow, vec![Script::SlowHeaders(Duration::from_secs(5))]),
+                (fast, vec![Script::json(200, ANSWER)]),
+            ]));
+            let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+            let error = result.expect_err("timed out");
+            assert_eq!(error.kind, ErrorKind::UpstreamTimeout);
+            assert_eq!(
+                error.message,
+                format!("pod {pod} of ModelServer default/s sent no response within 300ms")
+            );
+            assert_eq!(upstream.cancelled(), [slow]);
+        }
+    }
+
+    fn sglang_server(groups: &[(&str, usize, usize)], retries: u32, port: u16) -> Server {
+        let mut server = pd_server(groups, KvConnector::Sglang, retries, Duration::ZERO, None);
+        if let Some(pd) = server.prefill_decode.as_mut() {
+            for group in &pd.groups {
+                for prefill in &group.prefill {
+                    pd.bootstrap_ports[*prefill] = port;
+                }
+            }
+        }
+        server
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sglang_sends_both_legs_at_once_paired_by_one_fresh_room() {
+        let server = sglang_server(&[("g0", 1, 1)], 0, 9001);
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            ("p0", vec![Script::SlowHeaders(Duration::from_millis(50))]),
+            (
+                "p1",
+                vec![Script::after(
+                    Duration::from_millis(10),
+                    Script::json(200, ANSWER),
+                )],
+            ),
+        ]));
+        let started = tokio::time::Instant::now();
+        let (result, record) = run(
+            &upstream,
+            &server,
+            r#"{"model":"m","prompt":"hi","stream":false}"#,
+        )
+        .await;
+        assert_eq!(delivered_pod(&result), "p1");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(10),
+            "the decode answered without waiting for the prefill"
+        );
+        assert_eq!(server.pods[0].in_flight(), 1, "the prefill still runs");
+        let prefill = json_of(&upstream.sent_to("p0")[0].body);
+        let decode = json_of(&upstream.sent_to("p1")[0].body);
+        let room = decode["bootstrap_room"].as_u64().expect("a room");
+        assert!(room < 1 << 63, "63 bits: {room}");
+        for body in [&prefill, &decode] {
+            assert_eq!(body["bootstrap_host"], "127.0.0.1");
+            assert_eq!(body["bootstrap_port"], 9001);
+            assert_eq!(body["bootstrap_room"], room);
+        }
+        assert_eq!(prefill["max_tokens"], 1);
+        assert_eq!(prefill.get("stream"), None);
+        assert_eq!(decode["stream"], false, "the client's fields, as sent");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(server.pods[0].in_flight(), 0, "the prefill ran to its end");
+        assert!(upstream.cancelled().is_empty());
+        drop(record);
+
+        // Another request: another room; no port configured, none sent.
+        let server = sglang_server(&[("g0", 1, 1)], 0, 0);
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            ("p0", vec![Script::json(200, ANSWER)]),
+            ("p1", vec![Script::json(200, ANSWER)]),
+        ]));
+        let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+        result.expect("delivered");
+        let decode = json_of(&upstream.sent_to("p1")[0].body);
+        assert_ne!(decode["bootstrap_room"], room);
+        assert_eq!(decode.get("bootstrap_port"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sglang_a_failed_decode_cancels_its_prefill_and_the_next_pair_gets_a_new_room() {
+        let server = sglang_server(&[("g0", 1, 1), ("g1", 1, 1)], 1, 0);
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            ("p0", vec![Script::SlowHeaders(Duration::from_secs(10))]),
+            (
+                "p1",
+                vec![Script::after(
+                    Duration::from_millis(10),
+                    Script::status(503),
+                )],
+            ),
+            ("p2", vec![Script::json(200, ANSWER)]),
+            (
+                "p3",
+                vec![Script::after(
+                    Duration::from_millis(10),
+                    Script::json(200, ANSWER),
+                )],
+            ),
+        ]));
+        let started = tokio::time::Instant::now();
+        let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+        assert_eq!(delivered_pod(&result), "p3");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(20),
+            "the first prefill was not waited for"
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(upstream.cancelled(), ["p0"]);
+        assert_eq!(server.pods[0].in_flight(), 0);
+        let room = |pod: &str| json_of(&upstream.sent_to(pod)[0].body)["bootstrap_room"].clone();
+        assert_eq!(room("p0"), room("p1"));
+        assert_eq!(room("p2"), room("p3"));
+        assert_ne!(room("p0"), room("p2"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sglang_a_refused_decode_cancels_its_prefill() {
+        let server = sglang_server(&[("g0", 1, 1)], 0, 0);
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            ("p0", vec![Script::SlowHeaders(Duration::from_secs(10))]),
+            (
+                "p1",
+                vec![Script::after(Duration::from_millis(10), Script::Refuse)],
+            ),
+        ]));
+        let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+        let error = result.expect_err("no pair left");
+        assert_eq!(error.kind, ErrorKind::UpstreamUnavailable);
+        tokio::task::yield_now().await;
+        assert_eq!(upstream.cancelled(), ["p0"]);
+        assert_eq!(server.pods[0].in_flight(), 0);
+        assert!(server.pods[1].is_ejected(std::time::Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sglang_a_failed_prefill_cancels_its_decode() {
+        let server = sglang_server(&[("g0", 1, 1), ("g1", 1, 1)], 0, 0);
+        let upstream = Arc::new(ScriptedUpstream::per_pod([
+            (
+                "p0",
+                vec![Script::after(Duration::from_millis(10), Script::Refuse)],
+            ),
+            ("p1", vec![Script::SlowHeaders(Duration::from_secs(10))]),
+            ("p2", vec![Script::json(200, ANSWER)]),
+            ("p3", vec![Script::json(200, ANSWER)]),
+        ]));
+        let started = tokio::time::Instant::now();
+        let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
+        assert_eq!(delivered_pod(&result), "p3");
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(10),
+            "the decode was not waited for"
+        );
+        assert_eq!(upstream.cancelled(), ["p1"]);
+        assert_eq!(server.pods[1].in_flight(), 0);
+    }
+}

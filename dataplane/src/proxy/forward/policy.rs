@@ -313,7 +313,8 @@ impl<'s, C: Candidates> AttemptPolicy<'s, C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::testing::{ranked, server_with_pods};
+    use crate::proxy::testing::{pd_server, ranked, ranked_pairs, server_with_pods};
+    use crate::routing::KvConnector;
 
     fn connect() -> UpstreamError {
         UpstreamError::Connect("refused".into())
@@ -469,5 +470,80 @@ mod tests {
         let server = server_with_pods(0, 2, Duration::ZERO, None);
         let mut policy = AttemptPolicy::new(&server, Ranking::default());
         assert_eq!(gave_up(policy.first()).kind, ErrorKind::NoReadyPod);
+    }
+
+    fn names(pair: Pair<'_>) -> (&str, &str) {
+        (pair.prefill.name.as_str(), pair.decode.name.as_str())
+    }
+
+    #[test]
+    fn pairs_with_a_pod_that_refused_are_skipped() {
+        // g0: prefill p0, decode p1 and p2; g1: prefill p3, decode p4.
+        let server = pd_server(
+            &[("g0", 1, 2), ("g1", 1, 1)],
+            KvConnector::Http,
+            0,
+            Duration::from_millis(10),
+            None,
+        );
+        let mut policy = AttemptPolicy::new(&server, ranked_pairs(&server));
+        let first = tried(policy.first());
+        assert_eq!(names(first.target), ("p0", "p1"));
+        assert_eq!((first.target.group, first.wait), (0, Duration::ZERO));
+        assert!(!first.is_last);
+        let next = tried(policy.on_failure(connect(), first.target.prefill));
+        assert_eq!(
+            names(next.target),
+            ("p3", "p4"),
+            "(p0, p2) shares the refusing prefill pod"
+        );
+        assert_eq!((next.target.group, next.wait), (1, Duration::ZERO));
+        assert!(next.is_last, "no usable pair follows");
+        let error = gave_up(policy.on_failure(connect(), next.target.decode));
+        assert_eq!(error.kind, ErrorKind::UpstreamUnavailable);
+        assert!(error.message.contains("(2 tried;"), "{error}");
+    }
+
+    #[test]
+    fn retries_count_pairs_and_wait_the_interval() {
+        let server = pd_server(
+            &[("g0", 1, 1), ("g1", 1, 1), ("g2", 1, 1)],
+            KvConnector::Nixl,
+            1,
+            Duration::from_millis(25),
+            Some(Duration::from_secs(2)),
+        );
+        let mut policy = AttemptPolicy::new(&server, ranked_pairs(&server));
+        let first = tried(policy.first());
+        assert_eq!(first.timeout, Some(Duration::from_secs(2)), "per leg");
+        // The prefill leg breaks: one retry used, a new pair after the interval.
+        let retry = tried(policy.on_failure(reset(), first.target.prefill));
+        assert_eq!(names(retry.target), ("p2", "p3"));
+        assert_eq!(retry.wait, Duration::from_millis(25));
+        // The decode leg of that pair answers 503: no retry left, it goes to the client.
+        assert!(matches!(
+            policy.on_response(StatusCode::SERVICE_UNAVAILABLE),
+            Verdict::Deliver
+        ));
+    }
+
+    #[test]
+    fn a_pair_leg_timeout_gives_up_naming_the_pod() {
+        let limit = Duration::from_millis(500);
+        let server = pd_server(
+            &[("g0", 1, 1), ("g1", 1, 1)],
+            KvConnector::Sglang,
+            3,
+            Duration::ZERO,
+            Some(limit),
+        );
+        let mut policy = AttemptPolicy::new(&server, ranked_pairs(&server));
+        let first = tried(policy.first());
+        let error = gave_up(policy.on_failure(UpstreamError::Timeout(limit), first.target.decode));
+        assert_eq!(error.kind, ErrorKind::UpstreamTimeout);
+        assert_eq!(
+            error.message,
+            "pod default/p1 of ModelServer default/s sent no response within 500ms"
+        );
     }
 }

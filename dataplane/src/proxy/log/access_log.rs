@@ -526,6 +526,47 @@ mod tests {
     }
 
     #[test]
+    fn prefill_decode_lines_name_both_pods_and_time_both_legs() {
+        let pod = |name: &str| {
+            Some(Arc::new(
+                PodState::new(
+                    format!("default/{name}"),
+                    name.into(),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
+                )
+                .expect("valid"),
+            ))
+        };
+        let mut pd = entry(None);
+        pd.pod = pod("decode-0");
+        pd.prefill_pod = pod("prefill-0");
+        pd.prefill_leg = Some(Duration::from_millis(80));
+        pd.decode_leg = Some(Duration::from_millis(2200));
+        let mut out = Vec::new();
+        format_line(&pd, AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(line["selected_pod"], "decode-0");
+        assert_eq!(line["prefill_pod"], "prefill-0");
+        assert_eq!(line["duration_prefill_ms"], 80);
+        assert_eq!(line["duration_decode_ms"], 2200);
+        let mut out = Vec::new();
+        format_line(&pd, AccessLogFormat::Text, &mut out);
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.contains(" selected_pod=decode-0 prefill_pod=prefill-0 ")
+                && line.contains(" prefill=80ms decode=2200ms "),
+            "{line}"
+        );
+        let mut out = Vec::new();
+        format_line(&entry(None), AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert!(
+            line.get("prefill_pod").is_none(),
+            "other requests keep their fields"
+        );
+    }
+
+    #[test]
     fn settings_resolve_defaults_then_file_then_env() {
         let none = |_: &str| None;
         assert_eq!(
