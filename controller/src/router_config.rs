@@ -1,4 +1,4 @@
-//! The router configuration file (`--router-config FILE`): the reference
+//! The router configuration file (`--router-config FILE`): the Kthena
 //! router's format, of which the `scheduler` section is read (`auth` and any
 //! other section are left to their own features).
 //!
@@ -102,7 +102,7 @@ struct PluginsSection {
 struct FilterSet {
     #[serde(default)]
     enabled: Vec<String>,
-    /// Parsed and ignored, as in the reference.
+    /// Parsed and ignored, as in the Kthena router.
     #[serde(default)]
     #[allow(dead_code)]
     disabled: Vec<serde_yaml::Value>,
@@ -122,7 +122,7 @@ struct ScoreSet {
 #[serde(deny_unknown_fields)]
 struct ScoreEntry {
     name: String,
-    /// Absent = 1; negative = 0, as in the reference.
+    /// Absent = 1; negative = 0, as in the Kthena router.
     #[serde(default)]
     weight: Option<i64>,
 }
@@ -319,7 +319,7 @@ mod tests {
     }
 
     #[test]
-    fn reference_chart_default_parses() {
+    fn kthena_chart_default_parses() {
         let config = parse(
             r#"
 scheduler:
