@@ -5,16 +5,17 @@
 //! 2. [`authenticate`]: who sent it (an [`Identity`]);
 //! 3. [`admission`]: may it go upstream now (rate limits, fairness queue);
 //! 4. [`route`]: ModelRoute, rule and ModelServer; the body edits;
-//! 5. [`schedule`]: the ranked candidate pods, the request id;
+//! 5. [`schedule`]: the ranked candidate pods (prefill/decode pairs for a
+//!    ModelServer that disaggregates them), the request id;
 //! 6. [`forward`]: the attempts over the candidates (retries, timeouts,
 //!    ejection), a pure [`policy`](forward::policy) driving an
-//!    [`Upstream`];
+//!    [`Upstream`]; a pair's two legs in [`pairs`](forward::pairs);
 //! 7. [`respond`]: the engine's response streamed back, usage observed;
 //! 8. [`log`]: the request's record, finished into metrics and the access
 //!    log when the response ends.
 //!
 //! What a phase learns travels as its typed output (an
-//! [`InferenceRequest`], then [`Routed`](route::Routed),
+//! [`InferenceRequest`], then [`Routed`],
 //! [`Scheduled`](schedule::Scheduled), [`Delivered`](forward::Delivered)),
 //! so no phase can read what an earlier one has not produced; the
 //! [`RequestRecord`] travels alongside and every phase adds to it.

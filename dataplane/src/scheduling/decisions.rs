@@ -26,7 +26,7 @@ pub struct DecisionRecord {
     model: String,
     server: String,
     /// `prefill` or `decode` when the ModelServer disaggregates them.
-    role: Option<&'static str>,
+    pub(super) role: Option<&'static str>,
     considered: usize,
     after_filters: usize,
     pub(super) filters: Vec<&'static str>,
@@ -50,12 +50,11 @@ impl DecisionRecord {
         request_id: &str,
         model: &str,
         server: &str,
-        role: Option<&'static str>,
         considered: usize,
         after_filters: usize,
     ) {
         self.at_unix_ms = at_unix_ms;
-        self.role = role;
+        self.role = None;
         for (buffer, value) in [
             (&mut self.request_id, request_id),
             (&mut self.model, model),

@@ -494,10 +494,10 @@ impl Scheduler {
                     request.request_id,
                     request.model,
                     &server.key,
-                    ranked.role,
                     considered,
                     count,
                 );
+                record.role = ranked.role;
                 record
                     .plugins
                     .extend(self.scorers.iter().map(|s| (s.name, s.weight)));

@@ -21,7 +21,7 @@
 //! Both legs carry the client's request id. The ModelServer's timeout bounds
 //! each leg on its own: the prefill leg up to its whole answer, the decode
 //! leg up to its response head (its body may stream for as long as it
-//! takes). A leg that fails is judged by the [`policy`](super::policy), and
+//! takes). A leg that fails is judged by the [`policy`], and
 //! a retry is a new pair.
 
 use std::sync::Arc;

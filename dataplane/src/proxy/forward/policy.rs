@@ -56,7 +56,8 @@ pub trait Candidates {
     /// What one attempt goes to.
     type Target<'s>: Copy;
 
-    fn len(&self) -> usize;
+    /// How many candidates there are.
+    fn count(&self) -> usize;
 
     /// The candidate at `position`, resolved against `server`'s pods.
     fn target<'s>(&self, server: &'s Server, position: usize) -> Option<Self::Target<'s>>;
@@ -68,8 +69,8 @@ pub trait Candidates {
 impl Candidates for Ranking {
     type Target<'s> = &'s Arc<PodState>;
 
-    fn len(&self) -> usize {
-        Ranking::len(self)
+    fn count(&self) -> usize {
+        self.len()
     }
 
     fn target<'s>(&self, server: &'s Server, position: usize) -> Option<&'s Arc<PodState>> {
@@ -95,8 +96,8 @@ pub struct Pair<'s> {
 impl Candidates for PairRanking {
     type Target<'s> = Pair<'s>;
 
-    fn len(&self) -> usize {
-        PairRanking::len(self)
+    fn count(&self) -> usize {
+        self.len()
     }
 
     fn target<'s>(&self, server: &'s Server, position: usize) -> Option<Pair<'s>> {
@@ -266,10 +267,10 @@ impl<'s, C: Candidates> AttemptPolicy<'s, C> {
 
     /// The first usable candidate from `from`, and its position.
     fn attempt(&self, from: usize, wait: Duration) -> Option<(usize, Attempt<C::Target<'s>>)> {
-        let (position, target) = (from..self.candidates.len())
+        let (position, target) = (from..self.candidates.count())
             .filter_map(|position| Some((position, self.usable(position)?)))
             .next()?;
-        let is_last = (position + 1..self.candidates.len()).all(|p| self.usable(p).is_none());
+        let is_last = (position + 1..self.candidates.count()).all(|p| self.usable(p).is_none());
         Some((
             position,
             Attempt {
