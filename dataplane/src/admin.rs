@@ -17,11 +17,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use serde_json::json;
+use switchyard_runtime::clock;
 use switchyard_snapshot::{config_dump, pb};
 
 use crate::metrics::RouterMetrics;
@@ -119,7 +119,7 @@ impl Admin {
     fn pd_group_status(&self, group_name: &str) -> Response<ProxyBody> {
         let table = self.store.table();
         let resolved = self.metrics.resolved();
-        let now = std::time::Instant::now();
+        let now = clock::now();
         let servers: Vec<_> = table
             .iter()
             .flat_map(|table| table.servers.iter())
@@ -212,7 +212,7 @@ impl Admin {
         json!({"connectors": connectors})
     }
 
-    fn pod_json(&self, pod: &PodState, now: std::time::Instant) -> serde_json::Value {
+    fn pod_json(&self, pod: &PodState, now: clock::Instant) -> serde_json::Value {
         json!({
             "pod": pod.key,
             "address": pod.addr.to_string(),
@@ -304,7 +304,7 @@ impl Admin {
 
     fn router_state(&self) -> serde_json::Value {
         let table = self.store.table();
-        let now = std::time::Instant::now();
+        let now = clock::now();
         let mut pods: Vec<_> = table
             .iter()
             .flat_map(|t| t.pods.values())
@@ -321,7 +321,7 @@ impl Admin {
                 "endpointLoadsVersion": self.store.loads_version(),
                 "ageSeconds": table
                     .as_ref()
-                    .and_then(|t| SystemTime::now().duration_since(t.applied_at).ok())
+                    .and_then(|t| clock::wall_now().duration_since(t.applied_at).ok())
                     .map(|age| age.as_secs_f64()),
             },
             "pods": pods,

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::header::HeaderName;
 use parking_lot::Mutex;
 use regex::Regex;
+use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::pod::PodState;
@@ -145,7 +146,7 @@ impl RoutingTable {
             .map_err(|error| SnapshotError::InvalidScheduler(error.to_string()))?;
         Ok(Self {
             version: version.to_owned(),
-            applied_at: SystemTime::now(),
+            applied_at: clock::wall_now(),
             routes,
             servers,
             index,

@@ -1139,14 +1139,37 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
     ]
     .into_iter()
     .collect();
+    let objects = ObjectSet {
+        routes: routes.clone(),
+        servers: servers.clone(),
+        pods: pods.clone(),
+        problems: Vec::new(),
+    };
+    let scheduler = pb::SchedulerConfig {
+        top_n: 3,
+        ..Default::default()
+    };
     let compiled = compile(&CompileInput {
-        routes: &routes,
-        servers: &servers,
-        pods: &pods,
+        objects: &objects,
+        scheduler: Some(&scheduler),
         pod_loads: &pod_loads,
         now_unix_ms: 42,
     });
     assert_eq!(compiled.generated_at_unix_ms, 42);
+    // The router configuration's scheduler section is shipped as is, and the
+    // rest of the RouteConfig is what the objects alone compile to.
+    let objects_only = compile_route_config(&routes, &servers, &pods);
+    assert_eq!(compiled.route_config.scheduler, Some(scheduler));
+    assert_eq!(
+        compiled.route_config.routes,
+        objects_only.route_config.routes
+    );
+    assert_eq!(
+        compiled.route_config.servers,
+        objects_only.route_config.servers
+    );
+    assert_eq!(compiled.reports, objects_only.reports);
+    assert_eq!(compiled.scrape_targets, objects_only.scrape_targets);
     let expected = |pod: &str, waiting: f64, observed_at_unix_ms: i64| pb::EndpointLoad {
         namespace: "default".into(),
         pod: pod.into(),

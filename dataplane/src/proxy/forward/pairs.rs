@@ -25,7 +25,7 @@
 //! a retry is a new pair.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue};
@@ -33,6 +33,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
+use switchyard_runtime::clock;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -224,7 +225,7 @@ pub async fn forward<U: Upstream>(
             Outcome::Failed(pod, error) => {
                 if policy::ejects(&error) {
                     record.connect_failed();
-                    pod.eject(Instant::now());
+                    pod.eject(clock::now());
                 }
                 tracing::warn!(
                     prefill = %pair.prefill.key,
@@ -254,7 +255,7 @@ async fn sequential_legs<'s, U: Upstream>(
     let request = outbound.request(pair.prefill, body)?;
     let guard = pair.prefill.begin_request();
     record.prefill_sent();
-    let started = Instant::now();
+    let started = clock::now();
     let answer = match within(timeout, prefill_leg(upstream, request, relays)).await {
         Err(error) => return Ok(Outcome::Failed(pair.prefill, error)),
         Ok(PrefillAnswer::Refused(response)) => {
@@ -330,7 +331,7 @@ async fn concurrent_legs<'s, U: Upstream>(
     let (took_sender, took) = oneshot::channel();
     record.prefill_running(took);
     let task_upstream = Arc::clone(upstream);
-    let started = Instant::now();
+    let started = clock::now();
     let mut prefill = tokio::spawn(async move {
         let answer = within(
             timeout,
@@ -631,7 +632,7 @@ mod tests {
             ("p3", vec![Script::json(200, ANSWER)]),
             ("p4", vec![Script::json(200, ANSWER)]),
         ]));
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, record) = run(&upstream, &server, r#"{"model":"m"}"#).await;
         assert_eq!(delivered_pod(&result), "p4");
         assert_eq!(upstream.pods(), ["p0", "p3", "p4"], "(p0, p2) is skipped");
@@ -641,7 +642,7 @@ mod tests {
             "refusals are not waited on"
         );
         assert_eq!(record.attempts(), 2);
-        assert!(server.pods[0].is_ejected(std::time::Instant::now()));
+        assert!(server.pods[0].is_ejected(clock::now()));
     }
 
     #[tokio::test(start_paused = true)]
@@ -659,7 +660,7 @@ mod tests {
             ("p2", vec![Script::json(200, ANSWER)]),
             ("p3", vec![Script::json(200, ANSWER)]),
         ]));
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, record) = run(&upstream, &server, r#"{"model":"m"}"#).await;
         assert_eq!(delivered_pod(&result), "p3");
         assert_eq!(upstream.pods(), ["p0", "p1", "p2", "p3"]);
@@ -712,7 +713,7 @@ mod tests {
             ("p0", vec![Script::SlowHeaders(Duration::from_millis(200))]),
             ("p1", vec![Script::SlowHeaders(Duration::from_millis(200))]),
         ]));
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
         assert_eq!(delivered_pod(&result), "p1");
         assert_eq!(
@@ -770,7 +771,7 @@ mod tests {
                 )],
             ),
         ]));
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, record) = run(
             &upstream,
             &server,
@@ -836,7 +837,7 @@ mod tests {
                 )],
             ),
         ]));
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
         assert_eq!(delivered_pod(&result), "p3");
         assert_eq!(
@@ -869,7 +870,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(upstream.cancelled(), ["p0"]);
         assert_eq!(server.pods[0].in_flight(), 0);
-        assert!(server.pods[1].is_ejected(std::time::Instant::now()));
+        assert!(server.pods[1].is_ejected(clock::now()));
     }
 
     #[tokio::test(start_paused = true)]
@@ -884,7 +885,7 @@ mod tests {
             ("p2", vec![Script::json(200, ANSWER)]),
             ("p3", vec![Script::json(200, ANSWER)]),
         ]));
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, _) = run(&upstream, &server, r#"{"model":"m"}"#).await;
         assert_eq!(delivered_pod(&result), "p3");
         assert_eq!(

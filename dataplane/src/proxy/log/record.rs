@@ -14,7 +14,9 @@
 //!   answer read whole) and decode leg (sent to the end of its body).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use switchyard_runtime::clock::{self, Instant};
 
 use http::{HeaderValue, Method, Request, Uri, Version};
 use prometheus::{IntCounter, IntGauge};
@@ -95,8 +97,8 @@ impl RequestRecord {
     pub fn start<B>(observer: &Arc<Observer>, request: &Request<B>) -> Self {
         Self {
             observer: observer.clone(),
-            started: Instant::now(),
-            started_at: SystemTime::now(),
+            started: clock::now(),
+            started_at: clock::wall_now(),
             method: request.method().clone(),
             uri: request.uri().clone(),
             version: request.version(),
@@ -155,7 +157,7 @@ impl RequestRecord {
         self.attempts += 1;
         self.pod = Some(pod.clone());
         if self.upstream_started.is_none() {
-            self.upstream_started = Some(Instant::now());
+            self.upstream_started = Some(clock::now());
             if let (Some(route), Some(server)) = (&self.route, &self.server) {
                 let resolved = self.observer.metrics.resolved();
                 if let Some(gauge) = resolved.upstream_gauge(&route.key, &server.key) {
@@ -216,7 +218,7 @@ impl RequestRecord {
 
     /// The decode request of the latest pair is sent.
     pub fn decode_sent(&mut self) {
-        self.decode_started = Some(Instant::now());
+        self.decode_started = Some(clock::now());
         if let Some([_, decode]) = &self.pd_requests {
             decode.inc();
         }
@@ -266,7 +268,7 @@ impl RequestRecord {
     /// A chunk of the response body is about to reach the client.
     pub fn on_chunk(&mut self) {
         if self.first_chunk.is_none() {
-            self.first_chunk = Some(Instant::now());
+            self.first_chunk = Some(clock::now());
         }
     }
 
@@ -279,7 +281,7 @@ impl RequestRecord {
         if self.status == 0 {
             self.status = CLIENT_CLOSED_REQUEST;
         }
-        let ended = Instant::now();
+        let ended = clock::now();
         let total = ended.duration_since(self.started);
         let error_type = match (&self.error, outcome) {
             (Some((kind, _)), _) => kind,
