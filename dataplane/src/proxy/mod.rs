@@ -279,24 +279,22 @@ mod tests {
         pods: usize,
         policy: pb::TrafficPolicy,
     ) -> Harness {
+        let config = one_route_config("m", &[], Some("org/m"), pods, policy);
+        harness_of(config, ScriptedUpstream::new(scripts))
+    }
+
+    /// A proxy serving `config` through `upstream`, its metrics resolved.
+    fn harness_of(config: pb::RouteConfig, upstream: ScriptedUpstream) -> Harness {
         let store = Arc::new(SnapshotStore::new());
         store
-            .apply_route_config(
-                "v1",
-                one_route_config("m", &[], Some("org/m"), pods, policy),
-            )
+            .apply_route_config("v1", config)
             .expect("valid snapshot");
         let observer = test_observer();
         let metrics = observer.metrics.clone();
         if let Some(table) = store.table() {
             metrics.resolve(&table);
         }
-        let proxy = Proxy::with_upstream(
-            store.clone(),
-            ProxyConfig::default(),
-            observer,
-            ScriptedUpstream::new(scripts),
-        );
+        let proxy = Proxy::with_upstream(store.clone(), ProxyConfig::default(), observer, upstream);
         Harness {
             proxy,
             store,
@@ -546,26 +544,7 @@ mod tests {
                 },
             ],
         });
-        let store = Arc::new(SnapshotStore::new());
-        store
-            .apply_route_config("v1", config)
-            .expect("valid snapshot");
-        let observer = test_observer();
-        let metrics = observer.metrics.clone();
-        if let Some(table) = store.table() {
-            metrics.resolve(&table);
-        }
-        let proxy = Proxy::with_upstream(
-            store.clone(),
-            ProxyConfig::default(),
-            observer,
-            ScriptedUpstream::per_pod(scripts),
-        );
-        Harness {
-            proxy,
-            store,
-            metrics,
-        }
+        harness_of(config, ScriptedUpstream::per_pod(scripts))
     }
 
     #[tokio::test(start_paused = true)]

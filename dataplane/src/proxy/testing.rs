@@ -121,18 +121,17 @@ pub fn ranked_pairs(server: &Server) -> PairRanking {
         .expect("a prefill/decode server");
     let headers = HeaderMap::new();
     least_request_scheduler()
-        .schedule_pairs(
-            server,
-            pd,
-            &ScheduleRequest {
-                model: "m",
-                served_model: "m",
-                headers: &headers,
-                prompt_hashes: &[],
-                request_id: "test",
-            },
-        )
+        .schedule_pairs(server, pd, &schedule_request(&headers))
         .expect("pairs to rank")
+}
+
+/// `server`'s pods ranked by least-request alone (default top-N): idle pods
+/// in order `p0, p1, ...` on a fresh server, ejected ones last.
+pub fn ranked(server: &Server) -> Ranking {
+    let headers = HeaderMap::new();
+    least_request_scheduler()
+        .schedule(server, &schedule_request(&headers))
+        .expect("pods to rank")
 }
 
 fn least_request_scheduler() -> Scheduler {
@@ -147,22 +146,15 @@ fn least_request_scheduler() -> Scheduler {
     Scheduler::build(Some(&config), &["m"], &shared).expect("valid config")
 }
 
-/// `server`'s pods ranked by least-request alone (default top-N): idle pods
-/// in order `p0, p1, ...` on a fresh server, ejected ones last.
-pub fn ranked(server: &Server) -> Ranking {
-    let headers = HeaderMap::new();
-    least_request_scheduler()
-        .schedule(
-            server,
-            &ScheduleRequest {
-                model: "m",
-                served_model: "m",
-                headers: &headers,
-                prompt_hashes: &[],
-                request_id: "test",
-            },
-        )
-        .expect("pods to rank")
+/// A request for model `m` with `headers` and no prompt.
+fn schedule_request(headers: &HeaderMap) -> ScheduleRequest<'_> {
+    ScheduleRequest {
+        model: "m",
+        served_model: "m",
+        headers,
+        prompt_hashes: &[],
+        request_id: "test",
+    }
 }
 
 /// A snapshot with route `default/r` serving `model` (and `lora_adapters`)

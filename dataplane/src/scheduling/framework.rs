@@ -112,6 +112,17 @@ pub struct ScheduleRequest<'a> {
     pub request_id: &'a str,
 }
 
+impl ScheduleRequest<'_> {
+    /// What the plugins read of it.
+    fn plugin_input(&self) -> PluginInput<'_> {
+        PluginInput {
+            served_model: self.served_model,
+            headers: self.headers,
+            prompt_hashes: self.prompt_hashes,
+        }
+    }
+}
+
 /// The pods to try for one request, best first (indices into the ModelServer's pods).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ranking {
@@ -322,15 +333,10 @@ impl Scheduler {
         if server.pods.is_empty() {
             return Err(ScheduleError::NoPods(server.key.clone()));
         }
-        let input = PluginInput {
-            served_model: request.served_model,
-            headers: request.headers,
-            prompt_hashes: request.prompt_hashes,
-        };
         self.rank(
             server,
             0..server.pods.len(),
-            &input,
+            &request.plugin_input(),
             request,
             Ranked {
                 role: None,
@@ -354,11 +360,7 @@ impl Scheduler {
         if pd.decode_candidates.is_empty() {
             return Err(ScheduleError::NoCompleteGroup(server.key.clone()));
         }
-        let prefill_input = PluginInput {
-            served_model: request.served_model,
-            headers: request.headers,
-            prompt_hashes: request.prompt_hashes,
-        };
+        let prefill_input = request.plugin_input();
         let decode_input = PluginInput {
             prompt_hashes: &[],
             ..prefill_input

@@ -25,8 +25,8 @@ use super::openai::{
     self, Endpoint, ModelList, ResponseMeta, SSE_DONE, Usage, error_body, parse_request,
 };
 use super::pd::{
-    BootstrapClient, BootstrapRooms, DECODE_STATUS_HEADER, KV_SOURCE_HEADER, KV_TRANSFER_HEADER,
-    KvOrigin, PdFields, PdRole, prefill_answer_params,
+    BootstrapClient, BootstrapRooms, DECODE_STATUS_HEADER, HandshakeError, KV_SOURCE_HEADER,
+    KV_TRANSFER_HEADER, KvOrigin, PdFields, PdRole, prefill_answer_params,
 };
 use super::sim::{self, Simulator};
 use super::stats::{Delivery, EngineStats, FinishReason};
@@ -328,12 +328,7 @@ impl EngineState {
                     self.rooms
                         .prefill(bootstrap.room, timeout)
                         .await
-                        .map_err(|error| {
-                            ApiError::new(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                format!("KV bootstrap failed: {error}"),
-                            )
-                        })?;
+                        .map_err(bootstrap_failed)?;
                 }
                 if pd_fields.wants_remote_decode() {
                     let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "0"));
@@ -347,16 +342,11 @@ impl EngineState {
             }
             Some((PdRole::Decode, timeout)) => {
                 let origin = if let Some(bootstrap) = &pd_fields.bootstrap {
-                    let source =
-                        self.bootstrap
-                            .join(bootstrap, timeout)
-                            .await
-                            .map_err(|error| {
-                                ApiError::new(
-                                    StatusCode::INTERNAL_SERVER_ERROR,
-                                    format!("KV bootstrap failed: {error}"),
-                                )
-                            })?;
+                    let source = self
+                        .bootstrap
+                        .join(bootstrap, timeout)
+                        .await
+                        .map_err(bootstrap_failed)?;
                     KvOrigin::Transferred {
                         how: "bootstrap",
                         source,
@@ -570,6 +560,14 @@ impl ApiError {
         let body = error_body(self.status, &self.message, self.param);
         full(self.status, Some(JSON), body.into())
     }
+}
+
+/// SGLang fails a request whose bootstrap pairing failed with a server error.
+fn bootstrap_failed(error: HandshakeError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("KV bootstrap failed: {error}"),
+    )
 }
 
 /// vLLM's answer to a prompt that leaves no room for a single output token.
