@@ -145,15 +145,28 @@ struct Answer<B> {
     prefill: Option<JoinHandle<PrefillDone<B>>>,
 }
 
-impl<B> Answer<B> {
+impl<B: Send + 'static> Answer<B> {
     /// The response goes to the client. A prefill still running goes on
-    /// when the decode succeeded (the decode needs its KV), and is
-    /// cancelled when the decode failed.
+    /// when the decode succeeded (the decode needs its KV; how it ends is
+    /// logged), and is cancelled when the decode failed.
     fn deliver(self) -> Delivered<B> {
-        if let Some(prefill) = self.prefill
-            && !self.response.status().is_success()
-        {
-            prefill.abort();
+        if let Some(prefill) = self.prefill {
+            if self.response.status().is_success() {
+                tokio::spawn(async move {
+                    let failure = match prefill.await {
+                        Ok((Err(error), guard)) => Some((error.to_string(), guard)),
+                        Ok((Ok(PrefillAnswer::Refused(response)), guard)) => {
+                            Some((format!("engine answered {}", response.status()), guard))
+                        }
+                        Ok((Ok(PrefillAnswer::Done(_)), _)) | Err(_) => None,
+                    };
+                    if let Some((failure, guard)) = failure {
+                        tracing::warn!(prefill = %guard.pod().key, %failure, "the prefill leg of a decode already answering failed");
+                    }
+                });
+            } else {
+                prefill.abort();
+            }
         }
         Delivered {
             response: self.response,
