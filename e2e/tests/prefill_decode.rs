@@ -308,6 +308,34 @@ async fn kthena_pd_examples_work_as_published() {
         "pd-nixl"
     );
 
+    // Streamed, the same: the decode leg streams with the prefill's parameters.
+    let response = stack
+        .post(
+            "/v1/chat/completions",
+            &[("x-request-id", "pd-nixl-stream")],
+            &format!(
+                r#"{{"model":"{V2_MODEL}","stream":true,"messages":[{{"role":"user","content":"one two"}}]}}"#
+            ),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.header("x-mock-kv-transfer"), Some("received"));
+    assert!(
+        response.text().ends_with("data: [DONE]\n\n"),
+        "{}",
+        response.text()
+    );
+    let decode = received_by_id(&stack, 22, "pd-nixl-stream").await;
+    assert_eq!(decode["body"]["stream"], true);
+    assert_eq!(
+        decode["body"]["kv_transfer_params"]["remote_request_id"],
+        "pd-nixl-stream"
+    );
+    assert_eq!(
+        received_by_id(&stack, 21, "pd-nixl-stream").await["body"].get("stream"),
+        None
+    );
+
     // The status of both ModelServers, and what the dataplane shows.
     let objects = objects(&stack).await;
     for name in ["deepseek-r1-1-5b-pd-disaggregation", "deepseek-v2"] {
@@ -340,7 +368,7 @@ async fn kthena_pd_examples_work_as_published() {
     let v2 = &status["modelServers"][0];
     assert_eq!(v2["modelServer"], "dev/deepseek-v2");
     assert_eq!(v2["complete"], true);
-    assert_eq!(v2["requests"], json!({"prefill": 1, "decode": 1}));
+    assert_eq!(v2["requests"], json!({"prefill": 2, "decode": 2}));
     assert_eq!(v2["prefillPods"][0]["pod"], "dev/v2-prefill-0");
     assert_eq!(
         debug(&stack, "/debug/pd-groups/nope/status").await.status,
@@ -355,7 +383,7 @@ async fn kthena_pd_examples_work_as_published() {
     assert_eq!(nixl["modelServers"], json!(["dev/deepseek-v2"]));
     assert_eq!(
         nixl["kvTransferParams"],
-        json!({"relayed": 1, "missing": 0})
+        json!({"relayed": 2, "missing": 0})
     );
     let dump = debug(
         &stack,
@@ -393,7 +421,7 @@ async fn kthena_pd_examples_work_as_published() {
             &[("group_key", "g0"), ("role", "decode"), ("model", V2_MODEL)]
         )
         .await,
-        1.0
+        2.0
     );
     let ds_requests = metric(
         &stack,
@@ -416,7 +444,7 @@ async fn kthena_pd_examples_work_as_published() {
             ]
         )
         .await,
-        1.0
+        2.0
     );
 }
 
