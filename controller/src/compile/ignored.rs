@@ -37,16 +37,10 @@ pub(crate) fn route_fields(route: &ModelRoute) -> Vec<IgnoredField> {
 pub(crate) fn server_fields(server: &ModelServer) -> Vec<IgnoredField> {
     let spec = &server.spec;
     let mut ignored = Vec::new();
-    if spec.workload_selector.pd_group.is_some() {
-        ignored.push(IgnoredField::new(
-            "spec.workloadSelector.pdGroup",
-            "prefill/decode disaggregation is not implemented yet: each request goes whole to one pod that workloadSelector.matchLabels selects, prefill and decode pods alike",
-        ));
-    }
-    if spec.kv_connector.is_some() {
+    if spec.kv_connector.is_some() && spec.workload_selector.pd_group.is_none() {
         ignored.push(IgnoredField::new(
             "spec.kvConnector",
-            "KV connectors are not used: prefill/decode disaggregation is not implemented yet",
+            "only a prefill/decode ModelServer (workloadSelector.pdGroup) uses a KV connector; each request goes whole to one pod",
         ));
     }
     ignored

@@ -20,6 +20,9 @@ use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 mod ignored;
 mod objects;
 mod pod_index;
+mod prefill_decode;
+#[cfg(test)]
+mod prefill_decode_tests;
 mod report;
 mod routes;
 mod servers;
@@ -27,6 +30,7 @@ mod servers;
 mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
+pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
 pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
@@ -282,6 +286,8 @@ fn duplicate_report(
         },
         ready_pods: None,
         total_pods: None,
+        pd_groups: None,
+        complete_pd_groups: None,
         in_snapshot: false,
         ignored_fields: Vec::new(),
     }

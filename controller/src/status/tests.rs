@@ -152,9 +152,10 @@ const ROUTE_WITH_IGNORED_FIELDS: &str = "{metadata: {name: chat, namespace: defa
     rateLimit: {inputTokensPerUnit: 10, unit: minute}, \
     rules: [{name: default, targetModels: [{modelServerName: llama}]}]}}";
 
-const SERVER_WITH_PD_GROUP: &str = "{metadata: {name: llama, namespace: default, generation: 2}, spec: \
-    {workloadSelector: {matchLabels: {app: llama}, pdGroup: {groupKey: group, prefillLabels: {role: p}, \
-    decodeLabels: {role: d}}}, kvConnector: {type: nixl}, workloadPort: {port: 8000}, inferenceEngine: vLLM}}";
+/// A KV connector without prefill/decode groups: nothing uses it.
+const SERVER_WITH_STRAY_CONNECTOR: &str = "{metadata: {name: llama, namespace: default, generation: 2}, spec: \
+    {workloadSelector: {matchLabels: {app: llama}}, kvConnector: {type: nixl}, \
+    workloadPort: {port: 8000}, inferenceEngine: vLLM}}";
 
 #[test]
 fn ignored_fields_are_a_condition_and_one_warning_event_until_they_change() {
@@ -212,10 +213,10 @@ fn reports_of_route(yaml: &str) -> ObjectReport {
 }
 
 #[test]
-fn a_model_servers_pd_group_and_kv_connector_are_reported_as_ignored() {
+fn a_kv_connector_without_prefill_decode_groups_is_reported_as_ignored() {
     let compiled = compile_route_config(
         &[route(ROUTE)],
-        &[server(SERVER_WITH_PD_GROUP)],
+        &[server(SERVER_WITH_STRAY_CONNECTOR)],
         &[ready_pod(
             "default",
             "llama-0",
@@ -229,7 +230,7 @@ fn a_model_servers_pd_group_and_kv_connector_are_reported_as_ignored() {
         .iter()
         .map(|field| field.path.as_str())
         .collect();
-    assert_eq!(paths, ["spec.workloadSelector.pdGroup", "spec.kvConnector"]);
+    assert_eq!(paths, ["spec.kvConnector"]);
     let status = server_status(report, &all_acked(1), None, None, ts(0));
     assert_eq!(find(&status.conditions, "IgnoredFields").status, "True");
     assert_eq!(warning_events(report, &[])[0].reason, "IgnoredFields");
