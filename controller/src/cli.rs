@@ -16,7 +16,14 @@ pub const DEFAULT_SCRAPE_INTERVAL: &str = "1s";
 /// pod still ends before the next one starts (1 s interval -> 750 ms).
 pub const DEFAULT_SCRAPE_TIMEOUT_PERCENT_OF_INTERVAL: u32 = 75;
 
-/// `--empty-source-grace-period`'s default: [`crate::core::EMPTY_SOURCE_GRACE_PERIOD`].
+/// How long a source with no ModelRoute must read the same way before a
+/// starting controller publishes an empty RouteConfig: longer than a config
+/// sidecar (git-sync, a late ConfigMap projection) or a restarting API
+/// server usually takes to fill the source, short enough that a deployment
+/// that is meant to be empty becomes ready within a minute.
+pub const EMPTY_SOURCE_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// [`EMPTY_SOURCE_GRACE_PERIOD`] as `--empty-source-grace-period` spells its
+/// default (a test keeps the two equal).
 pub const DEFAULT_EMPTY_SOURCE_GRACE_PERIOD: &str = "30s";
 
 /// Lease that elects the replica writing status (Kubernetes mode); replicas share it by name.
@@ -116,7 +123,7 @@ impl Args {
             lease_name: DEFAULT_LEASE_NAME.to_owned(),
             lease_namespace: DEFAULT_LEASE_NAMESPACE.to_owned(),
             log_format: LogFormat::Text,
-            empty_source_grace_period: crate::core::EMPTY_SOURCE_GRACE_PERIOD,
+            empty_source_grace_period: EMPTY_SOURCE_GRACE_PERIOD,
             controller_id: Some("test-controller".to_owned()),
         }
     }
@@ -171,10 +178,7 @@ mod tests {
         assert_eq!(args.log_format, LogFormat::Text);
         assert!(args.namespaces.is_empty());
         assert_eq!(args.lease_name, "switchyard-controller");
-        assert_eq!(
-            args.empty_source_grace_period,
-            crate::core::EMPTY_SOURCE_GRACE_PERIOD
-        );
+        assert_eq!(args.empty_source_grace_period, EMPTY_SOURCE_GRACE_PERIOD);
         let zero = parse(&["--empty-source-grace-period", "0s"]).expect("parses");
         assert_eq!(zero.empty_source_grace_period, Duration::ZERO);
     }

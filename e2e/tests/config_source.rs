@@ -150,7 +150,7 @@ async fn a_file_rewritten_in_two_halves_with_a_pause_never_turns_requests_into_4
         file.write_all(first_half.as_bytes()).expect("first half");
         file.flush().expect("flush");
         clock::sleep(Duration::from_millis(250)).await;
-        file.write_all(rewritten[first_half.len()..].as_bytes())
+        file.write_all(&rewritten.as_bytes()[first_half.len()..])
             .expect("second half");
     });
     // Requests all along, until the dataplane holds the new route and a while after.

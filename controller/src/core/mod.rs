@@ -40,7 +40,6 @@ mod compile_loop;
 pub mod source_hold;
 
 use compile_loop::{CompileLoop, LoopIo};
-pub use source_hold::EMPTY_SOURCE_GRACE_PERIOD;
 
 /// How long shutdown waits for every task (servers closing their connections,
 /// the lease being released, this replica's report being deleted) before

@@ -4,7 +4,9 @@
 //! reconnect to it would drop every route they serve. It holds its first
 //! snapshot, and with it its stream server, until the source has a
 //! ModelRoute, or has read the same way (empty, or unreadable) for the grace
-//! period; then it publishes the empty snapshot and says so.
+//! period (`--empty-source-grace-period`, default
+//! [`crate::cli::EMPTY_SOURCE_GRACE_PERIOD`]); then it publishes the empty
+//! snapshot and says so.
 //!
 //! Kubernetes mode holds too, on a successful empty list: the API server's
 //! answer is the truth about the cluster, but not about whether this
@@ -21,13 +23,6 @@ use tokio::sync::watch;
 
 use crate::admin::{ObjectsView, SourceState, SourceStatus};
 use crate::compile::ObjectSet;
-
-/// How long a source with no ModelRoute must read the same way before a
-/// starting controller publishes an empty RouteConfig: longer than a config
-/// sidecar (git-sync, a late ConfigMap projection) or a restarting API
-/// server usually takes to fill the source, short enough that a deployment
-/// that is meant to be empty becomes ready within a minute.
-pub const EMPTY_SOURCE_GRACE_PERIOD: Duration = Duration::from_secs(30);
 
 /// How a source reads while it has no ModelRoute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

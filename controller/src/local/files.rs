@@ -349,7 +349,7 @@ mod tests {
         let mut dir = DirFiles::new(settings());
         let route = ("routes.yaml", read(ROUTE));
         let server = ("servers.yaml", read(SERVER));
-        assert_eq!(dir.observe(scan(&[route.clone()]), start), None);
+        assert_eq!(dir.observe(scan(std::slice::from_ref(&route)), start), None);
         // The server file appears one poll later: the route waits for it.
         let both = [route, server];
         assert_eq!(dir.observe(scan(&both), start + POLL), None);

@@ -19,11 +19,11 @@ use crate::compile::{LoadProblem, ObjectSet};
 use crate::core::{OBJECT_CHANGE_DEBOUNCE, ObjectSource, Serving, SourceStarted};
 use crate::error::{ControllerError, LocalError};
 
-mod files;
+pub mod files;
 mod parse;
 mod scan;
 
-pub use files::DirFiles;
+pub use self::files::DirFiles;
 pub use parse::parse_documents;
 pub use scan::{DirScan, FileRead, MAX_CONFIG_FILE_BYTES, scan_dir};
 
