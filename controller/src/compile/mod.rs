@@ -17,6 +17,7 @@ use switchyard_snapshot::{object_key, pb};
 
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+mod ignored;
 mod objects;
 mod pod_index;
 mod prefill_decode;
@@ -30,7 +31,7 @@ mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
 pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
-pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
+pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
 /// Namespace of objects whose `metadata.namespace` is unset (local files), as in Kubernetes.
@@ -288,11 +289,12 @@ fn duplicate_report(
         pd_groups: None,
         complete_pd_groups: None,
         in_snapshot: false,
+        ignored_fields: Vec::new(),
     }
 }
 
 /// `metadata.namespace`, or `default` when unset.
-pub(crate) fn namespace_of(metadata: &ObjectMeta) -> &str {
+pub fn namespace_of(metadata: &ObjectMeta) -> &str {
     non_empty(metadata.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)
 }
 
