@@ -1,12 +1,13 @@
 //! The admin HTTP server: health, readiness, Prometheus metrics and debug views.
 //!
 //! - `GET /healthz`: 200 while the process serves HTTP;
-//! - `GET /readyz`: 200 once a RouteConfig has been published, else 503;
+//! - `GET /readyz`: 200 once a RouteConfig has been published, else 503 with
+//!   the reason (e.g. a source with no ModelRoute being held);
 //! - `GET /metrics`: Prometheus text exposition of the controller's registry;
 //! - `GET /debug/dataplanes`: every connected dataplane's sync state;
 //! - `GET /debug/snapshot`: the published RouteConfig and EndpointLoads;
-//! - `GET /debug/objects`: why each object was (not) accepted, and the files
-//!   or documents that could not be loaded;
+//! - `GET /debug/objects`: why each object was (not) accepted, the files
+//!   or documents that could not be loaded, and the source's state;
 //! - `GET /debug/config_dump/...`: the published snapshot in the dataplane's
 //!   config dump shapes (see `switchyard_snapshot::config_dump`).
 
@@ -43,6 +44,29 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 pub struct ObjectsView {
     pub reports: Vec<ObjectReport>,
     pub load_problems: Vec<LoadProblem>,
+    /// Whether the source is read and served, or held (see `crate::core::source_hold`).
+    pub source: SourceStatus,
+}
+
+/// The source's state as `/debug/objects` and `/readyz` show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceStatus {
+    /// `holding` while the first snapshot is held back, then `serving`.
+    pub state: SourceState,
+    /// Set when the first snapshot was published empty after the grace period.
+    pub empty_after_grace: bool,
+    /// Why the source cannot be read right now (the objects are the last read).
+    pub error: Option<String>,
+    /// One sentence for humans.
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    #[default]
+    Holding,
+    Serving,
 }
 
 /// Everything the admin endpoints read.
@@ -114,10 +138,18 @@ pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<
                 StatusCode::OK,
                 &json!({"status": "ready", "route_config_version": published.version}),
             ),
-            None => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not ready", "reason": "no routing snapshot compiled yet"}),
-            ),
+            None => {
+                let held = state.objects.borrow().source.message.clone();
+                let reason = if held.is_empty() {
+                    "no routing snapshot compiled yet".to_owned()
+                } else {
+                    held
+                };
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready", "reason": reason}),
+                )
+            }
         },
         "/metrics" => metrics_response(&state.metrics_registry),
         "/debug/dataplanes" => json_response(
@@ -303,10 +335,22 @@ fn server_json(server: &pb::ModelServer) -> Value {
             "retry_attempts": policy.retry_attempts,
             "retry_interval_ms": policy.retry_interval_ms,
         })),
-        "endpoints": server.endpoints.iter().map(|endpoint| json!({
-            "name": endpoint.name,
-            "ip": endpoint.ip,
-        })).collect::<Vec<_>>(),
+        "endpoints": server.endpoints.iter().map(|endpoint| {
+            let mut value = json!({"name": endpoint.name, "ip": endpoint.ip});
+            if endpoint.bootstrap_port != 0 {
+                value["bootstrap_port"] = endpoint.bootstrap_port.into();
+            }
+            value
+        }).collect::<Vec<_>>(),
+        "prefill_decode": server.prefill_decode.as_ref().map(|pd| json!({
+            "kv_connector": pd.kv_connector().as_str_name(),
+            "group_label": pd.group_label,
+            "groups": pd.groups.iter().map(|group| json!({
+                "name": group.name,
+                "prefill": group.prefill,
+                "decode": group.decode,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -368,10 +412,24 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_follows_the_first_publish() {
-        let (state, _objects) = state();
+        let (state, objects) = state();
         assert_eq!(get(&state, "/healthz").status(), StatusCode::OK);
         let not_ready = get(&state, "/readyz");
         assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+        assert_eq!(
+            body_json(not_ready).await["reason"],
+            "no routing snapshot compiled yet"
+        );
+        objects.send_replace(Arc::new(ObjectsView {
+            source: SourceStatus {
+                message: "the source holds no ModelRoute; ...".into(),
+                ..SourceStatus::default()
+            },
+            ..ObjectsView::default()
+        }));
+        let held = body_json(get(&state, "/readyz")).await;
+        assert_eq!(held["reason"], "the source holds no ModelRoute; ...");
 
         let published = state
             .publisher
@@ -469,6 +527,7 @@ mod tests {
                 name: Some("r".into()),
                 error: "spec: missing field `rules`".into(),
             }],
+            ..ObjectsView::default()
         }));
         let body = body_json(get(&state, "/debug/objects")).await;
         assert_eq!(body["load_problems"][0]["file"], "routes.yaml");

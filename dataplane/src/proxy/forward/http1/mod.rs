@@ -40,6 +40,7 @@ use tokio::net::TcpStream;
 use self::codec::{BodyDecoder, Decoded, ProtocolError};
 use self::pool::Pool;
 use super::upstream::{UPSTREAM_CONNECT_TIMEOUT, Upstream, UpstreamError};
+use crate::health::connections::{ConnectionCounts, OpenConnection};
 
 /// Read buffer of a new connection: a response head and a few stream chunks.
 const READ_BUFFER_BYTES: usize = 8 * 1024;
@@ -47,14 +48,21 @@ const READ_BUFFER_BYTES: usize = 8 * 1024;
 const MIN_READ_BYTES: usize = 4 * 1024;
 
 /// The HTTP/1.1 client of one traffic worker.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Http1Upstream {
     pool: Arc<Pool>,
+    /// Open connections per pod, shared by the workers (touched per
+    /// connection opened or closed, never per request).
+    connections: Arc<ConnectionCounts>,
 }
 
 impl Http1Upstream {
-    pub fn new() -> Self {
-        Self::default()
+    /// A client whose open connections per pod are counted in `connections`.
+    pub fn new(connections: Arc<ConnectionCounts>) -> Self {
+        Self {
+            pool: Arc::default(),
+            connections,
+        }
     }
 }
 
@@ -70,10 +78,11 @@ struct Connection {
     fields: Vec<codec::FieldSpan>,
     /// It carried a request before.
     reused: bool,
+    _counted: OpenConnection,
 }
 
 impl Connection {
-    async fn open(addr: SocketAddr) -> Result<Self, UpstreamError> {
+    async fn open(addr: SocketAddr, counts: &Arc<ConnectionCounts>) -> Result<Self, UpstreamError> {
         let stream = clock::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| {
@@ -88,6 +97,7 @@ impl Connection {
             head: Vec::new(),
             fields: Vec::new(),
             reused: false,
+            _counted: counts.opened(addr),
         })
     }
 
@@ -127,7 +137,7 @@ impl Upstream for Http1Upstream {
         let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
         let mut connection = match self.pool.checkout(addr).await {
             Some(connection) => connection,
-            None => Connection::open(addr).await?,
+            None => Connection::open(addr, &self.connections).await?,
         };
         loop {
             connection.head.clear();
@@ -153,7 +163,7 @@ impl Upstream for Http1Upstream {
                 }
                 Err(failed) if failed.nothing_received && connection.reused => {
                     tracing::debug!(pod = %addr, error = failed.error, "pooled connection was closed; reconnecting");
-                    connection = Connection::open(addr).await?;
+                    connection = Connection::open(addr, &self.connections).await?;
                 }
                 Err(failed) => return Err(UpstreamError::BeforeHeaders(failed.error)),
             }
@@ -429,7 +439,8 @@ mod tests {
             }
         })
         .await;
-        let upstream = Http1Upstream::new();
+        let counts = Arc::new(ConnectionCounts::default());
+        let upstream = Http1Upstream::new(counts.clone());
         for _ in 0..3 {
             let response = upstream
                 .send(request(addr, "{\"a\":1}"))
@@ -442,6 +453,7 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
         assert_eq!(upstream.pool.idle_count(), 1);
+        assert_eq!(counts.open_to(addr), 1, "the pooled connection is counted");
         let seen = seen.lock();
         assert_eq!(seen.len(), 3);
         assert_eq!(
@@ -463,7 +475,7 @@ mod tests {
             )
         })
         .await;
-        let upstream = Http1Upstream::new();
+        let upstream = Http1Upstream::new(Arc::default());
         let response = upstream.send(request(addr, "{}")).await.expect("answered");
         assert_eq!(response.headers()["transfer-encoding"], "chunked");
         let mut body = response.into_body();
@@ -485,10 +497,12 @@ mod tests {
             )
         })
         .await;
-        let upstream = Http1Upstream::new();
+        let counts = Arc::new(ConnectionCounts::default());
+        let upstream = Http1Upstream::new(counts.clone());
         let response = upstream.send(request(addr, "{}")).await.expect("answered");
         assert_eq!(text(response).await, "ok");
         assert_eq!(upstream.pool.idle_count(), 0);
+        assert_eq!(counts.open_to(addr), 0, "closed, no longer counted");
 
         let (addr, _) = engine(|stream, _| answer_each(stream, JSON_ANSWER)).await;
         let response = upstream.send(request(addr, "{}")).await.expect("answered");
@@ -508,7 +522,7 @@ mod tests {
             }
         })
         .await;
-        let upstream = Http1Upstream::new();
+        let upstream = Http1Upstream::new(Arc::default());
         for round in 1..=3 {
             let response = upstream.send(request(addr, "{}")).await.expect("answered");
             assert_eq!(text(response).await, "{\"ok\":true}");
@@ -522,7 +536,7 @@ mod tests {
         let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let refused = closed.local_addr().expect("addr");
         drop(closed);
-        let upstream = Http1Upstream::new();
+        let upstream = Http1Upstream::new(Arc::default());
         let error = upstream
             .send(request(refused, "{}"))
             .await
@@ -566,7 +580,7 @@ mod tests {
             }
         })
         .await;
-        let upstream = Http1Upstream::new();
+        let upstream = Http1Upstream::new(Arc::default());
         let mut body = upstream
             .send(request(addr, "{}"))
             .await
@@ -593,7 +607,7 @@ mod tests {
             }
         })
         .await;
-        let upstream = Http1Upstream::new();
+        let upstream = Http1Upstream::new(Arc::default());
         let mut request = request(addr, body);
         request
             .headers_mut()
