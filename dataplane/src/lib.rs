@@ -19,6 +19,7 @@ pub mod app;
 pub mod cli;
 pub mod config_file;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;

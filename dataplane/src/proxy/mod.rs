@@ -36,8 +36,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 
-pub use self::admit::DEFAULT_MAX_BODY_BYTES;
 use self::admit::{Admitted, InferenceRequest};
+pub use self::admit::{BodyLimits, DEFAULT_MAX_BODY_BYTES};
 pub use self::authenticate::Identity;
 use self::forward::Outbound;
 use self::forward::{HyperUpstream, Upstream};
@@ -45,18 +45,23 @@ use self::log::{Observer, RequestRecord};
 pub use self::respond::ProxyBody;
 use self::respond::json_response;
 use crate::error::{ApiError, BodyError, ErrorKind};
+use crate::limits::{BodyBudget, DEFAULT_BODY_BUDGET_BYTES};
 use crate::snapshot::SnapshotStore;
 
 /// The proxy's settings.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    pub max_body_bytes: usize,
+    /// Size and pace of one request body.
+    pub body: BodyLimits,
+    /// Bytes of request bodies held at once by all requests.
+    pub body_budget_bytes: usize,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body: BodyLimits::default(),
+            body_budget_bytes: DEFAULT_BODY_BUDGET_BYTES,
         }
     }
 }
@@ -67,6 +72,7 @@ pub struct Proxy<U = HyperUpstream> {
     store: Arc<SnapshotStore>,
     upstream: U,
     config: ProxyConfig,
+    budget: BodyBudget,
     observer: Arc<Observer>,
 }
 
@@ -87,6 +93,7 @@ impl<U: Upstream> Proxy<U> {
         Self {
             store,
             upstream,
+            budget: BodyBudget::for_this_machine(config.body_budget_bytes, config.body.max_bytes),
             config,
             observer,
         }
@@ -129,7 +136,9 @@ impl<U: Upstream> Proxy<U> {
         B: Body<Data = Bytes>,
         B::Error: Into<BodyError>,
     {
-        let request = match admit::admit(request, self.config.max_body_bytes).await? {
+        // Held until the request is forwarded: its body's bytes are in use till then.
+        let mut reservation = self.budget.reservation();
+        let request = match admit::admit(request, &self.config.body, &mut reservation).await? {
             Admitted::Inference(request) => request,
             Admitted::ListModels => return self.list_models(),
         };
