@@ -538,6 +538,8 @@ pub struct Stack {
     pub config_dir: PathBuf,
     pub xds_addr: SocketAddr,
     pub controller_admin: SocketAddr,
+    /// The controller's debug listener (`/debug/*`).
+    pub controller_debug: SocketAddr,
     pub http: HttpClient,
     /// This stack's own loopback subnet ([`test_subnet`]).
     pub subnet: [u8; 3],
@@ -594,6 +596,7 @@ impl Stack {
             controller: None,
             xds_addr: free_addr(),
             controller_admin: free_addr(),
+            controller_debug: free_addr(),
             dataplanes: Vec::new(),
             http: HttpClient::default(),
             subnet: test_subnet(),
@@ -728,6 +731,10 @@ impl Stack {
                 self.xds_addr.to_string(),
                 "--metrics-addr".to_owned(),
                 self.controller_admin.to_string(),
+                "--debug-addr".to_owned(),
+                self.controller_debug.ip().to_string(),
+                "--debug-port".to_owned(),
+                self.controller_debug.port().to_string(),
             ];
             args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
             let mut process = Process::start(
@@ -763,6 +770,7 @@ impl Stack {
             );
             self.xds_addr = free_addr();
             self.controller_admin = free_addr();
+            self.controller_debug = free_addr();
         }
     }
 
