@@ -128,15 +128,19 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
             format!("field `model` in request body is longer than {MAX_MODEL_BYTES} bytes"),
         )
     };
-    if raw_model.get().len() > MAX_MODEL_BYTES * MAX_ESCAPED_BYTES_PER_BYTE + 2 {
-        return Err(too_long());
-    }
-    let model: String = serde_json::from_str(raw_model.get()).map_err(|_| {
+    let not_a_string = || {
         ApiError::new(
             ErrorKind::InvalidModel,
             "field `model` in request body must be a string",
         )
-    })?;
+    };
+    if !raw_model.get().starts_with('"') {
+        return Err(not_a_string());
+    }
+    if raw_model.get().len() > MAX_MODEL_BYTES * MAX_ESCAPED_BYTES_PER_BYTE + 2 {
+        return Err(too_long());
+    }
+    let model: String = serde_json::from_str(raw_model.get()).map_err(|_| not_a_string())?;
     if model.len() > MAX_MODEL_BYTES {
         return Err(too_long());
     }
@@ -317,6 +321,21 @@ mod tests {
             assert!(error.message.len() < 100, "{}", error.message);
             assert!(!error.message.contains("mmmm") && !error.message.contains("xxxx"));
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_skipped_without_recursion() {
+        let deep = "[".repeat(200_000) + &"]".repeat(200_000);
+        let body = format!(r#"{{"model":"m","x":{deep}}}"#);
+        assert_eq!(parse_body(body.as_bytes()).expect("valid JSON").model, "m");
+        let body = format!(r#"{{"model":{deep}}}"#);
+        let error = parse_body(body.as_bytes()).expect_err("not a string");
+        assert_eq!(error.kind, ErrorKind::InvalidModel);
+        assert!(
+            error.message.contains("must be a string"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]
