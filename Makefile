@@ -14,6 +14,15 @@ build:
 test:
 	$(CARGO) test --workspace
 
+# The slow hostile-client probes (floods, parked and slow bodies, slowloris,
+# huge fields), one at a time so memory is measured per probe, plus the fast
+# ones again for their figures; prints the README's "Failure behaviour" rows.
+.PHONY: test-faults
+test-faults:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p switchyard-e2e --test faults --test hostile_clients -- --include-ignored --test-threads 1 --nocapture 2>&1 \
+		| tee target/test-faults.log | grep -E '^(FIGURE|test |test result)'
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

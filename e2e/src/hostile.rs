@@ -8,12 +8,97 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use parking_lot::Mutex;
 use switchyard_runtime::clock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::{
+    ENGINE_PORT, Stack, TestPod, model_server_yaml, simple_route_yaml, yaml_documents,
+};
+
+/// A controller and a dataplane routing model `m` to a mock engine and
+/// `cap` to a [`CaptureEngine`], for the hostile-client tests.
+pub struct HostileStack {
+    pub stack: Stack,
+    pub capture: CaptureEngine,
+}
+
+impl HostileStack {
+    pub async fn start(dataplane_args: &[&str]) -> Self {
+        let objects = yaml_documents(&[
+            model_server_yaml("mock", ""),
+            simple_route_yaml("m", "m", "mock"),
+            model_server_yaml("cap", ""),
+            simple_route_yaml("cap", "cap", "cap"),
+        ]);
+        let mut stack = Stack::new(&[("objects.yaml", objects)]);
+        let capture = CaptureEngine::start(SocketAddr::from((stack.ip(12), ENGINE_PORT))).await;
+        stack
+            .start_pods(&[
+                TestPod::serving("mock-0", 11, "mock", "m", &[]),
+                TestPod::without_engine("cap-0", 12, "cap"),
+            ])
+            .await;
+        stack.start_controller().await;
+        let index = stack.spawn_dataplane_with(dataplane_args);
+        stack.wait_dataplane_ready(index).await;
+        Self { stack, capture }
+    }
+
+    pub fn traffic(&self) -> SocketAddr {
+        self.stack.dataplanes[0].traffic
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.stack.dataplanes[0]
+            .process
+            .pid()
+            .expect("dataplane runs")
+    }
+
+    /// Inference requests the capture engine received (not the controller's scrapes).
+    pub fn forwarded(&self) -> Vec<Captured> {
+        self.capture
+            .requests()
+            .into_iter()
+            .filter(|request| {
+                request.path.starts_with("/v1/chat") || request.path == "/v1/completions"
+            })
+            .collect()
+    }
+
+    /// A chat request to the mock engine still gets its 200.
+    pub async fn still_serves(&self) {
+        let response = self
+            .stack
+            .post(
+                "/v1/chat/completions",
+                &[],
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+    }
+
+    /// The dataplane's access log lines (JSON) so far.
+    pub fn access_log_lines(&self) -> Vec<serde_json::Value> {
+        self.stack.dataplanes[0]
+            .process
+            .log_text()
+            .lines()
+            .filter(|line| line.starts_with('{'))
+            .map(|line| serde_json::from_str(line).expect("an access log line is JSON"))
+            .collect()
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.stack.dataplanes[0].metrics);
+        self.stack.http.get(&url).await.expect("metrics").text()
+    }
+}
 
 /// What [`CaptureEngine`] received: one entry per request.
 #[derive(Debug, Clone)]
@@ -228,13 +313,21 @@ pub async fn rss_settles_below(pid: u32, bound_kib: u64, limit: Duration) -> u64
 }
 
 /// One line of the measured figures (`make test-faults` prints them for
-/// the README's table): probe, outcome, RSS before, at the peak, after.
-pub fn report_figure(probe: &str, outcome: &str, before_kib: u64, peak_kib: u64, after_kib: u64) {
+/// the README's table): probe, outcome, RSS before, at the peak (when
+/// sampled), after.
+pub fn report_figure(
+    probe: &str,
+    outcome: &str,
+    before_kib: u64,
+    peak_kib: Option<u64>,
+    after_kib: u64,
+) {
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
     println!(
-        "FIGURE | {probe} | {outcome} | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
-        before_kib as f64 / 1024.0,
-        peak_kib as f64 / 1024.0,
-        after_kib as f64 / 1024.0
+        "FIGURE | {probe} | {outcome} | {} | {} | {} |",
+        mib(before_kib),
+        peak_kib.map_or_else(|| "—".to_owned(), mib),
+        mib(after_kib)
     );
 }
 

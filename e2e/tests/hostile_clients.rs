@@ -3,17 +3,13 @@
 //! asserts what the router does (status, connection closed, what reaches the
 //! engine, memory) and that it keeps serving afterwards.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::StatusCode;
-use switchyard_e2e::harness::{
-    ENGINE_PORT, Stack, TestPod, WAIT_DEADLINE, model_server_yaml, simple_route_yaml,
-    yaml_documents,
-};
+use switchyard_e2e::harness::{ENGINE_PORT, WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
-    CaptureEngine, Captured, RawOutcome, exchange, h2, open_fds, post, read_outcome,
-    read_until_closed, rss_kib, with_header_line,
+    HostileStack, RawOutcome, exchange, h2, open_fds, post, read_outcome, read_until_closed,
+    report_figure, rss_kib, with_header_line,
 };
 use switchyard_runtime::clock;
 use tokio::io::AsyncWriteExt;
@@ -21,75 +17,6 @@ use tokio::net::TcpStream;
 
 /// How long a probe waits for more bytes once the server has gone quiet.
 const QUIET: Duration = Duration::from_millis(500);
-
-/// A dataplane routing `m` to a mock engine and `cap` to a [`CaptureEngine`].
-struct Hostile {
-    stack: Stack,
-    capture: CaptureEngine,
-}
-
-impl Hostile {
-    async fn start(dataplane_args: &[&str]) -> Self {
-        let objects = yaml_documents(&[
-            model_server_yaml("mock", ""),
-            simple_route_yaml("m", "m", "mock"),
-            model_server_yaml("cap", ""),
-            simple_route_yaml("cap", "cap", "cap"),
-        ]);
-        let mut stack = Stack::new(&[("objects.yaml", objects)]);
-        let capture = CaptureEngine::start(SocketAddr::from((stack.ip(12), ENGINE_PORT))).await;
-        stack
-            .start_pods(&[
-                TestPod::serving("mock-0", 11, "mock", "m", &[]),
-                TestPod::without_engine("cap-0", 12, "cap"),
-            ])
-            .await;
-        stack.start_controller().await;
-        let index = stack.spawn_dataplane_with(dataplane_args);
-        stack.wait_dataplane_ready(index).await;
-        Self { stack, capture }
-    }
-
-    fn traffic(&self) -> SocketAddr {
-        self.stack.dataplanes[0].traffic
-    }
-
-    fn pid(&self) -> u32 {
-        self.stack.dataplanes[0]
-            .process
-            .pid()
-            .expect("dataplane runs")
-    }
-
-    /// Inference requests the capture engine received (not the controller's scrapes).
-    fn forwarded(&self) -> Vec<Captured> {
-        self.capture
-            .requests()
-            .into_iter()
-            .filter(|request| {
-                request.path.starts_with("/v1/chat") || request.path == "/v1/completions"
-            })
-            .collect()
-    }
-
-    /// A chat request to the mock engine still gets its 200.
-    async fn still_serves(&self) {
-        let response = self
-            .stack
-            .post(
-                "/v1/chat/completions",
-                &[],
-                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
-            )
-            .await;
-        assert_eq!(response.status, StatusCode::OK, "{}", response.text());
-    }
-
-    async fn metrics(&self) -> String {
-        let url = format!("http://{}/metrics", self.stack.dataplanes[0].metrics);
-        self.stack.http.get(&url).await.expect("metrics").text()
-    }
-}
 
 const CHAT_CAP: &[u8] = br#"{"model":"cap","messages":[]}"#;
 
@@ -110,7 +37,7 @@ fn probe(name: &'static str, bytes: impl Into<Vec<u8>>, status: u16, closes: boo
     }
 }
 
-async fn run_probes(hostile: &Hostile, probes: Vec<Probe>) {
+async fn run_probes(hostile: &HostileStack, probes: Vec<Probe>) {
     for probe in probes {
         let outcome = exchange(hostile.traffic(), &probe.bytes, QUIET).await;
         assert_eq!(
@@ -132,7 +59,8 @@ fn head(request_line: &str, headers: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_variants_are_refused_and_nothing_is_smuggled() {
-    let hostile = Hostile::start(&[]).await;
+    let hostile = HostileStack::start(&[]).await;
+    let before = rss_kib(hostile.pid());
     let post_line = "POST /v1/chat/completions HTTP/1.1";
     let smuggled = "GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n";
     let chunked_body = format!(
@@ -260,11 +188,19 @@ async fn smuggling_variants_are_refused_and_nothing_is_smuggled() {
     );
     assert_eq!(forwarded[0].body, CHAT_CAP);
     hostile.still_serves().await;
+    report_figure(
+        "smuggling: CL+TE, duplicate/list/signed/hex Content-Length, obfuscated Transfer-Encoding, obs-fold, NUL, chunk-size overflow",
+        "400 and closed (CL+TE: chunked wins, then closed; nothing smuggled)",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_utf8_and_odd_request_targets() {
-    let hostile = Hostile::start(&[]).await;
+    let hostile = HostileStack::start(&[]).await;
+    let before = rss_kib(hostile.pid());
     let mut name_not_utf8 =
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nX-\xc3\xa9: a\r\n".to_vec();
     name_not_utf8.extend(b"Content-Length: 2\r\n\r\n{}");
@@ -325,11 +261,19 @@ async fn invalid_utf8_and_odd_request_targets() {
         );
     }
     hostile.still_serves().await;
+    report_figure(
+        "non-UTF-8 header name / path; obs-text value; absolute-form; CONNECT; OPTIONS *",
+        "400 + closed / forwarded byte for byte / routed to the pod with its Host / 404, no tunnel",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_numerous_headers_get_431() {
-    let hostile = Hostile::start(&[]).await;
+    let hostile = HostileStack::start(&[]).await;
+    let before = rss_kib(hostile.pid());
     let huge = format!("X-Big: {}\r\n", "a".repeat(100_000));
     let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
     let large_but_fine = format!("X-Big: {}\r\n", "a".repeat(48_000));
@@ -358,11 +302,18 @@ async fn oversized_and_numerous_headers_get_431() {
     )
     .await;
     hostile.still_serves().await;
+    report_figure(
+        "a 100 KB header; 200 headers",
+        "431 and closed (64 KiB head, 100 headers)",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_credentials_are_consumed_and_engine_credentials_pass_without_authentication() {
-    let hostile = Hostile::start(&[]).await;
+    let hostile = HostileStack::start(&[]).await;
     let headers = [
         ("authorization", "Bearer engine-key"),
         ("cookie", "session=s"),
@@ -389,20 +340,10 @@ async fn proxy_credentials_are_consumed_and_engine_credentials_pass_without_auth
     assert_eq!(sent["x-api-key"], "key-1");
 }
 
-/// Every access log line of the dataplane's output.
-fn access_log_lines(hostile: &Hostile) -> Vec<serde_json::Value> {
-    hostile.stack.dataplanes[0]
-        .process
-        .log_text()
-        .lines()
-        .filter(|line| line.starts_with('{'))
-        .map(|line| serde_json::from_str(line).expect("an access log line is JSON"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_model_values_are_refused_or_quoted_within_bounds() {
-    let hostile = Hostile::start(&[]).await;
+    let hostile = HostileStack::start(&[]).await;
+    let before = rss_kib(hostile.pid());
     let series_before = hostile.metrics().await.lines().count();
     let long = "x".repeat(2 << 20);
     let response = hostile
@@ -464,11 +405,18 @@ async fn hostile_model_values_are_refused_or_quoted_within_bounds() {
             line.to_string().len()
         );
     }
+    report_figure(
+        "a 2 MiB `model`; control characters and quotes in `model`; non-string `model`",
+        "400 without echo / 404 quoting an escaped 128-byte prefix / 400; no metric series",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
-async fn wait_for_access_lines(hostile: &Hostile, count: usize) -> Vec<serde_json::Value> {
-    switchyard_e2e::harness::wait_for("access log lines", || async {
-        let lines = access_log_lines(hostile);
+async fn wait_for_access_lines(hostile: &HostileStack, count: usize) -> Vec<serde_json::Value> {
+    wait_for("access log lines", || async {
+        let lines = hostile.access_log_lines();
         (lines.len() >= count).then_some(lines)
     })
     .await
@@ -476,7 +424,8 @@ async fn wait_for_access_lines(hostile: &Hostile, count: usize) -> Vec<serde_jso
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_and_binary_request_ids_are_replaced_by_generated_ones() {
-    let hostile = Hostile::start(&[]).await;
+    let hostile = HostileStack::start(&[]).await;
+    let before = rss_kib(hostile.pid());
     let long = "r".repeat(60_000);
     let cases: [(&str, Vec<u8>, bool); 4] = [
         ("kept", b"client-id-1".to_vec(), true),
@@ -536,11 +485,19 @@ async fn long_and_binary_request_ids_are_replaced_by_generated_ones() {
             .contains("x-request-id replaced"),
         "a replacement is logged"
     );
+    report_figure(
+        "x-request-id of 60 KB, with spaces, Latin-1",
+        "replaced by a generated id, logged; ids in the decision ring ≤ 128 bytes",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_and_wide_json_bodies_are_handled_without_harm() {
-    let hostile = Hostile::start(&[]).await;
+    let hostile = HostileStack::start(&[]).await;
+    let before = rss_kib(hostile.pid());
     // The router reads `model` and skips the rest without recursing: a body
     // nested 200,000 deep is valid JSON and reaches the engine, which judges
     // it (vLLM refuses it with 400).
@@ -564,11 +521,19 @@ async fn deep_and_wide_json_bodies_are_handled_without_harm() {
     assert_eq!(forwarded[0].body.len(), deep.len(), "forwarded as sent");
     assert_eq!(forwarded[1].body.len(), wide.len(), "forwarded as sent");
     hostile.still_serves().await;
+    report_figure(
+        "JSON nested 200,000 deep; an object of 200,000 fields",
+        "skipped without recursion and forwarded (the engine judges); nested `model`: 400",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_get_503_and_are_closed() {
-    let hostile = Hostile::start(&["--max-connections", "20"]).await;
+    let hostile = HostileStack::start(&["--max-connections", "20"]).await;
+    let before = rss_kib(hostile.pid());
     // The harness's own client may hold pooled connections; wait them out by
     // filling every slot with ours.
     let mut held = Vec::new();
@@ -596,17 +561,25 @@ async fn connections_beyond_the_limit_get_503_and_are_closed() {
     assert!(outcome.text().contains("retry-after: 1"));
     drop(held);
     hostile.still_serves().await;
+    report_figure(
+        "connections over --max-connections",
+        "503 too_many_connections + Retry-After, closed",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_beyond_the_budget_get_503_with_retry_after() {
-    let hostile = Hostile::start(&[
+    let hostile = HostileStack::start(&[
         "--body-budget-bytes",
         "1000000",
         "--max-body-bytes",
         "600000",
     ])
     .await;
+    let before = rss_kib(hostile.pid());
     // A parked body holds 600 KB of the budget.
     let mut parked = TcpStream::connect(hostile.traffic())
         .await
@@ -620,7 +593,7 @@ async fn bodies_beyond_the_budget_get_503_with_retry_after() {
     parked.write_all(&head_only).await.expect("write");
     let pad = "p".repeat(500_000 - 40);
     let body = format!(r#"{{"model":"cap","pad":"{pad}"}}"#);
-    let refused = switchyard_e2e::harness::wait_for("the budget to be held", || async {
+    let refused = wait_for("the budget to be held", || async {
         let outcome = exchange(
             hostile.traffic(),
             &post("/v1/chat/completions", "", body.as_bytes()),
@@ -637,7 +610,7 @@ async fn bodies_beyond_the_budget_get_503_with_retry_after() {
     );
     assert!(refused.closed, "the unread body is not kept");
     drop(parked);
-    let accepted = switchyard_e2e::harness::wait_for("the budget to free up", || async {
+    let accepted = wait_for("the budget to free up", || async {
         let outcome = exchange(
             hostile.traffic(),
             &post("/v1/chat/completions", "", body.as_bytes()),
@@ -653,11 +626,20 @@ async fn bodies_beyond_the_budget_get_503_with_retry_after() {
         metrics.contains(r#"error_type="router_overloaded""#),
         "counted"
     );
+    report_figure(
+        "a body that does not fit the body budget",
+        "503 router_overloaded + Retry-After, closed",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_slower_than_the_minimum_rate_gets_408() {
-    let hostile = Hostile::start(&["--body-read-grace", "1s", "--min-body-rate", "2000"]).await;
+    let hostile =
+        HostileStack::start(&["--body-read-grace", "1s", "--min-body-rate", "2000"]).await;
+    let before = rss_kib(hostile.pid());
     let body = format!(r#"{{"model":"cap","pad":"{}"}}"#, "p".repeat(3000));
     let request = post("/v1/chat/completions", "", body.as_bytes());
     let split = request.len() - body.len();
@@ -693,11 +675,18 @@ async fn a_body_slower_than_the_minimum_rate_gets_408() {
     assert!(outcome.text().contains("request_timeout"));
     assert!(started.elapsed() < Duration::from_secs(10));
     hostile.still_serves().await;
+    report_figure(
+        "a body slower than --min-body-rate after --body-read-grace",
+        "408 request_timeout, closed",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_continuation_floods_and_rapid_resets_end_the_connection() {
-    let hostile = Hostile::start(&[]).await;
+    let hostile = HostileStack::start(&[]).await;
     let pid = hostile.pid();
     let before = rss_kib(pid);
     // CONTINUATION flood: a header block that never ends, 1.5 MB of it.
@@ -752,4 +741,11 @@ async fn http2_continuation_floods_and_rapid_resets_end_the_connection() {
     );
     assert!(open_fds(pid) < 64, "no connection left behind");
     hostile.still_serves().await;
+    report_figure(
+        "HTTP/2 CONTINUATION flood (1.5 MB header block); rapid reset (10,000 streams)",
+        "GOAWAY ENHANCE_YOUR_CALM, connection closed",
+        before,
+        None,
+        rss_kib(hostile.pid()),
+    );
 }
