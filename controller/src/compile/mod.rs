@@ -19,6 +19,9 @@ use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
 mod objects;
 mod pod_index;
+mod prefill_decode;
+#[cfg(test)]
+mod prefill_decode_tests;
 mod report;
 mod routes;
 mod servers;
@@ -26,6 +29,7 @@ mod servers;
 mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
+pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
 pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
@@ -281,6 +285,8 @@ fn duplicate_report(
         },
         ready_pods: None,
         total_pods: None,
+        pd_groups: None,
+        complete_pd_groups: None,
         in_snapshot: false,
     }
 }
