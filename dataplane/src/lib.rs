@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config_file;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;
