@@ -12,14 +12,15 @@ use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind}
 use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
+use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyBudget, BodyDeadline, ConnectionLimit};
 use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::per_worker;
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLogConfig, AccessLogWriter};
-use crate::proxy::{Proxy, ProxyConfig};
+use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
-use crate::server::{DRAIN_TIMEOUT, bind_traffic_listeners, serve};
+use crate::server::{ConnectionSettings, DRAIN_TIMEOUT, bind_traffic_listeners, serve};
 use crate::snapshot::SnapshotStore;
 use crate::workers::{self, TrafficWorker};
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
@@ -121,8 +122,26 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     });
 
     let proxy_config = ProxyConfig {
-        max_body_bytes: args.max_body_bytes,
+        body: BodyLimits {
+            max_bytes: args.max_body_bytes,
+            deadline: BodyDeadline {
+                grace: args.body_read_grace,
+                min_bytes_per_sec: args.min_body_rate,
+            },
+        },
+        // One budget, split into a share per worker.
+        body_budget: Arc::new(BodyBudget::new(
+            args.body_budget_bytes,
+            worker_count,
+            args.max_body_bytes,
+        )),
     };
+    let settings = |max_connections| ConnectionSettings {
+        idle_timeout: args.idle_timeout,
+        limit: ConnectionLimit::new(max_connections),
+    };
+    // One limit for all workers: it is taken per connection, not per request.
+    let traffic_settings = settings(args.max_connections);
     let metrics_on_traffic_port = args.expose_metrics_on_router_port.then(|| admin.clone());
     for (index, listener) in traffic.into_iter().enumerate() {
         let worker = TrafficWorker {
@@ -138,23 +157,32 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
                 }),
             ),
             metrics_on_traffic_port: metrics_on_traffic_port.clone(),
-            idle_timeout: args.idle_timeout,
+            settings: traffic_settings.clone(),
         };
         tasks.spawn_graceful("traffic worker", |stop| workers::run(worker, stop));
     }
-    let idle_timeout = args.idle_timeout;
     let metrics_admin = admin.clone();
     tasks.spawn_graceful("metrics server", |stop| {
-        serve(metrics_listener, idle_timeout, stop, move |request| {
-            let admin = metrics_admin.clone();
-            async move { admin.handle_metrics_port(&request) }
-        })
+        serve(
+            metrics_listener,
+            settings(ADMIN_MAX_CONNECTIONS),
+            stop,
+            move |request| {
+                let admin = metrics_admin.clone();
+                async move { admin.handle_metrics_port(&request) }
+            },
+        )
     });
     tasks.spawn_graceful("debug server", |stop| {
-        serve(debug_listener, idle_timeout, stop, move |request| {
-            let admin = admin.clone();
-            async move { admin.handle_debug_port(&request) }
-        })
+        serve(
+            debug_listener,
+            settings(ADMIN_MAX_CONNECTIONS),
+            stop,
+            move |request| {
+                let admin = admin.clone();
+                async move { admin.handle_debug_port(&request) }
+            },
+        )
     });
     tasks.spawn_graceful("shutdown notice", |stop| async move {
         stop.cancelled().await;

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config_file;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod per_worker;
 pub mod pod;

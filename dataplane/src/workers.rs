@@ -13,7 +13,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -23,7 +22,7 @@ use tokio::sync::oneshot;
 use crate::admin::Admin;
 use crate::per_worker;
 use crate::proxy::{Proxy, ProxyBody};
-use crate::server::serve;
+use crate::server::{ConnectionSettings, serve};
 
 /// One traffic worker's own parts.
 #[derive(Debug)]
@@ -34,7 +33,8 @@ pub struct TrafficWorker {
     pub proxy: Proxy,
     /// Serves `/metrics` on the traffic port too (`--expose-metrics-on-router-port`).
     pub metrics_on_traffic_port: Option<Arc<Admin>>,
-    pub idle_timeout: Duration,
+    /// Idle timeout and the connection limit (shared by every worker).
+    pub settings: ConnectionSettings,
 }
 
 /// Why a traffic worker stopped.
@@ -78,7 +78,7 @@ fn serve_on_this_thread(worker: TrafficWorker, stop: CancellationToken) -> Resul
         listener,
         proxy,
         metrics_on_traffic_port,
-        idle_timeout,
+        settings,
     } = worker;
     per_worker::enter(index);
     let start_error = |source| WorkerError::Start { index, source };
@@ -93,7 +93,7 @@ fn serve_on_this_thread(worker: TrafficWorker, stop: CancellationToken) -> Resul
             proxy,
             metrics_on_traffic_port,
         });
-        serve(listener, idle_timeout, stop, move |request| {
+        serve(listener, settings, stop, move |request| {
             let traffic = traffic.clone();
             async move { traffic.handle(request).await }
         })
