@@ -73,10 +73,13 @@ pub async fn serve<H, F>(
         limit,
     } = settings;
     let mut http1 = http1::Builder::new();
+    // The read buffer bound alone lets a head that arrives in one last large
+    // read through; the header size bound checks the parsed head itself.
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(idle_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
+        .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
