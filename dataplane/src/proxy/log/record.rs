@@ -22,7 +22,7 @@ use prometheus::IntGauge;
 use super::Observer;
 use super::access_log::AccessLogEntry;
 use crate::error::ApiError;
-use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, UNKNOWN_MODEL};
+use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel};
 use crate::pod::PodState;
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::response::Usage;
@@ -103,7 +103,9 @@ impl RequestRecord {
     pub fn set_route(&mut self, model: &str, decision: &RouteDecision) {
         let resolved = self.observer.metrics.resolved();
         if let Some(handles) = resolved.model(model) {
-            handles.active_downstream.inc();
+            if let Some(active) = handles.active_downstream() {
+                active.inc();
+            }
             self.model = Some(handles.clone());
         }
         self.route = Some(decision.route.clone());
@@ -195,40 +197,29 @@ impl RequestRecord {
             _ => None,
         };
         let usage = usage.unwrap_or_default();
-        let metrics = &self.observer.metrics;
+        let observation = Observation {
+            path: self.path,
+            status: self.status,
+            error_type,
+            total_seconds: total.as_secs_f64(),
+            phases,
+        };
         match &self.model {
             Some(model) => {
                 if self.status == 200 && error_type == OutcomeLabel::Success.as_str() {
-                    model.observe_success(self.path, total.as_secs_f64(), phases);
+                    model.observe_success(self.path, observation.total_seconds, phases);
                 } else {
-                    metrics.observe_other(&Observation {
-                        model: &model.name,
-                        path: self.path,
-                        status: self.status,
-                        error_type,
-                        total_seconds: total.as_secs_f64(),
-                        phases,
-                    });
+                    model.observe_other(&observation);
                 }
                 model.add_tokens(self.path, usage.prompt_tokens, usage.completion_tokens);
                 if let Some((prefill, decode)) = phases {
-                    model.ttft.observe(prefill);
-                    if usage.completion_tokens > 1 {
-                        model
-                            .tpot
-                            .observe(decode / (usage.completion_tokens - 1) as f64);
-                    }
+                    model.observe_stream(prefill, decode, usage.completion_tokens);
                 }
-                model.active_downstream.dec();
+                if let Some(active) = model.active_downstream() {
+                    active.dec();
+                }
             }
-            None => metrics.observe_other(&Observation {
-                model: UNKNOWN_MODEL,
-                path: self.path,
-                status: self.status,
-                error_type,
-                total_seconds: total.as_secs_f64(),
-                phases,
-            }),
+            None => self.observer.metrics.observe_unknown(&observation),
         }
         if let Some(gauge) = self.upstream_gauge.take() {
             gauge.dec();
