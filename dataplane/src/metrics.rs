@@ -842,6 +842,10 @@ impl SnapshotSink for ObservedStore {
     fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
         SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
     }
+
+    fn reclaim(&self) {
+        self.store.reclaim();
+    }
 }
 
 #[cfg(test)]

@@ -325,6 +325,10 @@ pub struct SnapshotStore {
     loads: Mutex<Option<AppliedLoads>>,
     /// Scheduling state that outlives tables (prefix index, recent decisions, metrics).
     scheduling: Arc<SchedulingShared>,
+    /// Replaced tables some request still held when they were replaced;
+    /// freed by [`SnapshotStore::reclaim`], so the cost of dropping a big
+    /// table falls on the thread that applies snapshots, not on a request.
+    retired: Mutex<Vec<Arc<RoutingTable>>>,
 }
 
 /// The latest EndpointLoads, kept so a later table gets them too and an
@@ -379,8 +383,29 @@ impl SnapshotStore {
                 pod.set_load(loads.loads.get(key).cloned());
             }
         }
-        self.table.store(Some(Arc::new(table)));
+        let replaced = self.table.swap(Some(Arc::new(table)));
+        drop(loads);
+        if let Some(replaced) = replaced {
+            self.retired.lock().push(replaced);
+        }
+        drop(previous);
+        self.reclaim();
         Ok(())
+    }
+
+    /// Frees the replaced tables no request uses any more (on the calling
+    /// thread: the one that applies snapshots).
+    pub fn reclaim(&self) {
+        let unused: Vec<Arc<RoutingTable>> = {
+            let mut retired = self.retired.lock();
+            let (unused, held) = std::mem::take(&mut *retired)
+                .into_iter()
+                .partition(|table| Arc::strong_count(table) == 1);
+            *retired = held;
+            unused
+        };
+        // Dropped here, outside the lock.
+        drop(unused);
     }
 
     /// Applies a whole EndpointLoads set, or an update of the one held
@@ -447,6 +472,10 @@ impl SnapshotSink for SnapshotStore {
     fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
         SnapshotStore::apply_endpoint_loads(self, version, loads).map_err(SnapshotError::into_nack)
     }
+
+    fn reclaim(&self) {
+        SnapshotStore::reclaim(self);
+    }
 }
 
 #[cfg(test)]
@@ -475,6 +504,26 @@ mod tests {
         assert_eq!(table.version, "v2");
         assert_eq!(table.pods["default/p1"].in_flight(), 1);
         assert!(Arc::ptr_eq(&table.pods["default/p1"], &pod));
+    }
+
+    #[test]
+    fn a_replaced_table_is_freed_by_the_applying_thread_once_unused() {
+        let store = SnapshotStore::new();
+        store.apply_route_config("v1", config()).expect("valid");
+        let held_by_a_request = store.table().expect("table");
+        let v1 = Arc::downgrade(&held_by_a_request);
+        store.apply_route_config("v2", config()).expect("valid");
+        assert!(v1.upgrade().is_some(), "still in use");
+        drop(held_by_a_request);
+        assert!(
+            v1.upgrade().is_some(),
+            "the request's release does not free it"
+        );
+        store.reclaim();
+        assert!(v1.upgrade().is_none(), "freed by reclaim");
+        let v2 = Arc::downgrade(&store.table().expect("table"));
+        store.apply_route_config("v3", config()).expect("valid");
+        assert!(v2.upgrade().is_none(), "unused: freed by the apply itself");
     }
 
     #[test]

@@ -69,6 +69,71 @@ pub trait SnapshotSink: Send + Sync + 'static {
     fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack>;
     /// Validate and apply atomically; `Err` is sent as the NACK, previous state kept.
     fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack>;
+    /// Frees what replaced snapshots still hold once no request uses them;
+    /// called every [`RECLAIM_INTERVAL`] by [`run_on_own_thread`].
+    fn reclaim(&self) {}
+}
+
+/// How often a client on its own thread frees replaced snapshots that
+/// requests were still using when they were replaced: requests hold a
+/// snapshot only until their response head arrives.
+pub const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the client's own thread could not run or stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientThreadError {
+    #[error("cannot start the controller stream thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the controller stream thread stopped unexpectedly (panicked)")]
+    Stopped,
+}
+
+/// [`run`] on a thread of its own with a single-threaded runtime, until
+/// `stop` is cancelled. Decoding a RouteConfig, validating it, building its
+/// table, cleaning up the metrics of what left and freeing the table it
+/// replaces take time proportional to the snapshot (thousands of routes:
+/// tens of milliseconds or more); none of it runs on the threads that serve
+/// requests and probes, which only ever swap an `Arc`.
+pub fn run_on_own_thread<S>(
+    config: XdsClientConfig,
+    sink: Arc<S>,
+    status: Arc<ControllerStatus>,
+    stop: switchyard_runtime::CancellationToken,
+) -> impl Future<Output = Result<(), ClientThreadError>> + Send + 'static
+where
+    S: SnapshotSink + ?Sized,
+{
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("controller-stream".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = done.send(Err(ClientThreadError::Spawn(error)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let reclaimer = sink.clone();
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval(RECLAIM_INTERVAL);
+                    loop {
+                        every.tick().await;
+                        reclaimer.reclaim();
+                    }
+                });
+                run(config, sink, status, stop.cancelled_owned()).await;
+            });
+            let _ = done.send(Ok(()));
+        });
+    async move {
+        spawned.map_err(ClientThreadError::Spawn)?;
+        finished.await.unwrap_or(Err(ClientThreadError::Stopped))
+    }
 }
 
 /// How to reach the controller and how to retry.
