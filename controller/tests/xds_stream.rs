@@ -121,6 +121,7 @@ fn subscribe(type_url: &str, version_info: &str) -> pb::SnapshotRequest {
         version_info: version_info.into(),
         response_nonce: String::new(),
         error_detail: None,
+        outlier_report: None,
     }
 }
 
@@ -167,6 +168,7 @@ impl Client {
             version_info: response.version_info.clone(),
             response_nonce: response.nonce.clone(),
             error_detail: None,
+            outlier_report: None,
         })
         .await;
     }
@@ -190,6 +192,7 @@ impl Client {
             version_info: applied_version.into(),
             response_nonce: response.nonce.clone(),
             error_detail: Some(error_detail),
+            outlier_report: None,
         })
         .await;
     }
@@ -407,6 +410,7 @@ async fn a_stale_nonce_is_ignored() {
             version_info: first.version_info.clone(),
             response_nonce: "not-a-nonce-we-sent".into(),
             error_detail: None,
+            outlier_report: None,
         })
         .await;
     // Requests are handled in order: once the EndpointLoads answer arrives, the stale ACK was seen.

@@ -30,6 +30,7 @@ use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::lazy_series::LazySeries;
+use crate::pod::outlier::Failure;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::{ControllerStatus, SnapshotSink};
 
@@ -143,6 +144,11 @@ pub struct RouterMetrics {
     pub time_to_first_token_seconds: HistogramVec,
     pub time_per_output_token_seconds: HistogramVec,
     pub upstream_connect_errors_total: IntCounterVec,
+    /// Pods this dataplane ejected, by the failure that tipped them.
+    pub pod_ejections_total: IntCounterVec,
+    /// Requests whose rule's weighted pick had no usable pod and went to
+    /// another target, by the target they left.
+    pub target_failovers_total: IntCounterVec,
     pub access_log_dropped_total: IntCounter,
     controller_connected: IntGauge,
     snapshot_age_seconds: Gauge,
@@ -167,13 +173,23 @@ pub struct RouterMetrics {
 #[derive(Debug, Default)]
 pub struct Resolved {
     models: HashMap<String, Arc<ModelMetrics>>,
-    /// route key -> server key -> `active_upstream_requests` gauge.
-    upstream: HashMap<String, HashMap<String, Arc<LazySeries<IntGauge>>>>,
+    /// route key -> server key -> the series of the pair.
+    upstream: HashMap<String, HashMap<String, Arc<TargetSeries>>>,
     /// server key -> `upstream_connect_errors_total` counter.
     connect_errors: HashMap<String, Arc<LazySeries<IntCounter>>>,
     /// The families of the two maps above.
     upstream_family: Option<IntGaugeVec>,
+    failovers_family: Option<IntCounterVec>,
     connect_errors_family: Option<IntCounterVec>,
+}
+
+/// The series of a rule target: a (route, ModelServer) pair.
+#[derive(Debug, Default)]
+struct TargetSeries {
+    /// `active_upstream_requests`.
+    active: LazySeries<IntGauge>,
+    /// `target_failovers_total`, of requests that left this target.
+    failovers: LazySeries<IntCounter>,
 }
 
 impl Resolved {
@@ -187,6 +203,18 @@ impl Resolved {
         self.upstream
             .get(route)?
             .get(server)?
+            .active
+            .get_or_create(|| family.with_label_values(&[route, server]))
+    }
+
+    /// The `target_failovers_total` counter of requests of `route` that
+    /// left its target `server`.
+    pub fn failovers(&self, route: &str, server: &str) -> Option<&IntCounter> {
+        let family = self.failovers_family.as_ref()?;
+        self.upstream
+            .get(route)?
+            .get(server)?
+            .failovers
             .get_or_create(|| family.with_label_values(&[route, server]))
     }
 
@@ -296,6 +324,16 @@ impl RouterMetrics {
                 "Connection attempts to inference pods that failed",
                 &["model_server"],
             )?,
+            pod_ejections_total: counter(
+                "kthena_router_pod_ejections_total",
+                "Pods this dataplane ejected (outlier detection), by the failure that tipped the ejection",
+                &["model_server", "reason"],
+            )?,
+            target_failovers_total: counter(
+                "kthena_router_target_failovers_total",
+                "Requests whose weighted target (model_server) had no usable pod and went to another target of the rule",
+                &["model_route", "model_server"],
+            )?,
             access_log_dropped_total: IntCounter::new(
                 "kthena_router_access_log_dropped_total",
                 "Access log lines dropped because the writer fell behind",
@@ -398,6 +436,8 @@ impl RouterMetrics {
                 Box::new(metrics.upstream_connect_errors_total.clone()),
                 counter,
             ),
+            (Box::new(metrics.pod_ejections_total.clone()), counter),
+            (Box::new(metrics.target_failovers_total.clone()), counter),
             (Box::new(metrics.access_log_dropped_total.clone()), counter),
             (Box::new(metrics.controller_connected.clone()), gauge),
             (Box::new(metrics.snapshot_age_seconds.clone()), gauge),
@@ -438,6 +478,7 @@ impl RouterMetrics {
         let previous = self.resolved.load_full();
         let mut next = Resolved {
             upstream_family: Some(self.active_upstream_requests.clone()),
+            failovers_family: Some(self.target_failovers_total.clone()),
             connect_errors_family: Some(self.upstream_connect_errors_total.clone()),
             ..Resolved::default()
         };
@@ -488,18 +529,31 @@ impl RouterMetrics {
                 {
                     continue;
                 }
-                if slot.retire().is_some() {
+                if slot.active.retire().is_some() {
                     let _ = self
                         .active_upstream_requests
+                        .remove_label_values(&[route, server]);
+                }
+                if slot.failovers.retire().is_some() {
+                    let _ = self
+                        .target_failovers_total
                         .remove_label_values(&[route, server]);
                 }
             }
         }
         for (server, slot) in &previous.connect_errors {
-            if !next.connect_errors.contains_key(server) && slot.retire().is_some() {
+            if next.connect_errors.contains_key(server) {
+                continue;
+            }
+            if slot.retire().is_some() {
                 let _ = self
                     .upstream_connect_errors_total
                     .remove_label_values(&[server]);
+            }
+            for failure in Failure::ALL {
+                let _ = self
+                    .pod_ejections_total
+                    .remove_label_values(&[server, failure.as_str()]);
             }
         }
     }
@@ -889,7 +943,14 @@ mod tests {
                 })
                 .collect(),
         );
-        RoutingTable::build("v", config, &HashMap::new(), &Arc::default()).expect("valid table")
+        RoutingTable::build(
+            "v",
+            config,
+            &HashMap::new(),
+            &Arc::default(),
+            &Arc::default(),
+        )
+        .expect("valid table")
     }
 
     /// Every series of `metrics` with `label` = `value`.

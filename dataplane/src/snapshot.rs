@@ -16,7 +16,11 @@ use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::pod::PodState;
-use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
+use crate::pod::outlier::{EjectionNotifier, OutlierDetector, OutlierSettings};
+use crate::routing::{
+    DEFAULT_RESPONSE_HEADER_TIMEOUT, Matcher, Route, RouteIndex, Rule, Server, StringMatcher,
+    WeightedTargets,
+};
 use crate::scheduling::{Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
 
@@ -105,18 +109,27 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     /// Validates `config` and builds the table, reusing `previous_pods` so
-    /// in-flight counts and loads survive the swap.
+    /// in-flight counts, loads and ejections survive the swap; its
+    /// ModelServers wake `ejections` when they eject a pod.
     pub fn build(
         version: &str,
         config: pb::RouteConfig,
         previous_pods: &HashMap<String, Arc<PodState>>,
         scheduling: &Arc<SchedulingShared>,
+        ejections: &Arc<EjectionNotifier>,
     ) -> Result<Self, SnapshotError> {
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
         let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
         let mut servers = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
-            let built = build_server(server, previous_pods, &mut pods)?;
+            let outlier = OutlierDetector::new(
+                OutlierSettings::resolve(
+                    server.outlier_detection.as_ref(),
+                    config.outlier_detection.as_ref(),
+                ),
+                ejections.clone(),
+            );
+            let built = build_server(server, previous_pods, &mut pods, outlier)?;
             if servers_by_key
                 .insert(built.key.clone(), built.clone())
                 .is_some()
@@ -157,6 +170,7 @@ fn build_server(
     server: &pb::ModelServer,
     previous_pods: &HashMap<String, Arc<PodState>>,
     pods: &mut HashMap<String, Arc<PodState>>,
+    outlier: OutlierDetector,
 ) -> Result<Arc<Server>, SnapshotError> {
     let key = switchyard_snapshot::object_key(&server.namespace, &server.name);
     let port = u16::try_from(server.port)
@@ -210,11 +224,15 @@ fn build_server(
         key,
         model_rewrite_literal,
         model_rewrite: server.model.clone(),
-        timeout: (policy.timeout_ms > 0).then(|| Duration::from_millis(policy.timeout_ms)),
+        timeout: match policy.timeout_ms {
+            0 => DEFAULT_RESPONSE_HEADER_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        },
         retry_attempts: policy.retry_attempts,
         retry_interval: Duration::from_millis(policy.retry_interval_ms),
         pods: server_pods,
         rotation: AtomicUsize::new(0),
+        outlier,
     }))
 }
 
@@ -325,6 +343,9 @@ pub struct SnapshotStore {
     loads: Mutex<Option<AppliedLoads>>,
     /// Scheduling state that outlives tables (prefix index, recent decisions, metrics).
     scheduling: Arc<SchedulingShared>,
+    /// Woken when a ModelServer of any table ejects a pod, for the report
+    /// to the controller.
+    ejections: Arc<EjectionNotifier>,
     /// Replaced tables some request still held when they were replaced;
     /// freed by [`SnapshotStore::reclaim`], so the cost of dropping a big
     /// table falls on the thread that applies snapshots, not on a request.
@@ -377,7 +398,13 @@ impl SnapshotStore {
         let previous = self.table.load_full();
         let empty = HashMap::new();
         let previous_pods = previous.as_ref().map_or(&empty, |table| &table.pods);
-        let table = RoutingTable::build(version, config, previous_pods, &self.scheduling)?;
+        let table = RoutingTable::build(
+            version,
+            config,
+            previous_pods,
+            &self.scheduling,
+            &self.ejections,
+        )?;
         if let Some(loads) = loads.as_ref() {
             for (key, pod) in &table.pods {
                 pod.set_load(loads.loads.get(key).cloned());
@@ -743,7 +770,8 @@ mod tests {
             lora_adapters: vec!["lora-B".into(), "lora-A".into()],
             ..route("lora", "", "s")
         });
-        let table = RoutingTable::build("v", c, &HashMap::new(), &Arc::default()).expect("valid");
+        let table = RoutingTable::build("v", c, &HashMap::new(), &Arc::default(), &Arc::default())
+            .expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");
         let ids: Vec<&str> = body["data"]
             .as_array()

@@ -565,6 +565,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 version_info: self.applied.get(kind).to_owned(),
                 response_nonce: String::new(),
                 error_detail: None,
+                outlier_report: None,
             };
             if requests.send(subscription).await.is_err() {
                 return StreamEnd::RequestStreamClosed;
@@ -639,6 +640,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     version_info: version,
                     response_nonce: nonce,
                     error_detail: None,
+                    outlier_report: None,
                 }
             }
             Err(nack) => {
@@ -662,6 +664,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     version_info: kept_version,
                     response_nonce: nonce,
                     error_detail: Some(nack.into_error_detail()),
+                    outlier_report: None,
                 }
             }
         }

@@ -137,7 +137,7 @@ impl MockStream {
                 type_url: type_url.to_owned(),
                 version_info: version.to_owned(),
                 response_nonce: nonce.to_owned(),
-                error_detail: None,
+                ..Default::default()
             }
         );
     }

@@ -169,6 +169,7 @@ pub fn compile_route_config(
                 .into_values()
                 .map(|compiled| compiled.server)
                 .collect(),
+            ..Default::default()
         },
         scrape_targets,
         reports,

@@ -146,6 +146,7 @@ pub(crate) fn compile_server(
             traffic_policy: Some(traffic_policy),
             endpoints,
             generation: generation.unwrap_or(0),
+            ..Default::default()
         },
         scrape_targets,
     };

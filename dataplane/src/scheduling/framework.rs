@@ -314,7 +314,9 @@ impl Scheduler {
                 candidates.push(Candidate {
                     index,
                     pod_id: pod.id,
-                    in_flight: pod.in_flight(),
+                    // A failure in a row counts as one more request in
+                    // flight: a pod that fails fast never looks idle.
+                    in_flight: pod.in_flight() + pod.health.failure_load(),
                     ejected: pod.is_ejected(now),
                     load,
                     any_load,
@@ -448,8 +450,6 @@ fn with_framework_scratch<R>(f: impl FnOnce(&mut FrameworkScratch) -> R) -> R {
 mod tests {
     use std::collections::HashSet;
     use std::net::SocketAddr;
-    use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
 
     use switchyard_snapshot::scheduler::gpu_usage::NAME as GPU_USAGE;
     use switchyard_snapshot::scheduler::least_latency::NAME as LEAST_LATENCY;
@@ -460,17 +460,13 @@ mod tests {
 
     use super::*;
     use crate::pod::PodState;
+    use crate::pod::outlier::Failure;
     use crate::scheduling::metrics::PluginMetrics;
 
     fn server(pods: usize) -> Server {
-        Server {
-            key: "default/s".into(),
-            model_rewrite_literal: None,
-            model_rewrite: None,
-            timeout: None,
-            retry_attempts: 0,
-            retry_interval: Duration::ZERO,
-            pods: (0..pods)
+        Server::for_tests(
+            "default/s",
+            (0..pods)
                 .map(|i| {
                     Arc::new(
                         PodState::new(
@@ -482,8 +478,7 @@ mod tests {
                     )
                 })
                 .collect(),
-            rotation: AtomicUsize::new(0),
-        }
+        )
     }
 
     fn only(scores: &[(&str, u32)], filters: &[&str]) -> pb::SchedulerConfig {
@@ -525,7 +520,13 @@ mod tests {
         let server = server(7);
         let _busy: Vec<_> = (0..3).map(|_| server.pods[0].begin_request()).collect();
         let _one = server.pods[2].begin_request();
-        server.pods[1].eject(clock::now());
+        let ejected = server.outlier.record_failure(
+            &server.pods,
+            &server.pods[1],
+            Failure::ConnectFailure,
+            clock::now(),
+        );
+        assert!(ejected.is_some());
         let headers = HeaderMap::new();
         let ranking = scheduler
             .schedule(&server, &request(&headers, &[]))

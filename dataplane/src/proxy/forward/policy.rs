@@ -6,16 +6,19 @@
 //!
 //! The rules:
 //! - a pod that refuses the connection costs nothing: the next candidate is
-//!   tried at once, up to the end of the ranking (top-N), and the refusing
-//!   pod is ejected for a while;
-//! - an engine answering 502/503/504, or a connection that breaks before the
-//!   response head, consumes one of the ModelServer's `retry.attempts`; the
-//!   retry goes to the next candidate after `retry.retryInterval`;
+//!   tried at once, up to the end of the ranking (top-N);
+//! - an engine answering 502/503/504, a connection that breaks before the
+//!   response head, or no response head within the ModelServer's timeout
+//!   ([`Server::timeout`]), consumes one of the ModelServer's
+//!   `retry.attempts`; the retry goes to the next candidate after
+//!   `retry.retryInterval`;
 //! - when no retry is left (or no candidate), a retryable status is passed
-//!   through to the client as the engine sent it;
-//! - no response head within the ModelServer's timeout answers 504 at once;
+//!   through to the client as the engine sent it, a timeout answers 504;
 //! - any other response, 4xx included, is delivered as is. Once delivered,
 //!   the response belongs to the client: nothing is retried after that.
+//!
+//! Every failed attempt also counts against its pod ([`failure_of`]), which
+//! ejects pods that keep failing (`crate::pod::outlier`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +28,7 @@ use http::StatusCode;
 use super::upstream::UpstreamError;
 use crate::error::{ApiError, ErrorKind};
 use crate::pod::PodState;
+use crate::pod::outlier::Failure;
 use crate::routing::Server;
 use crate::scheduling::Ranking;
 
@@ -35,6 +39,15 @@ pub const RETRYABLE_STATUSES: [StatusCode; 3] = [
     StatusCode::GATEWAY_TIMEOUT,
 ];
 
+/// How a failed attempt counts against its pod.
+pub fn failure_of(error: &UpstreamError) -> Failure {
+    match error {
+        UpstreamError::Connect(_) => Failure::ConnectFailure,
+        UpstreamError::BeforeHeaders(_) => Failure::Reset,
+        UpstreamError::Timeout(_) => Failure::Timeout,
+    }
+}
+
 /// One attempt to make.
 #[derive(Debug, Clone, Copy)]
 pub struct Attempt<'s> {
@@ -42,7 +55,7 @@ pub struct Attempt<'s> {
     /// Wait this long before sending.
     pub wait: Duration,
     /// Give up when the response head has not arrived within this.
-    pub timeout: Option<Duration>,
+    pub timeout: Duration,
     /// No attempt can follow this one, so what it sends may be moved rather
     /// than copied.
     pub is_last: bool,
@@ -66,12 +79,12 @@ pub enum Verdict<'s> {
 
 /// Why the latest attempt failed.
 #[derive(Debug)]
-enum Failure {
+enum AttemptFailure {
     Upstream(UpstreamError),
     Status(StatusCode),
 }
 
-impl std::fmt::Display for Failure {
+impl std::fmt::Display for AttemptFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Upstream(error) => error.fmt(f),
@@ -88,7 +101,7 @@ pub struct AttemptPolicy<'s> {
     /// Attempts made so far; the next one goes to this candidate.
     tried: usize,
     retries_left: u32,
-    last_failure: Option<Failure>,
+    last_failure: Option<AttemptFailure>,
 }
 
 impl<'s> AttemptPolicy<'s> {
@@ -117,7 +130,7 @@ impl<'s> AttemptPolicy<'s> {
         };
         self.tried += 1;
         self.retries_left -= 1;
-        self.last_failure = Some(Failure::Status(status));
+        self.last_failure = Some(AttemptFailure::Status(status));
         Verdict::Retry(attempt)
     }
 
@@ -125,36 +138,35 @@ impl<'s> AttemptPolicy<'s> {
     pub fn on_failure(&mut self, error: UpstreamError) -> Next<'s> {
         let failed_pod = self.candidate(self.tried);
         self.tried += 1;
-        let (allowed, wait) = match &error {
-            UpstreamError::Connect(_) => (true, Duration::ZERO),
-            UpstreamError::BeforeHeaders(_) => {
+        let allowed = match &error {
+            UpstreamError::Connect(_) => true,
+            UpstreamError::BeforeHeaders(_) | UpstreamError::Timeout(_) => {
                 let allowed = self.retries_left > 0;
                 self.retries_left = self.retries_left.saturating_sub(1);
-                (allowed, self.server.retry_interval)
-            }
-            UpstreamError::Timeout(limit) => {
-                let pod = failed_pod.map_or("?", |pod| pod.key.as_str());
-                return Next::GiveUp(ApiError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!(
-                        "pod {pod} of ModelServer {} sent no response headers within {limit:?}",
-                        self.server.key
-                    ),
-                ));
+                allowed
             }
         };
-        self.last_failure = Some(Failure::Upstream(error));
+        let wait = match &error {
+            UpstreamError::Connect(_) => Duration::ZERO,
+            _ => self.server.retry_interval,
+        };
+        if let UpstreamError::Timeout(limit) = &error
+            && (!allowed || self.candidate(self.tried).is_none())
+        {
+            let pod = failed_pod.map_or("?", |pod| pod.key.as_str());
+            return Next::GiveUp(ApiError::new(
+                ErrorKind::UpstreamTimeout,
+                format!(
+                    "pod {pod} of ModelServer {} sent no response headers within {limit:?}",
+                    self.server.key
+                ),
+            ));
+        }
+        self.last_failure = Some(AttemptFailure::Upstream(error));
         if !allowed {
             return Next::GiveUp(self.exhausted());
         }
         self.next(wait)
-    }
-
-    /// Whether a pod that failed this way should be avoided by later
-    /// requests too: one that refuses connections is down or gone, while a
-    /// slow or erroring one may still serve others.
-    pub fn ejects(error: &UpstreamError) -> bool {
-        matches!(error, UpstreamError::Connect(_))
     }
 
     fn next(&self, wait: Duration) -> Next<'s> {
@@ -187,7 +199,7 @@ impl<'s> AttemptPolicy<'s> {
                 ErrorKind::NoReadyPod,
                 format!("no ready pod for ModelServer {key}"),
             ),
-            Some(Failure::Upstream(UpstreamError::Connect(error))) => ApiError::new(
+            Some(AttemptFailure::Upstream(UpstreamError::Connect(error))) => ApiError::new(
                 ErrorKind::UpstreamUnavailable,
                 format!(
                     "could not connect to any pod of ModelServer {key} ({} tried; last error: {error})",
@@ -206,6 +218,7 @@ impl<'s> AttemptPolicy<'s> {
 mod tests {
     use super::*;
     use crate::proxy::testing::{ranked, server_with_pods};
+    use crate::routing::DEFAULT_RESPONSE_HEADER_TIMEOUT;
 
     fn connect() -> UpstreamError {
         UpstreamError::Connect("refused".into())
@@ -236,7 +249,7 @@ mod tests {
         assert_eq!(ranking.len(), 5, "top-N bounds the candidates");
         let mut policy = AttemptPolicy::new(&server, ranking);
         let mut pods = vec![tried(policy.first())];
-        assert!(AttemptPolicy::ejects(&connect()));
+        assert_eq!(failure_of(&connect()), Failure::ConnectFailure);
         loop {
             match policy.on_failure(connect()) {
                 Next::Try(attempt) => {
@@ -314,7 +327,7 @@ mod tests {
         let server = server_with_pods(3, 1, Duration::from_millis(5), None);
         let mut policy = AttemptPolicy::new(&server, ranked(&server));
         tried(policy.first());
-        assert!(!AttemptPolicy::ejects(&reset()));
+        assert_eq!(failure_of(&reset()), Failure::Reset);
         let retry = tried(policy.on_failure(reset()));
         assert_eq!(
             (retry.pod.name.as_str(), retry.wait),
@@ -340,17 +353,39 @@ mod tests {
     }
 
     #[test]
-    fn a_timeout_gives_up_at_once_with_504() {
+    fn a_timeout_is_retried_while_retries_last_then_answers_504() {
         let limit = Duration::from_millis(300);
-        let server = server_with_pods(3, 2, Duration::ZERO, Some(limit));
+        let server = server_with_pods(3, 1, Duration::from_millis(5), Some(limit));
         let mut policy = AttemptPolicy::new(&server, ranked(&server));
-        assert_eq!(tried(policy.first()).timeout, Some(limit));
-        let error = gave_up(policy.on_failure(UpstreamError::Timeout(limit)));
+        assert_eq!(tried(policy.first()).timeout, limit);
+        let timeout = || UpstreamError::Timeout(limit);
+        assert_eq!(failure_of(&timeout()), Failure::Timeout);
+        let retry = tried(policy.on_failure(timeout()));
+        assert_eq!(
+            (retry.pod.name.as_str(), retry.wait, retry.timeout),
+            ("p1", Duration::from_millis(5), limit),
+            "the next pod, after the interval, with the whole timeout again"
+        );
+        let error = gave_up(policy.on_failure(timeout()));
         assert_eq!(error.kind, ErrorKind::UpstreamTimeout);
         assert_eq!(error.kind.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(
             error.message,
-            "pod default/p0 of ModelServer default/s sent no response headers within 300ms"
+            "pod default/p1 of ModelServer default/s sent no response headers within 300ms"
+        );
+    }
+
+    #[test]
+    fn without_a_timeout_a_hung_engine_is_bounded_by_the_default() {
+        let server = server_with_pods(2, 0, Duration::ZERO, None);
+        let mut policy = AttemptPolicy::new(&server, ranked(&server));
+        let attempt = tried(policy.first());
+        assert_eq!(attempt.timeout, DEFAULT_RESPONSE_HEADER_TIMEOUT);
+        let error = gave_up(policy.on_failure(UpstreamError::Timeout(attempt.timeout)));
+        assert_eq!(
+            error.kind,
+            ErrorKind::UpstreamTimeout,
+            "no retry configured"
         );
     }
 

@@ -24,6 +24,7 @@ use super::access_log::AccessLogEntry;
 use crate::error::ApiError;
 use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel};
 use crate::pod::PodState;
+use crate::pod::outlier::Ejection;
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::response::Usage;
 use crate::routing::{Route, RouteDecision, Server};
@@ -48,6 +49,8 @@ pub struct RequestRecord {
     model: Option<Arc<ModelMetrics>>,
     route: Option<Arc<Route>>,
     server: Option<Arc<Server>>,
+    /// The target the rule's weights picked, when `server` took over from it.
+    failed_over_from: Option<Arc<Server>>,
     pod: Option<Arc<PodState>>,
     request_id: Option<HeaderValue>,
     upstream_gauge: Option<IntGauge>,
@@ -80,6 +83,7 @@ impl RequestRecord {
             model: None,
             route: None,
             server: None,
+            failed_over_from: None,
             pod: None,
             upstream_gauge: None,
             attempts: 0,
@@ -107,6 +111,12 @@ impl RequestRecord {
                 active.inc();
             }
             self.model = Some(handles.clone());
+        }
+        if let Some(from) = &decision.failed_over_from {
+            if let Some(counter) = resolved.failovers(&decision.route.key, &from.key) {
+                counter.inc();
+            }
+            self.failed_over_from = Some(from.clone());
         }
         self.route = Some(decision.route.clone());
         self.server = Some(decision.server.clone());
@@ -144,6 +154,36 @@ impl RequestRecord {
             if let Some(counter) = resolved.connect_errors(&server.key) {
                 counter.inc();
             }
+        }
+    }
+
+    /// The ModelServer the request was routed to.
+    pub fn server(&self) -> Option<&Arc<Server>> {
+        self.server.as_ref()
+    }
+
+    /// An attempt of this request made outlier detection eject `pod` of `server`.
+    pub fn pod_ejected(&self, server: &Server, pod: &PodState, ejection: &Ejection) {
+        self.observer
+            .metrics
+            .pod_ejections_total
+            .with_label_values(&[&server.key, ejection.cause.as_str()])
+            .inc();
+        tracing::warn!(
+            pod = %pod.key,
+            server = %server.key,
+            reason = ejection.cause.as_str(),
+            ejected_for_ms = u64::try_from(ejection.duration.as_millis()).unwrap_or(u64::MAX),
+            times = ejection.times,
+            "pod ejected"
+        );
+    }
+
+    /// The response of `pod`, delivered to the client, ended: a success
+    /// for the pod unless the engine answered 5xx (counted already).
+    pub fn attempt_succeeded(&self, pod: &PodState) {
+        if self.status < 500 {
+            pod.health.record_success();
         }
     }
 
@@ -257,6 +297,7 @@ impl RequestRecord {
             model_name: self.model_name.take(),
             route: self.route.take(),
             server: self.server.take(),
+            failed_over_from: self.failed_over_from.take(),
             pod: self.pod.take(),
             request_id: self.request_id.take(),
             input_tokens: usage.prompt_tokens,
