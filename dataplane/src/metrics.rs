@@ -900,6 +900,14 @@ impl SnapshotSink for ObservedStore {
     fn reclaim(&self) {
         self.store.reclaim();
     }
+
+    fn ejections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.store.ejections())
+    }
+
+    fn outlier_report(&self) -> pb::OutlierReport {
+        self.store.outlier_report()
+    }
 }
 
 #[cfg(test)]

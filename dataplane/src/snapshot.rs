@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use regex::Regex;
 use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
+use tokio::sync::watch;
 
 use crate::pod::PodState;
 use crate::pod::outlier::{EjectionNotifier, OutlierDetector, OutlierSettings};
@@ -358,6 +359,35 @@ pub struct SnapshotStore {
 struct AppliedLoads {
     version: String,
     loads: HashMap<String, Arc<pb::EndpointLoad>>,
+    /// Pods the fleet ejects: when each ejection ends (Unix milliseconds).
+    ejections: HashMap<String, i64>,
+}
+
+/// Ejects `table`'s pods the fleet ejects (other dataplanes, through the
+/// controller), within each ModelServer's cap.
+fn apply_fleet_ejections(table: &RoutingTable, ejections: &HashMap<String, i64>) {
+    if ejections.is_empty() {
+        return;
+    }
+    let (now, now_unix_ms) = (clock::now(), clock::unix_ms_now());
+    for server in &table.servers {
+        for pod in &server.pods {
+            let Some(left) = ejections
+                .get(&pod.key)
+                .and_then(|until| u64::try_from(until.saturating_sub(now_unix_ms)).ok())
+                .filter(|left| *left > 0)
+            else {
+                continue;
+            };
+            let until = now + Duration::from_millis(left);
+            if !server
+                .outlier
+                .eject_for_fleet(&server.pods, pod, until, now)
+            {
+                tracing::info!(pod = %pod.key, server = %server.key, "not ejecting a pod the fleet ejects: the ModelServer's cap is reached");
+            }
+        }
+    }
 }
 
 impl SnapshotStore {
@@ -409,6 +439,7 @@ impl SnapshotStore {
             for (key, pod) in &table.pods {
                 pod.set_load(loads.loads.get(key).cloned());
             }
+            apply_fleet_ejections(&table, &loads.ejections);
         }
         let replaced = self.table.swap(Some(Arc::new(table)));
         drop(loads);
@@ -418,6 +449,36 @@ impl SnapshotStore {
         drop(previous);
         self.reclaim();
         Ok(())
+    }
+
+    /// Changes whenever a ModelServer ejects a pod on this dataplane's own evidence.
+    pub fn ejections(&self) -> watch::Receiver<u64> {
+        self.ejections.subscribe()
+    }
+
+    /// The pods this dataplane ejects on its own evidence right now.
+    pub fn outlier_report(&self) -> pb::OutlierReport {
+        let Some(table) = self.table() else {
+            return pb::OutlierReport::default();
+        };
+        let now = clock::now();
+        let mut ejections: Vec<pb::PodEjection> = table
+            .pods
+            .values()
+            .filter_map(|pod| {
+                let (until, cause) = pod.health.local_ejection(now)?;
+                let (namespace, name) = pod.key.split_once('/')?;
+                Some(pb::PodEjection {
+                    namespace: namespace.to_owned(),
+                    pod: name.to_owned(),
+                    remaining_ms: u64::try_from((until - now).as_millis()).unwrap_or(u64::MAX),
+                    reason: cause.as_str().to_owned(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        ejections.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+        pb::OutlierReport { ejections }
     }
 
     /// Frees the replaced tables no request uses any more (on the calling
@@ -449,6 +510,15 @@ impl SnapshotStore {
             let key = switchyard_snapshot::object_key(&load.namespace, &load.pod);
             (key, Arc::new(load))
         };
+        // Whole in every response, update or not: it replaces the list held.
+        let ejections: HashMap<String, i64> = update
+            .ejections
+            .iter()
+            .map(|ejection| {
+                let key = switchyard_snapshot::object_key(&ejection.namespace, &ejection.pod);
+                (key, ejection.until_unix_ms)
+            })
+            .collect();
         if update.base_version.is_empty() {
             let loads: HashMap<_, _> = update.loads.into_iter().map(keyed).collect();
             if let Some(table) = &table {
@@ -459,6 +529,7 @@ impl SnapshotStore {
             *held = Some(AppliedLoads {
                 version: version.to_owned(),
                 loads,
+                ejections,
             });
         } else {
             let current = match held.as_mut() {
@@ -484,6 +555,10 @@ impl SnapshotStore {
                 current.loads.insert(key, load);
             }
             version.clone_into(&mut current.version);
+            current.ejections = ejections;
+        }
+        if let (Some(table), Some(held)) = (&table, held.as_ref()) {
+            apply_fleet_ejections(table, &held.ejections);
         }
         self.scheduling
             .set_loads_observed_at(update.observed_at_unix_ms);
@@ -502,6 +577,14 @@ impl SnapshotSink for SnapshotStore {
 
     fn reclaim(&self) {
         SnapshotStore::reclaim(self);
+    }
+
+    fn ejections(&self) -> Option<watch::Receiver<u64>> {
+        Some(SnapshotStore::ejections(self))
+    }
+
+    fn outlier_report(&self) -> pb::OutlierReport {
+        SnapshotStore::outlier_report(self)
     }
 }
 

@@ -72,6 +72,18 @@ pub trait SnapshotSink: Send + Sync + 'static {
     /// Frees what replaced snapshots still hold once no request uses them;
     /// called every [`RECLAIM_INTERVAL`] by [`run_on_own_thread`].
     fn reclaim(&self) {}
+
+    /// Changes whenever this dataplane ejects a pod on its own evidence
+    /// (outlier detection); `None` when it never does.
+    fn ejections(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+
+    /// The pods this dataplane ejects on its own evidence right now, for
+    /// the controller to pass on to every dataplane.
+    fn outlier_report(&self) -> pb::OutlierReport {
+        pb::OutlierReport::default()
+    }
 }
 
 /// How often a client on its own thread frees replaced snapshots that
@@ -594,8 +606,26 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
             "connected to controller"
         );
 
+        // What this dataplane ejects goes out on every new stream, then
+        // again with every new ejection.
+        let mut ejections = self.sink.ejections();
+        if let Some(ejections) = &mut ejections {
+            ejections.borrow_and_update();
+        }
+        if !self.report_ejections(&requests).await {
+            return StreamEnd::RequestStreamClosed;
+        }
         loop {
-            let response = match responses.message().await {
+            let message = tokio::select! {
+                message = responses.message() => message,
+                Some(()) = ejected(&mut ejections) => {
+                    if !self.report_ejections(&requests).await {
+                        return StreamEnd::RequestStreamClosed;
+                    }
+                    continue;
+                }
+            };
+            let response = match message {
                 Ok(Some(response)) => response,
                 Ok(None) if self.responses_received > 0 => return StreamEnd::ClosedByController,
                 Ok(None) => return StreamEnd::ClosedBeforeSnapshot,
@@ -607,6 +637,25 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 return StreamEnd::RequestStreamClosed;
             }
         }
+    }
+
+    /// Sends the sink's outlier report unless it is empty; false when the
+    /// request stream is closed.
+    async fn report_ejections(&self, requests: &mpsc::Sender<pb::SnapshotRequest>) -> bool {
+        let report = self.sink.outlier_report();
+        if report.ejections.is_empty() {
+            return true;
+        }
+        tracing::info!(
+            node = %self.config.node_id,
+            pods = report.ejections.len(),
+            "reporting ejected pods to the controller"
+        );
+        let request = pb::SnapshotRequest {
+            outlier_report: Some(report),
+            ..Default::default()
+        };
+        requests.send(request).await.is_ok()
     }
 
     /// Applies one response and builds its ACK or NACK, recording the outcome.
@@ -688,6 +737,15 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 "applied snapshot from controller"
             ),
         }
+    }
+}
+
+/// Resolves when `ejections` changes; never without one, and `None` once
+/// its sender is gone.
+async fn ejected(ejections: &mut Option<watch::Receiver<u64>>) -> Option<()> {
+    match ejections {
+        Some(ejections) => ejections.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }
 
