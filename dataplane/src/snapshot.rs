@@ -845,6 +845,105 @@ mod tests {
         );
     }
 
+    fn ejection(pod: &str, until_unix_ms: i64) -> pb::PodEjection {
+        pb::PodEjection {
+            namespace: "default".into(),
+            pod: pod.into(),
+            until_unix_ms,
+            reason: "5xx".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fleets_ejections_apply_to_every_table_within_the_cap() {
+        let store = SnapshotStore::new();
+        let soon = clock::unix_ms_now() + 60_000;
+        store
+            .apply_endpoint_loads(
+                "l1",
+                pb::EndpointLoads {
+                    ejections: vec![ejection("p1", soon), ejection("p2", soon)],
+                    ..Default::default()
+                },
+            )
+            .expect("whole set");
+        store.apply_route_config("v1", config()).expect("valid");
+        let table = store.table().expect("table");
+        let ejected = |table: &RoutingTable| {
+            let now = clock::now();
+            let mut pods: Vec<_> = table
+                .pods
+                .values()
+                .filter(|pod| pod.is_ejected(now))
+                .map(|pod| pod.name.clone())
+                .collect();
+            pods.sort();
+            pods
+        };
+        assert_eq!(
+            ejected(&table),
+            ["p1"],
+            "one of the two pods at most: p2 stays"
+        );
+        assert!(
+            store.outlier_report().ejections.is_empty(),
+            "the fleet's ejections are not reported back"
+        );
+        // An update carries the whole list: p1's ejection is over.
+        store
+            .apply_endpoint_loads(
+                "l2",
+                pb::EndpointLoads {
+                    base_version: "l1".into(),
+                    ejections: vec![],
+                    ..Default::default()
+                },
+            )
+            .expect("update");
+        assert_eq!(
+            ejected(&table),
+            ["p1"],
+            "an ejection in force is never shortened"
+        );
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(ejected(&table).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn this_dataplanes_own_ejections_are_reported() {
+        let store = SnapshotStore::new();
+        let mut woken = store.ejections();
+        store.apply_route_config("v1", config()).expect("valid");
+        let table = store.table().expect("table");
+        let server = &table.servers[0];
+        let pod = &server.pods[1];
+        server.outlier.record_failure(
+            &server.pods,
+            pod,
+            crate::pod::outlier::Failure::ConnectFailure,
+            clock::now(),
+        );
+        assert!(woken.has_changed().expect("open"));
+        woken.borrow_and_update();
+        let report = store.outlier_report();
+        assert_eq!(report.ejections.len(), 1);
+        let reported = &report.ejections[0];
+        assert_eq!(
+            (
+                reported.namespace.as_str(),
+                reported.pod.as_str(),
+                reported.reason.as_str()
+            ),
+            ("default", "p2", "connect_failure")
+        );
+        assert_eq!(
+            reported.remaining_ms,
+            u64::try_from(crate::pod::outlier::DEFAULT_BASE_EJECTION_TIME.as_millis())
+                .expect("fits")
+        );
+    }
+
     #[test]
     fn models_body_lists_names_and_adapters() {
         let mut c = config();
