@@ -6,14 +6,334 @@
 //! Timings are measured and printed, never asserted tightly: the bounds
 //! below are ceilings a busy 2-core machine stays far under.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
+use serde_json::Value;
 use switchyard_e2e::harness::{
     HttpClient, Stack, TestPod, model_server_yaml, simple_route_yaml, wait_for, yaml_documents,
 };
 use switchyard_runtime::clock;
+
+/// Clients sending at once in the fault tests: enough that the healthy
+/// pods always have requests in flight, as under real load.
+const CONCURRENCY: usize = 8;
+
+/// The dataplane's default failures in a row that eject a pod
+/// (`DEFAULT_CONSECUTIVE_FAILURES`).
+const CONSECUTIVE_FAILURES: usize = 5;
+
+/// Failures a bad pod may cause on one dataplane before it is ejected: the
+/// failures in a row that eject it, plus requests already on their way to it
+/// from the other clients.
+const MAX_FAILURES_BEFORE_EJECTION: usize = CONSECUTIVE_FAILURES + CONCURRENCY - 1;
+
+/// How a batch of requests went.
+#[derive(Debug, Default)]
+struct Outcomes {
+    ok: usize,
+    /// Status (or `cut`, `error`) of every request that did not succeed.
+    failed: BTreeMap<String, usize>,
+    /// `x-mock-pod` of every answer, failed or not.
+    by_pod: BTreeMap<String, usize>,
+}
+
+impl Outcomes {
+    fn failures(&self) -> usize {
+        self.failed.values().sum()
+    }
+
+    fn merge(&mut self, other: Outcomes) {
+        self.ok += other.ok;
+        for (key, count) in other.failed {
+            *self.failed.entry(key).or_default() += count;
+        }
+        for (key, count) in other.by_pod {
+            *self.by_pod.entry(key).or_default() += count;
+        }
+    }
+}
+
+/// `total` POSTs of `body` to `url` from [`CONCURRENCY`] clients, each body
+/// read to its end.
+async fn send_load(http: &HttpClient, url: &str, body: &str, total: usize) -> Outcomes {
+    let per_client = total / CONCURRENCY;
+    let clients = (0..CONCURRENCY).map(|_| {
+        let (http, url, body) = (http.clone(), url.to_owned(), body.to_owned());
+        tokio::spawn(async move {
+            let mut outcomes = Outcomes::default();
+            for _ in 0..per_client {
+                let failure = match http.post_json_streaming(&url, &[], &body).await {
+                    Ok(response) => {
+                        let status = response.status();
+                        let pod = response
+                            .headers()
+                            .get("x-mock-pod")
+                            .and_then(|pod| pod.to_str().ok())
+                            .unwrap_or("router")
+                            .to_owned();
+                        *outcomes.by_pod.entry(pod).or_default() += 1;
+                        match response.into_body().collect().await {
+                            Ok(_) if status == 200 => None,
+                            Ok(_) => Some(status.as_u16().to_string()),
+                            Err(_) => Some("cut".to_owned()),
+                        }
+                    }
+                    Err(_) => Some("error".to_owned()),
+                };
+                match failure {
+                    None => outcomes.ok += 1,
+                    Some(kind) => *outcomes.failed.entry(kind).or_default() += 1,
+                }
+            }
+            outcomes
+        })
+    });
+    let mut outcomes = Outcomes::default();
+    for client in futures::future::join_all(clients).await {
+        outcomes.merge(client.expect("client task"));
+    }
+    outcomes
+}
+
+/// Dataplane `index`'s `/debug/router/state` entry of pod `name`.
+async fn pod_state(stack: &Stack, index: usize, name: &str) -> Value {
+    let url = format!(
+        "http://{}/debug/router/state",
+        stack.dataplanes[index].debug
+    );
+    let state = stack.http.get(&url).await.expect("debug state").json();
+    state["pods"]
+        .as_array()
+        .and_then(|pods| {
+            pods.iter()
+                .find(|pod| pod["pod"] == format!("default/{name}"))
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no pod {name} in {state}"))
+}
+
+/// A sample of dataplane `index`'s `/metrics` (0 when absent).
+async fn dataplane_metric(stack: &Stack, index: usize, series: &str) -> f64 {
+    let url = format!("http://{}/metrics", stack.dataplanes[index].metrics);
+    let text = stack.http.get(&url).await.expect("metrics").text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Three pods of ModelServer `pool` (`spec` adds to it) serving `m`: two
+/// healthy ones answering after 50 ms, and `bad-0` started with `bad_args`;
+/// a controller; `dataplanes` dataplanes.
+async fn pool_with_a_bad_pod(spec: &str, bad_args: &[&str], dataplanes: usize) -> Stack {
+    let mut stack = Stack::new(&[
+        ("servers.yaml", model_server_yaml("pool", spec)),
+        ("routes.yaml", simple_route_yaml("m", "m", "pool")),
+    ]);
+    let healthy = ["--ttft-ms", "50", "--itl-ms", "5", "--output-tokens", "8"];
+    stack
+        .start_pods(&[
+            TestPod::serving("good-0", 11, "pool", "m", &healthy),
+            TestPod::serving("good-1", 12, "pool", "m", &healthy),
+            TestPod::serving("bad-0", 13, "pool", "m", bad_args),
+        ])
+        .await;
+    stack.start_controller().await;
+    for _ in 0..dataplanes {
+        stack.start_dataplane().await;
+    }
+    stack
+}
+
+const COMPLETION: &str = r#"{"model":"m","prompt":"hi"}"#;
+const STREAMED_CHAT: &str =
+    r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_answering_503_at_once_is_ejected_by_every_dataplane() {
+    let stack = pool_with_a_bad_pod("", &["--fail-status", "503"], 2).await;
+    let _logs = stack.logs_on_failure();
+    let outcomes = send_load(
+        &stack.http,
+        &stack.dataplanes[0].url("/v1/completions"),
+        COMPLETION,
+        240,
+    )
+    .await;
+    eprintln!("503 pod, dataplane 0: {outcomes:?}");
+    // Without ejection, least-request sent nearly everything to the pod
+    // that fails at once (it never has anything in flight).
+    assert!(
+        outcomes.failures() <= MAX_FAILURES_BEFORE_EJECTION,
+        "at most a handful before the ejection: {outcomes:?}"
+    );
+    let ejected = pod_state(&stack, 0, "bad-0").await;
+    assert_eq!(ejected["ejected"], true, "{ejected}");
+    assert_eq!(ejected["ejection"]["byThisDataplane"], true, "{ejected}");
+    assert_eq!(ejected["ejection"]["reason"], "5xx", "{ejected}");
+    assert_eq!(
+        dataplane_metric(
+            &stack,
+            0,
+            r#"kthena_router_pod_ejections_total{model_server="default/pool",reason="5xx"}"#
+        )
+        .await,
+        1.0
+    );
+    // Dataplane 1 never sent the pod anything: the controller told it.
+    let told = wait_for("dataplane 1 ejects bad-0", || async {
+        let state = pod_state(&stack, 1, "bad-0").await;
+        (state["ejected"] == true).then_some(state)
+    })
+    .await;
+    assert_eq!(told["ejection"]["byThisDataplane"], false, "{told}");
+    let outcomes = send_load(
+        &stack.http,
+        &stack.dataplanes[1].url("/v1/completions"),
+        COMPLETION,
+        80,
+    )
+    .await;
+    eprintln!("503 pod, dataplane 1 after the push: {outcomes:?}");
+    assert_eq!(outcomes.failures(), 0, "{outcomes:?}");
+    assert_eq!(outcomes.by_pod.get("bad-0"), None, "{outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_cuts_streams_is_ejected() {
+    let stack = pool_with_a_bad_pod("", &["--cut-stream-after", "3"], 1).await;
+    let _logs = stack.logs_on_failure();
+    let outcomes = send_load(
+        &stack.http,
+        &stack.dataplanes[0].url("/v1/chat/completions"),
+        STREAMED_CHAT,
+        240,
+    )
+    .await;
+    eprintln!("stream-cutting pod: {outcomes:?}");
+    let cut = outcomes.by_pod.get("bad-0").copied().unwrap_or(0);
+    // Its cut streams end sooner than the others' whole ones, so without
+    // ejection least-request favoured it (47 % instead of 33 %).
+    assert!(
+        cut <= MAX_FAILURES_BEFORE_EJECTION,
+        "the cutting pod got {cut} of 240: {outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.failures(),
+        cut,
+        "each of its streams was cut: {outcomes:?}"
+    );
+    let state = pod_state(&stack, 0, "bad-0").await;
+    assert_eq!(state["ejection"]["reason"], "stream_cut", "{state}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_pod_times_out_is_retried_elsewhere_and_ejected() {
+    let policy = "trafficPolicy: {timeout: 1s, retry: {attempts: 1}}";
+    let stack = pool_with_a_bad_pod(policy, &["--hang"], 1).await;
+    let _logs = stack.logs_on_failure();
+    let outcomes = send_load(
+        &stack.http,
+        &stack.dataplanes[0].url("/v1/completions"),
+        COMPLETION,
+        160,
+    )
+    .await;
+    eprintln!("hanging pod: {outcomes:?}");
+    assert_eq!(
+        outcomes.failures(),
+        0,
+        "every timed-out attempt was retried on another pod: {outcomes:?}"
+    );
+    assert_eq!(outcomes.by_pod.get("bad-0"), None, "{outcomes:?}");
+    // Hung attempts count as load while they last and as failures after,
+    // so few requests reach it; enough of them in a row eject it.
+    let state = pod_state(&stack, 0, "bad-0").await;
+    let failures = state["consecutiveFailures"].as_u64().unwrap_or(0);
+    assert!(
+        failures > 0 || state["ejection"]["reason"] == "timeout",
+        "the timeouts count against the pod: {state}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_target_without_a_usable_pod_fails_over_to_the_others() {
+    let targets: Vec<String> = ["a", "b", "c", "dead"]
+        .iter()
+        .map(|server| format!("{{modelServerName: {server}, weight: 25}}"))
+        .collect();
+    let route = format!(
+        "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ModelRoute\n\
+         metadata: {{name: m, namespace: default}}\n\
+         spec: {{modelName: m, rules: [{{targetModels: [{}]}}]}}\n",
+        targets.join(", ")
+    );
+    let servers: Vec<String> = ["a", "b", "c", "dead"]
+        .iter()
+        .map(|server| model_server_yaml(server, "model: m"))
+        .collect();
+    let mut stack = Stack::new(&[
+        ("servers.yaml", yaml_documents(&servers)),
+        ("routes.yaml", route),
+    ]);
+    let engine = ["--ttft-ms", "20"];
+    stack
+        .start_pods(&[
+            TestPod::serving("a-0", 11, "a", "m", &engine),
+            TestPod::serving("b-0", 12, "b", "m", &engine),
+            TestPod::serving("c-0", 13, "c", "m", &engine),
+            // Nothing listens: every connection is refused.
+            TestPod::without_engine("dead-0", 14, "dead"),
+        ])
+        .await;
+    stack.start_controller().await;
+    stack.start_dataplane().await;
+    let _logs = stack.logs_on_failure();
+    let outcomes = send_load(
+        &stack.http,
+        &stack.dataplanes[0].url("/v1/completions"),
+        COMPLETION,
+        240,
+    )
+    .await;
+    eprintln!("dead weighted target: {outcomes:?}");
+    // Before: a quarter of the requests failed for as long as it was down.
+    // Now only requests sent to it before its refusal ejected it fail.
+    assert!(
+        outcomes.failures() <= CONCURRENCY,
+        "only the first ones, sent before it was ejected: {outcomes:?}"
+    );
+    for live in ["a-0", "b-0", "c-0"] {
+        let share = outcomes.by_pod.get(live).copied().unwrap_or(0);
+        assert!(
+            (60..=100).contains(&share),
+            "{live} takes a third of the dead target's share on top of its own: {outcomes:?}"
+        );
+    }
+    let failovers = dataplane_metric(
+        &stack,
+        0,
+        r#"kthena_router_target_failovers_total{model_route="default/m",model_server="default/dead"}"#,
+    )
+    .await;
+    assert!(
+        (40.0..=80.0).contains(&failovers),
+        "about a quarter of 240 left the dead target: {failovers}"
+    );
+    let failed_over_lines = stack.dataplanes[0]
+        .process
+        .log_text()
+        .lines()
+        .filter(|line| line.contains(r#""failed_over_from":"default/dead""#))
+        .count();
+    assert_eq!(
+        failed_over_lines as f64, failovers,
+        "each shows in the access log"
+    );
+}
 
 /// Routes added and removed at once by the scale test: enough that a cost
 /// per removed route times every series (what removal used to cost) takes
