@@ -303,10 +303,22 @@ fn server_json(server: &pb::ModelServer) -> Value {
             "retry_attempts": policy.retry_attempts,
             "retry_interval_ms": policy.retry_interval_ms,
         })),
-        "endpoints": server.endpoints.iter().map(|endpoint| json!({
-            "name": endpoint.name,
-            "ip": endpoint.ip,
-        })).collect::<Vec<_>>(),
+        "endpoints": server.endpoints.iter().map(|endpoint| {
+            let mut value = json!({"name": endpoint.name, "ip": endpoint.ip});
+            if endpoint.bootstrap_port != 0 {
+                value["bootstrap_port"] = endpoint.bootstrap_port.into();
+            }
+            value
+        }).collect::<Vec<_>>(),
+        "prefill_decode": server.prefill_decode.as_ref().map(|pd| json!({
+            "kv_connector": pd.kv_connector().as_str_name(),
+            "group_label": pd.group_label,
+            "groups": pd.groups.iter().map(|group| json!({
+                "name": group.name,
+                "prefill": group.prefill,
+                "decode": group.decode,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 

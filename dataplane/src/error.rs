@@ -26,6 +26,9 @@ pub enum ErrorKind {
     InvalidModel,
     /// No ModelRoute serves this model (or none of its rules matched).
     RouteNotFound,
+    /// The chosen ModelServer cannot serve this path (a prefill/decode
+    /// ModelServer serves completions and chat completions only).
+    UnsupportedPath,
     /// The dataplane has not received its first snapshot yet.
     NotReady,
     /// The chosen ModelServer has no ready pod.
@@ -45,9 +48,10 @@ impl ErrorKind {
             Self::UnknownPath | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidBody | Self::InvalidModel | Self::UnsupportedMediaType => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidBody
+            | Self::InvalidModel
+            | Self::UnsupportedMediaType
+            | Self::UnsupportedPath => StatusCode::BAD_REQUEST,
             Self::NotReady | Self::NoReadyPod | Self::UpstreamUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -66,6 +70,7 @@ impl ErrorKind {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidModel => "invalid_model",
             Self::RouteNotFound => "route_not_found",
+            Self::UnsupportedPath => "unsupported_path",
             Self::NotReady => "router_not_ready",
             Self::NoReadyPod => "no_ready_pod",
             Self::UpstreamUnavailable => "upstream_unavailable",

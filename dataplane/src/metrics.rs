@@ -144,6 +144,13 @@ pub struct RouterMetrics {
     pub time_to_first_token_seconds: HistogramVec,
     pub time_per_output_token_seconds: HistogramVec,
     pub upstream_connect_errors_total: IntCounterVec,
+    /// Legs sent to each role of each prefill/decode group.
+    pub pd_group_requests_total: IntCounterVec,
+    /// Pairs chosen: a decode pod first, then a prefill pod of its group.
+    pub pd_group_routing_decisions: IntCounterVec,
+    /// Prefill answers whose `kv_transfer_params` reached the decode request
+    /// (or were missing, so the decode recomputed the prompt).
+    pub pd_kv_transfer_params_total: IntCounterVec,
     /// Pods this dataplane ejected, by the failure that tipped them.
     pub pod_ejections_total: IntCounterVec,
     /// Requests whose rule's weighted pick had no usable pod and went to
@@ -181,6 +188,41 @@ pub struct Resolved {
     upstream_family: Option<IntGaugeVec>,
     failovers_family: Option<IntCounterVec>,
     connect_errors_family: Option<IntCounterVec>,
+    /// server key -> the handles of a prefill/decode ModelServer.
+    prefill_decode: HashMap<String, PdServerHandles>,
+    /// Label values of the PD series above, so a later snapshot removes
+    /// the series it no longer has.
+    pd_series: PdSeries,
+}
+
+/// The PD metric handles of one ModelServer.
+#[derive(Debug, Default)]
+pub struct PdServerHandles {
+    /// Per group of the server (in the table's order).
+    pub groups: Vec<PdGroupHandles>,
+    /// `pd_kv_transfer_params_total` outcomes `relayed` and `missing`, for
+    /// connectors that relay them.
+    pub kv_transfer_params: Option<[IntCounter; 2]>,
+}
+
+/// The PD metric handles of one group.
+#[derive(Debug, Default)]
+pub struct PdGroupHandles {
+    /// `pd_group_routing_decisions{source_role="decode",target_role="prefill"}`.
+    pub decisions: Option<IntCounter>,
+    /// model -> `pd_group_requests_total` of roles `prefill` and `decode`.
+    pub requests: HashMap<String, [IntCounter; 2]>,
+}
+
+/// Label values of the PD series of one snapshot.
+#[derive(Debug, Default)]
+struct PdSeries {
+    /// (group_key, role, model).
+    requests: HashSet<[String; 3]>,
+    /// group_key.
+    decisions: HashSet<String>,
+    /// model_server.
+    kv_transfer_params: HashSet<String>,
 }
 
 /// The series of a rule target: a (route, ModelServer) pair.
@@ -225,6 +267,10 @@ impl Resolved {
             .get(server)?
             .get_or_create(|| family.with_label_values(&[server]))
     }
+
+    pub fn prefill_decode(&self, server: &str) -> Option<&PdServerHandles> {
+        self.prefill_decode.get(server)
+    }
 }
 
 fn histogram(
@@ -265,13 +311,13 @@ impl RouterMetrics {
         )?;
         let request_prefill_duration_seconds = histogram(
             "kthena_router_request_prefill_duration_seconds",
-            "Prefill phase of streamed responses: request received to the first response chunk",
+            "Prefill phase: the prefill leg of prefill/decode requests; request received to the first chunk of other streamed responses",
             &request_labels,
             &REQUEST_DURATION_BUCKETS,
         )?;
         let request_decode_duration_seconds = histogram(
             "kthena_router_request_decode_duration_seconds",
-            "Decode phase of streamed responses: first response chunk to the end of the stream",
+            "Decode phase: the decode leg of prefill/decode requests; first chunk to the end of other streamed responses",
             &request_labels,
             &REQUEST_DURATION_BUCKETS,
         )?;
@@ -323,6 +369,21 @@ impl RouterMetrics {
                 "kthena_router_upstream_connect_errors_total",
                 "Connection attempts to inference pods that failed",
                 &["model_server"],
+            )?,
+            pd_group_requests_total: counter(
+                "kthena_pd_group_requests_total",
+                "Requests sent to each role of each prefill/decode group (one per leg and attempt)",
+                &["group_key", "role", "model"],
+            )?,
+            pd_group_routing_decisions: counter(
+                "kthena_pd_group_routing_decisions",
+                "Prefill/decode pairs tried: a decode pod chosen first (source_role), then the best prefill pod of its group (target_role)",
+                &["group_key", "source_role", "target_role"],
+            )?,
+            pd_kv_transfer_params_total: counter(
+                "kthena_router_pd_kv_transfer_params_total",
+                "Prefill answers of NIXL/Mooncake pairs whose kv_transfer_params were relayed to the decode request, or were missing (the decode recomputes the prompt)",
+                &["model_server", "outcome"],
             )?,
             pod_ejections_total: counter(
                 "kthena_router_pod_ejections_total",
@@ -436,6 +497,15 @@ impl RouterMetrics {
                 Box::new(metrics.upstream_connect_errors_total.clone()),
                 counter,
             ),
+            (Box::new(metrics.pd_group_requests_total.clone()), counter),
+            (
+                Box::new(metrics.pd_group_routing_decisions.clone()),
+                counter,
+            ),
+            (
+                Box::new(metrics.pd_kv_transfer_params_total.clone()),
+                counter,
+            ),
             (Box::new(metrics.pod_ejections_total.clone()), counter),
             (Box::new(metrics.target_failovers_total.clone()), counter),
             (Box::new(metrics.access_log_dropped_total.clone()), counter),
@@ -511,6 +581,7 @@ impl RouterMetrics {
                 .unwrap_or_default();
             next.connect_errors.insert(server.key.clone(), slot);
         }
+        self.resolve_prefill_decode(table, &previous.pd_series, &mut next);
         let next = Arc::new(next);
         self.resolved.store(next.clone());
         // Retired after the swap: a request that still reads the previous
@@ -554,6 +625,110 @@ impl RouterMetrics {
                 let _ = self
                     .pod_ejections_total
                     .remove_label_values(&[server, failure.as_str()]);
+            }
+        }
+    }
+
+    /// The PD handles of `table`'s prefill/decode ModelServers, for the
+    /// models of the routes that target them; removes the PD series of
+    /// `previous` that are gone.
+    fn resolve_prefill_decode(
+        &self,
+        table: &RoutingTable,
+        previous: &PdSeries,
+        next: &mut Resolved,
+    ) {
+        let mut models_of: HashMap<&str, Vec<&str>> = HashMap::new();
+        for route in &table.routes {
+            let models = std::iter::once(route.model_name.as_str())
+                .filter(|name| !name.is_empty())
+                .chain(route.lora_adapters.iter().map(String::as_str));
+            for model in models {
+                for rule in &route.rules {
+                    for server in rule.targets.servers() {
+                        models_of
+                            .entry(server.key.as_str())
+                            .or_default()
+                            .push(model);
+                    }
+                }
+            }
+        }
+        let series = &mut next.pd_series;
+        for server in &table.servers {
+            let Some(pd) = &server.prefill_decode else {
+                continue;
+            };
+            let models = models_of
+                .get(server.key.as_str())
+                .map_or(&[][..], Vec::as_slice);
+            let groups = pd
+                .groups
+                .iter()
+                .map(|group| {
+                    let requests = models
+                        .iter()
+                        .map(|model| {
+                            let handles = ["prefill", "decode"].map(|role| {
+                                series.requests.insert([
+                                    group.name.clone(),
+                                    role.to_owned(),
+                                    (*model).to_owned(),
+                                ]);
+                                self.pd_group_requests_total.with_label_values(&[
+                                    &group.name,
+                                    role,
+                                    model,
+                                ])
+                            });
+                            ((*model).to_owned(), handles)
+                        })
+                        .collect();
+                    series.decisions.insert(group.name.clone());
+                    PdGroupHandles {
+                        decisions: Some(self.pd_group_routing_decisions.with_label_values(&[
+                            &group.name,
+                            "decode",
+                            "prefill",
+                        ])),
+                        requests,
+                    }
+                })
+                .collect();
+            let kv_transfer_params = pd.connector.relays_kv_transfer_params().then(|| {
+                series.kv_transfer_params.insert(server.key.clone());
+                ["relayed", "missing"].map(|outcome| {
+                    self.pd_kv_transfer_params_total
+                        .with_label_values(&[&server.key, outcome])
+                })
+            });
+            next.prefill_decode.insert(
+                server.key.clone(),
+                PdServerHandles {
+                    groups,
+                    kv_transfer_params,
+                },
+            );
+        }
+        for gone in previous.requests.difference(&series.requests) {
+            let [group, role, model] = gone;
+            let _ = self
+                .pd_group_requests_total
+                .remove_label_values(&[group, role, model]);
+        }
+        for gone in previous.decisions.difference(&series.decisions) {
+            let _ = self
+                .pd_group_routing_decisions
+                .remove_label_values(&[gone, "decode", "prefill"]);
+        }
+        for gone in previous
+            .kv_transfer_params
+            .difference(&series.kv_transfer_params)
+        {
+            for outcome in ["relayed", "missing"] {
+                let _ = self
+                    .pd_kv_transfer_params_total
+                    .remove_label_values(&[gone, outcome]);
             }
         }
     }
@@ -625,6 +800,15 @@ impl RouterMetrics {
     }
 }
 
+/// Seconds of a request's prefill and decode phases, when it has them: the
+/// two legs of a prefill/decode pair, or a stream's arrival to its first
+/// chunk and the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    pub prefill: Option<f64>,
+    pub decode: Option<f64>,
+}
+
 /// A finished request outside the success series: an error, a non-200
 /// status, or a request of no known model.
 #[derive(Debug)]
@@ -633,8 +817,7 @@ pub struct Observation {
     pub status: u16,
     pub error_type: &'static str,
     pub total_seconds: f64,
-    /// (prefill, decode) seconds of a streamed response.
-    pub phases: Option<(f64, f64)>,
+    pub phases: Phases,
 }
 
 /// The families that have a `model` label, shared by every model's handles.
@@ -662,11 +845,13 @@ fn observe_other(families: &ModelFamilies, model: &str, request: &Observation) {
         .request_duration_seconds
         .with_label_values(&labels)
         .observe(request.total_seconds);
-    if let Some((prefill, decode)) = request.phases {
+    if let Some(prefill) = request.phases.prefill {
         families
             .request_prefill_duration_seconds
             .with_label_values(&labels)
             .observe(prefill);
+    }
+    if let Some(decode) = request.phases.decode {
         families
             .request_decode_duration_seconds
             .with_label_values(&labels)
@@ -742,14 +927,14 @@ impl ModelMetrics {
     }
 
     /// A 200 response delivered in full.
-    pub fn observe_success(&self, path: PathLabel, total: f64, phases: Option<(f64, f64)>) {
+    pub fn observe_success(&self, path: PathLabel, total: f64, phases: Phases) {
         if let Some(series) = self.path(path) {
             series.ok_requests.inc();
             series.ok_duration.observe(total);
         }
-        let Some((prefill, decode)) = phases else {
+        if phases == Phases::default() {
             return;
-        };
+        }
         let created = self.phases[path as usize].get_or_create(|| {
             let labels = [self.name.as_str(), path.as_str(), "200"];
             (
@@ -762,8 +947,12 @@ impl ModelMetrics {
             )
         });
         if let Some((prefill_histogram, decode_histogram)) = created {
-            prefill_histogram.observe(prefill);
-            decode_histogram.observe(decode);
+            if let Some(prefill) = phases.prefill {
+                prefill_histogram.observe(prefill);
+            }
+            if let Some(decode) = phases.decode {
+                decode_histogram.observe(decode);
+            }
         }
     }
 
@@ -998,7 +1187,14 @@ mod tests {
         );
         let resolved = metrics.resolved();
         let model = resolved.model("m").expect("model m resolved");
-        model.observe_success(PathLabel::Completions, 0.2, Some((0.1, 0.1)));
+        model.observe_success(
+            PathLabel::Completions,
+            0.2,
+            Phases {
+                prefill: Some(0.1),
+                decode: Some(0.1),
+            },
+        );
         model.add_tokens(PathLabel::Completions, 3, 5);
         model.observe_stream(0.1, 0.1, 5);
         model.active_downstream().expect("not retired").inc();
@@ -1015,10 +1211,10 @@ mod tests {
             status: 503,
             error_type: "no_ready_pod",
             total_seconds: 0.01,
-            phases: None,
+            phases: Phases::default(),
         });
         let keep = resolved.model("keep").expect("model keep resolved");
-        keep.observe_success(PathLabel::ChatCompletions, 0.2, None);
+        keep.observe_success(PathLabel::ChatCompletions, 0.2, Phases::default());
         let labels = [
             ("model", "m"),
             ("path", "/v1/completions"),
@@ -1078,13 +1274,13 @@ mod tests {
         assert_eq!(series_with(&metrics, "model", "keep"), 4, "keep's stay");
         assert!(metrics.resolved().model("m").is_none());
         // A request that still holds m's handles records nothing more.
-        model.observe_success(PathLabel::Embeddings, 0.1, None);
+        model.observe_success(PathLabel::Embeddings, 0.1, Phases::default());
         model.observe_other(&Observation {
             path: PathLabel::Embeddings,
             status: 502,
             error_type: "upstream_failed",
             total_seconds: 0.01,
-            phases: None,
+            phases: Phases::default(),
         });
         // The request in flight releases the gauge it took, detached from /metrics.
         model
@@ -1106,7 +1302,7 @@ mod tests {
         metrics.resolve(&table(&all));
         for name in &all[..10] {
             let model = metrics.resolved().model(name).cloned().expect("resolved");
-            model.observe_success(PathLabel::ChatCompletions, 0.1, None);
+            model.observe_success(PathLabel::ChatCompletions, 0.1, Phases::default());
         }
         metrics.resolve(&table(&all[..1]));
         assert_eq!(

@@ -46,6 +46,8 @@ pub struct Server {
     pub rotation: AtomicUsize,
     /// Ejects pods whose attempts keep failing.
     pub outlier: OutlierDetector,
+    /// Set when every request goes to a prefill and a decode pod of one group.
+    pub prefill_decode: Option<PrefillDecode>,
 }
 
 impl Server {
@@ -63,13 +65,94 @@ impl Server {
             pods,
             rotation: AtomicUsize::new(0),
             outlier: OutlierDetector::new(Default::default(), Default::default()),
+            prefill_decode: None,
         }
     }
 
-    /// Whether a request sent here now has a pod that is not ejected.
-    /// Stops at the first such pod: usually the first one.
+    /// Whether a request sent here now has a pod that is not ejected (for a
+    /// prefill/decode ModelServer: a complete group with a prefill and a
+    /// decode pod that are not). Stops at the first: usually the first pod.
     pub fn has_usable_pod(&self, now: Instant) -> bool {
-        self.pods.iter().any(|pod| !pod.is_ejected(now))
+        let usable = |index: &usize| {
+            self.pods
+                .get(*index)
+                .is_some_and(|pod| !pod.is_ejected(now))
+        };
+        match &self.prefill_decode {
+            None => self.pods.iter().any(|pod| !pod.is_ejected(now)),
+            Some(pd) => pd
+                .groups
+                .iter()
+                .any(|group| group.prefill.iter().any(usable) && group.decode.iter().any(usable)),
+        }
+    }
+}
+
+/// How the router talks to the two pods of a prefill/decode pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvConnector {
+    /// Prefill first, its answer discarded; then decode with the client's body.
+    Http,
+    /// As [`Self::Http`]; the engines share KV through LMCache themselves.
+    Lmcache,
+    /// As [`Self::Http`], and the prefill answer's `kv_transfer_params` go to decode.
+    Nixl,
+    /// The request shapes of [`Self::Nixl`].
+    Mooncake,
+    /// Both legs at once, paired by a `bootstrap_room`.
+    Sglang,
+}
+
+impl KvConnector {
+    /// The `kvConnector.type` spelling (`sglang` for SGLang's bootstrap protocol).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Lmcache => "lmcache",
+            Self::Nixl => "nixl",
+            Self::Mooncake => "mooncake",
+            Self::Sglang => "sglang",
+        }
+    }
+
+    /// The prefill asks the engine to keep the KV for a remote decode, and
+    /// the decode gets the `kv_transfer_params` the prefill answered with.
+    pub fn relays_kv_transfer_params(self) -> bool {
+        matches!(self, Self::Nixl | Self::Mooncake)
+    }
+}
+
+/// A prefill/decode ModelServer's pods, by group and role.
+#[derive(Debug)]
+pub struct PrefillDecode {
+    pub connector: KvConnector,
+    /// The pod label whose value names a pod's group.
+    pub group_label: String,
+    /// Sorted by name; incomplete groups included (shown, never scheduled).
+    pub groups: Vec<PdGroup>,
+    /// The decode pods of complete groups (indices into [`Server::pods`]),
+    /// the candidates of the first choice.
+    pub decode_candidates: Vec<usize>,
+    /// Per pod of [`Server::pods`]: its group (index into `groups`).
+    pub group_of: Vec<usize>,
+    /// Per pod of [`Server::pods`]: the SGLang bootstrap port of a prefill
+    /// pod that has one configured, else 0.
+    pub bootstrap_ports: Vec<u16>,
+}
+
+/// The pods of one group (indices into [`Server::pods`]).
+#[derive(Debug)]
+pub struct PdGroup {
+    /// The group label's value.
+    pub name: String,
+    pub prefill: Vec<usize>,
+    pub decode: Vec<usize>,
+}
+
+impl PdGroup {
+    /// A group serves requests only with a pod of each role.
+    pub fn is_complete(&self) -> bool {
+        !self.prefill.is_empty() && !self.decode.is_empty()
     }
 }
 

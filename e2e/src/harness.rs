@@ -420,14 +420,33 @@ impl HttpClient {
     }
 }
 
-/// YAML of a Pod that local mode treats as ready.
+/// YAML of a Pod in `default` that local mode treats as ready.
 pub fn ready_pod_yaml(name: &str, ip: Ipv4Addr, labels: &[(&str, &str)]) -> String {
-    let labels: String = labels
-        .iter()
-        .map(|(k, v)| format!("    {k}: {v}\n"))
-        .collect();
+    pod_yaml("default", name, ip, labels, &[])
+}
+
+/// YAML of a ready Pod with labels and annotations (values quoted).
+pub fn pod_yaml(
+    namespace: &str,
+    name: &str,
+    ip: Ipv4Addr,
+    labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+) -> String {
+    let map = |pairs: &[(&str, &str)]| -> String {
+        pairs
+            .iter()
+            .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+            .collect()
+    };
+    let annotations = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n{}", map(annotations))
+    };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}status:\n  phase: Running\n  podIP: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n{}{annotations}status:\n  phase: Running\n  podIP: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n",
+        map(labels)
     )
 }
 
@@ -483,7 +502,9 @@ pub struct TestPod {
     name: String,
     /// Last octet of its IP in the stack's subnet.
     host: u8,
+    namespace: String,
     labels: Vec<(String, String)>,
+    annotations: Vec<(String, String)>,
     /// The model its engine serves and the engine's extra flags.
     engine: Option<(String, Vec<String>)>,
 }
@@ -505,7 +526,9 @@ impl TestPod {
         Self {
             name: name.to_owned(),
             host,
+            namespace: "default".to_owned(),
             labels: vec![("app".to_owned(), app.to_owned())],
+            annotations: Vec::new(),
             engine: None,
         }
     }
@@ -515,6 +538,25 @@ impl TestPod {
         self.labels.push((key.to_owned(), value.to_owned()));
         self
     }
+
+    /// The pod with an annotation.
+    pub fn annotated(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The pod in `namespace` (default: `default`).
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        namespace.clone_into(&mut self.namespace);
+        self
+    }
+}
+
+fn str_pairs(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect()
 }
 
 /// One mock engine to start.
@@ -611,12 +653,13 @@ impl Stack {
         let yaml: Vec<String> = pods
             .iter()
             .map(|pod| {
-                let labels: Vec<(&str, &str)> = pod
-                    .labels
-                    .iter()
-                    .map(|(key, value)| (key.as_str(), value.as_str()))
-                    .collect();
-                ready_pod_yaml(&pod.name, self.ip(pod.host), &labels)
+                pod_yaml(
+                    &pod.namespace,
+                    &pod.name,
+                    self.ip(pod.host),
+                    &str_pairs(&pod.labels),
+                    &str_pairs(&pod.annotations),
+                )
             })
             .collect();
         self.write_config("pods.yaml", &yaml_documents(&yaml));

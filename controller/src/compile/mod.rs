@@ -22,6 +22,9 @@ use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
 mod objects;
 mod pod_index;
+mod prefill_decode;
+#[cfg(test)]
+mod prefill_decode_tests;
 mod report;
 mod routes;
 mod servers;
@@ -29,6 +32,7 @@ mod servers;
 mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
+pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
 pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
@@ -332,6 +336,8 @@ fn duplicate_report(
         },
         ready_pods: None,
         total_pods: None,
+        pd_groups: None,
+        complete_pd_groups: None,
         in_snapshot: false,
     }
 }

@@ -116,6 +116,8 @@ pub(crate) fn compile_route(
         resolved_refs,
         ready_pods: None,
         total_pods: None,
+        pd_groups: None,
+        complete_pd_groups: None,
         in_snapshot,
     };
     if !in_snapshot {

@@ -156,6 +156,8 @@ pub fn server_status(
         conditions: conditions(report, acks, previous_conditions, now),
         ready_pods: report.ready_pods.map(saturating_i32),
         total_pods: report.total_pods.map(saturating_i32),
+        pd_groups: report.pd_groups.map(saturating_i32),
+        complete_pd_groups: report.complete_pd_groups.map(saturating_i32),
         last_scrape_time: coarse_scrape_time(previous_scrape, last_scrape),
     }
 }

@@ -15,8 +15,8 @@ pub const PLUGIN_DURATION_BUCKETS: [f64; 6] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.
 /// The metric's name, as the Kthena router exports it.
 pub const PLUGIN_DURATION_METRIC: &str = "kthena_router_scheduler_plugin_duration_seconds";
 
-/// A plugin and its role (`filter` or `score`).
-pub(super) type PluginRole = (&'static str, &'static str);
+/// A plugin's `plugin` and `type` (`filter` or `score`) labels.
+pub(super) type PluginLabels = (&'static str, &'static str);
 
 #[derive(Debug)]
 pub struct PluginMetrics {
@@ -29,9 +29,9 @@ pub struct PluginMetrics {
 struct Series {
     /// Models and plugins of the latest snapshot: only they get series.
     models: HashSet<String>,
-    plugins: HashSet<PluginRole>,
+    plugins: HashSet<PluginLabels>,
     /// Label sets with a series, so the ones a new snapshot drops are removed.
-    live: HashSet<(String, PluginRole)>,
+    live: HashSet<(String, PluginLabels)>,
 }
 
 impl PluginMetrics {
@@ -54,7 +54,7 @@ impl PluginMetrics {
     /// A new snapshot serves `models` with `plugins`: removes the series of
     /// any other model or plugin. Costs the snapshot's models plus the live
     /// series, never models x series.
-    pub(super) fn begin_snapshot(&self, models: &[&str], plugins: &[PluginRole]) {
+    pub(super) fn begin_snapshot(&self, models: &[&str], plugins: &[PluginLabels]) {
         let mut series = self.series.lock();
         series.models = models.iter().map(|model| (*model).to_owned()).collect();
         series.plugins = plugins.iter().copied().collect();
@@ -63,33 +63,33 @@ impl PluginMetrics {
             plugins,
             live,
         } = &mut *series;
-        live.retain(|(model, (plugin, role))| {
-            let keep = models.contains(model) && plugins.contains(&(*plugin, *role));
+        live.retain(|(model, (plugin, kind))| {
+            let keep = models.contains(model) && plugins.contains(&(*plugin, *kind));
             if !keep {
                 let _ = self
                     .durations
-                    .remove_label_values(&[model.as_str(), plugin, role]);
+                    .remove_label_values(&[model.as_str(), plugin, kind]);
             }
             keep
         });
     }
 
-    /// The histograms of `model`'s `roles`, created now; `None` when the
+    /// The histograms of `model`'s `plugins`, created now; `None` when the
     /// model or a plugin is no longer in the latest snapshot (a request of
     /// the previous one), so no series outlives its model.
-    pub(super) fn create(&self, model: &str, roles: &[PluginRole]) -> Option<Vec<Histogram>> {
+    pub(super) fn create(&self, model: &str, plugins: &[PluginLabels]) -> Option<Vec<Histogram>> {
         let mut series = self.series.lock();
-        let known =
-            series.models.contains(model) && roles.iter().all(|role| series.plugins.contains(role));
+        let known = series.models.contains(model)
+            && plugins.iter().all(|labels| series.plugins.contains(labels));
         if !known {
             return None;
         }
         Some(
-            roles
+            plugins
                 .iter()
-                .map(|&(plugin, role)| {
-                    series.live.insert((model.to_owned(), (plugin, role)));
-                    self.durations.with_label_values(&[model, plugin, role])
+                .map(|&(plugin, kind)| {
+                    series.live.insert((model.to_owned(), (plugin, kind)));
+                    self.durations.with_label_values(&[model, plugin, kind])
                 })
                 .collect(),
         )

@@ -223,7 +223,7 @@ fn modelserver(server: &pb::ModelServer) -> Value {
         );
         spec.insert("trafficPolicy".into(), traffic.into());
     }
-    json!({
+    let mut value = json!({
         "name": server.name,
         "namespace": server.namespace,
         "spec": spec,
@@ -231,7 +231,24 @@ fn modelserver(server: &pb::ModelServer) -> Value {
             "name": endpoint.name,
             "podIP": endpoint.ip,
         })).collect::<Vec<_>>(),
-    })
+    });
+    if let Some(pd) = &server.prefill_decode {
+        // As Kthena lists them: `namespace/name` of each role's pods.
+        let role = |pods: fn(&pb::PdGroup) -> &Vec<String>| {
+            pd.groups
+                .iter()
+                .flat_map(|group| pods(group).iter())
+                .map(|pod| crate::object_key(&server.namespace, pod))
+                .collect::<Vec<_>>()
+        };
+        let connector = pd.kv_connector().as_str_name();
+        let connector = connector.strip_prefix("KV_CONNECTOR_").unwrap_or(connector);
+        value["spec"]["kvConnector"] = json!({"type": connector.to_ascii_lowercase()});
+        value["spec"]["workloadSelector"] = json!({"pdGroup": {"groupKey": pd.group_label}});
+        value["prefillPods"] = role(|group| &group.prefill).into();
+        value["decodePods"] = role(|group| &group.decode).into();
+    }
+    value
 }
 
 #[cfg(test)]
@@ -317,5 +334,30 @@ mod tests {
         assert!(self::pod(&config, "default", "missing", None).is_none());
         assert!(find_modelserver(&config, "default", "llama2-server").is_some());
         assert!(find_modelroute(&config, "other", "llama2-route").is_none());
+    }
+
+    #[test]
+    fn prefill_decode_servers_list_their_pods_by_role() {
+        let mut config = config();
+        config.servers[0].prefill_decode = Some(pb::PrefillDecode {
+            kv_connector: pb::KvConnector::Nixl.into(),
+            group_label: "modelserving.volcano.sh/group-name".into(),
+            groups: vec![pb::PdGroup {
+                name: "group-0".into(),
+                prefill: vec!["p-0".into()],
+                decode: vec!["d-0".into(), "d-1".into()],
+            }],
+        });
+        let dump = modelservers(&config);
+        let server = &dump["modelservers"][0];
+        assert_eq!(server["prefillPods"], json!(["default/p-0"]));
+        assert_eq!(server["decodePods"], json!(["default/d-0", "default/d-1"]));
+        assert_eq!(server["spec"]["kvConnector"], json!({"type": "nixl"}));
+        assert_eq!(
+            server["spec"]["workloadSelector"]["pdGroup"]["groupKey"],
+            "modelserving.volcano.sh/group-name"
+        );
+        let plain = modelservers(&self::config());
+        assert!(plain["modelservers"][0].get("prefillPods").is_none());
     }
 }

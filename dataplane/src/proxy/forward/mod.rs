@@ -1,10 +1,15 @@
 //! Phase `forward`: sends the request to the ranked candidates, one attempt
 //! at a time, as the [`policy`] directs, through an [`Upstream`]. Ends with
 //! the response head of the attempt that is delivered (its pod still counted
-//! in flight) or with the error the client gets.
+//! in flight) or with the error the client gets. A prefill/decode
+//! ModelServer's candidates are pairs, each attempt two legs ([`pairs`]).
 
+pub mod pairs;
 pub mod policy;
 pub mod upstream;
+
+use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -12,6 +17,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
+use switchyard_runtime::clock;
 
 use self::policy::{AttemptPolicy, Next, Verdict, failure_of};
 pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
@@ -52,18 +58,9 @@ impl Outbound {
     /// The client's request head becomes the upstream one in place, less the
     /// headers that must not cross, plus the request id.
     pub fn new(head: Parts, body: Bytes, request_id: &HeaderValue) -> Self {
-        let mut headers = head.headers;
-        for name in HOP_BY_HOP.iter().chain(&RECOMPUTED) {
-            headers.remove(name);
-        }
-        headers.insert(REQUEST_ID_HEADER, request_id.clone());
+        let (path_and_query, headers) = upstream_head(head, request_id);
         Self {
-            // Shares the bytes of the request line, no copy.
-            path_and_query: head
-                .uri
-                .into_parts()
-                .path_and_query
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            path_and_query,
             headers: Some(headers),
             body,
         }
@@ -74,20 +71,6 @@ impl Outbound {
         pod: &PodState,
         is_last: bool,
     ) -> Result<Request<Full<Bytes>>, ApiError> {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(pod.authority.clone())
-            .path_and_query(self.path_and_query.clone())
-            .build()
-            .map_err(|error| {
-                ApiError::new(
-                    ErrorKind::InvalidBody,
-                    format!("invalid request path: {error}"),
-                )
-            })?;
-        let mut request = Request::new(Full::new(self.body.clone()));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri;
         // The client consumes what it sends, so only an attempt that may be
         // followed by another needs its own copy.
         let headers = if is_last {
@@ -95,8 +78,75 @@ impl Outbound {
         } else {
             self.headers.clone()
         };
-        *request.headers_mut() = headers.unwrap_or_default();
-        Ok(request)
+        upstream_request(
+            pod,
+            &self.path_and_query,
+            headers.unwrap_or_default(),
+            self.body.clone(),
+        )
+    }
+}
+
+/// The path and headers every upstream request of a client's request
+/// carries: its headers less those that must not cross, plus the request id.
+fn upstream_head(head: Parts, request_id: &HeaderValue) -> (PathAndQuery, HeaderMap) {
+    let mut headers = head.headers;
+    for name in HOP_BY_HOP.iter().chain(&RECOMPUTED) {
+        headers.remove(name);
+    }
+    headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    // Shares the bytes of the request line, no copy.
+    let path_and_query = head
+        .uri
+        .into_parts()
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    (path_and_query, headers)
+}
+
+/// A `POST` of `body` to `pod`.
+fn upstream_request(
+    pod: &PodState,
+    path_and_query: &PathAndQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, ApiError> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(pod.authority.clone())
+        .path_and_query(path_and_query.clone())
+        .build()
+        .map_err(|error| {
+            ApiError::new(
+                ErrorKind::InvalidBody,
+                format!("invalid request path: {error}"),
+            )
+        })?;
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// `sent`, bounded by the ModelServer's timeout.
+async fn within<T>(
+    limit: Duration,
+    sent: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    tokio::time::timeout(limit, sent)
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout(limit)))
+}
+
+/// Counts a failed attempt of `record`'s request against `pod` of
+/// `server`, whose outlier detection may eject it.
+pub fn count_failure(server: &Server, pod: &PodState, failure: Failure, record: &RequestRecord) {
+    if let Some(ejection) = server
+        .outlier
+        .record_failure(&server.pods, pod, failure, clock::now())
+    {
+        record.pod_ejected(server, pod, &ejection);
     }
 }
 
@@ -106,18 +156,6 @@ impl Outbound {
 pub struct Delivered<B> {
     pub response: Response<B>,
     pub guard: InFlightGuard,
-}
-
-/// Counts a failed attempt of `record`'s request against `pod` of
-/// `server`, whose outlier detection may eject it.
-pub fn count_failure(server: &Server, pod: &PodState, failure: Failure, record: &RequestRecord) {
-    let now = switchyard_runtime::clock::now();
-    if let Some(ejection) = server
-        .outlier
-        .record_failure(&server.pods, pod, failure, now)
-    {
-        record.pod_ejected(server, pod, &ejection);
-    }
 }
 
 /// Runs the attempts of one request to `server`'s `ranking`.
@@ -138,15 +176,13 @@ pub async fn forward<U: Upstream>(
         if !attempt.wait.is_zero() {
             tokio::time::sleep(attempt.wait).await;
         }
-        let pod = attempt.pod;
+        let pod = attempt.target;
         // Dropped at the end of this iteration when the attempt fails, so a
         // failed attempt never counts against the pod while the next one runs.
         let guard = pod.begin_request();
         record.begin_attempt(pod);
         let sent = upstream.send(outbound.request_to(pod, attempt.is_last)?);
-        let outcome = tokio::time::timeout(attempt.timeout, sent)
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout(attempt.timeout)));
+        let outcome = within(attempt.timeout, sent).await;
         next = match outcome {
             Ok(response) => {
                 let status = response.status();
@@ -168,7 +204,7 @@ pub async fn forward<U: Upstream>(
                 }
                 count_failure(server, pod, failure_of(&error), record);
                 tracing::warn!(pod = %pod.key, server = %server.key, failure = %error, "upstream attempt failed");
-                policy.on_failure(error)
+                policy.on_failure(error, pod)
             }
         };
     }
@@ -180,7 +216,6 @@ mod tests {
 
     use http::StatusCode;
     use http_body_util::BodyExt;
-    use switchyard_runtime::clock;
 
     use super::*;
     use crate::proxy::testing::{Script, ScriptedUpstream, ranked, server_with_pods, test_record};

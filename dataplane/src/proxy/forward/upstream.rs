@@ -35,8 +35,11 @@ pub enum UpstreamError {
     /// The connection broke after the request was sent, before response headers.
     #[error("connection failed before response headers: {0}")]
     BeforeHeaders(String),
-    /// No response headers within the ModelServer's timeout.
-    #[error("no response headers within {0:?}")]
+    /// A response the router must read whole (a prefill leg's) broke off.
+    #[error("the response broke off before it was complete: {0}")]
+    Incomplete(String),
+    /// No response (headers; all of it for a prefill leg) within the ModelServer's timeout.
+    #[error("no response within {0:?}")]
     Timeout(Duration),
 }
 

@@ -177,6 +177,12 @@ pub struct AccessLogEntry {
     pub upstream_attempts: u32,
     /// (`type`, `message`) of a failed request.
     pub error: Option<(&'static str, String)>,
+    /// Prefill/decode requests: the prefill pod (`pod` is the decode pod).
+    pub prefill_pod: Option<Arc<PodState>>,
+    /// Prefill leg: sent to its answer read whole.
+    pub prefill_leg: Option<Duration>,
+    /// Decode leg: sent to the end of its body.
+    pub decode_leg: Option<Duration>,
 }
 
 /// The sending side, held by the request path.
@@ -291,6 +297,12 @@ struct JsonLine<'a> {
     upstream_attempts: u32,
     failed_over_from: Option<&'a str>,
     error: Option<JsonError<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefill_pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_prefill_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_decode_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -339,6 +351,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
         .as_ref()
         .map(|server| server.key.as_str());
     let pod = entry.pod.as_ref().map(|pod| pod.name.as_str());
+    let prefill_pod = entry.prefill_pod.as_ref().map(|pod| pod.name.as_str());
     match format {
         AccessLogFormat::Json => {
             let line = JsonLine {
@@ -366,6 +379,9 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                     r#type: kind,
                     message,
                 }),
+                prefill_pod,
+                duration_prefill_ms: entry.prefill_leg.map(millis),
+                duration_decode_ms: entry.decode_leg.map(millis),
             };
             // Serialising plain strings and numbers into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &line);
@@ -388,6 +404,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 ("model_route", route),
                 ("model_server", server),
                 ("selected_pod", pod),
+                ("prefill_pod", prefill_pod),
                 ("request_id", request_id),
             ];
             for (name, value) in fields {
@@ -412,6 +429,12 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
             );
             if let Some(ttft) = entry.ttft {
                 let _ = write!(line, " ttft={}ms", millis(ttft));
+            }
+            if let Some(prefill) = entry.prefill_leg {
+                let _ = write!(line, " prefill={}ms", millis(prefill));
+            }
+            if let Some(decode) = entry.decode_leg {
+                let _ = write!(line, " decode={}ms", millis(decode));
             }
             let _ = write!(line, " upstream_attempts={}", entry.upstream_attempts);
             if let Some(from) = failed_over_from {
@@ -451,6 +474,9 @@ mod tests {
             ttft: Some(Duration::from_millis(120)),
             upstream_attempts: 1,
             error,
+            prefill_pod: None,
+            prefill_leg: None,
+            decode_leg: None,
         }
     }
 
@@ -511,6 +537,47 @@ mod tests {
         let line = String::from_utf8(out).expect("UTF-8");
         assert_eq!(line.lines().count(), 1, "{line}");
         assert!(line.contains(r#" model_name="m\n[forged] x=y" "#), "{line}");
+    }
+
+    #[test]
+    fn prefill_decode_lines_name_both_pods_and_time_both_legs() {
+        let pod = |name: &str| {
+            Some(Arc::new(
+                PodState::new(
+                    format!("default/{name}"),
+                    name.into(),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
+                )
+                .expect("valid"),
+            ))
+        };
+        let mut pd = entry(None);
+        pd.pod = pod("decode-0");
+        pd.prefill_pod = pod("prefill-0");
+        pd.prefill_leg = Some(Duration::from_millis(80));
+        pd.decode_leg = Some(Duration::from_millis(2200));
+        let mut out = Vec::new();
+        format_line(&pd, AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(line["selected_pod"], "decode-0");
+        assert_eq!(line["prefill_pod"], "prefill-0");
+        assert_eq!(line["duration_prefill_ms"], 80);
+        assert_eq!(line["duration_decode_ms"], 2200);
+        let mut out = Vec::new();
+        format_line(&pd, AccessLogFormat::Text, &mut out);
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.contains(" selected_pod=decode-0 prefill_pod=prefill-0 ")
+                && line.contains(" prefill=80ms decode=2200ms "),
+            "{line}"
+        );
+        let mut out = Vec::new();
+        format_line(&entry(None), AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert!(
+            line.get("prefill_pod").is_none(),
+            "other requests keep their fields"
+        );
     }
 
     #[test]

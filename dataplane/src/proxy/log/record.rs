@@ -9,7 +9,9 @@
 //! - upstream: first attempt sent to the end of the engine's body (retries
 //!   and the engine's prefill and decode included);
 //! - response processing: what is left after the upstream part;
-//! - queue: always 0, as there is no fairness queue yet.
+//! - queue: always 0, as there is no fairness queue yet;
+//! - prefill/decode pairs: the delivered pair's prefill leg (sent to its
+//!   answer read whole) and decode leg (sent to the end of its body).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,12 +19,13 @@ use std::time::{Duration, SystemTime};
 use switchyard_runtime::clock::{self, Instant};
 
 use http::{HeaderValue, Method, Request, Uri, Version};
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::oneshot;
 
 use super::Observer;
 use super::access_log::AccessLogEntry;
 use crate::error::ApiError;
-use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel};
+use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, Phases};
 use crate::pod::PodState;
 use crate::pod::outlier::Ejection;
 use crate::request_id::REQUEST_ID_HEADER;
@@ -61,6 +64,36 @@ pub struct RequestRecord {
     is_stream: bool,
     error: Option<(&'static str, String)>,
     finished: bool,
+    /// Prefill/decode requests: the prefill pod of the latest pair.
+    prefill_pod: Option<Arc<PodState>>,
+    prefill_leg: PrefillLeg,
+    /// When the latest pair's decode request was sent.
+    decode_started: Option<Instant>,
+    /// `pd_group_requests_total` of the latest pair's group: prefill, decode.
+    pd_requests: Option<[IntCounter; 2]>,
+    /// `pd_kv_transfer_params_total` of the ModelServer: relayed, missing.
+    kv_transfer_params: Option<[IntCounter; 2]>,
+}
+
+/// How long the prefill leg of the latest pair took.
+#[derive(Debug, Default)]
+enum PrefillLeg {
+    #[default]
+    Unknown,
+    Done(Duration),
+    /// Still running when the decode answered (SGLang's concurrent legs);
+    /// the duration arrives when it ends.
+    Running(oneshot::Receiver<Duration>),
+}
+
+impl PrefillLeg {
+    fn duration(&mut self) -> Option<Duration> {
+        match self {
+            Self::Unknown => None,
+            Self::Done(took) => Some(*took),
+            Self::Running(receiver) => receiver.try_recv().ok(),
+        }
+    }
 }
 
 impl RequestRecord {
@@ -93,6 +126,11 @@ impl RequestRecord {
             is_stream: false,
             error: None,
             finished: false,
+            prefill_pod: None,
+            prefill_leg: PrefillLeg::Unknown,
+            decode_started: None,
+            pd_requests: None,
+            kv_transfer_params: None,
         }
     }
 
@@ -139,6 +177,70 @@ impl RequestRecord {
                     self.upstream_gauge = Some(gauge.clone());
                 }
             }
+        }
+    }
+
+    /// An attempt to a prefill/decode pair of group `group` (an index into
+    /// the ModelServer's groups) starts.
+    pub fn begin_pair(&mut self, prefill: &Arc<PodState>, decode: &Arc<PodState>, group: usize) {
+        self.begin_attempt(decode);
+        self.prefill_pod = Some(prefill.clone());
+        self.prefill_leg = PrefillLeg::Unknown;
+        self.decode_started = None;
+        let (Some(server), Some(model)) = (&self.server, &self.model) else {
+            return;
+        };
+        let resolved = self.observer.metrics.resolved();
+        let Some(handles) = resolved.prefill_decode(&server.key) else {
+            return;
+        };
+        if self.kv_transfer_params.is_none() {
+            self.kv_transfer_params
+                .clone_from(&handles.kv_transfer_params);
+        }
+        let group = handles.groups.get(group);
+        if let Some(decisions) = group.and_then(|group| group.decisions.as_ref()) {
+            decisions.inc();
+        }
+        self.pd_requests = group.and_then(|group| group.requests.get(&model.name).cloned());
+    }
+
+    /// The prefill pod of the latest pair, for a prefill/decode request.
+    pub fn prefill_pod(&self) -> Option<&Arc<PodState>> {
+        self.prefill_pod.as_ref()
+    }
+
+    /// The prefill request of the latest pair is sent.
+    pub fn prefill_sent(&self) {
+        if let Some([prefill, _]) = &self.pd_requests {
+            prefill.inc();
+        }
+    }
+
+    /// The prefill leg of the latest pair ended (its answer read whole).
+    pub fn prefill_finished(&mut self, took: Duration) {
+        self.prefill_leg = PrefillLeg::Done(took);
+    }
+
+    /// The prefill leg of the latest pair still runs; `took` says how long
+    /// it took when it ends.
+    pub fn prefill_running(&mut self, took: oneshot::Receiver<Duration>) {
+        self.prefill_leg = PrefillLeg::Running(took);
+    }
+
+    /// The decode request of the latest pair is sent.
+    pub fn decode_sent(&mut self) {
+        self.decode_started = Some(clock::now());
+        if let Some([_, decode]) = &self.pd_requests {
+            decode.inc();
+        }
+    }
+
+    /// A prefill answer's `kv_transfer_params` went to the decode request
+    /// (`relayed`), or the answer had none.
+    pub fn kv_transfer_params(&self, relayed: bool) {
+        if let Some([with, without]) = &self.kv_transfer_params {
+            if relayed { with.inc() } else { without.inc() }
         }
     }
 
@@ -229,12 +331,26 @@ impl RequestRecord {
             (None, None) if self.status >= 400 => OutcomeLabel::EngineError.as_str(),
             (None, None) => OutcomeLabel::Success.as_str(),
         };
-        let phases = match (self.is_stream, self.first_chunk) {
+        // A stream's own split: arrival to the first chunk, then the rest.
+        let stream_split = match (self.is_stream, self.first_chunk) {
             (true, Some(first)) => Some((
                 first.duration_since(self.started).as_secs_f64(),
                 ended.duration_since(first).as_secs_f64(),
             )),
             _ => None,
+        };
+        let prefill_leg = self.prefill_leg.duration();
+        let decode_leg = self.decode_started.map(|at| ended.duration_since(at));
+        let phases = match (&self.prefill_pod, stream_split) {
+            (Some(_), _) => Phases {
+                prefill: prefill_leg.map(|took| took.as_secs_f64()),
+                decode: decode_leg.map(|took| took.as_secs_f64()),
+            },
+            (None, Some((prefill, decode))) => Phases {
+                prefill: Some(prefill),
+                decode: Some(decode),
+            },
+            (None, None) => Phases::default(),
         };
         let usage = usage.unwrap_or_default();
         let observation = Observation {
@@ -252,7 +368,7 @@ impl RequestRecord {
                     model.observe_other(&observation);
                 }
                 model.add_tokens(self.path, usage.prompt_tokens, usage.completion_tokens);
-                if let Some((prefill, decode)) = phases {
+                if let Some((prefill, decode)) = stream_split {
                     model.observe_stream(prefill, decode, usage.completion_tokens);
                 }
                 if let Some(active) = model.active_downstream() {
@@ -310,6 +426,9 @@ impl RequestRecord {
             ttft,
             upstream_attempts: self.attempts,
             error,
+            prefill_pod: self.prefill_pod.take(),
+            prefill_leg,
+            decode_leg,
         });
     }
 }
