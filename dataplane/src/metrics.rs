@@ -29,6 +29,7 @@ use prometheus::{
 use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
+use crate::health::HealthMetrics;
 use crate::lazy_series::LazySeries;
 use crate::pod::outlier::Failure;
 use crate::snapshot::{RoutingTable, SnapshotStore};
@@ -157,6 +158,8 @@ pub struct RouterMetrics {
     /// another target, by the target they left.
     pub target_failovers_total: IntCounterVec,
     pub access_log_dropped_total: IntCounter,
+    /// Model-server and load-balancing health ([`crate::health`]).
+    pub health: HealthMetrics,
     controller_connected: IntGauge,
     snapshot_age_seconds: Gauge,
     snapshot_info: IntGaugeVec,
@@ -456,11 +459,13 @@ impl RouterMetrics {
             active_downstream_requests,
             time_to_first_token_seconds,
             time_per_output_token_seconds,
+            health: HealthMetrics::register(&registry)?,
             resolved: ArcSwap::from_pointee(Resolved::default()),
             resolve_lock: Mutex::new(()),
             declared: Vec::new(),
             registry,
         };
+        metrics.declared = metrics.health.declared();
         let (counter, gauge, histogram) = ("counter", "gauge", "histogram");
         let collectors: Vec<(Box<dyn Collector>, &'static str)> = vec![
             (Box::new(metrics.requests_total.clone()), counter),
@@ -875,6 +880,9 @@ struct StreamSeries {
     tpot: Histogram,
 }
 
+/// The labels of a series counted by `observe_other`: (path, status, error_type).
+type OtherSeries = (PathLabel, u16, &'static str);
+
 /// One model's series, each group created on first use (a model served on
 /// one path creates that path's series only; prefill, decode, TTFT and TPOT
 /// only once it streams) and removed when the model leaves the snapshot.
@@ -890,7 +898,7 @@ pub struct ModelMetrics {
     streams: LazySeries<StreamSeries>,
     /// (path, status, error_type) of every series [`Self::observe_other`]
     /// created; `None` once retired.
-    others: Mutex<Option<HashSet<(PathLabel, u16, &'static str)>>>,
+    others: Mutex<Option<HashSet<OtherSeries>>>,
 }
 
 impl ModelMetrics {
@@ -1078,6 +1086,7 @@ impl SnapshotSink for ObservedStore {
         SnapshotSink::apply_route_config(&*self.store, version, config)?;
         if let Some(table) = self.store.table() {
             self.metrics.resolve(&table);
+            self.metrics.health.resolve(&table);
         }
         Ok(())
     }

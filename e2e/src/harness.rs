@@ -133,6 +133,11 @@ impl Process {
         &self.name
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -580,6 +585,8 @@ pub struct Stack {
     pub config_dir: PathBuf,
     pub xds_addr: SocketAddr,
     pub controller_admin: SocketAddr,
+    /// The controller's debug listener (`/debug/*`).
+    pub controller_debug: SocketAddr,
     pub http: HttpClient,
     /// This stack's own loopback subnet ([`test_subnet`]).
     pub subnet: [u8; 3],
@@ -636,6 +643,7 @@ impl Stack {
             controller: None,
             xds_addr: free_addr(),
             controller_admin: free_addr(),
+            controller_debug: free_addr(),
             dataplanes: Vec::new(),
             http: HttpClient::default(),
             subnet: test_subnet(),
@@ -764,21 +772,7 @@ impl Stack {
             old.stop();
         }
         for attempt in 1..=CONTROLLER_START_ATTEMPTS {
-            let mut args = vec![
-                "--config-dir".to_owned(),
-                self.config_dir.display().to_string(),
-                "--xds-addr".to_owned(),
-                self.xds_addr.to_string(),
-                "--metrics-addr".to_owned(),
-                self.controller_admin.to_string(),
-            ];
-            args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
-            let mut process = Process::start(
-                "switchyard-controller",
-                "controller",
-                &args,
-                self.dir.path(),
-            );
+            let mut process = self.controller_process(extra_args);
             let url = format!("http://{}/readyz", self.controller_admin);
             let http = &self.http;
             let ready = wait_for(&url, || {
@@ -806,7 +800,39 @@ impl Stack {
             );
             self.xds_addr = free_addr();
             self.controller_admin = free_addr();
+            self.controller_debug = free_addr();
         }
+    }
+
+    /// (Re)starts the controller on the stack's ports with more flags and
+    /// returns at once: for a controller that is not meant to become ready
+    /// yet (e.g. one holding an empty config directory).
+    pub fn spawn_controller_with(&mut self, extra_args: &[&str]) {
+        self.stop_controller();
+        self.controller = Some(self.controller_process(extra_args));
+    }
+
+    /// A controller process on the stack's directory and ports.
+    fn controller_process(&self, extra_args: &[&str]) -> Process {
+        let mut args = vec![
+            "--config-dir".to_owned(),
+            self.config_dir.display().to_string(),
+            "--xds-addr".to_owned(),
+            self.xds_addr.to_string(),
+            "--metrics-addr".to_owned(),
+            self.controller_admin.to_string(),
+            "--debug-addr".to_owned(),
+            self.controller_debug.ip().to_string(),
+            "--debug-port".to_owned(),
+            self.controller_debug.port().to_string(),
+        ];
+        args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
+        Process::start(
+            "switchyard-controller",
+            "controller",
+            &args,
+            self.dir.path(),
+        )
     }
 
     /// Kills the mock engine whose pod name is `name`.

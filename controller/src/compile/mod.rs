@@ -20,6 +20,7 @@ use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+mod ignored;
 mod objects;
 mod pod_index;
 mod prefill_decode;
@@ -33,7 +34,7 @@ mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
 pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
-pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
+pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
 /// Namespace of objects whose `metadata.namespace` is unset (local files), as in Kubernetes.
@@ -83,7 +84,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let mut routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
     let router = input.router;
     routes.route_config.scheduler = router.scheduler.clone();
-    routes.route_config.outlier_detection = router.outlier_detection.defaults.clone();
+    routes.route_config.outlier_detection = router.outlier_detection.defaults;
     for server in &mut routes.route_config.servers {
         server.outlier_detection = router
             .outlier_detection
@@ -339,11 +340,12 @@ fn duplicate_report(
         pd_groups: None,
         complete_pd_groups: None,
         in_snapshot: false,
+        ignored_fields: Vec::new(),
     }
 }
 
 /// `metadata.namespace`, or `default` when unset.
-pub(crate) fn namespace_of(metadata: &ObjectMeta) -> &str {
+pub fn namespace_of(metadata: &ObjectMeta) -> &str {
     non_empty(metadata.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)
 }
 

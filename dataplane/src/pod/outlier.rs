@@ -213,6 +213,14 @@ impl Default for PodHealth {
 }
 
 impl PodHealth {
+    /// Ejects the pod until `until`, bypassing detection and the cap: for
+    /// tests of what reads ejections.
+    #[cfg(test)]
+    pub fn eject_until(&self, until: Instant) {
+        self.ejected_until_ms
+            .fetch_max(monotonic_ms(until), Ordering::Relaxed);
+    }
+
     pub fn is_ejected(&self, now: Instant) -> bool {
         monotonic_ms(now) < self.ejected_until_ms.load(Ordering::Relaxed)
     }

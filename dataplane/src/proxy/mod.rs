@@ -37,8 +37,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 
-pub use self::admit::DEFAULT_MAX_BODY_BYTES;
 use self::admit::{Admitted, InferenceRequest};
+pub use self::admit::{BodyLimits, DEFAULT_MAX_BODY_BYTES};
 pub use self::authenticate::Identity;
 use self::forward::pairs::PairOutbound;
 use self::forward::{HyperUpstream, Outbound, Upstream};
@@ -47,6 +47,7 @@ pub use self::respond::ProxyBody;
 use self::respond::json_response;
 use self::route::Routed;
 use crate::error::{ApiError, BodyError, ErrorKind};
+use crate::limits::{BodyBudget, DEFAULT_BODY_BUDGET_BYTES};
 use crate::snapshot::{RoutingTable, SnapshotStore};
 
 /// The API paths a prefill/decode pair serves: those that generate tokens
@@ -56,13 +57,17 @@ pub const PAIR_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 /// The proxy's settings.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    pub max_body_bytes: usize,
+    /// Size and pace of one request body.
+    pub body: BodyLimits,
+    /// Bytes of request bodies held at once by all requests.
+    pub body_budget_bytes: usize,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body: BodyLimits::default(),
+            body_budget_bytes: DEFAULT_BODY_BUDGET_BYTES,
         }
     }
 }
@@ -74,13 +79,15 @@ pub struct Proxy<U = HyperUpstream> {
     /// Shared with the background prefill legs of SGLang pairs.
     upstream: Arc<U>,
     config: ProxyConfig,
+    budget: BodyBudget,
     observer: Arc<Observer>,
 }
 
 impl Proxy {
     /// A proxy that sends to engines over HTTP.
     pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig, observer: Arc<Observer>) -> Self {
-        Self::with_upstream(store, config, observer, HyperUpstream::new())
+        let upstream = HyperUpstream::new(observer.metrics.health.connections.clone());
+        Self::with_upstream(store, config, observer, upstream)
     }
 }
 
@@ -94,6 +101,7 @@ impl<U: Upstream> Proxy<U> {
         Self {
             store,
             upstream: Arc::new(upstream),
+            budget: BodyBudget::for_this_machine(config.body_budget_bytes, config.body.max_bytes),
             config,
             observer,
         }
@@ -136,7 +144,9 @@ impl<U: Upstream> Proxy<U> {
         B: Body<Data = Bytes>,
         B::Error: Into<BodyError>,
     {
-        let request = match admit::admit(request, self.config.max_body_bytes).await? {
+        // Held until the request is forwarded: its body's bytes are in use till then.
+        let mut reservation = self.budget.reservation();
+        let request = match admit::admit(request, &self.config.body, &mut reservation).await? {
             Admitted::Inference(request) => request,
             Admitted::ListModels => return self.list_models(),
         };
@@ -162,6 +172,7 @@ impl<U: Upstream> Proxy<U> {
         )
         .await?;
         schedule::dispatched(&table.scheduler, &scheduled, delivered.guard.pod());
+        (self.observer.metrics.health).count_decision(&request.parsed.model, delivered.guard.pod());
         Ok(respond::respond(
             delivered,
             scheduled.request_id,
@@ -244,9 +255,19 @@ fn not_ready() -> ApiError {
 /// traffic port and the admin listener.
 pub fn readiness_response<B>(store: &SnapshotStore) -> Response<ProxyBody<B>> {
     match store.table() {
-        Some(_) => json_response(
+        // Ready on any snapshot, even one without routes (the controller
+        // published it deliberately): the route count says what it holds,
+        // and an alert watches for 0 (`kthena_router_routes`).
+        Some(table) => json_response(
             StatusCode::OK,
-            Bytes::from_static(br#"{"message":"router is ready"}"#),
+            Bytes::from(
+                serde_json::json!({
+                    "message": "router is ready",
+                    "routes": table.routes.len(),
+                    "routeConfigVersion": table.version,
+                })
+                .to_string(),
+            ),
         ),
         None => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -515,9 +536,11 @@ mod tests {
         assert_eq!(answer.json()["error"]["code"], "router_not_ready");
 
         let h = harness([], 1, pb::TrafficPolicy::default());
+        let ready = h.call(Method::GET, "/readyz", "").await;
+        assert_eq!(ready.status, StatusCode::OK);
         assert_eq!(
-            h.call(Method::GET, "/readyz", "").await.status,
-            StatusCode::OK
+            ready.json(),
+            serde_json::json!({"message": "router is ready", "routes": 1, "routeConfigVersion": "v1"})
         );
         let answer = h.call(Method::GET, "/v1/models", "").await;
         assert_eq!(answer.status, StatusCode::OK);

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::admit::InferenceRequest;
 use super::log::RequestRecord;
-use crate::error::{ApiError, ErrorKind};
+use crate::error::{ApiError, ErrorKind, quoted};
 use crate::request::{Edit, apply_edits};
 use crate::routing::{RequestFacts, RouteDecision, RouteIndex};
 
@@ -73,7 +73,7 @@ pub fn route(
         .ok_or_else(|| {
             ApiError::new(
                 ErrorKind::RouteNotFound,
-                format!("route not found for model {model:?}"),
+                format!("route not found for model {}", quoted(model)),
             )
         })?;
     record.set_route(model, &decision);
