@@ -572,11 +572,14 @@ async fn connections_beyond_the_limit_get_503_and_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_beyond_the_budget_get_503_with_retry_after() {
+    // The parked body must outlive a slow machine's retries: no read deadline.
     let hostile = HostileStack::start(&[
         "--body-budget-bytes",
         "1000000",
         "--max-body-bytes",
         "600000",
+        "--body-read-grace",
+        "60m",
     ])
     .await;
     let before = rss_kib(hostile.pid());
