@@ -118,7 +118,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         ..XdsClientConfig::default()
     };
     tasks.spawn_graceful("controller stream client", |stop| {
-        xds_client::run(xds_config, sink, status, stop.cancelled_owned())
+        xds_client::run_on_own_thread(xds_config, sink, status, stop)
     });
 
     let proxy_config = ProxyConfig {
