@@ -112,6 +112,7 @@ fn table() -> RoutingTable {
         routes,
         servers,
         scheduler: None,
+        ..Default::default()
     };
     RoutingTable::build("v1", config, &HashMap::new(), &Default::default())
         .expect("the bench snapshot is valid")

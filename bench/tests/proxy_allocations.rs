@@ -125,6 +125,7 @@ fn route_config(engine: SocketAddr) -> pb::RouteConfig {
         }],
         servers: vec![engine_server],
         scheduler: None,
+        ..Default::default()
     }
 }
 

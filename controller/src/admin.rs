@@ -421,6 +421,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let version = state.publisher.publish_route_config(config, 1234).version;
         let body = body_json(handle(&state, &Method::GET, "/debug/snapshot")).await;
@@ -469,6 +470,7 @@ mod tests {
                 ..Default::default()
             }],
             scheduler: None,
+            ..Default::default()
         };
         state.publisher.publish_route_config(config, 1);
         let routes = body_json(handle(

@@ -118,6 +118,7 @@ fn route_config(model: &str) -> pb::RouteConfig {
             port: 8000,
             ..Default::default()
         }],
+        ..Default::default()
     }
 }
 
@@ -140,6 +141,7 @@ fn subscribe(type_url: &str, version_info: &str) -> pb::SnapshotRequest {
         version_info: version_info.into(),
         response_nonce: String::new(),
         error_detail: None,
+        ..Default::default()
     }
 }
 
@@ -196,6 +198,7 @@ impl Client {
             version_info: response.version_info.clone(),
             response_nonce: response.nonce.clone(),
             error_detail: None,
+            ..Default::default()
         })
         .await;
     }
@@ -210,6 +213,7 @@ impl Client {
                 code: NACK_INVALID_ARGUMENT,
                 message: message.into(),
             }),
+            ..Default::default()
         })
         .await;
     }
@@ -423,6 +427,7 @@ async fn a_stale_nonce_is_ignored() {
             version_info: first.version_info.clone(),
             response_nonce: "not-a-nonce-we-sent".into(),
             error_detail: None,
+            ..Default::default()
         })
         .await;
     // Requests are handled in order: once the EndpointLoads answer arrives, the stale ACK was seen.

@@ -702,6 +702,7 @@ mod tests {
                 })
                 .collect(),
             scheduler: None,
+            ..Default::default()
         };
         RoutingTable::build("v", config, &HashMap::new(), &Arc::default()).expect("valid table")
     }

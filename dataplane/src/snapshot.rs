@@ -482,6 +482,7 @@ mod tests {
             scheduler: None,
             routes: vec![route("r", "m", &[("s", 100)])],
             servers: vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
+            ..Default::default()
         }
     }
 

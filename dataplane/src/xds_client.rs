@@ -542,6 +542,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 version_info: self.applied.get(kind).to_owned(),
                 response_nonce: String::new(),
                 error_detail: None,
+                unknown_jwt_key_ids: Vec::new(),
             };
             if requests.send(subscription).await.is_err() {
                 return StreamEnd::RequestStreamClosed;
@@ -616,6 +617,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     version_info: version,
                     response_nonce: nonce,
                     error_detail: None,
+                    unknown_jwt_key_ids: Vec::new(),
                 }
             }
             Err(message) => {
@@ -641,6 +643,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                         code: NACK_INVALID_ARGUMENT,
                         message,
                     }),
+                    unknown_jwt_key_ids: Vec::new(),
                 }
             }
         }

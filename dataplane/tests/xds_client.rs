@@ -139,6 +139,7 @@ impl MockStream {
                 version_info: version.to_owned(),
                 response_nonce: nonce.to_owned(),
                 error_detail: None,
+                ..Default::default()
             }
         );
     }
@@ -310,6 +311,7 @@ fn route_config() -> pb::RouteConfig {
             }],
             ..Default::default()
         }],
+        ..Default::default()
     }
 }
 

@@ -69,6 +69,7 @@ fn table(candidates: usize) -> Option<RoutingTable> {
             routes,
             servers,
             scheduler: None,
+            ..Default::default()
         },
         &HashMap::new(),
         &Default::default(),

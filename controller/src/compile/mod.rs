@@ -159,6 +159,7 @@ pub fn compile_route_config(
                 .into_values()
                 .map(|compiled| compiled.server)
                 .collect(),
+            ..Default::default()
         },
         scrape_targets,
         reports,

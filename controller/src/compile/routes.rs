@@ -140,6 +140,7 @@ pub(crate) fn compile_route(
                 input_tokens_per_unit: limit.input_tokens_per_unit.unwrap_or(0),
                 output_tokens_per_unit: limit.output_tokens_per_unit.unwrap_or(0),
                 unit: limit.unit.as_str().to_owned(),
+                ..Default::default()
             })
         }),
     };

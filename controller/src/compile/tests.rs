@@ -351,6 +351,7 @@ fn seed_expected_route_config() -> pb::RouteConfig {
                 generation: 0,
             },
         ],
+        ..Default::default()
     }
 }
 
@@ -1157,6 +1158,7 @@ spec:
             input_tokens_per_unit: 10,
             output_tokens_per_unit: 20,
             unit: "minute".into(),
+            ..Default::default()
         })
     );
     assert_eq!(

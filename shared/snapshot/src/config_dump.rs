@@ -268,6 +268,7 @@ mod tests {
                     input_tokens_per_unit: 1000,
                     output_tokens_per_unit: 500,
                     unit: "second".into(),
+                    ..Default::default()
                 }),
                 ..Default::default()
             }],
@@ -284,6 +285,7 @@ mod tests {
                 ..Default::default()
             }],
             scheduler: None,
+            ..Default::default()
         }
     }
 

@@ -21,6 +21,12 @@ pub const ENDPOINT_LOADS_TYPE_URL: &str = "type.switchyard.dev/switchyard.routin
 /// gRPC status code a dataplane puts in a NACK's `error_detail` for a snapshot it rejected.
 pub const NACK_INVALID_ARGUMENT: i32 = 3;
 
+/// Key ids read from one `unknown_jwt_key_ids` hint: a rotation introduces
+/// one or two keys; the ids come from client tokens, so the list is bounded.
+pub const MAX_UNKNOWN_KEY_IDS: usize = 4;
+/// Longest key id read from a hint; real `kid`s are short (thumbprints, UUIDs).
+pub const MAX_KEY_ID_BYTES: usize = 128;
+
 /// Content version of a resource: a hash of its protobuf encoding.
 ///
 /// The controller builds every repeated field in a canonical order, so two
@@ -67,6 +73,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            ..Default::default()
         }
     }
 
