@@ -150,7 +150,7 @@ fn route_one(table: &RoutingTable, body: &Bytes, headers: &HeaderMap) -> usize {
     let guard = pod.begin_request();
     let port = guard.pod().addr.port() as usize;
     drop(guard);
-    port + parsed.estimated_input_tokens as usize
+    port + parsed.model_span.len()
 }
 
 struct PerRequest {

@@ -28,4 +28,5 @@ pub mod response;
 pub mod routing;
 pub mod scheduling;
 pub mod snapshot;
+pub mod token_estimate;
 pub mod xds_client;
