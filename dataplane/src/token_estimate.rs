@@ -170,7 +170,10 @@ mod tests {
     #[test]
     fn completion_prompts() {
         assert_eq!(estimate(r#"{"model":"m","prompt":"hello world"}"#), 3);
-        assert_eq!(estimate(r#"{"model":"m","prompt":["hello","world!"]}"#), 2 + 2);
+        assert_eq!(
+            estimate(r#"{"model":"m","prompt":["hello","world!"]}"#),
+            2 + 2
+        );
         assert_eq!(estimate(r#"{"model":"m","prompt":[1,2,3]}"#), 3);
         assert_eq!(estimate(r#"{"model":"m","prompt":[[1,2],[3]]}"#), 3);
         assert_eq!(estimate(r#"{"model":"m","prompt":{"odd":1}}"#), 0);
