@@ -23,6 +23,7 @@ pub mod error;
 pub mod metrics;
 pub mod observe;
 pub mod proxy;
+pub mod rate_limit;
 pub mod request;
 pub mod request_id;
 pub mod response;
