@@ -113,14 +113,18 @@ mod tests {
         let start = Instant::now();
         let mut bucket = TokenBucket::new(30, MINUTE, start);
         for _ in 0..3 {
-            bucket.try_take(10, 10, start).expect("a full bucket admits a burst of 30");
+            bucket
+                .try_take(10, 10, start)
+                .expect("a full bucket admits a burst of 30");
         }
         let shortfall = bucket.try_take(10, 10, start).expect_err("empty");
         assert_eq!(shortfall.retry_after, Some(Duration::from_secs(20)));
         tokio::time::advance(Duration::from_secs(19)).await;
         assert!(bucket.try_take(10, 10, Instant::now()).is_err());
         tokio::time::advance(Duration::from_secs(1)).await;
-        bucket.try_take(10, 10, Instant::now()).expect("refilled after 20 s");
+        bucket
+            .try_take(10, 10, Instant::now())
+            .expect("refilled after 20 s");
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert_eq!(bucket.level(Instant::now()), 30.0);
     }
@@ -134,7 +138,10 @@ mod tests {
         assert_eq!(bucket.level(start), -150.0);
         let shortfall = bucket.try_take(0, 1, start).expect_err("in debt");
         // 151 tokens at 100/60 per second.
-        assert_eq!(shortfall.retry_after, Some(Duration::from_secs_f64(151.0 * 0.6)));
+        assert_eq!(
+            shortfall.retry_after,
+            Some(Duration::from_secs_f64(151.0 * 0.6))
+        );
         bucket.charge(-1000.0, start);
         assert_eq!(bucket.level(start), 100.0, "refunds stop at capacity");
     }
@@ -142,7 +149,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_larger_than_the_budget_never_fits() {
         let mut bucket = TokenBucket::new(30, MINUTE, Instant::now());
-        let shortfall = bucket.try_take(31, 31, Instant::now()).expect_err("too big");
+        let shortfall = bucket
+            .try_take(31, 31, Instant::now())
+            .expect_err("too big");
         assert_eq!(shortfall.retry_after, None);
     }
 

@@ -20,10 +20,10 @@
 
 pub mod bucket;
 pub mod lease;
-mod redis;
+pub mod redis;
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,9 +173,7 @@ impl LimitSpec {
                     address: address.clone(),
                 });
             }
-            let policy = if limit.redis_failure_policy
-                == pb::RedisFailurePolicy::FailClose as i32
-            {
+            let policy = if limit.redis_failure_policy == pb::RedisFailurePolicy::FailClose as i32 {
                 FailurePolicy::Close
             } else {
                 FailurePolicy::Open
@@ -206,7 +204,11 @@ impl LimitSpec {
             LimitType::OutputTokens => self.output.as_ref(),
         }
         .map_or(0, |budget| budget.limit);
-        format!("{tokens} {} tokens per {}", limit_type.noun(), self.unit_name)
+        format!(
+            "{tokens} {} tokens per {}",
+            limit_type.noun(),
+            self.unit_name
+        )
     }
 }
 
@@ -298,16 +300,18 @@ const TIER_SHARD_PRUNE_AT: usize = 4096;
 
 impl TierBudgets {
     fn user(&self, user_id: &str) -> Arc<ScopeBudgets> {
-        let mut hasher = self.hasher.build_hasher();
-        user_id.hash(&mut hasher);
-        let shard = &self.shards[(hasher.finish() as usize) % TIER_SHARDS];
+        let shard = &self.shards[(self.hasher.hash_one(user_id) as usize) % TIER_SHARDS];
         let mut users = shard.lock();
         if let Some(found) = users.get(user_id) {
             return found.clone();
         }
         if users.len() >= TIER_SHARD_PRUNE_AT {
             users.retain(|_, budgets| {
-                !budgets.input.iter().chain(&budgets.output).all(|b| b.is_idle())
+                !budgets
+                    .input
+                    .iter()
+                    .chain(&budgets.output)
+                    .all(|b| b.is_idle())
             });
         }
         let key = format!("tier:{}:user:{user_id}", self.tier);
@@ -665,9 +669,8 @@ pub struct Rejection {
 impl Rejection {
     /// `Retry-After` in whole seconds, rounded up.
     pub fn retry_after_header(&self) -> Option<HeaderValue> {
-        self.retry_after.map(|wait| {
-            HeaderValue::from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
-        })
+        self.retry_after
+            .map(|wait| HeaderValue::from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)))
     }
 }
 
@@ -706,9 +709,9 @@ impl Admission {
         for (budget, limit_type) in &self.charged {
             let tokens = match (limit_type, settlement.forwarded) {
                 (LimitType::InputTokens, false) => -(self.reserved_input as f64),
-                (LimitType::InputTokens, true) => settlement
-                    .prompt_tokens
-                    .map_or(0.0, |actual| actual.saturating_sub(self.reserved_input) as f64),
+                (LimitType::InputTokens, true) => settlement.prompt_tokens.map_or(0.0, |actual| {
+                    actual.saturating_sub(self.reserved_input) as f64
+                }),
                 (LimitType::OutputTokens, false) => 0.0,
                 (LimitType::OutputTokens, true) => settlement.output_tokens as f64,
             };
@@ -784,7 +787,9 @@ impl RateLimits {
                                     limit_type.noun(),
                                     scope.scope,
                                     if retry_after.is_none() {
-                                        format!(": the request needs {estimate} input tokens, more than the whole budget")
+                                        format!(
+                                            ": the request needs {estimate} input tokens, more than the whole budget"
+                                        )
                                     } else {
                                         String::new()
                                     }
@@ -820,7 +825,12 @@ mod tests {
     use super::lease::memory::MemoryBackend;
     use super::*;
 
-    fn route(name: &str, model: &str, adapters: &[&str], limit: Option<pb::RateLimit>) -> pb::ModelRoute {
+    fn route(
+        name: &str,
+        model: &str,
+        adapters: &[&str],
+        limit: Option<pb::RateLimit>,
+    ) -> pb::ModelRoute {
         pb::ModelRoute {
             namespace: "default".into(),
             name: name.into(),
@@ -840,7 +850,10 @@ mod tests {
         })
     }
 
-    fn config(routes: Vec<pb::ModelRoute>, tiers: Vec<(&str, Option<pb::RateLimit>)>) -> pb::RouteConfig {
+    fn config(
+        routes: Vec<pb::ModelRoute>,
+        tiers: Vec<(&str, Option<pb::RateLimit>)>,
+    ) -> pb::RouteConfig {
         pb::RouteConfig {
             routes,
             tier_rate_limits: tiers
@@ -887,7 +900,10 @@ mod tests {
         let limiting = RateLimiting::new(None).expect("metrics");
         let limits = apply(
             &limiting,
-            &config(vec![route("r", "deepseek", &[], limit(30, 100, "minute"))], vec![]),
+            &config(
+                vec![route("r", "deepseek", &[], limit(30, 100, "minute"))],
+                vec![],
+            ),
         );
         for _ in 0..3 {
             // The mock engine counts 2 prompt tokens: the estimate is not refunded.
@@ -906,7 +922,11 @@ mod tests {
         );
         assert_eq!(rejection.retry_after_header(), Some(HeaderValue::from(20)));
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(admit(&limits, &limiting, "deepseek", None, 10).await.is_err());
+        assert!(
+            admit(&limits, &limiting, "deepseek", None, 10)
+                .await
+                .is_err()
+        );
         tokio::time::advance(Duration::from_secs(50)).await;
         let admitted = admit(&limits, &limiting, "deepseek", None, 10)
             .await
@@ -953,9 +973,16 @@ mod tests {
             .expect("admitted");
         assert_eq!(status.status().expect("limited").remaining.floor(), 50.0);
         status.settle(Settlement::default());
-        let after_refund = admit(&limits, &limiting, "m", None, 50).await.expect("refunded");
-        assert_eq!(after_refund.status().expect("limited").remaining.floor(), 10.0);
-        let never = admit(&limits, &limiting, "m", None, 101).await.expect_err("too big");
+        let after_refund = admit(&limits, &limiting, "m", None, 50)
+            .await
+            .expect("refunded");
+        assert_eq!(
+            after_refund.status().expect("limited").remaining.floor(),
+            10.0
+        );
+        let never = admit(&limits, &limiting, "m", None, 101)
+            .await
+            .expect_err("too big");
         assert_eq!(never.retry_after, None);
         assert_eq!(never.retry_after_header(), None);
     }
@@ -975,12 +1002,28 @@ mod tests {
             ),
         );
         admit(&limits, &limiting, "m", None, 10).await.expect("1st");
-        admit(&limits, &limiting, "m-lora", None, 10).await.expect("2nd: same budget");
-        let rejection = admit(&limits, &limiting, "m", None, 10).await.expect_err("oldest route's 20");
-        assert!(rejection.message.contains("model m (20 input"), "{}", rejection.message);
-        admit(&limits, &limiting, "a", None, 10).await.expect("LoRA-only route");
-        let rejection = admit(&limits, &limiting, "b", None, 10).await.expect_err("shared by its adapters");
-        assert!(rejection.message.contains("route default/adapters"), "{}", rejection.message);
+        admit(&limits, &limiting, "m-lora", None, 10)
+            .await
+            .expect("2nd: same budget");
+        let rejection = admit(&limits, &limiting, "m", None, 10)
+            .await
+            .expect_err("oldest route's 20");
+        assert!(
+            rejection.message.contains("model m (20 input"),
+            "{}",
+            rejection.message
+        );
+        admit(&limits, &limiting, "a", None, 10)
+            .await
+            .expect("LoRA-only route");
+        let rejection = admit(&limits, &limiting, "b", None, 10)
+            .await
+            .expect_err("shared by its adapters");
+        assert!(
+            rejection.message.contains("route default/adapters"),
+            "{}",
+            rejection.message
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -990,29 +1033,59 @@ mod tests {
             &limiting,
             &config(
                 vec![route("r", "m", &[], limit(1000, 0, "minute"))],
-                vec![("free", limit(20, 0, "minute")), ("gold", limit(100, 0, "minute"))],
+                vec![
+                    ("free", limit(20, 0, "minute")),
+                    ("gold", limit(100, 0, "minute")),
+                ],
             ),
         );
         let user = |id: &str, tier: Option<&str>| Identity {
             user_id: id.into(),
             tier: tier.map(str::to_owned),
         };
-        let (alice, bob, carol) = (user("alice", Some("free")), user("bob", Some("free")), user("carol", Some("gold")));
+        let (alice, bob, carol) = (
+            user("alice", Some("free")),
+            user("bob", Some("free")),
+            user("carol", Some("gold")),
+        );
         for _ in 0..2 {
-            admit(&limits, &limiting, "m", Some(&alice), 10).await.expect("alice");
+            admit(&limits, &limiting, "m", Some(&alice), 10)
+                .await
+                .expect("alice");
         }
-        let rejection = admit(&limits, &limiting, "m", Some(&alice), 10).await.expect_err("alice is out");
+        let rejection = admit(&limits, &limiting, "m", Some(&alice), 10)
+            .await
+            .expect_err("alice is out");
         assert_eq!(
             rejection.message,
             "input token rate limit exceeded for user alice of tier free (20 input tokens per minute)"
         );
-        admit(&limits, &limiting, "m", Some(&bob), 10).await.expect("bob has his own budget");
+        admit(&limits, &limiting, "m", Some(&bob), 10)
+            .await
+            .expect("bob has his own budget");
         for _ in 0..10 {
-            admit(&limits, &limiting, "m", Some(&carol), 10).await.expect("gold");
+            admit(&limits, &limiting, "m", Some(&carol), 10)
+                .await
+                .expect("gold");
         }
         // A tier limits users on models without a route limit too; an unknown tier limits nothing.
-        assert!(limits.admit(&limiting, "unlimited", Some(&bob), 10).await.is_some());
-        assert!(limits.admit(&limiting, "unlimited", Some(&user("dan", Some("platinum"))), 10).await.is_none());
+        assert!(
+            limits
+                .admit(&limiting, "unlimited", Some(&bob), 10)
+                .await
+                .is_some()
+        );
+        assert!(
+            limits
+                .admit(
+                    &limiting,
+                    "unlimited",
+                    Some(&user("dan", Some("platinum"))),
+                    10
+                )
+                .await
+                .is_none()
+        );
         assert!(limits.applies("unlimited", Some(&bob)));
         assert!(!limits.applies("unlimited", None));
     }
@@ -1020,23 +1093,45 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_new_snapshot_keeps_budgets_and_removing_a_limit_removes_it() {
         let limiting = RateLimiting::new(None).expect("metrics");
-        let limits = apply(&limiting, &config(vec![route("r", "m", &[], limit(30, 0, "minute"))], vec![]));
+        let limits = apply(
+            &limiting,
+            &config(vec![route("r", "m", &[], limit(30, 0, "minute"))], vec![]),
+        );
         for _ in 0..3 {
-            admit(&limits, &limiting, "m", None, 10).await.expect("admitted");
+            admit(&limits, &limiting, "m", None, 10)
+                .await
+                .expect("admitted");
         }
         // A pod change republishes the same limit: the budget stays spent.
-        let same = apply(&limiting, &config(vec![route("r", "m", &[], limit(30, 0, "minute"))], vec![]));
+        let same = apply(
+            &limiting,
+            &config(vec![route("r", "m", &[], limit(30, 0, "minute"))], vec![]),
+        );
         assert!(admit(&same, &limiting, "m", None, 10).await.is_err());
         // A raised limit applies to what was used: 30 used of 60.
-        let raised = apply(&limiting, &config(vec![route("r", "m", &[], limit(60, 0, "minute"))], vec![]));
-        assert!(admit(&raised, &limiting, "m", None, 10).await.is_err(), "no tokens were added");
+        let raised = apply(
+            &limiting,
+            &config(vec![route("r", "m", &[], limit(60, 0, "minute"))], vec![]),
+        );
+        assert!(
+            admit(&raised, &limiting, "m", None, 10).await.is_err(),
+            "no tokens were added"
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(admit(&raised, &limiting, "m", None, 10).await.is_ok(), "refills at 60 per minute");
+        assert!(
+            admit(&raised, &limiting, "m", None, 10).await.is_ok(),
+            "refills at 60 per minute"
+        );
         let removed = apply(&limiting, &config(vec![route("r", "m", &[], None)], vec![]));
         assert!(removed.admit(&limiting, "m", None, 10).await.is_none());
-        let back = apply(&limiting, &config(vec![route("r", "m", &[], limit(30, 0, "minute"))], vec![]));
+        let back = apply(
+            &limiting,
+            &config(vec![route("r", "m", &[], limit(30, 0, "minute"))], vec![]),
+        );
         for _ in 0..3 {
-            admit(&back, &limiting, "m", None, 10).await.expect("a new budget starts full");
+            admit(&back, &limiting, "m", None, 10)
+                .await
+                .expect("a new budget starts full");
         }
     }
 
@@ -1057,29 +1152,54 @@ mod tests {
             &limiting,
             &config(
                 vec![
-                    route("open", "open", &[], global(pb::RedisFailurePolicy::FailOpen)),
-                    route("closed", "closed", &[], global(pb::RedisFailurePolicy::FailClose)),
+                    route(
+                        "open",
+                        "open",
+                        &[],
+                        global(pb::RedisFailurePolicy::FailOpen),
+                    ),
+                    route(
+                        "closed",
+                        "closed",
+                        &[],
+                        global(pb::RedisFailurePolicy::FailClose),
+                    ),
                 ],
                 vec![],
             ),
         );
         assert!(admit(&limits, &limiting, "open", None, 10).await.is_ok());
-        backend.failing.store(true, std::sync::atomic::Ordering::Relaxed);
-        admit(&limits, &limiting, "open", None, 95).await.expect("fail open");
+        backend
+            .failing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        admit(&limits, &limiting, "open", None, 95)
+            .await
+            .expect("fail open");
         assert_eq!(
-            limiting.unmetered.with_label_values(&["open", "input_tokens"]).get(),
+            limiting
+                .unmetered
+                .with_label_values(&["open", "input_tokens"])
+                .get(),
             1
         );
-        let rejection = admit(&limits, &limiting, "closed", None, 10).await.expect_err("fail closed");
+        let rejection = admit(&limits, &limiting, "closed", None, 10)
+            .await
+            .expect_err("fail closed");
         assert!(rejection.unavailable && rejection.retry_after.is_none());
-        assert!(rejection.message.contains("Redis is unreachable"), "{}", rejection.message);
+        assert!(
+            rejection.message.contains("Redis is unreachable"),
+            "{}",
+            rejection.message
+        );
     }
 
     #[test]
     fn invalid_limits_are_reported() {
         let bad_unit = config(vec![route("r", "m", &[], limit(1, 0, "fortnight"))], vec![]);
         assert_eq!(
-            RateLimitPlan::parse(&bad_unit).expect_err("unit").to_string(),
+            RateLimitPlan::parse(&bad_unit)
+                .expect_err("unit")
+                .to_string(),
             "ModelRoute default/r: unknown rate limit unit \"fortnight\" (second, minute, hour, day, month)"
         );
         let mut bad_address = limit(1, 0, "minute");

@@ -110,7 +110,12 @@ impl Inner {
         self.script
             .load_async(&mut loading)
             .await
-            .map_err(|error| format!("cannot load the script into Redis at {}: {error}", self.address))?;
+            .map_err(|error| {
+                format!(
+                    "cannot load the script into Redis at {}: {error}",
+                    self.address
+                )
+            })?;
         *slot = Some(connection.clone());
         Ok(connection)
     }
