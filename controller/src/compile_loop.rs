@@ -28,6 +28,8 @@ pub struct ObjectSet {
     pub routes: Vec<ModelRoute>,
     pub servers: Vec<ModelServer>,
     pub pods: Vec<Pod>,
+    /// API keys from `Secret`s labelled as such (digests only).
+    pub api_keys: Vec<crate::auth::ApiKeySecret>,
     /// Documents or files that were skipped, in file then document order
     /// (local mode; the Kubernetes API only hands out well-formed objects).
     pub problems: Vec<LoadProblem>,

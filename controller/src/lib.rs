@@ -2,6 +2,7 @@
 //! engine load into versioned routing snapshots, and streams them to dataplanes.
 //!
 //! Layout:
+//! - [`auth`]: API keys from Secrets, the router configuration's JWT settings, JWKS fetching;
 //! - [`compile`]: the pure core, inputs -> snapshot + per-object reports;
 //! - [`compile_loop`]: recompiles and publishes on every input change, in both modes;
 //! - [`local`]: local mode, objects read from YAML files in a directory;
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod compile;
 pub mod compile_loop;

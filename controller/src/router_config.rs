@@ -1,6 +1,6 @@
 //! The router configuration file (`--router-config FILE`): the reference
-//! router's format, of which the `scheduler` section is read (`auth` and any
-//! other section are left to their own features).
+//! router's format, `scheduler` and `auth` sections, plus Switchyard's
+//! `tiers` (the latter two are parsed in [`crate::auth::settings`]).
 //!
 //! ```yaml
 //! scheduler:
@@ -62,6 +62,12 @@ pub enum RouterConfigError {
 struct RouterConfigFile {
     #[serde(default)]
     scheduler: Option<SchedulerSection>,
+    /// JWT verification (see [`crate::auth::settings`]).
+    #[serde(default)]
+    auth: Option<serde_yaml::Value>,
+    /// Per-user token budgets of each tier (see [`crate::auth::settings`]).
+    #[serde(default)]
+    tiers: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,10 +164,13 @@ struct SessionAffinityArgs {
 }
 
 /// A parsed file: the scheduler configuration to ship (None = the file has
-/// no scheduler section; dataplanes use their defaults) and warnings to log.
+/// no scheduler section; dataplanes use their defaults), the JWT settings,
+/// the tiers' budgets, and warnings to log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterConfig {
     pub scheduler: Option<pb::SchedulerConfig>,
+    pub auth: Option<crate::auth::JwtSettings>,
+    pub tiers: Vec<pb::TierRateLimit>,
     pub warnings: Vec<String>,
 }
 
@@ -173,9 +182,32 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
     };
     let file: Option<RouterConfigFile> =
         serde_yaml::from_str(text).map_err(|error| parse_error(error.to_string()))?;
-    let Some(section) = file.and_then(|file| file.scheduler) else {
+    let Some(file) = file else {
         return Ok(RouterConfig {
             scheduler: None,
+            auth: None,
+            tiers: Vec::new(),
+            warnings: Vec::new(),
+        });
+    };
+    let auth = file
+        .auth
+        .as_ref()
+        .map(crate::auth::settings::parse_auth)
+        .transpose()
+        .map_err(parse_error)?;
+    let tiers = file
+        .tiers
+        .as_ref()
+        .map(crate::auth::settings::parse_tiers)
+        .transpose()
+        .map_err(parse_error)?
+        .unwrap_or_default();
+    let Some(section) = file.scheduler else {
+        return Ok(RouterConfig {
+            scheduler: None,
+            auth,
+            tiers,
             warnings: Vec::new(),
         });
     };
@@ -274,6 +306,8 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
     })?;
     Ok(RouterConfig {
         scheduler: Some(config),
+        auth,
+        tiers,
         warnings,
     })
 }
@@ -439,6 +473,7 @@ scheduler:
           weight: 1
 auth:
   issuer: https://issuer.example
+  audiences: [switchyard]
 "#,
         )
         .expect("valid");
@@ -467,7 +502,9 @@ auth:
     #[test]
     fn no_scheduler_section_means_defaults_not_nothing() {
         assert_eq!(
-            parse("auth:\n  issuer: x\n").expect("valid").scheduler,
+            parse("auth:\n  issuer: https://x\n")
+                .expect("valid")
+                .scheduler,
             None
         );
         assert_eq!(parse("").expect("valid").scheduler, None);
@@ -475,6 +512,21 @@ auth:
         let scheduler = partial.scheduler.expect("section");
         assert_eq!(scheduler.top_n, 3);
         assert_eq!(scheduler.scores, names::default_config().scores);
+    }
+
+    #[test]
+    fn auth_and_tiers_sections() {
+        let config = parse(
+            "auth:\n  jwksUri: http://127.0.0.1:9/keys\n  tierClaim: plan\ntiers:\n  free: {inputTokensPerUnit: 100, unit: minute}\n",
+        )
+        .expect("valid");
+        let auth = config.auth.expect("auth");
+        assert_eq!(auth.jwks_uri.as_deref(), Some("http://127.0.0.1:9/keys"));
+        assert_eq!(auth.tier_claim, "plan");
+        assert_eq!(config.tiers.len(), 1);
+        assert_eq!(config.scheduler, None);
+        let error = parse("tiers:\n  free: {unit: minute}\n").expect_err("no budget");
+        assert!(error.to_string().contains("tiers.free"), "{error}");
     }
 
     #[test]

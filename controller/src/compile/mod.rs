@@ -15,6 +15,7 @@ use switchyard_snapshot::{object_key, pb};
 
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+mod limits;
 mod pod_index;
 mod report;
 mod routes;
@@ -22,6 +23,7 @@ mod servers;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use limits::compile_rate_limit;
 pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 

@@ -51,6 +51,9 @@ pub enum Reason {
     InvalidRetry,
     /// `workloadPort.protocol` other than `http`.
     UnsupportedProtocol,
+    /// A `rateLimit` dataplanes could not enforce (a budget of 0, a global
+    /// limit without a usable Redis address).
+    InvalidRateLimit,
     /// Another object with the same namespace/name came earlier in the input.
     Duplicate,
     /// A target names a ModelServer that does not exist or was not accepted.
@@ -77,6 +80,7 @@ impl Reason {
             Self::InvalidDuration => "InvalidDuration",
             Self::InvalidRetry => "InvalidRetry",
             Self::UnsupportedProtocol => "UnsupportedProtocol",
+            Self::InvalidRateLimit => "InvalidRateLimit",
             Self::Duplicate => "Duplicate",
             Self::BackendNotFound => "BackendNotFound",
             Self::NoMatchingPods => "NoMatchingPods",

@@ -465,6 +465,7 @@ fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<Objec
         routes,
         servers,
         pods,
+        api_keys: Vec::new(),
         problems: Vec::new(),
     })
 }
