@@ -8,9 +8,16 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-# The end-to-end tests start the real binaries, so build them first.
-test: build
+# The end-to-end tests start the real binaries, so build them first; the
+# global rate-limit tests start their own redis-server (Debian's package).
+test: build test-deps
 	$(CARGO) test --workspace
+
+.PHONY: test-deps
+test-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (the global rate-limit tests run a real Redis)"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 
 lint:
 	$(CARGO) fmt --all -- --check
