@@ -114,8 +114,14 @@ fn table() -> RoutingTable {
         scheduler: None,
         ..Default::default()
     };
-    RoutingTable::build("v1", config, &HashMap::new(), &Default::default())
-        .expect("the bench snapshot is valid")
+    RoutingTable::build(
+        "v1",
+        config,
+        &HashMap::new(),
+        &Default::default(),
+        &Default::default(),
+    )
+    .expect("the bench snapshot is valid")
 }
 
 /// One request's routing work, as the proxy does it before the upstream call.

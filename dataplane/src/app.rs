@@ -22,6 +22,7 @@ use crate::config_file::ConfigFile;
 use crate::metrics::RouterMetrics;
 use crate::observe::{ObservedStore, Observer};
 use crate::proxy::{Proxy, ProxyBody, ProxyConfig};
+use crate::rate_limit::RateLimiting;
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
 use crate::snapshot::SnapshotStore;
@@ -104,9 +105,11 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
 
     let metrics = RouterMetrics::new()?;
     let plugin_metrics = PluginMetrics::register(metrics.registry())?;
-    let store = Arc::new(SnapshotStore::with_scheduling(Arc::new(
-        SchedulingShared::new(Some(plugin_metrics)),
-    )));
+    let rate_limiting = Arc::new(RateLimiting::new(Some(metrics.registry()))?);
+    let store = Arc::new(
+        SnapshotStore::with_scheduling(Arc::new(SchedulingShared::new(Some(plugin_metrics))))
+            .with_rate_limiting(rate_limiting),
+    );
     let status = Arc::new(ControllerStatus::default());
     let access_log = AccessLog::start(&access_log_config, metrics.access_log_dropped_total.clone())
         .map_err(|error| {

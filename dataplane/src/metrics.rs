@@ -704,7 +704,14 @@ mod tests {
             scheduler: None,
             ..Default::default()
         };
-        RoutingTable::build("v", config, &HashMap::new(), &Arc::default()).expect("valid table")
+        RoutingTable::build(
+            "v",
+            config,
+            &HashMap::new(),
+            &Arc::default(),
+            &Default::default(),
+        )
+        .expect("valid table")
     }
 
     #[test]

@@ -14,6 +14,8 @@ use parking_lot::Mutex;
 use regex::Regex;
 use switchyard_snapshot::pb;
 
+use crate::auth::Authenticator;
+use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
 use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
 use crate::scheduling::{PodState, Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
@@ -60,6 +62,10 @@ pub enum SnapshotError {
     NoModelName { route: String },
     #[error("scheduler configuration: {0}")]
     InvalidScheduler(String),
+    #[error("authentication: {0}")]
+    InvalidAuth(String),
+    #[error("rate limits: {0}")]
+    InvalidRateLimit(String),
     #[error(
         "EndpointLoads update applies to version {base:?}, but this dataplane holds {}",
         .applied.as_deref().map_or("none".to_owned(), |held| format!("{held:?}"))
@@ -86,6 +92,10 @@ pub struct RoutingTable {
     pub source: pb::RouteConfig,
     /// Picks pods, configured by the snapshot's scheduler section.
     pub scheduler: Scheduler,
+    /// Checks credentials; None = authentication is off (no API key, no JWT settings).
+    pub authenticator: Option<Authenticator>,
+    /// The token budgets of the routes' models and of the tiers.
+    pub rate_limits: Arc<RateLimits>,
 }
 
 impl RoutingTable {
@@ -96,6 +106,7 @@ impl RoutingTable {
         config: pb::RouteConfig,
         previous_pods: &HashMap<String, Arc<PodState>>,
         scheduling: &Arc<SchedulingShared>,
+        rate_limiting: &RateLimiting,
     ) -> Result<Self, SnapshotError> {
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
         let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
@@ -124,6 +135,12 @@ impl RoutingTable {
         let models_body = render_models(&model_names);
         let scheduler = Scheduler::build(config.scheduler.as_ref(), &model_names, scheduling)
             .map_err(|error| SnapshotError::InvalidScheduler(error.to_string()))?;
+        let authenticator = Authenticator::build(config.auth.as_ref())
+            .map_err(|error| SnapshotError::InvalidAuth(error.to_string()))?;
+        let plan = RateLimitPlan::parse(&config)
+            .map_err(|error| SnapshotError::InvalidRateLimit(error.to_string()))?;
+        // Last: it changes the budgets in use, so nothing may fail after it.
+        let rate_limits = rate_limiting.apply(plan);
         Ok(Self {
             version: version.to_owned(),
             applied_at: SystemTime::now(),
@@ -134,6 +151,8 @@ impl RoutingTable {
             models_body,
             source: config,
             scheduler,
+            authenticator,
+            rate_limits,
         })
     }
 }
@@ -310,6 +329,8 @@ pub struct SnapshotStore {
     loads: Mutex<Option<AppliedLoads>>,
     /// Scheduling state that outlives tables (prefix index, recent decisions, metrics).
     scheduling: Arc<SchedulingShared>,
+    /// Token budgets that outlive tables, and their Redis connections.
+    rate_limiting: Arc<RateLimiting>,
 }
 
 /// The latest EndpointLoads, kept so a later table gets them too and an
@@ -333,8 +354,20 @@ impl SnapshotStore {
         }
     }
 
+    /// The same store with budgets reporting to `rate_limiting`'s metrics.
+    pub fn with_rate_limiting(self, rate_limiting: Arc<RateLimiting>) -> Self {
+        Self {
+            rate_limiting,
+            ..self
+        }
+    }
+
     pub fn scheduling(&self) -> &Arc<SchedulingShared> {
         &self.scheduling
+    }
+
+    pub fn rate_limiting(&self) -> &Arc<RateLimiting> {
+        &self.rate_limiting
     }
 
     /// The current table, if a RouteConfig was ever applied.
@@ -358,7 +391,13 @@ impl SnapshotStore {
         let previous = self.table.load_full();
         let empty = HashMap::new();
         let previous_pods = previous.as_ref().map_or(&empty, |table| &table.pods);
-        let table = RoutingTable::build(version, config, previous_pods, &self.scheduling)?;
+        let table = RoutingTable::build(
+            version,
+            config,
+            previous_pods,
+            &self.scheduling,
+            &self.rate_limiting,
+        )?;
         if let Some(loads) = loads.as_ref() {
             for (key, pod) in &table.pods {
                 pod.set_load(loads.loads.get(key).cloned());
@@ -574,6 +613,33 @@ mod tests {
                 },
                 "scheduler configuration: unknown score plugin \"kvcache-aware\"",
             ),
+            (
+                {
+                    let mut c = config();
+                    c.auth = Some(pb::AuthConfig {
+                        api_keys: vec![pb::ApiKey {
+                            key_sha256: vec![0; 4],
+                            user_id: "u".into(),
+                            tier: String::new(),
+                        }],
+                        jwt: None,
+                    });
+                    c
+                },
+                "authentication: API key 0: digest is 4 bytes, not 32",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.routes[0].rate_limit = Some(pb::RateLimit {
+                        input_tokens_per_unit: 10,
+                        unit: "week".into(),
+                        ..Default::default()
+                    });
+                    c
+                },
+                "rate limits: ModelRoute default/r: unknown rate limit unit \"week\"",
+            ),
         ];
         for (bad, expected) in cases {
             let error = store.apply_route_config("bad", bad).expect_err(expected);
@@ -713,7 +779,14 @@ mod tests {
             lora_adapters: vec!["lora-B".into(), "lora-A".into()],
             ..route("lora", "", &[("s", 1)])
         });
-        let table = RoutingTable::build("v", c, &HashMap::new(), &Arc::default()).expect("valid");
+        let table = RoutingTable::build(
+            "v",
+            c,
+            &HashMap::new(),
+            &Arc::default(),
+            &RateLimiting::default(),
+        )
+        .expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");
         let ids: Vec<&str> = body["data"]
             .as_array()

@@ -73,6 +73,7 @@ fn table(candidates: usize) -> Option<RoutingTable> {
         },
         &HashMap::new(),
         &Default::default(),
+        &Default::default(),
     )
     .ok()
 }

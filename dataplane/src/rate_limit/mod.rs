@@ -411,6 +411,13 @@ impl Backends {
     }
 }
 
+impl Default for RateLimiting {
+    /// Budgets whose metrics are not exported (tests, tools).
+    fn default() -> Self {
+        Self::new(None).expect("constant metric names are valid")
+    }
+}
+
 /// The limits of the applied snapshot.
 #[derive(Debug, Default)]
 pub struct RateLimits {
