@@ -22,16 +22,19 @@
 //!       enabled: [{name: least-request, weight: 1}, {name: prefix-cache, weight: 1}]
 //! ```
 //!
-//! The result travels inside the snapshot, so every dataplane applies a change
-//! without restarting. A file that does not parse or validate is rejected with
-//! the reason and the previous configuration stays in force.
+//! Each plugin's arguments are parsed, defaulted and checked by the plugin's
+//! own spec in `switchyard_snapshot::scheduler`; this module reads the rest of
+//! the section. The result travels inside the snapshot, so every dataplane
+//! applies a change without restarting. A file that does not parse or
+//! validate is rejected with the reason and the previous configuration stays
+//! in force.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use switchyard_snapshot::pb;
-use switchyard_snapshot::scheduler::{self as names, SchedulerConfigError};
+use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -130,39 +133,6 @@ struct ScoreEntry {
     weight: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct LeastRequestArgs {
-    max_waiting_requests: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LeastLatencyArgs {
-    #[serde(rename = "TTFTTPOTWeightFactor")]
-    ttft_tpot_weight_factor: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct PrefixCacheArgs {
-    block_size_to_hash: Option<u32>,
-    max_blocks_to_match: Option<u32>,
-    max_hash_cache_size: Option<u32>,
-    /// Accepted for compatibility; matches are always capped at the reference's 5.
-    #[allow(dead_code)]
-    top_k_matches: Option<u32>,
-    affinity_blocks: Option<u32>,
-    load_bound_factor: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SessionAffinityArgs {
-    header: Option<String>,
-    load_bound_factor: Option<f64>,
-}
-
 /// A parsed file: the scheduler configuration to ship (None = the file has
 /// no scheduler section; dataplanes use their defaults), the JWT settings,
 /// the tiers' budgets, and warnings to log.
@@ -212,58 +182,30 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
         });
     };
     let mut warnings = Vec::new();
-    let defaults = names::default_config();
-    let mut args = names::default_args();
-    let mut load_bound: Option<(f64, &'static str)> = None;
+    let defaults = scheduler::default_config();
+    let mut plugin_args = defaults.plugin_args;
     for entry in &section.plugin_config {
-        let value = entry.args.clone().unwrap_or(serde_yaml::Value::Null);
-        let typed = |plugin: &str| format!("pluginConfig {plugin}: ");
-        match entry.name.as_str() {
-            names::LEAST_REQUEST => {
-                let a: LeastRequestArgs =
-                    args_of(&value).map_err(|e| parse_error(typed(&entry.name) + &e))?;
-                if let Some(max) = a.max_waiting_requests.filter(|m| *m > 0) {
-                    args.max_waiting_requests = max;
-                }
+        let Some(args_spec) = scheduler::plugin(&entry.name).and_then(|spec| spec.args.as_ref())
+        else {
+            warnings.push(format!(
+                "pluginConfig for {:?} ignored: Switchyard has no such plugin with arguments",
+                entry.name
+            ));
+            continue;
+        };
+        let index = match plugin_args.iter().position(|args| args_spec.is_own(args)) {
+            Some(index) => index,
+            None => {
+                plugin_args.push(args_spec.defaults());
+                plugin_args.len() - 1
             }
-            names::LEAST_LATENCY => {
-                let a: LeastLatencyArgs =
-                    args_of(&value).map_err(|e| parse_error(typed(&entry.name) + &e))?;
-                if let Some(factor) = a.ttft_tpot_weight_factor {
-                    args.ttft_tpot_weight_factor = factor;
-                }
-            }
-            names::PREFIX_CACHE => {
-                let a: PrefixCacheArgs =
-                    args_of(&value).map_err(|e| parse_error(typed(&entry.name) + &e))?;
-                set_positive(&mut args.block_size_to_hash, a.block_size_to_hash);
-                set_positive(&mut args.max_blocks_to_match, a.max_blocks_to_match);
-                set_positive(&mut args.max_hash_cache_size, a.max_hash_cache_size);
-                set_positive(&mut args.affinity_blocks, a.affinity_blocks);
-                if let Some(factor) = a.load_bound_factor {
-                    merge_load_bound(&mut load_bound, factor, names::PREFIX_CACHE)
-                        .map_err(parse_error)?;
-                }
-            }
-            names::SESSION_AFFINITY => {
-                let a: SessionAffinityArgs =
-                    args_of(&value).map_err(|e| parse_error(typed(&entry.name) + &e))?;
-                if let Some(header) = a.header {
-                    args.session_header = header.to_ascii_lowercase();
-                }
-                if let Some(factor) = a.load_bound_factor {
-                    merge_load_bound(&mut load_bound, factor, names::SESSION_AFFINITY)
-                        .map_err(parse_error)?;
-                }
-            }
-            other => warnings.push(format!(
-                "pluginConfig for {other:?} ignored: Switchyard has no such plugin with arguments"
-            )),
-        }
+        };
+        let yaml = entry.args.clone().unwrap_or(serde_yaml::Value::Null);
+        args_spec
+            .merge_yaml(&mut plugin_args[index], &yaml, &mut warnings)
+            .map_err(|error| parse_error(format!("pluginConfig {}: {error}", entry.name)))?;
     }
-    if let Some((factor, _)) = load_bound {
-        args.load_bound_factor = factor;
-    }
+    let mut max_load_age_ms = defaults.max_load_age_ms;
     if let Some(age) = &section.max_load_age {
         let age = switchyard_crd::parse_go_duration(age)
             .map_err(|error| parse_error(format!("maxLoadAge {age:?}: {error}")))?;
@@ -272,7 +214,7 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
                 "maxLoadAge must be greater than zero".to_owned(),
             ));
         }
-        args.max_load_age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        max_load_age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
     }
     let (filter, score) = match section.plugins {
         Some(plugins) => (plugins.filter, plugins.score),
@@ -290,17 +232,18 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
             .collect(),
         None => defaults.scores,
     };
-    if scores.len() > 1 && scores.iter().any(|s| s.name == names::RANDOM) {
-        scores.retain(|s| s.name != names::RANDOM);
+    if scores.len() > 1 && scores.iter().any(|s| s.name == scheduler::random::NAME) {
+        scores.retain(|s| s.name != scheduler::random::NAME);
         warnings.push("score plugin random is meant to be used alone; removed because other score plugins are enabled".to_owned());
     }
     let config = pb::SchedulerConfig {
         filters,
         scores,
-        top_n: section.top_n.unwrap_or(names::DEFAULT_TOP_N),
-        args: Some(args),
+        top_n: section.top_n.unwrap_or(scheduler::DEFAULT_TOP_N),
+        max_load_age_ms,
+        plugin_args,
     };
-    names::validate(&config).map_err(|source| RouterConfigError::Invalid {
+    scheduler::validate(&config).map_err(|source| RouterConfigError::Invalid {
         path: path.to_owned(),
         source,
     })?;
@@ -310,35 +253,6 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
         tiers,
         warnings,
     })
-}
-
-fn args_of<T: Default + for<'de> Deserialize<'de>>(value: &serde_yaml::Value) -> Result<T, String> {
-    if value.is_null() {
-        return Ok(T::default());
-    }
-    serde_yaml::from_value(value.clone()).map_err(|error| error.to_string())
-}
-
-fn set_positive(slot: &mut u32, value: Option<u32>) {
-    if let Some(value) = value.filter(|v| *v > 0) {
-        *slot = value;
-    }
-}
-
-fn merge_load_bound(
-    current: &mut Option<(f64, &'static str)>,
-    factor: f64,
-    plugin: &'static str,
-) -> Result<(), String> {
-    match current {
-        Some((existing, other)) if *existing != factor => Err(format!(
-            "loadBoundFactor {factor} of {plugin} differs from {existing} of {other}: the bound is shared, set one value"
-        )),
-        _ => {
-            *current = Some((factor, plugin));
-            Ok(())
-        }
-    }
 }
 
 /// Reads and parses the file.
@@ -478,10 +392,11 @@ auth:
         )
         .expect("valid");
         let scheduler = config.scheduler.expect("section");
-        let defaults = names::default_config();
+        let defaults = scheduler::default_config();
         assert_eq!(scheduler.filters, defaults.filters);
-        assert_eq!(scheduler.args, defaults.args);
+        assert_eq!(scheduler.plugin_args, defaults.plugin_args);
         assert_eq!(scheduler.top_n, defaults.top_n);
+        assert_eq!(scheduler.max_load_age_ms, defaults.max_load_age_ms);
         let weights: Vec<(&str, u32)> = scheduler
             .scores
             .iter()
@@ -511,7 +426,7 @@ auth:
         let partial = parse("scheduler:\n  topN: 3\n").expect("valid");
         let scheduler = partial.scheduler.expect("section");
         assert_eq!(scheduler.top_n, 3);
-        assert_eq!(scheduler.scores, names::default_config().scores);
+        assert_eq!(scheduler.scores, scheduler::default_config().scores);
     }
 
     #[test]
@@ -548,10 +463,10 @@ scheduler:
         )
         .expect("valid");
         let scheduler = config.scheduler.expect("section");
-        let args = scheduler.args.expect("args");
-        assert_eq!(args.session_header, "x-conversation");
-        assert_eq!(args.load_bound_factor, 1.5);
-        assert_eq!(args.max_load_age_ms, 2000);
+        let args: pb::SessionAffinityArgs = scheduler::plugin_args(&scheduler);
+        assert_eq!(args.header.as_deref(), Some("x-conversation"));
+        assert_eq!(args.load_bound_factor, Some(1.5));
+        assert_eq!(scheduler.max_load_age_ms, 2000);
         assert_eq!(scheduler.filters, vec!["lora-affinity"]);
         assert_eq!(
             scheduler.scores,
@@ -561,6 +476,46 @@ scheduler:
             }]
         );
         assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
+    }
+
+    #[test]
+    fn each_plugin_reads_its_own_arguments() {
+        let config = parse(
+            r#"
+scheduler:
+  pluginConfig:
+  - name: prefix-cache
+    args: {loadBoundFactor: 2, blockSizeToHash: 32}
+  - name: prefix-cache
+    args: {maxBlocksToMatch: 16}
+  - name: session-affinity
+    args: {loadBoundFactor: 1.5}
+  - name: gpu-usage
+    args: {}
+"#,
+        )
+        .expect("valid");
+        let scheduler = config.scheduler.expect("section");
+        let prefix: pb::PrefixCacheArgs = scheduler::plugin_args(&scheduler);
+        let session: pb::SessionAffinityArgs = scheduler::plugin_args(&scheduler);
+        assert_eq!(prefix.load_bound_factor, Some(2.0));
+        assert_eq!(session.load_bound_factor, Some(1.5), "its own bound");
+        assert_eq!(
+            (prefix.block_size_to_hash, prefix.max_blocks_to_match),
+            (Some(32), Some(16)),
+            "a second entry for a plugin adds to the first"
+        );
+        assert_eq!(
+            scheduler.plugin_args.len(),
+            scheduler::default_plugin_args().len(),
+            "one entry per plugin"
+        );
+        assert_eq!(
+            config.warnings,
+            [
+                "pluginConfig for \"gpu-usage\" ignored: Switchyard has no such plugin with arguments"
+            ]
+        );
     }
 
     #[test]

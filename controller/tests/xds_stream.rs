@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_controller::xds::{
-    self, DataplaneRegistry, DataplaneStatus, ResourceType, RoutingDiscoveryService,
+    self, DataplaneRegistry, DataplaneStatus, PublishResult, ResourceType, RoutingDiscoveryService,
     SnapshotPublisher, XdsMetrics,
 };
 use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
 use switchyard_snapshot::{
-    ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, ROUTE_CONFIG_TYPE_URL, pb,
+    ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, pb,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -204,15 +204,24 @@ impl Client {
     }
 
     async fn nack(&self, response: &pb::SnapshotResponse, applied_version: &str, message: &str) {
+        self.nack_because(response, applied_version, Nack::invalid_resource(message))
+            .await;
+    }
+
+    async fn nack_because(
+        &self,
+        response: &pb::SnapshotResponse,
+        applied_version: &str,
+        nack: Nack,
+    ) {
+        let error_detail = nack.into_error_detail();
+        assert_eq!(error_detail.code, NACK_INVALID_ARGUMENT);
         self.send(pb::SnapshotRequest {
             node: None,
             type_url: response.type_url.clone(),
             version_info: applied_version.into(),
             response_nonce: response.nonce.clone(),
-            error_detail: Some(pb::ErrorDetail {
-                code: NACK_INVALID_ARGUMENT,
-                message: message.into(),
-            }),
+            error_detail: Some(error_detail),
             ..Default::default()
         })
         .await;
@@ -366,6 +375,10 @@ async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
     assert_eq!(
         dataplane.route_config.last_nack_error.as_deref(),
         Some("route default/bad: unknown server")
+    );
+    assert_eq!(
+        dataplane.route_config.last_nack_reason.as_deref(),
+        Some("NACK_REASON_INVALID_RESOURCE")
     );
     assert_eq!(dataplane.route_config.pending_nonce, None);
     assert_eq!(dataplane.route_config.responses_sent, 1);
@@ -603,9 +616,12 @@ fn endpoint_loads_of(response: &pb::SnapshotResponse) -> &pb::EndpointLoads {
     }
 }
 
-#[tokio::test]
-async fn a_dataplane_holding_the_previous_loads_gets_only_what_changed() {
-    let server = Server::start().await;
+/// A client that applied a whole EndpointLoads set (`first`, 100 pods) and
+/// has just been sent `update`: the incremental update to `second`, in which
+/// one pod's load changed.
+async fn client_sent_an_update(
+    server: &Server,
+) -> (Client, PublishResult, PublishResult, pb::SnapshotResponse) {
     server.publish("m1");
     let first = server
         .publisher
@@ -623,12 +639,19 @@ async fn a_dataplane_holding_the_previous_loads_gets_only_what_changed() {
             dataplane.endpoint_loads.acked_version.as_deref() == Some(&first.version)
         })
         .await;
-
-    // One pod's load changes: the update names that pod only.
     let second = server
         .publisher
         .publish_endpoint_loads(many_loads(100, 7, 5.0), 2_000);
     let update = client.next().await;
+    (client, first, second, update)
+}
+
+#[tokio::test]
+async fn a_dataplane_holding_the_previous_loads_gets_only_what_changed() {
+    let server = Server::start().await;
+    let (client, first, second, update) = client_sent_an_update(&server).await;
+
+    // One pod's load changed: the update names that pod only.
     assert_eq!(update.version_info, second.version);
     let loads = endpoint_loads_of(&update);
     assert_eq!(loads.base_version, first.version);
@@ -656,6 +679,45 @@ async fn a_dataplane_holding_the_previous_loads_gets_only_what_changed() {
     assert_eq!(endpoint_loads_of(&resync).base_version, "");
     assert_eq!(endpoint_loads_of(&resync).loads.len(), 100);
     drop(fresh);
+    drop(client);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_dataplane_that_cannot_apply_an_update_gets_the_whole_set_at_once() {
+    let server = Server::start().await;
+    let (mut client, first, second, update) = client_sent_an_update(&server).await;
+    assert_eq!(endpoint_loads_of(&update).base_version, first.version);
+
+    // The dataplane lost the base (say, its store was reset): it cannot apply the update.
+    client
+        .nack_because(
+            &update,
+            "",
+            Nack::new(pb::NackReason::UnknownBaseVersion, "base not held"),
+        )
+        .await;
+    let resync = client.next().await;
+    assert_eq!(resync.version_info, second.version, "the same version...");
+    assert_eq!(
+        endpoint_loads_of(&resync).base_version,
+        "",
+        "...as the whole set"
+    );
+    assert_eq!(endpoint_loads_of(&resync).loads.len(), 100);
+    client.ack(&resync).await;
+    server
+        .wait_for_dataplane(|dataplane| {
+            dataplane.endpoint_loads.acked_version.as_deref() == Some(&second.version)
+        })
+        .await;
+    let dataplane = server.dataplane();
+    assert_eq!(dataplane.endpoint_loads.nacks, 1);
+    assert_eq!(dataplane.endpoint_loads.nacked_version, None);
+    assert_eq!(
+        dataplane.endpoint_loads.last_nack_reason.as_deref(),
+        Some("NACK_REASON_UNKNOWN_BASE_VERSION")
+    );
     drop(client);
     server.stop().await;
 }

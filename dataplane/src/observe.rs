@@ -27,7 +27,7 @@ use crate::routing::{Route, RouteDecision, Server};
 use crate::scheduling::PodState;
 use crate::snapshot::SnapshotStore;
 use crate::xds_client::SnapshotSink;
-use switchyard_snapshot::pb;
+use switchyard_snapshot::{Nack, pb};
 
 /// `status_code` of a request whose client went away before any response
 /// head was sent (nginx's "client closed request"), so it is not counted as
@@ -61,7 +61,7 @@ pub struct ObservedStore {
 }
 
 impl SnapshotSink for ObservedStore {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String> {
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
         SnapshotSink::apply_route_config(&*self.store, version, config)?;
         if let Some(table) = self.store.table() {
             self.metrics.resolve(&table);
@@ -69,7 +69,7 @@ impl SnapshotSink for ObservedStore {
         Ok(())
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String> {
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
         SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::HeaderName;
 use parking_lot::Mutex;
 use regex::Regex;
-use switchyard_snapshot::pb;
+use switchyard_snapshot::{Nack, pb};
 
 use crate::auth::Authenticator;
 use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
@@ -74,6 +74,19 @@ pub enum SnapshotError {
         base: String,
         applied: Option<String>,
     },
+}
+
+impl SnapshotError {
+    /// The NACK that answers this rejection: the controller sends the whole
+    /// EndpointLoads set after a base mismatch, and nothing more of a version
+    /// that is invalid.
+    pub fn into_nack(self) -> Nack {
+        let reason = match self {
+            Self::LoadsBaseMismatch { .. } => pb::NackReason::UnknownBaseVersion,
+            _ => pb::NackReason::InvalidResource,
+        };
+        Nack::new(reason, self.to_string())
+    }
 }
 
 /// One applied RouteConfig, ready for the request path.
@@ -464,12 +477,12 @@ impl SnapshotStore {
 }
 
 impl SnapshotSink for SnapshotStore {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String> {
-        SnapshotStore::apply_route_config(self, version, config).map_err(|error| error.to_string())
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
+        SnapshotStore::apply_route_config(self, version, config).map_err(SnapshotError::into_nack)
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String> {
-        SnapshotStore::apply_endpoint_loads(self, version, loads).map_err(|error| error.to_string())
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
+        SnapshotStore::apply_endpoint_loads(self, version, loads).map_err(SnapshotError::into_nack)
     }
 }
 
@@ -648,6 +661,7 @@ mod tests {
                 "{error} vs {expected}"
             );
             assert_eq!(store.table().expect("table").version, "v1");
+            assert_eq!(error.into_nack().reason, pb::NackReason::InvalidResource);
         }
     }
 
@@ -763,6 +777,11 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "EndpointLoads update applies to version \"l2\", but this dataplane holds \"l1\""
+        );
+        assert_eq!(
+            error.into_nack().reason,
+            pb::NackReason::UnknownBaseVersion,
+            "the controller answers with the whole set"
         );
         assert_eq!(store.loads_version().as_deref(), Some("l1"));
         assert_eq!(

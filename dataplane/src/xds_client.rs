@@ -5,7 +5,8 @@
 //! and reconnects with jittered exponential backoff. The dataplane keeps serving
 //! its last applied snapshot while the controller is unreachable; on reconnect
 //! the subscriptions carry the applied versions, so the controller sends only
-//! what changed meanwhile. Rules: `notes/protocol.md` ("Dataplane (client)").
+//! what changed meanwhile. The protocol, and what the dataplane does with each
+//! response: `docs/protocol.md`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,9 +17,7 @@ use parking_lot::Mutex;
 use rand::Rng;
 use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
 use switchyard_snapshot::pb::snapshot_response::Resource;
-use switchyard_snapshot::{
-    ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, ROUTE_CONFIG_TYPE_URL, pb,
-};
+use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -65,53 +64,10 @@ const REQUEST_QUEUE_CAPACITY: usize = 8;
 
 /// Where validated resources go. Implemented by the dataplane's snapshot store.
 pub trait SnapshotSink: Send + Sync + 'static {
-    /// Validate and apply atomically; `Err(message)` -> NACK, previous state kept.
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String>;
-    /// Validate and apply atomically; `Err(message)` -> NACK, previous state kept.
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String>;
-}
-
-/// The resource types this client subscribes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ResourceKind {
-    RouteConfig,
-    EndpointLoads,
-}
-
-impl ResourceKind {
-    /// Every type, in the order the subscriptions are sent (RouteConfig first, so
-    /// it carries the node and is answered first).
-    pub const ALL: [ResourceKind; 2] = [ResourceKind::RouteConfig, ResourceKind::EndpointLoads];
-
-    /// The `type_url` of this type on the stream.
-    pub fn type_url(self) -> &'static str {
-        match self {
-            ResourceKind::RouteConfig => ROUTE_CONFIG_TYPE_URL,
-            ResourceKind::EndpointLoads => ENDPOINT_LOADS_TYPE_URL,
-        }
-    }
-
-    /// The type a `type_url` names, `None` for a type this dataplane does not know.
-    pub fn from_type_url(type_url: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|kind| kind.type_url() == type_url)
-    }
-
-    /// Short snake_case name for logs and metric labels.
-    pub fn label(self) -> &'static str {
-        match self {
-            ResourceKind::RouteConfig => "route_config",
-            ResourceKind::EndpointLoads => "endpoint_loads",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            ResourceKind::RouteConfig => 0,
-            ResourceKind::EndpointLoads => 1,
-        }
-    }
+    /// Validate and apply atomically; `Err` is sent as the NACK, previous state kept.
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack>;
+    /// Validate and apply atomically; `Err` is sent as the NACK, previous state kept.
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack>;
 }
 
 /// How to reach the controller and how to retry.
@@ -241,11 +197,11 @@ impl ControllerStatus {
     }
 
     /// When the applied resource of `kind` was applied; `now - this` is its age.
-    pub fn last_applied_at(&self, kind: ResourceKind) -> Option<SystemTime> {
+    pub fn last_applied_at(&self, kind: ResourceType) -> Option<SystemTime> {
         self.resource(kind).applied_at
     }
 
-    pub fn resource(&self, kind: ResourceKind) -> ResourceStatus {
+    pub fn resource(&self, kind: ResourceType) -> ResourceStatus {
         let state = self.state.lock();
         resource_of(&state, kind).clone()
     }
@@ -262,11 +218,11 @@ impl ControllerStatus {
         self.state.lock().stream_failures
     }
 
-    pub fn ack_count(&self, kind: ResourceKind) -> u64 {
+    pub fn ack_count(&self, kind: ResourceType) -> u64 {
         resource_of(&self.state.lock(), kind).acks
     }
 
-    pub fn nack_count(&self, kind: ResourceKind) -> u64 {
+    pub fn nack_count(&self, kind: ResourceType) -> u64 {
         resource_of(&self.state.lock(), kind).nacks
     }
 
@@ -302,7 +258,7 @@ impl ControllerStatus {
         }
     }
 
-    fn record_ack(&self, kind: ResourceKind, newly_applied: Option<&str>) {
+    fn record_ack(&self, kind: ResourceType, newly_applied: Option<&str>) {
         {
             let mut state = self.state.lock();
             let resource = resource_of_mut(&mut state, kind);
@@ -312,13 +268,13 @@ impl ControllerStatus {
                 resource.applied_at = Some(SystemTime::now());
             }
         }
-        if kind == ResourceKind::RouteConfig && newly_applied.is_some() {
+        if kind == ResourceType::RouteConfig && newly_applied.is_some() {
             self.ready
                 .send_if_modified(|ready| !std::mem::replace(ready, true));
         }
     }
 
-    fn record_nack(&self, kind: Option<ResourceKind>, rejected_version: &str, message: &str) {
+    fn record_nack(&self, kind: Option<ResourceType>, rejected_version: &str, message: &str) {
         let mut state = self.state.lock();
         if let Some(kind) = kind {
             let resource = resource_of_mut(&mut state, kind);
@@ -329,17 +285,17 @@ impl ControllerStatus {
     }
 }
 
-fn resource_of(state: &ControllerStatusView, kind: ResourceKind) -> &ResourceStatus {
+fn resource_of(state: &ControllerStatusView, kind: ResourceType) -> &ResourceStatus {
     match kind {
-        ResourceKind::RouteConfig => &state.route_config,
-        ResourceKind::EndpointLoads => &state.endpoint_loads,
+        ResourceType::RouteConfig => &state.route_config,
+        ResourceType::EndpointLoads => &state.endpoint_loads,
     }
 }
 
-fn resource_of_mut(state: &mut ControllerStatusView, kind: ResourceKind) -> &mut ResourceStatus {
+fn resource_of_mut(state: &mut ControllerStatusView, kind: ResourceType) -> &mut ResourceStatus {
     match kind {
-        ResourceKind::RouteConfig => &mut state.route_config,
-        ResourceKind::EndpointLoads => &mut state.endpoint_loads,
+        ResourceType::RouteConfig => &mut state.route_config,
+        ResourceType::EndpointLoads => &mut state.endpoint_loads,
     }
 }
 
@@ -449,7 +405,7 @@ async fn run<S>(
                 node = %config.node_id,
                 error = %error,
                 retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                route_config_version = applied.get(ResourceKind::RouteConfig),
+                route_config_version = applied.get(ResourceType::RouteConfig),
                 "controller stream down; serving the last applied snapshot"
             );
             delay
@@ -470,14 +426,14 @@ fn jittered_pause(max: Duration) -> Duration {
 
 /// Version last applied per type; survives reconnects (it is what we serve with).
 #[derive(Debug, Default)]
-struct AppliedVersions([Option<String>; 2]);
+struct AppliedVersions([Option<String>; ResourceType::ALL.len()]);
 
 impl AppliedVersions {
-    fn get(&self, kind: ResourceKind) -> &str {
+    fn get(&self, kind: ResourceType) -> &str {
         self.0[kind.index()].as_deref().unwrap_or("")
     }
 
-    fn set(&mut self, kind: ResourceKind, version: &str) {
+    fn set(&mut self, kind: ResourceType, version: &str) {
         self.0[kind.index()] = Some(version.to_owned());
     }
 }
@@ -532,7 +488,7 @@ struct Session<'a, S: ?Sized> {
 impl<S: SnapshotSink + ?Sized> Session<'_, S> {
     async fn run(&mut self) -> StreamEnd {
         let (requests, outgoing) = mpsc::channel(REQUEST_QUEUE_CAPACITY);
-        for (position, kind) in ResourceKind::ALL.into_iter().enumerate() {
+        for (position, kind) in ResourceType::ALL.into_iter().enumerate() {
             let subscription = pb::SnapshotRequest {
                 node: (position == 0).then(|| pb::Node {
                     id: self.config.node_id.clone(),
@@ -566,8 +522,8 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
         tracing::info!(
             controller = %self.config.controller,
             node = %self.config.node_id,
-            route_config_version = self.applied.get(ResourceKind::RouteConfig),
-            endpoint_loads_version = self.applied.get(ResourceKind::EndpointLoads),
+            route_config_version = self.applied.get(ResourceType::RouteConfig),
+            endpoint_loads_version = self.applied.get(ResourceType::EndpointLoads),
             "connected to controller"
         );
 
@@ -594,7 +550,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
         if !response.control_plane_id.is_empty() {
             self.status.record_control_plane(&response.control_plane_id);
         }
-        let kind = ResourceKind::from_type_url(&type_url);
+        let kind = ResourceType::from_type_url(&type_url);
         match apply_response(self.sink, self.applied, response) {
             Ok(applied) => {
                 let kind = applied.kind;
@@ -620,18 +576,19 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     unknown_jwt_key_ids: Vec::new(),
                 }
             }
-            Err(message) => {
+            Err(nack) => {
                 let kept_version = kind
                     .map(|kind| self.applied.get(kind).to_owned())
                     .unwrap_or_default();
-                self.status.record_nack(kind, &version, &message);
+                self.status.record_nack(kind, &version, &nack.message);
                 tracing::warn!(
                     node = %self.config.node_id,
                     type_url = %type_url,
                     version = %version,
                     nonce = %nonce,
                     kept_version = %kept_version,
-                    error = %message,
+                    reason = nack.reason.as_str_name(),
+                    error = %nack.message,
                     "rejected snapshot from controller (NACK); keeping the previous one"
                 );
                 pb::SnapshotRequest {
@@ -639,27 +596,24 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     type_url,
                     version_info: kept_version,
                     response_nonce: nonce,
-                    error_detail: Some(pb::ErrorDetail {
-                        code: NACK_INVALID_ARGUMENT,
-                        message,
-                    }),
+                    error_detail: Some(nack.into_error_detail()),
                     unknown_jwt_key_ids: Vec::new(),
                 }
             }
         }
     }
 
-    fn log_applied(&self, kind: ResourceKind, version: &str, nonce: &str) {
+    fn log_applied(&self, kind: ResourceType, version: &str, nonce: &str) {
         // EndpointLoads changes every scrape interval; at info it would drown the log.
         match kind {
-            ResourceKind::RouteConfig => tracing::info!(
+            ResourceType::RouteConfig => tracing::info!(
                 node = %self.config.node_id,
                 resource = kind.label(),
                 version = %version,
                 nonce = %nonce,
                 "applied snapshot from controller"
             ),
-            ResourceKind::EndpointLoads => tracing::debug!(
+            ResourceType::EndpointLoads => tracing::debug!(
                 node = %self.config.node_id,
                 resource = kind.label(),
                 version = %version,
@@ -673,35 +627,39 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
 /// A response that was accepted.
 #[derive(Debug, PartialEq, Eq)]
 struct Accepted {
-    kind: ResourceKind,
+    kind: ResourceType,
     /// False when the response carried the version already applied (content
     /// versions are hashes, so there was nothing to do).
     changed: bool,
 }
 
 /// Checks that `response` is well formed and hands its resource to `sink`;
-/// `Err` is the NACK message. `applied` is updated only on success.
+/// `Err` is the NACK. `applied` is updated only on success.
 fn apply_response<S: SnapshotSink + ?Sized>(
     sink: &S,
     applied: &mut AppliedVersions,
     response: pb::SnapshotResponse,
-) -> Result<Accepted, String> {
+) -> Result<Accepted, Nack> {
+    let malformed = |message: String| Nack::new(pb::NackReason::MalformedResponse, message);
     let type_url = response.type_url;
-    let kind = ResourceKind::from_type_url(&type_url).ok_or_else(|| {
-        format!(
-            "unknown type_url {type_url:?}; this dataplane understands \
-             {ROUTE_CONFIG_TYPE_URL:?} and {ENDPOINT_LOADS_TYPE_URL:?}"
+    let kind = ResourceType::from_type_url(&type_url).ok_or_else(|| {
+        Nack::new(
+            pb::NackReason::UnknownType,
+            format!(
+                "unknown type_url {type_url:?}; this dataplane understands \
+                 {ROUTE_CONFIG_TYPE_URL:?} and {ENDPOINT_LOADS_TYPE_URL:?}"
+            ),
         )
     })?;
     let version = response.version_info;
     if version.is_empty() {
-        return Err(format!(
+        return Err(malformed(format!(
             "response for {type_url:?} has an empty version_info"
-        ));
+        )));
     }
     let resource = response
         .resource
-        .ok_or_else(|| format!("response for {type_url:?} carries no resource"))?;
+        .ok_or_else(|| malformed(format!("response for {type_url:?} carries no resource")))?;
     if applied.get(kind) == version {
         return Ok(Accepted {
             kind,
@@ -709,20 +667,20 @@ fn apply_response<S: SnapshotSink + ?Sized>(
         });
     }
     match (kind, resource) {
-        (ResourceKind::RouteConfig, Resource::RouteConfig(config)) => {
+        (ResourceType::RouteConfig, Resource::RouteConfig(config)) => {
             sink.apply_route_config(&version, config)?;
         }
-        (ResourceKind::EndpointLoads, Resource::EndpointLoads(loads)) => {
+        (ResourceType::EndpointLoads, Resource::EndpointLoads(loads)) => {
             sink.apply_endpoint_loads(&version, loads)?;
         }
         (_, other) => {
-            let carried = match other {
-                Resource::RouteConfig(_) => "a RouteConfig",
-                Resource::EndpointLoads(_) => "an EndpointLoads",
+            let carried = match ResourceType::of(&other) {
+                ResourceType::RouteConfig => "a RouteConfig",
+                ResourceType::EndpointLoads => "an EndpointLoads",
             };
-            return Err(format!(
+            return Err(malformed(format!(
                 "response for {type_url:?} carries {carried} resource"
-            ));
+            )));
         }
     }
     applied.set(kind, &version);
@@ -809,35 +767,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn resource_kind_round_trips_type_urls() {
-        for kind in ResourceKind::ALL {
-            assert_eq!(ResourceKind::from_type_url(kind.type_url()), Some(kind));
-        }
-        assert_eq!(ResourceKind::from_type_url("type.example/Other"), None);
-    }
-
     #[derive(Default)]
     struct RecordingSink {
-        applied: Mutex<Vec<(ResourceKind, String)>>,
+        applied: Mutex<Vec<(ResourceType, String)>>,
         reject_with: Option<String>,
     }
 
     impl SnapshotSink for RecordingSink {
-        fn apply_route_config(&self, version: &str, _: pb::RouteConfig) -> Result<(), String> {
+        fn apply_route_config(&self, version: &str, _: pb::RouteConfig) -> Result<(), Nack> {
             if let Some(reason) = &self.reject_with {
-                return Err(reason.clone());
+                return Err(Nack::invalid_resource(reason.clone()));
             }
             self.applied
                 .lock()
-                .push((ResourceKind::RouteConfig, version.to_owned()));
+                .push((ResourceType::RouteConfig, version.to_owned()));
             Ok(())
         }
 
-        fn apply_endpoint_loads(&self, version: &str, _: pb::EndpointLoads) -> Result<(), String> {
+        fn apply_endpoint_loads(&self, version: &str, _: pb::EndpointLoads) -> Result<(), Nack> {
             self.applied
                 .lock()
-                .push((ResourceKind::EndpointLoads, version.to_owned()));
+                .push((ResourceType::EndpointLoads, version.to_owned()));
             Ok(())
         }
     }
@@ -872,7 +822,7 @@ mod tests {
         assert_eq!(
             accepted,
             Ok(Accepted {
-                kind: ResourceKind::RouteConfig,
+                kind: ResourceType::RouteConfig,
                 changed: true
             })
         );
@@ -884,26 +834,26 @@ mod tests {
         assert_eq!(
             accepted,
             Ok(Accepted {
-                kind: ResourceKind::EndpointLoads,
+                kind: ResourceType::EndpointLoads,
                 changed: true
             })
         );
         assert_eq!(
             *sink.applied.lock(),
             vec![
-                (ResourceKind::RouteConfig, "rc-1".to_owned()),
-                (ResourceKind::EndpointLoads, "el-1".to_owned())
+                (ResourceType::RouteConfig, "rc-1".to_owned()),
+                (ResourceType::EndpointLoads, "el-1".to_owned())
             ]
         );
-        assert_eq!(applied.get(ResourceKind::RouteConfig), "rc-1");
-        assert_eq!(applied.get(ResourceKind::EndpointLoads), "el-1");
+        assert_eq!(applied.get(ResourceType::RouteConfig), "rc-1");
+        assert_eq!(applied.get(ResourceType::EndpointLoads), "el-1");
     }
 
     #[test]
     fn same_version_is_acknowledged_without_reapplying() {
         let sink = RecordingSink::default();
         let mut applied = AppliedVersions::default();
-        applied.set(ResourceKind::RouteConfig, "rc-1");
+        applied.set(ResourceType::RouteConfig, "rc-1");
         let accepted = apply_response(
             &sink,
             &mut applied,
@@ -912,7 +862,7 @@ mod tests {
         assert_eq!(
             accepted,
             Ok(Accepted {
-                kind: ResourceKind::RouteConfig,
+                kind: ResourceType::RouteConfig,
                 changed: false
             })
         );
@@ -923,39 +873,46 @@ mod tests {
     fn rejects_malformed_responses_without_touching_state() {
         let sink = RecordingSink::default();
         let mut applied = AppliedVersions::default();
-        applied.set(ResourceKind::RouteConfig, "rc-1");
+        applied.set(ResourceType::RouteConfig, "rc-1");
+        let malformed = pb::NackReason::MalformedResponse;
         let cases = [
             (
                 response("type.example/Other", "x-1", route_config()),
                 "unknown type_url",
+                pb::NackReason::UnknownType,
             ),
             (
                 response(ROUTE_CONFIG_TYPE_URL, "rc-2", None),
                 "carries no resource",
+                malformed,
             ),
             (
                 response(ROUTE_CONFIG_TYPE_URL, "rc-2", endpoint_loads()),
                 "carries an EndpointLoads resource",
+                malformed,
             ),
             (
                 response(ENDPOINT_LOADS_TYPE_URL, "el-2", route_config()),
                 "carries a RouteConfig resource",
+                malformed,
             ),
             (
                 response(ROUTE_CONFIG_TYPE_URL, "", route_config()),
                 "empty version_info",
+                malformed,
             ),
         ];
-        for (bad, expected) in cases {
+        for (bad, expected, reason) in cases {
             let error = apply_response(&sink, &mut applied, bad).expect_err(expected);
             assert!(
-                error.contains(expected),
+                error.message.contains(expected),
                 "{error:?} should mention {expected:?}"
             );
+            assert_eq!(error.reason, reason, "{expected}");
         }
         assert!(sink.applied.lock().is_empty());
-        assert_eq!(applied.get(ResourceKind::RouteConfig), "rc-1");
-        assert_eq!(applied.get(ResourceKind::EndpointLoads), "");
+        assert_eq!(applied.get(ResourceType::RouteConfig), "rc-1");
+        assert_eq!(applied.get(ResourceType::EndpointLoads), "");
     }
 
     #[test]
@@ -965,26 +922,29 @@ mod tests {
             ..Default::default()
         };
         let mut applied = AppliedVersions::default();
-        applied.set(ResourceKind::RouteConfig, "rc-1");
+        applied.set(ResourceType::RouteConfig, "rc-1");
         let error = apply_response(
             &sink,
             &mut applied,
             response(ROUTE_CONFIG_TYPE_URL, "rc-2", route_config()),
         );
-        assert_eq!(error, Err("duplicate ModelServer default/s".to_owned()));
-        assert_eq!(applied.get(ResourceKind::RouteConfig), "rc-1");
+        assert_eq!(
+            error,
+            Err(Nack::invalid_resource("duplicate ModelServer default/s"))
+        );
+        assert_eq!(applied.get(ResourceType::RouteConfig), "rc-1");
     }
 
     #[tokio::test]
     async fn ready_flips_once_on_first_route_config() {
         let status = ControllerStatus::new();
         assert!(!status.is_ready());
-        status.record_ack(ResourceKind::EndpointLoads, Some("el-1"));
+        status.record_ack(ResourceType::EndpointLoads, Some("el-1"));
         assert!(
             !status.is_ready(),
             "EndpointLoads alone does not make a dataplane ready"
         );
-        status.record_ack(ResourceKind::RouteConfig, Some("rc-1"));
+        status.record_ack(ResourceType::RouteConfig, Some("rc-1"));
         assert!(status.is_ready());
         // Resolves at once: readiness was reached before anyone waited.
         status.wait_ready().await;

@@ -7,13 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use switchyard_dataplane::xds_client::{
-    self, ControllerStatus, ResourceKind, SnapshotSink, XdsClientConfig,
-};
+use switchyard_dataplane::xds_client::{self, ControllerStatus, SnapshotSink, XdsClientConfig};
 use switchyard_snapshot::pb::routing_discovery_server::{RoutingDiscovery, RoutingDiscoveryServer};
 use switchyard_snapshot::pb::snapshot_response::Resource;
 use switchyard_snapshot::{
-    ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, ROUTE_CONFIG_TYPE_URL, pb,
+    ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -145,7 +143,13 @@ impl MockStream {
     }
 
     /// Returns the NACK's error message after checking its other fields.
-    async fn expect_nack(&mut self, type_url: &str, kept_version: &str, nonce: &str) -> String {
+    async fn expect_nack(
+        &mut self,
+        type_url: &str,
+        kept_version: &str,
+        nonce: &str,
+        reason: pb::NackReason,
+    ) -> String {
         let nack = self.next_request().await;
         assert_eq!(nack.node, None);
         assert_eq!(nack.type_url, type_url);
@@ -156,6 +160,7 @@ impl MockStream {
         assert_eq!(nack.response_nonce, nonce);
         let detail = nack.error_detail.expect("a NACK has error_detail");
         assert_eq!(detail.code, NACK_INVALID_ARGUMENT);
+        assert_eq!(detail.reason(), reason, "{}", detail.message);
         detail.message
     }
 }
@@ -241,46 +246,48 @@ impl Drop for MockServer {
 /// Records what was applied; rejects versions listed in `reject`.
 #[derive(Default)]
 struct RecordingSink {
-    applied: Mutex<Vec<(ResourceKind, String)>>,
+    applied: Mutex<Vec<(ResourceType, String)>>,
     reject: Mutex<Vec<String>>,
 }
 
 impl RecordingSink {
-    fn check(&self, kind: ResourceKind, version: &str) -> Result<(), String> {
+    fn check(&self, kind: ResourceType, version: &str) -> Result<(), Nack> {
         if self
             .reject
             .lock()
             .iter()
             .any(|rejected| rejected == version)
         {
-            return Err(format!("invalid snapshot {version}"));
+            return Err(Nack::invalid_resource(format!(
+                "invalid snapshot {version}"
+            )));
         }
         self.applied.lock().push((kind, version.to_owned()));
         Ok(())
     }
 
-    fn applied(&self) -> Vec<(ResourceKind, String)> {
+    fn applied(&self) -> Vec<(ResourceType, String)> {
         self.applied.lock().clone()
     }
 }
 
 impl SnapshotSink for RecordingSink {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), String> {
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
         assert_eq!(
             config,
             route_config(),
             "the resource reaches the sink unchanged"
         );
-        self.check(ResourceKind::RouteConfig, version)
+        self.check(ResourceType::RouteConfig, version)
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), String> {
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
         assert_eq!(
             loads,
             endpoint_loads(),
             "the resource reaches the sink unchanged"
         );
-        self.check(ResourceKind::EndpointLoads, version)
+        self.check(ResourceType::EndpointLoads, version)
     }
 }
 
@@ -424,7 +431,7 @@ async fn applies_first_snapshot_and_acks() {
     assert!(
         client
             .status
-            .last_applied_at(ResourceKind::RouteConfig)
+            .last_applied_at(ResourceType::RouteConfig)
             .is_some()
     );
 
@@ -440,8 +447,8 @@ async fn applies_first_snapshot_and_acks() {
     assert_eq!(
         client.sink.applied(),
         vec![
-            (ResourceKind::RouteConfig, "rc-1".to_owned()),
-            (ResourceKind::EndpointLoads, "el-1".to_owned()),
+            (ResourceType::RouteConfig, "rc-1".to_owned()),
+            (ResourceType::EndpointLoads, "el-1".to_owned()),
         ]
     );
     let view = client.status.view();
@@ -474,7 +481,12 @@ async fn nacks_invalid_snapshot_and_keeps_previous() {
 
     let nonce = stream.send_route_config("rc-bad");
     let message = stream
-        .expect_nack(ROUTE_CONFIG_TYPE_URL, "rc-1", &nonce)
+        .expect_nack(
+            ROUTE_CONFIG_TYPE_URL,
+            "rc-1",
+            &nonce,
+            pb::NackReason::InvalidResource,
+        )
         .await;
     assert_eq!(message, "invalid snapshot rc-bad");
 
@@ -482,9 +494,9 @@ async fn nacks_invalid_snapshot_and_keeps_previous() {
         client.status.route_config_version().as_deref(),
         Some("rc-1")
     );
-    assert_eq!(client.status.nack_count(ResourceKind::RouteConfig), 1);
-    assert_eq!(client.status.ack_count(ResourceKind::RouteConfig), 1);
-    let route_config = client.status.resource(ResourceKind::RouteConfig);
+    assert_eq!(client.status.nack_count(ResourceType::RouteConfig), 1);
+    assert_eq!(client.status.ack_count(ResourceType::RouteConfig), 1);
+    let route_config = client.status.resource(ResourceType::RouteConfig);
     assert_eq!(route_config.rejected_version.as_deref(), Some("rc-bad"));
     assert_eq!(
         client.status.last_error().as_deref(),
@@ -501,8 +513,8 @@ async fn nacks_invalid_snapshot_and_keeps_previous() {
     assert_eq!(
         client.sink.applied(),
         vec![
-            (ResourceKind::RouteConfig, "rc-1".to_owned()),
-            (ResourceKind::RouteConfig, "rc-2".to_owned()),
+            (ResourceType::RouteConfig, "rc-1".to_owned()),
+            (ResourceType::RouteConfig, "rc-2".to_owned()),
         ]
     );
 
@@ -520,7 +532,9 @@ async fn nacks_unknown_type_and_mismatched_resource() {
 
     let unknown = "type.switchyard.dev/switchyard.routing.v1.Secret";
     let nonce = stream.send(unknown, "s-1", Some(Resource::RouteConfig(route_config())));
-    let message = stream.expect_nack(unknown, "", &nonce).await;
+    let message = stream
+        .expect_nack(unknown, "", &nonce, pb::NackReason::UnknownType)
+        .await;
     assert!(message.contains("unknown type_url"), "{message}");
 
     let nonce = stream.send(
@@ -528,7 +542,14 @@ async fn nacks_unknown_type_and_mismatched_resource() {
         "rc-1",
         Some(Resource::EndpointLoads(endpoint_loads())),
     );
-    let message = stream.expect_nack(ROUTE_CONFIG_TYPE_URL, "", &nonce).await;
+    let message = stream
+        .expect_nack(
+            ROUTE_CONFIG_TYPE_URL,
+            "",
+            &nonce,
+            pb::NackReason::MalformedResponse,
+        )
+        .await;
     assert!(
         message.contains("carries an EndpointLoads resource"),
         "{message}"
@@ -536,15 +557,20 @@ async fn nacks_unknown_type_and_mismatched_resource() {
 
     let nonce = stream.send(ENDPOINT_LOADS_TYPE_URL, "el-1", None);
     let message = stream
-        .expect_nack(ENDPOINT_LOADS_TYPE_URL, "", &nonce)
+        .expect_nack(
+            ENDPOINT_LOADS_TYPE_URL,
+            "",
+            &nonce,
+            pb::NackReason::MalformedResponse,
+        )
         .await;
     assert!(message.contains("carries no resource"), "{message}");
 
     assert!(client.sink.applied().is_empty());
     assert!(!client.status.is_ready());
     assert_eq!(client.status.route_config_version(), None);
-    assert_eq!(client.status.nack_count(ResourceKind::RouteConfig), 1);
-    assert_eq!(client.status.nack_count(ResourceKind::EndpointLoads), 1);
+    assert_eq!(client.status.nack_count(ResourceType::RouteConfig), 1);
+    assert_eq!(client.status.nack_count(ResourceType::EndpointLoads), 1);
 
     client.stop().await;
     drop(stream);
@@ -635,8 +661,8 @@ async fn keeps_last_snapshot_when_controller_down() {
     assert_eq!(
         client.sink.applied(),
         vec![
-            (ResourceKind::RouteConfig, "rc-1".to_owned()),
-            (ResourceKind::EndpointLoads, "el-1".to_owned()),
+            (ResourceType::RouteConfig, "rc-1".to_owned()),
+            (ResourceType::EndpointLoads, "el-1".to_owned()),
         ],
         "nothing is applied or cleared while the controller is down"
     );

@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use prost::Message;
 use switchyard_crd::{InferenceEngine, ModelRoute, ModelServer};
-use switchyard_snapshot::{content_version, pb};
+use switchyard_snapshot::{ResourceType, content_version, pb};
 
 use super::*;
 
@@ -427,8 +427,8 @@ fn equal_inputs_in_any_order_give_identical_bytes() {
         second.route_config.encode_to_vec()
     );
     assert_eq!(
-        content_version("rc", &first.route_config),
-        content_version("rc", &second.route_config)
+        content_version(ResourceType::RouteConfig, &first.route_config),
+        content_version(ResourceType::RouteConfig, &second.route_config)
     );
     assert_eq!(first.scrape_targets, second.scrape_targets);
     assert_eq!(first.reports, second.reports);

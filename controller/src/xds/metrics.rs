@@ -30,7 +30,7 @@ pub struct XdsMetrics {
     push_latency: HistogramVec,
     /// Per resource type, the last version whose push latency was observed,
     /// so each version is observed once.
-    push_observed: Arc<Mutex<[Option<String>; 2]>>,
+    push_observed: Arc<Mutex<[Option<String>; ResourceType::ALL.len()]>>,
 }
 
 impl XdsMetrics {
@@ -103,7 +103,7 @@ impl XdsMetrics {
             version_info,
             generated_at_seconds,
             push_latency,
-            push_observed: Arc::new(Mutex::new([None, None])),
+            push_observed: Arc::default(),
         })
     }
 
@@ -124,10 +124,7 @@ impl XdsMetrics {
         if !all_acked {
             return;
         }
-        let slot = match resource {
-            ResourceType::RouteConfig => 0,
-            ResourceType::EndpointLoads => 1,
-        };
+        let slot = resource.index();
         let mut observed = self.push_observed.lock();
         if observed[slot].as_deref() == Some(latest.version.as_str()) {
             return;

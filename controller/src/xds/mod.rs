@@ -1,15 +1,14 @@
 //! The snapshot stream server: `RoutingDiscovery.StreamSnapshots` over tonic.
 //!
-//! Shaped like Envoy's state-of-the-world xDS (see `notes/protocol.md`): per
-//! stream and per resource type the server tracks what the dataplane applied
-//! (ACK), rejected (NACK) and has not answered yet, and sends the latest
-//! version only when nothing is pending, so a slow dataplane skips
+//! Shaped like Envoy's state-of-the-world xDS (the protocol: `docs/protocol.md`):
+//! per stream and per resource type the server tracks what the dataplane
+//! applied (ACK), rejected (NACK) and has not answered yet, and sends the
+//! latest version only when nothing is pending, so a slow dataplane skips
 //! intermediate versions instead of queueing them.
 
 use std::future::Future;
 use std::time::Duration;
 
-use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -25,45 +24,14 @@ pub use registry::{DataplaneRegistry, DataplaneStatus, TypeSyncStatus};
 pub use service::{
     RoutingDiscoveryService, STREAM_CHANNEL_CAPACITY, STREAM_SEND_TIMEOUT, StreamSettings,
 };
+/// The resource types, shared with the dataplane.
+pub use switchyard_snapshot::ResourceType;
 
 /// HTTP/2 PING period: finds dataplanes whose connection died without a FIN
 /// (node crash, network partition) so their streams and gauges go away.
 pub const XDS_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may stay unanswered before the connection is dropped.
 pub const XDS_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The two resource types a stream carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ResourceType {
-    RouteConfig,
-    EndpointLoads,
-}
-
-impl ResourceType {
-    /// Both types, in the order a stream sends them (routes before the loads of their endpoints).
-    pub const ALL: [Self; 2] = [Self::RouteConfig, Self::EndpointLoads];
-
-    pub fn type_url(self) -> &'static str {
-        match self {
-            Self::RouteConfig => ROUTE_CONFIG_TYPE_URL,
-            Self::EndpointLoads => ENDPOINT_LOADS_TYPE_URL,
-        }
-    }
-
-    pub fn from_type_url(type_url: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|resource| resource.type_url() == type_url)
-    }
-
-    /// Metric label and log field value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::RouteConfig => "route_config",
-            Self::EndpointLoads => "endpoint_loads",
-        }
-    }
-}
 
 /// Serves `service` on `listener` until `shutdown` completes, then ends every
 /// open stream and returns once the connections are closed.

@@ -11,11 +11,6 @@ use super::ResourceType;
 use super::metrics::XdsMetrics;
 use super::wire::EncodedResponse;
 
-/// Version prefix of RouteConfig resources.
-const ROUTE_CONFIG_VERSION_PREFIX: &str = "rc";
-/// Version prefix of EndpointLoads resources.
-const ENDPOINT_LOADS_VERSION_PREFIX: &str = "el";
-
 /// One published resource: the response every stream sends, minus the nonce.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PublishedResource {
@@ -94,7 +89,7 @@ impl SnapshotPublisher {
         route_config: pb::RouteConfig,
         generated_at_unix_ms: i64,
     ) -> PublishResult {
-        let version = content_version(ROUTE_CONFIG_VERSION_PREFIX, &route_config);
+        let version = content_version(ResourceType::RouteConfig, &route_config);
         self.publish(
             ResourceType::RouteConfig,
             version,
@@ -112,7 +107,7 @@ impl SnapshotPublisher {
         endpoint_loads: pb::EndpointLoads,
         generated_at_unix_ms: i64,
     ) -> PublishResult {
-        let version = content_version(ENDPOINT_LOADS_VERSION_PREFIX, &endpoint_loads);
+        let version = content_version(ResourceType::EndpointLoads, &endpoint_loads);
         self.publish(
             ResourceType::EndpointLoads,
             version,

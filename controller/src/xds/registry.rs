@@ -23,9 +23,11 @@ pub struct TypeSyncStatus {
     pub pending_nonce: Option<String>,
     /// Last version the dataplane applied (from an ACK, or from its first request).
     pub acked_version: Option<String>,
-    /// Last version the dataplane rejected; never re-sent.
+    /// Last version the dataplane rejected as invalid; never re-sent.
     pub nacked_version: Option<String>,
     pub last_nack_error: Option<String>,
+    /// `NackReason` of the last NACK, as named in the protocol.
+    pub last_nack_reason: Option<String>,
     pub responses_sent: u64,
     pub acks: u64,
     pub nacks: u64,

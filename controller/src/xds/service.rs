@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use switchyard_snapshot::pb;
+use switchyard_snapshot::{Nack, pb};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -295,8 +295,17 @@ impl SnapshotStream {
         let mut acked = false;
         match request.error_detail {
             Some(error) => {
-                sync.nacked_version = answered_version;
-                sync.last_nack_error = Some(error.message.clone());
+                let nack = Nack::from_error_detail(error);
+                if nack.reason == pb::NackReason::UnknownBaseVersion {
+                    // An update the dataplane cannot apply, not a bad version:
+                    // forget what it holds, so the whole set of this version
+                    // is due at once (and an update cannot be sent again).
+                    sync.acked_version = None;
+                } else {
+                    sync.nacked_version = answered_version.clone();
+                }
+                sync.last_nack_error = Some(nack.message.clone());
+                sync.last_nack_reason = Some(nack.reason.as_str_name().to_owned());
                 sync.nacks += 1;
                 self.metrics
                     .nacks
@@ -306,10 +315,10 @@ impl SnapshotStream {
                     stream_id,
                     node_id,
                     r#type = resource.label(),
-                    version = sync.nacked_version.as_deref().unwrap_or_default(),
+                    version = answered_version.as_deref().unwrap_or_default(),
                     applied_version = %request.version_info,
-                    code = error.code,
-                    error = %error.message,
+                    reason = nack.reason.as_str_name(),
+                    error = %nack.message,
                     "dataplane rejected a snapshot (NACK)"
                 );
             }

@@ -3,9 +3,11 @@
 //! top N are tried in order (the next one when a connection fails).
 //!
 //! A [`Scheduler`] is built once per snapshot from the snapshot's
-//! `SchedulerConfig` (validated, defaults filled in), with its metric handles
-//! resolved; the request path only reads it. State that must outlive a
-//! snapshot (the prefix index, the decision log) lives in [`SchedulingShared`].
+//! `SchedulerConfig` (validated, defaults filled in): each enabled plugin is
+//! built by its [`plugins::Implementation`] with its arguments, and its metric
+//! handles are resolved; the request path only reads it. State that must
+//! outlive a snapshot (the prefix index, the decision log) lives in
+//! [`SchedulingShared`].
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -16,20 +18,18 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
 
 use http::HeaderMap;
-use http::header::HeaderName;
-use parking_lot::Mutex;
 use prometheus::Histogram;
 use switchyard_snapshot::pb;
-use switchyard_snapshot::scheduler::{
-    self as config, GPU_USAGE, LEAST_LATENCY, LEAST_REQUEST, LORA_AFFINITY, MAX_TOP_N,
-    PREFIX_CACHE, RANDOM, SESSION_AFFINITY, SchedulerConfigError,
-};
+use switchyard_snapshot::scheduler::{self, MAX_TOP_N, SchedulerConfigError};
 
 use super::decisions::DecisionLog;
 use super::metrics::PluginMetrics;
-use super::plugins::{Candidate, Filter, FilterError, ScoreInput, Scorer};
+use super::plugins::{
+    self, Candidate, FilterError, FilterPlugin, PluginContext, PluginInput, PromptHashing,
+    ScorePlugin,
+};
 use super::pod::{is_fresh, unix_ms_now};
-use super::prefix::{PrefixIndex, hash_prompt};
+use super::prefix::{SharedPrefixIndex, hash_prompt};
 use crate::request::PromptField;
 use crate::routing::Server;
 
@@ -49,8 +49,7 @@ pub enum ScheduleError {
 /// State shared by the schedulers of successive snapshots.
 #[derive(Debug)]
 pub struct SchedulingShared {
-    /// Rebuilt only when its configured size changes.
-    prefix: Mutex<Option<(usize, Arc<PrefixIndex>)>>,
+    prefix: SharedPrefixIndex,
     metrics: Option<PluginMetrics>,
     pub decisions: DecisionLog,
     /// `EndpointLoads.observed_at_unix_ms` of the latest loads: the observation
@@ -62,7 +61,7 @@ pub struct SchedulingShared {
 impl SchedulingShared {
     pub fn new(metrics: Option<PluginMetrics>) -> Self {
         Self {
-            prefix: Mutex::new(None),
+            prefix: SharedPrefixIndex::default(),
             metrics,
             decisions: DecisionLog::new(),
             loads_observed_at_unix_ms: AtomicI64::new(0),
@@ -80,18 +79,6 @@ impl SchedulingShared {
             load.observed_at_unix_ms
         } else {
             self.loads_observed_at_unix_ms.load(Ordering::Relaxed)
-        }
-    }
-
-    fn prefix_index(&self, capacity: usize) -> Arc<PrefixIndex> {
-        let mut slot = self.prefix.lock();
-        match &*slot {
-            Some((size, index)) if *size == capacity => index.clone(),
-            _ => {
-                let index = Arc::new(PrefixIndex::new(capacity));
-                *slot = Some((capacity, index.clone()));
-                index
-            }
         }
     }
 }
@@ -153,20 +140,31 @@ impl Ranking {
 /// One snapshot's scheduler.
 #[derive(Debug)]
 pub struct Scheduler {
-    filters: Vec<Filter>,
-    scorers: Vec<(Scorer, u32)>,
+    filters: Vec<Filtering>,
+    scorers: Vec<Scoring>,
     top_n: usize,
     max_load_age_ms: u64,
-    block_size: usize,
-    max_blocks: usize,
-    /// Set when session-affinity is enabled.
-    session_header: Option<HeaderName>,
-    uses_prefix: bool,
-    prefix: Arc<PrefixIndex>,
+    /// Set when a scorer reads the prompt's block hashes.
+    prompt_hashing: Option<PromptHashing>,
     handles: HashMap<String, ModelHandles>,
     shared: Arc<SchedulingShared>,
     /// The effective configuration (defaults filled in), for debug dumps.
     pub effective: pb::SchedulerConfig,
+}
+
+/// An enabled filter plugin.
+#[derive(Debug)]
+struct Filtering {
+    name: &'static str,
+    plugin: Box<dyn FilterPlugin>,
+}
+
+/// An enabled score plugin and its weight.
+#[derive(Debug)]
+struct Scoring {
+    name: &'static str,
+    plugin: Box<dyn ScorePlugin>,
+    weight: u32,
 }
 
 impl Scheduler {
@@ -177,73 +175,54 @@ impl Scheduler {
         models: &[&str],
         shared: &Arc<SchedulingShared>,
     ) -> Result<Self, SchedulerConfigError> {
-        let mut effective = snapshot_config
+        let config = snapshot_config
             .cloned()
-            .unwrap_or_else(config::default_config);
-        config::validate(&effective)?;
-        let args = config::effective_args(effective.args.as_ref());
-        effective.top_n = config::effective_top_n(&effective);
-        let filters: Vec<Filter> = effective
+            .unwrap_or_else(scheduler::default_config);
+        scheduler::validate(&config)?;
+        let effective = scheduler::effective(&config);
+        let context = PluginContext {
+            config: &effective,
+            prefix_index: &shared.prefix,
+        };
+        let filters = effective
             .filters
             .iter()
-            .map(|name| match name.as_str() {
-                LEAST_REQUEST => Ok(Filter::LeastRequest {
-                    max_waiting_requests: args.max_waiting_requests,
-                }),
-                LORA_AFFINITY => Ok(Filter::LoraAffinity),
-                other => Err(SchedulerConfigError::UnknownFilter(other.to_owned())),
+            .map(|name| {
+                let implementation = plugins::implementation(name);
+                match implementation.and_then(|i| Some((i.spec.name, i.filter?))) {
+                    Some((name, build)) => Ok(Filtering {
+                        name,
+                        plugin: build(&context)?,
+                    }),
+                    None => Err(SchedulerConfigError::UnknownFilter(name.clone())),
+                }
             })
-            .collect::<Result<_, _>>()?;
-        let scorers: Vec<(Scorer, u32)> = effective
+            .collect::<Result<Vec<_>, _>>()?;
+        let scorers = effective
             .scores
             .iter()
-            .map(|plugin| {
-                let scorer = match plugin.name.as_str() {
-                    LEAST_REQUEST => Scorer::LeastRequest,
-                    GPU_USAGE => Scorer::GpuUsage,
-                    LEAST_LATENCY => Scorer::LeastLatency {
-                        ttft_weight: args.ttft_tpot_weight_factor,
-                    },
-                    PREFIX_CACHE => Scorer::PrefixCache {
-                        affinity_blocks: args.affinity_blocks as usize,
-                        load_bound_factor: args.load_bound_factor,
-                    },
-                    RANDOM => Scorer::Random,
-                    SESSION_AFFINITY => Scorer::SessionAffinity {
-                        load_bound_factor: args.load_bound_factor,
-                    },
-                    other => return Err(SchedulerConfigError::UnknownScore(other.to_owned())),
-                };
-                Ok((scorer, plugin.weight))
+            .map(|score| {
+                let implementation = plugins::implementation(&score.name);
+                match implementation.and_then(|i| Some((i.spec.name, i.score?))) {
+                    Some((name, build)) => Ok(Scoring {
+                        name,
+                        plugin: build(&context)?,
+                        weight: score.weight,
+                    }),
+                    None => Err(SchedulerConfigError::UnknownScore(score.name.clone())),
+                }
             })
-            .collect::<Result<_, _>>()?;
-        let uses_prefix = scorers
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt_hashing = scorers
             .iter()
-            .any(|(s, _)| matches!(s, Scorer::PrefixCache { .. }));
-        let session_header = if scorers
-            .iter()
-            .any(|(s, _)| matches!(s, Scorer::SessionAffinity { .. }))
-        {
-            Some(
-                HeaderName::try_from(args.session_header.as_str()).map_err(|_| {
-                    SchedulerConfigError::SessionHeader(args.session_header.clone())
-                })?,
-            )
-        } else {
-            None
-        };
+            .find_map(|scoring| scoring.plugin.prompt_hashing());
         let handles = resolve_handles(shared.metrics.as_ref(), models, &filters, &scorers);
-        effective.args = Some(args.clone());
         Ok(Self {
             top_n: effective.top_n as usize,
-            max_load_age_ms: args.max_load_age_ms,
-            block_size: args.block_size_to_hash as usize,
-            max_blocks: args.max_blocks_to_match as usize,
-            prefix: shared.prefix_index(args.max_hash_cache_size as usize),
+            max_load_age_ms: effective.max_load_age_ms,
             filters,
             scorers,
-            session_header,
-            uses_prefix,
+            prompt_hashing,
             handles,
             shared: shared.clone(),
             effective,
@@ -259,9 +238,9 @@ impl Scheduler {
         span: Option<&(PromptField, Range<usize>)>,
     ) -> Vec<u64> {
         let mut hashes = Vec::new();
-        if !self.uses_prefix {
+        let Some(hashing) = self.prompt_hashing else {
             return hashes;
-        }
+        };
         let Some((field, range)) = span else {
             return hashes;
         };
@@ -271,13 +250,17 @@ impl Scheduler {
         else {
             return hashes;
         };
-        hashes.reserve_exact(self.max_blocks.min(raw.len() / self.block_size.max(1) + 1));
+        hashes.reserve_exact(
+            hashing
+                .max_blocks
+                .min(raw.len() / hashing.block_size.max(1) + 1),
+        );
         hash_prompt(
             model,
             *field,
             raw,
-            self.block_size,
-            self.max_blocks,
+            hashing.block_size,
+            hashing.max_blocks,
             &mut hashes,
         );
         hashes
@@ -295,13 +278,11 @@ impl Scheduler {
         let now = Instant::now();
         let now_ms = unix_ms_now();
         let handles = self.handles.get(request.model);
-        let session_key = self.session_header.as_ref().and_then(|name| {
-            request
-                .headers
-                .get(name)
-                .filter(|value| !value.is_empty())
-                .map(|value| xxhash_rust::xxh3::xxh3_64(value.as_bytes()))
-        });
+        let input = PluginInput {
+            served_model: request.served_model,
+            headers: request.headers,
+            prompt_hashes: request.prompt_hashes,
+        };
         with_framework_scratch(|scratch| {
             let FrameworkScratch {
                 candidates,
@@ -325,9 +306,9 @@ impl Scheduler {
                 });
             }
             let considered = candidates.len();
-            for (position, filter) in self.filters.iter().enumerate() {
+            for (position, filtering) in self.filters.iter().enumerate() {
                 let started = Instant::now();
-                let outcome = filter.apply(candidates, request.served_model);
+                let outcome = filtering.plugin.filter(candidates, &input);
                 observe(handles.and_then(|h| h.filters.get(position)), started);
                 outcome.map_err(|source| ScheduleError::Filtered {
                     server: server.key.clone(),
@@ -339,18 +320,13 @@ impl Scheduler {
             totals.resize(count, 0);
             scores.clear();
             scores.resize(count * self.scorers.len(), 0);
-            let input = ScoreInput {
-                prompt_hashes: request.prompt_hashes,
-                session_key,
-                prefix: &self.prefix,
-            };
-            for (position, (scorer, weight)) in self.scorers.iter().enumerate() {
+            for (position, scoring) in self.scorers.iter().enumerate() {
                 let started = Instant::now();
                 let out = &mut scores[position * count..(position + 1) * count];
-                scorer.score(candidates, &input, out);
+                scoring.plugin.score(candidates, &input, out);
                 observe(handles.and_then(|h| h.scores.get(position)), started);
                 for (total, score) in totals.iter_mut().zip(out.iter()) {
-                    *total = total.saturating_add(weight.saturating_mul(*score));
+                    *total = total.saturating_add(scoring.weight.saturating_mul(*score));
                 }
             }
             // Ties rotate, so equal pods share the load.
@@ -379,8 +355,8 @@ impl Scheduler {
                 );
                 record
                     .plugins
-                    .extend(self.scorers.iter().map(|(s, w)| (s.name(), *w)));
-                record.filters.extend(self.filters.iter().map(Filter::name));
+                    .extend(self.scorers.iter().map(|s| (s.name, s.weight)));
+                record.filters.extend(self.filters.iter().map(|f| f.name));
                 for &i in order.iter().take(self.top_n) {
                     let candidate = &candidates[i];
                     let plugin_scores = (0..self.scorers.len()).map(|p| scores[p * count + i]);
@@ -396,11 +372,11 @@ impl Scheduler {
         })
     }
 
-    /// After a pod accepted the request (the reference's PostSchedule): remember
-    /// where this prefix went.
+    /// After a pod accepted the request (the reference's PostSchedule): each
+    /// scorer may learn from it (prefix-cache remembers where the prefix went).
     pub fn on_dispatched(&self, pod_id: u64, prompt_hashes: &[u64]) {
-        if self.uses_prefix && !prompt_hashes.is_empty() {
-            self.prefix.record(prompt_hashes, pod_id);
+        for scoring in &self.scorers {
+            scoring.plugin.on_dispatched(pod_id, prompt_hashes);
         }
     }
 }
@@ -414,8 +390,8 @@ fn observe(handle: Option<&Histogram>, started: Instant) {
 fn resolve_handles(
     metrics: Option<&PluginMetrics>,
     models: &[&str],
-    filters: &[Filter],
-    scorers: &[(Scorer, u32)],
+    filters: &[Filtering],
+    scorers: &[Scoring],
 ) -> HashMap<String, ModelHandles> {
     let Some(metrics) = metrics else {
         return HashMap::new();
@@ -427,11 +403,11 @@ fn resolve_handles(
             let handles = ModelHandles {
                 filters: filters
                     .iter()
-                    .map(|f| metrics.handle(model, f.name(), "filter", &mut live))
+                    .map(|f| metrics.handle(model, f.name, "filter", &mut live))
                     .collect(),
                 scores: scorers
                     .iter()
-                    .map(|(s, _)| metrics.handle(model, s.name(), "score", &mut live))
+                    .map(|s| metrics.handle(model, s.name, "score", &mut live))
                     .collect(),
             };
             ((*model).to_owned(), handles)
@@ -472,6 +448,13 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
+    use switchyard_snapshot::scheduler::gpu_usage::NAME as GPU_USAGE;
+    use switchyard_snapshot::scheduler::least_latency::NAME as LEAST_LATENCY;
+    use switchyard_snapshot::scheduler::least_request::NAME as LEAST_REQUEST;
+    use switchyard_snapshot::scheduler::lora_affinity::NAME as LORA_AFFINITY;
+    use switchyard_snapshot::scheduler::prefix_cache::NAME as PREFIX_CACHE;
+    use switchyard_snapshot::scheduler::random::NAME as RANDOM;
+
     use super::*;
     use crate::scheduling::PodState;
     use crate::scheduling::metrics::PluginMetrics;
@@ -510,8 +493,7 @@ mod tests {
                     weight: *weight,
                 })
                 .collect(),
-            top_n: 0,
-            args: None,
+            ..Default::default()
         }
     }
 

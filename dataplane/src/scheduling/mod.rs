@@ -2,8 +2,10 @@
 //!
 //! - [`framework`]: filter plugins, then score plugins summed by weight, then
 //!   the top N candidates in order;
-//! - [`plugins`]: least-request, gpu-usage, least-latency, prefix-cache,
-//!   lora-affinity, random, session-affinity;
+//! - [`plugins`]: how each plugin filters or scores, one file per plugin
+//!   (least-request, gpu-usage, least-latency, prefix-cache, lora-affinity,
+//!   random, session-affinity), listed in [`plugins::IMPLEMENTATIONS`]; their
+//!   names and arguments are in `switchyard_snapshot::scheduler`;
 //! - [`prefix`]: prompt block hashing, the local prefix index, rendezvous
 //!   hashing with bounded load (replica-consistent affinity);
 //! - [`ledger`]: the in-flight count per pod, decremented exactly once;

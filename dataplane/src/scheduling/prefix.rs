@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -25,7 +26,8 @@ const INDEX_SHARDS: usize = 64;
 /// lives on a few pods; more would only keep stale owners.
 const OWNERS_PER_BLOCK: usize = 4;
 /// Pods that get a match score at most, as in the reference (`topKMatches`).
-pub const TOP_K_MATCHES: usize = 5;
+pub const TOP_K_MATCHES: usize =
+    switchyard_snapshot::scheduler::prefix_cache::TOP_K_MATCHES as usize;
 /// Below this many requests a pod is never "overloaded": one engine step
 /// batches many sequences, and without a floor the second concurrent request
 /// of a prefix would leave its pod at almost no load.
@@ -206,6 +208,27 @@ struct Shard {
 impl std::fmt::Debug for IdentityHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("IdentityHasher")
+    }
+}
+
+/// The prefix index kept across snapshots, so a new snapshot does not forget
+/// where prefixes went; rebuilt only when its configured size changes.
+#[derive(Debug, Default)]
+pub struct SharedPrefixIndex(Mutex<Option<(usize, Arc<PrefixIndex>)>>);
+
+impl SharedPrefixIndex {
+    /// The index of about `capacity` block hashes: the current one if it has
+    /// that size, else a new, empty one that replaces it.
+    pub fn get(&self, capacity: usize) -> Arc<PrefixIndex> {
+        let mut slot = self.0.lock();
+        match &*slot {
+            Some((size, index)) if *size == capacity => index.clone(),
+            _ => {
+                let index = Arc::new(PrefixIndex::new(capacity));
+                *slot = Some((capacity, index.clone()));
+                index
+            }
+        }
     }
 }
 

@@ -1,6 +1,29 @@
 //! `gpu-usage`: pods with free KV cache; score = (1 - usage) x 100.
 
-use super::{Candidate, MAX_SCORE, fill_unknown};
+use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
+
+use super::{
+    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, fill_unknown,
+};
+
+pub const IMPLEMENTATION: Implementation = Implementation {
+    spec: &scheduler::gpu_usage::SPEC,
+    filter: None,
+    score: Some(build_scorer),
+};
+
+fn build_scorer(_: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
+    Ok(Box::new(GpuUsage))
+}
+
+#[derive(Debug)]
+struct GpuUsage;
+
+impl ScorePlugin for GpuUsage {
+    fn score(&self, candidates: &[Candidate], _: &PluginInput<'_>, out: &mut [u32]) {
+        score(candidates, out);
+    }
+}
 
 pub fn score(candidates: &[Candidate], out: &mut [u32]) {
     for (slot, candidate) in out.iter_mut().zip(candidates) {

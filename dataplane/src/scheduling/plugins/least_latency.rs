@@ -7,7 +7,35 @@
 //! scrape interval (score 100) win every request, and so keep being the only
 //! one with data; the mean keeps such pods level instead.
 
-use super::{Candidate, MAX_SCORE};
+use switchyard_snapshot::pb;
+use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
+
+use super::{Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin};
+
+pub const IMPLEMENTATION: Implementation = Implementation {
+    spec: &scheduler::least_latency::SPEC,
+    filter: None,
+    score: Some(build_scorer),
+};
+
+fn build_scorer(context: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
+    let args: pb::LeastLatencyArgs = scheduler::plugin_args(context.config);
+    Ok(Box::new(LeastLatency {
+        ttft_weight: args.ttft_tpot_weight_factor(),
+    }))
+}
+
+#[derive(Debug)]
+struct LeastLatency {
+    /// α: the weight of TTFT against TPOT.
+    ttft_weight: f64,
+}
+
+impl ScorePlugin for LeastLatency {
+    fn score(&self, candidates: &[Candidate], _: &PluginInput<'_>, out: &mut [u32]) {
+        score(candidates, self.ttft_weight, out);
+    }
+}
 
 /// Score for a metric no pod has data for.
 const NO_DATA_SCORE: f64 = 50.0;
@@ -65,7 +93,6 @@ pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
 mod tests {
     use super::super::testing::candidate;
     use super::*;
-    use switchyard_snapshot::pb;
 
     fn latency(ttft: f64, tpot: f64) -> Option<pb::EndpointLoad> {
         Some(pb::EndpointLoad {

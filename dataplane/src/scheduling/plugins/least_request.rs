@@ -1,7 +1,57 @@
 //! `least-request`: as a filter, pods whose engine queue is below a bound; as
 //! a scorer, pods with the fewest requests.
 
-use super::{Candidate, MAX_SCORE};
+use switchyard_snapshot::pb;
+use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
+
+use super::{
+    Candidate, FilterError, FilterPlugin, Implementation, MAX_SCORE, PluginContext, PluginInput,
+    ScorePlugin,
+};
+
+pub const IMPLEMENTATION: Implementation = Implementation {
+    spec: &scheduler::least_request::SPEC,
+    filter: Some(build_filter),
+    score: Some(build_scorer),
+};
+
+fn build_filter(
+    context: &PluginContext<'_>,
+) -> Result<Box<dyn FilterPlugin>, SchedulerConfigError> {
+    let args: pb::LeastRequestArgs = scheduler::plugin_args(context.config);
+    Ok(Box::new(LeastRequestFilter {
+        max_waiting_requests: args.max_waiting_requests(),
+    }))
+}
+
+fn build_scorer(_: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
+    Ok(Box::new(LeastRequestScorer))
+}
+
+#[derive(Debug)]
+struct LeastRequestFilter {
+    max_waiting_requests: u32,
+}
+
+impl FilterPlugin for LeastRequestFilter {
+    fn filter(
+        &self,
+        candidates: &mut Vec<Candidate>,
+        _: &PluginInput<'_>,
+    ) -> Result<(), FilterError> {
+        filter(candidates, self.max_waiting_requests);
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct LeastRequestScorer;
+
+impl ScorePlugin for LeastRequestScorer {
+    fn score(&self, candidates: &[Candidate], _: &PluginInput<'_>, out: &mut [u32]) {
+        score(candidates, out);
+    }
+}
 
 /// Keeps pods whose fresh engine `waiting` is below `max_waiting`; pods with
 /// unknown load stay. When every pod is over the bound, all stay: the filter

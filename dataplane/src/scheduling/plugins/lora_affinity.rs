@@ -1,7 +1,32 @@
 //! `lora-affinity`: only pods that report the requested model (base model or
 //! LoRA adapter) in their `/v1/models`, as scraped by the controller.
 
-use super::{Candidate, FilterError};
+use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
+
+use super::{Candidate, FilterError, FilterPlugin, Implementation, PluginContext, PluginInput};
+
+pub const IMPLEMENTATION: Implementation = Implementation {
+    spec: &scheduler::lora_affinity::SPEC,
+    filter: Some(build_filter),
+    score: None,
+};
+
+fn build_filter(_: &PluginContext<'_>) -> Result<Box<dyn FilterPlugin>, SchedulerConfigError> {
+    Ok(Box::new(LoraAffinity))
+}
+
+#[derive(Debug)]
+struct LoraAffinity;
+
+impl FilterPlugin for LoraAffinity {
+    fn filter(
+        &self,
+        candidates: &mut Vec<Candidate>,
+        request: &PluginInput<'_>,
+    ) -> Result<(), FilterError> {
+        filter(candidates, request.served_model)
+    }
+}
 
 /// Pods known to have `model` stay. Pods whose model list is unknown (never
 /// scraped) stay only when no pod is known to have it, so a fresh start

@@ -1,16 +1,20 @@
-//! The scheduler plugins, by the reference router's names. Filters narrow
-//! the candidate pods; scorers give each candidate 0..=100.
+//! How each scheduler plugin filters or scores, one file per plugin. What the
+//! controller and the dataplane agree on about a plugin (its name, roles and
+//! arguments) lives in `switchyard_snapshot::scheduler`; [`IMPLEMENTATIONS`]
+//! pairs each of those specs with its code here.
 //!
 //! Plugins read engine load only when it is fresh ([`Candidate::load`] is
 //! `None` otherwise): a stale number is treated as unknown, never as current.
 
 use std::cell::RefCell;
+use std::fmt::Debug;
 use std::sync::Arc;
 
+use http::HeaderMap;
 use switchyard_snapshot::pb;
-use switchyard_snapshot::scheduler as names;
+use switchyard_snapshot::scheduler::{PluginSpec, SchedulerConfigError};
 
-use super::prefix::PrefixIndex;
+use super::prefix::SharedPrefixIndex;
 
 pub mod gpu_usage;
 pub mod least_latency;
@@ -19,6 +23,95 @@ pub mod lora_affinity;
 pub mod prefix_cache;
 pub mod random;
 pub mod session_affinity;
+
+/// The code of every plugin in `switchyard_snapshot::scheduler::PLUGINS`.
+pub const IMPLEMENTATIONS: &[Implementation] = &[
+    least_request::IMPLEMENTATION,
+    lora_affinity::IMPLEMENTATION,
+    gpu_usage::IMPLEMENTATION,
+    least_latency::IMPLEMENTATION,
+    prefix_cache::IMPLEMENTATION,
+    random::IMPLEMENTATION,
+    session_affinity::IMPLEMENTATION,
+];
+
+/// One plugin's code: how to build its filter and its scorer for a snapshot.
+#[derive(Debug)]
+pub struct Implementation {
+    pub spec: &'static PluginSpec,
+    /// Set exactly when `spec.filter` is.
+    pub filter: Option<BuildFilter>,
+    /// Set exactly when `spec.score` is.
+    pub score: Option<BuildScore>,
+}
+
+/// Builds a filter from the snapshot's scheduler section.
+pub type BuildFilter =
+    fn(&PluginContext<'_>) -> Result<Box<dyn FilterPlugin>, SchedulerConfigError>;
+/// Builds a scorer from the snapshot's scheduler section.
+pub type BuildScore = fn(&PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError>;
+
+/// The implementation of the plugin called `name`.
+pub fn implementation(name: &str) -> Option<&'static Implementation> {
+    IMPLEMENTATIONS
+        .iter()
+        .find(|implementation| implementation.spec.name == name)
+}
+
+/// What a plugin is built from, once per snapshot.
+#[derive(Debug)]
+pub struct PluginContext<'a> {
+    /// The snapshot's scheduler section, validated; a plugin reads its own
+    /// arguments with `switchyard_snapshot::scheduler::plugin_args`.
+    pub config: &'a pb::SchedulerConfig,
+    /// State that outlives the snapshot.
+    pub prefix_index: &'a SharedPrefixIndex,
+}
+
+/// What plugins may read about the request.
+#[derive(Debug)]
+pub struct PluginInput<'a> {
+    /// The model a pod must have loaded: the LoRA adapter, or the upstream model name.
+    pub served_model: &'a str,
+    pub headers: &'a HeaderMap,
+    /// The prompt's chained block hashes, when a scorer asked for them
+    /// ([`ScorePlugin::prompt_hashing`]); empty otherwise.
+    pub prompt_hashes: &'a [u64],
+}
+
+/// A filter plugin, built with its arguments.
+pub trait FilterPlugin: Debug + Send + Sync {
+    /// Narrows `candidates` for one request.
+    fn filter(
+        &self,
+        candidates: &mut Vec<Candidate>,
+        request: &PluginInput<'_>,
+    ) -> Result<(), FilterError>;
+}
+
+/// A score plugin, built with its arguments.
+pub trait ScorePlugin: Debug + Send + Sync {
+    /// Writes one score (0..=[`MAX_SCORE`]) per candidate into `out`.
+    fn score(&self, candidates: &[Candidate], request: &PluginInput<'_>, out: &mut [u32]);
+
+    /// How the prompt is cut into hashed blocks, for a scorer that reads
+    /// [`PluginInput::prompt_hashes`].
+    fn prompt_hashing(&self) -> Option<PromptHashing> {
+        None
+    }
+
+    /// After a pod accepted the request (the reference's PostSchedule).
+    fn on_dispatched(&self, _pod_id: u64, _prompt_hashes: &[u64]) {}
+}
+
+/// Prompt block hashing parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptHashing {
+    /// Prompt bytes per block.
+    pub block_size: usize,
+    /// Blocks hashed at most.
+    pub max_blocks: usize,
+}
 
 /// Highest score a plugin gives.
 pub const MAX_SCORE: u32 = 100;
@@ -39,102 +132,11 @@ pub struct Candidate {
     pub any_load: Option<Arc<pb::EndpointLoad>>,
 }
 
-/// What scorers may read about the request.
-#[derive(Debug)]
-pub struct ScoreInput<'a> {
-    pub prompt_hashes: &'a [u64],
-    pub session_key: Option<u64>,
-    pub prefix: &'a PrefixIndex,
-}
-
-/// A filter plugin with its arguments.
-#[derive(Debug, Clone)]
-pub enum Filter {
-    LeastRequest { max_waiting_requests: u32 },
-    LoraAffinity,
-}
-
-/// A score plugin with its arguments.
-#[derive(Debug, Clone)]
-pub enum Scorer {
-    LeastRequest,
-    GpuUsage,
-    LeastLatency {
-        ttft_weight: f64,
-    },
-    PrefixCache {
-        affinity_blocks: usize,
-        load_bound_factor: f64,
-    },
-    Random,
-    SessionAffinity {
-        load_bound_factor: f64,
-    },
-}
-
 /// Why filtering left no pod.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FilterError {
     #[error("no pod has model {0:?} loaded")]
     ModelNotLoaded(String),
-}
-
-impl Filter {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::LeastRequest { .. } => names::LEAST_REQUEST,
-            Self::LoraAffinity => names::LORA_AFFINITY,
-        }
-    }
-
-    /// Narrows `candidates` for a request that needs `served_model` loaded.
-    pub fn apply(
-        &self,
-        candidates: &mut Vec<Candidate>,
-        served_model: &str,
-    ) -> Result<(), FilterError> {
-        match self {
-            Self::LeastRequest {
-                max_waiting_requests,
-            } => {
-                least_request::filter(candidates, *max_waiting_requests);
-                Ok(())
-            }
-            Self::LoraAffinity => lora_affinity::filter(candidates, served_model),
-        }
-    }
-}
-
-impl Scorer {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::LeastRequest => names::LEAST_REQUEST,
-            Self::GpuUsage => names::GPU_USAGE,
-            Self::LeastLatency { .. } => names::LEAST_LATENCY,
-            Self::PrefixCache { .. } => names::PREFIX_CACHE,
-            Self::Random => names::RANDOM,
-            Self::SessionAffinity { .. } => names::SESSION_AFFINITY,
-        }
-    }
-
-    /// Writes one score (0..=100) per candidate into `out`.
-    pub fn score(&self, candidates: &[Candidate], input: &ScoreInput<'_>, out: &mut [u32]) {
-        match self {
-            Self::LeastRequest => least_request::score(candidates, out),
-            Self::GpuUsage => gpu_usage::score(candidates, out),
-            Self::LeastLatency { ttft_weight } => {
-                least_latency::score(candidates, *ttft_weight, out)
-            }
-            Self::PrefixCache {
-                affinity_blocks,
-                load_bound_factor,
-            } => prefix_cache::score(candidates, input, *affinity_blocks, *load_bound_factor, out),
-            Self::Random => random::score(out),
-            Self::SessionAffinity { load_bound_factor } => {
-                session_affinity::score(candidates, input.session_key, *load_bound_factor, out);
-            }
-        }
-    }
 }
 
 /// The load bounded-load rules compare: this dataplane's in-flight requests
@@ -206,6 +208,15 @@ fn fill_unknown(out: &mut [u32], candidates: &[Candidate], known: impl Fn(&Candi
 pub(crate) mod testing {
     use super::*;
 
+    /// A request that carries `headers` and `prompt_hashes` for model "m".
+    pub fn input<'a>(headers: &'a HeaderMap, prompt_hashes: &'a [u64]) -> PluginInput<'a> {
+        PluginInput {
+            served_model: "m",
+            headers,
+            prompt_hashes,
+        }
+    }
+
     /// A candidate with a fresh load.
     pub fn candidate(index: usize, in_flight: u64, load: Option<pb::EndpointLoad>) -> Candidate {
         let load = load.map(Arc::new);
@@ -226,6 +237,40 @@ pub(crate) mod testing {
             kv_cache_usage: kv,
             observed_at_unix_ms: 1,
             ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchyard_snapshot::scheduler::{PLUGINS, default_config};
+
+    use super::*;
+
+    #[test]
+    fn every_plugin_spec_has_its_code_with_the_same_roles() {
+        assert_eq!(IMPLEMENTATIONS.len(), PLUGINS.len());
+        let config = default_config();
+        let prefix_index = SharedPrefixIndex::default();
+        let context = PluginContext {
+            config: &config,
+            prefix_index: &prefix_index,
+        };
+        for spec in PLUGINS {
+            let implementation = implementation(spec.name).expect(spec.name);
+            assert_eq!(
+                implementation.filter.is_some(),
+                spec.filter,
+                "{}",
+                spec.name
+            );
+            assert_eq!(implementation.score.is_some(), spec.score, "{}", spec.name);
+            if let Some(build) = implementation.filter {
+                build(&context).expect("builds from the defaults");
+            }
+            if let Some(build) = implementation.score {
+                build(&context).expect("builds from the defaults");
+            }
         }
     }
 }

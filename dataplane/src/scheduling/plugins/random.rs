@@ -1,8 +1,28 @@
 //! `random`: a uniform score, meant to be used alone.
 
 use rand::Rng;
+use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
-use super::MAX_SCORE;
+use super::{Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin};
+
+pub const IMPLEMENTATION: Implementation = Implementation {
+    spec: &scheduler::random::SPEC,
+    filter: None,
+    score: Some(build_scorer),
+};
+
+fn build_scorer(_: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
+    Ok(Box::new(Random))
+}
+
+#[derive(Debug)]
+struct Random;
+
+impl ScorePlugin for Random {
+    fn score(&self, _: &[Candidate], _: &PluginInput<'_>, out: &mut [u32]) {
+        score(out);
+    }
+}
 
 pub fn score(out: &mut [u32]) {
     let mut rng = rand::rng();

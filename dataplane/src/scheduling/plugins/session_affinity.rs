@@ -5,8 +5,51 @@
 //! A pod over the load bound is passed over the same way, so one heavy
 //! session cannot saturate its pod. Requests without the header score 0 everywhere.
 
+use http::header::HeaderName;
+use switchyard_snapshot::pb;
+use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
+
 use super::super::prefix::bounded_rendezvous;
-use super::{Candidate, MAX_SCORE, with_scratch};
+use super::{
+    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, with_scratch,
+};
+
+pub const IMPLEMENTATION: Implementation = Implementation {
+    spec: &scheduler::session_affinity::SPEC,
+    filter: None,
+    score: Some(build_scorer),
+};
+
+fn build_scorer(context: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
+    let args: pb::SessionAffinityArgs = scheduler::plugin_args(context.config);
+    let header =
+        HeaderName::try_from(args.header()).map_err(|_| SchedulerConfigError::InvalidArgs {
+            plugin: scheduler::session_affinity::NAME,
+            message: format!("header {:?} is not a valid HTTP header name", args.header()),
+        })?;
+    Ok(Box::new(SessionAffinity {
+        header,
+        load_bound_factor: args.load_bound_factor(),
+    }))
+}
+
+#[derive(Debug)]
+struct SessionAffinity {
+    /// The request header carrying the session id.
+    header: HeaderName,
+    load_bound_factor: f64,
+}
+
+impl ScorePlugin for SessionAffinity {
+    fn score(&self, candidates: &[Candidate], request: &PluginInput<'_>, out: &mut [u32]) {
+        let session_key = request
+            .headers
+            .get(&self.header)
+            .filter(|value| !value.is_empty())
+            .map(|value| xxhash_rust::xxh3::xxh3_64(value.as_bytes()));
+        score(candidates, session_key, self.load_bound_factor, out);
+    }
+}
 
 pub fn score(candidates: &[Candidate], session_key: Option<u64>, factor: f64, out: &mut [u32]) {
     out.fill(0);
@@ -25,8 +68,39 @@ pub fn score(candidates: &[Candidate], session_key: Option<u64>, factor: f64, ou
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::candidate;
+    use http::HeaderMap;
+
+    use super::super::super::prefix::SharedPrefixIndex;
+    use super::super::testing::{candidate, input};
     use super::*;
+
+    #[test]
+    fn reads_the_configured_header() {
+        let mut config = scheduler::default_config();
+        config.plugin_args = vec![pb::PluginArgs {
+            plugin: Some(pb::plugin_args::Plugin::SessionAffinity(
+                pb::SessionAffinityArgs {
+                    header: Some("x-conversation".into()),
+                    load_bound_factor: None,
+                },
+            )),
+        }];
+        let shared = SharedPrefixIndex::default();
+        let plugin = build_scorer(&PluginContext {
+            config: &config,
+            prefix_index: &shared,
+        })
+        .expect("valid");
+        let pods: Vec<_> = (0..4).map(|i| candidate(i, 0, None)).collect();
+        let mut out = [0; 4];
+        let mut headers = HeaderMap::new();
+        headers.insert("x-session-id", "abc".parse().expect("value"));
+        plugin.score(&pods, &input(&headers, &[]), &mut out);
+        assert_eq!(out, [0; 4], "not the configured header");
+        headers.insert("x-conversation", "abc".parse().expect("value"));
+        plugin.score(&pods, &input(&headers, &[]), &mut out);
+        assert_eq!(out.iter().filter(|s| **s == 100).count(), 1, "{out:?}");
+    }
 
     #[test]
     fn same_session_same_pod_until_it_is_gone_or_overloaded() {

@@ -1,0 +1,12 @@
+//! `gpu-usage`: a scorer preferring pods with free KV cache. No arguments.
+
+use super::PluginSpec;
+
+pub const NAME: &str = "gpu-usage";
+
+pub const SPEC: PluginSpec = PluginSpec {
+    name: NAME,
+    filter: false,
+    score: true,
+    args: None,
+};

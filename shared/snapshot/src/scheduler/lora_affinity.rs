@@ -1,0 +1,13 @@
+//! `lora-affinity`: a filter keeping the pods that report the requested model
+//! (base model or LoRA adapter) in their `/v1/models`. No arguments.
+
+use super::PluginSpec;
+
+pub const NAME: &str = "lora-affinity";
+
+pub const SPEC: PluginSpec = PluginSpec {
+    name: NAME,
+    filter: true,
+    score: false,
+    args: None,
+};
