@@ -27,7 +27,7 @@ use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use switchyard_bench::{chat_body, server};
 use switchyard_dataplane::app::serve;
 use switchyard_dataplane::metrics::RouterMetrics;
-use switchyard_dataplane::observe::Observer;
+use switchyard_dataplane::proxy::log::Observer;
 use switchyard_dataplane::proxy::{Proxy, ProxyConfig};
 use switchyard_dataplane::snapshot::SnapshotStore;
 use switchyard_snapshot::pb;

@@ -15,12 +15,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::access_log::{AccessLog, AccessLogConfig};
 use crate::admin::Admin;
 use crate::cli::{Args, LogFormat};
 use crate::config_file::ConfigFile;
-use crate::metrics::RouterMetrics;
-use crate::observe::{ObservedStore, Observer};
+use crate::metrics::{ObservedStore, RouterMetrics};
+use crate::proxy::log::Observer;
+use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
 use crate::proxy::{Proxy, ProxyBody, ProxyConfig};
 use crate::rate_limit::RateLimiting;
 use crate::scheduling::SchedulingShared;

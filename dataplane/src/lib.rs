@@ -1,19 +1,19 @@
 //! switchyard-dataplane: a stateless OpenAI-compatible proxy. It routes with the
 //! latest snapshot pushed by the controller plus its own in-flight counts.
 //!
-//! Where a request goes, in order:
-//! - [`request`]: parse only what routing needs from the body (model, stream);
-//! - [`routing`]: find the ModelRoute, its first matching rule, a weighted target;
-//! - [`scheduling`]: rank that ModelServer's pods (filter + score plugins);
-//! - [`proxy`]: the HTTP server and the upstream call (retries, timeouts);
-//! - [`response`]: streaming the engine's answer back, reading token usage.
+//! A request goes through the phases of [`proxy`], in order: admit (method,
+//! path, body; the body parse in [`request`]), authenticate, admission, route
+//! (with the table of [`routing`]), schedule (the plugins of [`scheduling`]),
+//! forward (the attempt policy: retries, timeouts, ejection, failover),
+//! respond (streaming back, usage read by [`response`]) and log (request
+//! [`metrics`] and the access log).
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
+//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
-//! [`observe`] (per-request [`metrics`] and [`access_log`] lines).
+//! [`app`] (wiring the listeners together).
 #![forbid(unsafe_code)]
 
-pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod auth;
@@ -21,7 +21,7 @@ pub mod cli;
 pub mod config_file;
 pub mod error;
 pub mod metrics;
-pub mod observe;
+pub mod pod;
 pub mod proxy;
 pub mod rate_limit;
 pub mod request;

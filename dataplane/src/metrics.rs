@@ -19,9 +19,10 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
+use switchyard_snapshot::{Nack, pb};
 
 use crate::snapshot::{RoutingTable, SnapshotStore};
-use crate::xds_client::ControllerStatus;
+use crate::xds_client::{ControllerStatus, SnapshotSink};
 
 /// End-to-end, prefill and decode latency buckets (seconds), as documented for the router.
 pub const REQUEST_DURATION_BUCKETS: [f64; 13] = [
@@ -639,6 +640,28 @@ impl ModelMetrics {
         let i = path as usize;
         self.input_tokens[i].inc_by(input);
         self.output_tokens[i].inc_by(output);
+    }
+}
+
+/// A [`SnapshotSink`] that resolves the metric handles of every applied
+/// RouteConfig, so requests never look labels up.
+#[derive(Debug)]
+pub struct ObservedStore {
+    pub store: Arc<SnapshotStore>,
+    pub metrics: Arc<RouterMetrics>,
+}
+
+impl SnapshotSink for ObservedStore {
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
+        SnapshotSink::apply_route_config(&*self.store, version, config)?;
+        if let Some(table) = self.store.table() {
+            self.metrics.resolve(&table);
+        }
+        Ok(())
+    }
+
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
+        SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
     }
 }
 

@@ -15,9 +15,10 @@ use regex::Regex;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::auth::Authenticator;
+use crate::pod::PodState;
 use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
 use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
-use crate::scheduling::{PodState, Scheduler, SchedulingShared};
+use crate::scheduling::{Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
 
 /// Why a RouteConfig was rejected (the dataplane NACKs it and keeps its table).

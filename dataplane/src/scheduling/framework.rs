@@ -28,8 +28,8 @@ use super::plugins::{
     self, Candidate, FilterError, FilterPlugin, PluginContext, PluginInput, PromptHashing,
     ScorePlugin,
 };
-use super::pod::{is_fresh, unix_ms_now};
 use super::prefix::{SharedPrefixIndex, hash_prompt};
+use crate::pod::{is_fresh, unix_ms_now};
 use crate::request::PromptField;
 use crate::routing::Server;
 
@@ -456,7 +456,7 @@ mod tests {
     use switchyard_snapshot::scheduler::random::NAME as RANDOM;
 
     use super::*;
-    use crate::scheduling::PodState;
+    use crate::pod::PodState;
     use crate::scheduling::metrics::PluginMetrics;
 
     fn server(pods: usize) -> Server {

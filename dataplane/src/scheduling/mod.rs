@@ -8,18 +8,12 @@
 //!   names and arguments are in `switchyard_snapshot::scheduler`;
 //! - [`prefix`]: prompt block hashing, the local prefix index, rendezvous
 //!   hashing with bounded load (replica-consistent affinity);
-//! - [`ledger`]: the in-flight count per pod, decremented exactly once;
-//! - [`pod`]: per-pod state that survives snapshot swaps;
 //! - [`metrics`], [`decisions`]: plugin timings and recent decisions.
 
 pub mod decisions;
 pub mod framework;
-pub mod ledger;
 pub mod metrics;
 pub mod plugins;
-pub mod pod;
 pub mod prefix;
 
 pub use framework::{Ranking, ScheduleError, ScheduleRequest, Scheduler, SchedulingShared};
-pub use ledger::InFlightGuard;
-pub use pod::{CONNECT_FAILURE_EJECTION, PodState};

@@ -1,6 +1,6 @@
 //! Per-pod state that outlives snapshots: identity, the latest engine load
 //! pushed by the controller, and passive ejection after connect failures.
-//! The in-flight counter lives in [`super::ledger`].
+//! The in-flight counter lives in [`ledger`].
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwapOption;
 use switchyard_snapshot::pb;
 
-use super::ledger::InFlight;
+pub mod ledger;
+
+use self::ledger::InFlight;
+pub use self::ledger::InFlightGuard;
 
 /// How long a pod whose connection failed is avoided by this dataplane: long
 /// enough to stop sending it traffic until the controller's next snapshot
@@ -30,7 +33,7 @@ pub struct PodState {
     /// Hash of `key`: the pod's identity in prefix indexes and rendezvous hashing,
     /// the same on every dataplane.
     pub id: u64,
-    pub(super) in_flight: InFlight,
+    in_flight: InFlight,
     /// Latest engine load pushed by the controller, if any.
     load: ArcSwapOption<pb::EndpointLoad>,
     /// Until when (ms on [`monotonic_ms`]'s clock) a connect failure ejected this pod; 0 = never.
