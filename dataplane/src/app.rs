@@ -152,6 +152,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
         },
         sink,
         status.clone(),
+        store.unknown_keys().clone(),
         wait_for_stop(stop_rx.clone()),
     );
 

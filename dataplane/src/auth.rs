@@ -14,13 +14,17 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use switchyard_snapshot::pb;
+use switchyard_snapshot::{MAX_KEY_ID_BYTES, MAX_UNKNOWN_KEY_IDS, pb};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// The header clients send an API key in when they do not use `Authorization`.
 pub const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
@@ -32,9 +36,9 @@ pub const JWT_LEEWAY_SECONDS: u64 = 30;
 /// The `realm` of `WWW-Authenticate` challenges.
 pub const REALM: &str = "switchyard";
 
-/// Who a request comes from.
+/// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+pub struct User {
     pub user_id: String,
     /// The tier whose per-user token budget applies, if any.
     pub tier: Option<String>,
@@ -44,7 +48,7 @@ pub struct Identity {
 /// credential (to be removed before forwarding).
 #[derive(Debug, Clone)]
 pub struct Authenticated {
-    pub identity: Arc<Identity>,
+    pub user: Arc<User>,
     pub credential_header: HeaderName,
 }
 
@@ -121,6 +125,76 @@ impl AuthError {
     }
 }
 
+/// A batch of unknown key ids goes to the controller at most this often: a
+/// rotation needs one report, and forged tokens naming random ids must not
+/// turn into a stream of requests.
+pub const UNKNOWN_KEY_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Key ids of tokens this dataplane could not verify because it does not
+/// have the key, waiting to be reported to the controller over the snapshot
+/// stream (which then refetches the issuer's keys).
+#[derive(Debug, Default)]
+pub struct UnknownKeyIds {
+    pending: Mutex<PendingKeyIds>,
+    reported: Notify,
+}
+
+#[derive(Debug, Default)]
+struct PendingKeyIds {
+    ids: Vec<String>,
+    last_sent: Option<Instant>,
+}
+
+impl UnknownKeyIds {
+    /// Notes `kid` for the next report (bounded; duplicates dropped).
+    pub fn report(&self, kid: &str) {
+        let kid = truncate(kid, MAX_KEY_ID_BYTES);
+        {
+            let mut pending = self.pending.lock();
+            if pending.ids.len() >= MAX_UNKNOWN_KEY_IDS || pending.ids.iter().any(|id| id == kid) {
+                return;
+            }
+            pending.ids.push(kid.to_owned());
+        }
+        self.reported.notify_one();
+    }
+
+    /// The next batch to send, at most one per [`UNKNOWN_KEY_REPORT_INTERVAL`].
+    pub async fn next_batch(&self) -> Vec<String> {
+        loop {
+            let wait = {
+                let pending = self.pending.lock();
+                if pending.ids.is_empty() {
+                    None
+                } else {
+                    Some(pending.last_sent.map_or(Duration::ZERO, |sent| {
+                        (sent + UNKNOWN_KEY_REPORT_INTERVAL)
+                            .saturating_duration_since(Instant::now())
+                    }))
+                }
+            };
+            match wait {
+                None => self.reported.notified().await,
+                Some(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+                Some(_) => {
+                    let mut pending = self.pending.lock();
+                    pending.last_sent = Some(Instant::now());
+                    return std::mem::take(&mut pending.ids);
+                }
+            }
+        }
+    }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Why an auth section of a snapshot could not be used (the snapshot is NACKed).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthConfigError {
@@ -132,7 +206,7 @@ pub enum AuthConfigError {
 
 /// The auth section of one snapshot, ready to check requests.
 pub struct Authenticator {
-    api_keys: HashMap<KeyDigest, Arc<Identity>>,
+    api_keys: HashMap<KeyDigest, Arc<User>>,
     jwt: Option<JwtVerifier>,
 }
 
@@ -167,7 +241,7 @@ impl Authenticator {
             }
             api_keys.insert(
                 KeyDigest(digest),
-                Arc::new(Identity {
+                Arc::new(User {
                     user_id: key.user_id.clone(),
                     tier: (!key.tier.is_empty()).then(|| key.tier.clone()),
                 }),
@@ -195,16 +269,16 @@ impl Authenticator {
         if let Some(jwt) = &self.jwt
             && looks_like_jwt(credential)
         {
-            let identity = jwt.verify(credential)?;
+            let user = jwt.verify(credential)?;
             return Ok(Authenticated {
-                identity: Arc::new(identity),
+                user: Arc::new(user),
                 credential_header,
             });
         }
         let digest = KeyDigest(Sha256::digest(credential.as_bytes()).into());
         match self.api_keys.get(&digest) {
-            Some(identity) => Ok(Authenticated {
-                identity: identity.clone(),
+            Some(user) => Ok(Authenticated {
+                user: user.clone(),
                 credential_header,
             }),
             None => Err(AuthError::UnknownApiKey),
@@ -324,7 +398,7 @@ impl JwtVerifier {
         }
     }
 
-    fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    fn verify(&self, token: &str) -> Result<User, AuthError> {
         let invalid = AuthError::InvalidToken;
         // A header naming an algorithm jsonwebtoken does not know (`none`)
         // fails to parse; say which, rather than "malformed".
@@ -400,7 +474,7 @@ impl JwtVerifier {
                 )));
             }
         };
-        Ok(Identity { user_id, tier })
+        Ok(User { user_id, tier })
     }
 }
 
@@ -593,8 +667,8 @@ mod tests {
             let done = auth
                 .authenticate(&bearer(&key.sign(&claims())))
                 .unwrap_or_else(|error| panic!("{}: {error}", key.kid));
-            assert_eq!(done.identity.user_id, "alice");
-            assert_eq!(done.identity.tier.as_deref(), Some("gold"));
+            assert_eq!(done.user.user_id, "alice");
+            assert_eq!(done.user.tier.as_deref(), Some("gold"));
             assert_eq!(done.credential_header, header::AUTHORIZATION);
         }
     }
@@ -718,10 +792,10 @@ mod tests {
             &key.encoding,
         )
         .expect("signs");
-        let identity = auth.authenticate(&bearer(&no_kid)).expect("valid").identity;
+        let user = auth.authenticate(&bearer(&no_kid)).expect("valid").user;
         assert_eq!(
-            *identity,
-            Identity {
+            *user,
+            User {
                 user_id: "bob".into(),
                 tier: None
             }
@@ -739,13 +813,13 @@ mod tests {
             ],
         );
         let found = auth.authenticate(&bearer("sk-alice")).expect("known");
-        assert_eq!(found.identity.tier.as_deref(), Some("gold"));
+        assert_eq!(found.user.tier.as_deref(), Some("gold"));
         let mut headers = HeaderMap::new();
         headers.insert(API_KEY_HEADER, HeaderValue::from_static("sk-bob"));
         let found = auth.authenticate(&headers).expect("known");
         assert_eq!(
-            *found.identity,
-            Identity {
+            *found.user,
+            User {
                 user_id: "bob".into(),
                 tier: None
             }
@@ -796,5 +870,30 @@ mod tests {
             !debug.contains("key_sha256") && debug.contains("api_keys: 1"),
             "{debug}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_key_ids_go_out_in_bounded_batches_at_most_once_a_second() {
+        let hints = Arc::new(UnknownKeyIds::default());
+        hints.report("k1");
+        hints.report("k1");
+        assert_eq!(hints.next_batch().await, ["k1"]);
+        let started = Instant::now();
+        for index in 0..10 {
+            hints.report(&format!("forged-{index}"));
+        }
+        hints.report(&"x".repeat(1000));
+        let batch = hints.next_batch().await;
+        assert_eq!(started.elapsed(), UNKNOWN_KEY_REPORT_INTERVAL);
+        assert_eq!(batch.len(), MAX_UNKNOWN_KEY_IDS);
+        let waiting = tokio::spawn({
+            let hints = hints.clone();
+            async move { hints.next_batch().await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiting.is_finished(), "nothing pending: it waits");
+        hints.report(&"é".repeat(100));
+        let batch = waiting.await.expect("joined");
+        assert!(batch[0].len() <= MAX_KEY_ID_BYTES, "{}", batch[0].len());
     }
 }

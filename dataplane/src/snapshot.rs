@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use regex::Regex;
 use switchyard_snapshot::{Nack, pb};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, UnknownKeyIds};
 use crate::pod::PodState;
 use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
 use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
@@ -345,6 +345,8 @@ pub struct SnapshotStore {
     scheduling: Arc<SchedulingShared>,
     /// Token budgets that outlive tables, and their Redis connections.
     rate_limiting: Arc<RateLimiting>,
+    /// Key ids of JWTs no table's keys could verify, for the controller.
+    unknown_keys: Arc<UnknownKeyIds>,
 }
 
 /// The latest EndpointLoads, kept so a later table gets them too and an
@@ -382,6 +384,12 @@ impl SnapshotStore {
 
     pub fn rate_limiting(&self) -> &Arc<RateLimiting> {
         &self.rate_limiting
+    }
+
+    /// Where the request path notes JWT key ids the snapshot lacks; the
+    /// controller stream reports them.
+    pub fn unknown_keys(&self) -> &Arc<UnknownKeyIds> {
+        &self.unknown_keys
     }
 
     /// The current table, if a RouteConfig was ever applied.

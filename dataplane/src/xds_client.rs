@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::Uri;
+
 use parking_lot::Mutex;
 use rand::Rng;
 use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
@@ -22,6 +23,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+
+use crate::auth::UnknownKeyIds;
 
 /// First reconnect delay: a controller restart costs the fleet almost nothing,
 /// yet a refused port is not hammered in a tight loop.
@@ -342,22 +345,27 @@ fn jittered(base: Duration, fraction: f64) -> Duration {
 
 /// Starts the client on the current Tokio runtime. It runs until `shutdown`
 /// resolves; the sink and `status` keep the last applied state afterwards.
+///
+/// Besides ACKs and NACKs it sends `unknown_keys`' batches: key ids of JWTs
+/// this dataplane could not verify, so the controller refetches the keys.
 pub fn spawn<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
     status: Arc<ControllerStatus>,
+    unknown_keys: Arc<UnknownKeyIds>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> JoinHandle<()>
 where
     S: SnapshotSink + ?Sized,
 {
-    tokio::spawn(run(config, sink, status, shutdown))
+    tokio::spawn(run(config, sink, status, unknown_keys, shutdown))
 }
 
 async fn run<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
     status: Arc<ControllerStatus>,
+    unknown_keys: Arc<UnknownKeyIds>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
     S: SnapshotSink + ?Sized,
@@ -375,6 +383,7 @@ async fn run<S>(
             config: &config,
             sink: &*sink,
             status: &status,
+            unknown_keys: &unknown_keys,
             applied: &mut applied,
             responses_received: 0,
         };
@@ -481,6 +490,7 @@ struct Session<'a, S: ?Sized> {
     config: &'a XdsClientConfig,
     sink: &'a S,
     status: &'a ControllerStatus,
+    unknown_keys: &'a UnknownKeyIds,
     applied: &'a mut AppliedVersions,
     responses_received: u64,
 }
@@ -528,7 +538,21 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
         );
 
         loop {
-            let response = match responses.message().await {
+            let message = tokio::select! {
+                message = responses.message() => message,
+                key_ids = self.unknown_keys.next_batch() => {
+                    tracing::info!(node = %self.config.node_id, ?key_ids, "asking the controller to refetch the JWT keys");
+                    let hint = pb::SnapshotRequest {
+                        unknown_jwt_key_ids: key_ids,
+                        ..Default::default()
+                    };
+                    if requests.send(hint).await.is_err() {
+                        return StreamEnd::RequestStreamClosed;
+                    }
+                    continue;
+                }
+            };
+            let response = match message {
                 Ok(Some(response)) => response,
                 Ok(None) if self.responses_received > 0 => return StreamEnd::ClosedByController,
                 Ok(None) => return StreamEnd::ClosedBeforeSnapshot,

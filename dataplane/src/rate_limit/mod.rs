@@ -33,7 +33,7 @@ use prometheus::{IntCounterVec, Opts, Registry};
 use switchyard_snapshot::pb;
 use tokio::time::Instant;
 
-use crate::auth::Identity;
+use crate::auth::User;
 use bucket::TokenBucket;
 use lease::{FailurePolicy, LeaseBackend, LeasedBudget, Passed, Refusal};
 
@@ -728,21 +728,18 @@ impl Admission {
 }
 
 impl RateLimits {
-    /// Whether any limit applies to a request for `model` by `identity`
+    /// Whether any limit applies to a request for `model` by `user`
     /// (requests no limit applies to skip estimating their input).
-    pub fn applies(&self, model: &str, identity: Option<&Identity>) -> bool {
-        self.by_model.contains_key(model) || self.tier_of(identity).is_some()
+    pub fn applies(&self, model: &str, user: Option<&User>) -> bool {
+        self.by_model.contains_key(model) || self.tier_of(user).is_some()
     }
 
-    fn tier_of<'a>(
-        &'a self,
-        identity: Option<&'a Identity>,
-    ) -> Option<(&'a Arc<TierBudgets>, &'a str)> {
-        let identity = identity?;
-        let tier = identity.tier.as_deref()?;
+    fn tier_of<'a>(&'a self, user: Option<&'a User>) -> Option<(&'a Arc<TierBudgets>, &'a str)> {
+        let user = user?;
+        let tier = user.tier.as_deref()?;
         self.tiers
             .get(tier)
-            .map(|budgets| (budgets, identity.user_id.as_str()))
+            .map(|budgets| (budgets, user.user_id.as_str()))
     }
 
     /// Checks and reserves every budget that applies: `estimate` input
@@ -752,15 +749,15 @@ impl RateLimits {
         &self,
         limiting: &RateLimiting,
         model: &str,
-        identity: Option<&Identity>,
+        user: Option<&User>,
         estimate: u64,
     ) -> Option<Result<Admission, Rejection>> {
         let route = self.by_model.get(model).cloned();
-        let user = self.tier_of(identity).map(|(tier, user)| tier.user(user));
-        if route.is_none() && user.is_none() {
+        let tier = self.tier_of(user).map(|(tier, user_id)| tier.user(user_id));
+        if route.is_none() && tier.is_none() {
             return None;
         }
-        let scopes: Vec<Arc<ScopeBudgets>> = route.into_iter().chain(user).collect();
+        let scopes: Vec<Arc<ScopeBudgets>> = route.into_iter().chain(tier).collect();
         let mut admission = Admission {
             reserved_input: estimate,
             charged: Vec::with_capacity(4),
@@ -882,11 +879,11 @@ mod tests {
         limits: &RateLimits,
         limiting: &RateLimiting,
         model: &str,
-        identity: Option<&Identity>,
+        user: Option<&User>,
         estimate: u64,
     ) -> Result<Admission, Rejection> {
         limits
-            .admit(limiting, model, identity, estimate)
+            .admit(limiting, model, user, estimate)
             .await
             .expect("a limit applies")
     }
@@ -1046,7 +1043,7 @@ mod tests {
                 ],
             ),
         );
-        let user = |id: &str, tier: Option<&str>| Identity {
+        let user = |id: &str, tier: Option<&str>| User {
             user_id: id.into(),
             tier: tier.map(str::to_owned),
         };

@@ -152,7 +152,7 @@ impl RequestRecord {
     /// The router answers with `error` itself.
     pub fn fail(&mut self, error: &ApiError) {
         self.status = error.kind.status().as_u16();
-        self.error = Some((error.kind.code(), error.message.clone()));
+        self.error = Some((error.kind.error_type(), error.message.clone()));
     }
 
     /// The response head going to the client.
