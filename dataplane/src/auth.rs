@@ -5,9 +5,7 @@
 //! A request presents its credential as `Authorization: Bearer <credential>`
 //! or `x-api-key: <key>` (the first wins when both are sent). A bearer value
 //! shaped like a JWT (three dot-separated parts) is verified as one when JWTs
-//! are configured; anything else is looked up as an API key. The header that
-//! carried the credential is named in the result so the request path can
-//! remove it before forwarding: the credential never reaches an engine.
+//! are configured; anything else is looked up as an API key.
 //!
 //! Error messages say what was wrong with a credential, never what it was.
 
@@ -42,14 +40,6 @@ pub struct User {
     pub user_id: String,
     /// The tier whose per-user token budget applies, if any.
     pub tier: Option<String>,
-}
-
-/// A request that authenticated: who it is, and which header carried the
-/// credential (to be removed before forwarding).
-#[derive(Debug, Clone)]
-pub struct Authenticated {
-    pub user: Arc<User>,
-    pub credential_header: HeaderName,
 }
 
 /// Why a request was refused. Each becomes a 401.
@@ -264,30 +254,23 @@ impl Authenticator {
     }
 
     /// Checks the request's credential.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Authenticated, AuthError> {
-        let (credential, credential_header) = credential_of(headers)?;
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<User>, AuthError> {
+        let credential = credential_of(headers)?;
         if let Some(jwt) = &self.jwt
             && looks_like_jwt(credential)
         {
-            let user = jwt.verify(credential)?;
-            return Ok(Authenticated {
-                user: Arc::new(user),
-                credential_header,
-            });
+            return jwt.verify(credential).map(Arc::new);
         }
         let digest = KeyDigest(Sha256::digest(credential.as_bytes()).into());
-        match self.api_keys.get(&digest) {
-            Some(user) => Ok(Authenticated {
-                user: user.clone(),
-                credential_header,
-            }),
-            None => Err(AuthError::UnknownApiKey),
-        }
+        self.api_keys
+            .get(&digest)
+            .cloned()
+            .ok_or(AuthError::UnknownApiKey)
     }
 }
 
-/// The credential and the header it came in.
-fn credential_of(headers: &HeaderMap) -> Result<(&str, HeaderName), AuthError> {
+/// The credential: `Authorization: Bearer` first, else `x-api-key`.
+fn credential_of(headers: &HeaderMap) -> Result<&str, AuthError> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value.to_str().map_err(|_| AuthError::UnsupportedScheme)?;
         let (scheme, credential) = value
@@ -301,10 +284,10 @@ fn credential_of(headers: &HeaderMap) -> Result<(&str, HeaderName), AuthError> {
         if credential.is_empty() {
             return Err(AuthError::MissingCredential);
         }
-        return Ok((credential, header::AUTHORIZATION));
+        return Ok(credential);
     }
     match headers.get(API_KEY_HEADER).map(HeaderValue::to_str) {
-        Some(Ok(key)) if !key.trim().is_empty() => Ok((key.trim(), API_KEY_HEADER)),
+        Some(Ok(key)) if !key.trim().is_empty() => Ok(key.trim()),
         Some(_) => Err(AuthError::UnknownApiKey),
         None => Err(AuthError::MissingCredential),
     }
@@ -667,9 +650,8 @@ mod tests {
             let done = auth
                 .authenticate(&bearer(&key.sign(&claims())))
                 .unwrap_or_else(|error| panic!("{}: {error}", key.kid));
-            assert_eq!(done.user.user_id, "alice");
-            assert_eq!(done.user.tier.as_deref(), Some("gold"));
-            assert_eq!(done.credential_header, header::AUTHORIZATION);
+            assert_eq!(done.user_id, "alice");
+            assert_eq!(done.tier.as_deref(), Some("gold"));
         }
     }
 
@@ -792,7 +774,7 @@ mod tests {
             &key.encoding,
         )
         .expect("signs");
-        let user = auth.authenticate(&bearer(&no_kid)).expect("valid").user;
+        let user = auth.authenticate(&bearer(&no_kid)).expect("valid");
         assert_eq!(
             *user,
             User {
@@ -813,18 +795,17 @@ mod tests {
             ],
         );
         let found = auth.authenticate(&bearer("sk-alice")).expect("known");
-        assert_eq!(found.user.tier.as_deref(), Some("gold"));
+        assert_eq!(found.tier.as_deref(), Some("gold"));
         let mut headers = HeaderMap::new();
         headers.insert(API_KEY_HEADER, HeaderValue::from_static("sk-bob"));
         let found = auth.authenticate(&headers).expect("known");
         assert_eq!(
-            *found.user,
+            *found,
             User {
                 user_id: "bob".into(),
                 tier: None
             }
         );
-        assert_eq!(found.credential_header, API_KEY_HEADER);
         assert_eq!(
             auth.authenticate(&bearer("sk-mallory"))
                 .expect_err("unknown"),

@@ -28,17 +28,31 @@ pub const PROXIED_PATHS: [&str; 4] = [
 /// The path that lists the served models.
 pub const MODELS_PATH: &str = "/v1/models";
 
-/// What an admitted request asks for.
-///
-/// Not boxed: it lives on the stack for one move, where a box would be an
-/// allocation per request.
+/// What an admitted request asks for. Its body is not read yet: the
+/// request is authenticated from its head first.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum Admitted {
+pub enum Admitted<B> {
     /// An inference request: proxied to an engine.
-    Inference(InferenceRequest),
+    Inference(UnreadRequest<B>),
     /// `GET /v1/models`: answered by the router itself.
-    ListModels,
+    ListModels(Parts),
+}
+
+impl<B> Admitted<B> {
+    /// The request head (headers, method, URI).
+    pub fn head_mut(&mut self) -> &mut Parts {
+        match self {
+            Self::Inference(request) => &mut request.head,
+            Self::ListModels(head) => head,
+        }
+    }
+}
+
+/// An inference request whose head passed the checks.
+#[derive(Debug)]
+pub struct UnreadRequest<B> {
+    pub head: Parts,
+    body: B,
 }
 
 /// A well-formed inference request.
@@ -51,12 +65,8 @@ pub struct InferenceRequest {
     pub parsed: ParsedBody,
 }
 
-/// Admits `request` or says why not.
-pub async fn admit<B>(request: Request<B>, max_body_bytes: usize) -> Result<Admitted, ApiError>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BodyError>,
-{
+/// Admits `request`'s head (method, path, content type) or says why not.
+pub fn admit<B>(request: Request<B>) -> Result<Admitted<B>, ApiError> {
     let path = request.uri().path();
     if PROXIED_PATHS.contains(&path) {
         if request.method() != Method::POST {
@@ -72,7 +82,7 @@ where
                 "/v1/models only accepts GET",
             ));
         }
-        return Ok(Admitted::ListModels);
+        return Ok(Admitted::ListModels(request.into_parts().0));
     } else {
         return Err(ApiError::new(
             ErrorKind::UnknownPath,
@@ -81,9 +91,24 @@ where
     }
     let (head, body) = request.into_parts();
     check_content_type(&head.headers)?;
-    let body = read_body(body, &head.headers, max_body_bytes).await?;
-    let parsed = parse_body(&body)?;
-    Ok(Admitted::Inference(InferenceRequest { head, body, parsed }))
+    Ok(Admitted::Inference(UnreadRequest { head, body }))
+}
+
+impl<B> UnreadRequest<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BodyError>,
+{
+    /// Reads the body (at most `max_body_bytes`) and parses what routing needs.
+    pub async fn read(self, max_body_bytes: usize) -> Result<InferenceRequest, ApiError> {
+        let body = read_body(self.body, &self.head.headers, max_body_bytes).await?;
+        let parsed = parse_body(&body)?;
+        Ok(InferenceRequest {
+            head: self.head,
+            body,
+            parsed,
+        })
+    }
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -146,12 +171,22 @@ mod tests {
 
     use super::*;
 
+    /// Admits and reads: None for the model listing.
+    async fn admit_and_read(
+        request: Request<Full<Bytes>>,
+    ) -> Result<Option<InferenceRequest>, ApiError> {
+        match admit(request)? {
+            Admitted::Inference(request) => request.read(64).await.map(Some),
+            Admitted::ListModels(_) => Ok(None),
+        }
+    }
+
     async fn admit_one(
         method: Method,
         path: &str,
         content_type: Option<&str>,
         body: &'static str,
-    ) -> Result<Admitted, ApiError> {
+    ) -> Result<Option<InferenceRequest>, ApiError> {
         let mut request = Request::builder().method(method).uri(path);
         if let Some(content_type) = content_type {
             request = request.header(header::CONTENT_TYPE, content_type);
@@ -159,10 +194,10 @@ mod tests {
         let request = request
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .expect("request");
-        admit(request, 64).await
+        admit_and_read(request).await
     }
 
-    fn kind(result: Result<Admitted, ApiError>) -> ErrorKind {
+    fn kind(result: Result<Option<InferenceRequest>, ApiError>) -> ErrorKind {
         result.expect_err("refused").kind
     }
 
@@ -177,7 +212,7 @@ mod tests {
             )
             .await
             .expect("admitted");
-            let Admitted::Inference(request) = admitted else {
+            let Some(request) = admitted else {
                 panic!("{path}: an inference request");
             };
             assert_eq!(request.parsed.model, "m");
@@ -207,7 +242,7 @@ mod tests {
     async fn models_listing_is_get_only() {
         assert!(matches!(
             admit_one(Method::GET, MODELS_PATH, None, "").await,
-            Ok(Admitted::ListModels)
+            Ok(None)
         ));
         assert_eq!(
             kind(admit_one(Method::POST, MODELS_PATH, None, "{}").await),
@@ -291,6 +326,6 @@ mod tests {
             .header(header::CONTENT_LENGTH, "1000000")
             .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
             .expect("request");
-        assert_eq!(kind(admit(request, 64).await), ErrorKind::BodyTooLarge);
+        assert_eq!(kind(admit_and_read(request).await), ErrorKind::BodyTooLarge);
     }
 }

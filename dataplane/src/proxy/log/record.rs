@@ -19,9 +19,12 @@ use prometheus::IntGauge;
 
 use super::Observer;
 use super::access_log::AccessLogEntry;
+use crate::auth::User;
 use crate::error::ApiError;
 use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, UNKNOWN_MODEL};
 use crate::pod::PodState;
+use crate::proxy::authenticate::Identity;
+use crate::rate_limit::{Admission, LimitStatus, LimitType, Settlement};
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::response::Usage;
 use crate::routing::{Route, RouteDecision, Server};
@@ -55,6 +58,17 @@ pub struct RequestRecord {
     status: u16,
     is_stream: bool,
     error: Option<(&'static str, String)>,
+    /// The authenticated caller, for the access log.
+    user: Option<Arc<User>>,
+    /// The request's token budget reservation, settled when it finishes.
+    admission: Option<Admission>,
+    /// An engine sent the response (the request was delivered).
+    delivered: bool,
+    /// Attempts that could not connect (their request reached no engine).
+    connect_failures: u32,
+    /// Output chunks that reached the client, the charge of a stream cut
+    /// short before its usage arrived.
+    produced_output: u64,
     finished: bool,
 }
 
@@ -86,8 +100,49 @@ impl RequestRecord {
             status: 0,
             is_stream: false,
             error: None,
+            user: None,
+            admission: None,
+            delivered: false,
+            connect_failures: 0,
+            produced_output: 0,
             finished: false,
         }
+    }
+
+    /// Who sent the request (`user_id` and `tier` in the access log).
+    pub fn set_identity(&mut self, identity: &Identity) {
+        if let Identity::User(user) = identity {
+            self.user = Some(user.clone());
+        }
+    }
+
+    /// The request's token budgets: settled when it finishes.
+    pub fn set_admission(&mut self, admission: Admission) {
+        self.admission = Some(admission);
+    }
+
+    /// The `x-ratelimit-*` values of a response of a limited request.
+    pub fn rate_limit_status(&self) -> Option<LimitStatus> {
+        self.admission.as_ref().and_then(Admission::status)
+    }
+
+    /// A budget refused the request for `model`.
+    pub fn rate_limited(&self, model: &str, limit_type: LimitType) {
+        self.observer
+            .metrics
+            .rate_limit_exceeded_total
+            .with_label_values(&[model, limit_type.as_str(), self.path.as_str()])
+            .inc();
+    }
+
+    /// The response comes from an engine.
+    pub fn set_delivered(&mut self) {
+        self.delivered = true;
+    }
+
+    /// Output chunks the client received so far.
+    pub fn set_produced_output(&mut self, chunks: u64) {
+        self.produced_output = chunks;
     }
 
     /// The body named `model`.
@@ -134,7 +189,8 @@ impl RequestRecord {
     }
 
     /// The attempt could not connect to its pod.
-    pub fn connect_failed(&self) {
+    pub fn connect_failed(&mut self) {
+        self.connect_failures += 1;
         if let Some(server) = &self.server {
             let resolved = self.observer.metrics.resolved();
             if let Some(counter) = resolved.connect_errors(&server.key) {
@@ -176,6 +232,14 @@ impl RequestRecord {
         self.finished = true;
         if self.status == 0 {
             self.status = CLIENT_CLOSED_REQUEST;
+        }
+        if let Some(admission) = self.admission.take() {
+            admission.settle(Settlement {
+                // An attempt that connected sent the request to an engine.
+                forwarded: self.delivered || self.attempts > self.connect_failures,
+                prompt_tokens: usage.map(|usage| usage.prompt_tokens),
+                output_tokens: usage.map_or(self.produced_output, |usage| usage.completion_tokens),
+            });
         }
         let ended = Instant::now();
         let total = ended.duration_since(self.started);
@@ -276,6 +340,7 @@ impl RequestRecord {
             ttft,
             upstream_attempts: self.attempts,
             error,
+            user: self.user.take(),
         });
     }
 }
