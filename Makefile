@@ -8,9 +8,11 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-# The end-to-end tests start the real binaries, so build them first; the
+# The end-to-end tests start the real binaries: `cargo test --workspace`
+# builds them (with the test build's features) before any test runs, so a
+# separate `cargo build` would only compile the workspace a second time. The
 # global rate-limit tests start their own redis-server (Debian's package).
-test: build test-deps
+test: test-deps
 	$(CARGO) test --workspace
 
 .PHONY: test-deps
@@ -22,6 +24,7 @@ test-deps:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --workspace
 
 fmt:
 	$(CARGO) fmt --all

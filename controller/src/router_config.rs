@@ -1,4 +1,4 @@
-//! The router configuration file (`--router-config FILE`): the reference
+//! The router configuration file (`--router-config FILE`): the Kthena
 //! router's format, `scheduler` and `auth` sections, plus Switchyard's
 //! `tiers` (the latter two are parsed in [`crate::auth::settings`]).
 //!
@@ -108,7 +108,7 @@ struct PluginsSection {
 struct FilterSet {
     #[serde(default)]
     enabled: Vec<String>,
-    /// Parsed and ignored, as in the reference.
+    /// Parsed and ignored, as in the Kthena router.
     #[serde(default)]
     #[allow(dead_code)]
     disabled: Vec<serde_yaml::Value>,
@@ -128,7 +128,7 @@ struct ScoreSet {
 #[serde(deny_unknown_fields)]
 struct ScoreEntry {
     name: String,
-    /// Absent = 1; negative = 0, as in the reference.
+    /// Absent = 1; negative = 0, as in the Kthena router.
     #[serde(default)]
     weight: Option<i64>,
 }
@@ -353,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn reference_chart_default_parses() {
+    fn kthena_chart_default_parses() {
         let config = parse(
             r#"
 scheduler:

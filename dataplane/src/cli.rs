@@ -4,11 +4,11 @@ use std::net::IpAddr;
 
 use clap::Parser;
 
-/// Default traffic port, as the reference router's.
+/// Default traffic port, as the Kthena router's.
 pub const DEFAULT_PORT: u16 = 8080;
-/// Default Prometheus port, as the reference router's.
+/// Default Prometheus port, as the Kthena router's.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
-/// Default debug port, as the reference router's.
+/// Default debug port, as the Kthena router's.
 pub const DEFAULT_DEBUG_PORT: u16 = 15000;
 
 /// Stateless OpenAI-compatible LLM router driven by switchyard-controller.

@@ -668,7 +668,7 @@ impl SnapshotSink for ObservedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_snapshot::pb;
+    use switchyard_snapshot::test_builders::{route, route_config, server};
 
     fn value(metrics: &RouterMetrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         metrics
@@ -693,40 +693,19 @@ mod tests {
     }
 
     fn table(models: &[&str]) -> RoutingTable {
-        let config = pb::RouteConfig {
-            routes: models
+        let config = route_config(
+            models
                 .iter()
-                .map(|model| pb::ModelRoute {
-                    namespace: "default".into(),
-                    name: format!("{model}-route"),
-                    model_name: (*model).into(),
-                    rules: vec![pb::Rule {
-                        name: "default".into(),
-                        r#match: None,
-                        targets: vec![pb::WeightedTarget {
-                            model_server: format!("default/{model}-server"),
-                            weight: 100,
-                        }],
-                    }],
-                    ..Default::default()
+                .map(|model| route(&format!("{model}-route"), model, &format!("{model}-server")))
+                .collect(),
+            models
+                .iter()
+                .map(|model| {
+                    let pod = format!("{model}-pod");
+                    server(&format!("{model}-server"), &[(&pod, "127.0.0.1")])
                 })
                 .collect(),
-            servers: models
-                .iter()
-                .map(|model| pb::ModelServer {
-                    namespace: "default".into(),
-                    name: format!("{model}-server"),
-                    port: 8000,
-                    endpoints: vec![pb::Endpoint {
-                        name: format!("{model}-pod"),
-                        ip: "127.0.0.1".into(),
-                    }],
-                    ..Default::default()
-                })
-                .collect(),
-            scheduler: None,
-            ..Default::default()
-        };
+        );
         RoutingTable::build(
             "v",
             config,

@@ -322,7 +322,7 @@ fn build_matcher(m: &pb::ModelMatch, route: &str, rule: usize) -> Result<Matcher
     })
 }
 
-/// OpenAI's model list, as the reference router renders it.
+/// OpenAI's model list, as the Kthena router renders it.
 fn render_models(names: &[&str]) -> Bytes {
     let data: Vec<_> = names
         .iter()
@@ -498,53 +498,13 @@ impl SnapshotSink for SnapshotStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn server(name: &str, pods: &[(&str, &str)]) -> pb::ModelServer {
-        pb::ModelServer {
-            namespace: "default".into(),
-            name: name.into(),
-            model: Some(format!("org/{name}")),
-            inference_engine: "vLLM".into(),
-            port: 8000,
-            traffic_policy: None,
-            endpoints: pods
-                .iter()
-                .map(|(name, ip)| pb::Endpoint {
-                    name: (*name).into(),
-                    ip: (*ip).into(),
-                })
-                .collect(),
-            generation: 1,
-        }
-    }
-
-    fn route(name: &str, model: &str, servers: &[(&str, u32)]) -> pb::ModelRoute {
-        pb::ModelRoute {
-            namespace: "default".into(),
-            name: name.into(),
-            model_name: model.into(),
-            rules: vec![pb::Rule {
-                name: "default".into(),
-                r#match: None,
-                targets: servers
-                    .iter()
-                    .map(|(s, w)| pb::WeightedTarget {
-                        model_server: format!("default/{s}"),
-                        weight: *w,
-                    })
-                    .collect(),
-            }],
-            ..Default::default()
-        }
-    }
+    use switchyard_snapshot::test_builders::{route, route_config, server};
 
     fn config() -> pb::RouteConfig {
-        pb::RouteConfig {
-            scheduler: None,
-            routes: vec![route("r", "m", &[("s", 100)])],
-            servers: vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
-            ..Default::default()
-        }
+        route_config(
+            vec![route("r", "m", "s")],
+            vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
+        )
     }
 
     #[test]
@@ -805,7 +765,7 @@ mod tests {
         c.routes.push(pb::ModelRoute {
             name: "lora".into(),
             lora_adapters: vec!["lora-B".into(), "lora-A".into()],
-            ..route("lora", "", &[("s", 1)])
+            ..route("lora", "", "s")
         });
         let table = RoutingTable::build(
             "v",

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -120,15 +120,7 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
             let sent = Instant::now();
-            let response = http
-                .send(
-                    Method::POST,
-                    &url,
-                    &[("content-type", "application/json")],
-                    body,
-                )
-                .await
-                .ok()?;
+            let response = http.post_json_streaming(&url, &[], &body).await.ok()?;
             if response.status() != StatusCode::OK {
                 return None;
             }

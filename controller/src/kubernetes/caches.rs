@@ -387,7 +387,8 @@ async fn run_reflector<K>(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{Container, PodCondition, PodSpec};
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use switchyard_crd::test_builders::ready_pod;
 
     use super::*;
 
@@ -431,33 +432,17 @@ mod tests {
 
     #[test]
     fn pods_keep_only_what_routing_reads() {
-        let mut pod = Pod {
-            metadata: ObjectMeta {
-                name: Some("p".to_owned()),
-                namespace: Some("ns".to_owned()),
-                labels: Some([("app".to_owned(), "llama".to_owned())].into()),
-                annotations: Some([("big".to_owned(), "x".repeat(1000))].into()),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container {
-                    name: "engine".to_owned(),
-                    ..Container::default()
-                }],
-                ..PodSpec::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Running".to_owned()),
-                pod_ip: Some("10.0.0.1".to_owned()),
-                host_ip: Some("192.0.2.1".to_owned()),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".to_owned(),
-                    status: "True".to_owned(),
-                    ..PodCondition::default()
-                }]),
-                ..PodStatus::default()
-            }),
-        };
+        let mut pod = ready_pod("ns", "p", "10.0.0.1", &[("app", "llama")]);
+        pod.metadata.annotations = Some([("big".to_owned(), "x".repeat(1000))].into());
+        pod.spec = Some(PodSpec {
+            containers: vec![Container {
+                name: "engine".to_owned(),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        });
+        let status = pod.status.as_mut().expect("a ready pod has a status");
+        status.host_ip = Some("192.0.2.1".to_owned());
         strip_pod(&mut pod);
         assert_eq!(pod.spec, None);
         assert_eq!(pod.metadata.annotations, None);

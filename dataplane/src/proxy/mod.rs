@@ -10,13 +10,13 @@
 //! 5. [`schedule`]: the ranked candidate pods, the request id;
 //! 6. [`forward`]: the attempts over the candidates (retries, timeouts,
 //!    ejection), a pure [`policy`](forward::policy) driving an
-//!    [`Upstream`](forward::Upstream);
+//!    [`Upstream`];
 //! 7. [`respond`]: the engine's response streamed back, usage observed;
 //! 8. [`log`]: the request's record, finished into metrics and the access
 //!    log when the response ends.
 //!
 //! What a phase learns travels as its typed output (an
-//! [`InferenceRequest`](admit::InferenceRequest), then [`Routed`](route::Routed),
+//! [`InferenceRequest`], then [`Routed`](route::Routed),
 //! [`Scheduled`](schedule::Scheduled), [`Delivered`](forward::Delivered)),
 //! so no phase can read what an earlier one has not produced; the
 //! [`RequestRecord`] travels alongside and every phase adds to it.

@@ -1,5 +1,5 @@
 //! Phase `route`: which ModelRoute, rule and ModelServer serve the request
-//! (looked up in the snapshot's [`RouteIndex`](crate::routing::RouteIndex)),
+//! (looked up in the snapshot's [`RouteIndex`]),
 //! and how its body must change on the way: the ModelServer's model name
 //! instead of the client's, and `include_usage` on streams so the router can
 //! count tokens. The edits are applied once, when the upstream request is

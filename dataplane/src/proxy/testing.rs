@@ -19,6 +19,7 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use parking_lot::Mutex;
 use switchyard_snapshot::pb;
+use switchyard_snapshot::test_builders as builders;
 
 use super::admit::InferenceRequest;
 use super::forward::{Upstream, UpstreamError};
@@ -123,40 +124,22 @@ pub fn one_route_config(
     pods: usize,
     policy: pb::TrafficPolicy,
 ) -> pb::RouteConfig {
-    pb::RouteConfig {
-        routes: vec![pb::ModelRoute {
-            namespace: "default".into(),
-            name: "r".into(),
-            model_name: model.into(),
+    let pods = (0..pods)
+        .map(|i| builders::pod(&format!("p{i}"), &pod_addr(i).ip().to_string()))
+        .collect();
+    let all = builders::rule("all", None, &[("default/s", 1)]);
+    builders::route_config(
+        vec![pb::ModelRoute {
             lora_adapters: lora_adapters.iter().map(|a| (*a).to_owned()).collect(),
-            rules: vec![pb::Rule {
-                name: "all".into(),
-                r#match: None,
-                targets: vec![pb::WeightedTarget {
-                    model_server: "default/s".into(),
-                    weight: 1,
-                }],
-            }],
-            ..Default::default()
+            ..builders::route_with_rules("r", model, vec![all])
         }],
-        servers: vec![pb::ModelServer {
-            namespace: "default".into(),
-            name: "s".into(),
+        vec![pb::ModelServer {
             model: model_rewrite.map(str::to_owned),
-            inference_engine: "vLLM".into(),
             port: u32::from(POD_PORT),
             traffic_policy: Some(policy),
-            endpoints: (0..pods)
-                .map(|i| pb::Endpoint {
-                    name: format!("p{i}"),
-                    ip: pod_addr(i).ip().to_string(),
-                })
-                .collect(),
-            ..Default::default()
+            ..builders::server_in("default", "s", pods)
         }],
-        scheduler: None,
-        ..Default::default()
-    }
+    )
 }
 
 /// Metrics only (no access log), fresh registry.

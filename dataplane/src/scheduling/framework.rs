@@ -372,7 +372,7 @@ impl Scheduler {
         })
     }
 
-    /// After a pod accepted the request (the reference's PostSchedule): each
+    /// After a pod accepted the request (Kthena's PostSchedule): each
     /// scorer may learn from it (prefix-cache remembers where the prefix went).
     pub fn on_dispatched(&self, pod_id: u64, prompt_hashes: &[u64]) {
         for scoring in &self.scorers {

@@ -2,7 +2,7 @@
 //! normalised over the pods that have data (100 = fastest); the final score
 //! is `alpha x TTFT score + (1 - alpha) x TPOT score`. Pods without data (or
 //! with stale data) do not move the min / max and get, per metric, the mean
-//! score of the pods that have data (50 when none has). The reference gives
+//! score of the pods that have data (50 when none has). The Kthena router gives
 //! them a flat 50, which makes the only pod that served traffic in the last
 //! scrape interval (score 100) win every request, and so keep being the only
 //! one with data; the mean keeps such pods level instead.

@@ -3,7 +3,7 @@
 //!
 //! Two sources, the higher wins per pod:
 //! - the local index of where this dataplane sent each prefix block:
-//!   `matched blocks / prompt blocks x 100`, as in the reference;
+//!   `matched blocks / prompt blocks x 100`, as in the Kthena router;
 //! - rendezvous hashing of the leading `affinity_blocks` blocks: the pod with
 //!   the highest weight among those within the load bound scores 100. Every
 //!   replica computes the same pod for a prefix it has never seen, so replicas
@@ -71,7 +71,7 @@ impl ScorePlugin for PrefixCache {
         Some(self.hashing)
     }
 
-    /// Remembers where this prefix went (the reference's PostSchedule).
+    /// Remembers where this prefix went (Kthena's PostSchedule).
     fn on_dispatched(&self, pod_id: u64, prompt_hashes: &[u64]) {
         if !prompt_hashes.is_empty() {
             self.index.record(prompt_hashes, pod_id);
