@@ -128,8 +128,7 @@ pub struct RouterMetrics {
     /// Registered so dashboards find the family; stays empty until the
     /// fairness queue exists.
     pub fairness_queue_duration_seconds: HistogramVec,
-    /// Registered so dashboards find the family; stays empty until rate
-    /// limiting exists.
+    /// Requests a token budget refused, by the budget's direction.
     pub rate_limit_exceeded_total: IntCounterVec,
     pub time_to_first_token_seconds: HistogramVec,
     pub time_per_output_token_seconds: HistogramVec,
@@ -270,7 +269,7 @@ impl RouterMetrics {
             )?,
             rate_limit_exceeded_total: counter(
                 "kthena_router_rate_limit_exceeded_total",
-                "Requests rejected due to rate limiting (no rate limiting yet: always empty)",
+                "Requests rejected due to rate limiting",
                 &["model", "limit_type", "path"],
             )?,
             time_to_first_token_seconds: histogram(
@@ -503,6 +502,7 @@ impl RouterMetrics {
         remove_where(&self.request_prefill_duration_seconds, "model", model);
         remove_where(&self.request_decode_duration_seconds, "model", model);
         remove_where(&self.tokens_total, "model", model);
+        remove_where(&self.rate_limit_exceeded_total, "model", model);
         let _ = self
             .active_downstream_requests
             .remove_label_values(&[model]);
