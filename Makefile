@@ -25,6 +25,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --workspace
+	python3 scripts/import-cycles.py controller/src dataplane/src shared/runtime/src shared/snapshot/src shared/crd/src
 
 fmt:
 	$(CARGO) fmt --all

@@ -25,11 +25,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use switchyard_bench::{CHAT_RESPONSE, NAMESPACE, STREAM_CHUNK, STREAM_TAIL, chat_body, server};
-use switchyard_dataplane::app::serve;
 use switchyard_dataplane::metrics::RouterMetrics;
 use switchyard_dataplane::proxy::log::Observer;
 use switchyard_dataplane::proxy::{Proxy, ProxyConfig};
+use switchyard_dataplane::server::serve;
 use switchyard_dataplane::snapshot::SnapshotStore;
+use switchyard_runtime::CancellationToken;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::test_builders as builders;
 use tokio::net::{TcpListener, TcpStream};
@@ -116,7 +117,7 @@ fn route_config(engine: SocketAddr) -> pb::RouteConfig {
     )
 }
 
-async fn start_proxy(engine: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+async fn start_proxy(engine: SocketAddr) -> (SocketAddr, CancellationToken) {
     let metrics = RouterMetrics::new().expect("metrics");
     let store = Arc::new(SnapshotStore::new());
     store
@@ -129,17 +130,17 @@ async fn start_proxy(engine: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sen
     let proxy = Arc::new(Proxy::new(store, ProxyConfig::default(), observer));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let addr = listener.local_addr().expect("proxy addr");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
     tokio::spawn(serve(
         listener,
         Duration::from_secs(60),
-        stop_rx,
+        stop.clone(),
         move |request| {
             let proxy = proxy.clone();
             async move { proxy.handle(request).await }
         },
     ));
-    (addr, stop_tx)
+    (addr, stop)
 }
 
 struct Client {
@@ -212,7 +213,7 @@ fn proxied_request_allocations_stay_within_bounds() {
         eprintln!(
             "streamed request: {stream:.2} allocations, {per_chunk:.3} per forwarded chunk"
         );
-        let _ = stop.send(true);
+        stop.cancel();
 
         assert!(
             chat <= MAX_ALLOCATIONS_PER_CHAT_REQUEST,

@@ -28,8 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::compile::ObjectReport;
-use crate::local::LoadProblem;
+use crate::compile::{LoadProblem, ObjectReport};
 use crate::xds::{DataplaneRegistry, PublishedResource, SnapshotPublisher};
 
 /// A client that has not sent its request headers by then is dropped, so idle

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 /// Where dataplanes connect by default: Istio's xDS port, familiar to operators.
 pub const DEFAULT_XDS_ADDR: &str = "0.0.0.0:15010";
@@ -25,15 +25,7 @@ pub const DEFAULT_LEASE_NAMESPACE: &str = "switchyard-system";
 /// Exit code when the command line is unusable (BSD `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 
-/// How log lines are written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
-}
+pub use switchyard_runtime::LogFormat;
 
 /// Switchyard controller: compiles ModelRoute / ModelServer / Pod objects and
 /// engine load into routing snapshots and streams them to dataplanes.

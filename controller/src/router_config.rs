@@ -29,6 +29,7 @@
 //! validate is rejected with the reason and the previous configuration stays
 //! in force.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,7 +37,6 @@ use serde::Deserialize;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 /// How often the file is checked for changes: like the config directory, a
 /// poll (works on ConfigMap volumes, whose updates are symlink swaps).
@@ -135,8 +135,8 @@ struct ScoreEntry {
 
 /// A parsed file: the scheduler configuration to ship (None = the file has
 /// no scheduler section; dataplanes use their defaults), the JWT settings,
-/// the tiers' budgets, and warnings to log.
-#[derive(Debug, Clone, PartialEq)]
+/// the tiers' budgets, and warnings to log. The default is no file.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouterConfig {
     pub scheduler: Option<pb::SchedulerConfig>,
     pub auth: Option<crate::auth::JwtSettings>,
@@ -153,12 +153,7 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
     let file: Option<RouterConfigFile> =
         serde_yaml::from_str(text).map_err(|error| parse_error(error.to_string()))?;
     let Some(file) = file else {
-        return Ok(RouterConfig {
-            scheduler: None,
-            auth: None,
-            tiers: Vec::new(),
-            warnings: Vec::new(),
-        });
+        return Ok(RouterConfig::default());
     };
     let auth = file
         .auth
@@ -272,32 +267,19 @@ fn log_warnings(path: &Path, config: &RouterConfig) {
     }
 }
 
-/// The scheduler section to ship: from `path` (watched) when one is given, else
-/// none (dataplanes then use their defaults, and there is nothing to watch).
-pub async fn watch_optional_router_config(
-    path: Option<&std::path::Path>,
+/// Loads the file once (an error here is fatal: there is no previous
+/// configuration to keep) and returns its scheduler section and the watcher
+/// to run: it polls the file; each valid change is sent, each invalid one is
+/// logged and ignored.
+pub async fn watch_router_config(
+    path: PathBuf,
 ) -> Result<
     (
-        watch::Receiver<Option<pb::SchedulerConfig>>,
-        Option<JoinHandle<()>>,
+        watch::Receiver<RouterConfig>,
+        impl Future<Output = ()> + Send + 'static,
     ),
     RouterConfigError,
 > {
-    match path {
-        Some(path) => {
-            let (receiver, task) = watch_router_config(path.to_owned()).await?;
-            Ok((receiver, Some(task)))
-        }
-        None => Ok((watch::channel(None).1, None)),
-    }
-}
-
-/// Loads the file once (an error here is fatal: there is no previous
-/// configuration to keep), then polls it; each valid change is sent, each
-/// invalid one is logged and ignored.
-pub async fn watch_router_config(
-    path: PathBuf,
-) -> Result<(watch::Receiver<Option<pb::SchedulerConfig>>, JoinHandle<()>), RouterConfigError> {
     let text =
         tokio::fs::read_to_string(&path)
             .await
@@ -307,9 +289,9 @@ pub async fn watch_router_config(
             })?;
     let initial = parse_router_config(&path, &text)?;
     log_warnings(&path, &initial);
-    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, "router configuration loaded");
-    let (sender, receiver) = watch::channel(initial.scheduler);
-    let task = tokio::spawn(async move {
+    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, auth = ?initial.auth, tiers = initial.tiers.len(), "router configuration loaded");
+    let (sender, receiver) = watch::channel(initial);
+    let watcher = async move {
         let mut last_text = text;
         let mut interval = tokio::time::interval(ROUTER_CONFIG_POLL_INTERVAL);
         interval.tick().await;
@@ -331,8 +313,8 @@ pub async fn watch_router_config(
             match parse_router_config(&path, &text) {
                 Ok(config) => {
                     log_warnings(&path, &config);
-                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, "router configuration reloaded");
-                    sender.send_replace(config.scheduler);
+                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, auth = ?config.auth, tiers = config.tiers.len(), "router configuration reloaded");
+                    sender.send_replace(config);
                 }
                 Err(error) => {
                     tracing::error!(%error, "router configuration rejected; keeping the previous one");
@@ -340,8 +322,8 @@ pub async fn watch_router_config(
             }
             last_text = text;
         }
-    });
-    Ok((receiver, task))
+    };
+    Ok((receiver, watcher))
 }
 
 #[cfg(test)]

@@ -10,8 +10,13 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::{Value, json};
+use switchyard_controller::app::start_kubernetes;
 use switchyard_controller::cli::Args;
-use switchyard_controller::kubernetes;
+use switchyard_controller::core::{self, Controller};
+use switchyard_controller::kubernetes::KubernetesSource;
+use switchyard_runtime::CancellationToken;
+use switchyard_runtime::clock::unix_ms_now;
+use switchyard_snapshot::pb;
 
 use support::dataplane::Dataplane;
 use support::fake_api::{DEADLINE, FakeApi, Recorded};
@@ -111,7 +116,7 @@ fn is_status_patch(request: &Recorded, plural: &str, name: &str) -> bool {
 #[tokio::test]
 async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     let fake = seeded();
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
         .await
         .expect("started in time")
         .expect("starts against the fake API");
@@ -349,7 +354,7 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     .await;
 }
 
-fn route_config_version(controller: &kubernetes::KubernetesController) -> String {
+fn route_config_version(controller: &Controller) -> String {
     controller
         .publisher
         .route_config()
@@ -384,7 +389,7 @@ async fn an_expired_lease_of_another_replica_is_taken_over() {
             "renewTime": "2026-12-01T16:00:00.000000Z",
         },
     }));
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
         .await
         .expect("started in time")
         .expect("starts against the fake API");
@@ -444,20 +449,20 @@ async fn admin_request(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
 async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile() {
     let fake = seeded();
     let hold = fake.hold_lists(ROUTES);
-    let starting = tokio::time::timeout(DEADLINE, kubernetes::begin(&args(), fake.client()))
+    let starting = tokio::time::timeout(DEADLINE, core::begin(&args(), CancellationToken::new()))
         .await
         .expect("admin up in time")
-        .expect("begins against the fake API");
+        .expect("begins");
     let admin_addr = starting.admin_addr;
     let publisher = starting.publisher.clone();
-    let ready = tokio::spawn(starting.until_ready());
+    let ready = tokio::spawn(starting.start(KubernetesSource::new(&args(), fake.client())));
     fake.wait_for("the held ModelRoute list", |request| {
         request.path == ROUTES && !request.params().contains_key("watch")
     })
     .await;
 
     // Held: not ready, nothing compiled or published, and no stream server
-    // (its address exists only once `until_ready` returns).
+    // (its address exists only once `start` returns).
     let (status, body) = admin_request(admin_addr, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(publisher.route_config().is_none());
@@ -505,7 +510,7 @@ async fn namespaces_limit_the_watches_to_those_namespaces() {
         namespaces: vec!["team-b".into(), "team-a".into()],
         ..args()
     };
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
         .await
         .expect("started in time")
         .expect("starts with nothing to route");
@@ -543,7 +548,7 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
         router_config: Some(path.clone()),
         ..args()
     };
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
         .await
         .expect("started in time")
         .expect("starts");
@@ -561,6 +566,108 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
     })
     .await
     .expect("the edit is shipped");
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}
+
+const SECRETS: &str = "/api/v1/secrets";
+
+fn secret(name: &str, labelled: bool, string_data: Value) -> Value {
+    let labels = if labelled {
+        json!({"switchyard.dev/api-key": "true"})
+    } else {
+        json!({})
+    };
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": "switchyard-system",
+            "labels": labels,
+            "resourceVersion": "1",
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": string_data.to_string()},
+        },
+        "data": string_data.as_object().map(|fields| fields.iter().map(|(name, value)| {
+            use base64::Engine as _;
+            let bytes = value.as_str().unwrap_or_default().as_bytes();
+            (name.clone(), json!(base64::engine::general_purpose::STANDARD.encode(bytes)))
+        }).collect::<serde_json::Map<_, _>>()),
+    })
+}
+
+/// API keys are the labelled Secrets of the controller's namespace, watched
+/// with the label selector; only their digests reach the snapshot, and a new
+/// key arrives with a watch event.
+#[tokio::test]
+async fn api_key_secrets_of_the_controller_namespace_reach_the_snapshot_as_digests() {
+    let fake = seeded();
+    fake.seed(
+        SECRETS,
+        secret(
+            "alice",
+            true,
+            json!({"key": "sk-alice", "user": "alice", "tier": "gold"}),
+        ),
+    );
+    fake.seed(
+        SECRETS,
+        secret("db-password", false, json!({"password": "hunter2"})),
+    );
+    fake.seed(SECRETS, secret("broken", true, json!({"user": "nobody"})));
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts");
+    let watch = fake
+        .requests()
+        .into_iter()
+        .find(|request| {
+            request.path.ends_with("/secrets") && request.params().contains_key("watch")
+        })
+        .expect("a Secret watch");
+    assert_eq!(watch.path, "/api/v1/namespaces/switchyard-system/secrets");
+    assert_eq!(
+        watch.params().get("labelSelector").map(String::as_str),
+        Some("switchyard.dev/api-key=true")
+    );
+    let keys = || match controller
+        .publisher
+        .route_config()
+        .and_then(|published| published.response.resource.clone())
+    {
+        Some(pb::snapshot_response::Resource::RouteConfig(config)) => {
+            config.auth.map(|auth| auth.api_keys).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
+    let shipped = keys();
+    assert_eq!(shipped.len(), 1, "{shipped:?}");
+    assert_eq!(
+        (shipped[0].user_id.as_str(), shipped[0].tier.as_str()),
+        ("alice", "gold")
+    );
+    use sha2::Digest;
+    assert_eq!(
+        shipped[0].key_sha256,
+        sha2::Sha256::digest(b"sk-alice").to_vec()
+    );
+
+    fake.push_event(
+        SECRETS,
+        "ADDED",
+        secret("bob", true, json!({"key": "sk-bob", "user": "bob"})),
+    )
+    .await;
+    tokio::time::timeout(DEADLINE, async {
+        while keys().len() != 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the new key is shipped");
     tokio::time::timeout(DEADLINE, controller.shutdown())
         .await
         .expect("stops in time")
@@ -597,21 +704,13 @@ fn reported(node: &str, acked: &str, nacked: Option<(&str, &str)>) -> Value {
     json!({"nodeId": node, "routeConfig": route_config, "endpointLoads": {"subscribed": true}})
 }
 
-fn unix_ms_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
-        .unwrap_or_default()
-}
-
 /// `Programmed` counts the dataplanes of every controller replica.
 /// This replica reports its own dataplanes in a ConfigMap; as leader it reads
 /// the other replicas' reports, skips expired ones, and counts the rest.
 #[tokio::test]
 async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
     let fake = seeded();
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
         .await
         .expect("started in time")
         .expect("starts against the fake API");

@@ -13,8 +13,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use switchyard_controller::app::{self, AppError};
+use switchyard_controller::app;
 use switchyard_controller::cli::Args;
+use switchyard_controller::error::{ControllerError, EXIT_NO_INPUT};
 use switchyard_snapshot::{ROUTE_CONFIG_TYPE_URL, pb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -252,8 +253,8 @@ async fn a_missing_config_dir_is_a_startup_error() {
     let error = app::start_local(&args(&dir.path().join("missing")))
         .await
         .expect_err("cannot start without the directory");
-    assert!(matches!(error, AppError::Config(_)), "{error}");
-    assert_eq!(error.exit_code(), app::EXIT_NO_INPUT);
+    assert!(matches!(error, ControllerError::Config(_)), "{error}");
+    assert_eq!(error.exit_code(), EXIT_NO_INPUT);
 }
 
 #[test]

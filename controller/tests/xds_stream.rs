@@ -27,6 +27,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 struct Server {
     addr: SocketAddr,
     publisher: Arc<SnapshotPublisher>,
+    /// Unknown JWT key ids the dataplanes reported.
+    key_hints: tokio::sync::mpsc::Receiver<Vec<String>>,
     dataplanes: DataplaneRegistry,
     metrics_registry: prometheus::Registry,
     stop: oneshot::Sender<()>,
@@ -40,7 +42,9 @@ impl Server {
         let metrics = XdsMetrics::register(&metrics_registry).expect("metrics");
         let publisher = Arc::new(SnapshotPublisher::new("test-controller", metrics.clone()));
         let dataplanes = DataplaneRegistry::new();
-        let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics);
+        let (key_hints_sender, key_hints) = tokio::sync::mpsc::channel(4);
+        let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics)
+            .with_key_hints(key_hints_sender);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(xds::serve(listener, service, async {
             let _ = stopped.await;
@@ -48,6 +52,7 @@ impl Server {
         Self {
             addr,
             publisher,
+            key_hints,
             dataplanes,
             metrics_registry,
             stop,
@@ -289,6 +294,42 @@ async fn an_acked_client_receives_each_new_version_with_a_new_nonce() {
             .metric_text()
             .contains("switchyard_controller_snapshot_acks_total{type=\"route_config\"} 1")
     );
+    server.stop().await;
+}
+
+/// A hint (no type, no nonce) passes its key ids, bounded, to the JWKS
+/// refresher and leaves the ACK state alone.
+#[tokio::test]
+async fn unknown_jwt_key_ids_reach_the_key_refresher_bounded() {
+    let mut server = Server::start().await;
+    server.publish("m1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let first = client.next().await;
+    let forged: Vec<String> = (0..10).map(|i| format!("{i}{}", "k".repeat(500))).collect();
+    client
+        .send(pb::SnapshotRequest {
+            unknown_jwt_key_ids: forged,
+            ..Default::default()
+        })
+        .await;
+    let hint = tokio::time::timeout(DEADLINE, server.key_hints.recv())
+        .await
+        .expect("in time")
+        .expect("a hint");
+    assert_eq!(hint.len(), switchyard_snapshot::MAX_UNKNOWN_KEY_IDS);
+    assert!(
+        hint.iter()
+            .all(|kid| kid.len() == switchyard_snapshot::MAX_KEY_ID_BYTES)
+    );
+    // The response still awaits its answer: the hint was not taken for one.
+    client.ack(&first).await;
+    server
+        .wait_for_dataplane(|dataplane| {
+            dataplane.route_config.acked_version.as_deref() == Some(&first.version_info)
+        })
+        .await;
     server.stop().await;
 }
 

@@ -11,11 +11,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use serde_json::json;
+use switchyard_runtime::clock;
 use switchyard_snapshot::{config_dump, pb};
 
 use crate::metrics::RouterMetrics;
@@ -149,7 +149,7 @@ impl Admin {
                     "pod": pod.key,
                     "address": pod.addr.to_string(),
                     "inFlight": pod.in_flight(),
-                    "ejected": pod.is_ejected(std::time::Instant::now()),
+                    "ejected": pod.is_ejected(clock::now()),
                     "load": pod.load().map(|load| json!({
                         "requestsWaiting": load.requests_waiting,
                         "requestsRunning": load.requests_running,
@@ -173,7 +173,7 @@ impl Admin {
                 "endpointLoadsVersion": self.store.loads_version(),
                 "ageSeconds": table
                     .as_ref()
-                    .and_then(|t| SystemTime::now().duration_since(t.applied_at).ok())
+                    .and_then(|t| clock::wall_now().duration_since(t.applied_at).ok())
                     .map(|age| age.as_secs_f64()),
             },
             "pods": pods,

@@ -20,7 +20,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use switchyard_snapshot::{MAX_KEY_ID_BYTES, MAX_UNKNOWN_KEY_IDS, pb};
+use switchyard_snapshot::{MAX_UNKNOWN_KEY_IDS, bounded_key_id, pb};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -138,7 +138,7 @@ struct PendingKeyIds {
 impl UnknownKeyIds {
     /// Notes `kid` for the next report (bounded; duplicates dropped).
     pub fn report(&self, kid: &str) {
-        let kid = truncate(kid, MAX_KEY_ID_BYTES);
+        let kid = bounded_key_id(kid);
         {
             let mut pending = self.pending.lock();
             if pending.ids.len() >= MAX_UNKNOWN_KEY_IDS || pending.ids.iter().any(|id| id == kid) {
@@ -174,15 +174,6 @@ impl UnknownKeyIds {
             }
         }
     }
-}
-
-/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
-fn truncate(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// Why an auth section of a snapshot could not be used (the snapshot is NACKed).
@@ -875,6 +866,10 @@ mod tests {
         assert!(!waiting.is_finished(), "nothing pending: it waits");
         hints.report(&"é".repeat(100));
         let batch = waiting.await.expect("joined");
-        assert!(batch[0].len() <= MAX_KEY_ID_BYTES, "{}", batch[0].len());
+        assert!(
+            batch[0].len() <= switchyard_snapshot::MAX_KEY_ID_BYTES,
+            "{}",
+            batch[0].len()
+        );
     }
 }

@@ -82,11 +82,7 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 }
 
 /// Application log format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use switchyard_runtime::LogFormat;
 
 impl Args {
     /// The node id to report: flag, then pod/host name, then a random id.

@@ -11,7 +11,7 @@
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
-//! [`app`] (wiring the listeners together).
+//! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +29,7 @@ pub mod request_id;
 pub mod response;
 pub mod routing;
 pub mod scheduling;
+pub mod server;
 pub mod snapshot;
 pub mod token_estimate;
 pub mod xds_client;

@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -19,6 +18,7 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
+use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::snapshot::{RoutingTable, SnapshotStore};
@@ -545,7 +545,7 @@ impl RouterMetrics {
         self.snapshot_age_seconds.set(
             table
                 .as_ref()
-                .and_then(|t| SystemTime::now().duration_since(t.applied_at).ok())
+                .and_then(|t| clock::wall_now().duration_since(t.applied_at).ok())
                 .map_or(0.0, |age| age.as_secs_f64()),
         );
         self.snapshot_info.reset();

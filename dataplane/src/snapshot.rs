@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::header::HeaderName;
 use parking_lot::Mutex;
 use regex::Regex;
+use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::auth::{Authenticator, UnknownKeyIds};
@@ -157,7 +158,7 @@ impl RoutingTable {
         let rate_limits = rate_limiting.apply(plan);
         Ok(Self {
             version: version.to_owned(),
-            applied_at: SystemTime::now(),
+            applied_at: clock::wall_now(),
             routes,
             servers,
             index,

@@ -6,7 +6,7 @@
 //! Real time, as Redis's clock is: each test runs for a few seconds at most.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::IntCounter;
 use switchyard_dataplane::rate_limit::KEY_PREFIX;
@@ -16,6 +16,7 @@ use switchyard_dataplane::rate_limit::lease::{
 };
 use switchyard_dataplane::rate_limit::redis::RedisBackend;
 use switchyard_e2e::redis_server::RedisServer;
+use switchyard_runtime::clock;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const SECOND: Duration = Duration::from_secs(1);
@@ -41,7 +42,7 @@ fn budget(
 
 #[tokio::test]
 async fn kthena_global_example_on_redis_with_an_expiring_key_and_one_script_load() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     // Three dataplanes: three connections to the same Redis.
     let backends: Vec<_> = (0..3).map(|_| backend(&redis)).collect();
     let dataplanes: Vec<_> = backends
@@ -95,7 +96,7 @@ async fn kthena_global_example_on_redis_with_an_expiring_key_and_one_script_load
 /// first request to the last).
 async fn drive(dataplanes: &[Arc<LeasedBudget>], run: Duration) -> (u64, f64, f64) {
     let interval = Duration::from_micros(1_000 * dataplanes.len() as u64);
-    let started = Instant::now();
+    let started = clock::now();
     let tasks: Vec<_> = dataplanes
         .iter()
         .map(|dataplane| {
@@ -107,7 +108,7 @@ async fn drive(dataplanes: &[Arc<LeasedBudget>], run: Duration) -> (u64, f64, f6
                 while started.elapsed() < run {
                     ticker.tick().await;
                     requests += 1;
-                    last = Instant::now();
+                    last = clock::now();
                     match dataplane.acquire(10, 10).await {
                         Ok(Passed::Metered) => admitted += 10,
                         Ok(Passed::Unmetered) | Err(Refusal::Unavailable) => {
@@ -146,7 +147,7 @@ fn shared_budget(
 /// Redis call per hundred requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_1000_requests_per_second_a_fraction_of_a_redis_call_per_request() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let dataplanes = shared_budget(&redis, "model:busy:input", 600_000, MINUTE);
     let (requests, admitted, elapsed) = drive(&dataplanes, Duration::from_secs(3)).await;
     let calls = redis.command_calls("evalsha");
@@ -176,7 +177,7 @@ async fn at_1000_requests_per_second_a_fraction_of_a_redis_call_per_request() {
 /// either scale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_dataplanes_share_an_exhausted_budget_within_the_bound() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let limit = 5_000;
     let dataplanes = shared_budget(&redis, "model:shared:input", limit, SECOND);
     let (requests, admitted, elapsed) = drive(&dataplanes, Duration::from_secs(3)).await;
@@ -201,7 +202,7 @@ async fn three_dataplanes_share_an_exhausted_budget_within_the_bound() {
 
 #[tokio::test]
 async fn redis_killed_mid_run_fails_open_or_closed_quickly_and_recovers() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let backend = backend(&redis);
     let open = budget(
         &backend,
@@ -221,7 +222,7 @@ async fn redis_killed_mid_run_fails_open_or_closed_quickly_and_recovers() {
     assert_eq!(closed.acquire(10, 10).await, Ok(Passed::Metered));
     // The first batch is exactly the first request: the next one needs Redis.
     redis.kill();
-    let started = Instant::now();
+    let started = clock::now();
     assert_eq!(open.acquire(10, 10).await, Ok(Passed::Unmetered));
     assert_eq!(closed.acquire(10, 10).await, Err(Refusal::Unavailable));
     assert!(
@@ -229,9 +230,9 @@ async fn redis_killed_mid_run_fails_open_or_closed_quickly_and_recovers() {
         "never a hung request: {:?}",
         started.elapsed()
     );
-    redis.restart();
+    redis.restart().await;
     // The failure policy holds for a second, then Redis is tried again.
-    let recovered = Instant::now() + Duration::from_secs(10);
+    let recovered = clock::now() + Duration::from_secs(10);
     loop {
         if open.acquire(10, 10).await == Ok(Passed::Metered)
             && closed.acquire(10, 10).await == Ok(Passed::Metered)
@@ -239,7 +240,7 @@ async fn redis_killed_mid_run_fails_open_or_closed_quickly_and_recovers() {
             break;
         }
         assert!(
-            Instant::now() < recovered,
+            clock::now() < recovered,
             "did not recover after Redis came back"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -9,7 +9,7 @@
 //! Tunables (environment): `BENCH_ENGINES` (4), `BENCH_REQUESTS` (240),
 //! `BENCH_RATE` (requests/s, 16), `BENCH_GROUPS` (16), `BENCH_SEED` (1).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::StatusCode;
 use http_body_util::BodyExt;
@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use switchyard_e2e::sim_stack::{SIM_MODEL, SimStack, SimStackOptions, words};
+use switchyard_runtime::clock;
 
 /// Slower than the tests' interval: the benchmark measures routing, and a
 /// 500 ms scrape is still several samples per strategy run.
@@ -100,7 +101,7 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
 
     let mut rng = StdRng::seed_from_u64(seed);
     let systems: Vec<String> = (0..groups).map(|g| words(&format!("s{g}w"), 600)).collect();
-    let started = Instant::now();
+    let started = clock::now();
     let mut at = Duration::ZERO;
     let mut tasks = Vec::with_capacity(requests);
     for i in 0..requests {
@@ -118,8 +119,8 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
         let url = sim.stack.dataplanes[i % dataplanes].url("/v1/completions");
         let http = sim.http().clone();
         tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
-            let sent = Instant::now();
+            clock::sleep_until(started + at).await;
+            let sent = clock::now();
             let response = http.post_json_streaming(&url, &[], &body).await.ok()?;
             if response.status() != StatusCode::OK {
                 return None;

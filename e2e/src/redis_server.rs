@@ -5,7 +5,9 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use switchyard_runtime::clock;
 
 use crate::harness::free_port;
 
@@ -26,7 +28,7 @@ impl RedisServer {
     ///
     /// Panics with how to install it when `redis-server` is not on `PATH`
     /// (`make test` installs it).
-    pub fn start() -> Self {
+    pub async fn start() -> Self {
         let mut dir = tempfile::tempdir().expect("tempdir");
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port(Ipv4Addr::LOCALHOST);
@@ -36,7 +38,7 @@ impl RedisServer {
                 dir,
             };
             server.spawn();
-            if server.wait_ready() {
+            if server.wait_ready().await {
                 return server;
             }
             let log = server.log();
@@ -77,9 +79,9 @@ impl RedisServer {
         self.child = Some(child);
     }
 
-    fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + START_DEADLINE;
-        while Instant::now() < deadline {
+    async fn wait_ready(&mut self) -> bool {
+        let deadline = clock::now() + START_DEADLINE;
+        while clock::now() < deadline {
             if let Some(child) = self.child.as_mut()
                 && !matches!(child.try_wait(), Ok(None))
             {
@@ -88,7 +90,7 @@ impl RedisServer {
             if self.command("PING").as_deref() == Some("+PONG") {
                 return true;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         false
     }
@@ -171,11 +173,11 @@ impl RedisServer {
     }
 
     /// Starts it again on the same port, empty.
-    pub fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.kill();
         self.spawn();
         assert!(
-            self.wait_ready(),
+            self.wait_ready().await,
             "redis-server did not restart:\n{}",
             self.log()
         );

@@ -184,8 +184,14 @@ async fn jwts_verify_against_the_issuers_keys_and_a_rotation_needs_no_restart() 
     let bad_tokens = [
         ("expired", with(&|c| c["exp"] = json!(now() - 120))),
         ("not yet valid", with(&|c| c["nbf"] = json!(now() + 120))),
-        ("wrong issuer", with(&|c| c["iss"] = json!("https://evil.example"))),
-        ("wrong audience", with(&|c| c["aud"] = json!("someone-else"))),
+        (
+            "wrong issuer",
+            with(&|c| c["iss"] = json!("https://evil.example")),
+        ),
+        (
+            "wrong audience",
+            with(&|c| c["aud"] = json!("someone-else")),
+        ),
         ("alg none", unsigned_token(&claims(&issuer))),
         (
             "HS256 signed with the public key",

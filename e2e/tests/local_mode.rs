@@ -3,11 +3,11 @@
 //! scenarios, verbatim).
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
 use http::StatusCode;
 use http_body_util::BodyExt;
 use switchyard_e2e::harness::{ENGINE_PORT, Stack, TestPod, wait_for};
+use switchyard_runtime::clock;
 
 const MODEL_1_5B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B";
 const MODEL_7B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B";
@@ -357,7 +357,7 @@ async fn config_edit_reroutes_both_dataplanes_within_two_seconds() {
         let (_, pod, _) = ask(&stack, index, "deepseek-simple", &[]).await;
         assert!(pod.starts_with("deepseek-r1-1-5b-"), "{pod}");
     }
-    let edited_at = Instant::now();
+    let edited_at = clock::now();
     retarget_simple_route(&stack);
     for index in 0..2 {
         wait_until_simple_goes_to_7b(&stack, index).await;

@@ -2,11 +2,12 @@
 //! are (local mode), output charged in full, three dataplanes sharing a
 //! global budget in a real Redis, and Redis killed while they run.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::StatusCode;
 use switchyard_e2e::harness::{HttpResponse, Stack, TestPod, sample_value, wait_for};
 use switchyard_e2e::redis_server::RedisServer;
+use switchyard_runtime::clock;
 
 const MODEL_1_5B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B";
 const LOCAL_LIMITED: &str = "deepseek-r1-with-rate-limit";
@@ -159,7 +160,7 @@ fn global_example(redis: &RedisServer) -> String {
 
 #[tokio::test]
 async fn three_dataplanes_share_the_global_examples_budget_in_redis() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let stack = stack(&[("route.yaml", global_example(&redis))], &[], 3).await;
     let _logs = stack.logs_on_failure();
     // 10 input tokens per minute for all three: one hello world in all.
@@ -184,14 +185,14 @@ async fn three_dataplanes_share_the_global_examples_budget_in_redis() {
 /// admit the ideal `C + r·T` within ±10%.
 #[tokio::test]
 async fn three_dataplanes_stay_within_the_bound_of_a_shared_budget() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let route = global_example(&redis)
         .replace("inputTokensPerUnit: 10", "inputTokensPerUnit: 300")
         .replace("unit: minute", "unit: second");
     let stack = stack(&[("route.yaml", route)], &[], 3).await;
     let _logs = stack.logs_on_failure();
     let run = Duration::from_secs(3);
-    let started = Instant::now();
+    let started = clock::now();
     let clients = (0..3).map(|dataplane| {
         let http = stack.http.clone();
         let url = stack.dataplanes[dataplane].url("/v1/chat/completions");
@@ -235,7 +236,7 @@ async fn three_dataplanes_stay_within_the_bound_of_a_shared_budget() {
 
 #[tokio::test]
 async fn redis_killed_mid_run_fails_open_by_default_or_closed_by_choice() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let closed = global_example(&redis)
         .replace("deepseek-global-rate-limit", "closed")
         .replace(GLOBAL_LIMITED, "closed-model")
@@ -261,7 +262,7 @@ async fn redis_killed_mid_run_fails_open_by_default_or_closed_by_choice() {
     assert_eq!(chat(&stack, 0, "closed-model").await.status, StatusCode::OK);
     redis.kill();
     // No request hangs: each is answered within Redis's exchange timeout.
-    let started = Instant::now();
+    let started = clock::now();
     for _ in 0..5 {
         let open = chat(&stack, 0, GLOBAL_LIMITED).await;
         assert_eq!(open.status, StatusCode::OK, "fail open: {}", open.text());
@@ -290,7 +291,7 @@ async fn redis_killed_mid_run_fails_open_by_default_or_closed_by_choice() {
         "a log line says why"
     );
     // Redis back (empty): the budget applies again.
-    redis.restart();
+    redis.restart().await;
     wait_for("the budget to apply again", || async {
         (chat(&stack, 0, GLOBAL_LIMITED).await.status == StatusCode::TOO_MANY_REQUESTS)
             .then_some(())

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -17,6 +17,7 @@ use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::routing::RequestFacts;
 use switchyard_dataplane::scheduling::ScheduleRequest;
 use switchyard_dataplane::snapshot::RoutingTable;
+use switchyard_runtime::clock;
 
 /// Each measurement runs at least this long, so clock resolution does not matter.
 const MIN_RUN: Duration = Duration::from_millis(300);
@@ -26,7 +27,7 @@ fn ns_per_op(mut op: impl FnMut()) -> f64 {
         op();
     }
     let mut iterations = 0u64;
-    let started = Instant::now();
+    let started = clock::now();
     while started.elapsed() < MIN_RUN {
         for _ in 0..16 {
             op();

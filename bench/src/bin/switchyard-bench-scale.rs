@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf as _, Bytes};
 use clap::Parser;
@@ -29,6 +29,7 @@ use switchyard_controller::xds::{
     DataplaneRegistry, DataplaneStatus, ResourceType, RoutingDiscoveryService, SnapshotPublisher,
     XdsMetrics,
 };
+use switchyard_runtime::clock;
 use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, object_key, pb};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -353,7 +354,7 @@ async fn time_route_change(
 ) -> Result<Option<Duration>, String> {
     let weight = 10 + (change as u32 % 80);
     let changed = parse(&scale_yaml(args, weight))?;
-    let started = Instant::now();
+    let started = clock::now();
     let routes = compile_route_config(&changed.routes, &changed.servers, &changed.pods);
     let published = publisher.publish_route_config(routes.route_config, 2 + change as i64);
     if !published.changed {
@@ -376,7 +377,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut compile_times = Vec::new();
     let mut compiled = None;
     for _ in 0..args.compiles.max(1) {
-        let started = Instant::now();
+        let started = clock::now();
         let routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
         compile_times.push(started.elapsed());
         compiled = Some(routes);
@@ -400,7 +401,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut load_times = Vec::new();
     let mut endpoint_loads = None;
     for _ in 0..args.compiles.max(1) {
-        let started = Instant::now();
+        let started = clock::now();
         let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
         load_times.push(started.elapsed());
         endpoint_loads = Some(loads);
@@ -429,7 +430,7 @@ async fn run(args: Args) -> Result<(), String> {
     let memory_before_streams = memory_kib("self");
 
     let endpoint = format!("http://{xds_addr}");
-    let started = Instant::now();
+    let started = clock::now();
     let mut clients = Vec::new();
     let decode_resources = Arc::new(AtomicBool::new(true));
     for id in 0..args.streams {
@@ -488,7 +489,7 @@ async fn run(args: Args) -> Result<(), String> {
         // The next scrape pass: every pod scraped again, one pod's load changed.
         let pass_unix_ms = FIRST_PASS_UNIX_MS + 1_000 * (change as i64 + 1);
         let changed_loads = loads(&objects, 100.0 + change as f64, pass_unix_ms);
-        let started = Instant::now();
+        let started = clock::now();
         let loads = compile_endpoint_loads(&compiled.route_config, &changed_loads);
         let published = publisher.publish_endpoint_loads(loads, 2 + change as i64);
         if let Some(update) = publisher

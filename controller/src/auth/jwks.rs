@@ -7,6 +7,7 @@
 //! make the controller hammer the issuer.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::JwtSettings;
+use crate::router_config::RouterConfig;
 
 /// Keys are refetched this often even without a hint: issuers announce
 /// rotations ahead in their JWKS, so a new key is in place before use.
@@ -191,27 +193,29 @@ pub type FetchKeys =
 /// settings change, every [`JWKS_REFRESH_INTERVAL`], after
 /// [`JWKS_RETRY_INTERVAL`] when a fetch failed, and on a hint naming a key
 /// id it does not have (at most once per [`JWKS_HINT_MIN_INTERVAL`]). A
-/// failed fetch keeps the previous keys. Ends when the settings' sender is
-/// dropped.
+/// failed fetch keeps the previous keys. Runs until it is dropped (the last
+/// settings stay in force when their sender is gone).
 pub async fn refresh_keys(
-    mut settings: watch::Receiver<Option<JwtSettings>>,
+    mut settings: watch::Receiver<RouterConfig>,
     mut hints: mpsc::Receiver<Vec<String>>,
     keys: watch::Sender<Vec<String>>,
     fetch: FetchKeys,
 ) {
-    let mut current = settings.borrow_and_update().clone();
+    let mut current = settings.borrow_and_update().auth.clone();
     let mut next_fetch = Some(Instant::now());
     let mut last_fetch: Option<Instant> = None;
     let mut known: BTreeSet<String> = BTreeSet::new();
+    let mut settings_open = true;
     let mut hints_open = true;
     loop {
         let due = next_fetch.filter(|_| current.is_some());
         tokio::select! {
-            changed = settings.changed() => {
+            changed = settings.changed(), if settings_open => {
                 if changed.is_err() {
-                    return;
+                    settings_open = false;
+                    continue;
                 }
-                let next = settings.borrow_and_update().clone();
+                let next = settings.borrow_and_update().auth.clone();
                 if next != current {
                     let issuer_changed = next.as_ref().map(|s| (&s.issuer, &s.jwks_uri))
                         != current.as_ref().map(|s| (&s.issuer, &s.jwks_uri));
@@ -279,18 +283,31 @@ fn kid_of(key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// A [`FetchKeys`] that fetches over the network.
-pub fn network_fetch(fetcher: JwksFetcher) -> FetchKeys {
+/// A [`FetchKeys`] that fetches over the network. Its HTTPS client is built
+/// at the first fetch, so a controller without JWT settings never needs the
+/// system's root certificates.
+pub fn network_fetch() -> FetchKeys {
+    let fetcher: Arc<OnceLock<JwksFetcher>> = Arc::default();
     Box::new(move |settings| {
         let fetcher = fetcher.clone();
-        Box::pin(async move { fetcher.fetch(&settings).await.map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            let client = match fetcher.get() {
+                Some(client) => client.clone(),
+                None => {
+                    let client = JwksFetcher::new().map_err(|error| {
+                        format!("cannot load the system's root certificates: {error}")
+                    })?;
+                    fetcher.get_or_init(|| client).clone()
+                }
+            };
+            client.fetch(&settings).await.map_err(|e| e.to_string())
+        })
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const RSA_KEY: &str = r#"{"kty":"RSA","kid":"b","use":"sig","n":"AQAB","e":"AQAB"}"#;
@@ -325,6 +342,13 @@ mod tests {
         }
     }
 
+    fn router(auth: JwtSettings) -> RouterConfig {
+        RouterConfig {
+            auth: Some(auth),
+            ..Default::default()
+        }
+    }
+
     /// A fetch that counts its calls and answers from `answers` (the last repeats).
     fn scripted(answers: Vec<Result<Vec<String>, String>>) -> (FetchKeys, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
@@ -338,14 +362,14 @@ mod tests {
     }
 
     struct Running {
-        settings: watch::Sender<Option<JwtSettings>>,
+        settings: watch::Sender<RouterConfig>,
         hints: mpsc::Sender<Vec<String>>,
         keys: watch::Receiver<Vec<String>>,
         calls: Arc<AtomicUsize>,
     }
 
     fn start(answers: Vec<Result<Vec<String>, String>>) -> Running {
-        let (settings, settings_rx) = watch::channel(Some(settings("https://a")));
+        let (settings, settings_rx) = watch::channel(router(settings("https://a")));
         let (hints, hints_rx) = mpsc::channel(HINT_QUEUE_CAPACITY);
         let (keys_tx, keys) = watch::channel(Vec::new());
         let (fetch, calls) = scripted(answers);
@@ -414,14 +438,14 @@ mod tests {
         let run = start(vec![Ok(vec![RSA_KEY.into()]), Err("down".into())]);
         settle().await;
         assert_eq!(run.keys.borrow().len(), 1);
-        run.settings.send_replace(Some(settings("https://b")));
+        run.settings.send_replace(router(settings("https://b")));
         settle().await;
         assert!(run.keys.borrow().is_empty());
         assert_eq!(run.calls.load(Ordering::SeqCst), 2);
         // Only the audience changes: same issuer, same keys, no fetch.
         let mut audience = settings("https://b");
         audience.audiences = vec!["x".into()];
-        run.settings.send_replace(Some(audience));
+        run.settings.send_replace(router(audience));
         settle().await;
         assert_eq!(run.calls.load(Ordering::SeqCst), 2);
     }

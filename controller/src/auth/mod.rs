@@ -4,8 +4,9 @@
 //! which the controller fetches so dataplanes need no egress.
 //!
 //! An API key is a `Secret` labelled [`API_KEY_LABEL`]`: "true"` with the
-//! key in data field [`KEY_FIELD`], the user id in [`USER_FIELD`] and
-//! optionally a tier in [`TIER_FIELD`]. In Kubernetes mode only the
+//! key in data field [`KEY_FIELD`] (or its hex SHA-256 in
+//! [`KEY_DIGEST_FIELD`]), the user id in [`USER_FIELD`] and optionally a tier
+//! in [`TIER_FIELD`]. In Kubernetes mode only the
 //! controller's own namespace is read (whoever may create Secrets there may
 //! mint keys); local mode reads every such `Secret` of the directory.
 
@@ -28,6 +29,10 @@ pub const KEY_FIELD: &str = "key";
 pub const USER_FIELD: &str = "user";
 /// Optional data field holding the user's tier.
 pub const TIER_FIELD: &str = "tier";
+/// Data field holding the hex SHA-256 of the key instead of the key, so the
+/// key itself need not be stored in the cluster (and how the Kubernetes
+/// source keeps API-key Secrets in memory: see [`redact_api_key_secret`]).
+pub const KEY_DIGEST_FIELD: &str = "key-sha256";
 
 /// An API key as the compile sees it: the Secret's name and the digest of
 /// its key, never the key.
@@ -75,18 +80,15 @@ pub fn api_key_of(secret: &Secret, default_namespace: &str) -> Result<ApiKeySecr
                 .map_err(|_| format!("data field `{name}` is not UTF-8")),
         }
     };
-    let key = field(KEY_FIELD)?.ok_or_else(|| format!("no `{KEY_FIELD}` data field"))?;
-    // Files and `echo` add a trailing newline; HTTP header values cannot
-    // carry one, so it can never be part of a key.
-    let key = key.trim();
-    if key.is_empty() {
-        return Err(format!("data field `{KEY_FIELD}` is empty"));
-    }
-    if !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "data field `{KEY_FIELD}` must be printable ASCII without spaces (it travels in an HTTP header)"
-        ));
-    }
+    let key_sha256 = match (field(KEY_FIELD)?, field(KEY_DIGEST_FIELD)?) {
+        (Some(key), _) => digest_of_key(&key)?,
+        (None, Some(digest)) => parse_digest(&digest)?,
+        (None, None) => {
+            return Err(format!(
+                "no `{KEY_FIELD}` (or `{KEY_DIGEST_FIELD}`) data field"
+            ));
+        }
+    };
     let user_id = field(USER_FIELD)?
         .map(|user| user.trim().to_owned())
         .filter(|user| !user.is_empty())
@@ -102,10 +104,78 @@ pub fn api_key_of(secret: &Secret, default_namespace: &str) -> Result<ApiKeySecr
             .filter(|namespace| !namespace.is_empty())
             .unwrap_or_else(|| default_namespace.to_owned()),
         name: secret.metadata.name.clone().unwrap_or_default(),
-        key_sha256: Sha256::digest(key.as_bytes()).into(),
+        key_sha256,
         user_id,
         tier,
     })
+}
+
+/// SHA-256 of a key as a `Secret` holds it.
+fn digest_of_key(key: &str) -> Result<[u8; 32], String> {
+    // Files and `echo` add a trailing newline; HTTP header values cannot
+    // carry one, so it can never be part of a key.
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("data field `{KEY_FIELD}` is empty"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "data field `{KEY_FIELD}` must be printable ASCII without spaces (it travels in an HTTP header)"
+        ));
+    }
+    Ok(Sha256::digest(key.as_bytes()).into())
+}
+
+/// A hex SHA-256 (64 hex digits).
+fn parse_digest(hex: &str) -> Result<[u8; 32], String> {
+    let hex = hex.trim();
+    let invalid = || format!("data field `{KEY_DIGEST_FIELD}` must be 64 hex digits (a SHA-256)");
+    if hex.len() != 64 {
+        return Err(invalid());
+    }
+    let mut digest = [0u8; 32];
+    for (index, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * index..2 * index + 2], 16).map_err(|_| invalid())?;
+    }
+    Ok(digest)
+}
+
+/// Keeps only what the compile reads of an API-key `Secret`: its name,
+/// namespace and labels, and `key` replaced by its digest (`key-sha256`).
+/// Everything else goes, `kubectl apply`'s last-applied annotation (which
+/// holds the whole Secret) included, so the controller never keeps a key in
+/// memory. A key that is unusable is left out (its problem is reported).
+pub fn redact_api_key_secret(secret: &mut Secret) {
+    let metadata = std::mem::take(&mut secret.metadata);
+    let mut data = secret.data.take().unwrap_or_default();
+    for (name, value) in secret.string_data.take().unwrap_or_default() {
+        data.insert(name, k8s_openapi::ByteString(value.into_bytes()));
+    }
+    if let Some(key) = data.remove(KEY_FIELD) {
+        let digest = String::from_utf8(key.0)
+            .map_err(|_| format!("data field `{KEY_FIELD}` is not UTF-8"))
+            .and_then(|key| digest_of_key(&key));
+        if let Ok(digest) = digest {
+            let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+            data.insert(
+                KEY_DIGEST_FIELD.to_owned(),
+                k8s_openapi::ByteString(hex.into_bytes()),
+            );
+        }
+    }
+    data.retain(|name, _| [KEY_DIGEST_FIELD, USER_FIELD, TIER_FIELD].contains(&name.as_str()));
+    *secret = Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: metadata.name,
+            namespace: metadata.namespace,
+            labels: metadata.labels,
+            resource_version: metadata.resource_version,
+            uid: metadata.uid,
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    };
 }
 
 /// The auth section of a snapshot: None when nothing is configured (no API
@@ -221,7 +291,7 @@ mod tests {
         let cases = [
             (
                 secret("s", true, &[("user", "u")], &[]),
-                "no `key` data field",
+                "no `key` (or `key-sha256`) data field",
             ),
             (secret("s", true, &[("key", " \n")], &[]), "`key` is empty"),
             (
@@ -237,6 +307,39 @@ mod tests {
             let error = api_key_of(&secret, "default").expect_err(expected);
             assert!(error.contains(expected) && !error.contains("sk"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_digest_stands_for_the_key_and_redaction_keeps_nothing_secret() {
+        let digest: String = Sha256::digest(b"sk-dave")
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let by_digest = api_key_of(
+            &secret("d", true, &[("key-sha256", &digest), ("user", "dave")], &[]),
+            "default",
+        )
+        .expect("valid");
+        let mut full = secret("d", true, &[("user", "dave")], &[("key", "sk-dave")]);
+        full.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+                "{\"stringData\":{\"key\":\"sk-dave\"}}".to_owned(),
+            )]
+            .into(),
+        );
+        full.metadata.namespace = Some("default".into());
+        redact_api_key_secret(&mut full);
+        assert!(!format!("{full:?}").contains("sk-dave"), "{full:?}");
+        assert_eq!(api_key_of(&full, "default").expect("valid"), by_digest);
+        assert!(
+            api_key_of(
+                &secret("d", true, &[("key-sha256", "abc"), ("user", "u")], &[]),
+                "ns"
+            )
+            .expect_err("short")
+            .contains("64 hex digits")
+        );
     }
 
     #[test]

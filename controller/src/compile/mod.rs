@@ -1,5 +1,7 @@
-//! The pure core: ModelRoutes, ModelServers, Pods and scraped engine load in,
-//! a routing snapshot and one report per object out.
+//! The pure core: ModelRoutes, ModelServers, Pods, the router configuration
+//! and scraped engine load in, a routing snapshot and one report per object out.
+//! The controller publishes exactly what [`compile`] returns; on a scrape it
+//! reruns only [`compile_endpoint_loads`], the part that depends on load.
 //!
 //! No I/O and no clock reads (the time is an input), and every list in the
 //! output is built in a canonical order, so equal inputs give byte-identical
@@ -13,9 +15,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use switchyard_crd::{ModelRoute, ModelServer};
 use switchyard_snapshot::{object_key, pb};
 
+use crate::auth::compile_auth;
+use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
 mod limits;
+mod objects;
 mod pod_index;
 mod report;
 mod routes;
@@ -24,6 +29,7 @@ mod servers;
 mod tests;
 
 pub(crate) use limits::compile_rate_limit;
+pub use objects::{LoadProblem, ObjectSet};
 pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
@@ -33,9 +39,13 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Everything a compile reads.
 #[derive(Clone, Copy, Debug)]
 pub struct CompileInput<'a> {
-    pub routes: &'a [ModelRoute],
-    pub servers: &'a [ModelServer],
-    pub pods: &'a [Pod],
+    pub objects: &'a ObjectSet,
+    /// The router configuration (`--router-config`; the default without one):
+    /// its scheduler section and tiers are shipped as they are, its JWT
+    /// settings with `jwks_keys`.
+    pub router: &'a RouterConfig,
+    /// The JWT issuer's keys as last fetched (see [`crate::auth::jwks`]).
+    pub jwks_keys: &'a [String],
     pub pod_loads: &'a BTreeMap<PodKey, PodLoad>,
     /// The compile time; becomes the snapshot's `generated_at_unix_ms`.
     pub now_unix_ms: i64,
@@ -45,31 +55,45 @@ pub struct CompileInput<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Compiled {
     pub route_config: pb::RouteConfig,
+    /// The loads as of the compile; later scrapes recompile only these.
     pub endpoint_loads: pb::EndpointLoads,
     /// One per ready endpoint of every accepted ModelServer, sorted, one per pod.
     pub scrape_targets: Vec<ScrapeTarget>,
     /// One per input ModelRoute and ModelServer, sorted by (kind, namespace, name).
     pub reports: Vec<ObjectReport>,
+    /// API keys left out (a key held by two Secrets), for the log.
+    pub auth_problems: Vec<String>,
     pub generated_at_unix_ms: i64,
 }
 
 /// The slow-changing half of a compile: what only depends on the objects.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompiledRoutes {
+    /// Without a scheduler section: [`compile`] adds the router configuration's.
     pub route_config: pb::RouteConfig,
     pub scrape_targets: Vec<ScrapeTarget>,
     pub reports: Vec<ObjectReport>,
 }
 
-/// Compiles routes, servers and pods, then the endpoint loads of the result.
+/// Compiles routes, servers and pods with the router configuration and the
+/// API keys, then the endpoint loads of the result: the whole snapshot and
+/// every report.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
-    let routes = compile_route_config(input.routes, input.servers, input.pods);
+    let objects = input.objects;
+    let mut routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+    let router = input.router;
+    routes.route_config.scheduler = router.scheduler.clone();
+    routes.route_config.tier_rate_limits = router.tiers.clone();
+    let (auth, auth_problems) =
+        compile_auth(&objects.api_keys, router.auth.as_ref(), input.jwks_keys);
+    routes.route_config.auth = auth;
     let endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
     Compiled {
         route_config: routes.route_config,
         endpoint_loads,
         scrape_targets: routes.scrape_targets,
         reports: routes.reports,
+        auth_problems,
         generated_at_unix_ms: input.now_unix_ms,
     }
 }

@@ -1,12 +1,14 @@
 //! Reflectors: local caches of ModelRoutes, ModelServers and Pods, kept in
 //! sync with the API server by list+watch, one per watched namespace (or one
-//! cluster-wide), each bumping a shared change counter on every event.
+//! cluster-wide), and of the API-key Secrets of the controller's namespace,
+//! each bumping a shared change counter on every event.
 
 use std::fmt::Debug;
+use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
@@ -15,10 +17,12 @@ use kube::{Api, Client, Resource};
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_runtime::TaskSet;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::pod_selector::PodWatch;
+use crate::auth::{self, ApiKeySecret};
+use crate::compile::LoadProblem;
 
 /// Which namespaces are watched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +117,8 @@ pub struct Caches {
     pub routes: Vec<Cache<ModelRoute>>,
     pub servers: Vec<Cache<ModelServer>>,
     pub pods: Vec<Cache<Pod>>,
+    /// API-key Secrets, redacted ([`auth::redact_api_key_secret`]).
+    pub secrets: Vec<Cache<Secret>>,
     /// Bumped on every watch event of any kind.
     pub changes: watch::Receiver<u64>,
 }
@@ -124,8 +130,33 @@ impl Caches {
             routes: vec![Cache::seeded(routes)],
             servers: vec![Cache::seeded(servers)],
             pods: vec![Cache::seeded(pods)],
+            secrets: vec![Cache::seeded(Vec::new())],
             changes: watch::channel(0).1,
         }
+    }
+
+    /// The API keys of the cached Secrets, and the problems of those that
+    /// cannot be used (named, never quoted).
+    pub fn api_keys(&self) -> (Vec<ApiKeySecret>, Vec<LoadProblem>) {
+        let mut keys = Vec::new();
+        let mut problems = Vec::new();
+        for secret in collect(&self.secrets) {
+            // The watch selects by label; a fake or proxy that ignores the selector must not widen it.
+            if !auth::is_api_key_secret(&secret) {
+                continue;
+            }
+            match auth::api_key_of(&secret, crate::compile::DEFAULT_NAMESPACE) {
+                Ok(key) => keys.push(key),
+                Err(error) => problems.push(LoadProblem {
+                    file: secret.metadata.namespace.clone().unwrap_or_default(),
+                    document_index: None,
+                    kind: Some("Secret".to_owned()),
+                    name: secret.metadata.name.clone(),
+                    error,
+                }),
+            }
+        }
+        (keys, problems)
     }
 
     /// Owned copies of every object, in a canonical order (namespace, name) so
@@ -151,6 +182,7 @@ impl Caches {
         self.routes.iter().all(Cache::is_synced)
             && self.servers.iter().all(Cache::is_synced)
             && self.pods.iter().all(Cache::is_synced)
+            && self.secrets.iter().all(Cache::is_synced)
     }
 
     pub async fn wait_synced(&mut self) {
@@ -161,6 +193,9 @@ impl Caches {
             cache.wait_synced().await;
         }
         for cache in &mut self.pods {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.secrets {
             cache.wait_synced().await;
         }
     }
@@ -195,39 +230,36 @@ pub struct Reflectors {
     /// Where the compile loop sends the pod watch derived from the ModelServers.
     pub pod_watch: watch::Sender<PodWatch>,
     _fixed_selection: watch::Sender<PodWatch>,
-    pub tasks: Vec<JoinHandle<()>>,
+    _api_key_selection: watch::Sender<PodWatch>,
 }
 
-impl Reflectors {
-    pub fn abort(&self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
-/// Starts the ModelRoute and ModelServer reflectors of `scope`, waits for
-/// the ModelServers to sync, derives the pod watch from them, then starts the
-/// Pod reflectors. Returns once the tasks are started (not synced: see
+/// Starts the ModelRoute and ModelServer reflectors of `scope` on `tasks`,
+/// waits for the ModelServers to sync, derives the pod watch from them, then
+/// starts the Pod reflectors, and the reflector of the API-key Secrets of
+/// `api_key_namespace`. Returns once the tasks are started (not synced: see
 /// [`Caches::wait_synced`]).
-pub async fn start(client: &Client, scope: &Scope) -> Reflectors {
+pub async fn start(
+    client: &Client,
+    scope: &Scope,
+    api_key_namespace: &str,
+    tasks: &mut TaskSet,
+) -> Reflectors {
     let (changes_sender, changes) = watch::channel(0_u64);
     let changes_sender = Arc::new(changes_sender);
-    let mut tasks = Vec::new();
     // Routes and servers are watched whole; this sender never changes and lives in `Reflectors`.
     let (fixed_selection, fixed) = watch::channel(PodWatch::All);
 
     let mut routes = Vec::new();
     for api in scope.apis::<ModelRoute>(client) {
-        let (cache, task) = spawn_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+        let (cache, task) = cache_and_reflector(api, fixed.clone(), changes_sender.clone(), keep);
         routes.push(cache);
-        tasks.push(task);
+        tasks.spawn("ModelRoute watch", task);
     }
     let mut servers = Vec::new();
     for api in scope.apis::<ModelServer>(client) {
-        let (cache, task) = spawn_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+        let (cache, task) = cache_and_reflector(api, fixed.clone(), changes_sender.clone(), keep);
         servers.push(cache);
-        tasks.push(task);
+        tasks.spawn("ModelServer watch", task);
     }
     for cache in &mut servers {
         cache.wait_synced().await;
@@ -237,25 +269,36 @@ pub async fn start(client: &Client, scope: &Scope) -> Reflectors {
     let (pod_watch, pod_watch_receiver) = watch::channel(initial_watch);
     let mut pods = Vec::new();
     for api in scope.apis::<Pod>(client) {
-        let (cache, task) = spawn_reflector(
+        let (cache, task) = cache_and_reflector(
             api,
             pod_watch_receiver.clone(),
             changes_sender.clone(),
             strip_pod,
         );
         pods.push(cache);
-        tasks.push(task);
+        tasks.spawn("Pod watch", task);
     }
+    // Only labelled Secrets, and only of the controller's own namespace.
+    let (api_key_selection, api_key_watch) =
+        watch::channel(PodWatch::Labels(format!("{}=true", auth::API_KEY_LABEL)));
+    let (secrets, task) = cache_and_reflector(
+        Api::<Secret>::namespaced(client.clone(), api_key_namespace),
+        api_key_watch,
+        changes_sender.clone(),
+        auth::redact_api_key_secret,
+    );
+    tasks.spawn("API key Secret watch", task);
     Reflectors {
         caches: Caches {
             routes,
             servers,
             pods,
+            secrets: vec![secrets],
             changes,
         },
         pod_watch,
         _fixed_selection: fixed_selection,
-        tasks,
+        _api_key_selection: api_key_selection,
     }
 }
 
@@ -283,12 +326,13 @@ fn strip_pod(pod: &mut Pod) {
     });
 }
 
-fn spawn_reflector<K>(
+/// The cache of `api` and the task that fills it.
+fn cache_and_reflector<K>(
     api: Api<K>,
     selection: watch::Receiver<PodWatch>,
     changes: Arc<watch::Sender<u64>>,
     modify: fn(&mut K),
-) -> (Cache<K>, JoinHandle<()>)
+) -> (Cache<K>, impl Future<Output = ()> + Send + 'static)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -299,14 +343,7 @@ where
         store: store.clone(),
         synced,
     };
-    let task = tokio::spawn(run_reflector(
-        api,
-        selection,
-        store,
-        synced_sender,
-        changes,
-        modify,
-    ));
+    let task = run_reflector(api, selection, store, synced_sender, changes, modify);
     (cache, task)
 }
 
@@ -371,7 +408,7 @@ async fn run_reflector<K>(
                 },
                 changed = selection.changed(), if selection_open => {
                     if changed.is_err() {
-                        // Shutting down: keep the current watch until the task is aborted.
+                        // Shutting down: keep the current watch until the task is dropped.
                         selection_open = false;
                         continue;
                     }

@@ -36,7 +36,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -47,6 +47,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::Deserialize;
+use switchyard_runtime::clock::{self, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -193,14 +194,25 @@ pub struct Scraper {
 }
 
 impl Scraper {
-    /// Registers the scrape metrics on `registry` and starts the loop on the
-    /// current Tokio runtime (call it from within one). The target list is read
-    /// at every pass, and a change to it is acted on at once.
+    /// [`Scraper::prepare`], then runs the loop on the current Tokio runtime.
     pub fn spawn(
         config: ScrapeConfig,
         targets: watch::Receiver<Vec<ScrapeTarget>>,
         registry: &Registry,
     ) -> Result<Self, ScraperError> {
+        let (loads, scrape_loop) = Self::prepare(config, targets, registry)?;
+        let task = tokio::spawn(scrape_loop.run());
+        Ok(Self { loads, task })
+    }
+
+    /// Registers the scrape metrics on `registry` and returns the loads the
+    /// loop will publish and the loop, to run where the caller supervises it.
+    /// The target list is read at every pass, and a change to it is acted on at once.
+    pub fn prepare(
+        config: ScrapeConfig,
+        targets: watch::Receiver<Vec<ScrapeTarget>>,
+        registry: &Registry,
+    ) -> Result<(watch::Receiver<PodLoads>, ScrapeLoop), ScraperError> {
         config.validate()?;
         if config.timeout >= config.interval {
             warn!(
@@ -218,8 +230,20 @@ impl Scraper {
             pods: BTreeMap::new(),
             loads: loads_sender,
         };
-        let task = tokio::spawn(worker.run(targets));
-        Ok(Self { loads, task })
+        Ok((loads, ScrapeLoop { worker, targets }))
+    }
+}
+
+/// A scrape loop not yet running; see [`Scraper::prepare`].
+pub struct ScrapeLoop {
+    worker: Worker,
+    targets: watch::Receiver<Vec<ScrapeTarget>>,
+}
+
+impl ScrapeLoop {
+    /// Scrapes until the target sender or every load receiver is gone.
+    pub async fn run(self) {
+        self.worker.run(self.targets).await;
     }
 }
 
@@ -403,7 +427,7 @@ impl Worker {
     }
 
     async fn scrape(&mut self, targets: Vec<ScrapeTarget>) {
-        let started = Instant::now();
+        let started = clock::now();
         let jobs: Vec<(ScrapeTarget, bool)> = targets
             .into_iter()
             .map(|target| {
@@ -506,7 +530,7 @@ impl Worker {
     }
 
     fn update_ages(&self) {
-        let now = Instant::now();
+        let now = clock::now();
         for pod in self.pods.values() {
             if let (Some(gauge), Some(last_success)) = (&pod.age_gauge, pod.last_success) {
                 gauge.set(now.saturating_duration_since(last_success).as_secs_f64());
@@ -549,14 +573,14 @@ async fn scrape_pod(
     fetch_models: bool,
 ) -> PodScrape {
     let metrics = async {
-        let started = Instant::now();
+        let started = clock::now();
         let result = fetch(client, target.addr, "/metrics", METRICS_ACCEPT, timeout)
             .await
             .and_then(|body| {
                 let text = std::str::from_utf8(&body).map_err(|_| FetchError::NotUtf8)?;
                 Ok(parse_engine_page(target.engine, text)?)
             });
-        (result, started.elapsed(), unix_millis_now())
+        (result, started.elapsed(), clock::unix_ms_now())
     };
     let models = async {
         if fetch_models {
@@ -572,7 +596,7 @@ async fn scrape_pod(
         metrics_duration,
         observed_at_unix_ms,
         models,
-        finished_at: Instant::now(),
+        finished_at: clock::now(),
     }
 }
 
@@ -681,13 +705,6 @@ async fn fetch(
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| FetchError::Timeout)?
-}
-
-fn unix_millis_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|since_epoch| i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -850,7 +867,7 @@ mod tests {
         loads: &mut watch::Receiver<PodLoads>,
         mut condition: impl FnMut(&BTreeMap<PodKey, PodLoad>) -> bool,
     ) -> PodLoads {
-        let deadline = tokio::time::Instant::now() + WAIT_DEADLINE;
+        let deadline = clock::now() + WAIT_DEADLINE;
         loop {
             let current = loads.borrow_and_update().clone();
             if condition(&current) {

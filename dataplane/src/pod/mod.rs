@@ -3,11 +3,12 @@
 //! The in-flight counter lives in [`ledger`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use switchyard_runtime::clock::{self, Instant};
 use switchyard_snapshot::pb;
 
 pub mod ledger;
@@ -36,8 +37,9 @@ pub struct PodState {
     in_flight: InFlight,
     /// Latest engine load pushed by the controller, if any.
     load: ArcSwapOption<pb::EndpointLoad>,
-    /// Until when (ms on [`monotonic_ms`]'s clock) a connect failure ejected this pod; 0 = never.
-    ejected_until_ms: AtomicU64,
+    /// Until when (ms on [`monotonic_ms`]'s clock) a connect failure ejected
+    /// this pod; `i64::MIN` = never.
+    ejected_until_ms: AtomicI64,
 }
 
 impl PodState {
@@ -51,7 +53,7 @@ impl PodState {
             authority,
             in_flight: InFlight::default(),
             load: ArcSwapOption::empty(),
-            ejected_until_ms: AtomicU64::new(0),
+            ejected_until_ms: AtomicI64::new(i64::MIN),
         })
     }
 
@@ -86,19 +88,18 @@ pub fn is_fresh(observed_at_unix_ms: i64, now_unix_ms: i64, max_age_ms: u64) -> 
             <= i64::try_from(max_age_ms).unwrap_or(i64::MAX)
 }
 
-/// Wall-clock milliseconds, the clock of `observed_at_unix_ms`.
-pub fn unix_ms_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// Milliseconds since the first call in this process, so an instant fits in an atomic.
-fn monotonic_ms(at: Instant) -> u64 {
+/// Milliseconds from the first call in this process, so an instant fits in
+/// an atomic. Signed: an instant before that first call (a paused test
+/// clock started earlier) still compares correctly.
+fn monotonic_ms(at: Instant) -> i64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    // +1 so that no real instant maps to 0 ("never ejected").
-    at.saturating_duration_since(epoch).as_millis() as u64 + 1
+    let epoch = *EPOCH.get_or_init(clock::now);
+    let millis = |elapsed: Duration| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX);
+    if at >= epoch {
+        millis(at - epoch)
+    } else {
+        -millis(epoch - at)
+    }
 }
 
 #[cfg(test)]
@@ -121,7 +122,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 1)),
         )
         .expect("valid");
-        let now = Instant::now();
+        let now = clock::now();
         assert!(!pod.is_ejected(now));
         pod.eject(now);
         assert!(pod.is_ejected(now));

@@ -6,14 +6,13 @@
 pub mod policy;
 pub mod upstream;
 
-use std::time::Instant;
-
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
+use switchyard_runtime::clock;
 
 use self::policy::{AttemptPolicy, Next, Verdict};
 pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
@@ -150,7 +149,7 @@ pub async fn forward<U: Upstream>(
             Err(error) => {
                 if AttemptPolicy::ejects(&error) {
                     record.connect_failed();
-                    pod.eject(Instant::now());
+                    pod.eject(clock::now());
                 }
                 tracing::warn!(pod = %pod.key, server = %server.key, failure = %error, "upstream attempt failed");
                 policy.on_failure(error)
@@ -221,7 +220,7 @@ mod tests {
     async fn a_503_is_retried_on_the_next_pod_after_the_interval() {
         let server = server_with_pods(3, 2, Duration::from_millis(250), None);
         let upstream = ScriptedUpstream::new([Script::status(503), Script::status(200)]);
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, _) = run(&upstream, &server).await;
         let delivered = result.expect("delivered");
         assert_eq!(delivered.response.status(), StatusCode::OK);
@@ -246,7 +245,7 @@ mod tests {
         assert_eq!(result.expect("delivered").guard.pod().name, "p1");
         assert_eq!(record.attempts(), 2);
         assert!(
-            !server.pods[0].is_ejected(Instant::now()),
+            !server.pods[0].is_ejected(clock::now()),
             "a reset is no reason to eject"
         );
     }
@@ -287,7 +286,7 @@ mod tests {
             Script::SlowHeaders(Duration::from_secs(5)),
             Script::status(200),
         ]);
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, _) = run(&upstream, &server).await;
         let error = result.expect_err("timed out");
         assert_eq!(error.kind, ErrorKind::UpstreamTimeout);
@@ -301,7 +300,7 @@ mod tests {
     async fn refusing_pods_are_ejected_and_skipped_up_to_five_candidates() {
         let server = server_with_pods(7, 0, Duration::from_secs(1), None);
         let upstream = ScriptedUpstream::new(std::iter::repeat_n(Script::Refuse, 7));
-        let started = tokio::time::Instant::now();
+        let started = clock::now();
         let (result, record) = run(&upstream, &server).await;
         let error = result.expect_err("all refused");
         assert_eq!(error.kind, ErrorKind::UpstreamUnavailable);
@@ -313,7 +312,7 @@ mod tests {
             Duration::ZERO,
             "refusals are not waited on"
         );
-        let now = Instant::now();
+        let now = clock::now();
         let ejected: Vec<bool> = server.pods.iter().map(|p| p.is_ejected(now)).collect();
         assert_eq!(ejected, [true, true, true, true, true, false, false]);
         // The next request ranks the healthy pods first.

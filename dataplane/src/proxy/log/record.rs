@@ -12,7 +12,9 @@
 //! - queue: always 0, as there is no fairness queue yet.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use switchyard_runtime::clock::{self, Instant};
 
 use http::{HeaderValue, Method, Request, Uri, Version};
 use prometheus::IntGauge;
@@ -76,8 +78,8 @@ impl RequestRecord {
     pub fn start<B>(observer: &Arc<Observer>, request: &Request<B>) -> Self {
         Self {
             observer: observer.clone(),
-            started: Instant::now(),
-            started_at: SystemTime::now(),
+            started: clock::now(),
+            started_at: clock::wall_now(),
             method: request.method().clone(),
             uri: request.uri().clone(),
             version: request.version(),
@@ -172,7 +174,7 @@ impl RequestRecord {
         self.attempts += 1;
         self.pod = Some(pod.clone());
         if self.upstream_started.is_none() {
-            self.upstream_started = Some(Instant::now());
+            self.upstream_started = Some(clock::now());
             if let (Some(route), Some(server)) = (&self.route, &self.server) {
                 let resolved = self.observer.metrics.resolved();
                 if let Some(gauge) = resolved.upstream_gauge(&route.key, &server.key) {
@@ -220,7 +222,7 @@ impl RequestRecord {
     /// A chunk of the response body is about to reach the client.
     pub fn on_chunk(&mut self) {
         if self.first_chunk.is_none() {
-            self.first_chunk = Some(Instant::now());
+            self.first_chunk = Some(clock::now());
         }
     }
 
@@ -241,7 +243,7 @@ impl RequestRecord {
                 output_tokens: usage.map_or(self.produced_output, |usage| usage.completion_tokens),
             });
         }
-        let ended = Instant::now();
+        let ended = clock::now();
         let total = ended.duration_since(self.started);
         let error_type = match (&self.error, outcome) {
             (Some((kind, _)), _) => kind,
