@@ -2,7 +2,8 @@
 //! engine load into versioned routing snapshots, and streams them to dataplanes.
 //!
 //! Layout:
-//! - [`auth`]: API keys from Secrets, the router configuration's JWT settings, JWKS fetching;
+//! - [`auth`]: API keys from Secrets, compiling authentication, JWKS fetching;
+//! - [`rate_limit`]: `rateLimit` (a route's or a tier's) to its snapshot form;
 //! - [`app`]: chooses the mode and starts the core with its object source;
 //! - [`core`]: the same in both modes: registry, publisher, admin server,
 //!   scraper, compile loop and stream server, fed by an [`core::ObjectSource`];
@@ -27,6 +28,7 @@ pub mod error;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;
+pub mod rate_limit;
 pub mod router_config;
 pub mod scrape;
 pub mod status;

@@ -1,6 +1,6 @@
 //! The router configuration file (`--router-config FILE`): the Kthena
 //! router's format, `scheduler` and `auth` sections, plus Switchyard's
-//! `tiers` (the latter two are parsed in [`crate::auth::settings`]).
+//! `tiers` (the latter two are parsed in `router_config/auth_and_tiers.rs`).
 //!
 //! ```yaml
 //! scheduler:
@@ -29,6 +29,8 @@
 //! validate is rejected with the reason and the previous configuration stays
 //! in force.
 
+mod auth_and_tiers;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,6 +39,8 @@ use serde::Deserialize;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 use tokio::sync::watch;
+
+pub use auth_and_tiers::JwtSettings;
 
 /// How often the file is checked for changes: like the config directory, a
 /// poll (works on ConfigMap volumes, whose updates are symlink swaps).
@@ -65,10 +69,10 @@ pub enum RouterConfigError {
 struct RouterConfigFile {
     #[serde(default)]
     scheduler: Option<SchedulerSection>,
-    /// JWT verification (see [`crate::auth::settings`]).
+    /// JWT verification (see `router_config/auth_and_tiers.rs`).
     #[serde(default)]
     auth: Option<serde_yaml::Value>,
-    /// Per-user token budgets of each tier (see [`crate::auth::settings`]).
+    /// Per-user token budgets of each tier (see `router_config/auth_and_tiers.rs`).
     #[serde(default)]
     tiers: Option<serde_yaml::Value>,
 }
@@ -139,7 +143,7 @@ struct ScoreEntry {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouterConfig {
     pub scheduler: Option<pb::SchedulerConfig>,
-    pub auth: Option<crate::auth::JwtSettings>,
+    pub auth: Option<JwtSettings>,
     pub tiers: Vec<pb::TierRateLimit>,
     pub warnings: Vec<String>,
 }
@@ -158,13 +162,13 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
     let auth = file
         .auth
         .as_ref()
-        .map(crate::auth::settings::parse_auth)
+        .map(auth_and_tiers::parse_auth)
         .transpose()
         .map_err(parse_error)?;
     let tiers = file
         .tiers
         .as_ref()
-        .map(crate::auth::settings::parse_tiers)
+        .map(auth_and_tiers::parse_tiers)
         .transpose()
         .map_err(parse_error)?
         .unwrap_or_default();

@@ -19,8 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::JwtSettings;
-use crate::router_config::RouterConfig;
+use crate::router_config::{JwtSettings, RouterConfig};
 
 /// Keys are refetched this often even without a hint: issuers announce
 /// rotations ahead in their JWKS, so a new key is in place before use.

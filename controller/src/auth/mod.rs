@@ -17,9 +17,8 @@ use sha2::{Digest, Sha256};
 use switchyard_snapshot::pb;
 
 pub mod jwks;
-pub mod settings;
 
-pub use settings::JwtSettings;
+use crate::router_config::JwtSettings;
 
 /// The label that marks a `Secret` as a Switchyard API key (value `"true"`).
 pub const API_KEY_LABEL: &str = "switchyard.dev/api-key";

@@ -19,7 +19,6 @@ use crate::auth::compile_auth;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
-mod limits;
 mod objects;
 mod pod_index;
 mod report;
@@ -28,7 +27,6 @@ mod servers;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use limits::compile_rate_limit;
 pub use objects::{LoadProblem, ObjectSet};
 pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;

@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use switchyard_crd::{ModelRoute, StringMatch, TargetModel};
 use switchyard_snapshot::{object_key, pb};
 
-use super::limits::compile_rate_limit;
 use super::report::{ConditionReport, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
+use crate::rate_limit::compile_rate_limit;
 
 /// Largest weight a target may carry, as in Kthena's API.
 const MAX_TARGET_WEIGHT: u32 = 100;

@@ -1245,7 +1245,8 @@ fn a_pod_selected_by_two_servers_is_scraped_once() {
 /// authentication stays off.
 #[test]
 fn auth_and_tiers_are_compiled_into_the_route_config() {
-    use crate::auth::{ApiKeySecret, JwtSettings};
+    use crate::auth::ApiKeySecret;
+    use crate::router_config::JwtSettings;
     let objects = ObjectSet {
         api_keys: vec![ApiKeySecret {
             namespace: "switchyard-system".into(),

@@ -1,5 +1,5 @@
 //! `rateLimit` (a ModelRoute's, or a tier's in the router configuration) to
-//! its snapshot form.
+//! its snapshot form: used by the compile and by the router configuration.
 
 use switchyard_crd::{FailureMode, RateLimit};
 use switchyard_snapshot::pb;

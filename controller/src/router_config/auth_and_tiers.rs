@@ -19,7 +19,7 @@ use serde::Deserialize;
 use switchyard_crd::RateLimit;
 use switchyard_snapshot::pb;
 
-use crate::compile::compile_rate_limit;
+use crate::rate_limit::compile_rate_limit;
 
 /// How JWTs are verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
