@@ -159,12 +159,20 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
     let Some(file) = file else {
         return Ok(RouterConfig::default());
     };
-    let auth = file
-        .auth
-        .as_ref()
-        .map(auth_and_tiers::parse_auth)
-        .transpose()
-        .map_err(parse_error)?;
+    let mut warnings = Vec::new();
+    let auth = match &file.auth {
+        None => None,
+        Some(block) => {
+            let settings = auth_and_tiers::parse_auth(block).map_err(parse_error)?;
+            if settings.is_none() {
+                warnings.push(
+                    "auth names neither jwksUri nor issuer: JWT authentication stays off"
+                        .to_owned(),
+                );
+            }
+            settings
+        }
+    };
     let tiers = file
         .tiers
         .as_ref()
@@ -177,10 +185,9 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
             scheduler: None,
             auth,
             tiers,
-            warnings: Vec::new(),
+            warnings,
         });
     };
-    let mut warnings = Vec::new();
     let defaults = scheduler::default_config();
     let mut plugin_args = defaults.plugin_args;
     for entry in &section.plugin_config {

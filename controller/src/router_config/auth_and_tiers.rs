@@ -46,8 +46,9 @@ struct AuthSection {
     tier_claim: Option<String>,
 }
 
-/// Parses and validates an `auth` block.
-pub fn parse_auth(value: &serde_yaml::Value) -> Result<JwtSettings, String> {
+/// Parses and validates an `auth` block. None for a block that names
+/// neither `jwksUri` nor `issuer`: as in Kthena, JWTs stay off.
+pub fn parse_auth(value: &serde_yaml::Value) -> Result<Option<JwtSettings>, String> {
     let section: AuthSection =
         serde_yaml::from_value(value.clone()).map_err(|error| format!("auth: {error}"))?;
     let non_empty = |value: Option<String>| {
@@ -58,11 +59,7 @@ pub fn parse_auth(value: &serde_yaml::Value) -> Result<JwtSettings, String> {
     let issuer = non_empty(section.issuer);
     let jwks_uri = non_empty(section.jwks_uri);
     match (&issuer, &jwks_uri) {
-        (None, None) => {
-            return Err(
-                "auth: set `jwksUri`, or `issuer` to find the keys by OIDC discovery".to_owned(),
-            );
-        }
+        (None, None) => return Ok(None),
         (Some(issuer), None) if !is_http_url(issuer) => {
             return Err(format!(
                 "auth.issuer {issuer:?}: OIDC discovery needs an http(s) URL (or set jwksUri)"
@@ -73,7 +70,7 @@ pub fn parse_auth(value: &serde_yaml::Value) -> Result<JwtSettings, String> {
         }
         _ => {}
     }
-    Ok(JwtSettings {
+    Ok(Some(JwtSettings {
         issuer: issuer.unwrap_or_default(),
         audiences: section
             .audiences
@@ -83,7 +80,7 @@ pub fn parse_auth(value: &serde_yaml::Value) -> Result<JwtSettings, String> {
             .collect(),
         jwks_uri,
         tier_claim: non_empty(section.tier_claim).unwrap_or_default(),
-    })
+    }))
 }
 
 fn is_http_url(text: &str) -> bool {
@@ -151,7 +148,8 @@ mod tests {
         let settings = parse_auth(&yaml(
             "issuer: https://issuer.example\naudiences: [a, b]\njwksUri: https://issuer.example/keys\ntierClaim: plan\n",
         ))
-        .expect("valid");
+        .expect("valid")
+        .expect("JWTs on");
         assert_eq!(
             settings,
             JwtSettings {
@@ -161,15 +159,18 @@ mod tests {
                 tier_claim: "plan".into(),
             }
         );
-        let discovered =
-            parse_auth(&yaml("issuer: http://127.0.0.1:8080/realms/x\n")).expect("valid");
+        let discovered = parse_auth(&yaml("issuer: http://127.0.0.1:8080/realms/x\n"))
+            .expect("valid")
+            .expect("JWTs on");
         assert_eq!(discovered.jwks_uri, None);
+        // Neither jwksUri nor issuer: off, as in Kthena.
+        assert_eq!(parse_auth(&yaml("{}")), Ok(None));
+        assert_eq!(parse_auth(&yaml("audiences: [a]\n")), Ok(None));
     }
 
     #[test]
     fn auth_blocks_that_cannot_work_are_rejected() {
         for (text, expected) in [
-            ("audiences: [a]\n", "set `jwksUri`"),
             ("issuer: my-issuer\n", "OIDC discovery needs an http(s) URL"),
             ("issuer: x\njwksUri: file:///keys\n", "not an http(s) URL"),
             (

@@ -83,44 +83,69 @@ mod tests {
     const HELLO_WORLD: &str =
         r#"{"model":"m","messages":[{"role":"user","content":"hello world"}]}"#;
 
-    fn limits(
-        limiting: &RateLimiting,
-        input: u32,
-        tiers: Vec<pb::TierRateLimit>,
-    ) -> Arc<RateLimits> {
-        let config = pb::RouteConfig {
-            routes: vec![pb::ModelRoute {
-                namespace: "default".into(),
-                name: "r".into(),
-                model_name: "m".into(),
-                rate_limit: (input > 0).then(|| pb::RateLimit {
-                    input_tokens_per_unit: input,
-                    unit: "minute".into(),
+    /// Route `m` with `input` tokens a minute (0: no limit), and `tiers`.
+    struct Limits {
+        limiting: RateLimiting,
+        limits: Arc<RateLimits>,
+    }
+
+    impl Limits {
+        fn new(input: u32, tiers: Vec<pb::TierRateLimit>) -> Self {
+            let config = pb::RouteConfig {
+                routes: vec![pb::ModelRoute {
+                    namespace: "default".into(),
+                    name: "r".into(),
+                    model_name: "m".into(),
+                    rate_limit: (input > 0).then(|| pb::RateLimit {
+                        input_tokens_per_unit: input,
+                        unit: "minute".into(),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
+                }],
+                tier_rate_limits: tiers,
                 ..Default::default()
-            }],
-            tier_rate_limits: tiers,
-            ..Default::default()
-        };
-        limiting.apply(RateLimitPlan::parse(&config).expect("valid"))
+            };
+            let limiting = RateLimiting::default();
+            let limits = limiting.apply(RateLimitPlan::parse(&config).expect("valid"));
+            Self { limiting, limits }
+        }
+
+        /// Admits `body` from `identity`; the record keeps the reservation.
+        async fn admit(
+            &self,
+            identity: &Identity,
+            body: &str,
+        ) -> (Result<(), ApiError>, RequestRecord) {
+            let request = inference_request("/v1/chat/completions", body);
+            let mut record = test_record();
+            let admitted = admission(
+                &self.limits,
+                &self.limiting,
+                identity,
+                &request,
+                &mut record,
+            )
+            .await;
+            (admitted, record)
+        }
+    }
+
+    fn user(id: &str) -> Identity {
+        Identity::User(Arc::new(User {
+            user_id: id.into(),
+            tier: Some("free".into()),
+        }))
     }
 
     #[tokio::test(start_paused = true)]
     async fn admits_at_once_without_limits() {
-        let limiting = RateLimiting::default();
-        let limits = limits(&limiting, 0, vec![]);
-        let request = inference_request("/v1/completions", r#"{"model":"m","prompt":"hi"}"#);
+        let limits = Limits::new(0, vec![]);
         let started = tokio::time::Instant::now();
-        let mut record = test_record();
-        let admitted = admission(
-            &limits,
-            &limiting,
-            &Identity::Anonymous,
-            &request,
-            &mut record,
-        );
-        assert_eq!(admitted.await, Ok(()));
+        let (admitted, record) = limits
+            .admit(&Identity::Anonymous, r#"{"model":"m","prompt":"hi"}"#)
+            .await;
+        assert_eq!(admitted, Ok(()));
         assert_eq!(
             started.elapsed(),
             std::time::Duration::ZERO,
@@ -131,39 +156,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reserves_the_chatml_estimate_then_refuses_with_retry_after_and_headers() {
-        let limiting = RateLimiting::default();
-        let limits = limits(&limiting, 30, vec![]);
-        let request = inference_request("/v1/chat/completions", HELLO_WORLD);
-        let mut records = Vec::new();
-        for remaining in [20, 10, 0] {
-            let mut record = test_record();
-            admission(
-                &limits,
-                &limiting,
-                &Identity::Anonymous,
-                &request,
-                &mut record,
-            )
-            .await
-            .expect("admitted");
+        let limits = Limits::new(30, vec![]);
+        // Kept in flight: a request that ends undelivered is refunded.
+        let mut in_flight = Vec::new();
+        for remaining in [20.0, 10.0, 0.0] {
+            let (admitted, record) = limits.admit(&Identity::Anonymous, HELLO_WORLD).await;
+            admitted.expect("admitted");
             let status = record.rate_limit_status().expect("limited");
-            assert_eq!(
-                (status.limit, status.remaining.floor()),
-                (30.0, f64::from(remaining))
-            );
-            // Still in flight: a request that ends undelivered is refunded.
-            records.push(record);
+            assert_eq!((status.limit, status.remaining.floor()), (30.0, remaining));
+            in_flight.push(record);
         }
-        let mut record = test_record();
-        let error = admission(
-            &limits,
-            &limiting,
-            &Identity::Anonymous,
-            &request,
-            &mut record,
-        )
-        .await
-        .expect_err("the fourth hello world");
+        let (refused, _) = limits.admit(&Identity::Anonymous, HELLO_WORLD).await;
+        let error = refused.expect_err("the fourth hello world");
         assert_eq!(error.kind, ErrorKind::RateLimited);
         assert_eq!(
             error.message,
@@ -187,49 +191,27 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tier_limits_each_of_its_users() {
-        let limiting = RateLimiting::default();
-        let limits = limits(
-            &limiting,
-            0,
-            vec![pb::TierRateLimit {
-                tier: "free".into(),
-                limit: Some(pb::RateLimit {
-                    input_tokens_per_unit: 10,
-                    unit: "hour".into(),
-                    ..Default::default()
-                }),
-            }],
-        );
-        let request = inference_request("/v1/chat/completions", HELLO_WORLD);
-        let user = |id: &str| {
-            Identity::User(Arc::new(User {
-                user_id: id.into(),
-                tier: Some("free".into()),
-            }))
+        let free = pb::TierRateLimit {
+            tier: "free".into(),
+            limit: Some(pb::RateLimit {
+                input_tokens_per_unit: 10,
+                unit: "hour".into(),
+                ..Default::default()
+            }),
         };
-        let mut record = test_record();
-        admission(&limits, &limiting, &user("a"), &request, &mut record)
-            .await
-            .expect("first");
-        let error = admission(&limits, &limiting, &user("a"), &request, &mut record)
-            .await
-            .expect_err("a's budget is spent");
+        let limits = Limits::new(0, vec![free]);
+        let (first, _kept) = limits.admit(&user("a"), HELLO_WORLD).await;
+        first.expect("first");
+        let (refused, _) = limits.admit(&user("a"), HELLO_WORLD).await;
+        let error = refused.expect_err("a's budget is spent");
         assert!(
             error.message.contains("user a of tier free"),
             "{}",
             error.message
         );
-        admission(&limits, &limiting, &user("b"), &request, &mut record)
-            .await
-            .expect("b has a budget of its own");
-        admission(
-            &limits,
-            &limiting,
-            &Identity::Anonymous,
-            &request,
-            &mut record,
-        )
-        .await
-        .expect("no tier, no route limit");
+        let (other, _) = limits.admit(&user("b"), HELLO_WORLD).await;
+        other.expect("b has a budget of its own");
+        let (anonymous, _) = limits.admit(&Identity::Anonymous, HELLO_WORLD).await;
+        anonymous.expect("no tier, no route limit");
     }
 }

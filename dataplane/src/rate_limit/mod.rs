@@ -901,7 +901,7 @@ mod tests {
     /// admits again once the minute has refilled the bucket.
     #[tokio::test(start_paused = true)]
     async fn kthena_example_admits_three_hello_worlds_per_minute() {
-        let limiting = RateLimiting::new(None).expect("metrics");
+        let limiting = RateLimiting::default();
         let limits = apply(
             &limiting,
             &config(
@@ -942,7 +942,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn output_is_charged_in_full_into_debt_and_the_next_request_waits() {
-        let limiting = RateLimiting::new(None).expect("metrics");
+        let limiting = RateLimiting::default();
         let limits = apply(
             &limiting,
             &config(vec![route("r", "m", &[], limit(0, 100, "minute"))], vec![]),
@@ -963,7 +963,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn input_above_the_estimate_is_charged_and_undelivered_requests_refunded() {
-        let limiting = RateLimiting::new(None).expect("metrics");
+        let limiting = RateLimiting::default();
         let limits = apply(
             &limiting,
             &config(vec![route("r", "m", &[], limit(100, 0, "hour"))], vec![]),
@@ -993,7 +993,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn routes_sharing_a_model_share_a_budget_and_lora_only_routes_are_limited() {
-        let limiting = RateLimiting::new(None).expect("metrics");
+        let limiting = RateLimiting::default();
         let limits = apply(
             &limiting,
             &config(
@@ -1032,7 +1032,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn tiers_give_each_user_a_budget_on_top_of_the_route() {
-        let limiting = RateLimiting::new(None).expect("metrics");
+        let limiting = RateLimiting::default();
         let limits = apply(
             &limiting,
             &config(
@@ -1096,7 +1096,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_new_snapshot_keeps_budgets_and_removing_a_limit_removes_it() {
-        let limiting = RateLimiting::new(None).expect("metrics");
+        let limiting = RateLimiting::default();
         let limits = apply(
             &limiting,
             &config(vec![route("r", "m", &[], limit(30, 0, "minute"))], vec![]),
