@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config_file;
 pub mod error;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod per_worker;
 pub mod pod;
 pub mod proxy;
+pub mod rate_limit;
 pub mod request;
 pub mod request_id;
 pub mod response;
@@ -37,5 +39,6 @@ pub mod routing;
 pub mod scheduling;
 pub mod server;
 pub mod snapshot;
+pub mod token_estimate;
 pub mod workers;
 pub mod xds_client;

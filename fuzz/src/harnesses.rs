@@ -229,6 +229,7 @@ fn check_local_objects(input: &[u8]) {
     let compiled = compile(&CompileInput {
         objects: &objects,
         router: &RouterConfig::default(),
+        jwks_keys: &[],
         pod_loads: &BTreeMap::new(),
         ejections: &ReportedEjections::new(),
         now_unix_ms: 0,

@@ -18,18 +18,6 @@ pub(crate) fn route_fields(route: &ModelRoute) -> Vec<IgnoredField> {
             "Gateway API attachment is not implemented yet: the route serves requests from every listener, whatever Gateway they came through",
         ));
     }
-    if let Some(limit) = &spec.rate_limit {
-        ignored.push(IgnoredField::new(
-            "spec.rateLimit",
-            "token rate limits are not enforced yet: requests are not limited",
-        ));
-        if limit.global.is_some() {
-            ignored.push(IgnoredField::new(
-                "spec.rateLimit.global",
-                "budgets shared by every router through Redis are not implemented yet",
-            ));
-        }
-    }
     ignored
 }
 

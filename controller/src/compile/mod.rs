@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use switchyard_crd::{ModelRoute, ModelServer};
 use switchyard_snapshot::{object_key, pb};
 
+use crate::auth::compile_auth;
 use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
@@ -44,10 +45,12 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 #[derive(Clone, Copy, Debug)]
 pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
-    /// The router configuration (`--router-config`; the default without
-    /// one): its scheduler section and outlier detection are shipped as they
-    /// are.
+    /// The router configuration (`--router-config`; the default without one):
+    /// its scheduler section, tiers and outlier detection are shipped as they
+    /// are, its JWT settings with `jwks_keys`.
     pub router: &'a RouterConfig,
+    /// The JWT issuer's keys as last fetched (see [`crate::auth::jwks`]).
+    pub jwks_keys: &'a [String],
     pub pod_loads: &'a BTreeMap<PodKey, PodLoad>,
     /// Pods the dataplanes reported ejecting.
     pub ejections: &'a ReportedEjections,
@@ -65,6 +68,8 @@ pub struct Compiled {
     pub scrape_targets: Vec<ScrapeTarget>,
     /// One per input ModelRoute and ModelServer, sorted by (kind, namespace, name).
     pub reports: Vec<ObjectReport>,
+    /// API keys left out (a key held by two Secrets), for the log.
+    pub auth_problems: Vec<String>,
     pub generated_at_unix_ms: i64,
 }
 
@@ -77,13 +82,18 @@ pub struct CompiledRoutes {
     pub reports: Vec<ObjectReport>,
 }
 
-/// Compiles routes, servers and pods with the router configuration, then the
-/// endpoint loads of the result: the whole snapshot and every report.
+/// Compiles routes, servers and pods with the router configuration and the
+/// API keys, then the endpoint loads of the result: the whole snapshot and
+/// every report.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let objects = input.objects;
     let mut routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
     let router = input.router;
     routes.route_config.scheduler = router.scheduler.clone();
+    routes.route_config.tier_rate_limits = router.tiers.clone();
+    let (auth, auth_problems) =
+        compile_auth(&objects.api_keys, router.auth.as_ref(), input.jwks_keys);
+    routes.route_config.auth = auth;
     routes.route_config.outlier_detection = router.outlier_detection.defaults;
     for server in &mut routes.route_config.servers {
         server.outlier_detection = router
@@ -100,6 +110,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         endpoint_loads,
         scrape_targets: routes.scrape_targets,
         reports: routes.reports,
+        auth_problems,
         generated_at_unix_ms: input.now_unix_ms,
     }
 }

@@ -1,5 +1,6 @@
 //! Kubernetes mode: an object source of reflectors over ModelRoutes,
-//! ModelServers and Pods; the elected leader writes status conditions and
+//! ModelServers and Pods (and the API-key Secrets of the controller's
+//! namespace); the elected leader writes status conditions and
 //! Events, and every replica reports its dataplanes' ACKs for the leader to count.
 //!
 //! The source's first object set is the caches' content once every one of
@@ -73,7 +74,8 @@ impl ObjectSource for KubernetesSource {
     /// Lists and watches the cluster and returns once every cache has synced.
     async fn start(self, tasks: &mut TaskSet) -> Result<SourceStarted, ControllerError> {
         tracing::info!(scope = ?self.scope, "starting the Kubernetes watches");
-        let reflectors = caches::start(&self.client, &self.scope, tasks).await;
+        let reflectors =
+            caches::start(&self.client, &self.scope, &self.lease_namespace, tasks).await;
         let mut caches = reflectors.caches.clone();
         caches.wait_synced().await;
         tracing::info!("Kubernetes caches synced");
@@ -165,12 +167,15 @@ async fn feed_objects(reflectors: caches::Reflectors, objects: watch::Sender<Arc
 /// The caches' objects; on the way, points the pod watch at what the ModelServers select.
 fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<ObjectSet> {
     let (routes, servers, pods) = caches.snapshot();
+    let (api_keys, problems) = caches.api_keys();
     pod_watch
         .send_if_modified(|current| replace_if_changed(current, pod_selector::pod_watch(&servers)));
     Arc::new(ObjectSet {
         routes,
         servers,
         pods,
+        api_keys,
+        problems,
         ..ObjectSet::default()
     })
 }

@@ -170,7 +170,7 @@ fn ignored_fields_are_a_condition_and_one_warning_event_until_they_change() {
         .iter()
         .map(|field| field.path.as_str())
         .collect();
-    assert_eq!(paths, ["spec.parentRefs", "spec.rateLimit"]);
+    assert_eq!(paths, ["spec.parentRefs"]);
     let status = route_status(report, &all_acked(1), None, ts(0));
     let ignored = find(&status.conditions, "IgnoredFields");
     assert_eq!(
@@ -180,8 +180,7 @@ fn ignored_fields_are_a_condition_and_one_warning_event_until_they_change() {
     assert_eq!(
         ignored.message,
         "set but not acted on by the router: spec.parentRefs: Gateway API attachment is not implemented yet: \
-         the route serves requests from every listener, whatever Gateway they came through; \
-         spec.rateLimit: token rate limits are not enforced yet: requests are not limited"
+         the route serves requests from every listener, whatever Gateway they came through"
     );
     assert_eq!(find(&status.conditions, "Accepted").status, "True");
     let events = warning_events(report, &[]);

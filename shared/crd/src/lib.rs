@@ -13,8 +13,8 @@ pub mod test_builders;
 pub use duration::{GoDurationError, parse_go_duration};
 pub use manifests::{CrdManifest, crd_yaml, crd_yaml_stream};
 pub use model_route::{
-    BodyMatch, ModelMatch, ModelRoute, ModelRouteSpec, ParentReference, RateLimit, RateLimitUnit,
-    Rule, StringMatch, TargetModel,
+    BodyMatch, FailureMode, GlobalRateLimit, ModelMatch, ModelRoute, ModelRouteSpec,
+    ParentReference, RateLimit, RateLimitUnit, RedisAddress, Rule, StringMatch, TargetModel,
 };
 pub use model_server::{
     DEFAULT_KV_CONNECTOR_TYPE, InferenceEngine, KvConnector, ModelServer, ModelServerSpec, PdGroup,
