@@ -1,7 +1,7 @@
 //! Wires the dataplane together: snapshot store, controller stream, the
 //! traffic workers, the metrics and debug servers, all supervised by one task
 //! set. This runs on the control thread; the traffic workers run on their own
-//! threads (see [`workers`](crate::workers)).
+//! threads (see [`workers`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -75,7 +75,7 @@ fn main() {
 
 fn parse(small: &Bytes, large: &Bytes) {
     let parse_small = ns_per_op(|| {
-        black_box(parse_body(black_box(&small)).map(|p| p.model.len()).ok());
+        black_box(parse_body(black_box(small)).map(|p| p.model.len()).ok());
     });
     println!(
         "| parse_body, {} B chat | {parse_small:.0} | {:.0} MB/s |",
@@ -83,7 +83,7 @@ fn parse(small: &Bytes, large: &Bytes) {
         small.len() as f64 / parse_small * 1e3
     );
     let parse_large = ns_per_op(|| {
-        black_box(parse_body(black_box(&large)).map(|p| p.model.len()).ok());
+        black_box(parse_body(black_box(large)).map(|p| p.model.len()).ok());
     });
     println!(
         "| parse_body, {} KB prompt | {parse_large:.0} | {:.0} MB/s |",

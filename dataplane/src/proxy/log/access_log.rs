@@ -207,10 +207,13 @@ pub struct AccessLog {
     dropped: IntCounter,
 }
 
+/// One worker's entries the writer has not taken yet.
+type PendingList = Arc<Mutex<Vec<AccessLogEntry>>>;
+
 #[derive(Debug)]
 struct Batch {
     /// Entries the writer has not taken yet.
-    pending: Arc<Mutex<Vec<AccessLogEntry>>>,
+    pending: PendingList,
     writer: SyncSender<Signal>,
 }
 
@@ -233,7 +236,7 @@ pub struct AccessLogWriter {
 #[derive(Debug)]
 struct Running {
     /// Every worker's list, in the order they were made.
-    lists: Arc<Mutex<Vec<Arc<Mutex<Vec<AccessLogEntry>>>>>>,
+    lists: Arc<Mutex<Vec<PendingList>>>,
     signals: SyncSender<Signal>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -341,7 +344,7 @@ impl AccessLogWriter {
 
 fn write_lines(
     signals: &Receiver<Signal>,
-    lists: &Mutex<Vec<Arc<Mutex<Vec<AccessLogEntry>>>>>,
+    lists: &Mutex<Vec<PendingList>>,
     mut output: Box<dyn Write + Send>,
     format: AccessLogFormat,
 ) {
