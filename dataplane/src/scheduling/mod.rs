@@ -8,6 +8,8 @@
 //!   names and arguments are in `switchyard_snapshot::scheduler`;
 //! - [`prefix`]: prompt block hashing, the local prefix index, rendezvous
 //!   hashing with bounded load (replica-consistent affinity);
+//! - [`saturation`]: when a pod's engine cannot start one more request, the
+//!   point until which affinity keeps a prefix on its pod;
 //! - [`ledger`]: the in-flight count per pod, decremented exactly once;
 //! - [`pod`]: per-pod state that survives snapshot swaps;
 //! - [`metrics`], [`decisions`]: plugin timings and recent decisions.
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod plugins;
 pub mod pod;
 pub mod prefix;
+pub mod saturation;
 
 pub use framework::{Ranking, ScheduleError, ScheduleRequest, Scheduler, SchedulingShared};
 pub use ledger::InFlightGuard;

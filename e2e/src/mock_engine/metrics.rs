@@ -71,6 +71,9 @@ pub struct MetricsInput<'a> {
     /// Present when the backend models a prefix cache (sim mode); its families are left out
     /// otherwise.
     pub prefix_cache: Option<&'a PrefixCacheStats>,
+    /// The paged KV cache's (blocks, tokens per block), for vLLM's `vllm:cache_config_info`;
+    /// present when the backend models one (sim mode).
+    pub kv_cache_blocks: Option<(u32, u32)>,
     pub stats: &'a StatsSnapshot,
     /// Unix seconds at engine start: value of vLLM's `*_created` series.
     pub started_at_unix: f64,
@@ -111,6 +114,25 @@ fn render_vllm(page: &mut Exposition, input: &MetricsInput<'_>) {
         "KV-cache usage. 1 means 100 percent usage.",
     );
     page.sample("vllm:kv_cache_usage_perc", &labels, load.kv_cache_usage());
+    if let Some((blocks, block_size)) = input.kv_cache_blocks {
+        // The real family has some thirty labels; these are the ones routers read.
+        let (blocks, block_size) = (blocks.to_string(), block_size.to_string());
+        page.family(
+            "vllm:cache_config_info",
+            "gauge",
+            "Information of the LLMEngine CacheConfig",
+        );
+        page.sample(
+            "vllm:cache_config_info",
+            &[
+                ("block_size", &block_size),
+                ("enable_prefix_caching", "True"),
+                ("engine", VLLM_ENGINE_INDEX),
+                ("num_gpu_blocks", &blocks),
+            ],
+            1.0,
+        );
+    }
     if let Some(cache) = input.prefix_cache {
         let counters = [
             (
@@ -572,6 +594,7 @@ mod tests {
             lora_adapters: &adapters,
             load: &load,
             prefix_cache: None,
+            kv_cache_blocks: None,
             stats: &stats,
             started_at_unix: 1_795_266_405.0,
             now_unix: 1_795_266_410.5,
@@ -616,6 +639,7 @@ mod tests {
             lora_adapters: &[],
             load: &EngineLoad::default(),
             prefix_cache: None,
+            kv_cache_blocks: None,
             stats: &stats,
             started_at_unix: 0.0,
             now_unix: 0.0,
@@ -692,6 +716,7 @@ mod tests {
             lora_adapters: &[],
             load: &load,
             prefix_cache: None,
+            kv_cache_blocks: None,
             stats: &stats,
             started_at_unix: 0.0,
             now_unix: 0.0,
