@@ -5,8 +5,11 @@
 //! - [`harness`]: starting the real binaries on loopback for end-to-end tests.
 //! - [`sim_stack`]: simulated engines behind a controller with a router configuration, for the
 //!   scheduling quality tests and benchmark.
+//! - [`prefix_workload`]: the cache-bound shared-prefix workload those and the real-engine quality
+//!   run send, and the engines' own counters they are judged by.
 #![forbid(unsafe_code)]
 
 pub mod harness;
 pub mod mock_engine;
+pub mod prefix_workload;
 pub mod sim_stack;
