@@ -665,12 +665,15 @@ mod tests {
                     lora_adapters: &[],
                     load: &EngineLoad::default(),
                     prefix_cache,
+                    // The simulator's cache comes with its prefix-cache stats.
+                    kv_cache_blocks: prefix_cache.map(|_| (128, 32)),
                     stats: &stats,
                     started_at_unix: 1_795_266_405.0,
                     now_unix: 0.0,
                 })
             };
             let without = render_with(None);
+            assert!(!without.contains("cache_config_info"));
             assert!(!without.contains("prefix_cache"));
             assert!(!without.contains("cache_hit_rate"));
             assert!(!without.contains("cached_tokens"));
@@ -682,6 +685,7 @@ mod tests {
                     "vllm:prefix_cache_queries_created{engine=\"0\",model_name=\"base\"} 1.795266405e+09",
                     "vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"base\"} 2624.0",
                     "vllm:num_preemptions_total{engine=\"0\",model_name=\"base\"} 1.0",
+                    "vllm:cache_config_info{block_size=\"32\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"128\"} 1.0",
                 ],
                 EngineFlavor::Sglang => &[
                     "# TYPE sglang:cache_hit_rate gauge",
