@@ -1,5 +1,6 @@
-//! Prompt prefix hashing, the local index of where prefixes were sent, and
-//! the deterministic choice (rendezvous hashing with bounded load) that lets
+//! Prompt prefix hashing, the local index of where prefixes were sent (block
+//! by block, and which pod is home to each prefix group), and the
+//! deterministic choice (rendezvous hashing with bounded load) that lets
 //! several dataplanes agree on a pod for a prefix without talking.
 //!
 //! A prompt (the `prompt` string, or chat `messages` flattened as
@@ -32,6 +33,9 @@ pub const TOP_K_MATCHES: usize =
 /// batches many sequences, and without a floor the second concurrent request
 /// of a prefix would leave its pod at almost no load.
 pub const BOUNDED_LOAD_FLOOR: f64 = 2.0;
+/// Shards of the per-pod group counts: a new group reads the count of every
+/// candidate and adds to one, so no single lock is shared by all of them.
+const GROUP_COUNT_SHARDS: usize = 16;
 
 /// Chained block hashes of a prompt; appends to `out` (cleared first).
 pub fn hash_prompt(
@@ -188,21 +192,118 @@ impl Hasher for IdentityHasher {
 }
 
 type BlockMap = HashMap<u64, [u64; OWNERS_PER_BLOCK], BuildHasherDefault<IdentityHasher>>;
+type GroupMap = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
 
 /// Where this dataplane recently sent each prefix block: block hash -> pod
-/// ids, most recent first. Bounded: each shard keeps two generations and
-/// drops the older one when the newer is full (an LRU approximation with
-/// O(1) upkeep and no per-entry list).
+/// ids, most recent first; and the home of each prefix group ([`GroupTable`]).
+/// Bounded: each shard keeps two generations and drops the older one when
+/// the newer is full (an LRU approximation with O(1) upkeep and no per-entry
+/// list).
 #[derive(Debug)]
 pub struct PrefixIndex {
     shards: Vec<Mutex<Shard>>,
     per_generation: usize,
+    pub groups: GroupTable,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
     current: BlockMap,
     previous: BlockMap,
+}
+
+/// The prefix groups this dataplane has sent somewhere: group key (the hash
+/// that names a prompt's leading blocks) -> its home, the pod that first
+/// served it; and how many groups each pod is home to, so that new groups can
+/// be spread. Bounded and aged like the block index; a group that ages out
+/// no longer counts.
+#[derive(Debug)]
+pub struct GroupTable {
+    shards: Vec<Mutex<GroupShard>>,
+    per_generation: usize,
+    /// Pod id -> groups it is home to, sharded by pod id.
+    homed: Vec<Mutex<HashMap<u64, usize, BuildHasherDefault<IdentityHasher>>>>,
+}
+
+#[derive(Debug, Default)]
+struct GroupShard {
+    current: GroupMap,
+    previous: GroupMap,
+}
+
+impl GroupTable {
+    /// A table of about `capacity` groups.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..INDEX_SHARDS).map(|_| Mutex::default()).collect(),
+            per_generation: (capacity / 2 / INDEX_SHARDS).max(1),
+            homed: (0..GROUP_COUNT_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: u64) -> &Mutex<GroupShard> {
+        &self.shards[(key >> 58) as usize % INDEX_SHARDS]
+    }
+
+    fn count_shard(
+        &self,
+        pod_id: u64,
+    ) -> &Mutex<HashMap<u64, usize, BuildHasherDefault<IdentityHasher>>> {
+        // Pod ids are hashes: their low bits are uniform.
+        &self.homed[pod_id as usize % GROUP_COUNT_SHARDS]
+    }
+
+    /// The home of group `key`, if this dataplane has sent it anywhere.
+    pub fn home(&self, key: u64) -> Option<u64> {
+        let shard = self.shard(key).lock();
+        shard
+            .current
+            .get(&key)
+            .or_else(|| shard.previous.get(&key))
+            .copied()
+    }
+
+    /// Groups `pod_id` is home to.
+    pub fn homed(&self, pod_id: u64) -> usize {
+        self.count_shard(pod_id)
+            .lock()
+            .get(&pod_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Records that group `key` was sent to `pod_id`: the first pod it was
+    /// sent to stays its home.
+    pub fn record(&self, key: u64, pod_id: u64) {
+        let mut shard = self.shard(key).lock();
+        if shard.current.contains_key(&key) {
+            return;
+        }
+        let (home, new) = match shard.previous.remove(&key) {
+            Some(home) => (home, false),
+            None => (pod_id, true),
+        };
+        if shard.current.len() >= self.per_generation {
+            let current = std::mem::take(&mut shard.current);
+            let aged_out = std::mem::replace(&mut shard.previous, current);
+            for home in aged_out.into_values() {
+                self.add(home, -1);
+            }
+        }
+        shard.current.insert(key, home);
+        if new {
+            self.add(home, 1);
+        }
+    }
+
+    fn add(&self, pod_id: u64, delta: isize) {
+        let mut counts = self.count_shard(pod_id).lock();
+        let count = counts.entry(pod_id).or_insert(0);
+        *count = count.saturating_add_signed(delta);
+        if *count == 0 {
+            counts.remove(&pod_id);
+        }
+    }
 }
 
 impl std::fmt::Debug for IdentityHasher {
@@ -238,6 +339,7 @@ impl PrefixIndex {
         Self {
             shards: (0..INDEX_SHARDS).map(|_| Mutex::default()).collect(),
             per_generation: (capacity / 2 / INDEX_SHARDS).max(1),
+            groups: GroupTable::new(capacity),
         }
     }
 
@@ -445,6 +547,24 @@ mod tests {
             })
             .sum();
         assert!(entries <= INDEX_SHARDS * 2 * 10, "{entries}");
+    }
+
+    #[test]
+    fn a_group_keeps_its_first_pod_and_counts_until_it_ages_out() {
+        let groups = GroupTable::new(INDEX_SHARDS * 2);
+        assert_eq!(groups.home(7), None);
+        groups.record(7, 10);
+        groups.record(7, 20);
+        assert_eq!(groups.home(7), Some(10), "the first pod stays home");
+        groups.record(8 << 58, 10);
+        assert_eq!((groups.homed(10), groups.homed(20)), (2, 0));
+        // One entry per generation in key 7's shard: two newer groups there
+        // age it out (the first moves it to the older generation).
+        groups.record(1, 20);
+        assert_eq!(groups.home(7), Some(10), "still in the older generation");
+        groups.record(2, 20);
+        assert_eq!(groups.home(7), None);
+        assert_eq!((groups.homed(10), groups.homed(20)), (1, 2));
     }
 
     #[test]

@@ -2,15 +2,19 @@
 //! cache, the same on every dataplane replica, until that pod is saturated.
 //!
 //! A prompt's group is named by the hash of its leading `affinity_blocks`
-//! blocks (a system prompt, the start of a conversation). The group's *home*
-//! is the candidate with the highest rendezvous weight for that hash: every
-//! replica computes the same pod for a group it has never seen, so replicas
-//! build their caches on the same pods instead of scattering them.
+//! blocks (a system prompt, the start of a conversation). A group gets its
+//! *home* when this dataplane first sees it, and keeps it: the candidate with
+//! the highest rendezvous weight for its name, unless that pod would be home
+//! to more than `loadBoundFactor` x the mean number of groups (then the next
+//! in rendezvous order that would not). Every replica computes the same pod
+//! for a group it has never seen, so replicas build their caches on the same
+//! pods instead of scattering them; and a handful of system prompts do not
+//! all land on one pod because hashing happened to put them there.
 //!
-//! The group goes home until the home is saturated by its engine's own
-//! signals ([`saturation`]: requests waiting, or a KV cache too full for one
-//! more request of this size), not merely because a few of its requests are
-//! in flight at once. Then it spills to a pod with room that this dataplane
+//! A group goes home until its home is saturated by its engine's own signals
+//! ([`saturation`]: requests waiting, or a KV cache too full for one more
+//! request of this size), not merely because a few of its requests are in
+//! flight at once. Then it spills to a pod with room that this dataplane
 //! already sent the group to (it holds the prefix; the longest match wins),
 //! else to the next pod in the group's rendezvous order (the same on every
 //! replica). The home stays the home: once it has room the group goes back,
@@ -31,8 +35,8 @@ use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 use super::super::prefix::{PrefixIndex, rendezvous_weight};
 use super::super::saturation::{self, is_saturated};
 use super::{
-    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, PromptHashing, ScorePlugin,
-    with_scratch,
+    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, PluginScratch, PromptHashing,
+    ScorePlugin, with_scratch,
 };
 
 pub const IMPLEMENTATION: Implementation = Implementation {
@@ -82,32 +86,43 @@ impl ScorePlugin for PrefixCache {
         Some(self.hashing)
     }
 
-    /// Remembers where this prefix went (the reference's PostSchedule).
+    /// Remembers where this prefix went (the reference's PostSchedule), and
+    /// the group's home if it has none (it aged out since it was scored).
     fn on_dispatched(&self, pod_id: u64, prompt_hashes: &[u64]) {
-        if !prompt_hashes.is_empty() {
+        if let Some(key) = self.group_key(prompt_hashes) {
             self.index.record(prompt_hashes, pod_id);
+            self.index.groups.record(key, pod_id);
         }
     }
 }
 
 impl PrefixCache {
+    /// The name of the prompt's group: the hash of its first `affinity_blocks`
+    /// blocks (or of the whole prompt, if shorter).
+    fn group_key(&self, hashes: &[u64]) -> Option<u64> {
+        let last = hashes.len().min(self.affinity_blocks).checked_sub(1)?;
+        hashes.get(last).copied()
+    }
+
     fn score_prompt(&self, candidates: &[Candidate], hashes: &[u64], out: &mut [u32]) {
         out.fill(0);
-        if hashes.is_empty() || candidates.is_empty() {
+        let Some(key) = self.group_key(hashes) else {
             return;
-        }
+        };
         let total = hashes.len();
         let key_block = self.affinity_blocks.clamp(1, total) - 1;
-        let key = hashes[key_block];
         let request_tokens = saturation::request_tokens(total, self.hashing.block_size);
         with_scratch(|scratch| {
             scratch.fill(candidates);
             self.index
                 .matches(hashes, &scratch.ids, &mut scratch.matched);
+            let home = match self.index.groups.home(key) {
+                Some(id) => {
+                    (0..candidates.len()).find(|&i| scratch.ids[i] == id && scratch.eligible[i])
+                }
+                None => self.new_group_home(key, scratch),
+            };
             let bound = load_bound(&scratch.loads, &scratch.eligible, self.load_bound_factor);
-            let home = (0..candidates.len())
-                .filter(|&i| scratch.eligible[i])
-                .max_by_key(|&i| rendezvous_weight(key, scratch.ids[i]));
             // From here on `eligible` means "has room".
             for (i, candidate) in candidates.iter().enumerate() {
                 let saturated = is_saturated(candidate, request_tokens)
@@ -135,6 +150,37 @@ impl PrefixCache {
                 };
             }
         });
+    }
+
+    /// The home of a group this dataplane has not sent anywhere yet: the
+    /// eligible candidate with the highest rendezvous weight for `key` among
+    /// those home to at most `loadBoundFactor` x the mean number of groups
+    /// once they take this one (Mirrokni et al.'s bounded loads, over groups).
+    fn new_group_home(&self, key: u64, scratch: &mut PluginScratch) -> Option<usize> {
+        let PluginScratch {
+            ids,
+            eligible,
+            counts,
+            ..
+        } = scratch;
+        counts.clear();
+        counts.extend(ids.iter().map(|id| self.index.groups.homed(*id)));
+        let (groups, pods) = counts
+            .iter()
+            .zip(eligible.iter())
+            .filter(|(_, eligible)| **eligible)
+            .fold((0, 0), |(groups, pods), (count, _)| {
+                (groups + count, pods + 1)
+            });
+        let bound = (self.load_bound_factor * (groups + 1) as f64 / pods.max(1) as f64).ceil();
+        let home = (0..ids.len())
+            .filter(|&i| eligible[i] && (counts[i] + 1) as f64 <= bound)
+            .max_by_key(|&i| rendezvous_weight(key, ids[i]))?;
+        // Taken now, not when the response comes back: requests of other new
+        // groups scored meanwhile must see it, or a burst of them all lands
+        // on the pods the hash prefers.
+        self.index.groups.record(key, ids[home]);
+        Some(home)
     }
 }
 
@@ -172,7 +218,7 @@ mod tests {
                 max_blocks: 128,
             },
             affinity_blocks,
-            load_bound_factor: 1.25,
+            load_bound_factor: scheduler::prefix_cache::DEFAULT_LOAD_BOUND_FACTOR,
         }
     }
 
@@ -281,7 +327,7 @@ mod tests {
         let idle: Vec<_> = (0..2).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
         let home = chosen(&scores(&scorer, &idle, &hashes));
         let away = 1 - home;
-        scorer.index.record(&hashes, idle[home].pod_id);
+        scorer.on_dispatched(idle[home].pod_id, &hashes);
 
         // Four requests of the group in flight at home, none elsewhere: the
         // engine has room, so the group stays (the old in-flight bound spilled
@@ -295,7 +341,7 @@ mod tests {
         pods[home].load = engine(2.0, 0.6).map(Arc::new);
         let out = scores(&scorer, &pods, &hashes);
         assert_eq!((out[home], out[away]), (0, MAX_SCORE));
-        scorer.index.record(&hashes, pods[away].pod_id);
+        scorer.on_dispatched(pods[away].pod_id, &hashes);
 
         // The queue drained: back home, although the other pod now holds the
         // prefix too and was sent it last.
@@ -348,12 +394,43 @@ mod tests {
     }
 
     #[test]
+    fn new_groups_spread_when_hashing_would_pile_them_on_one_pod_and_then_stay() {
+        let scorer = scorer(1);
+        let pods: Vec<_> = (0..2).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
+        // Eight groups whose rendezvous choice is pod 0.
+        let keys: Vec<u64> = (1..)
+            .filter(|key| {
+                rendezvous_weight(*key, pods[0].pod_id) > rendezvous_weight(*key, pods[1].pod_id)
+            })
+            .take(8)
+            .collect();
+        let mut homes = Vec::new();
+        for &key in &keys {
+            let pod = chosen(&scores(&scorer, &pods, &[key]));
+            scorer.on_dispatched(pods[pod].pod_id, &[key]);
+            homes.push(pod);
+        }
+        let on_0 = homes.iter().filter(|pod| **pod == 0).count();
+        assert_eq!(
+            on_0, 5,
+            "at most 1.1 x the mean of 4, rounded up: {homes:?}"
+        );
+        for (key, home) in keys.iter().zip(&homes) {
+            assert_eq!(
+                chosen(&scores(&scorer, &pods, &[*key])),
+                *home,
+                "each group stays where it went first"
+            );
+        }
+    }
+
+    #[test]
     fn without_engine_load_the_in_flight_bound_still_spills_a_hot_prefix() {
         let scorer = scorer(16);
         let hashes = [5, 6, 7, 8];
         let mut pods: Vec<_> = (0..4).map(|i| candidate(i, 1, None)).collect();
         let home = chosen(&scores(&scorer, &pods, &hashes));
-        scorer.index.record(&hashes, pods[home].pod_id);
+        scorer.on_dispatched(pods[home].pod_id, &hashes);
         pods[home].in_flight = 10;
         let out = scores(&scorer, &pods, &hashes);
         assert_eq!(out[home], 0, "{out:?}");
