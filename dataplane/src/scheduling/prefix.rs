@@ -33,8 +33,8 @@ pub const TOP_K_MATCHES: usize =
 /// batches many sequences, and without a floor the second concurrent request
 /// of a prefix would leave its pod at almost no load.
 pub const BOUNDED_LOAD_FLOOR: f64 = 2.0;
-/// Shards of the per-pod group counts: a new group reads the count of every
-/// candidate and adds to one, so no single lock is shared by all of them.
+/// Shards of the per-pod lists of groups: a request reads the count of every
+/// candidate, so no single lock is shared by all requests.
 const GROUP_COUNT_SHARDS: usize = 16;
 
 /// Chained block hashes of a prompt; appends to `out` (cleared first).
@@ -212,17 +212,21 @@ struct Shard {
     previous: BlockMap,
 }
 
-/// The prefix groups this dataplane has sent somewhere: group key (the hash
-/// that names a prompt's leading blocks) -> its home, the pod that first
-/// served it; and how many groups each pod is home to, so that new groups can
-/// be spread. Bounded and aged like the block index; a group that ages out
-/// no longer counts.
+/// The prefix groups this dataplane has seen: group key (the hash that names
+/// a prompt's leading blocks) -> its first choice, the pod with the highest
+/// rendezvous weight for it when it was first seen; and, per pod, the
+/// rendezvous weights of the groups that chose it first, sorted, so that a
+/// pod chosen by more than its share of groups can keep those that weigh the
+/// most for it and pass on the rest, the same ones on every dataplane that
+/// has seen the same groups. Bounded and aged like the block index; a group
+/// that ages out no longer counts.
 #[derive(Debug)]
 pub struct GroupTable {
     shards: Vec<Mutex<GroupShard>>,
     per_generation: usize,
-    /// Pod id -> groups it is home to, sharded by pod id.
-    homed: Vec<Mutex<HashMap<u64, usize, BuildHasherDefault<IdentityHasher>>>>,
+    /// Pod id -> the weights of the groups that chose it first, ascending;
+    /// sharded by pod id.
+    chosen_by: Vec<Mutex<HashMap<u64, Vec<u64>, BuildHasherDefault<IdentityHasher>>>>,
 }
 
 #[derive(Debug, Default)]
@@ -231,13 +235,22 @@ struct GroupShard {
     previous: GroupMap,
 }
 
+/// Where one group stands with the pod it chose first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Standing {
+    /// Groups that chose the pod first.
+    pub groups: usize,
+    /// Of those, the groups that weigh less for it than this one.
+    pub lighter: usize,
+}
+
 impl GroupTable {
     /// A table of about `capacity` groups.
     pub fn new(capacity: usize) -> Self {
         Self {
             shards: (0..INDEX_SHARDS).map(|_| Mutex::default()).collect(),
             per_generation: (capacity / 2 / INDEX_SHARDS).max(1),
-            homed: (0..GROUP_COUNT_SHARDS).map(|_| Mutex::default()).collect(),
+            chosen_by: (0..GROUP_COUNT_SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 
@@ -245,63 +258,72 @@ impl GroupTable {
         &self.shards[(key >> 58) as usize % INDEX_SHARDS]
     }
 
-    fn count_shard(
+    fn chosen_by(
         &self,
         pod_id: u64,
-    ) -> &Mutex<HashMap<u64, usize, BuildHasherDefault<IdentityHasher>>> {
+    ) -> &Mutex<HashMap<u64, Vec<u64>, BuildHasherDefault<IdentityHasher>>> {
         // Pod ids are hashes: their low bits are uniform.
-        &self.homed[pod_id as usize % GROUP_COUNT_SHARDS]
+        &self.chosen_by[pod_id as usize % GROUP_COUNT_SHARDS]
     }
 
-    /// The home of group `key`, if this dataplane has sent it anywhere.
-    pub fn home(&self, key: u64) -> Option<u64> {
-        let shard = self.shard(key).lock();
-        shard
-            .current
-            .get(&key)
-            .or_else(|| shard.previous.get(&key))
-            .copied()
-    }
-
-    /// Groups `pod_id` is home to.
-    pub fn homed(&self, pod_id: u64) -> usize {
-        self.count_shard(pod_id)
-            .lock()
-            .get(&pod_id)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Records that group `key` was sent to `pod_id`: the first pod it was
-    /// sent to stays its home.
-    pub fn record(&self, key: u64, pod_id: u64) {
+    /// The first choice of group `key`: the one recorded when the group was
+    /// first seen, or `first_choice` for a group seen now for the first time
+    /// (recorded). Keeps the group from ageing out while it is in use.
+    pub fn observe(&self, key: u64, first_choice: u64) -> u64 {
         let mut shard = self.shard(key).lock();
-        if shard.current.contains_key(&key) {
-            return;
+        if let Some(pod) = shard.current.get(&key) {
+            return *pod;
         }
-        let (home, new) = match shard.previous.remove(&key) {
-            Some(home) => (home, false),
-            None => (pod_id, true),
+        let (pod, new) = match shard.previous.remove(&key) {
+            Some(pod) => (pod, false),
+            None => (first_choice, true),
         };
         if shard.current.len() >= self.per_generation {
             let current = std::mem::take(&mut shard.current);
             let aged_out = std::mem::replace(&mut shard.previous, current);
-            for home in aged_out.into_values() {
-                self.add(home, -1);
+            for (key, pod) in aged_out {
+                self.forget(pod, rendezvous_weight(key, pod));
             }
         }
-        shard.current.insert(key, home);
+        shard.current.insert(key, pod);
         if new {
-            self.add(home, 1);
+            let weight = rendezvous_weight(key, pod);
+            let mut chosen_by = self.chosen_by(pod).lock();
+            let weights = chosen_by.entry(pod).or_default();
+            let at = weights.partition_point(|w| *w < weight);
+            weights.insert(at, weight);
+        }
+        pod
+    }
+
+    fn forget(&self, pod_id: u64, weight: u64) {
+        let mut chosen_by = self.chosen_by(pod_id).lock();
+        if let Some(weights) = chosen_by.get_mut(&pod_id) {
+            if let Ok(at) = weights.binary_search(&weight) {
+                weights.remove(at);
+            }
+            if weights.is_empty() {
+                chosen_by.remove(&pod_id);
+            }
         }
     }
 
-    fn add(&self, pod_id: u64, delta: isize) {
-        let mut counts = self.count_shard(pod_id).lock();
-        let count = counts.entry(pod_id).or_insert(0);
-        *count = count.saturating_add_signed(delta);
-        if *count == 0 {
-            counts.remove(&pod_id);
+    /// Groups that chose `pod_id` first.
+    pub fn chosen_by_count(&self, pod_id: u64) -> usize {
+        self.chosen_by(pod_id)
+            .lock()
+            .get(&pod_id)
+            .map_or(0, Vec::len)
+    }
+
+    /// Where group `key` stands with `pod_id`, the pod it chose first.
+    pub fn standing(&self, key: u64, pod_id: u64) -> Standing {
+        let weight = rendezvous_weight(key, pod_id);
+        let chosen_by = self.chosen_by(pod_id).lock();
+        let weights = chosen_by.get(&pod_id).map_or(&[][..], Vec::as_slice);
+        Standing {
+            groups: weights.len(),
+            lighter: weights.partition_point(|w| *w < weight),
         }
     }
 }
@@ -550,21 +572,39 @@ mod tests {
     }
 
     #[test]
-    fn a_group_keeps_its_first_pod_and_counts_until_it_ages_out() {
+    fn a_group_keeps_its_first_choice_and_counts_until_it_ages_out() {
         let groups = GroupTable::new(INDEX_SHARDS * 2);
-        assert_eq!(groups.home(7), None);
-        groups.record(7, 10);
-        groups.record(7, 20);
-        assert_eq!(groups.home(7), Some(10), "the first pod stays home");
-        groups.record(8 << 58, 10);
-        assert_eq!((groups.homed(10), groups.homed(20)), (2, 0));
+        assert_eq!(groups.observe(7, 10), 10);
+        assert_eq!(groups.observe(7, 20), 10, "the first choice is kept");
+        assert_eq!(groups.observe(8 << 58, 10), 10);
+        assert_eq!(
+            (groups.chosen_by_count(10), groups.chosen_by_count(20)),
+            (2, 0)
+        );
+        let heavier = if rendezvous_weight(7, 10) > rendezvous_weight(8 << 58, 10) {
+            7
+        } else {
+            8 << 58
+        };
+        assert_eq!(
+            groups.standing(heavier, 10),
+            Standing {
+                groups: 2,
+                lighter: 1
+            }
+        );
         // One entry per generation in key 7's shard: two newer groups there
         // age it out (the first moves it to the older generation).
-        groups.record(1, 20);
-        assert_eq!(groups.home(7), Some(10), "still in the older generation");
-        groups.record(2, 20);
-        assert_eq!(groups.home(7), None);
-        assert_eq!((groups.homed(10), groups.homed(20)), (1, 2));
+        groups.observe(1, 20);
+        assert_eq!(groups.observe(7, 30), 10, "still in the older generation");
+        groups.observe(2, 20);
+        groups.observe(3, 20);
+        assert_eq!(groups.observe(7, 30), 30, "aged out: seen anew");
+        assert_eq!(
+            (groups.chosen_by_count(10), groups.chosen_by_count(20)),
+            (1, 1),
+            "groups 7 (first seen), 1 and 2 aged out"
+        );
     }
 
     #[test]
