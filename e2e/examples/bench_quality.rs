@@ -16,7 +16,9 @@
 //!    requests per engine, latency, errors. `BENCH_SEEDS` (1) runs it for
 //!    seeds 1..=N (different prompts, so different rendezvous homes).
 //!
-//! `BENCH_WORKLOAD=open` or `=cache-bound` runs only that one.
+//! `BENCH_WORKLOAD=open` or `=cache-bound` runs only that one;
+//! `BENCH_CONFIG` (a router configuration's text) runs only that
+//! configuration, as strategy "custom".
 
 use std::time::{Duration, Instant};
 
@@ -49,6 +51,17 @@ const STRATEGIES: [(&str, &str); 4] = [
     ),
     ("default mix", "auth: {}\n"),
 ];
+
+/// `compared`, or only `custom` (a router configuration) when given.
+fn strategies<'a>(
+    compared: &[(&'a str, &'a str)],
+    custom: Option<&'a str>,
+) -> Vec<(&'a str, &'a str)> {
+    match custom {
+        Some(config) => vec![("custom", config)],
+        None => compared.to_vec(),
+    }
+}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -250,7 +263,8 @@ async fn open_load_table() {
     let mut table = String::from(
         "| strategy | dataplanes | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p99 (ms) | throughput (req/s) | prefix hit rate |\n|---|---|---|---|---|---|---|\n",
     );
-    for (name, config) in STRATEGIES {
+    let custom = std::env::var("BENCH_CONFIG").ok();
+    for (name, config) in strategies(&STRATEGIES, custom.as_deref()) {
         for dataplanes in [1, 3] {
             let outcome = run(config, dataplanes).await;
             let row = format!(
@@ -272,7 +286,8 @@ async fn cache_bound_table() {
     let seeds = env("BENCH_SEEDS", 1) as u64;
     let mut table = String::from(prefix_workload::QualityRow::HEADER);
     for seed in 1..=seeds {
-        for (name, config) in prefix_workload::STRATEGIES {
+        let custom = std::env::var("BENCH_CONFIG").ok();
+        for (name, config) in strategies(&prefix_workload::STRATEGIES, custom.as_deref()) {
             for dataplanes in [1, 3] {
                 let strategy = if seeds > 1 {
                     format!("{name} (seed {seed})")

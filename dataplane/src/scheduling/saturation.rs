@@ -1,16 +1,21 @@
-//! When a pod is saturated: it cannot start one more request without making
-//! it wait. Affinity keeps a prefix on its pod until then, so this is decided
-//! by the engine's own signals, not by how many requests happen to be in
-//! flight (two concurrent requests of one prefix are normal, and an engine
-//! batches them).
+//! When a pod is saturated: one more request there would wait longer than
+//! it is worth keeping it with its prefix. Affinity keeps a prefix on its pod
+//! until then, so this is decided by the engine's own signals, not by how
+//! many requests happen to be in flight (two concurrent requests of one
+//! prefix are normal, and an engine batches them).
 
 use switchyard_snapshot::pb;
 
 use super::plugins::Candidate;
 
-/// Engine `waiting` at which a pod is saturated: the engine already holds a
-/// request it could not start (its batch or its KV cache is full).
-pub const SATURATED_WAITING: f64 = 1.0;
+/// Requests waiting at the engine, as a share of those running, at which a
+/// pod is saturated (and at least one). A short queue drains within a step or
+/// two as sequences finish, while sending the request to a pod without its
+/// prefix costs a whole prefill there, which also slows that pod's batch;
+/// spilling on every momentary queue turns one busy pod into several (a
+/// cascade the scheduling-quality benchmark showed). A queue half as long as
+/// the batch is a backlog.
+pub const SATURATED_QUEUE_SHARE: f64 = 0.5;
 
 /// KV-cache usage at which a pod whose cache size is unknown is saturated:
 /// the blocks left would not hold a typical prompt, so the next one waits or
@@ -25,33 +30,27 @@ pub const BYTES_PER_TOKEN: f64 = 4.0;
 /// tokens: `Some(true)` if it is saturated, `None` if there is no fresh engine
 /// load to judge by (callers then fall back on in-flight counts).
 ///
-/// Saturated means the engine queues (`waiting` >= [`SATURATED_WAITING`]), or
-/// its KV cache cannot hold the request: the tokens in use (the larger of the
-/// engine's reported usage and this dataplane's in-flight requests at this
-/// request's size, which is current where the scrape is up to a second old)
-/// plus the request's exceed the cache. Without a known cache size, usage at
-/// [`SATURATED_KV_USAGE`] counts as full.
+/// Saturated means the engine has a backlog (`waiting` >= `running` x
+/// [`SATURATED_QUEUE_SHARE`], and at least 1), or its KV cache cannot hold
+/// the request: the tokens in use plus the request's exceed the cache size.
+/// Without a known cache size, usage at [`SATURATED_KV_USAGE`] counts as
+/// full. The engine's usage counts a prefix shared by running requests once,
+/// which this dataplane's in-flight count cannot: many requests of one
+/// prefix in flight are the case affinity exists for, not a full cache.
 pub fn is_saturated(candidate: &Candidate, request_tokens: f64) -> Option<bool> {
     let load = candidate.load.as_deref()?;
-    Some(engine_is_saturated(
-        load,
-        candidate.in_flight as f64 * request_tokens,
-        request_tokens,
-    ))
+    Some(engine_is_saturated(load, request_tokens))
 }
 
-fn engine_is_saturated(
-    load: &pb::EndpointLoad,
-    in_flight_tokens: f64,
-    request_tokens: f64,
-) -> bool {
-    if load.requests_waiting >= SATURATED_WAITING {
+fn engine_is_saturated(load: &pb::EndpointLoad, request_tokens: f64) -> bool {
+    let backlog = (load.requests_running * SATURATED_QUEUE_SHARE).max(1.0);
+    if load.requests_waiting >= backlog {
         return true;
     }
     let usage = load.kv_cache_usage.clamp(0.0, 1.0);
     let capacity = load.kv_cache_capacity_tokens as f64;
     if capacity > 0.0 {
-        (usage * capacity).max(in_flight_tokens) + request_tokens > capacity
+        usage * capacity + request_tokens > capacity
     } else {
         usage >= SATURATED_KV_USAGE
     }
@@ -78,16 +77,11 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_requests_alone_do_not_saturate_an_engine_with_room() {
-        // 4096 tokens hold twelve 300-token requests.
+    fn requests_in_flight_alone_do_not_saturate_an_engine_with_room() {
         assert_eq!(
-            is_saturated(&candidate(0, 4, engine(0.0, 0.3, 4096)), 300.0),
-            Some(false)
-        );
-        assert_eq!(
-            is_saturated(&candidate(0, 13, engine(0.0, 0.3, 4096)), 300.0),
-            Some(true),
-            "this dataplane's own requests fill the cache before the scrape shows it"
+            is_saturated(&candidate(0, 20, engine(0.0, 0.3, 4096)), 300.0),
+            Some(false),
+            "twenty requests sharing a prefix fit in 30% of the cache"
         );
     }
 
@@ -114,6 +108,27 @@ mod tests {
         assert_eq!(
             is_saturated(&candidate(0, 0, engine(0.0, 0.5, 0)), 100.0),
             Some(false)
+        );
+    }
+
+    #[test]
+    fn a_short_queue_behind_a_full_batch_is_not_yet_a_backlog() {
+        let batch = |running: f64, waiting: f64| {
+            let load = pb::EndpointLoad {
+                requests_running: running,
+                requests_waiting: waiting,
+                kv_cache_capacity_tokens: 8192,
+                observed_at_unix_ms: 1,
+                ..Default::default()
+            };
+            is_saturated(&candidate(0, 0, Some(load)), 300.0)
+        };
+        assert_eq!(batch(8.0, 3.0), Some(false));
+        assert_eq!(batch(8.0, 4.0), Some(true), "half the batch waits");
+        assert_eq!(
+            batch(1.0, 1.0),
+            Some(true),
+            "one waiting is a backlog for a batch of 1"
         );
     }
 

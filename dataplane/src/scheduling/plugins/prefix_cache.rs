@@ -14,7 +14,7 @@
 //! too.
 //!
 //! A group goes home until its home is saturated by its engine's own signals
-//! ([`saturation`]: requests waiting, or a KV cache too full for one more
+//! ([`saturation`]: a backlog of waiting requests, or a KV cache too full for one more
 //! request of this size), not merely because a few of its requests are in
 //! flight at once. Then it spills to a pod with room that this dataplane
 //! already sent the group to (it holds the prefix; the longest match wins),
@@ -355,8 +355,8 @@ mod tests {
         pods[home].in_flight = 14;
         assert_eq!(
             scores(&scorer, &pods, &hashes)[home],
-            0,
-            "14 requests in flight here fill 4096 tokens before a scrape shows it"
+            MAX_SCORE,
+            "requests in flight share the prefix: the engine's usage says there is room"
         );
     }
 
