@@ -33,9 +33,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         engines: Vec::new(),
     };
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--strategy" => parsed.strategy = value,
             "--model" => parsed.model = value,

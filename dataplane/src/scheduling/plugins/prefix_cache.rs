@@ -7,16 +7,15 @@
 //! replica computes the same pod for a group it has never seen and replicas
 //! build their caches on the same pods instead of scattering them. Hashing a
 //! handful of groups over a few pods is lumpy (16 groups on two pods split
-//! 11/5 or worse about a third of the time), so a pod chosen first by more
-//! than `loadBoundFactor` x the mean number of groups keeps those that weigh
-//! the most for it, and the others live at their next choice: which ones
-//! depends on the groups seen, not on their order, so replicas agree on that
-//! too.
+//! 10/6 or worse almost half the time), so a pod chosen first by more than
+//! `loadBoundFactor` x the mean number of groups keeps those that weigh the
+//! most for it, and the others live at their next choice: which ones depends
+//! on the groups seen, not on their order, so replicas agree on that too.
 //!
 //! A group goes home until its home is saturated by its engine's own signals
-//! ([`saturation`]: a backlog of waiting requests, or a KV cache too full for one more
-//! request of this size), not merely because a few of its requests are in
-//! flight at once. Then it spills to a pod with room that this dataplane
+//! ([`saturation`]: a backlog of waiting requests, or a KV cache too full for
+//! one more request of this size), not merely because a few of its requests
+//! are in flight at once. Then it spills to a pod with room that this dataplane
 //! already sent the group to (it holds the prefix; the longest match wins),
 //! else to the next pod in the group's rendezvous order (the same on every
 //! replica). The home stays the home: once it has room the group goes back,
