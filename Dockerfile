@@ -1,9 +1,9 @@
 # Switchyard image: switchyard-controller, switchyard-dataplane and the mock
 # engine the samples use. `docker build -t switchyard .`
 #
-# Build stage: the workspace's own toolchain version; protobuf is compiled by
+# Build stage: the toolchain rust-toolchain.toml pins; protobuf is compiled by
 # protox (pure Rust), so no protoc is needed.
-FROM rust:1.89-bookworm AS build
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -8,13 +8,17 @@ all: build
 build:
 	$(CARGO) build --workspace --bins
 
-# The end-to-end tests start the real binaries, so build them first.
-test: build
+# The end-to-end tests start the real binaries: `cargo test --workspace`
+# builds them (with the test build's features) before any test runs, so a
+# separate `cargo build` would only compile the workspace a second time.
+test:
 	$(CARGO) test --workspace
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --workspace
+	python3 scripts/import-cycles.py controller/src dataplane/src shared/runtime/src shared/snapshot/src shared/crd/src
 
 fmt:
 	$(CARGO) fmt --all

@@ -13,13 +13,12 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use http::HeaderMap;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use switchyard_bench::{chat_body, server};
+use switchyard_bench::{CHAT_RESPONSE, STREAM_CHUNK, STREAM_TAIL, chat_body, snapshot};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::routing::RequestFacts;
 use switchyard_dataplane::scheduling::ScheduleRequest;
 use switchyard_dataplane::snapshot::RoutingTable;
-use switchyard_snapshot::pb;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -50,71 +49,17 @@ const MAX_ALLOCATIONS_PER_STREAM_CHUNK: f64 = 0.05;
 /// 2 leaves room, a per-field or per-frame allocation would exceed it.
 const MAX_ALLOCATIONS_PER_JSON_RESPONSE: f64 = 2.0;
 
-/// Pods of the routed ModelServer, and of the ModelServers that are not candidates.
+/// Pods of the routed ModelServer.
 const CANDIDATE_PODS: usize = 1000;
-const OTHER_SERVERS: usize = 200;
-const PODS_PER_OTHER_SERVER: usize = 20;
-
-fn route(name: &str, model: &str, server: &str, with_header_rule: bool) -> pb::ModelRoute {
-    let target = |server: &str| pb::WeightedTarget {
-        model_server: format!("bench/{server}"),
-        weight: 100,
-    };
-    let mut rules = Vec::new();
-    if with_header_rule {
-        rules.push(pb::Rule {
-            name: "premium".into(),
-            r#match: Some(pb::ModelMatch {
-                headers: vec![pb::HeaderMatch {
-                    name: "user-type".into(),
-                    value: Some(pb::StringMatch {
-                        kind: Some(pb::string_match::Kind::Exact("premium".into())),
-                    }),
-                }],
-                ..Default::default()
-            }),
-            targets: vec![target("other-0")],
-        });
-    }
-    rules.push(pb::Rule {
-        name: "default".into(),
-        r#match: None,
-        targets: vec![target(server)],
-    });
-    pb::ModelRoute {
-        namespace: "bench".into(),
-        name: name.into(),
-        model_name: model.into(),
-        rules,
-        ..Default::default()
-    }
-}
 
 fn table() -> RoutingTable {
-    let mut servers = vec![server("candidates", CANDIDATE_PODS, 0x0a00_0001)];
-    let mut routes = vec![route("chat", "bench-model", "candidates", true)];
-    for s in 0..OTHER_SERVERS {
-        let name = format!("other-{s}");
-        servers.push(server(
-            &name,
-            PODS_PER_OTHER_SERVER,
-            0x0b00_0000 + (s * PODS_PER_OTHER_SERVER) as u32 + 1,
-        ));
-        routes.push(route(
-            &format!("r-{s}"),
-            &format!("model-{s}"),
-            &name,
-            false,
-        ));
-    }
-    servers.sort_by(|a, b| a.name.cmp(&b.name));
-    let config = pb::RouteConfig {
-        routes,
-        servers,
-        scheduler: None,
-    };
-    RoutingTable::build("v1", config, &HashMap::new(), &Default::default())
-        .expect("the bench snapshot is valid")
+    RoutingTable::build(
+        "v1",
+        snapshot(CANDIDATE_PODS, true),
+        &HashMap::new(),
+        &Default::default(),
+    )
+    .expect("the bench snapshot is valid")
 }
 
 /// One request's routing work, as the proxy does it before the upstream call.
@@ -174,10 +119,6 @@ fn measure(requests: u64, mut work: impl FnMut()) -> PerRequest {
     }
 }
 
-const SSE_CHUNK: &[u8] = b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n";
-const SSE_TAIL: &[u8] = b"data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":250,\"completion_tokens\":64,\"total_tokens\":314}}\n\ndata: [DONE]\n\n";
-const JSON_RESPONSE: &[u8] = br#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":12,"total_tokens":262}}"#;
-
 #[test]
 fn hot_path_allocations_stay_within_bounds() {
     let table = table();
@@ -210,8 +151,8 @@ fn hot_path_allocations_stay_within_bounds() {
         large_routed.bytes
     );
 
-    let chunk = Bytes::from_static(SSE_CHUNK);
-    let tail = Bytes::from_static(SSE_TAIL);
+    let chunk = Bytes::from_static(STREAM_CHUNK.as_bytes());
+    let tail = Bytes::from_static(STREAM_TAIL.as_bytes());
     let mut observer = ResponseObserver::new(true, false);
     let chunks = 64 * REQUESTS;
     let streamed = measure(chunks, || {
@@ -229,7 +170,7 @@ fn hot_path_allocations_stay_within_bounds() {
         streamed.allocations
     );
 
-    let body = Bytes::from_static(JSON_RESPONSE);
+    let body = Bytes::from_static(CHAT_RESPONSE.as_bytes());
     let json = measure(REQUESTS, || {
         let mut observer = ResponseObserver::new(false, false);
         sink += observer.on_data(body.clone()).map_or(0, |b| b.len());

@@ -24,17 +24,16 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use switchyard_bench::{chat_body, server};
-use switchyard_dataplane::app::serve;
+use switchyard_bench::{CHAT_RESPONSE, NAMESPACE, STREAM_CHUNK, STREAM_TAIL, chat_body, server};
 use switchyard_dataplane::metrics::RouterMetrics;
-use switchyard_dataplane::observe::Observer;
+use switchyard_dataplane::proxy::log::Observer;
 use switchyard_dataplane::proxy::{Proxy, ProxyConfig};
+use switchyard_dataplane::server::serve;
 use switchyard_dataplane::snapshot::SnapshotStore;
+use switchyard_runtime::CancellationToken;
 use switchyard_snapshot::pb;
+use switchyard_snapshot::test_builders as builders;
 use tokio::net::{TcpListener, TcpStream};
-
-#[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 /// Requests per measurement (after a warm-up): one-off allocations (pools,
 /// lazy statics, buffer growth) vanish in the average.
@@ -54,9 +53,8 @@ const MAX_ALLOCATIONS_PER_CHAT_REQUEST: f64 = 62.0;
 /// chunk exceeds it.
 const MAX_ALLOCATIONS_PER_STREAM_CHUNK: f64 = 0.25;
 
-const CHAT_RESPONSE: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"The quick brown fox."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,"completion_tokens":12,"total_tokens":262}}"#;
-const STREAM_CHUNK: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n";
-const STREAM_TAIL: &str = "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":250,\"completion_tokens\":64,\"total_tokens\":314}}\n\ndata: [DONE]\n\n";
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 type EngineBody = BoxBody<Bytes, Infallible>;
 
@@ -108,27 +106,18 @@ async fn start_engine() -> SocketAddr {
 fn route_config(engine: SocketAddr) -> pb::RouteConfig {
     let mut engine_server = server("engine", 1, 0x7f00_0001);
     engine_server.port = u32::from(engine.port());
-    pb::RouteConfig {
-        routes: vec![pb::ModelRoute {
-            namespace: "bench".into(),
-            name: "chat".into(),
-            model_name: "bench-model".into(),
-            rules: vec![pb::Rule {
-                name: "default".into(),
-                r#match: None,
-                targets: vec![pb::WeightedTarget {
-                    model_server: "bench/engine".into(),
-                    weight: 100,
-                }],
-            }],
-            ..Default::default()
-        }],
-        servers: vec![engine_server],
-        scheduler: None,
-    }
+    builders::route_config(
+        vec![builders::route_in(
+            NAMESPACE,
+            "chat",
+            "bench-model",
+            "engine",
+        )],
+        vec![engine_server],
+    )
 }
 
-async fn start_proxy(engine: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+async fn start_proxy(engine: SocketAddr) -> (SocketAddr, CancellationToken) {
     let metrics = RouterMetrics::new().expect("metrics");
     let store = Arc::new(SnapshotStore::new());
     store
@@ -141,17 +130,17 @@ async fn start_proxy(engine: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sen
     let proxy = Arc::new(Proxy::new(store, ProxyConfig::default(), observer));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let addr = listener.local_addr().expect("proxy addr");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
     tokio::spawn(serve(
         listener,
         Duration::from_secs(60),
-        stop_rx,
+        stop.clone(),
         move |request| {
             let proxy = proxy.clone();
             async move { proxy.handle(request).await }
         },
     ));
-    (addr, stop_tx)
+    (addr, stop)
 }
 
 struct Client {
@@ -224,7 +213,7 @@ fn proxied_request_allocations_stay_within_bounds() {
         eprintln!(
             "streamed request: {stream:.2} allocations, {per_chunk:.3} per forwarded chunk"
         );
-        let _ = stop.send(true);
+        stop.cancel();
 
         assert!(
             chat <= MAX_ALLOCATIONS_PER_CHAT_REQUEST,

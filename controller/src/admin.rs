@@ -28,8 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::compile::ObjectReport;
-use crate::local::LoadProblem;
+use crate::compile::{LoadProblem, ObjectReport};
 use crate::xds::{DataplaneRegistry, PublishedResource, SnapshotPublisher};
 
 /// A client that has not sent its request headers by then is dropped, so idle
@@ -339,6 +338,7 @@ mod tests {
     use super::*;
     use crate::xds::XdsMetrics;
     use http_body_util::BodyExt;
+    use switchyard_snapshot::test_builders as builders;
 
     fn state() -> (AdminState, watch::Sender<Arc<ObjectsView>>) {
         let registry = prometheus::Registry::new();
@@ -351,6 +351,10 @@ mod tests {
             objects,
         };
         (state, objects_sender)
+    }
+
+    fn get(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
+        handle(state, &Method::GET, path)
     }
 
     async fn body_json(response: Response<Full<Bytes>>) -> Value {
@@ -366,17 +370,14 @@ mod tests {
     #[tokio::test]
     async fn readiness_follows_the_first_publish() {
         let (state, _objects) = state();
-        assert_eq!(
-            handle(&state, &Method::GET, "/healthz").status(),
-            StatusCode::OK
-        );
-        let not_ready = handle(&state, &Method::GET, "/readyz");
+        assert_eq!(get(&state, "/healthz").status(), StatusCode::OK);
+        let not_ready = get(&state, "/readyz");
         assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
 
         let published = state
             .publisher
             .publish_route_config(pb::RouteConfig::default(), 1);
-        let ready = handle(&state, &Method::GET, "/readyz");
+        let ready = get(&state, "/readyz");
         assert_eq!(ready.status(), StatusCode::OK);
         assert_eq!(
             body_json(ready).await["route_config_version"],
@@ -387,44 +388,29 @@ mod tests {
     #[tokio::test]
     async fn snapshot_view_shows_routes_and_servers() {
         let (state, _objects) = state();
-        let config = pb::RouteConfig {
-            scheduler: None,
-            routes: vec![pb::ModelRoute {
-                namespace: "default".into(),
-                name: "r".into(),
-                model_name: "m".into(),
-                rules: vec![pb::Rule {
-                    name: "rule".into(),
-                    r#match: Some(pb::ModelMatch {
-                        headers: vec![pb::HeaderMatch {
-                            name: "x-tier".into(),
-                            value: Some(pb::StringMatch {
-                                kind: Some(pb::string_match::Kind::Prefix("gold".into())),
-                            }),
-                        }],
-                        uri: None,
-                        body_model: None,
-                    }),
-                    targets: vec![pb::WeightedTarget {
-                        model_server: "default/s".into(),
-                        weight: 100,
-                    }],
-                }],
-                ..Default::default()
+        let gold_prefix = pb::ModelMatch {
+            headers: vec![pb::HeaderMatch {
+                name: "x-tier".into(),
+                value: Some(pb::StringMatch {
+                    kind: Some(pb::string_match::Kind::Prefix("gold".into())),
+                }),
             }],
-            servers: vec![pb::ModelServer {
-                namespace: "default".into(),
-                name: "s".into(),
-                port: 8000,
-                endpoints: vec![pb::Endpoint {
-                    name: "p".into(),
-                    ip: "10.0.0.1".into(),
-                }],
-                ..Default::default()
-            }],
+            ..Default::default()
         };
+        let config = builders::route_config(
+            vec![builders::route_with_rules(
+                "r",
+                "m",
+                vec![builders::rule(
+                    "rule",
+                    Some(gold_prefix),
+                    &[("default/s", 100)],
+                )],
+            )],
+            vec![builders::server("s", &[("p", "10.0.0.1")])],
+        );
         let version = state.publisher.publish_route_config(config, 1234).version;
-        let body = body_json(handle(&state, &Method::GET, "/debug/snapshot")).await;
+        let body = body_json(get(&state, "/debug/snapshot")).await;
         assert_eq!(body["control_plane_id"], "test-controller");
         assert_eq!(body["route_config"]["version"], version);
         assert_eq!(body["route_config"]["generated_at_unix_ms"], 1234);
@@ -448,56 +434,24 @@ mod tests {
     async fn config_dumps_show_the_published_snapshot() {
         let (state, _objects) = state();
         assert_eq!(
-            handle(&state, &Method::GET, "/debug/config_dump/modelroutes").status(),
+            get(&state, "/debug/config_dump/modelroutes").status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
-        let config = pb::RouteConfig {
-            routes: vec![pb::ModelRoute {
-                namespace: "default".into(),
-                name: "r".into(),
-                model_name: "m".into(),
-                ..Default::default()
-            }],
-            servers: vec![pb::ModelServer {
-                namespace: "default".into(),
-                name: "s".into(),
-                port: 8000,
-                inference_engine: "vLLM".into(),
-                endpoints: vec![pb::Endpoint {
-                    name: "p".into(),
-                    ip: "10.0.0.1".into(),
-                }],
-                ..Default::default()
-            }],
-            scheduler: None,
-        };
+        let config = builders::route_config(
+            vec![builders::route_with_rules("r", "m", Vec::new())],
+            vec![builders::server("s", &[("p", "10.0.0.1")])],
+        );
         state.publisher.publish_route_config(config, 1);
-        let routes = body_json(handle(
-            &state,
-            &Method::GET,
-            "/debug/config_dump/modelroutes",
-        ))
-        .await;
+        let routes = body_json(get(&state, "/debug/config_dump/modelroutes")).await;
         assert_eq!(routes["modelroutes"][0]["spec"]["modelName"], "m");
-        let servers = body_json(handle(
-            &state,
-            &Method::GET,
-            "/debug/config_dump/modelservers",
-        ))
-        .await;
+        let servers = body_json(get(&state, "/debug/config_dump/modelservers")).await;
         assert_eq!(servers["modelservers"][0]["name"], "s");
-        let pod = body_json(handle(
-            &state,
-            &Method::GET,
-            "/debug/config_dump/namespaces/default/pods/p",
-        ))
-        .await;
+        let pod = body_json(get(&state, "/debug/config_dump/namespaces/default/pods/p")).await;
         assert_eq!(pod["podInfo"]["podIP"], "10.0.0.1");
         assert_eq!(pod["modelServers"], json!(["default/s"]));
         assert_eq!(pod["metrics"], Value::Null);
-        let missing = handle(
+        let missing = get(
             &state,
-            &Method::GET,
             "/debug/config_dump/namespaces/default/modelroutes/nope",
         );
         assert_eq!(missing.status(), StatusCode::NOT_FOUND);
@@ -517,7 +471,7 @@ mod tests {
                 error: "spec: missing field `rules`".into(),
             }],
         }));
-        let body = body_json(handle(&state, &Method::GET, "/debug/objects")).await;
+        let body = body_json(get(&state, "/debug/objects")).await;
         assert_eq!(body["load_problems"][0]["file"], "routes.yaml");
         assert_eq!(body["load_problems"][0]["document_index"], 2);
         assert_eq!(body["reports"], json!([]));
@@ -529,7 +483,7 @@ mod tests {
         state
             .publisher
             .publish_route_config(pb::RouteConfig::default(), 5_000);
-        let response = handle(&state, &Method::GET, "/metrics");
+        let response = get(&state, "/metrics");
         assert_eq!(response.status(), StatusCode::OK);
         let bytes = response
             .into_body()
@@ -553,10 +507,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_paths_and_methods_are_refused() {
         let (state, _objects) = state();
-        assert_eq!(
-            handle(&state, &Method::GET, "/nope").status(),
-            StatusCode::NOT_FOUND
-        );
+        assert_eq!(get(&state, "/nope").status(), StatusCode::NOT_FOUND);
         let post = handle(&state, &Method::POST, "/healthz");
         assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");

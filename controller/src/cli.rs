@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 /// Where dataplanes connect by default: Istio's xDS port, familiar to operators.
 pub const DEFAULT_XDS_ADDR: &str = "0.0.0.0:15010";
@@ -25,15 +25,7 @@ pub const DEFAULT_LEASE_NAMESPACE: &str = "switchyard-system";
 /// Exit code when the command line is unusable (BSD `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 
-/// How log lines are written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
-}
+pub use switchyard_runtime::LogFormat;
 
 /// Switchyard controller: compiles ModelRoute / ModelServer / Pod objects and
 /// engine load into routing snapshots and streams them to dataplanes.
@@ -45,7 +37,7 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_CONFIG_DIR", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
 
-    /// Router configuration file in the reference router's format; its
+    /// Router configuration file in the Kthena router's format; its
     /// `scheduler` section is shipped to every dataplane (reloaded on change).
     #[arg(long, env = "SWITCHYARD_ROUTER_CONFIG", value_name = "FILE")]
     pub router_config: Option<PathBuf>,
@@ -93,7 +85,32 @@ pub struct Args {
     pub controller_id: Option<String>,
 }
 
+/// Scrape interval of [`Args::for_test`]: a test sees engine load within a
+/// fraction of a second.
+pub const TEST_SCRAPE_INTERVAL: Duration = Duration::from_millis(100);
+
 impl Args {
+    /// A controller started inside a test: admin and stream servers on loopback
+    /// ports the OS picks, [`TEST_SCRAPE_INTERVAL`], the id `test-controller`,
+    /// every other flag at its default. Tests set the fields they need:
+    /// `Args { config_dir: Some(dir), ..Args::for_test() }`.
+    pub fn for_test() -> Self {
+        let any_loopback_port = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        Self {
+            config_dir: None,
+            router_config: None,
+            xds_addr: any_loopback_port,
+            metrics_addr: any_loopback_port,
+            scrape_interval: TEST_SCRAPE_INTERVAL,
+            scrape_timeout: None,
+            namespaces: Vec::new(),
+            lease_name: DEFAULT_LEASE_NAME.to_owned(),
+            lease_namespace: DEFAULT_LEASE_NAMESPACE.to_owned(),
+            log_format: LogFormat::Text,
+            controller_id: Some("test-controller".to_owned()),
+        }
+    }
+
     /// `--scrape-timeout`, or the default share of the interval.
     pub fn effective_scrape_timeout(&self) -> Duration {
         self.scrape_timeout.unwrap_or_else(|| {

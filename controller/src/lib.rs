@@ -2,23 +2,26 @@
 //! engine load into versioned routing snapshots, and streams them to dataplanes.
 //!
 //! Layout:
-//! - [`compile`]: the pure core, inputs -> snapshot + per-object reports;
-//! - [`compile_loop`]: recompiles and publishes on every input change, in both modes;
-//! - [`local`]: local mode, objects read from YAML files in a directory;
-//! - [`kubernetes`]: Kubernetes mode: watches, leader election, status writing;
+//! - [`app`]: chooses the mode and starts the core with its object source;
+//! - [`core`]: the same in both modes: registry, publisher, admin server,
+//!   scraper, compile loop and stream server, fed by an [`core::ObjectSource`];
+//! - [`compile`]: the pure function, inputs -> snapshot + per-object reports;
+//! - [`local`]: local mode's source, objects read from YAML files in a directory;
+//! - [`kubernetes`]: Kubernetes mode's source: watches, leader election, status writing;
 //! - [`status`]: the pure status-condition computation;
 //! - [`scrape`]: engine `/metrics` and `/v1/models` scraping and parsing;
 //! - [`xds`]: the snapshot stream server (versions, nonces, ACK/NACK);
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/debug/...`;
 //! - [`metrics`]: status-write and leader metrics;
-//! - [`app`]: wires the pieces together for `main`.
+//! - [`error`]: why the controller stops, and the exit codes.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod compile;
-pub mod compile_loop;
+pub mod core;
+pub mod error;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;

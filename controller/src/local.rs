@@ -6,25 +6,24 @@
 //! Kubernetes ConfigMap volume does on update (which inotify watches on the
 //! files themselves miss).
 
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use switchyard_runtime::{Debounce, TaskSet, clock};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+
+use crate::compile::{LoadProblem, ObjectSet};
+use crate::core::{OBJECT_CHANGE_DEBOUNCE, ObjectSource, Serving, SourceStarted};
+use crate::error::{ControllerError, LocalError};
 
 /// How often the directory is re-read: a change reaches the dataplanes within
 /// this plus the debounce, well inside the 2 s end-to-end budget, while
 /// re-reading a few small files 5 times a second costs nothing.
 pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// A change is applied once the files stopped changing for this long, so an
-/// editor's write-rename dance or `kubectl cp` of several files is read once, whole.
-pub const CONFIG_DEBOUNCE_QUIET: Duration = Duration::from_millis(100);
-/// Upper bound on the debounce, so a file rewritten continuously still gets applied.
-pub const CONFIG_DEBOUNCE_MAX: Duration = Duration::from_secs(1);
 /// Files above this size are refused: routing config is kilobytes, and a
 /// stray multi-gigabyte file in the directory must not exhaust memory.
 pub const MAX_CONFIG_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -34,49 +33,39 @@ const CRD_API_VERSION: &str = "networking.serving.volcano.sh/v1alpha1";
 /// `apiVersion` of Pod documents.
 const POD_API_VERSION: &str = "v1";
 
-/// Why the directory itself could not be read (a bad file is a [`LoadProblem`] instead).
-#[derive(Debug, thiserror::Error)]
-pub enum LocalError {
-    #[error("cannot read config directory {path}: {source}")]
-    ReadDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config directory {0} is not a directory")]
-    NotADirectory(PathBuf),
-}
-
 /// The objects of one directory read: the same set the Kubernetes caches
 /// produce, so both feed the one compile loop.
-pub type LocalObjects = crate::compile_loop::ObjectSet;
+pub type LocalObjects = ObjectSet;
 
-/// A file or document that could not be loaded; the rest of the directory still is.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct LoadProblem {
-    /// File name within the directory.
-    pub file: String,
-    /// 0-based index of the document in a multi-document file; `None` when the
-    /// whole file was unreadable.
-    pub document_index: Option<usize>,
-    pub kind: Option<String>,
-    pub name: Option<String>,
-    pub error: String,
+/// Local mode's object source: the YAML files of one directory, watched.
+#[derive(Clone, Debug)]
+pub struct LocalSource {
+    dir: PathBuf,
+    settings: WatchSettings,
 }
 
-impl std::fmt::Display for LoadProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.file)?;
-        if let Some(index) = self.document_index {
-            write!(f, " document {index}")?;
+impl LocalSource {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            settings: WatchSettings::default(),
         }
-        if let Some(kind) = &self.kind {
-            write!(f, " {kind}")?;
-        }
-        if let Some(name) = &self.name {
-            write!(f, " {name:?}")?;
-        }
-        write!(f, ": {}", self.error)
+    }
+}
+
+impl ObjectSource for LocalSource {
+    async fn start(self, tasks: &mut TaskSet) -> Result<SourceStarted, ControllerError> {
+        let (objects, watcher) = watch_dir(self.dir.clone(), self.settings).await?;
+        tasks.spawn("config directory watcher", watcher);
+        let dir = self.dir;
+        Ok(SourceStarted {
+            objects,
+            on_serving: Box::new(move |core: &Serving, _: &mut TaskSet| {
+                // Local mode runs one controller: it is the leader.
+                core.metrics.leader.set(1);
+                tracing::info!(controller_id = %core.controller_id, config_dir = %dir.display(), "controller started in local mode");
+            }),
+        })
     }
 }
 
@@ -84,16 +73,14 @@ impl std::fmt::Display for LoadProblem {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WatchSettings {
     pub poll_interval: Duration,
-    pub quiet_period: Duration,
-    pub max_delay: Duration,
+    pub debounce: Debounce,
 }
 
 impl Default for WatchSettings {
     fn default() -> Self {
         Self {
             poll_interval: CONFIG_POLL_INTERVAL,
-            quiet_period: CONFIG_DEBOUNCE_QUIET,
-            max_delay: CONFIG_DEBOUNCE_MAX,
+            debounce: OBJECT_CHANGE_DEBOUNCE,
         }
     }
 }
@@ -355,21 +342,30 @@ pub fn log_problems(dir: &Path, problems: &[LoadProblem]) {
     }
 }
 
-/// Loads `dir` once (an unreadable directory is an error), then keeps
-/// re-reading it in a background task and publishes every changed load.
+/// Loads `dir` once (an unreadable directory is an error) and returns the
+/// objects and the watcher to run: it keeps re-reading the directory and
+/// publishes every changed load.
 ///
-/// The task ends when every receiver is dropped. A directory that becomes
+/// The watcher ends when every receiver is dropped. A directory that becomes
 /// unreadable later keeps the last objects (serving stale routes beats serving none).
 pub async fn watch_dir(
     dir: PathBuf,
     settings: WatchSettings,
-) -> Result<(watch::Receiver<Arc<LocalObjects>>, JoinHandle<()>), LocalError> {
+) -> Result<
+    (
+        watch::Receiver<Arc<LocalObjects>>,
+        impl Future<Output = ()> + Send + 'static,
+    ),
+    LocalError,
+> {
     let scan = scan_dir(&dir).await?;
     let objects = scan.parse();
     log_problems(&dir, &objects.problems);
     let (sender, receiver) = watch::channel(Arc::new(objects));
-    let task = tokio::spawn(poll_dir(dir, settings, scan.fingerprint(), sender));
-    Ok((receiver, task))
+    Ok((
+        receiver,
+        poll_dir(dir, settings, scan.fingerprint(), sender),
+    ))
 }
 
 async fn poll_dir(
@@ -381,7 +377,7 @@ async fn poll_dir(
     let mut last_scan_error: Option<String> = None;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(settings.poll_interval) => {}
+            () = clock::sleep(settings.poll_interval) => {}
             () = sender.closed() => return,
         }
         let scan = match scan_dir(&dir).await {
@@ -421,24 +417,22 @@ async fn poll_dir(
     }
 }
 
-/// Waits until the directory has been quiet for the quiet period (or the
-/// max delay passed since `changed` was seen) and returns the newest scan.
+/// Waits until the directory has been quiet for the debounce's quiet period
+/// (or its max delay passed since `changed` was seen) and returns the newest scan.
 async fn debounce(dir: &Path, changed: DirScan, settings: &WatchSettings) -> DirScan {
-    let first_change = Instant::now();
-    let hard_deadline = first_change + settings.max_delay;
-    let mut last_change = first_change;
+    let mut burst = settings.debounce.begin();
     let mut latest = changed;
     loop {
-        tokio::time::sleep_until((last_change + settings.quiet_period).min(hard_deadline)).await;
+        burst.settled().await;
         let Ok(rescan) = scan_dir(dir).await else {
             return latest;
         };
         let still_changing = rescan.fingerprint() != latest.fingerprint();
         latest = rescan;
-        if !still_changing || Instant::now() >= hard_deadline {
+        if !still_changing || burst.is_overdue() {
             return latest;
         }
-        last_change = Instant::now();
+        burst.changed();
     }
 }
 
@@ -645,12 +639,15 @@ status:
         std::fs::write(dir.path().join("route.yaml"), ROUTE).expect("write");
         let settings = WatchSettings {
             poll_interval: Duration::from_millis(20),
-            quiet_period: Duration::from_millis(20),
-            max_delay: Duration::from_millis(200),
+            debounce: Debounce {
+                quiet: Duration::from_millis(20),
+                max_delay: Duration::from_millis(200),
+            },
         };
-        let (mut receiver, task) = watch_dir(dir.path().to_owned(), settings)
+        let (mut receiver, watcher) = watch_dir(dir.path().to_owned(), settings)
             .await
             .expect("watch");
+        let task = tokio::spawn(watcher);
         assert_eq!(receiver.borrow_and_update().routes.len(), 1);
 
         // Same length as the original: a size comparison alone would miss it.

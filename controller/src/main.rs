@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use switchyard_controller::app;
 use switchyard_controller::cli::Args;
+use switchyard_controller::error::EXIT_FAILURE;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    app::init_tracing(args.log_format);
+    switchyard_runtime::init_tracing(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -18,10 +19,14 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             tracing::error!(%error, "cannot start the async runtime");
-            return exit_code(app::EXIT_FAILURE);
+            return exit_code(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(app::run(args, app::shutdown_signal())) {
+    let outcome = runtime.block_on(async {
+        let shutdown = switchyard_runtime::cancel_on_signal();
+        app::run(args, shutdown).await
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "switchyard-controller failed");

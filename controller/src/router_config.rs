@@ -1,4 +1,4 @@
-//! The router configuration file (`--router-config FILE`): the reference
+//! The router configuration file (`--router-config FILE`): the Kthena
 //! router's format, of which the `scheduler` section is read (`auth` and any
 //! other section are left to their own features).
 //!
@@ -29,6 +29,7 @@
 //! validate is rejected with the reason and the previous configuration stays
 //! in force.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,7 +37,6 @@ use serde::Deserialize;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 /// How often the file is checked for changes: like the config directory, a
 /// poll (works on ConfigMap volumes, whose updates are symlink swaps).
@@ -102,7 +102,7 @@ struct PluginsSection {
 struct FilterSet {
     #[serde(default)]
     enabled: Vec<String>,
-    /// Parsed and ignored, as in the reference.
+    /// Parsed and ignored, as in the Kthena router.
     #[serde(default)]
     #[allow(dead_code)]
     disabled: Vec<serde_yaml::Value>,
@@ -122,7 +122,7 @@ struct ScoreSet {
 #[serde(deny_unknown_fields)]
 struct ScoreEntry {
     name: String,
-    /// Absent = 1; negative = 0, as in the reference.
+    /// Absent = 1; negative = 0, as in the Kthena router.
     #[serde(default)]
     weight: Option<i64>,
 }
@@ -238,32 +238,19 @@ fn log_warnings(path: &Path, config: &RouterConfig) {
     }
 }
 
-/// The scheduler section to ship: from `path` (watched) when one is given, else
-/// none (dataplanes then use their defaults, and there is nothing to watch).
-pub async fn watch_optional_router_config(
-    path: Option<&std::path::Path>,
+/// Loads the file once (an error here is fatal: there is no previous
+/// configuration to keep) and returns its scheduler section and the watcher
+/// to run: it polls the file; each valid change is sent, each invalid one is
+/// logged and ignored.
+pub async fn watch_router_config(
+    path: PathBuf,
 ) -> Result<
     (
         watch::Receiver<Option<pb::SchedulerConfig>>,
-        Option<JoinHandle<()>>,
+        impl Future<Output = ()> + Send + 'static,
     ),
     RouterConfigError,
 > {
-    match path {
-        Some(path) => {
-            let (receiver, task) = watch_router_config(path.to_owned()).await?;
-            Ok((receiver, Some(task)))
-        }
-        None => Ok((watch::channel(None).1, None)),
-    }
-}
-
-/// Loads the file once (an error here is fatal: there is no previous
-/// configuration to keep), then polls it; each valid change is sent, each
-/// invalid one is logged and ignored.
-pub async fn watch_router_config(
-    path: PathBuf,
-) -> Result<(watch::Receiver<Option<pb::SchedulerConfig>>, JoinHandle<()>), RouterConfigError> {
     let text =
         tokio::fs::read_to_string(&path)
             .await
@@ -275,7 +262,7 @@ pub async fn watch_router_config(
     log_warnings(&path, &initial);
     tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, "router configuration loaded");
     let (sender, receiver) = watch::channel(initial.scheduler);
-    let task = tokio::spawn(async move {
+    let watcher = async move {
         let mut last_text = text;
         let mut interval = tokio::time::interval(ROUTER_CONFIG_POLL_INTERVAL);
         interval.tick().await;
@@ -306,8 +293,8 @@ pub async fn watch_router_config(
             }
             last_text = text;
         }
-    });
-    Ok((receiver, task))
+    };
+    Ok((receiver, watcher))
 }
 
 #[cfg(test)]
@@ -319,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn reference_chart_default_parses() {
+    fn kthena_chart_default_parses() {
         let config = parse(
             r#"
 scheduler:

@@ -10,12 +10,16 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::{Value, json};
-use switchyard_controller::cli::{Args, LogFormat};
-use switchyard_controller::kubernetes;
-use switchyard_snapshot::pb;
+use switchyard_controller::app::start_kubernetes;
+use switchyard_controller::cli::Args;
+use switchyard_controller::core::{self, Controller};
+use switchyard_controller::kubernetes::KubernetesSource;
+use switchyard_runtime::CancellationToken;
+use switchyard_runtime::clock::unix_ms_now;
 
 use support::dataplane::Dataplane;
 use support::fake_api::{DEADLINE, FakeApi, Recorded};
+use support::{GPU_USAGE_ROUTER_CONFIG, assert_gpu_usage_scheduler_shipped, shipped_scheduler};
 
 const ROUTES: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelroutes";
 const SERVERS: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelservers";
@@ -26,17 +30,9 @@ const README_TIME: &str = "2026-12-01T17:00:05Z";
 
 fn args() -> Args {
     Args {
-        config_dir: None,
-        xds_addr: "127.0.0.1:0".parse().expect("addr"),
-        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
         scrape_interval: Duration::from_millis(200),
-        scrape_timeout: None,
-        log_format: LogFormat::Text,
         controller_id: Some("switchyard-controller-7d9f-abcde".into()),
-        namespaces: Vec::new(),
-        lease_name: "switchyard-controller".into(),
-        lease_namespace: "switchyard-system".into(),
-        router_config: None,
+        ..Args::for_test()
     }
 }
 
@@ -119,7 +115,7 @@ fn is_status_patch(request: &Recorded, plural: &str, name: &str) -> bool {
 #[tokio::test]
 async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     let fake = seeded();
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
         .await
         .expect("started in time")
         .expect("starts against the fake API");
@@ -357,7 +353,7 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     .await;
 }
 
-fn route_config_version(controller: &kubernetes::KubernetesController) -> String {
+fn route_config_version(controller: &Controller) -> String {
     controller
         .publisher
         .route_config()
@@ -392,7 +388,7 @@ async fn an_expired_lease_of_another_replica_is_taken_over() {
             "renewTime": "2026-12-01T16:00:00.000000Z",
         },
     }));
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
         .await
         .expect("started in time")
         .expect("starts against the fake API");
@@ -445,27 +441,27 @@ async fn admin_request(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
     (status, body)
 }
 
-/// Issue 4: no snapshot is served before every cache has listed the cluster
+/// No snapshot is served before every cache has listed the cluster
 /// and the first compile is published. The fake holds the ModelRoute list
 /// back (and says when it arrived), so the "before" state is certain, not timed.
 #[tokio::test]
 async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile() {
     let fake = seeded();
     let hold = fake.hold_lists(ROUTES);
-    let starting = tokio::time::timeout(DEADLINE, kubernetes::begin(&args(), fake.client()))
+    let starting = tokio::time::timeout(DEADLINE, core::begin(&args(), CancellationToken::new()))
         .await
         .expect("admin up in time")
-        .expect("begins against the fake API");
+        .expect("begins");
     let admin_addr = starting.admin_addr;
     let publisher = starting.publisher.clone();
-    let ready = tokio::spawn(starting.until_ready());
+    let ready = tokio::spawn(starting.start(KubernetesSource::new(&args(), fake.client())));
     fake.wait_for("the held ModelRoute list", |request| {
         request.path == ROUTES && !request.params().contains_key("watch")
     })
     .await;
 
     // Held: not ready, nothing compiled or published, and no stream server
-    // (its address exists only once `until_ready` returns).
+    // (its address exists only once `start` returns).
     let (status, body) = admin_request(admin_addr, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(publisher.route_config().is_none());
@@ -509,9 +505,11 @@ async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile
 #[tokio::test]
 async fn namespaces_limit_the_watches_to_those_namespaces() {
     let fake = FakeApi::default();
-    let mut args = args();
-    args.namespaces = vec!["team-b".into(), "team-a".into()];
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
+    let args = Args {
+        namespaces: vec!["team-b".into(), "team-a".into()],
+        ..args()
+    };
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
         .await
         .expect("started in time")
         .expect("starts with nothing to route");
@@ -543,34 +541,17 @@ async fn namespaces_limit_the_watches_to_those_namespaces() {
 async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("routerConfiguration.yaml");
-    std::fs::write(
-        &path,
-        "scheduler:\n  topN: 3\n  plugins:\n    Score: {enabled: [{name: gpu-usage, weight: 2}]}\n",
-    )
-    .expect("write");
+    std::fs::write(&path, GPU_USAGE_ROUTER_CONFIG).expect("write");
     let fake = FakeApi::default();
-    let mut args = args();
-    args.router_config = Some(path.clone());
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args, fake.client()))
+    let args = Args {
+        router_config: Some(path.clone()),
+        ..args()
+    };
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
         .await
         .expect("started in time")
         .expect("starts");
-    let shipped = |controller: &kubernetes::KubernetesController| {
-        let published = controller.publisher.route_config()?;
-        match &published.response.resource {
-            Some(pb::snapshot_response::Resource::RouteConfig(config)) => config.scheduler.clone(),
-            _ => None,
-        }
-    };
-    let scheduler = shipped(&controller).expect("scheduler section shipped");
-    assert_eq!(scheduler.top_n, 3);
-    assert_eq!(
-        scheduler.scores,
-        vec![pb::ScorePlugin {
-            name: "gpu-usage".into(),
-            weight: 2
-        }]
-    );
+    assert_gpu_usage_scheduler_shipped(&controller.publisher);
 
     std::fs::write(
         &path,
@@ -578,7 +559,7 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
     )
     .expect("edit");
     tokio::time::timeout(DEADLINE, async {
-        while shipped(&controller).map(|s| s.top_n) != Some(2) {
+        while shipped_scheduler(&controller.publisher).map(|s| s.top_n) != Some(2) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
@@ -620,21 +601,13 @@ fn reported(node: &str, acked: &str, nacked: Option<(&str, &str)>) -> Value {
     json!({"nodeId": node, "routeConfig": route_config, "endpointLoads": {"subscribed": true}})
 }
 
-fn unix_ms_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
-        .unwrap_or_default()
-}
-
-/// Issue 4: `Programmed` counts the dataplanes of every controller replica.
+/// `Programmed` counts the dataplanes of every controller replica.
 /// This replica reports its own dataplanes in a ConfigMap; as leader it reads
 /// the other replicas' reports, skips expired ones, and counts the rest.
 #[tokio::test]
 async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
     let fake = seeded();
-    let controller = tokio::time::timeout(DEADLINE, kubernetes::start(&args(), fake.client()))
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
         .await
         .expect("started in time")
         .expect("starts against the fake API");

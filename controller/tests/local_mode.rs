@@ -6,7 +6,6 @@ mod support;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -14,15 +13,17 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use switchyard_controller::app::{self, AppError};
-use switchyard_controller::cli::{Args, LogFormat};
+use switchyard_controller::app;
+use switchyard_controller::cli::Args;
+use switchyard_controller::error::{ControllerError, EXIT_NO_INPUT};
 use switchyard_snapshot::{ROUTE_CONFIG_TYPE_URL, pb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use support::dataplane::Dataplane;
 use support::fake_api::DEADLINE;
+use support::{GPU_USAGE_ROUTER_CONFIG, assert_gpu_usage_scheduler_shipped};
 
 const METRICS_PAGE: &str = "\
 # HELP vllm:num_requests_waiting Number of requests waiting to be processed.
@@ -45,10 +46,7 @@ struct FakeEngine {
 
 impl FakeEngine {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
+        let (listener, addr) = support::loopback_listener().await;
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
@@ -83,73 +81,23 @@ impl Drop for FakeEngine {
 fn args(config_dir: &Path) -> Args {
     Args {
         config_dir: Some(config_dir.to_owned()),
-        router_config: None,
-        xds_addr: "127.0.0.1:0".parse().expect("addr"),
-        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-        scrape_interval: Duration::from_millis(100),
-        scrape_timeout: None,
-        log_format: LogFormat::Text,
-        controller_id: Some("test-controller".into()),
-        namespaces: Vec::new(),
-        lease_name: "switchyard-controller".into(),
-        lease_namespace: "switchyard-system".into(),
+        ..Args::for_test()
     }
 }
 
+/// Writes the ModelServer `s1` and its pod `fake-0`, an engine on
+/// `engine_port`, and the routes of [`write_routes`].
 fn write_config(dir: &Path, engine_port: u16, model: &str) {
-    std::fs::write(
-        dir.join("10-servers.yaml"),
-        format!(
-            r#"
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelServer
-metadata: {{ name: s1 }}
-spec:
-  inferenceEngine: vLLM
-  workloadSelector: {{ matchLabels: {{ app: fake }} }}
-  workloadPort: {{ port: {engine_port} }}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: fake-0
-  labels: {{ app: fake }}
-status:
-  phase: Running
-  podIP: 127.0.0.1
-  conditions: [{{ type: Ready, status: "True" }}]
-"#
-        ),
-    )
-    .expect("write servers");
+    let servers = include_str!("config/local_mode_servers.yaml");
+    let servers = servers.replace("ENGINE_PORT", &engine_port.to_string());
+    std::fs::write(dir.join("10-servers.yaml"), servers).expect("write servers");
     write_routes(dir, model);
 }
 
+/// Writes the route `main` for `model` to `s1`, and a route with an invalid regex.
 fn write_routes(dir: &Path, model: &str) {
-    std::fs::write(
-        dir.join("20-routes.yaml"),
-        format!(
-            r#"
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelRoute
-metadata: {{ name: main }}
-spec:
-  modelName: {model}
-  rules:
-  - targetModels: [{{ modelServerName: s1 }}]
----
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelRoute
-metadata: {{ name: broken }}
-spec:
-  modelName: broken
-  rules:
-  - modelMatch: {{ uri: {{ regex: "(" }} }}
-    targetModels: [{{ modelServerName: s1 }}]
-"#
-        ),
-    )
-    .expect("write routes");
+    let routes = include_str!("config/local_mode_routes.yaml").replace("MODEL", model);
+    std::fs::write(dir.join("20-routes.yaml"), routes).expect("write routes");
 }
 
 /// A bare HTTP/1.1 GET; returns the status code and the body.
@@ -305,8 +253,8 @@ async fn a_missing_config_dir_is_a_startup_error() {
     let error = app::start_local(&args(&dir.path().join("missing")))
         .await
         .expect_err("cannot start without the directory");
-    assert!(matches!(error, AppError::Config(_)), "{error}");
-    assert_eq!(error.exit_code(), app::EXIT_NO_INPUT);
+    assert!(matches!(error, ControllerError::Config(_)), "{error}");
+    assert_eq!(error.exit_code(), EXIT_NO_INPUT);
 }
 
 #[test]
@@ -341,8 +289,10 @@ async fn router_config_is_shipped_in_the_route_config_and_invalid_files_stop_sta
         "scheduler:\n  plugins:\n    Score: {enabled: [{name: fastest}]}\n",
     )
     .expect("write");
-    let mut with_file = args(&objects);
-    with_file.router_config = Some(router_config.clone());
+    let with_file = Args {
+        router_config: Some(router_config.clone()),
+        ..args(&objects)
+    };
     let error = app::start_local(&with_file)
         .await
         .expect_err("an invalid router configuration stops startup");
@@ -354,28 +304,8 @@ async fn router_config_is_shipped_in_the_route_config_and_invalid_files_stop_sta
     );
     assert_eq!(error.exit_code(), 64);
 
-    std::fs::write(
-        &router_config,
-        "scheduler:\n  topN: 3\n  plugins:\n    Score: {enabled: [{name: gpu-usage, weight: 2}]}\n",
-    )
-    .expect("write");
+    std::fs::write(&router_config, GPU_USAGE_ROUTER_CONFIG).expect("write");
     let controller = app::start_local(&with_file).await.expect("starts");
-    let published = controller.publisher.route_config().expect("published");
-    let Some(pb::snapshot_response::Resource::RouteConfig(config)) = &published.response.resource
-    else {
-        panic!("a RouteConfig");
-    };
-    let scheduler = config
-        .scheduler
-        .as_ref()
-        .expect("scheduler section shipped");
-    assert_eq!(scheduler.top_n, 3);
-    assert_eq!(
-        scheduler.scores,
-        vec![pb::ScorePlugin {
-            name: "gpu-usage".into(),
-            weight: 2
-        }]
-    );
+    assert_gpu_usage_scheduler_shipped(&controller.publisher);
     controller.shutdown().await.expect("clean shutdown");
 }

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
 use serde_yaml::Value;
 use switchyard_controller::compile::compile_route_config;
+use switchyard_crd::test_builders::ready_pod;
 use switchyard_crd::{ModelRoute, ModelServer};
 
 const NAMESPACE: &str = "switchyard-system";
@@ -84,6 +84,16 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     files
+}
+
+/// Every object `kustomize build manifests/` renders.
+fn manifests() -> Vec<(String, Value)> {
+    kustomize(&repo().join("manifests"))
+}
+
+/// `metadata.name` of `object`, or "" without one.
+fn name_of(object: &Value) -> &str {
+    str_of(object, &["metadata", "name"]).unwrap_or_default()
 }
 
 fn str_of<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -164,7 +174,7 @@ fn container_ports(deployment: &Value) -> Vec<(Option<String>, i64)> {
 
 #[test]
 fn every_object_has_a_known_kind_and_api_version() {
-    let objects = kustomize(&repo().join("manifests"));
+    let objects = manifests();
     let known: BTreeMap<&str, &str> = [
         ("Namespace", "v1"),
         ("ServiceAccount", "v1"),
@@ -188,7 +198,7 @@ fn every_object_has_a_known_kind_and_api_version() {
     ];
     for (file, object) in &objects {
         let kind = object["kind"].as_str().unwrap_or_default();
-        let name = str_of(object, &["metadata", "name"]).unwrap_or_default();
+        let name = name_of(object);
         assert!(!name.is_empty(), "{file}: {kind} without a name");
         assert_eq!(
             known.get(kind).copied(),
@@ -224,10 +234,10 @@ fn the_crds_are_the_generated_ones() {
 
 #[test]
 fn services_pdbs_and_autoscalers_point_at_real_pods_and_ports() {
-    let objects = kustomize(&repo().join("manifests"));
+    let objects = manifests();
     for service in of_kind(&objects, "Service") {
-        let name = str_of(service, &["metadata", "name"]).unwrap_or_default();
         let selected = deployment_selected_by(&objects, &labels(&service["spec"]["selector"]));
+        let name = name_of(service);
         assert_eq!(
             selected.len(),
             1,
@@ -271,7 +281,7 @@ fn services_pdbs_and_autoscalers_point_at_real_pods_and_ports() {
         );
     }
     for deployment in of_kind(&objects, "Deployment") {
-        let name = str_of(deployment, &["metadata", "name"]).unwrap_or_default();
+        let name = name_of(deployment);
         let selector = labels(&deployment["spec"]["selector"]["matchLabels"]);
         assert!(
             selects(
@@ -285,9 +295,9 @@ fn services_pdbs_and_autoscalers_point_at_real_pods_and_ports() {
 
 #[test]
 fn service_accounts_config_maps_and_rbac_exist_and_the_dataplane_has_no_credentials() {
-    let objects = kustomize(&repo().join("manifests"));
+    let objects = manifests();
     for deployment in of_kind(&objects, "Deployment") {
-        let name = str_of(deployment, &["metadata", "name"]).unwrap_or_default();
+        let name = name_of(deployment);
         let pod = &deployment["spec"]["template"]["spec"];
         let account = pod["serviceAccountName"].as_str().unwrap_or_default();
         assert!(
@@ -468,25 +478,16 @@ fn the_samples_compile_and_select_the_mock_engine() {
                 );
             }
         }
-        pods.push(Pod {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some("mock-llama-0".to_owned()),
-                namespace: Some("default".to_owned()),
-                labels: Some(pod_labels),
-                ..Default::default()
-            },
-            status: Some(PodStatus {
-                phase: Some("Running".to_owned()),
-                pod_ip: Some("10.1.0.5".to_owned()),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".to_owned(),
-                    status: "True".to_owned(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        let pod_labels: Vec<(&str, &str)> = pod_labels
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect();
+        pods.push(ready_pod(
+            "default",
+            "mock-llama-0",
+            "10.1.0.5",
+            &pod_labels,
+        ));
     }
     let compiled = compile_route_config(&routes, &servers, &pods);
     for report in &compiled.reports {
@@ -521,7 +522,7 @@ fn the_dockerfile_is_multi_stage_non_root_and_builds_both_binaries() {
     assert!(!user.contains("root") || user.contains("nonroot"), "{user}");
     assert!(!user.trim_start_matches("USER ").starts_with('0'), "{user}");
     // The manifests start the binaries the image installs.
-    let objects = kustomize(&repo().join("manifests"));
+    let objects = manifests();
     for deployment in of_kind(&objects, "Deployment") {
         for container in deployment["spec"]["template"]["spec"]["containers"]
             .as_sequence()
@@ -541,7 +542,7 @@ fn the_dockerfile_is_multi_stage_non_root_and_builds_both_binaries() {
 /// where the settings say, and the controller's own parser accepts it.
 #[test]
 fn the_router_configuration_file_is_mounted_and_valid() {
-    let objects = kustomize(&repo().join("manifests"));
+    let objects = manifests();
     let settings = find(&objects, "ConfigMap", "switchyard-settings").expect("settings");
     let file = find(&objects, "ConfigMap", "switchyard-router-config").expect("router config");
     let path = str_of(settings, &["data", "SWITCHYARD_ROUTER_CONFIG"]).expect("controller path");

@@ -1,5 +1,7 @@
 //! The snapshot stream server against a real tonic client on loopback.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,14 +11,15 @@ use switchyard_controller::xds::{
     SnapshotPublisher, XdsMetrics,
 };
 use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
+use switchyard_snapshot::test_builders as builders;
 use switchyard_snapshot::{
     ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, pb,
 };
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
+
+use support::dataplane::Dataplane;
 
 /// Generous bound for anything that should happen "at once": only a hung test waits this long.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -32,10 +35,7 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
+        let (listener, addr) = support::loopback_listener().await;
         let metrics_registry = prometheus::Registry::new();
         let metrics = XdsMetrics::register(&metrics_registry).expect("metrics");
         let publisher = Arc::new(SnapshotPublisher::new("test-controller", metrics.clone()));
@@ -96,29 +96,10 @@ impl Server {
 }
 
 fn route_config(model: &str) -> pb::RouteConfig {
-    pb::RouteConfig {
-        scheduler: None,
-        routes: vec![pb::ModelRoute {
-            namespace: "default".into(),
-            name: model.into(),
-            model_name: model.into(),
-            rules: vec![pb::Rule {
-                name: "default".into(),
-                r#match: None,
-                targets: vec![pb::WeightedTarget {
-                    model_server: "default/s".into(),
-                    weight: 100,
-                }],
-            }],
-            ..Default::default()
-        }],
-        servers: vec![pb::ModelServer {
-            namespace: "default".into(),
-            name: "s".into(),
-            port: 8000,
-            ..Default::default()
-        }],
-    }
+    builders::route_config(
+        vec![builders::route(model, model, "s")],
+        vec![builders::server("s", &[])],
+    )
 }
 
 fn endpoint_loads(waiting: f64) -> pb::EndpointLoads {
@@ -154,23 +135,13 @@ impl Client {
         addr: SocketAddr,
         subscriptions: Vec<pb::SnapshotRequest>,
     ) -> Result<Self, tonic::Status> {
-        let mut client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
+        let client = RoutingDiscoveryClient::connect(format!("http://{addr}"))
             .await
             .expect("connect to loopback server");
-        let (requests, receiver) = mpsc::channel(16);
-        for (index, mut request) in subscriptions.into_iter().enumerate() {
-            if index == 0 {
-                request.node = Some(pb::Node {
-                    id: "dataplane-1".into(),
-                    build_version: "test".into(),
-                });
-            }
-            requests.send(request).await.expect("queue request");
-        }
-        let responses = client
-            .stream_snapshots(ReceiverStream::new(receiver))
-            .await?
-            .into_inner();
+        let Dataplane {
+            requests,
+            responses,
+        } = Dataplane::open(client, "dataplane-1", subscriptions).await?;
         Ok(Self {
             requests,
             responses,

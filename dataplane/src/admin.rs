@@ -11,15 +11,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use serde_json::json;
+use switchyard_runtime::clock;
 use switchyard_snapshot::{config_dump, pb};
 
 use crate::metrics::RouterMetrics;
 use crate::proxy::{ProxyBody, readiness_response};
+use crate::scheduling::decisions::DECISION_SLOTS;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::ControllerStatus;
 
@@ -57,7 +58,7 @@ impl Admin {
             "/debug/routing/table" => json(StatusCode::OK, &self.routing_table()),
             "/debug/routing/decisions" => json(
                 StatusCode::OK,
-                &crate::scheduling::decisions::decisions_view(&self.store, request.uri().query()),
+                &decisions_view(&self.store, request.uri().query()),
             ),
             _ => match path.strip_prefix("/debug/config_dump/") {
                 Some(rest) => self.config_dump(rest),
@@ -148,7 +149,7 @@ impl Admin {
                     "pod": pod.key,
                     "address": pod.addr.to_string(),
                     "inFlight": pod.in_flight(),
-                    "ejected": pod.is_ejected(std::time::Instant::now()),
+                    "ejected": pod.is_ejected(clock::now()),
                     "load": pod.load().map(|load| json!({
                         "requestsWaiting": load.requests_waiting,
                         "requestsRunning": load.requests_running,
@@ -173,7 +174,7 @@ impl Admin {
                 "endpointLoadsVersion": self.store.loads_version(),
                 "ageSeconds": table
                     .as_ref()
-                    .and_then(|t| SystemTime::now().duration_since(t.applied_at).ok())
+                    .and_then(|t| clock::wall_now().duration_since(t.applied_at).ok())
                     .map(|age| age.as_secs_f64()),
             },
             "pods": pods,
@@ -244,4 +245,32 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
 
 fn not_found(message: &str) -> Response<ProxyBody> {
     error(StatusCode::NOT_FOUND, "not_found", message)
+}
+
+/// Decisions returned when the query does not say `?limit=N`.
+const DEFAULT_DECISIONS_SHOWN: usize = 50;
+
+/// The `/debug/routing/decisions` body: the scheduler configuration in use
+/// and the most recent decisions (`?limit=N`, newest first).
+fn decisions_view(store: &SnapshotStore, query: Option<&str>) -> serde_json::Value {
+    let limit = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("limit="))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(DEFAULT_DECISIONS_SHOWN)
+        .min(DECISION_SLOTS);
+    let scheduler = store.table().map(|table| {
+        let effective = &table.scheduler.effective;
+        json!({
+            "filters": effective.filters,
+            "scores": effective.scores.iter().map(|s| json!({"name": s.name, "weight": s.weight})).collect::<Vec<_>>(),
+            "topN": effective.top_n,
+            "fromSnapshot": table.source.scheduler.is_some(),
+        })
+    });
+    json!({
+        "scheduler": scheduler,
+        "decisions": store.scheduling().decisions.recent(limit),
+    })
 }

@@ -1,89 +1,44 @@
-//! Wires the dataplane together: snapshot store, controller stream, listeners.
+//! Wires the dataplane together: snapshot store, controller stream, the
+//! traffic, metrics and debug servers, all supervised by one task set.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind};
 
-use crate::access_log::{AccessLog, AccessLogConfig};
 use crate::admin::Admin;
-use crate::cli::{Args, LogFormat};
+use crate::cli::Args;
 use crate::config_file::ConfigFile;
-use crate::metrics::RouterMetrics;
-use crate::observe::{ObservedStore, Observer};
-use crate::proxy::{Proxy, ProxyBody, ProxyConfig};
+use crate::metrics::{ObservedStore, RouterMetrics};
+use crate::proxy::log::Observer;
+use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
+use crate::proxy::{Proxy, ProxyConfig};
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
+use crate::server::{DRAIN_TIMEOUT, serve};
 use crate::snapshot::SnapshotStore;
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 
-/// On SIGTERM, in-flight requests (long SSE streams included) get this long to
-/// finish; matches a typical terminationGracePeriodSeconds minus headroom.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+/// How long shutdown waits for every task: the servers give up draining
+/// after [`DRAIN_TIMEOUT`] themselves, so this only bounds a task stuck past it.
+pub const SHUTDOWN_GRACE_PERIOD: Duration = DRAIN_TIMEOUT.saturating_add(Duration::from_secs(2));
 
 /// Why the dataplane could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Task(#[from] TaskError),
 }
 
-/// Logs to stderr, so stdout stays free for access logs (and `--log-format
-/// json` makes every line JSON, for collectors that read both streams).
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-}
-
-/// Runs the dataplane until `shutdown` resolves, then drains.
-pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+/// Runs the dataplane until `shutdown` is cancelled, then drains.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError> {
     let controller: http::Uri = args.controller.parse().map_err(|error| {
         AppError::Config(format!("--controller {:?}: {error}", args.controller))
     })?;
@@ -135,31 +90,26 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
         metrics,
     });
 
-    let traffic = bind(traffic_addr).await?;
-    let metrics = bind(metrics_addr).await?;
-    let debug = bind(debug_addr).await?;
+    let (traffic, _) = bind("traffic", traffic_addr).await?;
+    let (metrics, _) = bind("metrics", metrics_addr).await?;
+    let (debug, _) = bind("debug", debug_addr).await?;
     tracing::info!(traffic = %traffic_addr, metrics = %metrics_addr, debug = %debug_addr, "switchyard-dataplane listening");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let xds = xds_client::spawn(
-        XdsClientConfig {
-            controller,
-            node_id: args.resolved_node_id(),
-            ..XdsClientConfig::default()
-        },
-        sink,
-        status.clone(),
-        wait_for_stop(stop_rx.clone()),
-    );
+    let mut tasks = TaskSet::new(shutdown);
+    let xds_config = XdsClientConfig {
+        controller,
+        node_id: args.resolved_node_id(),
+        ..XdsClientConfig::default()
+    };
+    tasks.spawn_graceful("controller stream client", |stop| {
+        xds_client::run(xds_config, sink, status, stop.cancelled_owned())
+    });
 
     let idle_timeout = args.idle_timeout;
     let expose_metrics = args.expose_metrics_on_router_port;
     let traffic_admin = admin.clone();
-    let traffic_server = tokio::spawn(serve(
-        traffic,
-        idle_timeout,
-        stop_rx.clone(),
-        move |request| {
+    tasks.spawn_graceful("traffic server", |stop| {
+        serve(traffic, idle_timeout, stop, move |request| {
             let proxy = proxy.clone();
             let admin = traffic_admin.clone();
             async move {
@@ -168,112 +118,24 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> Result<(), A
                 }
                 proxy.handle(request).await
             }
-        },
-    ));
+        })
+    });
     let metrics_admin = admin.clone();
-    let metrics_server = tokio::spawn(serve(
-        metrics,
-        idle_timeout,
-        stop_rx.clone(),
-        move |request| {
+    tasks.spawn_graceful("metrics server", |stop| {
+        serve(metrics, idle_timeout, stop, move |request| {
             let admin = metrics_admin.clone();
             async move { admin.handle_metrics_port(&request) }
-        },
-    ));
-    let debug_server = tokio::spawn(serve(debug, idle_timeout, stop_rx, move |request| {
-        let admin = admin.clone();
-        async move { admin.handle_debug_port(&request) }
-    }));
-
-    shutdown.await;
-    tracing::info!("shutting down: draining in-flight requests");
-    let _ = stop_tx.send(true);
-    let _ = tokio::join!(traffic_server, metrics_server, debug_server, xds);
-    Ok(())
-}
-
-async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })
-}
-
-async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stopped| *stopped).await;
-}
-
-/// Accepts HTTP/1.1 and HTTP/2 connections until `stop`, then waits up to
-/// [`DRAIN_TIMEOUT`] for open connections to finish.
-///
-/// `idle_timeout` bounds both the wait for a request's headers and the idle
-/// time of a keep-alive connection (hyper starts the same timer whenever it
-/// waits for the next request head), so slow or idle clients cannot hold
-/// connections forever.
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    idle_timeout: Duration,
-    stop: watch::Receiver<bool>,
-    handler: H,
-) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(idle_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(idle_timeout / 2))
-        .keep_alive_timeout(idle_timeout / 2);
-    let graceful = GracefulShutdown::new();
-    let stopped = wait_for_stop(stop);
-    tokio::pin!(stopped);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off briefly instead of spinning.
-                    tracing::warn!(error = %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stopped => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(request).await) }
-        });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // HTTP version detection waits for the first bytes without a
-            // timeout of its own, so a client that connects and sends nothing
-            // is bounded here; hyper's header timeout covers the rest.
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(idle_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(read)) if read > 0 => {}
-                _ => return,
-            }
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout reached; closing remaining connections");
-    }
+        })
+    });
+    tasks.spawn_graceful("debug server", |stop| {
+        serve(debug, idle_timeout, stop, move |request| {
+            let admin = admin.clone();
+            async move { admin.handle_debug_port(&request) }
+        })
+    });
+    tasks.spawn_graceful("shutdown notice", |stop| async move {
+        stop.cancelled().await;
+        tracing::info!("shutting down: draining in-flight requests");
+    });
+    Ok(tasks.run(SHUTDOWN_GRACE_PERIOD).await?)
 }

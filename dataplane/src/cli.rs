@@ -4,11 +4,11 @@ use std::net::IpAddr;
 
 use clap::Parser;
 
-/// Default traffic port, as the reference router's.
+/// Default traffic port, as the Kthena router's.
 pub const DEFAULT_PORT: u16 = 8080;
-/// Default Prometheus port, as the reference router's.
+/// Default Prometheus port, as the Kthena router's.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
-/// Default debug port, as the reference router's.
+/// Default debug port, as the Kthena router's.
 pub const DEFAULT_DEBUG_PORT: u16 = 15000;
 
 /// Stateless OpenAI-compatible LLM router driven by switchyard-controller.
@@ -82,11 +82,7 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 }
 
 /// Application log format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use switchyard_runtime::LogFormat;
 
 impl Args {
     /// The node id to report: flag, then pod/host name, then a random id.

@@ -4,6 +4,9 @@
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 
+/// What a request or response body may fail with: any error, as hyper takes it.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a request failed before or while reaching an engine. Each kind has a
 /// fixed status, OpenAI error `type` and `code`, so clients and dashboards can
 /// branch on it.

@@ -1,31 +1,32 @@
 //! switchyard-dataplane: a stateless OpenAI-compatible proxy. It routes with the
 //! latest snapshot pushed by the controller plus its own in-flight counts.
 //!
-//! Where a request goes, in order:
-//! - [`request`]: parse only what routing needs from the body (model, stream);
-//! - [`routing`]: find the ModelRoute, its first matching rule, a weighted target;
-//! - [`scheduling`]: rank that ModelServer's pods (filter + score plugins);
-//! - [`proxy`]: the HTTP server and the upstream call (retries, timeouts);
-//! - [`response`]: streaming the engine's answer back, reading token usage.
+//! A request goes through the phases of [`proxy`], in order: admit (method,
+//! path, body; the body parse in [`request`]), authenticate, admission, route
+//! (with the table of [`routing`]), schedule (the plugins of [`scheduling`]),
+//! forward (the attempt policy: retries, timeouts, ejection, failover),
+//! respond (streaming back, usage read by [`response`]) and log (request
+//! [`metrics`] and the access log).
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
+//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
-//! [`observe`] (per-request [`metrics`] and [`access_log`] lines).
+//! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
 #![forbid(unsafe_code)]
 
-pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config_file;
 pub mod error;
 pub mod metrics;
-pub mod observe;
+pub mod pod;
 pub mod proxy;
 pub mod request;
 pub mod request_id;
 pub mod response;
 pub mod routing;
 pub mod scheduling;
+pub mod server;
 pub mod snapshot;
 pub mod xds_client;

@@ -9,8 +9,9 @@ const EXIT_USAGE: i32 = 64;
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    app::init_tracing(args.log_format);
-    if let Err(error) = app::run(args, app::shutdown_signal()).await {
+    switchyard_runtime::init_tracing(args.log_format);
+    let shutdown = switchyard_runtime::cancel_on_signal();
+    if let Err(error) = app::run(args, shutdown).await {
         tracing::error!(error = %error, "switchyard-dataplane failed");
         std::process::exit(match error {
             app::AppError::Config(_) => EXIT_USAGE,

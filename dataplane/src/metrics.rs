@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -19,9 +18,11 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
+use switchyard_runtime::clock;
+use switchyard_snapshot::{Nack, pb};
 
 use crate::snapshot::{RoutingTable, SnapshotStore};
-use crate::xds_client::ControllerStatus;
+use crate::xds_client::{ControllerStatus, SnapshotSink};
 
 /// End-to-end, prefill and decode latency buckets (seconds), as documented for the router.
 pub const REQUEST_DURATION_BUCKETS: [f64; 13] = [
@@ -544,7 +545,7 @@ impl RouterMetrics {
         self.snapshot_age_seconds.set(
             table
                 .as_ref()
-                .and_then(|t| SystemTime::now().duration_since(t.applied_at).ok())
+                .and_then(|t| clock::wall_now().duration_since(t.applied_at).ok())
                 .map_or(0.0, |age| age.as_secs_f64()),
         );
         self.snapshot_info.reset();
@@ -642,10 +643,32 @@ impl ModelMetrics {
     }
 }
 
+/// A [`SnapshotSink`] that resolves the metric handles of every applied
+/// RouteConfig, so requests never look labels up.
+#[derive(Debug)]
+pub struct ObservedStore {
+    pub store: Arc<SnapshotStore>,
+    pub metrics: Arc<RouterMetrics>,
+}
+
+impl SnapshotSink for ObservedStore {
+    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
+        SnapshotSink::apply_route_config(&*self.store, version, config)?;
+        if let Some(table) = self.store.table() {
+            self.metrics.resolve(&table);
+        }
+        Ok(())
+    }
+
+    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
+        SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_snapshot::pb;
+    use switchyard_snapshot::test_builders::{route, route_config, server};
 
     fn value(metrics: &RouterMetrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         metrics
@@ -670,39 +693,19 @@ mod tests {
     }
 
     fn table(models: &[&str]) -> RoutingTable {
-        let config = pb::RouteConfig {
-            routes: models
+        let config = route_config(
+            models
                 .iter()
-                .map(|model| pb::ModelRoute {
-                    namespace: "default".into(),
-                    name: format!("{model}-route"),
-                    model_name: (*model).into(),
-                    rules: vec![pb::Rule {
-                        name: "default".into(),
-                        r#match: None,
-                        targets: vec![pb::WeightedTarget {
-                            model_server: format!("default/{model}-server"),
-                            weight: 100,
-                        }],
-                    }],
-                    ..Default::default()
+                .map(|model| route(&format!("{model}-route"), model, &format!("{model}-server")))
+                .collect(),
+            models
+                .iter()
+                .map(|model| {
+                    let pod = format!("{model}-pod");
+                    server(&format!("{model}-server"), &[(&pod, "127.0.0.1")])
                 })
                 .collect(),
-            servers: models
-                .iter()
-                .map(|model| pb::ModelServer {
-                    namespace: "default".into(),
-                    name: format!("{model}-server"),
-                    port: 8000,
-                    endpoints: vec![pb::Endpoint {
-                        name: format!("{model}-pod"),
-                        ip: "127.0.0.1".into(),
-                    }],
-                    ..Default::default()
-                })
-                .collect(),
-            scheduler: None,
-        };
+        );
         RoutingTable::build("v", config, &HashMap::new(), &Arc::default()).expect("valid table")
     }
 

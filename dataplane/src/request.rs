@@ -25,7 +25,7 @@ pub struct ParsedBody {
     /// Byte range of the `stream_options` value, when present.
     pub stream_options_span: Option<Range<usize>>,
     /// Rough input token count for limits before the engine reports usage:
-    /// ~4 bytes of prompt JSON per token, like the reference router's estimator.
+    /// ~4 bytes of prompt JSON per token, like the Kthena router's estimator.
     pub estimated_input_tokens: u64,
     /// Which prompt field the body has and its value's byte range, for prefix hashing.
     pub prompt_span: Option<(PromptField, Range<usize>)>,
@@ -42,7 +42,7 @@ pub enum PromptField {
     Input,
 }
 
-/// Bytes of prompt text per token in the pre-response estimate (the reference
+/// Bytes of prompt text per token in the pre-response estimate (the Kthena
 /// router's ceil(chars / 4) rule).
 pub const BYTES_PER_ESTIMATED_TOKEN: usize = 4;
 

@@ -15,6 +15,10 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::HeaderValue;
+use http::header::HeaderName;
+
+/// The header carrying a request's id, from the client to the engine and back.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Counter values a thread reserves at once: large enough that the shared
 /// atomic is touched once per thousands of requests, small enough that ids

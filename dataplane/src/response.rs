@@ -306,14 +306,6 @@ fn usage_of(json: &[u8]) -> Option<(Usage, bool)> {
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Option<Vec<u8>> {
-        let path = format!(
-            "{}/../../shared/fixtures/vllm/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        std::fs::read(path).ok()
-    }
-
     fn run(observer: &mut ResponseObserver, frames: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for frame in frames {
@@ -413,12 +405,10 @@ mod tests {
 
     #[test]
     fn real_vllm_captures() {
-        let Some(stream) = fixture("chat_completion_stream.sse") else {
-            eprintln!("shared fixtures not found; skipping");
-            return;
-        };
+        // Recorded from a real vLLM engine; `testdata/README.md` says how.
+        let stream = include_bytes!("../../testdata/vllm/chat_completion_stream.sse");
         let mut observer = ResponseObserver::new(true, true);
-        let out = run(&mut observer, &[&stream]);
+        let out = run(&mut observer, &[stream]);
         let usage = observer.usage().expect("usage in the capture");
         assert!(
             usage.completion_tokens > 0 && usage.prompt_tokens > 0,
@@ -430,10 +420,9 @@ mod tests {
             !text.contains("\"choices\":[]"),
             "usage-only chunk hidden: {text}"
         );
-        if let Some(body) = fixture("chat_completion.response.json") {
-            let mut observer = ResponseObserver::new(false, false);
-            run(&mut observer, &[&body]);
-            assert!(observer.usage().expect("usage").completion_tokens > 0);
-        }
+        let body = include_bytes!("../../testdata/vllm/chat_completion.response.json");
+        let mut observer = ResponseObserver::new(false, false);
+        run(&mut observer, &[body]);
+        assert!(observer.usage().expect("usage").completion_tokens > 0);
     }
 }

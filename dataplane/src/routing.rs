@@ -1,6 +1,6 @@
 //! Route lookup: request `model` -> ModelRoute -> first matching rule ->
-//! weighted ModelServer. Everything here is built once per snapshot by
-//! [`crate::snapshot`]; the request path only reads it.
+//! weighted ModelServer. Everything here is built once per snapshot, when
+//! it is applied; the request path only reads it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use http::HeaderMap;
 use http::header::HeaderName;
 use regex::Regex;
 
-use crate::scheduling::PodState;
+use crate::pod::PodState;
 
 /// A ModelServer as the dataplane uses it.
 #[derive(Debug)]

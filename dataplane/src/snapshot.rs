@@ -12,10 +12,12 @@ use bytes::Bytes;
 use http::header::HeaderName;
 use parking_lot::Mutex;
 use regex::Regex;
+use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
+use crate::pod::PodState;
 use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
-use crate::scheduling::{PodState, Scheduler, SchedulingShared};
+use crate::scheduling::{Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
 
 /// Why a RouteConfig was rejected (the dataplane NACKs it and keeps its table).
@@ -139,7 +141,7 @@ impl RoutingTable {
             .map_err(|error| SnapshotError::InvalidScheduler(error.to_string()))?;
         Ok(Self {
             version: version.to_owned(),
-            applied_at: SystemTime::now(),
+            applied_at: clock::wall_now(),
             routes,
             servers,
             index,
@@ -302,7 +304,7 @@ fn build_matcher(m: &pb::ModelMatch, route: &str, rule: usize) -> Result<Matcher
     })
 }
 
-/// OpenAI's model list, as the reference router renders it.
+/// OpenAI's model list, as the Kthena router renders it.
 fn render_models(names: &[&str]) -> Bytes {
     let data: Vec<_> = names
         .iter()
@@ -450,52 +452,13 @@ impl SnapshotSink for SnapshotStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn server(name: &str, pods: &[(&str, &str)]) -> pb::ModelServer {
-        pb::ModelServer {
-            namespace: "default".into(),
-            name: name.into(),
-            model: Some(format!("org/{name}")),
-            inference_engine: "vLLM".into(),
-            port: 8000,
-            traffic_policy: None,
-            endpoints: pods
-                .iter()
-                .map(|(name, ip)| pb::Endpoint {
-                    name: (*name).into(),
-                    ip: (*ip).into(),
-                })
-                .collect(),
-            generation: 1,
-        }
-    }
-
-    fn route(name: &str, model: &str, servers: &[(&str, u32)]) -> pb::ModelRoute {
-        pb::ModelRoute {
-            namespace: "default".into(),
-            name: name.into(),
-            model_name: model.into(),
-            rules: vec![pb::Rule {
-                name: "default".into(),
-                r#match: None,
-                targets: servers
-                    .iter()
-                    .map(|(s, w)| pb::WeightedTarget {
-                        model_server: format!("default/{s}"),
-                        weight: *w,
-                    })
-                    .collect(),
-            }],
-            ..Default::default()
-        }
-    }
+    use switchyard_snapshot::test_builders::{route, route_config, server};
 
     fn config() -> pb::RouteConfig {
-        pb::RouteConfig {
-            scheduler: None,
-            routes: vec![route("r", "m", &[("s", 100)])],
-            servers: vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
-        }
+        route_config(
+            vec![route("r", "m", "s")],
+            vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
+        )
     }
 
     #[test]
@@ -729,7 +692,7 @@ mod tests {
         c.routes.push(pb::ModelRoute {
             name: "lora".into(),
             lora_adapters: vec!["lora-B".into(), "lora-A".into()],
-            ..route("lora", "", &[("s", 1)])
+            ..route("lora", "", "s")
         });
         let table = RoutingTable::build("v", c, &HashMap::new(), &Arc::default()).expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");

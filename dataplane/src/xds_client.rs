@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use http::Uri;
 use parking_lot::Mutex;
 use rand::Rng;
+use switchyard_runtime::clock;
 use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
 use switchyard_snapshot::pb::snapshot_response::Resource;
 use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb};
@@ -234,7 +235,7 @@ impl ControllerStatus {
     fn record_connected(&self) {
         let mut state = self.state.lock();
         state.connected = true;
-        state.connected_since = Some(SystemTime::now());
+        state.connected_since = Some(clock::wall_now());
         state.connect_count += 1;
     }
 
@@ -265,7 +266,7 @@ impl ControllerStatus {
             resource.acks += 1;
             if let Some(version) = newly_applied {
                 resource.applied_version = Some(version.to_owned());
-                resource.applied_at = Some(SystemTime::now());
+                resource.applied_at = Some(clock::wall_now());
             }
         }
         if kind == ResourceType::RouteConfig && newly_applied.is_some() {
@@ -340,8 +341,7 @@ fn jittered(base: Duration, fraction: f64) -> Duration {
     Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(base)
 }
 
-/// Starts the client on the current Tokio runtime. It runs until `shutdown`
-/// resolves; the sink and `status` keep the last applied state afterwards.
+/// [`run`] on the current Tokio runtime.
 pub fn spawn<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
@@ -354,7 +354,9 @@ where
     tokio::spawn(run(config, sink, status, shutdown))
 }
 
-async fn run<S>(
+/// Runs the client until `shutdown` resolves; the sink and `status` keep the
+/// last applied state afterwards.
+pub async fn run<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
     status: Arc<ControllerStatus>,

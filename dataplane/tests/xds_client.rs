@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use switchyard_dataplane::xds_client::{self, ControllerStatus, SnapshotSink, XdsClientConfig};
 use switchyard_snapshot::pb::routing_discovery_server::{RoutingDiscovery, RoutingDiscoveryServer};
 use switchyard_snapshot::pb::snapshot_response::Resource;
+use switchyard_snapshot::test_builders::one_route;
 use switchyard_snapshot::{
     ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb,
 };
@@ -291,33 +292,7 @@ impl SnapshotSink for RecordingSink {
 }
 
 fn route_config() -> pb::RouteConfig {
-    pb::RouteConfig {
-        scheduler: None,
-        routes: vec![pb::ModelRoute {
-            namespace: "default".into(),
-            name: "llama".into(),
-            model_name: "llama-3".into(),
-            rules: vec![pb::Rule {
-                name: "default".into(),
-                r#match: None,
-                targets: vec![pb::WeightedTarget {
-                    model_server: "default/llama".into(),
-                    weight: 100,
-                }],
-            }],
-            ..Default::default()
-        }],
-        servers: vec![pb::ModelServer {
-            namespace: "default".into(),
-            name: "llama".into(),
-            port: 8000,
-            endpoints: vec![pb::Endpoint {
-                name: "llama-0".into(),
-                ip: "127.0.0.1".into(),
-            }],
-            ..Default::default()
-        }],
-    }
+    one_route("llama", "127.0.0.1")
 }
 
 fn endpoint_loads() -> pb::EndpointLoads {

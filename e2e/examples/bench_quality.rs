@@ -20,15 +20,16 @@
 //! `BENCH_CONFIG` (a router configuration's text) runs only that
 //! configuration, as strategy "custom".
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use switchyard_e2e::prefix_workload::{self, EngineCounters, PrefixWorkload, QualityRow};
 use switchyard_e2e::sim_stack::{SIM_MODEL, SimStack, SimStackOptions, words};
+use switchyard_runtime::clock;
 
 /// Slower than the tests' interval: the benchmark measures routing, and a
 /// 500 ms scrape is still several samples per strategy run.
@@ -123,7 +124,7 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
 
     let mut rng = StdRng::seed_from_u64(seed);
     let systems: Vec<String> = (0..groups).map(|g| words(&format!("s{g}w"), 600)).collect();
-    let started = Instant::now();
+    let started = clock::now();
     let mut at = Duration::ZERO;
     let mut tasks = Vec::with_capacity(requests);
     for i in 0..requests {
@@ -141,17 +142,9 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
         let url = sim.stack.dataplanes[i % dataplanes].url("/v1/completions");
         let http = sim.http().clone();
         tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
-            let sent = Instant::now();
-            let response = http
-                .send(
-                    Method::POST,
-                    &url,
-                    &[("content-type", "application/json")],
-                    body,
-                )
-                .await
-                .ok()?;
+            clock::sleep_until(started + at).await;
+            let sent = clock::now();
+            let response = http.post_json_streaming(&url, &[], &body).await.ok()?;
             if response.status() != StatusCode::OK {
                 return None;
             }

@@ -1,11 +1,14 @@
 //! Helpers for end-to-end tests: start the real binaries on loopback, wait for
-//! them, talk HTTP to them, and always stop them (processes are killed on drop).
+//! them, talk HTTP to them, and always stop them (processes are killed on drop,
+//! and by a reaper process when the test binary ends without dropping them).
 
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
@@ -14,6 +17,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use switchyard_runtime::clock;
 
 /// How long tests wait for a process or a condition before failing: generous,
 /// because a busy 2-core CI machine can be slow, and a passing test never
@@ -24,8 +29,8 @@ pub const WAIT_DEADLINE: Duration = Duration::from_secs(30);
 /// was taken between picking and binding it).
 const CONTROLLER_START_ATTEMPTS: u32 = 3;
 
-/// Path of a workspace binary, built by `cargo build --workspace --bins`
-/// (as `make test` does) next to the test executable's directory.
+/// Path of a workspace binary, next to the test executable's directory: built
+/// by `cargo test --workspace` (`make test`) or `cargo build --workspace --bins`.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
@@ -35,10 +40,54 @@ pub fn binary(name: &str) -> PathBuf {
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
-        "{} not found: run `cargo build --workspace --bins` (make test does) before the e2e tests",
+        "{} not found: run the e2e tests with `cargo test --workspace` (make test), or `cargo build --workspace --bins` first",
         path.display()
     );
     path
+}
+
+/// Reads `+PID`, `-PID` and `/DIR` lines on its standard input; when that
+/// ends, kills every PID added and not removed since, then removes the DIRs.
+const REAPER_SCRIPT: &str = r#"
+pids=
+dirs=
+while read -r line; do
+  case $line in
+    +*) pids="$pids ${line#+}" ;;
+    -*) kept=; for pid in $pids; do [ "$pid" = "${line#-}" ] || kept="$kept $pid"; done; pids=$kept ;;
+    /*) dirs="$dirs $line" ;;
+  esac
+done
+[ -z "$pids" ] || kill -9 $pids 2>/dev/null
+[ -z "$dirs" ] || rm -rf $dirs
+"#;
+
+/// Kills the processes a test binary started when it ends without stopping
+/// them: a stack shared through a `static` is never dropped, and a test binary
+/// killed by a signal drops nothing. A shell reads [`REAPER_SCRIPT`] lines on a
+/// pipe only this process holds; the kernel closes the pipe however this
+/// process ends, and the shell then kills what is still registered.
+fn reaper() -> &'static Mutex<Option<ChildStdin>> {
+    static REAPER: OnceLock<Mutex<Option<ChildStdin>>> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let stdin = Command::new("sh")
+            .args(["-c", REAPER_SCRIPT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+            .and_then(|mut reaper| reaper.stdin.take());
+        Mutex::new(stdin)
+    })
+}
+
+/// Sends the [`reaper`] one line of [`REAPER_SCRIPT`].
+fn tell_reaper(line: impl std::fmt::Display) {
+    if let Some(stdin) = reaper().lock().as_mut() {
+        // A reaper that is gone can do nothing more; the test goes on without it.
+        let _ = writeln!(stdin, "{line}");
+    }
 }
 
 /// A child process that is killed when dropped; its output goes to a log file
@@ -63,6 +112,7 @@ impl Process {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("failed to start {bin}: {e}"));
+        tell_reaper(format_args!("+{}", child.id()));
         Self {
             name: name.to_owned(),
             child: Some(child),
@@ -75,6 +125,7 @@ impl Process {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            tell_reaper(format_args!("-{}", child.id()));
         }
     }
 
@@ -91,20 +142,109 @@ impl Process {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Prints the log, framed by the process name.
+    pub fn print_log(&self) {
+        eprintln!(
+            "----- log of {} -----\n{}\n----- end of {} -----",
+            self.name,
+            self.log_text(),
+            self.name
+        );
+    }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            eprintln!(
-                "----- log of {} -----\n{}\n----- end of {} -----",
-                self.name,
-                self.log_text(),
-                self.name
-            );
+            self.print_log();
         }
     }
+}
+
+/// The `switchyard-mock-engine` binary on a port it picks itself, for the tests
+/// of the binary: started with its own flags, stopped by SIGTERM as Kubernetes
+/// stops a pod. Killed when dropped before [`MockEngineBinary::terminate`].
+pub struct MockEngineBinary {
+    child: tokio::process::Child,
+    pid: u32,
+    /// Where it listens, from the `listening on ADDR` line it prints first.
+    pub addr: SocketAddr,
+}
+
+impl MockEngineBinary {
+    /// Starts the binary with `args` and `--port 0`.
+    pub async fn start(args: &[&str]) -> Self {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+
+        let mut child = tokio::process::Command::new(binary("switchyard-mock-engine"))
+            .args(args)
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mock engine binary starts");
+        let pid = child.id().expect("running child has a pid");
+        tell_reaper(format_args!("+{pid}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        tokio::time::timeout(WAIT_DEADLINE, BufReader::new(stdout).read_line(&mut line))
+            .await
+            .expect("listening line in time")
+            .expect("stdout readable");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("socket address");
+        Self { child, pid, addr }
+    }
+
+    /// `GET path`, on a connection closed again before this returns.
+    pub async fn get(&self, path: &str) -> HttpResponse {
+        let url = format!("http://{}{path}", self.addr);
+        HttpClient::default()
+            .get(&url)
+            .await
+            .expect("the binary answers")
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn terminate(mut self) -> ExitStatus {
+        let signalled = tokio::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(signalled.success());
+        tokio::time::timeout(WAIT_DEADLINE, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("exit status")
+    }
+}
+
+impl Drop for MockEngineBinary {
+    fn drop(&mut self) {
+        // Stopped by now, or killed right after this (`kill_on_drop`).
+        tell_reaper(format_args!("-{}", self.pid));
+    }
+}
+
+/// Value of the first sample of `name` in a text exposition `page` whose labels
+/// contain every fragment of `labels` (e.g. `finished_reason="stop"`).
+pub fn sample_value(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{page}"))
 }
 
 /// A loopback address of its own for each test, so parallel tests never share
@@ -139,12 +279,12 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT_DEADLINE;
+    let deadline = clock::now() + WAIT_DEADLINE;
     loop {
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(clock::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -190,25 +330,30 @@ impl Default for HttpClient {
     }
 }
 
-impl HttpClient {
-    /// Sends a request and returns its response head, body unread.
-    pub async fn send(
-        &self,
-        method: Method,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Bytes>,
-    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
-        let mut request = Request::builder().method(method).uri(url);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let request = request
-            .body(Full::new(body.into()))
-            .expect("valid test request");
-        self.client.request(request).await
+/// A request to send: method, URL, headers and body.
+fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
+    request
+        .body(Full::new(body.into()))
+        .expect("valid test request")
+}
 
+/// `headers` after a JSON content type.
+fn json_headers<'a>(headers: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    all
+}
+
+impl HttpClient {
     /// Sends a request and reads the whole response.
     pub async fn call(
         &self,
@@ -218,7 +363,8 @@ impl HttpClient {
         body: impl Into<Bytes>,
     ) -> Result<HttpResponse, String> {
         let response = self
-            .send(method, url, headers, body)
+            .client
+            .request(request(method, url, headers, body))
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         let (parts, body) = response.into_parts();
@@ -245,9 +391,21 @@ impl HttpClient {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Result<HttpResponse, String> {
-        let mut all = vec![("content-type", "application/json")];
-        all.extend_from_slice(headers);
-        self.call(Method::POST, url, &all, body.to_owned()).await
+        let headers = json_headers(headers);
+        self.call(Method::POST, url, &headers, body.to_owned())
+            .await
+    }
+
+    /// POSTs a JSON body and returns the response head with its body unread:
+    /// a stream to follow, or to leave in the middle.
+    pub async fn post_json_streaming(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        let request = request(Method::POST, url, &json_headers(headers), body.to_owned());
+        self.client.request(request).await
     }
 
     /// Waits until `url` answers 200.
@@ -273,6 +431,92 @@ pub fn ready_pod_yaml(name: &str, ip: Ipv4Addr, labels: &[(&str, &str)]) -> Stri
     )
 }
 
+/// Port of every mock engine a [`TestPod`] starts, and of [`model_server_yaml`].
+pub const ENGINE_PORT: u16 = 8000;
+
+/// YAML of a vLLM ModelServer `name` in `default` for the pods labelled
+/// `app: <name>` on [`ENGINE_PORT`]; `spec` adds fields in YAML flow style
+/// (`"trafficPolicy: {timeout: 300ms}"`).
+pub fn model_server_yaml(name: &str, spec: &str) -> String {
+    let base = format!(
+        "workloadSelector: {{matchLabels: {{app: {name}}}}}, workloadPort: {{port: {ENGINE_PORT}}}, inferenceEngine: vLLM"
+    );
+    object_yaml(
+        "ModelServer",
+        &format!("name: {name}"),
+        &join_flow(&base, spec),
+    )
+}
+
+/// YAML of a ModelRoute `name` sending model `model` to the ModelServer `server`.
+pub fn simple_route_yaml(name: &str, model: &str, server: &str) -> String {
+    object_yaml(
+        "ModelRoute",
+        &format!("name: {name}"),
+        &format!("modelName: {model}, rules: [{{targetModels: [{{modelServerName: {server}}}]}}]"),
+    )
+}
+
+fn object_yaml(kind: &str, metadata: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: {kind}\nmetadata: {{{}}}\nspec: {{{spec}}}\n",
+        join_flow(metadata, "namespace: default")
+    )
+}
+
+fn join_flow(first: &str, more: &str) -> String {
+    if more.is_empty() {
+        first.to_owned()
+    } else {
+        format!("{first}, {more}")
+    }
+}
+
+/// YAML documents in one file.
+pub fn yaml_documents(documents: &[String]) -> String {
+    documents.join("---\n")
+}
+
+/// A ready pod of a test stack and the mock engine behind it, if any.
+#[derive(Debug, Clone)]
+pub struct TestPod {
+    name: String,
+    /// Last octet of its IP in the stack's subnet.
+    host: u8,
+    labels: Vec<(String, String)>,
+    /// The model its engine serves and the engine's extra flags.
+    engine: Option<(String, Vec<String>)>,
+}
+
+impl TestPod {
+    /// Pod `name` at `.host`, labelled `app: <app>`, served by a mock engine
+    /// for `model` started with `engine_args`.
+    pub fn serving(name: &str, host: u8, app: &str, model: &str, engine_args: &[&str]) -> Self {
+        let args = engine_args.iter().map(|arg| (*arg).to_owned()).collect();
+        Self {
+            engine: Some((model.to_owned(), args)),
+            ..Self::without_engine(name, host, app)
+        }
+    }
+
+    /// Pod `name` at `.host`, labelled `app: <app>`, where nothing listens:
+    /// connections to it are refused.
+    pub fn without_engine(name: &str, host: u8, app: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            host,
+            labels: vec![("app".to_owned(), app.to_owned())],
+            engine: None,
+        }
+    }
+
+    /// The pod with one more label.
+    pub fn labelled(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
+
 /// One mock engine to start.
 #[derive(Debug, Clone)]
 pub struct EngineSpec {
@@ -295,7 +539,29 @@ pub struct Stack {
     pub xds_addr: SocketAddr,
     pub controller_admin: SocketAddr,
     pub http: HttpClient,
+    /// This stack's own loopback subnet ([`test_subnet`]).
+    pub subnet: [u8; 3],
     pub dir: tempfile::TempDir,
+}
+
+/// See [`Stack::logs_on_failure`].
+pub struct LogsOnFailure<'a>(&'a Stack);
+
+impl Drop for LogsOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let stack = self.0;
+            let dataplanes = stack.dataplanes.iter().map(|dataplane| &dataplane.process);
+            for process in stack
+                .engines
+                .iter()
+                .chain(&stack.controller)
+                .chain(dataplanes)
+            {
+                process.print_log();
+            }
+        }
+    }
 }
 
 /// A running dataplane and its ports.
@@ -330,7 +596,58 @@ impl Stack {
             controller_admin: free_addr(),
             dataplanes: Vec::new(),
             http: HttpClient::default(),
+            subnet: test_subnet(),
         }
+    }
+
+    /// The address `.host` in this stack's subnet.
+    pub fn ip(&self, host: u8) -> Ipv4Addr {
+        ip_in(self.subnet, host)
+    }
+
+    /// Writes `pods.yaml` with the Pod objects of `pods`, starts their engines
+    /// and returns what it started.
+    pub async fn start_pods(&mut self, pods: &[TestPod]) -> Vec<EngineSpec> {
+        let yaml: Vec<String> = pods
+            .iter()
+            .map(|pod| {
+                let labels: Vec<(&str, &str)> = pod
+                    .labels
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), value.as_str()))
+                    .collect();
+                ready_pod_yaml(&pod.name, self.ip(pod.host), &labels)
+            })
+            .collect();
+        self.write_config("pods.yaml", &yaml_documents(&yaml));
+        let engines: Vec<EngineSpec> = pods
+            .iter()
+            .filter_map(|pod| {
+                let (model, extra_args) = pod.engine.clone()?;
+                Some(EngineSpec {
+                    name: pod.name.clone(),
+                    ip: self.ip(pod.host),
+                    port: ENGINE_PORT,
+                    model,
+                    extra_args,
+                })
+            })
+            .collect();
+        self.start_engines(&engines).await;
+        engines
+    }
+
+    /// For a stack kept in a `static`, which is never dropped: its directory
+    /// is removed when the test binary ends, after its processes are killed.
+    pub fn remove_at_exit(&self) {
+        tell_reaper(self.dir.path().display());
+    }
+
+    /// Prints the log of every process of the stack if the test fails while
+    /// the guard is alive: for a stack shared by several tests, whose
+    /// processes are not dropped when one test fails.
+    pub fn logs_on_failure(&self) -> LogsOnFailure<'_> {
+        LogsOnFailure(self)
     }
 
     /// Replaces a config file atomically (write + rename), as editors and ConfigMaps do.
@@ -368,6 +685,26 @@ impl Stack {
         }
     }
 
+    /// POSTs a JSON `body` to dataplane 0.
+    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
+        let url = self.dataplanes[0].url(path);
+        let response = self.http.post_json(&url, headers, body).await;
+        response.expect("dataplane answers")
+    }
+
+    /// POSTs a JSON `body` to dataplane 0 and returns the response with its
+    /// body unread: a stream to follow, or to leave in the middle.
+    pub async fn post_streaming(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> http::Response<Incoming> {
+        let url = self.dataplanes[0].url(path);
+        let response = self.http.post_json_streaming(&url, headers, body).await;
+        response.expect("dataplane answers")
+    }
+
     /// Starts (or restarts) the controller and waits until it is ready.
     ///
     /// A port [`free_addr`] picked can be taken by another test's process
@@ -375,11 +712,16 @@ impl Stack {
     /// ready is started again on fresh ports, as long as no dataplane was
     /// given the old ones.
     pub async fn start_controller(&mut self) {
+        self.start_controller_with(&[]).await;
+    }
+
+    /// [`Stack::start_controller`] with more flags.
+    pub async fn start_controller_with(&mut self, extra_args: &[&str]) {
         if let Some(mut old) = self.controller.take() {
             old.stop();
         }
         for attempt in 1..=CONTROLLER_START_ATTEMPTS {
-            let args = vec![
+            let mut args = vec![
                 "--config-dir".to_owned(),
                 self.config_dir.display().to_string(),
                 "--xds-addr".to_owned(),
@@ -387,6 +729,7 @@ impl Stack {
                 "--metrics-addr".to_owned(),
                 self.controller_admin.to_string(),
             ];
+            args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
             let mut process = Process::start(
                 "switchyard-controller",
                 "controller",

@@ -10,13 +10,7 @@ use std::path::PathBuf;
 use http::StatusCode;
 use serde_json::Value;
 
-use crate::harness::{
-    EngineSpec, HttpClient, Process, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for,
-};
-
-/// Every simulated engine listens on this port, each on its own loopback IP,
-/// as pods of one ModelServer do.
-pub const SIM_ENGINE_PORT: u16 = 8000;
+use crate::harness::{ENGINE_PORT, EngineSpec, HttpClient, Stack, TestPod, wait_for};
 
 /// The model every simulated engine serves and the route matches.
 pub const SIM_MODEL: &str = "base";
@@ -51,7 +45,7 @@ kind: ModelServer
 metadata: {{name: sim, namespace: default}}
 spec:
   workloadSelector: {{matchLabels: {{app: sim}}}}
-  workloadPort: {{port: {SIM_ENGINE_PORT}}}
+  workloadPort: {{port: {ENGINE_PORT}}}
   inferenceEngine: vLLM
 ---
 apiVersion: networking.serving.volcano.sh/v1alpha1
@@ -70,56 +64,26 @@ impl SimStack {
     /// Starts engines, the controller and dataplanes; returns once every
     /// dataplane's `/debug/router/state` lists every engine.
     pub async fn start(options: SimStackOptions<'_>) -> Self {
-        let subnet = test_subnet();
-        let specs: Vec<EngineSpec> = (0..options.engines)
-            .map(|i| EngineSpec {
-                name: format!("pod-{i}"),
-                ip: ip_in(subnet, 10 + i as u8),
-                port: SIM_ENGINE_PORT,
-                model: SIM_MODEL.into(),
-                extra_args: (options.engine_args)(i),
+        let mut stack = Stack::new(&[("objects.yaml", objects(options.lora_adapters))]);
+        let pods: Vec<TestPod> = (0..options.engines)
+            .map(|i| {
+                let args = (options.engine_args)(i);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let name = format!("pod-{i}");
+                TestPod::serving(&name, 10 + i as u8, "sim", SIM_MODEL, &args)
             })
             .collect();
-        let mut files = vec![("objects.yaml", objects(options.lora_adapters))];
-        let pod_files: Vec<(String, String)> = specs
-            .iter()
-            .map(|spec| {
-                (
-                    format!("{}.yaml", spec.name),
-                    ready_pod_yaml(&spec.name, spec.ip, &[("app", "sim")]),
-                )
-            })
-            .collect();
-        files.extend(
-            pod_files
-                .iter()
-                .map(|(name, yaml)| (name.as_str(), yaml.clone())),
-        );
-        let mut stack = Stack::new(&files);
+        let specs = stack.start_pods(&pods).await;
         let router_config = stack.dir.path().join("router-config.yaml");
         std::fs::write(&router_config, options.router_config).expect("write router config");
-        stack.start_engines(&specs).await;
-        let args = vec![
-            "--config-dir".to_owned(),
-            stack.config_dir.display().to_string(),
-            "--router-config".to_owned(),
-            router_config.display().to_string(),
-            "--xds-addr".to_owned(),
-            stack.xds_addr.to_string(),
-            "--metrics-addr".to_owned(),
-            stack.controller_admin.to_string(),
-            "--scrape-interval".to_owned(),
-            options.scrape_interval.to_owned(),
-        ];
-        stack.controller = Some(Process::start(
-            "switchyard-controller",
-            "controller",
-            &args,
-            stack.dir.path(),
-        ));
+        let router_config_arg = router_config.display().to_string();
         stack
-            .http
-            .wait_ok(&format!("http://{}/readyz", stack.controller_admin))
+            .start_controller_with(&[
+                "--router-config",
+                &router_config_arg,
+                "--scrape-interval",
+                options.scrape_interval,
+            ])
             .await;
         for _ in 0..options.dataplanes {
             stack.start_dataplane().await;
@@ -144,7 +108,7 @@ impl SimStack {
 
     /// URL of `path` on engine `pod` directly (bypassing the dataplanes).
     pub fn engine_url(&self, pod: usize, path: &str) -> String {
-        format!("http://{}:{SIM_ENGINE_PORT}{path}", self.engines[pod].ip)
+        format!("http://{}:{ENGINE_PORT}{path}", self.engines[pod].ip)
     }
 
     /// Posts a completion through dataplane `dataplane`; returns (status, pod that answered, body).

@@ -3,99 +3,78 @@
 //! scenarios, verbatim).
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use http_body_util::BodyExt;
-use switchyard_e2e::harness::{EngineSpec, Stack, ip_in, ready_pod_yaml, test_subnet, wait_for};
+use switchyard_e2e::harness::{ENGINE_PORT, Stack, TestPod, wait_for};
+use switchyard_runtime::clock;
 
 const MODEL_1_5B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B";
 const MODEL_7B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B";
-/// Port of every ModelServer in config/demo; each test has its own IPs.
-const ENGINE_PORT: u16 = 8000;
-
 fn demo_file(name: &str) -> String {
     let path = format!("{}/../config/demo/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// (pod name, host octet, labels, model, extra engine args) as in config/demo/pods.yaml.
-type DemoPod = (
-    &'static str,
-    u8,
-    Vec<(&'static str, &'static str)>,
-    String,
-    Vec<String>,
-);
-
-fn demo_pods() -> Vec<DemoPod> {
-    let lora = vec!["--lora".to_owned(), "lora-A,lora-B".to_owned()];
-    vec![
-        (
+/// The pods of config/demo/pods.yaml, on this test's own loopback subnet.
+fn demo_pods(engine_args: &[&str]) -> [TestPod; 5] {
+    let lora: Vec<&str> = ["--lora", "lora-A,lora-B"]
+        .iter()
+        .chain(engine_args)
+        .copied()
+        .collect();
+    let model_1_5b_v1 = format!("{MODEL_1_5B}-v1");
+    let model_1_5b_v2 = format!("{MODEL_1_5B}-v2");
+    let canary = "deepseek-r1-1-5b-canary";
+    [
+        TestPod::serving(
             "deepseek-r1-1-5b-0",
             11,
-            vec![("app", "deepseek-r1-1-5b")],
-            MODEL_1_5B.into(),
-            lora.clone(),
+            "deepseek-r1-1-5b",
+            MODEL_1_5B,
+            &lora,
         ),
-        (
+        TestPod::serving(
             "deepseek-r1-1-5b-1",
             12,
-            vec![("app", "deepseek-r1-1-5b")],
-            MODEL_1_5B.into(),
-            lora,
+            "deepseek-r1-1-5b",
+            MODEL_1_5B,
+            &lora,
         ),
-        (
+        TestPod::serving(
             "deepseek-r1-7b-0",
             13,
-            vec![("app", "deepseek-r1-7b")],
-            MODEL_7B.into(),
-            vec![],
+            "deepseek-r1-7b",
+            MODEL_7B,
+            engine_args,
         ),
-        (
+        TestPod::serving(
             "deepseek-r1-1-5b-v1-0",
             14,
-            vec![("app", "deepseek-r1-1-5b-canary"), ("version", "v1")],
-            format!("{MODEL_1_5B}-v1"),
-            vec![],
-        ),
-        (
+            canary,
+            &model_1_5b_v1,
+            engine_args,
+        )
+        .labelled("version", "v1"),
+        TestPod::serving(
             "deepseek-r1-1-5b-v2-0",
             15,
-            vec![("app", "deepseek-r1-1-5b-canary"), ("version", "v2")],
-            format!("{MODEL_1_5B}-v2"),
-            vec![],
-        ),
+            canary,
+            &model_1_5b_v2,
+            engine_args,
+        )
+        .labelled("version", "v2"),
     ]
 }
 
-/// The demo stack on this test's own loopback subnet, controller running.
+/// The demo stack, controller running.
 async fn demo_stack(dataplanes: usize, engine_args: &[&str]) -> Stack {
-    let subnet = test_subnet();
-    let pods: Vec<String> = demo_pods()
-        .iter()
-        .map(|(name, host, labels, _, _)| ready_pod_yaml(name, ip_in(subnet, *host), labels))
-        .collect();
     let mut stack = Stack::new(&[
         ("routes.yaml", demo_file("routes.yaml")),
         ("more-routes.yaml", demo_file("more-routes.yaml")),
         ("modelservers.yaml", demo_file("modelservers.yaml")),
-        ("pods.yaml", pods.join("---\n")),
     ]);
-    let engines: Vec<EngineSpec> = demo_pods()
-        .into_iter()
-        .map(|(name, host, _, model, mut extra)| {
-            extra.extend(engine_args.iter().map(|a| a.to_string()));
-            EngineSpec {
-                name: name.to_owned(),
-                ip: ip_in(subnet, host),
-                port: ENGINE_PORT,
-                model,
-                extra_args: extra,
-            }
-        })
-        .collect();
-    stack.start_engines(&engines).await;
+    stack.start_pods(&demo_pods(engine_args)).await;
     stack.start_controller().await;
     for _ in 0..dataplanes {
         stack.start_dataplane().await;
@@ -307,18 +286,8 @@ async fn stream_arrives_chunk_by_chunk() {
     let stack = demo_stack(1, &["--itl-ms", "300", "--output-tokens", "5"]).await;
     let body = r#"{"model": "deepseek-multi-models", "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#;
     let response = stack
-        .http
-        .send(
-            Method::POST,
-            &stack.dataplanes[0].url("/v1/chat/completions"),
-            &[
-                ("content-type", "application/json"),
-                ("user-type", "premium"),
-            ],
-            body.to_owned(),
-        )
-        .await
-        .expect("stream starts");
+        .post_streaming("/v1/chat/completions", &[("user-type", "premium")], body)
+        .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-mock-pod"], "deepseek-r1-7b-0");
     let mut body = response.into_body();
@@ -335,10 +304,7 @@ async fn stream_arrives_chunk_by_chunk() {
     // The engine is still generating while the client already holds the first chunk.
     let engine_metrics = stack
         .http
-        .get(&format!(
-            "http://{}:{ENGINE_PORT}/metrics",
-            ip_of(&stack, "deepseek-r1-7b-0")
-        ))
+        .get(&format!("http://{}:{ENGINE_PORT}/metrics", stack.ip(13)))
         .await
         .expect("engine metrics");
     let running = engine_metrics
@@ -362,18 +328,6 @@ async fn stream_arrives_chunk_by_chunk() {
         "5 tokens + final chunk + [DONE]: {text}"
     );
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-}
-
-fn ip_of(stack: &Stack, pod: &str) -> String {
-    let pods = std::fs::read_to_string(stack.config_dir.join("pods.yaml")).expect("pods.yaml");
-    let doc = pods
-        .split("---")
-        .find(|doc| doc.contains(&format!("name: {pod}\n")))
-        .expect("pod in pods.yaml");
-    doc.lines()
-        .find_map(|l| l.trim().strip_prefix("podIP: "))
-        .expect("podIP")
-        .to_owned()
 }
 
 /// Routes deepseek-simple to the 7b ModelServer instead.
@@ -403,7 +357,7 @@ async fn config_edit_reroutes_both_dataplanes_within_two_seconds() {
         let (_, pod, _) = ask(&stack, index, "deepseek-simple", &[]).await;
         assert!(pod.starts_with("deepseek-r1-1-5b-"), "{pod}");
     }
-    let edited_at = Instant::now();
+    let edited_at = clock::now();
     retarget_simple_route(&stack);
     for index in 0..2 {
         wait_until_simple_goes_to_7b(&stack, index).await;

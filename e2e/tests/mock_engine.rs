@@ -3,16 +3,17 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use switchyard_e2e::harness::{HttpClient, HttpResponse, MockEngineBinary, sample_value};
 use switchyard_e2e::mock_engine::{EngineFlavor, MockEngineConfig, RunningMockEngine};
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
+
+/// Label fragments of `vllm:request_success_total` and of SGLang's per-request series.
+const ABORTED: &[&str] = &["finished_reason=\"abort\""];
+const CUT_AT_LENGTH: &[&str] = &["finished_reason=\"length\""];
+const STOPPED: &[&str] = &["finished_reason=\"stop\""];
+const NOT_STREAMED: &[&str] = &["is_streaming=\"false\""];
 
 /// Upper bound for a condition the engine reaches on its own (a gauge settling after a
 /// disconnect); generous because CI machines can be slow, and only reached on failure.
@@ -28,66 +29,8 @@ async fn start(config: MockEngineConfig) -> RunningMockEngine {
         .expect("engine starts on loopback")
 }
 
-/// A response whose connection can be cut on purpose, as a client going away would.
-struct Exchange {
-    response: Response<Incoming>,
-    connection: JoinHandle<()>,
-}
-
-impl Exchange {
-    fn disconnect(self) {
-        self.connection.abort();
-        drop(self.response);
-    }
-}
-
-async fn exchange(
-    engine: &RunningMockEngine,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Exchange {
-    let stream = TcpStream::connect(engine.addr())
-        .await
-        .expect("connect to the engine");
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("HTTP/1 handshake");
-    let connection = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "mock");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .expect("valid request");
-    let response = sender.send_request(request).await.expect("response head");
-    Exchange {
-        response,
-        connection,
-    }
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|value| value.to_str().ok())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).expect("JSON body")
-    }
+fn url(engine: &RunningMockEngine, path: &str) -> String {
+    format!("http://{}{path}", engine.addr())
 }
 
 async fn send(
@@ -96,21 +39,11 @@ async fn send(
     path: &str,
     headers: &[(&str, &str)],
     body: &str,
-) -> Reply {
-    let Exchange { response, .. } = exchange(engine, method, path, headers, body).await;
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = response
-        .into_body()
-        .collect()
+) -> HttpResponse {
+    HttpClient::default()
+        .call(method, &url(engine, path), headers, body.to_owned())
         .await
-        .expect("whole body")
-        .to_bytes();
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8(bytes.to_vec()).expect("UTF-8 body"),
-    }
+        .expect("the engine answers")
 }
 
 async fn post(
@@ -118,7 +51,7 @@ async fn post(
     path: &str,
     headers: &[(&str, &str)],
     body: Value,
-) -> Reply {
+) -> HttpResponse {
     send(engine, Method::POST, path, headers, &body.to_string()).await
 }
 
@@ -126,15 +59,19 @@ async fn post(
 async fn metric(engine: &RunningMockEngine, name: &str, labels: &[&str]) -> f64 {
     let page = send(engine, Method::GET, "/metrics", &[], "").await;
     assert_eq!(page.status, StatusCode::OK);
-    page.body
-        .lines()
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .find(|line| labels.iter().all(|label| line.contains(label)))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{}", page.body))
+    sample_value(&page.text(), name, labels)
+}
+
+/// Asserts each `(sample, label fragments, value)` of one `/metrics` page.
+async fn assert_metrics(engine: &RunningMockEngine, expected: &[(&str, &[&str], f64)]) {
+    let page = send(engine, Method::GET, "/metrics", &[], "").await.text();
+    for (name, labels, value) in expected {
+        assert_eq!(
+            sample_value(&page, name, labels),
+            *value,
+            "{name} {labels:?}"
+        );
+    }
 }
 
 async fn wait_for_metric(engine: &RunningMockEngine, name: &str, labels: &[&str], expected: f64) {
@@ -243,20 +180,15 @@ async fn completion_for_a_lora_adapter_is_capped_by_max_tokens() {
     assert_eq!(body["usage"]["completion_tokens"], 4);
     assert_eq!(body["usage"]["total_tokens"], 7);
 
-    assert_eq!(metric(&engine, "vllm:prompt_tokens_total", &[]).await, 3.0);
-    assert_eq!(
-        metric(&engine, "vllm:generation_tokens_total", &[]).await,
-        4.0
-    );
-    assert_eq!(
-        metric(
-            &engine,
-            "vllm:request_success_total",
-            &["finished_reason=\"length\""]
-        )
-        .await,
-        1.0
-    );
+    assert_metrics(
+        &engine,
+        &[
+            ("vllm:prompt_tokens_total", &[], 3.0),
+            ("vllm:generation_tokens_total", &[], 4.0),
+            ("vllm:request_success_total", CUT_AT_LENGTH, 1.0),
+        ],
+    )
+    .await;
     engine.stop().await.expect("clean stop");
 }
 
@@ -290,7 +222,8 @@ async fn streamed_chat_sends_role_one_chunk_per_token_usage_when_asked_and_done(
     );
     assert_eq!(reply.header("x-mock-pod"), Some("pod-a"));
     assert_eq!(reply.header("x-mock-request-id"), Some("s-1"));
-    let payloads = sse_payloads(&reply.body);
+    let body = reply.text();
+    let payloads = sse_payloads(&body);
     assert_eq!(
         payloads.len(),
         1 + 3 + 1 + 1,
@@ -325,7 +258,8 @@ async fn streamed_chat_sends_role_one_chunk_per_token_usage_when_asked_and_done(
     assert_eq!(payloads[5], "[DONE]");
 
     let reply = post(&engine, "/v1/chat/completions", &[], request(false)).await;
-    let payloads = sse_payloads(&reply.body);
+    let body = reply.text();
+    let payloads = sse_payloads(&body);
     assert_eq!(
         payloads.len(),
         1 + 3 + 1,
@@ -347,7 +281,8 @@ async fn streamed_completion_sends_text_chunks_and_the_finish_reason_last() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK);
-    let payloads = sse_payloads(&reply.body);
+    let body = reply.text();
+    let payloads = sse_payloads(&body);
     assert_eq!(payloads.len(), 2 + 1, "2 tokens, [DONE]: {payloads:?}");
     let first = parse(payloads[0]);
     let last = parse(payloads[1]);
@@ -370,24 +305,30 @@ async fn first_chunk_arrives_while_the_request_runs_and_a_disconnect_ends_it() {
         ..config("base", "pod-a")
     })
     .await;
-    assert_eq!(metric(&engine, "vllm:num_requests_running", &[]).await, 0.0);
-    assert_eq!(metric(&engine, "vllm:kv_cache_usage_perc", &[]).await, 0.0);
-
-    let mut stream = exchange(
+    assert_metrics(
         &engine,
-        Method::POST,
-        "/v1/chat/completions",
-        &[("content-type", "application/json")],
-        &json!({"model": "base", "messages": [{"role": "user", "content": "one two"}], "stream": true})
-            .to_string(),
+        &[
+            ("vllm:num_requests_running", &[], 0.0),
+            ("vllm:kv_cache_usage_perc", &[], 0.0),
+        ],
     )
     .await;
-    assert_eq!(stream.response.status(), StatusCode::OK);
+
+    let http = HttpClient::default();
+    let body = json!({"model": "base", "messages": [{"role": "user", "content": "one two"}], "stream": true});
+    let mut response = http
+        .post_json_streaming(
+            &url(&engine, "/v1/chat/completions"),
+            &[],
+            &body.to_string(),
+        )
+        .await
+        .expect("the engine answers");
+    assert_eq!(response.status(), StatusCode::OK);
     // The role event and the first token; TCP may split them over several frames.
     let mut first = String::new();
     while !(first.ends_with("\n\n") && first.matches("data: ").count() == 2) {
-        let frame = stream
-            .response
+        let frame = response
             .body_mut()
             .frame()
             .await
@@ -401,30 +342,30 @@ async fn first_chunk_arrives_while_the_request_runs_and_a_disconnect_ends_it() {
     assert_eq!(payloads.len(), 2, "role and first token: {first:?}");
     assert_eq!(parse(payloads[1])["choices"][0]["delta"]["content"], "This");
 
-    assert_eq!(metric(&engine, "vllm:num_requests_running", &[]).await, 1.0);
-    assert_eq!(metric(&engine, "vllm:num_requests_waiting", &[]).await, 0.0);
-    // Two prompt words and one generated token are held in the 4096-token cache.
-    assert_eq!(
-        metric(&engine, "vllm:kv_cache_usage_perc", &[]).await,
-        3.0 / 4096.0
-    );
-    assert_eq!(
-        metric(&engine, "vllm:time_to_first_token_seconds_count", &[]).await,
-        1.0
-    );
+    assert_metrics(
+        &engine,
+        &[
+            ("vllm:num_requests_running", &[], 1.0),
+            ("vllm:num_requests_waiting", &[], 0.0),
+            // Two prompt words and one generated token are held in the 4096-token cache.
+            ("vllm:kv_cache_usage_perc", &[], 3.0 / 4096.0),
+            ("vllm:time_to_first_token_seconds_count", &[], 1.0),
+        ],
+    )
+    .await;
 
-    stream.disconnect();
+    // The client goes away: a body dropped before its end closes the connection.
+    drop(response);
+    drop(http);
     wait_for_metric(&engine, "vllm:num_requests_running", &[], 0.0).await;
-    assert_eq!(metric(&engine, "vllm:kv_cache_usage_perc", &[]).await, 0.0);
-    assert_eq!(
-        metric(
-            &engine,
-            "vllm:request_success_total",
-            &["finished_reason=\"abort\""]
-        )
-        .await,
-        1.0
-    );
+    assert_metrics(
+        &engine,
+        &[
+            ("vllm:kv_cache_usage_perc", &[], 0.0),
+            ("vllm:request_success_total", ABORTED, 1.0),
+        ],
+    )
+    .await;
     engine.stop().await.expect("clean stop");
 }
 
@@ -444,41 +385,22 @@ async fn a_paced_stream_that_completes_is_counted_and_leaves_the_engine_idle() {
         json!({"model": "base", "messages": [{"role": "user", "content": "hi"}], "stream": true}),
     )
     .await;
-    assert_eq!(sse_payloads(&reply.body).len(), 1 + 4 + 1);
+    assert_eq!(sse_payloads(&reply.text()).len(), 1 + 4 + 1);
 
     // The engine finished the request before writing `[DONE]`, so no waiting is needed.
-    assert_eq!(metric(&engine, "vllm:num_requests_running", &[]).await, 0.0);
-    assert_eq!(metric(&engine, "vllm:kv_cache_usage_perc", &[]).await, 0.0);
-    assert_eq!(
-        metric(&engine, "vllm:generation_tokens_total", &[]).await,
-        4.0
-    );
-    assert_eq!(
-        metric(&engine, "vllm:time_to_first_token_seconds_count", &[]).await,
-        1.0
-    );
-    assert_eq!(
-        metric(&engine, "vllm:inter_token_latency_seconds_count", &[]).await,
-        3.0
-    );
-    assert_eq!(
-        metric(
-            &engine,
-            "vllm:request_success_total",
-            &["finished_reason=\"stop\""]
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &engine,
-            "vllm:request_success_total",
-            &["finished_reason=\"abort\""]
-        )
-        .await,
-        0.0
-    );
+    assert_metrics(
+        &engine,
+        &[
+            ("vllm:num_requests_running", &[], 0.0),
+            ("vllm:kv_cache_usage_perc", &[], 0.0),
+            ("vllm:generation_tokens_total", &[], 4.0),
+            ("vllm:time_to_first_token_seconds_count", &[], 1.0),
+            ("vllm:inter_token_latency_seconds_count", &[], 3.0),
+            ("vllm:request_success_total", STOPPED, 1.0),
+            ("vllm:request_success_total", ABORTED, 0.0),
+        ],
+    )
+    .await;
     engine.stop().await.expect("clean stop");
 }
 
@@ -563,7 +485,7 @@ async fn lora_adapters_can_be_loaded_and_unloaded_at_runtime() {
     .await;
     assert_eq!(loaded.status, StatusCode::OK);
     assert_eq!(
-        loaded.body,
+        loaded.text(),
         "Success: LoRA adapter 'lora-new' added successfully."
     );
     assert_eq!(
@@ -716,33 +638,24 @@ async fn sglang_flavour_exposes_sglang_metric_names() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(metric(&engine, "sglang:num_running_reqs", &[]).await, 0.0);
-    assert_eq!(metric(&engine, "sglang:num_queue_reqs", &[]).await, 0.0);
-    assert_eq!(metric(&engine, "sglang:token_usage", &[]).await, 0.0);
-    assert_eq!(
-        metric(
-            &engine,
-            "sglang:prompt_tokens_total",
-            &["is_streaming=\"false\""]
-        )
-        .await,
-        3.0
-    );
-    assert_eq!(
-        metric(
-            &engine,
-            "sglang:time_to_first_token_seconds_count",
-            &["is_streaming=\"false\""]
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        metric(&engine, "sglang:inter_token_latency_seconds_count", &[]).await,
-        15.0
-    );
+    assert_metrics(
+        &engine,
+        &[
+            ("sglang:num_running_reqs", &[], 0.0),
+            ("sglang:num_queue_reqs", &[], 0.0),
+            ("sglang:token_usage", &[], 0.0),
+            ("sglang:prompt_tokens_total", NOT_STREAMED, 3.0),
+            (
+                "sglang:time_to_first_token_seconds_count",
+                NOT_STREAMED,
+                1.0,
+            ),
+            ("sglang:inter_token_latency_seconds_count", &[], 15.0),
+        ],
+    )
+    .await;
     let page = send(&engine, Method::GET, "/metrics", &[], "").await;
-    assert!(!page.body.contains("vllm:"));
+    assert!(!page.text().contains("vllm:"));
     let models = send(&engine, Method::GET, "/v1/models", &[], "").await;
     assert_eq!(models.json()["data"][0]["owned_by"], "sglang");
     engine.stop().await.expect("clean stop");
@@ -751,75 +664,14 @@ async fn sglang_flavour_exposes_sglang_metric_names() {
 #[cfg(unix)]
 #[tokio::test]
 async fn binary_announces_its_address_and_exits_cleanly_on_sigterm() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
+    let engine =
+        MockEngineBinary::start(&["--host", "127.0.0.1", "--model", "base", "--lora", "a,b"]).await;
+    let response = engine.get("/v1/models").await;
+    assert_eq!(response.status, StatusCode::OK);
+    let expected_pod = format!("mock-{}", engine.addr.port());
+    assert_eq!(response.header("x-mock-pod"), Some(expected_pod.as_str()));
+    assert_eq!(response.json()["data"].as_array().map(Vec::len), Some(3));
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard-mock-engine"))
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--model",
-            "base",
-            "--lora",
-            "a,b",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("mock engine binary starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    tokio::time::timeout(
-        CONDITION_DEADLINE,
-        BufReader::new(stdout).read_line(&mut line),
-    )
-    .await
-    .expect("listening line in time")
-    .expect("stdout readable");
-    let addr: std::net::SocketAddr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("socket address");
-
-    let stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the binary");
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
-    let request = Request::get("/v1/models")
-        .header("host", "mock")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let expected_pod = format!("mock-{}", addr.port());
-    assert_eq!(response.headers()["x-mock-pod"], expected_pod.as_str());
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let body: Value = serde_json::from_slice(&body).expect("JSON");
-    assert_eq!(body["data"].as_array().map(Vec::len), Some(3));
-    drop(sender);
-
-    let pid = child.id().expect("running child has a pid");
-    let signalled = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await
-        .expect("kill runs");
-    assert!(signalled.success());
-    let status = tokio::time::timeout(CONDITION_DEADLINE, child.wait())
-        .await
-        .expect("exits in time")
-        .expect("exit status");
+    let status = engine.terminate().await;
     assert!(status.success(), "{status}");
 }

@@ -13,14 +13,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use switchyard_e2e::harness::{HttpClient, MockEngineBinary, sample_value};
 use switchyard_e2e::mock_engine::http::{EngineState, ResponseBody};
 use switchyard_e2e::mock_engine::{
     EngineFlavor, EngineMode, MockEngineConfig, RunningMockEngine, SimConfig, SimState,
 };
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -77,16 +75,12 @@ impl Reply {
 }
 
 async fn into_reply(response: Response<ResponseBody>) -> Reply {
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("bodies are infallible")
-        .to_bytes();
+    let (head, body) = response.into_parts();
+    let collected = body.collect().await.expect("bodies are infallible");
+    let body = String::from_utf8(collected.to_bytes().to_vec()).expect("UTF-8 body");
     Reply {
-        status,
-        body: String::from_utf8(bytes.to_vec()).expect("UTF-8 body"),
+        status: head.status,
+        body,
     }
 }
 
@@ -188,20 +182,8 @@ async fn call(
     state.handle(request).await
 }
 
-/// Value of the first sample named `name` whose labels contain every fragment of `labels`.
-fn labelled_sample(page: &str, name: &str, labels: &[&str]) -> f64 {
-    page.lines()
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .find(|line| labels.iter().all(|label| line.contains(label)))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} {labels:?} in\n{page}"))
-}
-
 fn sample(page: &str, name: &str) -> f64 {
-    labelled_sample(page, name, &[])
+    sample_value(page, name, &[])
 }
 
 fn assert_close(actual: f64, expected: f64) {
@@ -453,7 +435,7 @@ async fn a_client_disconnect_frees_the_sequence_for_the_next_request() {
     assert_eq!(reply.token_events(), 3);
     let page = engine.text("/metrics").await;
     assert_eq!(
-        labelled_sample(
+        sample_value(
             &page,
             "vllm:request_success_total",
             &["finished_reason=\"abort\""]
@@ -461,7 +443,7 @@ async fn a_client_disconnect_frees_the_sequence_for_the_next_request() {
         1.0
     );
     assert_eq!(
-        labelled_sample(
+        sample_value(
             &page,
             "vllm:request_success_total",
             &["finished_reason=\"length\""]
@@ -502,16 +484,17 @@ async fn prompts_are_bounded_by_the_kv_cache() {
 
 #[tokio::test(start_paused = true)]
 async fn chat_prompts_share_blocks_when_their_leading_messages_match() {
-    let engine = Engine::start(sim_engine_config(SimConfig {
-        block_size: 4,
-        ..round_latencies()
-    }));
+    // Two conversations with the same 30-word system message.
     let chat = |question: &str| {
         json!({"model": "base", "max_tokens": 1, "messages": [
             {"role": "system", "content": prompt("s", 30)},
             {"role": "user", "content": question},
         ]})
     };
+    let engine = Engine::start(sim_engine_config(SimConfig {
+        block_size: 4,
+        ..round_latencies()
+    }));
     for question in ["what is up", "how are you"] {
         let reply = into_reply(
             engine
@@ -528,30 +511,14 @@ async fn chat_prompts_share_blocks_when_their_leading_messages_match() {
 }
 
 async fn http_get(engine: &RunningMockEngine, method: Method, path: &str, body: &str) -> Reply {
-    let stream = TcpStream::connect(engine.addr())
+    let url = format!("http://{}{path}", engine.addr());
+    let response = HttpClient::default()
+        .call(method, &url, &[], body.to_owned())
         .await
-        .expect("connect to the engine");
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("HTTP/1 handshake");
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "mock")
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .expect("valid request");
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("whole body")
-        .to_bytes();
+        .expect("the engine answers");
     Reply {
-        status,
-        body: String::from_utf8(bytes.to_vec()).expect("UTF-8 body"),
+        status: response.status,
+        body: response.text(),
     }
 }
 
@@ -585,7 +552,7 @@ async fn over_loopback_sim_state_and_sglang_metrics_report_the_cache() {
     assert_eq!(state["kv_blocks_total"], 512);
     let page = http_get(&engine, Method::GET, "/metrics", "").await.body;
     assert_eq!(
-        labelled_sample(
+        sample_value(
             &page,
             "sglang:cached_tokens_total",
             &["cache_source=\"device\""]
@@ -612,8 +579,6 @@ async fn over_loopback_sim_state_and_sglang_metrics_report_the_cache() {
 #[cfg(unix)]
 #[tokio::test]
 async fn the_binary_takes_the_sim_flags() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
     let binary = env!("CARGO_BIN_EXE_switchyard-mock-engine");
     let refused = tokio::process::Command::new(binary)
         .args([
@@ -633,80 +598,29 @@ async fn the_binary_takes_the_sim_flags() {
         .expect("mock engine binary runs");
     assert_eq!(refused.code(), Some(2));
 
-    let mut child = tokio::process::Command::new(binary)
-        .args([
-            "--port",
-            "0",
-            "--model",
-            "m",
-            "--mode",
-            "sim",
-            "--max-num-seqs",
-            "3",
-            "--kv-blocks",
-            "32",
-            "--block-size",
-            "8",
-            "--time-scale",
-            "0.01",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("mock engine binary starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    tokio::time::timeout(
-        CONDITION_DEADLINE,
-        BufReader::new(stdout).read_line(&mut line),
-    )
-    .await
-    .expect("listening line in time")
-    .expect("stdout readable");
-    let addr: std::net::SocketAddr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("socket address");
-
-    let stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the binary");
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
-    let request = Request::get("/sim/state")
-        .header("host", "mock")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let state: SimState = serde_json::from_slice(&body).expect("a SimState");
+    let engine = MockEngineBinary::start(&[
+        "--model",
+        "m",
+        "--mode",
+        "sim",
+        "--max-num-seqs",
+        "3",
+        "--kv-blocks",
+        "32",
+        "--block-size",
+        "8",
+        "--time-scale",
+        "0.01",
+    ])
+    .await;
+    let response = engine.get("/sim/state").await;
+    assert_eq!(response.status, StatusCode::OK);
+    let state: SimState = serde_json::from_slice(&response.body).expect("a SimState");
     assert_eq!(
         (state.max_num_seqs, state.kv_blocks_total, state.block_size),
         (3, 32, 8)
     );
-    drop(sender);
 
-    let pid = child.id().expect("running child has a pid");
-    let signalled = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await
-        .expect("kill runs");
-    assert!(signalled.success());
-    let status = tokio::time::timeout(CONDITION_DEADLINE, child.wait())
-        .await
-        .expect("exits in time")
-        .expect("exit status");
+    let status = engine.terminate().await;
     assert!(status.success(), "{status}");
 }

@@ -1,7 +1,8 @@
 //! Routing quality end to end: real controller and dataplanes, simulated
 //! engines, one scheduler configuration per test (shipped by the controller
 //! from `--router-config`), and the share of requests each plugin sends where
-//! it should. Thresholds are the issue's; each test stays within seconds.
+//! it should. The thresholds are those the README's "Scheduling quality"
+//! section states; each test stays within seconds.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,6 +54,50 @@ fn load_engine(
             })
         })
         .collect()
+}
+
+/// The pods that answer six one-token completions `{prefix}0`.. of the
+/// conversation `session`, sent through dataplanes 0 and 1 in turn.
+async fn session_pods(bench: &SimStack, session: &str, prefix: &str) -> Vec<String> {
+    let mut pods = Vec::new();
+    for i in 0..6 {
+        let body = completion(&format!("{prefix}{i}"), 1);
+        let headers = [("x-conversation", session)];
+        let (status, pod, _) = bench.complete(i % 2, &body, &headers).await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(pod);
+    }
+    pods
+}
+
+/// Command-line flags written as one line.
+fn flags(line: &str) -> Vec<String> {
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// Sends pods 0 and 1 `requests` copies of `body` each, in the background,
+/// until dataplane 0 sees both in a state whose `load` meets `loaded`; then
+/// asserts that at least 18 of twenty queries go to pods 2 and 3.
+async fn assert_queries_avoid_loaded_pods_0_and_1(
+    bench: &SimStack,
+    (requests, body): (usize, Value),
+    state: &str,
+    loaded: impl Fn(&Value) -> bool,
+) {
+    let mut background = load_engine(bench, 0, requests, body.clone());
+    background.extend(load_engine(bench, 1, requests, body));
+    bench
+        .wait_state(0, state, |pods| {
+            let pod_loaded = |name: &str| pods.get(name).is_some_and(|pod| loaded(&pod["load"]));
+            pod_loaded("pod-0") && pod_loaded("pod-1")
+        })
+        .await;
+    let counts = route_twenty_queries(bench).await;
+    let away = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
+    assert!(away >= 18, "{counts:?}");
+    for task in background {
+        task.abort();
+    }
 }
 
 /// Sends 20 distinct one-token completions through dataplane 0, one after the
@@ -149,12 +194,7 @@ async fn prefix_cache_alone_keeps_repeated_prompts_on_one_pod() {
             .to_string();
         let response = bench
             .http()
-            .send(
-                http::Method::POST,
-                &url,
-                &[("content-type", "application/json")],
-                body,
-            )
+            .post_json_streaming(&url, &[], &body)
             .await
             .expect("headers");
         drop(response);
@@ -170,20 +210,7 @@ async fn prefix_cache_alone_keeps_repeated_prompts_on_one_pod() {
 async fn least_request_sends_requests_away_from_saturated_pods() {
     let bench = start_bench(
         4,
-        |_| {
-            [
-                "--mode",
-                "sim",
-                "--max-num-seqs",
-                "2",
-                "--itl-ms",
-                "40",
-                "--output-tokens",
-                "1000",
-            ]
-            .map(String::from)
-            .to_vec()
-        },
+        |_| flags("--mode sim --max-num-seqs 2 --itl-ms 40 --output-tokens 1000"),
         &config(
             &["least-request"],
             &["least-request"],
@@ -193,76 +220,30 @@ async fn least_request_sends_requests_away_from_saturated_pods() {
         1,
     )
     .await;
-    let mut background = Vec::new();
-    for pod in [0, 1] {
-        background.extend(load_engine(&bench, pod, 10, completion("busy", 400)));
-    }
-    bench
-        .wait_state(0, "pods 0 and 1 saturated", |pods| {
-            ["pod-0", "pod-1"].iter().all(|name| {
-                pods.get(*name)
-                    .and_then(|pod| pod["load"]["requestsWaiting"].as_f64())
-                    .is_some_and(|waiting| waiting >= 5.0)
-            })
-        })
+    let saturated = |load: &Value| load["requestsWaiting"].as_f64().is_some_and(|n| n >= 5.0);
+    let busy = (10, completion("busy", 400));
+    assert_queries_avoid_loaded_pods_0_and_1(&bench, busy, "pods 0 and 1 saturated", saturated)
         .await;
-    let counts = route_twenty_queries(&bench).await;
-    let away = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
-    assert!(away >= 18, "{counts:?}");
-    for task in background {
-        task.abort();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_usage_avoids_pods_with_hot_kv_cache() {
     let bench = start_bench(
         4,
-        |_| {
-            [
-                "--mode",
-                "sim",
-                "--kv-blocks",
-                "64",
-                "--block-size",
-                "16",
-                "--itl-ms",
-                "40",
-                "--output-tokens",
-                "1000",
-            ]
-            .map(String::from)
-            .to_vec()
-        },
+        |_| flags("--mode sim --kv-blocks 64 --block-size 16 --itl-ms 40 --output-tokens 1000"),
         &config(&[], &["gpu-usage"], ""),
         &[],
         1,
     )
     .await;
-    let mut background = Vec::new();
-    for pod in [0, 1] {
-        background.extend(load_engine(
-            &bench,
-            pod,
-            1,
-            completion(&words("h", 600), 150),
-        ));
-    }
-    bench
-        .wait_state(0, "pods 0 and 1 with a hot KV cache", |pods| {
-            ["pod-0", "pod-1"].iter().all(|name| {
-                pods.get(*name)
-                    .and_then(|pod| pod["load"]["kvCacheUsage"].as_f64())
-                    .is_some_and(|usage| usage >= 0.5)
-            })
-        })
-        .await;
-    let counts = route_twenty_queries(&bench).await;
-    let away = counts.get("pod-2").unwrap_or(&0) + counts.get("pod-3").unwrap_or(&0);
-    assert!(away >= 18, "{counts:?}");
-    for task in background {
-        task.abort();
-    }
+    let hot = |load: &Value| {
+        load["kvCacheUsage"]
+            .as_f64()
+            .is_some_and(|usage| usage >= 0.5)
+    };
+    let long_prompt = (1, completion(&words("h", 600), 150));
+    let state = "pods 0 and 1 with a hot KV cache";
+    assert_queries_avoid_loaded_pods_0_and_1(&bench, long_prompt, state, hot).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,11 +394,7 @@ async fn random_spreads_evenly() {
 async fn three_dataplanes_keep_the_one_dataplane_prefix_hit_rate() {
     let bench = start_bench(
         4,
-        |_| {
-            ["--mode", "sim", "--time-scale", "0.2"]
-                .map(String::from)
-                .to_vec()
-        },
+        |_| flags("--mode sim --time-scale 0.2"),
         // No scheduler section: the default plugin mix.
         "auth: {}\n",
         &[],
@@ -556,18 +533,7 @@ async fn session_affinity_is_sticky_across_dataplanes_and_falls_back() {
     .await;
     let mut homes = BTreeMap::new();
     for session in ["alpha", "beta", "gamma", "delta", "epsilon"] {
-        let mut pods = Vec::new();
-        for i in 0..6 {
-            let (status, pod, _) = bench
-                .complete(
-                    i % 2,
-                    &completion(&format!("q{i}"), 1),
-                    &[("x-conversation", session)],
-                )
-                .await;
-            assert_eq!(status, StatusCode::OK);
-            pods.push(pod);
-        }
+        let pods = session_pods(&bench, session, "q").await;
         let counts = counts(&pods);
         assert_eq!(
             counts.len(),
@@ -598,18 +564,7 @@ async fn session_affinity_is_sticky_across_dataplanes_and_falls_back() {
             .await;
         assert_eq!(status, StatusCode::OK, "the next candidate answers");
     }
-    let mut pods = Vec::new();
-    for i in 0..6 {
-        let (status, pod, _) = bench
-            .complete(
-                i % 2,
-                &completion(&format!("r{i}"), 1),
-                &[("x-conversation", "alpha")],
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK);
-        pods.push(pod);
-    }
+    let pods = session_pods(&bench, "alpha", "r").await;
     let counts = counts(&pods);
     assert_eq!(counts.len(), 1, "one new home: {counts:?}");
     assert!(!counts.contains_key(&home), "{counts:?}");

@@ -7,17 +7,17 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use switchyard_bench::{chat_body, server};
+use switchyard_bench::{STREAM_CHUNK, chat_body, snapshot};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::routing::RequestFacts;
 use switchyard_dataplane::scheduling::ScheduleRequest;
 use switchyard_dataplane::snapshot::RoutingTable;
-use switchyard_snapshot::pb;
+use switchyard_runtime::clock;
 
 /// Each measurement runs at least this long, so clock resolution does not matter.
 const MIN_RUN: Duration = Duration::from_millis(300);
@@ -27,7 +27,7 @@ fn ns_per_op(mut op: impl FnMut()) -> f64 {
         op();
     }
     let mut iterations = 0u64;
-    let started = Instant::now();
+    let started = clock::now();
     while started.elapsed() < MIN_RUN {
         for _ in 0..16 {
             op();
@@ -37,39 +37,10 @@ fn ns_per_op(mut op: impl FnMut()) -> f64 {
     started.elapsed().as_nanos() as f64 / iterations as f64
 }
 
-fn route(name: &str, model: &str, server: &str) -> pb::ModelRoute {
-    pb::ModelRoute {
-        namespace: "bench".into(),
-        name: name.into(),
-        model_name: model.into(),
-        rules: vec![pb::Rule {
-            name: "default".into(),
-            r#match: None,
-            targets: vec![pb::WeightedTarget {
-                model_server: format!("bench/{server}"),
-                weight: 100,
-            }],
-        }],
-        ..Default::default()
-    }
-}
-
 fn table(candidates: usize) -> Option<RoutingTable> {
-    let mut servers = vec![server("candidates", candidates, 0x0a00_0001)];
-    let mut routes = vec![route("chat", "bench-model", "candidates")];
-    for s in 0..200 {
-        let name = format!("other-{s:03}");
-        servers.push(server(&name, 20, 0x0b00_0001 + s * 20));
-        routes.push(route(&format!("r-{s}"), &format!("model-{s}"), &name));
-    }
-    servers.sort_by(|a, b| a.name.cmp(&b.name));
     RoutingTable::build(
         "v1",
-        pb::RouteConfig {
-            routes,
-            servers,
-            scheduler: None,
-        },
+        snapshot(candidates, false),
         &HashMap::new(),
         &Default::default(),
     )
@@ -132,7 +103,7 @@ fn main() {
             "| route lookup + pick among {candidates} candidate pods (+4000 others) | {pick:.0} | |"
         );
     }
-    let chunk = Bytes::from_static(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" token\"},\"finish_reason\":null}]}\n\n");
+    let chunk = Bytes::from_static(STREAM_CHUNK.as_bytes());
     let mut observer = ResponseObserver::new(true, true);
     let sse = ns_per_op(|| {
         black_box(observer.on_data(chunk.clone()));

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf as _, Bytes};
 use clap::Parser;
@@ -29,6 +29,7 @@ use switchyard_controller::xds::{
     DataplaneRegistry, DataplaneStatus, ResourceType, RoutingDiscoveryService, SnapshotPublisher,
     XdsMetrics,
 };
+use switchyard_runtime::clock;
 use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, object_key, pb};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -330,6 +331,39 @@ async fn wait_all_acked(
     })
 }
 
+/// Waits until `n` streams ACKed both the RouteConfig and the EndpointLoads versions.
+async fn wait_both_acked(
+    registry: &DataplaneRegistry,
+    route_config: &str,
+    endpoint_loads: &str,
+    n: usize,
+) -> Result<(), String> {
+    wait_all_acked(registry, ResourceType::RouteConfig, route_config, n).await?;
+    wait_all_acked(registry, ResourceType::EndpointLoads, endpoint_loads, n).await
+}
+
+/// Route change number `change` (the first route's weight changes): compiled
+/// and published; the time until `n` streams ACKed it, or `None` when it
+/// changed nothing.
+async fn time_route_change(
+    args: &Args,
+    publisher: &SnapshotPublisher,
+    registry: &DataplaneRegistry,
+    change: usize,
+    n: usize,
+) -> Result<Option<Duration>, String> {
+    let weight = 10 + (change as u32 % 80);
+    let changed = parse(&scale_yaml(args, weight))?;
+    let started = clock::now();
+    let routes = compile_route_config(&changed.routes, &changed.servers, &changed.pods);
+    let published = publisher.publish_route_config(routes.route_config, 2 + change as i64);
+    if !published.changed {
+        return Ok(None);
+    }
+    wait_all_acked(registry, ResourceType::RouteConfig, &published.version, n).await?;
+    Ok(Some(started.elapsed()))
+}
+
 async fn run(args: Args) -> Result<(), String> {
     if args.servers == 0 || args.pods == 0 || args.routes == 0 {
         return Err("--servers, --pods and --routes must be positive".into());
@@ -343,7 +377,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut compile_times = Vec::new();
     let mut compiled = None;
     for _ in 0..args.compiles.max(1) {
-        let started = Instant::now();
+        let started = clock::now();
         let routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
         compile_times.push(started.elapsed());
         compiled = Some(routes);
@@ -367,7 +401,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut load_times = Vec::new();
     let mut endpoint_loads = None;
     for _ in 0..args.compiles.max(1) {
-        let started = Instant::now();
+        let started = clock::now();
         let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
         load_times.push(started.elapsed());
         endpoint_loads = Some(loads);
@@ -396,7 +430,7 @@ async fn run(args: Args) -> Result<(), String> {
     let memory_before_streams = memory_kib("self");
 
     let endpoint = format!("http://{xds_addr}");
-    let started = Instant::now();
+    let started = clock::now();
     let mut clients = Vec::new();
     let decode_resources = Arc::new(AtomicBool::new(true));
     for id in 0..args.streams {
@@ -406,16 +440,9 @@ async fn run(args: Args) -> Result<(), String> {
             decode_resources.clone(),
         )));
     }
-    wait_all_acked(
+    wait_both_acked(
         &registry,
-        ResourceType::RouteConfig,
         &first_rc.version,
-        args.streams,
-    )
-    .await?;
-    wait_all_acked(
-        &registry,
-        ResourceType::EndpointLoads,
         &first_el.version,
         args.streams,
     )
@@ -445,20 +472,8 @@ async fn run(args: Args) -> Result<(), String> {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-        wait_all_acked(
-            &registry,
-            ResourceType::RouteConfig,
-            &first_rc.version,
-            args.streams + 1,
-        )
-        .await?;
-        wait_all_acked(
-            &registry,
-            ResourceType::EndpointLoads,
-            &first_el.version,
-            args.streams + 1,
-        )
-        .await?;
+        let streams = args.streams + 1;
+        wait_both_acked(&registry, &first_rc.version, &first_el.version, streams).await?;
         real = Some(child);
     }
     let total_streams = args.streams + usize::from(real.is_some());
@@ -468,26 +483,13 @@ async fn run(args: Args) -> Result<(), String> {
     let mut load_changes = Vec::new();
     let mut load_update_bytes = 0;
     for change in 0..args.changes {
-        let weight = 10 + (change as u32 % 80);
-        let changed = parse(&scale_yaml(&args, weight))?;
-        let started = Instant::now();
-        let routes = compile_route_config(&changed.routes, &changed.servers, &changed.pods);
-        let published = publisher.publish_route_config(routes.route_config, 2 + change as i64);
-        if published.changed {
-            wait_all_acked(
-                &registry,
-                ResourceType::RouteConfig,
-                &published.version,
-                total_streams,
-            )
-            .await?;
-            route_changes.push(started.elapsed());
-        }
+        let timed = time_route_change(&args, &publisher, &registry, change, total_streams);
+        route_changes.extend(timed.await?);
 
         // The next scrape pass: every pod scraped again, one pod's load changed.
         let pass_unix_ms = FIRST_PASS_UNIX_MS + 1_000 * (change as i64 + 1);
         let changed_loads = loads(&objects, 100.0 + change as f64, pass_unix_ms);
-        let started = Instant::now();
+        let started = clock::now();
         let loads = compile_endpoint_loads(&compiled.route_config, &changed_loads);
         let published = publisher.publish_endpoint_loads(loads, 2 + change as i64);
         if let Some(update) = publisher
@@ -514,21 +516,8 @@ async fn run(args: Args) -> Result<(), String> {
     decode_resources.store(false, Ordering::Relaxed);
     let mut route_changes_fan_out = Vec::new();
     for change in args.changes..2 * args.changes {
-        let weight = 10 + (change as u32 % 80);
-        let changed = parse(&scale_yaml(&args, weight))?;
-        let started = Instant::now();
-        let routes = compile_route_config(&changed.routes, &changed.servers, &changed.pods);
-        let published = publisher.publish_route_config(routes.route_config, 2 + change as i64);
-        if published.changed {
-            wait_all_acked(
-                &registry,
-                ResourceType::RouteConfig,
-                &published.version,
-                total_streams,
-            )
-            .await?;
-            route_changes_fan_out.push(started.elapsed());
-        }
+        let timed = time_route_change(&args, &publisher, &registry, change, total_streams);
+        route_changes_fan_out.extend(timed.await?);
     }
 
     let controller_memory = memory_kib("self");
@@ -588,27 +577,32 @@ async fn run(args: Args) -> Result<(), String> {
         "| Initial sync of all streams (both types) | {:.0} ms | |",
         initial_sync.as_secs_f64() * 1e3
     );
-    let _ = writeln!(
-        table,
-        "| Route change -> all {total_streams} ACKed, incl. compile, every simulated dataplane decoding the whole RouteConfig on this machine (p50 / p99 of {}) | {:.1} ms / {:.1} ms | p99 < 250 ms |",
-        route_ms.len(),
-        percentile(&route_ms, 50.0),
-        percentile(&route_ms, 99.0)
-    );
-    let _ = writeln!(
-        table,
-        "| Route change -> all {total_streams} ACKed, simulated dataplanes decoding only the envelope (p50 / p99 of {}) | {:.1} ms / {:.1} ms | p99 < 250 ms |",
-        route_fan_out_ms.len(),
-        percentile(&route_fan_out_ms, 50.0),
-        percentile(&route_fan_out_ms, 99.0)
-    );
-    let _ = writeln!(
-        table,
-        "| Scrape pass with one pod's load changed -> all {total_streams} ACKed (p50 / p99 of {}) | {:.1} ms / {:.1} ms | p99 < 250 ms |",
-        load_change_ms.len(),
-        percentile(&load_change_ms, 50.0),
-        percentile(&load_change_ms, 99.0)
-    );
+    let route_change = format!("Route change -> all {total_streams} ACKed");
+    let measures = [
+        (
+            format!(
+                "{route_change}, incl. compile, every simulated dataplane decoding the whole RouteConfig on this machine"
+            ),
+            &route_ms,
+        ),
+        (
+            format!("{route_change}, simulated dataplanes decoding only the envelope"),
+            &route_fan_out_ms,
+        ),
+        (
+            format!("Scrape pass with one pod's load changed -> all {total_streams} ACKed"),
+            &load_change_ms,
+        ),
+    ];
+    for (measure, samples) in measures {
+        let _ = writeln!(
+            table,
+            "| {measure} (p50 / p99 of {}) | {:.1} ms / {:.1} ms | p99 < 250 ms |",
+            samples.len(),
+            percentile(samples, 50.0),
+            percentile(samples, 99.0)
+        );
+    }
     if let Some((hwm, _)) = memory_before_streams {
         let _ = writeln!(
             table,

@@ -1,5 +1,7 @@
-//! The pure core: ModelRoutes, ModelServers, Pods and scraped engine load in,
-//! a routing snapshot and one report per object out.
+//! The pure core: ModelRoutes, ModelServers, Pods, the router configuration
+//! and scraped engine load in, a routing snapshot and one report per object out.
+//! The controller publishes exactly what [`compile`] returns; on a scrape it
+//! reruns only [`compile_endpoint_loads`], the part that depends on load.
 //!
 //! No I/O and no clock reads (the time is an input), and every list in the
 //! output is built in a canonical order, so equal inputs give byte-identical
@@ -15,6 +17,7 @@ use switchyard_snapshot::{object_key, pb};
 
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+mod objects;
 mod pod_index;
 mod report;
 mod routes;
@@ -22,6 +25,7 @@ mod servers;
 #[cfg(test)]
 mod tests;
 
+pub use objects::{LoadProblem, ObjectSet};
 pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
@@ -31,9 +35,10 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Everything a compile reads.
 #[derive(Clone, Copy, Debug)]
 pub struct CompileInput<'a> {
-    pub routes: &'a [ModelRoute],
-    pub servers: &'a [ModelServer],
-    pub pods: &'a [Pod],
+    pub objects: &'a ObjectSet,
+    /// The router configuration's scheduler section (`--router-config`),
+    /// shipped as is; `None` lets dataplanes use their defaults.
+    pub scheduler: Option<&'a pb::SchedulerConfig>,
     pub pod_loads: &'a BTreeMap<PodKey, PodLoad>,
     /// The compile time; becomes the snapshot's `generated_at_unix_ms`.
     pub now_unix_ms: i64,
@@ -43,6 +48,7 @@ pub struct CompileInput<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Compiled {
     pub route_config: pb::RouteConfig,
+    /// The loads as of the compile; later scrapes recompile only these.
     pub endpoint_loads: pb::EndpointLoads,
     /// One per ready endpoint of every accepted ModelServer, sorted, one per pod.
     pub scrape_targets: Vec<ScrapeTarget>,
@@ -54,14 +60,18 @@ pub struct Compiled {
 /// The slow-changing half of a compile: what only depends on the objects.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompiledRoutes {
+    /// Without a scheduler section: [`compile`] adds the router configuration's.
     pub route_config: pb::RouteConfig,
     pub scrape_targets: Vec<ScrapeTarget>,
     pub reports: Vec<ObjectReport>,
 }
 
-/// Compiles routes, servers and pods, then the endpoint loads of the result.
+/// Compiles routes, servers and pods with the router configuration, then the
+/// endpoint loads of the result: the whole snapshot and every report.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
-    let routes = compile_route_config(input.routes, input.servers, input.pods);
+    let objects = input.objects;
+    let mut routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+    routes.route_config.scheduler = input.scheduler.cloned();
     let endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
     Compiled {
         route_config: routes.route_config,

@@ -92,7 +92,7 @@ impl<'a> PodIndex<'a> {
     }
 }
 
-/// The reference semantics of `matchLabels`: the pod carries every pair.
+/// Kubernetes' semantics of `matchLabels`: the pod carries every pair.
 pub(crate) fn selector_matches(match_labels: &BTreeMap<String, String>, pod: &Pod) -> bool {
     // An empty selector is rejected before selection; guard anyway so it can never select everything.
     if match_labels.is_empty() {

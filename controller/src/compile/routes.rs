@@ -8,7 +8,7 @@ use switchyard_snapshot::{object_key, pb};
 use super::report::{ConditionReport, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
 
-/// Largest weight a target may carry, as in the reference API.
+/// Largest weight a target may carry, as in Kthena's API.
 const MAX_TARGET_WEIGHT: u32 = 100;
 
 /// Which ModelServers a route may reference: `(namespace, name)` of every

@@ -14,7 +14,7 @@ use super::{namespace_of, non_empty};
 use crate::scrape::ScrapeTarget;
 
 /// Retry interval when `trafficPolicy.retry` is set without `retryInterval`
-/// (the reference API's documented default).
+/// (Kthena's documented API default).
 pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The only workload protocol the dataplane speaks to pods.

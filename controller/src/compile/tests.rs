@@ -1,10 +1,12 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Pod, PodCondition};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use prost::Message;
+use switchyard_crd::test_builders::ready_pod as pod;
 use switchyard_crd::{InferenceEngine, ModelRoute, ModelServer};
+use switchyard_snapshot::test_builders as builders;
 use switchyard_snapshot::{ResourceType, content_version, pb};
 
 use super::*;
@@ -45,33 +47,6 @@ spec:
     ))
 }
 
-fn pod(namespace: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            labels: Some(
-                labels
-                    .iter()
-                    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
-                    .collect(),
-            ),
-            ..ObjectMeta::default()
-        },
-        spec: None,
-        status: Some(PodStatus {
-            phase: Some("Running".to_owned()),
-            pod_ip: Some(ip.to_owned()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".to_owned(),
-                status: "True".to_owned(),
-                ..PodCondition::default()
-            }]),
-            ..PodStatus::default()
-        }),
-    }
-}
-
 fn created_at(mut route: ModelRoute, unix_seconds: i64) -> ModelRoute {
     let timestamp = Timestamp::from_second(unix_seconds).expect("valid timestamp");
     route.metadata.creation_timestamp = Some(Time(timestamp));
@@ -98,20 +73,13 @@ fn target(server: &str, weight: u32) -> pb::WeightedTarget {
     }
 }
 
-fn endpoint(name: &str, ip: &str) -> pb::Endpoint {
-    pb::Endpoint {
-        name: name.to_owned(),
-        ip: ip.to_owned(),
-    }
-}
-
 fn compile_objects(routes: &[ModelRoute], servers: &[ModelServer], pods: &[Pod]) -> CompiledRoutes {
     compile_route_config(routes, servers, pods)
 }
 
-// --- the Kthena routing guide scenarios (seed 004) ---------------------------
+// --- the Kthena routing guide's scenarios (testdata/kthena/router-routing-guide.txt)
 
-const SEED_SERVERS: &str = r#"
+const GUIDE_SERVERS: &str = r#"
 metadata: { name: deepseek-r1-1-5b, namespace: default }
 spec:
   workloadSelector: { matchLabels: { app: deepseek-r1-1-5b } }
@@ -145,7 +113,7 @@ spec:
   trafficPolicy: { timeout: 10s }
 "#;
 
-const SEED_ROUTES: &str = r#"
+const GUIDE_ROUTES: &str = r#"
 metadata: { name: deepseek-simple, namespace: default }
 spec:
   modelName: "deepseek-simple"
@@ -189,16 +157,16 @@ spec:
     - modelServerName: "deepseek-r1-1-5b"
 "#;
 
-fn seed_inputs() -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
+fn guide_inputs() -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
     use serde::Deserialize;
-    let servers: Vec<ModelServer> = serde_yaml::Deserializer::from_str(SEED_SERVERS)
-        .map(|document| ModelServer::deserialize(document).expect("seed server parses"))
+    let servers: Vec<ModelServer> = serde_yaml::Deserializer::from_str(GUIDE_SERVERS)
+        .map(|document| ModelServer::deserialize(document).expect("guide server parses"))
         .collect();
     // Created one second apart in document order: simple, lora, subset, multi-models.
-    let routes: Vec<ModelRoute> = serde_yaml::Deserializer::from_str(SEED_ROUTES)
+    let routes: Vec<ModelRoute> = serde_yaml::Deserializer::from_str(GUIDE_ROUTES)
         .enumerate()
         .map(|(index, document)| {
-            let route = ModelRoute::deserialize(document).expect("seed route parses");
+            let route = ModelRoute::deserialize(document).expect("guide route parses");
             created_at(route, 1_700_000_000 + index as i64)
         })
         .collect();
@@ -226,139 +194,106 @@ fn seed_inputs() -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
     (routes, servers, pods)
 }
 
-fn seed_expected_route_config() -> pb::RouteConfig {
-    let ten_seconds = Some(pb::TrafficPolicy {
-        timeout_ms: 10_000,
-        retry_attempts: 0,
-        retry_interval_ms: 0,
-    });
-    let default_rule = |name: &str, server: &str| pb::Rule {
-        name: name.to_owned(),
-        r#match: None,
-        targets: vec![target(server, 100)],
+fn guide_expected_route_config() -> pb::RouteConfig {
+    let created = |route: pb::ModelRoute, seconds: i64| pb::ModelRoute {
+        creation_timestamp_unix_ms: seconds * 1000,
+        ..route
     };
-    pb::RouteConfig {
-        scheduler: None,
-        routes: vec![
-            pb::ModelRoute {
-                namespace: "default".into(),
-                name: "deepseek-simple".into(),
-                model_name: "deepseek-simple".into(),
-                lora_adapters: vec![],
-                creation_timestamp_unix_ms: 1_700_000_000_000,
-                generation: 0,
-                rules: vec![default_rule("default", "default/deepseek-r1-1-5b")],
-                rate_limit: None,
-            },
-            pb::ModelRoute {
-                namespace: "default".into(),
-                name: "deepseek-lora".into(),
-                model_name: String::new(),
-                lora_adapters: vec!["lora-A".into(), "lora-B".into()],
-                creation_timestamp_unix_ms: 1_700_000_001_000,
-                generation: 0,
-                rules: vec![default_rule("lora-route", "default/deepseek-r1-1-5b")],
-                rate_limit: None,
-            },
-            pb::ModelRoute {
-                namespace: "default".into(),
-                name: "deepseek-subset".into(),
-                model_name: "deepseek-subset".into(),
-                lora_adapters: vec![],
-                creation_timestamp_unix_ms: 1_700_000_002_000,
-                generation: 0,
-                rules: vec![pb::Rule {
-                    name: "deepseek-r1-route".into(),
-                    r#match: None,
-                    targets: vec![
-                        target("default/deepseek-r1-1-5b-v1", 70),
-                        target("default/deepseek-r1-1-5b-v2", 30),
+    let deepseek = |name: &str, model: &str, engine: &str, pods: &[(&str, &str)]| pb::ModelServer {
+        model: Some(format!("deepseek-ai/DeepSeek-R1-Distill-Qwen-{model}")),
+        inference_engine: engine.into(),
+        traffic_policy: Some(pb::TrafficPolicy {
+            timeout_ms: 10_000,
+            retry_attempts: 0,
+            retry_interval_ms: 0,
+        }),
+        ..builders::server(name, pods)
+    };
+    builders::route_config(
+        vec![
+            created(
+                builders::route("deepseek-simple", "deepseek-simple", "deepseek-r1-1-5b"),
+                1_700_000_000,
+            ),
+            created(
+                pb::ModelRoute {
+                    lora_adapters: vec!["lora-A".into(), "lora-B".into()],
+                    ..builders::route_with_rules(
+                        "deepseek-lora",
+                        "",
+                        vec![builders::rule(
+                            "lora-route",
+                            None,
+                            &[("default/deepseek-r1-1-5b", 100)],
+                        )],
+                    )
+                },
+                1_700_000_001,
+            ),
+            created(
+                builders::route_with_rules(
+                    "deepseek-subset",
+                    "deepseek-subset",
+                    vec![builders::rule(
+                        "deepseek-r1-route",
+                        None,
+                        &[
+                            ("default/deepseek-r1-1-5b-v1", 70),
+                            ("default/deepseek-r1-1-5b-v2", 30),
+                        ],
+                    )],
+                ),
+                1_700_000_002,
+            ),
+            created(
+                builders::route_with_rules(
+                    "deepseek-multi-models",
+                    "deepseek-multi-models",
+                    vec![
+                        builders::rule(
+                            "premium",
+                            Some(builders::header_exact("user-type", "premium")),
+                            &[("default/deepseek-r1-7b", 100)],
+                        ),
+                        builders::rule("default", None, &[("default/deepseek-r1-1-5b", 100)]),
                     ],
-                }],
-                rate_limit: None,
-            },
-            pb::ModelRoute {
-                namespace: "default".into(),
-                name: "deepseek-multi-models".into(),
-                model_name: "deepseek-multi-models".into(),
-                lora_adapters: vec![],
-                creation_timestamp_unix_ms: 1_700_000_003_000,
-                generation: 0,
-                rules: vec![
-                    pb::Rule {
-                        name: "premium".into(),
-                        r#match: Some(pb::ModelMatch {
-                            headers: vec![pb::HeaderMatch {
-                                name: "user-type".into(),
-                                value: exact("premium"),
-                            }],
-                            uri: None,
-                            body_model: None,
-                        }),
-                        targets: vec![target("default/deepseek-r1-7b", 100)],
-                    },
-                    default_rule("default", "default/deepseek-r1-1-5b"),
-                ],
-                rate_limit: None,
-            },
+                ),
+                1_700_000_003,
+            ),
         ],
-        servers: vec![
-            pb::ModelServer {
-                namespace: "default".into(),
-                name: "deepseek-r1-1-5b".into(),
-                model: Some("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B".into()),
-                inference_engine: "vLLM".into(),
-                port: 8000,
-                traffic_policy: ten_seconds,
-                endpoints: vec![
-                    endpoint("ds15-v1-0", "10.0.0.11"),
-                    endpoint("ds15-v1-1", "10.0.0.12"),
-                    endpoint("ds15-v2-0", "10.0.0.21"),
+        vec![
+            deepseek(
+                "deepseek-r1-1-5b",
+                "1.5B",
+                "vLLM",
+                &[
+                    ("ds15-v1-0", "10.0.0.11"),
+                    ("ds15-v1-1", "10.0.0.12"),
+                    ("ds15-v2-0", "10.0.0.21"),
                 ],
-                generation: 0,
-            },
-            pb::ModelServer {
-                namespace: "default".into(),
-                name: "deepseek-r1-1-5b-v1".into(),
-                model: Some("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B-v1".into()),
-                inference_engine: "vLLM".into(),
-                port: 8000,
-                traffic_policy: ten_seconds,
-                endpoints: vec![
-                    endpoint("ds15-v1-0", "10.0.0.11"),
-                    endpoint("ds15-v1-1", "10.0.0.12"),
-                ],
-                generation: 0,
-            },
-            pb::ModelServer {
-                namespace: "default".into(),
-                name: "deepseek-r1-1-5b-v2".into(),
-                model: Some("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B-v2".into()),
-                inference_engine: "vLLM".into(),
-                port: 8000,
-                traffic_policy: ten_seconds,
-                endpoints: vec![endpoint("ds15-v2-0", "10.0.0.21")],
-                generation: 0,
-            },
-            pb::ModelServer {
-                namespace: "default".into(),
-                name: "deepseek-r1-7b".into(),
-                model: Some("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B".into()),
-                inference_engine: "SGLang".into(),
-                port: 8000,
-                traffic_policy: ten_seconds,
-                endpoints: vec![endpoint("ds7-0", "10.0.1.1")],
-                generation: 0,
-            },
+            ),
+            deepseek(
+                "deepseek-r1-1-5b-v1",
+                "1.5B-v1",
+                "vLLM",
+                &[("ds15-v1-0", "10.0.0.11"), ("ds15-v1-1", "10.0.0.12")],
+            ),
+            deepseek(
+                "deepseek-r1-1-5b-v2",
+                "1.5B-v2",
+                "vLLM",
+                &[("ds15-v2-0", "10.0.0.21")],
+            ),
+            deepseek("deepseek-r1-7b", "7B", "SGLang", &[("ds7-0", "10.0.1.1")]),
         ],
-    }
+    )
 }
 
 #[test]
-fn seed_scenarios_compile_to_the_expected_snapshot() {
-    let (routes, servers, pods) = seed_inputs();
+fn guide_scenarios_compile_to_the_expected_snapshot() {
+    let (routes, servers, pods) = guide_inputs();
     let compiled = compile_objects(&routes, &servers, &pods);
-    assert_eq!(compiled.route_config, seed_expected_route_config());
+    assert_eq!(compiled.route_config, guide_expected_route_config());
     assert_eq!(compiled.reports.len(), 8);
     for report in &compiled.reports {
         assert!(report.is_healthy(), "{report:#?}");
@@ -374,8 +309,8 @@ fn seed_scenarios_compile_to_the_expected_snapshot() {
 }
 
 #[test]
-fn seed_scrape_targets_are_one_per_pod_sorted() {
-    let (routes, servers, pods) = seed_inputs();
+fn guide_scrape_targets_are_one_per_pod_sorted() {
+    let (routes, servers, pods) = guide_inputs();
     let compiled = compile_objects(&routes, &servers, &pods);
     let targets: Vec<(String, String, InferenceEngine)> = compiled
         .scrape_targets
@@ -411,7 +346,7 @@ fn seed_scrape_targets_are_one_per_pod_sorted() {
 
 #[test]
 fn equal_inputs_in_any_order_give_identical_bytes() {
-    let (routes, servers, pods) = seed_inputs();
+    let (routes, servers, pods) = guide_inputs();
     let first = compile_objects(&routes, &servers, &pods);
     let mut shuffled_routes = routes.clone();
     shuffled_routes.reverse();
@@ -998,7 +933,10 @@ fn only_ready_selected_pods_in_the_namespace_become_endpoints() {
     let compiled = compile_objects(&[], &[simple_server("s", "s")], &pods);
     assert_eq!(
         compiled.route_config.servers[0].endpoints,
-        vec![endpoint("alpha", "fd00::1"), endpoint("zeta", "10.0.0.9")]
+        vec![
+            builders::pod("alpha", "fd00::1"),
+            builders::pod("zeta", "10.0.0.9")
+        ]
     );
     let report = report(&compiled.reports, ObjectKind::ModelServer, "s");
     assert_eq!((report.ready_pods, report.total_pods), (Some(2), Some(7)));
@@ -1193,7 +1131,7 @@ fn load(waiting: f64, observed_at_unix_ms: i64) -> PodLoad {
 
 #[test]
 fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
-    let (routes, servers, pods) = seed_inputs();
+    let (routes, servers, pods) = guide_inputs();
     let pod_loads: BTreeMap<PodKey, PodLoad> = [
         ("default/ds7-0".to_owned(), load(1.0, 1_000)),
         ("default/ds15-v1-0".to_owned(), load(f64::NAN, 2_000)),
@@ -1202,14 +1140,37 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
     ]
     .into_iter()
     .collect();
+    let objects = ObjectSet {
+        routes: routes.clone(),
+        servers: servers.clone(),
+        pods: pods.clone(),
+        problems: Vec::new(),
+    };
+    let scheduler = pb::SchedulerConfig {
+        top_n: 3,
+        ..Default::default()
+    };
     let compiled = compile(&CompileInput {
-        routes: &routes,
-        servers: &servers,
-        pods: &pods,
+        objects: &objects,
+        scheduler: Some(&scheduler),
         pod_loads: &pod_loads,
         now_unix_ms: 42,
     });
     assert_eq!(compiled.generated_at_unix_ms, 42);
+    // The router configuration's scheduler section is shipped as is, and the
+    // rest of the RouteConfig is what the objects alone compile to.
+    let objects_only = compile_route_config(&routes, &servers, &pods);
+    assert_eq!(compiled.route_config.scheduler, Some(scheduler));
+    assert_eq!(
+        compiled.route_config.routes,
+        objects_only.route_config.routes
+    );
+    assert_eq!(
+        compiled.route_config.servers,
+        objects_only.route_config.servers
+    );
+    assert_eq!(compiled.reports, objects_only.reports);
+    assert_eq!(compiled.scrape_targets, objects_only.scrape_targets);
     let expected = |pod: &str, waiting: f64, observed_at_unix_ms: i64| pb::EndpointLoad {
         namespace: "default".into(),
         pod: pod.into(),
@@ -1236,7 +1197,7 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
 
 #[test]
 fn a_pass_is_dated_by_its_oldest_scrape_and_unchanged_pods_keep_their_entry() {
-    let (routes, servers, pods) = seed_inputs();
+    let (routes, servers, pods) = guide_inputs();
     let compiled = compile_objects(&routes, &servers, &pods);
     let pass = |first: i64, second: i64| -> BTreeMap<PodKey, PodLoad> {
         [
@@ -1257,7 +1218,7 @@ fn a_pass_is_dated_by_its_oldest_scrape_and_unchanged_pods_keep_their_entry() {
 
 #[test]
 fn endpoint_loads_are_empty_without_scrapes() {
-    let (routes, servers, pods) = seed_inputs();
+    let (routes, servers, pods) = guide_inputs();
     let compiled = compile_objects(&routes, &servers, &pods);
     assert_eq!(
         compile_endpoint_loads(&compiled.route_config, &BTreeMap::new()),

@@ -3,6 +3,7 @@
 //! cluster-wide), each bumping a shared change counter on every event.
 
 use std::fmt::Debug;
+use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -15,8 +16,8 @@ use kube::{Api, Client, Resource};
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_runtime::TaskSet;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::pod_selector::PodWatch;
 
@@ -195,39 +196,29 @@ pub struct Reflectors {
     /// Where the compile loop sends the pod watch derived from the ModelServers.
     pub pod_watch: watch::Sender<PodWatch>,
     _fixed_selection: watch::Sender<PodWatch>,
-    pub tasks: Vec<JoinHandle<()>>,
 }
 
-impl Reflectors {
-    pub fn abort(&self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
-/// Starts the ModelRoute and ModelServer reflectors of `scope`, waits for
-/// the ModelServers to sync, derives the pod watch from them, then starts the
-/// Pod reflectors. Returns once the tasks are started (not synced: see
-/// [`Caches::wait_synced`]).
-pub async fn start(client: &Client, scope: &Scope) -> Reflectors {
+/// Starts the ModelRoute and ModelServer reflectors of `scope` on `tasks`,
+/// waits for the ModelServers to sync, derives the pod watch from them, then
+/// starts the Pod reflectors. Returns once the tasks are started (not synced:
+/// see [`Caches::wait_synced`]).
+pub async fn start(client: &Client, scope: &Scope, tasks: &mut TaskSet) -> Reflectors {
     let (changes_sender, changes) = watch::channel(0_u64);
     let changes_sender = Arc::new(changes_sender);
-    let mut tasks = Vec::new();
     // Routes and servers are watched whole; this sender never changes and lives in `Reflectors`.
     let (fixed_selection, fixed) = watch::channel(PodWatch::All);
 
     let mut routes = Vec::new();
     for api in scope.apis::<ModelRoute>(client) {
-        let (cache, task) = spawn_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+        let (cache, task) = cache_and_reflector(api, fixed.clone(), changes_sender.clone(), keep);
         routes.push(cache);
-        tasks.push(task);
+        tasks.spawn("ModelRoute watch", task);
     }
     let mut servers = Vec::new();
     for api in scope.apis::<ModelServer>(client) {
-        let (cache, task) = spawn_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+        let (cache, task) = cache_and_reflector(api, fixed.clone(), changes_sender.clone(), keep);
         servers.push(cache);
-        tasks.push(task);
+        tasks.spawn("ModelServer watch", task);
     }
     for cache in &mut servers {
         cache.wait_synced().await;
@@ -237,14 +228,14 @@ pub async fn start(client: &Client, scope: &Scope) -> Reflectors {
     let (pod_watch, pod_watch_receiver) = watch::channel(initial_watch);
     let mut pods = Vec::new();
     for api in scope.apis::<Pod>(client) {
-        let (cache, task) = spawn_reflector(
+        let (cache, task) = cache_and_reflector(
             api,
             pod_watch_receiver.clone(),
             changes_sender.clone(),
             strip_pod,
         );
         pods.push(cache);
-        tasks.push(task);
+        tasks.spawn("Pod watch", task);
     }
     Reflectors {
         caches: Caches {
@@ -255,7 +246,6 @@ pub async fn start(client: &Client, scope: &Scope) -> Reflectors {
         },
         pod_watch,
         _fixed_selection: fixed_selection,
-        tasks,
     }
 }
 
@@ -283,12 +273,13 @@ fn strip_pod(pod: &mut Pod) {
     });
 }
 
-fn spawn_reflector<K>(
+/// The cache of `api` and the task that fills it.
+fn cache_and_reflector<K>(
     api: Api<K>,
     selection: watch::Receiver<PodWatch>,
     changes: Arc<watch::Sender<u64>>,
     modify: fn(&mut K),
-) -> (Cache<K>, JoinHandle<()>)
+) -> (Cache<K>, impl Future<Output = ()> + Send + 'static)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -299,14 +290,7 @@ where
         store: store.clone(),
         synced,
     };
-    let task = tokio::spawn(run_reflector(
-        api,
-        selection,
-        store,
-        synced_sender,
-        changes,
-        modify,
-    ));
+    let task = run_reflector(api, selection, store, synced_sender, changes, modify);
     (cache, task)
 }
 
@@ -371,7 +355,7 @@ async fn run_reflector<K>(
                 },
                 changed = selection.changed(), if selection_open => {
                     if changed.is_err() {
-                        // Shutting down: keep the current watch until the task is aborted.
+                        // Shutting down: keep the current watch until the task is dropped.
                         selection_open = false;
                         continue;
                     }
@@ -387,7 +371,8 @@ async fn run_reflector<K>(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{Container, PodCondition, PodSpec};
+    use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use switchyard_crd::test_builders::ready_pod;
 
     use super::*;
 
@@ -431,33 +416,17 @@ mod tests {
 
     #[test]
     fn pods_keep_only_what_routing_reads() {
-        let mut pod = Pod {
-            metadata: ObjectMeta {
-                name: Some("p".to_owned()),
-                namespace: Some("ns".to_owned()),
-                labels: Some([("app".to_owned(), "llama".to_owned())].into()),
-                annotations: Some([("big".to_owned(), "x".repeat(1000))].into()),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container {
-                    name: "engine".to_owned(),
-                    ..Container::default()
-                }],
-                ..PodSpec::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Running".to_owned()),
-                pod_ip: Some("10.0.0.1".to_owned()),
-                host_ip: Some("192.0.2.1".to_owned()),
-                conditions: Some(vec![PodCondition {
-                    type_: "Ready".to_owned(),
-                    status: "True".to_owned(),
-                    ..PodCondition::default()
-                }]),
-                ..PodStatus::default()
-            }),
-        };
+        let mut pod = ready_pod("ns", "p", "10.0.0.1", &[("app", "llama")]);
+        pod.metadata.annotations = Some([("big".to_owned(), "x".repeat(1000))].into());
+        pod.spec = Some(PodSpec {
+            containers: vec![Container {
+                name: "engine".to_owned(),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        });
+        let status = pod.status.as_mut().expect("a ready pod has a status");
+        status.host_ip = Some("192.0.2.1".to_owned());
         strip_pod(&mut pod);
         assert_eq!(pod.spec, None);
         assert_eq!(pod.metadata.annotations, None);

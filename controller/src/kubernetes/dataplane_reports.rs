@@ -16,10 +16,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
-use tokio::sync::watch;
+use switchyard_runtime::{CancellationToken, clock};
 
 use super::status_writer::FIELD_MANAGER;
-use crate::app;
 use crate::status::{DataplaneReport, ReportedDataplane};
 use crate::xds::DataplaneRegistry;
 
@@ -77,16 +76,16 @@ pub async fn publish(
     namespace: String,
     identity: String,
     dataplanes: DataplaneRegistry,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
     let name = report_name(&identity);
-    let stopped = app::stopped(stop);
+    let stopped = stop.cancelled();
     tokio::pin!(stopped);
     let mut failing = false;
     loop {
         let report =
-            DataplaneReport::from_dataplanes(&identity, &dataplanes.list(), app::unix_ms_now());
+            DataplaneReport::from_dataplanes(&identity, &dataplanes.list(), clock::unix_ms_now());
         let written = report.dataplanes.clone();
         tokio::select! {
             () = &mut stopped => break,
@@ -118,15 +117,15 @@ pub async fn publish(
         });
         tokio::select! {
             () = &mut stopped => break,
-            () = tokio::time::sleep(REPORT_RENEW_INTERVAL) => continue,
+            () = clock::sleep(REPORT_RENEW_INTERVAL) => continue,
             () = changed => {}
         }
         tokio::select! {
             () = &mut stopped => break,
-            () = tokio::time::sleep(REPORT_DEBOUNCE) => {}
+            () = clock::sleep(REPORT_DEBOUNCE) => {}
         }
     }
-    match tokio::time::timeout(
+    match clock::timeout(
         REPORT_DELETE_TIMEOUT,
         api.delete(&name, &DeleteParams::default()),
     )

@@ -36,7 +36,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -47,6 +47,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::Deserialize;
+use switchyard_runtime::clock::{self, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -193,14 +194,25 @@ pub struct Scraper {
 }
 
 impl Scraper {
-    /// Registers the scrape metrics on `registry` and starts the loop on the
-    /// current Tokio runtime (call it from within one). The target list is read
-    /// at every pass, and a change to it is acted on at once.
+    /// [`Scraper::prepare`], then runs the loop on the current Tokio runtime.
     pub fn spawn(
         config: ScrapeConfig,
         targets: watch::Receiver<Vec<ScrapeTarget>>,
         registry: &Registry,
     ) -> Result<Self, ScraperError> {
+        let (loads, scrape_loop) = Self::prepare(config, targets, registry)?;
+        let task = tokio::spawn(scrape_loop.run());
+        Ok(Self { loads, task })
+    }
+
+    /// Registers the scrape metrics on `registry` and returns the loads the
+    /// loop will publish and the loop, to run where the caller supervises it.
+    /// The target list is read at every pass, and a change to it is acted on at once.
+    pub fn prepare(
+        config: ScrapeConfig,
+        targets: watch::Receiver<Vec<ScrapeTarget>>,
+        registry: &Registry,
+    ) -> Result<(watch::Receiver<PodLoads>, ScrapeLoop), ScraperError> {
         config.validate()?;
         if config.timeout >= config.interval {
             warn!(
@@ -218,8 +230,20 @@ impl Scraper {
             pods: BTreeMap::new(),
             loads: loads_sender,
         };
-        let task = tokio::spawn(worker.run(targets));
-        Ok(Self { loads, task })
+        Ok((loads, ScrapeLoop { worker, targets }))
+    }
+}
+
+/// A scrape loop not yet running; see [`Scraper::prepare`].
+pub struct ScrapeLoop {
+    worker: Worker,
+    targets: watch::Receiver<Vec<ScrapeTarget>>,
+}
+
+impl ScrapeLoop {
+    /// Scrapes until the target sender or every load receiver is gone.
+    pub async fn run(self) {
+        self.worker.run(self.targets).await;
     }
 }
 
@@ -403,7 +427,7 @@ impl Worker {
     }
 
     async fn scrape(&mut self, targets: Vec<ScrapeTarget>) {
-        let started = Instant::now();
+        let started = clock::now();
         let jobs: Vec<(ScrapeTarget, bool)> = targets
             .into_iter()
             .map(|target| {
@@ -507,7 +531,7 @@ impl Worker {
     }
 
     fn update_ages(&self) {
-        let now = Instant::now();
+        let now = clock::now();
         for pod in self.pods.values() {
             if let (Some(gauge), Some(last_success)) = (&pod.age_gauge, pod.last_success) {
                 gauge.set(now.saturating_duration_since(last_success).as_secs_f64());
@@ -550,14 +574,14 @@ async fn scrape_pod(
     fetch_models: bool,
 ) -> PodScrape {
     let metrics = async {
-        let started = Instant::now();
+        let started = clock::now();
         let result = fetch(client, target.addr, "/metrics", METRICS_ACCEPT, timeout)
             .await
             .and_then(|body| {
                 let text = std::str::from_utf8(&body).map_err(|_| FetchError::NotUtf8)?;
                 Ok(parse_engine_page(target.engine, text)?)
             });
-        (result, started.elapsed(), unix_millis_now())
+        (result, started.elapsed(), clock::unix_ms_now())
     };
     let models = async {
         if fetch_models {
@@ -573,7 +597,7 @@ async fn scrape_pod(
         metrics_duration,
         observed_at_unix_ms,
         models,
-        finished_at: Instant::now(),
+        finished_at: clock::now(),
     }
 }
 
@@ -684,13 +708,6 @@ async fn fetch(
         .map_err(|_| FetchError::Timeout)?
 }
 
-fn unix_millis_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|since_epoch| i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
@@ -714,24 +731,9 @@ mod tests {
     const MODELS_JSON: &str = r#"{"object":"list","data":[
         {"id":"tiny-lora","object":"model","parent":"tiny-llama"},
         {"id":"tiny-llama","object":"model","parent":null}]}"#;
-    /// Used when the captured fixture is not available; same key values.
-    const SYNTHETIC_PAGE: &str = r#"# TYPE vllm:num_requests_running gauge
-vllm:num_requests_running{engine="0",model_name="tiny-llama"} 8.0
-vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 16.0
-vllm:kv_cache_usage_perc{engine="0",model_name="tiny-llama"} 0.17322834645669294
-vllm:time_to_first_token_seconds_count{engine="0",model_name="tiny-llama"} 18.0
-vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.773876905441284
-"#;
-
+    /// A `/metrics` page recorded from a real vLLM engine under load (`testdata/README.md`).
     fn engine_page() -> String {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/fixtures/vllm/metrics_during_load.txt"
-        );
-        std::fs::read_to_string(path).unwrap_or_else(|_| {
-            eprintln!("note: {path} missing, serving a synthetic page");
-            SYNTHETIC_PAGE.to_owned()
-        })
+        include_str!("../../../testdata/vllm/metrics_during_load.txt").to_owned()
     }
 
     /// What a test server does with requests.
@@ -866,7 +868,7 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.77387
         loads: &mut watch::Receiver<PodLoads>,
         mut condition: impl FnMut(&BTreeMap<PodKey, PodLoad>) -> bool,
     ) -> PodLoads {
-        let deadline = tokio::time::Instant::now() + WAIT_DEADLINE;
+        let deadline = clock::now() + WAIT_DEADLINE;
         loop {
             let current = loads.borrow_and_update().clone();
             if condition(&current) {
@@ -876,6 +878,37 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.77387
                 .await
                 .expect("condition not met before the deadline")
                 .expect("scraper stopped");
+        }
+    }
+
+    impl TestServer {
+        /// A server answering like a vLLM engine under load.
+        async fn engine() -> Self {
+            Self::start(Behaviour::Engine {
+                metrics: engine_page(),
+            })
+            .await
+        }
+    }
+
+    /// A scraper with [`fast_config`] over `targets`, with its registry and the
+    /// sender that changes its targets.
+    struct Running {
+        targets: watch::Sender<Vec<ScrapeTarget>>,
+        registry: Registry,
+        loads: watch::Receiver<PodLoads>,
+        task: JoinHandle<()>,
+    }
+
+    fn scrape(targets: Vec<ScrapeTarget>) -> Running {
+        let (sender, receiver) = watch::channel(targets);
+        let registry = Registry::new();
+        let Scraper { loads, task } = Scraper::spawn(fast_config(), receiver, &registry).unwrap();
+        Running {
+            targets: sender,
+            registry,
+            loads,
+            task,
         }
     }
 
@@ -896,20 +929,13 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.77387
 
     #[tokio::test]
     async fn fast_pod_is_published_while_a_hanging_pod_times_out() {
-        let fast = TestServer::start(Behaviour::Engine {
-            metrics: engine_page(),
-        })
-        .await;
+        let fast = TestServer::engine().await;
         let hanging = TestServer::start(Behaviour::Hang).await;
-        let (_targets_sender, targets) =
-            watch::channel(vec![fast.target("ns/fast"), hanging.target("ns/hanging")]);
-        let registry = Registry::new();
-        let Scraper { mut loads, task } =
-            Scraper::spawn(fast_config(), targets, &registry).unwrap();
+        let mut scraper = scrape(vec![fast.target("ns/fast"), hanging.target("ns/hanging")]);
 
-        let published = wait_for(&mut loads, |loads| {
+        let published = wait_for(&mut scraper.loads, |loads| {
             loads.contains_key("ns/fast")
-                && error_count(&registry, "ns/hanging", ScrapeErrorReason::Timeout) >= 1.0
+                && error_count(&scraper.registry, "ns/hanging", ScrapeErrorReason::Timeout) >= 1.0
         })
         .await;
 
@@ -918,32 +944,26 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.77387
         assert_eq!(published["ns/fast"].ttft_seconds, 0.0);
         assert!(!published.contains_key("ns/hanging"));
         assert_eq!(
-            error_count(&registry, "ns/fast", ScrapeErrorReason::Timeout),
+            error_count(&scraper.registry, "ns/fast", ScrapeErrorReason::Timeout),
             0.0
         );
-        assert!(age_series(&registry, "ns/fast").is_some());
-        assert_eq!(age_series(&registry, "ns/hanging"), None);
+        assert!(age_series(&scraper.registry, "ns/fast").is_some());
+        assert_eq!(age_series(&scraper.registry, "ns/hanging"), None);
         let scrapes = metric_value(
-            &registry,
+            &scraper.registry,
             "switchyard_controller_scrape_duration_seconds_count",
             &[("engine", "vLLM")],
         );
         assert!(scrapes.is_some_and(|count| count >= 2.0), "{scrapes:?}");
-        task.abort();
+        scraper.task.abort();
     }
 
     #[tokio::test]
     async fn models_ids_land_in_the_pod_load() {
-        let fast = TestServer::start(Behaviour::Engine {
-            metrics: engine_page(),
-        })
-        .await;
-        let (_targets_sender, targets) = watch::channel(vec![fast.target("ns/fast")]);
-        let registry = Registry::new();
-        let Scraper { mut loads, task } =
-            Scraper::spawn(fast_config(), targets, &registry).unwrap();
+        let fast = TestServer::engine().await;
+        let mut scraper = scrape(vec![fast.target("ns/fast")]);
 
-        let published = wait_for(&mut loads, |loads| {
+        let published = wait_for(&mut scraper.loads, |loads| {
             loads
                 .get("ns/fast")
                 .is_some_and(|load| !load.models.is_empty())
@@ -952,88 +972,69 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.77387
 
         assert_eq!(published["ns/fast"].models, vec!["tiny-llama", "tiny-lora"]);
         assert_during_load_values(&published["ns/fast"]);
-        task.abort();
+        scraper.task.abort();
     }
 
     #[tokio::test]
     async fn a_removed_pod_leaves_the_map_and_its_age_series_is_removed() {
-        let first = TestServer::start(Behaviour::Engine {
-            metrics: engine_page(),
-        })
-        .await;
-        let second = TestServer::start(Behaviour::Engine {
-            metrics: engine_page(),
-        })
-        .await;
-        let (targets_sender, targets) =
-            watch::channel(vec![first.target("ns/first"), second.target("ns/second")]);
-        let registry = Registry::new();
-        let Scraper { mut loads, task } =
-            Scraper::spawn(fast_config(), targets, &registry).unwrap();
-        wait_for(&mut loads, |loads| {
+        let first = TestServer::engine().await;
+        let second = TestServer::engine().await;
+        let mut scraper = scrape(vec![first.target("ns/first"), second.target("ns/second")]);
+        wait_for(&mut scraper.loads, |loads| {
             loads.contains_key("ns/first") && loads.contains_key("ns/second")
         })
         .await;
-        assert!(age_series(&registry, "ns/second").is_some());
+        assert!(age_series(&scraper.registry, "ns/second").is_some());
 
-        targets_sender.send(vec![first.target("ns/first")]).unwrap();
-        let published = wait_for(&mut loads, |loads| !loads.contains_key("ns/second")).await;
+        scraper
+            .targets
+            .send(vec![first.target("ns/first")])
+            .unwrap();
+        let published =
+            wait_for(&mut scraper.loads, |loads| !loads.contains_key("ns/second")).await;
 
         assert!(published.contains_key("ns/first"));
-        assert_eq!(age_series(&registry, "ns/second"), None);
-        assert!(age_series(&registry, "ns/first").is_some());
+        assert_eq!(age_series(&scraper.registry, "ns/second"), None);
+        assert!(age_series(&scraper.registry, "ns/first").is_some());
         let last_duration = |pod: &str| {
             metric_value(
-                &registry,
+                &scraper.registry,
                 "switchyard_controller_scrape_last_duration_seconds",
                 &[("pod", pod)],
             )
         };
         assert_eq!(last_duration("ns/second"), None);
         assert!(last_duration("ns/first").is_some());
-        task.abort();
+        scraper.task.abort();
     }
 
     #[tokio::test]
     async fn a_failing_pod_keeps_its_last_load_without_refreshing_it() {
-        let flaky = TestServer::start(Behaviour::Engine {
-            metrics: engine_page(),
-        })
-        .await;
+        let flaky = TestServer::engine().await;
         // Keeps passes publishing while the flaky pod fails.
-        let steady = TestServer::start(Behaviour::Engine {
-            metrics: engine_page(),
-        })
-        .await;
-        let (_targets_sender, targets) =
-            watch::channel(vec![flaky.target("ns/flaky"), steady.target("ns/steady")]);
-        let registry = Registry::new();
-        let Scraper { mut loads, task } =
-            Scraper::spawn(fast_config(), targets, &registry).unwrap();
-        wait_for(&mut loads, |loads| loads.contains_key("ns/flaky")).await;
+        let steady = TestServer::engine().await;
+        let mut scraper = scrape(vec![flaky.target("ns/flaky"), steady.target("ns/steady")]);
+        wait_for(&mut scraper.loads, |loads| loads.contains_key("ns/flaky")).await;
 
         flaky.set_behaviour(Behaviour::Status(StatusCode::SERVICE_UNAVAILABLE));
-        let failed_once = wait_for(&mut loads, |_| {
-            error_count(&registry, "ns/flaky", ScrapeErrorReason::HttpStatus) >= 1.0
+        let failed_once = wait_for(&mut scraper.loads, |_| {
+            error_count(&scraper.registry, "ns/flaky", ScrapeErrorReason::HttpStatus) >= 1.0
         })
         .await;
         let kept = failed_once["ns/flaky"].clone();
-        let later = wait_for(&mut loads, |_| {
-            error_count(&registry, "ns/flaky", ScrapeErrorReason::HttpStatus) >= 3.0
+        let later = wait_for(&mut scraper.loads, |_| {
+            error_count(&scraper.registry, "ns/flaky", ScrapeErrorReason::HttpStatus) >= 3.0
         })
         .await;
 
         assert_eq!(later["ns/flaky"], kept);
         assert_during_load_values(&kept);
-        task.abort();
+        scraper.task.abort();
     }
 
     #[tokio::test]
     async fn failures_are_counted_by_reason() {
-        let steady = TestServer::start(Behaviour::Engine {
-            metrics: engine_page(),
-        })
-        .await;
+        let steady = TestServer::engine().await;
         let erroring =
             TestServer::start(Behaviour::Status(StatusCode::INTERNAL_SERVER_ERROR)).await;
         let garbage = TestServer::start(Behaviour::Garbage).await;
@@ -1046,34 +1047,32 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="tiny-llama"} 4.77387
             addr: closed_addr,
             engine: InferenceEngine::Vllm,
         };
-        let (_targets_sender, targets) = watch::channel(vec![
+        let mut scraper = scrape(vec![
             steady.target("ns/steady"),
             erroring.target("ns/erroring"),
             garbage.target("ns/garbage"),
             closed,
         ]);
-        let registry = Registry::new();
-        let Scraper { mut loads, task } =
-            Scraper::spawn(fast_config(), targets, &registry).unwrap();
 
-        let published = wait_for(&mut loads, |_| {
-            error_count(&registry, "ns/erroring", ScrapeErrorReason::HttpStatus) >= 1.0
-                && error_count(&registry, "ns/garbage", ScrapeErrorReason::Parse) >= 1.0
-                && error_count(&registry, "ns/closed", ScrapeErrorReason::Connect) >= 1.0
+        let published = wait_for(&mut scraper.loads, |_| {
+            error_count(
+                &scraper.registry,
+                "ns/erroring",
+                ScrapeErrorReason::HttpStatus,
+            ) >= 1.0
+                && error_count(&scraper.registry, "ns/garbage", ScrapeErrorReason::Parse) >= 1.0
+                && error_count(&scraper.registry, "ns/closed", ScrapeErrorReason::Connect) >= 1.0
         })
         .await;
 
         let keys: Vec<&str> = published.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["ns/steady"]);
-        task.abort();
+        scraper.task.abort();
     }
 
     #[tokio::test]
     async fn a_new_target_is_scraped_without_waiting_for_the_next_tick() {
-        let fast = TestServer::start(Behaviour::Engine {
-            metrics: engine_page(),
-        })
-        .await;
+        let fast = TestServer::engine().await;
         let (targets_sender, targets) = watch::channel(Vec::new());
         let registry = Registry::new();
         let config = ScrapeConfig {

@@ -1,6 +1,6 @@
 //! SGLang `/metrics` pages (served with `--enable-metrics`).
 //!
-//! Names from `shared/fixtures/sglang/METRICS.md` (sglang 0.5.23 source). SGLang
+//! Names from `testdata/sglang/METRICS.md` (sglang 0.5.23 source). SGLang
 //! has no legacy `sglang:time_per_output_token_seconds`; its
 //! `sglang:request_time_per_output_token_seconds` is a per-request average, a
 //! different quantity, so TPOT comes from the inter-token latency histogram only.

@@ -55,30 +55,17 @@ mod tests {
     use super::super::{HistogramTotals, ParseError, ParseErrorKind};
     use super::*;
 
-    fn fixture(name: &str) -> Option<String> {
-        let path = format!(
-            "{}/../../shared/fixtures/vllm/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Some(text),
-            Err(error) => {
-                eprintln!("note: fixture {path} unavailable ({error}), skipping");
-                None
-            }
-        }
-    }
-
-    fn assert_fixture(
-        name: &str,
+    /// Checks what `parse_page` reads from `page`, one of the pages recorded from a real vLLM
+    /// engine in `testdata/vllm/` (see `testdata/README.md`).
+    fn assert_recorded_page(
+        page: &str,
         waiting: f64,
         running: f64,
         kv_usage: f64,
         ttft: HistogramTotals,
         tpot: HistogramTotals,
     ) {
-        let Some(text) = fixture(name) else { return };
-        let sample = parse_page(&text).unwrap_or_else(|error| panic!("{name}: {error}"));
+        let sample = parse_page(page).unwrap();
         assert_eq!(
             sample,
             EngineSample {
@@ -89,8 +76,7 @@ mod tests {
                 tpot,
                 // Every recording: 128 blocks of 32 tokens.
                 kv_cache_capacity_tokens: 4096,
-            },
-            "{name}"
+            }
         );
     }
 
@@ -99,9 +85,9 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_idle_fixture() {
-        assert_fixture(
-            "metrics_idle.txt",
+    fn reads_the_recorded_idle_page() {
+        assert_recorded_page(
+            include_str!("../../../testdata/vllm/metrics_idle.txt"),
             0.0,
             0.0,
             0.0,
@@ -111,9 +97,9 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_during_load_fixture() {
-        assert_fixture(
-            "metrics_during_load.txt",
+    fn reads_the_recorded_page_during_load() {
+        assert_recorded_page(
+            include_str!("../../../testdata/vllm/metrics_during_load.txt"),
             16.0,
             8.0,
             0.17322834645669294,
@@ -123,9 +109,9 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_kv_pressure_fixture() {
-        assert_fixture(
-            "metrics_during_kv_pressure.txt",
+    fn reads_the_recorded_page_under_kv_pressure() {
+        assert_recorded_page(
+            include_str!("../../../testdata/vllm/metrics_during_kv_pressure.txt"),
             2.0,
             8.0,
             0.9448818897637795,
@@ -135,9 +121,9 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_after_load_fixture() {
-        assert_fixture(
-            "metrics_after_load.txt",
+    fn reads_the_recorded_page_after_load() {
+        assert_recorded_page(
+            include_str!("../../../testdata/vllm/metrics_after_load.txt"),
             0.0,
             0.0,
             0.0,

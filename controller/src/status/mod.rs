@@ -5,10 +5,11 @@
 //! Kubernetes conventions: one condition per type; `lastTransitionTime` moves
 //! only when `status` flips (a new reason or message alone keeps it);
 //! `observedGeneration` on the status and on every condition is the generation
-//! the compile saw; reasons are CamelCase from fixed sets ([`Reason`] and
-//! [`ProgrammedReason`]). Nothing here reads the clock or talks to the API
-//! server, so the Kubernetes writer (`crate::kubernetes::status_writer`) and the
-//! unit tests share exactly this code.
+//! the compile saw; reasons are CamelCase from fixed sets
+//! ([`Reason`](crate::compile::Reason) and [`ProgrammedReason`]). Nothing here
+//! reads the clock or talks to the API server, so the Kubernetes writer
+//! (`crate::kubernetes::status_writer`) and the unit tests share exactly this
+//! code.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,5 +1,4 @@
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use switchyard_crd::test_builders::ready_pod;
 use switchyard_crd::{ModelRoute, ModelServer};
 
 use super::*;
@@ -18,72 +17,32 @@ fn server(yaml: &str) -> ModelServer {
     serde_yaml::from_str(yaml).expect("test ModelServer YAML parses")
 }
 
-fn ready_pod(name: &str, app: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some("default".to_owned()),
-            labels: Some([("app".to_owned(), app.to_owned())].into()),
-            ..ObjectMeta::default()
-        },
-        status: Some(PodStatus {
-            phase: Some("Running".to_owned()),
-            pod_ip: Some("10.0.0.7".to_owned()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".to_owned(),
-                status: "True".to_owned(),
-                ..PodCondition::default()
-            }]),
-            ..PodStatus::default()
-        }),
-        ..Pod::default()
-    }
-}
+const SERVER: &str = "{metadata: {name: llama, namespace: default, generation: 2}, spec: \
+    {workloadSelector: {matchLabels: {app: llama}}, workloadPort: {port: 8000}, inferenceEngine: vLLM}}";
 
-const SERVER: &str = r#"
-metadata: { name: llama, namespace: default, generation: 2 }
-spec:
-  workloadSelector: { matchLabels: { app: llama } }
-  workloadPort: { port: 8000 }
-  inferenceEngine: vLLM
-"#;
+const ROUTE: &str = "{metadata: {name: chat, namespace: default, generation: 3}, spec: \
+    {modelName: chat, rules: [{name: default, targetModels: [{modelServerName: llama}]}]}}";
 
-const ROUTE: &str = r#"
-metadata: { name: chat, namespace: default, generation: 3 }
-spec:
-  modelName: chat
-  rules:
-  - name: default
-    targetModels:
-    - modelServerName: llama
-"#;
+const ROUTE_TO_MISSING: &str = "{metadata: {name: chat, namespace: default, generation: 4}, spec: \
+    {modelName: chat, rules: [{name: default, targetModels: [{modelServerName: gone}]}]}}";
 
-const ROUTE_TO_MISSING: &str = r#"
-metadata: { name: chat, namespace: default, generation: 4 }
-spec:
-  modelName: chat
-  rules:
-  - name: default
-    targetModels:
-    - modelServerName: gone
-"#;
-
-const ROUTE_BAD_REGEX: &str = r#"
-metadata: { name: chat, namespace: default, generation: 5 }
-spec:
-  modelName: chat
-  rules:
-  - name: default
-    modelMatch:
-      headers:
-        user-type: { regex: "(" }
-    targetModels:
-    - modelServerName: llama
-"#;
+const ROUTE_BAD_REGEX: &str = "{metadata: {name: chat, namespace: default, generation: 5}, spec: \
+    {modelName: chat, rules: [{name: default, modelMatch: {headers: {user-type: {regex: \"(\"}}}, \
+    targetModels: [{modelServerName: llama}]}]}}";
 
 fn reports(routes: &[&str]) -> Vec<ObjectReport> {
     let routes: Vec<ModelRoute> = routes.iter().map(|yaml| route(yaml)).collect();
-    compile_route_config(&routes, &[server(SERVER)], &[ready_pod("llama-0", "llama")]).reports
+    compile_route_config(
+        &routes,
+        &[server(SERVER)],
+        &[ready_pod(
+            "default",
+            "llama-0",
+            "10.0.0.7",
+            &[("app", "llama")],
+        )],
+    )
+    .reports
 }
 
 fn report_of(reports: &[ObjectReport], kind: ObjectKind) -> &ObjectReport {
@@ -94,20 +53,18 @@ fn report_of(reports: &[ObjectReport], kind: ObjectKind) -> &ObjectReport {
 }
 
 fn dataplane(stream_id: u64, acked: Option<&str>, nacked: Option<(&str, &str)>) -> DataplaneStatus {
+    let route_config = TypeSyncStatus {
+        subscribed: true,
+        acked_version: acked.map(str::to_owned),
+        nacked_version: nacked.map(|(version, _)| version.to_owned()),
+        last_nack_error: nacked.map(|(_, error)| error.to_owned()),
+        ..TypeSyncStatus::default()
+    };
     DataplaneStatus {
         stream_id,
         node_id: Some(format!("dataplane-{stream_id}")),
-        build_version: None,
-        peer: None,
-        connected_since_unix_ms: 0,
-        route_config: TypeSyncStatus {
-            subscribed: true,
-            acked_version: acked.map(str::to_owned),
-            nacked_version: nacked.map(|(version, _)| version.to_owned()),
-            last_nack_error: nacked.map(|(_, error)| error.to_owned()),
-            ..TypeSyncStatus::default()
-        },
-        endpoint_loads: TypeSyncStatus::default(),
+        route_config,
+        ..DataplaneStatus::default()
     }
 }
 
@@ -191,41 +148,23 @@ fn invalid_regex_is_not_accepted() {
 #[test]
 fn last_transition_time_moves_only_when_status_flips() {
     let good = reports(&[ROUTE]);
-    let first = route_status(
-        report_of(&good, ObjectKind::ModelRoute),
-        &all_acked(3),
-        None,
-        ts(0),
-    );
+    let good = report_of(&good, ObjectKind::ModelRoute);
+    let first = route_status(good, &all_acked(3), None, ts(0));
 
     // Same facts later: nothing changes, so a writer has nothing to patch.
-    let again = route_status(
-        report_of(&good, ObjectKind::ModelRoute),
-        &all_acked(3),
-        Some(&first),
-        ts(50),
-    );
+    let again = route_status(good, &all_acked(3), Some(&first), ts(50));
     assert_eq!(again, first);
 
     // A new dataplane count changes the message, not the transition time.
-    let four = route_status(
-        report_of(&good, ObjectKind::ModelRoute),
-        &all_acked(4),
-        Some(&first),
-        ts(60),
-    );
+    let four = route_status(good, &all_acked(4), Some(&first), ts(60));
     let programmed = find(&four.conditions, "Programmed");
     assert_eq!(programmed.message, "4/4 dataplanes at version rc-1");
     assert_eq!(programmed.last_transition_time, Time(ts(0)));
 
     // The backend disappears: ResolvedRefs and Programmed flip, Accepted stays.
     let broken = reports(&[ROUTE_TO_MISSING]);
-    let flipped = route_status(
-        report_of(&broken, ObjectKind::ModelRoute),
-        &all_acked(4),
-        Some(&four),
-        ts(100),
-    );
+    let broken = report_of(&broken, ObjectKind::ModelRoute);
+    let flipped = route_status(broken, &all_acked(4), Some(&four), ts(100));
     assert_eq!(
         find(&flipped.conditions, "Accepted").last_transition_time,
         Time(ts(0))
@@ -351,21 +290,10 @@ fn foreign_conditions_are_kept_and_long_messages_truncated() {
 
 #[test]
 fn last_scrape_by_server_takes_the_newest_pod() {
-    let server = switchyard_snapshot::pb::ModelServer {
-        namespace: "default".to_owned(),
-        name: "llama".to_owned(),
-        endpoints: vec![
-            switchyard_snapshot::pb::Endpoint {
-                name: "a".to_owned(),
-                ip: "10.0.0.1".to_owned(),
-            },
-            switchyard_snapshot::pb::Endpoint {
-                name: "b".to_owned(),
-                ip: "10.0.0.2".to_owned(),
-            },
-        ],
-        ..Default::default()
-    };
+    let server = switchyard_snapshot::test_builders::server(
+        "llama",
+        &[("a", "10.0.0.1"), ("b", "10.0.0.2")],
+    );
     let observed = BTreeMap::from([
         ("default/a".to_owned(), 1_780_000_000_000),
         ("default/b".to_owned(), 1_780_000_005_000),

@@ -165,18 +165,15 @@ mod tests {
     use crate::xds::TypeSyncStatus;
 
     fn stream(acked: Option<&str>) -> DataplaneStatus {
+        let route_config = TypeSyncStatus {
+            subscribed: true,
+            acked_version: acked.map(str::to_owned),
+            ..TypeSyncStatus::default()
+        };
         DataplaneStatus {
             stream_id: 1,
-            node_id: None,
-            build_version: None,
-            peer: None,
-            connected_since_unix_ms: 0,
-            route_config: TypeSyncStatus {
-                subscribed: true,
-                acked_version: acked.map(str::to_owned),
-                ..TypeSyncStatus::default()
-            },
-            endpoint_loads: TypeSyncStatus::default(),
+            route_config,
+            ..DataplaneStatus::default()
         }
     }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+mod grpc;
 mod metrics;
 mod publisher;
 mod registry;
@@ -45,7 +46,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(XDS_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(XDS_KEEPALIVE_TIMEOUT))
-        .add_service(wire::RoutingDiscoveryServer::new(service))
+        .add_service(grpc::RoutingDiscoveryServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             closer.close_streams();

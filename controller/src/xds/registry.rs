@@ -34,7 +34,7 @@ pub struct TypeSyncStatus {
 }
 
 /// Sync state of one connected dataplane stream.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DataplaneStatus {
     /// Unique within this controller process.
     pub stream_id: u64,

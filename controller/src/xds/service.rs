@@ -2,9 +2,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::StreamExt;
+use switchyard_runtime::clock::unix_ms_now;
 use switchyard_snapshot::{Nack, pb};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -389,12 +390,4 @@ fn is_due(sync: &TypeSyncStatus, latest_version: &str) -> bool {
         && sync.pending_nonce.is_none()
         && sync.acked_version.as_deref() != Some(latest_version)
         && sync.nacked_version.as_deref() != Some(latest_version)
-}
-
-fn unix_ms_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
 }

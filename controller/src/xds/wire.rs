@@ -3,27 +3,15 @@
 //!
 //! The generated `RoutingDiscoveryServer` would make each stream clone the
 //! whole decoded resource and encode it again (a 400 KiB RouteConfig, a
-//! hundred streams: 40 MB of copying per change). [`RoutingDiscoveryServer`]
-//! below is the same gRPC method, served with [`EncodedResponse`] as its
-//! message type; on the wire nothing changes.
-
-use std::convert::Infallible;
-use std::task::{Context, Poll};
+//! hundred streams: 40 MB of copying per change). `super::grpc` serves the
+//! same gRPC method with [`EncodedResponse`] as its message type; on the wire
+//! nothing changes.
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
 use prost::encoding::{DecodeContext, WireType};
 use switchyard_snapshot::pb;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Status;
-use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic_prost::ProstCodec;
 
-use super::service::RoutingDiscoveryService;
-
-/// gRPC path of `RoutingDiscovery.StreamSnapshots`.
-const STREAM_SNAPSHOTS_PATH: &str = "/switchyard.routing.v1.RoutingDiscovery/StreamSnapshots";
 /// Field number of `SnapshotResponse.nonce`.
 const NONCE_FIELD: u32 = 3;
 
@@ -80,63 +68,6 @@ impl Message for EncodedResponse {
 
     fn clear(&mut self) {
         *self = Self::default();
-    }
-}
-
-/// The `RoutingDiscovery` gRPC service, answering with [`EncodedResponse`]s.
-#[derive(Clone, Debug)]
-pub struct RoutingDiscoveryServer {
-    service: RoutingDiscoveryService,
-}
-
-impl RoutingDiscoveryServer {
-    pub fn new(service: RoutingDiscoveryService) -> Self {
-        Self { service }
-    }
-}
-
-impl NamedService for RoutingDiscoveryServer {
-    const NAME: &'static str = pb::routing_discovery_server::SERVICE_NAME;
-}
-
-impl<B> Service<http::Request<B>> for RoutingDiscoveryServer
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != STREAM_SNAPSHOTS_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
-        }
-        let method = StreamSnapshots(self.service.clone());
-        Box::pin(async move {
-            let mut grpc = Grpc::new(ProstCodec::<EncodedResponse, pb::SnapshotRequest>::default());
-            Ok(grpc.streaming(method, request).await)
-        })
-    }
-}
-
-struct StreamSnapshots(RoutingDiscoveryService);
-
-impl StreamingService<pb::SnapshotRequest> for StreamSnapshots {
-    type Response = EncodedResponse;
-    type ResponseStream = ReceiverStream<Result<EncodedResponse, Status>>;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
-
-    fn call(
-        &mut self,
-        request: tonic::Request<tonic::Streaming<pb::SnapshotRequest>>,
-    ) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.open_stream(request).await })
     }
 }
 

@@ -29,25 +29,33 @@ impl Dataplane {
 
     /// Subscribes on an open connection; the stream's status when the server refuses it.
     pub async fn subscribe(
-        mut client: RoutingDiscoveryClient<tonic::transport::Channel>,
+        client: RoutingDiscoveryClient<tonic::transport::Channel>,
         node_id: &str,
     ) -> Result<Self, tonic::Status> {
+        let subscriptions =
+            [ROUTE_CONFIG_TYPE_URL, ENDPOINT_LOADS_TYPE_URL].map(|type_url| pb::SnapshotRequest {
+                type_url: type_url.into(),
+                ..Default::default()
+            });
+        Self::open(client, node_id, subscriptions.into()).await
+    }
+
+    /// Opens a stream on `client` whose first requests are `subscriptions`,
+    /// the first of them naming the node `node_id`.
+    pub async fn open(
+        mut client: RoutingDiscoveryClient<tonic::transport::Channel>,
+        node_id: &str,
+        subscriptions: Vec<pb::SnapshotRequest>,
+    ) -> Result<Self, tonic::Status> {
         let (requests, receiver) = mpsc::channel(16);
-        for (index, type_url) in [ROUTE_CONFIG_TYPE_URL, ENDPOINT_LOADS_TYPE_URL]
-            .into_iter()
-            .enumerate()
-        {
-            requests
-                .send(pb::SnapshotRequest {
-                    node: (index == 0).then(|| pb::Node {
-                        id: node_id.into(),
-                        build_version: "test".into(),
-                    }),
-                    type_url: type_url.into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("queue request");
+        for (index, mut request) in subscriptions.into_iter().enumerate() {
+            if index == 0 {
+                request.node = Some(pb::Node {
+                    id: node_id.into(),
+                    build_version: "test".into(),
+                });
+            }
+            requests.send(request).await.expect("queue request");
         }
         let responses = client
             .stream_snapshots(ReceiverStream::new(receiver))

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-use super::pod::PodState;
+use crate::pod::PodState;
 
 /// Decisions kept: enough to see a burst of traffic, small enough to dump as JSON at once.
 pub const DECISION_SLOTS: usize = 256;
@@ -161,32 +161,4 @@ impl DecisionLog {
         records.sort_by_key(|(sequence, _)| std::cmp::Reverse(*sequence));
         records.into_iter().take(limit).map(|(_, v)| v).collect()
     }
-}
-
-/// Decisions returned when the query does not say `?limit=N`.
-pub const DEFAULT_DECISIONS_SHOWN: usize = 50;
-
-/// The `/debug/routing/decisions` body: the scheduler configuration in use
-/// and the most recent decisions (`?limit=N`, newest first).
-pub fn decisions_view(store: &crate::snapshot::SnapshotStore, query: Option<&str>) -> Value {
-    let limit = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("limit="))
-        .and_then(|n| n.parse::<usize>().ok())
-        .unwrap_or(DEFAULT_DECISIONS_SHOWN)
-        .min(DECISION_SLOTS);
-    let scheduler = store.table().map(|table| {
-        let effective = &table.scheduler.effective;
-        json!({
-            "filters": effective.filters,
-            "scores": effective.scores.iter().map(|s| json!({"name": s.name, "weight": s.weight})).collect::<Vec<_>>(),
-            "topN": effective.top_n,
-            "fromSnapshot": table.source.scheduler.is_some(),
-        })
-    });
-    json!({
-        "scheduler": scheduler,
-        "decisions": store.scheduling().decisions.recent(limit),
-    })
 }

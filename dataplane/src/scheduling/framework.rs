@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Instant;
+use switchyard_runtime::clock::{self, Instant, unix_ms_now};
 
 use http::HeaderMap;
 use prometheus::Histogram;
@@ -28,8 +28,8 @@ use super::plugins::{
     self, Candidate, FilterError, FilterPlugin, PluginContext, PluginInput, PromptHashing,
     ScorePlugin,
 };
-use super::pod::{is_fresh, unix_ms_now};
 use super::prefix::{SharedPrefixIndex, hash_prompt};
+use crate::pod::is_fresh;
 use crate::request::PromptField;
 use crate::routing::Server;
 
@@ -275,7 +275,7 @@ impl Scheduler {
         if server.pods.is_empty() {
             return Err(ScheduleError::NoPods(server.key.clone()));
         }
-        let now = Instant::now();
+        let now = clock::now();
         let now_ms = unix_ms_now();
         let handles = self.handles.get(request.model);
         let input = PluginInput {
@@ -307,7 +307,7 @@ impl Scheduler {
             }
             let considered = candidates.len();
             for (position, filtering) in self.filters.iter().enumerate() {
-                let started = Instant::now();
+                let started = clock::now();
                 let outcome = filtering.plugin.filter(candidates, &input);
                 observe(handles.and_then(|h| h.filters.get(position)), started);
                 outcome.map_err(|source| ScheduleError::Filtered {
@@ -321,7 +321,7 @@ impl Scheduler {
             scores.clear();
             scores.resize(count * self.scorers.len(), 0);
             for (position, scoring) in self.scorers.iter().enumerate() {
-                let started = Instant::now();
+                let started = clock::now();
                 let out = &mut scores[position * count..(position + 1) * count];
                 scoring.plugin.score(candidates, &input, out);
                 observe(handles.and_then(|h| h.scores.get(position)), started);
@@ -372,7 +372,7 @@ impl Scheduler {
         })
     }
 
-    /// After a pod accepted the request (the reference's PostSchedule): each
+    /// After a pod accepted the request (Kthena's PostSchedule): each
     /// scorer may learn from it (prefix-cache remembers where the prefix went).
     pub fn on_dispatched(&self, pod_id: u64, prompt_hashes: &[u64]) {
         for scoring in &self.scorers {
@@ -456,7 +456,7 @@ mod tests {
     use switchyard_snapshot::scheduler::random::NAME as RANDOM;
 
     use super::*;
-    use crate::scheduling::PodState;
+    use crate::pod::PodState;
     use crate::scheduling::metrics::PluginMetrics;
 
     fn server(pods: usize) -> Server {
@@ -522,7 +522,7 @@ mod tests {
         let server = server(7);
         let _busy: Vec<_> = (0..3).map(|_| server.pods[0].begin_request()).collect();
         let _one = server.pods[2].begin_request();
-        server.pods[1].eject(Instant::now());
+        server.pods[1].eject(clock::now());
         let headers = HeaderMap::new();
         let ranking = scheduler
             .schedule(&server, &request(&headers, &[]))

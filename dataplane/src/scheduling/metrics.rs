@@ -1,5 +1,5 @@
 //! `kthena_router_scheduler_plugin_duration_seconds`: each plugin's time per
-//! request, with the reference's labels (model, plugin, type) and buckets.
+//! request, with Kthena's labels (model, plugin, type) and buckets.
 //! Handles are resolved when a snapshot is applied; series of models that
 //! left the snapshot are removed.
 
@@ -8,10 +8,10 @@ use std::collections::HashSet;
 use parking_lot::Mutex;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 
-/// The reference router's buckets for this metric (seconds).
+/// The Kthena router's buckets for this metric (seconds).
 pub const PLUGIN_DURATION_BUCKETS: [f64; 6] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5];
 
-/// The metric's name, as the reference router exports it.
+/// The metric's name, as the Kthena router exports it.
 pub const PLUGIN_DURATION_METRIC: &str = "kthena_router_scheduler_plugin_duration_seconds";
 
 type LabelSet = (String, &'static str, &'static str);

@@ -10,19 +10,13 @@
 //!   hashing with bounded load (replica-consistent affinity);
 //! - [`saturation`]: when a pod's engine cannot start one more request, the
 //!   point until which affinity keeps a prefix on its pod;
-//! - [`ledger`]: the in-flight count per pod, decremented exactly once;
-//! - [`pod`]: per-pod state that survives snapshot swaps;
 //! - [`metrics`], [`decisions`]: plugin timings and recent decisions.
 
 pub mod decisions;
 pub mod framework;
-pub mod ledger;
 pub mod metrics;
 pub mod plugins;
-pub mod pod;
 pub mod prefix;
 pub mod saturation;
 
 pub use framework::{Ranking, ScheduleError, ScheduleRequest, Scheduler, SchedulingShared};
-pub use ledger::InFlightGuard;
-pub use pod::{CONNECT_FAILURE_EJECTION, PodState};

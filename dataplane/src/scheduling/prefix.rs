@@ -26,7 +26,7 @@ const INDEX_SHARDS: usize = 64;
 /// Pods remembered per prefix block: a prefix spilled by the load bound
 /// lives on a few pods; more would only keep stale owners.
 const OWNERS_PER_BLOCK: usize = 4;
-/// Pods that get a match score at most, as in the reference (`topKMatches`).
+/// Pods that get a match score at most, as in the Kthena router (`topKMatches`).
 pub const TOP_K_MATCHES: usize =
     switchyard_snapshot::scheduler::prefix_cache::TOP_K_MATCHES as usize;
 /// Below this many requests a pod is never "overloaded": one engine step
@@ -398,7 +398,7 @@ impl PrefixIndex {
 
     /// For each pod in `pod_ids`, the number of leading blocks of `hashes` it
     /// was last seen holding (0 = none); at most [`TOP_K_MATCHES`] pods match.
-    /// Walks from the longest prefix back, as the reference does.
+    /// Walks from the longest prefix back, as the Kthena router does.
     pub fn matches(&self, hashes: &[u64], pod_ids: &[u64], out: &mut [usize]) {
         out.fill(0);
         let mut found = 0;

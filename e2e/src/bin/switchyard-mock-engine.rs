@@ -1,7 +1,7 @@
 //! `switchyard-mock-engine`: see [`switchyard_e2e::mock_engine`].
 #![forbid(unsafe_code)]
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -11,14 +11,7 @@ use tokio::net::TcpListener;
 #[tokio::main]
 async fn main() -> ExitCode {
     // Logs go to stderr: stdout carries only the `listening on` line that tests wait for.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    switchyard_runtime::init_tracing(switchyard_runtime::LogFormat::Text);
 
     let args = MockEngineArgs::parse();
     let listener = match TcpListener::bind((args.host.as_str(), args.port)).await {
@@ -52,41 +45,15 @@ async fn main() -> ExitCode {
     drop(stdout);
     tracing::info!(%addr, model = %config.model, pod = %config.pod_name, engine = ?config.engine, "mock engine started");
 
-    match serve(config, listener, shutdown_signal()).await {
+    let shutdown = async {
+        let signal = switchyard_runtime::shutdown::shutdown_signal().await;
+        tracing::info!(signal, "shutting down");
+    };
+    match serve(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{error}");
             ExitCode::FAILURE
         }
     }
-}
-
-/// Completes on SIGINT or SIGTERM (the signal Kubernetes and test harnesses send).
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::warn!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                terminate.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// Completion length when the request does not cap it: the `max_tokens` of the captured vLLM
-/// exchanges, so mock responses are as long as the real ones in the fixtures.
+/// Completion length when the request does not cap it: the `max_tokens` of the vLLM exchanges
+/// recorded in `testdata/vllm/`, so mock responses are as long as the real ones.
 pub const DEFAULT_OUTPUT_TOKENS: u32 = 16;
 
-/// KV cache size in tokens: the size of the real vLLM capture in the fixtures (128 blocks of 32
-/// tokens), so mock `kv_cache_usage_perc` values are on the same scale as the recorded ones.
+/// KV cache size in tokens: that of the vLLM engine recorded in `testdata/vllm/` (128 blocks of
+/// 32 tokens), so mock `kv_cache_usage_perc` values are on the same scale as the recorded ones.
 pub const DEFAULT_KV_CACHE_CAPACITY_TOKENS: u64 = 4096;
 
 /// Listen address when `--host` is not given: loopback, because the mock is a test fixture and
@@ -21,7 +21,7 @@ pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8000;
 
 /// Engine steps a simulated engine may run at once when `--max-num-seqs` is not given: the
-/// `--max-num-seqs 8` of the real vLLM capture in the fixtures, small enough that a handful of
+/// `--max-num-seqs 8` of the vLLM engine recorded in `testdata/vllm/`, small enough that a handful of
 /// concurrent test requests already makes others wait.
 pub const DEFAULT_MAX_NUM_SEQS: u32 = 8;
 

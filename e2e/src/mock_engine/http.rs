@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use parking_lot::RwLock;
 use serde::Deserialize;
 use serde_json::Value;
+use switchyard_runtime::clock;
 use tokio::time::Instant;
 
 use super::backend::{Backend, PacedBackend};
@@ -108,7 +109,7 @@ impl EngineState {
             backend,
             simulator: None,
             stats,
-            started_at: SystemTime::now(),
+            started_at: clock::wall_now(),
         }
     }
 
@@ -312,7 +313,7 @@ impl EngineState {
             },
             stats: &stats,
             started_at_unix: unix_seconds_f64(self.started_at),
-            now_unix: unix_seconds_f64(SystemTime::now()),
+            now_unix: unix_seconds_f64(clock::wall_now()),
         });
         full(StatusCode::OK, Some(PROMETHEUS_TEXT), page.into())
     }
@@ -556,7 +557,7 @@ fn header_value(value: &str) -> HeaderValue {
 }
 
 fn unix_seconds() -> u64 {
-    SystemTime::now()
+    clock::wall_now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()

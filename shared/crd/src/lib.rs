@@ -7,6 +7,8 @@ pub mod manifests;
 pub mod model_route;
 pub mod model_server;
 pub mod status;
+#[cfg(feature = "test-support")]
+pub mod test_builders;
 
 pub use duration::{GoDurationError, parse_go_duration};
 pub use manifests::{CrdManifest, crd_yaml, crd_yaml_stream};

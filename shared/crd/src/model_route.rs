@@ -124,7 +124,7 @@ pub struct BodyMatch {
 }
 
 /// Matches a string exactly, by prefix, or by regular expression (unanchored). Only one
-/// may be set: the schema accepts several, as the reference API does, and the controller
+/// may be set: the schema accepts several, as Kthena's API does, and the controller
 /// rejects such a route (reason `InvalidMatch`) rather than guess. None set = matches anything.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -161,7 +161,7 @@ pub struct TargetModel {
     pub weight: u32,
 }
 
-/// Default target weight, as in the reference API.
+/// Default target weight, as in Kthena's API.
 pub const DEFAULT_TARGET_WEIGHT: u32 = 100;
 
 fn default_weight() -> u32 {

@@ -112,7 +112,7 @@ pub struct WorkloadPort {
     pub protocol: String,
 }
 
-/// Engines serve plain HTTP unless configured otherwise, and the reference API defaults to it.
+/// Engines serve plain HTTP unless configured otherwise, and Kthena's API defaults to it.
 pub const DEFAULT_WORKLOAD_PROTOCOL: &str = "http";
 
 fn default_protocol() -> String {
@@ -159,14 +159,14 @@ pub struct Retry {
     pub retry_interval: Option<String>,
 }
 
-/// The reference API's default: short enough not to add visible latency to a retried request.
+/// Kthena's API default: short enough not to add visible latency to a retried request.
 pub const DEFAULT_RETRY_INTERVAL: &str = "100ms";
 
 fn default_retry_interval() -> Option<String> {
     Some(DEFAULT_RETRY_INTERVAL.to_owned())
 }
 
-/// `attempts` has no default in the reference API; `#[serde(default)]` is only there so a
+/// `attempts` has no default in Kthena's API; `#[serde(default)]` is only there so a
 /// missing value reads as 0 in Rust, and must not become a schema default.
 fn without_default(schema: &mut schemars::Schema) {
     schema.remove("default");
@@ -186,7 +186,7 @@ pub struct KvConnector {
     pub connector_type: Option<String>,
 }
 
-/// The reference API's default: the plain HTTP connector needs no extra engine setup.
+/// Kthena's API default: the plain HTTP connector needs no extra engine setup.
 pub const DEFAULT_KV_CONNECTOR_TYPE: &str = "http";
 
 fn default_kv_connector_type() -> Option<String> {

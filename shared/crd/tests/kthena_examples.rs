@@ -1,100 +1,78 @@
-//! The Kthena example manifests must load into Switchyard's types unchanged, and the routing
-//! guide's examples (seed 004) must be among them.
+//! The Kthena example manifests must load into Switchyard's types unchanged, and the routes of
+//! Kthena's routing guide must be among them (both in `testdata/kthena/`).
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
 mod common;
 
 use std::collections::BTreeMap;
 
-use common::{ExampleDocument, kthena_example_documents, shared_dir};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use common::{ExampleDocument, kthena_example_documents, kthena_testdata};
 use switchyard_crd::{
     InferenceEngine, ModelMatch, ModelRoute, ModelRouteSpec, ModelServer, RateLimitUnit, Rule,
     StringMatch, TargetModel,
 };
 
-const MODEL_ROUTE_KIND: &str = "ModelRoute";
-const MODEL_SERVER_KIND: &str = "ModelServer";
-
-fn routes(documents: &[ExampleDocument]) -> BTreeMap<String, ModelRoute> {
+/// The documents of `kind` in `documents`, by name, as `T`.
+fn objects<T: DeserializeOwned>(documents: &[ExampleDocument], kind: &str) -> BTreeMap<String, T> {
     documents
         .iter()
-        .filter(|doc| doc.kind == MODEL_ROUTE_KIND)
+        .filter(|doc| doc.kind == kind)
         .map(|doc| {
-            let route: ModelRoute = serde_json::from_value(doc.value.clone())
-                .unwrap_or_else(|err| panic!("{} ModelRoute {}: {err}", doc.file, doc.name));
-            (doc.name.clone(), route)
+            let object = serde_json::from_value(doc.value.clone())
+                .unwrap_or_else(|err| panic!("{} {kind} {}: {err}", doc.file, doc.name));
+            (doc.name.clone(), object)
         })
         .collect()
 }
 
+fn routes(documents: &[ExampleDocument]) -> BTreeMap<String, ModelRoute> {
+    objects(documents, "ModelRoute")
+}
+
 fn servers(documents: &[ExampleDocument]) -> BTreeMap<String, ModelServer> {
-    documents
-        .iter()
-        .filter(|doc| doc.kind == MODEL_SERVER_KIND)
-        .map(|doc| {
-            let server: ModelServer = serde_json::from_value(doc.value.clone())
-                .unwrap_or_else(|err| panic!("{} ModelServer {}: {err}", doc.file, doc.name));
-            (doc.name.clone(), server)
-        })
-        .collect()
+    objects(documents, "ModelServer")
+}
+
+/// Every `kind` document loads as `T` under a name no other one has, there
+/// are at least `expected` of them, and each survives a serialise/deserialise
+/// round trip unchanged.
+fn assert_all_load_and_round_trip<T>(documents: &[ExampleDocument], kind: &str, expected: usize)
+where
+    T: DeserializeOwned + Serialize + PartialEq + std::fmt::Debug,
+{
+    let loaded: BTreeMap<String, T> = objects(documents, kind);
+    let count = documents.iter().filter(|doc| doc.kind == kind).count();
+    assert_eq!(
+        loaded.len(),
+        count,
+        "{kind} names must be unique across the examples"
+    );
+    assert!(
+        count >= expected,
+        "expected the {expected} Kthena example {kind}s, found {count}"
+    );
+    for (name, object) in &loaded {
+        let again: T = serde_json::from_value(serde_json::to_value(object).unwrap()).unwrap();
+        assert_eq!(
+            &again, object,
+            "{kind} {name} changed on a serialise/deserialise round trip"
+        );
+    }
 }
 
 #[test]
 fn every_example_model_route_and_model_server_deserialises_and_round_trips() {
-    let Some(shared) = shared_dir() else { return };
-    let documents = kthena_example_documents(&shared);
-    let routes = routes(&documents);
-    let servers = servers(&documents);
-
-    let route_documents = documents
-        .iter()
-        .filter(|doc| doc.kind == MODEL_ROUTE_KIND)
-        .count();
-    let server_documents = documents
-        .iter()
-        .filter(|doc| doc.kind == MODEL_SERVER_KIND)
-        .count();
-    assert_eq!(
-        routes.len(),
-        route_documents,
-        "ModelRoute names must be unique across the examples"
-    );
-    assert_eq!(
-        servers.len(),
-        server_documents,
-        "ModelServer names must be unique across the examples"
-    );
-    assert!(
-        route_documents >= 10,
-        "expected the 10 Kthena example routes, found {route_documents}"
-    );
-    assert!(
-        server_documents >= 8,
-        "expected the 8 Kthena example servers, found {server_documents}"
-    );
-
-    for (name, route) in &routes {
-        let json = serde_json::to_value(route).unwrap();
-        let again: ModelRoute = serde_json::from_value(json).unwrap();
-        assert_eq!(
-            &again, route,
-            "ModelRoute {name} changed on a serialise/deserialise round trip"
-        );
-    }
-    for (name, server) in &servers {
-        let json = serde_json::to_value(server).unwrap();
-        let again: ModelServer = serde_json::from_value(json).unwrap();
-        assert_eq!(
-            &again, server,
-            "ModelServer {name} changed on a serialise/deserialise round trip"
-        );
-    }
+    let documents = kthena_example_documents();
+    assert_all_load_and_round_trip::<ModelRoute>(&documents, "ModelRoute", 10);
+    assert_all_load_and_round_trip::<ModelServer>(&documents, "ModelServer", 8);
 }
 
 #[test]
 fn example_fields_land_in_the_right_rust_fields() {
-    let Some(shared) = shared_dir() else { return };
-    let documents = kthena_example_documents(&shared);
+    let documents = kthena_example_documents();
     let routes = routes(&documents);
     let servers = servers(&documents);
 
@@ -184,8 +162,7 @@ fn example_fields_land_in_the_right_rust_fields() {
 
 #[test]
 fn omitted_fields_take_the_api_defaults_on_deserialisation() {
-    let Some(shared) = shared_dir() else { return };
-    let documents = kthena_example_documents(&shared);
+    let documents = kthena_example_documents();
 
     // The examples omit weight and protocol almost everywhere; they must read as the defaults.
     let simple = &routes(&documents)["deepseek-simple"].spec;
@@ -246,7 +223,7 @@ fn unknown_enum_values_are_rejected() {
     let engine = serde_yaml::from_str::<switchyard_crd::ModelServerSpec>(
         "inferenceEngine: vllm\nworkloadSelector: {}\nworkloadPort:\n  port: 8000\n",
     );
-    // Engine names are case-sensitive, as in the reference API.
+    // Engine names are case-sensitive, as in Kthena's API.
     let engine_error = engine.unwrap_err().to_string();
     assert!(
         engine_error.contains("unknown variant `vllm`"),
@@ -262,7 +239,8 @@ fn unknown_enum_values_are_rejected() {
     );
 }
 
-/// A ModelRoute of the routing guide (seed 004), read back from its flattened YAML.
+/// A ModelRoute of the routing guide (`testdata/kthena/router-routing-guide.txt`), read back
+/// from its flattened YAML.
 #[derive(Debug, Default)]
 struct GuideRoute {
     name: String,
@@ -351,11 +329,10 @@ fn guide_routes(text: &str) -> Vec<GuideRoute> {
 
 #[test]
 fn the_routing_guide_routes_are_among_the_examples() {
-    let Some(shared) = shared_dir() else { return };
-    let seed_path = shared.join("seeds/004_fdb263dd83749e7a.txt");
-    let seed = std::fs::read_to_string(&seed_path)
-        .unwrap_or_else(|err| panic!("{}: {err}", seed_path.display()));
-    let guide = guide_routes(&seed);
+    let guide_path = kthena_testdata().join("router-routing-guide.txt");
+    let guide_text = std::fs::read_to_string(&guide_path)
+        .unwrap_or_else(|err| panic!("{}: {err}", guide_path.display()));
+    let guide = guide_routes(&guide_text);
     let names: Vec<&str> = guide.iter().map(|route| route.name.as_str()).collect();
     assert_eq!(
         names,
@@ -367,7 +344,7 @@ fn the_routing_guide_routes_are_among_the_examples() {
         ]
     );
 
-    let examples = routes(&kthena_example_documents(&shared));
+    let examples = routes(&kthena_example_documents());
     for route in guide {
         let example = examples.get(&route.name).unwrap_or_else(|| {
             panic!(

@@ -237,54 +237,35 @@ fn modelserver(server: &pb::ModelServer) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_builders::{header_exact, route, route_config, rule, server};
 
     fn config() -> pb::RouteConfig {
-        pb::RouteConfig {
-            routes: vec![pb::ModelRoute {
-                namespace: "default".into(),
-                name: "llama2-route".into(),
-                model_name: "llama2-7b".into(),
+        let premium_llama = pb::ModelMatch {
+            body_model: Some(pb::StringMatch {
+                kind: Some(pb::string_match::Kind::Exact("llama2-7b".into())),
+            }),
+            ..header_exact("user-type", "premium")
+        };
+        route_config(
+            vec![pb::ModelRoute {
                 lora_adapters: vec!["lora-adapter-1".into()],
-                rules: vec![pb::Rule {
-                    name: "default-rule".into(),
-                    r#match: Some(pb::ModelMatch {
-                        headers: vec![pb::HeaderMatch {
-                            name: "user-type".into(),
-                            value: Some(pb::StringMatch {
-                                kind: Some(pb::string_match::Kind::Exact("premium".into())),
-                            }),
-                        }],
-                        uri: None,
-                        body_model: Some(pb::StringMatch {
-                            kind: Some(pb::string_match::Kind::Exact("llama2-7b".into())),
-                        }),
-                    }),
-                    targets: vec![pb::WeightedTarget {
-                        model_server: "default/llama2-server".into(),
-                        weight: 100,
-                    }],
-                }],
+                rules: vec![rule(
+                    "default-rule",
+                    Some(premium_llama),
+                    &[("default/llama2-server", 100)],
+                )],
                 rate_limit: Some(pb::RateLimit {
                     input_tokens_per_unit: 1000,
                     output_tokens_per_unit: 500,
                     unit: "second".into(),
                 }),
-                ..Default::default()
+                ..route("llama2-route", "llama2-7b", "llama2-server")
             }],
-            servers: vec![pb::ModelServer {
-                namespace: "default".into(),
-                name: "llama2-server".into(),
+            vec![pb::ModelServer {
                 model: Some("meta/llama2".into()),
-                inference_engine: "vLLM".into(),
-                port: 8000,
-                endpoints: vec![pb::Endpoint {
-                    name: "llama2-0".into(),
-                    ip: "10.244.2.20".into(),
-                }],
-                ..Default::default()
+                ..server("llama2-server", &[("llama2-0", "10.244.2.20")])
             }],
-            scheduler: None,
-        }
+        )
     }
 
     #[test]

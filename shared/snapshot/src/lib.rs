@@ -12,6 +12,8 @@ pub mod pb {
 pub mod config_dump;
 pub mod protocol;
 pub mod scheduler;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_builders;
 
 pub use protocol::{
     ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType,
@@ -30,33 +32,10 @@ mod tests {
     use super::*;
 
     fn sample() -> pb::RouteConfig {
-        pb::RouteConfig {
-            scheduler: None,
-            routes: vec![pb::ModelRoute {
-                namespace: "default".into(),
-                name: "r".into(),
-                model_name: "m".into(),
-                rules: vec![pb::Rule {
-                    name: "default".into(),
-                    r#match: None,
-                    targets: vec![pb::WeightedTarget {
-                        model_server: "default/s".into(),
-                        weight: 100,
-                    }],
-                }],
-                ..Default::default()
-            }],
-            servers: vec![pb::ModelServer {
-                namespace: "default".into(),
-                name: "s".into(),
-                port: 8000,
-                endpoints: vec![pb::Endpoint {
-                    name: "p".into(),
-                    ip: "127.0.0.1".into(),
-                }],
-                ..Default::default()
-            }],
-        }
+        test_builders::route_config(
+            vec![test_builders::route("r", "m", "s")],
+            vec![test_builders::server("s", &[("p", "127.0.0.1")])],
+        )
     }
 
     #[test]

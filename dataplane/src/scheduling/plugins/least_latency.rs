@@ -4,7 +4,7 @@
 //! linear in between. The final score is `alpha x TTFT score + (1 - alpha) x
 //! TPOT score`.
 //!
-//! The reference min-max normalises each metric over the pods (100 for the
+//! The Kthena router min-max normalises each metric over the pods (100 for the
 //! fastest, 0 for the slowest), which turns any difference into the full
 //! range: with two pods a 3% difference in one scrape interval's mean is
 //! 100 vs 0, enough to override a prefix-cache hit worth a whole prefill.
@@ -12,8 +12,8 @@
 //! slow loses them all.
 //!
 //! Pods without data (or with stale data) get, per metric, the mean score of
-//! the pods that have data (50 when none has). The reference gives them a flat
-//! 50, which makes the only pod that served traffic in the last scrape
+//! the pods that have data (50 when none has). The Kthena router gives them a
+//! flat 50, which makes the only pod that served traffic in the last scrape
 //! interval (score 100) win every request, and so keep being the only one with
 //! data; the mean keeps such pods level instead.
 

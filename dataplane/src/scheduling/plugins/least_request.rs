@@ -69,7 +69,7 @@ pub fn filter(candidates: &mut Vec<Candidate>, max_waiting: u32) {
 }
 
 /// Requests at which a pod scores 0 when no pod is busier. Scores are relative
-/// to the busiest pod, as in the reference, but never to fewer requests than
+/// to the busiest pod, as in the Kthena router, but never to fewer requests than
 /// this: there, two pods with 1 and 0 requests score 0 and 100, so a single
 /// request of difference outweighs a prefix-cache hit. Engines batch at least
 /// this many sequences (8 is the smallest `--max-num-seqs` in this project's

@@ -100,7 +100,7 @@ pub trait ScorePlugin: Debug + Send + Sync {
         None
     }
 
-    /// After a pod accepted the request (the reference's PostSchedule).
+    /// After a pod accepted the request (Kthena's PostSchedule).
     fn on_dispatched(&self, _pod_id: u64, _prompt_hashes: &[u64]) {}
 }
 

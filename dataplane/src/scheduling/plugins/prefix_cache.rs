@@ -87,7 +87,7 @@ impl ScorePlugin for PrefixCache {
         Some(self.hashing)
     }
 
-    /// Remembers where this prefix went (the reference's PostSchedule).
+    /// Remembers where this prefix went (Kthena's PostSchedule).
     fn on_dispatched(&self, pod_id: u64, prompt_hashes: &[u64]) {
         if !prompt_hashes.is_empty() {
             self.index.record(prompt_hashes, pod_id);

@@ -7,18 +7,10 @@ use kube::CustomResourceExt;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// `/work/shared` seen from this crate: reference docs, Kthena examples and seeds.
-pub fn shared_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "note: {} does not exist; skipping the tests that need the shared reference files",
-            dir.display()
-        );
-        None
-    }
+/// The repository's `testdata/kthena/`: Kthena's example manifests and routing guide, whose
+/// origin `testdata/README.md` gives.
+pub fn kthena_testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/kthena")
 }
 
 /// One YAML document of a Kthena example file.
@@ -29,9 +21,9 @@ pub struct ExampleDocument {
     pub value: Value,
 }
 
-/// Every document of every `kthena-examples/*.yaml`, in file-name order.
-pub fn kthena_example_documents(shared: &Path) -> Vec<ExampleDocument> {
-    let dir = shared.join("reference/kthena-examples");
+/// Every document of every `testdata/kthena/examples/*.yaml`, in file-name order.
+pub fn kthena_example_documents() -> Vec<ExampleDocument> {
+    let dir = kthena_testdata().join("examples");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|err| panic!("reading {}: {err}", dir.display()))
         .map(|entry| entry.unwrap().path())

@@ -15,7 +15,7 @@ pub const SPEC: PluginSpec = PluginSpec {
     args: Some(ArgsSpec::of::<pb::LeastLatencyArgs>()),
 };
 
-/// The reference's default: TTFT and TPOT weigh the same.
+/// Kthena's default: TTFT and TPOT weigh the same.
 pub const DEFAULT_TTFT_TPOT_WEIGHT_FACTOR: f64 = 0.5;
 
 /// `pluginConfig[].args` as users write them.

@@ -15,14 +15,14 @@ pub const SPEC: PluginSpec = PluginSpec {
     args: Some(ArgsSpec::of::<pb::LeastRequestArgs>()),
 };
 
-/// The reference's default bound of the filter.
+/// Kthena's default bound of the filter.
 pub const DEFAULT_MAX_WAITING_REQUESTS: u32 = 10;
 
 /// `pluginConfig[].args` as users write them.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct YamlArgs {
-    /// 0 keeps the default, as in the reference.
+    /// 0 keeps the default, as in the Kthena router.
     max_waiting_requests: Option<u32>,
 }
 

@@ -170,7 +170,7 @@ pub fn parse_yaml_args<T: DeserializeOwned + Default>(
     serde_yaml::from_value(yaml.clone()).map_err(|error| error.to_string())
 }
 
-/// The reference router's hard-coded top-N: enough to get past a few dead
+/// The Kthena router's hard-coded top-N: enough to get past a few dead
 /// pods without making a client wait on every pod of a large ModelServer.
 pub const DEFAULT_TOP_N: u32 = 5;
 /// Upper bound on top-N: candidates are kept inline per request, without allocation.
@@ -228,7 +228,7 @@ fn names(role: impl Fn(&PluginSpec) -> bool) -> String {
     names.join(", ")
 }
 
-/// Weight of prefix-cache in the default mix. The reference chart weighs
+/// Weight of prefix-cache in the default mix. Kthena's Helm chart weighs
 /// every plugin 1, which lets one extra in-flight request on the pod holding
 /// a prefix (least-request 100 -> 0) cancel the cache hit. Here prefix-cache
 /// already scores 0 on pods over the load bound, so it can outweigh
@@ -236,7 +236,7 @@ fn names(role: impl Fn(&PluginSpec) -> bool) -> String {
 pub const DEFAULT_PREFIX_CACHE_WEIGHT: u32 = 2;
 
 /// The configuration used when the router configuration has no scheduler
-/// section: the reference's Helm chart default (filter least-request; score
+/// section: Kthena's Helm chart default (filter least-request; score
 /// least-request, gpu-usage, least-latency, prefix-cache), with prefix-cache
 /// weighted [`DEFAULT_PREFIX_CACHE_WEIGHT`], every argument at its default.
 pub fn default_config() -> pb::SchedulerConfig {

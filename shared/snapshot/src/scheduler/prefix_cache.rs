@@ -17,11 +17,11 @@ pub const SPEC: PluginSpec = PluginSpec {
     args: Some(ArgsSpec::of::<pb::PrefixCacheArgs>()),
 };
 
-/// The reference's block: 64 bytes of flattened prompt text (~16 tokens).
+/// Kthena's block: 64 bytes of flattened prompt text (~16 tokens).
 pub const DEFAULT_BLOCK_SIZE_TO_HASH: u32 = 64;
-/// The reference's bound: 128 blocks = the first 8 KiB of prompt text.
+/// Kthena's bound: 128 blocks = the first 8 KiB of prompt text.
 pub const DEFAULT_MAX_BLOCKS_TO_MATCH: u32 = 128;
-/// The reference's per-pod LRU size, used here as the per-dataplane total.
+/// Kthena's per-pod LRU size, used here as the per-dataplane total.
 pub const DEFAULT_MAX_HASH_CACHE_SIZE: u32 = 50_000;
 /// Leading blocks (1 KiB at the default block size) that choose a pod by
 /// rendezvous hashing: long enough to tell apart system prompts that share a
@@ -34,7 +34,7 @@ pub const DEFAULT_AFFINITY_BLOCKS: u32 = 16;
 /// cache yet costs nothing, and with few groups the bound is coarse: with 16
 /// groups on two pods, 1.1 allows 9/7 at worst, 1.25 allows 10/6.
 pub const DEFAULT_LOAD_BOUND_FACTOR: f64 = 1.1;
-/// Pods that get a match score at most: the reference's default
+/// Pods that get a match score at most: Kthena's default
 /// `topKMatches`, which this build does not make configurable.
 pub const TOP_K_MATCHES: u32 = 5;
 
@@ -49,7 +49,7 @@ struct YamlArgs {
     block_size_to_hash: Option<u32>,
     max_blocks_to_match: Option<u32>,
     max_hash_cache_size: Option<u32>,
-    /// Accepted for compatibility with the reference's files; see [`TOP_K_MATCHES`].
+    /// Accepted for compatibility with Kthena's files; see [`TOP_K_MATCHES`].
     top_k_matches: Option<u32>,
     affinity_blocks: Option<u32>,
     load_bound_factor: Option<f64>,
@@ -176,7 +176,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_the_reference_s_plus_affinity() {
+    fn defaults_are_kthenas_plus_affinity() {
         assert_eq!(
             pb::PrefixCacheArgs::default().resolved(),
             pb::PrefixCacheArgs {

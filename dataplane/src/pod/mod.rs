@@ -1,16 +1,20 @@
 //! Per-pod state that outlives snapshots: identity, the latest engine load
 //! pushed by the controller, and passive ejection after connect failures.
-//! The in-flight counter lives in [`super::ledger`].
+//! The in-flight counter lives in [`ledger`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use switchyard_runtime::clock::{self, Instant};
 use switchyard_snapshot::pb;
 
-use super::ledger::InFlight;
+pub mod ledger;
+
+use self::ledger::InFlight;
+pub use self::ledger::InFlightGuard;
 
 /// How long a pod whose connection failed is avoided by this dataplane: long
 /// enough to stop sending it traffic until the controller's next snapshot
@@ -30,11 +34,12 @@ pub struct PodState {
     /// Hash of `key`: the pod's identity in prefix indexes and rendezvous hashing,
     /// the same on every dataplane.
     pub id: u64,
-    pub(super) in_flight: InFlight,
+    in_flight: InFlight,
     /// Latest engine load pushed by the controller, if any.
     load: ArcSwapOption<pb::EndpointLoad>,
-    /// Until when (ms on [`monotonic_ms`]'s clock) a connect failure ejected this pod; 0 = never.
-    ejected_until_ms: AtomicU64,
+    /// Until when (ms on [`monotonic_ms`]'s clock) a connect failure ejected
+    /// this pod; `i64::MIN` = never.
+    ejected_until_ms: AtomicI64,
 }
 
 impl PodState {
@@ -48,7 +53,7 @@ impl PodState {
             authority,
             in_flight: InFlight::default(),
             load: ArcSwapOption::empty(),
-            ejected_until_ms: AtomicU64::new(0),
+            ejected_until_ms: AtomicI64::new(i64::MIN),
         })
     }
 
@@ -83,19 +88,18 @@ pub fn is_fresh(observed_at_unix_ms: i64, now_unix_ms: i64, max_age_ms: u64) -> 
             <= i64::try_from(max_age_ms).unwrap_or(i64::MAX)
 }
 
-/// Wall-clock milliseconds, the clock of `observed_at_unix_ms`.
-pub fn unix_ms_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// Milliseconds since the first call in this process, so an instant fits in an atomic.
-fn monotonic_ms(at: Instant) -> u64 {
+/// Milliseconds from the first call in this process, so an instant fits in
+/// an atomic. Signed: an instant before that first call (a paused test
+/// clock started earlier) still compares correctly.
+fn monotonic_ms(at: Instant) -> i64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    // +1 so that no real instant maps to 0 ("never ejected").
-    at.saturating_duration_since(epoch).as_millis() as u64 + 1
+    let epoch = *EPOCH.get_or_init(clock::now);
+    let millis = |elapsed: Duration| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX);
+    if at >= epoch {
+        millis(at - epoch)
+    } else {
+        -millis(epoch - at)
+    }
 }
 
 #[cfg(test)]
@@ -118,7 +122,7 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 1)),
         )
         .expect("valid");
-        let now = Instant::now();
+        let now = clock::now();
         assert!(!pod.is_ejected(now));
         pod.eject(now);
         assert!(pod.is_ejected(now));

@@ -1,7 +1,7 @@
-//! What the request path reports: one [`RequestRecord`] per request, filled
-//! in by the proxy at a few fixed points (routed, attempt started, response
-//! head, first chunk) and turned into metrics and an access log line when
-//! the response body ends, fails, or the client goes away (on drop).
+//! One [`RequestRecord`] per request, filled in by the phases at a few fixed
+//! points (model read, routed, named, attempt started, response head, first
+//! chunk) and turned into metrics and an access log line when the response
+//! body ends, fails, or the client goes away (on drop).
 //!
 //! Timings of a record (all from the moment the request arrived):
 //! - request processing: reading and parsing the body and routing, up to the
@@ -12,67 +12,26 @@
 //! - queue: always 0, as there is no fairness queue yet.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use switchyard_runtime::clock::{self, Instant};
 
 use http::{HeaderValue, Method, Request, Uri, Version};
 use prometheus::IntGauge;
 
-use crate::access_log::{AccessLog, AccessLogEntry};
+use super::Observer;
+use super::access_log::AccessLogEntry;
 use crate::error::ApiError;
-use crate::metrics::{
-    ModelMetrics, Observation, OutcomeLabel, PathLabel, RouterMetrics, UNKNOWN_MODEL,
-};
+use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, UNKNOWN_MODEL};
+use crate::pod::PodState;
+use crate::request_id::REQUEST_ID_HEADER;
 use crate::response::Usage;
 use crate::routing::{Route, RouteDecision, Server};
-use crate::scheduling::PodState;
-use crate::snapshot::SnapshotStore;
-use crate::xds_client::SnapshotSink;
-use switchyard_snapshot::{Nack, pb};
 
 /// `status_code` of a request whose client went away before any response
 /// head was sent (nginx's "client closed request"), so it is not counted as
 /// a success or as a router error.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
-
-/// Metrics and access log, shared by every request.
-#[derive(Debug)]
-pub struct Observer {
-    pub metrics: Arc<RouterMetrics>,
-    pub access_log: AccessLog,
-}
-
-impl Observer {
-    /// Metrics only, no access log.
-    pub fn without_access_log(metrics: Arc<RouterMetrics>) -> Self {
-        let dropped = metrics.access_log_dropped_total.clone();
-        Self {
-            metrics,
-            access_log: AccessLog::disabled(dropped),
-        }
-    }
-}
-
-/// A [`SnapshotSink`] that resolves the metric handles of every applied
-/// RouteConfig, so requests never look labels up.
-#[derive(Debug)]
-pub struct ObservedStore {
-    pub store: Arc<SnapshotStore>,
-    pub metrics: Arc<RouterMetrics>,
-}
-
-impl SnapshotSink for ObservedStore {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
-        SnapshotSink::apply_route_config(&*self.store, version, config)?;
-        if let Some(table) = self.store.table() {
-            self.metrics.resolve(&table);
-        }
-        Ok(())
-    }
-
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
-        SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
-    }
-}
 
 /// One request, from arrival to the end of its response.
 #[derive(Debug)]
@@ -105,8 +64,8 @@ impl RequestRecord {
     pub fn start<B>(observer: &Arc<Observer>, request: &Request<B>) -> Self {
         Self {
             observer: observer.clone(),
-            started: Instant::now(),
-            started_at: SystemTime::now(),
+            started: clock::now(),
+            started_at: clock::wall_now(),
             method: request.method().clone(),
             uri: request.uri().clone(),
             version: request.version(),
@@ -114,7 +73,7 @@ impl RequestRecord {
             // The client's id, if any; the proxy sets the one it forwards.
             request_id: request
                 .headers()
-                .get(crate::proxy::REQUEST_ID_HEADER)
+                .get(REQUEST_ID_HEADER)
                 .filter(|id| !id.is_empty())
                 .cloned(),
             model_name: None,
@@ -160,7 +119,7 @@ impl RequestRecord {
         self.attempts += 1;
         self.pod = Some(pod.clone());
         if self.upstream_started.is_none() {
-            self.upstream_started = Some(Instant::now());
+            self.upstream_started = Some(clock::now());
             if let (Some(route), Some(server)) = (&self.route, &self.server) {
                 let resolved = self.observer.metrics.resolved();
                 if let Some(gauge) = resolved.upstream_gauge(&route.key, &server.key) {
@@ -169,6 +128,11 @@ impl RequestRecord {
                 }
             }
         }
+    }
+
+    /// Upstream attempts started so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     /// The attempt could not connect to its pod.
@@ -202,7 +166,7 @@ impl RequestRecord {
     /// A chunk of the response body is about to reach the client.
     pub fn on_chunk(&mut self) {
         if self.first_chunk.is_none() {
-            self.first_chunk = Some(Instant::now());
+            self.first_chunk = Some(clock::now());
         }
     }
 
@@ -215,7 +179,7 @@ impl RequestRecord {
         if self.status == 0 {
             self.status = CLIENT_CLOSED_REQUEST;
         }
-        let ended = Instant::now();
+        let ended = clock::now();
         let total = ended.duration_since(self.started);
         let error_type = match (&self.error, outcome) {
             (Some((kind, _)), _) => kind,
@@ -322,5 +286,107 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         // Still open: the client went away (or the handler was cancelled).
         self.finish(None, Some(OutcomeLabel::ClientDisconnected));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use crate::proxy::testing::{metric, one_route_store, test_observer};
+    use crate::routing::RequestFacts;
+
+    fn started(observer: &Arc<Observer>, path: &str) -> RequestRecord {
+        let request = Request::post(path).body(()).expect("request");
+        RequestRecord::start(observer, &request)
+    }
+
+    #[test]
+    fn a_client_gone_before_the_response_head_is_499() {
+        let observer = test_observer();
+        drop(started(&observer, "/v1/completions"));
+        assert_eq!(
+            metric(
+                &observer.metrics,
+                r#"kthena_router_requests_total{error_type="client_disconnected",model="unknown",path="/v1/completions",status_code="499"}"#
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn a_router_error_is_counted_with_its_code_once() {
+        let observer = test_observer();
+        let mut record = started(&observer, "/v1/chat/completions");
+        let response: http::Response<bytes::Bytes> =
+            record.failed(ApiError::new(ErrorKind::NotReady, "no snapshot"));
+        assert_eq!(response.status(), 503);
+        record.set_response(503, false);
+        record.finish(None, None);
+        drop(record);
+        assert_eq!(
+            metric(
+                &observer.metrics,
+                r#"kthena_router_requests_total{error_type="router_not_ready",model="unknown",path="/v1/chat/completions",status_code="503"}"#
+            ),
+            Some(1.0),
+            "finished once, not again on drop"
+        );
+    }
+
+    #[test]
+    fn a_routed_stream_counts_tokens_ttft_and_releases_its_gauges() {
+        let observer = test_observer();
+        let store = one_route_store("m", &[], None, 1);
+        let table = store.table().expect("snapshot");
+        observer.metrics.resolve(&table);
+        let mut record = started(&observer, "/v1/chat/completions");
+        let headers = http::HeaderMap::new();
+        let decision = table
+            .index
+            .lookup(&RequestFacts {
+                model: "m",
+                path: "/v1/chat/completions",
+                headers: &headers,
+            })
+            .expect("routed");
+        record.set_model("m");
+        record.set_route("m", &decision);
+        let active = r#"kthena_router_active_downstream_requests{model="m"}"#;
+        assert_eq!(metric(&observer.metrics, active), Some(1.0));
+        record.begin_attempt(&decision.server.pods[0]);
+        record.set_response(200, true);
+        record.on_chunk();
+        record.finish(
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3,
+            }),
+            None,
+        );
+        let m = &observer.metrics;
+        assert_eq!(metric(m, active), Some(0.0));
+        assert_eq!(
+            metric(
+                m,
+                r#"kthena_router_active_upstream_requests{model_route="default/r",model_server="default/s"}"#
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric(
+                m,
+                r#"kthena_router_tokens_total{model="m",path="/v1/chat/completions",token_type="output"}"#
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            metric(
+                m,
+                r#"kthena_router_time_to_first_token_seconds_count{model="m"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(record.attempts(), 1);
     }
 }

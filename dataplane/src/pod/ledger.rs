@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::pod::PodState;
+use super::PodState;
 
 /// A pod's in-flight counter. Only [`InFlightGuard`] changes it.
 #[derive(Debug, Default)]

@@ -19,8 +19,8 @@ use prometheus::IntCounter;
 use serde::Serialize;
 
 use crate::config_file::AccessLoggerSection;
+use crate::pod::PodState;
 use crate::routing::{Route, Server};
-use crate::scheduling::PodState;
 
 /// Lines buffered between requests and the writer: a few seconds of a busy
 /// router's traffic, so a brief stall of the log sink loses nothing, while

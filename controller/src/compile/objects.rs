@@ -1,0 +1,46 @@
+//! What a compile reads of the objects, whichever source read them.
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Serialize;
+use switchyard_crd::{ModelRoute, ModelServer};
+
+/// One consistent set of objects: the config directory's files (local mode)
+/// or the Kubernetes caches after a burst of watch events.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObjectSet {
+    pub routes: Vec<ModelRoute>,
+    pub servers: Vec<ModelServer>,
+    pub pods: Vec<Pod>,
+    /// Documents or files that were skipped, in file then document order
+    /// (local mode; the Kubernetes API only hands out well-formed objects).
+    pub problems: Vec<LoadProblem>,
+}
+
+/// A file or document that could not be loaded; the rest of the directory still is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LoadProblem {
+    /// File name within the directory.
+    pub file: String,
+    /// 0-based index of the document in a multi-document file; `None` when the
+    /// whole file was unreadable.
+    pub document_index: Option<usize>,
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub error: String,
+}
+
+impl std::fmt::Display for LoadProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(index) = self.document_index {
+            write!(f, " document {index}")?;
+        }
+        if let Some(kind) = &self.kind {
+            write!(f, " {kind}")?;
+        }
+        if let Some(name) = &self.name {
+            write!(f, " {name:?}")?;
+        }
+        write!(f, ": {}", self.error)
+    }
+}

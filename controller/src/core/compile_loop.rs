@@ -1,0 +1,182 @@
+//! The one compile loop of both modes: whenever the objects (from the config
+//! directory or from the Kubernetes caches), the router configuration or the
+//! scraped engine load change, compile and publish the results.
+//!
+//! A source only has to keep a `watch` channel of [`ObjectSet`]s current
+//! (debounced); everything after that is shared, so local mode and
+//! Kubernetes mode publish, log and expose exactly the same way.
+
+use std::sync::Arc;
+
+use prometheus::HistogramVec;
+use switchyard_runtime::clock::{self, Instant};
+use switchyard_snapshot::pb;
+use tokio::sync::watch;
+
+use crate::admin::ObjectsView;
+use crate::compile::{
+    CompileInput, Compiled, ObjectReport, ObjectSet, compile, compile_endpoint_loads,
+};
+use crate::scrape::{PodLoads, ScrapeTarget};
+use crate::xds::SnapshotPublisher;
+
+/// What a [`CompileLoop`] reads from and writes to.
+pub(super) struct LoopIo {
+    pub objects: watch::Receiver<Arc<ObjectSet>>,
+    /// The router configuration's scheduler section, shipped inside the RouteConfig.
+    pub scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
+    pub pod_loads: watch::Receiver<PodLoads>,
+    pub publisher: Arc<SnapshotPublisher>,
+    pub targets: watch::Sender<Vec<ScrapeTarget>>,
+    pub objects_view: watch::Sender<Arc<ObjectsView>>,
+    pub compile_duration: HistogramVec,
+}
+
+/// Recompiles on every change of its inputs and publishes the results.
+pub(super) struct CompileLoop {
+    io: LoopIo,
+    compiled: watch::Sender<Arc<Compiled>>,
+    /// Reports already logged, so an unchanged rejection is not logged again on every reload.
+    reported: Vec<ObjectReport>,
+}
+
+impl CompileLoop {
+    /// Compiles and publishes the current inputs (the controller is ready once
+    /// this returns), and returns the loop and a receiver of every compile's result.
+    pub fn start(mut io: LoopIo) -> (Self, watch::Receiver<Arc<Compiled>>) {
+        let mut reported = Vec::new();
+        let first = compile_and_publish(&mut io, &mut reported);
+        let (compiled, receiver) = watch::channel(first);
+        let compile_loop = Self {
+            io,
+            compiled,
+            reported,
+        };
+        (compile_loop, receiver)
+    }
+
+    /// Runs until every input is gone (at shutdown the task set drops it first).
+    pub async fn run(mut self) {
+        let mut objects_alive = true;
+        let mut scheduler_alive = true;
+        let mut loads_alive = true;
+        loop {
+            tokio::select! {
+                changed = self.io.objects.changed(), if objects_alive => match changed {
+                    Ok(()) => self.recompile(),
+                    // The source's task ended: the supervisor reports it.
+                    Err(_) => objects_alive = false,
+                },
+                changed = self.io.scheduler.changed(), if scheduler_alive => match changed {
+                    Ok(()) => self.recompile(),
+                    // No file (or its watcher stopped): the last configuration stays.
+                    Err(_) => scheduler_alive = false,
+                },
+                changed = self.io.pod_loads.changed(), if loads_alive => match changed {
+                    Ok(()) => self.publish_endpoint_loads(),
+                    Err(_) => loads_alive = false,
+                },
+                else => return,
+            }
+        }
+    }
+
+    fn recompile(&mut self) {
+        let compiled = compile_and_publish(&mut self.io, &mut self.reported);
+        self.compiled.send_replace(compiled);
+    }
+
+    /// A scrape changed the loads: only the part of [`compile`] that depends on them.
+    fn publish_endpoint_loads(&mut self) {
+        let pod_loads = self.io.pod_loads.borrow_and_update().clone();
+        let compiled = self.compiled.borrow().clone();
+        let started = clock::now();
+        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        observe(&self.io, "endpoint_loads", started);
+        publish_loads(&self.io, loads, clock::unix_ms_now());
+    }
+}
+
+fn compile_and_publish(io: &mut LoopIo, reported: &mut Vec<ObjectReport>) -> Arc<Compiled> {
+    let objects = io.objects.borrow_and_update().clone();
+    let scheduler = io.scheduler.borrow_and_update().clone();
+    let pod_loads = io.pod_loads.borrow_and_update().clone();
+    let started = clock::now();
+    let compiled = compile(&CompileInput {
+        objects: &objects,
+        scheduler: scheduler.as_ref(),
+        pod_loads: &pod_loads,
+        now_unix_ms: clock::unix_ms_now(),
+    });
+    observe(io, "route_config", started);
+
+    let published = io
+        .publisher
+        .publish_route_config(compiled.route_config.clone(), compiled.generated_at_unix_ms);
+    if published.changed {
+        tracing::info!(
+            version = %published.version,
+            routes = compiled.route_config.routes.len(),
+            servers = compiled.route_config.servers.len(),
+            endpoints = compiled.scrape_targets.len(),
+            "published route config"
+        );
+    }
+    log_new_rejections(reported, &compiled.reports);
+    io.targets.send_if_modified(|targets| {
+        if *targets == compiled.scrape_targets {
+            return false;
+        }
+        targets.clone_from(&compiled.scrape_targets);
+        true
+    });
+    io.objects_view.send_replace(Arc::new(ObjectsView {
+        reports: compiled.reports.clone(),
+        load_problems: objects.problems.clone(),
+    }));
+    // Endpoints may have come or gone: their loads follow.
+    publish_loads(
+        io,
+        compiled.endpoint_loads.clone(),
+        compiled.generated_at_unix_ms,
+    );
+    Arc::new(compiled)
+}
+
+fn observe(io: &LoopIo, resource: &str, started: Instant) {
+    io.compile_duration
+        .with_label_values(&[resource])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+fn publish_loads(io: &LoopIo, loads: pb::EndpointLoads, now_unix_ms: i64) {
+    let count = loads.loads.len();
+    let published = io.publisher.publish_endpoint_loads(loads, now_unix_ms);
+    if published.changed {
+        tracing::debug!(version = %published.version, endpoints = count, "published endpoint loads");
+    }
+}
+
+fn log_new_rejections(reported: &mut Vec<ObjectReport>, reports: &[ObjectReport]) {
+    for report in reports {
+        if report.is_healthy() || reported.contains(report) {
+            continue;
+        }
+        let failed = if report.accepted.status {
+            &report.resolved_refs
+        } else {
+            &report.accepted
+        };
+        tracing::warn!(
+            kind = report.kind.as_str(),
+            namespace = %report.namespace,
+            name = %report.name,
+            condition = if report.accepted.status { "ResolvedRefs" } else { "Accepted" },
+            reason = failed.reason.as_str(),
+            in_snapshot = report.in_snapshot,
+            detail = %failed.message,
+            "object not fully programmed"
+        );
+    }
+    *reported = reports.to_vec();
+}

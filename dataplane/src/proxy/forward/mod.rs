@@ -1,0 +1,348 @@
+//! Phase `forward`: sends the request to the ranked candidates, one attempt
+//! at a time, as the [`policy`] directs, through an [`Upstream`]. Ends with
+//! the response head of the attempt that is delivered (its pod still counted
+//! in flight) or with the error the client gets.
+
+pub mod policy;
+pub mod upstream;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri};
+use http_body_util::Full;
+use switchyard_runtime::clock;
+
+use self::policy::{AttemptPolicy, Next, Verdict};
+pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
+use super::log::RequestRecord;
+use crate::error::{ApiError, ErrorKind};
+use crate::pod::{InFlightGuard, PodState};
+use crate::request_id::REQUEST_ID_HEADER;
+use crate::routing::Server;
+use crate::scheduling::Ranking;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not
+/// the message, so they never cross the proxy in either direction.
+pub const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Request headers the upstream connection sets itself: the pod's authority,
+/// and the length of the (possibly edited) body.
+const RECOMPUTED: [HeaderName; 2] = [header::HOST, header::CONTENT_LENGTH];
+
+/// The request as every attempt sends it.
+#[derive(Debug)]
+pub struct Outbound {
+    path_and_query: PathAndQuery,
+    /// Taken by the last attempt, copied by the others.
+    headers: Option<HeaderMap>,
+    body: Bytes,
+}
+
+impl Outbound {
+    /// The client's request head becomes the upstream one in place, less the
+    /// headers that must not cross, plus the request id.
+    pub fn new(head: Parts, body: Bytes, request_id: &HeaderValue) -> Self {
+        let mut headers = head.headers;
+        for name in HOP_BY_HOP.iter().chain(&RECOMPUTED) {
+            headers.remove(name);
+        }
+        headers.insert(REQUEST_ID_HEADER, request_id.clone());
+        Self {
+            // Shares the bytes of the request line, no copy.
+            path_and_query: head
+                .uri
+                .into_parts()
+                .path_and_query
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            headers: Some(headers),
+            body,
+        }
+    }
+
+    fn request_to(
+        &mut self,
+        pod: &PodState,
+        is_last: bool,
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(pod.authority.clone())
+            .path_and_query(self.path_and_query.clone())
+            .build()
+            .map_err(|error| {
+                ApiError::new(
+                    ErrorKind::InvalidBody,
+                    format!("invalid request path: {error}"),
+                )
+            })?;
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+        // The client consumes what it sends, so only an attempt that may be
+        // followed by another needs its own copy.
+        let headers = if is_last {
+            self.headers.take()
+        } else {
+            self.headers.clone()
+        };
+        *request.headers_mut() = headers.unwrap_or_default();
+        Ok(request)
+    }
+}
+
+/// The response the client gets, and its pod's in-flight count, held until
+/// the body ends.
+#[derive(Debug)]
+pub struct Delivered<B> {
+    pub response: Response<B>,
+    pub guard: InFlightGuard,
+}
+
+/// Runs the attempts of one request to `server`'s `ranking`.
+pub async fn forward<U: Upstream>(
+    upstream: &U,
+    record: &mut RequestRecord,
+    server: &Server,
+    ranking: Ranking,
+    mut outbound: Outbound,
+) -> Result<Delivered<U::Body>, ApiError> {
+    let mut policy = AttemptPolicy::new(server, ranking);
+    let mut next = policy.first();
+    loop {
+        let attempt = match next {
+            Next::Try(attempt) => attempt,
+            Next::GiveUp(error) => return Err(error),
+        };
+        if !attempt.wait.is_zero() {
+            tokio::time::sleep(attempt.wait).await;
+        }
+        let pod = attempt.pod;
+        // Dropped at the end of this iteration when the attempt fails, so a
+        // failed attempt never counts against the pod while the next one runs.
+        let guard = pod.begin_request();
+        record.begin_attempt(pod);
+        let sent = upstream.send(outbound.request_to(pod, attempt.is_last)?);
+        let outcome = match attempt.timeout {
+            Some(limit) => tokio::time::timeout(limit, sent)
+                .await
+                .unwrap_or(Err(UpstreamError::Timeout(limit))),
+            None => sent.await,
+        };
+        next = match outcome {
+            Ok(response) => match policy.on_response(response.status()) {
+                Verdict::Deliver => return Ok(Delivered { response, guard }),
+                Verdict::Retry(retry) => {
+                    tracing::warn!(pod = %pod.key, server = %server.key, status = %response.status(), "upstream attempt failed");
+                    Next::Try(retry)
+                }
+            },
+            Err(error) => {
+                if AttemptPolicy::ejects(&error) {
+                    record.connect_failed();
+                    pod.eject(clock::now());
+                }
+                tracing::warn!(pod = %pod.key, server = %server.key, failure = %error, "upstream attempt failed");
+                policy.on_failure(error)
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::proxy::testing::{Script, ScriptedUpstream, ranked, server_with_pods, test_record};
+
+    fn outbound() -> Outbound {
+        let (head, ()) = Request::post("/v1/completions?x=1")
+            .header("authorization", "Bearer k")
+            .header(header::CONNECTION, "keep-alive")
+            .header(header::HOST, "router")
+            .header(header::CONTENT_LENGTH, "2")
+            .body(())
+            .expect("request")
+            .into_parts();
+        Outbound::new(
+            head,
+            Bytes::from_static(b"{}"),
+            &HeaderValue::from_static("id-1"),
+        )
+    }
+
+    async fn run(
+        upstream: &ScriptedUpstream,
+        server: &Server,
+    ) -> (
+        Result<Delivered<crate::proxy::testing::ScriptedBody>, ApiError>,
+        RequestRecord,
+    ) {
+        let mut record = test_record();
+        let result = forward(upstream, &mut record, server, ranked(server), outbound()).await;
+        (result, record)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sends_the_request_with_hop_by_hop_headers_removed() {
+        let server = server_with_pods(1, 0, Duration::ZERO, None);
+        let upstream = ScriptedUpstream::new([Script::status(200)]);
+        let (result, _) = run(&upstream, &server).await;
+        assert_eq!(result.expect("delivered").response.status(), StatusCode::OK);
+        let sent = upstream.sent();
+        let request = &sent[0];
+        assert_eq!(request.uri, "http://127.0.0.1:8000/v1/completions?x=1");
+        assert_eq!(request.headers["authorization"], "Bearer k");
+        assert_eq!(request.headers["x-request-id"], "id-1");
+        for gone in ["connection", "host", "content-length"] {
+            assert!(
+                !request.headers.contains_key(gone),
+                "{gone} is not forwarded"
+            );
+        }
+        assert_eq!(request.body, "{}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_503_is_retried_on_the_next_pod_after_the_interval() {
+        let server = server_with_pods(3, 2, Duration::from_millis(250), None);
+        let upstream = ScriptedUpstream::new([Script::status(503), Script::status(200)]);
+        let started = clock::now();
+        let (result, _) = run(&upstream, &server).await;
+        let delivered = result.expect("delivered");
+        assert_eq!(delivered.response.status(), StatusCode::OK);
+        assert_eq!(delivered.guard.pod().name, "p1");
+        assert_eq!(upstream.pods(), ["p0", "p1"]);
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        assert_eq!(
+            server.pods[0].in_flight(),
+            0,
+            "the failed attempt is not counted"
+        );
+        assert_eq!(server.pods[1].in_flight(), 1, "held until the body ends");
+        drop(delivered);
+        assert_eq!(server.pods[1].in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_before_headers_is_retried() {
+        let server = server_with_pods(2, 1, Duration::ZERO, None);
+        let upstream = ScriptedUpstream::new([Script::Reset, Script::status(200)]);
+        let (result, record) = run(&upstream, &server).await;
+        assert_eq!(result.expect("delivered").guard.pod().name, "p1");
+        assert_eq!(record.attempts(), 2);
+        assert!(
+            !server.pods[0].is_ejected(clock::now()),
+            "a reset is no reason to eject"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_errors_are_not_retried() {
+        let server = server_with_pods(3, 2, Duration::ZERO, None);
+        let upstream = ScriptedUpstream::new([Script::status(400), Script::status(200)]);
+        let (result, _) = run(&upstream, &server).await;
+        assert_eq!(
+            result.expect("delivered").response.status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(upstream.pods(), ["p0"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_retries_left_the_engine_status_passes_through() {
+        let server = server_with_pods(3, 1, Duration::ZERO, None);
+        let upstream = ScriptedUpstream::new([
+            Script::status(503),
+            Script::status(504),
+            Script::status(200),
+        ]);
+        let (result, _) = run(&upstream, &server).await;
+        assert_eq!(
+            result.expect("delivered").response.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(upstream.pods(), ["p0", "p1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_headers_time_out_as_504_without_a_retry() {
+        let limit = Duration::from_millis(300);
+        let server = server_with_pods(3, 2, Duration::ZERO, Some(limit));
+        let upstream = ScriptedUpstream::new([
+            Script::SlowHeaders(Duration::from_secs(5)),
+            Script::status(200),
+        ]);
+        let started = clock::now();
+        let (result, _) = run(&upstream, &server).await;
+        let error = result.expect_err("timed out");
+        assert_eq!(error.kind, ErrorKind::UpstreamTimeout);
+        assert_eq!(error.kind.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(started.elapsed(), limit);
+        assert_eq!(upstream.pods(), ["p0"]);
+        assert_eq!(server.pods[0].in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusing_pods_are_ejected_and_skipped_up_to_five_candidates() {
+        let server = server_with_pods(7, 0, Duration::from_secs(1), None);
+        let upstream = ScriptedUpstream::new(std::iter::repeat_n(Script::Refuse, 7));
+        let started = clock::now();
+        let (result, record) = run(&upstream, &server).await;
+        let error = result.expect_err("all refused");
+        assert_eq!(error.kind, ErrorKind::UpstreamUnavailable);
+        assert_eq!(error.kind.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(upstream.pods(), ["p0", "p1", "p2", "p3", "p4"], "top-N = 5");
+        assert_eq!(record.attempts(), 5);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "refusals are not waited on"
+        );
+        let now = clock::now();
+        let ejected: Vec<bool> = server.pods.iter().map(|p| p.is_ejected(now)).collect();
+        assert_eq!(ejected, [true, true, true, true, true, false, false]);
+        // The next request ranks the healthy pods first.
+        let upstream = ScriptedUpstream::new([Script::status(200)]);
+        let (result, _) = run(&upstream, &server).await;
+        let pod = result.expect("delivered").guard.pod().name.clone();
+        assert!(["p5", "p6"].contains(&pod.as_str()), "{pod}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_then_a_success_reaches_the_client() {
+        let server = server_with_pods(2, 0, Duration::ZERO, None);
+        let upstream = ScriptedUpstream::new([Script::Refuse, Script::status(200)]);
+        let (result, _) = run(&upstream, &server).await;
+        assert_eq!(result.expect("delivered").guard.pod().name, "p1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_retried_once_the_response_is_delivered() {
+        let server = server_with_pods(2, 3, Duration::ZERO, None);
+        let upstream =
+            ScriptedUpstream::new([Script::cut_stream(b"data: first\n\n"), Script::status(200)]);
+        let (result, _) = run(&upstream, &server).await;
+        let mut body = result.expect("delivered").response.into_body();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "data: first\n\n");
+        assert!(
+            body.frame().await.expect("an error").is_err(),
+            "the cut reaches the client"
+        );
+        assert_eq!(upstream.pods(), ["p0"], "no second attempt");
+    }
+}

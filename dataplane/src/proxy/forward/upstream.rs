@@ -1,0 +1,98 @@
+//! The seam between the attempt policy and the network: one request to one
+//! pod, answered by a response head (and its body) or by a classified
+//! failure. Production sends with hyper's pooled client; tests script engine
+//! behaviour with a fake.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::error::BodyError;
+
+/// Idle upstream connections are kept this long: engines keep connections
+/// open much longer, and reconnecting costs a handshake on the request path.
+pub const UPSTREAM_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Bounds connection setup to a pod when the ModelServer sets no timeout: a
+/// pod that does not accept within this is as good as gone.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an attempt got no response head; the attempt policy branches on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The pod did not accept the connection (refused, unreachable, or no
+    /// answer within [`UPSTREAM_CONNECT_TIMEOUT`]): nothing was sent.
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The connection broke after the request was sent, before response headers.
+    #[error("connection failed before response headers: {0}")]
+    BeforeHeaders(String),
+    /// No response headers within the ModelServer's timeout.
+    #[error("no response headers within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Sends one request to the pod named by its URI's authority.
+pub trait Upstream: Send + Sync + 'static {
+    /// The engine's response body, streamed to the client frame by frame.
+    type Body: Body<Data = Bytes, Error: Into<BodyError>> + Send + Unpin + 'static;
+
+    /// Resolves when the response head has arrived, or with why it cannot.
+    /// Never [`UpstreamError::Timeout`]: the caller bounds the wait.
+    fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Self::Body>, UpstreamError>> + Send;
+}
+
+/// hyper's pooled HTTP/1.1 client.
+#[derive(Debug, Clone)]
+pub struct HyperUpstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl HyperUpstream {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
+            .build(connector);
+        Self { client }
+    }
+}
+
+impl Default for HyperUpstream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Upstream for HyperUpstream {
+    type Body = Incoming;
+
+    fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send {
+        let pending = self.client.request(request);
+        async move {
+            pending.await.map_err(|error| {
+                if error.is_connect() {
+                    UpstreamError::Connect(error.to_string())
+                } else {
+                    UpstreamError::BeforeHeaders(error.to_string())
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! The traffic listener: OpenAI API requests in, engine responses streamed
+//! back. A request goes through named phases, each in its own module:
+//!
+//! 1. [`admit`]: method, path, content type, body limit, body parse;
+//! 2. [`authenticate`]: who sent it (an [`Identity`]);
+//! 3. [`admission`]: may it go upstream now (rate limits, fairness queue);
+//! 4. [`route`]: ModelRoute, rule and ModelServer; the body edits;
+//! 5. [`schedule`]: the ranked candidate pods, the request id;
+//! 6. [`forward`]: the attempts over the candidates (retries, timeouts,
+//!    ejection), a pure [`policy`](forward::policy) driving an
+//!    [`Upstream`];
+//! 7. [`respond`]: the engine's response streamed back, usage observed;
+//! 8. [`log`]: the request's record, finished into metrics and the access
+//!    log when the response ends.
+//!
+//! What a phase learns travels as its typed output (an
+//! [`InferenceRequest`], then [`Routed`](route::Routed),
+//! [`Scheduled`](schedule::Scheduled), [`Delivered`](forward::Delivered)),
+//! so no phase can read what an earlier one has not produced; the
+//! [`RequestRecord`] travels alongside and every phase adds to it.
+
+pub mod admission;
+pub mod admit;
+pub mod authenticate;
+pub mod forward;
+pub mod log;
+pub mod respond;
+pub mod route;
+pub mod schedule;
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+
+pub use self::admit::DEFAULT_MAX_BODY_BYTES;
+use self::admit::{Admitted, InferenceRequest};
+pub use self::authenticate::Identity;
+use self::forward::Outbound;
+use self::forward::{HyperUpstream, Upstream};
+use self::log::{Observer, RequestRecord};
+pub use self::respond::ProxyBody;
+use self::respond::json_response;
+use crate::error::{ApiError, BodyError, ErrorKind};
+use crate::snapshot::SnapshotStore;
+
+/// The proxy's settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub max_body_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// Serves the traffic port.
+#[derive(Debug)]
+pub struct Proxy<U = HyperUpstream> {
+    store: Arc<SnapshotStore>,
+    upstream: U,
+    config: ProxyConfig,
+    observer: Arc<Observer>,
+}
+
+impl Proxy {
+    /// A proxy that sends to engines over HTTP.
+    pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig, observer: Arc<Observer>) -> Self {
+        Self::with_upstream(store, config, observer, HyperUpstream::new())
+    }
+}
+
+impl<U: Upstream> Proxy<U> {
+    pub fn with_upstream(
+        store: Arc<SnapshotStore>,
+        config: ProxyConfig,
+        observer: Arc<Observer>,
+        upstream: U,
+    ) -> Self {
+        Self {
+            store,
+            upstream,
+            config,
+            observer,
+        }
+    }
+
+    /// Handles one request on the traffic port; every request but probes is
+    /// recorded (metrics, access log) until its response body ends.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<ProxyBody<U::Body>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BodyError>,
+    {
+        if request.method() == Method::GET {
+            match request.uri().path() {
+                "/healthz" => {
+                    return json_response(
+                        StatusCode::OK,
+                        Bytes::from_static(br#"{"message":"ok"}"#),
+                    );
+                }
+                "/readyz" => return readiness_response(&self.store),
+                _ => {}
+            }
+        }
+        let mut record = RequestRecord::start(&self.observer, &request);
+        let response = match self.phases(request, &mut record).await {
+            Ok(response) => response,
+            Err(error) => record.failed(error),
+        };
+        respond::hand_over(response, record)
+    }
+
+    /// The phases of one request, in order.
+    async fn phases<B>(
+        &self,
+        request: Request<B>,
+        record: &mut RequestRecord,
+    ) -> Result<Response<ProxyBody<U::Body>>, ApiError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BodyError>,
+    {
+        let request = match admit::admit(request, self.config.max_body_bytes).await? {
+            Admitted::Inference(request) => request,
+            Admitted::ListModels => return self.list_models(),
+        };
+        record.set_model(&request.parsed.model);
+        let identity = authenticate::authenticate(&request)?;
+        admission::admission(&identity, &request).await?;
+        let table = self.store.table().ok_or_else(not_ready)?;
+        let mut routed = route::route(&table.index, &request, record)?;
+        let scheduled = schedule::schedule(&table.scheduler, &request, &routed, record)?;
+        let InferenceRequest { head, body, .. } = request;
+        let outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
+        let server = &routed.decision.server;
+        let delivered =
+            forward::forward(&self.upstream, record, server, scheduled.ranking, outbound).await?;
+        schedule::dispatched(&table.scheduler, &scheduled, delivered.guard.pod());
+        Ok(respond::respond(
+            delivered,
+            scheduled.request_id,
+            routed.hide_usage_chunk,
+            record,
+        ))
+    }
+
+    fn list_models(&self) -> Result<Response<ProxyBody<U::Body>>, ApiError> {
+        let table = self.store.table().ok_or_else(not_ready)?;
+        Ok(json_response(StatusCode::OK, table.models_body.clone()))
+    }
+}
+
+fn not_ready() -> ApiError {
+    ApiError::new(
+        ErrorKind::NotReady,
+        "router is not ready: no routing snapshot received from the controller yet",
+    )
+}
+
+/// Readiness: ready once the first snapshot is applied. Served on the
+/// traffic port and the admin listener.
+pub fn readiness_response<B>(store: &SnapshotStore) -> Response<ProxyBody<B>> {
+    match store.table() {
+        Some(_) => json_response(
+            StatusCode::OK,
+            Bytes::from_static(br#"{"message":"router is ready"}"#),
+        ),
+        None => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(br#"{"message":"router is not ready"}"#),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderMap;
+    use http_body_util::{BodyExt, Full};
+    use switchyard_snapshot::pb;
+
+    use super::testing::{
+        self, Script, ScriptedBody, ScriptedUpstream, one_route_config, test_observer,
+    };
+    use super::*;
+    use crate::metrics::RouterMetrics;
+
+    struct Harness {
+        proxy: Proxy<ScriptedUpstream>,
+        store: Arc<SnapshotStore>,
+        metrics: Arc<RouterMetrics>,
+    }
+
+    /// Route `m` to `pods` pods whose ModelServer renames it `org/m`.
+    fn harness(
+        scripts: impl IntoIterator<Item = Script>,
+        pods: usize,
+        policy: pb::TrafficPolicy,
+    ) -> Harness {
+        let store = Arc::new(SnapshotStore::new());
+        store
+            .apply_route_config(
+                "v1",
+                one_route_config("m", &[], Some("org/m"), pods, policy),
+            )
+            .expect("valid snapshot");
+        let observer = test_observer();
+        let metrics = observer.metrics.clone();
+        if let Some(table) = store.table() {
+            metrics.resolve(&table);
+        }
+        let proxy = Proxy::with_upstream(
+            store.clone(),
+            ProxyConfig::default(),
+            observer,
+            ScriptedUpstream::new(scripts),
+        );
+        Harness {
+            proxy,
+            store,
+            metrics,
+        }
+    }
+
+    struct Answer {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Result<Bytes, String>,
+    }
+
+    impl Answer {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(self.body.as_deref().unwrap_or_default()).into_owned()
+        }
+
+        fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.text()).expect("a JSON body")
+        }
+    }
+
+    impl Harness {
+        async fn post(&self, path: &str, body: &'static str) -> Answer {
+            self.call(Method::POST, path, body).await
+        }
+
+        async fn call(&self, method: Method, path: &str, body: &'static str) -> Answer {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("request");
+            let response: Response<ProxyBody<ScriptedBody>> = self.proxy.handle(request).await;
+            let (parts, body) = response.into_parts();
+            Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body: body
+                    .collect()
+                    .await
+                    .map(|collected| collected.to_bytes())
+                    .map_err(|error| error.to_string()),
+            }
+        }
+
+        fn metric(&self, series: &str) -> Option<f64> {
+            testing::metric(&self.metrics, series)
+        }
+    }
+
+    const USAGE_BODY: &str = r#"{"choices":[{"text":"hi"}],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_goes_through_every_phase() {
+        let h = harness(
+            [Script::json(200, USAGE_BODY)],
+            2,
+            pb::TrafficPolicy::default(),
+        );
+        let answer = h
+            .post("/v1/completions", r#"{"model":"m","prompt":"hi"}"#)
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.text(), USAGE_BODY);
+        let request_id = answer.headers["x-request-id"].clone();
+        let sent = h.proxy.upstream.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            sent[0].body, r#"{"model":"org/m","prompt":"hi"}"#,
+            "model rewritten"
+        );
+        assert_eq!(
+            sent[0].headers["x-request-id"], request_id,
+            "one id end to end"
+        );
+        assert_eq!(
+            h.metric(r#"kthena_router_requests_total{error_type="successful_request",model="m",path="/v1/completions",status_code="200"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            h.metric(r#"kthena_router_tokens_total{model="m",path="/v1/completions",token_type="output"}"#),
+            Some(5.0)
+        );
+        let table = h.store.table().expect("snapshot");
+        assert!(
+            table.pods.values().all(|pod| pod.in_flight() == 0),
+            "released when the body ended"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_hides_the_usage_chunk_the_router_asked_for() {
+        let h = harness(
+            [Script::sse(&[
+                "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n",
+                "data: [DONE]\n\n",
+            ])],
+            1,
+            pb::TrafficPolicy::default(),
+        );
+        let answer = h
+            .post("/v1/chat/completions", r#"{"model":"m","stream":true}"#)
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(
+            answer.text(),
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n"
+        );
+        assert!(!answer.headers.contains_key(http::header::CONTENT_LENGTH));
+        let sent = &h.proxy.upstream.sent()[0];
+        assert_eq!(
+            sent.body,
+            r#"{"stream_options":{"include_usage":true},"model":"org/m","stream":true}"#
+        );
+        assert_eq!(
+            h.metric(r#"kthena_router_tokens_total{model="m",path="/v1/chat/completions",token_type="input"}"#),
+            Some(7.0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_503_answers_from_the_next_pod() {
+        let policy = pb::TrafficPolicy {
+            retry_attempts: 1,
+            retry_interval_ms: 100,
+            ..Default::default()
+        };
+        let h = harness(
+            [Script::status(503), Script::json(200, USAGE_BODY)],
+            2,
+            policy,
+        );
+        let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(h.proxy.upstream.pods().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn engine_errors_pass_through_with_the_request_id() {
+        let h = harness(
+            [Script::json(400, r#"{"error":"bad"}"#)],
+            2,
+            pb::TrafficPolicy::default(),
+        );
+        let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+        assert_eq!(answer.text(), r#"{"error":"bad"}"#);
+        assert!(answer.headers.contains_key("x-request-id"));
+        assert_eq!(
+            h.metric(r#"kthena_router_requests_total{error_type="engine_error",model="m",path="/v1/completions",status_code="400"}"#),
+            Some(1.0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn router_errors_are_openai_json_and_counted() {
+        let h = harness([], 1, pb::TrafficPolicy::default());
+        let answer = h.post("/v1/completions", r#"{"model":"other"}"#).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND);
+        assert_eq!(answer.json()["error"]["code"], "route_not_found");
+        assert!(!answer.headers.contains_key("x-request-id"));
+        let answer = h.call(Method::GET, "/v1/completions", "").await;
+        assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            h.metric(r#"kthena_router_requests_total{error_type="route_not_found",model="unknown",path="/v1/completions",status_code="404"}"#),
+            Some(1.0)
+        );
+        assert!(h.proxy.upstream.sent().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cut_stream_reaches_the_client_and_is_counted() {
+        let h = harness(
+            [Script::cut_stream(b"data: {}\n\n")],
+            1,
+            pb::TrafficPolicy::default(),
+        );
+        let answer = h
+            .post("/v1/completions", r#"{"model":"m","stream":true}"#)
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert!(answer.body.is_err(), "the client sees the cut");
+        assert_eq!(
+            h.metric(r#"kthena_router_requests_total{error_type="upstream_stream_error",model="m",path="/v1/completions",status_code="200"}"#),
+            Some(1.0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_and_the_model_list_follow_the_snapshot() {
+        let empty = Proxy::with_upstream(
+            Arc::new(SnapshotStore::new()),
+            ProxyConfig::default(),
+            test_observer(),
+            ScriptedUpstream::default(),
+        );
+        let h = Harness {
+            proxy: empty,
+            store: Arc::new(SnapshotStore::new()),
+            metrics: RouterMetrics::new().expect("metrics"),
+        };
+        assert_eq!(
+            h.call(Method::GET, "/healthz", "").await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            h.call(Method::GET, "/readyz", "").await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let answer = h.call(Method::GET, "/v1/models", "").await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.json()["error"]["code"], "router_not_ready");
+        let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;
+        assert_eq!(answer.json()["error"]["code"], "router_not_ready");
+
+        let h = harness([], 1, pb::TrafficPolicy::default());
+        assert_eq!(
+            h.call(Method::GET, "/readyz", "").await.status,
+            StatusCode::OK
+        );
+        let answer = h.call(Method::GET, "/v1/models", "").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.json()["data"][0]["id"], "m");
+    }
+}

@@ -1,0 +1,150 @@
+//! Phase `route`: which ModelRoute, rule and ModelServer serve the request
+//! (looked up in the snapshot's [`RouteIndex`]),
+//! and how its body must change on the way: the ModelServer's model name
+//! instead of the client's, and `include_usage` on streams so the router can
+//! count tokens. The edits are applied once, when the upstream request is
+//! built, so the scheduler still sees the body's original byte offsets.
+
+use bytes::Bytes;
+
+use super::admit::InferenceRequest;
+use super::log::RequestRecord;
+use crate::error::{ApiError, ErrorKind};
+use crate::request::{Edit, apply_edits};
+use crate::routing::{RequestFacts, RouteDecision, RouteIndex};
+
+/// Where the request goes and what changes in its body.
+#[derive(Debug)]
+pub struct Routed {
+    pub decision: RouteDecision,
+    /// Splices into the client's body, applied by [`Routed::edited_body`].
+    edits: Vec<Edit>,
+    /// The router added `include_usage`, so the usage-only chunk the engine
+    /// sends because of it must not reach the client.
+    pub hide_usage_chunk: bool,
+}
+
+impl Routed {
+    /// The model a pod must serve: the ModelServer's upstream name, or the
+    /// request's own for a LoRA adapter (adapters are not renamed).
+    pub fn served_model<'a>(&'a self, requested: &'a str) -> &'a str {
+        match (&self.decision.server.model_rewrite, self.decision.is_lora) {
+            (Some(upstream), false) => upstream,
+            _ => requested,
+        }
+    }
+
+    /// `body` with the edits applied (the same bytes, uncopied, when none).
+    pub fn edited_body(&mut self, body: Bytes) -> Bytes {
+        apply_edits(body, &mut self.edits)
+    }
+}
+
+/// Routes `request` with `index`.
+pub fn route(
+    index: &RouteIndex,
+    request: &InferenceRequest,
+    record: &mut RequestRecord,
+) -> Result<Routed, ApiError> {
+    let model = &request.parsed.model;
+    let decision = index
+        .lookup(&RequestFacts {
+            model,
+            path: request.head.uri.path(),
+            headers: &request.head.headers,
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::RouteNotFound,
+                format!("route not found for model {model:?}"),
+            )
+        })?;
+    record.set_route(model, &decision);
+    let mut edits = Vec::new();
+    if let (Some(literal), false) = (&decision.server.model_rewrite_literal, decision.is_lora) {
+        edits.push(Edit {
+            range: request.parsed.model_span.clone(),
+            replacement: literal.clone(),
+        });
+    }
+    let usage_edit = request.parsed.include_usage_edit(&request.body);
+    let hide_usage_chunk = usage_edit.is_some();
+    edits.extend(usage_edit);
+    Ok(Routed {
+        decision,
+        edits,
+        hide_usage_chunk,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::testing::{inference_request, one_route_store, test_record};
+
+    fn route_one(
+        body: &'static str,
+        model_rewrite: Option<&str>,
+    ) -> (Result<Routed, ApiError>, InferenceRequest) {
+        let store = one_route_store("m", &["ad-1"], model_rewrite, 1);
+        let table = store.table().expect("a snapshot");
+        let request = inference_request("/v1/chat/completions", body);
+        let mut record = test_record();
+        (route(&table.index, &request, &mut record), request)
+    }
+
+    #[test]
+    fn rewrites_the_model_to_the_servers_name() {
+        let (result, request) = route_one(r#"{"model":"m","messages":[]}"#, Some("org/big-m"));
+        let mut routed = result.expect("routed");
+        assert_eq!(routed.decision.route.key, "default/r");
+        assert_eq!(routed.served_model("m"), "org/big-m");
+        assert!(!routed.hide_usage_chunk);
+        assert_eq!(
+            routed.edited_body(request.body),
+            r#"{"model":"org/big-m","messages":[]}"#
+        );
+    }
+
+    #[test]
+    fn lora_adapters_keep_their_name() {
+        let (result, request) = route_one(r#"{"model":"ad-1"}"#, Some("org/big-m"));
+        let mut routed = result.expect("routed");
+        assert!(routed.decision.is_lora);
+        assert_eq!(routed.served_model("ad-1"), "ad-1");
+        let body = request.body.clone();
+        let edited = routed.edited_body(request.body);
+        assert_eq!(
+            edited.as_ptr(),
+            body.as_ptr(),
+            "nothing to edit: not copied"
+        );
+    }
+
+    #[test]
+    fn streams_get_include_usage_and_hide_its_chunk() {
+        let (result, request) = route_one(r#"{"model":"m","stream":true}"#, None);
+        let mut routed = result.expect("routed");
+        assert!(routed.hide_usage_chunk);
+        assert_eq!(
+            routed.edited_body(request.body),
+            r#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
+        let (result, _) = route_one(
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#,
+            None,
+        );
+        assert!(
+            !result.expect("routed").hide_usage_chunk,
+            "the client asked for it"
+        );
+    }
+
+    #[test]
+    fn an_unknown_model_is_route_not_found() {
+        let (result, _) = route_one(r#"{"model":"other"}"#, None);
+        let error = result.expect_err("no route");
+        assert_eq!(error.kind, ErrorKind::RouteNotFound);
+        assert_eq!(error.message, r#"route not found for model "other""#);
+    }
+}
