@@ -13,12 +13,13 @@
 //! (`make e2e-vllm-quality`, through the `prefix_workload` example).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use switchyard_runtime::clock;
 
 use crate::harness::HttpClient;
 
@@ -187,7 +188,7 @@ impl PrefixWorkload {
                 .map(|base| format!("{base}/v1/chat/completions"))
                 .collect(),
         );
-        let started = Instant::now();
+        let started = clock::now();
         let clients: Vec<_> = (0..self.clients)
             .map(|client| {
                 let (requests, urls, http) = (requests.clone(), urls.clone(), http.clone());
@@ -197,7 +198,7 @@ impl PrefixWorkload {
                     let mut errors = 0;
                     for (sent, body) in requests.iter().skip(client).step_by(stride).enumerate() {
                         let url = &urls[(client + sent * stride) % urls.len()];
-                        let at = Instant::now();
+                        let at = clock::now();
                         match http.post_json(url, &[], body).await {
                             Ok(response) if response.status.is_success() => {
                                 latencies.push(at.elapsed());

@@ -130,11 +130,6 @@ fn config(filters: &[&str], scores: &[&str], plugin_config: &str) -> String {
     .replace("pluginConfig:\n  plugins", "pluginConfig: []\n  plugins")
 }
 
-/// Command-line flags written as one line.
-fn flags(line: &str) -> Vec<String> {
-    line.split_whitespace().map(str::to_owned).collect()
-}
-
 fn simple() -> impl Fn(usize) -> Vec<String> {
     |_| Vec::new()
 }

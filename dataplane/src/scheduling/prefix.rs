@@ -193,6 +193,8 @@ impl Hasher for IdentityHasher {
 
 type BlockMap = HashMap<u64, [u64; OWNERS_PER_BLOCK], BuildHasherDefault<IdentityHasher>>;
 type GroupMap = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+/// Pod id -> the rendezvous weights of the groups that chose it first, ascending.
+type WeightsByPod = HashMap<u64, Vec<u64>, BuildHasherDefault<IdentityHasher>>;
 
 /// Where this dataplane recently sent each prefix block: block hash -> pod
 /// ids, most recent first; and the home of each prefix group ([`GroupTable`]).
@@ -224,9 +226,8 @@ struct Shard {
 pub struct GroupTable {
     shards: Vec<Mutex<GroupShard>>,
     per_generation: usize,
-    /// Pod id -> the weights of the groups that chose it first, ascending;
-    /// sharded by pod id.
-    chosen_by: Vec<Mutex<HashMap<u64, Vec<u64>, BuildHasherDefault<IdentityHasher>>>>,
+    /// Sharded by pod id.
+    chosen_by: Vec<Mutex<WeightsByPod>>,
 }
 
 #[derive(Debug, Default)]
@@ -258,10 +259,7 @@ impl GroupTable {
         &self.shards[(key >> 58) as usize % INDEX_SHARDS]
     }
 
-    fn chosen_by(
-        &self,
-        pod_id: u64,
-    ) -> &Mutex<HashMap<u64, Vec<u64>, BuildHasherDefault<IdentityHasher>>> {
+    fn chosen_by(&self, pod_id: u64) -> &Mutex<WeightsByPod> {
         // Pod ids are hashes: their low bits are uniform.
         &self.chosen_by[pod_id as usize % GROUP_COUNT_SHARDS]
     }
