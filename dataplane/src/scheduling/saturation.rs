@@ -6,8 +6,6 @@
 
 use switchyard_snapshot::pb;
 
-use super::plugins::Candidate;
-
 /// Requests waiting at the engine, as a share of those running, at which a
 /// pod is saturated (and at least one). A short queue drains within a step or
 /// two as sequences finish, while sending the request to a pod without its
@@ -26,9 +24,9 @@ pub const SATURATED_KV_USAGE: f64 = 0.9;
 /// tokenizer: about 4 for English text with the common BPE vocabularies.
 pub const BYTES_PER_TOKEN: f64 = 4.0;
 
-/// What the pod's engine says about one more request of `request_tokens`
-/// tokens: `Some(true)` if it is saturated, `None` if there is no fresh engine
-/// load to judge by (callers then fall back on in-flight counts).
+/// What a pod's engine `load` (fresh, if any) says about one more request of
+/// `request_tokens` tokens: `Some(true)` if it is saturated, `None` if there
+/// is no engine load to judge by (callers then fall back on in-flight counts).
 ///
 /// Saturated means the engine has a backlog (`waiting` >= `running` x
 /// [`SATURATED_QUEUE_SHARE`], and at least 1), or its KV cache cannot hold
@@ -37,9 +35,8 @@ pub const BYTES_PER_TOKEN: f64 = 4.0;
 /// full. The engine's usage counts a prefix shared by running requests once,
 /// which this dataplane's in-flight count cannot: many requests of one
 /// prefix in flight are the case affinity exists for, not a full cache.
-pub fn is_saturated(candidate: &Candidate, request_tokens: f64) -> Option<bool> {
-    let load = candidate.load.as_deref()?;
-    Some(engine_is_saturated(load, request_tokens))
+pub fn is_saturated(load: Option<&pb::EndpointLoad>, request_tokens: f64) -> Option<bool> {
+    load.map(|load| engine_is_saturated(load, request_tokens))
 }
 
 fn engine_is_saturated(load: &pb::EndpointLoad, request_tokens: f64) -> bool {
@@ -63,52 +60,48 @@ pub fn request_tokens(blocks: usize, block_bytes: usize) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::plugins::testing::candidate;
     use super::*;
 
-    fn engine(waiting: f64, usage: f64, capacity: u64) -> Option<pb::EndpointLoad> {
-        Some(pb::EndpointLoad {
+    fn engine(waiting: f64, usage: f64, capacity: u64) -> pb::EndpointLoad {
+        pb::EndpointLoad {
             requests_waiting: waiting,
             kv_cache_usage: usage,
             kv_cache_capacity_tokens: capacity,
             observed_at_unix_ms: 1,
             ..Default::default()
-        })
+        }
     }
 
     #[test]
-    fn requests_in_flight_alone_do_not_saturate_an_engine_with_room() {
+    fn an_engine_with_room_and_no_queue_is_not_saturated() {
         assert_eq!(
-            is_saturated(&candidate(0, 20, engine(0.0, 0.3, 4096)), 300.0),
+            is_saturated(Some(&engine(0.0, 0.3, 4096)), 300.0),
             Some(false),
-            "twenty requests sharing a prefix fit in 30% of the cache"
+            "2,867 tokens free hold 300"
         );
     }
 
     #[test]
     fn a_queue_or_a_full_cache_saturates() {
         assert_eq!(
-            is_saturated(&candidate(0, 0, engine(1.0, 0.0, 4096)), 300.0),
+            is_saturated(Some(&engine(1.0, 0.0, 4096)), 300.0),
             Some(true)
         );
         assert_eq!(
-            is_saturated(&candidate(0, 0, engine(0.0, 0.95, 4096)), 300.0),
+            is_saturated(Some(&engine(0.0, 0.95, 4096)), 300.0),
             Some(true),
             "205 free tokens do not hold 300"
         );
         assert_eq!(
-            is_saturated(&candidate(0, 0, engine(0.0, 0.95, 4096)), 100.0),
+            is_saturated(Some(&engine(0.0, 0.95, 4096)), 100.0),
             Some(false)
         );
         assert_eq!(
-            is_saturated(&candidate(0, 0, engine(0.0, 0.95, 0)), 100.0),
+            is_saturated(Some(&engine(0.0, 0.95, 0)), 100.0),
             Some(true),
             "unknown capacity: 90% usage is full"
         );
-        assert_eq!(
-            is_saturated(&candidate(0, 0, engine(0.0, 0.5, 0)), 100.0),
-            Some(false)
-        );
+        assert_eq!(is_saturated(Some(&engine(0.0, 0.5, 0)), 100.0), Some(false));
     }
 
     #[test]
@@ -121,7 +114,7 @@ mod tests {
                 observed_at_unix_ms: 1,
                 ..Default::default()
             };
-            is_saturated(&candidate(0, 0, Some(load)), 300.0)
+            is_saturated(Some(&load), 300.0)
         };
         assert_eq!(batch(8.0, 3.0), Some(false));
         assert_eq!(batch(8.0, 4.0), Some(true), "half the batch waits");
@@ -134,7 +127,7 @@ mod tests {
 
     #[test]
     fn no_fresh_engine_load_is_no_verdict() {
-        assert_eq!(is_saturated(&candidate(0, 50, None), 300.0), None);
+        assert_eq!(is_saturated(None, 300.0), None);
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl PrefixCache {
             let bound = load_bound(&scratch.loads, &scratch.eligible, self.load_bound_factor);
             // From here on `eligible` means "has room".
             for (i, candidate) in candidates.iter().enumerate() {
-                let saturated = is_saturated(candidate, request_tokens)
+                let saturated = is_saturated(candidate.load.as_deref(), request_tokens)
                     .unwrap_or(scratch.loads[i] + 1.0 > bound);
                 scratch.eligible[i] &= !saturated;
             }
