@@ -155,7 +155,7 @@ start_switchyard() { # router-config dataplanes
     until curl -fs "http://127.0.0.1:$((18320 + i))/debug/router/state" 2>/dev/null | python3 -c "
 import json, sys
 pods = json.load(sys.stdin)['pods']
-sys.exit(0 if len(pods) == 2 and all((p.get('load') or {}).get('kvCacheCapacityTokens', 0) > 0 for p in pods) else 1)"; do
+sys.exit(0 if len(pods) == 2 and all((p.get('load') or {}).get('kvCacheCapacityTokens', 0) > 0 for p in pods) else 1)" 2>/dev/null; do
       [ $SECONDS -lt $deadline ] || fail "dataplane $i has no engine load after 120 s (see $WORK/dataplane-$i.log)"
       sleep 0.5
     done
