@@ -1,5 +1,5 @@
 //! Prompt prefix hashing, the local index of where prefixes were sent (block
-//! by block, and which pod is home to each prefix group), and the
+//! by block, and each prefix group's first choice), and the
 //! deterministic choice (rendezvous hashing with bounded load) that lets
 //! several dataplanes agree on a pod for a prefix without talking.
 //!
@@ -197,7 +197,8 @@ type GroupMap = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
 type WeightsByPod = HashMap<u64, Vec<u64>, BuildHasherDefault<IdentityHasher>>;
 
 /// Where this dataplane recently sent each prefix block: block hash -> pod
-/// ids, most recent first; and the home of each prefix group ([`GroupTable`]).
+/// ids, most recent first; and the first choice of each prefix group
+/// ([`GroupTable`]).
 /// Bounded: each shard keeps two generations and drops the older one when
 /// the newer is full (an LRU approximation with O(1) upkeep and no per-entry
 /// list).
