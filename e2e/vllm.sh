@@ -38,6 +38,7 @@ ENGINE_PORT=18100
 ENGINE_HOSTS=(127.0.0.1 127.0.0.2)
 XDS_ADDR=127.0.0.1:18210
 ADMIN=127.0.0.1:18290
+CONTROLLER_DEBUG_PORT=18293
 DATAPLANE=127.0.0.1:18280
 PIDS=()
 
@@ -139,7 +140,7 @@ done
 # has both engines' load, KV-cache size included.
 start_switchyard() { # router-config dataplanes
   "$TARGET/switchyard-controller" --config-dir "$WORK/config" --router-config "$1" \
-    --xds-addr "$XDS_ADDR" --metrics-addr "$ADMIN" --controller-id e2e-vllm \
+    --xds-addr "$XDS_ADDR" --metrics-addr "$ADMIN" --debug-port "$CONTROLLER_DEBUG_PORT" --controller-id e2e-vllm \
     >>"$WORK/controller.log" 2>&1 &
   PIDS+=($!)
   DATAPLANES=()
@@ -259,7 +260,7 @@ json_check "'maximum context length' in r['error']['message']" "engine error bod
 pass "engine error passed through unchanged (400, $(wc -c <"$WORK/body") bytes identical to the engine's)"
 
 # Both engines' load in the controller's snapshot, while loaded and after.
-python3 "$ROOT/e2e/vllm_load_check.py" --admin "$ADMIN" \
+python3 "$ROOT/e2e/vllm_load_check.py" --controller-debug "127.0.0.1:$CONTROLLER_DEBUG_PORT" \
   --engine "vllm-0=${ENGINE_HOSTS[0]}:$ENGINE_PORT" --engine "vllm-1=${ENGINE_HOSTS[1]}:$ENGINE_PORT" \
   --max-num-seqs 8 --kv-cache-tokens 4096 --models tiny-llama,tiny-lora
 echo "e2e-vllm: all checks passed in $((SECONDS - STARTED_AT)) s"

@@ -9,10 +9,11 @@
 //! Start-up order, in both modes: [`begin`] serves the admin endpoints at
 //! once (`/readyz` answers 503) and loads the router configuration;
 //! [`StartingController::start`] waits for the source's first complete
-//! object set (Kubernetes: every cache listed), publishes the first
-//! snapshot, and only then binds the stream server, so a dataplane never
-//! receives a snapshot built from a half-read cluster (which would drop
-//! routes and pods it is serving).
+//! object set (Kubernetes: every cache listed), holds it while it has no
+//! ModelRoute (see [`source_hold`]), publishes the first snapshot, and only
+//! then binds the stream server, so a dataplane never receives a snapshot
+//! built from a half-read cluster or an accidentally empty source (which
+//! would drop routes and pods it is serving).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,21 +22,22 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, Registry};
 use switchyard_runtime::{CancellationToken, Debounce, TaskError, TaskSet, bind};
-use switchyard_snapshot::pb;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::DropGuard;
 
-use crate::admin::{self, AdminState, ObjectsView};
+use crate::admin::{self, AdminState, Endpoints, ObjectsView};
 use crate::cli::Args;
 use crate::compile::{Compiled, ObjectSet};
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
-use crate::router_config::watch_router_config;
+use crate::outlier::EjectionBoard;
+use crate::router_config::{RouterConfig, watch_router_config};
 use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
 mod compile_loop;
+pub mod source_hold;
 
 use compile_loop::{CompileLoop, LoopIo};
 
@@ -98,6 +100,7 @@ pub async fn begin(
 ) -> Result<StartingController, ControllerError> {
     let mut tasks = TaskSet::new(shutdown);
     let (admin_listener, admin_addr) = bind("admin", args.metrics_addr).await?;
+    let (debug_listener, debug_addr) = bind("debug", args.debug_socket_addr()).await?;
     let controller_id = args.effective_controller_id();
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
@@ -115,22 +118,37 @@ pub async fn begin(
         dataplanes: dataplanes.clone(),
         objects: objects_view_receiver,
     };
+    let debug_state = admin_state.clone();
     tasks.spawn_graceful("admin server", |stop| {
-        admin::serve(admin_listener, admin_state, stop.cancelled_owned())
+        admin::serve(
+            admin_listener,
+            admin_state,
+            Endpoints::Admin,
+            stop.cancelled_owned(),
+        )
     });
-    tracing::info!(addr = %admin_addr, "admin listening on {admin_addr}");
+    tasks.spawn_graceful("debug server", |stop| {
+        admin::serve(
+            debug_listener,
+            debug_state,
+            Endpoints::Debug,
+            stop.cancelled_owned(),
+        )
+    });
+    tracing::info!(addr = %admin_addr, debug = %debug_addr, "admin listening on {admin_addr}, debug on {debug_addr}");
 
-    let scheduler = match &args.router_config {
+    let router = match &args.router_config {
         Some(path) => {
-            let (scheduler, watcher) = watch_router_config(path.clone()).await?;
+            let (router, watcher) = watch_router_config(path.clone()).await?;
             tasks.spawn("router configuration watcher", watcher);
-            scheduler
+            router
         }
         // No file: dataplanes use their defaults, and there is nothing to watch.
-        None => watch::channel(None).1,
+        None => watch::channel(RouterConfig::default()).1,
     };
     Ok(StartingController {
         admin_addr,
+        debug_addr,
         publisher,
         tasks,
         controller_id,
@@ -140,8 +158,9 @@ pub async fn begin(
         metrics,
         dataplanes,
         objects_view,
-        scheduler,
+        router,
         xds_addr: args.xds_addr,
+        empty_source_grace_period: args.empty_source_grace_period,
         scrape_config: ScrapeConfig {
             interval: args.scrape_interval,
             timeout: args.effective_scrape_timeout(),
@@ -155,6 +174,8 @@ pub async fn begin(
 pub struct StartingController {
     /// Where the admin server listens.
     pub admin_addr: SocketAddr,
+    /// Where the debug server listens.
+    pub debug_addr: SocketAddr,
     /// Empty until the first compile.
     pub publisher: Arc<SnapshotPublisher>,
     tasks: TaskSet,
@@ -165,8 +186,9 @@ pub struct StartingController {
     metrics: ControllerMetrics,
     dataplanes: DataplaneRegistry,
     objects_view: watch::Sender<Arc<ObjectsView>>,
-    scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
+    router: watch::Receiver<RouterConfig>,
     xds_addr: SocketAddr,
+    empty_source_grace_period: Duration,
     scrape_config: ScrapeConfig,
 }
 
@@ -176,21 +198,32 @@ impl StartingController {
     pub async fn start(self, source: impl ObjectSource) -> Result<Controller, ControllerError> {
         let mut tasks = self.tasks;
         let SourceStarted {
-            objects,
+            mut objects,
             on_serving,
         } = source.start(&mut tasks).await?;
+        let source_status = source_hold::hold_while_empty(
+            &mut objects,
+            self.empty_source_grace_period,
+            &self.objects_view,
+            &self.metrics.source_held,
+        )
+        .await;
 
         let (targets, scrape_targets) = watch::channel(Vec::new());
         let (pod_loads, scrape_loop) =
             Scraper::prepare(self.scrape_config, scrape_targets, &self.registry)?;
         tasks.spawn("engine scraper", scrape_loop.run());
+        let ejections = Arc::new(EjectionBoard::default());
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
-            scheduler: self.scheduler,
+            router: self.router,
             pod_loads: pod_loads.clone(),
+            ejections: ejections.subscribe(),
             publisher: self.publisher.clone(),
             targets,
             objects_view: self.objects_view,
+            source_status,
+            metrics: self.metrics.clone(),
             compile_duration: self.compile_duration,
         });
         tasks.spawn("compile loop", compile_loop.run());
@@ -200,7 +233,8 @@ impl StartingController {
             self.publisher.clone(),
             self.dataplanes.clone(),
             self.xds_metrics,
-        );
+        )
+        .with_outlier_reports(ejections);
         tasks.spawn_graceful("snapshot stream server", |stop| {
             xds::serve(xds_listener, service, stop.cancelled_owned())
         });
@@ -226,6 +260,7 @@ impl StartingController {
         Ok(Controller {
             xds_addr,
             admin_addr: self.admin_addr,
+            debug_addr: self.debug_addr,
             publisher: self.publisher,
             dataplanes: self.dataplanes,
             stop_when_dropped: shutdown.clone().drop_guard(),
@@ -242,6 +277,8 @@ pub struct Controller {
     pub xds_addr: SocketAddr,
     /// Where the admin server listens.
     pub admin_addr: SocketAddr,
+    /// Where the debug server listens.
+    pub debug_addr: SocketAddr,
     pub publisher: Arc<SnapshotPublisher>,
     pub dataplanes: DataplaneRegistry,
     shutdown: CancellationToken,
@@ -321,6 +358,8 @@ mod tests {
             "--xds-addr=127.0.0.1:0",
             "--metrics-addr=127.0.0.1:0",
             "--controller-id=core-test",
+            // The test source is empty: publish it at once.
+            "--empty-source-grace-period=0s",
         ])
         .expect("valid flags")
     }

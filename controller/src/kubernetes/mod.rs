@@ -171,7 +171,7 @@ fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<Objec
         routes,
         servers,
         pods,
-        problems: Vec::new(),
+        ..ObjectSet::default()
     })
 }
 

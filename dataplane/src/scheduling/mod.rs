@@ -19,4 +19,6 @@ pub mod plugins;
 pub mod prefix;
 pub mod saturation;
 
-pub use framework::{Ranking, ScheduleError, ScheduleRequest, Scheduler, SchedulingShared};
+pub use framework::{
+    PairRanking, Ranking, ScheduleError, ScheduleRequest, Scheduler, SchedulingShared,
+};

@@ -95,6 +95,7 @@ pub fn pod(name: &str, ip: &str) -> pb::Endpoint {
     pb::Endpoint {
         name: name.into(),
         ip: ip.into(),
+        ..Default::default()
     }
 }
 
@@ -103,7 +104,7 @@ pub fn route_config(routes: Vec<pb::ModelRoute>, servers: Vec<pb::ModelServer>) 
     pb::RouteConfig {
         routes,
         servers,
-        scheduler: None,
+        ..Default::default()
     }
 }
 
