@@ -212,16 +212,18 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
                 _ => {}
             }
         }
-        if let Some(mut record) = self.record.take() {
-            record.set_produced_output(self.observer.events_forwarded());
-            record.finish(self.observer.usage(), outcome);
-        }
+        // The pod's in-flight count drops before the request is counted, so
+        // whoever sees it counted sees the pod released too.
         if let Some(guard) = self.guard.take() {
             tracing::debug!(
                 pod = %guard.pod().key,
                 usage = ?self.observer.usage(),
                 "response finished"
             );
+        }
+        if let Some(mut record) = self.record.take() {
+            record.set_produced_output(self.observer.events_forwarded());
+            record.finish(self.observer.usage(), outcome);
         }
     }
 }
@@ -230,6 +232,8 @@ impl<B> Drop for UpstreamBody<B> {
     /// The client went away mid-body: the record finishes with what the
     /// client received (a stream cut short is charged for its chunks).
     fn drop(&mut self) {
+        // Released before the request is counted, as in `end`.
+        drop(self.guard.take());
         if let Some(mut record) = self.record.take() {
             record.set_produced_output(self.observer.events_forwarded());
             record.finish(
