@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = "switchyard/routing/v1/routing.proto";
     println!("cargo:rerun-if-changed={proto_root}/{file}");
     let descriptors = protox::compile([file], [proto_root])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Holds a provider's secret: its Debug (lib.rs) never prints the value.
+        .skip_debug(["switchyard.routing.v1.ProviderCredential"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -222,6 +222,7 @@ fn resolve_targets(
                     resolved.push(pb::WeightedTarget {
                         model_server: key,
                         weight: target.weight,
+                        ..Default::default()
                     });
                 } else if servers.present.contains(&(namespace, server)) {
                     unresolved.push(Problem::new(

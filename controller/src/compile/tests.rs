@@ -70,6 +70,7 @@ fn target(server: &str, weight: u32) -> pb::WeightedTarget {
     pb::WeightedTarget {
         model_server: server.to_owned(),
         weight,
+        ..Default::default()
     }
 }
 
