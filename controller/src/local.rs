@@ -281,7 +281,7 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             .and_then(|metadata| metadata.get("name"))
             .and_then(serde_yaml::Value::as_str);
         let expected_api_version = match kind {
-            Some("ModelRoute" | "ModelServer") => CRD_API_VERSION,
+            Some("ModelRoute" | "ModelServer" | "ExternalModelProvider") => CRD_API_VERSION,
             Some("Pod" | "Secret") => POD_API_VERSION,
             Some(other) => {
                 tracing::debug!(
@@ -316,6 +316,11 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
                 Ok(None) => {}
                 Err(error) => objects.problems.push(problem(kind, name, error)),
             }
+            match read_credential_secret(&value) {
+                Ok(Some(secret)) => objects.provider_secrets.push(secret),
+                Ok(None) => {}
+                Err(error) => objects.problems.push(problem(kind, name, error)),
+            }
             continue;
         }
         let parsed = match kind {
@@ -325,6 +330,8 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             Some("ModelServer") => {
                 serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server))
             }
+            Some("ExternalModelProvider") => serde_yaml::from_value(value.clone())
+                .map(|provider| objects.providers.push(provider)),
             _ => serde_yaml::from_value(value.clone()).map(|pod| objects.pods.push(pod)),
         };
         if let Err(error) = parsed {
@@ -356,6 +363,31 @@ fn read_api_key_secret(
                 .to_owned()
         })?;
     crate::auth::api_key_of(&secret, crate::compile::DEFAULT_NAMESPACE).map(Some)
+}
+
+/// Reads a `Secret` document labelled as a provider credential; None for
+/// other Secrets. Like [`read_api_key_secret`], the error never quotes a value.
+fn read_credential_secret(
+    value: &serde_yaml::Value,
+) -> Result<Option<crate::compile::CredentialSecret>, String> {
+    let labelled = value
+        .get("metadata")
+        .and_then(|metadata| metadata.get("labels"))
+        .and_then(|labels| labels.get(switchyard_crd::PROVIDER_CREDENTIAL_LABEL))
+        .and_then(serde_yaml::Value::as_str)
+        == Some("true");
+    if !labelled {
+        return Ok(None);
+    }
+    let secret = serde_yaml::from_value::<k8s_openapi::api::core::v1::Secret>(value.clone())
+        .map_err(|_| {
+            "not a valid Secret: `data` values must be base64 strings, `stringData` values strings"
+                .to_owned()
+        })?;
+    Ok(crate::compile::providers::credential_secret_of(
+        &secret,
+        crate::compile::DEFAULT_NAMESPACE,
+    ))
 }
 
 /// Logs every problem of a load (each once per load).

@@ -46,7 +46,7 @@ impl Server {
         let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics)
             .with_key_hints(key_hints_sender);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(xds::serve(listener, service, async {
+        let task = tokio::spawn(xds::serve(listener, service, Default::default(), async {
             let _ = stopped.await;
         }));
         Self {

@@ -5,7 +5,7 @@
 //! - `/debug/router/state`: snapshot versions and age, controller connection,
 //!   in-flight requests and engine load per pod;
 //! - `/debug/routing/table`: the routes, rules and ModelServers in use;
-//! - `/debug/config_dump/{modelroutes,modelservers,pods}` and
+//! - `/debug/config_dump/{modelroutes,modelservers,externalmodelproviders,pods}` and
 //!   `/debug/config_dump/namespaces/{ns}/{modelroutes,modelservers,pods}/{name}`:
 //!   the snapshot in the Kthena router's dump shapes.
 
@@ -80,6 +80,9 @@ impl Admin {
         match segments.as_slice() {
             ["modelroutes"] => json(StatusCode::OK, &config_dump::modelroutes(config)),
             ["modelservers"] => json(StatusCode::OK, &config_dump::modelservers(config)),
+            ["externalmodelproviders"] => {
+                json(StatusCode::OK, &config_dump::externalmodelproviders(config))
+            }
             ["pods"] => {
                 let loads = pod_loads(&table);
                 json(

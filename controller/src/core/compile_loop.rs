@@ -15,7 +15,8 @@ use tokio::sync::watch;
 
 use crate::admin::ObjectsView;
 use crate::compile::{
-    CompileInput, Compiled, ObjectReport, ObjectSet, compile, compile_endpoint_loads,
+    CompileInput, Compiled, ObjectReport, ObjectSet, ProviderReport, compile,
+    compile_endpoint_loads,
 };
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodLoads, ScrapeTarget};
@@ -34,6 +35,9 @@ pub(super) struct LoopIo {
     pub targets: watch::Sender<Vec<ScrapeTarget>>,
     pub objects_view: watch::Sender<Arc<ObjectsView>>,
     pub compile_duration: HistogramVec,
+    /// The stream is encrypted with authenticated clients: provider
+    /// credentials may be shipped.
+    pub ship_credentials: bool,
 }
 
 /// Recompiles on every change of its inputs and publishes the results.
@@ -48,6 +52,7 @@ pub(super) struct CompileLoop {
 #[derive(Default)]
 struct Logged {
     reports: Vec<ObjectReport>,
+    providers: Vec<ProviderReport>,
     auth_problems: Vec<String>,
 }
 
@@ -125,6 +130,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
         jwks_keys: &jwks_keys,
         pod_loads: &pod_loads,
         now_unix_ms: clock::unix_ms_now(),
+        ship_credentials: io.ship_credentials,
     });
     observe(io, "route_config", started);
 
@@ -141,6 +147,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
         );
     }
     log_new_rejections(&mut reported.reports, &compiled.reports);
+    log_unready_providers(&mut reported.providers, &compiled.provider_reports);
     if compiled.auth_problems != reported.auth_problems {
         for problem in &compiled.auth_problems {
             tracing::warn!(%problem, "API key left out");
@@ -156,6 +163,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     });
     io.objects_view.send_replace(Arc::new(ObjectsView {
         reports: compiled.reports.clone(),
+        providers: compiled.provider_reports.clone(),
         load_problems: objects.problems.clone(),
     }));
     // Endpoints may have come or gone: their loads follow.
@@ -200,6 +208,23 @@ fn log_new_rejections(reported: &mut Vec<ObjectReport>, reports: &[ObjectReport]
             in_snapshot = report.in_snapshot,
             detail = %failed.message,
             "object not fully programmed"
+        );
+    }
+    *reported = reports.to_vec();
+}
+
+fn log_unready_providers(reported: &mut Vec<ProviderReport>, reports: &[ProviderReport]) {
+    for report in reports {
+        if report.ready.status || reported.contains(report) {
+            continue;
+        }
+        tracing::warn!(
+            kind = "ExternalModelProvider",
+            namespace = %report.namespace,
+            name = %report.name,
+            reason = report.ready.reason.as_str(),
+            detail = %report.ready.message,
+            "provider not ready"
         );
     }
     *reported = reports.to_vec();

@@ -33,7 +33,9 @@ use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
 use crate::router_config::{RouterConfig, watch_router_config};
 use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
-use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
+use crate::xds::{
+    self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, StreamSecurity, XdsMetrics,
+};
 
 mod compile_loop;
 
@@ -96,6 +98,7 @@ pub async fn begin(
     args: &Args,
     shutdown: CancellationToken,
 ) -> Result<StartingController, ControllerError> {
+    let stream_security = StreamSecurity::load(&args.stream_security_files())?;
     let mut tasks = TaskSet::new(shutdown);
     let (admin_listener, admin_addr) = bind("admin", args.metrics_addr).await?;
     let controller_id = args.effective_controller_id();
@@ -142,6 +145,7 @@ pub async fn begin(
         objects_view,
         router,
         xds_addr: args.xds_addr,
+        stream_security,
         scrape_config: ScrapeConfig {
             interval: args.scrape_interval,
             timeout: args.effective_scrape_timeout(),
@@ -167,6 +171,7 @@ pub struct StartingController {
     objects_view: watch::Sender<Arc<ObjectsView>>,
     router: watch::Receiver<RouterConfig>,
     xds_addr: SocketAddr,
+    stream_security: StreamSecurity,
     scrape_config: ScrapeConfig,
 }
 
@@ -206,6 +211,7 @@ impl StartingController {
             targets,
             objects_view: self.objects_view,
             compile_duration: self.compile_duration,
+            ship_credentials: self.stream_security.protects_credentials(),
         });
         tasks.spawn("compile loop", compile_loop.run());
 
@@ -216,8 +222,14 @@ impl StartingController {
             self.xds_metrics,
         )
         .with_key_hints(key_hints);
+        tracing::info!(
+            security = ?self.stream_security,
+            ships_provider_credentials = self.stream_security.protects_credentials(),
+            "snapshot stream security"
+        );
+        let security = self.stream_security;
         tasks.spawn_graceful("snapshot stream server", |stop| {
-            xds::serve(xds_listener, service, stop.cancelled_owned())
+            xds::serve(xds_listener, service, security, stop.cancelled_owned())
         });
         tracing::info!(addr = %xds_addr, "xds listening on {xds_addr}");
 
