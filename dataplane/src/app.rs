@@ -38,6 +38,64 @@ pub enum AppError {
     Task(#[from] TaskError),
 }
 
+/// The TLS settings and token of the controller stream, from the flags.
+fn stream_credentials(
+    args: &Args,
+    controller: &http::Uri,
+) -> Result<xds_client::StreamCredentials, AppError> {
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path)
+            .map_err(|error| AppError::Config(format!("{flag} {}: {error}", path.display())))
+    };
+    let https = controller.scheme_str() == Some("https");
+    let mut credentials = xds_client::StreamCredentials::default();
+    if https {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &args.controller_ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(
+                ca,
+                "--controller-ca",
+            )?));
+        }
+        match (&args.controller_cert, &args.controller_key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert, "--controller-cert")?,
+                    read(key, "--controller-key")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(AppError::Config(
+                    "--controller-cert and --controller-key go together".to_owned(),
+                ));
+            }
+        }
+        credentials.tls = Some(tls);
+    } else if args.controller_ca.is_some()
+        || args.controller_cert.is_some()
+        || args.controller_token_file.is_some()
+    {
+        return Err(AppError::Config(
+            "--controller-ca, --controller-cert and --controller-token-file need an https:// --controller (the token would travel in clear)".to_owned(),
+        ));
+    }
+    if let Some(path) = &args.controller_token_file {
+        let token = read(path, "--controller-token-file")?;
+        let token = String::from_utf8_lossy(&token).trim().to_owned();
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}").parse().map_err(|_| {
+                AppError::Config(format!(
+                    "--controller-token-file {}: not a valid header value",
+                    path.display()
+                ))
+            })?;
+        value.set_sensitive(true);
+        credentials.authorization = Some(value);
+    }
+    Ok(credentials)
+}
+
 /// Runs the dataplane until `shutdown` is cancelled, then drains.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError> {
     let controller: http::Uri = args.controller.parse().map_err(|error| {
@@ -101,6 +159,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let mut tasks = TaskSet::new(shutdown);
     let unknown_keys = store.unknown_keys().clone();
     let xds_config = XdsClientConfig {
+        security: stream_credentials(&args, &controller)?,
         controller,
         node_id: args.resolved_node_id(),
         ..XdsClientConfig::default()
