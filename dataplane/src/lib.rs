@@ -10,6 +10,7 @@
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
+//! [`providers`] (external model providers: URL, headers, HTTPS clients),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod config_file;
 pub mod error;
 pub mod metrics;
 pub mod pod;
+pub mod providers;
 pub mod proxy;
 pub mod rate_limit;
 pub mod request;

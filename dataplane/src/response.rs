@@ -394,7 +394,10 @@ mod tests {
         );
         assert_eq!(
             responses.usage(),
-            Some(Usage { prompt_tokens: 9, completion_tokens: 4 })
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 4
+            })
         );
 
         let mut anthropic = ResponseObserver::new(true, false);
@@ -409,10 +412,16 @@ mod tests {
         );
         assert_eq!(
             anthropic.usage(),
-            Some(Usage { prompt_tokens: 35, completion_tokens: 15 }),
+            Some(Usage {
+                prompt_tokens: 35,
+                completion_tokens: 15
+            }),
             "input = input + cache creation + cache read; output from message_delta"
         );
-        assert!(String::from_utf8_lossy(&out).contains("message_stop"), "nothing hidden");
+        assert!(
+            String::from_utf8_lossy(&out).contains("message_stop"),
+            "nothing hidden"
+        );
 
         let mut json = ResponseObserver::new(false, false);
         run(
@@ -421,7 +430,10 @@ mod tests {
         );
         assert_eq!(
             json.usage(),
-            Some(Usage { prompt_tokens: 7, completion_tokens: 2 })
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 2
+            })
         );
     }
 
