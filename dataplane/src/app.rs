@@ -11,6 +11,8 @@ use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
 use crate::metrics::{ObservedStore, RouterMetrics};
+use crate::providers::ProviderClients;
+use crate::proxy::forward::HyperUpstream;
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
 use crate::proxy::{Proxy, ProxyConfig};
@@ -136,7 +138,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         controller: status.clone(),
         metrics: metrics.clone(),
     });
-    let proxy = Arc::new(Proxy::new(
+    let provider_clients = ProviderClients::new(args.provider_ca_bundle.as_deref())
+        .map_err(|error| AppError::Config(error.to_string()))?;
+    let proxy = Arc::new(Proxy::with_upstream(
         store.clone(),
         ProxyConfig {
             max_body_bytes: args.max_body_bytes,
@@ -145,6 +149,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             metrics: metrics.clone(),
             access_log,
         }),
+        HyperUpstream::with_providers(Some(provider_clients)),
     ));
     let sink = Arc::new(ObservedStore {
         store: store.clone(),

@@ -32,6 +32,8 @@ pub enum ErrorKind {
     NoReadyPod,
     /// Every attempt to connect to a pod failed.
     UpstreamUnavailable,
+    /// The route's external provider does not serve the request's path.
+    UnsupportedProviderPath,
     /// The pod did not answer with headers within the ModelServer's timeout.
     UpstreamTimeout,
     /// The pod's connection failed after the request was sent.
@@ -51,9 +53,10 @@ impl ErrorKind {
             Self::UnknownPath | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidBody | Self::InvalidModel | Self::UnsupportedMediaType => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidBody
+            | Self::InvalidModel
+            | Self::UnsupportedMediaType
+            | Self::UnsupportedProviderPath => StatusCode::BAD_REQUEST,
             Self::NotReady
             | Self::NoReadyPod
             | Self::UpstreamUnavailable
@@ -78,6 +81,7 @@ impl ErrorKind {
             Self::NotReady => "router_not_ready",
             Self::NoReadyPod => "no_ready_pod",
             Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UnsupportedProviderPath => "provider_unsupported_path",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
             Self::Unauthenticated => "invalid_authentication",

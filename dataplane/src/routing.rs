@@ -12,8 +12,10 @@ use http::header::HeaderName;
 use regex::Regex;
 
 use crate::pod::PodState;
+use crate::providers::Provider;
 
-/// A ModelServer as the dataplane uses it.
+/// A ModelServer as the dataplane uses it, or an external provider (no pods;
+/// `provider` set), which routes target the same way.
 #[derive(Debug)]
 pub struct Server {
     /// `namespace/name`.
@@ -29,6 +31,8 @@ pub struct Server {
     pub pods: Vec<Arc<PodState>>,
     /// Spreads ties between equally loaded pods.
     pub rotation: AtomicUsize,
+    /// Set for an ExternalModelProvider: requests go to it, not to pods.
+    pub provider: Option<Arc<Provider>>,
 }
 
 /// A compiled string condition.
@@ -259,6 +263,7 @@ mod tests {
             retry_interval: Duration::ZERO,
             pods: Vec::new(),
             rotation: AtomicUsize::new(0),
+            provider: None,
         })
     }
 

@@ -6,7 +6,10 @@
 //! 2. [`authenticate`]: who sent it (an [`Identity`]), from its head alone;
 //! 3. [`admission`]: may it go upstream now (token rate limits; the
 //!    fairness queue's place);
-//! 4. [`route`]: ModelRoute, rule and ModelServer; the body edits;
+//! 4. [`route`]: ModelRoute, rule and ModelServer (or external provider);
+//!    the body edits;
+//!    - [`provider`]: for an external provider, instead of 5 and 6: the
+//!      request sent over HTTPS with its credential, the answer passed through;
 //! 5. [`schedule`]: the ranked candidate pods, the request id;
 //! 6. [`forward`]: the attempts over the candidates (retries, timeouts,
 //!    ejection), a pure [`policy`](forward::policy) driving an
@@ -26,6 +29,7 @@ pub mod admit;
 pub mod authenticate;
 pub mod forward;
 pub mod log;
+pub mod provider;
 pub mod respond;
 pub mod route;
 pub mod schedule;
@@ -155,6 +159,16 @@ impl<U: Upstream> Proxy<U> {
         )
         .await?;
         let mut routed = route::route(&table.index, &request, record)?;
+        if let Some(provider) = routed.decision.server.provider.clone() {
+            return provider::forward_to_provider(
+                &self.upstream,
+                &provider,
+                request,
+                routed,
+                record,
+            )
+            .await;
+        }
         let scheduled = schedule::schedule(&table.scheduler, &request, &routed, record)?;
         let InferenceRequest { head, body, .. } = request;
         let outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);

@@ -480,6 +480,7 @@ mod tests {
                 })
                 .collect(),
             rotation: AtomicUsize::new(0),
+            provider: None,
         }
     }
 

@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::BodyError;
+use crate::providers::{Provider, ProviderClients};
 
 /// Idle upstream connections are kept this long: engines keep connections
 /// open much longer, and reconnecting costs a handshake on the request path.
@@ -51,23 +52,43 @@ pub trait Upstream: Send + Sync + 'static {
         &self,
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<Response<Self::Body>, UpstreamError>> + Send;
+
+    /// Sends one request to an external provider (an `https://` URI).
+    /// Never [`UpstreamError::Timeout`].
+    fn send_to_provider(
+        &self,
+        provider: &Provider,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Self::Body>, UpstreamError>> + Send;
 }
 
-/// hyper's pooled HTTP/1.1 client.
+/// hyper's pooled HTTP/1.1 client for pods, and the HTTPS clients of the
+/// external providers.
 #[derive(Debug, Clone)]
 pub struct HyperUpstream {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// None when no TLS client could be built (see the start-up log).
+    providers: Option<ProviderClients>,
 }
 
 impl HyperUpstream {
+    /// Providers' certificates are checked against the system roots only.
     pub fn new() -> Self {
+        let providers = ProviderClients::new(None)
+            .inspect_err(|error| tracing::error!(%error, "no HTTPS client for external providers"))
+            .ok();
+        Self::with_providers(providers)
+    }
+
+    /// With the given provider clients (e.g. trusting a CA bundle).
+    pub fn with_providers(providers: Option<ProviderClients>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
             .build(connector);
-        Self { client }
+        Self { client, providers }
     }
 }
 
@@ -85,14 +106,33 @@ impl Upstream for HyperUpstream {
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send {
         let pending = self.client.request(request);
+        async move { pending.await.map_err(classify) }
+    }
+
+    fn send_to_provider(
+        &self,
+        provider: &Provider,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send {
+        let pending = self
+            .providers
+            .as_ref()
+            .map(|clients| clients.for_provider(provider).request(request));
         async move {
-            pending.await.map_err(|error| {
-                if error.is_connect() {
-                    UpstreamError::Connect(error.to_string())
-                } else {
-                    UpstreamError::BeforeHeaders(error.to_string())
-                }
-            })
+            match pending {
+                Some(pending) => pending.await.map_err(classify),
+                None => Err(UpstreamError::Connect(
+                    "no HTTPS client for external providers".to_owned(),
+                )),
+            }
         }
+    }
+}
+
+fn classify(error: hyper_util::client::legacy::Error) -> UpstreamError {
+    if error.is_connect() {
+        UpstreamError::Connect(error.to_string())
+    } else {
+        UpstreamError::BeforeHeaders(error.to_string())
     }
 }

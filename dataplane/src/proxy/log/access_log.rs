@@ -280,6 +280,7 @@ struct JsonLine<'a> {
     model_server: Option<&'a str>,
     selected_pod: Option<&'a str>,
     request_id: Option<&'a str>,
+    backend_type: Option<&'static str>,
     user_id: Option<&'a str>,
     tier: Option<&'a str>,
     input_tokens: u64,
@@ -336,6 +337,14 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
     let route = entry.route.as_ref().map(|route| route.key.as_str());
     let server = entry.server.as_ref().map(|server| server.key.as_str());
     let pod = entry.pod.as_ref().map(|pod| pod.name.as_str());
+    // As Kthena's access log names them.
+    let backend_type = entry.server.as_ref().map(|server| {
+        if server.provider.is_some() {
+            "external_provider"
+        } else {
+            "model_server"
+        }
+    });
     let user_id = entry.user.as_ref().map(|user| user.user_id.as_str());
     let tier = entry.user.as_ref().and_then(|user| user.tier.as_deref());
     match format {
@@ -351,6 +360,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 model_server: server,
                 selected_pod: pod,
                 request_id,
+                backend_type,
                 user_id,
                 tier,
                 input_tokens: entry.input_tokens,
@@ -389,6 +399,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 ("model_server", server),
                 ("selected_pod", pod),
                 ("request_id", request_id),
+                ("backend_type", backend_type),
                 ("user_id", user_id),
                 ("tier", tier),
             ];
@@ -472,13 +483,14 @@ mod tests {
         assert_eq!(line["upstream_attempts"], 1);
         assert_eq!(line["error"], serde_json::Value::Null);
         assert_eq!(line["user_id"], serde_json::Value::Null);
+        assert!(line["backend_type"].is_null() || line["backend_type"] == "model_server");
         let keys: Vec<&str> = line
             .as_object()
             .expect("object")
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 22, "{keys:?}");
+        assert_eq!(keys.len(), 23, "{keys:?}");
     }
 
     #[test]
