@@ -215,7 +215,26 @@ impl Admin {
                 })
             })
             .collect();
-        json!({"version": table.version, "routes": routes, "modelServers": servers})
+        // The Debug of a provider names it and its URL, never its headers (the credential).
+        let providers: Vec<_> = table
+            .providers
+            .iter()
+            .filter_map(|server| server.provider.as_ref().map(|provider| (server, provider)))
+            .map(|(server, provider)| {
+                json!({
+                    "externalModelProvider": server.key,
+                    "providerType": provider.kind.as_str(),
+                    "model": server.model_rewrite,
+                    "provider": format!("{provider:?}"),
+                })
+            })
+            .collect();
+        json!({
+            "version": table.version,
+            "routes": routes,
+            "modelServers": servers,
+            "externalModelProviders": providers,
+        })
     }
 }
 

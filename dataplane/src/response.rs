@@ -175,6 +175,11 @@ impl ResponseObserver {
         }
     }
 
+    /// Whether frames may be dropped (a stream whose usage chunk is hidden).
+    pub fn may_shrink(&self) -> bool {
+        matches!(self, Self::Stream(stream) if stream.hide_usage_chunk)
+    }
+
     pub fn usage(&self) -> Option<Usage> {
         match self {
             Self::Stream(stream) => stream.usage,

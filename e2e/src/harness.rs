@@ -537,6 +537,8 @@ pub struct Stack {
     pub engines: Vec<Process>,
     pub config_dir: PathBuf,
     pub xds_addr: SocketAddr,
+    /// `http`, or `https` for a controller serving its stream over TLS.
+    pub xds_scheme: &'static str,
     pub controller_admin: SocketAddr,
     pub http: HttpClient,
     /// This stack's own loopback subnet ([`test_subnet`]).
@@ -593,6 +595,7 @@ impl Stack {
             engines: Vec::new(),
             controller: None,
             xds_addr: free_addr(),
+            xds_scheme: "http",
             controller_admin: free_addr(),
             dataplanes: Vec::new(),
             http: HttpClient::default(),
@@ -792,7 +795,7 @@ impl Stack {
         let (traffic, metrics, debug) = (free_addr(), free_addr(), free_addr());
         let mut args = vec![
             "--controller".to_owned(),
-            format!("http://{}", self.xds_addr),
+            format!("{}://{}", self.xds_scheme, self.xds_addr),
             "--host".to_owned(),
             "127.0.0.1".to_owned(),
             "--port".to_owned(),

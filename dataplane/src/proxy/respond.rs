@@ -168,6 +168,9 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ProxyBody<B> {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full(full) => full.size_hint(),
+            // Hiding the usage chunk shrinks the body: its upstream length
+            // (an SSE answer with a Content-Length) no longer holds.
+            Self::Upstream(upstream) if upstream.observer.may_shrink() => SizeHint::default(),
             Self::Upstream(upstream) => upstream.body.size_hint(),
         }
     }
