@@ -63,7 +63,10 @@ fn manifests_are_named_after_the_crds_and_parse_back() {
             crd.spec.names.kind
         })
         .collect();
-    assert_eq!(kinds, ["ModelRoute", "ModelServer", "ExternalModelProvider"]);
+    assert_eq!(
+        kinds,
+        ["ModelRoute", "ModelServer", "ExternalModelProvider"]
+    );
 }
 
 /// The schema node at a `/`-separated path of property names below `spec` or `status`.
