@@ -52,13 +52,15 @@ fn stream_credentials(
     let https = controller.scheme_str() == Some("https");
     let mut credentials = xds_client::StreamCredentials::default();
     if https {
-        let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
-        if let Some(ca) = &args.controller_ca {
-            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(
-                ca,
-                "--controller-ca",
-            )?));
-        }
+        // The stream's certificate comes from the cluster's own CA, never a public one.
+        let ca = args.controller_ca.as_deref().ok_or_else(|| {
+            AppError::Config(
+                "an https:// --controller needs --controller-ca (the CA that signed the controller's certificate)".to_owned(),
+            )
+        })?;
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(read(ca, "--controller-ca")?),
+        );
         match (&args.controller_cert, &args.controller_key) {
             (Some(cert), Some(key)) => {
                 tls = tls.identity(tonic::transport::Identity::from_pem(

@@ -18,8 +18,8 @@ pub struct Args {
     /// Controller snapshot stream, e.g. http://switchyard-controller:15010.
     #[arg(long, env = "SWITCHYARD_CONTROLLER")]
     pub controller: String,
-    /// PEM CA bundle that signed the controller's stream certificate (an
-    /// `https://` --controller) [default: the system roots].
+    /// PEM CA bundle that signed the controller's stream certificate
+    /// (required with an `https://` --controller).
     #[arg(long, env = "SWITCHYARD_CONTROLLER_CA", value_name = "FILE")]
     pub controller_ca: Option<std::path::PathBuf>,
     /// PEM client certificate presented to the controller (mutual TLS), with --controller-key.
