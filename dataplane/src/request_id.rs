@@ -52,6 +52,15 @@ fn next_counter() -> u64 {
     })
 }
 
+/// The client's `x-request-id`, or a new one when it sent none.
+pub fn of_request(headers: &http::HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .filter(|value| !value.is_empty())
+        .cloned()
+        .unwrap_or_else(generate)
+}
+
 /// A fresh id for a request that came without one.
 pub fn generate() -> HeaderValue {
     let prefix = *PROCESS_PREFIX;

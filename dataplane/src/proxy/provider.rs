@@ -41,13 +41,7 @@ pub async fn forward_to_provider<U: Upstream>(
             ),
         ));
     }
-    let request_id = request
-        .head
-        .headers
-        .get(REQUEST_ID_HEADER)
-        .filter(|value| !value.is_empty())
-        .cloned()
-        .unwrap_or_else(crate::request_id::generate);
+    let request_id = crate::request_id::of_request(&request.head.headers);
     record.set_request_id(&request_id);
     let InferenceRequest { head, body, .. } = request;
     let uri = head

@@ -9,7 +9,6 @@ use super::log::RequestRecord;
 use super::route::Routed;
 use crate::error::{ApiError, ErrorKind};
 use crate::pod::PodState;
-use crate::request_id::REQUEST_ID_HEADER;
 use crate::scheduling::{Ranking, ScheduleRequest, Scheduler};
 
 /// The candidates of one request, best first.
@@ -35,13 +34,7 @@ pub fn schedule(
         scheduler.prompt_hashes(model, &request.body, request.parsed.prompt_span.as_ref());
     // Named here, as the request is committed to an engine: the log of a
     // request refused earlier carries only the client's own id.
-    let request_id = request
-        .head
-        .headers
-        .get(REQUEST_ID_HEADER)
-        .filter(|value| !value.is_empty())
-        .cloned()
-        .unwrap_or_else(crate::request_id::generate);
+    let request_id = crate::request_id::of_request(&request.head.headers);
     record.set_request_id(&request_id);
     let ranking = scheduler
         .schedule(
@@ -73,6 +66,7 @@ mod tests {
     use super::*;
     use crate::proxy::route::route;
     use crate::proxy::testing::{inference_request, one_route_store, test_record};
+    use crate::request_id::REQUEST_ID_HEADER;
 
     fn scheduled(request: &InferenceRequest, pods: usize) -> Result<Scheduled, ApiError> {
         let store = one_route_store("m", &[], None, pods);
