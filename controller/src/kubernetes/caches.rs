@@ -142,17 +142,6 @@ impl Caches {
         }
     }
 
-    /// Caches seeded with providers too.
-    pub fn with_providers(
-        mut self,
-        providers: Vec<ExternalModelProvider>,
-        credential_secrets: Vec<Secret>,
-    ) -> Self {
-        self.providers = vec![Cache::seeded(providers)];
-        self.credential_secrets = vec![Cache::seeded(credential_secrets)];
-        self
-    }
-
     /// The providers and their credential Secrets' data, in canonical order.
     pub fn providers(&self) -> (Vec<ExternalModelProvider>, Vec<CredentialSecret>) {
         let secrets = collect(&self.credential_secrets)
