@@ -4,12 +4,14 @@
 //! A request goes through the phases of [`proxy`], in order: admit (method,
 //! path, body; the body parse in [`request`]), authenticate, admission, route
 //! (with the table of [`routing`]), schedule (the plugins of [`scheduling`]),
-//! forward (the attempt policy: retries, timeouts, ejection, failover),
+//! forward (the attempt policy: retries, timeouts, ejection, failover; two
+//! legs per attempt for a prefill/decode ModelServer),
 //! respond (streaming back, usage read by [`response`]) and log (request
 //! [`metrics`] and the access log).
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
-//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
+//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load,
+//! outlier ejection), [`lazy_series`] (metric series created on first use),
 //! [`providers`] (external model providers: URL, headers, HTTPS clients),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
@@ -21,6 +23,9 @@ pub mod auth;
 pub mod cli;
 pub mod config_file;
 pub mod error;
+pub mod health;
+pub mod lazy_series;
+pub mod limits;
 pub mod metrics;
 pub mod pod;
 pub mod providers;

@@ -1,7 +1,9 @@
 //! The pure core: ModelRoutes, ModelServers, ExternalModelProviders, Pods,
-//! Secrets, the router configuration and scraped engine load in, a routing snapshot and one report per object out.
-//! The controller publishes exactly what [`compile`] returns; on a scrape it
-//! reruns only [`compile_endpoint_loads`], the part that depends on load.
+//! Secrets, the router configuration and scraped engine load in, a routing
+//! snapshot and one report per object out.
+//! The controller publishes exactly what [`compile`] returns; on a scrape or
+//! a dataplane's outlier report it reruns only [`compile_endpoint_loads`]
+//! and [`compile_ejections`], the parts that depend on them.
 //!
 //! No I/O and no clock reads (the time is an input), and every list in the
 //! output is built in a canonical order, so equal inputs give byte-identical
@@ -16,11 +18,16 @@ use switchyard_crd::{ModelRoute, ModelServer};
 use switchyard_snapshot::{object_key, pb};
 
 use crate::auth::compile_auth;
+use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+mod ignored;
 mod objects;
 mod pod_index;
+mod prefill_decode;
+#[cfg(test)]
+mod prefill_decode_tests;
 pub mod providers;
 mod report;
 mod routes;
@@ -29,8 +36,9 @@ mod servers;
 mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
+pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
 pub use providers::{CompiledProviders, CredentialSecret, ProviderReport, compile_providers};
-pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
+pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
 /// Namespace of objects whose `metadata.namespace` is unset (local files), as in Kubernetes.
@@ -41,12 +49,14 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
     /// The router configuration (`--router-config`; the default without one):
-    /// its scheduler section and tiers are shipped as they are, its JWT
-    /// settings with `jwks_keys`.
+    /// its scheduler section, tiers and outlier detection are shipped as they
+    /// are, its JWT settings with `jwks_keys`.
     pub router: &'a RouterConfig,
     /// The JWT issuer's keys as last fetched (see [`crate::auth::jwks`]).
     pub jwks_keys: &'a [String],
     pub pod_loads: &'a BTreeMap<PodKey, PodLoad>,
+    /// Pods the dataplanes reported ejecting.
+    pub ejections: &'a ReportedEjections,
     /// The compile time; becomes the snapshot's `generated_at_unix_ms`.
     pub now_unix_ms: i64,
     /// The snapshot stream is encrypted and its clients authenticated, so
@@ -98,7 +108,17 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let (auth, auth_problems) =
         compile_auth(&objects.api_keys, router.auth.as_ref(), input.jwks_keys);
     routes.route_config.auth = auth;
-    let endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
+    routes.route_config.outlier_detection = router.outlier_detection.defaults;
+    for server in &mut routes.route_config.servers {
+        server.outlier_detection = router
+            .outlier_detection
+            .model_servers
+            .get(&object_key(&server.namespace, &server.name))
+            .cloned();
+    }
+    let mut endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
+    endpoint_loads.ejections =
+        compile_ejections(&routes.route_config, input.ejections, input.now_unix_ms);
     Compiled {
         route_config: routes.route_config,
         endpoint_loads,
@@ -291,6 +311,39 @@ pub fn compile_endpoint_loads(
     }
 }
 
+/// The reported ejections of `route_config`'s pods still in force at
+/// `now_unix_ms`, sorted by (namespace, pod), for EndpointLoads.
+pub fn compile_ejections(
+    route_config: &pb::RouteConfig,
+    ejections: &ReportedEjections,
+    now_unix_ms: i64,
+) -> Vec<pb::PodEjection> {
+    if ejections.is_empty() {
+        return Vec::new();
+    }
+    let mut selected: BTreeMap<(&str, &str), &crate::outlier::ReportedEjection> = BTreeMap::new();
+    for server in &route_config.servers {
+        for endpoint in &server.endpoints {
+            let key = object_key(&server.namespace, &endpoint.name);
+            if let Some(ejection) = ejections.get(&key)
+                && ejection.until_unix_ms > now_unix_ms
+            {
+                selected.insert((&server.namespace, &endpoint.name), ejection);
+            }
+        }
+    }
+    selected
+        .into_iter()
+        .map(|((namespace, pod), ejection)| pb::PodEjection {
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            until_unix_ms: ejection.until_unix_ms,
+            reason: ejection.reason.to_owned(),
+            ..Default::default()
+        })
+        .collect()
+}
+
 /// Engines can export NaN (e.g. a mean over zero samples); a dataplane would
 /// rightly reject such a snapshot, and "no data" is what 0 means on the wire.
 fn finite_or_zero(value: f64) -> f64 {
@@ -323,12 +376,15 @@ fn duplicate_report(
         },
         ready_pods: None,
         total_pods: None,
+        pd_groups: None,
+        complete_pd_groups: None,
         in_snapshot: false,
+        ignored_fields: Vec::new(),
     }
 }
 
 /// `metadata.namespace`, or `default` when unset.
-pub(crate) fn namespace_of(metadata: &ObjectMeta) -> &str {
+pub fn namespace_of(metadata: &ObjectMeta) -> &str {
     non_empty(metadata.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)
 }
 

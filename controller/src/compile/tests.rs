@@ -10,6 +10,8 @@ use switchyard_snapshot::test_builders as builders;
 use switchyard_snapshot::{ResourceType, content_version, pb};
 
 use super::*;
+use crate::outlier::ReportedEjection;
+use crate::router_config::OutlierConfig;
 
 fn route(yaml: &str) -> ModelRoute {
     serde_yaml::from_str(yaml).expect("test ModelRoute YAML parses")
@@ -76,6 +78,17 @@ fn target(server: &str, weight: u32) -> pb::WeightedTarget {
 
 fn compile_objects(routes: &[ModelRoute], servers: &[ModelServer], pods: &[Pod]) -> CompiledRoutes {
     compile_route_config(routes, servers, pods)
+}
+
+/// `config` without the pod facts only debug dumps use (labels), so it
+/// compares with snapshots built from [`builders`].
+fn routing_only(mut config: pb::RouteConfig) -> pb::RouteConfig {
+    for server in &mut config.servers {
+        for endpoint in &mut server.endpoints {
+            endpoint.labels.clear();
+        }
+    }
+    config
 }
 
 // --- the Kthena routing guide's scenarios (testdata/kthena/router-routing-guide.txt)
@@ -294,7 +307,10 @@ fn guide_expected_route_config() -> pb::RouteConfig {
 fn guide_scenarios_compile_to_the_expected_snapshot() {
     let (routes, servers, pods) = guide_inputs();
     let compiled = compile_objects(&routes, &servers, &pods);
-    assert_eq!(compiled.route_config, guide_expected_route_config());
+    assert_eq!(
+        routing_only(compiled.route_config.clone()),
+        guide_expected_route_config()
+    );
     assert_eq!(compiled.reports.len(), 8);
     for report in &compiled.reports {
         assert!(report.is_healthy(), "{report:#?}");
@@ -997,7 +1013,7 @@ fn only_ready_selected_pods_in_the_namespace_become_endpoints() {
     ];
     let compiled = compile_objects(&[], &[simple_server("s", "s")], &pods);
     assert_eq!(
-        compiled.route_config.servers[0].endpoints,
+        routing_only(compiled.route_config.clone()).servers[0].endpoints,
         vec![
             builders::pod("alpha", "fd00::1"),
             builders::pod("zeta", "10.0.0.9")
@@ -1209,37 +1225,71 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         routes: routes.clone(),
         servers: servers.clone(),
         pods: pods.clone(),
-        ..Default::default()
+        ..ObjectSet::default()
     };
     let scheduler = pb::SchedulerConfig {
         top_n: 3,
         ..Default::default()
     };
-    let router = RouterConfig {
-        scheduler: Some(scheduler.clone()),
+    let defaults = pb::OutlierDetection {
+        consecutive_failures: Some(3),
         ..Default::default()
     };
+    let for_7b = pb::OutlierDetection {
+        max_ejection_percent: Some(100),
+        ..Default::default()
+    };
+    let router = RouterConfig {
+        scheduler: Some(scheduler.clone()),
+        outlier_detection: OutlierConfig {
+            defaults: Some(defaults),
+            model_servers: [("default/deepseek-r1-7b".to_owned(), for_7b)].into(),
+        },
+        ..RouterConfig::default()
+    };
+    let reported = |until_unix_ms| ReportedEjection {
+        until_unix_ms,
+        reason: "5xx",
+    };
+    let ejections: ReportedEjections = [
+        ("default/ds7-0".to_owned(), reported(100)),
+        // Ended before the compile: left out.
+        ("default/ds15-v1-0".to_owned(), reported(42)),
+        // Not an endpoint of any server in the snapshot: left out.
+        ("default/gone".to_owned(), reported(100)),
+    ]
+    .into();
     let compiled = compile(&CompileInput {
         objects: &objects,
         router: &router,
         jwks_keys: &[],
         pod_loads: &pod_loads,
+        ejections: &ejections,
         now_unix_ms: 42,
         ship_credentials: false,
     });
     assert_eq!(compiled.generated_at_unix_ms, 42);
-    // The router configuration's scheduler section is shipped as is, and the
-    // rest of the RouteConfig is what the objects alone compile to.
+    // The router configuration's scheduler section and outlier detection
+    // are shipped as they are, and the rest of the RouteConfig is what the
+    // objects alone compile to.
     let objects_only = compile_route_config(&routes, &servers, &pods);
     assert_eq!(compiled.route_config.scheduler, Some(scheduler));
+    assert_eq!(compiled.route_config.outlier_detection, Some(defaults));
     assert_eq!(
         compiled.route_config.routes,
         objects_only.route_config.routes
     );
-    assert_eq!(
-        compiled.route_config.servers,
-        objects_only.route_config.servers
-    );
+    let mut servers_shipped = compiled.route_config.servers.clone();
+    for server in &mut servers_shipped {
+        let own = server.outlier_detection.take();
+        assert_eq!(
+            own,
+            (server.name == "deepseek-r1-7b").then_some(for_7b),
+            "{}",
+            server.name
+        );
+    }
+    assert_eq!(servers_shipped, objects_only.route_config.servers);
     assert_eq!(compiled.reports, objects_only.reports);
     assert_eq!(compiled.scrape_targets, objects_only.scrape_targets);
     let expected = |pod: &str, waiting: f64, observed_at_unix_ms: i64| pb::EndpointLoad {
@@ -1260,6 +1310,13 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         pb::EndpointLoads {
             loads: vec![expected("ds15-v1-0", 0.0, 0), expected("ds7-0", 1.0, 1_000)],
             observed_at_unix_ms: 2_000,
+            ejections: vec![pb::PodEjection {
+                namespace: "default".into(),
+                pod: "ds7-0".into(),
+                until_unix_ms: 100,
+                reason: "5xx".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         }
     );
@@ -1348,6 +1405,7 @@ fn auth_and_tiers_are_compiled_into_the_route_config() {
         router: &router,
         jwks_keys: &keys,
         pod_loads: &loads,
+        ejections: &ReportedEjections::new(),
         now_unix_ms: 1,
         ship_credentials: false,
     });
@@ -1365,8 +1423,111 @@ fn auth_and_tiers_are_compiled_into_the_route_config() {
         router: &RouterConfig::default(),
         jwks_keys: &[],
         pod_loads: &loads,
+        ejections: &ReportedEjections::new(),
         now_unix_ms: 1,
         ship_credentials: false,
     });
     assert_eq!(off.route_config.auth, None);
+}
+
+// --- addresses no request can go to, and settings that mean nothing
+
+#[test]
+fn ready_pods_with_unusable_ips_are_left_out_and_named() {
+    let pods = [
+        pod("default", "good", "10.0.0.1", &[("app", "a")]),
+        pod("default", "zeros", "0.0.0.0", &[("app", "a")]),
+        pod("default", "v6-zeros", "::", &[("app", "a")]),
+        pod("default", "words", "not-an-ip", &[("app", "a")]),
+        pod("default", "multicast", "224.0.0.1", &[("app", "a")]),
+    ];
+    let compiled = compile_objects(&[simple_route("m", "a")], &[simple_server("a", "a")], &pods);
+    let endpoints: Vec<&str> = compiled.route_config.servers[0]
+        .endpoints
+        .iter()
+        .map(|endpoint| endpoint.name.as_str())
+        .collect();
+    assert_eq!(endpoints, ["good"]);
+    let report = report(&compiled.reports, ObjectKind::ModelServer, "a");
+    assert!(report.in_snapshot, "the usable pods still serve");
+    assert!(!report.resolved_refs.status);
+    assert_eq!(report.resolved_refs.reason, Reason::InvalidPodIP);
+    assert_eq!(
+        report.resolved_refs.message,
+        "1 of 5 selected pods ready; left out, Running and Ready but with no usable address: \
+         multicast: status.podIP \"224.0.0.1\" is a multicast address; \
+         v6-zeros: status.podIP \"::\" is the unspecified address; \
+         words: status.podIP \"not-an-ip\" is not an IP address; \
+         zeros: status.podIP \"0.0.0.0\" is the unspecified address"
+    );
+    assert_eq!(compiled.scrape_targets.len(), 1);
+}
+
+#[test]
+fn matches_that_set_nothing_are_reported_as_ignored() {
+    let empty_matches = route(
+        r#"
+metadata: { name: r, namespace: default }
+spec:
+  modelName: m
+  rules:
+  - name: default
+    modelMatch:
+      headers: { x-tier: {} }
+      uri: {}
+      body: {}
+    targetModels:
+    - modelServerName: a
+"#,
+    );
+    let compiled = compile_objects(
+        &[empty_matches],
+        &[simple_server("a", "a")],
+        &[pod("default", "p", "10.0.0.1", &[("app", "a")])],
+    );
+    let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
+    assert!(report.is_healthy());
+    let paths: Vec<&str> = report
+        .ignored_fields
+        .iter()
+        .map(|field| field.path.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "spec.rules[0].modelMatch.headers[\"x-tier\"]",
+            "spec.rules[0].modelMatch.uri",
+            "spec.rules[0].modelMatch.body"
+        ]
+    );
+    assert!(compiled.route_config.routes[0].rules[0].r#match.is_none());
+}
+
+#[test]
+fn endpoints_carry_the_pods_node_start_time_and_labels_for_debug_dumps() {
+    let mut scheduled = pod(
+        "default",
+        "p",
+        "10.0.0.1",
+        &[("app", "a"), ("version", "v1")],
+    );
+    scheduled.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+        node_name: Some("worker-node-1".into()),
+        ..Default::default()
+    });
+    if let Some(status) = scheduled.status.as_mut() {
+        status.start_time = Some(Time(
+            Timestamp::from_second(1_705_312_800).expect("timestamp"),
+        ));
+    }
+    let compiled = compile_objects(&[], &[simple_server("a", "a")], &[scheduled]);
+    let endpoint = &compiled.route_config.servers[0].endpoints[0];
+    assert_eq!(endpoint.node_name, "worker-node-1");
+    assert_eq!(endpoint.start_time_unix_ms, 1_705_312_800_000);
+    assert_eq!(
+        endpoint.labels,
+        [("app", "a"), ("version", "v1")]
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .into()
+    );
 }

@@ -13,11 +13,13 @@ use switchyard_runtime::clock::{self, Instant};
 use switchyard_snapshot::pb;
 use tokio::sync::watch;
 
-use crate::admin::ObjectsView;
+use crate::admin::{ObjectsView, SourceStatus};
 use crate::compile::{
-    CompileInput, Compiled, ObjectReport, ObjectSet, ProviderReport, compile,
+    CompileInput, Compiled, ObjectReport, ObjectSet, ProviderReport, compile, compile_ejections,
     compile_endpoint_loads,
 };
+use crate::metrics::ControllerMetrics;
+use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodLoads, ScrapeTarget};
 use crate::xds::SnapshotPublisher;
@@ -25,15 +27,20 @@ use crate::xds::SnapshotPublisher;
 /// What a [`CompileLoop`] reads from and writes to.
 pub(super) struct LoopIo {
     pub objects: watch::Receiver<Arc<ObjectSet>>,
-    /// The router configuration: its scheduler section, JWT settings and
-    /// tiers are shipped inside the RouteConfig.
+    /// The router configuration: its scheduler section, JWT settings, tiers
+    /// and outlier detection are shipped inside the RouteConfig.
     pub router: watch::Receiver<RouterConfig>,
     /// The JWT issuer's keys, refetched by [`crate::auth::jwks::refresh_keys`].
     pub jwks_keys: watch::Receiver<Vec<String>>,
     pub pod_loads: watch::Receiver<PodLoads>,
+    /// Pods the dataplanes reported ejecting, shipped inside EndpointLoads.
+    pub ejections: watch::Receiver<Arc<ReportedEjections>>,
     pub publisher: Arc<SnapshotPublisher>,
     pub targets: watch::Sender<Vec<ScrapeTarget>>,
     pub objects_view: watch::Sender<Arc<ObjectsView>>,
+    /// How the source was taken up at start; its current error is added per compile.
+    pub source_status: SourceStatus,
+    pub metrics: ControllerMetrics,
     pub compile_duration: HistogramVec,
     /// The stream is encrypted with authenticated clients: provider
     /// credentials may be shipped.
@@ -77,6 +84,7 @@ impl CompileLoop {
         let mut router_alive = true;
         let mut keys_alive = true;
         let mut loads_alive = true;
+        let mut ejections_alive = true;
         loop {
             tokio::select! {
                 changed = self.io.objects.changed(), if objects_alive => match changed {
@@ -97,6 +105,10 @@ impl CompileLoop {
                     Ok(()) => self.publish_endpoint_loads(),
                     Err(_) => loads_alive = false,
                 },
+                changed = self.io.ejections.changed(), if ejections_alive => match changed {
+                    Ok(()) => self.publish_endpoint_loads(),
+                    Err(_) => ejections_alive = false,
+                },
                 else => return,
             }
         }
@@ -107,14 +119,18 @@ impl CompileLoop {
         self.compiled.send_replace(compiled);
     }
 
-    /// A scrape changed the loads: only the part of [`compile`] that depends on them.
+    /// A scrape changed the loads, or a dataplane reported ejections: only
+    /// the parts of [`compile`] that depend on them.
     fn publish_endpoint_loads(&mut self) {
         let pod_loads = self.io.pod_loads.borrow_and_update().clone();
+        let ejections = self.io.ejections.borrow_and_update().clone();
         let compiled = self.compiled.borrow().clone();
+        let now_unix_ms = clock::unix_ms_now();
         let started = clock::now();
-        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        let mut loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        loads.ejections = compile_ejections(&compiled.route_config, &ejections, now_unix_ms);
         observe(&self.io, "endpoint_loads", started);
-        publish_loads(&self.io, loads, clock::unix_ms_now());
+        publish_loads(&self.io, loads, now_unix_ms);
     }
 }
 
@@ -123,12 +139,14 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     let router = io.router.borrow_and_update().clone();
     let jwks_keys = io.jwks_keys.borrow_and_update().clone();
     let pod_loads = io.pod_loads.borrow_and_update().clone();
+    let ejections = io.ejections.borrow_and_update().clone();
     let started = clock::now();
     let compiled = compile(&CompileInput {
         objects: &objects,
         router: &router,
         jwks_keys: &jwks_keys,
         pod_loads: &pod_loads,
+        ejections: &ejections,
         now_unix_ms: clock::unix_ms_now(),
         ship_credentials: io.ship_credentials,
     });
@@ -165,7 +183,24 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
         reports: compiled.reports.clone(),
         providers: compiled.provider_reports.clone(),
         load_problems: objects.problems.clone(),
+        source: SourceStatus {
+            error: objects.source_error.clone(),
+            ..io.source_status.clone()
+        },
     }));
+    let source_objects = &io.metrics.source_objects;
+    for (kind, count) in [
+        ("ModelRoute", objects.routes.len()),
+        ("ModelServer", objects.servers.len()),
+        ("Pod", objects.pods.len()),
+    ] {
+        source_objects
+            .with_label_values(&[kind])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+    io.metrics
+        .source_load_problems
+        .set(i64::try_from(objects.problems.len()).unwrap_or(i64::MAX));
     // Endpoints may have come or gone: their loads follow.
     publish_loads(
         io,
@@ -191,7 +226,20 @@ fn publish_loads(io: &LoopIo, loads: pb::EndpointLoads, now_unix_ms: i64) {
 
 fn log_new_rejections(reported: &mut Vec<ObjectReport>, reports: &[ObjectReport]) {
     for report in reports {
-        if report.is_healthy() || reported.contains(report) {
+        if reported.contains(report) {
+            continue;
+        }
+        for field in &report.ignored_fields {
+            tracing::warn!(
+                kind = report.kind.as_str(),
+                namespace = %report.namespace,
+                name = %report.name,
+                field = %field.path,
+                detail = %field.message,
+                "field set but not acted on by the router"
+            );
+        }
+        if report.is_healthy() {
             continue;
         }
         let failed = if report.accepted.status {

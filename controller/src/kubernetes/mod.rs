@@ -179,6 +179,7 @@ fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<Objec
         provider_secrets,
         api_keys,
         problems,
+        ..ObjectSet::default()
     })
 }
 

@@ -41,7 +41,7 @@ pub async fn forward_to_provider<U: Upstream>(
             ),
         ));
     }
-    let request_id = crate::request_id::of_request(&request.head.headers);
+    let request_id = crate::request_id::ClientRequestId::of(&request.head.headers).or_generate();
     record.set_request_id(&request_id);
     let InferenceRequest { head, body, .. } = request;
     let uri = head

@@ -4,17 +4,17 @@
 //!
 //! A [`Scheduler`] is built once per snapshot from the snapshot's
 //! `SchedulerConfig` (validated, defaults filled in): each enabled plugin is
-//! built by its [`plugins::Implementation`] with its arguments, and its metric
-//! handles are resolved; the request path only reads it. State that must
-//! outlive a snapshot (the prefix index, the decision log) lives in
-//! [`SchedulingShared`].
+//! built by its [`plugins::Implementation`] with its arguments; a model's
+//! metric handles are created by its first request. The request path only
+//! reads it. State that must outlive a snapshot (the prefix index, the
+//! decision log) lives in [`SchedulingShared`].
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use switchyard_runtime::clock::{self, Instant, unix_ms_now};
 
 use http::HeaderMap;
@@ -23,7 +23,7 @@ use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, MAX_TOP_N, SchedulerConfigError};
 
 use super::decisions::DecisionLog;
-use super::metrics::PluginMetrics;
+use super::metrics::{PluginLabels, PluginMetrics};
 use super::plugins::{
     self, Candidate, FilterError, FilterPlugin, PluginContext, PluginInput, PromptHashing,
     ScorePlugin,
@@ -31,13 +31,17 @@ use super::plugins::{
 use super::prefix::{SharedPrefixIndex, hash_prompt};
 use crate::pod::is_fresh;
 use crate::request::PromptField;
-use crate::routing::Server;
+use crate::routing::{PrefillDecode, Server};
 
 /// Why no pod can be tried for a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
     #[error("no ready pod for ModelServer {0}")]
     NoPods(String),
+    #[error(
+        "ModelServer {0} has no prefill/decode group with a ready prefill and a ready decode pod"
+    )]
+    NoCompleteGroup(String),
     #[error("ModelServer {server}: {source}")]
     Filtered {
         server: String,
@@ -108,6 +112,17 @@ pub struct ScheduleRequest<'a> {
     pub request_id: &'a str,
 }
 
+impl ScheduleRequest<'_> {
+    /// What the plugins read of it.
+    fn plugin_input(&self) -> PluginInput<'_> {
+        PluginInput {
+            served_model: self.served_model,
+            headers: self.headers,
+            prompt_hashes: self.prompt_hashes,
+        }
+    }
+}
+
 /// The pods to try for one request, best first (indices into the ModelServer's pods).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ranking {
@@ -137,6 +152,49 @@ impl Ranking {
     }
 }
 
+/// The (prefill, decode) pairs to try for one request, best first (indices
+/// into the ModelServer's pods).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PairRanking {
+    pairs: [(u32, u32); MAX_TOP_N as usize],
+    len: usize,
+}
+
+impl PairRanking {
+    fn push(&mut self, prefill: usize, decode: usize) {
+        if self.len < self.pairs.len() {
+            self.pairs[self.len] = (prefill as u32, decode as u32);
+            self.len += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `n`-th pair: (prefill, decode) indices into the ModelServer's pods.
+    pub fn get(&self, n: usize) -> Option<(usize, usize)> {
+        (n < self.len).then(|| {
+            let (prefill, decode) = self.pairs[n];
+            (prefill as usize, decode as usize)
+        })
+    }
+}
+
+/// How one ranking is made and recorded.
+#[derive(Debug, Clone, Copy)]
+struct Ranked {
+    /// The prefill/decode role of the pods ranked, if any (for the decision log).
+    role: Option<&'static str>,
+    top_n: usize,
+    /// Whether the decision goes to the decision log.
+    record: bool,
+}
+
 /// One snapshot's scheduler.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -146,7 +204,10 @@ pub struct Scheduler {
     max_load_age_ms: u64,
     /// Set when a scorer reads the prompt's block hashes.
     prompt_hashing: Option<PromptHashing>,
-    handles: HashMap<String, ModelHandles>,
+    /// Per model, the plugin histograms, created by its first request.
+    handles: HashMap<String, OnceLock<Option<ModelHandles>>>,
+    /// Filters then scorers, as (plugin, type) labels.
+    plugin_labels: Vec<PluginLabels>,
     shared: Arc<SchedulingShared>,
     /// The effective configuration (defaults filled in), for debug dumps.
     pub effective: pb::SchedulerConfig,
@@ -216,7 +277,18 @@ impl Scheduler {
         let prompt_hashing = scorers
             .iter()
             .find_map(|scoring| scoring.plugin.prompt_hashing());
-        let handles = resolve_handles(shared.metrics.as_ref(), models, &filters, &scorers);
+        let plugin_labels: Vec<PluginLabels> = filters
+            .iter()
+            .map(|f| (f.name, "filter"))
+            .chain(scorers.iter().map(|s| (s.name, "score")))
+            .collect();
+        if let Some(metrics) = &shared.metrics {
+            metrics.begin_snapshot(models, &plugin_labels);
+        }
+        let handles = models
+            .iter()
+            .map(|model| ((*model).to_owned(), OnceLock::new()))
+            .collect();
         Ok(Self {
             top_n: effective.top_n as usize,
             max_load_age_ms: effective.max_load_age_ms,
@@ -224,6 +296,7 @@ impl Scheduler {
             scorers,
             prompt_hashing,
             handles,
+            plugin_labels,
             shared: shared.clone(),
             effective,
         })
@@ -275,14 +348,96 @@ impl Scheduler {
         if server.pods.is_empty() {
             return Err(ScheduleError::NoPods(server.key.clone()));
         }
+        self.rank(
+            server,
+            0..server.pods.len(),
+            &request.plugin_input(),
+            request,
+            Ranked {
+                role: None,
+                top_n: self.top_n,
+                record: true,
+            },
+        )
+    }
+
+    /// Ranks the (prefill, decode) pairs of a prefill/decode `server` for one
+    /// request: its decode pods (of complete groups) by the filters and
+    /// scores, then for each of the top ones the best prefill pod of its
+    /// group. Prefix affinity scores prefill pods only, since the prompt's KV
+    /// is computed (and cached) there; load counts for both.
+    pub fn schedule_pairs(
+        &self,
+        server: &Server,
+        pd: &PrefillDecode,
+        request: &ScheduleRequest<'_>,
+    ) -> Result<PairRanking, ScheduleError> {
+        if pd.decode_candidates.is_empty() {
+            return Err(ScheduleError::NoCompleteGroup(server.key.clone()));
+        }
+        let prefill_input = request.plugin_input();
+        let decode_input = PluginInput {
+            prompt_hashes: &[],
+            ..prefill_input
+        };
+        let decodes = self.rank(
+            server,
+            pd.decode_candidates.iter().copied(),
+            &decode_input,
+            request,
+            Ranked {
+                role: Some("decode"),
+                top_n: self.top_n,
+                record: true,
+            },
+        )?;
+        let mut pairs = PairRanking::default();
+        let mut filtered = None;
+        for position in 0..decodes.len() {
+            let Some(decode) = decodes.get(position) else {
+                continue;
+            };
+            let Some(group) = pd.group_of.get(decode).and_then(|g| pd.groups.get(*g)) else {
+                continue;
+            };
+            let best = self.rank(
+                server,
+                group.prefill.iter().copied(),
+                &prefill_input,
+                request,
+                Ranked {
+                    role: Some("prefill"),
+                    top_n: 1,
+                    // The first pair's choice; the others would flood the log.
+                    record: position == 0,
+                },
+            );
+            match best.map(|ranking| ranking.get(0)) {
+                Ok(Some(prefill)) => pairs.push(prefill, decode),
+                Ok(None) => {}
+                Err(error) => filtered = Some(error),
+            }
+        }
+        if pairs.is_empty() {
+            return Err(
+                filtered.unwrap_or_else(|| ScheduleError::NoCompleteGroup(server.key.clone()))
+            );
+        }
+        Ok(pairs)
+    }
+
+    /// Ranks the pods of `server` at `indices` with the filters and the scorers.
+    fn rank(
+        &self,
+        server: &Server,
+        indices: impl Iterator<Item = usize>,
+        input: &PluginInput<'_>,
+        request: &ScheduleRequest<'_>,
+        ranked: Ranked,
+    ) -> Result<Ranking, ScheduleError> {
         let now = clock::now();
         let now_ms = unix_ms_now();
-        let handles = self.handles.get(request.model);
-        let input = PluginInput {
-            served_model: request.served_model,
-            headers: request.headers,
-            prompt_hashes: request.prompt_hashes,
-        };
+        let handles = self.handles(request.model);
         with_framework_scratch(|scratch| {
             let FrameworkScratch {
                 candidates,
@@ -291,7 +446,10 @@ impl Scheduler {
                 order,
             } = scratch;
             candidates.clear();
-            for (index, pod) in server.pods.iter().enumerate() {
+            for index in indices {
+                let Some(pod) = server.pods.get(index) else {
+                    continue;
+                };
                 let any_load = pod.load();
                 let load = any_load
                     .clone()
@@ -299,7 +457,9 @@ impl Scheduler {
                 candidates.push(Candidate {
                     index,
                     pod_id: pod.id,
-                    in_flight: pod.in_flight(),
+                    // A failure in a row counts as one more request in
+                    // flight: a pod that fails fast never looks idle.
+                    in_flight: pod.in_flight() + pod.health.failure_load(),
                     ejected: pod.is_ejected(now),
                     load,
                     any_load,
@@ -308,7 +468,7 @@ impl Scheduler {
             let considered = candidates.len();
             for (position, filtering) in self.filters.iter().enumerate() {
                 let started = clock::now();
-                let outcome = filtering.plugin.filter(candidates, &input);
+                let outcome = filtering.plugin.filter(candidates, input);
                 observe(handles.and_then(|h| h.filters.get(position)), started);
                 outcome.map_err(|source| ScheduleError::Filtered {
                     server: server.key.clone(),
@@ -323,7 +483,7 @@ impl Scheduler {
             for (position, scoring) in self.scorers.iter().enumerate() {
                 let started = clock::now();
                 let out = &mut scores[position * count..(position + 1) * count];
-                scoring.plugin.score(candidates, &input, out);
+                scoring.plugin.score(candidates, input, out);
                 observe(handles.and_then(|h| h.scores.get(position)), started);
                 for (total, score) in totals.iter_mut().zip(out.iter()) {
                     *total = total.saturating_add(scoring.weight.saturating_mul(*score));
@@ -341,8 +501,11 @@ impl Scheduler {
                 )
             });
             let mut ranking = Ranking::default();
-            for &i in order.iter().take(self.top_n) {
+            for &i in order.iter().take(ranked.top_n) {
                 ranking.push(candidates[i].index);
+            }
+            if !ranked.record {
+                return Ok(ranking);
             }
             self.shared.decisions.record(|record| {
                 record.begin(
@@ -353,11 +516,12 @@ impl Scheduler {
                     considered,
                     count,
                 );
+                record.role = ranked.role;
                 record
                     .plugins
                     .extend(self.scorers.iter().map(|s| (s.name, s.weight)));
                 record.filters.extend(self.filters.iter().map(|f| f.name));
-                for &i in order.iter().take(self.top_n) {
+                for &i in order.iter().take(ranked.top_n) {
                     let candidate = &candidates[i];
                     let plugin_scores = (0..self.scorers.len()).map(|p| scores[p * count + i]);
                     record.push_candidate(
@@ -370,6 +534,23 @@ impl Scheduler {
             });
             Ok(ranking)
         })
+    }
+
+    /// `model`'s plugin histograms (filters, then scorers), created on its
+    /// first request under this snapshot.
+    fn handles(&self, model: &str) -> Option<&ModelHandles> {
+        let metrics = self.shared.metrics.as_ref()?;
+        self.handles
+            .get(model)?
+            .get_or_init(|| {
+                let mut histograms = metrics.create(model, &self.plugin_labels)?;
+                let scores = histograms.split_off(self.filters.len());
+                Some(ModelHandles {
+                    filters: histograms,
+                    scores,
+                })
+            })
+            .as_ref()
     }
 
     /// After a pod accepted the request (Kthena's PostSchedule): each
@@ -385,36 +566,6 @@ fn observe(handle: Option<&Histogram>, started: Instant) {
     if let Some(handle) = handle {
         handle.observe(started.elapsed().as_secs_f64());
     }
-}
-
-fn resolve_handles(
-    metrics: Option<&PluginMetrics>,
-    models: &[&str],
-    filters: &[Filtering],
-    scorers: &[Scoring],
-) -> HashMap<String, ModelHandles> {
-    let Some(metrics) = metrics else {
-        return HashMap::new();
-    };
-    let mut live = HashSet::new();
-    let handles = models
-        .iter()
-        .map(|model| {
-            let handles = ModelHandles {
-                filters: filters
-                    .iter()
-                    .map(|f| metrics.handle(model, f.name, "filter", &mut live))
-                    .collect(),
-                scores: scorers
-                    .iter()
-                    .map(|s| metrics.handle(model, s.name, "score", &mut live))
-                    .collect(),
-            };
-            ((*model).to_owned(), handles)
-        })
-        .collect();
-    metrics.retain_only(live);
-    handles
 }
 
 /// Reusable per-thread buffers of [`Scheduler::schedule`].
@@ -444,8 +595,8 @@ fn with_framework_scratch<R>(f: impl FnOnce(&mut FrameworkScratch) -> R) -> R {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
     use std::net::SocketAddr;
-    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
     use switchyard_snapshot::scheduler::gpu_usage::NAME as GPU_USAGE;
@@ -457,17 +608,13 @@ mod tests {
 
     use super::*;
     use crate::pod::PodState;
+    use crate::pod::outlier::Failure;
     use crate::scheduling::metrics::PluginMetrics;
 
     fn server(pods: usize) -> Server {
-        Server {
-            key: "default/s".into(),
-            model_rewrite_literal: None,
-            model_rewrite: None,
-            timeout: None,
-            retry_attempts: 0,
-            retry_interval: Duration::ZERO,
-            pods: (0..pods)
+        Server::for_tests(
+            "default/s",
+            (0..pods)
                 .map(|i| {
                     Arc::new(
                         PodState::new(
@@ -479,9 +626,7 @@ mod tests {
                     )
                 })
                 .collect(),
-            rotation: AtomicUsize::new(0),
-            provider: None,
-        }
+        )
     }
 
     fn only(scores: &[(&str, u32)], filters: &[&str]) -> pb::SchedulerConfig {
@@ -523,7 +668,13 @@ mod tests {
         let server = server(7);
         let _busy: Vec<_> = (0..3).map(|_| server.pods[0].begin_request()).collect();
         let _one = server.pods[2].begin_request();
-        server.pods[1].eject(clock::now());
+        let ejected = server.outlier.record_failure(
+            &server.pods,
+            &server.pods[1],
+            Failure::ConnectFailure,
+            clock::now(),
+        );
+        assert!(ejected.is_some());
         let headers = HeaderMap::new();
         let ranking = scheduler
             .schedule(&server, &request(&headers, &[]))
@@ -668,15 +819,27 @@ mod tests {
             .map(|m| m.get_histogram().get_sample_count())
             .sum();
         assert_eq!(observed, 5, "one filter and four scorers, once each");
-        assert_eq!(family.get_metric().len(), 10, "handles for both models");
-        // A snapshot without "gone" drops its series.
-        let _next = Scheduler::build(None, &["m"], &shared).expect("defaults");
-        let families = registry.gather();
-        let family = families
-            .iter()
-            .find(|f| f.name() == "kthena_router_scheduler_plugin_duration_seconds")
-            .expect("registered");
-        assert_eq!(family.get_metric().len(), 5);
+        assert_eq!(
+            family.get_metric().len(),
+            5,
+            "series of the scheduled model only, none for the idle one"
+        );
+        // A snapshot without "m" drops its series.
+        let previous = Scheduler::build(None, &["m"], &shared).expect("defaults");
+        let _next = Scheduler::build(None, &["other"], &shared).expect("defaults");
+        let has_family = || {
+            registry
+                .gather()
+                .iter()
+                .any(|f| f.name() == "kthena_router_scheduler_plugin_duration_seconds")
+        };
+        assert!(!has_family(), "m's series are gone");
+        // A request still scheduled by the previous snapshot creates none.
+        previous
+            .schedule(&server, &request(&headers, &[1, 2]))
+            .expect("pods");
+        assert!(previous.handles("m").is_none());
+        assert!(!has_family());
     }
 
     #[test]
@@ -690,5 +853,104 @@ mod tests {
                 .contains("unknown score plugin \"kvcache-aware\""),
             "{error}"
         );
+    }
+
+    fn pair_names<'s>(server: &'s Server, pairs: &PairRanking) -> Vec<(&'s str, &'s str)> {
+        (0..pairs.len())
+            .filter_map(|n| pairs.get(n))
+            .map(|(p, d)| (server.pods[p].name.as_str(), server.pods[d].name.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn pairs_rank_decode_pods_by_load_then_the_best_prefill_of_their_group() {
+        use crate::proxy::testing::pd_server;
+        use crate::routing::KvConnector;
+        let shared = Arc::new(SchedulingShared::default());
+        let scheduler = Scheduler::build(Some(&only(&[(LEAST_REQUEST, 1)], &[])), &["m"], &shared)
+            .expect("valid");
+        // g0: prefill p0 p1, decode p2 p3; g1: prefill p4, no decode; g2: prefill p5, decode p6.
+        let server = pd_server(
+            &[("g0", 2, 2), ("g1", 1, 0), ("g2", 1, 1)],
+            KvConnector::Http,
+            0,
+            Duration::ZERO,
+            None,
+        );
+        let pd = server.prefill_decode.as_ref().expect("PD");
+        assert_eq!(pd.decode_candidates, [2, 3, 6], "g1 is incomplete");
+        let _busy_decode = server.pods[2].begin_request();
+        let _busy_prefill = server.pods[0].begin_request();
+        let headers = HeaderMap::new();
+        let pairs = scheduler
+            .schedule_pairs(&server, pd, &request(&headers, &[]))
+            .expect("pairs");
+        assert_eq!(
+            pair_names(&server, &pairs),
+            [("p1", "p3"), ("p5", "p6"), ("p1", "p2")],
+            "the busy decode pod last, each with its group's idle prefill pod"
+        );
+        let unpaired = pd_server(&[("g1", 1, 0)], KvConnector::Http, 0, Duration::ZERO, None);
+        let error = scheduler
+            .schedule_pairs(
+                &unpaired,
+                unpaired.prefill_decode.as_ref().expect("PD"),
+                &request(&headers, &[]),
+            )
+            .expect_err("no complete group");
+        assert_eq!(
+            error.to_string(),
+            "ModelServer default/s has no prefill/decode group with a ready prefill and a ready decode pod"
+        );
+    }
+
+    #[test]
+    fn prefix_affinity_scores_prefill_pods_only() {
+        use crate::proxy::testing::pd_server;
+        use crate::routing::KvConnector;
+        let shared = Arc::new(SchedulingShared::default());
+        let scheduler = Scheduler::build(
+            Some(&only(&[(PREFIX_CACHE, 1), (LEAST_REQUEST, 1)], &[])),
+            &["m"],
+            &shared,
+        )
+        .expect("valid");
+        let server = pd_server(&[("g0", 3, 3)], KvConnector::Nixl, 0, Duration::ZERO, None);
+        let pd = server.prefill_decode.as_ref().expect("PD");
+        let hashes: Vec<u64> = (1..=8).collect();
+        // The prefix went to p2 (a prefill pod) and to p5 (a decode pod) before.
+        scheduler.on_dispatched(server.pods[2].id, &hashes);
+        scheduler.on_dispatched(server.pods[5].id, &hashes);
+        let headers = HeaderMap::new();
+        let pairs = scheduler
+            .schedule_pairs(&server, pd, &request(&headers, &hashes))
+            .expect("pairs");
+        let names = pair_names(&server, &pairs);
+        assert!(
+            names.iter().all(|(prefill, _)| *prefill == "p2"),
+            "{names:?}"
+        );
+        let decisions = shared.decisions.recent(2);
+        let score = |decision: &serde_json::Value, pod: &str| {
+            decision["ranked"]
+                .as_array()
+                .expect("ranked")
+                .iter()
+                .find(|ranked| ranked["pod"] == pod)
+                .map(|ranked| ranked["scores"][PREFIX_CACHE].clone())
+        };
+        let (prefill, decode) = (&decisions[0], &decisions[1]);
+        assert_eq!(
+            (prefill["role"].as_str(), decode["role"].as_str()),
+            (Some("prefill"), Some("decode"))
+        );
+        assert_eq!(score(prefill, "default/p2"), Some(100.into()));
+        for pod in ["default/p3", "default/p4", "default/p5"] {
+            assert_eq!(
+                score(decode, pod),
+                Some(0.into()),
+                "decode pods ignore the prefix: {decode}"
+            );
+        }
     }
 }

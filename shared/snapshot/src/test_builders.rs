@@ -96,6 +96,7 @@ pub fn pod(name: &str, ip: &str) -> pb::Endpoint {
     pb::Endpoint {
         name: name.into(),
         ip: ip.into(),
+        ..Default::default()
     }
 }
 
@@ -104,7 +105,6 @@ pub fn route_config(routes: Vec<pb::ModelRoute>, servers: Vec<pb::ModelServer>) 
     pb::RouteConfig {
         routes,
         servers,
-        scheduler: None,
         ..Default::default()
     }
 }

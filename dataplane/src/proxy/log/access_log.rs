@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderValue, Method, Uri, Version};
+use http::{HeaderValue, Method, Version};
 use prometheus::IntCounter;
 use serde::Serialize;
 
@@ -155,12 +155,16 @@ fn parse_output(source: &str, value: &str) -> Result<AccessLogOutput, AccessLogC
 pub struct AccessLogEntry {
     pub started_at: SystemTime,
     pub method: Method,
-    pub uri: Uri,
+    /// A served path, or a bounded prefix of another.
+    pub path: std::borrow::Cow<'static, str>,
     pub version: Version,
     pub status: u16,
     pub model_name: Option<String>,
     pub route: Option<Arc<Route>>,
     pub server: Option<Arc<Server>>,
+    /// The target the rule's weights picked, when `server` took over from it
+    /// because it had no usable pod.
+    pub failed_over_from: Option<Arc<Server>>,
     pub pod: Option<Arc<PodState>>,
     pub request_id: Option<HeaderValue>,
     pub input_tokens: u64,
@@ -177,6 +181,12 @@ pub struct AccessLogEntry {
     pub error: Option<(&'static str, String)>,
     /// The authenticated caller (`user_id`, `tier`).
     pub user: Option<Arc<User>>,
+    /// Prefill/decode requests: the prefill pod (`pod` is the decode pod).
+    pub prefill_pod: Option<Arc<PodState>>,
+    /// Prefill leg: sent to its answer read whole.
+    pub prefill_leg: Option<Duration>,
+    /// Decode leg: sent to the end of its body.
+    pub decode_leg: Option<Duration>,
 }
 
 /// The sending side, held by the request path.
@@ -292,7 +302,14 @@ struct JsonLine<'a> {
     duration_response_processing_ms: u64,
     ttft_ms: Option<u64>,
     upstream_attempts: u32,
+    failed_over_from: Option<&'a str>,
     error: Option<JsonError<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefill_pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_prefill_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_decode_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -336,6 +353,10 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
     let request_id = entry.request_id.as_ref().and_then(|id| id.to_str().ok());
     let route = entry.route.as_ref().map(|route| route.key.as_str());
     let server = entry.server.as_ref().map(|server| server.key.as_str());
+    let failed_over_from = entry
+        .failed_over_from
+        .as_ref()
+        .map(|server| server.key.as_str());
     let pod = entry.pod.as_ref().map(|pod| pod.name.as_str());
     // As Kthena's access log names them.
     let backend_type = entry.server.as_ref().map(|server| {
@@ -347,12 +368,13 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
     });
     let user_id = entry.user.as_ref().map(|user| user.user_id.as_str());
     let tier = entry.user.as_ref().and_then(|user| user.tier.as_deref());
+    let prefill_pod = entry.prefill_pod.as_ref().map(|pod| pod.name.as_str());
     match format {
         AccessLogFormat::Json => {
             let line = JsonLine {
                 timestamp,
                 method: entry.method.as_str(),
-                path: entry.uri.path(),
+                path: &entry.path,
                 protocol: protocol(entry.version),
                 status_code: entry.status,
                 model_name: entry.model_name.as_deref(),
@@ -372,10 +394,14 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 duration_response_processing_ms: millis(entry.response_processing),
                 ttft_ms: entry.ttft.map(millis),
                 upstream_attempts: entry.upstream_attempts,
+                failed_over_from,
                 error: entry.error.as_ref().map(|(kind, message)| JsonError {
                     r#type: kind,
                     message,
                 }),
+                prefill_pod,
+                duration_prefill_ms: entry.prefill_leg.map(millis),
+                duration_decode_ms: entry.decode_leg.map(millis),
             };
             // Serialising plain strings and numbers into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &line);
@@ -386,7 +412,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
             let mut line = format!(
                 "[{timestamp}] \"{} {} {}\" {}",
                 entry.method,
-                entry.uri.path(),
+                text_value(&entry.path),
                 protocol(entry.version),
                 entry.status
             );
@@ -398,6 +424,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 ("model_route", route),
                 ("model_server", server),
                 ("selected_pod", pod),
+                ("prefill_pod", prefill_pod),
                 ("request_id", request_id),
                 ("backend_type", backend_type),
                 ("user_id", user_id),
@@ -426,7 +453,16 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
             if let Some(ttft) = entry.ttft {
                 let _ = write!(line, " ttft={}ms", millis(ttft));
             }
+            if let Some(prefill) = entry.prefill_leg {
+                let _ = write!(line, " prefill={}ms", millis(prefill));
+            }
+            if let Some(decode) = entry.decode_leg {
+                let _ = write!(line, " decode={}ms", millis(decode));
+            }
             let _ = write!(line, " upstream_attempts={}", entry.upstream_attempts);
+            if let Some(from) = failed_over_from {
+                let _ = write!(line, " failed_over_from={}", text_value(from));
+            }
             out.extend_from_slice(line.as_bytes());
             out.push(b'\n');
         }
@@ -442,12 +478,13 @@ mod tests {
         AccessLogEntry {
             started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_705_314_645_123),
             method: Method::POST,
-            uri: Uri::from_static("/v1/chat/completions"),
+            path: "/v1/chat/completions".into(),
             version: Version::HTTP_11,
             status: if error.is_some() { 504 } else { 200 },
             model_name: Some("llama2-7b".into()),
             route: None,
             server: None,
+            failed_over_from: None,
             pod: None,
             request_id: Some(HeaderValue::from_static("550e8400")),
             input_tokens: 150,
@@ -461,6 +498,9 @@ mod tests {
             upstream_attempts: 1,
             error,
             user: None,
+            prefill_pod: None,
+            prefill_leg: None,
+            decode_leg: None,
         }
     }
 
@@ -481,6 +521,7 @@ mod tests {
         assert_eq!(line["duration_upstream_ms"], 2300);
         assert_eq!(line["ttft_ms"], 120);
         assert_eq!(line["upstream_attempts"], 1);
+        assert_eq!(line["failed_over_from"], serde_json::Value::Null);
         assert_eq!(line["error"], serde_json::Value::Null);
         assert_eq!(line["user_id"], serde_json::Value::Null);
         assert!(line["backend_type"].is_null() || line["backend_type"] == "model_server");
@@ -545,6 +586,47 @@ mod tests {
         let line = String::from_utf8(out).expect("UTF-8");
         assert_eq!(line.lines().count(), 1, "{line}");
         assert!(line.contains(r#" model_name="m\n[forged] x=y" "#), "{line}");
+    }
+
+    #[test]
+    fn prefill_decode_lines_name_both_pods_and_time_both_legs() {
+        let pod = |name: &str| {
+            Some(Arc::new(
+                PodState::new(
+                    format!("default/{name}"),
+                    name.into(),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
+                )
+                .expect("valid"),
+            ))
+        };
+        let mut pd = entry(None);
+        pd.pod = pod("decode-0");
+        pd.prefill_pod = pod("prefill-0");
+        pd.prefill_leg = Some(Duration::from_millis(80));
+        pd.decode_leg = Some(Duration::from_millis(2200));
+        let mut out = Vec::new();
+        format_line(&pd, AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(line["selected_pod"], "decode-0");
+        assert_eq!(line["prefill_pod"], "prefill-0");
+        assert_eq!(line["duration_prefill_ms"], 80);
+        assert_eq!(line["duration_decode_ms"], 2200);
+        let mut out = Vec::new();
+        format_line(&pd, AccessLogFormat::Text, &mut out);
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.contains(" selected_pod=decode-0 prefill_pod=prefill-0 ")
+                && line.contains(" prefill=80ms decode=2200ms "),
+            "{line}"
+        );
+        let mut out = Vec::new();
+        format_line(&entry(None), AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert!(
+            line.get("prefill_pod").is_none(),
+            "other requests keep their fields"
+        );
     }
 
     #[test]
