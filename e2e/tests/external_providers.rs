@@ -114,7 +114,7 @@ fn path_str(path: &std::path::Path) -> String {
 
 /// The controller's view of one provider: (Ready reason, CredentialsResolved reason).
 async fn provider_reasons(stack: &Stack, name: &str) -> (String, String) {
-    let url = format!("http://{}/debug/objects", stack.controller_admin);
+    let url = format!("http://{}/debug/objects", stack.controller_debug);
     let objects = stack.http.get(&url).await.expect("objects").json();
     let report = objects["providers"]
         .as_array()
@@ -357,14 +357,15 @@ async fn requests_reach_https_providers_with_their_credentials_and_nothing_leaks
     );
 
     // No credential in any dump, metric or log.
-    let controller = stack.controller_admin;
+    let controller = stack.controller_debug;
+    let admin = stack.controller_admin;
     let debug = stack.dataplanes[0].debug;
     let mut exposed = vec![metrics, log];
     for url in [
         format!("http://{controller}/debug/snapshot"),
         format!("http://{controller}/debug/objects"),
         format!("http://{controller}/debug/config_dump/externalmodelproviders"),
-        format!("http://{controller}/metrics"),
+        format!("http://{admin}/metrics"),
         format!("http://{debug}/debug/routing/table"),
         format!("http://{debug}/debug/router/state"),
         format!("http://{debug}/debug/config_dump/externalmodelproviders"),
@@ -409,7 +410,7 @@ async fn without_tls_on_the_stream_no_credential_is_shipped() {
         provider_reasons(&stack, "openai").await,
         ("InsecureSnapshotStream".into(), "CredentialResolved".into())
     );
-    let url = format!("http://{}/debug/snapshot", stack.controller_admin);
+    let url = format!("http://{}/debug/snapshot", stack.controller_debug);
     let snapshot = stack.http.get(&url).await.expect("snapshot").json();
     assert_eq!(
         snapshot["route_config"]["external_providers"],
@@ -441,6 +442,9 @@ async fn a_dataplane_without_the_stream_token_gets_no_snapshot() {
             &path_str(&server.key),
             "--stream-token-file",
             &path_str(&token),
+            // No ModelRoute here: publish the (empty) snapshot at once.
+            "--empty-source-grace-period",
+            "0s",
         ])
         .await;
     stack.spawn_dataplane_with(&[
