@@ -5,8 +5,9 @@
 //! - `GET /metrics`: Prometheus text exposition of the controller's registry;
 //! - `GET /debug/dataplanes`: every connected dataplane's sync state;
 //! - `GET /debug/snapshot`: the published RouteConfig and EndpointLoads;
-//! - `GET /debug/objects`: why each object was (not) accepted, and the files
-//!   or documents that could not be loaded;
+//! - `GET /debug/objects`: why each object was (not) accepted (the Gateway
+//!   API kinds under `gateway_api`), and the files or documents that could
+//!   not be loaded;
 //! - `GET /debug/config_dump/...`: the published snapshot in the dataplane's
 //!   config dump shapes (see `switchyard_snapshot::config_dump`).
 
@@ -28,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::compile::{LoadProblem, ObjectReport};
+use crate::compile::{GatewayApiReports, LoadProblem, ObjectReport};
 use crate::xds::{DataplaneRegistry, PublishedResource, SnapshotPublisher};
 
 /// A client that has not sent its request headers by then is dropped, so idle
@@ -42,6 +43,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ObjectsView {
     pub reports: Vec<ObjectReport>,
+    pub gateway_api: GatewayApiReports,
     pub load_problems: Vec<LoadProblem>,
 }
 
@@ -474,6 +476,7 @@ mod tests {
         let (state, objects) = state();
         objects.send_replace(Arc::new(ObjectsView {
             reports: vec![],
+            gateway_api: GatewayApiReports::default(),
             load_problems: vec![LoadProblem {
                 file: "routes.yaml".into(),
                 document_index: Some(2),

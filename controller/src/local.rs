@@ -1,4 +1,5 @@
-//! Local mode: ModelRoute, ModelServer and Pod objects read from the YAML
+//! Local mode: ModelRoute, ModelServer and Pod objects (and the Gateway API
+//! kinds: GatewayClass, Gateway, HTTPRoute, InferencePool) read from the YAML
 //! files of one directory, reloaded when the files change.
 //!
 //! The directory is polled rather than watched with inotify: no extra
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use switchyard_runtime::{Debounce, TaskSet, clock};
 use tokio::sync::watch;
 
+use crate::compile::gateway_api::GatewayDefaults;
 use crate::compile::{LoadProblem, ObjectSet};
 use crate::core::{OBJECT_CHANGE_DEBOUNCE, ObjectSource, Serving, SourceStarted};
 use crate::error::{ControllerError, LocalError};
@@ -32,6 +34,10 @@ pub const MAX_CONFIG_FILE_BYTES: u64 = 16 * 1024 * 1024;
 const CRD_API_VERSION: &str = "networking.serving.volcano.sh/v1alpha1";
 /// `apiVersion` of Pod documents.
 const POD_API_VERSION: &str = "v1";
+/// `apiVersion` of GatewayClass, Gateway and HTTPRoute documents.
+const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+/// `apiVersion` of InferencePool documents.
+const INFERENCE_API_VERSION: &str = "inference.networking.k8s.io/v1";
 
 /// The objects of one directory read: the same set the Kubernetes caches
 /// produce, so both feed the one compile loop.
@@ -42,6 +48,7 @@ pub type LocalObjects = ObjectSet;
 pub struct LocalSource {
     dir: PathBuf,
     settings: WatchSettings,
+    gateway_defaults: Option<GatewayDefaults>,
 }
 
 impl LocalSource {
@@ -49,13 +56,22 @@ impl LocalSource {
         Self {
             dir,
             settings: WatchSettings::default(),
+            gateway_defaults: None,
         }
+    }
+
+    /// Gateway API mode: adds this GatewayClass and default Gateway to every
+    /// load of the directory that does not define objects of their names.
+    pub fn with_gateway_defaults(mut self, defaults: Option<GatewayDefaults>) -> Self {
+        self.gateway_defaults = defaults;
+        self
     }
 }
 
 impl ObjectSource for LocalSource {
     async fn start(self, tasks: &mut TaskSet) -> Result<SourceStarted, ControllerError> {
-        let (objects, watcher) = watch_dir(self.dir.clone(), self.settings).await?;
+        let (objects, watcher) =
+            watch_dir(self.dir.clone(), self.settings, self.gateway_defaults).await?;
         tasks.spawn("config directory watcher", watcher);
         let dir = self.dir;
         Ok(SourceStarted {
@@ -283,6 +299,8 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
         let expected_api_version = match kind {
             Some("ModelRoute" | "ModelServer") => CRD_API_VERSION,
             Some("Pod") => POD_API_VERSION,
+            Some("GatewayClass" | "Gateway" | "HTTPRoute") => GATEWAY_API_VERSION,
+            Some("InferencePool") => INFERENCE_API_VERSION,
             Some(other) => {
                 tracing::debug!(
                     file,
@@ -317,6 +335,16 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             Some("ModelServer") => {
                 serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server))
             }
+            Some("GatewayClass") => serde_yaml::from_value(value.clone())
+                .map(|class| objects.gateway_classes.push(class)),
+            Some("Gateway") => {
+                serde_yaml::from_value(value.clone()).map(|gateway| objects.gateways.push(gateway))
+            }
+            Some("HTTPRoute") => {
+                serde_yaml::from_value(value.clone()).map(|route| objects.http_routes.push(route))
+            }
+            Some("InferencePool") => serde_yaml::from_value(value.clone())
+                .map(|pool| objects.inference_pools.push(pool)),
             _ => serde_yaml::from_value(value.clone()).map(|pod| objects.pods.push(pod)),
         };
         if let Err(error) = parsed {
@@ -351,6 +379,7 @@ pub fn log_problems(dir: &Path, problems: &[LoadProblem]) {
 pub async fn watch_dir(
     dir: PathBuf,
     settings: WatchSettings,
+    gateway_defaults: Option<GatewayDefaults>,
 ) -> Result<
     (
         watch::Receiver<Arc<LocalObjects>>,
@@ -359,18 +388,26 @@ pub async fn watch_dir(
     LocalError,
 > {
     let scan = scan_dir(&dir).await?;
-    let objects = scan.parse();
+    let objects = with_defaults(scan.parse(), gateway_defaults.as_ref());
     log_problems(&dir, &objects.problems);
     let (sender, receiver) = watch::channel(Arc::new(objects));
     Ok((
         receiver,
-        poll_dir(dir, settings, scan.fingerprint(), sender),
+        poll_dir(dir, settings, gateway_defaults, scan.fingerprint(), sender),
     ))
+}
+
+fn with_defaults(mut objects: LocalObjects, defaults: Option<&GatewayDefaults>) -> LocalObjects {
+    if let Some(defaults) = defaults {
+        defaults.add_missing(&mut objects);
+    }
+    objects
 }
 
 async fn poll_dir(
     dir: PathBuf,
     settings: WatchSettings,
+    gateway_defaults: Option<GatewayDefaults>,
     mut applied: Fingerprint,
     sender: watch::Sender<Arc<LocalObjects>>,
 ) {
@@ -401,7 +438,7 @@ async fn poll_dir(
         }
         let scan = debounce(&dir, scan, &settings).await;
         applied = scan.fingerprint();
-        let objects = scan.parse();
+        let objects = with_defaults(scan.parse(), gateway_defaults.as_ref());
         tracing::info!(
             dir = %dir.display(),
             routes = objects.routes.len(),
@@ -644,7 +681,7 @@ status:
                 max_delay: Duration::from_millis(200),
             },
         };
-        let (mut receiver, watcher) = watch_dir(dir.path().to_owned(), settings)
+        let (mut receiver, watcher) = watch_dir(dir.path().to_owned(), settings, None)
             .await
             .expect("watch");
         let task = tokio::spawn(watcher);

@@ -1,5 +1,7 @@
-//! The pure core: ModelRoutes, ModelServers, Pods, the router configuration
-//! and scraped engine load in, a routing snapshot and one report per object out.
+//! The pure core: ModelRoutes, ModelServers, Pods (and in Gateway API mode
+//! GatewayClasses, Gateways, HTTPRoutes and InferencePools), the router
+//! configuration and scraped engine load in, a routing snapshot and one
+//! report per object out.
 //! The controller publishes exactly what [`compile`] returns; on a scrape it
 //! reruns only [`compile_endpoint_loads`], the part that depends on load.
 //!
@@ -17,6 +19,7 @@ use switchyard_snapshot::{object_key, pb};
 
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+pub mod gateway_api;
 mod objects;
 mod pod_index;
 mod prefill_decode;
@@ -28,7 +31,8 @@ mod servers;
 #[cfg(test)]
 mod tests;
 
-pub use objects::{LoadProblem, ObjectSet};
+pub use gateway_api::{GatewayApiConfig, GatewayApiReports};
+pub use objects::{LoadProblem, ObjectSet, Objects};
 pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
 pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
@@ -40,6 +44,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 #[derive(Clone, Copy, Debug)]
 pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
+    /// Gateway API mode (`--enable-gateway-api` and friends).
+    pub gateway_api: &'a GatewayApiConfig,
     /// The router configuration's scheduler section (`--router-config`),
     /// shipped as is; `None` lets dataplanes use their defaults.
     pub scheduler: Option<&'a pb::SchedulerConfig>,
@@ -58,6 +64,8 @@ pub struct Compiled {
     pub scrape_targets: Vec<ScrapeTarget>,
     /// One per input ModelRoute and ModelServer, sorted by (kind, namespace, name).
     pub reports: Vec<ObjectReport>,
+    /// The Gateway API kinds' reports.
+    pub gateway_api: GatewayApiReports,
     pub generated_at_unix_ms: i64,
 }
 
@@ -68,13 +76,13 @@ pub struct CompiledRoutes {
     pub route_config: pb::RouteConfig,
     pub scrape_targets: Vec<ScrapeTarget>,
     pub reports: Vec<ObjectReport>,
+    pub gateway_api: GatewayApiReports,
 }
 
 /// Compiles routes, servers and pods with the router configuration, then the
 /// endpoint loads of the result: the whole snapshot and every report.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
-    let objects = input.objects;
-    let mut routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+    let mut routes = compile_objects(input.objects.view(), input.gateway_api);
     routes.route_config.scheduler = input.scheduler.cloned();
     let endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
     Compiled {
@@ -82,8 +90,27 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         endpoint_loads,
         scrape_targets: routes.scrape_targets,
         reports: routes.reports,
+        gateway_api: routes.gateway_api,
         generated_at_unix_ms: input.now_unix_ms,
     }
+}
+
+/// [`compile_objects`] of ModelRoutes, ModelServers and Pods alone, with
+/// Gateway API mode off.
+pub fn compile_route_config(
+    routes: &[ModelRoute],
+    servers: &[ModelServer],
+    pods: &[Pod],
+) -> CompiledRoutes {
+    compile_objects(
+        Objects {
+            routes,
+            servers,
+            pods,
+            ..Objects::default()
+        },
+        &GatewayApiConfig::disabled(),
+    )
 }
 
 /// Validates every object, resolves references and builds the RouteConfig.
@@ -92,11 +119,13 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
 /// When two objects of one kind share a namespace/name (possible with local
 /// files), the first one in input order wins and the others are reported as
 /// `Duplicate`.
-pub fn compile_route_config(
-    routes: &[ModelRoute],
-    servers: &[ModelServer],
-    pods: &[Pod],
-) -> CompiledRoutes {
+pub fn compile_objects(objects: Objects<'_>, gateway_api: &GatewayApiConfig) -> CompiledRoutes {
+    let Objects {
+        routes,
+        servers,
+        pods,
+        ..
+    } = objects;
     let mut reports = Vec::with_capacity(routes.len() + servers.len());
 
     let pod_index = pod_index::PodIndex::new(pods);
@@ -122,6 +151,12 @@ pub fn compile_route_config(
         }
     }
 
+    let mut scrape_targets: Vec<ScrapeTarget> = compiled_servers
+        .values()
+        .flat_map(|compiled| compiled.scrape_targets.iter().cloned())
+        .collect();
+    let gateways = gateway_api::compile(&objects, gateway_api, &pod_index, &mut scrape_targets);
+
     let known_servers = routes::KnownServers {
         accepted: compiled_servers.keys().copied().collect(),
         present: present_servers,
@@ -141,7 +176,8 @@ pub fn compile_route_config(
             ));
             continue;
         }
-        let (compiled, report) = routes::compile_route(route, &known_servers);
+        let (compiled, report) =
+            routes::compile_route(route, &known_servers, gateways.listener_index());
         reports.push(report);
         compiled_routes.extend(compiled);
     }
@@ -155,11 +191,8 @@ pub fn compile_route_config(
     });
     // Stable: duplicates keep their input order behind the object they lost to.
     reports.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+    let gateway_api = gateways.finish(&compiled_routes);
 
-    let mut scrape_targets: Vec<ScrapeTarget> = compiled_servers
-        .values()
-        .flat_map(|compiled| compiled.scrape_targets.iter().cloned())
-        .collect();
     scrape_targets.sort();
     // Two ModelServers may select the same pod; loads are keyed by pod, so scrape it once.
     scrape_targets.dedup_by(|later, earlier| later.key == earlier.key);
@@ -173,9 +206,14 @@ pub fn compile_route_config(
                 .into_values()
                 .map(|compiled| compiled.server)
                 .collect(),
+            gateways: gateway_api.gateways,
+            default_gateway: gateway_api.default_gateway,
+            http_routes: gateway_api.http_routes,
+            inference_pools: gateway_api.inference_pools,
         },
         scrape_targets,
         reports,
+        gateway_api: gateway_api.reports,
     }
 }
 

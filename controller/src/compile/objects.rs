@@ -2,7 +2,9 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
-use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_crd::{
+    Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute, ModelServer,
+};
 
 /// One consistent set of objects: the config directory's files (local mode)
 /// or the Kubernetes caches after a burst of watch events.
@@ -11,9 +13,41 @@ pub struct ObjectSet {
     pub routes: Vec<ModelRoute>,
     pub servers: Vec<ModelServer>,
     pub pods: Vec<Pod>,
+    /// Gateway API mode's objects (empty when it is off, but for local files).
+    pub gateway_classes: Vec<GatewayClass>,
+    pub gateways: Vec<Gateway>,
+    pub http_routes: Vec<HTTPRoute>,
+    pub inference_pools: Vec<InferencePool>,
     /// Documents or files that were skipped, in file then document order
     /// (local mode; the Kubernetes API only hands out well-formed objects).
     pub problems: Vec<LoadProblem>,
+}
+
+/// The objects of one compile, borrowed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Objects<'a> {
+    pub routes: &'a [ModelRoute],
+    pub servers: &'a [ModelServer],
+    pub pods: &'a [Pod],
+    pub gateway_classes: &'a [GatewayClass],
+    pub gateways: &'a [Gateway],
+    pub http_routes: &'a [HTTPRoute],
+    pub inference_pools: &'a [InferencePool],
+}
+
+impl ObjectSet {
+    /// Every object, borrowed.
+    pub fn view(&self) -> Objects<'_> {
+        Objects {
+            routes: &self.routes,
+            servers: &self.servers,
+            pods: &self.pods,
+            gateway_classes: &self.gateway_classes,
+            gateways: &self.gateways,
+            http_routes: &self.http_routes,
+            inference_pools: &self.inference_pools,
+        }
+    }
 }
 
 /// A file or document that could not be loaded; the rest of the directory still is.

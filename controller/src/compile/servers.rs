@@ -198,6 +198,7 @@ pub(crate) fn compile_server(
             name: pod.name.to_owned(),
             ip: pod.ip.to_string(),
             bootstrap_port: *bootstrap_port,
+            port: 0,
         })
         .collect();
 

@@ -1143,7 +1143,7 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         routes: routes.clone(),
         servers: servers.clone(),
         pods: pods.clone(),
-        problems: Vec::new(),
+        ..ObjectSet::default()
     };
     let scheduler = pb::SchedulerConfig {
         top_n: 3,
@@ -1151,6 +1151,7 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
     };
     let compiled = compile(&CompileInput {
         objects: &objects,
+        gateway_api: &GatewayApiConfig::disabled(),
         scheduler: Some(&scheduler),
         pod_loads: &pod_loads,
         now_unix_ms: 42,

@@ -15,7 +15,8 @@ use tokio::sync::watch;
 
 use crate::admin::ObjectsView;
 use crate::compile::{
-    CompileInput, Compiled, ObjectReport, ObjectSet, compile, compile_endpoint_loads,
+    CompileInput, Compiled, GatewayApiConfig, ObjectReport, ObjectSet, compile,
+    compile_endpoint_loads,
 };
 use crate::scrape::{PodLoads, ScrapeTarget};
 use crate::xds::SnapshotPublisher;
@@ -25,6 +26,8 @@ pub(super) struct LoopIo {
     pub objects: watch::Receiver<Arc<ObjectSet>>,
     /// The router configuration's scheduler section, shipped inside the RouteConfig.
     pub scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
+    /// Gateway API mode, from the flags.
+    pub gateway_api: GatewayApiConfig,
     pub pod_loads: watch::Receiver<PodLoads>,
     pub publisher: Arc<SnapshotPublisher>,
     pub targets: watch::Sender<Vec<ScrapeTarget>>,
@@ -104,6 +107,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Vec<ObjectReport>) -> Arc
     let started = clock::now();
     let compiled = compile(&CompileInput {
         objects: &objects,
+        gateway_api: &io.gateway_api,
         scheduler: scheduler.as_ref(),
         pod_loads: &pod_loads,
         now_unix_ms: clock::unix_ms_now(),
@@ -132,6 +136,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Vec<ObjectReport>) -> Arc
     });
     io.objects_view.send_replace(Arc::new(ObjectsView {
         reports: compiled.reports.clone(),
+        gateway_api: compiled.gateway_api.clone(),
         load_problems: objects.problems.clone(),
     }));
     // Endpoints may have come or gone: their loads follow.

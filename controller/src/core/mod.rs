@@ -28,7 +28,7 @@ use tokio_util::sync::DropGuard;
 
 use crate::admin::{self, AdminState, ObjectsView};
 use crate::cli::Args;
-use crate::compile::{Compiled, ObjectSet};
+use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
 use crate::router_config::watch_router_config;
@@ -99,6 +99,7 @@ pub async fn begin(
     let mut tasks = TaskSet::new(shutdown);
     let (admin_listener, admin_addr) = bind("admin", args.metrics_addr).await?;
     let controller_id = args.effective_controller_id();
+    let gateway_api = args.gateway_api().map_err(ControllerError::InvalidFlag)?;
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
     let compile_duration = register_compile_duration(&registry)?;
@@ -141,6 +142,7 @@ pub async fn begin(
         dataplanes,
         objects_view,
         scheduler,
+        gateway_api,
         xds_addr: args.xds_addr,
         scrape_config: ScrapeConfig {
             interval: args.scrape_interval,
@@ -166,6 +168,7 @@ pub struct StartingController {
     dataplanes: DataplaneRegistry,
     objects_view: watch::Sender<Arc<ObjectsView>>,
     scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
+    gateway_api: GatewayApiConfig,
     xds_addr: SocketAddr,
     scrape_config: ScrapeConfig,
 }
@@ -187,6 +190,7 @@ impl StartingController {
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
             scheduler: self.scheduler,
+            gateway_api: self.gateway_api,
             pod_loads: pod_loads.clone(),
             publisher: self.publisher.clone(),
             targets,

@@ -23,6 +23,7 @@ use switchyard_crd::{ModelRouteStatus, ModelServerStatus};
 use crate::compile::{ConditionReport, ObjectKind, ObjectReport};
 use crate::xds::DataplaneStatus;
 
+pub mod gateway_api;
 mod reports;
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,12 @@
 //! The Kthena-compatible custom resources Switchyard serves:
-//! `ModelRoute` and `ModelServer` in `networking.serving.volcano.sh/v1alpha1`.
+//! `ModelRoute` and `ModelServer` in `networking.serving.volcano.sh/v1alpha1`;
+//! and the Gateway API kinds it reads in Gateway API mode (`GatewayClass`,
+//! `Gateway`, `HTTPRoute`, `InferencePool`), whose CRDs belong to their projects.
 #![forbid(unsafe_code)]
 
 pub mod duration;
+pub mod gateway_api;
+pub mod inference_pool;
 pub mod manifests;
 pub mod model_route;
 pub mod model_server;
@@ -11,6 +15,11 @@ pub mod status;
 pub mod test_builders;
 
 pub use duration::{GoDurationError, parse_go_duration};
+pub use gateway_api::{
+    GATEWAY_API_GROUP, Gateway, GatewayClass, GatewayClassSpec, GatewayClassStatus, GatewaySpec,
+    GatewayStatus, HTTPRoute, HTTPRouteSpec, HTTPRouteStatus,
+};
+pub use inference_pool::{INFERENCE_API_GROUP, InferencePool, InferencePoolSpec, InferencePoolStatus};
 pub use manifests::{CrdManifest, crd_yaml, crd_yaml_stream};
 pub use model_route::{
     BodyMatch, ModelMatch, ModelRoute, ModelRouteSpec, ParentReference, RateLimit, RateLimitUnit,
