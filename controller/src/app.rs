@@ -24,7 +24,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), Controll
 }
 
 fn local_source(args: &Args, config_dir: &std::path::Path) -> Result<LocalSource, ControllerError> {
-    let defaults = args.gateway_defaults().map_err(ControllerError::InvalidFlag)?;
+    let defaults = args
+        .gateway_defaults()
+        .map_err(ControllerError::InvalidFlag)?;
     Ok(LocalSource::new(config_dir.to_owned()).with_gateway_defaults(defaults))
 }
 
@@ -46,7 +48,12 @@ pub async fn start_local(args: &Args) -> Result<Controller, ControllerError> {
     let Some(config_dir) = &args.config_dir else {
         return Err(ControllerError::NoConfigDir);
     };
-    start(args, CancellationToken::new(), local_source(args, config_dir)?).await
+    start(
+        args,
+        CancellationToken::new(),
+        local_source(args, config_dir)?,
+    )
+    .await
 }
 
 /// Starts Kubernetes mode on `client`: returns once the caches synced and the

@@ -123,7 +123,12 @@ pub struct Args {
 
     /// Gateway API mode: the addresses the Gateways report in their status
     /// (the dataplanes' Service addresses, comma-separated IPs or host names).
-    #[arg(long, env = "SWITCHYARD_GATEWAY_ADDRESSES", value_delimiter = ',', value_name = "ADDR,...")]
+    #[arg(
+        long,
+        env = "SWITCHYARD_GATEWAY_ADDRESSES",
+        value_delimiter = ',',
+        value_name = "ADDR,..."
+    )]
     pub gateway_addresses: Vec<String>,
 }
 
@@ -301,8 +306,8 @@ mod tests {
             config.default_gateway,
             Some(("kthena-system".to_owned(), "default".to_owned()))
         );
-        let args = parse(&["--enable-gateway-api", "--default-gateway", "edge/public"])
-            .expect("parses");
+        let args =
+            parse(&["--enable-gateway-api", "--default-gateway", "edge/public"]).expect("parses");
         assert_eq!(
             args.gateway_api().expect("valid").default_gateway,
             Some(("edge".to_owned(), "public".to_owned()))

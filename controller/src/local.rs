@@ -328,25 +328,24 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             ));
             continue;
         }
-        let parsed = match kind {
-            Some("ModelRoute") => {
-                serde_yaml::from_value(value.clone()).map(|route| objects.routes.push(route))
-            }
-            Some("ModelServer") => {
-                serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server))
-            }
-            Some("GatewayClass") => serde_yaml::from_value(value.clone())
-                .map(|class| objects.gateway_classes.push(class)),
-            Some("Gateway") => {
-                serde_yaml::from_value(value.clone()).map(|gateway| objects.gateways.push(gateway))
-            }
-            Some("HTTPRoute") => {
-                serde_yaml::from_value(value.clone()).map(|route| objects.http_routes.push(route))
-            }
-            Some("InferencePool") => serde_yaml::from_value(value.clone())
-                .map(|pool| objects.inference_pools.push(pool)),
-            _ => serde_yaml::from_value(value.clone()).map(|pod| objects.pods.push(pod)),
-        };
+        let parsed =
+            match kind {
+                Some("ModelRoute") => {
+                    serde_yaml::from_value(value.clone()).map(|route| objects.routes.push(route))
+                }
+                Some("ModelServer") => {
+                    serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server))
+                }
+                Some("GatewayClass") => serde_yaml::from_value(value.clone())
+                    .map(|class| objects.gateway_classes.push(class)),
+                Some("Gateway") => serde_yaml::from_value(value.clone())
+                    .map(|gateway| objects.gateways.push(gateway)),
+                Some("HTTPRoute") => serde_yaml::from_value(value.clone())
+                    .map(|route| objects.http_routes.push(route)),
+                Some("InferencePool") => serde_yaml::from_value(value.clone())
+                    .map(|pool| objects.inference_pools.push(pool)),
+                _ => serde_yaml::from_value(value.clone()).map(|pod| objects.pods.push(pod)),
+            };
         if let Err(error) = parsed {
             objects
                 .problems

@@ -454,7 +454,9 @@ async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile
         .expect("begins");
     let admin_addr = starting.admin_addr;
     let publisher = starting.publisher.clone();
-    let ready = tokio::spawn(starting.start(KubernetesSource::new(&args(), fake.client())));
+    let ready = tokio::spawn(
+        starting.start(KubernetesSource::new(&args(), fake.client()).expect("valid flags")),
+    );
     fake.wait_for("the held ModelRoute list", |request| {
         request.path == ROUTES && !request.params().contains_key("watch")
     })

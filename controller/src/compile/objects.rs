@@ -2,9 +2,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
-use switchyard_crd::{
-    Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute, ModelServer,
-};
+use switchyard_crd::{Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute, ModelServer};
 
 /// One consistent set of objects: the config directory's files (local mode)
 /// or the Kubernetes caches after a burst of watch events.

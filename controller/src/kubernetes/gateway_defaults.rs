@@ -27,12 +27,21 @@ pub async fn ensure(client: &Client, caches: &Caches, defaults: &GatewayDefaults
         .namespace
         .as_deref()
         .unwrap_or_default();
-    let name = defaults.gateway.metadata.name.as_deref().unwrap_or_default();
+    let name = defaults
+        .gateway
+        .metadata
+        .name
+        .as_deref()
+        .unwrap_or_default();
     if caches.find_gateway(namespace, name).is_none() {
         let created = Api::<Gateway>::namespaced(client.clone(), namespace)
             .create(&PostParams::default(), &defaults.gateway)
             .await;
-        log_outcome("Gateway", &format!("{namespace}/{name}"), created.map(|_| ()));
+        log_outcome(
+            "Gateway",
+            &format!("{namespace}/{name}"),
+            created.map(|_| ()),
+        );
     }
 }
 

@@ -88,8 +88,7 @@ impl ObjectSource for KubernetesSource {
     /// Lists and watches the cluster and returns once every cache has synced.
     async fn start(self, tasks: &mut TaskSet) -> Result<SourceStarted, ControllerError> {
         tracing::info!(scope = ?self.scope, "starting the Kubernetes watches");
-        let reflectors =
-            caches::start(&self.client, &self.scope, &self.gateway_api, tasks).await;
+        let reflectors = caches::start(&self.client, &self.scope, &self.gateway_api, tasks).await;
         let mut caches = reflectors.caches.clone();
         caches.wait_synced().await;
         tracing::info!("Kubernetes caches synced");

@@ -18,9 +18,7 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use switchyard_crd::gateway_api::{
-    GatewayStatusAddress, ListenerStatus, RouteParentStatus,
-};
+use switchyard_crd::gateway_api::{GatewayStatusAddress, ListenerStatus, RouteParentStatus};
 use switchyard_crd::inference_pool::{PoolParentReference, PoolParentStatus};
 use switchyard_crd::status::{CONDITION_ACCEPTED, CONDITION_PROGRAMMED, CONDITION_RESOLVED_REFS};
 use switchyard_crd::{
@@ -232,7 +230,10 @@ pub fn inference_pool_status(
         kind == "Gateway"
             && group == GATEWAY_API_GROUP
             && ours.contains(&(
-                parent.namespace.clone().unwrap_or_else(|| report.namespace.clone()),
+                parent
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| report.namespace.clone()),
                 parent.name.clone(),
             ))
     };
@@ -313,7 +314,9 @@ fn from_report(
         match (type_, report.status) {
             (CONDITION_ACCEPTED, true) => "accepted by Switchyard".to_owned(),
             (CONDITION_RESOLVED_REFS, true) => "every reference resolved".to_owned(),
-            (CONDITION_CONFLICTED, false) => "no other listener holds this port and hostname".to_owned(),
+            (CONDITION_CONFLICTED, false) => {
+                "no other listener holds this port and hostname".to_owned()
+            }
             _ => String::new(),
         }
     } else {

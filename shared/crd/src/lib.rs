@@ -19,7 +19,9 @@ pub use gateway_api::{
     GATEWAY_API_GROUP, Gateway, GatewayClass, GatewayClassSpec, GatewayClassStatus, GatewaySpec,
     GatewayStatus, HTTPRoute, HTTPRouteSpec, HTTPRouteStatus,
 };
-pub use inference_pool::{INFERENCE_API_GROUP, InferencePool, InferencePoolSpec, InferencePoolStatus};
+pub use inference_pool::{
+    INFERENCE_API_GROUP, InferencePool, InferencePoolSpec, InferencePoolStatus,
+};
 pub use manifests::{CrdManifest, crd_yaml, crd_yaml_stream};
 pub use model_route::{
     BodyMatch, ModelMatch, ModelRoute, ModelRouteSpec, ParentReference, RateLimit, RateLimitUnit,

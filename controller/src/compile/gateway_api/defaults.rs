@@ -21,9 +21,7 @@ pub fn default_gateway_class(name: &str, controller_name: &str) -> GatewayClass 
         },
         spec: GatewayClassSpec {
             controller_name: controller_name.to_owned(),
-            description: Some(
-                "Switchyard: Gateways served by every dataplane".to_owned(),
-            ),
+            description: Some("Switchyard: Gateways served by every dataplane".to_owned()),
             parameters_ref: None,
         },
         status: None,

@@ -153,18 +153,19 @@ pub(crate) fn compile_http_route(
 
     let report = |accepted: &ConditionReport, in_snapshot| {
         let resolved_refs = ConditionReport::from_problems(&unresolved, Reason::ResolvedRefs, "");
-        let partially_invalid = (!dropped.is_empty() && !kept.is_empty()).then(|| ConditionReport {
-            status: true,
-            reason: Reason::UnsupportedValue,
-            message: format!(
-                "Dropped Rule(s): {}",
-                dropped
-                    .iter()
-                    .map(|problem: &Problem| problem.message.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-        });
+        let partially_invalid =
+            (!dropped.is_empty() && !kept.is_empty()).then(|| ConditionReport {
+                status: true,
+                reason: Reason::UnsupportedValue,
+                message: format!(
+                    "Dropped Rule(s): {}",
+                    dropped
+                        .iter()
+                        .map(|problem: &Problem| problem.message.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            });
         HttpRouteReport {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -407,7 +408,9 @@ fn compile_match(path: &str, matcher: &HTTPRouteMatch) -> Result<pb::HttpRouteMa
         .unwrap_or_else(|| "/".to_owned());
     let path_kind = match kind {
         "Exact" | "PathPrefix" if !value.starts_with('/') => {
-            return Err(format!("{path}.path.value: {value:?} does not start with \"/\""));
+            return Err(format!(
+                "{path}.path.value: {value:?} does not start with \"/\""
+            ));
         }
         "Exact" => Kind::Exact(value),
         "PathPrefix" => Kind::Prefix(value),
@@ -415,7 +418,11 @@ fn compile_match(path: &str, matcher: &HTTPRouteMatch) -> Result<pb::HttpRouteMa
             check_regex(&format!("{path}.path.value"), &value)?;
             Kind::Regex(value)
         }
-        other => return Err(format!("{path}.path.type: {other:?} is not a path match type")),
+        other => {
+            return Err(format!(
+                "{path}.path.type: {other:?} is not a path match type"
+            ));
+        }
     };
     let mut headers = Vec::new();
     let mut header_names = BTreeSet::new();
@@ -429,7 +436,11 @@ fn compile_match(path: &str, matcher: &HTTPRouteMatch) -> Result<pb::HttpRouteMa
         }
         headers.push(pb::HeaderMatch {
             name: name.as_str().to_owned(),
-            value: Some(value_match(&header_path, header.type_.as_deref(), &header.value)?),
+            value: Some(value_match(
+                &header_path,
+                header.type_.as_deref(),
+                &header.value,
+            )?),
         });
     }
     let mut query_params = Vec::new();
@@ -444,7 +455,11 @@ fn compile_match(path: &str, matcher: &HTTPRouteMatch) -> Result<pb::HttpRouteMa
         }
         query_params.push(pb::QueryParamMatch {
             name: param.name.clone(),
-            value: Some(value_match(&param_path, param.type_.as_deref(), &param.value)?),
+            value: Some(value_match(
+                &param_path,
+                param.type_.as_deref(),
+                &param.value,
+            )?),
         });
     }
     let method = match non_empty(matcher.method.as_deref()) {
@@ -499,7 +514,9 @@ fn compile_filter(
     let compiled = match filter.type_.as_str() {
         REQUEST_HEADER_MODIFIER => {
             let modifier = filter.request_header_modifier.as_ref().ok_or_else(|| {
-                format!("{path}.requestHeaderModifier: must be set for type {REQUEST_HEADER_MODIFIER}")
+                format!(
+                    "{path}.requestHeaderModifier: must be set for type {REQUEST_HEADER_MODIFIER}"
+                )
             })?;
             Filter::RequestHeaderModifier(compile_header_modifier(
                 &format!("{path}.requestHeaderModifier"),
@@ -607,7 +624,11 @@ fn compile_url_rewrite(
                 }
                 Path::ReplacePrefixMatch(value)
             }
-            other => return Err(format!("{path}.path.type: {other:?} is not a path modifier")),
+            other => {
+                return Err(format!(
+                    "{path}.path.type: {other:?} is not a path modifier"
+                ));
+            }
         }),
     };
     Ok(pb::UrlRewrite {

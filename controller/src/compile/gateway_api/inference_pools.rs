@@ -106,12 +106,14 @@ pub(crate) fn compile_pool(
     {
         problems.push(Problem::new(
             Reason::UnsupportedProtocol,
-            format!("spec.appProtocol {protocol:?} is not supported: dataplanes speak http to pods"),
+            format!(
+                "spec.appProtocol {protocol:?} is not supported: dataplanes speak http to pods"
+            ),
         ));
     }
     let generation = pool.metadata.generation;
-    let report = |accepted: ConditionReport, resolved_refs, ready_pods, total_pods| {
-        InferencePoolReport {
+    let report =
+        |accepted: ConditionReport, resolved_refs, ready_pods, total_pods| InferencePoolReport {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             generation,
@@ -120,8 +122,7 @@ pub(crate) fn compile_pool(
             ready_pods,
             total_pods,
             parents: Vec::new(),
-        }
-    };
+        };
     if !problems.is_empty() {
         let accepted = ConditionReport::from_problems(&problems, Reason::Accepted, "");
         let resolved_refs = ConditionReport {

@@ -278,7 +278,6 @@ impl ListenerIndex {
         }
         Attachment::Attached(keys)
     }
-
 }
 
 /// Whether a route with `hostnames` may serve on a listener with `listener`:
@@ -397,8 +396,12 @@ pub(crate) fn compile_gateways(
         let mut listener_reports = Vec::new();
         let mut names = BTreeSet::new();
         for listener in &gateway.spec.listeners {
-            let (entry, report) =
-                compile_listener(listener, &key, names.insert(listener.name.as_str()), &mut taken);
+            let (entry, report) = compile_listener(
+                listener,
+                &key,
+                names.insert(listener.name.as_str()),
+                &mut taken,
+            );
             listener_reports.push(report);
             entries.extend(entry);
         }
@@ -467,7 +470,11 @@ pub(crate) fn compile_gateways(
         .default_gateway
         .as_ref()
         .map(|(namespace, name)| object_key(namespace, name))
-        .filter(|key| compiled.iter().any(|g| object_key(&g.namespace, &g.name) == *key))
+        .filter(|key| {
+            compiled
+                .iter()
+                .any(|g| object_key(&g.namespace, &g.name) == *key)
+        })
         .unwrap_or_default();
     CompiledGateways {
         index,
@@ -489,7 +496,10 @@ fn compile_listener(
     if !unique_name {
         problems.push(Problem::new(
             Reason::UnsupportedValue,
-            format!("another listener of the Gateway is named {:?}", listener.name),
+            format!(
+                "another listener of the Gateway is named {:?}",
+                listener.name
+            ),
         ));
     }
     if listener.protocol != HTTP_PROTOCOL {
@@ -768,10 +778,14 @@ pub(crate) fn compile(
                 .push(ignore("GatewayClass", &class.metadata, off));
         }
         for gateway in objects.gateways {
-            reports.ignored.push(ignore("Gateway", &gateway.metadata, off));
+            reports
+                .ignored
+                .push(ignore("Gateway", &gateway.metadata, off));
         }
         for route in objects.http_routes {
-            reports.ignored.push(ignore("HTTPRoute", &route.metadata, off));
+            reports
+                .ignored
+                .push(ignore("HTTPRoute", &route.metadata, off));
         }
         return Stage {
             index: None,

@@ -84,8 +84,18 @@ fn model_route_report<'a>(
 
 fn ds_pods() -> Vec<k8s_openapi::api::core::v1::Pod> {
     vec![
-        ready_pod("default", "ds-0", "10.0.0.1", &[("app", "deepseek-r1-1-5b")]),
-        ready_pod("default", "ds-1", "10.0.0.2", &[("app", "deepseek-r1-1-5b")]),
+        ready_pod(
+            "default",
+            "ds-0",
+            "10.0.0.1",
+            &[("app", "deepseek-r1-1-5b")],
+        ),
+        ready_pod(
+            "default",
+            "ds-1",
+            "10.0.0.2",
+            &[("app", "deepseek-r1-1-5b")],
+        ),
     ]
 }
 
@@ -157,8 +167,14 @@ fn kthena_gateway_examples_compile_as_published() {
     // HTTPRoute.yaml: PathPrefix "/" to the pool, on the default Gateway.
     assert_eq!(config.http_routes.len(), 1);
     let route = &config.http_routes[0];
-    assert_eq!((route.namespace.as_str(), route.name.as_str()), ("default", "llm-route"));
-    assert_eq!(route.listeners, [listener("kthena-system/default", "default")]);
+    assert_eq!(
+        (route.namespace.as_str(), route.name.as_str()),
+        ("default", "llm-route")
+    );
+    assert_eq!(
+        route.listeners,
+        [listener("kthena-system/default", "default")]
+    );
     assert_eq!(route.rules.len(), 1);
     assert_eq!(
         route.rules[0].matches[0].path,
@@ -195,7 +211,10 @@ fn kthena_gateway_examples_compile_as_published() {
     assert!(default.accepted.status && default.in_snapshot);
     // The bound route, the simple route and the HTTPRoute.
     assert_eq!(default.listeners[0].attached_routes, 3);
-    assert_eq!(gateway_report(&compiled, "kthena-gateway").listeners[0].attached_routes, 0);
+    assert_eq!(
+        gateway_report(&compiled, "kthena-gateway").listeners[0].attached_routes,
+        0
+    );
     let parents = &route_report(&compiled, "llm-route").parents;
     assert_eq!(parents.len(), 1);
     assert!(parents[0].accepted.status && parents[0].resolved_refs.status);
@@ -203,7 +222,9 @@ fn kthena_gateway_examples_compile_as_published() {
     let pool = &reports.inference_pools[0];
     assert!(pool.accepted.status);
     assert!(
-        pool.accepted.message.contains("endpointPickerRef is not called"),
+        pool.accepted
+            .message
+            .contains("endpointPickerRef is not called"),
         "{}",
         pool.accepted.message
     );
@@ -265,7 +286,11 @@ fn parent_refs_attach_by_section_port_namespace_and_hostname() {
         other => panic!("expected a rejection, got {other:?}"),
     };
     assert_eq!(
-        rejected(attach("team", &[], "{name: edge, namespace: infra, sectionName: same-only}")),
+        rejected(attach(
+            "team",
+            &[],
+            "{name: edge, namespace: infra, sectionName: same-only}"
+        )),
         Reason::NotAllowedByListeners
     );
     assert_eq!(
@@ -282,7 +307,11 @@ fn parent_refs_attach_by_section_port_namespace_and_hostname() {
         Attachment::Attached(vec![key("everyone")])
     );
     assert_eq!(
-        rejected(attach("infra", &["example.com"], "{name: edge, sectionName: same-only}")),
+        rejected(attach(
+            "infra",
+            &["example.com"],
+            "{name: edge, sectionName: same-only}"
+        )),
         Reason::NoMatchingListenerHostname
     );
     // Not Switchyard's: a Gateway of no known class, or not a Gateway at all.
@@ -333,7 +362,11 @@ spec:
     });
     let compiled = compile(&objects);
     assert!(
-        compiled.gateway_api.gateways.iter().all(|g| g.name != "foreign"),
+        compiled
+            .gateway_api
+            .gateways
+            .iter()
+            .all(|g| g.name != "foreign"),
         "another controller's Gateway is not reported"
     );
     let younger = gateway_report(&compiled, "younger");
@@ -347,10 +380,16 @@ spec:
     assert!(by_name("web").conflicted.status);
     assert_eq!(by_name("web").conflicted.reason, Reason::HostnameConflict);
     assert!(!by_name("web").in_snapshot);
-    assert!(by_name("other-host").in_snapshot, "another hostname on the port is fine");
+    assert!(
+        by_name("other-host").in_snapshot,
+        "another hostname on the port is fine"
+    );
     assert_eq!(by_name("tls").accepted.reason, Reason::UnsupportedProtocol);
     assert_eq!(by_name("zero").accepted.reason, Reason::PortUnavailable);
-    assert_eq!(by_name("selector").accepted.reason, Reason::UnsupportedValue);
+    assert_eq!(
+        by_name("selector").accepted.reason,
+        Reason::UnsupportedValue
+    );
     let kinds = by_name("kinds");
     assert!(kinds.in_snapshot);
     assert_eq!(kinds.resolved_refs.reason, Reason::InvalidRouteKinds);
@@ -431,7 +470,11 @@ spec:
     ));
     let route = &compiled.route_config.http_routes[0];
     assert_eq!(route.hostnames, ["llm.example.com"]);
-    let kept: Vec<(u32, &str)> = route.rules.iter().map(|r| (r.index, r.name.as_str())).collect();
+    let kept: Vec<(u32, &str)> = route
+        .rules
+        .iter()
+        .map(|r| (r.index, r.name.as_str()))
+        .collect();
     assert_eq!(kept, [(0, "chat"), (3, "prefix-rewrite")]);
 
     let chat = &route.rules[0];
@@ -440,13 +483,24 @@ spec:
     let headers: Vec<(&str, Option<&pb::string_match::Kind>)> = matcher
         .headers
         .iter()
-        .map(|h| (h.name.as_str(), h.value.as_ref().and_then(|v| v.kind.as_ref())))
+        .map(|h| {
+            (
+                h.name.as_str(),
+                h.value.as_ref().and_then(|v| v.kind.as_ref()),
+            )
+        })
         .collect();
     assert_eq!(
         headers,
         [
-            ("x-tier", Some(&pb::string_match::Kind::Exact("gold".to_owned()))),
-            ("x-team", Some(&pb::string_match::Kind::Regex("a|b".to_owned()))),
+            (
+                "x-tier",
+                Some(&pb::string_match::Kind::Exact("gold".to_owned()))
+            ),
+            (
+                "x-team",
+                Some(&pb::string_match::Kind::Regex("a|b".to_owned()))
+            ),
         ],
         "names lower case; of two matches on one name only the first counts"
     );
@@ -474,29 +528,45 @@ spec:
         }],
         "the missing pool and the Service are left out"
     );
-    assert_eq!(route.rules[1].backends[0].weight, 0, "weight 0 stays: no traffic");
+    assert_eq!(
+        route.rules[1].backends[0].weight, 0,
+        "weight 0 stays: no traffic"
+    );
 
     let parent = &route_report(&compiled, "mixed").parents[0];
     assert!(parent.accepted.status);
     assert!(
-        parent.accepted.message.contains("spec.rules[3].timeouts is not applied"),
+        parent
+            .accepted
+            .message
+            .contains("spec.rules[3].timeouts is not applied"),
         "{}",
         parent.accepted.message
     );
     assert!(!parent.resolved_refs.status);
     assert_eq!(parent.resolved_refs.reason, Reason::BackendNotFound);
     assert!(
-        parent.resolved_refs.message.contains("spec.rules[0].backendRefs[2]")
+        parent
+            .resolved_refs
+            .message
+            .contains("spec.rules[0].backendRefs[2]")
             && parent.resolved_refs.message.contains("not supported"),
         "{}",
         parent.resolved_refs.message
     );
-    let partially = parent.partially_invalid.as_ref().expect("rules were dropped");
+    let partially = parent
+        .partially_invalid
+        .as_ref()
+        .expect("rules were dropped");
     assert!(partially.status);
     assert!(
         partially.message.starts_with("Dropped Rule(s): ")
-            && partially.message.contains("spec.rules[1].filters[0]: filter type \"RequestRedirect\" is not supported")
-            && partially.message.contains("spec.rules[2].filters[0].urlRewrite.path: ReplacePrefixMatch"),
+            && partially.message.contains(
+                "spec.rules[1].filters[0]: filter type \"RequestRedirect\" is not supported"
+            )
+            && partially
+                .message
+                .contains("spec.rules[2].filters[0].urlRewrite.path: ReplacePrefixMatch"),
         "{}",
         partially.message
     );
@@ -543,7 +613,12 @@ fn a_pool_is_one_endpoint_per_ready_pod_and_target_port() {
         .collect();
     assert_eq!(
         endpoints,
-        [("ds-0", 8000), ("ds-0", 8001), ("ds-1", 8000), ("ds-1", 8001)]
+        [
+            ("ds-0", 8000),
+            ("ds-0", 8001),
+            ("ds-1", 8000),
+            ("ds-1", 8001)
+        ]
     );
     // Scraped once per pod, on the first target port.
     let scraped: Vec<String> = compiled
@@ -551,14 +626,19 @@ fn a_pool_is_one_endpoint_per_ready_pod_and_target_port() {
         .iter()
         .map(|t| format!("{} {}", t.key, t.addr))
         .collect();
-    assert_eq!(scraped, ["default/ds-0 10.0.0.1:8001", "default/ds-1 10.0.0.2:8001"]);
+    assert_eq!(
+        scraped,
+        ["default/ds-0 10.0.0.1:8001", "default/ds-1 10.0.0.2:8001"]
+    );
     // A route without rules gets the API's default rule: every path, no backend.
     let route = &compiled.route_config.http_routes[0];
     assert_eq!(route.rules.len(), 1);
     assert!(route.rules[0].backends.is_empty());
 
     let invalid = |spec: &str| {
-        let pool: InferencePool = yaml(&format!("metadata: {{ name: bad, namespace: default }}\nspec:\n{spec}"));
+        let pool: InferencePool = yaml(&format!(
+            "metadata: {{ name: bad, namespace: default }}\nspec:\n{spec}"
+        ));
         let objects = ObjectSet {
             inference_pools: vec![pool],
             ..ObjectSet::default()
@@ -572,7 +652,9 @@ fn a_pool_is_one_endpoint_per_ready_pod_and_target_port() {
         Reason::InvalidPort
     );
     assert_eq!(
-        invalid("  selector: { matchLabels: { app: x } }\n  targetPorts: [{ number: 8000 }, { number: 8000 }]\n"),
+        invalid(
+            "  selector: { matchLabels: { app: x } }\n  targetPorts: [{ number: 8000 }, { number: 8000 }]\n"
+        ),
         Reason::InvalidPort
     );
     assert_eq!(
@@ -580,7 +662,9 @@ fn a_pool_is_one_endpoint_per_ready_pod_and_target_port() {
         Reason::InvalidSelector
     );
     assert_eq!(
-        invalid("  selector: { matchLabels: { app: x } }\n  targetPorts: [{ number: 8000 }]\n  appProtocol: kubernetes.io/h2c\n"),
+        invalid(
+            "  selector: { matchLabels: { app: x } }\n  targetPorts: [{ number: 8000 }]\n  appProtocol: kubernetes.io/h2c\n"
+        ),
         Reason::UnsupportedProtocol
     );
 }
@@ -600,7 +684,10 @@ fn model_route_parent_refs_bind_it_to_listeners() {
         routes: vec![
             route("one-listener", "[{ name: edge, sectionName: everyone }]"),
             route("whole-gateway", "[{ name: edge }]"),
-            route("nowhere", "[{ name: edge, sectionName: nope }, { name: unknown }]"),
+            route(
+                "nowhere",
+                "[{ name: edge, sectionName: nope }, { name: unknown }]",
+            ),
         ],
         servers: vec![server],
         gateways: vec![gateway],
@@ -631,8 +718,11 @@ fn model_route_parent_refs_bind_it_to_listeners() {
     assert!(report.accepted.status && !report.in_snapshot);
     assert_eq!(report.resolved_refs.reason, Reason::NoMatchingParent);
     assert!(
-        report.resolved_refs.message.contains("spec.parentRefs[0]: Gateway infra/edge has no usable listener named \"nope\"")
-            && report.resolved_refs.message.contains("spec.parentRefs[1]: gateway.networking.k8s.io/Gateway infra/unknown is not a Gateway"),
+        report.resolved_refs.message.contains(
+            "spec.parentRefs[0]: Gateway infra/edge has no usable listener named \"nope\""
+        ) && report.resolved_refs.message.contains(
+            "spec.parentRefs[1]: gateway.networking.k8s.io/Gateway infra/unknown is not a Gateway"
+        ),
         "{}",
         report.resolved_refs.message
     );
@@ -654,7 +744,10 @@ fn model_route_parent_refs_bind_it_to_listeners() {
         .find(|r| r.name == "one-listener")
         .expect("report");
     assert!(
-        report.resolved_refs.message.contains("Gateway API mode is off"),
+        report
+            .resolved_refs
+            .message
+            .contains("Gateway API mode is off"),
         "{}",
         report.resolved_refs.message
     );
@@ -667,6 +760,10 @@ fn model_route_parent_refs_bind_it_to_listeners() {
         .collect();
     assert_eq!(
         ignored,
-        [("GatewayClass", "kthena-router"), ("Gateway", "edge"), ("Gateway", "default")]
+        [
+            ("GatewayClass", "kthena-router"),
+            ("Gateway", "edge"),
+            ("Gateway", "default")
+        ]
     );
 }
