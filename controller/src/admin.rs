@@ -1,13 +1,14 @@
 //! The admin HTTP server: health, readiness, Prometheus metrics and debug views.
 //!
 //! - `GET /healthz`: 200 while the process serves HTTP;
-//! - `GET /readyz`: 200 once a RouteConfig has been published, else 503;
+//! - `GET /readyz`: 200 once a RouteConfig has been published, else 503 with
+//!   the reason (e.g. a source with no ModelRoute being held);
 //! - `GET /metrics`: Prometheus text exposition of the controller's registry;
 //! - `GET /debug/dataplanes`: every connected dataplane's sync state;
 //! - `GET /debug/snapshot`: the published RouteConfig and EndpointLoads;
 //! - `GET /debug/objects`: why each object was (not) accepted (the Gateway
-//!   API kinds under `gateway_api`), and the files or documents that could
-//!   not be loaded;
+//!   API kinds under `gateway_api`), the files or documents that could
+//!   not be loaded, and the source's state;
 //! - `GET /debug/config_dump/...`: the published snapshot in the dataplane's
 //!   config dump shapes (see `switchyard_snapshot::config_dump`).
 
@@ -45,6 +46,29 @@ pub struct ObjectsView {
     pub reports: Vec<ObjectReport>,
     pub gateway_api: GatewayApiReports,
     pub load_problems: Vec<LoadProblem>,
+    /// Whether the source is read and served, or held (see `crate::core::source_hold`).
+    pub source: SourceStatus,
+}
+
+/// The source's state as `/debug/objects` and `/readyz` show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceStatus {
+    /// `holding` while the first snapshot is held back, then `serving`.
+    pub state: SourceState,
+    /// Set when the first snapshot was published empty after the grace period.
+    pub empty_after_grace: bool,
+    /// Why the source cannot be read right now (the objects are the last read).
+    pub error: Option<String>,
+    /// One sentence for humans.
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    #[default]
+    Holding,
+    Serving,
 }
 
 /// Everything the admin endpoints read.
@@ -116,10 +140,18 @@ pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<
                 StatusCode::OK,
                 &json!({"status": "ready", "route_config_version": published.version}),
             ),
-            None => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not ready", "reason": "no routing snapshot compiled yet"}),
-            ),
+            None => {
+                let held = state.objects.borrow().source.message.clone();
+                let reason = if held.is_empty() {
+                    "no routing snapshot compiled yet".to_owned()
+                } else {
+                    held
+                };
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready", "reason": reason}),
+                )
+            }
         },
         "/metrics" => metrics_response(&state.metrics_registry),
         "/debug/dataplanes" => json_response(
@@ -382,10 +414,24 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_follows_the_first_publish() {
-        let (state, _objects) = state();
+        let (state, objects) = state();
         assert_eq!(get(&state, "/healthz").status(), StatusCode::OK);
         let not_ready = get(&state, "/readyz");
         assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+        assert_eq!(
+            body_json(not_ready).await["reason"],
+            "no routing snapshot compiled yet"
+        );
+        objects.send_replace(Arc::new(ObjectsView {
+            source: SourceStatus {
+                message: "the source holds no ModelRoute; ...".into(),
+                ..SourceStatus::default()
+            },
+            ..ObjectsView::default()
+        }));
+        let held = body_json(get(&state, "/readyz")).await;
+        assert_eq!(held["reason"], "the source holds no ModelRoute; ...");
 
         let published = state
             .publisher
@@ -484,6 +530,7 @@ mod tests {
                 name: Some("r".into()),
                 error: "spec: missing field `rules`".into(),
             }],
+            ..ObjectsView::default()
         }));
         let body = body_json(get(&state, "/debug/objects")).await;
         assert_eq!(body["load_problems"][0]["file"], "routes.yaml");

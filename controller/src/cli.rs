@@ -16,6 +16,16 @@ pub const DEFAULT_SCRAPE_INTERVAL: &str = "1s";
 /// pod still ends before the next one starts (1 s interval -> 750 ms).
 pub const DEFAULT_SCRAPE_TIMEOUT_PERCENT_OF_INTERVAL: u32 = 75;
 
+/// How long a source with no ModelRoute must read the same way before a
+/// starting controller publishes an empty RouteConfig: longer than a config
+/// sidecar (git-sync, a late ConfigMap projection) or a restarting API
+/// server usually takes to fill the source, short enough that a deployment
+/// that is meant to be empty becomes ready within a minute.
+pub const EMPTY_SOURCE_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// [`EMPTY_SOURCE_GRACE_PERIOD`] as `--empty-source-grace-period` spells its
+/// default (a test keeps the two equal).
+pub const DEFAULT_EMPTY_SOURCE_GRACE_PERIOD: &str = "30s";
+
 /// Lease that elects the replica writing status (Kubernetes mode); replicas share it by name.
 pub const DEFAULT_LEASE_NAME: &str = "switchyard-controller";
 /// Namespace of the Lease when `POD_NAMESPACE` (downward API) is unset: the
@@ -89,6 +99,12 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// A starting controller whose source has no ModelRoute (empty or
+    /// unreadable) publishes its first, empty, snapshot only after the source
+    /// has read so for this long (Go duration; 0s publishes at once).
+    #[arg(long, env = "SWITCHYARD_EMPTY_SOURCE_GRACE_PERIOD", default_value = DEFAULT_EMPTY_SOURCE_GRACE_PERIOD, value_parser = parse_duration, value_name = "DURATION")]
+    pub empty_source_grace_period: Duration,
+
     /// Identity sent to dataplanes in every snapshot [default: $HOSTNAME, else a random id].
     #[arg(long, env = "SWITCHYARD_CONTROLLER_ID", value_name = "ID")]
     pub controller_id: Option<String>,
@@ -154,6 +170,7 @@ impl Args {
             lease_name: DEFAULT_LEASE_NAME.to_owned(),
             lease_namespace: DEFAULT_LEASE_NAMESPACE.to_owned(),
             log_format: LogFormat::Text,
+            empty_source_grace_period: EMPTY_SOURCE_GRACE_PERIOD,
             controller_id: Some("test-controller".to_owned()),
             enable_gateway_api: false,
             enable_gateway_api_inference_extension: false,
@@ -237,8 +254,12 @@ impl Args {
     }
 }
 
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    switchyard_crd::parse_go_duration(text).map_err(|error| error.to_string())
+}
+
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    let duration = switchyard_crd::parse_go_duration(text).map_err(|error| error.to_string())?;
+    let duration = parse_duration(text)?;
     if duration.is_zero() {
         return Err("must be greater than zero".to_owned());
     }
@@ -264,6 +285,9 @@ mod tests {
         assert_eq!(args.log_format, LogFormat::Text);
         assert!(args.namespaces.is_empty());
         assert_eq!(args.lease_name, "switchyard-controller");
+        assert_eq!(args.empty_source_grace_period, EMPTY_SOURCE_GRACE_PERIOD);
+        let zero = parse(&["--empty-source-grace-period", "0s"]).expect("parses");
+        assert_eq!(zero.empty_source_grace_period, Duration::ZERO);
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! - `/debug/router/state`: snapshot versions and age, controller connection,
 //!   in-flight requests and engine load per pod;
 //! - `/debug/routing/table`: the routes, rules and ModelServers in use;
+//! - `/debug/model-servers`, `/debug/model-servers/{name}/status`,
+//!   `/debug/model-servers/{name}/metrics`, `/debug/routing/backends`:
+//!   health as this dataplane sees it (see [`crate::health::debug`]);
 //! - `/debug/config_dump/{modelroutes,modelservers,pods}` and
 //!   `/debug/config_dump/namespaces/{ns}/{modelroutes,modelservers,pods}/{name}`:
 //!   the snapshot in the Kthena router's dump shapes;
@@ -24,6 +27,7 @@ use serde_json::json;
 use switchyard_runtime::clock;
 use switchyard_snapshot::{config_dump, pb};
 
+use crate::health;
 use crate::metrics::RouterMetrics;
 use crate::pod::PodState;
 use crate::proxy::{ProxyBody, readiness_response};
@@ -68,11 +72,18 @@ impl Admin {
                 StatusCode::OK,
                 &decisions_view(&self.store, request.uri().query()),
             ),
+            "/debug/model-servers" => health_view(health::debug::model_servers(&self.store)),
+            "/debug/routing/backends" => {
+                health_view(health::debug::backends(&self.store, &self.metrics.health))
+            }
             "/debug/pd-groups" => json(StatusCode::OK, &self.pd_groups()),
             "/debug/kv-cache/connectors" => json(StatusCode::OK, &self.kv_connectors()),
             _ => {
                 if let Some(rest) = path.strip_prefix("/debug/config_dump/") {
                     return self.config_dump(rest);
+                }
+                if let Some(rest) = path.strip_prefix("/debug/model-servers/") {
+                    return self.model_server(rest, request.uri().query());
                 }
                 match path
                     .strip_prefix("/debug/pd-groups/")
@@ -82,6 +93,28 @@ impl Admin {
                     None => not_found(&format!("no debug endpoint {path}")),
                 }
             }
+        }
+    }
+
+    /// `/debug/model-servers/{name}/status` and `.../metrics`.
+    fn model_server(&self, rest: &str, query: Option<&str>) -> Response<ProxyBody> {
+        let namespace = query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .find_map(|pair| pair.strip_prefix("namespace="));
+        match rest.split_once('/') {
+            Some((name, "status")) => health_view(health::debug::status(
+                &self.store,
+                &self.metrics.health,
+                name,
+                namespace,
+            )),
+            Some((name, "metrics")) => {
+                health_view(health::debug::engine_metrics(&self.store, name, namespace))
+            }
+            _ => not_found(&format!(
+                "no debug endpoint /debug/model-servers/{rest}: use /debug/model-servers/{{name}}/status or /metrics"
+            )),
         }
     }
 
@@ -285,6 +318,7 @@ impl Admin {
 
     fn render_metrics(&self) -> Response<ProxyBody> {
         self.metrics.refresh_state(&self.store, &self.controller);
+        self.metrics.health.refresh(&self.store);
         match self.metrics.render() {
             Ok(buffer) => {
                 let mut response = Response::new(ProxyBody::from(Bytes::from(buffer)));
@@ -361,6 +395,22 @@ impl Admin {
             })
             .collect();
         json!({"version": table.version, "routes": routes, "modelServers": servers})
+    }
+}
+
+fn health_view(view: Result<serde_json::Value, health::debug::LookupError>) -> Response<ProxyBody> {
+    use health::debug::LookupError;
+    match view {
+        Ok(value) => json(StatusCode::OK, &value),
+        Err(LookupError::NotReady) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "router_not_ready",
+            "no routing snapshot received from the controller yet",
+        ),
+        Err(LookupError::NotFound(message)) => not_found(&message),
+        Err(LookupError::Ambiguous(message)) => {
+            error(StatusCode::CONFLICT, "ambiguous_name", &message)
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod app;
 pub mod cli;
 pub mod config_file;
 pub mod error;
+pub mod health;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;

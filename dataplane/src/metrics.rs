@@ -21,6 +21,7 @@ use prometheus::{
 use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
+use crate::health::HealthMetrics;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::{ControllerStatus, SnapshotSink};
 
@@ -142,6 +143,8 @@ pub struct RouterMetrics {
     /// (or were missing, so the decode recomputed the prompt).
     pub pd_kv_transfer_params_total: IntCounterVec,
     pub access_log_dropped_total: IntCounter,
+    /// Model-server and load-balancing health ([`crate::health`]).
+    pub health: HealthMetrics,
     controller_connected: IntGauge,
     snapshot_age_seconds: Gauge,
     snapshot_info: IntGaugeVec,
@@ -394,11 +397,13 @@ impl RouterMetrics {
                 ),
                 &["pod"],
             )?,
+            health: HealthMetrics::register(&registry)?,
             resolved: ArcSwap::from_pointee(Resolved::default()),
             resolve_lock: Mutex::new(()),
             declared: Vec::new(),
             registry,
         };
+        metrics.declared = metrics.health.declared();
         let (counter, gauge, histogram) = ("counter", "gauge", "histogram");
         let collectors: Vec<(Box<dyn Collector>, &'static str)> = vec![
             (Box::new(metrics.requests_total.clone()), counter),
@@ -843,6 +848,7 @@ impl SnapshotSink for ObservedStore {
         SnapshotSink::apply_route_config(&*self.store, version, config)?;
         if let Some(table) = self.store.table() {
             self.metrics.resolve(&table);
+            self.metrics.health.resolve(&table);
         }
         Ok(())
     }

@@ -807,6 +807,7 @@ mod tests {
             name: "p3".into(),
             ip: "127.0.0.13".into(),
             bootstrap_port: 9001,
+            ..Default::default()
         });
         server.prefill_decode = Some(pb::PrefillDecode {
             kv_connector: connector.into(),

@@ -764,21 +764,7 @@ impl Stack {
             old.stop();
         }
         for attempt in 1..=CONTROLLER_START_ATTEMPTS {
-            let mut args = vec![
-                "--config-dir".to_owned(),
-                self.config_dir.display().to_string(),
-                "--xds-addr".to_owned(),
-                self.xds_addr.to_string(),
-                "--metrics-addr".to_owned(),
-                self.controller_admin.to_string(),
-            ];
-            args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
-            let mut process = Process::start(
-                "switchyard-controller",
-                "controller",
-                &args,
-                self.dir.path(),
-            );
+            let mut process = self.controller_process(extra_args);
             let url = format!("http://{}/readyz", self.controller_admin);
             let http = &self.http;
             let ready = wait_for(&url, || {
@@ -807,6 +793,33 @@ impl Stack {
             self.xds_addr = free_addr();
             self.controller_admin = free_addr();
         }
+    }
+
+    /// (Re)starts the controller on the stack's ports with more flags and
+    /// returns at once: for a controller that is not meant to become ready
+    /// yet (e.g. one holding an empty config directory).
+    pub fn spawn_controller_with(&mut self, extra_args: &[&str]) {
+        self.stop_controller();
+        self.controller = Some(self.controller_process(extra_args));
+    }
+
+    /// A controller process on the stack's directory and ports.
+    fn controller_process(&self, extra_args: &[&str]) -> Process {
+        let mut args = vec![
+            "--config-dir".to_owned(),
+            self.config_dir.display().to_string(),
+            "--xds-addr".to_owned(),
+            self.xds_addr.to_string(),
+            "--metrics-addr".to_owned(),
+            self.controller_admin.to_string(),
+        ];
+        args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
+        Process::start(
+            "switchyard-controller",
+            "controller",
+            &args,
+            self.dir.path(),
+        )
     }
 
     /// Kills the mock engine whose pod name is `name`.

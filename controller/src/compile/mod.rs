@@ -20,6 +20,7 @@ use switchyard_snapshot::{object_key, pb};
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
 pub mod gateway_api;
+mod ignored;
 mod objects;
 mod pod_index;
 mod prefill_decode;
@@ -34,7 +35,7 @@ mod tests;
 pub use gateway_api::{GatewayApiConfig, GatewayApiReports};
 pub use objects::{LoadProblem, ObjectSet, Objects};
 pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
-pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
+pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
 /// Namespace of objects whose `metadata.namespace` is unset (local files), as in Kubernetes.
@@ -326,11 +327,12 @@ fn duplicate_report(
         pd_groups: None,
         complete_pd_groups: None,
         in_snapshot: false,
+        ignored_fields: Vec::new(),
     }
 }
 
 /// `metadata.namespace`, or `default` when unset.
-pub(crate) fn namespace_of(metadata: &ObjectMeta) -> &str {
+pub fn namespace_of(metadata: &ObjectMeta) -> &str {
     non_empty(metadata.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)
 }
 

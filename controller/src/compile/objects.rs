@@ -19,6 +19,9 @@ pub struct ObjectSet {
     /// Documents or files that were skipped, in file then document order
     /// (local mode; the Kubernetes API only hands out well-formed objects).
     pub problems: Vec<LoadProblem>,
+    /// Why the source cannot be read at all right now (local mode: the
+    /// directory cannot be listed); the objects are the last ones read.
+    pub source_error: Option<String>,
 }
 
 /// The objects of one compile, borrowed.

@@ -67,6 +67,8 @@ pub enum Reason {
     BackendNotFound,
     /// The ModelServer's selector matched no pod.
     NoMatchingPods,
+    /// A selected pod is Running and Ready with a `status.podIP` no request can go to.
+    InvalidPodIP,
     /// A prefill/decode ModelServer has no group with a ready pod of each role.
     NoCompletePdGroup,
     /// Gateway API: a route's parentRef names no usable listener of a Switchyard Gateway.
@@ -117,6 +119,7 @@ impl Reason {
             Self::Duplicate => "Duplicate",
             Self::BackendNotFound => "BackendNotFound",
             Self::NoMatchingPods => "NoMatchingPods",
+            Self::InvalidPodIP => "InvalidPodIP",
             Self::NoCompletePdGroup => "NoCompletePdGroup",
             Self::NoMatchingParent => "NoMatchingParent",
             Self::NotAllowedByListeners => "NotAllowedByListeners",
@@ -198,6 +201,25 @@ pub struct ObjectReport {
     /// Whether the object is part of the published RouteConfig (an accepted
     /// route whose every rule lost its targets is not).
     pub in_snapshot: bool,
+    /// Set fields the router does not act on; empty for most objects.
+    pub ignored_fields: Vec<IgnoredField>,
+}
+
+/// A set field the router does not act on, and what that means for traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IgnoredField {
+    /// Where the field is, e.g. `spec.parentRefs`.
+    pub path: String,
+    pub message: String,
+}
+
+impl IgnoredField {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
 }
 
 impl ObjectReport {

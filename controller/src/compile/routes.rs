@@ -6,7 +6,7 @@ use switchyard_crd::{ModelRoute, StringMatch, TargetModel};
 use switchyard_snapshot::{object_key, pb};
 
 use super::gateway_api::{Attachment, ListenerIndex, ListenerKey, RouteKind, listener_refs};
-use super::report::{ConditionReport, ObjectKind, ObjectReport, Problem, Reason};
+use super::report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
 
 /// Largest weight a target may carry, as in Kthena's API.
@@ -64,10 +64,16 @@ pub(crate) fn compile_route(
     }
 
     let mut unresolved = Vec::new();
+    let mut ignored_fields = super::ignored::route_fields(route);
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (rule_index, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{rule_index}]");
-        let matcher = compile_model_match(&path, rule.model_match.as_ref(), &mut invalid);
+        let matcher = compile_model_match(
+            &path,
+            rule.model_match.as_ref(),
+            &mut invalid,
+            &mut ignored_fields,
+        );
         validate_targets(&path, &rule.target_models, &mut invalid);
         let targets = resolve_targets(
             &path,
@@ -131,6 +137,7 @@ pub(crate) fn compile_route(
         pd_groups: None,
         complete_pd_groups: None,
         in_snapshot,
+        ignored_fields,
     };
     if !in_snapshot {
         return (None, report);
@@ -311,6 +318,7 @@ fn compile_model_match(
     path: &str,
     model_match: Option<&switchyard_crd::ModelMatch>,
     invalid: &mut Vec<Problem>,
+    ignored: &mut Vec<IgnoredField>,
 ) -> Option<pb::ModelMatch> {
     let model_match = model_match?;
     let path = format!("{path}.modelMatch");
@@ -328,6 +336,12 @@ fn compile_model_match(
         }
         let lower = name.to_ascii_lowercase();
         let compiled = compile_string_match(&header_path, value, invalid);
+        if is_empty_match(value) {
+            ignored.push(IgnoredField::new(
+                header_path.clone(),
+                "sets none of exact, prefix or regex, so it holds for any value, a missing header included",
+            ));
+        }
         if let Some((first_name, _)) = headers.get(&lower) {
             invalid.push(Problem::new(
                 Reason::InvalidMatch,
@@ -336,6 +350,22 @@ fn compile_model_match(
             continue;
         }
         headers.insert(lower, (name.clone(), compiled));
+    }
+    if model_match.uri.as_ref().is_some_and(is_empty_match) {
+        ignored.push(IgnoredField::new(
+            format!("{path}.uri"),
+            "sets none of exact, prefix or regex, so it holds for any path",
+        ));
+    }
+    if model_match
+        .body
+        .as_ref()
+        .is_some_and(|body| non_empty(body.model.as_deref()).is_none())
+    {
+        ignored.push(IgnoredField::new(
+            format!("{path}.body"),
+            "sets no model, so it holds for any request",
+        ));
     }
     let uri = model_match
         .uri
@@ -367,6 +397,10 @@ fn compile_model_match(
         uri,
         body_model,
     })
+}
+
+fn is_empty_match(string_match: &StringMatch) -> bool {
+    string_match.exact.is_none() && string_match.prefix.is_none() && string_match.regex.is_none()
 }
 
 /// `None` when the match sets nothing (holds for any value).

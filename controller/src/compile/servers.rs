@@ -83,6 +83,7 @@ pub(crate) fn compile_server(
     let traffic_policy = compile_traffic_policy(spec.traffic_policy.as_ref(), &mut problems);
 
     let generation = server.metadata.generation;
+    let ignored_fields = super::ignored::server_fields(server);
     let (Some(port), Some(connector), true) = (port, connector, problems.is_empty()) else {
         let accepted = ConditionReport::from_problems(&problems, Reason::Accepted, "");
         let report = ObjectReport {
@@ -101,6 +102,7 @@ pub(crate) fn compile_server(
             pd_groups: None,
             complete_pd_groups: None,
             in_snapshot: false,
+            ignored_fields,
         };
         return (None, report);
     };
@@ -114,16 +116,19 @@ pub(crate) fn compile_server(
 
     // Sorted by pod name.
     let selected: Vec<(&str, &Pod)> = pods.select(namespace, &spec.workload_selector.match_labels);
-    let ready: Vec<ReadyPod<'_>> = selected
-        .iter()
-        .filter_map(|(pod_name, pod)| {
-            ready_pod_ip(pod).map(|ip| ReadyPod {
+    let mut ready: Vec<ReadyPod<'_>> = Vec::with_capacity(selected.len());
+    let mut unusable: Vec<String> = Vec::new();
+    for (pod_name, pod) in &selected {
+        match ready_pod_ip(pod) {
+            Ok(Some(ip)) => ready.push(ReadyPod {
                 name: pod_name,
                 pod,
                 ip,
-            })
-        })
-        .collect();
+            }),
+            Ok(None) => {}
+            Err(why) => unusable.push(format!("{pod_name}: {why}")),
+        }
+    }
     let total_pods = u32::try_from(selected.len()).unwrap_or(u32::MAX);
     let ready_pods = u32::try_from(ready.len()).unwrap_or(u32::MAX);
     let pods_message = format!("{ready_pods} of {total_pods} selected pods ready");
@@ -142,7 +147,7 @@ pub(crate) fn compile_server(
             let resolved_refs = if selected.is_empty() {
                 no_pods()
             } else {
-                ConditionReport::ok(Reason::ResolvedRefs, pods_message)
+                ConditionReport::ok(Reason::ResolvedRefs, pods_message.clone())
             };
             (endpoints, None, resolved_refs, None)
         }
@@ -195,12 +200,23 @@ pub(crate) fn compile_server(
     let endpoints = endpoints
         .iter()
         .map(|(pod, bootstrap_port)| pb::Endpoint {
-            name: pod.name.to_owned(),
-            ip: pod.ip.to_string(),
             bootstrap_port: *bootstrap_port,
-            port: 0,
+            ..endpoint(pod.name, pod.ip, pod.pod)
         })
         .collect();
+    // Pods no request can reach outrank every other reference problem: they are named.
+    let resolved_refs = if unusable.is_empty() {
+        resolved_refs
+    } else {
+        ConditionReport {
+            status: false,
+            reason: Reason::InvalidPodIP,
+            message: format!(
+                "{pods_message}; left out, Running and Ready but with no usable address: {}",
+                unusable.join("; ")
+            ),
+        }
+    };
 
     let compiled = CompiledServer {
         server: pb::ModelServer {
@@ -228,6 +244,7 @@ pub(crate) fn compile_server(
         pd_groups: pd_counts.map(|(groups, _)| groups),
         complete_pd_groups: pd_counts.map(|(_, complete)| complete),
         in_snapshot: true,
+        ignored_fields,
     };
     (Some(compiled), report)
 }
@@ -279,15 +296,41 @@ fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The pod's IP when it may receive traffic: Running, condition Ready=True,
-/// not being deleted, with a parseable `status.podIP`.
-pub(crate) fn ready_pod_ip(pod: &Pod) -> Option<IpAddr> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None;
+/// The snapshot endpoint of a ready pod at `ip`, with the pod facts debug
+/// dumps show (the ModelServer's port, no bootstrap port).
+pub(crate) fn endpoint(name: &str, ip: IpAddr, pod: &Pod) -> pb::Endpoint {
+    pb::Endpoint {
+        name: name.to_owned(),
+        ip: ip.to_string(),
+        bootstrap_port: 0,
+        port: 0,
+        node_name: pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.node_name.clone())
+            .unwrap_or_default(),
+        start_time_unix_ms: pod
+            .status
+            .as_ref()
+            .and_then(|status| status.start_time.as_ref())
+            .map_or(0, |time| time.0.as_millisecond()),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
     }
-    let status = pod.status.as_ref()?;
+}
+
+/// The pod's IP when it may receive traffic: Running, condition Ready=True,
+/// not being deleted, with a `status.podIP`. `Ok(None)` for a pod that is
+/// not ready; an error for a ready pod whose `status.podIP` no request can
+/// go to (not an IP address, unspecified, multicast or broadcast).
+pub(crate) fn ready_pod_ip(pod: &Pod) -> Result<Option<IpAddr>, String> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Ok(None);
+    }
+    let Some(status) = pod.status.as_ref() else {
+        return Ok(None);
+    };
     if status.phase.as_deref() != Some("Running") {
-        return None;
+        return Ok(None);
     }
     let ready = status
         .conditions
@@ -295,7 +338,26 @@ pub(crate) fn ready_pod_ip(pod: &Pod) -> Option<IpAddr> {
         .flatten()
         .any(|condition| condition.type_ == "Ready" && condition.status == "True");
     if !ready {
-        return None;
+        return Ok(None);
     }
-    status.pod_ip.as_deref()?.parse().ok()
+    // No address yet: not ready (as before the kubelet sets one).
+    let Some(text) = non_empty(status.pod_ip.as_deref()) else {
+        return Ok(None);
+    };
+    let ip: IpAddr = text
+        .parse()
+        .map_err(|_| format!("status.podIP {text:?} is not an IP address"))?;
+    let unusable = if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    };
+    match unusable {
+        Some(what) => Err(format!("status.podIP {text:?} is {what}")),
+        None => Ok(Some(ip)),
+    }
 }

@@ -9,10 +9,11 @@
 //! Start-up order, in both modes: [`begin`] serves the admin endpoints at
 //! once (`/readyz` answers 503) and loads the router configuration;
 //! [`StartingController::start`] waits for the source's first complete
-//! object set (Kubernetes: every cache listed), publishes the first
-//! snapshot, and only then binds the stream server, so a dataplane never
-//! receives a snapshot built from a half-read cluster (which would drop
-//! routes and pods it is serving).
+//! object set (Kubernetes: every cache listed), holds it while it has no
+//! ModelRoute (see [`source_hold`]), publishes the first snapshot, and only
+//! then binds the stream server, so a dataplane never receives a snapshot
+//! built from a half-read cluster or an accidentally empty source (which
+//! would drop routes and pods it is serving).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,6 +37,7 @@ use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
 mod compile_loop;
+pub mod source_hold;
 
 use compile_loop::{CompileLoop, LoopIo};
 
@@ -144,6 +146,7 @@ pub async fn begin(
         scheduler,
         gateway_api,
         xds_addr: args.xds_addr,
+        empty_source_grace_period: args.empty_source_grace_period,
         scrape_config: ScrapeConfig {
             interval: args.scrape_interval,
             timeout: args.effective_scrape_timeout(),
@@ -170,6 +173,7 @@ pub struct StartingController {
     scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
     gateway_api: GatewayApiConfig,
     xds_addr: SocketAddr,
+    empty_source_grace_period: Duration,
     scrape_config: ScrapeConfig,
 }
 
@@ -179,9 +183,16 @@ impl StartingController {
     pub async fn start(self, source: impl ObjectSource) -> Result<Controller, ControllerError> {
         let mut tasks = self.tasks;
         let SourceStarted {
-            objects,
+            mut objects,
             on_serving,
         } = source.start(&mut tasks).await?;
+        let source_status = source_hold::hold_while_empty(
+            &mut objects,
+            self.empty_source_grace_period,
+            &self.objects_view,
+            &self.metrics.source_held,
+        )
+        .await;
 
         let (targets, scrape_targets) = watch::channel(Vec::new());
         let (pod_loads, scrape_loop) =
@@ -195,6 +206,8 @@ impl StartingController {
             publisher: self.publisher.clone(),
             targets,
             objects_view: self.objects_view,
+            source_status,
+            metrics: self.metrics.clone(),
             compile_duration: self.compile_duration,
         });
         tasks.spawn("compile loop", compile_loop.run());
@@ -325,6 +338,8 @@ mod tests {
             "--xds-addr=127.0.0.1:0",
             "--metrics-addr=127.0.0.1:0",
             "--controller-id=core-test",
+            // The test source is empty: publish it at once.
+            "--empty-source-grace-period=0s",
         ])
         .expect("valid flags")
     }

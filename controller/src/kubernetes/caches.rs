@@ -163,6 +163,7 @@ impl Caches {
             http_routes: collect(&self.http_routes),
             inference_pools: collect(&self.inference_pools),
             problems: Vec::new(),
+            source_error: None,
         }
     }
 

@@ -15,7 +15,7 @@ use switchyard_crd::{Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute
 use super::caches::Caches;
 use crate::compile::{GatewayApiReports, ObjectKind, ObjectReport};
 use crate::metrics::ControllerMetrics;
-use crate::status::{self, AckSummary, RejectionEvent, gateway_api};
+use crate::status::{self, AckSummary, WarningEvent, gateway_api};
 
 /// Field manager of every status patch: `kubectl get -o yaml --show-managed-fields` names it.
 pub const FIELD_MANAGER: &str = "switchyard-controller";
@@ -30,7 +30,7 @@ pub struct StatusUpdate {
     pub name: String,
     /// The server-side apply body: `apiVersion`, `kind`, `status`.
     pub patch: Value,
-    pub event: Option<RejectionEvent>,
+    pub events: Vec<WarningEvent>,
     /// `metadata.uid`, so the Event is attached to this very object (`kubectl describe` matches on it).
     pub uid: Option<String>,
 }
@@ -73,7 +73,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                     namespace: report.namespace.clone(),
                     name: report.name.clone(),
                     patch: apply_body::<ModelRoute>(serde_json::to_value(&desired)),
-                    event: status::rejection_event(report, conditions),
+                    events: status::warning_events(report, conditions),
                     uid: object.metadata.uid.clone(),
                 }
             }
@@ -97,7 +97,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                     namespace: report.namespace.clone(),
                     name: report.name.clone(),
                     patch: apply_body::<ModelServer>(serde_json::to_value(&desired)),
-                    event: status::rejection_event(report, conditions),
+                    events: status::warning_events(report, conditions),
                     uid: object.metadata.uid.clone(),
                 }
             }
@@ -122,7 +122,7 @@ fn plan_gateway_api(input: &PlanInput<'_>, updates: &mut Vec<StatusUpdate>) {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             patch,
-            event: None,
+            events: Vec::new(),
             uid: None,
         });
     };
@@ -274,7 +274,7 @@ impl StatusWriter {
                     continue;
                 }
             }
-            if let Some(event) = &update.event {
+            for event in &update.events {
                 let outcome = self.publish(event, update.uid.clone()).await;
                 self.metrics
                     .events
@@ -329,11 +329,7 @@ impl StatusWriter {
         Ok(())
     }
 
-    async fn publish(
-        &self,
-        event: &RejectionEvent,
-        uid: Option<String>,
-    ) -> Result<(), kube::Error> {
+    async fn publish(&self, event: &WarningEvent, uid: Option<String>) -> Result<(), kube::Error> {
         let reference = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some(ModelRoute::api_version(&()).into_owned()),
             kind: Some(event.kind.as_str().to_owned()),

@@ -80,7 +80,8 @@ pub struct Proxy<U = HyperUpstream> {
 impl Proxy {
     /// A proxy that sends to engines over HTTP.
     pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig, observer: Arc<Observer>) -> Self {
-        Self::with_upstream(store, config, observer, HyperUpstream::new())
+        let upstream = HyperUpstream::new(observer.metrics.health.connections.clone());
+        Self::with_upstream(store, config, observer, upstream)
     }
 }
 
@@ -162,6 +163,7 @@ impl<U: Upstream> Proxy<U> {
         )
         .await?;
         schedule::dispatched(&table.scheduler, &scheduled, delivered.guard.pod());
+        (self.observer.metrics.health).count_decision(&request.parsed.model, delivered.guard.pod());
         Ok(respond::respond(
             delivered,
             scheduled.request_id,
@@ -244,9 +246,19 @@ fn not_ready() -> ApiError {
 /// traffic port and the admin listener.
 pub fn readiness_response<B>(store: &SnapshotStore) -> Response<ProxyBody<B>> {
     match store.table() {
-        Some(_) => json_response(
+        // Ready on any snapshot, even one without routes (the controller
+        // published it deliberately): the route count says what it holds,
+        // and an alert watches for 0 (`kthena_router_routes`).
+        Some(table) => json_response(
             StatusCode::OK,
-            Bytes::from_static(br#"{"message":"router is ready"}"#),
+            Bytes::from(
+                serde_json::json!({
+                    "message": "router is ready",
+                    "routes": table.routes.len(),
+                    "routeConfigVersion": table.version,
+                })
+                .to_string(),
+            ),
         ),
         None => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -515,9 +527,11 @@ mod tests {
         assert_eq!(answer.json()["error"]["code"], "router_not_ready");
 
         let h = harness([], 1, pb::TrafficPolicy::default());
+        let ready = h.call(Method::GET, "/readyz", "").await;
+        assert_eq!(ready.status, StatusCode::OK);
         assert_eq!(
-            h.call(Method::GET, "/readyz", "").await.status,
-            StatusCode::OK
+            ready.json(),
+            serde_json::json!({"message": "router is ready", "routes": 1, "routeConfigVersion": "v1"})
         );
         let answer = h.call(Method::GET, "/v1/models", "").await;
         assert_eq!(answer.status, StatusCode::OK);

@@ -10,6 +10,9 @@ pub const CONDITION_ACCEPTED: &str = "Accepted";
 pub const CONDITION_RESOLVED_REFS: &str = "ResolvedRefs";
 /// Condition type: the snapshot holding this generation was ACKed by the dataplanes.
 pub const CONDITION_PROGRAMMED: &str = "Programmed";
+/// Condition type, present only while `True`: the object sets fields the
+/// router does not act on (yet); the message names each one.
+pub const CONDITION_IGNORED_FIELDS: &str = "IgnoredFields";
 
 /// Observed state of a ModelRoute.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]

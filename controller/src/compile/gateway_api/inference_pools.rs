@@ -4,13 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
+use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use switchyard_crd::{InferenceEngine, InferencePool};
 use switchyard_snapshot::{object_key, pb};
 
 use super::super::pod_index::{PodIndex, format_labels};
 use super::super::report::{ConditionReport, Problem, Reason};
-use super::super::servers::ready_pod_ip;
+use super::super::servers::{endpoint, ready_pod_ip};
 use super::super::{namespace_of, non_empty};
 use crate::scrape::ScrapeTarget;
 
@@ -141,9 +142,15 @@ pub(crate) fn compile_pool(
         },
     );
     let selected = pods.select(namespace, &spec.selector.match_labels);
-    let ready: Vec<(&str, std::net::IpAddr)> = selected
+    // A ready pod without a usable address is no endpoint (its ModelServer, if any, names it).
+    let ready: Vec<(&str, &Pod, std::net::IpAddr)> = selected
         .iter()
-        .filter_map(|(pod_name, pod)| ready_pod_ip(pod).map(|ip| (*pod_name, ip)))
+        .filter_map(|(pod_name, pod)| {
+            ready_pod_ip(pod)
+                .ok()
+                .flatten()
+                .map(|ip| (*pod_name, *pod, ip))
+        })
         .collect();
     let total_pods = u32::try_from(selected.len()).unwrap_or(u32::MAX);
     let ready_pods = u32::try_from(ready.len()).unwrap_or(u32::MAX);
@@ -168,20 +175,18 @@ pub(crate) fn compile_pool(
     let mut sorted_ports = ports.clone();
     sorted_ports.sort_unstable();
     let mut endpoints = Vec::with_capacity(ready.len() * ports.len());
-    for (pod_name, ip) in &ready {
+    for (pod_name, pod, ip) in &ready {
         for port in &sorted_ports {
             endpoints.push(pb::Endpoint {
-                name: (*pod_name).to_owned(),
-                ip: ip.to_string(),
-                bootstrap_port: 0,
                 port: u32::from(*port),
+                ..endpoint(pod_name, *ip, pod)
             });
         }
     }
     let first_port = ports.first().copied().unwrap_or_default();
     let scrape_targets = ready
         .iter()
-        .map(|(pod_name, ip)| ScrapeTarget {
+        .map(|(pod_name, _, ip)| ScrapeTarget {
             key: object_key(namespace, pod_name),
             addr: SocketAddr::new(*ip, first_port),
             // The Inference Extension's model server protocol is vLLM's
