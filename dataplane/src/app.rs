@@ -10,6 +10,8 @@ use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind}
 use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
+use crate::gateway::Arrival;
+use crate::gateway::ports::{PortSettings, PortStates, serve_listener_ports};
 use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
@@ -74,6 +76,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         store: store.clone(),
         controller: status.clone(),
         metrics: metrics.clone(),
+        listener_ports: Arc::new(PortStates::default()),
     });
     let proxy = Arc::new(Proxy::new(
         store.clone(),
@@ -107,11 +110,35 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
 
     let idle_timeout = args.idle_timeout;
     let expose_metrics = args.expose_metrics_on_router_port;
+    let listener_proxy = proxy.clone();
+    let settings = PortSettings {
+        host: args.host,
+        reserved: [args.port, args.metrics_port, args.debug_port].into(),
+        idle_timeout,
+    };
+    let listener_ports = store.listener_ports();
+    let port_states = admin.listener_ports.clone();
+    tasks.spawn_graceful("Gateway listener ports", |stop| {
+        serve_listener_ports(
+            listener_ports,
+            settings,
+            port_states,
+            stop,
+            move |request| {
+                let proxy = listener_proxy.clone();
+                async move { proxy.handle(request).await }
+            },
+        )
+    });
     let traffic_admin = admin.clone();
+    let traffic_port = args.port;
     tasks.spawn_graceful("traffic server", |stop| {
-        serve(traffic, idle_timeout, stop, move |request| {
+        serve(traffic, idle_timeout, stop, move |mut request| {
             let proxy = proxy.clone();
             let admin = traffic_admin.clone();
+            request
+                .extensions_mut()
+                .insert(Arrival::TrafficPort(traffic_port));
             async move {
                 if expose_metrics && request.uri().path() == "/metrics" {
                     return admin.handle_metrics_port(&request);

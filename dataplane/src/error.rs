@@ -39,6 +39,9 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// The pod's connection failed after the request was sent.
     UpstreamFailed,
+    /// The HTTPRoute rule that took the request has no backend with a
+    /// positive weight (the Gateway API asks for a 500).
+    NoBackend,
 }
 
 impl ErrorKind {
@@ -57,6 +60,7 @@ impl ErrorKind {
             }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -76,6 +80,7 @@ impl ErrorKind {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
+            Self::NoBackend => "no_backend",
         }
     }
 

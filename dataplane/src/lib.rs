@@ -20,6 +20,7 @@ pub mod app;
 pub mod cli;
 pub mod config_file;
 pub mod error;
+pub mod gateway;
 pub mod health;
 pub mod metrics;
 pub mod pod;

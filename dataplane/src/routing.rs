@@ -11,6 +11,7 @@ use http::HeaderMap;
 use http::header::HeaderName;
 use regex::Regex;
 
+use crate::gateway::{ListenerId, Rewrite};
 use crate::pod::PodState;
 
 /// A ModelServer as the dataplane uses it.
@@ -224,6 +225,40 @@ pub struct Route {
     pub model_name: String,
     pub lora_adapters: Vec<String>,
     pub rules: Vec<Rule>,
+    /// The Gateway listeners it serves on (its parentRefs); empty = the
+    /// traffic port and the default Gateway's listeners.
+    pub listeners: Vec<ListenerId>,
+}
+
+impl Route {
+    /// Whether a request that came through `arrival` may take this route.
+    fn serves(&self, arrival: &ArrivalFacts) -> bool {
+        if self.listeners.is_empty() {
+            arrival.on_traffic_port
+        } else {
+            arrival
+                .listener
+                .is_some_and(|listener| self.listeners.contains(&listener))
+        }
+    }
+}
+
+/// Where a request came in, as routes are bound to it.
+#[derive(Debug, Clone, Copy)]
+pub struct ArrivalFacts {
+    /// On the dataplane's traffic port (not a port opened for a Gateway).
+    pub on_traffic_port: bool,
+    /// The Gateway listener its port and host resolved to.
+    pub listener: Option<ListenerId>,
+}
+
+impl Default for ArrivalFacts {
+    fn default() -> Self {
+        Self {
+            on_traffic_port: true,
+            listener: None,
+        }
+    }
 }
 
 /// What a rule may look at.
@@ -232,6 +267,7 @@ pub struct RequestFacts<'a> {
     pub model: &'a str,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    pub arrival: ArrivalFacts,
 }
 
 /// The outcome of a lookup.
@@ -242,6 +278,8 @@ pub struct RouteDecision {
     pub server: Arc<Server>,
     /// The model matched a route's `loraAdapters` (no model rewrite then).
     pub is_lora: bool,
+    /// An HTTPRoute rule's edits of the upstream request.
+    pub rewrite: Option<Arc<Rewrite>>,
 }
 
 /// Routes indexed by the model names they serve, oldest route first.
@@ -287,6 +325,7 @@ impl RouteIndex {
         by_name
             .map(|route| (route, false))
             .chain(by_lora.map(|route| (route, true)))
+            .filter(|(route, _)| route.serves(&request.arrival))
             .find_map(|(route, is_lora)| {
                 let (rule_index, rule) =
                     route.rules.iter().enumerate().find(|(_, rule)| {
@@ -297,6 +336,7 @@ impl RouteIndex {
                     rule_index,
                     server: rule.targets.pick().clone(),
                     is_lora,
+                    rewrite: None,
                 })
             })
     }
@@ -374,6 +414,7 @@ mod tests {
             model_name: model.into(),
             lora_adapters: lora.iter().map(|s| s.to_string()).collect(),
             rules,
+            listeners: Vec::new(),
         })
     }
 
@@ -405,6 +446,7 @@ mod tests {
                 model,
                 path: "/v1/completions",
                 headers,
+                arrival: ArrivalFacts::default(),
             })
             .map(|d| (d.route.key.clone(), d.server.key.clone(), d.is_lora))
     }

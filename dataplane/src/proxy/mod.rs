@@ -145,14 +145,17 @@ impl<U: Upstream> Proxy<U> {
         let identity = authenticate::authenticate(&request)?;
         admission::admission(&identity, &request).await?;
         let table = self.store.table().ok_or_else(not_ready)?;
-        let routed = route::route(&table.index, &request, record)?;
+        let routed = route::route(&table, &request, record)?;
         if routed.decision.server.prefill_decode.is_some() {
             return self.pairs(&table, request, routed, record).await;
         }
         let mut routed = routed;
         let scheduled = schedule::schedule(&table.scheduler, &request, &routed, record)?;
         let InferenceRequest { head, body, .. } = request;
-        let outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
+        let mut outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
+        if let Some(rewrite) = &routed.decision.rewrite {
+            outbound.rewrite(rewrite);
+        }
         let server = &routed.decision.server;
         let delivered = forward::forward(
             self.upstream.as_ref(),

@@ -23,6 +23,7 @@ use self::policy::{AttemptPolicy, Next, Verdict};
 pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind};
+use crate::gateway::Rewrite;
 use crate::pod::{InFlightGuard, PodState};
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::routing::Server;
@@ -62,6 +63,13 @@ impl Outbound {
             path_and_query,
             headers: Some(headers),
             body,
+        }
+    }
+
+    /// An HTTPRoute rule's filters, applied to every attempt.
+    pub fn rewrite(&mut self, rewrite: &Rewrite) {
+        if let Some(headers) = self.headers.as_mut() {
+            rewrite.apply(&mut self.path_and_query, headers);
         }
     }
 
