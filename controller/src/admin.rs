@@ -1,9 +1,13 @@
-//! The admin HTTP server: health, readiness, Prometheus metrics and debug views.
+//! The controller's HTTP endpoints, on two listeners.
 //!
+//! The admin listener (`--metrics-addr`), for probes and scrapers:
 //! - `GET /healthz`: 200 while the process serves HTTP;
 //! - `GET /readyz`: 200 once a RouteConfig has been published, else 503 with
 //!   the reason (e.g. a source with no ModelRoute being held);
-//! - `GET /metrics`: Prometheus text exposition of the controller's registry;
+//! - `GET /metrics`: Prometheus text exposition of the controller's registry.
+//!
+//! The debug listener (`--debug-addr:--debug-port`, loopback by default:
+//! the views show every pod IP and object, for operators on the node):
 //! - `GET /debug/dataplanes`: every connected dataplane's sync state;
 //! - `GET /debug/snapshot`: the published RouteConfig and EndpointLoads;
 //! - `GET /debug/objects`: why each object was (not) accepted (the Gateway
@@ -80,8 +84,22 @@ pub struct AdminState {
     pub objects: watch::Receiver<Arc<ObjectsView>>,
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Future<Output = ()>) {
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// `/healthz`, `/readyz`, `/metrics`.
+    Admin,
+    /// `/debug/*`.
+    Debug,
+}
+
+/// Serves `endpoints` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    endpoints: Endpoints,
+    shutdown: impl Future<Output = ()>,
+) {
     let state = Arc::new(state);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -100,7 +118,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
                 let state = state.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let response = handle(&state, request.method(), request.uri().path());
+                        let response =
+                            handle(&state, endpoints, request.method(), request.uri().path());
                         async move { Ok::<_, Infallible>(response) }
                     });
                     let served = http1::Builder::new()
@@ -121,8 +140,13 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
     connections.shutdown().await;
 }
 
-/// Answers one admin request.
-pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Answers one request to a listener serving `endpoints`.
+pub fn handle(
+    state: &AdminState,
+    endpoints: Endpoints,
+    method: &Method,
+    path: &str,
+) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut response = json_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -133,6 +157,13 @@ pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
     }
+    match endpoints {
+        Endpoints::Admin => admin_endpoint(state, path),
+        Endpoints::Debug => debug_endpoint(state, path),
+    }
+}
+
+fn admin_endpoint(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
         "/readyz" => match state.publisher.route_config() {
@@ -154,6 +185,16 @@ pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<
             }
         },
         "/metrics" => metrics_response(&state.metrics_registry),
+        _ if path.starts_with("/debug/") => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "debug endpoints are served on the debug listener (--debug-addr, --debug-port)"}),
+        ),
+        _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    }
+}
+
+fn debug_endpoint(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
+    match path {
         "/debug/dataplanes" => json_response(
             StatusCode::OK,
             &json!({"dataplanes": state.dataplanes.list()}),
@@ -398,8 +439,14 @@ mod tests {
         (state, objects_sender)
     }
 
+    /// `GET path` on the listener serving it.
     fn get(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
-        handle(state, &Method::GET, path)
+        let endpoints = if path.starts_with("/debug/") {
+            Endpoints::Debug
+        } else {
+            Endpoints::Admin
+        };
+        handle(state, endpoints, &Method::GET, path)
     }
 
     async fn body_json(response: Response<Full<Bytes>>) -> Value {
@@ -569,8 +616,34 @@ mod tests {
     async fn unknown_paths_and_methods_are_refused() {
         let (state, _objects) = state();
         assert_eq!(get(&state, "/nope").status(), StatusCode::NOT_FOUND);
-        let post = handle(&state, &Method::POST, "/healthz");
+        let post = handle(&state, Endpoints::Admin, &Method::POST, "/healthz");
         assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");
+    }
+
+    #[tokio::test]
+    async fn debug_views_are_only_on_the_debug_listener() {
+        let (state, _objects) = state();
+        state
+            .publisher
+            .publish_route_config(pb::RouteConfig::default(), 1);
+        for path in ["/debug/objects", "/debug/snapshot", "/debug/dataplanes"] {
+            let on_admin = handle(&state, Endpoints::Admin, &Method::GET, path);
+            assert_eq!(on_admin.status(), StatusCode::NOT_FOUND, "{path}");
+            assert!(
+                body_json(on_admin).await["error"]
+                    .as_str()
+                    .is_some_and(|error| error.contains("--debug-addr")),
+                "{path}: says where they are"
+            );
+            let on_debug = handle(&state, Endpoints::Debug, &Method::GET, path);
+            assert_eq!(on_debug.status(), StatusCode::OK, "{path}");
+        }
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let on_debug = handle(&state, Endpoints::Debug, &Method::GET, path);
+            assert_eq!(on_debug.status(), StatusCode::NOT_FOUND, "{path}");
+            let on_admin = handle(&state, Endpoints::Admin, &Method::GET, path);
+            assert_eq!(on_admin.status(), StatusCode::OK, "{path}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Command line (every flag can also come from a `SWITCHYARD_*` environment variable).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,8 +8,13 @@ use clap::Parser;
 
 /// Where dataplanes connect by default: Istio's xDS port, familiar to operators.
 pub const DEFAULT_XDS_ADDR: &str = "0.0.0.0:15010";
-/// Conventional Prometheus exporter port, also serving health and debug endpoints.
+/// Conventional Prometheus exporter port, also serving health and readiness.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
+/// The debug listener's address: loopback, as the dataplane's, because the
+/// debug views show every pod IP and object to whoever reaches them.
+pub const DEFAULT_DEBUG_ADDR: &str = "127.0.0.1";
+/// The debug listener's port, as the dataplane's (each runs in its own pod).
+pub const DEFAULT_DEBUG_PORT: u16 = 15000;
 /// Kthena's metrics scrape interval: fresh enough for load-aware routing.
 pub const DEFAULT_SCRAPE_INTERVAL: &str = "1s";
 /// Default scrape timeout as a share of the interval, so a pass with a dead
@@ -65,9 +70,18 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_XDS_ADDR", default_value = DEFAULT_XDS_ADDR, value_name = "ADDR")]
     pub xds_addr: SocketAddr,
 
-    /// Address of the admin server: /metrics, /healthz, /readyz, /debug/*.
+    /// Address of the admin server: /metrics, /healthz, /readyz.
     #[arg(long, env = "SWITCHYARD_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR, value_name = "ADDR")]
     pub metrics_addr: SocketAddr,
+
+    /// Address of the debug listener (/debug/*); loopback by default because
+    /// its views show every pod and object.
+    #[arg(long, env = "SWITCHYARD_DEBUG_ADDR", default_value = DEFAULT_DEBUG_ADDR, value_name = "IP")]
+    pub debug_addr: IpAddr,
+
+    /// Port of the debug listener.
+    #[arg(long, env = "SWITCHYARD_DEBUG_PORT", default_value_t = DEFAULT_DEBUG_PORT, value_name = "PORT")]
+    pub debug_port: u16,
 
     /// Time between two scrapes of a pod's engine metrics (Go duration: 1s, 500ms).
     #[arg(long, env = "SWITCHYARD_SCRAPE_INTERVAL", default_value = DEFAULT_SCRAPE_INTERVAL, value_parser = parse_positive_duration, value_name = "DURATION")]
@@ -164,6 +178,8 @@ impl Args {
             router_config: None,
             xds_addr: any_loopback_port,
             metrics_addr: any_loopback_port,
+            debug_addr: any_loopback_port.ip(),
+            debug_port: 0,
             scrape_interval: TEST_SCRAPE_INTERVAL,
             scrape_timeout: None,
             namespaces: Vec::new(),
@@ -235,6 +251,11 @@ impl Args {
         })
     }
 
+    /// Where the debug listener binds.
+    pub fn debug_socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.debug_addr, self.debug_port)
+    }
+
     /// `--scrape-timeout`, or the default share of the interval.
     pub fn effective_scrape_timeout(&self) -> Duration {
         self.scrape_timeout.unwrap_or_else(|| {
@@ -280,6 +301,11 @@ mod tests {
         assert_eq!(args.config_dir, Some(PathBuf::from("/etc/switchyard")));
         assert_eq!(args.xds_addr, "0.0.0.0:15010".parse().expect("addr"));
         assert_eq!(args.metrics_addr, "0.0.0.0:9090".parse().expect("addr"));
+        assert_eq!(
+            args.debug_socket_addr(),
+            "127.0.0.1:15000".parse().expect("addr"),
+            "debug views stay on loopback unless asked"
+        );
         assert_eq!(args.scrape_interval, Duration::from_secs(1));
         assert_eq!(args.effective_scrape_timeout(), Duration::from_millis(750));
         assert_eq!(args.log_format, LogFormat::Text);

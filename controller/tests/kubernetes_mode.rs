@@ -516,6 +516,7 @@ async fn an_empty_route_list_at_start_holds_the_first_snapshot_until_a_route_app
         .expect("admin up in time")
         .expect("begins");
     let admin_addr = starting.admin_addr;
+    let debug_addr = starting.debug_addr;
     let publisher = starting.publisher.clone();
     let ready = tokio::spawn(
         starting.start(KubernetesSource::new(&args(), fake.client()).expect("valid flags")),
@@ -533,7 +534,7 @@ async fn an_empty_route_list_at_start_holds_the_first_snapshot_until_a_route_app
     .expect("the hold shows in /readyz");
     assert_eq!(held.0, 503, "{}", held.1);
     let objects: Value =
-        serde_json::from_str(&admin_get(admin_addr, "/debug/objects").await).expect("JSON");
+        serde_json::from_str(&admin_get(debug_addr, "/debug/objects").await).expect("JSON");
     assert_eq!(objects["source"]["state"], "holding");
     let metrics = admin_get(admin_addr, "/metrics").await;
     assert!(
@@ -552,7 +553,7 @@ async fn an_empty_route_list_at_start_holds_the_first_snapshot_until_a_route_app
         .expect("starts once a route appears");
     assert!(controller.publisher.route_config().is_some(), "published");
     let objects: Value =
-        serde_json::from_str(&admin_get(admin_addr, "/debug/objects").await).expect("JSON");
+        serde_json::from_str(&admin_get(debug_addr, "/debug/objects").await).expect("JSON");
     assert_eq!(objects["reports"][0]["name"], "chat");
     assert_eq!(objects["source"]["state"], "serving");
     assert_eq!(objects["source"]["empty_after_grace"], false);
@@ -597,7 +598,7 @@ async fn namespaces_limit_the_watches_to_those_namespaces() {
     // An empty cluster still compiles (an empty snapshot) and serves, and says so.
     assert!(controller.publisher.route_config().is_some());
     let objects: Value =
-        serde_json::from_str(&admin_get(controller.admin_addr, "/debug/objects").await)
+        serde_json::from_str(&admin_get(controller.debug_addr, "/debug/objects").await)
             .expect("JSON");
     assert_eq!(objects["source"]["state"], "serving");
     assert_eq!(objects["source"]["empty_after_grace"], true);

@@ -154,7 +154,7 @@ async fn local_mode_serves_files_loads_and_edits() {
     // Ready at once: the first snapshot is published before start_local returns.
     let ready = get_json(controller.admin_addr, "/readyz").await;
     assert_eq!(ready["status"], "ready");
-    let objects = get_json(controller.admin_addr, "/debug/objects").await;
+    let objects = get_json(controller.debug_addr, "/debug/objects").await;
     let broken = objects["reports"]
         .as_array()
         .expect("reports")
@@ -211,12 +211,12 @@ async fn local_mode_serves_files_loads_and_edits() {
     assert_eq!(rerouted.type_url, ROUTE_CONFIG_TYPE_URL);
     assert_ne!(rerouted.version_info, routes.version_info);
 
-    let dataplanes = get_json(controller.admin_addr, "/debug/dataplanes").await;
+    let dataplanes = get_json(controller.debug_addr, "/debug/dataplanes").await;
     assert_eq!(
         dataplanes["dataplanes"][0]["node_id"],
         "dataplane-under-test"
     );
-    let snapshot = get_json(controller.admin_addr, "/debug/snapshot").await;
+    let snapshot = get_json(controller.debug_addr, "/debug/snapshot").await;
     assert_eq!(snapshot["route_config"]["routes"][0]["model_name"], "m2");
     let (status, metrics) = http_get(controller.admin_addr, "/metrics").await;
     assert_eq!(status, 200);
@@ -340,7 +340,7 @@ async fn debug_objects_report_ignored_fields_dangling_links_duplicate_pods_and_b
     let controller = app::start_local(&args(dir.path()))
         .await
         .expect("controller starts");
-    let objects = get_json(controller.admin_addr, "/debug/objects").await;
+    let objects = get_json(controller.debug_addr, "/debug/objects").await;
     let reports = objects["reports"].as_array().expect("reports");
     let gateway = reports
         .iter()

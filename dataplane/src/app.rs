@@ -12,13 +12,14 @@ use crate::cli::Args;
 use crate::config_file::ConfigFile;
 use crate::gateway::Arrival;
 use crate::gateway::ports::{PortSettings, PortStates, serve_listener_ports};
+use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyDeadline, ConnectionLimit};
 use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
-use crate::proxy::{Proxy, ProxyConfig};
+use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
-use crate::server::{DRAIN_TIMEOUT, serve};
+use crate::server::{ConnectionSettings, DRAIN_TIMEOUT, serve};
 use crate::snapshot::SnapshotStore;
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 
@@ -81,7 +82,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let proxy = Arc::new(Proxy::new(
         store.clone(),
         ProxyConfig {
-            max_body_bytes: args.max_body_bytes,
+            body: BodyLimits {
+                max_bytes: args.max_body_bytes,
+                deadline: BodyDeadline {
+                    grace: args.body_read_grace,
+                    min_bytes_per_sec: args.min_body_rate,
+                },
+            },
+            body_budget_bytes: args.body_budget_bytes,
         },
         Arc::new(Observer {
             metrics: metrics.clone(),
@@ -108,13 +116,22 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         xds_client::run(xds_config, sink, status, stop.cancelled_owned())
     });
 
-    let idle_timeout = args.idle_timeout;
+    let settings = |max_connections| ConnectionSettings {
+        idle_timeout: args.idle_timeout,
+        limit: ConnectionLimit::new(max_connections),
+    };
+    let traffic_settings = settings(args.max_connections);
+    let (metrics_settings, debug_settings) = (
+        settings(ADMIN_MAX_CONNECTIONS),
+        settings(ADMIN_MAX_CONNECTIONS),
+    );
     let expose_metrics = args.expose_metrics_on_router_port;
     let listener_proxy = proxy.clone();
     let settings = PortSettings {
         host: args.host,
         reserved: [args.port, args.metrics_port, args.debug_port].into(),
-        idle_timeout,
+        // One connection budget for the traffic port and every Gateway port.
+        connections: traffic_settings.clone(),
     };
     let listener_ports = store.listener_ports();
     let port_states = admin.listener_ports.clone();
@@ -133,7 +150,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let traffic_admin = admin.clone();
     let traffic_port = args.port;
     tasks.spawn_graceful("traffic server", |stop| {
-        serve(traffic, idle_timeout, stop, move |mut request| {
+        serve(traffic, traffic_settings, stop, move |mut request| {
             let proxy = proxy.clone();
             let admin = traffic_admin.clone();
             request
@@ -149,13 +166,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     });
     let metrics_admin = admin.clone();
     tasks.spawn_graceful("metrics server", |stop| {
-        serve(metrics, idle_timeout, stop, move |request| {
+        serve(metrics, metrics_settings, stop, move |request| {
             let admin = metrics_admin.clone();
             async move { admin.handle_metrics_port(&request) }
         })
     });
     tasks.spawn_graceful("debug server", |stop| {
-        serve(debug, idle_timeout, stop, move |request| {
+        serve(debug, debug_settings, stop, move |request| {
             let admin = admin.clone();
             async move { admin.handle_debug_port(&request) }
         })

@@ -22,6 +22,7 @@ pub mod config_file;
 pub mod error;
 pub mod gateway;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;

@@ -46,6 +46,16 @@ pub enum PromptField {
 /// router's ceil(chars / 4) rule).
 pub const BYTES_PER_ESTIMATED_TOKEN: usize = 4;
 
+/// Longest `model` accepted, in bytes once decoded: model names and LoRA
+/// adapter names are short (Kubernetes names stop at 253 bytes, Hugging Face
+/// repository ids at 96); a longer one is refused without being echoed.
+pub const MAX_MODEL_BYTES: usize = 1024;
+
+/// Bytes of JSON a decoded byte can take at most (`\u0041`), so a `model`
+/// literal longer than this many times [`MAX_MODEL_BYTES`] is too long
+/// without being decoded.
+const MAX_ESCAPED_BYTES_PER_BYTE: usize = 6;
+
 /// The field added to streaming requests so the engine reports usage.
 const INCLUDE_USAGE_FIELD: &str = r#""stream_options":{"include_usage":true},"#;
 
@@ -112,12 +122,28 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
             "missing required field `model` in request body",
         )
     })?;
-    let model: String = serde_json::from_str(raw_model.get()).map_err(|_| {
+    let too_long = || {
+        ApiError::new(
+            ErrorKind::InvalidModel,
+            format!("field `model` in request body is longer than {MAX_MODEL_BYTES} bytes"),
+        )
+    };
+    let not_a_string = || {
         ApiError::new(
             ErrorKind::InvalidModel,
             "field `model` in request body must be a string",
         )
-    })?;
+    };
+    if !raw_model.get().starts_with('"') {
+        return Err(not_a_string());
+    }
+    if raw_model.get().len() > MAX_MODEL_BYTES * MAX_ESCAPED_BYTES_PER_BYTE + 2 {
+        return Err(too_long());
+    }
+    let model: String = serde_json::from_str(raw_model.get()).map_err(|_| not_a_string())?;
+    if model.len() > MAX_MODEL_BYTES {
+        return Err(too_long());
+    }
     if model.trim().is_empty() {
         return Err(ApiError::new(
             ErrorKind::InvalidModel,
@@ -538,6 +564,38 @@ mod tests {
                 error
             );
         }
+    }
+
+    #[test]
+    fn an_overlong_model_is_refused_without_echoing_it() {
+        let exactly = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES));
+        assert!(parse_body(exactly.as_bytes()).is_ok());
+        for model in [
+            "m".repeat(MAX_MODEL_BYTES + 1),
+            "\\u0041".repeat(MAX_MODEL_BYTES + 1),
+            "x".repeat(1 << 20),
+        ] {
+            let body = format!(r#"{{"model":"{model}"}}"#);
+            let error = parse_body(body.as_bytes()).expect_err("too long");
+            assert_eq!(error.kind, ErrorKind::InvalidModel);
+            assert!(error.message.len() < 100, "{}", error.message);
+            assert!(!error.message.contains("mmmm") && !error.message.contains("xxxx"));
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_skipped_without_recursion() {
+        let deep = "[".repeat(200_000) + &"]".repeat(200_000);
+        let body = format!(r#"{{"model":"m","x":{deep}}}"#);
+        assert_eq!(parse_body(body.as_bytes()).expect("valid JSON").model, "m");
+        let body = format!(r#"{{"model":{deep}}}"#);
+        let error = parse_body(body.as_bytes()).expect_err("not a string");
+        assert_eq!(error.kind, ErrorKind::InvalidModel);
+        assert!(
+            error.message.contains("must be a string"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

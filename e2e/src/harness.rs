@@ -133,6 +133,11 @@ impl Process {
         &self.name
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -580,6 +585,8 @@ pub struct Stack {
     pub config_dir: PathBuf,
     pub xds_addr: SocketAddr,
     pub controller_admin: SocketAddr,
+    /// The controller's debug listener (`/debug/*`).
+    pub controller_debug: SocketAddr,
     pub http: HttpClient,
     /// This stack's own loopback subnet ([`test_subnet`]).
     pub subnet: [u8; 3],
@@ -636,6 +643,7 @@ impl Stack {
             controller: None,
             xds_addr: free_addr(),
             controller_admin: free_addr(),
+            controller_debug: free_addr(),
             dataplanes: Vec::new(),
             http: HttpClient::default(),
             subnet: test_subnet(),
@@ -792,6 +800,7 @@ impl Stack {
             );
             self.xds_addr = free_addr();
             self.controller_admin = free_addr();
+            self.controller_debug = free_addr();
         }
     }
 
@@ -812,6 +821,10 @@ impl Stack {
             self.xds_addr.to_string(),
             "--metrics-addr".to_owned(),
             self.controller_admin.to_string(),
+            "--debug-addr".to_owned(),
+            self.controller_debug.ip().to_string(),
+            "--debug-port".to_owned(),
+            self.controller_debug.port().to_string(),
         ];
         args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
         Process::start(

@@ -3,10 +3,12 @@
 //! - [`mock_engine`]: `switchyard-mock-engine`, an OpenAI-compatible fake vLLM / SGLang server that
 //!   stands in for model pods in end-to-end tests and the demo.
 //! - [`harness`]: starting the real binaries on loopback for end-to-end tests.
+//! - [`hostile`]: raw HTTP/1.1 and HTTP/2 bytes and process memory, for the hostile-client tests.
 //! - [`sim_stack`]: simulated engines behind a controller with a router configuration, for the
 //!   scheduling quality tests and benchmark.
 #![forbid(unsafe_code)]
 
 pub mod harness;
+pub mod hostile;
 pub mod mock_engine;
 pub mod sim_stack;

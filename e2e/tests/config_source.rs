@@ -71,7 +71,7 @@ async fn a_controller_restarted_on_an_empty_directory_does_not_wipe_the_dataplan
     })
     .await;
     assert_eq!(held, StatusCode::SERVICE_UNAVAILABLE);
-    let objects_url = format!("http://{}/debug/objects", stack.controller_admin);
+    let objects_url = format!("http://{}/debug/objects", stack.controller_debug);
     let (_, objects) = get_json(&stack, &objects_url).await;
     assert_eq!(objects["source"]["state"], "holding");
     let controller_metrics = stack

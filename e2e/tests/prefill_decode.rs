@@ -128,7 +128,7 @@ async fn debug(stack: &Stack, path: &str) -> HttpResponse {
 }
 
 async fn objects(stack: &Stack) -> Value {
-    let url = format!("http://{}/debug/objects", stack.controller_admin);
+    let url = format!("http://{}/debug/objects", stack.controller_debug);
     stack.http.get(&url).await.expect("objects").json()
 }
 

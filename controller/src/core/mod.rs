@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::DropGuard;
 
-use crate::admin::{self, AdminState, ObjectsView};
+use crate::admin::{self, AdminState, Endpoints, ObjectsView};
 use crate::cli::Args;
 use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::error::ControllerError;
@@ -100,6 +100,7 @@ pub async fn begin(
 ) -> Result<StartingController, ControllerError> {
     let mut tasks = TaskSet::new(shutdown);
     let (admin_listener, admin_addr) = bind("admin", args.metrics_addr).await?;
+    let (debug_listener, debug_addr) = bind("debug", args.debug_socket_addr()).await?;
     let controller_id = args.effective_controller_id();
     let gateway_api = args.gateway_api().map_err(ControllerError::InvalidFlag)?;
     let registry = Registry::new();
@@ -118,10 +119,24 @@ pub async fn begin(
         dataplanes: dataplanes.clone(),
         objects: objects_view_receiver,
     };
+    let debug_state = admin_state.clone();
     tasks.spawn_graceful("admin server", |stop| {
-        admin::serve(admin_listener, admin_state, stop.cancelled_owned())
+        admin::serve(
+            admin_listener,
+            admin_state,
+            Endpoints::Admin,
+            stop.cancelled_owned(),
+        )
     });
-    tracing::info!(addr = %admin_addr, "admin listening on {admin_addr}");
+    tasks.spawn_graceful("debug server", |stop| {
+        admin::serve(
+            debug_listener,
+            debug_state,
+            Endpoints::Debug,
+            stop.cancelled_owned(),
+        )
+    });
+    tracing::info!(addr = %admin_addr, debug = %debug_addr, "admin listening on {admin_addr}, debug on {debug_addr}");
 
     let scheduler = match &args.router_config {
         Some(path) => {
@@ -134,6 +149,7 @@ pub async fn begin(
     };
     Ok(StartingController {
         admin_addr,
+        debug_addr,
         publisher,
         tasks,
         controller_id,
@@ -160,6 +176,8 @@ pub async fn begin(
 pub struct StartingController {
     /// Where the admin server listens.
     pub admin_addr: SocketAddr,
+    /// Where the debug server listens.
+    pub debug_addr: SocketAddr,
     /// Empty until the first compile.
     pub publisher: Arc<SnapshotPublisher>,
     tasks: TaskSet,
@@ -243,6 +261,7 @@ impl StartingController {
         Ok(Controller {
             xds_addr,
             admin_addr: self.admin_addr,
+            debug_addr: self.debug_addr,
             publisher: self.publisher,
             dataplanes: self.dataplanes,
             stop_when_dropped: shutdown.clone().drop_guard(),
@@ -259,6 +278,8 @@ pub struct Controller {
     pub xds_addr: SocketAddr,
     /// Where the admin server listens.
     pub admin_addr: SocketAddr,
+    /// Where the debug server listens.
+    pub debug_addr: SocketAddr,
     pub publisher: Arc<SnapshotPublisher>,
     pub dataplanes: DataplaneRegistry,
     shutdown: CancellationToken,

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use super::Arrival;
 use crate::proxy::ProxyBody;
-use crate::server::serve;
+use crate::server::{ConnectionSettings, serve};
 
 /// How soon a port that could not be opened (in use, not permitted) is
 /// tried again: a closed port's socket may still be held for a moment by
@@ -56,7 +56,8 @@ pub struct PortSettings {
     /// Ports the dataplane serves otherwise (traffic, metrics, debug): never
     /// opened for a Gateway (a listener on the traffic port is served there).
     pub reserved: BTreeSet<u16>,
-    pub idle_timeout: Duration,
+    /// Shared with the traffic port: one connection budget for all of them.
+    pub connections: ConnectionSettings,
 }
 
 /// Keeps one server per wanted port until `stop`, then drains them all.
@@ -108,7 +109,7 @@ pub async fn serve_listener_ports<H, F>(
                     let handler = handler.clone();
                     servers.spawn(serve(
                         listener,
-                        settings.idle_timeout,
+                        settings.connections.clone(),
                         token,
                         move |mut request: Request<Incoming>| {
                             request.extensions_mut().insert(Arrival::ListenerPort(port));

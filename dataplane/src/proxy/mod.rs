@@ -37,8 +37,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 
-pub use self::admit::DEFAULT_MAX_BODY_BYTES;
 use self::admit::{Admitted, InferenceRequest};
+pub use self::admit::{BodyLimits, DEFAULT_MAX_BODY_BYTES};
 pub use self::authenticate::Identity;
 use self::forward::pairs::PairOutbound;
 use self::forward::{HyperUpstream, Outbound, Upstream};
@@ -47,6 +47,7 @@ pub use self::respond::ProxyBody;
 use self::respond::json_response;
 use self::route::Routed;
 use crate::error::{ApiError, BodyError, ErrorKind};
+use crate::limits::{BodyBudget, DEFAULT_BODY_BUDGET_BYTES};
 use crate::snapshot::{RoutingTable, SnapshotStore};
 
 /// The API paths a prefill/decode pair serves: those that generate tokens
@@ -56,13 +57,17 @@ pub const PAIR_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 /// The proxy's settings.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    pub max_body_bytes: usize,
+    /// Size and pace of one request body.
+    pub body: BodyLimits,
+    /// Bytes of request bodies held at once by all requests.
+    pub body_budget_bytes: usize,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body: BodyLimits::default(),
+            body_budget_bytes: DEFAULT_BODY_BUDGET_BYTES,
         }
     }
 }
@@ -74,6 +79,7 @@ pub struct Proxy<U = HyperUpstream> {
     /// Shared with the background prefill legs of SGLang pairs.
     upstream: Arc<U>,
     config: ProxyConfig,
+    budget: BodyBudget,
     observer: Arc<Observer>,
 }
 
@@ -95,6 +101,7 @@ impl<U: Upstream> Proxy<U> {
         Self {
             store,
             upstream: Arc::new(upstream),
+            budget: BodyBudget::for_this_machine(config.body_budget_bytes, config.body.max_bytes),
             config,
             observer,
         }
@@ -137,7 +144,9 @@ impl<U: Upstream> Proxy<U> {
         B: Body<Data = Bytes>,
         B::Error: Into<BodyError>,
     {
-        let request = match admit::admit(request, self.config.max_body_bytes).await? {
+        // Held until the request is forwarded: its body's bytes are in use till then.
+        let mut reservation = self.budget.reservation();
+        let request = match admit::admit(request, &self.config.body, &mut reservation).await? {
             Admitted::Inference(request) => request,
             Admitted::ListModels => return self.list_models(),
         };

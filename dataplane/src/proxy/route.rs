@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::admit::InferenceRequest;
 use super::log::RequestRecord;
-use crate::error::{ApiError, ErrorKind};
+use crate::error::{ApiError, ErrorKind, quoted};
 use crate::gateway::http_routes::HttpRequestFacts;
 use crate::gateway::{Arrival, Gateways, ListenerId, request_host};
 use crate::request::{Edit, apply_edits};
@@ -96,7 +96,7 @@ pub fn route(
         None => http_route(gateways, request, &host, facts.listener)?.ok_or_else(|| {
             ApiError::new(
                 ErrorKind::RouteNotFound,
-                format!("route not found for model {model:?}"),
+                format!("route not found for model {}", quoted(model)),
             )
         })?,
     };

@@ -10,7 +10,7 @@ use super::log::RequestRecord;
 use super::route::Routed;
 use crate::error::{ApiError, ErrorKind};
 use crate::pod::PodState;
-use crate::request_id::REQUEST_ID_HEADER;
+use crate::request_id::ClientRequestId;
 use crate::routing::PrefillDecode;
 use crate::scheduling::{PairRanking, Ranking, ScheduleError, ScheduleRequest, Scheduler};
 
@@ -62,13 +62,7 @@ fn scheduled<R>(
         scheduler.prompt_hashes(model, &request.body, request.parsed.prompt_span.as_ref());
     // Named here, as the request is committed to an engine: the log of a
     // request refused earlier carries only the client's own id.
-    let request_id = request
-        .head
-        .headers
-        .get(REQUEST_ID_HEADER)
-        .filter(|value| !value.is_empty())
-        .cloned()
-        .unwrap_or_else(crate::request_id::generate);
+    let request_id = ClientRequestId::of(&request.head.headers).or_generate();
     record.set_request_id(&request_id);
     let ranking = rank(&ScheduleRequest {
         model,
@@ -97,6 +91,7 @@ mod tests {
     use super::*;
     use crate::proxy::route::route;
     use crate::proxy::testing::{inference_request, one_route_store, test_record};
+    use crate::request_id::REQUEST_ID_HEADER;
 
     fn scheduled(request: &InferenceRequest, pods: usize) -> Result<Scheduled, ApiError> {
         let store = one_route_store("m", &[], None, pods);
@@ -138,6 +133,16 @@ mod tests {
         assert_eq!(
             scheduled(&request, 1).expect("scheduled").request_id.len(),
             36
+        );
+        let long = "r".repeat(200_000);
+        request.head.headers.insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_str(&long).expect("header value"),
+        );
+        assert_eq!(
+            scheduled(&request, 1).expect("scheduled").request_id.len(),
+            36,
+            "an overlong id is replaced"
         );
     }
 

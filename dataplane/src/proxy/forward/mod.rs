@@ -41,6 +41,10 @@ pub const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Request headers addressed to the router itself: consumed here, never
+/// forwarded to an engine.
+pub const CONSUMED: [HeaderName; 1] = [header::PROXY_AUTHORIZATION];
+
 /// Request headers the upstream connection sets itself: the pod's authority,
 /// and the length of the (possibly edited) body.
 const RECOMPUTED: [HeaderName; 2] = [header::HOST, header::CONTENT_LENGTH];
@@ -98,7 +102,26 @@ impl Outbound {
 /// carries: its headers less those that must not cross, plus the request id.
 fn upstream_head(head: Parts, request_id: &HeaderValue) -> (PathAndQuery, HeaderMap) {
     let mut headers = head.headers;
-    for name in HOP_BY_HOP.iter().chain(&RECOMPUTED) {
+    // Headers the client's `Connection` names are hop-by-hop too (RFC 9110
+    // §7.6.1); `keep-alive` and `close`, the usual values, name nothing
+    // more and allocate nothing.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .chain(&CONSUMED)
+        .chain(&RECOMPUTED)
+        .chain(&named)
+    {
         headers.remove(name);
     }
     headers.insert(REQUEST_ID_HEADER, request_id.clone());
@@ -215,7 +238,11 @@ mod tests {
     fn outbound() -> Outbound {
         let (head, ()) = Request::post("/v1/completions?x=1")
             .header("authorization", "Bearer k")
-            .header(header::CONNECTION, "keep-alive")
+            .header("cookie", "session=c")
+            .header("x-api-key", "key")
+            .header(header::PROXY_AUTHORIZATION, "Basic cHJveHk6c2VjcmV0")
+            .header(header::CONNECTION, "keep-alive, x-hop")
+            .header("x-hop", "for the router only")
             .header(header::HOST, "router")
             .header(header::CONTENT_LENGTH, "2")
             .body(())
@@ -249,9 +276,18 @@ mod tests {
         let sent = upstream.sent();
         let request = &sent[0];
         assert_eq!(request.uri, "http://127.0.0.1:8000/v1/completions?x=1");
+        // Without authentication, the client's credentials for the engine pass.
         assert_eq!(request.headers["authorization"], "Bearer k");
+        assert_eq!(request.headers["cookie"], "session=c");
+        assert_eq!(request.headers["x-api-key"], "key");
         assert_eq!(request.headers["x-request-id"], "id-1");
-        for gone in ["connection", "host", "content-length"] {
+        for gone in [
+            "connection",
+            "host",
+            "content-length",
+            "proxy-authorization",
+            "x-hop",
+        ] {
             assert!(
                 !request.headers.contains_key(gone),
                 "{gone} is not forwarded"

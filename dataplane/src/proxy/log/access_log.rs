@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderValue, Method, Uri, Version};
+use http::{HeaderValue, Method, Version};
 use prometheus::IntCounter;
 use serde::Serialize;
 
@@ -154,7 +154,8 @@ fn parse_output(source: &str, value: &str) -> Result<AccessLogOutput, AccessLogC
 pub struct AccessLogEntry {
     pub started_at: SystemTime,
     pub method: Method,
-    pub uri: Uri,
+    /// A served path, or a bounded prefix of another.
+    pub path: std::borrow::Cow<'static, str>,
     pub version: Version,
     pub status: u16,
     pub model_name: Option<String>,
@@ -349,7 +350,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
             let line = JsonLine {
                 timestamp,
                 method: entry.method.as_str(),
-                path: entry.uri.path(),
+                path: &entry.path,
                 protocol: protocol(entry.version),
                 status_code: entry.status,
                 model_name: entry.model_name.as_deref(),
@@ -383,7 +384,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
             let mut line = format!(
                 "[{timestamp}] \"{} {} {}\" {}",
                 entry.method,
-                entry.uri.path(),
+                text_value(&entry.path),
                 protocol(entry.version),
                 entry.status
             );
@@ -443,7 +444,7 @@ mod tests {
         AccessLogEntry {
             started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_705_314_645_123),
             method: Method::POST,
-            uri: Uri::from_static("/v1/chat/completions"),
+            path: "/v1/chat/completions".into(),
             version: Version::HTTP_11,
             status: if error.is_some() { 504 } else { 200 },
             model_name: Some("llama2-7b".into()),

@@ -13,6 +13,7 @@
 //! - prefill/decode pairs: the delivered pair's prefill leg (sent to its
 //!   answer read whole) and decode leg (sent to the end of its body).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -25,9 +26,10 @@ use tokio::sync::oneshot;
 use super::Observer;
 use super::access_log::AccessLogEntry;
 use crate::error::ApiError;
+use crate::error::MAX_QUOTED_CLIENT_BYTES;
 use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, Phases, UNKNOWN_MODEL};
 use crate::pod::PodState;
-use crate::request_id::REQUEST_ID_HEADER;
+use crate::request_id::ClientRequestId;
 use crate::response::Usage;
 use crate::routing::{Route, RouteDecision, Server};
 
@@ -99,16 +101,17 @@ impl RequestRecord {
             observer: observer.clone(),
             started: clock::now(),
             started_at: clock::wall_now(),
-            method: request.method().clone(),
+            method: bounded_method(request.method()),
             uri: request.uri().clone(),
             version: request.version(),
             path: PathLabel::of(request.uri().path()),
-            // The client's id, if any; the proxy sets the one it forwards.
-            request_id: request
-                .headers()
-                .get(REQUEST_ID_HEADER)
-                .filter(|id| !id.is_empty())
-                .cloned(),
+            // The client's id, if it is kept; the proxy sets the one it
+            // forwards. A copy, so a queued access log line does not hold
+            // on to the connection's read buffer.
+            request_id: match ClientRequestId::of(request.headers()) {
+                ClientRequestId::Kept(id) => HeaderValue::from_bytes(id.as_bytes()).ok(),
+                _ => None,
+            },
             model_name: None,
             model: None,
             route: None,
@@ -148,8 +151,12 @@ impl RequestRecord {
         self.server = Some(decision.server.clone());
     }
 
+    /// The id the request was given: the client's (already kept) or a
+    /// generated one.
     pub fn set_request_id(&mut self, request_id: &HeaderValue) {
-        self.request_id = Some(request_id.clone());
+        if self.request_id.is_none() {
+            self.request_id = Some(request_id.clone());
+        }
     }
 
     /// An attempt to `pod` starts.
@@ -376,7 +383,7 @@ impl RequestRecord {
         self.observer.access_log.log(AccessLogEntry {
             started_at: self.started_at,
             method: self.method.clone(),
-            uri: self.uri.clone(),
+            path: logged_path(self.path, &self.uri),
             version: self.version,
             status: self.status,
             model_name: self.model_name.take(),
@@ -398,6 +405,37 @@ impl RequestRecord {
             prefill_leg,
             decode_leg,
         });
+    }
+}
+
+/// The path for the access log: a served path as its static name, any
+/// other cut to [`MAX_QUOTED_CLIENT_BYTES`], so a queued line holds neither
+/// the request's buffer nor an unbounded copy of it.
+fn logged_path(label: PathLabel, uri: &Uri) -> Cow<'static, str> {
+    match label {
+        PathLabel::Other => Cow::Owned(bounded_prefix(uri.path()).to_owned()),
+        served => Cow::Borrowed(served.as_str()),
+    }
+}
+
+/// The longest prefix of `text` within [`MAX_QUOTED_CLIENT_BYTES`], at a
+/// character boundary.
+fn bounded_prefix(text: &str) -> &str {
+    let mut end = text.len().min(MAX_QUOTED_CLIENT_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Methods are client tokens of any length: a long extension method is cut.
+fn bounded_method(method: &Method) -> Method {
+    const MAX_METHOD_BYTES: usize = 16;
+    let bytes = method.as_str().as_bytes();
+    if bytes.len() <= MAX_METHOD_BYTES {
+        method.clone()
+    } else {
+        Method::from_bytes(&bytes[..MAX_METHOD_BYTES]).unwrap_or(Method::GET)
     }
 }
 
