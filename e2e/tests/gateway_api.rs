@@ -160,7 +160,7 @@ async fn gateways_listeners_http_routes_and_inference_pools_in_local_mode() {
     // The controller accepted every example as published.
     let objects = stack
         .http
-        .get(&format!("http://{}/debug/objects", stack.controller_admin))
+        .get(&format!("http://{}/debug/objects", stack.controller_debug))
         .await
         .expect("controller answers")
         .json();
