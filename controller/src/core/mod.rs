@@ -358,6 +358,8 @@ mod tests {
             "switchyard-controller",
             "--xds-addr=127.0.0.1:0",
             "--metrics-addr=127.0.0.1:0",
+            // Tests run at once: each its own debug port.
+            "--debug-port=0",
             "--controller-id=core-test",
             // The test source is empty: publish it at once.
             "--empty-source-grace-period=0s",
