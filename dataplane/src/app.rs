@@ -10,6 +10,7 @@ use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind}
 use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
+use crate::endpoint_picker::{EndpointPicker, serve_endpoint_picker};
 use crate::gateway::Arrival;
 use crate::gateway::ports::{PortSettings, PortStates, serve_listener_ports};
 use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyDeadline, ConnectionLimit};
@@ -177,6 +178,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             async move { admin.handle_debug_port(&request) }
         })
     });
+    if let (Some(port), Some(pool)) = (args.endpoint_picker_port, args.endpoint_picker_pool) {
+        let (listener, addr) = bind("endpoint picker", SocketAddr::new(args.host, port)).await?;
+        tracing::info!(%addr, %pool, "endpoint picker (ext_proc) listening");
+        let picker = EndpointPicker::new(store.clone(), pool, args.max_body_bytes);
+        tasks.spawn_graceful("endpoint picker", |stop| {
+            serve_endpoint_picker(listener, picker, stop)
+        });
+    }
     tasks.spawn_graceful("shutdown notice", |stop| async move {
         stop.cancelled().await;
         tracing::info!("shutting down: draining in-flight requests");

@@ -46,6 +46,9 @@ pub enum ErrorKind {
     /// The HTTPRoute rule that took the request has no backend with a
     /// positive weight (the Gateway API asks for a 500).
     NoBackend,
+    /// Every endpoint the endpoint picker could choose is saturated: the
+    /// request is dropped, the gateway answers 429.
+    Dropped,
 }
 
 impl ErrorKind {
@@ -66,6 +69,7 @@ impl ErrorKind {
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Dropped => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -88,6 +92,7 @@ impl ErrorKind {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
             Self::NoBackend => "no_backend",
+            Self::Dropped => "request_dropped",
         }
     }
 

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config_file;
+pub mod endpoint_picker;
 pub mod error;
 pub mod gateway;
 pub mod health;

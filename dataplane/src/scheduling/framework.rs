@@ -325,6 +325,17 @@ impl Scheduler {
     }
 
     /// Ranks `server`'s pods for one request.
+    /// `pod`'s engine load when it is recent enough to act on.
+    pub fn fresh_load(&self, pod: &crate::pod::PodState) -> Option<Arc<pb::EndpointLoad>> {
+        pod.load().filter(|load| {
+            is_fresh(
+                self.shared.observed_at(load),
+                unix_ms_now(),
+                self.max_load_age_ms,
+            )
+        })
+    }
+
     pub fn schedule(
         &self,
         server: &Server,
