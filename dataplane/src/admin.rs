@@ -365,10 +365,10 @@ impl Admin {
                     .is_some_and(|server| pools.is_some_and(|pools| pools.contains_key(server)))
             });
             for decision in decisions.iter_mut() {
-                if let Some(object) = decision.as_object_mut() {
-                    if let Some(pool) = object.remove("modelServer") {
-                        object.insert("inferencePool".to_owned(), pool);
-                    }
+                if let Some(object) = decision.as_object_mut()
+                    && let Some(pool) = object.remove("modelServer")
+                {
+                    object.insert("inferencePool".to_owned(), pool);
                 }
             }
         }

@@ -117,7 +117,8 @@ fn kthena_gateway_examples_compile_as_published() {
     let config = &compiled.route_config;
 
     assert_eq!(config.default_gateway, "kthena-system/default");
-    let gateways: Vec<(String, Vec<(String, u32, String)>)> = config
+    type Listeners = Vec<(String, u32, String)>;
+    let gateways: Vec<(String, Listeners)> = config
         .gateways
         .iter()
         .map(|gateway| {
