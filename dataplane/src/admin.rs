@@ -35,8 +35,8 @@ use switchyard_runtime::clock;
 use switchyard_snapshot::{config_dump, pb};
 
 use crate::gateway::Hostname;
-use crate::gateway::ports::PortStates;
 use crate::health;
+use crate::listener_ports::PortStates;
 use crate::metrics::RouterMetrics;
 use crate::pod::PodState;
 use crate::proxy::{ProxyBody, readiness_response};

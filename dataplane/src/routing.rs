@@ -11,8 +11,11 @@ use http::HeaderMap;
 use http::header::HeaderName;
 use regex::Regex;
 
-use crate::gateway::{ListenerId, Rewrite};
 use crate::pod::PodState;
+use crate::rewrite::Rewrite;
+
+/// Index of a Gateway listener in the snapshot (see `gateway::Gateways`).
+pub type ListenerId = u32;
 
 /// A ModelServer as the dataplane uses it.
 #[derive(Debug)]

@@ -16,7 +16,7 @@ use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 use tokio::sync::watch;
 
-use crate::gateway::Gateways;
+use crate::gateway::{GatewayError, Gateways};
 use crate::pod::PodState;
 use crate::routing::{
     KvConnector, Matcher, PdGroup, PrefillDecode, Route, RouteIndex, Rule, Server, StringMatcher,
@@ -69,10 +69,10 @@ pub enum SnapshotError {
     NoModelName { route: String },
     #[error("scheduler configuration: {0}")]
     InvalidScheduler(String),
-    #[error("Gateway API {gateway}: {problem}")]
-    InvalidGateway { gateway: String, problem: String },
-    #[error("HTTPRoute {route}: {problem}")]
-    InvalidHttpRoute { route: String, problem: String },
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("duplicate InferencePool {0}")]
+    DuplicatePool(String),
     #[error("ModelRoute {route}: listener {listener} is not in the snapshot")]
     DanglingListener { route: String, listener: String },
     #[error(
@@ -140,7 +140,14 @@ impl RoutingTable {
             }
             servers.push(built);
         }
-        let gateways = Gateways::build(&config, previous_pods, &mut pods)?;
+        let mut pools = HashMap::with_capacity(config.inference_pools.len());
+        for pool in &config.inference_pools {
+            let built = build_pool(pool, previous_pods, &mut pods)?;
+            if pools.insert(built.key.clone(), built.clone()).is_some() {
+                return Err(SnapshotError::DuplicatePool(built.key.clone()));
+            }
+        }
+        let gateways = Gateways::build(&config, pools)?;
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut route_keys = std::collections::HashSet::new();
         for route in &config.routes {
@@ -226,10 +233,39 @@ fn build_server(
     }))
 }
 
+/// An InferencePool as a server the scheduler picks among: its endpoints,
+/// no model rewrite, no retries (the gateway or client retries).
+fn build_pool(
+    pool: &pb::InferencePool,
+    previous_pods: &HashMap<String, Arc<PodState>>,
+    pods: &mut HashMap<String, Arc<PodState>>,
+) -> Result<Arc<Server>, SnapshotError> {
+    let key = switchyard_snapshot::object_key(&pool.namespace, &pool.name);
+    let endpoints = build_endpoints(
+        &key,
+        &pool.namespace,
+        &pool.endpoints,
+        0,
+        previous_pods,
+        pods,
+    )?;
+    Ok(Arc::new(Server {
+        key,
+        model_rewrite_literal: None,
+        model_rewrite: None,
+        timeout: None,
+        retry_attempts: 0,
+        retry_interval: Duration::ZERO,
+        pods: endpoints,
+        rotation: AtomicUsize::new(0),
+        prefill_decode: None,
+    }))
+}
+
 /// The pod states of `endpoints` (of the ModelServer or InferencePool
 /// `owner`), reused from this table or the previous one when their address
 /// is unchanged. An endpoint with its own port is `namespace/pod:port`.
-pub(crate) fn build_endpoints(
+fn build_endpoints(
     owner: &str,
     namespace: &str,
     endpoints: &[pb::Endpoint],
@@ -470,7 +506,7 @@ pub struct SnapshotStore {
     loads: Mutex<Option<AppliedLoads>>,
     /// Scheduling state that outlives tables (prefix index, recent decisions, metrics).
     scheduling: Arc<SchedulingShared>,
-    /// The ports of the current table's Gateway listeners (see `gateway::ports`).
+    /// The ports of the current table's Gateway listeners (see `listener_ports`).
     listener_ports: watch::Sender<BTreeSet<u16>>,
 }
 

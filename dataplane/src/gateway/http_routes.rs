@@ -14,14 +14,13 @@ use std::cmp::Reverse;
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
 use http::{HeaderMap, Method};
 use regex::Regex;
 use switchyard_snapshot::{object_key, pb};
 
-use super::{Gateways, Hostname, ListenerId};
-use crate::routing::{Route, Server, StringMatcher, WeightedTargets};
-use crate::snapshot::SnapshotError;
+use super::{GatewayError, Gateways, Hostname};
+use crate::rewrite::{PathRewrite, Rewrite};
+use crate::routing::{ListenerId, Route, Server, StringMatcher, WeightedTargets};
 
 /// A path condition.
 #[derive(Debug)]
@@ -107,72 +106,6 @@ struct CompiledRoute {
     hostnames: Vec<Hostname>,
 }
 
-/// What an HTTPRoute rule does to the request sent upstream.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Rewrite {
-    /// `URLRewrite.hostname`: the `Host` sent upstream.
-    pub hostname: Option<HeaderValue>,
-    pub path: Option<PathRewrite>,
-    /// `RequestHeaderModifier`.
-    pub set: Vec<(HeaderName, HeaderValue)>,
-    pub add: Vec<(HeaderName, HeaderValue)>,
-    pub remove: Vec<HeaderName>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum PathRewrite {
-    Full(String),
-    /// Replaces `matched` (the rule's PathPrefix) at the start of the path.
-    Prefix {
-        matched: String,
-        replacement: String,
-    },
-}
-
-impl Rewrite {
-    /// Applies the filters to the upstream request's path and headers.
-    pub fn apply(&self, path_and_query: &mut PathAndQuery, headers: &mut HeaderMap) {
-        for name in &self.remove {
-            headers.remove(name);
-        }
-        for (name, value) in &self.set {
-            headers.insert(name.clone(), value.clone());
-        }
-        for (name, value) in &self.add {
-            headers.append(name.clone(), value.clone());
-        }
-        if let Some(hostname) = &self.hostname {
-            headers.insert(http::header::HOST, hostname.clone());
-        }
-        let Some(rewrite) = &self.path else {
-            return;
-        };
-        let path = path_and_query.path();
-        let new_path = match rewrite {
-            PathRewrite::Full(full) => full.clone(),
-            PathRewrite::Prefix {
-                matched,
-                replacement,
-            } => {
-                let rest = path.strip_prefix(matched.as_str()).unwrap_or(path);
-                match (replacement.trim_end_matches('/'), rest) {
-                    ("", "") => "/".to_owned(),
-                    ("", rest) => rest.to_owned(),
-                    (replacement, rest) => format!("{replacement}{rest}"),
-                }
-            }
-        };
-        let rebuilt = match path_and_query.query() {
-            Some(query) => format!("{new_path}?{query}"),
-            None => new_path,
-        };
-        // Built from validated parts; an unparsable result keeps the original path.
-        if let Ok(rewritten) = PathAndQuery::try_from(rebuilt) {
-            *path_and_query = rewritten;
-        }
-    }
-}
-
 /// What a request offers HTTPRoute matches.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpRequestFacts<'a> {
@@ -205,11 +138,11 @@ pub struct HttpRoutes {
 }
 
 impl HttpRoutes {
-    pub fn build(routes: &[pb::HttpRoute], gateways: &Gateways) -> Result<Self, SnapshotError> {
+    pub fn build(routes: &[pb::HttpRoute], gateways: &Gateways) -> Result<Self, GatewayError> {
         let mut built = Self::default();
         for (route_index, route) in routes.iter().enumerate() {
             let key = object_key(&route.namespace, &route.name);
-            let invalid = |problem: String| SnapshotError::InvalidHttpRoute {
+            let invalid = |problem: String| GatewayError::InvalidHttpRoute {
                 route: key.clone(),
                 problem,
             };

@@ -5,26 +5,32 @@
 //!
 //! The default Gateway's listeners are served on the dataplane's traffic
 //! port, whatever port they name; every other Gateway's listeners on their
-//! own ports, which [`ports`] opens and closes as snapshots change.
+//! own ports, which `listener_ports` opens and closes as snapshots change.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
-use std::time::Duration;
 
 use switchyard_snapshot::{object_key, pb};
 
-use crate::pod::PodState;
+pub use crate::routing::ListenerId;
 use crate::routing::Server;
-use crate::snapshot::{SnapshotError, build_endpoints};
 
 pub mod http_routes;
-pub mod ports;
 
-pub use http_routes::{HttpRouteDecision, HttpRoutes, Rewrite};
+pub use http_routes::{HttpRouteDecision, HttpRoutes};
 
-/// Index of a listener in [`Gateways::listeners`].
-pub type ListenerId = u32;
+/// Why the Gateway API part of a snapshot was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("Gateway {gateway}: listener {listener}: invalid port {port}")]
+    InvalidListenerPort {
+        gateway: String,
+        listener: String,
+        port: u32,
+    },
+    #[error("HTTPRoute {route}: {problem}")]
+    InvalidHttpRoute { route: String, problem: String },
+}
 
 /// The port a request arrived on, as the server that accepted it tells the
 /// proxy (a request extension).
@@ -107,15 +113,15 @@ pub struct Gateways {
 }
 
 impl Gateways {
-    /// Builds the Gateway API part of `config`; InferencePool endpoints go
-    /// into `pods` like ModelServer pods.
+    /// Builds the Gateway API part of `config` around its InferencePools,
+    /// already built as servers (by `namespace/name`).
     pub fn build(
         config: &pb::RouteConfig,
-        previous_pods: &HashMap<String, Arc<PodState>>,
-        pods: &mut HashMap<String, Arc<PodState>>,
-    ) -> Result<Self, SnapshotError> {
+        pools: HashMap<String, Arc<Server>>,
+    ) -> Result<Self, GatewayError> {
         let mut gateways = Self {
             default_gateway: config.default_gateway.clone(),
+            pools,
             ..Self::default()
         };
         for gateway in &config.gateways {
@@ -125,12 +131,10 @@ impl Gateways {
                 let port = u16::try_from(listener.port)
                     .ok()
                     .filter(|port| *port != 0)
-                    .ok_or_else(|| SnapshotError::InvalidGateway {
+                    .ok_or_else(|| GatewayError::InvalidListenerPort {
                         gateway: key.clone(),
-                        problem: format!(
-                            "listener {}: invalid port {}",
-                            listener.name, listener.port
-                        ),
+                        listener: listener.name.clone(),
+                        port: listener.port,
                     })?;
                 let id = ListenerId::try_from(gateways.listeners.len()).unwrap_or(ListenerId::MAX);
                 let served_on = if is_default { TRAFFIC_PORT } else { port };
@@ -140,34 +144,6 @@ impl Gateways {
                     name: listener.name.clone(),
                     port,
                     hostname: Hostname::parse(&listener.hostname),
-                });
-            }
-        }
-        for pool in &config.inference_pools {
-            let key = object_key(&pool.namespace, &pool.name);
-            let endpoints = build_endpoints(
-                &key,
-                &pool.namespace,
-                &pool.endpoints,
-                0,
-                previous_pods,
-                pods,
-            )?;
-            let server = Arc::new(Server {
-                key: key.clone(),
-                model_rewrite_literal: None,
-                model_rewrite: None,
-                timeout: None,
-                retry_attempts: 0,
-                retry_interval: Duration::ZERO,
-                pods: endpoints,
-                rotation: AtomicUsize::new(0),
-                prefill_decode: None,
-            });
-            if gateways.pools.insert(key.clone(), server).is_some() {
-                return Err(SnapshotError::InvalidGateway {
-                    gateway: key,
-                    problem: "duplicate InferencePool".to_owned(),
                 });
             }
         }

@@ -4,9 +4,10 @@ use http::{HeaderMap, Method};
 use switchyard_snapshot::pb;
 use switchyard_snapshot::test_builders::{pod, route, route_config, server};
 
-use super::http_routes::{HttpRequestFacts, PathRewrite};
+use super::http_routes::HttpRequestFacts;
 use super::*;
-use crate::snapshot::{RoutingTable, SnapshotStore};
+use crate::rewrite::{PathRewrite, Rewrite};
+use crate::snapshot::{RoutingTable, SnapshotError, SnapshotStore};
 
 fn listener(name: &str, port: u32, hostname: &str) -> pb::GatewayListener {
     pb::GatewayListener {

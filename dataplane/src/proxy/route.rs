@@ -1,5 +1,6 @@
 //! Phase `route`: which ModelRoute, rule and ModelServer serve the request
-//! (looked up in the snapshot's [`RouteIndex`]),
+//! (looked up in the snapshot's [`RouteIndex`](crate::routing::RouteIndex),
+//! on the Gateway listener the request came through; else an HTTPRoute),
 //! and how its body must change on the way: the ModelServer's model name
 //! instead of the client's, and `include_usage` on streams so the router can
 //! count tokens. The edits are applied once, when the upstream request is
@@ -11,9 +12,9 @@ use super::admit::InferenceRequest;
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind, quoted};
 use crate::gateway::http_routes::HttpRequestFacts;
-use crate::gateway::{Arrival, Gateways, ListenerId, request_host};
+use crate::gateway::{Arrival, Gateways, request_host};
 use crate::request::{Edit, apply_edits};
-use crate::routing::{ArrivalFacts, RequestFacts, RouteDecision};
+use crate::routing::{ArrivalFacts, ListenerId, RequestFacts, RouteDecision};
 use crate::snapshot::RoutingTable;
 
 /// Where the request goes and what changes in its body.

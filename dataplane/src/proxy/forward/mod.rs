@@ -23,9 +23,9 @@ use self::policy::{AttemptPolicy, Next, Verdict};
 pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind};
-use crate::gateway::Rewrite;
 use crate::pod::{InFlightGuard, PodState};
 use crate::request_id::REQUEST_ID_HEADER;
+use crate::rewrite::Rewrite;
 use crate::routing::Server;
 use crate::scheduling::Ranking;
 

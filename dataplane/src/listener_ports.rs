@@ -15,7 +15,7 @@ use switchyard_runtime::{CancellationToken, bind, clock};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::Arrival;
+use crate::gateway::Arrival;
 use crate::proxy::ProxyBody;
 use crate::server::{ConnectionSettings, serve};
 
