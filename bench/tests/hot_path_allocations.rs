@@ -58,6 +58,7 @@ fn table() -> RoutingTable {
         snapshot(CANDIDATE_PODS, true),
         &HashMap::new(),
         &Default::default(),
+        &Default::default(),
     )
     .expect("the bench snapshot is valid")
 }

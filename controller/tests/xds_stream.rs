@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_controller::outlier::EjectionBoard;
 use switchyard_controller::xds::{
     self, DataplaneRegistry, DataplaneStatus, PublishResult, ResourceType, RoutingDiscoveryService,
     SnapshotPublisher, XdsMetrics,
@@ -28,6 +29,7 @@ struct Server {
     addr: SocketAddr,
     publisher: Arc<SnapshotPublisher>,
     dataplanes: DataplaneRegistry,
+    ejections: Arc<EjectionBoard>,
     metrics_registry: prometheus::Registry,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -40,7 +42,9 @@ impl Server {
         let metrics = XdsMetrics::register(&metrics_registry).expect("metrics");
         let publisher = Arc::new(SnapshotPublisher::new("test-controller", metrics.clone()));
         let dataplanes = DataplaneRegistry::new();
-        let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics);
+        let ejections = Arc::new(EjectionBoard::default());
+        let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics)
+            .with_outlier_reports(ejections.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(xds::serve(listener, service, async {
             let _ = stopped.await;
@@ -49,6 +53,7 @@ impl Server {
             addr,
             publisher,
             dataplanes,
+            ejections,
             metrics_registry,
             stop,
             task,
@@ -121,6 +126,7 @@ fn subscribe(type_url: &str, version_info: &str) -> pb::SnapshotRequest {
         version_info: version_info.into(),
         response_nonce: String::new(),
         error_detail: None,
+        outlier_report: None,
     }
 }
 
@@ -167,6 +173,7 @@ impl Client {
             version_info: response.version_info.clone(),
             response_nonce: response.nonce.clone(),
             error_detail: None,
+            outlier_report: None,
         })
         .await;
     }
@@ -190,6 +197,7 @@ impl Client {
             version_info: applied_version.into(),
             response_nonce: response.nonce.clone(),
             error_detail: Some(error_detail),
+            outlier_report: None,
         })
         .await;
     }
@@ -200,6 +208,43 @@ fn route_config_of(response: &pb::SnapshotResponse) -> &pb::RouteConfig {
         Some(pb::snapshot_response::Resource::RouteConfig(config)) => config,
         other => panic!("expected a RouteConfig, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn an_outlier_report_reaches_the_board_and_answers_nothing() {
+    let server = Server::start().await;
+    server.publish("m1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let response = client.next().await;
+    let mut board = server.ejections.subscribe();
+    client
+        .send(pb::SnapshotRequest {
+            outlier_report: Some(pb::OutlierReport {
+                ejections: vec![pb::PodEjection {
+                    namespace: "default".into(),
+                    pod: "p".into(),
+                    remaining_ms: 30_000,
+                    reason: "5xx".into(),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        })
+        .await;
+    tokio::time::timeout(DEADLINE, board.changed())
+        .await
+        .expect("reported in time")
+        .expect("board open");
+    let reported = board.borrow().clone();
+    assert_eq!(reported["default/p"].reason, "5xx");
+    assert_eq!(
+        server.dataplane().route_config.pending_nonce.as_deref(),
+        Some(response.nonce.as_str()),
+        "a report is no answer to the pending response"
+    );
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -407,6 +452,7 @@ async fn a_stale_nonce_is_ignored() {
             version_info: first.version_info.clone(),
             response_nonce: "not-a-nonce-we-sent".into(),
             error_detail: None,
+            outlier_report: None,
         })
         .await;
     // Requests are handled in order: once the EndpointLoads answer arrives, the stale ACK was seen.

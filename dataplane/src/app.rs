@@ -114,7 +114,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         ..XdsClientConfig::default()
     };
     tasks.spawn_graceful("controller stream client", |stop| {
-        xds_client::run(xds_config, sink, status, stop.cancelled_owned())
+        xds_client::run_on_own_thread(xds_config, sink, status, stop)
     });
 
     let settings = |max_connections| ConnectionSettings {

@@ -17,8 +17,8 @@
 //! so this dataplane's later choices see it. Responses pass through.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
@@ -44,7 +44,6 @@ use crate::error::{ApiError, ErrorKind};
 use crate::pod::{InFlightGuard, PodState};
 use crate::request::parse_body;
 use crate::request_id::ClientRequestId;
-use crate::routing::Server;
 use crate::scheduling::ScheduleRequest;
 use crate::snapshot::SnapshotStore;
 
@@ -116,15 +115,20 @@ impl EndpointPicker {
                 self.pool
             ));
         };
-        let narrowed;
-        let server: &Server = match subset {
-            None => pool,
+        // The candidates: every endpoint, or those of the gateway's subset.
+        let candidates: Vec<usize> = match subset {
+            None => (0..pool.pods.len()).collect(),
             Some(subset) => {
-                narrowed = narrow(pool, subset);
-                &narrowed
+                let wanted: Vec<SocketAddr> = subset
+                    .iter()
+                    .filter_map(|endpoint| endpoint.parse().ok())
+                    .collect();
+                (0..pool.pods.len())
+                    .filter(|index| wanted.contains(&pool.pods[*index].addr))
+                    .collect()
             }
         };
-        if server.pods.is_empty() {
+        if candidates.is_empty() {
             return unavailable(match subset {
                 None => format!("InferencePool {} has no ready endpoint", self.pool),
                 Some(subset) => format!(
@@ -139,7 +143,7 @@ impl EndpointPicker {
                     || load.kv_cache_usage >= SATURATED_KV_CACHE_USAGE
             })
         };
-        if server.pods.iter().all(saturated) {
+        if candidates.iter().all(|index| saturated(&pool.pods[*index])) {
             return Pick::Refused(ApiError::new(
                 ErrorKind::Dropped,
                 format!(
@@ -157,8 +161,9 @@ impl EndpointPicker {
                 .prompt_hashes(model, body, parsed.prompt_span.as_ref())
         });
         let request_id = ClientRequestId::of(headers).or_generate();
-        let ranked = table.scheduler.schedule(
-            server,
+        let ranked = table.scheduler.schedule_among(
+            pool,
+            &candidates,
             &ScheduleRequest {
                 model,
                 served_model: model,
@@ -171,7 +176,7 @@ impl EndpointPicker {
             Ok(ranking) => ranking,
             Err(error) => return unavailable(error.to_string()),
         };
-        let Some(pod) = ranking.get(0).and_then(|index| server.pods.get(index)) else {
+        let Some(pod) = ranking.get(0).and_then(|index| pool.pods.get(index)) else {
             return unavailable(format!("InferencePool {}: no endpoint ranked", self.pool));
         };
         table.scheduler.on_dispatched(pod.id, &prompt_hashes);
@@ -343,27 +348,6 @@ pub async fn serve_endpoint_picker(
             stop.cancelled_owned(),
         )
         .await
-}
-
-/// `pool` restricted to the endpoints named in `subset` (`ip:port`).
-fn narrow(pool: &Server, subset: &[String]) -> Server {
-    let pods: Vec<Arc<PodState>> = pool
-        .pods
-        .iter()
-        .filter(|pod| subset.iter().any(|wanted| pod.addr.to_string() == *wanted))
-        .cloned()
-        .collect();
-    Server {
-        key: pool.key.clone(),
-        model_rewrite_literal: None,
-        model_rewrite: None,
-        timeout: None,
-        retry_attempts: 0,
-        retry_interval: pool.retry_interval,
-        pods,
-        rotation: AtomicUsize::new(0),
-        prefill_decode: None,
-    }
 }
 
 /// The gateway's subset hint, if the request carries one.

@@ -10,7 +10,8 @@
 //! [`metrics`] and the access log).
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
-//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
+//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load,
+//! outlier ejection), [`lazy_series`] (metric series created on first use),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod endpoint_picker;
 pub mod error;
 pub mod gateway;
 pub mod health;
+pub mod lazy_series;
 pub mod limits;
 pub mod listener_ports;
 pub mod metrics;

@@ -7,6 +7,8 @@ use prost::Message;
 use switchyard_controller::compile::gateway_api::DEFAULT_CONTROLLER_NAME;
 use switchyard_controller::compile::{CompileInput, GatewayApiConfig, ObjectSet, compile};
 use switchyard_controller::local::parse_documents;
+use switchyard_controller::outlier::ReportedEjections;
+use switchyard_controller::router_config::RouterConfig;
 use switchyard_controller::scrape::{prometheus_text, sglang, vllm};
 use switchyard_dataplane::request::{MAX_MODEL_BYTES, apply_edits, parse_body};
 use switchyard_dataplane::response::ResponseObserver;
@@ -235,8 +237,9 @@ fn check_local_objects(input: &[u8]) {
     let compiled = compile(&CompileInput {
         objects: &objects,
         gateway_api: &gateway_api,
-        scheduler: None,
+        router: &RouterConfig::default(),
         pod_loads: &BTreeMap::new(),
+        ejections: &ReportedEjections::new(),
         now_unix_ms: 0,
     });
     let store = SnapshotStore::new();

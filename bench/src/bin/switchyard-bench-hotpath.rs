@@ -43,6 +43,7 @@ fn table(candidates: usize) -> Option<RoutingTable> {
         snapshot(candidates, false),
         &HashMap::new(),
         &Default::default(),
+        &Default::default(),
     )
     .ok()
 }

@@ -2,8 +2,9 @@
 //! GatewayClasses, Gateways, HTTPRoutes and InferencePools), the router
 //! configuration and scraped engine load in, a routing snapshot and one
 //! report per object out.
-//! The controller publishes exactly what [`compile`] returns; on a scrape it
-//! reruns only [`compile_endpoint_loads`], the part that depends on load.
+//! The controller publishes exactly what [`compile`] returns; on a scrape or
+//! a dataplane's outlier report it reruns only [`compile_endpoint_loads`]
+//! and [`compile_ejections`], the parts that depend on them.
 //!
 //! No I/O and no clock reads (the time is an input), and every list in the
 //! output is built in a canonical order, so equal inputs give byte-identical
@@ -17,6 +18,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use switchyard_crd::{ModelRoute, ModelServer};
 use switchyard_snapshot::{object_key, pb};
 
+use crate::outlier::ReportedEjections;
+use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
 pub mod gateway_api;
@@ -47,10 +50,13 @@ pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
     /// Gateway API mode (`--enable-gateway-api` and friends).
     pub gateway_api: &'a GatewayApiConfig,
-    /// The router configuration's scheduler section (`--router-config`),
-    /// shipped as is; `None` lets dataplanes use their defaults.
-    pub scheduler: Option<&'a pb::SchedulerConfig>,
+    /// The router configuration (`--router-config`; the default without
+    /// one): its scheduler section and outlier detection are shipped as they
+    /// are.
+    pub router: &'a RouterConfig,
     pub pod_loads: &'a BTreeMap<PodKey, PodLoad>,
+    /// Pods the dataplanes reported ejecting.
+    pub ejections: &'a ReportedEjections,
     /// The compile time; becomes the snapshot's `generated_at_unix_ms`.
     pub now_unix_ms: i64,
 }
@@ -84,8 +90,19 @@ pub struct CompiledRoutes {
 /// endpoint loads of the result: the whole snapshot and every report.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let mut routes = compile_objects(input.objects.view(), input.gateway_api);
-    routes.route_config.scheduler = input.scheduler.cloned();
-    let endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
+    let router = input.router;
+    routes.route_config.scheduler = router.scheduler.clone();
+    routes.route_config.outlier_detection = router.outlier_detection.defaults;
+    for server in &mut routes.route_config.servers {
+        server.outlier_detection = router
+            .outlier_detection
+            .model_servers
+            .get(&object_key(&server.namespace, &server.name))
+            .cloned();
+    }
+    let mut endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
+    endpoint_loads.ejections =
+        compile_ejections(&routes.route_config, input.ejections, input.now_unix_ms);
     Compiled {
         route_config: routes.route_config,
         endpoint_loads,
@@ -211,6 +228,7 @@ pub fn compile_objects(objects: Objects<'_>, gateway_api: &GatewayApiConfig) -> 
             default_gateway: gateway_api.default_gateway,
             http_routes: gateway_api.http_routes,
             inference_pools: gateway_api.inference_pools,
+            outlier_detection: None,
         },
         scrape_targets,
         reports,
@@ -290,6 +308,39 @@ pub fn compile_endpoint_loads(
         observed_at_unix_ms: pass_observed_at,
         ..Default::default()
     }
+}
+
+/// The reported ejections of `route_config`'s pods still in force at
+/// `now_unix_ms`, sorted by (namespace, pod), for EndpointLoads.
+pub fn compile_ejections(
+    route_config: &pb::RouteConfig,
+    ejections: &ReportedEjections,
+    now_unix_ms: i64,
+) -> Vec<pb::PodEjection> {
+    if ejections.is_empty() {
+        return Vec::new();
+    }
+    let mut selected: BTreeMap<(&str, &str), &crate::outlier::ReportedEjection> = BTreeMap::new();
+    for server in &route_config.servers {
+        for endpoint in &server.endpoints {
+            let key = object_key(&server.namespace, &endpoint.name);
+            if let Some(ejection) = ejections.get(&key)
+                && ejection.until_unix_ms > now_unix_ms
+            {
+                selected.insert((&server.namespace, &endpoint.name), ejection);
+            }
+        }
+    }
+    selected
+        .into_iter()
+        .map(|((namespace, pod), ejection)| pb::PodEjection {
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            until_unix_ms: ejection.until_unix_ms,
+            reason: ejection.reason.to_owned(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Engines can export NaN (e.g. a mean over zero samples); a dataplane would

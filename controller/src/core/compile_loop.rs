@@ -15,21 +15,26 @@ use tokio::sync::watch;
 
 use crate::admin::{ObjectsView, SourceStatus};
 use crate::compile::{
-    CompileInput, Compiled, GatewayApiConfig, ObjectReport, ObjectSet, compile,
+    CompileInput, Compiled, GatewayApiConfig, ObjectReport, ObjectSet, compile, compile_ejections,
     compile_endpoint_loads,
 };
 use crate::metrics::ControllerMetrics;
+use crate::outlier::ReportedEjections;
+use crate::router_config::RouterConfig;
 use crate::scrape::{PodLoads, ScrapeTarget};
 use crate::xds::SnapshotPublisher;
 
 /// What a [`CompileLoop`] reads from and writes to.
 pub(super) struct LoopIo {
     pub objects: watch::Receiver<Arc<ObjectSet>>,
-    /// The router configuration's scheduler section, shipped inside the RouteConfig.
-    pub scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
+    /// The router configuration: its scheduler section and outlier
+    /// detection are shipped inside the RouteConfig.
+    pub router: watch::Receiver<RouterConfig>,
     /// Gateway API mode, from the flags.
     pub gateway_api: GatewayApiConfig,
     pub pod_loads: watch::Receiver<PodLoads>,
+    /// Pods the dataplanes reported ejecting, shipped inside EndpointLoads.
+    pub ejections: watch::Receiver<Arc<ReportedEjections>>,
     pub publisher: Arc<SnapshotPublisher>,
     pub targets: watch::Sender<Vec<ScrapeTarget>>,
     pub objects_view: watch::Sender<Arc<ObjectsView>>,
@@ -65,8 +70,9 @@ impl CompileLoop {
     /// Runs until every input is gone (at shutdown the task set drops it first).
     pub async fn run(mut self) {
         let mut objects_alive = true;
-        let mut scheduler_alive = true;
+        let mut router_alive = true;
         let mut loads_alive = true;
+        let mut ejections_alive = true;
         loop {
             tokio::select! {
                 changed = self.io.objects.changed(), if objects_alive => match changed {
@@ -74,14 +80,18 @@ impl CompileLoop {
                     // The source's task ended: the supervisor reports it.
                     Err(_) => objects_alive = false,
                 },
-                changed = self.io.scheduler.changed(), if scheduler_alive => match changed {
+                changed = self.io.router.changed(), if router_alive => match changed {
                     Ok(()) => self.recompile(),
                     // No file (or its watcher stopped): the last configuration stays.
-                    Err(_) => scheduler_alive = false,
+                    Err(_) => router_alive = false,
                 },
                 changed = self.io.pod_loads.changed(), if loads_alive => match changed {
                     Ok(()) => self.publish_endpoint_loads(),
                     Err(_) => loads_alive = false,
+                },
+                changed = self.io.ejections.changed(), if ejections_alive => match changed {
+                    Ok(()) => self.publish_endpoint_loads(),
+                    Err(_) => ejections_alive = false,
                 },
                 else => return,
             }
@@ -93,27 +103,33 @@ impl CompileLoop {
         self.compiled.send_replace(compiled);
     }
 
-    /// A scrape changed the loads: only the part of [`compile`] that depends on them.
+    /// A scrape changed the loads, or a dataplane reported ejections: only
+    /// the parts of [`compile`] that depend on them.
     fn publish_endpoint_loads(&mut self) {
         let pod_loads = self.io.pod_loads.borrow_and_update().clone();
+        let ejections = self.io.ejections.borrow_and_update().clone();
         let compiled = self.compiled.borrow().clone();
+        let now_unix_ms = clock::unix_ms_now();
         let started = clock::now();
-        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        let mut loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        loads.ejections = compile_ejections(&compiled.route_config, &ejections, now_unix_ms);
         observe(&self.io, "endpoint_loads", started);
-        publish_loads(&self.io, loads, clock::unix_ms_now());
+        publish_loads(&self.io, loads, now_unix_ms);
     }
 }
 
 fn compile_and_publish(io: &mut LoopIo, reported: &mut Vec<ObjectReport>) -> Arc<Compiled> {
     let objects = io.objects.borrow_and_update().clone();
-    let scheduler = io.scheduler.borrow_and_update().clone();
+    let router = io.router.borrow_and_update().clone();
     let pod_loads = io.pod_loads.borrow_and_update().clone();
+    let ejections = io.ejections.borrow_and_update().clone();
     let started = clock::now();
     let compiled = compile(&CompileInput {
         objects: &objects,
         gateway_api: &io.gateway_api,
-        scheduler: scheduler.as_ref(),
+        router: &router,
         pod_loads: &pod_loads,
+        ejections: &ejections,
         now_unix_ms: clock::unix_ms_now(),
     });
     observe(io, "route_config", started);

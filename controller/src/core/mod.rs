@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, Registry};
 use switchyard_runtime::{CancellationToken, Debounce, TaskError, TaskSet, bind};
-use switchyard_snapshot::pb;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::DropGuard;
@@ -32,7 +31,8 @@ use crate::cli::Args;
 use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
-use crate::router_config::watch_router_config;
+use crate::outlier::EjectionBoard;
+use crate::router_config::{RouterConfig, watch_router_config};
 use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
@@ -138,14 +138,14 @@ pub async fn begin(
     });
     tracing::info!(addr = %admin_addr, debug = %debug_addr, "admin listening on {admin_addr}, debug on {debug_addr}");
 
-    let scheduler = match &args.router_config {
+    let router = match &args.router_config {
         Some(path) => {
-            let (scheduler, watcher) = watch_router_config(path.clone()).await?;
+            let (router, watcher) = watch_router_config(path.clone()).await?;
             tasks.spawn("router configuration watcher", watcher);
-            scheduler
+            router
         }
         // No file: dataplanes use their defaults, and there is nothing to watch.
-        None => watch::channel(None).1,
+        None => watch::channel(RouterConfig::default()).1,
     };
     Ok(StartingController {
         admin_addr,
@@ -159,7 +159,7 @@ pub async fn begin(
         metrics,
         dataplanes,
         objects_view,
-        scheduler,
+        router,
         gateway_api,
         xds_addr: args.xds_addr,
         empty_source_grace_period: args.empty_source_grace_period,
@@ -188,7 +188,7 @@ pub struct StartingController {
     metrics: ControllerMetrics,
     dataplanes: DataplaneRegistry,
     objects_view: watch::Sender<Arc<ObjectsView>>,
-    scheduler: watch::Receiver<Option<pb::SchedulerConfig>>,
+    router: watch::Receiver<RouterConfig>,
     gateway_api: GatewayApiConfig,
     xds_addr: SocketAddr,
     empty_source_grace_period: Duration,
@@ -216,11 +216,13 @@ impl StartingController {
         let (pod_loads, scrape_loop) =
             Scraper::prepare(self.scrape_config, scrape_targets, &self.registry)?;
         tasks.spawn("engine scraper", scrape_loop.run());
+        let ejections = Arc::new(EjectionBoard::default());
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
-            scheduler: self.scheduler,
+            router: self.router,
             gateway_api: self.gateway_api,
             pod_loads: pod_loads.clone(),
+            ejections: ejections.subscribe(),
             publisher: self.publisher.clone(),
             targets,
             objects_view: self.objects_view,
@@ -235,7 +237,8 @@ impl StartingController {
             self.publisher.clone(),
             self.dataplanes.clone(),
             self.xds_metrics,
-        );
+        )
+        .with_outlier_reports(ejections);
         tasks.spawn_graceful("snapshot stream server", |stop| {
             xds::serve(xds_listener, service, stop.cancelled_owned())
         });

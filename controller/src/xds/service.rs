@@ -16,6 +16,7 @@ use super::metrics::XdsMetrics;
 use super::publisher::{ResourceReceiver, SnapshotPublisher};
 use super::registry::{DataplaneRegistry, DataplaneStatus, RegistryEntry, TypeSyncStatus};
 use super::wire::EncodedResponse;
+use crate::outlier::EjectionBoard;
 
 /// Responses queued per stream: at most one un-ACKed response per type is in
 /// flight, so 4 only fills up when the dataplane stopped reading.
@@ -47,6 +48,8 @@ pub struct RoutingDiscoveryService {
     registry: DataplaneRegistry,
     metrics: XdsMetrics,
     settings: StreamSettings,
+    /// Where the dataplanes' outlier reports go.
+    ejections: Arc<EjectionBoard>,
     /// Flips to `true` when the server shuts down: bidi streams never end on
     /// their own, so graceful shutdown has to end them.
     closing: Arc<watch::Sender<bool>>,
@@ -63,8 +66,15 @@ impl RoutingDiscoveryService {
             registry,
             metrics,
             settings: StreamSettings::default(),
+            ejections: Arc::default(),
             closing: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// Dataplanes' outlier reports go to `ejections`.
+    pub fn with_outlier_reports(mut self, ejections: Arc<EjectionBoard>) -> Self {
+        self.ejections = ejections;
+        self
     }
 
     pub fn with_settings(mut self, settings: StreamSettings) -> Self {
@@ -103,6 +113,7 @@ impl RoutingDiscoveryService {
 struct SnapshotStream {
     metrics: XdsMetrics,
     settings: StreamSettings,
+    ejections: Arc<EjectionBoard>,
     closing: watch::Receiver<bool>,
     responses: mpsc::Sender<Result<EncodedResponse, Status>>,
     route_config: ResourceReceiver,
@@ -143,6 +154,7 @@ impl SnapshotStream {
         Self {
             metrics: service.metrics.clone(),
             settings: service.settings,
+            ejections: service.ejections.clone(),
             closing: service.closing.subscribe(),
             responses,
             route_config: service.publisher.subscribe(ResourceType::RouteConfig),
@@ -258,6 +270,12 @@ impl SnapshotStream {
                 peer = self.status.peer.as_deref().unwrap_or_default(),
                 "dataplane connected"
             );
+        }
+        if let Some(report) = &request.outlier_report {
+            // Not an ACK or NACK: a request of its own.
+            let node_id = self.status.node_id.as_deref().unwrap_or_default();
+            self.ejections.report(node_id, report, unix_ms_now());
+            return;
         }
         let Some(resource) = ResourceType::from_type_url(&request.type_url) else {
             tracing::warn!(

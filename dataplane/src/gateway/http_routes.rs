@@ -249,7 +249,7 @@ impl HttpRoutes {
                 .rule_targets
                 .get(candidate.rule)
                 .and_then(Option::as_ref)
-                .map(|targets| targets.pick().clone()),
+                .map(|targets| targets.pick().server.clone()),
             rewrite: candidate.rewrite.clone(),
         })
     }

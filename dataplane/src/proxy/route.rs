@@ -155,6 +155,7 @@ fn http_route(
         route: decision.route,
         rule_index: decision.rule_index,
         server: pool,
+        failed_over_from: None,
         is_lora: false,
         rewrite: decision.rewrite,
     }))
