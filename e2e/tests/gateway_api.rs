@@ -7,6 +7,10 @@
 
 use std::collections::BTreeSet;
 
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, processing_request, processing_response,
+};
 use http::StatusCode;
 use switchyard_e2e::harness::{ENGINE_PORT, EngineSpec, Stack, TestPod, free_port, wait_for};
 
@@ -332,4 +336,78 @@ async fn gateways_listeners_http_routes_and_inference_pools_in_local_mode() {
     })
     .await;
     assert_eq!(back.header("x-mock-pod"), Some("deepseek-r1-7b-0"));
+}
+
+/// Asks the endpoint picker at `port` for an endpoint for a chat request,
+/// as a gateway's ext_proc filter does (headers, then the body in one chunk).
+async fn pick(port: u16) -> Option<String> {
+    let mut client = ExternalProcessorClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .ok()?;
+    let requests = [
+        processing_request::Request::RequestHeaders(HttpHeaders::default()),
+        processing_request::Request::RequestBody(HttpBody {
+            body: chat(MULTI_MODEL).into_bytes(),
+            end_of_stream: true,
+            ..HttpBody::default()
+        }),
+    ]
+    .map(|request| ProcessingRequest {
+        request: Some(request),
+        ..ProcessingRequest::default()
+    });
+    let mut responses = client
+        .process(tokio_stream::iter(requests))
+        .await
+        .ok()?
+        .into_inner();
+    let response = responses.message().await.ok()??;
+    let Some(processing_response::Response::RequestHeaders(headers)) = response.response else {
+        return None;
+    };
+    let header = headers
+        .response?
+        .header_mutation?
+        .set_headers
+        .into_iter()
+        .next()?
+        .header?;
+    (header.key == "x-gateway-destination-endpoint")
+        .then(|| String::from_utf8_lossy(&header.raw_value).into_owned())
+}
+
+/// The endpoint picker of a real dataplane: an InferencePool with two
+/// target ports, picked over ext_proc.
+#[tokio::test]
+async fn a_dataplane_serves_the_endpoint_picker_of_its_pool() {
+    let mut stack = Stack::new(&[("pool.yaml", SECOND_ROUTES.to_owned())]);
+    stack
+        .start_pods(&[TestPod::serving("multi-0", 20, "multi", MULTI_MODEL, &[])])
+        .await;
+    stack
+        .start_controller_with(&[
+            "--enable-gateway-api",
+            "--enable-gateway-api-inference-extension",
+            "--lease-namespace",
+            "kthena-system",
+        ])
+        .await;
+    let picker_port = free_port(std::net::Ipv4Addr::LOCALHOST);
+    let index = stack.spawn_dataplane_with(&[
+        "--endpoint-picker-port",
+        &picker_port.to_string(),
+        "--endpoint-picker-pool",
+        "default/multi",
+    ]);
+    stack.wait_dataplane_ready(index).await;
+    let multi_ip = stack.ip(20);
+    let picked = wait_for("the endpoint picker", || pick(picker_port)).await;
+    assert!(
+        [
+            format!("{multi_ip}:{ENGINE_PORT}"),
+            format!("{multi_ip}:{SECOND_TARGET_PORT}")
+        ]
+        .contains(&picked),
+        "{picked}"
+    );
 }
