@@ -120,10 +120,7 @@ impl Admin {
 
     /// `/debug/model-servers/{name}/status` and `.../metrics`.
     fn model_server(&self, rest: &str, query: Option<&str>) -> Response<ProxyBody> {
-        let namespace = query
-            .into_iter()
-            .flat_map(|q| q.split('&'))
-            .find_map(|pair| pair.strip_prefix("namespace="));
+        let namespace = query_param(query, "namespace");
         match rest.split_once('/') {
             Some((name, "status")) => health_view(health::debug::status(
                 &self.store,
@@ -324,10 +321,7 @@ impl Admin {
     /// `/debug/inference-extension/pools/{pool}/endpoints`: every endpoint
     /// of the pools of that name (in `?namespace=` when given).
     fn pool_endpoints(&self, name: &str, query: Option<&str>) -> Response<ProxyBody> {
-        let namespace = query
-            .into_iter()
-            .flat_map(|q| q.split('&'))
-            .find_map(|pair| pair.strip_prefix("namespace="));
+        let namespace = query_param(query, "namespace");
         let table = self.store.table();
         let now = clock::now();
         let mut pools: Vec<_> = table
@@ -607,13 +601,18 @@ fn not_found(message: &str) -> Response<ProxyBody> {
 /// Decisions returned when the query does not say `?limit=N`.
 const DEFAULT_DECISIONS_SHOWN: usize = 50;
 
+/// The value of the query parameter `name`, as sent.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        pair.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('='))
+    })
+}
+
 /// The `/debug/routing/decisions` body: the scheduler configuration in use
 /// and the most recent decisions (`?limit=N`, newest first).
 fn decisions_view(store: &SnapshotStore, query: Option<&str>) -> serde_json::Value {
-    let limit = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("limit="))
+    let limit = query_param(query, "limit")
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(DEFAULT_DECISIONS_SHOWN)
         .min(DECISION_SLOTS);

@@ -18,6 +18,14 @@ const MODEL_1_5B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B";
 const MODEL_7B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B";
 /// The model the two-port pod's engines serve.
 const MULTI_MODEL: &str = "multi";
+/// The controller in Gateway API mode, its default Gateway where Kthena's
+/// examples look for it.
+const GATEWAY_API_MODE: [&str; 4] = [
+    "--enable-gateway-api",
+    "--enable-gateway-api-inference-extension",
+    "--lease-namespace",
+    "kthena-system",
+];
 /// The second target port of the `multi` InferencePool.
 const SECOND_TARGET_PORT: u16 = 8001;
 
@@ -150,14 +158,7 @@ async fn gateways_listeners_http_routes_and_inference_pools_in_local_mode() {
             extra_args: Vec::new(),
         }])
         .await;
-    stack
-        .start_controller_with(&[
-            "--enable-gateway-api",
-            "--enable-gateway-api-inference-extension",
-            "--lease-namespace",
-            "kthena-system",
-        ])
-        .await;
+    stack.start_controller_with(&GATEWAY_API_MODE).await;
     stack.start_dataplane().await;
     let dataplane_debug = stack.dataplanes[0].debug;
 
@@ -384,14 +385,7 @@ async fn a_dataplane_serves_the_endpoint_picker_of_its_pool() {
     stack
         .start_pods(&[TestPod::serving("multi-0", 20, "multi", MULTI_MODEL, &[])])
         .await;
-    stack
-        .start_controller_with(&[
-            "--enable-gateway-api",
-            "--enable-gateway-api-inference-extension",
-            "--lease-namespace",
-            "kthena-system",
-        ])
-        .await;
+    stack.start_controller_with(&GATEWAY_API_MODE).await;
     let picker_port = free_port(std::net::Ipv4Addr::LOCALHOST);
     let index = stack.spawn_dataplane_with(&[
         "--endpoint-picker-port",
