@@ -10,10 +10,16 @@ build:
 
 # The end-to-end tests start the real binaries: `cargo test --workspace`
 # builds them (with the test build's features) before any test runs, so a
-# separate `cargo build` would only compile the workspace a second time.
-test:
+# separate `cargo build` would only compile the workspace a second time. The
+# global rate-limit tests start their own redis-server (Debian's package).
+test: test-deps
 	$(CARGO) test --workspace
 
+.PHONY: test-deps
+test-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (the global rate-limit tests run a real Redis)"; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 # The slow hostile-client probes (floods, parked and slow bodies, slowloris,
 # huge fields), one at a time so memory is measured per probe, plus the fast
 # ones again for their figures; prints the README's "Failure behaviour" rows.

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,10 @@ DATAPLANE_PORT = 18080
 DATAPLANE_METRICS_PORT = 18090
 DATAPLANE_DEBUG_PORT = 18091
 NGINX_PORT = 18070
+REDIS_PORT = 18079
+# Rate-limited routes: budgets far above what the bench sends, so every
+# request is admitted and the rows show what checking and settling cost.
+RATE_LIMIT_TOKENS_PER_SECOND = 4_000_000_000
 # Load generator, backend and controller share core 0; the dataplane and nginx
 # get core 1 each in turn ("one dataplane core"), so they never compete.
 LOAD_CORE = "0"
@@ -108,6 +113,12 @@ def http_post(url, body, timeout=10):
     request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.status, response.read()
+
+
+def redis_ping():
+    with socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=2) as connection:
+        connection.sendall(b"PING\r\n")
+        return connection.recv(64).startswith(b"+PONG")
 
 
 def wait_for(what, check, timeout=60):
@@ -188,7 +199,30 @@ def ensure_tools(install):
     return nginx
 
 
-def write_config(config_dir, pods):
+def rate_limited_route(name, redis):
+    global_limit = f"""
+    global:
+      redis:
+        address: 127.0.0.1:{REDIS_PORT}""" if redis else ""
+    return f"""apiVersion: networking.serving.volcano.sh/v1alpha1
+kind: ModelRoute
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  modelName: {name}
+  rules:
+  - name: default
+    targetModels:
+    - modelServerName: bench
+  rateLimit:
+    inputTokensPerUnit: {RATE_LIMIT_TOKENS_PER_SECOND}
+    outputTokensPerUnit: {RATE_LIMIT_TOKENS_PER_SECOND}
+    unit: second{global_limit}
+"""
+
+
+def write_config(config_dir, pods, redis):
     config_dir.mkdir(parents=True, exist_ok=True)
     docs = [
         f"""apiVersion: networking.serving.volcano.sh/v1alpha1
@@ -218,7 +252,10 @@ spec:
     targetModels:
     - modelServerName: bench
 """,
+        rate_limited_route("bench-limited-local", redis=False),
     ]
+    if redis:
+        docs.append(rate_limited_route("bench-limited-redis", redis=True))
     for i in range(pods):
         docs.append(
             f"""apiVersion: v1
@@ -324,11 +361,11 @@ def ttfb_ms(url, body_file, samples):
     return statistics.median(values)
 
 
-def make_body(path, prompt_bytes, stream):
+def make_body(path, prompt_bytes, stream, model="bench-model"):
     filler = "lorem ipsum dolor sit amet "
     prompt = (filler * (prompt_bytes // len(filler) + 1))[:prompt_bytes]
     body = {
-        "model": "bench-model",
+        "model": model,
         "messages": [
             {"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": prompt},
@@ -345,9 +382,9 @@ def make_body(path, prompt_bytes, stream):
 class Stack:
     """Controller + one dataplane for one config."""
 
-    def __init__(self, bins, workdir, pods):
+    def __init__(self, bins, workdir, pods, redis):
         self.config_dir = workdir / f"config-{pods}"
-        write_config(self.config_dir, pods)
+        write_config(self.config_dir, pods, redis)
         self.controller = start(
             "controller",
             [str(bins / "switchyard-controller"), "--config-dir", str(self.config_dir),
@@ -403,7 +440,12 @@ def main():
         "chat": make_body(workdir / "chat.json", 800, False),
         "stream": make_body(workdir / "stream.json", 800, True),
         "large": make_body(workdir / "large.json", 400 * 1024, False),
+        "limited-local": make_body(workdir / "limited-local.json", 800, False, "bench-limited-local"),
+        "limited-redis": make_body(workdir / "limited-redis.json", 800, False, "bench-limited-redis"),
     }
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        log("redis-server not available: the Redis rate-limit row is left out (apt-get install redis-server)")
     paced = (f"{PACED_HEADER}: {PACED_CHUNK_INTERVAL_US}",)
     cases = [
         # (label, body, pods in the snapshot, extra request headers)
@@ -411,14 +453,22 @@ def main():
         ("streaming, 64 chunks", "stream", 1, ()),
         (f"streaming, 64 chunks {PACED_CHUNK_INTERVAL_US // 1000} ms apart", "stream", 1, paced),
         ("400 KB prompt", "large", 1, ()),
+        ("~1 KB chat, token rate limit (local budget)", "limited-local", 1, ()),
         ("~1 KB chat, 1000 pods", "chat", 1000, ()),
     ]
+    if redis_server:
+        cases.insert(-1, ("~1 KB chat, token rate limit (Redis budget)", "limited-redis", 1, ()))
     rows = []
     stack = None
     try:
         start("backend", [str(bins / "switchyard-bench-backend"), "--loopback-pods", "1000",
                           "--port", str(BACKEND_PORT), "--stream-chunks", str(STREAM_CHUNKS)],
               workdir, core=LOAD_CORE)
+        if redis_server:
+            start("redis", [redis_server, "--bind", "127.0.0.1", "--port", str(REDIS_PORT),
+                            "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                  workdir, core=LOAD_CORE)
+            wait_for("redis", redis_ping)
         direct_url = f"http://{loopback_pod_ip(0)}:{BACKEND_PORT}/v1/chat/completions"
         wait_for("backend", lambda: http_post(direct_url, b'{"model":"bench-model"}')[0] == 200)
         nginx_process = None
@@ -438,7 +488,7 @@ def main():
                 if stack:
                     stack.stop()
                 log(f"starting controller + dataplane with {pods} pod(s)")
-                stack = Stack(bins, workdir, pods)
+                stack = Stack(bins, workdir, pods, redis_server is not None)
                 current_pods = pods
             status, _ = http_post(dp_url, body.read_bytes())
             if status != 200:

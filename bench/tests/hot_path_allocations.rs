@@ -59,6 +59,7 @@ fn table() -> RoutingTable {
         &HashMap::new(),
         &Default::default(),
         &Default::default(),
+        &Default::default(),
     )
     .expect("the bench snapshot is valid")
 }
@@ -96,7 +97,7 @@ fn route_one(table: &RoutingTable, body: &Bytes, headers: &HeaderMap) -> usize {
     let guard = pod.begin_request();
     let port = guard.pod().addr.port() as usize;
     drop(guard);
-    port + parsed.estimated_input_tokens as usize
+    port + parsed.model_span.len()
 }
 
 struct PerRequest {

@@ -29,7 +29,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use serde_json::{Value, json};
-use switchyard_snapshot::pb;
+use switchyard_snapshot::{config_dump, pb};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -321,6 +321,27 @@ fn route_config_json(published: &PublishedResource) -> Value {
         "generated_at_unix_ms": published.generated_at_unix_ms,
         "routes": config.routes.iter().map(route_json).collect::<Vec<_>>(),
         "servers": config.servers.iter().map(server_json).collect::<Vec<_>>(),
+        "auth": config.auth.as_ref().map(auth_json),
+        "tier_rate_limits": config.tier_rate_limits.iter().map(|tier| json!({
+            "tier": tier.tier,
+            "limit": tier.limit.as_ref().map(config_dump::rate_limit),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// What authentication is configured, kept minimal: how many API keys (no
+/// digests), and the JWT settings with the issuer's key ids.
+fn auth_json(auth: &pb::AuthConfig) -> Value {
+    json!({
+        "api_keys": auth.api_keys.len(),
+        "jwt": auth.jwt.as_ref().map(|jwt| json!({
+            "issuer": jwt.issuer,
+            "audiences": jwt.audiences,
+            "tier_claim": jwt.tier_claim,
+            "key_ids": jwt.jwks_keys.iter().filter_map(|key| {
+                serde_json::from_str::<Value>(key).ok()?.get("kid")?.as_str().map(str::to_owned)
+            }).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -347,11 +368,7 @@ fn route_json(route: &pb::ModelRoute) -> Value {
                 "weight": target.weight,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "rate_limit": route.rate_limit.as_ref().map(|limit| json!({
-            "input_tokens_per_unit": limit.input_tokens_per_unit,
-            "output_tokens_per_unit": limit.output_tokens_per_unit,
-            "unit": limit.unit,
-        })),
+        "rate_limit": route.rate_limit.as_ref().map(config_dump::rate_limit),
     })
 }
 
@@ -534,6 +551,54 @@ mod tests {
             json!([{"name": "p", "ip": "10.0.0.1"}])
         );
         assert_eq!(body["endpoint_loads"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn snapshot_view_summarises_auth_without_key_digests() {
+        let (state, _objects) = state();
+        let digest = vec![0xab; 32];
+        let config = pb::RouteConfig {
+            auth: Some(pb::AuthConfig {
+                api_keys: vec![pb::ApiKey {
+                    key_sha256: digest.clone(),
+                    user_id: "alice".into(),
+                    tier: "gold".into(),
+                }],
+                jwt: Some(pb::JwtConfig {
+                    issuer: "https://issuer".into(),
+                    jwks_keys: vec![r#"{"kid":"k1","kty":"RSA","n":"AQAB","e":"AQAB"}"#.into()],
+                    ..Default::default()
+                }),
+            }),
+            tier_rate_limits: vec![pb::TierRateLimit {
+                tier: "gold".into(),
+                limit: Some(pb::RateLimit {
+                    input_tokens_per_unit: 100,
+                    unit: "minute".into(),
+                    global_redis_address: "redis:6379".into(),
+                    ..Default::default()
+                }),
+            }],
+            ..Default::default()
+        };
+        state.publisher.publish_route_config(config, 1);
+        let body = body_json(handle(
+            &state,
+            Endpoints::Debug,
+            &Method::GET,
+            "/debug/snapshot",
+        ))
+        .await;
+        let auth = &body["route_config"]["auth"];
+        assert_eq!(auth["api_keys"], 1);
+        assert_eq!(auth["jwt"]["key_ids"], json!(["k1"]));
+        assert_eq!(
+            body["route_config"]["tier_rate_limits"][0]["limit"],
+            json!({"inputTokensPerUnit": 100, "unit": "minute",
+                   "global": {"redis": {"address": "redis:6379"}, "failureMode": "FailOpen"}})
+        );
+        let text = body.to_string();
+        assert!(!text.contains("alice") && !text.contains("abab"), "{text}");
     }
 
     #[tokio::test]

@@ -2,6 +2,8 @@
 //! engine load into versioned routing snapshots, and streams them to dataplanes.
 //!
 //! Layout:
+//! - [`auth`]: API keys from Secrets, compiling authentication, JWKS fetching;
+//! - [`rate_limit`]: `rateLimit` (a route's or a tier's) to its snapshot form;
 //! - [`app`]: chooses the mode and starts the core with its object source;
 //! - [`core`]: the same in both modes: registry, publisher, admin server,
 //!   scraper, compile loop and stream server, fed by an [`core::ObjectSource`];
@@ -19,6 +21,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod compile;
 pub mod core;
@@ -27,6 +30,7 @@ pub mod kubernetes;
 pub mod local;
 pub mod metrics;
 pub mod outlier;
+pub mod rate_limit;
 pub mod router_config;
 pub mod scrape;
 pub mod status;

@@ -1,7 +1,7 @@
 //! The router configuration file (`--router-config FILE`): the Kthena
-//! router's format, of which the `scheduler` section is read, plus
-//! Switchyard's `outlierDetection` (`auth` and any other section are left to
-//! their own features).
+//! router's format, `scheduler` and `auth` sections, plus Switchyard's
+//! `tiers` (the latter two are parsed in `router_config/auth_and_tiers.rs`)
+//! and `outlierDetection`.
 //!
 //! ```yaml
 //! scheduler:
@@ -40,6 +40,8 @@
 //! validate is rejected with the reason and the previous configuration stays
 //! in force.
 
+mod auth_and_tiers;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -49,6 +51,8 @@ use serde::Deserialize;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 use tokio::sync::watch;
+
+pub use auth_and_tiers::JwtSettings;
 
 /// How often the file is checked for changes: like the config directory, a
 /// poll (works on ConfigMap volumes, whose updates are symlink swaps).
@@ -82,6 +86,12 @@ pub enum RouterConfigError {
 struct RouterConfigFile {
     #[serde(default)]
     scheduler: Option<SchedulerSection>,
+    /// JWT verification (see `router_config/auth_and_tiers.rs`).
+    #[serde(default)]
+    auth: Option<serde_yaml::Value>,
+    /// Per-user token budgets of each tier (see `router_config/auth_and_tiers.rs`).
+    #[serde(default)]
+    tiers: Option<serde_yaml::Value>,
     #[serde(default, rename = "outlierDetection")]
     outlier_detection: Option<OutlierSection>,
 }
@@ -179,12 +189,14 @@ struct ScoreEntry {
 }
 
 /// A parsed file: the scheduler configuration to ship (None = the file has
-/// no scheduler section; dataplanes use their defaults), the outlier
-/// detection to ship, and warnings to log. The default is the configuration
-/// without a file.
+/// no scheduler section; dataplanes use their defaults), the JWT settings,
+/// the tiers' budgets, the outlier detection to ship, and warnings to log.
+/// The default is the configuration without a file.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouterConfig {
     pub scheduler: Option<pb::SchedulerConfig>,
+    pub auth: Option<JwtSettings>,
+    pub tiers: Vec<pb::TierRateLimit>,
     pub outlier_detection: OutlierConfig,
     pub warnings: Vec<String>,
 }
@@ -277,13 +289,36 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
         return Ok(RouterConfig::default());
     };
     let outlier_detection = outlier_config(file.outlier_detection.as_ref()).map_err(parse_error)?;
+    let mut warnings = Vec::new();
+    let auth = match &file.auth {
+        None => None,
+        Some(block) => {
+            let settings = auth_and_tiers::parse_auth(block).map_err(parse_error)?;
+            if settings.is_none() {
+                warnings.push(
+                    "auth names neither jwksUri nor issuer: JWT authentication stays off"
+                        .to_owned(),
+                );
+            }
+            settings
+        }
+    };
+    let tiers = file
+        .tiers
+        .as_ref()
+        .map(auth_and_tiers::parse_tiers)
+        .transpose()
+        .map_err(parse_error)?
+        .unwrap_or_default();
     let Some(section) = file.scheduler else {
         return Ok(RouterConfig {
+            scheduler: None,
+            auth,
+            tiers,
             outlier_detection,
-            ..RouterConfig::default()
+            warnings,
         });
     };
-    let mut warnings = Vec::new();
     let defaults = scheduler::default_config();
     let mut plugin_args = defaults.plugin_args;
     for entry in &section.plugin_config {
@@ -351,6 +386,8 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
     })?;
     Ok(RouterConfig {
         scheduler: Some(config),
+        auth,
+        tiers,
         outlier_detection,
         warnings,
     })
@@ -395,7 +432,7 @@ pub async fn watch_router_config(
             })?;
     let initial = parse_router_config(&path, &text)?;
     log_warnings(&path, &initial);
-    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, outlier_detection = ?initial.outlier_detection, "router configuration loaded");
+    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, auth = ?initial.auth, tiers = initial.tiers.len(), outlier_detection = ?initial.outlier_detection, "router configuration loaded");
     let (sender, receiver) = watch::channel(initial);
     let watcher = async move {
         let mut last_text = text;
@@ -419,7 +456,7 @@ pub async fn watch_router_config(
             match parse_router_config(&path, &text) {
                 Ok(config) => {
                     log_warnings(&path, &config);
-                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, outlier_detection = ?config.outlier_detection, "router configuration reloaded");
+                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, auth = ?config.auth, tiers = config.tiers.len(), outlier_detection = ?config.outlier_detection, "router configuration reloaded");
                     sender.send_replace(config);
                 }
                 Err(error) => {
@@ -475,6 +512,7 @@ scheduler:
           weight: 1
 auth:
   issuer: https://issuer.example
+  audiences: [switchyard]
 "#,
         )
         .expect("valid");
@@ -504,7 +542,9 @@ auth:
     #[test]
     fn no_scheduler_section_means_defaults_not_nothing() {
         assert_eq!(
-            parse("auth:\n  issuer: x\n").expect("valid").scheduler,
+            parse("auth:\n  issuer: https://x\n")
+                .expect("valid")
+                .scheduler,
             None
         );
         assert_eq!(parse("").expect("valid").scheduler, None);
@@ -512,6 +552,21 @@ auth:
         let scheduler = partial.scheduler.expect("section");
         assert_eq!(scheduler.top_n, 3);
         assert_eq!(scheduler.scores, scheduler::default_config().scores);
+    }
+
+    #[test]
+    fn auth_and_tiers_sections() {
+        let config = parse(
+            "auth:\n  jwksUri: http://127.0.0.1:9/keys\n  tierClaim: plan\ntiers:\n  free: {inputTokensPerUnit: 100, unit: minute}\n",
+        )
+        .expect("valid");
+        let auth = config.auth.expect("auth");
+        assert_eq!(auth.jwks_uri.as_deref(), Some("http://127.0.0.1:9/keys"));
+        assert_eq!(auth.tier_claim, "plan");
+        assert_eq!(config.tiers.len(), 1);
+        assert_eq!(config.scheduler, None);
+        let error = parse("tiers:\n  free: {unit: minute}\n").expect_err("no budget");
+        assert!(error.to_string().contains("tiers.free"), "{error}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use switchyard_controller::core::{self, Controller};
 use switchyard_controller::kubernetes::KubernetesSource;
 use switchyard_runtime::CancellationToken;
 use switchyard_runtime::clock::unix_ms_now;
+use switchyard_snapshot::pb;
 
 use support::dataplane::Dataplane;
 use support::fake_api::{DEADLINE, FakeApi, Recorded};
@@ -645,6 +646,108 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
         .expect("stops cleanly");
 }
 
+const SECRETS: &str = "/api/v1/secrets";
+
+fn secret(name: &str, labelled: bool, string_data: Value) -> Value {
+    let labels = if labelled {
+        json!({"switchyard.dev/api-key": "true"})
+    } else {
+        json!({})
+    };
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": "switchyard-system",
+            "labels": labels,
+            "resourceVersion": "1",
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": string_data.to_string()},
+        },
+        "data": string_data.as_object().map(|fields| fields.iter().map(|(name, value)| {
+            use base64::Engine as _;
+            let bytes = value.as_str().unwrap_or_default().as_bytes();
+            (name.clone(), json!(base64::engine::general_purpose::STANDARD.encode(bytes)))
+        }).collect::<serde_json::Map<_, _>>()),
+    })
+}
+
+/// API keys are the labelled Secrets of the controller's namespace, watched
+/// with the label selector; only their digests reach the snapshot, and a new
+/// key arrives with a watch event.
+#[tokio::test]
+async fn api_key_secrets_of_the_controller_namespace_reach_the_snapshot_as_digests() {
+    let fake = seeded();
+    fake.seed(
+        SECRETS,
+        secret(
+            "alice",
+            true,
+            json!({"key": "sk-alice", "user": "alice", "tier": "gold"}),
+        ),
+    );
+    fake.seed(
+        SECRETS,
+        secret("db-password", false, json!({"password": "hunter2"})),
+    );
+    fake.seed(SECRETS, secret("broken", true, json!({"user": "nobody"})));
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts");
+    let watch = fake
+        .requests()
+        .into_iter()
+        .find(|request| {
+            request.path.ends_with("/secrets") && request.params().contains_key("watch")
+        })
+        .expect("a Secret watch");
+    assert_eq!(watch.path, "/api/v1/namespaces/switchyard-system/secrets");
+    assert_eq!(
+        watch.params().get("labelSelector").map(String::as_str),
+        Some("switchyard.dev/api-key=true")
+    );
+    let keys = || match controller
+        .publisher
+        .route_config()
+        .and_then(|published| published.response.resource.clone())
+    {
+        Some(pb::snapshot_response::Resource::RouteConfig(config)) => {
+            config.auth.map(|auth| auth.api_keys).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
+    let shipped = keys();
+    assert_eq!(shipped.len(), 1, "{shipped:?}");
+    assert_eq!(
+        (shipped[0].user_id.as_str(), shipped[0].tier.as_str()),
+        ("alice", "gold")
+    );
+    use sha2::Digest;
+    assert_eq!(
+        shipped[0].key_sha256,
+        sha2::Sha256::digest(b"sk-alice").to_vec()
+    );
+
+    fake.push_event(
+        SECRETS,
+        "ADDED",
+        secret("bob", true, json!({"key": "sk-bob", "user": "bob"})),
+    )
+    .await;
+    tokio::time::timeout(DEADLINE, async {
+        while keys().len() != 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the new key is shipped");
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}
+
 const CONFIGMAPS: &str = "/api/v1/configmaps";
 const OWN_REPORT: &str = "/api/v1/namespaces/switchyard-system/configmaps/switchyard-dataplanes-switchyard-controller-7d9f-abcde";
 
@@ -831,7 +934,7 @@ async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
 async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
     let fake = seeded();
     let mut gateway_route = route("gateway-bound", 1, "llama");
-    gateway_route["spec"]["rateLimit"] = json!({"inputTokensPerUnit": 10, "unit": "minute"});
+    gateway_route["spec"]["rules"][0]["modelMatch"] = json!({"uri": {}});
     fake.seed(ROUTES, gateway_route);
     let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
         .await
@@ -846,10 +949,8 @@ async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
     assert_eq!(ignored["status"], "True");
     assert_eq!(ignored["reason"], "NotImplemented");
     assert!(
-        ignored["message"]
-            .as_str()
-            .is_some_and(|message| message
-                .contains("spec.rateLimit: token rate limits are not enforced yet")),
+        ignored["message"].as_str().is_some_and(|message| message
+            .contains("spec.rules[0].modelMatch.uri: sets none of exact, prefix or regex")),
         "{ignored}"
     );
     assert_eq!(

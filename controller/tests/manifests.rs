@@ -388,36 +388,38 @@ fn service_accounts_config_maps_and_rbac_exist_and_the_dataplane_has_no_credenti
             }
         }
     }
-    // Dataplane reports live in the controller's namespace: no ClusterRole
-    // may open every ConfigMap (and Secret-like data) of the cluster.
-    for role in of_kind(&objects, "ClusterRole") {
-        for rule in role["rules"].as_sequence().expect("rules") {
-            let resources = rule["resources"].as_sequence().expect("resources");
-            assert!(
-                !resources.iter().any(|resource| resource == "configmaps"),
-                "ClusterRole {:?} grants ConfigMaps",
-                str_of(role, &["metadata", "name"])
-            );
+    // Dataplane reports and API keys live in the controller's namespace: no
+    // ClusterRole may open every ConfigMap or Secret of the cluster.
+    for resource in ["configmaps", "secrets"] {
+        for role in of_kind(&objects, "ClusterRole") {
+            for rule in role["rules"].as_sequence().expect("rules") {
+                let resources = rule["resources"].as_sequence().expect("resources");
+                assert!(
+                    !resources.iter().any(|granted| granted == resource),
+                    "ClusterRole {:?} grants {resource}",
+                    str_of(role, &["metadata", "name"])
+                );
+            }
         }
-    }
-    let report_roles: Vec<&str> = of_kind(&objects, "Role")
-        .into_iter()
-        .filter(|role| {
-            role["rules"].as_sequence().is_some_and(|rules| {
-                rules.iter().any(|rule| {
-                    rule["resources"]
-                        .as_sequence()
-                        .is_some_and(|resources| resources.iter().any(|r| r == "configmaps"))
+        let namespaces: Vec<&str> = of_kind(&objects, "Role")
+            .into_iter()
+            .filter(|role| {
+                role["rules"].as_sequence().is_some_and(|rules| {
+                    rules.iter().any(|rule| {
+                        rule["resources"]
+                            .as_sequence()
+                            .is_some_and(|resources| resources.iter().any(|r| r == resource))
+                    })
                 })
             })
-        })
-        .filter_map(|role| str_of(role, &["metadata", "namespace"]))
-        .collect();
-    assert_eq!(
-        report_roles,
-        ["switchyard-system"],
-        "ConfigMaps only in the controller namespace"
-    );
+            .filter_map(|role| str_of(role, &["metadata", "namespace"]))
+            .collect();
+        assert_eq!(
+            namespaces,
+            ["switchyard-system"],
+            "{resource} only in the controller namespace"
+        );
+    }
     let crd_group = "networking.serving.volcano.sh";
     for (group, resource, verb) in [
         (crd_group, "modelroutes", "list"),
@@ -435,6 +437,8 @@ fn service_accounts_config_maps_and_rbac_exist_and_the_dataplane_has_no_credenti
         ("", "configmaps", "create"),
         ("", "configmaps", "patch"),
         ("", "configmaps", "delete"),
+        ("", "secrets", "list"),
+        ("", "secrets", "watch"),
     ] {
         assert!(
             granted.iter().any(|granted| *granted == (group.to_owned(), resource.to_owned(), verb.to_owned())),

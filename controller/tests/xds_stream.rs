@@ -28,6 +28,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 struct Server {
     addr: SocketAddr,
     publisher: Arc<SnapshotPublisher>,
+    /// Unknown JWT key ids the dataplanes reported.
+    key_hints: tokio::sync::mpsc::Receiver<Vec<String>>,
     dataplanes: DataplaneRegistry,
     ejections: Arc<EjectionBoard>,
     metrics_registry: prometheus::Registry,
@@ -42,8 +44,10 @@ impl Server {
         let metrics = XdsMetrics::register(&metrics_registry).expect("metrics");
         let publisher = Arc::new(SnapshotPublisher::new("test-controller", metrics.clone()));
         let dataplanes = DataplaneRegistry::new();
+        let (key_hints_sender, key_hints) = tokio::sync::mpsc::channel(4);
         let ejections = Arc::new(EjectionBoard::default());
         let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics)
+            .with_key_hints(key_hints_sender)
             .with_outlier_reports(ejections.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(xds::serve(listener, service, async {
@@ -52,6 +56,7 @@ impl Server {
         Self {
             addr,
             publisher,
+            key_hints,
             dataplanes,
             ejections,
             metrics_registry,
@@ -126,7 +131,7 @@ fn subscribe(type_url: &str, version_info: &str) -> pb::SnapshotRequest {
         version_info: version_info.into(),
         response_nonce: String::new(),
         error_detail: None,
-        outlier_report: None,
+        ..Default::default()
     }
 }
 
@@ -173,7 +178,7 @@ impl Client {
             version_info: response.version_info.clone(),
             response_nonce: response.nonce.clone(),
             error_detail: None,
-            outlier_report: None,
+            ..Default::default()
         })
         .await;
     }
@@ -197,7 +202,7 @@ impl Client {
             version_info: applied_version.into(),
             response_nonce: response.nonce.clone(),
             error_detail: Some(error_detail),
-            outlier_report: None,
+            ..Default::default()
         })
         .await;
     }
@@ -334,6 +339,42 @@ async fn an_acked_client_receives_each_new_version_with_a_new_nonce() {
     server.stop().await;
 }
 
+/// A hint (no type, no nonce) passes its key ids, bounded, to the JWKS
+/// refresher and leaves the ACK state alone.
+#[tokio::test]
+async fn unknown_jwt_key_ids_reach_the_key_refresher_bounded() {
+    let mut server = Server::start().await;
+    server.publish("m1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let first = client.next().await;
+    let forged: Vec<String> = (0..10).map(|i| format!("{i}{}", "k".repeat(500))).collect();
+    client
+        .send(pb::SnapshotRequest {
+            unknown_jwt_key_ids: forged,
+            ..Default::default()
+        })
+        .await;
+    let hint = tokio::time::timeout(DEADLINE, server.key_hints.recv())
+        .await
+        .expect("in time")
+        .expect("a hint");
+    assert_eq!(hint.len(), switchyard_snapshot::MAX_UNKNOWN_KEY_IDS);
+    assert!(
+        hint.iter()
+            .all(|kid| kid.len() == switchyard_snapshot::MAX_KEY_ID_BYTES)
+    );
+    // The response still awaits its answer: the hint was not taken for one.
+    client.ack(&first).await;
+    server
+        .wait_for_dataplane(|dataplane| {
+            dataplane.route_config.acked_version.as_deref() == Some(&first.version_info)
+        })
+        .await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn publishing_identical_content_sends_nothing() {
     let server = Server::start().await;
@@ -452,7 +493,7 @@ async fn a_stale_nonce_is_ignored() {
             version_info: first.version_info.clone(),
             response_nonce: "not-a-nonce-we-sent".into(),
             error_detail: None,
-            outlier_report: None,
+            ..Default::default()
         })
         .await;
     // Requests are handled in order: once the EndpointLoads answer arrives, the stale ACK was seen.

@@ -18,6 +18,7 @@ use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
 use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
+use crate::rate_limit::RateLimiting;
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
 use crate::server::{ConnectionSettings, DRAIN_TIMEOUT, serve};
@@ -63,9 +64,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
 
     let metrics = RouterMetrics::new()?;
     let plugin_metrics = PluginMetrics::register(metrics.registry())?;
-    let store = Arc::new(SnapshotStore::with_scheduling(Arc::new(
-        SchedulingShared::new(Some(plugin_metrics)),
-    )));
+    let rate_limiting = Arc::new(RateLimiting::new(Some(metrics.registry()))?);
+    let store = Arc::new(
+        SnapshotStore::with_scheduling(Arc::new(SchedulingShared::new(Some(plugin_metrics))))
+            .with_rate_limiting(rate_limiting),
+    );
     let status = Arc::new(ControllerStatus::default());
     let access_log = AccessLog::start(&access_log_config, metrics.access_log_dropped_total.clone())
         .map_err(|error| {
@@ -108,13 +111,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     tracing::info!(traffic = %traffic_addr, metrics = %metrics_addr, debug = %debug_addr, "switchyard-dataplane listening");
 
     let mut tasks = TaskSet::new(shutdown);
+    let unknown_keys = store.unknown_keys().clone();
     let xds_config = XdsClientConfig {
         controller,
         node_id: args.resolved_node_id(),
         ..XdsClientConfig::default()
     };
     tasks.spawn_graceful("controller stream client", |stop| {
-        xds_client::run_on_own_thread(xds_config, sink, status, stop)
+        xds_client::run_on_own_thread(xds_config, sink, status, unknown_keys, stop)
     });
 
     let settings = |max_connections| ConnectionSettings {

@@ -2,7 +2,7 @@
 //! `{"error":{"message":"…","type":"…","code":"…"}}`.
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 
 /// What a request or response body may fail with: any error, as hyper takes it.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -49,6 +49,12 @@ pub enum ErrorKind {
     /// Every endpoint the endpoint picker could choose is saturated: the
     /// request is dropped, the gateway answers 429.
     Dropped,
+    /// Authentication is on and the request's credential is missing or invalid.
+    Unauthenticated,
+    /// A token budget of the model or of the caller's tier is spent.
+    RateLimited,
+    /// A global token budget's Redis is unreachable and its policy is to refuse.
+    RateLimitUnavailable,
 }
 
 impl ErrorKind {
@@ -63,9 +69,13 @@ impl ErrorKind {
             | Self::InvalidModel
             | Self::UnsupportedMediaType
             | Self::UnsupportedPath => StatusCode::BAD_REQUEST,
-            Self::NotReady | Self::Overloaded | Self::NoReadyPod | Self::UpstreamUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NotReady
+            | Self::Overloaded
+            | Self::NoReadyPod
+            | Self::UpstreamUnavailable
+            | Self::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,7 +83,7 @@ impl ErrorKind {
         }
     }
 
-    /// Stable machine-readable code (`error.code`), also the metrics `error_type`.
+    /// Stable machine-readable code (`error.code`); see [`Self::error_type`] for metrics.
     pub fn code(self) -> &'static str {
         match self {
             Self::UnknownPath => "unknown_path",
@@ -93,12 +103,27 @@ impl ErrorKind {
             Self::UpstreamFailed => "upstream_failed",
             Self::NoBackend => "no_backend",
             Self::Dropped => "request_dropped",
+            Self::Unauthenticated => "invalid_authentication",
+            Self::RateLimited => "rate_limit_exceeded",
+            Self::RateLimitUnavailable => "rate_limit_unavailable",
         }
     }
 
-    /// OpenAI error `type`: client mistakes vs. server-side failures.
+    /// The metrics `error_type` and access log `error.type`: the code, except
+    /// for rate limits, which Kthena's dashboards know as `rate_limit`.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limit",
+            other => other.code(),
+        }
+    }
+
+    /// OpenAI error `type`: client mistakes vs. server-side failures (and
+    /// OpenAI's `tokens` for a spent token budget).
     pub fn openai_type(self) -> &'static str {
-        if self.status().is_client_error() {
+        if self == Self::RateLimited {
+            "tokens"
+        } else if self.status().is_client_error() {
             "invalid_request_error"
         } else {
             "server_error"
@@ -124,12 +149,15 @@ pub fn quoted(text: &str) -> String {
     format!("{:?}… ({} bytes)", &text[..end], text.len())
 }
 
-/// An error response: a kind plus a message for humans.
+/// An error response: a kind plus a message for humans, and the headers
+/// some kinds carry (`WWW-Authenticate`, `Retry-After`, `x-ratelimit-*`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Empty for most errors (no allocation).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -137,7 +165,14 @@ impl ApiError {
         Self {
             kind,
             message: message.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// The same error with one more response header.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
     }
 
     /// The JSON body.
@@ -176,6 +211,9 @@ impl ApiError {
             }
             _ => {}
         }
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
         response
     }
 }
@@ -193,6 +231,27 @@ mod tests {
         assert_eq!(body["error"]["code"], "route_not_found");
         assert_eq!(ErrorKind::RouteNotFound.status(), StatusCode::NOT_FOUND);
         assert_eq!(ErrorKind::NoReadyPod.openai_type(), "server_error");
+    }
+
+    #[test]
+    fn rate_limits_and_authentication_failures() {
+        let limited = ApiError::new(ErrorKind::RateLimited, "input token rate limit exceeded")
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("20"));
+        let response: http::Response<Bytes> = limited.clone().into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "20");
+        let body: serde_json::Value = serde_json::from_slice(response.body()).expect("json");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(body["error"]["type"], "tokens");
+        assert_eq!(ErrorKind::RateLimited.error_type(), "rate_limit");
+        assert_eq!(
+            ErrorKind::Unauthenticated.status(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            ErrorKind::Unauthenticated.error_type(),
+            "invalid_authentication"
+        );
     }
 
     #[test]

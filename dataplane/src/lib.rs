@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config_file;
 pub mod endpoint_picker;
@@ -30,6 +31,7 @@ pub mod listener_ports;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;
+pub mod rate_limit;
 pub mod request;
 pub mod request_id;
 pub mod response;
@@ -38,4 +40,5 @@ pub mod routing;
 pub mod scheduling;
 pub mod server;
 pub mod snapshot;
+pub mod token_estimate;
 pub mod xds_client;

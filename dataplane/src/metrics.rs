@@ -32,6 +32,7 @@ use switchyard_snapshot::{Nack, pb};
 use crate::health::HealthMetrics;
 use crate::lazy_series::LazySeries;
 use crate::pod::outlier::Failure;
+use crate::rate_limit::LimitType;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::{ControllerStatus, SnapshotSink};
 
@@ -139,8 +140,7 @@ pub struct RouterMetrics {
     /// Registered so dashboards find the family; stays empty until the
     /// fairness queue exists.
     pub fairness_queue_duration_seconds: HistogramVec,
-    /// Registered so dashboards find the family; stays empty until rate
-    /// limiting exists.
+    /// Requests a token budget refused, by the budget's direction.
     pub rate_limit_exceeded_total: IntCounterVec,
     pub time_to_first_token_seconds: HistogramVec,
     pub time_per_output_token_seconds: HistogramVec,
@@ -365,7 +365,7 @@ impl RouterMetrics {
             )?,
             rate_limit_exceeded_total: counter(
                 "kthena_router_rate_limit_exceeded_total",
-                "Requests rejected due to rate limiting (no rate limiting yet: always empty)",
+                "Requests rejected due to rate limiting",
                 &["model", "limit_type", "path"],
             )?,
             upstream_connect_errors_total: counter(
@@ -594,6 +594,15 @@ impl RouterMetrics {
         for (name, model) in &previous.models {
             if !next.models.contains_key(name) {
                 model.retire();
+                for path in PathLabel::ALL {
+                    for limit in LimitType::ALL {
+                        let _ = self.rate_limit_exceeded_total.remove_label_values(&[
+                            name,
+                            limit.as_str(),
+                            path.as_str(),
+                        ]);
+                    }
+                }
             }
         }
         for (route, servers) in &previous.upstream {
@@ -1154,6 +1163,7 @@ mod tests {
             config,
             &HashMap::new(),
             &Arc::default(),
+            &Default::default(),
             &Arc::default(),
         )
         .expect("valid table")

@@ -24,9 +24,6 @@ pub struct ParsedBody {
     pub include_usage: bool,
     /// Byte range of the `stream_options` value, when present.
     pub stream_options_span: Option<Range<usize>>,
-    /// Rough input token count for limits before the engine reports usage:
-    /// ~4 bytes of prompt JSON per token, like the Kthena router's estimator.
-    pub estimated_input_tokens: u64,
     /// Which prompt field the body has and its value's byte range, for prefix hashing.
     pub prompt_span: Option<(PromptField, Range<usize>)>,
 }
@@ -41,10 +38,6 @@ pub enum PromptField {
     /// `/v1/responses`: a string or a list of messages.
     Input,
 }
-
-/// Bytes of prompt text per token in the pre-response estimate (the Kthena
-/// router's ceil(chars / 4) rule).
-pub const BYTES_PER_ESTIMATED_TOKEN: usize = 4;
 
 /// Longest `model` accepted, in bytes once decoded: model names and LoRA
 /// adapter names are short (Kubernetes names stop at 253 bytes, Hugging Face
@@ -70,7 +63,7 @@ struct RoutingFields<'a> {
     /// Kept even when `null`, so an edit replaces it rather than adding a duplicate key.
     #[serde(borrow, default, deserialize_with = "raw_even_if_null")]
     stream_options: Option<&'a RawValue>,
-    /// Prompt fields: only their length is used (completions, chat, responses).
+    /// Prompt fields: only their spans are kept (completions, chat, responses).
     #[serde(borrow)]
     prompt: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -158,18 +151,12 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
         serde_json::from_str::<StreamOptions>(raw.get())
             .is_ok_and(|options| options.include_usage == Some(true))
     });
-    let prompt_bytes: usize = [fields.prompt, fields.messages, fields.input]
-        .iter()
-        .flatten()
-        .map(|raw| raw.get().len())
-        .sum();
     Ok(ParsedBody {
         model,
         model_span: span_of(raw_model),
         stream: fields.stream.is_some_and(|raw| raw.get() == "true"),
         include_usage,
         stream_options_span: fields.stream_options.map(span_of),
-        estimated_input_tokens: prompt_bytes.div_ceil(BYTES_PER_ESTIMATED_TOKEN) as u64,
         prompt_span: [
             (PromptField::Messages, fields.messages),
             (PromptField::Prompt, fields.prompt),
@@ -671,17 +658,6 @@ mod tests {
             &out[..],
             br#"{"stream_options":{"include_usage":true},"model":"org/b","stream":true}"#
         );
-    }
-
-    #[test]
-    fn estimates_input_tokens_from_prompt_fields() {
-        let parsed = parse_body(br#"{"model":"m","prompt":"abcdefgh"}"#).expect("parses");
-        assert_eq!(
-            parsed.estimated_input_tokens, 3,
-            "10 bytes incl. quotes -> 3 tokens"
-        );
-        let parsed = parse_body(br#"{"model":"m"}"#).expect("parses");
-        assert_eq!(parsed.estimated_input_tokens, 0);
     }
 
     fn prefill(body: &str, shape: &PrefillShape<'_>) -> String {

@@ -93,6 +93,7 @@ impl ResponseObserver {
                 hide_usage_chunk,
                 usage: None,
                 overflowed: false,
+                events: 0,
             })
         } else {
             Self::Json(JsonObserver::default())
@@ -125,6 +126,15 @@ impl ResponseObserver {
         match self {
             Self::Stream(stream) => stream.usage,
             Self::Json(json) => json.usage,
+        }
+    }
+
+    /// Events of a stream forwarded so far (about one output token each);
+    /// 0 for a JSON body, whose output is only known from its usage.
+    pub fn events_forwarded(&self) -> u64 {
+        match self {
+            Self::Stream(stream) => stream.events,
+            Self::Json(_) => 0,
         }
     }
 }
@@ -185,6 +195,8 @@ pub struct SseObserver {
     usage: Option<Usage>,
     /// `pending` outgrew its bound; pass the rest through unexamined.
     overflowed: bool,
+    /// Whole events forwarded (the hidden usage chunk not counted).
+    events: u64,
 }
 
 impl SseObserver {
@@ -194,18 +206,19 @@ impl SseObserver {
         }
         if self.pending.is_empty() {
             // Common case: the frame holds whole events.
-            let complete = complete_prefix_len(&data);
+            let (complete, events) = complete_prefix(&data);
             if complete == data.len() {
                 // A frame that never mentions usage has nothing to read or hide:
                 // one scan of it instead of one per event.
                 if !mentions_usage(&data) {
+                    self.events += events;
                     return Some(data);
                 }
                 return self.filter_events(data);
             }
         }
         self.pending.extend_from_slice(&data);
-        let complete = complete_prefix_len(&self.pending);
+        let (complete, _) = complete_prefix(&self.pending);
         if complete == 0 {
             if self.pending.len() > MAX_PENDING_EVENT_BYTES {
                 self.overflowed = true;
@@ -247,6 +260,9 @@ impl SseObserver {
                 (Some(kept), false) => kept.extend_from_slice(event),
                 _ => {}
             }
+            if !hidden {
+                self.events += 1;
+            }
             start = end;
         }
         match kept {
@@ -257,15 +273,15 @@ impl SseObserver {
 }
 
 /// Length of the longest prefix of `data` made of whole events (ending in a
-/// blank line).
-fn complete_prefix_len(data: &[u8]) -> usize {
+/// blank line), and how many events it holds.
+fn complete_prefix(data: &[u8]) -> (usize, u64) {
     let mut complete = 0;
-    let mut start = 0;
-    while let Some(len) = next_event_end(&data[start..]) {
-        start += len;
-        complete = start;
+    let mut events = 0;
+    while let Some(len) = next_event_end(&data[complete..]) {
+        complete += len;
+        events += 1;
     }
-    complete
+    (complete, events)
 }
 
 /// Length of the first event in `data` including its terminating blank line,
@@ -366,6 +382,26 @@ mod tests {
             let out = run(&mut observer, &frames);
             assert_eq!(String::from_utf8_lossy(&out), expected, "split {split}");
         }
+    }
+
+    #[test]
+    fn counts_the_events_forwarded_in_any_framing() {
+        for split in [1, 7, STREAM.len()] {
+            let frames: Vec<&[u8]> = STREAM.as_bytes().chunks(split).collect();
+            let mut hidden = ResponseObserver::new(true, true);
+            run(&mut hidden, &frames);
+            assert_eq!(
+                hidden.events_forwarded(),
+                3,
+                "split {split}: usage chunk hidden"
+            );
+            let mut shown = ResponseObserver::new(true, false);
+            run(&mut shown, &frames);
+            assert_eq!(shown.events_forwarded(), 4, "split {split}");
+        }
+        let mut json = ResponseObserver::new(false, false);
+        run(&mut json, &[b"{}"]);
+        assert_eq!(json.events_forwarded(), 0);
     }
 
     #[test]

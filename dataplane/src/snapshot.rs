@@ -16,9 +16,11 @@ use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 use tokio::sync::watch;
 
+use crate::auth::{Authenticator, UnknownKeyIds};
 use crate::gateway::{GatewayError, Gateways};
 use crate::pod::PodState;
 use crate::pod::outlier::{EjectionNotifier, OutlierDetector, OutlierSettings};
+use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
 use crate::routing::{
     DEFAULT_RESPONSE_HEADER_TIMEOUT, KvConnector, Matcher, PdGroup, PrefillDecode, Route,
     RouteIndex, Rule, Server, StringMatcher, WeightedTargets,
@@ -76,6 +78,10 @@ pub enum SnapshotError {
     DuplicatePool(String),
     #[error("ModelRoute {route}: listener {listener} is not in the snapshot")]
     DanglingListener { route: String, listener: String },
+    #[error("authentication: {0}")]
+    InvalidAuth(String),
+    #[error("rate limits: {0}")]
+    InvalidRateLimit(String),
     #[error(
         "EndpointLoads update applies to version {base:?}, but this dataplane holds {}",
         .applied.as_deref().map_or("none".to_owned(), |held| format!("{held:?}"))
@@ -117,6 +123,10 @@ pub struct RoutingTable {
     pub scheduler: Scheduler,
     /// Gateway API mode: listeners, HTTPRoutes, InferencePools.
     pub gateways: Gateways,
+    /// Checks credentials; None = authentication is off (no API key, no JWT settings).
+    pub authenticator: Option<Authenticator>,
+    /// The token budgets of the routes' models and of the tiers.
+    pub rate_limits: Arc<RateLimits>,
 }
 
 impl RoutingTable {
@@ -128,6 +138,7 @@ impl RoutingTable {
         config: pb::RouteConfig,
         previous_pods: &HashMap<String, Arc<PodState>>,
         scheduling: &Arc<SchedulingShared>,
+        rate_limiting: &RateLimiting,
         ejections: &Arc<EjectionNotifier>,
     ) -> Result<Self, SnapshotError> {
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
@@ -177,6 +188,12 @@ impl RoutingTable {
         let models_body = render_models(&model_names);
         let scheduler = Scheduler::build(config.scheduler.as_ref(), &model_names, scheduling)
             .map_err(|error| SnapshotError::InvalidScheduler(error.to_string()))?;
+        let authenticator = Authenticator::build(config.auth.as_ref())
+            .map_err(|error| SnapshotError::InvalidAuth(error.to_string()))?;
+        let plan = RateLimitPlan::parse(&config)
+            .map_err(|error| SnapshotError::InvalidRateLimit(error.to_string()))?;
+        // Last: it changes the budgets in use, so nothing may fail after it.
+        let rate_limits = rate_limiting.apply(plan);
         Ok(Self {
             version: version.to_owned(),
             applied_at: clock::wall_now(),
@@ -188,6 +205,8 @@ impl RoutingTable {
             source: config,
             scheduler,
             gateways,
+            authenticator,
+            rate_limits,
         })
     }
 }
@@ -530,6 +549,10 @@ pub struct SnapshotStore {
     scheduling: Arc<SchedulingShared>,
     /// The ports of the current table's Gateway listeners (see `listener_ports`).
     listener_ports: watch::Sender<BTreeSet<u16>>,
+    /// Token budgets that outlive tables, and their Redis connections.
+    rate_limiting: Arc<RateLimiting>,
+    /// Key ids of JWTs no table's keys could verify, for the controller.
+    unknown_keys: Arc<UnknownKeyIds>,
     /// Woken when a ModelServer of any table ejects a pod, for the report
     /// to the controller.
     ejections: Arc<EjectionNotifier>,
@@ -595,8 +618,26 @@ impl SnapshotStore {
         self.listener_ports.subscribe()
     }
 
+    /// The same store with budgets reporting to `rate_limiting`'s metrics.
+    pub fn with_rate_limiting(self, rate_limiting: Arc<RateLimiting>) -> Self {
+        Self {
+            rate_limiting,
+            ..self
+        }
+    }
+
     pub fn scheduling(&self) -> &Arc<SchedulingShared> {
         &self.scheduling
+    }
+
+    pub fn rate_limiting(&self) -> &Arc<RateLimiting> {
+        &self.rate_limiting
+    }
+
+    /// Where the request path notes JWT key ids the snapshot lacks; the
+    /// controller stream reports them.
+    pub fn unknown_keys(&self) -> &Arc<UnknownKeyIds> {
+        &self.unknown_keys
     }
 
     /// The current table, if a RouteConfig was ever applied.
@@ -625,6 +666,7 @@ impl SnapshotStore {
             config,
             previous_pods,
             &self.scheduling,
+            &self.rate_limiting,
             &self.ejections,
         )?;
         if let Some(loads) = loads.as_ref() {
@@ -913,6 +955,33 @@ mod tests {
                 },
                 "scheduler configuration: unknown score plugin \"kvcache-aware\"",
             ),
+            (
+                {
+                    let mut c = config();
+                    c.auth = Some(pb::AuthConfig {
+                        api_keys: vec![pb::ApiKey {
+                            key_sha256: vec![0; 4],
+                            user_id: "u".into(),
+                            tier: String::new(),
+                        }],
+                        jwt: None,
+                    });
+                    c
+                },
+                "authentication: API key 0: digest is 4 bytes, not 32",
+            ),
+            (
+                {
+                    let mut c = config();
+                    c.routes[0].rate_limit = Some(pb::RateLimit {
+                        input_tokens_per_unit: 10,
+                        unit: "week".into(),
+                        ..Default::default()
+                    });
+                    c
+                },
+                "rate limits: ModelRoute default/r: unknown rate limit unit \"week\"",
+            ),
         ];
         for (bad, expected) in cases {
             let error = store.apply_route_config("bad", bad).expect_err(expected);
@@ -1157,8 +1226,15 @@ mod tests {
             lora_adapters: vec!["lora-B".into(), "lora-A".into()],
             ..route("lora", "", "s")
         });
-        let table = RoutingTable::build("v", c, &HashMap::new(), &Arc::default(), &Arc::default())
-            .expect("valid");
+        let table = RoutingTable::build(
+            "v",
+            c,
+            &HashMap::new(),
+            &Arc::default(),
+            &RateLimiting::default(),
+            &Arc::default(),
+        )
+        .expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");
         let ids: Vec<&str> = body["data"]
             .as_array()

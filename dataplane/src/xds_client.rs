@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::Uri;
+
 use parking_lot::Mutex;
 use rand::Rng;
 use switchyard_runtime::clock;
@@ -23,6 +24,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+
+use crate::auth::UnknownKeyIds;
 
 /// First reconnect delay: a controller restart costs the fleet almost nothing,
 /// yet a refused port is not hammered in a tight loop.
@@ -110,6 +113,7 @@ pub fn run_on_own_thread<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
     status: Arc<ControllerStatus>,
+    unknown_keys: Arc<UnknownKeyIds>,
     stop: switchyard_runtime::CancellationToken,
 ) -> impl Future<Output = Result<(), ClientThreadError>> + Send + 'static
 where
@@ -138,7 +142,7 @@ where
                         reclaimer.reclaim();
                     }
                 });
-                run(config, sink, status, stop.cancelled_owned()).await;
+                run(config, sink, status, unknown_keys, stop.cancelled_owned()).await;
             });
             let _ = done.send(Ok(()));
         });
@@ -419,16 +423,20 @@ fn jittered(base: Duration, fraction: f64) -> Duration {
 }
 
 /// [`run`] on the current Tokio runtime.
+///
+/// Besides ACKs and NACKs it sends `unknown_keys`' batches: key ids of JWTs
+/// this dataplane could not verify, so the controller refetches the keys.
 pub fn spawn<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
     status: Arc<ControllerStatus>,
+    unknown_keys: Arc<UnknownKeyIds>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> JoinHandle<()>
 where
     S: SnapshotSink + ?Sized,
 {
-    tokio::spawn(run(config, sink, status, shutdown))
+    tokio::spawn(run(config, sink, status, unknown_keys, shutdown))
 }
 
 /// Runs the client until `shutdown` resolves; the sink and `status` keep the
@@ -437,6 +445,7 @@ pub async fn run<S>(
     config: XdsClientConfig,
     sink: Arc<S>,
     status: Arc<ControllerStatus>,
+    unknown_keys: Arc<UnknownKeyIds>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) where
     S: SnapshotSink + ?Sized,
@@ -454,6 +463,7 @@ pub async fn run<S>(
             config: &config,
             sink: &*sink,
             status: &status,
+            unknown_keys: &unknown_keys,
             applied: &mut applied,
             responses_received: 0,
         };
@@ -560,6 +570,7 @@ struct Session<'a, S: ?Sized> {
     config: &'a XdsClientConfig,
     sink: &'a S,
     status: &'a ControllerStatus,
+    unknown_keys: &'a UnknownKeyIds,
     applied: &'a mut AppliedVersions,
     responses_received: u64,
 }
@@ -577,6 +588,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 version_info: self.applied.get(kind).to_owned(),
                 response_nonce: String::new(),
                 error_detail: None,
+                unknown_jwt_key_ids: Vec::new(),
                 outlier_report: None,
             };
             if requests.send(subscription).await.is_err() {
@@ -618,6 +630,17 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
         loop {
             let message = tokio::select! {
                 message = responses.message() => message,
+                key_ids = self.unknown_keys.next_batch() => {
+                    tracing::info!(node = %self.config.node_id, ?key_ids, "asking the controller to refetch the JWT keys");
+                    let hint = pb::SnapshotRequest {
+                        unknown_jwt_key_ids: key_ids,
+                        ..Default::default()
+                    };
+                    if requests.send(hint).await.is_err() {
+                        return StreamEnd::RequestStreamClosed;
+                    }
+                    continue;
+                }
                 Some(()) = ejected(&mut ejections) => {
                     if !self.report_ejections(&requests).await {
                         return StreamEnd::RequestStreamClosed;
@@ -689,6 +712,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     version_info: version,
                     response_nonce: nonce,
                     error_detail: None,
+                    unknown_jwt_key_ids: Vec::new(),
                     outlier_report: None,
                 }
             }
@@ -713,6 +737,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     version_info: kept_version,
                     response_nonce: nonce,
                     error_detail: Some(nack.into_error_detail()),
+                    unknown_jwt_key_ids: Vec::new(),
                     outlier_report: None,
                 }
             }

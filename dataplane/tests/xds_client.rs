@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use switchyard_dataplane::auth::UnknownKeyIds;
 use switchyard_dataplane::xds_client::{self, ControllerStatus, SnapshotSink, XdsClientConfig};
 use switchyard_snapshot::pb::routing_discovery_server::{RoutingDiscovery, RoutingDiscoveryServer};
 use switchyard_snapshot::pb::snapshot_response::Resource;
@@ -137,6 +138,7 @@ impl MockStream {
                 type_url: type_url.to_owned(),
                 version_info: version.to_owned(),
                 response_nonce: nonce.to_owned(),
+                error_detail: None,
                 ..Default::default()
             }
         );
@@ -333,6 +335,7 @@ fn endpoint_loads() -> pb::EndpointLoads {
 struct Client {
     sink: Arc<RecordingSink>,
     status: Arc<ControllerStatus>,
+    unknown_keys: Arc<UnknownKeyIds>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -350,13 +353,21 @@ impl Client {
             ..XdsClientConfig::new(controller, NODE_ID)
         };
         let status = Arc::new(ControllerStatus::new());
+        let unknown_keys = Arc::new(UnknownKeyIds::default());
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-        let task = xds_client::spawn(config, sink.clone(), status.clone(), async {
-            let _ = shutdown_rx.await;
-        });
+        let task = xds_client::spawn(
+            config,
+            sink.clone(),
+            status.clone(),
+            unknown_keys.clone(),
+            async {
+                let _ = shutdown_rx.await;
+            },
+        );
         Self {
             sink,
             status,
+            unknown_keys,
             shutdown: Some(shutdown),
             task,
         }
@@ -734,5 +745,30 @@ async fn becomes_ready_when_controller_starts_later() {
 
     client.stop().await;
     drop(stream);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reports_unknown_jwt_key_ids_in_a_request_of_their_own() {
+    let mut server = MockServer::start().await;
+    let client = Client::start(server.uri());
+    let mut stream = server.next_stream().await;
+    stream.expect_subscriptions("", "").await;
+    let nonce = stream.send_route_config("rc-1");
+    stream
+        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-1", &nonce)
+        .await;
+    client.unknown_keys.report("rotated-key");
+    let hint = stream.next_request().await;
+    assert_eq!(
+        hint,
+        pb::SnapshotRequest {
+            unknown_jwt_key_ids: vec!["rotated-key".into()],
+            ..Default::default()
+        },
+        "no type_url and no nonce: not an ACK or NACK"
+    );
+    drop(stream);
+    client.stop().await;
     server.stop().await;
 }

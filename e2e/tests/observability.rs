@@ -91,8 +91,9 @@ const DOCUMENTED_METRICS: &[DocumentedMetric] = &[
         &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5],
     ),
 ];
-/// The guide's families of features Switchyard does not have yet: declared
-/// (HELP and TYPE) so dashboards and `grep`s find them, without series.
+/// The guide's families without series in this stack, declared (HELP and
+/// TYPE) so dashboards and `grep`s find them: the fairness queue, which
+/// Switchyard does not have yet, and rate limits, which no route here sets.
 const DECLARED_ONLY: &[(&str, &str)] = &[
     ("kthena_router_fairness_queue_size", "gauge"),
     ("kthena_router_fairness_queue_duration_seconds", "histogram"),
@@ -100,7 +101,13 @@ const DECLARED_ONLY: &[(&str, &str)] = &[
 ];
 
 /// Access log fields Switchyard adds to the guide's.
-const EXTRA_ACCESS_LOG_FIELDS: &[&str] = &["ttft_ms", "upstream_attempts", "failed_over_from"];
+const EXTRA_ACCESS_LOG_FIELDS: &[&str] = &[
+    "ttft_ms",
+    "upstream_attempts",
+    "failed_over_from",
+    "user_id",
+    "tier",
+];
 /// The access log's JSON fields: the guide's plus [`EXTRA_ACCESS_LOG_FIELDS`].
 const ACCESS_LOG_FIELDS: &[&str] = &[
     "timestamp",
@@ -113,6 +120,8 @@ const ACCESS_LOG_FIELDS: &[&str] = &[
     "model_server",
     "selected_pod",
     "request_id",
+    "user_id",
+    "tier",
     "input_tokens",
     "output_tokens",
     "duration_total_ms",

@@ -238,6 +238,7 @@ fn check_local_objects(input: &[u8]) {
         objects: &objects,
         gateway_api: &gateway_api,
         router: &RouterConfig::default(),
+        jwks_keys: &[],
         pod_loads: &BTreeMap::new(),
         ejections: &ReportedEjections::new(),
         now_unix_ms: 0,

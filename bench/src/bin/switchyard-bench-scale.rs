@@ -289,6 +289,7 @@ async fn simulated_dataplane(
             type_url: envelope.type_url,
             version_info: envelope.version_info,
             response_nonce: envelope.nonce,
+            error_detail: None,
             ..Default::default()
         };
         if requests.send(ack).await.is_err() {

@@ -4,28 +4,9 @@
 //! Event, the controller log and `/debug/objects` instead of being silently
 //! ignored. When a feature lands, its entry here goes.
 
-use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_crd::ModelServer;
 
 use super::report::IgnoredField;
-
-/// The set fields of `route` that routing does not act on.
-pub(crate) fn route_fields(route: &ModelRoute) -> Vec<IgnoredField> {
-    let spec = &route.spec;
-    let mut ignored = Vec::new();
-    if let Some(limit) = &spec.rate_limit {
-        ignored.push(IgnoredField::new(
-            "spec.rateLimit",
-            "token rate limits are not enforced yet: requests are not limited",
-        ));
-        if limit.global.is_some() {
-            ignored.push(IgnoredField::new(
-                "spec.rateLimit.global",
-                "budgets shared by every router through Redis are not implemented yet",
-            ));
-        }
-    }
-    ignored
-}
 
 /// The set fields of `server` that routing does not act on.
 pub(crate) fn server_fields(server: &ModelServer) -> Vec<IgnoredField> {

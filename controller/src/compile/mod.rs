@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use switchyard_crd::{ModelRoute, ModelServer};
 use switchyard_snapshot::{object_key, pb};
 
+use crate::auth::compile_auth;
 use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
@@ -50,10 +51,12 @@ pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
     /// Gateway API mode (`--enable-gateway-api` and friends).
     pub gateway_api: &'a GatewayApiConfig,
-    /// The router configuration (`--router-config`; the default without
-    /// one): its scheduler section and outlier detection are shipped as they
-    /// are.
+    /// The router configuration (`--router-config`; the default without one):
+    /// its scheduler section, tiers and outlier detection are shipped as they
+    /// are, its JWT settings with `jwks_keys`.
     pub router: &'a RouterConfig,
+    /// The JWT issuer's keys as last fetched (see [`crate::auth::jwks`]).
+    pub jwks_keys: &'a [String],
     pub pod_loads: &'a BTreeMap<PodKey, PodLoad>,
     /// Pods the dataplanes reported ejecting.
     pub ejections: &'a ReportedEjections,
@@ -73,6 +76,8 @@ pub struct Compiled {
     pub reports: Vec<ObjectReport>,
     /// The Gateway API kinds' reports.
     pub gateway_api: GatewayApiReports,
+    /// API keys left out (a key held by two Secrets), for the log.
+    pub auth_problems: Vec<String>,
     pub generated_at_unix_ms: i64,
 }
 
@@ -86,12 +91,20 @@ pub struct CompiledRoutes {
     pub gateway_api: GatewayApiReports,
 }
 
-/// Compiles routes, servers and pods with the router configuration, then the
-/// endpoint loads of the result: the whole snapshot and every report.
+/// Compiles routes, servers and pods with the router configuration and the
+/// API keys, then the endpoint loads of the result: the whole snapshot and
+/// every report.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let mut routes = compile_objects(input.objects.view(), input.gateway_api);
     let router = input.router;
     routes.route_config.scheduler = router.scheduler.clone();
+    routes.route_config.tier_rate_limits = router.tiers.clone();
+    let (auth, auth_problems) = compile_auth(
+        &input.objects.api_keys,
+        router.auth.as_ref(),
+        input.jwks_keys,
+    );
+    routes.route_config.auth = auth;
     routes.route_config.outlier_detection = router.outlier_detection.defaults;
     for server in &mut routes.route_config.servers {
         server.outlier_detection = router
@@ -109,6 +122,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         scrape_targets: routes.scrape_targets,
         reports: routes.reports,
         gateway_api: routes.gateway_api,
+        auth_problems,
         generated_at_unix_ms: input.now_unix_ms,
     }
 }
@@ -228,7 +242,7 @@ pub fn compile_objects(objects: Objects<'_>, gateway_api: &GatewayApiConfig) -> 
             default_gateway: gateway_api.default_gateway,
             http_routes: gateway_api.http_routes,
             inference_pools: gateway_api.inference_pools,
-            outlier_detection: None,
+            ..Default::default()
         },
         scrape_targets,
         reports,

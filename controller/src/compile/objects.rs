@@ -4,6 +4,8 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use switchyard_crd::{Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute, ModelServer};
 
+use crate::auth::ApiKeySecret;
+
 /// One consistent set of objects: the config directory's files (local mode)
 /// or the Kubernetes caches after a burst of watch events.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -16,6 +18,8 @@ pub struct ObjectSet {
     pub gateways: Vec<Gateway>,
     pub http_routes: Vec<HTTPRoute>,
     pub inference_pools: Vec<InferencePool>,
+    /// API keys from `Secret`s labelled as such (digests only, never the keys).
+    pub api_keys: Vec<ApiKeySecret>,
     /// Documents or files that were skipped, in file then document order
     /// (local mode; the Kubernetes API only hands out well-formed objects).
     pub problems: Vec<LoadProblem>,

@@ -59,6 +59,9 @@ pub enum Reason {
     InvalidRetry,
     /// `workloadPort.protocol` other than `http`.
     UnsupportedProtocol,
+    /// A `rateLimit` dataplanes could not enforce (a budget of 0, a global
+    /// limit without a usable Redis address).
+    InvalidRateLimit,
     /// `kvConnector.type` other than `http`, `lmcache`, `nixl` or `mooncake`.
     InvalidKvConnector,
     /// Another object with the same namespace/name came earlier in the input.
@@ -115,6 +118,7 @@ impl Reason {
             Self::InvalidDuration => "InvalidDuration",
             Self::InvalidRetry => "InvalidRetry",
             Self::UnsupportedProtocol => "UnsupportedProtocol",
+            Self::InvalidRateLimit => "InvalidRateLimit",
             Self::InvalidKvConnector => "InvalidKvConnector",
             Self::Duplicate => "Duplicate",
             Self::BackendNotFound => "BackendNotFound",

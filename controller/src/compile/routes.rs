@@ -8,6 +8,7 @@ use switchyard_snapshot::{object_key, pb};
 use super::gateway_api::{Attachment, ListenerIndex, ListenerKey, RouteKind, listener_refs};
 use super::report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
+use crate::rate_limit::compile_rate_limit;
 
 /// Largest weight a target may carry, as in Kthena's API.
 const MAX_TARGET_WEIGHT: u32 = 100;
@@ -64,7 +65,8 @@ pub(crate) fn compile_route(
     }
 
     let mut unresolved = Vec::new();
-    let mut ignored_fields = super::ignored::route_fields(route);
+    // Every ModelRoute field is acted on; conditions that set nothing are named below.
+    let mut ignored_fields = Vec::new();
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (rule_index, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{rule_index}]");
@@ -107,6 +109,18 @@ pub(crate) fn compile_route(
             targets,
         });
     }
+
+    let rate_limit = match spec.rate_limit.as_ref().map(compile_rate_limit) {
+        None => None,
+        Some(Ok(limit)) => limit,
+        Some(Err(error)) => {
+            invalid.push(Problem::new(
+                Reason::InvalidRateLimit,
+                format!("spec.rateLimit: {error}"),
+            ));
+            None
+        }
+    };
 
     let bound = bind_parents(namespace, &spec.parent_refs, listeners, &mut unresolved);
     let accepted = ConditionReport::from_problems(&invalid, Reason::Accepted, "");
@@ -151,18 +165,7 @@ pub(crate) fn compile_route(
         creation_timestamp_unix_ms: creation_timestamp_unix_ms(route),
         generation: route.metadata.generation.unwrap_or(0),
         rules,
-        rate_limit: spec.rate_limit.as_ref().and_then(|limit| {
-            // A limit without any token budget limits nothing; leave it out so
-            // the dataplane does not build a limiter for it.
-            if limit.input_tokens_per_unit.is_none() && limit.output_tokens_per_unit.is_none() {
-                return None;
-            }
-            Some(pb::RateLimit {
-                input_tokens_per_unit: limit.input_tokens_per_unit.unwrap_or(0),
-                output_tokens_per_unit: limit.output_tokens_per_unit.unwrap_or(0),
-                unit: limit.unit.as_str().to_owned(),
-            })
-        }),
+        rate_limit,
         listeners: listener_refs(bound),
     };
     (Some(compiled), report)

@@ -1111,6 +1111,7 @@ spec:
             input_tokens_per_unit: 10,
             output_tokens_per_unit: 20,
             unit: "minute".into(),
+            ..Default::default()
         })
     );
     assert_eq!(
@@ -1197,6 +1198,7 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         objects: &objects,
         gateway_api: &GatewayApiConfig::disabled(),
         router: &router,
+        jwks_keys: &[],
         pod_loads: &pod_loads,
         ejections: &ejections,
         now_unix_ms: 42,
@@ -1294,6 +1296,73 @@ fn a_pod_selected_by_two_servers_is_scraped_once() {
     assert_eq!(compiled.route_config.servers.len(), 2);
     assert_eq!(compiled.scrape_targets.len(), 1);
     assert_eq!(compiled.scrape_targets[0].key, "default/p");
+}
+
+/// The router configuration's JWT settings and tiers, the fetched keys and
+/// the API keys of the objects reach the snapshot; without any of them
+/// authentication stays off.
+#[test]
+fn auth_and_tiers_are_compiled_into_the_route_config() {
+    use crate::auth::ApiKeySecret;
+    use crate::router_config::JwtSettings;
+    let objects = ObjectSet {
+        api_keys: vec![ApiKeySecret {
+            namespace: "switchyard-system".into(),
+            name: "alice".into(),
+            key_sha256: [7; 32],
+            user_id: "alice".into(),
+            tier: Some("gold".into()),
+        }],
+        ..Default::default()
+    };
+    let tiers = vec![pb::TierRateLimit {
+        tier: "gold".into(),
+        limit: Some(pb::RateLimit {
+            input_tokens_per_unit: 100,
+            unit: "minute".into(),
+            ..Default::default()
+        }),
+    }];
+    let router = RouterConfig {
+        auth: Some(JwtSettings {
+            issuer: "https://issuer".into(),
+            audiences: vec!["switchyard".into()],
+            jwks_uri: None,
+            tier_claim: "tier".into(),
+        }),
+        tiers: tiers.clone(),
+        ..Default::default()
+    };
+    let keys = vec![r#"{"kid":"k1","kty":"RSA","n":"AQAB","e":"AQAB"}"#.to_owned()];
+    let loads = BTreeMap::new();
+    let compiled = compile(&CompileInput {
+        objects: &objects,
+        gateway_api: &GatewayApiConfig::disabled(),
+        router: &router,
+        jwks_keys: &keys,
+        pod_loads: &loads,
+        ejections: &ReportedEjections::new(),
+        now_unix_ms: 1,
+    });
+    let auth = compiled.route_config.auth.expect("auth on");
+    assert_eq!(auth.api_keys.len(), 1);
+    assert_eq!(auth.api_keys[0].key_sha256, vec![7; 32]);
+    let jwt = auth.jwt.expect("JWT settings");
+    assert_eq!(
+        (jwt.issuer.as_str(), jwt.tier_claim.as_str(), jwt.jwks_keys),
+        ("https://issuer", "tier", keys)
+    );
+    assert_eq!(compiled.route_config.tier_rate_limits, tiers);
+    let off = compile(&CompileInput {
+        objects: &ObjectSet::default(),
+        gateway_api: &GatewayApiConfig::disabled(),
+        router: &RouterConfig::default(),
+        jwks_keys: &[],
+        pod_loads: &loads,
+        ejections: &ReportedEjections::new(),
+        now_unix_ms: 1,
+    });
+    assert_eq!(off.route_config.auth, None);
 }
 
 // --- addresses no request can go to, and settings that mean nothing

@@ -27,11 +27,13 @@ use crate::xds::SnapshotPublisher;
 /// What a [`CompileLoop`] reads from and writes to.
 pub(super) struct LoopIo {
     pub objects: watch::Receiver<Arc<ObjectSet>>,
-    /// The router configuration: its scheduler section and outlier
-    /// detection are shipped inside the RouteConfig.
+    /// The router configuration: its scheduler section, JWT settings, tiers
+    /// and outlier detection are shipped inside the RouteConfig.
     pub router: watch::Receiver<RouterConfig>,
     /// Gateway API mode, from the flags.
     pub gateway_api: GatewayApiConfig,
+    /// The JWT issuer's keys, refetched by [`crate::auth::jwks::refresh_keys`].
+    pub jwks_keys: watch::Receiver<Vec<String>>,
     pub pod_loads: watch::Receiver<PodLoads>,
     /// Pods the dataplanes reported ejecting, shipped inside EndpointLoads.
     pub ejections: watch::Receiver<Arc<ReportedEjections>>,
@@ -49,14 +51,21 @@ pub(super) struct CompileLoop {
     io: LoopIo,
     compiled: watch::Sender<Arc<Compiled>>,
     /// Reports already logged, so an unchanged rejection is not logged again on every reload.
-    reported: Vec<ObjectReport>,
+    reported: Logged,
+}
+
+/// What was logged last, so an unchanged problem is logged once.
+#[derive(Default)]
+struct Logged {
+    reports: Vec<ObjectReport>,
+    auth_problems: Vec<String>,
 }
 
 impl CompileLoop {
     /// Compiles and publishes the current inputs (the controller is ready once
     /// this returns), and returns the loop and a receiver of every compile's result.
     pub fn start(mut io: LoopIo) -> (Self, watch::Receiver<Arc<Compiled>>) {
-        let mut reported = Vec::new();
+        let mut reported = Logged::default();
         let first = compile_and_publish(&mut io, &mut reported);
         let (compiled, receiver) = watch::channel(first);
         let compile_loop = Self {
@@ -71,6 +80,7 @@ impl CompileLoop {
     pub async fn run(mut self) {
         let mut objects_alive = true;
         let mut router_alive = true;
+        let mut keys_alive = true;
         let mut loads_alive = true;
         let mut ejections_alive = true;
         loop {
@@ -84,6 +94,10 @@ impl CompileLoop {
                     Ok(()) => self.recompile(),
                     // No file (or its watcher stopped): the last configuration stays.
                     Err(_) => router_alive = false,
+                },
+                changed = self.io.jwks_keys.changed(), if keys_alive => match changed {
+                    Ok(()) => self.recompile(),
+                    Err(_) => keys_alive = false,
                 },
                 changed = self.io.pod_loads.changed(), if loads_alive => match changed {
                     Ok(()) => self.publish_endpoint_loads(),
@@ -118,9 +132,10 @@ impl CompileLoop {
     }
 }
 
-fn compile_and_publish(io: &mut LoopIo, reported: &mut Vec<ObjectReport>) -> Arc<Compiled> {
+fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> {
     let objects = io.objects.borrow_and_update().clone();
     let router = io.router.borrow_and_update().clone();
+    let jwks_keys = io.jwks_keys.borrow_and_update().clone();
     let pod_loads = io.pod_loads.borrow_and_update().clone();
     let ejections = io.ejections.borrow_and_update().clone();
     let started = clock::now();
@@ -128,6 +143,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Vec<ObjectReport>) -> Arc
         objects: &objects,
         gateway_api: &io.gateway_api,
         router: &router,
+        jwks_keys: &jwks_keys,
         pod_loads: &pod_loads,
         ejections: &ejections,
         now_unix_ms: clock::unix_ms_now(),
@@ -146,7 +162,13 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Vec<ObjectReport>) -> Arc
             "published route config"
         );
     }
-    log_new_rejections(reported, &compiled.reports);
+    log_new_rejections(&mut reported.reports, &compiled.reports);
+    if compiled.auth_problems != reported.auth_problems {
+        for problem in &compiled.auth_problems {
+            tracing::warn!(%problem, "API key left out");
+        }
+        reported.auth_problems.clone_from(&compiled.auth_problems);
+    }
     io.targets.send_if_modified(|targets| {
         if *targets == compiled.scrape_targets {
             return false;

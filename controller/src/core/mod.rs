@@ -22,11 +22,12 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, Registry};
 use switchyard_runtime::{CancellationToken, Debounce, TaskError, TaskSet, bind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::DropGuard;
 
 use crate::admin::{self, AdminState, Endpoints, ObjectsView};
+use crate::auth::jwks;
 use crate::cli::Args;
 use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::error::ControllerError;
@@ -216,11 +217,25 @@ impl StartingController {
         let (pod_loads, scrape_loop) =
             Scraper::prepare(self.scrape_config, scrape_targets, &self.registry)?;
         tasks.spawn("engine scraper", scrape_loop.run());
+        // The JWT issuer's keys, refetched on a schedule and when a dataplane
+        // reports a token signed by a key it lacks (over the stream).
+        let (jwks_keys_sender, jwks_keys) = watch::channel(Vec::new());
+        let (key_hints, key_hints_receiver) = mpsc::channel(jwks::HINT_QUEUE_CAPACITY);
+        tasks.spawn(
+            "JWKS refresher",
+            jwks::refresh_keys(
+                self.router.clone(),
+                key_hints_receiver,
+                jwks_keys_sender,
+                jwks::network_fetch(),
+            ),
+        );
         let ejections = Arc::new(EjectionBoard::default());
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
             router: self.router,
             gateway_api: self.gateway_api,
+            jwks_keys,
             pod_loads: pod_loads.clone(),
             ejections: ejections.subscribe(),
             publisher: self.publisher.clone(),
@@ -238,6 +253,7 @@ impl StartingController {
             self.dataplanes.clone(),
             self.xds_metrics,
         )
+        .with_key_hints(key_hints)
         .with_outlier_reports(ejections);
         tasks.spawn_graceful("snapshot stream server", |stop| {
             xds::serve(xds_listener, service, stop.cancelled_owned())

@@ -1,14 +1,15 @@
 //! Reflectors: local caches of ModelRoutes, ModelServers and Pods (and in
 //! Gateway API mode GatewayClasses, Gateways, HTTPRoutes and InferencePools),
 //! kept in sync with the API server by list+watch, one per watched namespace
-//! (or one cluster-wide), each bumping a shared change counter on every event.
+//! (or one cluster-wide), and of the API-key Secrets of the controller's
+//! namespace, each bumping a shared change counter on every event.
 
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
@@ -21,7 +22,8 @@ use switchyard_runtime::TaskSet;
 use tokio::sync::watch;
 
 use super::pod_selector::PodWatch;
-use crate::compile::{GatewayApiConfig, ObjectSet};
+use crate::auth::{self, ApiKeySecret};
+use crate::compile::{GatewayApiConfig, LoadProblem, ObjectSet};
 
 /// Which namespaces are watched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +124,8 @@ pub struct Caches {
     pub http_routes: Vec<Cache<HTTPRoute>>,
     /// Inference Extension mode only.
     pub inference_pools: Vec<Cache<InferencePool>>,
+    /// API-key Secrets, redacted ([`auth::redact_api_key_secret`]).
+    pub secrets: Vec<Cache<Secret>>,
     /// Bumped on every watch event of any kind.
     pub changes: watch::Receiver<u64>,
 }
@@ -147,8 +151,33 @@ impl Caches {
             gateways: vec![Cache::seeded(objects.gateways)],
             http_routes: vec![Cache::seeded(objects.http_routes)],
             inference_pools: vec![Cache::seeded(objects.inference_pools)],
+            secrets: vec![Cache::seeded(Vec::new())],
             changes: watch::channel(0).1,
         }
+    }
+
+    /// The API keys of the cached Secrets, and the problems of those that
+    /// cannot be used (named, never quoted).
+    pub fn api_keys(&self) -> (Vec<ApiKeySecret>, Vec<LoadProblem>) {
+        let mut keys = Vec::new();
+        let mut problems = Vec::new();
+        for secret in collect(&self.secrets) {
+            // The watch selects by label; a fake or proxy that ignores the selector must not widen it.
+            if !auth::is_api_key_secret(&secret) {
+                continue;
+            }
+            match auth::api_key_of(&secret, crate::compile::DEFAULT_NAMESPACE) {
+                Ok(key) => keys.push(key),
+                Err(error) => problems.push(LoadProblem {
+                    file: secret.metadata.namespace.clone().unwrap_or_default(),
+                    document_index: None,
+                    kind: Some("Secret".to_owned()),
+                    name: secret.metadata.name.clone(),
+                    error,
+                }),
+            }
+        }
+        (keys, problems)
     }
 
     /// Owned copies of every object, in a canonical order (namespace, name) so
@@ -162,8 +191,7 @@ impl Caches {
             gateways: collect(&self.gateways),
             http_routes: collect(&self.http_routes),
             inference_pools: collect(&self.inference_pools),
-            problems: Vec::new(),
-            source_error: None,
+            ..ObjectSet::default()
         }
     }
 
@@ -203,6 +231,7 @@ impl Caches {
             && self.gateways.iter().all(Cache::is_synced)
             && self.http_routes.iter().all(Cache::is_synced)
             && self.inference_pools.iter().all(Cache::is_synced)
+            && self.secrets.iter().all(Cache::is_synced)
     }
 
     pub async fn wait_synced(&mut self) {
@@ -225,6 +254,9 @@ impl Caches {
             cache.wait_synced().await;
         }
         for cache in &mut self.inference_pools {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.secrets {
             cache.wait_synced().await;
         }
     }
@@ -259,17 +291,20 @@ pub struct Reflectors {
     /// Where the compile loop sends the pod watch derived from the ModelServers.
     pub pod_watch: watch::Sender<PodWatch>,
     _fixed_selection: watch::Sender<PodWatch>,
+    _api_key_selection: watch::Sender<PodWatch>,
 }
 
 /// Starts the ModelRoute and ModelServer reflectors of `scope` on `tasks`
 /// (and those of the Gateway API kinds `gateway_api` enables), waits for the
 /// ModelServers and InferencePools to sync, derives the pod watch from them,
-/// then starts the Pod reflectors. Returns once the tasks are started (not
-/// synced: see [`Caches::wait_synced`]).
+/// then starts the Pod reflectors, and the reflector of the API-key Secrets
+/// of `api_key_namespace`. Returns once the tasks are started (not synced:
+/// see [`Caches::wait_synced`]).
 pub async fn start(
     client: &Client,
     scope: &Scope,
     gateway_api: &GatewayApiConfig,
+    api_key_namespace: &str,
     tasks: &mut TaskSet,
 ) -> Reflectors {
     let (changes_sender, changes) = watch::channel(0_u64);
@@ -345,6 +380,16 @@ pub async fn start(
         pods.push(cache);
         tasks.spawn("Pod watch", task);
     }
+    // Only labelled Secrets, and only of the controller's own namespace.
+    let (api_key_selection, api_key_watch) =
+        watch::channel(PodWatch::Labels(format!("{}=true", auth::API_KEY_LABEL)));
+    let (secrets, task) = cache_and_reflector(
+        Api::<Secret>::namespaced(client.clone(), api_key_namespace),
+        api_key_watch,
+        changes_sender.clone(),
+        auth::redact_api_key_secret,
+    );
+    tasks.spawn("API key Secret watch", task);
     Reflectors {
         caches: Caches {
             routes,
@@ -354,10 +399,12 @@ pub async fn start(
             gateways,
             http_routes,
             inference_pools,
+            secrets: vec![secrets],
             changes,
         },
         pod_watch,
         _fixed_selection: fixed_selection,
+        _api_key_selection: api_key_selection,
     }
 }
 

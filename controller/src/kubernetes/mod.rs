@@ -1,8 +1,9 @@
 //! Kubernetes mode: an object source of reflectors over ModelRoutes,
-//! ModelServers and Pods (and the Gateway API kinds in Gateway API mode);
-//! the elected leader writes status conditions and Events (and creates
-//! Gateway API mode's default GatewayClass and Gateway when absent), and
-//! every replica reports its dataplanes' ACKs for the leader to count.
+//! ModelServers and Pods (and the Gateway API kinds in Gateway API mode, and
+//! the API-key Secrets of the controller's namespace); the elected leader
+//! writes status conditions and Events (and creates Gateway API mode's
+//! default GatewayClass and Gateway when absent), and every replica reports
+//! its dataplanes' ACKs for the leader to count.
 //!
 //! The source's first object set is the caches' content once every one of
 //! them has listed the cluster (see [`crate::core`] for why that matters).
@@ -88,7 +89,14 @@ impl ObjectSource for KubernetesSource {
     /// Lists and watches the cluster and returns once every cache has synced.
     async fn start(self, tasks: &mut TaskSet) -> Result<SourceStarted, ControllerError> {
         tracing::info!(scope = ?self.scope, "starting the Kubernetes watches");
-        let reflectors = caches::start(&self.client, &self.scope, &self.gateway_api, tasks).await;
+        let reflectors = caches::start(
+            &self.client,
+            &self.scope,
+            &self.gateway_api,
+            &self.lease_namespace,
+            tasks,
+        )
+        .await;
         let mut caches = reflectors.caches.clone();
         caches.wait_synced().await;
         tracing::info!("Kubernetes caches synced");
@@ -187,7 +195,12 @@ async fn feed_objects(reflectors: caches::Reflectors, objects: watch::Sender<Arc
 /// The caches' objects; on the way, points the pod watch at what the
 /// ModelServers and InferencePools select.
 fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<ObjectSet> {
-    let objects = caches.snapshot();
+    let (api_keys, problems) = caches.api_keys();
+    let objects = ObjectSet {
+        api_keys,
+        problems,
+        ..caches.snapshot()
+    };
     pod_watch.send_if_modified(|current| {
         replace_if_changed(
             current,

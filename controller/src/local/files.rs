@@ -149,6 +149,9 @@ impl DirFiles {
             objects
                 .problems
                 .extend(contribution.problems.iter().cloned());
+            objects
+                .api_keys
+                .extend(contribution.api_keys.iter().cloned());
             for pod in &contribution.pods {
                 let namespace = namespace_of(&pod.metadata).to_owned();
                 let pod_name = pod.metadata.name.clone().unwrap_or_default();

@@ -51,7 +51,7 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             .and_then(serde_yaml::Value::as_str);
         let expected_api_version = match kind {
             Some("ModelRoute" | "ModelServer") => CRD_API_VERSION,
-            Some("Pod") => POD_API_VERSION,
+            Some("Pod" | "Secret") => POD_API_VERSION,
             Some("GatewayClass" | "Gateway" | "HTTPRoute") => GATEWAY_API_VERSION,
             Some("InferencePool") => INFERENCE_API_VERSION,
             Some(other) => {
@@ -81,6 +81,14 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             ));
             continue;
         }
+        if kind == Some("Secret") {
+            match read_api_key_secret(&value) {
+                Ok(Some(key)) => objects.api_keys.push(key),
+                Ok(None) => {}
+                Err(error) => objects.problems.push(problem(kind, name, error)),
+            }
+            continue;
+        }
         let parsed =
             match kind {
                 Some("ModelRoute") => {
@@ -105,6 +113,29 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
                 .push(problem(kind, name, error.to_string()));
         }
     }
+}
+
+/// Reads a `Secret` document labelled as an API key; None for other
+/// Secrets (not Switchyard's). The error names the field at fault, never a
+/// value: a parse error could quote the key.
+fn read_api_key_secret(
+    value: &serde_yaml::Value,
+) -> Result<Option<crate::auth::ApiKeySecret>, String> {
+    let labelled = value
+        .get("metadata")
+        .and_then(|metadata| metadata.get("labels"))
+        .and_then(|labels| labels.get(crate::auth::API_KEY_LABEL))
+        .and_then(serde_yaml::Value::as_str)
+        == Some("true");
+    if !labelled {
+        return Ok(None);
+    }
+    let secret = serde_yaml::from_value::<k8s_openapi::api::core::v1::Secret>(value.clone())
+        .map_err(|_| {
+            "not a valid Secret: `data` values must be base64 strings, `stringData` values strings"
+                .to_owned()
+        })?;
+    crate::auth::api_key_of(&secret, crate::compile::DEFAULT_NAMESPACE).map(Some)
 }
 
 #[cfg(test)]
@@ -251,5 +282,25 @@ status:
             "{}",
             objects.problems[0].error
         );
+    }
+
+    #[test]
+    fn labelled_secrets_are_api_keys_and_their_problems_never_quote_them() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: alice\n  namespace: team\n  labels: {switchyard.dev/api-key: \"true\"}\ndata:\n  key: c2stYWxpY2U=\n  user: YWxpY2U=\nstringData:\n  tier: gold\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: db-password\ndata:\n  password: aHVudGVyMg==\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: broken\n  labels: {switchyard.dev/api-key: \"true\"}\ndata:\n  key: sk-not-base64!\n";
+        let objects = parse(text);
+        assert_eq!(objects.api_keys.len(), 1, "{:?}", objects.problems);
+        let key = &objects.api_keys[0];
+        assert_eq!(
+            (key.namespace.as_str(), key.name.as_str()),
+            ("team", "alice")
+        );
+        assert_eq!(
+            (key.user_id.as_str(), key.tier.as_deref()),
+            ("alice", Some("gold"))
+        );
+        assert_eq!(objects.problems.len(), 1, "unlabelled Secrets are not read");
+        let problem = &objects.problems[0];
+        assert_eq!(problem.name.as_deref(), Some("broken"));
+        assert!(!problem.error.contains("sk-not"), "{}", problem.error);
     }
 }

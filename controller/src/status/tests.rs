@@ -149,8 +149,7 @@ fn invalid_regex_is_not_accepted() {
 
 const ROUTE_WITH_IGNORED_FIELDS: &str = "{metadata: {name: chat, namespace: default, generation: 6}, spec: \
     {modelName: chat, \
-    rateLimit: {inputTokensPerUnit: 10, unit: minute}, \
-    rules: [{name: default, targetModels: [{modelServerName: llama}]}]}}";
+    rules: [{name: default, modelMatch: {uri: {}}, targetModels: [{modelServerName: llama}]}]}}";
 
 /// A KV connector without prefill/decode groups: nothing uses it.
 const SERVER_WITH_STRAY_CONNECTOR: &str = "{metadata: {name: llama, namespace: default, generation: 2}, spec: \
@@ -170,7 +169,7 @@ fn ignored_fields_are_a_condition_and_one_warning_event_until_they_change() {
         .iter()
         .map(|field| field.path.as_str())
         .collect();
-    assert_eq!(paths, ["spec.rateLimit"]);
+    assert_eq!(paths, ["spec.rules[0].modelMatch.uri"]);
     let status = route_status(report, &all_acked(1), None, ts(0));
     let ignored = find(&status.conditions, "IgnoredFields");
     assert_eq!(
@@ -180,7 +179,7 @@ fn ignored_fields_are_a_condition_and_one_warning_event_until_they_change() {
     assert_eq!(
         ignored.message,
         "set but not acted on by the router: \
-         spec.rateLimit: token rate limits are not enforced yet: requests are not limited"
+         spec.rules[0].modelMatch.uri: sets none of exact, prefix or regex, so it holds for any path"
     );
     assert_eq!(find(&status.conditions, "Accepted").status, "True");
     let events = warning_events(report, &[]);

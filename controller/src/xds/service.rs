@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use switchyard_runtime::clock::unix_ms_now;
-use switchyard_snapshot::{Nack, pb};
+use switchyard_snapshot::{MAX_UNKNOWN_KEY_IDS, Nack, bounded_key_id, pb};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -53,6 +53,9 @@ pub struct RoutingDiscoveryService {
     /// Flips to `true` when the server shuts down: bidi streams never end on
     /// their own, so graceful shutdown has to end them.
     closing: Arc<watch::Sender<bool>>,
+    /// Where dataplanes' unknown JWT key ids go (the JWKS refresher); None
+    /// drops them.
+    key_hints: Option<mpsc::Sender<Vec<String>>>,
 }
 
 impl RoutingDiscoveryService {
@@ -68,7 +71,14 @@ impl RoutingDiscoveryService {
             settings: StreamSettings::default(),
             ejections: Arc::default(),
             closing: Arc::new(watch::channel(false).0),
+            key_hints: None,
         }
+    }
+
+    /// Sends the key ids of dataplanes' unknown-key hints to `hints`.
+    pub fn with_key_hints(mut self, hints: mpsc::Sender<Vec<String>>) -> Self {
+        self.key_hints = Some(hints);
+        self
     }
 
     /// Dataplanes' outlier reports go to `ejections`.
@@ -122,6 +132,7 @@ struct SnapshotStream {
     entry: RegistryEntry,
     requests_seen: u64,
     next_nonce: u64,
+    key_hints: Option<mpsc::Sender<Vec<String>>>,
 }
 
 /// Why a stream task ended.
@@ -163,6 +174,7 @@ impl SnapshotStream {
             entry,
             requests_seen: 0,
             next_nonce: 0,
+            key_hints: service.key_hints.clone(),
         }
     }
 
@@ -256,6 +268,26 @@ impl SnapshotStream {
         Ok(())
     }
 
+    /// Hands a dataplane's unknown JWT key ids (bounded: they come from
+    /// client tokens) to the JWKS refresher; dropped when it is busy.
+    fn forward_key_hint(&self, key_ids: &[String]) {
+        let Some(hints) = &self.key_hints else {
+            return;
+        };
+        let key_ids: Vec<String> = key_ids
+            .iter()
+            .take(MAX_UNKNOWN_KEY_IDS)
+            .map(|kid| bounded_key_id(kid).to_owned())
+            .collect();
+        tracing::debug!(
+            stream_id = self.status.stream_id,
+            node_id = self.status.node_id.as_deref().unwrap_or_default(),
+            ?key_ids,
+            "dataplane saw JWTs signed by unknown keys"
+        );
+        let _ = hints.try_send(key_ids);
+    }
+
     fn handle_request(&mut self, request: pb::SnapshotRequest) {
         self.requests_seen += 1;
         if self.requests_seen == 1 {
@@ -271,10 +303,15 @@ impl SnapshotStream {
                 "dataplane connected"
             );
         }
+        if !request.unknown_jwt_key_ids.is_empty() {
+            self.forward_key_hint(&request.unknown_jwt_key_ids);
+        }
         if let Some(report) = &request.outlier_report {
-            // Not an ACK or NACK: a request of its own.
             let node_id = self.status.node_id.as_deref().unwrap_or_default();
             self.ejections.report(node_id, report, unix_ms_now());
+        }
+        if request.type_url.is_empty() && request.response_nonce.is_empty() {
+            // A hint or a report only, not an ACK or NACK.
             return;
         }
         let Some(resource) = ResourceType::from_type_url(&request.type_url) else {

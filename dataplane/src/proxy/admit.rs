@@ -31,17 +31,31 @@ pub const PROXIED_PATHS: [&str; 4] = [
 /// The path that lists the served models.
 pub const MODELS_PATH: &str = "/v1/models";
 
-/// What an admitted request asks for.
-///
-/// Not boxed: it lives on the stack for one move, where a box would be an
-/// allocation per request.
+/// What an admitted request asks for. Its body is not read yet: the
+/// request is authenticated from its head first.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum Admitted {
+pub enum Admitted<B> {
     /// An inference request: proxied to an engine.
-    Inference(InferenceRequest),
+    Inference(UnreadRequest<B>),
     /// `GET /v1/models`: answered by the router itself.
-    ListModels,
+    ListModels(Parts),
+}
+
+impl<B> Admitted<B> {
+    /// The request head (headers, method, URI).
+    pub fn head_mut(&mut self) -> &mut Parts {
+        match self {
+            Self::Inference(request) => &mut request.head,
+            Self::ListModels(head) => head,
+        }
+    }
+}
+
+/// An inference request whose head passed the checks.
+#[derive(Debug)]
+pub struct UnreadRequest<B> {
+    pub head: Parts,
+    body: B,
 }
 
 /// A well-formed inference request.
@@ -72,17 +86,8 @@ impl Default for BodyLimits {
     }
 }
 
-/// Admits `request` or says why not; its body's bytes are charged to
-/// `reservation` as they arrive.
-pub async fn admit<B>(
-    request: Request<B>,
-    limits: &BodyLimits,
-    reservation: &mut BodyReservation<'_>,
-) -> Result<Admitted, ApiError>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BodyError>,
-{
+/// Admits `request`'s head (method, path, content type) or says why not.
+pub fn admit<B>(request: Request<B>) -> Result<Admitted<B>, ApiError> {
     let path = request.uri().path();
     if PROXIED_PATHS.contains(&path) {
         if request.method() != Method::POST {
@@ -98,7 +103,7 @@ where
                 "/v1/models only accepts GET",
             ));
         }
-        return Ok(Admitted::ListModels);
+        return Ok(Admitted::ListModels(request.into_parts().0));
     } else {
         return Err(ApiError::new(
             ErrorKind::UnknownPath,
@@ -110,9 +115,29 @@ where
     }
     let (head, body) = request.into_parts();
     check_content_type(&head.headers)?;
-    let body = read_body(body, &head.headers, limits, reservation).await?;
-    let parsed = parse_body(&body)?;
-    Ok(Admitted::Inference(InferenceRequest { head, body, parsed }))
+    Ok(Admitted::Inference(UnreadRequest { head, body }))
+}
+
+impl<B> UnreadRequest<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BodyError>,
+{
+    /// Reads the body within `limits`, its bytes charged to `reservation` as
+    /// they arrive, and parses what routing needs.
+    pub async fn read(
+        self,
+        limits: &BodyLimits,
+        reservation: &mut BodyReservation<'_>,
+    ) -> Result<InferenceRequest, ApiError> {
+        let body = read_body(self.body, &self.head.headers, limits, reservation).await?;
+        let parsed = parse_body(&body)?;
+        Ok(InferenceRequest {
+            head: self.head,
+            body,
+            parsed,
+        })
+    }
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -253,13 +278,30 @@ mod tests {
         },
     };
 
-    async fn admit_small<B>(request: Request<B>) -> Result<Admitted, ApiError>
+    /// Admits and reads within [`SMALL`]: None for the model listing.
+    async fn admit_small<B>(request: Request<B>) -> Result<Option<InferenceRequest>, ApiError>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BodyError>,
     {
         let budget = BodyBudget::new(1024, 1, 64);
-        admit(request, &SMALL, &mut budget.reservation()).await
+        admit_within(request, &SMALL, &mut budget.reservation()).await
+    }
+
+    /// Admits and reads within `limits`, charging `reservation`.
+    async fn admit_within<B>(
+        request: Request<B>,
+        limits: &BodyLimits,
+        reservation: &mut BodyReservation<'_>,
+    ) -> Result<Option<InferenceRequest>, ApiError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BodyError>,
+    {
+        match admit(request)? {
+            Admitted::Inference(request) => request.read(limits, reservation).await.map(Some),
+            Admitted::ListModels(_) => Ok(None),
+        }
     }
 
     async fn admit_one(
@@ -267,7 +309,7 @@ mod tests {
         path: &str,
         content_type: Option<&str>,
         body: &'static str,
-    ) -> Result<Admitted, ApiError> {
+    ) -> Result<Option<InferenceRequest>, ApiError> {
         let mut request = Request::builder().method(method).uri(path);
         if let Some(content_type) = content_type {
             request = request.header(header::CONTENT_TYPE, content_type);
@@ -278,7 +320,7 @@ mod tests {
         admit_small(request).await
     }
 
-    fn kind(result: Result<Admitted, ApiError>) -> ErrorKind {
+    fn kind(result: Result<Option<InferenceRequest>, ApiError>) -> ErrorKind {
         result.expect_err("refused").kind
     }
 
@@ -293,7 +335,7 @@ mod tests {
             )
             .await
             .expect("admitted");
-            let Admitted::Inference(request) = admitted else {
+            let Some(request) = admitted else {
                 panic!("{path}: an inference request");
             };
             assert_eq!(request.parsed.model, "m");
@@ -323,7 +365,7 @@ mod tests {
     async fn models_listing_is_get_only() {
         assert!(matches!(
             admit_one(Method::GET, MODELS_PATH, None, "").await,
-            Ok(Admitted::ListModels)
+            Ok(None)
         ));
         assert_eq!(
             kind(admit_one(Method::POST, MODELS_PATH, None, "{}").await),
@@ -445,7 +487,11 @@ mod tests {
             ))
             .expect("request");
         let mut reservation = budget.reservation();
-        assert!(admit(keeping_up, &limits, &mut reservation).await.is_ok());
+        assert!(
+            admit_within(keeping_up, &limits, &mut reservation)
+                .await
+                .is_ok()
+        );
         drop(reservation);
         // 10 bytes every 4 s falls behind: 10 s + 1 s per 10 bytes.
         let started = clock::now();
@@ -455,7 +501,7 @@ mod tests {
                 Duration::from_secs(4),
             ))
             .expect("request");
-        let error = admit(parked, &limits, &mut budget.reservation())
+        let error = admit_within(parked, &limits, &mut budget.reservation())
             .await
             .expect_err("too slow");
         assert_eq!(error.kind, ErrorKind::BodyTimeout);
@@ -477,7 +523,7 @@ mod tests {
             .header(header::CONTENT_LENGTH, "50")
             .body(Full::new(Bytes::from_static(&[b' '; 50])))
             .expect("request");
-        let error = admit(declared, &SMALL, &mut budget.reservation())
+        let error = admit_within(declared, &SMALL, &mut budget.reservation())
             .await
             .expect_err("no room");
         assert_eq!(error.kind, ErrorKind::Overloaded);
@@ -490,7 +536,7 @@ mod tests {
             ))
             .expect("request");
         let mut reservation = budget.reservation();
-        let error = admit(chunked, &SMALL, &mut reservation)
+        let error = admit_within(chunked, &SMALL, &mut reservation)
             .await
             .expect_err("no room");
         assert_eq!(error.kind, ErrorKind::Overloaded);
@@ -501,7 +547,7 @@ mod tests {
             .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
             .expect("request");
         let mut reservation = budget.reservation();
-        assert!(admit(fits, &SMALL, &mut reservation).await.is_ok());
+        assert!(admit_within(fits, &SMALL, &mut reservation).await.is_ok());
         assert_eq!(reservation.bytes(), 13, "held while the request is");
     }
 
@@ -513,7 +559,7 @@ mod tests {
                 Duration::ZERO,
             ))
             .expect("request");
-        let Ok(Admitted::Inference(request)) = admit_small(request).await else {
+        let Ok(Some(request)) = admit_small(request).await else {
             panic!("admitted");
         };
         assert_eq!(request.body, r#"{"model":"m"}"#);

@@ -1,9 +1,11 @@
 //! The traffic listener: OpenAI API requests in, engine responses streamed
 //! back. A request goes through named phases, each in its own module:
 //!
-//! 1. [`admit`]: method, path, content type, body limit, body parse;
-//! 2. [`authenticate`]: who sent it (an [`Identity`]);
-//! 3. [`admission`]: may it go upstream now (rate limits, fairness queue);
+//! 1. [`admit`]: method, path, content type; then, once the request is
+//!    authenticated, body limit and body parse;
+//! 2. [`authenticate`]: who sent it (an [`Identity`]), from its head alone;
+//! 3. [`admission`]: may it go upstream now (token rate limits; the
+//!    fairness queue's place);
 //! 4. [`route`]: ModelRoute, rule and ModelServer; the body edits;
 //! 5. [`schedule`]: the ranked candidate pods (prefill/decode pairs for a
 //!    ModelServer that disaggregates them), the request id;
@@ -144,16 +146,33 @@ impl<U: Upstream> Proxy<U> {
         B: Body<Data = Bytes>,
         B::Error: Into<BodyError>,
     {
+        let mut admitted = admit::admit(request)?;
+        let table = self.store.table().ok_or_else(not_ready)?;
+        let identity = authenticate::authenticate(
+            table.authenticator.as_ref(),
+            admitted.head_mut(),
+            self.store.unknown_keys(),
+        )?;
+        record.set_identity(&identity);
         // Held until the request is forwarded: its body's bytes are in use till then.
         let mut reservation = self.budget.reservation();
-        let request = match admit::admit(request, &self.config.body, &mut reservation).await? {
-            Admitted::Inference(request) => request,
-            Admitted::ListModels => return self.list_models(),
+        let request = match admitted {
+            Admitted::Inference(request) => {
+                request.read(&self.config.body, &mut reservation).await?
+            }
+            Admitted::ListModels(_) => {
+                return Ok(json_response(StatusCode::OK, table.models_body.clone()));
+            }
         };
         record.set_model(&request.parsed.model);
-        let identity = authenticate::authenticate(&request)?;
-        admission::admission(&identity, &request).await?;
-        let table = self.store.table().ok_or_else(not_ready)?;
+        admission::admission(
+            &table.rate_limits,
+            self.store.rate_limiting(),
+            &identity,
+            &request,
+            record,
+        )
+        .await?;
         let routed = route::route(&table, &request, record)?;
         if routed.decision.server.prefill_decode.is_some() {
             return self.pairs(&table, request, routed, record).await;
@@ -239,11 +258,6 @@ impl<U: Upstream> Proxy<U> {
             routed.hide_usage_chunk,
             record,
         ))
-    }
-
-    fn list_models(&self) -> Result<Response<ProxyBody<U::Body>>, ApiError> {
-        let table = self.store.table().ok_or_else(not_ready)?;
-        Ok(json_response(StatusCode::OK, table.models_body.clone()))
     }
 }
 
@@ -348,10 +362,24 @@ mod tests {
         }
 
         async fn call(&self, method: Method, path: &str, body: &'static str) -> Answer {
-            let request = Request::builder()
+            self.call_with(method, path, &[], body).await
+        }
+
+        async fn call_with(
+            &self,
+            method: Method,
+            path: &str,
+            headers: &[(&'static str, &'static str)],
+            body: &'static str,
+        ) -> Answer {
+            let mut request = Request::builder()
                 .method(method)
                 .uri(path)
-                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::CONTENT_TYPE, "application/json");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let request = request
                 .body(Full::new(Bytes::from_static(body.as_bytes())))
                 .expect("request");
             let response: Response<ProxyBody<ScriptedBody>> = self.proxy.handle(request).await;
@@ -548,6 +576,181 @@ mod tests {
         let answer = h.call(Method::GET, "/v1/models", "").await;
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.json()["data"][0]["id"], "m");
+    }
+
+    const HELLO_WORLD: &str =
+        r#"{"model":"m","messages":[{"role":"user","content":"hello world"}]}"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn authentication_guards_every_api_path_and_keeps_credentials_from_engines() {
+        use sha2::Digest;
+        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
+        config.auth = Some(pb::AuthConfig {
+            api_keys: vec![pb::ApiKey {
+                key_sha256: sha2::Sha256::digest(b"sk-alice").to_vec(),
+                user_id: "alice".into(),
+                tier: String::new(),
+            }],
+            jwt: None,
+        });
+        let h = harness_of(
+            config,
+            ScriptedUpstream::new([Script::json(200, USAGE_BODY)]),
+        );
+        let refused = h.post("/v1/completions", r#"{"model":"m"}"#).await;
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            refused.headers["www-authenticate"],
+            "Bearer realm=\"switchyard\""
+        );
+        assert_eq!(refused.json()["error"]["code"], "invalid_authentication");
+        let wrong = [("authorization", "Bearer sk-mallory")];
+        let refused = h
+            .call_with(Method::POST, "/v1/completions", &wrong, "{}")
+            .await;
+        assert_eq!(
+            refused.json()["error"]["message"],
+            "the API key is not valid"
+        );
+        assert_eq!(
+            h.call(Method::GET, "/v1/models", "").await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert!(
+            h.proxy.upstream.sent().is_empty(),
+            "nothing reached an engine"
+        );
+        let key = [
+            ("authorization", "Bearer sk-alice"),
+            ("x-api-key", "sk-alice"),
+        ];
+        let listed = h.call_with(Method::GET, "/v1/models", &key, "").await;
+        assert_eq!(listed.status, StatusCode::OK);
+        let served = h
+            .call_with(Method::POST, "/v1/completions", &key, r#"{"model":"m"}"#)
+            .await;
+        assert_eq!(served.status, StatusCode::OK);
+        let sent = h.proxy.upstream.sent();
+        assert!(
+            !sent[0].headers.contains_key("authorization")
+                && !sent[0].headers.contains_key("x-api-key"),
+            "{:?}",
+            sent[0].headers
+        );
+        assert_eq!(
+            h.metric(r#"kthena_router_requests_total{error_type="invalid_authentication",model="unknown",path="/v1/completions",status_code="401"}"#),
+            Some(2.0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limited_route_admits_its_budget_with_headers_then_refuses_with_429() {
+        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
+        config.routes[0].rate_limit = Some(pb::RateLimit {
+            input_tokens_per_unit: 30,
+            output_tokens_per_unit: 100,
+            unit: "minute".into(),
+            ..Default::default()
+        });
+        let h = harness_of(
+            config,
+            ScriptedUpstream::new((0..3).map(|_| Script::json(200, USAGE_BODY))),
+        );
+        for remaining in ["20", "10", "0"] {
+            let answer = h.post("/v1/chat/completions", HELLO_WORLD).await;
+            assert_eq!(answer.status, StatusCode::OK);
+            assert_eq!(answer.headers["x-ratelimit-limit-tokens"], "30");
+            assert_eq!(answer.headers["x-ratelimit-remaining-tokens"], remaining);
+        }
+        let refused = h.post("/v1/chat/completions", HELLO_WORLD).await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.headers["retry-after"], "20");
+        assert_eq!(refused.headers["x-ratelimit-remaining-tokens"], "0");
+        assert_eq!(refused.json()["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(h.proxy.upstream.sent().len(), 3);
+        assert_eq!(
+            h.metric(r#"kthena_router_rate_limit_exceeded_total{limit_type="input_tokens",model="m",path="/v1/chat/completions"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            h.metric(r#"kthena_router_requests_total{error_type="rate_limit",model="unknown",path="/v1/chat/completions",status_code="429"}"#),
+            Some(1.0)
+        );
+        // A model without a limit is not limited and carries no headers.
+        let other = h.post("/v1/completions", r#"{"model":"other"}"#).await;
+        assert!(!other.headers.contains_key("x-ratelimit-limit-tokens"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_is_charged_in_full_when_the_response_ends() {
+        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
+        config.routes[0].rate_limit = Some(pb::RateLimit {
+            output_tokens_per_unit: 100,
+            unit: "minute".into(),
+            ..Default::default()
+        });
+        const LONG: &str =
+            r#"{"choices":[{"text":"..."}],"usage":{"prompt_tokens":3,"completion_tokens":250}}"#;
+        let h = harness_of(
+            config,
+            ScriptedUpstream::new([Script::json(200, LONG), Script::json(200, LONG)]),
+        );
+        assert_eq!(
+            h.post("/v1/completions", r#"{"model":"m","prompt":"x"}"#)
+                .await
+                .status,
+            StatusCode::OK
+        );
+        let refused = h
+            .post("/v1/completions", r#"{"model":"m","prompt":"x"}"#)
+            .await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            refused.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|message| message.starts_with("output token rate limit exceeded")),
+            "{}",
+            refused.text()
+        );
+        // 150 tokens of debt plus the one needed, at 100 per minute.
+        assert_eq!(refused.headers["retry-after"], "91");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_cut_by_its_client_is_charged_for_the_chunks_it_received() {
+        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
+        config.routes[0].rate_limit = Some(pb::RateLimit {
+            output_tokens_per_unit: 3,
+            unit: "hour".into(),
+            ..Default::default()
+        });
+        let frames = [
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"c\"}}]}\n\n",
+        ];
+        let h = harness_of(config, ScriptedUpstream::new([Script::sse(&frames)]));
+        let request = Request::post("/v1/completions")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"m","prompt":"x","stream":true}"#,
+            )))
+            .expect("request");
+        let response: Response<ProxyBody<ScriptedBody>> = h.proxy.handle(request).await;
+        let mut body = response.into_body();
+        for _ in 0..3 {
+            body.frame().await.expect("a frame").expect("data");
+        }
+        // The client goes away before the stream's end (and its usage).
+        drop(body);
+        let refused = h
+            .post("/v1/completions", r#"{"model":"m","prompt":"x"}"#)
+            .await;
+        assert_eq!(
+            refused.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "3 chunks charged"
+        );
     }
 
     /// Route `m` to a NIXL ModelServer of groups g0 (prefill p0, decode p1)

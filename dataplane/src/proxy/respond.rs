@@ -45,6 +45,7 @@ pub fn respond<B: Body<Data = Bytes> + Unpin>(
     }
     parts.headers.insert(REQUEST_ID_HEADER, request_id);
     record.set_response(parts.status.as_u16(), is_event_stream);
+    record.set_delivered();
     Response::from_parts(
         parts,
         ProxyBody::Upstream(UpstreamBody {
@@ -63,6 +64,12 @@ pub fn hand_over<B>(
     mut response: Response<ProxyBody<B>>,
     mut record: RequestRecord,
 ) -> Response<ProxyBody<B>> {
+    // Every response of a limited request says where its budget stands.
+    if let Some(status) = record.rate_limit_status() {
+        for (name, value) in status.headers() {
+            response.headers_mut().insert(name, value);
+        }
+    }
     let status = response.status().as_u16();
     match response.body_mut() {
         ProxyBody::Upstream(upstream) => upstream.record = Some(record),
@@ -207,6 +214,7 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
             }
         }
         if let Some(mut record) = self.record.take() {
+            record.set_produced_output(self.observer.events_forwarded());
             record.finish(self.observer.usage(), outcome);
         }
         if let Some(guard) = self.guard.take() {
@@ -214,6 +222,20 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
                 pod = %guard.pod().key,
                 usage = ?self.observer.usage(),
                 "response finished"
+            );
+        }
+    }
+}
+
+impl<B> Drop for UpstreamBody<B> {
+    /// The client went away mid-body: the record finishes with what the
+    /// client received (a stream cut short is charged for its chunks).
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.set_produced_output(self.observer.events_forwarded());
+            record.finish(
+                self.observer.usage(),
+                Some(OutcomeLabel::ClientDisconnected),
             );
         }
     }

@@ -24,8 +24,8 @@ pub use inference_pool::{
 };
 pub use manifests::{CrdManifest, crd_yaml, crd_yaml_stream};
 pub use model_route::{
-    BodyMatch, ModelMatch, ModelRoute, ModelRouteSpec, ParentReference, RateLimit, RateLimitUnit,
-    Rule, StringMatch, TargetModel,
+    BodyMatch, FailureMode, GlobalRateLimit, ModelMatch, ModelRoute, ModelRouteSpec,
+    ParentReference, RateLimit, RateLimitUnit, RedisAddress, Rule, StringMatch, TargetModel,
 };
 pub use model_server::{
     DEFAULT_KV_CONNECTOR_TYPE, InferenceEngine, KvConnector, ModelServer, ModelServerSpec, PdGroup,

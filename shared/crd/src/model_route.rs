@@ -183,32 +183,38 @@ pub struct RateLimit {
     /// The period the token counts apply to; default `second`.
     #[serde(default)]
     pub unit: RateLimitUnit,
-    /// A Redis-backed limit shared by every router (accepted for compatibility).
+    /// A budget shared by every router through Redis; absent = each router enforces the limit on its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "global_rate_limit_schema")]
-    pub global: Option<serde_json::Value>,
+    pub global: Option<GlobalRateLimit>,
 }
 
-/// Kept as a raw value in Rust (Switchyard does not implement it), but its shape is still
-/// validated so a typo in a Kthena manifest is reported instead of silently ignored.
-fn global_rate_limit_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "description": "A Redis-backed limit shared by every router (accepted for compatibility).",
-        "type": "object",
-        "nullable": true,
-        "properties": {
-            "redis": {
-                "type": "object",
-                "required": ["address"],
-                "properties": {
-                    "address": {
-                        "description": "Redis `host:port`.",
-                        "type": "string",
-                    },
-                },
-            },
-        },
-    })
+/// Where a limit shared by every router lives.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalRateLimit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisAddress>,
+    /// What routers do while Redis cannot be reached: `FailOpen` (default)
+    /// admits requests unlimited, `FailClose` refuses them. A Switchyard field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
+}
+
+/// A Redis server.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct RedisAddress {
+    /// Redis `host:port`.
+    pub address: String,
+}
+
+/// What a global limit does while its store is unreachable.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FailureMode {
+    /// Admit requests without limiting them.
+    #[default]
+    FailOpen,
+    /// Refuse requests.
+    FailClose,
 }
 
 /// The period a rate limit's token counts apply to.

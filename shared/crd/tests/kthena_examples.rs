@@ -121,7 +121,14 @@ fn example_fields_land_in_the_right_rust_fields() {
         .as_ref()
         .unwrap();
     assert_eq!(
-        global.global.as_ref().unwrap()["redis"]["address"],
+        global
+            .global
+            .as_ref()
+            .unwrap()
+            .redis
+            .as_ref()
+            .unwrap()
+            .address,
         "redis-server.kthena-system.svc.cluster.local:6379"
     );
 

@@ -150,20 +150,44 @@ fn modelroute(route: &pb::ModelRoute) -> Value {
         route.rules.iter().map(rule).collect::<Vec<_>>().into(),
     );
     if let Some(limit) = &route.rate_limit {
-        spec.insert(
-            "rateLimit".into(),
-            json!({
-                "inputTokensPerUnit": limit.input_tokens_per_unit,
-                "outputTokensPerUnit": limit.output_tokens_per_unit,
-                "unit": limit.unit,
-            }),
-        );
+        spec.insert("rateLimit".into(), rate_limit(limit));
     }
     json!({
         "name": route.name,
         "namespace": route.namespace,
         "spec": spec,
     })
+}
+
+/// A `rateLimit` in the CRD's shape (a budget of 0 is one the route does not set).
+pub fn rate_limit(limit: &pb::RateLimit) -> Value {
+    let mut value = Map::new();
+    if limit.input_tokens_per_unit > 0 {
+        value.insert(
+            "inputTokensPerUnit".into(),
+            json!(limit.input_tokens_per_unit),
+        );
+    }
+    if limit.output_tokens_per_unit > 0 {
+        value.insert(
+            "outputTokensPerUnit".into(),
+            json!(limit.output_tokens_per_unit),
+        );
+    }
+    value.insert("unit".into(), json!(limit.unit));
+    if !limit.global_redis_address.is_empty() {
+        let failure_mode = if limit.redis_failure_policy == pb::RedisFailurePolicy::FailClose as i32
+        {
+            "FailClose"
+        } else {
+            "FailOpen"
+        };
+        value.insert(
+            "global".into(),
+            json!({"redis": {"address": limit.global_redis_address}, "failureMode": failure_mode}),
+        );
+    }
+    Value::Object(value)
 }
 
 fn rule(rule: &pb::Rule) -> Value {
@@ -295,6 +319,7 @@ mod tests {
                     input_tokens_per_unit: 1000,
                     output_tokens_per_unit: 500,
                     unit: "second".into(),
+                    ..Default::default()
                 }),
                 ..route("llama2-route", "llama2-7b", "llama2-server")
             }],

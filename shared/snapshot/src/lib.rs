@@ -16,8 +16,8 @@ pub mod scheduler;
 pub mod test_builders;
 
 pub use protocol::{
-    ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType,
-    content_version,
+    ENDPOINT_LOADS_TYPE_URL, MAX_KEY_ID_BYTES, MAX_UNKNOWN_KEY_IDS, NACK_INVALID_ARGUMENT, Nack,
+    ROUTE_CONFIG_TYPE_URL, ResourceType, bounded_key_id, content_version,
 };
 
 /// Key of a ModelServer or pod in the snapshot: `namespace/name`.

@@ -15,6 +15,22 @@ pub const ENDPOINT_LOADS_TYPE_URL: &str = "type.switchyard.dev/switchyard.routin
 /// xDS); [`pb::NackReason`] tells the reasons apart.
 pub const NACK_INVALID_ARGUMENT: i32 = 3;
 
+/// Key ids read from one `unknown_jwt_key_ids` hint: a rotation introduces
+/// one or two keys; the ids come from client tokens, so the list is bounded.
+pub const MAX_UNKNOWN_KEY_IDS: usize = 4;
+/// Longest key id read from a hint; real `kid`s are short (thumbprints, UUIDs).
+pub const MAX_KEY_ID_BYTES: usize = 128;
+
+/// `kid` cut to at most [`MAX_KEY_ID_BYTES`] (on a character boundary), as
+/// both ends bound the key ids of a hint.
+pub fn bounded_key_id(kid: &str) -> &str {
+    let mut end = kid.len().min(MAX_KEY_ID_BYTES);
+    while !kid.is_char_boundary(end) {
+        end -= 1;
+    }
+    &kid[..end]
+}
+
 /// The resource types a stream carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceType {

@@ -18,6 +18,7 @@ use http::{HeaderValue, Method, Version};
 use prometheus::IntCounter;
 use serde::Serialize;
 
+use crate::auth::User;
 use crate::config_file::AccessLoggerSection;
 use crate::pod::PodState;
 use crate::routing::{Route, Server};
@@ -178,6 +179,8 @@ pub struct AccessLogEntry {
     pub upstream_attempts: u32,
     /// (`type`, `message`) of a failed request.
     pub error: Option<(&'static str, String)>,
+    /// The authenticated caller (`user_id`, `tier`).
+    pub user: Option<Arc<User>>,
     /// Prefill/decode requests: the prefill pod (`pod` is the decode pod).
     pub prefill_pod: Option<Arc<PodState>>,
     /// Prefill leg: sent to its answer read whole.
@@ -287,6 +290,8 @@ struct JsonLine<'a> {
     model_server: Option<&'a str>,
     selected_pod: Option<&'a str>,
     request_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    tier: Option<&'a str>,
     input_tokens: u64,
     output_tokens: u64,
     duration_total_ms: u64,
@@ -352,6 +357,8 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
         .as_ref()
         .map(|server| server.key.as_str());
     let pod = entry.pod.as_ref().map(|pod| pod.name.as_str());
+    let user_id = entry.user.as_ref().map(|user| user.user_id.as_str());
+    let tier = entry.user.as_ref().and_then(|user| user.tier.as_deref());
     let prefill_pod = entry.prefill_pod.as_ref().map(|pod| pod.name.as_str());
     match format {
         AccessLogFormat::Json => {
@@ -366,6 +373,8 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 model_server: server,
                 selected_pod: pod,
                 request_id,
+                user_id,
+                tier,
                 input_tokens: entry.input_tokens,
                 output_tokens: entry.output_tokens,
                 duration_total_ms: millis(entry.total),
@@ -407,6 +416,8 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 ("selected_pod", pod),
                 ("prefill_pod", prefill_pod),
                 ("request_id", request_id),
+                ("user_id", user_id),
+                ("tier", tier),
             ];
             for (name, value) in fields {
                 if let Some(value) = value {
@@ -475,6 +486,7 @@ mod tests {
             ttft: Some(Duration::from_millis(120)),
             upstream_attempts: 1,
             error,
+            user: None,
             prefill_pod: None,
             prefill_leg: None,
             decode_leg: None,
@@ -500,13 +512,37 @@ mod tests {
         assert_eq!(line["upstream_attempts"], 1);
         assert_eq!(line["failed_over_from"], serde_json::Value::Null);
         assert_eq!(line["error"], serde_json::Value::Null);
+        assert_eq!(line["user_id"], serde_json::Value::Null);
         let keys: Vec<&str> = line
             .as_object()
             .expect("object")
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 21, "{keys:?}");
+        assert_eq!(keys.len(), 23, "{keys:?}");
+    }
+
+    #[test]
+    fn the_caller_is_named_by_user_id_and_tier() {
+        let mut authenticated = entry(None);
+        authenticated.user = Some(Arc::new(User {
+            user_id: "alice".into(),
+            tier: Some("gold".into()),
+        }));
+        let mut out = Vec::new();
+        format_line(&authenticated, AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(
+            (&line["user_id"], &line["tier"]),
+            (&"alice".into(), &"gold".into())
+        );
+        let mut out = Vec::new();
+        format_line(&authenticated, AccessLogFormat::Text, &mut out);
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.contains(" request_id=550e8400 user_id=alice tier=gold "),
+            "{line}"
+        );
     }
 
     #[test]

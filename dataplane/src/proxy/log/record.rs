@@ -25,11 +25,14 @@ use tokio::sync::oneshot;
 
 use super::Observer;
 use super::access_log::AccessLogEntry;
+use crate::auth::User;
 use crate::error::ApiError;
 use crate::error::MAX_QUOTED_CLIENT_BYTES;
 use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, Phases};
 use crate::pod::PodState;
 use crate::pod::outlier::Ejection;
+use crate::proxy::authenticate::Identity;
+use crate::rate_limit::{Admission, LimitStatus, LimitType, Settlement};
 use crate::request_id::ClientRequestId;
 use crate::response::Usage;
 use crate::routing::{Route, RouteDecision, Server};
@@ -65,6 +68,17 @@ pub struct RequestRecord {
     status: u16,
     is_stream: bool,
     error: Option<(&'static str, String)>,
+    /// The authenticated caller, for the access log.
+    user: Option<Arc<User>>,
+    /// The request's token budget reservation, settled when it finishes.
+    admission: Option<Admission>,
+    /// An engine sent the response (the request was delivered).
+    delivered: bool,
+    /// Attempts that could not connect (their request reached no engine).
+    connect_failures: u32,
+    /// Output chunks that reached the client, the charge of a stream cut
+    /// short before its usage arrived.
+    produced_output: u64,
     finished: bool,
     /// Prefill/decode requests: the prefill pod of the latest pair.
     prefill_pod: Option<Arc<PodState>>,
@@ -128,6 +142,11 @@ impl RequestRecord {
             status: 0,
             is_stream: false,
             error: None,
+            user: None,
+            admission: None,
+            delivered: false,
+            connect_failures: 0,
+            produced_output: 0,
             finished: false,
             prefill_pod: None,
             prefill_leg: PrefillLeg::Unknown,
@@ -135,6 +154,42 @@ impl RequestRecord {
             pd_requests: None,
             kv_transfer_params: None,
         }
+    }
+
+    /// Who sent the request (`user_id` and `tier` in the access log).
+    pub fn set_identity(&mut self, identity: &Identity) {
+        if let Identity::User(user) = identity {
+            self.user = Some(user.clone());
+        }
+    }
+
+    /// The request's token budgets: settled when it finishes.
+    pub fn set_admission(&mut self, admission: Admission) {
+        self.admission = Some(admission);
+    }
+
+    /// The `x-ratelimit-*` values of a response of a limited request.
+    pub fn rate_limit_status(&self) -> Option<LimitStatus> {
+        self.admission.as_ref().and_then(Admission::status)
+    }
+
+    /// A budget refused the request for `model`.
+    pub fn rate_limited(&self, model: &str, limit_type: LimitType) {
+        self.observer
+            .metrics
+            .rate_limit_exceeded_total
+            .with_label_values(&[model, limit_type.as_str(), self.path.as_str()])
+            .inc();
+    }
+
+    /// The response comes from an engine.
+    pub fn set_delivered(&mut self) {
+        self.delivered = true;
+    }
+
+    /// Output chunks the client received so far.
+    pub fn set_produced_output(&mut self, chunks: u64) {
+        self.produced_output = chunks;
     }
 
     /// The body named `model`.
@@ -257,7 +312,8 @@ impl RequestRecord {
     }
 
     /// The attempt could not connect to its pod.
-    pub fn connect_failed(&self) {
+    pub fn connect_failed(&mut self) {
+        self.connect_failures += 1;
         if let Some(server) = &self.server {
             let resolved = self.observer.metrics.resolved();
             if let Some(counter) = resolved.connect_errors(&server.key) {
@@ -305,7 +361,7 @@ impl RequestRecord {
     /// The router answers with `error` itself.
     pub fn fail(&mut self, error: &ApiError) {
         self.status = error.kind.status().as_u16();
-        self.error = Some((error.kind.code(), error.message.clone()));
+        self.error = Some((error.kind.error_type(), error.message.clone()));
     }
 
     /// The response head going to the client.
@@ -329,6 +385,14 @@ impl RequestRecord {
         self.finished = true;
         if self.status == 0 {
             self.status = CLIENT_CLOSED_REQUEST;
+        }
+        if let Some(admission) = self.admission.take() {
+            admission.settle(Settlement {
+                // An attempt that connected sent the request to an engine.
+                forwarded: self.delivered || self.attempts > self.connect_failures,
+                prompt_tokens: usage.map(|usage| usage.prompt_tokens),
+                output_tokens: usage.map_or(self.produced_output, |usage| usage.completion_tokens),
+            });
         }
         let ended = clock::now();
         let total = ended.duration_since(self.started);
@@ -433,6 +497,7 @@ impl RequestRecord {
             ttft,
             upstream_attempts: self.attempts,
             error,
+            user: self.user.take(),
             prefill_pod: self.prefill_pod.take(),
             prefill_leg,
             decode_leg,
