@@ -1,7 +1,8 @@
 //! Wires the dataplane together: snapshot store, controller stream, the
-//! traffic workers, the metrics and debug servers, all supervised by one task
-//! set. This runs on the control thread; the traffic workers run on their own
-//! threads (see [`workers`]).
+//! traffic workers, the Gateway listener ports, the metrics and debug servers
+//! and the endpoint picker, all supervised by one task set. This runs on the
+//! control thread (Gateway listener ports included); the traffic workers run
+//! on their own threads (see [`workers`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,9 +13,13 @@ use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind}
 use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
+use crate::endpoint_picker::{EndpointPicker, serve_endpoint_picker};
 use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyBudget, BodyDeadline, ConnectionLimit};
+use crate::listener_ports::{PortSettings, PortStates, serve_listener_ports};
 use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::per_worker;
+use crate::providers::ProviderClients;
+use crate::proxy::forward::Http1Upstream;
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLogConfig, AccessLogWriter};
 use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
@@ -60,6 +65,66 @@ pub fn main(args: Args) -> Result<(), AppError> {
     })
 }
 
+/// The TLS settings and token of the controller stream, from the flags.
+fn stream_credentials(
+    args: &Args,
+    controller: &http::Uri,
+) -> Result<xds_client::StreamCredentials, AppError> {
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path)
+            .map_err(|error| AppError::Config(format!("{flag} {}: {error}", path.display())))
+    };
+    let https = controller.scheme_str() == Some("https");
+    let mut credentials = xds_client::StreamCredentials::default();
+    if https {
+        // The stream's certificate comes from the cluster's own CA, never a public one.
+        let ca = args.controller_ca.as_deref().ok_or_else(|| {
+            AppError::Config(
+                "an https:// --controller needs --controller-ca (the CA that signed the controller's certificate)".to_owned(),
+            )
+        })?;
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(read(ca, "--controller-ca")?),
+        );
+        match (&args.controller_cert, &args.controller_key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert, "--controller-cert")?,
+                    read(key, "--controller-key")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(AppError::Config(
+                    "--controller-cert and --controller-key go together".to_owned(),
+                ));
+            }
+        }
+        credentials.tls = Some(tls);
+    } else if args.controller_ca.is_some()
+        || args.controller_cert.is_some()
+        || args.controller_token_file.is_some()
+    {
+        return Err(AppError::Config(
+            "--controller-ca, --controller-cert and --controller-token-file need an https:// --controller (the token would travel in clear)".to_owned(),
+        ));
+    }
+    if let Some(path) = &args.controller_token_file {
+        let token = read(path, "--controller-token-file")?;
+        let token = String::from_utf8_lossy(&token).trim().to_owned();
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}").parse().map_err(|_| {
+                AppError::Config(format!(
+                    "--controller-token-file {}: not a valid header value",
+                    path.display()
+                ))
+            })?;
+        value.set_sensitive(true);
+        credentials.authorization = Some(value);
+    }
+    Ok(credentials)
+}
+
 /// Runs the dataplane until `shutdown` is cancelled, then drains.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError> {
     let controller: http::Uri = args.controller.parse().map_err(|error| {
@@ -103,7 +168,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         store: store.clone(),
         controller: status.clone(),
         metrics: metrics.clone(),
+        listener_ports: Arc::new(PortStates::default()),
     });
+    let provider_clients = ProviderClients::new(args.provider_ca_bundle.as_deref())
+        .map_err(|error| AppError::Config(error.to_string()))?;
     let sink = Arc::new(ObservedStore {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -117,6 +185,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let mut tasks = TaskSet::new(shutdown);
     let unknown_keys = store.unknown_keys().clone();
     let xds_config = XdsClientConfig {
+        security: stream_credentials(&args, &controller)?,
         controller,
         node_id: args.resolved_node_id(),
         ..XdsClientConfig::default()
@@ -147,24 +216,53 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     // One limit for all workers: it is taken per connection, not per request.
     let traffic_settings = settings(args.max_connections);
     let metrics_on_traffic_port = args.expose_metrics_on_router_port.then(|| admin.clone());
+    // Each proxy has its own pools: pods over the HTTP/1.1 client, providers
+    // over HTTPS clients built from the one trust configuration.
+    let proxy = |access_log| {
+        let observer = Arc::new(Observer {
+            metrics: metrics.clone(),
+            access_log,
+        });
+        let upstream = Http1Upstream::new(metrics.health.connections.clone())
+            .with_providers(provider_clients.with_own_pools());
+        Proxy::with_upstream(store.clone(), proxy_config.clone(), observer, upstream)
+    };
     for (index, listener) in traffic.into_iter().enumerate() {
         let worker = TrafficWorker {
             index,
             listener,
+            traffic_port: args.port,
             // Its own observer: what requests count on is the worker's alone.
-            proxy: Proxy::new(
-                store.clone(),
-                proxy_config.clone(),
-                Arc::new(Observer {
-                    metrics: metrics.clone(),
-                    access_log: access_log.worker_log(),
-                }),
-            ),
+            proxy: proxy(access_log.worker_log()),
             metrics_on_traffic_port: metrics_on_traffic_port.clone(),
             settings: traffic_settings.clone(),
         };
         tasks.spawn_graceful("traffic worker", |stop| workers::run(worker, stop));
     }
+    // Gateway listener ports come and go with snapshots and carry little
+    // traffic next to the traffic port: they are served on this (control)
+    // thread, by a proxy of their own, rather than by every worker.
+    let listener_proxy = Arc::new(proxy(access_log.worker_log()));
+    let port_settings = PortSettings {
+        host: args.host,
+        reserved: [args.port, args.metrics_port, args.debug_port].into(),
+        // One connection budget for the traffic port and every Gateway port.
+        connections: traffic_settings.clone(),
+    };
+    let listener_ports = store.listener_ports();
+    let port_states = admin.listener_ports.clone();
+    tasks.spawn_graceful("Gateway listener ports", |stop| {
+        serve_listener_ports(
+            listener_ports,
+            port_settings,
+            port_states,
+            stop,
+            move |request| {
+                let proxy = listener_proxy.clone();
+                async move { proxy.handle(request).await }
+            },
+        )
+    });
     let metrics_admin = admin.clone();
     tasks.spawn_graceful("metrics server", |stop| {
         serve(
@@ -188,6 +286,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             },
         )
     });
+    if let (Some(port), Some(pool)) = (args.endpoint_picker_port, args.endpoint_picker_pool) {
+        let (listener, addr) = bind("endpoint picker", SocketAddr::new(args.host, port)).await?;
+        tracing::info!(%addr, %pool, "endpoint picker (ext_proc) listening");
+        let picker = EndpointPicker::new(store.clone(), pool, args.max_body_bytes);
+        tasks.spawn_graceful("endpoint picker", |stop| {
+            serve_endpoint_picker(listener, picker, stop)
+        });
+    }
     tasks.spawn_graceful("shutdown notice", |stop| async move {
         stop.cancelled().await;
         tracing::info!("shutting down: draining in-flight requests");

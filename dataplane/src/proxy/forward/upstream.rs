@@ -13,6 +13,7 @@ use http_body::Body;
 use http_body_util::Full;
 
 use crate::error::BodyError;
+use crate::providers::Provider;
 
 /// Idle upstream connections are kept this long: engines keep connections
 /// open much longer, and reconnecting costs a handshake on the request path.
@@ -49,6 +50,14 @@ pub trait Upstream: Send + Sync + 'static {
     /// Never [`UpstreamError::Timeout`]: the caller bounds the wait.
     fn send(
         &self,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Self::Body>, UpstreamError>> + Send;
+
+    /// Sends one request to an external provider (an `https://` URI).
+    /// Never [`UpstreamError::Timeout`].
+    fn send_to_provider(
+        &self,
+        provider: &Provider,
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<Response<Self::Body>, UpstreamError>> + Send;
 }

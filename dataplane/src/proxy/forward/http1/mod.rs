@@ -4,7 +4,7 @@
 //! Each traffic worker has its own [`Http1Upstream`], hence its own pool: a
 //! connection is opened, used and reused on one thread only. Sending writes
 //! the request head and body in one `writev` and reads the response head on
-//! the request's task; the response body ([`EngineBody`]) reads the socket
+//! the request's task; the response body ([`PodBody`]) reads the socket
 //! when the client's connection polls it for the next frame, and hands back
 //! every chunk already read before it reads again, so a burst of stream
 //! chunks reaches the client in one write. No task is spawned per connection
@@ -18,6 +18,10 @@
 //! pool; a reused connection that fails before any byte of the response
 //! arrived is replaced once by a new one, as the engine closed it before it
 //! could have read the request.
+//!
+//! External providers are reached over HTTPS (and HTTP/2 where offered)
+//! with hyper's client instead ([`ProviderClients`], pools of this worker's
+//! own); [`EngineBody`] is either kind of answer.
 
 mod codec;
 mod pool;
@@ -33,6 +37,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
+use hyper::body::Incoming;
 use switchyard_runtime::clock;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -41,28 +46,41 @@ use self::codec::{BodyDecoder, Decoded, ProtocolError};
 use self::pool::Pool;
 use super::upstream::{UPSTREAM_CONNECT_TIMEOUT, Upstream, UpstreamError};
 use crate::health::connections::{ConnectionCounts, OpenConnection};
+use crate::providers::{Provider, ProviderClients};
 
 /// Read buffer of a new connection: a response head and a few stream chunks.
 const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Free space a read asks for at least.
 const MIN_READ_BYTES: usize = 4 * 1024;
 
-/// The HTTP/1.1 client of one traffic worker.
+/// The HTTP/1.1 client of one traffic worker, and its HTTPS clients for
+/// external providers.
 #[derive(Debug)]
 pub struct Http1Upstream {
     pool: Arc<Pool>,
     /// Open connections per pod, shared by the workers (touched per
     /// connection opened or closed, never per request).
     connections: Arc<ConnectionCounts>,
+    /// hyper's pooled HTTPS clients (providers speak TLS and often HTTP/2);
+    /// None when none could be built (see the start-up log).
+    providers: Option<ProviderClients>,
 }
 
 impl Http1Upstream {
-    /// A client whose open connections per pod are counted in `connections`.
+    /// A client whose open connections per pod are counted in `connections`,
+    /// without provider clients.
     pub fn new(connections: Arc<ConnectionCounts>) -> Self {
         Self {
             pool: Arc::default(),
             connections,
+            providers: None,
         }
+    }
+
+    /// Sends to external providers with `providers`.
+    pub fn with_providers(mut self, providers: ProviderClients) -> Self {
+        self.providers = Some(providers);
+        self
     }
 }
 
@@ -152,14 +170,14 @@ impl Upstream for Http1Upstream {
             match exchange(&mut connection, &body).await {
                 Ok(head) => {
                     let (response, ()) = head.response.into_parts();
-                    let body = EngineBody {
+                    let body = PodBody {
                         decoder: BodyDecoder::new(head.framing),
                         keep_alive: head.keep_alive,
                         connection: Some(connection),
                         pool: self.pool.clone(),
                         addr,
                     };
-                    return Ok(Response::from_parts(response, body));
+                    return Ok(Response::from_parts(response, EngineBody::Pod(body)));
                 }
                 Err(failed) if failed.nothing_received && connection.reused => {
                     tracing::debug!(pod = %addr, error = failed.error, "pooled connection was closed; reconnecting");
@@ -167,6 +185,23 @@ impl Upstream for Http1Upstream {
                 }
                 Err(failed) => return Err(UpstreamError::BeforeHeaders(failed.error)),
             }
+        }
+    }
+
+    async fn send_to_provider(
+        &self,
+        provider: &Provider,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<EngineBody>, UpstreamError> {
+        let Some(clients) = &self.providers else {
+            return Err(UpstreamError::Connect(
+                "no HTTPS client for external providers".to_owned(),
+            ));
+        };
+        match clients.for_provider(provider).request(request).await {
+            Ok(response) => Ok(response.map(EngineBody::Provider)),
+            Err(error) if error.is_connect() => Err(UpstreamError::Connect(error.to_string())),
+            Err(error) => Err(UpstreamError::BeforeHeaders(error.to_string())),
         }
     }
 }
@@ -242,12 +277,53 @@ pub enum EngineBodyError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    #[error("reading the provider's response: {0}")]
+    Provider(#[from] hyper::Error),
 }
 
-/// An engine's response body, read from its connection as the client's side
+/// The body of an answer: a pod's, read by this client, or an external
+/// provider's, read by hyper.
+#[derive(Debug)]
+pub enum EngineBody {
+    Pod(PodBody),
+    Provider(Incoming),
+}
+
+impl Body for EngineBody {
+    type Data = Bytes;
+    type Error = EngineBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, EngineBodyError>>> {
+        match self.get_mut() {
+            Self::Pod(body) => Pin::new(body).poll_frame(cx),
+            Self::Provider(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(EngineBodyError::Provider),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Pod(body) => body.is_end_stream(),
+            Self::Provider(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Pod(body) => body.size_hint(),
+            Self::Provider(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A pod's response body, read from its connection as the client's side
 /// asks for it.
 #[derive(Debug)]
-pub struct EngineBody {
+pub struct PodBody {
     decoder: BodyDecoder,
     keep_alive: bool,
     /// Until the body ends or fails.
@@ -256,7 +332,7 @@ pub struct EngineBody {
     addr: SocketAddr,
 }
 
-impl EngineBody {
+impl PodBody {
     /// The body is read to its end: its connection goes back to the pool
     /// when the engine keeps it alive and sent nothing more.
     fn release(&mut self) {
@@ -278,7 +354,7 @@ impl EngineBody {
     }
 }
 
-impl Body for EngineBody {
+impl Body for PodBody {
     type Data = Bytes;
     type Error = EngineBodyError;
 
