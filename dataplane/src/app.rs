@@ -208,6 +208,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             worker_count,
             args.max_body_bytes,
         )),
+        traffic_port: args.port,
     };
     let settings = |max_connections| ConnectionSettings {
         idle_timeout: args.idle_timeout,
@@ -231,7 +232,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         let worker = TrafficWorker {
             index,
             listener,
-            traffic_port: args.port,
             // Its own observer: what requests count on is the worker's alone.
             proxy: proxy(access_log.worker_log()),
             metrics_on_traffic_port: metrics_on_traffic_port.clone(),

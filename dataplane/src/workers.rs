@@ -20,7 +20,6 @@ use switchyard_runtime::CancellationToken;
 use tokio::sync::oneshot;
 
 use crate::admin::Admin;
-use crate::gateway::Arrival;
 use crate::per_worker;
 use crate::proxy::{Proxy, ProxyBody};
 use crate::server::{ConnectionSettings, serve};
@@ -31,8 +30,6 @@ pub struct TrafficWorker {
     pub index: usize,
     /// Its listener on the traffic port.
     pub listener: std::net::TcpListener,
-    /// The traffic port's number (Gateway listeners on it are served here).
-    pub traffic_port: u16,
     pub proxy: Proxy,
     /// Serves `/metrics` on the traffic port too (`--expose-metrics-on-router-port`).
     pub metrics_on_traffic_port: Option<Arc<Admin>>,
@@ -79,7 +76,6 @@ fn serve_on_this_thread(worker: TrafficWorker, stop: CancellationToken) -> Resul
     let TrafficWorker {
         index,
         listener,
-        traffic_port,
         proxy,
         metrics_on_traffic_port,
         settings,
@@ -94,7 +90,6 @@ fn serve_on_this_thread(worker: TrafficWorker, stop: CancellationToken) -> Resul
         let listener = tokio::net::TcpListener::from_std(listener).map_err(start_error)?;
         // One per-worker allocation the handler's clones (one per request) count on.
         let traffic = Arc::new(Traffic {
-            arrival: Arrival::TrafficPort(traffic_port),
             proxy,
             metrics_on_traffic_port,
         });
@@ -110,14 +105,12 @@ fn serve_on_this_thread(worker: TrafficWorker, stop: CancellationToken) -> Resul
 /// What a worker's handler holds.
 #[derive(Debug)]
 struct Traffic {
-    arrival: Arrival,
     proxy: Proxy,
     metrics_on_traffic_port: Option<Arc<Admin>>,
 }
 
 impl Traffic {
-    async fn handle(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        request.extensions_mut().insert(self.arrival);
+    async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         if let Some(admin) = &self.metrics_on_traffic_port
             && request.uri().path() == "/metrics"
         {

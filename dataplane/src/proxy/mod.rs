@@ -68,6 +68,9 @@ pub struct ProxyConfig {
     /// Bytes of request bodies held at once, by all traffic workers
     /// together (each charges its own share).
     pub body_budget: Arc<BodyBudget>,
+    /// The traffic port's number: Gateway listeners naming it are served
+    /// there (0: only the default Gateway's).
+    pub traffic_port: u16,
 }
 
 impl Default for ProxyConfig {
@@ -79,6 +82,7 @@ impl Default for ProxyConfig {
                 1,
                 DEFAULT_MAX_BODY_BYTES,
             )),
+            traffic_port: 0,
         }
     }
 }
@@ -180,7 +184,7 @@ impl<U: Upstream> Proxy<U> {
             record,
         )
         .await?;
-        let routed = route::route(&table, &request, record)?;
+        let routed = route::route(&table, &request, self.config.traffic_port, record)?;
         if let Some(provider) = routed.decision.server.provider.clone() {
             return provider::forward_to_provider(
                 self.upstream.as_ref(),
