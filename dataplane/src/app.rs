@@ -54,7 +54,9 @@ pub enum AppError {
 /// SIGINT or SIGTERM, then drains.
 pub fn main(args: Args) -> Result<(), AppError> {
     // One thread: the controller stream and the admin listeners are idle
-    // almost always, and the traffic workers have their own threads.
+    // almost always, and the traffic workers have their own threads. The
+    // Gateway listener ports are served here too: their requests do not
+    // scale with --workers.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

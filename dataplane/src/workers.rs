@@ -9,7 +9,9 @@
 //!
 //! The controller stream, the metrics and debug listeners and the access-log
 //! writer run on other threads: they are idle almost all the time and wake
-//! only for a snapshot, a scrape or a batch of log lines.
+//! only for a snapshot, a scrape or a batch of log lines. The Gateway
+//! listener ports, opened and closed with snapshots, are served on the
+//! control thread by a proxy of their own (`listener_ports.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
