@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -57,18 +58,8 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                 };
                 let previous = object.status.as_ref();
                 let desired = status::route_status(report, input.acks, previous, input.now);
-                if previous == Some(&desired) {
-                    continue;
-                }
                 let conditions = previous.map_or(&[][..], |status| &status.conditions);
-                StatusUpdate {
-                    kind: report.kind,
-                    namespace: report.namespace.clone(),
-                    name: report.name.clone(),
-                    patch: apply_body::<ModelRoute>(serde_json::to_value(&desired)),
-                    events: status::warning_events(report, conditions),
-                    uid: object.metadata.uid.clone(),
-                }
+                update_if_changed::<ModelRoute, _>(report, &object, previous, conditions, desired)
             }
             ObjectKind::ModelServer => {
                 let Some(object) = input.caches.find_server(&report.namespace, &report.name) else {
@@ -81,23 +72,36 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                     .copied();
                 let desired =
                     status::server_status(report, input.acks, previous, last_scrape, input.now);
-                if previous == Some(&desired) {
-                    continue;
-                }
                 let conditions = previous.map_or(&[][..], |status| &status.conditions);
-                StatusUpdate {
-                    kind: report.kind,
-                    namespace: report.namespace.clone(),
-                    name: report.name.clone(),
-                    patch: apply_body::<ModelServer>(serde_json::to_value(&desired)),
-                    events: status::warning_events(report, conditions),
-                    uid: object.metadata.uid.clone(),
-                }
+                update_if_changed::<ModelServer, _>(report, &object, previous, conditions, desired)
             }
         };
-        updates.push(update);
+        updates.extend(update);
     }
     updates
+}
+
+/// The update that takes `object` from its `previous` status (whose
+/// conditions are `previous_conditions`) to `desired`; `None` when they are
+/// the same.
+fn update_if_changed<K: Resource<DynamicType = ()>, S: PartialEq + serde::Serialize>(
+    report: &ObjectReport,
+    object: &K,
+    previous: Option<&S>,
+    previous_conditions: &[Condition],
+    desired: S,
+) -> Option<StatusUpdate> {
+    if previous == Some(&desired) {
+        return None;
+    }
+    Some(StatusUpdate {
+        kind: report.kind,
+        namespace: report.namespace.clone(),
+        name: report.name.clone(),
+        patch: apply_body::<K>(serde_json::to_value(&desired)),
+        events: status::warning_events(report, previous_conditions),
+        uid: object.meta().uid.clone(),
+    })
 }
 
 fn apply_body<K: Resource<DynamicType = ()>>(status: Result<Value, serde_json::Error>) -> Value {
