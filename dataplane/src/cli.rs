@@ -18,6 +18,23 @@ pub struct Args {
     /// Controller snapshot stream, e.g. http://switchyard-controller:15010.
     #[arg(long, env = "SWITCHYARD_CONTROLLER")]
     pub controller: String,
+    /// PEM CA bundle that signed the controller's stream certificate
+    /// (required with an `https://` --controller).
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_CA", value_name = "FILE")]
+    pub controller_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate presented to the controller (mutual TLS), with --controller-key.
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_CERT", value_name = "FILE")]
+    pub controller_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --controller-cert.
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_KEY", value_name = "FILE")]
+    pub controller_key: Option<std::path::PathBuf>,
+    /// File holding the token sent to the controller (`authorization: Bearer`); needs https.
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_TOKEN_FILE", value_name = "FILE")]
+    pub controller_token_file: Option<std::path::PathBuf>,
+    /// PEM CA bundle trusted for external model providers besides the system
+    /// roots (private providers, test CAs).
+    #[arg(long, env = "SWITCHYARD_PROVIDER_CA_BUNDLE", value_name = "FILE")]
+    pub provider_ca_bundle: Option<std::path::PathBuf>,
     /// Address the traffic and metrics listeners bind to.
     #[arg(long, env = "SWITCHYARD_HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
@@ -73,6 +90,30 @@ pub struct Args {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Serve Envoy's ext_proc protocol on this port as the endpoint picker
+    /// of `--endpoint-picker-pool` (Gateway API Inference Extension
+    /// gateways call it); off when unset.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ENDPOINT_PICKER_PORT",
+        requires = "endpoint_picker_pool"
+    )]
+    pub endpoint_picker_port: Option<u16>,
+    /// The InferencePool (`NAMESPACE/NAME`) the endpoint picker picks endpoints of.
+    #[arg(long, env = "SWITCHYARD_ENDPOINT_PICKER_POOL", value_name = "NAMESPACE/NAME", value_parser = parse_pool, requires = "endpoint_picker_port")]
+    pub endpoint_picker_pool: Option<String>,
+}
+
+/// `namespace/name`, both non-empty.
+fn parse_pool(text: &str) -> Result<String, String> {
+    match text.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok(text.to_owned())
+        }
+        _ => Err(format!("{text:?}: expected NAMESPACE/NAME")),
+    }
 }
 
 /// Durations as `60s`, `500ms`, `2m`.

@@ -39,10 +39,18 @@ pub enum ErrorKind {
     NoReadyPod,
     /// Every attempt to connect to a pod failed.
     UpstreamUnavailable,
+    /// The route's external provider does not serve the request's path.
+    UnsupportedProviderPath,
     /// The pod did not answer with headers within the ModelServer's timeout.
     UpstreamTimeout,
     /// The pod's connection failed after the request was sent.
     UpstreamFailed,
+    /// The HTTPRoute rule that took the request has no backend with a
+    /// positive weight (the Gateway API asks for a 500).
+    NoBackend,
+    /// Every endpoint the endpoint picker could choose is saturated: the
+    /// request is dropped, the gateway answers 429.
+    Dropped,
     /// Authentication is on and the request's credential is missing or invalid.
     Unauthenticated,
     /// A token budget of the model or of the caller's tier is spent.
@@ -62,7 +70,8 @@ impl ErrorKind {
             Self::InvalidBody
             | Self::InvalidModel
             | Self::UnsupportedMediaType
-            | Self::UnsupportedPath => StatusCode::BAD_REQUEST,
+            | Self::UnsupportedPath
+            | Self::UnsupportedProviderPath => StatusCode::BAD_REQUEST,
             Self::NotReady
             | Self::Overloaded
             | Self::NoReadyPod
@@ -72,6 +81,8 @@ impl ErrorKind {
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Dropped => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -91,8 +102,11 @@ impl ErrorKind {
             Self::Overloaded => "router_overloaded",
             Self::NoReadyPod => "no_ready_pod",
             Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UnsupportedProviderPath => "provider_unsupported_path",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
+            Self::NoBackend => "no_backend",
+            Self::Dropped => "request_dropped",
             Self::Unauthenticated => "invalid_authentication",
             Self::RateLimited => "rate_limit_exceeded",
             Self::RateLimitUnavailable => "rate_limit_unavailable",

@@ -12,6 +12,7 @@
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`pod`] (per-pod state that outlives snapshots: in-flight count, load,
 //! outlier ejection), [`lazy_series`] (metric series created on first use),
+//! [`providers`] (external model providers: URL, headers, HTTPS clients),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
 #![forbid(unsafe_code)]
@@ -21,17 +22,22 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config_file;
+pub mod endpoint_picker;
 pub mod error;
+pub mod gateway;
 pub mod health;
 pub mod lazy_series;
 pub mod limits;
+pub mod listener_ports;
 pub mod metrics;
 pub mod pod;
+pub mod providers;
 pub mod proxy;
 pub mod rate_limit;
 pub mod request;
 pub mod request_id;
 pub mod response;
+pub mod rewrite;
 pub mod routing;
 pub mod scheduling;
 pub mod server;

@@ -1,5 +1,7 @@
-//! The pure core: ModelRoutes, ModelServers, Pods, the router configuration
-//! and scraped engine load in, a routing snapshot and one report per object out.
+//! The pure core: ModelRoutes, ModelServers, ExternalModelProviders, Pods,
+//! Secrets (and in Gateway API mode GatewayClasses, Gateways, HTTPRoutes and
+//! InferencePools), the router configuration and scraped engine load in, a
+//! routing snapshot and one report per object out.
 //! The controller publishes exactly what [`compile`] returns; on a scrape or
 //! a dataplane's outlier report it reruns only [`compile_endpoint_loads`]
 //! and [`compile_ejections`], the parts that depend on them.
@@ -21,20 +23,24 @@ use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+pub mod gateway_api;
 mod ignored;
 mod objects;
 mod pod_index;
 mod prefill_decode;
 #[cfg(test)]
 mod prefill_decode_tests;
+pub mod providers;
 mod report;
 mod routes;
 mod servers;
 #[cfg(test)]
 mod tests;
 
-pub use objects::{LoadProblem, ObjectSet};
+pub use gateway_api::{GatewayApiConfig, GatewayApiReports};
+pub use objects::{LoadProblem, ObjectSet, Objects};
 pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
+pub use providers::{CompiledProviders, CredentialSecret, ProviderReport, compile_providers};
 pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
@@ -45,6 +51,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 #[derive(Clone, Copy, Debug)]
 pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
+    /// Gateway API mode (`--enable-gateway-api` and friends).
+    pub gateway_api: &'a GatewayApiConfig,
     /// The router configuration (`--router-config`; the default without one):
     /// its scheduler section, tiers and outlier detection are shipped as they
     /// are, its JWT settings with `jwks_keys`.
@@ -56,6 +64,9 @@ pub struct CompileInput<'a> {
     pub ejections: &'a ReportedEjections,
     /// The compile time; becomes the snapshot's `generated_at_unix_ms`.
     pub now_unix_ms: i64,
+    /// The snapshot stream is encrypted and its clients authenticated, so
+    /// provider credentials may go into the snapshot.
+    pub ship_credentials: bool,
 }
 
 /// Everything a compile produces.
@@ -68,6 +79,10 @@ pub struct Compiled {
     pub scrape_targets: Vec<ScrapeTarget>,
     /// One per input ModelRoute and ModelServer, sorted by (kind, namespace, name).
     pub reports: Vec<ObjectReport>,
+    /// One per input ExternalModelProvider, sorted by (namespace, name).
+    pub provider_reports: Vec<ProviderReport>,
+    /// The Gateway API kinds' reports.
+    pub gateway_api: GatewayApiReports,
     /// API keys left out (a key held by two Secrets), for the log.
     pub auth_problems: Vec<String>,
     pub generated_at_unix_ms: i64,
@@ -80,6 +95,7 @@ pub struct CompiledRoutes {
     pub route_config: pb::RouteConfig,
     pub scrape_targets: Vec<ScrapeTarget>,
     pub reports: Vec<ObjectReport>,
+    pub gateway_api: GatewayApiReports,
 }
 
 /// Compiles routes, servers and pods with the router configuration and the
@@ -87,12 +103,20 @@ pub struct CompiledRoutes {
 /// every report.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let objects = input.objects;
-    let mut routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+    let providers = compile_providers(
+        &objects.providers,
+        &objects.provider_secrets,
+        input.ship_credentials,
+    );
+    let mut routes = compile_objects(objects.view(), input.gateway_api, &providers);
     let router = input.router;
     routes.route_config.scheduler = router.scheduler.clone();
     routes.route_config.tier_rate_limits = router.tiers.clone();
-    let (auth, auth_problems) =
-        compile_auth(&objects.api_keys, router.auth.as_ref(), input.jwks_keys);
+    let (auth, auth_problems) = compile_auth(
+        &input.objects.api_keys,
+        router.auth.as_ref(),
+        input.jwks_keys,
+    );
     routes.route_config.auth = auth;
     routes.route_config.outlier_detection = router.outlier_detection.defaults;
     for server in &mut routes.route_config.servers {
@@ -110,9 +134,30 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         endpoint_loads,
         scrape_targets: routes.scrape_targets,
         reports: routes.reports,
+        provider_reports: providers.reports,
+        gateway_api: routes.gateway_api,
         auth_problems,
         generated_at_unix_ms: input.now_unix_ms,
     }
+}
+
+/// [`compile_objects`] of ModelRoutes, ModelServers and Pods alone, with
+/// Gateway API mode off and no providers.
+pub fn compile_route_config(
+    routes: &[ModelRoute],
+    servers: &[ModelServer],
+    pods: &[Pod],
+) -> CompiledRoutes {
+    compile_objects(
+        Objects {
+            routes,
+            servers,
+            pods,
+            ..Objects::default()
+        },
+        &GatewayApiConfig::disabled(),
+        &CompiledProviders::default(),
+    )
 }
 
 /// Validates every object, resolves references and builds the RouteConfig.
@@ -121,11 +166,17 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
 /// When two objects of one kind share a namespace/name (possible with local
 /// files), the first one in input order wins and the others are reported as
 /// `Duplicate`.
-pub fn compile_route_config(
-    routes: &[ModelRoute],
-    servers: &[ModelServer],
-    pods: &[Pod],
+pub fn compile_objects(
+    objects: Objects<'_>,
+    gateway_api: &GatewayApiConfig,
+    providers: &CompiledProviders,
 ) -> CompiledRoutes {
+    let Objects {
+        routes,
+        servers,
+        pods,
+        ..
+    } = objects;
     let mut reports = Vec::with_capacity(routes.len() + servers.len());
 
     let pod_index = pod_index::PodIndex::new(pods);
@@ -151,9 +202,16 @@ pub fn compile_route_config(
         }
     }
 
+    let mut scrape_targets: Vec<ScrapeTarget> = compiled_servers
+        .values()
+        .flat_map(|compiled| compiled.scrape_targets.iter().cloned())
+        .collect();
+    let gateways = gateway_api::compile(&objects, gateway_api, &pod_index, &mut scrape_targets);
+
     let known_servers = routes::KnownServers {
         accepted: compiled_servers.keys().copied().collect(),
         present: present_servers,
+        providers,
     };
     let mut seen_routes: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut compiled_routes = Vec::with_capacity(routes.len());
@@ -170,7 +228,8 @@ pub fn compile_route_config(
             ));
             continue;
         }
-        let (compiled, report) = routes::compile_route(route, &known_servers);
+        let (compiled, report) =
+            routes::compile_route(route, &known_servers, gateways.listener_index());
         reports.push(report);
         compiled_routes.extend(compiled);
     }
@@ -184,11 +243,8 @@ pub fn compile_route_config(
     });
     // Stable: duplicates keep their input order behind the object they lost to.
     reports.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+    let gateway_api = gateways.finish(&compiled_routes);
 
-    let mut scrape_targets: Vec<ScrapeTarget> = compiled_servers
-        .values()
-        .flat_map(|compiled| compiled.scrape_targets.iter().cloned())
-        .collect();
     scrape_targets.sort();
     // Two ModelServers may select the same pod; loads are keyed by pod, so scrape it once.
     scrape_targets.dedup_by(|later, earlier| later.key == earlier.key);
@@ -202,10 +258,16 @@ pub fn compile_route_config(
                 .into_values()
                 .map(|compiled| compiled.server)
                 .collect(),
+            external_providers: providers.providers.clone(),
+            gateways: gateway_api.gateways,
+            default_gateway: gateway_api.default_gateway,
+            http_routes: gateway_api.http_routes,
+            inference_pools: gateway_api.inference_pools,
             ..Default::default()
         },
         scrape_targets,
         reports,
+        gateway_api: gateway_api.reports,
     }
 }
 

@@ -8,6 +8,11 @@ use serde::Serialize;
 pub enum ObjectKind {
     ModelRoute,
     ModelServer,
+    ExternalModelProvider,
+    GatewayClass,
+    Gateway,
+    HTTPRoute,
+    InferencePool,
 }
 
 impl ObjectKind {
@@ -16,6 +21,11 @@ impl ObjectKind {
         match self {
             Self::ModelRoute => "ModelRoute",
             Self::ModelServer => "ModelServer",
+            Self::ExternalModelProvider => "ExternalModelProvider",
+            Self::GatewayClass => "GatewayClass",
+            Self::Gateway => "Gateway",
+            Self::HTTPRoute => "HTTPRoute",
+            Self::InferencePool => "InferencePool",
         }
     }
 }
@@ -39,8 +49,6 @@ pub enum Reason {
     InvalidRegex,
     /// A string match with several of exact/prefix/regex, or an unusable header name.
     InvalidMatch,
-    /// A target kind Switchyard cannot route to (external model providers).
-    UnsupportedBackend,
     /// `workloadPort.port` outside 1..=65535.
     InvalidPort,
     /// Empty `workloadSelector.matchLabels` (it would select nothing).
@@ -58,7 +66,8 @@ pub enum Reason {
     InvalidKvConnector,
     /// Another object with the same namespace/name came earlier in the input.
     Duplicate,
-    /// A target names a ModelServer that does not exist or was not accepted.
+    /// A target names a ModelServer or ExternalModelProvider that does not
+    /// exist or is not usable (not accepted, not Ready).
     BackendNotFound,
     /// The ModelServer's selector matched no pod.
     NoMatchingPods,
@@ -66,6 +75,46 @@ pub enum Reason {
     InvalidPodIP,
     /// A prefill/decode ModelServer has no group with a ready pod of each role.
     NoCompletePdGroup,
+    /// ExternalModelProvider `Ready=True`.
+    Ready,
+    /// An ExternalModelProvider field is invalid (base URL, headers, auth).
+    ConfigurationInvalid,
+    /// `CredentialsResolved=True`: the Secret and key were found.
+    CredentialResolved,
+    /// `CredentialsResolved=True`: the provider sets no `auth`.
+    CredentialNotRequired,
+    /// The credential Secret does not exist (or lacks the credential label).
+    CredentialNotFound,
+    /// The credential Secret has no such key.
+    CredentialKeyNotFound,
+    /// The credential is empty, not UTF-8 or not a valid header value.
+    CredentialInvalid,
+    /// The snapshot stream cannot carry credentials (no TLS with client authentication).
+    InsecureSnapshotStream,
+    /// Gateway API: a route's parentRef names no usable listener of a Switchyard Gateway.
+    NoMatchingParent,
+    /// Gateway API: the listeners a parentRef names do not admit the route's namespace or kind.
+    NotAllowedByListeners,
+    /// Gateway API: no listener a parentRef names shares a hostname with the route.
+    NoMatchingListenerHostname,
+    /// Gateway API: a value Switchyard does not support (a filter, a match type, a field).
+    UnsupportedValue,
+    /// Gateway API: a backendRef (or a listener's route kind) of a kind Switchyard cannot use.
+    InvalidKind,
+    /// Gateway API: a backendRef to another namespace (ReferenceGrants are not read).
+    RefNotPermitted,
+    /// Gateway API: a listener's port is outside 1..=65535.
+    PortUnavailable,
+    /// Gateway API: a listener shares its port and hostname with an older one.
+    HostnameConflict,
+    /// Gateway API: `Conflicted=False`.
+    NoConflicts,
+    /// Gateway API: a listener's `allowedRoutes.kinds` names kinds Switchyard has no route of.
+    InvalidRouteKinds,
+    /// Gateway API: some or all listeners of a Gateway are invalid.
+    ListenersNotValid,
+    /// Gateway API: an object of a Gateway API kind read while Gateway API mode is off.
+    GatewayApiDisabled,
 }
 
 impl Reason {
@@ -80,7 +129,6 @@ impl Reason {
             Self::InvalidWeights => "InvalidWeights",
             Self::InvalidRegex => "InvalidRegex",
             Self::InvalidMatch => "InvalidMatch",
-            Self::UnsupportedBackend => "UnsupportedBackend",
             Self::InvalidPort => "InvalidPort",
             Self::InvalidSelector => "InvalidSelector",
             Self::InvalidDuration => "InvalidDuration",
@@ -93,6 +141,26 @@ impl Reason {
             Self::NoMatchingPods => "NoMatchingPods",
             Self::InvalidPodIP => "InvalidPodIP",
             Self::NoCompletePdGroup => "NoCompletePdGroup",
+            Self::Ready => "Ready",
+            Self::ConfigurationInvalid => "ConfigurationInvalid",
+            Self::CredentialResolved => "CredentialResolved",
+            Self::CredentialNotRequired => "CredentialNotRequired",
+            Self::CredentialNotFound => "CredentialNotFound",
+            Self::CredentialKeyNotFound => "CredentialKeyNotFound",
+            Self::CredentialInvalid => "CredentialInvalid",
+            Self::InsecureSnapshotStream => "InsecureSnapshotStream",
+            Self::NoMatchingParent => "NoMatchingParent",
+            Self::NotAllowedByListeners => "NotAllowedByListeners",
+            Self::NoMatchingListenerHostname => "NoMatchingListenerHostname",
+            Self::UnsupportedValue => "UnsupportedValue",
+            Self::InvalidKind => "InvalidKind",
+            Self::RefNotPermitted => "RefNotPermitted",
+            Self::PortUnavailable => "PortUnavailable",
+            Self::HostnameConflict => "HostnameConflict",
+            Self::NoConflicts => "NoConflicts",
+            Self::InvalidRouteKinds => "InvalidRouteKinds",
+            Self::ListenersNotValid => "ListenersNotValid",
+            Self::GatewayApiDisabled => "GatewayApiDisabled",
         }
     }
 }

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use switchyard_crd::{ModelRoute, StringMatch, TargetModel};
 use switchyard_snapshot::{object_key, pb};
 
+use super::gateway_api::{Attachment, ListenerIndex, ListenerKey, RouteKind, listener_refs};
+use super::providers::CompiledProviders;
 use super::report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
 use crate::rate_limit::compile_rate_limit;
@@ -12,18 +14,22 @@ use crate::rate_limit::compile_rate_limit;
 /// Largest weight a target may carry, as in Kthena's API.
 const MAX_TARGET_WEIGHT: u32 = 100;
 
-/// Which ModelServers a route may reference: `(namespace, name)` of every
-/// server in the input, and of those that were accepted.
+/// Which backends a route may reference: `(namespace, name)` of every
+/// server in the input, of those that were accepted, and the providers.
 pub(crate) struct KnownServers<'a> {
     pub accepted: BTreeSet<(&'a str, &'a str)>,
     pub present: BTreeSet<(&'a str, &'a str)>,
+    pub providers: &'a CompiledProviders,
 }
 
-/// Validates one ModelRoute and resolves its targets. Returns the route to put
-/// in the snapshot (when it was accepted and kept at least one rule).
+/// Validates one ModelRoute, resolves its targets and binds it to the
+/// Gateway listeners its parentRefs name (`listeners` is `None` when Gateway
+/// API mode is off). Returns the route to put in the snapshot (when it was
+/// accepted, kept at least one rule and, with parentRefs, serves on a listener).
 pub(crate) fn compile_route(
     route: &ModelRoute,
     servers: &KnownServers<'_>,
+    listeners: Option<&ListenerIndex>,
 ) -> (Option<pb::ModelRoute>, ObjectReport) {
     let namespace = namespace_of(&route.metadata);
     let name = route.metadata.name.as_deref().unwrap_or_default();
@@ -61,7 +67,8 @@ pub(crate) fn compile_route(
     }
 
     let mut unresolved = Vec::new();
-    let mut ignored_fields = super::ignored::route_fields(route);
+    // Every ModelRoute field is acted on; conditions that set nothing are named below.
+    let mut ignored_fields = Vec::new();
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (rule_index, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{rule_index}]");
@@ -71,7 +78,12 @@ pub(crate) fn compile_route(
             &mut invalid,
             &mut ignored_fields,
         );
-        validate_targets(&path, &rule.target_models, &mut invalid);
+        validate_targets(
+            &path,
+            &rule.target_models,
+            !spec.lora_adapters.is_empty(),
+            &mut invalid,
+        );
         let targets = resolve_targets(
             &path,
             namespace,
@@ -117,6 +129,7 @@ pub(crate) fn compile_route(
         }
     };
 
+    let bound = bind_parents(namespace, &spec.parent_refs, listeners, &mut unresolved);
     let accepted = ConditionReport::from_problems(&invalid, Reason::Accepted, "");
     if accepted.status && rules.is_empty() && !spec.rules.is_empty() {
         unresolved.push(Problem::new(
@@ -124,8 +137,15 @@ pub(crate) fn compile_route(
             "no rule has a resolvable target; the route is left out of the snapshot",
         ));
     }
+    let serves = !spec.parent_refs.is_empty() && bound.is_empty();
+    if accepted.status && serves {
+        unresolved.push(Problem::new(
+            Reason::NoMatchingParent,
+            "no parentRef names a listener the route can serve on; the route is left out of the snapshot",
+        ));
+    }
     let resolved_refs = ConditionReport::from_problems(&unresolved, Reason::ResolvedRefs, "");
-    let in_snapshot = accepted.status && !rules.is_empty();
+    let in_snapshot = accepted.status && !rules.is_empty() && !serves;
     let report = ObjectReport {
         kind: ObjectKind::ModelRoute,
         namespace: namespace.to_owned(),
@@ -153,8 +173,53 @@ pub(crate) fn compile_route(
         generation: route.metadata.generation.unwrap_or(0),
         rules,
         rate_limit,
+        listeners: listener_refs(bound),
     };
     (Some(compiled), report)
+}
+
+/// The listeners `parents` bind the route to; every parentRef that binds it
+/// nowhere is a problem. Without parentRefs the route serves the default
+/// listener (an empty list); with Gateway API mode off, parentRefs bind it
+/// nowhere.
+fn bind_parents(
+    namespace: &str,
+    parents: &[switchyard_crd::ParentReference],
+    listeners: Option<&ListenerIndex>,
+    unresolved: &mut Vec<Problem>,
+) -> Vec<ListenerKey> {
+    if parents.is_empty() {
+        return Vec::new();
+    }
+    let Some(listeners) = listeners else {
+        unresolved.push(Problem::new(
+            Reason::NoMatchingParent,
+            "spec.parentRefs: Gateway API mode is off (--enable-gateway-api), so a route bound to Gateways serves on no listener",
+        ));
+        return Vec::new();
+    };
+    let mut bound = Vec::new();
+    for (index, parent) in parents.iter().enumerate() {
+        let path = format!("spec.parentRefs[{index}]");
+        match listeners.attach(namespace, RouteKind::ModelRoute, &[], parent) {
+            Attachment::Attached(keys) => bound.extend(keys),
+            Attachment::Rejected(problem) => unresolved.push(Problem::new(
+                problem.reason,
+                format!("{path}: {}", problem.message),
+            )),
+            Attachment::NotOurs => unresolved.push(Problem::new(
+                Reason::NoMatchingParent,
+                format!(
+                    "{path}: {}/{} {}/{} is not a Gateway of a GatewayClass Switchyard implements",
+                    non_empty(parent.group.as_deref()).unwrap_or(switchyard_crd::GATEWAY_API_GROUP),
+                    non_empty(parent.kind.as_deref()).unwrap_or("Gateway"),
+                    non_empty(parent.namespace.as_deref()).unwrap_or(namespace),
+                    parent.name
+                ),
+            )),
+        }
+    }
+    bound
 }
 
 /// `metadata.creationTimestamp` in Unix milliseconds; 0 when absent (local files).
@@ -170,7 +235,12 @@ fn first_reason_or(problems: &[Problem], fallback: Reason) -> Reason {
     problems.first().map_or(fallback, |problem| problem.reason)
 }
 
-fn validate_targets(path: &str, targets: &[TargetModel], invalid: &mut Vec<Problem>) {
+fn validate_targets(
+    path: &str,
+    targets: &[TargetModel],
+    has_lora_adapters: bool,
+    invalid: &mut Vec<Problem>,
+) {
     if targets.is_empty() {
         invalid.push(Problem::new(
             Reason::InvalidRules,
@@ -187,6 +257,15 @@ fn validate_targets(path: &str, targets: &[TargetModel], invalid: &mut Vec<Probl
                 Reason::InvalidRules,
                 format!(
                     "{path}.targetModels[{index}]: exactly one of modelServerName or externalModelProviderName must be set"
+                ),
+            ));
+        }
+        // A LoRA adapter name only means something to the pods that loaded it.
+        if provider.is_some() && has_lora_adapters {
+            invalid.push(Problem::new(
+                Reason::InvalidRules,
+                format!(
+                    "{path}.targetModels[{index}].externalModelProviderName: a route with loraAdapters cannot target an ExternalModelProvider"
                 ),
             ));
         }
@@ -211,7 +290,8 @@ fn validate_targets(path: &str, targets: &[TargetModel], invalid: &mut Vec<Probl
     }
 }
 
-/// The targets that name an accepted ModelServer; every other one is dropped and reported.
+/// The targets that name an accepted ModelServer or a Ready provider; every
+/// other one is dropped and reported.
 fn resolve_targets(
     path: &str,
     namespace: &str,
@@ -231,6 +311,7 @@ fn resolve_targets(
                     resolved.push(pb::WeightedTarget {
                         model_server: key,
                         weight: target.weight,
+                        ..Default::default()
                     });
                 } else if servers.present.contains(&(namespace, server)) {
                     unresolved.push(Problem::new(
@@ -246,12 +327,29 @@ fn resolve_targets(
                     ));
                 }
             }
-            (None, Some(provider)) => unresolved.push(Problem::new(
-                Reason::UnsupportedBackend,
-                format!(
-                    "{target_path}.externalModelProviderName: external model providers are not supported yet; target {provider:?} dropped"
-                ),
-            )),
+            (None, Some(provider)) => {
+                let key = object_key(namespace, provider);
+                if servers.providers.is_ready(namespace, provider) {
+                    resolved.push(pb::WeightedTarget {
+                        external_provider: key,
+                        weight: target.weight,
+                        ..Default::default()
+                    });
+                } else if let Some(report) = servers.providers.report(namespace, provider) {
+                    unresolved.push(Problem::new(
+                        Reason::BackendNotFound,
+                        format!(
+                            "{target_path}.externalModelProviderName: ExternalModelProvider {key} is not Ready ({}); target dropped",
+                            report.ready.reason
+                        ),
+                    ));
+                } else {
+                    unresolved.push(Problem::new(
+                        Reason::BackendNotFound,
+                        format!("{target_path}.externalModelProviderName: ExternalModelProvider {key} not found; target dropped"),
+                    ));
+                }
+            }
             // Neither or both: already an InvalidRules problem, the route is rejected.
             _ => {}
         }

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 
 use crate::admin::{ObjectsView, SourceStatus};
 use crate::compile::{
-    CompileInput, Compiled, ObjectReport, ObjectSet, compile, compile_ejections,
-    compile_endpoint_loads,
+    CompileInput, Compiled, GatewayApiConfig, ObjectReport, ObjectSet, ProviderReport, compile,
+    compile_ejections, compile_endpoint_loads,
 };
 use crate::metrics::ControllerMetrics;
 use crate::outlier::ReportedEjections;
@@ -30,6 +30,8 @@ pub(super) struct LoopIo {
     /// The router configuration: its scheduler section, JWT settings, tiers
     /// and outlier detection are shipped inside the RouteConfig.
     pub router: watch::Receiver<RouterConfig>,
+    /// Gateway API mode, from the flags.
+    pub gateway_api: GatewayApiConfig,
     /// The JWT issuer's keys, refetched by [`crate::auth::jwks::refresh_keys`].
     pub jwks_keys: watch::Receiver<Vec<String>>,
     pub pod_loads: watch::Receiver<PodLoads>,
@@ -42,6 +44,9 @@ pub(super) struct LoopIo {
     pub source_status: SourceStatus,
     pub metrics: ControllerMetrics,
     pub compile_duration: HistogramVec,
+    /// The stream is encrypted with authenticated clients: provider
+    /// credentials may be shipped.
+    pub ship_credentials: bool,
 }
 
 /// Recompiles on every change of its inputs and publishes the results.
@@ -56,6 +61,7 @@ pub(super) struct CompileLoop {
 #[derive(Default)]
 struct Logged {
     reports: Vec<ObjectReport>,
+    providers: Vec<ProviderReport>,
     auth_problems: Vec<String>,
 }
 
@@ -139,11 +145,13 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     let started = clock::now();
     let compiled = compile(&CompileInput {
         objects: &objects,
+        gateway_api: &io.gateway_api,
         router: &router,
         jwks_keys: &jwks_keys,
         pod_loads: &pod_loads,
         ejections: &ejections,
         now_unix_ms: clock::unix_ms_now(),
+        ship_credentials: io.ship_credentials,
     });
     observe(io, "route_config", started);
 
@@ -160,6 +168,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
         );
     }
     log_new_rejections(&mut reported.reports, &compiled.reports);
+    log_unready_providers(&mut reported.providers, &compiled.provider_reports);
     if compiled.auth_problems != reported.auth_problems {
         for problem in &compiled.auth_problems {
             tracing::warn!(%problem, "API key left out");
@@ -175,6 +184,8 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     });
     io.objects_view.send_replace(Arc::new(ObjectsView {
         reports: compiled.reports.clone(),
+        providers: compiled.provider_reports.clone(),
+        gateway_api: compiled.gateway_api.clone(),
         load_problems: objects.problems.clone(),
         source: SourceStatus {
             error: objects.source_error.clone(),
@@ -249,6 +260,23 @@ fn log_new_rejections(reported: &mut Vec<ObjectReport>, reports: &[ObjectReport]
             in_snapshot = report.in_snapshot,
             detail = %failed.message,
             "object not fully programmed"
+        );
+    }
+    *reported = reports.to_vec();
+}
+
+fn log_unready_providers(reported: &mut Vec<ProviderReport>, reports: &[ProviderReport]) {
+    for report in reports {
+        if report.ready.status || reported.contains(report) {
+            continue;
+        }
+        tracing::warn!(
+            kind = "ExternalModelProvider",
+            namespace = %report.namespace,
+            name = %report.name,
+            reason = report.ready.reason.as_str(),
+            detail = %report.ready.message,
+            "provider not ready"
         );
     }
     *reported = reports.to_vec();

@@ -29,13 +29,15 @@ use tokio_util::sync::DropGuard;
 use crate::admin::{self, AdminState, Endpoints, ObjectsView};
 use crate::auth::jwks;
 use crate::cli::Args;
-use crate::compile::{Compiled, ObjectSet};
+use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
 use crate::outlier::EjectionBoard;
 use crate::router_config::{RouterConfig, watch_router_config};
 use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
-use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
+use crate::xds::{
+    self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, StreamSecurity, XdsMetrics,
+};
 
 mod compile_loop;
 pub mod source_hold;
@@ -99,10 +101,12 @@ pub async fn begin(
     args: &Args,
     shutdown: CancellationToken,
 ) -> Result<StartingController, ControllerError> {
+    let stream_security = StreamSecurity::load(&args.stream_security_files())?;
     let mut tasks = TaskSet::new(shutdown);
     let (admin_listener, admin_addr) = bind("admin", args.metrics_addr).await?;
     let (debug_listener, debug_addr) = bind("debug", args.debug_socket_addr()).await?;
     let controller_id = args.effective_controller_id();
+    let gateway_api = args.gateway_api().map_err(ControllerError::InvalidFlag)?;
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
     let compile_duration = register_compile_duration(&registry)?;
@@ -160,7 +164,9 @@ pub async fn begin(
         dataplanes,
         objects_view,
         router,
+        gateway_api,
         xds_addr: args.xds_addr,
+        stream_security,
         empty_source_grace_period: args.empty_source_grace_period,
         scrape_config: ScrapeConfig {
             interval: args.scrape_interval,
@@ -188,7 +194,9 @@ pub struct StartingController {
     dataplanes: DataplaneRegistry,
     objects_view: watch::Sender<Arc<ObjectsView>>,
     router: watch::Receiver<RouterConfig>,
+    gateway_api: GatewayApiConfig,
     xds_addr: SocketAddr,
+    stream_security: StreamSecurity,
     empty_source_grace_period: Duration,
     scrape_config: ScrapeConfig,
 }
@@ -231,6 +239,7 @@ impl StartingController {
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
             router: self.router,
+            gateway_api: self.gateway_api,
             jwks_keys,
             pod_loads: pod_loads.clone(),
             ejections: ejections.subscribe(),
@@ -240,6 +249,7 @@ impl StartingController {
             source_status,
             metrics: self.metrics.clone(),
             compile_duration: self.compile_duration,
+            ship_credentials: self.stream_security.protects_credentials(),
         });
         tasks.spawn("compile loop", compile_loop.run());
 
@@ -251,8 +261,14 @@ impl StartingController {
         )
         .with_key_hints(key_hints)
         .with_outlier_reports(ejections);
+        tracing::info!(
+            security = ?self.stream_security,
+            ships_provider_credentials = self.stream_security.protects_credentials(),
+            "snapshot stream security"
+        );
+        let security = self.stream_security;
         tasks.spawn_graceful("snapshot stream server", |stop| {
-            xds::serve(xds_listener, service, stop.cancelled_owned())
+            xds::serve(xds_listener, service, security, stop.cancelled_owned())
         });
         tracing::info!(addr = %xds_addr, "xds listening on {xds_addr}");
 
@@ -373,6 +389,8 @@ mod tests {
             "switchyard-controller",
             "--xds-addr=127.0.0.1:0",
             "--metrics-addr=127.0.0.1:0",
+            // The default debug port may be another process's on a shared machine.
+            "--debug-port=0",
             "--controller-id=core-test",
             // The test source is empty: publish it at once.
             "--empty-source-grace-period=0s",

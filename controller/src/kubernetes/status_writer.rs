@@ -2,7 +2,7 @@
 //! rejected objects. Only the elected leader runs [`StatusWriter::sync`];
 //! what to write is decided by the pure [`plan`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -10,12 +10,15 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource};
 use serde_json::{Value, json};
-use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_crd::gateway_api::GatewayStatusAddress;
+use switchyard_crd::{
+    ExternalModelProvider, Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute, ModelServer,
+};
 
 use super::caches::Caches;
-use crate::compile::{ObjectKind, ObjectReport};
+use crate::compile::{GatewayApiReports, ObjectKind, ObjectReport, ProviderReport};
 use crate::metrics::ControllerMetrics;
-use crate::status::{self, AckSummary, WarningEvent};
+use crate::status::{self, AckSummary, WarningEvent, gateway_api};
 
 /// Field manager of every status patch: `kubectl get -o yaml --show-managed-fields` names it.
 pub const FIELD_MANAGER: &str = "switchyard-controller";
@@ -38,6 +41,13 @@ pub struct StatusUpdate {
 /// Everything [`plan`] reads.
 pub struct PlanInput<'a> {
     pub reports: &'a [ObjectReport],
+    pub providers: &'a [ProviderReport],
+    /// The Gateway API kinds' reports (empty when the mode is off).
+    pub gateway_api: &'a GatewayApiReports,
+    /// Switchyard's `controllerName` (its HTTPRoute status entries carry it).
+    pub controller_name: &'a str,
+    /// The Gateways' addresses (`--gateway-addresses`).
+    pub gateway_addresses: &'a [GatewayStatusAddress],
     pub caches: &'a Caches,
     pub acks: &'a AckSummary,
     /// Newest successful scrape per ModelServer (namespace, name).
@@ -75,9 +85,36 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                 let conditions = previous.map_or(&[][..], |status| &status.conditions);
                 update_if_changed::<ModelServer, _>(report, &object, previous, conditions, desired)
             }
+            // Providers have reports of their own (below).
+            ObjectKind::ExternalModelProvider => continue,
+            // Reported through `gateway_api` below.
+            ObjectKind::GatewayClass
+            | ObjectKind::Gateway
+            | ObjectKind::HTTPRoute
+            | ObjectKind::InferencePool => continue,
         };
         updates.extend(update);
     }
+    for report in input.providers {
+        let Some(object) = input.caches.find_provider(&report.namespace, &report.name) else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired = status::provider_status(report, previous, input.now);
+        if previous == Some(&desired) {
+            continue;
+        }
+        let conditions = previous.map_or(&[][..], |status| &status.conditions);
+        updates.push(StatusUpdate {
+            kind: ObjectKind::ExternalModelProvider,
+            namespace: report.namespace.clone(),
+            name: report.name.clone(),
+            patch: apply_body::<ExternalModelProvider>(serde_json::to_value(&desired)),
+            events: status::provider_events(report, conditions),
+            uid: object.metadata.uid.clone(),
+        });
+    }
+    plan_gateway_api(input, &mut updates);
     updates
 }
 
@@ -102,6 +139,101 @@ fn update_if_changed<K: Resource<DynamicType = ()>, S: PartialEq + serde::Serial
         events: status::warning_events(report, previous_conditions),
         uid: object.meta().uid.clone(),
     })
+}
+
+/// The Gateway API kinds' status patches that would change something.
+fn plan_gateway_api(input: &PlanInput<'_>, updates: &mut Vec<StatusUpdate>) {
+    let reports = input.gateway_api;
+    let mut push = |kind, namespace: &str, name: &str, patch| {
+        updates.push(StatusUpdate {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            patch,
+            events: Vec::new(),
+            uid: None,
+        });
+    };
+    for report in &reports.gateway_classes {
+        let Some(object) = input.caches.find_gateway_class(&report.name) else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired = gateway_api::gateway_class_status(report, previous, input.now);
+        if previous != Some(&desired) {
+            push(
+                ObjectKind::GatewayClass,
+                "",
+                &report.name,
+                apply_body::<GatewayClass>(serde_json::to_value(&desired)),
+            );
+        }
+    }
+    for report in &reports.gateways {
+        let Some(object) = input.caches.find_gateway(&report.namespace, &report.name) else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired = gateway_api::gateway_status(
+            report,
+            input.acks,
+            input.gateway_addresses,
+            previous,
+            input.now,
+        );
+        if previous != Some(&desired) {
+            push(
+                ObjectKind::Gateway,
+                &report.namespace,
+                &report.name,
+                apply_body::<Gateway>(serde_json::to_value(&desired)),
+            );
+        }
+    }
+    for report in &reports.http_routes {
+        let Some(object) = input
+            .caches
+            .find_http_route(&report.namespace, &report.name)
+        else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired =
+            gateway_api::http_route_status(report, input.controller_name, previous, input.now);
+        if previous != Some(&desired) {
+            push(
+                ObjectKind::HTTPRoute,
+                &report.namespace,
+                &report.name,
+                apply_body::<HTTPRoute>(serde_json::to_value(&desired)),
+            );
+        }
+    }
+    let ours: BTreeSet<(String, String)> = reports
+        .gateways
+        .iter()
+        .map(|gateway| (gateway.namespace.clone(), gateway.name.clone()))
+        .collect();
+    for report in &reports.inference_pools {
+        let Some(object) = input
+            .caches
+            .find_inference_pool(&report.namespace, &report.name)
+        else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired = gateway_api::inference_pool_status(report, &ours, previous, input.now);
+        // A pool no Gateway of Switchyard's routes to, that carries no entry of one, is not ours to touch.
+        if previous == Some(&desired) || (previous.is_none() && desired.parents.is_empty()) {
+            continue;
+        }
+        push(
+            ObjectKind::InferencePool,
+            &report.namespace,
+            &report.name,
+            apply_body::<InferencePool>(serde_json::to_value(&desired)),
+        );
+    }
 }
 
 fn apply_body<K: Resource<DynamicType = ()>>(status: Result<Value, serde_json::Error>) -> Value {
@@ -201,6 +333,31 @@ impl StatusWriter {
                     .patch_status(&update.name, &params, &patch)
                     .await?;
             }
+            ObjectKind::ExternalModelProvider => {
+                Api::<ExternalModelProvider>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+            ObjectKind::GatewayClass => {
+                Api::<GatewayClass>::all(self.client.clone())
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+            ObjectKind::Gateway => {
+                Api::<Gateway>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+            ObjectKind::HTTPRoute => {
+                Api::<HTTPRoute>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+            ObjectKind::InferencePool => {
+                Api::<InferencePool>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -259,6 +416,10 @@ spec:
         let now = Timestamp::from_second(1_780_000_000).expect("timestamp");
         let updates = plan(&PlanInput {
             reports: &compiled.reports,
+            providers: &[],
+            gateway_api: &GatewayApiReports::default(),
+            controller_name: crate::compile::gateway_api::DEFAULT_CONTROLLER_NAME,
+            gateway_addresses: &[],
             caches: &caches,
             acks: &acks,
             last_scrape: &BTreeMap::new(),

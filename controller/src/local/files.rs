@@ -142,12 +142,22 @@ impl DirFiles {
             let contribution = &file.contribution;
             objects.routes.extend(contribution.routes.iter().cloned());
             objects.servers.extend(contribution.servers.iter().cloned());
+            (objects.gateway_classes).extend(contribution.gateway_classes.iter().cloned());
+            (objects.gateways).extend(contribution.gateways.iter().cloned());
+            (objects.http_routes).extend(contribution.http_routes.iter().cloned());
+            (objects.inference_pools).extend(contribution.inference_pools.iter().cloned());
             objects
                 .problems
                 .extend(contribution.problems.iter().cloned());
             objects
                 .api_keys
                 .extend(contribution.api_keys.iter().cloned());
+            objects
+                .providers
+                .extend(contribution.providers.iter().cloned());
+            objects
+                .provider_secrets
+                .extend(contribution.provider_secrets.iter().cloned());
             for pod in &contribution.pods {
                 let namespace = namespace_of(&pod.metadata).to_owned();
                 let pod_name = pod.metadata.name.clone().unwrap_or_default();
@@ -209,7 +219,14 @@ impl TrackedFile {
         }
         self.contribution = match &self.last_good {
             Some(good) => {
-                let count = good.routes.len() + good.servers.len() + good.pods.len();
+                let count = good.routes.len()
+                    + good.servers.len()
+                    + good.pods.len()
+                    + good.providers.len()
+                    + good.gateway_classes.len()
+                    + good.gateways.len()
+                    + good.http_routes.len()
+                    + good.inference_pools.len();
                 let mut kept = good.clone();
                 kept.problems = loaded.problems;
                 kept.problems.push(file_problem(

@@ -6,7 +6,10 @@
 //! 2. [`authenticate`]: who sent it (an [`Identity`]), from its head alone;
 //! 3. [`admission`]: may it go upstream now (token rate limits; the
 //!    fairness queue's place);
-//! 4. [`route`]: ModelRoute, rule and ModelServer; the body edits;
+//! 4. [`route`]: ModelRoute, rule and ModelServer (or external provider);
+//!    the body edits;
+//!    - [`provider`]: for an external provider, instead of 5 and 6: the
+//!      request sent over HTTPS with its credential, the answer passed through;
 //! 5. [`schedule`]: the ranked candidate pods (prefill/decode pairs for a
 //!    ModelServer that disaggregates them), the request id;
 //! 6. [`forward`]: the attempts over the candidates (retries, timeouts,
@@ -27,6 +30,7 @@ pub mod admit;
 pub mod authenticate;
 pub mod forward;
 pub mod log;
+pub mod provider;
 pub mod respond;
 pub mod route;
 pub mod schedule;
@@ -173,14 +177,27 @@ impl<U: Upstream> Proxy<U> {
             record,
         )
         .await?;
-        let routed = route::route(&table.index, &request, record)?;
+        let routed = route::route(&table, &request, record)?;
+        if let Some(provider) = routed.decision.server.provider.clone() {
+            return provider::forward_to_provider(
+                self.upstream.as_ref(),
+                &provider,
+                request,
+                routed,
+                record,
+            )
+            .await;
+        }
         if routed.decision.server.prefill_decode.is_some() {
             return self.pairs(&table, request, routed, record).await;
         }
         let mut routed = routed;
         let scheduled = schedule::schedule(&table.scheduler, &request, &routed, record)?;
         let InferenceRequest { head, body, .. } = request;
-        let outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
+        let mut outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
+        if let Some(rewrite) = &routed.decision.rewrite {
+            outbound.rewrite(rewrite);
+        }
         let server = &routed.decision.server;
         let delivered = forward::forward(
             self.upstream.as_ref(),

@@ -228,8 +228,13 @@ impl RequestRecord {
 
     /// An attempt to `pod` starts.
     pub fn begin_attempt(&mut self, pod: &Arc<PodState>) {
-        self.attempts += 1;
         self.pod = Some(pod.clone());
+        self.begin_upstream_attempt();
+    }
+
+    /// An attempt to the routed backend starts (an external provider has no pod).
+    pub fn begin_upstream_attempt(&mut self) {
+        self.attempts += 1;
         if self.upstream_started.is_none() {
             self.upstream_started = Some(clock::now());
             if let (Some(route), Some(server)) = (&self.route, &self.server) {
@@ -602,6 +607,7 @@ mod tests {
                 model: "m",
                 path: "/v1/chat/completions",
                 headers: &headers,
+                arrival: crate::routing::ArrivalFacts::default(),
             })
             .expect("routed");
         record.set_model("m");
