@@ -236,16 +236,19 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
                 _ => {}
             }
         }
-        if let Some(mut record) = self.record.take() {
-            record.set_produced_output(self.observer.events_forwarded());
-            record.finish(self.observer.usage(), outcome);
-        }
+        // The pod's in-flight count is released before the request is
+        // counted and logged: whoever sees its log line or its metrics sees
+        // the pod free again.
         if let Some(guard) = self.guard.take() {
             tracing::debug!(
                 pod = %guard.pod().key,
                 usage = ?self.observer.usage(),
                 "response finished"
             );
+        }
+        if let Some(mut record) = self.record.take() {
+            record.set_produced_output(self.observer.events_forwarded());
+            record.finish(self.observer.usage(), outcome);
         }
     }
 }
@@ -254,6 +257,7 @@ impl<B> Drop for UpstreamBody<B> {
     /// The client went away mid-body: the record finishes with what the
     /// client received (a stream cut short is charged for its chunks).
     fn drop(&mut self) {
+        drop(self.guard.take());
         if let Some(mut record) = self.record.take() {
             record.set_produced_output(self.observer.events_forwarded());
             record.finish(
