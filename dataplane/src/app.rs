@@ -10,6 +10,7 @@ use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind}
 use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
+use crate::fairness::{Fairness, FairnessMetrics};
 use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
@@ -63,7 +64,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let rate_limiting = Arc::new(RateLimiting::new(Some(metrics.registry()))?);
     let store = Arc::new(
         SnapshotStore::with_scheduling(Arc::new(SchedulingShared::new(Some(plugin_metrics))))
-            .with_rate_limiting(rate_limiting),
+            .with_rate_limiting(rate_limiting)
+            .with_fairness(Arc::new(Fairness::new(FairnessMetrics {
+                queue_size: metrics.fairness_queue_size.clone(),
+                queue_duration: metrics.fairness_queue_duration_seconds.clone(),
+            }))),
     );
     let status = Arc::new(ControllerStatus::default());
     let access_log = AccessLog::start(&access_log_config, metrics.access_log_dropped_total.clone())

@@ -8,6 +8,8 @@
 //! respond (streaming back, usage read by [`response`]) and log (request
 //! [`metrics`] and the access log).
 //!
+//! The admission phase's wait is the [`fairness`] queue.
+//!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
@@ -20,6 +22,7 @@ pub mod auth;
 pub mod cli;
 pub mod config_file;
 pub mod error;
+pub mod fairness;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;

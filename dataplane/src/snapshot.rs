@@ -16,6 +16,7 @@ use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::auth::{Authenticator, UnknownKeyIds};
+use crate::fairness::{FairQueues, Fairness, FairnessSettings};
 use crate::pod::PodState;
 use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
 use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
@@ -68,6 +69,8 @@ pub enum SnapshotError {
     InvalidAuth(String),
     #[error("rate limits: {0}")]
     InvalidRateLimit(String),
+    #[error("fairness: {0}")]
+    InvalidFairness(String),
     #[error(
         "EndpointLoads update applies to version {base:?}, but this dataplane holds {}",
         .applied.as_deref().map_or("none".to_owned(), |held| format!("{held:?}"))
@@ -111,6 +114,8 @@ pub struct RoutingTable {
     pub authenticator: Option<Authenticator>,
     /// The token budgets of the routes' models and of the tiers.
     pub rate_limits: Arc<RateLimits>,
+    /// The fairness queues of the served models; None = fairness is off.
+    pub fairness: Option<Arc<FairQueues>>,
 }
 
 impl RoutingTable {
@@ -122,6 +127,7 @@ impl RoutingTable {
         previous_pods: &HashMap<String, Arc<PodState>>,
         scheduling: &Arc<SchedulingShared>,
         rate_limiting: &RateLimiting,
+        fairness: &Fairness,
     ) -> Result<Self, SnapshotError> {
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
         let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
@@ -154,8 +160,19 @@ impl RoutingTable {
             .map_err(|error| SnapshotError::InvalidAuth(error.to_string()))?;
         let plan = RateLimitPlan::parse(&config)
             .map_err(|error| SnapshotError::InvalidRateLimit(error.to_string()))?;
-        // Last: it changes the budgets in use, so nothing may fail after it.
+        let fairness_settings = config
+            .fairness
+            .as_ref()
+            .map(FairnessSettings::from_config)
+            .transpose()
+            .map_err(SnapshotError::InvalidFairness)?;
+        // Last: they change the budgets and queues in use, so nothing may
+        // fail after them.
         let rate_limits = rate_limiting.apply(plan);
+        let fairness = fairness.apply(
+            fairness_settings,
+            pods_by_model(&config.routes, &servers_by_key),
+        );
         Ok(Self {
             version: version.to_owned(),
             applied_at: clock::wall_now(),
@@ -168,8 +185,40 @@ impl RoutingTable {
             scheduler,
             authenticator,
             rate_limits,
+            fairness,
         })
     }
+}
+
+/// The pods that may serve each model name (and LoRA adapter) of `routes`:
+/// those of every target with a weight of every rule.
+fn pods_by_model(
+    routes: &[pb::ModelRoute],
+    servers: &HashMap<String, Arc<Server>>,
+) -> HashMap<String, Vec<Arc<PodState>>> {
+    let mut models: HashMap<String, Vec<Arc<PodState>>> = HashMap::new();
+    for route in routes {
+        let names = std::iter::once(&route.model_name)
+            .filter(|name| !name.is_empty())
+            .chain(&route.lora_adapters);
+        let pods: Vec<&Arc<PodState>> = route
+            .rules
+            .iter()
+            .flat_map(|rule| &rule.targets)
+            .filter(|target| target.weight > 0)
+            .filter_map(|target| servers.get(&target.model_server))
+            .flat_map(|server| &server.pods)
+            .collect();
+        for name in names {
+            let model = models.entry(name.clone()).or_default();
+            for pod in &pods {
+                if !model.iter().any(|known| Arc::ptr_eq(known, pod)) {
+                    model.push((*pod).clone());
+                }
+            }
+        }
+    }
+    models
 }
 
 fn build_server(
@@ -348,6 +397,8 @@ pub struct SnapshotStore {
     rate_limiting: Arc<RateLimiting>,
     /// Key ids of JWTs no table's keys could verify, for the controller.
     unknown_keys: Arc<UnknownKeyIds>,
+    /// Fairness queues and counters that outlive tables.
+    fairness: Arc<Fairness>,
 }
 
 /// The latest EndpointLoads, kept so a later table gets them too and an
@@ -377,6 +428,15 @@ impl SnapshotStore {
             rate_limiting,
             ..self
         }
+    }
+
+    /// The same store with fairness queues reporting to `fairness`'s metrics.
+    pub fn with_fairness(self, fairness: Arc<Fairness>) -> Self {
+        Self { fairness, ..self }
+    }
+
+    pub fn fairness(&self) -> &Arc<Fairness> {
+        &self.fairness
     }
 
     pub fn scheduling(&self) -> &Arc<SchedulingShared> {
@@ -420,6 +480,7 @@ impl SnapshotStore {
             previous_pods,
             &self.scheduling,
             &self.rate_limiting,
+            &self.fairness,
         )?;
         if let Some(loads) = loads.as_ref() {
             for (key, pod) in &table.pods {
@@ -427,6 +488,8 @@ impl SnapshotStore {
             }
         }
         self.table.store(Some(Arc::new(table)));
+        // The new pods' loads are known only now.
+        self.fairness.wake_all();
         Ok(())
     }
 
@@ -482,6 +545,7 @@ impl SnapshotStore {
         }
         self.scheduling
             .set_loads_observed_at(update.observed_at_unix_ms);
+        self.fairness.wake_all();
         Ok(())
     }
 }
@@ -774,6 +838,7 @@ mod tests {
             &HashMap::new(),
             &Arc::default(),
             &RateLimiting::default(),
+            &Fairness::default(),
         )
         .expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");

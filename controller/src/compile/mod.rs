@@ -39,7 +39,7 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
     /// The router configuration (`--router-config`; the default without one):
-    /// its scheduler section and tiers are shipped as they are, its JWT
+    /// its scheduler section, tiers and fairness block are shipped as they are, its JWT
     /// settings with `jwks_keys`.
     pub router: &'a RouterConfig,
     /// The JWT issuer's keys as last fetched (see [`crate::auth::jwks`]).
@@ -82,6 +82,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let router = input.router;
     routes.route_config.scheduler = router.scheduler.clone();
     routes.route_config.tier_rate_limits = router.tiers.clone();
+    routes.route_config.fairness = router.fairness.clone();
     let (auth, auth_problems) =
         compile_auth(&objects.api_keys, router.auth.as_ref(), input.jwks_keys);
     routes.route_config.auth = auth;

@@ -3,7 +3,7 @@
 //! The in-flight counter lives in [`ledger`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -37,6 +37,9 @@ pub struct PodState {
     in_flight: InFlight,
     /// Latest engine load pushed by the controller, if any.
     load: ArcSwapOption<pb::EndpointLoad>,
+    /// The engine's requests (running + waiting) that were not this
+    /// dataplane's when its latest load arrived: other dataplanes' share.
+    load_from_elsewhere: AtomicU64,
     /// Until when (ms on [`monotonic_ms`]'s clock) a connect failure ejected
     /// this pod; `i64::MIN` = never.
     ejected_until_ms: AtomicI64,
@@ -53,6 +56,7 @@ impl PodState {
             authority,
             in_flight: InFlight::default(),
             load: ArcSwapOption::empty(),
+            load_from_elsewhere: AtomicU64::new(0),
             ejected_until_ms: AtomicI64::new(i64::MIN),
         })
     }
@@ -67,7 +71,19 @@ impl PodState {
     }
 
     pub fn set_load(&self, load: Option<Arc<pb::EndpointLoad>>) {
+        let engine = load.as_ref().map_or(0.0, |load| {
+            (load.requests_running + load.requests_waiting).max(0.0)
+        });
+        // Engine counts are whole numbers; `as` saturates anything else.
+        let elsewhere = (engine.round() as u64).saturating_sub(self.in_flight());
+        self.load_from_elsewhere.store(elsewhere, Ordering::Relaxed);
         self.load.store(load);
+    }
+
+    /// Requests on the pod's engine that this dataplane did not send, as of
+    /// the latest load (the fairness queue's view of other dataplanes).
+    pub fn load_from_elsewhere(&self) -> u64 {
+        self.load_from_elsewhere.load(Ordering::Relaxed)
     }
 
     /// Avoid this pod for [`CONNECT_FAILURE_EJECTION`].

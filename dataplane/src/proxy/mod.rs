@@ -4,8 +4,8 @@
 //! 1. [`admit`]: method, path, content type; then, once the request is
 //!    authenticated, body limit and body parse;
 //! 2. [`authenticate`]: who sent it (an [`Identity`]), from its head alone;
-//! 3. [`admission`]: may it go upstream now (token rate limits; the
-//!    fairness queue's place);
+//! 3. [`admission`]: may it go upstream now (token rate limits; its turn
+//!    in the fairness queue);
 //! 4. [`route`]: ModelRoute, rule and ModelServer; the body edits;
 //! 5. [`schedule`]: the ranked candidate pods, the request id;
 //! 6. [`forward`]: the attempts over the candidates (retries, timeouts,
@@ -149,6 +149,7 @@ impl<U: Upstream> Proxy<U> {
         admission::admission(
             &table.rate_limits,
             self.store.rate_limiting(),
+            table.fairness.as_deref(),
             &identity,
             &request,
             record,

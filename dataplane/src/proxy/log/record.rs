@@ -9,7 +9,8 @@
 //! - upstream: first attempt sent to the end of the engine's body (retries
 //!   and the engine's prefill and decode included);
 //! - response processing: what is left after the upstream part;
-//! - queue: always 0, as there is no fairness queue yet.
+//! - queue: the wait in the fairness queue (part of the request
+//!   processing's span, reported apart and not counted in it).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,6 +24,7 @@ use super::Observer;
 use super::access_log::AccessLogEntry;
 use crate::auth::User;
 use crate::error::ApiError;
+use crate::fairness::Slot;
 use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, UNKNOWN_MODEL};
 use crate::pod::PodState;
 use crate::proxy::authenticate::Identity;
@@ -64,6 +66,10 @@ pub struct RequestRecord {
     user: Option<Arc<User>>,
     /// The request's token budget reservation, settled when it finishes.
     admission: Option<Admission>,
+    /// The request's place in its model's room (fairness on), given back
+    /// with the tokens served when it finishes.
+    fair_slot: Option<Slot>,
+    queue_wait: Duration,
     /// An engine sent the response (the request was delivered).
     delivered: bool,
     /// Attempts that could not connect (their request reached no engine).
@@ -104,6 +110,8 @@ impl RequestRecord {
             error: None,
             user: None,
             admission: None,
+            fair_slot: None,
+            queue_wait: Duration::ZERO,
             delivered: false,
             connect_failures: 0,
             produced_output: 0,
@@ -121,6 +129,16 @@ impl RequestRecord {
     /// The request's token budgets: settled when it finishes.
     pub fn set_admission(&mut self, admission: Admission) {
         self.admission = Some(admission);
+    }
+
+    /// The request's turn in the fairness queue came: its slot.
+    pub fn set_fair_slot(&mut self, slot: Slot) {
+        self.fair_slot = Some(slot);
+    }
+
+    /// How long the request waited in the fairness queue.
+    pub fn set_queue_wait(&mut self, waited: Duration) {
+        self.queue_wait = waited;
     }
 
     /// The `x-ratelimit-*` values of a response of a limited request.
@@ -251,6 +269,13 @@ impl RequestRecord {
             (None, None) if self.status >= 400 => OutcomeLabel::EngineError.as_str(),
             (None, None) => OutcomeLabel::Success.as_str(),
         };
+        if let Some(slot) = self.fair_slot.take() {
+            slot.finish(
+                usage.map(|usage| usage.prompt_tokens),
+                usage.map_or(self.produced_output, |usage| usage.completion_tokens),
+                self.status == 200 && error_type == OutcomeLabel::Success.as_str(),
+            );
+        }
         let phases = match (self.is_stream, self.first_chunk) {
             (true, Some(first)) => Some((
                 first.duration_since(self.started).as_secs_f64(),
@@ -302,7 +327,8 @@ impl RequestRecord {
         }
         let request_processing = self
             .upstream_started
-            .map_or(total, |at| at.duration_since(self.started));
+            .map_or(total, |at| at.duration_since(self.started))
+            .saturating_sub(self.queue_wait);
         let upstream = self
             .upstream_started
             .map_or(Duration::ZERO, |at| ended.duration_since(at));
@@ -335,10 +361,11 @@ impl RequestRecord {
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
             total,
-            queue: Duration::ZERO,
+            queue: self.queue_wait,
             request_processing,
             upstream,
-            response_processing: total.saturating_sub(request_processing + upstream),
+            response_processing: total
+                .saturating_sub(self.queue_wait + request_processing + upstream),
             ttft,
             upstream_attempts: self.attempts,
             error,
