@@ -620,3 +620,361 @@ impl QueueState {
             .clamp(Duration::from_secs(1), self.settings.queue_timeout.max(Duration::from_secs(1)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use switchyard_snapshot::pb;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn settings(change: impl FnOnce(&mut pb::FairnessConfig)) -> Arc<FairnessSettings> {
+        let mut config = pb::FairnessConfig {
+            policy: pb::FairnessPolicy::Vtc.into(),
+            window_ms: 300_000,
+            input_token_weight: 1.0,
+            output_token_weight: 2.0,
+            max_concurrent_per_pod: 1,
+            queue_timeout_ms: u64::try_from(TIMEOUT.as_millis()).unwrap_or(u64::MAX),
+            max_queue_length: 100,
+            max_user_queue_length: 100,
+            user_header: String::new(),
+            max_metric_users: 10,
+            tier_weights: vec![],
+            session_header: "x-session-id".into(),
+            max_sessions: 16,
+        };
+        change(&mut config);
+        Arc::new(FairnessSettings::from_config(&config).expect("valid"))
+    }
+
+    fn pod(name: &str) -> Arc<PodState> {
+        Arc::new(
+            PodState::new(
+                format!("default/{name}"),
+                name.into(),
+                SocketAddr::from(([127, 0, 0, 1], 8000)),
+            )
+            .expect("pod"),
+        )
+    }
+
+    /// A queue for model `m` over `pods` pods.
+    fn queue(settings: Arc<FairnessSettings>, pods: usize) -> Arc<ModelQueue> {
+        let queue = Arc::new(ModelQueue::new(
+            "m".into(),
+            settings.clone(),
+            FairnessMetrics::unregistered(),
+        ));
+        queue.update(
+            &settings,
+            (0..pods).map(|i| pod(&format!("p{i}"))).collect(),
+        );
+        queue
+    }
+
+    fn ticket(user: &str, input_tokens: u64) -> Ticket {
+        Ticket {
+            user: Arc::from(user),
+            charge_per_token: 1.0,
+            input_tokens,
+            session: None,
+        }
+    }
+
+    /// Requests admitted in the background, reported in the order their
+    /// turn came.
+    struct Line {
+        queue: Arc<ModelQueue>,
+        admitted: mpsc::UnboundedSender<(String, Result<Slot, Refusal>)>,
+        order: mpsc::UnboundedReceiver<(String, Result<Slot, Refusal>)>,
+    }
+
+    impl Line {
+        fn new(queue: &Arc<ModelQueue>) -> Self {
+            let (admitted, order) = mpsc::unbounded_channel();
+            Self {
+                queue: queue.clone(),
+                admitted,
+                order,
+            }
+        }
+
+        /// `name` asks to be admitted; returns once it waits (or was
+        /// answered), so arrival order is the call order.
+        async fn arrive(&self, name: &str, ticket: Ticket) -> tokio::task::JoinHandle<()> {
+            let before = self.queue.view().waiting;
+            let queue = self.queue.clone();
+            let sender = self.admitted.clone();
+            let name = name.to_owned();
+            let task = tokio::spawn(async move {
+                let admitted = queue.admit(ticket).await;
+                let _ = sender.send((name, admitted));
+            });
+            while self.queue.view().waiting == before && !task.is_finished() {
+                tokio::task::yield_now().await;
+            }
+            task
+        }
+
+        /// The next request whose turn came.
+        async fn next(&mut self) -> (String, Slot) {
+            let (name, admitted) = self.order.recv().await.expect("a request");
+            (name, admitted.expect("admitted"))
+        }
+    }
+
+    fn counter(queue: &ModelQueue, user: &str) -> f64 {
+        queue
+            .view()
+            .users
+            .into_iter()
+            .find(|view| view.user == user)
+            .map(|view| view.counter)
+            .expect("user known")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admits_at_once_while_there_is_room() {
+        let queue = queue(settings(|c| c.max_concurrent_per_pod = 2), 1);
+        let a = queue.admit(ticket("a", 10)).await.expect("room");
+        let b = queue.admit(ticket("b", 10)).await.expect("room");
+        assert_eq!(queue.view().admitted, 2);
+        drop((a, b));
+        assert_eq!(queue.view().admitted, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_user_served_least_goes_first_and_each_users_requests_keep_their_order() {
+        let queue = queue(settings(|_| {}), 1);
+        let mut line = Line::new(&queue);
+        let running = queue.admit(ticket("heavy", 10)).await.expect("room");
+        for (name, tokens) in [("heavy-1", 30), ("heavy-2", 1), ("heavy-3", 5)] {
+            line.arrive(name, ticket("heavy", tokens)).await;
+        }
+        line.arrive("light-1", ticket("light", 10)).await;
+        line.arrive("light-2", ticket("light", 10)).await;
+        // Lifted to heavy's level when it started waiting: no credit from
+        // having been idle, but heavy's output is charged when it finishes.
+        assert_eq!(counter(&queue, "light"), counter(&queue, "heavy"));
+        running.finish(Some(10), 20, true);
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            let (name, slot) = line.next().await;
+            order.push(name);
+            slot.finish(None, 0, true);
+        }
+        assert_eq!(
+            order,
+            ["light-1", "light-2", "heavy-1", "heavy-2", "heavy-3"],
+            "light (10, then 20, 30) before heavy (10 + 2 x 20), then heavy in arrival order"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backlogged_users_share_turns_by_tokens_served() {
+        let queue = queue(settings(|_| {}), 1);
+        let mut line = Line::new(&queue);
+        let running = queue.admit(ticket("a", 0)).await.expect("room");
+        for i in 0..4 {
+            line.arrive(&format!("a{i}"), ticket("a", 0)).await;
+        }
+        for i in 0..4 {
+            line.arrive(&format!("b{i}"), ticket("b", 0)).await;
+        }
+        running.finish(Some(0), 10, true);
+        let mut order = Vec::new();
+        for _ in 0..8 {
+            let (name, slot) = line.next().await;
+            // b's requests cost twice a's.
+            let output = if name.starts_with('b') { 20 } else { 10 };
+            order.push(name);
+            slot.finish(Some(0), output, true);
+        }
+        assert_eq!(order, ["b0", "a0", "a1", "b1", "a2", "a3", "b2", "b3"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_user_back_from_idle_is_lifted_to_the_waiting_users_level() {
+        let queue = queue(settings(|_| {}), 1);
+        let mut line = Line::new(&queue);
+        // "early" is served a little, then goes idle while "busy" is served a lot.
+        queue
+            .admit(ticket("early", 5))
+            .await
+            .expect("room")
+            .finish(Some(5), 0, true);
+        let running = queue.admit(ticket("busy", 1000)).await.expect("room");
+        line.arrive("busy-1", ticket("busy", 1000)).await;
+        assert_eq!(counter(&queue, "early"), 5.0);
+        line.arrive("early-1", ticket("early", 1)).await;
+        assert_eq!(counter(&queue, "early"), counter(&queue, "busy"));
+        running.finish(Some(1000), 0, true);
+        let (first, slot) = line.next().await;
+        assert_eq!(first, "busy-1", "equal counters: arrival order, no banked credit");
+        slot.finish(Some(1000), 0, true);
+        assert_eq!(line.next().await.0, "early-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_queues_refuse_with_a_retry_time() {
+        let queue = queue(
+            settings(|c| {
+                c.max_queue_length = 3;
+                c.max_user_queue_length = 2;
+            }),
+            1,
+        );
+        let line = Line::new(&queue);
+        let _running = queue.admit(ticket("a", 1)).await.expect("room");
+        line.arrive("a1", ticket("a", 1)).await;
+        line.arrive("a2", ticket("a", 1)).await;
+        let refused = queue.admit(ticket("a", 1)).await.expect_err("a's share is full");
+        assert!(
+            matches!(refused, Refusal::Full { user_limit: true, retry_after } if retry_after >= Duration::from_secs(1)),
+            "{refused:?}"
+        );
+        line.arrive("b1", ticket("b", 1)).await;
+        let refused = queue.admit(ticket("c", 1)).await.expect_err("the model's queue is full");
+        assert!(matches!(refused, Refusal::Full { user_limit: false, .. }), "{refused:?}");
+        assert_eq!(queue.view().waiting, 3, "refusals take no place");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_at_most_the_timeout_and_leaves_no_entry() {
+        let queue = queue(settings(|_| {}), 1);
+        let _running = queue.admit(ticket("a", 1)).await.expect("room");
+        let started = clock::now();
+        let refused = queue.admit(ticket("b", 1)).await.expect_err("no room in time");
+        assert_eq!(refused, Refusal::Timeout);
+        assert_eq!(started.elapsed(), TIMEOUT);
+        let view = queue.view();
+        assert_eq!(view.waiting, 0);
+        assert!(view.users.iter().all(|user| user.waiting == 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_is_gone_from_the_queue_at_once() {
+        let metrics = FairnessMetrics::unregistered();
+        let settings = settings(|_| {});
+        let queue = Arc::new(ModelQueue::new("m".into(), settings.clone(), metrics.clone()));
+        queue.update(&settings, vec![pod("p0")]);
+        let mut line = Line::new(&queue);
+        let running = queue.admit(ticket("a", 1)).await.expect("room");
+        let gone = line.arrive("gone", ticket("b", 1)).await;
+        line.arrive("stays", ticket("c", 1)).await;
+        let gauge = metrics.queue_size.with_label_values(&["m", "b"]);
+        assert_eq!(gauge.get(), 1);
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(queue.view().waiting, 1);
+        assert_eq!(gauge.get(), 0);
+        drop(running);
+        let (next, slot) = line.next().await;
+        assert_eq!(next, "stays", "the slot went to the next in line");
+        drop(slot);
+        assert_eq!(queue.view().admitted, 0, "no slot leaked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_counts_the_engines_requests_from_elsewhere() {
+        let settings = settings(|c| c.max_concurrent_per_pod = 4);
+        let busy = pod("p0");
+        busy.set_load(Some(Arc::new(pb::EndpointLoad {
+            requests_running: 2.0,
+            requests_waiting: 1.0,
+            ..Default::default()
+        })));
+        let queue = Arc::new(ModelQueue::new(
+            "m".into(),
+            settings.clone(),
+            FairnessMetrics::unregistered(),
+        ));
+        queue.update(&settings, vec![busy.clone()]);
+        assert_eq!(queue.view().capacity, Some(1));
+        let mut line = Line::new(&queue);
+        let _one = queue.admit(ticket("a", 1)).await.expect("room for one");
+        line.arrive("waits", ticket("a", 1)).await;
+        busy.set_load(Some(Arc::new(pb::EndpointLoad::default())));
+        queue.wake();
+        assert_eq!(line.next().await.0, "waits");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn session_boost_serves_sessions_that_just_completed_first() {
+        let queue = queue(
+            settings(|c| c.policy = pb::FairnessPolicy::SessionBoost.into()),
+            1,
+        );
+        let mut line = Line::new(&queue);
+        let session = |user: &str, id: &str| Ticket {
+            session: Some(id.into()),
+            ..ticket(user, 1)
+        };
+        queue
+            .admit(session("u", "old"))
+            .await
+            .expect("room")
+            .finish(Some(1), 1, true);
+        queue
+            .admit(session("u", "recent"))
+            .await
+            .expect("room")
+            .finish(Some(1), 1, true);
+        let running = queue.admit(ticket("u", 1)).await.expect("room");
+        line.arrive("new", session("u", "new")).await;
+        line.arrive("old", session("u", "old")).await;
+        line.arrive("plain", ticket("u", 1)).await;
+        line.arrive("recent", session("u", "recent")).await;
+        drop(running);
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            let (name, slot) = line.next().await;
+            order.push(name);
+            drop(slot);
+        }
+        assert_eq!(order, ["recent", "old", "new", "plain"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_users_are_forgotten_after_the_window_and_labels_are_bounded() {
+        let metrics = FairnessMetrics::unregistered();
+        let settings = settings(|c| {
+            c.window_ms = 60_000;
+            c.max_metric_users = 1;
+            c.max_concurrent_per_pod = 10;
+        });
+        let queue = Arc::new(ModelQueue::new("m".into(), settings.clone(), metrics.clone()));
+        queue.update(&settings, vec![pod("p0")]);
+        drop(queue.admit(ticket("first", 1)).await.expect("room"));
+        drop(queue.admit(ticket("second", 1)).await.expect("room"));
+        let duration_count = |user: &str| {
+            metrics
+                .queue_duration
+                .with_label_values(&["m", user])
+                .get_sample_count()
+        };
+        assert_eq!(duration_count("first"), 1);
+        assert_eq!(duration_count("other"), 1, "past maxMetricUsers");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        drop(queue.admit(ticket("third", 1)).await.expect("room"));
+        let users: Vec<String> = queue.view().users.into_iter().map(|u| u.user).collect();
+        assert_eq!(users, ["third"], "idle past the window: forgotten");
+        assert_eq!(duration_count("third"), 1, "the freed label is reused");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn turning_fairness_off_lets_everyone_through() {
+        let queue = queue(settings(|_| {}), 1);
+        let mut line = Line::new(&queue);
+        let _running = queue.admit(ticket("a", 1)).await.expect("room");
+        line.arrive("b", ticket("b", 1)).await;
+        queue.open_gates();
+        assert_eq!(line.next().await.0, "b");
+        queue.admit(ticket("c", 1)).await.expect("no queue any more");
+    }
+}
