@@ -112,7 +112,11 @@ pub fn parse_fairness(
         ));
         window = clamped;
     }
-    let queue_timeout = duration("queueTimeout", &section.queue_timeout, DEFAULT_QUEUE_TIMEOUT)?;
+    let queue_timeout = duration(
+        "queueTimeout",
+        &section.queue_timeout,
+        DEFAULT_QUEUE_TIMEOUT,
+    )?;
     if queue_timeout.is_zero() {
         return Err("fairness.queueTimeout must be greater than zero".to_owned());
     }
@@ -136,8 +140,7 @@ pub fn parse_fairness(
         section.output_token_weight,
         DEFAULT_OUTPUT_TOKEN_WEIGHT,
     )?;
-    let positive = |field: &str, value: Option<u32>, default: u32| match value.unwrap_or(default)
-    {
+    let positive = |field: &str, value: Option<u32>, default: u32| match value.unwrap_or(default) {
         0 => Err(format!("fairness.{field} must be at least 1")),
         value => Ok(value),
     };
@@ -181,9 +184,7 @@ pub fn parse_fairness(
             DEFAULT_MAX_USER_QUEUE_LENGTH,
         )?,
         user_header: header("userHeader", section.user_header, "")?,
-        max_metric_users: section
-            .max_metric_users
-            .unwrap_or(DEFAULT_MAX_METRIC_USERS),
+        max_metric_users: section.max_metric_users.unwrap_or(DEFAULT_MAX_METRIC_USERS),
         tier_weights,
         session_header: match header(
             "sessionHeader",

@@ -129,8 +129,11 @@ impl FairnessMetrics {
             )
             .unwrap_or_else(|_| unreachable!("valid metric options")),
             queue_duration: HistogramVec::new(
-                HistogramOpts::new("kthena_router_fairness_queue_duration_seconds", "queue wait")
-                    .buckets(QUEUE_DURATION_BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    "kthena_router_fairness_queue_duration_seconds",
+                    "queue wait",
+                )
+                .buckets(QUEUE_DURATION_BUCKETS.to_vec()),
                 &labels,
             )
             .unwrap_or_else(|_| unreachable!("valid metric options")),

@@ -74,7 +74,6 @@ pub enum Refusal {
     Timeout,
 }
 
-
 /// A request that may go upstream: holds its place in the model's room
 /// until [`Slot::finish`] (or drop: finished with nothing more served).
 #[derive(Debug)]
@@ -398,8 +397,9 @@ impl ModelQueue {
         if let Some(user) = state.users.get_mut(&slot.ticket.user) {
             user.running = user.running.saturating_sub(1);
             user.last_active = now;
-            let input_correction =
-                prompt_tokens.map_or(0.0, |prompt| prompt as f64 - slot.ticket.input_tokens as f64);
+            let input_correction = prompt_tokens.map_or(0.0, |prompt| {
+                prompt as f64 - slot.ticket.input_tokens as f64
+            });
             let served = input_correction * settings.input_token_weight
                 + output_tokens as f64 * settings.output_token_weight;
             user.counter = (user.counter + served * slot.ticket.charge_per_token).max(0.0);
@@ -616,8 +616,10 @@ impl QueueState {
     fn retry_after(&self) -> Duration {
         let servers = self.capacity().unwrap_or(1).max(1) as f64;
         let seconds = (self.waiters.len() as f64 + 1.0) * self.mean_service_seconds / servers;
-        Duration::from_secs(seconds.ceil() as u64)
-            .clamp(Duration::from_secs(1), self.settings.queue_timeout.max(Duration::from_secs(1)))
+        Duration::from_secs(seconds.ceil() as u64).clamp(
+            Duration::from_secs(1),
+            self.settings.queue_timeout.max(Duration::from_secs(1)),
+        )
     }
 }
 
@@ -815,7 +817,10 @@ mod tests {
         assert_eq!(counter(&queue, "early"), counter(&queue, "busy"));
         running.finish(Some(1000), 0, true);
         let (first, slot) = line.next().await;
-        assert_eq!(first, "busy-1", "equal counters: arrival order, no banked credit");
+        assert_eq!(
+            first, "busy-1",
+            "equal counters: arrival order, no banked credit"
+        );
         slot.finish(Some(1000), 0, true);
         assert_eq!(line.next().await.0, "early-1");
     }
@@ -833,14 +838,29 @@ mod tests {
         let _running = queue.admit(ticket("a", 1)).await.expect("room");
         line.arrive("a1", ticket("a", 1)).await;
         line.arrive("a2", ticket("a", 1)).await;
-        let refused = queue.admit(ticket("a", 1)).await.expect_err("a's share is full");
+        let refused = queue
+            .admit(ticket("a", 1))
+            .await
+            .expect_err("a's share is full");
         assert!(
             matches!(refused, Refusal::Full { user_limit: true, retry_after } if retry_after >= Duration::from_secs(1)),
             "{refused:?}"
         );
         line.arrive("b1", ticket("b", 1)).await;
-        let refused = queue.admit(ticket("c", 1)).await.expect_err("the model's queue is full");
-        assert!(matches!(refused, Refusal::Full { user_limit: false, .. }), "{refused:?}");
+        let refused = queue
+            .admit(ticket("c", 1))
+            .await
+            .expect_err("the model's queue is full");
+        assert!(
+            matches!(
+                refused,
+                Refusal::Full {
+                    user_limit: false,
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
         assert_eq!(queue.view().waiting, 3, "refusals take no place");
     }
 
@@ -849,7 +869,10 @@ mod tests {
         let queue = queue(settings(|_| {}), 1);
         let _running = queue.admit(ticket("a", 1)).await.expect("room");
         let started = clock::now();
-        let refused = queue.admit(ticket("b", 1)).await.expect_err("no room in time");
+        let refused = queue
+            .admit(ticket("b", 1))
+            .await
+            .expect_err("no room in time");
         assert_eq!(refused, Refusal::Timeout);
         assert_eq!(started.elapsed(), TIMEOUT);
         let view = queue.view();
@@ -861,7 +884,11 @@ mod tests {
     async fn a_client_that_leaves_is_gone_from_the_queue_at_once() {
         let metrics = FairnessMetrics::unregistered();
         let settings = settings(|_| {});
-        let queue = Arc::new(ModelQueue::new("m".into(), settings.clone(), metrics.clone()));
+        let queue = Arc::new(ModelQueue::new(
+            "m".into(),
+            settings.clone(),
+            metrics.clone(),
+        ));
         queue.update(&settings, vec![pod("p0")]);
         let mut line = Line::new(&queue);
         let running = queue.admit(ticket("a", 1)).await.expect("room");
@@ -948,7 +975,11 @@ mod tests {
             c.max_metric_users = 1;
             c.max_concurrent_per_pod = 10;
         });
-        let queue = Arc::new(ModelQueue::new("m".into(), settings.clone(), metrics.clone()));
+        let queue = Arc::new(ModelQueue::new(
+            "m".into(),
+            settings.clone(),
+            metrics.clone(),
+        ));
         queue.update(&settings, vec![pod("p0")]);
         drop(queue.admit(ticket("first", 1)).await.expect("room"));
         drop(queue.admit(ticket("second", 1)).await.expect("room"));
@@ -975,6 +1006,9 @@ mod tests {
         line.arrive("b", ticket("b", 1)).await;
         queue.open_gates();
         assert_eq!(line.next().await.0, "b");
-        queue.admit(ticket("c", 1)).await.expect("no queue any more");
+        queue
+            .admit(ticket("c", 1))
+            .await
+            .expect("no queue any more");
     }
 }
