@@ -44,6 +44,7 @@ fn table(candidates: usize) -> Option<RoutingTable> {
         &HashMap::new(),
         &Default::default(),
         &Default::default(),
+        &Default::default(),
     )
     .ok()
 }

@@ -313,6 +313,7 @@ impl ModelQueue {
             let mut state = self.state.lock();
             self.sweep(&mut state, arrived);
             self.user_entry(&mut state, &ticket.user, arrived);
+            state.lift(&ticket.user);
             if !state.open || (state.waiters.is_empty() && state.room() > 0) {
                 if let Some(user) = state.users.get(&ticket.user) {
                     user.queue_duration.observe(0.0);
@@ -538,18 +539,8 @@ impl QueueState {
             .as_deref()
             .and_then(|session| self.sessions.last_completed(session));
         let boost_key = (boost.is_none(), Reverse(boost.unwrap_or(0)), seq);
-        // VTC's lift: a user who starts waiting joins at the level of those
-        // already waiting, so time spent idle banks no credit.
-        let floor = self
-            .backlogged
-            .iter()
-            .filter_map(|user| self.users.get(user))
-            .map(|user| user.counter)
-            .reduce(f64::min)
-            .unwrap_or(self.last_served_counter);
         if let Some(user) = self.users.get_mut(&ticket.user) {
             if user.waiting.is_empty() {
-                user.counter = user.counter.max(floor);
                 self.backlogged.push(ticket.user.clone());
             }
             user.waiting.push_back(seq);
@@ -572,6 +563,29 @@ impl QueueState {
             },
         );
         (receiver, seq)
+    }
+
+    /// VTC's lift: a user arriving with nothing waiting joins at the level
+    /// of the users waiting (or of the user served last when no one
+    /// waits), so time spent idle banks no credit.
+    fn lift(&mut self, name: &str) {
+        if self
+            .users
+            .get(name)
+            .is_none_or(|user| !user.waiting.is_empty())
+        {
+            return;
+        }
+        let floor = self
+            .backlogged
+            .iter()
+            .filter_map(|user| self.users.get(user))
+            .map(|user| user.counter)
+            .reduce(f64::min)
+            .unwrap_or(self.last_served_counter);
+        if let Some(user) = self.users.get_mut(name) {
+            user.counter = user.counter.max(floor);
+        }
     }
 
     /// The waiting request that goes next under the policy.
