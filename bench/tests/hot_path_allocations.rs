@@ -59,6 +59,7 @@ fn table() -> RoutingTable {
         &HashMap::new(),
         &Default::default(),
         &Default::default(),
+        &Default::default(),
     )
     .expect("the bench snapshot is valid")
 }

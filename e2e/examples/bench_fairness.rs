@@ -72,10 +72,8 @@ async fn closed_loop(sim: &SimStack, user: &str, index: usize, stop: &AtomicBool
             first.get_or_insert_with(|| started.elapsed());
         }
         // Requests still running when the run stops are not counted.
-        if !stop.load(Ordering::Relaxed) {
-            if let Some(first) = first {
-                run.ttft_ms.push(first.as_secs_f64() * 1000.0);
-            }
+        if let (false, Some(first)) = (stop.load(Ordering::Relaxed), first) {
+            run.ttft_ms.push(first.as_secs_f64() * 1000.0);
         }
     }
     run

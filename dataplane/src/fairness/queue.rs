@@ -463,13 +463,13 @@ impl ModelQueue {
             forgotten.extend(idle_users.into_iter().take(excess).map(|(_, name)| name));
         }
         for name in forgotten {
-            if let Some(user) = state.users.remove(&name) {
-                if user.labelled {
-                    state.labelled_users -= 1;
-                    let labels = [self.model.as_str(), &*name];
-                    let _ = self.metrics.queue_size.remove_label_values(&labels);
-                    let _ = self.metrics.queue_duration.remove_label_values(&labels);
-                }
+            if let Some(user) = state.users.remove(&name)
+                && user.labelled
+            {
+                state.labelled_users -= 1;
+                let labels = [self.model.as_str(), &*name];
+                let _ = self.metrics.queue_size.remove_label_values(&labels);
+                let _ = self.metrics.queue_duration.remove_label_values(&labels);
             }
         }
     }
@@ -612,14 +612,13 @@ impl QueueState {
                 user.waiting.remove(position);
                 user.queue_size.dec();
             }
-            if user.waiting.is_empty() {
-                if let Some(position) = self
+            if user.waiting.is_empty()
+                && let Some(position) = self
                     .backlogged
                     .iter()
                     .position(|name| *name == waiter.ticket.user)
-                {
-                    self.backlogged.swap_remove(position);
-                }
+            {
+                self.backlogged.swap_remove(position);
             }
         }
         Some(waiter)
