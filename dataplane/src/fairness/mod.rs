@@ -18,7 +18,6 @@ use prometheus::{HistogramOpts, HistogramVec, IntGaugeVec, Opts};
 use switchyard_snapshot::pb;
 
 use self::queue::{ModelQueue, QueueView};
-use crate::metrics::QUEUE_DURATION_BUCKETS;
 use crate::pod::PodState;
 
 pub use self::queue::{Refusal, Slot, Ticket};
@@ -119,7 +118,8 @@ pub struct FairnessMetrics {
 }
 
 impl FairnessMetrics {
-    /// Families registered nowhere (tests, or a store without metrics).
+    /// Families registered nowhere (tests, or a store without metrics):
+    /// never exposed, so prometheus's default buckets do.
     pub fn unregistered() -> Self {
         let labels = ["model", "user_id"];
         Self {
@@ -132,8 +132,7 @@ impl FairnessMetrics {
                 HistogramOpts::new(
                     "kthena_router_fairness_queue_duration_seconds",
                     "queue wait",
-                )
-                .buckets(QUEUE_DURATION_BUCKETS.to_vec()),
+                ),
                 &labels,
             )
             .unwrap_or_else(|_| unreachable!("valid metric options")),
