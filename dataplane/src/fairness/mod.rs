@@ -231,3 +231,70 @@ impl Fairness {
         views
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> pb::FairnessConfig {
+        pb::FairnessConfig {
+            window_ms: 60_000,
+            input_token_weight: 1.0,
+            output_token_weight: 2.0,
+            max_concurrent_per_pod: 4,
+            queue_timeout_ms: 1_000,
+            max_queue_length: 10,
+            max_user_queue_length: 5,
+            session_header: "x-session-id".into(),
+            max_sessions: 8,
+            tier_weights: vec![pb::TierWeight {
+                tier: "gold".into(),
+                weight: 2.0,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_tiers_weight_divides_its_charge() {
+        let settings = FairnessSettings::from_config(&config()).expect("valid");
+        assert_eq!(settings.charge_per_token(Some("gold")), 0.5);
+        assert_eq!(settings.charge_per_token(Some("free")), 1.0);
+        assert_eq!(settings.charge_per_token(None), 1.0);
+        assert!(settings.user_header.is_none(), "empty: no user header");
+    }
+
+    #[test]
+    fn an_unusable_block_is_rejected() {
+        let broken: [fn(&mut pb::FairnessConfig); 5] = [
+            |c| c.max_concurrent_per_pod = 0,
+            |c| c.queue_timeout_ms = 0,
+            |c| c.output_token_weight = f64::NAN,
+            |c| c.user_header = "bad header".into(),
+            |c| c.policy = 7,
+        ];
+        for breaking in broken {
+            let mut config = config();
+            breaking(&mut config);
+            assert!(
+                FairnessSettings::from_config(&config).is_err(),
+                "{config:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn queues_follow_the_served_models_and_open_when_fairness_goes_off() {
+        let fairness = Fairness::default();
+        let settings = || FairnessSettings::from_config(&config()).ok();
+        let models = |names: &[&str]| names.iter().map(|n| (n.to_string(), vec![])).collect();
+        let queues = fairness.apply(settings(), models(&["a", "b"])).expect("on");
+        let a = queues.queue("a").expect("a").clone();
+        let again = fairness.apply(settings(), models(&["a"])).expect("on");
+        assert!(Arc::ptr_eq(&a, again.queue("a").expect("a")), "kept");
+        assert!(again.queue("b").is_none());
+        assert_eq!(fairness.views().len(), 1);
+        assert!(fairness.apply(None, models(&["a"])).is_none());
+        assert!(fairness.views().is_empty());
+    }
+}

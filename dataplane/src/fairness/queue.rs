@@ -81,8 +81,6 @@ pub struct Slot {
     queue: Arc<ModelQueue>,
     ticket: Ticket,
     admitted_at: Instant,
-    /// How long the request waited for its turn.
-    pub waited: Duration,
     finished: bool,
 }
 
@@ -176,7 +174,6 @@ struct Waiting<'a> {
     seq: u64,
     grant: oneshot::Receiver<()>,
     ticket: Option<Ticket>,
-    arrived: Instant,
 }
 
 impl Waiting<'_> {
@@ -193,12 +190,10 @@ impl Waiting<'_> {
 
     /// The slot its grant gave it.
     fn slot(&mut self) -> Slot {
-        let now = clock::now();
         Slot {
             queue: self.queue.clone(),
             ticket: self.ticket.take().unwrap_or_else(Ticket::nobody),
-            admitted_at: now,
-            waited: now.duration_since(self.arrived),
+            admitted_at: clock::now(),
             finished: false,
         }
     }
@@ -269,22 +264,13 @@ impl ModelQueue {
         }
     }
 
-    /// A new snapshot: the model's pods and the settings in force. Waiting
-    /// requests keep their arrival order if the policy changed.
+    /// A new snapshot: the model's pods and the settings in force. Both
+    /// orders are kept for every waiting request, so a change of policy
+    /// applies to those already waiting.
     pub fn update(&self, settings: &Arc<FairnessSettings>, pods: Vec<Arc<PodState>>) {
         let mut state = self.state.lock();
         state.open = true;
         state.pods = pods;
-        if state.settings.policy != settings.policy {
-            state.boost_order = state
-                .waiters
-                .iter_mut()
-                .map(|(seq, waiter)| {
-                    waiter.boost_key = (true, Reverse(0), *seq);
-                    (waiter.boost_key, *seq)
-                })
-                .collect();
-        }
         state.sessions.set_capacity(settings.max_sessions);
         state.settings = settings.clone();
         self.pump(&mut state);
@@ -324,7 +310,6 @@ impl ModelQueue {
                     queue: self.clone(),
                     ticket,
                     admitted_at: arrived,
-                    waited: Duration::ZERO,
                     finished: false,
                 });
             }
@@ -344,7 +329,6 @@ impl ModelQueue {
             seq,
             grant,
             ticket: Some(ticket),
-            arrived,
         };
         let granted = matches!(
             clock::timeout(timeout, &mut waiting.grant).await,
