@@ -20,6 +20,27 @@ test-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		echo "installing redis-server (the global rate-limit tests run a real Redis)"; \
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+# The slow hostile-client probes (floods, parked and slow bodies, slowloris,
+# huge fields), one at a time so memory is measured per probe, plus the fast
+# ones again for their figures; prints the README's "Failure behaviour" rows.
+.PHONY: test-faults
+test-faults:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p switchyard-e2e --test faults --test hostile_clients -- --include-ignored --test-threads 1 --nocapture 2>&1 \
+		| tee target/test-faults.log | grep -E '^(FIGURE|test |test result)'
+
+# 200,000 mixed requests through a release-built dataplane; prints RSS,
+# descriptors, metric series and in-flight counts every 20,000 and fails on
+# growth past warm-up. Not part of `make test` (a few minutes).
+.PHONY: soak fuzz
+soak:
+	$(CARGO) build --release -p switchyard-dataplane -p switchyard-controller -p switchyard-e2e --bins
+	$(CARGO) run --release -p switchyard-e2e --example soak
+
+# A million generated inputs per fuzz harness (release build; stable Rust).
+# `make test` runs the same harnesses on 5,000 inputs each.
+fuzz:
+	$(CARGO) run --release -p switchyard-fuzz -- --inputs $${FUZZ_INPUTS:-1000000}
 
 lint:
 	$(CARGO) fmt --all -- --check

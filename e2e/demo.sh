@@ -11,6 +11,7 @@ STATE=.demo
 BIN=target/debug
 CONTROLLER_XDS=127.0.0.1:15010
 CONTROLLER_ADMIN=127.0.0.1:9190
+CONTROLLER_DEBUG_PORT=15000
 DATAPLANE_PORTS=(8080 8081)
 
 # pod IP, model, extra mock-engine flags (names match config/demo/pods.yaml)
@@ -38,7 +39,7 @@ start() {
     echo $! >> "$STATE/pids"
   done
   "$BIN/switchyard-controller" --config-dir config/demo --xds-addr "$CONTROLLER_XDS" \
-    --metrics-addr "$CONTROLLER_ADMIN" > "$STATE/controller.log" 2>&1 &
+    --metrics-addr "$CONTROLLER_ADMIN" --debug-port "$CONTROLLER_DEBUG_PORT" > "$STATE/controller.log" 2>&1 &
   echo $! >> "$STATE/pids"
   local i=0
   for port in "${DATAPLANE_PORTS[@]}"; do

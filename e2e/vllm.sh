@@ -26,6 +26,7 @@ PORT_A=18100
 PORT_B=18101
 XDS_ADDR=127.0.0.1:18210
 ADMIN=127.0.0.1:18290
+CONTROLLER_DEBUG_PORT=18293
 DATAPLANE=127.0.0.1:18280
 PIDS=()
 
@@ -105,7 +106,7 @@ spec:
 YAML
 
 "$TARGET/switchyard-controller" --config-dir "$WORK/config" --xds-addr "$XDS_ADDR" \
-  --metrics-addr "$ADMIN" --controller-id e2e-vllm >"$WORK/controller.log" 2>&1 &
+  --metrics-addr "$ADMIN" --debug-port "$CONTROLLER_DEBUG_PORT" --controller-id e2e-vllm >"$WORK/controller.log" 2>&1 &
 PIDS+=($!)
 "$TARGET/switchyard-dataplane" --controller "http://$XDS_ADDR" --host 127.0.0.1 \
   --port "${DATAPLANE##*:}" --metrics-port 18291 --debug-port 18292 --node-id e2e-vllm \
@@ -185,7 +186,7 @@ json_check "'maximum context length' in r['error']['message']" "engine error bod
 pass "engine error passed through unchanged (400, $(wc -c <"$WORK/body") bytes identical to the engine's)"
 
 # Both engines' load in the controller's snapshot, while loaded and after.
-python3 "$ROOT/e2e/vllm_load_check.py" --admin "$ADMIN" \
+python3 "$ROOT/e2e/vllm_load_check.py" --controller-debug "127.0.0.1:$CONTROLLER_DEBUG_PORT" \
   --engine "vllm-a-0=127.0.0.1:$PORT_A" --engine "vllm-b-0=127.0.0.1:$PORT_B" \
   --max-num-seqs 8 --models tiny-llama,tiny-lora
 echo "e2e-vllm: all checks passed in $((SECONDS - STARTED_AT)) s"

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Part of `make e2e-vllm` (run by e2e/vllm.sh): loads two real vLLM engines and
 checks that the controller's published snapshot (`GET /debug/snapshot` on its
-admin port) follows each engine's own load.
+debug listener) follows each engine's own load.
 
 Stdlib only. Usage:
-    vllm_load_check.py --admin 127.0.0.1:18290 --engine vllm-a=127.0.0.1:18100 \
+    vllm_load_check.py --controller-debug 127.0.0.1:18293 --engine vllm-a=127.0.0.1:18100 \
         --engine vllm-b=127.0.0.1:18101 --max-num-seqs 8 --models tiny-llama,tiny-lora
 
 For each engine, more concurrent requests than its --max-num-seqs are sent
@@ -55,7 +55,7 @@ def fail(message):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--admin", required=True)
+    ap.add_argument("--controller-debug", required=True)
     ap.add_argument("--engine", action="append", required=True, help="POD=HOST:PORT")
     ap.add_argument("--max-num-seqs", type=int, required=True)
     ap.add_argument("--models", required=True)
@@ -82,7 +82,7 @@ def main():
     seen = {pod: {} for pod in engines}
     deadline = time.monotonic() + DEADLINE_S
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
-        status, body = request(a.admin, "GET", "/debug/snapshot", timeout=10)
+        status, body = request(a.controller_debug, "GET", "/debug/snapshot", timeout=10)
         if status != 200:
             fail(f"controller /debug/snapshot: {status}")
         loads = {l["pod"]: l for l in (json.loads(body).get("endpoint_loads") or {}).get("loads", [])}
@@ -129,7 +129,7 @@ def main():
 
     # After the load the snapshot follows the engines back to idle.
     while time.monotonic() < deadline:
-        status, body = request(a.admin, "GET", "/debug/snapshot", timeout=10)
+        status, body = request(a.controller_debug, "GET", "/debug/snapshot", timeout=10)
         loads = {l["pod"]: l for l in (json.loads(body).get("endpoint_loads") or {}).get("loads", [])}
         if all(pod in loads and loads[pod]["requests_running"] == 0
                and loads[pod]["requests_waiting"] == 0 for pod in engines):

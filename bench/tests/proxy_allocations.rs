@@ -25,10 +25,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use switchyard_bench::{CHAT_RESPONSE, NAMESPACE, STREAM_CHUNK, STREAM_TAIL, chat_body, server};
+use switchyard_dataplane::limits::{ConnectionLimit, DEFAULT_MAX_CONNECTIONS};
 use switchyard_dataplane::metrics::RouterMetrics;
 use switchyard_dataplane::proxy::log::Observer;
 use switchyard_dataplane::proxy::{Proxy, ProxyConfig};
-use switchyard_dataplane::server::serve;
+use switchyard_dataplane::server::{ConnectionSettings, serve};
 use switchyard_dataplane::snapshot::SnapshotStore;
 use switchyard_runtime::CancellationToken;
 use switchyard_snapshot::pb;
@@ -133,7 +134,10 @@ async fn start_proxy(engine: SocketAddr) -> (SocketAddr, CancellationToken) {
     let stop = CancellationToken::new();
     tokio::spawn(serve(
         listener,
-        Duration::from_secs(60),
+        ConnectionSettings {
+            idle_timeout: Duration::from_secs(60),
+            limit: ConnectionLimit::new(DEFAULT_MAX_CONNECTIONS),
+        },
         stop.clone(),
         move |request| {
             let proxy = proxy.clone();

@@ -1,12 +1,17 @@
-//! The admin HTTP server: health, readiness, Prometheus metrics and debug views.
+//! The controller's HTTP endpoints, on two listeners.
 //!
+//! The admin listener (`--metrics-addr`), for probes and scrapers:
 //! - `GET /healthz`: 200 while the process serves HTTP;
-//! - `GET /readyz`: 200 once a RouteConfig has been published, else 503;
-//! - `GET /metrics`: Prometheus text exposition of the controller's registry;
+//! - `GET /readyz`: 200 once a RouteConfig has been published, else 503 with
+//!   the reason (e.g. a source with no ModelRoute being held);
+//! - `GET /metrics`: Prometheus text exposition of the controller's registry.
+//!
+//! The debug listener (`--debug-addr:--debug-port`, loopback by default:
+//! the views show every pod IP and object, for operators on the node):
 //! - `GET /debug/dataplanes`: every connected dataplane's sync state;
 //! - `GET /debug/snapshot`: the published RouteConfig and EndpointLoads;
-//! - `GET /debug/objects`: why each object was (not) accepted, and the files
-//!   or documents that could not be loaded;
+//! - `GET /debug/objects`: why each object was (not) accepted, the files
+//!   or documents that could not be loaded, and the source's state;
 //! - `GET /debug/config_dump/...`: the published snapshot in the dataplane's
 //!   config dump shapes (see `switchyard_snapshot::config_dump`).
 
@@ -43,6 +48,29 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 pub struct ObjectsView {
     pub reports: Vec<ObjectReport>,
     pub load_problems: Vec<LoadProblem>,
+    /// Whether the source is read and served, or held (see `crate::core::source_hold`).
+    pub source: SourceStatus,
+}
+
+/// The source's state as `/debug/objects` and `/readyz` show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceStatus {
+    /// `holding` while the first snapshot is held back, then `serving`.
+    pub state: SourceState,
+    /// Set when the first snapshot was published empty after the grace period.
+    pub empty_after_grace: bool,
+    /// Why the source cannot be read right now (the objects are the last read).
+    pub error: Option<String>,
+    /// One sentence for humans.
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceState {
+    #[default]
+    Holding,
+    Serving,
 }
 
 /// Everything the admin endpoints read.
@@ -54,8 +82,22 @@ pub struct AdminState {
     pub objects: watch::Receiver<Arc<ObjectsView>>,
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Future<Output = ()>) {
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// `/healthz`, `/readyz`, `/metrics`.
+    Admin,
+    /// `/debug/*`.
+    Debug,
+}
+
+/// Serves `endpoints` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    endpoints: Endpoints,
+    shutdown: impl Future<Output = ()>,
+) {
     let state = Arc::new(state);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -74,7 +116,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
                 let state = state.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                        let response = handle(&state, request.method(), request.uri().path());
+                        let response =
+                            handle(&state, endpoints, request.method(), request.uri().path());
                         async move { Ok::<_, Infallible>(response) }
                     });
                     let served = http1::Builder::new()
@@ -95,8 +138,13 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
     connections.shutdown().await;
 }
 
-/// Answers one admin request.
-pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Answers one request to a listener serving `endpoints`.
+pub fn handle(
+    state: &AdminState,
+    endpoints: Endpoints,
+    method: &Method,
+    path: &str,
+) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut response = json_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -107,6 +155,13 @@ pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
     }
+    match endpoints {
+        Endpoints::Admin => admin_endpoint(state, path),
+        Endpoints::Debug => debug_endpoint(state, path),
+    }
+}
+
+fn admin_endpoint(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
     match path {
         "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
         "/readyz" => match state.publisher.route_config() {
@@ -114,12 +169,30 @@ pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<
                 StatusCode::OK,
                 &json!({"status": "ready", "route_config_version": published.version}),
             ),
-            None => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"status": "not ready", "reason": "no routing snapshot compiled yet"}),
-            ),
+            None => {
+                let held = state.objects.borrow().source.message.clone();
+                let reason = if held.is_empty() {
+                    "no routing snapshot compiled yet".to_owned()
+                } else {
+                    held
+                };
+                json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"status": "not ready", "reason": reason}),
+                )
+            }
         },
         "/metrics" => metrics_response(&state.metrics_registry),
+        _ if path.starts_with("/debug/") => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "debug endpoints are served on the debug listener (--debug-addr, --debug-port)"}),
+        ),
+        _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    }
+}
+
+fn debug_endpoint(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
+    match path {
         "/debug/dataplanes" => json_response(
             StatusCode::OK,
             &json!({"dataplanes": state.dataplanes.list()}),
@@ -321,10 +394,22 @@ fn server_json(server: &pb::ModelServer) -> Value {
             "retry_attempts": policy.retry_attempts,
             "retry_interval_ms": policy.retry_interval_ms,
         })),
-        "endpoints": server.endpoints.iter().map(|endpoint| json!({
-            "name": endpoint.name,
-            "ip": endpoint.ip,
-        })).collect::<Vec<_>>(),
+        "endpoints": server.endpoints.iter().map(|endpoint| {
+            let mut value = json!({"name": endpoint.name, "ip": endpoint.ip});
+            if endpoint.bootstrap_port != 0 {
+                value["bootstrap_port"] = endpoint.bootstrap_port.into();
+            }
+            value
+        }).collect::<Vec<_>>(),
+        "prefill_decode": server.prefill_decode.as_ref().map(|pd| json!({
+            "kv_connector": pd.kv_connector().as_str_name(),
+            "group_label": pd.group_label,
+            "groups": pd.groups.iter().map(|group| json!({
+                "name": group.name,
+                "prefill": group.prefill,
+                "decode": group.decode,
+            })).collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -370,8 +455,14 @@ mod tests {
         (state, objects_sender)
     }
 
+    /// `GET path` on the listener serving it.
     fn get(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
-        handle(state, &Method::GET, path)
+        let endpoints = if path.starts_with("/debug/") {
+            Endpoints::Debug
+        } else {
+            Endpoints::Admin
+        };
+        handle(state, endpoints, &Method::GET, path)
     }
 
     async fn body_json(response: Response<Full<Bytes>>) -> Value {
@@ -386,10 +477,24 @@ mod tests {
 
     #[tokio::test]
     async fn readiness_follows_the_first_publish() {
-        let (state, _objects) = state();
+        let (state, objects) = state();
         assert_eq!(get(&state, "/healthz").status(), StatusCode::OK);
         let not_ready = get(&state, "/readyz");
         assert_eq!(not_ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+        assert_eq!(
+            body_json(not_ready).await["reason"],
+            "no routing snapshot compiled yet"
+        );
+        objects.send_replace(Arc::new(ObjectsView {
+            source: SourceStatus {
+                message: "the source holds no ModelRoute; ...".into(),
+                ..SourceStatus::default()
+            },
+            ..ObjectsView::default()
+        }));
+        let held = body_json(get(&state, "/readyz")).await;
+        assert_eq!(held["reason"], "the source holds no ModelRoute; ...");
 
         let published = state
             .publisher
@@ -476,7 +581,13 @@ mod tests {
             ..Default::default()
         };
         state.publisher.publish_route_config(config, 1);
-        let body = body_json(handle(&state, &Method::GET, "/debug/snapshot")).await;
+        let body = body_json(handle(
+            &state,
+            Endpoints::Debug,
+            &Method::GET,
+            "/debug/snapshot",
+        ))
+        .await;
         let auth = &body["route_config"]["auth"];
         assert_eq!(auth["api_keys"], 1);
         assert_eq!(auth["jwt"]["key_ids"], json!(["k1"]));
@@ -529,6 +640,7 @@ mod tests {
                 name: Some("r".into()),
                 error: "spec: missing field `rules`".into(),
             }],
+            ..ObjectsView::default()
         }));
         let body = body_json(get(&state, "/debug/objects")).await;
         assert_eq!(body["load_problems"][0]["file"], "routes.yaml");
@@ -567,8 +679,34 @@ mod tests {
     async fn unknown_paths_and_methods_are_refused() {
         let (state, _objects) = state();
         assert_eq!(get(&state, "/nope").status(), StatusCode::NOT_FOUND);
-        let post = handle(&state, &Method::POST, "/healthz");
+        let post = handle(&state, Endpoints::Admin, &Method::POST, "/healthz");
         assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");
+    }
+
+    #[tokio::test]
+    async fn debug_views_are_only_on_the_debug_listener() {
+        let (state, _objects) = state();
+        state
+            .publisher
+            .publish_route_config(pb::RouteConfig::default(), 1);
+        for path in ["/debug/objects", "/debug/snapshot", "/debug/dataplanes"] {
+            let on_admin = handle(&state, Endpoints::Admin, &Method::GET, path);
+            assert_eq!(on_admin.status(), StatusCode::NOT_FOUND, "{path}");
+            assert!(
+                body_json(on_admin).await["error"]
+                    .as_str()
+                    .is_some_and(|error| error.contains("--debug-addr")),
+                "{path}: says where they are"
+            );
+            let on_debug = handle(&state, Endpoints::Debug, &Method::GET, path);
+            assert_eq!(on_debug.status(), StatusCode::OK, "{path}");
+        }
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let on_debug = handle(&state, Endpoints::Debug, &Method::GET, path);
+            assert_eq!(on_debug.status(), StatusCode::NOT_FOUND, "{path}");
+            let on_admin = handle(&state, Endpoints::Admin, &Method::GET, path);
+            assert_eq!(on_admin.status(), StatusCode::OK, "{path}");
+        }
     }
 }

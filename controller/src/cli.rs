@@ -1,6 +1,6 @@
 //! Command line (every flag can also come from a `SWITCHYARD_*` environment variable).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,13 +8,28 @@ use clap::Parser;
 
 /// Where dataplanes connect by default: Istio's xDS port, familiar to operators.
 pub const DEFAULT_XDS_ADDR: &str = "0.0.0.0:15010";
-/// Conventional Prometheus exporter port, also serving health and debug endpoints.
+/// Conventional Prometheus exporter port, also serving health and readiness.
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
+/// The debug listener's address: loopback, as the dataplane's, because the
+/// debug views show every pod IP and object to whoever reaches them.
+pub const DEFAULT_DEBUG_ADDR: &str = "127.0.0.1";
+/// The debug listener's port, as the dataplane's (each runs in its own pod).
+pub const DEFAULT_DEBUG_PORT: u16 = 15000;
 /// Kthena's metrics scrape interval: fresh enough for load-aware routing.
 pub const DEFAULT_SCRAPE_INTERVAL: &str = "1s";
 /// Default scrape timeout as a share of the interval, so a pass with a dead
 /// pod still ends before the next one starts (1 s interval -> 750 ms).
 pub const DEFAULT_SCRAPE_TIMEOUT_PERCENT_OF_INTERVAL: u32 = 75;
+
+/// How long a source with no ModelRoute must read the same way before a
+/// starting controller publishes an empty RouteConfig: longer than a config
+/// sidecar (git-sync, a late ConfigMap projection) or a restarting API
+/// server usually takes to fill the source, short enough that a deployment
+/// that is meant to be empty becomes ready within a minute.
+pub const EMPTY_SOURCE_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// [`EMPTY_SOURCE_GRACE_PERIOD`] as `--empty-source-grace-period` spells its
+/// default (a test keeps the two equal).
+pub const DEFAULT_EMPTY_SOURCE_GRACE_PERIOD: &str = "30s";
 
 /// Lease that elects the replica writing status (Kubernetes mode); replicas share it by name.
 pub const DEFAULT_LEASE_NAME: &str = "switchyard-controller";
@@ -46,9 +61,18 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_XDS_ADDR", default_value = DEFAULT_XDS_ADDR, value_name = "ADDR")]
     pub xds_addr: SocketAddr,
 
-    /// Address of the admin server: /metrics, /healthz, /readyz, /debug/*.
+    /// Address of the admin server: /metrics, /healthz, /readyz.
     #[arg(long, env = "SWITCHYARD_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR, value_name = "ADDR")]
     pub metrics_addr: SocketAddr,
+
+    /// Address of the debug listener (/debug/*); loopback by default because
+    /// its views show every pod and object.
+    #[arg(long, env = "SWITCHYARD_DEBUG_ADDR", default_value = DEFAULT_DEBUG_ADDR, value_name = "IP")]
+    pub debug_addr: IpAddr,
+
+    /// Port of the debug listener.
+    #[arg(long, env = "SWITCHYARD_DEBUG_PORT", default_value_t = DEFAULT_DEBUG_PORT, value_name = "PORT")]
+    pub debug_port: u16,
 
     /// Time between two scrapes of a pod's engine metrics (Go duration: 1s, 500ms).
     #[arg(long, env = "SWITCHYARD_SCRAPE_INTERVAL", default_value = DEFAULT_SCRAPE_INTERVAL, value_parser = parse_positive_duration, value_name = "DURATION")]
@@ -80,6 +104,12 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// A starting controller whose source has no ModelRoute (empty or
+    /// unreadable) publishes its first, empty, snapshot only after the source
+    /// has read so for this long (Go duration; 0s publishes at once).
+    #[arg(long, env = "SWITCHYARD_EMPTY_SOURCE_GRACE_PERIOD", default_value = DEFAULT_EMPTY_SOURCE_GRACE_PERIOD, value_parser = parse_duration, value_name = "DURATION")]
+    pub empty_source_grace_period: Duration,
+
     /// Identity sent to dataplanes in every snapshot [default: $HOSTNAME, else a random id].
     #[arg(long, env = "SWITCHYARD_CONTROLLER_ID", value_name = "ID")]
     pub controller_id: Option<String>,
@@ -101,14 +131,22 @@ impl Args {
             router_config: None,
             xds_addr: any_loopback_port,
             metrics_addr: any_loopback_port,
+            debug_addr: any_loopback_port.ip(),
+            debug_port: 0,
             scrape_interval: TEST_SCRAPE_INTERVAL,
             scrape_timeout: None,
             namespaces: Vec::new(),
             lease_name: DEFAULT_LEASE_NAME.to_owned(),
             lease_namespace: DEFAULT_LEASE_NAMESPACE.to_owned(),
             log_format: LogFormat::Text,
+            empty_source_grace_period: EMPTY_SOURCE_GRACE_PERIOD,
             controller_id: Some("test-controller".to_owned()),
         }
+    }
+
+    /// Where the debug listener binds.
+    pub fn debug_socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.debug_addr, self.debug_port)
     }
 
     /// `--scrape-timeout`, or the default share of the interval.
@@ -130,8 +168,12 @@ impl Args {
     }
 }
 
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    switchyard_crd::parse_go_duration(text).map_err(|error| error.to_string())
+}
+
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    let duration = switchyard_crd::parse_go_duration(text).map_err(|error| error.to_string())?;
+    let duration = parse_duration(text)?;
     if duration.is_zero() {
         return Err("must be greater than zero".to_owned());
     }
@@ -152,11 +194,19 @@ mod tests {
         assert_eq!(args.config_dir, Some(PathBuf::from("/etc/switchyard")));
         assert_eq!(args.xds_addr, "0.0.0.0:15010".parse().expect("addr"));
         assert_eq!(args.metrics_addr, "0.0.0.0:9090".parse().expect("addr"));
+        assert_eq!(
+            args.debug_socket_addr(),
+            "127.0.0.1:15000".parse().expect("addr"),
+            "debug views stay on loopback unless asked"
+        );
         assert_eq!(args.scrape_interval, Duration::from_secs(1));
         assert_eq!(args.effective_scrape_timeout(), Duration::from_millis(750));
         assert_eq!(args.log_format, LogFormat::Text);
         assert!(args.namespaces.is_empty());
         assert_eq!(args.lease_name, "switchyard-controller");
+        assert_eq!(args.empty_source_grace_period, EMPTY_SOURCE_GRACE_PERIOD);
+        let zero = parse(&["--empty-source-grace-period", "0s"]).expect("parses");
+        assert_eq!(zero.empty_source_grace_period, Duration::ZERO);
     }
 
     #[test]

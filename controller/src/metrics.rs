@@ -2,7 +2,7 @@
 //! ([`crate::xds::XdsMetrics`]) or scraping ([`crate::scrape`]): status
 //! writes, Events and leadership. The handles are cheap to clone.
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Handles of the controller-wide metrics, resolved once at start-up.
 #[derive(Clone, Debug)]
@@ -14,6 +14,13 @@ pub struct ControllerMetrics {
     pub status_writes: IntCounterVec,
     /// Events for rejected objects by result (`published`, `failed`).
     pub events: IntCounterVec,
+    /// 1 while a starting controller holds its first snapshot because the
+    /// source has no ModelRoute (see `core::source_hold`).
+    pub source_held: IntGauge,
+    /// Objects the source holds, by kind (`ModelRoute`, `ModelServer`, `Pod`).
+    pub source_objects: IntGaugeVec,
+    /// Files or documents the source could not load.
+    pub source_load_problems: IntGauge,
 }
 
 impl ControllerMetrics {
@@ -37,6 +44,24 @@ impl ControllerMetrics {
             ),
             &["result"],
         )?;
+        let source_held = IntGauge::new(
+            "switchyard_controller_source_held",
+            "1 while a starting controller holds back its first routing snapshot because its source has no ModelRoute.",
+        )?;
+        let source_objects = IntGaugeVec::new(
+            Opts::new(
+                "switchyard_controller_source_objects",
+                "Objects the source (config directory or Kubernetes caches) holds, by kind.",
+            ),
+            &["kind"],
+        )?;
+        let source_load_problems = IntGauge::new(
+            "switchyard_controller_source_load_problems",
+            "Config files or documents the source could not load (local mode).",
+        )?;
+        registry.register(Box::new(source_held.clone()))?;
+        registry.register(Box::new(source_objects.clone()))?;
+        registry.register(Box::new(source_load_problems.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(status_writes.clone()))?;
         registry.register(Box::new(events.clone()))?;
@@ -44,6 +69,9 @@ impl ControllerMetrics {
             leader,
             status_writes,
             events,
+            source_held,
+            source_objects,
+            source_load_problems,
         })
     }
 }

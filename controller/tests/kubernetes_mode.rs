@@ -503,11 +503,75 @@ async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile
         .expect("stops cleanly");
 }
 
+/// A successful but empty ModelRoute list at start holds the first snapshot
+/// (and the stream server) instead of wiping the dataplanes that would
+/// reconnect to this replica; the first ModelRoute ends the hold at once.
+/// (The grace period's expiry is tested on paused time in `core::source_hold`.)
+#[tokio::test]
+async fn an_empty_route_list_at_start_holds_the_first_snapshot_until_a_route_appears() {
+    let fake = FakeApi::default();
+    let starting = tokio::time::timeout(DEADLINE, core::begin(&args(), CancellationToken::new()))
+        .await
+        .expect("admin up in time")
+        .expect("begins");
+    let admin_addr = starting.admin_addr;
+    let debug_addr = starting.debug_addr;
+    let publisher = starting.publisher.clone();
+    let ready = tokio::spawn(starting.start(KubernetesSource::new(&args(), fake.client())));
+    let held = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let (status, body) = admin_request(admin_addr, "/readyz").await;
+            if body.contains("holds no ModelRoute") {
+                return (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the hold shows in /readyz");
+    assert_eq!(held.0, 503, "{}", held.1);
+    let objects: Value =
+        serde_json::from_str(&admin_get(debug_addr, "/debug/objects").await).expect("JSON");
+    assert_eq!(objects["source"]["state"], "holding");
+    let metrics = admin_get(admin_addr, "/metrics").await;
+    assert!(
+        metrics.contains("switchyard_controller_source_held 1"),
+        "{metrics}"
+    );
+    assert!(publisher.route_config().is_none(), "nothing published");
+    assert!(!ready.is_finished(), "no stream server while holding");
+
+    fake.push_event(ROUTES, "ADDED", route("chat", 1, "llama"))
+        .await;
+    let controller = tokio::time::timeout(DEADLINE, ready)
+        .await
+        .expect("ready in time")
+        .expect("start task")
+        .expect("starts once a route appears");
+    assert!(controller.publisher.route_config().is_some(), "published");
+    let objects: Value =
+        serde_json::from_str(&admin_get(debug_addr, "/debug/objects").await).expect("JSON");
+    assert_eq!(objects["reports"][0]["name"], "chat");
+    assert_eq!(objects["source"]["state"], "serving");
+    assert_eq!(objects["source"]["empty_after_grace"], false);
+    assert!(
+        admin_get(admin_addr, "/metrics")
+            .await
+            .contains("switchyard_controller_source_held 0")
+    );
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}
+
 #[tokio::test]
 async fn namespaces_limit_the_watches_to_those_namespaces() {
     let fake = FakeApi::default();
     let args = Args {
         namespaces: vec!["team-b".into(), "team-a".into()],
+        // An empty cluster: no hold (the hold has its own test).
+        empty_source_grace_period: Duration::ZERO,
         ..args()
     };
     let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
@@ -528,8 +592,13 @@ async fn namespaces_limit_the_watches_to_those_namespaces() {
             .all(|request| request.path != ROUTES && request.path != SERVERS),
         "no cluster-wide watch"
     );
-    // An empty cluster still compiles (an empty snapshot) and serves.
+    // An empty cluster still compiles (an empty snapshot) and serves, and says so.
     assert!(controller.publisher.route_config().is_some());
+    let objects: Value =
+        serde_json::from_str(&admin_get(controller.debug_addr, "/debug/objects").await)
+            .expect("JSON");
+    assert_eq!(objects["source"]["state"], "serving");
+    assert_eq!(objects["source"]["empty_after_grace"], true);
     tokio::time::timeout(DEADLINE, controller.shutdown())
         .await
         .expect("stops in time")
@@ -546,6 +615,7 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
     let fake = FakeApi::default();
     let args = Args {
         router_config: Some(path.clone()),
+        empty_source_grace_period: Duration::ZERO,
         ..args()
     };
     let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
@@ -852,4 +922,60 @@ async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
         request.method == Method::DELETE && request.path == OWN_REPORT
     })
     .await;
+}
+
+/// Fields the router does not act on yet: a condition on the object and one
+/// Warning Event each, as a `kubectl describe` would show them.
+#[tokio::test]
+async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
+    let fake = seeded();
+    let mut gateway_route = route("gateway-bound", 1, "llama");
+    gateway_route["spec"]["parentRefs"] =
+        json!([{"name": "default", "namespace": "kthena-system", "kind": "Gateway"}]);
+    fake.seed(ROUTES, gateway_route);
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts against the fake API");
+    let patch = fake
+        .wait_for("gateway-bound's status", |request| {
+            is_status_patch(request, "modelroutes", "gateway-bound")
+        })
+        .await;
+    let ignored = condition(&patch.body["status"], "IgnoredFields");
+    assert_eq!(ignored["status"], "True");
+    assert_eq!(ignored["reason"], "NotImplemented");
+    assert!(
+        ignored["message"].as_str().is_some_and(|message| message
+            .contains("spec.parentRefs: Gateway API attachment is not implemented yet")),
+        "{ignored}"
+    );
+    assert_eq!(
+        condition(&patch.body["status"], "Accepted")["status"],
+        "True"
+    );
+    let event = fake
+        .wait_for("the IgnoredFields event", |request| {
+            request.method == Method::POST
+                && request.path == "/apis/events.k8s.io/v1/namespaces/default/events"
+                && request.body["regarding"]["name"] == "gateway-bound"
+        })
+        .await;
+    assert_eq!(event.body["type"], "Warning");
+    assert_eq!(event.body["reason"], "IgnoredFields");
+    assert_eq!(event.body["note"], ignored["message"]);
+    // A route without such fields carries no IgnoredFields condition.
+    let chat = fake
+        .wait_for("chat's status", |request| {
+            is_status_patch(request, "modelroutes", "chat")
+        })
+        .await;
+    assert_eq!(
+        condition(&chat.body["status"], "IgnoredFields"),
+        &Value::Null
+    );
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
 }

@@ -154,7 +154,7 @@ async fn local_mode_serves_files_loads_and_edits() {
     // Ready at once: the first snapshot is published before start_local returns.
     let ready = get_json(controller.admin_addr, "/readyz").await;
     assert_eq!(ready["status"], "ready");
-    let objects = get_json(controller.admin_addr, "/debug/objects").await;
+    let objects = get_json(controller.debug_addr, "/debug/objects").await;
     let broken = objects["reports"]
         .as_array()
         .expect("reports")
@@ -211,12 +211,12 @@ async fn local_mode_serves_files_loads_and_edits() {
     assert_eq!(rerouted.type_url, ROUTE_CONFIG_TYPE_URL);
     assert_ne!(rerouted.version_info, routes.version_info);
 
-    let dataplanes = get_json(controller.admin_addr, "/debug/dataplanes").await;
+    let dataplanes = get_json(controller.debug_addr, "/debug/dataplanes").await;
     assert_eq!(
         dataplanes["dataplanes"][0]["node_id"],
         "dataplane-under-test"
     );
-    let snapshot = get_json(controller.admin_addr, "/debug/snapshot").await;
+    let snapshot = get_json(controller.debug_addr, "/debug/snapshot").await;
     assert_eq!(snapshot["route_config"]["routes"][0]["model_name"], "m2");
     let (status, metrics) = http_get(controller.admin_addr, "/metrics").await;
     assert_eq!(status, 200);
@@ -307,5 +307,86 @@ async fn router_config_is_shipped_in_the_route_config_and_invalid_files_stop_sta
     std::fs::write(&router_config, GPU_USAGE_ROUTER_CONFIG).expect("write");
     let controller = app::start_local(&with_file).await.expect("starts");
     assert_gpu_usage_scheduler_shipped(&controller.publisher);
+    controller.shutdown().await.expect("clean shutdown");
+}
+
+/// What local mode cannot use is said in `/debug/objects`: fields set but
+/// not acted on (in the object's report), a dangling symbolic link and a Pod
+/// defined twice (in the load problems), a pod with an unusable address (in
+/// its ModelServer's report).
+#[tokio::test]
+async fn debug_objects_report_ignored_fields_dangling_links_duplicate_pods_and_bad_ips() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_config(dir.path(), 9, "m");
+    std::fs::write(
+        dir.path().join("30-gateway.yaml"),
+        "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ModelRoute\n\
+         metadata: { name: gateway-bound }\n\
+         spec:\n  modelName: g\n  parentRefs: [{ name: default, kind: Gateway }]\n\
+         \x20 rateLimit: { inputTokensPerUnit: 10 }\n\
+         \x20 rules: [{ name: default, targetModels: [{ modelServerName: s1 }] }]\n",
+    )
+    .expect("write");
+    std::os::unix::fs::symlink("..data/pods.yaml", dir.path().join("40-pods.yaml"))
+        .expect("symlink");
+    std::fs::write(
+        dir.path().join("50-more-pods.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: { name: fake-0, labels: { app: fake } }\n\
+         status: { phase: Running, podIP: 127.0.0.9, conditions: [{ type: Ready, status: \"True\" }] }\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: { name: fake-zero, labels: { app: fake } }\n\
+         status: { phase: Running, podIP: 0.0.0.0, conditions: [{ type: Ready, status: \"True\" }] }\n",
+    )
+    .expect("write");
+    let controller = app::start_local(&args(dir.path()))
+        .await
+        .expect("controller starts");
+    let objects = get_json(controller.debug_addr, "/debug/objects").await;
+    let reports = objects["reports"].as_array().expect("reports");
+    let gateway = reports
+        .iter()
+        .find(|report| report["name"] == "gateway-bound")
+        .expect("report");
+    assert_eq!(gateway["accepted"]["status"], true);
+    let paths: Vec<&str> = gateway["ignored_fields"]
+        .as_array()
+        .expect("ignored fields")
+        .iter()
+        .filter_map(|field| field["path"].as_str())
+        .collect();
+    assert_eq!(paths, ["spec.parentRefs"], "rateLimit is acted on");
+    let problems: Vec<(&str, &str)> = objects["load_problems"]
+        .as_array()
+        .expect("load problems")
+        .iter()
+        .map(|problem| {
+            (
+                problem["file"].as_str().unwrap_or_default(),
+                problem["error"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            ("40-pods.yaml", "dangling symbolic link to ..data/pods.yaml"),
+            (
+                "50-more-pods.yaml",
+                "duplicate Pod default/fake-0: 10-servers.yaml already defines it (files are read in name order); this one is ignored"
+            ),
+        ]
+    );
+    let server = reports
+        .iter()
+        .find(|report| report["name"] == "s1")
+        .expect("report");
+    assert_eq!(server["resolved_refs"]["reason"], "InvalidPodIP");
+    assert!(
+        server["resolved_refs"]["message"]
+            .as_str()
+            .is_some_and(|message| message
+                .ends_with("fake-zero: status.podIP \"0.0.0.0\" is the unspecified address")),
+        "{server}"
+    );
+    assert_eq!(objects["source"]["state"], "serving");
     controller.shutdown().await.expect("clean shutdown");
 }

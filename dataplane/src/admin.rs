@@ -5,9 +5,18 @@
 //! - `/debug/router/state`: snapshot versions and age, controller connection,
 //!   in-flight requests and engine load per pod;
 //! - `/debug/routing/table`: the routes, rules and ModelServers in use;
+//! - `/debug/model-servers`, `/debug/model-servers/{name}/status`,
+//!   `/debug/model-servers/{name}/metrics`, `/debug/routing/backends`:
+//!   health as this dataplane sees it (see [`crate::health::debug`]);
 //! - `/debug/config_dump/{modelroutes,modelservers,pods}` and
 //!   `/debug/config_dump/namespaces/{ns}/{modelroutes,modelservers,pods}/{name}`:
-//!   the snapshot in the Kthena router's dump shapes.
+//!   the snapshot in the Kthena router's dump shapes;
+//! - `/debug/pd-groups`: every prefill/decode ModelServer's groups and pods;
+//!   `/debug/pd-groups/{group}/status`: one group (in every ModelServer
+//!   that has it) with its pods' state and the requests sent to each role;
+//! - `/debug/kv-cache/connectors`: the KV connectors in use, which
+//!   ModelServers use them, how each shapes the two legs, and (NIXL,
+//!   Mooncake) how many prefill answers' `kv_transfer_params` were relayed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,8 +27,11 @@ use serde_json::json;
 use switchyard_runtime::clock;
 use switchyard_snapshot::{config_dump, pb};
 
+use crate::health;
 use crate::metrics::RouterMetrics;
+use crate::pod::PodState;
 use crate::proxy::{ProxyBody, readiness_response};
+use crate::routing::KvConnector;
 use crate::scheduling::decisions::DECISION_SLOTS;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::ControllerStatus;
@@ -60,11 +72,195 @@ impl Admin {
                 StatusCode::OK,
                 &decisions_view(&self.store, request.uri().query()),
             ),
-            _ => match path.strip_prefix("/debug/config_dump/") {
-                Some(rest) => self.config_dump(rest),
-                None => not_found(&format!("no debug endpoint {path}")),
-            },
+            "/debug/model-servers" => health_view(health::debug::model_servers(&self.store)),
+            "/debug/routing/backends" => {
+                health_view(health::debug::backends(&self.store, &self.metrics.health))
+            }
+            "/debug/pd-groups" => json(StatusCode::OK, &self.pd_groups()),
+            "/debug/kv-cache/connectors" => json(StatusCode::OK, &self.kv_connectors()),
+            _ => {
+                if let Some(rest) = path.strip_prefix("/debug/config_dump/") {
+                    return self.config_dump(rest);
+                }
+                if let Some(rest) = path.strip_prefix("/debug/model-servers/") {
+                    return self.model_server(rest, request.uri().query());
+                }
+                match path
+                    .strip_prefix("/debug/pd-groups/")
+                    .and_then(|rest| rest.strip_suffix("/status"))
+                {
+                    Some(group) => self.pd_group_status(group),
+                    None => not_found(&format!("no debug endpoint {path}")),
+                }
+            }
         }
+    }
+
+    /// `/debug/model-servers/{name}/status` and `.../metrics`.
+    fn model_server(&self, rest: &str, query: Option<&str>) -> Response<ProxyBody> {
+        let namespace = query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .find_map(|pair| pair.strip_prefix("namespace="));
+        match rest.split_once('/') {
+            Some((name, "status")) => health_view(health::debug::status(
+                &self.store,
+                &self.metrics.health,
+                name,
+                namespace,
+            )),
+            Some((name, "metrics")) => {
+                health_view(health::debug::engine_metrics(&self.store, name, namespace))
+            }
+            _ => not_found(&format!(
+                "no debug endpoint /debug/model-servers/{rest}: use /debug/model-servers/{{name}}/status or /metrics"
+            )),
+        }
+    }
+
+    /// `/debug/pd-groups`.
+    fn pd_groups(&self) -> serde_json::Value {
+        let table = self.store.table();
+        let servers: Vec<_> = table
+            .iter()
+            .flat_map(|table| table.servers.iter())
+            .filter_map(|server| {
+                let pd = server.prefill_decode.as_ref()?;
+                let names = |pods: &[usize]| {
+                    pods.iter()
+                        .filter_map(|index| server.pods.get(*index))
+                        .map(|pod| pod.key.clone())
+                        .collect::<Vec<_>>()
+                };
+                Some(json!({
+                    "modelServer": server.key,
+                    "kvConnector": pd.connector.as_str(),
+                    "groupKey": pd.group_label,
+                    "groups": pd.groups.iter().map(|group| json!({
+                        "group": group.name,
+                        "complete": group.is_complete(),
+                        "prefillPods": names(&group.prefill),
+                        "decodePods": names(&group.decode),
+                    })).collect::<Vec<_>>(),
+                }))
+            })
+            .collect();
+        json!({"modelServers": servers})
+    }
+
+    /// `/debug/pd-groups/{group}/status`.
+    fn pd_group_status(&self, group_name: &str) -> Response<ProxyBody> {
+        let table = self.store.table();
+        let resolved = self.metrics.resolved();
+        let now = clock::now();
+        let servers: Vec<_> = table
+            .iter()
+            .flat_map(|table| table.servers.iter())
+            .filter_map(|server| {
+                let pd = server.prefill_decode.as_ref()?;
+                let (index, group) = pd
+                    .groups
+                    .iter()
+                    .enumerate()
+                    .find(|(_, group)| group.name == group_name)?;
+                let handles = resolved
+                    .prefill_decode(&server.key)
+                    .and_then(|handles| handles.groups.get(index));
+                let requests = |role: usize| {
+                    handles.map_or(0, |handles| {
+                        handles
+                            .requests
+                            .values()
+                            .map(|roles| roles[role].get())
+                            .sum::<u64>()
+                    })
+                };
+                let pods = |pods: &[usize]| {
+                    pods.iter()
+                        .filter_map(|index| server.pods.get(*index))
+                        .map(|pod| self.pod_json(pod, now))
+                        .collect::<Vec<_>>()
+                };
+                Some(json!({
+                    "modelServer": server.key,
+                    "kvConnector": pd.connector.as_str(),
+                    "groupKey": pd.group_label,
+                    "complete": group.is_complete(),
+                    "prefillPods": pods(&group.prefill),
+                    "decodePods": pods(&group.decode),
+                    "requests": {"prefill": requests(0), "decode": requests(1)},
+                    "routingDecisions": handles
+                        .and_then(|handles| handles.decisions.as_ref())
+                        .map_or(0, |decisions| decisions.get()),
+                }))
+            })
+            .collect();
+        if servers.is_empty() {
+            return not_found(&format!(
+                "no prefill/decode ModelServer has a group {group_name:?}"
+            ));
+        }
+        json(
+            StatusCode::OK,
+            &json!({"group": group_name, "modelServers": servers}),
+        )
+    }
+
+    /// `/debug/kv-cache/connectors`.
+    fn kv_connectors(&self) -> serde_json::Value {
+        let table = self.store.table();
+        let resolved = self.metrics.resolved();
+        let mut by_connector: Vec<(KvConnector, Vec<&Arc<crate::routing::Server>>)> = Vec::new();
+        for server in table.iter().flat_map(|table| table.servers.iter()) {
+            let Some(pd) = &server.prefill_decode else {
+                continue;
+            };
+            match by_connector.iter_mut().find(|(c, _)| *c == pd.connector) {
+                Some((_, servers)) => servers.push(server),
+                None => by_connector.push((pd.connector, vec![server])),
+            }
+        }
+        let connectors: Vec<_> = by_connector
+            .into_iter()
+            .map(|(connector, servers)| {
+                let mut view = json!({
+                    "type": connector.as_str(),
+                    "modelServers": servers.iter().map(|s| s.key.clone()).collect::<Vec<_>>(),
+                    "legs": connector_legs(connector),
+                });
+                if connector.relays_kv_transfer_params() {
+                    let count = |outcome: usize| {
+                        servers
+                            .iter()
+                            .filter_map(|server| resolved.prefill_decode(&server.key))
+                            .filter_map(|handles| handles.kv_transfer_params.as_ref())
+                            .map(|counters| counters[outcome].get())
+                            .sum::<u64>()
+                    };
+                    view["kvTransferParams"] = json!({"relayed": count(0), "missing": count(1)});
+                }
+                view
+            })
+            .collect();
+        json!({"connectors": connectors})
+    }
+
+    fn pod_json(&self, pod: &PodState, now: clock::Instant) -> serde_json::Value {
+        json!({
+            "pod": pod.key,
+            "address": pod.addr.to_string(),
+            "inFlight": pod.in_flight(),
+            "ejected": pod.is_ejected(now),
+            "load": pod.load().map(|load| json!({
+                "requestsWaiting": load.requests_waiting,
+                "requestsRunning": load.requests_running,
+                "kvCacheUsage": load.kv_cache_usage,
+                "ttftSeconds": load.ttft_seconds,
+                "tpotSeconds": load.tpot_seconds,
+                "models": load.models,
+                "observedAtUnixMs": self.store.scheduling().observed_at(&load),
+            })),
+        })
     }
 
     fn config_dump(&self, rest: &str) -> Response<ProxyBody> {
@@ -122,6 +318,7 @@ impl Admin {
 
     fn render_metrics(&self) -> Response<ProxyBody> {
         self.metrics.refresh_state(&self.store, &self.controller);
+        self.metrics.health.refresh(&self.store);
         match self.metrics.render() {
             Ok(buffer) => {
                 let mut response = Response::new(ProxyBody::from(Bytes::from(buffer)));
@@ -141,26 +338,11 @@ impl Admin {
 
     fn router_state(&self) -> serde_json::Value {
         let table = self.store.table();
+        let now = clock::now();
         let mut pods: Vec<_> = table
             .iter()
             .flat_map(|t| t.pods.values())
-            .map(|pod| {
-                json!({
-                    "pod": pod.key,
-                    "address": pod.addr.to_string(),
-                    "inFlight": pod.in_flight(),
-                    "ejected": pod.is_ejected(clock::now()),
-                    "load": pod.load().map(|load| json!({
-                        "requestsWaiting": load.requests_waiting,
-                        "requestsRunning": load.requests_running,
-                        "kvCacheUsage": load.kv_cache_usage,
-                        "ttftSeconds": load.ttft_seconds,
-                        "tpotSeconds": load.tpot_seconds,
-                        "models": load.models,
-                        "observedAtUnixMs": self.store.scheduling().observed_at(&load),
-                    })),
-                })
-            })
+            .map(|pod| self.pod_json(pod, now))
             .collect();
         pods.sort_by(|a, b| a["pod"].as_str().cmp(&b["pod"].as_str()));
         json!({
@@ -220,6 +402,37 @@ impl Admin {
             })
             .collect();
         json!({"version": table.version, "routes": routes, "modelServers": servers})
+    }
+}
+
+fn health_view(view: Result<serde_json::Value, health::debug::LookupError>) -> Response<ProxyBody> {
+    use health::debug::LookupError;
+    match view {
+        Ok(value) => json(StatusCode::OK, &value),
+        Err(LookupError::NotReady) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "router_not_ready",
+            "no routing snapshot received from the controller yet",
+        ),
+        Err(LookupError::NotFound(message)) => not_found(&message),
+        Err(LookupError::Ambiguous(message)) => {
+            error(StatusCode::CONFLICT, "ambiguous_name", &message)
+        }
+    }
+}
+
+/// How a connector shapes the two legs of a request, for humans.
+fn connector_legs(connector: KvConnector) -> &'static str {
+    match connector {
+        KvConnector::Http | KvConnector::Lmcache => {
+            "prefill (a one-token copy of the request) answered and discarded, then decode (the client's request)"
+        }
+        KvConnector::Nixl | KvConnector::Mooncake => {
+            "prefill (a one-token copy with kv_transfer_params {do_remote_decode: true, do_remote_prefill: false}), then decode (the client's request with the prefill answer's kv_transfer_params)"
+        }
+        KvConnector::Sglang => {
+            "prefill and decode at once, both with the prefill pod's bootstrap_host (and bootstrap_port when annotated) and one random bootstrap_room; a failed decode cancels the prefill"
+        }
     }
 }
 

@@ -11,14 +11,15 @@ use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
 use crate::fairness::{Fairness, FairnessMetrics};
+use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyDeadline, ConnectionLimit};
 use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
-use crate::proxy::{Proxy, ProxyConfig};
+use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
 use crate::rate_limit::RateLimiting;
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
-use crate::server::{DRAIN_TIMEOUT, serve};
+use crate::server::{ConnectionSettings, DRAIN_TIMEOUT, serve};
 use crate::snapshot::SnapshotStore;
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 
@@ -86,7 +87,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let proxy = Arc::new(Proxy::new(
         store.clone(),
         ProxyConfig {
-            max_body_bytes: args.max_body_bytes,
+            body: BodyLimits {
+                max_bytes: args.max_body_bytes,
+                deadline: BodyDeadline {
+                    grace: args.body_read_grace,
+                    min_bytes_per_sec: args.min_body_rate,
+                },
+            },
+            body_budget_bytes: args.body_budget_bytes,
         },
         Arc::new(Observer {
             metrics: metrics.clone(),
@@ -120,11 +128,19 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         )
     });
 
-    let idle_timeout = args.idle_timeout;
+    let settings = |max_connections| ConnectionSettings {
+        idle_timeout: args.idle_timeout,
+        limit: ConnectionLimit::new(max_connections),
+    };
+    let traffic_settings = settings(args.max_connections);
+    let (metrics_settings, debug_settings) = (
+        settings(ADMIN_MAX_CONNECTIONS),
+        settings(ADMIN_MAX_CONNECTIONS),
+    );
     let expose_metrics = args.expose_metrics_on_router_port;
     let traffic_admin = admin.clone();
     tasks.spawn_graceful("traffic server", |stop| {
-        serve(traffic, idle_timeout, stop, move |request| {
+        serve(traffic, traffic_settings, stop, move |request| {
             let proxy = proxy.clone();
             let admin = traffic_admin.clone();
             async move {
@@ -137,13 +153,13 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     });
     let metrics_admin = admin.clone();
     tasks.spawn_graceful("metrics server", |stop| {
-        serve(metrics, idle_timeout, stop, move |request| {
+        serve(metrics, metrics_settings, stop, move |request| {
             let admin = metrics_admin.clone();
             async move { admin.handle_metrics_port(&request) }
         })
     });
     tasks.spawn_graceful("debug server", |stop| {
-        serve(debug, idle_timeout, stop, move |request| {
+        serve(debug, debug_settings, stop, move |request| {
             let admin = admin.clone();
             async move { admin.handle_debug_port(&request) }
         })

@@ -36,6 +36,20 @@ pub struct Args {
     /// Request bodies larger than this are refused with 413.
     #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = crate::proxy::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Bytes of request bodies held at once by all requests; a body that does
+    /// not fit gets 503 with Retry-After.
+    #[arg(long, env = "SWITCHYARD_BODY_BUDGET_BYTES", default_value_t = crate::limits::DEFAULT_BODY_BUDGET_BYTES)]
+    pub body_budget_bytes: usize,
+    /// Time a request body gets before --min-body-rate applies (e.g. 10s).
+    #[arg(long, env = "SWITCHYARD_BODY_READ_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub body_read_grace: std::time::Duration,
+    /// Slowest request body accepted after the grace, in bytes per second; slower gets 408.
+    #[arg(long, env = "SWITCHYARD_MIN_BODY_RATE", default_value_t = crate::limits::DEFAULT_MIN_BODY_BYTES_PER_SEC, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_body_rate: u64,
+    /// Client connections served at once on the traffic port; one more gets
+    /// 503 and is closed.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = crate::limits::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: usize,
     /// Closes client connections that send no complete request headers for this
     /// long, whether slow or idle between keep-alive requests (e.g. 60s, 500ms).
     #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]

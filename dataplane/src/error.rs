@@ -18,6 +18,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The body exceeds `--max-body-bytes`.
     BodyTooLarge,
+    /// The body arrived slower than the minimum rate allows.
+    BodyTimeout,
     /// The body is not valid JSON / UTF-8, or not a JSON object.
     InvalidBody,
     /// `Content-Type` is not JSON.
@@ -26,8 +28,13 @@ pub enum ErrorKind {
     InvalidModel,
     /// No ModelRoute serves this model (or none of its rules matched).
     RouteNotFound,
+    /// The chosen ModelServer cannot serve this path (a prefill/decode
+    /// ModelServer serves completions and chat completions only).
+    UnsupportedPath,
     /// The dataplane has not received its first snapshot yet.
     NotReady,
+    /// The budget for buffered request bodies is spent: retry shortly.
+    Overloaded,
     /// The chosen ModelServer has no ready pod.
     NoReadyPod,
     /// Every attempt to connect to a pod failed.
@@ -56,10 +63,13 @@ impl ErrorKind {
             Self::UnknownPath | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidBody | Self::InvalidModel | Self::UnsupportedMediaType => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::InvalidBody
+            | Self::InvalidModel
+            | Self::UnsupportedMediaType
+            | Self::UnsupportedPath => StatusCode::BAD_REQUEST,
             Self::NotReady
+            | Self::Overloaded
             | Self::NoReadyPod
             | Self::UpstreamUnavailable
             | Self::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,11 +86,14 @@ impl ErrorKind {
             Self::UnknownPath => "unknown_path",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BodyTooLarge => "body_too_large",
+            Self::BodyTimeout => "request_timeout",
             Self::InvalidBody => "invalid_request_body",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidModel => "invalid_model",
             Self::RouteNotFound => "route_not_found",
+            Self::UnsupportedPath => "unsupported_path",
             Self::NotReady => "router_not_ready",
+            Self::Overloaded => "router_overloaded",
             Self::NoReadyPod => "no_ready_pod",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -113,6 +126,24 @@ impl ErrorKind {
             "server_error"
         }
     }
+}
+
+/// Longest prefix of a client's string that an error message or a log line
+/// quotes: enough to recognise it, never enough to amplify it.
+pub const MAX_QUOTED_CLIENT_BYTES: usize = 128;
+
+/// `text` quoted and escaped for a message, cut to its first
+/// [`MAX_QUOTED_CLIENT_BYTES`] bytes (at a character boundary) with its
+/// length when longer.
+pub fn quoted(text: &str) -> String {
+    if text.len() <= MAX_QUOTED_CLIENT_BYTES {
+        return format!("{text:?}");
+    }
+    let mut end = MAX_QUOTED_CLIENT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &text[..end], text.len())
 }
 
 /// An error response: a kind plus a message for humans, and the headers
@@ -154,15 +185,31 @@ impl ApiError {
     }
 
     /// Status, JSON content type and body, for any body type built from `Bytes`.
+    /// A refusal that leaves the request body unread closes the connection,
+    /// and an overload says when to retry.
     pub fn into_response<B: From<Bytes>>(self) -> http::Response<B> {
         let mut response = http::Response::new(B::from(self.body()));
         *response.status_mut() = self.kind.status();
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        match self.kind {
+            ErrorKind::Overloaded => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(crate::limits::BUDGET_RETRY_AFTER_SECONDS),
+                );
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            ErrorKind::BodyTimeout | ErrorKind::BodyTooLarge => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
         for (name, value) in self.headers {
-            response.headers_mut().append(name, value);
+            headers.append(name, value);
         }
         response
     }
@@ -202,5 +249,28 @@ mod tests {
             ErrorKind::Unauthenticated.error_type(),
             "invalid_authentication"
         );
+    }
+
+    #[test]
+    fn client_strings_are_quoted_up_to_a_bound() {
+        assert_eq!(quoted("gpt\n4"), r#""gpt\n4""#);
+        let long = "é".repeat(100);
+        let text = quoted(&long);
+        assert!(text.starts_with("\"éé"), "{text}");
+        assert!(text.ends_with("\"… (200 bytes)"), "{text}");
+        assert!(text.len() < MAX_QUOTED_CLIENT_BYTES + 32);
+    }
+
+    #[test]
+    fn refusals_that_leave_the_body_unread_close_the_connection() {
+        let overloaded: http::Response<Bytes> =
+            ApiError::new(ErrorKind::Overloaded, "full").into_response();
+        assert_eq!(overloaded.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(overloaded.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(overloaded.headers()[header::CONNECTION], "close");
+        let slow: http::Response<Bytes> =
+            ApiError::new(ErrorKind::BodyTimeout, "slow").into_response();
+        assert_eq!(slow.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(slow.headers()[header::CONNECTION], "close");
     }
 }

@@ -4,7 +4,8 @@
 //! A request goes through the phases of [`proxy`], in order: admit (method,
 //! path, body; the body parse in [`request`]), authenticate, admission, route
 //! (with the table of [`routing`]), schedule (the plugins of [`scheduling`]),
-//! forward (the attempt policy: retries, timeouts, ejection, failover),
+//! forward (the attempt policy: retries, timeouts, ejection, failover; two
+//! legs per attempt for a prefill/decode ModelServer),
 //! respond (streaming back, usage read by [`response`]) and log (request
 //! [`metrics`] and the access log).
 //!
@@ -23,6 +24,8 @@ pub mod cli;
 pub mod config_file;
 pub mod error;
 pub mod fairness;
+pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod pod;
 pub mod proxy;

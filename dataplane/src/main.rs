@@ -3,6 +3,9 @@
 use clap::Parser;
 use switchyard_dataplane::{app, cli::Args};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a configuration error (sysexits EX_USAGE).
 const EXIT_USAGE: i32 = 64;
 

@@ -21,6 +21,7 @@ use prometheus::{
 use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
+use crate::health::HealthMetrics;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::{ControllerStatus, SnapshotSink};
 
@@ -134,7 +135,16 @@ pub struct RouterMetrics {
     pub time_to_first_token_seconds: HistogramVec,
     pub time_per_output_token_seconds: HistogramVec,
     pub upstream_connect_errors_total: IntCounterVec,
+    /// Legs sent to each role of each prefill/decode group.
+    pub pd_group_requests_total: IntCounterVec,
+    /// Pairs chosen: a decode pod first, then a prefill pod of its group.
+    pub pd_group_routing_decisions: IntCounterVec,
+    /// Prefill answers whose `kv_transfer_params` reached the decode request
+    /// (or were missing, so the decode recomputed the prompt).
+    pub pd_kv_transfer_params_total: IntCounterVec,
     pub access_log_dropped_total: IntCounter,
+    /// Model-server and load-balancing health ([`crate::health`]).
+    pub health: HealthMetrics,
     controller_connected: IntGauge,
     snapshot_age_seconds: Gauge,
     snapshot_info: IntGaugeVec,
@@ -159,6 +169,41 @@ pub struct Resolved {
     upstream: HashMap<String, HashMap<String, IntGauge>>,
     /// server key -> `upstream_connect_errors_total` counter.
     connect_errors: HashMap<String, IntCounter>,
+    /// server key -> the handles of a prefill/decode ModelServer.
+    prefill_decode: HashMap<String, PdServerHandles>,
+    /// Label values of the PD series above, so a later snapshot removes
+    /// the series it no longer has.
+    pd_series: PdSeries,
+}
+
+/// The PD metric handles of one ModelServer.
+#[derive(Debug, Default)]
+pub struct PdServerHandles {
+    /// Per group of the server (in the table's order).
+    pub groups: Vec<PdGroupHandles>,
+    /// `pd_kv_transfer_params_total` outcomes `relayed` and `missing`, for
+    /// connectors that relay them.
+    pub kv_transfer_params: Option<[IntCounter; 2]>,
+}
+
+/// The PD metric handles of one group.
+#[derive(Debug, Default)]
+pub struct PdGroupHandles {
+    /// `pd_group_routing_decisions{source_role="decode",target_role="prefill"}`.
+    pub decisions: Option<IntCounter>,
+    /// model -> `pd_group_requests_total` of roles `prefill` and `decode`.
+    pub requests: HashMap<String, [IntCounter; 2]>,
+}
+
+/// Label values of the PD series of one snapshot.
+#[derive(Debug, Default)]
+struct PdSeries {
+    /// (group_key, role, model).
+    requests: std::collections::HashSet<[String; 3]>,
+    /// group_key.
+    decisions: std::collections::HashSet<String>,
+    /// model_server.
+    kv_transfer_params: std::collections::HashSet<String>,
 }
 
 impl Resolved {
@@ -174,6 +219,10 @@ impl Resolved {
 
     pub fn connect_errors(&self, server: &str) -> Option<&IntCounter> {
         self.connect_errors.get(server)
+    }
+
+    pub fn prefill_decode(&self, server: &str) -> Option<&PdServerHandles> {
+        self.prefill_decode.get(server)
     }
 }
 
@@ -232,13 +281,13 @@ impl RouterMetrics {
             )?,
             request_prefill_duration_seconds: histogram(
                 "kthena_router_request_prefill_duration_seconds",
-                "Prefill phase of streamed responses: request received to the first response chunk",
+                "Prefill phase: the prefill leg of prefill/decode requests; request received to the first chunk of other streamed responses",
                 &request_labels,
                 &REQUEST_DURATION_BUCKETS,
             )?,
             request_decode_duration_seconds: histogram(
                 "kthena_router_request_decode_duration_seconds",
-                "Decode phase of streamed responses: first response chunk to the end of the stream",
+                "Decode phase: the decode leg of prefill/decode requests; first chunk to the end of other streamed responses",
                 &request_labels,
                 &REQUEST_DURATION_BUCKETS,
             )?,
@@ -290,6 +339,21 @@ impl RouterMetrics {
                 "Connection attempts to inference pods that failed",
                 &["model_server"],
             )?,
+            pd_group_requests_total: counter(
+                "kthena_pd_group_requests_total",
+                "Requests sent to each role of each prefill/decode group (one per leg and attempt)",
+                &["group_key", "role", "model"],
+            )?,
+            pd_group_routing_decisions: counter(
+                "kthena_pd_group_routing_decisions",
+                "Prefill/decode pairs tried: a decode pod chosen first (source_role), then the best prefill pod of its group (target_role)",
+                &["group_key", "source_role", "target_role"],
+            )?,
+            pd_kv_transfer_params_total: counter(
+                "kthena_router_pd_kv_transfer_params_total",
+                "Prefill answers of NIXL/Mooncake pairs whose kv_transfer_params were relayed to the decode request, or were missing (the decode recomputes the prompt)",
+                &["model_server", "outcome"],
+            )?,
             access_log_dropped_total: IntCounter::new(
                 "kthena_router_access_log_dropped_total",
                 "Access log lines dropped because the writer fell behind",
@@ -333,11 +397,13 @@ impl RouterMetrics {
                 ),
                 &["pod"],
             )?,
+            health: HealthMetrics::register(&registry)?,
             resolved: ArcSwap::from_pointee(Resolved::default()),
             resolve_lock: Mutex::new(()),
             declared: Vec::new(),
             registry,
         };
+        metrics.declared = metrics.health.declared();
         let (counter, gauge, histogram) = ("counter", "gauge", "histogram");
         let collectors: Vec<(Box<dyn Collector>, &'static str)> = vec![
             (Box::new(metrics.requests_total.clone()), counter),
@@ -372,6 +438,15 @@ impl RouterMetrics {
             ),
             (
                 Box::new(metrics.upstream_connect_errors_total.clone()),
+                counter,
+            ),
+            (Box::new(metrics.pd_group_requests_total.clone()), counter),
+            (
+                Box::new(metrics.pd_group_routing_decisions.clone()),
+                counter,
+            ),
+            (
+                Box::new(metrics.pd_kv_transfer_params_total.clone()),
                 counter,
             ),
             (Box::new(metrics.access_log_dropped_total.clone()), counter),
@@ -437,6 +512,7 @@ impl RouterMetrics {
                     .with_label_values(&[&server.key]),
             );
         }
+        self.resolve_prefill_decode(table, &previous.pd_series, &mut next);
         for gone in previous
             .models
             .keys()
@@ -461,6 +537,110 @@ impl RouterMetrics {
             }
         }
         self.resolved.store(Arc::new(next));
+    }
+
+    /// The PD handles of `table`'s prefill/decode ModelServers, for the
+    /// models of the routes that target them; removes the PD series of
+    /// `previous` that are gone.
+    fn resolve_prefill_decode(
+        &self,
+        table: &RoutingTable,
+        previous: &PdSeries,
+        next: &mut Resolved,
+    ) {
+        let mut models_of: HashMap<&str, Vec<&str>> = HashMap::new();
+        for route in &table.routes {
+            let models = std::iter::once(route.model_name.as_str())
+                .filter(|name| !name.is_empty())
+                .chain(route.lora_adapters.iter().map(String::as_str));
+            for model in models {
+                for rule in &route.rules {
+                    for server in rule.targets.servers() {
+                        models_of
+                            .entry(server.key.as_str())
+                            .or_default()
+                            .push(model);
+                    }
+                }
+            }
+        }
+        let series = &mut next.pd_series;
+        for server in &table.servers {
+            let Some(pd) = &server.prefill_decode else {
+                continue;
+            };
+            let models = models_of
+                .get(server.key.as_str())
+                .map_or(&[][..], Vec::as_slice);
+            let groups = pd
+                .groups
+                .iter()
+                .map(|group| {
+                    let requests = models
+                        .iter()
+                        .map(|model| {
+                            let handles = ["prefill", "decode"].map(|role| {
+                                series.requests.insert([
+                                    group.name.clone(),
+                                    role.to_owned(),
+                                    (*model).to_owned(),
+                                ]);
+                                self.pd_group_requests_total.with_label_values(&[
+                                    &group.name,
+                                    role,
+                                    model,
+                                ])
+                            });
+                            ((*model).to_owned(), handles)
+                        })
+                        .collect();
+                    series.decisions.insert(group.name.clone());
+                    PdGroupHandles {
+                        decisions: Some(self.pd_group_routing_decisions.with_label_values(&[
+                            &group.name,
+                            "decode",
+                            "prefill",
+                        ])),
+                        requests,
+                    }
+                })
+                .collect();
+            let kv_transfer_params = pd.connector.relays_kv_transfer_params().then(|| {
+                series.kv_transfer_params.insert(server.key.clone());
+                ["relayed", "missing"].map(|outcome| {
+                    self.pd_kv_transfer_params_total
+                        .with_label_values(&[&server.key, outcome])
+                })
+            });
+            next.prefill_decode.insert(
+                server.key.clone(),
+                PdServerHandles {
+                    groups,
+                    kv_transfer_params,
+                },
+            );
+        }
+        for gone in previous.requests.difference(&series.requests) {
+            let [group, role, model] = gone;
+            let _ = self
+                .pd_group_requests_total
+                .remove_label_values(&[group, role, model]);
+        }
+        for gone in previous.decisions.difference(&series.decisions) {
+            let _ = self
+                .pd_group_routing_decisions
+                .remove_label_values(&[gone, "decode", "prefill"]);
+        }
+        for gone in previous
+            .kv_transfer_params
+            .difference(&series.kv_transfer_params)
+        {
+            for outcome in ["relayed", "missing"] {
+                let _ = self
+                    .pd_kv_transfer_params_total
+                    .remove_label_values(&[gone, outcome]);
+            }
+        }
     }
 
     /// Resolves the success-path handles of one model.
@@ -527,10 +707,12 @@ impl RouterMetrics {
         self.request_duration_seconds
             .with_label_values(&labels)
             .observe(request.total_seconds);
-        if let Some((prefill, decode)) = request.phases {
+        if let Some(prefill) = request.phases.prefill {
             self.request_prefill_duration_seconds
                 .with_label_values(&labels)
                 .observe(prefill);
+        }
+        if let Some(decode) = request.phases.decode {
             self.request_decode_duration_seconds
                 .with_label_values(&labels)
                 .observe(decode);
@@ -597,6 +779,15 @@ impl RouterMetrics {
     }
 }
 
+/// Seconds of a request's prefill and decode phases, when it has them: the
+/// two legs of a prefill/decode pair, or a stream's arrival to its first
+/// chunk and the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    pub prefill: Option<f64>,
+    pub decode: Option<f64>,
+}
+
 /// What a finished request looked like, for [`RouterMetrics::observe_other`].
 #[derive(Debug)]
 pub struct Observation<'a> {
@@ -605,8 +796,7 @@ pub struct Observation<'a> {
     pub status: u16,
     pub error_type: &'a str,
     pub total_seconds: f64,
-    /// (prefill, decode) seconds of a streamed response.
-    pub phases: Option<(f64, f64)>,
+    pub phases: Phases,
 }
 
 /// Handles of one model's success-path series, resolved when a snapshot is applied.
@@ -627,12 +817,14 @@ pub struct ModelMetrics {
 
 impl ModelMetrics {
     /// A 200 response delivered in full.
-    pub fn observe_success(&self, path: PathLabel, total: f64, phases: Option<(f64, f64)>) {
+    pub fn observe_success(&self, path: PathLabel, total: f64, phases: Phases) {
         let i = path as usize;
         self.ok_requests[i].inc();
         self.ok_duration[i].observe(total);
-        if let Some((prefill, decode)) = phases {
+        if let Some(prefill) = phases.prefill {
             self.ok_prefill[i].observe(prefill);
+        }
+        if let Some(decode) = phases.decode {
             self.ok_decode[i].observe(decode);
         }
     }
@@ -657,6 +849,7 @@ impl SnapshotSink for ObservedStore {
         SnapshotSink::apply_route_config(&*self.store, version, config)?;
         if let Some(table) = self.store.table() {
             self.metrics.resolve(&table);
+            self.metrics.health.resolve(&table);
         }
         Ok(())
     }
@@ -724,7 +917,14 @@ mod tests {
         metrics.resolve(&table(&["m", "keep"]));
         let resolved = metrics.resolved();
         let model = resolved.model("m").expect("model m resolved");
-        model.observe_success(PathLabel::Completions, 0.2, Some((0.1, 0.1)));
+        model.observe_success(
+            PathLabel::Completions,
+            0.2,
+            Phases {
+                prefill: Some(0.1),
+                decode: Some(0.1),
+            },
+        );
         model.add_tokens(PathLabel::Completions, 3, 5);
         resolved
             .upstream_gauge("default/m-route", "default/m-server")
@@ -736,7 +936,7 @@ mod tests {
             status: 503,
             error_type: "no_ready_pod",
             total_seconds: 0.01,
-            phases: None,
+            phases: Phases::default(),
         });
         let labels = [
             ("model", "m"),

@@ -39,6 +39,16 @@ pub enum PromptField {
     Input,
 }
 
+/// Longest `model` accepted, in bytes once decoded: model names and LoRA
+/// adapter names are short (Kubernetes names stop at 253 bytes, Hugging Face
+/// repository ids at 96); a longer one is refused without being echoed.
+pub const MAX_MODEL_BYTES: usize = 1024;
+
+/// Bytes of JSON a decoded byte can take at most (`\u0041`), so a `model`
+/// literal longer than this many times [`MAX_MODEL_BYTES`] is too long
+/// without being decoded.
+const MAX_ESCAPED_BYTES_PER_BYTE: usize = 6;
+
 /// The field added to streaming requests so the engine reports usage.
 const INCLUDE_USAGE_FIELD: &str = r#""stream_options":{"include_usage":true},"#;
 
@@ -105,12 +115,28 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
             "missing required field `model` in request body",
         )
     })?;
-    let model: String = serde_json::from_str(raw_model.get()).map_err(|_| {
+    let too_long = || {
+        ApiError::new(
+            ErrorKind::InvalidModel,
+            format!("field `model` in request body is longer than {MAX_MODEL_BYTES} bytes"),
+        )
+    };
+    let not_a_string = || {
         ApiError::new(
             ErrorKind::InvalidModel,
             "field `model` in request body must be a string",
         )
-    })?;
+    };
+    if !raw_model.get().starts_with('"') {
+        return Err(not_a_string());
+    }
+    if raw_model.get().len() > MAX_MODEL_BYTES * MAX_ESCAPED_BYTES_PER_BYTE + 2 {
+        return Err(too_long());
+    }
+    let model: String = serde_json::from_str(raw_model.get()).map_err(|_| not_a_string())?;
+    if model.len() > MAX_MODEL_BYTES {
+        return Err(too_long());
+    }
     if model.trim().is_empty() {
         return Err(ApiError::new(
             ErrorKind::InvalidModel,
@@ -204,6 +230,266 @@ pub fn apply_edits(body: Bytes, edits: &mut [Edit]) -> Bytes {
     out.freeze()
 }
 
+/// Top-level fields the decode leg of a prefill/decode pair may set: their
+/// byte ranges in the client's body, so an edit replaces a value the client
+/// sent instead of adding a duplicate key. Read only for such requests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PairFieldSpans {
+    pub kv_transfer_params: Option<Range<usize>>,
+    pub bootstrap_host: Option<Range<usize>>,
+    pub bootstrap_port: Option<Range<usize>>,
+    pub bootstrap_room: Option<Range<usize>>,
+}
+
+#[derive(Deserialize)]
+struct PairFields<'a> {
+    #[serde(borrow, default, deserialize_with = "raw_even_if_null")]
+    kv_transfer_params: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw_even_if_null")]
+    bootstrap_host: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw_even_if_null")]
+    bootstrap_port: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw_even_if_null")]
+    bootstrap_room: Option<&'a RawValue>,
+}
+
+impl PairFieldSpans {
+    /// The spans in `body`, already admitted as a JSON object.
+    pub fn of(body: &[u8]) -> Self {
+        let Ok(text) = std::str::from_utf8(body) else {
+            return Self::default();
+        };
+        let Ok(fields) = serde_json::from_str::<PairFields<'_>>(text) else {
+            return Self::default();
+        };
+        let span = |raw: Option<&RawValue>| {
+            raw.map(|raw| {
+                let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+                start..start + raw.get().len()
+            })
+        };
+        Self {
+            kv_transfer_params: span(fields.kv_transfer_params),
+            bootstrap_host: span(fields.bootstrap_host),
+            bootstrap_port: span(fields.bootstrap_port),
+            bootstrap_room: span(fields.bootstrap_room),
+        }
+    }
+}
+
+/// SGLang's pairing of a prefill and a decode request: the prefill pod's
+/// address and a room number both requests carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bootstrap {
+    pub host: std::net::IpAddr,
+    /// None: the engine's default port.
+    pub port: Option<u16>,
+    /// 63 bits, so engines that read it as a signed 64-bit integer agree.
+    pub room: u64,
+}
+
+impl Bootstrap {
+    fn fields(&self) -> [(&'static str, Bytes); 3] {
+        let port = match self.port {
+            Some(port) => Bytes::from(port.to_string()),
+            None => Bytes::from_static(b"null"),
+        };
+        [
+            ("bootstrap_host", Bytes::from(format!("\"{}\"", self.host))),
+            ("bootstrap_port", port),
+            ("bootstrap_room", Bytes::from(self.room.to_string())),
+        ]
+    }
+
+    /// The edits that set these fields in a body with `spans`: a value the
+    /// client sent is replaced, a missing field is inserted (a missing port
+    /// stays missing, so the engine uses its default).
+    pub fn edits(&self, body: &[u8], spans: &PairFieldSpans) -> Vec<Edit> {
+        let existing = [
+            &spans.bootstrap_host,
+            &spans.bootstrap_port,
+            &spans.bootstrap_room,
+        ];
+        self.fields()
+            .into_iter()
+            .zip(existing)
+            .filter(|((name, _), span)| {
+                span.is_some() || *name != "bootstrap_port" || self.port.is_some()
+            })
+            .filter_map(|((name, value), span)| set_field_edit(body, span.as_ref(), name, value))
+            .collect()
+    }
+}
+
+/// `"kv_transfer_params"` of a prefill request for NIXL and Mooncake: keep
+/// the KV for a remote decode instead of decoding here.
+pub const PREFILL_KV_TRANSFER_PARAMS: &str =
+    r#"{"do_remote_decode":true,"do_remote_prefill":false}"#;
+
+/// The edit that sets the top-level field `name` to the JSON `value`:
+/// replacing the value at `span` when the body has the field, else inserting
+/// it after the object's opening brace.
+pub fn set_field_edit(
+    body: &[u8],
+    span: Option<&Range<usize>>,
+    name: &str,
+    value: Bytes,
+) -> Option<Edit> {
+    if let Some(span) = span {
+        return Some(Edit {
+            range: span.clone(),
+            replacement: value,
+        });
+    }
+    let brace = body.iter().position(|b| *b == b'{')?;
+    let mut field = BytesMut::with_capacity(name.len() + value.len() + 4);
+    field.extend_from_slice(b"\"");
+    field.extend_from_slice(name.as_bytes());
+    field.extend_from_slice(b"\":");
+    field.extend_from_slice(&value);
+    field.extend_from_slice(b",");
+    Some(Edit {
+        range: brace + 1..brace + 1,
+        replacement: field.freeze(),
+    })
+}
+
+/// What a prefill request changes in the client's body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrefillShape<'a> {
+    /// The ModelServer's model name (a JSON string literal), when it rewrites it.
+    pub model: Option<&'a [u8]>,
+    /// Ask the engine to keep the KV for a remote decode (NIXL, Mooncake).
+    pub kv_transfer_params: bool,
+    pub bootstrap: Option<Bootstrap>,
+}
+
+/// Fields a prefill request never carries: it is not streamed, generates a
+/// single token and one choice, and must not be held to a minimum length.
+const PREFILL_DROPPED_FIELDS: [&str; 3] = ["stream", "stream_options", "min_tokens"];
+
+/// The body of a prefill request: a copy of the client's object with
+/// `stream`, `stream_options` and `min_tokens` removed, the length field the
+/// client used (`max_completion_tokens`, else `max_tokens`; `max_tokens`
+/// when it used none) set to 1 and the other one removed, `n` set to 1 when
+/// present, and `shape`'s fields set. Every other value keeps the client's
+/// bytes. A second body is unavoidable here (the prefill request differs from
+/// the client's); the decode request still gets the client's body.
+pub fn prefill_body(body: &[u8], shape: &PrefillShape<'_>) -> Result<Bytes, ApiError> {
+    let entries: TopLevelEntries<'_> = serde_json::from_slice(body).map_err(|error| {
+        ApiError::new(
+            ErrorKind::InvalidBody,
+            format!("request body is not a JSON object: {error}"),
+        )
+    })?;
+    let length_field = if entries.has("max_completion_tokens") {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let mut set: Vec<(&str, Bytes)> = vec![(length_field, Bytes::from_static(b"1"))];
+    if entries.has("n") {
+        set.push(("n", Bytes::from_static(b"1")));
+    }
+    if let Some(model) = shape.model {
+        set.push(("model", Bytes::copy_from_slice(model)));
+    }
+    if shape.kv_transfer_params {
+        set.push((
+            "kv_transfer_params",
+            Bytes::from_static(PREFILL_KV_TRANSFER_PARAMS.as_bytes()),
+        ));
+    }
+    if let Some(bootstrap) = &shape.bootstrap {
+        for (name, value) in bootstrap.fields() {
+            if name != "bootstrap_port" || bootstrap.port.is_some() {
+                set.push((name, value));
+            }
+        }
+    }
+    let mut out = BytesMut::with_capacity(body.len() + 128);
+    out.extend_from_slice(b"{");
+    let mut first = true;
+    let mut field = |out: &mut BytesMut, name: &str, value: &[u8]| {
+        if !first {
+            out.extend_from_slice(b",");
+        }
+        first = false;
+        // A key is a plain string; serialising one cannot fail.
+        out.extend_from_slice(serde_json::to_string(name).unwrap_or_default().as_bytes());
+        out.extend_from_slice(b":");
+        out.extend_from_slice(value);
+    };
+    for (name, value) in &entries.0 {
+        let name = name.as_str();
+        if PREFILL_DROPPED_FIELDS.contains(&name)
+            || (name == "max_tokens" && length_field != "max_tokens")
+        {
+            continue;
+        }
+        match set.iter().position(|(set_name, _)| *set_name == name) {
+            Some(index) => {
+                let (_, value) = set.swap_remove(index);
+                field(&mut out, name, &value);
+            }
+            None => field(&mut out, name, value.get().as_bytes()),
+        }
+    }
+    for (name, value) in set {
+        field(&mut out, name, &value);
+    }
+    out.extend_from_slice(b"}");
+    Ok(out.freeze())
+}
+
+/// The top-level fields of a JSON object in their order, each value as its
+/// original bytes.
+struct TopLevelEntries<'a>(Vec<(String, &'a RawValue)>);
+
+impl TopLevelEntries<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(key, _)| key == name)
+    }
+}
+
+impl<'de> Deserialize<'de> for TopLevelEntries<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TopLevelEntries<'de>;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                    entries.push(entry);
+                }
+                Ok(TopLevelEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// The `kv_transfer_params` object of a prefill answer, verbatim, when the
+/// engine sent one (JSON `null` counts as none).
+pub fn kv_transfer_params_of(answer: &[u8]) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct PrefillAnswer<'a> {
+        #[serde(borrow)]
+        kv_transfer_params: Option<&'a RawValue>,
+    }
+    let answer: PrefillAnswer<'_> = serde_json::from_slice(answer).ok()?;
+    let raw = answer.kv_transfer_params?.get();
+    (raw != "null").then(|| Bytes::copy_from_slice(raw.as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +551,38 @@ mod tests {
                 error
             );
         }
+    }
+
+    #[test]
+    fn an_overlong_model_is_refused_without_echoing_it() {
+        let exactly = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_BYTES));
+        assert!(parse_body(exactly.as_bytes()).is_ok());
+        for model in [
+            "m".repeat(MAX_MODEL_BYTES + 1),
+            "\\u0041".repeat(MAX_MODEL_BYTES + 1),
+            "x".repeat(1 << 20),
+        ] {
+            let body = format!(r#"{{"model":"{model}"}}"#);
+            let error = parse_body(body.as_bytes()).expect_err("too long");
+            assert_eq!(error.kind, ErrorKind::InvalidModel);
+            assert!(error.message.len() < 100, "{}", error.message);
+            assert!(!error.message.contains("mmmm") && !error.message.contains("xxxx"));
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_skipped_without_recursion() {
+        let deep = "[".repeat(200_000) + &"]".repeat(200_000);
+        let body = format!(r#"{{"model":"m","x":{deep}}}"#);
+        assert_eq!(parse_body(body.as_bytes()).expect("valid JSON").model, "m");
+        let body = format!(r#"{{"model":{deep}}}"#);
+        let error = parse_body(body.as_bytes()).expect_err("not a string");
+        assert_eq!(error.kind, ErrorKind::InvalidModel);
+        assert!(
+            error.message.contains("must be a string"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]
@@ -340,5 +658,91 @@ mod tests {
             &out[..],
             br#"{"stream_options":{"include_usage":true},"model":"org/b","stream":true}"#
         );
+    }
+
+    fn prefill(body: &str, shape: &PrefillShape<'_>) -> String {
+        let out = prefill_body(body.as_bytes(), shape).expect("an object");
+        serde_json::from_slice::<serde_json::Value>(&out).expect("still JSON");
+        String::from_utf8(out.to_vec()).expect("UTF-8")
+    }
+
+    #[test]
+    fn the_prefill_copy_keeps_every_other_value_byte_for_byte() {
+        let body = r#"{ "model" : "m", "messages":[{"role":"user","content":"caf\u00e9 1e400"}],"temperature":0.70,"n":4,"stream":true,"stream_options":{"include_usage":true},"min_tokens":8,"max_tokens":128,"logprobs":true}"#;
+        assert_eq!(
+            prefill(body, &PrefillShape::default()),
+            r#"{"model":"m","messages":[{"role":"user","content":"caf\u00e9 1e400"}],"temperature":0.70,"n":1,"max_tokens":1,"logprobs":true}"#
+        );
+    }
+
+    #[test]
+    fn the_prefill_copy_renames_the_model_and_asks_for_a_remote_decode() {
+        let shape = PrefillShape {
+            model: Some(br#""org/m""#),
+            kv_transfer_params: true,
+            bootstrap: None,
+        };
+        assert_eq!(
+            prefill(
+                r#"{"model":"m","prompt":"x","kv_transfer_params":{"x":1}}"#,
+                &shape
+            ),
+            r#"{"model":"org/m","prompt":"x","kv_transfer_params":{"do_remote_decode":true,"do_remote_prefill":false},"max_tokens":1}"#
+        );
+    }
+
+    #[test]
+    fn bootstrap_fields_are_set_on_both_legs() {
+        let bootstrap = Bootstrap {
+            host: "10.0.0.7".parse().expect("IP"),
+            port: Some(8998),
+            room: 42,
+        };
+        let shape = PrefillShape {
+            bootstrap: Some(bootstrap),
+            ..PrefillShape::default()
+        };
+        assert_eq!(
+            prefill(r#"{"model":"m","prompt":"x"}"#, &shape),
+            r#"{"model":"m","prompt":"x","max_tokens":1,"bootstrap_host":"10.0.0.7","bootstrap_port":8998,"bootstrap_room":42}"#
+        );
+        let decode = |body: &'static str, bootstrap: Bootstrap| {
+            let body = Bytes::from_static(body.as_bytes());
+            let spans = PairFieldSpans::of(&body);
+            let mut edits = bootstrap.edits(&body, &spans);
+            String::from_utf8(apply_edits(body, &mut edits).to_vec()).expect("UTF-8")
+        };
+        assert_eq!(
+            decode(r#"{"model":"m","stream":true}"#, bootstrap),
+            r#"{"bootstrap_host":"10.0.0.7","bootstrap_port":8998,"bootstrap_room":42,"model":"m","stream":true}"#
+        );
+        assert_eq!(
+            decode(
+                r#"{"model":"m","bootstrap_room":7,"bootstrap_port":1}"#,
+                Bootstrap {
+                    port: None,
+                    ..bootstrap
+                }
+            ),
+            r#"{"bootstrap_host":"10.0.0.7","model":"m","bootstrap_room":42,"bootstrap_port":null}"#,
+            "the client's values are replaced, not duplicated; no port: the engine's default"
+        );
+    }
+
+    #[test]
+    fn kv_transfer_params_are_read_verbatim_or_not_at_all() {
+        assert_eq!(
+            kv_transfer_params_of(
+                br#"{"id":"x","kv_transfer_params":{"remote_block_ids":[1, 2],"remote_host":"h"}}"#
+            )
+            .as_deref(),
+            Some(&br#"{"remote_block_ids":[1, 2],"remote_host":"h"}"#[..])
+        );
+        assert_eq!(
+            kv_transfer_params_of(br#"{"kv_transfer_params":null}"#),
+            None
+        );
+        assert_eq!(kv_transfer_params_of(br#"{"id":"x"}"#), None);
+        assert_eq!(kv_transfer_params_of(b"not json"), None);
     }
 }

@@ -1,4 +1,11 @@
-//! Request ids the router generates when the client sent none.
+//! Request ids: the client's when it is a sane one, else one the router
+//! generates.
+//!
+//! A client's `x-request-id` is kept only when it is at most
+//! [`MAX_REQUEST_ID_BYTES`] of visible ASCII: the id is echoed to the engine,
+//! the client, the access log and the decision ring, so an unbounded or
+//! binary one would be amplified everywhere. Any other is replaced by a
+//! generated id, and the replacement is logged.
 //!
 //! A UUID v4 per request costs a `getrandom` system call and a formatted
 //! `String`. An id only has to be unique, not unpredictable, so this one is a
@@ -19,6 +26,56 @@ use http::header::HeaderName;
 
 /// The header carrying a request's id, from the client to the engine and back.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client request id kept: UUIDs (36), ULIDs (26), W3C trace ids
+/// (32) and the ids of common gateways all fit with room to spare.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// What the client sent as its request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRequestId {
+    /// None, or an empty one.
+    Absent,
+    /// A sane id, to keep.
+    Kept(HeaderValue),
+    /// Too long or not visible ASCII: to replace; `len` is its length.
+    Refused { len: usize },
+}
+
+impl ClientRequestId {
+    /// The `x-request-id` of `headers`, judged.
+    pub fn of(headers: &http::HeaderMap) -> Self {
+        match headers.get(REQUEST_ID_HEADER) {
+            None => Self::Absent,
+            Some(id) if id.is_empty() => Self::Absent,
+            Some(id) if is_sane(id.as_bytes()) => Self::Kept(id.clone()),
+            Some(id) => Self::Refused { len: id.len() },
+        }
+    }
+
+    /// The id the request goes by: the client's if kept, else a fresh one
+    /// (a refused id's replacement is logged).
+    pub fn or_generate(self) -> HeaderValue {
+        match self {
+            Self::Kept(id) => id,
+            Self::Absent => generate(),
+            Self::Refused { len } => {
+                let id = generate();
+                tracing::info!(
+                    replacement = ?id,
+                    client_id_bytes = len,
+                    "x-request-id replaced: longer than {MAX_REQUEST_ID_BYTES} bytes or not visible ASCII"
+                );
+                id
+            }
+        }
+    }
+}
+
+/// At most [`MAX_REQUEST_ID_BYTES`] of visible ASCII (no spaces, no controls).
+fn is_sane(id: &[u8]) -> bool {
+    id.len() <= MAX_REQUEST_ID_BYTES && id.iter().all(|b| (0x21..=0x7e).contains(b))
+}
 
 /// Counter values a thread reserves at once: large enough that the shared
 /// atomic is touched once per thousands of requests, small enough that ids
@@ -78,6 +135,43 @@ pub fn generate() -> HeaderValue {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    fn judged(value: &[u8]) -> ClientRequestId {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_bytes(value).expect("header value"),
+        );
+        ClientRequestId::of(&headers)
+    }
+
+    #[test]
+    fn sane_client_ids_are_kept_and_others_replaced() {
+        assert_eq!(
+            judged(b"req-42_ab.cd:ef"),
+            ClientRequestId::Kept(HeaderValue::from_static("req-42_ab.cd:ef"))
+        );
+        let longest = vec![b'a'; MAX_REQUEST_ID_BYTES];
+        assert!(matches!(judged(&longest), ClientRequestId::Kept(_)));
+        for refused in [
+            vec![b'a'; MAX_REQUEST_ID_BYTES + 1],
+            vec![b'a'; 200_000],
+            b"has space".to_vec(),
+            b"tab\there".to_vec(),
+            "caf\u{e9}".as_bytes().to_vec(),
+            vec![0xff, 0xfe],
+        ] {
+            let judged = judged(&refused);
+            assert_eq!(judged, ClientRequestId::Refused { len: refused.len() });
+            let id = judged.or_generate();
+            assert_eq!(id.len(), 36, "a generated id replaces it");
+        }
+        assert_eq!(
+            ClientRequestId::of(&http::HeaderMap::new()),
+            ClientRequestId::Absent
+        );
+        assert_eq!(judged(b""), ClientRequestId::Absent);
+    }
 
     #[test]
     fn ids_are_uuid_shaped_version_8_and_unique_across_threads() {

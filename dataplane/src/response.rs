@@ -238,39 +238,36 @@ impl SseObserver {
         self.filter_events(rest)
     }
 
-    /// `events` holds whole events. Reads usage and drops the usage-only event
-    /// when asked to; returns the same `Bytes` when nothing is dropped.
+    /// `events` holds whole events. Reads usage and drops every usage-only
+    /// event when asked to; returns the same `Bytes` when nothing is dropped.
     fn filter_events(&mut self, events: Bytes) -> Option<Bytes> {
-        let mut drop_range = None;
+        // Built only once an event is dropped.
+        let mut kept: Option<BytesMut> = None;
         let mut start = 0;
         while start < events.len() {
             let end = next_event_end(&events[start..]).map_or(events.len(), |len| start + len);
             let event = &events[start..end];
+            let mut hidden = false;
             if let Some((usage, usage_only)) = data_payload(event)
                 .filter(|payload| mentions_usage(payload))
                 .and_then(usage_of)
             {
                 self.usage = Some(usage);
-                if usage_only && self.hide_usage_chunk {
-                    drop_range = Some(start..end);
-                }
+                hidden = usage_only && self.hide_usage_chunk;
             }
-            if drop_range
-                .as_ref()
-                .is_none_or(|dropped| dropped.start != start)
-            {
+            match (&mut kept, hidden) {
+                (None, true) => kept = Some(BytesMut::from(&events[..start])),
+                (Some(kept), false) => kept.extend_from_slice(event),
+                _ => {}
+            }
+            if !hidden {
                 self.events += 1;
             }
             start = end;
         }
-        match drop_range {
+        match kept {
             None => Some(events),
-            Some(range) => {
-                let mut kept = BytesMut::with_capacity(events.len() - range.len());
-                kept.extend_from_slice(&events[..range.start]);
-                kept.extend_from_slice(&events[range.end..]);
-                (!kept.is_empty()).then(|| kept.freeze())
-            }
+            Some(kept) => (!kept.is_empty()).then(|| kept.freeze()),
         }
     }
 }
@@ -367,6 +364,23 @@ mod tests {
                     completion_tokens: 2
                 })
             );
+        }
+    }
+
+    /// Found by the response-observer fuzz harness: with two usage-only
+    /// events in one frame only the last was hidden, while the same bytes
+    /// in two frames had both hidden.
+    #[test]
+    fn every_usage_only_event_is_hidden_whatever_the_framing() {
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\r\n\r\n";
+        let stream =
+            format!("{usage}data: {{\"choices\":[{{\"delta\":{{}}}}]}}\n\n{usage}data: [DONE]\n\n");
+        let expected = "data: {\"choices\":[{\"delta\":{}}]}\n\ndata: [DONE]\n\n";
+        for split in [1, 7, usage.len(), stream.len()] {
+            let frames: Vec<&[u8]> = stream.as_bytes().chunks(split).collect();
+            let mut observer = ResponseObserver::new(true, true);
+            let out = run(&mut observer, &frames);
+            assert_eq!(String::from_utf8_lossy(&out), expected, "split {split}");
         }
     }
 

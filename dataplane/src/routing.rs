@@ -29,6 +29,76 @@ pub struct Server {
     pub pods: Vec<Arc<PodState>>,
     /// Spreads ties between equally loaded pods.
     pub rotation: AtomicUsize,
+    /// Set when every request goes to a prefill and a decode pod of one group.
+    pub prefill_decode: Option<PrefillDecode>,
+}
+
+/// How the router talks to the two pods of a prefill/decode pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvConnector {
+    /// Prefill first, its answer discarded; then decode with the client's body.
+    Http,
+    /// As [`Self::Http`]; the engines share KV through LMCache themselves.
+    Lmcache,
+    /// As [`Self::Http`], and the prefill answer's `kv_transfer_params` go to decode.
+    Nixl,
+    /// The request shapes of [`Self::Nixl`].
+    Mooncake,
+    /// Both legs at once, paired by a `bootstrap_room`.
+    Sglang,
+}
+
+impl KvConnector {
+    /// The `kvConnector.type` spelling (`sglang` for SGLang's bootstrap protocol).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Lmcache => "lmcache",
+            Self::Nixl => "nixl",
+            Self::Mooncake => "mooncake",
+            Self::Sglang => "sglang",
+        }
+    }
+
+    /// The prefill asks the engine to keep the KV for a remote decode, and
+    /// the decode gets the `kv_transfer_params` the prefill answered with.
+    pub fn relays_kv_transfer_params(self) -> bool {
+        matches!(self, Self::Nixl | Self::Mooncake)
+    }
+}
+
+/// A prefill/decode ModelServer's pods, by group and role.
+#[derive(Debug)]
+pub struct PrefillDecode {
+    pub connector: KvConnector,
+    /// The pod label whose value names a pod's group.
+    pub group_label: String,
+    /// Sorted by name; incomplete groups included (shown, never scheduled).
+    pub groups: Vec<PdGroup>,
+    /// The decode pods of complete groups (indices into [`Server::pods`]),
+    /// the candidates of the first choice.
+    pub decode_candidates: Vec<usize>,
+    /// Per pod of [`Server::pods`]: its group (index into `groups`).
+    pub group_of: Vec<usize>,
+    /// Per pod of [`Server::pods`]: the SGLang bootstrap port of a prefill
+    /// pod that has one configured, else 0.
+    pub bootstrap_ports: Vec<u16>,
+}
+
+/// The pods of one group (indices into [`Server::pods`]).
+#[derive(Debug)]
+pub struct PdGroup {
+    /// The group label's value.
+    pub name: String,
+    pub prefill: Vec<usize>,
+    pub decode: Vec<usize>,
+}
+
+impl PdGroup {
+    /// A group serves requests only with a pod of each role.
+    pub fn is_complete(&self) -> bool {
+        !self.prefill.is_empty() && !self.decode.is_empty()
+    }
 }
 
 /// A compiled string condition.
@@ -259,6 +329,7 @@ mod tests {
             retry_interval: Duration::ZERO,
             pods: Vec::new(),
             rotation: AtomicUsize::new(0),
+            prefill_decode: None,
         })
     }
 

@@ -19,7 +19,10 @@ use crate::auth::{Authenticator, UnknownKeyIds};
 use crate::fairness::{FairQueues, Fairness, FairnessSettings};
 use crate::pod::PodState;
 use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
-use crate::routing::{Matcher, Route, RouteIndex, Rule, Server, StringMatcher, WeightedTargets};
+use crate::routing::{
+    KvConnector, Matcher, PdGroup, PrefillDecode, Route, RouteIndex, Rule, Server, StringMatcher,
+    WeightedTargets,
+};
 use crate::scheduling::{Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
 
@@ -61,6 +64,8 @@ pub enum SnapshotError {
         pattern: String,
         reason: String,
     },
+    #[error("ModelServer {server}: prefill/decode {problem}")]
+    InvalidPrefillDecode { server: String, problem: String },
     #[error("ModelRoute {route}: serves no model name and no LoRA adapter")]
     NoModelName { route: String },
     #[error("scheduler configuration: {0}")]
@@ -273,6 +278,15 @@ fn build_server(
                 })
         })
         .transpose()?;
+    let prefill_decode = server
+        .prefill_decode
+        .as_ref()
+        .map(|pd| build_prefill_decode(pd, server))
+        .transpose()
+        .map_err(|problem| SnapshotError::InvalidPrefillDecode {
+            server: key.clone(),
+            problem,
+        })?;
     let policy = server.traffic_policy.unwrap_or_default();
     Ok(Arc::new(Server {
         key,
@@ -283,7 +297,87 @@ fn build_server(
         retry_interval: Duration::from_millis(policy.retry_interval_ms),
         pods: server_pods,
         rotation: AtomicUsize::new(0),
+        prefill_decode,
     }))
+}
+
+/// The groups of `server` by pod index; every pod named must be an endpoint
+/// of the server, in one group and one role.
+fn build_prefill_decode(
+    pd: &pb::PrefillDecode,
+    server: &pb::ModelServer,
+) -> Result<PrefillDecode, String> {
+    let connector = match pd.kv_connector() {
+        pb::KvConnector::Http => KvConnector::Http,
+        pb::KvConnector::Lmcache => KvConnector::Lmcache,
+        pb::KvConnector::Nixl => KvConnector::Nixl,
+        pb::KvConnector::Mooncake => KvConnector::Mooncake,
+        pb::KvConnector::Sglang => KvConnector::Sglang,
+        pb::KvConnector::Unspecified => {
+            return Err(format!("unknown KV connector {}", pd.kv_connector));
+        }
+    };
+    let index_of: HashMap<&str, usize> = server
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(index, endpoint)| (endpoint.name.as_str(), index))
+        .collect();
+    let mut group_of = vec![usize::MAX; server.endpoints.len()];
+    let mut groups = Vec::with_capacity(pd.groups.len());
+    let mut decode_candidates = Vec::new();
+    for (group_index, group) in pd.groups.iter().enumerate() {
+        if group_index > 0 && pd.groups[group_index - 1].name >= group.name {
+            return Err(format!(
+                "groups are not sorted by name or repeat one ({:?})",
+                group.name
+            ));
+        }
+        let mut members = |names: &[String]| -> Result<Vec<usize>, String> {
+            names
+                .iter()
+                .map(|name| {
+                    let index = *index_of.get(name.as_str()).ok_or_else(|| {
+                        format!("group {:?}: pod {name} is not an endpoint", group.name)
+                    })?;
+                    if group_of[index] != usize::MAX {
+                        return Err(format!("pod {name} is in more than one group or role"));
+                    }
+                    group_of[index] = group_index;
+                    Ok(index)
+                })
+                .collect()
+        };
+        let built = PdGroup {
+            name: group.name.clone(),
+            prefill: members(&group.prefill)?,
+            decode: members(&group.decode)?,
+        };
+        if built.is_complete() {
+            decode_candidates.extend(built.decode.iter().copied());
+        }
+        groups.push(built);
+    }
+    let bootstrap_ports = server
+        .endpoints
+        .iter()
+        .map(|endpoint| {
+            u16::try_from(endpoint.bootstrap_port).map_err(|_| {
+                format!(
+                    "pod {}: invalid bootstrap port {}",
+                    endpoint.name, endpoint.bootstrap_port
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(PrefillDecode {
+        connector,
+        group_label: pd.group_label.clone(),
+        groups,
+        decode_candidates,
+        group_of,
+        bootstrap_ports,
+    })
 }
 
 fn build_route(
@@ -850,5 +944,94 @@ mod tests {
             .collect();
         assert_eq!(ids, vec!["lora-A", "lora-B", "m"]);
         assert_eq!(body["object"], "list");
+    }
+
+    fn pd_config(groups: Vec<pb::PdGroup>, connector: pb::KvConnector) -> pb::RouteConfig {
+        let mut config = config();
+        let server = &mut config.servers[0];
+        server.endpoints.push(pb::Endpoint {
+            name: "p3".into(),
+            ip: "127.0.0.13".into(),
+            bootstrap_port: 9001,
+            ..Default::default()
+        });
+        server.prefill_decode = Some(pb::PrefillDecode {
+            kv_connector: connector.into(),
+            group_label: "group".into(),
+            groups,
+        });
+        config
+    }
+
+    fn pd_group(name: &str, prefill: &[&str], decode: &[&str]) -> pb::PdGroup {
+        let names = |pods: &[&str]| pods.iter().map(|pod| (*pod).to_owned()).collect();
+        pb::PdGroup {
+            name: name.into(),
+            prefill: names(prefill),
+            decode: names(decode),
+        }
+    }
+
+    #[test]
+    fn prefill_decode_groups_are_indexed_by_pod() {
+        let store = SnapshotStore::new();
+        let groups = vec![pd_group("a", &["p3"], &["p1"]), pd_group("b", &[], &["p2"])];
+        store
+            .apply_route_config("v1", pd_config(groups, pb::KvConnector::Sglang))
+            .expect("valid");
+        let table = store.table().expect("table");
+        let pd = table.servers[0].prefill_decode.as_ref().expect("PD");
+        assert_eq!(pd.connector, KvConnector::Sglang);
+        assert_eq!(pd.group_of, [0, 1, 0], "p1, p2, p3");
+        assert_eq!(pd.decode_candidates, [0], "group b has no prefill pod");
+        assert_eq!(pd.bootstrap_ports, [0, 0, 9001]);
+        assert_eq!(
+            (
+                pd.groups[0].prefill.as_slice(),
+                pd.groups[0].decode.as_slice()
+            ),
+            (&[2][..], &[0][..])
+        );
+    }
+
+    #[test]
+    fn inconsistent_prefill_decode_groups_are_rejected() {
+        let cases = [
+            (
+                vec![pd_group("a", &["p3"], &["gone"])],
+                pb::KvConnector::Http,
+                "group \"a\": pod gone is not an endpoint",
+            ),
+            (
+                vec![pd_group("a", &["p3"], &["p3"])],
+                pb::KvConnector::Http,
+                "pod p3 is in more than one group or role",
+            ),
+            (
+                vec![pd_group("b", &["p3"], &["p1"]), pd_group("a", &[], &["p2"])],
+                pb::KvConnector::Http,
+                "not sorted by name",
+            ),
+            (
+                vec![pd_group("a", &["p3"], &["p1"])],
+                pb::KvConnector::Unspecified,
+                "unknown KV connector 0",
+            ),
+        ];
+        let store = SnapshotStore::new();
+        store.apply_route_config("v1", config()).expect("valid");
+        for (groups, connector, expected) in cases {
+            let error = store
+                .apply_route_config("bad", pd_config(groups, connector))
+                .expect_err(expected);
+            assert!(error.to_string().contains(expected), "{error}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("ModelServer default/s: prefill/decode "),
+                "{error}"
+            );
+            assert_eq!(store.table().expect("table").version, "v1");
+        }
     }
 }

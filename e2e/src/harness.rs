@@ -133,6 +133,11 @@ impl Process {
         &self.name
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -420,14 +425,33 @@ impl HttpClient {
     }
 }
 
-/// YAML of a Pod that local mode treats as ready.
+/// YAML of a Pod in `default` that local mode treats as ready.
 pub fn ready_pod_yaml(name: &str, ip: Ipv4Addr, labels: &[(&str, &str)]) -> String {
-    let labels: String = labels
-        .iter()
-        .map(|(k, v)| format!("    {k}: {v}\n"))
-        .collect();
+    pod_yaml("default", name, ip, labels, &[])
+}
+
+/// YAML of a ready Pod with labels and annotations (values quoted).
+pub fn pod_yaml(
+    namespace: &str,
+    name: &str,
+    ip: Ipv4Addr,
+    labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+) -> String {
+    let map = |pairs: &[(&str, &str)]| -> String {
+        pairs
+            .iter()
+            .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+            .collect()
+    };
+    let annotations = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n{}", map(annotations))
+    };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}status:\n  phase: Running\n  podIP: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n{}{annotations}status:\n  phase: Running\n  podIP: {ip}\n  conditions:\n  - type: Ready\n    status: \"True\"\n",
+        map(labels)
     )
 }
 
@@ -483,7 +507,9 @@ pub struct TestPod {
     name: String,
     /// Last octet of its IP in the stack's subnet.
     host: u8,
+    namespace: String,
     labels: Vec<(String, String)>,
+    annotations: Vec<(String, String)>,
     /// The model its engine serves and the engine's extra flags.
     engine: Option<(String, Vec<String>)>,
 }
@@ -505,7 +531,9 @@ impl TestPod {
         Self {
             name: name.to_owned(),
             host,
+            namespace: "default".to_owned(),
             labels: vec![("app".to_owned(), app.to_owned())],
+            annotations: Vec::new(),
             engine: None,
         }
     }
@@ -515,6 +543,25 @@ impl TestPod {
         self.labels.push((key.to_owned(), value.to_owned()));
         self
     }
+
+    /// The pod with an annotation.
+    pub fn annotated(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The pod in `namespace` (default: `default`).
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        namespace.clone_into(&mut self.namespace);
+        self
+    }
+}
+
+fn str_pairs(pairs: &[(String, String)]) -> Vec<(&str, &str)> {
+    pairs
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect()
 }
 
 /// One mock engine to start.
@@ -538,6 +585,8 @@ pub struct Stack {
     pub config_dir: PathBuf,
     pub xds_addr: SocketAddr,
     pub controller_admin: SocketAddr,
+    /// The controller's debug listener (`/debug/*`).
+    pub controller_debug: SocketAddr,
     pub http: HttpClient,
     /// This stack's own loopback subnet ([`test_subnet`]).
     pub subnet: [u8; 3],
@@ -594,6 +643,7 @@ impl Stack {
             controller: None,
             xds_addr: free_addr(),
             controller_admin: free_addr(),
+            controller_debug: free_addr(),
             dataplanes: Vec::new(),
             http: HttpClient::default(),
             subnet: test_subnet(),
@@ -611,12 +661,13 @@ impl Stack {
         let yaml: Vec<String> = pods
             .iter()
             .map(|pod| {
-                let labels: Vec<(&str, &str)> = pod
-                    .labels
-                    .iter()
-                    .map(|(key, value)| (key.as_str(), value.as_str()))
-                    .collect();
-                ready_pod_yaml(&pod.name, self.ip(pod.host), &labels)
+                pod_yaml(
+                    &pod.namespace,
+                    &pod.name,
+                    self.ip(pod.host),
+                    &str_pairs(&pod.labels),
+                    &str_pairs(&pod.annotations),
+                )
             })
             .collect();
         self.write_config("pods.yaml", &yaml_documents(&yaml));
@@ -721,21 +772,7 @@ impl Stack {
             old.stop();
         }
         for attempt in 1..=CONTROLLER_START_ATTEMPTS {
-            let mut args = vec![
-                "--config-dir".to_owned(),
-                self.config_dir.display().to_string(),
-                "--xds-addr".to_owned(),
-                self.xds_addr.to_string(),
-                "--metrics-addr".to_owned(),
-                self.controller_admin.to_string(),
-            ];
-            args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
-            let mut process = Process::start(
-                "switchyard-controller",
-                "controller",
-                &args,
-                self.dir.path(),
-            );
+            let mut process = self.controller_process(extra_args);
             let url = format!("http://{}/readyz", self.controller_admin);
             let http = &self.http;
             let ready = wait_for(&url, || {
@@ -763,7 +800,39 @@ impl Stack {
             );
             self.xds_addr = free_addr();
             self.controller_admin = free_addr();
+            self.controller_debug = free_addr();
         }
+    }
+
+    /// (Re)starts the controller on the stack's ports with more flags and
+    /// returns at once: for a controller that is not meant to become ready
+    /// yet (e.g. one holding an empty config directory).
+    pub fn spawn_controller_with(&mut self, extra_args: &[&str]) {
+        self.stop_controller();
+        self.controller = Some(self.controller_process(extra_args));
+    }
+
+    /// A controller process on the stack's directory and ports.
+    fn controller_process(&self, extra_args: &[&str]) -> Process {
+        let mut args = vec![
+            "--config-dir".to_owned(),
+            self.config_dir.display().to_string(),
+            "--xds-addr".to_owned(),
+            self.xds_addr.to_string(),
+            "--metrics-addr".to_owned(),
+            self.controller_admin.to_string(),
+            "--debug-addr".to_owned(),
+            self.controller_debug.ip().to_string(),
+            "--debug-port".to_owned(),
+            self.controller_debug.port().to_string(),
+        ];
+        args.extend(extra_args.iter().map(|arg| (*arg).to_owned()));
+        Process::start(
+            "switchyard-controller",
+            "controller",
+            &args,
+            self.dir.path(),
+        )
     }
 
     /// Kills the mock engine whose pod name is `name`.

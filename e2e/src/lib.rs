@@ -5,11 +5,13 @@
 //! - [`harness`]: starting the real binaries on loopback for end-to-end tests.
 //! - [`jwt`]: real JWTs signed with the test keys, and an issuer on loopback serving their JWKS.
 //! - [`redis_server`]: a real `redis-server` on loopback for the global token budget tests.
+//! - [`hostile`]: raw HTTP/1.1 and HTTP/2 bytes and process memory, for the hostile-client tests.
 //! - [`sim_stack`]: simulated engines behind a controller with a router configuration, for the
 //!   scheduling quality tests and benchmark.
 #![forbid(unsafe_code)]
 
 pub mod harness;
+pub mod hostile;
 pub mod jwt;
 pub mod mock_engine;
 pub mod redis_server;

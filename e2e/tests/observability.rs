@@ -499,6 +499,10 @@ impl Observed {
         format!("http://{}{path}", self.stack.controller_admin)
     }
 
+    fn controller_debug_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.stack.controller_debug)
+    }
+
     /// The controller's `/metrics` once a RouteConfig push was measured.
     async fn controller_metrics_text(&self, http: &HttpClient) -> String {
         let url = self.controller_url("/metrics");
@@ -1136,7 +1140,7 @@ async fn obs_pod_with_metrics(observed: &Observed, http: &HttpClient) -> Value {
 async fn the_controller_dumps_what_the_dataplanes_hold_and_counts_their_acks() {
     let observed = observed().await;
     let http = &observed.http;
-    let controller = |path: &str| observed.controller_url(path);
+    let controller = |path: &str| observed.controller_debug_url(path);
     let dataplane = |path: &str| observed.debug_url(path);
     for dump in [
         "/debug/config_dump/modelroutes",

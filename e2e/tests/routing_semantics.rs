@@ -155,7 +155,7 @@ async fn rules_routes_and_matches() {
     );
     let objects = stack
         .http
-        .get(&format!("http://{}/debug/objects", stack.controller_admin))
+        .get(&format!("http://{}/debug/objects", stack.controller_debug))
         .await
         .expect("objects")
         .text();

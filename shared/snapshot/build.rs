@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = "switchyard/routing/v1/routing.proto";
     println!("cargo:rerun-if-changed={proto_root}/{file}");
     let descriptors = protox::compile([file], [proto_root])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Ordered, so equal content encodes to equal bytes (versions are content hashes).
+        .btree_map(".switchyard.routing.v1.Endpoint.labels")
+        .compile_fds(descriptors)?;
     Ok(())
 }

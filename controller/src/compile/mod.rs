@@ -19,8 +19,12 @@ use crate::auth::compile_auth;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+mod ignored;
 mod objects;
 mod pod_index;
+mod prefill_decode;
+#[cfg(test)]
+mod prefill_decode_tests;
 mod report;
 mod routes;
 mod servers;
@@ -28,7 +32,8 @@ mod servers;
 mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
-pub use report::{ConditionReport, ObjectKind, ObjectReport, Reason};
+pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
+pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
 /// Namespace of objects whose `metadata.namespace` is unset (local files), as in Kubernetes.
@@ -297,12 +302,15 @@ fn duplicate_report(
         },
         ready_pods: None,
         total_pods: None,
+        pd_groups: None,
+        complete_pd_groups: None,
         in_snapshot: false,
+        ignored_fields: Vec::new(),
     }
 }
 
 /// `metadata.namespace`, or `default` when unset.
-pub(crate) fn namespace_of(metadata: &ObjectMeta) -> &str {
+pub fn namespace_of(metadata: &ObjectMeta) -> &str {
     non_empty(metadata.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)
 }
 

@@ -18,6 +18,9 @@ pub struct ObjectSet {
     /// Documents or files that were skipped, in file then document order
     /// (local mode; the Kubernetes API only hands out well-formed objects).
     pub problems: Vec<LoadProblem>,
+    /// Why the source cannot be read at all right now (local mode: the
+    /// directory cannot be listed); the objects are the last ones read.
+    pub source_error: Option<String>,
 }
 
 /// A file or document that could not be loaded; the rest of the directory still is.

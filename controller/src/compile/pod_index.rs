@@ -106,6 +106,15 @@ pub(crate) fn selector_matches(match_labels: &BTreeMap<String, String>, pod: &Po
         .all(|(key, value)| labels.get(key) == Some(value))
 }
 
+/// `{k=v,...}` of a label map, for messages.
+pub(crate) fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    format!("{{{}}}", pairs.join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

@@ -54,12 +54,18 @@ pub enum Reason {
     /// A `rateLimit` dataplanes could not enforce (a budget of 0, a global
     /// limit without a usable Redis address).
     InvalidRateLimit,
+    /// `kvConnector.type` other than `http`, `lmcache`, `nixl` or `mooncake`.
+    InvalidKvConnector,
     /// Another object with the same namespace/name came earlier in the input.
     Duplicate,
     /// A target names a ModelServer that does not exist or was not accepted.
     BackendNotFound,
     /// The ModelServer's selector matched no pod.
     NoMatchingPods,
+    /// A selected pod is Running and Ready with a `status.podIP` no request can go to.
+    InvalidPodIP,
+    /// A prefill/decode ModelServer has no group with a ready pod of each role.
+    NoCompletePdGroup,
 }
 
 impl Reason {
@@ -81,9 +87,12 @@ impl Reason {
             Self::InvalidRetry => "InvalidRetry",
             Self::UnsupportedProtocol => "UnsupportedProtocol",
             Self::InvalidRateLimit => "InvalidRateLimit",
+            Self::InvalidKvConnector => "InvalidKvConnector",
             Self::Duplicate => "Duplicate",
             Self::BackendNotFound => "BackendNotFound",
             Self::NoMatchingPods => "NoMatchingPods",
+            Self::InvalidPodIP => "InvalidPodIP",
+            Self::NoCompletePdGroup => "NoCompletePdGroup",
         }
     }
 }
@@ -144,9 +153,33 @@ pub struct ObjectReport {
     pub ready_pods: Option<u32>,
     /// ModelServers only: selected pods in any state.
     pub total_pods: Option<u32>,
+    /// Prefill/decode ModelServers only: groups with at least one ready pod.
+    pub pd_groups: Option<u32>,
+    /// Prefill/decode ModelServers only: groups with a ready prefill and a
+    /// ready decode pod, the only ones requests can use.
+    pub complete_pd_groups: Option<u32>,
     /// Whether the object is part of the published RouteConfig (an accepted
     /// route whose every rule lost its targets is not).
     pub in_snapshot: bool,
+    /// Set fields the router does not act on; empty for most objects.
+    pub ignored_fields: Vec<IgnoredField>,
+}
+
+/// A set field the router does not act on, and what that means for traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IgnoredField {
+    /// Where the field is, e.g. `spec.parentRefs`.
+    pub path: String,
+    pub message: String,
+}
+
+impl IgnoredField {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
 }
 
 impl ObjectReport {

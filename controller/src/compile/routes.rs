@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use switchyard_crd::{ModelRoute, StringMatch, TargetModel};
 use switchyard_snapshot::{object_key, pb};
 
-use super::report::{ConditionReport, ObjectKind, ObjectReport, Problem, Reason};
+use super::report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
 use crate::rate_limit::compile_rate_limit;
 
@@ -61,10 +61,16 @@ pub(crate) fn compile_route(
     }
 
     let mut unresolved = Vec::new();
+    let mut ignored_fields = super::ignored::route_fields(route);
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (rule_index, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{rule_index}]");
-        let matcher = compile_model_match(&path, rule.model_match.as_ref(), &mut invalid);
+        let matcher = compile_model_match(
+            &path,
+            rule.model_match.as_ref(),
+            &mut invalid,
+            &mut ignored_fields,
+        );
         validate_targets(&path, &rule.target_models, &mut invalid);
         let targets = resolve_targets(
             &path,
@@ -129,7 +135,10 @@ pub(crate) fn compile_route(
         resolved_refs,
         ready_pods: None,
         total_pods: None,
+        pd_groups: None,
+        complete_pd_groups: None,
         in_snapshot,
+        ignored_fields,
     };
     if !in_snapshot {
         return (None, report);
@@ -254,6 +263,7 @@ fn compile_model_match(
     path: &str,
     model_match: Option<&switchyard_crd::ModelMatch>,
     invalid: &mut Vec<Problem>,
+    ignored: &mut Vec<IgnoredField>,
 ) -> Option<pb::ModelMatch> {
     let model_match = model_match?;
     let path = format!("{path}.modelMatch");
@@ -271,6 +281,12 @@ fn compile_model_match(
         }
         let lower = name.to_ascii_lowercase();
         let compiled = compile_string_match(&header_path, value, invalid);
+        if is_empty_match(value) {
+            ignored.push(IgnoredField::new(
+                header_path.clone(),
+                "sets none of exact, prefix or regex, so it holds for any value, a missing header included",
+            ));
+        }
         if let Some((first_name, _)) = headers.get(&lower) {
             invalid.push(Problem::new(
                 Reason::InvalidMatch,
@@ -279,6 +295,22 @@ fn compile_model_match(
             continue;
         }
         headers.insert(lower, (name.clone(), compiled));
+    }
+    if model_match.uri.as_ref().is_some_and(is_empty_match) {
+        ignored.push(IgnoredField::new(
+            format!("{path}.uri"),
+            "sets none of exact, prefix or regex, so it holds for any path",
+        ));
+    }
+    if model_match
+        .body
+        .as_ref()
+        .is_some_and(|body| non_empty(body.model.as_deref()).is_none())
+    {
+        ignored.push(IgnoredField::new(
+            format!("{path}.body"),
+            "sets no model, so it holds for any request",
+        ));
     }
     let uri = model_match
         .uri
@@ -310,6 +342,10 @@ fn compile_model_match(
         uri,
         body_model,
     })
+}
+
+fn is_empty_match(string_match: &StringMatch) -> bool {
+    string_match.exact.is_none() && string_match.prefix.is_none() && string_match.regex.is_none()
 }
 
 /// `None` when the match sets nothing (holds for any value).

@@ -1,6 +1,6 @@
-//! ModelServer validation and pod selection.
+//! ModelServer validation and pod selection (prefill/decode grouping in
+//! [`super::prefill_decode`]).
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -8,7 +8,8 @@ use k8s_openapi::api::core::v1::Pod;
 use switchyard_crd::{ModelServer, parse_go_duration};
 use switchyard_snapshot::{object_key, pb};
 
-use super::pod_index::PodIndex;
+use super::pod_index::{PodIndex, format_labels};
+use super::prefill_decode::{self, ReadyPod};
 use super::report::{ConditionReport, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
 use crate::scrape::ScrapeTarget;
@@ -72,10 +73,18 @@ pub(crate) fn compile_server(
             "spec.workloadSelector.matchLabels: must not be empty (an empty selector would select no pod)",
         ));
     }
+    let pd_group = spec.workload_selector.pd_group.as_ref();
+    if let Some(group) = pd_group {
+        prefill_decode::validate(group, &mut problems);
+    }
+    let connector = prefill_decode::kv_connector(spec)
+        .map_err(|problem| problems.push(problem))
+        .ok();
     let traffic_policy = compile_traffic_policy(spec.traffic_policy.as_ref(), &mut problems);
 
     let generation = server.metadata.generation;
-    let (Some(port), true) = (port, problems.is_empty()) else {
+    let ignored_fields = super::ignored::server_fields(server);
+    let (Some(port), Some(connector), true) = (port, connector, problems.is_empty()) else {
         let accepted = ConditionReport::from_problems(&problems, Reason::Accepted, "");
         let report = ObjectReport {
             kind: ObjectKind::ModelServer,
@@ -90,50 +99,137 @@ pub(crate) fn compile_server(
             accepted,
             ready_pods: None,
             total_pods: None,
+            pd_groups: None,
+            complete_pd_groups: None,
             in_snapshot: false,
+            ignored_fields,
         };
         return (None, report);
+    };
+    let accepted = match (pd_group, &spec.kv_connector) {
+        (None, Some(_)) => ConditionReport::ok(
+            Reason::Accepted,
+            "spec.kvConnector has no effect without spec.workloadSelector.pdGroup: requests go to one pod each",
+        ),
+        _ => ConditionReport::ok(Reason::Accepted, ""),
     };
 
     // Sorted by pod name.
     let selected: Vec<(&str, &Pod)> = pods.select(namespace, &spec.workload_selector.match_labels);
-    let ready: Vec<(&str, IpAddr)> = selected
-        .iter()
-        .filter_map(|(pod_name, pod)| ready_pod_ip(pod).map(|ip| (*pod_name, ip)))
-        .collect();
+    let mut ready: Vec<ReadyPod<'_>> = Vec::with_capacity(selected.len());
+    let mut unusable: Vec<String> = Vec::new();
+    for (pod_name, pod) in &selected {
+        match ready_pod_ip(pod) {
+            Ok(Some(ip)) => ready.push(ReadyPod {
+                name: pod_name,
+                pod,
+                ip,
+            }),
+            Ok(None) => {}
+            Err(why) => unusable.push(format!("{pod_name}: {why}")),
+        }
+    }
+    let total_pods = u32::try_from(selected.len()).unwrap_or(u32::MAX);
+    let ready_pods = u32::try_from(ready.len()).unwrap_or(u32::MAX);
+    let pods_message = format!("{ready_pods} of {total_pods} selected pods ready");
+    let no_pods = || ConditionReport {
+        status: false,
+        reason: Reason::NoMatchingPods,
+        message: format!(
+            "spec.workloadSelector.matchLabels: {} selects no pod in namespace {namespace}; requests routed here get 503",
+            format_labels(&spec.workload_selector.match_labels)
+        ),
+    };
 
-    let endpoints = ready
+    let (endpoints, prefill_decode, resolved_refs, pd_counts) = match pd_group {
+        None => {
+            let endpoints: Vec<(&ReadyPod<'_>, u32)> = ready.iter().map(|pod| (pod, 0)).collect();
+            let resolved_refs = if selected.is_empty() {
+                no_pods()
+            } else {
+                ConditionReport::ok(Reason::ResolvedRefs, pods_message.clone())
+            };
+            (endpoints, None, resolved_refs, None)
+        }
+        Some(group) => {
+            let grouping = prefill_decode::group(group, connector, &selected, &ready);
+            let mut details = grouping.notes.join("; ");
+            if !details.is_empty() {
+                details.insert_str(0, "; ");
+            }
+            let resolved_refs = if selected.is_empty() {
+                no_pods()
+            } else if grouping.complete == 0 {
+                ConditionReport {
+                    status: false,
+                    reason: Reason::NoCompletePdGroup,
+                    message: format!(
+                        "spec.workloadSelector.pdGroup: no group (pods with one value of label {}) has both a ready prefill pod {} and a ready decode pod {}; requests routed here get 503 ({pods_message}{details})",
+                        group.group_key,
+                        format_labels(&group.prefill_labels),
+                        format_labels(&group.decode_labels),
+                    ),
+                }
+            } else {
+                ConditionReport::ok(
+                    Reason::ResolvedRefs,
+                    format!(
+                        "{pods_message}; {} of {} prefill/decode groups complete{details}",
+                        grouping.complete, grouping.groups
+                    ),
+                )
+            };
+            let counts = (grouping.groups, grouping.complete);
+            (
+                grouping.endpoints,
+                Some(grouping.prefill_decode),
+                resolved_refs,
+                Some(counts),
+            )
+        }
+    };
+
+    let scrape_targets = endpoints
         .iter()
-        .map(|(pod_name, ip)| pb::Endpoint {
-            name: (*pod_name).to_owned(),
-            ip: ip.to_string(),
-        })
-        .collect();
-    let scrape_targets = ready
-        .iter()
-        .map(|(pod_name, ip)| ScrapeTarget {
-            key: object_key(namespace, pod_name),
-            addr: SocketAddr::new(*ip, port),
+        .map(|(pod, _)| ScrapeTarget {
+            key: object_key(namespace, pod.name),
+            addr: SocketAddr::new(pod.ip, port),
             engine: spec.inference_engine,
         })
         .collect();
-
-    let total_pods = u32::try_from(selected.len()).unwrap_or(u32::MAX);
-    let ready_pods = u32::try_from(ready.len()).unwrap_or(u32::MAX);
-    let resolved_refs = if selected.is_empty() {
+    let endpoints = endpoints
+        .iter()
+        .map(|(pod, bootstrap_port)| pb::Endpoint {
+            name: pod.name.to_owned(),
+            ip: pod.ip.to_string(),
+            bootstrap_port: *bootstrap_port,
+            node_name: pod
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.node_name.clone())
+                .unwrap_or_default(),
+            start_time_unix_ms: pod
+                .pod
+                .status
+                .as_ref()
+                .and_then(|status| status.start_time.as_ref())
+                .map_or(0, |time| time.0.as_millisecond()),
+            labels: pod.pod.metadata.labels.clone().unwrap_or_default(),
+        })
+        .collect();
+    // Pods no request can reach outrank every other reference problem: they are named.
+    let resolved_refs = if unusable.is_empty() {
+        resolved_refs
+    } else {
         ConditionReport {
             status: false,
-            reason: Reason::NoMatchingPods,
+            reason: Reason::InvalidPodIP,
             message: format!(
-                "spec.workloadSelector.matchLabels: {} selects no pod in namespace {namespace}; requests routed here get 503",
-                format_labels(&spec.workload_selector.match_labels)
+                "{pods_message}; left out, Running and Ready but with no usable address: {}",
+                unusable.join("; ")
             ),
         }
-    } else {
-        ConditionReport::ok(
-            Reason::ResolvedRefs,
-            format!("{ready_pods} of {total_pods} selected pods ready"),
-        )
     };
 
     let compiled = CompiledServer {
@@ -146,6 +242,7 @@ pub(crate) fn compile_server(
             traffic_policy: Some(traffic_policy),
             endpoints,
             generation: generation.unwrap_or(0),
+            prefill_decode,
         },
         scrape_targets,
     };
@@ -154,11 +251,14 @@ pub(crate) fn compile_server(
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         generation,
-        accepted: ConditionReport::ok(Reason::Accepted, ""),
+        accepted,
         resolved_refs,
         ready_pods: Some(ready_pods),
         total_pods: Some(total_pods),
+        pd_groups: pd_counts.map(|(groups, _)| groups),
+        complete_pd_groups: pd_counts.map(|(_, complete)| complete),
         in_snapshot: true,
+        ignored_fields,
     };
     (Some(compiled), report)
 }
@@ -211,14 +311,18 @@ fn duration_ms(duration: Duration) -> u64 {
 }
 
 /// The pod's IP when it may receive traffic: Running, condition Ready=True,
-/// not being deleted, with a parseable `status.podIP`.
-pub(crate) fn ready_pod_ip(pod: &Pod) -> Option<IpAddr> {
+/// not being deleted, with a `status.podIP`. `Ok(None)` for a pod that is
+/// not ready; an error for a ready pod whose `status.podIP` no request can
+/// go to (not an IP address, unspecified, multicast or broadcast).
+pub(crate) fn ready_pod_ip(pod: &Pod) -> Result<Option<IpAddr>, String> {
     if pod.metadata.deletion_timestamp.is_some() {
-        return None;
+        return Ok(None);
     }
-    let status = pod.status.as_ref()?;
+    let Some(status) = pod.status.as_ref() else {
+        return Ok(None);
+    };
     if status.phase.as_deref() != Some("Running") {
-        return None;
+        return Ok(None);
     }
     let ready = status
         .conditions
@@ -226,15 +330,26 @@ pub(crate) fn ready_pod_ip(pod: &Pod) -> Option<IpAddr> {
         .flatten()
         .any(|condition| condition.type_ == "Ready" && condition.status == "True");
     if !ready {
-        return None;
+        return Ok(None);
     }
-    status.pod_ip.as_deref()?.parse().ok()
-}
-
-fn format_labels(labels: &BTreeMap<String, String>) -> String {
-    let pairs: Vec<String> = labels
-        .iter()
-        .map(|(key, value)| format!("{key}={value}"))
-        .collect();
-    format!("{{{}}}", pairs.join(","))
+    // No address yet: not ready (as before the kubelet sets one).
+    let Some(text) = non_empty(status.pod_ip.as_deref()) else {
+        return Ok(None);
+    };
+    let ip: IpAddr = text
+        .parse()
+        .map_err(|_| format!("status.podIP {text:?} is not an IP address"))?;
+    let unusable = if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    };
+    match unusable {
+        Some(what) => Err(format!("status.podIP {text:?} is {what}")),
+        None => Ok(Some(ip)),
+    }
 }

@@ -13,10 +13,11 @@ use switchyard_runtime::clock::{self, Instant};
 use switchyard_snapshot::pb;
 use tokio::sync::watch;
 
-use crate::admin::ObjectsView;
+use crate::admin::{ObjectsView, SourceStatus};
 use crate::compile::{
     CompileInput, Compiled, ObjectReport, ObjectSet, compile, compile_endpoint_loads,
 };
+use crate::metrics::ControllerMetrics;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodLoads, ScrapeTarget};
 use crate::xds::SnapshotPublisher;
@@ -33,6 +34,9 @@ pub(super) struct LoopIo {
     pub publisher: Arc<SnapshotPublisher>,
     pub targets: watch::Sender<Vec<ScrapeTarget>>,
     pub objects_view: watch::Sender<Arc<ObjectsView>>,
+    /// How the source was taken up at start; its current error is added per compile.
+    pub source_status: SourceStatus,
+    pub metrics: ControllerMetrics,
     pub compile_duration: HistogramVec,
 }
 
@@ -157,7 +161,24 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     io.objects_view.send_replace(Arc::new(ObjectsView {
         reports: compiled.reports.clone(),
         load_problems: objects.problems.clone(),
+        source: SourceStatus {
+            error: objects.source_error.clone(),
+            ..io.source_status.clone()
+        },
     }));
+    let source_objects = &io.metrics.source_objects;
+    for (kind, count) in [
+        ("ModelRoute", objects.routes.len()),
+        ("ModelServer", objects.servers.len()),
+        ("Pod", objects.pods.len()),
+    ] {
+        source_objects
+            .with_label_values(&[kind])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+    io.metrics
+        .source_load_problems
+        .set(i64::try_from(objects.problems.len()).unwrap_or(i64::MAX));
     // Endpoints may have come or gone: their loads follow.
     publish_loads(
         io,
@@ -183,7 +204,20 @@ fn publish_loads(io: &LoopIo, loads: pb::EndpointLoads, now_unix_ms: i64) {
 
 fn log_new_rejections(reported: &mut Vec<ObjectReport>, reports: &[ObjectReport]) {
     for report in reports {
-        if report.is_healthy() || reported.contains(report) {
+        if reported.contains(report) {
+            continue;
+        }
+        for field in &report.ignored_fields {
+            tracing::warn!(
+                kind = report.kind.as_str(),
+                namespace = %report.namespace,
+                name = %report.name,
+                field = %field.path,
+                detail = %field.message,
+                "field set but not acted on by the router"
+            );
+        }
+        if report.is_healthy() {
             continue;
         }
         let failed = if report.accepted.status {

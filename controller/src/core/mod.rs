@@ -9,10 +9,11 @@
 //! Start-up order, in both modes: [`begin`] serves the admin endpoints at
 //! once (`/readyz` answers 503) and loads the router configuration;
 //! [`StartingController::start`] waits for the source's first complete
-//! object set (Kubernetes: every cache listed), publishes the first
-//! snapshot, and only then binds the stream server, so a dataplane never
-//! receives a snapshot built from a half-read cluster (which would drop
-//! routes and pods it is serving).
+//! object set (Kubernetes: every cache listed), holds it while it has no
+//! ModelRoute (see [`source_hold`]), publishes the first snapshot, and only
+//! then binds the stream server, so a dataplane never receives a snapshot
+//! built from a half-read cluster or an accidentally empty source (which
+//! would drop routes and pods it is serving).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::DropGuard;
 
-use crate::admin::{self, AdminState, ObjectsView};
+use crate::admin::{self, AdminState, Endpoints, ObjectsView};
 use crate::auth::jwks;
 use crate::cli::Args;
 use crate::compile::{Compiled, ObjectSet};
@@ -36,6 +37,7 @@ use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
 
 mod compile_loop;
+pub mod source_hold;
 
 use compile_loop::{CompileLoop, LoopIo};
 
@@ -98,6 +100,7 @@ pub async fn begin(
 ) -> Result<StartingController, ControllerError> {
     let mut tasks = TaskSet::new(shutdown);
     let (admin_listener, admin_addr) = bind("admin", args.metrics_addr).await?;
+    let (debug_listener, debug_addr) = bind("debug", args.debug_socket_addr()).await?;
     let controller_id = args.effective_controller_id();
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
@@ -115,10 +118,24 @@ pub async fn begin(
         dataplanes: dataplanes.clone(),
         objects: objects_view_receiver,
     };
+    let debug_state = admin_state.clone();
     tasks.spawn_graceful("admin server", |stop| {
-        admin::serve(admin_listener, admin_state, stop.cancelled_owned())
+        admin::serve(
+            admin_listener,
+            admin_state,
+            Endpoints::Admin,
+            stop.cancelled_owned(),
+        )
     });
-    tracing::info!(addr = %admin_addr, "admin listening on {admin_addr}");
+    tasks.spawn_graceful("debug server", |stop| {
+        admin::serve(
+            debug_listener,
+            debug_state,
+            Endpoints::Debug,
+            stop.cancelled_owned(),
+        )
+    });
+    tracing::info!(addr = %admin_addr, debug = %debug_addr, "admin listening on {admin_addr}, debug on {debug_addr}");
 
     let router = match &args.router_config {
         Some(path) => {
@@ -131,6 +148,7 @@ pub async fn begin(
     };
     Ok(StartingController {
         admin_addr,
+        debug_addr,
         publisher,
         tasks,
         controller_id,
@@ -142,6 +160,7 @@ pub async fn begin(
         objects_view,
         router,
         xds_addr: args.xds_addr,
+        empty_source_grace_period: args.empty_source_grace_period,
         scrape_config: ScrapeConfig {
             interval: args.scrape_interval,
             timeout: args.effective_scrape_timeout(),
@@ -155,6 +174,8 @@ pub async fn begin(
 pub struct StartingController {
     /// Where the admin server listens.
     pub admin_addr: SocketAddr,
+    /// Where the debug server listens.
+    pub debug_addr: SocketAddr,
     /// Empty until the first compile.
     pub publisher: Arc<SnapshotPublisher>,
     tasks: TaskSet,
@@ -167,6 +188,7 @@ pub struct StartingController {
     objects_view: watch::Sender<Arc<ObjectsView>>,
     router: watch::Receiver<RouterConfig>,
     xds_addr: SocketAddr,
+    empty_source_grace_period: Duration,
     scrape_config: ScrapeConfig,
 }
 
@@ -176,9 +198,16 @@ impl StartingController {
     pub async fn start(self, source: impl ObjectSource) -> Result<Controller, ControllerError> {
         let mut tasks = self.tasks;
         let SourceStarted {
-            objects,
+            mut objects,
             on_serving,
         } = source.start(&mut tasks).await?;
+        let source_status = source_hold::hold_while_empty(
+            &mut objects,
+            self.empty_source_grace_period,
+            &self.objects_view,
+            &self.metrics.source_held,
+        )
+        .await;
 
         let (targets, scrape_targets) = watch::channel(Vec::new());
         let (pod_loads, scrape_loop) =
@@ -205,6 +234,8 @@ impl StartingController {
             publisher: self.publisher.clone(),
             targets,
             objects_view: self.objects_view,
+            source_status,
+            metrics: self.metrics.clone(),
             compile_duration: self.compile_duration,
         });
         tasks.spawn("compile loop", compile_loop.run());
@@ -241,6 +272,7 @@ impl StartingController {
         Ok(Controller {
             xds_addr,
             admin_addr: self.admin_addr,
+            debug_addr: self.debug_addr,
             publisher: self.publisher,
             dataplanes: self.dataplanes,
             stop_when_dropped: shutdown.clone().drop_guard(),
@@ -257,6 +289,8 @@ pub struct Controller {
     pub xds_addr: SocketAddr,
     /// Where the admin server listens.
     pub admin_addr: SocketAddr,
+    /// Where the debug server listens.
+    pub debug_addr: SocketAddr,
     pub publisher: Arc<SnapshotPublisher>,
     pub dataplanes: DataplaneRegistry,
     shutdown: CancellationToken,
@@ -336,6 +370,8 @@ mod tests {
             "--xds-addr=127.0.0.1:0",
             "--metrics-addr=127.0.0.1:0",
             "--controller-id=core-test",
+            // The test source is empty: publish it at once.
+            "--empty-source-grace-period=0s",
         ])
         .expect("valid flags")
     }

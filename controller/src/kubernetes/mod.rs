@@ -176,6 +176,7 @@ fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<Objec
         pods,
         api_keys,
         problems,
+        ..ObjectSet::default()
     })
 }
 

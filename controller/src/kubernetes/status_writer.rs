@@ -14,7 +14,7 @@ use switchyard_crd::{ModelRoute, ModelServer};
 use super::caches::Caches;
 use crate::compile::{ObjectKind, ObjectReport};
 use crate::metrics::ControllerMetrics;
-use crate::status::{self, AckSummary, RejectionEvent};
+use crate::status::{self, AckSummary, WarningEvent};
 
 /// Field manager of every status patch: `kubectl get -o yaml --show-managed-fields` names it.
 pub const FIELD_MANAGER: &str = "switchyard-controller";
@@ -29,7 +29,7 @@ pub struct StatusUpdate {
     pub name: String,
     /// The server-side apply body: `apiVersion`, `kind`, `status`.
     pub patch: Value,
-    pub event: Option<RejectionEvent>,
+    pub events: Vec<WarningEvent>,
     /// `metadata.uid`, so the Event is attached to this very object (`kubectl describe` matches on it).
     pub uid: Option<String>,
 }
@@ -66,7 +66,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                     namespace: report.namespace.clone(),
                     name: report.name.clone(),
                     patch: apply_body::<ModelRoute>(serde_json::to_value(&desired)),
-                    event: status::rejection_event(report, conditions),
+                    events: status::warning_events(report, conditions),
                     uid: object.metadata.uid.clone(),
                 }
             }
@@ -90,7 +90,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                     namespace: report.namespace.clone(),
                     name: report.name.clone(),
                     patch: apply_body::<ModelServer>(serde_json::to_value(&desired)),
-                    event: status::rejection_event(report, conditions),
+                    events: status::warning_events(report, conditions),
                     uid: object.metadata.uid.clone(),
                 }
             }
@@ -166,7 +166,7 @@ impl StatusWriter {
                     continue;
                 }
             }
-            if let Some(event) = &update.event {
+            for event in &update.events {
                 let outcome = self.publish(event, update.uid.clone()).await;
                 self.metrics
                     .events
@@ -201,11 +201,7 @@ impl StatusWriter {
         Ok(())
     }
 
-    async fn publish(
-        &self,
-        event: &RejectionEvent,
-        uid: Option<String>,
-    ) -> Result<(), kube::Error> {
+    async fn publish(&self, event: &WarningEvent, uid: Option<String>) -> Result<(), kube::Error> {
         let reference = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some(ModelRoute::api_version(&()).into_owned()),
             kind: Some(event.kind.as_str().to_owned()),

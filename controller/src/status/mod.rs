@@ -17,7 +17,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
-use switchyard_crd::status::{CONDITION_ACCEPTED, CONDITION_PROGRAMMED, CONDITION_RESOLVED_REFS};
+use switchyard_crd::status::{
+    CONDITION_ACCEPTED, CONDITION_IGNORED_FIELDS, CONDITION_PROGRAMMED, CONDITION_RESOLVED_REFS,
+};
 use switchyard_crd::{ModelRouteStatus, ModelServerStatus};
 
 use crate::compile::{ConditionReport, ObjectKind, ObjectReport};
@@ -156,6 +158,8 @@ pub fn server_status(
         conditions: conditions(report, acks, previous_conditions, now),
         ready_pods: report.ready_pods.map(saturating_i32),
         total_pods: report.total_pods.map(saturating_i32),
+        pd_groups: report.pd_groups.map(saturating_i32),
+        complete_pd_groups: report.complete_pd_groups.map(saturating_i32),
         last_scrape_time: coarse_scrape_time(previous_scrape, last_scrape),
     }
 }
@@ -186,7 +190,19 @@ fn conditions(
             now,
         ),
     ];
-    // Conditions other writers own (none today) are kept as they are.
+    if let Some(message) = ignored_fields_message(report) {
+        conditions.push(condition(
+            CONDITION_IGNORED_FIELDS,
+            true,
+            IGNORED_FIELDS_REASON,
+            message,
+            report.generation,
+            previous,
+            now,
+        ));
+    }
+    // Conditions other writers own (none today) are kept as they are; ours
+    // that no longer apply (IgnoredFields once fixed) go.
     conditions.extend(
         previous
             .iter()
@@ -195,6 +211,7 @@ fn conditions(
                     CONDITION_ACCEPTED,
                     CONDITION_RESOLVED_REFS,
                     CONDITION_PROGRAMMED,
+                    CONDITION_IGNORED_FIELDS,
                 ]
                 .contains(&condition.type_.as_str())
             })
@@ -322,44 +339,83 @@ pub fn last_scrape_by_server(
     newest
 }
 
-/// A Kubernetes Event to publish about a rejected object.
+/// A Warning Event to publish about an object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct RejectionEvent {
+pub struct WarningEvent {
     pub kind: ObjectKind,
     pub namespace: String,
     pub name: String,
-    /// The failing condition's reason, e.g. `InvalidRegex`, `BackendNotFound`.
+    /// The condition's reason, e.g. `InvalidRegex`, `BackendNotFound`, `IgnoredFields`.
     pub reason: String,
     pub note: String,
 }
 
-/// The Warning event `desired` deserves: one when `Accepted` or
-/// `ResolvedRefs` is False with a reason the object did not already carry
-/// False, so an unchanged rejection is reported once, not on every compile.
-pub fn rejection_event(report: &ObjectReport, previous: &[Condition]) -> Option<RejectionEvent> {
-    let (type_, failed) = if !report.accepted.status {
-        (CONDITION_ACCEPTED, &report.accepted)
-    } else if !report.resolved_refs.status {
-        (CONDITION_RESOLVED_REFS, &report.resolved_refs)
-    } else {
-        return None;
+/// The Warning events `report` deserves given the conditions the object
+/// already carries: one when `Accepted` or `ResolvedRefs` turns False with
+/// a reason it did not already carry, one when `IgnoredFields` turns True
+/// or names other fields; an unchanged state is reported once, not on every
+/// compile.
+pub fn warning_events(report: &ObjectReport, previous: &[Condition]) -> Vec<WarningEvent> {
+    let carried = |type_: &str, status: &str, reason: &str, message: Option<&str>| {
+        previous.iter().any(|condition| {
+            condition.type_ == type_
+                && condition.status == status
+                && condition.reason == reason
+                && message.is_none_or(|message| condition.message == message)
+                && condition.observed_generation == report.generation
+        })
     };
-    let already_reported = previous.iter().any(|condition| {
-        condition.type_ == type_
-            && condition.status == "False"
-            && condition.reason == failed.reason.as_str()
-            && condition.observed_generation == report.generation
-    });
-    if already_reported {
-        return None;
-    }
-    Some(RejectionEvent {
+    let event = |reason: &str, note: &str| WarningEvent {
         kind: report.kind,
         namespace: report.namespace.clone(),
         name: report.name.clone(),
-        reason: failed.reason.as_str().to_owned(),
-        note: truncate_note(&failed.message),
-    })
+        reason: reason.to_owned(),
+        note: truncate_note(note),
+    };
+    let mut events = Vec::new();
+    let failed = if !report.accepted.status {
+        Some((CONDITION_ACCEPTED, &report.accepted))
+    } else if !report.resolved_refs.status {
+        Some((CONDITION_RESOLVED_REFS, &report.resolved_refs))
+    } else {
+        None
+    };
+    if let Some((type_, failed)) = failed
+        && !carried(type_, "False", failed.reason.as_str(), None)
+    {
+        events.push(event(failed.reason.as_str(), &failed.message));
+    }
+    if let Some(message) = ignored_fields_message(report) {
+        let message = truncate_message(message);
+        if !carried(
+            CONDITION_IGNORED_FIELDS,
+            "True",
+            IGNORED_FIELDS_REASON,
+            Some(&message),
+        ) {
+            events.push(event(CONDITION_IGNORED_FIELDS, &message));
+        }
+    }
+    events
+}
+
+/// Reason of the `IgnoredFields` condition.
+pub const IGNORED_FIELDS_REASON: &str = "NotImplemented";
+
+/// The `IgnoredFields` message: every ignored field and what it means.
+fn ignored_fields_message(report: &ObjectReport) -> Option<String> {
+    if report.ignored_fields.is_empty() {
+        return None;
+    }
+    let fields: Vec<String> = report
+        .ignored_fields
+        .iter()
+        .map(|field| format!("{}: {}", field.path, field.message))
+        .collect();
+    Some(format!(
+        "set but not acted on by the router: {}",
+        fields.join("; ")
+    ))
 }
 
 /// Kubernetes caps an Event's note at 1 kB.

@@ -135,14 +135,104 @@ fn invalid_regex_is_not_accepted() {
         ("False", "InvalidRegex")
     );
     assert_eq!(status.observed_generation, Some(5));
-    let event = rejection_event(report, &[]).expect("a rejection deserves an event");
+    let events = warning_events(report, &[]);
+    assert_eq!(events.len(), 1, "a rejection deserves an event");
+    let event = &events[0];
     assert_eq!(event.reason, "InvalidRegex");
     assert_eq!(
         (event.namespace.as_str(), event.name.as_str()),
         ("default", "chat")
     );
     // Once the object carries that rejection, the same rejection is not reported again.
-    assert_eq!(rejection_event(report, &status.conditions), None);
+    assert_eq!(warning_events(report, &status.conditions), []);
+}
+
+const ROUTE_WITH_IGNORED_FIELDS: &str = "{metadata: {name: chat, namespace: default, generation: 6}, spec: \
+    {modelName: chat, parentRefs: [{name: default, namespace: kthena-system, kind: Gateway}], \
+    rateLimit: {inputTokensPerUnit: 10, unit: minute}, \
+    rules: [{name: default, targetModels: [{modelServerName: llama}]}]}}";
+
+/// A KV connector without prefill/decode groups: nothing uses it.
+const SERVER_WITH_STRAY_CONNECTOR: &str = "{metadata: {name: llama, namespace: default, generation: 2}, spec: \
+    {workloadSelector: {matchLabels: {app: llama}}, kvConnector: {type: nixl}, \
+    workloadPort: {port: 8000}, inferenceEngine: vLLM}}";
+
+#[test]
+fn ignored_fields_are_a_condition_and_one_warning_event_until_they_change() {
+    let reports = reports(&[ROUTE_WITH_IGNORED_FIELDS]);
+    let report = report_of(&reports, ObjectKind::ModelRoute);
+    assert!(
+        report.is_healthy(),
+        "ignored fields do not reject the route"
+    );
+    let paths: Vec<&str> = report
+        .ignored_fields
+        .iter()
+        .map(|field| field.path.as_str())
+        .collect();
+    assert_eq!(paths, ["spec.parentRefs"]);
+    let status = route_status(report, &all_acked(1), None, ts(0));
+    let ignored = find(&status.conditions, "IgnoredFields");
+    assert_eq!(
+        (ignored.status.as_str(), ignored.reason.as_str()),
+        ("True", "NotImplemented")
+    );
+    assert_eq!(
+        ignored.message,
+        "set but not acted on by the router: spec.parentRefs: Gateway API attachment is not implemented yet: \
+         the route serves requests from every listener, whatever Gateway they came through"
+    );
+    assert_eq!(find(&status.conditions, "Accepted").status, "True");
+    let events = warning_events(report, &[]);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].reason, "IgnoredFields");
+    assert_eq!(events[0].note, ignored.message);
+    assert_eq!(
+        warning_events(report, &status.conditions),
+        [],
+        "reported once"
+    );
+
+    // Fixed: the condition goes, and no event.
+    let fixed = reports_of_route(ROUTE);
+    let fixed_status = route_status(&fixed, &all_acked(1), Some(&status), ts(5));
+    assert!(
+        fixed_status
+            .conditions
+            .iter()
+            .all(|condition| condition.type_ != "IgnoredFields"),
+        "{:?}",
+        fixed_status.conditions
+    );
+    assert_eq!(warning_events(&fixed, &status.conditions), []);
+}
+
+fn reports_of_route(yaml: &str) -> ObjectReport {
+    report_of(&reports(&[yaml]), ObjectKind::ModelRoute).clone()
+}
+
+#[test]
+fn a_kv_connector_without_prefill_decode_groups_is_reported_as_ignored() {
+    let compiled = compile_route_config(
+        &[route(ROUTE)],
+        &[server(SERVER_WITH_STRAY_CONNECTOR)],
+        &[ready_pod(
+            "default",
+            "llama-0",
+            "10.0.0.7",
+            &[("app", "llama")],
+        )],
+    );
+    let report = report_of(&compiled.reports, ObjectKind::ModelServer);
+    let paths: Vec<&str> = report
+        .ignored_fields
+        .iter()
+        .map(|field| field.path.as_str())
+        .collect();
+    assert_eq!(paths, ["spec.kvConnector"]);
+    let status = server_status(report, &all_acked(1), None, None, ts(0));
+    assert_eq!(find(&status.conditions, "IgnoredFields").status, "True");
+    assert_eq!(warning_events(report, &[])[0].reason, "IgnoredFields");
 }
 
 #[test]

@@ -3,14 +3,17 @@
 //! (only what routing needs). Everything after this phase may rely on a
 //! parsed body with a non-empty `model`.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{Method, Request};
 use http_body::Body;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
+use switchyard_runtime::clock;
 
-use crate::error::{ApiError, BodyError, ErrorKind};
+use crate::error::{ApiError, BodyError, ErrorKind, quoted};
+use crate::limits::{BodyDeadline, BodyReservation};
 use crate::request::{ParsedBody, parse_body};
 
 /// Default request body limit: large enough for 100k-token agentic prompts
@@ -65,6 +68,24 @@ pub struct InferenceRequest {
     pub parsed: ParsedBody,
 }
 
+/// How much body a request may send, and how slowly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// Larger bodies get 413.
+    pub max_bytes: usize,
+    /// Slower bodies get 408.
+    pub deadline: BodyDeadline,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_BODY_BYTES,
+            deadline: BodyDeadline::default(),
+        }
+    }
+}
+
 /// Admits `request`'s head (method, path, content type) or says why not.
 pub fn admit<B>(request: Request<B>) -> Result<Admitted<B>, ApiError> {
     let path = request.uri().path();
@@ -86,7 +107,10 @@ pub fn admit<B>(request: Request<B>) -> Result<Admitted<B>, ApiError> {
     } else {
         return Err(ApiError::new(
             ErrorKind::UnknownPath,
-            format!("unknown path {path}: the router serves {PROXIED_PATHS:?} and /v1/models"),
+            format!(
+                "unknown path {}: the router serves {PROXIED_PATHS:?} and /v1/models",
+                quoted(path)
+            ),
         ));
     }
     let (head, body) = request.into_parts();
@@ -99,9 +123,14 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BodyError>,
 {
-    /// Reads the body (at most `max_body_bytes`) and parses what routing needs.
-    pub async fn read(self, max_body_bytes: usize) -> Result<InferenceRequest, ApiError> {
-        let body = read_body(self.body, &self.head.headers, max_body_bytes).await?;
+    /// Reads the body within `limits`, its bytes charged to `reservation` as
+    /// they arrive, and parses what routing needs.
+    pub async fn read(
+        self,
+        limits: &BodyLimits,
+        reservation: &mut BodyReservation<'_>,
+    ) -> Result<InferenceRequest, ApiError> {
+        let body = read_body(self.body, &self.head.headers, limits, reservation).await?;
         let parsed = parse_body(&body)?;
         Ok(InferenceRequest {
             head: self.head,
@@ -130,18 +159,26 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
         Err(ApiError::new(
             ErrorKind::UnsupportedMediaType,
             format!(
-                "unsupported Content-Type {:?}: send application/json",
-                value.to_str().unwrap_or("<non-ASCII>")
+                "unsupported Content-Type {}: send application/json",
+                quoted(value.to_str().unwrap_or("<non-ASCII>"))
             ),
         ))
     }
 }
 
-async fn read_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError>
+/// Reads the whole body within `limits`, charging its bytes to
+/// `reservation` (up front when `Content-Length` declares them).
+async fn read_body<B>(
+    body: B,
+    headers: &HeaderMap,
+    limits: &BodyLimits,
+    reservation: &mut BodyReservation<'_>,
+) -> Result<Bytes, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BodyError>,
 {
+    let limit = limits.max_bytes;
     let too_large = || {
         ApiError::new(
             ErrorKind::BodyTooLarge,
@@ -155,28 +192,114 @@ where
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(ApiError::new(
-            ErrorKind::InvalidBody,
-            format!("failed to read request body: {error}"),
-        )),
+    let declared = declared.map_or(0, |len| len as usize);
+    reservation.grow(declared).map_err(|_| budget_exhausted())?;
+    let started = clock::now();
+    let mut body = std::pin::pin!(body);
+    // One frame (the common case) is kept as is; more are copied into one buffer.
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    let mut received = 0usize;
+    loop {
+        // Most bodies have arrived with their headers: only a body that is
+        // not there yet arms the timer.
+        let frame = match body.frame().now_or_never() {
+            Some(frame) => frame,
+            None => clock::timeout_at(limits.deadline.next(started, received), body.frame())
+                .await
+                .map_err(|_| too_slow(limits, received))?,
+        };
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|error| {
+            let error: BodyError = error.into();
+            ApiError::new(
+                ErrorKind::InvalidBody,
+                format!("failed to read request body: {error}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        received += data.len();
+        if received > limit {
+            return Err(too_large());
+        }
+        if received > reservation.bytes() {
+            reservation
+                .grow(received - reservation.bytes())
+                .map_err(|_| budget_exhausted())?;
+        }
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            Some(previous) => {
+                joined.reserve(declared.max(previous.len() + data.len()));
+                joined.extend_from_slice(&previous);
+                joined.extend_from_slice(&data);
+            }
+            None => joined.extend_from_slice(&data),
+        }
     }
+    Ok(first.unwrap_or_else(|| joined.freeze()))
+}
+
+fn budget_exhausted() -> ApiError {
+    ApiError::new(
+        ErrorKind::Overloaded,
+        "the router holds too many request bodies right now; retry shortly",
+    )
+}
+
+fn too_slow(limits: &BodyLimits, received: usize) -> ApiError {
+    ApiError::new(
+        ErrorKind::BodyTimeout,
+        format!(
+            "request body arrived too slowly ({received} bytes received): after {} s bodies must arrive at {} bytes/s or faster",
+            limits.deadline.grace.as_secs(),
+            limits.deadline.min_bytes_per_sec
+        ),
+    )
 }
 
 #[cfg(test)]
 mod tests {
-    use http_body_util::Full;
+    use std::time::Duration;
+
+    use http_body_util::{Full, StreamBody};
 
     use super::*;
+    use crate::limits::BodyBudget;
 
-    /// Admits and reads: None for the model listing.
-    async fn admit_and_read(
-        request: Request<Full<Bytes>>,
-    ) -> Result<Option<InferenceRequest>, ApiError> {
+    /// A 64-byte body limit, the default deadline.
+    const SMALL: BodyLimits = BodyLimits {
+        max_bytes: 64,
+        deadline: BodyDeadline {
+            grace: crate::limits::DEFAULT_BODY_READ_GRACE,
+            min_bytes_per_sec: crate::limits::DEFAULT_MIN_BODY_BYTES_PER_SEC,
+        },
+    };
+
+    /// Admits and reads within [`SMALL`]: None for the model listing.
+    async fn admit_small<B>(request: Request<B>) -> Result<Option<InferenceRequest>, ApiError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BodyError>,
+    {
+        let budget = BodyBudget::new(1024, 1, 64);
+        admit_within(request, &SMALL, &mut budget.reservation()).await
+    }
+
+    /// Admits and reads within `limits`, charging `reservation`.
+    async fn admit_within<B>(
+        request: Request<B>,
+        limits: &BodyLimits,
+        reservation: &mut BodyReservation<'_>,
+    ) -> Result<Option<InferenceRequest>, ApiError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BodyError>,
+    {
         match admit(request)? {
-            Admitted::Inference(request) => request.read(64).await.map(Some),
+            Admitted::Inference(request) => request.read(limits, reservation).await.map(Some),
             Admitted::ListModels(_) => Ok(None),
         }
     }
@@ -194,7 +317,7 @@ mod tests {
         let request = request
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .expect("request");
-        admit_and_read(request).await
+        admit_small(request).await
     }
 
     fn kind(result: Result<Option<InferenceRequest>, ApiError>) -> ErrorKind {
@@ -326,6 +449,130 @@ mod tests {
             .header(header::CONTENT_LENGTH, "1000000")
             .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
             .expect("request");
-        assert_eq!(kind(admit_and_read(request).await), ErrorKind::BodyTooLarge);
+        assert_eq!(kind(admit_small(request).await), ErrorKind::BodyTooLarge);
+    }
+
+    type Chunks = StreamBody<
+        futures::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, std::io::Error>>,
+    >;
+
+    /// A body whose `parts` arrive `gap` apart.
+    fn paced_body(parts: Vec<&'static str>, gap: Duration) -> Chunks {
+        use futures::StreamExt;
+        StreamBody::new(
+            futures::stream::iter(parts)
+                .then(move |part| async move {
+                    clock::sleep(gap).await;
+                    Ok(http_body::Frame::data(Bytes::from_static(part.as_bytes())))
+                })
+                .boxed(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_slower_than_the_minimum_rate_is_cut_with_408() {
+        let limits = BodyLimits {
+            max_bytes: 1024,
+            deadline: BodyDeadline {
+                grace: Duration::from_secs(10),
+                min_bytes_per_sec: 10,
+            },
+        };
+        let budget = BodyBudget::new(1024, 1, 1024);
+        // 10 bytes every 500 ms keeps up with 10 bytes/s after the grace.
+        let keeping_up = Request::post("/v1/completions")
+            .body(paced_body(
+                vec!["{\"model\": ", "\"m\",      ", "\"x\":1}    "],
+                Duration::from_millis(500),
+            ))
+            .expect("request");
+        let mut reservation = budget.reservation();
+        assert!(
+            admit_within(keeping_up, &limits, &mut reservation)
+                .await
+                .is_ok()
+        );
+        drop(reservation);
+        // 10 bytes every 4 s falls behind: 10 s + 1 s per 10 bytes.
+        let started = clock::now();
+        let parked = Request::post("/v1/completions")
+            .body(paced_body(
+                vec!["{\"model\": ", "\"m\",      ", "\"x\":1}    ", "          "],
+                Duration::from_secs(4),
+            ))
+            .expect("request");
+        let error = admit_within(parked, &limits, &mut budget.reservation())
+            .await
+            .expect_err("too slow");
+        assert_eq!(error.kind, ErrorKind::BodyTimeout);
+        assert_eq!(error.kind.status(), http::StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(13),
+            "cut when 30 bytes had bought 3 s past the grace"
+        );
+        assert_eq!(budget.used(), 0, "the reservation is given back");
+    }
+
+    #[tokio::test]
+    async fn bodies_beyond_the_budget_get_503_and_hold_nothing() {
+        let budget = BodyBudget::new(100, 1, 64);
+        let mut holder = budget.reservation();
+        holder.grow(60).expect("fits");
+        let declared = Request::post("/v1/completions")
+            .header(header::CONTENT_LENGTH, "50")
+            .body(Full::new(Bytes::from_static(&[b' '; 50])))
+            .expect("request");
+        let error = admit_within(declared, &SMALL, &mut budget.reservation())
+            .await
+            .expect_err("no room");
+        assert_eq!(error.kind, ErrorKind::Overloaded);
+        assert_eq!(error.kind.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        // Without Content-Length, the bytes are charged as they arrive.
+        let chunked = Request::post("/v1/completions")
+            .body(paced_body(
+                vec!["{\"model\":\"m\",", "\"p\":\"0123456789012345678901234\"}"],
+                Duration::ZERO,
+            ))
+            .expect("request");
+        let mut reservation = budget.reservation();
+        let error = admit_within(chunked, &SMALL, &mut reservation)
+            .await
+            .expect_err("no room");
+        assert_eq!(error.kind, ErrorKind::Overloaded);
+        drop(reservation);
+        assert_eq!(budget.used(), 60, "only the holder's bytes remain");
+        drop(holder);
+        let fits = Request::post("/v1/completions")
+            .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+            .expect("request");
+        let mut reservation = budget.reservation();
+        assert!(admit_within(fits, &SMALL, &mut reservation).await.is_ok());
+        assert_eq!(reservation.bytes(), 13, "held while the request is");
+    }
+
+    #[tokio::test]
+    async fn a_body_in_several_frames_is_joined() {
+        let request = Request::post("/v1/completions")
+            .body(paced_body(
+                vec!["{\"model\"", ":\"m\"", "}"],
+                Duration::ZERO,
+            ))
+            .expect("request");
+        let Ok(Some(request)) = admit_small(request).await else {
+            panic!("admitted");
+        };
+        assert_eq!(request.body, r#"{"model":"m"}"#);
+    }
+
+    #[tokio::test]
+    async fn client_strings_are_quoted_only_in_part() {
+        let long_path = format!("/{}", "a".repeat(10_000));
+        let request = Request::post(long_path.as_str())
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let error = admit_small(request).await.expect_err("unknown path");
+        assert!(error.message.len() < 400, "{}", error.message);
+        assert!(error.message.contains("(10001 bytes)"), "{}", error.message);
     }
 }

@@ -7,16 +7,17 @@
 //! 3. [`admission`]: may it go upstream now (token rate limits; its turn
 //!    in the fairness queue);
 //! 4. [`route`]: ModelRoute, rule and ModelServer; the body edits;
-//! 5. [`schedule`]: the ranked candidate pods, the request id;
+//! 5. [`schedule`]: the ranked candidate pods (prefill/decode pairs for a
+//!    ModelServer that disaggregates them), the request id;
 //! 6. [`forward`]: the attempts over the candidates (retries, timeouts,
 //!    ejection), a pure [`policy`](forward::policy) driving an
-//!    [`Upstream`];
+//!    [`Upstream`]; a pair's two legs in [`pairs`](forward::pairs);
 //! 7. [`respond`]: the engine's response streamed back, usage observed;
 //! 8. [`log`]: the request's record, finished into metrics and the access
 //!    log when the response ends.
 //!
 //! What a phase learns travels as its typed output (an
-//! [`InferenceRequest`], then [`Routed`](route::Routed),
+//! [`InferenceRequest`], then [`Routed`],
 //! [`Scheduled`](schedule::Scheduled), [`Delivered`](forward::Delivered)),
 //! so no phase can read what an earlier one has not produced; the
 //! [`RequestRecord`] travels alongside and every phase adds to it.
@@ -38,27 +39,37 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 
-pub use self::admit::DEFAULT_MAX_BODY_BYTES;
 use self::admit::{Admitted, InferenceRequest};
+pub use self::admit::{BodyLimits, DEFAULT_MAX_BODY_BYTES};
 pub use self::authenticate::Identity;
-use self::forward::Outbound;
-use self::forward::{HyperUpstream, Upstream};
+use self::forward::pairs::PairOutbound;
+use self::forward::{HyperUpstream, Outbound, Upstream};
 use self::log::{Observer, RequestRecord};
 pub use self::respond::ProxyBody;
 use self::respond::json_response;
+use self::route::Routed;
 use crate::error::{ApiError, BodyError, ErrorKind};
-use crate::snapshot::SnapshotStore;
+use crate::limits::{BodyBudget, DEFAULT_BODY_BUDGET_BYTES};
+use crate::snapshot::{RoutingTable, SnapshotStore};
+
+/// The API paths a prefill/decode pair serves: those that generate tokens
+/// from a prompt.
+pub const PAIR_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 
 /// The proxy's settings.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
-    pub max_body_bytes: usize,
+    /// Size and pace of one request body.
+    pub body: BodyLimits,
+    /// Bytes of request bodies held at once by all requests.
+    pub body_budget_bytes: usize,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
-            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body: BodyLimits::default(),
+            body_budget_bytes: DEFAULT_BODY_BUDGET_BYTES,
         }
     }
 }
@@ -67,15 +78,18 @@ impl Default for ProxyConfig {
 #[derive(Debug)]
 pub struct Proxy<U = HyperUpstream> {
     store: Arc<SnapshotStore>,
-    upstream: U,
+    /// Shared with the background prefill legs of SGLang pairs.
+    upstream: Arc<U>,
     config: ProxyConfig,
+    budget: BodyBudget,
     observer: Arc<Observer>,
 }
 
 impl Proxy {
     /// A proxy that sends to engines over HTTP.
     pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig, observer: Arc<Observer>) -> Self {
-        Self::with_upstream(store, config, observer, HyperUpstream::new())
+        let upstream = HyperUpstream::new(observer.metrics.health.connections.clone());
+        Self::with_upstream(store, config, observer, upstream)
     }
 }
 
@@ -88,7 +102,8 @@ impl<U: Upstream> Proxy<U> {
     ) -> Self {
         Self {
             store,
-            upstream,
+            upstream: Arc::new(upstream),
+            budget: BodyBudget::for_this_machine(config.body_budget_bytes, config.body.max_bytes),
             config,
             observer,
         }
@@ -139,8 +154,12 @@ impl<U: Upstream> Proxy<U> {
             self.store.unknown_keys(),
         )?;
         record.set_identity(&identity);
+        // Held until the request is forwarded: its body's bytes are in use till then.
+        let mut reservation = self.budget.reservation();
         let request = match admitted {
-            Admitted::Inference(request) => request.read(self.config.max_body_bytes).await?,
+            Admitted::Inference(request) => {
+                request.read(&self.config.body, &mut reservation).await?
+            }
             Admitted::ListModels(_) => {
                 return Ok(json_response(StatusCode::OK, table.models_body.clone()));
             }
@@ -155,14 +174,82 @@ impl<U: Upstream> Proxy<U> {
             record,
         )
         .await?;
-        let mut routed = route::route(&table.index, &request, record)?;
+        let routed = route::route(&table.index, &request, record)?;
+        if routed.decision.server.prefill_decode.is_some() {
+            return self.pairs(&table, request, routed, record).await;
+        }
+        let mut routed = routed;
         let scheduled = schedule::schedule(&table.scheduler, &request, &routed, record)?;
         let InferenceRequest { head, body, .. } = request;
         let outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
         let server = &routed.decision.server;
-        let delivered =
-            forward::forward(&self.upstream, record, server, scheduled.ranking, outbound).await?;
+        let delivered = forward::forward(
+            self.upstream.as_ref(),
+            record,
+            server,
+            scheduled.ranking,
+            outbound,
+        )
+        .await?;
         schedule::dispatched(&table.scheduler, &scheduled, delivered.guard.pod());
+        (self.observer.metrics.health).count_decision(&request.parsed.model, delivered.guard.pod());
+        Ok(respond::respond(
+            delivered,
+            scheduled.request_id,
+            routed.hide_usage_chunk,
+            record,
+        ))
+    }
+
+    /// Schedule, forward and respond for a prefill/decode ModelServer: the
+    /// candidates are pairs, each attempt two legs.
+    async fn pairs(
+        &self,
+        table: &RoutingTable,
+        request: InferenceRequest,
+        mut routed: Routed,
+        record: &mut RequestRecord,
+    ) -> Result<Response<ProxyBody<U::Body>>, ApiError> {
+        let edits = routed.take_edits();
+        let model_literal = routed.model_literal().cloned();
+        let server = &routed.decision.server;
+        let Some(pd) = &server.prefill_decode else {
+            return Err(ApiError::new(
+                ErrorKind::NoReadyPod,
+                format!("ModelServer {} has no prefill/decode pairs", server.key),
+            ));
+        };
+        let path = request.head.uri.path();
+        if !PAIR_PATHS.contains(&path) {
+            return Err(ApiError::new(
+                ErrorKind::UnsupportedPath,
+                format!(
+                    "ModelServer {} disaggregates prefill and decode, which serves {PAIR_PATHS:?} only, not {path}",
+                    server.key
+                ),
+            ));
+        }
+        let scheduled = schedule::schedule_pairs(&table.scheduler, &request, &routed, pd, record)?;
+        let outbound = PairOutbound::new(
+            request.head,
+            request.body,
+            edits,
+            model_literal,
+            &scheduled.request_id,
+        );
+        let delivered = forward::pairs::forward(
+            &self.upstream,
+            record,
+            server,
+            pd.connector,
+            scheduled.ranking,
+            outbound,
+        )
+        .await?;
+        // The prompt's KV lives on the prefill pod: that is where prefix affinity points.
+        if let Some(pod) = record.prefill_pod() {
+            schedule::dispatched(&table.scheduler, &scheduled, pod);
+        }
         Ok(respond::respond(
             delivered,
             scheduled.request_id,
@@ -183,9 +270,19 @@ fn not_ready() -> ApiError {
 /// traffic port and the admin listener.
 pub fn readiness_response<B>(store: &SnapshotStore) -> Response<ProxyBody<B>> {
     match store.table() {
-        Some(_) => json_response(
+        // Ready on any snapshot, even one without routes (the controller
+        // published it deliberately): the route count says what it holds,
+        // and an alert watches for 0 (`kthena_router_routes`).
+        Some(table) => json_response(
             StatusCode::OK,
-            Bytes::from_static(br#"{"message":"router is ready"}"#),
+            Bytes::from(
+                serde_json::json!({
+                    "message": "router is ready",
+                    "routes": table.routes.len(),
+                    "routeConfigVersion": table.version,
+                })
+                .to_string(),
+            ),
         ),
         None => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -220,13 +317,12 @@ mod tests {
         pods: usize,
         policy: pb::TrafficPolicy,
     ) -> Harness {
-        harness_of(
-            one_route_config("m", &[], Some("org/m"), pods, policy),
-            scripts,
-        )
+        let config = one_route_config("m", &[], Some("org/m"), pods, policy);
+        harness_of(config, ScriptedUpstream::new(scripts))
     }
 
-    fn harness_of(config: pb::RouteConfig, scripts: impl IntoIterator<Item = Script>) -> Harness {
+    /// A proxy serving `config` through `upstream`, its metrics resolved.
+    fn harness_of(config: pb::RouteConfig, upstream: ScriptedUpstream) -> Harness {
         let observer = test_observer();
         let metrics = observer.metrics.clone();
         let fairness = crate::fairness::Fairness::new(crate::fairness::FairnessMetrics {
@@ -240,12 +336,7 @@ mod tests {
         if let Some(table) = store.table() {
             metrics.resolve(&table);
         }
-        let proxy = Proxy::with_upstream(
-            store.clone(),
-            ProxyConfig::default(),
-            observer,
-            ScriptedUpstream::new(scripts),
-        );
+        let proxy = Proxy::with_upstream(store.clone(), ProxyConfig::default(), observer, upstream);
         Harness {
             proxy,
             store,
@@ -480,9 +571,11 @@ mod tests {
         assert_eq!(answer.json()["error"]["code"], "router_not_ready");
 
         let h = harness([], 1, pb::TrafficPolicy::default());
+        let ready = h.call(Method::GET, "/readyz", "").await;
+        assert_eq!(ready.status, StatusCode::OK);
         assert_eq!(
-            h.call(Method::GET, "/readyz", "").await.status,
-            StatusCode::OK
+            ready.json(),
+            serde_json::json!({"message": "router is ready", "routes": 1, "routeConfigVersion": "v1"})
         );
         let answer = h.call(Method::GET, "/v1/models", "").await;
         assert_eq!(answer.status, StatusCode::OK);
@@ -504,7 +597,10 @@ mod tests {
             }],
             jwt: None,
         });
-        let h = harness_of(config, [Script::json(200, USAGE_BODY)]);
+        let h = harness_of(
+            config,
+            ScriptedUpstream::new([Script::json(200, USAGE_BODY)]),
+        );
         let refused = h.post("/v1/completions", r#"{"model":"m"}"#).await;
         assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
         assert_eq!(
@@ -560,7 +656,10 @@ mod tests {
             unit: "minute".into(),
             ..Default::default()
         });
-        let h = harness_of(config, (0..3).map(|_| Script::json(200, USAGE_BODY)));
+        let h = harness_of(
+            config,
+            ScriptedUpstream::new((0..3).map(|_| Script::json(200, USAGE_BODY))),
+        );
         for remaining in ["20", "10", "0"] {
             let answer = h.post("/v1/chat/completions", HELLO_WORLD).await;
             assert_eq!(answer.status, StatusCode::OK);
@@ -596,7 +695,10 @@ mod tests {
         });
         const LONG: &str =
             r#"{"choices":[{"text":"..."}],"usage":{"prompt_tokens":3,"completion_tokens":250}}"#;
-        let h = harness_of(config, [Script::json(200, LONG), Script::json(200, LONG)]);
+        let h = harness_of(
+            config,
+            ScriptedUpstream::new([Script::json(200, LONG), Script::json(200, LONG)]),
+        );
         assert_eq!(
             h.post("/v1/completions", r#"{"model":"m","prompt":"x"}"#)
                 .await
@@ -631,7 +733,7 @@ mod tests {
             "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n",
             "data: {\"choices\":[{\"delta\":{\"content\":\"c\"}}]}\n\n",
         ];
-        let h = harness_of(config, [Script::sse(&frames)]);
+        let h = harness_of(config, ScriptedUpstream::new([Script::sse(&frames)]));
         let request = Request::post("/v1/completions")
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from_static(
@@ -678,7 +780,7 @@ mod tests {
         ];
         let h = harness_of(
             config,
-            [Script::sse(&frames), Script::json(200, USAGE_BODY)],
+            ScriptedUpstream::new([Script::sse(&frames), Script::json(200, USAGE_BODY)]),
         );
         let body = r#"{"model":"m","prompt":"hi","stream":true}"#;
         let request = |user: &'static str| {
@@ -771,5 +873,125 @@ mod tests {
             h.post("/v1/completions", r#"{"model":"m"}"#),
         );
         assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    }
+
+    /// Route `m` to a NIXL ModelServer of groups g0 (prefill p0, decode p1)
+    /// and g1 (prefill p2 only).
+    fn pd_harness(scripts: impl IntoIterator<Item = (&'static str, Vec<Script>)>) -> Harness {
+        let mut config = one_route_config("m", &[], None, 3, pb::TrafficPolicy::default());
+        config.servers[0].prefill_decode = Some(pb::PrefillDecode {
+            kv_connector: pb::KvConnector::Nixl.into(),
+            group_label: "group".into(),
+            groups: vec![
+                pb::PdGroup {
+                    name: "g0".into(),
+                    prefill: vec!["p0".into()],
+                    decode: vec!["p1".into()],
+                },
+                pb::PdGroup {
+                    name: "g1".into(),
+                    prefill: vec!["p2".into()],
+                    decode: vec![],
+                },
+            ],
+        });
+        harness_of(config, ScriptedUpstream::per_pod(scripts))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_decode_request_is_counted_per_group_role_and_leg() {
+        let h = pd_harness([
+            (
+                "p0",
+                vec![
+                    Script::json(200, r#"{"kv_transfer_params":{"remote_engine_id":"e"}}"#),
+                    Script::json(200, r#"{"id":"no-params"}"#),
+                ],
+            ),
+            (
+                "p1",
+                vec![Script::json(200, USAGE_BODY), Script::json(200, USAGE_BODY)],
+            ),
+        ]);
+        for _ in 0..2 {
+            let answer = h
+                .post("/v1/completions", r#"{"model":"m","prompt":"hi"}"#)
+                .await;
+            assert_eq!(answer.status, StatusCode::OK);
+            assert_eq!(answer.text(), USAGE_BODY);
+        }
+        for (series, value) in [
+            (
+                r#"kthena_pd_group_requests_total{group_key="g0",model="m",role="prefill"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_pd_group_requests_total{group_key="g0",model="m",role="decode"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_pd_group_requests_total{group_key="g1",model="m",role="prefill"}"#,
+                0.0,
+            ),
+            (
+                r#"kthena_pd_group_routing_decisions{group_key="g0",source_role="decode",target_role="prefill"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_router_pd_kv_transfer_params_total{model_server="default/s",outcome="relayed"}"#,
+                1.0,
+            ),
+            (
+                r#"kthena_router_pd_kv_transfer_params_total{model_server="default/s",outcome="missing"}"#,
+                1.0,
+            ),
+            (
+                r#"kthena_router_request_prefill_duration_seconds_count{model="m",path="/v1/completions",status_code="200"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_router_request_decode_duration_seconds_count{model="m",path="/v1/completions",status_code="200"}"#,
+                2.0,
+            ),
+            (
+                r#"kthena_router_tokens_total{model="m",path="/v1/completions",token_type="output"}"#,
+                10.0,
+            ),
+        ] {
+            assert_eq!(h.metric(series), Some(value), "{series}");
+        }
+        let table = h.store.table().expect("snapshot");
+        assert!(table.pods.values().all(|pod| pod.in_flight() == 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_decode_server_refuses_paths_it_cannot_split() {
+        let h = pd_harness([]);
+        let answer = h
+            .post("/v1/embeddings", r#"{"model":"m","input":"hi"}"#)
+            .await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+        assert_eq!(answer.json()["error"]["code"], "unsupported_path");
+        assert!(h.proxy.upstream.sent().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefill_decode_server_without_a_complete_group_is_503() {
+        let h = pd_harness([]);
+        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
+        config.servers[0].prefill_decode = Some(pb::PrefillDecode {
+            kv_connector: pb::KvConnector::Http.into(),
+            group_label: "group".into(),
+            groups: vec![pb::PdGroup {
+                name: "g0".into(),
+                prefill: vec!["p0".into()],
+                decode: vec![],
+            }],
+        });
+        h.store.apply_route_config("v2", config).expect("valid");
+        let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.json()["error"]["code"], "no_ready_pod");
+        assert!(h.proxy.upstream.sent().is_empty());
     }
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::admit::InferenceRequest;
 use super::log::RequestRecord;
-use crate::error::{ApiError, ErrorKind};
+use crate::error::{ApiError, ErrorKind, quoted};
 use crate::request::{Edit, apply_edits};
 use crate::routing::{RequestFacts, RouteDecision, RouteIndex};
 
@@ -38,6 +38,23 @@ impl Routed {
     pub fn edited_body(&mut self, body: Bytes) -> Bytes {
         apply_edits(body, &mut self.edits)
     }
+
+    /// The edits, for a forwarding shape that applies them to several bodies.
+    pub fn take_edits(&mut self) -> Vec<Edit> {
+        std::mem::take(&mut self.edits)
+    }
+
+    /// The ModelServer's model name as a JSON string, when it replaces the
+    /// request's (never for a LoRA adapter).
+    pub fn model_literal(&self) -> Option<&Bytes> {
+        match (
+            &self.decision.server.model_rewrite_literal,
+            self.decision.is_lora,
+        ) {
+            (Some(literal), false) => Some(literal),
+            _ => None,
+        }
+    }
 }
 
 /// Routes `request` with `index`.
@@ -56,25 +73,26 @@ pub fn route(
         .ok_or_else(|| {
             ApiError::new(
                 ErrorKind::RouteNotFound,
-                format!("route not found for model {model:?}"),
+                format!("route not found for model {}", quoted(model)),
             )
         })?;
     record.set_route(model, &decision);
     let mut edits = Vec::new();
-    if let (Some(literal), false) = (&decision.server.model_rewrite_literal, decision.is_lora) {
-        edits.push(Edit {
-            range: request.parsed.model_span.clone(),
-            replacement: literal.clone(),
-        });
-    }
     let usage_edit = request.parsed.include_usage_edit(&request.body);
     let hide_usage_chunk = usage_edit.is_some();
     edits.extend(usage_edit);
-    Ok(Routed {
+    let mut routed = Routed {
         decision,
         edits,
         hide_usage_chunk,
-    })
+    };
+    if let Some(literal) = routed.model_literal().cloned() {
+        routed.edits.push(Edit {
+            range: request.parsed.model_span.clone(),
+            replacement: literal,
+        });
+    }
+    Ok(routed)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Phase `schedule`: ranks the chosen ModelServer's pods for this request
-//! with the snapshot's [`Scheduler`] (filter and score plugins, top-N), and
-//! names the request (the id the engine, the client and the logs share).
+//! Phase `schedule`: ranks the chosen ModelServer's pods (or, when it
+//! disaggregates prefill and decode, its pairs) for this request with the
+//! snapshot's [`Scheduler`] (filter and score plugins, top-N), and names the
+//! request (the id the engine, the client and the logs share).
 
 use http::HeaderValue;
 
@@ -9,13 +10,14 @@ use super::log::RequestRecord;
 use super::route::Routed;
 use crate::error::{ApiError, ErrorKind};
 use crate::pod::PodState;
-use crate::request_id::REQUEST_ID_HEADER;
-use crate::scheduling::{Ranking, ScheduleRequest, Scheduler};
+use crate::request_id::ClientRequestId;
+use crate::routing::PrefillDecode;
+use crate::scheduling::{PairRanking, Ranking, ScheduleError, ScheduleRequest, Scheduler};
 
-/// The candidates of one request, best first.
+/// The candidates of one request, best first: pods, or prefill/decode pairs.
 #[derive(Debug)]
-pub struct Scheduled {
-    pub ranking: Ranking,
+pub struct Scheduled<R = Ranking> {
+    pub ranking: R,
     /// The prompt's block hashes, when a plugin uses them (else empty).
     pub prompt_hashes: Vec<u64>,
     /// The client's `x-request-id`, or one generated for it.
@@ -29,32 +31,47 @@ pub fn schedule(
     routed: &Routed,
     record: &mut RequestRecord,
 ) -> Result<Scheduled, ApiError> {
+    scheduled(scheduler, request, routed, record, |schedule_request| {
+        scheduler.schedule(&routed.decision.server, schedule_request)
+    })
+}
+
+/// Ranks the prefill/decode pairs of `routed`'s ModelServer (`pd`) for `request`.
+pub fn schedule_pairs(
+    scheduler: &Scheduler,
+    request: &InferenceRequest,
+    routed: &Routed,
+    pd: &PrefillDecode,
+    record: &mut RequestRecord,
+) -> Result<Scheduled<PairRanking>, ApiError> {
+    scheduled(scheduler, request, routed, record, |schedule_request| {
+        scheduler.schedule_pairs(&routed.decision.server, pd, schedule_request)
+    })
+}
+
+fn scheduled<R>(
+    scheduler: &Scheduler,
+    request: &InferenceRequest,
+    routed: &Routed,
+    record: &mut RequestRecord,
+    rank: impl FnOnce(&ScheduleRequest<'_>) -> Result<R, ScheduleError>,
+) -> Result<Scheduled<R>, ApiError> {
     let model = &request.parsed.model;
     // From the body as the client sent it: the prompt span's offsets are its.
     let prompt_hashes =
         scheduler.prompt_hashes(model, &request.body, request.parsed.prompt_span.as_ref());
     // Named here, as the request is committed to an engine: the log of a
     // request refused earlier carries only the client's own id.
-    let request_id = request
-        .head
-        .headers
-        .get(REQUEST_ID_HEADER)
-        .filter(|value| !value.is_empty())
-        .cloned()
-        .unwrap_or_else(crate::request_id::generate);
+    let request_id = ClientRequestId::of(&request.head.headers).or_generate();
     record.set_request_id(&request_id);
-    let ranking = scheduler
-        .schedule(
-            &routed.decision.server,
-            &ScheduleRequest {
-                model,
-                served_model: routed.served_model(model),
-                headers: &request.head.headers,
-                prompt_hashes: &prompt_hashes,
-                request_id: request_id.to_str().unwrap_or_default(),
-            },
-        )
-        .map_err(|error| ApiError::new(ErrorKind::NoReadyPod, error.to_string()))?;
+    let ranking = rank(&ScheduleRequest {
+        model,
+        served_model: routed.served_model(model),
+        headers: &request.head.headers,
+        prompt_hashes: &prompt_hashes,
+        request_id: request_id.to_str().unwrap_or_default(),
+    })
+    .map_err(|error| ApiError::new(ErrorKind::NoReadyPod, error.to_string()))?;
     Ok(Scheduled {
         ranking,
         prompt_hashes,
@@ -62,9 +79,10 @@ pub fn schedule(
     })
 }
 
-/// `pod` accepted the request: plugins that learn from placements (the
-/// prefix index) remember it.
-pub fn dispatched(scheduler: &Scheduler, scheduled: &Scheduled, pod: &PodState) {
+/// `pod` accepted the request (for a pair: its prefill pod, where the
+/// prompt's KV is computed): plugins that learn from placements (the prefix
+/// index) remember it.
+pub fn dispatched<R>(scheduler: &Scheduler, scheduled: &Scheduled<R>, pod: &PodState) {
     scheduler.on_dispatched(pod.id, &scheduled.prompt_hashes);
 }
 
@@ -73,6 +91,7 @@ mod tests {
     use super::*;
     use crate::proxy::route::route;
     use crate::proxy::testing::{inference_request, one_route_store, test_record};
+    use crate::request_id::REQUEST_ID_HEADER;
 
     fn scheduled(request: &InferenceRequest, pods: usize) -> Result<Scheduled, ApiError> {
         let store = one_route_store("m", &[], None, pods);
@@ -114,6 +133,16 @@ mod tests {
         assert_eq!(
             scheduled(&request, 1).expect("scheduled").request_id.len(),
             36
+        );
+        let long = "r".repeat(200_000);
+        request.head.headers.insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_str(&long).expect("header value"),
+        );
+        assert_eq!(
+            scheduled(&request, 1).expect("scheduled").request_id.len(),
+            36,
+            "an overlong id is replaced"
         );
     }
 

@@ -4,7 +4,7 @@
 //! Pod `pN` of every test ModelServer listens on `127.0.0.{N+1}:8000`, so a
 //! request's authority names the pod it went to.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,8 +27,8 @@ use super::log::{Observer, RequestRecord};
 use crate::metrics::RouterMetrics;
 use crate::pod::PodState;
 use crate::request::parse_body;
-use crate::routing::Server;
-use crate::scheduling::{Ranking, ScheduleRequest, Scheduler, SchedulingShared};
+use crate::routing::{KvConnector, PdGroup, PrefillDecode, Server};
+use crate::scheduling::{PairRanking, Ranking, ScheduleRequest, Scheduler, SchedulingShared};
 use crate::snapshot::SnapshotStore;
 
 /// Port of every test pod.
@@ -62,12 +62,79 @@ pub fn server_with_pods(
             })
             .collect(),
         rotation: AtomicUsize::new(0),
+        prefill_decode: None,
     }
+}
+
+/// ModelServer `default/s` whose pods form prefill/decode groups `groups`
+/// of (name, prefill pods, decode pods): pods are numbered `p0, p1, ...`
+/// group by group, prefill pods first.
+pub fn pd_server(
+    groups: &[(&str, usize, usize)],
+    connector: KvConnector,
+    retry_attempts: u32,
+    retry_interval: Duration,
+    timeout: Option<Duration>,
+) -> Server {
+    let total: usize = groups.iter().map(|(_, p, d)| p + d).sum();
+    let mut server = server_with_pods(total, retry_attempts, retry_interval, timeout);
+    let mut next = 0;
+    let mut take = |count: usize| {
+        let pods: Vec<usize> = (next..next + count).collect();
+        next += count;
+        pods
+    };
+    let mut built = Vec::new();
+    let mut group_of = vec![0; total];
+    let mut decode_candidates = Vec::new();
+    for (index, (name, prefill, decode)) in groups.iter().enumerate() {
+        let group = PdGroup {
+            name: (*name).to_owned(),
+            prefill: take(*prefill),
+            decode: take(*decode),
+        };
+        for pod in group.prefill.iter().chain(&group.decode) {
+            group_of[*pod] = index;
+        }
+        if group.is_complete() {
+            decode_candidates.extend(group.decode.iter().copied());
+        }
+        built.push(group);
+    }
+    server.prefill_decode = Some(PrefillDecode {
+        connector,
+        group_label: "group".into(),
+        groups: built,
+        decode_candidates,
+        group_of,
+        bootstrap_ports: vec![0; total],
+    });
+    server
+}
+
+/// The pairs of a [`pd_server`] ranked by least-request alone: idle decode
+/// pods in order, each with the first idle prefill pod of its group.
+pub fn ranked_pairs(server: &Server) -> PairRanking {
+    let pd = server
+        .prefill_decode
+        .as_ref()
+        .expect("a prefill/decode server");
+    let headers = HeaderMap::new();
+    least_request_scheduler()
+        .schedule_pairs(server, pd, &schedule_request(&headers))
+        .expect("pairs to rank")
 }
 
 /// `server`'s pods ranked by least-request alone (default top-N): idle pods
 /// in order `p0, p1, ...` on a fresh server, ejected ones last.
 pub fn ranked(server: &Server) -> Ranking {
+    let headers = HeaderMap::new();
+    least_request_scheduler()
+        .schedule(server, &schedule_request(&headers))
+        .expect("pods to rank")
+}
+
+fn least_request_scheduler() -> Scheduler {
     let config = pb::SchedulerConfig {
         scores: vec![pb::ScorePlugin {
             name: switchyard_snapshot::scheduler::least_request::NAME.into(),
@@ -76,20 +143,18 @@ pub fn ranked(server: &Server) -> Ranking {
         ..Default::default()
     };
     let shared = Arc::new(SchedulingShared::default());
-    let scheduler = Scheduler::build(Some(&config), &["m"], &shared).expect("valid config");
-    let headers = HeaderMap::new();
-    scheduler
-        .schedule(
-            server,
-            &ScheduleRequest {
-                model: "m",
-                served_model: "m",
-                headers: &headers,
-                prompt_hashes: &[],
-                request_id: "test",
-            },
-        )
-        .expect("pods to rank")
+    Scheduler::build(Some(&config), &["m"], &shared).expect("valid config")
+}
+
+/// A request for model `m` with `headers` and no prompt.
+fn schedule_request(headers: &HeaderMap) -> ScheduleRequest<'_> {
+    ScheduleRequest {
+        model: "m",
+        served_model: "m",
+        headers,
+        prompt_hashes: &[],
+        request_id: "test",
+    }
 }
 
 /// A snapshot with route `default/r` serving `model` (and `lora_adapters`)
@@ -198,6 +263,8 @@ pub enum Script {
     Reset,
     /// A 200 whose head comes after this long.
     SlowHeaders(Duration),
+    /// This script, after this long.
+    Delayed(Duration, Box<Script>),
 }
 
 impl Script {
@@ -226,6 +293,11 @@ impl Script {
         }
     }
 
+    /// This script, after `delay`.
+    pub fn after(delay: Duration, script: Script) -> Self {
+        Self::Delayed(delay, Box::new(script))
+    }
+
     /// A 200 SSE stream that breaks after `first`.
     pub fn cut_stream(first: &'static [u8]) -> Self {
         Self::Respond {
@@ -247,19 +319,52 @@ pub struct SentRequest {
 }
 
 /// An engine that answers attempts with its scripts, in order, whichever
-/// pod they go to.
+/// pod they go to, or (built with [`ScriptedUpstream::per_pod`]) with each
+/// pod's own scripts, whatever order concurrent legs are sent in.
 #[derive(Debug, Default)]
 pub struct ScriptedUpstream {
     scripts: Mutex<VecDeque<Script>>,
+    pod_scripts: Mutex<HashMap<String, VecDeque<Script>>>,
     sent: Mutex<Vec<SentRequest>>,
+    /// Pods of requests dropped before their response head (cancelled).
+    cancelled: Arc<Mutex<Vec<String>>>,
 }
 
 impl ScriptedUpstream {
     pub fn new(scripts: impl IntoIterator<Item = Script>) -> Self {
         Self {
             scripts: Mutex::new(scripts.into_iter().collect()),
-            sent: Mutex::default(),
+            ..Self::default()
         }
+    }
+
+    /// Each pod answers with its own scripts, in order.
+    pub fn per_pod<'a>(scripts: impl IntoIterator<Item = (&'a str, Vec<Script>)>) -> Self {
+        Self {
+            pod_scripts: Mutex::new(
+                scripts
+                    .into_iter()
+                    .map(|(pod, scripts)| (pod.to_owned(), scripts.into()))
+                    .collect(),
+            ),
+            ..Self::default()
+        }
+    }
+
+    /// The pods of requests whose sender gave up on them before their
+    /// response head arrived, in order.
+    pub fn cancelled(&self) -> Vec<String> {
+        self.cancelled.lock().clone()
+    }
+
+    /// What was sent to `pod`, in order.
+    pub fn sent_to(&self, pod: &str) -> Vec<SentRequest> {
+        self.sent
+            .lock()
+            .iter()
+            .filter(|sent| sent.pod == pod)
+            .cloned()
+            .collect()
     }
 
     /// What each attempt sent, in order.
@@ -296,14 +401,27 @@ impl Upstream for ScriptedUpstream {
             .await
             .map(|c| c.to_bytes())
             .unwrap_or_default();
+        let script = match self.pod_scripts.lock().get_mut(&pod) {
+            Some(scripts) => scripts.pop_front(),
+            None => self.scripts.lock().pop_front(),
+        };
         self.sent.lock().push(SentRequest {
-            pod,
+            pod: pod.clone(),
             uri: head.uri.to_string(),
             headers: head.headers,
             body,
         });
-        let script = self.scripts.lock().pop_front();
-        match script.expect("an attempt the test did not script") {
+        let watch = CancelWatch {
+            pod,
+            cancelled: self.cancelled.clone(),
+            armed: true,
+        };
+        let mut script = script.expect("an attempt the test did not script");
+        while let Script::Delayed(delay, then) = script {
+            tokio::time::sleep(delay).await;
+            script = *then;
+        }
+        let answer = match script {
             Script::Refuse => Err(UpstreamError::Connect("connection refused".into())),
             Script::Reset => Err(UpstreamError::BeforeHeaders(
                 "connection reset by peer".into(),
@@ -321,6 +439,30 @@ impl Upstream for ScriptedUpstream {
                 content_type,
                 frames,
             } => Ok(scripted_response(status, content_type, frames)),
+            Script::Delayed(..) => unreachable!("delays are waited for above"),
+        };
+        watch.disarm();
+        answer
+    }
+}
+
+/// Notes a request as cancelled when dropped while still armed.
+struct CancelWatch {
+    pod: String,
+    cancelled: Arc<Mutex<Vec<String>>>,
+    armed: bool,
+}
+
+impl CancelWatch {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cancelled.lock().push(std::mem::take(&mut self.pod));
         }
     }
 }

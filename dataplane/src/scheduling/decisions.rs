@@ -25,6 +25,8 @@ pub struct DecisionRecord {
     request_id: String,
     model: String,
     server: String,
+    /// `prefill` or `decode` when the ModelServer disaggregates them.
+    pub(super) role: Option<&'static str>,
     considered: usize,
     after_filters: usize,
     pub(super) filters: Vec<&'static str>,
@@ -52,6 +54,7 @@ impl DecisionRecord {
         after_filters: usize,
     ) {
         self.at_unix_ms = at_unix_ms;
+        self.role = None;
         for (buffer, value) in [
             (&mut self.request_id, request_id),
             (&mut self.model, model),
@@ -104,7 +107,7 @@ impl DecisionRecord {
                 })
             })
             .collect();
-        json!({
+        let mut decision = json!({
             "sequence": self.sequence,
             "timeUnixMs": self.at_unix_ms,
             "requestId": self.request_id,
@@ -115,7 +118,11 @@ impl DecisionRecord {
             "filters": self.filters,
             "plugins": self.plugins.iter().map(|(n, w)| json!({"name": n, "weight": w})).collect::<Vec<_>>(),
             "ranked": ranked,
-        })
+        });
+        if let Some(role) = self.role {
+            decision["role"] = role.into();
+        }
+        decision
     }
 }
 

@@ -31,13 +31,17 @@ use super::plugins::{
 use super::prefix::{SharedPrefixIndex, hash_prompt};
 use crate::pod::is_fresh;
 use crate::request::PromptField;
-use crate::routing::Server;
+use crate::routing::{PrefillDecode, Server};
 
 /// Why no pod can be tried for a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
     #[error("no ready pod for ModelServer {0}")]
     NoPods(String),
+    #[error(
+        "ModelServer {0} has no prefill/decode group with a ready prefill and a ready decode pod"
+    )]
+    NoCompleteGroup(String),
     #[error("ModelServer {server}: {source}")]
     Filtered {
         server: String,
@@ -108,6 +112,17 @@ pub struct ScheduleRequest<'a> {
     pub request_id: &'a str,
 }
 
+impl ScheduleRequest<'_> {
+    /// What the plugins read of it.
+    fn plugin_input(&self) -> PluginInput<'_> {
+        PluginInput {
+            served_model: self.served_model,
+            headers: self.headers,
+            prompt_hashes: self.prompt_hashes,
+        }
+    }
+}
+
 /// The pods to try for one request, best first (indices into the ModelServer's pods).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ranking {
@@ -135,6 +150,49 @@ impl Ranking {
     pub fn get(&self, n: usize) -> Option<usize> {
         (n < self.len).then(|| self.pods[n] as usize)
     }
+}
+
+/// The (prefill, decode) pairs to try for one request, best first (indices
+/// into the ModelServer's pods).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PairRanking {
+    pairs: [(u32, u32); MAX_TOP_N as usize],
+    len: usize,
+}
+
+impl PairRanking {
+    fn push(&mut self, prefill: usize, decode: usize) {
+        if self.len < self.pairs.len() {
+            self.pairs[self.len] = (prefill as u32, decode as u32);
+            self.len += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `n`-th pair: (prefill, decode) indices into the ModelServer's pods.
+    pub fn get(&self, n: usize) -> Option<(usize, usize)> {
+        (n < self.len).then(|| {
+            let (prefill, decode) = self.pairs[n];
+            (prefill as usize, decode as usize)
+        })
+    }
+}
+
+/// How one ranking is made and recorded.
+#[derive(Debug, Clone, Copy)]
+struct Ranked {
+    /// The prefill/decode role of the pods ranked, if any (for the decision log).
+    role: Option<&'static str>,
+    top_n: usize,
+    /// Whether the decision goes to the decision log.
+    record: bool,
 }
 
 /// One snapshot's scheduler.
@@ -275,14 +333,96 @@ impl Scheduler {
         if server.pods.is_empty() {
             return Err(ScheduleError::NoPods(server.key.clone()));
         }
+        self.rank(
+            server,
+            0..server.pods.len(),
+            &request.plugin_input(),
+            request,
+            Ranked {
+                role: None,
+                top_n: self.top_n,
+                record: true,
+            },
+        )
+    }
+
+    /// Ranks the (prefill, decode) pairs of a prefill/decode `server` for one
+    /// request: its decode pods (of complete groups) by the filters and
+    /// scores, then for each of the top ones the best prefill pod of its
+    /// group. Prefix affinity scores prefill pods only, since the prompt's KV
+    /// is computed (and cached) there; load counts for both.
+    pub fn schedule_pairs(
+        &self,
+        server: &Server,
+        pd: &PrefillDecode,
+        request: &ScheduleRequest<'_>,
+    ) -> Result<PairRanking, ScheduleError> {
+        if pd.decode_candidates.is_empty() {
+            return Err(ScheduleError::NoCompleteGroup(server.key.clone()));
+        }
+        let prefill_input = request.plugin_input();
+        let decode_input = PluginInput {
+            prompt_hashes: &[],
+            ..prefill_input
+        };
+        let decodes = self.rank(
+            server,
+            pd.decode_candidates.iter().copied(),
+            &decode_input,
+            request,
+            Ranked {
+                role: Some("decode"),
+                top_n: self.top_n,
+                record: true,
+            },
+        )?;
+        let mut pairs = PairRanking::default();
+        let mut filtered = None;
+        for position in 0..decodes.len() {
+            let Some(decode) = decodes.get(position) else {
+                continue;
+            };
+            let Some(group) = pd.group_of.get(decode).and_then(|g| pd.groups.get(*g)) else {
+                continue;
+            };
+            let best = self.rank(
+                server,
+                group.prefill.iter().copied(),
+                &prefill_input,
+                request,
+                Ranked {
+                    role: Some("prefill"),
+                    top_n: 1,
+                    // The first pair's choice; the others would flood the log.
+                    record: position == 0,
+                },
+            );
+            match best.map(|ranking| ranking.get(0)) {
+                Ok(Some(prefill)) => pairs.push(prefill, decode),
+                Ok(None) => {}
+                Err(error) => filtered = Some(error),
+            }
+        }
+        if pairs.is_empty() {
+            return Err(
+                filtered.unwrap_or_else(|| ScheduleError::NoCompleteGroup(server.key.clone()))
+            );
+        }
+        Ok(pairs)
+    }
+
+    /// Ranks the pods of `server` at `indices` with the filters and the scorers.
+    fn rank(
+        &self,
+        server: &Server,
+        indices: impl Iterator<Item = usize>,
+        input: &PluginInput<'_>,
+        request: &ScheduleRequest<'_>,
+        ranked: Ranked,
+    ) -> Result<Ranking, ScheduleError> {
         let now = clock::now();
         let now_ms = unix_ms_now();
         let handles = self.handles.get(request.model);
-        let input = PluginInput {
-            served_model: request.served_model,
-            headers: request.headers,
-            prompt_hashes: request.prompt_hashes,
-        };
         with_framework_scratch(|scratch| {
             let FrameworkScratch {
                 candidates,
@@ -291,7 +431,10 @@ impl Scheduler {
                 order,
             } = scratch;
             candidates.clear();
-            for (index, pod) in server.pods.iter().enumerate() {
+            for index in indices {
+                let Some(pod) = server.pods.get(index) else {
+                    continue;
+                };
                 let any_load = pod.load();
                 let load = any_load
                     .clone()
@@ -308,7 +451,7 @@ impl Scheduler {
             let considered = candidates.len();
             for (position, filtering) in self.filters.iter().enumerate() {
                 let started = clock::now();
-                let outcome = filtering.plugin.filter(candidates, &input);
+                let outcome = filtering.plugin.filter(candidates, input);
                 observe(handles.and_then(|h| h.filters.get(position)), started);
                 outcome.map_err(|source| ScheduleError::Filtered {
                     server: server.key.clone(),
@@ -323,7 +466,7 @@ impl Scheduler {
             for (position, scoring) in self.scorers.iter().enumerate() {
                 let started = clock::now();
                 let out = &mut scores[position * count..(position + 1) * count];
-                scoring.plugin.score(candidates, &input, out);
+                scoring.plugin.score(candidates, input, out);
                 observe(handles.and_then(|h| h.scores.get(position)), started);
                 for (total, score) in totals.iter_mut().zip(out.iter()) {
                     *total = total.saturating_add(scoring.weight.saturating_mul(*score));
@@ -341,8 +484,11 @@ impl Scheduler {
                 )
             });
             let mut ranking = Ranking::default();
-            for &i in order.iter().take(self.top_n) {
+            for &i in order.iter().take(ranked.top_n) {
                 ranking.push(candidates[i].index);
+            }
+            if !ranked.record {
+                return Ok(ranking);
             }
             self.shared.decisions.record(|record| {
                 record.begin(
@@ -353,11 +499,12 @@ impl Scheduler {
                     considered,
                     count,
                 );
+                record.role = ranked.role;
                 record
                     .plugins
                     .extend(self.scorers.iter().map(|s| (s.name, s.weight)));
                 record.filters.extend(self.filters.iter().map(|f| f.name));
-                for &i in order.iter().take(self.top_n) {
+                for &i in order.iter().take(ranked.top_n) {
                     let candidate = &candidates[i];
                     let plugin_scores = (0..self.scorers.len()).map(|p| scores[p * count + i]);
                     record.push_candidate(
@@ -480,6 +627,7 @@ mod tests {
                 })
                 .collect(),
             rotation: AtomicUsize::new(0),
+            prefill_decode: None,
         }
     }
 
@@ -689,5 +837,104 @@ mod tests {
                 .contains("unknown score plugin \"kvcache-aware\""),
             "{error}"
         );
+    }
+
+    fn pair_names<'s>(server: &'s Server, pairs: &PairRanking) -> Vec<(&'s str, &'s str)> {
+        (0..pairs.len())
+            .filter_map(|n| pairs.get(n))
+            .map(|(p, d)| (server.pods[p].name.as_str(), server.pods[d].name.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn pairs_rank_decode_pods_by_load_then_the_best_prefill_of_their_group() {
+        use crate::proxy::testing::pd_server;
+        use crate::routing::KvConnector;
+        let shared = Arc::new(SchedulingShared::default());
+        let scheduler = Scheduler::build(Some(&only(&[(LEAST_REQUEST, 1)], &[])), &["m"], &shared)
+            .expect("valid");
+        // g0: prefill p0 p1, decode p2 p3; g1: prefill p4, no decode; g2: prefill p5, decode p6.
+        let server = pd_server(
+            &[("g0", 2, 2), ("g1", 1, 0), ("g2", 1, 1)],
+            KvConnector::Http,
+            0,
+            Duration::ZERO,
+            None,
+        );
+        let pd = server.prefill_decode.as_ref().expect("PD");
+        assert_eq!(pd.decode_candidates, [2, 3, 6], "g1 is incomplete");
+        let _busy_decode = server.pods[2].begin_request();
+        let _busy_prefill = server.pods[0].begin_request();
+        let headers = HeaderMap::new();
+        let pairs = scheduler
+            .schedule_pairs(&server, pd, &request(&headers, &[]))
+            .expect("pairs");
+        assert_eq!(
+            pair_names(&server, &pairs),
+            [("p1", "p3"), ("p5", "p6"), ("p1", "p2")],
+            "the busy decode pod last, each with its group's idle prefill pod"
+        );
+        let unpaired = pd_server(&[("g1", 1, 0)], KvConnector::Http, 0, Duration::ZERO, None);
+        let error = scheduler
+            .schedule_pairs(
+                &unpaired,
+                unpaired.prefill_decode.as_ref().expect("PD"),
+                &request(&headers, &[]),
+            )
+            .expect_err("no complete group");
+        assert_eq!(
+            error.to_string(),
+            "ModelServer default/s has no prefill/decode group with a ready prefill and a ready decode pod"
+        );
+    }
+
+    #[test]
+    fn prefix_affinity_scores_prefill_pods_only() {
+        use crate::proxy::testing::pd_server;
+        use crate::routing::KvConnector;
+        let shared = Arc::new(SchedulingShared::default());
+        let scheduler = Scheduler::build(
+            Some(&only(&[(PREFIX_CACHE, 1), (LEAST_REQUEST, 1)], &[])),
+            &["m"],
+            &shared,
+        )
+        .expect("valid");
+        let server = pd_server(&[("g0", 3, 3)], KvConnector::Nixl, 0, Duration::ZERO, None);
+        let pd = server.prefill_decode.as_ref().expect("PD");
+        let hashes: Vec<u64> = (1..=8).collect();
+        // The prefix went to p2 (a prefill pod) and to p5 (a decode pod) before.
+        scheduler.on_dispatched(server.pods[2].id, &hashes);
+        scheduler.on_dispatched(server.pods[5].id, &hashes);
+        let headers = HeaderMap::new();
+        let pairs = scheduler
+            .schedule_pairs(&server, pd, &request(&headers, &hashes))
+            .expect("pairs");
+        let names = pair_names(&server, &pairs);
+        assert!(
+            names.iter().all(|(prefill, _)| *prefill == "p2"),
+            "{names:?}"
+        );
+        let decisions = shared.decisions.recent(2);
+        let score = |decision: &serde_json::Value, pod: &str| {
+            decision["ranked"]
+                .as_array()
+                .expect("ranked")
+                .iter()
+                .find(|ranked| ranked["pod"] == pod)
+                .map(|ranked| ranked["scores"][PREFIX_CACHE].clone())
+        };
+        let (prefill, decode) = (&decisions[0], &decisions[1]);
+        assert_eq!(
+            (prefill["role"].as_str(), decode["role"].as_str()),
+            (Some("prefill"), Some("decode"))
+        );
+        assert_eq!(score(prefill, "default/p2"), Some(100.into()));
+        for pod in ["default/p3", "default/p4", "default/p5"] {
+            assert_eq!(
+                score(decode, pod),
+                Some(0.into()),
+                "decode pods ignore the prefix: {decode}"
+            );
+        }
     }
 }

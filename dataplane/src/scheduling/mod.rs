@@ -16,4 +16,6 @@ pub mod metrics;
 pub mod plugins;
 pub mod prefix;
 
-pub use framework::{Ranking, ScheduleError, ScheduleRequest, Scheduler, SchedulingShared};
+pub use framework::{
+    PairRanking, Ranking, ScheduleError, ScheduleRequest, Scheduler, SchedulingShared,
+};

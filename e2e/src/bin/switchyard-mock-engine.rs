@@ -34,6 +34,8 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
 
+    // Before announcing the port: whoever started us may stop us right away.
+    let shutdown = switchyard_runtime::cancel_on_signal();
     let mut stdout = std::io::stdout().lock();
     if writeln!(stdout, "listening on {addr}")
         .and_then(|()| stdout.flush())
@@ -45,10 +47,7 @@ async fn main() -> ExitCode {
     drop(stdout);
     tracing::info!(%addr, model = %config.model, pod = %config.pod_name, engine = ?config.engine, "mock engine started");
 
-    let shutdown = async {
-        let signal = switchyard_runtime::shutdown::shutdown_signal().await;
-        tracing::info!(signal, "shutting down");
-    };
+    let shutdown = shutdown.cancelled_owned();
     match serve(config, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

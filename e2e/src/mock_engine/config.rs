@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use super::pd::{DEFAULT_HANDSHAKE_TIMEOUT, PdConfig, PdRole};
+
 /// Completion length when the request does not cap it: the `max_tokens` of the vLLM exchanges
 /// recorded in `testdata/vllm/`, so mock responses are as long as the real ones.
 pub const DEFAULT_OUTPUT_TOKENS: u32 = 16;
@@ -192,6 +194,8 @@ pub struct MockEngineConfig {
     /// Simple pacing or the engine simulator. In sim mode latencies come from [`SimConfig`]
     /// and `time_to_first_token` / `inter_token_latency` must stay zero.
     pub mode: EngineMode,
+    /// The part of a prefill/decode pair this engine plays, if any.
+    pub pd: Option<PdConfig>,
 }
 
 impl MockEngineConfig {
@@ -207,6 +211,7 @@ impl MockEngineConfig {
             output_tokens: DEFAULT_OUTPUT_TOKENS,
             kv_cache_capacity_tokens: DEFAULT_KV_CACHE_CAPACITY_TOKENS,
             mode: EngineMode::Simple,
+            pd: None,
         }
     }
 
@@ -329,6 +334,15 @@ pub struct MockEngineArgs {
     /// Sim: each step lasts its modelled time times a seeded factor in `1 ± this`.
     #[arg(long, default_value_t = DEFAULT_LATENCY_JITTER)]
     pub latency_jitter: f64,
+    /// Play the prefill or the decode engine of prefill/decode pairs.
+    #[arg(long, value_enum)]
+    pub pd_role: Option<PdRole>,
+    /// Prefill: also serve SGLang's bootstrap endpoint on this port (SGLang's default is 8998).
+    #[arg(long, requires = "pd_role")]
+    pub bootstrap_port: Option<u16>,
+    /// How long either side of an SGLang bootstrap pairing waits for the other.
+    #[arg(long, default_value_t = DEFAULT_HANDSHAKE_TIMEOUT.as_millis() as u64)]
+    pub pd_handshake_timeout_ms: u64,
 }
 
 impl MockEngineArgs {
@@ -360,6 +374,11 @@ impl MockEngineArgs {
             }
         };
         MockEngineConfig {
+            pd: self.pd_role.map(|role| PdConfig {
+                role,
+                bootstrap_port: self.bootstrap_port,
+                handshake_timeout: Duration::from_millis(self.pd_handshake_timeout_ms),
+            }),
             lora_adapters: self.lora.clone(),
             engine: self.engine,
             time_to_first_token: Duration::from_millis(self.ttft_ms),

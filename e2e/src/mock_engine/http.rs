@@ -24,6 +24,10 @@ use super::metrics::{self, MetricsInput};
 use super::openai::{
     self, Endpoint, ModelList, ResponseMeta, SSE_DONE, Usage, error_body, parse_request,
 };
+use super::pd::{
+    BootstrapClient, BootstrapRooms, DECODE_STATUS_HEADER, HandshakeError, KV_SOURCE_HEADER,
+    KV_TRANSFER_HEADER, KvOrigin, PdFields, PdRole, prefill_answer_params,
+};
 use super::sim::{self, Simulator};
 use super::stats::{Delivery, EngineStats, FinishReason};
 
@@ -51,6 +55,12 @@ pub const REQUEST_ID_ECHO_HEADER: HeaderName = HeaderName::from_static("x-mock-r
 /// Request header asking the engine to fail an inference request with this status.
 pub const FORCED_STATUS_HEADER: HeaderName = HeaderName::from_static("x-mock-status");
 const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+const DECODE_STATUS: HeaderName = HeaderName::from_static(DECODE_STATUS_HEADER);
+const KV_TRANSFER: HeaderName = HeaderName::from_static(KV_TRANSFER_HEADER);
+const KV_SOURCE: HeaderName = HeaderName::from_static(KV_SOURCE_HEADER);
+
+/// Inference requests `GET /mock/requests` keeps: the latest ones, enough for any test.
+pub const LOGGED_REQUESTS: usize = 256;
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const EVENT_STREAM: HeaderValue = HeaderValue::from_static("text/event-stream; charset=utf-8");
@@ -70,12 +80,20 @@ pub struct EngineState {
     /// `/v1/unload_lora_adapter` change it at runtime like vLLM's dynamic LoRA API.
     adapters: RwLock<Vec<String>>,
     started_at: SystemTime,
+    /// Prefill engines: the SGLang bootstrap rooms their requests wait in.
+    rooms: BootstrapRooms,
+    /// Decode engines: the way to a prefill engine's bootstrap server.
+    bootstrap: BootstrapClient,
+    /// The latest inference requests, for `GET /mock/requests`.
+    requests: RequestLog,
 }
 
 /// Per-request values echoed back in response headers.
 struct Echo {
     request_id: String,
     received_model: Option<String>,
+    /// Decode engines: where the prompt's KV came from.
+    kv_origin: Option<KvOrigin>,
 }
 
 impl EngineState {
@@ -110,6 +128,9 @@ impl EngineState {
             simulator: None,
             stats,
             started_at: clock::wall_now(),
+            rooms: BootstrapRooms::default(),
+            bootstrap: BootstrapClient::default(),
+            requests: RequestLog::default(),
         }
     }
 
@@ -128,6 +149,7 @@ impl EngineState {
                 .unwrap_or_default()
                 .to_string(),
             received_model: None,
+            kv_origin: None,
         };
         let path = request.uri().path().to_string();
         let method = request.method().clone();
@@ -143,6 +165,10 @@ impl EngineState {
             (Method::GET, "/v1/models") => self.models(),
             (Method::GET, "/metrics") => self.metrics(),
             (Method::GET, "/health") => full(StatusCode::OK, None, Bytes::new()),
+            (Method::GET, "/mock/requests") => json_response(StatusCode::OK, &self.requests.view()),
+            (Method::GET, path) if path.starts_with("/bootstrap/") => {
+                self.bootstrap_room(path).await
+            }
             (method, "/sim/state") if self.simulator.is_some() => match method {
                 Method::GET => self.sim_state(),
                 _ => fastapi_detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
@@ -174,7 +200,39 @@ impl EngineState {
             header_value(echo.received_model.as_deref().unwrap_or_default()),
         );
         headers.insert(REQUEST_ID_ECHO_HEADER, header_value(&echo.request_id));
+        if let Some(origin) = &echo.kv_origin {
+            headers.insert(KV_TRANSFER, HeaderValue::from_static(origin.header()));
+            if let KvOrigin::Transferred { source, .. } = origin {
+                headers.insert(KV_SOURCE, header_value(source));
+            }
+        }
         response
+    }
+
+    /// `GET /bootstrap/{room}` on a prefill engine: a decode engine joins the room and waits
+    /// for this engine's request with that room.
+    async fn bootstrap_room(&self, path: &str) -> Response<ResponseBody> {
+        let Some(pd) = self
+            .config
+            .pd
+            .as_ref()
+            .filter(|pd| pd.role == PdRole::Prefill)
+        else {
+            return fastapi_detail(StatusCode::NOT_FOUND, "Not Found");
+        };
+        let Some(room) = path
+            .strip_prefix("/bootstrap/")
+            .and_then(|room| room.parse::<u64>().ok())
+        else {
+            return fastapi_detail(StatusCode::BAD_REQUEST, "bootstrap room must be a number");
+        };
+        match self.rooms.decode(room, pd.handshake_timeout).await {
+            Ok(()) => json_response(
+                StatusCode::OK,
+                &serde_json::json!({"prefill_pod": self.config.pod_name, "room": room}),
+            ),
+            Err(error) => fastapi_detail(StatusCode::REQUEST_TIMEOUT, &error.to_string()),
+        }
     }
 
     async fn inference<B>(
@@ -188,10 +246,47 @@ impl EngineState {
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let forced_status = forced_status(&request)?;
+        let decode_status = forced_status(&request, &DECODE_STATUS)?;
+        let forced_status = forced_status(&request, &FORCED_STATUS_HEADER)?;
+        let authority = request
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|host| host.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let path = request.uri().path().to_owned();
         let body = read_body(request.into_body()).await?;
         let json: Value = serde_json::from_slice(&body)
             .map_err(|error| ApiError::bad_request(format!("Invalid JSON body: {error}")))?;
+        let logged = self.requests.record(path, &echo.request_id, json.clone());
+        let answer = self
+            .answer(
+                endpoint,
+                json,
+                forced_status,
+                decode_status,
+                &authority,
+                arrived_at,
+                echo,
+            )
+            .await;
+        logged.answered();
+        answer
+    }
+
+    /// The answer to an inference request whose body is `json`.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        endpoint: Endpoint,
+        json: Value,
+        forced_status: Option<StatusCode>,
+        decode_status: Option<StatusCode>,
+        authority: &str,
+        arrived_at: Instant,
+        echo: &mut Echo,
+    ) -> Result<Response<ResponseBody>, ApiError> {
+        let pd_fields = PdFields::of(&json);
         let prompt = self
             .simulator
             .as_ref()
@@ -218,6 +313,61 @@ impl EngineState {
                 self.config.model
             );
             return Err(ApiError::new(StatusCode::NOT_FOUND, message).param("model"));
+        }
+
+        let role = self
+            .config
+            .pd
+            .as_ref()
+            .map(|pd| (pd.role, pd.handshake_timeout));
+        let mut kv_transfer_params = None;
+        match role {
+            None => {}
+            Some((PdRole::Prefill, timeout)) => {
+                if let Some(bootstrap) = &pd_fields.bootstrap {
+                    self.rooms
+                        .prefill(bootstrap.room, timeout)
+                        .await
+                        .map_err(bootstrap_failed)?;
+                }
+                if pd_fields.wants_remote_decode() {
+                    let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "0"));
+                    kv_transfer_params = Some(prefill_answer_params(
+                        &self.config.pod_name,
+                        &echo.request_id,
+                        host,
+                        port.parse().unwrap_or(0),
+                    ));
+                }
+            }
+            Some((PdRole::Decode, timeout)) => {
+                let origin = if let Some(bootstrap) = &pd_fields.bootstrap {
+                    let source = self
+                        .bootstrap
+                        .join(bootstrap, timeout)
+                        .await
+                        .map_err(bootstrap_failed)?;
+                    KvOrigin::Transferred {
+                        how: "bootstrap",
+                        source,
+                    }
+                } else if let Some(engine) = pd_fields.remote_prefill_engine() {
+                    KvOrigin::Transferred {
+                        how: "received",
+                        source: engine.to_owned(),
+                    }
+                } else {
+                    KvOrigin::Recomputed
+                };
+                echo.kv_origin = Some(origin);
+                if let Some(status) = decode_status {
+                    let message = format!(
+                        "Simulated failure: {DECODE_STATUS} requested this status from decode pod {}.",
+                        self.config.pod_name
+                    );
+                    return Err(ApiError::new(status, message));
+                }
+            }
         }
 
         let (mut output_tokens, mut finish_reason) =
@@ -252,17 +402,36 @@ impl EngineState {
         };
         let mut generation = Generation::start(backend, Arc::clone(&self.stats), plan, arrived_at);
         let meta = ResponseMeta::new(endpoint, &echo.request_id, unix_seconds(), model);
+        // A decode engine reports how much of the prompt it did not compute itself.
+        let cached_tokens = echo.kv_origin.as_ref().map(|origin| match origin {
+            KvOrigin::Transferred { .. } => generation.prompt_tokens(),
+            KvOrigin::Recomputed => 0,
+        });
+        let usage_of = |generation: &Generation| {
+            let usage = Usage::new(generation.prompt_tokens(), generation.completion_tokens());
+            match cached_tokens {
+                Some(cached) => usage.with_cached(cached),
+                None => usage,
+            }
+        };
         if parsed.stream {
             return Ok(event_stream(SseStream {
                 generation,
                 meta,
                 include_usage: parsed.include_usage,
+                cached_tokens,
                 phase: SsePhase::Tokens,
             }));
         }
         let text = generation.collect_text().await;
-        let usage = Usage::new(generation.prompt_tokens(), generation.completion_tokens());
-        let body = openai::completion_body(&meta, &text, generation.finish_reason(), usage);
+        let usage = usage_of(&generation);
+        let body = openai::completion_body(
+            &meta,
+            &text,
+            generation.finish_reason(),
+            usage,
+            kv_transfer_params.as_ref(),
+        );
         Ok(full(StatusCode::OK, Some(JSON), body.into()))
     }
 
@@ -393,6 +562,14 @@ impl ApiError {
     }
 }
 
+/// SGLang fails a request whose bootstrap pairing failed with a server error.
+fn bootstrap_failed(error: HandshakeError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("KV bootstrap failed: {error}"),
+    )
+}
+
 /// vLLM's answer to a prompt that leaves no room for a single output token.
 fn context_length_exceeded(context: u64, prompt_tokens: u32) -> ApiError {
     let message = format!(
@@ -403,9 +580,12 @@ fn context_length_exceeded(context: u64, prompt_tokens: u32) -> ApiError {
     ApiError::bad_request(message).param("input_tokens")
 }
 
-/// The `x-mock-status` the caller asked for, if any; only 4xx and 5xx make sense there.
-fn forced_status<B>(request: &Request<B>) -> Result<Option<StatusCode>, ApiError> {
-    let Some(value) = request.headers().get(FORCED_STATUS_HEADER) else {
+/// The status the caller asked for in `header`, if any; only 4xx and 5xx make sense there.
+fn forced_status<B>(
+    request: &Request<B>,
+    header: &HeaderName,
+) -> Result<Option<StatusCode>, ApiError> {
+    let Some(value) = request.headers().get(header) else {
         return Ok(None);
     };
     value
@@ -417,7 +597,7 @@ fn forced_status<B>(request: &Request<B>) -> Result<Option<StatusCode>, ApiError
         .map(Some)
         .ok_or_else(|| {
             ApiError::bad_request(format!(
-                "{FORCED_STATUS_HEADER} must be a 4xx or 5xx status code, got {value:?}."
+                "{header} must be a 4xx or 5xx status code, got {value:?}."
             ))
         })
 }
@@ -473,6 +653,8 @@ struct SseStream {
     generation: Generation,
     meta: ResponseMeta,
     include_usage: bool,
+    /// Decode engines: prompt tokens whose KV came from a prefill engine.
+    cached_tokens: Option<u32>,
     phase: SsePhase,
 }
 
@@ -496,10 +678,13 @@ impl SseStream {
                 SsePhase::Usage => {
                     self.phase = SsePhase::Done;
                     if self.include_usage {
-                        let usage = Usage::new(
+                        let mut usage = Usage::new(
                             self.generation.prompt_tokens(),
                             self.generation.completion_tokens(),
                         );
+                        if let Some(cached) = self.cached_tokens {
+                            usage = usage.with_cached(cached);
+                        }
                         return Some(self.meta.usage_event(usage).into());
                     }
                 }
@@ -563,4 +748,78 @@ fn unix_seconds_f64(time: SystemTime) -> f64 {
     time.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64()
+}
+
+/// The latest inference requests an engine received.
+#[derive(Default)]
+struct RequestLog {
+    entries: parking_lot::Mutex<std::collections::VecDeque<Arc<LoggedRequest>>>,
+}
+
+struct LoggedRequest {
+    path: String,
+    request_id: String,
+    body: Value,
+    /// 0: in progress, 1: answered, 2: the sender went away first.
+    outcome: std::sync::atomic::AtomicU8,
+}
+
+impl RequestLog {
+    fn record(&self, path: String, request_id: &str, body: Value) -> Logged {
+        let entry = Arc::new(LoggedRequest {
+            path,
+            request_id: request_id.to_owned(),
+            body,
+            outcome: std::sync::atomic::AtomicU8::new(0),
+        });
+        let mut entries = self.entries.lock();
+        if entries.len() == LOGGED_REQUESTS {
+            entries.pop_front();
+        }
+        entries.push_back(Arc::clone(&entry));
+        Logged(entry)
+    }
+
+    fn view(&self) -> Value {
+        let entries = self.entries.lock();
+        let requests: Vec<Value> = entries
+            .iter()
+            .map(|entry| {
+                let outcome = match entry.outcome.load(std::sync::atomic::Ordering::Relaxed) {
+                    0 => "in_progress",
+                    1 => "answered",
+                    _ => "cancelled",
+                };
+                serde_json::json!({
+                    "path": entry.path,
+                    "requestId": entry.request_id,
+                    "body": entry.body,
+                    "outcome": outcome,
+                })
+            })
+            .collect();
+        serde_json::json!({"requests": requests})
+    }
+}
+
+/// One logged request: answered when told so, cancelled when dropped before.
+struct Logged(Arc<LoggedRequest>);
+
+impl Logged {
+    fn answered(self) {
+        self.0
+            .outcome
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.0.outcome.compare_exchange(
+            0,
+            2,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
 }

@@ -10,7 +10,11 @@
 //! - every response carries `x-mock-pod`, `x-mock-received-model` (the body's `model` as
 //!   received) and `x-mock-request-id` (the request's `x-request-id`);
 //! - `x-mock-status: NNN` on an inference request makes it fail with that status and a
-//!   vLLM-style error body;
+//!   vLLM-style error body (`x-mock-decode-status: NNN`: decode engines only, once paired);
+//! - `GET /mock/requests` lists the latest inference requests received: path, request id, body
+//!   and whether the sender waited for the answer or cancelled it;
+//! - with `--pd-role prefill|decode`, the engine plays one side of a prefill/decode pair for
+//!   every KV connector ([`pd`]);
 //! - in sim mode, `GET /sim/state` returns the simulator's [`SimState`] as JSON.
 //!
 //! Layout:
@@ -20,6 +24,7 @@
 //!   cache whose true state `/metrics` and `GET /sim/state` report;
 //! - [`generation`]: one request's output text and its statistics;
 //! - [`openai`]: request parsing and the response, chunk and error shapes;
+//! - [`pd`]: the prefill and decode roles (KV transfer parameters, SGLang bootstrap rooms);
 //! - [`stats`] and [`metrics`]: counters, histograms and the Prometheus page;
 //! - [`http`]: routes and the SSE body; [`server`]: accept loop and graceful shutdown.
 
@@ -29,6 +34,7 @@ pub mod generation;
 pub mod http;
 pub mod metrics;
 pub mod openai;
+pub mod pd;
 pub mod server;
 pub mod sim;
 pub mod stats;

@@ -209,7 +209,14 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub total_tokens: u32,
     pub completion_tokens: u32,
-    pub prompt_tokens_details: (),
+    /// `null` as vLLM writes it, except on a decode engine of a prefill/decode pair, which says
+    /// how much of the prompt's KV it got from the prefill engine.
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -218,7 +225,15 @@ impl Usage {
             prompt_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
             completion_tokens,
-            prompt_tokens_details: (),
+            prompt_tokens_details: None,
+        }
+    }
+
+    /// The usage with `cached_tokens` of the prompt reported as cached.
+    pub fn with_cached(self, cached_tokens: u32) -> Self {
+        Self {
+            prompt_tokens_details: Some(PromptTokensDetails { cached_tokens }),
+            ..self
         }
     }
 }
@@ -231,6 +246,8 @@ struct ChatCompletion<'a> {
     model: &'a str,
     choices: [ChatChoice<'a>; 1],
     usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_transfer_params: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -257,6 +274,8 @@ struct TextCompletion<'a> {
     model: &'a str,
     choices: [TextChoice<'a>; 1],
     usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv_transfer_params: Option<&'a Value>,
 }
 
 #[derive(Serialize)]
@@ -268,12 +287,14 @@ struct TextChoice<'a> {
     stop_reason: (),
 }
 
-/// The non-streamed response body.
+/// The non-streamed response body; a prefill engine adds the `kv_transfer_params` a decode
+/// engine needs.
 pub fn completion_body(
     meta: &ResponseMeta,
     text: &str,
     finish_reason: FinishReason,
     usage: Usage,
+    kv_transfer_params: Option<&Value>,
 ) -> Vec<u8> {
     let finish_reason = finish_reason.as_str();
     let serialized = match meta.endpoint {
@@ -294,6 +315,7 @@ pub fn completion_body(
                 stop_reason: (),
             }],
             usage,
+            kv_transfer_params,
         }),
         Endpoint::Completions => serde_json::to_vec(&TextCompletion {
             id: &meta.id,
@@ -308,6 +330,7 @@ pub fn completion_body(
                 stop_reason: (),
             }],
             usage,
+            kv_transfer_params,
         }),
     };
     serialized.unwrap_or_default()

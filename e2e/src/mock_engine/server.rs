@@ -34,11 +34,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), MockEngineError> {
     config.validate()?;
+    // A prefill engine's SGLang bootstrap server, on the main address's IP.
+    let bootstrap = match config.pd.as_ref().and_then(|pd| pd.bootstrap_port) {
+        Some(port) => {
+            let ip = listener.local_addr().map_err(MockEngineError::Bind)?.ip();
+            Some(
+                TcpListener::bind((ip, port))
+                    .await
+                    .map_err(MockEngineError::Bind)?,
+            )
+        }
+        None => None,
+    };
     let state = Arc::new(EngineState::new(config));
     let (drain_sender, drain) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        let accept_bootstrap = async {
+            match &bootstrap {
+                Some(bootstrap) => bootstrap.accept().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -50,11 +68,21 @@ pub async fn serve(
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 }
             },
+            accepted = accept_bootstrap => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(serve_connection(stream, peer, Arc::clone(&state), drain.clone()));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a bootstrap connection failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            },
             // Reap finished connection tasks so the set does not grow without bound.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
     drop(listener);
+    drop(bootstrap);
     let _ = drain_sender.send(true);
     let drained = tokio::time::timeout(SHUTDOWN_GRACE_PERIOD, async {
         while connections.join_next().await.is_some() {}

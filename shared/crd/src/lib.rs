@@ -17,8 +17,8 @@ pub use model_route::{
     ParentReference, RateLimit, RateLimitUnit, RedisAddress, Rule, StringMatch, TargetModel,
 };
 pub use model_server::{
-    InferenceEngine, KvConnector, ModelServer, ModelServerSpec, PdGroup, Retry, TrafficPolicy,
-    WorkloadPort, WorkloadSelector,
+    DEFAULT_KV_CONNECTOR_TYPE, InferenceEngine, KvConnector, ModelServer, ModelServerSpec, PdGroup,
+    Retry, TrafficPolicy, WorkloadPort, WorkloadSelector,
 };
 pub use status::{ModelRouteStatus, ModelServerStatus};
 

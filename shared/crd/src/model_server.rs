@@ -38,7 +38,9 @@ pub struct ModelServerSpec {
     /// Timeouts and retries towards the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_policy: Option<TrafficPolicy>,
-    /// Prefill/decode KV connector (accepted for compatibility).
+    /// How the router shapes the prefill and decode requests of a
+    /// prefill/decode ModelServer (`workloadSelector.pdGroup`); without it,
+    /// SGLang engines use SGLang's bootstrap protocol and vLLM engines `http`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_connector: Option<KvConnector>,
 }
@@ -76,7 +78,8 @@ pub struct WorkloadSelector {
     pub pd_group: Option<PdGroup>,
 }
 
-/// Prefill/decode disaggregation groups (accepted for compatibility).
+/// Prefill/decode disaggregation: every request goes to a prefill pod and a
+/// decode pod of the same group.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PdGroup {
@@ -172,7 +175,7 @@ fn without_default(schema: &mut schemars::Schema) {
     schema.remove("default");
 }
 
-/// KV connector for prefill/decode disaggregation.
+/// KV connector of a prefill/decode ModelServer.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KvConnector {

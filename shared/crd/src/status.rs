@@ -10,6 +10,9 @@ pub const CONDITION_ACCEPTED: &str = "Accepted";
 pub const CONDITION_RESOLVED_REFS: &str = "ResolvedRefs";
 /// Condition type: the snapshot holding this generation was ACKed by the dataplanes.
 pub const CONDITION_PROGRAMMED: &str = "Programmed";
+/// Condition type, present only while `True`: the object sets fields the
+/// router does not act on (yet); the message names each one.
+pub const CONDITION_IGNORED_FIELDS: &str = "IgnoredFields";
 
 /// Observed state of a ModelRoute.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
@@ -41,6 +44,14 @@ pub struct ModelServerStatus {
     /// Selected pods in any state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_pods: Option<i32>,
+    /// Prefill/decode ModelServers: groups (pods sharing a `groupKey` label
+    /// value) with at least one ready pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pd_groups: Option<i32>,
+    /// Prefill/decode ModelServers: groups with a ready prefill and a ready
+    /// decode pod, the only ones requests can use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_pd_groups: Option<i32>,
     /// When the engine metrics of this ModelServer's pods were last scraped successfully (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("format" = "date-time"))]

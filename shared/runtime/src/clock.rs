@@ -13,7 +13,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use tokio::time::{Instant, sleep, sleep_until, timeout};
+pub use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 
 /// Monotonic now; paused with tokio's test clock.
 pub fn now() -> Instant {

@@ -3,9 +3,9 @@
 //! lists), shared by the dataplane and the controller so both show the same.
 //!
 //! Only what the snapshot carries is shown: it holds no credentials and no
-//! request data, so nothing secret can leak through a dump. Pod fields that
-//! never reach the snapshot (node name, labels, start time) are left out
-//! rather than invented.
+//! request data, so nothing secret can leak through a dump. Pods carry their
+//! node name, start time and labels; one the controller did not know (a
+//! local file without `spec.nodeName`) is left out rather than invented.
 
 use serde_json::{Map, Value, json};
 
@@ -105,16 +105,36 @@ pub fn pod(
     Some(json!({
         "name": name,
         "namespace": namespace,
-        "podInfo": {
-            "podIP": endpoint.ip,
-            "port": first_server.port,
-            "phase": SNAPSHOT_POD_PHASE,
-        },
+        "podInfo": pod_info(endpoint, first_server.port),
         "engine": first_server.inference_engine,
         "metrics": metrics,
         "models": models,
         "modelServers": model_servers,
     }))
+}
+
+/// `podInfo`: what the snapshot carries about the pod; a node name or start
+/// time the controller did not know is left out rather than invented.
+fn pod_info(endpoint: &pb::Endpoint, port: u32) -> Value {
+    let mut info = Map::new();
+    info.insert("podIP".into(), json!(endpoint.ip));
+    info.insert("port".into(), json!(port));
+    if !endpoint.node_name.is_empty() {
+        info.insert("nodeName".into(), json!(endpoint.node_name));
+    }
+    info.insert("phase".into(), json!(SNAPSHOT_POD_PHASE));
+    if let Some(start) = rfc3339_ms(endpoint.start_time_unix_ms) {
+        info.insert("startTime".into(), json!(start));
+    }
+    info.insert("labels".into(), json!(endpoint.labels));
+    info.into()
+}
+
+/// RFC 3339 in UTC, whole seconds, as Kubernetes writes `startTime`.
+fn rfc3339_ms(unix_ms: i64) -> Option<String> {
+    let millis = u64::try_from(unix_ms).ok().filter(|ms| *ms > 0)?;
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis);
+    Some(humantime::format_rfc3339_seconds(time).to_string())
 }
 
 fn modelroute(route: &pb::ModelRoute) -> Value {
@@ -270,7 +290,7 @@ fn modelserver(server: &pb::ModelServer) -> Value {
         );
         spec.insert("trafficPolicy".into(), traffic.into());
     }
-    json!({
+    let mut value = json!({
         "name": server.name,
         "namespace": server.namespace,
         "spec": spec,
@@ -278,7 +298,24 @@ fn modelserver(server: &pb::ModelServer) -> Value {
             "name": endpoint.name,
             "podIP": endpoint.ip,
         })).collect::<Vec<_>>(),
-    })
+    });
+    if let Some(pd) = &server.prefill_decode {
+        // As Kthena lists them: `namespace/name` of each role's pods.
+        let role = |pods: fn(&pb::PdGroup) -> &Vec<String>| {
+            pd.groups
+                .iter()
+                .flat_map(|group| pods(group).iter())
+                .map(|pod| crate::object_key(&server.namespace, pod))
+                .collect::<Vec<_>>()
+        };
+        let connector = pd.kv_connector().as_str_name();
+        let connector = connector.strip_prefix("KV_CONNECTOR_").unwrap_or(connector);
+        value["spec"]["kvConnector"] = json!({"type": connector.to_ascii_lowercase()});
+        value["spec"]["workloadSelector"] = json!({"pdGroup": {"groupKey": pd.group_label}});
+        value["prefillPods"] = role(|group| &group.prefill).into();
+        value["decodePods"] = role(|group| &group.decode).into();
+    }
+    value
 }
 
 #[cfg(test)]
@@ -350,11 +387,27 @@ mod tests {
             models: vec!["llama2-7b".into(), "lora-adapter-1".into()],
             observed_at_unix_ms: 1,
         };
-        let config = config();
+        let mut config = config();
+        let endpoint = &mut config.servers[0].endpoints[0];
+        endpoint.node_name = "worker-node-1".into();
+        endpoint.start_time_unix_ms = 1_705_312_800_000;
+        endpoint.labels = [("app", "llama2"), ("version", "v1")]
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .into();
         let dump = pods(&config, |_, _| Some(&load));
         let pod = &dump["pods"][0];
         assert_eq!(pod["name"], "llama2-0");
-        assert_eq!(pod["podInfo"]["podIP"], "10.244.2.20");
+        assert_eq!(
+            pod["podInfo"],
+            json!({
+                "podIP": "10.244.2.20",
+                "port": 8000,
+                "nodeName": "worker-node-1",
+                "phase": "Running",
+                "startTime": "2024-01-15T10:00:00Z",
+                "labels": {"app": "llama2", "version": "v1"},
+            })
+        );
         assert_eq!(pod["engine"], "vLLM");
         assert_eq!(
             pod["metrics"],
@@ -365,5 +418,30 @@ mod tests {
         assert!(self::pod(&config, "default", "missing", None).is_none());
         assert!(find_modelserver(&config, "default", "llama2-server").is_some());
         assert!(find_modelroute(&config, "other", "llama2-route").is_none());
+    }
+
+    #[test]
+    fn prefill_decode_servers_list_their_pods_by_role() {
+        let mut config = config();
+        config.servers[0].prefill_decode = Some(pb::PrefillDecode {
+            kv_connector: pb::KvConnector::Nixl.into(),
+            group_label: "modelserving.volcano.sh/group-name".into(),
+            groups: vec![pb::PdGroup {
+                name: "group-0".into(),
+                prefill: vec!["p-0".into()],
+                decode: vec!["d-0".into(), "d-1".into()],
+            }],
+        });
+        let dump = modelservers(&config);
+        let server = &dump["modelservers"][0];
+        assert_eq!(server["prefillPods"], json!(["default/p-0"]));
+        assert_eq!(server["decodePods"], json!(["default/d-0", "default/d-1"]));
+        assert_eq!(server["spec"]["kvConnector"], json!({"type": "nixl"}));
+        assert_eq!(
+            server["spec"]["workloadSelector"]["pdGroup"]["groupKey"],
+            "modelserving.volcano.sh/group-name"
+        );
+        let plain = modelservers(&self::config());
+        assert!(plain["modelservers"][0].get("prefillPods").is_none());
     }
 }

@@ -95,6 +95,7 @@ pub fn pod(name: &str, ip: &str) -> pb::Endpoint {
     pb::Endpoint {
         name: name.into(),
         ip: ip.into(),
+        ..Default::default()
     }
 }
 

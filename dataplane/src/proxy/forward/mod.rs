@@ -1,10 +1,15 @@
 //! Phase `forward`: sends the request to the ranked candidates, one attempt
 //! at a time, as the [`policy`] directs, through an [`Upstream`]. Ends with
 //! the response head of the attempt that is delivered (its pod still counted
-//! in flight) or with the error the client gets.
+//! in flight) or with the error the client gets. A prefill/decode
+//! ModelServer's candidates are pairs, each attempt two legs ([`pairs`]).
 
+pub mod pairs;
 pub mod policy;
 pub mod upstream;
+
+use std::future::Future;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -35,6 +40,10 @@ pub const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Request headers addressed to the router itself: consumed here, never
+/// forwarded to an engine.
+pub const CONSUMED: [HeaderName; 1] = [header::PROXY_AUTHORIZATION];
+
 /// Request headers the upstream connection sets itself: the pod's authority,
 /// and the length of the (possibly edited) body.
 const RECOMPUTED: [HeaderName; 2] = [header::HOST, header::CONTENT_LENGTH];
@@ -52,18 +61,9 @@ impl Outbound {
     /// The client's request head becomes the upstream one in place, less the
     /// headers that must not cross, plus the request id.
     pub fn new(head: Parts, body: Bytes, request_id: &HeaderValue) -> Self {
-        let mut headers = head.headers;
-        for name in HOP_BY_HOP.iter().chain(&RECOMPUTED) {
-            headers.remove(name);
-        }
-        headers.insert(REQUEST_ID_HEADER, request_id.clone());
+        let (path_and_query, headers) = upstream_head(head, request_id);
         Self {
-            // Shares the bytes of the request line, no copy.
-            path_and_query: head
-                .uri
-                .into_parts()
-                .path_and_query
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            path_and_query,
             headers: Some(headers),
             body,
         }
@@ -74,20 +74,6 @@ impl Outbound {
         pod: &PodState,
         is_last: bool,
     ) -> Result<Request<Full<Bytes>>, ApiError> {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(pod.authority.clone())
-            .path_and_query(self.path_and_query.clone())
-            .build()
-            .map_err(|error| {
-                ApiError::new(
-                    ErrorKind::InvalidBody,
-                    format!("invalid request path: {error}"),
-                )
-            })?;
-        let mut request = Request::new(Full::new(self.body.clone()));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri;
         // The client consumes what it sends, so only an attempt that may be
         // followed by another needs its own copy.
         let headers = if is_last {
@@ -95,8 +81,86 @@ impl Outbound {
         } else {
             self.headers.clone()
         };
-        *request.headers_mut() = headers.unwrap_or_default();
-        Ok(request)
+        upstream_request(
+            pod,
+            &self.path_and_query,
+            headers.unwrap_or_default(),
+            self.body.clone(),
+        )
+    }
+}
+
+/// The path and headers every upstream request of a client's request
+/// carries: its headers less those that must not cross, plus the request id.
+fn upstream_head(head: Parts, request_id: &HeaderValue) -> (PathAndQuery, HeaderMap) {
+    let mut headers = head.headers;
+    // Headers the client's `Connection` names are hop-by-hop too (RFC 9110
+    // §7.6.1); `keep-alive` and `close`, the usual values, name nothing
+    // more and allocate nothing.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .chain(&CONSUMED)
+        .chain(&RECOMPUTED)
+        .chain(&named)
+    {
+        headers.remove(name);
+    }
+    headers.insert(REQUEST_ID_HEADER, request_id.clone());
+    // Shares the bytes of the request line, no copy.
+    let path_and_query = head
+        .uri
+        .into_parts()
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    (path_and_query, headers)
+}
+
+/// A `POST` of `body` to `pod`.
+fn upstream_request(
+    pod: &PodState,
+    path_and_query: &PathAndQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, ApiError> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(pod.authority.clone())
+        .path_and_query(path_and_query.clone())
+        .build()
+        .map_err(|error| {
+            ApiError::new(
+                ErrorKind::InvalidBody,
+                format!("invalid request path: {error}"),
+            )
+        })?;
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// `sent`, bounded by the ModelServer's timeout when it has one.
+async fn within<T>(
+    limit: Option<Duration>,
+    sent: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, sent)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout(limit))),
+        None => sent.await,
     }
 }
 
@@ -126,18 +190,13 @@ pub async fn forward<U: Upstream>(
         if !attempt.wait.is_zero() {
             tokio::time::sleep(attempt.wait).await;
         }
-        let pod = attempt.pod;
+        let pod = attempt.target;
         // Dropped at the end of this iteration when the attempt fails, so a
         // failed attempt never counts against the pod while the next one runs.
         let guard = pod.begin_request();
         record.begin_attempt(pod);
         let sent = upstream.send(outbound.request_to(pod, attempt.is_last)?);
-        let outcome = match attempt.timeout {
-            Some(limit) => tokio::time::timeout(limit, sent)
-                .await
-                .unwrap_or(Err(UpstreamError::Timeout(limit))),
-            None => sent.await,
-        };
+        let outcome = within(attempt.timeout, sent).await;
         next = match outcome {
             Ok(response) => match policy.on_response(response.status()) {
                 Verdict::Deliver => return Ok(Delivered { response, guard }),
@@ -147,12 +206,12 @@ pub async fn forward<U: Upstream>(
                 }
             },
             Err(error) => {
-                if AttemptPolicy::ejects(&error) {
+                if policy::ejects(&error) {
                     record.connect_failed();
                     pod.eject(clock::now());
                 }
                 tracing::warn!(pod = %pod.key, server = %server.key, failure = %error, "upstream attempt failed");
-                policy.on_failure(error)
+                policy.on_failure(error, pod)
             }
         };
     }
@@ -171,7 +230,11 @@ mod tests {
     fn outbound() -> Outbound {
         let (head, ()) = Request::post("/v1/completions?x=1")
             .header("authorization", "Bearer k")
-            .header(header::CONNECTION, "keep-alive")
+            .header("cookie", "session=c")
+            .header("x-api-key", "key")
+            .header(header::PROXY_AUTHORIZATION, "Basic cHJveHk6c2VjcmV0")
+            .header(header::CONNECTION, "keep-alive, x-hop")
+            .header("x-hop", "for the router only")
             .header(header::HOST, "router")
             .header(header::CONTENT_LENGTH, "2")
             .body(())
@@ -205,9 +268,18 @@ mod tests {
         let sent = upstream.sent();
         let request = &sent[0];
         assert_eq!(request.uri, "http://127.0.0.1:8000/v1/completions?x=1");
+        // Without authentication, the client's credentials for the engine pass.
         assert_eq!(request.headers["authorization"], "Bearer k");
+        assert_eq!(request.headers["cookie"], "session=c");
+        assert_eq!(request.headers["x-api-key"], "key");
         assert_eq!(request.headers["x-request-id"], "id-1");
-        for gone in ["connection", "host", "content-length"] {
+        for gone in [
+            "connection",
+            "host",
+            "content-length",
+            "proxy-authorization",
+            "x-hop",
+        ] {
             assert!(
                 !request.headers.contains_key(gone),
                 "{gone} is not forwarded"

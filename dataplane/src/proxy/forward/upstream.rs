@@ -4,6 +4,7 @@
 //! behaviour with a fake.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::BodyError;
+use crate::health::connections::{ConnectionCounts, CountingConnector};
 
 /// Idle upstream connections are kept this long: engines keep connections
 /// open much longer, and reconnecting costs a handshake on the request path.
@@ -35,8 +37,11 @@ pub enum UpstreamError {
     /// The connection broke after the request was sent, before response headers.
     #[error("connection failed before response headers: {0}")]
     BeforeHeaders(String),
-    /// No response headers within the ModelServer's timeout.
-    #[error("no response headers within {0:?}")]
+    /// A response the router must read whole (a prefill leg's) broke off.
+    #[error("the response broke off before it was complete: {0}")]
+    Incomplete(String),
+    /// No response (headers; all of it for a prefill leg) within the ModelServer's timeout.
+    #[error("no response within {0:?}")]
     Timeout(Duration),
 }
 
@@ -56,24 +61,19 @@ pub trait Upstream: Send + Sync + 'static {
 /// hyper's pooled HTTP/1.1 client.
 #[derive(Debug, Clone)]
 pub struct HyperUpstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<CountingConnector, Full<Bytes>>,
 }
 
 impl HyperUpstream {
-    pub fn new() -> Self {
+    /// A client whose open connections per pod are counted in `connections`.
+    pub fn new(connections: Arc<ConnectionCounts>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
-            .build(connector);
+            .build(CountingConnector::new(connector, connections));
         Self { client }
-    }
-}
-
-impl Default for HyperUpstream {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

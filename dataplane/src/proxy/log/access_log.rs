@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderValue, Method, Uri, Version};
+use http::{HeaderValue, Method, Version};
 use prometheus::IntCounter;
 use serde::Serialize;
 
@@ -155,7 +155,8 @@ fn parse_output(source: &str, value: &str) -> Result<AccessLogOutput, AccessLogC
 pub struct AccessLogEntry {
     pub started_at: SystemTime,
     pub method: Method,
-    pub uri: Uri,
+    /// A served path, or a bounded prefix of another.
+    pub path: std::borrow::Cow<'static, str>,
     pub version: Version,
     pub status: u16,
     pub model_name: Option<String>,
@@ -177,6 +178,12 @@ pub struct AccessLogEntry {
     pub error: Option<(&'static str, String)>,
     /// The authenticated caller (`user_id`, `tier`).
     pub user: Option<Arc<User>>,
+    /// Prefill/decode requests: the prefill pod (`pod` is the decode pod).
+    pub prefill_pod: Option<Arc<PodState>>,
+    /// Prefill leg: sent to its answer read whole.
+    pub prefill_leg: Option<Duration>,
+    /// Decode leg: sent to the end of its body.
+    pub decode_leg: Option<Duration>,
 }
 
 /// The sending side, held by the request path.
@@ -292,6 +299,12 @@ struct JsonLine<'a> {
     ttft_ms: Option<u64>,
     upstream_attempts: u32,
     error: Option<JsonError<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefill_pod: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_prefill_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_decode_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -338,12 +351,13 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
     let pod = entry.pod.as_ref().map(|pod| pod.name.as_str());
     let user_id = entry.user.as_ref().map(|user| user.user_id.as_str());
     let tier = entry.user.as_ref().and_then(|user| user.tier.as_deref());
+    let prefill_pod = entry.prefill_pod.as_ref().map(|pod| pod.name.as_str());
     match format {
         AccessLogFormat::Json => {
             let line = JsonLine {
                 timestamp,
                 method: entry.method.as_str(),
-                path: entry.uri.path(),
+                path: &entry.path,
                 protocol: protocol(entry.version),
                 status_code: entry.status,
                 model_name: entry.model_name.as_deref(),
@@ -366,6 +380,9 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                     r#type: kind,
                     message,
                 }),
+                prefill_pod,
+                duration_prefill_ms: entry.prefill_leg.map(millis),
+                duration_decode_ms: entry.decode_leg.map(millis),
             };
             // Serialising plain strings and numbers into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &line);
@@ -376,7 +393,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
             let mut line = format!(
                 "[{timestamp}] \"{} {} {}\" {}",
                 entry.method,
-                entry.uri.path(),
+                text_value(&entry.path),
                 protocol(entry.version),
                 entry.status
             );
@@ -388,6 +405,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 ("model_route", route),
                 ("model_server", server),
                 ("selected_pod", pod),
+                ("prefill_pod", prefill_pod),
                 ("request_id", request_id),
                 ("user_id", user_id),
                 ("tier", tier),
@@ -418,6 +436,12 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
             if let Some(ttft) = entry.ttft {
                 let _ = write!(line, " ttft={}ms", millis(ttft));
             }
+            if let Some(prefill) = entry.prefill_leg {
+                let _ = write!(line, " prefill={}ms", millis(prefill));
+            }
+            if let Some(decode) = entry.decode_leg {
+                let _ = write!(line, " decode={}ms", millis(decode));
+            }
             let _ = write!(line, " upstream_attempts={}", entry.upstream_attempts);
             out.extend_from_slice(line.as_bytes());
             out.push(b'\n');
@@ -434,7 +458,7 @@ mod tests {
         AccessLogEntry {
             started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_705_314_645_123),
             method: Method::POST,
-            uri: Uri::from_static("/v1/chat/completions"),
+            path: "/v1/chat/completions".into(),
             version: Version::HTTP_11,
             status: if error.is_some() { 504 } else { 200 },
             model_name: Some("llama2-7b".into()),
@@ -453,6 +477,9 @@ mod tests {
             upstream_attempts: 1,
             error,
             user: None,
+            prefill_pod: None,
+            prefill_leg: None,
+            decode_leg: None,
         }
     }
 
@@ -536,6 +563,47 @@ mod tests {
         let line = String::from_utf8(out).expect("UTF-8");
         assert_eq!(line.lines().count(), 1, "{line}");
         assert!(line.contains(r#" model_name="m\n[forged] x=y" "#), "{line}");
+    }
+
+    #[test]
+    fn prefill_decode_lines_name_both_pods_and_time_both_legs() {
+        let pod = |name: &str| {
+            Some(Arc::new(
+                PodState::new(
+                    format!("default/{name}"),
+                    name.into(),
+                    std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
+                )
+                .expect("valid"),
+            ))
+        };
+        let mut pd = entry(None);
+        pd.pod = pod("decode-0");
+        pd.prefill_pod = pod("prefill-0");
+        pd.prefill_leg = Some(Duration::from_millis(80));
+        pd.decode_leg = Some(Duration::from_millis(2200));
+        let mut out = Vec::new();
+        format_line(&pd, AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(line["selected_pod"], "decode-0");
+        assert_eq!(line["prefill_pod"], "prefill-0");
+        assert_eq!(line["duration_prefill_ms"], 80);
+        assert_eq!(line["duration_decode_ms"], 2200);
+        let mut out = Vec::new();
+        format_line(&pd, AccessLogFormat::Text, &mut out);
+        let line = String::from_utf8(out).expect("UTF-8");
+        assert!(
+            line.contains(" selected_pod=decode-0 prefill_pod=prefill-0 ")
+                && line.contains(" prefill=80ms decode=2200ms "),
+            "{line}"
+        );
+        let mut out = Vec::new();
+        format_line(&entry(None), AccessLogFormat::Json, &mut out);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert!(
+            line.get("prefill_pod").is_none(),
+            "other requests keep their fields"
+        );
     }
 
     #[test]

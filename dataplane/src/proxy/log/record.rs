@@ -10,26 +10,31 @@
 //!   and the engine's prefill and decode included);
 //! - response processing: what is left after the upstream part;
 //! - queue: the wait in the fairness queue (part of the request
-//!   processing's span, reported apart and not counted in it).
+//!   processing's span, reported apart and not counted in it);
+//! - prefill/decode pairs: the delivered pair's prefill leg (sent to its
+//!   answer read whole) and decode leg (sent to the end of its body).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use switchyard_runtime::clock::{self, Instant};
 
 use http::{HeaderValue, Method, Request, Uri, Version};
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::oneshot;
 
 use super::Observer;
 use super::access_log::AccessLogEntry;
 use crate::auth::User;
 use crate::error::ApiError;
+use crate::error::MAX_QUOTED_CLIENT_BYTES;
 use crate::fairness::Slot;
-use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, UNKNOWN_MODEL};
+use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, Phases, UNKNOWN_MODEL};
 use crate::pod::PodState;
 use crate::proxy::authenticate::Identity;
 use crate::rate_limit::{Admission, LimitStatus, LimitType, Settlement};
-use crate::request_id::REQUEST_ID_HEADER;
+use crate::request_id::ClientRequestId;
 use crate::response::Usage;
 use crate::routing::{Route, RouteDecision, Server};
 
@@ -78,6 +83,36 @@ pub struct RequestRecord {
     /// short before its usage arrived.
     produced_output: u64,
     finished: bool,
+    /// Prefill/decode requests: the prefill pod of the latest pair.
+    prefill_pod: Option<Arc<PodState>>,
+    prefill_leg: PrefillLeg,
+    /// When the latest pair's decode request was sent.
+    decode_started: Option<Instant>,
+    /// `pd_group_requests_total` of the latest pair's group: prefill, decode.
+    pd_requests: Option<[IntCounter; 2]>,
+    /// `pd_kv_transfer_params_total` of the ModelServer: relayed, missing.
+    kv_transfer_params: Option<[IntCounter; 2]>,
+}
+
+/// How long the prefill leg of the latest pair took.
+#[derive(Debug, Default)]
+enum PrefillLeg {
+    #[default]
+    Unknown,
+    Done(Duration),
+    /// Still running when the decode answered (SGLang's concurrent legs);
+    /// the duration arrives when it ends.
+    Running(oneshot::Receiver<Duration>),
+}
+
+impl PrefillLeg {
+    fn duration(&mut self) -> Option<Duration> {
+        match self {
+            Self::Unknown => None,
+            Self::Done(took) => Some(*took),
+            Self::Running(receiver) => receiver.try_recv().ok(),
+        }
+    }
 }
 
 impl RequestRecord {
@@ -86,16 +121,17 @@ impl RequestRecord {
             observer: observer.clone(),
             started: clock::now(),
             started_at: clock::wall_now(),
-            method: request.method().clone(),
+            method: bounded_method(request.method()),
             uri: request.uri().clone(),
             version: request.version(),
             path: PathLabel::of(request.uri().path()),
-            // The client's id, if any; the proxy sets the one it forwards.
-            request_id: request
-                .headers()
-                .get(REQUEST_ID_HEADER)
-                .filter(|id| !id.is_empty())
-                .cloned(),
+            // The client's id, if it is kept; the proxy sets the one it
+            // forwards. A copy, so a queued access log line does not hold
+            // on to the connection's read buffer.
+            request_id: match ClientRequestId::of(request.headers()) {
+                ClientRequestId::Kept(id) => HeaderValue::from_bytes(id.as_bytes()).ok(),
+                _ => None,
+            },
             model_name: None,
             model: None,
             route: None,
@@ -116,6 +152,11 @@ impl RequestRecord {
             connect_failures: 0,
             produced_output: 0,
             finished: false,
+            prefill_pod: None,
+            prefill_leg: PrefillLeg::Unknown,
+            decode_started: None,
+            pd_requests: None,
+            kv_transfer_params: None,
         }
     }
 
@@ -183,8 +224,12 @@ impl RequestRecord {
         self.server = Some(decision.server.clone());
     }
 
+    /// The id the request was given: the client's (already kept) or a
+    /// generated one.
     pub fn set_request_id(&mut self, request_id: &HeaderValue) {
-        self.request_id = Some(request_id.clone());
+        if self.request_id.is_none() {
+            self.request_id = Some(request_id.clone());
+        }
     }
 
     /// An attempt to `pod` starts.
@@ -200,6 +245,70 @@ impl RequestRecord {
                     self.upstream_gauge = Some(gauge.clone());
                 }
             }
+        }
+    }
+
+    /// An attempt to a prefill/decode pair of group `group` (an index into
+    /// the ModelServer's groups) starts.
+    pub fn begin_pair(&mut self, prefill: &Arc<PodState>, decode: &Arc<PodState>, group: usize) {
+        self.begin_attempt(decode);
+        self.prefill_pod = Some(prefill.clone());
+        self.prefill_leg = PrefillLeg::Unknown;
+        self.decode_started = None;
+        let (Some(server), Some(model)) = (&self.server, &self.model) else {
+            return;
+        };
+        let resolved = self.observer.metrics.resolved();
+        let Some(handles) = resolved.prefill_decode(&server.key) else {
+            return;
+        };
+        if self.kv_transfer_params.is_none() {
+            self.kv_transfer_params
+                .clone_from(&handles.kv_transfer_params);
+        }
+        let group = handles.groups.get(group);
+        if let Some(decisions) = group.and_then(|group| group.decisions.as_ref()) {
+            decisions.inc();
+        }
+        self.pd_requests = group.and_then(|group| group.requests.get(&model.name).cloned());
+    }
+
+    /// The prefill pod of the latest pair, for a prefill/decode request.
+    pub fn prefill_pod(&self) -> Option<&Arc<PodState>> {
+        self.prefill_pod.as_ref()
+    }
+
+    /// The prefill request of the latest pair is sent.
+    pub fn prefill_sent(&self) {
+        if let Some([prefill, _]) = &self.pd_requests {
+            prefill.inc();
+        }
+    }
+
+    /// The prefill leg of the latest pair ended (its answer read whole).
+    pub fn prefill_finished(&mut self, took: Duration) {
+        self.prefill_leg = PrefillLeg::Done(took);
+    }
+
+    /// The prefill leg of the latest pair still runs; `took` says how long
+    /// it took when it ends.
+    pub fn prefill_running(&mut self, took: oneshot::Receiver<Duration>) {
+        self.prefill_leg = PrefillLeg::Running(took);
+    }
+
+    /// The decode request of the latest pair is sent.
+    pub fn decode_sent(&mut self) {
+        self.decode_started = Some(clock::now());
+        if let Some([_, decode]) = &self.pd_requests {
+            decode.inc();
+        }
+    }
+
+    /// A prefill answer's `kv_transfer_params` went to the decode request
+    /// (`relayed`), or the answer had none.
+    pub fn kv_transfer_params(&self, relayed: bool) {
+        if let Some([with, without]) = &self.kv_transfer_params {
+            if relayed { with.inc() } else { without.inc() }
         }
     }
 
@@ -276,12 +385,26 @@ impl RequestRecord {
                 self.status == 200 && error_type == OutcomeLabel::Success.as_str(),
             );
         }
-        let phases = match (self.is_stream, self.first_chunk) {
+        // A stream's own split: arrival to the first chunk, then the rest.
+        let stream_split = match (self.is_stream, self.first_chunk) {
             (true, Some(first)) => Some((
                 first.duration_since(self.started).as_secs_f64(),
                 ended.duration_since(first).as_secs_f64(),
             )),
             _ => None,
+        };
+        let prefill_leg = self.prefill_leg.duration();
+        let decode_leg = self.decode_started.map(|at| ended.duration_since(at));
+        let phases = match (&self.prefill_pod, stream_split) {
+            (Some(_), _) => Phases {
+                prefill: prefill_leg.map(|took| took.as_secs_f64()),
+                decode: decode_leg.map(|took| took.as_secs_f64()),
+            },
+            (None, Some((prefill, decode))) => Phases {
+                prefill: Some(prefill),
+                decode: Some(decode),
+            },
+            (None, None) => Phases::default(),
         };
         let usage = usage.unwrap_or_default();
         let metrics = &self.observer.metrics;
@@ -300,7 +423,7 @@ impl RequestRecord {
                     });
                 }
                 model.add_tokens(self.path, usage.prompt_tokens, usage.completion_tokens);
-                if let Some((prefill, decode)) = phases {
+                if let Some((prefill, decode)) = stream_split {
                     model.ttft.observe(prefill);
                     if usage.completion_tokens > 1 {
                         model
@@ -350,7 +473,7 @@ impl RequestRecord {
         self.observer.access_log.log(AccessLogEntry {
             started_at: self.started_at,
             method: self.method.clone(),
-            uri: self.uri.clone(),
+            path: logged_path(self.path, &self.uri),
             version: self.version,
             status: self.status,
             model_name: self.model_name.take(),
@@ -370,7 +493,41 @@ impl RequestRecord {
             upstream_attempts: self.attempts,
             error,
             user: self.user.take(),
+            prefill_pod: self.prefill_pod.take(),
+            prefill_leg,
+            decode_leg,
         });
+    }
+}
+
+/// The path for the access log: a served path as its static name, any
+/// other cut to [`MAX_QUOTED_CLIENT_BYTES`], so a queued line holds neither
+/// the request's buffer nor an unbounded copy of it.
+fn logged_path(label: PathLabel, uri: &Uri) -> Cow<'static, str> {
+    match label {
+        PathLabel::Other => Cow::Owned(bounded_prefix(uri.path()).to_owned()),
+        served => Cow::Borrowed(served.as_str()),
+    }
+}
+
+/// The longest prefix of `text` within [`MAX_QUOTED_CLIENT_BYTES`], at a
+/// character boundary.
+fn bounded_prefix(text: &str) -> &str {
+    let mut end = text.len().min(MAX_QUOTED_CLIENT_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Methods are client tokens of any length: a long extension method is cut.
+fn bounded_method(method: &Method) -> Method {
+    const MAX_METHOD_BYTES: usize = 16;
+    let bytes = method.as_str().as_bytes();
+    if bytes.len() <= MAX_METHOD_BYTES {
+        method.clone()
+    } else {
+        Method::from_bytes(&bytes[..MAX_METHOD_BYTES]).unwrap_or(Method::GET)
     }
 }
 

@@ -1,0 +1,291 @@
+//! Soak test (`make soak`; not part of `make test`): 200,000 mixed requests
+//! through one dataplane (release build) to two mock engines — chat, streams
+//! read to the end, streams abandoned after their first chunk, router errors,
+//! engine errors, `/v1/models` — 32 at a time. Every 20,000 requests it
+//! prints the dataplane's RSS, open descriptors, metric series and in-flight
+//! counts; at the end it asserts that none of them grew past warm-up.
+//!
+//! Tunables (environment): `SOAK_REQUESTS` (200000), `SOAK_CONCURRENCY` (32).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use parking_lot::Mutex;
+use switchyard_e2e::harness::{
+    Stack, TestPod, model_server_yaml, simple_route_yaml, yaml_documents,
+};
+use switchyard_e2e::hostile::{open_fds, rss_kib};
+use switchyard_runtime::clock;
+
+/// Requests between two reports.
+const REPORT_EVERY: u64 = 20_000;
+
+/// Growth allowed after the first report (warm-up: pools, caches, every
+/// label combination seen once).
+const RSS_GROWTH_KIB: u64 = 32 * 1024;
+const FD_GROWTH: usize = 16;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+const CHAT: &str =
+    r#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":8}"#;
+const STREAM: &str = r#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":8,"stream":true}"#;
+
+/// One request of the mix, by its number; returns its status.
+async fn one(stack: &Stack, n: u64) -> u16 {
+    let url = |path: &str| stack.dataplanes[0].url(path);
+    let http = &stack.http;
+    let status = match n % 10 {
+        0..=3 => http
+            .post_json(&url("/v1/chat/completions"), &[], CHAT)
+            .await
+            .map(|r| r.status),
+        4 | 5 => match http
+            .post_json_streaming(&url("/v1/chat/completions"), &[], STREAM)
+            .await
+        {
+            Ok(response) => {
+                let status = response.status();
+                let _ = response.into_body().collect().await;
+                Ok(status)
+            }
+            Err(error) => Err(error.to_string()),
+        },
+        6 => match http
+            .post_json_streaming(&url("/v1/chat/completions"), &[], STREAM)
+            .await
+        {
+            // Abandoned after the first chunk: the client goes away mid-stream.
+            Ok(response) => {
+                let status = response.status();
+                let mut body = response.into_body();
+                let _ = body.frame().await;
+                Ok(status)
+            }
+            Err(error) => Err(error.to_string()),
+        },
+        7 if n % 20 == 7 => http
+            .post_json(&url("/v1/chat/completions"), &[], r#"{"model":"nope"}"#)
+            .await
+            .map(|r| r.status),
+        7 => http
+            .post_json(&url("/v1/chat/completions"), &[], r#"{"model":"m""#)
+            .await
+            .map(|r| r.status),
+        8 => http
+            .post_json(
+                &url("/v1/chat/completions"),
+                &[("x-mock-status", "500")],
+                CHAT,
+            )
+            .await
+            .map(|r| r.status),
+        _ => http.get(&url("/v1/models")).await.map(|r| r.status),
+    };
+    status.map_or(0, |status| status.as_u16())
+}
+
+/// The statuses each kind of request must get.
+fn expected(n: u64) -> u16 {
+    match n % 10 {
+        0..=6 | 9 => 200,
+        7 if n % 20 == 7 => 404,
+        7 => 400,
+        _ => 500,
+    }
+}
+
+struct Sample {
+    done: u64,
+    rss_kib: u64,
+    fds: usize,
+    series: usize,
+    in_flight: f64,
+}
+
+async fn sample(stack: &Stack, pid: u32, done: u64) -> Sample {
+    let metrics_url = format!("http://{}/metrics", stack.dataplanes[0].metrics);
+    let page = stack
+        .http
+        .get(&metrics_url)
+        .await
+        .map(|r| r.text())
+        .unwrap_or_default();
+    let series = page
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .count();
+    let in_flight = page
+        .lines()
+        .filter(|line| {
+            line.starts_with("kthena_router_active_downstream_requests")
+                || line.starts_with("kthena_router_active_upstream_requests")
+                || line.starts_with("kthena_router_pod_active_requests")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Sample {
+        done,
+        rss_kib: rss_kib(pid),
+        fds: open_fds(pid),
+        series,
+        in_flight,
+    }
+}
+
+fn print(sample: &Sample, elapsed: Duration) {
+    println!(
+        "| {:>7} | {:>8.1} | {:>8.1} MiB | {:>4} | {:>6} | {:>9} |",
+        sample.done,
+        elapsed.as_secs_f64(),
+        sample.rss_kib as f64 / 1024.0,
+        sample.fds,
+        sample.series,
+        sample.in_flight
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let requests = env("SOAK_REQUESTS", 200_000);
+    let concurrency = env("SOAK_CONCURRENCY", 32);
+    let objects = yaml_documents(&[
+        model_server_yaml("mock", ""),
+        simple_route_yaml("m", "m", "mock"),
+    ]);
+    let mut stack = Stack::new(&[("objects.yaml", objects)]);
+    stack
+        .start_pods(&[
+            TestPod::serving("mock-0", 11, "mock", "m", &[]),
+            TestPod::serving("mock-1", 12, "mock", "m", &[]),
+        ])
+        .await;
+    stack.start_controller().await;
+    // Its access log (stdout) goes to a file, as a pod's would be collected.
+    let index = stack.spawn_dataplane();
+    stack.wait_dataplane_ready(index).await;
+    let pid = stack.dataplanes[0].process.pid().expect("dataplane runs");
+    let stack = Arc::new(stack);
+    let _logs = stack.logs_on_failure();
+
+    println!(
+        "Soak: {requests} requests, {concurrency} at a time, one dataplane (release build), two mock engines"
+    );
+    println!("| requests | seconds | dataplane RSS | fds | metric series | in flight |");
+    println!("|---|---|---|---|---|---|");
+    let started = clock::now();
+    let first = sample(&stack, pid, 0).await;
+    print(&first, Duration::ZERO);
+    let next = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let wrong: Arc<Mutex<Vec<(u64, u16)>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (stack, next, finished, wrong, samples) = (
+            stack.clone(),
+            next.clone(),
+            finished.clone(),
+            wrong.clone(),
+            samples.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= requests {
+                    return;
+                }
+                let status = one(&stack, n).await;
+                if status != expected(n) {
+                    wrong.lock().push((n, status));
+                }
+                let done = finished.fetch_add(1, Ordering::Relaxed) + 1;
+                if done % REPORT_EVERY == 0 {
+                    let sample = sample(&stack, pid, done).await;
+                    print(&sample, started.elapsed());
+                    samples.lock().push(sample);
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    let elapsed = started.elapsed();
+    // In-flight gauges drain once the last abandoned stream is noticed.
+    let mut last = sample(&stack, pid, requests).await;
+    let deadline = clock::now() + Duration::from_secs(30);
+    while last.in_flight != 0.0 && clock::now() < deadline {
+        clock::sleep(Duration::from_millis(200)).await;
+        last = sample(&stack, pid, requests).await;
+    }
+    print(&last, started.elapsed());
+    println!(
+        "{requests} requests in {:.1} s ({:.0} req/s)",
+        elapsed.as_secs_f64(),
+        requests as f64 / elapsed.as_secs_f64()
+    );
+    let wrong = wrong.lock().clone();
+    let samples = samples.lock();
+    let warm = samples.first().unwrap_or(&last);
+    let mut failures = Vec::new();
+    if !wrong.is_empty() {
+        failures.push(format!(
+            "{} requests got an unexpected status, first: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        ));
+    }
+    if last.in_flight != 0.0 {
+        failures.push(format!(
+            "{} requests still counted in flight",
+            last.in_flight
+        ));
+    }
+    let peak_rss = samples
+        .iter()
+        .map(|s| s.rss_kib)
+        .max()
+        .unwrap_or(last.rss_kib);
+    if peak_rss > warm.rss_kib + RSS_GROWTH_KIB {
+        failures.push(format!(
+            "RSS grew from {} KiB (after {}) to {peak_rss} KiB",
+            warm.rss_kib, warm.done
+        ));
+    }
+    if last.fds > warm.fds + FD_GROWTH {
+        failures.push(format!(
+            "descriptors grew from {} to {}",
+            warm.fds, last.fds
+        ));
+    }
+    if last.series > warm.series {
+        failures.push(format!(
+            "metric series grew from {} to {}",
+            warm.series, last.series
+        ));
+    }
+    if failures.is_empty() {
+        println!(
+            "soak: passed (RSS {:.1} -> {:.1} MiB after warm-up, fds {} -> {}, series {} -> {}, 0 in flight)",
+            warm.rss_kib as f64 / 1024.0,
+            last.rss_kib as f64 / 1024.0,
+            warm.fds,
+            last.fds,
+            warm.series,
+            last.series
+        );
+    } else {
+        for failure in &failures {
+            println!("soak: FAILED: {failure}");
+        }
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,410 @@
+//! Tools for the hostile-client tests: raw HTTP/1.1 and HTTP/2 bytes on a
+//! socket (what a well-behaved client library would never send), and the
+//! memory and descriptors of a process as the kernel reports them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use parking_lot::Mutex;
+use switchyard_runtime::clock;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::harness::{
+    ENGINE_PORT, Stack, TestPod, model_server_yaml, simple_route_yaml, yaml_documents,
+};
+
+/// A controller and a dataplane routing model `m` to a mock engine and
+/// `cap` to a [`CaptureEngine`], for the hostile-client tests.
+pub struct HostileStack {
+    pub stack: Stack,
+    pub capture: CaptureEngine,
+}
+
+impl HostileStack {
+    pub async fn start(dataplane_args: &[&str]) -> Self {
+        let objects = yaml_documents(&[
+            model_server_yaml("mock", ""),
+            simple_route_yaml("m", "m", "mock"),
+            model_server_yaml("cap", ""),
+            simple_route_yaml("cap", "cap", "cap"),
+        ]);
+        let mut stack = Stack::new(&[("objects.yaml", objects)]);
+        let capture = CaptureEngine::start(SocketAddr::from((stack.ip(12), ENGINE_PORT))).await;
+        stack
+            .start_pods(&[
+                TestPod::serving("mock-0", 11, "mock", "m", &[]),
+                TestPod::without_engine("cap-0", 12, "cap"),
+            ])
+            .await;
+        stack.start_controller().await;
+        let index = stack.spawn_dataplane_with(dataplane_args);
+        stack.wait_dataplane_ready(index).await;
+        Self { stack, capture }
+    }
+
+    pub fn traffic(&self) -> SocketAddr {
+        self.stack.dataplanes[0].traffic
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.stack.dataplanes[0]
+            .process
+            .pid()
+            .expect("dataplane runs")
+    }
+
+    /// Inference requests the capture engine received (not the controller's scrapes).
+    pub fn forwarded(&self) -> Vec<Captured> {
+        self.capture
+            .requests()
+            .into_iter()
+            .filter(|request| {
+                request.path.starts_with("/v1/chat") || request.path == "/v1/completions"
+            })
+            .collect()
+    }
+
+    /// A chat request to the mock engine still gets its 200.
+    pub async fn still_serves(&self) {
+        let response = self
+            .stack
+            .post(
+                "/v1/chat/completions",
+                &[],
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+    }
+
+    /// The dataplane's access log lines (JSON) so far.
+    pub fn access_log_lines(&self) -> Vec<serde_json::Value> {
+        self.stack.dataplanes[0]
+            .process
+            .log_text()
+            .lines()
+            .filter(|line| line.starts_with('{'))
+            .map(|line| serde_json::from_str(line).expect("an access log line is JSON"))
+            .collect()
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.stack.dataplanes[0].metrics);
+        self.stack.http.get(&url).await.expect("metrics").text()
+    }
+}
+
+/// What [`CaptureEngine`] received: one entry per request.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An engine that records every request it gets (head and body) and
+/// answers each with a small chat completion: to see exactly what the
+/// router forwards.
+pub struct CaptureEngine {
+    pub received: Arc<Mutex<Vec<Captured>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The answer of a [`CaptureEngine`].
+pub const CAPTURE_ANSWER: &str = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+
+impl CaptureEngine {
+    /// Listens on `addr` until dropped.
+    pub async fn start(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("capture engine binds");
+        let received: Arc<Mutex<Vec<Captured>>> = Arc::default();
+        let log = received.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: Request<hyper::body::Incoming>| {
+                            let log = log.clone();
+                            async move {
+                                let (head, body) = request.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                log.lock().push(Captured {
+                                    path: head.uri.path().to_owned(),
+                                    headers: head.headers,
+                                    body,
+                                });
+                                let mut response = Response::new(Full::new(Bytes::from_static(
+                                    CAPTURE_ANSWER.as_bytes(),
+                                )));
+                                response.headers_mut().insert(
+                                    http::header::CONTENT_TYPE,
+                                    http::HeaderValue::from_static("application/json"),
+                                );
+                                Ok::<_, Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { received, task }
+    }
+
+    /// The requests received so far.
+    pub fn requests(&self) -> Vec<Captured> {
+        self.received.lock().clone()
+    }
+}
+
+impl Drop for CaptureEngine {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the server did with some raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawOutcome {
+    /// The status of every response head received, in order.
+    pub statuses: Vec<u16>,
+    /// Everything received.
+    pub bytes: Vec<u8>,
+    /// The server closed (or reset) the connection.
+    pub closed: bool,
+}
+
+impl RawOutcome {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// The first response's status.
+    pub fn status(&self) -> Option<u16> {
+        self.statuses.first().copied()
+    }
+}
+
+/// Sends `bytes` on a fresh connection to `addr`, then reads until the
+/// server closes it or nothing more arrives for `quiet`.
+pub async fn exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> RawOutcome {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    // A server that answers before reading everything may reset the rest.
+    let _ = stream.write_all(bytes).await;
+    read_outcome(&mut stream, quiet).await
+}
+
+/// Reads from `stream` until it closes or stays silent for `quiet`.
+pub async fn read_outcome(stream: &mut TcpStream, quiet: Duration) -> RawOutcome {
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let closed = loop {
+        match clock::timeout(quiet, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+            Err(_) => break false,
+        }
+    };
+    RawOutcome {
+        statuses: statuses(&received),
+        bytes: received,
+        closed,
+    }
+}
+
+/// Reads until the server closes `stream` or `limit` passes.
+pub async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
+    let deadline = clock::now() + limit;
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 16 * 1024];
+    let closed = loop {
+        match clock::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+            Err(_) => break false,
+        }
+    };
+    RawOutcome {
+        statuses: statuses(&received),
+        bytes: received,
+        closed,
+    }
+}
+
+/// Statuses of the HTTP/1.1 response heads in `bytes` (lines starting a
+/// response: `HTTP/1.x NNN`).
+fn statuses(bytes: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(bytes);
+    text.split("\r\n")
+        .filter_map(|line| line.strip_prefix("HTTP/1."))
+        .filter_map(|rest| rest.get(2..5))
+        .filter_map(|code| code.parse().ok())
+        .collect()
+}
+
+/// A POST of `body` to `path` with `Content-Length`, plus `extra` header lines.
+pub fn post(path: &str, extra: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// `request` with one more header line (bytes as given, `\r\n` added)
+/// at the end of its head.
+pub fn with_header_line(mut request: Vec<u8>, line: &[u8]) -> Vec<u8> {
+    let end = request
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map_or(request.len(), |at| at + 2);
+    let mut inserted = line.to_vec();
+    inserted.extend_from_slice(b"\r\n");
+    request.splice(end..end, inserted);
+    request
+}
+
+/// A process's resident memory in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_field(pid, "VmRSS:")
+}
+
+fn proc_status_field(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} for process {pid}"))
+}
+
+/// A process's open file descriptors.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+/// Waits until `pid`'s RSS is at most `bound_kib` and returns it, or
+/// returns the last value seen after `limit` (the caller asserts).
+pub async fn rss_settles_below(pid: u32, bound_kib: u64, limit: Duration) -> u64 {
+    let deadline = clock::now() + limit;
+    loop {
+        let rss = rss_kib(pid);
+        if rss <= bound_kib || clock::now() >= deadline {
+            return rss;
+        }
+        clock::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One line of the measured figures (`make test-faults` prints them for
+/// the README's table): probe, outcome, RSS before, at the peak (when
+/// sampled), after.
+pub fn report_figure(
+    probe: &str,
+    outcome: &str,
+    before_kib: u64,
+    peak_kib: Option<u64>,
+    after_kib: u64,
+) {
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    println!(
+        "FIGURE | {probe} | {outcome} | {} | {} | {} |",
+        mib(before_kib),
+        peak_kib.map_or_else(|| "—".to_owned(), mib),
+        mib(after_kib)
+    );
+}
+
+/// HTTP/2 frames written by hand: what an abusive client sends and a client
+/// library refuses to.
+pub mod h2 {
+    /// The client connection preface and an empty SETTINGS frame.
+    pub fn preface() -> Vec<u8> {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(FRAME_SETTINGS, 0, 0, &[]));
+        bytes
+    }
+
+    pub const FRAME_DATA: u8 = 0x0;
+    pub const FRAME_HEADERS: u8 = 0x1;
+    pub const FRAME_RST_STREAM: u8 = 0x3;
+    pub const FRAME_SETTINGS: u8 = 0x4;
+    pub const FRAME_GOAWAY: u8 = 0x7;
+    pub const FRAME_CONTINUATION: u8 = 0x9;
+    pub const FLAG_END_STREAM: u8 = 0x1;
+    pub const FLAG_END_HEADERS: u8 = 0x4;
+
+    /// One frame.
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let length = payload.len() as u32;
+        let mut bytes = Vec::with_capacity(9 + payload.len());
+        bytes.extend_from_slice(&length.to_be_bytes()[1..]);
+        bytes.push(kind);
+        bytes.push(flags);
+        bytes.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    /// HPACK for `POST /v1/chat/completions` over http to `router`, with a
+    /// JSON content type: static-table indexes and literals without indexing.
+    pub fn post_chat_block() -> Vec<u8> {
+        let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+        block.extend(literal(4, b"/v1/chat/completions")); // :path
+        block.extend(literal(1, b"router")); // :authority
+        block.extend(literal(31, b"application/json")); // content-type
+        block
+    }
+
+    /// A literal header field without indexing, its name from the static
+    /// table (a 4-bit prefixed index, then a 7-bit prefixed length).
+    pub fn literal(name_index: u8, value: &[u8]) -> Vec<u8> {
+        assert!(name_index < 15 + 127 && value.len() < 127);
+        let mut bytes = if name_index < 15 {
+            vec![name_index]
+        } else {
+            vec![0x0f, name_index - 15]
+        };
+        bytes.push(value.len() as u8);
+        bytes.extend_from_slice(value);
+        bytes
+    }
+
+    /// A literal header field without indexing with a new name.
+    pub fn literal_new_name(name: &[u8], value: &[u8]) -> Vec<u8> {
+        assert!(name.len() < 127 && value.len() < 127);
+        let mut bytes = vec![0x00, name.len() as u8];
+        bytes.extend_from_slice(name);
+        bytes.push(value.len() as u8);
+        bytes.extend_from_slice(value);
+        bytes
+    }
+
+    /// The kinds of the frames in `bytes` (whole frames only).
+    pub fn frame_kinds(bytes: &[u8]) -> Vec<u8> {
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while at + 9 <= bytes.len() {
+            let length = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+            kinds.push(bytes[at + 3]);
+            at += 9 + length;
+        }
+        kinds
+    }
+}

@@ -1,0 +1,419 @@
+//! Hostile clients at scale against the real dataplane on loopback: floods,
+//! parked and slow bodies, slowloris, huge fields. Slow (seconds to a
+//! minute each), so not part of `make test`: `make test-faults` runs them
+//! one at a time (memory is measured) and prints a `FIGURE` line per probe,
+//! the README's "Failure behaviour" table.
+//!
+//! Memory bounds are generous (a busy machine must not make them flake):
+//! they catch growth by tens of megabytes per client, not noise.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use switchyard_e2e::harness::WAIT_DEADLINE;
+use switchyard_e2e::hostile::{
+    HostileStack, exchange, h2, post, read_outcome, read_until_closed, report_figure, rss_kib,
+    rss_settles_below, with_header_line,
+};
+use switchyard_runtime::clock;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const MIB: u64 = 1024;
+
+/// How long freed memory may take to go back to the system (the
+/// allocator's background purge runs on a ~10 s decay).
+const RETURN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Memory a probe may leave behind once its clients are gone.
+const LEFT_BEHIND: u64 = 40 * MIB;
+
+async fn settled_rss(hostile: &HostileStack, before: u64) -> u64 {
+    let after = rss_settles_below(hostile.pid(), before + LEFT_BEHIND, RETURN_DEADLINE).await;
+    assert!(
+        after <= before + LEFT_BEHIND,
+        "memory returns: {before} KiB before, {after} KiB after"
+    );
+    after
+}
+
+const GET_MODELS: &[u8] = b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: make test-faults"]
+async fn an_idle_connection_flood_is_held_cheaply_and_returned() {
+    let hostile = HostileStack::start(&[]).await;
+    let pid = hostile.pid();
+    let before = rss_kib(pid);
+    let mut idle = Vec::new();
+    for _ in 0..5_000 {
+        let mut stream = TcpStream::connect(hostile.traffic())
+            .await
+            .expect("connect");
+        stream.write_all(GET_MODELS).await.expect("request");
+        idle.push(stream);
+    }
+    for stream in &mut idle {
+        let outcome = read_outcome(stream, Duration::from_millis(100)).await;
+        assert_eq!(outcome.status(), Some(200), "kept alive after its answer");
+    }
+    let mut silent = Vec::new();
+    for _ in 0..500 {
+        silent.push(
+            TcpStream::connect(hostile.traffic())
+                .await
+                .expect("connect"),
+        );
+    }
+    clock::sleep(Duration::from_secs(1)).await;
+    let peak = rss_kib(pid);
+    assert!(
+        peak < before + 250 * MIB,
+        "5,500 connections: {before} -> {peak} KiB"
+    );
+    hostile.still_serves().await;
+    drop(idle);
+    drop(silent);
+    let after = settled_rss(&hostile, before).await;
+    report_figure(
+        "5,000 idle keep-alive + 500 silent connections",
+        "held (idle timeout 60 s); memory returned after they close",
+        before,
+        Some(peak),
+        after,
+    );
+    hostile.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: make test-faults"]
+async fn connections_over_the_limit_are_refused_at_scale() {
+    let hostile = HostileStack::start(&["--max-connections", "1000"]).await;
+    let pid = hostile.pid();
+    let before = rss_kib(pid);
+    let mut streams = Vec::new();
+    for _ in 0..1_500 {
+        streams.push(
+            TcpStream::connect(hostile.traffic())
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut refused = 0;
+    for stream in &mut streams {
+        let outcome = read_outcome(stream, Duration::from_millis(20)).await;
+        if outcome.closed {
+            assert_eq!(outcome.statuses, [503], "{}", outcome.text());
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 500,
+        "{refused} of 1,500 refused at a limit of 1,000"
+    );
+    let peak = rss_kib(pid);
+    drop(streams);
+    let after = settled_rss(&hostile, before).await;
+    report_figure(
+        "1,500 connections, --max-connections 1000",
+        &format!("{refused} answered 503 too_many_connections and closed"),
+        before,
+        Some(peak),
+        after,
+    );
+    hostile.still_serves().await;
+}
+
+/// A request head declaring a `size`-byte chat body for `cap`, and the body.
+fn declared_body(size: usize) -> (Vec<u8>, Vec<u8>) {
+    let prefix = br#"{"model":"cap","pad":""#;
+    let mut body = prefix.to_vec();
+    body.resize(size - 2, b'p');
+    body.extend_from_slice(br#""}"#);
+    let request = post("/v1/chat/completions", "", &body);
+    let head_len = request.len() - body.len();
+    (request[..head_len].to_vec(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: make test-faults"]
+async fn parked_bodies_hold_at_most_the_budget() {
+    let hostile = HostileStack::start(&[]).await;
+    let pid = hostile.pid();
+    let before = rss_kib(pid);
+    let size = 31 << 20;
+    let (head, body) = declared_body(size);
+    let mut parked = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(hostile.traffic())
+            .await
+            .expect("connect");
+        stream.write_all(&head).await.expect("head");
+        // A refusal comes right after the head: the declared length does not fit.
+        let early = read_outcome(&mut stream, Duration::from_millis(300)).await;
+        if early.status() == Some(503) {
+            assert!(early.text().contains("retry-after: 1"), "{}", early.text());
+            refused += 1;
+            continue;
+        }
+        // All but the last byte, then silence.
+        stream
+            .write_all(&body[..size - 1])
+            .await
+            .expect("body accepted");
+        parked.push(stream);
+    }
+    clock::sleep(Duration::from_secs(1)).await;
+    let peak = rss_kib(pid);
+    assert!(
+        parked.len() <= 8,
+        "a 256 MiB budget holds at most 8 bodies of 31 MiB, not {}",
+        parked.len()
+    );
+    assert!(refused >= 12, "{refused} refused with 503");
+    assert!(
+        peak < before + 330 * MIB,
+        "20 parked 31 MiB bodies: {before} -> {peak} KiB"
+    );
+    hostile.still_serves().await;
+    drop(parked);
+    let after = settled_rss(&hostile, before).await;
+    report_figure(
+        "20 bodies of 31 MiB, all but the last byte sent",
+        &format!(
+            "{} held within the 256 MiB budget, {refused} answered 503 + Retry-After",
+            20 - refused
+        ),
+        before,
+        Some(peak),
+        after,
+    );
+    hostile.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: make test-faults"]
+async fn a_slow_large_body_is_cut_at_the_minimum_rate() {
+    let hostile = HostileStack::start(&[]).await;
+    let pid = hostile.pid();
+    let before = rss_kib(pid);
+    let size = 31 << 20;
+    let (head, body) = declared_body(size);
+    let mut stream = TcpStream::connect(hostile.traffic())
+        .await
+        .expect("connect");
+    stream.write_all(&head).await.expect("head");
+    let started = clock::now();
+    // 10 KB/s: 1 KB every 100 ms, until the router answers.
+    let mut answer = None;
+    for chunk in body.chunks(1000) {
+        if stream.write_all(chunk).await.is_err() {
+            break;
+        }
+        let outcome = read_outcome(&mut stream, Duration::from_millis(100)).await;
+        if !outcome.bytes.is_empty() || outcome.closed {
+            answer = Some(outcome);
+            break;
+        }
+        assert!(started.elapsed() < WAIT_DEADLINE, "never cut");
+    }
+    let elapsed = started.elapsed();
+    let answer = answer.expect("the router answered");
+    assert_eq!(answer.status(), Some(408), "{}", answer.text());
+    assert!(
+        elapsed >= Duration::from_secs(10),
+        "the grace is honoured: {elapsed:?}"
+    );
+    let peak = rss_kib(pid);
+    let after = settled_rss(&hostile, before).await;
+    report_figure(
+        "a 31 MiB body sent at 10 KB/s",
+        &format!("408 request_timeout after {:.1} s", elapsed.as_secs_f64()),
+        before,
+        Some(peak),
+        after,
+    );
+    hostile.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: make test-faults"]
+async fn slowloris_headers_are_cut_at_the_idle_timeout() {
+    let hostile = HostileStack::start(&["--idle-timeout", "5s"]).await;
+    let pid = hostile.pid();
+    let before = rss_kib(pid);
+    let mut streams = Vec::new();
+    for _ in 0..500 {
+        let mut stream = TcpStream::connect(hostile.traffic())
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+            .await
+            .expect("request line");
+        streams.push(stream);
+    }
+    let started = clock::now();
+    let mut open = streams.len();
+    let mut peak = rss_kib(pid);
+    while open > 0 && started.elapsed() < WAIT_DEADLINE {
+        open = 0;
+        for stream in &mut streams {
+            // One more header byte every round, as a slowloris client does.
+            if stream.write_all(b"X").await.is_ok() {
+                let outcome = read_outcome(stream, Duration::from_millis(1)).await;
+                if !outcome.closed {
+                    open += 1;
+                }
+            }
+        }
+        peak = peak.max(rss_kib(pid));
+        clock::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(open, 0, "every slowloris connection is closed");
+    let elapsed = started.elapsed();
+    drop(streams);
+    let after = settled_rss(&hostile, before).await;
+    report_figure(
+        "500 slowloris connections (a header byte every 0.5 s), --idle-timeout 5s",
+        &format!("all closed within {:.1} s", elapsed.as_secs_f64()),
+        before,
+        Some(peak),
+        after,
+    );
+    hostile.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: make test-faults"]
+async fn a_30_mib_model_name_is_refused_without_an_echo() {
+    let hostile = HostileStack::start(&[]).await;
+    let pid = hostile.pid();
+    let before = rss_kib(pid);
+    let body = format!(r#"{{"model":"{}"}}"#, "x".repeat(30 << 20));
+    let outcome = exchange(
+        hostile.traffic(),
+        &post("/v1/chat/completions", "", body.as_bytes()),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(outcome.status(), Some(400), "{}", outcome.text());
+    assert!(
+        outcome.bytes.len() < 1024,
+        "answer of {} bytes",
+        outcome.bytes.len()
+    );
+    let peak = rss_kib(pid);
+    let lines = switchyard_e2e::harness::wait_for("its access log line", || async {
+        let lines = hostile.access_log_lines();
+        (!lines.is_empty()).then_some(lines)
+    })
+    .await;
+    let longest = lines.iter().map(|line| line.to_string().len()).max();
+    assert!(longest < Some(4096), "access log line of {longest:?} bytes");
+    let after = settled_rss(&hostile, before).await;
+    report_figure(
+        "a 30 MiB `model`",
+        &format!(
+            "400 invalid_model, {}-byte answer, {}-byte access log line",
+            outcome.bytes.len(),
+            longest.unwrap_or_default()
+        ),
+        before,
+        Some(peak),
+        after,
+    );
+    hostile.still_serves().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: make test-faults"]
+async fn long_request_ids_leave_nothing_behind() {
+    let hostile = HostileStack::start(&[]).await;
+    let pid = hostile.pid();
+    let before = rss_kib(pid);
+    let mut line = b"X-Request-Id: ".to_vec();
+    line.extend(std::iter::repeat_n(b'r', 60_000));
+    let request = with_header_line(
+        post(
+            "/v1/chat/completions",
+            "",
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+        &line,
+    );
+    let mut peak = before;
+    for _ in 0..300 {
+        let outcome = exchange(hostile.traffic(), &request, Duration::from_millis(300)).await;
+        assert_eq!(outcome.status(), Some(200), "{}", outcome.text());
+        assert!(!outcome.text().contains("rrrrrrrr"), "never echoed");
+        peak = peak.max(rss_kib(pid));
+    }
+    let mut too_long = b"X-Request-Id: ".to_vec();
+    too_long.extend(std::iter::repeat_n(b'r', 200_000));
+    let refused = exchange(
+        hostile.traffic(),
+        &with_header_line(post("/v1/chat/completions", "", b"{}"), &too_long),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(refused.status(), Some(431), "beyond the 64 KiB head limit");
+    let after = settled_rss(&hostile, before).await;
+    report_figure(
+        "300 requests with a 60 KB x-request-id (200 KB: 431)",
+        "each replaced by a generated id (logged); nothing retained",
+        before,
+        Some(peak),
+        after,
+    );
+    let response = hostile
+        .stack
+        .post(
+            "/v1/chat/completions",
+            &[("x-request-id", "fine-1")],
+            r#"{"model":"m"}"#,
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.header("x-request-id"), Some("fine-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: make test-faults"]
+async fn the_fast_probes_leave_memory_where_it_was() {
+    // The h2 floods and slow-body probes of `hostile_clients.rs` at ten times
+    // the volume, for a memory figure.
+    let hostile = HostileStack::start(&[]).await;
+    let pid = hostile.pid();
+    let before = rss_kib(pid);
+    let mut peak = before;
+    for _ in 0..10 {
+        let mut stream = TcpStream::connect(hostile.traffic())
+            .await
+            .expect("connect");
+        let mut burst = h2::preface();
+        for i in 0..10_000u32 {
+            let id = 2 * i + 1;
+            burst.extend(h2::frame(
+                h2::FRAME_HEADERS,
+                h2::FLAG_END_HEADERS,
+                id,
+                &h2::post_chat_block(),
+            ));
+            burst.extend(h2::frame(h2::FRAME_RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        }
+        let _ = stream.write_all(&burst).await;
+        assert!(read_until_closed(&mut stream, WAIT_DEADLINE).await.closed);
+        peak = peak.max(rss_kib(pid));
+    }
+    let after = settled_rss(&hostile, before).await;
+    report_figure(
+        "10 HTTP/2 rapid-reset connections (10,000 streams each)",
+        "GOAWAY ENHANCE_YOUR_CALM, connection closed",
+        before,
+        Some(peak),
+        after,
+    );
+    hostile.still_serves().await;
+}
