@@ -13,6 +13,7 @@
 //! - [`status`]: the pure status-condition computation;
 //! - [`scrape`]: engine `/metrics` and `/v1/models` scraping and parsing;
 //! - [`xds`]: the snapshot stream server (versions, nonces, ACK/NACK);
+//! - [`outlier`]: the pod ejections dataplanes report, merged for every dataplane;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/debug/...`;
 //! - [`metrics`]: status-write and leader metrics;
 //! - [`error`]: why the controller stops, and the exit codes.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;
+pub mod outlier;
 pub mod rate_limit;
 pub mod router_config;
 pub mod scrape;

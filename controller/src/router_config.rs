@@ -1,7 +1,8 @@
 //! The router configuration file (`--router-config FILE`): the Kthena
 //! router's format, `scheduler` and `auth` sections, plus Switchyard's
 //! `tiers` (the latter two are parsed in `router_config/auth_and_tiers.rs`),
-//! and `fairness`, the admission queue (`router_config/fairness.rs`).
+//! `outlierDetection`, and `fairness`, the admission queue
+//! (`router_config/fairness.rs`).
 //!
 //! ```yaml
 //! scheduler:
@@ -23,6 +24,16 @@
 //!       enabled: [{name: least-request, weight: 1}, {name: prefix-cache, weight: 1}]
 //! ```
 //!
+//! ```yaml
+//! outlierDetection:             # when dataplanes eject a pod whose attempts keep failing
+//!   consecutiveFailures: 5      # failures in a row (a refused connection ejects at once)
+//!   baseEjectionTime: 10s       # first ejection; each recent one adds as much again
+//!   maxEjectionTime: 5m
+//!   maxEjectionPercent: 50      # of a ModelServer's pods at once (always at least one)
+//!   modelServers:               # per ModelServer (namespace/name, or name in default)
+//!     prod/llama: {consecutiveFailures: 3}
+//! ```
+//!
 //! Each plugin's arguments are parsed, defaulted and checked by the plugin's
 //! own spec in `switchyard_snapshot::scheduler`; this module reads the rest of
 //! the section. The result travels inside the snapshot, so every dataplane
@@ -33,6 +44,7 @@
 mod auth_and_tiers;
 mod fairness;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,6 +59,11 @@ pub use auth_and_tiers::JwtSettings;
 /// How often the file is checked for changes: like the config directory, a
 /// poll (works on ConfigMap volumes, whose updates are symlink swaps).
 pub const ROUTER_CONFIG_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest `maxEjectionTime` (and `baseEjectionTime`) accepted: an hour
+/// keeps a broken pod out for as long as anyone would want without
+/// forgetting it for good, and bounds what a dataplane may report.
+pub const MAX_EJECTION_TIME_LIMIT: Duration = Duration::from_secs(3600);
 
 /// Why a router configuration file was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +97,40 @@ struct RouterConfigFile {
     /// The admission queue (see `router_config/fairness.rs`).
     #[serde(default)]
     fairness: Option<serde_yaml::Value>,
+    #[serde(default, rename = "outlierDetection")]
+    outlier_detection: Option<OutlierSection>,
+}
+
+/// `outlierDetection`: the defaults of every ModelServer, and per-ModelServer values.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OutlierSection {
+    consecutive_failures: Option<u32>,
+    base_ejection_time: Option<String>,
+    max_ejection_time: Option<String>,
+    max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    model_servers: BTreeMap<String, OutlierFields>,
+}
+
+/// One ModelServer's entry of `outlierDetection.modelServers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct OutlierFields {
+    consecutive_failures: Option<u32>,
+    base_ejection_time: Option<String>,
+    max_ejection_time: Option<String>,
+    max_ejection_percent: Option<u32>,
+}
+
+/// The outlier detection to ship: every ModelServer's defaults (RouteConfig)
+/// and each named ModelServer's own values, unset fields falling through to
+/// the defaults and then to the dataplane's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutlierConfig {
+    pub defaults: Option<pb::OutlierDetection>,
+    /// By `namespace/name`.
+    pub model_servers: BTreeMap<String, pb::OutlierDetection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,7 +195,8 @@ struct ScoreEntry {
 
 /// A parsed file: the scheduler configuration to ship (None = the file has
 /// no scheduler section; dataplanes use their defaults), the JWT settings,
-/// the tiers' budgets, and warnings to log. The default is no file.
+/// the tiers' budgets, the outlier detection to ship, and warnings to log.
+/// The default is the configuration without a file.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouterConfig {
     pub scheduler: Option<pb::SchedulerConfig>,
@@ -152,7 +204,84 @@ pub struct RouterConfig {
     pub tiers: Vec<pb::TierRateLimit>,
     /// None = no admission queue.
     pub fairness: Option<pb::FairnessConfig>,
+    pub outlier_detection: OutlierConfig,
     pub warnings: Vec<String>,
+}
+
+/// Parses one level of `outlierDetection` (`at` names it in errors).
+fn outlier_detection(
+    at: &str,
+    consecutive_failures: Option<u32>,
+    base_ejection_time: Option<&str>,
+    max_ejection_time: Option<&str>,
+    max_ejection_percent: Option<u32>,
+) -> Result<pb::OutlierDetection, String> {
+    let duration = |field: &str, text: Option<&str>| -> Result<Option<u64>, String> {
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        let duration = switchyard_crd::parse_go_duration(text)
+            .map_err(|error| format!("{at}.{field} {text:?}: {error}"))?;
+        if duration.is_zero() || duration > MAX_EJECTION_TIME_LIMIT {
+            return Err(format!(
+                "{at}.{field} {text:?}: must be more than 0 and at most {MAX_EJECTION_TIME_LIMIT:?}"
+            ));
+        }
+        Ok(Some(
+            u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        ))
+    };
+    if let Some(percent) = max_ejection_percent.filter(|percent| *percent > 100) {
+        return Err(format!(
+            "{at}.maxEjectionPercent {percent}: must be 0..=100"
+        ));
+    }
+    Ok(pb::OutlierDetection {
+        consecutive_failures,
+        base_ejection_time_ms: duration("baseEjectionTime", base_ejection_time)?,
+        max_ejection_time_ms: duration("maxEjectionTime", max_ejection_time)?,
+        max_ejection_percent,
+    })
+}
+
+/// Parses the `outlierDetection` section.
+fn outlier_config(section: Option<&OutlierSection>) -> Result<OutlierConfig, String> {
+    let Some(section) = section else {
+        return Ok(OutlierConfig::default());
+    };
+    let defaults = outlier_detection(
+        "outlierDetection",
+        section.consecutive_failures,
+        section.base_ejection_time.as_deref(),
+        section.max_ejection_time.as_deref(),
+        section.max_ejection_percent,
+    )?;
+    let mut model_servers = BTreeMap::new();
+    for (name, fields) in &section.model_servers {
+        let key = match name.split_once('/') {
+            Some((namespace, server)) if !namespace.is_empty() && !server.is_empty() => {
+                name.clone()
+            }
+            None if !name.is_empty() => format!("default/{name}"),
+            _ => {
+                return Err(format!(
+                    "outlierDetection.modelServers: {name:?} is not namespace/name or name"
+                ));
+            }
+        };
+        let values = outlier_detection(
+            &format!("outlierDetection.modelServers[{name}]"),
+            fields.consecutive_failures,
+            fields.base_ejection_time.as_deref(),
+            fields.max_ejection_time.as_deref(),
+            fields.max_ejection_percent,
+        )?;
+        model_servers.insert(key, values);
+    }
+    Ok(OutlierConfig {
+        defaults: Some(defaults),
+        model_servers,
+    })
 }
 
 /// Parses and validates the text of a router configuration file.
@@ -166,6 +295,7 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
     let Some(file) = file else {
         return Ok(RouterConfig::default());
     };
+    let outlier_detection = outlier_config(file.outlier_detection.as_ref()).map_err(parse_error)?;
     let mut warnings = Vec::new();
     let auth = match &file.auth {
         None => None,
@@ -199,6 +329,7 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
             auth,
             tiers,
             fairness,
+            outlier_detection,
             warnings,
         });
     };
@@ -272,6 +403,7 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
         auth,
         tiers,
         fairness,
+        outlier_detection,
         warnings,
     })
 }
@@ -294,7 +426,7 @@ fn log_warnings(path: &Path, config: &RouterConfig) {
 }
 
 /// Loads the file once (an error here is fatal: there is no previous
-/// configuration to keep) and returns its scheduler section and the watcher
+/// configuration to keep) and returns its parsed configuration and the watcher
 /// to run: it polls the file; each valid change is sent, each invalid one is
 /// logged and ignored.
 pub async fn watch_router_config(
@@ -315,7 +447,7 @@ pub async fn watch_router_config(
             })?;
     let initial = parse_router_config(&path, &text)?;
     log_warnings(&path, &initial);
-    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, auth = ?initial.auth, tiers = initial.tiers.len(), fairness = ?initial.fairness, "router configuration loaded");
+    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, auth = ?initial.auth, tiers = initial.tiers.len(), fairness = ?initial.fairness, outlier_detection = ?initial.outlier_detection, "router configuration loaded");
     let (sender, receiver) = watch::channel(initial);
     let watcher = async move {
         let mut last_text = text;
@@ -339,7 +471,7 @@ pub async fn watch_router_config(
             match parse_router_config(&path, &text) {
                 Ok(config) => {
                     log_warnings(&path, &config);
-                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, auth = ?config.auth, tiers = config.tiers.len(), fairness = ?config.fairness, "router configuration reloaded");
+                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, auth = ?config.auth, tiers = config.tiers.len(), fairness = ?config.fairness, outlier_detection = ?config.outlier_detection, "router configuration reloaded");
                     sender.send_replace(config);
                 }
                 Err(error) => {
@@ -532,6 +664,50 @@ scheduler:
     }
 
     #[test]
+    fn outlier_detection_defaults_and_per_model_server_values() {
+        let config = parse(
+            r#"
+outlierDetection:
+  consecutiveFailures: 3
+  baseEjectionTime: 5s
+  maxEjectionPercent: 30
+  modelServers:
+    prod/llama: {maxEjectionTime: 2m, consecutiveFailures: 0}
+    mistral: {maxEjectionPercent: 100}
+"#,
+        )
+        .expect("valid");
+        assert_eq!(config.scheduler, None, "no scheduler section: the defaults");
+        let outlier = config.outlier_detection;
+        assert_eq!(
+            outlier.defaults,
+            Some(pb::OutlierDetection {
+                consecutive_failures: Some(3),
+                base_ejection_time_ms: Some(5_000),
+                max_ejection_time_ms: None,
+                max_ejection_percent: Some(30),
+            })
+        );
+        assert_eq!(
+            outlier.model_servers["prod/llama"],
+            pb::OutlierDetection {
+                consecutive_failures: Some(0),
+                max_ejection_time_ms: Some(120_000),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            outlier.model_servers["default/mistral"].max_ejection_percent,
+            Some(100),
+            "a bare name is in the default namespace"
+        );
+        assert_eq!(
+            parse("").expect("valid").outlier_detection,
+            OutlierConfig::default()
+        );
+    }
+
+    #[test]
     fn invalid_files_are_rejected_with_the_reason() {
         let cases = [
             ("scheduler: [", "router.yaml"),
@@ -558,6 +734,26 @@ scheduler:
             ("scheduler:\n  topN: 99\n", "topN 99"),
             ("scheduler:\n  maxLoadAge: soon\n", "maxLoadAge"),
             ("scheduler:\n  sheduler: typo\n", "unknown field `sheduler`"),
+            (
+                "outlierDetection:\n  maxEjectionPercent: 101\n",
+                "outlierDetection.maxEjectionPercent 101: must be 0..=100",
+            ),
+            (
+                "outlierDetection:\n  baseEjectionTime: 0s\n",
+                "outlierDetection.baseEjectionTime",
+            ),
+            (
+                "outlierDetection:\n  modelServers: {a: {maxEjectionTime: 2h}}\n",
+                "outlierDetection.modelServers[a].maxEjectionTime \"2h\": must be more than 0 and at most 3600s",
+            ),
+            (
+                "outlierDetection:\n  modelServers: {/x: {}}\n",
+                "is not namespace/name or name",
+            ),
+            (
+                "outlierDetection:\n  consecutiveFailure: 3\n",
+                "unknown field `consecutiveFailure`",
+            ),
         ];
         for (text, expected) in cases {
             let error = parse(text).expect_err(text).to_string();

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_controller::outlier::EjectionBoard;
 use switchyard_controller::xds::{
     self, DataplaneRegistry, DataplaneStatus, PublishResult, ResourceType, RoutingDiscoveryService,
     SnapshotPublisher, XdsMetrics,
@@ -30,6 +31,7 @@ struct Server {
     /// Unknown JWT key ids the dataplanes reported.
     key_hints: tokio::sync::mpsc::Receiver<Vec<String>>,
     dataplanes: DataplaneRegistry,
+    ejections: Arc<EjectionBoard>,
     metrics_registry: prometheus::Registry,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -43,8 +45,10 @@ impl Server {
         let publisher = Arc::new(SnapshotPublisher::new("test-controller", metrics.clone()));
         let dataplanes = DataplaneRegistry::new();
         let (key_hints_sender, key_hints) = tokio::sync::mpsc::channel(4);
+        let ejections = Arc::new(EjectionBoard::default());
         let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics)
-            .with_key_hints(key_hints_sender);
+            .with_key_hints(key_hints_sender)
+            .with_outlier_reports(ejections.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(xds::serve(listener, service, async {
             let _ = stopped.await;
@@ -54,6 +58,7 @@ impl Server {
             publisher,
             key_hints,
             dataplanes,
+            ejections,
             metrics_registry,
             stop,
             task,
@@ -208,6 +213,43 @@ fn route_config_of(response: &pb::SnapshotResponse) -> &pb::RouteConfig {
         Some(pb::snapshot_response::Resource::RouteConfig(config)) => config,
         other => panic!("expected a RouteConfig, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn an_outlier_report_reaches_the_board_and_answers_nothing() {
+    let server = Server::start().await;
+    server.publish("m1");
+    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+        .await
+        .expect("stream opens");
+    let response = client.next().await;
+    let mut board = server.ejections.subscribe();
+    client
+        .send(pb::SnapshotRequest {
+            outlier_report: Some(pb::OutlierReport {
+                ejections: vec![pb::PodEjection {
+                    namespace: "default".into(),
+                    pod: "p".into(),
+                    remaining_ms: 30_000,
+                    reason: "5xx".into(),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        })
+        .await;
+    tokio::time::timeout(DEADLINE, board.changed())
+        .await
+        .expect("reported in time")
+        .expect("board open");
+    let reported = board.borrow().clone();
+    assert_eq!(reported["default/p"].reason, "5xx");
+    assert_eq!(
+        server.dataplane().route_config.pending_nonce.as_deref(),
+        Some(response.nonce.as_str()),
+        "a report is no answer to the pending response"
+    );
+    server.stop().await;
 }
 
 #[tokio::test]

@@ -246,11 +246,20 @@ impl Admin {
     }
 
     fn pod_json(&self, pod: &PodState, now: clock::Instant) -> serde_json::Value {
+        let local = pod.health.local_ejection(now);
         json!({
             "pod": pod.key,
             "address": pod.addr.to_string(),
             "inFlight": pod.in_flight(),
             "ejected": pod.is_ejected(now),
+            "consecutiveFailures": pod.health.failure_load(),
+            "ejection": pod.health.ejection_remaining(now).map(|left| json!({
+                "remainingMs": u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+                // Ejected on this dataplane's own evidence, else on another's
+                // (through the controller).
+                "byThisDataplane": local.is_some(),
+                "reason": local.map(|(_, cause)| cause.as_str()),
+            })),
             "load": pod.load().map(|load| json!({
                 "requestsWaiting": load.requests_waiting,
                 "requestsRunning": load.requests_running,
@@ -396,7 +405,13 @@ impl Admin {
                 json!({
                     "modelServer": server.key,
                     "model": server.model_rewrite,
-                    "timeoutMs": server.timeout.map(|t| t.as_millis() as u64),
+                    "timeoutMs": u64::try_from(server.timeout.as_millis()).unwrap_or(u64::MAX),
+                    "outlierDetection": {
+                        "consecutiveFailures": server.outlier.settings.consecutive_failures,
+                        "baseEjectionTimeMs": u64::try_from(server.outlier.settings.base_ejection_time.as_millis()).unwrap_or(u64::MAX),
+                        "maxEjectionTimeMs": u64::try_from(server.outlier.settings.max_ejection_time.as_millis()).unwrap_or(u64::MAX),
+                        "maxEjectionPercent": server.outlier.settings.max_ejection_percent,
+                    },
                     "pods": server.pods.iter().map(|p| json!({"pod": p.key, "address": p.addr.to_string()})).collect::<Vec<_>>(),
                 })
             })

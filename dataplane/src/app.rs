@@ -119,13 +119,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         ..XdsClientConfig::default()
     };
     tasks.spawn_graceful("controller stream client", |stop| {
-        xds_client::run(
-            xds_config,
-            sink,
-            status,
-            unknown_keys,
-            stop.cancelled_owned(),
-        )
+        xds_client::run_on_own_thread(xds_config, sink, status, unknown_keys, stop)
     });
 
     let settings = |max_connections| ConnectionSettings {

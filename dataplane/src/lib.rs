@@ -12,7 +12,8 @@
 //! The admission phase's wait is the [`fairness`] queue.
 //!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
-//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load),
+//! [`pod`] (per-pod state that outlives snapshots: in-flight count, load,
+//! outlier ejection), [`lazy_series`] (metric series created on first use),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod config_file;
 pub mod error;
 pub mod fairness;
 pub mod health;
+pub mod lazy_series;
 pub mod limits;
 pub mod metrics;
 pub mod pod;

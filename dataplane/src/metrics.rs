@@ -4,16 +4,24 @@
 //! Cardinality is bounded: `model` is a model name of the snapshot or
 //! `unknown`, `path` one of [`PathLabel`], `error_type` one of the fixed
 //! [`crate::error::ErrorKind`] codes or [`OutcomeLabel`]s, `status_code` an
-//! HTTP status. The handles the success path needs are resolved once per
-//! snapshot ([`RouterMetrics::resolve`]); series of models, routes, servers
-//! and pods that leave the snapshot are removed.
+//! HTTP status.
+//!
+//! Per-model, per-route and per-server series are created on first use, not
+//! when a snapshot is applied: a route that serves no traffic adds nothing
+//! to `/metrics`. Applying a snapshot ([`RouterMetrics::resolve`]) only
+//! places one empty [`LazySeries`] slot per model, (route, server) pair and server
+//! (carried over for those that stay), so requests find their handles with
+//! one map lookup and never look labels up once a series exists; the slots
+//! of whatever left the snapshot are retired, removing exactly the series
+//! they created. Applying costs what the snapshot holds, never "removed
+//! objects x every series".
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
+use prometheus::core::Collector;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
@@ -22,6 +30,9 @@ use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
 use crate::health::HealthMetrics;
+use crate::lazy_series::LazySeries;
+use crate::pod::outlier::Failure;
+use crate::rate_limit::LimitType;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::{ControllerStatus, SnapshotSink};
 
@@ -67,7 +78,7 @@ impl OutcomeLabel {
 }
 
 /// The `path` label: the served API paths, everything else is `other`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PathLabel {
     ChatCompletions = 0,
     Completions = 1,
@@ -142,6 +153,11 @@ pub struct RouterMetrics {
     /// Prefill answers whose `kv_transfer_params` reached the decode request
     /// (or were missing, so the decode recomputed the prompt).
     pub pd_kv_transfer_params_total: IntCounterVec,
+    /// Pods this dataplane ejected, by the failure that tipped them.
+    pub pod_ejections_total: IntCounterVec,
+    /// Requests whose rule's weighted pick had no usable pod and went to
+    /// another target, by the target they left.
+    pub target_failovers_total: IntCounterVec,
     pub access_log_dropped_total: IntCounter,
     /// Model-server and load-balancing health ([`crate::health`]).
     pub health: HealthMetrics,
@@ -152,6 +168,8 @@ pub struct RouterMetrics {
     pod_requests_waiting: GaugeVec,
     pod_requests_running: GaugeVec,
     pod_kv_cache_usage: GaugeVec,
+    /// The families above that have a `model` label, for [`ModelMetrics`].
+    model_families: Arc<ModelFamilies>,
     /// Handles of the current snapshot, read lock-free by requests.
     resolved: ArcSwap<Resolved>,
     /// Serialises snapshot applications (never taken by requests).
@@ -161,14 +179,19 @@ pub struct RouterMetrics {
     declared: Vec<(String, String, &'static str)>,
 }
 
-/// The handles of one snapshot.
+/// The handle slots of one snapshot: one per model, (route, server) pair and
+/// server it serves, each filled on first use.
 #[derive(Debug, Default)]
 pub struct Resolved {
     models: HashMap<String, Arc<ModelMetrics>>,
-    /// route key -> server key -> `active_upstream_requests` gauge.
-    upstream: HashMap<String, HashMap<String, IntGauge>>,
+    /// route key -> server key -> the series of the pair.
+    upstream: HashMap<String, HashMap<String, Arc<TargetSeries>>>,
     /// server key -> `upstream_connect_errors_total` counter.
-    connect_errors: HashMap<String, IntCounter>,
+    connect_errors: HashMap<String, Arc<LazySeries<IntCounter>>>,
+    /// The families of the two maps above.
+    upstream_family: Option<IntGaugeVec>,
+    failovers_family: Option<IntCounterVec>,
+    connect_errors_family: Option<IntCounterVec>,
     /// server key -> the handles of a prefill/decode ModelServer.
     prefill_decode: HashMap<String, PdServerHandles>,
     /// Label values of the PD series above, so a later snapshot removes
@@ -199,11 +222,20 @@ pub struct PdGroupHandles {
 #[derive(Debug, Default)]
 struct PdSeries {
     /// (group_key, role, model).
-    requests: std::collections::HashSet<[String; 3]>,
+    requests: HashSet<[String; 3]>,
     /// group_key.
-    decisions: std::collections::HashSet<String>,
+    decisions: HashSet<String>,
     /// model_server.
-    kv_transfer_params: std::collections::HashSet<String>,
+    kv_transfer_params: HashSet<String>,
+}
+
+/// The series of a rule target: a (route, ModelServer) pair.
+#[derive(Debug, Default)]
+struct TargetSeries {
+    /// `active_upstream_requests`.
+    active: LazySeries<IntGauge>,
+    /// `target_failovers_total`, of requests that left this target.
+    failovers: LazySeries<IntCounter>,
 }
 
 impl Resolved {
@@ -211,14 +243,33 @@ impl Resolved {
         self.models.get(model)
     }
 
+    /// The `active_upstream_requests` gauge of `route` sending to `server`.
     pub fn upstream_gauge(&self, route: &str, server: &str) -> Option<&IntGauge> {
+        let family = self.upstream_family.as_ref()?;
         self.upstream
-            .get(route)
-            .and_then(|servers| servers.get(server))
+            .get(route)?
+            .get(server)?
+            .active
+            .get_or_create(|| family.with_label_values(&[route, server]))
     }
 
+    /// The `target_failovers_total` counter of requests of `route` that
+    /// left its target `server`.
+    pub fn failovers(&self, route: &str, server: &str) -> Option<&IntCounter> {
+        let family = self.failovers_family.as_ref()?;
+        self.upstream
+            .get(route)?
+            .get(server)?
+            .failovers
+            .get_or_create(|| family.with_label_values(&[route, server]))
+    }
+
+    /// The `upstream_connect_errors_total` counter of `server`.
     pub fn connect_errors(&self, server: &str) -> Option<&IntCounter> {
-        self.connect_errors.get(server)
+        let family = self.connect_errors_family.as_ref()?;
+        self.connect_errors
+            .get(server)?
+            .get_or_create(|| family.with_label_values(&[server]))
     }
 
     pub fn prefill_decode(&self, server: &str) -> Option<&PdServerHandles> {
@@ -246,65 +297,61 @@ fn gauge(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGauge
     IntGaugeVec::new(Opts::new(name, help), labels)
 }
 
-/// Removes every series of `vec` whose `label` is `value`.
-fn remove_where<T: MetricVecBuilder>(vec: &MetricVec<T>, label: &str, value: &str) {
-    for family in vec.collect() {
-        for metric in family.get_metric() {
-            let labels: HashMap<&str, &str> = metric
-                .get_label()
-                .iter()
-                .map(|pair| (pair.name(), pair.value()))
-                .collect();
-            if labels.get(label) == Some(&value) {
-                let _ = vec.remove(&labels);
-            }
-        }
-    }
-}
-
 impl RouterMetrics {
     /// Creates every family and registers it in a new registry.
     pub fn new() -> prometheus::Result<Arc<Self>> {
         let registry = Registry::new();
         let request_labels = ["model", "path", "status_code"];
+        let requests_total = counter(
+            "kthena_router_requests_total",
+            "Total requests processed",
+            &["model", "path", "status_code", "error_type"],
+        )?;
+        let request_duration_seconds = histogram(
+            "kthena_router_request_duration_seconds",
+            "End-to-end latency (client -> response)",
+            &request_labels,
+            &REQUEST_DURATION_BUCKETS,
+        )?;
+        let request_prefill_duration_seconds = histogram(
+            "kthena_router_request_prefill_duration_seconds",
+            "Prefill phase: the prefill leg of prefill/decode requests; request received to the first chunk of other streamed responses",
+            &request_labels,
+            &REQUEST_DURATION_BUCKETS,
+        )?;
+        let request_decode_duration_seconds = histogram(
+            "kthena_router_request_decode_duration_seconds",
+            "Decode phase: the decode leg of prefill/decode requests; first chunk to the end of other streamed responses",
+            &request_labels,
+            &REQUEST_DURATION_BUCKETS,
+        )?;
+        let tokens_total = counter(
+            "kthena_router_tokens_total",
+            "Total tokens processed (input + output)",
+            &["model", "path", "token_type"],
+        )?;
+        let active_downstream_requests = gauge(
+            "kthena_router_active_downstream_requests",
+            "Currently active client requests",
+            &["model"],
+        )?;
+        let time_to_first_token_seconds = histogram(
+            "kthena_router_time_to_first_token_seconds",
+            "Router-measured time from request received to the first chunk of a streamed response",
+            &["model"],
+            &REQUEST_DURATION_BUCKETS,
+        )?;
+        let time_per_output_token_seconds = histogram(
+            "kthena_router_time_per_output_token_seconds",
+            "Router-measured mean time between output tokens of a streamed response",
+            &["model"],
+            &TPOT_BUCKETS,
+        )?;
         let mut metrics = Self {
-            requests_total: counter(
-                "kthena_router_requests_total",
-                "Total requests processed",
-                &["model", "path", "status_code", "error_type"],
-            )?,
-            request_duration_seconds: histogram(
-                "kthena_router_request_duration_seconds",
-                "End-to-end latency (client -> response)",
-                &request_labels,
-                &REQUEST_DURATION_BUCKETS,
-            )?,
-            request_prefill_duration_seconds: histogram(
-                "kthena_router_request_prefill_duration_seconds",
-                "Prefill phase: the prefill leg of prefill/decode requests; request received to the first chunk of other streamed responses",
-                &request_labels,
-                &REQUEST_DURATION_BUCKETS,
-            )?,
-            request_decode_duration_seconds: histogram(
-                "kthena_router_request_decode_duration_seconds",
-                "Decode phase: the decode leg of prefill/decode requests; first chunk to the end of other streamed responses",
-                &request_labels,
-                &REQUEST_DURATION_BUCKETS,
-            )?,
-            active_downstream_requests: gauge(
-                "kthena_router_active_downstream_requests",
-                "Currently active client requests",
-                &["model"],
-            )?,
             active_upstream_requests: gauge(
                 "kthena_router_active_upstream_requests",
                 "Currently active requests to inference pods",
                 &["model_route", "model_server"],
-            )?,
-            tokens_total: counter(
-                "kthena_router_tokens_total",
-                "Total tokens processed (input + output)",
-                &["model", "path", "token_type"],
             )?,
             fairness_queue_size: gauge(
                 "kthena_router_fairness_queue_size",
@@ -321,18 +368,6 @@ impl RouterMetrics {
                 "kthena_router_rate_limit_exceeded_total",
                 "Requests rejected due to rate limiting",
                 &["model", "limit_type", "path"],
-            )?,
-            time_to_first_token_seconds: histogram(
-                "kthena_router_time_to_first_token_seconds",
-                "Router-measured time from request received to the first chunk of a streamed response",
-                &["model"],
-                &REQUEST_DURATION_BUCKETS,
-            )?,
-            time_per_output_token_seconds: histogram(
-                "kthena_router_time_per_output_token_seconds",
-                "Router-measured mean time between output tokens of a streamed response",
-                &["model"],
-                &TPOT_BUCKETS,
             )?,
             upstream_connect_errors_total: counter(
                 "kthena_router_upstream_connect_errors_total",
@@ -353,6 +388,16 @@ impl RouterMetrics {
                 "kthena_router_pd_kv_transfer_params_total",
                 "Prefill answers of NIXL/Mooncake pairs whose kv_transfer_params were relayed to the decode request, or were missing (the decode recomputes the prompt)",
                 &["model_server", "outcome"],
+            )?,
+            pod_ejections_total: counter(
+                "kthena_router_pod_ejections_total",
+                "Pods this dataplane ejected (outlier detection), by the failure that tipped the ejection",
+                &["model_server", "reason"],
+            )?,
+            target_failovers_total: counter(
+                "kthena_router_target_failovers_total",
+                "Requests whose weighted target (model_server) had no usable pod and went to another target of the rule",
+                &["model_route", "model_server"],
             )?,
             access_log_dropped_total: IntCounter::new(
                 "kthena_router_access_log_dropped_total",
@@ -397,6 +442,24 @@ impl RouterMetrics {
                 ),
                 &["pod"],
             )?,
+            model_families: Arc::new(ModelFamilies {
+                requests_total: requests_total.clone(),
+                request_duration_seconds: request_duration_seconds.clone(),
+                request_prefill_duration_seconds: request_prefill_duration_seconds.clone(),
+                request_decode_duration_seconds: request_decode_duration_seconds.clone(),
+                tokens_total: tokens_total.clone(),
+                active_downstream_requests: active_downstream_requests.clone(),
+                time_to_first_token_seconds: time_to_first_token_seconds.clone(),
+                time_per_output_token_seconds: time_per_output_token_seconds.clone(),
+            }),
+            requests_total,
+            request_duration_seconds,
+            request_prefill_duration_seconds,
+            request_decode_duration_seconds,
+            tokens_total,
+            active_downstream_requests,
+            time_to_first_token_seconds,
+            time_per_output_token_seconds,
             health: HealthMetrics::register(&registry)?,
             resolved: ArcSwap::from_pointee(Resolved::default()),
             resolve_lock: Mutex::new(()),
@@ -449,6 +512,8 @@ impl RouterMetrics {
                 Box::new(metrics.pd_kv_transfer_params_total.clone()),
                 counter,
             ),
+            (Box::new(metrics.pod_ejections_total.clone()), counter),
+            (Box::new(metrics.target_failovers_total.clone()), counter),
             (Box::new(metrics.access_log_dropped_total.clone()), counter),
             (Box::new(metrics.controller_connected.clone()), gauge),
             (Box::new(metrics.snapshot_age_seconds.clone()), gauge),
@@ -479,64 +544,104 @@ impl RouterMetrics {
         self.resolved.load()
     }
 
-    /// Resolves the handles of `table` and removes the series of models,
-    /// (route, server) pairs and servers that are no longer in it. Called
-    /// after every applied RouteConfig, never by requests.
+    /// Places the handle slots of `table`, keeping the slots (and series)
+    /// of what stays, and retires those of models, (route, server) pairs and
+    /// servers that left: their series are removed. Called after every
+    /// applied RouteConfig, never by requests; costs one map entry per
+    /// object of the snapshot plus the series of what left.
     pub fn resolve(&self, table: &RoutingTable) {
         let _writer = self.resolve_lock.lock();
         let previous = self.resolved.load_full();
-        let mut next = Resolved::default();
+        let mut next = Resolved {
+            upstream_family: Some(self.active_upstream_requests.clone()),
+            failovers_family: Some(self.target_failovers_total.clone()),
+            connect_errors_family: Some(self.upstream_connect_errors_total.clone()),
+            ..Resolved::default()
+        };
         for name in table.index.model_names() {
-            let handles = previous
-                .models
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(self.model(name)));
+            let handles =
+                previous.models.get(name).cloned().unwrap_or_else(|| {
+                    Arc::new(ModelMetrics::new(name, self.model_families.clone()))
+                });
             next.models.insert(name.to_owned(), handles);
         }
         for route in &table.routes {
+            let previous_servers = previous.upstream.get(&route.key);
             let servers = next.upstream.entry(route.key.clone()).or_default();
             for rule in &route.rules {
                 for server in rule.targets.servers() {
                     servers.entry(server.key.clone()).or_insert_with(|| {
-                        self.active_upstream_requests
-                            .with_label_values(&[&route.key, &server.key])
+                        previous_servers
+                            .and_then(|slots| slots.get(&server.key))
+                            .cloned()
+                            .unwrap_or_default()
                     });
                 }
             }
         }
         for server in &table.servers {
-            next.connect_errors.insert(
-                server.key.clone(),
-                self.upstream_connect_errors_total
-                    .with_label_values(&[&server.key]),
-            );
+            let slot = previous
+                .connect_errors
+                .get(&server.key)
+                .cloned()
+                .unwrap_or_default();
+            next.connect_errors.insert(server.key.clone(), slot);
         }
         self.resolve_prefill_decode(table, &previous.pd_series, &mut next);
-        for gone in previous
-            .models
-            .keys()
-            .filter(|m| !next.models.contains_key(*m))
-        {
-            self.remove_model(gone);
+        let next = Arc::new(next);
+        self.resolved.store(next.clone());
+        // Retired after the swap: a request that still reads the previous
+        // slots creates nothing once its slot is retired.
+        for (name, model) in &previous.models {
+            if !next.models.contains_key(name) {
+                model.retire();
+                for path in PathLabel::ALL {
+                    for limit in LimitType::ALL {
+                        let _ = self.rate_limit_exceeded_total.remove_label_values(&[
+                            name,
+                            limit.as_str(),
+                            path.as_str(),
+                        ]);
+                    }
+                }
+            }
         }
         for (route, servers) in &previous.upstream {
-            for server in servers.keys() {
-                if next.upstream_gauge(route, server).is_none() {
+            for (server, slot) in servers {
+                if next
+                    .upstream
+                    .get(route)
+                    .is_some_and(|s| s.contains_key(server))
+                {
+                    continue;
+                }
+                if slot.active.retire().is_some() {
                     let _ = self
                         .active_upstream_requests
                         .remove_label_values(&[route, server]);
                 }
+                if slot.failovers.retire().is_some() {
+                    let _ = self
+                        .target_failovers_total
+                        .remove_label_values(&[route, server]);
+                }
             }
         }
-        for server in previous.connect_errors.keys() {
-            if !next.connect_errors.contains_key(server) {
+        for (server, slot) in &previous.connect_errors {
+            if next.connect_errors.contains_key(server) {
+                continue;
+            }
+            if slot.retire().is_some() {
                 let _ = self
                     .upstream_connect_errors_total
                     .remove_label_values(&[server]);
             }
+            for failure in Failure::ALL {
+                let _ = self
+                    .pod_ejections_total
+                    .remove_label_values(&[server, failure.as_str()]);
+            }
         }
-        self.resolved.store(Arc::new(next));
     }
 
     /// The PD handles of `table`'s prefill/decode ModelServers, for the
@@ -643,80 +748,11 @@ impl RouterMetrics {
         }
     }
 
-    /// Resolves the success-path handles of one model.
-    fn model(&self, model: &str) -> ModelMetrics {
-        let ok = |vec: &HistogramVec| {
-            PathLabel::ALL.map(|path| vec.with_label_values(&[model, path.as_str(), "200"]))
-        };
-        let tokens = |kind: &str| {
-            PathLabel::ALL.map(|path| {
-                self.tokens_total
-                    .with_label_values(&[model, path.as_str(), kind])
-            })
-        };
-        ModelMetrics {
-            name: model.to_owned(),
-            ok_requests: PathLabel::ALL.map(|path| {
-                self.requests_total.with_label_values(&[
-                    model,
-                    path.as_str(),
-                    "200",
-                    OutcomeLabel::Success.as_str(),
-                ])
-            }),
-            ok_duration: ok(&self.request_duration_seconds),
-            ok_prefill: ok(&self.request_prefill_duration_seconds),
-            ok_decode: ok(&self.request_decode_duration_seconds),
-            input_tokens: tokens("input"),
-            output_tokens: tokens("output"),
-            active_downstream: self.active_downstream_requests.with_label_values(&[model]),
-            ttft: self.time_to_first_token_seconds.with_label_values(&[model]),
-            tpot: self
-                .time_per_output_token_seconds
-                .with_label_values(&[model]),
-        }
-    }
-
-    fn remove_model(&self, model: &str) {
-        remove_where(&self.requests_total, "model", model);
-        remove_where(&self.request_duration_seconds, "model", model);
-        remove_where(&self.request_prefill_duration_seconds, "model", model);
-        remove_where(&self.request_decode_duration_seconds, "model", model);
-        remove_where(&self.tokens_total, "model", model);
-        remove_where(&self.rate_limit_exceeded_total, "model", model);
-        let _ = self
-            .active_downstream_requests
-            .remove_label_values(&[model]);
-        let _ = self
-            .time_to_first_token_seconds
-            .remove_label_values(&[model]);
-        let _ = self
-            .time_per_output_token_seconds
-            .remove_label_values(&[model]);
-    }
-
-    /// Counts a finished request outside the pre-resolved success series
-    /// (errors, non-200 statuses, unknown models). Rare by construction, so
-    /// the label lookup is acceptable here.
-    pub fn observe_other(&self, request: &Observation<'_>) {
-        let status = request.status.to_string();
-        let labels = [request.model, request.path.as_str(), status.as_str()];
-        self.requests_total
-            .with_label_values(&[labels[0], labels[1], labels[2], request.error_type])
-            .inc();
-        self.request_duration_seconds
-            .with_label_values(&labels)
-            .observe(request.total_seconds);
-        if let Some(prefill) = request.phases.prefill {
-            self.request_prefill_duration_seconds
-                .with_label_values(&labels)
-                .observe(prefill);
-        }
-        if let Some(decode) = request.phases.decode {
-            self.request_decode_duration_seconds
-                .with_label_values(&labels)
-                .observe(decode);
-        }
+    /// Counts a finished request of no known model (no route, no model in
+    /// the body, or a non-model path). Rare by construction, so the label
+    /// lookup is acceptable here; known models count through [`ModelMetrics`].
+    pub fn observe_unknown(&self, request: &Observation) {
+        observe_other(&self.model_families, UNKNOWN_MODEL, request);
     }
 
     /// Refreshes the gauges that describe the snapshot in use; called when
@@ -788,51 +824,262 @@ pub struct Phases {
     pub decode: Option<f64>,
 }
 
-/// What a finished request looked like, for [`RouterMetrics::observe_other`].
+/// A finished request outside the success series: an error, a non-200
+/// status, or a request of no known model.
 #[derive(Debug)]
-pub struct Observation<'a> {
-    pub model: &'a str,
+pub struct Observation {
     pub path: PathLabel,
     pub status: u16,
-    pub error_type: &'a str,
+    pub error_type: &'static str,
     pub total_seconds: f64,
     pub phases: Phases,
 }
 
-/// Handles of one model's success-path series, resolved when a snapshot is applied.
+/// The families that have a `model` label, shared by every model's handles.
+#[derive(Debug)]
+struct ModelFamilies {
+    requests_total: IntCounterVec,
+    request_duration_seconds: HistogramVec,
+    request_prefill_duration_seconds: HistogramVec,
+    request_decode_duration_seconds: HistogramVec,
+    tokens_total: IntCounterVec,
+    active_downstream_requests: IntGaugeVec,
+    time_to_first_token_seconds: HistogramVec,
+    time_per_output_token_seconds: HistogramVec,
+}
+
+/// Counts `request` of `model` with a label lookup per family.
+fn observe_other(families: &ModelFamilies, model: &str, request: &Observation) {
+    let status = request.status.to_string();
+    let labels = [model, request.path.as_str(), status.as_str()];
+    families
+        .requests_total
+        .with_label_values(&[labels[0], labels[1], labels[2], request.error_type])
+        .inc();
+    families
+        .request_duration_seconds
+        .with_label_values(&labels)
+        .observe(request.total_seconds);
+    if let Some(prefill) = request.phases.prefill {
+        families
+            .request_prefill_duration_seconds
+            .with_label_values(&labels)
+            .observe(prefill);
+    }
+    if let Some(decode) = request.phases.decode {
+        families
+            .request_decode_duration_seconds
+            .with_label_values(&labels)
+            .observe(decode);
+    }
+}
+
+/// The success-path series of one model on one path.
+#[derive(Debug)]
+struct PathSeries {
+    ok_requests: IntCounter,
+    ok_duration: Histogram,
+    input_tokens: IntCounter,
+    output_tokens: IntCounter,
+}
+
+/// The streamed-response series of one model.
+#[derive(Debug)]
+struct StreamSeries {
+    ttft: Histogram,
+    tpot: Histogram,
+}
+
+/// The labels of a series counted by `observe_other`: (path, status, error_type).
+type OtherSeries = (PathLabel, u16, &'static str);
+
+/// One model's series, each group created on first use (a model served on
+/// one path creates that path's series only; prefill, decode, TTFT and TPOT
+/// only once it streams) and removed when the model leaves the snapshot.
 #[derive(Debug)]
 pub struct ModelMetrics {
     /// The `model` label value.
     pub name: String,
-    ok_requests: [IntCounter; PATHS],
-    ok_duration: [Histogram; PATHS],
-    ok_prefill: [Histogram; PATHS],
-    ok_decode: [Histogram; PATHS],
-    input_tokens: [IntCounter; PATHS],
-    output_tokens: [IntCounter; PATHS],
-    pub active_downstream: IntGauge,
-    pub ttft: Histogram,
-    pub tpot: Histogram,
+    families: Arc<ModelFamilies>,
+    paths: [LazySeries<PathSeries>; PATHS],
+    /// (prefill, decode) of 200 responses, per path.
+    phases: [LazySeries<(Histogram, Histogram)>; PATHS],
+    active_downstream: LazySeries<IntGauge>,
+    streams: LazySeries<StreamSeries>,
+    /// (path, status, error_type) of every series [`Self::observe_other`]
+    /// created; `None` once retired.
+    others: Mutex<Option<HashSet<OtherSeries>>>,
 }
 
 impl ModelMetrics {
-    /// A 200 response delivered in full.
-    pub fn observe_success(&self, path: PathLabel, total: f64, phases: Phases) {
-        let i = path as usize;
-        self.ok_requests[i].inc();
-        self.ok_duration[i].observe(total);
-        if let Some(prefill) = phases.prefill {
-            self.ok_prefill[i].observe(prefill);
-        }
-        if let Some(decode) = phases.decode {
-            self.ok_decode[i].observe(decode);
+    fn new(name: &str, families: Arc<ModelFamilies>) -> Self {
+        Self {
+            name: name.to_owned(),
+            families,
+            paths: Default::default(),
+            phases: Default::default(),
+            active_downstream: LazySeries::default(),
+            streams: LazySeries::default(),
+            others: Mutex::new(Some(HashSet::new())),
         }
     }
 
+    fn path(&self, path: PathLabel) -> Option<&PathSeries> {
+        self.paths[path as usize].get_or_create(|| {
+            let f = &self.families;
+            let (model, path) = (self.name.as_str(), path.as_str());
+            PathSeries {
+                ok_requests: f.requests_total.with_label_values(&[
+                    model,
+                    path,
+                    "200",
+                    OutcomeLabel::Success.as_str(),
+                ]),
+                ok_duration: f
+                    .request_duration_seconds
+                    .with_label_values(&[model, path, "200"]),
+                input_tokens: f.tokens_total.with_label_values(&[model, path, "input"]),
+                output_tokens: f.tokens_total.with_label_values(&[model, path, "output"]),
+            }
+        })
+    }
+
+    /// A 200 response delivered in full.
+    pub fn observe_success(&self, path: PathLabel, total: f64, phases: Phases) {
+        if let Some(series) = self.path(path) {
+            series.ok_requests.inc();
+            series.ok_duration.observe(total);
+        }
+        if phases == Phases::default() {
+            return;
+        }
+        let created = self.phases[path as usize].get_or_create(|| {
+            let labels = [self.name.as_str(), path.as_str(), "200"];
+            (
+                self.families
+                    .request_prefill_duration_seconds
+                    .with_label_values(&labels),
+                self.families
+                    .request_decode_duration_seconds
+                    .with_label_values(&labels),
+            )
+        });
+        if let Some((prefill_histogram, decode_histogram)) = created {
+            if let Some(prefill) = phases.prefill {
+                prefill_histogram.observe(prefill);
+            }
+            if let Some(decode) = phases.decode {
+                decode_histogram.observe(decode);
+            }
+        }
+    }
+
+    /// A finished request outside the success series (an error, or a
+    /// status other than 200). Rare by construction: the label lookup is
+    /// acceptable here, and the label set is remembered for removal.
+    pub fn observe_other(&self, request: &Observation) {
+        {
+            let mut others = self.others.lock();
+            let Some(others) = others.as_mut() else {
+                return;
+            };
+            others.insert((request.path, request.status, request.error_type));
+        }
+        observe_other(&self.families, &self.name, request);
+    }
+
     pub fn add_tokens(&self, path: PathLabel, input: u64, output: u64) {
-        let i = path as usize;
-        self.input_tokens[i].inc_by(input);
-        self.output_tokens[i].inc_by(output);
+        if let Some(series) = self.path(path) {
+            series.input_tokens.inc_by(input);
+            series.output_tokens.inc_by(output);
+        }
+    }
+
+    /// `kthena_router_active_downstream_requests` of the model.
+    pub fn active_downstream(&self) -> Option<&IntGauge> {
+        self.active_downstream.get_or_create(|| {
+            self.families
+                .active_downstream_requests
+                .with_label_values(&[&self.name])
+        })
+    }
+
+    /// Router-measured time to first token and, with `tokens` > 1, time per
+    /// output token of a streamed response.
+    pub fn observe_stream(&self, ttft: f64, decode: f64, tokens: u64) {
+        let created = self.streams.get_or_create(|| StreamSeries {
+            ttft: self
+                .families
+                .time_to_first_token_seconds
+                .with_label_values(&[&self.name]),
+            tpot: self
+                .families
+                .time_per_output_token_seconds
+                .with_label_values(&[&self.name]),
+        });
+        if let Some(series) = created {
+            series.ttft.observe(ttft);
+            if tokens > 1 {
+                series.tpot.observe(decode / (tokens - 1) as f64);
+            }
+        }
+    }
+
+    /// The model left the snapshot: removes every series it created (and
+    /// only those), and creates none from now on.
+    fn retire(&self) {
+        let f = &self.families;
+        let model = self.name.as_str();
+        for path in PathLabel::ALL {
+            let p = path.as_str();
+            if self.paths[path as usize].retire().is_some() {
+                let _ = f.requests_total.remove_label_values(&[
+                    model,
+                    p,
+                    "200",
+                    OutcomeLabel::Success.as_str(),
+                ]);
+                let _ = f
+                    .request_duration_seconds
+                    .remove_label_values(&[model, p, "200"]);
+                for kind in ["input", "output"] {
+                    let _ = f.tokens_total.remove_label_values(&[model, p, kind]);
+                }
+            }
+            if self.phases[path as usize].retire().is_some() {
+                let labels = [model, p, "200"];
+                let _ = f
+                    .request_prefill_duration_seconds
+                    .remove_label_values(&labels);
+                let _ = f
+                    .request_decode_duration_seconds
+                    .remove_label_values(&labels);
+            }
+        }
+        let others = self.others.lock().take().unwrap_or_default();
+        for (path, status, error_type) in others {
+            let status = status.to_string();
+            let labels = [model, path.as_str(), status.as_str()];
+            let _ = f
+                .requests_total
+                .remove_label_values(&[labels[0], labels[1], labels[2], error_type]);
+            let _ = f.request_duration_seconds.remove_label_values(&labels);
+            let _ = f
+                .request_prefill_duration_seconds
+                .remove_label_values(&labels);
+            let _ = f
+                .request_decode_duration_seconds
+                .remove_label_values(&labels);
+        }
+        if self.active_downstream.retire().is_some() {
+            let _ = f.active_downstream_requests.remove_label_values(&[model]);
+        }
+        if self.streams.retire().is_some() {
+            let _ = f.time_to_first_token_seconds.remove_label_values(&[model]);
+            let _ = f
+                .time_per_output_token_seconds
+                .remove_label_values(&[model]);
+        }
     }
 }
 
@@ -856,6 +1103,18 @@ impl SnapshotSink for ObservedStore {
 
     fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
         SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
+    }
+
+    fn reclaim(&self) {
+        self.store.reclaim();
+    }
+
+    fn ejections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.store.ejections())
+    }
+
+    fn outlier_report(&self) -> pb::OutlierReport {
+        self.store.outlier_report()
     }
 }
 
@@ -906,15 +1165,47 @@ mod tests {
             &HashMap::new(),
             &Arc::default(),
             &Default::default(),
+            &Arc::default(),
             &Default::default(),
         )
         .expect("valid table")
     }
 
+    /// Every series of `metrics` with `label` = `value`.
+    fn series_with(metrics: &RouterMetrics, label: &str, value: &str) -> usize {
+        metrics
+            .registry()
+            .gather()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == label && l.value() == value)
+            })
+            .count()
+    }
+
+    /// Series with labels (the unlabelled ones always exist).
+    fn labelled_series(metrics: &RouterMetrics) -> usize {
+        metrics
+            .registry()
+            .gather()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter(|m| !m.get_label().is_empty())
+            .count()
+    }
+
     #[test]
-    fn success_series_resolved_per_snapshot_and_removed_with_their_model() {
+    fn series_are_created_on_first_use_and_removed_with_their_model() {
         let metrics = RouterMetrics::new().expect("metrics");
-        metrics.resolve(&table(&["m", "keep"]));
+        metrics.resolve(&table(&["m", "keep", "idle"]));
+        assert_eq!(
+            labelled_series(&metrics),
+            0,
+            "applying a snapshot creates no series"
+        );
         let resolved = metrics.resolved();
         let model = resolved.model("m").expect("model m resolved");
         model.observe_success(
@@ -926,18 +1217,25 @@ mod tests {
             },
         );
         model.add_tokens(PathLabel::Completions, 3, 5);
+        model.observe_stream(0.1, 0.1, 5);
+        model.active_downstream().expect("not retired").inc();
         resolved
             .upstream_gauge("default/m-route", "default/m-server")
             .expect("upstream gauge")
             .inc();
-        metrics.observe_other(&Observation {
-            model: "m",
+        resolved
+            .connect_errors("default/m-server")
+            .expect("connect errors")
+            .inc();
+        model.observe_other(&Observation {
             path: PathLabel::Completions,
             status: 503,
             error_type: "no_ready_pod",
             total_seconds: 0.01,
             phases: Phases::default(),
         });
+        let keep = resolved.model("keep").expect("model keep resolved");
+        keep.observe_success(PathLabel::ChatCompletions, 0.2, Phases::default());
         let labels = [
             ("model", "m"),
             ("path", "/v1/completions"),
@@ -975,37 +1273,65 @@ mod tests {
             ),
             Some(1.0)
         );
+        assert_eq!(
+            series_with(&metrics, "model", "idle"),
+            0,
+            "an idle model has no series"
+        );
+        assert_eq!(
+            series_with(&metrics, "model", "keep"),
+            4,
+            "one path, not streamed: requests, duration, input and output tokens"
+        );
 
         metrics.resolve(&table(&["keep"]));
-        for family in [
-            "kthena_router_requests_total",
-            "kthena_router_tokens_total",
-            "kthena_router_request_duration_seconds",
-            "kthena_router_active_downstream_requests",
-        ] {
-            assert_eq!(value(&metrics, family, &[("model", "m")]), None, "{family}");
-            assert!(
-                value(&metrics, family, &[("model", "keep")]).is_some(),
-                "{family}"
-            );
-        }
         assert_eq!(
-            value(
-                &metrics,
-                "kthena_router_active_upstream_requests",
-                &[("model_route", "default/m-route")]
-            ),
-            None
+            series_with(&metrics, "model", "m"),
+            0,
+            "every series of m is gone"
         );
-        assert_eq!(
-            value(
-                &metrics,
-                "kthena_router_upstream_connect_errors_total",
-                &[("model_server", "default/m-server")]
-            ),
-            None
-        );
+        assert_eq!(series_with(&metrics, "model_route", "default/m-route"), 0);
+        assert_eq!(series_with(&metrics, "model_server", "default/m-server"), 0);
+        assert_eq!(series_with(&metrics, "model", "keep"), 4, "keep's stay");
         assert!(metrics.resolved().model("m").is_none());
+        // A request that still holds m's handles records nothing more.
+        model.observe_success(PathLabel::Embeddings, 0.1, Phases::default());
+        model.observe_other(&Observation {
+            path: PathLabel::Embeddings,
+            status: 502,
+            error_type: "upstream_failed",
+            total_seconds: 0.01,
+            phases: Phases::default(),
+        });
+        // The request in flight releases the gauge it took, detached from /metrics.
+        model
+            .active_downstream()
+            .expect("created before the model left")
+            .dec();
+        assert_eq!(
+            series_with(&metrics, "model", "m"),
+            0,
+            "retired handles create nothing"
+        );
+    }
+
+    #[test]
+    fn removing_many_models_costs_their_own_series_only() {
+        let metrics = RouterMetrics::new().expect("metrics");
+        let names: Vec<String> = (0..2_000).map(|i| format!("model-{i}")).collect();
+        let all: Vec<&str> = names.iter().map(String::as_str).collect();
+        metrics.resolve(&table(&all));
+        for name in &all[..10] {
+            let model = metrics.resolved().model(name).cloned().expect("resolved");
+            model.observe_success(PathLabel::ChatCompletions, 0.1, Phases::default());
+        }
+        metrics.resolve(&table(&all[..1]));
+        assert_eq!(
+            labelled_series(&metrics),
+            series_with(&metrics, "model", "model-0"),
+            "only the one model left has series"
+        );
+        assert_eq!(metrics.resolved().models.len(), 1);
     }
 
     #[test]

@@ -9,9 +9,23 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use http::header::HeaderName;
+use rand::Rng;
 use regex::Regex;
+use switchyard_runtime::clock::{self, Instant};
 
 use crate::pod::PodState;
+use crate::pod::outlier::OutlierDetector;
+
+/// How long an attempt waits for the response head when the ModelServer
+/// sets no `trafficPolicy.timeout`, so a hung engine never holds a request
+/// forever. A streamed response's head comes once the engine has accepted
+/// the request, a non-streamed one's after the whole generation; the bound
+/// is sized for the longest prefill: a 100k-token prompt at 1,000 tokens/s
+/// (a mid-size model on one GPU under load; a data-centre GPU prefills a
+/// small model several times faster) takes 100 s, and 3x that allows for
+/// queueing behind other requests. ModelServers that return long
+/// generations without streaming should set their own timeout.
+pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A ModelServer as the dataplane uses it.
 #[derive(Debug)]
@@ -21,16 +35,57 @@ pub struct Server {
     /// JSON string literal (quotes included) the request `model` is rewritten to, if any.
     pub model_rewrite_literal: Option<bytes::Bytes>,
     pub model_rewrite: Option<String>,
-    /// Bounds connect + send + wait for response headers.
-    pub timeout: Option<Duration>,
+    /// Bounds connect + send + wait for response headers: the ModelServer's
+    /// `trafficPolicy.timeout`, or [`DEFAULT_RESPONSE_HEADER_TIMEOUT`].
+    pub timeout: Duration,
     pub retry_attempts: u32,
     pub retry_interval: Duration,
     /// Ready pods, in snapshot order.
     pub pods: Vec<Arc<PodState>>,
     /// Spreads ties between equally loaded pods.
     pub rotation: AtomicUsize,
+    /// Ejects pods whose attempts keep failing.
+    pub outlier: OutlierDetector,
     /// Set when every request goes to a prefill and a decode pod of one group.
     pub prefill_decode: Option<PrefillDecode>,
+}
+
+impl Server {
+    /// `default/<name>`-style ModelServer `key` with `pods` and the default
+    /// traffic policy and outlier detection, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(key: &str, pods: Vec<Arc<PodState>>) -> Self {
+        Self {
+            key: key.into(),
+            model_rewrite_literal: None,
+            model_rewrite: None,
+            timeout: DEFAULT_RESPONSE_HEADER_TIMEOUT,
+            retry_attempts: 0,
+            retry_interval: Duration::ZERO,
+            pods,
+            rotation: AtomicUsize::new(0),
+            outlier: OutlierDetector::new(Default::default(), Default::default()),
+            prefill_decode: None,
+        }
+    }
+
+    /// Whether a request sent here now has a pod that is not ejected (for a
+    /// prefill/decode ModelServer: a complete group with a prefill and a
+    /// decode pod that are not). Stops at the first: usually the first pod.
+    pub fn has_usable_pod(&self, now: Instant) -> bool {
+        let usable = |index: &usize| {
+            self.pods
+                .get(*index)
+                .is_some_and(|pod| !pod.is_ejected(now))
+        };
+        match &self.prefill_decode {
+            None => self.pods.iter().any(|pod| !pod.is_ejected(now)),
+            Some(pd) => pd
+                .groups
+                .iter()
+                .any(|group| group.prefill.iter().any(usable) && group.decode.iter().any(usable)),
+        }
+    }
 }
 
 /// How the router talks to the two pods of a prefill/decode pair.
@@ -152,12 +207,51 @@ impl Matcher {
 /// The whole smooth-WRR cycle is precomputed when the snapshot is applied, so
 /// a request only does one atomic increment: any window of requests follows
 /// the weights closely and no lock is shared between requests.
+///
+/// Failover: when the target the cycle picks has no pod that is not ejected,
+/// the request goes to one of the rule's other targets that has one, chosen
+/// at random in proportion to their weights, so the dead target's share is
+/// spread as the weights say. When none has one, the targets that still have
+/// pods (all ejected) are preferred over those with none, and the pick
+/// stands when no target is better: ejection steers traffic, it never
+/// refuses it on its own.
 #[derive(Debug)]
 pub struct WeightedTargets {
     servers: Vec<Arc<Server>>,
+    /// Relative weights of `servers`, reduced by their common divisor.
+    weights: Vec<u32>,
     /// Indices into `servers`, one full smooth-WRR period.
     cycle: Vec<u16>,
     next: AtomicUsize,
+}
+
+/// The target a request goes to.
+#[derive(Debug, Clone, Copy)]
+pub struct Picked<'a> {
+    pub server: &'a Arc<Server>,
+    /// The target the weights picked, when it could not serve the request
+    /// and `server` took it over.
+    pub failed_over_from: Option<&'a Arc<Server>>,
+}
+
+/// How well a target can serve a request now: better is higher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Usability {
+    NoPods,
+    OnlyEjectedPods,
+    Usable,
+}
+
+impl Usability {
+    fn of(server: &Server, now: Instant) -> Self {
+        if server.has_usable_pod(now) {
+            Self::Usable
+        } else if server.pods.is_empty() {
+            Self::NoPods
+        } else {
+            Self::OnlyEjectedPods
+        }
+    }
 }
 
 impl WeightedTargets {
@@ -168,16 +262,13 @@ impl WeightedTargets {
             return None;
         }
         let divisor = targets.iter().fold(0, |acc, (_, w)| gcd(acc, *w));
-        let weights: Vec<i64> = targets
-            .iter()
-            .map(|(_, w)| i64::from(*w / divisor))
-            .collect();
-        let total: i64 = weights.iter().sum();
+        let weights: Vec<u32> = targets.iter().map(|(_, w)| *w / divisor).collect();
+        let total: i64 = weights.iter().map(|w| i64::from(*w)).sum();
         let mut current = vec![0i64; weights.len()];
         let mut cycle = Vec::with_capacity(total as usize);
         for _ in 0..total {
             for (c, w) in current.iter_mut().zip(&weights) {
-                *c += w;
+                *c += i64::from(*w);
             }
             let (chosen, _) = current
                 .iter()
@@ -188,14 +279,68 @@ impl WeightedTargets {
         }
         Some(Self {
             servers: targets.into_iter().map(|(s, _)| s).collect(),
+            weights,
             cycle,
             next: AtomicUsize::new(0),
         })
     }
 
-    pub fn pick(&self) -> &Arc<Server> {
+    /// The target of the next request: the cycle's, or another by failover.
+    pub fn pick(&self) -> Picked<'_> {
         let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.cycle.len();
-        &self.servers[usize::from(self.cycle[slot])]
+        let picked = &self.servers[usize::from(self.cycle[slot])];
+        let stays = Picked {
+            server: picked,
+            failed_over_from: None,
+        };
+        if self.servers.len() == 1 {
+            return stays;
+        }
+        let now = clock::now();
+        let level = Usability::of(picked, now);
+        if level == Usability::Usable {
+            return stays;
+        }
+        self.fail_over(picked, level, now).unwrap_or(stays)
+    }
+
+    /// One of the other targets better than `picked` (at `level`), at
+    /// random in proportion to the weights among the best ones.
+    fn fail_over<'a>(
+        &'a self,
+        picked: &'a Arc<Server>,
+        level: Usability,
+        now: Instant,
+    ) -> Option<Picked<'a>> {
+        let levels: Vec<Usability> = self
+            .servers
+            .iter()
+            .map(|server| Usability::of(server, now))
+            .collect();
+        let best = levels.iter().copied().max()?;
+        if best <= level {
+            return None;
+        }
+        let candidates = || {
+            self.servers
+                .iter()
+                .zip(&self.weights)
+                .zip(&levels)
+                .filter(move |(_, l)| **l == best)
+                .map(|(target, _)| target)
+        };
+        let total: u64 = candidates().map(|(_, w)| u64::from(*w)).sum();
+        let mut point = rand::rng().random_range(0..total);
+        candidates().find_map(|(server, weight)| {
+            if point < u64::from(*weight) {
+                return Some(Picked {
+                    server,
+                    failed_over_from: Some(picked),
+                });
+            }
+            point -= u64::from(*weight);
+            None
+        })
     }
 
     pub fn servers(&self) -> &[Arc<Server>] {
@@ -240,6 +385,9 @@ pub struct RouteDecision {
     pub route: Arc<Route>,
     pub rule_index: usize,
     pub server: Arc<Server>,
+    /// The target the rule's weights picked, when it had no usable pod and
+    /// `server` took its request ([`WeightedTargets`]' failover).
+    pub failed_over_from: Option<Arc<Server>>,
     /// The model matched a route's `loraAdapters` (no model rewrite then).
     pub is_lora: bool,
 }
@@ -292,10 +440,12 @@ impl RouteIndex {
                     route.rules.iter().enumerate().find(|(_, rule)| {
                         rule.matcher.as_ref().is_none_or(|m| m.matches(request))
                     })?;
+                let picked = rule.targets.pick();
                 Some(RouteDecision {
                     route: route.clone(),
                     rule_index,
-                    server: rule.targets.pick().clone(),
+                    server: picked.server.clone(),
+                    failed_over_from: picked.failed_over_from.cloned(),
                     is_lora,
                 })
             })
@@ -319,24 +469,14 @@ impl RouteIndex {
 mod tests {
     use super::*;
 
-    pub(crate) fn server(key: &str) -> Arc<Server> {
-        Arc::new(Server {
-            key: key.into(),
-            model_rewrite_literal: None,
-            model_rewrite: None,
-            timeout: None,
-            retry_attempts: 0,
-            retry_interval: Duration::ZERO,
-            pods: Vec::new(),
-            rotation: AtomicUsize::new(0),
-            prefill_decode: None,
-        })
+    fn server(key: &str) -> Arc<Server> {
+        Arc::new(Server::for_tests(key, Vec::new()))
     }
 
     fn count_picks(targets: &WeightedTargets, n: usize) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
         for _ in 0..n {
-            *counts.entry(targets.pick().key.clone()).or_insert(0) += 1;
+            *counts.entry(targets.pick().server.key.clone()).or_insert(0) += 1;
         }
         counts
     }
@@ -349,7 +489,9 @@ mod tests {
         assert_eq!(counts["v1"], 700);
         assert_eq!(counts["v2"], 300);
         // Smooth: every window of 10 consecutive picks holds exactly 7/3.
-        let picks: Vec<String> = (0..100).map(|_| targets.pick().key.clone()).collect();
+        let picks: Vec<String> = (0..100)
+            .map(|_| targets.pick().server.key.clone())
+            .collect();
         for window in picks.windows(10) {
             let v1 = window.iter().filter(|k| *k == "v1").count();
             assert!((6..=8).contains(&v1), "{window:?}");
@@ -366,6 +508,88 @@ mod tests {
         assert_eq!(counts["b"], 300);
         assert!(!counts.contains_key("c"));
         assert!(WeightedTargets::new(vec![(server("a"), 0)]).is_none());
+    }
+
+    /// ModelServer `key` with `pods` pods on their own loopback addresses.
+    fn server_with_pods(key: &str, pods: u8) -> Arc<Server> {
+        let pods = (0..pods)
+            .map(|i| {
+                Arc::new(
+                    PodState::new(
+                        format!("default/{key}-{i}"),
+                        format!("{key}-{i}"),
+                        std::net::SocketAddr::from(([127, 0, 0, i + 1], 8000)),
+                    )
+                    .expect("valid pod"),
+                )
+            })
+            .collect();
+        Arc::new(Server::for_tests(key, pods))
+    }
+
+    fn eject_all(server: &Server) {
+        for pod in &server.pods {
+            let failure = crate::pod::outlier::Failure::ConnectFailure;
+            server
+                .outlier
+                .record_failure(&server.pods, pod, failure, clock::now());
+        }
+        assert!(!server.has_usable_pod(clock::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_targets_share_goes_to_the_others_by_weight() {
+        let (a, b, c, dead) = (
+            server_with_pods("a", 2),
+            server_with_pods("b", 1),
+            server_with_pods("c", 1),
+            server_with_pods("dead", 1),
+        );
+        eject_all(&dead);
+        let targets = WeightedTargets::new(vec![(a, 40), (b, 30), (c, 20), (dead.clone(), 10)])
+            .expect("targets");
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let mut failovers = 0;
+        for _ in 0..9_000 {
+            let picked = targets.pick();
+            *counts.entry(picked.server.key.clone()).or_default() += 1;
+            if let Some(from) = picked.failed_over_from {
+                assert!(Arc::ptr_eq(from, &dead));
+                failovers += 1;
+            }
+        }
+        assert_eq!(failovers, 900, "the dead target's 10 %");
+        assert!(!counts.contains_key("dead"));
+        // 900 requests spread 40:30:20 on top of 3600/2700/1800; the bounds
+        // are 4 standard deviations of that random spread.
+        for (target, weight_share, own) in
+            [("a", 4.0, 3600.0), ("b", 3.0, 2700.0), ("c", 2.0, 1800.0)]
+        {
+            let expected = own + 900.0 * weight_share / 9.0;
+            let got = counts[target] as f64;
+            assert!(
+                (got - expected).abs() < 60.0,
+                "{target}: {got} vs {expected}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_usable_target_the_pick_stands_and_pods_beat_none() {
+        let (ejected, empty) = (server_with_pods("ejected", 1), server_with_pods("empty", 0));
+        eject_all(&ejected);
+        let targets =
+            WeightedTargets::new(vec![(ejected.clone(), 1), (empty.clone(), 1)]).expect("targets");
+        let mut picks = (0..10).map(|_| targets.pick());
+        assert!(
+            picks.all(|picked| Arc::ptr_eq(picked.server, &ejected)
+                && picked
+                    .failed_over_from
+                    .is_none_or(|from| Arc::ptr_eq(from, &empty))),
+            "a target whose pods are all ejected beats one without pods: they may answer yet"
+        );
+        let alone = WeightedTargets::new(vec![(ejected, 1)]).expect("targets");
+        assert!(alone.pick().failed_over_from.is_none(), "nowhere to go");
     }
 
     fn route(key: &str, model: &str, lora: &[&str], rules: Vec<Rule>) -> Arc<Route> {

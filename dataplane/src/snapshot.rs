@@ -14,14 +14,16 @@ use parking_lot::Mutex;
 use regex::Regex;
 use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
+use tokio::sync::watch;
 
 use crate::auth::{Authenticator, UnknownKeyIds};
 use crate::fairness::{FairQueues, Fairness, FairnessSettings};
 use crate::pod::PodState;
+use crate::pod::outlier::{EjectionNotifier, OutlierDetector, OutlierSettings};
 use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
 use crate::routing::{
-    KvConnector, Matcher, PdGroup, PrefillDecode, Route, RouteIndex, Rule, Server, StringMatcher,
-    WeightedTargets,
+    DEFAULT_RESPONSE_HEADER_TIMEOUT, KvConnector, Matcher, PdGroup, PrefillDecode, Route,
+    RouteIndex, Rule, Server, StringMatcher, WeightedTargets,
 };
 use crate::scheduling::{Scheduler, SchedulingShared};
 use crate::xds_client::SnapshotSink;
@@ -125,20 +127,29 @@ pub struct RoutingTable {
 
 impl RoutingTable {
     /// Validates `config` and builds the table, reusing `previous_pods` so
-    /// in-flight counts and loads survive the swap.
+    /// in-flight counts, loads and ejections survive the swap; its
+    /// ModelServers wake `ejections` when they eject a pod.
     pub fn build(
         version: &str,
         config: pb::RouteConfig,
         previous_pods: &HashMap<String, Arc<PodState>>,
         scheduling: &Arc<SchedulingShared>,
         rate_limiting: &RateLimiting,
+        ejections: &Arc<EjectionNotifier>,
         fairness: &Fairness,
     ) -> Result<Self, SnapshotError> {
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
         let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
         let mut servers = Vec::with_capacity(config.servers.len());
         for server in &config.servers {
-            let built = build_server(server, previous_pods, &mut pods)?;
+            let outlier = OutlierDetector::new(
+                OutlierSettings::resolve(
+                    server.outlier_detection.as_ref(),
+                    config.outlier_detection.as_ref(),
+                ),
+                ejections.clone(),
+            );
+            let built = build_server(server, previous_pods, &mut pods, outlier)?;
             if servers_by_key
                 .insert(built.key.clone(), built.clone())
                 .is_some()
@@ -230,6 +241,7 @@ fn build_server(
     server: &pb::ModelServer,
     previous_pods: &HashMap<String, Arc<PodState>>,
     pods: &mut HashMap<String, Arc<PodState>>,
+    outlier: OutlierDetector,
 ) -> Result<Arc<Server>, SnapshotError> {
     let key = switchyard_snapshot::object_key(&server.namespace, &server.name);
     let port = u16::try_from(server.port)
@@ -292,11 +304,15 @@ fn build_server(
         key,
         model_rewrite_literal,
         model_rewrite: server.model.clone(),
-        timeout: (policy.timeout_ms > 0).then(|| Duration::from_millis(policy.timeout_ms)),
+        timeout: match policy.timeout_ms {
+            0 => DEFAULT_RESPONSE_HEADER_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        },
         retry_attempts: policy.retry_attempts,
         retry_interval: Duration::from_millis(policy.retry_interval_ms),
         pods: server_pods,
         rotation: AtomicUsize::new(0),
+        outlier,
         prefill_decode,
     }))
 }
@@ -491,6 +507,13 @@ pub struct SnapshotStore {
     rate_limiting: Arc<RateLimiting>,
     /// Key ids of JWTs no table's keys could verify, for the controller.
     unknown_keys: Arc<UnknownKeyIds>,
+    /// Woken when a ModelServer of any table ejects a pod, for the report
+    /// to the controller.
+    ejections: Arc<EjectionNotifier>,
+    /// Replaced tables some request still held when they were replaced;
+    /// freed by [`SnapshotStore::reclaim`], so the cost of dropping a big
+    /// table falls on the thread that applies snapshots, not on a request.
+    retired: Mutex<Vec<Arc<RoutingTable>>>,
     /// Fairness queues and counters that outlive tables.
     fairness: Arc<Fairness>,
 }
@@ -501,6 +524,35 @@ pub struct SnapshotStore {
 struct AppliedLoads {
     version: String,
     loads: HashMap<String, Arc<pb::EndpointLoad>>,
+    /// Pods the fleet ejects: when each ejection ends (Unix milliseconds).
+    ejections: HashMap<String, i64>,
+}
+
+/// Ejects `table`'s pods the fleet ejects (other dataplanes, through the
+/// controller), within each ModelServer's cap.
+fn apply_fleet_ejections(table: &RoutingTable, ejections: &HashMap<String, i64>) {
+    if ejections.is_empty() {
+        return;
+    }
+    let (now, now_unix_ms) = (clock::now(), clock::unix_ms_now());
+    for server in &table.servers {
+        for pod in &server.pods {
+            let Some(left) = ejections
+                .get(&pod.key)
+                .and_then(|until| u64::try_from(until.saturating_sub(now_unix_ms)).ok())
+                .filter(|left| *left > 0)
+            else {
+                continue;
+            };
+            let until = now + Duration::from_millis(left);
+            if !server
+                .outlier
+                .eject_for_fleet(&server.pods, pod, until, now)
+            {
+                tracing::info!(pod = %pod.key, server = %server.key, "not ejecting a pod the fleet ejects: the ModelServer's cap is reached");
+            }
+        }
+    }
 }
 
 impl SnapshotStore {
@@ -574,17 +626,70 @@ impl SnapshotStore {
             previous_pods,
             &self.scheduling,
             &self.rate_limiting,
+            &self.ejections,
             &self.fairness,
         )?;
         if let Some(loads) = loads.as_ref() {
             for (key, pod) in &table.pods {
                 pod.set_load(loads.loads.get(key).cloned());
             }
+            apply_fleet_ejections(&table, &loads.ejections);
         }
-        self.table.store(Some(Arc::new(table)));
+        let replaced = self.table.swap(Some(Arc::new(table)));
+        drop(loads);
+        if let Some(replaced) = replaced {
+            self.retired.lock().push(replaced);
+        }
+        drop(previous);
+        self.reclaim();
         // The new pods' loads are known only now.
         self.fairness.wake_all();
         Ok(())
+    }
+
+    /// Changes whenever a ModelServer ejects a pod on this dataplane's own evidence.
+    pub fn ejections(&self) -> watch::Receiver<u64> {
+        self.ejections.subscribe()
+    }
+
+    /// The pods this dataplane ejects on its own evidence right now.
+    pub fn outlier_report(&self) -> pb::OutlierReport {
+        let Some(table) = self.table() else {
+            return pb::OutlierReport::default();
+        };
+        let now = clock::now();
+        let mut ejections: Vec<pb::PodEjection> = table
+            .pods
+            .values()
+            .filter_map(|pod| {
+                let (until, cause) = pod.health.local_ejection(now)?;
+                let (namespace, name) = pod.key.split_once('/')?;
+                Some(pb::PodEjection {
+                    namespace: namespace.to_owned(),
+                    pod: name.to_owned(),
+                    remaining_ms: u64::try_from((until - now).as_millis()).unwrap_or(u64::MAX),
+                    reason: cause.as_str().to_owned(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        ejections.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+        pb::OutlierReport { ejections }
+    }
+
+    /// Frees the replaced tables no request uses any more (on the calling
+    /// thread: the one that applies snapshots).
+    pub fn reclaim(&self) {
+        let unused: Vec<Arc<RoutingTable>> = {
+            let mut retired = self.retired.lock();
+            let (unused, held) = std::mem::take(&mut *retired)
+                .into_iter()
+                .partition(|table| Arc::strong_count(table) == 1);
+            *retired = held;
+            unused
+        };
+        // Dropped here, outside the lock.
+        drop(unused);
     }
 
     /// Applies a whole EndpointLoads set, or an update of the one held
@@ -601,6 +706,15 @@ impl SnapshotStore {
             let key = switchyard_snapshot::object_key(&load.namespace, &load.pod);
             (key, Arc::new(load))
         };
+        // Whole in every response, update or not: it replaces the list held.
+        let ejections: HashMap<String, i64> = update
+            .ejections
+            .iter()
+            .map(|ejection| {
+                let key = switchyard_snapshot::object_key(&ejection.namespace, &ejection.pod);
+                (key, ejection.until_unix_ms)
+            })
+            .collect();
         if update.base_version.is_empty() {
             let loads: HashMap<_, _> = update.loads.into_iter().map(keyed).collect();
             if let Some(table) = &table {
@@ -611,6 +725,7 @@ impl SnapshotStore {
             *held = Some(AppliedLoads {
                 version: version.to_owned(),
                 loads,
+                ejections,
             });
         } else {
             let current = match held.as_mut() {
@@ -636,6 +751,10 @@ impl SnapshotStore {
                 current.loads.insert(key, load);
             }
             version.clone_into(&mut current.version);
+            current.ejections = ejections;
+        }
+        if let (Some(table), Some(held)) = (&table, held.as_ref()) {
+            apply_fleet_ejections(table, &held.ejections);
         }
         self.scheduling
             .set_loads_observed_at(update.observed_at_unix_ms);
@@ -651,6 +770,18 @@ impl SnapshotSink for SnapshotStore {
 
     fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
         SnapshotStore::apply_endpoint_loads(self, version, loads).map_err(SnapshotError::into_nack)
+    }
+
+    fn reclaim(&self) {
+        SnapshotStore::reclaim(self);
+    }
+
+    fn ejections(&self) -> Option<watch::Receiver<u64>> {
+        Some(SnapshotStore::ejections(self))
+    }
+
+    fn outlier_report(&self) -> pb::OutlierReport {
+        SnapshotStore::outlier_report(self)
     }
 }
 
@@ -680,6 +811,26 @@ mod tests {
         assert_eq!(table.version, "v2");
         assert_eq!(table.pods["default/p1"].in_flight(), 1);
         assert!(Arc::ptr_eq(&table.pods["default/p1"], &pod));
+    }
+
+    #[test]
+    fn a_replaced_table_is_freed_by_the_applying_thread_once_unused() {
+        let store = SnapshotStore::new();
+        store.apply_route_config("v1", config()).expect("valid");
+        let held_by_a_request = store.table().expect("table");
+        let v1 = Arc::downgrade(&held_by_a_request);
+        store.apply_route_config("v2", config()).expect("valid");
+        assert!(v1.upgrade().is_some(), "still in use");
+        drop(held_by_a_request);
+        assert!(
+            v1.upgrade().is_some(),
+            "the request's release does not free it"
+        );
+        store.reclaim();
+        assert!(v1.upgrade().is_none(), "freed by reclaim");
+        let v2 = Arc::downgrade(&store.table().expect("table"));
+        store.apply_route_config("v3", config()).expect("valid");
+        assert!(v2.upgrade().is_none(), "unused: freed by the apply itself");
     }
 
     #[test]
@@ -918,6 +1069,105 @@ mod tests {
         );
     }
 
+    fn ejection(pod: &str, until_unix_ms: i64) -> pb::PodEjection {
+        pb::PodEjection {
+            namespace: "default".into(),
+            pod: pod.into(),
+            until_unix_ms,
+            reason: "5xx".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fleets_ejections_apply_to_every_table_within_the_cap() {
+        let store = SnapshotStore::new();
+        let soon = clock::unix_ms_now() + 60_000;
+        store
+            .apply_endpoint_loads(
+                "l1",
+                pb::EndpointLoads {
+                    ejections: vec![ejection("p1", soon), ejection("p2", soon)],
+                    ..Default::default()
+                },
+            )
+            .expect("whole set");
+        store.apply_route_config("v1", config()).expect("valid");
+        let table = store.table().expect("table");
+        let ejected = |table: &RoutingTable| {
+            let now = clock::now();
+            let mut pods: Vec<_> = table
+                .pods
+                .values()
+                .filter(|pod| pod.is_ejected(now))
+                .map(|pod| pod.name.clone())
+                .collect();
+            pods.sort();
+            pods
+        };
+        assert_eq!(
+            ejected(&table),
+            ["p1"],
+            "one of the two pods at most: p2 stays"
+        );
+        assert!(
+            store.outlier_report().ejections.is_empty(),
+            "the fleet's ejections are not reported back"
+        );
+        // An update carries the whole list: p1's ejection is over.
+        store
+            .apply_endpoint_loads(
+                "l2",
+                pb::EndpointLoads {
+                    base_version: "l1".into(),
+                    ejections: vec![],
+                    ..Default::default()
+                },
+            )
+            .expect("update");
+        assert_eq!(
+            ejected(&table),
+            ["p1"],
+            "an ejection in force is never shortened"
+        );
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(ejected(&table).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn this_dataplanes_own_ejections_are_reported() {
+        let store = SnapshotStore::new();
+        let mut woken = store.ejections();
+        store.apply_route_config("v1", config()).expect("valid");
+        let table = store.table().expect("table");
+        let server = &table.servers[0];
+        let pod = &server.pods[1];
+        server.outlier.record_failure(
+            &server.pods,
+            pod,
+            crate::pod::outlier::Failure::ConnectFailure,
+            clock::now(),
+        );
+        assert!(woken.has_changed().expect("open"));
+        woken.borrow_and_update();
+        let report = store.outlier_report();
+        assert_eq!(report.ejections.len(), 1);
+        let reported = &report.ejections[0];
+        assert_eq!(
+            (
+                reported.namespace.as_str(),
+                reported.pod.as_str(),
+                reported.reason.as_str()
+            ),
+            ("default", "p2", "connect_failure")
+        );
+        assert_eq!(
+            reported.remaining_ms,
+            u64::try_from(crate::pod::outlier::DEFAULT_BASE_EJECTION_TIME.as_millis())
+                .expect("fits")
+        );
+    }
+
     #[test]
     fn models_body_lists_names_and_adapters() {
         let mut c = config();
@@ -932,6 +1182,7 @@ mod tests {
             &HashMap::new(),
             &Arc::default(),
             &RateLimiting::default(),
+            &Arc::default(),
             &Fairness::default(),
         )
         .expect("valid");

@@ -72,6 +72,84 @@ pub trait SnapshotSink: Send + Sync + 'static {
     fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack>;
     /// Validate and apply atomically; `Err` is sent as the NACK, previous state kept.
     fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack>;
+    /// Frees what replaced snapshots still hold once no request uses them;
+    /// called every [`RECLAIM_INTERVAL`] by [`run_on_own_thread`].
+    fn reclaim(&self) {}
+
+    /// Changes whenever this dataplane ejects a pod on its own evidence
+    /// (outlier detection); `None` when it never does.
+    fn ejections(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+
+    /// The pods this dataplane ejects on its own evidence right now, for
+    /// the controller to pass on to every dataplane.
+    fn outlier_report(&self) -> pb::OutlierReport {
+        pb::OutlierReport::default()
+    }
+}
+
+/// How often a client on its own thread frees replaced snapshots that
+/// requests were still using when they were replaced: requests hold a
+/// snapshot only until their response head arrives.
+pub const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the client's own thread could not run or stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientThreadError {
+    #[error("cannot start the controller stream thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the controller stream thread stopped unexpectedly (panicked)")]
+    Stopped,
+}
+
+/// [`run`] on a thread of its own with a single-threaded runtime, until
+/// `stop` is cancelled. Decoding a RouteConfig, validating it, building its
+/// table, cleaning up the metrics of what left and freeing the table it
+/// replaces take time proportional to the snapshot (thousands of routes:
+/// tens of milliseconds or more); none of it runs on the threads that serve
+/// requests and probes, which only ever swap an `Arc`.
+pub fn run_on_own_thread<S>(
+    config: XdsClientConfig,
+    sink: Arc<S>,
+    status: Arc<ControllerStatus>,
+    unknown_keys: Arc<UnknownKeyIds>,
+    stop: switchyard_runtime::CancellationToken,
+) -> impl Future<Output = Result<(), ClientThreadError>> + Send + 'static
+where
+    S: SnapshotSink + ?Sized,
+{
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("controller-stream".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = done.send(Err(ClientThreadError::Spawn(error)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let reclaimer = sink.clone();
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval(RECLAIM_INTERVAL);
+                    loop {
+                        every.tick().await;
+                        reclaimer.reclaim();
+                    }
+                });
+                run(config, sink, status, unknown_keys, stop.cancelled_owned()).await;
+            });
+            let _ = done.send(Ok(()));
+        });
+    async move {
+        spawned.map_err(ClientThreadError::Spawn)?;
+        finished.await.unwrap_or(Err(ClientThreadError::Stopped))
+    }
 }
 
 /// How to reach the controller and how to retry.
@@ -511,6 +589,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 response_nonce: String::new(),
                 error_detail: None,
                 unknown_jwt_key_ids: Vec::new(),
+                outlier_report: None,
             };
             if requests.send(subscription).await.is_err() {
                 return StreamEnd::RequestStreamClosed;
@@ -539,6 +618,15 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
             "connected to controller"
         );
 
+        // What this dataplane ejects goes out on every new stream, then
+        // again with every new ejection.
+        let mut ejections = self.sink.ejections();
+        if let Some(ejections) = &mut ejections {
+            ejections.borrow_and_update();
+        }
+        if !self.report_ejections(&requests).await {
+            return StreamEnd::RequestStreamClosed;
+        }
         loop {
             let message = tokio::select! {
                 message = responses.message() => message,
@@ -549,6 +637,12 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                         ..Default::default()
                     };
                     if requests.send(hint).await.is_err() {
+                        return StreamEnd::RequestStreamClosed;
+                    }
+                    continue;
+                }
+                Some(()) = ejected(&mut ejections) => {
+                    if !self.report_ejections(&requests).await {
                         return StreamEnd::RequestStreamClosed;
                     }
                     continue;
@@ -566,6 +660,25 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 return StreamEnd::RequestStreamClosed;
             }
         }
+    }
+
+    /// Sends the sink's outlier report unless it is empty; false when the
+    /// request stream is closed.
+    async fn report_ejections(&self, requests: &mpsc::Sender<pb::SnapshotRequest>) -> bool {
+        let report = self.sink.outlier_report();
+        if report.ejections.is_empty() {
+            return true;
+        }
+        tracing::info!(
+            node = %self.config.node_id,
+            pods = report.ejections.len(),
+            "reporting ejected pods to the controller"
+        );
+        let request = pb::SnapshotRequest {
+            outlier_report: Some(report),
+            ..Default::default()
+        };
+        requests.send(request).await.is_ok()
     }
 
     /// Applies one response and builds its ACK or NACK, recording the outcome.
@@ -600,6 +713,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     response_nonce: nonce,
                     error_detail: None,
                     unknown_jwt_key_ids: Vec::new(),
+                    outlier_report: None,
                 }
             }
             Err(nack) => {
@@ -624,6 +738,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     response_nonce: nonce,
                     error_detail: Some(nack.into_error_detail()),
                     unknown_jwt_key_ids: Vec::new(),
+                    outlier_report: None,
                 }
             }
         }
@@ -647,6 +762,15 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 "applied snapshot from controller"
             ),
         }
+    }
+}
+
+/// Resolves when `ejections` changes; never without one, and `None` once
+/// its sender is gone.
+async fn ejected(ejections: &mut Option<watch::Receiver<u64>>) -> Option<()> {
+    match ejections {
+        Some(ejections) => ejections.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }
 

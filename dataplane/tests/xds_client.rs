@@ -16,7 +16,7 @@ use switchyard_snapshot::{
     ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -245,11 +245,14 @@ impl Drop for MockServer {
 // Fake sink and client harness
 // ---------------------------------------------------------------------------
 
-/// Records what was applied; rejects versions listed in `reject`.
+/// Records what was applied; rejects versions listed in `reject`; reports
+/// `ejections` when told to.
 #[derive(Default)]
 struct RecordingSink {
     applied: Mutex<Vec<(ResourceType, String)>>,
     reject: Mutex<Vec<String>>,
+    ejections: Mutex<pb::OutlierReport>,
+    ejected: watch::Sender<u64>,
 }
 
 impl RecordingSink {
@@ -271,6 +274,18 @@ impl RecordingSink {
     fn applied(&self) -> Vec<(ResourceType, String)> {
         self.applied.lock().clone()
     }
+
+    /// Ejects `pod` and wakes the client.
+    fn eject(&self, pod: &str) {
+        self.ejections.lock().ejections.push(pb::PodEjection {
+            namespace: "default".into(),
+            pod: pod.into(),
+            remaining_ms: 10_000,
+            reason: "5xx".into(),
+            ..Default::default()
+        });
+        self.ejected.send_modify(|count| *count += 1);
+    }
 }
 
 impl SnapshotSink for RecordingSink {
@@ -290,6 +305,14 @@ impl SnapshotSink for RecordingSink {
             "the resource reaches the sink unchanged"
         );
         self.check(ResourceType::EndpointLoads, version)
+    }
+
+    fn ejections(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.ejected.subscribe())
+    }
+
+    fn outlier_report(&self) -> pb::OutlierReport {
+        self.ejections.lock().clone()
     }
 }
 
@@ -443,6 +466,40 @@ async fn applies_first_snapshot_and_acks() {
     assert_eq!(view.route_config.nacks, 0);
     assert_eq!(view.control_plane_id.as_deref(), Some("mock-controller"));
     assert_eq!(view.last_error, None);
+
+    client.stop().await;
+    drop(stream);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reports_ejections_when_they_happen_and_on_every_new_stream() {
+    let mut server = MockServer::start().await;
+    let client = Client::start(server.uri());
+    let mut stream = server.next_stream().await;
+    stream.expect_subscriptions("", "").await;
+    client.sink.eject("llama-0");
+    let report = stream.next_request().await;
+    assert_eq!(report.type_url, "", "a request of its own");
+    assert_eq!(report.response_nonce, "");
+    let pods: Vec<String> = report
+        .outlier_report
+        .expect("an outlier report")
+        .ejections
+        .into_iter()
+        .map(|ejection| ejection.pod)
+        .collect();
+    assert_eq!(pods, ["llama-0"]);
+
+    drop(stream);
+    let mut stream = server.next_stream().await;
+    stream.expect_subscriptions("", "").await;
+    let again = stream.next_request().await;
+    assert_eq!(
+        again.outlier_report.map(|report| report.ejections.len()),
+        Some(1),
+        "a new stream starts with what is ejected"
+    );
 
     client.stop().await;
     drop(stream);

@@ -7,7 +7,7 @@ use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use switchyard_e2e::harness::{HttpClient, HttpResponse, MockEngineBinary, sample_value};
-use switchyard_e2e::mock_engine::{EngineFlavor, MockEngineConfig, RunningMockEngine};
+use switchyard_e2e::mock_engine::{EngineFlavor, Fault, MockEngineConfig, RunningMockEngine};
 
 /// Label fragments of `vllm:request_success_total` and of SGLang's per-request series.
 const ABORTED: &[&str] = &["finished_reason=\"abort\""];
@@ -571,6 +571,62 @@ async fn x_mock_status_fails_the_request_with_that_status() {
         0.0
     );
     engine.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_broken_engine_fails_every_inference_request_as_configured() {
+    let broken = |fault| MockEngineConfig {
+        fault: Some(fault),
+        ..config("base", "pod-a")
+    };
+    let chat =
+        json!({"model": "base", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+
+    let failing = start(broken(Fault::Status(503))).await;
+    let reply = post(&failing, "/v1/chat/completions", &[], chat.clone()).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["error"]["code"], 503);
+    let health = send(&failing, Method::GET, "/health", &[], "").await;
+    assert_eq!(health.status, StatusCode::OK, "only inference is broken");
+    failing.stop().await.expect("clean stop");
+
+    let cutting = start(broken(Fault::CutStreamAfter(2))).await;
+    let response = HttpClient::default()
+        .post_json_streaming(
+            &url(&cutting, "/v1/chat/completions"),
+            &[],
+            &chat.to_string(),
+        )
+        .await
+        .expect("a response head");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut events = 0;
+    let ended = loop {
+        match body.frame().await {
+            Some(Ok(_)) => events += 1,
+            Some(Err(_)) => break "cut",
+            None => break "ended",
+        }
+    };
+    assert_eq!((events, ended), (2, "cut"));
+    cutting.stop().await.expect("clean stop");
+
+    let hanging = start(broken(Fault::Hang)).await;
+    let unanswered = tokio::time::timeout(
+        Duration::from_millis(300),
+        post(
+            &hanging,
+            "/v1/completions",
+            &[],
+            json!({"model": "base", "prompt": "hi"}),
+        ),
+    )
+    .await;
+    assert!(unanswered.is_err(), "no answer");
+    let models = send(&hanging, Method::GET, "/v1/models", &[], "").await;
+    assert_eq!(models.status, StatusCode::OK);
+    hanging.stop().await.expect("clean stop");
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use prost::Message;
 use switchyard_controller::compile::{CompileInput, ObjectSet, compile};
 use switchyard_controller::local::parse_documents;
+use switchyard_controller::outlier::ReportedEjections;
 use switchyard_controller::router_config::RouterConfig;
 use switchyard_controller::scrape::{prometheus_text, sglang, vllm};
 use switchyard_dataplane::request::{MAX_MODEL_BYTES, apply_edits, parse_body};
@@ -230,6 +231,7 @@ fn check_local_objects(input: &[u8]) {
         router: &RouterConfig::default(),
         jwks_keys: &[],
         pod_loads: &BTreeMap::new(),
+        ejections: &ReportedEjections::new(),
         now_unix_ms: 0,
     });
     let store = SnapshotStore::new();

@@ -1,7 +1,8 @@
 //! The pure core: ModelRoutes, ModelServers, Pods, the router configuration
 //! and scraped engine load in, a routing snapshot and one report per object out.
-//! The controller publishes exactly what [`compile`] returns; on a scrape it
-//! reruns only [`compile_endpoint_loads`], the part that depends on load.
+//! The controller publishes exactly what [`compile`] returns; on a scrape or
+//! a dataplane's outlier report it reruns only [`compile_endpoint_loads`]
+//! and [`compile_ejections`], the parts that depend on them.
 //!
 //! No I/O and no clock reads (the time is an input), and every list in the
 //! output is built in a canonical order, so equal inputs give byte-identical
@@ -16,6 +17,7 @@ use switchyard_crd::{ModelRoute, ModelServer};
 use switchyard_snapshot::{object_key, pb};
 
 use crate::auth::compile_auth;
+use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
@@ -44,12 +46,14 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
     /// The router configuration (`--router-config`; the default without one):
-    /// its scheduler section, tiers and fairness block are shipped as they are, its JWT
-    /// settings with `jwks_keys`.
+    /// its scheduler section, tiers, outlier detection and fairness block
+    /// are shipped as they are, its JWT settings with `jwks_keys`.
     pub router: &'a RouterConfig,
     /// The JWT issuer's keys as last fetched (see [`crate::auth::jwks`]).
     pub jwks_keys: &'a [String],
     pub pod_loads: &'a BTreeMap<PodKey, PodLoad>,
+    /// Pods the dataplanes reported ejecting.
+    pub ejections: &'a ReportedEjections,
     /// The compile time; becomes the snapshot's `generated_at_unix_ms`.
     pub now_unix_ms: i64,
 }
@@ -91,7 +95,17 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let (auth, auth_problems) =
         compile_auth(&objects.api_keys, router.auth.as_ref(), input.jwks_keys);
     routes.route_config.auth = auth;
-    let endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
+    routes.route_config.outlier_detection = router.outlier_detection.defaults;
+    for server in &mut routes.route_config.servers {
+        server.outlier_detection = router
+            .outlier_detection
+            .model_servers
+            .get(&object_key(&server.namespace, &server.name))
+            .cloned();
+    }
+    let mut endpoint_loads = compile_endpoint_loads(&routes.route_config, input.pod_loads);
+    endpoint_loads.ejections =
+        compile_ejections(&routes.route_config, input.ejections, input.now_unix_ms);
     Compiled {
         route_config: routes.route_config,
         endpoint_loads,
@@ -268,6 +282,39 @@ pub fn compile_endpoint_loads(
         observed_at_unix_ms: pass_observed_at,
         ..Default::default()
     }
+}
+
+/// The reported ejections of `route_config`'s pods still in force at
+/// `now_unix_ms`, sorted by (namespace, pod), for EndpointLoads.
+pub fn compile_ejections(
+    route_config: &pb::RouteConfig,
+    ejections: &ReportedEjections,
+    now_unix_ms: i64,
+) -> Vec<pb::PodEjection> {
+    if ejections.is_empty() {
+        return Vec::new();
+    }
+    let mut selected: BTreeMap<(&str, &str), &crate::outlier::ReportedEjection> = BTreeMap::new();
+    for server in &route_config.servers {
+        for endpoint in &server.endpoints {
+            let key = object_key(&server.namespace, &endpoint.name);
+            if let Some(ejection) = ejections.get(&key)
+                && ejection.until_unix_ms > now_unix_ms
+            {
+                selected.insert((&server.namespace, &endpoint.name), ejection);
+            }
+        }
+    }
+    selected
+        .into_iter()
+        .map(|((namespace, pod), ejection)| pb::PodEjection {
+            namespace: namespace.to_owned(),
+            pod: pod.to_owned(),
+            until_unix_ms: ejection.until_unix_ms,
+            reason: ejection.reason.to_owned(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Engines can export NaN (e.g. a mean over zero samples); a dataplane would

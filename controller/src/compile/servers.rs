@@ -243,6 +243,7 @@ pub(crate) fn compile_server(
             endpoints,
             generation: generation.unwrap_or(0),
             prefill_decode,
+            ..Default::default()
         },
         scrape_targets,
     };

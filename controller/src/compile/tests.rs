@@ -10,6 +10,8 @@ use switchyard_snapshot::test_builders as builders;
 use switchyard_snapshot::{ResourceType, content_version, pb};
 
 use super::*;
+use crate::outlier::ReportedEjection;
+use crate::router_config::OutlierConfig;
 
 fn route(yaml: &str) -> ModelRoute {
     serde_yaml::from_str(yaml).expect("test ModelRoute YAML parses")
@@ -1164,30 +1166,64 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         top_n: 3,
         ..Default::default()
     };
-    let router = RouterConfig {
-        scheduler: Some(scheduler.clone()),
+    let defaults = pb::OutlierDetection {
+        consecutive_failures: Some(3),
         ..Default::default()
     };
+    let for_7b = pb::OutlierDetection {
+        max_ejection_percent: Some(100),
+        ..Default::default()
+    };
+    let router = RouterConfig {
+        scheduler: Some(scheduler.clone()),
+        outlier_detection: OutlierConfig {
+            defaults: Some(defaults),
+            model_servers: [("default/deepseek-r1-7b".to_owned(), for_7b)].into(),
+        },
+        ..RouterConfig::default()
+    };
+    let reported = |until_unix_ms| ReportedEjection {
+        until_unix_ms,
+        reason: "5xx",
+    };
+    let ejections: ReportedEjections = [
+        ("default/ds7-0".to_owned(), reported(100)),
+        // Ended before the compile: left out.
+        ("default/ds15-v1-0".to_owned(), reported(42)),
+        // Not an endpoint of any server in the snapshot: left out.
+        ("default/gone".to_owned(), reported(100)),
+    ]
+    .into();
     let compiled = compile(&CompileInput {
         objects: &objects,
         router: &router,
         jwks_keys: &[],
         pod_loads: &pod_loads,
+        ejections: &ejections,
         now_unix_ms: 42,
     });
     assert_eq!(compiled.generated_at_unix_ms, 42);
-    // The router configuration's scheduler section is shipped as is, and the
-    // rest of the RouteConfig is what the objects alone compile to.
+    // The router configuration's scheduler section and outlier detection
+    // are shipped as they are, and the rest of the RouteConfig is what the
+    // objects alone compile to.
     let objects_only = compile_route_config(&routes, &servers, &pods);
     assert_eq!(compiled.route_config.scheduler, Some(scheduler));
+    assert_eq!(compiled.route_config.outlier_detection, Some(defaults));
     assert_eq!(
         compiled.route_config.routes,
         objects_only.route_config.routes
     );
-    assert_eq!(
-        compiled.route_config.servers,
-        objects_only.route_config.servers
-    );
+    let mut servers_shipped = compiled.route_config.servers.clone();
+    for server in &mut servers_shipped {
+        let own = server.outlier_detection.take();
+        assert_eq!(
+            own,
+            (server.name == "deepseek-r1-7b").then_some(for_7b),
+            "{}",
+            server.name
+        );
+    }
+    assert_eq!(servers_shipped, objects_only.route_config.servers);
     assert_eq!(compiled.reports, objects_only.reports);
     assert_eq!(compiled.scrape_targets, objects_only.scrape_targets);
     let expected = |pod: &str, waiting: f64, observed_at_unix_ms: i64| pb::EndpointLoad {
@@ -1208,6 +1244,13 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         pb::EndpointLoads {
             loads: vec![expected("ds15-v1-0", 0.0, 0), expected("ds7-0", 1.0, 1_000)],
             observed_at_unix_ms: 2_000,
+            ejections: vec![pb::PodEjection {
+                namespace: "default".into(),
+                pod: "ds7-0".into(),
+                until_unix_ms: 100,
+                reason: "5xx".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         }
     );
@@ -1296,6 +1339,7 @@ fn auth_and_tiers_are_compiled_into_the_route_config() {
         router: &router,
         jwks_keys: &keys,
         pod_loads: &loads,
+        ejections: &ReportedEjections::new(),
         now_unix_ms: 1,
     });
     let auth = compiled.route_config.auth.expect("auth on");
@@ -1312,6 +1356,7 @@ fn auth_and_tiers_are_compiled_into_the_route_config() {
         router: &RouterConfig::default(),
         jwks_keys: &[],
         pod_loads: &loads,
+        ejections: &ReportedEjections::new(),
         now_unix_ms: 1,
     });
     assert_eq!(off.route_config.auth, None);

@@ -15,9 +15,11 @@ use tokio::sync::watch;
 
 use crate::admin::{ObjectsView, SourceStatus};
 use crate::compile::{
-    CompileInput, Compiled, ObjectReport, ObjectSet, compile, compile_endpoint_loads,
+    CompileInput, Compiled, ObjectReport, ObjectSet, compile, compile_ejections,
+    compile_endpoint_loads,
 };
 use crate::metrics::ControllerMetrics;
+use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodLoads, ScrapeTarget};
 use crate::xds::SnapshotPublisher;
@@ -25,12 +27,14 @@ use crate::xds::SnapshotPublisher;
 /// What a [`CompileLoop`] reads from and writes to.
 pub(super) struct LoopIo {
     pub objects: watch::Receiver<Arc<ObjectSet>>,
-    /// The router configuration: its scheduler section, JWT settings and
-    /// tiers are shipped inside the RouteConfig.
+    /// The router configuration: its scheduler section, JWT settings, tiers
+    /// and outlier detection are shipped inside the RouteConfig.
     pub router: watch::Receiver<RouterConfig>,
     /// The JWT issuer's keys, refetched by [`crate::auth::jwks::refresh_keys`].
     pub jwks_keys: watch::Receiver<Vec<String>>,
     pub pod_loads: watch::Receiver<PodLoads>,
+    /// Pods the dataplanes reported ejecting, shipped inside EndpointLoads.
+    pub ejections: watch::Receiver<Arc<ReportedEjections>>,
     pub publisher: Arc<SnapshotPublisher>,
     pub targets: watch::Sender<Vec<ScrapeTarget>>,
     pub objects_view: watch::Sender<Arc<ObjectsView>>,
@@ -76,6 +80,7 @@ impl CompileLoop {
         let mut router_alive = true;
         let mut keys_alive = true;
         let mut loads_alive = true;
+        let mut ejections_alive = true;
         loop {
             tokio::select! {
                 changed = self.io.objects.changed(), if objects_alive => match changed {
@@ -96,6 +101,10 @@ impl CompileLoop {
                     Ok(()) => self.publish_endpoint_loads(),
                     Err(_) => loads_alive = false,
                 },
+                changed = self.io.ejections.changed(), if ejections_alive => match changed {
+                    Ok(()) => self.publish_endpoint_loads(),
+                    Err(_) => ejections_alive = false,
+                },
                 else => return,
             }
         }
@@ -106,14 +115,18 @@ impl CompileLoop {
         self.compiled.send_replace(compiled);
     }
 
-    /// A scrape changed the loads: only the part of [`compile`] that depends on them.
+    /// A scrape changed the loads, or a dataplane reported ejections: only
+    /// the parts of [`compile`] that depend on them.
     fn publish_endpoint_loads(&mut self) {
         let pod_loads = self.io.pod_loads.borrow_and_update().clone();
+        let ejections = self.io.ejections.borrow_and_update().clone();
         let compiled = self.compiled.borrow().clone();
+        let now_unix_ms = clock::unix_ms_now();
         let started = clock::now();
-        let loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        let mut loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
+        loads.ejections = compile_ejections(&compiled.route_config, &ejections, now_unix_ms);
         observe(&self.io, "endpoint_loads", started);
-        publish_loads(&self.io, loads, clock::unix_ms_now());
+        publish_loads(&self.io, loads, now_unix_ms);
     }
 }
 
@@ -122,12 +135,14 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     let router = io.router.borrow_and_update().clone();
     let jwks_keys = io.jwks_keys.borrow_and_update().clone();
     let pod_loads = io.pod_loads.borrow_and_update().clone();
+    let ejections = io.ejections.borrow_and_update().clone();
     let started = clock::now();
     let compiled = compile(&CompileInput {
         objects: &objects,
         router: &router,
         jwks_keys: &jwks_keys,
         pod_loads: &pod_loads,
+        ejections: &ejections,
         now_unix_ms: clock::unix_ms_now(),
     });
     observe(io, "route_config", started);

@@ -32,6 +32,7 @@ use crate::cli::Args;
 use crate::compile::{Compiled, ObjectSet};
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
+use crate::outlier::EjectionBoard;
 use crate::router_config::{RouterConfig, watch_router_config};
 use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
 use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
@@ -226,11 +227,13 @@ impl StartingController {
                 jwks::network_fetch(),
             ),
         );
+        let ejections = Arc::new(EjectionBoard::default());
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
             router: self.router,
             jwks_keys,
             pod_loads: pod_loads.clone(),
+            ejections: ejections.subscribe(),
             publisher: self.publisher.clone(),
             targets,
             objects_view: self.objects_view,
@@ -246,7 +249,8 @@ impl StartingController {
             self.dataplanes.clone(),
             self.xds_metrics,
         )
-        .with_key_hints(key_hints);
+        .with_key_hints(key_hints)
+        .with_outlier_reports(ejections);
         tasks.spawn_graceful("snapshot stream server", |stop| {
             xds::serve(xds_listener, service, stop.cancelled_owned())
         });

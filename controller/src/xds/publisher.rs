@@ -234,6 +234,8 @@ pub fn endpoint_loads_diff(
     let mut update = pb::EndpointLoads {
         base_version: base_version.to_owned(),
         observed_at_unix_ms: next.observed_at_unix_ms,
+        // Always whole: it replaces the list held.
+        ejections: next.ejections.clone(),
         ..Default::default()
     };
     let removed = |load: &pb::EndpointLoad| pb::EndpointRef {
@@ -300,11 +302,21 @@ mod tests {
     #[test]
     fn the_diff_lists_added_changed_and_removed_entries() {
         let base = set(vec![load("a", 1.0), load("b", 1.0), load("c", 1.0)], 1_000);
-        let next = set(vec![load("b", 2.0), load("c", 1.0), load("d", 1.0)], 2_000);
+        let next = pb::EndpointLoads {
+            ejections: vec![pb::PodEjection {
+                namespace: "default".into(),
+                pod: "c".into(),
+                until_unix_ms: 9_000,
+                reason: "5xx".into(),
+                ..Default::default()
+            }],
+            ..set(vec![load("b", 2.0), load("c", 1.0), load("d", 1.0)], 2_000)
+        };
         let update = endpoint_loads_diff(&base, &next, "el-1");
         assert_eq!(update.base_version, "el-1");
         assert_eq!(update.observed_at_unix_ms, 2_000);
         assert_eq!(update.loads, vec![load("b", 2.0), load("d", 1.0)]);
+        assert_eq!(update.ejections, next.ejections, "carried whole");
         let removed: Vec<_> = update
             .removed
             .iter()

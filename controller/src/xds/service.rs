@@ -16,6 +16,7 @@ use super::metrics::XdsMetrics;
 use super::publisher::{ResourceReceiver, SnapshotPublisher};
 use super::registry::{DataplaneRegistry, DataplaneStatus, RegistryEntry, TypeSyncStatus};
 use super::wire::EncodedResponse;
+use crate::outlier::EjectionBoard;
 
 /// Responses queued per stream: at most one un-ACKed response per type is in
 /// flight, so 4 only fills up when the dataplane stopped reading.
@@ -47,6 +48,8 @@ pub struct RoutingDiscoveryService {
     registry: DataplaneRegistry,
     metrics: XdsMetrics,
     settings: StreamSettings,
+    /// Where the dataplanes' outlier reports go.
+    ejections: Arc<EjectionBoard>,
     /// Flips to `true` when the server shuts down: bidi streams never end on
     /// their own, so graceful shutdown has to end them.
     closing: Arc<watch::Sender<bool>>,
@@ -66,6 +69,7 @@ impl RoutingDiscoveryService {
             registry,
             metrics,
             settings: StreamSettings::default(),
+            ejections: Arc::default(),
             closing: Arc::new(watch::channel(false).0),
             key_hints: None,
         }
@@ -74,6 +78,12 @@ impl RoutingDiscoveryService {
     /// Sends the key ids of dataplanes' unknown-key hints to `hints`.
     pub fn with_key_hints(mut self, hints: mpsc::Sender<Vec<String>>) -> Self {
         self.key_hints = Some(hints);
+        self
+    }
+
+    /// Dataplanes' outlier reports go to `ejections`.
+    pub fn with_outlier_reports(mut self, ejections: Arc<EjectionBoard>) -> Self {
+        self.ejections = ejections;
         self
     }
 
@@ -113,6 +123,7 @@ impl RoutingDiscoveryService {
 struct SnapshotStream {
     metrics: XdsMetrics,
     settings: StreamSettings,
+    ejections: Arc<EjectionBoard>,
     closing: watch::Receiver<bool>,
     responses: mpsc::Sender<Result<EncodedResponse, Status>>,
     route_config: ResourceReceiver,
@@ -154,6 +165,7 @@ impl SnapshotStream {
         Self {
             metrics: service.metrics.clone(),
             settings: service.settings,
+            ejections: service.ejections.clone(),
             closing: service.closing.subscribe(),
             responses,
             route_config: service.publisher.subscribe(ResourceType::RouteConfig),
@@ -294,8 +306,12 @@ impl SnapshotStream {
         if !request.unknown_jwt_key_ids.is_empty() {
             self.forward_key_hint(&request.unknown_jwt_key_ids);
         }
+        if let Some(report) = &request.outlier_report {
+            let node_id = self.status.node_id.as_deref().unwrap_or_default();
+            self.ejections.report(node_id, report, unix_ms_now());
+        }
         if request.type_url.is_empty() && request.response_nonce.is_empty() {
-            // A hint only, not an ACK or NACK.
+            // A hint or a report only, not an ACK or NACK.
             return;
         }
         let Some(resource) = ResourceType::from_type_url(&request.type_url) else {

@@ -49,7 +49,9 @@ fn fixture() -> Fixture {
         )
         .expect("loads");
     let table = store.table().expect("table");
-    table.pods["default/a-1"].eject(clock::now());
+    table.pods["default/a-1"]
+        .health
+        .eject_until(clock::now() + std::time::Duration::from_secs(60));
     let registry = Registry::new();
     let metrics = HealthMetrics::register(&registry).expect("register");
     metrics.resolve(&table);

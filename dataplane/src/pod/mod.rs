@@ -1,26 +1,21 @@
 //! Per-pod state that outlives snapshots: identity, the latest engine load
-//! pushed by the controller, and passive ejection after connect failures.
-//! The in-flight counter lives in [`ledger`].
+//! pushed by the controller, and outlier ejection ([`outlier`]). The
+//! in-flight counter lives in [`ledger`].
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
-use switchyard_runtime::clock::{self, Instant};
+use switchyard_runtime::clock::Instant;
 use switchyard_snapshot::pb;
 
 pub mod ledger;
+pub mod outlier;
 
 use self::ledger::InFlight;
 pub use self::ledger::InFlightGuard;
-
-/// How long a pod whose connection failed is avoided by this dataplane: long
-/// enough to stop sending it traffic until the controller's next snapshot
-/// (pods are scraped every second) drops it, short enough that a pod that
-/// merely restarted gets traffic back soon.
-pub const CONNECT_FAILURE_EJECTION: Duration = Duration::from_secs(5);
+use self::outlier::PodHealth;
 
 /// State of one pod that outlives snapshots.
 #[derive(Debug)]
@@ -40,9 +35,8 @@ pub struct PodState {
     /// The engine's requests (running + waiting) that were not this
     /// dataplane's when its latest load arrived: other dataplanes' share.
     load_from_elsewhere: AtomicU64,
-    /// Until when (ms on [`monotonic_ms`]'s clock) a connect failure ejected
-    /// this pod; `i64::MIN` = never.
-    ejected_until_ms: AtomicI64,
+    /// Failures in a row and ejections.
+    pub health: PodHealth,
 }
 
 impl PodState {
@@ -57,7 +51,7 @@ impl PodState {
             in_flight: InFlight::default(),
             load: ArcSwapOption::empty(),
             load_from_elsewhere: AtomicU64::new(0),
-            ejected_until_ms: AtomicI64::new(i64::MIN),
+            health: PodHealth::default(),
         })
     }
 
@@ -86,14 +80,9 @@ impl PodState {
         self.load_from_elsewhere.load(Ordering::Relaxed)
     }
 
-    /// Avoid this pod for [`CONNECT_FAILURE_EJECTION`].
-    pub fn eject(&self, now: Instant) {
-        let until = monotonic_ms(now + CONNECT_FAILURE_EJECTION);
-        self.ejected_until_ms.fetch_max(until, Ordering::Relaxed);
-    }
-
+    /// Ejected by outlier detection (this dataplane's or the fleet's).
     pub fn is_ejected(&self, now: Instant) -> bool {
-        monotonic_ms(now) < self.ejected_until_ms.load(Ordering::Relaxed)
+        self.health.is_ejected(now)
     }
 }
 
@@ -102,20 +91,6 @@ pub fn is_fresh(observed_at_unix_ms: i64, now_unix_ms: i64, max_age_ms: u64) -> 
     observed_at_unix_ms > 0
         && now_unix_ms.saturating_sub(observed_at_unix_ms)
             <= i64::try_from(max_age_ms).unwrap_or(i64::MAX)
-}
-
-/// Milliseconds from the first call in this process, so an instant fits in
-/// an atomic. Signed: an instant before that first call (a paused test
-/// clock started earlier) still compares correctly.
-fn monotonic_ms(at: Instant) -> i64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(clock::now);
-    let millis = |elapsed: Duration| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX);
-    if at >= epoch {
-        millis(at - epoch)
-    } else {
-        -millis(epoch - at)
-    }
 }
 
 #[cfg(test)]
@@ -128,20 +103,5 @@ mod tests {
         assert!(is_fresh(1_000, 2_000, 1_000));
         assert!(!is_fresh(1_000, 2_001, 1_000));
         assert!(!is_fresh(0, 10, 1_000), "never observed is not fresh");
-    }
-
-    #[test]
-    fn ejection_expires() {
-        let pod = PodState::new(
-            "d/p".into(),
-            "p".into(),
-            SocketAddr::from(([127, 0, 0, 1], 1)),
-        )
-        .expect("valid");
-        let now = clock::now();
-        assert!(!pod.is_ejected(now));
-        pod.eject(now);
-        assert!(pod.is_ejected(now));
-        assert!(!pod.is_ejected(now + CONNECT_FAILURE_EJECTION + Duration::from_millis(2)));
     }
 }

@@ -14,10 +14,11 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use super::forward::{Delivered, HOP_BY_HOP};
+use super::forward::{Delivered, HOP_BY_HOP, count_failure};
 use super::log::RequestRecord;
 use crate::metrics::OutcomeLabel;
 use crate::pod::InFlightGuard;
+use crate::pod::outlier::Failure;
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::response::ResponseObserver;
 
@@ -201,6 +202,17 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
 
     fn end(&mut self, outcome: Option<OutcomeLabel>) {
         self.finished = true;
+        // How the delivered attempt went, for the pod's outlier detection;
+        // a client that went away says nothing about the pod.
+        if let (Some(guard), Some(record)) = (&self.guard, &self.record) {
+            match (outcome, record.server()) {
+                (None, _) => record.attempt_succeeded(guard.pod()),
+                (Some(OutcomeLabel::UpstreamStreamError), Some(server)) => {
+                    count_failure(server, guard.pod(), Failure::StreamCut, record);
+                }
+                _ => {}
+            }
+        }
         if let Some(mut record) = self.record.take() {
             record.set_produced_output(self.observer.events_forwarded());
             record.finish(self.observer.usage(), outcome);

@@ -8,7 +8,6 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -47,22 +46,20 @@ pub fn server_with_pods(
     timeout: Option<Duration>,
 ) -> Server {
     Server {
-        key: "default/s".into(),
-        model_rewrite_literal: None,
-        model_rewrite: None,
-        timeout,
+        timeout: timeout.unwrap_or(crate::routing::DEFAULT_RESPONSE_HEADER_TIMEOUT),
         retry_attempts,
         retry_interval,
-        pods: (0..pods)
-            .map(|i| {
-                Arc::new(
-                    PodState::new(format!("default/p{i}"), format!("p{i}"), pod_addr(i))
-                        .expect("valid pod"),
-                )
-            })
-            .collect(),
-        rotation: AtomicUsize::new(0),
-        prefill_decode: None,
+        ..Server::for_tests(
+            "default/s",
+            (0..pods)
+                .map(|i| {
+                    Arc::new(
+                        PodState::new(format!("default/p{i}"), format!("p{i}"), pod_addr(i))
+                            .expect("valid pod"),
+                    )
+                })
+                .collect(),
+        )
     }
 }
 

@@ -47,6 +47,8 @@ pub enum LimitType {
 }
 
 impl LimitType {
+    pub const ALL: [Self; 2] = [Self::InputTokens, Self::OutputTokens];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InputTokens => "input_tokens",

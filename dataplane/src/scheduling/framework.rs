@@ -4,17 +4,17 @@
 //!
 //! A [`Scheduler`] is built once per snapshot from the snapshot's
 //! `SchedulerConfig` (validated, defaults filled in): each enabled plugin is
-//! built by its [`plugins::Implementation`] with its arguments, and its metric
-//! handles are resolved; the request path only reads it. State that must
-//! outlive a snapshot (the prefix index, the decision log) lives in
-//! [`SchedulingShared`].
+//! built by its [`plugins::Implementation`] with its arguments; a model's
+//! metric handles are created by its first request. The request path only
+//! reads it. State that must outlive a snapshot (the prefix index, the
+//! decision log) lives in [`SchedulingShared`].
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use switchyard_runtime::clock::{self, Instant, unix_ms_now};
 
 use http::HeaderMap;
@@ -23,7 +23,7 @@ use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, MAX_TOP_N, SchedulerConfigError};
 
 use super::decisions::DecisionLog;
-use super::metrics::PluginMetrics;
+use super::metrics::{PluginLabels, PluginMetrics};
 use super::plugins::{
     self, Candidate, FilterError, FilterPlugin, PluginContext, PluginInput, PromptHashing,
     ScorePlugin,
@@ -204,7 +204,10 @@ pub struct Scheduler {
     max_load_age_ms: u64,
     /// Set when a scorer reads the prompt's block hashes.
     prompt_hashing: Option<PromptHashing>,
-    handles: HashMap<String, ModelHandles>,
+    /// Per model, the plugin histograms, created by its first request.
+    handles: HashMap<String, OnceLock<Option<ModelHandles>>>,
+    /// Filters then scorers, as (plugin, type) labels.
+    plugin_labels: Vec<PluginLabels>,
     shared: Arc<SchedulingShared>,
     /// The effective configuration (defaults filled in), for debug dumps.
     pub effective: pb::SchedulerConfig,
@@ -274,7 +277,18 @@ impl Scheduler {
         let prompt_hashing = scorers
             .iter()
             .find_map(|scoring| scoring.plugin.prompt_hashing());
-        let handles = resolve_handles(shared.metrics.as_ref(), models, &filters, &scorers);
+        let plugin_labels: Vec<PluginLabels> = filters
+            .iter()
+            .map(|f| (f.name, "filter"))
+            .chain(scorers.iter().map(|s| (s.name, "score")))
+            .collect();
+        if let Some(metrics) = &shared.metrics {
+            metrics.begin_snapshot(models, &plugin_labels);
+        }
+        let handles = models
+            .iter()
+            .map(|model| ((*model).to_owned(), OnceLock::new()))
+            .collect();
         Ok(Self {
             top_n: effective.top_n as usize,
             max_load_age_ms: effective.max_load_age_ms,
@@ -282,6 +296,7 @@ impl Scheduler {
             scorers,
             prompt_hashing,
             handles,
+            plugin_labels,
             shared: shared.clone(),
             effective,
         })
@@ -422,7 +437,7 @@ impl Scheduler {
     ) -> Result<Ranking, ScheduleError> {
         let now = clock::now();
         let now_ms = unix_ms_now();
-        let handles = self.handles.get(request.model);
+        let handles = self.handles(request.model);
         with_framework_scratch(|scratch| {
             let FrameworkScratch {
                 candidates,
@@ -442,7 +457,9 @@ impl Scheduler {
                 candidates.push(Candidate {
                     index,
                     pod_id: pod.id,
-                    in_flight: pod.in_flight(),
+                    // A failure in a row counts as one more request in
+                    // flight: a pod that fails fast never looks idle.
+                    in_flight: pod.in_flight() + pod.health.failure_load(),
                     ejected: pod.is_ejected(now),
                     load,
                     any_load,
@@ -519,6 +536,23 @@ impl Scheduler {
         })
     }
 
+    /// `model`'s plugin histograms (filters, then scorers), created on its
+    /// first request under this snapshot.
+    fn handles(&self, model: &str) -> Option<&ModelHandles> {
+        let metrics = self.shared.metrics.as_ref()?;
+        self.handles
+            .get(model)?
+            .get_or_init(|| {
+                let mut histograms = metrics.create(model, &self.plugin_labels)?;
+                let scores = histograms.split_off(self.filters.len());
+                Some(ModelHandles {
+                    filters: histograms,
+                    scores,
+                })
+            })
+            .as_ref()
+    }
+
     /// After a pod accepted the request (Kthena's PostSchedule): each
     /// scorer may learn from it (prefix-cache remembers where the prefix went).
     pub fn on_dispatched(&self, pod_id: u64, prompt_hashes: &[u64]) {
@@ -532,36 +566,6 @@ fn observe(handle: Option<&Histogram>, started: Instant) {
     if let Some(handle) = handle {
         handle.observe(started.elapsed().as_secs_f64());
     }
-}
-
-fn resolve_handles(
-    metrics: Option<&PluginMetrics>,
-    models: &[&str],
-    filters: &[Filtering],
-    scorers: &[Scoring],
-) -> HashMap<String, ModelHandles> {
-    let Some(metrics) = metrics else {
-        return HashMap::new();
-    };
-    let mut live = HashSet::new();
-    let handles = models
-        .iter()
-        .map(|model| {
-            let handles = ModelHandles {
-                filters: filters
-                    .iter()
-                    .map(|f| metrics.handle(model, f.name, "filter", &mut live))
-                    .collect(),
-                scores: scorers
-                    .iter()
-                    .map(|s| metrics.handle(model, s.name, "score", &mut live))
-                    .collect(),
-            };
-            ((*model).to_owned(), handles)
-        })
-        .collect();
-    metrics.retain_only(live);
-    handles
 }
 
 /// Reusable per-thread buffers of [`Scheduler::schedule`].
@@ -591,8 +595,8 @@ fn with_framework_scratch<R>(f: impl FnOnce(&mut FrameworkScratch) -> R) -> R {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
     use std::net::SocketAddr;
-    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
     use switchyard_snapshot::scheduler::gpu_usage::NAME as GPU_USAGE;
@@ -604,17 +608,13 @@ mod tests {
 
     use super::*;
     use crate::pod::PodState;
+    use crate::pod::outlier::Failure;
     use crate::scheduling::metrics::PluginMetrics;
 
     fn server(pods: usize) -> Server {
-        Server {
-            key: "default/s".into(),
-            model_rewrite_literal: None,
-            model_rewrite: None,
-            timeout: None,
-            retry_attempts: 0,
-            retry_interval: Duration::ZERO,
-            pods: (0..pods)
+        Server::for_tests(
+            "default/s",
+            (0..pods)
                 .map(|i| {
                     Arc::new(
                         PodState::new(
@@ -626,9 +626,7 @@ mod tests {
                     )
                 })
                 .collect(),
-            rotation: AtomicUsize::new(0),
-            prefill_decode: None,
-        }
+        )
     }
 
     fn only(scores: &[(&str, u32)], filters: &[&str]) -> pb::SchedulerConfig {
@@ -670,7 +668,13 @@ mod tests {
         let server = server(7);
         let _busy: Vec<_> = (0..3).map(|_| server.pods[0].begin_request()).collect();
         let _one = server.pods[2].begin_request();
-        server.pods[1].eject(clock::now());
+        let ejected = server.outlier.record_failure(
+            &server.pods,
+            &server.pods[1],
+            Failure::ConnectFailure,
+            clock::now(),
+        );
+        assert!(ejected.is_some());
         let headers = HeaderMap::new();
         let ranking = scheduler
             .schedule(&server, &request(&headers, &[]))
@@ -815,15 +819,27 @@ mod tests {
             .map(|m| m.get_histogram().get_sample_count())
             .sum();
         assert_eq!(observed, 5, "one filter and four scorers, once each");
-        assert_eq!(family.get_metric().len(), 10, "handles for both models");
-        // A snapshot without "gone" drops its series.
-        let _next = Scheduler::build(None, &["m"], &shared).expect("defaults");
-        let families = registry.gather();
-        let family = families
-            .iter()
-            .find(|f| f.name() == "kthena_router_scheduler_plugin_duration_seconds")
-            .expect("registered");
-        assert_eq!(family.get_metric().len(), 5);
+        assert_eq!(
+            family.get_metric().len(),
+            5,
+            "series of the scheduled model only, none for the idle one"
+        );
+        // A snapshot without "m" drops its series.
+        let previous = Scheduler::build(None, &["m"], &shared).expect("defaults");
+        let _next = Scheduler::build(None, &["other"], &shared).expect("defaults");
+        let has_family = || {
+            registry
+                .gather()
+                .iter()
+                .any(|f| f.name() == "kthena_router_scheduler_plugin_duration_seconds")
+        };
+        assert!(!has_family(), "m's series are gone");
+        // A request still scheduled by the previous snapshot creates none.
+        previous
+            .schedule(&server, &request(&headers, &[1, 2]))
+            .expect("pods");
+        assert!(previous.handles("m").is_none());
+        assert!(!has_family());
     }
 
     #[test]

@@ -172,6 +172,20 @@ impl EngineFlavor {
     }
 }
 
+/// A broken engine, for failure tests: how every inference request fails.
+/// `/health`, `/metrics` and `/v1/models` keep answering, as they do on a
+/// real engine whose inference path is broken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Answered at once with this status (4xx or 5xx) and vLLM's error body.
+    Status(u16),
+    /// Streamed responses: the connection is cut after this many events,
+    /// without the end of the body. Other responses are not affected.
+    CutStreamAfter(u32),
+    /// The request is read and never answered.
+    Hang,
+}
+
 /// Everything one mock engine instance needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MockEngineConfig {
@@ -194,6 +208,8 @@ pub struct MockEngineConfig {
     /// Simple pacing or the engine simulator. In sim mode latencies come from [`SimConfig`]
     /// and `time_to_first_token` / `inter_token_latency` must stay zero.
     pub mode: EngineMode,
+    /// How every inference request fails, if the engine is to be broken.
+    pub fault: Option<Fault>,
     /// The part of a prefill/decode pair this engine plays, if any.
     pub pd: Option<PdConfig>,
 }
@@ -211,6 +227,7 @@ impl MockEngineConfig {
             output_tokens: DEFAULT_OUTPUT_TOKENS,
             kv_cache_capacity_tokens: DEFAULT_KV_CACHE_CAPACITY_TOKENS,
             mode: EngineMode::Simple,
+            fault: None,
             pd: None,
         }
     }
@@ -233,6 +250,11 @@ impl MockEngineConfig {
         }
         if self.kv_cache_capacity_tokens == 0 {
             return Err(ConfigError::ZeroKvCacheCapacity);
+        }
+        if let Some(Fault::Status(status)) = self.fault
+            && !(400..=599).contains(&status)
+        {
+            return Err(ConfigError::InvalidFailStatus(status));
         }
         if let EngineMode::Sim(sim) = &self.mode {
             if !self.time_to_first_token.is_zero() || !self.inter_token_latency.is_zero() {
@@ -269,6 +291,8 @@ pub enum ConfigError {
     InvalidTimeScale(f64),
     #[error("--latency-jitter must be in [0, 1), got {0}")]
     InvalidJitter(f64),
+    #[error("--fail-status must be a 4xx or 5xx status, got {0}")]
+    InvalidFailStatus(u16),
 }
 
 /// Command line of `switchyard-mock-engine`.
@@ -334,6 +358,15 @@ pub struct MockEngineArgs {
     /// Sim: each step lasts its modelled time times a seeded factor in `1 ± this`.
     #[arg(long, default_value_t = DEFAULT_LATENCY_JITTER)]
     pub latency_jitter: f64,
+    /// Fault: answer every inference request at once with this status (4xx or 5xx).
+    #[arg(long, conflicts_with_all = ["cut_stream_after", "hang"])]
+    pub fail_status: Option<u16>,
+    /// Fault: cut every streamed response's connection after this many events.
+    #[arg(long, conflicts_with = "hang")]
+    pub cut_stream_after: Option<u32>,
+    /// Fault: read inference requests and never answer them.
+    #[arg(long)]
+    pub hang: bool,
     /// Play the prefill or the decode engine of prefill/decode pairs.
     #[arg(long, value_enum)]
     pub pd_role: Option<PdRole>,
@@ -385,8 +418,18 @@ impl MockEngineArgs {
             inter_token_latency,
             output_tokens: self.output_tokens,
             mode,
+            fault: self.fault(),
             ..MockEngineConfig::new(self.model.clone(), pod_name)
         }
+    }
+
+    fn fault(&self) -> Option<Fault> {
+        if self.hang {
+            return Some(Fault::Hang);
+        }
+        self.fail_status
+            .map(Fault::Status)
+            .or(self.cut_stream_after.map(Fault::CutStreamAfter))
     }
 }
 
@@ -563,6 +606,32 @@ mod tests {
         assert_eq!(
             fixed_ttft.validate(),
             Err(ConfigError::FixedLatencyInSimMode)
+        );
+    }
+
+    #[test]
+    fn fault_flags() {
+        let parse = |flags: &[&str]| {
+            let mut args = vec!["switchyard-mock-engine", "--model", "m"];
+            args.extend_from_slice(flags);
+            MockEngineArgs::try_parse_from(args).map(|args| args.to_config(1))
+        };
+        assert_eq!(parse(&[]).expect("valid").fault, None);
+        let failing = parse(&["--fail-status", "503"]).expect("valid");
+        assert_eq!(failing.fault, Some(Fault::Status(503)));
+        assert_eq!(failing.validate(), Ok(()));
+        assert_eq!(
+            parse(&["--cut-stream-after", "3"]).expect("valid").fault,
+            Some(Fault::CutStreamAfter(3))
+        );
+        assert_eq!(parse(&["--hang"]).expect("valid").fault, Some(Fault::Hang));
+        assert!(
+            parse(&["--hang", "--fail-status", "503"]).is_err(),
+            "one fault"
+        );
+        assert_eq!(
+            parse(&["--fail-status", "200"]).expect("parses").validate(),
+            Err(ConfigError::InvalidFailStatus(200))
         );
     }
 

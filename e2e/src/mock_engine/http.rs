@@ -18,7 +18,7 @@ use switchyard_runtime::clock;
 use tokio::time::Instant;
 
 use super::backend::{Backend, PacedBackend};
-use super::config::{EngineMode, MockEngineConfig};
+use super::config::{EngineMode, Fault, MockEngineConfig};
 use super::generation::{Generation, GenerationPlan, completion_pieces, output_length};
 use super::metrics::{self, MetricsInput};
 use super::openai::{
@@ -35,7 +35,8 @@ use super::stats::{Delivery, EngineStats, FinishReason};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Response body of every route: streamed frames for SSE, one frame otherwise.
-pub type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
+/// A body error cuts the connection (a broken engine, [`Fault::CutStreamAfter`]).
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Largest request body read; far above any test prompt, and it bounds what a stray client can
 /// make the mock buffer.
@@ -302,6 +303,19 @@ impl EngineState {
             );
             return Err(ApiError::new(status, message));
         }
+        match self.config.fault {
+            Some(Fault::Status(status)) => {
+                let status =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let message = format!(
+                    "Simulated fault: pod {} fails every request.",
+                    self.config.pod_name
+                );
+                return Err(ApiError::new(status, message));
+            }
+            Some(Fault::Hang) => std::future::pending::<()>().await,
+            Some(Fault::CutStreamAfter(_)) | None => {}
+        }
         let parsed = parse_request(endpoint, json).map_err(|error| ApiError {
             param: error.param(),
             ..ApiError::bad_request(error.to_string())
@@ -415,12 +429,17 @@ impl EngineState {
             }
         };
         if parsed.stream {
+            let cut_after = match self.config.fault {
+                Some(Fault::CutStreamAfter(events)) => Some(events),
+                _ => None,
+            };
             return Ok(event_stream(SseStream {
                 generation,
                 meta,
                 include_usage: parsed.include_usage,
                 cached_tokens,
                 phase: SsePhase::Tokens,
+                cut_after,
             }));
         }
         let text = generation.collect_text().await;
@@ -656,7 +675,18 @@ struct SseStream {
     /// Decode engines: prompt tokens whose KV came from a prefill engine.
     cached_tokens: Option<u32>,
     phase: SsePhase,
+    /// Events left before the connection is cut ([`Fault::CutStreamAfter`]).
+    cut_after: Option<u32>,
 }
+
+/// Pause before a broken engine cuts a stream, so the events before the cut
+/// are written out first.
+const CUT_FLUSH_PAUSE: Duration = Duration::from_millis(10);
+
+/// Why a broken engine's stream ended early.
+#[derive(Debug, thiserror::Error)]
+#[error("simulated fault: the stream is cut")]
+struct StreamCut;
 
 impl SseStream {
     async fn next_frame(&mut self) -> Option<Bytes> {
@@ -700,8 +730,21 @@ impl SseStream {
 
 fn event_stream(stream: SseStream) -> Response<ResponseBody> {
     let frames = futures::stream::unfold(stream, |mut stream| async move {
+        match &mut stream.cut_after {
+            Some(0) => {
+                // What was produced reaches the client first, as from an
+                // engine that dies mid-stream: hyper writes while the body
+                // is pending, and drops its buffer when the body fails.
+                tokio::time::sleep(CUT_FLUSH_PAUSE).await;
+                stream.cut_after = None;
+                stream.phase = SsePhase::Finished;
+                return Some((Err(BoxError::from(StreamCut)), stream));
+            }
+            Some(left) => *left -= 1,
+            None => {}
+        }
         let frame = stream.next_frame().await?;
-        Some((Ok::<_, Infallible>(Frame::data(frame)), stream))
+        Some((Ok::<_, BoxError>(Frame::data(frame)), stream))
     });
     let mut response = Response::new(UnsyncBoxBody::new(StreamBody::new(frames)));
     response.headers_mut().insert(CONTENT_TYPE, EVENT_STREAM);
@@ -713,7 +756,8 @@ fn full(
     content_type: Option<HeaderValue>,
     body: Bytes,
 ) -> Response<ResponseBody> {
-    let mut response = Response::new(UnsyncBoxBody::new(Full::new(body)));
+    let body = Full::new(body).map_err(|never: Infallible| match never {});
+    let mut response = Response::new(UnsyncBoxBody::new(body));
     *response.status_mut() = status;
     if let Some(content_type) = content_type {
         response.headers_mut().insert(CONTENT_TYPE, content_type);

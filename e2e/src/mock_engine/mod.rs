@@ -43,7 +43,8 @@ pub use backend::{
     Backend, EngineLoad, GenerationRequest, PacedBackend, PrefixCacheStats, TokenStream,
 };
 pub use config::{
-    ConfigError, EngineFlavor, EngineMode, MockEngineArgs, MockEngineConfig, ModeArg, SimConfig,
+    ConfigError, EngineFlavor, EngineMode, Fault, MockEngineArgs, MockEngineConfig, ModeArg,
+    SimConfig,
 };
 pub use server::{RunningMockEngine, SHUTDOWN_GRACE_PERIOD, serve};
 pub use sim::{SimState, Simulator};

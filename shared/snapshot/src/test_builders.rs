@@ -104,7 +104,6 @@ pub fn route_config(routes: Vec<pb::ModelRoute>, servers: Vec<pb::ModelServer>) 
     pb::RouteConfig {
         routes,
         servers,
-        scheduler: None,
         ..Default::default()
     }
 }

@@ -19,10 +19,11 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use switchyard_runtime::clock;
 
-use self::policy::{AttemptPolicy, Next, Verdict};
+use self::policy::{AttemptPolicy, Next, Verdict, failure_of};
 pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind};
+use crate::pod::outlier::Failure;
 use crate::pod::{InFlightGuard, PodState};
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::routing::Server;
@@ -151,16 +152,24 @@ fn upstream_request(
     Ok(request)
 }
 
-/// `sent`, bounded by the ModelServer's timeout when it has one.
+/// `sent`, bounded by the ModelServer's timeout.
 async fn within<T>(
-    limit: Option<Duration>,
+    limit: Duration,
     sent: impl Future<Output = Result<T, UpstreamError>>,
 ) -> Result<T, UpstreamError> {
-    match limit {
-        Some(limit) => tokio::time::timeout(limit, sent)
-            .await
-            .unwrap_or(Err(UpstreamError::Timeout(limit))),
-        None => sent.await,
+    tokio::time::timeout(limit, sent)
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout(limit)))
+}
+
+/// Counts a failed attempt of `record`'s request against `pod` of
+/// `server`, whose outlier detection may eject it.
+pub fn count_failure(server: &Server, pod: &PodState, failure: Failure, record: &RequestRecord) {
+    if let Some(ejection) = server
+        .outlier
+        .record_failure(&server.pods, pod, failure, clock::now())
+    {
+        record.pod_ejected(server, pod, &ejection);
     }
 }
 
@@ -198,18 +207,25 @@ pub async fn forward<U: Upstream>(
         let sent = upstream.send(outbound.request_to(pod, attempt.is_last)?);
         let outcome = within(attempt.timeout, sent).await;
         next = match outcome {
-            Ok(response) => match policy.on_response(response.status()) {
-                Verdict::Deliver => return Ok(Delivered { response, guard }),
-                Verdict::Retry(retry) => {
-                    tracing::warn!(pod = %pod.key, server = %server.key, status = %response.status(), "upstream attempt failed");
-                    Next::Try(retry)
+            Ok(response) => {
+                let status = response.status();
+                if status.is_server_error() {
+                    count_failure(server, pod, Failure::ServerError, record);
                 }
-            },
+                match policy.on_response(status) {
+                    // A success counts for the pod once its body ends (respond).
+                    Verdict::Deliver => return Ok(Delivered { response, guard }),
+                    Verdict::Retry(retry) => {
+                        tracing::warn!(pod = %pod.key, server = %server.key, %status, "upstream attempt failed");
+                        Next::Try(retry)
+                    }
+                }
+            }
             Err(error) => {
-                if policy::ejects(&error) {
+                if matches!(error, UpstreamError::Connect(_)) {
                     record.connect_failed();
-                    pod.eject(clock::now());
                 }
+                count_failure(server, pod, failure_of(&error), record);
                 tracing::warn!(pod = %pod.key, server = %server.key, failure = %error, "upstream attempt failed");
                 policy.on_failure(error, pod)
             }
@@ -351,9 +367,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn slow_headers_time_out_as_504_without_a_retry() {
+    async fn slow_headers_time_out_as_504_when_no_retry_is_left() {
         let limit = Duration::from_millis(300);
-        let server = server_with_pods(3, 2, Duration::ZERO, Some(limit));
+        let server = server_with_pods(3, 0, Duration::ZERO, Some(limit));
         let upstream = ScriptedUpstream::new([
             Script::SlowHeaders(Duration::from_secs(5)),
             Script::status(200),
@@ -366,6 +382,48 @@ mod tests {
         assert_eq!(started.elapsed(), limit);
         assert_eq!(upstream.pods(), ["p0"]);
         assert_eq!(server.pods[0].in_flight(), 0);
+        assert_eq!(
+            server.pods[0].health.failure_load(),
+            1,
+            "the timeout counts against the pod"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_attempt_is_retried_on_the_next_pod() {
+        let limit = Duration::from_millis(300);
+        let server = server_with_pods(3, 1, Duration::from_millis(50), Some(limit));
+        let upstream = ScriptedUpstream::new([
+            Script::SlowHeaders(Duration::from_secs(5)),
+            Script::status(200),
+        ]);
+        let started = clock::now();
+        let (result, record) = run(&upstream, &server).await;
+        let delivered = result.expect("the retry answers");
+        assert_eq!(delivered.guard.pod().name, "p1");
+        assert_eq!(started.elapsed(), limit + Duration::from_millis(50));
+        assert_eq!(record.attempts(), 2);
+        assert_eq!(
+            server.pods[0].in_flight(),
+            0,
+            "the hung attempt is released"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_engine_without_a_timeout_is_bounded_by_the_default() {
+        let server = server_with_pods(1, 0, Duration::ZERO, None);
+        let upstream = ScriptedUpstream::new([Script::SlowHeaders(Duration::from_secs(24 * 3600))]);
+        let started = clock::now();
+        let (result, _) = run(&upstream, &server).await;
+        assert_eq!(
+            result.expect_err("bounded").kind,
+            ErrorKind::UpstreamTimeout
+        );
+        assert_eq!(
+            started.elapsed(),
+            crate::routing::DEFAULT_RESPONSE_HEADER_TIMEOUT
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,8 +21,8 @@
 //! Both legs carry the client's request id. The ModelServer's timeout bounds
 //! each leg on its own: the prefill leg up to its whole answer, the decode
 //! leg up to its response head (its body may stream for as long as it
-//! takes). A leg that fails is judged by the [`policy`], and
-//! a retry is a new pair.
+//! takes). A leg that fails is judged by the [`policy`](super::policy) and
+//! counts against its pod's outlier detection; a retry is a new pair.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,10 +37,11 @@ use switchyard_runtime::clock;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::policy::{self, AttemptPolicy, Next, Pair, Verdict};
+use super::policy::{AttemptPolicy, Next, Pair, Verdict, failure_of};
 use super::upstream::{Upstream, UpstreamError};
-use super::{Delivered, upstream_head, upstream_request, within};
+use super::{Delivered, count_failure, upstream_head, upstream_request, within};
 use crate::error::{ApiError, BodyError};
+use crate::pod::outlier::Failure;
 use crate::pod::{InFlightGuard, PodState};
 use crate::proxy::log::RequestRecord;
 use crate::request::{
@@ -158,7 +159,11 @@ impl<B: Send + 'static> Answer<B> {
                         Ok((Ok(PrefillAnswer::Refused(response)), guard)) => {
                             Some((format!("engine answered {}", response.status()), guard))
                         }
-                        Ok((Ok(PrefillAnswer::Done(_)), _)) | Err(_) => None,
+                        Ok((Ok(PrefillAnswer::Done(_)), guard)) => {
+                            guard.pod().health.record_success();
+                            None
+                        }
+                        Err(_) => None,
                     };
                     if let Some((failure, guard)) = failure {
                         tracing::warn!(prefill = %guard.pod().key, %failure, "the prefill leg of a decode already answering failed");
@@ -220,26 +225,33 @@ pub async fn forward<U: Upstream>(
             }
         };
         next = match outcome {
-            Outcome::Answer(answer) => match policy.on_response(answer.response.status()) {
-                Verdict::Deliver => return Ok(answer.deliver()),
-                Verdict::Retry(retry) => {
-                    tracing::warn!(
-                        prefill = %pair.prefill.key,
-                        decode = %pair.decode.key,
-                        pod = %answer.guard.pod().key,
-                        server = %server.key,
-                        status = %answer.response.status(),
-                        "prefill/decode attempt failed"
-                    );
-                    answer.abandon();
-                    Next::Try(retry)
+            Outcome::Answer(answer) => {
+                let status = answer.response.status();
+                if status.is_server_error() {
+                    count_failure(server, answer.guard.pod(), Failure::ServerError, record);
                 }
-            },
+                match policy.on_response(status) {
+                    // A success counts for the decode pod once its body ends (respond).
+                    Verdict::Deliver => return Ok(answer.deliver()),
+                    Verdict::Retry(retry) => {
+                        tracing::warn!(
+                            prefill = %pair.prefill.key,
+                            decode = %pair.decode.key,
+                            pod = %answer.guard.pod().key,
+                            server = %server.key,
+                            %status,
+                            "prefill/decode attempt failed"
+                        );
+                        answer.abandon();
+                        Next::Try(retry)
+                    }
+                }
+            }
             Outcome::Failed(pod, error) => {
-                if policy::ejects(&error) {
+                if matches!(error, UpstreamError::Connect(_)) {
                     record.connect_failed();
-                    pod.eject(clock::now());
                 }
+                count_failure(server, pod, failure_of(&error), record);
                 tracing::warn!(
                     prefill = %pair.prefill.key,
                     decode = %pair.decode.key,
@@ -261,7 +273,7 @@ async fn sequential_legs<'s, U: Upstream>(
     connector: KvConnector,
     outbound: &mut PairOutbound,
     pair: Pair<'s>,
-    timeout: Option<Duration>,
+    timeout: Duration,
 ) -> Result<Outcome<'s, U::Body>, ApiError> {
     let relays = connector.relays_kv_transfer_params();
     let body = outbound.prefill_body(connector, None)?;
@@ -280,6 +292,7 @@ async fn sequential_legs<'s, U: Upstream>(
         }
         Ok(PrefillAnswer::Done(answer)) => answer,
     };
+    pair.prefill.health.record_success();
     record.prefill_finished(started.elapsed());
     drop(guard);
     let kv_edit = if relays {
@@ -326,7 +339,7 @@ async fn concurrent_legs<'s, U: Upstream>(
     record: &mut RequestRecord,
     outbound: &mut PairOutbound,
     pair: Pair<'s>,
-    timeout: Option<Duration>,
+    timeout: Duration,
 ) -> Result<Outcome<'s, U::Body>, ApiError> {
     let bootstrap = Bootstrap {
         host: pair.prefill.addr.ip(),
@@ -381,7 +394,10 @@ async fn concurrent_legs<'s, U: Upstream>(
                         prefill: None,
                     }));
                 }
-                Ok(PrefillAnswer::Done(_)) => drop(prefill_guard),
+                Ok(PrefillAnswer::Done(_)) => {
+                    prefill_guard.pod().health.record_success();
+                    drop(prefill_guard);
+                }
             }
             return Ok(match decode.await {
                 Ok(response) => Outcome::Answer(Answer {

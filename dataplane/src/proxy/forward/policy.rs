@@ -6,18 +6,20 @@
 //!
 //! The rules:
 //! - a pod that refuses the connection costs nothing: the next candidate is
-//!   tried at once, up to the end of the ranking (top-N), and the refusing
-//!   pod is ejected for a while; later candidates with that pod (a pair
-//!   sharing its prefill pod) are skipped;
-//! - an engine answering 502/503/504, or a connection that breaks before the
-//!   response is complete enough to use, consumes one of the ModelServer's
-//!   `retry.attempts`; the retry goes to the next candidate after
-//!   `retry.retryInterval`;
+//!   tried at once, up to the end of the ranking (top-N); later candidates
+//!   with that pod (a pair sharing its prefill pod) are skipped;
+//! - an engine answering 502/503/504, a connection that breaks before the
+//!   response is complete enough to use, or no response within the
+//!   ModelServer's timeout ([`Server::timeout`]), consumes one of the
+//!   ModelServer's `retry.attempts`; the retry goes to the next candidate
+//!   after `retry.retryInterval`;
 //! - when no retry is left (or no candidate), a retryable status is passed
-//!   through to the client as the engine sent it;
-//! - no response within the ModelServer's timeout answers 504 at once;
+//!   through to the client as the engine sent it, a timeout answers 504;
 //! - any other response, 4xx included, is delivered as is. Once delivered,
 //!   the response belongs to the client: nothing is retried after that.
+//!
+//! Every failed attempt also counts against its pod ([`failure_of`]), and
+//! outlier detection ejects pods that keep failing (`crate::pod::outlier`).
 //!
 //! For a prefill/decode pair each leg is judged by these rules, and a retry
 //! is a whole new pair: the budget counts pairs, not legs.
@@ -30,6 +32,7 @@ use http::StatusCode;
 use super::upstream::UpstreamError;
 use crate::error::{ApiError, ErrorKind};
 use crate::pod::PodState;
+use crate::pod::outlier::Failure;
 use crate::routing::Server;
 use crate::scheduling::{PairRanking, Ranking};
 
@@ -44,11 +47,13 @@ pub const RETRYABLE_STATUSES: [StatusCode; 3] = [
 /// other pairs: more than the candidates a request ever has.
 const REMEMBERED_REFUSALS: usize = 2 * switchyard_snapshot::scheduler::MAX_TOP_N as usize;
 
-/// Whether a pod that failed this way should be avoided by later requests
-/// too: one that refuses connections is down or gone, while a slow or
-/// erroring one may still serve others.
-pub fn ejects(error: &UpstreamError) -> bool {
-    matches!(error, UpstreamError::Connect(_))
+/// How a failed attempt counts against its pod.
+pub fn failure_of(error: &UpstreamError) -> Failure {
+    match error {
+        UpstreamError::Connect(_) => Failure::ConnectFailure,
+        UpstreamError::BeforeHeaders(_) | UpstreamError::Incomplete(_) => Failure::Reset,
+        UpstreamError::Timeout(_) => Failure::Timeout,
+    }
 }
 
 /// The scheduler's candidates of one request, best first.
@@ -127,7 +132,7 @@ pub struct Attempt<T> {
     /// Wait this long before sending.
     pub wait: Duration,
     /// Give up when the response has not arrived within this.
-    pub timeout: Option<Duration>,
+    pub timeout: Duration,
     /// No attempt can follow this one, so what it sends may be moved rather
     /// than copied.
     pub is_last: bool,
@@ -151,12 +156,12 @@ pub enum Verdict<T> {
 
 /// Why the latest attempt failed.
 #[derive(Debug)]
-enum Failure {
+enum AttemptFailure {
     Upstream(UpstreamError),
     Status(StatusCode),
 }
 
-impl std::fmt::Display for Failure {
+impl std::fmt::Display for AttemptFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Upstream(error) => error.fmt(f),
@@ -175,7 +180,7 @@ pub struct AttemptPolicy<'s, C> {
     /// Attempts made so far.
     tried: usize,
     retries_left: u32,
-    last_failure: Option<Failure>,
+    last_failure: Option<AttemptFailure>,
     /// Pods that refused a connection during this request.
     refused: [u64; REMEMBERED_REFUSALS],
     refused_count: usize,
@@ -211,7 +216,7 @@ impl<'s, C: Candidates> AttemptPolicy<'s, C> {
         };
         self.advance_to(position);
         self.retries_left -= 1;
-        self.last_failure = Some(Failure::Status(status));
+        self.last_failure = Some(AttemptFailure::Status(status));
         Verdict::Retry(attempt)
     }
 
@@ -227,22 +232,26 @@ impl<'s, C: Candidates> AttemptPolicy<'s, C> {
                 }
                 (true, Duration::ZERO)
             }
-            UpstreamError::BeforeHeaders(_) | UpstreamError::Incomplete(_) => {
+            UpstreamError::BeforeHeaders(_)
+            | UpstreamError::Incomplete(_)
+            | UpstreamError::Timeout(_) => {
                 let allowed = self.retries_left > 0;
                 self.retries_left = self.retries_left.saturating_sub(1);
                 (allowed, self.server.retry_interval)
             }
-            UpstreamError::Timeout(limit) => {
-                return Next::GiveUp(ApiError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!(
-                        "pod {} of ModelServer {} sent no response within {limit:?}",
-                        pod.key, self.server.key
-                    ),
-                ));
-            }
         };
-        self.last_failure = Some(Failure::Upstream(error));
+        if let UpstreamError::Timeout(limit) = &error
+            && (!allowed || self.attempt(self.position, wait).is_none())
+        {
+            return Next::GiveUp(ApiError::new(
+                ErrorKind::UpstreamTimeout,
+                format!(
+                    "pod {} of ModelServer {} sent no response within {limit:?}",
+                    pod.key, self.server.key
+                ),
+            ));
+        }
+        self.last_failure = Some(AttemptFailure::Upstream(error));
         if !allowed {
             return Next::GiveUp(self.exhausted());
         }
@@ -296,7 +305,7 @@ impl<'s, C: Candidates> AttemptPolicy<'s, C> {
                 ErrorKind::NoReadyPod,
                 format!("no ready pod for ModelServer {key}"),
             ),
-            Some(Failure::Upstream(UpstreamError::Connect(error))) => ApiError::new(
+            Some(AttemptFailure::Upstream(UpstreamError::Connect(error))) => ApiError::new(
                 ErrorKind::UpstreamUnavailable,
                 format!(
                     "could not connect to any pod of ModelServer {key} ({} tried; last error: {error})",
@@ -315,7 +324,7 @@ impl<'s, C: Candidates> AttemptPolicy<'s, C> {
 mod tests {
     use super::*;
     use crate::proxy::testing::{pd_server, ranked, ranked_pairs, server_with_pods};
-    use crate::routing::KvConnector;
+    use crate::routing::{DEFAULT_RESPONSE_HEADER_TIMEOUT, KvConnector};
 
     fn connect() -> UpstreamError {
         UpstreamError::Connect("refused".into())
@@ -346,7 +355,7 @@ mod tests {
         assert_eq!(ranking.len(), 5, "top-N bounds the candidates");
         let mut policy = AttemptPolicy::new(&server, ranking);
         let mut pods = vec![tried(policy.first())];
-        assert!(ejects(&connect()));
+        assert_eq!(failure_of(&connect()), Failure::ConnectFailure);
         loop {
             let failed = pods.last().expect("an attempt").target;
             match policy.on_failure(connect(), failed) {
@@ -425,7 +434,7 @@ mod tests {
         let server = server_with_pods(3, 1, Duration::from_millis(5), None);
         let mut policy = AttemptPolicy::new(&server, ranked(&server));
         let first = tried(policy.first()).target;
-        assert!(!ejects(&reset()));
+        assert_eq!(failure_of(&reset()), Failure::Reset);
         let retry = tried(policy.on_failure(reset(), first));
         assert_eq!(
             (retry.target.name.as_str(), retry.wait),
@@ -451,18 +460,41 @@ mod tests {
     }
 
     #[test]
-    fn a_timeout_gives_up_at_once_with_504() {
+    fn a_timeout_is_retried_while_retries_last_then_answers_504() {
         let limit = Duration::from_millis(300);
-        let server = server_with_pods(3, 2, Duration::ZERO, Some(limit));
+        let server = server_with_pods(3, 1, Duration::from_millis(5), Some(limit));
         let mut policy = AttemptPolicy::new(&server, ranked(&server));
         let first = tried(policy.first());
-        assert_eq!(first.timeout, Some(limit));
-        let error = gave_up(policy.on_failure(UpstreamError::Timeout(limit), first.target));
+        assert_eq!(first.timeout, limit);
+        let timeout = || UpstreamError::Timeout(limit);
+        assert_eq!(failure_of(&timeout()), Failure::Timeout);
+        let retry = tried(policy.on_failure(timeout(), first.target));
+        assert_eq!(
+            (retry.target.name.as_str(), retry.wait, retry.timeout),
+            ("p1", Duration::from_millis(5), limit),
+            "the next pod, after the interval, with the whole timeout again"
+        );
+        let error = gave_up(policy.on_failure(timeout(), retry.target));
         assert_eq!(error.kind, ErrorKind::UpstreamTimeout);
         assert_eq!(error.kind.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(
             error.message,
-            "pod default/p0 of ModelServer default/s sent no response within 300ms"
+            "pod default/p1 of ModelServer default/s sent no response within 300ms"
+        );
+    }
+
+    #[test]
+    fn without_a_timeout_a_hung_engine_is_bounded_by_the_default() {
+        let server = server_with_pods(2, 0, Duration::ZERO, None);
+        let mut policy = AttemptPolicy::new(&server, ranked(&server));
+        let attempt = tried(policy.first());
+        assert_eq!(attempt.timeout, DEFAULT_RESPONSE_HEADER_TIMEOUT);
+        let error =
+            gave_up(policy.on_failure(UpstreamError::Timeout(attempt.timeout), attempt.target));
+        assert_eq!(
+            error.kind,
+            ErrorKind::UpstreamTimeout,
+            "no retry configured"
         );
     }
 
@@ -516,7 +548,7 @@ mod tests {
         );
         let mut policy = AttemptPolicy::new(&server, ranked_pairs(&server));
         let first = tried(policy.first());
-        assert_eq!(first.timeout, Some(Duration::from_secs(2)), "per leg");
+        assert_eq!(first.timeout, Duration::from_secs(2), "per leg");
         // The prefill leg breaks: one retry used, a new pair after the interval.
         let retry = tried(policy.on_failure(reset(), first.target.prefill));
         assert_eq!(names(retry.target), ("p2", "p3"));
@@ -529,12 +561,12 @@ mod tests {
     }
 
     #[test]
-    fn a_pair_leg_timeout_gives_up_naming_the_pod() {
+    fn a_pair_leg_timeout_without_a_retry_gives_up_naming_the_pod() {
         let limit = Duration::from_millis(500);
         let server = pd_server(
             &[("g0", 1, 1), ("g1", 1, 1)],
             KvConnector::Sglang,
-            3,
+            0,
             Duration::ZERO,
             Some(limit),
         );

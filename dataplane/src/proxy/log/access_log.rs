@@ -162,6 +162,9 @@ pub struct AccessLogEntry {
     pub model_name: Option<String>,
     pub route: Option<Arc<Route>>,
     pub server: Option<Arc<Server>>,
+    /// The target the rule's weights picked, when `server` took over from it
+    /// because it had no usable pod.
+    pub failed_over_from: Option<Arc<Server>>,
     pub pod: Option<Arc<PodState>>,
     pub request_id: Option<HeaderValue>,
     pub input_tokens: u64,
@@ -298,6 +301,7 @@ struct JsonLine<'a> {
     duration_response_processing_ms: u64,
     ttft_ms: Option<u64>,
     upstream_attempts: u32,
+    failed_over_from: Option<&'a str>,
     error: Option<JsonError<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prefill_pod: Option<&'a str>,
@@ -348,6 +352,10 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
     let request_id = entry.request_id.as_ref().and_then(|id| id.to_str().ok());
     let route = entry.route.as_ref().map(|route| route.key.as_str());
     let server = entry.server.as_ref().map(|server| server.key.as_str());
+    let failed_over_from = entry
+        .failed_over_from
+        .as_ref()
+        .map(|server| server.key.as_str());
     let pod = entry.pod.as_ref().map(|pod| pod.name.as_str());
     let user_id = entry.user.as_ref().map(|user| user.user_id.as_str());
     let tier = entry.user.as_ref().and_then(|user| user.tier.as_deref());
@@ -376,6 +384,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 duration_response_processing_ms: millis(entry.response_processing),
                 ttft_ms: entry.ttft.map(millis),
                 upstream_attempts: entry.upstream_attempts,
+                failed_over_from,
                 error: entry.error.as_ref().map(|(kind, message)| JsonError {
                     r#type: kind,
                     message,
@@ -443,6 +452,9 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 let _ = write!(line, " decode={}ms", millis(decode));
             }
             let _ = write!(line, " upstream_attempts={}", entry.upstream_attempts);
+            if let Some(from) = failed_over_from {
+                let _ = write!(line, " failed_over_from={}", text_value(from));
+            }
             out.extend_from_slice(line.as_bytes());
             out.push(b'\n');
         }
@@ -464,6 +476,7 @@ mod tests {
             model_name: Some("llama2-7b".into()),
             route: None,
             server: None,
+            failed_over_from: None,
             pod: None,
             request_id: Some(HeaderValue::from_static("550e8400")),
             input_tokens: 150,
@@ -500,6 +513,7 @@ mod tests {
         assert_eq!(line["duration_upstream_ms"], 2300);
         assert_eq!(line["ttft_ms"], 120);
         assert_eq!(line["upstream_attempts"], 1);
+        assert_eq!(line["failed_over_from"], serde_json::Value::Null);
         assert_eq!(line["error"], serde_json::Value::Null);
         assert_eq!(line["user_id"], serde_json::Value::Null);
         let keys: Vec<&str> = line
@@ -508,7 +522,7 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 22, "{keys:?}");
+        assert_eq!(keys.len(), 23, "{keys:?}");
     }
 
     #[test]

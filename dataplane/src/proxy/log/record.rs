@@ -30,8 +30,9 @@ use crate::auth::User;
 use crate::error::ApiError;
 use crate::error::MAX_QUOTED_CLIENT_BYTES;
 use crate::fairness::Slot;
-use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, Phases, UNKNOWN_MODEL};
+use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, Phases};
 use crate::pod::PodState;
+use crate::pod::outlier::Ejection;
 use crate::proxy::authenticate::Identity;
 use crate::rate_limit::{Admission, LimitStatus, LimitType, Settlement};
 use crate::request_id::ClientRequestId;
@@ -58,6 +59,8 @@ pub struct RequestRecord {
     model: Option<Arc<ModelMetrics>>,
     route: Option<Arc<Route>>,
     server: Option<Arc<Server>>,
+    /// The target the rule's weights picked, when `server` took over from it.
+    failed_over_from: Option<Arc<Server>>,
     pod: Option<Arc<PodState>>,
     request_id: Option<HeaderValue>,
     upstream_gauge: Option<IntGauge>,
@@ -136,6 +139,7 @@ impl RequestRecord {
             model: None,
             route: None,
             server: None,
+            failed_over_from: None,
             pod: None,
             upstream_gauge: None,
             attempts: 0,
@@ -217,8 +221,16 @@ impl RequestRecord {
     pub fn set_route(&mut self, model: &str, decision: &RouteDecision) {
         let resolved = self.observer.metrics.resolved();
         if let Some(handles) = resolved.model(model) {
-            handles.active_downstream.inc();
+            if let Some(active) = handles.active_downstream() {
+                active.inc();
+            }
             self.model = Some(handles.clone());
+        }
+        if let Some(from) = &decision.failed_over_from {
+            if let Some(counter) = resolved.failovers(&decision.route.key, &from.key) {
+                counter.inc();
+            }
+            self.failed_over_from = Some(from.clone());
         }
         self.route = Some(decision.route.clone());
         self.server = Some(decision.server.clone());
@@ -328,6 +340,36 @@ impl RequestRecord {
         }
     }
 
+    /// The ModelServer the request was routed to.
+    pub fn server(&self) -> Option<&Arc<Server>> {
+        self.server.as_ref()
+    }
+
+    /// An attempt of this request made outlier detection eject `pod` of `server`.
+    pub fn pod_ejected(&self, server: &Server, pod: &PodState, ejection: &Ejection) {
+        self.observer
+            .metrics
+            .pod_ejections_total
+            .with_label_values(&[&server.key, ejection.cause.as_str()])
+            .inc();
+        tracing::warn!(
+            pod = %pod.key,
+            server = %server.key,
+            reason = ejection.cause.as_str(),
+            ejected_for_ms = u64::try_from(ejection.duration.as_millis()).unwrap_or(u64::MAX),
+            times = ejection.times,
+            "pod ejected"
+        );
+    }
+
+    /// The response of `pod`, delivered to the client, ended: a success
+    /// for the pod unless the engine answered 5xx (counted already).
+    pub fn attempt_succeeded(&self, pod: &PodState) {
+        if self.status < 500 {
+            pod.health.record_success();
+        }
+    }
+
     /// The router answers with `error` itself: records it and renders it.
     pub fn failed<B: From<bytes::Bytes>>(&mut self, error: ApiError) -> http::Response<B> {
         self.fail(&error);
@@ -407,40 +449,29 @@ impl RequestRecord {
             (None, None) => Phases::default(),
         };
         let usage = usage.unwrap_or_default();
-        let metrics = &self.observer.metrics;
+        let observation = Observation {
+            path: self.path,
+            status: self.status,
+            error_type,
+            total_seconds: total.as_secs_f64(),
+            phases,
+        };
         match &self.model {
             Some(model) => {
                 if self.status == 200 && error_type == OutcomeLabel::Success.as_str() {
-                    model.observe_success(self.path, total.as_secs_f64(), phases);
+                    model.observe_success(self.path, observation.total_seconds, phases);
                 } else {
-                    metrics.observe_other(&Observation {
-                        model: &model.name,
-                        path: self.path,
-                        status: self.status,
-                        error_type,
-                        total_seconds: total.as_secs_f64(),
-                        phases,
-                    });
+                    model.observe_other(&observation);
                 }
                 model.add_tokens(self.path, usage.prompt_tokens, usage.completion_tokens);
                 if let Some((prefill, decode)) = stream_split {
-                    model.ttft.observe(prefill);
-                    if usage.completion_tokens > 1 {
-                        model
-                            .tpot
-                            .observe(decode / (usage.completion_tokens - 1) as f64);
-                    }
+                    model.observe_stream(prefill, decode, usage.completion_tokens);
                 }
-                model.active_downstream.dec();
+                if let Some(active) = model.active_downstream() {
+                    active.dec();
+                }
             }
-            None => metrics.observe_other(&Observation {
-                model: UNKNOWN_MODEL,
-                path: self.path,
-                status: self.status,
-                error_type,
-                total_seconds: total.as_secs_f64(),
-                phases,
-            }),
+            None => self.observer.metrics.observe_unknown(&observation),
         }
         if let Some(gauge) = self.upstream_gauge.take() {
             gauge.dec();
@@ -479,6 +510,7 @@ impl RequestRecord {
             model_name: self.model_name.take(),
             route: self.route.take(),
             server: self.server.take(),
+            failed_over_from: self.failed_over_from.take(),
             pod: self.pod.take(),
             request_id: self.request_id.take(),
             input_tokens: usage.prompt_tokens,

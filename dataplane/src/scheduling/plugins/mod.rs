@@ -122,9 +122,11 @@ pub struct Candidate {
     /// Index into the ModelServer's pods.
     pub index: usize,
     pub pod_id: u64,
-    /// This dataplane's in-flight requests on the pod (always current).
+    /// This dataplane's in-flight requests on the pod (always current),
+    /// plus its attempts on the pod that failed in a row: a failure counts
+    /// as load, so a pod that fails fast never looks like the idlest.
     pub in_flight: u64,
-    /// Connect failures recently: considered last.
+    /// Ejected by outlier detection: considered last.
     pub ejected: bool,
     /// The engine load, only if fresh.
     pub load: Option<Arc<pb::EndpointLoad>>,
