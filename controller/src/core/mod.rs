@@ -373,6 +373,9 @@ mod tests {
             "switchyard-controller",
             "--xds-addr=127.0.0.1:0",
             "--metrics-addr=127.0.0.1:0",
+            // Not the default 15000, which a running dataplane or another
+            // test may hold.
+            "--debug-port=0",
             "--controller-id=core-test",
             // The test source is empty: publish it at once.
             "--empty-source-grace-period=0s",
