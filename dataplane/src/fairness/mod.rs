@@ -177,7 +177,8 @@ impl Fairness {
     /// A new table's queues: each model served (with the pods that serve
     /// it) gets its queue, kept from the previous table when it had one.
     /// Queues of models no longer served, or all of them when fairness is
-    /// off, let their waiting requests go.
+    /// off, let their waiting requests go, and their metric series are
+    /// removed.
     pub fn apply(
         &self,
         settings: Option<FairnessSettings>,
@@ -187,6 +188,7 @@ impl Fairness {
         let Some(settings) = settings.map(Arc::new) else {
             for (_, queue) in queues.drain() {
                 queue.open_gates();
+                queue.retire_series();
             }
             return None;
         };
@@ -209,6 +211,7 @@ impl Fairness {
             let kept = by_model.contains_key(model);
             if !kept {
                 queue.open_gates();
+                queue.retire_series();
             }
             kept
         });
@@ -294,7 +297,25 @@ mod tests {
         assert!(Arc::ptr_eq(&a, again.queue("a").expect("a")), "kept");
         assert!(again.queue("b").is_none());
         assert_eq!(fairness.views().len(), 1);
+        let metrics = fairness.metrics.clone();
+        futures::executor::block_on(again.queue("a").expect("a").admit(Ticket {
+            user: Arc::from("u"),
+            charge_per_token: 1.0,
+            input_tokens: 1,
+            session: None,
+        }))
+        .expect("no pods: no bound");
+        let series = || {
+            use prometheus::core::Collector;
+            let families = metrics.queue_duration.collect();
+            families
+                .iter()
+                .map(|family| family.get_metric().len())
+                .sum::<usize>()
+        };
+        assert_eq!(series(), 1);
         assert!(fairness.apply(None, models(&["a"])).is_none());
         assert!(fairness.views().is_empty());
+        assert_eq!(series(), 0, "retired with the queue");
     }
 }

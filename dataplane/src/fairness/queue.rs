@@ -284,6 +284,17 @@ impl ModelQueue {
         self.pump(&mut state);
     }
 
+    /// The model's metric series go with it (its queue was dropped).
+    pub fn retire_series(&self) {
+        let state = self.state.lock();
+        let labelled = state.users.iter().filter(|(_, user)| user.labelled);
+        for label in labelled.map(|(name, _)| &**name).chain([OTHER_USERS_LABEL]) {
+            let labels = [self.model.as_str(), label];
+            let _ = self.metrics.queue_size.remove_label_values(&labels);
+            let _ = self.metrics.queue_duration.remove_label_values(&labels);
+        }
+    }
+
     /// Room may have appeared (new engine loads).
     pub fn wake(&self) {
         let mut state = self.state.lock();
