@@ -13,7 +13,6 @@
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, header};
-use switchyard_runtime::clock;
 
 use super::admit::InferenceRequest;
 use super::authenticate::Identity;
@@ -112,9 +111,9 @@ async fn wait_turn(
         input_tokens,
         session,
     };
-    let started = clock::now();
+    record.queue_entered();
     let admitted = queue.admit(ticket).await;
-    record.set_queue_wait(clock::now().duration_since(started));
+    record.queue_left();
     match admitted {
         Ok(slot) => {
             record.set_fair_slot(slot);

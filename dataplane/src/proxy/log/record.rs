@@ -77,6 +77,8 @@ pub struct RequestRecord {
     /// The request's place in its model's room (fairness on), given back
     /// with the tokens served when it finishes.
     fair_slot: Option<Slot>,
+    /// When the request joined the fairness queue, until it left.
+    queue_entered: Option<Instant>,
     queue_wait: Duration,
     /// An engine sent the response (the request was delivered).
     delivered: bool,
@@ -151,6 +153,7 @@ impl RequestRecord {
             user: None,
             admission: None,
             fair_slot: None,
+            queue_entered: None,
             queue_wait: Duration::ZERO,
             delivered: false,
             connect_failures: 0,
@@ -181,9 +184,17 @@ impl RequestRecord {
         self.fair_slot = Some(slot);
     }
 
-    /// How long the request waited in the fairness queue.
-    pub fn set_queue_wait(&mut self, waited: Duration) {
-        self.queue_wait = waited;
+    /// The request joins the fairness queue (its wait counts until it
+    /// leaves, or until the record ends: a client that went away).
+    pub fn queue_entered(&mut self) {
+        self.queue_entered = Some(clock::now());
+    }
+
+    /// The request left the fairness queue (admitted or refused).
+    pub fn queue_left(&mut self) {
+        if let Some(entered) = self.queue_entered.take() {
+            self.queue_wait = clock::now().duration_since(entered);
+        }
     }
 
     /// The `x-ratelimit-*` values of a response of a limited request.
@@ -412,6 +423,7 @@ impl RequestRecord {
                 output_tokens: usage.map_or(self.produced_output, |usage| usage.completion_tokens),
             });
         }
+        self.queue_left();
         let ended = clock::now();
         let total = ended.duration_since(self.started);
         let error_type = match (&self.error, outcome) {
