@@ -1,7 +1,7 @@
 # Switchyard: `make demo` runs the local demo, `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt crds demo demo-up demo-down e2e-vllm bench-quality bench-fairness
+.PHONY: all build test lint fmt crds demo demo-up demo-down e2e-vllm e2e-vllm-quality bench-quality bench-fairness
 
 all: build
 
@@ -66,11 +66,18 @@ demo-down:
 	e2e/demo.sh down
 
 # Optional, not part of `make test`: two real vLLM engines (CPU build, ~6 GB
-# download on first run) behind the controller (local mode) and a dataplane.
+# download on first run), pods of one ModelServer, behind the controller
+# (local mode) and a dataplane.
 e2e-vllm: build
-	e2e/vllm.sh
+	e2e/vllm.sh check
+# Optional, not part of `make test`; CPU-heavy (about 15 minutes, engines
+# restarted cold for each of 6 runs): the scheduling-quality table on those
+# two real engines, one and three dataplanes.
+e2e-vllm-quality: build
+	$(CARGO) build -p switchyard-e2e --example prefix_workload
+	e2e/vllm.sh quality
 # Scheduling quality benchmark (not part of `make test`): shared-prefix
-# workload against simulated engines; prints the README's results table.
+# workloads against simulated engines; prints the README's results tables.
 bench-quality: build
 	$(CARGO) run -p switchyard-e2e --example bench_quality
 # Fairness benchmark (not part of `make test`): a heavy and a light user on

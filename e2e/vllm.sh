@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# `make e2e-vllm`: Switchyard in front of two REAL vLLM engines (CPU build,
-# tiny random-weight model `tiny-llama` with LoRA `tiny-lora`), all on loopback.
-# Optional and heavy (first run installs ~6 GB of Python packages through
+# Switchyard in front of two REAL vLLM engines (CPU build, tiny random-weight
+# model `tiny-llama` with LoRA `tiny-lora`), both pods of one ModelServer
+# (127.0.0.1:18100 and 127.0.0.2:18100), all on loopback. Optional and heavy
+# (the first run installs ~6 GB of Python packages through
 # ../shared/tools/real-vllm/serve.sh); not part of `make test`.
 #
-# Checks: chat and completions, streamed and not, answered by both engines; the
-# LoRA model; that an engine error (prompt longer than the 512-token context)
-# reaches the client byte for byte; that both engines' load (running, waiting,
-# KV-cache usage, TTFT/TPOT, loaded adapters) appears in the controller's
-# snapshot while they are loaded, and goes back to idle after (vllm_load_check.py).
+#   e2e/vllm.sh [check]   `make e2e-vllm`: one dataplane, default scheduler.
+#     Checks chat and completions, streamed and not; that the scheduler spreads
+#     requests over both engines; the LoRA model; that an engine error (prompt
+#     longer than the 512-token context) reaches the client byte for byte; that
+#     both engines' load (running, waiting, KV-cache usage and size, TTFT/TPOT,
+#     loaded adapters) appears in the controller's snapshot while they are
+#     loaded, and goes back to idle after (vllm_load_check.py).
+#   e2e/vllm.sh quality   `make e2e-vllm-quality`: the cache-bound shared-prefix
+#     workload (e2e/src/prefix_workload.rs) for round robin, the default mix and
+#     prefix-cache alone, through one and through three dataplanes, each run on
+#     engines restarted cold; prints the results table (hit rate from the
+#     engines' own vllm:prefix_cache_hits_total / queries_total).
+#
 # Everything started here is stopped on exit, by pid.
 set -euo pipefail
 
+MODE="${1:-check}"
+case "$MODE" in check|quality) ;; *) echo "usage: $0 [check|quality]" >&2; exit 2 ;; esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VLLM_TOOL_SRC="${VLLM_TOOL_SRC:-$ROOT/../shared/tools/real-vllm}"
 TARGET_ROOT="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -22,21 +33,31 @@ TARGET="$TARGET_ROOT/debug"
 VLLM_HOME="${VLLM_HOME:-$TARGET_ROOT/real-vllm}"
 VLLM_TOOL="$VLLM_HOME/serve.sh"
 WORK="$(mktemp -d)"
-PORT_A=18100
-PORT_B=18101
+# One ModelServer has one workloadPort: the two engines share it on two loopback IPs.
+ENGINE_PORT=18100
+ENGINE_HOSTS=(127.0.0.1 127.0.0.2)
 XDS_ADDR=127.0.0.1:18210
 ADMIN=127.0.0.1:18290
 CONTROLLER_DEBUG_PORT=18293
 DATAPLANE=127.0.0.1:18280
 PIDS=()
 
+stop_engine() { # host
+  HOST=$1 PORT=$ENGINE_PORT "$VLLM_TOOL" stop >/dev/null 2>&1 || true
+}
+
+stop_switchyard() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  PIDS=()
+}
+
 cleanup() {
   local rc=$?
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  PORT=$PORT_A "$VLLM_TOOL" stop >/dev/null 2>&1 || true
-  PORT=$PORT_B "$VLLM_TOOL" stop >/dev/null 2>&1 || true
+  stop_switchyard
+  for host in "${ENGINE_HOSTS[@]}"; do stop_engine "$host"; done
   if [ "$rc" = 0 ]; then rm -rf "$WORK"
-  else echo "logs kept: $WORK/{controller,dataplane}.log, $VLLM_HOME/logs/server-{$PORT_A,$PORT_B}.log" >&2; fi
+  else echo "logs kept: $WORK/*.log, $VLLM_HOME/logs/server-*18100.log" >&2; fi
 }
 trap cleanup EXIT
 
@@ -56,42 +77,40 @@ done
 # build running beside it) startup has been seen to take 9 minutes, so keep
 # waiting while the engine process is alive.
 ENGINE_START_TIMEOUT_S=${ENGINE_START_TIMEOUT_S:-1200}
-start_engine() { # port cpu
-  PORT=$1 VLLM_CPU_OMP_THREADS_BIND=$2 "$VLLM_TOOL" start || true
+wait_engine() { # host
   local deadline=$((SECONDS + ENGINE_START_TIMEOUT_S))
-  until curl -fs "http://127.0.0.1:$1/health" >/dev/null 2>&1; do
-    [[ "$(PORT=$1 "$VLLM_TOOL" status)" == pid* ]] || fail "engine on port $1 died (see $VLLM_HOME/logs/server-$1.log)"
-    [ $SECONDS -lt $deadline ] || fail "engine on port $1 not healthy after $ENGINE_START_TIMEOUT_S s"
+  until curl -fs "http://$1:$ENGINE_PORT/health" >/dev/null 2>&1; do
+    [[ "$(HOST=$1 PORT=$ENGINE_PORT "$VLLM_TOOL" status)" == pid* ]] \
+      || fail "engine on $1:$ENGINE_PORT died (see $VLLM_HOME/logs/)"
+    [ $SECONDS -lt $deadline ] || fail "engine on $1:$ENGINE_PORT not healthy after $ENGINE_START_TIMEOUT_S s"
     sleep 2
   done
 }
-start_engine $PORT_A 0
-start_engine $PORT_B 1
+# Both engines, each on its own core, started together; cold (empty caches).
+# serve.sh's own --max-model-len 512, 128 KV blocks of 32 tokens, 8 sequences.
+start_engines() {
+  local cpu=0 starters=()
+  for host in "${ENGINE_HOSTS[@]}"; do
+    HOST=$host PORT=$ENGINE_PORT VLLM_CPU_OMP_THREADS_BIND=$cpu "$VLLM_TOOL" start >/dev/null 2>&1 &
+    starters+=($!)
+    cpu=$((cpu + 1))
+  done
+  # serve.sh writes its pid file at once, then polls /health for up to 300 s.
+  sleep 2
+  for host in "${ENGINE_HOSTS[@]}"; do wait_engine "$host"; done
+  for pid in "${starters[@]}"; do wait "$pid" || true; done
+}
 
-# One ModelServer per engine (each has its own port), one route over both.
 mkdir -p "$WORK/config"
-for side in a b; do
-  port=$PORT_A; [ "$side" = b ] && port=$PORT_B
-  cat >>"$WORK/config/objects.yaml" <<YAML
+cat >"$WORK/config/objects.yaml" <<YAML
 apiVersion: networking.serving.volcano.sh/v1alpha1
 kind: ModelServer
-metadata: { name: vllm-$side }
+metadata: { name: vllm }
 spec:
   inferenceEngine: vLLM
-  workloadSelector: { matchLabels: { app: vllm-$side } }
-  workloadPort: { port: $port }
+  workloadSelector: { matchLabels: { app: vllm } }
+  workloadPort: { port: $ENGINE_PORT }
 ---
-apiVersion: v1
-kind: Pod
-metadata: { name: vllm-$side-0, labels: { app: vllm-$side } }
-status:
-  phase: Running
-  podIP: 127.0.0.1
-  conditions: [{ type: Ready, status: "True" }]
----
-YAML
-done
-cat >>"$WORK/config/objects.yaml" <<'YAML'
 apiVersion: networking.serving.volcano.sh/v1alpha1
 kind: ModelRoute
 metadata: { name: tiny-llama }
@@ -101,23 +120,78 @@ spec:
   rules:
   - name: both
     targetModels:
-    - { modelServerName: vllm-a, weight: 50 }
-    - { modelServerName: vllm-b, weight: 50 }
+    - { modelServerName: vllm }
 YAML
-
-"$TARGET/switchyard-controller" --config-dir "$WORK/config" --xds-addr "$XDS_ADDR" \
-  --metrics-addr "$ADMIN" --debug-port "$CONTROLLER_DEBUG_PORT" --controller-id e2e-vllm >"$WORK/controller.log" 2>&1 &
-PIDS+=($!)
-"$TARGET/switchyard-dataplane" --controller "http://$XDS_ADDR" --host 127.0.0.1 \
-  --port "${DATAPLANE##*:}" --metrics-port 18291 --debug-port 18292 --node-id e2e-vllm \
-  >"$WORK/dataplane.log" 2>&1 &
-PIDS+=($!)
-
-for _ in $(seq 1 120); do
-  curl -fs "http://$DATAPLANE/readyz" >/dev/null 2>&1 && break
-  sleep 0.5
+for i in "${!ENGINE_HOSTS[@]}"; do
+  cat >>"$WORK/config/objects.yaml" <<YAML
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: vllm-$i, labels: { app: vllm } }
+status:
+  phase: Running
+  podIP: ${ENGINE_HOSTS[$i]}
+  conditions: [{ type: Ready, status: "True" }]
+YAML
 done
-curl -fs "http://$DATAPLANE/readyz" >/dev/null || fail "dataplane not ready (see $WORK/dataplane.log)"
+
+# The controller with router configuration file $1, and $2 dataplanes on
+# ports 18280.. (metrics 18300.., debug 18320..); returns once every dataplane
+# has both engines' load, KV-cache size included.
+start_switchyard() { # router-config dataplanes
+  "$TARGET/switchyard-controller" --config-dir "$WORK/config" --router-config "$1" \
+    --xds-addr "$XDS_ADDR" --metrics-addr "$ADMIN" --debug-port "$CONTROLLER_DEBUG_PORT" --controller-id e2e-vllm \
+    >>"$WORK/controller.log" 2>&1 &
+  PIDS+=($!)
+  DATAPLANES=()
+  for i in $(seq 0 $(($2 - 1))); do
+    "$TARGET/switchyard-dataplane" --controller "http://$XDS_ADDR" --host 127.0.0.1 \
+      --port $((18280 + i)) --metrics-port $((18300 + i)) --debug-port $((18320 + i)) \
+      --node-id "e2e-vllm-$i" >>"$WORK/dataplane-$i.log" 2>&1 &
+    PIDS+=($!)
+    DATAPLANES+=("http://127.0.0.1:$((18280 + i))")
+  done
+  for i in $(seq 0 $(($2 - 1))); do
+    local deadline=$((SECONDS + 120))
+    until curl -fs "http://127.0.0.1:$((18320 + i))/debug/router/state" 2>/dev/null | python3 -c "
+import json, sys
+pods = json.load(sys.stdin)['pods']
+sys.exit(0 if len(pods) == 2 and all((p.get('load') or {}).get('kvCacheCapacityTokens', 0) > 0 for p in pods) else 1)" 2>/dev/null; do
+      [ $SECONDS -lt $deadline ] || fail "dataplane $i has no engine load after 120 s (see $WORK/dataplane-$i.log)"
+      sleep 0.5
+    done
+  done
+}
+
+if [ "$MODE" = quality ]; then
+  # Round robin: every pod scores 0 and ties rotate.
+  printf 'scheduler:\n  plugins:\n    Filter: {enabled: []}\n    Score: {enabled: [{name: least-request, weight: 0}]}\n' >"$WORK/round-robin.yaml"
+  printf 'auth: {}\n' >"$WORK/default-mix.yaml"
+  printf 'scheduler:\n  plugins:\n    Filter: {enabled: []}\n    Score: {enabled: [{name: prefix-cache}]}\n' >"$WORK/prefix-cache-alone.yaml"
+  TABLE="$WORK/table.md"
+  echo "| strategy | dataplanes | prefix hit rate | requests per engine | latency p50 (ms) | latency p90 (ms) | errors |" >"$TABLE"
+  echo "|---|---|---|---|---|---|---|" >>"$TABLE"
+  for strategy in round-robin default-mix prefix-cache-alone; do
+    for dataplanes in 1 3; do
+      for host in "${ENGINE_HOSTS[@]}"; do stop_engine "$host"; done
+      start_engines
+      start_switchyard "$WORK/$strategy.yaml" "$dataplanes"
+      args=(--strategy "${strategy//-/ }" --model tiny-llama)
+      for url in "${DATAPLANES[@]}"; do args+=(--dataplane "$url"); done
+      for host in "${ENGINE_HOSTS[@]}"; do args+=(--engine "http://$host:$ENGINE_PORT"); done
+      "$TARGET/examples/prefix_workload" "${args[@]}" | tee -a "$TABLE"
+      stop_switchyard
+    done
+  done
+  echo
+  cat "$TABLE"
+  echo "e2e-vllm-quality: done in $((SECONDS - STARTED_AT)) s (load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
+  exit 0
+fi
+
+start_engines
+printf 'auth: {}\n' >"$WORK/default-mix.yaml"
+start_switchyard "$WORK/default-mix.yaml" 1
 
 post() { # path body -> HTTP status; body in $WORK/body
   curl -s -o "$WORK/body" -w '%{http_code}' "http://$DATAPLANE$1" \
@@ -129,8 +203,8 @@ json_check() { # python expression over `r` (the JSON body in $WORK/body), messa
     || fail "$2: $(head -c 400 "$WORK/body")"
 }
 
-engine_requests() { # port -> requests the engine finished (vllm:request_success_total, all reasons)
-  curl -fs "http://127.0.0.1:$1/metrics" \
+engine_requests() { # host -> requests the engine finished (vllm:request_success_total, all reasons)
+  curl -fs "http://$1:$ENGINE_PORT/metrics" \
     | awk '/^vllm:request_success_total\{/ { sum += $NF } END { printf "%d\n", sum }'
 }
 
@@ -157,16 +231,16 @@ for path in /v1/chat/completions /v1/completions; do
   pass "streamed $path ($(grep -c '^data: {' "$WORK/stream") chunks, usage, [DONE])"
 done
 
-# Both engines answer the route (50/50 weights): each one's own request counter moves.
-before_a=$(engine_requests $PORT_A); before_b=$(engine_requests $PORT_B)
+# The scheduler spreads distinct prompts over both pods: each engine's own request counter moves.
+before_a=$(engine_requests "${ENGINE_HOSTS[0]}"); before_b=$(engine_requests "${ENGINE_HOSTS[1]}")
 for i in $(seq 1 20); do
   status=$(post /v1/completions "{\"model\":\"tiny-llama\",\"prompt\":\"question $i\",\"max_tokens\":2}")
   [ "$status" = 200 ] || fail "completion $i: $status $(head -c 400 "$WORK/body")"
 done
-served_a=$(( $(engine_requests $PORT_A) - before_a )); served_b=$(( $(engine_requests $PORT_B) - before_b ))
+served_a=$(( $(engine_requests "${ENGINE_HOSTS[0]}") - before_a )); served_b=$(( $(engine_requests "${ENGINE_HOSTS[1]}") - before_b ))
 [ $((served_a + served_b)) = 20 ] || fail "20 requests sent, engines finished $served_a + $served_b"
-[ "$served_a" -gt 0 ] && [ "$served_b" -gt 0 ] || fail "one engine got nothing: vllm-a $served_a, vllm-b $served_b"
-pass "20 completions spread over both engines (vllm-a $served_a, vllm-b $served_b)"
+[ "$served_a" -gt 0 ] && [ "$served_b" -gt 0 ] || fail "one engine got nothing: vllm-0 $served_a, vllm-1 $served_b"
+pass "20 completions spread over both engines (vllm-0 $served_a, vllm-1 $served_b)"
 
 status=$(post /v1/completions '{"model":"tiny-lora","prompt":"hello","max_tokens":4}')
 [ "$status" = 200 ] || fail "LoRA: $status $(head -c 400 "$WORK/body")"
@@ -176,7 +250,7 @@ pass "LoRA route (model tiny-lora answered)"
 # Engine error passes through unchanged: a prompt far beyond the 512-token
 # context; the dataplane's answer is byte for byte the engine's own.
 long_body=$(python3 -c "import json; print(json.dumps({'model':'tiny-llama','prompt':'word ' * 2000,'max_tokens':4}))")
-direct_status=$(curl -s -o "$WORK/direct" -w '%{http_code}' "http://127.0.0.1:$PORT_A/v1/completions" \
+direct_status=$(curl -s -o "$WORK/direct" -w '%{http_code}' "http://${ENGINE_HOSTS[0]}:$ENGINE_PORT/v1/completions" \
   -H 'Content-Type: application/json' -d "$long_body")
 [ "$direct_status" = 400 ] || fail "the engine itself should refuse the long prompt with 400, got $direct_status"
 status=$(post /v1/completions "$long_body")
@@ -187,6 +261,6 @@ pass "engine error passed through unchanged (400, $(wc -c <"$WORK/body") bytes i
 
 # Both engines' load in the controller's snapshot, while loaded and after.
 python3 "$ROOT/e2e/vllm_load_check.py" --controller-debug "127.0.0.1:$CONTROLLER_DEBUG_PORT" \
-  --engine "vllm-a-0=127.0.0.1:$PORT_A" --engine "vllm-b-0=127.0.0.1:$PORT_B" \
-  --max-num-seqs 8 --models tiny-llama,tiny-lora
+  --engine "vllm-0=${ENGINE_HOSTS[0]}:$ENGINE_PORT" --engine "vllm-1=${ENGINE_HOSTS[1]}:$ENGINE_PORT" \
+  --max-num-seqs 8 --kv-cache-tokens 4096 --models tiny-llama,tiny-lora
 echo "e2e-vllm: all checks passed in $((SECONDS - STARTED_AT)) s"

@@ -4,14 +4,16 @@ checks that the controller's published snapshot (`GET /debug/snapshot` on its
 debug listener) follows each engine's own load.
 
 Stdlib only. Usage:
-    vllm_load_check.py --controller-debug 127.0.0.1:18293 --engine vllm-a=127.0.0.1:18100 \
-        --engine vllm-b=127.0.0.1:18101 --max-num-seqs 8 --models tiny-llama,tiny-lora
+    vllm_load_check.py --controller-debug 127.0.0.1:18293 --engine vllm-0=127.0.0.1:18100 \
+        --engine vllm-1=127.0.0.2:18100 --max-num-seqs 8 --kv-cache-tokens 4096 \
+        --models tiny-llama,tiny-lora
 
 For each engine, more concurrent requests than its --max-num-seqs are sent
 straight to it (so the load of each is known), while the snapshot is polled.
 Checked for every engine, at some poll while loaded: requests_running equal to
 max-num-seqs, requests_waiting > 0, 0 < kv_cache_usage <= 1, ttft_seconds > 0,
-tpot_seconds > 0; at every poll: the loaded models are exactly --models; after
+tpot_seconds > 0; at every poll: the loaded models are exactly --models and the
+KV-cache size is --kv-cache-tokens (vllm:cache_config_info); after
 the load: running and waiting back to 0. All traffic is on loopback; every loop
 is bounded.
 """
@@ -58,6 +60,7 @@ def main():
     ap.add_argument("--controller-debug", required=True)
     ap.add_argument("--engine", action="append", required=True, help="POD=HOST:PORT")
     ap.add_argument("--max-num-seqs", type=int, required=True)
+    ap.add_argument("--kv-cache-tokens", type=int, required=True)
     ap.add_argument("--models", required=True)
     ap.add_argument("--model", default="tiny-llama")
     a = ap.parse_args()
@@ -92,6 +95,9 @@ def main():
                 continue
             if sorted(l["models"]) != expected_models:
                 fail(f"{pod}: loaded models {l['models']}, engine serves {expected_models}")
+            if l.get("kv_cache_capacity_tokens") != a.kv_cache_tokens:
+                fail(f"{pod}: kv_cache_capacity_tokens {l.get('kv_cache_capacity_tokens')}, "
+                     f"engine has {a.kv_cache_tokens}")
             if not 0.0 <= l["kv_cache_usage"] <= 1.0:
                 fail(f"{pod}: kv_cache_usage {l['kv_cache_usage']} outside [0, 1]")
             if l["requests_running"] > a.max_num_seqs:
@@ -125,7 +131,8 @@ def main():
               f"waiting {s['waiting>0']['requests_waiting']:g}, "
               f"kv_cache_usage {s['kv_cache_usage>0']['kv_cache_usage']:.3f}, "
               f"ttft {s['ttft>0']['ttft_seconds']:.4f} s, tpot {s['tpot>0']['tpot_seconds']:.4f} s")
-    print(f"ok: both engines' loaded models in the snapshot: {expected_models}")
+    print(f"ok: both engines' loaded models in the snapshot: {expected_models}, "
+          f"KV cache {a.kv_cache_tokens} tokens")
 
     # After the load the snapshot follows the engines back to idle.
     while time.monotonic() < deadline:

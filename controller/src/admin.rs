@@ -427,6 +427,7 @@ fn endpoint_loads_json(published: &PublishedResource) -> Value {
             "requests_waiting": load.requests_waiting,
             "requests_running": load.requests_running,
             "kv_cache_usage": load.kv_cache_usage,
+            "kv_cache_capacity_tokens": load.kv_cache_capacity_tokens,
             "ttft_seconds": load.ttft_seconds,
             "tpot_seconds": load.tpot_seconds,
             "models": load.models,

@@ -99,6 +99,10 @@ struct RouterConfigFile {
     fairness: Option<serde_yaml::Value>,
     #[serde(default, rename = "outlierDetection")]
     outlier_detection: Option<OutlierSection>,
+    /// Sections Switchyard does not read: named in a warning, never
+    /// silently dropped.
+    #[serde(flatten)]
+    unread: BTreeMap<String, serde_yaml::Value>,
 }
 
 /// `outlierDetection`: the defaults of every ModelServer, and per-ModelServer values.
@@ -296,7 +300,11 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
         return Ok(RouterConfig::default());
     };
     let outlier_detection = outlier_config(file.outlier_detection.as_ref()).map_err(parse_error)?;
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<String> = file
+        .unread
+        .keys()
+        .map(|section| format!("section {section:?} is not read by Switchyard: it has no effect"))
+        .collect();
     let auth = match &file.auth {
         None => None,
         Some(block) => {
@@ -490,6 +498,18 @@ mod tests {
 
     fn parse(text: &str) -> Result<RouterConfig, RouterConfigError> {
         parse_router_config(Path::new("router.yaml"), text)
+    }
+
+    #[test]
+    fn a_section_switchyard_does_not_read_is_named_in_a_warning() {
+        let config = parse("scheduler: {}\nkvCacheEvents: {enabled: true}\n").expect("parses");
+        assert_eq!(
+            config.warnings,
+            ["section \"kvCacheEvents\" is not read by Switchyard: it has no effect"]
+        );
+        let without_scheduler = parse("somethingElse: 1\n").expect("parses");
+        assert_eq!(without_scheduler.warnings.len(), 1);
+        assert_eq!(without_scheduler.scheduler, None);
     }
 
     #[test]

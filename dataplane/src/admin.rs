@@ -264,6 +264,7 @@ impl Admin {
                 "requestsWaiting": load.requests_waiting,
                 "requestsRunning": load.requests_running,
                 "kvCacheUsage": load.kv_cache_usage,
+                "kvCacheCapacityTokens": load.kv_cache_capacity_tokens,
                 "ttftSeconds": load.ttft_seconds,
                 "tpotSeconds": load.tpot_seconds,
                 "models": load.models,

@@ -1,13 +1,24 @@
 //! Scheduling quality benchmark (`make bench-quality`; not part of `make test`).
 //!
-//! A shared-prefix workload (groups of requests sharing a long system prompt,
-//! Poisson arrivals, seeded) against simulated engines, for several scheduler
+//! Two workloads against simulated engines, for several scheduler
 //! configurations, with one and with three dataplanes behind a round-robin
-//! client. Reports client-measured TTFT p50/p90/p99, throughput and the
-//! prefix-cache hit rate the engines measured, as a Markdown table.
+//! client, each run on freshly started engines; Markdown tables.
 //!
-//! Tunables (environment): `BENCH_ENGINES` (4), `BENCH_REQUESTS` (240),
-//! `BENCH_RATE` (requests/s, 16), `BENCH_GROUPS` (16), `BENCH_SEED` (1).
+//! 1. Shared prefixes under open load: groups of requests sharing a long
+//!    system prompt, Poisson arrivals, seeded, on 4 engines with room for
+//!    every prompt. Client-measured TTFT p50/p90/p99, throughput and the
+//!    prefix-cache hit rate the engines measured. Tunables (environment):
+//!    `BENCH_ENGINES` (4), `BENCH_REQUESTS` (240), `BENCH_RATE` (requests/s,
+//!    16), `BENCH_GROUPS` (16), `BENCH_SEED` (1).
+//! 2. A cache-bound workload ([`PrefixWorkload::two_engines`]) on two engines
+//!    shaped like the real-engine setup of `make e2e-vllm-quality`: their
+//!    caches together hold every prompt once, one alone does not. Hit rate,
+//!    requests per engine, latency, errors. `BENCH_SEEDS` (1) runs it for
+//!    seeds 1..=N (different prompts, so different rendezvous homes).
+//!
+//! `BENCH_WORKLOAD=open` or `=cache-bound` runs only that one;
+//! `BENCH_CONFIG` (a router configuration's text) runs only that
+//! configuration, as strategy "custom".
 
 use std::time::Duration;
 
@@ -16,6 +27,7 @@ use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use switchyard_e2e::prefix_workload::{self, EngineCounters, PrefixWorkload, QualityRow};
 use switchyard_e2e::sim_stack::{SIM_MODEL, SimStack, SimStackOptions, words};
 use switchyard_runtime::clock;
 
@@ -40,6 +52,17 @@ const STRATEGIES: [(&str, &str); 4] = [
     ),
     ("default mix", "auth: {}\n"),
 ];
+
+/// `compared`, or only `custom` (a router configuration) when given.
+fn strategies<'a>(
+    compared: &[(&'a str, &'a str)],
+    custom: Option<&'a str>,
+) -> Vec<(&'a str, &'a str)> {
+    match custom {
+        Some(config) => vec![("custom", config)],
+        None => compared.to_vec(),
+    }
+}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -153,6 +176,62 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
     }
 }
 
+/// Engines like the real-engine setup's vLLM: 8 sequences, 128 KV blocks of 32
+/// tokens, and the tiny CPU model's speed (about 0.1 ms per prefilled token,
+/// 3 ms + 0.5 ms per sequence per decode step).
+fn two_engine_args() -> Vec<String> {
+    "--mode sim --max-num-seqs 8 --kv-blocks 128 --block-size 32 --prefill-ms-per-token 0.1 --itl-ms 3 --itl-ms-per-seq 0.5 --seed 7"
+        .split(' ')
+        .map(String::from)
+        .collect()
+}
+
+/// The cache-bound workload with `seed` on two fresh engines.
+async fn run_two_engines(
+    strategy: &str,
+    router_config: &str,
+    dataplanes: usize,
+    seed: u64,
+) -> QualityRow {
+    let sim = SimStack::start(SimStackOptions {
+        engines: 2,
+        engine_args: &|_| two_engine_args(),
+        router_config,
+        lora_adapters: &[],
+        dataplanes,
+        scrape_interval: SCRAPE_INTERVAL,
+    })
+    .await;
+    let metrics: Vec<String> = (0..2).map(|pod| sim.engine_url(pod, "/metrics")).collect();
+    let mut before = Vec::new();
+    for url in &metrics {
+        before.push(
+            EngineCounters::read(sim.http(), url)
+                .await
+                .expect("engine metrics"),
+        );
+    }
+    let urls: Vec<String> = sim.stack.dataplanes.iter().map(|d| d.url("")).collect();
+    let workload = PrefixWorkload {
+        seed,
+        ..PrefixWorkload::two_engines(SIM_MODEL)
+    };
+    let run = workload.run(sim.http(), &urls).await;
+    let mut engines = Vec::new();
+    for (url, before) in metrics.iter().zip(&before) {
+        let after = EngineCounters::read(sim.http(), url)
+            .await
+            .expect("engine metrics");
+        engines.push(after.since(before));
+    }
+    QualityRow {
+        strategy: strategy.to_owned(),
+        dataplanes,
+        engines,
+        run,
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -164,10 +243,21 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 /// Run with `make bench-quality` (after `cargo build --workspace --bins`).
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let only = std::env::var("BENCH_WORKLOAD").unwrap_or_default();
+    if only != "cache-bound" {
+        open_load_table().await;
+    }
+    if only != "open" {
+        cache_bound_table().await;
+    }
+}
+
+async fn open_load_table() {
     let mut table = String::from(
         "| strategy | dataplanes | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p99 (ms) | throughput (req/s) | prefix hit rate |\n|---|---|---|---|---|---|---|\n",
     );
-    for (name, config) in STRATEGIES {
+    let custom = std::env::var("BENCH_CONFIG").ok();
+    for (name, config) in strategies(&STRATEGIES, custom.as_deref()) {
         for dataplanes in [1, 3] {
             let outcome = run(config, dataplanes).await;
             let row = format!(
@@ -180,6 +270,29 @@ async fn main() {
             );
             eprint!("{row}");
             table.push_str(&row);
+        }
+    }
+    println!("\n{table}");
+}
+
+async fn cache_bound_table() {
+    let seeds = env("BENCH_SEEDS", 1) as u64;
+    let mut table = String::from(prefix_workload::QualityRow::HEADER);
+    for seed in 1..=seeds {
+        let custom = std::env::var("BENCH_CONFIG").ok();
+        for (name, config) in strategies(&prefix_workload::STRATEGIES, custom.as_deref()) {
+            for dataplanes in [1, 3] {
+                let strategy = if seeds > 1 {
+                    format!("{name} (seed {seed})")
+                } else {
+                    name.to_owned()
+                };
+                let row = run_two_engines(&strategy, config, dataplanes, seed)
+                    .await
+                    .markdown();
+                eprint!("{row}");
+                table.push_str(&row);
+            }
         }
     }
     println!("\n{table}");

@@ -8,11 +8,14 @@
 //! - [`hostile`]: raw HTTP/1.1 and HTTP/2 bytes and process memory, for the hostile-client tests.
 //! - [`sim_stack`]: simulated engines behind a controller with a router configuration, for the
 //!   scheduling quality tests and benchmark.
+//! - [`prefix_workload`]: the cache-bound shared-prefix workload those and the real-engine quality
+//!   run send, and the engines' own counters they are judged by.
 #![forbid(unsafe_code)]
 
 pub mod harness;
 pub mod hostile;
 pub mod jwt;
 pub mod mock_engine;
+pub mod prefix_workload;
 pub mod redis_server;
 pub mod sim_stack;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http::StatusCode;
 use serde_json::{Value, json};
 use switchyard_e2e::harness::{Process, wait_for};
+use switchyard_e2e::prefix_workload::{EngineCounters, PrefixWorkload, QualityRow};
 use switchyard_e2e::sim_stack::{SimStack, SimStackOptions, counts, words};
 
 /// Fast enough that tests waiting on engine load are quick, slow enough for a busy 2-core machine.
@@ -562,4 +563,70 @@ async fn session_affinity_is_sticky_across_dataplanes_and_falls_back() {
     let counts = counts(&pods);
     assert_eq!(counts.len(), 1, "one new home: {counts:?}");
     assert!(!counts.contains_key(&home), "{counts:?}");
+}
+
+/// The cache-bound workload of `make e2e-vllm-quality` (16 system prompts
+/// that together need 1.1 engines' KV caches) on two simulated engines shaped
+/// like its real ones, default plugin mix: prefix groups stay on their pods
+/// (the engines' hit rate is at least 80%; round robin gets about 45%) and
+/// are spread evenly (hashing alone splits these 16 groups 11/5), with one
+/// dataplane and with three. No engine serves more than 60% of the requests
+/// with one dataplane, 62% with three: each of them places the first requests
+/// of a round before it has seen every group. The engines' KV-cache size
+/// reaches the dataplanes from their `vllm:cache_config_info`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_mix_keeps_prefix_groups_home_and_engines_even_when_caches_are_tight() {
+    for dataplanes in [1, 3] {
+        let bench = start_bench(
+            2,
+            |_| {
+                flags("--mode sim --max-num-seqs 8 --kv-blocks 128 --block-size 32 --prefill-ms-per-token 0.1 --itl-ms 3 --itl-ms-per-seq 0.5")
+            },
+            "auth: {}\n",
+            &[],
+            dataplanes,
+        )
+        .await;
+        bench
+            .wait_state(0, "both engines' KV-cache size", |pods| {
+                pods.len() == 2
+                    && pods
+                        .values()
+                        .all(|pod| pod["load"]["kvCacheCapacityTokens"] == 128 * 32)
+            })
+            .await;
+        let metrics: Vec<String> = (0..2)
+            .map(|pod| bench.engine_url(pod, "/metrics"))
+            .collect();
+        let mut before = Vec::new();
+        for url in &metrics {
+            before.push(
+                EngineCounters::read(bench.http(), url)
+                    .await
+                    .expect("metrics"),
+            );
+        }
+        let urls: Vec<String> = bench.stack.dataplanes.iter().map(|d| d.url("")).collect();
+        let run = PrefixWorkload::two_engines("base")
+            .run(bench.http(), &urls)
+            .await;
+        let mut engines = Vec::new();
+        for (url, before) in metrics.iter().zip(&before) {
+            let after = EngineCounters::read(bench.http(), url)
+                .await
+                .expect("metrics");
+            engines.push(after.since(before));
+        }
+        let row = QualityRow {
+            strategy: "default mix".into(),
+            dataplanes,
+            engines,
+            run,
+        };
+        eprint!("{}", row.markdown());
+        assert_eq!(row.run.errors, 0, "{}", row.markdown());
+        assert!(row.hit_rate() >= 0.8, "{}", row.markdown());
+        let most = if dataplanes == 1 { 0.6 } else { 0.62 };
+        assert!(row.busiest_share() <= most, "{}", row.markdown());
+    }
 }

@@ -150,6 +150,7 @@ fn loads(
                 tpot_seconds: 0.01,
                 models: vec![format!("model-{}", i % objects.servers.len().max(1))],
                 observed_at_unix_ms: pass_unix_ms,
+                kv_cache_capacity_tokens: 65_536,
             };
             (object_key("bench", &name), load)
         })

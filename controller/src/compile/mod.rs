@@ -274,6 +274,7 @@ pub fn compile_endpoint_loads(
                 } else {
                     load.observed_at_unix_ms
                 },
+                kv_cache_capacity_tokens: load.kv_cache_capacity_tokens,
             }
         })
         .collect();

@@ -1142,6 +1142,7 @@ fn load(waiting: f64, observed_at_unix_ms: i64) -> PodLoad {
         tpot_seconds: 0.01,
         models: vec!["lora-B".into(), "base".into(), "lora-B".into()],
         observed_at_unix_ms,
+        kv_cache_capacity_tokens: 4096,
     }
 }
 
@@ -1236,6 +1237,7 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         tpot_seconds: 0.01,
         models: vec!["base".into(), "lora-B".into()],
         observed_at_unix_ms,
+        kv_cache_capacity_tokens: 4096,
     };
     // ds15-v1-0 is an endpoint of two servers: listed once. It was scraped in
     // the latest pass (2000): its time is the set's; ds7-0's last success is older.

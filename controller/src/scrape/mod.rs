@@ -68,6 +68,8 @@ pub struct PodLoad {
     pub models: Vec<String>,
     /// When the `/metrics` values were scraped (Unix milliseconds).
     pub observed_at_unix_ms: i64,
+    /// Tokens the engine's KV cache holds; 0 = the page does not say.
+    pub kv_cache_capacity_tokens: u64,
 }
 
 /// Load values read from one engine `/metrics` page.
@@ -76,8 +78,9 @@ pub struct PodLoad {
 /// models or ranks): queue lengths are **summed**, KV-cache usage, a ratio, is
 /// the **mean** over its series. Histogram totals are summed. Non-finite values
 /// are ignored; queue lengths are clamped to `>= 0` and KV usage to `0..=1`.
-/// A metric the page does not have yet (engines create labelled series on first
-/// use) reads as 0.
+/// KV-cache capacities are **summed** (each engine on the page has its own
+/// cache). A metric the page does not have yet (engines create labelled series
+/// on first use) reads as 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct EngineSample {
     pub requests_waiting: f64,
@@ -85,6 +88,8 @@ pub struct EngineSample {
     pub kv_cache_usage: f64,
     pub ttft: HistogramTotals,
     pub tpot: HistogramTotals,
+    /// Tokens the KV cache holds; 0 = unknown.
+    pub kv_cache_capacity_tokens: u64,
 }
 
 /// Cumulative `_sum` and `_count` of a histogram, summed over its label sets.
@@ -167,6 +172,40 @@ struct EngineMetricNames {
     kv_cache_usage: &'static [&'static str],
     ttft: &'static [HistogramNames],
     tpot: &'static [HistogramNames],
+    kv_cache_capacity: KvCacheCapacity,
+}
+
+/// Where an engine tells the size of its KV cache.
+#[derive(Clone, Copy, Debug)]
+enum KvCacheCapacity {
+    /// An info gauge whose labels carry the cache's block count and block
+    /// size (vLLM's `vllm:cache_config_info{num_gpu_blocks, block_size}`).
+    BlocksInfo {
+        name: &'static str,
+        blocks_label: &'static str,
+        block_size_label: &'static str,
+    },
+    /// A gauge whose value is the capacity in tokens.
+    TokensGauge(&'static str),
+}
+
+impl KvCacheCapacity {
+    /// The tokens `sample` says a cache holds, if it is this capacity's metric.
+    fn tokens(&self, sample: &prometheus_text::Sample<'_>) -> Option<f64> {
+        match *self {
+            Self::BlocksInfo {
+                name,
+                blocks_label,
+                block_size_label,
+            } if sample.name == name => {
+                // Engines print "None" until the cache is allocated.
+                let number = |label| sample.label(label)?.parse::<f64>().ok();
+                Some(number(blocks_label)? * number(block_size_label)?)
+            }
+            Self::TokensGauge(name) if sample.name == name => Some(sample.value),
+            _ => None,
+        }
+    }
 }
 
 /// Running total of the finite samples of one name.
@@ -213,6 +252,7 @@ fn extract(text: &str, names: &EngineMetricNames) -> Result<EngineSample, Engine
     let mut kv_usage = [SeriesTotal::default(); MAX_ALTERNATIVES];
     let mut ttft = [HistogramAccumulator::default(); MAX_ALTERNATIVES];
     let mut tpot = [HistogramAccumulator::default(); MAX_ALTERNATIVES];
+    let mut capacity = SeriesTotal::default();
 
     for sample in prometheus_text::samples(text) {
         let sample = sample?;
@@ -227,6 +267,10 @@ fn extract(text: &str, names: &EngineMetricNames) -> Result<EngineSample, Engine
         } else if let Some(index) = names.kv_cache_usage.iter().position(|&kv| kv == name) {
             if let Some(total) = kv_usage.get_mut(index) {
                 total.add(sample.value);
+            }
+        } else if let Some(tokens) = names.kv_cache_capacity.tokens(&sample) {
+            if tokens > 0.0 {
+                capacity.add(tokens);
             }
         } else {
             add_histogram_sample(&mut ttft, names.ttft, name, sample.value);
@@ -256,6 +300,8 @@ fn extract(text: &str, names: &EngineMetricNames) -> Result<EngineSample, Engine
             .unwrap_or(0.0),
         ttft: ttft.map(HistogramAccumulator::totals).unwrap_or_default(),
         tpot: tpot.map(HistogramAccumulator::totals).unwrap_or_default(),
+        // Saturates on absurd values; `as` maps a non-finite total (excluded by `add`) to 0.
+        kv_cache_capacity_tokens: capacity.total as u64,
     })
 }
 

@@ -509,6 +509,7 @@ impl Worker {
                     tpot_seconds: interval_mean(pod.previous_tpot, sample.tpot),
                     models: pod.models.clone(),
                     observed_at_unix_ms: scrape.observed_at_unix_ms,
+                    kv_cache_capacity_tokens: sample.kv_cache_capacity_tokens,
                 });
                 pod.previous_ttft = Some(sample.ttft);
                 pod.previous_tpot = Some(sample.tpot);

@@ -7,13 +7,14 @@
 //! The TTFT histogram carries an extra `is_streaming` label; its label sets are
 //! summed like any other.
 
-use super::{EngineMetricNames, EnginePageError, EngineSample, HistogramNames};
+use super::{EngineMetricNames, EnginePageError, EngineSample, HistogramNames, KvCacheCapacity};
 
 pub const REQUESTS_WAITING: &str = "sglang:num_queue_reqs";
 pub const REQUESTS_RUNNING: &str = "sglang:num_running_reqs";
 pub const KV_CACHE_USAGE: &str = "sglang:token_usage";
 pub const TTFT: &str = "sglang:time_to_first_token_seconds";
 pub const TPOT: &str = "sglang:inter_token_latency_seconds";
+pub const KV_CACHE_CAPACITY: &str = "sglang:max_total_num_tokens";
 
 const NAMES: EngineMetricNames = EngineMetricNames {
     engine: "SGLang",
@@ -29,6 +30,7 @@ const NAMES: EngineMetricNames = EngineMetricNames {
         sum: "sglang:inter_token_latency_seconds_sum",
         count: "sglang:inter_token_latency_seconds_count",
     }],
+    kv_cache_capacity: KvCacheCapacity::TokensGauge(KV_CACHE_CAPACITY),
 };
 
 /// Reads the load values from an SGLang `/metrics` page; see [`EngineSample`]
@@ -60,6 +62,10 @@ sglang:num_grammar_queue_reqs{engine_type="unified",model_name="qwen",moe_ep_ran
 # TYPE sglang:token_usage gauge
 sglang:token_usage{engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0",dp_rank="0"} 0.3
 sglang:token_usage{engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0",dp_rank="1"} 0.5
+# HELP sglang:max_total_num_tokens Maximum total number of tokens in the KV cache pool.
+# TYPE sglang:max_total_num_tokens gauge
+sglang:max_total_num_tokens{engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0",dp_rank="0"} 350000.0
+sglang:max_total_num_tokens{engine_type="unified",model_name="qwen",moe_ep_rank="0",pp_rank="0",tp_rank="0",dp_rank="1"} 350000.0
 # HELP sglang:time_to_first_token_seconds Histogram of time to first token in seconds.
 # TYPE sglang:time_to_first_token_seconds histogram
 sglang:time_to_first_token_seconds_bucket{engine_type="unified",is_streaming="true",le="+Inf",model_name="qwen"} 4.0
@@ -94,6 +100,7 @@ sglang:request_time_per_output_token_seconds_count{engine_type="unified",is_stre
                     sum: 2.5,
                     count: 100.0
                 },
+                kv_cache_capacity_tokens: 2 * 350_000,
             }
         );
     }

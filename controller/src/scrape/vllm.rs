@@ -5,7 +5,7 @@
 //! `vllm:time_per_output_token_seconds`, which are read when the current name
 //! is absent from the page (when both are present the current one wins).
 
-use super::{EngineMetricNames, EnginePageError, EngineSample, HistogramNames};
+use super::{EngineMetricNames, EnginePageError, EngineSample, HistogramNames, KvCacheCapacity};
 
 pub const REQUESTS_WAITING: &str = "vllm:num_requests_waiting";
 pub const REQUESTS_RUNNING: &str = "vllm:num_requests_running";
@@ -14,6 +14,7 @@ pub const LEGACY_KV_CACHE_USAGE: &str = "vllm:gpu_cache_usage_perc";
 pub const TTFT: &str = "vllm:time_to_first_token_seconds";
 pub const TPOT: &str = "vllm:inter_token_latency_seconds";
 pub const LEGACY_TPOT: &str = "vllm:time_per_output_token_seconds";
+pub const CACHE_CONFIG_INFO: &str = "vllm:cache_config_info";
 
 const NAMES: EngineMetricNames = EngineMetricNames {
     engine: "vLLM",
@@ -35,6 +36,11 @@ const NAMES: EngineMetricNames = EngineMetricNames {
             count: "vllm:time_per_output_token_seconds_count",
         },
     ],
+    kv_cache_capacity: KvCacheCapacity::BlocksInfo {
+        name: CACHE_CONFIG_INFO,
+        blocks_label: "num_gpu_blocks",
+        block_size_label: "block_size",
+    },
 };
 
 /// Reads the load values from a vLLM `/metrics` page; see [`EngineSample`]
@@ -68,6 +74,8 @@ mod tests {
                 kv_cache_usage: kv_usage,
                 ttft,
                 tpot,
+                // Every recording: 128 blocks of 32 tokens.
+                kv_cache_capacity_tokens: 4096,
             }
         );
     }
@@ -150,6 +158,20 @@ vllm:inter_token_latency_seconds_sum{engine="1",model_name="b"} 0.75
         assert!((sample.kv_cache_usage - 0.4).abs() < 1e-12);
         assert_eq!(sample.ttft, totals(4.0, 5.0));
         assert_eq!(sample.tpot, totals(1.0, 40.0));
+    }
+
+    #[test]
+    fn kv_cache_capacity_is_blocks_times_block_size_summed_over_engines() {
+        let page = r#"vllm:num_requests_running{engine="0",model_name="m"} 0.0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="0",num_gpu_blocks="1000"} 1.0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="1",num_gpu_blocks="24"} 1.0
+"#;
+        assert_eq!(parse_page(page).unwrap().kv_cache_capacity_tokens, 16_384);
+        // Before the cache is allocated vLLM prints "None": unknown, not an error.
+        let page = r#"vllm:num_requests_running{engine="0",model_name="m"} 0.0
+vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="None"} 1.0
+"#;
+        assert_eq!(parse_page(page).unwrap().kv_cache_capacity_tokens, 0);
     }
 
     #[test]

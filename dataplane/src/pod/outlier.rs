@@ -25,7 +25,7 @@
 //! Every dataplane decides on its own from its own attempts, and reports
 //! its ejections to the controller, which sends them to every dataplane
 //! with the next EndpointLoads: a pod one dataplane found bad is avoided by
-//! all ([`PodHealth::eject_for_fleet`], within the same cap).
+//! all ([`OutlierDetector::eject_for_fleet`], within the same cap).
 //!
 //! Only atomics are touched by a successful attempt; the lock of a pod is
 //! taken when one of its attempts fails, and a ModelServer's lock only when

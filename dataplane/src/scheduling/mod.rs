@@ -8,6 +8,8 @@
 //!   names and arguments are in `switchyard_snapshot::scheduler`;
 //! - [`prefix`]: prompt block hashing, the local prefix index, rendezvous
 //!   hashing with bounded load (replica-consistent affinity);
+//! - [`saturation`]: when a pod's engine cannot start one more request, the
+//!   point until which affinity keeps a prefix on its pod;
 //! - [`metrics`], [`decisions`]: plugin timings and recent decisions.
 
 pub mod decisions;
@@ -15,6 +17,7 @@ pub mod framework;
 pub mod metrics;
 pub mod plugins;
 pub mod prefix;
+pub mod saturation;
 
 pub use framework::{
     PairRanking, Ranking, ScheduleError, ScheduleRequest, Scheduler, SchedulingShared,

@@ -1,5 +1,6 @@
-//! Prompt prefix hashing, the local index of where prefixes were sent, and
-//! the deterministic choice (rendezvous hashing with bounded load) that lets
+//! Prompt prefix hashing, the local index of where prefixes were sent (block
+//! by block, and each prefix group's first choice), and the
+//! deterministic choice (rendezvous hashing with bounded load) that lets
 //! several dataplanes agree on a pod for a prefix without talking.
 //!
 //! A prompt (the `prompt` string, or chat `messages` flattened as
@@ -32,6 +33,9 @@ pub const TOP_K_MATCHES: usize =
 /// batches many sequences, and without a floor the second concurrent request
 /// of a prefix would leave its pod at almost no load.
 pub const BOUNDED_LOAD_FLOOR: f64 = 2.0;
+/// Shards of the per-pod lists of groups: a request reads the count of every
+/// candidate, so no single lock is shared by all requests.
+const GROUP_COUNT_SHARDS: usize = 16;
 
 /// Chained block hashes of a prompt; appends to `out` (cleared first).
 pub fn hash_prompt(
@@ -188,21 +192,139 @@ impl Hasher for IdentityHasher {
 }
 
 type BlockMap = HashMap<u64, [u64; OWNERS_PER_BLOCK], BuildHasherDefault<IdentityHasher>>;
+type GroupMap = HashMap<u64, u64, BuildHasherDefault<IdentityHasher>>;
+/// Pod id -> the rendezvous weights of the groups that chose it first, ascending.
+type WeightsByPod = HashMap<u64, Vec<u64>, BuildHasherDefault<IdentityHasher>>;
 
 /// Where this dataplane recently sent each prefix block: block hash -> pod
-/// ids, most recent first. Bounded: each shard keeps two generations and
-/// drops the older one when the newer is full (an LRU approximation with
-/// O(1) upkeep and no per-entry list).
+/// ids, most recent first; and the first choice of each prefix group
+/// ([`GroupTable`]).
+/// Bounded: each shard keeps two generations and drops the older one when
+/// the newer is full (an LRU approximation with O(1) upkeep and no per-entry
+/// list).
 #[derive(Debug)]
 pub struct PrefixIndex {
     shards: Vec<Mutex<Shard>>,
     per_generation: usize,
+    pub groups: GroupTable,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
     current: BlockMap,
     previous: BlockMap,
+}
+
+/// The prefix groups this dataplane has seen: group key (the hash that names
+/// a prompt's leading blocks) -> its first choice, the pod with the highest
+/// rendezvous weight for it when it was first seen; and, per pod, the
+/// rendezvous weights of the groups that chose it first, sorted, so that a
+/// pod chosen by more than its share of groups can keep those that weigh the
+/// most for it and pass on the rest, the same ones on every dataplane that
+/// has seen the same groups. Bounded and aged like the block index; a group
+/// that ages out no longer counts.
+#[derive(Debug)]
+pub struct GroupTable {
+    shards: Vec<Mutex<GroupShard>>,
+    per_generation: usize,
+    /// Sharded by pod id.
+    chosen_by: Vec<Mutex<WeightsByPod>>,
+}
+
+#[derive(Debug, Default)]
+struct GroupShard {
+    current: GroupMap,
+    previous: GroupMap,
+}
+
+/// Where one group stands with the pod it chose first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Standing {
+    /// Groups that chose the pod first.
+    pub groups: usize,
+    /// Of those, the groups that weigh less for it than this one.
+    pub lighter: usize,
+}
+
+impl GroupTable {
+    /// A table of about `capacity` groups.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..INDEX_SHARDS).map(|_| Mutex::default()).collect(),
+            per_generation: (capacity / 2 / INDEX_SHARDS).max(1),
+            chosen_by: (0..GROUP_COUNT_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: u64) -> &Mutex<GroupShard> {
+        &self.shards[(key >> 58) as usize % INDEX_SHARDS]
+    }
+
+    fn chosen_by(&self, pod_id: u64) -> &Mutex<WeightsByPod> {
+        // Pod ids are hashes: their low bits are uniform.
+        &self.chosen_by[pod_id as usize % GROUP_COUNT_SHARDS]
+    }
+
+    /// The first choice of group `key`: the one recorded when the group was
+    /// first seen, or `first_choice` for a group seen now for the first time
+    /// (recorded). Keeps the group from ageing out while it is in use.
+    pub fn observe(&self, key: u64, first_choice: u64) -> u64 {
+        let mut shard = self.shard(key).lock();
+        if let Some(pod) = shard.current.get(&key) {
+            return *pod;
+        }
+        let (pod, new) = match shard.previous.remove(&key) {
+            Some(pod) => (pod, false),
+            None => (first_choice, true),
+        };
+        if shard.current.len() >= self.per_generation {
+            let current = std::mem::take(&mut shard.current);
+            let aged_out = std::mem::replace(&mut shard.previous, current);
+            for (key, pod) in aged_out {
+                self.forget(pod, rendezvous_weight(key, pod));
+            }
+        }
+        shard.current.insert(key, pod);
+        if new {
+            let weight = rendezvous_weight(key, pod);
+            let mut chosen_by = self.chosen_by(pod).lock();
+            let weights = chosen_by.entry(pod).or_default();
+            let at = weights.partition_point(|w| *w < weight);
+            weights.insert(at, weight);
+        }
+        pod
+    }
+
+    fn forget(&self, pod_id: u64, weight: u64) {
+        let mut chosen_by = self.chosen_by(pod_id).lock();
+        if let Some(weights) = chosen_by.get_mut(&pod_id) {
+            if let Ok(at) = weights.binary_search(&weight) {
+                weights.remove(at);
+            }
+            if weights.is_empty() {
+                chosen_by.remove(&pod_id);
+            }
+        }
+    }
+
+    /// Groups that chose `pod_id` first.
+    pub fn chosen_by_count(&self, pod_id: u64) -> usize {
+        self.chosen_by(pod_id)
+            .lock()
+            .get(&pod_id)
+            .map_or(0, Vec::len)
+    }
+
+    /// Where group `key` stands with `pod_id`, the pod it chose first.
+    pub fn standing(&self, key: u64, pod_id: u64) -> Standing {
+        let weight = rendezvous_weight(key, pod_id);
+        let chosen_by = self.chosen_by(pod_id).lock();
+        let weights = chosen_by.get(&pod_id).map_or(&[][..], Vec::as_slice);
+        Standing {
+            groups: weights.len(),
+            lighter: weights.partition_point(|w| *w < weight),
+        }
+    }
 }
 
 impl std::fmt::Debug for IdentityHasher {
@@ -238,6 +360,7 @@ impl PrefixIndex {
         Self {
             shards: (0..INDEX_SHARDS).map(|_| Mutex::default()).collect(),
             per_generation: (capacity / 2 / INDEX_SHARDS).max(1),
+            groups: GroupTable::new(capacity),
         }
     }
 
@@ -445,6 +568,42 @@ mod tests {
             })
             .sum();
         assert!(entries <= INDEX_SHARDS * 2 * 10, "{entries}");
+    }
+
+    #[test]
+    fn a_group_keeps_its_first_choice_and_counts_until_it_ages_out() {
+        let groups = GroupTable::new(INDEX_SHARDS * 2);
+        assert_eq!(groups.observe(7, 10), 10);
+        assert_eq!(groups.observe(7, 20), 10, "the first choice is kept");
+        assert_eq!(groups.observe(8 << 58, 10), 10);
+        assert_eq!(
+            (groups.chosen_by_count(10), groups.chosen_by_count(20)),
+            (2, 0)
+        );
+        let heavier = if rendezvous_weight(7, 10) > rendezvous_weight(8 << 58, 10) {
+            7
+        } else {
+            8 << 58
+        };
+        assert_eq!(
+            groups.standing(heavier, 10),
+            Standing {
+                groups: 2,
+                lighter: 1
+            }
+        );
+        // One entry per generation in key 7's shard: two newer groups there
+        // age it out (the first moves it to the older generation).
+        groups.observe(1, 20);
+        assert_eq!(groups.observe(7, 30), 10, "still in the older generation");
+        groups.observe(2, 20);
+        groups.observe(3, 20);
+        assert_eq!(groups.observe(7, 30), 30, "aged out: seen anew");
+        assert_eq!(
+            (groups.chosen_by_count(10), groups.chosen_by_count(20)),
+            (1, 1),
+            "groups 7 (first seen), 1 and 2 aged out"
+        );
     }
 
     #[test]

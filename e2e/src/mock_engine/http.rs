@@ -495,6 +495,10 @@ impl EngineState {
             lora_adapters: &adapters,
             load: &load,
             prefix_cache: prefix_cache.as_ref(),
+            kv_cache_blocks: match &self.config.mode {
+                EngineMode::Sim(sim) => Some((sim.kv_blocks, sim.block_size)),
+                EngineMode::Simple => None,
+            },
             stats: &stats,
             started_at_unix: unix_seconds_f64(self.started_at),
             now_unix: unix_seconds_f64(clock::wall_now()),

@@ -71,6 +71,9 @@ pub struct MetricsInput<'a> {
     /// Present when the backend models a prefix cache (sim mode); its families are left out
     /// otherwise.
     pub prefix_cache: Option<&'a PrefixCacheStats>,
+    /// The paged KV cache's (blocks, tokens per block), for vLLM's `vllm:cache_config_info`;
+    /// present when the backend models one (sim mode).
+    pub kv_cache_blocks: Option<(u32, u32)>,
     pub stats: &'a StatsSnapshot,
     /// Unix seconds at engine start: value of vLLM's `*_created` series.
     pub started_at_unix: f64,
@@ -111,6 +114,25 @@ fn render_vllm(page: &mut Exposition, input: &MetricsInput<'_>) {
         "KV-cache usage. 1 means 100 percent usage.",
     );
     page.sample("vllm:kv_cache_usage_perc", &labels, load.kv_cache_usage());
+    if let Some((blocks, block_size)) = input.kv_cache_blocks {
+        // The real family has some thirty labels; these are the ones routers read.
+        let (blocks, block_size) = (blocks.to_string(), block_size.to_string());
+        page.family(
+            "vllm:cache_config_info",
+            "gauge",
+            "Information of the LLMEngine CacheConfig",
+        );
+        page.sample(
+            "vllm:cache_config_info",
+            &[
+                ("block_size", &block_size),
+                ("enable_prefix_caching", "True"),
+                ("engine", VLLM_ENGINE_INDEX),
+                ("num_gpu_blocks", &blocks),
+            ],
+            1.0,
+        );
+    }
     if let Some(cache) = input.prefix_cache {
         let counters = [
             (
@@ -572,6 +594,7 @@ mod tests {
             lora_adapters: &adapters,
             load: &load,
             prefix_cache: None,
+            kv_cache_blocks: None,
             stats: &stats,
             started_at_unix: 1_795_266_405.0,
             now_unix: 1_795_266_410.5,
@@ -616,6 +639,7 @@ mod tests {
             lora_adapters: &[],
             load: &EngineLoad::default(),
             prefix_cache: None,
+            kv_cache_blocks: None,
             stats: &stats,
             started_at_unix: 0.0,
             now_unix: 0.0,
@@ -641,12 +665,15 @@ mod tests {
                     lora_adapters: &[],
                     load: &EngineLoad::default(),
                     prefix_cache,
+                    // The simulator's cache comes with its prefix-cache stats.
+                    kv_cache_blocks: prefix_cache.map(|_| (128, 32)),
                     stats: &stats,
                     started_at_unix: 1_795_266_405.0,
                     now_unix: 0.0,
                 })
             };
             let without = render_with(None);
+            assert!(!without.contains("cache_config_info"));
             assert!(!without.contains("prefix_cache"));
             assert!(!without.contains("cache_hit_rate"));
             assert!(!without.contains("cached_tokens"));
@@ -658,6 +685,7 @@ mod tests {
                     "vllm:prefix_cache_queries_created{engine=\"0\",model_name=\"base\"} 1.795266405e+09",
                     "vllm:prefix_cache_hits_total{engine=\"0\",model_name=\"base\"} 2624.0",
                     "vllm:num_preemptions_total{engine=\"0\",model_name=\"base\"} 1.0",
+                    "vllm:cache_config_info{block_size=\"32\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"128\"} 1.0",
                 ],
                 EngineFlavor::Sglang => &[
                     "# TYPE sglang:cache_hit_rate gauge",
@@ -692,6 +720,7 @@ mod tests {
             lora_adapters: &[],
             load: &load,
             prefix_cache: None,
+            kv_cache_blocks: None,
             stats: &stats,
             started_at_unix: 0.0,
             now_unix: 0.0,

@@ -386,6 +386,7 @@ mod tests {
             tpot_seconds: 0.045,
             models: vec!["llama2-7b".into(), "lora-adapter-1".into()],
             observed_at_unix_ms: 1,
+            ..Default::default()
         };
         let mut config = config();
         let endpoint = &mut config.servers[0].endpoints[0];

@@ -1,11 +1,21 @@
-//! `least-latency`: pods with low TTFT and TPOT. Each metric is min-max
-//! normalised over the pods that have data (100 = fastest); the final score
-//! is `alpha x TTFT score + (1 - alpha) x TPOT score`. Pods without data (or
-//! with stale data) do not move the min / max and get, per metric, the mean
-//! score of the pods that have data (50 when none has). The Kthena router gives
-//! them a flat 50, which makes the only pod that served traffic in the last
-//! scrape interval (score 100) win every request, and so keep being the only
-//! one with data; the mean keeps such pods level instead.
+//! `least-latency`: pods with low TTFT and TPOT. Each metric scores a pod by
+//! how much slower it is than the fastest pod with data: within
+//! [`DEAD_BAND`] of it 100, [`ZERO_SCORE_RATIO`] times its latency or more 0,
+//! linear in between. The final score is `alpha x TTFT score + (1 - alpha) x
+//! TPOT score`.
+//!
+//! The Kthena router min-max normalises each metric over the pods (100 for the
+//! fastest, 0 for the slowest), which turns any difference into the full
+//! range: with two pods a 3% difference in one scrape interval's mean is
+//! 100 vs 0, enough to override a prefix-cache hit worth a whole prefill.
+//! Here a pod must be measurably slower to lose points, and only twice as
+//! slow loses them all.
+//!
+//! Pods without data (or with stale data) get, per metric, the mean score of
+//! the pods that have data (50 when none has). The Kthena router gives them a
+//! flat 50, which makes the only pod that served traffic in the last scrape
+//! interval (score 100) win every request, and so keep being the only one with
+//! data; the mean keeps such pods level instead.
 
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
@@ -40,48 +50,52 @@ impl ScorePlugin for LeastLatency {
 /// Score for a metric no pod has data for.
 const NO_DATA_SCORE: f64 = 50.0;
 
+/// Latency up to this fraction above the fastest pod's scores as the fastest:
+/// a scrape interval's mean moves by several per cent with batching alone.
+pub const DEAD_BAND: f64 = 0.1;
+
+/// A pod with this multiple of the fastest pod's latency (or more) scores 0.
+pub const ZERO_SCORE_RATIO: f64 = 2.0;
+
+/// The score of `value` when the fastest pod has `fastest` (both > 0).
+fn relative_score(value: f64, fastest: f64) -> f64 {
+    let excess = value / fastest - 1.0;
+    let span = ZERO_SCORE_RATIO - 1.0 - DEAD_BAND;
+    f64::from(MAX_SCORE) * ((ZERO_SCORE_RATIO - 1.0 - excess) / span).clamp(0.0, 1.0)
+}
+
 pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
     let ttft = |c: &Candidate| c.load.as_ref().map(|l| l.ttft_seconds).filter(|v| *v > 0.0);
     let tpot = |c: &Candidate| c.load.as_ref().map(|l| l.tpot_seconds).filter(|v| *v > 0.0);
-    let range = |metric: &dyn Fn(&Candidate) -> Option<f64>| {
-        candidates
-            .iter()
-            .filter_map(metric)
-            .fold(None, |acc: Option<(f64, f64)>, v| {
-                Some(acc.map_or((v, v), |(lo, hi)| (lo.min(v), hi.max(v))))
-            })
+    let fastest = |metric: &dyn Fn(&Candidate) -> Option<f64>| {
+        candidates.iter().filter_map(metric).reduce(f64::min)
     };
-    let (ttft_range, tpot_range) = (range(&ttft), range(&tpot));
-    let normalised = |value: f64, (lo, hi): (f64, f64)| {
-        if hi > lo {
-            f64::from(MAX_SCORE) * (hi - value) / (hi - lo)
-        } else {
-            f64::from(MAX_SCORE)
-        }
-    };
+    let (fastest_ttft, fastest_tpot) = (fastest(&ttft), fastest(&tpot));
     // Per metric: the mean score of the pods with data, for the pods without.
-    let neutral = |metric: &dyn Fn(&Candidate) -> Option<f64>, range: Option<(f64, f64)>| {
-        let Some(range) = range else {
+    let neutral = |metric: &dyn Fn(&Candidate) -> Option<f64>, fastest: Option<f64>| {
+        let Some(fastest) = fastest else {
             return NO_DATA_SCORE;
         };
         let (sum, count) = candidates
             .iter()
             .filter_map(metric)
-            .fold((0.0, 0.0), |(s, n), v| (s + normalised(v, range), n + 1.0));
+            .fold((0.0, 0.0), |(s, n), v| {
+                (s + relative_score(v, fastest), n + 1.0)
+            });
         if count > 0.0 {
             sum / count
         } else {
             NO_DATA_SCORE
         }
     };
-    let (ttft_neutral, tpot_neutral) = (neutral(&ttft, ttft_range), neutral(&tpot, tpot_range));
+    let (ttft_neutral, tpot_neutral) = (neutral(&ttft, fastest_ttft), neutral(&tpot, fastest_tpot));
     for (slot, candidate) in out.iter_mut().zip(candidates) {
-        let ttft_score = match (ttft(candidate), ttft_range) {
-            (Some(v), Some(range)) => normalised(v, range),
+        let ttft_score = match (ttft(candidate), fastest_ttft) {
+            (Some(v), Some(fastest)) => relative_score(v, fastest),
             _ => ttft_neutral,
         };
-        let tpot_score = match (tpot(candidate), tpot_range) {
-            (Some(v), Some(range)) => normalised(v, range),
+        let tpot_score = match (tpot(candidate), fastest_tpot) {
+            (Some(v), Some(fastest)) => relative_score(v, fastest),
             _ => tpot_neutral,
         };
         let s = ttft_weight * ttft_score + (1.0 - ttft_weight) * tpot_score;
@@ -103,6 +117,12 @@ mod tests {
         })
     }
 
+    fn scores(pods: &[Candidate], ttft_weight: f64) -> Vec<u32> {
+        let mut out = vec![0; pods.len()];
+        score(pods, ttft_weight, &mut out);
+        out
+    }
+
     #[test]
     fn fast_pods_win_and_no_data_is_neutral() {
         let pods = [
@@ -111,23 +131,40 @@ mod tests {
             candidate(2, 0, latency(0.3, 0.0)),
             candidate(3, 0, None),
         ];
-        let mut out = [0; 4];
-        score(&pods, 0.5, &mut out);
+        let out = scores(&pods, 0.5);
         assert_eq!(out[0], 100);
-        assert_eq!(out[1], 0);
-        assert_eq!(out[2], 50, "TTFT halfway (50), TPOT unknown (50)");
-        assert_eq!(out[3], 50);
-        score(&pods, 1.0, &mut out);
-        assert_eq!(out[2], 50);
-        score(&pods, 0.0, &mut out);
-        assert_eq!((out[0], out[1]), (100, 0));
+        assert_eq!(out[1], 0, "5x slower on both");
+        assert_eq!(
+            out[2], 25,
+            "TTFT 3x the fastest (0), TPOT unknown (the mean, 50)"
+        );
+        assert_eq!(out[3], 42, "the mean of both: TTFT 33, TPOT 50");
+        assert_eq!(scores(&pods, 0.0)[..2], [100, 0]);
+    }
+
+    #[test]
+    fn a_few_per_cent_is_no_difference_and_twice_as_slow_is_all_of_it() {
+        let pods = [
+            candidate(0, 0, latency(0.100, 0.010)),
+            candidate(1, 0, latency(0.104, 0.0108)),
+        ];
+        assert_eq!(scores(&pods, 0.5), [100, 100], "4% and 8% slower");
+        let pods = [
+            candidate(0, 0, latency(0.100, 0.010)),
+            candidate(1, 0, latency(0.150, 0.010)),
+            candidate(2, 0, latency(0.200, 0.010)),
+        ];
+        assert_eq!(
+            scores(&pods, 1.0),
+            [100, 56, 0],
+            "50% slower: 40 points past the dead band out of 90"
+        );
     }
 
     #[test]
     fn the_only_pod_with_data_does_not_win_by_default() {
         let pods = [candidate(0, 0, latency(0.2, 0.02)), candidate(1, 0, None)];
-        let mut out = [0; 2];
-        score(&pods, 0.5, &mut out);
+        let out = scores(&pods, 0.5);
         assert_eq!(out[0], out[1], "{out:?}");
     }
 }

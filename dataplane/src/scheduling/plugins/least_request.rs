@@ -68,10 +68,20 @@ pub fn filter(candidates: &mut Vec<Candidate>, max_waiting: u32) {
     }
 }
 
+/// Requests at which a pod scores 0 when no pod is busier. Scores are relative
+/// to the busiest pod, as in the Kthena router, but never to fewer requests than
+/// this: there, two pods with 1 and 0 requests score 0 and 100, so a single
+/// request of difference outweighs a prefix-cache hit. Engines batch at least
+/// this many sequences (8 is the smallest `--max-num-seqs` in this project's
+/// real-engine setups; the engines' defaults are far larger), so here one
+/// request costs 12 points.
+pub const MIN_FULL_SCALE: f64 = 8.0;
+
 /// The pod's load: the larger of this dataplane's in-flight count (current,
 /// but only its own) and the engine's running + waiting (everyone's, but a
 /// scrape old), plus the waiting queue again, because a queue means the pod is
-/// already full. score = (max - load) / max x 100; all idle = 100.
+/// already full. score = (scale - load) / scale x 100, where scale is the
+/// busiest pod's load but at least [`MIN_FULL_SCALE`]; all idle = 100.
 pub fn score(candidates: &[Candidate], out: &mut [u32]) {
     let load_of = |c: &Candidate| {
         let (engine, waiting) = c.load.as_ref().map_or((0.0, 0.0), |load| {
@@ -80,13 +90,12 @@ pub fn score(candidates: &[Candidate], out: &mut [u32]) {
         });
         (c.in_flight as f64).max(engine) + waiting
     };
-    let max = candidates.iter().map(load_of).fold(0.0, f64::max);
+    let scale = candidates
+        .iter()
+        .map(load_of)
+        .fold(MIN_FULL_SCALE, f64::max);
     for (slot, candidate) in out.iter_mut().zip(candidates) {
-        *slot = if max <= 0.0 {
-            MAX_SCORE
-        } else {
-            ((max - load_of(candidate)) / max * f64::from(MAX_SCORE)).round() as u32
-        };
+        *slot = ((scale - load_of(candidate)) / scale * f64::from(MAX_SCORE)).round() as u32;
     }
 }
 
@@ -125,5 +134,16 @@ mod tests {
         let mut out = [0; 2];
         score(&idle, &mut out);
         assert_eq!(out, [100, 100]);
+    }
+
+    #[test]
+    fn one_request_of_difference_costs_little() {
+        let pods = [candidate(0, 1, None), candidate(1, 0, None)];
+        let mut out = [0; 2];
+        score(&pods, &mut out);
+        assert_eq!(out, [88, 100], "not 0 and 100");
+        let pods = [candidate(0, 3, None), candidate(1, 0, None)];
+        score(&pods, &mut out);
+        assert_eq!(out, [63, 100]);
     }
 }

@@ -159,6 +159,8 @@ pub struct PluginScratch {
     pub loads: Vec<f64>,
     pub eligible: Vec<bool>,
     pub matched: Vec<usize>,
+    /// Per candidate, filled by the plugin that needs it.
+    pub counts: Vec<usize>,
 }
 
 impl PluginScratch {

@@ -1,28 +1,43 @@
 //! `prefix-cache`: the pod most likely to have the prompt's prefix in its KV
-//! cache, consistently across dataplane replicas.
+//! cache, the same on every dataplane replica, until that pod is saturated.
 //!
-//! Two sources, the higher wins per pod:
-//! - the local index of where this dataplane sent each prefix block:
-//!   `matched blocks / prompt blocks x 100`, as in the Kthena router;
-//! - rendezvous hashing of the leading `affinity_blocks` blocks: the pod with
-//!   the highest weight among those within the load bound scores 100. Every
-//!   replica computes the same pod for a prefix it has never seen, so replicas
-//!   build their caches on the same pods instead of scattering them.
+//! A prompt's group is named by the hash of its leading `affinity_blocks`
+//! blocks (a system prompt, the start of a conversation). Its *home* is the
+//! candidate with the highest rendezvous weight for that name, so every
+//! replica computes the same pod for a group it has never seen and replicas
+//! build their caches on the same pods instead of scattering them. Hashing a
+//! handful of groups over a few pods is lumpy (16 groups on two pods split
+//! 10/6 or worse almost half the time), so a pod chosen first by more than
+//! `loadBoundFactor` x the mean number of groups keeps those that weigh the
+//! most for it, and the others live at their next choice: which ones depends
+//! on the groups seen, not on their order, so replicas agree on that too.
 //!
-//! Pods over the load bound (`factor` x the mean) score 0, even when they hold
-//! the prefix: requests for a hot prefix spill to the next pod in rendezvous
-//! order (again the same on every replica) instead of piling onto a saturated
-//! pod and turning cache hits into queueing.
+//! A group goes home until its home is saturated by its engine's own signals
+//! ([`saturation`]: a backlog of waiting requests, or a KV cache too full for
+//! one more request of this size), not merely because a few of its requests
+//! are in flight at once. Then it spills to a pod with room that this dataplane
+//! already sent the group to (it holds the prefix; the longest match wins),
+//! else to the next pod in the group's rendezvous order (the same on every
+//! replica). The home stays the home: once it has room the group goes back,
+//! instead of both pods scoring alike for ever and unrelated scorers
+//! splitting the group between them.
+//!
+//! Scores: the pod chosen for the group 100; any other pod with room the
+//! share of the prompt's blocks this dataplane last sent it (its local index),
+//! scaled to [`HOLDER_SCORE`]; saturated pods 0. A pod without fresh engine
+//! load is judged by this dataplane's in-flight requests: saturated above
+//! `loadBoundFactor` x the mean (never below 2), the only signal left.
 
 use std::sync::Arc;
 
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
-use super::super::prefix::{PrefixIndex, bounded_rendezvous};
+use super::super::prefix::{PrefixIndex, rendezvous_weight};
+use super::super::saturation::{self, is_saturated};
 use super::{
-    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, PromptHashing, ScorePlugin,
-    with_scratch,
+    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, PluginScratch, PromptHashing,
+    ScorePlugin, with_scratch,
 };
 
 pub const IMPLEMENTATION: Implementation = Implementation {
@@ -30,6 +45,14 @@ pub const IMPLEMENTATION: Implementation = Implementation {
     filter: None,
     score: Some(build_scorer),
 };
+
+/// Highest score of a pod that holds part of the prompt but is not the one
+/// chosen for its group: half, so that it ranks above pods holding nothing
+/// when other scorers override the choice, and two such pods never tie with
+/// the chosen one (the issue with scoring every holder by match length: after
+/// one spill both pods hold the prefix, both score about 100, and least-request
+/// or least-latency then split the group between them).
+pub const HOLDER_SCORE: u32 = MAX_SCORE / 2;
 
 fn build_scorer(context: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
     let args: pb::PrefixCacheArgs = scheduler::plugin_args(context.config);
@@ -57,14 +80,7 @@ struct PrefixCache {
 
 impl ScorePlugin for PrefixCache {
     fn score(&self, candidates: &[Candidate], request: &PluginInput<'_>, out: &mut [u32]) {
-        score(
-            candidates,
-            request.prompt_hashes,
-            &self.index,
-            self.affinity_blocks,
-            self.load_bound_factor,
-            out,
-        );
+        self.score_prompt(candidates, request.prompt_hashes, out);
     }
 
     fn prompt_hashing(&self) -> Option<PromptHashing> {
@@ -79,38 +95,89 @@ impl ScorePlugin for PrefixCache {
     }
 }
 
-pub fn score(
-    candidates: &[Candidate],
-    hashes: &[u64],
-    index: &PrefixIndex,
-    affinity_blocks: usize,
-    factor: f64,
-    out: &mut [u32],
-) {
-    out.fill(0);
-    if hashes.is_empty() || candidates.is_empty() {
-        return;
+impl PrefixCache {
+    /// The name of the prompt's group: the hash of its first `affinity_blocks`
+    /// blocks (or of the whole prompt, if shorter).
+    fn group_key(&self, hashes: &[u64]) -> Option<u64> {
+        let last = hashes.len().min(self.affinity_blocks).checked_sub(1)?;
+        hashes.get(last).copied()
     }
-    with_scratch(|scratch| {
-        scratch.fill(candidates);
+
+    fn score_prompt(&self, candidates: &[Candidate], hashes: &[u64], out: &mut [u32]) {
+        out.fill(0);
+        let Some(key) = self.group_key(hashes) else {
+            return;
+        };
         let total = hashes.len();
-        index.matches(hashes, &scratch.ids, &mut scratch.matched);
-        let key = hashes[affinity_blocks.clamp(1, total) - 1];
-        let chosen =
-            bounded_rendezvous(key, &scratch.ids, &scratch.loads, &scratch.eligible, factor);
-        let bound = load_bound(&scratch.loads, &scratch.eligible, factor);
-        for (index, slot) in out.iter_mut().enumerate() {
-            if !scratch.eligible[index] || scratch.loads[index] + 1.0 > bound {
-                continue;
+        let key_block = self.affinity_blocks.clamp(1, total) - 1;
+        let request_tokens = saturation::request_tokens(total, self.hashing.block_size);
+        with_scratch(|scratch| {
+            scratch.fill(candidates);
+            self.index
+                .matches(hashes, &scratch.ids, &mut scratch.matched);
+            let home = self.home(key, scratch);
+            let bound = load_bound(&scratch.loads, &scratch.eligible, self.load_bound_factor);
+            // From here on `eligible` means "has room".
+            for (i, candidate) in candidates.iter().enumerate() {
+                let saturated = is_saturated(candidate.load.as_deref(), request_tokens)
+                    .unwrap_or(scratch.loads[i] + 1.0 > bound);
+                scratch.eligible[i] &= !saturated;
             }
-            let matched = (scratch.matched[index] * MAX_SCORE as usize / total) as u32;
-            let preferred = if chosen == Some(index) { MAX_SCORE } else { 0 };
-            *slot = matched.max(preferred);
+            let room = &scratch.eligible;
+            let matched = &scratch.matched;
+            let chosen = (0..candidates.len()).filter(|&i| room[i]).max_by_key(|&i| {
+                (
+                    Some(i) == home,
+                    matched[i] > key_block,
+                    matched[i],
+                    rendezvous_weight(key, scratch.ids[i]),
+                )
+            });
+            for (i, slot) in out.iter_mut().enumerate() {
+                if !room[i] {
+                    continue;
+                }
+                *slot = if Some(i) == chosen {
+                    MAX_SCORE
+                } else {
+                    (matched[i] * HOLDER_SCORE as usize / total) as u32
+                };
+            }
+        });
+    }
+
+    /// The group's home: the pod it chose first (the highest rendezvous
+    /// weight for it when this dataplane first saw it), unless more than
+    /// `loadBoundFactor` x the mean number of groups per candidate chose that
+    /// pod and this group is among the lightest of them for it: then its next
+    /// choice. Which groups move depends only on the groups seen, not on the
+    /// order they came in, so dataplanes that have seen the same groups agree
+    /// (bounded loads after Mirrokni et al., over groups).
+    fn home(&self, key: u64, scratch: &PluginScratch) -> Option<usize> {
+        let PluginScratch { ids, eligible, .. } = scratch;
+        let choices = || (0..ids.len()).filter(|&i| eligible[i]);
+        let weight = |i: usize| rendezvous_weight(key, ids[i]);
+        let current = choices().max_by_key(|&i| weight(i))?;
+        let recorded = self.index.groups.observe(key, ids[current]);
+        let first = choices().find(|&i| ids[i] == recorded).unwrap_or(current);
+        let (groups, pods) = choices().fold((0, 0), |(groups, pods), i| {
+            (groups + self.index.groups.chosen_by_count(ids[i]), pods + 1)
+        });
+        let share = (self.load_bound_factor * groups as f64 / pods as f64).ceil() as usize;
+        let standing = self.index.groups.standing(key, ids[first]);
+        if standing.lighter >= standing.groups.saturating_sub(share) {
+            return Some(first);
         }
-    });
+        choices()
+            .filter(|&i| i != first)
+            .max_by_key(|&i| weight(i))
+            .or(Some(first))
+    }
 }
 
-/// The bounded-load threshold of [`bounded_rendezvous`].
+/// The in-flight bound of pods without fresh engine load: `factor` x the mean
+/// load of the eligible pods, counting this request, never below
+/// [`BOUNDED_LOAD_FLOOR`](super::super::prefix::BOUNDED_LOAD_FLOOR).
 pub fn load_bound(loads: &[f64], eligible: &[bool], factor: f64) -> f64 {
     let count = eligible.iter().filter(|e| **e).count().max(1);
     let total: f64 = loads
@@ -131,6 +198,50 @@ mod tests {
     use super::super::super::prefix::SharedPrefixIndex;
     use super::super::testing::{candidate, input};
     use super::*;
+
+    /// A scorer with its own index (one dataplane), 64-byte blocks, the
+    /// group named by its first `affinity_blocks` blocks.
+    fn scorer(affinity_blocks: usize) -> PrefixCache {
+        PrefixCache {
+            index: Arc::new(PrefixIndex::new(1000)),
+            hashing: PromptHashing {
+                block_size: 64,
+                max_blocks: 128,
+            },
+            affinity_blocks,
+            load_bound_factor: scheduler::prefix_cache::DEFAULT_LOAD_BOUND_FACTOR,
+        }
+    }
+
+    fn scores(scorer: &PrefixCache, pods: &[Candidate], hashes: &[u64]) -> Vec<u32> {
+        let mut out = vec![0; pods.len()];
+        scorer.score_prompt(pods, hashes, &mut out);
+        out
+    }
+
+    /// The one pod scoring 100.
+    fn chosen(scores: &[u32]) -> usize {
+        assert_eq!(
+            scores.iter().filter(|s| **s == MAX_SCORE).count(),
+            1,
+            "{scores:?}"
+        );
+        scores
+            .iter()
+            .position(|s| *s == MAX_SCORE)
+            .unwrap_or_default()
+    }
+
+    /// An engine with a 4096-token cache, `usage` of it in use, `waiting` queued.
+    fn engine(waiting: f64, usage: f64) -> Option<pb::EndpointLoad> {
+        Some(pb::EndpointLoad {
+            requests_waiting: waiting,
+            kv_cache_usage: usage,
+            kv_cache_capacity_tokens: 4096,
+            observed_at_unix_ms: 1,
+            ..Default::default()
+        })
+    }
 
     #[test]
     fn built_from_its_arguments_with_an_index_that_outlives_the_snapshot() {
@@ -160,60 +271,177 @@ mod tests {
         let hashes = [5, 6, 7, 8];
         let mut out = [0; 4];
         plugin.score(&pods, &input(&headers, &hashes), &mut out);
-        let preferred = out.iter().position(|s| *s == 100).expect("one preferred");
-        let other = (preferred + 1) % 4;
+        let home = chosen(&out);
+        let other = (home + 1) % 4;
         assert_eq!(out[other], 0);
         plugin.on_dispatched(pods[other].pod_id, &hashes);
         let next_snapshot = build_scorer(&context).expect("valid");
         next_snapshot.score(&pods, &input(&headers, &hashes), &mut out);
-        assert_eq!(out[other], 100, "the whole prompt matched where it went");
+        assert_eq!(
+            out[other], HOLDER_SCORE,
+            "it holds the whole prompt, remembered across snapshots, but is not the home"
+        );
+        assert_eq!(out[home], MAX_SCORE);
     }
 
     #[test]
     fn unseen_prefix_goes_to_one_deterministic_pod() {
-        let index = PrefixIndex::new(1000);
         let pods: Vec<_> = (0..4).map(|i| candidate(i, 0, None)).collect();
         let hashes = [5, 6, 7];
-        let mut out = [0; 4];
-        score(&pods, &hashes, &index, 16, 1.25, &mut out);
-        assert_eq!(out.iter().filter(|s| **s == 100).count(), 1, "{out:?}");
-        assert_eq!(out.iter().filter(|s| **s == 0).count(), 3, "{out:?}");
-        let mut again = [0; 4];
-        score(&pods, &hashes, &index, 16, 1.25, &mut again);
-        assert_eq!(out, again);
+        let first = scores(&scorer(16), &pods, &hashes);
+        chosen(&first);
+        assert_eq!(first.iter().filter(|s| **s == 0).count(), 3, "{first:?}");
+        assert_eq!(
+            first,
+            scores(&scorer(16), &pods, &hashes),
+            "another dataplane, with an index of its own, agrees"
+        );
     }
 
     #[test]
-    fn indexed_prefix_scores_by_match_length() {
-        let index = PrefixIndex::new(1000);
+    fn holders_other_than_the_chosen_pod_score_by_match_length_up_to_half() {
+        let scorer = scorer(1);
         let pods: Vec<_> = (0..4).map(|i| candidate(i, 0, None)).collect();
         let hashes = [5, 6, 7, 8];
-        let mut out = [0; 4];
-        score(&pods, &hashes, &index, 1, 1.25, &mut out);
-        let preferred = out.iter().position(|s| *s == 100).expect("one preferred");
-        let other = (preferred + 1) % 4;
-        index.record(&hashes[..2], pods[other].pod_id);
-        score(&pods, &hashes, &index, 1, 1.25, &mut out);
-        assert_eq!(out[other], 50);
-        assert_eq!(out[preferred], 100);
+        let home = chosen(&scores(&scorer, &pods, &hashes));
+        let other = (home + 1) % 4;
+        scorer.index.record(&hashes[..2], pods[other].pod_id);
+        let out = scores(&scorer, &pods, &hashes);
+        assert_eq!(out[other], HOLDER_SCORE / 2, "half the prompt: {out:?}");
+        assert_eq!(out[home], MAX_SCORE);
     }
 
     #[test]
-    fn saturated_pod_scores_zero_even_with_the_prefix() {
-        let index = PrefixIndex::new(1000);
-        let mut pods: Vec<_> = (0..4).map(|i| candidate(i, 1, None)).collect();
+    fn a_group_stays_home_until_the_engine_is_saturated_and_then_comes_back() {
+        let scorer = scorer(2);
         let hashes = [5, 6, 7, 8];
-        let mut out = [0; 4];
-        score(&pods, &hashes, &index, 16, 1.25, &mut out);
-        let preferred = out.iter().position(|s| *s == 100).expect("one preferred");
-        index.record(&hashes, pods[preferred].pod_id);
-        pods[preferred].in_flight = 10;
-        score(&pods, &hashes, &index, 16, 1.25, &mut out);
-        assert_eq!(out[preferred], 0, "{out:?}");
+        let idle: Vec<_> = (0..2).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
+        let home = chosen(&scores(&scorer, &idle, &hashes));
+        let away = 1 - home;
+        scorer.on_dispatched(idle[home].pod_id, &hashes);
+
+        // Four requests of the group in flight at home, none elsewhere: the
+        // engine has room, so the group stays (the old in-flight bound spilled
+        // the third).
+        let mut pods = idle.clone();
+        pods[home].in_flight = 4;
+        pods[home].load = engine(0.0, 0.3).map(Arc::new);
+        assert_eq!(chosen(&scores(&scorer, &pods, &hashes)), home);
+
+        // The engine queues: the group spills, and the pod it spills to learns it.
+        pods[home].load = engine(2.0, 0.6).map(Arc::new);
+        let out = scores(&scorer, &pods, &hashes);
+        assert_eq!((out[home], out[away]), (0, MAX_SCORE));
+        scorer.on_dispatched(pods[away].pod_id, &hashes);
+
+        // The queue drained: back home, although the other pod now holds the
+        // prefix too and was sent it last.
+        pods[home].load = engine(0.0, 0.3).map(Arc::new);
+        let out = scores(&scorer, &pods, &hashes);
+        assert_eq!((out[home], out[away]), (MAX_SCORE, HOLDER_SCORE));
+    }
+
+    #[test]
+    fn a_full_kv_cache_saturates_before_the_engine_queues() {
+        let scorer = scorer(16);
+        // 18 blocks of 64 bytes: a request of about 288 tokens.
+        let hashes: Vec<u64> = (100..118).collect();
+        let mut pods: Vec<_> = (0..2).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
+        let home = chosen(&scores(&scorer, &pods, &hashes));
+        pods[home].load = engine(0.0, 0.95).map(Arc::new);
+        assert_eq!(scores(&scorer, &pods, &hashes)[home], 0, "205 tokens free");
+        pods[home].load = engine(0.0, 0.1).map(Arc::new);
+        pods[home].in_flight = 14;
         assert_eq!(
-            out.iter().filter(|s| **s == 100).count(),
-            1,
-            "the spill has one target: {out:?}"
+            scores(&scorer, &pods, &hashes)[home],
+            MAX_SCORE,
+            "requests in flight share the prefix: the engine's usage says there is room"
         );
+    }
+
+    #[test]
+    fn a_spill_goes_to_a_pod_holding_the_group_else_the_next_in_rendezvous_order() {
+        let scorer = scorer(2);
+        let hashes = [5, 6, 7, 8];
+        let mut pods: Vec<_> = (0..4).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
+        let home = chosen(&scores(&scorer, &pods, &hashes));
+        pods[home].load = engine(1.0, 0.5).map(Arc::new);
+        let next = chosen(&scores(&scorer, &pods, &hashes));
+        assert_ne!(next, home);
+        assert_eq!(
+            next,
+            chosen(&scores(&self::scorer(2), &pods, &hashes)),
+            "every dataplane spills to the same pod"
+        );
+        let holder = (0..4)
+            .find(|i| *i != home && *i != next)
+            .unwrap_or_default();
+        scorer.index.record(&hashes[..2], pods[holder].pod_id);
+        assert_eq!(
+            chosen(&scores(&scorer, &pods, &hashes)),
+            holder,
+            "a pod that already holds the group's blocks beats one that would start cold"
+        );
+    }
+
+    #[test]
+    fn groups_hashing_piles_on_one_pod_spread_the_same_way_on_every_dataplane() {
+        let pods: Vec<_> = (0..2).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
+        // Eight groups that all weigh more for pod 0.
+        let mut keys: Vec<u64> = (1..)
+            .filter(|key| {
+                rendezvous_weight(*key, pods[0].pod_id) > rendezvous_weight(*key, pods[1].pod_id)
+            })
+            .take(8)
+            .collect();
+        let homes = |scorer: &PrefixCache, keys: &[u64]| -> Vec<(u64, usize)> {
+            for key in keys {
+                scores(scorer, &pods, &[*key]);
+            }
+            let mut homes: Vec<_> = keys
+                .iter()
+                .map(|key| (*key, chosen(&scores(scorer, &pods, &[*key]))))
+                .collect();
+            homes.sort();
+            homes
+        };
+        let one = homes(&scorer(1), &keys);
+        let on_0: Vec<u64> = one
+            .iter()
+            .filter(|(_, pod)| *pod == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(on_0.len(), 5, "1.1 x the mean of 4, rounded up: {one:?}");
+        let lightest_kept = on_0
+            .iter()
+            .map(|key| rendezvous_weight(*key, pods[0].pod_id))
+            .min();
+        for (key, pod) in &one {
+            if *pod == 1 {
+                assert!(
+                    Some(rendezvous_weight(*key, pods[0].pod_id)) < lightest_kept,
+                    "pod 0 keeps the groups that weigh the most for it"
+                );
+            }
+        }
+        keys.reverse();
+        assert_eq!(
+            homes(&scorer(1), &keys),
+            one,
+            "another dataplane that saw the groups in another order agrees"
+        );
+    }
+
+    #[test]
+    fn without_engine_load_the_in_flight_bound_still_spills_a_hot_prefix() {
+        let scorer = scorer(16);
+        let hashes = [5, 6, 7, 8];
+        let mut pods: Vec<_> = (0..4).map(|i| candidate(i, 1, None)).collect();
+        let home = chosen(&scores(&scorer, &pods, &hashes));
+        scorer.on_dispatched(pods[home].pod_id, &hashes);
+        pods[home].in_flight = 10;
+        let out = scores(&scorer, &pods, &hashes);
+        assert_eq!(out[home], 0, "{out:?}");
+        chosen(&out);
     }
 }

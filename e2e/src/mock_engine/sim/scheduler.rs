@@ -111,6 +111,9 @@ pub struct Scheduler {
     next_id: SequenceId,
     jitter: StdRng,
     counters: Counters,
+    /// Sequences the latest scheduling pass left waiting: what the engine
+    /// reports as waiting (see [`Scheduler::load`]).
+    left_waiting: usize,
 }
 
 impl Scheduler {
@@ -123,6 +126,7 @@ impl Scheduler {
             running: Vec::new(),
             next_id: 0,
             counters: Counters::default(),
+            left_waiting: 0,
         }
     }
 
@@ -177,6 +181,7 @@ impl Scheduler {
     pub fn begin_step(&mut self) -> Option<Duration> {
         let preempted = self.reserve_decode_slots();
         let prefill_tokens = if preempted { 0 } else { self.admit_waiting() };
+        self.left_waiting = self.waiting.len();
         if self.running.is_empty() {
             return None;
         }
@@ -352,11 +357,15 @@ impl Scheduler {
         Duration::try_from_secs_f64(millis / 1000.0).map_or(MAX_STEP, |step| step.min(MAX_STEP))
     }
 
+    /// What the engine reports. As in vLLM, whose gauges are set after each
+    /// scheduling pass, `waiting` counts the sequences the latest pass could
+    /// not admit (the batch or the cache was full), not one that arrived
+    /// during the current step and will be admitted at the next.
     pub fn load(&self) -> EngineLoad {
         let block_size = self.block_size();
         EngineLoad {
             running: self.running.len() as u64,
-            waiting: self.waiting.len() as u64,
+            waiting: self.left_waiting.min(self.waiting.len()) as u64,
             kv_cache_used_tokens: self.pool.in_use() as u64 * block_size,
             kv_cache_capacity_tokens: self.pool.total() as u64 * block_size,
             running_models: models(&self.running),
@@ -521,11 +530,18 @@ mod tests {
         assert!(scheduler.begin_step().is_some());
         let load = scheduler.load();
         assert_eq!((load.running, load.waiting), (2, 1));
+        let _late = submit(&mut scheduler, &prompt(900, 2), 2);
+        assert_eq!(
+            scheduler.load().waiting,
+            1,
+            "a sequence arriving during a step is not waiting before the next pass"
+        );
+        assert_eq!(scheduler.state().waiting, 2, "the queue itself holds it");
         scheduler.finish_step();
         step(&mut scheduler);
         assert_eq!(clients[0].received(), 2);
         assert_eq!(clients[2].received(), 0);
-        // The first two finished; the third is admitted now.
+        // The first two finished; the third and the late one are admitted now.
         step(&mut scheduler);
         assert_eq!(clients[2].received(), 1);
         assert_eq!(scheduler.load().waiting, 0);

@@ -178,9 +178,9 @@ pub const MAX_TOP_N: u32 = 16;
 /// Engine loads are scraped every second; five missed scrapes mean the
 /// controller or the pod is in trouble and the numbers describe the past.
 pub const DEFAULT_MAX_LOAD_AGE_MS: u64 = 5_000;
-/// Consistent hashing with bounded loads (Mirrokni et al.), used by the
-/// plugins that pick a pod by rendezvous hashing: 1.25 keeps affinity for most
-/// requests while no pod takes more than 25% over the mean.
+/// Consistent hashing with bounded loads (Mirrokni et al.), as session-affinity
+/// uses it: 1.25 keeps affinity for most requests while no pod takes more than
+/// 25% over the mean (prefix-cache has its own default).
 pub const DEFAULT_LOAD_BOUND_FACTOR: f64 = 1.25;
 
 /// The check of a bounded-load plugin's `loadBoundFactor`: below 1 even an
