@@ -26,7 +26,7 @@ test-deps:
 .PHONY: test-faults
 test-faults:
 	$(CARGO) build --workspace --bins
-	$(CARGO) test -p switchyard-e2e --test faults --test hostile_clients -- --include-ignored --test-threads 1 --nocapture 2>&1 \
+	$(CARGO) test -p switchyard-e2e --no-fail-fast --test faults --test hostile_clients -- --include-ignored --test-threads 1 --nocapture 2>&1 \
 		| tee target/test-faults.log | grep -E '^(FIGURE|test |test result)'
 
 # 200,000 mixed requests through a release-built dataplane; prints RSS,

@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::compile::{LoadProblem, ObjectReport};
+use crate::compile::{LoadProblem, ObjectReport, ProviderReport};
 use crate::xds::{DataplaneRegistry, PublishedResource, SnapshotPublisher};
 
 /// A client that has not sent its request headers by then is dropped, so idle
@@ -47,6 +47,8 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ObjectsView {
     pub reports: Vec<ObjectReport>,
+    /// ExternalModelProviders (credentials are never part of a report).
+    pub providers: Vec<ProviderReport>,
     pub load_problems: Vec<LoadProblem>,
     /// Whether the source is read and served, or held (see `crate::core::source_hold`).
     pub source: SourceStatus,
@@ -250,6 +252,7 @@ fn config_dump(state: &AdminState, rest: &str) -> Response<Full<Bytes>> {
     let found = match segments.as_slice() {
         ["modelroutes"] => Some(config_dump::modelroutes(config)),
         ["modelservers"] => Some(config_dump::modelservers(config)),
+        ["externalmodelproviders"] => Some(config_dump::externalmodelproviders(config)),
         ["pods"] => Some(config_dump::pods(config, load_of)),
         ["namespaces", namespace, "modelroutes", name] => {
             config_dump::find_modelroute(config, namespace, name)
@@ -319,6 +322,7 @@ fn route_config_json(published: &PublishedResource) -> Value {
         "generated_at_unix_ms": published.generated_at_unix_ms,
         "routes": config.routes.iter().map(route_json).collect::<Vec<_>>(),
         "servers": config.servers.iter().map(server_json).collect::<Vec<_>>(),
+        "external_providers": config.external_providers.iter().map(config_dump::external_provider).collect::<Vec<_>>(),
         "auth": config.auth.as_ref().map(auth_json),
         "tier_rate_limits": config.tier_rate_limits.iter().map(|tier| json!({
             "tier": tier.tier,
@@ -634,6 +638,7 @@ mod tests {
         let (state, objects) = state();
         objects.send_replace(Arc::new(ObjectsView {
             reports: vec![],
+            providers: vec![],
             load_problems: vec![LoadProblem {
                 file: "routes.yaml".into(),
                 document_index: Some(2),

@@ -61,6 +61,24 @@ pub struct Args {
     #[arg(long, env = "SWITCHYARD_XDS_ADDR", default_value = DEFAULT_XDS_ADDR, value_name = "ADDR")]
     pub xds_addr: SocketAddr,
 
+    /// PEM certificate (chain) of the snapshot stream server: with
+    /// --stream-tls-key, the stream is served over TLS.
+    #[arg(long, env = "SWITCHYARD_STREAM_TLS_CERT", value_name = "FILE")]
+    pub stream_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --stream-tls-cert.
+    #[arg(long, env = "SWITCHYARD_STREAM_TLS_KEY", value_name = "FILE")]
+    pub stream_tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: dataplanes must present a client certificate it signed (mutual TLS).
+    #[arg(long, env = "SWITCHYARD_STREAM_CLIENT_CA", value_name = "FILE")]
+    pub stream_client_ca: Option<PathBuf>,
+
+    /// File holding a token dataplanes must send (`authorization: Bearer <token>`).
+    /// Provider credentials are only shipped over TLS with mutual TLS or a token.
+    #[arg(long, env = "SWITCHYARD_STREAM_TOKEN_FILE", value_name = "FILE")]
+    pub stream_token_file: Option<PathBuf>,
+
     /// Address of the admin server: /metrics, /healthz, /readyz.
     #[arg(long, env = "SWITCHYARD_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR, value_name = "ADDR")]
     pub metrics_addr: SocketAddr,
@@ -130,6 +148,10 @@ impl Args {
             config_dir: None,
             router_config: None,
             xds_addr: any_loopback_port,
+            stream_tls_cert: None,
+            stream_tls_key: None,
+            stream_client_ca: None,
+            stream_token_file: None,
             metrics_addr: any_loopback_port,
             debug_addr: any_loopback_port.ip(),
             debug_port: 0,
@@ -147,6 +169,16 @@ impl Args {
     /// Where the debug listener binds.
     pub fn debug_socket_addr(&self) -> SocketAddr {
         SocketAddr::new(self.debug_addr, self.debug_port)
+    }
+
+    /// The stream security flags.
+    pub fn stream_security_files(&self) -> crate::xds::StreamSecurityFiles {
+        crate::xds::StreamSecurityFiles {
+            tls_cert: self.stream_tls_cert.clone(),
+            tls_key: self.stream_tls_key.clone(),
+            client_ca: self.stream_client_ca.clone(),
+            token_file: self.stream_token_file.clone(),
+        }
     }
 
     /// `--scrape-timeout`, or the default share of the interval.

@@ -35,6 +35,8 @@ pub enum ControllerError {
     Task(#[from] TaskError),
     #[error(transparent)]
     RouterConfig(#[from] RouterConfigError),
+    #[error("snapshot stream security: {0}")]
+    StreamSecurity(#[from] crate::xds::StreamSecurityError),
 }
 
 impl ControllerError {
@@ -44,7 +46,7 @@ impl ControllerError {
             Self::NoConfigDir | Self::Scraper(ScraperError::InvalidConfig(_)) => EXIT_USAGE,
             Self::Config(_) | Self::RouterConfig(RouterConfigError::Read { .. }) => EXIT_NO_INPUT,
             Self::Kubernetes(_) => EXIT_CONFIG,
-            Self::RouterConfig(_) => EXIT_USAGE,
+            Self::RouterConfig(_) | Self::StreamSecurity(_) => EXIT_USAGE,
             _ => EXIT_FAILURE,
         }
     }

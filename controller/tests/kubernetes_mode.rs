@@ -979,3 +979,132 @@ async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
         .expect("stops in time")
         .expect("stops cleanly");
 }
+
+const PROVIDERS: &str = "/apis/networking.serving.volcano.sh/v1alpha1/externalmodelproviders";
+
+fn provider(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": API_VERSION,
+        "kind": "ExternalModelProvider",
+        "metadata": metadata(name, 3),
+        "spec": spec,
+    })
+}
+
+/// ExternalModelProviders are watched cluster-wide and their credential
+/// Secrets by label; each gets `Ready` and `CredentialsResolved` written by
+/// the leader. Without TLS on the stream a provider with a credential is not
+/// Ready (the credential is never shipped); one without needs none.
+#[tokio::test]
+async fn providers_get_ready_and_credentials_resolved_conditions() {
+    let fake = seeded();
+    fake.seed(
+        SECRETS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": "openai-credentials",
+                "namespace": "default",
+                "labels": {"networking.serving.volcano.sh/external-model-provider-credential": "true"},
+                "resourceVersion": "1",
+            },
+            "data": {"api-key": "c2stazhzLXNlY3JldA=="},
+        }),
+    );
+    let with_key = |key: &str| {
+        json!({
+            "baseURL": "https://api.openai.com/v1",
+            "auth": {"secretRef": {"name": "openai-credentials", "key": key}},
+        })
+    };
+    fake.seed(PROVIDERS, provider("openai", with_key("api-key")));
+    fake.seed(PROVIDERS, provider("no-key", with_key("other")));
+    fake.seed(
+        PROVIDERS,
+        provider(
+            "keyless",
+            json!({"baseURL": "https://llm.internal", "providerType": "Anthropic"}),
+        ),
+    );
+    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts");
+    let watch = fake
+        .wait_for("a credential Secret watch", |request| {
+            request.path == SECRETS && request.params().contains_key("watch")
+        })
+        .await;
+    assert_eq!(
+        watch.params().get("labelSelector").map(String::as_str),
+        Some("networking.serving.volcano.sh/external-model-provider-credential=true")
+    );
+    let status_of = |name: &'static str| {
+        let fake = fake.clone();
+        async move {
+            fake.wait_for(name, |request| {
+                is_status_patch(request, "externalmodelproviders", name)
+            })
+            .await
+            .body["status"]
+                .clone()
+        }
+    };
+    let reasons = |status: &Value| {
+        (
+            condition(status, "Ready")["status"]
+                .as_str()
+                .map(str::to_owned),
+            condition(status, "Ready")["reason"]
+                .as_str()
+                .map(str::to_owned),
+            condition(status, "CredentialsResolved")["reason"]
+                .as_str()
+                .map(str::to_owned),
+        )
+    };
+    let openai = status_of("openai").await;
+    assert_eq!(openai["observedGeneration"], 3);
+    assert_eq!(
+        reasons(&openai),
+        (
+            Some("False".into()),
+            Some("InsecureSnapshotStream".into()),
+            Some("CredentialResolved".into())
+        )
+    );
+    assert_eq!(
+        reasons(&status_of("no-key").await),
+        (
+            Some("False".into()),
+            Some("CredentialKeyNotFound".into()),
+            Some("CredentialKeyNotFound".into())
+        )
+    );
+    assert_eq!(
+        reasons(&status_of("keyless").await),
+        (
+            Some("True".into()),
+            Some("Ready".into()),
+            Some("CredentialNotRequired".into())
+        )
+    );
+    // A Warning Event says why a provider is not Ready.
+    fake.wait_for("an Event for openai", |request| {
+        request.method == Method::POST
+            && request.path.ends_with("/events")
+            && request.body["reason"] == "InsecureSnapshotStream"
+    })
+    .await;
+    for request in fake.requests() {
+        assert!(
+            !request.body.to_string().contains("sk-k8s-secret"),
+            "a credential was sent to the API server: {request:?}"
+        );
+    }
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}

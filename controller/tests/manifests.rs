@@ -389,9 +389,34 @@ fn service_accounts_config_maps_and_rbac_exist_and_the_dataplane_has_no_credenti
         }
     }
     // Dataplane reports and API keys live in the controller's namespace: no
-    // ClusterRole may open every ConfigMap or Secret of the cluster.
+    // ClusterRole may open every ConfigMap or Secret of the cluster, except
+    // the one role for provider credentials, which may only list and watch
+    // Secrets (the controller selects them by label).
+    let credentials_role = of_kind(&objects, "ClusterRole")
+        .into_iter()
+        .find(|role| {
+            str_of(role, &["metadata", "name"])
+                == Some("switchyard-controller-provider-credentials")
+        })
+        .expect("the provider credentials role");
+    for rule in credentials_role["rules"].as_sequence().expect("rules") {
+        assert_eq!(
+            rule["resources"],
+            serde_yaml::from_str::<serde_yaml::Value>("[secrets]").expect("yaml")
+        );
+        assert_eq!(
+            rule["verbs"],
+            serde_yaml::from_str::<serde_yaml::Value>("[list, watch]").expect("yaml")
+        );
+    }
     for resource in ["configmaps", "secrets"] {
         for role in of_kind(&objects, "ClusterRole") {
+            if resource == "secrets"
+                && str_of(role, &["metadata", "name"])
+                    == Some("switchyard-controller-provider-credentials")
+            {
+                continue;
+            }
             for rule in role["rules"].as_sequence().expect("rules") {
                 let resources = rule["resources"].as_sequence().expect("resources");
                 assert!(
@@ -427,6 +452,8 @@ fn service_accounts_config_maps_and_rbac_exist_and_the_dataplane_has_no_credenti
         (crd_group, "modelservers", "watch"),
         (crd_group, "modelroutes/status", "patch"),
         (crd_group, "modelservers/status", "patch"),
+        (crd_group, "externalmodelproviders", "watch"),
+        (crd_group, "externalmodelproviders/status", "patch"),
         ("", "pods", "list"),
         ("", "pods", "watch"),
         ("coordination.k8s.io", "leases", "get"),

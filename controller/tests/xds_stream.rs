@@ -50,7 +50,7 @@ impl Server {
             .with_key_hints(key_hints_sender)
             .with_outlier_reports(ejections.clone());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(xds::serve(listener, service, async {
+        let task = tokio::spawn(xds::serve(listener, service, Default::default(), async {
             let _ = stopped.await;
         }));
         Self {

@@ -8,7 +8,7 @@
 //! - `/debug/model-servers`, `/debug/model-servers/{name}/status`,
 //!   `/debug/model-servers/{name}/metrics`, `/debug/routing/backends`:
 //!   health as this dataplane sees it (see [`crate::health::debug`]);
-//! - `/debug/config_dump/{modelroutes,modelservers,pods}` and
+//! - `/debug/config_dump/{modelroutes,modelservers,externalmodelproviders,pods}` and
 //!   `/debug/config_dump/namespaces/{ns}/{modelroutes,modelservers,pods}/{name}`:
 //!   the snapshot in the Kthena router's dump shapes;
 //! - `/debug/pd-groups`: every prefill/decode ModelServer's groups and pods;
@@ -286,6 +286,9 @@ impl Admin {
         match segments.as_slice() {
             ["modelroutes"] => json(StatusCode::OK, &config_dump::modelroutes(config)),
             ["modelservers"] => json(StatusCode::OK, &config_dump::modelservers(config)),
+            ["externalmodelproviders"] => {
+                json(StatusCode::OK, &config_dump::externalmodelproviders(config))
+            }
             ["pods"] => {
                 let loads = pod_loads(&table);
                 json(
@@ -417,7 +420,26 @@ impl Admin {
                 })
             })
             .collect();
-        json!({"version": table.version, "routes": routes, "modelServers": servers})
+        // The Debug of a provider names it and its URL, never its headers (the credential).
+        let providers: Vec<_> = table
+            .providers
+            .iter()
+            .filter_map(|server| server.provider.as_ref().map(|provider| (server, provider)))
+            .map(|(server, provider)| {
+                json!({
+                    "externalModelProvider": server.key,
+                    "providerType": provider.kind.as_str(),
+                    "model": server.model_rewrite,
+                    "provider": format!("{provider:?}"),
+                })
+            })
+            .collect();
+        json!({
+            "version": table.version,
+            "routes": routes,
+            "modelServers": servers,
+            "externalModelProviders": providers,
+        })
     }
 }
 

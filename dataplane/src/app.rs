@@ -13,6 +13,8 @@ use crate::config_file::ConfigFile;
 use crate::fairness::{Fairness, FairnessMetrics};
 use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyDeadline, ConnectionLimit};
 use crate::metrics::{ObservedStore, RouterMetrics};
+use crate::providers::ProviderClients;
+use crate::proxy::forward::HyperUpstream;
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
 use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
@@ -38,6 +40,66 @@ pub enum AppError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Task(#[from] TaskError),
+}
+
+/// The TLS settings and token of the controller stream, from the flags.
+fn stream_credentials(
+    args: &Args,
+    controller: &http::Uri,
+) -> Result<xds_client::StreamCredentials, AppError> {
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path)
+            .map_err(|error| AppError::Config(format!("{flag} {}: {error}", path.display())))
+    };
+    let https = controller.scheme_str() == Some("https");
+    let mut credentials = xds_client::StreamCredentials::default();
+    if https {
+        // The stream's certificate comes from the cluster's own CA, never a public one.
+        let ca = args.controller_ca.as_deref().ok_or_else(|| {
+            AppError::Config(
+                "an https:// --controller needs --controller-ca (the CA that signed the controller's certificate)".to_owned(),
+            )
+        })?;
+        let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(read(ca, "--controller-ca")?),
+        );
+        match (&args.controller_cert, &args.controller_key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert, "--controller-cert")?,
+                    read(key, "--controller-key")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(AppError::Config(
+                    "--controller-cert and --controller-key go together".to_owned(),
+                ));
+            }
+        }
+        credentials.tls = Some(tls);
+    } else if args.controller_ca.is_some()
+        || args.controller_cert.is_some()
+        || args.controller_token_file.is_some()
+    {
+        return Err(AppError::Config(
+            "--controller-ca, --controller-cert and --controller-token-file need an https:// --controller (the token would travel in clear)".to_owned(),
+        ));
+    }
+    if let Some(path) = &args.controller_token_file {
+        let token = read(path, "--controller-token-file")?;
+        let token = String::from_utf8_lossy(&token).trim().to_owned();
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}").parse().map_err(|_| {
+                AppError::Config(format!(
+                    "--controller-token-file {}: not a valid header value",
+                    path.display()
+                ))
+            })?;
+        value.set_sensitive(true);
+        credentials.authorization = Some(value);
+    }
+    Ok(credentials)
 }
 
 /// Runs the dataplane until `shutdown` is cancelled, then drains.
@@ -84,7 +146,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         controller: status.clone(),
         metrics: metrics.clone(),
     });
-    let proxy = Arc::new(Proxy::new(
+    let provider_clients = ProviderClients::new(args.provider_ca_bundle.as_deref())
+        .map_err(|error| AppError::Config(error.to_string()))?;
+    let proxy = Arc::new(Proxy::with_upstream(
         store.clone(),
         ProxyConfig {
             body: BodyLimits {
@@ -100,6 +164,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             metrics: metrics.clone(),
             access_log,
         }),
+        HyperUpstream::with_providers(metrics.health.connections.clone(), Some(provider_clients)),
     ));
     let sink = Arc::new(ObservedStore {
         store: store.clone(),
@@ -114,6 +179,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let mut tasks = TaskSet::new(shutdown);
     let unknown_keys = store.unknown_keys().clone();
     let xds_config = XdsClientConfig {
+        security: stream_credentials(&args, &controller)?,
         controller,
         node_id: args.resolved_node_id(),
         ..XdsClientConfig::default()

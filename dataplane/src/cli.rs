@@ -18,6 +18,23 @@ pub struct Args {
     /// Controller snapshot stream, e.g. http://switchyard-controller:15010.
     #[arg(long, env = "SWITCHYARD_CONTROLLER")]
     pub controller: String,
+    /// PEM CA bundle that signed the controller's stream certificate
+    /// (required with an `https://` --controller).
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_CA", value_name = "FILE")]
+    pub controller_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate presented to the controller (mutual TLS), with --controller-key.
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_CERT", value_name = "FILE")]
+    pub controller_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --controller-cert.
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_KEY", value_name = "FILE")]
+    pub controller_key: Option<std::path::PathBuf>,
+    /// File holding the token sent to the controller (`authorization: Bearer`); needs https.
+    #[arg(long, env = "SWITCHYARD_CONTROLLER_TOKEN_FILE", value_name = "FILE")]
+    pub controller_token_file: Option<std::path::PathBuf>,
+    /// PEM CA bundle trusted for external model providers besides the system
+    /// roots (private providers, test CAs).
+    #[arg(long, env = "SWITCHYARD_PROVIDER_CA_BUNDLE", value_name = "FILE")]
+    pub provider_ca_bundle: Option<std::path::PathBuf>,
     /// Address the traffic and metrics listeners bind to.
     #[arg(long, env = "SWITCHYARD_HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,

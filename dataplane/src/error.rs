@@ -39,6 +39,8 @@ pub enum ErrorKind {
     NoReadyPod,
     /// Every attempt to connect to a pod failed.
     UpstreamUnavailable,
+    /// The route's external provider does not serve the request's path.
+    UnsupportedProviderPath,
     /// The pod did not answer with headers within the ModelServer's timeout.
     UpstreamTimeout,
     /// The pod's connection failed after the request was sent.
@@ -67,7 +69,8 @@ impl ErrorKind {
             Self::InvalidBody
             | Self::InvalidModel
             | Self::UnsupportedMediaType
-            | Self::UnsupportedPath => StatusCode::BAD_REQUEST,
+            | Self::UnsupportedPath
+            | Self::UnsupportedProviderPath => StatusCode::BAD_REQUEST,
             Self::NotReady
             | Self::Overloaded
             | Self::NoReadyPod
@@ -96,6 +99,7 @@ impl ErrorKind {
             Self::Overloaded => "router_overloaded",
             Self::NoReadyPod => "no_ready_pod",
             Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UnsupportedProviderPath => "provider_unsupported_path",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
             Self::Unauthenticated => "invalid_authentication",

@@ -14,6 +14,7 @@
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`pod`] (per-pod state that outlives snapshots: in-flight count, load,
 //! outlier ejection), [`lazy_series`] (metric series created on first use),
+//! [`providers`] (external model providers: URL, headers, HTTPS clients),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod lazy_series;
 pub mod limits;
 pub mod metrics;
 pub mod pod;
+pub mod providers;
 pub mod proxy;
 pub mod rate_limit;
 pub mod request;

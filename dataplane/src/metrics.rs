@@ -85,16 +85,18 @@ pub enum PathLabel {
     Embeddings = 2,
     Responses = 3,
     Models = 4,
-    Other = 5,
+    Messages = 5,
+    Other = 6,
 }
 
 impl PathLabel {
-    pub const ALL: [PathLabel; 6] = [
+    pub const ALL: [PathLabel; 7] = [
         Self::ChatCompletions,
         Self::Completions,
         Self::Embeddings,
         Self::Responses,
         Self::Models,
+        Self::Messages,
         Self::Other,
     ];
 
@@ -105,6 +107,7 @@ impl PathLabel {
             "/v1/embeddings" => Self::Embeddings,
             "/v1/responses" => Self::Responses,
             "/v1/models" => Self::Models,
+            "/v1/messages" => Self::Messages,
             _ => Self::Other,
         }
     }
@@ -116,6 +119,7 @@ impl PathLabel {
             Self::Embeddings => "/v1/embeddings",
             Self::Responses => "/v1/responses",
             Self::Models => "/v1/models",
+            Self::Messages => "/v1/messages",
             Self::Other => "other",
         }
     }

@@ -20,13 +20,54 @@ pub const MAX_ACCOUNTED_BODY_BYTES: usize = 1024 * 1024;
 /// buffer without bound.
 pub const MAX_PENDING_EVENT_BYTES: usize = 1024 * 1024;
 
-/// Token counts the engine reported.
+/// Token counts the engine or provider reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "ReportedUsage")]
 pub struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// Field by field the larger: a stream reports usage in parts
+    /// (Anthropic: input in `message_start`, the running output count in
+    /// each `message_delta`), and counts only ever grow.
+    fn merge(previous: Option<Self>, next: Self) -> Self {
+        previous.map_or(next, |previous| Self {
+            prompt_tokens: previous.prompt_tokens.max(next.prompt_tokens),
+            completion_tokens: previous.completion_tokens.max(next.completion_tokens),
+        })
+    }
+}
+
+/// A `usage` object in any of the three shapes: OpenAI chat and
+/// completions (`prompt_tokens`, `completion_tokens`), the Responses API
+/// (`input_tokens`, `output_tokens`) and Anthropic's Messages API (the same,
+/// with the cached input counted apart).
+#[derive(Deserialize)]
+struct ReportedUsage {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: u64,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: u64,
+    #[serde(default)]
+    cache_creation_input_tokens: u64,
+    #[serde(default)]
+    cache_read_input_tokens: u64,
+}
+
+impl From<ReportedUsage> for Usage {
+    fn from(reported: ReportedUsage) -> Self {
+        Self {
+            // Anthropic's input_tokens leaves out the cached part; the
+            // prompt is all three.
+            prompt_tokens: reported
+                .prompt_tokens
+                .saturating_add(reported.cache_creation_input_tokens)
+                .saturating_add(reported.cache_read_input_tokens),
+            completion_tokens: reported.completion_tokens,
+        }
+    }
 }
 
 /// The fields of a chunk or body that accounting reads.
@@ -35,6 +76,18 @@ struct UsageCarrier {
     /// Whether `choices` is an empty array; its elements are skipped, not collected.
     #[serde(default, rename = "choices", deserialize_with = "array_emptiness")]
     choices_empty: Option<bool>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    /// Anthropic's `message_start` event: `{"message": {"usage": ...}}`.
+    #[serde(default)]
+    message: Option<NestedUsage>,
+    /// The Responses API's `response.completed` event: `{"response": {"usage": ...}}`.
+    #[serde(default)]
+    response: Option<NestedUsage>,
+}
+
+#[derive(Deserialize)]
+struct NestedUsage {
     #[serde(default)]
     usage: Option<Usage>,
 }
@@ -120,6 +173,11 @@ impl ResponseObserver {
                 None
             }
         }
+    }
+
+    /// Whether frames may be dropped (a stream whose usage chunk is hidden).
+    pub fn may_shrink(&self) -> bool {
+        matches!(self, Self::Stream(stream) if stream.hide_usage_chunk)
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -252,7 +310,7 @@ impl SseObserver {
                 .filter(|payload| mentions_usage(payload))
                 .and_then(usage_of)
             {
-                self.usage = Some(usage);
+                self.usage = Some(Usage::merge(self.usage, usage));
                 hidden = usage_only && self.hide_usage_chunk;
             }
             match (&mut kept, hidden) {
@@ -313,7 +371,11 @@ fn mentions_usage(payload: &[u8]) -> bool {
 /// (usage, whether the chunk carries nothing but usage).
 fn usage_of(json: &[u8]) -> Option<(Usage, bool)> {
     let carrier: UsageCarrier = serde_json::from_slice(json).ok()?;
-    let usage = carrier.usage?;
+    let nested = |nested: Option<NestedUsage>| nested.and_then(|nested| nested.usage);
+    let usage = carrier
+        .usage
+        .or_else(|| nested(carrier.message))
+        .or_else(|| nested(carrier.response))?;
     let usage_only = carrier.choices_empty == Some(true);
     Some((usage, usage_only))
 }
@@ -321,6 +383,61 @@ fn usage_of(json: &[u8]) -> Option<(Usage, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_is_read_from_the_responses_api_and_anthropic() {
+        let mut responses = ResponseObserver::new(true, false);
+        run(
+            &mut responses,
+            &[
+                b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+                b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n",
+            ],
+        );
+        assert_eq!(
+            responses.usage(),
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 4
+            })
+        );
+
+        let mut anthropic = ResponseObserver::new(true, false);
+        let out = run(
+            &mut anthropic,
+            &[
+                b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":5,\"cache_read_input_tokens\":20,\"output_tokens\":1}}}\n\n",
+                b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"Hi\"}}\n\n",
+                b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n",
+                b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ],
+        );
+        assert_eq!(
+            anthropic.usage(),
+            Some(Usage {
+                prompt_tokens: 35,
+                completion_tokens: 15
+            }),
+            "input = input + cache creation + cache read; output from message_delta"
+        );
+        assert!(
+            String::from_utf8_lossy(&out).contains("message_stop"),
+            "nothing hidden"
+        );
+
+        let mut json = ResponseObserver::new(false, false);
+        run(
+            &mut json,
+            &[br#"{"type":"message","content":[],"usage":{"input_tokens":3,"cache_read_input_tokens":4,"output_tokens":2}}"#],
+        );
+        assert_eq!(
+            json.usage(),
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 2
+            })
+        );
+    }
 
     fn run(observer: &mut ResponseObserver, frames: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -15,6 +15,7 @@ use switchyard_runtime::clock::{self, Instant};
 
 use crate::pod::PodState;
 use crate::pod::outlier::OutlierDetector;
+use crate::providers::Provider;
 
 /// How long an attempt waits for the response head when the ModelServer
 /// sets no `trafficPolicy.timeout`, so a hung engine never holds a request
@@ -27,7 +28,8 @@ use crate::pod::outlier::OutlierDetector;
 /// generations without streaming should set their own timeout.
 pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A ModelServer as the dataplane uses it.
+/// A ModelServer as the dataplane uses it, or an external provider (no pods;
+/// `provider` set), which routes target the same way.
 #[derive(Debug)]
 pub struct Server {
     /// `namespace/name`.
@@ -44,6 +46,8 @@ pub struct Server {
     pub pods: Vec<Arc<PodState>>,
     /// Spreads ties between equally loaded pods.
     pub rotation: AtomicUsize,
+    /// Set for an ExternalModelProvider: requests go to it, not to pods.
+    pub provider: Option<Arc<Provider>>,
     /// Ejects pods whose attempts keep failing.
     pub outlier: OutlierDetector,
     /// Set when every request goes to a prefill and a decode pod of one group.
@@ -66,13 +70,18 @@ impl Server {
             rotation: AtomicUsize::new(0),
             outlier: OutlierDetector::new(Default::default(), Default::default()),
             prefill_decode: None,
+            provider: None,
         }
     }
 
     /// Whether a request sent here now has a pod that is not ejected (for a
     /// prefill/decode ModelServer: a complete group with a prefill and a
     /// decode pod that are not). Stops at the first: usually the first pod.
+    /// An external provider has no pods and is always usable.
     pub fn has_usable_pod(&self, now: Instant) -> bool {
+        if self.provider.is_some() {
+            return true;
+        }
         let usable = |index: &usize| {
             self.pods
                 .get(*index)

@@ -20,6 +20,7 @@ use crate::auth::{Authenticator, UnknownKeyIds};
 use crate::fairness::{FairQueues, Fairness, FairnessSettings};
 use crate::pod::PodState;
 use crate::pod::outlier::{EjectionNotifier, OutlierDetector, OutlierSettings};
+use crate::providers::Provider;
 use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
 use crate::routing::{
     DEFAULT_RESPONSE_HEADER_TIMEOUT, KvConnector, Matcher, PdGroup, PrefillDecode, Route,
@@ -70,6 +71,14 @@ pub enum SnapshotError {
     InvalidPrefillDecode { server: String, problem: String },
     #[error("ModelRoute {route}: serves no model name and no LoRA adapter")]
     NoModelName { route: String },
+    #[error(
+        "ModelRoute {route} rule {rule}: a target must name exactly one of a ModelServer and an external provider"
+    )]
+    AmbiguousTarget { route: String, rule: usize },
+    #[error("duplicate external provider {0}")]
+    DuplicateProvider(String),
+    #[error("{0}")]
+    InvalidProvider(String),
     #[error("scheduler configuration: {0}")]
     InvalidScheduler(String),
     #[error("authentication: {0}")]
@@ -108,6 +117,8 @@ pub struct RoutingTable {
     pub applied_at: SystemTime,
     pub routes: Vec<Arc<Route>>,
     pub servers: Vec<Arc<Server>>,
+    /// External providers, in snapshot order.
+    pub providers: Vec<Arc<Server>>,
     pub index: RouteIndex,
     /// Pods by `namespace/name`.
     pub pods: HashMap<String, Arc<PodState>>,
@@ -158,10 +169,26 @@ impl RoutingTable {
             }
             servers.push(built);
         }
+        let mut providers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
+        let mut providers = Vec::with_capacity(config.external_providers.len());
+        for provider in &config.external_providers {
+            let outlier = OutlierDetector::new(
+                OutlierSettings::resolve(None, config.outlier_detection.as_ref()),
+                ejections.clone(),
+            );
+            let built = build_provider(provider, outlier)?;
+            if providers_by_key
+                .insert(built.key.clone(), built.clone())
+                .is_some()
+            {
+                return Err(SnapshotError::DuplicateProvider(built.key.clone()));
+            }
+            providers.push(built);
+        }
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut route_keys = std::collections::HashSet::new();
         for route in &config.routes {
-            let built = build_route(route, &servers_by_key)?;
+            let built = build_route(route, &servers_by_key, &providers_by_key)?;
             if !route_keys.insert(built.key.clone()) {
                 return Err(SnapshotError::DuplicateRoute(built.key.clone()));
             }
@@ -194,6 +221,7 @@ impl RoutingTable {
             applied_at: clock::wall_now(),
             routes,
             servers,
+            providers,
             index,
             pods,
             models_body,
@@ -314,6 +342,41 @@ fn build_server(
         rotation: AtomicUsize::new(0),
         outlier,
         prefill_decode,
+        provider: None,
+    }))
+}
+
+/// An external provider, as a target routes pick like a ModelServer.
+fn build_provider(
+    provider: &pb::ExternalProvider,
+    outlier: OutlierDetector,
+) -> Result<Arc<Server>, SnapshotError> {
+    let built = Provider::from_snapshot(provider).map_err(SnapshotError::InvalidProvider)?;
+    let model_rewrite_literal = provider
+        .model
+        .as_ref()
+        .map(|model| {
+            serde_json::to_string(model)
+                .map(bytes::Bytes::from)
+                .map_err(|_| SnapshotError::InvalidModelRewrite {
+                    server: built.key.clone(),
+                    model: model.clone(),
+                })
+        })
+        .transpose()?;
+    Ok(Arc::new(Server {
+        key: built.key.clone(),
+        model_rewrite_literal,
+        model_rewrite: provider.model.clone(),
+        timeout: DEFAULT_RESPONSE_HEADER_TIMEOUT,
+        retry_attempts: 0,
+        retry_interval: Duration::ZERO,
+        pods: Vec::new(),
+        rotation: AtomicUsize::new(0),
+        // Never consulted: a provider has no pods to eject.
+        outlier,
+        prefill_decode: None,
+        provider: Some(Arc::new(built)),
     }))
 }
 
@@ -399,6 +462,7 @@ fn build_prefill_decode(
 fn build_route(
     route: &pb::ModelRoute,
     servers: &HashMap<String, Arc<Server>>,
+    providers: &HashMap<String, Arc<Server>>,
 ) -> Result<Route, SnapshotError> {
     let key = switchyard_snapshot::object_key(&route.namespace, &route.name);
     if route.model_name.is_empty() && route.lora_adapters.is_empty() {
@@ -408,14 +472,26 @@ fn build_route(
     for (rule_index, rule) in route.rules.iter().enumerate() {
         let mut targets = Vec::with_capacity(rule.targets.len());
         for target in &rule.targets {
-            let server =
-                servers
-                    .get(&target.model_server)
-                    .ok_or_else(|| SnapshotError::DanglingTarget {
+            let (backends, name) = match (
+                target.model_server.is_empty(),
+                target.external_provider.is_empty(),
+            ) {
+                (false, true) => (servers, &target.model_server),
+                (true, false) => (providers, &target.external_provider),
+                _ => {
+                    return Err(SnapshotError::AmbiguousTarget {
                         route: key.clone(),
                         rule: rule_index,
-                        server: target.model_server.clone(),
-                    })?;
+                    });
+                }
+            };
+            let server = backends
+                .get(name)
+                .ok_or_else(|| SnapshotError::DanglingTarget {
+                    route: key.clone(),
+                    rule: rule_index,
+                    server: name.clone(),
+                })?;
             targets.push((server.clone(), target.weight));
         }
         let targets =

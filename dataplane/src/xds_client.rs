@@ -167,6 +167,26 @@ pub struct XdsClientConfig {
     pub max_backoff: Duration,
     /// Bound on establishing the TCP connection of one attempt.
     pub connect_timeout: Duration,
+    /// How the stream is secured (an `https://` controller).
+    pub security: StreamCredentials,
+}
+
+/// TLS settings and the token of the stream to the controller.
+#[derive(Clone, Default)]
+pub struct StreamCredentials {
+    /// Set for an `https://` controller: the CA to trust and the client certificate, if any.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// `Bearer <token>`, sent as `authorization` on every stream (marked sensitive).
+    pub authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for StreamCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamCredentials")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.authorization.is_some())
+            .finish()
+    }
 }
 
 impl XdsClientConfig {
@@ -189,6 +209,7 @@ impl Default for XdsClientConfig {
             initial_backoff: DEFAULT_INITIAL_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            security: StreamCredentials::default(),
         }
     }
 }
@@ -598,14 +619,30 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
 
         // A fresh channel per attempt: every attempt starts from a new connection
         // (and a new DNS lookup), never from a half-dead one the last stream left.
-        let channel = Endpoint::from(self.config.controller.clone())
+        let mut endpoint = Endpoint::from(self.config.controller.clone())
             .connect_timeout(self.config.connect_timeout)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .connect_lazy();
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        if let Some(tls) = &self.config.security.tls {
+            endpoint = match endpoint.tls_config(tls.clone()) {
+                Ok(endpoint) => endpoint,
+                Err(error) => {
+                    return StreamEnd::OpenFailed(tonic::Status::unavailable(format!(
+                        "TLS setup: {error}"
+                    )));
+                }
+            };
+        }
+        let channel = endpoint.connect_lazy();
         let mut client = RoutingDiscoveryClient::new(channel)
             .max_decoding_message_size(MAX_SNAPSHOT_MESSAGE_BYTES);
-        let mut responses = match client.stream_snapshots(ReceiverStream::new(outgoing)).await {
+        let mut request = tonic::Request::new(ReceiverStream::new(outgoing));
+        if let Some(authorization) = &self.config.security.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
+        let mut responses = match client.stream_snapshots(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => return StreamEnd::OpenFailed(status),
         };

@@ -584,6 +584,8 @@ pub struct Stack {
     pub engines: Vec<Process>,
     pub config_dir: PathBuf,
     pub xds_addr: SocketAddr,
+    /// `http`, or `https` for a controller serving its stream over TLS.
+    pub xds_scheme: &'static str,
     pub controller_admin: SocketAddr,
     /// The controller's debug listener (`/debug/*`).
     pub controller_debug: SocketAddr,
@@ -642,6 +644,7 @@ impl Stack {
             engines: Vec::new(),
             controller: None,
             xds_addr: free_addr(),
+            xds_scheme: "http",
             controller_admin: free_addr(),
             controller_debug: free_addr(),
             dataplanes: Vec::new(),
@@ -861,7 +864,7 @@ impl Stack {
         let (traffic, metrics, debug) = (free_addr(), free_addr(), free_addr());
         let mut args = vec![
             "--controller".to_owned(),
-            format!("http://{}", self.xds_addr),
+            format!("{}://{}", self.xds_scheme, self.xds_addr),
             "--host".to_owned(),
             "127.0.0.1".to_owned(),
             "--port".to_owned(),

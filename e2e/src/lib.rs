@@ -2,6 +2,7 @@
 //!
 //! - [`mock_engine`]: `switchyard-mock-engine`, an OpenAI-compatible fake vLLM / SGLang server that
 //!   stands in for model pods in end-to-end tests and the demo.
+//! - [`fake_provider`]: fake OpenAI and Anthropic providers over HTTPS with a test CA.
 //! - [`harness`]: starting the real binaries on loopback for end-to-end tests.
 //! - [`jwt`]: real JWTs signed with the test keys, and an issuer on loopback serving their JWKS.
 //! - [`redis_server`]: a real `redis-server` on loopback for the global token budget tests.
@@ -12,6 +13,7 @@
 //!   run send, and the engines' own counters they are judged by.
 #![forbid(unsafe_code)]
 
+pub mod fake_provider;
 pub mod harness;
 pub mod hostile;
 pub mod jwt;

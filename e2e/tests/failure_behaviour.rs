@@ -263,6 +263,7 @@ async fn a_hanging_pod_times_out_is_retried_elsewhere_and_ejected() {
     // Hung attempts count as load while they last and as failures after,
     // so few requests reach it; enough of them in a row eject it.
     let state = pod_state(&stack, 0, "bad-0").await;
+    eprintln!("hanging pod, its state afterwards: {state}");
     let failures = state["consecutiveFailures"].as_u64().unwrap_or(0);
     assert!(
         failures > 0 || state["ejection"]["reason"] == "timeout",
@@ -330,6 +331,7 @@ async fn a_weighted_target_without_a_usable_pod_fails_over_to_the_others() {
         r#"kthena_router_target_failovers_total{model_route="default/m",model_server="default/dead"}"#,
     )
     .await;
+    eprintln!("dead weighted target: {failovers} failovers counted");
     assert!(
         (40.0..=80.0).contains(&failovers),
         "about a quarter of 240 left the dead target: {failovers}"

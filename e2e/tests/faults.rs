@@ -372,7 +372,7 @@ async fn long_request_ids_leave_nothing_behind() {
         .post(
             "/v1/chat/completions",
             &[("x-request-id", "fine-1")],
-            r#"{"model":"m"}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
         )
         .await;
     assert_eq!(response.status, StatusCode::OK);

@@ -108,6 +108,7 @@ const EXTRA_ACCESS_LOG_FIELDS: &[&str] = &[
     "failed_over_from",
     "user_id",
     "tier",
+    "backend_type",
 ];
 /// The access log's JSON fields: the guide's plus [`EXTRA_ACCESS_LOG_FIELDS`].
 const ACCESS_LOG_FIELDS: &[&str] = &[
@@ -121,6 +122,7 @@ const ACCESS_LOG_FIELDS: &[&str] = &[
     "model_server",
     "selected_pod",
     "request_id",
+    "backend_type",
     "user_id",
     "tier",
     "input_tokens",
@@ -896,6 +898,7 @@ async fn json_access_log_lines_carry_every_field_of_each_request() {
             "model_route": "default/obs-route",
             "model_server": "default/obs-server",
             "selected_pod": observed.completion_pod,
+            "backend_type": "model_server",
             "output_tokens": OUTPUT_TOKENS,
             "upstream_attempts": 1,
             "duration_queue_ms": 0,
@@ -986,7 +989,7 @@ async fn a_text_access_log_goes_to_its_file_and_application_logs_can_be_json() {
             && text_line.contains(
                 "] \"POST /v1/completions HTTP/1.1\" 200 model_name=obs-model model_route=default/obs-route model_server=default/obs-server selected_pod=obs-"
             )
-            && text_line.contains(" request_id=obs-req-text tokens=")
+            && text_line.contains(" request_id=obs-req-text backend_type=model_server tokens=")
             && text_line.contains(&format!("/{OUTPUT_TOKENS} timings=")),
         "{text_line}"
     );

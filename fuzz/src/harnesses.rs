@@ -233,6 +233,8 @@ fn check_local_objects(input: &[u8]) {
         pod_loads: &BTreeMap::new(),
         ejections: &ReportedEjections::new(),
         now_unix_ms: 0,
+        // Providers with credentials compile too, so the dataplane's checks of them are fuzzed.
+        ship_credentials: true,
     });
     let store = SnapshotStore::new();
     if let Err(error) = store.apply_route_config("fuzz", compiled.route_config) {

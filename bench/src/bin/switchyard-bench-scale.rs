@@ -426,6 +426,7 @@ async fn run(args: Args) -> Result<(), String> {
     let server = tokio::spawn(switchyard_controller::xds::serve(
         listener,
         service,
+        Default::default(),
         std::future::pending(),
     ));
     let memory_before_streams = memory_kib("self");

@@ -1,5 +1,6 @@
-//! The pure core: ModelRoutes, ModelServers, Pods, the router configuration
-//! and scraped engine load in, a routing snapshot and one report per object out.
+//! The pure core: ModelRoutes, ModelServers, ExternalModelProviders, Pods,
+//! Secrets, the router configuration and scraped engine load in, a routing
+//! snapshot and one report per object out.
 //! The controller publishes exactly what [`compile`] returns; on a scrape or
 //! a dataplane's outlier report it reruns only [`compile_endpoint_loads`]
 //! and [`compile_ejections`], the parts that depend on them.
@@ -27,6 +28,7 @@ mod pod_index;
 mod prefill_decode;
 #[cfg(test)]
 mod prefill_decode_tests;
+pub mod providers;
 mod report;
 mod routes;
 mod servers;
@@ -35,6 +37,7 @@ mod tests;
 
 pub use objects::{LoadProblem, ObjectSet};
 pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
+pub use providers::{CompiledProviders, CredentialSecret, ProviderReport, compile_providers};
 pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
 pub use servers::DEFAULT_RETRY_INTERVAL;
 
@@ -56,6 +59,9 @@ pub struct CompileInput<'a> {
     pub ejections: &'a ReportedEjections,
     /// The compile time; becomes the snapshot's `generated_at_unix_ms`.
     pub now_unix_ms: i64,
+    /// The snapshot stream is encrypted and its clients authenticated, so
+    /// provider credentials may go into the snapshot.
+    pub ship_credentials: bool,
 }
 
 /// Everything a compile produces.
@@ -68,6 +74,8 @@ pub struct Compiled {
     pub scrape_targets: Vec<ScrapeTarget>,
     /// One per input ModelRoute and ModelServer, sorted by (kind, namespace, name).
     pub reports: Vec<ObjectReport>,
+    /// One per input ExternalModelProvider, sorted by (namespace, name).
+    pub provider_reports: Vec<ProviderReport>,
     /// API keys left out (a key held by two Secrets), for the log.
     pub auth_problems: Vec<String>,
     pub generated_at_unix_ms: i64,
@@ -87,7 +95,13 @@ pub struct CompiledRoutes {
 /// every report.
 pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let objects = input.objects;
-    let mut routes = compile_route_config(&objects.routes, &objects.servers, &objects.pods);
+    let providers = compile_providers(
+        &objects.providers,
+        &objects.provider_secrets,
+        input.ship_credentials,
+    );
+    let mut routes =
+        compile_routes_and_servers(&objects.routes, &objects.servers, &objects.pods, &providers);
     let router = input.router;
     routes.route_config.scheduler = router.scheduler.clone();
     routes.route_config.tier_rate_limits = router.tiers.clone();
@@ -111,6 +125,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         endpoint_loads,
         scrape_targets: routes.scrape_targets,
         reports: routes.reports,
+        provider_reports: providers.reports,
         auth_problems,
         generated_at_unix_ms: input.now_unix_ms,
     }
@@ -126,6 +141,17 @@ pub fn compile_route_config(
     routes: &[ModelRoute],
     servers: &[ModelServer],
     pods: &[Pod],
+) -> CompiledRoutes {
+    compile_routes_and_servers(routes, servers, pods, &CompiledProviders::default())
+}
+
+/// [`compile_route_config`] with the compiled providers routes may target;
+/// the Ready ones go into the RouteConfig.
+pub fn compile_routes_and_servers(
+    routes: &[ModelRoute],
+    servers: &[ModelServer],
+    pods: &[Pod],
+    providers: &CompiledProviders,
 ) -> CompiledRoutes {
     let mut reports = Vec::with_capacity(routes.len() + servers.len());
 
@@ -155,6 +181,7 @@ pub fn compile_route_config(
     let known_servers = routes::KnownServers {
         accepted: compiled_servers.keys().copied().collect(),
         present: present_servers,
+        providers,
     };
     let mut seen_routes: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut compiled_routes = Vec::with_capacity(routes.len());
@@ -203,6 +230,7 @@ pub fn compile_route_config(
                 .into_values()
                 .map(|compiled| compiled.server)
                 .collect(),
+            external_providers: providers.providers.clone(),
             ..Default::default()
         },
         scrape_targets,

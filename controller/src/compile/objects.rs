@@ -2,8 +2,9 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
-use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_crd::{ExternalModelProvider, ModelRoute, ModelServer};
 
+use super::providers::CredentialSecret;
 use crate::auth::ApiKeySecret;
 
 /// One consistent set of objects: the config directory's files (local mode)
@@ -13,6 +14,10 @@ pub struct ObjectSet {
     pub routes: Vec<ModelRoute>,
     pub servers: Vec<ModelServer>,
     pub pods: Vec<Pod>,
+    pub providers: Vec<ExternalModelProvider>,
+    /// Secrets labelled as provider credentials (their data, which the
+    /// compile puts into the snapshot only for a Ready provider).
+    pub provider_secrets: Vec<CredentialSecret>,
     /// API keys from `Secret`s labelled as such (digests only, never the keys).
     pub api_keys: Vec<ApiKeySecret>,
     /// Documents or files that were skipped, in file then document order

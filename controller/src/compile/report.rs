@@ -8,6 +8,7 @@ use serde::Serialize;
 pub enum ObjectKind {
     ModelRoute,
     ModelServer,
+    ExternalModelProvider,
 }
 
 impl ObjectKind {
@@ -16,6 +17,7 @@ impl ObjectKind {
         match self {
             Self::ModelRoute => "ModelRoute",
             Self::ModelServer => "ModelServer",
+            Self::ExternalModelProvider => "ExternalModelProvider",
         }
     }
 }
@@ -39,8 +41,6 @@ pub enum Reason {
     InvalidRegex,
     /// A string match with several of exact/prefix/regex, or an unusable header name.
     InvalidMatch,
-    /// A target kind Switchyard cannot route to (external model providers).
-    UnsupportedBackend,
     /// `workloadPort.port` outside 1..=65535.
     InvalidPort,
     /// Empty `workloadSelector.matchLabels` (it would select nothing).
@@ -58,7 +58,8 @@ pub enum Reason {
     InvalidKvConnector,
     /// Another object with the same namespace/name came earlier in the input.
     Duplicate,
-    /// A target names a ModelServer that does not exist or was not accepted.
+    /// A target names a ModelServer or ExternalModelProvider that does not
+    /// exist or is not usable (not accepted, not Ready).
     BackendNotFound,
     /// The ModelServer's selector matched no pod.
     NoMatchingPods,
@@ -66,6 +67,22 @@ pub enum Reason {
     InvalidPodIP,
     /// A prefill/decode ModelServer has no group with a ready pod of each role.
     NoCompletePdGroup,
+    /// ExternalModelProvider `Ready=True`.
+    Ready,
+    /// An ExternalModelProvider field is invalid (base URL, headers, auth).
+    ConfigurationInvalid,
+    /// `CredentialsResolved=True`: the Secret and key were found.
+    CredentialResolved,
+    /// `CredentialsResolved=True`: the provider sets no `auth`.
+    CredentialNotRequired,
+    /// The credential Secret does not exist (or lacks the credential label).
+    CredentialNotFound,
+    /// The credential Secret has no such key.
+    CredentialKeyNotFound,
+    /// The credential is empty, not UTF-8 or not a valid header value.
+    CredentialInvalid,
+    /// The snapshot stream cannot carry credentials (no TLS with client authentication).
+    InsecureSnapshotStream,
 }
 
 impl Reason {
@@ -80,7 +97,6 @@ impl Reason {
             Self::InvalidWeights => "InvalidWeights",
             Self::InvalidRegex => "InvalidRegex",
             Self::InvalidMatch => "InvalidMatch",
-            Self::UnsupportedBackend => "UnsupportedBackend",
             Self::InvalidPort => "InvalidPort",
             Self::InvalidSelector => "InvalidSelector",
             Self::InvalidDuration => "InvalidDuration",
@@ -93,6 +109,14 @@ impl Reason {
             Self::NoMatchingPods => "NoMatchingPods",
             Self::InvalidPodIP => "InvalidPodIP",
             Self::NoCompletePdGroup => "NoCompletePdGroup",
+            Self::Ready => "Ready",
+            Self::ConfigurationInvalid => "ConfigurationInvalid",
+            Self::CredentialResolved => "CredentialResolved",
+            Self::CredentialNotRequired => "CredentialNotRequired",
+            Self::CredentialNotFound => "CredentialNotFound",
+            Self::CredentialKeyNotFound => "CredentialKeyNotFound",
+            Self::CredentialInvalid => "CredentialInvalid",
+            Self::InsecureSnapshotStream => "InsecureSnapshotStream",
         }
     }
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use switchyard_crd::{ModelRoute, StringMatch, TargetModel};
 use switchyard_snapshot::{object_key, pb};
 
+use super::providers::CompiledProviders;
 use super::report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
 use crate::rate_limit::compile_rate_limit;
@@ -12,11 +13,12 @@ use crate::rate_limit::compile_rate_limit;
 /// Largest weight a target may carry, as in Kthena's API.
 const MAX_TARGET_WEIGHT: u32 = 100;
 
-/// Which ModelServers a route may reference: `(namespace, name)` of every
-/// server in the input, and of those that were accepted.
+/// Which backends a route may reference: `(namespace, name)` of every
+/// server in the input, of those that were accepted, and the providers.
 pub(crate) struct KnownServers<'a> {
     pub accepted: BTreeSet<(&'a str, &'a str)>,
     pub present: BTreeSet<(&'a str, &'a str)>,
+    pub providers: &'a CompiledProviders,
 }
 
 /// Validates one ModelRoute and resolves its targets. Returns the route to put
@@ -71,7 +73,12 @@ pub(crate) fn compile_route(
             &mut invalid,
             &mut ignored_fields,
         );
-        validate_targets(&path, &rule.target_models, &mut invalid);
+        validate_targets(
+            &path,
+            &rule.target_models,
+            !spec.lora_adapters.is_empty(),
+            &mut invalid,
+        );
         let targets = resolve_targets(
             &path,
             namespace,
@@ -170,7 +177,12 @@ fn first_reason_or(problems: &[Problem], fallback: Reason) -> Reason {
     problems.first().map_or(fallback, |problem| problem.reason)
 }
 
-fn validate_targets(path: &str, targets: &[TargetModel], invalid: &mut Vec<Problem>) {
+fn validate_targets(
+    path: &str,
+    targets: &[TargetModel],
+    has_lora_adapters: bool,
+    invalid: &mut Vec<Problem>,
+) {
     if targets.is_empty() {
         invalid.push(Problem::new(
             Reason::InvalidRules,
@@ -187,6 +199,15 @@ fn validate_targets(path: &str, targets: &[TargetModel], invalid: &mut Vec<Probl
                 Reason::InvalidRules,
                 format!(
                     "{path}.targetModels[{index}]: exactly one of modelServerName or externalModelProviderName must be set"
+                ),
+            ));
+        }
+        // A LoRA adapter name only means something to the pods that loaded it.
+        if provider.is_some() && has_lora_adapters {
+            invalid.push(Problem::new(
+                Reason::InvalidRules,
+                format!(
+                    "{path}.targetModels[{index}].externalModelProviderName: a route with loraAdapters cannot target an ExternalModelProvider"
                 ),
             ));
         }
@@ -211,7 +232,8 @@ fn validate_targets(path: &str, targets: &[TargetModel], invalid: &mut Vec<Probl
     }
 }
 
-/// The targets that name an accepted ModelServer; every other one is dropped and reported.
+/// The targets that name an accepted ModelServer or a Ready provider; every
+/// other one is dropped and reported.
 fn resolve_targets(
     path: &str,
     namespace: &str,
@@ -231,6 +253,7 @@ fn resolve_targets(
                     resolved.push(pb::WeightedTarget {
                         model_server: key,
                         weight: target.weight,
+                        ..Default::default()
                     });
                 } else if servers.present.contains(&(namespace, server)) {
                     unresolved.push(Problem::new(
@@ -246,12 +269,29 @@ fn resolve_targets(
                     ));
                 }
             }
-            (None, Some(provider)) => unresolved.push(Problem::new(
-                Reason::UnsupportedBackend,
-                format!(
-                    "{target_path}.externalModelProviderName: external model providers are not supported yet; target {provider:?} dropped"
-                ),
-            )),
+            (None, Some(provider)) => {
+                let key = object_key(namespace, provider);
+                if servers.providers.is_ready(namespace, provider) {
+                    resolved.push(pb::WeightedTarget {
+                        external_provider: key,
+                        weight: target.weight,
+                        ..Default::default()
+                    });
+                } else if let Some(report) = servers.providers.report(namespace, provider) {
+                    unresolved.push(Problem::new(
+                        Reason::BackendNotFound,
+                        format!(
+                            "{target_path}.externalModelProviderName: ExternalModelProvider {key} is not Ready ({}); target dropped",
+                            report.ready.reason
+                        ),
+                    ));
+                } else {
+                    unresolved.push(Problem::new(
+                        Reason::BackendNotFound,
+                        format!("{target_path}.externalModelProviderName: ExternalModelProvider {key} not found; target dropped"),
+                    ));
+                }
+            }
             // Neither or both: already an InvalidRules problem, the route is rejected.
             _ => {}
         }

@@ -72,6 +72,7 @@ fn target(server: &str, weight: u32) -> pb::WeightedTarget {
     pb::WeightedTarget {
         model_server: server.to_owned(),
         weight,
+        ..Default::default()
     }
 }
 
@@ -838,7 +839,7 @@ fn targets_resolve_in_the_routes_namespace_only() {
 }
 
 #[test]
-fn external_provider_targets_are_dropped_as_unsupported() {
+fn provider_targets_resolve_to_ready_providers_only() {
     let routes = [route(
         r#"
 metadata: { name: r }
@@ -846,25 +847,89 @@ spec:
   modelName: m
   rules:
   - targetModels:
-    - { externalModelProviderName: openai }
+    - { externalModelProviderName: openai, weight: 30 }
+    - { externalModelProviderName: keyless }
+    - { externalModelProviderName: gone }
     - { modelServerName: s }
 "#,
     )];
-    let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
+    let providers: Vec<switchyard_crd::ExternalModelProvider> = [
+        "metadata: { name: openai }\nspec: { baseURL: 'https://api.openai.com', auth: { secretRef: { name: k, key: v } } }\n",
+        "metadata: { name: keyless }\nspec: { baseURL: 'https://llm.internal' }\n",
+    ]
+    .iter()
+    .map(|yaml| serde_yaml::from_str(yaml).expect("provider"))
+    .collect();
+    let secrets = [CredentialSecret {
+        namespace: "default".into(),
+        name: "k".into(),
+        data: [("v".to_owned(), b"sk-1".to_vec())].into(),
+    }];
+    let compiled_providers = compile_providers(&providers, &secrets, false);
+    let compiled = compile_routes_and_servers(
+        &routes,
+        &[simple_server("s", "s")],
+        &[],
+        &compiled_providers,
+    );
+    let provider_target = |key: &str, weight| pb::WeightedTarget {
+        external_provider: key.to_owned(),
+        weight,
+        ..Default::default()
+    };
     assert_eq!(
         compiled.route_config.routes[0].rules[0].targets,
-        vec![target("default/s", 100)]
+        vec![
+            provider_target("default/keyless", 100),
+            target("default/s", 100)
+        ],
+        "openai is not Ready without TLS on the stream; gone does not exist"
     );
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
     assert!(report.accepted.status);
-    assert_eq!(report.resolved_refs.reason, Reason::UnsupportedBackend);
+    assert_eq!(report.resolved_refs.reason, Reason::BackendNotFound);
     assert!(
         report
             .resolved_refs
             .message
-            .starts_with("spec.rules[0].targetModels[0].externalModelProviderName: external model providers are not supported yet"),
+            .contains("ExternalModelProvider default/openai is not Ready (InsecureSnapshotStream)")
+            && report
+                .resolved_refs
+                .message
+                .contains("ExternalModelProvider default/gone not found"),
         "{}",
         report.resolved_refs.message
+    );
+    let compiled_providers = compile_providers(&providers, &secrets, true);
+    let compiled = compile_routes_and_servers(&routes, &[], &[], &compiled_providers);
+    assert_eq!(
+        compiled.route_config.routes[0].rules[0].targets[0],
+        provider_target("default/openai", 30)
+    );
+}
+
+#[test]
+fn a_lora_route_cannot_target_a_provider() {
+    let routes = [route(
+        r#"
+metadata: { name: r }
+spec:
+  loraAdapters: [sql-lora]
+  rules:
+  - targetModels:
+    - { externalModelProviderName: openai }
+"#,
+    )];
+    let compiled = compile_objects(&routes, &[], &[]);
+    let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
+    assert_eq!(report.accepted.reason, Reason::InvalidRules);
+    assert!(
+        report
+            .accepted
+            .message
+            .contains("a route with loraAdapters cannot target an ExternalModelProvider"),
+        "{}",
+        report.accepted.message
     );
 }
 
@@ -1202,6 +1267,7 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
         pod_loads: &pod_loads,
         ejections: &ejections,
         now_unix_ms: 42,
+        ship_credentials: false,
     });
     assert_eq!(compiled.generated_at_unix_ms, 42);
     // The router configuration's scheduler section and outlier detection
@@ -1343,6 +1409,7 @@ fn auth_and_tiers_are_compiled_into_the_route_config() {
         pod_loads: &loads,
         ejections: &ReportedEjections::new(),
         now_unix_ms: 1,
+        ship_credentials: false,
     });
     let auth = compiled.route_config.auth.expect("auth on");
     assert_eq!(auth.api_keys.len(), 1);
@@ -1360,6 +1427,7 @@ fn auth_and_tiers_are_compiled_into_the_route_config() {
         pod_loads: &loads,
         ejections: &ReportedEjections::new(),
         now_unix_ms: 1,
+        ship_credentials: false,
     });
     assert_eq!(off.route_config.auth, None);
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::admin::{ObjectsView, SourceStatus};
 use crate::compile::{
-    CompileInput, Compiled, ObjectReport, ObjectSet, compile, compile_ejections,
+    CompileInput, Compiled, ObjectReport, ObjectSet, ProviderReport, compile, compile_ejections,
     compile_endpoint_loads,
 };
 use crate::metrics::ControllerMetrics;
@@ -42,6 +42,9 @@ pub(super) struct LoopIo {
     pub source_status: SourceStatus,
     pub metrics: ControllerMetrics,
     pub compile_duration: HistogramVec,
+    /// The stream is encrypted with authenticated clients: provider
+    /// credentials may be shipped.
+    pub ship_credentials: bool,
 }
 
 /// Recompiles on every change of its inputs and publishes the results.
@@ -56,6 +59,7 @@ pub(super) struct CompileLoop {
 #[derive(Default)]
 struct Logged {
     reports: Vec<ObjectReport>,
+    providers: Vec<ProviderReport>,
     auth_problems: Vec<String>,
 }
 
@@ -144,6 +148,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
         pod_loads: &pod_loads,
         ejections: &ejections,
         now_unix_ms: clock::unix_ms_now(),
+        ship_credentials: io.ship_credentials,
     });
     observe(io, "route_config", started);
 
@@ -160,6 +165,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
         );
     }
     log_new_rejections(&mut reported.reports, &compiled.reports);
+    log_unready_providers(&mut reported.providers, &compiled.provider_reports);
     if compiled.auth_problems != reported.auth_problems {
         for problem in &compiled.auth_problems {
             tracing::warn!(%problem, "API key left out");
@@ -175,6 +181,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     });
     io.objects_view.send_replace(Arc::new(ObjectsView {
         reports: compiled.reports.clone(),
+        providers: compiled.provider_reports.clone(),
         load_problems: objects.problems.clone(),
         source: SourceStatus {
             error: objects.source_error.clone(),
@@ -249,6 +256,23 @@ fn log_new_rejections(reported: &mut Vec<ObjectReport>, reports: &[ObjectReport]
             in_snapshot = report.in_snapshot,
             detail = %failed.message,
             "object not fully programmed"
+        );
+    }
+    *reported = reports.to_vec();
+}
+
+fn log_unready_providers(reported: &mut Vec<ProviderReport>, reports: &[ProviderReport]) {
+    for report in reports {
+        if report.ready.status || reported.contains(report) {
+            continue;
+        }
+        tracing::warn!(
+            kind = "ExternalModelProvider",
+            namespace = %report.namespace,
+            name = %report.name,
+            reason = report.ready.reason.as_str(),
+            detail = %report.ready.message,
+            "provider not ready"
         );
     }
     *reported = reports.to_vec();

@@ -35,7 +35,9 @@ use crate::metrics::ControllerMetrics;
 use crate::outlier::EjectionBoard;
 use crate::router_config::{RouterConfig, watch_router_config};
 use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
-use crate::xds::{self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics};
+use crate::xds::{
+    self, DataplaneRegistry, RoutingDiscoveryService, SnapshotPublisher, StreamSecurity, XdsMetrics,
+};
 
 mod compile_loop;
 pub mod source_hold;
@@ -99,6 +101,7 @@ pub async fn begin(
     args: &Args,
     shutdown: CancellationToken,
 ) -> Result<StartingController, ControllerError> {
+    let stream_security = StreamSecurity::load(&args.stream_security_files())?;
     let mut tasks = TaskSet::new(shutdown);
     let (admin_listener, admin_addr) = bind("admin", args.metrics_addr).await?;
     let (debug_listener, debug_addr) = bind("debug", args.debug_socket_addr()).await?;
@@ -161,6 +164,7 @@ pub async fn begin(
         objects_view,
         router,
         xds_addr: args.xds_addr,
+        stream_security,
         empty_source_grace_period: args.empty_source_grace_period,
         scrape_config: ScrapeConfig {
             interval: args.scrape_interval,
@@ -189,6 +193,7 @@ pub struct StartingController {
     objects_view: watch::Sender<Arc<ObjectsView>>,
     router: watch::Receiver<RouterConfig>,
     xds_addr: SocketAddr,
+    stream_security: StreamSecurity,
     empty_source_grace_period: Duration,
     scrape_config: ScrapeConfig,
 }
@@ -240,6 +245,7 @@ impl StartingController {
             source_status,
             metrics: self.metrics.clone(),
             compile_duration: self.compile_duration,
+            ship_credentials: self.stream_security.protects_credentials(),
         });
         tasks.spawn("compile loop", compile_loop.run());
 
@@ -251,8 +257,14 @@ impl StartingController {
         )
         .with_key_hints(key_hints)
         .with_outlier_reports(ejections);
+        tracing::info!(
+            security = ?self.stream_security,
+            ships_provider_credentials = self.stream_security.protects_credentials(),
+            "snapshot stream security"
+        );
+        let security = self.stream_security;
         tasks.spawn_graceful("snapshot stream server", |stop| {
-            xds::serve(xds_listener, service, stop.cancelled_owned())
+            xds::serve(xds_listener, service, security, stop.cancelled_owned())
         });
         tracing::info!(addr = %xds_addr, "xds listening on {xds_addr}");
 
@@ -373,8 +385,7 @@ mod tests {
             "switchyard-controller",
             "--xds-addr=127.0.0.1:0",
             "--metrics-addr=127.0.0.1:0",
-            // Not the default 15000, which a running dataplane or another
-            // test may hold.
+            // The default debug port may be another process's on a shared machine.
             "--debug-port=0",
             "--controller-id=core-test",
             // The test source is empty: publish it at once.

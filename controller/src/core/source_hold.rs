@@ -75,6 +75,7 @@ pub(super) async fn hold_while_empty(
         }
         view.send_replace(Arc::new(ObjectsView {
             reports: Vec::new(),
+            providers: Vec::new(),
             load_problems: current.problems.clone(),
             source: SourceStatus {
                 state: SourceState::Holding,

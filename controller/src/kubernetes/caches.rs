@@ -1,7 +1,8 @@
 //! Reflectors: local caches of ModelRoutes, ModelServers and Pods, kept in
 //! sync with the API server by list+watch, one per watched namespace (or one
-//! cluster-wide), and of the API-key Secrets of the controller's namespace,
-//! each bumping a shared change counter on every event.
+//! cluster-wide), of the API-key Secrets of the controller's namespace, and
+//! of ExternalModelProviders and their credential Secrets (labelled, in the
+//! watched namespaces), each bumping a shared change counter on every event.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -16,13 +17,14 @@ use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Api, Client, Resource};
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
-use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_crd::{ExternalModelProvider, ModelRoute, ModelServer, PROVIDER_CREDENTIAL_LABEL};
 use switchyard_runtime::TaskSet;
 use tokio::sync::watch;
 
 use super::pod_selector::PodWatch;
 use crate::auth::{self, ApiKeySecret};
-use crate::compile::LoadProblem;
+use crate::compile::providers::{credential_secret_of, strip_credential_secret};
+use crate::compile::{CredentialSecret, LoadProblem};
 
 /// Which namespaces are watched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +121,9 @@ pub struct Caches {
     pub pods: Vec<Cache<Pod>>,
     /// API-key Secrets, redacted ([`auth::redact_api_key_secret`]).
     pub secrets: Vec<Cache<Secret>>,
+    pub providers: Vec<Cache<ExternalModelProvider>>,
+    /// Provider credential Secrets, stripped to their data ([`strip_credential_secret`]).
+    pub credential_secrets: Vec<Cache<Secret>>,
     /// Bumped on every watch event of any kind.
     pub changes: watch::Receiver<u64>,
 }
@@ -131,8 +136,24 @@ impl Caches {
             servers: vec![Cache::seeded(servers)],
             pods: vec![Cache::seeded(pods)],
             secrets: vec![Cache::seeded(Vec::new())],
+            providers: vec![Cache::seeded(Vec::new())],
+            credential_secrets: vec![Cache::seeded(Vec::new())],
             changes: watch::channel(0).1,
         }
+    }
+
+    /// The providers and their credential Secrets' data, in canonical order.
+    pub fn providers(&self) -> (Vec<ExternalModelProvider>, Vec<CredentialSecret>) {
+        let secrets = collect(&self.credential_secrets)
+            .iter()
+            // The watch selects by label; a fake or proxy that ignores the selector must not widen it.
+            .filter_map(|secret| credential_secret_of(secret, crate::compile::DEFAULT_NAMESPACE))
+            .collect();
+        (collect(&self.providers), secrets)
+    }
+
+    pub fn find_provider(&self, namespace: &str, name: &str) -> Option<Arc<ExternalModelProvider>> {
+        find(&self.providers, namespace, name)
     }
 
     /// The API keys of the cached Secrets, and the problems of those that
@@ -183,6 +204,8 @@ impl Caches {
             && self.servers.iter().all(Cache::is_synced)
             && self.pods.iter().all(Cache::is_synced)
             && self.secrets.iter().all(Cache::is_synced)
+            && self.providers.iter().all(Cache::is_synced)
+            && self.credential_secrets.iter().all(Cache::is_synced)
     }
 
     pub async fn wait_synced(&mut self) {
@@ -196,6 +219,12 @@ impl Caches {
             cache.wait_synced().await;
         }
         for cache in &mut self.secrets {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.providers {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.credential_secrets {
             cache.wait_synced().await;
         }
     }
@@ -231,6 +260,7 @@ pub struct Reflectors {
     pub pod_watch: watch::Sender<PodWatch>,
     _fixed_selection: watch::Sender<PodWatch>,
     _api_key_selection: watch::Sender<PodWatch>,
+    _credential_selection: watch::Sender<PodWatch>,
 }
 
 /// Starts the ModelRoute and ModelServer reflectors of `scope` on `tasks`,
@@ -288,17 +318,41 @@ pub async fn start(
         auth::redact_api_key_secret,
     );
     tasks.spawn("API key Secret watch", task);
+    let mut providers = Vec::new();
+    for api in scope.apis::<ExternalModelProvider>(client) {
+        let (cache, task) = cache_and_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+        providers.push(cache);
+        tasks.spawn("ExternalModelProvider watch", task);
+    }
+    // Only Secrets labelled as provider credentials, in the watched namespaces.
+    let (credential_selection, credential_watch) = watch::channel(PodWatch::Labels(format!(
+        "{PROVIDER_CREDENTIAL_LABEL}=true"
+    )));
+    let mut credential_secrets = Vec::new();
+    for api in scope.apis::<Secret>(client) {
+        let (cache, task) = cache_and_reflector(
+            api,
+            credential_watch.clone(),
+            changes_sender.clone(),
+            strip_credential_secret,
+        );
+        credential_secrets.push(cache);
+        tasks.spawn("provider credential Secret watch", task);
+    }
     Reflectors {
         caches: Caches {
             routes,
             servers,
             pods,
             secrets: vec![secrets],
+            providers,
+            credential_secrets,
             changes,
         },
         pod_watch,
         _fixed_selection: fixed_selection,
         _api_key_selection: api_key_selection,
+        _credential_selection: credential_selection,
     }
 }
 

@@ -168,12 +168,15 @@ async fn feed_objects(reflectors: caches::Reflectors, objects: watch::Sender<Arc
 fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<ObjectSet> {
     let (routes, servers, pods) = caches.snapshot();
     let (api_keys, problems) = caches.api_keys();
+    let (providers, provider_secrets) = caches.providers();
     pod_watch
         .send_if_modified(|current| replace_if_changed(current, pod_selector::pod_watch(&servers)));
     Arc::new(ObjectSet {
         routes,
         servers,
         pods,
+        providers,
+        provider_secrets,
         api_keys,
         problems,
         ..ObjectSet::default()
@@ -255,6 +258,7 @@ impl StatusLoop {
             };
             let updates = status_writer::plan(&PlanInput {
                 reports: &compiled.reports,
+                providers: &compiled.provider_reports,
                 caches: &self.caches,
                 acks: &acks,
                 last_scrape: &last_scrape,

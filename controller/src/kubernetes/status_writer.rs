@@ -9,10 +9,10 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource};
 use serde_json::{Value, json};
-use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_crd::{ExternalModelProvider, ModelRoute, ModelServer};
 
 use super::caches::Caches;
-use crate::compile::{ObjectKind, ObjectReport};
+use crate::compile::{ObjectKind, ObjectReport, ProviderReport};
 use crate::metrics::ControllerMetrics;
 use crate::status::{self, AckSummary, WarningEvent};
 
@@ -37,6 +37,7 @@ pub struct StatusUpdate {
 /// Everything [`plan`] reads.
 pub struct PlanInput<'a> {
     pub reports: &'a [ObjectReport],
+    pub providers: &'a [ProviderReport],
     pub caches: &'a Caches,
     pub acks: &'a AckSummary,
     /// Newest successful scrape per ModelServer (namespace, name).
@@ -94,8 +95,29 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                     uid: object.metadata.uid.clone(),
                 }
             }
+            // Providers have reports of their own (below).
+            ObjectKind::ExternalModelProvider => continue,
         };
         updates.push(update);
+    }
+    for report in input.providers {
+        let Some(object) = input.caches.find_provider(&report.namespace, &report.name) else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired = status::provider_status(report, previous, input.now);
+        if previous == Some(&desired) {
+            continue;
+        }
+        let conditions = previous.map_or(&[][..], |status| &status.conditions);
+        updates.push(StatusUpdate {
+            kind: ObjectKind::ExternalModelProvider,
+            namespace: report.namespace.clone(),
+            name: report.name.clone(),
+            patch: apply_body::<ExternalModelProvider>(serde_json::to_value(&desired)),
+            events: status::provider_events(report, conditions),
+            uid: object.metadata.uid.clone(),
+        });
     }
     updates
 }
@@ -197,6 +219,11 @@ impl StatusWriter {
                     .patch_status(&update.name, &params, &patch)
                     .await?;
             }
+            ObjectKind::ExternalModelProvider => {
+                Api::<ExternalModelProvider>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -255,6 +282,7 @@ spec:
         let now = Timestamp::from_second(1_780_000_000).expect("timestamp");
         let updates = plan(&PlanInput {
             reports: &compiled.reports,
+            providers: &[],
             caches: &caches,
             acks: &acks,
             last_scrape: &BTreeMap::new(),

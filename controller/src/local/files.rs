@@ -148,6 +148,12 @@ impl DirFiles {
             objects
                 .api_keys
                 .extend(contribution.api_keys.iter().cloned());
+            objects
+                .providers
+                .extend(contribution.providers.iter().cloned());
+            objects
+                .provider_secrets
+                .extend(contribution.provider_secrets.iter().cloned());
             for pod in &contribution.pods {
                 let namespace = namespace_of(&pod.metadata).to_owned();
                 let pod_name = pod.metadata.name.clone().unwrap_or_default();
@@ -209,7 +215,8 @@ impl TrackedFile {
         }
         self.contribution = match &self.last_good {
             Some(good) => {
-                let count = good.routes.len() + good.servers.len() + good.pods.len();
+                let count =
+                    good.routes.len() + good.servers.len() + good.pods.len() + good.providers.len();
                 let mut kept = good.clone();
                 kept.problems = loaded.problems;
                 kept.problems.push(file_problem(

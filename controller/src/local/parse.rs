@@ -46,7 +46,7 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             .and_then(|metadata| metadata.get("name"))
             .and_then(serde_yaml::Value::as_str);
         let expected_api_version = match kind {
-            Some("ModelRoute" | "ModelServer") => CRD_API_VERSION,
+            Some("ModelRoute" | "ModelServer" | "ExternalModelProvider") => CRD_API_VERSION,
             Some("Pod" | "Secret") => POD_API_VERSION,
             Some(other) => {
                 tracing::debug!(
@@ -81,6 +81,11 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
                 Ok(None) => {}
                 Err(error) => objects.problems.push(problem(kind, name, error)),
             }
+            match read_credential_secret(&value) {
+                Ok(Some(secret)) => objects.provider_secrets.push(secret),
+                Ok(None) => {}
+                Err(error) => objects.problems.push(problem(kind, name, error)),
+            }
             continue;
         }
         let parsed = match kind {
@@ -90,6 +95,8 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             Some("ModelServer") => {
                 serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server))
             }
+            Some("ExternalModelProvider") => serde_yaml::from_value(value.clone())
+                .map(|provider| objects.providers.push(provider)),
             _ => serde_yaml::from_value(value.clone()).map(|pod| objects.pods.push(pod)),
         };
         if let Err(error) = parsed {
@@ -106,21 +113,47 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
 fn read_api_key_secret(
     value: &serde_yaml::Value,
 ) -> Result<Option<crate::auth::ApiKeySecret>, String> {
+    let Some(secret) = labelled_secret(value, crate::auth::API_KEY_LABEL)? else {
+        return Ok(None);
+    };
+    crate::auth::api_key_of(&secret, crate::compile::DEFAULT_NAMESPACE).map(Some)
+}
+
+/// Reads a `Secret` document labelled as a provider credential; None for
+/// other Secrets.
+fn read_credential_secret(
+    value: &serde_yaml::Value,
+) -> Result<Option<crate::compile::CredentialSecret>, String> {
+    let Some(secret) = labelled_secret(value, switchyard_crd::PROVIDER_CREDENTIAL_LABEL)? else {
+        return Ok(None);
+    };
+    Ok(crate::compile::providers::credential_secret_of(
+        &secret,
+        crate::compile::DEFAULT_NAMESPACE,
+    ))
+}
+
+/// The `Secret` of a document carrying `label: "true"`; None without the
+/// label. The error never quotes a value: a parse error could quote a secret.
+fn labelled_secret(
+    value: &serde_yaml::Value,
+    label: &str,
+) -> Result<Option<k8s_openapi::api::core::v1::Secret>, String> {
     let labelled = value
         .get("metadata")
         .and_then(|metadata| metadata.get("labels"))
-        .and_then(|labels| labels.get(crate::auth::API_KEY_LABEL))
+        .and_then(|labels| labels.get(label))
         .and_then(serde_yaml::Value::as_str)
         == Some("true");
     if !labelled {
         return Ok(None);
     }
-    let secret = serde_yaml::from_value::<k8s_openapi::api::core::v1::Secret>(value.clone())
+    serde_yaml::from_value(value.clone())
+        .map(Some)
         .map_err(|_| {
             "not a valid Secret: `data` values must be base64 strings, `stringData` values strings"
                 .to_owned()
-        })?;
-    crate::auth::api_key_of(&secret, crate::compile::DEFAULT_NAMESPACE).map(Some)
+        })
 }
 
 #[cfg(test)]
@@ -287,5 +320,16 @@ status:
         let problem = &objects.problems[0];
         assert_eq!(problem.name.as_deref(), Some("broken"));
         assert!(!problem.error.contains("sk-not"), "{}", problem.error);
+    }
+
+    #[test]
+    fn providers_and_their_labelled_secrets_are_read() {
+        let text = "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ExternalModelProvider\nmetadata: {name: openai}\nspec: {baseURL: 'https://api.openai.com/v1'}\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: openai-key\n  labels: {networking.serving.volcano.sh/external-model-provider-credential: \"true\"}\nstringData: {api-key: sk-1}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: unrelated}\nstringData: {api-key: sk-2}\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: broken\n  labels: {networking.serving.volcano.sh/external-model-provider-credential: \"true\"}\ndata: {api-key: sk-not-base64!}\n";
+        let objects = parse(text);
+        assert_eq!(objects.providers.len(), 1);
+        assert_eq!(objects.provider_secrets.len(), 1, "only labelled Secrets");
+        assert_eq!(objects.provider_secrets[0].name, "openai-key");
+        assert_eq!(objects.problems.len(), 1);
+        assert!(!objects.problems[0].error.contains("sk-not"));
     }
 }

@@ -18,11 +18,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 use switchyard_crd::status::{
-    CONDITION_ACCEPTED, CONDITION_IGNORED_FIELDS, CONDITION_PROGRAMMED, CONDITION_RESOLVED_REFS,
+    CONDITION_ACCEPTED, CONDITION_CREDENTIALS_RESOLVED, CONDITION_IGNORED_FIELDS,
+    CONDITION_PROGRAMMED, CONDITION_READY, CONDITION_RESOLVED_REFS,
 };
-use switchyard_crd::{ModelRouteStatus, ModelServerStatus};
+use switchyard_crd::{ExternalModelProviderStatus, ModelRouteStatus, ModelServerStatus};
 
-use crate::compile::{ConditionReport, ObjectKind, ObjectReport};
+use crate::compile::{ConditionReport, ObjectKind, ObjectReport, ProviderReport};
 use crate::xds::DataplaneStatus;
 
 mod reports;
@@ -162,6 +163,68 @@ pub fn server_status(
         complete_pd_groups: report.complete_pd_groups.map(saturating_i32),
         last_scrape_time: coarse_scrape_time(previous_scrape, last_scrape),
     }
+}
+
+/// The status an ExternalModelProvider should carry: `Ready` and
+/// `CredentialsResolved`, from its compile report.
+pub fn provider_status(
+    report: &ProviderReport,
+    previous: Option<&ExternalModelProviderStatus>,
+    now: Timestamp,
+) -> ExternalModelProviderStatus {
+    let previous = previous.map_or(&[][..], |status| &status.conditions);
+    let own = |type_: &str, reported: &ConditionReport| {
+        condition(
+            type_,
+            reported.status,
+            reported.reason.as_str(),
+            reported.message.clone(),
+            report.generation,
+            previous,
+            now,
+        )
+    };
+    let mut conditions = vec![
+        own(CONDITION_READY, &report.ready),
+        own(CONDITION_CREDENTIALS_RESOLVED, &report.credentials),
+    ];
+    conditions.extend(
+        previous
+            .iter()
+            .filter(|condition| {
+                ![CONDITION_READY, CONDITION_CREDENTIALS_RESOLVED]
+                    .contains(&condition.type_.as_str())
+            })
+            .cloned(),
+    );
+    ExternalModelProviderStatus {
+        observed_generation: report.generation,
+        conditions,
+    }
+}
+
+/// The Warning event a provider deserves: one when it is not Ready for a
+/// reason it did not already carry.
+pub fn provider_events(report: &ProviderReport, previous: &[Condition]) -> Vec<WarningEvent> {
+    if report.ready.status {
+        return Vec::new();
+    }
+    let already_reported = previous.iter().any(|condition| {
+        condition.type_ == CONDITION_READY
+            && condition.status == "False"
+            && condition.reason == report.ready.reason.as_str()
+            && condition.observed_generation == report.generation
+    });
+    if already_reported {
+        return Vec::new();
+    }
+    vec![WarningEvent {
+        kind: ObjectKind::ExternalModelProvider,
+        namespace: report.namespace.clone(),
+        name: report.name.clone(),
+        reason: report.ready.reason.as_str().to_owned(),
+        note: truncate_note(&report.ready.message),
+    }]
 }
 
 fn conditions(

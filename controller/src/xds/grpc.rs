@@ -12,6 +12,7 @@ use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic_prost::ProstCodec;
 
+use super::security::StreamSecurity;
 use super::service::RoutingDiscoveryService;
 use super::wire::EncodedResponse;
 
@@ -22,11 +23,15 @@ const STREAM_SNAPSHOTS_PATH: &str = "/switchyard.routing.v1.RoutingDiscovery/Str
 #[derive(Clone, Debug)]
 pub struct RoutingDiscoveryServer {
     service: RoutingDiscoveryService,
+    security: std::sync::Arc<StreamSecurity>,
 }
 
 impl RoutingDiscoveryServer {
-    pub fn new(service: RoutingDiscoveryService) -> Self {
-        Self { service }
+    pub fn new(service: RoutingDiscoveryService, security: StreamSecurity) -> Self {
+        Self {
+            service,
+            security: std::sync::Arc::new(security),
+        }
     }
 }
 
@@ -50,6 +55,15 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if request.uri().path() != STREAM_SNAPSHOTS_PATH {
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let authorization = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(http::HeaderValue::as_bytes);
+        if !self.security.admits(authorization) {
+            return Box::pin(async {
+                Ok(Status::unauthenticated("a valid stream token is required").into_http())
+            });
         }
         let method = StreamSnapshots(self.service.clone());
         Box::pin(async move {

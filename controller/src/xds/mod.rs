@@ -16,12 +16,14 @@ mod grpc;
 mod metrics;
 mod publisher;
 mod registry;
+mod security;
 mod service;
 mod wire;
 
 pub use metrics::XdsMetrics;
 pub use publisher::{PublishResult, PublishedResource, ResourceReceiver, SnapshotPublisher};
 pub use registry::{DataplaneRegistry, DataplaneStatus, TypeSyncStatus};
+pub use security::{StreamSecurity, StreamSecurityError, StreamSecurityFiles};
 pub use service::{
     RoutingDiscoveryService, STREAM_CHANNEL_CAPACITY, STREAM_SEND_TIMEOUT, StreamSettings,
 };
@@ -34,19 +36,25 @@ pub const XDS_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may stay unanswered before the connection is dropped.
 pub const XDS_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `service` on `listener` until `shutdown` completes, then ends every
-/// open stream and returns once the connections are closed.
+/// Serves `service` on `listener` (over TLS, with client authentication, as
+/// `security` says) until `shutdown` completes, then ends every open stream
+/// and returns once the connections are closed.
 pub async fn serve(
     listener: TcpListener,
     service: RoutingDiscoveryService,
+    security: StreamSecurity,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let closer = service.clone();
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(XDS_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(XDS_KEEPALIVE_TIMEOUT))
-        .add_service(grpc::RoutingDiscoveryServer::new(service))
+        .add_service(grpc::RoutingDiscoveryServer::new(service, security))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.await;
             closer.close_streams();

@@ -21,11 +21,13 @@ use crate::request::{ParsedBody, parse_body};
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 /// API paths whose POST bodies carry a `model` and are proxied.
-pub const PROXIED_PATHS: [&str; 4] = [
+pub const PROXIED_PATHS: [&str; 5] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
     "/v1/responses",
+    // Anthropic's Messages API: external providers, and engines that serve it.
+    "/v1/messages",
 ];
 
 /// The path that lists the served models.

@@ -6,7 +6,10 @@
 //! 2. [`authenticate`]: who sent it (an [`Identity`]), from its head alone;
 //! 3. [`admission`]: may it go upstream now (token rate limits; its turn
 //!    in the fairness queue);
-//! 4. [`route`]: ModelRoute, rule and ModelServer; the body edits;
+//! 4. [`route`]: ModelRoute, rule and ModelServer (or external provider);
+//!    the body edits;
+//!    - [`provider`]: for an external provider, instead of 5 and 6: the
+//!      request sent over HTTPS with its credential, the answer passed through;
 //! 5. [`schedule`]: the ranked candidate pods (prefill/decode pairs for a
 //!    ModelServer that disaggregates them), the request id;
 //! 6. [`forward`]: the attempts over the candidates (retries, timeouts,
@@ -27,6 +30,7 @@ pub mod admit;
 pub mod authenticate;
 pub mod forward;
 pub mod log;
+pub mod provider;
 pub mod respond;
 pub mod route;
 pub mod schedule;
@@ -175,6 +179,16 @@ impl<U: Upstream> Proxy<U> {
         )
         .await?;
         let routed = route::route(&table.index, &request, record)?;
+        if let Some(provider) = routed.decision.server.provider.clone() {
+            return provider::forward_to_provider(
+                self.upstream.as_ref(),
+                &provider,
+                request,
+                routed,
+                record,
+            )
+            .await;
+        }
         if routed.decision.server.prefill_decode.is_some() {
             return self.pairs(&table, request, routed, record).await;
         }

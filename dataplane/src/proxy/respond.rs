@@ -30,6 +30,26 @@ pub fn respond<B: Body<Data = Bytes> + Unpin>(
     record: &mut RequestRecord,
 ) -> Response<ProxyBody<B>> {
     let Delivered { response, guard } = delivered;
+    respond_held(response, Some(guard), request_id, hide_usage_chunk, record)
+}
+
+/// The response of an external provider: nothing is held in flight.
+pub fn respond_unheld<B: Body<Data = Bytes> + Unpin>(
+    response: Response<B>,
+    request_id: HeaderValue,
+    hide_usage_chunk: bool,
+    record: &mut RequestRecord,
+) -> Response<ProxyBody<B>> {
+    respond_held(response, None, request_id, hide_usage_chunk, record)
+}
+
+fn respond_held<B: Body<Data = Bytes> + Unpin>(
+    response: Response<B>,
+    guard: Option<InFlightGuard>,
+    request_id: HeaderValue,
+    hide_usage_chunk: bool,
+    record: &mut RequestRecord,
+) -> Response<ProxyBody<B>> {
     let (mut parts, body) = response.into_parts();
     for name in &HOP_BY_HOP {
         parts.headers.remove(name);
@@ -51,7 +71,7 @@ pub fn respond<B: Body<Data = Bytes> + Unpin>(
         ProxyBody::Upstream(UpstreamBody {
             body,
             observer: ResponseObserver::new(is_event_stream, hide_usage_chunk),
-            guard: Some(guard),
+            guard,
             record: None,
             finished: false,
         }),
@@ -149,6 +169,9 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ProxyBody<B> {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Full(full) => full.size_hint(),
+            // Hiding the usage chunk shrinks the body: its upstream length
+            // (an SSE answer with a Content-Length) no longer holds.
+            Self::Upstream(upstream) if upstream.observer.may_shrink() => SizeHint::default(),
             Self::Upstream(upstream) => upstream.body.size_hint(),
         }
     }

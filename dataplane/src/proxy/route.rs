@@ -13,6 +13,9 @@ use crate::error::{ApiError, ErrorKind, quoted};
 use crate::request::{Edit, apply_edits};
 use crate::routing::{RequestFacts, RouteDecision, RouteIndex};
 
+/// Paths whose streams report usage only when asked (`include_usage`).
+const USAGE_OPTION_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+
 /// Where the request goes and what changes in its body.
 #[derive(Debug)]
 pub struct Routed {
@@ -78,7 +81,12 @@ pub fn route(
         })?;
     record.set_route(model, &decision);
     let mut edits = Vec::new();
-    let usage_edit = request.parsed.include_usage_edit(&request.body);
+    // Only the OpenAI chat and completions APIs take `stream_options`; the
+    // Responses and Messages APIs report usage in their streams unasked.
+    let usage_edit = USAGE_OPTION_PATHS
+        .contains(&request.head.uri.path())
+        .then(|| request.parsed.include_usage_edit(&request.body))
+        .flatten();
     let hide_usage_chunk = usage_edit.is_some();
     edits.extend(usage_edit);
     let mut routed = Routed {

@@ -262,6 +262,8 @@ pub enum Script {
     SlowHeaders(Duration),
     /// This script, after this long.
     Delayed(Duration, Box<Script>),
+    /// A 429 with a JSON error and this `Retry-After`.
+    TooManyRequests { retry_after: &'static str },
 }
 
 impl Script {
@@ -386,13 +388,32 @@ impl Upstream for ScriptedUpstream {
         &self,
         request: Request<Full<Bytes>>,
     ) -> Result<Response<ScriptedBody>, UpstreamError> {
-        let (head, body) = request.into_parts();
-        let host = head
-            .uri
+        let host = request
+            .uri()
             .host()
             .and_then(|host| host.parse::<std::net::Ipv4Addr>().ok())
             .expect("a test pod address");
-        let pod = format!("p{}", host.octets()[3] - 1);
+        self.answer(format!("p{}", host.octets()[3] - 1), request)
+            .await
+    }
+
+    async fn send_to_provider(
+        &self,
+        provider: &crate::providers::Provider,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<ScriptedBody>, UpstreamError> {
+        self.answer(provider.key.clone(), request).await
+    }
+}
+
+impl ScriptedUpstream {
+    /// Records the request as sent to `pod` and plays its next script.
+    async fn answer(
+        &self,
+        pod: String,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<ScriptedBody>, UpstreamError> {
+        let (head, body) = request.into_parts();
         let body = body
             .collect()
             .await
@@ -436,6 +457,19 @@ impl Upstream for ScriptedUpstream {
                 content_type,
                 frames,
             } => Ok(scripted_response(status, content_type, frames)),
+            Script::TooManyRequests { retry_after } => {
+                let mut response = scripted_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "application/json",
+                    vec![Ok(Bytes::from_static(
+                        br#"{"error":{"type":"rate_limit_error"}}"#,
+                    ))],
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static(retry_after));
+                Ok(response)
+            }
             Script::Delayed(..) => unreachable!("delays are waited for above"),
         };
         watch.disarm();

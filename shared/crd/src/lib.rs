@@ -1,8 +1,10 @@
 //! The Kthena-compatible custom resources Switchyard serves:
-//! `ModelRoute` and `ModelServer` in `networking.serving.volcano.sh/v1alpha1`.
+//! `ModelRoute`, `ModelServer` and `ExternalModelProvider` in
+//! `networking.serving.volcano.sh/v1alpha1`.
 #![forbid(unsafe_code)]
 
 pub mod duration;
+pub mod external_model_provider;
 pub mod manifests;
 pub mod model_route;
 pub mod model_server;
@@ -11,6 +13,10 @@ pub mod status;
 pub mod test_builders;
 
 pub use duration::{GoDurationError, parse_go_duration};
+pub use external_model_provider::{
+    AuthScheme, ExternalModelProvider, ExternalModelProviderSpec, PROVIDER_CREDENTIAL_LABEL,
+    ProviderAuth, ProviderType, SecretKeySelector,
+};
 pub use manifests::{CrdManifest, crd_yaml, crd_yaml_stream};
 pub use model_route::{
     BodyMatch, FailureMode, GlobalRateLimit, ModelMatch, ModelRoute, ModelRouteSpec,
@@ -20,9 +26,9 @@ pub use model_server::{
     DEFAULT_KV_CONNECTOR_TYPE, InferenceEngine, KvConnector, ModelServer, ModelServerSpec, PdGroup,
     Retry, TrafficPolicy, WorkloadPort, WorkloadSelector,
 };
-pub use status::{ModelRouteStatus, ModelServerStatus};
+pub use status::{ExternalModelProviderStatus, ModelRouteStatus, ModelServerStatus};
 
 /// API group shared with the Kthena router, so existing manifests apply unchanged.
 pub const GROUP: &str = "networking.serving.volcano.sh";
-/// API version of both kinds.
+/// API version of every kind.
 pub const VERSION: &str = "v1alpha1";

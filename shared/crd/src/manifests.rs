@@ -3,7 +3,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{ModelRoute, ModelServer};
+use crate::{ExternalModelProvider, ModelRoute, ModelServer};
 
 /// First line of every rendered manifest, so nobody hand-edits the checked-in copies.
 pub const GENERATED_HEADER: &str =
@@ -23,6 +23,10 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         (ModelRoute::crd_name(), ModelRoute::crd()),
         (ModelServer::crd_name(), ModelServer::crd()),
+        (
+            ExternalModelProvider::crd_name(),
+            ExternalModelProvider::crd(),
+        ),
     ]
 }
 

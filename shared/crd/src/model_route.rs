@@ -151,7 +151,7 @@ pub struct TargetModel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub model_server_name: Option<String>,
-    /// An ExternalModelProvider in the route's namespace (not served by Switchyard yet).
+    /// An ExternalModelProvider in the route's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub external_model_provider_name: Option<String>,

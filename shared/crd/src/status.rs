@@ -14,6 +14,12 @@ pub const CONDITION_PROGRAMMED: &str = "Programmed";
 /// router does not act on (yet); the message names each one.
 pub const CONDITION_IGNORED_FIELDS: &str = "IgnoredFields";
 
+/// Condition type of an ExternalModelProvider: requests can be sent to it
+/// (valid, credential resolved and deliverable to the dataplanes).
+pub const CONDITION_READY: &str = "Ready";
+/// Condition type of an ExternalModelProvider: its credential Secret and key were found.
+pub const CONDITION_CREDENTIALS_RESOLVED: &str = "CredentialsResolved";
+
 /// Observed state of a ModelRoute.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -56,4 +62,17 @@ pub struct ModelServerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("format" = "date-time"))]
     pub last_scrape_time: Option<String>,
+}
+
+/// Observed state of an ExternalModelProvider.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalModelProviderStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` and `CredentialsResolved`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".to_owned()]))]
+    pub conditions: Vec<Condition>,
 }

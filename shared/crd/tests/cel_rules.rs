@@ -9,7 +9,7 @@ use kube::core::cel::{
     ErrorKind, ScopeContext, Validator, WarningKind, analyze_rule, compile_schema,
 };
 use serde_json::{Value, json};
-use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_crd::{ExternalModelProvider, ModelRoute, ModelServer};
 
 fn object(kind: &str, spec: Value) -> Value {
     json!({
@@ -25,6 +25,7 @@ fn failures(kind: &str, spec: Value, old_spec: Option<Value>) -> Vec<String> {
     let schema = match kind {
         "ModelRoute" => open_api_schema::<ModelRoute>(),
         "ModelServer" => open_api_schema::<ModelServer>(),
+        "ExternalModelProvider" => open_api_schema::<ExternalModelProvider>(),
         other => panic!("no schema for {other}"),
     };
     let old = old_spec.map(|spec| object(kind, spec));
@@ -66,6 +67,10 @@ fn every_rule_compiles_and_fits_the_cost_budget() {
     for (kind, schema) in [
         ("ModelRoute", open_api_schema::<ModelRoute>()),
         ("ModelServer", open_api_schema::<ModelServer>()),
+        (
+            "ExternalModelProvider",
+            open_api_schema::<ExternalModelProvider>(),
+        ),
     ] {
         let compiled = compile_schema(&schema);
         let mut rule_count = 0;
@@ -94,7 +99,11 @@ fn every_rule_compiles_and_fits_the_cost_budget() {
             pending.extend(node.items.as_deref());
             pending.extend(node.additional_properties.as_deref());
         }
-        let expected = if kind == "ModelRoute" { 5 } else { 2 };
+        let expected = match kind {
+            "ModelRoute" => 5,
+            "ModelServer" => 2,
+            _ => 1,
+        };
         assert_eq!(rule_count, expected, "{kind} rule count");
     }
 }
@@ -266,4 +275,23 @@ fn every_kthena_example_passes_the_rules() {
         checked += 1;
     }
     assert!(checked >= 18, "only {checked} examples checked");
+}
+
+#[test]
+fn a_provider_credential_reference_cannot_be_optional() {
+    let provider = |optional: Value| {
+        failures(
+            "ExternalModelProvider",
+            json!({
+                "baseURL": "https://api.openai.com/v1",
+                "auth": {"secretRef": {"name": "s", "key": "k", "optional": optional}},
+            }),
+            None,
+        )
+    };
+    assert_eq!(provider(json!(false)), Vec::<String>::new());
+    assert_eq!(
+        provider(json!(true)),
+        ["auth.secretRef.optional must be false: a provider needs its credential"]
+    );
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use common::open_api_schema;
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
-use switchyard_crd::{ModelRoute, ModelServer, crd_yaml};
+use switchyard_crd::{ExternalModelProvider, ModelRoute, ModelServer, crd_yaml};
 
 /// Set to rewrite `crds/` from the tests when the `crdgen` binary cannot be built.
 const UPDATE_ENV: &str = "SWITCHYARD_UPDATE_CRDS";
@@ -51,7 +51,8 @@ fn manifests_are_named_after_the_crds_and_parse_back() {
         names,
         [
             "modelroutes.networking.serving.volcano.sh.yaml",
-            "modelservers.networking.serving.volcano.sh.yaml"
+            "modelservers.networking.serving.volcano.sh.yaml",
+            "externalmodelproviders.networking.serving.volcano.sh.yaml"
         ]
     );
     let stream = switchyard_crd::crd_yaml_stream().unwrap();
@@ -62,7 +63,10 @@ fn manifests_are_named_after_the_crds_and_parse_back() {
             crd.spec.names.kind
         })
         .collect();
-    assert_eq!(kinds, ["ModelRoute", "ModelServer"]);
+    assert_eq!(
+        kinds,
+        ["ModelRoute", "ModelServer", "ExternalModelProvider"]
+    );
 }
 
 /// The schema node at a `/`-separated path of property names below `spec` or `status`.
@@ -343,4 +347,41 @@ fn printer_columns_show_the_key_fields() {
             ("AGE", ".metadata.creationTimestamp"),
         ])
     );
+}
+
+#[test]
+fn external_model_provider_schema_carries_the_api_constraints() {
+    let schema = open_api_schema::<ExternalModelProvider>();
+    let spec = node(&schema, "spec");
+    assert_eq!(required(spec), ["baseURL"]);
+    let base_url = node(&schema, "spec/baseURL");
+    assert_eq!(base_url["pattern"], "^https://.+");
+    assert_eq!(base_url["minLength"], 1);
+    assert_eq!(node(&schema, "spec/model")["maxLength"], 256);
+    assert_eq!(
+        node(&schema, "spec/providerType")["enum"],
+        json!(["OpenAI", "Anthropic"])
+    );
+    assert_eq!(
+        node(&schema, "spec/auth/scheme")["enum"],
+        json!(["Bearer", "APIKey"])
+    );
+    assert_eq!(required(node(&schema, "spec/auth")), ["secretRef"]);
+    assert_eq!(
+        required(node(&schema, "spec/auth/secretRef")),
+        ["key", "name"]
+    );
+    assert_eq!(
+        node(&schema, "spec/headers/{}")["type"],
+        "string",
+        "static headers are a string map"
+    );
+    let crd = ExternalModelProvider::crd();
+    let columns: Vec<String> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|column| column.name.clone())
+        .collect();
+    assert_eq!(columns, ["TYPE", "BASE-URL", "READY", "REASON", "AGE"]);
 }

@@ -2,10 +2,11 @@
 //! Kthena router's (camelCase CRD field names, `{"modelroutes": [...]}`
 //! lists), shared by the dataplane and the controller so both show the same.
 //!
-//! Only what the snapshot carries is shown: it holds no credentials and no
-//! request data, so nothing secret can leak through a dump. Pods carry their
-//! node name, start time and labels; one the controller did not know (a
-//! local file without `spec.nodeName`) is left out rather than invented.
+//! Only what the snapshot carries is shown, less the one secret it may
+//! hold: a provider's credential is never part of a view (its scheme is),
+//! and no request data is. Pods carry their node name, start time and
+//! labels; one the controller did not know (a local file without
+//! `spec.nodeName`) is left out rather than invented.
 
 use serde_json::{Map, Value, json};
 
@@ -182,6 +183,41 @@ pub fn fairness(config: &pb::FairnessConfig) -> Value {
     })
 }
 
+/// `GET /debug/config_dump/externalmodelproviders`.
+pub fn externalmodelproviders(config: &pb::RouteConfig) -> Value {
+    json!({"externalmodelproviders": config.external_providers.iter().map(external_provider).collect::<Vec<_>>()})
+}
+
+/// An ExternalModelProvider in the CRD's shape; of its credential only the
+/// scheme is shown.
+pub fn external_provider(provider: &pb::ExternalProvider) -> Value {
+    let provider_type = match provider.provider_type() {
+        pb::ProviderType::Openai => "OpenAI",
+        pb::ProviderType::Anthropic => "Anthropic",
+    };
+    let headers: Map<String, Value> = provider
+        .headers
+        .iter()
+        .map(|header| (header.name.clone(), json!(header.value)))
+        .collect();
+    json!({
+        "name": provider.name,
+        "namespace": provider.namespace,
+        "providerType": provider_type,
+        "model": provider.model,
+        "baseURL": provider.base_url,
+        "insecureSkipVerify": provider.insecure_skip_verify,
+        "auth": provider.credential.as_ref().map(|credential| json!({
+            "scheme": match credential.scheme() {
+                pb::CredentialScheme::Bearer => "Bearer",
+                pb::CredentialScheme::ApiKey => "APIKey",
+            },
+            "credential": "<redacted>",
+        })),
+        "headers": headers,
+    })
+}
+
 /// A `rateLimit` in the CRD's shape (a budget of 0 is one the route does not set).
 pub fn rate_limit(limit: &pb::RateLimit) -> Value {
     let mut value = Map::new();
@@ -244,12 +280,14 @@ fn rule(rule: &pb::Rule) -> Value {
         rule.targets
             .iter()
             .map(|target| {
-                let (namespace, name) = target
-                    .model_server
-                    .split_once('/')
-                    .unwrap_or(("", target.model_server.as_str()));
+                let (field, key) = if target.external_provider.is_empty() {
+                    ("modelServer", &target.model_server)
+                } else {
+                    ("externalModelProvider", &target.external_provider)
+                };
+                let (namespace, name) = key.split_once('/').unwrap_or(("", key.as_str()));
                 json!({
-                    "modelServer": {"name": name, "namespace": namespace},
+                    field: {"name": name, "namespace": namespace},
                     "weight": target.weight,
                 })
             })

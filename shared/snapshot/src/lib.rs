@@ -9,6 +9,16 @@ pub mod pb {
     tonic::include_proto!("switchyard.routing.v1");
 }
 
+/// A provider credential prints as `ProviderCredential { scheme, .. }`: a
+/// snapshot logged with `{:?}` never carries the secret into the log.
+impl std::fmt::Debug for pb::ProviderCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderCredential")
+            .field("scheme", &self.scheme())
+            .finish_non_exhaustive()
+    }
+}
+
 pub mod config_dump;
 pub mod protocol;
 pub mod scheduler;
@@ -43,6 +53,21 @@ mod tests {
         let config = sample();
         let decoded = pb::RouteConfig::decode(config.encode_to_vec().as_slice()).expect("decodes");
         assert_eq!(decoded, config);
+    }
+
+    #[test]
+    fn a_provider_credential_never_prints() {
+        let provider = pb::ExternalProvider {
+            name: "openai".into(),
+            credential: Some(pb::ProviderCredential {
+                scheme: pb::CredentialScheme::ApiKey.into(),
+                value: "sk-secret".into(),
+            }),
+            ..Default::default()
+        };
+        let printed = format!("{provider:?} {provider:#?}");
+        assert!(!printed.contains("sk-secret"), "{printed}");
+        assert!(printed.contains("ApiKey"), "{printed}");
     }
 
     #[test]

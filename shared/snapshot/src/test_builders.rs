@@ -46,6 +46,7 @@ pub fn rule(name: &str, matcher: Option<pb::ModelMatch>, targets: &[(&str, u32)]
     let target = |&(server, weight): &(&str, u32)| pb::WeightedTarget {
         model_server: server.into(),
         weight,
+        ..Default::default()
     };
     pb::Rule {
         name: name.into(),

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::error::BodyError;
 use crate::health::connections::{ConnectionCounts, CountingConnector};
+use crate::providers::{Provider, ProviderClients};
 
 /// Idle upstream connections are kept this long: engines keep connections
 /// open much longer, and reconnecting costs a handshake on the request path.
@@ -56,24 +57,48 @@ pub trait Upstream: Send + Sync + 'static {
         &self,
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<Response<Self::Body>, UpstreamError>> + Send;
+
+    /// Sends one request to an external provider (an `https://` URI).
+    /// Never [`UpstreamError::Timeout`].
+    fn send_to_provider(
+        &self,
+        provider: &Provider,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Self::Body>, UpstreamError>> + Send;
 }
 
-/// hyper's pooled HTTP/1.1 client.
+/// hyper's pooled HTTP/1.1 client for pods, and the HTTPS clients of the
+/// external providers.
 #[derive(Debug, Clone)]
 pub struct HyperUpstream {
     client: Client<CountingConnector, Full<Bytes>>,
+    /// None when no TLS client could be built (see the start-up log).
+    providers: Option<ProviderClients>,
 }
 
 impl HyperUpstream {
-    /// A client whose open connections per pod are counted in `connections`.
+    /// A client whose open connections per pod are counted in
+    /// `connections`; providers' certificates are checked against the
+    /// system roots only.
     pub fn new(connections: Arc<ConnectionCounts>) -> Self {
+        let providers = ProviderClients::new(None)
+            .inspect_err(|error| tracing::error!(%error, "no HTTPS client for external providers"))
+            .ok();
+        Self::with_providers(connections, providers)
+    }
+
+    /// With the given provider clients (e.g. trusting a CA bundle).
+    pub fn with_providers(
+        connections: Arc<ConnectionCounts>,
+        providers: Option<ProviderClients>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(UPSTREAM_CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(UPSTREAM_POOL_IDLE_TIMEOUT)
             .build(CountingConnector::new(connector, connections));
-        Self { client }
+        Self { client, providers }
     }
 }
 
@@ -85,14 +110,33 @@ impl Upstream for HyperUpstream {
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send {
         let pending = self.client.request(request);
+        async move { pending.await.map_err(classify) }
+    }
+
+    fn send_to_provider(
+        &self,
+        provider: &Provider,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send {
+        let pending = self
+            .providers
+            .as_ref()
+            .map(|clients| clients.for_provider(provider).request(request));
         async move {
-            pending.await.map_err(|error| {
-                if error.is_connect() {
-                    UpstreamError::Connect(error.to_string())
-                } else {
-                    UpstreamError::BeforeHeaders(error.to_string())
-                }
-            })
+            match pending {
+                Some(pending) => pending.await.map_err(classify),
+                None => Err(UpstreamError::Connect(
+                    "no HTTPS client for external providers".to_owned(),
+                )),
+            }
         }
+    }
+}
+
+fn classify(error: hyper_util::client::legacy::Error) -> UpstreamError {
+    if error.is_connect() {
+        UpstreamError::Connect(error.to_string())
+    } else {
+        UpstreamError::BeforeHeaders(error.to_string())
     }
 }

@@ -290,6 +290,7 @@ struct JsonLine<'a> {
     model_server: Option<&'a str>,
     selected_pod: Option<&'a str>,
     request_id: Option<&'a str>,
+    backend_type: Option<&'static str>,
     user_id: Option<&'a str>,
     tier: Option<&'a str>,
     input_tokens: u64,
@@ -357,6 +358,14 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
         .as_ref()
         .map(|server| server.key.as_str());
     let pod = entry.pod.as_ref().map(|pod| pod.name.as_str());
+    // As Kthena's access log names them.
+    let backend_type = entry.server.as_ref().map(|server| {
+        if server.provider.is_some() {
+            "external_provider"
+        } else {
+            "model_server"
+        }
+    });
     let user_id = entry.user.as_ref().map(|user| user.user_id.as_str());
     let tier = entry.user.as_ref().and_then(|user| user.tier.as_deref());
     let prefill_pod = entry.prefill_pod.as_ref().map(|pod| pod.name.as_str());
@@ -373,6 +382,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 model_server: server,
                 selected_pod: pod,
                 request_id,
+                backend_type,
                 user_id,
                 tier,
                 input_tokens: entry.input_tokens,
@@ -416,6 +426,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 ("selected_pod", pod),
                 ("prefill_pod", prefill_pod),
                 ("request_id", request_id),
+                ("backend_type", backend_type),
                 ("user_id", user_id),
                 ("tier", tier),
             ];
@@ -516,13 +527,14 @@ mod tests {
         assert_eq!(line["failed_over_from"], serde_json::Value::Null);
         assert_eq!(line["error"], serde_json::Value::Null);
         assert_eq!(line["user_id"], serde_json::Value::Null);
+        assert!(line["backend_type"].is_null() || line["backend_type"] == "model_server");
         let keys: Vec<&str> = line
             .as_object()
             .expect("object")
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 23, "{keys:?}");
+        assert_eq!(keys.len(), 24, "{keys:?}");
     }
 
     #[test]

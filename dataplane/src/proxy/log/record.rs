@@ -257,8 +257,13 @@ impl RequestRecord {
 
     /// An attempt to `pod` starts.
     pub fn begin_attempt(&mut self, pod: &Arc<PodState>) {
-        self.attempts += 1;
         self.pod = Some(pod.clone());
+        self.begin_upstream_attempt();
+    }
+
+    /// An attempt to the routed backend starts (an external provider has no pod).
+    pub fn begin_upstream_attempt(&mut self) {
+        self.attempts += 1;
         if self.upstream_started.is_none() {
             self.upstream_started = Some(clock::now());
             if let (Some(route), Some(server)) = (&self.route, &self.server) {
