@@ -16,7 +16,7 @@ use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use switchyard_bench::{CHAT_RESPONSE, STREAM_CHUNK, STREAM_TAIL, chat_body, snapshot};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
-use switchyard_dataplane::routing::RequestFacts;
+use switchyard_dataplane::routing::{ArrivalFacts, RequestFacts};
 use switchyard_dataplane::scheduling::ScheduleRequest;
 use switchyard_dataplane::snapshot::RoutingTable;
 
@@ -74,6 +74,7 @@ fn route_one(table: &RoutingTable, body: &Bytes, headers: &HeaderMap) -> usize {
             model: &parsed.model,
             path: "/v1/chat/completions",
             headers,
+            arrival: ArrivalFacts::default(),
         })
         .expect("routed");
     let prompt_hashes =

@@ -10,8 +10,9 @@
 //! the views show every pod IP and object, for operators on the node):
 //! - `GET /debug/dataplanes`: every connected dataplane's sync state;
 //! - `GET /debug/snapshot`: the published RouteConfig and EndpointLoads;
-//! - `GET /debug/objects`: why each object was (not) accepted, the files
-//!   or documents that could not be loaded, and the source's state;
+//! - `GET /debug/objects`: why each object was (not) accepted (the Gateway
+//!   API kinds under `gateway_api`), the files or documents that could
+//!   not be loaded, and the source's state;
 //! - `GET /debug/config_dump/...`: the published snapshot in the dataplane's
 //!   config dump shapes (see `switchyard_snapshot::config_dump`).
 
@@ -33,7 +34,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::compile::{LoadProblem, ObjectReport, ProviderReport};
+use crate::compile::{GatewayApiReports, LoadProblem, ObjectReport, ProviderReport};
 use crate::xds::{DataplaneRegistry, PublishedResource, SnapshotPublisher};
 
 /// A client that has not sent its request headers by then is dropped, so idle
@@ -49,6 +50,7 @@ pub struct ObjectsView {
     pub reports: Vec<ObjectReport>,
     /// ExternalModelProviders (credentials are never part of a report).
     pub providers: Vec<ProviderReport>,
+    pub gateway_api: GatewayApiReports,
     pub load_problems: Vec<LoadProblem>,
     /// Whether the source is read and served, or held (see `crate::core::source_hold`).
     pub source: SourceStatus,
@@ -639,6 +641,7 @@ mod tests {
         objects.send_replace(Arc::new(ObjectsView {
             reports: vec![],
             providers: vec![],
+            gateway_api: GatewayApiReports::default(),
             load_problems: vec![LoadProblem {
                 file: "routes.yaml".into(),
                 document_index: Some(2),

@@ -15,12 +15,19 @@ use crate::local::LocalSource;
 /// cancelled (then stops gracefully) or a part of it fails.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), ControllerError> {
     match &args.config_dir {
-        Some(config_dir) => serve(&args, shutdown, LocalSource::new(config_dir.clone())).await,
+        Some(config_dir) => serve(&args, shutdown, local_source(&args, config_dir)?).await,
         None => {
             let client = kubernetes::client().await?;
-            serve(&args, shutdown, KubernetesSource::new(&args, client)).await
+            serve(&args, shutdown, KubernetesSource::new(&args, client)?).await
         }
     }
+}
+
+fn local_source(args: &Args, config_dir: &std::path::Path) -> Result<LocalSource, ControllerError> {
+    let defaults = args
+        .gateway_defaults()
+        .map_err(ControllerError::InvalidFlag)?;
+    Ok(LocalSource::new(config_dir.to_owned()).with_gateway_defaults(defaults))
 }
 
 async fn serve(
@@ -41,8 +48,12 @@ pub async fn start_local(args: &Args) -> Result<Controller, ControllerError> {
     let Some(config_dir) = &args.config_dir else {
         return Err(ControllerError::NoConfigDir);
     };
-    let source = LocalSource::new(config_dir.clone());
-    start(args, CancellationToken::new(), source).await
+    start(
+        args,
+        CancellationToken::new(),
+        local_source(args, config_dir)?,
+    )
+    .await
 }
 
 /// Starts Kubernetes mode on `client`: returns once the caches synced and the
@@ -51,7 +62,7 @@ pub async fn start_kubernetes(args: &Args, client: Client) -> Result<Controller,
     start(
         args,
         CancellationToken::new(),
-        KubernetesSource::new(args, client),
+        KubernetesSource::new(args, client)?,
     )
     .await
 }

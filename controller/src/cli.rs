@@ -37,6 +37,15 @@ pub const DEFAULT_LEASE_NAME: &str = "switchyard-controller";
 /// namespace the manifests install the controller into.
 pub const DEFAULT_LEASE_NAMESPACE: &str = "switchyard-system";
 
+/// GatewayClass the controller creates in Gateway API mode: Kthena's, so
+/// Gateways written for the Kthena router are served as they are.
+pub const DEFAULT_GATEWAY_CLASS_NAME: &str = "kthena-router";
+/// Name of the default Gateway, in the controller's namespace (Kthena's).
+pub const DEFAULT_GATEWAY_NAME: &str = "default";
+/// Port written into the default Gateway's listener: the dataplanes'
+/// default traffic port (the listener is served on their traffic port, whatever it is).
+pub const DEFAULT_GATEWAY_PORT: u16 = 8080;
+
 /// Exit code when the command line is unusable (BSD `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 
@@ -131,6 +140,44 @@ pub struct Args {
     /// Identity sent to dataplanes in every snapshot [default: $HOSTNAME, else a random id].
     #[arg(long, env = "SWITCHYARD_CONTROLLER_ID", value_name = "ID")]
     pub controller_id: Option<String>,
+
+    /// Gateway API mode: serve the Gateways of Switchyard's GatewayClasses
+    /// (their HTTP listeners open on every dataplane), bind ModelRoutes to
+    /// them by parentRefs, and route HTTPRoutes.
+    #[arg(long, env = "SWITCHYARD_ENABLE_GATEWAY_API")]
+    pub enable_gateway_api: bool,
+
+    /// Gateway API Inference Extension: compile InferencePools (HTTPRoute
+    /// backends, and the pools the dataplanes' endpoint picker serves).
+    #[arg(long, env = "SWITCHYARD_ENABLE_GATEWAY_API_INFERENCE_EXTENSION")]
+    pub enable_gateway_api_inference_extension: bool,
+
+    /// Gateway API mode: the `controllerName` of the GatewayClasses Switchyard implements.
+    #[arg(long, env = "SWITCHYARD_GATEWAY_CONTROLLER_NAME", default_value = crate::compile::gateway_api::DEFAULT_CONTROLLER_NAME, value_name = "NAME")]
+    pub gateway_controller_name: String,
+
+    /// Gateway API mode: the GatewayClass created (when absent) for Switchyard.
+    #[arg(long, env = "SWITCHYARD_GATEWAY_CLASS_NAME", default_value = DEFAULT_GATEWAY_CLASS_NAME, value_name = "NAME")]
+    pub gateway_class_name: String,
+
+    /// Gateway API mode: the default Gateway (created when absent), whose
+    /// listeners are the dataplanes' traffic port [default: <--lease-namespace>/default].
+    #[arg(long, env = "SWITCHYARD_DEFAULT_GATEWAY", value_name = "NS/NAME")]
+    pub default_gateway: Option<String>,
+
+    /// Gateway API mode: the port written into the default Gateway's listener.
+    #[arg(long, env = "SWITCHYARD_DEFAULT_GATEWAY_PORT", default_value_t = DEFAULT_GATEWAY_PORT, value_name = "PORT")]
+    pub default_gateway_port: u16,
+
+    /// Gateway API mode: the addresses the Gateways report in their status
+    /// (the dataplanes' Service addresses, comma-separated IPs or host names).
+    #[arg(
+        long,
+        env = "SWITCHYARD_GATEWAY_ADDRESSES",
+        value_delimiter = ',',
+        value_name = "ADDR,..."
+    )]
+    pub gateway_addresses: Vec<String>,
 }
 
 /// Scrape interval of [`Args::for_test`]: a test sees engine load within a
@@ -163,7 +210,67 @@ impl Args {
             log_format: LogFormat::Text,
             empty_source_grace_period: EMPTY_SOURCE_GRACE_PERIOD,
             controller_id: Some("test-controller".to_owned()),
+            enable_gateway_api: false,
+            enable_gateway_api_inference_extension: false,
+            gateway_controller_name: crate::compile::gateway_api::DEFAULT_CONTROLLER_NAME
+                .to_owned(),
+            gateway_class_name: DEFAULT_GATEWAY_CLASS_NAME.to_owned(),
+            default_gateway: None,
+            default_gateway_port: DEFAULT_GATEWAY_PORT,
+            gateway_addresses: Vec::new(),
         }
+    }
+
+    /// `(namespace, name)` of the default Gateway: `--default-gateway`, else
+    /// `default` in the controller's namespace.
+    pub fn effective_default_gateway(&self) -> Result<(String, String), String> {
+        match self.default_gateway.as_deref().map(str::trim) {
+            None | Some("") => Ok((
+                self.lease_namespace.clone(),
+                DEFAULT_GATEWAY_NAME.to_owned(),
+            )),
+            Some(text) => match text.split_once('/') {
+                Some((namespace, name))
+                    if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+                {
+                    Ok((namespace.to_owned(), name.to_owned()))
+                }
+                _ => Err(format!(
+                    "--default-gateway {text:?}: expected NAMESPACE/NAME"
+                )),
+            },
+        }
+    }
+
+    /// The GatewayClass and default Gateway Gateway API mode starts with
+    /// (`None` when the mode is off).
+    pub fn gateway_defaults(
+        &self,
+    ) -> Result<Option<crate::compile::gateway_api::GatewayDefaults>, String> {
+        if !self.enable_gateway_api {
+            return Ok(None);
+        }
+        let (namespace, name) = self.effective_default_gateway()?;
+        Ok(Some(crate::compile::gateway_api::GatewayDefaults::new(
+            &self.gateway_class_name,
+            &self.gateway_controller_name,
+            (&namespace, &name),
+            self.default_gateway_port,
+        )))
+    }
+
+    /// How the compile treats the Gateway API kinds.
+    pub fn gateway_api(&self) -> Result<crate::compile::GatewayApiConfig, String> {
+        Ok(crate::compile::GatewayApiConfig {
+            enabled: self.enable_gateway_api,
+            inference_extension: self.enable_gateway_api_inference_extension,
+            controller_name: self.gateway_controller_name.clone(),
+            default_gateway: if self.enable_gateway_api {
+                Some(self.effective_default_gateway()?)
+            } else {
+                None
+            },
+        })
     }
 
     /// Where the debug listener binds.
@@ -257,6 +364,40 @@ mod tests {
         assert_eq!(args.effective_scrape_timeout(), Duration::from_secs(2));
         assert!(parse(&["--scrape-interval", "0s"]).is_err());
         assert!(parse(&["--scrape-interval", "soon"]).is_err());
+    }
+
+    #[test]
+    fn gateway_api_flags() {
+        let config = parse(&[]).expect("parses").gateway_api().expect("valid");
+        assert!(!config.enabled && !config.inference_extension);
+        assert_eq!(config.default_gateway, None);
+        assert_eq!(
+            config.controller_name,
+            crate::compile::gateway_api::DEFAULT_CONTROLLER_NAME
+        );
+        let args = parse(&[
+            "--enable-gateway-api",
+            "--enable-gateway-api-inference-extension",
+            "--lease-namespace",
+            "kthena-system",
+        ])
+        .expect("parses");
+        let config = args.gateway_api().expect("valid");
+        assert!(config.enabled && config.inference_extension);
+        assert_eq!(
+            config.default_gateway,
+            Some(("kthena-system".to_owned(), "default".to_owned()))
+        );
+        let args =
+            parse(&["--enable-gateway-api", "--default-gateway", "edge/public"]).expect("parses");
+        assert_eq!(
+            args.gateway_api().expect("valid").default_gateway,
+            Some(("edge".to_owned(), "public".to_owned()))
+        );
+        let args = parse(&["--enable-gateway-api", "--default-gateway", "public"]).expect("parses");
+        assert!(args.gateway_api().is_err());
+        let args = parse(&["--gateway-addresses", "192.0.2.10,gw.example.com"]).expect("parses");
+        assert_eq!(args.gateway_addresses, ["192.0.2.10", "gw.example.com"]);
     }
 
     #[test]

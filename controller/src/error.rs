@@ -21,6 +21,8 @@ pub const EXIT_FAILURE: i32 = 1;
 pub enum ControllerError {
     #[error("local mode needs --config-dir DIR (or SWITCHYARD_CONFIG_DIR)")]
     NoConfigDir,
+    #[error("invalid flag: {0}")]
+    InvalidFlag(String),
     #[error(transparent)]
     Kubernetes(#[from] KubernetesError),
     #[error(transparent)]
@@ -43,7 +45,9 @@ impl ControllerError {
     /// Process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::NoConfigDir | Self::Scraper(ScraperError::InvalidConfig(_)) => EXIT_USAGE,
+            Self::NoConfigDir
+            | Self::InvalidFlag(_)
+            | Self::Scraper(ScraperError::InvalidConfig(_)) => EXIT_USAGE,
             Self::Config(_) | Self::RouterConfig(RouterConfigError::Read { .. }) => EXIT_NO_INPUT,
             Self::Kubernetes(_) => EXIT_CONFIG,
             Self::RouterConfig(_) | Self::StreamSecurity(_) => EXIT_USAGE,

@@ -455,7 +455,9 @@ async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile
         .expect("begins");
     let admin_addr = starting.admin_addr;
     let publisher = starting.publisher.clone();
-    let ready = tokio::spawn(starting.start(KubernetesSource::new(&args(), fake.client())));
+    let ready = tokio::spawn(
+        starting.start(KubernetesSource::new(&args(), fake.client()).expect("valid flags")),
+    );
     fake.wait_for("the held ModelRoute list", |request| {
         request.path == ROUTES && !request.params().contains_key("watch")
     })
@@ -517,7 +519,9 @@ async fn an_empty_route_list_at_start_holds_the_first_snapshot_until_a_route_app
     let admin_addr = starting.admin_addr;
     let debug_addr = starting.debug_addr;
     let publisher = starting.publisher.clone();
-    let ready = tokio::spawn(starting.start(KubernetesSource::new(&args(), fake.client())));
+    let ready = tokio::spawn(
+        starting.start(KubernetesSource::new(&args(), fake.client()).expect("valid flags")),
+    );
     let held = tokio::time::timeout(DEADLINE, async {
         loop {
             let (status, body) = admin_request(admin_addr, "/readyz").await;
@@ -930,8 +934,7 @@ async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
 async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
     let fake = seeded();
     let mut gateway_route = route("gateway-bound", 1, "llama");
-    gateway_route["spec"]["parentRefs"] =
-        json!([{"name": "default", "namespace": "kthena-system", "kind": "Gateway"}]);
+    gateway_route["spec"]["rules"][0]["modelMatch"] = json!({"uri": {}});
     fake.seed(ROUTES, gateway_route);
     let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
         .await
@@ -947,7 +950,7 @@ async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
     assert_eq!(ignored["reason"], "NotImplemented");
     assert!(
         ignored["message"].as_str().is_some_and(|message| message
-            .contains("spec.parentRefs: Gateway API attachment is not implemented yet")),
+            .contains("spec.rules[0].modelMatch.uri: sets none of exact, prefix or regex")),
         "{ignored}"
     );
     assert_eq!(

@@ -322,9 +322,8 @@ async fn debug_objects_report_ignored_fields_dangling_links_duplicate_pods_and_b
         dir.path().join("30-gateway.yaml"),
         "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ModelRoute\n\
          metadata: { name: gateway-bound }\n\
-         spec:\n  modelName: g\n  parentRefs: [{ name: default, kind: Gateway }]\n\
-         \x20 rateLimit: { inputTokensPerUnit: 10 }\n\
-         \x20 rules: [{ name: default, targetModels: [{ modelServerName: s1 }] }]\n",
+         spec:\n  modelName: g\n\
+         \x20 rules: [{ name: default, modelMatch: { uri: {} }, targetModels: [{ modelServerName: s1 }] }]\n",
     )
     .expect("write");
     std::os::unix::fs::symlink("..data/pods.yaml", dir.path().join("40-pods.yaml"))
@@ -353,7 +352,11 @@ async fn debug_objects_report_ignored_fields_dangling_links_duplicate_pods_and_b
         .iter()
         .filter_map(|field| field["path"].as_str())
         .collect();
-    assert_eq!(paths, ["spec.parentRefs"], "rateLimit is acted on");
+    assert_eq!(
+        paths,
+        ["spec.rules[0].modelMatch.uri"],
+        "parentRefs and rateLimit are acted on"
+    );
     let problems: Vec<(&str, &str)> = objects["load_problems"]
         .as_array()
         .expect("load problems")

@@ -16,7 +16,14 @@
 //!   that has it) with its pods' state and the requests sent to each role;
 //! - `/debug/kv-cache/connectors`: the KV connectors in use, which
 //!   ModelServers use them, how each shapes the two legs, and (NIXL,
-//!   Mooncake) how many prefill answers' `kv_transfer_params` were relayed.
+//!   Mooncake) how many prefill answers' `kv_transfer_params` were relayed;
+//! - Gateway API mode: `/debug/gateways` (listeners, their ports and
+//!   whether each port is open); the Inference Extension's
+//!   `/debug/inference-extension/pools`,
+//!   `/debug/inference-extension/pools/{pool}/endpoints` (`?namespace=`)
+//!   and `/debug/inference-extension/decisions` (`?limit=`): the
+//!   InferencePools, their endpoints' state and the scheduler's recent
+//!   choices among them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +34,9 @@ use serde_json::json;
 use switchyard_runtime::clock;
 use switchyard_snapshot::{config_dump, pb};
 
+use crate::gateway::Hostname;
 use crate::health;
+use crate::listener_ports::PortStates;
 use crate::metrics::RouterMetrics;
 use crate::pod::PodState;
 use crate::proxy::{ProxyBody, readiness_response};
@@ -42,6 +51,8 @@ pub struct Admin {
     pub store: Arc<SnapshotStore>,
     pub controller: Arc<ControllerStatus>,
     pub metrics: Arc<RouterMetrics>,
+    /// Whether each Gateway listener port is open.
+    pub listener_ports: Arc<PortStates>,
 }
 
 impl Admin {
@@ -78,7 +89,18 @@ impl Admin {
             }
             "/debug/pd-groups" => json(StatusCode::OK, &self.pd_groups()),
             "/debug/kv-cache/connectors" => json(StatusCode::OK, &self.kv_connectors()),
+            "/debug/gateways" => json(StatusCode::OK, &self.gateways()),
+            "/debug/inference-extension/pools" => json(StatusCode::OK, &self.inference_pools()),
+            "/debug/inference-extension/decisions" => {
+                json(StatusCode::OK, &self.pool_decisions(request.uri().query()))
+            }
             _ => {
+                if let Some(pool) = path
+                    .strip_prefix("/debug/inference-extension/pools/")
+                    .and_then(|rest| rest.strip_suffix("/endpoints"))
+                {
+                    return self.pool_endpoints(pool, request.uri().query());
+                }
                 if let Some(rest) = path.strip_prefix("/debug/config_dump/") {
                     return self.config_dump(rest);
                 }
@@ -98,10 +120,7 @@ impl Admin {
 
     /// `/debug/model-servers/{name}/status` and `.../metrics`.
     fn model_server(&self, rest: &str, query: Option<&str>) -> Response<ProxyBody> {
-        let namespace = query
-            .into_iter()
-            .flat_map(|q| q.split('&'))
-            .find_map(|pair| pair.strip_prefix("namespace="));
+        let namespace = query_param(query, "namespace");
         match rest.split_once('/') {
             Some((name, "status")) => health_view(health::debug::status(
                 &self.store,
@@ -243,6 +262,111 @@ impl Admin {
             })
             .collect();
         json!({"connectors": connectors})
+    }
+
+    fn gateways(&self) -> serde_json::Value {
+        let table = self.store.table();
+        let gateways = table.as_ref().map(|table| &table.gateways);
+        let ports = self.listener_ports.snapshot();
+        let listeners: Vec<_> = gateways
+            .into_iter()
+            .flat_map(|gateways| {
+                gateways.listeners.iter().map(|listener| {
+                    let is_default = listener.gateway == gateways.default_gateway;
+                    json!({
+                        "gateway": listener.gateway,
+                        "listener": listener.name,
+                        "port": listener.port,
+                        "hostname": match &listener.hostname {
+                            Hostname::Any => None,
+                            Hostname::Exact(host) => Some(host.clone()),
+                            Hostname::Wildcard(suffix) => Some(format!("*{suffix}")),
+                        },
+                        "servedOn": if is_default { "traffic port".to_owned() } else { format!("port {}", listener.port) },
+                    })
+                })
+            })
+            .collect();
+        json!({
+            "defaultGateway": gateways.map(|g| g.default_gateway.clone()).filter(|g| !g.is_empty()),
+            "listeners": listeners,
+            "ports": ports.iter().map(|(port, error)| json!({"port": port, "open": error.is_none(), "error": error})).collect::<Vec<_>>(),
+        })
+    }
+
+    fn inference_pools(&self) -> serde_json::Value {
+        let table = self.store.table();
+        let now = clock::now();
+        let mut pools: Vec<_> = table
+            .iter()
+            .flat_map(|table| table.gateways.pools.values())
+            .map(|pool| {
+                let (namespace, name) = pool.key.split_once('/').unwrap_or(("", &pool.key));
+                json!({
+                    "namespace": namespace,
+                    "name": name,
+                    "endpoints": pool.pods.len(),
+                    "ejectedEndpoints": pool.pods.iter().filter(|pod| pod.is_ejected(now)).count(),
+                    "inFlight": pool.pods.iter().map(|pod| pod.in_flight()).sum::<u64>(),
+                })
+            })
+            .collect();
+        pools.sort_by(|a, b| {
+            (a["namespace"].as_str(), a["name"].as_str())
+                .cmp(&(b["namespace"].as_str(), b["name"].as_str()))
+        });
+        json!({"pools": pools})
+    }
+
+    /// `/debug/inference-extension/pools/{pool}/endpoints`: every endpoint
+    /// of the pools of that name (in `?namespace=` when given).
+    fn pool_endpoints(&self, name: &str, query: Option<&str>) -> Response<ProxyBody> {
+        let namespace = query_param(query, "namespace");
+        let table = self.store.table();
+        let now = clock::now();
+        let mut pools: Vec<_> = table
+            .iter()
+            .flat_map(|table| table.gateways.pools.values())
+            .filter(|pool| {
+                pool.key.split_once('/').is_some_and(|(ns, pool_name)| {
+                    pool_name == name && namespace.is_none_or(|wanted| wanted == ns)
+                })
+            })
+            .collect();
+        if pools.is_empty() {
+            return not_found(&format!("no InferencePool {name:?} in the snapshot"));
+        }
+        pools.sort_by(|a, b| a.key.cmp(&b.key));
+        let pools: Vec<_> = pools
+            .iter()
+            .map(|pool| json!({
+                "pool": pool.key,
+                "endpoints": pool.pods.iter().map(|pod| self.pod_json(pod, now)).collect::<Vec<_>>(),
+            }))
+            .collect();
+        json(StatusCode::OK, &json!({"pools": pools}))
+    }
+
+    /// The recent scheduling decisions among InferencePool endpoints.
+    fn pool_decisions(&self, query: Option<&str>) -> serde_json::Value {
+        let table = self.store.table();
+        let pools = table.as_ref().map(|table| &table.gateways.pools);
+        let mut view = decisions_view(&self.store, query);
+        if let Some(decisions) = view["decisions"].as_array_mut() {
+            decisions.retain(|decision| {
+                decision["modelServer"]
+                    .as_str()
+                    .is_some_and(|server| pools.is_some_and(|pools| pools.contains_key(server)))
+            });
+            for decision in decisions.iter_mut() {
+                if let Some(object) = decision.as_object_mut()
+                    && let Some(pool) = object.remove("modelServer")
+                {
+                    object.insert("inferencePool".to_owned(), pool);
+                }
+            }
+        }
+        view
     }
 
     fn pod_json(&self, pod: &PodState, now: clock::Instant) -> serde_json::Value {
@@ -507,13 +631,18 @@ fn not_found(message: &str) -> Response<ProxyBody> {
 /// Decisions returned when the query does not say `?limit=N`.
 const DEFAULT_DECISIONS_SHOWN: usize = 50;
 
+/// The value of the query parameter `name`, as sent.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        pair.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('='))
+    })
+}
+
 /// The `/debug/routing/decisions` body: the scheduler configuration in use
 /// and the most recent decisions (`?limit=N`, newest first).
 fn decisions_view(store: &SnapshotStore, query: Option<&str>) -> serde_json::Value {
-    let limit = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("limit="))
+    let limit = query_param(query, "limit")
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(DEFAULT_DECISIONS_SHOWN)
         .min(DECISION_SLOTS);

@@ -10,8 +10,11 @@ use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind}
 use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
+use crate::endpoint_picker::{EndpointPicker, serve_endpoint_picker};
 use crate::fairness::{Fairness, FairnessMetrics};
+use crate::gateway::Arrival;
 use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyDeadline, ConnectionLimit};
+use crate::listener_ports::{PortSettings, PortStates, serve_listener_ports};
 use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::providers::ProviderClients;
 use crate::proxy::forward::HyperUpstream;
@@ -145,6 +148,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         store: store.clone(),
         controller: status.clone(),
         metrics: metrics.clone(),
+        listener_ports: Arc::new(PortStates::default()),
     });
     let provider_clients = ProviderClients::new(args.provider_ca_bundle.as_deref())
         .map_err(|error| AppError::Config(error.to_string()))?;
@@ -198,11 +202,36 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         settings(ADMIN_MAX_CONNECTIONS),
     );
     let expose_metrics = args.expose_metrics_on_router_port;
+    let listener_proxy = proxy.clone();
+    let settings = PortSettings {
+        host: args.host,
+        reserved: [args.port, args.metrics_port, args.debug_port].into(),
+        // One connection budget for the traffic port and every Gateway port.
+        connections: traffic_settings.clone(),
+    };
+    let listener_ports = store.listener_ports();
+    let port_states = admin.listener_ports.clone();
+    tasks.spawn_graceful("Gateway listener ports", |stop| {
+        serve_listener_ports(
+            listener_ports,
+            settings,
+            port_states,
+            stop,
+            move |request| {
+                let proxy = listener_proxy.clone();
+                async move { proxy.handle(request).await }
+            },
+        )
+    });
     let traffic_admin = admin.clone();
+    let traffic_port = args.port;
     tasks.spawn_graceful("traffic server", |stop| {
-        serve(traffic, traffic_settings, stop, move |request| {
+        serve(traffic, traffic_settings, stop, move |mut request| {
             let proxy = proxy.clone();
             let admin = traffic_admin.clone();
+            request
+                .extensions_mut()
+                .insert(Arrival::TrafficPort(traffic_port));
             async move {
                 if expose_metrics && request.uri().path() == "/metrics" {
                     return admin.handle_metrics_port(&request);
@@ -224,6 +253,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             async move { admin.handle_debug_port(&request) }
         })
     });
+    if let (Some(port), Some(pool)) = (args.endpoint_picker_port, args.endpoint_picker_pool) {
+        let (listener, addr) = bind("endpoint picker", SocketAddr::new(args.host, port)).await?;
+        tracing::info!(%addr, %pool, "endpoint picker (ext_proc) listening");
+        let picker = EndpointPicker::new(store.clone(), pool, args.max_body_bytes);
+        tasks.spawn_graceful("endpoint picker", |stop| {
+            serve_endpoint_picker(listener, picker, stop)
+        });
+    }
     tasks.spawn_graceful("shutdown notice", |stop| async move {
         stop.cancelled().await;
         tracing::info!("shutting down: draining in-flight requests");

@@ -90,6 +90,30 @@ pub struct Args {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Serve Envoy's ext_proc protocol on this port as the endpoint picker
+    /// of `--endpoint-picker-pool` (Gateway API Inference Extension
+    /// gateways call it); off when unset.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ENDPOINT_PICKER_PORT",
+        requires = "endpoint_picker_pool"
+    )]
+    pub endpoint_picker_port: Option<u16>,
+    /// The InferencePool (`NAMESPACE/NAME`) the endpoint picker picks endpoints of.
+    #[arg(long, env = "SWITCHYARD_ENDPOINT_PICKER_POOL", value_name = "NAMESPACE/NAME", value_parser = parse_pool, requires = "endpoint_picker_port")]
+    pub endpoint_picker_pool: Option<String>,
+}
+
+/// `namespace/name`, both non-empty.
+fn parse_pool(text: &str) -> Result<String, String> {
+    match text.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok(text.to_owned())
+        }
+        _ => Err(format!("{text:?}: expected NAMESPACE/NAME")),
+    }
 }
 
 /// Durations as `60s`, `500ms`, `2m`.

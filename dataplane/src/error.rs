@@ -45,6 +45,12 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// The pod's connection failed after the request was sent.
     UpstreamFailed,
+    /// The HTTPRoute rule that took the request has no backend with a
+    /// positive weight (the Gateway API asks for a 500).
+    NoBackend,
+    /// Every endpoint the endpoint picker could choose is saturated: the
+    /// request is dropped, the gateway answers 429.
+    Dropped,
     /// Authentication is on and the request's credential is missing or invalid.
     Unauthenticated,
     /// A token budget of the model or of the caller's tier is spent.
@@ -80,6 +86,8 @@ impl ErrorKind {
             Self::RateLimited | Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamTimeout | Self::QueueTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Dropped => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -102,6 +110,8 @@ impl ErrorKind {
             Self::UnsupportedProviderPath => "provider_unsupported_path",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamFailed => "upstream_failed",
+            Self::NoBackend => "no_backend",
+            Self::Dropped => "request_dropped",
             Self::Unauthenticated => "invalid_authentication",
             Self::RateLimited => "rate_limit_exceeded",
             Self::RateLimitUnavailable => "rate_limit_unavailable",

@@ -16,6 +16,7 @@ use switchyard_runtime::clock::{self, Instant};
 use crate::pod::PodState;
 use crate::pod::outlier::OutlierDetector;
 use crate::providers::Provider;
+use crate::rewrite::Rewrite;
 
 /// How long an attempt waits for the response head when the ModelServer
 /// sets no `trafficPolicy.timeout`, so a hung engine never holds a request
@@ -27,6 +28,9 @@ use crate::providers::Provider;
 /// queueing behind other requests. ModelServers that return long
 /// generations without streaming should set their own timeout.
 pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Index of a Gateway listener in the snapshot (see `gateway::Gateways`).
+pub type ListenerId = u32;
 
 /// A ModelServer as the dataplane uses it, or an external provider (no pods;
 /// `provider` set), which routes target the same way.
@@ -378,6 +382,40 @@ pub struct Route {
     pub model_name: String,
     pub lora_adapters: Vec<String>,
     pub rules: Vec<Rule>,
+    /// The Gateway listeners it serves on (its parentRefs); empty = the
+    /// traffic port and the default Gateway's listeners.
+    pub listeners: Vec<ListenerId>,
+}
+
+impl Route {
+    /// Whether a request that came through `arrival` may take this route.
+    fn serves(&self, arrival: &ArrivalFacts) -> bool {
+        if self.listeners.is_empty() {
+            arrival.on_traffic_port
+        } else {
+            arrival
+                .listener
+                .is_some_and(|listener| self.listeners.contains(&listener))
+        }
+    }
+}
+
+/// Where a request came in, as routes are bound to it.
+#[derive(Debug, Clone, Copy)]
+pub struct ArrivalFacts {
+    /// On the dataplane's traffic port (not a port opened for a Gateway).
+    pub on_traffic_port: bool,
+    /// The Gateway listener its port and host resolved to.
+    pub listener: Option<ListenerId>,
+}
+
+impl Default for ArrivalFacts {
+    fn default() -> Self {
+        Self {
+            on_traffic_port: true,
+            listener: None,
+        }
+    }
 }
 
 /// What a rule may look at.
@@ -386,6 +424,7 @@ pub struct RequestFacts<'a> {
     pub model: &'a str,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    pub arrival: ArrivalFacts,
 }
 
 /// The outcome of a lookup.
@@ -399,6 +438,8 @@ pub struct RouteDecision {
     pub failed_over_from: Option<Arc<Server>>,
     /// The model matched a route's `loraAdapters` (no model rewrite then).
     pub is_lora: bool,
+    /// An HTTPRoute rule's edits of the upstream request.
+    pub rewrite: Option<Arc<Rewrite>>,
 }
 
 /// Routes indexed by the model names they serve, oldest route first.
@@ -444,6 +485,7 @@ impl RouteIndex {
         by_name
             .map(|route| (route, false))
             .chain(by_lora.map(|route| (route, true)))
+            .filter(|(route, _)| route.serves(&request.arrival))
             .find_map(|(route, is_lora)| {
                 let (rule_index, rule) =
                     route.rules.iter().enumerate().find(|(_, rule)| {
@@ -456,6 +498,7 @@ impl RouteIndex {
                     server: picked.server.clone(),
                     failed_over_from: picked.failed_over_from.cloned(),
                     is_lora,
+                    rewrite: None,
                 })
             })
     }
@@ -607,6 +650,7 @@ mod tests {
             model_name: model.into(),
             lora_adapters: lora.iter().map(|s| s.to_string()).collect(),
             rules,
+            listeners: Vec::new(),
         })
     }
 
@@ -638,6 +682,7 @@ mod tests {
                 model,
                 path: "/v1/completions",
                 headers,
+                arrival: ArrivalFacts::default(),
             })
             .map(|d| (d.route.key.clone(), d.server.key.clone(), d.is_lora))
     }

@@ -1,7 +1,7 @@
 //! The routing table: a validated, immutable view of one RouteConfig, swapped
 //! atomically as a whole. Per-pod state is carried from table to table.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::auth::{Authenticator, UnknownKeyIds};
 use crate::fairness::{FairQueues, Fairness, FairnessSettings};
+use crate::gateway::{GatewayError, Gateways};
 use crate::pod::PodState;
 use crate::pod::outlier::{EjectionNotifier, OutlierDetector, OutlierSettings};
 use crate::providers::Provider;
@@ -81,6 +82,12 @@ pub enum SnapshotError {
     InvalidProvider(String),
     #[error("scheduler configuration: {0}")]
     InvalidScheduler(String),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("duplicate InferencePool {0}")]
+    DuplicatePool(String),
+    #[error("ModelRoute {route}: listener {listener} is not in the snapshot")]
+    DanglingListener { route: String, listener: String },
     #[error("authentication: {0}")]
     InvalidAuth(String),
     #[error("rate limits: {0}")]
@@ -128,6 +135,8 @@ pub struct RoutingTable {
     pub source: pb::RouteConfig,
     /// Picks pods, configured by the snapshot's scheduler section.
     pub scheduler: Scheduler,
+    /// Gateway API mode: listeners, HTTPRoutes, InferencePools.
+    pub gateways: Gateways,
     /// Checks credentials; None = authentication is off (no API key, no JWT settings).
     pub authenticator: Option<Authenticator>,
     /// The token budgets of the routes' models and of the tiers.
@@ -185,10 +194,23 @@ impl RoutingTable {
             }
             providers.push(built);
         }
+        let mut pools = HashMap::with_capacity(config.inference_pools.len());
+        for pool in &config.inference_pools {
+            // The router configuration's outlier detection covers pools too.
+            let outlier = OutlierDetector::new(
+                OutlierSettings::resolve(None, config.outlier_detection.as_ref()),
+                ejections.clone(),
+            );
+            let built = build_pool(pool, previous_pods, &mut pods, outlier)?;
+            if pools.insert(built.key.clone(), built.clone()).is_some() {
+                return Err(SnapshotError::DuplicatePool(built.key.clone()));
+            }
+        }
+        let gateways = Gateways::build(&config, pools)?;
         let mut routes = Vec::with_capacity(config.routes.len());
         let mut route_keys = std::collections::HashSet::new();
         for route in &config.routes {
-            let built = build_route(route, &servers_by_key, &providers_by_key)?;
+            let built = build_route(route, &servers_by_key, &providers_by_key, &gateways)?;
             if !route_keys.insert(built.key.clone()) {
                 return Err(SnapshotError::DuplicateRoute(built.key.clone()));
             }
@@ -227,6 +249,7 @@ impl RoutingTable {
             models_body,
             source: config,
             scheduler,
+            gateways,
             authenticator,
             rate_limits,
             fairness,
@@ -279,33 +302,14 @@ fn build_server(
             server: key.clone(),
             port: server.port,
         })?;
-    let mut server_pods = Vec::with_capacity(server.endpoints.len());
-    for endpoint in &server.endpoints {
-        let ip: IpAddr = endpoint
-            .ip
-            .parse()
-            .map_err(|_| SnapshotError::InvalidPodIp {
-                server: key.clone(),
-                pod: endpoint.name.clone(),
-                ip: endpoint.ip.clone(),
-            })?;
-        let addr = SocketAddr::new(ip, port);
-        let pod_key = switchyard_snapshot::object_key(&server.namespace, &endpoint.name);
-        let pod = match pods.get(&pod_key).or_else(|| previous_pods.get(&pod_key)) {
-            Some(existing) if existing.addr == addr => existing.clone(),
-            _ => Arc::new(
-                PodState::new(pod_key.clone(), endpoint.name.clone(), addr).map_err(|_| {
-                    SnapshotError::InvalidPodIp {
-                        server: key.clone(),
-                        pod: endpoint.name.clone(),
-                        ip: endpoint.ip.clone(),
-                    }
-                })?,
-            ),
-        };
-        pods.insert(pod_key, pod.clone());
-        server_pods.push(pod);
-    }
+    let server_pods = build_endpoints(
+        &key,
+        &server.namespace,
+        &server.endpoints,
+        port,
+        previous_pods,
+        pods,
+    )?;
     let model_rewrite_literal = server
         .model
         .as_ref()
@@ -378,6 +382,82 @@ fn build_provider(
         prefill_decode: None,
         provider: Some(Arc::new(built)),
     }))
+}
+
+/// An InferencePool as a server the scheduler picks among: its endpoints,
+/// no model rewrite, no retries (the gateway or client retries).
+fn build_pool(
+    pool: &pb::InferencePool,
+    previous_pods: &HashMap<String, Arc<PodState>>,
+    pods: &mut HashMap<String, Arc<PodState>>,
+    outlier: OutlierDetector,
+) -> Result<Arc<Server>, SnapshotError> {
+    let key = switchyard_snapshot::object_key(&pool.namespace, &pool.name);
+    let endpoints = build_endpoints(
+        &key,
+        &pool.namespace,
+        &pool.endpoints,
+        0,
+        previous_pods,
+        pods,
+    )?;
+    Ok(Arc::new(Server {
+        key,
+        model_rewrite_literal: None,
+        model_rewrite: None,
+        timeout: DEFAULT_RESPONSE_HEADER_TIMEOUT,
+        retry_attempts: 0,
+        retry_interval: Duration::ZERO,
+        pods: endpoints,
+        rotation: AtomicUsize::new(0),
+        outlier,
+        prefill_decode: None,
+        provider: None,
+    }))
+}
+
+/// The pod states of `endpoints` (of the ModelServer or InferencePool
+/// `owner`), reused from this table or the previous one when their address
+/// is unchanged. An endpoint with its own port is `namespace/pod:port`.
+fn build_endpoints(
+    owner: &str,
+    namespace: &str,
+    endpoints: &[pb::Endpoint],
+    default_port: u16,
+    previous_pods: &HashMap<String, Arc<PodState>>,
+    pods: &mut HashMap<String, Arc<PodState>>,
+) -> Result<Vec<Arc<PodState>>, SnapshotError> {
+    let mut states = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let invalid_ip = || SnapshotError::InvalidPodIp {
+            server: owner.to_owned(),
+            pod: endpoint.name.clone(),
+            ip: endpoint.ip.clone(),
+        };
+        let ip: IpAddr = endpoint.ip.parse().map_err(|_| invalid_ip())?;
+        let load_key = switchyard_snapshot::object_key(namespace, &endpoint.name);
+        let (port, pod_key) = match endpoint.port {
+            0 => (default_port, load_key.clone()),
+            own => (
+                u16::try_from(own).ok().ok_or(SnapshotError::InvalidPort {
+                    server: owner.to_owned(),
+                    port: own,
+                })?,
+                format!("{load_key}:{own}"),
+            ),
+        };
+        let addr = SocketAddr::new(ip, port);
+        let pod = match pods.get(&pod_key).or_else(|| previous_pods.get(&pod_key)) {
+            Some(existing) if existing.addr == addr => existing.clone(),
+            _ => Arc::new(
+                PodState::endpoint(pod_key.clone(), load_key, endpoint.name.clone(), addr)
+                    .map_err(|_| invalid_ip())?,
+            ),
+        };
+        pods.insert(pod_key, pod.clone());
+        states.push(pod);
+    }
+    Ok(states)
 }
 
 /// The groups of `server` by pod index; every pod named must be an endpoint
@@ -463,6 +543,7 @@ fn build_route(
     route: &pb::ModelRoute,
     servers: &HashMap<String, Arc<Server>>,
     providers: &HashMap<String, Arc<Server>>,
+    gateways: &Gateways,
 ) -> Result<Route, SnapshotError> {
     let key = switchyard_snapshot::object_key(&route.namespace, &route.name);
     if route.model_name.is_empty() && route.lora_adapters.is_empty() {
@@ -510,11 +591,24 @@ fn build_route(
             targets,
         });
     }
+    let listeners = route
+        .listeners
+        .iter()
+        .map(|listener| {
+            gateways
+                .listener_id(&listener.gateway, &listener.listener)
+                .ok_or_else(|| SnapshotError::DanglingListener {
+                    route: key.clone(),
+                    listener: format!("{}/{}", listener.gateway, listener.listener),
+                })
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Route {
         key,
         model_name: route.model_name.clone(),
         lora_adapters: route.lora_adapters.clone(),
         rules,
+        listeners,
     })
 }
 
@@ -579,6 +673,8 @@ pub struct SnapshotStore {
     loads: Mutex<Option<AppliedLoads>>,
     /// Scheduling state that outlives tables (prefix index, recent decisions, metrics).
     scheduling: Arc<SchedulingShared>,
+    /// The ports of the current table's Gateway listeners (see `listener_ports`).
+    listener_ports: watch::Sender<BTreeSet<u16>>,
     /// Token budgets that outlive tables, and their Redis connections.
     rate_limiting: Arc<RateLimiting>,
     /// Key ids of JWTs no table's keys could verify, for the controller.
@@ -644,6 +740,12 @@ impl SnapshotStore {
         }
     }
 
+    /// The ports the current snapshot's Gateway listeners are served on,
+    /// updated with every snapshot that changes them.
+    pub fn listener_ports(&self) -> watch::Receiver<BTreeSet<u16>> {
+        self.listener_ports.subscribe()
+    }
+
     /// The same store with budgets reporting to `rate_limiting`'s metrics.
     pub fn with_rate_limiting(self, rate_limiting: Arc<RateLimiting>) -> Self {
         Self {
@@ -706,13 +808,19 @@ impl SnapshotStore {
             &self.fairness,
         )?;
         if let Some(loads) = loads.as_ref() {
-            for (key, pod) in &table.pods {
-                pod.set_load(loads.loads.get(key).cloned());
+            for pod in table.pods.values() {
+                pod.set_load(loads.loads.get(&pod.load_key).cloned());
             }
             apply_fleet_ejections(&table, &loads.ejections);
         }
+        let ports = table.gateways.ports();
         let replaced = self.table.swap(Some(Arc::new(table)));
         drop(loads);
+        self.listener_ports.send_if_modified(|current| {
+            let changed = *current != ports;
+            *current = ports;
+            changed
+        });
         if let Some(replaced) = replaced {
             self.retired.lock().push(replaced);
         }
@@ -777,7 +885,6 @@ impl SnapshotStore {
     ) -> Result<(), SnapshotError> {
         let mut held = self.loads.lock();
         let table = self.table.load_full();
-        let pod = |key: &str| table.as_ref().and_then(|table| table.pods.get(key));
         let keyed = |load: pb::EndpointLoad| {
             let key = switchyard_snapshot::object_key(&load.namespace, &load.pod);
             (key, Arc::new(load))
@@ -794,8 +901,8 @@ impl SnapshotStore {
         if update.base_version.is_empty() {
             let loads: HashMap<_, _> = update.loads.into_iter().map(keyed).collect();
             if let Some(table) = &table {
-                for (key, pod) in &table.pods {
-                    pod.set_load(loads.get(key).cloned());
+                for pod in table.pods.values() {
+                    pod.set_load(loads.get(&pod.load_key).cloned());
                 }
             }
             *held = Some(AppliedLoads {
@@ -813,19 +920,27 @@ impl SnapshotStore {
                     });
                 }
             };
-            for gone in &update.removed {
-                let key = switchyard_snapshot::object_key(&gone.namespace, &gone.pod);
-                current.loads.remove(&key);
-                if let Some(pod) = pod(&key) {
-                    pod.set_load(None);
+            let removed: HashSet<String> = update
+                .removed
+                .iter()
+                .map(|gone| switchyard_snapshot::object_key(&gone.namespace, &gone.pod))
+                .collect();
+            let changed: HashMap<String, Arc<pb::EndpointLoad>> =
+                update.loads.into_iter().map(keyed).collect();
+            // One pass over the endpoints: a pod may be several (one per target port).
+            if let Some(table) = &table {
+                for pod in table.pods.values() {
+                    if let Some(load) = changed.get(&pod.load_key) {
+                        pod.set_load(Some(load.clone()));
+                    } else if removed.contains(&pod.load_key) {
+                        pod.set_load(None);
+                    }
                 }
             }
-            for (key, load) in update.loads.into_iter().map(keyed) {
-                if let Some(pod) = pod(&key) {
-                    pod.set_load(Some(load.clone()));
-                }
-                current.loads.insert(key, load);
+            for key in &removed {
+                current.loads.remove(key);
             }
+            current.loads.extend(changed);
             version.clone_into(&mut current.version);
             current.ejections = ejections;
         }

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use prost::Message;
-use switchyard_controller::compile::{CompileInput, ObjectSet, compile};
+use switchyard_controller::compile::gateway_api::DEFAULT_CONTROLLER_NAME;
+use switchyard_controller::compile::{CompileInput, GatewayApiConfig, ObjectSet, compile};
 use switchyard_controller::local::parse_documents;
 use switchyard_controller::outlier::ReportedEjections;
 use switchyard_controller::router_config::RouterConfig;
@@ -226,8 +227,16 @@ fn check_local_objects(input: &[u8]) {
     let text = String::from_utf8_lossy(input);
     let mut objects = ObjectSet::default();
     parse_documents("fuzz.yaml", &text, &mut objects);
+    // Gateway API mode on: its objects must compile to what dataplanes accept too.
+    let gateway_api = GatewayApiConfig {
+        enabled: true,
+        inference_extension: true,
+        controller_name: DEFAULT_CONTROLLER_NAME.to_owned(),
+        default_gateway: Some(("default".to_owned(), "default".to_owned())),
+    };
     let compiled = compile(&CompileInput {
         objects: &objects,
+        gateway_api: &gateway_api,
         router: &RouterConfig::default(),
         jwks_keys: &[],
         pod_loads: &BTreeMap::new(),

@@ -14,7 +14,7 @@ use http::HeaderMap;
 use switchyard_bench::{STREAM_CHUNK, chat_body, snapshot};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
-use switchyard_dataplane::routing::RequestFacts;
+use switchyard_dataplane::routing::{ArrivalFacts, RequestFacts};
 use switchyard_dataplane::scheduling::ScheduleRequest;
 use switchyard_dataplane::snapshot::RoutingTable;
 use switchyard_runtime::clock;
@@ -83,6 +83,7 @@ fn main() {
                 model: "bench-model",
                 path: "/v1/chat/completions",
                 headers: &headers,
+                arrival: ArrivalFacts::default(),
             });
             if let Some(decision) = decision {
                 let ranking = table.scheduler.schedule(

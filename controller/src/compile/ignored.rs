@@ -4,22 +4,9 @@
 //! Event, the controller log and `/debug/objects` instead of being silently
 //! ignored. When a feature lands, its entry here goes.
 
-use switchyard_crd::{ModelRoute, ModelServer};
+use switchyard_crd::ModelServer;
 
 use super::report::IgnoredField;
-
-/// The set fields of `route` that routing does not act on.
-pub(crate) fn route_fields(route: &ModelRoute) -> Vec<IgnoredField> {
-    let spec = &route.spec;
-    let mut ignored = Vec::new();
-    if !spec.parent_refs.is_empty() {
-        ignored.push(IgnoredField::new(
-            "spec.parentRefs",
-            "Gateway API attachment is not implemented yet: the route serves requests from every listener, whatever Gateway they came through",
-        ));
-    }
-    ignored
-}
 
 /// The set fields of `server` that routing does not act on.
 pub(crate) fn server_fields(server: &ModelServer) -> Vec<IgnoredField> {

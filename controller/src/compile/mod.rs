@@ -1,6 +1,7 @@
 //! The pure core: ModelRoutes, ModelServers, ExternalModelProviders, Pods,
-//! Secrets, the router configuration and scraped engine load in, a routing
-//! snapshot and one report per object out.
+//! Secrets (and in Gateway API mode GatewayClasses, Gateways, HTTPRoutes and
+//! InferencePools), the router configuration and scraped engine load in, a
+//! routing snapshot and one report per object out.
 //! The controller publishes exactly what [`compile`] returns; on a scrape or
 //! a dataplane's outlier report it reruns only [`compile_endpoint_loads`]
 //! and [`compile_ejections`], the parts that depend on them.
@@ -22,6 +23,7 @@ use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
 use crate::scrape::{PodKey, PodLoad, ScrapeTarget};
 
+pub mod gateway_api;
 mod ignored;
 mod objects;
 mod pod_index;
@@ -35,7 +37,8 @@ mod servers;
 #[cfg(test)]
 mod tests;
 
-pub use objects::{LoadProblem, ObjectSet};
+pub use gateway_api::{GatewayApiConfig, GatewayApiReports};
+pub use objects::{LoadProblem, ObjectSet, Objects};
 pub use prefill_decode::SGLANG_BOOTSTRAP_PORT_ANNOTATION;
 pub use providers::{CompiledProviders, CredentialSecret, ProviderReport, compile_providers};
 pub use report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Reason};
@@ -48,6 +51,8 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 #[derive(Clone, Copy, Debug)]
 pub struct CompileInput<'a> {
     pub objects: &'a ObjectSet,
+    /// Gateway API mode (`--enable-gateway-api` and friends).
+    pub gateway_api: &'a GatewayApiConfig,
     /// The router configuration (`--router-config`; the default without one):
     /// its scheduler section, tiers, outlier detection and fairness block
     /// are shipped as they are, its JWT settings with `jwks_keys`.
@@ -76,6 +81,8 @@ pub struct Compiled {
     pub reports: Vec<ObjectReport>,
     /// One per input ExternalModelProvider, sorted by (namespace, name).
     pub provider_reports: Vec<ProviderReport>,
+    /// The Gateway API kinds' reports.
+    pub gateway_api: GatewayApiReports,
     /// API keys left out (a key held by two Secrets), for the log.
     pub auth_problems: Vec<String>,
     pub generated_at_unix_ms: i64,
@@ -88,6 +95,7 @@ pub struct CompiledRoutes {
     pub route_config: pb::RouteConfig,
     pub scrape_targets: Vec<ScrapeTarget>,
     pub reports: Vec<ObjectReport>,
+    pub gateway_api: GatewayApiReports,
 }
 
 /// Compiles routes, servers and pods with the router configuration and the
@@ -100,14 +108,16 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         &objects.provider_secrets,
         input.ship_credentials,
     );
-    let mut routes =
-        compile_routes_and_servers(&objects.routes, &objects.servers, &objects.pods, &providers);
+    let mut routes = compile_objects(objects.view(), input.gateway_api, &providers);
     let router = input.router;
     routes.route_config.scheduler = router.scheduler.clone();
     routes.route_config.tier_rate_limits = router.tiers.clone();
     routes.route_config.fairness = router.fairness.clone();
-    let (auth, auth_problems) =
-        compile_auth(&objects.api_keys, router.auth.as_ref(), input.jwks_keys);
+    let (auth, auth_problems) = compile_auth(
+        &input.objects.api_keys,
+        router.auth.as_ref(),
+        input.jwks_keys,
+    );
     routes.route_config.auth = auth;
     routes.route_config.outlier_detection = router.outlier_detection.defaults;
     for server in &mut routes.route_config.servers {
@@ -126,9 +136,29 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
         scrape_targets: routes.scrape_targets,
         reports: routes.reports,
         provider_reports: providers.reports,
+        gateway_api: routes.gateway_api,
         auth_problems,
         generated_at_unix_ms: input.now_unix_ms,
     }
+}
+
+/// [`compile_objects`] of ModelRoutes, ModelServers and Pods alone, with
+/// Gateway API mode off and no providers.
+pub fn compile_route_config(
+    routes: &[ModelRoute],
+    servers: &[ModelServer],
+    pods: &[Pod],
+) -> CompiledRoutes {
+    compile_objects(
+        Objects {
+            routes,
+            servers,
+            pods,
+            ..Objects::default()
+        },
+        &GatewayApiConfig::disabled(),
+        &CompiledProviders::default(),
+    )
 }
 
 /// Validates every object, resolves references and builds the RouteConfig.
@@ -137,22 +167,17 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
 /// When two objects of one kind share a namespace/name (possible with local
 /// files), the first one in input order wins and the others are reported as
 /// `Duplicate`.
-pub fn compile_route_config(
-    routes: &[ModelRoute],
-    servers: &[ModelServer],
-    pods: &[Pod],
-) -> CompiledRoutes {
-    compile_routes_and_servers(routes, servers, pods, &CompiledProviders::default())
-}
-
-/// [`compile_route_config`] with the compiled providers routes may target;
-/// the Ready ones go into the RouteConfig.
-pub fn compile_routes_and_servers(
-    routes: &[ModelRoute],
-    servers: &[ModelServer],
-    pods: &[Pod],
+pub fn compile_objects(
+    objects: Objects<'_>,
+    gateway_api: &GatewayApiConfig,
     providers: &CompiledProviders,
 ) -> CompiledRoutes {
+    let Objects {
+        routes,
+        servers,
+        pods,
+        ..
+    } = objects;
     let mut reports = Vec::with_capacity(routes.len() + servers.len());
 
     let pod_index = pod_index::PodIndex::new(pods);
@@ -178,6 +203,12 @@ pub fn compile_routes_and_servers(
         }
     }
 
+    let mut scrape_targets: Vec<ScrapeTarget> = compiled_servers
+        .values()
+        .flat_map(|compiled| compiled.scrape_targets.iter().cloned())
+        .collect();
+    let gateways = gateway_api::compile(&objects, gateway_api, &pod_index, &mut scrape_targets);
+
     let known_servers = routes::KnownServers {
         accepted: compiled_servers.keys().copied().collect(),
         present: present_servers,
@@ -198,7 +229,8 @@ pub fn compile_routes_and_servers(
             ));
             continue;
         }
-        let (compiled, report) = routes::compile_route(route, &known_servers);
+        let (compiled, report) =
+            routes::compile_route(route, &known_servers, gateways.listener_index());
         reports.push(report);
         compiled_routes.extend(compiled);
     }
@@ -212,11 +244,8 @@ pub fn compile_routes_and_servers(
     });
     // Stable: duplicates keep their input order behind the object they lost to.
     reports.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+    let gateway_api = gateways.finish(&compiled_routes);
 
-    let mut scrape_targets: Vec<ScrapeTarget> = compiled_servers
-        .values()
-        .flat_map(|compiled| compiled.scrape_targets.iter().cloned())
-        .collect();
     scrape_targets.sort();
     // Two ModelServers may select the same pod; loads are keyed by pod, so scrape it once.
     scrape_targets.dedup_by(|later, earlier| later.key == earlier.key);
@@ -231,10 +260,15 @@ pub fn compile_routes_and_servers(
                 .map(|compiled| compiled.server)
                 .collect(),
             external_providers: providers.providers.clone(),
+            gateways: gateway_api.gateways,
+            default_gateway: gateway_api.default_gateway,
+            http_routes: gateway_api.http_routes,
+            inference_pools: gateway_api.inference_pools,
             ..Default::default()
         },
         scrape_targets,
         reports,
+        gateway_api: gateway_api.reports,
     }
 }
 

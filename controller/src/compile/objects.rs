@@ -2,7 +2,9 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
-use switchyard_crd::{ExternalModelProvider, ModelRoute, ModelServer};
+use switchyard_crd::{
+    ExternalModelProvider, Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute, ModelServer,
+};
 
 use super::providers::CredentialSecret;
 use crate::auth::ApiKeySecret;
@@ -18,6 +20,11 @@ pub struct ObjectSet {
     /// Secrets labelled as provider credentials (their data, which the
     /// compile puts into the snapshot only for a Ready provider).
     pub provider_secrets: Vec<CredentialSecret>,
+    /// Gateway API mode's objects (empty when it is off, but for local files).
+    pub gateway_classes: Vec<GatewayClass>,
+    pub gateways: Vec<Gateway>,
+    pub http_routes: Vec<HTTPRoute>,
+    pub inference_pools: Vec<InferencePool>,
     /// API keys from `Secret`s labelled as such (digests only, never the keys).
     pub api_keys: Vec<ApiKeySecret>,
     /// Documents or files that were skipped, in file then document order
@@ -26,6 +33,33 @@ pub struct ObjectSet {
     /// Why the source cannot be read at all right now (local mode: the
     /// directory cannot be listed); the objects are the last ones read.
     pub source_error: Option<String>,
+}
+
+/// The objects of one compile, borrowed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Objects<'a> {
+    pub routes: &'a [ModelRoute],
+    pub servers: &'a [ModelServer],
+    pub pods: &'a [Pod],
+    pub gateway_classes: &'a [GatewayClass],
+    pub gateways: &'a [Gateway],
+    pub http_routes: &'a [HTTPRoute],
+    pub inference_pools: &'a [InferencePool],
+}
+
+impl ObjectSet {
+    /// Every object, borrowed.
+    pub fn view(&self) -> Objects<'_> {
+        Objects {
+            routes: &self.routes,
+            servers: &self.servers,
+            pods: &self.pods,
+            gateway_classes: &self.gateway_classes,
+            gateways: &self.gateways,
+            http_routes: &self.http_routes,
+            inference_pools: &self.inference_pools,
+        }
+    }
 }
 
 /// A file or document that could not be loaded; the rest of the directory still is.

@@ -9,6 +9,10 @@ pub enum ObjectKind {
     ModelRoute,
     ModelServer,
     ExternalModelProvider,
+    GatewayClass,
+    Gateway,
+    HTTPRoute,
+    InferencePool,
 }
 
 impl ObjectKind {
@@ -18,6 +22,10 @@ impl ObjectKind {
             Self::ModelRoute => "ModelRoute",
             Self::ModelServer => "ModelServer",
             Self::ExternalModelProvider => "ExternalModelProvider",
+            Self::GatewayClass => "GatewayClass",
+            Self::Gateway => "Gateway",
+            Self::HTTPRoute => "HTTPRoute",
+            Self::InferencePool => "InferencePool",
         }
     }
 }
@@ -83,6 +91,30 @@ pub enum Reason {
     CredentialInvalid,
     /// The snapshot stream cannot carry credentials (no TLS with client authentication).
     InsecureSnapshotStream,
+    /// Gateway API: a route's parentRef names no usable listener of a Switchyard Gateway.
+    NoMatchingParent,
+    /// Gateway API: the listeners a parentRef names do not admit the route's namespace or kind.
+    NotAllowedByListeners,
+    /// Gateway API: no listener a parentRef names shares a hostname with the route.
+    NoMatchingListenerHostname,
+    /// Gateway API: a value Switchyard does not support (a filter, a match type, a field).
+    UnsupportedValue,
+    /// Gateway API: a backendRef (or a listener's route kind) of a kind Switchyard cannot use.
+    InvalidKind,
+    /// Gateway API: a backendRef to another namespace (ReferenceGrants are not read).
+    RefNotPermitted,
+    /// Gateway API: a listener's port is outside 1..=65535.
+    PortUnavailable,
+    /// Gateway API: a listener shares its port and hostname with an older one.
+    HostnameConflict,
+    /// Gateway API: `Conflicted=False`.
+    NoConflicts,
+    /// Gateway API: a listener's `allowedRoutes.kinds` names kinds Switchyard has no route of.
+    InvalidRouteKinds,
+    /// Gateway API: some or all listeners of a Gateway are invalid.
+    ListenersNotValid,
+    /// Gateway API: an object of a Gateway API kind read while Gateway API mode is off.
+    GatewayApiDisabled,
 }
 
 impl Reason {
@@ -117,6 +149,18 @@ impl Reason {
             Self::CredentialKeyNotFound => "CredentialKeyNotFound",
             Self::CredentialInvalid => "CredentialInvalid",
             Self::InsecureSnapshotStream => "InsecureSnapshotStream",
+            Self::NoMatchingParent => "NoMatchingParent",
+            Self::NotAllowedByListeners => "NotAllowedByListeners",
+            Self::NoMatchingListenerHostname => "NoMatchingListenerHostname",
+            Self::UnsupportedValue => "UnsupportedValue",
+            Self::InvalidKind => "InvalidKind",
+            Self::RefNotPermitted => "RefNotPermitted",
+            Self::PortUnavailable => "PortUnavailable",
+            Self::HostnameConflict => "HostnameConflict",
+            Self::NoConflicts => "NoConflicts",
+            Self::InvalidRouteKinds => "InvalidRouteKinds",
+            Self::ListenersNotValid => "ListenersNotValid",
+            Self::GatewayApiDisabled => "GatewayApiDisabled",
         }
     }
 }

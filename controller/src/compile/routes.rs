@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use switchyard_crd::{ModelRoute, StringMatch, TargetModel};
 use switchyard_snapshot::{object_key, pb};
 
+use super::gateway_api::{Attachment, ListenerIndex, ListenerKey, RouteKind, listener_refs};
 use super::providers::CompiledProviders;
 use super::report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Problem, Reason};
 use super::{namespace_of, non_empty};
@@ -21,11 +22,14 @@ pub(crate) struct KnownServers<'a> {
     pub providers: &'a CompiledProviders,
 }
 
-/// Validates one ModelRoute and resolves its targets. Returns the route to put
-/// in the snapshot (when it was accepted and kept at least one rule).
+/// Validates one ModelRoute, resolves its targets and binds it to the
+/// Gateway listeners its parentRefs name (`listeners` is `None` when Gateway
+/// API mode is off). Returns the route to put in the snapshot (when it was
+/// accepted, kept at least one rule and, with parentRefs, serves on a listener).
 pub(crate) fn compile_route(
     route: &ModelRoute,
     servers: &KnownServers<'_>,
+    listeners: Option<&ListenerIndex>,
 ) -> (Option<pb::ModelRoute>, ObjectReport) {
     let namespace = namespace_of(&route.metadata);
     let name = route.metadata.name.as_deref().unwrap_or_default();
@@ -63,7 +67,8 @@ pub(crate) fn compile_route(
     }
 
     let mut unresolved = Vec::new();
-    let mut ignored_fields = super::ignored::route_fields(route);
+    // Every ModelRoute field is acted on; conditions that set nothing are named below.
+    let mut ignored_fields = Vec::new();
     let mut rules = Vec::with_capacity(spec.rules.len());
     for (rule_index, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{rule_index}]");
@@ -124,6 +129,7 @@ pub(crate) fn compile_route(
         }
     };
 
+    let bound = bind_parents(namespace, &spec.parent_refs, listeners, &mut unresolved);
     let accepted = ConditionReport::from_problems(&invalid, Reason::Accepted, "");
     if accepted.status && rules.is_empty() && !spec.rules.is_empty() {
         unresolved.push(Problem::new(
@@ -131,8 +137,15 @@ pub(crate) fn compile_route(
             "no rule has a resolvable target; the route is left out of the snapshot",
         ));
     }
+    let serves = !spec.parent_refs.is_empty() && bound.is_empty();
+    if accepted.status && serves {
+        unresolved.push(Problem::new(
+            Reason::NoMatchingParent,
+            "no parentRef names a listener the route can serve on; the route is left out of the snapshot",
+        ));
+    }
     let resolved_refs = ConditionReport::from_problems(&unresolved, Reason::ResolvedRefs, "");
-    let in_snapshot = accepted.status && !rules.is_empty();
+    let in_snapshot = accepted.status && !rules.is_empty() && !serves;
     let report = ObjectReport {
         kind: ObjectKind::ModelRoute,
         namespace: namespace.to_owned(),
@@ -160,8 +173,53 @@ pub(crate) fn compile_route(
         generation: route.metadata.generation.unwrap_or(0),
         rules,
         rate_limit,
+        listeners: listener_refs(bound),
     };
     (Some(compiled), report)
+}
+
+/// The listeners `parents` bind the route to; every parentRef that binds it
+/// nowhere is a problem. Without parentRefs the route serves the default
+/// listener (an empty list); with Gateway API mode off, parentRefs bind it
+/// nowhere.
+fn bind_parents(
+    namespace: &str,
+    parents: &[switchyard_crd::ParentReference],
+    listeners: Option<&ListenerIndex>,
+    unresolved: &mut Vec<Problem>,
+) -> Vec<ListenerKey> {
+    if parents.is_empty() {
+        return Vec::new();
+    }
+    let Some(listeners) = listeners else {
+        unresolved.push(Problem::new(
+            Reason::NoMatchingParent,
+            "spec.parentRefs: Gateway API mode is off (--enable-gateway-api), so a route bound to Gateways serves on no listener",
+        ));
+        return Vec::new();
+    };
+    let mut bound = Vec::new();
+    for (index, parent) in parents.iter().enumerate() {
+        let path = format!("spec.parentRefs[{index}]");
+        match listeners.attach(namespace, RouteKind::ModelRoute, &[], parent) {
+            Attachment::Attached(keys) => bound.extend(keys),
+            Attachment::Rejected(problem) => unresolved.push(Problem::new(
+                problem.reason,
+                format!("{path}: {}", problem.message),
+            )),
+            Attachment::NotOurs => unresolved.push(Problem::new(
+                Reason::NoMatchingParent,
+                format!(
+                    "{path}: {}/{} {}/{} is not a Gateway of a GatewayClass Switchyard implements",
+                    non_empty(parent.group.as_deref()).unwrap_or(switchyard_crd::GATEWAY_API_GROUP),
+                    non_empty(parent.kind.as_deref()).unwrap_or("Gateway"),
+                    non_empty(parent.namespace.as_deref()).unwrap_or(namespace),
+                    parent.name
+                ),
+            )),
+        }
+    }
+    bound
 }
 
 /// `metadata.creationTimestamp` in Unix milliseconds; 0 when absent (local files).

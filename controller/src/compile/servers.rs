@@ -200,22 +200,8 @@ pub(crate) fn compile_server(
     let endpoints = endpoints
         .iter()
         .map(|(pod, bootstrap_port)| pb::Endpoint {
-            name: pod.name.to_owned(),
-            ip: pod.ip.to_string(),
             bootstrap_port: *bootstrap_port,
-            node_name: pod
-                .pod
-                .spec
-                .as_ref()
-                .and_then(|spec| spec.node_name.clone())
-                .unwrap_or_default(),
-            start_time_unix_ms: pod
-                .pod
-                .status
-                .as_ref()
-                .and_then(|status| status.start_time.as_ref())
-                .map_or(0, |time| time.0.as_millisecond()),
-            labels: pod.pod.metadata.labels.clone().unwrap_or_default(),
+            ..endpoint(pod.name, pod.ip, pod.pod)
         })
         .collect();
     // Pods no request can reach outrank every other reference problem: they are named.
@@ -309,6 +295,28 @@ fn compile_traffic_policy(
 
 fn duration_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The snapshot endpoint of a ready pod at `ip`, with the pod facts debug
+/// dumps show (the ModelServer's port, no bootstrap port).
+pub(crate) fn endpoint(name: &str, ip: IpAddr, pod: &Pod) -> pb::Endpoint {
+    pb::Endpoint {
+        name: name.to_owned(),
+        ip: ip.to_string(),
+        bootstrap_port: 0,
+        port: 0,
+        node_name: pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.node_name.clone())
+            .unwrap_or_default(),
+        start_time_unix_ms: pod
+            .status
+            .as_ref()
+            .and_then(|status| status.start_time.as_ref())
+            .map_or(0, |time| time.0.as_millisecond()),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+    }
 }
 
 /// The pod's IP when it may receive traffic: Running, condition Ready=True,

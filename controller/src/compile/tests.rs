@@ -76,6 +76,26 @@ fn target(server: &str, weight: u32) -> pb::WeightedTarget {
     }
 }
 
+/// [`compile_objects`] of routes, servers and pods with `providers`, Gateway
+/// API mode off.
+fn compile_with_providers(
+    routes: &[ModelRoute],
+    servers: &[ModelServer],
+    pods: &[Pod],
+    providers: &CompiledProviders,
+) -> CompiledRoutes {
+    super::compile_objects(
+        Objects {
+            routes,
+            servers,
+            pods,
+            ..Objects::default()
+        },
+        &GatewayApiConfig::disabled(),
+        providers,
+    )
+}
+
 fn compile_objects(routes: &[ModelRoute], servers: &[ModelServer], pods: &[Pod]) -> CompiledRoutes {
     compile_route_config(routes, servers, pods)
 }
@@ -866,7 +886,7 @@ spec:
         data: [("v".to_owned(), b"sk-1".to_vec())].into(),
     }];
     let compiled_providers = compile_providers(&providers, &secrets, false);
-    let compiled = compile_routes_and_servers(
+    let compiled = compile_with_providers(
         &routes,
         &[simple_server("s", "s")],
         &[],
@@ -901,7 +921,7 @@ spec:
         report.resolved_refs.message
     );
     let compiled_providers = compile_providers(&providers, &secrets, true);
-    let compiled = compile_routes_and_servers(&routes, &[], &[], &compiled_providers);
+    let compiled = compile_with_providers(&routes, &[], &[], &compiled_providers);
     assert_eq!(
         compiled.route_config.routes[0].rules[0].targets[0],
         provider_target("default/openai", 30)
@@ -1262,6 +1282,7 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
     .into();
     let compiled = compile(&CompileInput {
         objects: &objects,
+        gateway_api: &GatewayApiConfig::disabled(),
         router: &router,
         jwks_keys: &[],
         pod_loads: &pod_loads,
@@ -1404,6 +1425,7 @@ fn auth_and_tiers_are_compiled_into_the_route_config() {
     let loads = BTreeMap::new();
     let compiled = compile(&CompileInput {
         objects: &objects,
+        gateway_api: &GatewayApiConfig::disabled(),
         router: &router,
         jwks_keys: &keys,
         pod_loads: &loads,
@@ -1422,6 +1444,7 @@ fn auth_and_tiers_are_compiled_into_the_route_config() {
     assert_eq!(compiled.route_config.tier_rate_limits, tiers);
     let off = compile(&CompileInput {
         objects: &ObjectSet::default(),
+        gateway_api: &GatewayApiConfig::disabled(),
         router: &RouterConfig::default(),
         jwks_keys: &[],
         pod_loads: &loads,

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 
 use crate::admin::{ObjectsView, SourceStatus};
 use crate::compile::{
-    CompileInput, Compiled, ObjectReport, ObjectSet, ProviderReport, compile, compile_ejections,
-    compile_endpoint_loads,
+    CompileInput, Compiled, GatewayApiConfig, ObjectReport, ObjectSet, ProviderReport, compile,
+    compile_ejections, compile_endpoint_loads,
 };
 use crate::metrics::ControllerMetrics;
 use crate::outlier::ReportedEjections;
@@ -30,6 +30,8 @@ pub(super) struct LoopIo {
     /// The router configuration: its scheduler section, JWT settings, tiers
     /// and outlier detection are shipped inside the RouteConfig.
     pub router: watch::Receiver<RouterConfig>,
+    /// Gateway API mode, from the flags.
+    pub gateway_api: GatewayApiConfig,
     /// The JWT issuer's keys, refetched by [`crate::auth::jwks::refresh_keys`].
     pub jwks_keys: watch::Receiver<Vec<String>>,
     pub pod_loads: watch::Receiver<PodLoads>,
@@ -143,6 +145,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     let started = clock::now();
     let compiled = compile(&CompileInput {
         objects: &objects,
+        gateway_api: &io.gateway_api,
         router: &router,
         jwks_keys: &jwks_keys,
         pod_loads: &pod_loads,
@@ -182,6 +185,7 @@ fn compile_and_publish(io: &mut LoopIo, reported: &mut Logged) -> Arc<Compiled> 
     io.objects_view.send_replace(Arc::new(ObjectsView {
         reports: compiled.reports.clone(),
         providers: compiled.provider_reports.clone(),
+        gateway_api: compiled.gateway_api.clone(),
         load_problems: objects.problems.clone(),
         source: SourceStatus {
             error: objects.source_error.clone(),

@@ -29,7 +29,7 @@ use tokio_util::sync::DropGuard;
 use crate::admin::{self, AdminState, Endpoints, ObjectsView};
 use crate::auth::jwks;
 use crate::cli::Args;
-use crate::compile::{Compiled, ObjectSet};
+use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
 use crate::outlier::EjectionBoard;
@@ -106,6 +106,7 @@ pub async fn begin(
     let (admin_listener, admin_addr) = bind("admin", args.metrics_addr).await?;
     let (debug_listener, debug_addr) = bind("debug", args.debug_socket_addr()).await?;
     let controller_id = args.effective_controller_id();
+    let gateway_api = args.gateway_api().map_err(ControllerError::InvalidFlag)?;
     let registry = Registry::new();
     let xds_metrics = XdsMetrics::register(&registry)?;
     let compile_duration = register_compile_duration(&registry)?;
@@ -163,6 +164,7 @@ pub async fn begin(
         dataplanes,
         objects_view,
         router,
+        gateway_api,
         xds_addr: args.xds_addr,
         stream_security,
         empty_source_grace_period: args.empty_source_grace_period,
@@ -192,6 +194,7 @@ pub struct StartingController {
     dataplanes: DataplaneRegistry,
     objects_view: watch::Sender<Arc<ObjectsView>>,
     router: watch::Receiver<RouterConfig>,
+    gateway_api: GatewayApiConfig,
     xds_addr: SocketAddr,
     stream_security: StreamSecurity,
     empty_source_grace_period: Duration,
@@ -236,6 +239,7 @@ impl StartingController {
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
             router: self.router,
+            gateway_api: self.gateway_api,
             jwks_keys,
             pod_loads: pod_loads.clone(),
             ejections: ejections.subscribe(),

@@ -22,7 +22,7 @@ use switchyard_runtime::clock;
 use tokio::sync::watch;
 
 use crate::admin::{ObjectsView, SourceState, SourceStatus};
-use crate::compile::ObjectSet;
+use crate::compile::{GatewayApiReports, ObjectSet};
 
 /// How a source reads while it has no ModelRoute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +76,7 @@ pub(super) async fn hold_while_empty(
         view.send_replace(Arc::new(ObjectsView {
             reports: Vec::new(),
             providers: Vec::new(),
+            gateway_api: GatewayApiReports::default(),
             load_problems: current.problems.clone(),
             source: SourceStatus {
                 state: SourceState::Holding,

@@ -1,8 +1,10 @@
-//! Reflectors: local caches of ModelRoutes, ModelServers and Pods, kept in
-//! sync with the API server by list+watch, one per watched namespace (or one
-//! cluster-wide), of the API-key Secrets of the controller's namespace, and
-//! of ExternalModelProviders and their credential Secrets (labelled, in the
-//! watched namespaces), each bumping a shared change counter on every event.
+//! Reflectors: local caches of ModelRoutes, ModelServers and Pods (and in
+//! Gateway API mode GatewayClasses, Gateways, HTTPRoutes and InferencePools),
+//! kept in sync with the API server by list+watch, one per watched namespace
+//! (or one cluster-wide), of the API-key Secrets of the controller's
+//! namespace, and of ExternalModelProviders and their credential Secrets
+//! (labelled, in the watched namespaces), each bumping a shared change
+//! counter on every event.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -17,14 +19,17 @@ use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Api, Client, Resource};
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
-use switchyard_crd::{ExternalModelProvider, ModelRoute, ModelServer, PROVIDER_CREDENTIAL_LABEL};
+use switchyard_crd::{
+    ExternalModelProvider, Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute,
+    ModelServer, PROVIDER_CREDENTIAL_LABEL,
+};
 use switchyard_runtime::TaskSet;
 use tokio::sync::watch;
 
 use super::pod_selector::PodWatch;
 use crate::auth::{self, ApiKeySecret};
 use crate::compile::providers::{credential_secret_of, strip_credential_secret};
-use crate::compile::{CredentialSecret, LoadProblem};
+use crate::compile::{CredentialSecret, GatewayApiConfig, LoadProblem, ObjectSet};
 
 /// Which namespaces are watched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +124,12 @@ pub struct Caches {
     pub routes: Vec<Cache<ModelRoute>>,
     pub servers: Vec<Cache<ModelServer>>,
     pub pods: Vec<Cache<Pod>>,
+    /// Gateway API mode only (no cache otherwise).
+    pub gateway_classes: Vec<Cache<GatewayClass>>,
+    pub gateways: Vec<Cache<Gateway>>,
+    pub http_routes: Vec<Cache<HTTPRoute>>,
+    /// Inference Extension mode only.
+    pub inference_pools: Vec<Cache<InferencePool>>,
     /// API-key Secrets, redacted ([`auth::redact_api_key_secret`]).
     pub secrets: Vec<Cache<Secret>>,
     pub providers: Vec<Cache<ExternalModelProvider>>,
@@ -131,10 +142,24 @@ pub struct Caches {
 impl Caches {
     /// Caches holding fixed objects, already synced (reflector stores seeded by hand).
     pub fn seeded(routes: Vec<ModelRoute>, servers: Vec<ModelServer>, pods: Vec<Pod>) -> Self {
+        Self::seeded_with(ObjectSet {
+            routes,
+            servers,
+            pods,
+            ..ObjectSet::default()
+        })
+    }
+
+    /// Caches holding every object of `objects`, already synced.
+    pub fn seeded_with(objects: ObjectSet) -> Self {
         Self {
-            routes: vec![Cache::seeded(routes)],
-            servers: vec![Cache::seeded(servers)],
-            pods: vec![Cache::seeded(pods)],
+            routes: vec![Cache::seeded(objects.routes)],
+            servers: vec![Cache::seeded(objects.servers)],
+            pods: vec![Cache::seeded(objects.pods)],
+            gateway_classes: vec![Cache::seeded(objects.gateway_classes)],
+            gateways: vec![Cache::seeded(objects.gateways)],
+            http_routes: vec![Cache::seeded(objects.http_routes)],
+            inference_pools: vec![Cache::seeded(objects.inference_pools)],
             secrets: vec![Cache::seeded(Vec::new())],
             providers: vec![Cache::seeded(Vec::new())],
             credential_secrets: vec![Cache::seeded(Vec::new())],
@@ -182,12 +207,17 @@ impl Caches {
 
     /// Owned copies of every object, in a canonical order (namespace, name) so
     /// equal cluster states compile to equal snapshots on every replica.
-    pub fn snapshot(&self) -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
-        (
-            collect(&self.routes),
-            collect(&self.servers),
-            collect(&self.pods),
-        )
+    pub fn snapshot(&self) -> ObjectSet {
+        ObjectSet {
+            routes: collect(&self.routes),
+            servers: collect(&self.servers),
+            pods: collect(&self.pods),
+            gateway_classes: collect(&self.gateway_classes),
+            gateways: collect(&self.gateways),
+            http_routes: collect(&self.http_routes),
+            inference_pools: collect(&self.inference_pools),
+            ..ObjectSet::default()
+        }
     }
 
     pub fn find_route(&self, namespace: &str, name: &str) -> Option<Arc<ModelRoute>> {
@@ -198,11 +228,34 @@ impl Caches {
         find(&self.servers, namespace, name)
     }
 
+    pub fn find_gateway_class(&self, name: &str) -> Option<Arc<GatewayClass>> {
+        let key = reflector::ObjectRef::new(name);
+        self.gateway_classes
+            .iter()
+            .find_map(|cache| cache.store.read().get(&key))
+    }
+
+    pub fn find_gateway(&self, namespace: &str, name: &str) -> Option<Arc<Gateway>> {
+        find(&self.gateways, namespace, name)
+    }
+
+    pub fn find_http_route(&self, namespace: &str, name: &str) -> Option<Arc<HTTPRoute>> {
+        find(&self.http_routes, namespace, name)
+    }
+
+    pub fn find_inference_pool(&self, namespace: &str, name: &str) -> Option<Arc<InferencePool>> {
+        find(&self.inference_pools, namespace, name)
+    }
+
     /// Whether every cache has completed its initial list.
     pub fn is_synced(&self) -> bool {
         self.routes.iter().all(Cache::is_synced)
             && self.servers.iter().all(Cache::is_synced)
             && self.pods.iter().all(Cache::is_synced)
+            && self.gateway_classes.iter().all(Cache::is_synced)
+            && self.gateways.iter().all(Cache::is_synced)
+            && self.http_routes.iter().all(Cache::is_synced)
+            && self.inference_pools.iter().all(Cache::is_synced)
             && self.secrets.iter().all(Cache::is_synced)
             && self.providers.iter().all(Cache::is_synced)
             && self.credential_secrets.iter().all(Cache::is_synced)
@@ -216,6 +269,18 @@ impl Caches {
             cache.wait_synced().await;
         }
         for cache in &mut self.pods {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.gateway_classes {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.gateways {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.http_routes {
+            cache.wait_synced().await;
+        }
+        for cache in &mut self.inference_pools {
             cache.wait_synced().await;
         }
         for cache in &mut self.secrets {
@@ -263,14 +328,16 @@ pub struct Reflectors {
     _credential_selection: watch::Sender<PodWatch>,
 }
 
-/// Starts the ModelRoute and ModelServer reflectors of `scope` on `tasks`,
-/// waits for the ModelServers to sync, derives the pod watch from them, then
-/// starts the Pod reflectors, and the reflector of the API-key Secrets of
-/// `api_key_namespace`. Returns once the tasks are started (not synced: see
-/// [`Caches::wait_synced`]).
+/// Starts the ModelRoute and ModelServer reflectors of `scope` on `tasks`
+/// (and those of the Gateway API kinds `gateway_api` enables), waits for the
+/// ModelServers and InferencePools to sync, derives the pod watch from them,
+/// then starts the Pod reflectors, and the reflector of the API-key Secrets
+/// of `api_key_namespace`. Returns once the tasks are started (not synced:
+/// see [`Caches::wait_synced`]).
 pub async fn start(
     client: &Client,
     scope: &Scope,
+    gateway_api: &GatewayApiConfig,
     api_key_namespace: &str,
     tasks: &mut TaskSet,
 ) -> Reflectors {
@@ -291,10 +358,49 @@ pub async fn start(
         servers.push(cache);
         tasks.spawn("ModelServer watch", task);
     }
+    let mut gateway_classes = Vec::new();
+    let mut gateways = Vec::new();
+    let mut http_routes = Vec::new();
+    if gateway_api.enabled {
+        // GatewayClasses are cluster-scoped: one watch whatever the scope.
+        let (cache, task) = cache_and_reflector(
+            Api::<GatewayClass>::all(client.clone()),
+            fixed.clone(),
+            changes_sender.clone(),
+            keep,
+        );
+        gateway_classes.push(cache);
+        tasks.spawn("GatewayClass watch", task);
+        for api in scope.apis::<Gateway>(client) {
+            let (cache, task) =
+                cache_and_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+            gateways.push(cache);
+            tasks.spawn("Gateway watch", task);
+        }
+        for api in scope.apis::<HTTPRoute>(client) {
+            let (cache, task) =
+                cache_and_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+            http_routes.push(cache);
+            tasks.spawn("HTTPRoute watch", task);
+        }
+    }
+    let mut inference_pools = Vec::new();
+    if gateway_api.inference_extension {
+        for api in scope.apis::<InferencePool>(client) {
+            let (cache, task) =
+                cache_and_reflector(api, fixed.clone(), changes_sender.clone(), keep);
+            inference_pools.push(cache);
+            tasks.spawn("InferencePool watch", task);
+        }
+    }
     for cache in &mut servers {
         cache.wait_synced().await;
     }
-    let initial_watch = super::pod_selector::pod_watch(&collect(&servers));
+    for cache in &mut inference_pools {
+        cache.wait_synced().await;
+    }
+    let initial_watch =
+        super::pod_selector::pod_watch(&collect(&servers), &collect(&inference_pools));
     tracing::info!(pod_watch = ?initial_watch, "watching pods");
     let (pod_watch, pod_watch_receiver) = watch::channel(initial_watch);
     let mut pods = Vec::new();
@@ -344,6 +450,10 @@ pub async fn start(
             routes,
             servers,
             pods,
+            gateway_classes,
+            gateways,
+            http_routes,
+            inference_pools,
             secrets: vec![secrets],
             providers,
             credential_secrets,
@@ -498,7 +608,12 @@ mod tests {
             Vec::new(),
         );
         assert!(caches.is_synced());
-        let (routes, servers, pods) = caches.snapshot();
+        let ObjectSet {
+            routes,
+            servers,
+            pods,
+            ..
+        } = caches.snapshot();
         let keys: Vec<_> = routes
             .iter()
             .map(|route| {

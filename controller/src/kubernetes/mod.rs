@@ -1,7 +1,9 @@
 //! Kubernetes mode: an object source of reflectors over ModelRoutes,
-//! ModelServers and Pods (and the API-key Secrets of the controller's
-//! namespace); the elected leader writes status conditions and
-//! Events, and every replica reports its dataplanes' ACKs for the leader to count.
+//! ModelServers and Pods (and the Gateway API kinds in Gateway API mode, and
+//! the API-key Secrets of the controller's namespace); the elected leader
+//! writes status conditions and Events (and creates Gateway API mode's
+//! default GatewayClass and Gateway when absent), and every replica reports
+//! its dataplanes' ACKs for the leader to count.
 //!
 //! The source's first object set is the caches' content once every one of
 //! them has listed the cluster (see [`crate::core`] for why that matters).
@@ -15,8 +17,11 @@ use kube::Client;
 use switchyard_runtime::{CancellationToken, TaskSet, clock};
 use tokio::sync::watch;
 
+use switchyard_crd::gateway_api::GatewayStatusAddress;
+
 use crate::cli::Args;
-use crate::compile::{Compiled, ObjectSet};
+use crate::compile::gateway_api::{GatewayDefaults, status_addresses};
+use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::core::{OBJECT_CHANGE_DEBOUNCE, ObjectSource, Serving, SourceStarted};
 use crate::error::{ControllerError, KubernetesError};
 use crate::scrape::PodLoads;
@@ -25,6 +30,7 @@ use crate::xds::{DataplaneRegistry, SnapshotPublisher};
 
 pub mod caches;
 pub mod dataplane_reports;
+pub mod gateway_defaults;
 pub mod leader;
 pub mod pod_selector;
 pub mod status_writer;
@@ -56,17 +62,26 @@ pub struct KubernetesSource {
     scope: Scope,
     lease_namespace: String,
     lease_name: String,
+    gateway_api: GatewayApiConfig,
+    gateway_defaults: Option<GatewayDefaults>,
+    gateway_addresses: Vec<GatewayStatusAddress>,
 }
 
 impl KubernetesSource {
-    /// Watches what `--namespaces` selects; takes part in the `--lease-name` election.
-    pub fn new(args: &Args, client: Client) -> Self {
-        Self {
+    /// Watches what `--namespaces` selects (and the Gateway API kinds the
+    /// flags enable); takes part in the `--lease-name` election.
+    pub fn new(args: &Args, client: Client) -> Result<Self, ControllerError> {
+        Ok(Self {
             client,
             scope: Scope::from_namespaces(&args.namespaces),
             lease_namespace: args.lease_namespace.clone(),
             lease_name: args.lease_name.clone(),
-        }
+            gateway_api: args.gateway_api().map_err(ControllerError::InvalidFlag)?,
+            gateway_defaults: args
+                .gateway_defaults()
+                .map_err(ControllerError::InvalidFlag)?,
+            gateway_addresses: status_addresses(&args.gateway_addresses),
+        })
     }
 }
 
@@ -74,8 +89,14 @@ impl ObjectSource for KubernetesSource {
     /// Lists and watches the cluster and returns once every cache has synced.
     async fn start(self, tasks: &mut TaskSet) -> Result<SourceStarted, ControllerError> {
         tracing::info!(scope = ?self.scope, "starting the Kubernetes watches");
-        let reflectors =
-            caches::start(&self.client, &self.scope, &self.lease_namespace, tasks).await;
+        let reflectors = caches::start(
+            &self.client,
+            &self.scope,
+            &self.gateway_api,
+            &self.lease_namespace,
+            tasks,
+        )
+        .await;
         let mut caches = reflectors.caches.clone();
         caches.wait_synced().await;
         tracing::info!("Kubernetes caches synced");
@@ -100,6 +121,9 @@ impl KubernetesSource {
             client,
             lease_namespace,
             lease_name,
+            gateway_api,
+            gateway_defaults,
+            gateway_addresses,
             ..
         } = self;
         let identity = core.controller_id.clone();
@@ -125,6 +149,10 @@ impl KubernetesSource {
         let status = StatusLoop {
             peers: PeerReports::new(client.clone(), &lease_namespace, identity.clone()),
             identity: identity.clone(),
+            client: client.clone(),
+            gateway_controller_name: gateway_api.controller_name,
+            gateway_defaults,
+            gateway_addresses,
             writer: StatusWriter::new(client, identity.clone(), core.metrics.clone()),
             leader_gauge: core.metrics.leader.clone(),
             leading,
@@ -164,23 +192,25 @@ async fn feed_objects(reflectors: caches::Reflectors, objects: watch::Sender<Arc
     }
 }
 
-/// The caches' objects; on the way, points the pod watch at what the ModelServers select.
+/// The caches' objects; on the way, points the pod watch at what the
+/// ModelServers and InferencePools select.
 fn object_set(caches: &Caches, pod_watch: &watch::Sender<PodWatch>) -> Arc<ObjectSet> {
-    let (routes, servers, pods) = caches.snapshot();
     let (api_keys, problems) = caches.api_keys();
     let (providers, provider_secrets) = caches.providers();
-    pod_watch
-        .send_if_modified(|current| replace_if_changed(current, pod_selector::pod_watch(&servers)));
-    Arc::new(ObjectSet {
-        routes,
-        servers,
-        pods,
+    let objects = ObjectSet {
         providers,
         provider_secrets,
         api_keys,
         problems,
-        ..ObjectSet::default()
-    })
+        ..caches.snapshot()
+    };
+    pod_watch.send_if_modified(|current| {
+        replace_if_changed(
+            current,
+            pod_selector::pod_watch(&objects.servers, &objects.inference_pools),
+        )
+    });
+    Arc::new(objects)
 }
 
 fn replace_if_changed<T: PartialEq>(current: &mut T, new: T) -> bool {
@@ -196,6 +226,12 @@ struct StatusLoop {
     /// The other replicas' dataplanes, merged into `Programmed`.
     peers: PeerReports,
     identity: String,
+    client: Client,
+    /// Switchyard's `controllerName`, on its HTTPRoute status entries.
+    gateway_controller_name: String,
+    /// Created when absent while this replica leads (Gateway API mode).
+    gateway_defaults: Option<GatewayDefaults>,
+    gateway_addresses: Vec<GatewayStatusAddress>,
     writer: StatusWriter,
     leader_gauge: prometheus::IntGauge,
     leading: watch::Receiver<bool>,
@@ -243,6 +279,12 @@ impl StatusLoop {
                 self.writer.forget();
                 continue;
             }
+            if let Some(defaults) = &self.gateway_defaults {
+                tokio::select! {
+                    () = &mut stopped => return,
+                    () = gateway_defaults::ensure(&self.client, &self.caches, defaults) => {}
+                }
+            }
             let compiled = self.compiled.borrow_and_update().clone();
             let observed: BTreeMap<String, i64> = self
                 .pod_loads
@@ -259,6 +301,9 @@ impl StatusLoop {
             let updates = status_writer::plan(&PlanInput {
                 reports: &compiled.reports,
                 providers: &compiled.provider_reports,
+                gateway_api: &compiled.gateway_api,
+                controller_name: &self.gateway_controller_name,
+                gateway_addresses: &self.gateway_addresses,
                 caches: &self.caches,
                 acks: &acks,
                 last_scrape: &last_scrape,

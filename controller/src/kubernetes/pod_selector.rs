@@ -1,6 +1,6 @@
 //! Which pods the controller needs to watch: a label selector derived from
-//! every ModelServer's `workloadSelector`, so a large cluster's other pods are
-//! never cached.
+//! every ModelServer's `workloadSelector` and every InferencePool's
+//! `selector`, so a large cluster's other pods are never cached.
 //!
 //! The API server takes one selector per watch and selectors cannot express
 //! "any of these label sets", so the controller looks for a label key every
@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use switchyard_crd::ModelServer;
+use switchyard_crd::{InferencePool, ModelServer};
 
 /// What the pod watch should cover.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,11 +23,12 @@ pub enum PodWatch {
     All,
 }
 
-/// Derives the pod watch from the ModelServers.
-pub fn pod_watch(servers: &[ModelServer]) -> PodWatch {
+/// Derives the pod watch from the ModelServers and InferencePools.
+pub fn pod_watch(servers: &[ModelServer], pools: &[InferencePool]) -> PodWatch {
     let selectors: Vec<&BTreeMap<String, String>> = servers
         .iter()
         .map(|server| &server.spec.workload_selector.match_labels)
+        .chain(pools.iter().map(|pool| &pool.spec.selector.match_labels))
         // Compile rejects empty selectors: they need no pods.
         .filter(|labels| !labels.is_empty())
         .collect();
@@ -111,7 +112,7 @@ mod tests {
             server(&[("app", "llama")]),
         ];
         assert_eq!(
-            pod_watch(&servers),
+            pod_watch(&servers, &[]),
             PodWatch::Labels("app in (llama,qwen)".to_owned())
         );
     }
@@ -123,7 +124,7 @@ mod tests {
             server(&[("model.example.com/name", "b"), ("app", "y")]),
         ];
         assert_eq!(
-            pod_watch(&servers),
+            pod_watch(&servers, &[]),
             PodWatch::Labels("app in (x,y)".to_owned())
         );
     }
@@ -131,20 +132,36 @@ mod tests {
     #[test]
     fn no_shared_key_watches_every_pod() {
         let servers = [server(&[("app", "a")]), server(&[("model", "b")])];
-        assert_eq!(pod_watch(&servers), PodWatch::All);
+        assert_eq!(pod_watch(&servers, &[]), PodWatch::All);
     }
 
     #[test]
     fn values_that_are_not_label_values_fall_back_to_every_pod() {
         let servers = [server(&[("app", "a,b")])];
-        assert_eq!(pod_watch(&servers), PodWatch::All);
+        assert_eq!(pod_watch(&servers, &[]), PodWatch::All);
         let servers = [server(&[("bad key!", "a")])];
-        assert_eq!(pod_watch(&servers), PodWatch::All);
+        assert_eq!(pod_watch(&servers, &[]), PodWatch::All);
+    }
+
+    #[test]
+    fn inference_pools_select_pods_too() {
+        let pool: InferencePool = serde_yaml::from_str(
+            "metadata: { name: p }\nspec:\n  selector: { matchLabels: { app: pooled } }\n  targetPorts: [{ number: 8000 }]\n",
+        )
+        .expect("test InferencePool parses");
+        assert_eq!(
+            pod_watch(&[server(&[("app", "llama")])], std::slice::from_ref(&pool)),
+            PodWatch::Labels("app in (llama,pooled)".to_owned())
+        );
+        assert_eq!(
+            pod_watch(&[], &[pool]),
+            PodWatch::Labels("app in (pooled)".to_owned())
+        );
     }
 
     #[test]
     fn without_servers_nothing_is_watched() {
-        assert_eq!(pod_watch(&[]), PodWatch::Nothing);
-        assert_eq!(pod_watch(&[server(&[])]), PodWatch::Nothing);
+        assert_eq!(pod_watch(&[], &[]), PodWatch::Nothing);
+        assert_eq!(pod_watch(&[server(&[])], &[]), PodWatch::Nothing);
     }
 }

@@ -2,19 +2,22 @@
 //! rejected objects. Only the elected leader runs [`StatusWriter::sync`];
 //! what to write is decided by the pure [`plan`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource};
 use serde_json::{Value, json};
-use switchyard_crd::{ExternalModelProvider, ModelRoute, ModelServer};
+use switchyard_crd::gateway_api::GatewayStatusAddress;
+use switchyard_crd::{
+    ExternalModelProvider, Gateway, GatewayClass, HTTPRoute, InferencePool, ModelRoute, ModelServer,
+};
 
 use super::caches::Caches;
-use crate::compile::{ObjectKind, ObjectReport, ProviderReport};
+use crate::compile::{GatewayApiReports, ObjectKind, ObjectReport, ProviderReport};
 use crate::metrics::ControllerMetrics;
-use crate::status::{self, AckSummary, WarningEvent};
+use crate::status::{self, AckSummary, WarningEvent, gateway_api};
 
 /// Field manager of every status patch: `kubectl get -o yaml --show-managed-fields` names it.
 pub const FIELD_MANAGER: &str = "switchyard-controller";
@@ -38,6 +41,12 @@ pub struct StatusUpdate {
 pub struct PlanInput<'a> {
     pub reports: &'a [ObjectReport],
     pub providers: &'a [ProviderReport],
+    /// The Gateway API kinds' reports (empty when the mode is off).
+    pub gateway_api: &'a GatewayApiReports,
+    /// Switchyard's `controllerName` (its HTTPRoute status entries carry it).
+    pub controller_name: &'a str,
+    /// The Gateways' addresses (`--gateway-addresses`).
+    pub gateway_addresses: &'a [GatewayStatusAddress],
     pub caches: &'a Caches,
     pub acks: &'a AckSummary,
     /// Newest successful scrape per ModelServer (namespace, name).
@@ -97,6 +106,11 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
             }
             // Providers have reports of their own (below).
             ObjectKind::ExternalModelProvider => continue,
+            // Reported through `gateway_api` below.
+            ObjectKind::GatewayClass
+            | ObjectKind::Gateway
+            | ObjectKind::HTTPRoute
+            | ObjectKind::InferencePool => continue,
         };
         updates.push(update);
     }
@@ -119,7 +133,103 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
             uid: object.metadata.uid.clone(),
         });
     }
+    plan_gateway_api(input, &mut updates);
     updates
+}
+
+/// The Gateway API kinds' status patches that would change something.
+fn plan_gateway_api(input: &PlanInput<'_>, updates: &mut Vec<StatusUpdate>) {
+    let reports = input.gateway_api;
+    let mut push = |kind, namespace: &str, name: &str, patch| {
+        updates.push(StatusUpdate {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            patch,
+            events: Vec::new(),
+            uid: None,
+        });
+    };
+    for report in &reports.gateway_classes {
+        let Some(object) = input.caches.find_gateway_class(&report.name) else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired = gateway_api::gateway_class_status(report, previous, input.now);
+        if previous != Some(&desired) {
+            push(
+                ObjectKind::GatewayClass,
+                "",
+                &report.name,
+                apply_body::<GatewayClass>(serde_json::to_value(&desired)),
+            );
+        }
+    }
+    for report in &reports.gateways {
+        let Some(object) = input.caches.find_gateway(&report.namespace, &report.name) else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired = gateway_api::gateway_status(
+            report,
+            input.acks,
+            input.gateway_addresses,
+            previous,
+            input.now,
+        );
+        if previous != Some(&desired) {
+            push(
+                ObjectKind::Gateway,
+                &report.namespace,
+                &report.name,
+                apply_body::<Gateway>(serde_json::to_value(&desired)),
+            );
+        }
+    }
+    for report in &reports.http_routes {
+        let Some(object) = input
+            .caches
+            .find_http_route(&report.namespace, &report.name)
+        else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired =
+            gateway_api::http_route_status(report, input.controller_name, previous, input.now);
+        if previous != Some(&desired) {
+            push(
+                ObjectKind::HTTPRoute,
+                &report.namespace,
+                &report.name,
+                apply_body::<HTTPRoute>(serde_json::to_value(&desired)),
+            );
+        }
+    }
+    let ours: BTreeSet<(String, String)> = reports
+        .gateways
+        .iter()
+        .map(|gateway| (gateway.namespace.clone(), gateway.name.clone()))
+        .collect();
+    for report in &reports.inference_pools {
+        let Some(object) = input
+            .caches
+            .find_inference_pool(&report.namespace, &report.name)
+        else {
+            continue;
+        };
+        let previous = object.status.as_ref();
+        let desired = gateway_api::inference_pool_status(report, &ours, previous, input.now);
+        // A pool no Gateway of Switchyard's routes to, that carries no entry of one, is not ours to touch.
+        if previous == Some(&desired) || (previous.is_none() && desired.parents.is_empty()) {
+            continue;
+        }
+        push(
+            ObjectKind::InferencePool,
+            &report.namespace,
+            &report.name,
+            apply_body::<InferencePool>(serde_json::to_value(&desired)),
+        );
+    }
 }
 
 fn apply_body<K: Resource<DynamicType = ()>>(status: Result<Value, serde_json::Error>) -> Value {
@@ -224,6 +334,26 @@ impl StatusWriter {
                     .patch_status(&update.name, &params, &patch)
                     .await?;
             }
+            ObjectKind::GatewayClass => {
+                Api::<GatewayClass>::all(self.client.clone())
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+            ObjectKind::Gateway => {
+                Api::<Gateway>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+            ObjectKind::HTTPRoute => {
+                Api::<HTTPRoute>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
+            ObjectKind::InferencePool => {
+                Api::<InferencePool>::namespaced(self.client.clone(), &update.namespace)
+                    .patch_status(&update.name, &params, &patch)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -283,6 +413,9 @@ spec:
         let updates = plan(&PlanInput {
             reports: &compiled.reports,
             providers: &[],
+            gateway_api: &GatewayApiReports::default(),
+            controller_name: crate::compile::gateway_api::DEFAULT_CONTROLLER_NAME,
+            gateway_addresses: &[],
             caches: &caches,
             acks: &acks,
             last_scrape: &BTreeMap::new(),

@@ -142,6 +142,10 @@ impl DirFiles {
             let contribution = &file.contribution;
             objects.routes.extend(contribution.routes.iter().cloned());
             objects.servers.extend(contribution.servers.iter().cloned());
+            (objects.gateway_classes).extend(contribution.gateway_classes.iter().cloned());
+            (objects.gateways).extend(contribution.gateways.iter().cloned());
+            (objects.http_routes).extend(contribution.http_routes.iter().cloned());
+            (objects.inference_pools).extend(contribution.inference_pools.iter().cloned());
             objects
                 .problems
                 .extend(contribution.problems.iter().cloned());
@@ -215,8 +219,14 @@ impl TrackedFile {
         }
         self.contribution = match &self.last_good {
             Some(good) => {
-                let count =
-                    good.routes.len() + good.servers.len() + good.pods.len() + good.providers.len();
+                let count = good.routes.len()
+                    + good.servers.len()
+                    + good.pods.len()
+                    + good.providers.len()
+                    + good.gateway_classes.len()
+                    + good.gateways.len()
+                    + good.http_routes.len()
+                    + good.inference_pools.len();
                 let mut kept = good.clone();
                 kept.problems = loaded.problems;
                 kept.problems.push(file_problem(

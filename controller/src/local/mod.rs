@@ -1,4 +1,5 @@
-//! Local mode: ModelRoute, ModelServer and Pod objects read from the YAML
+//! Local mode: ModelRoute, ModelServer and Pod objects (and the Gateway API
+//! kinds: GatewayClass, Gateway, HTTPRoute, InferencePool) read from the YAML
 //! files of one directory, reloaded when the files change.
 //!
 //! The directory is polled rather than watched with inotify: no extra
@@ -15,6 +16,7 @@ use std::time::Duration;
 use switchyard_runtime::{TaskSet, clock};
 use tokio::sync::watch;
 
+use crate::compile::gateway_api::GatewayDefaults;
 use crate::compile::{LoadProblem, ObjectSet};
 use crate::core::{OBJECT_CHANGE_DEBOUNCE, ObjectSource, Serving, SourceStarted};
 use crate::error::{ControllerError, LocalError};
@@ -47,6 +49,7 @@ pub type LocalObjects = ObjectSet;
 pub struct LocalSource {
     dir: PathBuf,
     settings: WatchSettings,
+    gateway_defaults: Option<GatewayDefaults>,
 }
 
 impl LocalSource {
@@ -54,14 +57,28 @@ impl LocalSource {
         Self {
             dir,
             settings: WatchSettings::default(),
+            gateway_defaults: None,
         }
+    }
+
+    /// Gateway API mode: adds this GatewayClass and default Gateway to every
+    /// load of the directory that does not define objects of their names
+    /// (as the controller creates them in a cluster).
+    pub fn with_gateway_defaults(mut self, defaults: Option<GatewayDefaults>) -> Self {
+        self.gateway_defaults = defaults;
+        self
     }
 }
 
 impl ObjectSource for LocalSource {
     async fn start(self, tasks: &mut TaskSet) -> Result<SourceStarted, ControllerError> {
-        let (objects, watcher) = watch_dir(self.dir.clone(), self.settings).await?;
+        let (mut objects, watcher) = watch_dir(self.dir.clone(), self.settings).await?;
         tasks.spawn("config directory watcher", watcher);
+        if let Some(defaults) = self.gateway_defaults {
+            let (with_defaults, adder) = add_gateway_defaults(objects, defaults);
+            tasks.spawn("gateway defaults", adder);
+            objects = with_defaults;
+        }
         let dir = self.dir;
         Ok(SourceStarted {
             objects,
@@ -72,6 +89,37 @@ impl ObjectSource for LocalSource {
             }),
         })
     }
+}
+
+/// Every object set of `source` with the default GatewayClass and Gateway
+/// added where the directory has none of their names; the task ends when
+/// the watcher or every receiver is gone.
+fn add_gateway_defaults(
+    mut source: watch::Receiver<Arc<LocalObjects>>,
+    defaults: GatewayDefaults,
+) -> (
+    watch::Receiver<Arc<LocalObjects>>,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let complete = move |objects: &LocalObjects| {
+        let mut objects = objects.clone();
+        defaults.add_missing(&mut objects);
+        Arc::new(objects)
+    };
+    let (sender, receiver) = watch::channel(complete(&source.borrow_and_update()));
+    let adder = async move {
+        loop {
+            tokio::select! {
+                changed = source.changed() => if changed.is_err() { return },
+                () = sender.closed() => return,
+            }
+            let objects = complete(&source.borrow_and_update());
+            if sender.send(objects).is_err() {
+                return;
+            }
+        }
+    };
+    (receiver, adder)
 }
 
 /// How the directory is polled and when a change is taken up (see [`files`]).

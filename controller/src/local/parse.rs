@@ -10,6 +10,10 @@ use crate::compile::LoadProblem;
 const CRD_API_VERSION: &str = "networking.serving.volcano.sh/v1alpha1";
 /// `apiVersion` of Pod documents.
 const POD_API_VERSION: &str = "v1";
+/// `apiVersion` of GatewayClass, Gateway and HTTPRoute documents.
+const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+/// `apiVersion` of InferencePool documents.
+const INFERENCE_API_VERSION: &str = "inference.networking.k8s.io/v1";
 
 /// Parses the YAML documents of one file into `objects`; bad documents become problems.
 pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
@@ -48,6 +52,8 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
         let expected_api_version = match kind {
             Some("ModelRoute" | "ModelServer" | "ExternalModelProvider") => CRD_API_VERSION,
             Some("Pod" | "Secret") => POD_API_VERSION,
+            Some("GatewayClass" | "Gateway" | "HTTPRoute") => GATEWAY_API_VERSION,
+            Some("InferencePool") => INFERENCE_API_VERSION,
             Some(other) => {
                 tracing::debug!(
                     file,
@@ -88,17 +94,26 @@ pub fn parse_documents(file: &str, text: &str, objects: &mut LocalObjects) {
             }
             continue;
         }
-        let parsed = match kind {
-            Some("ModelRoute") => {
-                serde_yaml::from_value(value.clone()).map(|route| objects.routes.push(route))
-            }
-            Some("ModelServer") => {
-                serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server))
-            }
-            Some("ExternalModelProvider") => serde_yaml::from_value(value.clone())
-                .map(|provider| objects.providers.push(provider)),
-            _ => serde_yaml::from_value(value.clone()).map(|pod| objects.pods.push(pod)),
-        };
+        let parsed =
+            match kind {
+                Some("ModelRoute") => {
+                    serde_yaml::from_value(value.clone()).map(|route| objects.routes.push(route))
+                }
+                Some("ModelServer") => {
+                    serde_yaml::from_value(value.clone()).map(|server| objects.servers.push(server))
+                }
+                Some("ExternalModelProvider") => serde_yaml::from_value(value.clone())
+                    .map(|provider| objects.providers.push(provider)),
+                Some("GatewayClass") => serde_yaml::from_value(value.clone())
+                    .map(|class| objects.gateway_classes.push(class)),
+                Some("Gateway") => serde_yaml::from_value(value.clone())
+                    .map(|gateway| objects.gateways.push(gateway)),
+                Some("HTTPRoute") => serde_yaml::from_value(value.clone())
+                    .map(|route| objects.http_routes.push(route)),
+                Some("InferencePool") => serde_yaml::from_value(value.clone())
+                    .map(|pool| objects.inference_pools.push(pool)),
+                _ => serde_yaml::from_value(value.clone()).map(|pod| objects.pods.push(pod)),
+            };
         if let Err(error) = parsed {
             objects
                 .problems

@@ -26,6 +26,7 @@ use switchyard_crd::{ExternalModelProviderStatus, ModelRouteStatus, ModelServerS
 use crate::compile::{ConditionReport, ObjectKind, ObjectReport, ProviderReport};
 use crate::xds::DataplaneStatus;
 
+pub mod gateway_api;
 mod reports;
 #[cfg(test)]
 mod tests;

@@ -148,9 +148,8 @@ fn invalid_regex_is_not_accepted() {
 }
 
 const ROUTE_WITH_IGNORED_FIELDS: &str = "{metadata: {name: chat, namespace: default, generation: 6}, spec: \
-    {modelName: chat, parentRefs: [{name: default, namespace: kthena-system, kind: Gateway}], \
-    rateLimit: {inputTokensPerUnit: 10, unit: minute}, \
-    rules: [{name: default, targetModels: [{modelServerName: llama}]}]}}";
+    {modelName: chat, \
+    rules: [{name: default, modelMatch: {uri: {}}, targetModels: [{modelServerName: llama}]}]}}";
 
 /// A KV connector without prefill/decode groups: nothing uses it.
 const SERVER_WITH_STRAY_CONNECTOR: &str = "{metadata: {name: llama, namespace: default, generation: 2}, spec: \
@@ -170,7 +169,7 @@ fn ignored_fields_are_a_condition_and_one_warning_event_until_they_change() {
         .iter()
         .map(|field| field.path.as_str())
         .collect();
-    assert_eq!(paths, ["spec.parentRefs"]);
+    assert_eq!(paths, ["spec.rules[0].modelMatch.uri"]);
     let status = route_status(report, &all_acked(1), None, ts(0));
     let ignored = find(&status.conditions, "IgnoredFields");
     assert_eq!(
@@ -179,8 +178,8 @@ fn ignored_fields_are_a_condition_and_one_warning_event_until_they_change() {
     );
     assert_eq!(
         ignored.message,
-        "set but not acted on by the router: spec.parentRefs: Gateway API attachment is not implemented yet: \
-         the route serves requests from every listener, whatever Gateway they came through"
+        "set but not acted on by the router: \
+         spec.rules[0].modelMatch.uri: sets none of exact, prefix or regex, so it holds for any path"
     );
     assert_eq!(find(&status.conditions, "Accepted").status, "True");
     let events = warning_events(report, &[]);

@@ -206,10 +206,24 @@ impl FakeApi {
             && response.status() == StatusCode::OK)
             .then(|| self.stored(&recorded.path))
             .flatten();
+        // The stored object, as the create's response holds it.
+        let created = (recorded.method == Method::POST
+            && response.status() == StatusCode::CREATED
+            && !recorded.path.ends_with("/events"))
+        .then(|| {
+            let state = self.state.lock();
+            let objects = state.collections.get(&cluster_wide(&recorded.path))?;
+            objects.last().cloned()
+        })
+        .flatten();
         self.record(recorded.clone());
-        // Like the API server, a status change reaches the watches.
+        // Like the API server, a status change and a creation reach the watches.
         if let Some(object) = applied_status {
             self.push_event(&cluster_wide(&recorded.path), "MODIFIED", object)
+                .await;
+        }
+        if let Some(object) = created {
+            self.push_event(&cluster_wide(&recorded.path), "ADDED", object)
                 .await;
         }
         response
@@ -227,6 +241,9 @@ impl FakeApi {
         }
         if path.ends_with("/events") && request.method == Method::POST {
             return json_response(StatusCode::CREATED, request.body.clone());
+        }
+        if request.method == Method::POST {
+            return self.create(request);
         }
         if path.ends_with("/status") && request.method == Method::PATCH {
             return self.patch_status(request);
@@ -278,9 +295,7 @@ impl FakeApi {
             .collections
             .get(&collection)?
             .iter()
-            .find(|object| {
-                object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
-            })
+            .find(|object| object["metadata"]["name"] == name && namespace_of(object) == namespace)
             .cloned()
     }
 
@@ -291,13 +306,42 @@ impl FakeApi {
         let mut state = self.state.lock();
         let Some(object) = state.collections.get_mut(&collection).and_then(|objects| {
             objects.iter_mut().find(|object| {
-                object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
+                object["metadata"]["name"] == name && namespace_of(object) == namespace
             })
         }) else {
             return not_found();
         };
         object["status"] = request.body["status"].clone();
         json_response(StatusCode::OK, object.clone())
+    }
+
+    /// A create: stored as sent (in the namespace of its path); 409 when
+    /// an object of that name exists.
+    fn create(&self, request: &Recorded) -> Response<ResponseBody> {
+        let mut object = request.body.clone();
+        if let Some((_, rest)) = request.path.split_once("/namespaces/") {
+            let namespace = rest.split('/').next().unwrap_or_default();
+            object["metadata"]["namespace"] = namespace.into();
+        }
+        let mut state = self.state.lock();
+        state.resource_version += 1;
+        object["metadata"]["resourceVersion"] = state.resource_version.to_string().into();
+        let objects = state
+            .collections
+            .entry(cluster_wide(&request.path))
+            .or_default();
+        let taken = objects.iter().any(|existing| {
+            existing["metadata"]["name"] == object["metadata"]["name"]
+                && namespace_of(existing) == namespace_of(&object)
+        });
+        if taken {
+            return json_response(
+                StatusCode::CONFLICT,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409}),
+            );
+        }
+        objects.push(object.clone());
+        json_response(StatusCode::CREATED, object)
     }
 
     /// Server-side apply of a whole object (the controller's ConfigMaps):
@@ -311,7 +355,7 @@ impl FakeApi {
         let resource_version = state.resource_version.to_string();
         let objects = state.collections.entry(collection).or_default();
         let existing = objects.iter().position(|object| {
-            object["metadata"]["name"] == name && object["metadata"]["namespace"] == namespace
+            object["metadata"]["name"] == name && namespace_of(object) == namespace
         });
         if request.method == Method::DELETE {
             return match existing {
@@ -383,14 +427,23 @@ impl Drop for ListHold {
 
 /// `.../namespaces/{ns}/{plural}/{name}[/status]` -> (cluster-wide collection, ns, name).
 fn object_path(path: &str) -> Option<(String, String, String)> {
-    let (prefix, rest) = path
-        .trim_end_matches("/status")
-        .split_once("/namespaces/")?;
+    let path = path.trim_end_matches("/status");
+    let Some((prefix, rest)) = path.split_once("/namespaces/") else {
+        // Cluster-scoped: /apis/group/version/plural/name, namespace "".
+        let (collection, name) = path.rsplit_once('/')?;
+        return (collection.starts_with("/apis/") && collection.matches('/').count() == 4)
+            .then(|| (collection.to_owned(), String::new(), name.to_owned()));
+    };
     let mut parts = rest.split('/');
     let namespace = parts.next()?.to_owned();
     let plural = parts.next()?;
     let name = parts.next()?.to_owned();
     Some((format!("{prefix}/{plural}"), namespace, name))
+}
+
+/// An object's namespace; "" for a cluster-scoped one.
+fn namespace_of(object: &Value) -> &str {
+    object["metadata"]["namespace"].as_str().unwrap_or_default()
 }
 
 /// `/apis/g/v/namespaces/ns/plural` -> `/apis/g/v/plural`: the fake keeps one collection per kind.

@@ -20,8 +20,12 @@ use self::outlier::PodHealth;
 /// State of one pod that outlives snapshots.
 #[derive(Debug)]
 pub struct PodState {
-    /// `namespace/name`.
+    /// `namespace/name`, and `:port` for an InferencePool endpoint (a pod
+    /// with several target ports is one endpoint per port).
     pub key: String,
+    /// `namespace/name` of the pod: the engine load the controller pushes
+    /// for the pod applies to each of its endpoints.
+    pub load_key: String,
     pub name: String,
     pub addr: SocketAddr,
     /// `ip:port`, ready to use as the upstream URI authority.
@@ -41,10 +45,21 @@ pub struct PodState {
 
 impl PodState {
     pub fn new(key: String, name: String, addr: SocketAddr) -> Result<Self, http::uri::InvalidUri> {
+        Self::endpoint(key.clone(), key, name, addr)
+    }
+
+    /// An endpoint `key` of the pod `load_key` (see [`PodState::key`]).
+    pub fn endpoint(
+        key: String,
+        load_key: String,
+        name: String,
+        addr: SocketAddr,
+    ) -> Result<Self, http::uri::InvalidUri> {
         let authority = http::uri::Authority::try_from(addr.to_string())?;
         Ok(Self {
             id: xxhash_rust::xxh3::xxh3_64(key.as_bytes()),
             key,
+            load_key,
             name,
             addr,
             authority,

@@ -178,7 +178,7 @@ impl<U: Upstream> Proxy<U> {
             record,
         )
         .await?;
-        let routed = route::route(&table.index, &request, record)?;
+        let routed = route::route(&table, &request, record)?;
         if let Some(provider) = routed.decision.server.provider.clone() {
             return provider::forward_to_provider(
                 self.upstream.as_ref(),
@@ -195,7 +195,10 @@ impl<U: Upstream> Proxy<U> {
         let mut routed = routed;
         let scheduled = schedule::schedule(&table.scheduler, &request, &routed, record)?;
         let InferenceRequest { head, body, .. } = request;
-        let outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
+        let mut outbound = Outbound::new(head, routed.edited_body(body), &scheduled.request_id);
+        if let Some(rewrite) = &routed.decision.rewrite {
+            outbound.rewrite(rewrite);
+        }
         let server = &routed.decision.server;
         let delivered = forward::forward(
             self.upstream.as_ref(),

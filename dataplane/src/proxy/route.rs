@@ -1,5 +1,6 @@
 //! Phase `route`: which ModelRoute, rule and ModelServer serve the request
-//! (looked up in the snapshot's [`RouteIndex`]),
+//! (looked up in the snapshot's [`RouteIndex`](crate::routing::RouteIndex),
+//! on the Gateway listener the request came through; else an HTTPRoute),
 //! and how its body must change on the way: the ModelServer's model name
 //! instead of the client's, and `include_usage` on streams so the router can
 //! count tokens. The edits are applied once, when the upstream request is
@@ -10,8 +11,11 @@ use bytes::Bytes;
 use super::admit::InferenceRequest;
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind, quoted};
+use crate::gateway::http_routes::HttpRequestFacts;
+use crate::gateway::{Arrival, Gateways, request_host};
 use crate::request::{Edit, apply_edits};
-use crate::routing::{RequestFacts, RouteDecision, RouteIndex};
+use crate::routing::{ArrivalFacts, ListenerId, RequestFacts, RouteDecision};
+use crate::snapshot::RoutingTable;
 
 /// Paths whose streams report usage only when asked (`include_usage`).
 const USAGE_OPTION_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
@@ -60,25 +64,46 @@ impl Routed {
     }
 }
 
-/// Routes `request` with `index`.
+/// Routes `request` with `table`: a ModelRoute serving its model on the
+/// listener it came through, else an HTTPRoute of that listener.
 pub fn route(
-    index: &RouteIndex,
+    table: &RoutingTable,
     request: &InferenceRequest,
     record: &mut RequestRecord,
 ) -> Result<Routed, ApiError> {
     let model = &request.parsed.model;
-    let decision = index
-        .lookup(&RequestFacts {
-            model,
-            path: request.head.uri.path(),
-            headers: &request.head.headers,
-        })
-        .ok_or_else(|| {
+    let arrival = request
+        .head
+        .extensions
+        .get::<Arrival>()
+        .copied()
+        .unwrap_or_default();
+    let gateways = &table.gateways;
+    // Without Gateways, no host to read: the common case costs nothing.
+    let host = if gateways.listeners.is_empty() {
+        String::new()
+    } else {
+        request_host(&request.head)
+    };
+    let facts = ArrivalFacts {
+        on_traffic_port: matches!(arrival, Arrival::TrafficPort(_)),
+        listener: gateways.resolve(arrival, &host),
+    };
+    let by_model = table.index.lookup(&RequestFacts {
+        model,
+        path: request.head.uri.path(),
+        headers: &request.head.headers,
+        arrival: facts,
+    });
+    let decision = match by_model {
+        Some(decision) => decision,
+        None => http_route(gateways, request, &host, facts.listener)?.ok_or_else(|| {
             ApiError::new(
                 ErrorKind::RouteNotFound,
                 format!("route not found for model {}", quoted(model)),
             )
-        })?;
+        })?,
+    };
     record.set_route(model, &decision);
     let mut edits = Vec::new();
     // Only the OpenAI chat and completions APIs take `stream_options`; the
@@ -103,6 +128,47 @@ pub fn route(
     Ok(routed)
 }
 
+/// The HTTPRoute rule of `listener` that takes `request`, as a decision.
+fn http_route(
+    gateways: &Gateways,
+    request: &InferenceRequest,
+    host: &str,
+    listener: Option<ListenerId>,
+) -> Result<Option<RouteDecision>, ApiError> {
+    if gateways.http_routes.is_empty() {
+        return Ok(None);
+    }
+    let uri = &request.head.uri;
+    let Some(decision) = gateways.http_routes.lookup(&HttpRequestFacts {
+        listener,
+        host,
+        method: &request.head.method,
+        path: uri.path(),
+        query: uri.query().unwrap_or_default(),
+        headers: &request.head.headers,
+    }) else {
+        return Ok(None);
+    };
+    let Some(pool) = decision.pool else {
+        // The Gateway API's answer to a rule without a usable backend.
+        return Err(ApiError::new(
+            ErrorKind::NoBackend,
+            format!(
+                "HTTPRoute {} rule {} has no backend with a positive weight",
+                decision.route.key, decision.rule_index
+            ),
+        ));
+    };
+    Ok(Some(RouteDecision {
+        route: decision.route,
+        rule_index: decision.rule_index,
+        server: pool,
+        failed_over_from: None,
+        is_lora: false,
+        rewrite: decision.rewrite,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,7 +182,7 @@ mod tests {
         let table = store.table().expect("a snapshot");
         let request = inference_request("/v1/chat/completions", body);
         let mut record = test_record();
-        (route(&table.index, &request, &mut record), request)
+        (route(&table, &request, &mut record), request)
     }
 
     #[test]

@@ -340,6 +340,17 @@ impl Scheduler {
     }
 
     /// Ranks `server`'s pods for one request.
+    /// `pod`'s engine load when it is recent enough to act on.
+    pub fn fresh_load(&self, pod: &crate::pod::PodState) -> Option<Arc<pb::EndpointLoad>> {
+        pod.load().filter(|load| {
+            is_fresh(
+                self.shared.observed_at(load),
+                unix_ms_now(),
+                self.max_load_age_ms,
+            )
+        })
+    }
+
     pub fn schedule(
         &self,
         server: &Server,
@@ -351,6 +362,30 @@ impl Scheduler {
         self.rank(
             server,
             0..server.pods.len(),
+            &request.plugin_input(),
+            request,
+            Ranked {
+                role: None,
+                top_n: self.top_n,
+                record: true,
+            },
+        )
+    }
+
+    /// [`Scheduler::schedule`] among `server`'s pods at `indices` only (an
+    /// endpoint picker's subset hint).
+    pub fn schedule_among(
+        &self,
+        server: &Server,
+        indices: &[usize],
+        request: &ScheduleRequest<'_>,
+    ) -> Result<Ranking, ScheduleError> {
+        if indices.is_empty() {
+            return Err(ScheduleError::NoPods(server.key.clone()));
+        }
+        self.rank(
+            server,
+            indices.iter().copied(),
             &request.plugin_input(),
             request,
             Ranked {

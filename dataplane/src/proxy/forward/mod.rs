@@ -26,6 +26,7 @@ use crate::error::{ApiError, ErrorKind};
 use crate::pod::outlier::Failure;
 use crate::pod::{InFlightGuard, PodState};
 use crate::request_id::REQUEST_ID_HEADER;
+use crate::rewrite::Rewrite;
 use crate::routing::Server;
 use crate::scheduling::Ranking;
 
@@ -67,6 +68,13 @@ impl Outbound {
             path_and_query,
             headers: Some(headers),
             body,
+        }
+    }
+
+    /// An HTTPRoute rule's filters, applied to every attempt.
+    pub fn rewrite(&mut self, rewrite: &Rewrite) {
+        if let Some(headers) = self.headers.as_mut() {
+            rewrite.apply(&mut self.path_and_query, headers);
         }
     }
 

@@ -646,6 +646,7 @@ mod tests {
                 model: "m",
                 path: "/v1/chat/completions",
                 headers: &headers,
+                arrival: crate::routing::ArrivalFacts::default(),
             })
             .expect("routed");
         record.set_model("m");
