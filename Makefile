@@ -1,7 +1,7 @@
 # Switchyard: `make demo` runs the local demo, `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt crds demo demo-up demo-down e2e-vllm e2e-vllm-quality bench-quality
+.PHONY: all build test lint fmt crds demo demo-up demo-down e2e-vllm e2e-vllm-quality bench-quality bench-fairness
 
 all: build
 
@@ -80,6 +80,11 @@ e2e-vllm-quality: build
 # workloads against simulated engines; prints the README's results tables.
 bench-quality: build
 	$(CARGO) run -p switchyard-e2e --example bench_quality
+# Fairness benchmark (not part of `make test`): a heavy and a light user on
+# engines at capacity, FIFO vs VTC queueing, one and three dataplanes;
+# prints the README's fairness table.
+bench-fairness: build
+	$(CARGO) run -p switchyard-e2e --example bench_fairness
 
 # Benchmarks (not part of `make test`; loopback only, bounded in time, see README "Performance").
 .PHONY: bench bench-scale

@@ -60,6 +60,7 @@ fn table() -> RoutingTable {
         &Default::default(),
         &Default::default(),
         &Default::default(),
+        &Default::default(),
     )
     .expect("the bench snapshot is valid")
 }

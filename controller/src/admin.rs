@@ -330,6 +330,7 @@ fn route_config_json(published: &PublishedResource) -> Value {
             "tier": tier.tier,
             "limit": tier.limit.as_ref().map(config_dump::rate_limit),
         })).collect::<Vec<_>>(),
+        "fairness": config.fairness.as_ref().map(config_dump::fairness),
     })
 }
 

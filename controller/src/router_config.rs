@@ -1,7 +1,8 @@
 //! The router configuration file (`--router-config FILE`): the Kthena
 //! router's format, `scheduler` and `auth` sections, plus Switchyard's
-//! `tiers` (the latter two are parsed in `router_config/auth_and_tiers.rs`)
-//! and `outlierDetection`.
+//! `tiers` (the latter two are parsed in `router_config/auth_and_tiers.rs`),
+//! `outlierDetection`, and `fairness`, the admission queue
+//! (`router_config/fairness.rs`).
 //!
 //! ```yaml
 //! scheduler:
@@ -41,6 +42,7 @@
 //! in force.
 
 mod auth_and_tiers;
+mod fairness;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -92,6 +94,9 @@ struct RouterConfigFile {
     /// Per-user token budgets of each tier (see `router_config/auth_and_tiers.rs`).
     #[serde(default)]
     tiers: Option<serde_yaml::Value>,
+    /// The admission queue (see `router_config/fairness.rs`).
+    #[serde(default)]
+    fairness: Option<serde_yaml::Value>,
     #[serde(default, rename = "outlierDetection")]
     outlier_detection: Option<OutlierSection>,
     /// Sections Switchyard does not read: named in a warning, never
@@ -201,6 +206,8 @@ pub struct RouterConfig {
     pub scheduler: Option<pb::SchedulerConfig>,
     pub auth: Option<JwtSettings>,
     pub tiers: Vec<pb::TierRateLimit>,
+    /// None = no admission queue.
+    pub fairness: Option<pb::FairnessConfig>,
     pub outlier_detection: OutlierConfig,
     pub warnings: Vec<String>,
 }
@@ -318,11 +325,18 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
         .transpose()
         .map_err(parse_error)?
         .unwrap_or_default();
+    let fairness = file
+        .fairness
+        .as_ref()
+        .map(|block| fairness::parse_fairness(block, &mut warnings))
+        .transpose()
+        .map_err(parse_error)?;
     let Some(section) = file.scheduler else {
         return Ok(RouterConfig {
             scheduler: None,
             auth,
             tiers,
+            fairness,
             outlier_detection,
             warnings,
         });
@@ -396,6 +410,7 @@ pub fn parse_router_config(path: &Path, text: &str) -> Result<RouterConfig, Rout
         scheduler: Some(config),
         auth,
         tiers,
+        fairness,
         outlier_detection,
         warnings,
     })
@@ -440,7 +455,7 @@ pub async fn watch_router_config(
             })?;
     let initial = parse_router_config(&path, &text)?;
     log_warnings(&path, &initial);
-    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, auth = ?initial.auth, tiers = initial.tiers.len(), outlier_detection = ?initial.outlier_detection, "router configuration loaded");
+    tracing::info!(path = %path.display(), scheduler = ?initial.scheduler, auth = ?initial.auth, tiers = initial.tiers.len(), fairness = ?initial.fairness, outlier_detection = ?initial.outlier_detection, "router configuration loaded");
     let (sender, receiver) = watch::channel(initial);
     let watcher = async move {
         let mut last_text = text;
@@ -464,7 +479,7 @@ pub async fn watch_router_config(
             match parse_router_config(&path, &text) {
                 Ok(config) => {
                     log_warnings(&path, &config);
-                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, auth = ?config.auth, tiers = config.tiers.len(), outlier_detection = ?config.outlier_detection, "router configuration reloaded");
+                    tracing::info!(path = %path.display(), scheduler = ?config.scheduler, auth = ?config.auth, tiers = config.tiers.len(), fairness = ?config.fairness, outlier_detection = ?config.outlier_detection, "router configuration reloaded");
                     sender.send_replace(config);
                 }
                 Err(error) => {
@@ -585,6 +600,11 @@ auth:
         assert_eq!(auth.tier_claim, "plan");
         assert_eq!(config.tiers.len(), 1);
         assert_eq!(config.scheduler, None);
+        assert_eq!(config.fairness, None, "no block, no queue");
+        let fair = parse("fairness:\n  maxConcurrent: 2\n").expect("valid");
+        assert_eq!(fair.fairness.expect("on").max_concurrent_per_pod, 2);
+        let error = parse("fairness:\n  maxConcurrent: 0\n").expect_err("zero");
+        assert!(error.to_string().contains("maxConcurrent"), "{error}");
         let error = parse("tiers:\n  free: {unit: minute}\n").expect_err("no budget");
         assert!(error.to_string().contains("tiers.free"), "{error}");
     }

@@ -94,6 +94,31 @@ fn seeded() -> FakeApi {
     fake
 }
 
+async fn start(args: &Args, fake: &FakeApi) -> Controller {
+    tokio::time::timeout(DEADLINE, start_kubernetes(args, fake.client()))
+        .await
+        .expect("started in time")
+        .expect("starts against the fake API")
+}
+
+async fn stop(controller: Controller) {
+    tokio::time::timeout(DEADLINE, controller.shutdown())
+        .await
+        .expect("stops in time")
+        .expect("stops cleanly");
+}
+
+/// Polls `condition` until it holds; panics with `what` after [`DEADLINE`].
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    tokio::time::timeout(DEADLINE, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect(what);
+}
+
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -103,6 +128,19 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
                 .find(|condition| condition["type"] == type_)
         })
         .unwrap_or(&Value::Null)
+}
+
+fn is_event_post(request: &Recorded) -> bool {
+    request.method == Method::POST
+        && request.path == "/apis/events.k8s.io/v1/namespaces/default/events"
+}
+
+/// The first status patch of `plural`/`name` (waits for it).
+async fn status_patch(fake: &FakeApi, plural: &str, name: &str) -> Recorded {
+    fake.wait_for(&format!("{plural}/{name} status"), |request| {
+        is_status_patch(request, plural, name)
+    })
+    .await
 }
 
 fn is_status_patch(request: &Recorded, plural: &str, name: &str) -> bool {
@@ -116,10 +154,7 @@ fn is_status_patch(request: &Recorded, plural: &str, name: &str) -> bool {
 #[tokio::test]
 async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     let fake = seeded();
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts against the fake API");
+    let controller = start(&args(), &fake).await;
 
     // List then watch, cluster-wide, for each kind; pods only with the label the ModelServers select on.
     for collection in [ROUTES, SERVERS] {
@@ -236,11 +271,7 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     );
 
     // The broken route: accepted, its backend named as missing, and a Warning Event.
-    let broken = fake
-        .wait_for("broken's status", |request| {
-            is_status_patch(request, "modelroutes", "broken")
-        })
-        .await;
+    let broken = status_patch(&fake, "modelroutes", "broken").await;
     let resolved = condition(&broken.body["status"], "ResolvedRefs");
     assert_eq!(resolved["status"], "False");
     assert_eq!(resolved["reason"], "BackendNotFound");
@@ -257,12 +288,7 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
         condition(&broken.body["status"], "Programmed")["reason"],
         "NotInSnapshot"
     );
-    let event = fake
-        .wait_for("an event for broken", |request| {
-            request.method == Method::POST
-                && request.path == "/apis/events.k8s.io/v1/namespaces/default/events"
-        })
-        .await;
+    let event = fake.wait_for("an event for broken", is_event_post).await;
     assert_eq!(event.body["type"], "Warning");
     assert_eq!(event.body["reason"], "BackendNotFound");
     assert_eq!(event.body["regarding"]["kind"], "ModelRoute");
@@ -271,11 +297,7 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     assert_eq!(event.body["reportingController"], "switchyard-controller");
 
     // The ModelServer: pod counts.
-    let server = fake
-        .wait_for("llama's status", |request| {
-            is_status_patch(request, "modelservers", "llama")
-        })
-        .await;
+    let server = status_patch(&fake, "modelservers", "llama").await;
     assert_eq!(server.body["kind"], "ModelServer");
     assert_eq!(server.body["status"]["readyPods"], 1);
     assert_eq!(server.body["status"]["totalPods"], 1);
@@ -321,11 +343,7 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
                 == Some("app in (llama,qwen)")
     })
     .await;
-    let qwen = fake
-        .wait_for("qwen's status", |request| {
-            is_status_patch(request, "modelservers", "qwen")
-        })
-        .await;
+    let qwen = status_patch(&fake, "modelservers", "qwen").await;
     assert_eq!(
         condition(&qwen.body["status"], "ResolvedRefs")["reason"],
         "NoMatchingPods"
@@ -341,10 +359,7 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
         "README's `kubectl get modelroute chat -o yaml` block is out of date; replace it with:\n{rendered}"
     );
 
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    stop(controller).await;
     // Shutting down hands the lease over: its holder is cleared.
     fake.wait_for("the lease released", |request| {
         request.method == Method::PATCH
@@ -389,10 +404,7 @@ async fn an_expired_lease_of_another_replica_is_taken_over() {
             "renewTime": "2026-12-01T16:00:00.000000Z",
         },
     }));
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts against the fake API");
+    let controller = start(&args(), &fake).await;
     fake.wait_for("the lease taken over", |request| {
         request.method == Method::PATCH
             && request.path.ends_with("/leases/switchyard-controller")
@@ -404,10 +416,7 @@ async fn an_expired_lease_of_another_replica_is_taken_over() {
         is_status_patch(request, "modelroutes", "chat")
     })
     .await;
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    stop(controller).await;
 }
 
 /// GET on the admin server; the body of a 200.
@@ -499,10 +508,7 @@ async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile
         .map(|route| route.model_name.as_str())
         .collect();
     assert_eq!(models, ["chat"]);
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    stop(controller).await;
 }
 
 /// A successful but empty ModelRoute list at start holds the first snapshot
@@ -563,10 +569,7 @@ async fn an_empty_route_list_at_start_holds_the_first_snapshot_until_a_route_app
             .await
             .contains("switchyard_controller_source_held 0")
     );
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    stop(controller).await;
 }
 
 #[tokio::test]
@@ -578,10 +581,7 @@ async fn namespaces_limit_the_watches_to_those_namespaces() {
         empty_source_grace_period: Duration::ZERO,
         ..args()
     };
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts with nothing to route");
+    let controller = start(&args, &fake).await;
     for namespace in ["team-a", "team-b"] {
         for plural in ["modelroutes", "modelservers"] {
             let path = format!(
@@ -603,10 +603,7 @@ async fn namespaces_limit_the_watches_to_those_namespaces() {
             .expect("JSON");
     assert_eq!(objects["source"]["state"], "serving");
     assert_eq!(objects["source"]["empty_after_grace"], true);
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    stop(controller).await;
 }
 
 /// `--router-config` (in a cluster: the mounted ConfigMap) reaches the
@@ -622,10 +619,7 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
         empty_source_grace_period: Duration::ZERO,
         ..args()
     };
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args, fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts");
+    let controller = start(&args, &fake).await;
     assert_gpu_usage_scheduler_shipped(&controller.publisher);
 
     std::fs::write(
@@ -633,17 +627,11 @@ async fn the_router_configuration_is_shipped_in_kubernetes_mode() {
         "scheduler:\n  topN: 2\n  plugins:\n    Score: {enabled: [{name: least-request, weight: 1}]}\n",
     )
     .expect("edit");
-    tokio::time::timeout(DEADLINE, async {
-        while shipped_scheduler(&controller.publisher).map(|s| s.top_n) != Some(2) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    wait_until("the edit is shipped", || {
+        shipped_scheduler(&controller.publisher).map(|s| s.top_n) == Some(2)
     })
-    .await
-    .expect("the edit is shipped");
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    .await;
+    stop(controller).await;
 }
 
 const SECRETS: &str = "/api/v1/secrets";
@@ -691,10 +679,7 @@ async fn api_key_secrets_of_the_controller_namespace_reach_the_snapshot_as_diges
         secret("db-password", false, json!({"password": "hunter2"})),
     );
     fake.seed(SECRETS, secret("broken", true, json!({"user": "nobody"})));
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts");
+    let controller = start(&args(), &fake).await;
     let watch = fake
         .requests()
         .into_iter()
@@ -735,17 +720,8 @@ async fn api_key_secrets_of_the_controller_namespace_reach_the_snapshot_as_diges
         secret("bob", true, json!({"key": "sk-bob", "user": "bob"})),
     )
     .await;
-    tokio::time::timeout(DEADLINE, async {
-        while keys().len() != 2 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the new key is shipped");
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    wait_until("the new key is shipped", || keys().len() == 2).await;
+    stop(controller).await;
 }
 
 const CONFIGMAPS: &str = "/api/v1/configmaps";
@@ -784,10 +760,7 @@ fn reported(node: &str, acked: &str, nacked: Option<(&str, &str)>) -> Value {
 #[tokio::test]
 async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
     let fake = seeded();
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts against the fake API");
+    let controller = start(&args(), &fake).await;
     let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
     dataplane.next_route_config().await;
     let version = route_config_version(&controller);
@@ -917,10 +890,7 @@ async fn programmed_counts_the_dataplanes_connected_to_every_replica() {
         "False"
     );
 
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    stop(controller).await;
     // Stopping withdraws its report, so the next leader does not wait for it to expire.
     fake.wait_for("the report deleted", |request| {
         request.method == Method::DELETE && request.path == OWN_REPORT
@@ -936,15 +906,8 @@ async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
     let mut gateway_route = route("gateway-bound", 1, "llama");
     gateway_route["spec"]["rules"][0]["modelMatch"] = json!({"uri": {}});
     fake.seed(ROUTES, gateway_route);
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts against the fake API");
-    let patch = fake
-        .wait_for("gateway-bound's status", |request| {
-            is_status_patch(request, "modelroutes", "gateway-bound")
-        })
-        .await;
+    let controller = start(&args(), &fake).await;
+    let patch = status_patch(&fake, "modelroutes", "gateway-bound").await;
     let ignored = condition(&patch.body["status"], "IgnoredFields");
     assert_eq!(ignored["status"], "True");
     assert_eq!(ignored["reason"], "NotImplemented");
@@ -959,28 +922,19 @@ async fn fields_set_but_not_acted_on_get_a_condition_and_a_warning_event() {
     );
     let event = fake
         .wait_for("the IgnoredFields event", |request| {
-            request.method == Method::POST
-                && request.path == "/apis/events.k8s.io/v1/namespaces/default/events"
-                && request.body["regarding"]["name"] == "gateway-bound"
+            is_event_post(request) && request.body["regarding"]["name"] == "gateway-bound"
         })
         .await;
     assert_eq!(event.body["type"], "Warning");
     assert_eq!(event.body["reason"], "IgnoredFields");
     assert_eq!(event.body["note"], ignored["message"]);
     // A route without such fields carries no IgnoredFields condition.
-    let chat = fake
-        .wait_for("chat's status", |request| {
-            is_status_patch(request, "modelroutes", "chat")
-        })
-        .await;
+    let chat = status_patch(&fake, "modelroutes", "chat").await;
     assert_eq!(
         condition(&chat.body["status"], "IgnoredFields"),
         &Value::Null
     );
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    stop(controller).await;
 }
 
 const PROVIDERS: &str = "/apis/networking.serving.volcano.sh/v1alpha1/externalmodelproviders";

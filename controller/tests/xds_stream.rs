@@ -83,6 +83,29 @@ impl Server {
         .unwrap_or_else(|_| panic!("dataplane state not reached: {:#?}", self.dataplanes.list()));
     }
 
+    /// Waits until the one dataplane has ACKed `version` of `kind`.
+    async fn wait_acked(&self, kind: ResourceType, version: &str) {
+        self.wait_for_dataplane(|dataplane| {
+            dataplane.resource(kind).acked_version.as_deref() == Some(version)
+        })
+        .await;
+    }
+
+    /// Waits until the one dataplane has been sent `version` of `kind`.
+    async fn wait_sent(&self, kind: ResourceType, version: &str) {
+        self.wait_for_dataplane(|dataplane| {
+            dataplane.resource(kind).sent_version.as_deref() == Some(version)
+        })
+        .await;
+    }
+
+    /// A client subscribed to the RouteConfig alone, holding no version.
+    async fn route_config_client(&self) -> Client {
+        Client::connect(self.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
+            .await
+            .expect("stream opens")
+    }
+
     fn dataplane(&self) -> DataplaneStatus {
         let mut list = self.dataplanes.list();
         assert_eq!(list.len(), 1, "{list:#?}");
@@ -219,9 +242,7 @@ fn route_config_of(response: &pb::SnapshotResponse) -> &pb::RouteConfig {
 async fn an_outlier_report_reaches_the_board_and_answers_nothing() {
     let server = Server::start().await;
     server.publish("m1");
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     let response = client.next().await;
     let mut board = server.ejections.subscribe();
     client
@@ -266,9 +287,7 @@ async fn streams_are_refused_until_a_route_config_is_published() {
 async fn first_response_carries_the_published_config() {
     let server = Server::start().await;
     let version = server.publish("m1");
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     let response = client.next().await;
     assert_eq!(response.type_url, ROUTE_CONFIG_TYPE_URL);
     assert_eq!(response.version_info, version);
@@ -315,15 +334,11 @@ async fn first_response_carries_the_published_config() {
 async fn an_acked_client_receives_each_new_version_with_a_new_nonce() {
     let server = Server::start().await;
     server.publish("m1");
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     let first = client.next().await;
     client.ack(&first).await;
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.route_config.acked_version.as_deref() == Some(&first.version_info)
-        })
+        .wait_acked(ResourceType::RouteConfig, &first.version_info)
         .await;
 
     let second_version = server.publish("m2");
@@ -345,9 +360,7 @@ async fn an_acked_client_receives_each_new_version_with_a_new_nonce() {
 async fn unknown_jwt_key_ids_reach_the_key_refresher_bounded() {
     let mut server = Server::start().await;
     server.publish("m1");
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     let first = client.next().await;
     let forged: Vec<String> = (0..10).map(|i| format!("{i}{}", "k".repeat(500))).collect();
     client
@@ -368,9 +381,7 @@ async fn unknown_jwt_key_ids_reach_the_key_refresher_bounded() {
     // The response still awaits its answer: the hint was not taken for one.
     client.ack(&first).await;
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.route_config.acked_version.as_deref() == Some(&first.version_info)
-        })
+        .wait_acked(ResourceType::RouteConfig, &first.version_info)
         .await;
     server.stop().await;
 }
@@ -379,15 +390,11 @@ async fn unknown_jwt_key_ids_reach_the_key_refresher_bounded() {
 async fn publishing_identical_content_sends_nothing() {
     let server = Server::start().await;
     let first_version = server.publish("m1");
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     let first = client.next().await;
     client.ack(&first).await;
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.route_config.acked_version.as_deref() == Some(&first_version)
-        })
+        .wait_acked(ResourceType::RouteConfig, &first_version)
         .await;
 
     // Same content, later compile time: same version, no wakeup.
@@ -412,9 +419,7 @@ async fn publishing_identical_content_sends_nothing() {
 async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
     let server = Server::start().await;
     let bad_version = server.publish("bad");
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     let bad = client.next().await;
     client
         .nack(&bad, "", "route default/bad: unknown server")
@@ -446,9 +451,7 @@ async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
     assert_eq!(good.version_info, good_version);
     client.ack(&good).await;
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.route_config.acked_version.as_deref() == Some(&good_version)
-        })
+        .wait_acked(ResourceType::RouteConfig, &good_version)
         .await;
 
     // Back to the rejected content: not sent again...
@@ -463,9 +466,7 @@ async fn a_nacked_version_is_never_resent_but_a_newer_one_is() {
     let newest = client.next().await;
     assert_eq!(newest.version_info, newest_version);
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.route_config.sent_version.as_deref() == Some(&newest_version)
-        })
+        .wait_sent(ResourceType::RouteConfig, &newest_version)
         .await;
     assert_eq!(
         server.dataplane().route_config.responses_sent,
@@ -482,9 +483,7 @@ async fn a_stale_nonce_is_ignored() {
     server
         .publisher
         .publish_endpoint_loads(endpoint_loads(1.0), 1_000);
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     let first = client.next().await;
     client
         .send(pb::SnapshotRequest {
@@ -556,9 +555,7 @@ async fn a_client_that_has_the_current_version_is_sent_nothing_for_it() {
 async fn a_slow_client_gets_the_latest_version_not_every_intermediate_one() {
     let server = Server::start().await;
     server.publish("v1");
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     let first = client.next().await;
     server.publish("v2");
     let latest_version = server.publish("v3");
@@ -567,9 +564,7 @@ async fn a_slow_client_gets_the_latest_version_not_every_intermediate_one() {
     assert_eq!(next.version_info, latest_version);
     assert_eq!(route_config_of(&next), &route_config("v3"));
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.route_config.sent_version.as_deref() == Some(&latest_version)
-        })
+        .wait_sent(ResourceType::RouteConfig, &latest_version)
         .await;
     let status = server.dataplane();
     assert_eq!(status.route_config.responses_sent, 2, "v2 was never sent");
@@ -605,9 +600,7 @@ async fn the_two_types_are_tracked_independently() {
     // The RouteConfig stays un-ACKed; EndpointLoads still flow once ACKed.
     client.ack(&loads).await;
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.endpoint_loads.acked_version.as_deref() == Some(&loads.version_info)
-        })
+        .wait_acked(ResourceType::EndpointLoads, &loads.version_info)
         .await;
     let newer = server
         .publisher
@@ -630,9 +623,7 @@ async fn the_two_types_are_tracked_independently() {
 async fn shutdown_ends_open_streams_cleanly() {
     let server = Server::start().await;
     server.publish("m1");
-    let mut client = Client::connect(server.addr, vec![subscribe(ROUTE_CONFIG_TYPE_URL, "")])
-        .await
-        .expect("stream opens");
+    let mut client = server.route_config_client().await;
     client.next().await;
     let _ = server.stop.send(());
     let end = tokio::time::timeout(DEADLINE, client.responses.message())
@@ -688,9 +679,7 @@ async fn client_sent_an_update(
     assert_eq!(endpoint_loads_of(&whole).base_version, "");
     client.ack(&whole).await;
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.endpoint_loads.acked_version.as_deref() == Some(&first.version)
-        })
+        .wait_acked(ResourceType::EndpointLoads, &first.version)
         .await;
     let second = server
         .publisher
@@ -760,9 +749,7 @@ async fn a_dataplane_that_cannot_apply_an_update_gets_the_whole_set_at_once() {
     assert_eq!(endpoint_loads_of(&resync).loads.len(), 100);
     client.ack(&resync).await;
     server
-        .wait_for_dataplane(|dataplane| {
-            dataplane.endpoint_loads.acked_version.as_deref() == Some(&second.version)
-        })
+        .wait_acked(ResourceType::EndpointLoads, &second.version)
         .await;
     let dataplane = server.dataplane();
     assert_eq!(dataplane.endpoint_loads.nacks, 1);

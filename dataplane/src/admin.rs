@@ -496,6 +496,13 @@ impl Admin {
                     .map(|age| age.as_secs_f64()),
             },
             "pods": pods,
+            "fairness": {
+                "config": table
+                    .as_ref()
+                    .and_then(|t| t.source.fairness.as_ref())
+                    .map(switchyard_snapshot::config_dump::fairness),
+                "queues": self.store.fairness().views(),
+            },
         })
     }
 

@@ -14,6 +14,7 @@ use crate::admin::Admin;
 use crate::cli::Args;
 use crate::config_file::ConfigFile;
 use crate::endpoint_picker::{EndpointPicker, serve_endpoint_picker};
+use crate::fairness::{Fairness, FairnessMetrics};
 use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyBudget, BodyDeadline, ConnectionLimit};
 use crate::listener_ports::{PortSettings, PortStates, serve_listener_ports};
 use crate::metrics::{ObservedStore, RouterMetrics};
@@ -155,7 +156,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     let rate_limiting = Arc::new(RateLimiting::new(Some(metrics.registry()))?);
     let store = Arc::new(
         SnapshotStore::with_scheduling(Arc::new(SchedulingShared::new(Some(plugin_metrics))))
-            .with_rate_limiting(rate_limiting),
+            .with_rate_limiting(rate_limiting)
+            .with_fairness(Arc::new(Fairness::new(FairnessMetrics {
+                queue_size: metrics.fairness_queue_size.clone(),
+                queue_duration: metrics.fairness_queue_duration_seconds.clone(),
+            }))),
     );
     let status = Arc::new(ControllerStatus::default());
     let access_log =

@@ -57,6 +57,11 @@ pub enum ErrorKind {
     RateLimited,
     /// A global token budget's Redis is unreachable and its policy is to refuse.
     RateLimitUnavailable,
+    /// The model's pods are full and its fairness queue (or the caller's
+    /// share of it) is full too.
+    QueueFull,
+    /// The request waited in the fairness queue for the longest wait allowed.
+    QueueTimeout,
 }
 
 impl ErrorKind {
@@ -78,8 +83,8 @@ impl ErrorKind {
             | Self::UpstreamUnavailable
             | Self::RateLimitUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::RateLimited | Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamTimeout | Self::QueueTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::NoBackend => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Dropped => StatusCode::TOO_MANY_REQUESTS,
@@ -110,6 +115,8 @@ impl ErrorKind {
             Self::Unauthenticated => "invalid_authentication",
             Self::RateLimited => "rate_limit_exceeded",
             Self::RateLimitUnavailable => "rate_limit_unavailable",
+            Self::QueueFull => "queue_full",
+            Self::QueueTimeout => "queue_timeout",
         }
     }
 

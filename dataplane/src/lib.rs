@@ -9,6 +9,8 @@
 //! respond (streaming back, usage read by [`response`]) and log (request
 //! [`metrics`] and the access log).
 //!
+//! The admission phase's wait is the [`fairness`] queue.
+//!
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`pod`] (per-pod state that outlives snapshots: in-flight count, load,
 //! outlier ejection), [`lazy_series`] (metric series created on first use),
@@ -26,6 +28,7 @@ pub mod cli;
 pub mod config_file;
 pub mod endpoint_picker;
 pub mod error;
+pub mod fairness;
 pub mod gateway;
 pub mod health;
 pub mod lazy_series;

@@ -138,11 +138,12 @@ pub struct RouterMetrics {
     pub active_downstream_requests: IntGaugeVec,
     pub active_upstream_requests: IntGaugeVec,
     pub tokens_total: IntCounterVec,
-    /// Registered so dashboards find the family; stays empty until the
-    /// fairness queue exists.
+    /// Waiting requests per model and user (at most `maxMetricUsers` user
+    /// ids per model, the rest as `other`); handles are held by the
+    /// queues' user entries (`fairness/queue.rs`).
     pub fairness_queue_size: IntGaugeVec,
-    /// Registered so dashboards find the family; stays empty until the
-    /// fairness queue exists.
+    /// Waits of admitted requests, per model and user (0 for those admitted
+    /// at once).
     pub fairness_queue_duration_seconds: HistogramVec,
     /// Requests a token budget refused, by the budget's direction.
     pub rate_limit_exceeded_total: IntCounterVec,
@@ -358,12 +359,12 @@ impl RouterMetrics {
             )?,
             fairness_queue_size: gauge(
                 "kthena_router_fairness_queue_size",
-                "Current queued requests per model/user (no fairness queue yet: always empty)",
+                "Current queued requests per model/user",
                 &["model", "user_id"],
             )?,
             fairness_queue_duration_seconds: histogram(
                 "kthena_router_fairness_queue_duration_seconds",
-                "Time spent waiting in fairness/priority queue (no fairness queue yet: always empty)",
+                "Time spent waiting in fairness/priority queue",
                 &["model", "user_id"],
                 &QUEUE_DURATION_BUCKETS,
             )?,
@@ -1169,6 +1170,7 @@ mod tests {
             &Arc::default(),
             &Default::default(),
             &Arc::default(),
+            &Default::default(),
         )
         .expect("valid table")
     }

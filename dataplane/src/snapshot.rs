@@ -16,6 +16,7 @@ use switchyard_snapshot::{Nack, pb};
 use tokio::sync::watch;
 
 use crate::auth::{Authenticator, UnknownKeyIds};
+use crate::fairness::{FairQueues, Fairness, FairnessSettings};
 use crate::gateway::{GatewayError, Gateways};
 use crate::pod::PodState;
 use crate::pod::outlier::{EjectionNotifier, OutlierDetector, OutlierSettings};
@@ -90,6 +91,8 @@ pub enum SnapshotError {
     InvalidAuth(String),
     #[error("rate limits: {0}")]
     InvalidRateLimit(String),
+    #[error("fairness: {0}")]
+    InvalidFairness(String),
     #[error(
         "EndpointLoads update applies to version {base:?}, but this dataplane holds {}",
         .applied.as_deref().map_or("none".to_owned(), |held| format!("{held:?}"))
@@ -137,6 +140,8 @@ pub struct RoutingTable {
     pub authenticator: Option<Authenticator>,
     /// The token budgets of the routes' models and of the tiers.
     pub rate_limits: Arc<RateLimits>,
+    /// The fairness queues of the served models; None = fairness is off.
+    pub fairness: Option<Arc<FairQueues>>,
 }
 
 impl RoutingTable {
@@ -150,6 +155,7 @@ impl RoutingTable {
         scheduling: &Arc<SchedulingShared>,
         rate_limiting: &RateLimiting,
         ejections: &Arc<EjectionNotifier>,
+        fairness: &Fairness,
     ) -> Result<Self, SnapshotError> {
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
         let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
@@ -218,8 +224,19 @@ impl RoutingTable {
             .map_err(|error| SnapshotError::InvalidAuth(error.to_string()))?;
         let plan = RateLimitPlan::parse(&config)
             .map_err(|error| SnapshotError::InvalidRateLimit(error.to_string()))?;
-        // Last: it changes the budgets in use, so nothing may fail after it.
+        let fairness_settings = config
+            .fairness
+            .as_ref()
+            .map(FairnessSettings::from_config)
+            .transpose()
+            .map_err(SnapshotError::InvalidFairness)?;
+        // Last: they change the budgets and queues in use, so nothing may
+        // fail after them.
         let rate_limits = rate_limiting.apply(plan);
+        let fairness = fairness.apply(
+            fairness_settings,
+            pods_by_model(&config.routes, &servers_by_key),
+        );
         Ok(Self {
             version: version.to_owned(),
             applied_at: clock::wall_now(),
@@ -234,8 +251,40 @@ impl RoutingTable {
             gateways,
             authenticator,
             rate_limits,
+            fairness,
         })
     }
+}
+
+/// The pods that may serve each model name (and LoRA adapter) of `routes`:
+/// those of every target with a weight of every rule.
+fn pods_by_model(
+    routes: &[pb::ModelRoute],
+    servers: &HashMap<String, Arc<Server>>,
+) -> HashMap<String, Vec<Arc<PodState>>> {
+    let mut models: HashMap<String, Vec<Arc<PodState>>> = HashMap::new();
+    for route in routes {
+        let names = std::iter::once(&route.model_name)
+            .filter(|name| !name.is_empty())
+            .chain(&route.lora_adapters);
+        let pods: Vec<&Arc<PodState>> = route
+            .rules
+            .iter()
+            .flat_map(|rule| &rule.targets)
+            .filter(|target| target.weight > 0)
+            .filter_map(|target| servers.get(&target.model_server))
+            .flat_map(|server| &server.pods)
+            .collect();
+        for name in names {
+            let model = models.entry(name.clone()).or_default();
+            for pod in &pods {
+                if !model.iter().any(|known| Arc::ptr_eq(known, pod)) {
+                    model.push((*pod).clone());
+                }
+            }
+        }
+    }
+    models
 }
 
 fn build_server(
@@ -636,6 +685,8 @@ pub struct SnapshotStore {
     /// freed by [`SnapshotStore::reclaim`], so the cost of dropping a big
     /// table falls on the thread that applies snapshots, not on a request.
     retired: Mutex<Vec<Arc<RoutingTable>>>,
+    /// Fairness queues and counters that outlive tables.
+    fairness: Arc<Fairness>,
 }
 
 /// The latest EndpointLoads, kept so a later table gets them too and an
@@ -702,6 +753,15 @@ impl SnapshotStore {
         }
     }
 
+    /// The same store with fairness queues reporting to `fairness`'s metrics.
+    pub fn with_fairness(self, fairness: Arc<Fairness>) -> Self {
+        Self { fairness, ..self }
+    }
+
+    pub fn fairness(&self) -> &Arc<Fairness> {
+        &self.fairness
+    }
+
     pub fn scheduling(&self) -> &Arc<SchedulingShared> {
         &self.scheduling
     }
@@ -744,6 +804,7 @@ impl SnapshotStore {
             &self.scheduling,
             &self.rate_limiting,
             &self.ejections,
+            &self.fairness,
         )?;
         if let Some(loads) = loads.as_ref() {
             for pod in table.pods.values() {
@@ -764,6 +825,8 @@ impl SnapshotStore {
         }
         drop(previous);
         self.reclaim();
+        // The new pods' loads are known only now.
+        self.fairness.wake_all();
         Ok(())
     }
 
@@ -885,6 +948,7 @@ impl SnapshotStore {
         }
         self.scheduling
             .set_loads_observed_at(update.observed_at_unix_ms);
+        self.fairness.wake_all();
         Ok(())
     }
 }
@@ -1309,6 +1373,7 @@ mod tests {
             &Arc::default(),
             &RateLimiting::default(),
             &Arc::default(),
+            &Fairness::default(),
         )
         .expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");

@@ -997,6 +997,17 @@ mod tests {
         Some(Resource::EndpointLoads(pb::EndpointLoads::default()))
     }
 
+    fn acceptance(kind: ResourceType, changed: bool) -> Result<Accepted, Nack> {
+        Ok(Accepted { kind, changed })
+    }
+
+    /// Applied versions holding `version` of the RouteConfig only.
+    fn holding_route_config(version: &str) -> AppliedVersions {
+        let mut applied = AppliedVersions::default();
+        applied.set(ResourceType::RouteConfig, version);
+        applied
+    }
+
     #[test]
     fn applies_each_type_through_its_sink_method() {
         let sink = RecordingSink::default();
@@ -1006,25 +1017,13 @@ mod tests {
             &mut applied,
             response(ROUTE_CONFIG_TYPE_URL, "rc-1", route_config()),
         );
-        assert_eq!(
-            accepted,
-            Ok(Accepted {
-                kind: ResourceType::RouteConfig,
-                changed: true
-            })
-        );
+        assert_eq!(accepted, acceptance(ResourceType::RouteConfig, true));
         let accepted = apply_response(
             &sink,
             &mut applied,
             response(ENDPOINT_LOADS_TYPE_URL, "el-1", endpoint_loads()),
         );
-        assert_eq!(
-            accepted,
-            Ok(Accepted {
-                kind: ResourceType::EndpointLoads,
-                changed: true
-            })
-        );
+        assert_eq!(accepted, acceptance(ResourceType::EndpointLoads, true));
         assert_eq!(
             *sink.applied.lock(),
             vec![
@@ -1039,28 +1038,20 @@ mod tests {
     #[test]
     fn same_version_is_acknowledged_without_reapplying() {
         let sink = RecordingSink::default();
-        let mut applied = AppliedVersions::default();
-        applied.set(ResourceType::RouteConfig, "rc-1");
+        let mut applied = holding_route_config("rc-1");
         let accepted = apply_response(
             &sink,
             &mut applied,
             response(ROUTE_CONFIG_TYPE_URL, "rc-1", route_config()),
         );
-        assert_eq!(
-            accepted,
-            Ok(Accepted {
-                kind: ResourceType::RouteConfig,
-                changed: false
-            })
-        );
+        assert_eq!(accepted, acceptance(ResourceType::RouteConfig, false));
         assert!(sink.applied.lock().is_empty());
     }
 
     #[test]
     fn rejects_malformed_responses_without_touching_state() {
         let sink = RecordingSink::default();
-        let mut applied = AppliedVersions::default();
-        applied.set(ResourceType::RouteConfig, "rc-1");
+        let mut applied = holding_route_config("rc-1");
         let malformed = pb::NackReason::MalformedResponse;
         let cases = [
             (
@@ -1108,8 +1099,7 @@ mod tests {
             reject_with: Some("duplicate ModelServer default/s".to_owned()),
             ..Default::default()
         };
-        let mut applied = AppliedVersions::default();
-        applied.set(ResourceType::RouteConfig, "rc-1");
+        let mut applied = holding_route_config("rc-1");
         let error = apply_response(
             &sink,
             &mut applied,

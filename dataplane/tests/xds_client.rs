@@ -106,6 +106,20 @@ impl MockStream {
         )
     }
 
+    /// Sends a route config under `version` and expects the client to ACK it.
+    async fn route_config_acked(&mut self, version: &str) {
+        let nonce = self.send_route_config(version);
+        self.expect_ack(ROUTE_CONFIG_TYPE_URL, version, &nonce)
+            .await;
+    }
+
+    /// Sends endpoint loads under `version` and expects the client to ACK them.
+    async fn endpoint_loads_acked(&mut self, version: &str) {
+        let nonce = self.send_endpoint_loads(version);
+        self.expect_ack(ENDPOINT_LOADS_TYPE_URL, version, &nonce)
+            .await;
+    }
+
     /// Reads the two subscriptions a new stream starts with.
     async fn expect_subscriptions(
         &mut self,
@@ -405,6 +419,29 @@ async fn eventually(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
+/// A mock controller, a client of it and the client's first stream, past its subscriptions.
+async fn connected(sink: Arc<RecordingSink>) -> (MockServer, Client, MockStream) {
+    let mut server = MockServer::start().await;
+    let client = Client::start_with(server.uri(), sink);
+    let mut stream = server.next_stream().await;
+    stream.expect_subscriptions("", "").await;
+    (server, client, stream)
+}
+
+/// Stops the client, ends its stream cleanly and stops the mock controller.
+async fn shut_down(client: Client, stream: MockStream, server: MockServer) {
+    client.stop().await;
+    drop(stream);
+    server.stop().await;
+}
+
+fn assert_route_config_version(client: &Client, version: &str) {
+    assert_eq!(
+        client.status.route_config_version().as_deref(),
+        Some(version)
+    );
+}
+
 async fn wait_ready(status: &ControllerStatus) {
     tokio::time::timeout(DEADLINE, status.wait_ready())
         .await
@@ -417,23 +454,14 @@ async fn wait_ready(status: &ControllerStatus) {
 
 #[tokio::test]
 async fn applies_first_snapshot_and_acks() {
-    let mut server = MockServer::start().await;
-    let client = Client::start(server.uri());
-    let mut stream = server.next_stream().await;
-    stream.expect_subscriptions("", "").await;
+    let (server, client, mut stream) = connected(Arc::default()).await;
     assert!(!client.status.is_ready());
 
-    let nonce = stream.send_route_config("rc-1");
-    stream
-        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-1", &nonce)
-        .await;
+    stream.route_config_acked("rc-1").await;
     wait_ready(&client.status).await;
     assert!(client.status.is_ready());
     assert!(client.status.connected());
-    assert_eq!(
-        client.status.route_config_version().as_deref(),
-        Some("rc-1")
-    );
+    assert_route_config_version(&client, "rc-1");
     assert_eq!(client.status.endpoint_loads_version(), None);
     assert!(
         client
@@ -442,10 +470,7 @@ async fn applies_first_snapshot_and_acks() {
             .is_some()
     );
 
-    let nonce = stream.send_endpoint_loads("el-1");
-    stream
-        .expect_ack(ENDPOINT_LOADS_TYPE_URL, "el-1", &nonce)
-        .await;
+    stream.endpoint_loads_acked("el-1").await;
     assert_eq!(
         client.status.endpoint_loads_version().as_deref(),
         Some("el-1")
@@ -467,17 +492,12 @@ async fn applies_first_snapshot_and_acks() {
     assert_eq!(view.control_plane_id.as_deref(), Some("mock-controller"));
     assert_eq!(view.last_error, None);
 
-    client.stop().await;
-    drop(stream);
-    server.stop().await;
+    shut_down(client, stream, server).await;
 }
 
 #[tokio::test]
 async fn reports_ejections_when_they_happen_and_on_every_new_stream() {
-    let mut server = MockServer::start().await;
-    let client = Client::start(server.uri());
-    let mut stream = server.next_stream().await;
-    stream.expect_subscriptions("", "").await;
+    let (mut server, client, mut stream) = connected(Arc::default()).await;
     client.sink.eject("llama-0");
     let report = stream.next_request().await;
     assert_eq!(report.type_url, "", "a request of its own");
@@ -501,24 +521,16 @@ async fn reports_ejections_when_they_happen_and_on_every_new_stream() {
         "a new stream starts with what is ejected"
     );
 
-    client.stop().await;
-    drop(stream);
-    server.stop().await;
+    shut_down(client, stream, server).await;
 }
 
 #[tokio::test]
 async fn nacks_invalid_snapshot_and_keeps_previous() {
-    let mut server = MockServer::start().await;
     let sink = Arc::new(RecordingSink::default());
     sink.reject.lock().push("rc-bad".to_owned());
-    let client = Client::start_with(server.uri(), sink);
-    let mut stream = server.next_stream().await;
-    stream.expect_subscriptions("", "").await;
+    let (server, client, mut stream) = connected(sink).await;
 
-    let nonce = stream.send_route_config("rc-1");
-    stream
-        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-1", &nonce)
-        .await;
+    stream.route_config_acked("rc-1").await;
 
     let nonce = stream.send_route_config("rc-bad");
     let message = stream
@@ -531,10 +543,7 @@ async fn nacks_invalid_snapshot_and_keeps_previous() {
         .await;
     assert_eq!(message, "invalid snapshot rc-bad");
 
-    assert_eq!(
-        client.status.route_config_version().as_deref(),
-        Some("rc-1")
-    );
+    assert_route_config_version(&client, "rc-1");
     assert_eq!(client.status.nack_count(ResourceType::RouteConfig), 1);
     assert_eq!(client.status.ack_count(ResourceType::RouteConfig), 1);
     let route_config = client.status.resource(ResourceType::RouteConfig);
@@ -547,10 +556,7 @@ async fn nacks_invalid_snapshot_and_keeps_previous() {
     assert!(client.status.connected(), "a NACK does not drop the stream");
 
     // A later valid version is still applied on the same stream.
-    let nonce = stream.send_route_config("rc-2");
-    stream
-        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-2", &nonce)
-        .await;
+    stream.route_config_acked("rc-2").await;
     assert_eq!(
         client.sink.applied(),
         vec![
@@ -559,17 +565,12 @@ async fn nacks_invalid_snapshot_and_keeps_previous() {
         ]
     );
 
-    client.stop().await;
-    drop(stream);
-    server.stop().await;
+    shut_down(client, stream, server).await;
 }
 
 #[tokio::test]
 async fn nacks_unknown_type_and_mismatched_resource() {
-    let mut server = MockServer::start().await;
-    let client = Client::start(server.uri());
-    let mut stream = server.next_stream().await;
-    stream.expect_subscriptions("", "").await;
+    let (server, client, mut stream) = connected(Arc::default()).await;
 
     let unknown = "type.switchyard.dev/switchyard.routing.v1.Secret";
     let nonce = stream.send(unknown, "s-1", Some(Resource::RouteConfig(route_config())));
@@ -613,25 +614,14 @@ async fn nacks_unknown_type_and_mismatched_resource() {
     assert_eq!(client.status.nack_count(ResourceType::RouteConfig), 1);
     assert_eq!(client.status.nack_count(ResourceType::EndpointLoads), 1);
 
-    client.stop().await;
-    drop(stream);
-    server.stop().await;
+    shut_down(client, stream, server).await;
 }
 
 #[tokio::test]
 async fn reconnects_if_controller_stream_ends() {
-    let mut server = MockServer::start().await;
-    let client = Client::start(server.uri());
-    let mut stream = server.next_stream().await;
-    stream.expect_subscriptions("", "").await;
-    let nonce = stream.send_route_config("rc-1");
-    stream
-        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-1", &nonce)
-        .await;
-    let nonce = stream.send_endpoint_loads("el-1");
-    stream
-        .expect_ack(ENDPOINT_LOADS_TYPE_URL, "el-1", &nonce)
-        .await;
+    let (mut server, client, mut stream) = connected(Arc::default()).await;
+    stream.route_config_acked("rc-1").await;
+    stream.endpoint_loads_acked("el-1").await;
 
     // Ends the stream with OK trailers, as a controller rollout would.
     drop(stream);
@@ -650,34 +640,17 @@ async fn reconnects_if_controller_stream_ends() {
     assert!(client.status.is_ready());
 
     // The new stream works like the first; nonces restart per stream.
-    let nonce = stream.send_route_config("rc-2");
-    stream
-        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-2", &nonce)
-        .await;
-    assert_eq!(
-        client.status.route_config_version().as_deref(),
-        Some("rc-2")
-    );
+    stream.route_config_acked("rc-2").await;
+    assert_route_config_version(&client, "rc-2");
 
-    client.stop().await;
-    drop(stream);
-    server.stop().await;
+    shut_down(client, stream, server).await;
 }
 
 #[tokio::test]
 async fn keeps_last_snapshot_when_controller_down() {
-    let mut server = MockServer::start().await;
-    let client = Client::start(server.uri());
-    let mut stream = server.next_stream().await;
-    stream.expect_subscriptions("", "").await;
-    let nonce = stream.send_route_config("rc-1");
-    stream
-        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-1", &nonce)
-        .await;
-    let nonce = stream.send_endpoint_loads("el-1");
-    stream
-        .expect_ack(ENDPOINT_LOADS_TYPE_URL, "el-1", &nonce)
-        .await;
+    let (server, client, mut stream) = connected(Arc::default()).await;
+    stream.route_config_acked("rc-1").await;
+    stream.endpoint_loads_acked("el-1").await;
 
     drop(stream);
     server.stop().await;
@@ -691,10 +664,7 @@ async fn keeps_last_snapshot_when_controller_down() {
         client.status.is_ready(),
         "the last snapshot keeps the dataplane ready"
     );
-    assert_eq!(
-        client.status.route_config_version().as_deref(),
-        Some("rc-1")
-    );
+    assert_route_config_version(&client, "rc-1");
     assert_eq!(
         client.status.endpoint_loads_version().as_deref(),
         Some("el-1")
@@ -732,32 +702,18 @@ async fn becomes_ready_when_controller_starts_later() {
     let mut server = MockServer::start_on(addr).await;
     let mut stream = server.next_stream().await;
     stream.expect_subscriptions("", "").await;
-    let nonce = stream.send_route_config("rc-1");
-    stream
-        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-1", &nonce)
-        .await;
+    stream.route_config_acked("rc-1").await;
     wait_ready(&client.status).await;
     assert!(client.status.connected());
-    assert_eq!(
-        client.status.route_config_version().as_deref(),
-        Some("rc-1")
-    );
+    assert_route_config_version(&client, "rc-1");
 
-    client.stop().await;
-    drop(stream);
-    server.stop().await;
+    shut_down(client, stream, server).await;
 }
 
 #[tokio::test]
 async fn reports_unknown_jwt_key_ids_in_a_request_of_their_own() {
-    let mut server = MockServer::start().await;
-    let client = Client::start(server.uri());
-    let mut stream = server.next_stream().await;
-    stream.expect_subscriptions("", "").await;
-    let nonce = stream.send_route_config("rc-1");
-    stream
-        .expect_ack(ROUTE_CONFIG_TYPE_URL, "rc-1", &nonce)
-        .await;
+    let (server, client, mut stream) = connected(Arc::default()).await;
+    stream.route_config_acked("rc-1").await;
     client.unknown_keys.report("rotated-key");
     let hint = stream.next_request().await;
     assert_eq!(
@@ -768,7 +724,5 @@ async fn reports_unknown_jwt_key_ids_in_a_request_of_their_own() {
         },
         "no type_url and no nonce: not an ACK or NACK"
     );
-    drop(stream);
-    client.stop().await;
-    server.stop().await;
+    shut_down(client, stream, server).await;
 }

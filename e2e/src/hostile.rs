@@ -209,29 +209,26 @@ pub async fn exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> RawOut
 
 /// Reads from `stream` until it closes or stays silent for `quiet`.
 pub async fn read_outcome(stream: &mut TcpStream, quiet: Duration) -> RawOutcome {
-    let mut received = Vec::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    let closed = loop {
-        match clock::timeout(quiet, stream.read(&mut buffer)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
-            Err(_) => break false,
-        }
-    };
-    RawOutcome {
-        statuses: statuses(&received),
-        bytes: received,
-        closed,
-    }
+    read_until(stream, 64 * 1024, || clock::now() + quiet).await
 }
 
 /// Reads until the server closes `stream` or `limit` passes.
 pub async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
     let deadline = clock::now() + limit;
+    read_until(stream, 16 * 1024, || deadline).await
+}
+
+/// Reads until `stream` closes or a read finds nothing by the deadline
+/// `next_deadline` gives for it.
+async fn read_until(
+    stream: &mut TcpStream,
+    buffer_len: usize,
+    next_deadline: impl Fn() -> clock::Instant,
+) -> RawOutcome {
     let mut received = Vec::new();
-    let mut buffer = vec![0u8; 16 * 1024];
+    let mut buffer = vec![0u8; buffer_len];
     let closed = loop {
-        match clock::timeout_at(deadline, stream.read(&mut buffer)).await {
+        match clock::timeout_at(next_deadline(), stream.read(&mut buffer)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break true,
             Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
             Err(_) => break false,
@@ -360,6 +357,23 @@ pub mod h2 {
         bytes.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
         bytes.extend_from_slice(payload);
         bytes
+    }
+
+    /// A rapid-reset burst: `streams` chat requests, each cancelled with
+    /// RST_STREAM (CANCEL) right after its HEADERS.
+    pub fn rapid_reset_burst(streams: u32) -> Vec<u8> {
+        let mut burst = Vec::new();
+        for i in 0..streams {
+            let id = 2 * i + 1;
+            burst.extend(frame(
+                FRAME_HEADERS,
+                FLAG_END_HEADERS,
+                id,
+                &post_chat_block(),
+            ));
+            burst.extend(frame(FRAME_RST_STREAM, 0, id, &8u32.to_be_bytes()));
+        }
+        burst
     }
 
     /// HPACK for `POST /v1/chat/completions` over http to `router`, with a

@@ -56,12 +56,20 @@ impl Outcomes {
     }
 }
 
-/// `total` POSTs of `body` to `url` from [`CONCURRENCY`] clients, each body
-/// read to its end.
-async fn send_load(http: &HttpClient, url: &str, body: &str, total: usize) -> Outcomes {
+/// `total` POSTs of `body` to `path` of dataplane `index` from
+/// [`CONCURRENCY`] clients, each body read to its end; prints how they went
+/// under `label`.
+async fn send_load(
+    stack: &Stack,
+    index: usize,
+    (path, body): (&str, &str),
+    total: usize,
+    label: &str,
+) -> Outcomes {
+    let url = stack.dataplanes[index].url(path);
     let per_client = total / CONCURRENCY;
     let clients = (0..CONCURRENCY).map(|_| {
-        let (http, url, body) = (http.clone(), url.to_owned(), body.to_owned());
+        let (http, url, body) = (stack.http.clone(), url.clone(), body.to_owned());
         tokio::spawn(async move {
             let mut outcomes = Outcomes::default();
             for _ in 0..per_client {
@@ -95,6 +103,7 @@ async fn send_load(http: &HttpClient, url: &str, body: &str, total: usize) -> Ou
     for client in futures::future::join_all(clients).await {
         outcomes.merge(client.expect("client task"));
     }
+    eprintln!("{label}: {outcomes:?}");
     outcomes
 }
 
@@ -115,11 +124,17 @@ async fn pod_state(stack: &Stack, index: usize, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no pod {name} in {state}"))
 }
 
+/// Dataplane `index`'s `/metrics` text.
+async fn dataplane_metrics(stack: &Stack, index: usize) -> String {
+    let url = format!("http://{}/metrics", stack.dataplanes[index].metrics);
+    stack.http.get(&url).await.expect("metrics").text()
+}
+
 /// A sample of dataplane `index`'s `/metrics` (0 when absent).
 async fn dataplane_metric(stack: &Stack, index: usize, series: &str) -> f64 {
-    let url = format!("http://{}/metrics", stack.dataplanes[index].metrics);
-    let text = stack.http.get(&url).await.expect("metrics").text();
-    text.lines()
+    dataplane_metrics(stack, index)
+        .await
+        .lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
 }
@@ -159,22 +174,19 @@ async fn pool_with_a_bad_pod(spec: &str, bad_args: &[&str], dataplanes: usize) -
     stack
 }
 
-const COMPLETION: &str = r#"{"model":"m","prompt":"hi"}"#;
-const STREAMED_CHAT: &str =
-    r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+/// A completion for `m`: path and body.
+const COMPLETION: (&str, &str) = ("/v1/completions", r#"{"model":"m","prompt":"hi"}"#);
+/// A streamed chat completion for `m`: path and body.
+const STREAMED_CHAT: (&str, &str) = (
+    "/v1/chat/completions",
+    r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_answering_503_at_once_is_ejected_by_every_dataplane() {
     let stack = pool_with_a_bad_pod("", &["--fail-status", "503"], 2).await;
     let _logs = stack.logs_on_failure();
-    let outcomes = send_load(
-        &stack.http,
-        &stack.dataplanes[0].url("/v1/completions"),
-        COMPLETION,
-        240,
-    )
-    .await;
-    eprintln!("503 pod, dataplane 0: {outcomes:?}");
+    let outcomes = send_load(&stack, 0, COMPLETION, 240, "503 pod, dataplane 0").await;
     // Without ejection, least-request sent nearly everything to the pod
     // that fails at once (it never has anything in flight).
     assert!(
@@ -202,13 +214,13 @@ async fn a_pod_answering_503_at_once_is_ejected_by_every_dataplane() {
     .await;
     assert_eq!(told["ejection"]["byThisDataplane"], false, "{told}");
     let outcomes = send_load(
-        &stack.http,
-        &stack.dataplanes[1].url("/v1/completions"),
+        &stack,
+        1,
         COMPLETION,
         80,
+        "503 pod, dataplane 1 after the push",
     )
     .await;
-    eprintln!("503 pod, dataplane 1 after the push: {outcomes:?}");
     assert_eq!(outcomes.failures(), 0, "{outcomes:?}");
     assert_eq!(outcomes.by_pod.get("bad-0"), None, "{outcomes:?}");
 }
@@ -217,14 +229,7 @@ async fn a_pod_answering_503_at_once_is_ejected_by_every_dataplane() {
 async fn a_pod_that_cuts_streams_is_ejected() {
     let stack = pool_with_a_bad_pod("", &["--cut-stream-after", "3"], 1).await;
     let _logs = stack.logs_on_failure();
-    let outcomes = send_load(
-        &stack.http,
-        &stack.dataplanes[0].url("/v1/chat/completions"),
-        STREAMED_CHAT,
-        240,
-    )
-    .await;
-    eprintln!("stream-cutting pod: {outcomes:?}");
+    let outcomes = send_load(&stack, 0, STREAMED_CHAT, 240, "stream-cutting pod").await;
     let cut = outcomes.by_pod.get("bad-0").copied().unwrap_or(0);
     // Its cut streams end sooner than the others' whole ones, so without
     // ejection least-request favoured it (47 % instead of 33 %).
@@ -246,14 +251,7 @@ async fn a_hanging_pod_times_out_is_retried_elsewhere_and_ejected() {
     let policy = "trafficPolicy: {timeout: 1s, retry: {attempts: 1}}";
     let stack = pool_with_a_bad_pod(policy, &["--hang"], 1).await;
     let _logs = stack.logs_on_failure();
-    let outcomes = send_load(
-        &stack.http,
-        &stack.dataplanes[0].url("/v1/completions"),
-        COMPLETION,
-        160,
-    )
-    .await;
-    eprintln!("hanging pod: {outcomes:?}");
+    let outcomes = send_load(&stack, 0, COMPLETION, 160, "hanging pod").await;
     assert_eq!(
         outcomes.failures(),
         0,
@@ -304,14 +302,7 @@ async fn a_weighted_target_without_a_usable_pod_fails_over_to_the_others() {
     stack.start_controller().await;
     stack.start_dataplane().await;
     let _logs = stack.logs_on_failure();
-    let outcomes = send_load(
-        &stack.http,
-        &stack.dataplanes[0].url("/v1/completions"),
-        COMPLETION,
-        240,
-    )
-    .await;
-    eprintln!("dead weighted target: {outcomes:?}");
+    let outcomes = send_load(&stack, 0, COMPLETION, 240, "dead weighted target").await;
     // Before: a quarter of the requests failed for as long as it was down.
     // Now only requests sent to it before its refusal ejected it fail.
     assert!(
@@ -460,12 +451,7 @@ async fn removing_and_adding_thousands_of_routes_never_stalls_probes() {
         probes.late, 0,
         "no probe took over {LATE_PROBE:?}: {probes:?}"
     );
-    let metrics = stack
-        .http
-        .get(&format!("http://{}/metrics", stack.dataplanes[0].metrics))
-        .await
-        .expect("metrics");
-    let text = metrics.text();
+    let text = dataplane_metrics(&stack, 0).await;
     assert!(
         !text.contains(r#"model="model-1""#),
         "the removed model's series are gone"

@@ -28,13 +28,45 @@ const RETURN_DEADLINE: Duration = Duration::from_secs(60);
 /// Memory a probe may leave behind once its clients are gone.
 const LEFT_BEHIND: u64 = 40 * MIB;
 
-async fn settled_rss(hostile: &HostileStack, before: u64) -> u64 {
-    let after = rss_settles_below(hostile.pid(), before + LEFT_BEHIND, RETURN_DEADLINE).await;
-    assert!(
-        after <= before + LEFT_BEHIND,
-        "memory returns: {before} KiB before, {after} KiB after"
-    );
-    after
+/// A hostile stack whose dataplane's memory was measured before the probe.
+struct Probed {
+    hostile: HostileStack,
+    before: u64,
+}
+
+impl Probed {
+    async fn start(dataplane_args: &[&str]) -> Self {
+        let hostile = HostileStack::start(dataplane_args).await;
+        let before = rss_kib(hostile.pid());
+        Self { hostile, before }
+    }
+
+    /// The dataplane's resident memory now, in KiB.
+    fn rss(&self) -> u64 {
+        rss_kib(self.hostile.pid())
+    }
+
+    /// Asserts that memory returns once the probe's clients are gone, prints
+    /// the probe's figure and checks that the dataplane still serves.
+    async fn finish(&self, probe: &str, outcome: &str, peak: u64) {
+        let before = self.before;
+        let after =
+            rss_settles_below(self.hostile.pid(), before + LEFT_BEHIND, RETURN_DEADLINE).await;
+        assert!(
+            after <= before + LEFT_BEHIND,
+            "memory returns: {before} KiB before, {after} KiB after"
+        );
+        report_figure(probe, outcome, before, Some(peak), after);
+        self.hostile.still_serves().await;
+    }
+}
+
+impl std::ops::Deref for Probed {
+    type Target = HostileStack;
+
+    fn deref(&self) -> &HostileStack {
+        &self.hostile
+    }
 }
 
 const GET_MODELS: &[u8] = b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n";
@@ -42,9 +74,7 @@ const GET_MODELS: &[u8] = b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: make test-faults"]
 async fn an_idle_connection_flood_is_held_cheaply_and_returned() {
-    let hostile = HostileStack::start(&[]).await;
-    let pid = hostile.pid();
-    let before = rss_kib(pid);
+    let hostile = Probed::start(&[]).await;
     let mut idle = Vec::new();
     for _ in 0..5_000 {
         let mut stream = TcpStream::connect(hostile.traffic())
@@ -66,31 +96,28 @@ async fn an_idle_connection_flood_is_held_cheaply_and_returned() {
         );
     }
     clock::sleep(Duration::from_secs(1)).await;
-    let peak = rss_kib(pid);
+    let peak = hostile.rss();
     assert!(
-        peak < before + 250 * MIB,
-        "5,500 connections: {before} -> {peak} KiB"
+        peak < hostile.before + 250 * MIB,
+        "5,500 connections: {} -> {peak} KiB",
+        hostile.before
     );
     hostile.still_serves().await;
     drop(idle);
     drop(silent);
-    let after = settled_rss(&hostile, before).await;
-    report_figure(
-        "5,000 idle keep-alive + 500 silent connections",
-        "held (idle timeout 60 s); memory returned after they close",
-        before,
-        Some(peak),
-        after,
-    );
-    hostile.still_serves().await;
+    hostile
+        .finish(
+            "5,000 idle keep-alive + 500 silent connections",
+            "held (idle timeout 60 s); memory returned after they close",
+            peak,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: make test-faults"]
 async fn connections_over_the_limit_are_refused_at_scale() {
-    let hostile = HostileStack::start(&["--max-connections", "1000"]).await;
-    let pid = hostile.pid();
-    let before = rss_kib(pid);
+    let hostile = Probed::start(&["--max-connections", "1000"]).await;
     let mut streams = Vec::new();
     for _ in 0..1_500 {
         streams.push(
@@ -111,17 +138,15 @@ async fn connections_over_the_limit_are_refused_at_scale() {
         refused >= 500,
         "{refused} of 1,500 refused at a limit of 1,000"
     );
-    let peak = rss_kib(pid);
+    let peak = hostile.rss();
     drop(streams);
-    let after = settled_rss(&hostile, before).await;
-    report_figure(
-        "1,500 connections, --max-connections 1000",
-        &format!("{refused} answered 503 too_many_connections and closed"),
-        before,
-        Some(peak),
-        after,
-    );
-    hostile.still_serves().await;
+    hostile
+        .finish(
+            "1,500 connections, --max-connections 1000",
+            &format!("{refused} answered 503 too_many_connections and closed"),
+            peak,
+        )
+        .await;
 }
 
 /// A request head declaring a `size`-byte chat body for `cap`, and the body.
@@ -138,9 +163,7 @@ fn declared_body(size: usize) -> (Vec<u8>, Vec<u8>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: make test-faults"]
 async fn parked_bodies_hold_at_most_the_budget() {
-    let hostile = HostileStack::start(&[]).await;
-    let pid = hostile.pid();
-    let before = rss_kib(pid);
+    let hostile = Probed::start(&[]).await;
     let size = 31 << 20;
     let (head, body) = declared_body(size);
     let mut parked = Vec::new();
@@ -165,7 +188,7 @@ async fn parked_bodies_hold_at_most_the_budget() {
         parked.push(stream);
     }
     clock::sleep(Duration::from_secs(1)).await;
-    let peak = rss_kib(pid);
+    let peak = hostile.rss();
     assert!(
         parked.len() <= 8,
         "a 256 MiB budget holds at most 8 bodies of 31 MiB, not {}",
@@ -173,31 +196,28 @@ async fn parked_bodies_hold_at_most_the_budget() {
     );
     assert!(refused >= 12, "{refused} refused with 503");
     assert!(
-        peak < before + 330 * MIB,
-        "20 parked 31 MiB bodies: {before} -> {peak} KiB"
+        peak < hostile.before + 330 * MIB,
+        "20 parked 31 MiB bodies: {} -> {peak} KiB",
+        hostile.before
     );
     hostile.still_serves().await;
     drop(parked);
-    let after = settled_rss(&hostile, before).await;
-    report_figure(
-        "20 bodies of 31 MiB, all but the last byte sent",
-        &format!(
-            "{} held within the 256 MiB budget, {refused} answered 503 + Retry-After",
-            20 - refused
-        ),
-        before,
-        Some(peak),
-        after,
-    );
-    hostile.still_serves().await;
+    hostile
+        .finish(
+            "20 bodies of 31 MiB, all but the last byte sent",
+            &format!(
+                "{} held within the 256 MiB budget, {refused} answered 503 + Retry-After",
+                20 - refused
+            ),
+            peak,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: make test-faults"]
 async fn a_slow_large_body_is_cut_at_the_minimum_rate() {
-    let hostile = HostileStack::start(&[]).await;
-    let pid = hostile.pid();
-    let before = rss_kib(pid);
+    let hostile = Probed::start(&[]).await;
     let size = 31 << 20;
     let (head, body) = declared_body(size);
     let mut stream = TcpStream::connect(hostile.traffic())
@@ -225,24 +245,20 @@ async fn a_slow_large_body_is_cut_at_the_minimum_rate() {
         elapsed >= Duration::from_secs(10),
         "the grace is honoured: {elapsed:?}"
     );
-    let peak = rss_kib(pid);
-    let after = settled_rss(&hostile, before).await;
-    report_figure(
-        "a 31 MiB body sent at 10 KB/s",
-        &format!("408 request_timeout after {:.1} s", elapsed.as_secs_f64()),
-        before,
-        Some(peak),
-        after,
-    );
-    hostile.still_serves().await;
+    let peak = hostile.rss();
+    hostile
+        .finish(
+            "a 31 MiB body sent at 10 KB/s",
+            &format!("408 request_timeout after {:.1} s", elapsed.as_secs_f64()),
+            peak,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: make test-faults"]
 async fn slowloris_headers_are_cut_at_the_idle_timeout() {
-    let hostile = HostileStack::start(&["--idle-timeout", "5s"]).await;
-    let pid = hostile.pid();
-    let before = rss_kib(pid);
+    let hostile = Probed::start(&["--idle-timeout", "5s"]).await;
     let mut streams = Vec::new();
     for _ in 0..500 {
         let mut stream = TcpStream::connect(hostile.traffic())
@@ -256,7 +272,7 @@ async fn slowloris_headers_are_cut_at_the_idle_timeout() {
     }
     let started = clock::now();
     let mut open = streams.len();
-    let mut peak = rss_kib(pid);
+    let mut peak = hostile.rss();
     while open > 0 && started.elapsed() < WAIT_DEADLINE {
         open = 0;
         for stream in &mut streams {
@@ -268,29 +284,25 @@ async fn slowloris_headers_are_cut_at_the_idle_timeout() {
                 }
             }
         }
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(hostile.rss());
         clock::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(open, 0, "every slowloris connection is closed");
     let elapsed = started.elapsed();
     drop(streams);
-    let after = settled_rss(&hostile, before).await;
-    report_figure(
-        "500 slowloris connections (a header byte every 0.5 s), --idle-timeout 5s",
-        &format!("all closed within {:.1} s", elapsed.as_secs_f64()),
-        before,
-        Some(peak),
-        after,
-    );
-    hostile.still_serves().await;
+    hostile
+        .finish(
+            "500 slowloris connections (a header byte every 0.5 s), --idle-timeout 5s",
+            &format!("all closed within {:.1} s", elapsed.as_secs_f64()),
+            peak,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: make test-faults"]
 async fn a_30_mib_model_name_is_refused_without_an_echo() {
-    let hostile = HostileStack::start(&[]).await;
-    let pid = hostile.pid();
-    let before = rss_kib(pid);
+    let hostile = Probed::start(&[]).await;
     let body = format!(r#"{{"model":"{}"}}"#, "x".repeat(30 << 20));
     let outcome = exchange(
         hostile.traffic(),
@@ -304,7 +316,7 @@ async fn a_30_mib_model_name_is_refused_without_an_echo() {
         "answer of {} bytes",
         outcome.bytes.len()
     );
-    let peak = rss_kib(pid);
+    let peak = hostile.rss();
     let lines = switchyard_e2e::harness::wait_for("its access log line", || async {
         let lines = hostile.access_log_lines();
         (!lines.is_empty()).then_some(lines)
@@ -312,27 +324,23 @@ async fn a_30_mib_model_name_is_refused_without_an_echo() {
     .await;
     let longest = lines.iter().map(|line| line.to_string().len()).max();
     assert!(longest < Some(4096), "access log line of {longest:?} bytes");
-    let after = settled_rss(&hostile, before).await;
-    report_figure(
-        "a 30 MiB `model`",
-        &format!(
-            "400 invalid_model, {}-byte answer, {}-byte access log line",
-            outcome.bytes.len(),
-            longest.unwrap_or_default()
-        ),
-        before,
-        Some(peak),
-        after,
-    );
-    hostile.still_serves().await;
+    hostile
+        .finish(
+            "a 30 MiB `model`",
+            &format!(
+                "400 invalid_model, {}-byte answer, {}-byte access log line",
+                outcome.bytes.len(),
+                longest.unwrap_or_default()
+            ),
+            peak,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: make test-faults"]
 async fn long_request_ids_leave_nothing_behind() {
-    let hostile = HostileStack::start(&[]).await;
-    let pid = hostile.pid();
-    let before = rss_kib(pid);
+    let hostile = Probed::start(&[]).await;
     let mut line = b"X-Request-Id: ".to_vec();
     line.extend(std::iter::repeat_n(b'r', 60_000));
     let request = with_header_line(
@@ -343,12 +351,12 @@ async fn long_request_ids_leave_nothing_behind() {
         ),
         &line,
     );
-    let mut peak = before;
+    let mut peak = hostile.before;
     for _ in 0..300 {
         let outcome = exchange(hostile.traffic(), &request, Duration::from_millis(300)).await;
         assert_eq!(outcome.status(), Some(200), "{}", outcome.text());
         assert!(!outcome.text().contains("rrrrrrrr"), "never echoed");
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(hostile.rss());
     }
     let mut too_long = b"X-Request-Id: ".to_vec();
     too_long.extend(std::iter::repeat_n(b'r', 200_000));
@@ -359,14 +367,13 @@ async fn long_request_ids_leave_nothing_behind() {
     )
     .await;
     assert_eq!(refused.status(), Some(431), "beyond the 64 KiB head limit");
-    let after = settled_rss(&hostile, before).await;
-    report_figure(
-        "300 requests with a 60 KB x-request-id (200 KB: 431)",
-        "each replaced by a generated id (logged); nothing retained",
-        before,
-        Some(peak),
-        after,
-    );
+    hostile
+        .finish(
+            "300 requests with a 60 KB x-request-id (200 KB: 431)",
+            "each replaced by a generated id (logged); nothing retained",
+            peak,
+        )
+        .await;
     let response = hostile
         .stack
         .post(
@@ -384,36 +391,23 @@ async fn long_request_ids_leave_nothing_behind() {
 async fn the_fast_probes_leave_memory_where_it_was() {
     // The h2 floods and slow-body probes of `hostile_clients.rs` at ten times
     // the volume, for a memory figure.
-    let hostile = HostileStack::start(&[]).await;
-    let pid = hostile.pid();
-    let before = rss_kib(pid);
-    let mut peak = before;
+    let hostile = Probed::start(&[]).await;
+    let mut peak = hostile.before;
     for _ in 0..10 {
         let mut stream = TcpStream::connect(hostile.traffic())
             .await
             .expect("connect");
         let mut burst = h2::preface();
-        for i in 0..10_000u32 {
-            let id = 2 * i + 1;
-            burst.extend(h2::frame(
-                h2::FRAME_HEADERS,
-                h2::FLAG_END_HEADERS,
-                id,
-                &h2::post_chat_block(),
-            ));
-            burst.extend(h2::frame(h2::FRAME_RST_STREAM, 0, id, &8u32.to_be_bytes()));
-        }
+        burst.extend(h2::rapid_reset_burst(10_000));
         let _ = stream.write_all(&burst).await;
         assert!(read_until_closed(&mut stream, WAIT_DEADLINE).await.closed);
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(hostile.rss());
     }
-    let after = settled_rss(&hostile, before).await;
-    report_figure(
-        "10 HTTP/2 rapid-reset connections (10,000 streams each)",
-        "GOAWAY ENHANCE_YOUR_CALM, connection closed",
-        before,
-        Some(peak),
-        after,
-    );
-    hostile.still_serves().await;
+    hostile
+        .finish(
+            "10 HTTP/2 rapid-reset connections (10,000 streams each)",
+            "GOAWAY ENHANCE_YOUR_CALM, connection closed",
+            peak,
+        )
+        .await;
 }

@@ -739,18 +739,7 @@ async fn http2_continuation_floods_and_rapid_resets_end_the_connection() {
         .await
         .expect("connect");
     stream.write_all(&h2::preface()).await.expect("preface");
-    let mut burst = Vec::new();
-    for i in 0..10_000u32 {
-        let id = 2 * i + 1;
-        burst.extend(h2::frame(
-            h2::FRAME_HEADERS,
-            h2::FLAG_END_HEADERS,
-            id,
-            &h2::post_chat_block(),
-        ));
-        burst.extend(h2::frame(h2::FRAME_RST_STREAM, 0, id, &8u32.to_be_bytes()));
-    }
-    let _ = stream.write_all(&burst).await;
+    let _ = stream.write_all(&h2::rapid_reset_burst(10_000)).await;
     let outcome = read_until_closed(&mut stream, WAIT_DEADLINE).await;
     assert!(outcome.closed, "rapid resets end the connection");
     assert!(h2::frame_kinds(&outcome.bytes).contains(&h2::FRAME_GOAWAY));

@@ -468,63 +468,40 @@ async fn models_lists_the_base_model_and_its_lora_adapters() {
 #[tokio::test]
 async fn lora_adapters_can_be_loaded_and_unloaded_at_runtime() {
     let engine = start(config("base", "pod-a")).await;
-    let ask = |model: &'static str| json!({"model": model, "prompt": "hi", "max_tokens": 1});
-    assert_eq!(
-        post(&engine, "/v1/completions", &[], ask("lora-new"))
-            .await
-            .status,
-        StatusCode::NOT_FOUND
-    );
-
-    let loaded = post(
-        &engine,
-        "/v1/load_lora_adapter",
-        &[],
-        json!({"lora_name": "lora-new", "lora_path": "/adapters/new"}),
-    )
-    .await;
-    assert_eq!(loaded.status, StatusCode::OK);
-    assert_eq!(
-        loaded.text(),
-        "Success: LoRA adapter 'lora-new' added successfully."
-    );
-    assert_eq!(
-        post(&engine, "/v1/completions", &[], ask("lora-new"))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    let again = post(
-        &engine,
-        "/v1/load_lora_adapter",
-        &[],
-        json!({"lora_name": "lora-new"}),
-    )
-    .await;
-    assert_eq!(again.status, StatusCode::BAD_REQUEST);
-
-    let unloaded = post(
-        &engine,
-        "/v1/unload_lora_adapter",
-        &[],
-        json!({"lora_name": "lora-new"}),
-    )
-    .await;
-    assert_eq!(unloaded.status, StatusCode::OK);
-    assert_eq!(
-        post(&engine, "/v1/completions", &[], ask("lora-new"))
-            .await
-            .status,
-        StatusCode::NOT_FOUND
-    );
-    let missing = post(
-        &engine,
-        "/v1/unload_lora_adapter",
-        &[],
-        json!({"lora_name": "lora-new"}),
-    )
-    .await;
-    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let ask = json!({"model": "lora-new", "prompt": "hi", "max_tokens": 1});
+    let load = json!({"lora_name": "lora-new", "lora_path": "/adapters/new"});
+    let name_only = json!({"lora_name": "lora-new"});
+    let loaded = Some("Success: LoRA adapter 'lora-new' added successfully.");
+    // Each step in order: what is sent, the status it gets and, where
+    // checked, the body.
+    let steps = [
+        ("/v1/completions", &ask, StatusCode::NOT_FOUND, None),
+        ("/v1/load_lora_adapter", &load, StatusCode::OK, loaded),
+        ("/v1/completions", &ask, StatusCode::OK, None),
+        // Loading it again is refused.
+        (
+            "/v1/load_lora_adapter",
+            &name_only,
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        ("/v1/unload_lora_adapter", &name_only, StatusCode::OK, None),
+        ("/v1/completions", &ask, StatusCode::NOT_FOUND, None),
+        // Unloading what is not loaded is refused.
+        (
+            "/v1/unload_lora_adapter",
+            &name_only,
+            StatusCode::NOT_FOUND,
+            None,
+        ),
+    ];
+    for (step, (path, body, status, text)) in steps.into_iter().enumerate() {
+        let reply = post(&engine, path, &[], body.clone()).await;
+        assert_eq!(reply.status, status, "step {step}: {path} {body}");
+        if let Some(text) = text {
+            assert_eq!(reply.text(), text, "step {step}");
+        }
+    }
     engine.stop().await.expect("clean stop");
 }
 

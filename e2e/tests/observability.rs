@@ -92,8 +92,9 @@ const DOCUMENTED_METRICS: &[DocumentedMetric] = &[
     ),
 ];
 /// The guide's families without series in this stack, declared (HELP and
-/// TYPE) so dashboards and `grep`s find them: the fairness queue, which
-/// Switchyard does not have yet, and rate limits, which no route here sets.
+/// TYPE) so dashboards and `grep`s find them: the fairness queue, which this
+/// stack's router configuration does not turn on (`tests/fairness.rs` reads
+/// its series), and rate limits, which no route here sets.
 const DECLARED_ONLY: &[(&str, &str)] = &[
     ("kthena_router_fairness_queue_size", "gauge"),
     ("kthena_router_fairness_queue_duration_seconds", "histogram"),

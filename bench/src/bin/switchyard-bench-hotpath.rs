@@ -45,6 +45,7 @@ fn table(candidates: usize) -> Option<RoutingTable> {
         &Default::default(),
         &Default::default(),
         &Default::default(),
+        &Default::default(),
     )
     .ok()
 }

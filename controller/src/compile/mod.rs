@@ -54,8 +54,8 @@ pub struct CompileInput<'a> {
     /// Gateway API mode (`--enable-gateway-api` and friends).
     pub gateway_api: &'a GatewayApiConfig,
     /// The router configuration (`--router-config`; the default without one):
-    /// its scheduler section, tiers and outlier detection are shipped as they
-    /// are, its JWT settings with `jwks_keys`.
+    /// its scheduler section, tiers, outlier detection and fairness block
+    /// are shipped as they are, its JWT settings with `jwks_keys`.
     pub router: &'a RouterConfig,
     /// The JWT issuer's keys as last fetched (see [`crate::auth::jwks`]).
     pub jwks_keys: &'a [String],
@@ -112,6 +112,7 @@ pub fn compile(input: &CompileInput<'_>) -> Compiled {
     let router = input.router;
     routes.route_config.scheduler = router.scheduler.clone();
     routes.route_config.tier_rate_limits = router.tiers.clone();
+    routes.route_config.fairness = router.fairness.clone();
     let (auth, auth_problems) = compile_auth(
         &input.objects.api_keys,
         router.auth.as_ref(),

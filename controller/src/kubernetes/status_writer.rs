@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -67,18 +68,8 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                 };
                 let previous = object.status.as_ref();
                 let desired = status::route_status(report, input.acks, previous, input.now);
-                if previous == Some(&desired) {
-                    continue;
-                }
                 let conditions = previous.map_or(&[][..], |status| &status.conditions);
-                StatusUpdate {
-                    kind: report.kind,
-                    namespace: report.namespace.clone(),
-                    name: report.name.clone(),
-                    patch: apply_body::<ModelRoute>(serde_json::to_value(&desired)),
-                    events: status::warning_events(report, conditions),
-                    uid: object.metadata.uid.clone(),
-                }
+                update_if_changed::<ModelRoute, _>(report, &object, previous, conditions, desired)
             }
             ObjectKind::ModelServer => {
                 let Some(object) = input.caches.find_server(&report.namespace, &report.name) else {
@@ -91,18 +82,8 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
                     .copied();
                 let desired =
                     status::server_status(report, input.acks, previous, last_scrape, input.now);
-                if previous == Some(&desired) {
-                    continue;
-                }
                 let conditions = previous.map_or(&[][..], |status| &status.conditions);
-                StatusUpdate {
-                    kind: report.kind,
-                    namespace: report.namespace.clone(),
-                    name: report.name.clone(),
-                    patch: apply_body::<ModelServer>(serde_json::to_value(&desired)),
-                    events: status::warning_events(report, conditions),
-                    uid: object.metadata.uid.clone(),
-                }
+                update_if_changed::<ModelServer, _>(report, &object, previous, conditions, desired)
             }
             // Providers have reports of their own (below).
             ObjectKind::ExternalModelProvider => continue,
@@ -112,7 +93,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
             | ObjectKind::HTTPRoute
             | ObjectKind::InferencePool => continue,
         };
-        updates.push(update);
+        updates.extend(update);
     }
     for report in input.providers {
         let Some(object) = input.caches.find_provider(&report.namespace, &report.name) else {
@@ -135,6 +116,29 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<StatusUpdate> {
     }
     plan_gateway_api(input, &mut updates);
     updates
+}
+
+/// The update that takes `object` from its `previous` status (whose
+/// conditions are `previous_conditions`) to `desired`; `None` when they are
+/// the same.
+fn update_if_changed<K: Resource<DynamicType = ()>, S: PartialEq + serde::Serialize>(
+    report: &ObjectReport,
+    object: &K,
+    previous: Option<&S>,
+    previous_conditions: &[Condition],
+    desired: S,
+) -> Option<StatusUpdate> {
+    if previous == Some(&desired) {
+        return None;
+    }
+    Some(StatusUpdate {
+        kind: report.kind,
+        namespace: report.namespace.clone(),
+        name: report.name.clone(),
+        patch: apply_body::<K>(serde_json::to_value(&desired)),
+        events: status::warning_events(report, previous_conditions),
+        uid: object.meta().uid.clone(),
+    })
 }
 
 /// The Gateway API kinds' status patches that would change something.

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 use switchyard_runtime::clock::Instant;
@@ -35,6 +36,9 @@ pub struct PodState {
     in_flight: InFlight,
     /// Latest engine load pushed by the controller, if any.
     load: ArcSwapOption<pb::EndpointLoad>,
+    /// The engine's requests (running + waiting) that were not this
+    /// dataplane's when its latest load arrived: other dataplanes' share.
+    load_from_elsewhere: AtomicU64,
     /// Failures in a row and ejections.
     pub health: PodHealth,
 }
@@ -61,6 +65,7 @@ impl PodState {
             authority,
             in_flight: InFlight::default(),
             load: ArcSwapOption::empty(),
+            load_from_elsewhere: AtomicU64::new(0),
             health: PodHealth::default(),
         })
     }
@@ -75,7 +80,19 @@ impl PodState {
     }
 
     pub fn set_load(&self, load: Option<Arc<pb::EndpointLoad>>) {
+        let engine = load.as_ref().map_or(0.0, |load| {
+            (load.requests_running + load.requests_waiting).max(0.0)
+        });
+        // Engine counts are whole numbers; `as` saturates anything else.
+        let elsewhere = (engine.round() as u64).saturating_sub(self.in_flight());
+        self.load_from_elsewhere.store(elsewhere, Ordering::Relaxed);
         self.load.store(load);
+    }
+
+    /// Requests on the pod's engine that this dataplane did not send, as of
+    /// the latest load (the fairness queue's view of other dataplanes).
+    pub fn load_from_elsewhere(&self) -> u64 {
+        self.load_from_elsewhere.load(Ordering::Relaxed)
     }
 
     /// Ejected by outlier detection (this dataplane's or the fleet's).

@@ -1,31 +1,51 @@
-//! Phase `admission`: may this identity's request go upstream now? Token
-//! rate limits: the budgets of the request's model and of the caller's tier
-//! are checked and its estimated input reserved ([`crate::rate_limit`]); the
-//! reservation rides on the request's record and is settled against the
-//! engine's usage when the response ends. Requests no limit applies to pass
-//! without their input being estimated.
+//! Phase `admission`: may this identity's request go upstream now?
+//!
+//! 1. Token rate limits: the budgets of the request's model and of the
+//!    caller's tier are checked and its estimated input reserved
+//!    ([`crate::rate_limit`]); the reservation rides on the request's record
+//!    and is settled against the engine's usage when the response ends.
+//! 2. The fairness queue ([`crate::fairness`]): when the model's pods are
+//!    full the request waits for its turn; its slot rides on the record and
+//!    is given back (with the tokens served) when the response ends.
+//!
+//! Requests neither applies to pass without their input being estimated.
 
-use http::header;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, header};
 
 use super::admit::InferenceRequest;
 use super::authenticate::Identity;
 use super::log::RequestRecord;
+use crate::auth::User;
 use crate::error::{ApiError, ErrorKind};
+use crate::fairness::queue::ModelQueue;
+use crate::fairness::{
+    ANONYMOUS_USER, FairQueues, FairnessSettings, MAX_USER_ID_BYTES, Policy, Refusal, Ticket,
+};
 use crate::rate_limit::{RateLimiting, RateLimits, Rejection};
 use crate::token_estimate::estimate_input_tokens;
 
-/// Admits the request now, or says why not (429, or 503 when a global
-/// budget's Redis is unreachable and its policy is to refuse).
+/// Kthena's message for a request that waited too long.
+const QUEUE_TIMEOUT_MESSAGE: &str = "Request processing timed out in queue";
+
+/// Admits the request now (or once its turn in the fairness queue comes),
+/// or says why not: 429 (a spent budget, a full queue), 504 (waited too
+/// long), or 503 when a global budget's Redis is unreachable and its policy
+/// is to refuse.
 pub async fn admission(
     limits: &RateLimits,
     limiting: &RateLimiting,
+    fairness: Option<&FairQueues>,
     identity: &Identity,
     request: &InferenceRequest,
     record: &mut RequestRecord,
 ) -> Result<(), ApiError> {
     let model = request.parsed.model.as_str();
     let user = identity.user();
-    if !limits.applies(model, user) {
+    let limited = limits.applies(model, user);
+    let queue = fairness.and_then(|fairness| Some((fairness.queue(model)?, &fairness.settings)));
+    if !limited && queue.is_none() {
         return Ok(());
     }
     let estimate = request
@@ -35,19 +55,98 @@ pub async fn admission(
         .map_or(0, |(field, span)| {
             estimate_input_tokens(*field, &request.body[span.clone()])
         });
-    match limits.admit(limiting, model, user, estimate).await {
-        None => Ok(()),
-        Some(Ok(admission)) => {
-            record.set_admission(admission);
-            Ok(())
-        }
-        Some(Err(rejection)) => {
-            if !rejection.unavailable {
-                record.rate_limited(model, rejection.limit_type);
+    if limited {
+        match limits.admit(limiting, model, user, estimate).await {
+            None => {}
+            Some(Ok(admission)) => record.set_admission(admission),
+            Some(Err(rejection)) => {
+                if !rejection.unavailable {
+                    record.rate_limited(model, rejection.limit_type);
+                }
+                return Err(rejection_error(rejection));
             }
-            Err(rejection_error(rejection))
         }
     }
+    if let Some((queue, settings)) = queue {
+        wait_turn(queue, settings, identity, request, estimate, record).await?;
+    }
+    Ok(())
+}
+
+/// Waits for the request's turn in its model's fairness queue.
+async fn wait_turn(
+    queue: &Arc<ModelQueue>,
+    settings: &FairnessSettings,
+    identity: &Identity,
+    request: &InferenceRequest,
+    input_tokens: u64,
+    record: &mut RequestRecord,
+) -> Result<(), ApiError> {
+    let headers = &request.head.headers;
+    let (user, tier) = match identity.user() {
+        Some(user) => (Arc::from(user.user_id.as_str()), user.tier.as_deref()),
+        None => {
+            let user = settings
+                .user_header
+                .as_ref()
+                .and_then(|name| header_text(headers, name))
+                .filter(|user| user.len() <= MAX_USER_ID_BYTES)
+                .unwrap_or(ANONYMOUS_USER);
+            if user != ANONYMOUS_USER {
+                record.set_identity(&Identity::User(Arc::new(User {
+                    user_id: user.to_owned(),
+                    tier: None,
+                })));
+            }
+            (Arc::from(user), None)
+        }
+    };
+    let session = match settings.policy {
+        Policy::SessionBoost => header_text(headers, &settings.session_header).map(Box::from),
+        Policy::Vtc => None,
+    };
+    let ticket = Ticket {
+        user,
+        charge_per_token: settings.charge_per_token(tier),
+        input_tokens,
+        session,
+    };
+    record.queue_entered();
+    let admitted = queue.admit(ticket).await;
+    record.queue_left();
+    match admitted {
+        Ok(slot) => {
+            record.set_fair_slot(slot);
+            Ok(())
+        }
+        Err(Refusal::Full {
+            user_limit,
+            retry_after,
+        }) => {
+            let whose = if user_limit { "your share of " } else { "" };
+            let seconds = retry_after.as_secs().max(1);
+            Err(ApiError::new(
+                ErrorKind::QueueFull,
+                format!(
+                    "{whose}the queue of model {} is full; retry in {seconds}s",
+                    queue.model
+                ),
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from(seconds)))
+        }
+        Err(Refusal::Timeout) => Err(ApiError::new(
+            ErrorKind::QueueTimeout,
+            QUEUE_TIMEOUT_MESSAGE,
+        )),
+    }
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
 }
 
 /// The response to a refused request: which limit in the message,
@@ -122,6 +221,7 @@ mod tests {
             let admitted = admission(
                 &self.limits,
                 &self.limiting,
+                None,
                 identity,
                 &request,
                 &mut record,

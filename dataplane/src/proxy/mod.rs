@@ -4,8 +4,8 @@
 //! 1. [`admit`]: method, path, content type; then, once the request is
 //!    authenticated, body limit and body parse;
 //! 2. [`authenticate`]: who sent it (an [`Identity`]), from its head alone;
-//! 3. [`admission`]: may it go upstream now (token rate limits; the
-//!    fairness queue's place);
+//! 3. [`admission`]: may it go upstream now (token rate limits; its turn
+//!    in the fairness queue);
 //! 4. [`route`]: ModelRoute, rule and ModelServer (or external provider);
 //!    the body edits;
 //!    - [`provider`]: for an external provider, instead of 5 and 6: the
@@ -179,6 +179,7 @@ impl<U: Upstream> Proxy<U> {
         admission::admission(
             &table.rate_limits,
             self.store.rate_limiting(),
+            table.fairness.as_deref(),
             &identity,
             &request,
             record,
@@ -316,6 +317,8 @@ pub fn readiness_response<B>(store: &SnapshotStore) -> Response<ProxyBody<B>> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use http::HeaderMap;
     use http_body_util::{BodyExt, Full};
     use switchyard_snapshot::pb;
@@ -344,12 +347,16 @@ mod tests {
 
     /// A proxy serving `config` through `upstream`, its metrics resolved.
     fn harness_of(config: pb::RouteConfig, upstream: ScriptedUpstream) -> Harness {
-        let store = Arc::new(SnapshotStore::new());
+        let observer = test_observer();
+        let metrics = observer.metrics.clone();
+        let fairness = crate::fairness::Fairness::new(crate::fairness::FairnessMetrics {
+            queue_size: metrics.fairness_queue_size.clone(),
+            queue_duration: metrics.fairness_queue_duration_seconds.clone(),
+        });
+        let store = Arc::new(SnapshotStore::new().with_fairness(Arc::new(fairness)));
         store
             .apply_route_config("v1", config)
             .expect("valid snapshot");
-        let observer = test_observer();
-        let metrics = observer.metrics.clone();
         if let Some(table) = store.table() {
             metrics.resolve(&table);
         }
@@ -772,6 +779,124 @@ mod tests {
             StatusCode::TOO_MANY_REQUESTS,
             "3 chunks charged"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_model_queues_then_refuses_with_429_or_504_and_serves_in_turn() {
+        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
+        config.fairness = Some(pb::FairnessConfig {
+            max_concurrent_per_pod: 1,
+            queue_timeout_ms: 2_000,
+            max_queue_length: 1,
+            max_user_queue_length: 1,
+            user_header: "x-user-id".into(),
+            max_metric_users: 8,
+            session_header: "x-session-id".into(),
+            max_sessions: 8,
+            window_ms: 60_000,
+            input_token_weight: 1.0,
+            output_token_weight: 2.0,
+            ..Default::default()
+        });
+        let frames = [
+            "data: {\"choices\":[{\"text\":\"a\"}]}\n\n",
+            "data: [DONE]\n\n",
+        ];
+        let h = harness_of(
+            config,
+            ScriptedUpstream::new([Script::sse(&frames), Script::json(200, USAGE_BODY)]),
+        );
+        let body = r#"{"model":"m","prompt":"hi","stream":true}"#;
+        let request = |user: &'static str| {
+            Request::post("/v1/completions")
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header("x-user-id", user)
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("request")
+        };
+        // Alice's stream holds the pod's one slot until its body ends.
+        let streaming: Response<ProxyBody<ScriptedBody>> = h.proxy.handle(request("alice")).await;
+        assert_eq!(streaming.status(), StatusCode::OK);
+        let started = tokio::time::Instant::now();
+        let (waited, refused) = tokio::join!(
+            h.call_with(
+                Method::POST,
+                "/v1/completions",
+                &[("x-user-id", "bob")],
+                body
+            ),
+            h.call_with(
+                Method::POST,
+                "/v1/completions",
+                &[("x-user-id", "carol")],
+                body
+            ),
+        );
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.json()["error"]["code"], "queue_full");
+        assert!(refused.headers.contains_key("retry-after"));
+        assert_eq!(waited.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            waited.json()["error"]["message"],
+            "Request processing timed out in queue"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(
+            h.proxy.upstream.sent().len(),
+            1,
+            "only alice reached an engine"
+        );
+        // Alice's stream ends: the slot is free again.
+        streaming.into_body().collect().await.expect("stream");
+        let served = h
+            .call_with(
+                Method::POST,
+                "/v1/completions",
+                &[("x-user-id", "dave")],
+                r#"{"model":"m"}"#,
+            )
+            .await;
+        assert_eq!(served.status, StatusCode::OK);
+        for (series, expected) in [
+            (
+                r#"kthena_router_requests_total{error_type="queue_full",model="unknown",path="/v1/completions",status_code="429"}"#,
+                1.0,
+            ),
+            (
+                r#"kthena_router_requests_total{error_type="queue_timeout",model="unknown",path="/v1/completions",status_code="504"}"#,
+                1.0,
+            ),
+            (
+                r#"kthena_router_fairness_queue_duration_seconds_count{model="m",user_id="alice"}"#,
+                1.0,
+            ),
+            (
+                r#"kthena_router_fairness_queue_duration_seconds_count{model="m",user_id="dave"}"#,
+                1.0,
+            ),
+            (
+                r#"kthena_router_fairness_queue_size{model="m",user_id="bob"}"#,
+                0.0,
+            ),
+        ] {
+            assert_eq!(h.metric(series), Some(expected), "{series}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_fairness_block_nothing_is_queued() {
+        let h = harness(
+            [Script::json(200, USAGE_BODY), Script::json(200, USAGE_BODY)],
+            1,
+            pb::TrafficPolicy::default(),
+        );
+        assert!(h.store.table().expect("table").fairness.is_none());
+        assert!(h.store.fairness().views().is_empty());
+        let (a, b) = tokio::join!(
+            h.post("/v1/completions", r#"{"model":"m"}"#),
+            h.post("/v1/completions", r#"{"model":"m"}"#),
+        );
+        assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
     }
 
     /// Route `m` to a NIXL ModelServer of groups g0 (prefill p0, decode p1)

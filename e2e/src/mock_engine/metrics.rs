@@ -576,17 +576,23 @@ mod tests {
         stats.snapshot()
     }
 
+    /// `running` requests of `models`, none waiting, `kv_cache_used_tokens`
+    /// of a 4096-token KV cache in use.
+    fn running_load(running: u64, kv_cache_used_tokens: u64, models: &[&str]) -> EngineLoad {
+        EngineLoad {
+            running,
+            waiting: 0,
+            kv_cache_used_tokens,
+            kv_cache_capacity_tokens: 4096,
+            running_models: models.iter().map(|model| model.to_string()).collect(),
+            waiting_models: BTreeSet::new(),
+        }
+    }
+
     #[test]
     fn vllm_page_has_the_fixture_series() {
         let stats = sample_input_stats(VLLM_HISTOGRAMS);
-        let load = EngineLoad {
-            running: 2,
-            waiting: 0,
-            kv_cache_used_tokens: 1024,
-            kv_cache_capacity_tokens: 4096,
-            running_models: BTreeSet::from(["base".to_string(), "tiny-lora".to_string()]),
-            waiting_models: BTreeSet::new(),
-        };
+        let load = running_load(2, 1024, &["base", "tiny-lora"]);
         let adapters = vec!["tiny-lora".to_string()];
         let page = render(&MetricsInput {
             flavor: EngineFlavor::Vllm,
@@ -706,14 +712,7 @@ mod tests {
     #[test]
     fn sglang_page_uses_sglang_names_and_labels() {
         let stats = sample_input_stats(SGLANG_HISTOGRAMS);
-        let load = EngineLoad {
-            running: 1,
-            waiting: 0,
-            kv_cache_used_tokens: 2048,
-            kv_cache_capacity_tokens: 4096,
-            running_models: BTreeSet::from(["qwen".to_string()]),
-            waiting_models: BTreeSet::new(),
-        };
+        let load = running_load(1, 2048, &["qwen"]);
         let page = render(&MetricsInput {
             flavor: EngineFlavor::Sglang,
             model: "qwen",

@@ -238,13 +238,14 @@ impl Usage {
     }
 }
 
+/// A non-streamed response: `C` is a [`ChatChoice`] or a [`TextChoice`].
 #[derive(Serialize)]
-struct ChatCompletion<'a> {
+struct Completion<'a, C> {
     id: &'a str,
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: [ChatChoice<'a>; 1],
+    choices: [C; 1],
     usage: Usage,
     #[serde(skip_serializing_if = "Option::is_none")]
     kv_transfer_params: Option<&'a Value>,
@@ -267,18 +268,6 @@ struct AssistantMessage<'a> {
 }
 
 #[derive(Serialize)]
-struct TextCompletion<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: [TextChoice<'a>; 1],
-    usage: Usage,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    kv_transfer_params: Option<&'a Value>,
-}
-
-#[derive(Serialize)]
 struct TextChoice<'a> {
     index: u32,
     text: &'a str,
@@ -298,7 +287,7 @@ pub fn completion_body(
 ) -> Vec<u8> {
     let finish_reason = finish_reason.as_str();
     let serialized = match meta.endpoint {
-        Endpoint::ChatCompletions => serde_json::to_vec(&ChatCompletion {
+        Endpoint::ChatCompletions => serde_json::to_vec(&Completion {
             id: &meta.id,
             object: "chat.completion",
             created: meta.created,
@@ -317,7 +306,7 @@ pub fn completion_body(
             usage,
             kv_transfer_params,
         }),
-        Endpoint::Completions => serde_json::to_vec(&TextCompletion {
+        Endpoint::Completions => serde_json::to_vec(&Completion {
             id: &meta.id,
             object: "text_completion",
             created: meta.created,

@@ -160,6 +160,29 @@ fn modelroute(route: &pb::ModelRoute) -> Value {
     })
 }
 
+/// The admission queue's settings, with the router configuration's field names.
+pub fn fairness(config: &pb::FairnessConfig) -> Value {
+    let policy = match config.policy() {
+        pb::FairnessPolicy::Vtc => "vtc",
+        pb::FairnessPolicy::SessionBoost => "sessionBoost",
+    };
+    json!({
+        "policy": policy,
+        "windowSizeMs": config.window_ms,
+        "inputTokenWeight": config.input_token_weight,
+        "outputTokenWeight": config.output_token_weight,
+        "maxConcurrent": config.max_concurrent_per_pod,
+        "queueTimeoutMs": config.queue_timeout_ms,
+        "maxQueueLength": config.max_queue_length,
+        "maxUserQueueLength": config.max_user_queue_length,
+        "userHeader": config.user_header,
+        "maxMetricUsers": config.max_metric_users,
+        "tierWeights": config.tier_weights.iter().map(|tier| (tier.tier.clone(), json!(tier.weight))).collect::<Map<String, Value>>(),
+        "sessionHeader": config.session_header,
+        "maxSessions": config.max_sessions,
+    })
+}
+
 /// `GET /debug/config_dump/externalmodelproviders`.
 pub fn externalmodelproviders(config: &pb::RouteConfig) -> Value {
     json!({"externalmodelproviders": config.external_providers.iter().map(external_provider).collect::<Vec<_>>()})

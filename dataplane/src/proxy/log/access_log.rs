@@ -572,6 +572,9 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
                 millis(entry.upstream),
                 millis(entry.response_processing)
             );
+            if !entry.queue.is_zero() {
+                let _ = write!(line, " queue={}ms", millis(entry.queue));
+            }
             if let Some(ttft) = entry.ttft {
                 let _ = write!(line, " ttft={}ms", millis(ttft));
             }

@@ -9,7 +9,8 @@
 //! - upstream: first attempt sent to the end of the engine's body (retries
 //!   and the engine's prefill and decode included);
 //! - response processing: what is left after the upstream part;
-//! - queue: always 0, as there is no fairness queue yet;
+//! - queue: the wait in the fairness queue (part of the request
+//!   processing's span, reported apart and not counted in it);
 //! - prefill/decode pairs: the delivered pair's prefill leg (sent to its
 //!   answer read whole) and decode leg (sent to the end of its body).
 
@@ -28,6 +29,7 @@ use super::access_log::AccessLogEntry;
 use crate::auth::User;
 use crate::error::ApiError;
 use crate::error::MAX_QUOTED_CLIENT_BYTES;
+use crate::fairness::Slot;
 use crate::metrics::{ModelMetrics, Observation, OutcomeLabel, PathLabel, Phases};
 use crate::pod::PodState;
 use crate::pod::outlier::Ejection;
@@ -72,6 +74,12 @@ pub struct RequestRecord {
     user: Option<Arc<User>>,
     /// The request's token budget reservation, settled when it finishes.
     admission: Option<Admission>,
+    /// The request's place in its model's room (fairness on), given back
+    /// with the tokens served when it finishes.
+    fair_slot: Option<Slot>,
+    /// When the request joined the fairness queue, until it left.
+    queue_entered: Option<Instant>,
+    queue_wait: Duration,
     /// An engine sent the response (the request was delivered).
     delivered: bool,
     /// Attempts that could not connect (their request reached no engine).
@@ -144,6 +152,9 @@ impl RequestRecord {
             error: None,
             user: None,
             admission: None,
+            fair_slot: None,
+            queue_entered: None,
+            queue_wait: Duration::ZERO,
             delivered: false,
             connect_failures: 0,
             produced_output: 0,
@@ -166,6 +177,24 @@ impl RequestRecord {
     /// The request's token budgets: settled when it finishes.
     pub fn set_admission(&mut self, admission: Admission) {
         self.admission = Some(admission);
+    }
+
+    /// The request's turn in the fairness queue came: its slot.
+    pub fn set_fair_slot(&mut self, slot: Slot) {
+        self.fair_slot = Some(slot);
+    }
+
+    /// The request joins the fairness queue (its wait counts until it
+    /// leaves, or until the record ends: a client that went away).
+    pub fn queue_entered(&mut self) {
+        self.queue_entered = Some(clock::now());
+    }
+
+    /// The request left the fairness queue (admitted or refused).
+    pub fn queue_left(&mut self) {
+        if let Some(entered) = self.queue_entered.take() {
+            self.queue_wait = clock::now().duration_since(entered);
+        }
     }
 
     /// The `x-ratelimit-*` values of a response of a limited request.
@@ -399,6 +428,7 @@ impl RequestRecord {
                 output_tokens: usage.map_or(self.produced_output, |usage| usage.completion_tokens),
             });
         }
+        self.queue_left();
         let ended = clock::now();
         let total = ended.duration_since(self.started);
         let error_type = match (&self.error, outcome) {
@@ -407,6 +437,13 @@ impl RequestRecord {
             (None, None) if self.status >= 400 => OutcomeLabel::EngineError.as_str(),
             (None, None) => OutcomeLabel::Success.as_str(),
         };
+        if let Some(slot) = self.fair_slot.take() {
+            slot.finish(
+                usage.map(|usage| usage.prompt_tokens),
+                usage.map_or(self.produced_output, |usage| usage.completion_tokens),
+                self.status == 200 && error_type == OutcomeLabel::Success.as_str(),
+            );
+        }
         // A stream's own split: arrival to the first chunk, then the rest.
         let stream_split = match (self.is_stream, self.first_chunk) {
             (true, Some(first)) => Some((
@@ -461,7 +498,8 @@ impl RequestRecord {
         }
         let request_processing = self
             .upstream_started
-            .map_or(total, |at| at.duration_since(self.started));
+            .map_or(total, |at| at.duration_since(self.started))
+            .saturating_sub(self.queue_wait);
         let upstream = self
             .upstream_started
             .map_or(Duration::ZERO, |at| ended.duration_since(at));
@@ -495,10 +533,11 @@ impl RequestRecord {
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
             total,
-            queue: Duration::ZERO,
+            queue: self.queue_wait,
             request_processing,
             upstream,
-            response_processing: total.saturating_sub(request_processing + upstream),
+            response_processing: total
+                .saturating_sub(self.queue_wait + request_processing + upstream),
             ttft,
             upstream_attempts: self.attempts,
             error,
