@@ -9,9 +9,14 @@ oha, and prints a Markdown table (also written to bench/results/).
 
 Closed-loop runs (fixed connection count, as fast as possible) give the
 saturation rate; open-loop runs (oha -q RATE --latency-correction) at half of
-the dataplane's saturation rate give latency percentiles, the dataplane's CPU
-time (from /proc/PID/stat) and its peak RSS (VmHWM). Everything started here is
-stopped here, also on failure or Ctrl-C.
+nginx's saturation rate (the dataplane's when nginx is missing) give latency
+percentiles, CPU time per request (from /proc/PID/stat) and system calls per
+request (`perf stat`, when perf works). Then: the dataplane's RSS idle (a
+one-pod snapshot, before any request) and with the 10,000-pod / 1,000-route
+snapshot (switchyard-bench-scale), a pick among 1000 candidate pods
+(switchyard-bench-hotpath), and saturation with 1 and 2 traffic workers. The
+run ends with the performance targets, each with its measured value and
+pass/fail. Everything started here is stopped here, also on failure or Ctrl-C.
 """
 
 import argparse
@@ -58,6 +63,11 @@ STREAM_CHUNKS = 64
 PACED_CHUNK_INTERVAL_US = 1000
 PACED_HEADER = "x-bench-chunk-interval-us"
 TTFB_SAMPLES = 200
+# The pods of the memory case (switchyard-bench-scale's defaults: 500 ModelServers, 1000 ModelRoutes).
+SCALE_PODS = 10_000
+# Events counted by `perf stat` during the open-loop runs: every system call, and futex calls alone
+# (wake-ups between threads).
+SYSCALL_EVENTS = "raw_syscalls:sys_enter,syscalls:sys_enter_futex"
 # The controller scrapes every fake pod; slow scrapes keep that traffic out of the numbers.
 SCRAPE_INTERVAL = "30s"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -156,6 +166,60 @@ def vm_hwm_mib(pids):
                 if line.startswith("VmHWM:"):
                     total += int(line.split()[1])
     return total / 1024
+
+
+def vm_rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def perf_works():
+    if shutil.which("perf") is None:
+        return False
+    result = subprocess.run(["perf", "stat", "-x,", "-e", SYSCALL_EVENTS, "--", "true"],
+                            capture_output=True, text=True, check=False)
+    return result.returncode == 0 and "not supported" not in result.stderr
+
+
+class SyscallCount:
+    """`perf stat` attached to `pids` (all their threads) while the block runs."""
+
+    def __init__(self, pids, workdir, enabled):
+        self.pids, self.enabled = pids, enabled
+        self.output = workdir / "perf-stat.csv"
+        self.counts = None
+
+    def __enter__(self):
+        if self.enabled:
+            self.process = subprocess.Popen(
+                ["perf", "stat", "-x,", "-e", SYSCALL_EVENTS, "-o", str(self.output),
+                 "-p", ",".join(str(pid) for pid in self.pids)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            time.sleep(0.3)  # attached before the load starts
+        return self
+
+    def __exit__(self, *exc):
+        if not self.enabled:
+            return False
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=10)
+        counts = {}
+        for line in self.output.read_text().splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[0].strip().isdigit():
+                counts[fields[2]] = int(fields[0])
+        self.counts = counts
+        return False
+
+    def per_request(self, requests):
+        if not self.counts or requests <= 0:
+            return None, None
+        total = self.counts.get("raw_syscalls:sys_enter")
+        futex = self.counts.get("syscalls:sys_enter_futex")
+        return (None if total is None else total / requests, None if futex is None else futex / requests)
 
 
 def children(pid):
@@ -382,7 +446,7 @@ def make_body(path, prompt_bytes, stream, model="bench-model"):
 class Stack:
     """Controller + one dataplane for one config."""
 
-    def __init__(self, bins, workdir, pods, redis):
+    def __init__(self, bins, workdir, pods, redis=False, core=PROXY_CORE, extra_args=()):
         self.config_dir = workdir / f"config-{pods}"
         write_config(self.config_dir, pods, redis)
         self.controller = start(
@@ -397,8 +461,8 @@ class Stack:
             [str(bins / "switchyard-dataplane"), "--controller", f"http://{CONTROLLER_XDS}",
              "--host", "127.0.0.1", "--port", str(DATAPLANE_PORT),
              "--metrics-port", str(DATAPLANE_METRICS_PORT), "--debug-port", str(DATAPLANE_DEBUG_PORT),
-             "--node-id", "bench"],
-            workdir, core=PROXY_CORE,
+             "--node-id", "bench", *extra_args],
+            workdir, core=core,
         )
         base = f"http://127.0.0.1:{DATAPLANE_PORT}"
         wait_for("dataplane ready", lambda: http_get(base + "/readyz")[0] == 200)
@@ -428,10 +492,14 @@ def main():
 
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
     bins = Path(args.bin_dir) if args.bin_dir else target / "release"
-    for name in ["switchyard-bench-backend", "switchyard-controller", "switchyard-dataplane"]:
+    for name in ["switchyard-bench-backend", "switchyard-controller", "switchyard-dataplane",
+                 "switchyard-bench-hotpath", "switchyard-bench-scale"]:
         if not (bins / name).exists():
             raise SystemExit(f"{bins / name} missing: build with `cargo build --release` first (make bench does)")
     nginx = ensure_tools(not args.no_install)
+    count_syscalls = perf_works()
+    if not count_syscalls:
+        log("perf stat cannot count system calls here: the syscall column is left out")
 
     workdir = Path(tempfile.mkdtemp(prefix="switchyard-bench-"))
     for sub in ["nginx-body", "nginx-proxy", "nginx-fastcgi", "nginx-uwsgi", "nginx-scgi"]:
@@ -459,6 +527,7 @@ def main():
     if redis_server:
         cases.insert(-1, ("~1 KB chat, token rate limit (Redis budget)", "limited-redis", 1, ()))
     rows = []
+    extra = {}
     stack = None
     try:
         start("backend", [str(bins / "switchyard-bench-backend"), "--loopback-pods", "1000",
@@ -477,6 +546,8 @@ def main():
             nginx_process = start("nginx", [nginx, "-c", str(conf)], workdir, core=PROXY_CORE)
             wait_for("nginx", lambda: http_post(f"http://127.0.0.1:{NGINX_PORT}/v1/chat/completions",
                                                 b'{"model":"bench-model"}')[0] == 200)
+            extra["nginx_idle_rss"] = sum(
+                vm_rss_bytes(pid) for pid in [nginx_process.pid] + children(nginx_process.pid))
         dp_url = f"http://127.0.0.1:{DATAPLANE_PORT}/v1/chat/completions"
         nginx_url = f"http://127.0.0.1:{NGINX_PORT}/v1/chat/completions"
         chat_cpu_per_request = None
@@ -490,6 +561,8 @@ def main():
                 log(f"starting controller + dataplane with {pods} pod(s)")
                 stack = Stack(bins, workdir, pods, redis_server is not None)
                 current_pods = pods
+                if pods == 1 and "idle_rss" not in extra:
+                    extra["idle_rss"] = vm_rss_bytes(real_pid(stack.dataplane))
             status, _ = http_post(dp_url, body.read_bytes())
             if status != 200:
                 raise RuntimeError(f"{label}: dataplane answered {status}")
@@ -499,17 +572,23 @@ def main():
             sat["dataplane"] = oha(dp_url, body, seconds, SATURATION_CONNECTIONS, headers=headers)
             if nginx_process:
                 sat["nginx"] = oha(nginx_url, body, seconds, SATURATION_CONNECTIONS, headers=headers)
-            rate = max(10, int(sat["dataplane"]["rps"] / 2))
+            # Latency is compared at half of nginx's saturation: the load a
+            # plain proxy on one core carries comfortably.
+            reference = sat.get("nginx", sat["dataplane"])["rps"]
+            rate = max(10, int(reference / 2))
             log(f"{label}: open-loop runs at {rate} req/s")
             fixed = {"direct": oha(direct_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)}
             cpu_before = cpu_seconds([dp_pid])
-            fixed["dataplane"] = oha(dp_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)
+            with SyscallCount([dp_pid], workdir, count_syscalls) as dp_calls:
+                fixed["dataplane"] = oha(dp_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)
             cpu_after = cpu_seconds([dp_pid])
             nginx_cpu = None
+            nginx_calls = None
             if nginx_process:
                 nginx_pids = [nginx_process.pid] + children(nginx_process.pid)
                 n_before = cpu_seconds(nginx_pids)
-                fixed["nginx"] = oha(nginx_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)
+                with SyscallCount(nginx_pids, workdir, count_syscalls) as nginx_calls:
+                    fixed["nginx"] = oha(nginx_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)
                 nginx_cpu = (cpu_seconds(nginx_pids) - n_before) / max(1, fixed["nginx"]["ok"]) * 1000
             served = max(1, fixed["dataplane"]["ok"])
             cpu_per_1000 = (cpu_after - cpu_before) / served * 1000
@@ -526,6 +605,8 @@ def main():
                 "nginx_cpu_per_1000": nginx_cpu,
                 "rss_mib": vm_hwm_mib([dp_pid]),
                 "failed": sum(r["failed"] for r in list(sat.values()) + list(fixed.values())),
+                "syscalls": dp_calls.per_request(fixed["dataplane"]["ok"]),
+                "nginx_syscalls": nginx_calls.per_request(fixed["nginx"]["ok"]) if nginx_calls else (None, None),
             }
             if body_name == "stream":
                 if not headers:
@@ -538,12 +619,18 @@ def main():
                         row["nginx_cpu_us_per_chunk"] = max(
                             0.0, (nginx_cpu / 1000 - nginx_chat_cpu_per_request) / (STREAM_CHUNKS + 2) * 1e6)
             rows.append(row)
+        if stack:
+            stack.stop()
+            stack = None
+        extra["workers"] = worker_scaling(bins, workdir, dp_url, bodies["chat"], seconds)
     finally:
         if stack:
             stack.stop()
         stop_all()
+    extra["pick_1000_ns"] = pick_among_1000_ns(bins)
+    extra["scale_rss_mib"] = scale_snapshot_rss_mib(bins, workdir)
 
-    table = render(rows, seconds, args.note)
+    table = render(rows, extra, seconds, args.note)
     print(table)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -552,11 +639,63 @@ def main():
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def worker_scaling(bins, workdir, url, body, seconds):
+    """Chat saturation with 1 and 2 traffic workers, the dataplane free to use both cores."""
+    both = f"{LOAD_CORE},{PROXY_CORE}"
+    results = {}
+    for workers in (1, 2):
+        log(f"~1 KB chat with --workers {workers} on cores {both}")
+        stack = Stack(bins, workdir, 1, core=both, extra_args=("--workers", str(workers)))
+        try:
+            http_post(url, body.read_bytes())
+            results[workers] = oha(url, body, seconds, SATURATION_CONNECTIONS)["rps"]
+        finally:
+            stack.stop()
+    return results
+
+
+def pick_among_1000_ns(bins):
+    """The library-level pick among 1000 candidate pods (route lookup included), in ns."""
+    result = subprocess.run(
+        ["taskset", "-c", PROXY_CORE, str(bins / "switchyard-bench-hotpath"), "pick among 1000"],
+        capture_output=True, text=True, check=False)
+    for line in result.stdout.splitlines():
+        if "pick among 1000" in line:
+            return float(line.split("|")[2])
+    log(f"switchyard-bench-hotpath printed no pick: {result.stderr.strip()[:300]}")
+    return None
+
+
+def scale_snapshot_rss_mib(bins, workdir):
+    """A real dataplane's RSS holding the 10,000-pod / 1,000-route snapshot (peak, current)."""
+    log(f"dataplane memory with the {SCALE_PODS}-pod snapshot (switchyard-bench-scale)")
+    result = subprocess.run(
+        [str(bins / "switchyard-bench-scale"), "--pods", str(SCALE_PODS), "--streams", "1",
+         "--changes", "2", "--compiles", "1", "--dataplane-bin", str(bins / "switchyard-dataplane"),
+         "--output", str(workdir / "scale.md")],
+        capture_output=True, text=True, check=False)
+    for line in result.stdout.splitlines():
+        if line.startswith("| Real dataplane peak / current RSS"):
+            peak, current = line.split("|")[2].replace("MiB", "").split("/")
+            return float(peak), float(current)
+    log(f"switchyard-bench-scale measured no dataplane memory: {result.stderr.strip()[-300:]}")
+    return None
+
+
 def fmt(value, digits=2):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def render(rows, seconds, note):
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+def target_row(name, measured, goal, met, note=""):
+    verdict = "n/a" if met is None else ("pass" if met else "FAIL")
+    return f"| {name} | {measured} | {goal} | {verdict} |{note}"
+
+
+def render(rows, extra, seconds, note):
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -568,28 +707,35 @@ def render(rows, seconds, note):
         pass
     lines = [
         f"Switchyard `make bench`, {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
-        f"{os.cpu_count()} cores ({cpu}), {seconds:g} s per run; dataplane and nginx pinned to core {PROXY_CORE}, "
-        f"load generator (oha), backend and controller on core {LOAD_CORE}.",
+        f"{os.cpu_count()} cores ({cpu}), {seconds:g} s per run; dataplane (one traffic worker) and nginx "
+        f"(one worker process) pinned to core {PROXY_CORE}, load generator (oha), backend and controller on "
+        f"core {LOAD_CORE}. Open-loop runs at half of nginx's saturation rate.",
         "",
         "| Case | Saturation req/s: direct / dataplane / nginx | dataplane ÷ nginx | Open-loop rate | "
         "p50 ms: direct / dataplane / nginx | p99 ms: direct / dataplane / nginx | Added p50 / p99 (dataplane − direct) | "
-        "Dataplane CPU s / 1000 req (nginx) | Dataplane peak RSS | Failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "CPU µs / req: dataplane (nginx) | Syscalls / req (futex): dataplane; nginx | Dataplane peak RSS | Failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    by_case = {}
     for row in rows:
         sat, fixed = row["sat"], row["fixed"]
         ng_sat = sat.get("nginx", {}).get("rps")
-        ratio = sat["dataplane"]["rps"] / ng_sat if ng_sat else None
+        row["ratio"] = ratio(sat["dataplane"]["rps"], ng_sat)
+        row["added_p50_ms"] = fixed["dataplane"]["p50_ms"] - fixed["direct"]["p50_ms"]
+        row["added_p99_ms"] = fixed["dataplane"]["p99_ms"] - fixed["direct"]["p99_ms"]
+        by_case[row["case"]] = row
         ng_fixed = fixed.get("nginx", {})
-        added_p50 = (fixed["dataplane"]["p50_ms"] - fixed["direct"]["p50_ms"]) * 1000
-        added_p99 = (fixed["dataplane"]["p99_ms"] - fixed["direct"]["p99_ms"]) * 1000
+        calls, futex = row["syscalls"]
+        ng_calls, ng_futex = row["nginx_syscalls"]
         lines.append(
             f"| {row['case']} | {sat['direct']['rps']:.0f} / {sat['dataplane']['rps']:.0f} / {fmt(ng_sat, 0)} | "
-            f"{fmt(ratio)} | {row['rate']} | "
+            f"{fmt(row['ratio'])} | {row['rate']} | "
             f"{fixed['direct']['p50_ms']:.3f} / {fixed['dataplane']['p50_ms']:.3f} / {fmt(ng_fixed.get('p50_ms'), 3)} | "
             f"{fixed['direct']['p99_ms']:.3f} / {fixed['dataplane']['p99_ms']:.3f} / {fmt(ng_fixed.get('p99_ms'), 3)} | "
-            f"{added_p50:.0f} µs / {added_p99:.0f} µs | "
-            f"{row['cpu_per_1000']:.3f} ({fmt(row['nginx_cpu_per_1000'], 3)}) | {row['rss_mib']:.1f} MiB | {row['failed']} |"
+            f"{row['added_p50_ms'] * 1000:.0f} µs / {row['added_p99_ms'] * 1000:.0f} µs | "
+            f"{row['cpu_per_1000'] * 1000:.1f} ({fmt(row['nginx_cpu_per_1000'] and row['nginx_cpu_per_1000'] * 1000, 1)}) | "
+            f"{fmt(calls, 1)} ({fmt(futex, 2)}); {fmt(ng_calls, 1)} ({fmt(ng_futex, 2)}) | "
+            f"{row['rss_mib']:.1f} MiB | {row['failed']} |"
         )
     for row in rows:
         if "cpu_us_per_chunk" in row or "ttfb_direct" in row:
@@ -604,6 +750,60 @@ def render(rows, seconds, note):
                 f"{fmt(row.get('nginx_cpu_us_per_chunk'), 1)} µs nginx "
                 f"((CPU per stream − CPU per ~1 KB chat) ÷ {STREAM_CHUNKS + 2} events)."
             )
+    workers = extra.get("workers") or {}
+    if workers:
+        one, two = workers.get(1), workers.get(2)
+        lines += ["", (
+            f"Traffic workers, ~1 KB chat saturation with the dataplane allowed on both cores: "
+            f"{fmt(one, 0)} req/s with `--workers 1`, {fmt(two, 0)} req/s with `--workers 2` "
+            f"({fmt(ratio(two, one))}×). The load generator and the backend share those two cores, "
+            f"so this understates what a second core gives a dataplane that has it to itself.")]
+
+    chat = by_case.get("~1 KB chat", {})
+    stream = by_case.get(f"streaming, {STREAM_CHUNKS} chunks", {})
+    many = by_case.get("~1 KB chat, 1000 pods", {})
+    chat_cpu = ratio(chat.get("cpu_per_1000"), chat.get("nginx_cpu_per_1000"))
+    chunk_cpu = ratio(stream.get("cpu_us_per_chunk"), stream.get("nginx_cpu_us_per_chunk"))
+    pick_us = None if extra.get("pick_1000_ns") is None else extra["pick_1000_ns"] / 1000
+    idle_mb = extra.get("idle_rss", 0) / 1e6 or None
+    scale = extra.get("scale_rss_mib")
+    scale_peak = scale[0] if scale else None
+
+    def at_most(value, bound):
+        return None if value is None else value <= bound
+
+    def at_least(value, bound):
+        return None if value is None else value >= bound
+
+    calls, futex = chat.get("syscalls", (None, None))
+    ng_calls, _ = chat.get("nginx_syscalls", (None, None))
+    lines += [
+        "",
+        "Targets (each from this run):",
+        "",
+        "| Target | Measured | Goal | Result |",
+        "|---|---|---|---|",
+        target_row("~1 KB chat: saturation ÷ nginx", fmt(chat.get("ratio")), "≥ 1.0", at_least(chat.get("ratio"), 1.0)),
+        target_row("~1 KB chat: CPU per request ÷ nginx", fmt(chat_cpu), "≤ 1.0", at_most(chat_cpu, 1.0)),
+        target_row(f"Unpaced streaming ({STREAM_CHUNKS} chunks): saturation ÷ nginx", fmt(stream.get("ratio")),
+                   "≥ 0.8", at_least(stream.get("ratio"), 0.8)),
+        target_row("Unpaced streaming: CPU per chunk ÷ nginx's", fmt(chunk_cpu), "≤ 2.0", at_most(chunk_cpu, 2.0)),
+        target_row("~1 KB chat at half nginx's saturation: added p50", f"{fmt(chat.get('added_p50_ms'), 3)} ms",
+                   "≤ 0.1 ms", at_most(chat.get("added_p50_ms"), 0.1)),
+        target_row("~1 KB chat at half nginx's saturation: added p99", f"{fmt(chat.get('added_p99_ms'), 3)} ms",
+                   "≤ 1 ms", at_most(chat.get("added_p99_ms"), 1.0)),
+        target_row("Route lookup + pick among 1000 candidate pods", f"{fmt(pick_us, 1)} µs", "≤ 20 µs",
+                   at_most(pick_us, 20.0)),
+        target_row("~1 KB chat, 1000 pods: saturation ÷ nginx", fmt(many.get("ratio")), "≥ 0.5",
+                   at_least(many.get("ratio"), 0.5)),
+        target_row("Idle RSS (one-pod snapshot, no request yet)", f"{fmt(idle_mb, 1)} MB "
+                   f"(nginx {fmt(extra.get('nginx_idle_rss', 0) / 1e6 or None, 1)} MB)", "≤ 15 MB",
+                   at_most(idle_mb, 15.0)),
+        target_row(f"RSS with the {SCALE_PODS}-pod / 1000-route snapshot (peak)", f"{fmt(scale_peak, 1)} MiB",
+                   "≤ 50 MiB", at_most(scale_peak, 50.0)),
+        target_row("~1 KB chat: system calls per request (futex)", f"{fmt(calls, 1)} ({fmt(futex, 2)}); "
+                   f"nginx {fmt(ng_calls, 1)}", "reported", None),
+    ]
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,8 @@
 //! Wires the dataplane together: snapshot store, controller stream, the
-//! traffic, metrics and debug servers, all supervised by one task set.
+//! traffic workers, the Gateway listener ports, the metrics and debug servers
+//! and the endpoint picker, all supervised by one task set. This runs on the
+//! control thread (Gateway listener ports included); the traffic workers run
+//! on their own threads (see [`workers`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,20 +15,21 @@ use crate::cli::Args;
 use crate::config_file::ConfigFile;
 use crate::endpoint_picker::{EndpointPicker, serve_endpoint_picker};
 use crate::fairness::{Fairness, FairnessMetrics};
-use crate::gateway::Arrival;
-use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyDeadline, ConnectionLimit};
+use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyBudget, BodyDeadline, ConnectionLimit};
 use crate::listener_ports::{PortSettings, PortStates, serve_listener_ports};
 use crate::metrics::{ObservedStore, RouterMetrics};
+use crate::per_worker;
 use crate::providers::ProviderClients;
-use crate::proxy::forward::HyperUpstream;
+use crate::proxy::forward::Http1Upstream;
 use crate::proxy::log::Observer;
-use crate::proxy::log::access_log::{AccessLog, AccessLogConfig};
+use crate::proxy::log::access_log::{AccessLogConfig, AccessLogWriter};
 use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
 use crate::rate_limit::RateLimiting;
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
-use crate::server::{ConnectionSettings, DRAIN_TIMEOUT, serve};
+use crate::server::{ConnectionSettings, DRAIN_TIMEOUT, bind_traffic_listeners, serve};
 use crate::snapshot::SnapshotStore;
+use crate::workers::{self, TrafficWorker};
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 
 /// How long shutdown waits for every task: the servers give up draining
@@ -43,6 +47,25 @@ pub enum AppError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Task(#[from] TaskError),
+    #[error("cannot start the control thread's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Builds the control thread's runtime and runs the dataplane on it until
+/// SIGINT or SIGTERM, then drains.
+pub fn main(args: Args) -> Result<(), AppError> {
+    // One thread: the controller stream and the admin listeners are idle
+    // almost always, and the traffic workers have their own threads. The
+    // Gateway listener ports are served here too: their requests do not
+    // scale with --workers.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    runtime.block_on(async {
+        let shutdown = switchyard_runtime::cancel_on_signal();
+        run(args, shutdown).await
+    })
 }
 
 /// The TLS settings and token of the controller stream, from the flags.
@@ -125,6 +148,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     })
     .map_err(|error| AppError::Config(error.to_string()))?;
 
+    // Fixed before any snapshot state exists: it sizes every per-worker slot set.
+    let worker_count = args.resolved_workers();
+    per_worker::set_count(worker_count);
     let metrics = RouterMetrics::new()?;
     let plugin_metrics = PluginMetrics::register(metrics.registry())?;
     let rate_limiting = Arc::new(RateLimiting::new(Some(metrics.registry()))?);
@@ -137,13 +163,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             }))),
     );
     let status = Arc::new(ControllerStatus::default());
-    let access_log = AccessLog::start(&access_log_config, metrics.access_log_dropped_total.clone())
-        .map_err(|error| {
-            AppError::Config(format!(
-                "cannot open the access log {:?}: {error}",
-                access_log_config.output
-            ))
-        })?;
+    let access_log =
+        AccessLogWriter::start(&access_log_config, metrics.access_log_dropped_total.clone())
+            .map_err(|error| {
+                AppError::Config(format!(
+                    "cannot open the access log {:?}: {error}",
+                    access_log_config.output
+                ))
+            })?;
     let admin = Arc::new(Admin {
         store: store.clone(),
         controller: status.clone(),
@@ -152,33 +179,15 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     });
     let provider_clients = ProviderClients::new(args.provider_ca_bundle.as_deref())
         .map_err(|error| AppError::Config(error.to_string()))?;
-    let proxy = Arc::new(Proxy::with_upstream(
-        store.clone(),
-        ProxyConfig {
-            body: BodyLimits {
-                max_bytes: args.max_body_bytes,
-                deadline: BodyDeadline {
-                    grace: args.body_read_grace,
-                    min_bytes_per_sec: args.min_body_rate,
-                },
-            },
-            body_budget_bytes: args.body_budget_bytes,
-        },
-        Arc::new(Observer {
-            metrics: metrics.clone(),
-            access_log,
-        }),
-        HyperUpstream::with_providers(metrics.health.connections.clone(), Some(provider_clients)),
-    ));
     let sink = Arc::new(ObservedStore {
         store: store.clone(),
-        metrics,
+        metrics: metrics.clone(),
     });
 
-    let (traffic, _) = bind("traffic", traffic_addr).await?;
-    let (metrics, _) = bind("metrics", metrics_addr).await?;
-    let (debug, _) = bind("debug", debug_addr).await?;
-    tracing::info!(traffic = %traffic_addr, metrics = %metrics_addr, debug = %debug_addr, "switchyard-dataplane listening");
+    let traffic = bind_traffic_listeners(traffic_addr, worker_count)?;
+    let (metrics_listener, _) = bind("metrics", metrics_addr).await?;
+    let (debug_listener, _) = bind("debug", debug_addr).await?;
+    tracing::info!(traffic = %traffic_addr, workers = worker_count, metrics = %metrics_addr, debug = %debug_addr, "switchyard-dataplane listening");
 
     let mut tasks = TaskSet::new(shutdown);
     let unknown_keys = store.unknown_keys().clone();
@@ -192,18 +201,56 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         xds_client::run_on_own_thread(xds_config, sink, status, unknown_keys, stop)
     });
 
+    let proxy_config = ProxyConfig {
+        body: BodyLimits {
+            max_bytes: args.max_body_bytes,
+            deadline: BodyDeadline {
+                grace: args.body_read_grace,
+                min_bytes_per_sec: args.min_body_rate,
+            },
+        },
+        // One budget, split into a share per worker.
+        body_budget: Arc::new(BodyBudget::new(
+            args.body_budget_bytes,
+            worker_count,
+            args.max_body_bytes,
+        )),
+        traffic_port: args.port,
+    };
     let settings = |max_connections| ConnectionSettings {
         idle_timeout: args.idle_timeout,
         limit: ConnectionLimit::new(max_connections),
     };
+    // One limit for all workers: it is taken per connection, not per request.
     let traffic_settings = settings(args.max_connections);
-    let (metrics_settings, debug_settings) = (
-        settings(ADMIN_MAX_CONNECTIONS),
-        settings(ADMIN_MAX_CONNECTIONS),
-    );
-    let expose_metrics = args.expose_metrics_on_router_port;
-    let listener_proxy = proxy.clone();
-    let settings = PortSettings {
+    let metrics_on_traffic_port = args.expose_metrics_on_router_port.then(|| admin.clone());
+    // Each proxy has its own pools: pods over the HTTP/1.1 client, providers
+    // over HTTPS clients built from the one trust configuration.
+    let proxy = |access_log| {
+        let observer = Arc::new(Observer {
+            metrics: metrics.clone(),
+            access_log,
+        });
+        let upstream = Http1Upstream::new(metrics.health.connections.clone())
+            .with_providers(provider_clients.with_own_pools());
+        Proxy::with_upstream(store.clone(), proxy_config.clone(), observer, upstream)
+    };
+    for (index, listener) in traffic.into_iter().enumerate() {
+        let worker = TrafficWorker {
+            index,
+            listener,
+            // Its own observer: what requests count on is the worker's alone.
+            proxy: proxy(access_log.worker_log()),
+            metrics_on_traffic_port: metrics_on_traffic_port.clone(),
+            settings: traffic_settings.clone(),
+        };
+        tasks.spawn_graceful("traffic worker", |stop| workers::run(worker, stop));
+    }
+    // Gateway listener ports come and go with snapshots and carry little
+    // traffic next to the traffic port: they are served on this (control)
+    // thread, by a proxy of their own, rather than by every worker.
+    let listener_proxy = Arc::new(proxy(access_log.worker_log()));
+    let port_settings = PortSettings {
         host: args.host,
         reserved: [args.port, args.metrics_port, args.debug_port].into(),
         // One connection budget for the traffic port and every Gateway port.
@@ -214,7 +261,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     tasks.spawn_graceful("Gateway listener ports", |stop| {
         serve_listener_ports(
             listener_ports,
-            settings,
+            port_settings,
             port_states,
             stop,
             move |request| {
@@ -223,35 +270,28 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             },
         )
     });
-    let traffic_admin = admin.clone();
-    let traffic_port = args.port;
-    tasks.spawn_graceful("traffic server", |stop| {
-        serve(traffic, traffic_settings, stop, move |mut request| {
-            let proxy = proxy.clone();
-            let admin = traffic_admin.clone();
-            request
-                .extensions_mut()
-                .insert(Arrival::TrafficPort(traffic_port));
-            async move {
-                if expose_metrics && request.uri().path() == "/metrics" {
-                    return admin.handle_metrics_port(&request);
-                }
-                proxy.handle(request).await
-            }
-        })
-    });
     let metrics_admin = admin.clone();
     tasks.spawn_graceful("metrics server", |stop| {
-        serve(metrics, metrics_settings, stop, move |request| {
-            let admin = metrics_admin.clone();
-            async move { admin.handle_metrics_port(&request) }
-        })
+        serve(
+            metrics_listener,
+            settings(ADMIN_MAX_CONNECTIONS),
+            stop,
+            move |request| {
+                let admin = metrics_admin.clone();
+                async move { admin.handle_metrics_port(&request) }
+            },
+        )
     });
     tasks.spawn_graceful("debug server", |stop| {
-        serve(debug, debug_settings, stop, move |request| {
-            let admin = admin.clone();
-            async move { admin.handle_debug_port(&request) }
-        })
+        serve(
+            debug_listener,
+            settings(ADMIN_MAX_CONNECTIONS),
+            stop,
+            move |request| {
+                let admin = admin.clone();
+                async move { admin.handle_debug_port(&request) }
+            },
+        )
     });
     if let (Some(port), Some(pool)) = (args.endpoint_picker_port, args.endpoint_picker_pool) {
         let (listener, addr) = bind("endpoint picker", SocketAddr::new(args.host, port)).await?;
@@ -265,5 +305,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         stop.cancelled().await;
         tracing::info!("shutting down: draining in-flight requests");
     });
-    Ok(tasks.run(SHUTDOWN_GRACE_PERIOD).await?)
+    let stopped = tasks.run(SHUTDOWN_GRACE_PERIOD).await;
+    // The workers are done: write the lines they handed over.
+    access_log.close();
+    Ok(stopped?)
 }

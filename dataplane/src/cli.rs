@@ -82,6 +82,11 @@ pub struct Args {
     /// `ACCESS_LOG_*` environment variables override it.
     #[arg(long, env = "SWITCHYARD_CONFIG")]
     pub config: Option<std::path::PathBuf>,
+    /// Traffic worker threads, each with its own listener on the traffic
+    /// port and its own upstream connections. Default: the CPUs this process
+    /// may use (its CPU affinity, bounded by a cgroup CPU quota).
+    #[arg(long, env = "SWITCHYARD_WORKERS")]
+    pub workers: Option<std::num::NonZeroUsize>,
     /// Application log format.
     #[arg(
         long,
@@ -140,6 +145,12 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 pub use switchyard_runtime::LogFormat;
 
 impl Args {
+    /// The traffic worker count: `--workers`, else the CPUs this process may use.
+    pub fn resolved_workers(&self) -> usize {
+        self.workers
+            .map_or_else(crate::per_worker::available, std::num::NonZeroUsize::get)
+    }
+
     /// The node id to report: flag, then pod/host name, then a random id.
     pub fn resolved_node_id(&self) -> String {
         self.node_id

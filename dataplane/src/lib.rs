@@ -16,7 +16,9 @@
 //! outlier ejection), [`lazy_series`] (metric series created on first use),
 //! [`providers`] (external model providers: URL, headers, HTTPS clients),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
-//! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain).
+//! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain),
+//! [`workers`] (the traffic worker threads, each with its own runtime, listener
+//! and upstream connections) and [`per_worker`] (state kept once per worker).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -33,6 +35,7 @@ pub mod lazy_series;
 pub mod limits;
 pub mod listener_ports;
 pub mod metrics;
+pub mod per_worker;
 pub mod pod;
 pub mod providers;
 pub mod proxy;
@@ -46,4 +49,5 @@ pub mod scheduling;
 pub mod server;
 pub mod snapshot;
 pub mod token_estimate;
+pub mod workers;
 pub mod xds_client;

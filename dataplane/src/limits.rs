@@ -112,10 +112,12 @@ impl ConnectionLimit {
 
 /// The bytes of request bodies held at once, bounded.
 ///
-/// Split into one share per worker thread: a request charges the share of
-/// the thread it starts on (and gives it back there), so requests on
-/// different threads never touch the same counter. Each share is at least
-/// one maximal body, so a body that fits the limit always fits an empty share.
+/// Split into shares, one per thread: a request charges the share of the
+/// thread it starts on (and gives it back there), so requests on different
+/// threads never touch the same counter. Each share is at least one maximal
+/// body, so a body that fits the limit always fits an empty share. The
+/// dataplane sizes it for its traffic workers, so each worker's requests
+/// charge that worker's share.
 #[derive(Debug)]
 pub struct BodyBudget {
     shares: Box<[Share]>,
@@ -159,12 +161,6 @@ impl BodyBudget {
             shares: (0..shares).map(|_| Share::default()).collect(),
             share_bytes: total / shares,
         }
-    }
-
-    /// A budget of `total` bytes for the machine's threads.
-    pub fn for_this_machine(total: usize, max_body_bytes: usize) -> Self {
-        let workers = std::thread::available_parallelism().map_or(1, usize::from);
-        Self::new(total, workers, max_body_bytes)
     }
 
     /// An empty reservation on this thread's share, grown with

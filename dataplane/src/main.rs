@@ -9,12 +9,10 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// Exit code for a configuration error (sysexits EX_USAGE).
 const EXIT_USAGE: i32 = 64;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
     switchyard_runtime::init_tracing(args.log_format);
-    let shutdown = switchyard_runtime::cancel_on_signal();
-    if let Err(error) = app::run(args, shutdown).await {
+    if let Err(error) = app::main(args) {
         tracing::error!(error = %error, "switchyard-dataplane failed");
         std::process::exit(match error {
             app::AppError::Config(_) => EXIT_USAGE,

@@ -226,6 +226,9 @@ pub type ProviderClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct ProviderClients {
     verified: ProviderClient,
     insecure: ProviderClient,
+    /// Kept to build clients with pools of their own ([`Self::with_own_pools`]).
+    verified_tls: rustls::ClientConfig,
+    insecure_tls: rustls::ClientConfig,
 }
 
 /// Why the provider clients could not be built.
@@ -276,10 +279,22 @@ impl ProviderClients {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
             .with_no_client_auth();
-        Ok(Self {
-            verified: client(verified),
-            insecure: client(insecure),
-        })
+        Ok(Self::from_tls(verified, insecure))
+    }
+
+    fn from_tls(verified_tls: rustls::ClientConfig, insecure_tls: rustls::ClientConfig) -> Self {
+        Self {
+            verified: client(verified_tls.clone()),
+            insecure: client(insecure_tls.clone()),
+            verified_tls,
+            insecure_tls,
+        }
+    }
+
+    /// The same trust, with connection pools of their own: a traffic worker
+    /// keeps its provider connections (and their tasks) on its own thread.
+    pub fn with_own_pools(&self) -> Self {
+        Self::from_tls(self.verified_tls.clone(), self.insecure_tls.clone())
     }
 
     /// The client for a provider.

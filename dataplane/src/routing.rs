@@ -13,6 +13,7 @@ use rand::Rng;
 use regex::Regex;
 use switchyard_runtime::clock::{self, Instant};
 
+use crate::per_worker::PerWorker;
 use crate::pod::PodState;
 use crate::pod::outlier::OutlierDetector;
 use crate::providers::Provider;
@@ -48,8 +49,9 @@ pub struct Server {
     pub retry_interval: Duration,
     /// Ready pods, in snapshot order.
     pub pods: Vec<Arc<PodState>>,
-    /// Spreads ties between equally loaded pods.
-    pub rotation: AtomicUsize,
+    /// Spreads ties between equally loaded pods (per worker: no counter
+    /// shared by all requests).
+    pub rotation: PerWorker<AtomicUsize>,
     /// Set for an ExternalModelProvider: requests go to it, not to pods.
     pub provider: Option<Arc<Provider>>,
     /// Ejects pods whose attempts keep failing.
@@ -71,7 +73,7 @@ impl Server {
             retry_attempts: 0,
             retry_interval: Duration::ZERO,
             pods,
-            rotation: AtomicUsize::new(0),
+            rotation: Default::default(),
             outlier: OutlierDetector::new(Default::default(), Default::default()),
             prefill_decode: None,
             provider: None,
@@ -218,8 +220,9 @@ impl Matcher {
 /// Weighted targets of a rule, picked by smooth weighted round-robin.
 ///
 /// The whole smooth-WRR cycle is precomputed when the snapshot is applied, so
-/// a request only does one atomic increment: any window of requests follows
-/// the weights closely and no lock is shared between requests.
+/// a request only increments its worker's position in it: any window of a
+/// worker's requests follows the weights closely, and no lock or counter is
+/// shared between the workers' requests.
 ///
 /// Failover: when the target the cycle picks has no pod that is not ejected,
 /// the request goes to one of the rule's other targets that has one, chosen
@@ -235,7 +238,7 @@ pub struct WeightedTargets {
     weights: Vec<u32>,
     /// Indices into `servers`, one full smooth-WRR period.
     cycle: Vec<u16>,
-    next: AtomicUsize,
+    next: PerWorker<AtomicUsize>,
 }
 
 /// The target a request goes to.
@@ -294,13 +297,13 @@ impl WeightedTargets {
             servers: targets.into_iter().map(|(s, _)| s).collect(),
             weights,
             cycle,
-            next: AtomicUsize::new(0),
+            next: PerWorker::default(),
         })
     }
 
     /// The target of the next request: the cycle's, or another by failover.
     pub fn pick(&self) -> Picked<'_> {
-        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.cycle.len();
+        let slot = self.next.local().fetch_add(1, Ordering::Relaxed) % self.cycle.len();
         let picked = &self.servers[usize::from(self.cycle[slot])];
         let stays = Picked {
             server: picked,

@@ -4,7 +4,6 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -343,7 +342,7 @@ fn build_server(
         retry_attempts: policy.retry_attempts,
         retry_interval: Duration::from_millis(policy.retry_interval_ms),
         pods: server_pods,
-        rotation: AtomicUsize::new(0),
+        rotation: Default::default(),
         outlier,
         prefill_decode,
         provider: None,
@@ -376,7 +375,7 @@ fn build_provider(
         retry_attempts: 0,
         retry_interval: Duration::ZERO,
         pods: Vec::new(),
-        rotation: AtomicUsize::new(0),
+        rotation: Default::default(),
         // Never consulted: a provider has no pods to eject.
         outlier,
         prefill_decode: None,
@@ -409,7 +408,7 @@ fn build_pool(
         retry_attempts: 0,
         retry_interval: Duration::ZERO,
         pods: endpoints,
-        rotation: AtomicUsize::new(0),
+        rotation: Default::default(),
         outlier,
         prefill_decode: None,
         provider: None,

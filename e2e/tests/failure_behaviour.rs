@@ -327,16 +327,17 @@ async fn a_weighted_target_without_a_usable_pod_fails_over_to_the_others() {
         (40.0..=80.0).contains(&failovers),
         "about a quarter of 240 left the dead target: {failovers}"
     );
-    let failed_over_lines = stack.dataplanes[0]
-        .process
-        .log_text()
-        .lines()
-        .filter(|line| line.contains(r#""failed_over_from":"default/dead""#))
-        .count();
-    assert_eq!(
-        failed_over_lines as f64, failovers,
-        "each shows in the access log"
-    );
+    // Access-log lines are written in batches, a few milliseconds after the request.
+    wait_for("each failover to show in the access log", || async {
+        let failed_over_lines = stack.dataplanes[0]
+            .process
+            .log_text()
+            .lines()
+            .filter(|line| line.contains(r#""failed_over_from":"default/dead""#))
+            .count();
+        (failed_over_lines as f64 == failovers).then_some(())
+    })
+    .await;
 }
 
 /// Routes added and removed at once by the scale test: enough that a cost

@@ -51,14 +51,32 @@ fn table(candidates: usize) -> Option<RoutingTable> {
 }
 
 fn main() {
+    // `switchyard-bench-hotpath pick` runs only the operations whose name
+    // contains "pick" (to profile one of them, e.g. under callgrind).
+    let filter = std::env::args().nth(1).unwrap_or_default();
+    let wanted = |name: &str| name.contains(filter.as_str());
     let small = chat_body(800, false);
     let large = chat_body(400 * 1024, false);
     let headers = HeaderMap::new();
     println!("Hot path at library level (one core, release build):\n");
     println!("| Operation | ns/op | throughput |");
     println!("|---|---|---|");
+    if wanted("parse_body") {
+        parse(&small, &large);
+    }
+    for candidates in [10, 1000] {
+        if wanted(&format!("pick among {candidates}")) {
+            pick(candidates, &headers, &small);
+        }
+    }
+    if wanted("observed") {
+        observe();
+    }
+}
+
+fn parse(small: &Bytes, large: &Bytes) {
     let parse_small = ns_per_op(|| {
-        black_box(parse_body(black_box(&small)).map(|p| p.model.len()).ok());
+        black_box(parse_body(black_box(small)).map(|p| p.model.len()).ok());
     });
     println!(
         "| parse_body, {} B chat | {parse_small:.0} | {:.0} MB/s |",
@@ -66,47 +84,61 @@ fn main() {
         small.len() as f64 / parse_small * 1e3
     );
     let parse_large = ns_per_op(|| {
-        black_box(parse_body(black_box(&large)).map(|p| p.model.len()).ok());
+        black_box(parse_body(black_box(large)).map(|p| p.model.len()).ok());
     });
     println!(
         "| parse_body, {} KB prompt | {parse_large:.0} | {:.0} MB/s |",
         large.len() / 1024,
         large.len() as f64 / parse_large * 1e3
     );
-    for candidates in [10, 1000] {
-        let Some(table) = table(candidates) else {
-            eprintln!("the bench snapshot was rejected");
-            return;
-        };
-        let pick = ns_per_op(|| {
-            let decision = table.index.lookup(&RequestFacts {
-                model: "bench-model",
-                path: "/v1/chat/completions",
-                headers: &headers,
-                arrival: ArrivalFacts::default(),
-            });
-            if let Some(decision) = decision {
-                let ranking = table.scheduler.schedule(
-                    &decision.server,
-                    &ScheduleRequest {
-                        model: "bench-model",
-                        served_model: "bench-model",
-                        headers: &headers,
-                        prompt_hashes: &[],
-                        request_id: "bench",
-                    },
-                );
-                let pod = ranking
-                    .ok()
-                    .and_then(|ranking| ranking.get(0))
-                    .map(|index| &decision.server.pods[index]);
-                black_box(pod.map(|pod| pod.begin_request()));
-            }
+}
+
+/// Route lookup and a pick for a ~1 KB chat request, its prompt hashed as
+/// the proxy does (the prefix-cache scorer reads the hashes).
+fn pick(candidates: usize, headers: &HeaderMap, body: &Bytes) {
+    let Some(table) = table(candidates) else {
+        eprintln!("the bench snapshot was rejected");
+        return;
+    };
+    let Ok(parsed) = parse_body(body) else {
+        eprintln!("the bench body does not parse");
+        return;
+    };
+    let prompt_hashes =
+        table
+            .scheduler
+            .prompt_hashes(&parsed.model, body, parsed.prompt_span.as_ref());
+    let pick = ns_per_op(|| {
+        let decision = table.index.lookup(&RequestFacts {
+            model: "bench-model",
+            path: "/v1/chat/completions",
+            headers,
+            arrival: ArrivalFacts::default(),
         });
-        println!(
-            "| route lookup + pick among {candidates} candidate pods (+4000 others) | {pick:.0} | |"
-        );
-    }
+        if let Some(decision) = decision {
+            let ranking = table.scheduler.schedule(
+                &decision.server,
+                &ScheduleRequest {
+                    model: "bench-model",
+                    served_model: "bench-model",
+                    headers,
+                    prompt_hashes: &prompt_hashes,
+                    request_id: "bench",
+                },
+            );
+            let pod = ranking
+                .ok()
+                .and_then(|ranking| ranking.get(0))
+                .map(|index| &decision.server.pods[index]);
+            black_box(pod.map(|pod| pod.begin_request()));
+        }
+    });
+    println!(
+        "| route lookup + pick among {candidates} candidate pods (+4000 others) | {pick:.0} | |"
+    );
+}
+
+fn observe() {
     let chunk = Bytes::from_static(STREAM_CHUNK.as_bytes());
     let mut observer = ResponseObserver::new(true, true);
     let sse = ns_per_op(|| {

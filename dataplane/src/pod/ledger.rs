@@ -8,27 +8,41 @@
 //! or the client goes away (hyper drops the body, and with it the guard).
 //! Ownership makes "exactly once" a property of the types rather than of
 //! every call site.
+//!
+//! The count is kept per traffic worker ([`PerWorker`]): a request changes
+//! only its own worker's counter, so workers never contend for a pod's
+//! count, and scoring reads the sum, the whole dataplane's in-flight
+//! requests on the pod, as a single counter would give.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::PodState;
+use crate::per_worker::PerWorker;
 
 /// A pod's in-flight counter. Only [`InFlightGuard`] changes it.
 #[derive(Debug, Default)]
-pub struct InFlight(AtomicU64);
+pub struct InFlight(PerWorker<AtomicU64>);
 
 impl InFlight {
+    /// Every worker's requests on the pod.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
 impl PodState {
     /// Counts a request as in flight on this pod until the returned guard is dropped.
     pub fn begin_request(self: &Arc<Self>) -> InFlightGuard {
-        self.in_flight.0.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard { pod: self.clone() }
+        let slot = self.in_flight.0.local_index();
+        self.in_flight.0.slot(slot).fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            pod: self.clone(),
+            slot,
+        }
     }
 }
 
@@ -37,6 +51,9 @@ impl PodState {
 #[derive(Debug)]
 pub struct InFlightGuard {
     pod: Arc<PodState>,
+    /// The worker counter it incremented (decremented there even if the
+    /// guard is dropped on another thread).
+    slot: usize,
 }
 
 impl InFlightGuard {
@@ -50,11 +67,11 @@ impl Drop for InFlightGuard {
         // Every guard was counted once by `begin_request`, so this cannot go
         // below zero; `fetch_update` keeps even a logic error from wrapping
         // the counter to 2^64 and making the pod look infinitely busy.
-        let _ = self
-            .pod
-            .in_flight
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let _ = self.pod.in_flight.0.slot(self.slot).fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |n| n.checked_sub(1),
+        );
     }
 }
 

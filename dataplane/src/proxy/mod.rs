@@ -47,7 +47,7 @@ use self::admit::{Admitted, InferenceRequest};
 pub use self::admit::{BodyLimits, DEFAULT_MAX_BODY_BYTES};
 pub use self::authenticate::Identity;
 use self::forward::pairs::PairOutbound;
-use self::forward::{HyperUpstream, Outbound, Upstream};
+use self::forward::{Http1Upstream, Outbound, Upstream};
 use self::log::{Observer, RequestRecord};
 pub use self::respond::ProxyBody;
 use self::respond::json_response;
@@ -65,34 +65,42 @@ pub const PAIR_PATHS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 pub struct ProxyConfig {
     /// Size and pace of one request body.
     pub body: BodyLimits,
-    /// Bytes of request bodies held at once by all requests.
-    pub body_budget_bytes: usize,
+    /// Bytes of request bodies held at once, by all traffic workers
+    /// together (each charges its own share).
+    pub body_budget: Arc<BodyBudget>,
+    /// The traffic port's number: Gateway listeners naming it are served
+    /// there (0: only the default Gateway's).
+    pub traffic_port: u16,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             body: BodyLimits::default(),
-            body_budget_bytes: DEFAULT_BODY_BUDGET_BYTES,
+            body_budget: Arc::new(BodyBudget::new(
+                DEFAULT_BODY_BUDGET_BYTES,
+                1,
+                DEFAULT_MAX_BODY_BYTES,
+            )),
+            traffic_port: 0,
         }
     }
 }
 
 /// Serves the traffic port.
 #[derive(Debug)]
-pub struct Proxy<U = HyperUpstream> {
+pub struct Proxy<U = Http1Upstream> {
     store: Arc<SnapshotStore>,
     /// Shared with the background prefill legs of SGLang pairs.
     upstream: Arc<U>,
     config: ProxyConfig,
-    budget: BodyBudget,
     observer: Arc<Observer>,
 }
 
 impl Proxy {
-    /// A proxy that sends to engines over HTTP.
+    /// A proxy that sends to engines over HTTP/1.1, with its own connection pool.
     pub fn new(store: Arc<SnapshotStore>, config: ProxyConfig, observer: Arc<Observer>) -> Self {
-        let upstream = HyperUpstream::new(observer.metrics.health.connections.clone());
+        let upstream = Http1Upstream::new(observer.metrics.health.connections.clone());
         Self::with_upstream(store, config, observer, upstream)
     }
 }
@@ -107,7 +115,6 @@ impl<U: Upstream> Proxy<U> {
         Self {
             store,
             upstream: Arc::new(upstream),
-            budget: BodyBudget::for_this_machine(config.body_budget_bytes, config.body.max_bytes),
             config,
             observer,
         }
@@ -159,7 +166,7 @@ impl<U: Upstream> Proxy<U> {
         )?;
         record.set_identity(&identity);
         // Held until the request is forwarded: its body's bytes are in use till then.
-        let mut reservation = self.budget.reservation();
+        let mut reservation = self.config.body_budget.reservation();
         let request = match admitted {
             Admitted::Inference(request) => {
                 request.read(&self.config.body, &mut reservation).await?
@@ -178,7 +185,7 @@ impl<U: Upstream> Proxy<U> {
             record,
         )
         .await?;
-        let routed = route::route(&table, &request, record)?;
+        let routed = route::route(&table, &request, self.config.traffic_port, record)?;
         if let Some(provider) = routed.decision.server.provider.clone() {
             return provider::forward_to_provider(
                 self.upstream.as_ref(),

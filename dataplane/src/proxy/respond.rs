@@ -12,9 +12,8 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
-use super::forward::{Delivered, HOP_BY_HOP, count_failure};
+use super::forward::{Delivered, EngineBody, HOP_BY_HOP, count_failure};
 use super::log::RequestRecord;
 use crate::metrics::OutcomeLabel;
 use crate::pod::InFlightGuard;
@@ -120,7 +119,7 @@ pub fn json_response<B>(status: StatusCode, body: Bytes) -> Response<ProxyBody<B
 /// variant costs nothing per response while a box would be an allocation each.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
-pub enum ProxyBody<B = Incoming> {
+pub enum ProxyBody<B = EngineBody> {
     Full(Full<Bytes>),
     Upstream(UpstreamBody<B>),
 }
@@ -236,9 +235,8 @@ impl<B: Body<Data = Bytes> + Unpin> UpstreamBody<B> {
                 _ => {}
             }
         }
-        // The pod's in-flight count is released before the request is
-        // counted and logged: whoever sees its log line or its metrics sees
-        // the pod free again.
+        // The pod's in-flight count drops before the request is counted, so
+        // whoever sees it counted sees the pod released too.
         if let Some(guard) = self.guard.take() {
             tracing::debug!(
                 pod = %guard.pod().key,
@@ -257,6 +255,7 @@ impl<B> Drop for UpstreamBody<B> {
     /// The client went away mid-body: the record finishes with what the
     /// client received (a stream cut short is charged for its chunks).
     fn drop(&mut self) {
+        // Released before the request is counted, as in `end`.
         drop(self.guard.take());
         if let Some(mut record) = self.record.take() {
             record.set_produced_output(self.observer.events_forwarded());

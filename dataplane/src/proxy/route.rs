@@ -65,10 +65,14 @@ impl Routed {
 }
 
 /// Routes `request` with `table`: a ModelRoute serving its model on the
-/// listener it came through, else an HTTPRoute of that listener.
+/// listener it came through, else an HTTPRoute of that listener. A request
+/// the server marked with no [`Arrival`] came through the traffic port
+/// `traffic_port` (the traffic workers mark none: an extension would be an
+/// allocation per request).
 pub fn route(
     table: &RoutingTable,
     request: &InferenceRequest,
+    traffic_port: u16,
     record: &mut RequestRecord,
 ) -> Result<Routed, ApiError> {
     let model = &request.parsed.model;
@@ -77,7 +81,7 @@ pub fn route(
         .extensions
         .get::<Arrival>()
         .copied()
-        .unwrap_or_default();
+        .unwrap_or(Arrival::TrafficPort(traffic_port));
     let gateways = &table.gateways;
     // Without Gateways, no host to read: the common case costs nothing.
     let host = if gateways.listeners.is_empty() {
@@ -182,7 +186,7 @@ mod tests {
         let table = store.table().expect("a snapshot");
         let request = inference_request("/v1/chat/completions", body);
         let mut record = test_record();
-        (route(&table, &request, &mut record), request)
+        (route(&table, &request, 0, &mut record), request)
     }
 
     #[test]

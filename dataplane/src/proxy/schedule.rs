@@ -97,7 +97,7 @@ mod tests {
         let store = one_route_store("m", &[], None, pods);
         let table = store.table().expect("a snapshot");
         let mut record = test_record();
-        let routed = route(&table, request, &mut record).expect("routed");
+        let routed = route(&table, request, 0, &mut record).expect("routed");
         schedule(&table.scheduler, request, &routed, &mut record)
     }
 

@@ -1,26 +1,32 @@
 //! `/debug/routing/decisions`: the most recent scheduling decisions with every
 //! plugin's score for the ranked pods.
 //!
-//! A fixed ring of slots, each with its own lock and buffers reused from one
-//! decision to the next: a request locks one slot (never contended unless
-//! [`DECISION_SLOTS`] requests are scheduled at the same instant) and
-//! allocates nothing once the slot has held a decision of its size.
+//! One fixed ring of slots per traffic worker, each slot with its own lock
+//! and buffers reused from one decision to the next: a request locks a slot
+//! of its own worker's ring (never contended: only the debug endpoint reads
+//! it) and allocates nothing once the slot has held a decision of its size.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use serde_json::{Value, json};
+use switchyard_runtime::clock::{self, Instant};
 
+use crate::per_worker::{self, PerWorker};
 use crate::pod::PodState;
 
-/// Decisions kept: enough to see a burst of traffic, small enough to dump as JSON at once.
+/// Decisions kept (split between the workers' rings): enough to see a burst
+/// of traffic, small enough to dump as JSON at once.
 pub const DECISION_SLOTS: usize = 256;
 
 /// One decision.
 #[derive(Debug, Default)]
 pub struct DecisionRecord {
+    /// Order among the decisions of its worker.
     sequence: u64,
+    worker: usize,
+    /// Orders decisions across workers.
+    at: Option<Instant>,
     at_unix_ms: i64,
     request_id: String,
     model: String,
@@ -32,13 +38,18 @@ pub struct DecisionRecord {
     pub(super) filters: Vec<&'static str>,
     pub(super) plugins: Vec<(&'static str, u32)>,
     ranked: Vec<RankedPod>,
+    /// The ranked pods' keys, one after the other: copied into a reused
+    /// buffer rather than holding the pods (whose reference counts every
+    /// worker's requests would then write).
+    pod_keys: String,
     /// Per-plugin scores of `ranked`, row-major (`plugins.len()` per pod).
     scores: Vec<u32>,
 }
 
 #[derive(Debug)]
 struct RankedPod {
-    pod: Arc<PodState>,
+    /// Where its key ends in `DecisionRecord::pod_keys`.
+    key_end: usize,
     total: u32,
     ejected: bool,
 }
@@ -68,18 +79,20 @@ impl DecisionRecord {
         self.filters.clear();
         self.plugins.clear();
         self.ranked.clear();
+        self.pod_keys.clear();
         self.scores.clear();
     }
 
     pub(super) fn push_candidate(
         &mut self,
-        pod: Arc<PodState>,
+        pod: &PodState,
         total: u32,
         ejected: bool,
         scores: impl Iterator<Item = u32>,
     ) {
+        self.pod_keys.push_str(&pod.key);
         self.ranked.push(RankedPod {
-            pod,
+            key_end: self.pod_keys.len(),
             total,
             ejected,
         });
@@ -88,11 +101,14 @@ impl DecisionRecord {
 
     fn to_json(&self) -> Value {
         let width = self.plugins.len();
+        let mut key_start = 0;
         let ranked: Vec<Value> = self
             .ranked
             .iter()
             .enumerate()
             .map(|(row, ranked)| {
+                let key = &self.pod_keys[key_start..ranked.key_end];
+                key_start = ranked.key_end;
                 let scores: serde_json::Map<String, Value> = self
                     .plugins
                     .iter()
@@ -100,7 +116,7 @@ impl DecisionRecord {
                     .map(|(p, (name, _))| ((*name).to_owned(), json!(self.scores[row * width + p])))
                     .collect();
                 json!({
-                    "pod": ranked.pod.key,
+                    "pod": key,
                     "total": ranked.total,
                     "ejected": ranked.ejected,
                     "scores": scores,
@@ -109,6 +125,7 @@ impl DecisionRecord {
             .collect();
         let mut decision = json!({
             "sequence": self.sequence,
+            "worker": self.worker,
             "timeUnixMs": self.at_unix_ms,
             "requestId": self.request_id,
             "model": self.model,
@@ -126,46 +143,57 @@ impl DecisionRecord {
     }
 }
 
-/// The ring of recent decisions.
-#[derive(Debug)]
+/// The recent decisions: one ring per worker.
+#[derive(Debug, Default)]
 pub struct DecisionLog {
+    rings: PerWorker<Ring>,
+}
+
+/// One worker's recent decisions.
+#[derive(Debug)]
+struct Ring {
     slots: Vec<Mutex<DecisionRecord>>,
     next: AtomicU64,
 }
 
-impl Default for DecisionLog {
+impl Default for Ring {
     fn default() -> Self {
-        Self::new()
+        let slots = (DECISION_SLOTS / per_worker::count()).max(1);
+        Self {
+            slots: (0..slots).map(|_| Mutex::default()).collect(),
+            next: AtomicU64::new(1),
+        }
     }
 }
 
 impl DecisionLog {
     pub fn new() -> Self {
-        Self {
-            slots: (0..DECISION_SLOTS).map(|_| Mutex::default()).collect(),
-            next: AtomicU64::new(1),
-        }
+        Self::default()
     }
 
-    /// Fills the next slot.
+    /// Fills the next slot of the calling worker's ring.
     pub(super) fn record(&self, fill: impl FnOnce(&mut DecisionRecord)) {
-        let sequence = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut slot = self.slots[(sequence % DECISION_SLOTS as u64) as usize].lock();
+        let ring = self.rings.local();
+        let sequence = ring.next.fetch_add(1, Ordering::Relaxed);
+        let mut slot = ring.slots[(sequence % ring.slots.len() as u64) as usize].lock();
         fill(&mut slot);
         slot.sequence = sequence;
+        slot.worker = per_worker::index();
+        slot.at = Some(clock::now());
     }
 
     /// Up to `limit` decisions, newest first.
     pub fn recent(&self, limit: usize) -> Vec<Value> {
-        let mut records: Vec<(u64, Value)> = self
-            .slots
+        let mut records: Vec<(Instant, Value)> = self
+            .rings
             .iter()
+            .flat_map(|ring| &ring.slots)
             .filter_map(|slot| {
                 let slot = slot.lock();
-                (slot.sequence > 0).then(|| (slot.sequence, slot.to_json()))
+                slot.at.map(|at| (at, slot.to_json()))
             })
             .collect();
-        records.sort_by_key(|(sequence, _)| std::cmp::Reverse(*sequence));
+        records.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
         records.into_iter().take(limit).map(|(_, v)| v).collect()
     }
 }

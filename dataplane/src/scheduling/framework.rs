@@ -10,7 +10,6 @@
 //! decision log) lives in [`SchedulingShared`].
 
 use std::cell::RefCell;
-use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -525,18 +524,23 @@ impl Scheduler {
                 }
             }
             // Ties rotate, so equal pods share the load.
-            let start = server.rotation.fetch_add(1, Ordering::Relaxed) % count.max(1);
+            let start = server.rotation.local().fetch_add(1, Ordering::Relaxed) % count.max(1);
             order.clear();
-            order.extend(0..count);
-            order.sort_unstable_by_key(|&i| {
-                (
-                    candidates[i].ejected,
-                    Reverse(totals[i]),
-                    (i + count - start) % count,
-                )
-            });
+            order.extend(totals.iter().zip(candidates.iter()).enumerate().map(
+                |(i, (&total, candidate))| {
+                    rank_key(candidate.ejected, total, (i + count - start) % count)
+                },
+            ));
+            // Only the top N are tried: select them in linear time, then
+            // order just those (a full sort of 1000 candidates was most of a pick).
+            let top = ranked.top_n.min(count);
+            if top > 0 && top < count {
+                order.select_nth_unstable(top - 1);
+            }
+            order[..top].sort_unstable();
+            let position = |key: &u64| (rotation_of(*key) + start) % count;
             let mut ranking = Ranking::default();
-            for &i in order.iter().take(ranked.top_n) {
+            for i in order[..top].iter().map(position) {
                 ranking.push(candidates[i].index);
             }
             if !ranked.record {
@@ -556,11 +560,11 @@ impl Scheduler {
                     .plugins
                     .extend(self.scorers.iter().map(|s| (s.name, s.weight)));
                 record.filters.extend(self.filters.iter().map(|f| f.name));
-                for &i in order.iter().take(ranked.top_n) {
+                for i in order[..top].iter().map(position) {
                     let candidate = &candidates[i];
                     let plugin_scores = (0..self.scorers.len()).map(|p| scores[p * count + i]);
                     record.push_candidate(
-                        server.pods[candidate.index].clone(),
+                        &server.pods[candidate.index],
                         totals[i],
                         candidate.ejected,
                         plugin_scores,
@@ -597,6 +601,23 @@ impl Scheduler {
     }
 }
 
+/// Bits of a [`rank_key`] that hold the candidate's rotated position
+/// (a server has far fewer than 2^31 pods).
+const ROTATION_BITS: u32 = 31;
+
+/// One integer that orders candidates as they are tried: not ejected first,
+/// then the highest total score, then by position rotated per request (ties
+/// take turns). Sorting plain integers is what makes a pick among many
+/// candidates cheap; [`rotation_of`] gives the position back.
+fn rank_key(ejected: bool, total: u32, rotation: usize) -> u64 {
+    let rotation = rotation as u64 & ((1 << ROTATION_BITS) - 1);
+    (u64::from(ejected) << 63) | (u64::from(u32::MAX - total) << ROTATION_BITS) | rotation
+}
+
+fn rotation_of(key: u64) -> usize {
+    (key & ((1 << ROTATION_BITS) - 1)) as usize
+}
+
 fn observe(handle: Option<&Histogram>, started: Instant) {
     if let Some(handle) = handle {
         handle.observe(started.elapsed().as_secs_f64());
@@ -609,7 +630,8 @@ struct FrameworkScratch {
     candidates: Vec<Candidate>,
     totals: Vec<u32>,
     scores: Vec<u32>,
-    order: Vec<usize>,
+    /// [`rank_key`]s of the candidates.
+    order: Vec<u64>,
 }
 
 thread_local! {
@@ -693,6 +715,20 @@ mod tests {
             .filter_map(|n| ranking.get(n))
             .map(|i| server.pods[i].name.clone())
             .collect()
+    }
+
+    #[test]
+    fn rank_keys_put_ejected_last_then_order_by_score_then_rotation() {
+        let mut keys = [
+            rank_key(true, u32::MAX, 0),
+            rank_key(false, 5, 2),
+            rank_key(false, 9, 3),
+            rank_key(false, 5, 1),
+            rank_key(false, 0, 4),
+        ];
+        keys.sort_unstable();
+        let positions: Vec<usize> = keys.iter().map(|key| rotation_of(*key)).collect();
+        assert_eq!(positions, [3, 1, 2, 4, 0]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! in flight) or with the error the client gets. A prefill/decode
 //! ModelServer's candidates are pairs, each attempt two legs ([`pairs`]).
 
+pub mod http1;
 pub mod pairs;
 pub mod policy;
 pub mod upstream;
@@ -19,8 +20,9 @@ use http::{Method, Request, Response, Uri};
 use http_body_util::Full;
 use switchyard_runtime::clock;
 
+pub use self::http1::{EngineBody, Http1Upstream};
 use self::policy::{AttemptPolicy, Next, Verdict, failure_of};
-pub use self::upstream::{HyperUpstream, Upstream, UpstreamError};
+pub use self::upstream::{Upstream, UpstreamError};
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind};
 use crate::pod::outlier::Failure;

@@ -1,20 +1,25 @@
 //! The access log: one line per request, JSON (default) or text, in the
-//! Kthena router's format, written off the request path.
+//! Kthena router's format, formatted and written off the request path.
 //!
-//! Requests hand a finished [`AccessLogEntry`] (mostly `Arc`s of the snapshot
-//! objects, nothing formatted) to a bounded channel with `try_send`; a
-//! dedicated writer thread formats and writes the lines. When the channel is
-//! full the line is dropped and counted in
-//! `kthena_router_access_log_dropped_total`: a slow log sink never slows a
-//! request.
+//! A finished request hands its [`AccessLogEntry`] (mostly `Arc`s of the
+//! snapshot objects, nothing formatted) to its traffic worker's own
+//! [`AccessLog`]: a push onto a list only that worker (and, once per batch,
+//! the writer) touches. A dedicated writer thread takes every worker's list
+//! a few milliseconds after the first entry of a batch arrived, formats the
+//! lines and writes them at once. A worker wakes the writer once per batch,
+//! not per request, and no lock, counter or channel is shared by every
+//! request. When a worker's list is full (the sink is stalled) the line is
+//! dropped and counted in `kthena_router_access_log_dropped_total`: a slow
+//! log sink never slows a request.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Method, Version};
+use parking_lot::Mutex;
 use prometheus::IntCounter;
 use serde::Serialize;
 
@@ -23,10 +28,15 @@ use crate::config_file::AccessLoggerSection;
 use crate::pod::PodState;
 use crate::routing::{Route, Server};
 
-/// Lines buffered between requests and the writer: a few seconds of a busy
-/// router's traffic, so a brief stall of the log sink loses nothing, while
+/// Lines a worker holds for the writer at most: a few seconds of a busy
+/// worker's traffic, so a brief stall of the log sink loses nothing, while
 /// the memory held stays bounded (a few MB at worst).
-pub const ACCESS_LOG_CHANNEL_CAPACITY: usize = 8192;
+pub const ACCESS_LOG_PENDING_PER_WORKER: usize = 8192;
+
+/// How long the writer lets a batch grow after its first line arrived:
+/// requests do not wake it one by one, and a line still reaches the log
+/// within milliseconds.
+pub const ACCESS_LOG_BATCH_DELAY: Duration = Duration::from_millis(5);
 
 /// The writer writes what it has once this much is formatted, so a burst
 /// becomes a few large writes instead of one per line.
@@ -189,26 +199,89 @@ pub struct AccessLogEntry {
     pub decode_leg: Option<Duration>,
 }
 
-/// The sending side, held by the request path.
+/// One traffic worker's side of the access log, held by its requests.
 #[derive(Debug)]
 pub struct AccessLog {
-    sender: Option<SyncSender<AccessLogEntry>>,
+    /// None when the access log is off.
+    batch: Option<Batch>,
     dropped: IntCounter,
+}
+
+/// One worker's entries the writer has not taken yet.
+type PendingList = Arc<Mutex<Vec<AccessLogEntry>>>;
+
+#[derive(Debug)]
+struct Batch {
+    /// Entries the writer has not taken yet.
+    pending: PendingList,
+    writer: SyncSender<Signal>,
+}
+
+/// What the writer is woken for.
+#[derive(Debug)]
+enum Signal {
+    /// A worker's list went from empty to not empty.
+    Batch,
+    /// Write what is left and stop.
+    Close,
+}
+
+/// The writer thread and what it reads; makes one [`AccessLog`] per worker.
+#[derive(Debug)]
+pub struct AccessLogWriter {
+    running: Option<Running>,
+    dropped: IntCounter,
+}
+
+#[derive(Debug)]
+struct Running {
+    /// Every worker's list, in the order they were made.
+    lists: Arc<Mutex<Vec<PendingList>>>,
+    signals: SyncSender<Signal>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl AccessLog {
     /// An access log that is off.
     pub fn disabled(dropped: IntCounter) -> Self {
         Self {
-            sender: None,
+            batch: None,
             dropped,
         }
     }
 
+    pub fn is_enabled(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    /// Queues a line for the writer; never blocks.
+    pub fn log(&self, entry: AccessLogEntry) {
+        let Some(batch) = &self.batch else {
+            return;
+        };
+        let mut pending = batch.pending.lock();
+        if pending.len() >= ACCESS_LOG_PENDING_PER_WORKER {
+            drop(pending);
+            self.dropped.inc();
+            return;
+        }
+        pending.push(entry);
+        if pending.len() == 1 {
+            // Full means a wake-up is already queued; disconnected means the
+            // writer has stopped and the line is lost with the process.
+            let _ = batch.writer.try_send(Signal::Batch);
+        }
+    }
+}
+
+impl AccessLogWriter {
     /// Opens the output and starts the writer thread (or nothing when disabled).
     pub fn start(config: &AccessLogConfig, dropped: IntCounter) -> std::io::Result<Self> {
         if !config.enabled {
-            return Ok(Self::disabled(dropped));
+            return Ok(Self {
+                running: None,
+                dropped,
+            });
         }
         let output: Box<dyn Write + Send> = match &config.output {
             AccessLogOutput::Stdout => Box::new(std::io::stdout()),
@@ -220,60 +293,109 @@ impl AccessLog {
                     .open(path)?,
             ),
         };
-        let (sender, receiver) = sync_channel(ACCESS_LOG_CHANNEL_CAPACITY);
+        // Room for every worker's wake-up, the Gateway listener ports' and
+        // the close signal: a log's signal is only ever dropped when one of
+        // its own is already queued.
+        let (signals, receiver) = sync_channel(crate::per_worker::count() + 2);
+        let lists = Arc::new(Mutex::new(Vec::new()));
         let format = config.format;
-        std::thread::Builder::new()
+        let writer_lists = lists.clone();
+        let thread = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(receiver, output, format))?;
+            .spawn(move || write_lines(&receiver, &writer_lists, output, format))?;
         Ok(Self {
-            sender: Some(sender),
+            running: Some(Running {
+                lists,
+                signals,
+                thread,
+            }),
             dropped,
         })
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.sender.is_some()
+        self.running.is_some()
     }
 
-    /// Queues a line; never blocks.
-    pub fn log(&self, entry: AccessLogEntry) {
-        let Some(sender) = &self.sender else {
-            return;
+    /// A worker's own side of the log.
+    pub fn worker_log(&self) -> AccessLog {
+        let Some(running) = &self.running else {
+            return AccessLog::disabled(self.dropped.clone());
         };
-        match sender.try_send(entry) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+        let pending = Arc::new(Mutex::new(Vec::new()));
+        running.lists.lock().push(pending.clone());
+        AccessLog {
+            batch: Some(Batch {
+                pending,
+                writer: running.signals.clone(),
+            }),
+            dropped: self.dropped.clone(),
+        }
+    }
+
+    /// Writes every line the workers handed over and stops the writer. Call it
+    /// once the workers have stopped (a line logged later is lost).
+    pub fn close(self) {
+        if let Some(running) = self.running {
+            let _ = running.signals.send(Signal::Close);
+            let _ = running.thread.join();
         }
     }
 }
 
 fn write_lines(
-    receiver: Receiver<AccessLogEntry>,
+    signals: &Receiver<Signal>,
+    lists: &Mutex<Vec<PendingList>>,
     mut output: Box<dyn Write + Send>,
     format: AccessLogFormat,
 ) {
     let mut buffer = Vec::with_capacity(WRITE_BATCH_BYTES);
+    let mut taken = Vec::new();
     let mut failing = false;
-    while let Ok(first) = receiver.recv() {
-        buffer.clear();
-        format_line(&first, format, &mut buffer);
-        while buffer.len() < WRITE_BATCH_BYTES {
-            match receiver.try_recv() {
-                Ok(entry) => format_line(&entry, format, &mut buffer),
-                Err(_) => break,
+    let mut closing = false;
+    while !closing {
+        closing = !matches!(signals.recv(), Ok(Signal::Batch));
+        if !closing {
+            // Lines pushed meanwhile join this batch without waking anyone.
+            #[allow(clippy::disallowed_methods)] // its own thread, never a runtime's
+            std::thread::sleep(ACCESS_LOG_BATCH_DELAY);
+        }
+        loop {
+            match signals.try_recv() {
+                Ok(Signal::Batch) => {}
+                Ok(Signal::Close) | Err(TryRecvError::Disconnected) => closing = true,
+                Err(TryRecvError::Empty) => break,
             }
         }
-        // Whole lines in one write, so lines never interleave with other
-        // writers of the same stream.
-        let written = output.write_all(&buffer).and_then(|()| output.flush());
-        match (written, failing) {
-            (Err(error), false) => {
-                failing = true;
-                tracing::warn!(%error, "cannot write the access log; lines are lost until it recovers");
+        let lists: Vec<_> = lists.lock().clone();
+        for list in &lists {
+            std::mem::swap(&mut *list.lock(), &mut taken);
+            for entry in taken.drain(..) {
+                format_line(&entry, format, &mut buffer);
+                if buffer.len() >= WRITE_BATCH_BYTES {
+                    write_out(&mut output, &mut buffer, &mut failing);
+                }
             }
-            (Ok(()), true) => failing = false,
-            _ => {}
         }
+        write_out(&mut output, &mut buffer, &mut failing);
+    }
+}
+
+/// Whole lines in one write, so lines never interleave with other writers
+/// of the same stream.
+fn write_out(output: &mut Box<dyn Write + Send>, buffer: &mut Vec<u8>, failing: &mut bool) {
+    if buffer.is_empty() {
+        return;
+    }
+    let written = output.write_all(buffer).and_then(|()| output.flush());
+    buffer.clear();
+    match (written, *failing) {
+        (Err(error), false) => {
+            *failing = true;
+            tracing::warn!(%error, "cannot write the access log; lines are lost until it recovers");
+        }
+        (Ok(()), true) => *failing = false,
+        _ => {}
     }
 }
 
@@ -676,16 +798,58 @@ mod tests {
     }
 
     #[test]
-    fn a_full_channel_drops_and_counts_instead_of_blocking() {
+    fn a_full_worker_list_drops_and_counts_instead_of_blocking() {
         let dropped = IntCounter::new("dropped", "test").expect("counter");
-        let (sender, _receiver) = sync_channel(1);
+        let (writer, _signals) = sync_channel(1);
         let log = AccessLog {
-            sender: Some(sender),
+            batch: Some(Batch {
+                pending: Arc::new(Mutex::new(Vec::new())),
+                writer,
+            }),
             dropped: dropped.clone(),
         };
-        log.log(entry(None));
-        log.log(entry(None));
-        log.log(entry(None));
+        for _ in 0..ACCESS_LOG_PENDING_PER_WORKER + 2 {
+            log.log(entry(None));
+        }
         assert_eq!(dropped.get(), 2);
+    }
+
+    #[test]
+    fn every_workers_lines_are_written_in_batches_and_on_close() {
+        let path = std::env::temp_dir().join(format!(
+            "switchyard-access-log-{}-{:?}.log",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let config = AccessLogConfig {
+            enabled: true,
+            format: AccessLogFormat::Json,
+            output: AccessLogOutput::File(path.clone()),
+        };
+        let dropped = IntCounter::new("dropped", "test").expect("counter");
+        let writer = AccessLogWriter::start(&config, dropped.clone()).expect("started");
+        let workers = [writer.worker_log(), writer.worker_log()];
+        for round in 0..3 {
+            for log in &workers {
+                log.log(entry(None));
+            }
+            if round == 0 {
+                // The first batch is written while the workers keep going.
+                let deadline = switchyard_runtime::clock::now() + Duration::from_secs(10);
+                while std::fs::read_to_string(&path).map_or(0, |text| text.lines().count()) < 2 {
+                    assert!(
+                        switchyard_runtime::clock::now() < deadline,
+                        "first batch written"
+                    );
+                    std::thread::yield_now();
+                }
+            }
+        }
+        writer.close();
+        let text = std::fs::read_to_string(&path).expect("log file");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text.lines().count(), 6, "{text}");
+        assert!(text.lines().all(|line| line.starts_with("{\"timestamp\"")));
+        assert_eq!(dropped.get(), 0);
     }
 }
