@@ -28,6 +28,8 @@ pub const WAIT_DEADLINE: Duration = Duration::from_secs(30);
 /// Starts of the controller tried when it exits before it is ready (its port
 /// was taken between picking and binding it).
 const CONTROLLER_START_ATTEMPTS: u32 = 3;
+/// Starts of a dataplane before a test gives up (see [`Stack::start_dataplane`]).
+const DATAPLANE_START_ATTEMPTS: u32 = 3;
 
 /// Path of a workspace binary, next to the test executable's directory: built
 /// by `cargo test --workspace` (`make test`) or `cargo build --workspace --bins`.
@@ -892,11 +894,41 @@ impl Stack {
         index
     }
 
-    /// Starts a dataplane and waits until it has applied a snapshot.
+    /// Starts a dataplane and waits until it has applied a snapshot. A
+    /// dataplane that exits first (a free port taken by another test between
+    /// the pick and the bind) is started again on new ports.
     pub async fn start_dataplane(&mut self) -> usize {
-        let index = self.spawn_dataplane();
-        self.wait_dataplane_ready(index).await;
-        index
+        for attempt in 1..=DATAPLANE_START_ATTEMPTS {
+            let index = self.spawn_dataplane();
+            let url = self.dataplanes[index].url("/readyz");
+            let http = &self.http;
+            let process = &mut self.dataplanes[index].process;
+            let ready = wait_for(&url, || {
+                let running = process.is_running();
+                let url = url.clone();
+                async move {
+                    if !running {
+                        return Some(false);
+                    }
+                    match http.get(&url).await {
+                        Ok(response) if response.status == StatusCode::OK => Some(true),
+                        _ => None,
+                    }
+                }
+            })
+            .await;
+            if ready {
+                return index;
+            }
+            let mut failed = self.dataplanes.pop().expect("the dataplane just started");
+            assert!(
+                attempt < DATAPLANE_START_ATTEMPTS,
+                "dataplane exited before it was ready:\n{}",
+                failed.process.log_text()
+            );
+            failed.process.stop();
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     pub async fn wait_dataplane_ready(&self, index: usize) {
