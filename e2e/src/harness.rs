@@ -280,6 +280,23 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)))
 }
 
+/// Waits until `url` answers 200 (true) or `process` exits (false).
+async fn ready_or_exited(http: &HttpClient, process: &mut Process, url: &str) -> bool {
+    wait_for(url, || {
+        let running = process.is_running();
+        async move {
+            if !running {
+                return Some(false);
+            }
+            match http.get(url).await {
+                Ok(response) if response.status == StatusCode::OK => Some(true),
+                _ => None,
+            }
+        }
+    })
+    .await
+}
+
 /// Polls `check` until it returns Some or [`WAIT_DEADLINE`] passes.
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -779,21 +796,7 @@ impl Stack {
         for attempt in 1..=CONTROLLER_START_ATTEMPTS {
             let mut process = self.controller_process(extra_args);
             let url = format!("http://{}/readyz", self.controller_admin);
-            let http = &self.http;
-            let ready = wait_for(&url, || {
-                let running = process.is_running();
-                let url = url.clone();
-                async move {
-                    if !running {
-                        return Some(false);
-                    }
-                    match http.get(&url).await {
-                        Ok(response) if response.status == StatusCode::OK => Some(true),
-                        _ => None,
-                    }
-                }
-            })
-            .await;
+            let ready = ready_or_exited(&self.http, &mut process, &url).await;
             if ready {
                 self.controller = Some(process);
                 return;
@@ -901,22 +904,8 @@ impl Stack {
         for attempt in 1..=DATAPLANE_START_ATTEMPTS {
             let index = self.spawn_dataplane();
             let url = self.dataplanes[index].url("/readyz");
-            let http = &self.http;
-            let process = &mut self.dataplanes[index].process;
-            let ready = wait_for(&url, || {
-                let running = process.is_running();
-                let url = url.clone();
-                async move {
-                    if !running {
-                        return Some(false);
-                    }
-                    match http.get(&url).await {
-                        Ok(response) if response.status == StatusCode::OK => Some(true),
-                        _ => None,
-                    }
-                }
-            })
-            .await;
+            let ready =
+                ready_or_exited(&self.http, &mut self.dataplanes[index].process, &url).await;
             if ready {
                 return index;
             }
