@@ -43,6 +43,13 @@ pub struct PodState {
     pub health: PodHealth,
 }
 
+/// A pod is named by its key (in logs, for one).
+impl std::fmt::Display for PodState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
 impl PodState {
     pub fn new(key: String, name: String, addr: SocketAddr) -> Result<Self, http::uri::InvalidUri> {
         Self::endpoint(key.clone(), key, name, addr)

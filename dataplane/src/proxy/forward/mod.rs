@@ -9,19 +9,21 @@ pub mod pairs;
 pub mod policy;
 pub mod upstream;
 
+use std::fmt::Display;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use switchyard_runtime::clock;
 
 pub use self::http1::{EngineBody, Http1Upstream};
-use self::policy::{AttemptPolicy, Next, Verdict, failure_of};
+use self::policy::{Attempt, AttemptPolicy, Candidates, Next, Verdict, failure_of};
 pub use self::upstream::{Upstream, UpstreamError};
 use super::log::RequestRecord;
 use crate::error::{ApiError, ErrorKind};
@@ -199,47 +201,140 @@ pub async fn forward<U: Upstream>(
     ranking: Ranking,
     mut outbound: Outbound,
 ) -> Result<Delivered<U::Body>, ApiError> {
-    let mut policy = AttemptPolicy::new(server, ranking);
-    let mut next = policy.first();
+    let mut attempts = Attempts::new(server, ranking);
     loop {
-        let attempt = match next {
-            Next::Try(attempt) => attempt,
-            Next::GiveUp(error) => return Err(error),
+        let attempt = attempts.next().await?;
+        let pod = attempt.target;
+        // Dropped with the outcome when the attempt fails, so a failed
+        // attempt never counts against the pod while the next one runs.
+        let guard = pod.begin_request();
+        record.begin_attempt(pod);
+        let sent = upstream.send(outbound.request_to(pod, attempt.is_last)?);
+        let outcome = match within(attempt.timeout, sent).await {
+            Ok(response) => Outcome::Answer(Delivered { response, guard }),
+            Err(error) => Outcome::Failed(pod, error),
+        };
+        if let Some(delivered) = attempts.judge(pod, outcome, record) {
+            return Ok(delivered);
+        }
+    }
+}
+
+/// How one attempt ended.
+pub enum Outcome<'s, A> {
+    /// A response head arrived, its pod counted in flight.
+    Answer(A),
+    /// `pod` gave no usable answer.
+    Failed(&'s Arc<PodState>, UpstreamError),
+}
+
+/// A response head one attempt got: it goes to the client, or it is
+/// dropped for another attempt.
+pub trait Answer {
+    type Body;
+
+    fn status(&self) -> StatusCode;
+
+    /// The pod that answered.
+    fn pod(&self) -> &Arc<PodState>;
+
+    fn deliver(self) -> Delivered<Self::Body>;
+
+    /// Dropped for another attempt.
+    fn abandon(self);
+}
+
+impl<B> Answer for Delivered<B> {
+    type Body = B;
+
+    fn status(&self) -> StatusCode {
+        self.response.status()
+    }
+
+    fn pod(&self) -> &Arc<PodState> {
+        self.guard.pod()
+    }
+
+    fn deliver(self) -> Self {
+        self
+    }
+
+    fn abandon(self) {}
+}
+
+/// The attempt loop of one request to a ModelServer, shared by pods and
+/// prefill/decode pairs: [`next`](Self::next) says what to try once its
+/// wait is over, the caller makes the attempt, [`judge`](Self::judge) takes
+/// how it ended: failures count against the pod that failed, and the
+/// [`policy`] decides between delivering, retrying and giving up.
+pub struct Attempts<'s, C: Candidates> {
+    server: &'s Server,
+    policy: AttemptPolicy<'s, C>,
+    next: Next<C::Target<'s>>,
+}
+
+impl<'s, C: Candidates> Attempts<'s, C>
+where
+    C::Target<'s>: Display,
+{
+    pub fn new(server: &'s Server, candidates: C) -> Self {
+        let mut policy = AttemptPolicy::new(server, candidates);
+        let next = policy.first();
+        Self {
+            server,
+            policy,
+            next,
+        }
+    }
+
+    /// The attempt to make now (after waiting as the policy says), or the
+    /// error the client gets when none is left.
+    pub async fn next(&mut self) -> Result<Attempt<C::Target<'s>>, ApiError> {
+        let attempt = match &self.next {
+            Next::Try(attempt) => *attempt,
+            Next::GiveUp(error) => return Err(error.clone()),
         };
         if !attempt.wait.is_zero() {
             tokio::time::sleep(attempt.wait).await;
         }
-        let pod = attempt.target;
-        // Dropped at the end of this iteration when the attempt fails, so a
-        // failed attempt never counts against the pod while the next one runs.
-        let guard = pod.begin_request();
-        record.begin_attempt(pod);
-        let sent = upstream.send(outbound.request_to(pod, attempt.is_last)?);
-        let outcome = within(attempt.timeout, sent).await;
-        next = match outcome {
-            Ok(response) => {
-                let status = response.status();
+        Ok(attempt)
+    }
+
+    /// How the attempt to `target` ended: the response the client gets,
+    /// or `None` when [`next`](Self::next) has more to say.
+    pub fn judge<A: Answer>(
+        &mut self,
+        target: C::Target<'s>,
+        outcome: Outcome<'s, A>,
+        record: &mut RequestRecord,
+    ) -> Option<Delivered<A::Body>> {
+        let server = self.server;
+        self.next = match outcome {
+            Outcome::Answer(answer) => {
+                let status = answer.status();
                 if status.is_server_error() {
-                    count_failure(server, pod, Failure::ServerError, record);
+                    count_failure(server, answer.pod(), Failure::ServerError, record);
                 }
-                match policy.on_response(status) {
+                match self.policy.on_response(status) {
                     // A success counts for the pod once its body ends (respond).
-                    Verdict::Deliver => return Ok(Delivered { response, guard }),
+                    Verdict::Deliver => return Some(answer.deliver()),
                     Verdict::Retry(retry) => {
-                        tracing::warn!(pod = %pod.key, server = %server.key, %status, "upstream attempt failed");
+                        tracing::warn!(attempt = %target, pod = %answer.pod().key, server = %server.key, %status, "upstream attempt failed");
+                        answer.abandon();
                         Next::Try(retry)
                     }
                 }
             }
-            Err(error) => {
+            Outcome::Failed(pod, error) => {
                 if matches!(error, UpstreamError::Connect(_)) {
                     record.connect_failed();
                 }
                 count_failure(server, pod, failure_of(&error), record);
-                tracing::warn!(pod = %pod.key, server = %server.key, failure = %error, "upstream attempt failed");
-                policy.on_failure(error, pod)
+                tracing::warn!(attempt = %target, pod = %pod.key, server = %server.key, failure = %error, "upstream attempt failed");
+                self.policy.on_failure(error, pod)
             }
         };
+        None
     }
 }
 

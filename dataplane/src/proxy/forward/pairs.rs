@@ -31,17 +31,16 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use switchyard_runtime::clock;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::policy::{AttemptPolicy, Next, Pair, Verdict, failure_of};
+use super::policy::Pair;
 use super::upstream::{Upstream, UpstreamError};
-use super::{Delivered, count_failure, upstream_head, upstream_request, within};
+use super::{Answer, Attempts, Delivered, Outcome, upstream_head, upstream_request, within};
 use crate::error::{ApiError, BodyError};
-use crate::pod::outlier::Failure;
 use crate::pod::{InFlightGuard, PodState};
 use crate::proxy::log::RequestRecord;
 use crate::request::{
@@ -129,24 +128,25 @@ impl PairOutbound {
     }
 }
 
-/// How one attempt ended.
-enum Outcome<'s, B> {
-    /// A leg answered: the decode, or the prefill with an error the policy
-    /// must judge.
-    Answer(Answer<B>),
-    /// A leg got no usable answer from `pod`.
-    Failed(&'s Arc<PodState>, UpstreamError),
-}
-
 /// A response head from one leg, its pod counted in flight.
-struct Answer<B> {
+struct PairAnswer<B> {
     response: Response<B>,
     guard: InFlightGuard,
     /// A prefill still running (SGLang) when the decode answered.
     prefill: Option<JoinHandle<PrefillDone<B>>>,
 }
 
-impl<B: Send + 'static> Answer<B> {
+impl<B: Send + 'static> Answer for PairAnswer<B> {
+    type Body = B;
+
+    fn status(&self) -> StatusCode {
+        self.response.status()
+    }
+
+    fn pod(&self) -> &Arc<PodState> {
+        self.guard.pod()
+    }
+
     /// The response goes to the client. A prefill still running goes on
     /// when the decode succeeded (the decode needs its KV; how it ends is
     /// logged), and is cancelled when the decode failed.
@@ -179,7 +179,6 @@ impl<B: Send + 'static> Answer<B> {
         }
     }
 
-    /// The response is dropped for another attempt.
     fn abandon(self) {
         if let Some(prefill) = self.prefill {
             prefill.abort();
@@ -196,16 +195,9 @@ pub async fn forward<U: Upstream>(
     pairs: PairRanking,
     mut outbound: PairOutbound,
 ) -> Result<Delivered<U::Body>, ApiError> {
-    let mut policy = AttemptPolicy::new(server, pairs);
-    let mut next = policy.first();
+    let mut attempts = Attempts::new(server, pairs);
     loop {
-        let attempt = match next {
-            Next::Try(attempt) => attempt,
-            Next::GiveUp(error) => return Err(error),
-        };
-        if !attempt.wait.is_zero() {
-            tokio::time::sleep(attempt.wait).await;
-        }
+        let attempt = attempts.next().await?;
         let pair = attempt.target;
         record.begin_pair(pair.prefill, pair.decode, pair.group);
         let outcome = match connector {
@@ -224,45 +216,9 @@ pub async fn forward<U: Upstream>(
                 .await?
             }
         };
-        next = match outcome {
-            Outcome::Answer(answer) => {
-                let status = answer.response.status();
-                if status.is_server_error() {
-                    count_failure(server, answer.guard.pod(), Failure::ServerError, record);
-                }
-                match policy.on_response(status) {
-                    // A success counts for the decode pod once its body ends (respond).
-                    Verdict::Deliver => return Ok(answer.deliver()),
-                    Verdict::Retry(retry) => {
-                        tracing::warn!(
-                            prefill = %pair.prefill.key,
-                            decode = %pair.decode.key,
-                            pod = %answer.guard.pod().key,
-                            server = %server.key,
-                            %status,
-                            "prefill/decode attempt failed"
-                        );
-                        answer.abandon();
-                        Next::Try(retry)
-                    }
-                }
-            }
-            Outcome::Failed(pod, error) => {
-                if matches!(error, UpstreamError::Connect(_)) {
-                    record.connect_failed();
-                }
-                count_failure(server, pod, failure_of(&error), record);
-                tracing::warn!(
-                    prefill = %pair.prefill.key,
-                    decode = %pair.decode.key,
-                    pod = %pod.key,
-                    server = %server.key,
-                    failure = %error,
-                    "prefill/decode attempt failed"
-                );
-                policy.on_failure(error, pod)
-            }
-        };
+        if let Some(delivered) = attempts.judge(pair, outcome, record) {
+            return Ok(delivered);
+        }
     }
 }
 
@@ -274,7 +230,7 @@ async fn sequential_legs<'s, U: Upstream>(
     outbound: &mut PairOutbound,
     pair: Pair<'s>,
     timeout: Duration,
-) -> Result<Outcome<'s, U::Body>, ApiError> {
+) -> Result<Outcome<'s, PairAnswer<U::Body>>, ApiError> {
     let relays = connector.relays_kv_transfer_params();
     let body = outbound.prefill_body(connector, None)?;
     let request = outbound.request(pair.prefill, body)?;
@@ -284,7 +240,7 @@ async fn sequential_legs<'s, U: Upstream>(
     let answer = match within(timeout, prefill_leg(upstream, request, relays)).await {
         Err(error) => return Ok(Outcome::Failed(pair.prefill, error)),
         Ok(PrefillAnswer::Refused(response)) => {
-            return Ok(Outcome::Answer(Answer {
+            return Ok(Outcome::Answer(PairAnswer {
                 response,
                 guard,
                 prefill: None,
@@ -320,7 +276,7 @@ async fn sequential_legs<'s, U: Upstream>(
     let guard = pair.decode.begin_request();
     record.decode_sent();
     Ok(match within(timeout, upstream.send(request)).await {
-        Ok(response) => Outcome::Answer(Answer {
+        Ok(response) => Outcome::Answer(PairAnswer {
             response,
             guard,
             prefill: None,
@@ -340,7 +296,7 @@ async fn concurrent_legs<'s, U: Upstream>(
     outbound: &mut PairOutbound,
     pair: Pair<'s>,
     timeout: Duration,
-) -> Result<Outcome<'s, U::Body>, ApiError> {
+) -> Result<Outcome<'s, PairAnswer<U::Body>>, ApiError> {
     let bootstrap = Bootstrap {
         host: pair.prefill.addr.ip(),
         port: pair.bootstrap_port,
@@ -388,7 +344,7 @@ async fn concurrent_legs<'s, U: Upstream>(
             match answer {
                 Err(error) => return Ok(Outcome::Failed(pair.prefill, error)),
                 Ok(PrefillAnswer::Refused(response)) => {
-                    return Ok(Outcome::Answer(Answer {
+                    return Ok(Outcome::Answer(PairAnswer {
                         response,
                         guard: prefill_guard,
                         prefill: None,
@@ -400,7 +356,7 @@ async fn concurrent_legs<'s, U: Upstream>(
                 }
             }
             return Ok(match decode.await {
-                Ok(response) => Outcome::Answer(Answer {
+                Ok(response) => Outcome::Answer(PairAnswer {
                     response,
                     guard: decode_guard,
                     prefill: None,
@@ -410,7 +366,7 @@ async fn concurrent_legs<'s, U: Upstream>(
         }
     };
     Ok(match decoded {
-        Ok(response) => Outcome::Answer(Answer {
+        Ok(response) => Outcome::Answer(PairAnswer {
             response,
             guard: decode_guard,
             prefill: Some(prefill),

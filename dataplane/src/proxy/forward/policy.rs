@@ -98,6 +98,13 @@ pub struct Pair<'s> {
     pub bootstrap_port: Option<u16>,
 }
 
+/// As logs name an attempt.
+impl std::fmt::Display for Pair<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "prefill {} decode {}", self.prefill.key, self.decode.key)
+    }
+}
+
 impl Candidates for PairRanking {
     type Target<'s> = Pair<'s>;
 
