@@ -9,13 +9,13 @@ mod support;
 use std::time::Duration;
 
 use http::Method;
-use serde_json::{Value, json};
-use switchyard_controller::app::start_kubernetes;
+use serde_json::json;
 use switchyard_controller::cli::Args;
 use switchyard_snapshot::pb;
 
 use support::dataplane::Dataplane;
-use support::fake_api::{DEADLINE, FakeApi, Recorded};
+use support::fake_api::{FakeApi, Recorded};
+use support::kubernetes::{API_VERSION, condition, metadata, model_server, ready_pod, start, stop};
 
 const GATEWAY_API: &str = "/apis/gateway.networking.k8s.io/v1";
 const INFERENCE_API: &str = "/apis/inference.networking.k8s.io/v1";
@@ -33,44 +33,18 @@ fn args() -> Args {
     }
 }
 
-fn metadata(name: &str, generation: i64) -> Value {
-    json!({
-        "name": name,
-        "namespace": "default",
-        "uid": format!("uid-{name}"),
-        "generation": generation,
-        "resourceVersion": "1",
-        "creationTimestamp": "2026-12-01T17:00:00Z",
-    })
-}
-
-fn ready_pod(name: &str, app: &str, ip: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": {"app": app}},
-        "spec": {"containers": [{"name": "engine", "image": "vllm/vllm-openai"}]},
-        "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
-    })
-}
-
 fn seeded() -> FakeApi {
     let fake = FakeApi::default();
     fake.seed("/api/v1/pods", ready_pod("llama-0", "llama", "127.0.0.1"));
     fake.seed("/api/v1/pods", ready_pod("pool-0", "pool", "127.0.0.2"));
     fake.seed(
         &format!("{CRD_API}/modelservers"),
-        json!({
-            "apiVersion": "networking.serving.volcano.sh/v1alpha1",
-            "kind": "ModelServer",
-            "metadata": metadata("llama", 1),
-            "spec": {"workloadSelector": {"matchLabels": {"app": "llama"}}, "workloadPort": {"port": 8000}, "inferenceEngine": "vLLM"},
-        }),
+        model_server("llama", "llama", "vLLM"),
     );
     fake.seed(
         &format!("{CRD_API}/modelroutes"),
         json!({
-            "apiVersion": "networking.serving.volcano.sh/v1alpha1",
+            "apiVersion": API_VERSION,
             "kind": "ModelRoute",
             "metadata": metadata("bound", 1),
             "spec": {
@@ -114,17 +88,6 @@ fn seeded() -> FakeApi {
     fake
 }
 
-fn condition<'a>(conditions: &'a Value, type_: &str) -> &'a Value {
-    conditions
-        .as_array()
-        .and_then(|conditions| {
-            conditions
-                .iter()
-                .find(|condition| condition["type"] == type_)
-        })
-        .unwrap_or(&Value::Null)
-}
-
 fn is_status_patch(request: &Recorded, path: &str) -> bool {
     request.method == Method::PATCH && request.path == format!("{path}/status")
 }
@@ -132,10 +95,7 @@ fn is_status_patch(request: &Recorded, path: &str) -> bool {
 #[tokio::test]
 async fn gateway_api_kinds_get_their_default_objects_and_status() {
     let fake = seeded();
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts against the fake API");
+    let controller = start(&args(), &fake).await;
 
     // A dataplane that ACKs: listeners are Programmed once dataplanes serve them.
     // The snapshot ACKed once it holds the default Gateway the leader creates.
@@ -182,7 +142,7 @@ async fn gateway_api_kinds_get_their_default_objects_and_status() {
         Some("application/apply-patch+yaml")
     );
     assert_eq!(
-        condition(&class.body["status"]["conditions"], "Accepted")["status"],
+        condition(&class.body["status"], "Accepted")["status"],
         "True"
     );
 
@@ -191,15 +151,11 @@ async fn gateway_api_kinds_get_their_default_objects_and_status() {
             is_status_patch(
                 request,
                 &format!("{GATEWAY_API}/namespaces/kthena-system/gateways/default"),
-            ) && condition(&request.body["status"]["conditions"], "Programmed")["status"] == "True"
+            ) && condition(&request.body["status"], "Programmed")["status"] == "True"
         })
         .await;
     let status = &gateway.body["status"];
-    assert_eq!(
-        condition(&status["conditions"], "Accepted")["status"],
-        "True",
-        "{status}"
-    );
+    assert_eq!(condition(status, "Accepted")["status"], "True", "{status}");
     assert_eq!(
         status["addresses"],
         json!([{"type": "IPAddress", "value": "192.0.2.10"}, {"type": "Hostname", "value": "gw.example.com"}])
@@ -212,15 +168,12 @@ async fn gateway_api_kinds_get_their_default_objects_and_status() {
     );
     for type_ in ["Accepted", "ResolvedRefs", "Programmed"] {
         assert_eq!(
-            condition(&listener["conditions"], type_)["status"],
+            condition(listener, type_)["status"],
             "True",
             "{type_}: {listener}"
         );
     }
-    assert_eq!(
-        condition(&listener["conditions"], "Conflicted")["status"],
-        "False"
-    );
+    assert_eq!(condition(listener, "Conflicted")["status"], "False");
 
     let route = fake
         .wait_for("the HTTPRoute status", |request| {
@@ -237,12 +190,12 @@ async fn gateway_api_kinds_get_their_default_objects_and_status() {
         "switchyard.dev/gateway-controller"
     );
     assert_eq!(
-        condition(&parent["conditions"], "Accepted")["status"],
+        condition(parent, "Accepted")["status"],
         "True",
         "the supported rule serves: {parent}"
     );
     // The Gateway API's condition for dropped rules names the unsupported filter.
-    let partially = condition(&parent["conditions"], "PartiallyInvalid");
+    let partially = condition(parent, "PartiallyInvalid");
     assert_eq!(partially["status"], "True", "{parent}");
     assert!(
         partially["message"]
@@ -251,10 +204,7 @@ async fn gateway_api_kinds_get_their_default_objects_and_status() {
                 && message.contains("RequestMirror")),
         "{parent}"
     );
-    assert_eq!(
-        condition(&parent["conditions"], "ResolvedRefs")["status"],
-        "True"
-    );
+    assert_eq!(condition(parent, "ResolvedRefs")["status"], "True");
 
     let pool = fake
         .wait_for("the InferencePool status", |request| {
@@ -266,21 +216,15 @@ async fn gateway_api_kinds_get_their_default_objects_and_status() {
         .await;
     let pool_parent = &pool.body["status"]["parents"][0];
     assert_eq!(pool_parent["parentRef"]["name"], "default", "{pool_parent}");
-    assert_eq!(
-        condition(&pool_parent["conditions"], "Accepted")["status"],
-        "True"
-    );
-    assert_eq!(
-        condition(&pool_parent["conditions"], "ResolvedRefs")["status"],
-        "True"
-    );
+    assert_eq!(condition(pool_parent, "Accepted")["status"], "True");
+    assert_eq!(condition(pool_parent, "ResolvedRefs")["status"], "True");
 
     // The bound ModelRoute: unresolved until the default Gateway exists, then serving on it.
     fake.wait_for("the bound ModelRoute resolved", |request| {
         is_status_patch(
             request,
             &format!("{CRD_API}/namespaces/default/modelroutes/bound"),
-        ) && condition(&request.body["status"]["conditions"], "ResolvedRefs")["status"] == "True"
+        ) && condition(&request.body["status"], "ResolvedRefs")["status"] == "True"
     })
     .await;
 
@@ -294,8 +238,5 @@ async fn gateway_api_kinds_get_their_default_objects_and_status() {
         config.routes[0].listeners[0].gateway,
         "kthena-system/default"
     );
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stopped in time")
-        .expect("stops cleanly");
+    stop(controller).await;
 }

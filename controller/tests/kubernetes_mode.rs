@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::{Value, json};
-use switchyard_controller::app::start_kubernetes;
 use switchyard_controller::cli::Args;
 use switchyard_controller::core::{self, Controller};
 use switchyard_controller::kubernetes::KubernetesSource;
@@ -20,12 +19,12 @@ use switchyard_snapshot::pb;
 
 use support::dataplane::Dataplane;
 use support::fake_api::{DEADLINE, FakeApi, Recorded};
+use support::kubernetes::{API_VERSION, condition, metadata, model_server, ready_pod, start, stop};
 use support::{GPU_USAGE_ROUTER_CONFIG, assert_gpu_usage_scheduler_shipped, shipped_scheduler};
 
 const ROUTES: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelroutes";
 const SERVERS: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelservers";
 const PODS: &str = "/api/v1/pods";
-const API_VERSION: &str = "networking.serving.volcano.sh/v1alpha1";
 /// Stands in for every `lastTransitionTime` in the README's rendering (the real ones are "now").
 const README_TIME: &str = "2026-12-01T17:00:05Z";
 
@@ -35,17 +34,6 @@ fn args() -> Args {
         controller_id: Some("switchyard-controller-7d9f-abcde".into()),
         ..Args::for_test()
     }
-}
-
-fn metadata(name: &str, generation: i64) -> Value {
-    json!({
-        "name": name,
-        "namespace": "default",
-        "uid": format!("uid-{name}"),
-        "generation": generation,
-        "resourceVersion": "1",
-        "creationTimestamp": "2026-12-01T17:00:00Z",
-    })
 }
 
 fn route(name: &str, generation: i64, server: &str) -> Value {
@@ -62,50 +50,11 @@ fn route(name: &str, generation: i64, server: &str) -> Value {
 
 fn seeded() -> FakeApi {
     let fake = FakeApi::default();
-    fake.seed(
-        SERVERS,
-        json!({
-            "apiVersion": API_VERSION,
-            "kind": "ModelServer",
-            "metadata": metadata("llama", 1),
-            "spec": {
-                "workloadSelector": {"matchLabels": {"app": "llama"}},
-                "workloadPort": {"port": 8000},
-                "inferenceEngine": "vLLM",
-            },
-        }),
-    );
-    fake.seed(
-        PODS,
-        json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "llama-0", "namespace": "default", "labels": {"app": "llama"}},
-            "spec": {"containers": [{"name": "vllm", "image": "vllm/vllm-openai"}]},
-            "status": {
-                "phase": "Running",
-                "podIP": "127.0.0.1",
-                "conditions": [{"type": "Ready", "status": "True"}],
-            },
-        }),
-    );
+    fake.seed(SERVERS, model_server("llama", "llama", "vLLM"));
+    fake.seed(PODS, ready_pod("llama-0", "llama", "127.0.0.1"));
     fake.seed(ROUTES, route("chat", 2, "llama"));
     fake.seed(ROUTES, route("broken", 1, "gone"));
     fake
-}
-
-async fn start(args: &Args, fake: &FakeApi) -> Controller {
-    tokio::time::timeout(DEADLINE, start_kubernetes(args, fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts against the fake API")
-}
-
-async fn stop(controller: Controller) {
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
 }
 
 /// Polls `condition` until it holds; panics with `what` after [`DEADLINE`].
@@ -117,17 +66,6 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     })
     .await
     .expect(what);
-}
-
-fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
-    status["conditions"]
-        .as_array()
-        .and_then(|conditions| {
-            conditions
-                .iter()
-                .find(|condition| condition["type"] == type_)
-        })
-        .unwrap_or(&Value::Null)
 }
 
 fn is_event_post(request: &Recorded) -> bool {
@@ -322,21 +260,8 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     );
 
     // A new ModelServer selecting another app: the pod watch restarts with both values.
-    fake.push_event(
-        SERVERS,
-        "ADDED",
-        json!({
-            "apiVersion": API_VERSION,
-            "kind": "ModelServer",
-            "metadata": metadata("qwen", 1),
-            "spec": {
-                "workloadSelector": {"matchLabels": {"app": "qwen"}},
-                "workloadPort": {"port": 8000},
-                "inferenceEngine": "SGLang",
-            },
-        }),
-    )
-    .await;
+    fake.push_event(SERVERS, "ADDED", model_server("qwen", "qwen", "SGLang"))
+        .await;
     fake.wait_for("the pod list with the new selector", |request| {
         request.path == PODS
             && request.params().get("labelSelector").map(String::as_str)
@@ -984,10 +909,7 @@ async fn providers_get_ready_and_credentials_resolved_conditions() {
             json!({"baseURL": "https://llm.internal", "providerType": "Anthropic"}),
         ),
     );
-    let controller = tokio::time::timeout(DEADLINE, start_kubernetes(&args(), fake.client()))
-        .await
-        .expect("started in time")
-        .expect("starts");
+    let controller = start(&args(), &fake).await;
     let watch = fake
         .wait_for("a credential Secret watch", |request| {
             request.path == SECRETS && request.params().contains_key("watch")
@@ -1060,8 +982,5 @@ async fn providers_get_ready_and_credentials_resolved_conditions() {
             "a credential was sent to the API server: {request:?}"
         );
     }
-    tokio::time::timeout(DEADLINE, controller.shutdown())
-        .await
-        .expect("stops in time")
-        .expect("stops cleanly");
+    stop(controller).await;
 }

@@ -4,6 +4,7 @@
 
 pub mod dataplane;
 pub mod fake_api;
+pub mod kubernetes;
 
 use std::net::SocketAddr;
 

@@ -322,15 +322,20 @@ pub struct HTTPBackendRef {
 #[serde(rename_all = "camelCase")]
 pub struct HTTPRouteStatus {
     #[serde(default)]
-    pub parents: Vec<RouteParentStatus>,
+    pub parents: Vec<ParentStatus>,
 }
 
-/// The route's state with respect to one parent.
+/// An object's state with respect to one parent Gateway: an entry of an
+/// HTTPRoute's `status.parents` (the Gateway API's `RouteParentStatus`) or
+/// an InferencePool's (the Inference Extension's `ParentStatus`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct RouteParentStatus {
+pub struct ParentStatus {
     pub parent_ref: ParentReference,
-    pub controller_name: String,
+    /// The controller that wrote the entry: set in an HTTPRoute's entries,
+    /// absent from an InferencePool's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_name: Option<String>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -3,11 +3,10 @@
 //! Like the Gateway API kinds, its CRD belongs to its project; Switchyard
 //! reads the objects and writes their status.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
-use crate::gateway_api::MatchLabels;
+use crate::gateway_api::{MatchLabels, ParentStatus};
 
 /// API group of InferencePool.
 pub const INFERENCE_API_GROUP: &str = "inference.networking.k8s.io";
@@ -58,27 +57,5 @@ pub struct PoolPort {
 #[serde(rename_all = "camelCase")]
 pub struct InferencePoolStatus {
     #[serde(default)]
-    pub parents: Vec<PoolParentStatus>,
-}
-
-/// The pool's state with respect to one parent.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct PoolParentStatus {
-    pub parent_ref: PoolParentReference,
-    #[serde(default)]
-    pub conditions: Vec<Condition>,
-}
-
-/// A parent of a pool (a Gateway).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(rename_all = "camelCase")]
-pub struct PoolParentReference {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
+    pub parents: Vec<ParentStatus>,
 }
