@@ -69,24 +69,19 @@ metadata: {{ name: plain-http }}
 spec:
   baseURL: http://127.0.0.1:1
 ---
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelRoute
-metadata: {{ name: gpt }}
-spec:
-  modelName: gpt
-  rules:
-  - targetModels: [{{ externalModelProviderName: openai }}]
----
-apiVersion: networking.serving.volcano.sh/v1alpha1
-kind: ModelRoute
-metadata: {{ name: claude }}
-spec:
-  modelName: claude
-  rules:
-  - targetModels: [{{ externalModelProviderName: anthropic }}]
-"#,
+{gpt}---
+{claude}"#,
         openai = openai.base_url(),
         anthropic = anthropic.base_url(),
+        gpt = provider_route("gpt", "openai"),
+        claude = provider_route("claude", "anthropic"),
+    )
+}
+
+/// A ModelRoute for `model` to the provider `provider`.
+fn provider_route(model: &str, provider: &str) -> String {
+    format!(
+        "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ModelRoute\nmetadata: {{ name: {model} }}\nspec:\n  modelName: {model}\n  rules:\n  - targetModels: [{{ externalModelProviderName: {provider} }}]\n"
     )
 }
 
@@ -176,26 +171,23 @@ async fn requests_reach_https_providers_with_their_credentials_and_nothing_leaks
     stack.wait_dataplane_ready(0).await;
     let _logs = stack.logs_on_failure();
 
-    // Conditions, as /debug/objects shows them.
-    assert_eq!(
-        provider_reasons(&stack, "openai").await,
-        ("Ready".into(), "CredentialResolved".into())
-    );
-    assert_eq!(
-        provider_reasons(&stack, "no-secret").await,
-        ("CredentialNotFound".into(), "CredentialNotFound".into())
-    );
-    assert_eq!(
-        provider_reasons(&stack, "no-key").await,
+    // Conditions, as /debug/objects shows them: (Ready, CredentialsResolved) reasons.
+    for (provider, ready, credentials) in [
+        ("openai", "Ready", "CredentialResolved"),
+        ("no-secret", "CredentialNotFound", "CredentialNotFound"),
+        ("no-key", "CredentialKeyNotFound", "CredentialKeyNotFound"),
         (
-            "CredentialKeyNotFound".into(),
-            "CredentialKeyNotFound".into()
-        )
-    );
-    assert_eq!(
-        provider_reasons(&stack, "plain-http").await.0,
-        "ConfigurationInvalid"
-    );
+            "plain-http",
+            "ConfigurationInvalid",
+            "CredentialNotRequired",
+        ),
+    ] {
+        assert_eq!(
+            provider_reasons(&stack, provider).await,
+            (ready.into(), credentials.into()),
+            "{provider}"
+        );
+    }
 
     // OpenAI, not streamed: the provider's credential, never the client's.
     let client_headers = [

@@ -69,6 +69,16 @@ fn route_yaml(name: &str) -> String {
     )
 }
 
+/// The controller's one config file: per `(name, engine, extra)` a [`pd_server_yaml`] server and
+/// a ModelRoute of the same name to it.
+fn pd_files(servers: &[(&str, &str, &str)]) -> [(&'static str, String); 1] {
+    let documents: Vec<String> = servers
+        .iter()
+        .flat_map(|(name, engine, extra)| [pd_server_yaml(name, engine, extra), route_yaml(name)])
+        .collect();
+    [("servers.yaml", yaml_documents(&documents))]
+}
+
 /// A pod of a [`pd_server_yaml`] server: `app: <server>`, `group`, `role`; its engine plays the
 /// role with `flags`.
 fn pod(
@@ -395,75 +405,60 @@ async fn kthena_pd_examples_work_as_published() {
     assert_eq!(dump["decodePods"], json!(["dev/v2-decode-0"]));
 
     // Metrics: both legs timed, requests counted per group and role.
-    let v2_model = [("model", V2_MODEL), ("path", "/v1/completions")];
-    assert_eq!(
-        metric(
-            &stack,
+    let v2_completions = [("model", V2_MODEL), ("path", "/v1/completions")];
+    let expected: [(&str, &[(&str, &str)], f64); 5] = [
+        (
             "kthena_router_request_prefill_duration_seconds_count",
-            &v2_model
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &stack,
+            &v2_completions,
+            1.0,
+        ),
+        (
             "kthena_router_request_decode_duration_seconds_count",
-            &v2_model
-        )
-        .await,
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &stack,
+            &v2_completions,
+            1.0,
+        ),
+        (
             "kthena_pd_group_requests_total",
-            &[("group_key", "g0"), ("role", "decode"), ("model", V2_MODEL)]
-        )
-        .await,
-        2.0
-    );
-    let ds_requests = metric(
-        &stack,
-        "kthena_pd_group_requests_total",
-        &[
-            ("role", "prefill"),
-            ("model", "deepseek-r1-1-5b-pd-disaggregation"),
-        ],
-    )
-    .await;
-    assert_eq!(ds_requests, 2.0, "one prefill leg per ds request");
-    assert_eq!(
-        metric(
-            &stack,
+            &[("group_key", "g0"), ("role", "decode"), ("model", V2_MODEL)],
+            2.0,
+        ),
+        // One prefill leg per ds request.
+        (
+            "kthena_pd_group_requests_total",
+            &[
+                ("role", "prefill"),
+                ("model", "deepseek-r1-1-5b-pd-disaggregation"),
+            ],
+            2.0,
+        ),
+        (
             "kthena_pd_group_routing_decisions",
             &[
                 ("group_key", "g0"),
                 ("source_role", "decode"),
-                ("target_role", "prefill")
-            ]
-        )
-        .await,
-        2.0
-    );
+                ("target_role", "prefill"),
+            ],
+            2.0,
+        ),
+    ];
+    for (name, labels, value) in expected {
+        assert_eq!(
+            metric(&stack, name, labels).await,
+            value,
+            "{name}{labels:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mooncake_lmcache_and_sglang_shape_their_legs() {
-    let files = [(
-        "servers.yaml",
-        yaml_documents(&[
-            pd_server_yaml("mooncake", "vLLM", "  kvConnector: {type: mooncake}\n"),
-            route_yaml("mooncake"),
-            pd_server_yaml("lmcache", "vLLM", "  kvConnector: {type: lmcache}\n"),
-            route_yaml("lmcache"),
-            // SGLang without kvConnector: SGLang's bootstrap protocol.
-            pd_server_yaml("sglang", "SGLang", ""),
-            route_yaml("sglang"),
-            pd_server_yaml("sglang-default-port", "SGLang", ""),
-            route_yaml("sglang-default-port"),
-        ]),
-    )];
+    let files = pd_files(&[
+        ("mooncake", "vLLM", "  kvConnector: {type: mooncake}\n"),
+        ("lmcache", "vLLM", "  kvConnector: {type: lmcache}\n"),
+        // SGLang without kvConnector: SGLang's bootstrap protocol.
+        ("sglang", "SGLang", ""),
+        ("sglang-default-port", "SGLang", ""),
+    ]);
     let pods = [
         pod("mooncake", "mc-p", 11, "g", true, &[]),
         pod("mooncake", "mc-d", 12, "g", false, &[]),
@@ -586,13 +581,7 @@ async fn mooncake_lmcache_and_sglang_shape_their_legs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sglang_decode_cancels_a_prefill_still_running() {
-    let files = [(
-        "servers.yaml",
-        yaml_documents(&[
-            pd_server_yaml("slow-prefill", "SGLang", ""),
-            route_yaml("slow-prefill"),
-        ]),
-    )];
+    let files = pd_files(&[("slow-prefill", "SGLang", "")]);
     // The prefill takes 30 s once paired: only a cancellation ends it sooner.
     let pods = [
         pod(
@@ -631,15 +620,10 @@ async fn a_failed_sglang_decode_cancels_a_prefill_still_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incomplete_groups_get_nothing_and_a_refusing_prefill_moves_to_the_next_pair() {
-    let files = [(
-        "servers.yaml",
-        yaml_documents(&[
-            pd_server_yaml("mixed", "vLLM", "  trafficPolicy: {retry: {attempts: 0}}\n"),
-            route_yaml("mixed"),
-            pd_server_yaml("unpaired", "vLLM", ""),
-            route_yaml("unpaired"),
-        ]),
-    )];
+    let files = pd_files(&[
+        ("mixed", "vLLM", "  trafficPolicy: {retry: {attempts: 0}}\n"),
+        ("unpaired", "vLLM", ""),
+    ]);
     let pods = [
         // Group a: its prefill pod refuses connections (nothing listens there).
         TestPod::without_engine("a-p", 11, "mixed")
@@ -715,17 +699,12 @@ async fn incomplete_groups_get_nothing_and_a_refusing_prefill_moves_to_the_next_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timeout_bounds_each_leg() {
-    let files = [(
-        "servers.yaml",
-        yaml_documents(&[
-            // Each leg takes 0.9 s, the pair 1.8 s: within a 1.5 s timeout per leg.
-            pd_server_yaml("steady", "vLLM", "  trafficPolicy: {timeout: 1500ms}\n"),
-            route_yaml("steady"),
-            // A prefill leg that takes 30 s, against a 500 ms timeout.
-            pd_server_yaml("stuck", "vLLM", "  trafficPolicy: {timeout: 500ms}\n"),
-            route_yaml("stuck"),
-        ]),
-    )];
+    let files = pd_files(&[
+        // Each leg takes 0.9 s, the pair 1.8 s: within a 1.5 s timeout per leg.
+        ("steady", "vLLM", "  trafficPolicy: {timeout: 1500ms}\n"),
+        // A prefill leg that takes 30 s, against a 500 ms timeout.
+        ("stuck", "vLLM", "  trafficPolicy: {timeout: 500ms}\n"),
+    ]);
     let pods = [
         pod("steady", "s-p", 11, "g", true, &["--ttft-ms", "900"]),
         pod("steady", "s-d", 12, "g", false, &["--ttft-ms", "900"]),
