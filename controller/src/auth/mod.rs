@@ -12,7 +12,9 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
 use switchyard_snapshot::pb;
 
@@ -140,31 +142,38 @@ fn parse_digest(hex: &str) -> Result<[u8; 32], String> {
 }
 
 /// Keeps only what the compile reads of an API-key `Secret`: its name,
-/// namespace and labels, and `key` replaced by its digest (`key-sha256`).
-/// Everything else goes, `kubectl apply`'s last-applied annotation (which
-/// holds the whole Secret) included, so the controller never keeps a key in
-/// memory. A key that is unusable is left out (its problem is reported).
+/// namespace and labels, and `key` replaced by its digest (`key-sha256`),
+/// so the controller never keeps a key in memory ([`strip_secret`]). A key
+/// that is unusable is left out (its problem is reported).
 pub fn redact_api_key_secret(secret: &mut Secret) {
+    strip_secret(secret, |data| {
+        if let Some(key) = data.remove(KEY_FIELD) {
+            let digest = String::from_utf8(key.0)
+                .map_err(|_| format!("data field `{KEY_FIELD}` is not UTF-8"))
+                .and_then(|key| digest_of_key(&key));
+            if let Ok(digest) = digest {
+                let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+                data.insert(KEY_DIGEST_FIELD.to_owned(), ByteString(hex.into_bytes()));
+            }
+        }
+        data.retain(|name, _| [KEY_DIGEST_FIELD, USER_FIELD, TIER_FIELD].contains(&name.as_str()));
+    });
+}
+
+/// Replaces `secret` by what the compile reads of a Secret: its name,
+/// namespace, labels, resourceVersion and uid, and its data (`stringData`
+/// merged in) as `edit` leaves it. Everything else goes: `kubectl apply`'s
+/// last-applied annotation holds the whole Secret a second time, and
+/// annotations are printed by debug tools.
+pub fn strip_secret(secret: &mut Secret, edit: impl FnOnce(&mut BTreeMap<String, ByteString>)) {
     let metadata = std::mem::take(&mut secret.metadata);
     let mut data = secret.data.take().unwrap_or_default();
     for (name, value) in secret.string_data.take().unwrap_or_default() {
-        data.insert(name, k8s_openapi::ByteString(value.into_bytes()));
+        data.insert(name, ByteString(value.into_bytes()));
     }
-    if let Some(key) = data.remove(KEY_FIELD) {
-        let digest = String::from_utf8(key.0)
-            .map_err(|_| format!("data field `{KEY_FIELD}` is not UTF-8"))
-            .and_then(|key| digest_of_key(&key));
-        if let Ok(digest) = digest {
-            let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-            data.insert(
-                KEY_DIGEST_FIELD.to_owned(),
-                k8s_openapi::ByteString(hex.into_bytes()),
-            );
-        }
-    }
-    data.retain(|name, _| [KEY_DIGEST_FIELD, USER_FIELD, TIER_FIELD].contains(&name.as_str()));
+    edit(&mut data);
     *secret = Secret {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        metadata: ObjectMeta {
             name: metadata.name,
             namespace: metadata.namespace,
             labels: metadata.labels,

@@ -20,6 +20,7 @@ use switchyard_snapshot::pb;
 
 use super::report::{ConditionReport, Problem, Reason};
 use super::{namespace_of, non_empty};
+use crate::auth::strip_secret;
 
 /// Static headers a provider may not set: the credential's headers, the
 /// connection's own, and what the proxy computes (Kthena rejects the same).
@@ -96,26 +97,9 @@ pub fn credential_secret_of(secret: &Secret, default_namespace: &str) -> Option<
 }
 
 /// Keeps only what the compile reads of a credential Secret (name,
-/// namespace, labels, data): `kubectl apply`'s last-applied annotation holds
-/// the whole Secret a second time, and annotations are printed by debug tools.
+/// namespace, labels, data): see [`strip_secret`].
 pub fn strip_credential_secret(secret: &mut Secret) {
-    let metadata = std::mem::take(&mut secret.metadata);
-    let mut data = secret.data.take().unwrap_or_default();
-    for (key, value) in secret.string_data.take().unwrap_or_default() {
-        data.insert(key, k8s_openapi::ByteString(value.into_bytes()));
-    }
-    *secret = Secret {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: metadata.name,
-            namespace: metadata.namespace,
-            labels: metadata.labels,
-            resource_version: metadata.resource_version,
-            uid: metadata.uid,
-            ..Default::default()
-        },
-        data: Some(data),
-        ..Default::default()
-    };
+    strip_secret(secret, |_| {});
 }
 
 /// What the compiler concluded about one ExternalModelProvider: its two
