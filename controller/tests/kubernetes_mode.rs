@@ -68,6 +68,15 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     .expect(what);
 }
 
+/// The model names of `route_config`'s routes, in order.
+fn model_names(route_config: &pb::RouteConfig) -> Vec<&str> {
+    route_config
+        .routes
+        .iter()
+        .map(|route| route.model_name.as_str())
+        .collect()
+}
+
 fn is_event_post(request: &Recorded) -> bool {
     request.method == Method::POST
         && request.path == "/apis/events.k8s.io/v1/namespaces/default/events"
@@ -120,12 +129,11 @@ async fn kubernetes_mode_watches_compiles_serves_and_writes_status() {
     // The stream serves the compiled cluster state.
     let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
     let route_config = dataplane.next_route_config().await;
-    let models: Vec<&str> = route_config
-        .routes
-        .iter()
-        .map(|route| route.model_name.as_str())
-        .collect();
-    assert_eq!(models, ["chat"], "the broken route is left out");
+    assert_eq!(
+        model_names(&route_config),
+        ["chat"],
+        "the broken route is left out"
+    );
     assert_eq!(route_config.servers.len(), 1);
     assert_eq!(route_config.servers[0].endpoints[0].name, "llama-0");
     assert_eq!(route_config.servers[0].endpoints[0].ip, "127.0.0.1");
@@ -427,12 +435,7 @@ async fn the_stream_is_served_only_after_the_caches_synced_and_the_first_compile
     // The very first snapshot a dataplane sees already holds the route that was held back.
     let mut dataplane = Dataplane::connect(controller.xds_addr, "dataplane-0").await;
     let route_config = dataplane.next_route_config().await;
-    let models: Vec<&str> = route_config
-        .routes
-        .iter()
-        .map(|route| route.model_name.as_str())
-        .collect();
-    assert_eq!(models, ["chat"]);
+    assert_eq!(model_names(&route_config), ["chat"]);
     stop(controller).await;
 }
 

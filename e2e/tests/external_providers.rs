@@ -107,6 +107,34 @@ fn path_str(path: &std::path::Path) -> String {
     path.display().to_string()
 }
 
+/// Starts the controller serving its snapshot stream over TLS, with a
+/// certificate of `ca`, to dataplanes presenting the token in `token`;
+/// `extra` flags added.
+async fn start_controller_over_tls(
+    stack: &mut Stack,
+    ca: &TestCa,
+    token: &std::path::Path,
+    extra: &[&str],
+) {
+    let server = ca.issue("controller", &["127.0.0.1"]);
+    let (cert, key, token) = (
+        path_str(&server.cert),
+        path_str(&server.key),
+        path_str(token),
+    );
+    let mut args = vec![
+        "--stream-tls-cert",
+        &cert,
+        "--stream-tls-key",
+        &key,
+        "--stream-token-file",
+        &token,
+    ];
+    args.extend_from_slice(extra);
+    stack.xds_scheme = "https";
+    stack.start_controller_with(&args).await;
+}
+
 /// The controller's view of one provider: (Ready reason, CredentialsResolved reason).
 async fn provider_reasons(stack: &Stack, name: &str) -> (String, String) {
     let url = format!("http://{}/debug/objects", stack.controller_debug);
@@ -139,23 +167,16 @@ async fn requests_reach_https_providers_with_their_credentials_and_nothing_leaks
         &objects(&providers.openai, &providers.anthropic),
     );
     let ca = &providers.ca;
-    let server = ca.issue("controller", &["127.0.0.1"]);
     let client = ca.issue("dataplane", &["dataplane-0"]);
     let token = stack.dir.path().join("stream-token");
     std::fs::write(&token, format!("{STREAM_TOKEN}\n")).expect("token file");
-    stack.xds_scheme = "https";
-    stack
-        .start_controller_with(&[
-            "--stream-tls-cert",
-            &path_str(&server.cert),
-            "--stream-tls-key",
-            &path_str(&server.key),
-            "--stream-client-ca",
-            &path_str(&ca.ca_file()),
-            "--stream-token-file",
-            &path_str(&token),
-        ])
-        .await;
+    start_controller_over_tls(
+        &mut stack,
+        ca,
+        &token,
+        &["--stream-client-ca", &path_str(&ca.ca_file())],
+    )
+    .await;
     stack.spawn_dataplane_with(&[
         "--controller-ca",
         &path_str(&ca.ca_file()),
@@ -420,25 +441,18 @@ async fn without_tls_on_the_stream_no_credential_is_shipped() {
 async fn a_dataplane_without_the_stream_token_gets_no_snapshot() {
     let mut stack = Stack::new(&[]);
     let ca = TestCa::new(stack.dir.path());
-    let server = ca.issue("controller", &["127.0.0.1"]);
     let token = stack.dir.path().join("stream-token");
     std::fs::write(&token, STREAM_TOKEN).expect("token file");
     let wrong = stack.dir.path().join("wrong-token");
     std::fs::write(&wrong, "not-the-token").expect("token file");
-    stack.xds_scheme = "https";
-    stack
-        .start_controller_with(&[
-            "--stream-tls-cert",
-            &path_str(&server.cert),
-            "--stream-tls-key",
-            &path_str(&server.key),
-            "--stream-token-file",
-            &path_str(&token),
-            // No ModelRoute here: publish the (empty) snapshot at once.
-            "--empty-source-grace-period",
-            "0s",
-        ])
-        .await;
+    // No ModelRoute here: publish the (empty) snapshot at once.
+    start_controller_over_tls(
+        &mut stack,
+        &ca,
+        &token,
+        &["--empty-source-grace-period", "0s"],
+    )
+    .await;
     stack.spawn_dataplane_with(&[
         "--controller-ca",
         &path_str(&ca.ca_file()),
