@@ -515,6 +515,16 @@ fn join_flow(first: &str, more: &str) -> String {
     }
 }
 
+/// The text of `testdata/kthena/examples/{file}`, one of Kthena's example
+/// manifests as Kthena publishes them.
+pub fn kthena_example(file: &str) -> String {
+    let path = format!(
+        "{}/../testdata/kthena/examples/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
 /// YAML documents in one file.
 pub fn yaml_documents(documents: &[String]) -> String {
     documents.join("---\n")

@@ -12,7 +12,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     HttpBody, HttpHeaders, ProcessingRequest, processing_request, processing_response,
 };
 use http::StatusCode;
-use switchyard_e2e::harness::{ENGINE_PORT, EngineSpec, Stack, TestPod, free_port, wait_for};
+use switchyard_e2e::harness::{
+    ENGINE_PORT, EngineSpec, Stack, TestPod, free_port, kthena_example, wait_for,
+};
 
 const MODEL_1_5B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B";
 const MODEL_7B: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B";
@@ -28,14 +30,6 @@ const GATEWAY_API_MODE: [&str; 4] = [
 ];
 /// The second target port of the `multi` InferencePool.
 const SECOND_TARGET_PORT: u16 = 8001;
-
-fn kthena_example(name: &str) -> String {
-    let path = format!(
-        "{}/../testdata/kthena/examples/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
 
 /// A second Gateway of Switchyard's class on `port`, the ModelRoute of
 /// Kthena's binding example's model bound to it (to the 7B server), and

@@ -7,21 +7,14 @@ use std::collections::BTreeSet;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use switchyard_e2e::harness::{HttpResponse, Stack, TestPod, wait_for, yaml_documents};
+use switchyard_e2e::harness::{
+    HttpResponse, Stack, TestPod, kthena_example, wait_for, yaml_documents,
+};
 
 const DS_MODEL: &str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B";
 const V2_MODEL: &str = "deepseek-ai/DeepSeekV2";
 /// The group label of Kthena's examples.
 const GROUP: &str = "modelserving.volcano.sh/group-name";
-
-/// A file of `testdata/kthena/examples/`, as Kthena publishes it.
-fn kthena_example(file: &str) -> String {
-    let path = format!(
-        "{}/../testdata/kthena/examples/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
 
 /// Flags of a mock engine playing `role` (`prefill` or `decode`).
 fn role(role: &'static str) -> [&'static str; 2] {

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use switchyard_e2e::harness::{HttpResponse, Stack, TestPod, sample_value, wait_for};
+use switchyard_e2e::harness::{
+    HttpResponse, Stack, TestPod, kthena_example, sample_value, wait_for,
+};
 use switchyard_e2e::redis_server::RedisServer;
 use switchyard_runtime::clock;
 
@@ -20,17 +22,9 @@ fn hello_world(model: &str) -> String {
     format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello world"}}]}}"#)
 }
 
-fn example(name: &str) -> String {
-    let path = format!(
-        "{}/../testdata/kthena/examples/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
 /// Kthena's ModelServer for the examples' routes, its pod, and `routes`.
 async fn stack(routes: &[(&str, String)], engine_args: &[&str], dataplanes: usize) -> Stack {
-    let mut files = vec![("server.yaml", example("ModelServer-ds1.5b.yaml"))];
+    let mut files = vec![("server.yaml", kthena_example("ModelServer-ds1.5b.yaml"))];
     files.extend(routes.iter().map(|(name, yaml)| (*name, yaml.clone())));
     let mut stack = Stack::new(&files);
     stack
@@ -76,7 +70,7 @@ fn retry_after(response: &HttpResponse) -> u64 {
 #[tokio::test]
 async fn kthena_rate_limit_example_admits_three_hello_worlds_a_minute() {
     let stack = stack(
-        &[("route.yaml", example("ModelRouteWithRateLimit.yaml"))],
+        &[("route.yaml", kthena_example("ModelRouteWithRateLimit.yaml"))],
         &[],
         1,
     )
@@ -124,7 +118,7 @@ async fn output_tokens_are_charged_in_full_into_debt() {
     // the whole 150 is charged (Kthena would charge nothing), so the next
     // request waits until the debt of 50 and one more token have refilled.
     let stack = stack(
-        &[("route.yaml", example("ModelRouteWithRateLimit.yaml"))],
+        &[("route.yaml", kthena_example("ModelRouteWithRateLimit.yaml"))],
         &["--output-tokens", "150"],
         1,
     )
@@ -153,7 +147,7 @@ async fn output_tokens_are_charged_in_full_into_debt() {
 
 /// The global example with its Redis address pointed at `redis`.
 fn global_example(redis: &RedisServer) -> String {
-    let text = example("ModelRouteWithGlobalRateLimit.yaml");
+    let text = kthena_example("ModelRouteWithGlobalRateLimit.yaml");
     assert!(text.contains(EXAMPLE_REDIS));
     text.replace(EXAMPLE_REDIS, &redis.address())
 }

@@ -1,21 +1,11 @@
 //! Compiling prefill/decode ModelServers: connectors, groups, status counts.
 
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Pod;
+use switchyard_crd::test_builders::{kthena_example, ready_pod};
 use switchyard_crd::{ModelRoute, ModelServer};
 use switchyard_snapshot::pb;
 
 use super::*;
-
-/// Kthena's PD example manifests, as published.
-fn kthena_example<T: serde::de::DeserializeOwned>(file: &str) -> T {
-    let path = format!(
-        "{}/../testdata/kthena/examples/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
 
 fn server(yaml: &str) -> ModelServer {
     serde_yaml::from_str(yaml).expect("test ModelServer YAML parses")
@@ -29,34 +19,14 @@ fn pod(
     labels: &[(&str, &str)],
     annotations: &[(&str, &str)],
 ) -> Pod {
-    let map = |pairs: &[(&str, &str)]| {
-        (!pairs.is_empty()).then(|| {
-            pairs
-                .iter()
-                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
-                .collect()
-        })
-    };
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            labels: map(labels),
-            annotations: map(annotations),
-            ..ObjectMeta::default()
-        },
-        spec: None,
-        status: Some(PodStatus {
-            phase: Some("Running".to_owned()),
-            pod_ip: Some(ip.to_owned()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".to_owned(),
-                status: "True".to_owned(),
-                ..PodCondition::default()
-            }]),
-            ..PodStatus::default()
-        }),
-    }
+    let mut pod = ready_pod(namespace, name, ip, labels);
+    pod.metadata.annotations = (!annotations.is_empty()).then(|| {
+        annotations
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect()
+    });
+    pod
 }
 
 fn not_ready(mut pod: Pod) -> Pod {

@@ -33,3 +33,14 @@ pub fn ready_pod(namespace: &str, name: &str, ip: &str, labels: &[(&str, &str)])
         }),
     }
 }
+
+/// The object in `testdata/kthena/examples/{file}`, one of Kthena's example
+/// manifests as Kthena publishes them.
+pub fn kthena_example<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let path = format!(
+        "{}/../../testdata/kthena/examples/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}

@@ -1,22 +1,13 @@
 //! Compiling the Gateway API kinds: Kthena's examples, listeners and their
 //! conflicts, route attachment, HTTPRoute rules and filters, InferencePools.
 
-use switchyard_crd::test_builders::ready_pod;
+use switchyard_crd::test_builders::{kthena_example, ready_pod};
 use switchyard_crd::{Gateway, HTTPRoute, InferencePool, ModelRoute, ModelServer};
 use switchyard_snapshot::pb;
 
 use super::super::providers::CompiledProviders;
 use super::super::{CompiledRoutes, ObjectKind, ObjectSet, compile_objects};
 use super::*;
-
-fn kthena_example<T: serde::de::DeserializeOwned>(file: &str) -> T {
-    let path = format!(
-        "{}/../testdata/kthena/examples/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
 
 fn yaml<T: serde::de::DeserializeOwned>(text: &str) -> T {
     serde_yaml::from_str(text).unwrap_or_else(|e| panic!("test YAML: {e}\n{text}"))
