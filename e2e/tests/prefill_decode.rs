@@ -158,6 +158,9 @@ async fn access_log_line(stack: &Stack, request_id: &str) -> Value {
     .await
 }
 
+/// A series of the dataplane's `/metrics`: its name, labels and value.
+type Series<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// The value of the series `name{labels...}` in the dataplane's `/metrics`.
 async fn metric(stack: &Stack, name: &str, labels: &[(&str, &str)]) -> f64 {
     let url = format!("http://{}/metrics", stack.dataplanes[0].metrics);
@@ -399,7 +402,7 @@ async fn kthena_pd_examples_work_as_published() {
 
     // Metrics: both legs timed, requests counted per group and role.
     let v2_completions = [("model", V2_MODEL), ("path", "/v1/completions")];
-    let expected: [(&str, &[(&str, &str)], f64); 5] = [
+    let expected: [Series<'_>; 5] = [
         (
             "kthena_router_request_prefill_duration_seconds_count",
             &v2_completions,
