@@ -279,6 +279,9 @@ pub struct QueueView {
     pub capacity: Option<u64>,
     pub waiting: usize,
     pub users: Vec<UserView>,
+    /// The fleet-wide counters last pushed for the model, by user (empty
+    /// without: each user is ordered by this dataplane's counter alone).
+    pub global_counters: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -611,6 +614,11 @@ impl ModelQueue {
             capacity: state.capacity(),
             waiting: state.waiters.len(),
             users,
+            global_counters: state
+                .fleet_served
+                .iter()
+                .map(|(user, served)| (user.to_string(), *served))
+                .collect(),
         }
     }
 }
