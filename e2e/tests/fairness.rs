@@ -356,17 +356,21 @@ async fn light_share_on_the_shared_dataplane(router_config: &str) -> (u64, u64) 
         })
         .await;
         if !router_config.contains("globalCounters: false") {
-            wait_for("the heavy user's fleet counter on the shared dataplane", || async {
-                let state = sim.debug(2, "/debug/router/state").await;
-                let counter = &state["fairness"]["queues"][0]["globalCounters"]["heavy"];
-                (counter.as_f64().unwrap_or(0.0) > 0.0).then_some(())
-            })
+            wait_for(
+                "the heavy user's fleet counter on the shared dataplane",
+                || async {
+                    let state = sim.debug(2, "/debug/router/state").await;
+                    let counter = &state["fairness"]["queues"][0]["globalCounters"]["heavy"];
+                    (counter.as_f64().unwrap_or(0.0) > 0.0).then_some(())
+                },
+            )
             .await;
         }
         let counted = async {
-            wait_for("the light user's requests on the shared dataplane", || async {
-                (light.load(Ordering::Relaxed) >= SHARED_LIGHT_REQUESTS).then_some(())
-            })
+            wait_for(
+                "the light user's requests on the shared dataplane",
+                || async { (light.load(Ordering::Relaxed) >= SHARED_LIGHT_REQUESTS).then_some(()) },
+            )
             .await;
         };
         tokio::select! {
@@ -379,7 +383,10 @@ async fn light_share_on_the_shared_dataplane(router_config: &str) -> (u64, u64) 
         () = shared => {}
         _ = heavy => unreachable!("the loops run until dropped"),
     }
-    let (light, heavy_shared) = (light.load(Ordering::Relaxed), heavy_shared.load(Ordering::Relaxed));
+    let (light, heavy_shared) = (
+        light.load(Ordering::Relaxed),
+        heavy_shared.load(Ordering::Relaxed),
+    );
     eprintln!(
         "shared dataplane: light served {light}, heavy served {heavy_shared}; heavy elsewhere {}",
         heavy_elsewhere.load(Ordering::Relaxed)
@@ -387,7 +394,10 @@ async fn light_share_on_the_shared_dataplane(router_config: &str) -> (u64, u64) 
     if !router_config.contains("globalCounters: false") {
         let fleet = sim
             .http()
-            .get(&format!("http://{}/debug/fairness", sim.stack.controller_debug))
+            .get(&format!(
+                "http://{}/debug/fairness",
+                sim.stack.controller_debug
+            ))
             .await
             .expect("controller debug")
             .json();
@@ -397,13 +407,20 @@ async fn light_share_on_the_shared_dataplane(router_config: &str) -> (u64, u64) 
             .and_then(|users| users.iter().find(|user| user["user"] == "heavy"))
             .expect("the heavy user in the controller's view");
         assert!(
-            heavy["byReporter"].as_object().is_some_and(|parts| parts.len() >= 2),
+            heavy["byReporter"]
+                .as_object()
+                .is_some_and(|parts| parts.len() >= 2),
             "reported by the dataplanes it came through: {heavy}"
         );
-        assert_eq!(fleet["reporters"].as_array().map(Vec::len), Some(3), "{fleet}");
+        assert_eq!(
+            fleet["reporters"].as_array().map(Vec::len),
+            Some(3),
+            "{fleet}"
+        );
         let heavy = queued_user(&sim, 2, "heavy").await;
         assert!(
-            heavy["servedElsewhere"].as_f64().unwrap_or(0.0) > heavy["counter"].as_f64().unwrap_or(0.0),
+            heavy["servedElsewhere"].as_f64().unwrap_or(0.0)
+                > heavy["counter"].as_f64().unwrap_or(0.0),
             "the shared dataplane orders the heavy user by what the others served it: {heavy}"
         );
     }
