@@ -36,8 +36,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::fleet_fairness::FairnessBoard;
 use crate::compile::{GatewayApiReports, LoadProblem, ObjectReport, ProviderReport};
+use crate::fleet_fairness::FairnessBoard;
 use crate::xds::{DataplaneRegistry, PublishedResource, SnapshotPublisher};
 
 /// A client that has not sent its request headers by then is dropped, so idle

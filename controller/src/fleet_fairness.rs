@@ -107,8 +107,7 @@ impl UsageTotals {
         report: &pb::FairnessUsageReport,
         now_unix_ms: i64,
     ) {
-        if !self.reporters.contains_key(&report.reporter) && self.reporters.len() >= MAX_REPORTERS
-        {
+        if !self.reporters.contains_key(&report.reporter) && self.reporters.len() >= MAX_REPORTERS {
             tracing::warn!(
                 node,
                 reporter = report.reporter,
@@ -134,10 +133,11 @@ impl UsageTotals {
         self.changed = true;
         for usage in report.usage.iter().take(MAX_USAGE_ENTRIES_PER_REPORT) {
             let readable = |name: &str| !name.is_empty() && name.len() <= MAX_NAME_BYTES;
-            if !readable(&usage.model)
-                || !readable(&usage.user)
-                || !(usage.served.is_finite() && usage.served >= 0.0)
-            {
+            let usable = readable(&usage.model)
+                && readable(&usage.user)
+                && usage.served.is_finite()
+                && usage.served >= 0.0;
+            if !usable {
                 continue;
             }
             if !self.models.contains_key(&usage.model) && self.models.len() >= MAX_COUNTED_MODELS {
@@ -364,7 +364,8 @@ impl FairnessBoard {
         state.settings = settings;
         let Some(settings) = settings else {
             state.totals.clear();
-            self.counters.send_if_modified(|counters| counters.take().is_some());
+            self.counters
+                .send_if_modified(|counters| counters.take().is_some());
             return IDLE_TICK;
         };
         state.totals.expire(&settings, clock::unix_ms_now());
@@ -396,7 +397,11 @@ mod tests {
         interval: Duration::from_millis(250),
     };
 
-    fn report(reporter: u64, sequence: u64, usage: &[(&str, &str, f64)]) -> pb::FairnessUsageReport {
+    fn report(
+        reporter: u64,
+        sequence: u64,
+        usage: &[(&str, &str, f64)],
+    ) -> pb::FairnessUsageReport {
         pb::FairnessUsageReport {
             reporter,
             sequence,
@@ -425,7 +430,12 @@ mod tests {
     #[test]
     fn the_counters_add_up_each_reporters_latest_total_and_echo_its_sequence() {
         let mut totals = UsageTotals::default();
-        totals.report(&SETTINGS, "dp-0", &report(1, 1, &[("m", "heavy", 100.0)]), 0);
+        totals.report(
+            &SETTINGS,
+            "dp-0",
+            &report(1, 1, &[("m", "heavy", 100.0)]),
+            0,
+        );
         totals.report(
             &SETTINGS,
             "dp-1",
@@ -433,7 +443,12 @@ mod tests {
             0,
         );
         // Totals, not deltas: a later report replaces the reporter's total.
-        totals.report(&SETTINGS, "dp-0", &report(1, 2, &[("m", "heavy", 120.0)]), 10);
+        totals.report(
+            &SETTINGS,
+            "dp-0",
+            &report(1, 2, &[("m", "heavy", 120.0)]),
+            10,
+        );
         let counters = totals.take_counters().expect("changed");
         assert_eq!(served(&counters, "m", "heavy"), Some(170.0));
         assert_eq!(served(&counters, "m", "light"), Some(5.0));
@@ -452,7 +467,12 @@ mod tests {
         );
         assert_eq!(totals.take_counters(), None, "nothing changed since");
         // The same report read twice (a resend) sets the same totals.
-        totals.report(&SETTINGS, "dp-0", &report(1, 2, &[("m", "heavy", 120.0)]), 20);
+        totals.report(
+            &SETTINGS,
+            "dp-0",
+            &report(1, 2, &[("m", "heavy", 120.0)]),
+            20,
+        );
         let again = totals.take_counters().expect("read");
         assert_eq!(again, counters);
     }
@@ -513,7 +533,12 @@ mod tests {
     fn users_and_reporters_idle_beyond_the_window_expire() {
         let mut totals = UsageTotals::default();
         totals.report(&SETTINGS, "dp-0", &report(1, 1, &[("m", "old", 10.0)]), 0);
-        totals.report(&SETTINGS, "dp-1", &report(2, 1, &[("m", "new", 10.0)]), 30_000);
+        totals.report(
+            &SETTINGS,
+            "dp-1",
+            &report(2, 1, &[("m", "new", 10.0)]),
+            30_000,
+        );
         totals.take_counters();
         totals.expire(&SETTINGS, 60_000);
         assert_eq!(totals.take_counters(), None, "all within the window");
@@ -521,7 +546,11 @@ mod tests {
         let counters = totals.take_counters().expect("expiry is a change");
         assert_eq!(served(&counters, "m", "old"), None);
         assert_eq!(served(&counters, "m", "new"), Some(10.0));
-        assert_eq!(counters.reports.len(), 1, "reporter 1 silent for the window");
+        assert_eq!(
+            counters.reports.len(),
+            1,
+            "reporter 1 silent for the window"
+        );
         totals.expire(&SETTINGS, 90_001);
         let counters = totals.take_counters().expect("changed");
         assert!(counters.models.is_empty() && counters.reports.is_empty());
@@ -551,7 +580,11 @@ mod tests {
         board.report("dp", &report(1, 2, &[("m", "u", 4.0)]));
         counters.changed().await.expect("pushed");
         let pushed = counters.borrow_and_update().clone().expect("on");
-        assert_eq!(served(&pushed, "m", "u"), Some(4.0), "both reports in one push");
+        assert_eq!(
+            served(&pushed, "m", "u"),
+            Some(4.0),
+            "both reports in one push"
+        );
         assert_eq!(board.view().models[0].users[0].served, 4.0);
 
         router.send_replace(RouterConfig {

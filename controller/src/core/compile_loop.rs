@@ -231,11 +231,7 @@ fn observe(io: &LoopIo, resource: &str, started: Instant) {
 
 /// Publishes `loads` with the current fairness counters.
 fn publish_loads(io: &mut LoopIo, mut loads: pb::EndpointLoads, now_unix_ms: i64) {
-    loads.fairness_counters = io
-        .fairness_counters
-        .borrow_and_update()
-        .as_deref()
-        .cloned();
+    loads.fairness_counters = io.fairness_counters.borrow_and_update().as_deref().cloned();
     let count = loads.loads.len();
     let published = io.publisher.publish_endpoint_loads(loads, now_unix_ms);
     if published.changed {

@@ -286,7 +286,10 @@ mod tests {
             (100, 5)
         );
         let (off, _) = parse("{globalCounters: false}").expect("valid");
-        assert_eq!(off.global_report_interval_ms, 0, "each dataplane on its own");
+        assert_eq!(
+            off.global_report_interval_ms, 0,
+            "each dataplane on its own"
+        );
         assert_eq!(
             config.tier_weights,
             [pb::TierWeight {

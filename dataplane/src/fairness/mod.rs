@@ -282,7 +282,12 @@ impl Fairness {
             .unwrap_or_default();
         let queues: Vec<Arc<ModelQueue>> = self.queues.lock().values().cloned().collect();
         for queue in queues {
-            let users = counters.map(|_| by_model.get(queue.model.as_str()).copied().unwrap_or_default());
+            let users = counters.map(|_| {
+                by_model
+                    .get(queue.model.as_str())
+                    .copied()
+                    .unwrap_or_default()
+            });
             queue.apply_fleet(users, echo, reports.max_global_users);
         }
     }

@@ -1114,20 +1114,14 @@ mod tests {
         assert_eq!(user_view(&queue, "u").order_key, 150.0, "counted at once");
         let second = fairness.usage_report(false).expect("changed");
         assert_eq!((second.sequence, second.usage[0].served), (2, 150.0));
-        fairness.apply_counters(Some(&pushed(
-            &[("u", 130.0)],
-            &[(reporter, 1), (9, 4)],
-        )));
+        fairness.apply_counters(Some(&pushed(&[("u", 130.0)], &[(reporter, 1), (9, 4)])));
         let view = user_view(&queue, "u");
         assert_eq!(
             (view.order_key, view.served_elsewhere, view.unreflected),
             (180.0, 30.0, 50.0)
         );
         // Then the push that includes it.
-        fairness.apply_counters(Some(&pushed(
-            &[("u", 180.0)],
-            &[(reporter, 2), (9, 4)],
-        )));
+        fairness.apply_counters(Some(&pushed(&[("u", 180.0)], &[(reporter, 2), (9, 4)])));
         let view = user_view(&queue, "u");
         assert_eq!(
             (view.order_key, view.served_elsewhere, view.unreflected),
