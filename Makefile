@@ -72,7 +72,8 @@ e2e-vllm: build
 	e2e/vllm.sh check
 # Optional, not part of `make test`; CPU-heavy (about 15 minutes, engines
 # restarted cold for each of 6 runs): the scheduling-quality table on those
-# two real engines, one and three dataplanes.
+# two real engines, one and three dataplanes; fails if the default mix misses
+# a target (hit rate >= 80%, busiest engine <= 60% of requests).
 e2e-vllm-quality: build
 	$(CARGO) build -p switchyard-e2e --example prefix_workload
 	e2e/vllm.sh quality

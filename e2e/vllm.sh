@@ -16,7 +16,10 @@
 #     workload (e2e/src/prefix_workload.rs) for round robin, the default mix and
 #     prefix-cache alone, through one and through three dataplanes, each run on
 #     engines restarted cold; prints the results table (hit rate from the
-#     engines' own vllm:prefix_cache_hits_total / queries_total).
+#     engines' own vllm:prefix_cache_hits_total / queries_total), then for
+#     each default-mix run ok/MISS per target (hit rate >= 80%, busiest engine
+#     <= 60% of requests); exits non-zero if one is missed.
+#     QUALITY_STRATEGIES="default-mix" QUALITY_DATAPLANES="3" run a subset.
 #
 # Everything started here is stopped on exit, by pid.
 set -euo pipefail
@@ -168,24 +171,45 @@ if [ "$MODE" = quality ]; then
   printf 'scheduler:\n  plugins:\n    Filter: {enabled: []}\n    Score: {enabled: [{name: least-request, weight: 0}]}\n' >"$WORK/round-robin.yaml"
   printf 'auth: {}\n' >"$WORK/default-mix.yaml"
   printf 'scheduler:\n  plugins:\n    Filter: {enabled: []}\n    Score: {enabled: [{name: prefix-cache}]}\n' >"$WORK/prefix-cache-alone.yaml"
+  # QUALITY_STRATEGIES / QUALITY_DATAPLANES pick a subset of the runs.
+  STRATEGIES=(${QUALITY_STRATEGIES:-round-robin default-mix prefix-cache-alone})
+  DATAPLANE_COUNTS=(${QUALITY_DATAPLANES:-1 3})
   TABLE="$WORK/table.md"
+  VERDICTS="$WORK/verdicts.txt"
+  : >"$VERDICTS"
   echo "| strategy | dataplanes | prefix hit rate | requests per engine | latency p50 (ms) | latency p90 (ms) | errors |" >"$TABLE"
   echo "|---|---|---|---|---|---|---|" >>"$TABLE"
-  for strategy in round-robin default-mix prefix-cache-alone; do
-    for dataplanes in 1 3; do
+  missed=0
+  for strategy in "${STRATEGIES[@]}"; do
+    [ -f "$WORK/$strategy.yaml" ] || fail "unknown strategy $strategy (round-robin, default-mix, prefix-cache-alone)"
+    for dataplanes in "${DATAPLANE_COUNTS[@]}"; do
       for host in "${ENGINE_HOSTS[@]}"; do stop_engine "$host"; done
       start_engines
       start_switchyard "$WORK/$strategy.yaml" "$dataplanes"
       args=(--strategy "${strategy//-/ }" --model tiny-llama)
+      # The targets (hit rate, load split) are the default mix's; the other
+      # strategies are measured for comparison.
+      [ "$strategy" = default-mix ] && args+=(--check-targets)
       for url in "${DATAPLANES[@]}"; do args+=(--dataplane "$url"); done
       for host in "${ENGINE_HOSTS[@]}"; do args+=(--engine "http://$host:$ENGINE_PORT"); done
-      "$TARGET/examples/prefix_workload" "${args[@]}" | tee -a "$TABLE"
+      rc=0
+      "$TARGET/examples/prefix_workload" "${args[@]}" 2>"$WORK/verdict.txt" | tee -a "$TABLE" || rc=$?
+      tee -a "$VERDICTS" <"$WORK/verdict.txt"
+      case "$rc" in
+        0) ;;
+        3) missed=$((missed + 1)) ;;
+        *) fail "prefix_workload failed ($rc) for $strategy with $dataplanes dataplanes" ;;
+      esac
       stop_switchyard
     done
   done
   echo
   cat "$TABLE"
+  echo
+  cat "$VERDICTS"
   echo "e2e-vllm-quality: done in $((SECONDS - STARTED_AT)) s (load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
+  [ "$missed" = 0 ] || fail "$missed default-mix run(s) missed a target (see MISS lines above)"
+  [ -s "$VERDICTS" ] && echo "e2e-vllm-quality: every default-mix run met its targets"
   exit 0
 fi
 

@@ -5,8 +5,12 @@
 //! p90, errors. `e2e/vllm.sh quality` (`make e2e-vllm-quality`) runs it
 //! against real vLLM engines.
 //!
+//! With `--check-targets` it also prints, on stderr, whether the row meets
+//! the scheduling-quality targets (`prefix_workload::TARGET_HIT_RATE`,
+//! `TARGET_BUSIEST_SHARE`) and exits with status 3 if it misses one.
+//!
 //! ```text
-//! prefix_workload --strategy NAME --model MODEL [--seed N]
+//! prefix_workload --strategy NAME --model MODEL [--seed N] [--check-targets]
 //!     --dataplane http://HOST:PORT [--dataplane ...]
 //!     --engine http://HOST:PORT [--engine ...]
 //! ```
@@ -22,7 +26,11 @@ struct Args {
     seed: u64,
     dataplanes: Vec<String>,
     engines: Vec<String>,
+    check_targets: bool,
 }
+
+/// Exit status of a run that missed a target (1 is a failed run, 2 bad flags).
+const TARGET_MISSED: u8 = 3;
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
@@ -31,8 +39,13 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         seed: 1,
         dataplanes: Vec::new(),
         engines: Vec::new(),
+        check_targets: false,
     };
     while let Some(flag) = args.next() {
+        if flag == "--check-targets" {
+            parsed.check_targets = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--strategy" => parsed.strategy = value,
@@ -86,7 +99,18 @@ async fn main() -> ExitCode {
     match result {
         Ok(row) => {
             print!("{}", row.markdown());
-            ExitCode::SUCCESS
+            if !args.check_targets {
+                return ExitCode::SUCCESS;
+            }
+            let (met, verdicts) = row.target_verdicts();
+            for line in verdicts {
+                eprintln!("{line}");
+            }
+            if met {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(TARGET_MISSED)
+            }
         }
         Err(message) => {
             eprintln!("prefix_workload: {message}");

@@ -294,6 +294,13 @@ impl EngineCounters {
     }
 }
 
+/// The scheduling-quality target for the default mix on this workload: the
+/// engines' prefix-cache hit rate (round robin gets about 60% on the real
+/// engines, keeping every prompt on exactly one engine about 86%) ...
+pub const TARGET_HIT_RATE: f64 = 0.8;
+/// ... with neither engine serving more than 60% of the requests (40/60).
+pub const TARGET_BUSIEST_SHARE: f64 = 0.6;
+
 /// One line of the results table.
 #[derive(Clone, Debug)]
 pub struct QualityRow {
@@ -320,6 +327,37 @@ impl QualityRow {
         let total: f64 = self.engines.iter().map(|e| e.requests).sum();
         let most = self.engines.iter().map(|e| e.requests).fold(0.0, f64::max);
         if total > 0.0 { most / total } else { 0.0 }
+    }
+
+    /// Whether this row meets both targets ([`TARGET_HIT_RATE`] with no
+    /// errors, [`TARGET_BUSIEST_SHARE`]), and one line per target saying so
+    /// (`ok:` or `MISS:`, with the measured value).
+    pub fn target_verdicts(&self) -> (bool, Vec<String>) {
+        let name = format!(
+            "{}, {} dataplane{}",
+            self.strategy,
+            self.dataplanes,
+            if self.dataplanes == 1 { "" } else { "s" }
+        );
+        let verdict = |met: bool| if met { "ok" } else { "MISS" };
+        let hits = self.hit_rate() >= TARGET_HIT_RATE && self.run.errors == 0;
+        let even = self.busiest_share() <= TARGET_BUSIEST_SHARE;
+        let lines = vec![
+            format!(
+                "{}: {name}: prefix hit rate {:.1}% (target >= {:.0}%), {} errors",
+                verdict(hits),
+                self.hit_rate() * 100.0,
+                TARGET_HIT_RATE * 100.0,
+                self.run.errors,
+            ),
+            format!(
+                "{}: {name}: busiest engine served {:.1}% of requests (target <= {:.0}%)",
+                verdict(even),
+                self.busiest_share() * 100.0,
+                TARGET_BUSIEST_SHARE * 100.0,
+            ),
+        ];
+        (hits && even, lines)
     }
 
     /// The row, in Markdown.

@@ -569,11 +569,13 @@ async fn session_affinity_is_sticky_across_dataplanes_and_falls_back() {
 /// that together need 1.1 engines' KV caches) on two simulated engines shaped
 /// like its real ones, default plugin mix: prefix groups stay on their pods
 /// (the engines' hit rate is at least 80%; round robin gets about 45%) and
-/// are spread evenly (hashing alone splits these 16 groups 11/5), with one
-/// dataplane and with three. No engine serves more than 60% of the requests
-/// with one dataplane, 62% with three: each of them places the first requests
-/// of a round before it has seen every group. The engines' KV-cache size
-/// reaches the dataplanes from their `vllm:cache_config_info`.
+/// are spread evenly (hashing alone splits these 16 groups 11/5; the group
+/// share makes it 8/8), with one dataplane and with three: no engine serves
+/// more than 60% of the requests (the targets of `make e2e-vllm-quality`,
+/// `QualityRow::target_verdicts`). With three dataplanes each places the
+/// first requests before it has seen every group, which costs a few hits and
+/// a few requests of balance. The engines' KV-cache size reaches the
+/// dataplanes from their `vllm:cache_config_info`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_mix_keeps_prefix_groups_home_and_engines_even_when_caches_are_tight() {
     for dataplanes in [1, 3] {
@@ -624,9 +626,7 @@ async fn the_default_mix_keeps_prefix_groups_home_and_engines_even_when_caches_a
             run,
         };
         eprint!("{}", row.markdown());
-        assert_eq!(row.run.errors, 0, "{}", row.markdown());
-        assert!(row.hit_rate() >= 0.8, "{}", row.markdown());
-        let most = if dataplanes == 1 { 0.6 } else { 0.62 };
-        assert!(row.busiest_share() <= most, "{}", row.markdown());
+        let (met, verdicts) = row.target_verdicts();
+        assert!(met, "{}{}", row.markdown(), verdicts.join("\n"));
     }
 }

@@ -31,8 +31,9 @@ pub const DEFAULT_AFFINITY_BLOCKS: u32 = 16;
 /// Bound on how many more prefix groups than the mean a pod is made home to
 /// (and, for pods without fresh engine load, requests in flight): tighter
 /// than the session-affinity default because placing a group that has no
-/// cache yet costs nothing, and with few groups the bound is coarse: with 16
-/// groups on two pods, 1.1 allows 9/7 at worst, 1.25 allows 10/6.
+/// cache yet costs nothing. With few groups the bound is coarse (the group
+/// count it allows is rounded down, never below an even split): with 16
+/// groups on two pods, 1.1 splits them 8/8, 1.25 allows 10/6.
 pub const DEFAULT_LOAD_BOUND_FACTOR: f64 = 1.1;
 /// Pods that get a match score at most: Kthena's default
 /// `topKMatches`, which this build does not make configurable.
