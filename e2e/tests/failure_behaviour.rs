@@ -445,7 +445,7 @@ async fn removing_and_adding_thousands_of_routes_never_stalls_probes() {
     let probes = probing.await.expect("probe loop");
     eprintln!(
         "{ROUTES_AT_SCALE} routes removed in {removal:?}, added back in {addition:?} \
-         (file write to the dataplane's model list); probes: {probes:?}"
+         (file write to the dataplane's route count); probes: {probes:?}"
     );
     assert!(probes.sent > 10, "{probes:?}");
     assert_eq!(probes.failed, 0, "{probes:?}");
