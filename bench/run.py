@@ -671,7 +671,8 @@ def scale_snapshot_rss_mib(bins, workdir):
     log(f"dataplane memory with the {SCALE_PODS}-pod snapshot (switchyard-bench-scale)")
     result = subprocess.run(
         [str(bins / "switchyard-bench-scale"), "--pods", str(SCALE_PODS), "--streams", "1",
-         "--changes", "2", "--compiles", "1", "--dataplane-bin", str(bins / "switchyard-dataplane"),
+         "--changes", "2", "--compiles", "1", "--churn-routes", "0",
+         "--dataplane-bin", str(bins / "switchyard-dataplane"),
          "--output", str(workdir / "scale.md")],
         capture_output=True, text=True, check=False)
     for line in result.stdout.splitlines():

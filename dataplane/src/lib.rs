@@ -14,6 +14,7 @@
 //! Around it: [`snapshot`] (validate + atomically swap the routing table),
 //! [`pod`] (per-pod state that outlives snapshots: in-flight count, load,
 //! outlier ejection), [`lazy_series`] (metric series created on first use),
+//! [`retired`] (replaced snapshot state, freed off the traffic workers),
 //! [`providers`] (external model providers: URL, headers, HTTPS clients),
 //! [`xds_client`] (the controller stream), [`admin`] (health, metrics, debug),
 //! [`app`] (wiring it all together), [`server`] (the HTTP servers and their drain),
@@ -43,6 +44,7 @@ pub mod rate_limit;
 pub mod request;
 pub mod request_id;
 pub mod response;
+pub mod retired;
 pub mod rewrite;
 pub mod routing;
 pub mod scheduling;

@@ -33,6 +33,7 @@ use crate::health::HealthMetrics;
 use crate::lazy_series::LazySeries;
 use crate::pod::outlier::Failure;
 use crate::rate_limit::LimitType;
+use crate::retired::Retired;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::{ControllerStatus, SnapshotSink};
 
@@ -178,6 +179,8 @@ pub struct RouterMetrics {
     resolved: ArcSwap<Resolved>,
     /// Serialises snapshot applications (never taken by requests).
     resolve_lock: Mutex<()>,
+    /// Replaced handles a request still read when they were replaced.
+    retired: Retired<Resolved>,
     /// (name, help, type) of every family, so `/metrics` lists families that
     /// have no series yet (the Prometheus crate leaves them out).
     declared: Vec<(String, String, &'static str)>,
@@ -467,6 +470,7 @@ impl RouterMetrics {
             health: HealthMetrics::register(&registry)?,
             resolved: ArcSwap::from_pointee(Resolved::default()),
             resolve_lock: Mutex::new(()),
+            retired: Retired::default(),
             declared: Vec::new(),
             registry,
         };
@@ -646,6 +650,14 @@ impl RouterMetrics {
                     .remove_label_values(&[server, failure.as_str()]);
             }
         }
+        self.retired.retire(previous);
+    }
+
+    /// Frees replaced handles no request reads any more (on the calling
+    /// thread: the one that applies snapshots).
+    pub fn reclaim(&self) {
+        self.retired.reclaim();
+        self.health.reclaim();
     }
 
     /// The PD handles of `table`'s prefill/decode ModelServers, for the
@@ -1111,6 +1123,7 @@ impl SnapshotSink for ObservedStore {
 
     fn reclaim(&self) {
         self.store.reclaim();
+        self.metrics.reclaim();
     }
 
     fn ejections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

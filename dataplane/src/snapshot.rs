@@ -22,6 +22,7 @@ use crate::pod::PodState;
 use crate::pod::outlier::{EjectionNotifier, OutlierDetector, OutlierSettings};
 use crate::providers::Provider;
 use crate::rate_limit::{RateLimitPlan, RateLimiting, RateLimits};
+use crate::retired::Retired;
 use crate::routing::{
     DEFAULT_RESPONSE_HEADER_TIMEOUT, KvConnector, Matcher, PdGroup, PrefillDecode, Route,
     RouteIndex, Rule, Server, StringMatcher, WeightedTargets,
@@ -684,7 +685,7 @@ pub struct SnapshotStore {
     /// Replaced tables some request still held when they were replaced;
     /// freed by [`SnapshotStore::reclaim`], so the cost of dropping a big
     /// table falls on the thread that applies snapshots, not on a request.
-    retired: Mutex<Vec<Arc<RoutingTable>>>,
+    retired: Retired<RoutingTable>,
     /// Fairness queues and counters that outlive tables.
     fairness: Arc<Fairness>,
 }
@@ -820,10 +821,10 @@ impl SnapshotStore {
             *current = ports;
             changed
         });
-        if let Some(replaced) = replaced {
-            self.retired.lock().push(replaced);
-        }
         drop(previous);
+        if let Some(replaced) = replaced {
+            self.retired.retire(replaced);
+        }
         self.reclaim();
         // The new pods' loads are known only now.
         self.fairness.wake_all();
@@ -863,16 +864,7 @@ impl SnapshotStore {
     /// Frees the replaced tables no request uses any more (on the calling
     /// thread: the one that applies snapshots).
     pub fn reclaim(&self) {
-        let unused: Vec<Arc<RoutingTable>> = {
-            let mut retired = self.retired.lock();
-            let (unused, held) = std::mem::take(&mut *retired)
-                .into_iter()
-                .partition(|table| Arc::strong_count(table) == 1);
-            *retired = held;
-            unused
-        };
-        // Dropped here, outside the lock.
-        drop(unused);
+        self.retired.reclaim();
     }
 
     /// Applies a whole EndpointLoads set, or an update of the one held

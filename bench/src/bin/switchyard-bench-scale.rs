@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::{Buf as _, Bytes};
 use clap::Parser;
 use prost::Message as _;
+use switchyard_bench::route_churn;
 use switchyard_controller::compile::{compile_endpoint_loads, compile_route_config};
 use switchyard_controller::local::{LocalObjects, parse_documents};
 use switchyard_controller::scrape::PodLoad;
@@ -70,6 +71,13 @@ struct Args {
     /// Also write the table to this file.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Routes of the route-churn run (needs `--dataplane-bin`; 0 skips it):
+    /// all but one removed and added back while `/healthz` is probed.
+    #[arg(long, default_value_t = 20_000)]
+    churn_routes: usize,
+    /// Removals and re-additions of the route-churn run.
+    #[arg(long, default_value_t = 3)]
+    churn_rounds: usize,
 }
 
 #[tokio::main]
@@ -637,16 +645,27 @@ async fn run(args: Args) -> Result<(), String> {
             );
         }
     }
-    print!("{table}");
-    if let Some(path) = &args.output {
-        std::fs::write(path, &table)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-
     drop(real);
     for client in clients {
         client.abort();
     }
     server.abort();
-    Ok(())
+
+    // Route churn, on a quiet process: the streams above are gone.
+    let mut missed = None;
+    if let Some(binary) = args
+        .dataplane_bin
+        .as_deref()
+        .filter(|_| args.churn_routes > 0)
+    {
+        let churn = route_churn::run(args.churn_routes, args.churn_rounds, binary).await?;
+        table.push_str(&churn.rows());
+        missed = churn.miss();
+    }
+    print!("{table}");
+    if let Some(path) = &args.output {
+        std::fs::write(path, &table)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    missed.map_or(Ok(()), Err)
 }

@@ -38,6 +38,7 @@ use switchyard_runtime::clock::{self, Instant};
 
 use self::connections::ConnectionCounts;
 use crate::pod::{PodState, is_fresh};
+use crate::retired::Retired;
 use crate::routing::Server;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 
@@ -180,6 +181,8 @@ pub struct HealthMetrics {
     decisions: ArcSwap<DecisionHandles>,
     /// Serialises snapshot applications (never taken by requests).
     resolve_lock: Mutex<()>,
+    /// Replaced decision slots a request still read when they were replaced.
+    retired: Retired<DecisionHandles>,
 }
 
 /// The `kthena_lb_decisions_total` handles of one snapshot: a slot per
@@ -239,6 +242,7 @@ impl HealthMetrics {
             connections: Arc::default(),
             decisions: ArcSwap::from_pointee(DecisionHandles::default()),
             resolve_lock: Mutex::new(()),
+            retired: Retired::default(),
         };
         registry.register(Box::new(metrics.routes.clone()))?;
         registry.register(Box::new(metrics.server_health.clone()))?;
@@ -359,6 +363,13 @@ impl HealthMetrics {
             }
         }
         self.decisions.store(Arc::new(next));
+        self.retired.retire(previous);
+    }
+
+    /// Frees replaced decision slots no request reads any more (on the
+    /// calling thread: the one that applies snapshots).
+    pub fn reclaim(&self) {
+        self.retired.reclaim();
     }
 
     /// Sets the gauges from the table in use; called when `/metrics` is
