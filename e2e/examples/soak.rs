@@ -7,6 +7,7 @@
 //!
 //! Tunables (environment): `SOAK_REQUESTS` (200000), `SOAK_CONCURRENCY` (32).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,9 +15,9 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use parking_lot::Mutex;
 use switchyard_e2e::harness::{
-    Stack, TestPod, model_server_yaml, simple_route_yaml, yaml_documents,
+    ENGINE_PORT, Stack, TestPod, model_server_yaml, simple_route_yaml, yaml_documents,
 };
-use switchyard_e2e::hostile::{open_fds, rss_kib};
+use switchyard_e2e::hostile::{fd_census, rss_kib};
 use switchyard_runtime::clock;
 
 /// Requests between two reports.
@@ -106,7 +107,10 @@ struct Sample {
     done: u64,
     rss_kib: u64,
     fds: usize,
-    series: usize,
+    /// Descriptors by kind (see [`fd_census`]), to name what grew.
+    fds_by_kind: BTreeMap<String, usize>,
+    /// Every series on `/metrics` (name and labels).
+    series: BTreeSet<String>,
     in_flight: f64,
 }
 
@@ -121,7 +125,8 @@ async fn sample(stack: &Stack, pid: u32, done: u64) -> Sample {
     let series = page
         .lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())
-        .count();
+        .filter_map(|line| line.rsplit_once(' ').map(|(series, _)| series.to_owned()))
+        .collect();
     let in_flight = page
         .lines()
         .filter(|line| {
@@ -131,13 +136,42 @@ async fn sample(stack: &Stack, pid: u32, done: u64) -> Sample {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
+    let dataplane = &stack.dataplanes[0];
+    let fds_by_kind = fd_census(
+        pid,
+        &[
+            (dataplane.traffic.port(), "traffic port"),
+            (dataplane.metrics.port(), "metrics port"),
+            (dataplane.debug.port(), "debug port"),
+            (ENGINE_PORT, "engines"),
+            (stack.xds_addr.port(), "controller"),
+        ],
+    );
     Sample {
         done,
         rss_kib: rss_kib(pid),
-        fds: open_fds(pid),
+        fds: fds_by_kind.values().sum(),
+        fds_by_kind,
         series,
         in_flight,
     }
+}
+
+/// What changed between two samples: descriptor kinds whose count changed,
+/// series that appeared or went.
+fn changes(from: &Sample, to: &Sample) -> Vec<String> {
+    let kinds: BTreeSet<&String> = from.fds_by_kind.keys().chain(to.fds_by_kind.keys()).collect();
+    let mut changes: Vec<String> = kinds
+        .into_iter()
+        .filter_map(|kind| {
+            let before = from.fds_by_kind.get(kind).copied().unwrap_or_default();
+            let after = to.fds_by_kind.get(kind).copied().unwrap_or_default();
+            (before != after).then(|| format!("fds {kind}: {before} -> {after}"))
+        })
+        .collect();
+    changes.extend(to.series.difference(&from.series).map(|series| format!("new series {series}")));
+    changes.extend(from.series.difference(&to.series).map(|series| format!("gone series {series}")));
+    changes
 }
 
 fn print(sample: &Sample, elapsed: Duration) {
@@ -147,7 +181,7 @@ fn print(sample: &Sample, elapsed: Duration) {
         elapsed.as_secs_f64(),
         sample.rss_kib as f64 / 1024.0,
         sample.fds,
-        sample.series,
+        sample.series.len(),
         sample.in_flight
     );
 }
@@ -233,8 +267,14 @@ async fn main() {
         requests as f64 / elapsed.as_secs_f64()
     );
     let wrong = wrong.lock().clone();
-    let samples = samples.lock();
+    let mut samples = samples.lock();
+    samples.sort_by_key(|sample| sample.done);
     let warm = samples.first().unwrap_or(&last);
+    for (from, to) in samples.iter().zip(samples.iter().skip(1).chain([&last])) {
+        for change in changes(from, to) {
+            println!("  {} -> {}: {change}", from.done, to.done);
+        }
+    }
     let mut failures = Vec::new();
     if !wrong.is_empty() {
         failures.push(format!(
@@ -266,10 +306,11 @@ async fn main() {
             warm.fds, last.fds
         ));
     }
-    if last.series > warm.series {
+    if last.series.len() > warm.series.len() {
         failures.push(format!(
             "metric series grew from {} to {}",
-            warm.series, last.series
+            warm.series.len(),
+            last.series.len()
         ));
     }
     if failures.is_empty() {
@@ -279,8 +320,8 @@ async fn main() {
             last.rss_kib as f64 / 1024.0,
             warm.fds,
             last.fds,
-            warm.series,
-            last.series
+            warm.series.len(),
+            last.series.len()
         );
     } else {
         for failure in &failures {
