@@ -21,12 +21,15 @@ use tokio::net::TcpStream;
 
 const MIB: u64 = 1024;
 
-/// How long freed memory may take to go back to the system (the
-/// allocator's background purge runs on a ~10 s decay).
+/// How long memory may take to settle once a probe's clients are gone (the
+/// allocator returns freed memory within its 10 s decay; see `rss_settled`).
 const RETURN_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Memory a probe may leave behind once its clients are gone.
-const LEFT_BEHIND: u64 = 40 * MIB;
+/// Memory a probe may leave behind once RSS has settled: what the allocator
+/// and runtime keep for themselves (5.3 MiB after the 5,500-connection
+/// flood, about 1 KiB per connection), never the clients' bytes (a 30 MiB
+/// body is several times this).
+const LEFT_BEHIND: u64 = 16 * MIB;
 
 /// A hostile stack whose dataplane's memory was measured before the probe.
 struct Probed {
@@ -46,7 +49,8 @@ impl Probed {
         rss_kib(self.hostile.pid())
     }
 
-    /// Asserts that memory returns once the probe's clients are gone, prints
+    /// Asserts that memory returns once the probe's clients are gone (RSS
+    /// settled: the allocator has given back what it will), prints
     /// the probe's figure and checks that the dataplane still serves.
     async fn finish(&self, probe: &str, outcome: &str, peak: u64) {
         let before = self.before;

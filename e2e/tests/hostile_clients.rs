@@ -9,7 +9,7 @@ use http::StatusCode;
 use switchyard_e2e::harness::{ENGINE_PORT, WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
     HostileStack, RawOutcome, accepted_on, exchange, h2, open_fds, post, read_outcome,
-    read_response, read_until_closed, report_figure, rss_kib, trickle_until_closed,
+    read_response, read_until_closed, report_figure, rss_after, rss_kib, trickle_until_closed,
     with_header_line,
 };
 use switchyard_runtime::clock;
@@ -194,7 +194,7 @@ async fn smuggling_variants_are_refused_and_nothing_is_smuggled() {
         "400 and closed (CL+TE: chunked wins, then closed; nothing smuggled)",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -267,7 +267,7 @@ async fn invalid_utf8_and_odd_request_targets() {
         "400 + closed / forwarded byte for byte / routed to the pod with its Host / 404, no tunnel",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -308,7 +308,7 @@ async fn oversized_and_numerous_headers_get_431() {
         "431 and closed (64 KiB head, 100 headers)",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -428,7 +428,7 @@ async fn hostile_model_values_are_refused_or_quoted_within_bounds() {
         "400 without echo / 404 quoting an escaped 128-byte prefix / 400; no metric series",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -508,7 +508,7 @@ async fn long_and_binary_request_ids_are_replaced_by_generated_ones() {
         "replaced by a generated id, logged; ids in the decision ring ≤ 128 bytes",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -544,7 +544,7 @@ async fn deep_and_wide_json_bodies_are_handled_without_harm() {
         "skipped without recursion and forwarded (the engine judges); nested `model`: 400",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -601,7 +601,7 @@ async fn an_idle_connection_flood_is_held_then_closed_at_the_idle_timeout() {
         "held while the router serves; all closed at the idle timeout",
         before,
         Some(peak),
-        rss_kib(pid),
+        rss_after(pid).await,
     );
 }
 
@@ -637,7 +637,7 @@ async fn slowloris_headers_are_cut_at_the_idle_timeout() {
         "all closed by the header timeout",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -677,7 +677,7 @@ async fn connections_beyond_the_limit_get_503_and_are_closed() {
         "503 too_many_connections + Retry-After, closed",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -745,7 +745,7 @@ async fn bodies_beyond_the_budget_get_503_with_retry_after() {
         "503 router_overloaded + Retry-After, closed",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -795,7 +795,7 @@ async fn a_body_slower_than_the_minimum_rate_gets_408() {
         "408 request_timeout, closed",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -850,6 +850,6 @@ async fn http2_continuation_floods_and_rapid_resets_end_the_connection() {
         "GOAWAY ENHANCE_YOUR_CALM, connection closed",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
