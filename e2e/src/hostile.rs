@@ -365,6 +365,9 @@ pub fn open_fds(pid: u32) -> usize {
 /// names local listening ports and peer ports, e.g. the traffic port and the
 /// engines' port), eventfds, epoll instances, pipes, files by path.
 pub fn fd_census(pid: u32, ports: &[(u16, &str)]) -> std::collections::BTreeMap<String, usize> {
+    // The sockets are read before and after the descriptors: one opened or
+    // closed in between is in one of the two reads.
+    let mut sockets = tcp_sockets(pid);
     let targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
         .flatten()
@@ -372,7 +375,7 @@ pub fn fd_census(pid: u32, ports: &[(u16, &str)]) -> std::collections::BTreeMap<
         .filter_map(|entry| std::fs::read_link(entry.path()).ok())
         .map(|target| target.to_string_lossy().into_owned())
         .collect();
-    let sockets = tcp_sockets(pid);
+    sockets.extend(tcp_sockets(pid));
     let own_socket = |target: &str| {
         target
             .strip_prefix("socket:[")
