@@ -376,6 +376,15 @@ pub fn fd_census(pid: u32, ports: &[(u16, &str)]) -> std::collections::BTreeMap<
         .map(|target| target.to_string_lossy().into_owned())
         .collect();
     sockets.extend(tcp_sockets(pid));
+    // Columns of /proc/PID/net/unix: Num RefCount Protocol Flags Type St Inode Path
+    let unix_sockets: std::collections::HashSet<String> =
+        std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().nth(6))
+            .map(|inode| format!("socket:[{inode}]"))
+            .collect();
     let own_socket = |target: &str| {
         target
             .strip_prefix("socket:[")
@@ -412,7 +421,9 @@ pub fn fd_census(pid: u32, ports: &[(u16, &str)]) -> std::collections::BTreeMap<
                     name(socket.remote_port),
                     socket.state
                 ),
-                None => "socket (not TCP)".to_owned(),
+                None if unix_sockets.contains(target.as_str()) => "unix socket".to_owned(),
+                // A TCP socket is listed only once it binds or connects.
+                None => "socket not yet connected, or not TCP".to_owned(),
             }
         } else if let Some(anon) = target.strip_prefix("anon_inode:") {
             anon.trim_matches(|c| c == '[' || c == ']').to_owned()
