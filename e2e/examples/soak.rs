@@ -116,8 +116,7 @@ fn fd_violations(sample: &Sample, warm: &Sample, bounds: &FdBounds) -> Vec<Strin
         let follows_load = [CLIENT_CONNECTIONS, ENGINE_CONNECTIONS, OPENING]
             .iter()
             .any(|prefix| kind.starts_with(prefix));
-        if !follows_load && *count > warm_count
-        {
+        if !follows_load && *count > warm_count {
             violations.push(format!(
                 "{kind}: {warm_count} -> {count} after {} requests",
                 sample.done
@@ -258,7 +257,11 @@ async fn sample(stack: &Stack, pid: u32, done: u64) -> Sample {
 /// What changed between two samples: descriptor kinds whose count changed,
 /// series that appeared or went.
 fn changes(from: &Sample, to: &Sample) -> Vec<String> {
-    let kinds: BTreeSet<&String> = from.fds_by_kind.keys().chain(to.fds_by_kind.keys()).collect();
+    let kinds: BTreeSet<&String> = from
+        .fds_by_kind
+        .keys()
+        .chain(to.fds_by_kind.keys())
+        .collect();
     let mut changes: Vec<String> = kinds
         .into_iter()
         .filter_map(|kind| {
@@ -267,8 +270,16 @@ fn changes(from: &Sample, to: &Sample) -> Vec<String> {
             (before != after).then(|| format!("fds {kind}: {before} -> {after}"))
         })
         .collect();
-    changes.extend(to.series.difference(&from.series).map(|series| format!("new series {series}")));
-    changes.extend(from.series.difference(&to.series).map(|series| format!("gone series {series}")));
+    changes.extend(
+        to.series
+            .difference(&from.series)
+            .map(|series| format!("new series {series}")),
+    );
+    changes.extend(
+        from.series
+            .difference(&to.series)
+            .map(|series| format!("gone series {series}")),
+    );
     changes
 }
 

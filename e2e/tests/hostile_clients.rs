@@ -591,9 +591,10 @@ async fn an_idle_connection_flood_is_held_then_closed_at_the_idle_timeout() {
         assert!(outcome.closed, "closed at the idle timeout");
         assert!(outcome.bytes.is_empty(), "{}", outcome.text());
     }
-    wait_for("every accepted connection's descriptor to close", || async {
-        (accepted_on(pid, port).connections == 0).then_some(())
-    })
+    wait_for(
+        "every accepted connection's descriptor to close",
+        || async { (accepted_on(pid, port).connections == 0).then_some(()) },
+    )
     .await;
     hostile.still_serves().await;
     report_figure(
