@@ -322,8 +322,14 @@ async fn main() {
 
     let http = Arc::new(HttpClient::with_max_idle(concurrency as usize));
     let bounds = FdBounds::new(concurrency as usize, workers);
+    // The binaries run are those of the example's own profile.
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     println!(
-        "Soak: {requests} requests, {concurrency} at a time, one dataplane (release build, {workers} workers), {PODS} mock engines"
+        "Soak: {requests} requests, {concurrency} at a time, one dataplane ({profile} build, {workers} workers), {PODS} mock engines"
     );
     println!(
         "Bounds: RSS +{} MiB after the first report; client connections <= {}, engine connections <= {}, other descriptors no growth; series: none new but {LATE_SERIES:?}",
