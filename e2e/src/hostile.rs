@@ -544,7 +544,7 @@ fn tcp_sockets(pid: u32) -> std::collections::HashMap<String, TcpSocket> {
     sockets
 }
 
-/// How long a process's RSS must go without falling by [`SETTLE_STEP_KIB`]
+/// How long a process's RSS must go without falling by 1 MiB
 /// to count as settled: longer than the dataplane's allocator takes to give
 /// freed memory back (jemalloc, with background threads, purges freed pages
 /// over its 10 s `dirty_decay_ms`), so what is still resident then is held.
