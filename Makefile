@@ -22,11 +22,12 @@ test-deps:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 # The slow hostile-client probes (floods, parked and slow bodies, slowloris,
 # huge fields), one at a time so memory is measured per probe, plus the fast
-# ones again for their figures; prints the README's "Failure behaviour" rows.
+# ones again for their figures; prints the README's "Failure behaviour" rows
+# (memory "after" a probe is read once RSS has settled: SWITCHYARD_FIGURES).
 .PHONY: test-faults
 test-faults:
 	$(CARGO) build --workspace --bins
-	$(CARGO) test -p switchyard-e2e --no-fail-fast --test faults --test hostile_clients -- --include-ignored --test-threads 1 --nocapture 2>&1 \
+	SWITCHYARD_FIGURES=1 $(CARGO) test -p switchyard-e2e --no-fail-fast --test faults --test hostile_clients -- --include-ignored --test-threads 1 --nocapture 2>&1 \
 		| tee target/test-faults.log | grep -E '^(FIGURE|test |test result)'
 
 # 200,000 mixed requests through a release-built dataplane; prints RSS,

@@ -378,6 +378,16 @@ fn json_headers<'a>(headers: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
 }
 
 impl HttpClient {
+    /// A client keeping at most `max_idle` idle connections per host (the
+    /// default keeps every connection it ever opened).
+    pub fn with_max_idle(max_idle: usize) -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(max_idle)
+                .build(HttpConnector::new()),
+        }
+    }
+
     /// Sends a request and reads the whole response.
     pub async fn call(
         &self,

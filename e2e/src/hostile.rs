@@ -218,6 +218,70 @@ pub async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> RawOu
     read_until(stream, 16 * 1024, || deadline).await
 }
 
+/// Reads one whole response with a `Content-Length` body (the connection
+/// stays open), or until the server closes `stream` or `limit` passes.
+pub async fn read_response(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
+    let deadline = clock::now() + limit;
+    let mut received = Vec::new();
+    let mut buffer = vec![0u8; 16 * 1024];
+    let closed = loop {
+        if response_is_complete(&received) {
+            break false;
+        }
+        match clock::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+            Err(_) => break false,
+        }
+    };
+    RawOutcome {
+        statuses: statuses(&received),
+        bytes: received,
+        closed,
+    }
+}
+
+/// `bytes` hold a response head and as many body bytes as its `Content-Length`.
+fn response_is_complete(bytes: &[u8]) -> bool {
+    let Some(head_end) = bytes.windows(4).position(|window| window == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+    let length = head
+        .split("\r\n")
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse::<usize>().ok());
+    length.is_some_and(|length| bytes.len() >= head_end + 4 + length)
+}
+
+/// Slowloris: sends one more header byte on every open stream each `pace`
+/// until the server has closed them all or `limit` passes; calls `each_round`
+/// after every round. Returns how many are still open.
+pub async fn trickle_until_closed(
+    streams: &mut [TcpStream],
+    pace: Duration,
+    limit: Duration,
+    mut each_round: impl FnMut(),
+) -> usize {
+    let deadline = clock::now() + limit;
+    loop {
+        let mut open = 0;
+        for stream in streams.iter_mut() {
+            if stream.write_all(b"X").await.is_ok()
+                && !read_outcome(stream, Duration::from_millis(1)).await.closed
+            {
+                open += 1;
+            }
+        }
+        each_round();
+        if open == 0 || clock::now() >= deadline {
+            return open;
+        }
+        // Pacing, not waiting for a condition: this is how the client is slow.
+        clock::sleep(pace).await;
+    }
+}
+
 /// Reads until `stream` closes or a read finds nothing by the deadline
 /// `next_deadline` gives for it.
 async fn read_until(
@@ -296,16 +360,231 @@ pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
 }
 
-/// Waits until `pid`'s RSS is at most `bound_kib` and returns it, or
-/// returns the last value seen after `limit` (the caller asserts).
-pub async fn rss_settles_below(pid: u32, bound_kib: u64, limit: Duration) -> u64 {
+/// A process's open descriptors counted by kind, to say which kind grew:
+/// TCP sockets by state and by the port that names their role (`ports`
+/// names local listening ports and peer ports, e.g. the traffic port and the
+/// engines' port), eventfds, epoll instances, pipes, files by path.
+pub fn fd_census(pid: u32, ports: &[(u16, &str)]) -> std::collections::BTreeMap<String, usize> {
+    // The sockets are read before and after the descriptors: one opened or
+    // closed in between is in one of the two reads.
+    let mut sockets = tcp_sockets(pid);
+    let targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .collect();
+    sockets.extend(tcp_sockets(pid));
+    // Columns of /proc/PID/net/unix: Num RefCount Protocol Flags Type St Inode Path
+    let unix_sockets: std::collections::HashSet<String> =
+        std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().nth(6))
+            .map(|inode| format!("socket:[{inode}]"))
+            .collect();
+    let own_socket = |target: &str| {
+        target
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|inode| sockets.get(inode))
+    };
+    // This process's listening ports: a socket on one of them was accepted.
+    let listening: Vec<u16> = targets
+        .iter()
+        .filter_map(|target| own_socket(target))
+        .filter(|socket| socket.state == "LISTEN")
+        .map(|socket| socket.local_port)
+        .collect();
+    let name = |port: u16| {
+        ports
+            .iter()
+            .find(|(known, _)| *known == port)
+            .map_or_else(|| format!(":{port}"), |(_, name)| (*name).to_owned())
+    };
+    let mut census = std::collections::BTreeMap::new();
+    for target in &targets {
+        let kind = if target.starts_with("socket:") {
+            match own_socket(target) {
+                Some(socket) if socket.state == "LISTEN" => {
+                    format!("tcp listening on {}", name(socket.local_port))
+                }
+                Some(socket) if listening.contains(&socket.local_port) => format!(
+                    "tcp accepted on {} {}",
+                    name(socket.local_port),
+                    socket.state
+                ),
+                Some(socket) => format!(
+                    "tcp connected to {} {}",
+                    name(socket.remote_port),
+                    socket.state
+                ),
+                None if unix_sockets.contains(target.as_str()) => "unix socket".to_owned(),
+                // A TCP socket is listed only once it binds or connects.
+                None => "socket not yet connected, or not TCP".to_owned(),
+            }
+        } else if let Some(anon) = target.strip_prefix("anon_inode:") {
+            anon.trim_matches(|c| c == '[' || c == ']').to_owned()
+        } else if target.starts_with("pipe:") {
+            "pipe".to_owned()
+        } else {
+            format!("file {target}")
+        };
+        *census.entry(kind).or_default() += 1;
+    }
+    census
+}
+
+struct TcpSocket {
+    state: &'static str,
+    local_port: u16,
+    remote_port: u16,
+    /// Bytes received and not yet read by the process.
+    unread: u64,
+}
+
+/// Connections a process accepted on one of its ports, as the kernel sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Open descriptors of connections accepted on the port.
+    pub connections: usize,
+    /// Bytes those connections received that the process has not read yet.
+    pub unread_bytes: u64,
+}
+
+/// The connections `pid` holds that were accepted on `port` (the local port
+/// of a socket of its own that is not the listener).
+pub fn accepted_on(pid: u32, port: u16) -> Accepted {
+    let sockets = tcp_sockets(pid);
+    let mut accepted = Accepted::default();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return accepted;
+    };
+    for entry in dir.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        let socket = target
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|inode| sockets.get(inode));
+        if let Some(socket) = socket
+            && socket.local_port == port
+            && socket.state != "LISTEN"
+        {
+            accepted.connections += 1;
+            accepted.unread_bytes += socket.unread;
+        }
+    }
+    accepted
+}
+
+/// The TCP sockets of `pid`'s network namespace by inode
+/// (`/proc/PID/net/tcp` and `tcp6`).
+fn tcp_sockets(pid: u32) -> std::collections::HashMap<String, TcpSocket> {
+    const STATES: [&str; 12] = [
+        "?",
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+    ];
+    let port = |address: &str| {
+        address
+            .rsplit(':')
+            .next()
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            .unwrap_or_default()
+    };
+    let mut sockets = std::collections::HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        // Columns: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
+        for line in text.lines().skip(1) {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state), Some(queues), Some(inode)) = (
+                columns.get(1),
+                columns.get(2),
+                columns.get(3),
+                columns.get(4),
+                columns.get(9),
+            ) else {
+                continue;
+            };
+            let unread = queues
+                .split_once(':')
+                .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+                .unwrap_or_default();
+            let state = usize::from_str_radix(state, 16)
+                .ok()
+                .and_then(|index| STATES.get(index))
+                .copied()
+                .unwrap_or("?");
+            sockets.insert(
+                (*inode).to_owned(),
+                TcpSocket {
+                    state,
+                    local_port: port(local),
+                    remote_port: port(remote),
+                    unread,
+                },
+            );
+        }
+    }
+    sockets
+}
+
+/// How long a process's RSS must go without falling by 1 MiB
+/// to count as settled: longer than the dataplane's allocator takes to give
+/// freed memory back (jemalloc, with background threads, purges freed pages
+/// over its 10 s `dirty_decay_ms`), so what is still resident then is held.
+pub const SETTLE_QUIET: Duration = Duration::from_secs(12);
+/// A fall in RSS this large means the allocator is still returning memory.
+const SETTLE_STEP_KIB: u64 = 1024;
+/// How often RSS is sampled while it settles.
+const SETTLE_POLL: Duration = Duration::from_millis(250);
+
+/// `pid`'s RSS once it has settled (see [`SETTLE_QUIET`]), or the last
+/// value seen after `limit` (the caller asserts).
+pub async fn rss_settled(pid: u32, limit: Duration) -> u64 {
     let deadline = clock::now() + limit;
+    let mut low = rss_kib(pid);
+    let mut last_fall = clock::now();
     loop {
+        clock::sleep(SETTLE_POLL).await;
         let rss = rss_kib(pid);
-        if rss <= bound_kib || clock::now() >= deadline {
+        if rss + SETTLE_STEP_KIB <= low {
+            low = rss;
+            last_fall = clock::now();
+        }
+        if last_fall.elapsed() >= SETTLE_QUIET || clock::now() >= deadline {
             return rss;
         }
-        clock::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Set (by `make test-faults`) when the figures are collected: the fast
+/// probes then report settled memory too.
+pub const FIGURES_ENV: &str = "SWITCHYARD_FIGURES";
+
+/// The *after* memory of a probe's figure: settled ([`rss_settled`]) when
+/// [`FIGURES_ENV`] is set, else the reading now (`make test` prints no
+/// figures, so it does not wait [`SETTLE_QUIET`] per probe for one).
+pub async fn rss_after(pid: u32) -> u64 {
+    if std::env::var_os(FIGURES_ENV).is_some() {
+        rss_settled(pid, Duration::from_secs(60)).await
+    } else {
+        rss_kib(pid)
     }
 }
 

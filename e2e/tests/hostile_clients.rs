@@ -8,8 +8,9 @@ use std::time::Duration;
 use http::StatusCode;
 use switchyard_e2e::harness::{ENGINE_PORT, WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
-    HostileStack, RawOutcome, exchange, h2, open_fds, post, read_outcome, read_until_closed,
-    report_figure, rss_kib, with_header_line,
+    HostileStack, RawOutcome, accepted_on, exchange, h2, open_fds, post, read_outcome,
+    read_response, read_until_closed, report_figure, rss_after, rss_kib, trickle_until_closed,
+    with_header_line,
 };
 use switchyard_runtime::clock;
 use tokio::io::AsyncWriteExt;
@@ -193,7 +194,7 @@ async fn smuggling_variants_are_refused_and_nothing_is_smuggled() {
         "400 and closed (CL+TE: chunked wins, then closed; nothing smuggled)",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -266,7 +267,7 @@ async fn invalid_utf8_and_odd_request_targets() {
         "400 + closed / forwarded byte for byte / routed to the pod with its Host / 404, no tunnel",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -307,7 +308,7 @@ async fn oversized_and_numerous_headers_get_431() {
         "431 and closed (64 KiB head, 100 headers)",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -427,7 +428,7 @@ async fn hostile_model_values_are_refused_or_quoted_within_bounds() {
         "400 without echo / 404 quoting an escaped 128-byte prefix / 400; no metric series",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -507,7 +508,7 @@ async fn long_and_binary_request_ids_are_replaced_by_generated_ones() {
         "replaced by a generated id, logged; ids in the decision ring ≤ 128 bytes",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -543,7 +544,101 @@ async fn deep_and_wide_json_bodies_are_handled_without_harm() {
         "skipped without recursion and forwarded (the engine judges); nested `model`: 400",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
+    );
+}
+
+/// The idle flood of `faults.rs`, shrunk: idle keep-alive and silent
+/// connections are held while the router serves, then closed by the
+/// server at the idle timeout, leaving no descriptor behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_flood_is_held_then_closed_at_the_idle_timeout() {
+    let hostile = HostileStack::start(&["--idle-timeout", "2s"]).await;
+    let (pid, port) = (hostile.pid(), hostile.traffic().port());
+    let before = rss_kib(pid);
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let mut stream = TcpStream::connect(hostile.traffic())
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n")
+            .await
+            .expect("request");
+        idle.push(stream);
+    }
+    for stream in &mut idle {
+        let outcome = read_response(stream, WAIT_DEADLINE).await;
+        assert_eq!(outcome.status(), Some(200), "{}", outcome.text());
+        assert!(!outcome.closed, "kept alive after its answer");
+    }
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(
+            TcpStream::connect(hostile.traffic())
+                .await
+                .expect("connect"),
+        );
+    }
+    wait_for("the dataplane to accept all 250 connections", || async {
+        (accepted_on(pid, port).connections >= 250).then_some(())
+    })
+    .await;
+    let peak = rss_kib(pid);
+    hostile.still_serves().await;
+    for stream in idle.iter_mut().chain(&mut silent) {
+        let outcome = read_until_closed(stream, WAIT_DEADLINE).await;
+        assert!(outcome.closed, "closed at the idle timeout");
+        assert!(outcome.bytes.is_empty(), "{}", outcome.text());
+    }
+    wait_for(
+        "every accepted connection's descriptor to close",
+        || async { (accepted_on(pid, port).connections == 0).then_some(()) },
+    )
+    .await;
+    hostile.still_serves().await;
+    report_figure(
+        "200 idle keep-alive + 50 silent connections, --idle-timeout 2s",
+        "held while the router serves; all closed at the idle timeout",
+        before,
+        Some(peak),
+        rss_after(pid).await,
+    );
+}
+
+/// The slowloris probe of `faults.rs`, shrunk: connections sending their
+/// head a byte at a time, faster than any per-read timeout, are all closed
+/// by the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_headers_are_cut_at_the_idle_timeout() {
+    let hostile = HostileStack::start(&["--idle-timeout", "1s"]).await;
+    let before = rss_kib(hostile.pid());
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(hostile.traffic())
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
+            .await
+            .expect("request line");
+        streams.push(stream);
+    }
+    let open = trickle_until_closed(
+        &mut streams,
+        Duration::from_millis(200),
+        WAIT_DEADLINE,
+        || {},
+    )
+    .await;
+    assert_eq!(open, 0, "every slowloris connection is closed");
+    hostile.still_serves().await;
+    report_figure(
+        "20 slowloris connections (a header byte every 0.2 s), --idle-timeout 1s",
+        "all closed by the header timeout",
+        before,
+        None,
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -583,7 +678,7 @@ async fn connections_beyond_the_limit_get_503_and_are_closed() {
         "503 too_many_connections + Retry-After, closed",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -651,7 +746,7 @@ async fn bodies_beyond_the_budget_get_503_with_retry_after() {
         "503 router_overloaded + Retry-After, closed",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -670,6 +765,7 @@ async fn a_body_slower_than_the_minimum_rate_gets_408() {
     fast.write_all(&request[..split]).await.expect("head");
     for chunk in request[split..].chunks(400) {
         fast.write_all(chunk).await.expect("chunk");
+        // Pacing: this client sends at 4000 bytes/s.
         clock::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(read_outcome(&mut fast, QUIET).await.status(), Some(200));
@@ -700,7 +796,7 @@ async fn a_body_slower_than_the_minimum_rate_gets_408() {
         "408 request_timeout, closed",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
 
@@ -755,6 +851,6 @@ async fn http2_continuation_floods_and_rapid_resets_end_the_connection() {
         "GOAWAY ENHANCE_YOUR_CALM, connection closed",
         before,
         None,
-        rss_kib(hostile.pid()),
+        rss_after(hostile.pid()).await,
     );
 }
