@@ -293,10 +293,9 @@ impl AccessLogWriter {
                     .open(path)?,
             ),
         };
-        // Room for every worker's wake-up, the Gateway listener ports' and
-        // the close signal: a log's signal is only ever dropped when one of
-        // its own is already queued.
-        let (signals, receiver) = sync_channel(crate::per_worker::count() + 2);
+        // Room for every worker's wake-up and the close signal: a log's
+        // signal is only ever dropped when one of its own is already queued.
+        let (signals, receiver) = sync_channel(crate::per_worker::count() + 1);
         let lists = Arc::new(Mutex::new(Vec::new()));
         let format = config.format;
         let writer_lists = lists.clone();
