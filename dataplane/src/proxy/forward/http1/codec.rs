@@ -350,9 +350,15 @@ impl BodyDecoder {
             other => return Ok(other),
         };
         let mut joined: Option<BytesMut> = None;
+        // What follows is at most what is buffered: one allocation per burst.
+        let most = first.len() + buffer.len();
         while let Ok(Decoded::Data(next)) = self.decode(buffer) {
             joined
-                .get_or_insert_with(|| BytesMut::from(&first[..]))
+                .get_or_insert_with(|| {
+                    let mut joined = BytesMut::with_capacity(most);
+                    joined.extend_from_slice(&first);
+                    joined
+                })
                 .extend_from_slice(&next);
         }
         Ok(Decoded::Data(joined.map_or(first, BytesMut::freeze)))
