@@ -88,7 +88,7 @@ def main():
         "large": bench.make_body(workdir / "large.json", 400 * 1024, False),
     }
     config_dir = workdir / "config"
-    bench.write_config(config_dir, 1)
+    bench.write_config(config_dir, 1, redis=False)
     results = {}
     try:
         if args.backend_cmd:
@@ -103,7 +103,7 @@ def main():
         dataplane = [args.dataplane or str(bins / "switchyard-dataplane"), "--controller", f"http://{bench.CONTROLLER_XDS}",
                      "--host", "127.0.0.1", "--port", str(bench.DATAPLANE_PORT),
                      "--metrics-port", str(bench.DATAPLANE_METRICS_PORT),
-                     "--debug-port", str(bench.DATAPLANE_DEBUG_PORT), "--node-id", "profile"]
+                     "--debug-port", str(bench.DATAPLANE_DEBUG_PORT), "--node-id", "profile", "--workers", "1"]
         out_file = keep / "callgrind.out"
         if not args.syscalls:
             dataplane = ["valgrind", "--tool=callgrind", "--instr-atstart=no",

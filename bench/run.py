@@ -14,9 +14,15 @@ percentiles, CPU time per request (from /proc/PID/stat) and system calls per
 request (`perf stat`, when perf works). Then: the dataplane's RSS idle (a
 one-pod snapshot, before any request) and with the 10,000-pod / 1,000-route
 snapshot (switchyard-bench-scale), a pick among 1000 candidate pods
-(switchyard-bench-hotpath), and saturation with 1 and 2 traffic workers. The
-run ends with the performance targets, each with its measured value and
-pass/fail. Everything started here is stopped here, also on failure or Ctrl-C.
+(switchyard-bench-hotpath), and saturation with 1 and 2 traffic workers.
+
+The Rust routers users would pick instead run as optional peers on the same
+core, for the ~1 KB chat and the unpaced streaming cases: vllm-router and
+sglang-router from PyPI, installed into a virtual environment under the build
+directory (`target/bench-peers`) when missing; a peer that cannot be installed
+or started is left out with a printed note. The run ends with the performance
+targets, each with its measured value and pass/fail. Everything started here
+is stopped here, also on failure or Ctrl-C.
 """
 
 import argparse
@@ -43,6 +49,13 @@ DATAPLANE_PORT = 18080
 DATAPLANE_METRICS_PORT = 18090
 DATAPLANE_DEBUG_PORT = 18091
 NGINX_PORT = 18070
+# The peer routers: traffic port and the Prometheus exporter each starts.
+VLLM_ROUTER_PORTS = (18060, 18061)
+SGLANG_ROUTER_PORTS = (18062, 18063)
+# A peer checks its worker's health before it routes (vllm-router waits for it).
+PEER_START_TIMEOUT_S = 60
+# pip installs each peer's wheel (and its Python dependencies) once.
+PEER_INSTALL_TIMEOUT_S = 600
 REDIS_PORT = 18079
 # Rate-limited routes: budgets far above what the bench sends, so every
 # request is admitted and the rows show what checking and settling cost.
@@ -56,6 +69,8 @@ PROXY_CORE = "1"
 SATURATION_CONNECTIONS = 32
 OPEN_LOOP_CONNECTIONS = 32
 STREAM_CHUNKS = 64
+# The cases the peer routers run: the ~1 KB chat and the unpaced stream.
+PEER_CASES = ("~1 KB chat", f"streaming, {STREAM_CHUNKS} chunks")
 # The paced streaming case: chunks this far apart (tokio's timer rounds to
 # whole ms), as an engine emits tokens, so neither proxy can coalesce chunks
 # that arrive together into one write. The burst case (all chunks at once)
@@ -261,6 +276,55 @@ def ensure_tools(install):
     if nginx is None:
         log("nginx not available: the nginx column is left out")
     return nginx
+
+
+class Peer:
+    """A router run next to the dataplane: its PyPI package and how it starts."""
+
+    def __init__(self, name, package, argv):
+        self.name, self.package, self.argv = name, package, argv
+
+
+def peer_definitions(venv_bin, worker_url):
+    vllm_port, vllm_metrics = VLLM_ROUTER_PORTS
+    sglang_port, sglang_metrics = SGLANG_ROUTER_PORTS
+    common = ["--host", "127.0.0.1", "--worker-urls", worker_url, "--policy", "round_robin",
+              "--prometheus-host", "127.0.0.1", "--log-level", "error"]
+    return [
+        (Peer("vllm-router", "vllm-router",
+              [str(venv_bin / "vllm-router"), "--port", str(vllm_port),
+               "--prometheus-port", str(vllm_metrics), *common]), vllm_port),
+        (Peer("sglang-router", "sglang-router",
+              [str(venv_bin / "sglang-router"), "launch", "--port", str(sglang_port),
+               "--prometheus-port", str(sglang_metrics), *common]), sglang_port),
+    ]
+
+
+def ensure_peers(venv, worker_url, install):
+    """The peers that are installed (installing the missing ones into `venv`
+    unless told not to); a note for each one left out."""
+    venv_bin = venv / "bin"
+    ready = []
+    for peer, port in peer_definitions(venv_bin, worker_url):
+        executable = Path(peer.argv[0])
+        if not executable.exists() and install:
+            log(f"installing {peer.package} from PyPI into {venv}, once")
+            try:
+                if not (venv_bin / "pip").exists():
+                    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                                   capture_output=True, timeout=PEER_INSTALL_TIMEOUT_S)
+                subprocess.run([str(venv_bin / "pip"), "install", "-q", peer.package], check=True,
+                               capture_output=True, timeout=PEER_INSTALL_TIMEOUT_S)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as error:
+                detail = getattr(error, "stderr", b"") or b""
+                log(f"{peer.name} left out: installing {peer.package} failed ({error}; "
+                    f"{detail.decode(errors='replace').strip()[-300:]})")
+                continue
+        if not executable.exists():
+            log(f"{peer.name} left out: not installed ({'--no-install' if not install else 'no executable'})")
+            continue
+        ready.append((peer, port))
+    return ready
 
 
 def rate_limited_route(name, redis):
@@ -486,6 +550,7 @@ def main():
     parser.add_argument("--bin-dir", default=None, help="directory of the release binaries")
     parser.add_argument("--output", default=str(REPO / "bench/results/bench.md"))
     parser.add_argument("--note", default="", help="a line printed under the table (e.g. machine busy)")
+    parser.add_argument("--no-peers", action="store_true", help="leave vllm-router and sglang-router out")
     args = parser.parse_args()
     seconds = 2 if args.quick else args.seconds
     ttfb_samples = 30 if args.quick else TTFB_SAMPLES
@@ -569,9 +634,10 @@ def main():
             dp_pid = real_pid(stack.dataplane)
             log(f"{label}: saturation runs ({seconds}s each)")
             sat = {"direct": oha(direct_url, body, seconds, SATURATION_CONNECTIONS, headers=headers)}
-            sat["dataplane"] = oha(dp_url, body, seconds, SATURATION_CONNECTIONS, headers=headers)
+            sat["dataplane"] = saturation_with_cpu([dp_pid], dp_url, body, seconds, headers)
             if nginx_process:
-                sat["nginx"] = oha(nginx_url, body, seconds, SATURATION_CONNECTIONS, headers=headers)
+                nginx_pids = [nginx_process.pid] + children(nginx_process.pid)
+                sat["nginx"] = saturation_with_cpu(nginx_pids, nginx_url, body, seconds, headers)
             # Latency is compared at half of nginx's saturation: the load a
             # plain proxy on one core carries comfortably.
             reference = sat.get("nginx", sat["dataplane"])["rps"]
@@ -622,6 +688,14 @@ def main():
         if stack:
             stack.stop()
             stack = None
+        if nginx_process:
+            extra["nginx_peak_rss_mib"] = vm_hwm_mib([nginx_process.pid] + children(nginx_process.pid))
+        if not args.no_peers:
+            peers = ensure_peers(target / "bench-peers", f"http://{loopback_pod_ip(0)}:{BACKEND_PORT}",
+                                 not args.no_install)
+            peer_cases = [(label, body_name, headers) for label, body_name, pods, headers in cases
+                          if label in PEER_CASES]
+            extra["peers"] = run_peers(peers, workdir, peer_cases, bodies, seconds)
         extra["workers"] = worker_scaling(bins, workdir, dp_url, bodies["chat"], seconds)
     finally:
         if stack:
@@ -637,6 +711,51 @@ def main():
     output.write_text(table)
     log(f"written to {output}")
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def saturation_with_cpu(pids, url, body, seconds, headers):
+    """A saturation run, with the CPU time `pids` spent per answered request (µs)."""
+    before = cpu_seconds(pids)
+    result = oha(url, body, seconds, SATURATION_CONNECTIONS, headers=headers)
+    result["cpu_us"] = (cpu_seconds(pids) - before) / max(1, result["ok"]) * 1e6
+    return result
+
+
+def process_tree(pid):
+    pids = [pid]
+    for child in children(pid):
+        pids += process_tree(child)
+    return pids
+
+
+def run_peers(peers, workdir, cases, bodies, seconds):
+    """Each peer router on the dataplane's core, saturated with each case as the dataplane was."""
+    results = {}
+    for peer, port in peers:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        log(f"starting {peer.name} on core {PROXY_CORE}")
+        process = start(peer.name, peer.argv, workdir, core=PROXY_CORE)
+        try:
+            def answers():
+                # An exited peer ends the wait at once; it is told apart below.
+                return process.poll() is not None or http_post(url, bodies["chat"].read_bytes())[0] == 200
+            try:
+                wait_for(f"{peer.name} to answer", answers, timeout=PEER_START_TIMEOUT_S)
+            except RuntimeError as error:
+                log(f"{peer.name} left out: {error}")
+                continue
+            if process.poll() is not None:
+                log(f"{peer.name} left out: it exited ({process.returncode}); see {workdir / peer.name}.log")
+                continue
+            pids = process_tree(process.pid)
+            runs = {}
+            for label, body_name, headers in cases:
+                log(f"{label}: {peer.name} saturation run ({seconds}s)")
+                runs[label] = saturation_with_cpu(pids, url, bodies[body_name], seconds, headers)
+            results[peer.name] = {"runs": runs, "rss_mib": vm_hwm_mib(pids)}
+        finally:
+            stop(process)
+    return results
 
 
 def worker_scaling(bins, workdir, url, body, seconds):
@@ -696,6 +815,41 @@ def target_row(name, measured, goal, met, note=""):
     return f"| {name} | {measured} | {goal} | {verdict} |{note}"
 
 
+def render_peers(by_case, extra):
+    """Switchyard, nginx and the peer routers side by side, from their saturation runs."""
+    peers = extra.get("peers")
+    if peers is None:
+        return []
+    lines = [
+        "",
+        f"Routers side by side (each alone on core {PROXY_CORE}, the same backend; round robin; "
+        "CPU per request measured over the saturation run):",
+        "",
+        "| Case | Router | Saturation req/s | ÷ nginx | CPU µs / req | Peak RSS | Failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label in PEER_CASES:
+        row = by_case.get(label)
+        if row is None:
+            continue
+        ng_rps = row["sat"].get("nginx", {}).get("rps")
+        entries = [("direct", row["sat"]["direct"], None), ("Switchyard dataplane", row["sat"]["dataplane"],
+                                                            row["rss_mib"])]
+        if "nginx" in row["sat"]:
+            entries.append(("nginx", row["sat"]["nginx"], extra.get("nginx_peak_rss_mib")))
+        for name, result in peers.items():
+            if label in result["runs"]:
+                entries.append((name, result["runs"][label], result["rss_mib"]))
+        for name, run, rss in entries:
+            cpu = fmt(run.get("cpu_us"), 1) if name != "direct" else "–"
+            lines.append(f"| {label} | {name} | {run['rps']:.0f} | {fmt(ratio(run['rps'], ng_rps))} | {cpu} | "
+                         f"{'–' if rss is None else f'{rss:.1f} MiB'} | {run['failed']} |")
+    left_out = [name for name in ("vllm-router", "sglang-router") if name not in peers]
+    if left_out:
+        lines += ["", f"Left out (not installed or not answering, see the run's log): {', '.join(left_out)}."]
+    return lines
+
+
 def render(rows, extra, seconds, note):
     cpu = platform.processor() or platform.machine()
     try:
@@ -751,6 +905,7 @@ def render(rows, extra, seconds, note):
                 f"{fmt(row.get('nginx_cpu_us_per_chunk'), 1)} µs nginx "
                 f"((CPU per stream − CPU per ~1 KB chat) ÷ {STREAM_CHUNKS + 2} events)."
             )
+    lines += render_peers(by_case, extra)
     workers = extra.get("workers") or {}
     if workers:
         one, two = workers.get(1), workers.get(2)

@@ -290,7 +290,10 @@ impl Admin {
         json!({
             "defaultGateway": gateways.map(|g| g.default_gateway.clone()).filter(|g| !g.is_empty()),
             "listeners": listeners,
-            "ports": ports.iter().map(|(port, error)| json!({"port": port, "open": error.is_none(), "error": error})).collect::<Vec<_>>(),
+            "ports": ports.iter().map(|(port, state)| match state {
+                Ok(workers) => json!({"port": port, "open": true, "workers": workers, "error": null}),
+                Err(error) => json!({"port": port, "open": false, "workers": 0, "error": error}),
+            }).collect::<Vec<_>>(),
         })
     }
 

@@ -1,8 +1,8 @@
 //! Wires the dataplane together: snapshot store, controller stream, the
 //! traffic workers, the Gateway listener ports, the metrics and debug servers
 //! and the endpoint picker, all supervised by one task set. This runs on the
-//! control thread (Gateway listener ports included); the traffic workers run
-//! on their own threads (see [`workers`]).
+//! control thread; the traffic workers, which serve the traffic port and the
+//! Gateway listener ports, run on their own threads (see [`workers`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use crate::config_file::ConfigFile;
 use crate::endpoint_picker::{EndpointPicker, serve_endpoint_picker};
 use crate::fairness::{Fairness, FairnessMetrics};
 use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyBudget, BodyDeadline, ConnectionLimit};
-use crate::listener_ports::{PortSettings, PortStates, serve_listener_ports};
+use crate::listener_ports::{PortSettings, PortStates, open_listener_ports};
 use crate::metrics::{ObservedStore, RouterMetrics};
 use crate::per_worker;
 use crate::providers::ProviderClients;
@@ -27,7 +27,7 @@ use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
 use crate::rate_limit::RateLimiting;
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
-use crate::server::{ConnectionSettings, DRAIN_TIMEOUT, bind_traffic_listeners, serve};
+use crate::server::{ConnectionSettings, DRAIN_TIMEOUT, bind_worker_listeners, serve};
 use crate::snapshot::SnapshotStore;
 use crate::workers::{self, TrafficWorker};
 use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
@@ -55,9 +55,7 @@ pub enum AppError {
 /// SIGINT or SIGTERM, then drains.
 pub fn main(args: Args) -> Result<(), AppError> {
     // One thread: the controller stream and the admin listeners are idle
-    // almost always, and the traffic workers have their own threads. The
-    // Gateway listener ports are served here too: their requests do not
-    // scale with --workers.
+    // almost always, and the traffic workers have their own threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -184,7 +182,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         metrics: metrics.clone(),
     });
 
-    let traffic = bind_traffic_listeners(traffic_addr, worker_count)?;
+    let traffic = bind_worker_listeners("traffic", traffic_addr, worker_count)?;
     let (metrics_listener, _) = bind("metrics", metrics_addr).await?;
     let (debug_listener, _) = bind("debug", debug_addr).await?;
     tracing::info!(traffic = %traffic_addr, workers = worker_count, metrics = %metrics_addr, debug = %debug_addr, "switchyard-dataplane listening");
@@ -221,7 +219,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         idle_timeout: args.idle_timeout,
         limit: ConnectionLimit::new(max_connections),
     };
-    // One limit for all workers: it is taken per connection, not per request.
+    // One limit for all workers and all their ports (the traffic port and
+    // every Gateway listener port): it is taken per connection, not per request.
     let traffic_settings = settings(args.max_connections);
     let metrics_on_traffic_port = args.expose_metrics_on_router_port.then(|| admin.clone());
     // Each proxy has its own pools: pods over the HTTP/1.1 client, providers
@@ -235,10 +234,14 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             .with_providers(provider_clients.with_own_pools());
         Proxy::with_upstream(store.clone(), proxy_config.clone(), observer, upstream)
     };
+    let mut listener_port_senders = Vec::with_capacity(worker_count);
     for (index, listener) in traffic.into_iter().enumerate() {
+        let (sender, listener_ports) = tokio::sync::mpsc::unbounded_channel();
+        listener_port_senders.push(sender);
         let worker = TrafficWorker {
             index,
             listener,
+            listener_ports,
             // Its own observer: what requests count on is the worker's alone.
             proxy: proxy(access_log.worker_log()),
             metrics_on_traffic_port: metrics_on_traffic_port.clone(),
@@ -246,28 +249,21 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         };
         tasks.spawn_graceful("traffic worker", |stop| workers::run(worker, stop));
     }
-    // Gateway listener ports come and go with snapshots and carry little
-    // traffic next to the traffic port: they are served on this (control)
-    // thread, by a proxy of their own, rather than by every worker.
-    let listener_proxy = Arc::new(proxy(access_log.worker_log()));
+    // Gateway listener ports come and go with snapshots: opened here, one
+    // listener per worker, and served by the workers.
     let port_settings = PortSettings {
         host: args.host,
         reserved: [args.port, args.metrics_port, args.debug_port].into(),
-        // One connection budget for the traffic port and every Gateway port.
-        connections: traffic_settings.clone(),
     };
     let listener_ports = store.listener_ports();
     let port_states = admin.listener_ports.clone();
     tasks.spawn_graceful("Gateway listener ports", |stop| {
-        serve_listener_ports(
+        open_listener_ports(
             listener_ports,
             port_settings,
             port_states,
+            listener_port_senders,
             stop,
-            move |request| {
-                let proxy = listener_proxy.clone();
-                async move { proxy.handle(request).await }
-            },
         )
     });
     let metrics_admin = admin.clone();

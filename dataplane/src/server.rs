@@ -1,6 +1,7 @@
-//! The dataplane's HTTP servers (traffic, metrics, debug): HTTP/1.1 and
-//! HTTP/2 on one port, bounded idle connections, a graceful drain on shutdown;
-//! and the traffic port's listeners, one per worker.
+//! The dataplane's HTTP servers (traffic, Gateway listener ports, metrics,
+//! debug): HTTP/1.1 and HTTP/2 on one port, bounded idle connections, a
+//! graceful drain on shutdown; and the listeners of the ports the traffic
+//! workers serve, one per worker.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -159,7 +160,8 @@ pub async fn serve<H, F>(
     }
 }
 
-/// Binds `count` listeners to `addr`, one per traffic worker, with
+/// Binds `count` listeners to `addr` for the `listener` server (the traffic
+/// port, a Gateway listener port), one per traffic worker, with
 /// `SO_REUSEPORT` when there are several: the kernel then spreads incoming
 /// connections over them (by a hash of the connection's addresses), so each
 /// worker accepts its own connections without sharing an accept queue.
@@ -168,12 +170,13 @@ pub async fn serve<H, F>(
 /// already listens with, and silently share its traffic. So `addr` is first
 /// bound alone, without the option: that fails as a plain bind does when the
 /// port is in use, and fixes the port when `addr` asks for port 0.
-pub fn bind_traffic_listeners(
+pub fn bind_worker_listeners(
+    listener: &'static str,
     addr: SocketAddr,
     count: usize,
 ) -> Result<Vec<std::net::TcpListener>, BindError> {
     let error = |source| BindError {
-        listener: "traffic",
+        listener,
         addr,
         source,
     };
@@ -220,7 +223,7 @@ mod tests {
 
     #[test]
     fn worker_listeners_share_one_port_and_each_accepts() {
-        let listeners = bind_traffic_listeners(loopback(0), 3).expect("bound");
+        let listeners = bind_worker_listeners("traffic", loopback(0), 3).expect("bound");
         let ports: Vec<u16> = listeners
             .iter()
             .map(|l| l.local_addr().expect("addr").port())
@@ -245,14 +248,14 @@ mod tests {
 
     #[test]
     fn a_port_another_listener_holds_is_refused_even_with_reuse_port() {
-        let taken = bind_traffic_listeners(loopback(0), 2).expect("bound");
+        let taken = bind_worker_listeners("traffic", loopback(0), 2).expect("bound");
         let port = taken[0].local_addr().expect("addr").port();
-        let error = bind_traffic_listeners(loopback(port), 2).expect_err("in use");
+        let error = bind_worker_listeners("traffic", loopback(port), 2).expect_err("in use");
         assert_eq!(error.listener, "traffic");
         assert_eq!(error.source.kind(), std::io::ErrorKind::AddrInUse);
         let plain = std::net::TcpListener::bind(loopback(0)).expect("bound");
         let port = plain.local_addr().expect("addr").port();
-        assert!(bind_traffic_listeners(loopback(port), 2).is_err());
+        assert!(bind_worker_listeners("traffic", loopback(port), 2).is_err());
     }
 
     #[test]

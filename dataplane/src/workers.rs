@@ -1,6 +1,7 @@
-//! Traffic workers: the traffic port is served by a fixed number of threads,
-//! each running its own current-thread Tokio runtime with its own listener
-//! ([`bind_traffic_listeners`](crate::server::bind_traffic_listeners)) and its
+//! Traffic workers: the traffic port and the Gateway listener ports are
+//! served by a fixed number of threads, each running its own current-thread
+//! Tokio runtime with its own listener per port
+//! ([`bind_worker_listeners`](crate::server::bind_worker_listeners)) and its
 //! own [`Proxy`], so its own upstream connection pool. A connection is
 //! accepted, and every request on it admitted, forwarded and streamed back,
 //! on one thread: nothing is handed to another thread, so no request wakes
@@ -9,9 +10,9 @@
 //!
 //! The controller stream, the metrics and debug listeners and the access-log
 //! writer run on other threads: they are idle almost all the time and wake
-//! only for a snapshot, a scrape or a batch of log lines. The Gateway
-//! listener ports, opened and closed with snapshots, are served on the
-//! control thread by a proxy of their own (`listener_ports.rs`).
+//! only for a snapshot, a scrape or a batch of log lines. The control thread
+//! opens and closes the Gateway listener ports as snapshots change and hands
+//! each worker its listeners (`listener_ports.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,9 +20,10 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use switchyard_runtime::CancellationToken;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::admin::Admin;
+use crate::listener_ports::{PortListener, serve_listener_ports};
 use crate::per_worker;
 use crate::proxy::{Proxy, ProxyBody};
 use crate::server::{ConnectionSettings, serve};
@@ -32,6 +34,8 @@ pub struct TrafficWorker {
     pub index: usize,
     /// Its listener on the traffic port.
     pub listener: std::net::TcpListener,
+    /// Its listeners on Gateway listener ports, as they open.
+    pub listener_ports: mpsc::UnboundedReceiver<PortListener>,
     pub proxy: Proxy,
     /// Serves `/metrics` on the traffic port too (`--expose-metrics-on-router-port`).
     pub metrics_on_traffic_port: Option<Arc<Admin>>,
@@ -78,6 +82,7 @@ fn serve_on_this_thread(worker: TrafficWorker, stop: CancellationToken) -> Resul
     let TrafficWorker {
         index,
         listener,
+        listener_ports,
         proxy,
         metrics_on_traffic_port,
         settings,
@@ -95,11 +100,17 @@ fn serve_on_this_thread(worker: TrafficWorker, stop: CancellationToken) -> Resul
             proxy,
             metrics_on_traffic_port,
         });
-        serve(listener, settings, stop, move |request| {
-            let traffic = traffic.clone();
-            async move { traffic.handle(request).await }
-        })
-        .await;
+        let gateway = traffic.clone();
+        tokio::join!(
+            serve(listener, settings.clone(), stop.clone(), move |request| {
+                let traffic = traffic.clone();
+                async move { traffic.handle(request).await }
+            }),
+            serve_listener_ports(listener_ports, settings, stop, move |request| {
+                let traffic = gateway.clone();
+                async move { traffic.proxy.handle(request).await }
+            }),
+        );
         Ok(())
     })
 }

@@ -153,8 +153,10 @@ async fn gateways_listeners_http_routes_and_inference_pools_in_local_mode() {
         }])
         .await;
     stack.start_controller_with(&GATEWAY_API_MODE).await;
-    stack.start_dataplane().await;
-    let dataplane_debug = stack.dataplanes[0].debug;
+    // Two traffic workers: every Gateway port is served by both.
+    let dataplane = stack.spawn_dataplane_with(&["--workers", "2"]);
+    stack.wait_dataplane_ready(dataplane).await;
+    let dataplane_debug = stack.dataplanes[dataplane].debug;
 
     // The controller accepted every example as published.
     let objects = stack
@@ -205,6 +207,21 @@ async fn gateways_listeners_http_routes_and_inference_pools_in_local_mode() {
     .await;
     assert_eq!(on_second.status, StatusCode::OK, "{}", on_second.text());
     assert_eq!(on_second.header("x-mock-pod"), Some("deepseek-r1-7b-0"));
+    let gateways = stack
+        .http
+        .get(&format!("http://{dataplane_debug}/debug/gateways"))
+        .await
+        .expect("debug answers")
+        .json();
+    let second_port_state = gateways["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|port| port["port"] == second_port))
+        .cloned();
+    assert_eq!(
+        second_port_state,
+        Some(serde_json::json!({"port": second_port, "open": true, "workers": 2, "error": null})),
+        "{gateways}"
+    );
 
     // Kthena's HTTPRoute: everything on the default Gateway to its pool.
     let pooled = stack

@@ -6,7 +6,8 @@
 //! `--stream-chunks` chunks when the body asks for `"stream": true`: all at
 //! once by default, or [`CHUNK_INTERVAL_HEADER`] microseconds apart, as a real
 //! engine emits tokens (so no proxy can coalesce chunks). It also
-//! answers the controller's `/metrics` and `/v1/models` scrapes. It listens on
+//! answers the controller's `/metrics` and `/v1/models` scrapes, and the
+//! `/health` checks the peer routers `make bench` runs wait on. It listens on
 //! every `--listen` address (one per fake pod) with the same port.
 #![forbid(unsafe_code)]
 
@@ -169,6 +170,11 @@ async fn answer(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             Bytes::from_static(METRICS.as_bytes()),
+        )),
+        (&Method::GET, "/health") => Ok(full(
+            StatusCode::OK,
+            "application/json",
+            Bytes::from_static(b"{}"),
         )),
         (&Method::GET, "/v1/models") => Ok(full(
             StatusCode::OK,

@@ -50,8 +50,12 @@ fn respond_held<B: Body<Data = Bytes> + Unpin>(
     record: &mut RequestRecord,
 ) -> Response<ProxyBody<B>> {
     let (mut parts, body) = response.into_parts();
-    for name in &HOP_BY_HOP {
-        parts.headers.remove(name);
+    // Most engine answers carry none of them: one pass over their few
+    // headers costs less than a lookup per name.
+    if parts.headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in &HOP_BY_HOP {
+            parts.headers.remove(name);
+        }
     }
     let is_event_stream = parts
         .headers

@@ -21,7 +21,6 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderValue, Method, Version};
 use parking_lot::Mutex;
 use prometheus::IntCounter;
-use serde::Serialize;
 
 use crate::auth::User;
 use crate::config_file::AccessLoggerSection;
@@ -293,10 +292,9 @@ impl AccessLogWriter {
                     .open(path)?,
             ),
         };
-        // Room for every worker's wake-up, the Gateway listener ports' and
-        // the close signal: a log's signal is only ever dropped when one of
-        // its own is already queued.
-        let (signals, receiver) = sync_channel(crate::per_worker::count() + 2);
+        // Room for every worker's wake-up and the close signal: a log's
+        // signal is only ever dropped when one of its own is already queued.
+        let (signals, receiver) = sync_channel(crate::per_worker::count() + 1);
         let lists = Arc::new(Mutex::new(Vec::new()));
         let format = config.format;
         let writer_lists = lists.clone();
@@ -399,45 +397,65 @@ fn write_out(output: &mut Box<dyn Write + Send>, buffer: &mut Vec<u8>, failing: 
     }
 }
 
-/// The JSON line, fields in the documented order.
-#[derive(Serialize)]
-struct JsonLine<'a> {
-    timestamp: String,
-    method: &'a str,
-    path: &'a str,
-    protocol: &'static str,
-    status_code: u16,
-    model_name: Option<&'a str>,
-    model_route: Option<&'a str>,
-    model_server: Option<&'a str>,
-    selected_pod: Option<&'a str>,
-    request_id: Option<&'a str>,
-    backend_type: Option<&'static str>,
-    user_id: Option<&'a str>,
-    tier: Option<&'a str>,
-    input_tokens: u64,
-    output_tokens: u64,
-    duration_total_ms: u64,
-    duration_queue_ms: u64,
-    duration_request_processing_ms: u64,
-    duration_upstream_ms: u64,
-    duration_response_processing_ms: u64,
-    ttft_ms: Option<u64>,
-    upstream_attempts: u32,
-    failed_over_from: Option<&'a str>,
-    error: Option<JsonError<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    prefill_pod: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    duration_prefill_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    duration_decode_ms: Option<u64>,
+/// Writes the members of one JSON object: keys are this module's own
+/// (plain ASCII), string values are escaped as JSON requires. Written by
+/// hand rather than derived: a line per request is the writer thread's
+/// whole work, and serde's writer costs several times more per field.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
 }
 
-#[derive(Serialize)]
-struct JsonError<'a> {
-    r#type: &'a str,
-    message: &'a str,
+impl<'a> JsonObject<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        Self { out, empty: true }
+    }
+
+    fn key(&mut self, name: &str) -> &mut Vec<u8> {
+        self.out.push(if self.empty { b'{' } else { b',' });
+        self.empty = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    fn string(&mut self, name: &str, value: Option<&str>) {
+        let out = self.key(name);
+        match value {
+            Some(value) => json_string(out, value),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+
+    fn number(&mut self, name: &str, value: Option<u64>) {
+        let out = self.key(name);
+        match value {
+            Some(value) => out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+
+    fn end(self) {
+        self.out
+            .extend_from_slice(if self.empty { b"{}" } else { b"}" });
+    }
+}
+
+/// `value` as a JSON string: copied as is when nothing in it needs escaping
+/// (the common case: names, ids, paths), else escaped by serde_json.
+fn json_string(out: &mut Vec<u8>, value: &str) {
+    if value
+        .bytes()
+        .all(|byte| byte >= 0x20 && byte != b'"' && byte != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
+    }
 }
 
 fn protocol(version: Version) -> &'static str {
@@ -493,40 +511,60 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
     let prefill_pod = entry.prefill_pod.as_ref().map(|pod| pod.name.as_str());
     match format {
         AccessLogFormat::Json => {
-            let line = JsonLine {
-                timestamp,
-                method: entry.method.as_str(),
-                path: &entry.path,
-                protocol: protocol(entry.version),
-                status_code: entry.status,
-                model_name: entry.model_name.as_deref(),
-                model_route: route,
-                model_server: server,
-                selected_pod: pod,
-                request_id,
-                backend_type,
-                user_id,
-                tier,
-                input_tokens: entry.input_tokens,
-                output_tokens: entry.output_tokens,
-                duration_total_ms: millis(entry.total),
-                duration_queue_ms: millis(entry.queue),
-                duration_request_processing_ms: millis(entry.request_processing),
-                duration_upstream_ms: millis(entry.upstream),
-                duration_response_processing_ms: millis(entry.response_processing),
-                ttft_ms: entry.ttft.map(millis),
-                upstream_attempts: entry.upstream_attempts,
-                failed_over_from,
-                error: entry.error.as_ref().map(|(kind, message)| JsonError {
-                    r#type: kind,
-                    message,
-                }),
-                prefill_pod,
-                duration_prefill_ms: entry.prefill_leg.map(millis),
-                duration_decode_ms: entry.decode_leg.map(millis),
-            };
-            // Serialising plain strings and numbers into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *out, &line);
+            // Fields in the documented order.
+            let mut line = JsonObject::new(&mut *out);
+            line.string("timestamp", Some(&timestamp));
+            line.string("method", Some(entry.method.as_str()));
+            line.string("path", Some(&entry.path));
+            line.string("protocol", Some(protocol(entry.version)));
+            line.number("status_code", Some(u64::from(entry.status)));
+            line.string("model_name", entry.model_name.as_deref());
+            line.string("model_route", route);
+            line.string("model_server", server);
+            line.string("selected_pod", pod);
+            line.string("request_id", request_id);
+            line.string("backend_type", backend_type);
+            line.string("user_id", user_id);
+            line.string("tier", tier);
+            line.number("input_tokens", Some(entry.input_tokens));
+            line.number("output_tokens", Some(entry.output_tokens));
+            line.number("duration_total_ms", Some(millis(entry.total)));
+            line.number("duration_queue_ms", Some(millis(entry.queue)));
+            line.number(
+                "duration_request_processing_ms",
+                Some(millis(entry.request_processing)),
+            );
+            line.number("duration_upstream_ms", Some(millis(entry.upstream)));
+            line.number(
+                "duration_response_processing_ms",
+                Some(millis(entry.response_processing)),
+            );
+            line.number("ttft_ms", entry.ttft.map(millis));
+            line.number(
+                "upstream_attempts",
+                Some(u64::from(entry.upstream_attempts)),
+            );
+            line.string("failed_over_from", failed_over_from);
+            match &entry.error {
+                Some((kind, message)) => {
+                    let mut error = JsonObject::new(line.key("error"));
+                    error.string("type", Some(kind));
+                    error.string("message", Some(message));
+                    error.end();
+                }
+                None => line.key("error").extend_from_slice(b"null"),
+            }
+            // Prefill/decode requests only.
+            if prefill_pod.is_some() {
+                line.string("prefill_pod", prefill_pod);
+            }
+            if let Some(prefill) = entry.prefill_leg {
+                line.number("duration_prefill_ms", Some(millis(prefill)));
+            }
+            if let Some(decode) = entry.decode_leg {
+                line.number("duration_decode_ms", Some(millis(decode)));
+            }
+            line.end();
             out.push(b'\n');
         }
         AccessLogFormat::Text => {
@@ -657,6 +695,22 @@ mod tests {
             .map(String::as_str)
             .collect();
         assert_eq!(keys.len(), 24, "{keys:?}");
+    }
+
+    #[test]
+    fn json_values_a_client_chose_are_escaped() {
+        let mut forged = entry(Some(("bad_request", "quote \" and \\ and \u{1}".into())));
+        forged.model_name = Some("m\n\"x\":1,é\u{7f}".into());
+        let mut out = Vec::new();
+        format_line(&forged, AccessLogFormat::Json, &mut out);
+        assert_eq!(out.iter().filter(|byte| **byte == b'\n').count(), 1);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("one JSON line");
+        assert_eq!(line["model_name"], "m\n\"x\":1,é\u{7f}");
+        assert_eq!(line.get("x"), None, "no forged field");
+        assert_eq!(
+            line["error"],
+            serde_json::json!({"type": "bad_request", "message": "quote \" and \\ and \u{1}"})
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::mem::MaybeUninit;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 
@@ -306,10 +306,11 @@ impl BodyDecoder {
                     return Ok(Decoded::Data(buffer.split().freeze()));
                 }
                 State::ChunkSize => {
-                    let Some(line) = take_line(buffer)? else {
+                    let Some((line, consumed)) = next_line(buffer)? else {
                         return Ok(Decoded::NeedMore);
                     };
-                    let size = parse_chunk_size(&line)?;
+                    let size = parse_chunk_size(&buffer[..line])?;
+                    buffer.advance(consumed);
                     self.state = if size == 0 {
                         State::Trailers
                     } else {
@@ -317,24 +318,50 @@ impl BodyDecoder {
                     };
                 }
                 State::ChunkEnd => {
-                    let Some(line) = take_line(buffer)? else {
+                    let Some((line, consumed)) = next_line(buffer)? else {
                         return Ok(Decoded::NeedMore);
                     };
-                    if !line.is_empty() {
+                    if line != 0 {
                         return Err(ProtocolError::Chunk("data longer than its size"));
                     }
+                    buffer.advance(consumed);
                     self.state = State::ChunkSize;
                 }
                 State::Trailers => {
-                    let Some(line) = take_line(buffer)? else {
+                    let Some((line, consumed)) = next_line(buffer)? else {
                         return Ok(Decoded::NeedMore);
                     };
-                    if line.is_empty() {
+                    buffer.advance(consumed);
+                    if line == 0 {
                         self.state = State::Done;
                     }
                 }
             }
         }
+    }
+
+    /// Every piece of the body already in `buffer`, as one: the chunks of
+    /// a burst (an engine's stream events read together) leave as one frame,
+    /// so one write to the client, instead of one each. A protocol error
+    /// after some data waits for the next call (nothing invalid is consumed).
+    pub fn decode_available(&mut self, buffer: &mut BytesMut) -> Result<Decoded, ProtocolError> {
+        let first = match self.decode(buffer)? {
+            Decoded::Data(first) => first,
+            other => return Ok(other),
+        };
+        let mut joined: Option<BytesMut> = None;
+        // What follows is at most what is buffered: one allocation per burst.
+        let most = first.len() + buffer.len();
+        while let Ok(Decoded::Data(next)) = self.decode(buffer) {
+            joined
+                .get_or_insert_with(|| {
+                    let mut joined = BytesMut::with_capacity(most);
+                    joined.extend_from_slice(&first);
+                    joined
+                })
+                .extend_from_slice(&next);
+        }
+        Ok(Decoded::Data(joined.map_or(first, BytesMut::freeze)))
     }
 
     /// The connection ended (read returned 0): the end of a body framed by
@@ -352,17 +379,18 @@ impl BodyDecoder {
     }
 }
 
-/// Removes one line (its terminator dropped; a bare LF is accepted) from the
-/// front of `buffer`; `None` while it is incomplete.
-fn take_line(buffer: &mut BytesMut) -> Result<Option<Bytes>, ProtocolError> {
+/// The first line of `buffer`: its length without its terminator (a bare
+/// LF is accepted) and with it; `None` while it is incomplete. Nothing is
+/// consumed, so a line found invalid fails again on the next call.
+fn next_line(buffer: &[u8]) -> Result<Option<(usize, usize)>, ProtocolError> {
     match memchr::memchr(b'\n', buffer) {
         Some(end) => {
-            let mut line = buffer.split_to(end + 1);
-            line.truncate(end);
-            if line.last() == Some(&b'\r') {
-                line.truncate(end - 1);
-            }
-            Ok(Some(line.freeze()))
+            let content = if end > 0 && buffer[end - 1] == b'\r' {
+                end - 1
+            } else {
+                end
+            };
+            Ok(Some((content, end + 1)))
         }
         None if buffer.len() > MAX_CHUNK_LINE_BYTES => Err(ProtocolError::Chunk("line too long")),
         None => Ok(None),
@@ -402,7 +430,7 @@ mod tests {
         for piece in wire.chunks(split.max(1)) {
             buffer.extend_from_slice(piece);
             loop {
-                match decoder.decode(&mut buffer)? {
+                match decoder.decode_available(&mut buffer)? {
                     Decoded::Data(data) => body.extend_from_slice(&data),
                     Decoded::NeedMore => break,
                     Decoded::End => return Ok(body),
@@ -559,6 +587,36 @@ mod tests {
         assert_eq!(decoder.decode(&mut buffer), Ok(Decoded::Data("cd".into())));
         assert_eq!(decoder.decode(&mut buffer), Ok(Decoded::End));
         assert!(decoder.is_done() && buffer.is_empty());
+    }
+
+    #[test]
+    fn a_burst_of_chunks_already_read_is_one_piece() {
+        let mut decoder = BodyDecoder::new(Framing::Chunked);
+        let mut buffer = BytesMut::from("2\r\nab\r\n2\r\ncd\r\n3\r\nef");
+        assert_eq!(
+            decoder.decode_available(&mut buffer),
+            Ok(Decoded::Data("abcdef".into()))
+        );
+        assert_eq!(decoder.decode_available(&mut buffer), Ok(Decoded::NeedMore));
+        buffer.extend_from_slice(b"g\r\n0\r\n\r\n");
+        assert_eq!(
+            decoder.decode_available(&mut buffer),
+            Ok(Decoded::Data("g".into()))
+        );
+        assert!(
+            decoder.is_done() && buffer.is_empty(),
+            "ended with the data"
+        );
+        assert_eq!(decoder.decode_available(&mut buffer), Ok(Decoded::End));
+
+        // The data before a broken chunk arrives first; the error after it.
+        let mut decoder = BodyDecoder::new(Framing::Chunked);
+        let mut buffer = BytesMut::from("2\r\nab\r\nzz\r\n");
+        assert_eq!(
+            decoder.decode_available(&mut buffer),
+            Ok(Decoded::Data("ab".into()))
+        );
+        assert!(decoder.decode_available(&mut buffer).is_err());
     }
 
     #[test]
