@@ -2,6 +2,8 @@
 //! both measure the same request bodies and snapshot shapes.
 #![forbid(unsafe_code)]
 
+pub mod scale;
+
 use bytes::Bytes;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::test_builders as builders;

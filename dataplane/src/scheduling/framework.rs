@@ -213,6 +213,8 @@ pub struct Scheduler {
     shared: Arc<SchedulingShared>,
     /// The effective configuration (defaults filled in), for debug dumps.
     pub effective: pb::SchedulerConfig,
+    /// Whether the snapshot configured the scheduler (else the defaults apply).
+    pub from_snapshot: bool,
 }
 
 /// An enabled filter plugin.
@@ -302,6 +304,7 @@ impl Scheduler {
             plugin_labels,
             shared: shared.clone(),
             effective,
+            from_snapshot: snapshot_config.is_some(),
         })
     }
 
