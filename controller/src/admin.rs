@@ -14,7 +14,9 @@
 //!   API kinds under `gateway_api`), the files or documents that could
 //!   not be loaded, and the source's state;
 //! - `GET /debug/config_dump/...`: the published snapshot in the dataplane's
-//!   config dump shapes (see `switchyard_snapshot::config_dump`).
+//!   config dump shapes (see `switchyard_snapshot::config_dump`);
+//! - `GET /debug/fairness`: the fleet-wide fairness counters, each user's
+//!   total with every reporting dataplane's part, and the reports read.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,6 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::compile::{GatewayApiReports, LoadProblem, ObjectReport, ProviderReport};
+use crate::fleet_fairness::FairnessBoard;
 use crate::xds::{DataplaneRegistry, PublishedResource, SnapshotPublisher};
 
 /// A client that has not sent its request headers by then is dropped, so idle
@@ -84,6 +87,8 @@ pub struct AdminState {
     pub publisher: Arc<SnapshotPublisher>,
     pub dataplanes: DataplaneRegistry,
     pub objects: watch::Receiver<Arc<ObjectsView>>,
+    /// The fleet-wide fairness counters, for `/debug/fairness`.
+    pub fairness: Arc<FairnessBoard>,
 }
 
 /// Which endpoints a listener serves.
@@ -213,6 +218,7 @@ fn debug_endpoint(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
             let objects = state.objects.borrow().clone();
             json_response(StatusCode::OK, &*objects)
         }
+        "/debug/fairness" => json_response(StatusCode::OK, &state.fairness.view()),
         _ => match path.strip_prefix("/debug/config_dump/") {
             Some(rest) => config_dump(state, rest),
             None => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
@@ -458,6 +464,7 @@ mod tests {
             publisher: Arc::new(SnapshotPublisher::new("test-controller", metrics)),
             dataplanes: DataplaneRegistry::new(),
             objects,
+            fairness: Arc::default(),
         };
         (state, objects_sender)
     }
@@ -699,7 +706,12 @@ mod tests {
         state
             .publisher
             .publish_route_config(pb::RouteConfig::default(), 1);
-        for path in ["/debug/objects", "/debug/snapshot", "/debug/dataplanes"] {
+        for path in [
+            "/debug/objects",
+            "/debug/snapshot",
+            "/debug/dataplanes",
+            "/debug/fairness",
+        ] {
             let on_admin = handle(&state, Endpoints::Admin, &Method::GET, path);
             assert_eq!(on_admin.status(), StatusCode::NOT_FOUND, "{path}");
             assert!(

@@ -14,6 +14,8 @@
 //! - [`scrape`]: engine `/metrics` and `/v1/models` scraping and parsing;
 //! - [`xds`]: the snapshot stream server (versions, nonces, ACK/NACK);
 //! - [`outlier`]: the pod ejections dataplanes report, merged for every dataplane;
+//! - [`fleet_fairness`]: the fairness usage dataplanes report, summed into
+//!   the fleet-wide counters pushed back to every dataplane;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/debug/...`;
 //! - [`metrics`]: status-write and leader metrics;
 //! - [`error`]: why the controller stops, and the exit codes.
@@ -26,6 +28,7 @@ pub mod cli;
 pub mod compile;
 pub mod core;
 pub mod error;
+pub mod fleet_fairness;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_controller::fleet_fairness::FairnessBoard;
 use switchyard_controller::outlier::EjectionBoard;
+use switchyard_controller::router_config::RouterConfig;
 use switchyard_controller::xds::{
     self, DataplaneRegistry, DataplaneStatus, PublishResult, ResourceType, RoutingDiscoveryService,
     SnapshotPublisher, XdsMetrics,
@@ -32,6 +34,7 @@ struct Server {
     key_hints: tokio::sync::mpsc::Receiver<Vec<String>>,
     dataplanes: DataplaneRegistry,
     ejections: Arc<EjectionBoard>,
+    fairness: Arc<FairnessBoard>,
     metrics_registry: prometheus::Registry,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -46,9 +49,11 @@ impl Server {
         let dataplanes = DataplaneRegistry::new();
         let (key_hints_sender, key_hints) = tokio::sync::mpsc::channel(4);
         let ejections = Arc::new(EjectionBoard::default());
+        let fairness = Arc::new(FairnessBoard::default());
         let service = RoutingDiscoveryService::new(publisher.clone(), dataplanes.clone(), metrics)
             .with_key_hints(key_hints_sender)
-            .with_outlier_reports(ejections.clone());
+            .with_outlier_reports(ejections.clone())
+            .with_fairness_reports(fairness.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(xds::serve(listener, service, Default::default(), async {
             let _ = stopped.await;
@@ -59,6 +64,7 @@ impl Server {
             key_hints,
             dataplanes,
             ejections,
+            fairness,
             metrics_registry,
             stop,
             task,
@@ -270,6 +276,64 @@ async fn an_outlier_report_reaches_the_board_and_answers_nothing() {
         Some(response.nonce.as_str()),
         "a report is no answer to the pending response"
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_fairness_usage_report_reaches_the_counters_and_answers_nothing() {
+    let server = Server::start().await;
+    let (_router, router) = tokio::sync::watch::channel(RouterConfig {
+        fairness: Some(pb::FairnessConfig {
+            window_ms: 60_000,
+            global_report_interval_ms: 10,
+            max_global_users: 10,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let counting = tokio::spawn(server.fairness.clone().run(router));
+    let mut counters = server.fairness.subscribe();
+    tokio::time::timeout(DEADLINE, counters.wait_for(Option::is_some))
+        .await
+        .expect("on in time")
+        .expect("board open");
+    server.publish("m1");
+    let mut client = server.route_config_client().await;
+    let response = client.next().await;
+    client
+        .send(pb::SnapshotRequest {
+            fairness_usage: Some(pb::FairnessUsageReport {
+                reporter: 7,
+                sequence: 1,
+                usage: vec![pb::UserUsage {
+                    model: "m1".into(),
+                    user: "alice".into(),
+                    served: 42.0,
+                }],
+            }),
+            ..Default::default()
+        })
+        .await;
+    let pushed = tokio::time::timeout(
+        DEADLINE,
+        counters.wait_for(|counters| counters.as_ref().is_some_and(|c| !c.reports.is_empty())),
+    )
+    .await
+    .expect("pushed in time")
+    .expect("board open")
+    .clone()
+    .expect("on");
+    assert_eq!(pushed.models[0].users[0].served, 42.0);
+    assert_eq!(
+        (pushed.reports[0].reporter, pushed.reports[0].sequence),
+        (7, 1)
+    );
+    assert_eq!(
+        server.dataplane().route_config.pending_nonce.as_deref(),
+        Some(response.nonce.as_str()),
+        "a report is no answer to the pending response"
+    );
+    counting.abort();
     server.stop().await;
 }
 

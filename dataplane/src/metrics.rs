@@ -1120,6 +1120,14 @@ impl SnapshotSink for ObservedStore {
     fn outlier_report(&self) -> pb::OutlierReport {
         self.store.outlier_report()
     }
+
+    fn fairness_report_interval(&self) -> Option<std::time::Duration> {
+        self.store.fairness().report_interval()
+    }
+
+    fn fairness_usage_report(&self, everything: bool) -> Option<pb::FairnessUsageReport> {
+        self.store.fairness().usage_report(everything)
+    }
 }
 
 #[cfg(test)]

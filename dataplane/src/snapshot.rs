@@ -911,7 +911,9 @@ impl SnapshotStore {
             load.pod = String::new();
             (key, Arc::new(load))
         };
-        // Whole in every response, update or not: it replaces the list held.
+        // Whole in every response, update or not: they replace what is held.
+        self.fairness
+            .apply_counters(update.fairness_counters.as_ref());
         let ejections: HashMap<String, i64> = update
             .ejections
             .iter()
@@ -995,6 +997,14 @@ impl SnapshotSink for SnapshotStore {
 
     fn outlier_report(&self) -> pb::OutlierReport {
         SnapshotStore::outlier_report(self)
+    }
+
+    fn fairness_report_interval(&self) -> Option<Duration> {
+        self.fairness.report_interval()
+    }
+
+    fn fairness_usage_report(&self, everything: bool) -> Option<pb::FairnessUsageReport> {
+        self.fairness.usage_report(everything)
     }
 }
 

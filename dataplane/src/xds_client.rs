@@ -62,6 +62,9 @@ pub const MAX_SNAPSHOT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Smallest backoff delay: a zero `initial_backoff` would otherwise never grow and
 /// retry a refused connection in a busy loop.
 const MIN_BACKOFF: Duration = Duration::from_millis(1);
+/// How often the stream looks whether the fleet-wide fairness order was
+/// turned on while it is off.
+const FAIRNESS_IDLE_CHECK: Duration = Duration::from_millis(500);
 /// Requests queued towards the controller: two subscriptions plus one ACK/NACK per
 /// response, and at most one response per type is un-ACKed, so a few slots suffice.
 const REQUEST_QUEUE_CAPACITY: usize = 8;
@@ -86,6 +89,18 @@ pub trait SnapshotSink: Send + Sync + 'static {
     /// the controller to pass on to every dataplane.
     fn outlier_report(&self) -> pb::OutlierReport {
         pb::OutlierReport::default()
+    }
+
+    /// How often to report fairness usage; None while the fleet-wide
+    /// order is off.
+    fn fairness_report_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// What this dataplane served each user since its last report (all of
+    /// it with `everything`); None when there is nothing to send now.
+    fn fairness_usage_report(&self, _everything: bool) -> Option<pb::FairnessUsageReport> {
+        None
     }
 }
 
@@ -611,6 +626,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 error_detail: None,
                 unknown_jwt_key_ids: Vec::new(),
                 outlier_report: None,
+                fairness_usage: None,
             };
             if requests.send(subscription).await.is_err() {
                 return StreamEnd::RequestStreamClosed;
@@ -664,6 +680,10 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
         if !self.report_ejections(&requests).await {
             return StreamEnd::RequestStreamClosed;
         }
+        // Fairness usage: everything served on a new stream, then what
+        // changed, once per interval.
+        let mut report_everything = true;
+        let mut next_usage_report = clock::now();
         loop {
             let message = tokio::select! {
                 message = responses.message() => message,
@@ -681,6 +701,21 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                 Some(()) = ejected(&mut ejections) => {
                     if !self.report_ejections(&requests).await {
                         return StreamEnd::RequestStreamClosed;
+                    }
+                    continue;
+                }
+                () = clock::sleep_until(next_usage_report) => {
+                    let interval = self.sink.fairness_report_interval();
+                    next_usage_report = clock::now() + interval.unwrap_or(FAIRNESS_IDLE_CHECK);
+                    if let Some(report) = interval.and_then(|_| self.sink.fairness_usage_report(report_everything)) {
+                        report_everything = false;
+                        let request = pb::SnapshotRequest {
+                            fairness_usage: Some(report),
+                            ..Default::default()
+                        };
+                        if requests.send(request).await.is_err() {
+                            return StreamEnd::RequestStreamClosed;
+                        }
                     }
                     continue;
                 }
@@ -751,6 +786,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     error_detail: None,
                     unknown_jwt_key_ids: Vec::new(),
                     outlier_report: None,
+                    fairness_usage: None,
                 }
             }
             Err(nack) => {
@@ -776,6 +812,7 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
                     error_detail: Some(nack.into_error_detail()),
                     unknown_jwt_key_ids: Vec::new(),
                     outlier_report: None,
+                    fairness_usage: None,
                 }
             }
         }

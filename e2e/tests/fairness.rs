@@ -2,6 +2,12 @@
 //! user, a light user's waits (the dataplanes' own `duration_queue_ms`)
 //! compared with its waits when alone, with one dataplane and with three.
 //!
+//! The three-dataplane test spreads both users round robin, so each
+//! dataplane sees the same mix and its own counters order them as the
+//! fleet's would. The skewed test does not: the heavy user comes mostly
+//! through two dataplanes and both users share the third, where only the
+//! fleet-wide counters show the heavy user as heavy.
+//!
 //! Margins are generous on purpose (the machine may be busy). A request
 //! cannot preempt a running one, so even a perfectly fair queue makes the
 //! light user wait for the next slot to free (up to one service time: its
@@ -34,6 +40,10 @@ fn router_config() -> String {
 }
 
 async fn start(dataplanes: usize) -> SimStack {
+    start_with(dataplanes, &router_config()).await
+}
+
+async fn start_with(dataplanes: usize, router_config: &str) -> SimStack {
     let ttft = SERVICE_MS.to_string();
     SimStack::start(SimStackOptions {
         engines: ENGINES,
@@ -45,7 +55,7 @@ async fn start(dataplanes: usize) -> SimStack {
                 "4".into(),
             ]
         },
-        router_config: &router_config(),
+        router_config,
         lora_adapters: &[],
         dataplanes,
         scrape_interval: "200ms",
@@ -284,5 +294,151 @@ async fn a_full_queue_answers_429_and_a_client_that_leaves_leaves_no_entry() {
         metrics
             .contains(r#"kthena_router_fairness_queue_size{model="base",user_id="anonymous"} 0"#),
         "{metrics}"
+    );
+}
+
+/// Closed loops of `user` through dataplane `dataplane` until dropped,
+/// counting the answers that were 200.
+async fn loops_through(sim: &SimStack, dataplane: usize, user: &str, loops: usize, ok: &AtomicU64) {
+    let body = body();
+    let url = sim.stack.dataplanes[dataplane].url("/v1/completions");
+    futures::future::join_all((0..loops).map(|_| async {
+        loop {
+            let response = sim
+                .http()
+                .post_json(&url, &[("x-user-id", user)], &body)
+                .await
+                .expect("dataplane answers");
+            if response.status == StatusCode::OK {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }))
+    .await;
+}
+
+/// The user's entry in dataplane `dataplane`'s queue of the model.
+async fn queued_user(sim: &SimStack, dataplane: usize, user: &str) -> Value {
+    let state = sim.debug(dataplane, "/debug/router/state").await;
+    state["fairness"]["queues"][0]["users"]
+        .as_array()
+        .and_then(|users| users.iter().find(|entry| entry["user"] == user))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Loops of the heavy user on each of the first two dataplanes; on the
+/// third, both users. The light user sends more there than the heavy one,
+/// so by that dataplane's own counters it is the heavier of the two.
+const SKEWED_HEAVY_LOOPS: usize = 8;
+const SHARED_HEAVY_LOOPS: usize = 2;
+const SHARED_LIGHT_LOOPS: usize = 4;
+const SHARED_LIGHT_REQUESTS: u64 = 24;
+
+/// The light user's share of what the shared dataplane served both users
+/// while the heavy user also came through the other two.
+async fn light_share_on_the_shared_dataplane(router_config: &str) -> (u64, u64) {
+    let sim = start_with(3, router_config).await;
+    let _logs = sim.stack.logs_on_failure();
+    let (heavy_elsewhere, heavy_shared, light) =
+        (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let heavy = async {
+        tokio::join!(
+            loops_through(&sim, 0, "heavy", SKEWED_HEAVY_LOOPS, &heavy_elsewhere),
+            loops_through(&sim, 1, "heavy", SKEWED_HEAVY_LOOPS, &heavy_elsewhere),
+        )
+    };
+    let shared = async {
+        // The heavy user has been served elsewhere, and the counters
+        // pushed to the shared dataplane say so when they are on.
+        wait_for("the engines busy with the heavy user", || async {
+            (heavy_elsewhere.load(Ordering::Relaxed) >= 2 * ENGINES as u64 * PER_POD).then_some(())
+        })
+        .await;
+        if !router_config.contains("globalCounters: false") {
+            wait_for(
+                "the heavy user's fleet counter on the shared dataplane",
+                || async {
+                    let state = sim.debug(2, "/debug/router/state").await;
+                    let counter = &state["fairness"]["queues"][0]["globalCounters"]["heavy"];
+                    (counter.as_f64().unwrap_or(0.0) > 0.0).then_some(())
+                },
+            )
+            .await;
+        }
+        let counted = async {
+            wait_for(
+                "the light user's requests on the shared dataplane",
+                || async { (light.load(Ordering::Relaxed) >= SHARED_LIGHT_REQUESTS).then_some(()) },
+            )
+            .await;
+        };
+        tokio::select! {
+            () = counted => {}
+            _ = loops_through(&sim, 2, "heavy", SHARED_HEAVY_LOOPS, &heavy_shared) => {}
+            _ = loops_through(&sim, 2, "light", SHARED_LIGHT_LOOPS, &light) => {}
+        }
+    };
+    tokio::select! {
+        () = shared => {}
+        _ = heavy => unreachable!("the loops run until dropped"),
+    }
+    let (light, heavy_shared) = (
+        light.load(Ordering::Relaxed),
+        heavy_shared.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "shared dataplane: light served {light}, heavy served {heavy_shared}; heavy elsewhere {}",
+        heavy_elsewhere.load(Ordering::Relaxed)
+    );
+    if !router_config.contains("globalCounters: false") {
+        let fleet = sim
+            .http()
+            .get(&format!(
+                "http://{}/debug/fairness",
+                sim.stack.controller_debug
+            ))
+            .await
+            .expect("controller debug")
+            .json();
+        let users = &fleet["models"][0]["users"];
+        let heavy = users
+            .as_array()
+            .and_then(|users| users.iter().find(|user| user["user"] == "heavy"))
+            .expect("the heavy user in the controller's view");
+        assert!(
+            heavy["byReporter"]
+                .as_object()
+                .is_some_and(|parts| parts.len() >= 2),
+            "reported by the dataplanes it came through: {heavy}"
+        );
+        assert_eq!(
+            fleet["reporters"].as_array().map(Vec::len),
+            Some(3),
+            "{fleet}"
+        );
+        let heavy = queued_user(&sim, 2, "heavy").await;
+        assert!(
+            heavy["servedElsewhere"].as_f64().unwrap_or(0.0)
+                > heavy["counter"].as_f64().unwrap_or(0.0),
+            "the shared dataplane orders the heavy user by what the others served it: {heavy}"
+        );
+    }
+    (light, heavy_shared)
+}
+
+/// The heavy user's requests mostly go through dataplanes 1 and 2; both
+/// users share dataplane 3, where the light user sends twice the heavy
+/// user's requests. By dataplane 3's own counters the light user is the
+/// heavier one there and gets about half its turns; by the fleet's it is
+/// far lighter and goes first: at least 4 of every 5 requests dataplane 3
+/// served the two users are the light user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_heavy_elsewhere_is_heavy_on_every_dataplane() {
+    let config = format!("{}  globalInterval: 100ms\n", router_config());
+    let (light, heavy_shared) = light_share_on_the_shared_dataplane(&config).await;
+    assert!(
+        light >= 4 * heavy_shared,
+        "light user served {light} times on the shared dataplane, the heavy user {heavy_shared}"
     );
 }

@@ -18,6 +18,7 @@ use crate::compile::{
     CompileInput, Compiled, GatewayApiConfig, ObjectReport, ObjectSet, ProviderReport, compile,
     compile_ejections, compile_endpoint_loads,
 };
+use crate::fleet_fairness::CountersReceiver;
 use crate::metrics::ControllerMetrics;
 use crate::outlier::ReportedEjections;
 use crate::router_config::RouterConfig;
@@ -37,6 +38,8 @@ pub(super) struct LoopIo {
     pub pod_loads: watch::Receiver<PodLoads>,
     /// Pods the dataplanes reported ejecting, shipped inside EndpointLoads.
     pub ejections: watch::Receiver<Arc<ReportedEjections>>,
+    /// The fleet-wide fairness counters, shipped inside EndpointLoads.
+    pub fairness_counters: CountersReceiver,
     pub publisher: Arc<SnapshotPublisher>,
     pub targets: watch::Sender<Vec<ScrapeTarget>>,
     pub objects_view: watch::Sender<Arc<ObjectsView>>,
@@ -87,6 +90,7 @@ impl CompileLoop {
         let mut keys_alive = true;
         let mut loads_alive = true;
         let mut ejections_alive = true;
+        let mut counters_alive = true;
         loop {
             tokio::select! {
                 changed = self.io.objects.changed(), if objects_alive => match changed {
@@ -111,6 +115,10 @@ impl CompileLoop {
                     Ok(()) => self.publish_endpoint_loads(),
                     Err(_) => ejections_alive = false,
                 },
+                changed = self.io.fairness_counters.changed(), if counters_alive => match changed {
+                    Ok(()) => self.publish_endpoint_loads(),
+                    Err(_) => counters_alive = false,
+                },
                 else => return,
             }
         }
@@ -121,8 +129,9 @@ impl CompileLoop {
         self.compiled.send_replace(compiled);
     }
 
-    /// A scrape changed the loads, or a dataplane reported ejections: only
-    /// the parts of [`compile`] that depend on them.
+    /// A scrape changed the loads, a dataplane reported ejections or the
+    /// fairness counters changed: only the parts of [`compile`] that depend
+    /// on them.
     fn publish_endpoint_loads(&mut self) {
         let pod_loads = self.io.pod_loads.borrow_and_update().clone();
         let ejections = self.io.ejections.borrow_and_update().clone();
@@ -132,7 +141,7 @@ impl CompileLoop {
         let mut loads = compile_endpoint_loads(&compiled.route_config, &pod_loads);
         loads.ejections = compile_ejections(&compiled.route_config, &ejections, now_unix_ms);
         observe(&self.io, "endpoint_loads", started);
-        publish_loads(&self.io, loads, now_unix_ms);
+        publish_loads(&mut self.io, loads, now_unix_ms);
     }
 }
 
@@ -220,7 +229,9 @@ fn observe(io: &LoopIo, resource: &str, started: Instant) {
         .observe(started.elapsed().as_secs_f64());
 }
 
-fn publish_loads(io: &LoopIo, loads: pb::EndpointLoads, now_unix_ms: i64) {
+/// Publishes `loads` with the current fairness counters.
+fn publish_loads(io: &mut LoopIo, mut loads: pb::EndpointLoads, now_unix_ms: i64) {
+    loads.fairness_counters = io.fairness_counters.borrow_and_update().as_deref().cloned();
     let count = loads.loads.len();
     let published = io.publisher.publish_endpoint_loads(loads, now_unix_ms);
     if published.changed {

@@ -31,6 +31,7 @@ use crate::auth::jwks;
 use crate::cli::Args;
 use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::error::ControllerError;
+use crate::fleet_fairness::FairnessBoard;
 use crate::metrics::ControllerMetrics;
 use crate::outlier::EjectionBoard;
 use crate::router_config::{RouterConfig, watch_router_config};
@@ -117,7 +118,9 @@ pub async fn begin(
     ));
     let dataplanes = DataplaneRegistry::new();
     let (objects_view, objects_view_receiver) = watch::channel(Arc::new(ObjectsView::default()));
+    let fairness = Arc::new(FairnessBoard::default());
     let admin_state = AdminState {
+        fairness: fairness.clone(),
         metrics_registry: registry.clone(),
         publisher: publisher.clone(),
         dataplanes: dataplanes.clone(),
@@ -164,6 +167,7 @@ pub async fn begin(
         dataplanes,
         objects_view,
         router,
+        fairness,
         gateway_api,
         xds_addr: args.xds_addr,
         stream_security,
@@ -194,6 +198,8 @@ pub struct StartingController {
     dataplanes: DataplaneRegistry,
     objects_view: watch::Sender<Arc<ObjectsView>>,
     router: watch::Receiver<RouterConfig>,
+    /// The fleet-wide fairness counters (also on the debug listener).
+    fairness: Arc<FairnessBoard>,
     gateway_api: GatewayApiConfig,
     xds_addr: SocketAddr,
     stream_security: StreamSecurity,
@@ -236,6 +242,11 @@ impl StartingController {
             ),
         );
         let ejections = Arc::new(EjectionBoard::default());
+        let fairness = self.fairness;
+        tasks.spawn(
+            "fairness counters",
+            fairness.clone().run(self.router.clone()),
+        );
         let (compile_loop, compiled) = CompileLoop::start(LoopIo {
             objects,
             router: self.router,
@@ -243,6 +254,7 @@ impl StartingController {
             jwks_keys,
             pod_loads: pod_loads.clone(),
             ejections: ejections.subscribe(),
+            fairness_counters: fairness.subscribe(),
             publisher: self.publisher.clone(),
             targets,
             objects_view: self.objects_view,
@@ -260,7 +272,8 @@ impl StartingController {
             self.xds_metrics,
         )
         .with_key_hints(key_hints)
-        .with_outlier_reports(ejections);
+        .with_outlier_reports(ejections)
+        .with_fairness_reports(fairness.clone());
         tracing::info!(
             security = ?self.stream_security,
             ships_provider_credentials = self.stream_security.protects_credentials(),

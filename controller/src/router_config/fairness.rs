@@ -18,6 +18,9 @@
 //!   tierWeights: {gold: 2}   # a gold user is charged half per token
 //!   sessionHeader: X-Session-ID
 //!   maxSessions: 4096
+//!   globalCounters: true     # order by the fleet's counters, not this dataplane's alone
+//!   globalInterval: 250ms    # how often dataplanes report usage and the controller pushes counters (10ms..500ms)
+//!   maxGlobalUsers: 10000    # users per model in the fleet's counters; the one idle longest goes
 //! ```
 //!
 //! No `fairness` block: no queue, requests go upstream at once.
@@ -50,6 +53,17 @@ pub const DEFAULT_MAX_METRIC_USERS: u32 = 32;
 /// Kthena's `SESSION_BOOST_HEADER` and `SESSION_BOOST_MAX_SESSIONS`.
 pub const DEFAULT_SESSION_HEADER: &str = "x-session-id";
 pub const DEFAULT_MAX_SESSIONS: u32 = 4096;
+/// How often dataplanes report usage and the controller pushes the fleet's
+/// counters: a user spread over dataplanes is ordered by service at most
+/// about two intervals old, while a fleet of dataplanes costs the
+/// controller a few small messages a second each.
+pub const DEFAULT_GLOBAL_INTERVAL: Duration = Duration::from_millis(250);
+/// Shorter would only add pushes: requests take far longer than this.
+const MIN_GLOBAL_INTERVAL: Duration = Duration::from_millis(10);
+/// Longer and the order lags what a user was served by a second or more.
+const MAX_GLOBAL_INTERVAL: Duration = Duration::from_millis(500);
+/// As many users per model as a dataplane tracks.
+pub const DEFAULT_MAX_GLOBAL_USERS: u32 = 10_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -80,6 +94,12 @@ struct FairnessSection {
     session_header: Option<String>,
     #[serde(default)]
     max_sessions: Option<u32>,
+    #[serde(default)]
+    global_counters: Option<bool>,
+    #[serde(default)]
+    global_interval: Option<String>,
+    #[serde(default)]
+    max_global_users: Option<u32>,
 }
 
 /// Parses and validates a `fairness` block; `warnings` gets what is
@@ -161,6 +181,16 @@ pub fn parse_fairness(
             Err(format!("fairness.{field} {value:?} is not a header name"))
         }
     };
+    let global_interval = duration(
+        "globalInterval",
+        &section.global_interval,
+        DEFAULT_GLOBAL_INTERVAL,
+    )?;
+    if !(MIN_GLOBAL_INTERVAL..=MAX_GLOBAL_INTERVAL).contains(&global_interval) {
+        return Err(format!(
+            "fairness.globalInterval {global_interval:?} must be within 10ms..500ms"
+        ));
+    }
     let millis = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     Ok(pb::FairnessConfig {
         policy: policy.into(),
@@ -195,6 +225,16 @@ pub fn parse_fairness(
             header => header,
         },
         max_sessions: positive("maxSessions", section.max_sessions, DEFAULT_MAX_SESSIONS)?,
+        global_report_interval_ms: if section.global_counters.unwrap_or(true) {
+            millis(global_interval)
+        } else {
+            0
+        },
+        max_global_users: positive(
+            "maxGlobalUsers",
+            section.max_global_users,
+            DEFAULT_MAX_GLOBAL_USERS,
+        )?,
     })
 }
 
@@ -221,13 +261,15 @@ mod tests {
         assert_eq!(config.max_concurrent_per_pod, 16);
         assert_eq!(config.user_header, "");
         assert_eq!(config.session_header, "x-session-id");
+        assert_eq!(config.global_report_interval_ms, 250, "fleet-wide order on");
+        assert_eq!(config.max_global_users, 10_000);
         assert!(warnings.is_empty());
     }
 
     #[test]
     fn every_field_is_read_and_checked() {
         let (config, warnings) = parse(
-            "{policy: sessionBoost, windowSize: 10s, inputTokenWeight: 0.5, outputTokenWeight: 3, maxConcurrent: 4, queueTimeout: 2s, maxQueueLength: 8, maxUserQueueLength: 2, userHeader: X-User-ID, maxMetricUsers: 3, tierWeights: {gold: 2}, sessionHeader: X-Conv, maxSessions: 9}",
+            "{policy: sessionBoost, windowSize: 10s, inputTokenWeight: 0.5, outputTokenWeight: 3, maxConcurrent: 4, queueTimeout: 2s, maxQueueLength: 8, maxUserQueueLength: 2, userHeader: X-User-ID, maxMetricUsers: 3, tierWeights: {gold: 2}, sessionHeader: X-Conv, maxSessions: 9, globalInterval: 100ms, maxGlobalUsers: 5}",
         )
         .expect("valid");
         assert_eq!(config.policy(), pb::FairnessPolicy::SessionBoost);
@@ -239,6 +281,15 @@ mod tests {
         );
         assert_eq!(config.user_header, "x-user-id");
         assert_eq!(config.session_header, "x-conv");
+        assert_eq!(
+            (config.global_report_interval_ms, config.max_global_users),
+            (100, 5)
+        );
+        let (off, _) = parse("{globalCounters: false}").expect("valid");
+        assert_eq!(
+            off.global_report_interval_ms, 0,
+            "each dataplane on its own"
+        );
         assert_eq!(
             config.tier_weights,
             [pb::TierWeight {
@@ -254,6 +305,8 @@ mod tests {
             ("{tierWeights: {free: 0}}", "tierWeights.free"),
             ("{userHeader: 'bad header'}", "userHeader"),
             ("{maxQueue: 3}", "unknown field `maxQueue`"),
+            ("{globalInterval: 2s}", "globalInterval"),
+            ("{maxGlobalUsers: 0}", "maxGlobalUsers"),
         ] {
             let error = parse(text).expect_err(text);
             assert!(error.contains(expected), "{text}: {error}");

@@ -234,8 +234,9 @@ pub fn endpoint_loads_diff(
     let mut update = pb::EndpointLoads {
         base_version: base_version.to_owned(),
         observed_at_unix_ms: next.observed_at_unix_ms,
-        // Always whole: it replaces the list held.
+        // Always whole: they replace the ones held.
         ejections: next.ejections.clone(),
+        fairness_counters: next.fairness_counters.clone(),
         ..Default::default()
     };
     let removed = |load: &pb::EndpointLoad| pb::EndpointRef {

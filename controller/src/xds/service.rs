@@ -16,6 +16,7 @@ use super::metrics::XdsMetrics;
 use super::publisher::{ResourceReceiver, SnapshotPublisher};
 use super::registry::{DataplaneRegistry, DataplaneStatus, RegistryEntry, TypeSyncStatus};
 use super::wire::EncodedResponse;
+use crate::fleet_fairness::FairnessBoard;
 use crate::outlier::EjectionBoard;
 
 /// Responses queued per stream: at most one un-ACKed response per type is in
@@ -50,6 +51,8 @@ pub struct RoutingDiscoveryService {
     settings: StreamSettings,
     /// Where the dataplanes' outlier reports go.
     ejections: Arc<EjectionBoard>,
+    /// Where the dataplanes' fairness usage reports go.
+    fairness: Arc<FairnessBoard>,
     /// Flips to `true` when the server shuts down: bidi streams never end on
     /// their own, so graceful shutdown has to end them.
     closing: Arc<watch::Sender<bool>>,
@@ -70,6 +73,7 @@ impl RoutingDiscoveryService {
             metrics,
             settings: StreamSettings::default(),
             ejections: Arc::default(),
+            fairness: Arc::default(),
             closing: Arc::new(watch::channel(false).0),
             key_hints: None,
         }
@@ -78,6 +82,12 @@ impl RoutingDiscoveryService {
     /// Sends the key ids of dataplanes' unknown-key hints to `hints`.
     pub fn with_key_hints(mut self, hints: mpsc::Sender<Vec<String>>) -> Self {
         self.key_hints = Some(hints);
+        self
+    }
+
+    /// Dataplanes' fairness usage reports go to `fairness`.
+    pub fn with_fairness_reports(mut self, fairness: Arc<FairnessBoard>) -> Self {
+        self.fairness = fairness;
         self
     }
 
@@ -124,6 +134,7 @@ struct SnapshotStream {
     metrics: XdsMetrics,
     settings: StreamSettings,
     ejections: Arc<EjectionBoard>,
+    fairness: Arc<FairnessBoard>,
     closing: watch::Receiver<bool>,
     responses: mpsc::Sender<Result<EncodedResponse, Status>>,
     route_config: ResourceReceiver,
@@ -166,6 +177,7 @@ impl SnapshotStream {
             metrics: service.metrics.clone(),
             settings: service.settings,
             ejections: service.ejections.clone(),
+            fairness: service.fairness.clone(),
             closing: service.closing.subscribe(),
             responses,
             route_config: service.publisher.subscribe(ResourceType::RouteConfig),
@@ -309,6 +321,10 @@ impl SnapshotStream {
         if let Some(report) = &request.outlier_report {
             let node_id = self.status.node_id.as_deref().unwrap_or_default();
             self.ejections.report(node_id, report, unix_ms_now());
+        }
+        if let Some(report) = &request.fairness_usage {
+            let node_id = self.status.node_id.as_deref().unwrap_or_default();
+            self.fairness.report(node_id, report);
         }
         if request.type_url.is_empty() && request.response_nonce.is_empty() {
             // A hint or a report only, not an ACK or NACK.

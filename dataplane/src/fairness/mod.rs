@@ -4,6 +4,12 @@
 //! snapshots; each routing table holds the queues of its models
 //! ([`FairQueues`]), or none when the snapshot has no fairness block, so a
 //! request then costs one `Option` check.
+//!
+//! Fleet-wide order: [`Fairness::usage_report`] gives what this dataplane
+//! served each user (running totals, one report awaiting the controller's
+//! echo at a time), the controller sums every dataplane's totals and
+//! pushes them back inside EndpointLoads ([`Fairness::apply_counters`]),
+//! and each queue orders by them (see `queue.rs`).
 
 pub mod queue;
 mod sessions;
@@ -17,10 +23,17 @@ use parking_lot::Mutex;
 use prometheus::{HistogramOpts, HistogramVec, IntGaugeVec, Opts};
 use switchyard_snapshot::pb;
 
-use self::queue::{ModelQueue, QueueView};
+use self::queue::{Echo, ModelQueue, QueueView};
 use crate::pod::PodState;
+use switchyard_runtime::clock::{self, Instant};
 
 pub use self::queue::{Refusal, Slot, Ticket};
+
+/// How long a report may await the controller's echo before everything is
+/// reported again: the controller echoes within one push interval (at most
+/// 500 ms); a report lost with a stream, or ignored by a controller that
+/// just turned the fleet-wide order off, is not waited for forever.
+pub const REPORT_ECHO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Who unauthenticated requests without the user header belong to.
 pub const ANONYMOUS_USER: &str = "anonymous";
@@ -51,6 +64,10 @@ pub struct FairnessSettings {
     tier_weights: HashMap<String, f64>,
     pub session_header: HeaderName,
     pub max_sessions: usize,
+    /// Fleet-wide order: how often usage is reported; None = off.
+    pub global_report_interval: Option<Duration>,
+    /// Users per model read from the pushed counters.
+    pub max_global_users: usize,
 }
 
 impl FairnessSettings {
@@ -100,6 +117,9 @@ impl FairnessSettings {
             tier_weights,
             session_header: header(&config.session_header)?,
             max_sessions: count(config.max_sessions).max(1),
+            global_report_interval: (config.global_report_interval_ms > 0)
+                .then(|| Duration::from_millis(config.global_report_interval_ms)),
+            max_global_users: count(config.max_global_users),
         })
     }
 
@@ -145,6 +165,19 @@ impl FairnessMetrics {
 pub struct Fairness {
     metrics: FairnessMetrics,
     queues: Mutex<HashMap<String, Arc<ModelQueue>>>,
+    /// This process's id in usage reports.
+    reporter: u64,
+    reports: Mutex<Reports>,
+}
+
+#[derive(Debug, Default)]
+struct Reports {
+    /// The settings in force: reports and pushed counters only while on.
+    interval: Option<Duration>,
+    max_global_users: usize,
+    next_sequence: u64,
+    /// The report awaiting the controller's echo, and when it was made.
+    awaiting: Option<(u64, Instant)>,
 }
 
 impl Default for Fairness {
@@ -171,6 +204,91 @@ impl Fairness {
         Self {
             metrics,
             queues: Mutex::new(HashMap::new()),
+            reporter: rand::random(),
+            reports: Mutex::default(),
+        }
+    }
+
+    /// How often to report usage; None while the fleet-wide order is off.
+    pub fn report_interval(&self) -> Option<Duration> {
+        self.reports.lock().interval
+    }
+
+    /// What this dataplane served each user since its last report (all of
+    /// it with `everything`: a new stream); None when there is nothing to
+    /// report, the fleet-wide order is off, or the last report awaits its
+    /// echo (for less than [`REPORT_ECHO_TIMEOUT`]).
+    pub fn usage_report(&self, everything: bool) -> Option<pb::FairnessUsageReport> {
+        let mut reports = self.reports.lock();
+        reports.interval?;
+        let now = clock::now();
+        let everything = match reports.awaiting {
+            Some((_, made)) if !everything => {
+                if now.duration_since(made) < REPORT_ECHO_TIMEOUT {
+                    return None;
+                }
+                true
+            }
+            _ => everything,
+        };
+        reports.awaiting = None;
+        let queues: Vec<Arc<ModelQueue>> = self.queues.lock().values().cloned().collect();
+        let mut usage = Vec::new();
+        for queue in queues {
+            queue.report_usage(everything, &mut usage);
+        }
+        if usage.is_empty() {
+            return None;
+        }
+        reports.next_sequence += 1;
+        let sequence = reports.next_sequence;
+        reports.awaiting = Some((sequence, now));
+        Some(pb::FairnessUsageReport {
+            reporter: self.reporter,
+            sequence,
+            usage,
+        })
+    }
+
+    /// The controller's fleet-wide counters (`None`: there are none, each
+    /// queue orders by its own counters).
+    pub fn apply_counters(&self, counters: Option<&pb::FairnessCounters>) {
+        let mut reports = self.reports.lock();
+        let counters = counters.filter(|_| reports.interval.is_some());
+        let echoed = counters
+            .and_then(|counters| {
+                counters
+                    .reports
+                    .iter()
+                    .find(|seen| seen.reporter == self.reporter)
+            })
+            .map(|seen| seen.sequence);
+        let echo = match (echoed, reports.awaiting) {
+            (None, _) => Echo::Nothing,
+            (Some(echoed), Some((awaited, _))) if echoed < awaited => Echo::Earlier,
+            (Some(_), _) => {
+                reports.awaiting = None;
+                Echo::Latest
+            }
+        };
+        let by_model: HashMap<&str, &[pb::UserServed]> = counters
+            .map(|counters| {
+                counters
+                    .models
+                    .iter()
+                    .map(|model| (model.model.as_str(), model.users.as_slice()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let queues: Vec<Arc<ModelQueue>> = self.queues.lock().values().cloned().collect();
+        for queue in queues {
+            let users = counters.map(|_| {
+                by_model
+                    .get(queue.model.as_str())
+                    .copied()
+                    .unwrap_or_default()
+            });
+            queue.apply_fleet(users, echo, reports.max_global_users);
         }
     }
 
@@ -184,6 +302,11 @@ impl Fairness {
         settings: Option<FairnessSettings>,
         models: HashMap<String, Vec<Arc<PodState>>>,
     ) -> Option<Arc<FairQueues>> {
+        {
+            let mut reports = self.reports.lock();
+            reports.interval = settings.as_ref().and_then(|s| s.global_report_interval);
+            reports.max_global_users = settings.as_ref().map_or(0, |s| s.max_global_users);
+        }
         let mut queues = self.queues.lock();
         let Some(settings) = settings.map(Arc::new) else {
             for (_, queue) in queues.drain() {

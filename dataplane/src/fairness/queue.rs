@@ -9,6 +9,13 @@
 //!   who starts waiting is lifted to the smallest counter among the users
 //!   waiting (or to the counter of the user served last), so time spent idle
 //!   banks no credit.
+//! - **Fleet-wide VTC**: with several dataplanes, a user's order key is its
+//!   counter here plus what the other dataplanes served it, from the
+//!   counters the controller pushes (the fleet's total for the user minus
+//!   this dataplane's total as of its report those counters include). So a
+//!   user spread over dataplanes is ordered by all it was served; service
+//!   here counts at once, never twice; without pushed counters (no
+//!   controller, or the fleet-wide order off) the key is the counter alone.
 //! - **Session boost**: requests of a session whose last request completed
 //!   go first, the most recently completed session first; the others in
 //!   arrival order.
@@ -31,6 +38,8 @@ use parking_lot::Mutex;
 use prometheus::{Histogram, IntGauge};
 use switchyard_runtime::clock::{self, Instant};
 use tokio::sync::oneshot;
+
+use switchyard_snapshot::pb;
 
 use super::sessions::RecentSessions;
 use super::{FairnessMetrics, FairnessSettings, Policy};
@@ -137,8 +146,11 @@ struct QueueState {
     boost_order: BTreeMap<BoostKey, u64>,
     sessions: RecentSessions,
     next_seq: u64,
-    /// The counter of the user admitted last (VTC's lift when no one waits).
-    last_served_counter: f64,
+    /// The order key of the user admitted last (VTC's lift when no one waits).
+    last_served_key: f64,
+    /// The fleet's totals for this model's users, from the latest pushed
+    /// counters; a user seen here for the first time starts from its own.
+    fleet_served: HashMap<Box<str>, f64>,
     /// Users holding one of the model's `max_metric_users` labels.
     labelled_users: usize,
     mean_service_seconds: f64,
@@ -147,7 +159,10 @@ struct QueueState {
 
 #[derive(Debug)]
 struct UserState {
+    /// Weighted tokens served here, plus VTC's lifts.
     counter: f64,
+    /// The user's part of the fleet-wide counters.
+    fleet: FleetShare,
     /// Waiting requests in arrival order; its length is the user's queue
     /// length under both policies.
     waiting: VecDeque<u64>,
@@ -156,6 +171,40 @@ struct UserState {
     queue_size: IntGauge,
     queue_duration: Histogram,
     labelled: bool,
+}
+
+/// What the fleet served a user and what of it this dataplane reported.
+#[derive(Debug, Default, Clone, Copy)]
+struct FleetShare {
+    /// Weighted tokens served here (the counter without lifts): the total
+    /// this dataplane reports.
+    served: f64,
+    /// `served` as last put in a report.
+    sent: f64,
+    /// `served` as put in the report the controller has not yet echoed.
+    in_report: Option<f64>,
+    /// This dataplane's total as of its report the pushed counters include.
+    included: f64,
+    /// The fleet's total from the pushed counters (0 without).
+    fleet: f64,
+}
+
+impl FleetShare {
+    /// What the other dataplanes served the user.
+    fn elsewhere(&self) -> f64 {
+        (self.fleet - self.included).max(0.0)
+    }
+}
+
+/// How much of this dataplane's reports pushed counters include.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    /// None: they hold nothing of this dataplane (or there are none).
+    Nothing,
+    /// The report awaiting its echo (and those before).
+    Latest,
+    /// Only earlier reports: the one awaited is not in yet.
+    Earlier,
 }
 
 #[derive(Debug)]
@@ -230,12 +279,26 @@ pub struct QueueView {
     pub capacity: Option<u64>,
     pub waiting: usize,
     pub users: Vec<UserView>,
+    /// The fleet-wide counters last pushed for the model, by user (empty
+    /// without: each user is ordered by this dataplane's counter alone).
+    pub global_counters: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct UserView {
     pub user: String,
+    /// Weighted tokens served here, plus lifts.
     pub counter: f64,
+    /// The fleet's total from the pushed counters (0 without).
+    pub global_counter: f64,
+    /// What other dataplanes served the user: the pushed total minus this
+    /// dataplane's reported part.
+    pub served_elsewhere: f64,
+    /// Served here and not yet in the pushed counters.
+    pub unreflected: f64,
+    /// What the queue orders by: `counter + servedElsewhere`.
+    pub order_key: f64,
     pub waiting: usize,
     pub running: u64,
 }
@@ -256,7 +319,8 @@ impl ModelQueue {
                 waiters: HashMap::new(),
                 boost_order: BTreeMap::new(),
                 next_seq: 0,
-                last_served_counter: 0.0,
+                last_served_key: 0.0,
+                fleet_served: HashMap::new(),
                 labelled_users: 0,
                 mean_service_seconds: INITIAL_SERVICE_TIME.as_secs_f64(),
                 last_sweep: clock::now(),
@@ -396,9 +460,11 @@ impl ModelQueue {
             let input_correction = prompt_tokens.map_or(0.0, |prompt| {
                 prompt as f64 - slot.ticket.input_tokens as f64
             });
-            let served = input_correction * settings.input_token_weight
-                + output_tokens as f64 * settings.output_token_weight;
-            user.counter = (user.counter + served * slot.ticket.charge_per_token).max(0.0);
+            let served = (input_correction * settings.input_token_weight
+                + output_tokens as f64 * settings.output_token_weight)
+                * slot.ticket.charge_per_token;
+            user.counter = (user.counter + served).max(0.0);
+            user.fleet.served = (user.fleet.served + served).max(0.0);
         }
         if let (true, Some(session)) = (completed, slot.ticket.session.as_deref()) {
             state.sessions.completed(session);
@@ -415,10 +481,15 @@ impl ModelQueue {
         let label = if labelled { user } else { OTHER_USERS_LABEL };
         state.labelled_users += usize::from(labelled);
         let labels = [self.model.as_str(), label];
+        let fleet = FleetShare {
+            fleet: state.fleet_served.get(&**user).copied().unwrap_or(0.0),
+            ..FleetShare::default()
+        };
         state.users.insert(
             user.clone(),
             UserState {
                 counter: 0.0,
+                fleet,
                 waiting: VecDeque::new(),
                 running: 0,
                 last_active: now,
@@ -469,6 +540,57 @@ impl ModelQueue {
         }
     }
 
+    /// Adds to `usage` the users whose total served here changed since the
+    /// last report (every user served anything, with `everything`), and
+    /// marks them as awaiting the controller's echo.
+    pub fn report_usage(&self, everything: bool, usage: &mut Vec<pb::UserUsage>) {
+        let mut state = self.state.lock();
+        for (name, user) in &mut state.users {
+            let share = &mut user.fleet;
+            let changed = share.served != share.sent;
+            if !(changed || (everything && share.served > 0.0)) {
+                continue;
+            }
+            share.sent = share.served;
+            share.in_report = Some(share.served);
+            usage.push(pb::UserUsage {
+                model: self.model.clone(),
+                user: name.to_string(),
+                served: share.served,
+            });
+        }
+    }
+
+    /// New fleet-wide counters for this model (`users`, at most
+    /// `max_users` read), including as much of this dataplane's reports
+    /// as `echo` says. `None`: no fleet-wide counters, every user's key is
+    /// its own counter.
+    pub fn apply_fleet(&self, users: Option<&[pb::UserServed]>, echo: Echo, max_users: usize) {
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        state.fleet_served.clear();
+        for user in users.unwrap_or_default().iter().take(max_users) {
+            if user.served.is_finite() && user.served >= 0.0 {
+                state
+                    .fleet_served
+                    .insert(user.user.as_str().into(), user.served);
+            }
+        }
+        for (name, user) in &mut state.users {
+            let share = &mut user.fleet;
+            match echo {
+                Echo::Latest => {
+                    if let Some(reported) = share.in_report.take() {
+                        share.included = reported;
+                    }
+                }
+                Echo::Earlier => {}
+                Echo::Nothing => share.included = 0.0,
+            }
+            share.fleet = state.fleet_served.get(&**name).copied().unwrap_or(0.0);
+        }
+    }
+
     pub fn view(&self) -> QueueView {
         let state = self.state.lock();
         let mut users: Vec<UserView> = state
@@ -477,6 +599,10 @@ impl ModelQueue {
             .map(|(name, user)| UserView {
                 user: name.to_string(),
                 counter: user.counter,
+                global_counter: user.fleet.fleet,
+                served_elsewhere: user.fleet.elsewhere(),
+                unreflected: (user.fleet.served - user.fleet.included).max(0.0),
+                order_key: user.order_key(),
                 waiting: user.waiting.len(),
                 running: user.running,
             })
@@ -488,7 +614,19 @@ impl ModelQueue {
             capacity: state.capacity(),
             waiting: state.waiters.len(),
             users,
+            global_counters: state
+                .fleet_served
+                .iter()
+                .map(|(user, served)| (user.to_string(), *served))
+                .collect(),
         }
+    }
+}
+
+impl UserState {
+    /// What VTC orders by: served here (with lifts) plus served elsewhere.
+    fn order_key(&self) -> f64 {
+        self.counter + self.fleet.elsewhere()
     }
 }
 
@@ -519,10 +657,12 @@ impl QueueState {
         self.admitted += 1;
         let weight = self.settings.input_token_weight;
         if let Some(user) = self.users.get_mut(&ticket.user) {
-            user.counter += ticket.input_tokens as f64 * weight * ticket.charge_per_token;
+            let charge = ticket.input_tokens as f64 * weight * ticket.charge_per_token;
+            user.counter += charge;
+            user.fleet.served += charge;
             user.running += 1;
             user.last_active = now;
-            self.last_served_counter = user.counter;
+            self.last_served_key = user.order_key();
         }
     }
 
@@ -562,7 +702,8 @@ impl QueueState {
 
     /// VTC's lift: a user arriving with nothing waiting joins at the level
     /// of the users waiting (or of the user served last when no one
-    /// waits), so time spent idle banks no credit.
+    /// waits), so time spent idle banks no credit. Levels are order keys:
+    /// what the user was served elsewhere counts towards its level.
     fn lift(&mut self, name: &str) {
         if self
             .users
@@ -575,11 +716,11 @@ impl QueueState {
             .backlogged
             .iter()
             .filter_map(|user| self.users.get(user))
-            .map(|user| user.counter)
+            .map(UserState::order_key)
             .reduce(f64::min)
-            .unwrap_or(self.last_served_counter);
+            .unwrap_or(self.last_served_key);
         if let Some(user) = self.users.get_mut(name) {
-            user.counter = user.counter.max(floor);
+            user.counter = user.counter.max(floor - user.fleet.elsewhere());
         }
     }
 
@@ -591,7 +732,7 @@ impl QueueState {
                 .iter()
                 .filter_map(|name| {
                     let user = self.users.get(name)?;
-                    Some((user.counter, *user.waiting.front()?))
+                    Some((user.order_key(), *user.waiting.front()?))
                 })
                 .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
                 .map(|(_, seq)| seq),
@@ -657,6 +798,8 @@ mod tests {
             tier_weights: vec![],
             session_header: "x-session-id".into(),
             max_sessions: 16,
+            global_report_interval_ms: 0,
+            max_global_users: 100,
         };
         change(&mut config);
         Arc::new(FairnessSettings::from_config(&config).expect("valid"))
@@ -831,6 +974,171 @@ mod tests {
         );
         slot.finish(Some(1000), 0, true);
         assert_eq!(line.next().await.0, "early-1");
+    }
+
+    /// A model `m` with one pod taking one request at once, under a
+    /// [`super::super::Fairness`] whose fleet-wide order is on.
+    fn fleet_queue() -> (super::super::Fairness, Arc<ModelQueue>) {
+        let fairness = super::super::Fairness::default();
+        let settings = settings(|c| {
+            c.global_report_interval_ms = 250;
+            c.max_global_users = 100;
+        });
+        let queues = fairness
+            .apply(
+                Some((*settings).clone()),
+                HashMap::from([("m".to_owned(), vec![pod("p0")])]),
+            )
+            .expect("on");
+        let queue = queues.queue("m").expect("m").clone();
+        (fairness, queue)
+    }
+
+    fn pushed(users: &[(&str, f64)], reports: &[(u64, u64)]) -> pb::FairnessCounters {
+        pb::FairnessCounters {
+            models: vec![pb::ModelFairnessCounters {
+                model: "m".into(),
+                users: users
+                    .iter()
+                    .map(|(user, served)| pb::UserServed {
+                        user: (*user).into(),
+                        served: *served,
+                    })
+                    .collect(),
+            }],
+            reports: reports
+                .iter()
+                .map(|(reporter, sequence)| pb::FairnessReportSeen {
+                    reporter: *reporter,
+                    sequence: *sequence,
+                })
+                .collect(),
+        }
+    }
+
+    fn user_view(queue: &ModelQueue, user: &str) -> UserView {
+        queue
+            .view()
+            .users
+            .into_iter()
+            .find(|view| view.user == user)
+            .expect("user known")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backlogged_users_are_ordered_by_what_the_whole_fleet_served_them() {
+        let (fairness, queue) = fleet_queue();
+        let mut line = Line::new(&queue);
+        let running = queue.admit(ticket("x", 0)).await.expect("room");
+        line.arrive("heavy-1", ticket("heavy", 10)).await;
+        line.arrive("heavy-2", ticket("heavy", 10)).await;
+        line.arrive("light-1", ticket("light", 10)).await;
+        line.arrive("light-2", ticket("light", 10)).await;
+        // Other dataplanes served "heavy" 1,000 tokens; this one reported nothing.
+        fairness.apply_counters(Some(&pushed(&[("heavy", 1_000.0)], &[(7, 1)])));
+        let heavy = user_view(&queue, "heavy");
+        assert_eq!((heavy.counter, heavy.served_elsewhere), (0.0, 1_000.0));
+        assert_eq!(heavy.order_key, 1_000.0);
+        running.finish(Some(0), 0, true);
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            let (name, slot) = line.next().await;
+            order.push(name);
+            slot.finish(Some(10), 0, true);
+        }
+        assert_eq!(order, ["light-1", "light-2", "heavy-1", "heavy-2"]);
+
+        // A user back from idle is lifted to the waiting users' level, in
+        // order keys: its counter rises to the key less what it was served
+        // elsewhere.
+        let running = queue.admit(ticket("x", 0)).await.expect("room");
+        line.arrive("heavy-3", ticket("heavy", 10)).await;
+        fairness.apply_counters(Some(&pushed(
+            &[("heavy", 1_000.0), ("light", 300.0)],
+            &[(7, 2)],
+        )));
+        line.arrive("light-3", ticket("light", 10)).await;
+        let (heavy, light) = (user_view(&queue, "heavy"), user_view(&queue, "light"));
+        assert_eq!(light.order_key, heavy.order_key, "no banked credit");
+        assert_eq!(light.counter, heavy.order_key - 300.0);
+        running.finish(Some(0), 0, true);
+        assert_eq!(line.next().await.0, "heavy-3", "equal keys: arrival order");
+
+        // Without pushed counters (the fleet-wide order turned off), each
+        // user's key is its own counter again.
+        fairness.apply_counters(None);
+        let heavy = user_view(&queue, "heavy");
+        assert_eq!(heavy.order_key, heavy.counter);
+        assert_eq!(heavy.global_counter, 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn service_here_counts_at_once_and_never_twice() {
+        let (fairness, queue) = fleet_queue();
+        queue
+            .admit(ticket("u", 100))
+            .await
+            .expect("room")
+            .finish(Some(100), 0, true);
+        let first = fairness.usage_report(true).expect("served: a report");
+        let reporter = first.reporter;
+        assert_eq!(first.sequence, 1);
+        assert_eq!(
+            first.usage,
+            [pb::UserUsage {
+                model: "m".into(),
+                user: "u".into(),
+                served: 100.0
+            }]
+        );
+        assert_eq!(
+            fairness.usage_report(false),
+            None,
+            "one report awaits its echo at a time"
+        );
+
+        // The counters include the report: the fleet's 100 are this
+        // dataplane's own, nothing was served elsewhere.
+        fairness.apply_counters(Some(&pushed(&[("u", 100.0)], &[(reporter, 1)])));
+        let view = user_view(&queue, "u");
+        assert_eq!((view.order_key, view.served_elsewhere), (100.0, 0.0));
+        assert_eq!(fairness.usage_report(false), None, "nothing new");
+
+        // 50 more here, reported; the next push still includes only the
+        // first report, plus 30 from another dataplane.
+        queue
+            .admit(ticket("u", 50))
+            .await
+            .expect("room")
+            .finish(Some(50), 0, true);
+        assert_eq!(user_view(&queue, "u").order_key, 150.0, "counted at once");
+        let second = fairness.usage_report(false).expect("changed");
+        assert_eq!((second.sequence, second.usage[0].served), (2, 150.0));
+        fairness.apply_counters(Some(&pushed(&[("u", 130.0)], &[(reporter, 1), (9, 4)])));
+        let view = user_view(&queue, "u");
+        assert_eq!(
+            (view.order_key, view.served_elsewhere, view.unreflected),
+            (180.0, 30.0, 50.0)
+        );
+        // Then the push that includes it.
+        fairness.apply_counters(Some(&pushed(&[("u", 180.0)], &[(reporter, 2), (9, 4)])));
+        let view = user_view(&queue, "u");
+        assert_eq!(
+            (view.order_key, view.served_elsewhere, view.unreflected),
+            (180.0, 30.0, 0.0)
+        );
+
+        // A report whose echo never comes is made again, whole, after a while.
+        queue
+            .admit(ticket("u", 1))
+            .await
+            .expect("room")
+            .finish(Some(1), 0, true);
+        assert_eq!(fairness.usage_report(false).expect("changed").sequence, 3);
+        assert_eq!(fairness.usage_report(false), None);
+        tokio::time::advance(super::super::REPORT_ECHO_TIMEOUT).await;
+        let again = fairness.usage_report(false).expect("echo overdue");
+        assert_eq!((again.sequence, again.usage[0].served), (4, 151.0));
     }
 
     #[tokio::test(start_paused = true)]
