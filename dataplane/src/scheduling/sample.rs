@@ -47,6 +47,10 @@ impl Pool<'_> {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The server pod index at `position` of the pool.
     pub fn index(&self, position: usize) -> usize {
         match self {
