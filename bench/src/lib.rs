@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod route_churn;
+pub mod scale;
 
 use bytes::Bytes;
 use switchyard_snapshot::pb;

@@ -408,7 +408,7 @@ impl Admin {
                 "no routing snapshot received from the controller yet",
             );
         };
-        let config = &table.source;
+        let config = &table.source.decode();
         let segments: Vec<&str> = rest.split('/').collect();
         match segments.as_slice() {
             ["modelroutes"] => json(StatusCode::OK, &config_dump::modelroutes(config)),
@@ -502,7 +502,8 @@ impl Admin {
             "fairness": {
                 "config": table
                     .as_ref()
-                    .and_then(|t| t.source.fairness.as_ref())
+                    .and_then(|t| t.source.decode().fairness)
+                    .as_ref()
                     .map(switchyard_snapshot::config_dump::fairness),
                 "queues": self.store.fairness().views(),
             },
@@ -655,7 +656,7 @@ fn decisions_view(store: &SnapshotStore, query: Option<&str>) -> serde_json::Val
             "filters": effective.filters,
             "scores": effective.scores.iter().map(|s| json!({"name": s.name, "weight": s.weight})).collect::<Vec<_>>(),
             "topN": effective.top_n,
-            "fromSnapshot": table.source.scheduler.is_some(),
+            "fromSnapshot": table.scheduler.from_snapshot,
         })
     });
     json!({

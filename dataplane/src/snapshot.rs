@@ -10,6 +10,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::HeaderName;
 use parking_lot::Mutex;
+use prost::Message as _;
 use regex::Regex;
 use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
@@ -132,7 +133,7 @@ pub struct RoutingTable {
     /// The `GET /v1/models` response body, rendered once.
     pub models_body: Bytes,
     /// The RouteConfig this table was built from, for debug dumps.
-    pub source: pb::RouteConfig,
+    pub source: SourceConfig,
     /// Picks pods, configured by the snapshot's scheduler section.
     pub scheduler: Scheduler,
     /// Gateway API mode: listeners, HTTPRoutes, InferencePools.
@@ -143,6 +144,24 @@ pub struct RoutingTable {
     pub rate_limits: Arc<RateLimits>,
     /// The fairness queues of the served models; None = fairness is off.
     pub fairness: Option<Arc<FairQueues>>,
+}
+
+/// The RouteConfig a table was built from, kept encoded: debug dumps decode
+/// it when asked. Decoded, it was the largest part of a big snapshot's
+/// memory (about 1.1 KiB per pod, against 50 bytes encoded).
+#[derive(Debug)]
+pub struct SourceConfig(Bytes);
+
+impl SourceConfig {
+    fn new(config: &pb::RouteConfig) -> Self {
+        Self(Bytes::from(config.encode_to_vec()))
+    }
+
+    /// The RouteConfig, decoded again.
+    pub fn decode(&self) -> pb::RouteConfig {
+        // This process encoded it from a decoded message: it always decodes.
+        pb::RouteConfig::decode(self.0.as_ref()).unwrap_or_default()
+    }
 }
 
 impl RoutingTable {
@@ -247,7 +266,7 @@ impl RoutingTable {
             index,
             pods,
             models_body,
-            source: config,
+            source: SourceConfig::new(&config),
             scheduler,
             gateways,
             authenticator,
@@ -876,8 +895,12 @@ impl SnapshotStore {
     ) -> Result<(), SnapshotError> {
         let mut held = self.loads.lock();
         let table = self.table.load_full();
-        let keyed = |load: pb::EndpointLoad| {
+        let keyed = |mut load: pb::EndpointLoad| {
             let key = switchyard_snapshot::object_key(&load.namespace, &load.pod);
+            // The key names the pod from now on: one copy of the name per
+            // pod instead of three (a tenth of a big snapshot's loads).
+            load.namespace = String::new();
+            load.pod = String::new();
             (key, Arc::new(load))
         };
         // Whole in every response, update or not: they replace what is held.

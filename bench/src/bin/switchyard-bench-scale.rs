@@ -10,7 +10,6 @@
 //! connected too and its memory with the full snapshot is read from /proc.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,15 +22,14 @@ use bytes::{Buf as _, Bytes};
 use clap::Parser;
 use prost::Message as _;
 use switchyard_bench::route_churn;
+use switchyard_bench::scale;
 use switchyard_controller::compile::{compile_endpoint_loads, compile_route_config};
-use switchyard_controller::local::{LocalObjects, parse_documents};
-use switchyard_controller::scrape::PodLoad;
 use switchyard_controller::xds::{
     DataplaneRegistry, DataplaneStatus, ResourceType, RoutingDiscoveryService, SnapshotPublisher,
     XdsMetrics,
 };
 use switchyard_runtime::clock;
-use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, object_key, pb};
+use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, ROUTE_CONFIG_TYPE_URL, pb};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -80,6 +78,16 @@ struct Args {
     churn_rounds: usize,
 }
 
+impl Args {
+    fn shape(&self) -> scale::Shape {
+        scale::Shape {
+            pods: self.pods,
+            servers: self.servers,
+            routes: self.routes,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -90,79 +98,6 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Local-mode YAML for the scale case: server `s` selects pods labelled
-/// `app: s-<s>`; route `r` targets server `r % servers` (and, for every
-/// other route, a second server at 90/10), with a header rule first.
-fn scale_yaml(args: &Args, weight_of_route_0: u32) -> String {
-    let mut yaml = String::with_capacity(args.pods * 260 + args.routes * 400);
-    for s in 0..args.servers {
-        let _ = write!(
-            yaml,
-            "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ModelServer\nmetadata:\n  name: s-{s}\n  namespace: bench\nspec:\n  workloadSelector:\n    matchLabels:\n      app: s-{s}\n  workloadPort:\n    port: 8000\n  model: model-{s}\n  inferenceEngine: vLLM\n  trafficPolicy:\n    timeout: 30s\n---\n"
-        );
-    }
-    for p in 0..args.pods {
-        let server = p % args.servers;
-        let (a, b) = (p / 250, p % 250 + 1);
-        let _ = write!(
-            yaml,
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod-{p}\n  namespace: bench\n  labels:\n    app: s-{server}\nstatus:\n  phase: Running\n  podIP: 10.{}.{a}.{b}\n  conditions:\n  - type: Ready\n    status: \"True\"\n---\n",
-            a / 250
-        );
-    }
-    for r in 0..args.routes {
-        let first = r % args.servers;
-        let second = (r + 1) % args.servers;
-        let weight = if r == 0 { weight_of_route_0 } else { 90 };
-        let _ = write!(
-            yaml,
-            "apiVersion: networking.serving.volcano.sh/v1alpha1\nkind: ModelRoute\nmetadata:\n  name: route-{r}\n  namespace: bench\nspec:\n  modelName: model-{r}\n  rules:\n  - name: premium\n    modelMatch:\n      headers:\n        user-type:\n          exact: premium\n    targetModels:\n    - modelServerName: s-{second}\n  - name: default\n    targetModels:\n    - modelServerName: s-{first}\n      weight: {weight}\n    - modelServerName: s-{second}\n      weight: {}\n---\n",
-            100 - weight
-        );
-    }
-    yaml
-}
-
-fn parse(yaml: &str) -> Result<LocalObjects, String> {
-    let mut objects = LocalObjects::default();
-    parse_documents("scale.yaml", yaml, &mut objects);
-    if !objects.problems.is_empty() {
-        return Err(format!(
-            "generated YAML rejected: {:?}",
-            objects.problems[0]
-        ));
-    }
-    Ok(objects)
-}
-
-/// One scrape pass at `pass_unix_ms` in which every pod's load is the same as
-/// in the other passes except pod 0's.
-fn loads(
-    objects: &LocalObjects,
-    waiting_of_pod_0: f64,
-    pass_unix_ms: i64,
-) -> BTreeMap<String, PodLoad> {
-    objects
-        .pods
-        .iter()
-        .enumerate()
-        .map(|(i, pod)| {
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let load = PodLoad {
-                requests_waiting: if i == 0 { waiting_of_pod_0 } else { 1.0 },
-                requests_running: 4.0,
-                kv_cache_usage: 0.25,
-                ttft_seconds: 0.05,
-                tpot_seconds: 0.01,
-                models: vec![format!("model-{}", i % objects.servers.len().max(1))],
-                observed_at_unix_ms: pass_unix_ms,
-                kv_cache_capacity_tokens: 65_536,
-            };
-            (object_key("bench", &name), load)
-        })
-        .collect()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -362,7 +297,7 @@ async fn time_route_change(
     n: usize,
 ) -> Result<Option<Duration>, String> {
     let weight = 10 + (change as u32 % 80);
-    let changed = parse(&scale_yaml(args, weight))?;
+    let changed = scale::objects(&scale::yaml(&args.shape(), weight))?;
     let started = clock::now();
     let routes = compile_route_config(&changed.routes, &changed.servers, &changed.pods);
     let published = publisher.publish_route_config(routes.route_config, 2 + change as i64);
@@ -378,9 +313,9 @@ async fn run(args: Args) -> Result<(), String> {
         return Err("--servers, --pods and --routes must be positive".into());
     }
     // Inputs.
-    let yaml = scale_yaml(&args, 90);
-    let objects = parse(&yaml)?;
-    let pod_loads = loads(&objects, 1.0, FIRST_PASS_UNIX_MS);
+    let yaml = scale::yaml(&args.shape(), 90);
+    let objects = scale::objects(&yaml)?;
+    let pod_loads = scale::loads(&objects, 1.0, FIRST_PASS_UNIX_MS);
 
     // Compile time.
     let mut compile_times = Vec::new();
@@ -498,7 +433,7 @@ async fn run(args: Args) -> Result<(), String> {
 
         // The next scrape pass: every pod scraped again, one pod's load changed.
         let pass_unix_ms = FIRST_PASS_UNIX_MS + 1_000 * (change as i64 + 1);
-        let changed_loads = loads(&objects, 100.0 + change as f64, pass_unix_ms);
+        let changed_loads = scale::loads(&objects, 100.0 + change as f64, pass_unix_ms);
         let started = clock::now();
         let loads = compile_endpoint_loads(&compiled.route_config, &changed_loads);
         let published = publisher.publish_endpoint_loads(loads, 2 + change as i64);

@@ -53,6 +53,7 @@ pub fn model_servers(store: &SnapshotStore) -> Result<Value, LookupError> {
     let table = store.table().ok_or(LookupError::NotReady)?;
     let judge = HealthJudge::new(store, &table);
     let models = server_models(&table);
+    let config = table.source.decode();
     let servers: Vec<Value> = table
         .servers
         .iter()
@@ -63,7 +64,7 @@ pub fn model_servers(store: &SnapshotStore) -> Result<Value, LookupError> {
                     .entry(condition_name(judge.pod(pod).condition))
                     .or_default() += 1;
             }
-            let source = source_server(&table, &server.key);
+            let source = source_server(&config, &server.key);
             json!({
                 "modelServer": server.key,
                 "name": source.map(|s| s.name.as_str()),
@@ -176,7 +177,8 @@ pub fn backends(store: &SnapshotStore, metrics: &HealthMetrics) -> Result<Value,
     let judge = HealthJudge::new(store, &table);
     let models = server_models(&table);
     let mut routed: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for route in &table.source.routes {
+    let config = table.source.decode();
+    for route in &config.routes {
         let route_key = switchyard_snapshot::object_key(&route.namespace, &route.name);
         for rule in &route.rules {
             for target in &rule.targets {
@@ -243,9 +245,8 @@ fn queue_depth(server: &Server) -> f64 {
         .sum()
 }
 
-fn source_server<'a>(table: &'a RoutingTable, key: &str) -> Option<&'a pb::ModelServer> {
-    table
-        .source
+fn source_server<'a>(config: &'a pb::RouteConfig, key: &str) -> Option<&'a pb::ModelServer> {
+    config
         .servers
         .iter()
         .find(|server| switchyard_snapshot::object_key(&server.namespace, &server.name) == key)

@@ -35,6 +35,8 @@ pub struct DecisionRecord {
     pub(super) role: Option<&'static str>,
     considered: usize,
     after_filters: usize,
+    /// The candidates a sample was drawn from, when the pick scored a sample.
+    pub(super) sampled_from: Option<usize>,
     pub(super) filters: Vec<&'static str>,
     pub(super) plugins: Vec<(&'static str, u32)>,
     ranked: Vec<RankedPod>,
@@ -76,6 +78,7 @@ impl DecisionRecord {
         }
         self.considered = considered;
         self.after_filters = after_filters;
+        self.sampled_from = None;
         self.filters.clear();
         self.plugins.clear();
         self.ranked.clear();
@@ -136,6 +139,9 @@ impl DecisionRecord {
             "plugins": self.plugins.iter().map(|(n, w)| json!({"name": n, "weight": w})).collect::<Vec<_>>(),
             "ranked": ranked,
         });
+        if let Some(candidates) = self.sampled_from {
+            decision["podsSampledFrom"] = candidates.into();
+        }
         if let Some(role) = self.role {
             decision["role"] = role.into();
         }

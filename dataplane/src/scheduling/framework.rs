@@ -28,6 +28,7 @@ use super::plugins::{
     ScorePlugin,
 };
 use super::prefix::{SharedPrefixIndex, hash_prompt};
+use super::sample::{self, Pool, SAMPLED_CANDIDATES};
 use crate::pod::is_fresh;
 use crate::request::PromptField;
 use crate::routing::{PrefillDecode, Server};
@@ -201,6 +202,8 @@ pub struct Scheduler {
     scorers: Vec<Scoring>,
     top_n: usize,
     max_load_age_ms: u64,
+    /// Candidates above which a pick scores a sample ([`SAMPLED_CANDIDATES`]).
+    sample_above: usize,
     /// Set when a scorer reads the prompt's block hashes.
     prompt_hashing: Option<PromptHashing>,
     /// Per model, the plugin histograms, created by its first request.
@@ -210,6 +213,8 @@ pub struct Scheduler {
     shared: Arc<SchedulingShared>,
     /// The effective configuration (defaults filled in), for debug dumps.
     pub effective: pb::SchedulerConfig,
+    /// Whether the snapshot configured the scheduler (else the defaults apply).
+    pub from_snapshot: bool,
 }
 
 /// An enabled filter plugin.
@@ -291,6 +296,7 @@ impl Scheduler {
         Ok(Self {
             top_n: effective.top_n as usize,
             max_load_age_ms: effective.max_load_age_ms,
+            sample_above: SAMPLED_CANDIDATES,
             filters,
             scorers,
             prompt_hashing,
@@ -298,6 +304,7 @@ impl Scheduler {
             plugin_labels,
             shared: shared.clone(),
             effective,
+            from_snapshot: snapshot_config.is_some(),
         })
     }
 
@@ -360,7 +367,7 @@ impl Scheduler {
         }
         self.rank(
             server,
-            0..server.pods.len(),
+            Pool::All(server.pods.len()),
             &request.plugin_input(),
             request,
             Ranked {
@@ -384,7 +391,7 @@ impl Scheduler {
         }
         self.rank(
             server,
-            indices.iter().copied(),
+            Pool::Among(indices),
             &request.plugin_input(),
             request,
             Ranked {
@@ -416,7 +423,7 @@ impl Scheduler {
         };
         let decodes = self.rank(
             server,
-            pd.decode_candidates.iter().copied(),
+            Pool::Among(&pd.decode_candidates),
             &decode_input,
             request,
             Ranked {
@@ -436,7 +443,7 @@ impl Scheduler {
             };
             let best = self.rank(
                 server,
-                group.prefill.iter().copied(),
+                Pool::Among(&group.prefill),
                 &prefill_input,
                 request,
                 Ranked {
@@ -460,11 +467,12 @@ impl Scheduler {
         Ok(pairs)
     }
 
-    /// Ranks the pods of `server` at `indices` with the filters and the scorers.
+    /// Ranks the pods of `pool` with the filters and the scorers: all of
+    /// them, or a sample when they are many ([`sample`]).
     fn rank(
         &self,
         server: &Server,
-        indices: impl Iterator<Item = usize>,
+        pool: Pool<'_>,
         input: &PluginInput<'_>,
         request: &ScheduleRequest<'_>,
         ranked: Ranked,
@@ -472,42 +480,50 @@ impl Scheduler {
         let now = clock::now();
         let now_ms = unix_ms_now();
         let handles = self.handles(request.model);
+        // Moves the sample's window, and rotates ties when the whole pool is ranked.
+        let turn = server.rotation.local().fetch_add(1, Ordering::Relaxed);
         with_framework_scratch(|scratch| {
             let FrameworkScratch {
                 candidates,
                 totals,
                 scores,
                 order,
+                pod_ids,
+                nominated,
+                sample,
             } = scratch;
-            candidates.clear();
-            for index in indices {
-                let Some(pod) = server.pods.get(index) else {
-                    continue;
-                };
-                let any_load = pod.load();
-                let load = any_load
-                    .clone()
-                    .filter(|l| is_fresh(self.shared.observed_at(l), now_ms, self.max_load_age_ms));
-                candidates.push(Candidate {
-                    index,
-                    pod_id: pod.id,
-                    // A failure in a row counts as one more request in
-                    // flight: a pod that fails fast never looks idle.
-                    in_flight: pod.in_flight() + pod.health.failure_load(),
-                    ejected: pod.is_ejected(now),
-                    load,
-                    any_load,
-                });
+            let mut sampled = pool.len() > self.sample_above && {
+                pod_ids.clear();
+                pod_ids.extend(
+                    pool.indices()
+                        .map(|i| server.pods.get(i).map_or(0, |p| p.id)),
+                );
+                nominated.clear();
+                for scoring in &self.scorers {
+                    scoring.plugin.nominate(pod_ids, input, nominated);
+                }
+                nominated.sort_unstable();
+                nominated.dedup();
+                sample::fill(&server.pods, pool, nominated, turn, now, sample)
+            };
+            if sampled {
+                self.fill_candidates(server, sample.iter().copied(), now, now_ms, candidates);
+            } else {
+                self.fill_candidates(server, pool.indices(), now, now_ms, candidates);
             }
-            let considered = candidates.len();
-            for (position, filtering) in self.filters.iter().enumerate() {
-                let started = clock::now();
-                let outcome = filtering.plugin.filter(candidates, input);
-                observe(handles.and_then(|h| h.filters.get(position)), started);
-                outcome.map_err(|source| ScheduleError::Filtered {
-                    server: server.key.clone(),
-                    source,
-                })?;
+            let mut considered = candidates.len();
+            let filtered = self.filter(server, candidates, input, handles);
+            let representative = matches!(filtered, Ok(false)) && candidates.len() >= ranked.top_n;
+            if sampled && !representative {
+                // What the filters keep of the sample is not what they keep
+                // of the whole pool there (lora-affinity drops pods without
+                // the adapter), or too little is left: rank the whole pool.
+                sampled = false;
+                self.fill_candidates(server, pool.indices(), now, now_ms, candidates);
+                considered = candidates.len();
+                self.filter(server, candidates, input, handles)?;
+            } else {
+                filtered?;
             }
             let count = candidates.len();
             totals.clear();
@@ -523,8 +539,9 @@ impl Scheduler {
                     *total = total.saturating_add(scoring.weight.saturating_mul(*score));
                 }
             }
-            // Ties rotate, so equal pods share the load.
-            let start = server.rotation.local().fetch_add(1, Ordering::Relaxed) % count.max(1);
+            // Ties rotate, so equal pods share the load: a sample's window
+            // moves on every pick and its first pod wins ties.
+            let start = if sampled { 0 } else { turn % count.max(1) };
             order.clear();
             order.extend(totals.iter().zip(candidates.iter()).enumerate().map(
                 |(i, (&total, candidate))| {
@@ -555,6 +572,7 @@ impl Scheduler {
                     considered,
                     count,
                 );
+                record.sampled_from = sampled.then(|| pool.len());
                 record.role = ranked.role;
                 record
                     .plugins
@@ -573,6 +591,63 @@ impl Scheduler {
             });
             Ok(ranking)
         })
+    }
+
+    /// Replaces `candidates` with the pods of `server` at `indices`.
+    fn fill_candidates(
+        &self,
+        server: &Server,
+        indices: impl Iterator<Item = usize>,
+        now: Instant,
+        now_ms: i64,
+        candidates: &mut Vec<Candidate>,
+    ) {
+        candidates.clear();
+        for index in indices {
+            let Some(pod) = server.pods.get(index) else {
+                continue;
+            };
+            let any_load = pod.load();
+            let load = any_load
+                .clone()
+                .filter(|l| is_fresh(self.shared.observed_at(l), now_ms, self.max_load_age_ms));
+            candidates.push(Candidate {
+                index,
+                pod_id: pod.id,
+                // A failure in a row counts as one more request in
+                // flight: a pod that fails fast never looks idle.
+                in_flight: pod.in_flight() + pod.health.failure_load(),
+                ejected: pod.is_ejected(now),
+                load,
+                any_load,
+            });
+        }
+    }
+
+    /// Runs the filters over `candidates`. True when a filter whose verdict
+    /// on a pod depends on the other pods ([`FilterPlugin::judges_each_pod_alone`])
+    /// dropped one.
+    fn filter(
+        &self,
+        server: &Server,
+        candidates: &mut Vec<Candidate>,
+        input: &PluginInput<'_>,
+        handles: Option<&ModelHandles>,
+    ) -> Result<bool, ScheduleError> {
+        let mut narrowed_by_pool = false;
+        for (position, filtering) in self.filters.iter().enumerate() {
+            let before = candidates.len();
+            let started = clock::now();
+            let outcome = filtering.plugin.filter(candidates, input);
+            observe(handles.and_then(|h| h.filters.get(position)), started);
+            outcome.map_err(|source| ScheduleError::Filtered {
+                server: server.key.clone(),
+                source,
+            })?;
+            narrowed_by_pool |=
+                candidates.len() < before && !filtering.plugin.judges_each_pod_alone();
+        }
+        Ok(narrowed_by_pool)
     }
 
     /// `model`'s plugin histograms (filters, then scorers), created on its
@@ -632,6 +707,12 @@ struct FrameworkScratch {
     scores: Vec<u32>,
     /// [`rank_key`]s of the candidates.
     order: Vec<u64>,
+    /// The ids of a sampled pool's pods, in pool order.
+    pod_ids: Vec<u64>,
+    /// Positions in the pool the scorers nominated for the sample.
+    nominated: Vec<usize>,
+    /// The server pod indices of the sample.
+    sample: Vec<usize>,
 }
 
 thread_local! {
@@ -1023,5 +1104,195 @@ mod tests {
                 "decode pods ignore the prefix: {decode}"
             );
         }
+    }
+
+    /// Two schedulers of `config`, each with the state of a dataplane of its
+    /// own: one samples large pools, the other ranks them whole.
+    fn sampling_and_whole(config: &pb::SchedulerConfig) -> (Scheduler, Scheduler) {
+        let build = || {
+            Scheduler::build(Some(config), &["m"], &Arc::new(SchedulingShared::default()))
+                .expect("valid")
+        };
+        let mut whole = build();
+        whole.sample_above = usize::MAX;
+        (build(), whole)
+    }
+
+    fn first(scheduler: &Scheduler, server: &Server, request: &ScheduleRequest<'_>) -> usize {
+        scheduler
+            .schedule(server, request)
+            .expect("pods")
+            .get(0)
+            .expect("ranked")
+    }
+
+    fn fresh_load(waiting: f64) -> Option<Arc<pb::EndpointLoad>> {
+        Some(Arc::new(pb::EndpointLoad {
+            requests_waiting: waiting,
+            kv_cache_usage: 0.1,
+            kv_cache_capacity_tokens: 100_000,
+            observed_at_unix_ms: unix_ms_now(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn a_sampled_pick_scores_a_bounded_sample_that_holds_the_prefix_home() {
+        let (sampling, whole) =
+            sampling_and_whole(&only(&[(PREFIX_CACHE, 1), (LEAST_REQUEST, 1)], &[]));
+        let server = server(300);
+        for pod in &server.pods {
+            pod.set_load(fresh_load(0.0));
+        }
+        let headers = HeaderMap::new();
+        for group in 0..60u64 {
+            let hashes: Vec<u64> = (0..4).map(|block| group << 8 | block).collect();
+            let request = request(&headers, &hashes);
+            let home = first(&whole, &server, &request);
+            assert_eq!(first(&sampling, &server, &request), home, "group {group}");
+            sampling.on_dispatched(server.pods[home].id, &hashes);
+            whole.on_dispatched(server.pods[home].id, &hashes);
+            // The home saturates: both spill to the same pod, the next
+            // rendezvous choice, and the group goes back home afterwards.
+            server.pods[home].set_load(fresh_load(5.0));
+            let spill = first(&whole, &server, &request);
+            assert_ne!(spill, home);
+            assert_eq!(first(&sampling, &server, &request), spill, "group {group}");
+            server.pods[home].set_load(fresh_load(0.0));
+            assert_eq!(first(&sampling, &server, &request), home, "group {group}");
+        }
+        let decision = &sampling.shared.decisions.recent(1)[0];
+        assert_eq!(decision["podsSampledFrom"], 300, "{decision}");
+        let considered = decision["podsConsidered"].as_u64().expect("count");
+        assert!(
+            (SAMPLED_CANDIDATES as u64..=SAMPLED_CANDIDATES as u64 + 8).contains(&considered),
+            "a window plus the nominated pods: {considered}"
+        );
+        let whole_decision = &whole.shared.decisions.recent(1)[0];
+        assert_eq!(whole_decision["podsConsidered"], 300);
+        assert!(whole_decision.get("podsSampledFrom").is_none());
+    }
+
+    #[test]
+    fn a_sampled_pick_keeps_a_session_on_its_pod() {
+        use switchyard_snapshot::scheduler::session_affinity::{
+            DEFAULT_SESSION_HEADER, NAME as SESSION_AFFINITY,
+        };
+        let (sampling, whole) =
+            sampling_and_whole(&only(&[(SESSION_AFFINITY, 1), (LEAST_REQUEST, 1)], &[]));
+        let server = server(500);
+        for session in 0..50 {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                DEFAULT_SESSION_HEADER,
+                format!("session-{session}").parse().expect("value"),
+            );
+            let request = request(&headers, &[]);
+            let pod = first(&whole, &server, &request);
+            for _ in 0..3 {
+                assert_eq!(
+                    first(&sampling, &server, &request),
+                    pod,
+                    "session {session}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn over_a_cycle_of_sampled_picks_every_one_of_many_equal_pods_is_picked_once() {
+        let (sampling, _) = sampling_and_whole(&only(&[(LEAST_REQUEST, 1)], &[]));
+        let server = server(250);
+        let headers = HeaderMap::new();
+        let mut picked = HashMap::new();
+        for _ in 0..server.pods.len() {
+            *picked
+                .entry(first(&sampling, &server, &request(&headers, &[])))
+                .or_insert(0) += 1;
+        }
+        assert_eq!(picked.len(), server.pods.len());
+        assert!(picked.values().all(|n| *n == 1), "{picked:?}");
+        // A busy pod is passed over by every window it is in.
+        let mut busy: Vec<_> = server.pods.iter().map(|pod| pod.begin_request()).collect();
+        let idle = 17;
+        drop(busy.swap_remove(idle));
+        let mut picked = 0;
+        for _ in 0..server.pods.len() {
+            if first(&sampling, &server, &request(&headers, &[])) == idle {
+                picked += 1;
+            }
+        }
+        assert_eq!(
+            picked, SAMPLED_CANDIDATES,
+            "the idle pod wins each of the windows it is in"
+        );
+    }
+
+    #[test]
+    fn ejected_pods_are_never_sampled_and_rank_last_when_few_are_healthy() {
+        let (sampling, _) = sampling_and_whole(&only(&[(LEAST_REQUEST, 1)], &[]));
+        let server = server(300);
+        let far = clock::now() + Duration::from_secs(600);
+        for pod in server.pods.iter().step_by(3) {
+            pod.health.eject_until(far);
+        }
+        let headers = HeaderMap::new();
+        for _ in 0..600 {
+            let ranking = sampling
+                .schedule(&server, &request(&headers, &[]))
+                .expect("pods");
+            assert_eq!(ranking.len(), 5);
+            for n in 0..ranking.len() {
+                let index = ranking.get(n).expect("ranked");
+                assert_ne!(index % 3, 0, "pod {index} is ejected");
+            }
+        }
+        // Fewer healthy pods than a window: the whole pool, ejected last.
+        for pod in &server.pods[3..] {
+            pod.health.eject_until(far);
+        }
+        let ranking = sampling
+            .schedule(&server, &request(&headers, &[]))
+            .expect("pods");
+        let ranked: Vec<usize> = (0..ranking.len()).filter_map(|n| ranking.get(n)).collect();
+        assert_eq!(ranked.len(), 5);
+        assert_eq!(
+            ranked[..2].iter().copied().collect::<HashSet<_>>(),
+            HashSet::from([1, 2]),
+            "the two healthy pods first: {ranked:?}"
+        );
+    }
+
+    #[test]
+    fn a_filter_that_narrows_a_sample_by_the_whole_pool_ranks_the_whole_pool() {
+        let (sampling, _) = sampling_and_whole(&only(&[(LEAST_REQUEST, 1)], &[LORA_AFFINITY]));
+        let server = server(300);
+        let with_adapter = [7, 211];
+        for (i, pod) in server.pods.iter().enumerate() {
+            let model = if with_adapter.contains(&i) {
+                "m"
+            } else {
+                "base"
+            };
+            pod.set_load(Some(Arc::new(pb::EndpointLoad {
+                models: vec![model.into()],
+                observed_at_unix_ms: 1,
+                ..Default::default()
+            })));
+        }
+        let headers = HeaderMap::new();
+        for _ in 0..20 {
+            let ranking = sampling
+                .schedule(&server, &request(&headers, &[]))
+                .expect("two pods have it");
+            let ranked: Vec<usize> = (0..ranking.len()).filter_map(|n| ranking.get(n)).collect();
+            assert_eq!(ranked.len(), 2);
+            assert!(
+                ranked.iter().all(|i| with_adapter.contains(i)),
+                "{ranked:?}"
+            );
+        }
+        let decision = &sampling.shared.decisions.recent(1)[0];
+        assert_eq!(decision["podsConsidered"], 300, "{decision}");
     }
 }

@@ -8,6 +8,8 @@
 //!   names and arguments are in `switchyard_snapshot::scheduler`;
 //! - [`prefix`]: prompt block hashing, the local prefix index, rendezvous
 //!   hashing with bounded load (replica-consistent affinity);
+//! - [`sample`]: which candidates a pick scores when there are many (a
+//!   moving window plus the pods the scorers nominate);
 //! - [`saturation`]: when a pod's engine cannot start one more request, the
 //!   point until which affinity keeps a prefix on its pod;
 //! - [`metrics`], [`decisions`]: plugin timings and recent decisions.
@@ -17,6 +19,7 @@ pub mod framework;
 pub mod metrics;
 pub mod plugins;
 pub mod prefix;
+pub mod sample;
 pub mod saturation;
 
 pub use framework::{

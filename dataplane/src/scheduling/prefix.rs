@@ -307,6 +307,17 @@ impl GroupTable {
         }
     }
 
+    /// The recorded first choice of group `key`, if the group is known
+    /// (unlike [`GroupTable::observe`], records nothing).
+    pub fn first_choice(&self, key: u64) -> Option<u64> {
+        let shard = self.shard(key).lock();
+        shard
+            .current
+            .get(&key)
+            .or_else(|| shard.previous.get(&key))
+            .copied()
+    }
+
     /// Groups that chose `pod_id` first.
     pub fn chosen_by_count(&self, pod_id: u64) -> usize {
         self.chosen_by(pod_id)
@@ -436,6 +447,32 @@ pub fn rendezvous_weight(key: u64, pod_id: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// Pods an affinity nominates for a sampled pick (see `sample`): its first
+/// rendezvous choices, the one it goes to and those it falls back to when the
+/// first is ejected, saturated or over its share; the sample then holds the
+/// pod a pick among all candidates would choose unless that many in a row
+/// are unavailable.
+pub const RENDEZVOUS_NOMINEES: usize = 4;
+
+/// Appends to `out` the positions in `pod_ids` of the [`RENDEZVOUS_NOMINEES`]
+/// pods with the highest rendezvous weight for `key`.
+pub fn nominate_rendezvous(key: u64, pod_ids: &[u64], out: &mut Vec<usize>) {
+    let mut top = [(0u64, usize::MAX); RENDEZVOUS_NOMINEES];
+    for (position, &id) in pod_ids.iter().enumerate() {
+        let weight = rendezvous_weight(key, id);
+        if top[RENDEZVOUS_NOMINEES - 1].1 == usize::MAX || weight > top[RENDEZVOUS_NOMINEES - 1].0 {
+            let at = top.partition_point(|(w, p)| *p != usize::MAX && *w >= weight);
+            top.copy_within(at..RENDEZVOUS_NOMINEES - 1, at + 1);
+            top[at] = (weight, position);
+        }
+    }
+    out.extend(
+        top.iter()
+            .map(|(_, position)| *position)
+            .filter(|position| *position != usize::MAX),
+    );
 }
 
 /// Consistent hashing with bounded loads: the pod with the highest
@@ -604,6 +641,28 @@ mod tests {
             (1, 1),
             "groups 7 (first seen), 1 and 2 aged out"
         );
+    }
+
+    #[test]
+    fn nominees_are_the_first_rendezvous_choices_in_order() {
+        let ids: Vec<u64> = (0..500)
+            .map(|i| xxh3_64(format!("pod-{i}").as_bytes()))
+            .collect();
+        for key in 0..100u64 {
+            let mut by_weight: Vec<usize> = (0..ids.len()).collect();
+            by_weight.sort_by_key(|&i| std::cmp::Reverse(rendezvous_weight(key, ids[i])));
+            let mut nominated = vec![9999];
+            nominate_rendezvous(key, &ids, &mut nominated);
+            assert_eq!(nominated[0], 9999, "appends");
+            assert_eq!(
+                nominated[1..],
+                by_weight[..RENDEZVOUS_NOMINEES],
+                "key {key}"
+            );
+        }
+        let mut few = Vec::new();
+        nominate_rendezvous(1, &ids[..2], &mut few);
+        assert_eq!(few.len(), 2);
     }
 
     #[test]

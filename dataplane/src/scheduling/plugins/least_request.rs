@@ -42,6 +42,13 @@ impl FilterPlugin for LeastRequestFilter {
         filter(candidates, self.max_waiting_requests);
         Ok(())
     }
+
+    /// A pod's own queue decides; only when every pod is over the bound are
+    /// all kept, and a sample whose pods are all over it is a fleet mostly
+    /// over it.
+    fn judges_each_pod_alone(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug)]

@@ -87,6 +87,15 @@ pub trait FilterPlugin: Debug + Send + Sync {
         candidates: &mut Vec<Candidate>,
         request: &PluginInput<'_>,
     ) -> Result<(), FilterError>;
+
+    /// Whether the filter keeps or drops a pod by that pod alone, so that
+    /// what it keeps of a sample of the candidates is what it keeps of all of
+    /// them, in the sample. A pick that scores a sample
+    /// (`scheduling::sample`) ranks all candidates instead when any other
+    /// filter drops a pod of it.
+    fn judges_each_pod_alone(&self) -> bool {
+        false
+    }
 }
 
 /// A score plugin, built with its arguments.
@@ -99,6 +108,13 @@ pub trait ScorePlugin: Debug + Send + Sync {
     fn prompt_hashing(&self) -> Option<PromptHashing> {
         None
     }
+
+    /// Pods this scorer must see when the pick scores a sample of many
+    /// candidates (`scheduling::sample`): appends their positions in
+    /// `pod_ids`, the ids of every candidate. A scorer that prefers one
+    /// particular pod for a request (an affinity) nominates it and the pods
+    /// it falls back to, so a sample never hides them.
+    fn nominate(&self, _pod_ids: &[u64], _request: &PluginInput<'_>, _out: &mut Vec<usize>) {}
 
     /// After a pod accepted the request (Kthena's PostSchedule).
     fn on_dispatched(&self, _pod_id: u64, _prompt_hashes: &[u64]) {}

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
-use super::super::prefix::{PrefixIndex, rendezvous_weight};
+use super::super::prefix::{PrefixIndex, nominate_rendezvous, rendezvous_weight};
 use super::super::saturation::{self, is_saturated};
 use super::{
     Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, PluginScratch, PromptHashing,
@@ -86,6 +86,27 @@ impl ScorePlugin for PrefixCache {
 
     fn prompt_hashing(&self) -> Option<PromptHashing> {
         Some(self.hashing)
+    }
+
+    /// The group's first rendezvous choices (its home and where it goes
+    /// next), its recorded first choice, and the pods holding the prompt.
+    fn nominate(&self, pod_ids: &[u64], request: &PluginInput<'_>, out: &mut Vec<usize>) {
+        let hashes = request.prompt_hashes;
+        let Some(key) = self.group_key(hashes) else {
+            return;
+        };
+        nominate_rendezvous(key, pod_ids, out);
+        if let Some(first) = self.index.groups.first_choice(key)
+            && let Some(position) = pod_ids.iter().position(|id| *id == first)
+        {
+            out.push(position);
+        }
+        with_scratch(|scratch| {
+            scratch.matched.clear();
+            scratch.matched.resize(pod_ids.len(), 0);
+            self.index.matches(hashes, pod_ids, &mut scratch.matched);
+            out.extend((0..pod_ids.len()).filter(|position| scratch.matched[*position] > 0));
+        });
     }
 
     /// Remembers where this prefix went (Kthena's PostSchedule).

@@ -9,7 +9,7 @@ use http::header::HeaderName;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
-use super::super::prefix::bounded_rendezvous;
+use super::super::prefix::{bounded_rendezvous, nominate_rendezvous};
 use super::{
     Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, with_scratch,
 };
@@ -42,12 +42,29 @@ struct SessionAffinity {
 
 impl ScorePlugin for SessionAffinity {
     fn score(&self, candidates: &[Candidate], request: &PluginInput<'_>, out: &mut [u32]) {
-        let session_key = request
+        score(
+            candidates,
+            self.session_key(request),
+            self.load_bound_factor,
+            out,
+        );
+    }
+
+    fn nominate(&self, pod_ids: &[u64], request: &PluginInput<'_>, out: &mut Vec<usize>) {
+        if let Some(key) = self.session_key(request) {
+            nominate_rendezvous(key, pod_ids, out);
+        }
+    }
+}
+
+impl SessionAffinity {
+    /// The hash of the request's session header, if it has one.
+    fn session_key(&self, request: &PluginInput<'_>) -> Option<u64> {
+        request
             .headers
             .get(&self.header)
             .filter(|value| !value.is_empty())
-            .map(|value| xxhash_rust::xxh3::xxh3_64(value.as_bytes()));
-        score(candidates, session_key, self.load_bound_factor, out);
+            .map(|value| xxhash_rust::xxh3::xxh3_64(value.as_bytes()))
     }
 }
 
