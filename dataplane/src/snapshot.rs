@@ -329,18 +329,7 @@ fn build_server(
         previous_pods,
         pods,
     )?;
-    let model_rewrite_literal = server
-        .model
-        .as_ref()
-        .map(|model| {
-            serde_json::to_string(model)
-                .map(bytes::Bytes::from)
-                .map_err(|_| SnapshotError::InvalidModelRewrite {
-                    server: key.clone(),
-                    model: model.clone(),
-                })
-        })
-        .transpose()?;
+    let model_rewrite_literal = model_rewrite_literal(&key, server.model.as_ref())?;
     let prefill_decode = server
         .prefill_decode
         .as_ref()
@@ -369,24 +358,31 @@ fn build_server(
     }))
 }
 
+/// The JSON string literal a model rewrite splices into request bodies,
+/// encoded once when the snapshot is applied.
+fn model_rewrite_literal(
+    server: &str,
+    model: Option<&String>,
+) -> Result<Option<bytes::Bytes>, SnapshotError> {
+    model
+        .map(|model| {
+            serde_json::to_string(model)
+                .map(bytes::Bytes::from)
+                .map_err(|_| SnapshotError::InvalidModelRewrite {
+                    server: server.to_owned(),
+                    model: model.clone(),
+                })
+        })
+        .transpose()
+}
+
 /// An external provider, as a target routes pick like a ModelServer.
 fn build_provider(
     provider: &pb::ExternalProvider,
     outlier: OutlierDetector,
 ) -> Result<Arc<Server>, SnapshotError> {
     let built = Provider::from_snapshot(provider).map_err(SnapshotError::InvalidProvider)?;
-    let model_rewrite_literal = provider
-        .model
-        .as_ref()
-        .map(|model| {
-            serde_json::to_string(model)
-                .map(bytes::Bytes::from)
-                .map_err(|_| SnapshotError::InvalidModelRewrite {
-                    server: built.key.clone(),
-                    model: model.clone(),
-                })
-        })
-        .transpose()?;
+    let model_rewrite_literal = model_rewrite_literal(&built.key, provider.model.as_ref())?;
     Ok(Arc::new(Server {
         key: built.key.clone(),
         model_rewrite_literal,

@@ -16,7 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::{
-    ENGINE_PORT, Stack, TestPod, model_server_yaml, simple_route_yaml, yaml_documents,
+    ENGINE_PORT, Stack, TestPod, WAIT_DEADLINE, model_server_yaml, simple_route_yaml,
+    yaml_documents,
 };
 
 /// A controller and a dataplane routing model `m` to a mock engine and
@@ -252,6 +253,35 @@ fn response_is_complete(bytes: &[u8]) -> bool {
         .find_map(|line| line.strip_prefix("content-length:"))
         .and_then(|value| value.trim().parse::<usize>().ok());
     length.is_some_and(|length| bytes.len() >= head_end + 4 + length)
+}
+
+/// An idle-connection flood: `answered` keep-alive connections that each got
+/// one `/v1/models` answer (asserted 200 and kept open), then `silent` ones
+/// that never send a byte. Both are returned so the caller holds them open.
+pub async fn open_idle_flood(
+    addr: SocketAddr,
+    answered: usize,
+    silent: usize,
+) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    let mut idle = Vec::with_capacity(answered);
+    for _ in 0..answered {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n")
+            .await
+            .expect("request");
+        idle.push(stream);
+    }
+    for stream in &mut idle {
+        let outcome = read_response(stream, WAIT_DEADLINE).await;
+        assert_eq!(outcome.status(), Some(200), "{}", outcome.text());
+        assert!(!outcome.closed, "kept alive after its answer");
+    }
+    let mut quiet = Vec::with_capacity(silent);
+    for _ in 0..silent {
+        quiet.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    (idle, quiet)
 }
 
 /// Slowloris: sends one more header byte on every open stream each `pace`

@@ -12,8 +12,8 @@ use std::time::Duration;
 use http::StatusCode;
 use switchyard_e2e::harness::{WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
-    HostileStack, accepted_on, exchange, h2, post, read_outcome, read_response, read_until_closed,
-    report_figure, rss_kib, rss_settled, trickle_until_closed, with_header_line,
+    HostileStack, accepted_on, exchange, h2, open_idle_flood, post, read_outcome,
+    read_until_closed, report_figure, rss_kib, rss_settled, trickle_until_closed, with_header_line,
 };
 use switchyard_runtime::clock;
 use tokio::io::AsyncWriteExt;
@@ -72,33 +72,11 @@ impl std::ops::Deref for Probed {
     }
 }
 
-const GET_MODELS: &[u8] = b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: make test-faults"]
 async fn an_idle_connection_flood_is_held_cheaply_and_returned() {
     let hostile = Probed::start(&[]).await;
-    let mut idle = Vec::new();
-    for _ in 0..5_000 {
-        let mut stream = TcpStream::connect(hostile.traffic())
-            .await
-            .expect("connect");
-        stream.write_all(GET_MODELS).await.expect("request");
-        idle.push(stream);
-    }
-    for stream in &mut idle {
-        let outcome = read_response(stream, WAIT_DEADLINE).await;
-        assert_eq!(outcome.status(), Some(200), "{}", outcome.text());
-        assert!(!outcome.closed, "kept alive after its answer");
-    }
-    let mut silent = Vec::new();
-    for _ in 0..500 {
-        silent.push(
-            TcpStream::connect(hostile.traffic())
-                .await
-                .expect("connect"),
-        );
-    }
+    let (idle, silent) = open_idle_flood(hostile.traffic(), 5_000, 500).await;
     let pid = hostile.pid();
     let port = hostile.traffic().port();
     wait_for("the dataplane to accept all 5,500 connections", || async {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::StatusCode;
 use switchyard_e2e::harness::{ENGINE_PORT, WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
-    HostileStack, RawOutcome, accepted_on, exchange, h2, open_fds, post, read_outcome,
-    read_response, read_until_closed, report_figure, rss_after, rss_kib, trickle_until_closed,
+    HostileStack, RawOutcome, accepted_on, exchange, h2, open_fds, open_idle_flood, post,
+    read_outcome, read_until_closed, report_figure, rss_after, rss_kib, trickle_until_closed,
     with_header_line,
 };
 use switchyard_runtime::clock;
@@ -556,30 +556,7 @@ async fn an_idle_connection_flood_is_held_then_closed_at_the_idle_timeout() {
     let hostile = HostileStack::start(&["--idle-timeout", "2s"]).await;
     let (pid, port) = (hostile.pid(), hostile.traffic().port());
     let before = rss_kib(pid);
-    let mut idle = Vec::new();
-    for _ in 0..200 {
-        let mut stream = TcpStream::connect(hostile.traffic())
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n")
-            .await
-            .expect("request");
-        idle.push(stream);
-    }
-    for stream in &mut idle {
-        let outcome = read_response(stream, WAIT_DEADLINE).await;
-        assert_eq!(outcome.status(), Some(200), "{}", outcome.text());
-        assert!(!outcome.closed, "kept alive after its answer");
-    }
-    let mut silent = Vec::new();
-    for _ in 0..50 {
-        silent.push(
-            TcpStream::connect(hostile.traffic())
-                .await
-                .expect("connect"),
-        );
-    }
+    let (mut idle, mut silent) = open_idle_flood(hostile.traffic(), 200, 50).await;
     wait_for("the dataplane to accept all 250 connections", || async {
         (accepted_on(pid, port).connections >= 250).then_some(())
     })
