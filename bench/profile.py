@@ -41,6 +41,8 @@ CASES = [("~1 KB chat", "chat"), ("streaming, 64 chunks", "stream"), ("400 KB pr
 CONNECTIONS = 4
 WARMUP_REQUESTS = 50
 WARMUP_REQUESTS_PER_POD = 3
+# Not the controller's default debug port, which another controller on the machine may hold.
+CONTROLLER_DEBUG_PORT = 18012
 
 
 def oha_count(url, body_file, requests, headers=()):
@@ -111,7 +113,8 @@ def main():
         bench.start("backend", backend, workdir)
         bench.start("controller", [str(bins / "switchyard-controller"), "--config-dir", str(config_dir),
                                    "--xds-addr", bench.CONTROLLER_XDS, "--metrics-addr", bench.CONTROLLER_ADMIN,
-                                   "--scrape-interval", bench.SCRAPE_INTERVAL], workdir)
+                                   "--scrape-interval", bench.SCRAPE_INTERVAL,
+                                   "--debug-port", str(CONTROLLER_DEBUG_PORT)], workdir)
         dataplane = [args.dataplane or str(bins / "switchyard-dataplane"), "--controller", f"http://{bench.CONTROLLER_XDS}",
                      "--host", "127.0.0.1", "--port", str(bench.DATAPLANE_PORT),
                      "--metrics-port", str(bench.DATAPLANE_METRICS_PORT),
