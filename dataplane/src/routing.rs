@@ -539,6 +539,25 @@ mod tests {
         Arc::new(Server::for_tests(key, Vec::new()))
     }
 
+    #[test]
+    fn pod_ids_are_the_pods_ids_in_order() {
+        let pods: Vec<Arc<PodState>> = (0..5u16)
+            .map(|i| {
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i));
+                Arc::new(
+                    PodState::new(format!("default/p{i}"), format!("p{i}"), addr).expect("valid"),
+                )
+            })
+            .collect();
+        let server = Server::for_tests("default/s", pods);
+        let expected: Vec<u64> = server.pods.iter().map(|pod| pod.id).collect();
+        assert_eq!(server.pod_ids(), expected.as_slice());
+        assert!(
+            std::ptr::eq(server.pod_ids(), server.pod_ids()),
+            "gathered once"
+        );
+    }
+
     fn count_picks(targets: &WeightedTargets, n: usize) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
         for _ in 0..n {
