@@ -391,31 +391,85 @@ fn usage_of_parsed(json: &[u8]) -> Option<(Usage, bool)> {
 fn scanned_carrier(json: &[u8]) -> Result<Option<UsageCarrier>, Refused> {
     const MEMBERS: [&[u8]; 4] = [b"choices", b"usage", b"message", b"response"];
     let json = std::str::from_utf8(json).map_err(|_| Refused)?;
-    let mut spans = [None, None, None, None];
+    let mut spans = [const { None }; 4];
     top_level_members(json, &MEMBERS, &mut spans)?;
-    let json = json.as_bytes();
     let [choices, usage, message, response] = spans.map(|span| span.map(|span| &json[span]));
-    fn member<'de, T: Deserialize<'de>>(value: Option<&'de [u8]>) -> Option<Option<T>> {
+    fn member<'de, T: Deserialize<'de>>(value: Option<&'de str>) -> Option<Option<T>> {
         match value {
             None => Some(None),
-            Some(value) => serde_json::from_slice(value).ok(),
+            Some(value) => serde_json::from_str(value).ok(),
         }
     }
-    let choices_empty = match choices {
+    let choices_empty = match choices.map(str::as_bytes) {
         None | Some(b"null") => None,
         Some([b'[', inner @ ..]) => Some(inner.trim_ascii_start().starts_with(b"]")),
         // serde refuses a `choices` that is neither an array nor null.
         Some(_) => return Ok(None),
     };
     let carrier = (|| {
+        let usage = match usage.map(scanned_usage) {
+            Some(Ok(usage)) => usage,
+            // Not an object of plain counts: serde reads it.
+            Some(Err(Refused)) | None => member(usage)?,
+        };
         Some(UsageCarrier {
             choices_empty,
-            usage: member(usage)?,
+            usage,
             message: member(message)?,
             response: member(response)?,
         })
     })();
     Ok(carrier)
+}
+
+/// A `usage` value read by the scan when it is null or an object whose
+/// counts are plain unsigned integers (what engines send); anything else,
+/// such as a count named twice under its two names, is left to serde.
+fn scanned_usage(value: &str) -> Result<Option<Usage>, Refused> {
+    if value == "null" {
+        return Ok(None);
+    }
+    const COUNTS: [&[u8]; 6] = [
+        b"prompt_tokens",
+        b"input_tokens",
+        b"completion_tokens",
+        b"output_tokens",
+        b"cache_creation_input_tokens",
+        b"cache_read_input_tokens",
+    ];
+    let mut spans = [const { None }; 6];
+    top_level_members(value, &COUNTS, &mut spans)?;
+    let [
+        prompt,
+        input,
+        completion,
+        output,
+        cache_creation,
+        cache_read,
+    ] = spans.map(|span| {
+        span.map(|span| {
+            let digits = &value[span];
+            if digits.bytes().all(|byte| byte.is_ascii_digit()) {
+                digits.parse::<u64>().map_err(|_| Refused)
+            } else {
+                Err(Refused)
+            }
+        })
+    });
+    let either = |name: Option<Result<u64, Refused>>, alias: Option<Result<u64, Refused>>| match (
+        name, alias,
+    ) {
+        (Some(_), Some(_)) => Err(Refused),
+        (Some(count), None) | (None, Some(count)) => count,
+        (None, None) => Ok(0),
+    };
+    let reported = ReportedUsage {
+        prompt_tokens: either(prompt, input)?,
+        completion_tokens: either(completion, output)?,
+        cache_creation_input_tokens: either(cache_creation, None)?,
+        cache_read_input_tokens: either(cache_read, None)?,
+    };
+    Ok(Some(reported.into()))
 }
 
 impl UsageCarrier {
@@ -637,6 +691,14 @@ mod tests {
             ),
             format!(r#"{{"usage":{{"prompt_tokens":"3"}}}}"#),
             format!(r#"{{"usage":{{"prompt_tokens":1,"input_tokens":2}}}}"#),
+            format!(r#"{{"usage":{{"prompt_tokens":-1}}}}"#),
+            format!(r#"{{"usage":{{"prompt_tokens":1.0}}}}"#),
+            format!(r#"{{"usage":{{"prompt_tokens":18446744073709551616}}}}"#),
+            format!(r#"{{"usage":{{"prompt_tokens":null}}}}"#),
+            format!(r#"{{"usage":{{"completion_tokens":2,"completion_tokens":3}}}}"#),
+            format!(r#"{{"usage":{{"output_tokens":7,"total_tokens":9,"details":{{"a":[1]}}}}}}"#),
+            format!(r#"{{"usage":[4,5]}}"#),
+            format!(r#"{{"usage":{{}},"message":{{"usage":{usage}}}}}"#),
             format!(r#"{{"usage":{usage},"usage":{usage}}}"#),
             format!(r#"{{"usage":[1,2]}}"#),
             format!(r#"{{"message":[{{"usage":{usage}}}]}}"#),
