@@ -445,11 +445,10 @@ impl<'a> JsonObject<'a> {
 /// `value` as a JSON string: copied as is when nothing in it needs escaping
 /// (the common case: names, ids, paths), else escaped by serde_json.
 fn json_string(out: &mut Vec<u8>, value: &str) {
-    // A reduction rather than `all`: it has no early exit, so it vectorises.
-    let needs_escaping = value.bytes().fold(false, |needs, byte| {
-        needs | (byte < 0x20) | (byte == b'"') | (byte == b'\\')
-    });
-    if !needs_escaping {
+    if value
+        .bytes()
+        .all(|byte| byte >= 0x20 && byte != b'"' && byte != b'\\')
+    {
         out.push(b'"');
         out.extend_from_slice(value.as_bytes());
         out.push(b'"');
