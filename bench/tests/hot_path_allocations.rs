@@ -27,13 +27,13 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 /// vanish in the per-request average.
 const REQUESTS: u64 = 2_000;
 
-/// Measured 8.3 allocations (~530 bytes) per request for parse + route +
-/// schedule with the default plugin mix: the decoded `model` string and
-/// serde_json's nesting stack when it skips `messages` (2), the prefix-cache
-/// plugin's prompt hash vector, its list of chat messages and partial block
-/// buffer, and the scheduler's per-request ranking. 10 leaves room for one
-/// more small allocation; anything above is a regression.
-const MAX_ALLOCATIONS_PER_ROUTED_REQUEST: f64 = 10.0;
+/// Measured 3.8 allocations (~270 bytes) per request for parse + route +
+/// schedule with the default plugin mix (2026-12-06): the decoded `model`
+/// string, the prefix-cache plugin's prompt hash vector and the scheduler's
+/// per-request ranking (the body and the chat messages are scanned in place,
+/// the partial hash block is a per-thread buffer). 5 leaves room for one more
+/// small allocation; anything above is a regression.
+const MAX_ALLOCATIONS_PER_ROUTED_REQUEST: f64 = 5.0;
 
 /// Measured ~1.3 KB per request for the 400 KB body (the prompt hashes are
 /// bounded by `maxBlocksToMatch`, nothing scales with the body); a copy of
@@ -44,10 +44,9 @@ const MAX_BYTES_PER_LARGE_REQUEST: f64 = 4096.0;
 /// (frames pass through as the same `Bytes`).
 const MAX_ALLOCATIONS_PER_STREAM_CHUNK: f64 = 0.05;
 
-/// Measured 1 per JSON response (serde_json's nesting stack while it skips
-/// `choices`; it was 2 before `choices` stopped being collected into a Vec);
-/// 2 leaves room, a per-field or per-frame allocation would exceed it.
-const MAX_ALLOCATIONS_PER_JSON_RESPONSE: f64 = 2.0;
+/// Measured 0 per JSON response: the usage is found by a scan of the body,
+/// not a parse of it; a per-field or per-frame allocation would exceed 0.5.
+const MAX_ALLOCATIONS_PER_JSON_RESPONSE: f64 = 0.5;
 
 /// Pods of the routed ModelServer.
 const CANDIDATE_PODS: usize = 1000;
