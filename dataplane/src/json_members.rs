@@ -72,43 +72,6 @@ pub fn top_level_members(
     }
 }
 
-/// Calls `each` with the byte range of every element of the JSON array
-/// `json`, in order. Refuses anything but a valid JSON array.
-pub fn array_elements(
-    json: &str,
-    mut each: impl FnMut(Range<usize>) -> Result<(), Refused>,
-) -> Result<(), Refused> {
-    let mut scan = Scan {
-        json: json.as_bytes(),
-        at: 0,
-    };
-    scan.whitespace();
-    scan.expect(b'[')?;
-    scan.whitespace();
-    if scan.peek()? == b']' {
-        scan.at += 1;
-    } else {
-        loop {
-            scan.whitespace();
-            let start = scan.at;
-            scan.value(1)?;
-            each(start..scan.at)?;
-            scan.whitespace();
-            match scan.next()? {
-                b',' => {}
-                b']' => break,
-                _ => return Err(Refused),
-            }
-        }
-    }
-    scan.whitespace();
-    if scan.at == json.len() {
-        Ok(())
-    } else {
-        Err(Refused)
-    }
-}
-
 struct Scan<'a> {
     json: &'a [u8],
     at: usize,
@@ -290,27 +253,6 @@ mod tests {
             ])
         );
         assert_eq!(members("{}", &["a"]), Ok(vec![None]));
-    }
-
-    #[test]
-    fn steps_through_the_elements_of_an_array() {
-        let json = r#" [ {"a":[1]} , "s" ,3 ] "#;
-        let mut elements = Vec::new();
-        let scanned = array_elements(json, |span| {
-            elements.push(&json[span]);
-            Ok(())
-        });
-        assert_eq!(scanned, Ok(()));
-        assert_eq!(elements, [r#"{"a":[1]}"#, r#""s""#, "3"]);
-        assert_eq!(array_elements("[]", |_| Err(Refused)), Ok(()));
-        for refused in ["{}", "[1,]", "[1] 2", "[1"] {
-            assert_eq!(
-                array_elements(refused, |_| Ok(())),
-                Err(Refused),
-                "{refused}"
-            );
-        }
-        assert_eq!(array_elements("[1,2]", |_| Err(Refused)), Err(Refused));
     }
 
     #[test]

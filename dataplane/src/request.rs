@@ -536,6 +536,49 @@ pub fn kv_transfer_params_of(answer: &[u8]) -> Option<Bytes> {
 mod tests {
     use super::*;
 
+    /// The spans serde finds, or serde's error: what `routing_fields` gave
+    /// before the scan.
+    fn by_serde(text: &str) -> Result<[Option<Range<usize>>; 6], String> {
+        let fields: RoutingFields<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let span_of = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+            start..start + raw.get().len()
+        };
+        Ok([
+            fields.model,
+            fields.stream,
+            fields.stream_options,
+            fields.prompt,
+            fields.messages,
+            fields.input,
+        ]
+        .map(|raw| raw.map(span_of)))
+    }
+
+    #[test]
+    fn the_scan_finds_what_serde_finds_and_bad_bodies_get_serdes_error() {
+        for text in [
+            r#"{"model":"m","messages":[{"role":"user","content":"hi \"x\" \u00e9"}],"stream":true}"#,
+            r#" { "model" : "m" , "prompt" : ["a","b"], "stream_options": null, "stream": null } "#,
+            r#"{"model":null,"input":"x","messages":null,"extra":{"deep":[[[1.5e-3,-0,true,false]]]}}"#,
+            r#"{"model":"m","model":"twice"}"#,
+            r#"{"m\u006fdel":"escaped key"}"#,
+            r#"{"model":"m","temperature":01}"#,
+            r#"{"model":"m","messages":[{"content":"tab	here"}]}"#,
+            r#"{"model":"m","messages":[}"#,
+            r#"{"model":"m",}"#,
+            r#"{"model":"m"} trailing"#,
+            r#"{"model":"m","x":"\q"}"#,
+            "{",
+            "",
+        ] {
+            let scanned = routing_fields(text).map_err(|error| error.message);
+            let expected =
+                by_serde(text).map_err(|error| format!("request body is not valid JSON: {error}"));
+            assert_eq!(scanned, expected, "{text}");
+        }
+    }
+
     #[test]
     fn reads_model_and_stream() {
         let body =

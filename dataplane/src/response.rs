@@ -10,8 +10,6 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::{IgnoredAny, SeqAccess, Visitor};
 
-use crate::json_members::{Refused, top_level_members};
-
 /// A non-streamed body larger than this is passed through without reading its
 /// usage: engine JSON responses are far smaller, and accounting must not make
 /// the router hold a huge body in memory.
@@ -372,115 +370,14 @@ fn mentions_usage(payload: &[u8]) -> bool {
 
 /// (usage, whether the chunk carries nothing but usage).
 fn usage_of(json: &[u8]) -> Option<(Usage, bool)> {
-    match scanned_carrier(json) {
-        Ok(carrier) => carrier?.read(),
-        // Not plainly valid JSON, or valid in a way the scan leaves to serde.
-        Err(Refused) => usage_of_parsed(json),
-    }
-}
-
-/// [`usage_of`] by serde alone: the answer for every text the scan refuses.
-fn usage_of_parsed(json: &[u8]) -> Option<(Usage, bool)> {
-    serde_json::from_slice::<UsageCarrier>(json).ok()?.read()
-}
-
-/// The carrier of a JSON object: one scan over the text finds the members
-/// accounting reads, and serde reads only those (the `usage` object is small;
-/// `choices`, most of a response, is stepped over). Ok(None) where serde
-/// would fail on one of those members.
-fn scanned_carrier(json: &[u8]) -> Result<Option<UsageCarrier>, Refused> {
-    const MEMBERS: [&[u8]; 4] = [b"choices", b"usage", b"message", b"response"];
-    let json = std::str::from_utf8(json).map_err(|_| Refused)?;
-    let mut spans = [const { None }; 4];
-    top_level_members(json, &MEMBERS, &mut spans)?;
-    let [choices, usage, message, response] = spans.map(|span| span.map(|span| &json[span]));
-    fn member<'de, T: Deserialize<'de>>(value: Option<&'de str>) -> Option<Option<T>> {
-        match value {
-            None => Some(None),
-            Some(value) => serde_json::from_str(value).ok(),
-        }
-    }
-    let choices_empty = match choices.map(str::as_bytes) {
-        None | Some(b"null") => None,
-        Some([b'[', inner @ ..]) => Some(inner.trim_ascii_start().starts_with(b"]")),
-        // serde refuses a `choices` that is neither an array nor null.
-        Some(_) => return Ok(None),
-    };
-    let carrier = (|| {
-        let usage = match usage.map(scanned_usage) {
-            Some(Ok(usage)) => usage,
-            // Not an object of plain counts: serde reads it.
-            Some(Err(Refused)) | None => member(usage)?,
-        };
-        Some(UsageCarrier {
-            choices_empty,
-            usage,
-            message: member(message)?,
-            response: member(response)?,
-        })
-    })();
-    Ok(carrier)
-}
-
-/// A `usage` value read by the scan when it is null or an object whose
-/// counts are plain unsigned integers (what engines send); anything else,
-/// such as a count named twice under its two names, is left to serde.
-fn scanned_usage(value: &str) -> Result<Option<Usage>, Refused> {
-    if value == "null" {
-        return Ok(None);
-    }
-    const COUNTS: [&[u8]; 6] = [
-        b"prompt_tokens",
-        b"input_tokens",
-        b"completion_tokens",
-        b"output_tokens",
-        b"cache_creation_input_tokens",
-        b"cache_read_input_tokens",
-    ];
-    let mut spans = [const { None }; 6];
-    top_level_members(value, &COUNTS, &mut spans)?;
-    let [
-        prompt,
-        input,
-        completion,
-        output,
-        cache_creation,
-        cache_read,
-    ] = spans.map(|span| {
-        span.map(|span| {
-            let digits = &value[span];
-            if digits.bytes().all(|byte| byte.is_ascii_digit()) {
-                digits.parse::<u64>().map_err(|_| Refused)
-            } else {
-                Err(Refused)
-            }
-        })
-    });
-    let either = |name: Option<Result<u64, Refused>>, alias: Option<Result<u64, Refused>>| match (
-        name, alias,
-    ) {
-        (Some(_), Some(_)) => Err(Refused),
-        (Some(count), None) | (None, Some(count)) => count,
-        (None, None) => Ok(0),
-    };
-    let reported = ReportedUsage {
-        prompt_tokens: either(prompt, input)?,
-        completion_tokens: either(completion, output)?,
-        cache_creation_input_tokens: either(cache_creation, None)?,
-        cache_read_input_tokens: either(cache_read, None)?,
-    };
-    Ok(Some(reported.into()))
-}
-
-impl UsageCarrier {
-    fn read(self) -> Option<(Usage, bool)> {
-        let nested = |nested: Option<NestedUsage>| nested.and_then(|nested| nested.usage);
-        let usage = self
-            .usage
-            .or_else(|| nested(self.message))
-            .or_else(|| nested(self.response))?;
-        Some((usage, self.choices_empty == Some(true)))
-    }
+    let carrier: UsageCarrier = serde_json::from_slice(json).ok()?;
+    let nested = |nested: Option<NestedUsage>| nested.and_then(|nested| nested.usage);
+    let usage = carrier
+        .usage
+        .or_else(|| nested(carrier.message))
+        .or_else(|| nested(carrier.response))?;
+    let usage_only = carrier.choices_empty == Some(true);
+    Some((usage, usage_only))
 }
 
 #[cfg(test)]
@@ -674,64 +571,6 @@ mod tests {
             Some(false)
         );
         assert!(usage_of(format!(r#"{{"choices":3,{usage}}}"#).as_bytes()).is_none());
-    }
-
-    #[test]
-    fn the_scan_reads_the_same_usage_as_serde_for_any_text() {
-        let usage = r#"{"prompt_tokens":3,"completion_tokens":5}"#;
-        let texts = [
-            format!(r#"{{"id":"x","choices":[{{"text":"usage"}}],"usage":{usage}}}"#),
-            format!(r#" {{ "choices" : [ ] , "usage" : {usage} }} "#),
-            format!(r#"{{"choices":null,"usage":{usage}}}"#),
-            format!(r#"{{"choices":{{}},"usage":{usage}}}"#),
-            format!(r#"{{"choices":[],"usage":null,"message":{{"usage":{usage}}}}}"#),
-            format!(r#"{{"response":{{"id":"r","usage":{usage}}}}}"#),
-            format!(
-                r#"{{"usage":{{"input_tokens":1,"cache_read_input_tokens":2,"output_tokens":3}}}}"#
-            ),
-            format!(r#"{{"usage":{{"prompt_tokens":"3"}}}}"#),
-            format!(r#"{{"usage":{{"prompt_tokens":1,"input_tokens":2}}}}"#),
-            format!(r#"{{"usage":{{"prompt_tokens":-1}}}}"#),
-            format!(r#"{{"usage":{{"prompt_tokens":1.0}}}}"#),
-            format!(r#"{{"usage":{{"prompt_tokens":18446744073709551616}}}}"#),
-            format!(r#"{{"usage":{{"prompt_tokens":null}}}}"#),
-            format!(r#"{{"usage":{{"completion_tokens":2,"completion_tokens":3}}}}"#),
-            format!(r#"{{"usage":{{"output_tokens":7,"total_tokens":9,"details":{{"a":[1]}}}}}}"#),
-            format!(r#"{{"usage":[4,5]}}"#),
-            format!(r#"{{"usage":{{}},"message":{{"usage":{usage}}}}}"#),
-            format!(r#"{{"usage":{usage},"usage":{usage}}}"#),
-            format!(r#"{{"usage":[1,2]}}"#),
-            format!(r#"{{"message":[{{"usage":{usage}}}]}}"#),
-            format!(r#"{{"usage":{usage}}}"#),
-            format!(r#"{{"choices":[{{"message":{{"usage":{usage}}}}}]}}"#),
-            format!(r#"{{"usage":{usage}}} trailing"#),
-            format!(r#"{{"usage":{usage},}}"#),
-            format!(r#"[{usage}]"#),
-            format!(r#"{{"choices":[01],"usage":{usage}}}"#),
-            format!(r#"{{"note":"café "quoted" \ /","usage":{usage}}}"#),
-            String::new(),
-        ];
-        for text in &texts {
-            assert_eq!(
-                usage_of(text.as_bytes()),
-                usage_of_parsed(text.as_bytes()),
-                "{text}"
-            );
-        }
-        assert_eq!(
-            usage_of(texts[1].as_bytes()),
-            Some((
-                Usage {
-                    prompt_tokens: 3,
-                    completion_tokens: 5
-                },
-                true
-            ))
-        );
-        assert!(
-            scanned_carrier(texts[0].as_bytes()).is_ok(),
-            "an ordinary response is scanned, not parsed"
-        );
     }
 
     #[test]

@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Deserialize;
+use serde::de::{SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::json_members::{Refused, array_elements, top_level_members};
 use crate::request::PromptField;
 
 /// Shards of the prefix index: requests for different prefixes rarely touch
@@ -60,9 +60,12 @@ pub fn hash_prompt(
         match field {
             PromptField::Prompt => flatten_prompt(raw, &mut hasher),
             PromptField::Messages | PromptField::Input => {
-                // One scan over the common shapes; anything else (and any
-                // shape the scan refuses) takes the general path from the start.
-                if feed_scanned_messages(raw, &mut hasher).is_err() {
+                // One pass over the common shapes; anything else (and any
+                // shape the pass refuses) takes the general path from the start.
+                let mut json = serde_json::Deserializer::from_str(raw);
+                let fed = serde::de::DeserializeSeed::deserialize(Messages(&mut hasher), &mut json)
+                    .and_then(|()| json.end());
+                if fed.is_err() {
                     hasher.restart(seed);
                     hash_messages_generally(raw, &mut hasher);
                 }
@@ -104,53 +107,82 @@ struct Message<'a> {
     content: Option<&'a RawValue>,
 }
 
-/// A list of message objects whose `role` is a string and whose `content`
-/// is a string, a list of text parts or null, fed as one scan steps through
-/// it (strings with escapes and part lists decoded by serde). Refuses every
-/// other shape, which [`hash_messages_generally`] then hashes: both feed the
-/// same bytes for the shapes this accepts.
-fn feed_scanned_messages(raw: &str, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
-    const MEMBERS: [&[u8]; 2] = [b"role", b"content"];
-    array_elements(raw, |element| {
-        let message = &raw[element];
-        let mut spans = [None, None];
-        top_level_members(message, &MEMBERS, &mut spans)?;
-        let [role, content] = spans.map(|span| span.map(|span| &message[span]));
-        hasher.feed(
-            role.map(decoded_string)
-                .transpose()?
-                .as_deref()
-                .unwrap_or_default()
-                .as_bytes(),
-        );
-        hasher.feed(b": ");
-        match content {
-            None | Some("null") => {}
-            Some(parts) if parts.starts_with('[') => {
-                let parts: Vec<ContentPart<'_>> =
-                    serde_json::from_str(parts).map_err(|_| Refused)?;
-                for text in parts.iter().filter_map(|part| part.text.as_deref()) {
-                    hasher.feed(text.as_bytes());
-                }
-            }
-            Some(text) => hasher.feed(decoded_string(text)?.as_bytes()),
-        }
-        hasher.feed(b"\n");
-        Ok(())
-    })
+/// A list of messages whose contents are strings or lists of text parts,
+/// fed in one pass over the JSON (the common case). Refuses every other
+/// shape, which [`hash_messages_generally`] then hashes: both feed the same
+/// bytes for the shapes this accepts.
+struct Messages<'h, 'o>(&'h mut BlockHasher<'o>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Messages<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
 }
 
-/// The text of a JSON string literal: borrowed when it has no escapes.
-fn decoded_string(json: &str) -> Result<Cow<'_, str>, Refused> {
-    match json
-        .strip_prefix('"')
-        .and_then(|rest| rest.strip_suffix('"'))
-    {
-        Some(plain) if !plain.contains('\\') => Ok(Cow::Borrowed(plain)),
-        Some(_) => serde_json::from_str::<Text<'_>>(json)
-            .map(|Text(text)| text)
-            .map_err(|_| Refused),
-        None => Err(Refused),
+impl<'de> Visitor<'de> for Messages<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of messages")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(message) = seq.next_element::<PlainMessage<'de>>()? {
+            self.0.feed(message.role.as_bytes());
+            self.0.feed(b": ");
+            match &message.content {
+                Some(PlainContent::Text(text)) => self.0.feed(text.as_bytes()),
+                Some(PlainContent::Parts(parts)) => {
+                    for text in parts.iter().filter_map(|part| part.text.as_deref()) {
+                        self.0.feed(text.as_bytes());
+                    }
+                }
+                None => {}
+            }
+            self.0.feed(b"\n");
+        }
+        Ok(())
+    }
+}
+
+/// [`Message`] with its content decoded as it is read.
+#[derive(Deserialize)]
+struct PlainMessage<'a> {
+    #[serde(borrow, default)]
+    role: Cow<'a, str>,
+    #[serde(borrow, default)]
+    content: Option<PlainContent<'a>>,
+}
+
+/// A message content [`feed_text`] would decode: a string, or a list of
+/// text parts. Any other JSON value is refused.
+enum PlainContent<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<ContentPart<'a>>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for PlainContent<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Content;
+        impl<'de> Visitor<'de> for Content {
+            type Value = PlainContent<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a list of text parts")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                text: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(PlainContent::Text(Cow::Borrowed(text)))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(PlainContent::Text(Cow::Owned(text.to_owned())))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(PlainContent::Parts)
+            }
+        }
+        deserializer.deserialize_any(Content)
     }
 }
 
@@ -672,7 +704,7 @@ mod tests {
             r#"[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"lorem ipsum dolor sit amet"}]"#,
             r#"[{"content":"hi","role":"user","name":"x"}]"#,
             r#"[{"role":"user","content":"caf\u00e9 \"quoted\"\nline"}]"#,
-            r#"[{"role":"us\u0065r","content":"an escaped role"}]"#,
+            r#"[{"role":"us\u0065r","r\u0063ntent":"ignored","c\u006fntent":"escaped names"}]"#,
             r#"[{"role":"user","content":[{"type":"text","text":"be "},{"type":"image_url"},{"text":null},{"text":"brief"}]}]"#,
             r#"[{"role":"assistant","content":null},{"content":"no role"},{"role":"tool"}]"#,
             r#"[["user","seq-form message"]]"#,
@@ -686,7 +718,6 @@ mod tests {
             r#"[{"role":"user","role":"twice","content":"x"}]"#,
             r#"[{"role":3,"content":"x"}]"#,
             r#"[{"role":null,"content":"x"}]"#,
-            r#"[{"r\u006fle":"user","content":"an escaped key"}]"#,
             r#""a plain input string""#,
             r#"["a","list","of","strings"]"#,
             r#"{"not":"a list"}"#,
@@ -699,7 +730,8 @@ mod tests {
             );
         }
         for raw in common {
-            let (mut out, mut pending) = (Vec::new(), Vec::new());
+            let mut pending = Vec::new();
+            let mut out = Vec::new();
             let mut hasher = BlockHasher {
                 block_size: 4,
                 max_blocks: 128,
@@ -707,12 +739,11 @@ mod tests {
                 previous: 0,
                 out: &mut out,
             };
-            let scanned = feed_scanned_messages(raw, &mut hasher);
-            if raw.contains("seq-form") {
-                assert_eq!(scanned, Err(Refused), "left to the general reading");
-            } else {
-                assert_eq!(scanned, Ok(()), "read in one scan: {raw}");
-            }
+            let mut json = serde_json::Deserializer::from_str(raw);
+            assert!(
+                serde::de::DeserializeSeed::deserialize(Messages(&mut hasher), &mut json).is_ok(),
+                "read in one pass: {raw}"
+            );
         }
     }
 
