@@ -272,7 +272,7 @@ impl BlockHasher<'_> {
             self.pending.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
             if self.pending.len() == self.block_size {
-                self.previous = xxh3_64_with_seed(&self.pending, self.previous);
+                self.previous = xxh3_64_with_seed(self.pending, self.previous);
                 self.out.push(self.previous);
                 self.pending.clear();
             }
