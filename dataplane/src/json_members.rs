@@ -1,9 +1,11 @@
 //! The byte ranges of a few top-level members of a JSON object, found by one
 //! scan that steps over every other value without building anything.
 //!
-//! serde visits every member and every token of the values it skips; this
-//! jumps from quote to quote inside strings and costs a few instructions per
-//! byte. It accepts only plainly valid JSON (keys without escapes or
+//! It jumps from quote to quote inside strings (memchr), which pays where
+//! strings are long: a request body's prompt (~12% fewer instructions than
+//! serde for a ~1 KB chat body, 44% fewer for a 400 KB prompt). For short
+//! tokens it costs about what serde does, so responses and chat messages are
+//! still read by serde. It accepts only plainly valid JSON (keys without escapes or
 //! non-ASCII bytes, each wanted member at most once, bounded nesting) and
 //! refuses everything else, so a caller that falls back to serde on a
 //! refusal gets exactly serde's answer for every input.
