@@ -149,6 +149,16 @@ pub fn compile_route_config(
     servers: &[ModelServer],
     pods: &[Pod],
 ) -> CompiledRoutes {
+    compile_with_providers(routes, servers, pods, &CompiledProviders::default())
+}
+
+/// [`compile_route_config`] with ExternalModelProviders routes may target.
+pub(crate) fn compile_with_providers(
+    routes: &[ModelRoute],
+    servers: &[ModelServer],
+    pods: &[Pod],
+    providers: &CompiledProviders,
+) -> CompiledRoutes {
     compile_objects(
         Objects {
             routes,
@@ -157,7 +167,7 @@ pub fn compile_route_config(
             ..Objects::default()
         },
         &GatewayApiConfig::disabled(),
-        &CompiledProviders::default(),
+        providers,
     )
 }
 
