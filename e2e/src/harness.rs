@@ -535,6 +535,23 @@ pub fn kthena_example(file: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// The config files of routes that each send one model to a plain vLLM
+/// ModelServer of their own: `(route, model, server)` for each.
+pub fn route_per_server_files(routes: &[(&str, &str, &str)]) -> [(&'static str, String); 2] {
+    let servers: Vec<String> = routes
+        .iter()
+        .map(|(_, _, server)| model_server_yaml(server, ""))
+        .collect();
+    let routes: Vec<String> = routes
+        .iter()
+        .map(|(route, model, server)| simple_route_yaml(route, model, server))
+        .collect();
+    [
+        ("servers.yaml", yaml_documents(&servers)),
+        ("routes.yaml", yaml_documents(&routes)),
+    ]
+}
+
 /// YAML documents in one file.
 pub fn yaml_documents(documents: &[String]) -> String {
     documents.join("---\n")
