@@ -795,6 +795,24 @@ impl Stack {
         }
     }
 
+    /// `GET path` on the controller's debug listener (`/debug/objects`, `/debug/snapshot`).
+    pub async fn controller_debug_get(&self, path: &str) -> HttpResponse {
+        let url = format!("http://{}{path}", self.controller_debug);
+        self.http
+            .get(&url)
+            .await
+            .expect("the controller's debug listener answers")
+    }
+
+    /// `GET path` on the controller's admin listener (`/metrics`, `/readyz`).
+    pub async fn controller_admin_get(&self, path: &str) -> HttpResponse {
+        let url = format!("http://{}{path}", self.controller_admin);
+        self.http
+            .get(&url)
+            .await
+            .expect("the controller's admin listener answers")
+    }
+
     /// POSTs a JSON `body` to dataplane 0.
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
         let url = self.dataplanes[0].url(path);

@@ -131,8 +131,7 @@ async fn debug(stack: &Stack, path: &str) -> HttpResponse {
 }
 
 async fn objects(stack: &Stack) -> Value {
-    let url = format!("http://{}/debug/objects", stack.controller_debug);
-    stack.http.get(&url).await.expect("objects").json()
+    stack.controller_debug_get("/debug/objects").await.json()
 }
 
 fn server_report<'a>(objects: &'a Value, name: &str) -> &'a Value {
