@@ -53,6 +53,8 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
+use crate::metrics::registered;
+
 use super::{
     EngineSample, HistogramTotals, PodKey, PodLoad, ScrapeTarget, interval_mean, parse_engine_page,
 };
@@ -268,40 +270,48 @@ struct ScrapeMetrics {
 
 impl ScrapeMetrics {
     fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "switchyard_controller_scrape_duration_seconds",
-                "Duration of engine /metrics scrapes, failed ones included.",
-            ),
-            &["engine"],
+        let duration = registered(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "switchyard_controller_scrape_duration_seconds",
+                    "Duration of engine /metrics scrapes, failed ones included.",
+                ),
+                &["engine"],
+            )?,
         )?;
-        let errors = IntCounterVec::new(
-            Opts::new(
-                "switchyard_controller_scrape_errors_total",
-                "Failed engine /metrics and /v1/models requests, by pod and reason.",
-            ),
-            &["pod", "reason"],
+        let errors = registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "switchyard_controller_scrape_errors_total",
+                    "Failed engine /metrics and /v1/models requests, by pod and reason.",
+                ),
+                &["pod", "reason"],
+            )?,
         )?;
         // Per pod a gauge, not a histogram: one series per pod stays cheap
         // with thousands of pods; the histogram above has the distribution.
-        let last_duration = GaugeVec::new(
-            Opts::new(
-                "switchyard_controller_scrape_last_duration_seconds",
-                "Duration of the pod's latest /metrics scrape, failed ones included.",
-            ),
-            &["pod"],
+        let last_duration = registered(
+            registry,
+            GaugeVec::new(
+                Opts::new(
+                    "switchyard_controller_scrape_last_duration_seconds",
+                    "Duration of the pod's latest /metrics scrape, failed ones included.",
+                ),
+                &["pod"],
+            )?,
         )?;
-        let age = GaugeVec::new(
-            Opts::new(
-                "switchyard_controller_scrape_age_seconds",
-                "Seconds since the pod's last successful /metrics scrape.",
-            ),
-            &["pod"],
+        let age = registered(
+            registry,
+            GaugeVec::new(
+                Opts::new(
+                    "switchyard_controller_scrape_age_seconds",
+                    "Seconds since the pod's last successful /metrics scrape.",
+                ),
+                &["pod"],
+            )?,
         )?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(last_duration.clone()))?;
-        registry.register(Box::new(errors.clone()))?;
-        registry.register(Box::new(age.clone()))?;
         Ok(Self {
             duration,
             last_duration,
