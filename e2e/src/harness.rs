@@ -552,6 +552,18 @@ pub fn route_per_server_files(routes: &[(&str, &str, &str)]) -> [(&'static str, 
     ]
 }
 
+/// A request's head and its whole body (empty when reading it failed): what a
+/// test server records of each request.
+pub async fn read_request(request: Request<Incoming>) -> (http::request::Parts, Bytes) {
+    let (head, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    (head, body)
+}
+
 /// YAML documents in one file.
 pub fn yaml_documents(documents: &[String]) -> String {
     documents.join("---\n")
@@ -797,20 +809,20 @@ impl Stack {
 
     /// `GET path` on the controller's debug listener (`/debug/objects`, `/debug/snapshot`).
     pub async fn controller_debug_get(&self, path: &str) -> HttpResponse {
-        let url = format!("http://{}{path}", self.controller_debug);
-        self.http
-            .get(&url)
-            .await
-            .expect("the controller's debug listener answers")
+        self.get_from(self.controller_debug, path).await
     }
 
     /// `GET path` on the controller's admin listener (`/metrics`, `/readyz`).
     pub async fn controller_admin_get(&self, path: &str) -> HttpResponse {
-        let url = format!("http://{}{path}", self.controller_admin);
+        self.get_from(self.controller_admin, path).await
+    }
+
+    async fn get_from(&self, listener: SocketAddr, path: &str) -> HttpResponse {
+        let url = format!("http://{listener}{path}");
         self.http
             .get(&url)
             .await
-            .expect("the controller's admin listener answers")
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"))
     }
 
     /// POSTs a JSON `body` to dataplane 0.

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use parking_lot::Mutex;
 use switchyard_runtime::clock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::{
-    ENGINE_PORT, Stack, TestPod, WAIT_DEADLINE, model_server_yaml, simple_route_yaml,
+    ENGINE_PORT, Stack, TestPod, WAIT_DEADLINE, model_server_yaml, read_request, simple_route_yaml,
     yaml_documents,
 };
 
@@ -134,12 +134,7 @@ impl CaptureEngine {
                         move |request: Request<hyper::body::Incoming>| {
                             let log = log.clone();
                             async move {
-                                let (head, body) = request.into_parts();
-                                let body = body
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
+                                let (head, body) = read_request(request).await;
                                 log.lock().push(Captured {
                                     path: head.uri.path().to_owned(),
                                     headers: head.headers,
