@@ -449,6 +449,12 @@ fn assert_endpoint_loads_version(client: &Client, version: &str) {
     );
 }
 
+/// What a client applied after `rc-1` then `el-1`.
+const FIRST_SNAPSHOT: [(ResourceType, &str); 2] = [
+    (ResourceType::RouteConfig, "rc-1"),
+    (ResourceType::EndpointLoads, "el-1"),
+];
+
 /// The resources the client applied, in order: (type, version).
 fn assert_applied(client: &Client, expected: &[(ResourceType, &str)], why: &str) {
     let expected: Vec<(ResourceType, String)> = expected
@@ -488,14 +494,7 @@ async fn applies_first_snapshot_and_acks() {
 
     stream.endpoint_loads_acked("el-1").await;
     assert_endpoint_loads_version(&client, "el-1");
-    assert_applied(
-        &client,
-        &[
-            (ResourceType::RouteConfig, "rc-1"),
-            (ResourceType::EndpointLoads, "el-1"),
-        ],
-        "in the order they came",
-    );
+    assert_applied(&client, &FIRST_SNAPSHOT, "in the order they came");
     let view = client.status.view();
     assert_eq!(view.connect_count, 1);
     assert_eq!(view.stream_failures, 0);
@@ -682,10 +681,7 @@ async fn keeps_last_snapshot_when_controller_down() {
     assert_endpoint_loads_version(&client, "el-1");
     assert_applied(
         &client,
-        &[
-            (ResourceType::RouteConfig, "rc-1"),
-            (ResourceType::EndpointLoads, "el-1"),
-        ],
+        &FIRST_SNAPSHOT,
         "nothing is applied or cleared while the controller is down",
     );
 
