@@ -324,6 +324,24 @@ impl ScrapeMetrics {
         self.errors.with_label_values(&[pod, reason.as_str()]).inc();
     }
 
+    /// A failed scrape of `endpoint`: counted every time, a warning (ending
+    /// with `consequence`) when it starts failing, debug while it keeps failing.
+    fn note_failure(
+        &self,
+        failing: &mut bool,
+        pod: &str,
+        endpoint: &str,
+        error: &FetchError,
+        consequence: &str,
+    ) {
+        self.count_error(pod, error.reason());
+        if std::mem::replace(failing, true) {
+            debug!(pod, %error, "{endpoint} scrape failed");
+        } else {
+            warn!(pod, %error, "{endpoint} scrape failed{consequence}");
+        }
+    }
+
     fn remove_pod(&self, pod: &str) {
         // Absent series are fine: a pod may never have failed or succeeded.
         let _ = self.age.remove_label_values(&[pod]);
@@ -483,10 +501,7 @@ impl Worker {
         if let Some(models) = scrape.models {
             match models {
                 Ok(models) => {
-                    if pod.models_failing {
-                        info!(pod = key, "/v1/models scrape recovered");
-                    }
-                    pod.models_failing = false;
+                    note_success(&mut pod.models_failing, key, "/v1/models");
                     pod.models_refreshed_at = Some(scrape.finished_at);
                     if let Some(load) = &mut pod.load {
                         load.models.clone_from(&models);
@@ -494,23 +509,14 @@ impl Worker {
                     pod.models = models;
                 }
                 Err(error) => {
-                    metrics.count_error(key, error.reason());
-                    if pod.models_failing {
-                        debug!(pod = key, %error, "/v1/models scrape failed");
-                    } else {
-                        warn!(pod = key, %error, "/v1/models scrape failed");
-                    }
-                    pod.models_failing = true;
+                    metrics.note_failure(&mut pod.models_failing, key, "/v1/models", &error, "");
                 }
             }
         }
 
         match scrape.metrics {
             Ok(sample) => {
-                if pod.metrics_failing {
-                    info!(pod = key, "/metrics scrape recovered");
-                }
-                pod.metrics_failing = false;
+                note_success(&mut pod.metrics_failing, key, "/metrics");
                 pod.load = Some(PodLoad {
                     requests_waiting: sample.requests_waiting,
                     requests_running: sample.requests_running,
@@ -529,13 +535,8 @@ impl Worker {
                 }
             }
             Err(error) => {
-                metrics.count_error(key, error.reason());
-                if pod.metrics_failing {
-                    debug!(pod = key, %error, "/metrics scrape failed");
-                } else {
-                    warn!(pod = key, %error, "/metrics scrape failed, keeping the last values");
-                }
-                pod.metrics_failing = true;
+                let keeping = ", keeping the last values";
+                metrics.note_failure(&mut pod.metrics_failing, key, "/metrics", &error, keeping);
             }
         }
     }
@@ -658,6 +659,13 @@ enum FetchError {
     EnginePage(#[from] super::EnginePageError),
     #[error("invalid /v1/models JSON: {0}")]
     ModelsJson(#[from] serde_json::Error),
+}
+
+/// A successful scrape of `endpoint`: says so when it had been failing.
+fn note_success(failing: &mut bool, pod: &str, endpoint: &str) {
+    if std::mem::take(failing) {
+        info!(pod, "{endpoint} scrape recovered");
+    }
 }
 
 impl FetchError {
