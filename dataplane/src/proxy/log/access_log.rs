@@ -301,7 +301,7 @@ impl AccessLogWriter {
         let thread = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
-                crate::workers::run_below_traffic_workers();
+                crate::per_worker::run_below_traffic_workers();
                 write_lines(&receiver, &writer_lists, output, format);
             })?;
         Ok(Self {
