@@ -300,7 +300,10 @@ impl AccessLogWriter {
         let writer_lists = lists.clone();
         let thread = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(&receiver, &writer_lists, output, format))?;
+            .spawn(move || {
+                crate::per_worker::run_below_traffic_workers();
+                write_lines(&receiver, &writer_lists, output, format);
+            })?;
         Ok(Self {
             running: Some(Running {
                 lists,
