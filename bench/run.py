@@ -68,6 +68,11 @@ PROXY_CORE = "1"
 # load generator on the other core keeps up.
 SATURATION_CONNECTIONS = 32
 OPEN_LOOP_CONNECTIONS = 32
+# The latency target's case is measured in this many interleaved rounds and
+# reported as the median: one run's p99 is set by its worst few hundred
+# requests, so a single stall of the shared machine decides it.
+LATENCY_CASE = "~1 KB chat"
+LATENCY_ROUNDS = 3
 STREAM_CHUNKS = 64
 # The cases the peer routers run: the ~1 KB chat and the unpaced stream.
 PEER_CASES = ("~1 KB chat", f"streaming, {STREAM_CHUNKS} chunks")
@@ -229,11 +234,12 @@ class SyscallCount:
         self.counts = counts
         return False
 
-    def per_request(self, requests):
-        if not self.counts or requests <= 0:
+    @staticmethod
+    def per_request_of(counts, requests):
+        if not counts or requests <= 0:
             return None, None
-        total = self.counts.get("raw_syscalls:sys_enter")
-        futex = self.counts.get("syscalls:sys_enter_futex")
+        total = counts.get("raw_syscalls:sys_enter")
+        futex = counts.get("syscalls:sys_enter_futex")
         return (None if total is None else total / requests, None if futex is None else futex / requests)
 
 
@@ -642,22 +648,14 @@ def main():
             # plain proxy on one core carries comfortably.
             reference = sat.get("nginx", sat["dataplane"])["rps"]
             rate = max(10, int(reference / 2))
-            log(f"{label}: open-loop runs at {rate} req/s")
-            fixed = {"direct": oha(direct_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)}
-            cpu_before = cpu_seconds([dp_pid])
-            with SyscallCount([dp_pid], workdir, count_syscalls) as dp_calls:
-                fixed["dataplane"] = oha(dp_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)
-            cpu_after = cpu_seconds([dp_pid])
-            nginx_cpu = None
-            nginx_calls = None
+            rounds = LATENCY_ROUNDS if label == LATENCY_CASE else 1
+            log(f"{label}: open-loop runs at {rate} req/s ({rounds} round(s))")
+            targets = [("direct", direct_url, None), ("dataplane", dp_url, [dp_pid])]
             if nginx_process:
-                nginx_pids = [nginx_process.pid] + children(nginx_process.pid)
-                n_before = cpu_seconds(nginx_pids)
-                with SyscallCount(nginx_pids, workdir, count_syscalls) as nginx_calls:
-                    fixed["nginx"] = oha(nginx_url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers)
-                nginx_cpu = (cpu_seconds(nginx_pids) - n_before) / max(1, fixed["nginx"]["ok"]) * 1000
-            served = max(1, fixed["dataplane"]["ok"])
-            cpu_per_1000 = (cpu_after - cpu_before) / served * 1000
+                targets.append(("nginx", nginx_url, [nginx_process.pid] + children(nginx_process.pid)))
+            fixed = open_loop(targets, body, seconds, rate, headers, rounds, workdir, count_syscalls)
+            cpu_per_1000 = fixed["dataplane"]["cpu_per_1000"]
+            nginx_cpu = fixed.get("nginx", {}).get("cpu_per_1000")
             if body_name == "chat" and pods == 1:
                 chat_cpu_per_request = cpu_per_1000 / 1000
                 if nginx_cpu is not None:
@@ -671,8 +669,8 @@ def main():
                 "nginx_cpu_per_1000": nginx_cpu,
                 "rss_mib": vm_hwm_mib([dp_pid]),
                 "failed": sum(r["failed"] for r in list(sat.values()) + list(fixed.values())),
-                "syscalls": dp_calls.per_request(fixed["dataplane"]["ok"]),
-                "nginx_syscalls": nginx_calls.per_request(fixed["nginx"]["ok"]) if nginx_calls else (None, None),
+                "syscalls": fixed["dataplane"]["syscalls"],
+                "nginx_syscalls": fixed.get("nginx", {}).get("syscalls", (None, None)),
             }
             if body_name == "stream":
                 if not headers:
@@ -719,6 +717,43 @@ def saturation_with_cpu(pids, url, body, seconds, headers):
     result = oha(url, body, seconds, SATURATION_CONNECTIONS, headers=headers)
     result["cpu_us"] = (cpu_seconds(pids) - before) / max(1, result["ok"]) * 1e6
     return result
+
+
+def open_loop(targets, body, seconds, rate, headers, rounds, workdir, count_syscalls):
+    """Open-loop runs at `rate`: `rounds` rounds of one run per target in turn
+    (direct, dataplane, nginx), so all three are measured in the same minute
+    and a stall of the machine during one run shows as one outlying round
+    rather than as the result. Per target: the median p50 and p99 over the
+    rounds, each round's p99, and for the proxies (`pids` set) the CPU time
+    and the system calls per request over all their runs."""
+    runs = {name: [] for name, _, _ in targets}
+    cpu = dict.fromkeys(runs, 0.0)
+    calls = {name: {} for name in runs}
+    for _ in range(rounds):
+        for name, url, pids in targets:
+            if pids is None:
+                runs[name].append(oha(url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers))
+                continue
+            before = cpu_seconds(pids)
+            with SyscallCount(pids, workdir, count_syscalls) as counted:
+                runs[name].append(oha(url, body, seconds, OPEN_LOOP_CONNECTIONS, rate, headers))
+            cpu[name] += cpu_seconds(pids) - before
+            for event, count in (counted.counts or {}).items():
+                calls[name][event] = calls[name].get(event, 0) + count
+    results = {}
+    for name, url, pids in targets:
+        each = runs[name]
+        ok = sum(run["ok"] for run in each)
+        results[name] = {
+            "ok": ok,
+            "failed": sum(run["failed"] for run in each),
+            "p50_ms": statistics.median(run["p50_ms"] for run in each),
+            "p99_ms": statistics.median(run["p99_ms"] for run in each),
+            "p99_each_ms": [run["p99_ms"] for run in each],
+            "cpu_per_1000": None if pids is None else cpu[name] / max(1, ok) * 1000,
+            "syscalls": SyscallCount.per_request_of(calls[name], ok),
+        }
+    return results
 
 
 def process_tree(pid):
@@ -892,6 +927,14 @@ def render(rows, extra, seconds, note):
             f"{fmt(calls, 1)} ({fmt(futex, 2)}); {fmt(ng_calls, 1)} ({fmt(ng_futex, 2)}) | "
             f"{row['rss_mib']:.1f} MiB | {row['failed']} |"
         )
+    latency = by_case.get(LATENCY_CASE)
+    if latency:
+        each = {name: run["p99_each_ms"] for name, run in latency["fixed"].items()}
+        lines += ["", (
+            f"{LATENCY_CASE}: p50 and p99 are medians of {len(each['dataplane'])} interleaved rounds "
+            f"(direct, dataplane, nginx in turn); p99 of each round (ms): "
+            + "; ".join(f"{name} " + ", ".join(f"{value:.3f}" for value in values) for name, values in each.items())
+            + ".")]
     for row in rows:
         if "cpu_us_per_chunk" in row or "ttfb_direct" in row:
             ttfb = ""

@@ -45,9 +45,9 @@ const WARMUP_REQUESTS: u64 = 30;
 const STREAM_CHUNKS: usize = 64;
 
 /// Client + proxy + engine together, in one current-thread runtime: measured
-/// 55.3 per request (2026-12-01); the bound leaves room for small changes in
+/// 41.0 per request (2026-12-06); the bound leaves room for small changes in
 /// hyper or tokio, while a copied header map or body per request exceeds it.
-const MAX_ALLOCATIONS_PER_CHAT_REQUEST: f64 = 62.0;
+const MAX_ALLOCATIONS_PER_CHAT_REQUEST: f64 = 45.0;
 
 /// Frames pass from the engine's connection to the client's as the same
 /// `Bytes`, so well under one allocation per chunk (measured 0.12); a copy or a boxed frame per

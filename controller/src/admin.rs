@@ -210,8 +210,8 @@ fn debug_endpoint(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
             StatusCode::OK,
             &json!({
                 "control_plane_id": state.publisher.control_plane_id(),
-                "route_config": state.publisher.route_config().map(|published| route_config_json(&published)),
-                "endpoint_loads": state.publisher.endpoint_loads().map(|published| endpoint_loads_json(&published)),
+                "route_config": state.publisher.route_config().map(|published| published_json(&published)),
+                "endpoint_loads": state.publisher.endpoint_loads().map(|published| published_json(&published)),
             }),
         ),
         "/debug/objects" => {
@@ -320,14 +320,20 @@ fn metrics_response(registry: &prometheus::Registry) -> Response<Full<Bytes>> {
 
 // prost types do not implement Serialize; these views are the debug JSON shape.
 
-fn route_config_json(published: &PublishedResource) -> Value {
-    let Some(pb::snapshot_response::Resource::RouteConfig(config)) = &published.response.resource
-    else {
-        return Value::Null;
+/// A published resource: its version, when it was generated, and its content.
+fn published_json(published: &PublishedResource) -> Value {
+    let mut view = match &published.response.resource {
+        Some(pb::snapshot_response::Resource::RouteConfig(config)) => route_config_json(config),
+        Some(pb::snapshot_response::Resource::EndpointLoads(loads)) => endpoint_loads_json(loads),
+        None => return Value::Null,
     };
+    view["version"] = json!(published.version);
+    view["generated_at_unix_ms"] = json!(published.generated_at_unix_ms);
+    view
+}
+
+fn route_config_json(config: &pb::RouteConfig) -> Value {
     json!({
-        "version": published.version,
-        "generated_at_unix_ms": published.generated_at_unix_ms,
         "routes": config.routes.iter().map(route_json).collect::<Vec<_>>(),
         "servers": config.servers.iter().map(server_json).collect::<Vec<_>>(),
         "external_providers": config.external_providers.iter().map(config_dump::external_provider).collect::<Vec<_>>(),
@@ -369,10 +375,10 @@ fn route_json(route: &pb::ModelRoute) -> Value {
             "match": rule.r#match.as_ref().map(|model_match| json!({
                 "headers": model_match.headers.iter().map(|header| json!({
                     "name": header.name,
-                    "value": string_match_json(header.value.as_ref()),
+                    "value": config_dump::string_match(header.value.as_ref()),
                 })).collect::<Vec<_>>(),
-                "uri": string_match_json(model_match.uri.as_ref()),
-                "body_model": string_match_json(model_match.body_model.as_ref()),
+                "uri": config_dump::string_match(model_match.uri.as_ref()),
+                "body_model": config_dump::string_match(model_match.body_model.as_ref()),
             })),
             "targets": rule.targets.iter().map(|target| json!({
                 "model_server": target.model_server,
@@ -381,16 +387,6 @@ fn route_json(route: &pb::ModelRoute) -> Value {
         })).collect::<Vec<_>>(),
         "rate_limit": route.rate_limit.as_ref().map(config_dump::rate_limit),
     })
-}
-
-fn string_match_json(string_match: Option<&pb::StringMatch>) -> Value {
-    use pb::string_match::Kind;
-    match string_match.and_then(|string_match| string_match.kind.as_ref()) {
-        None => Value::Null,
-        Some(Kind::Exact(value)) => json!({"exact": value}),
-        Some(Kind::Prefix(value)) => json!({"prefix": value}),
-        Some(Kind::Regex(value)) => json!({"regex": value}),
-    }
 }
 
 fn server_json(server: &pb::ModelServer) -> Value {
@@ -425,14 +421,8 @@ fn server_json(server: &pb::ModelServer) -> Value {
     })
 }
 
-fn endpoint_loads_json(published: &PublishedResource) -> Value {
-    let Some(pb::snapshot_response::Resource::EndpointLoads(loads)) = &published.response.resource
-    else {
-        return Value::Null;
-    };
+fn endpoint_loads_json(loads: &pb::EndpointLoads) -> Value {
     json!({
-        "version": published.version,
-        "generated_at_unix_ms": published.generated_at_unix_ms,
         "loads": loads.loads.iter().map(|load| json!({
             "namespace": load.namespace,
             "pod": load.pod,
@@ -479,14 +469,17 @@ mod tests {
         handle(state, endpoints, &Method::GET, path)
     }
 
-    async fn body_json(response: Response<Full<Bytes>>) -> Value {
-        let bytes = response
+    async fn body_bytes(response: Response<Full<Bytes>>) -> Bytes {
+        response
             .into_body()
             .collect()
             .await
             .expect("body")
-            .to_bytes();
-        serde_json::from_slice(&bytes).expect("JSON body")
+            .to_bytes()
+    }
+
+    async fn body_json(response: Response<Full<Bytes>>) -> Value {
+        serde_json::from_slice(&body_bytes(response).await).expect("JSON body")
     }
 
     #[tokio::test]
@@ -672,13 +665,7 @@ mod tests {
             .publish_route_config(pb::RouteConfig::default(), 5_000);
         let response = get(&state, "/metrics");
         assert_eq!(response.status(), StatusCode::OK);
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        let text = String::from_utf8(bytes.to_vec()).expect("UTF-8");
+        let text = String::from_utf8(body_bytes(response).await.to_vec()).expect("UTF-8");
         assert!(
             text.contains("switchyard_controller_connected_dataplanes 0"),
             "{text}"

@@ -2,6 +2,7 @@
 //! ([`crate::xds::XdsMetrics`]) or scraping ([`crate::scrape`]): status
 //! writes, Events and leadership. The handles are cheap to clone.
 
+use prometheus::core::Collector;
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Handles of the controller-wide metrics, resolved once at start-up.
@@ -23,48 +24,70 @@ pub struct ControllerMetrics {
     pub source_load_problems: IntGauge,
 }
 
+/// `collector`, registered in `registry`: a metric is created and registered
+/// in one statement, so none is left out of `/metrics`.
+pub(crate) fn registered<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> Result<C, prometheus::Error> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
 impl ControllerMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let leader = IntGauge::new(
-            "switchyard_controller_leader",
-            "1 while this controller replica holds the leader Lease and writes status.",
+        let leader = registered(
+            registry,
+            IntGauge::new(
+                "switchyard_controller_leader",
+                "1 while this controller replica holds the leader Lease and writes status.",
+            )?,
         )?;
-        let status_writes = IntCounterVec::new(
-            Opts::new(
-                "switchyard_controller_status_writes_total",
-                "Status patches (server-side apply) by object kind and result.",
-            ),
-            &["kind", "result"],
+        let status_writes = registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "switchyard_controller_status_writes_total",
+                    "Status patches (server-side apply) by object kind and result.",
+                ),
+                &["kind", "result"],
+            )?,
         )?;
-        let events = IntCounterVec::new(
-            Opts::new(
-                "switchyard_controller_events_total",
-                "Kubernetes Events published for rejected objects, by result.",
-            ),
-            &["result"],
+        let events = registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "switchyard_controller_events_total",
+                    "Kubernetes Events published for rejected objects, by result.",
+                ),
+                &["result"],
+            )?,
         )?;
-        let source_held = IntGauge::new(
-            "switchyard_controller_source_held",
-            "1 while a starting controller holds back its first routing snapshot because its source has no ModelRoute.",
+        let source_held = registered(
+            registry,
+            IntGauge::new(
+                "switchyard_controller_source_held",
+                "1 while a starting controller holds back its first routing snapshot because its source has no ModelRoute.",
+            )?,
         )?;
-        let source_objects = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_controller_source_objects",
-                "Objects the source (config directory or Kubernetes caches) holds, by kind.",
-            ),
-            &["kind"],
+        let source_objects = registered(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "switchyard_controller_source_objects",
+                    "Objects the source (config directory or Kubernetes caches) holds, by kind.",
+                ),
+                &["kind"],
+            )?,
         )?;
-        let source_load_problems = IntGauge::new(
-            "switchyard_controller_source_load_problems",
-            "Config files or documents the source could not load (local mode).",
+        let source_load_problems = registered(
+            registry,
+            IntGauge::new(
+                "switchyard_controller_source_load_problems",
+                "Config files or documents the source could not load (local mode).",
+            )?,
         )?;
-        registry.register(Box::new(source_held.clone()))?;
-        registry.register(Box::new(source_objects.clone()))?;
-        registry.register(Box::new(source_load_problems.clone()))?;
-        registry.register(Box::new(leader.clone()))?;
-        registry.register(Box::new(status_writes.clone()))?;
-        registry.register(Box::new(events.clone()))?;
         Ok(Self {
             leader,
             status_writes,

@@ -249,6 +249,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
         };
         tasks.spawn_graceful("traffic worker", |stop| workers::run(worker, stop));
     }
+    // The workers run: from here on this thread (and what it starts) yields to them.
+    per_worker::run_below_traffic_workers();
     // Gateway listener ports come and go with snapshots: opened here, one
     // listener per worker, and served by the workers.
     let port_settings = PortSettings {

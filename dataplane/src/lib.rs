@@ -32,6 +32,7 @@ pub mod error;
 pub mod fairness;
 pub mod gateway;
 pub mod health;
+pub mod json_members;
 pub mod lazy_series;
 pub mod limits;
 pub mod listener_ports;

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::{ApiError, ErrorKind};
+use crate::json_members::top_level_members;
 
 /// What the router reads from a request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,18 +104,14 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
             "request body must be a JSON object",
         ));
     }
-    let fields: RoutingFields<'_> = serde_json::from_str(text).map_err(|error| {
-        ApiError::new(
-            ErrorKind::InvalidBody,
-            format!("request body is not valid JSON: {error}"),
-        )
-    })?;
-    let raw_model = fields.model.ok_or_else(|| {
+    let [model, stream, stream_options, prompt, messages, input] = routing_fields(text)?;
+    let model_span = model.ok_or_else(|| {
         ApiError::new(
             ErrorKind::InvalidModel,
             "missing required field `model` in request body",
         )
     })?;
+    let raw_model = &text[model_span.clone()];
     let too_long = || {
         ApiError::new(
             ErrorKind::InvalidModel,
@@ -127,13 +124,13 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
             "field `model` in request body must be a string",
         )
     };
-    if !raw_model.get().starts_with('"') {
+    if !raw_model.starts_with('"') {
         return Err(not_a_string());
     }
-    if raw_model.get().len() > MAX_MODEL_BYTES * MAX_ESCAPED_BYTES_PER_BYTE + 2 {
+    if raw_model.len() > MAX_MODEL_BYTES * MAX_ESCAPED_BYTES_PER_BYTE + 2 {
         return Err(too_long());
     }
-    let model: String = serde_json::from_str(raw_model.get()).map_err(|_| not_a_string())?;
+    let model: String = serde_json::from_str(raw_model).map_err(|_| not_a_string())?;
     if model.len() > MAX_MODEL_BYTES {
         return Err(too_long());
     }
@@ -143,28 +140,73 @@ pub fn parse_body(body: &[u8]) -> Result<ParsedBody, ApiError> {
             "field `model` in request body must not be empty",
         ));
     }
-    let span_of = |raw: &RawValue| {
-        let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
-        start..start + raw.get().len()
-    };
-    let include_usage = fields.stream_options.is_some_and(|raw| {
-        serde_json::from_str::<StreamOptions>(raw.get())
+    let include_usage = stream_options.as_ref().is_some_and(|span| {
+        serde_json::from_str::<StreamOptions>(&text[span.clone()])
             .is_ok_and(|options| options.include_usage == Some(true))
     });
     Ok(ParsedBody {
         model,
-        model_span: span_of(raw_model),
-        stream: fields.stream.is_some_and(|raw| raw.get() == "true"),
+        model_span,
+        stream: stream.is_some_and(|span| &text[span] == "true"),
         include_usage,
-        stream_options_span: fields.stream_options.map(span_of),
+        stream_options_span: stream_options,
         prompt_span: [
-            (PromptField::Messages, fields.messages),
-            (PromptField::Prompt, fields.prompt),
-            (PromptField::Input, fields.input),
+            (PromptField::Messages, messages),
+            (PromptField::Prompt, prompt),
+            (PromptField::Input, input),
         ]
         .into_iter()
-        .find_map(|(field, raw)| raw.map(|raw| (field, span_of(raw)))),
+        .find_map(|(field, span)| span.map(|span| (field, span))),
     })
+}
+
+/// The byte ranges of the values of `model`, `stream`, `stream_options`,
+/// `prompt`, `messages` and `input` (None when absent or, but for
+/// `stream_options`, null): found by one scan of the body, or by serde when
+/// the scan leaves the body to it (which also says what is wrong with it).
+fn routing_fields(text: &str) -> Result<[Option<Range<usize>>; 6], ApiError> {
+    const MEMBERS: [&[u8]; 6] = [
+        b"model",
+        b"stream",
+        b"stream_options",
+        b"prompt",
+        b"messages",
+        b"input",
+    ];
+    let mut spans = [const { None }; 6];
+    if top_level_members(text, &MEMBERS, &mut spans).is_ok() {
+        for (name, span) in MEMBERS.iter().zip(&mut spans) {
+            // As serde reads an optional member; `stream_options` keeps its
+            // null so an edit replaces it rather than adding a duplicate key.
+            if *name != b"stream_options"
+                && span
+                    .as_ref()
+                    .is_some_and(|span| &text[span.clone()] == "null")
+            {
+                *span = None;
+            }
+        }
+        return Ok(spans);
+    }
+    let fields: RoutingFields<'_> = serde_json::from_str(text).map_err(|error| {
+        ApiError::new(
+            ErrorKind::InvalidBody,
+            format!("request body is not valid JSON: {error}"),
+        )
+    })?;
+    let span_of = |raw: &RawValue| {
+        let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+        start..start + raw.get().len()
+    };
+    Ok([
+        fields.model,
+        fields.stream,
+        fields.stream_options,
+        fields.prompt,
+        fields.messages,
+        fields.input,
+    ]
+    .map(|raw| raw.map(span_of)))
 }
 
 /// One replacement of `range` in a body by `replacement`.
@@ -493,6 +535,49 @@ pub fn kv_transfer_params_of(answer: &[u8]) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The spans serde finds, or serde's error: what `routing_fields` gave
+    /// before the scan.
+    fn by_serde(text: &str) -> Result<[Option<Range<usize>>; 6], String> {
+        let fields: RoutingFields<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let span_of = |raw: &RawValue| {
+            let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+            start..start + raw.get().len()
+        };
+        Ok([
+            fields.model,
+            fields.stream,
+            fields.stream_options,
+            fields.prompt,
+            fields.messages,
+            fields.input,
+        ]
+        .map(|raw| raw.map(span_of)))
+    }
+
+    #[test]
+    fn the_scan_finds_what_serde_finds_and_bad_bodies_get_serdes_error() {
+        for text in [
+            r#"{"model":"m","messages":[{"role":"user","content":"hi \"x\" \u00e9"}],"stream":true}"#,
+            r#" { "model" : "m" , "prompt" : ["a","b"], "stream_options": null, "stream": null } "#,
+            r#"{"model":null,"input":"x","messages":null,"extra":{"deep":[[[1.5e-3,-0,true,false]]]}}"#,
+            r#"{"model":"m","model":"twice"}"#,
+            r#"{"m\u006fdel":"escaped key"}"#,
+            r#"{"model":"m","temperature":01}"#,
+            r#"{"model":"m","messages":[{"content":"tab	here"}]}"#,
+            r#"{"model":"m","messages":[}"#,
+            r#"{"model":"m",}"#,
+            r#"{"model":"m"} trailing"#,
+            r#"{"model":"m","x":"\q"}"#,
+            "{",
+            "",
+        ] {
+            let scanned = routing_fields(text).map_err(|error| error.message);
+            let expected =
+                by_serde(text).map_err(|error| format!("request body is not valid JSON: {error}"));
+            assert_eq!(scanned, expected, "{text}");
+        }
+    }
 
     #[test]
     fn reads_model_and_stream() {

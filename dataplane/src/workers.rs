@@ -12,7 +12,10 @@
 //! writer run on other threads: they are idle almost all the time and wake
 //! only for a snapshot, a scrape or a batch of log lines. The control thread
 //! opens and closes the Gateway listener ports as snapshots change and hands
-//! each worker its listeners (`listener_ports.rs`).
+//! each worker its listeners (`listener_ports.rs`). Those threads run below
+//! the workers' priority
+//! ([`per_worker::run_below_traffic_workers`]), so waking up never
+//! lets them pause a busy worker.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -138,6 +138,7 @@ where
     let spawned = std::thread::Builder::new()
         .name("controller-stream".to_owned())
         .spawn(move || {
+            crate::per_worker::run_below_traffic_workers();
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

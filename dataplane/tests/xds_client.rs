@@ -442,6 +442,28 @@ fn assert_route_config_version(client: &Client, version: &str) {
     );
 }
 
+fn assert_endpoint_loads_version(client: &Client, version: &str) {
+    assert_eq!(
+        client.status.endpoint_loads_version().as_deref(),
+        Some(version)
+    );
+}
+
+/// What a client applied after `rc-1` then `el-1`.
+const FIRST_SNAPSHOT: [(ResourceType, &str); 2] = [
+    (ResourceType::RouteConfig, "rc-1"),
+    (ResourceType::EndpointLoads, "el-1"),
+];
+
+/// The resources the client applied, in order: (type, version).
+fn assert_applied(client: &Client, expected: &[(ResourceType, &str)], why: &str) {
+    let expected: Vec<(ResourceType, String)> = expected
+        .iter()
+        .map(|(resource, version)| (*resource, (*version).to_owned()))
+        .collect();
+    assert_eq!(client.sink.applied(), expected, "{why}");
+}
+
 async fn wait_ready(status: &ControllerStatus) {
     tokio::time::timeout(DEADLINE, status.wait_ready())
         .await
@@ -471,18 +493,8 @@ async fn applies_first_snapshot_and_acks() {
     );
 
     stream.endpoint_loads_acked("el-1").await;
-    assert_eq!(
-        client.status.endpoint_loads_version().as_deref(),
-        Some("el-1")
-    );
-
-    assert_eq!(
-        client.sink.applied(),
-        vec![
-            (ResourceType::RouteConfig, "rc-1".to_owned()),
-            (ResourceType::EndpointLoads, "el-1".to_owned()),
-        ]
-    );
+    assert_endpoint_loads_version(&client, "el-1");
+    assert_applied(&client, &FIRST_SNAPSHOT, "in the order they came");
     let view = client.status.view();
     assert_eq!(view.connect_count, 1);
     assert_eq!(view.stream_failures, 0);
@@ -557,12 +569,13 @@ async fn nacks_invalid_snapshot_and_keeps_previous() {
 
     // A later valid version is still applied on the same stream.
     stream.route_config_acked("rc-2").await;
-    assert_eq!(
-        client.sink.applied(),
-        vec![
-            (ResourceType::RouteConfig, "rc-1".to_owned()),
-            (ResourceType::RouteConfig, "rc-2".to_owned()),
-        ]
+    assert_applied(
+        &client,
+        &[
+            (ResourceType::RouteConfig, "rc-1"),
+            (ResourceType::RouteConfig, "rc-2"),
+        ],
+        "in the order they came",
     );
 
     shut_down(client, stream, server).await;
@@ -665,17 +678,11 @@ async fn keeps_last_snapshot_when_controller_down() {
         "the last snapshot keeps the dataplane ready"
     );
     assert_route_config_version(&client, "rc-1");
-    assert_eq!(
-        client.status.endpoint_loads_version().as_deref(),
-        Some("el-1")
-    );
-    assert_eq!(
-        client.sink.applied(),
-        vec![
-            (ResourceType::RouteConfig, "rc-1".to_owned()),
-            (ResourceType::EndpointLoads, "el-1".to_owned()),
-        ],
-        "nothing is applied or cleared while the controller is down"
+    assert_endpoint_loads_version(&client, "el-1");
+    assert_applied(
+        &client,
+        &FIRST_SNAPSHOT,
+        "nothing is applied or cleared while the controller is down",
     );
 
     client.stop().await;

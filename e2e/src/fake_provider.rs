@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -29,6 +29,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+
+use crate::harness::read_request;
 
 /// Input tokens every fake answer reports (Anthropic: plus the cache's).
 pub const FAKE_INPUT_TOKENS: u64 = 12;
@@ -190,12 +192,7 @@ async fn answer(
     log: Arc<Mutex<Vec<Received>>>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|collected| collected.to_bytes())
-        .unwrap_or_default();
+    let (parts, body) = read_request(request).await;
     let body = String::from_utf8_lossy(&body).into_owned();
     let target = parts
         .uri

@@ -535,6 +535,35 @@ pub fn kthena_example(file: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// The config files of routes that each send one model to a plain vLLM
+/// ModelServer of their own: `(route, model, server)` for each.
+pub fn route_per_server_files(routes: &[(&str, &str, &str)]) -> [(&'static str, String); 2] {
+    let servers: Vec<String> = routes
+        .iter()
+        .map(|(_, _, server)| model_server_yaml(server, ""))
+        .collect();
+    let routes: Vec<String> = routes
+        .iter()
+        .map(|(route, model, server)| simple_route_yaml(route, model, server))
+        .collect();
+    [
+        ("servers.yaml", yaml_documents(&servers)),
+        ("routes.yaml", yaml_documents(&routes)),
+    ]
+}
+
+/// A request's head and its whole body (empty when reading it failed): what a
+/// test server records of each request.
+pub async fn read_request(request: Request<Incoming>) -> (http::request::Parts, Bytes) {
+    let (head, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    (head, body)
+}
+
 /// YAML documents in one file.
 pub fn yaml_documents(documents: &[String]) -> String {
     documents.join("---\n")
@@ -776,6 +805,24 @@ impl Stack {
                 .wait_ok(&format!("http://{}:{}/health", engine.ip, engine.port))
                 .await;
         }
+    }
+
+    /// `GET path` on the controller's debug listener (`/debug/objects`, `/debug/snapshot`).
+    pub async fn controller_debug_get(&self, path: &str) -> HttpResponse {
+        self.get_from(self.controller_debug, path).await
+    }
+
+    /// `GET path` on the controller's admin listener (`/metrics`, `/readyz`).
+    pub async fn controller_admin_get(&self, path: &str) -> HttpResponse {
+        self.get_from(self.controller_admin, path).await
+    }
+
+    async fn get_from(&self, listener: SocketAddr, path: &str) -> HttpResponse {
+        let url = format!("http://{listener}{path}");
+        self.http
+            .get(&url)
+            .await
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"))
     }
 
     /// POSTs a JSON `body` to dataplane 0.

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use parking_lot::Mutex;
 use switchyard_runtime::clock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::{
-    ENGINE_PORT, Stack, TestPod, WAIT_DEADLINE, model_server_yaml, simple_route_yaml,
+    ENGINE_PORT, Stack, TestPod, WAIT_DEADLINE, model_server_yaml, read_request, simple_route_yaml,
     yaml_documents,
 };
 
@@ -134,12 +134,7 @@ impl CaptureEngine {
                         move |request: Request<hyper::body::Incoming>| {
                             let log = log.clone();
                             async move {
-                                let (head, body) = request.into_parts();
-                                let body = body
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
+                                let (head, body) = read_request(request).await;
                                 log.lock().push(Captured {
                                     path: head.uri.path().to_owned(),
                                     headers: head.headers,
@@ -210,36 +205,20 @@ pub async fn exchange(addr: SocketAddr, bytes: &[u8], quiet: Duration) -> RawOut
 
 /// Reads from `stream` until it closes or stays silent for `quiet`.
 pub async fn read_outcome(stream: &mut TcpStream, quiet: Duration) -> RawOutcome {
-    read_until(stream, 64 * 1024, || clock::now() + quiet).await
+    read_until(stream, 64 * 1024, || clock::now() + quiet, |_| false).await
 }
 
 /// Reads until the server closes `stream` or `limit` passes.
 pub async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
     let deadline = clock::now() + limit;
-    read_until(stream, 16 * 1024, || deadline).await
+    read_until(stream, 16 * 1024, || deadline, |_| false).await
 }
 
 /// Reads one whole response with a `Content-Length` body (the connection
 /// stays open), or until the server closes `stream` or `limit` passes.
 pub async fn read_response(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
     let deadline = clock::now() + limit;
-    let mut received = Vec::new();
-    let mut buffer = vec![0u8; 16 * 1024];
-    let closed = loop {
-        if response_is_complete(&received) {
-            break false;
-        }
-        match clock::timeout_at(deadline, stream.read(&mut buffer)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
-            Err(_) => break false,
-        }
-    };
-    RawOutcome {
-        statuses: statuses(&received),
-        bytes: received,
-        closed,
-    }
+    read_until(stream, 16 * 1024, || deadline, response_is_complete).await
 }
 
 /// `bytes` hold a response head and as many body bytes as its `Content-Length`.
@@ -265,12 +244,7 @@ pub async fn open_idle_flood(
 ) -> (Vec<TcpStream>, Vec<TcpStream>) {
     let mut idle = Vec::with_capacity(answered);
     for _ in 0..answered {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream
-            .write_all(b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n")
-            .await
-            .expect("request");
-        idle.push(stream);
+        idle.push(connect_and_send(addr, b"GET /v1/models HTTP/1.1\r\nHost: router\r\n\r\n").await);
     }
     for stream in &mut idle {
         let outcome = read_response(stream, WAIT_DEADLINE).await;
@@ -282,6 +256,23 @@ pub async fn open_idle_flood(
         quiet.push(TcpStream::connect(addr).await.expect("connect"));
     }
     (idle, quiet)
+}
+
+/// Slowloris, first step: `count` connections that each sent a request line
+/// and nothing more.
+pub async fn open_slowloris(addr: SocketAddr, count: usize) -> Vec<TcpStream> {
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        streams.push(connect_and_send(addr, b"POST /v1/chat/completions HTTP/1.1\r\n").await);
+    }
+    streams
+}
+
+/// A connection to `addr` that has sent `bytes`.
+async fn connect_and_send(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("send");
+    stream
 }
 
 /// Slowloris: sends one more header byte on every open stream each `pace`
@@ -312,16 +303,20 @@ pub async fn trickle_until_closed(
     }
 }
 
-/// Reads until `stream` closes or a read finds nothing by the deadline
-/// `next_deadline` gives for it.
+/// Reads until `stream` closes, what was received is `complete`, or a read
+/// finds nothing by the deadline `next_deadline` gives for it.
 async fn read_until(
     stream: &mut TcpStream,
     buffer_len: usize,
     next_deadline: impl Fn() -> clock::Instant,
+    complete: impl Fn(&[u8]) -> bool,
 ) -> RawOutcome {
     let mut received = Vec::new();
     let mut buffer = vec![0u8; buffer_len];
     let closed = loop {
+        if complete(&received) {
+            break false;
+        }
         match clock::timeout_at(next_deadline(), stream.read(&mut buffer)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break true,
             Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),

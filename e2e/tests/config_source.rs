@@ -74,12 +74,7 @@ async fn a_controller_restarted_on_an_empty_directory_does_not_wipe_the_dataplan
     let objects_url = format!("http://{}/debug/objects", stack.controller_debug);
     let (_, objects) = get_json(&stack, &objects_url).await;
     assert_eq!(objects["source"]["state"], "holding");
-    let controller_metrics = stack
-        .http
-        .get(&format!("http://{}/metrics", stack.controller_admin))
-        .await
-        .expect("metrics")
-        .text();
+    let controller_metrics = stack.controller_admin_get("/metrics").await.text();
     assert!(
         controller_metrics.contains("switchyard_controller_source_held 1"),
         "{controller_metrics}"

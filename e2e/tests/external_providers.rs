@@ -137,8 +137,7 @@ async fn start_controller_over_tls(
 
 /// The controller's view of one provider: (Ready reason, CredentialsResolved reason).
 async fn provider_reasons(stack: &Stack, name: &str) -> (String, String) {
-    let url = format!("http://{}/debug/objects", stack.controller_debug);
-    let objects = stack.http.get(&url).await.expect("objects").json();
+    let objects = stack.controller_debug_get("/debug/objects").await.json();
     let report = objects["providers"]
         .as_array()
         .expect("provider reports")
@@ -423,8 +422,7 @@ async fn without_tls_on_the_stream_no_credential_is_shipped() {
         provider_reasons(&stack, "openai").await,
         ("InsecureSnapshotStream".into(), "CredentialResolved".into())
     );
-    let url = format!("http://{}/debug/snapshot", stack.controller_debug);
-    let snapshot = stack.http.get(&url).await.expect("snapshot").json();
+    let snapshot = stack.controller_debug_get("/debug/snapshot").await.json();
     assert_eq!(
         snapshot["route_config"]["external_providers"],
         serde_json::json!([]),

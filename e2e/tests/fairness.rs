@@ -138,15 +138,18 @@ async fn light_user_keeps_its_wait_next_to_a_heavy_user(dataplanes: usize) {
     let _logs = sim.stack.logs_on_failure();
     let never = AtomicBool::new(false);
     let light_served = AtomicU64::new(0);
-    run_user(
-        &sim,
-        "light",
-        LIGHT_LOOPS,
-        Some(LIGHT_REQUESTS_PER_LOOP),
-        &never,
-        &light_served,
-    )
-    .await;
+    // The light user's whole run; it never needs stopping.
+    let light = || {
+        run_user(
+            &sim,
+            "light",
+            LIGHT_LOOPS,
+            Some(LIGHT_REQUESTS_PER_LOOP),
+            &never,
+            &light_served,
+        )
+    };
+    light().await;
     let alone = wait_for("the light user's access log lines", || async {
         let waits = queue_waits(&sim, "light");
         (waits.len() == LIGHT_LOOPS * LIGHT_REQUESTS_PER_LOOP).then_some(waits)
@@ -166,15 +169,7 @@ async fn light_user_keeps_its_wait_next_to_a_heavy_user(dataplanes: usize) {
             (running >= capacity).then_some(())
         })
         .await;
-        run_user(
-            &sim,
-            "light",
-            LIGHT_LOOPS,
-            Some(LIGHT_REQUESTS_PER_LOOP),
-            &never,
-            &light_served,
-        )
-        .await;
+        light().await;
         stop.store(true, Ordering::Relaxed);
     };
     tokio::join!(heavy, light_and_watch);

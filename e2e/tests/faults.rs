@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::StatusCode;
 use switchyard_e2e::harness::{WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
-    HostileStack, accepted_on, exchange, h2, open_idle_flood, post, read_outcome,
+    HostileStack, accepted_on, exchange, h2, open_idle_flood, open_slowloris, post, read_outcome,
     read_until_closed, report_figure, rss_kib, rss_settled, trickle_until_closed, with_header_line,
 };
 use switchyard_runtime::clock;
@@ -254,17 +254,7 @@ async fn a_slow_large_body_is_cut_at_the_minimum_rate() {
 #[ignore = "slow: make test-faults"]
 async fn slowloris_headers_are_cut_at_the_idle_timeout() {
     let hostile = Probed::start(&["--idle-timeout", "5s"]).await;
-    let mut streams = Vec::new();
-    for _ in 0..500 {
-        let mut stream = TcpStream::connect(hostile.traffic())
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
-            .await
-            .expect("request line");
-        streams.push(stream);
-    }
+    let mut streams = open_slowloris(hostile.traffic(), 500).await;
     let started = clock::now();
     let mut peak = hostile.rss();
     let open = trickle_until_closed(

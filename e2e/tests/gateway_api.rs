@@ -159,12 +159,7 @@ async fn gateways_listeners_http_routes_and_inference_pools_in_local_mode() {
     let dataplane_debug = stack.dataplanes[dataplane].debug;
 
     // The controller accepted every example as published.
-    let objects = stack
-        .http
-        .get(&format!("http://{}/debug/objects", stack.controller_debug))
-        .await
-        .expect("controller answers")
-        .json();
+    let objects = stack.controller_debug_get("/debug/objects").await.json();
     let gateway_api = &objects["gateway_api"];
     let accepted = |kind: &str, name: &str| {
         gateway_api[kind]

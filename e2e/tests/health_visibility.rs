@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 
 use http::StatusCode;
 use serde_json::Value;
-use switchyard_e2e::harness::{
-    ENGINE_PORT, Stack, TestPod, model_server_yaml, simple_route_yaml, wait_for, yaml_documents,
-};
+use switchyard_e2e::harness::{ENGINE_PORT, Stack, TestPod, route_per_server_files, wait_for};
 
 const OBS_REQUESTS: usize = 4;
 /// The default scheduler's score plugins, as the `algorithm` label names them.
@@ -45,24 +43,11 @@ fn named<'a>(list: &'a Value, key: &str, value: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_server_and_load_balancing_health_show_real_values() {
-    let mut stack = Stack::new(&[
-        (
-            "servers.yaml",
-            yaml_documents(&[
-                model_server_yaml("obs-server", ""),
-                model_server_yaml("busy-server", ""),
-                model_server_yaml("dead", ""),
-            ]),
-        ),
-        (
-            "routes.yaml",
-            yaml_documents(&[
-                simple_route_yaml("obs-route", "obs-model", "obs-server"),
-                simple_route_yaml("busy-route", "busy-model", "busy-server"),
-                simple_route_yaml("dead-route", "dead-model", "dead"),
-            ]),
-        ),
-    ]);
+    let mut stack = Stack::new(&route_per_server_files(&[
+        ("obs-route", "obs-model", "obs-server"),
+        ("busy-route", "busy-model", "busy-server"),
+        ("dead-route", "dead-model", "dead"),
+    ]));
     // One sequence at a time, each streaming for a minute: a second request waits.
     let busy: &[&str] = &[
         "--mode",

@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::StatusCode;
 use switchyard_e2e::harness::{ENGINE_PORT, WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
-    HostileStack, RawOutcome, accepted_on, exchange, h2, open_fds, open_idle_flood, post,
-    read_outcome, read_until_closed, report_figure, rss_after, rss_kib, trickle_until_closed,
+    HostileStack, RawOutcome, accepted_on, exchange, h2, open_fds, open_idle_flood, open_slowloris,
+    post, read_outcome, read_until_closed, report_figure, rss_after, rss_kib, trickle_until_closed,
     with_header_line,
 };
 use switchyard_runtime::clock;
@@ -590,17 +590,7 @@ async fn an_idle_connection_flood_is_held_then_closed_at_the_idle_timeout() {
 async fn slowloris_headers_are_cut_at_the_idle_timeout() {
     let hostile = HostileStack::start(&["--idle-timeout", "1s"]).await;
     let before = rss_kib(hostile.pid());
-    let mut streams = Vec::new();
-    for _ in 0..20 {
-        let mut stream = TcpStream::connect(hostile.traffic())
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\n")
-            .await
-            .expect("request line");
-        streams.push(stream);
-    }
+    let mut streams = open_slowloris(hostile.traffic(), 20).await;
     let open = trickle_until_closed(
         &mut streams,
         Duration::from_millis(200),

@@ -419,3 +419,50 @@ async fn dataplane_started_before_controller_becomes_ready_when_it_comes_up() {
     assert_eq!(status, StatusCode::OK);
     assert!(pod.starts_with("deepseek-r1-1-5b-"), "{pod}");
 }
+
+/// Each thread of process `pid`: (name, nice value), from `/proc`.
+fn thread_nice_values(pid: u32) -> Vec<(String, i32)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            let (head, tail) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_owned();
+            // Fields after the name start at the third (state); nice is the 19th.
+            let nice = tail.split_whitespace().nth(19 - 3)?.parse().ok()?;
+            Some((name, nice))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_workers_keep_the_process_priority_and_other_threads_run_below_it() {
+    let mut stack = Stack::new(&[]);
+    let index = stack.spawn_dataplane_with(&["--workers", "2"]);
+    let pid = stack.dataplanes[index].process.pid().expect("running");
+    // The dataplane starts at the nice value this test runs at.
+    let base = thread_nice_values(std::process::id())
+        .first()
+        .map(|(_, nice)| *nice)
+        .expect("own nice value");
+    let lowered = (base + 10).min(19);
+    let threads = wait_for("the dataplane's threads to take their priorities", || {
+        let threads = thread_nice_values(pid);
+        let nice_of = |name: &str| threads.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        // The main thread (the control thread) lowers itself once both workers run.
+        let settled = nice_of("switchyard-data") == Some(lowered)
+            && nice_of("access-log") == Some(lowered)
+            && nice_of("controller-stre") == Some(lowered)
+            && nice_of("traffic-1").is_some();
+        async move { settled.then_some(threads) }
+    })
+    .await;
+    let workers: Vec<i32> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("traffic-"))
+        .map(|(_, nice)| *nice)
+        .collect();
+    assert_eq!(workers, [base, base], "{threads:?}");
+}

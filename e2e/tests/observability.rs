@@ -20,7 +20,7 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use switchyard_e2e::harness::{
     ENGINE_PORT, HttpClient, HttpResponse, LogsOnFailure, Stack, TestPod, model_server_yaml,
-    simple_route_yaml, wait_for, yaml_documents,
+    route_per_server_files, simple_route_yaml, wait_for,
 };
 use tokio::sync::OnceCell;
 
@@ -168,21 +168,12 @@ const DATAPLANE_0_ENDING_REQUESTS: [(&str, &str, &str, StatusCode); 4] = [
 /// The request to dataplane 0 whose client leaves in the middle of the stream.
 const ABANDONED_REQUEST: &str = "obs-req-gone";
 
-fn servers_yaml() -> String {
-    yaml_documents(&[
-        model_server_yaml("obs-server", ""),
-        model_server_yaml("dead", ""),
-        model_server_yaml("slow-server", ""),
-    ])
-}
-
-fn routes_yaml() -> String {
-    yaml_documents(&[
-        simple_route_yaml("obs-route", "obs-model", "obs-server"),
-        simple_route_yaml("dead-route", "dead-model", "dead"),
-        simple_route_yaml("slow-route", "slow-model", "slow-server"),
-    ])
-}
+/// Every route of the shared stack, each with a server of its own.
+const ROUTES: [(&str, &str, &str); 3] = [
+    ("obs-route", "obs-model", "obs-server"),
+    ("dead-route", "dead-model", "dead"),
+    ("slow-route", "slow-model", "slow-server"),
+];
 
 /// A sample's name, some of its labels, and the value it must have.
 type ExpectedSample<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
@@ -440,10 +431,7 @@ impl Observed {
     /// 1 with a text access log to a file, configured by the file's
     /// accessLogger block, and JSON application logs. Then the traffic.
     async fn start() -> Self {
-        let mut stack = Stack::new(&[
-            ("servers.yaml", servers_yaml()),
-            ("routes.yaml", routes_yaml()),
-        ]);
+        let mut stack = Stack::new(&route_per_server_files(&ROUTES));
         stack.remove_at_exit();
         let output_tokens = OUTPUT_TOKENS.to_string();
         let fast: &[&str] = &["--output-tokens", &output_tokens, "--itl-ms", "5"];
@@ -1366,22 +1354,10 @@ fn check_rules(existing: &BTreeSet<String>) {
 /// On a stack of its own, as it changes the configuration the others observe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn series_of_a_route_and_server_that_leave_the_snapshot_are_removed() {
-    let mut stack = Stack::new(&[
-        (
-            "servers.yaml",
-            yaml_documents(&[
-                model_server_yaml("obs-server", ""),
-                model_server_yaml("dead", ""),
-            ]),
-        ),
-        (
-            "routes.yaml",
-            yaml_documents(&[
-                simple_route_yaml("obs-route", "obs-model", "obs-server"),
-                simple_route_yaml("dead-route", "dead-model", "dead"),
-            ]),
-        ),
-    ]);
+    let mut stack = Stack::new(&route_per_server_files(&[
+        ("obs-route", "obs-model", "obs-server"),
+        ("dead-route", "dead-model", "dead"),
+    ]));
     let pods = [
         TestPod::serving("obs-0", 11, "obs-server", "obs-model", &[]),
         TestPod::without_engine("dead-0", 13, "dead"),

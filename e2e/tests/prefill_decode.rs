@@ -130,9 +130,17 @@ async fn debug(stack: &Stack, path: &str) -> HttpResponse {
     stack.http.get(&url).await.expect("the debug port answers")
 }
 
+/// The string `field` of each element of the JSON array `list`.
+fn strings_at<'a>(list: &'a Value, field: &str) -> BTreeSet<&'a str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"))
+        .iter()
+        .filter_map(|element| element[field].as_str())
+        .collect()
+}
+
 async fn objects(stack: &Stack) -> Value {
-    let url = format!("http://{}/debug/objects", stack.controller_debug);
-    stack.http.get(&url).await.expect("objects").json()
+    stack.controller_debug_get("/debug/objects").await.json()
 }
 
 fn server_report<'a>(objects: &'a Value, name: &str) -> &'a Value {
@@ -357,12 +365,7 @@ async fn kthena_pd_examples_work_as_published() {
         2
     );
     let groups = debug(&stack, "/debug/pd-groups").await.json();
-    let servers: BTreeSet<&str> = groups["modelServers"]
-        .as_array()
-        .expect("servers")
-        .iter()
-        .filter_map(|server| server["modelServer"].as_str())
-        .collect();
+    let servers = strings_at(&groups["modelServers"], "modelServer");
     assert_eq!(
         servers,
         BTreeSet::from([
@@ -566,12 +569,7 @@ async fn mooncake_lmcache_and_sglang_shape_their_legs() {
     assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.header("x-mock-pod"), Some("sg-d"));
     let connectors = debug(&stack, "/debug/kv-cache/connectors").await.json();
-    let types: BTreeSet<&str> = connectors["connectors"]
-        .as_array()
-        .expect("connectors")
-        .iter()
-        .filter_map(|c| c["type"].as_str())
-        .collect();
+    let types = strings_at(&connectors["connectors"], "type");
     assert_eq!(types, BTreeSet::from(["lmcache", "mooncake", "sglang"]));
 }
 

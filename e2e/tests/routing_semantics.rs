@@ -153,12 +153,7 @@ async fn rules_routes_and_matches() {
         "{}",
         response.text()
     );
-    let objects = stack
-        .http
-        .get(&format!("http://{}/debug/objects", stack.controller_debug))
-        .await
-        .expect("objects")
-        .text();
+    let objects = stack.controller_debug_get("/debug/objects").await.text();
     assert!(objects.contains("InvalidRegex"), "{objects}");
 }
 

@@ -4,12 +4,14 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use prost::Message;
+use serde_json::value::RawValue;
 use switchyard_controller::compile::gateway_api::DEFAULT_CONTROLLER_NAME;
 use switchyard_controller::compile::{CompileInput, GatewayApiConfig, ObjectSet, compile};
 use switchyard_controller::local::parse_documents;
 use switchyard_controller::outlier::ReportedEjections;
 use switchyard_controller::router_config::RouterConfig;
 use switchyard_controller::scrape::{prometheus_text, sglang, vllm};
+use switchyard_dataplane::json_members::top_level_members;
 use switchyard_dataplane::request::{MAX_MODEL_BYTES, apply_edits, parse_body};
 use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::snapshot::SnapshotStore;
@@ -21,6 +23,7 @@ use crate::Harness;
 pub fn all() -> Vec<Harness> {
     vec![
         request_body(),
+        json_members(),
         response_observer(),
         prometheus(),
         local_objects(),
@@ -75,6 +78,49 @@ fn check_request_body(input: &[u8]) {
         reparsed.model, parsed.model,
         "the edit leaves the model alone"
     );
+}
+
+/// The JSON member scan that request bodies are read with: whatever it
+/// accepts, serde_json accepts too, and the byte ranges it gives are exactly
+/// the values serde_json finds there (what it refuses is read by serde_json
+/// itself, so the answers never differ).
+pub fn json_members() -> Harness {
+    Harness {
+        name: "json-members",
+        seeds: vec![
+            include_bytes!("../../testdata/vllm/chat_completion.request.json").to_vec(),
+            include_bytes!("../../testdata/vllm/chat_completion.response.json").to_vec(),
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a\"b"}]}],"usage":null}"#.to_vec(),
+            br#"[{"role":"system","content":"x\u00e9\n"},{"content":null,"role":"user"}]"#.to_vec(),
+            br#" {"choices" : [ ], "usage":{"prompt_tokens":1,"total_tokens":-2.5e+3},"n":[true,false,null,{}]} "#.to_vec(),
+        ],
+        dictionary: vec![
+            b"\"model\":", b"\"messages\":", b"\"usage\":", b"\"choices\":", b"\"role\":", b"\"content\":",
+            b"\\u0000", b"\\ud800", b"\\u12", b"\\\"", b"\\", b"\x1f", b"01", b"-", b"1e999", b".5", b"null",
+            b"tru", b"[[[[", b"]]]]", b"{", b"}", b"[", b"]", b",", b":", b"\"", b" ", b"\xc3\xa9",
+        ],
+        check: check_json_members,
+    }
+}
+
+fn check_json_members(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    const KEYS: [&[u8]; 5] = [b"model", b"messages", b"usage", b"choices", b"role"];
+    let mut spans = [const { None }; 5];
+    if top_level_members(text, &KEYS, &mut spans).is_ok() {
+        let members: BTreeMap<String, &RawValue> =
+            serde_json::from_str(text).expect("serde_json reads what the scan accepted");
+        for (key, span) in KEYS.iter().zip(&spans) {
+            let key = String::from_utf8_lossy(key);
+            assert_eq!(
+                span.clone().map(|span| &text[span]),
+                members.get(key.as_ref()).map(|value| value.get()),
+                "member {key}"
+            );
+        }
+    }
 }
 
 /// The response observer: output does not depend on how the body is cut

@@ -149,6 +149,16 @@ pub fn compile_route_config(
     servers: &[ModelServer],
     pods: &[Pod],
 ) -> CompiledRoutes {
+    compile_with_providers(routes, servers, pods, &CompiledProviders::default())
+}
+
+/// [`compile_route_config`] with ExternalModelProviders routes may target.
+pub(crate) fn compile_with_providers(
+    routes: &[ModelRoute],
+    servers: &[ModelServer],
+    pods: &[Pod],
+    providers: &CompiledProviders,
+) -> CompiledRoutes {
     compile_objects(
         Objects {
             routes,
@@ -157,7 +167,7 @@ pub fn compile_route_config(
             ..Objects::default()
         },
         &GatewayApiConfig::disabled(),
-        &CompiledProviders::default(),
+        providers,
     )
 }
 
@@ -184,11 +194,8 @@ pub fn compile_objects(
     let mut compiled_servers: BTreeMap<(&str, &str), servers::CompiledServer> = BTreeMap::new();
     let mut present_servers: BTreeSet<(&str, &str)> = BTreeSet::new();
     for server in servers {
-        let key = (
-            namespace_of(&server.metadata),
-            server.metadata.name.as_deref().unwrap_or_default(),
-        );
-        if !key.1.is_empty() && !present_servers.insert(key) {
+        let key = key_of(&server.metadata);
+        if !first_of_its_name(&mut present_servers, key) {
             reports.push(duplicate_report(
                 ObjectKind::ModelServer,
                 key,
@@ -217,11 +224,8 @@ pub fn compile_objects(
     let mut seen_routes: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut compiled_routes = Vec::with_capacity(routes.len());
     for route in routes {
-        let key = (
-            namespace_of(&route.metadata),
-            route.metadata.name.as_deref().unwrap_or_default(),
-        );
-        if !key.1.is_empty() && !seen_routes.insert(key) {
+        let key = key_of(&route.metadata);
+        if !first_of_its_name(&mut seen_routes, key) {
             reports.push(duplicate_report(
                 ObjectKind::ModelRoute,
                 key,
@@ -422,6 +426,38 @@ fn duplicate_report(
 /// `metadata.namespace`, or `default` when unset.
 pub fn namespace_of(metadata: &ObjectMeta) -> &str {
     non_empty(metadata.namespace.as_deref()).unwrap_or(DEFAULT_NAMESPACE)
+}
+
+/// `(namespace, name)`: what identifies an object of one kind.
+pub(crate) fn key_of(metadata: &ObjectMeta) -> (&str, &str) {
+    (
+        namespace_of(metadata),
+        metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
+/// Records `key` in `seen`; false when an object of that namespace and name
+/// came earlier in the input, so this one is reported as a duplicate. An
+/// unnamed object is never a duplicate: its own validation rejects it.
+pub(crate) fn first_of_its_name<'a>(
+    seen: &mut BTreeSet<(&'a str, &'a str)>,
+    key: (&'a str, &'a str),
+) -> bool {
+    key.1.is_empty() || seen.insert(key)
+}
+
+/// The namespace and name of an object about to be validated, and the
+/// problems its validation starts with: `unnamed` when it has no name.
+pub(crate) fn start_validation(
+    metadata: &ObjectMeta,
+    unnamed: Reason,
+) -> (&str, &str, Vec<report::Problem>) {
+    let (namespace, name) = key_of(metadata);
+    let mut problems = Vec::new();
+    if name.is_empty() {
+        problems.push(report::Problem::new(unnamed, "metadata.name: must be set"));
+    }
+    (namespace, name, problems)
 }
 
 pub(crate) fn non_empty(value: Option<&str>) -> Option<&str> {

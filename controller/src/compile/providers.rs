@@ -19,7 +19,7 @@ use switchyard_crd::{
 use switchyard_snapshot::pb;
 
 use super::report::{ConditionReport, Problem, Reason};
-use super::{namespace_of, non_empty};
+use super::{first_of_its_name, key_of, non_empty, start_validation};
 use crate::auth::strip_secret;
 
 /// Static headers a provider may not set: the credential's headers, the
@@ -153,9 +153,8 @@ pub fn compile_providers(
     let mut compiled = CompiledProviders::default();
     let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
     for provider in providers {
-        let namespace = namespace_of(&provider.metadata);
-        let name = provider.metadata.name.as_deref().unwrap_or_default();
-        if !name.is_empty() && !seen.insert((namespace, name)) {
+        let (namespace, name) = key_of(&provider.metadata);
+        if !first_of_its_name(&mut seen, (namespace, name)) {
             let message = format!(
                 "another ExternalModelProvider {namespace}/{name} came earlier in the input (local files are read in file-name order); this one is ignored"
             );
@@ -195,17 +194,9 @@ fn compile_provider(
     secrets: &[CredentialSecret],
     ship_credentials: bool,
 ) -> (Option<pb::ExternalProvider>, ProviderReport) {
-    let namespace = namespace_of(&provider.metadata);
-    let name = provider.metadata.name.as_deref().unwrap_or_default();
+    let (namespace, name, mut invalid) =
+        start_validation(&provider.metadata, Reason::ConfigurationInvalid);
     let spec = &provider.spec;
-
-    let mut invalid = Vec::new();
-    if name.is_empty() {
-        invalid.push(Problem::new(
-            Reason::ConfigurationInvalid,
-            "metadata.name: must be set",
-        ));
-    }
     if let Err(error) = validate_base_url(&spec.base_url) {
         invalid.push(Problem::new(
             Reason::ConfigurationInvalid,

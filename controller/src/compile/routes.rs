@@ -8,7 +8,7 @@ use switchyard_snapshot::{object_key, pb};
 use super::gateway_api::{Attachment, ListenerIndex, ListenerKey, RouteKind, listener_refs};
 use super::providers::CompiledProviders;
 use super::report::{ConditionReport, IgnoredField, ObjectKind, ObjectReport, Problem, Reason};
-use super::{namespace_of, non_empty};
+use super::{non_empty, start_validation};
 use crate::rate_limit::compile_rate_limit;
 
 /// Largest weight a target may carry, as in Kthena's API.
@@ -31,17 +31,8 @@ pub(crate) fn compile_route(
     servers: &KnownServers<'_>,
     listeners: Option<&ListenerIndex>,
 ) -> (Option<pb::ModelRoute>, ObjectReport) {
-    let namespace = namespace_of(&route.metadata);
-    let name = route.metadata.name.as_deref().unwrap_or_default();
+    let (namespace, name, mut invalid) = start_validation(&route.metadata, Reason::InvalidName);
     let spec = &route.spec;
-
-    let mut invalid = Vec::new();
-    if name.is_empty() {
-        invalid.push(Problem::new(
-            Reason::InvalidName,
-            "metadata.name: must be set",
-        ));
-    }
     let model_name = spec.model_name.as_deref().unwrap_or_default();
     if model_name.is_empty() && spec.lora_adapters.is_empty() {
         invalid.push(Problem::new(

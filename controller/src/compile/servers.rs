@@ -11,7 +11,7 @@ use switchyard_snapshot::{object_key, pb};
 use super::pod_index::{PodIndex, format_labels};
 use super::prefill_decode::{self, ReadyPod};
 use super::report::{ConditionReport, ObjectKind, ObjectReport, Problem, Reason};
-use super::{namespace_of, non_empty};
+use super::{non_empty, start_validation};
 use crate::scrape::ScrapeTarget;
 
 /// Retry interval when `trafficPolicy.retry` is set without `retryInterval`
@@ -32,17 +32,8 @@ pub(crate) fn compile_server(
     server: &ModelServer,
     pods: &PodIndex<'_>,
 ) -> (Option<CompiledServer>, ObjectReport) {
-    let namespace = namespace_of(&server.metadata);
-    let name = server.metadata.name.as_deref().unwrap_or_default();
+    let (namespace, name, mut problems) = start_validation(&server.metadata, Reason::InvalidName);
     let spec = &server.spec;
-    let mut problems = Vec::new();
-
-    if name.is_empty() {
-        problems.push(Problem::new(
-            Reason::InvalidName,
-            "metadata.name: must be set",
-        ));
-    }
     let port = u16::try_from(spec.workload_port.port)
         .ok()
         .filter(|port| *port != 0);

@@ -76,26 +76,6 @@ fn target(server: &str, weight: u32) -> pb::WeightedTarget {
     }
 }
 
-/// [`compile_objects`] of routes, servers and pods with `providers`, Gateway
-/// API mode off.
-fn compile_with_providers(
-    routes: &[ModelRoute],
-    servers: &[ModelServer],
-    pods: &[Pod],
-    providers: &CompiledProviders,
-) -> CompiledRoutes {
-    super::compile_objects(
-        Objects {
-            routes,
-            servers,
-            pods,
-            ..Objects::default()
-        },
-        &GatewayApiConfig::disabled(),
-        providers,
-    )
-}
-
 fn compile_objects(routes: &[ModelRoute], servers: &[ModelServer], pods: &[Pod]) -> CompiledRoutes {
     compile_route_config(routes, servers, pods)
 }

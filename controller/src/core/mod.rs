@@ -32,7 +32,7 @@ use crate::cli::Args;
 use crate::compile::{Compiled, GatewayApiConfig, ObjectSet};
 use crate::error::ControllerError;
 use crate::fleet_fairness::FairnessBoard;
-use crate::metrics::ControllerMetrics;
+use crate::metrics::{ControllerMetrics, registered};
 use crate::outlier::EjectionBoard;
 use crate::router_config::{RouterConfig, watch_router_config};
 use crate::scrape::{PodLoads, ScrapeConfig, Scraper};
@@ -363,8 +363,7 @@ fn register_compile_duration(registry: &Registry) -> Result<HistogramVec, promet
         .buckets(prometheus::exponential_buckets(0.000_1, 4.0, 8)?),
         &["type"],
     )?;
-    registry.register(Box::new(histogram.clone()))?;
-    Ok(histogram)
+    registered(registry, histogram)
 }
 
 #[cfg(test)]

@@ -249,49 +249,35 @@ impl Caches {
 
     /// Whether every cache has completed its initial list.
     pub fn is_synced(&self) -> bool {
-        self.routes.iter().all(Cache::is_synced)
-            && self.servers.iter().all(Cache::is_synced)
-            && self.pods.iter().all(Cache::is_synced)
-            && self.gateway_classes.iter().all(Cache::is_synced)
-            && self.gateways.iter().all(Cache::is_synced)
-            && self.http_routes.iter().all(Cache::is_synced)
-            && self.inference_pools.iter().all(Cache::is_synced)
-            && self.secrets.iter().all(Cache::is_synced)
-            && self.providers.iter().all(Cache::is_synced)
-            && self.credential_secrets.iter().all(Cache::is_synced)
+        self.synced_flags().iter().all(|synced| *synced.borrow())
     }
 
     pub async fn wait_synced(&mut self) {
-        for cache in &mut self.routes {
-            cache.wait_synced().await;
+        let flags: Vec<watch::Receiver<bool>> = self.synced_flags().into_iter().cloned().collect();
+        for mut synced in flags {
+            // A dropped sender means the reflector task ended; the caller's task supervision reports it.
+            let _ = synced.wait_for(|synced| *synced).await;
         }
-        for cache in &mut self.servers {
-            cache.wait_synced().await;
+    }
+
+    /// The "initial list done" flag of every cache of every kind.
+    fn synced_flags(&self) -> Vec<&watch::Receiver<bool>> {
+        fn of<K: Resource<DynamicType = ()>>(
+            caches: &[Cache<K>],
+        ) -> impl Iterator<Item = &watch::Receiver<bool>> {
+            caches.iter().map(|cache| &cache.synced)
         }
-        for cache in &mut self.pods {
-            cache.wait_synced().await;
-        }
-        for cache in &mut self.gateway_classes {
-            cache.wait_synced().await;
-        }
-        for cache in &mut self.gateways {
-            cache.wait_synced().await;
-        }
-        for cache in &mut self.http_routes {
-            cache.wait_synced().await;
-        }
-        for cache in &mut self.inference_pools {
-            cache.wait_synced().await;
-        }
-        for cache in &mut self.secrets {
-            cache.wait_synced().await;
-        }
-        for cache in &mut self.providers {
-            cache.wait_synced().await;
-        }
-        for cache in &mut self.credential_secrets {
-            cache.wait_synced().await;
-        }
+        of(&self.routes)
+            .chain(of(&self.servers))
+            .chain(of(&self.pods))
+            .chain(of(&self.gateway_classes))
+            .chain(of(&self.gateways))
+            .chain(of(&self.http_routes))
+            .chain(of(&self.inference_pools))
+            .chain(of(&self.secrets))
+            .chain(of(&self.providers))
+            .chain(of(&self.credential_secrets))
+            .collect()
     }
 }
 

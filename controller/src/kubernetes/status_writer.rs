@@ -9,6 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use switchyard_crd::gateway_api::GatewayStatusAddress;
 use switchyard_crd::{
@@ -320,46 +321,32 @@ impl StatusWriter {
     }
 
     async fn apply(&self, update: &StatusUpdate) -> Result<(), kube::Error> {
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        let patch = Patch::Apply(&update.patch);
+        let client = self.client.clone();
+        let namespace = update.namespace.as_str();
         match update.kind {
             ObjectKind::ModelRoute => {
-                Api::<ModelRoute>::namespaced(self.client.clone(), &update.namespace)
-                    .patch_status(&update.name, &params, &patch)
-                    .await?;
+                patch_status(Api::<ModelRoute>::namespaced(client, namespace), update).await
             }
             ObjectKind::ModelServer => {
-                Api::<ModelServer>::namespaced(self.client.clone(), &update.namespace)
-                    .patch_status(&update.name, &params, &patch)
-                    .await?;
+                patch_status(Api::<ModelServer>::namespaced(client, namespace), update).await
             }
             ObjectKind::ExternalModelProvider => {
-                Api::<ExternalModelProvider>::namespaced(self.client.clone(), &update.namespace)
-                    .patch_status(&update.name, &params, &patch)
-                    .await?;
+                let api = Api::<ExternalModelProvider>::namespaced(client, namespace);
+                patch_status(api, update).await
             }
             ObjectKind::GatewayClass => {
-                Api::<GatewayClass>::all(self.client.clone())
-                    .patch_status(&update.name, &params, &patch)
-                    .await?;
+                patch_status(Api::<GatewayClass>::all(client), update).await
             }
             ObjectKind::Gateway => {
-                Api::<Gateway>::namespaced(self.client.clone(), &update.namespace)
-                    .patch_status(&update.name, &params, &patch)
-                    .await?;
+                patch_status(Api::<Gateway>::namespaced(client, namespace), update).await
             }
             ObjectKind::HTTPRoute => {
-                Api::<HTTPRoute>::namespaced(self.client.clone(), &update.namespace)
-                    .patch_status(&update.name, &params, &patch)
-                    .await?;
+                patch_status(Api::<HTTPRoute>::namespaced(client, namespace), update).await
             }
             ObjectKind::InferencePool => {
-                Api::<InferencePool>::namespaced(self.client.clone(), &update.namespace)
-                    .patch_status(&update.name, &params, &patch)
-                    .await?;
+                patch_status(Api::<InferencePool>::namespaced(client, namespace), update).await
             }
         }
-        Ok(())
     }
 
     async fn publish(&self, event: &WarningEvent, uid: Option<String>) -> Result<(), kube::Error> {
@@ -384,6 +371,18 @@ impl StatusWriter {
             )
             .await
     }
+}
+
+/// Applies `update`'s status through `api`: server-side apply, forced, as the
+/// status is ours to write.
+async fn patch_status<K>(api: Api<K>, update: &StatusUpdate) -> Result<(), kube::Error>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&update.name, &params, &Patch::Apply(&update.patch))
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

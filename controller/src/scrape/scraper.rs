@@ -53,6 +53,8 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
+use crate::metrics::registered;
+
 use super::{
     EngineSample, HistogramTotals, PodKey, PodLoad, ScrapeTarget, interval_mean, parse_engine_page,
 };
@@ -268,40 +270,48 @@ struct ScrapeMetrics {
 
 impl ScrapeMetrics {
     fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "switchyard_controller_scrape_duration_seconds",
-                "Duration of engine /metrics scrapes, failed ones included.",
-            ),
-            &["engine"],
+        let duration = registered(
+            registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "switchyard_controller_scrape_duration_seconds",
+                    "Duration of engine /metrics scrapes, failed ones included.",
+                ),
+                &["engine"],
+            )?,
         )?;
-        let errors = IntCounterVec::new(
-            Opts::new(
-                "switchyard_controller_scrape_errors_total",
-                "Failed engine /metrics and /v1/models requests, by pod and reason.",
-            ),
-            &["pod", "reason"],
+        let errors = registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "switchyard_controller_scrape_errors_total",
+                    "Failed engine /metrics and /v1/models requests, by pod and reason.",
+                ),
+                &["pod", "reason"],
+            )?,
         )?;
         // Per pod a gauge, not a histogram: one series per pod stays cheap
         // with thousands of pods; the histogram above has the distribution.
-        let last_duration = GaugeVec::new(
-            Opts::new(
-                "switchyard_controller_scrape_last_duration_seconds",
-                "Duration of the pod's latest /metrics scrape, failed ones included.",
-            ),
-            &["pod"],
+        let last_duration = registered(
+            registry,
+            GaugeVec::new(
+                Opts::new(
+                    "switchyard_controller_scrape_last_duration_seconds",
+                    "Duration of the pod's latest /metrics scrape, failed ones included.",
+                ),
+                &["pod"],
+            )?,
         )?;
-        let age = GaugeVec::new(
-            Opts::new(
-                "switchyard_controller_scrape_age_seconds",
-                "Seconds since the pod's last successful /metrics scrape.",
-            ),
-            &["pod"],
+        let age = registered(
+            registry,
+            GaugeVec::new(
+                Opts::new(
+                    "switchyard_controller_scrape_age_seconds",
+                    "Seconds since the pod's last successful /metrics scrape.",
+                ),
+                &["pod"],
+            )?,
         )?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(last_duration.clone()))?;
-        registry.register(Box::new(errors.clone()))?;
-        registry.register(Box::new(age.clone()))?;
         Ok(Self {
             duration,
             last_duration,
@@ -312,6 +322,24 @@ impl ScrapeMetrics {
 
     fn count_error(&self, pod: &str, reason: ScrapeErrorReason) {
         self.errors.with_label_values(&[pod, reason.as_str()]).inc();
+    }
+
+    /// A failed scrape of `endpoint`: counted every time, a warning (ending
+    /// with `consequence`) when it starts failing, debug while it keeps failing.
+    fn note_failure(
+        &self,
+        failing: &mut bool,
+        pod: &str,
+        endpoint: &str,
+        error: &FetchError,
+        consequence: &str,
+    ) {
+        self.count_error(pod, error.reason());
+        if std::mem::replace(failing, true) {
+            debug!(pod, %error, "{endpoint} scrape failed");
+        } else {
+            warn!(pod, %error, "{endpoint} scrape failed{consequence}");
+        }
     }
 
     fn remove_pod(&self, pod: &str) {
@@ -473,10 +501,7 @@ impl Worker {
         if let Some(models) = scrape.models {
             match models {
                 Ok(models) => {
-                    if pod.models_failing {
-                        info!(pod = key, "/v1/models scrape recovered");
-                    }
-                    pod.models_failing = false;
+                    note_success(&mut pod.models_failing, key, "/v1/models");
                     pod.models_refreshed_at = Some(scrape.finished_at);
                     if let Some(load) = &mut pod.load {
                         load.models.clone_from(&models);
@@ -484,23 +509,14 @@ impl Worker {
                     pod.models = models;
                 }
                 Err(error) => {
-                    metrics.count_error(key, error.reason());
-                    if pod.models_failing {
-                        debug!(pod = key, %error, "/v1/models scrape failed");
-                    } else {
-                        warn!(pod = key, %error, "/v1/models scrape failed");
-                    }
-                    pod.models_failing = true;
+                    metrics.note_failure(&mut pod.models_failing, key, "/v1/models", &error, "");
                 }
             }
         }
 
         match scrape.metrics {
             Ok(sample) => {
-                if pod.metrics_failing {
-                    info!(pod = key, "/metrics scrape recovered");
-                }
-                pod.metrics_failing = false;
+                note_success(&mut pod.metrics_failing, key, "/metrics");
                 pod.load = Some(PodLoad {
                     requests_waiting: sample.requests_waiting,
                     requests_running: sample.requests_running,
@@ -519,13 +535,8 @@ impl Worker {
                 }
             }
             Err(error) => {
-                metrics.count_error(key, error.reason());
-                if pod.metrics_failing {
-                    debug!(pod = key, %error, "/metrics scrape failed");
-                } else {
-                    warn!(pod = key, %error, "/metrics scrape failed, keeping the last values");
-                }
-                pod.metrics_failing = true;
+                let keeping = ", keeping the last values";
+                metrics.note_failure(&mut pod.metrics_failing, key, "/metrics", &error, keeping);
             }
         }
     }
@@ -648,6 +659,13 @@ enum FetchError {
     EnginePage(#[from] super::EnginePageError),
     #[error("invalid /v1/models JSON: {0}")]
     ModelsJson(#[from] serde_json::Error),
+}
+
+/// A successful scrape of `endpoint`: says so when it had been failing.
+fn note_success(failing: &mut bool, pod: &str, endpoint: &str) {
+    if std::mem::take(failing) {
+        info!(pod, "{endpoint} scrape recovered");
+    }
 }
 
 impl FetchError {

@@ -9,6 +9,7 @@ use prometheus::{
 
 use super::registry::DataplaneStatus;
 use super::{PublishedResource, ResourceType};
+use crate::metrics::registered;
 
 /// Push latency buckets (seconds): a healthy push reaches every dataplane in
 /// milliseconds; seconds mean a slow or stuck dataplane.
@@ -36,63 +37,78 @@ pub struct XdsMetrics {
 impl XdsMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let connected_dataplanes = IntGauge::with_opts(Opts::new(
-            "switchyard_controller_connected_dataplanes",
-            "Dataplane snapshot streams currently open.",
-        ))?;
+        let connected_dataplanes = registered(
+            registry,
+            IntGauge::with_opts(Opts::new(
+                "switchyard_controller_connected_dataplanes",
+                "Dataplane snapshot streams currently open.",
+            ))?,
+        )?;
         let per_type =
             |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &["type"]);
-        let pushes = per_type(
-            "switchyard_controller_snapshot_pushes_total",
-            "Snapshot responses sent to dataplanes, by resource type.",
+        let pushes = registered(
+            registry,
+            per_type(
+                "switchyard_controller_snapshot_pushes_total",
+                "Snapshot responses sent to dataplanes, by resource type.",
+            )?,
         )?;
-        let incremental_pushes = per_type(
-            "switchyard_controller_snapshot_incremental_pushes_total",
-            "Snapshot responses sent as an incremental update from the version the dataplane had (a part of the pushes), by resource type.",
+        let incremental_pushes = registered(
+            registry,
+            per_type(
+                "switchyard_controller_snapshot_incremental_pushes_total",
+                "Snapshot responses sent as an incremental update from the version the dataplane had (a part of the pushes), by resource type.",
+            )?,
         )?;
-        let acks = per_type(
-            "switchyard_controller_snapshot_acks_total",
-            "Snapshot responses dataplanes applied (ACK), by resource type.",
+        let acks = registered(
+            registry,
+            per_type(
+                "switchyard_controller_snapshot_acks_total",
+                "Snapshot responses dataplanes applied (ACK), by resource type.",
+            )?,
         )?;
-        let nacks = per_type(
-            "switchyard_controller_snapshot_nacks_total",
-            "Snapshot responses dataplanes rejected (NACK), by resource type.",
+        let nacks = registered(
+            registry,
+            per_type(
+                "switchyard_controller_snapshot_nacks_total",
+                "Snapshot responses dataplanes rejected (NACK), by resource type.",
+            )?,
         )?;
-        let send_timeouts = per_type(
-            "switchyard_controller_stream_send_timeouts_total",
-            "Streams closed because the dataplane did not read a response in time, by resource type.",
+        let send_timeouts = registered(
+            registry,
+            per_type(
+                "switchyard_controller_stream_send_timeouts_total",
+                "Streams closed because the dataplane did not read a response in time, by resource type.",
+            )?,
         )?;
-        let version_info = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_controller_snapshot_version_info",
-                "Always 1; labels name the currently published version of each resource type.",
-            ),
-            &["type", "version"],
+        let version_info = registered(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "switchyard_controller_snapshot_version_info",
+                    "Always 1; labels name the currently published version of each resource type.",
+                ),
+                &["type", "version"],
+            )?,
         )?;
-        let generated_at_seconds = IntGaugeVec::new(
-            Opts::new(
-                "switchyard_controller_snapshot_generated_at_seconds",
-                "Unix time the currently published resource of each type was compiled.",
-            ),
-            &["type"],
+        let generated_at_seconds = registered(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "switchyard_controller_snapshot_generated_at_seconds",
+                    "Unix time the currently published resource of each type was compiled.",
+                ),
+                &["type"],
+            )?,
         )?;
-        let push_latency = HistogramVec::new(
+        let push_latency = registered(registry, HistogramVec::new(
             HistogramOpts::new(
                 "switchyard_controller_push_latency_seconds",
                 "Time from publishing a new version (right after compiling it) until every connected dataplane ACKed it, by resource type.",
             )
             .buckets(PUSH_LATENCY_BUCKETS.to_vec()),
             &["type"],
-        )?;
-        registry.register(Box::new(push_latency.clone()))?;
-        registry.register(Box::new(connected_dataplanes.clone()))?;
-        registry.register(Box::new(pushes.clone()))?;
-        registry.register(Box::new(incremental_pushes.clone()))?;
-        registry.register(Box::new(acks.clone()))?;
-        registry.register(Box::new(nacks.clone()))?;
-        registry.register(Box::new(send_timeouts.clone()))?;
-        registry.register(Box::new(version_info.clone()))?;
-        registry.register(Box::new(generated_at_seconds.clone()))?;
+        )?)?;
         Ok(Self {
             connected_dataplanes,
             pushes,

@@ -90,13 +90,8 @@ impl SnapshotPublisher {
         generated_at_unix_ms: i64,
     ) -> PublishResult {
         let version = content_version(ResourceType::RouteConfig, &route_config);
-        self.publish(
-            ResourceType::RouteConfig,
-            version,
-            pb::snapshot_response::Resource::RouteConfig(route_config),
-            generated_at_unix_ms,
-            |_, _| None,
-        )
+        let resource = pb::snapshot_response::Resource::RouteConfig(route_config);
+        self.publish(version, resource, generated_at_unix_ms, |_, _| None)
     }
 
     /// Publishes EndpointLoads (the whole set) unless its content version is
@@ -108,10 +103,10 @@ impl SnapshotPublisher {
         generated_at_unix_ms: i64,
     ) -> PublishResult {
         let version = content_version(ResourceType::EndpointLoads, &endpoint_loads);
+        let resource = pb::snapshot_response::Resource::EndpointLoads(endpoint_loads);
         self.publish(
-            ResourceType::EndpointLoads,
             version,
-            pb::snapshot_response::Resource::EndpointLoads(endpoint_loads),
+            resource,
             generated_at_unix_ms,
             endpoint_loads_update,
         )
@@ -143,7 +138,6 @@ impl SnapshotPublisher {
     /// `resource`, if the type has them.
     fn publish(
         &self,
-        resource_type: ResourceType,
         version: String,
         resource: pb::snapshot_response::Resource,
         generated_at_unix_ms: i64,
@@ -152,6 +146,7 @@ impl SnapshotPublisher {
             &pb::snapshot_response::Resource,
         ) -> Option<pb::snapshot_response::Resource>,
     ) -> PublishResult {
+        let resource_type = ResourceType::of(&resource);
         let mut previous_version = None;
         let response = |resource| pb::SnapshotResponse {
             type_url: resource_type.type_url().to_owned(),

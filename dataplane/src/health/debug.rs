@@ -94,38 +94,37 @@ pub fn status(
     name: &str,
     namespace: Option<&str>,
 ) -> Result<Value, LookupError> {
-    let table = store.table().ok_or(LookupError::NotReady)?;
-    let server = find_server(&table, name, namespace)?;
-    let judge = HealthJudge::new(store, &table);
-    let healthy = judge.healthy_pods(server);
-    let pods: Vec<Value> = server
-        .pods
-        .iter()
-        .map(|pod| {
-            let health = judge.pod(pod);
-            json!({
-                "pod": pod.name,
-                "address": pod.addr.to_string(),
-                "condition": health.condition,
-                "ready": true,
-                "ejected": health.condition == PodCondition::Ejected,
-                "loadAgeMs": health.load_age_ms,
-                "inFlight": pod.in_flight(),
-                "connections": metrics.connections.open_to(pod.addr),
+    server_view(store, name, namespace, |table, server, judge| {
+        let healthy = judge.healthy_pods(server);
+        let pods: Vec<Value> = server
+            .pods
+            .iter()
+            .map(|pod| {
+                let health = judge.pod(pod);
+                json!({
+                    "pod": pod.name,
+                    "address": pod.addr.to_string(),
+                    "condition": health.condition,
+                    "ready": true,
+                    "ejected": health.condition == PodCondition::Ejected,
+                    "loadAgeMs": health.load_age_ms,
+                    "inFlight": pod.in_flight(),
+                    "connections": metrics.connections.open_to(pod.addr),
+                })
             })
+            .collect();
+        json!({
+            "modelServer": server.key,
+            "healthy": healthy > 0,
+            "healthStatus": u8::from(healthy > 0),
+            "reason": format!(
+                "{healthy} of {} pods healthy (ready in the snapshot, not ejected, engine load fresher than {} ms)",
+                server.pods.len(),
+                table.scheduler.effective.max_load_age_ms
+            ),
+            "pods": pods,
         })
-        .collect();
-    Ok(json!({
-        "modelServer": server.key,
-        "healthy": healthy > 0,
-        "healthStatus": u8::from(healthy > 0),
-        "reason": format!(
-            "{healthy} of {} pods healthy (ready in the snapshot, not ejected, engine load fresher than {} ms)",
-            server.pods.len(),
-            table.scheduler.effective.max_load_age_ms
-        ),
-        "pods": pods,
-    }))
+    })
 }
 
 /// `/debug/model-servers/{name}/metrics`.
@@ -134,41 +133,40 @@ pub fn engine_metrics(
     name: &str,
     namespace: Option<&str>,
 ) -> Result<Value, LookupError> {
-    let table = store.table().ok_or(LookupError::NotReady)?;
-    let server = find_server(&table, name, namespace)?;
-    let judge = HealthJudge::new(store, &table);
-    let pods: Vec<Value> = server
-        .pods
-        .iter()
-        .map(|pod| {
-            let Some(load) = pod.load() else {
-                return json!({"pod": pod.name, "scraped": false});
-            };
-            json!({
-                "pod": pod.name,
-                "scraped": true,
-                "requestsWaiting": load.requests_waiting,
-                "requestsRunning": load.requests_running,
-                "kvCacheUsage": load.kv_cache_usage,
-                "ttftSeconds": load.ttft_seconds,
-                "tpotSeconds": load.tpot_seconds,
-                "models": load.models,
-                "observedAtUnixMs": store.scheduling().observed_at(&load),
-                "loadAgeMs": judge.pod(pod).load_age_ms,
+    server_view(store, name, namespace, |_, server, judge| {
+        let pods: Vec<Value> = server
+            .pods
+            .iter()
+            .map(|pod| {
+                let Some(load) = pod.load() else {
+                    return json!({"pod": pod.name, "scraped": false});
+                };
+                json!({
+                    "pod": pod.name,
+                    "scraped": true,
+                    "requestsWaiting": load.requests_waiting,
+                    "requestsRunning": load.requests_running,
+                    "kvCacheUsage": load.kv_cache_usage,
+                    "ttftSeconds": load.ttft_seconds,
+                    "tpotSeconds": load.tpot_seconds,
+                    "models": load.models,
+                    "observedAtUnixMs": store.scheduling().observed_at(&load),
+                    "loadAgeMs": judge.pod(pod).load_age_ms,
+                })
             })
+            .collect();
+        let not_available: serde_json::Map<String, Value> = NOT_AVAILABLE
+            .iter()
+            .map(|(field, why)| ((*field).to_owned(), Value::from(*why)))
+            .collect();
+        json!({
+            "modelServer": server.key,
+            "queueDepth": queue_depth(server),
+            "requestsRunning": server.pods.iter().filter_map(|pod| pod.load()).map(|load| load.requests_running).sum::<f64>(),
+            "pods": pods,
+            "notAvailable": not_available,
         })
-        .collect();
-    let not_available: serde_json::Map<String, Value> = NOT_AVAILABLE
-        .iter()
-        .map(|(field, why)| ((*field).to_owned(), Value::from(*why)))
-        .collect();
-    Ok(json!({
-        "modelServer": server.key,
-        "queueDepth": queue_depth(server),
-        "requestsRunning": server.pods.iter().filter_map(|pod| pod.load()).map(|load| load.requests_running).sum::<f64>(),
-        "pods": pods,
-        "notAvailable": not_available,
-    }))
+    })
 }
 
 /// `/debug/routing/backends`.
@@ -250,6 +248,19 @@ fn source_server<'a>(config: &'a pb::RouteConfig, key: &str) -> Option<&'a pb::M
         .servers
         .iter()
         .find(|server| switchyard_snapshot::object_key(&server.namespace, &server.name) == key)
+}
+
+/// `view` of the ModelServer `name` (of `namespace`, when given) in the
+/// current snapshot, judged as of now.
+fn server_view(
+    store: &SnapshotStore,
+    name: &str,
+    namespace: Option<&str>,
+    view: impl FnOnce(&RoutingTable, &Server, &HealthJudge<'_>) -> Value,
+) -> Result<Value, LookupError> {
+    let table = store.table().ok_or(LookupError::NotReady)?;
+    let server = find_server(&table, name, namespace)?;
+    Ok(view(&table, server, &HealthJudge::new(store, &table)))
 }
 
 fn find_server<'a>(

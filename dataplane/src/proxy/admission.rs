@@ -29,6 +29,19 @@ use crate::token_estimate::estimate_input_tokens;
 /// Kthena's message for a request that waited too long.
 const QUEUE_TIMEOUT_MESSAGE: &str = "Request processing timed out in queue";
 
+/// Whether a token budget or a fairness queue applies to the request (else
+/// [`admission`] admits it at once).
+pub fn applies(
+    limits: &RateLimits,
+    fairness: Option<&FairQueues>,
+    identity: &Identity,
+    request: &InferenceRequest,
+) -> bool {
+    let model = request.parsed.model.as_str();
+    limits.applies(model, identity.user())
+        || fairness.is_some_and(|fairness| fairness.queue(model).is_some())
+}
+
 /// Admits the request now (or once its turn in the fairness queue comes),
 /// or says why not: 429 (a spent budget, a full queue), 504 (waited too
 /// long), or 503 when a global budget's Redis is unreachable and its policy

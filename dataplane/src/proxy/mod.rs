@@ -176,28 +176,39 @@ impl<U: Upstream> Proxy<U> {
             }
         };
         record.set_model(&request.parsed.model);
-        admission::admission(
+        // The less common paths are boxed: their state (a budget's Redis
+        // round trip, a queue wait, a provider's TLS, two legs) would
+        // otherwise enlarge every request's future, which is moved and
+        // zeroed as the request goes.
+        if admission::applies(
             &table.rate_limits,
-            self.store.rate_limiting(),
             table.fairness.as_deref(),
             &identity,
             &request,
-            record,
-        )
-        .await?;
+        ) {
+            Box::pin(admission::admission(
+                &table.rate_limits,
+                self.store.rate_limiting(),
+                table.fairness.as_deref(),
+                &identity,
+                &request,
+                record,
+            ))
+            .await?;
+        }
         let routed = route::route(&table, &request, self.config.traffic_port, record)?;
         if let Some(provider) = routed.decision.server.provider.clone() {
-            return provider::forward_to_provider(
+            return Box::pin(provider::forward_to_provider(
                 self.upstream.as_ref(),
                 &provider,
                 request,
                 routed,
                 record,
-            )
+            ))
             .await;
         }
         if routed.decision.server.prefill_decode.is_some() {
-            return self.pairs(&table, request, routed, record).await;
+            return Box::pin(self.pairs(&table, request, routed, record)).await;
         }
         let mut routed = routed;
         let scheduled = schedule::schedule(&table.scheduler, &request, &routed, record)?;

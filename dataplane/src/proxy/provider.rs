@@ -328,30 +328,22 @@ mod tests {
             Script::Refuse,
             Script::Refuse,
         ]);
-        let limited = post(&proxy, "/v1/completions", &[], r#"{"model":"gpt"}"#).await;
+        let send = || post(&proxy, "/v1/completions", &[], r#"{"model":"gpt"}"#);
+        let limited = send().await;
         assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(limited.headers["retry-after"], "17");
         assert!(limited.text.contains("rate_limit_error"));
-        let failed = post(&proxy, "/v1/completions", &[], r#"{"model":"gpt"}"#).await;
-        assert_eq!(
-            failed.status,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "not retried"
-        );
-        let retried = post(&proxy, "/v1/completions", &[], r#"{"model":"gpt"}"#).await;
-        assert_eq!(
-            retried.status,
-            StatusCode::OK,
-            "a refused connection is retried once"
-        );
-        let reset = post(&proxy, "/v1/completions", &[], r#"{"model":"gpt"}"#).await;
-        assert_eq!(
-            reset.status,
-            StatusCode::BAD_GATEWAY,
-            "sent, so never retried"
-        );
-        let down = post(&proxy, "/v1/completions", &[], r#"{"model":"gpt"}"#).await;
-        assert_eq!(down.status, StatusCode::BAD_GATEWAY);
+        for (expected, why) in [
+            (StatusCode::INTERNAL_SERVER_ERROR, "500: not retried"),
+            (StatusCode::OK, "a refused connection is retried once"),
+            (StatusCode::BAD_GATEWAY, "reset: sent, so never retried"),
+            (
+                StatusCode::BAD_GATEWAY,
+                "refused twice: the one retry is spent",
+            ),
+        ] {
+            assert_eq!(send().await.status, expected, "{why}");
+        }
         assert_eq!(proxy.upstream.sent().len(), 7);
         let metrics = &proxy.observer.metrics;
         assert_eq!(

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Deserialize;
+use serde::de::{SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -49,30 +50,55 @@ pub fn hash_prompt(
     max_blocks: usize,
     out: &mut Vec<u64>,
 ) {
-    out.clear();
-    let mut hasher = BlockHasher {
-        block_size,
-        max_blocks,
-        pending: Vec::new(),
-        previous: xxh3_64(model.as_bytes()),
-        out,
-    };
-    match field {
-        PromptField::Prompt => flatten_prompt(raw, &mut hasher),
-        PromptField::Messages | PromptField::Input => {
-            if let Ok(messages) = serde_json::from_str::<Vec<Message<'_>>>(raw) {
-                for message in &messages {
-                    hasher.feed(message.role.as_bytes());
-                    hasher.feed(b": ");
-                    if let Some(content) = message.content {
-                        feed_text(content, &mut hasher);
-                    }
-                    hasher.feed(b"\n");
+    PENDING_BLOCK.with_borrow_mut(|pending| {
+        let seed = xxh3_64(model.as_bytes());
+        let mut hasher = BlockHasher {
+            block_size,
+            max_blocks,
+            pending,
+            previous: seed,
+            out,
+        };
+        hasher.restart(seed);
+        match field {
+            PromptField::Prompt => flatten_prompt(raw, &mut hasher),
+            PromptField::Messages | PromptField::Input => {
+                // One pass over the common shapes; anything else (and any
+                // shape the pass refuses) takes the general path from the start.
+                let mut json = serde_json::Deserializer::from_str(raw);
+                let fed = serde::de::DeserializeSeed::deserialize(Messages(&mut hasher), &mut json)
+                    .and_then(|()| json.end());
+                if fed.is_err() {
+                    hasher.restart(seed);
+                    hash_messages_generally(raw, &mut hasher);
                 }
-            } else {
-                flatten_prompt(raw, &mut hasher);
             }
         }
+        hasher.pending.clear();
+    });
+}
+
+thread_local! {
+    /// The start of a block whose end has not been fed yet; kept per thread
+    /// so hashing a prompt allocates nothing once it has held a block.
+    static PENDING_BLOCK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Chat `messages` (or `input` messages) of any shape: each message read
+/// whole, then each content decoded again ([`feed_text`]); not a list of
+/// messages: flattened as a prompt.
+fn hash_messages_generally(raw: &str, hasher: &mut BlockHasher<'_>) {
+    if let Ok(messages) = serde_json::from_str::<Vec<Message<'_>>>(raw) {
+        for message in &messages {
+            hasher.feed(message.role.as_bytes());
+            hasher.feed(b": ");
+            if let Some(content) = message.content {
+                feed_text(content, hasher);
+            }
+            hasher.feed(b"\n");
+        }
+    } else {
+        flatten_prompt(raw, hasher);
     }
 }
 
@@ -82,6 +108,85 @@ struct Message<'a> {
     role: Cow<'a, str>,
     #[serde(borrow, default)]
     content: Option<&'a RawValue>,
+}
+
+/// A list of messages whose contents are strings or lists of text parts,
+/// fed in one pass over the JSON (the common case). Refuses every other
+/// shape, which [`hash_messages_generally`] then hashes: both feed the same
+/// bytes for the shapes this accepts.
+struct Messages<'h, 'o>(&'h mut BlockHasher<'o>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Messages<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Messages<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of messages")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(message) = seq.next_element::<PlainMessage<'de>>()? {
+            self.0.feed(message.role.as_bytes());
+            self.0.feed(b": ");
+            match &message.content {
+                Some(PlainContent::Text(text)) => self.0.feed(text.as_bytes()),
+                Some(PlainContent::Parts(parts)) => {
+                    for text in parts.iter().filter_map(|part| part.text.as_deref()) {
+                        self.0.feed(text.as_bytes());
+                    }
+                }
+                None => {}
+            }
+            self.0.feed(b"\n");
+        }
+        Ok(())
+    }
+}
+
+/// [`Message`] with its content decoded as it is read.
+#[derive(Deserialize)]
+struct PlainMessage<'a> {
+    #[serde(borrow, default)]
+    role: Cow<'a, str>,
+    #[serde(borrow, default)]
+    content: Option<PlainContent<'a>>,
+}
+
+/// A message content [`feed_text`] would decode: a string, or a list of
+/// text parts. Any other JSON value is refused.
+enum PlainContent<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<ContentPart<'a>>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for PlainContent<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Content;
+        impl<'de> Visitor<'de> for Content {
+            type Value = PlainContent<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a list of text parts")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                text: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(PlainContent::Text(Cow::Borrowed(text)))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(PlainContent::Text(Cow::Owned(text.to_owned())))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(PlainContent::Parts)
+            }
+        }
+        deserializer.deserialize_any(Content)
+    }
 }
 
 /// A JSON string, borrowed from the body unless it has escapes: serde's own
@@ -145,12 +250,19 @@ impl AsRawJson for RawText<'_> {
 struct BlockHasher<'o> {
     block_size: usize,
     max_blocks: usize,
-    pending: Vec<u8>,
+    pending: &'o mut Vec<u8>,
     previous: u64,
     out: &'o mut Vec<u64>,
 }
 
 impl BlockHasher<'_> {
+    /// Back to the first block, chained to `seed`.
+    fn restart(&mut self, seed: u64) {
+        self.pending.clear();
+        self.out.clear();
+        self.previous = seed;
+    }
+
     fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() && self.out.len() < self.max_blocks {
             if self.pending.is_empty() && bytes.len() >= self.block_size {
@@ -163,7 +275,7 @@ impl BlockHasher<'_> {
             self.pending.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
             if self.pending.len() == self.block_size {
-                self.previous = xxh3_64_with_seed(&self.pending, self.previous);
+                self.previous = xxh3_64_with_seed(self.pending, self.previous);
                 self.out.push(self.previous);
                 self.pending.clear();
             }
@@ -586,6 +698,69 @@ mod tests {
             !hashes(PromptField::Messages, r#"{"not":"a list of messages"}"#).is_empty(),
             "odd shapes still hash"
         );
+    }
+
+    /// The general reading of messages: each message read whole, then its content again.
+    fn hashed_generally(raw: &str) -> Vec<u64> {
+        let (mut out, mut pending) = (Vec::new(), Vec::new());
+        let mut hasher = BlockHasher {
+            block_size: 4,
+            max_blocks: 128,
+            pending: &mut pending,
+            previous: xxh3_64(b"m"),
+            out: &mut out,
+        };
+        hash_messages_generally(raw, &mut hasher);
+        out
+    }
+
+    #[test]
+    fn the_one_pass_over_messages_hashes_what_the_general_reading_does() {
+        let common = [
+            r#"[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"lorem ipsum dolor sit amet"}]"#,
+            r#"[{"content":"hi","role":"user","name":"x"}]"#,
+            r#"[{"role":"user","content":"caf\u00e9 \"quoted\"\nline"}]"#,
+            r#"[{"role":"us\u0065r","r\u0063ntent":"ignored","c\u006fntent":"escaped names"}]"#,
+            r#"[{"role":"user","content":[{"type":"text","text":"be "},{"type":"image_url"},{"text":null},{"text":"brief"}]}]"#,
+            r#"[{"role":"assistant","content":null},{"content":"no role"},{"role":"tool"}]"#,
+            r#"[["user","seq-form message"]]"#,
+            "[]",
+        ];
+        let unusual = [
+            r#"[{"role":"user","content":42}]"#,
+            r#"[{"role":"user","content":{"text":"an object"}}]"#,
+            r#"[{"role":"user","content":[1,2]}]"#,
+            r#"[{"role":"user","content":[{"text":7}]}]"#,
+            r#"[{"role":"user","role":"twice","content":"x"}]"#,
+            r#"[{"role":3,"content":"x"}]"#,
+            r#"[{"role":null,"content":"x"}]"#,
+            r#""a plain input string""#,
+            r#"["a","list","of","strings"]"#,
+            r#"{"not":"a list"}"#,
+        ];
+        for raw in common.iter().chain(&unusual) {
+            assert_eq!(
+                hashes(PromptField::Messages, raw),
+                hashed_generally(raw),
+                "{raw}"
+            );
+        }
+        for raw in common {
+            let mut pending = Vec::new();
+            let mut out = Vec::new();
+            let mut hasher = BlockHasher {
+                block_size: 4,
+                max_blocks: 128,
+                pending: &mut pending,
+                previous: 0,
+                out: &mut out,
+            };
+            let mut json = serde_json::Deserializer::from_str(raw);
+            assert!(
+                serde::de::DeserializeSeed::deserialize(Messages(&mut hasher), &mut json).is_ok(),
+                "read in one pass: {raw}"
+            );
+        }
     }
 
     #[test]

@@ -297,7 +297,8 @@ fn rule(rule: &pb::Rule) -> Value {
     value.into()
 }
 
-fn string_match(value: Option<&pb::StringMatch>) -> Value {
+/// A header, URI or model match: `{"exact"|"prefix"|"regex": value}`, or null.
+pub fn string_match(value: Option<&pb::StringMatch>) -> Value {
     use pb::string_match::Kind;
     match value.and_then(|value| value.kind.as_ref()) {
         None => Value::Null,

@@ -16,7 +16,7 @@ use switchyard_crd::{HTTPRoute, INFERENCE_API_GROUP, ParentReference};
 use switchyard_snapshot::{object_key, pb};
 
 use super::super::report::{ConditionReport, Problem, Reason};
-use super::super::{namespace_of, non_empty};
+use super::super::{non_empty, start_validation};
 use super::inference_pools::PoolReferences;
 use super::{Attachment, ListenerIndex, ListenerKey, RouteKind, listener_refs, normalize_hostname};
 
@@ -81,17 +81,8 @@ pub(crate) fn compile_http_route(
     listeners: &ListenerIndex,
     pools: &KnownPools<'_>,
 ) -> CompiledHttpRoute {
-    let namespace = namespace_of(&route.metadata);
-    let name = route.metadata.name.as_deref().unwrap_or_default();
+    let (namespace, name, mut invalid) = start_validation(&route.metadata, Reason::InvalidName);
     let spec = &route.spec;
-
-    let mut invalid = Vec::new();
-    if name.is_empty() {
-        invalid.push(Problem::new(
-            Reason::InvalidName,
-            "metadata.name: must be set",
-        ));
-    }
     let mut hostnames = Vec::new();
     for (index, hostname) in spec.hostnames.iter().enumerate() {
         match normalize_hostname(hostname) {

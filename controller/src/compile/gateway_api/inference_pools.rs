@@ -12,7 +12,7 @@ use switchyard_snapshot::{object_key, pb};
 use super::super::pod_index::{PodIndex, format_labels};
 use super::super::report::{ConditionReport, Problem, Reason};
 use super::super::servers::{endpoint, ready_pod_ip};
-use super::super::{namespace_of, non_empty};
+use super::super::{non_empty, start_validation};
 use crate::scrape::ScrapeTarget;
 
 /// The API's bound on `targetPorts` (data-parallel ranks of one pod).
@@ -59,16 +59,8 @@ pub(crate) fn compile_pool(
     pool: &InferencePool,
     pods: &PodIndex<'_>,
 ) -> (Option<CompiledPool>, InferencePoolReport) {
-    let namespace = namespace_of(&pool.metadata);
-    let name = pool.metadata.name.as_deref().unwrap_or_default();
+    let (namespace, name, mut problems) = start_validation(&pool.metadata, Reason::InvalidName);
     let spec = &pool.spec;
-    let mut problems = Vec::new();
-    if name.is_empty() {
-        problems.push(Problem::new(
-            Reason::InvalidName,
-            "metadata.name: must be set",
-        ));
-    }
     if spec.selector.match_labels.is_empty() {
         problems.push(Problem::new(
             Reason::InvalidSelector,

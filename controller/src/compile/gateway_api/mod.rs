@@ -15,7 +15,7 @@ use switchyard_crd::{GATEWAY_API_GROUP, Gateway, GatewayClass, ParentReference};
 use switchyard_snapshot::{object_key, pb};
 
 use super::report::{ConditionReport, Problem, Reason};
-use super::{namespace_of, non_empty};
+use super::{first_of_its_name, key_of, namespace_of, non_empty};
 
 pub mod defaults;
 pub(crate) mod http_routes;
@@ -739,11 +739,8 @@ pub(crate) fn compile(
             ));
             continue;
         }
-        let key = (
-            namespace_of(&pool.metadata),
-            pool.metadata.name.as_deref().unwrap_or_default(),
-        );
-        if !key.1.is_empty() && !present.insert(key) {
+        let key = key_of(&pool.metadata);
+        if !first_of_its_name(&mut present, key) {
             reports.ignored.push(ignore(
                 "InferencePool",
                 &pool.metadata,
@@ -810,11 +807,8 @@ pub(crate) fn compile(
     let mut pool_references = Vec::new();
     let mut seen = BTreeSet::new();
     for route in objects.http_routes {
-        let key = (
-            namespace_of(&route.metadata),
-            route.metadata.name.as_deref().unwrap_or_default(),
-        );
-        if !key.1.is_empty() && !seen.insert(key) {
+        let key = key_of(&route.metadata);
+        if !first_of_its_name(&mut seen, key) {
             reports.ignored.push(ignore(
                 "HTTPRoute",
                 &route.metadata,

@@ -45,33 +45,31 @@ fn listener(gateway: &str, listener: &str) -> pb::ListenerRef {
     }
 }
 
-fn gateway_report<'a>(compiled: &'a CompiledRoutes, name: &str) -> &'a GatewayReport {
-    compiled
-        .gateway_api
-        .gateways
+/// The report in `reports` that `is_it`; panics naming `what` when none is.
+fn find_report<'a, R>(reports: &'a [R], what: &str, is_it: impl Fn(&R) -> bool) -> &'a R {
+    reports
         .iter()
-        .find(|report| report.name == name)
-        .unwrap_or_else(|| panic!("no report for Gateway {name}"))
+        .find(|report| is_it(report))
+        .unwrap_or_else(|| panic!("no report for {what}"))
+}
+
+fn gateway_report<'a>(compiled: &'a CompiledRoutes, name: &str) -> &'a GatewayReport {
+    let reports = &compiled.gateway_api.gateways;
+    find_report(reports, &format!("Gateway {name}"), |r| r.name == name)
 }
 
 fn route_report<'a>(compiled: &'a CompiledRoutes, name: &str) -> &'a HttpRouteReport {
-    compiled
-        .gateway_api
-        .http_routes
-        .iter()
-        .find(|report| report.name == name)
-        .unwrap_or_else(|| panic!("no report for HTTPRoute {name}"))
+    let reports = &compiled.gateway_api.http_routes;
+    find_report(reports, &format!("HTTPRoute {name}"), |r| r.name == name)
 }
 
 fn model_route_report<'a>(
     compiled: &'a CompiledRoutes,
     name: &str,
 ) -> &'a super::super::ObjectReport {
-    compiled
-        .reports
-        .iter()
-        .find(|report| report.kind == ObjectKind::ModelRoute && report.name == name)
-        .unwrap_or_else(|| panic!("no report for ModelRoute {name}"))
+    find_report(&compiled.reports, &format!("ModelRoute {name}"), |r| {
+        r.kind == ObjectKind::ModelRoute && r.name == name
+    })
 }
 
 fn ds_pods() -> Vec<k8s_openapi::api::core::v1::Pod> {

@@ -300,7 +300,10 @@ impl AccessLogWriter {
         let writer_lists = lists.clone();
         let thread = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(&receiver, &writer_lists, output, format))?;
+            .spawn(move || {
+                crate::per_worker::run_below_traffic_workers();
+                write_lines(&receiver, &writer_lists, output, format);
+            })?;
         Ok(Self {
             running: Some(Running {
                 lists,
@@ -487,9 +490,67 @@ fn text_value(value: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A UTC time as RFC 3339 with milliseconds (`2024-01-15T10:30:45.123Z`),
+/// formatted on the stack: a line per request is the writer's whole work, and
+/// going through `Display` and a `String` cost several times more.
+struct Rfc3339Millis([u8; 24]);
+
+impl Rfc3339Millis {
+    fn of(at: SystemTime) -> Self {
+        // Before 1970 only with a broken clock: shown as the epoch.
+        let since_epoch = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let seconds = since_epoch.as_secs();
+        let (year, month, day) = civil_date(seconds / 86_400);
+        let of_day = seconds % 86_400;
+        let mut text = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut value: u64| {
+            for slot in text[at..at + width].iter_mut().rev() {
+                *slot = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, of_day / 3600);
+        put(14, 2, of_day / 60 % 60);
+        put(17, 2, of_day % 60);
+        put(20, 3, u64::from(since_epoch.subsec_millis()));
+        Self(text)
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// (year, month, day) of the `days`-th day after 1970-01-01, in the
+/// proleptic Gregorian calendar (Howard Hinnant's `civil_from_days`).
+fn civil_date(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 /// Appends one line (with its newline) to `out`.
 pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Vec<u8>) {
-    let timestamp = humantime::format_rfc3339_millis(entry.started_at).to_string();
+    let timestamp = Rfc3339Millis::of(entry.started_at);
+    let timestamp = timestamp.as_str();
     let request_id = entry.request_id.as_ref().and_then(|id| id.to_str().ok());
     let route = entry.route.as_ref().map(|route| route.key.as_str());
     let server = entry.server.as_ref().map(|server| server.key.as_str());
@@ -513,7 +574,7 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
         AccessLogFormat::Json => {
             // Fields in the documented order.
             let mut line = JsonObject::new(&mut *out);
-            line.string("timestamp", Some(&timestamp));
+            line.string("timestamp", Some(timestamp));
             line.string("method", Some(entry.method.as_str()));
             line.string("path", Some(&entry.path));
             line.string("protocol", Some(protocol(entry.version)));
@@ -665,6 +726,26 @@ mod tests {
             prefill_leg: None,
             decode_leg: None,
         }
+    }
+
+    #[test]
+    fn timestamps_match_rfc3339_with_milliseconds() {
+        let mut at = 0u64;
+        // Leap years, century ends, month ends, every millisecond digit.
+        while at < 4_102_444_800_000 {
+            let time = SystemTime::UNIX_EPOCH + Duration::from_millis(at);
+            assert_eq!(
+                Rfc3339Millis::of(time).as_str(),
+                humantime::format_rfc3339_millis(time).to_string(),
+                "{at} ms"
+            );
+            at += 86_399_997;
+        }
+        let leap_day = SystemTime::UNIX_EPOCH + Duration::from_millis(951_782_400_001);
+        assert_eq!(
+            Rfc3339Millis::of(leap_day).as_str(),
+            "2000-02-29T00:00:00.001Z"
+        );
     }
 
     #[test]

@@ -4,9 +4,4 @@ use super::PluginSpec;
 
 pub const NAME: &str = "gpu-usage";
 
-pub const SPEC: PluginSpec = PluginSpec {
-    name: NAME,
-    filter: false,
-    score: true,
-    args: None,
-};
+pub const SPEC: PluginSpec = PluginSpec::scorer(NAME);

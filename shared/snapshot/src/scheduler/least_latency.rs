@@ -3,17 +3,12 @@
 
 use serde::Deserialize;
 
-use super::{ArgsSpec, PluginArgs, PluginSpec, parse_yaml_args};
+use super::{PluginArgs, PluginSpec, parse_yaml_args};
 use crate::pb;
 
 pub const NAME: &str = "least-latency";
 
-pub const SPEC: PluginSpec = PluginSpec {
-    name: NAME,
-    filter: false,
-    score: true,
-    args: Some(ArgsSpec::of::<pb::LeastLatencyArgs>()),
-};
+pub const SPEC: PluginSpec = PluginSpec::scorer(NAME).with_args::<pb::LeastLatencyArgs>();
 
 /// Kthena's default: TTFT and TPOT weigh the same.
 pub const DEFAULT_TTFT_TPOT_WEIGHT_FACTOR: f64 = 0.5;
@@ -28,16 +23,7 @@ struct YamlArgs {
 }
 
 impl PluginArgs for pb::LeastLatencyArgs {
-    fn into_variant(self) -> pb::plugin_args::Plugin {
-        pb::plugin_args::Plugin::LeastLatency(self)
-    }
-
-    fn from_variant(variant: &pb::plugin_args::Plugin) -> Option<&Self> {
-        match variant {
-            pb::plugin_args::Plugin::LeastLatency(args) => Some(args),
-            _ => None,
-        }
-    }
+    variant_conversions!(LeastLatency);
 
     fn resolved(&self) -> Self {
         Self {

@@ -3,17 +3,13 @@
 
 use serde::Deserialize;
 
-use super::{ArgsSpec, PluginArgs, PluginSpec, parse_yaml_args};
+use super::{PluginArgs, PluginSpec, parse_yaml_args};
 use crate::pb;
 
 pub const NAME: &str = "least-request";
 
-pub const SPEC: PluginSpec = PluginSpec {
-    name: NAME,
-    filter: true,
-    score: true,
-    args: Some(ArgsSpec::of::<pb::LeastRequestArgs>()),
-};
+pub const SPEC: PluginSpec =
+    PluginSpec::filter_and_scorer(NAME).with_args::<pb::LeastRequestArgs>();
 
 /// Kthena's default bound of the filter.
 pub const DEFAULT_MAX_WAITING_REQUESTS: u32 = 10;
@@ -27,16 +23,7 @@ struct YamlArgs {
 }
 
 impl PluginArgs for pb::LeastRequestArgs {
-    fn into_variant(self) -> pb::plugin_args::Plugin {
-        pb::plugin_args::Plugin::LeastRequest(self)
-    }
-
-    fn from_variant(variant: &pb::plugin_args::Plugin) -> Option<&Self> {
-        match variant {
-            pb::plugin_args::Plugin::LeastRequest(args) => Some(args),
-            _ => None,
-        }
-    }
+    variant_conversions!(LeastRequest);
 
     fn resolved(&self) -> Self {
         Self {

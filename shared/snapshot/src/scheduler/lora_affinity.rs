@@ -5,9 +5,4 @@ use super::PluginSpec;
 
 pub const NAME: &str = "lora-affinity";
 
-pub const SPEC: PluginSpec = PluginSpec {
-    name: NAME,
-    filter: true,
-    score: false,
-    args: None,
-};
+pub const SPEC: PluginSpec = PluginSpec::filter(NAME);

@@ -15,6 +15,23 @@ use serde::de::DeserializeOwned;
 
 use crate::pb;
 
+/// The `into_variant` / `from_variant` pair of a [`PluginArgs`] impl whose
+/// message travels as `pb::plugin_args::Plugin::$variant`.
+macro_rules! variant_conversions {
+    ($variant:ident) => {
+        fn into_variant(self) -> $crate::pb::plugin_args::Plugin {
+            $crate::pb::plugin_args::Plugin::$variant(self)
+        }
+
+        fn from_variant(variant: &$crate::pb::plugin_args::Plugin) -> Option<&Self> {
+            match variant {
+                $crate::pb::plugin_args::Plugin::$variant(args) => Some(args),
+                _ => None,
+            }
+        }
+    };
+}
+
 pub mod gpu_usage;
 pub mod least_latency;
 pub mod least_request;
@@ -46,6 +63,40 @@ pub struct PluginSpec {
     pub score: bool,
     /// Its arguments, for a plugin that takes any.
     pub args: Option<ArgsSpec>,
+}
+
+impl PluginSpec {
+    /// A plugin enabled under `plugins.Score` only, without arguments.
+    pub const fn scorer(name: &'static str) -> Self {
+        Self::new(name, false, true)
+    }
+
+    /// A plugin enabled under `plugins.Filter` only, without arguments.
+    pub const fn filter(name: &'static str) -> Self {
+        Self::new(name, true, false)
+    }
+
+    /// A plugin that can be enabled as a filter and as a scorer, without arguments.
+    pub const fn filter_and_scorer(name: &'static str) -> Self {
+        Self::new(name, true, true)
+    }
+
+    const fn new(name: &'static str, filter: bool, score: bool) -> Self {
+        Self {
+            name,
+            filter,
+            score,
+            args: None,
+        }
+    }
+
+    /// This plugin, taking the arguments message `A`.
+    pub const fn with_args<A: PluginArgs>(self) -> Self {
+        Self {
+            args: Some(ArgsSpec::of::<A>()),
+            ..self
+        }
+    }
 }
 
 /// The plugin called `name`.

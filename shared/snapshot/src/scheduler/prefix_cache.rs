@@ -5,17 +5,12 @@
 
 use serde::Deserialize;
 
-use super::{ArgsSpec, PluginArgs, PluginSpec, check_load_bound_factor, parse_yaml_args};
+use super::{PluginArgs, PluginSpec, check_load_bound_factor, parse_yaml_args};
 use crate::pb;
 
 pub const NAME: &str = "prefix-cache";
 
-pub const SPEC: PluginSpec = PluginSpec {
-    name: NAME,
-    filter: false,
-    score: true,
-    args: Some(ArgsSpec::of::<pb::PrefixCacheArgs>()),
-};
+pub const SPEC: PluginSpec = PluginSpec::scorer(NAME).with_args::<pb::PrefixCacheArgs>();
 
 /// Kthena's block: 64 bytes of flattened prompt text (~16 tokens).
 pub const DEFAULT_BLOCK_SIZE_TO_HASH: u32 = 64;
@@ -57,16 +52,7 @@ struct YamlArgs {
 }
 
 impl PluginArgs for pb::PrefixCacheArgs {
-    fn into_variant(self) -> pb::plugin_args::Plugin {
-        pb::plugin_args::Plugin::PrefixCache(self)
-    }
-
-    fn from_variant(variant: &pb::plugin_args::Plugin) -> Option<&Self> {
-        match variant {
-            pb::plugin_args::Plugin::PrefixCache(args) => Some(args),
-            _ => None,
-        }
-    }
+    variant_conversions!(PrefixCache);
 
     fn resolved(&self) -> Self {
         Self {

@@ -6,9 +6,4 @@ use super::PluginSpec;
 
 pub const NAME: &str = "random";
 
-pub const SPEC: PluginSpec = PluginSpec {
-    name: NAME,
-    filter: false,
-    score: true,
-    args: None,
-};
+pub const SPEC: PluginSpec = PluginSpec::scorer(NAME);

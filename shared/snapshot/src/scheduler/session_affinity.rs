@@ -5,19 +5,13 @@
 use serde::Deserialize;
 
 use super::{
-    ArgsSpec, DEFAULT_LOAD_BOUND_FACTOR, PluginArgs, PluginSpec, check_load_bound_factor,
-    parse_yaml_args,
+    DEFAULT_LOAD_BOUND_FACTOR, PluginArgs, PluginSpec, check_load_bound_factor, parse_yaml_args,
 };
 use crate::pb;
 
 pub const NAME: &str = "session-affinity";
 
-pub const SPEC: PluginSpec = PluginSpec {
-    name: NAME,
-    filter: false,
-    score: true,
-    args: Some(ArgsSpec::of::<pb::SessionAffinityArgs>()),
-};
+pub const SPEC: PluginSpec = PluginSpec::scorer(NAME).with_args::<pb::SessionAffinityArgs>();
 
 /// Header read unless configured otherwise.
 pub const DEFAULT_SESSION_HEADER: &str = "x-session-id";
@@ -41,16 +35,7 @@ fn is_lower_case_header_name(name: &str) -> bool {
 }
 
 impl PluginArgs for pb::SessionAffinityArgs {
-    fn into_variant(self) -> pb::plugin_args::Plugin {
-        pb::plugin_args::Plugin::SessionAffinity(self)
-    }
-
-    fn from_variant(variant: &pb::plugin_args::Plugin) -> Option<&Self> {
-        match variant {
-            pb::plugin_args::Plugin::SessionAffinity(args) => Some(args),
-            _ => None,
-        }
-    }
+    variant_conversions!(SessionAffinity);
 
     fn resolved(&self) -> Self {
         Self {

@@ -1,0 +1,292 @@
+//! The byte ranges of a few top-level members of a JSON object, found by one
+//! scan that steps over every other value without building anything.
+//!
+//! It jumps from quote to quote inside strings (memchr), which pays where
+//! strings are long: a request body's prompt (~12% fewer instructions than
+//! serde for a ~1 KB chat body, 44% fewer for a 400 KB prompt). For short
+//! tokens it costs about what serde does, so responses and chat messages are
+//! still read by serde. It accepts only plainly valid JSON (keys without escapes or
+//! non-ASCII bytes, each wanted member at most once, bounded nesting) and
+//! refuses everything else, so a caller that falls back to serde on a
+//! refusal gets exactly serde's answer for every input.
+
+use std::ops::Range;
+
+/// Nesting the scan follows; deeper documents are left to serde (whose own
+/// limit is 128).
+const MAX_DEPTH: usize = 64;
+
+/// Why the scan gave up: the text is not plainly valid JSON, or is valid in a
+/// way the scan does not follow (serde then decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused;
+
+/// Sets `spans[i]` to the byte range of the value of top-level member
+/// `keys[i]` in `json` (None when absent). Refuses anything but a valid JSON
+/// object, and an object with a wanted member twice.
+pub fn top_level_members(
+    json: &str,
+    keys: &[&[u8]],
+    spans: &mut [Option<Range<usize>>],
+) -> Result<(), Refused> {
+    spans.fill(None);
+    let json = json.as_bytes();
+    let mut scan = Scan { json, at: 0 };
+    scan.whitespace();
+    scan.expect(b'{')?;
+    scan.whitespace();
+    if scan.peek()? == b'}' {
+        scan.at += 1;
+    } else {
+        loop {
+            scan.whitespace();
+            let key = scan.string()?;
+            let key = &json[key];
+            // serde decodes keys before it compares them: leave those with
+            // escapes (or bytes that need UTF-8 checks) to it.
+            if key.iter().any(|&byte| byte == b'\\' || byte >= 0x80) {
+                return Err(Refused);
+            }
+            scan.whitespace();
+            scan.expect(b':')?;
+            scan.whitespace();
+            let start = scan.at;
+            scan.value(1)?;
+            if let Some(slot) = keys.iter().position(|wanted| *wanted == key) {
+                if spans[slot].is_some() {
+                    return Err(Refused);
+                }
+                spans[slot] = Some(start..scan.at);
+            }
+            scan.whitespace();
+            match scan.next()? {
+                b',' => {}
+                b'}' => break,
+                _ => return Err(Refused),
+            }
+        }
+    }
+    scan.whitespace();
+    if scan.at == json.len() {
+        Ok(())
+    } else {
+        Err(Refused)
+    }
+}
+
+struct Scan<'a> {
+    json: &'a [u8],
+    at: usize,
+}
+
+impl Scan<'_> {
+    fn peek(&self) -> Result<u8, Refused> {
+        self.json.get(self.at).copied().ok_or(Refused)
+    }
+
+    fn next(&mut self) -> Result<u8, Refused> {
+        let byte = self.peek()?;
+        self.at += 1;
+        Ok(byte)
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), Refused> {
+        if self.next()? == byte {
+            Ok(())
+        } else {
+            Err(Refused)
+        }
+    }
+
+    fn whitespace(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.json.get(self.at) {
+            self.at += 1;
+        }
+    }
+
+    /// A string; returns the range of its text between the quotes.
+    fn string(&mut self) -> Result<Range<usize>, Refused> {
+        self.expect(b'"')?;
+        let start = self.at;
+        loop {
+            let rest = &self.json[self.at..];
+            let stop = memchr::memchr2(b'"', b'\\', rest).ok_or(Refused)?;
+            // Written as a reduction so that it vectorises.
+            if rest[..stop]
+                .iter()
+                .fold(false, |control, &byte| control | (byte < 0x20))
+            {
+                return Err(Refused);
+            }
+            self.at += stop + 1;
+            if rest[stop] == b'"' {
+                return Ok(start..self.at - 1);
+            }
+            match self.next()? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                b'u' => {
+                    for _ in 0..4 {
+                        if !self.next()?.is_ascii_hexdigit() {
+                            return Err(Refused);
+                        }
+                    }
+                }
+                _ => return Err(Refused),
+            }
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<(), Refused> {
+        if depth > MAX_DEPTH {
+            return Err(Refused);
+        }
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'{' => self.members(b'}', depth, true),
+            b'[' => self.members(b']', depth, false),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => Err(Refused),
+        }
+    }
+
+    /// An object's members or an array's elements, from the opening bracket.
+    fn members(&mut self, close: u8, depth: usize, keyed: bool) -> Result<(), Refused> {
+        self.at += 1;
+        self.whitespace();
+        if self.peek()? == close {
+            self.at += 1;
+            return Ok(());
+        }
+        loop {
+            self.whitespace();
+            if keyed {
+                self.string()?;
+                self.whitespace();
+                self.expect(b':')?;
+                self.whitespace();
+            }
+            self.value(depth + 1)?;
+            self.whitespace();
+            match self.next()? {
+                b',' => {}
+                byte if byte == close => return Ok(()),
+                _ => return Err(Refused),
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), Refused> {
+        if self.json[self.at..].starts_with(word) {
+            self.at += word.len();
+            Ok(())
+        } else {
+            Err(Refused)
+        }
+    }
+
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+    fn number(&mut self) -> Result<(), Refused> {
+        if self.peek()? == b'-' {
+            self.at += 1;
+        }
+        if self.next()? == b'0' {
+            if self.json.get(self.at).is_some_and(u8::is_ascii_digit) {
+                return Err(Refused);
+            }
+        } else {
+            self.at -= 1;
+            self.digits()?;
+        }
+        if self.json.get(self.at) == Some(&b'.') {
+            self.at += 1;
+            self.digits()?;
+        }
+        if let Some(b'e' | b'E') = self.json.get(self.at) {
+            self.at += 1;
+            if let Some(b'+' | b'-') = self.json.get(self.at) {
+                self.at += 1;
+            }
+            self.digits()?;
+        }
+        Ok(())
+    }
+
+    /// One or more digits.
+    fn digits(&mut self) -> Result<(), Refused> {
+        let count = self.json[self.at..]
+            .iter()
+            .take_while(|byte| byte.is_ascii_digit())
+            .count();
+        if count == 0 {
+            return Err(Refused);
+        }
+        self.at += count;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(json: &str, keys: &[&str]) -> Result<Vec<Option<String>>, Refused> {
+        let keys: Vec<&[u8]> = keys.iter().map(|key| key.as_bytes()).collect();
+        let mut spans = vec![None; keys.len()];
+        top_level_members(json, &keys, &mut spans)?;
+        Ok(spans
+            .into_iter()
+            .map(|span| span.map(|span| json[span].to_owned()))
+            .collect())
+    }
+
+    #[test]
+    fn finds_the_wanted_top_level_members_and_steps_over_the_rest() {
+        let json = r#" { "a" : [1, -2.5e+3, {"usage": {"x": 1}}, "s\"\\\u00e9", true, false, null] ,
+            "usage":{"prompt_tokens":3} , "b":{"c":[[],{}]}, "n": 0 }  "#;
+        assert_eq!(
+            members(json, &["usage", "n", "missing"]),
+            Ok(vec![
+                Some(r#"{"prompt_tokens":3}"#.to_owned()),
+                Some("0".to_owned()),
+                None
+            ])
+        );
+        assert_eq!(members("{}", &["a"]), Ok(vec![None]));
+    }
+
+    #[test]
+    fn refuses_what_is_not_plainly_valid_json() {
+        // (text, whether it is valid JSON that the scan leaves to serde)
+        for (refused, valid) in [
+            ("", false),
+            ("[]", true),
+            ("{", false),
+            (r#"{"a":1,}"#, false),
+            (r#"{"a":01}"#, false),
+            (r#"{"a":1.}"#, false),
+            (r#"{"a":-}"#, false),
+            (r#"{"a":1e}"#, false),
+            (r#"{"a":tru}"#, false),
+            (r#"{"a":"x\q"}"#, false),
+            (r#"{"a":"\u12g4"}"#, false),
+            ("{\"a\":\"tab\there\"}", false),
+            (r#"{"a":[1 2]}"#, false),
+            (r#"{"a":1} x"#, false),
+            (r#"{"a" 1}"#, false),
+            (r#"{"us\u0061ge":1}"#, true),
+            (r#"{"usage":1,"usage":2}"#, true),
+        ] {
+            assert_eq!(members(refused, &["usage"]), Err(Refused), "{refused}");
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(refused).is_ok(),
+                valid,
+                "{refused}"
+            );
+        }
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(members(&deep, &["a"]), Err(Refused));
+    }
+}
