@@ -11,7 +11,11 @@ dumps the counters: user-space instructions per request. `--syscalls` runs
 the dataplane natively under `strace -c -f` instead and reports system calls
 per request, the part callgrind cannot see.
 
-    python3 bench/profile.py [--requests 400] [--syscalls] [--keep DIR]
+    python3 bench/profile.py [--requests 400] [--syscalls] [--pods N] [--keep DIR]
+
+`--pods 1000` profiles the `make bench` row "~1 KB chat, 1000 pods": the
+same config with N fake pods (one loopback address each), chat only unless
+`--cases` names more.
 
 Per-chunk cost = (instructions per streamed request - per ~1 KB chat
 request) / chunks per stream. The callgrind dumps are kept with `--keep`
@@ -36,6 +40,9 @@ CASES = [("~1 KB chat", "chat"), ("streaming, 64 chunks", "stream"), ("400 KB pr
 # Few connections: the dataplane under valgrind is ~50x slower and serialised.
 CONNECTIONS = 4
 WARMUP_REQUESTS = 50
+WARMUP_REQUESTS_PER_POD = 3
+# Not the controller's default debug port, which another controller on the machine may hold.
+CONTROLLER_DEBUG_PORT = 18012
 
 
 def oha_count(url, body_file, requests, headers=()):
@@ -72,6 +79,10 @@ def main():
                         help="start this instead of switchyard-bench-backend (IP and port are appended)")
     parser.add_argument("--keep", default=None, help="directory to keep the callgrind dumps in")
     parser.add_argument("--paced", action="store_true", help="also a stream with chunks 1 ms apart")
+    parser.add_argument("--pods", type=int, default=1, help="fake pods in the snapshot (make bench: 1 and 1000)")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated bodies to run: chat,stream,large (default: all with one pod, "
+                             "chat with more)")
     args = parser.parse_args()
     target = Path(os.environ.get("CARGO_TARGET_DIR", bench.REPO / "target"))
     bins = Path(args.bin_dir) if args.bin_dir else target / "release"
@@ -88,18 +99,22 @@ def main():
         "large": bench.make_body(workdir / "large.json", 400 * 1024, False),
     }
     config_dir = workdir / "config"
-    bench.write_config(config_dir, 1, redis=False)
+    bench.write_config(config_dir, args.pods, redis=False)
     results = {}
     try:
         if args.backend_cmd:
+            if args.pods != 1:
+                raise SystemExit("--backend-cmd serves one pod: leave --pods out")
             backend = args.backend_cmd.split() + [bench.loopback_pod_ip(0), str(bench.BACKEND_PORT)]
         else:
-            backend = [str(bins / "switchyard-bench-backend"), "--listen", bench.loopback_pod_ip(0),
+            # The same addresses as `make bench`: pod i on bench.loopback_pod_ip(i).
+            backend = [str(bins / "switchyard-bench-backend"), "--loopback-pods", str(args.pods),
                        "--port", str(bench.BACKEND_PORT), "--stream-chunks", str(bench.STREAM_CHUNKS)]
         bench.start("backend", backend, workdir)
         bench.start("controller", [str(bins / "switchyard-controller"), "--config-dir", str(config_dir),
                                    "--xds-addr", bench.CONTROLLER_XDS, "--metrics-addr", bench.CONTROLLER_ADMIN,
-                                   "--scrape-interval", bench.SCRAPE_INTERVAL], workdir)
+                                   "--scrape-interval", bench.SCRAPE_INTERVAL,
+                                   "--debug-port", str(CONTROLLER_DEBUG_PORT)], workdir)
         dataplane = [args.dataplane or str(bins / "switchyard-dataplane"), "--controller", f"http://{bench.CONTROLLER_XDS}",
                      "--host", "127.0.0.1", "--port", str(bench.DATAPLANE_PORT),
                      "--metrics-port", str(bench.DATAPLANE_METRICS_PORT),
@@ -111,14 +126,20 @@ def main():
         process = bench.start("dataplane", dataplane, workdir)
         base = f"http://127.0.0.1:{bench.DATAPLANE_PORT}"
         bench.wait_for("dataplane ready", lambda: bench.http_get(base + "/readyz")[0] == 200, timeout=120)
+        debug = f"http://127.0.0.1:{bench.DATAPLANE_DEBUG_PORT}/debug/routing/table"
+        bench.wait_for(f"dataplane snapshot with {args.pods} pods",
+                       lambda: bench.http_get(debug, timeout=30)[1].count(b"127.0.") >= args.pods, timeout=120)
         url = base + "/v1/chat/completions"
-        cases = list(CASES)
+        wanted = args.cases.split(",") if args.cases else (None if args.pods == 1 else ["chat"])
+        cases = [case for case in CASES if wanted is None or case[1] in wanted]
         if args.paced:
             cases.append(("streaming, paced", "stream"))
         for label, body_name in cases:
             body = bodies[body_name]
             headers = (f"{bench.PACED_HEADER}: {bench.PACED_CHUNK_INTERVAL_US}",) if "paced" in label else ()
-            oha_count(url, body, WARMUP_REQUESTS, headers)
+            # Every pod served a few requests before counting: its pooled
+            # connection is open, as in a long saturation run.
+            oha_count(url, body, WARMUP_REQUESTS + WARMUP_REQUESTS_PER_POD * args.pods, headers)
             if args.syscalls:
                 trace_file = keep / f"strace-{body_name}.txt"
                 strace = subprocess.Popen(["strace", "-c", "-f", "-o", str(trace_file), "-p", str(process.pid)],

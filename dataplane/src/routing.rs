@@ -3,8 +3,8 @@
 //! it is applied; the request path only reads it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -49,6 +49,10 @@ pub struct Server {
     pub retry_interval: Duration,
     /// Ready pods, in snapshot order.
     pub pods: Vec<Arc<PodState>>,
+    /// The ids of `pods`, in order, gathered by the first [`Server::pod_ids`]:
+    /// a pick among many pods reads every id, from one array instead of
+    /// one pod state each.
+    pub pod_ids: OnceLock<Box<[u64]>>,
     /// Spreads ties between equally loaded pods (per worker: no counter
     /// shared by all requests).
     pub rotation: PerWorker<AtomicUsize>,
@@ -73,11 +77,18 @@ impl Server {
             retry_attempts: 0,
             retry_interval: Duration::ZERO,
             pods,
+            pod_ids: OnceLock::new(),
             rotation: Default::default(),
             outlier: OutlierDetector::new(Default::default(), Default::default()),
             prefill_decode: None,
             provider: None,
         }
+    }
+
+    /// The ids of [`Server::pods`], in order.
+    pub fn pod_ids(&self) -> &[u64] {
+        self.pod_ids
+            .get_or_init(|| self.pods.iter().map(|pod| pod.id).collect())
     }
 
     /// Whether a request sent here now has a pod that is not ejected (for a
@@ -526,6 +537,25 @@ mod tests {
 
     fn server(key: &str) -> Arc<Server> {
         Arc::new(Server::for_tests(key, Vec::new()))
+    }
+
+    #[test]
+    fn pod_ids_are_the_pods_ids_in_order() {
+        let pods: Vec<Arc<PodState>> = (0..5u16)
+            .map(|i| {
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i));
+                Arc::new(
+                    PodState::new(format!("default/p{i}"), format!("p{i}"), addr).expect("valid"),
+                )
+            })
+            .collect();
+        let server = Server::for_tests("default/s", pods);
+        let expected: Vec<u64> = server.pods.iter().map(|pod| pod.id).collect();
+        assert_eq!(server.pod_ids(), expected.as_slice());
+        assert!(
+            std::ptr::eq(server.pod_ids(), server.pod_ids()),
+            "gathered once"
+        );
     }
 
     fn count_picks(targets: &WeightedTargets, n: usize) -> HashMap<String, usize> {

@@ -170,17 +170,22 @@ impl RoutingTable {
     /// ModelServers wake `ejections` when they eject a pod.
     pub fn build(
         version: &str,
-        config: pb::RouteConfig,
+        mut config: pb::RouteConfig,
         previous_pods: &HashMap<String, Arc<PodState>>,
         scheduling: &Arc<SchedulingShared>,
         rate_limiting: &RateLimiting,
         ejections: &Arc<EjectionNotifier>,
         fairness: &Fairness,
     ) -> Result<Self, SnapshotError> {
+        // Encoded first: the endpoints are dropped as they are built.
+        let source = SourceConfig::new(&config);
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
         let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
         let mut servers = Vec::with_capacity(config.servers.len());
-        for server in &config.servers {
+        // Each decoded ModelServer (its endpoints: most of a big snapshot's
+        // decoded bytes) is freed once built, so the decoded config and the
+        // table it becomes are not both whole in memory at the peak.
+        for server in std::mem::take(&mut config.servers) {
             let outlier = OutlierDetector::new(
                 OutlierSettings::resolve(
                     server.outlier_detection.as_ref(),
@@ -188,7 +193,8 @@ impl RoutingTable {
                 ),
                 ejections.clone(),
             );
-            let built = build_server(server, previous_pods, &mut pods, outlier)?;
+            let built = build_server(&server, previous_pods, &mut pods, outlier)?;
+            drop(server);
             if servers_by_key
                 .insert(built.key.clone(), built.clone())
                 .is_some()
@@ -214,13 +220,13 @@ impl RoutingTable {
             providers.push(built);
         }
         let mut pools = HashMap::with_capacity(config.inference_pools.len());
-        for pool in &config.inference_pools {
+        for pool in std::mem::take(&mut config.inference_pools) {
             // The router configuration's outlier detection covers pools too.
             let outlier = OutlierDetector::new(
                 OutlierSettings::resolve(None, config.outlier_detection.as_ref()),
                 ejections.clone(),
             );
-            let built = build_pool(pool, previous_pods, &mut pods, outlier)?;
+            let built = build_pool(&pool, previous_pods, &mut pods, outlier)?;
             if pools.insert(built.key.clone(), built.clone()).is_some() {
                 return Err(SnapshotError::DuplicatePool(built.key.clone()));
             }
@@ -253,10 +259,13 @@ impl RoutingTable {
         // Last: they change the budgets and queues in use, so nothing may
         // fail after them.
         let rate_limits = rate_limiting.apply(plan);
-        let fairness = fairness.apply(
-            fairness_settings,
-            pods_by_model(&config.routes, &servers_by_key),
-        );
+        // Only fair queues read the pods by model.
+        let models = if fairness_settings.is_some() {
+            pods_by_model(&config.routes, &servers_by_key)
+        } else {
+            HashMap::new()
+        };
+        let fairness = fairness.apply(fairness_settings, models);
         Ok(Self {
             version: version.to_owned(),
             applied_at: clock::wall_now(),
@@ -266,7 +275,7 @@ impl RoutingTable {
             index,
             pods,
             models_body,
-            source: SourceConfig::new(&config),
+            source,
             scheduler,
             gateways,
             authenticator,
@@ -351,6 +360,7 @@ fn build_server(
         retry_attempts: policy.retry_attempts,
         retry_interval: Duration::from_millis(policy.retry_interval_ms),
         pods: server_pods,
+        pod_ids: Default::default(),
         rotation: Default::default(),
         outlier,
         prefill_decode,
@@ -391,6 +401,7 @@ fn build_provider(
         retry_attempts: 0,
         retry_interval: Duration::ZERO,
         pods: Vec::new(),
+        pod_ids: Default::default(),
         rotation: Default::default(),
         // Never consulted: a provider has no pods to eject.
         outlier,
@@ -424,6 +435,7 @@ fn build_pool(
         retry_attempts: 0,
         retry_interval: Duration::ZERO,
         pods: endpoints,
+        pod_ids: Default::default(),
         rotation: Default::default(),
         outlier,
         prefill_decode: None,

@@ -572,7 +572,8 @@ fn tcp_sockets(pid: u32) -> std::collections::HashMap<String, TcpSocket> {
 /// How long a process's RSS must go without falling by 1 MiB
 /// to count as settled: longer than the dataplane's allocator takes to give
 /// freed memory back (jemalloc, with background threads, purges freed pages
-/// over its 10 s `dirty_decay_ms`), so what is still resident then is held.
+/// over its `dirty_decay_ms`, 1 s as `.cargo/config.toml` builds it), so what
+/// is still resident then is held.
 pub const SETTLE_QUIET: Duration = Duration::from_secs(12);
 /// A fall in RSS this large means the allocator is still returning memory.
 const SETTLE_STEP_KIB: u64 = 1024;

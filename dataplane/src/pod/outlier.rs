@@ -222,7 +222,12 @@ impl PodHealth {
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {
-        monotonic_ms(now) < self.ejected_until_ms.load(Ordering::Relaxed)
+        self.is_ejected_at(EjectionClock::at(now))
+    }
+
+    /// [`PodHealth::is_ejected`] at a time converted once for many pods.
+    pub fn is_ejected_at(&self, now: EjectionClock) -> bool {
+        now.0 < self.ejected_until_ms.load(Ordering::Relaxed)
     }
 
     /// How long the pod stays ejected from `now`, if it is.
@@ -398,6 +403,17 @@ fn millis(duration: Duration) -> i64 {
 /// Milliseconds from the first call in this process, so an instant fits in
 /// an atomic. Signed: an instant before that first call (a paused test
 /// clock started earlier) still compares correctly.
+/// A time on the clock ejections are kept on: a pick that checks many pods
+/// converts its `now` once.
+#[derive(Debug, Clone, Copy)]
+pub struct EjectionClock(i64);
+
+impl EjectionClock {
+    pub fn at(now: Instant) -> Self {
+        Self(monotonic_ms(now))
+    }
+}
+
 pub(super) fn monotonic_ms(at: Instant) -> i64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(clock::now);

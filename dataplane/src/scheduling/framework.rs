@@ -30,6 +30,7 @@ use super::plugins::{
 use super::prefix::{SharedPrefixIndex, hash_prompt};
 use super::sample::{self, Pool, SAMPLED_CANDIDATES};
 use crate::pod::is_fresh;
+use crate::pod::outlier::EjectionClock;
 use crate::request::PromptField;
 use crate::routing::{PrefillDecode, Server};
 
@@ -493,14 +494,18 @@ impl Scheduler {
                 sample,
             } = scratch;
             let mut sampled = pool.len() > self.sample_above && {
-                pod_ids.clear();
-                pod_ids.extend(
-                    pool.indices()
-                        .map(|i| server.pods.get(i).map_or(0, |p| p.id)),
-                );
+                let ids = match pool {
+                    Pool::All(count) => server.pod_ids().get(..count).unwrap_or_default(),
+                    Pool::Among(indices) => {
+                        let all = server.pod_ids();
+                        pod_ids.clear();
+                        pod_ids.extend(indices.iter().map(|i| all.get(*i).copied().unwrap_or(0)));
+                        &pod_ids[..]
+                    }
+                };
                 nominated.clear();
                 for scoring in &self.scorers {
-                    scoring.plugin.nominate(pod_ids, input, nominated);
+                    scoring.plugin.nominate(ids, input, nominated);
                 }
                 nominated.sort_unstable();
                 nominated.dedup();
@@ -603,6 +608,7 @@ impl Scheduler {
         candidates: &mut Vec<Candidate>,
     ) {
         candidates.clear();
+        let ejection_now = EjectionClock::at(now);
         for index in indices {
             let Some(pod) = server.pods.get(index) else {
                 continue;
@@ -617,7 +623,7 @@ impl Scheduler {
                 // A failure in a row counts as one more request in
                 // flight: a pod that fails fast never looks idle.
                 in_flight: pod.in_flight() + pod.health.failure_load(),
-                ejected: pod.is_ejected(now),
+                ejected: pod.health.is_ejected_at(ejection_now),
                 load,
                 any_load,
             });
@@ -707,7 +713,7 @@ struct FrameworkScratch {
     scores: Vec<u32>,
     /// [`rank_key`]s of the candidates.
     order: Vec<u64>,
-    /// The ids of a sampled pool's pods, in pool order.
+    /// The ids of a sampled subset's pods, in pool order.
     pod_ids: Vec<u64>,
     /// Positions in the pool the scorers nominated for the sample.
     nominated: Vec<usize>,

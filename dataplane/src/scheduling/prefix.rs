@@ -27,6 +27,9 @@ const INDEX_SHARDS: usize = 64;
 /// Pods remembered per prefix block: a prefix spilled by the load bound
 /// lives on a few pods; more would only keep stale owners.
 const OWNERS_PER_BLOCK: usize = 4;
+/// Distinct owners [`PrefixIndex::matches`] remembers having looked for
+/// (a few cache lines on the stack; beyond them it just searches again).
+const SEEN_OWNERS: usize = 32;
 /// Pods that get a match score at most, as in the Kthena router (`topKMatches`).
 pub const TOP_K_MATCHES: usize =
     switchyard_snapshot::scheduler::prefix_cache::TOP_K_MATCHES as usize;
@@ -524,6 +527,12 @@ impl PrefixIndex {
     pub fn matches(&self, hashes: &[u64], pod_ids: &[u64], out: &mut [usize]) {
         out.fill(0);
         let mut found = 0;
+        // Owners already looked for: the same pods hold most blocks of a
+        // prompt, and among many pods each search is a scan of `pod_ids`.
+        // A pod seen at a longer prefix keeps that match (or is not in
+        // `pod_ids`), so seeing it again changes nothing.
+        let mut seen = [0u64; SEEN_OWNERS];
+        let mut seen_len = 0;
         for (index, &hash) in hashes.iter().enumerate().rev() {
             let owners = {
                 let shard = self.shard(hash).lock();
@@ -537,6 +546,13 @@ impl PrefixIndex {
                 }
             };
             for owner in owners.iter().filter(|owner| **owner != 0) {
+                if seen[..seen_len].contains(owner) {
+                    continue;
+                }
+                if seen_len < SEEN_OWNERS {
+                    seen[seen_len] = *owner;
+                    seen_len += 1;
+                }
                 if let Some(slot) = pod_ids.iter().position(|id| id == owner)
                     && out[slot] == 0
                 {
@@ -763,6 +779,42 @@ mod tests {
         let mut out = [0; 3];
         index.matches(&[1, 2, 3, 4, 5], &[10, 20, 30], &mut out);
         assert_eq!(out, [4, 2, 0]);
+    }
+
+    #[test]
+    fn matches_agree_with_a_search_per_block_however_many_owners_repeat() {
+        // 48 pods (more than SEEN_OWNERS) hold prefixes of 1..=48 blocks,
+        // interleaved with 4 pods of another server holding all 48.
+        let index = PrefixIndex::new(100_000);
+        let hashes: Vec<u64> = (1..=48).collect();
+        for pod in 0..48u64 {
+            index.record(&hashes[..=pod as usize], 1000 + pod);
+            if pod % 3 == 0 {
+                index.record(&hashes, 100 + pod % 4);
+            }
+        }
+        let pod_ids: Vec<u64> = (0..48).map(|pod| 1000 + pod).rev().collect();
+        let mut out = vec![0; pod_ids.len()];
+        index.matches(&hashes, &pod_ids, &mut out);
+        // The same walk, searching `pod_ids` for every owner of every block.
+        let mut expected = vec![0; pod_ids.len()];
+        let mut found = 0;
+        for (block, hash) in hashes.iter().enumerate().rev() {
+            let owners = index.shard(*hash).lock().current.get(hash).copied();
+            for owner in owners.unwrap_or_default().iter().filter(|o| **o != 0) {
+                if let Some(slot) = pod_ids.iter().position(|id| id == owner)
+                    && expected[slot] == 0
+                {
+                    expected[slot] = block + 1;
+                    found += 1;
+                }
+            }
+            if found >= TOP_K_MATCHES {
+                break;
+            }
+        }
+        assert!(found > 0);
+        assert_eq!(out, expected);
     }
 
     #[test]

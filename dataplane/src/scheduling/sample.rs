@@ -23,6 +23,7 @@ use std::sync::{Arc, OnceLock};
 use switchyard_runtime::clock::Instant;
 
 use crate::pod::PodState;
+use crate::pod::outlier::EjectionClock;
 
 /// Candidates above which a pick scores a sample: the window's size. 64
 /// healthy pods hold a pod as idle as the idlest of 1,000 most of the time,
@@ -85,10 +86,14 @@ pub fn fill(
         return false;
     }
     let start = window_start(turn, total);
+    let now = EjectionClock::at(now);
     let mut position = start;
     for _ in 0..total {
         let index = pool.index(position);
-        if !nominated.contains(&position) && pods.get(index).is_some_and(|pod| !pod.is_ejected(now))
+        if !nominated.contains(&position)
+            && pods
+                .get(index)
+                .is_some_and(|pod| !pod.health.is_ejected_at(now))
         {
             sample.push(index);
             if sample.len() == SAMPLED_CANDIDATES {
