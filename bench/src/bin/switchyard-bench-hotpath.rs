@@ -38,16 +38,7 @@ fn ns_per_op(mut op: impl FnMut()) -> f64 {
 }
 
 fn table(candidates: usize) -> Option<RoutingTable> {
-    RoutingTable::build(
-        "v1",
-        snapshot(candidates, false),
-        &HashMap::new(),
-        &Default::default(),
-        &Default::default(),
-        &Default::default(),
-        &Default::default(),
-    )
-    .ok()
+    RoutingTable::standalone("v1", snapshot(candidates, false)).ok()
 }
 
 fn main() {

@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap as EnvoyHeaders, Metada
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders};
 use switchyard_snapshot::pb;
-use switchyard_snapshot::test_builders::{pod, route_config};
+use switchyard_snapshot::test_builders::{inference_pool, route_config};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -22,18 +22,7 @@ const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hello"}
 
 fn store(endpoints: &[(&str, &str, u32)]) -> Arc<SnapshotStore> {
     let mut config = route_config(Vec::new(), Vec::new());
-    config.inference_pools = vec![pb::InferencePool {
-        namespace: "default".into(),
-        name: "pool".into(),
-        endpoints: endpoints
-            .iter()
-            .map(|(name, ip, port)| pb::Endpoint {
-                port: *port,
-                ..pod(name, ip)
-            })
-            .collect(),
-        generation: 1,
-    }];
+    config.inference_pools = vec![inference_pool("pool", endpoints)];
     let store = Arc::new(SnapshotStore::new());
     store
         .apply_route_config("v1", config)

@@ -806,14 +806,7 @@ mod tests {
     }
 
     fn pod(name: &str) -> Arc<PodState> {
-        Arc::new(
-            PodState::new(
-                format!("default/{name}"),
-                name.into(),
-                SocketAddr::from(([127, 0, 0, 1], 8000)),
-            )
-            .expect("pod"),
-        )
+        PodState::for_tests(name, SocketAddr::from(([127, 0, 0, 1], 8000)))
     }
 
     /// A queue for model `m` over `pods` pods.

@@ -6,15 +6,8 @@ use super::{
     Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, fill_unknown,
 };
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::gpu_usage::SPEC,
-    filter: None,
-    score: Some(build_scorer),
-};
-
-fn build_scorer(_: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
-    Ok(Box::new(GpuUsage))
-}
+pub const IMPLEMENTATION: Implementation =
+    Implementation::scorer(&scheduler::gpu_usage::SPEC, |_| Ok(Box::new(GpuUsage)));
 
 #[derive(Debug)]
 struct GpuUsage;

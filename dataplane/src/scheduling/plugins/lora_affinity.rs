@@ -5,15 +5,8 @@ use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
 use super::{Candidate, FilterError, FilterPlugin, Implementation, PluginContext, PluginInput};
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::lora_affinity::SPEC,
-    filter: Some(build_filter),
-    score: None,
-};
-
-fn build_filter(_: &PluginContext<'_>) -> Result<Box<dyn FilterPlugin>, SchedulerConfigError> {
-    Ok(Box::new(LoraAffinity))
-}
+pub const IMPLEMENTATION: Implementation =
+    Implementation::filter(&scheduler::lora_affinity::SPEC, |_| Ok(Box::new(LoraAffinity)));
 
 #[derive(Debug)]
 struct LoraAffinity;
