@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use switchyard_crd::gateway_api::{GatewayStatusAddress, Listener, RouteGroupKind};
 use switchyard_crd::{GATEWAY_API_GROUP, Gateway, GatewayClass, ParentReference};
@@ -718,13 +719,15 @@ pub(crate) fn compile(
     scrape_targets: &mut Vec<crate::scrape::ScrapeTarget>,
 ) -> Stage {
     let mut reports = GatewayApiReports::default();
-    let ignore = |kind: &'static str,
-                  metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-                  reason: &str| IgnoredObject {
+    let ignore = |kind: &'static str, metadata: &ObjectMeta, reason: &str| IgnoredObject {
         kind,
         namespace: metadata.namespace.clone(),
         name: metadata.name.clone().unwrap_or_default(),
         reason: reason.to_owned(),
+    };
+    let duplicate = |kind: &'static str, metadata: &ObjectMeta| {
+        let reason = format!("another {kind} of this namespace and name came earlier in the input");
+        ignore(kind, metadata, &reason)
     };
 
     let mut inference_pools = Vec::new();
@@ -741,11 +744,7 @@ pub(crate) fn compile(
         }
         let key = key_of(&pool.metadata);
         if !first_of_its_name(&mut present, key) {
-            reports.ignored.push(ignore(
-                "InferencePool",
-                &pool.metadata,
-                "another InferencePool of this namespace and name came earlier in the input",
-            ));
+            reports.ignored.push(duplicate("InferencePool", &pool.metadata));
             continue;
         }
         let (compiled, report) = inference_pools::compile_pool(pool, pods);
@@ -809,11 +808,7 @@ pub(crate) fn compile(
     for route in objects.http_routes {
         let key = key_of(&route.metadata);
         if !first_of_its_name(&mut seen, key) {
-            reports.ignored.push(ignore(
-                "HTTPRoute",
-                &route.metadata,
-                "another HTTPRoute of this namespace and name came earlier in the input",
-            ));
+            reports.ignored.push(duplicate("HTTPRoute", &route.metadata));
             continue;
         }
         let compiled = http_routes::compile_http_route(route, &gateways.index, &known_pools);
