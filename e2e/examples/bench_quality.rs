@@ -27,7 +27,7 @@ use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use switchyard_e2e::prefix_workload::{self, EngineCounters, PrefixWorkload, QualityRow};
+use switchyard_e2e::prefix_workload::{self, PrefixWorkload, QualityRow};
 use switchyard_e2e::sim_stack::{SIM_MODEL, SimStack, SimStackOptions, words};
 use switchyard_runtime::clock;
 
@@ -202,28 +202,11 @@ async fn run_two_engines(
         scrape_interval: SCRAPE_INTERVAL,
     })
     .await;
-    let metrics: Vec<String> = (0..2).map(|pod| sim.engine_url(pod, "/metrics")).collect();
-    let mut before = Vec::new();
-    for url in &metrics {
-        before.push(
-            EngineCounters::read(sim.http(), url)
-                .await
-                .expect("engine metrics"),
-        );
-    }
-    let urls: Vec<String> = sim.stack.dataplanes.iter().map(|d| d.url("")).collect();
     let workload = PrefixWorkload {
         seed,
         ..PrefixWorkload::two_engines(SIM_MODEL)
     };
-    let run = workload.run(sim.http(), &urls).await;
-    let mut engines = Vec::new();
-    for (url, before) in metrics.iter().zip(&before) {
-        let after = EngineCounters::read(sim.http(), url)
-            .await
-            .expect("engine metrics");
-        engines.push(after.since(before));
-    }
+    let (run, engines) = sim.run_workload(&workload, 2).await;
     QualityRow {
         strategy: strategy.to_owned(),
         dataplanes,
