@@ -1025,7 +1025,7 @@ impl SnapshotSink for SnapshotStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_snapshot::test_builders::{route, route_config, server};
+    use switchyard_snapshot::test_builders::{pd_group, route, route_config, server};
 
     fn config() -> pb::RouteConfig {
         route_config(
@@ -1437,15 +1437,6 @@ mod tests {
             groups,
         });
         config
-    }
-
-    fn pd_group(name: &str, prefill: &[&str], decode: &[&str]) -> pb::PdGroup {
-        let names = |pods: &[&str]| pods.iter().map(|pod| (*pod).to_owned()).collect();
-        pb::PdGroup {
-            name: name.into(),
-            prefill: names(prefill),
-            decode: names(decode),
-        }
     }
 
     #[test]

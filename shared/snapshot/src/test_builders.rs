@@ -127,6 +127,16 @@ pub fn ejection(pod: &str) -> pb::PodEjection {
     }
 }
 
+/// A prefill/decode group `name` of the pods named in `prefill` and `decode`.
+pub fn pd_group(name: &str, prefill: &[&str], decode: &[&str]) -> pb::PdGroup {
+    let names = |pods: &[&str]| pods.iter().map(|pod| (*pod).to_owned()).collect();
+    pb::PdGroup {
+        name: name.into(),
+        prefill: names(prefill),
+        decode: names(decode),
+    }
+}
+
 /// A RouteConfig of `routes` and `servers`, with the default scheduler.
 pub fn route_config(routes: Vec<pb::ModelRoute>, servers: Vec<pb::ModelServer>) -> pb::RouteConfig {
     pb::RouteConfig {
