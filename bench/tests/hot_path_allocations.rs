@@ -8,7 +8,6 @@
 //! region is being measured.
 
 use std::alloc::System;
-use std::collections::HashMap;
 
 use bytes::Bytes;
 use http::HeaderMap;

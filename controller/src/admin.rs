@@ -462,7 +462,9 @@ mod tests {
     /// Publishes an empty RouteConfig generated at `generated_at_unix_ms`.
     fn publish_empty(state: &AdminState, generated_at_unix_ms: i64) -> PublishResult {
         let empty = pb::RouteConfig::default();
-        state.publisher.publish_route_config(empty, generated_at_unix_ms)
+        state
+            .publisher
+            .publish_route_config(empty, generated_at_unix_ms)
     }
 
     /// `GET path` on the listener serving it.

@@ -6,7 +6,6 @@
 
 mod support;
 
-
 use http::Method;
 use serde_json::json;
 use switchyard_controller::cli::Args;

@@ -334,7 +334,7 @@ impl Admin {
         let now = clock::now();
         let mut pools = self.pools();
         pools.retain(|pool| {
-                pool.key.split_once('/').is_some_and(|(ns, pool_name)| {
+            pool.key.split_once('/').is_some_and(|(ns, pool_name)| {
                 pool_name == name && namespace.is_none_or(|wanted| wanted == ns)
             })
         });

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use tokio::net::TcpListener;
 use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind};
+use tokio::net::TcpListener;
 
 use crate::admin::Admin;
 use crate::cli::Args;
@@ -276,16 +276,25 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     });
     // The two admin ports serve their own views of the same state.
     let admin_ports: [(&'static str, TcpListener, AdminHandler); 2] = [
-        ("metrics server", metrics_listener, Admin::handle_metrics_port),
+        (
+            "metrics server",
+            metrics_listener,
+            Admin::handle_metrics_port,
+        ),
         ("debug server", debug_listener, Admin::handle_debug_port),
     ];
     for (name, listener, handle) in admin_ports {
         let admin = admin.clone();
         tasks.spawn_graceful(name, |stop| {
-            serve(listener, settings(ADMIN_MAX_CONNECTIONS), stop, move |request| {
-                let admin = admin.clone();
-                async move { handle(&admin, &request) }
-            })
+            serve(
+                listener,
+                settings(ADMIN_MAX_CONNECTIONS),
+                stop,
+                move |request| {
+                    let admin = admin.clone();
+                    async move { handle(&admin, &request) }
+                },
+            )
         });
     }
     if let (Some(port), Some(pool)) = (args.endpoint_picker_port, args.endpoint_picker_pool) {

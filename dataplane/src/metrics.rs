@@ -267,7 +267,7 @@ impl Resolved {
             .get_or_create(|| family.with_label_values(&[route, server]))
     }
 
-    fn target(&self, route: &str, server: &str) -> Option<&TargetSeries> {
+    fn target(&self, route: &str, server: &str) -> Option<&Arc<TargetSeries>> {
         self.upstream.get(route)?.get(server)
     }
 
@@ -1025,8 +1025,12 @@ impl ModelMetrics {
         let f = &self.families;
         let model = self.name.as_str();
         let remove_phases = |labels: &[&str; 3]| {
-            let _ = f.request_prefill_duration_seconds.remove_label_values(labels);
-            let _ = f.request_decode_duration_seconds.remove_label_values(labels);
+            let _ = f
+                .request_prefill_duration_seconds
+                .remove_label_values(labels);
+            let _ = f
+                .request_decode_duration_seconds
+                .remove_label_values(labels);
         };
         for path in PathLabel::ALL {
             let p = path.as_str();

@@ -122,18 +122,23 @@ impl SimStack {
         let metrics: Vec<String> = (0..engines)
             .map(|pod| self.engine_url(pod, "/metrics"))
             .collect();
-        let read = |url: &str| EngineCounters::read(self.http(), url);
         let mut before = Vec::new();
         for url in &metrics {
-            before.push(read(url).await.expect("engine metrics"));
+            before.push(self.engine_counters(url).await);
         }
         let urls: Vec<String> = self.stack.dataplanes.iter().map(|d| d.url("")).collect();
         let run = workload.run(self.http(), &urls).await;
         let mut counted = Vec::new();
         for (url, before) in metrics.iter().zip(&before) {
-            counted.push(read(url).await.expect("engine metrics").since(before));
+            counted.push(self.engine_counters(url).await.since(before));
         }
         (run, counted)
+    }
+
+    async fn engine_counters(&self, metrics_url: &str) -> EngineCounters {
+        EngineCounters::read(self.http(), metrics_url)
+            .await
+            .expect("engine metrics")
     }
 
     /// Posts a completion through dataplane `dataplane`; returns (status, pod that answered, body).

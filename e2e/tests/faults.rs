@@ -13,7 +13,8 @@ use http::StatusCode;
 use switchyard_e2e::harness::{WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
     HostileStack, accepted_on, exchange, h2, open_idle_flood, open_slowloris, post, read_outcome,
-    read_until_closed, report_figure, rss_kib, rss_settled, trickle_body, trickle_until_closed, with_header_line,
+    read_until_closed, report_figure, rss_kib, rss_settled, trickle_body, trickle_until_closed,
+    with_header_line,
 };
 use switchyard_runtime::clock;
 use tokio::io::AsyncWriteExt;

@@ -9,8 +9,8 @@ use http::StatusCode;
 use switchyard_e2e::harness::{ENGINE_PORT, WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
     HostileStack, RawOutcome, accepted_on, exchange, h2, open_fds, open_idle_flood, open_slowloris,
-    post, read_outcome, read_until_closed, report_figure, rss_after, rss_kib, trickle_body, trickle_until_closed,
-    with_header_line,
+    post, read_outcome, read_until_closed, report_figure, rss_after, rss_kib, trickle_body,
+    trickle_until_closed, with_header_line,
 };
 use switchyard_runtime::clock;
 use tokio::io::AsyncWriteExt;

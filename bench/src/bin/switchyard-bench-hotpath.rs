@@ -5,7 +5,6 @@
 //! prints it after the end-to-end table.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::Duration;
 

@@ -84,7 +84,11 @@ fn assert_mentions(message: &str, fragment: &str) {
 fn assert_rejected(report: &ObjectReport, reason: Reason, fragment: &str, description: &str) {
     let accepted = &report.accepted;
     assert!(!accepted.status, "{description}");
-    assert_eq!(accepted.reason, reason, "{description}: {}", accepted.message);
+    assert_eq!(
+        accepted.reason, reason,
+        "{description}: {}",
+        accepted.message
+    );
     assert!(
         accepted.message.contains(fragment),
         "{description}: {:?} does not contain {fragment:?}",
@@ -139,10 +143,25 @@ fn routing_only(mut config: pb::RouteConfig) -> pb::RouteConfig {
 /// The guide's ModelServers: (name, workload labels, model after
 /// `deepseek-ai/DeepSeek-R1-Distill-`, engine); port 8000, timeout 10s.
 const GUIDE_SERVERS: [(&str, &str, &str, &str); 4] = [
-    ("deepseek-r1-1-5b", "app: deepseek-r1-1-5b", "Qwen-1.5B", "vLLM"),
+    (
+        "deepseek-r1-1-5b",
+        "app: deepseek-r1-1-5b",
+        "Qwen-1.5B",
+        "vLLM",
+    ),
     ("deepseek-r1-7b", "app: deepseek-r1-7b", "Qwen-7B", "SGLang"),
-    ("deepseek-r1-1-5b-v1", "app: deepseek-r1-1-5b, version: v1", "Qwen-1.5B-v1", "vLLM"),
-    ("deepseek-r1-1-5b-v2", "app: deepseek-r1-1-5b, version: v2", "Qwen-1.5B-v2", "vLLM"),
+    (
+        "deepseek-r1-1-5b-v1",
+        "app: deepseek-r1-1-5b, version: v1",
+        "Qwen-1.5B-v1",
+        "vLLM",
+    ),
+    (
+        "deepseek-r1-1-5b-v2",
+        "app: deepseek-r1-1-5b, version: v2",
+        "Qwen-1.5B-v2",
+        "vLLM",
+    ),
 ];
 
 const GUIDE_ROUTES: &str = r#"
@@ -720,7 +739,10 @@ fn a_rule_left_without_targets_is_dropped_so_requests_fall_through() {
     assert_eq!(rule_names(&compiled), ["stable"]);
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
     assert_eq!(report.resolved_refs.reason, Reason::BackendNotFound);
-    assert_mentions(&report.resolved_refs.message, "spec.rules[0]: no target with a weight above 0 is left; rule dropped");
+    assert_mentions(
+        &report.resolved_refs.message,
+        "spec.rules[0]: no target with a weight above 0 is left; rule dropped",
+    );
 }
 
 #[test]
@@ -768,7 +790,10 @@ fn a_target_on_a_rejected_server_is_dropped_and_says_so() {
     let compiled = compile_objects(&[simple_route("r", "broken")], &[bad_server], &[]);
     assert!(compiled.route_config.routes.is_empty());
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
-    assert_mentions(&report.resolved_refs.message, "ModelServer default/broken was not accepted");
+    assert_mentions(
+        &report.resolved_refs.message,
+        "ModelServer default/broken was not accepted",
+    );
 }
 
 #[test]
@@ -778,7 +803,10 @@ fn targets_resolve_in_the_routes_namespace_only() {
     let compiled = compile_objects(&[simple_route("r", "s")], &[other], &[]);
     assert!(compiled.route_config.routes.is_empty());
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
-    assert_mentions(&report.resolved_refs.message, "ModelServer default/s not found");
+    assert_mentions(
+        &report.resolved_refs.message,
+        "ModelServer default/s not found",
+    );
 }
 
 #[test]
@@ -858,7 +886,10 @@ spec:
     let compiled = compile_objects(&routes, &[], &[]);
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
     assert_eq!(report.accepted.reason, Reason::InvalidRules);
-    assert_mentions(&report.accepted.message, "a route with loraAdapters cannot target an ExternalModelProvider");
+    assert_mentions(
+        &report.accepted.message,
+        "a route with loraAdapters cannot target an ExternalModelProvider",
+    );
 }
 
 #[test]
@@ -884,7 +915,10 @@ fn duplicates_keep_the_first_object_read() {
     assert_eq!(route_reports.len(), 2);
     assert!(route_reports[0].accepted.status);
     assert_eq!(route_reports[1].accepted.reason, Reason::Duplicate);
-    assert_mentions(&route_reports[1].accepted.message, "another ModelRoute default/r came earlier");
+    assert_mentions(
+        &route_reports[1].accepted.message,
+        "another ModelRoute default/r came earlier",
+    );
     let server_reports: Vec<&ObjectReport> = compiled
         .reports
         .iter()
@@ -967,7 +1001,10 @@ fn a_server_without_pods_stays_in_the_snapshot_with_no_endpoints() {
     assert!(report.accepted.status);
     assert!(!report.resolved_refs.status);
     assert_eq!(report.resolved_refs.reason, Reason::NoMatchingPods);
-    assert_mentions(&report.resolved_refs.message, "{app=s} selects no pod in namespace default");
+    assert_mentions(
+        &report.resolved_refs.message,
+        "{app=s} selects no pod in namespace default",
+    );
     assert_eq!((report.ready_pods, report.total_pods), (Some(0), Some(0)));
 }
 

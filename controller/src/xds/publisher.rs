@@ -330,7 +330,13 @@ mod tests {
             loads
         };
 
-        let has_update = || publisher.endpoint_loads().expect("published").update.is_some();
+        let has_update = || {
+            publisher
+                .endpoint_loads()
+                .expect("published")
+                .update
+                .is_some()
+        };
 
         let first = publisher.publish_endpoint_loads(all(1.0), 1);
         assert!(!has_update());

@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use http::{HeaderMap, Method};
 use switchyard_snapshot::pb;
-use switchyard_snapshot::test_builders::{inference_pool as pool, pod, route, route_config, server};
+use switchyard_snapshot::test_builders::{inference_pool as pool, route, route_config, server};
 
 use super::http_routes::HttpRequestFacts;
 use super::*;

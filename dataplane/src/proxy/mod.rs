@@ -914,7 +914,10 @@ mod tests {
         config.servers[0].prefill_decode = Some(pb::PrefillDecode {
             kv_connector: pb::KvConnector::Nixl.into(),
             group_label: "group".into(),
-            groups: vec![pd_group("g0", &["p0"], &["p1"]), pd_group("g1", &["p2"], &[])],
+            groups: vec![
+                pd_group("g0", &["p0"], &["p1"]),
+                pd_group("g1", &["p2"], &[]),
+            ],
         });
         harness_of(config, ScriptedUpstream::per_pod(scripts))
     }

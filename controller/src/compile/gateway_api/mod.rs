@@ -744,7 +744,9 @@ pub(crate) fn compile(
         }
         let key = key_of(&pool.metadata);
         if !first_of_its_name(&mut present, key) {
-            reports.ignored.push(duplicate("InferencePool", &pool.metadata));
+            reports
+                .ignored
+                .push(duplicate("InferencePool", &pool.metadata));
             continue;
         }
         let (compiled, report) = inference_pools::compile_pool(pool, pods);
@@ -808,7 +810,9 @@ pub(crate) fn compile(
     for route in objects.http_routes {
         let key = key_of(&route.metadata);
         if !first_of_its_name(&mut seen, key) {
-            reports.ignored.push(duplicate("HTTPRoute", &route.metadata));
+            reports
+                .ignored
+                .push(duplicate("HTTPRoute", &route.metadata));
             continue;
         }
         let compiled = http_routes::compile_http_route(route, &gateways.index, &known_pools);

@@ -10,7 +10,9 @@ use super::{
 };
 
 pub const IMPLEMENTATION: Implementation =
-    Implementation::filter_and_scorer(&scheduler::least_request::SPEC, build_filter, |_| Ok(Box::new(LeastRequestScorer)));
+    Implementation::filter_and_scorer(&scheduler::least_request::SPEC, build_filter, |_| {
+        Ok(Box::new(LeastRequestScorer))
+    });
 
 fn build_filter(
     context: &PluginContext<'_>,
