@@ -165,6 +165,20 @@ impl SourceConfig {
 }
 
 impl RoutingTable {
+    /// [`RoutingTable::build`] of a first snapshot with state of its own
+    /// (scheduling, rate limits, ejections, fairness): for tests and benches.
+    pub fn standalone(version: &str, config: pb::RouteConfig) -> Result<Self, SnapshotError> {
+        Self::build(
+            version,
+            config,
+            &HashMap::new(),
+            &Arc::default(),
+            &RateLimiting::default(),
+            &Arc::default(),
+            &Fairness::default(),
+        )
+    }
+
     /// Validates `config` and builds the table, reusing `previous_pods` so
     /// in-flight counts, loads and ejections survive the swap; its
     /// ModelServers wake `ejections` when they eject a pod.
@@ -1011,7 +1025,7 @@ impl SnapshotSink for SnapshotStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_snapshot::test_builders::{route, route_config, server};
+    use switchyard_snapshot::test_builders::{pd_group, route, route_config, server};
 
     fn config() -> pb::RouteConfig {
         route_config(
@@ -1294,11 +1308,8 @@ mod tests {
 
     fn ejection(pod: &str, until_unix_ms: i64) -> pb::PodEjection {
         pb::PodEjection {
-            namespace: "default".into(),
-            pod: pod.into(),
             until_unix_ms,
-            reason: "5xx".into(),
-            ..Default::default()
+            ..switchyard_snapshot::test_builders::ejection(pod)
         }
     }
 
@@ -1399,16 +1410,7 @@ mod tests {
             lora_adapters: vec!["lora-B".into(), "lora-A".into()],
             ..route("lora", "", "s")
         });
-        let table = RoutingTable::build(
-            "v",
-            c,
-            &HashMap::new(),
-            &Arc::default(),
-            &RateLimiting::default(),
-            &Arc::default(),
-            &Fairness::default(),
-        )
-        .expect("valid");
+        let table = RoutingTable::standalone("v", c).expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");
         let ids: Vec<&str> = body["data"]
             .as_array()
@@ -1435,15 +1437,6 @@ mod tests {
             groups,
         });
         config
-    }
-
-    fn pd_group(name: &str, prefill: &[&str], decode: &[&str]) -> pb::PdGroup {
-        let names = |pods: &[&str]| pods.iter().map(|pod| (*pod).to_owned()).collect();
-        pb::PdGroup {
-            name: name.into(),
-            prefill: names(prefill),
-            decode: names(decode),
-        }
     }
 
     #[test]

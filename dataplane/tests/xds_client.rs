@@ -11,7 +11,7 @@ use switchyard_dataplane::auth::UnknownKeyIds;
 use switchyard_dataplane::xds_client::{self, ControllerStatus, SnapshotSink, XdsClientConfig};
 use switchyard_snapshot::pb::routing_discovery_server::{RoutingDiscovery, RoutingDiscoveryServer};
 use switchyard_snapshot::pb::snapshot_response::Resource;
-use switchyard_snapshot::test_builders::one_route;
+use switchyard_snapshot::test_builders::{self, one_route};
 use switchyard_snapshot::{
     ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb,
 };
@@ -292,11 +292,8 @@ impl RecordingSink {
     /// Ejects `pod` and wakes the client.
     fn eject(&self, pod: &str) {
         self.ejections.lock().ejections.push(pb::PodEjection {
-            namespace: "default".into(),
-            pod: pod.into(),
             remaining_ms: 10_000,
-            reason: "5xx".into(),
-            ..Default::default()
+            ..test_builders::ejection(pod)
         });
         self.ejected.send_modify(|count| *count += 1);
     }
