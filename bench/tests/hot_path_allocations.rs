@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use prost::Message as _;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use switchyard_bench::{CHAT_RESPONSE, STREAM_CHUNK, STREAM_TAIL, chat_body, snapshot};
 use switchyard_dataplane::request::parse_body;
@@ -55,7 +56,7 @@ const CANDIDATE_PODS: usize = 1000;
 fn table() -> RoutingTable {
     RoutingTable::build(
         "v1",
-        snapshot(CANDIDATE_PODS, true),
+        snapshot(CANDIDATE_PODS, true).encode_to_vec().into(),
         &HashMap::new(),
         &Default::default(),
         &Default::default(),

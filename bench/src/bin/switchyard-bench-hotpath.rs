@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use prost::Message as _;
 use switchyard_bench::{STREAM_CHUNK, chat_body, snapshot};
 use switchyard_dataplane::request::parse_body;
 use switchyard_dataplane::response::ResponseObserver;
@@ -40,7 +41,7 @@ fn ns_per_op(mut op: impl FnMut()) -> f64 {
 fn table(candidates: usize) -> Option<RoutingTable> {
     RoutingTable::build(
         "v1",
-        snapshot(candidates, false),
+        snapshot(candidates, false).encode_to_vec().into(),
         &HashMap::new(),
         &Default::default(),
         &Default::default(),
