@@ -1083,7 +1083,7 @@ pub struct ObservedStore {
 }
 
 impl SnapshotSink for ObservedStore {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
+    fn apply_route_config(&self, version: &str, config: bytes::Bytes) -> Result<(), Nack> {
         SnapshotSink::apply_route_config(&*self.store, version, config)?;
         if let Some(table) = self.store.table() {
             self.metrics.resolve(&table);
@@ -1092,7 +1092,7 @@ impl SnapshotSink for ObservedStore {
         Ok(())
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
+    fn apply_endpoint_loads(&self, version: &str, loads: bytes::Bytes) -> Result<(), Nack> {
         SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
     }
 

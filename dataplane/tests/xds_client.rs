@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
+use prost::Message as _;
 use switchyard_dataplane::auth::UnknownKeyIds;
 use switchyard_dataplane::xds_client::{self, ControllerStatus, SnapshotSink, XdsClientConfig};
 use switchyard_snapshot::pb::routing_discovery_server::{RoutingDiscovery, RoutingDiscoveryServer};
@@ -300,18 +302,18 @@ impl RecordingSink {
 }
 
 impl SnapshotSink for RecordingSink {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
+    fn apply_route_config(&self, version: &str, config: Bytes) -> Result<(), Nack> {
         assert_eq!(
-            config,
+            pb::RouteConfig::decode(config).expect("decodes"),
             route_config(),
             "the resource reaches the sink unchanged"
         );
         self.check(ResourceType::RouteConfig, version)
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
+    fn apply_endpoint_loads(&self, version: &str, loads: Bytes) -> Result<(), Nack> {
         assert_eq!(
-            loads,
+            pb::EndpointLoads::decode(loads).expect("decodes"),
             endpoint_loads(),
             "the resource reaches the sink unchanged"
         );
