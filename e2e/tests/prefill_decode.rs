@@ -437,12 +437,13 @@ async fn kthena_pd_examples_work_as_published() {
             2.0,
         ),
     ];
+    // A request is counted when its log record is written, just after its
+    // last byte reached the client: wait for the count rather than read once.
     for (name, labels, value) in expected {
-        assert_eq!(
-            metric(&stack, name, labels).await,
-            value,
-            "{name}{labels:?}"
-        );
+        wait_for(&format!("{name}{labels:?} = {value}"), || async {
+            (metric(&stack, name, labels).await == value).then_some(())
+        })
+        .await;
     }
 }
 
