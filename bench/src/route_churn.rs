@@ -177,10 +177,12 @@ fn compile(objects: &LocalObjects) -> (pb::RouteConfig, Duration) {
     (compiled.route_config, started.elapsed())
 }
 
-/// The dataplane's apply of `config` onto `sink`, timed.
+/// The dataplane's apply of `config` onto `sink` (decoding included, as
+/// from the wire), timed.
 fn apply(sink: &ObservedStore, version: &str, config: pb::RouteConfig) -> Result<Duration, String> {
+    let encoded = config.encode_to_vec().into();
     let started = clock::now();
-    sink.apply_route_config(version, config)
+    sink.apply_route_config(version, encoded)
         .map_err(|nack| format!("in-process apply of {version} rejected: {}", nack.message))?;
     sink.reclaim();
     Ok(started.elapsed())

@@ -8,7 +8,6 @@
 //! region is being measured.
 
 use std::alloc::System;
-use std::collections::HashMap;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -53,16 +52,8 @@ const MAX_ALLOCATIONS_PER_JSON_RESPONSE: f64 = 2.0;
 const CANDIDATE_PODS: usize = 1000;
 
 fn table() -> RoutingTable {
-    RoutingTable::build(
-        "v1",
-        snapshot(CANDIDATE_PODS, true),
-        &HashMap::new(),
-        &Default::default(),
-        &Default::default(),
-        &Default::default(),
-        &Default::default(),
-    )
-    .expect("the bench snapshot is valid")
+    RoutingTable::standalone("v1", snapshot(CANDIDATE_PODS, true))
+        .expect("the bench snapshot is valid")
 }
 
 /// One request's routing work, as the proxy does it before the upstream call.

@@ -441,7 +441,7 @@ fn endpoint_loads_json(loads: &pb::EndpointLoads) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xds::XdsMetrics;
+    use crate::xds::{PublishResult, XdsMetrics};
     use http_body_util::BodyExt;
     use switchyard_snapshot::test_builders as builders;
 
@@ -457,6 +457,14 @@ mod tests {
             fairness: Arc::default(),
         };
         (state, objects_sender)
+    }
+
+    /// Publishes an empty RouteConfig generated at `generated_at_unix_ms`.
+    fn publish_empty(state: &AdminState, generated_at_unix_ms: i64) -> PublishResult {
+        let empty = pb::RouteConfig::default();
+        state
+            .publisher
+            .publish_route_config(empty, generated_at_unix_ms)
     }
 
     /// `GET path` on the listener serving it.
@@ -503,9 +511,7 @@ mod tests {
         let held = body_json(get(&state, "/readyz")).await;
         assert_eq!(held["reason"], "the source holds no ModelRoute; ...");
 
-        let published = state
-            .publisher
-            .publish_route_config(pb::RouteConfig::default(), 1);
+        let published = publish_empty(&state, 1);
         let ready = get(&state, "/readyz");
         assert_eq!(ready.status(), StatusCode::OK);
         assert_eq!(
@@ -660,9 +666,7 @@ mod tests {
     #[tokio::test]
     async fn metrics_are_prometheus_text() {
         let (state, _objects) = state();
-        state
-            .publisher
-            .publish_route_config(pb::RouteConfig::default(), 5_000);
+        publish_empty(&state, 5_000);
         let response = get(&state, "/metrics");
         assert_eq!(response.status(), StatusCode::OK);
         let text = String::from_utf8(body_bytes(response).await.to_vec()).expect("UTF-8");
@@ -690,9 +694,7 @@ mod tests {
     #[tokio::test]
     async fn debug_views_are_only_on_the_debug_listener() {
         let (state, _objects) = state();
-        state
-            .publisher
-            .publish_route_config(pb::RouteConfig::default(), 1);
+        publish_empty(&state, 1);
         for path in [
             "/debug/objects",
             "/debug/snapshot",

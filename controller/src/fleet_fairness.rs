@@ -26,6 +26,7 @@ use switchyard_snapshot::pb;
 use tokio::sync::watch;
 
 use crate::router_config::RouterConfig;
+use crate::xds::first_entries;
 
 /// Entries read from one report: a dataplane tracks at most 10,000 users per
 /// model, and a faulty one cannot make us read more than this at once.
@@ -115,14 +116,12 @@ impl UsageTotals {
             );
             return;
         }
-        if report.usage.len() > MAX_USAGE_ENTRIES_PER_REPORT {
-            tracing::warn!(
-                node,
-                reported = report.usage.len(),
-                read = MAX_USAGE_ENTRIES_PER_REPORT,
-                "fairness usage report too long; reading its first entries only"
-            );
-        }
+        let usage = first_entries(
+            node,
+            "fairness usage",
+            &report.usage,
+            MAX_USAGE_ENTRIES_PER_REPORT,
+        );
         self.reporters.insert(
             report.reporter,
             ReporterSeen {
@@ -131,7 +130,7 @@ impl UsageTotals {
             },
         );
         self.changed = true;
-        for usage in report.usage.iter().take(MAX_USAGE_ENTRIES_PER_REPORT) {
+        for usage in usage {
             let readable = |name: &str| !name.is_empty() && name.len() <= MAX_NAME_BYTES;
             let usable = readable(&usage.model)
                 && readable(&usage.user)

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::router_config::MAX_EJECTION_TIME_LIMIT;
 use crate::scrape::PodKey;
+use crate::xds::first_entries;
 
 /// Entries read from one report: more pods than a dataplane ejects at once
 /// in any real fleet, and a bound on what a faulty one can make us hold.
@@ -63,20 +64,13 @@ impl EjectionBoard {
 
     /// Merges `node`'s report received at `now_unix_ms`; expired entries go.
     pub fn report(&self, node: &str, report: &pb::OutlierReport, now_unix_ms: i64) {
-        if report.ejections.len() > MAX_EJECTIONS_PER_REPORT {
-            tracing::warn!(
-                node,
-                reported = report.ejections.len(),
-                read = MAX_EJECTIONS_PER_REPORT,
-                "outlier report too long; reading its first entries only"
-            );
-        }
+        let ejections = first_entries(node, "outlier", &report.ejections, MAX_EJECTIONS_PER_REPORT);
         let limit_ms = i64::try_from(MAX_EJECTION_TIME_LIMIT.as_millis()).unwrap_or(i64::MAX);
         self.reported.send_if_modified(|reported| {
             let before = reported.clone();
             let board = Arc::make_mut(reported);
             board.retain(|_, ejection| ejection.until_unix_ms > now_unix_ms);
-            for ejection in report.ejections.iter().take(MAX_EJECTIONS_PER_REPORT) {
+            for ejection in ejections {
                 let remaining = i64::try_from(ejection.remaining_ms)
                     .unwrap_or(i64::MAX)
                     .min(limit_ms);

@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use http::Method;
 use serde_json::json;
 use switchyard_controller::cli::Args;
@@ -15,7 +13,9 @@ use switchyard_snapshot::pb;
 
 use support::dataplane::Dataplane;
 use support::fake_api::{FakeApi, Recorded};
-use support::kubernetes::{API_VERSION, condition, metadata, model_server, ready_pod, start, stop};
+use support::kubernetes::{
+    API_VERSION, condition, kubernetes_args, metadata, model_server, ready_pod, start, stop,
+};
 
 const GATEWAY_API: &str = "/apis/gateway.networking.k8s.io/v1";
 const INFERENCE_API: &str = "/apis/inference.networking.k8s.io/v1";
@@ -23,13 +23,12 @@ const CRD_API: &str = "/apis/networking.serving.volcano.sh/v1alpha1";
 
 fn args() -> Args {
     Args {
-        scrape_interval: Duration::from_millis(200),
         enable_gateway_api: true,
         enable_gateway_api_inference_extension: true,
         lease_namespace: "kthena-system".into(),
         gateway_class_name: "kthena-router".into(),
         gateway_addresses: vec!["192.0.2.10".into(), "gw.example.com".into()],
-        ..Args::for_test()
+        ..kubernetes_args()
     }
 }
 

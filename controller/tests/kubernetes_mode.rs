@@ -19,7 +19,9 @@ use switchyard_snapshot::pb;
 
 use support::dataplane::Dataplane;
 use support::fake_api::{DEADLINE, FakeApi, Recorded};
-use support::kubernetes::{API_VERSION, condition, metadata, model_server, ready_pod, start, stop};
+use support::kubernetes::{
+    API_VERSION, condition, kubernetes_args, metadata, model_server, ready_pod, start, stop,
+};
 use support::{GPU_USAGE_ROUTER_CONFIG, assert_gpu_usage_scheduler_shipped, shipped_scheduler};
 
 const ROUTES: &str = "/apis/networking.serving.volcano.sh/v1alpha1/modelroutes";
@@ -30,9 +32,8 @@ const README_TIME: &str = "2026-12-01T17:00:05Z";
 
 fn args() -> Args {
     Args {
-        scrape_interval: Duration::from_millis(200),
         controller_id: Some("switchyard-controller-7d9f-abcde".into()),
-        ..Args::for_test()
+        ..kubernetes_args()
     }
 }
 

@@ -255,11 +255,8 @@ async fn an_outlier_report_reaches_the_board_and_answers_nothing() {
         .send(pb::SnapshotRequest {
             outlier_report: Some(pb::OutlierReport {
                 ejections: vec![pb::PodEjection {
-                    namespace: "default".into(),
-                    pod: "p".into(),
                     remaining_ms: 30_000,
-                    reason: "5xx".into(),
-                    ..Default::default()
+                    ..switchyard_snapshot::test_builders::ejection("p")
                 }],
             }),
             ..Default::default()

@@ -40,7 +40,7 @@ use crate::listener_ports::PortStates;
 use crate::metrics::RouterMetrics;
 use crate::pod::PodState;
 use crate::proxy::{ProxyBody, readiness_response};
-use crate::routing::KvConnector;
+use crate::routing::{KvConnector, Server};
 use crate::scheduling::decisions::DECISION_SLOTS;
 use crate::snapshot::{RoutingTable, SnapshotStore};
 use crate::xds_client::ControllerStatus;
@@ -297,12 +297,18 @@ impl Admin {
         })
     }
 
-    fn inference_pools(&self) -> serde_json::Value {
+    /// The InferencePools of the snapshot in use.
+    fn pools(&self) -> Vec<Arc<Server>> {
         let table = self.store.table();
+        let pools = table.iter().flat_map(|table| table.gateways.pools.values());
+        pools.cloned().collect()
+    }
+
+    fn inference_pools(&self) -> serde_json::Value {
         let now = clock::now();
-        let mut pools: Vec<_> = table
+        let mut pools: Vec<_> = self
+            .pools()
             .iter()
-            .flat_map(|table| table.gateways.pools.values())
             .map(|pool| {
                 let (namespace, name) = pool.key.split_once('/').unwrap_or(("", &pool.key));
                 json!({
@@ -325,17 +331,13 @@ impl Admin {
     /// of the pools of that name (in `?namespace=` when given).
     fn pool_endpoints(&self, name: &str, query: Option<&str>) -> Response<ProxyBody> {
         let namespace = query_param(query, "namespace");
-        let table = self.store.table();
         let now = clock::now();
-        let mut pools: Vec<_> = table
-            .iter()
-            .flat_map(|table| table.gateways.pools.values())
-            .filter(|pool| {
-                pool.key.split_once('/').is_some_and(|(ns, pool_name)| {
-                    pool_name == name && namespace.is_none_or(|wanted| wanted == ns)
-                })
+        let mut pools = self.pools();
+        pools.retain(|pool| {
+            pool.key.split_once('/').is_some_and(|(ns, pool_name)| {
+                pool_name == name && namespace.is_none_or(|wanted| wanted == ns)
             })
-            .collect();
+        });
         if pools.is_empty() {
             return not_found(&format!("no InferencePool {name:?} in the snapshot"));
         }

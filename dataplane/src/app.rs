@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper::{Request, Response};
 use switchyard_runtime::{BindError, CancellationToken, TaskError, TaskSet, bind};
+use tokio::net::TcpListener;
 
 use crate::admin::Admin;
 use crate::cli::Args;
@@ -23,7 +26,7 @@ use crate::providers::ProviderClients;
 use crate::proxy::forward::Http1Upstream;
 use crate::proxy::log::Observer;
 use crate::proxy::log::access_log::{AccessLogConfig, AccessLogWriter};
-use crate::proxy::{BodyLimits, Proxy, ProxyConfig};
+use crate::proxy::{BodyLimits, Proxy, ProxyBody, ProxyConfig};
 use crate::rate_limit::RateLimiting;
 use crate::scheduling::SchedulingShared;
 use crate::scheduling::metrics::PluginMetrics;
@@ -35,6 +38,9 @@ use crate::xds_client::{self, ControllerStatus, XdsClientConfig};
 /// How long shutdown waits for every task: the servers give up draining
 /// after [`DRAIN_TIMEOUT`] themselves, so this only bounds a task stuck past it.
 pub const SHUTDOWN_GRACE_PERIOD: Duration = DRAIN_TIMEOUT.saturating_add(Duration::from_secs(2));
+
+/// Answers a request on one of the admin ports.
+type AdminHandler = fn(&Admin, &Request<Incoming>) -> Response<ProxyBody>;
 
 /// Why the dataplane could not run.
 #[derive(Debug, thiserror::Error)]
@@ -268,29 +274,29 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             stop,
         )
     });
-    let metrics_admin = admin.clone();
-    tasks.spawn_graceful("metrics server", |stop| {
-        serve(
+    // The two admin ports serve their own views of the same state.
+    let admin_ports: [(&'static str, TcpListener, AdminHandler); 2] = [
+        (
+            "metrics server",
             metrics_listener,
-            settings(ADMIN_MAX_CONNECTIONS),
-            stop,
-            move |request| {
-                let admin = metrics_admin.clone();
-                async move { admin.handle_metrics_port(&request) }
-            },
-        )
-    });
-    tasks.spawn_graceful("debug server", |stop| {
-        serve(
-            debug_listener,
-            settings(ADMIN_MAX_CONNECTIONS),
-            stop,
-            move |request| {
-                let admin = admin.clone();
-                async move { admin.handle_debug_port(&request) }
-            },
-        )
-    });
+            Admin::handle_metrics_port,
+        ),
+        ("debug server", debug_listener, Admin::handle_debug_port),
+    ];
+    for (name, listener, handle) in admin_ports {
+        let admin = admin.clone();
+        tasks.spawn_graceful(name, |stop| {
+            serve(
+                listener,
+                settings(ADMIN_MAX_CONNECTIONS),
+                stop,
+                move |request| {
+                    let admin = admin.clone();
+                    async move { handle(&admin, &request) }
+                },
+            )
+        });
+    }
     if let (Some(port), Some(pool)) = (args.endpoint_picker_port, args.endpoint_picker_pool) {
         let (listener, addr) = bind("endpoint picker", SocketAddr::new(args.host, port)).await?;
         tracing::info!(%addr, %pool, "endpoint picker (ext_proc) listening");

@@ -220,24 +220,31 @@ mod tests {
             .expect("a free port")
     }
 
+    /// The control side, opening the `wanted` ports but the `reserved` ones
+    /// for the workers behind `senders`; stops with `stop`.
+    fn start_control(
+        wanted: watch::Receiver<BTreeSet<u16>>,
+        reserved: BTreeSet<u16>,
+        senders: Vec<mpsc::UnboundedSender<PortListener>>,
+        stop: &CancellationToken,
+    ) -> (Arc<PortStates>, tokio::task::JoinHandle<()>) {
+        let states = Arc::new(PortStates::default());
+        let settings = PortSettings {
+            host: [127, 0, 0, 1].into(),
+            reserved,
+        };
+        let control = open_listener_ports(wanted, settings, states.clone(), senders, stop.clone());
+        (states, tokio::spawn(control))
+    }
+
     #[tokio::test]
     async fn every_worker_gets_its_own_listener_and_a_removed_port_closes() {
         let port = free_port();
         let (want, wanted) = watch::channel(BTreeSet::new());
         let (senders, mut receivers): (Vec<_>, Vec<_>) =
             (0..2).map(|_| mpsc::unbounded_channel()).unzip();
-        let states = Arc::new(PortStates::default());
         let stop = CancellationToken::new();
-        let control = tokio::spawn(open_listener_ports(
-            wanted,
-            PortSettings {
-                host: [127, 0, 0, 1].into(),
-                reserved: BTreeSet::from([1]),
-            },
-            states.clone(),
-            senders,
-            stop.clone(),
-        ));
+        let (states, control) = start_control(wanted, BTreeSet::from([1]), senders, &stop);
 
         // A reserved port is never opened; a Gateway's port is, once per worker.
         want.send_replace(BTreeSet::from([1, port]));
@@ -269,18 +276,8 @@ mod tests {
         let port = taken.local_addr().expect("addr").port();
         let (want, wanted) = watch::channel(BTreeSet::from([port]));
         let (sender, mut receiver) = mpsc::unbounded_channel();
-        let states = Arc::new(PortStates::default());
         let stop = CancellationToken::new();
-        let control = tokio::spawn(open_listener_ports(
-            wanted,
-            PortSettings {
-                host: [127, 0, 0, 1].into(),
-                reserved: BTreeSet::new(),
-            },
-            states.clone(),
-            vec![sender],
-            stop.clone(),
-        ));
+        let (states, control) = start_control(wanted, BTreeSet::new(), vec![sender], &stop);
         let deadline = clock::now() + Duration::from_secs(10);
         while !states.snapshot().get(&port).is_some_and(Result::is_err) {
             assert!(clock::now() < deadline, "the failure is reported");

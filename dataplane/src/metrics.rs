@@ -253,9 +253,7 @@ impl Resolved {
     /// The `active_upstream_requests` gauge of `route` sending to `server`.
     pub fn upstream_gauge(&self, route: &str, server: &str) -> Option<&IntGauge> {
         let family = self.upstream_family.as_ref()?;
-        self.upstream
-            .get(route)?
-            .get(server)?
+        self.target(route, server)?
             .active
             .get_or_create(|| family.with_label_values(&[route, server]))
     }
@@ -264,11 +262,13 @@ impl Resolved {
     /// left its target `server`.
     pub fn failovers(&self, route: &str, server: &str) -> Option<&IntCounter> {
         let family = self.failovers_family.as_ref()?;
-        self.upstream
-            .get(route)?
-            .get(server)?
+        self.target(route, server)?
             .failovers
             .get_or_create(|| family.with_label_values(&[route, server]))
+    }
+
+    fn target(&self, route: &str, server: &str) -> Option<&Arc<TargetSeries>> {
+        self.upstream.get(route)?.get(server)
     }
 
     /// The `upstream_connect_errors_total` counter of `server`.
@@ -475,62 +475,40 @@ impl RouterMetrics {
             registry,
         };
         metrics.declared = metrics.health.declared();
-        let (counter, gauge, histogram) = ("counter", "gauge", "histogram");
-        let collectors: Vec<(Box<dyn Collector>, &'static str)> = vec![
-            (Box::new(metrics.requests_total.clone()), counter),
-            (
-                Box::new(metrics.request_duration_seconds.clone()),
-                histogram,
-            ),
-            (
-                Box::new(metrics.request_prefill_duration_seconds.clone()),
-                histogram,
-            ),
-            (
-                Box::new(metrics.request_decode_duration_seconds.clone()),
-                histogram,
-            ),
-            (Box::new(metrics.active_downstream_requests.clone()), gauge),
-            (Box::new(metrics.active_upstream_requests.clone()), gauge),
-            (Box::new(metrics.tokens_total.clone()), counter),
-            (Box::new(metrics.fairness_queue_size.clone()), gauge),
-            (
-                Box::new(metrics.fairness_queue_duration_seconds.clone()),
-                histogram,
-            ),
-            (Box::new(metrics.rate_limit_exceeded_total.clone()), counter),
-            (
-                Box::new(metrics.time_to_first_token_seconds.clone()),
-                histogram,
-            ),
-            (
-                Box::new(metrics.time_per_output_token_seconds.clone()),
-                histogram,
-            ),
-            (
-                Box::new(metrics.upstream_connect_errors_total.clone()),
-                counter,
-            ),
-            (Box::new(metrics.pd_group_requests_total.clone()), counter),
-            (
-                Box::new(metrics.pd_group_routing_decisions.clone()),
-                counter,
-            ),
-            (
-                Box::new(metrics.pd_kv_transfer_params_total.clone()),
-                counter,
-            ),
-            (Box::new(metrics.pod_ejections_total.clone()), counter),
-            (Box::new(metrics.target_failovers_total.clone()), counter),
-            (Box::new(metrics.access_log_dropped_total.clone()), counter),
-            (Box::new(metrics.controller_connected.clone()), gauge),
-            (Box::new(metrics.snapshot_age_seconds.clone()), gauge),
-            (Box::new(metrics.snapshot_info.clone()), gauge),
-            (Box::new(metrics.pod_active_requests.clone()), gauge),
-            (Box::new(metrics.pod_requests_waiting.clone()), gauge),
-            (Box::new(metrics.pod_requests_running.clone()), gauge),
-            (Box::new(metrics.pod_kv_cache_usage.clone()), gauge),
-        ];
+        // Each family and its type, registered and listed in `declared`.
+        macro_rules! collectors {
+            ($($field:ident: $kind:literal,)*) => {
+                [$((Box::new(metrics.$field.clone()) as Box<dyn Collector>, $kind)),*]
+            };
+        }
+        let collectors = collectors! {
+            requests_total: "counter",
+            request_duration_seconds: "histogram",
+            request_prefill_duration_seconds: "histogram",
+            request_decode_duration_seconds: "histogram",
+            active_downstream_requests: "gauge",
+            active_upstream_requests: "gauge",
+            tokens_total: "counter",
+            fairness_queue_size: "gauge",
+            fairness_queue_duration_seconds: "histogram",
+            rate_limit_exceeded_total: "counter",
+            time_to_first_token_seconds: "histogram",
+            time_per_output_token_seconds: "histogram",
+            upstream_connect_errors_total: "counter",
+            pd_group_requests_total: "counter",
+            pd_group_routing_decisions: "counter",
+            pd_kv_transfer_params_total: "counter",
+            pod_ejections_total: "counter",
+            target_failovers_total: "counter",
+            access_log_dropped_total: "counter",
+            controller_connected: "gauge",
+            snapshot_age_seconds: "gauge",
+            snapshot_info: "gauge",
+            pod_active_requests: "gauge",
+            pod_requests_waiting: "gauge",
+            pod_requests_running: "gauge",
+            pod_kv_cache_usage: "gauge",
+        };
         for (collector, kind) in collectors {
             for desc in collector.desc() {
                 metrics
@@ -1046,6 +1024,14 @@ impl ModelMetrics {
     fn retire(&self) {
         let f = &self.families;
         let model = self.name.as_str();
+        let remove_phases = |labels: &[&str; 3]| {
+            let _ = f
+                .request_prefill_duration_seconds
+                .remove_label_values(labels);
+            let _ = f
+                .request_decode_duration_seconds
+                .remove_label_values(labels);
+        };
         for path in PathLabel::ALL {
             let p = path.as_str();
             if self.paths[path as usize].retire().is_some() {
@@ -1063,13 +1049,7 @@ impl ModelMetrics {
                 }
             }
             if self.phases[path as usize].retire().is_some() {
-                let labels = [model, p, "200"];
-                let _ = f
-                    .request_prefill_duration_seconds
-                    .remove_label_values(&labels);
-                let _ = f
-                    .request_decode_duration_seconds
-                    .remove_label_values(&labels);
+                remove_phases(&[model, p, "200"]);
             }
         }
         let others = self.others.lock().take().unwrap_or_default();
@@ -1080,12 +1060,7 @@ impl ModelMetrics {
                 .requests_total
                 .remove_label_values(&[labels[0], labels[1], labels[2], error_type]);
             let _ = f.request_duration_seconds.remove_label_values(&labels);
-            let _ = f
-                .request_prefill_duration_seconds
-                .remove_label_values(&labels);
-            let _ = f
-                .request_decode_duration_seconds
-                .remove_label_values(&labels);
+            remove_phases(&labels);
         }
         if self.active_downstream.retire().is_some() {
             let _ = f.active_downstream_requests.remove_label_values(&[model]);
@@ -1108,7 +1083,7 @@ pub struct ObservedStore {
 }
 
 impl SnapshotSink for ObservedStore {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
+    fn apply_route_config(&self, version: &str, config: bytes::Bytes) -> Result<(), Nack> {
         SnapshotSink::apply_route_config(&*self.store, version, config)?;
         if let Some(table) = self.store.table() {
             self.metrics.resolve(&table);
@@ -1117,7 +1092,7 @@ impl SnapshotSink for ObservedStore {
         Ok(())
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
+    fn apply_endpoint_loads(&self, version: &str, loads: bytes::Bytes) -> Result<(), Nack> {
         SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
     }
 
@@ -1184,16 +1159,7 @@ mod tests {
                 })
                 .collect(),
         );
-        RoutingTable::build(
-            "v",
-            config,
-            &HashMap::new(),
-            &Arc::default(),
-            &Default::default(),
-            &Arc::default(),
-            &Default::default(),
-        )
-        .expect("valid table")
+        RoutingTable::standalone("v", config).expect("valid table")
     }
 
     /// Every series of `metrics` with `label` = `value`.

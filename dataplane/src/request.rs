@@ -188,12 +188,17 @@ fn routing_fields(text: &str) -> Result<[Option<Range<usize>>; 6], ApiError> {
         }
         return Ok(spans);
     }
-    let fields: RoutingFields<'_> = serde_json::from_str(text).map_err(|error| {
+    serde_routing_fields(text).map_err(|error| {
         ApiError::new(
             ErrorKind::InvalidBody,
             format!("request body is not valid JSON: {error}"),
         )
-    })?;
+    })
+}
+
+/// [`routing_fields`] as serde reads them.
+fn serde_routing_fields(text: &str) -> Result<[Option<Range<usize>>; 6], serde_json::Error> {
+    let fields: RoutingFields<'_> = serde_json::from_str(text)?;
     let span_of = |raw: &RawValue| {
         let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
         start..start + raw.get().len()
@@ -539,20 +544,7 @@ mod tests {
     /// The spans serde finds, or serde's error: what `routing_fields` gave
     /// before the scan.
     fn by_serde(text: &str) -> Result<[Option<Range<usize>>; 6], String> {
-        let fields: RoutingFields<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let span_of = |raw: &RawValue| {
-            let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
-            start..start + raw.get().len()
-        };
-        Ok([
-            fields.model,
-            fields.stream,
-            fields.stream_options,
-            fields.prompt,
-            fields.messages,
-            fields.input,
-        ]
-        .map(|raw| raw.map(span_of)))
+        serde_routing_fields(text).map_err(|e| e.to_string())
     }
 
     #[test]

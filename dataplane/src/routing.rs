@@ -591,14 +591,9 @@ mod tests {
 
     #[test]
     fn pod_ids_are_the_pods_ids_in_order() {
-        let pods: Vec<Arc<PodState>> = (0..5u16)
-            .map(|i| {
-                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i));
-                Arc::new(
-                    PodState::new(format!("default/p{i}"), format!("p{i}"), addr).expect("valid"),
-                )
-            })
-            .collect();
+        let pods = PodState::numbered_for_tests(5, |i| {
+            std::net::SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16))
+        });
         let server = Server::for_tests("default/s", pods);
         let expected: Vec<u64> = server.pods.iter().map(|pod| pod.id).collect();
         let ids = server.pod_ids();
@@ -663,14 +658,8 @@ mod tests {
     fn server_with_pods(key: &str, pods: u8) -> Arc<Server> {
         let pods = (0..pods)
             .map(|i| {
-                Arc::new(
-                    PodState::new(
-                        format!("default/{key}-{i}"),
-                        format!("{key}-{i}"),
-                        std::net::SocketAddr::from(([127, 0, 0, i + 1], 8000)),
-                    )
-                    .expect("valid pod"),
-                )
+                let addr = std::net::SocketAddr::from(([127, 0, 0, i + 1], 8000));
+                PodState::for_tests(&format!("{key}-{i}"), addr)
             })
             .collect();
         Arc::new(Server::for_tests(key, pods))

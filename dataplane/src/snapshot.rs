@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use regex::Regex;
 use switchyard_runtime::clock;
-use switchyard_snapshot::{Nack, pb};
+use switchyard_snapshot::{Nack, pb, wire};
 use tokio::sync::watch;
 
 use crate::auth::{Authenticator, UnknownKeyIds};
@@ -95,6 +95,9 @@ pub enum SnapshotError {
     InvalidRateLimit(String),
     #[error("fairness: {0}")]
     InvalidFairness(String),
+    /// The resource is not well-formed protobuf (its envelope was).
+    #[error("does not decode: {0}")]
+    Malformed(#[from] prost::DecodeError),
     #[error(
         "EndpointLoads update applies to version {base:?}, but this dataplane holds {}",
         .applied.as_deref().map_or("none".to_owned(), |held| format!("{held:?}"))
@@ -112,6 +115,7 @@ impl SnapshotError {
     pub fn into_nack(self) -> Nack {
         let reason = match self {
             Self::LoadsBaseMismatch { .. } => pb::NackReason::UnknownBaseVersion,
+            Self::Malformed(_) => pb::NackReason::MalformedResponse,
             _ => pb::NackReason::InvalidResource,
         };
         Nack::new(reason, self.to_string())
@@ -146,46 +150,73 @@ pub struct RoutingTable {
     pub fairness: Option<Arc<FairQueues>>,
 }
 
-/// The RouteConfig a table was built from, kept encoded: debug dumps decode
-/// it when asked. Decoded, it was the largest part of a big snapshot's
-/// memory (about 1.1 KiB per pod, against 50 bytes encoded).
+/// The RouteConfig a table was built from, kept encoded as it came: debug
+/// dumps decode it when asked. Decoded, it was the largest part of a big
+/// snapshot's memory (about 1.1 KiB per pod, against 50 bytes encoded).
 #[derive(Debug)]
 pub struct SourceConfig(Bytes);
 
 impl SourceConfig {
-    fn new(config: &pb::RouteConfig) -> Self {
-        Self(Bytes::from(config.encode_to_vec()))
-    }
-
     /// The RouteConfig, decoded again.
     pub fn decode(&self) -> pb::RouteConfig {
-        // This process encoded it from a decoded message: it always decodes.
+        // The table was built from it: it decodes.
         pb::RouteConfig::decode(self.0.as_ref()).unwrap_or_default()
     }
 }
 
+/// `RouteConfig.servers` and `RouteConfig.inference_pools`: the parts of a
+/// RouteConfig that grow with the pods, decoded one ModelServer or pool at a
+/// time while the table is built. A big snapshot's decoded servers are about
+/// twelve times their encoded size (a label map per pod); decoded whole,
+/// they and the table being built were in memory at once.
+const SERVERS_FIELD: u32 = 2;
+const INFERENCE_POOLS_FIELD: u32 = 13;
+/// `EndpointLoads.loads`: one per pod, decoded one at a time.
+const LOADS_FIELD: u32 = 1;
+
 impl RoutingTable {
+    /// [`RoutingTable::build`] of a first snapshot with state of its own
+    /// (scheduling, rate limits, ejections, fairness): for tests and benches.
+    pub fn standalone(version: &str, config: pb::RouteConfig) -> Result<Self, SnapshotError> {
+        Self::build(
+            version,
+            config.encode_to_vec().into(),
+            &HashMap::new(),
+            &Arc::default(),
+            &RateLimiting::default(),
+            &Arc::default(),
+            &Fairness::default(),
+        )
+    }
+
     /// Validates `config` and builds the table, reusing `previous_pods` so
     /// in-flight counts, loads and ejections survive the swap; its
     /// ModelServers wake `ejections` when they eject a pod.
+    /// `encoded` is the RouteConfig as it came off the wire; its ModelServers
+    /// and InferencePools are decoded one at a time (see [`SERVERS_FIELD`]).
     pub fn build(
         version: &str,
-        mut config: pb::RouteConfig,
+        encoded: Bytes,
         previous_pods: &HashMap<String, Arc<PodState>>,
         scheduling: &Arc<SchedulingShared>,
         rate_limiting: &RateLimiting,
         ejections: &Arc<EjectionNotifier>,
         fairness: &Fairness,
     ) -> Result<Self, SnapshotError> {
-        // Encoded first: the endpoints are dropped as they are built.
-        let source = SourceConfig::new(&config);
+        let split = wire::split_fields(&encoded, &[SERVERS_FIELD, INFERENCE_POOLS_FIELD])?;
+        let config = pb::RouteConfig::decode(split.rest)?;
+        let encoded_parts = |field| {
+            split
+                .taken
+                .iter()
+                .filter(move |(tag, _)| *tag == field)
+                .map(|(_, part)| part.clone())
+        };
         let mut pods: HashMap<String, Arc<PodState>> = HashMap::new();
         let mut servers_by_key: HashMap<String, Arc<Server>> = HashMap::new();
-        let mut servers = Vec::with_capacity(config.servers.len());
-        // Each decoded ModelServer (its endpoints: most of a big snapshot's
-        // decoded bytes) is freed once built, so the decoded config and the
-        // table it becomes are not both whole in memory at the peak.
-        for server in std::mem::take(&mut config.servers) {
+        let mut servers = Vec::with_capacity(encoded_parts(SERVERS_FIELD).count());
+        for encoded_server in encoded_parts(SERVERS_FIELD) {
+            let server = pb::ModelServer::decode(encoded_server)?;
             let outlier = OutlierDetector::new(
                 OutlierSettings::resolve(
                     server.outlier_detection.as_ref(),
@@ -219,8 +250,9 @@ impl RoutingTable {
             }
             providers.push(built);
         }
-        let mut pools = HashMap::with_capacity(config.inference_pools.len());
-        for pool in std::mem::take(&mut config.inference_pools) {
+        let mut pools = HashMap::new();
+        for encoded_pool in encoded_parts(INFERENCE_POOLS_FIELD) {
+            let pool = pb::InferencePool::decode(encoded_pool)?;
             // The router configuration's outlier detection covers pools too.
             let outlier = OutlierDetector::new(
                 OutlierSettings::resolve(None, config.outlier_detection.as_ref()),
@@ -275,7 +307,7 @@ impl RoutingTable {
             index,
             pods,
             models_body,
-            source,
+            source: SourceConfig(encoded),
             scheduler,
             gateways,
             authenticator,
@@ -821,13 +853,22 @@ impl SnapshotStore {
         version: &str,
         config: pb::RouteConfig,
     ) -> Result<(), SnapshotError> {
+        self.apply_encoded_route_config(version, Bytes::from(config.encode_to_vec()))
+    }
+
+    /// Applies a RouteConfig as it came off the wire (see [`RoutingTable::build`]).
+    pub fn apply_encoded_route_config(
+        &self,
+        version: &str,
+        encoded: Bytes,
+    ) -> Result<(), SnapshotError> {
         let loads = self.loads.lock();
         let previous = self.table.load_full();
         let empty = HashMap::new();
         let previous_pods = previous.as_ref().map_or(&empty, |table| &table.pods);
         let table = RoutingTable::build(
             version,
-            config,
+            encoded,
             previous_pods,
             &self.scheduling,
             &self.rate_limiting,
@@ -901,16 +942,35 @@ impl SnapshotStore {
         version: &str,
         update: pb::EndpointLoads,
     ) -> Result<(), SnapshotError> {
-        let mut held = self.loads.lock();
-        let table = self.table.load_full();
-        let keyed = |mut load: pb::EndpointLoad| {
+        self.apply_encoded_endpoint_loads(version, Bytes::from(update.encode_to_vec()))
+    }
+
+    /// Applies an EndpointLoads as it came off the wire: each pod's load is
+    /// decoded on its own into the `Arc` pods share, not into one list of
+    /// every load first.
+    pub fn apply_encoded_endpoint_loads(
+        &self,
+        version: &str,
+        encoded: Bytes,
+    ) -> Result<(), SnapshotError> {
+        let split = wire::split_fields(&encoded, &[LOADS_FIELD])?;
+        let update = pb::EndpointLoads::decode(split.rest)?;
+        let keyed = |(_, encoded_load): &(u32, Bytes)| {
+            let mut load = pb::EndpointLoad::decode(encoded_load.clone())?;
             let key = switchyard_snapshot::object_key(&load.namespace, &load.pod);
             // The key names the pod from now on: one copy of the name per
             // pod instead of three (a tenth of a big snapshot's loads).
             load.namespace = String::new();
             load.pod = String::new();
-            (key, Arc::new(load))
+            Ok::<_, prost::DecodeError>((key, Arc::new(load)))
         };
+        // Decoded whole before anything changes: a load that does not decode
+        // rejects the update.
+        let loads: HashMap<String, Arc<pb::EndpointLoad>> =
+            split.taken.iter().map(keyed).collect::<Result<_, _>>()?;
+        drop((split.taken, encoded));
+        let mut held = self.loads.lock();
+        let table = self.table.load_full();
         // Whole in every response, update or not: they replace what is held.
         self.fairness
             .apply_counters(update.fairness_counters.as_ref());
@@ -923,7 +983,6 @@ impl SnapshotStore {
             })
             .collect();
         if update.base_version.is_empty() {
-            let loads: HashMap<_, _> = update.loads.into_iter().map(keyed).collect();
             if let Some(table) = &table {
                 for pod in table.pods.values() {
                     pod.set_load(loads.get(&pod.load_key).cloned());
@@ -949,12 +1008,10 @@ impl SnapshotStore {
                 .iter()
                 .map(|gone| switchyard_snapshot::object_key(&gone.namespace, &gone.pod))
                 .collect();
-            let changed: HashMap<String, Arc<pb::EndpointLoad>> =
-                update.loads.into_iter().map(keyed).collect();
             // One pass over the endpoints: a pod may be several (one per target port).
             if let Some(table) = &table {
                 for pod in table.pods.values() {
-                    if let Some(load) = changed.get(&pod.load_key) {
+                    if let Some(load) = loads.get(&pod.load_key) {
                         pod.set_load(Some(load.clone()));
                     } else if removed.contains(&pod.load_key) {
                         pod.set_load(None);
@@ -964,7 +1021,7 @@ impl SnapshotStore {
             for key in &removed {
                 current.loads.remove(key);
             }
-            current.loads.extend(changed);
+            current.loads.extend(loads);
             version.clone_into(&mut current.version);
             current.ejections = ejections;
         }
@@ -979,12 +1036,14 @@ impl SnapshotStore {
 }
 
 impl SnapshotSink for SnapshotStore {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
-        SnapshotStore::apply_route_config(self, version, config).map_err(SnapshotError::into_nack)
+    fn apply_route_config(&self, version: &str, config: Bytes) -> Result<(), Nack> {
+        SnapshotStore::apply_encoded_route_config(self, version, config)
+            .map_err(SnapshotError::into_nack)
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
-        SnapshotStore::apply_endpoint_loads(self, version, loads).map_err(SnapshotError::into_nack)
+    fn apply_endpoint_loads(&self, version: &str, loads: Bytes) -> Result<(), Nack> {
+        SnapshotStore::apply_encoded_endpoint_loads(self, version, loads)
+            .map_err(SnapshotError::into_nack)
     }
 
     fn reclaim(&self) {
@@ -1011,7 +1070,7 @@ impl SnapshotSink for SnapshotStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_snapshot::test_builders::{route, route_config, server};
+    use switchyard_snapshot::test_builders::{pd_group, route, route_config, server};
 
     fn config() -> pb::RouteConfig {
         route_config(
@@ -1294,11 +1353,8 @@ mod tests {
 
     fn ejection(pod: &str, until_unix_ms: i64) -> pb::PodEjection {
         pb::PodEjection {
-            namespace: "default".into(),
-            pod: pod.into(),
             until_unix_ms,
-            reason: "5xx".into(),
-            ..Default::default()
+            ..switchyard_snapshot::test_builders::ejection(pod)
         }
     }
 
@@ -1399,16 +1455,7 @@ mod tests {
             lora_adapters: vec!["lora-B".into(), "lora-A".into()],
             ..route("lora", "", "s")
         });
-        let table = RoutingTable::build(
-            "v",
-            c,
-            &HashMap::new(),
-            &Arc::default(),
-            &RateLimiting::default(),
-            &Arc::default(),
-            &Fairness::default(),
-        )
-        .expect("valid");
+        let table = RoutingTable::standalone("v", c).expect("valid");
         let body: serde_json::Value = serde_json::from_slice(&table.models_body).expect("json");
         let ids: Vec<&str> = body["data"]
             .as_array()
@@ -1435,15 +1482,6 @@ mod tests {
             groups,
         });
         config
-    }
-
-    fn pd_group(name: &str, prefill: &[&str], decode: &[&str]) -> pb::PdGroup {
-        let names = |pods: &[&str]| pods.iter().map(|pod| (*pod).to_owned()).collect();
-        pb::PdGroup {
-            name: name.into(),
-            prefill: names(prefill),
-            decode: names(decode),
-        }
     }
 
     #[test]

@@ -14,12 +14,14 @@ use std::time::{Duration, SystemTime};
 
 use http::Uri;
 
+use bytes::{Buf as _, Bytes};
 use parking_lot::Mutex;
+use prost::Message as _;
 use rand::Rng;
 use switchyard_runtime::clock;
-use switchyard_snapshot::pb::routing_discovery_client::RoutingDiscoveryClient;
-use switchyard_snapshot::pb::snapshot_response::Resource;
-use switchyard_snapshot::{ENDPOINT_LOADS_TYPE_URL, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb};
+use switchyard_snapshot::{
+    ENDPOINT_LOADS_TYPE_URL, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb, wire,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -69,12 +71,21 @@ const FAIRNESS_IDLE_CHECK: Duration = Duration::from_millis(500);
 /// response, and at most one response per type is un-ACKed, so a few slots suffice.
 const REQUEST_QUEUE_CAPACITY: usize = 8;
 
+/// The gRPC method the client calls.
+const STREAM_SNAPSHOTS_PATH: &str = "/switchyard.routing.v1.RoutingDiscovery/StreamSnapshots";
+/// Field numbers of `SnapshotResponse.resource`'s cases, kept encoded (see
+/// [`ReceivedResponse`]).
+const ROUTE_CONFIG_FIELD: u32 = 10;
+const ENDPOINT_LOADS_FIELD: u32 = 11;
+
 /// Where validated resources go. Implemented by the dataplane's snapshot store.
 pub trait SnapshotSink: Send + Sync + 'static {
-    /// Validate and apply atomically; `Err` is sent as the NACK, previous state kept.
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack>;
-    /// Validate and apply atomically; `Err` is sent as the NACK, previous state kept.
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack>;
+    /// Decode, validate and apply the encoded RouteConfig atomically; `Err`
+    /// is sent as the NACK, previous state kept.
+    fn apply_route_config(&self, version: &str, config: Bytes) -> Result<(), Nack>;
+    /// Decode, validate and apply the encoded EndpointLoads atomically;
+    /// `Err` is sent as the NACK, previous state kept.
+    fn apply_endpoint_loads(&self, version: &str, loads: Bytes) -> Result<(), Nack>;
     /// Frees what replaced snapshots still hold once no request uses them;
     /// called every [`RECLAIM_INTERVAL`] by [`run_on_own_thread`].
     fn reclaim(&self) {}
@@ -101,6 +112,94 @@ pub trait SnapshotSink: Send + Sync + 'static {
     /// it with `everything`); None when there is nothing to send now.
     fn fairness_usage_report(&self, _everything: bool) -> Option<pb::FairnessUsageReport> {
         None
+    }
+}
+
+/// A `SnapshotResponse` as it came off the stream: the envelope decoded,
+/// the resource still encoded. The sink decodes a resource a part at a time
+/// (a big RouteConfig's ModelServers one by one while it builds the table,
+/// so the whole decoded config is never in memory), and a resource of the
+/// version already applied is never decoded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReceivedResponse {
+    /// Every field but `resource` (None here).
+    pub envelope: pb::SnapshotResponse,
+    pub resource: Option<EncodedResource>,
+}
+
+/// `SnapshotResponse.resource`, encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EncodedResource {
+    RouteConfig(Bytes),
+    EndpointLoads(Bytes),
+}
+
+impl EncodedResource {
+    fn kind(&self) -> ResourceType {
+        match self {
+            Self::RouteConfig(_) => ResourceType::RouteConfig,
+            Self::EndpointLoads(_) => ResourceType::EndpointLoads,
+        }
+    }
+}
+
+impl ReceivedResponse {
+    /// Decodes an encoded `SnapshotResponse` but its resource.
+    pub fn decode(message: &Bytes) -> Result<Self, prost::DecodeError> {
+        let split = wire::split_fields(message, &[ROUTE_CONFIG_FIELD, ENDPOINT_LOADS_FIELD])?;
+        let envelope = pb::SnapshotResponse::decode(split.rest)?;
+        // A oneof: the case last on the wire is the one set.
+        let resource = split
+            .taken
+            .into_iter()
+            .next_back()
+            .map(|(field, encoded)| match field {
+                ROUTE_CONFIG_FIELD => EncodedResource::RouteConfig(encoded),
+                _ => EncodedResource::EndpointLoads(encoded),
+            });
+        Ok(Self { envelope, resource })
+    }
+}
+
+/// The controller stream's codec: requests encoded by prost, responses
+/// decoded as [`ReceivedResponse`].
+#[derive(Debug, Default)]
+struct SnapshotCodec;
+
+struct ReceivedDecoder;
+
+impl tonic::codec::Decoder for ReceivedDecoder {
+    type Item = ReceivedResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<ReceivedResponse>, tonic::Status> {
+        // Copied out: the applied RouteConfig is kept encoded (debug dumps)
+        // in an allocation of its own size, not in the stream's read buffer.
+        let mut message = vec![0; buf.remaining()];
+        buf.copy_to_slice(&mut message);
+        ReceivedResponse::decode(&Bytes::from(message))
+            .map(Some)
+            .map_err(|error| tonic::Status::internal(error.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for SnapshotCodec {
+    type Encode = pb::SnapshotRequest;
+    type Decode = ReceivedResponse;
+    type Encoder = tonic_prost::ProstEncoder<pb::SnapshotRequest>;
+    type Decoder = ReceivedDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<pb::SnapshotRequest, pb::SnapshotResponse>::raw_encoder(
+            tonic::codec::BufferSettings::default(),
+        )
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ReceivedDecoder
     }
 }
 
@@ -651,15 +750,21 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
             };
         }
         let channel = endpoint.connect_lazy();
-        let mut client = RoutingDiscoveryClient::new(channel)
-            .max_decoding_message_size(MAX_SNAPSHOT_MESSAGE_BYTES);
+        let mut client =
+            tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_SNAPSHOT_MESSAGE_BYTES);
         let mut request = tonic::Request::new(ReceiverStream::new(outgoing));
         if let Some(authorization) = &self.config.security.authorization {
             request
                 .metadata_mut()
                 .insert("authorization", authorization.clone());
         }
-        let mut responses = match client.stream_snapshots(request).await {
+        if let Err(error) = client.ready().await {
+            return StreamEnd::OpenFailed(tonic::Status::unavailable(format!(
+                "controller not ready: {error}"
+            )));
+        }
+        let path = http::uri::PathAndQuery::from_static(STREAM_SNAPSHOTS_PATH);
+        let mut responses = match client.streaming(request, path, SnapshotCodec).await {
             Ok(response) => response.into_inner(),
             Err(status) => return StreamEnd::OpenFailed(status),
         };
@@ -755,12 +860,13 @@ impl<S: SnapshotSink + ?Sized> Session<'_, S> {
     }
 
     /// Applies one response and builds its ACK or NACK, recording the outcome.
-    fn answer(&mut self, response: pb::SnapshotResponse) -> pb::SnapshotRequest {
-        let type_url = response.type_url.clone();
-        let version = response.version_info.clone();
-        let nonce = response.nonce.clone();
-        if !response.control_plane_id.is_empty() {
-            self.status.record_control_plane(&response.control_plane_id);
+    fn answer(&mut self, response: ReceivedResponse) -> pb::SnapshotRequest {
+        let type_url = response.envelope.type_url.clone();
+        let version = response.envelope.version_info.clone();
+        let nonce = response.envelope.nonce.clone();
+        if !response.envelope.control_plane_id.is_empty() {
+            self.status
+                .record_control_plane(&response.envelope.control_plane_id);
         }
         let kind = ResourceType::from_type_url(&type_url);
         match apply_response(self.sink, self.applied, response) {
@@ -863,10 +969,10 @@ struct Accepted {
 fn apply_response<S: SnapshotSink + ?Sized>(
     sink: &S,
     applied: &mut AppliedVersions,
-    response: pb::SnapshotResponse,
+    response: ReceivedResponse,
 ) -> Result<Accepted, Nack> {
     let malformed = |message: String| Nack::new(pb::NackReason::MalformedResponse, message);
-    let type_url = response.type_url;
+    let type_url = response.envelope.type_url;
     let kind = ResourceType::from_type_url(&type_url).ok_or_else(|| {
         Nack::new(
             pb::NackReason::UnknownType,
@@ -876,7 +982,7 @@ fn apply_response<S: SnapshotSink + ?Sized>(
             ),
         )
     })?;
-    let version = response.version_info;
+    let version = response.envelope.version_info;
     if version.is_empty() {
         return Err(malformed(format!(
             "response for {type_url:?} has an empty version_info"
@@ -892,14 +998,14 @@ fn apply_response<S: SnapshotSink + ?Sized>(
         });
     }
     match (kind, resource) {
-        (ResourceType::RouteConfig, Resource::RouteConfig(config)) => {
+        (ResourceType::RouteConfig, EncodedResource::RouteConfig(config)) => {
             sink.apply_route_config(&version, config)?;
         }
-        (ResourceType::EndpointLoads, Resource::EndpointLoads(loads)) => {
+        (ResourceType::EndpointLoads, EncodedResource::EndpointLoads(loads)) => {
             sink.apply_endpoint_loads(&version, loads)?;
         }
         (_, other) => {
-            let carried = match ResourceType::of(&other) {
+            let carried = match other.kind() {
                 ResourceType::RouteConfig => "a RouteConfig",
                 ResourceType::EndpointLoads => "an EndpointLoads",
             };
@@ -918,6 +1024,7 @@ fn apply_response<S: SnapshotSink + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_snapshot::pb::snapshot_response::Resource;
 
     const SAMPLES: usize = 2_000;
 
@@ -999,7 +1106,7 @@ mod tests {
     }
 
     impl SnapshotSink for RecordingSink {
-        fn apply_route_config(&self, version: &str, _: pb::RouteConfig) -> Result<(), Nack> {
+        fn apply_route_config(&self, version: &str, _: Bytes) -> Result<(), Nack> {
             if let Some(reason) = &self.reject_with {
                 return Err(Nack::invalid_resource(reason.clone()));
             }
@@ -1009,7 +1116,7 @@ mod tests {
             Ok(())
         }
 
-        fn apply_endpoint_loads(&self, version: &str, _: pb::EndpointLoads) -> Result<(), Nack> {
+        fn apply_endpoint_loads(&self, version: &str, _: Bytes) -> Result<(), Nack> {
             self.applied
                 .lock()
                 .push((ResourceType::EndpointLoads, version.to_owned()));
@@ -1017,14 +1124,51 @@ mod tests {
         }
     }
 
-    fn response(type_url: &str, version: &str, resource: Option<Resource>) -> pb::SnapshotResponse {
-        pb::SnapshotResponse {
+    /// A response as the stream hands it over.
+    fn response(type_url: &str, version: &str, resource: Option<Resource>) -> ReceivedResponse {
+        let response = pb::SnapshotResponse {
             type_url: type_url.to_owned(),
             version_info: version.to_owned(),
             nonce: "n".to_owned(),
             resource,
             ..Default::default()
+        };
+        ReceivedResponse::decode(&Bytes::from(response.encode_to_vec())).expect("decodes")
+    }
+
+    #[test]
+    fn a_received_response_keeps_its_resource_encoded() {
+        let config = pb::RouteConfig {
+            default_gateway: "default/gw".to_owned(),
+            ..Default::default()
+        };
+        let loads = pb::EndpointLoads {
+            base_version: "el-1".to_owned(),
+            ..Default::default()
+        };
+        for (resource, expected) in [
+            (
+                Resource::RouteConfig(config.clone()),
+                EncodedResource::RouteConfig(config.encode_to_vec().into()),
+            ),
+            (
+                Resource::EndpointLoads(loads.clone()),
+                EncodedResource::EndpointLoads(loads.encode_to_vec().into()),
+            ),
+        ] {
+            let received = response(ROUTE_CONFIG_TYPE_URL, "v-1", Some(resource));
+            assert_eq!(received.resource, Some(expected));
+            assert_eq!(
+                received.envelope,
+                pb::SnapshotResponse {
+                    type_url: ROUTE_CONFIG_TYPE_URL.to_owned(),
+                    version_info: "v-1".to_owned(),
+                    nonce: "n".to_owned(),
+                    ..Default::default()
+                }
+            );
         }
+        assert_eq!(response(ROUTE_CONFIG_TYPE_URL, "v-1", None).resource, None);
     }
 
     fn route_config() -> Option<Resource> {

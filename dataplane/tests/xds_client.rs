@@ -6,12 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
+use prost::Message as _;
 use switchyard_dataplane::auth::UnknownKeyIds;
 use switchyard_dataplane::xds_client::{self, ControllerStatus, SnapshotSink, XdsClientConfig};
 use switchyard_snapshot::pb::routing_discovery_server::{RoutingDiscovery, RoutingDiscoveryServer};
 use switchyard_snapshot::pb::snapshot_response::Resource;
-use switchyard_snapshot::test_builders::one_route;
+use switchyard_snapshot::test_builders::{self, one_route};
 use switchyard_snapshot::{
     ENDPOINT_LOADS_TYPE_URL, NACK_INVALID_ARGUMENT, Nack, ROUTE_CONFIG_TYPE_URL, ResourceType, pb,
 };
@@ -292,29 +294,26 @@ impl RecordingSink {
     /// Ejects `pod` and wakes the client.
     fn eject(&self, pod: &str) {
         self.ejections.lock().ejections.push(pb::PodEjection {
-            namespace: "default".into(),
-            pod: pod.into(),
             remaining_ms: 10_000,
-            reason: "5xx".into(),
-            ..Default::default()
+            ..test_builders::ejection(pod)
         });
         self.ejected.send_modify(|count| *count += 1);
     }
 }
 
 impl SnapshotSink for RecordingSink {
-    fn apply_route_config(&self, version: &str, config: pb::RouteConfig) -> Result<(), Nack> {
+    fn apply_route_config(&self, version: &str, config: Bytes) -> Result<(), Nack> {
         assert_eq!(
-            config,
+            pb::RouteConfig::decode(config).expect("decodes"),
             route_config(),
             "the resource reaches the sink unchanged"
         );
         self.check(ResourceType::RouteConfig, version)
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: pb::EndpointLoads) -> Result<(), Nack> {
+    fn apply_endpoint_loads(&self, version: &str, loads: Bytes) -> Result<(), Nack> {
         assert_eq!(
-            loads,
+            pb::EndpointLoads::decode(loads).expect("decodes"),
             endpoint_loads(),
             "the resource reaches the sink unchanged"
         );

@@ -27,7 +27,7 @@ use http_body_util::BodyExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use switchyard_e2e::prefix_workload::{self, EngineCounters, PrefixWorkload, QualityRow};
+use switchyard_e2e::prefix_workload::{self, PrefixWorkload, QualityRow};
 use switchyard_e2e::sim_stack::{SIM_MODEL, SimStack, SimStackOptions, words};
 use switchyard_runtime::clock;
 
@@ -104,14 +104,14 @@ struct Outcome {
     hit_rate: f64,
 }
 
-async fn run(router_config: &str, dataplanes: usize) -> Outcome {
-    let engines = env("BENCH_ENGINES", 4);
-    let requests = env("BENCH_REQUESTS", 240);
-    let rate = env("BENCH_RATE", 16) as f64;
-    let groups = env("BENCH_GROUPS", 16);
-    let seed = env("BENCH_SEED", 1) as u64;
-
-    let sim = SimStack::start(SimStackOptions {
+/// A simulated stack of `engines` engines, each started with `engine_args`.
+async fn start_sim(
+    engines: usize,
+    engine_args: fn() -> Vec<String>,
+    router_config: &str,
+    dataplanes: usize,
+) -> SimStack {
+    SimStack::start(SimStackOptions {
         engines,
         engine_args: &|_| engine_args(),
         router_config,
@@ -119,7 +119,17 @@ async fn run(router_config: &str, dataplanes: usize) -> Outcome {
         dataplanes,
         scrape_interval: SCRAPE_INTERVAL,
     })
-    .await;
+    .await
+}
+
+async fn run(router_config: &str, dataplanes: usize) -> Outcome {
+    let engines = env("BENCH_ENGINES", 4);
+    let requests = env("BENCH_REQUESTS", 240);
+    let rate = env("BENCH_RATE", 16) as f64;
+    let groups = env("BENCH_GROUPS", 16);
+    let seed = env("BENCH_SEED", 1) as u64;
+
+    let sim = start_sim(engines, engine_args, router_config, dataplanes).await;
     let (hits_before, queries_before) = sim.prefix_cache_totals().await;
 
     let mut rng = StdRng::seed_from_u64(seed);
@@ -193,37 +203,12 @@ async fn run_two_engines(
     dataplanes: usize,
     seed: u64,
 ) -> QualityRow {
-    let sim = SimStack::start(SimStackOptions {
-        engines: 2,
-        engine_args: &|_| two_engine_args(),
-        router_config,
-        lora_adapters: &[],
-        dataplanes,
-        scrape_interval: SCRAPE_INTERVAL,
-    })
-    .await;
-    let metrics: Vec<String> = (0..2).map(|pod| sim.engine_url(pod, "/metrics")).collect();
-    let mut before = Vec::new();
-    for url in &metrics {
-        before.push(
-            EngineCounters::read(sim.http(), url)
-                .await
-                .expect("engine metrics"),
-        );
-    }
-    let urls: Vec<String> = sim.stack.dataplanes.iter().map(|d| d.url("")).collect();
+    let sim = start_sim(2, two_engine_args, router_config, dataplanes).await;
     let workload = PrefixWorkload {
         seed,
         ..PrefixWorkload::two_engines(SIM_MODEL)
     };
-    let run = workload.run(sim.http(), &urls).await;
-    let mut engines = Vec::new();
-    for (url, before) in metrics.iter().zip(&before) {
-        let after = EngineCounters::read(sim.http(), url)
-            .await
-            .expect("engine metrics");
-        engines.push(after.since(before));
-    }
+    let (run, engines) = sim.run_workload(&workload, 2).await;
     QualityRow {
         strategy: strategy.to_owned(),
         dataplanes,

@@ -326,6 +326,18 @@ impl HttpResponse {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// Asserts the answer's `status` and that its body contains `fragment`.
+    #[track_caller]
+    pub fn assert_says(&self, status: u16, fragment: &str) {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert!(self.text().contains(fragment), "{}", self.text());
+    }
+
+    /// The mock engine pod that answered (`x-mock-pod`); panics without one.
+    pub fn mock_pod(&self) -> String {
+        self.header("x-mock-pod").expect("x-mock-pod").to_owned()
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(

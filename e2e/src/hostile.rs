@@ -303,6 +303,30 @@ pub async fn trickle_until_closed(
     }
 }
 
+/// A slow client's body: sends `body` in pieces of `piece` bytes, each
+/// followed by a read of up to `pace` (the pacing), until the server answers
+/// or closes; calls `each_piece` after every piece left unanswered. None when
+/// a write failed or the whole body went out unanswered.
+pub async fn trickle_body(
+    stream: &mut TcpStream,
+    body: &[u8],
+    piece: usize,
+    pace: Duration,
+    mut each_piece: impl FnMut(),
+) -> Option<RawOutcome> {
+    for piece in body.chunks(piece) {
+        if stream.write_all(piece).await.is_err() {
+            return None;
+        }
+        let outcome = read_outcome(stream, pace).await;
+        if !outcome.bytes.is_empty() || outcome.closed {
+            return Some(outcome);
+        }
+        each_piece();
+    }
+    None
+}
+
 /// Reads until `stream` closes, what was received is `complete`, or a read
 /// finds nothing by the deadline `next_deadline` gives for it.
 async fn read_until(

@@ -11,6 +11,7 @@ use http::StatusCode;
 use serde_json::Value;
 
 use crate::harness::{ENGINE_PORT, EngineSpec, HttpClient, Stack, TestPod, wait_for};
+use crate::prefix_workload::{EngineCounters, PrefixWorkload, Run};
 
 /// The model every simulated engine serves and the route matches.
 pub const SIM_MODEL: &str = "base";
@@ -109,6 +110,35 @@ impl SimStack {
     /// URL of `path` on engine `pod` directly (bypassing the dataplanes).
     pub fn engine_url(&self, pod: usize, path: &str) -> String {
         format!("http://{}:{ENGINE_PORT}{path}", self.engines[pod].ip)
+    }
+
+    /// Runs `workload` through every dataplane; returns the run and what each
+    /// of the first `engines` engines counted meanwhile.
+    pub async fn run_workload(
+        &self,
+        workload: &PrefixWorkload,
+        engines: usize,
+    ) -> (Run, Vec<EngineCounters>) {
+        let metrics: Vec<String> = (0..engines)
+            .map(|pod| self.engine_url(pod, "/metrics"))
+            .collect();
+        let mut before = Vec::new();
+        for url in &metrics {
+            before.push(self.engine_counters(url).await);
+        }
+        let urls: Vec<String> = self.stack.dataplanes.iter().map(|d| d.url("")).collect();
+        let run = workload.run(self.http(), &urls).await;
+        let mut counted = Vec::new();
+        for (url, before) in metrics.iter().zip(&before) {
+            counted.push(self.engine_counters(url).await.since(before));
+        }
+        (run, counted)
+    }
+
+    async fn engine_counters(&self, metrics_url: &str) -> EngineCounters {
+        EngineCounters::read(self.http(), metrics_url)
+            .await
+            .expect("engine metrics")
     }
 
     /// Posts a completion through dataplane `dataplane`; returns (status, pod that answered, body).

@@ -13,7 +13,8 @@ use http::StatusCode;
 use switchyard_e2e::harness::{WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
     HostileStack, accepted_on, exchange, h2, open_idle_flood, open_slowloris, post, read_outcome,
-    read_until_closed, report_figure, rss_kib, rss_settled, trickle_until_closed, with_header_line,
+    read_until_closed, report_figure, rss_kib, rss_settled, trickle_body, trickle_until_closed,
+    with_header_line,
 };
 use switchyard_runtime::clock;
 use tokio::io::AsyncWriteExt;
@@ -221,18 +222,10 @@ async fn a_slow_large_body_is_cut_at_the_minimum_rate() {
     stream.write_all(&head).await.expect("head");
     let started = clock::now();
     // 10 KB/s: 1 KB every 100 ms, until the router answers.
-    let mut answer = None;
-    for chunk in body.chunks(1000) {
-        if stream.write_all(chunk).await.is_err() {
-            break;
-        }
-        let outcome = read_outcome(&mut stream, Duration::from_millis(100)).await;
-        if !outcome.bytes.is_empty() || outcome.closed {
-            answer = Some(outcome);
-            break;
-        }
+    let answer = trickle_body(&mut stream, &body, 1000, Duration::from_millis(100), || {
         assert!(started.elapsed() < WAIT_DEADLINE, "never cut");
-    }
+    })
+    .await;
     let elapsed = started.elapsed();
     let answer = answer.expect("the router answered");
     assert_eq!(answer.status(), Some(408), "{}", answer.text());

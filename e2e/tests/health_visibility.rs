@@ -79,11 +79,7 @@ async fn model_server_and_load_balancing_health_show_real_values() {
             )
             .await;
         assert_eq!(response.status, StatusCode::OK, "{}", response.text());
-        let pod = response
-            .header("x-mock-pod")
-            .expect("x-mock-pod")
-            .to_owned();
-        *answered.entry(pod).or_default() += 1;
+        *answered.entry(response.mock_pod()).or_default() += 1;
     }
     // Two streams straight to the busy engine: one runs, one waits.
     let busy_url = format!("http://{}:{ENGINE_PORT}/v1/completions", stack.ip(14));

@@ -9,8 +9,8 @@ use http::StatusCode;
 use switchyard_e2e::harness::{ENGINE_PORT, WAIT_DEADLINE, wait_for};
 use switchyard_e2e::hostile::{
     HostileStack, RawOutcome, accepted_on, exchange, h2, open_fds, open_idle_flood, open_slowloris,
-    post, read_outcome, read_until_closed, report_figure, rss_after, rss_kib, trickle_until_closed,
-    with_header_line,
+    post, read_outcome, read_until_closed, report_figure, rss_after, rss_kib, trickle_body,
+    trickle_until_closed, with_header_line,
 };
 use switchyard_runtime::clock;
 use tokio::io::AsyncWriteExt;
@@ -742,17 +742,14 @@ async fn a_body_slower_than_the_minimum_rate_gets_408() {
         .expect("connect");
     slow.write_all(&request[..split]).await.expect("head");
     let started = clock::now();
-    let mut outcome = None;
-    for chunk in request[split..].chunks(100) {
-        if slow.write_all(chunk).await.is_err() {
-            break;
-        }
-        let read = read_outcome(&mut slow, Duration::from_millis(500)).await;
-        if !read.bytes.is_empty() || read.closed {
-            outcome = Some(read);
-            break;
-        }
-    }
+    let outcome = trickle_body(
+        &mut slow,
+        &request[split..],
+        100,
+        Duration::from_millis(500),
+        || {},
+    )
+    .await;
     let outcome = outcome.expect("the server answered before the body ended");
     assert_eq!(outcome.status(), Some(408), "{}", outcome.text());
     assert!(outcome.text().contains("request_timeout"));

@@ -176,12 +176,8 @@ async fn sglang_prefill_and_decode_pair_up_through_a_room() {
     );
 
     // A decode whose prefill never comes fails, as SGLang's does.
-    let alone = post(
-        &decode,
-        &[],
-        with(json!({"model": "m", "prompt": "x", "bootstrap_room": 78})),
-    )
-    .await;
+    let in_room = |room: u64| with(json!({"model": "m", "prompt": "x", "bootstrap_room": room}));
+    let alone = post(&decode, &[], in_room(78)).await;
     assert_eq!(alone.status, 500);
     assert!(
         alone.json()["error"]["message"]
@@ -193,20 +189,8 @@ async fn sglang_prefill_and_decode_pair_up_through_a_room() {
         alone.text()
     );
     // And so does a prefill whose decode never comes.
-    let alone = post(
-        &prefill,
-        &[],
-        with(json!({"model": "m", "prompt": "x", "bootstrap_room": 79})),
-    )
-    .await;
-    assert_eq!(alone.status, 500);
-    assert!(
-        alone
-            .text()
-            .contains("no decode engine joined bootstrap room 79"),
-        "{}",
-        alone.text()
-    );
+    let alone = post(&prefill, &[], in_room(79)).await;
+    alone.assert_says(500, "no decode engine joined bootstrap room 79");
 }
 
 #[tokio::test]

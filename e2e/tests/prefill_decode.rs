@@ -222,10 +222,7 @@ async fn kthena_pd_examples_work_as_published() {
         .post("/v1/completions", &[("x-request-id", "pd-1")], body)
         .await;
     assert_eq!(response.status, StatusCode::OK, "{}", response.text());
-    let decode_pod = response
-        .header("x-mock-pod")
-        .expect("x-mock-pod")
-        .to_owned();
+    let decode_pod = response.mock_pod();
     let (prefill_host, decode_host, prefill_pod) = match decode_pod.as_str() {
         "ds-d-0" => (11, 12, "ds-p-0"),
         "ds-d-1" => (13, 14, "ds-p-1"),

@@ -94,10 +94,7 @@ async fn pod_for(stack: &Stack, path: &str, model: &str, headers: &[(&str, &str)
         "{model} {path}: {}",
         response.text()
     );
-    response
-        .header("x-mock-pod")
-        .expect("x-mock-pod")
-        .to_owned()
+    response.mock_pod()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use http::StatusCode;
 use serde_json::{Value, json};
 use switchyard_e2e::harness::{Process, wait_for};
-use switchyard_e2e::prefix_workload::{EngineCounters, PrefixWorkload, QualityRow};
+use switchyard_e2e::prefix_workload::{PrefixWorkload, QualityRow};
 use switchyard_e2e::sim_stack::{SimStack, SimStackOptions, counts, words};
 
 /// Fast enough that tests waiting on engine load are quick, slow enough for a busy 2-core machine.
@@ -597,28 +597,9 @@ async fn the_default_mix_keeps_prefix_groups_home_and_engines_even_when_caches_a
                         .all(|pod| pod["load"]["kvCacheCapacityTokens"] == 128 * 32)
             })
             .await;
-        let metrics: Vec<String> = (0..2)
-            .map(|pod| bench.engine_url(pod, "/metrics"))
-            .collect();
-        let mut before = Vec::new();
-        for url in &metrics {
-            before.push(
-                EngineCounters::read(bench.http(), url)
-                    .await
-                    .expect("metrics"),
-            );
-        }
-        let urls: Vec<String> = bench.stack.dataplanes.iter().map(|d| d.url("")).collect();
-        let run = PrefixWorkload::two_engines("base")
-            .run(bench.http(), &urls)
+        let (run, engines) = bench
+            .run_workload(&PrefixWorkload::two_engines("base"), 2)
             .await;
-        let mut engines = Vec::new();
-        for (url, before) in metrics.iter().zip(&before) {
-            let after = EngineCounters::read(bench.http(), url)
-                .await
-                .expect("metrics");
-            engines.push(after.since(before));
-        }
         let row = QualityRow {
             strategy: "default mix".into(),
             dataplanes,

@@ -5,7 +5,6 @@
 //! prints it after the end-to-end table.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -38,16 +37,7 @@ fn ns_per_op(mut op: impl FnMut()) -> f64 {
 }
 
 fn table(candidates: usize) -> Option<RoutingTable> {
-    RoutingTable::build(
-        "v1",
-        snapshot(candidates, false),
-        &HashMap::new(),
-        &Default::default(),
-        &Default::default(),
-        &Default::default(),
-        &Default::default(),
-    )
-    .ok()
+    RoutingTable::standalone("v1", snapshot(candidates, false)).ok()
 }
 
 fn main() {

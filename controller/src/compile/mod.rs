@@ -196,11 +196,7 @@ pub fn compile_objects(
     for server in servers {
         let key = key_of(&server.metadata);
         if !first_of_its_name(&mut present_servers, key) {
-            reports.push(duplicate_report(
-                ObjectKind::ModelServer,
-                key,
-                server.metadata.generation,
-            ));
+            reports.push(duplicate_report(ObjectKind::ModelServer, &server.metadata));
             continue;
         }
         let (compiled, report) = servers::compile_server(server, &pod_index);
@@ -226,11 +222,7 @@ pub fn compile_objects(
     for route in routes {
         let key = key_of(&route.metadata);
         if !first_of_its_name(&mut seen_routes, key) {
-            reports.push(duplicate_report(
-                ObjectKind::ModelRoute,
-                key,
-                route.metadata.generation,
-            ));
+            reports.push(duplicate_report(ObjectKind::ModelRoute, &route.metadata));
             continue;
         }
         let (compiled, report) =
@@ -390,11 +382,9 @@ fn finite_or_zero(value: f64) -> f64 {
     if value.is_finite() { value } else { 0.0 }
 }
 
-fn duplicate_report(
-    kind: ObjectKind,
-    (namespace, name): (&str, &str),
-    generation: Option<i64>,
-) -> ObjectReport {
+fn duplicate_report(kind: ObjectKind, metadata: &ObjectMeta) -> ObjectReport {
+    let (namespace, name) = key_of(metadata);
+    let generation = metadata.generation;
     let message = format!(
         "another {} {namespace}/{name} came earlier in the input (local files are read in file-name order); this one is ignored",
         kind.as_str()

@@ -4,6 +4,7 @@ use k8s_openapi::api::core::v1::Pod;
 use switchyard_crd::test_builders::{kthena_example, ready_pod};
 use switchyard_crd::{ModelRoute, ModelServer};
 use switchyard_snapshot::pb;
+use switchyard_snapshot::test_builders::pd_group as group;
 
 use super::*;
 
@@ -57,15 +58,6 @@ fn the_report<'a>(compiled: &'a CompiledRoutes, name: &str) -> &'a ObjectReport 
         .iter()
         .find(|report| report.kind == ObjectKind::ModelServer && report.name == name)
         .unwrap_or_else(|| panic!("no report for {name}"))
-}
-
-fn group(name: &str, prefill: &[&str], decode: &[&str]) -> pb::PdGroup {
-    let names = |pods: &[&str]| pods.iter().map(|pod| (*pod).to_owned()).collect();
-    pb::PdGroup {
-        name: name.to_owned(),
-        prefill: names(prefill),
-        decode: names(decode),
-    }
 }
 
 #[test]

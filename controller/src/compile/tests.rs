@@ -49,6 +49,53 @@ spec:
     ))
 }
 
+/// Route `r` for model `m` with `rules` (YAML list items indented by two
+/// spaces).
+fn route_to_m(rules: &str) -> ModelRoute {
+    route(&format!(
+        "metadata: {{ name: r }}\nspec:\n  modelName: m\n  rules:\n{rules}"
+    ))
+}
+
+/// The names of the routes in the snapshot.
+fn route_names(compiled: &CompiledRoutes) -> Vec<&str> {
+    let routes = &compiled.route_config.routes;
+    routes.iter().map(|route| route.name.as_str()).collect()
+}
+
+/// The names of the rules of the first route in the snapshot.
+fn rule_names(compiled: &CompiledRoutes) -> Vec<&str> {
+    let rules = &compiled.route_config.routes[0].rules;
+    rules.iter().map(|rule| rule.name.as_str()).collect()
+}
+
+/// Asserts that a condition's `message` contains `fragment`.
+#[track_caller]
+fn assert_mentions(message: &str, fragment: &str) {
+    assert!(
+        message.contains(fragment),
+        "{message:?} does not contain {fragment:?}"
+    );
+}
+
+/// Asserts that `report` (of the case `description`) is a rejection for
+/// `reason` whose message contains `fragment`.
+#[track_caller]
+fn assert_rejected(report: &ObjectReport, reason: Reason, fragment: &str, description: &str) {
+    let accepted = &report.accepted;
+    assert!(!accepted.status, "{description}");
+    assert_eq!(
+        accepted.reason, reason,
+        "{description}: {}",
+        accepted.message
+    );
+    assert!(
+        accepted.message.contains(fragment),
+        "{description}: {:?} does not contain {fragment:?}",
+        accepted.message
+    );
+}
+
 fn created_at(mut route: ModelRoute, unix_seconds: i64) -> ModelRoute {
     let timestamp = Timestamp::from_second(unix_seconds).expect("valid timestamp");
     route.metadata.creation_timestamp = Some(Time(timestamp));
@@ -93,39 +140,29 @@ fn routing_only(mut config: pb::RouteConfig) -> pb::RouteConfig {
 
 // --- the Kthena routing guide's scenarios (testdata/kthena/router-routing-guide.txt)
 
-const GUIDE_SERVERS: &str = r#"
-metadata: { name: deepseek-r1-1-5b, namespace: default }
-spec:
-  workloadSelector: { matchLabels: { app: deepseek-r1-1-5b } }
-  workloadPort: { port: 8000 }
-  model: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
-  inferenceEngine: vLLM
-  trafficPolicy: { timeout: 10s }
----
-metadata: { name: deepseek-r1-7b, namespace: default }
-spec:
-  workloadSelector: { matchLabels: { app: deepseek-r1-7b } }
-  workloadPort: { port: 8000 }
-  model: deepseek-ai/DeepSeek-R1-Distill-Qwen-7B
-  inferenceEngine: SGLang
-  trafficPolicy: { timeout: 10s }
----
-metadata: { name: deepseek-r1-1-5b-v1, namespace: default }
-spec:
-  workloadSelector: { matchLabels: { app: deepseek-r1-1-5b, version: v1 } }
-  workloadPort: { port: 8000 }
-  model: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B-v1
-  inferenceEngine: vLLM
-  trafficPolicy: { timeout: 10s }
----
-metadata: { name: deepseek-r1-1-5b-v2, namespace: default }
-spec:
-  workloadSelector: { matchLabels: { app: deepseek-r1-1-5b, version: v2 } }
-  workloadPort: { port: 8000 }
-  model: deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B-v2
-  inferenceEngine: vLLM
-  trafficPolicy: { timeout: 10s }
-"#;
+/// The guide's ModelServers: (name, workload labels, model after
+/// `deepseek-ai/DeepSeek-R1-Distill-`, engine); port 8000, timeout 10s.
+const GUIDE_SERVERS: [(&str, &str, &str, &str); 4] = [
+    (
+        "deepseek-r1-1-5b",
+        "app: deepseek-r1-1-5b",
+        "Qwen-1.5B",
+        "vLLM",
+    ),
+    ("deepseek-r1-7b", "app: deepseek-r1-7b", "Qwen-7B", "SGLang"),
+    (
+        "deepseek-r1-1-5b-v1",
+        "app: deepseek-r1-1-5b, version: v1",
+        "Qwen-1.5B-v1",
+        "vLLM",
+    ),
+    (
+        "deepseek-r1-1-5b-v2",
+        "app: deepseek-r1-1-5b, version: v2",
+        "Qwen-1.5B-v2",
+        "vLLM",
+    ),
+];
 
 const GUIDE_ROUTES: &str = r#"
 metadata: { name: deepseek-simple, namespace: default }
@@ -173,8 +210,16 @@ spec:
 
 fn guide_inputs() -> (Vec<ModelRoute>, Vec<ModelServer>, Vec<Pod>) {
     use serde::Deserialize;
-    let servers: Vec<ModelServer> = serde_yaml::Deserializer::from_str(GUIDE_SERVERS)
-        .map(|document| ModelServer::deserialize(document).expect("guide server parses"))
+    let servers: Vec<ModelServer> = GUIDE_SERVERS
+        .iter()
+        .map(|(name, labels, model, engine)| {
+            server(&format!(
+                "metadata: {{ name: {name}, namespace: default }}\n\
+                 spec:\n  workloadSelector: {{ matchLabels: {{ {labels} }} }}\n  \
+                 workloadPort: {{ port: 8000 }}\n  model: deepseek-ai/DeepSeek-R1-Distill-{model}\n  \
+                 inferenceEngine: {engine}\n  trafficPolicy: {{ timeout: 10s }}\n"
+            ))
+        })
         .collect();
     // Created one second apart in document order: simple, lora, subset, multi-models.
     let routes: Vec<ModelRoute> = serde_yaml::Deserializer::from_str(GUIDE_ROUTES)
@@ -387,12 +432,8 @@ fn equal_inputs_in_any_order_give_identical_bytes() {
 
 #[test]
 fn header_names_are_lower_cased_and_sorted() {
-    let routes = [route(
+    let routes = [route_to_m(
         r#"
-metadata: { name: r }
-spec:
-  modelName: m
-  rules:
   - modelMatch:
       headers:
         X-Tier: { prefix: gold }
@@ -435,13 +476,7 @@ spec:
         ),
     ];
     let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
-    let names: Vec<&str> = compiled
-        .route_config
-        .routes
-        .iter()
-        .map(|route| route.name.as_str())
-        .collect();
-    assert_eq!(names, ["good"]);
+    assert_eq!(route_names(&compiled), ["good"]);
 
     let bad = report(&compiled.reports, ObjectKind::ModelRoute, "bad");
     assert!(!bad.accepted.status);
@@ -544,30 +579,14 @@ fn invalid_routes_are_rejected_with_a_reason_naming_the_field() {
         let bad = route(&format!("metadata: {{ name: bad }}\nspec: {spec}\n"));
         let routes = [simple_route("good", "s"), bad];
         let compiled = compile_objects(&routes, &[simple_server("s", "s")], &[]);
-        let names: Vec<&str> = compiled
-            .route_config
-            .routes
-            .iter()
-            .map(|route| route.name.as_str())
-            .collect();
         assert_eq!(
-            names,
+            route_names(&compiled),
             ["good"],
             "{description}: the valid route must survive"
         );
         let bad = report(&compiled.reports, ObjectKind::ModelRoute, "bad");
-        assert!(!bad.accepted.status, "{description}");
+        assert_rejected(bad, *reason, fragment, description);
         assert!(!bad.in_snapshot, "{description}");
-        assert_eq!(
-            bad.accepted.reason, *reason,
-            "{description}: {}",
-            bad.accepted.message
-        );
-        assert!(
-            bad.accepted.message.contains(fragment),
-            "{description}: {:?} does not contain {fragment:?}",
-            bad.accepted.message
-        );
     }
 }
 
@@ -630,17 +649,7 @@ fn invalid_servers_are_rejected_with_a_reason_naming_the_field() {
             .collect();
         assert_eq!(names, ["good"], "{description}");
         let bad = report(&compiled.reports, ObjectKind::ModelServer, "bad");
-        assert!(!bad.accepted.status, "{description}");
-        assert_eq!(
-            bad.accepted.reason, *reason,
-            "{description}: {}",
-            bad.accepted.message
-        );
-        assert!(
-            bad.accepted.message.contains(fragment),
-            "{description}: {:?} does not contain {fragment:?}",
-            bad.accepted.message
-        );
+        assert_rejected(bad, *reason, fragment, description);
         assert_eq!(
             (bad.ready_pods, bad.total_pods),
             (None, None),
@@ -692,12 +701,8 @@ spec:
 
 #[test]
 fn a_missing_server_drops_its_target_and_keeps_the_rest() {
-    let routes = [route(
+    let routes = [route_to_m(
         r#"
-metadata: { name: r }
-spec:
-  modelName: m
-  rules:
   - targetModels:
     - { modelServerName: present, weight: 60 }
     - { modelServerName: missing, weight: 40 }
@@ -721,12 +726,8 @@ spec:
 
 #[test]
 fn a_rule_left_without_targets_is_dropped_so_requests_fall_through() {
-    let routes = [route(
+    let routes = [route_to_m(
         r#"
-metadata: { name: r }
-spec:
-  modelName: m
-  rules:
   - name: canary
     modelMatch: { headers: { x-canary: { exact: "1" } } }
     targetModels: [{ modelServerName: missing }]
@@ -735,32 +736,19 @@ spec:
 "#,
     )];
     let compiled = compile_objects(&routes, &[simple_server("present", "p")], &[]);
-    let rules: Vec<&str> = compiled.route_config.routes[0]
-        .rules
-        .iter()
-        .map(|rule| rule.name.as_str())
-        .collect();
-    assert_eq!(rules, ["stable"]);
+    assert_eq!(rule_names(&compiled), ["stable"]);
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
     assert_eq!(report.resolved_refs.reason, Reason::BackendNotFound);
-    assert!(
-        report
-            .resolved_refs
-            .message
-            .contains("spec.rules[0]: no target with a weight above 0 is left; rule dropped"),
-        "{}",
-        report.resolved_refs.message
+    assert_mentions(
+        &report.resolved_refs.message,
+        "spec.rules[0]: no target with a weight above 0 is left; rule dropped",
     );
 }
 
 #[test]
 fn a_rule_whose_weighted_targets_all_dropped_is_dropped() {
-    let routes = [route(
+    let routes = [route_to_m(
         r#"
-metadata: { name: r }
-spec:
-  modelName: m
-  rules:
   - targetModels:
     - { modelServerName: missing, weight: 100 }
     - { modelServerName: present, weight: 0 }
@@ -769,12 +757,7 @@ spec:
 "#,
     )];
     let compiled = compile_objects(&routes, &[simple_server("present", "p")], &[]);
-    let rules: Vec<&str> = compiled.route_config.routes[0]
-        .rules
-        .iter()
-        .map(|rule| rule.name.as_str())
-        .collect();
-    assert_eq!(rules, ["fallback"]);
+    assert_eq!(rule_names(&compiled), ["fallback"]);
 }
 
 #[test]
@@ -784,13 +767,7 @@ fn a_route_without_any_resolvable_rule_is_left_out() {
         simple_route("fine", "present"),
     ];
     let compiled = compile_objects(&routes, &[simple_server("present", "p")], &[]);
-    let names: Vec<&str> = compiled
-        .route_config
-        .routes
-        .iter()
-        .map(|route| route.name.as_str())
-        .collect();
-    assert_eq!(names, ["fine"]);
+    assert_eq!(route_names(&compiled), ["fine"]);
     let orphan = report(&compiled.reports, ObjectKind::ModelRoute, "orphan");
     assert!(orphan.accepted.status, "the route itself is valid");
     assert!(!orphan.resolved_refs.status);
@@ -813,13 +790,9 @@ fn a_target_on_a_rejected_server_is_dropped_and_says_so() {
     let compiled = compile_objects(&[simple_route("r", "broken")], &[bad_server], &[]);
     assert!(compiled.route_config.routes.is_empty());
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
-    assert!(
-        report
-            .resolved_refs
-            .message
-            .contains("ModelServer default/broken was not accepted"),
-        "{}",
-        report.resolved_refs.message
+    assert_mentions(
+        &report.resolved_refs.message,
+        "ModelServer default/broken was not accepted",
     );
 }
 
@@ -830,22 +803,16 @@ fn targets_resolve_in_the_routes_namespace_only() {
     let compiled = compile_objects(&[simple_route("r", "s")], &[other], &[]);
     assert!(compiled.route_config.routes.is_empty());
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
-    assert!(
-        report
-            .resolved_refs
-            .message
-            .contains("ModelServer default/s not found")
+    assert_mentions(
+        &report.resolved_refs.message,
+        "ModelServer default/s not found",
     );
 }
 
 #[test]
 fn provider_targets_resolve_to_ready_providers_only() {
-    let routes = [route(
+    let routes = [route_to_m(
         r#"
-metadata: { name: r }
-spec:
-  modelName: m
-  rules:
   - targetModels:
     - { externalModelProviderName: openai, weight: 30 }
     - { externalModelProviderName: keyless }
@@ -888,17 +855,13 @@ spec:
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
     assert!(report.accepted.status);
     assert_eq!(report.resolved_refs.reason, Reason::BackendNotFound);
-    assert!(
-        report
-            .resolved_refs
-            .message
-            .contains("ExternalModelProvider default/openai is not Ready (InsecureSnapshotStream)")
-            && report
-                .resolved_refs
-                .message
-                .contains("ExternalModelProvider default/gone not found"),
-        "{}",
-        report.resolved_refs.message
+    assert_mentions(
+        &report.resolved_refs.message,
+        "ExternalModelProvider default/openai is not Ready (InsecureSnapshotStream)",
+    );
+    assert_mentions(
+        &report.resolved_refs.message,
+        "ExternalModelProvider default/gone not found",
     );
     let compiled_providers = compile_providers(&providers, &secrets, true);
     let compiled = compile_with_providers(&routes, &[], &[], &compiled_providers);
@@ -923,13 +886,9 @@ spec:
     let compiled = compile_objects(&routes, &[], &[]);
     let report = report(&compiled.reports, ObjectKind::ModelRoute, "r");
     assert_eq!(report.accepted.reason, Reason::InvalidRules);
-    assert!(
-        report
-            .accepted
-            .message
-            .contains("a route with loraAdapters cannot target an ExternalModelProvider"),
-        "{}",
-        report.accepted.message
+    assert_mentions(
+        &report.accepted.message,
+        "a route with loraAdapters cannot target an ExternalModelProvider",
     );
 }
 
@@ -956,11 +915,9 @@ fn duplicates_keep_the_first_object_read() {
     assert_eq!(route_reports.len(), 2);
     assert!(route_reports[0].accepted.status);
     assert_eq!(route_reports[1].accepted.reason, Reason::Duplicate);
-    assert!(
-        route_reports[1]
-            .accepted
-            .message
-            .contains("another ModelRoute default/r came earlier")
+    assert_mentions(
+        &route_reports[1].accepted.message,
+        "another ModelRoute default/r came earlier",
     );
     let server_reports: Vec<&ObjectReport> = compiled
         .reports
@@ -1044,11 +1001,9 @@ fn a_server_without_pods_stays_in_the_snapshot_with_no_endpoints() {
     assert!(report.accepted.status);
     assert!(!report.resolved_refs.status);
     assert_eq!(report.resolved_refs.reason, Reason::NoMatchingPods);
-    assert!(
-        report
-            .resolved_refs
-            .message
-            .contains("{app=s} selects no pod in namespace default")
+    assert_mentions(
+        &report.resolved_refs.message,
+        "{app=s} selects no pod in namespace default",
     );
     assert_eq!((report.ready_pods, report.total_pods), (Some(0), Some(0)));
 }
@@ -1314,11 +1269,8 @@ fn endpoint_loads_cover_snapshot_endpoints_with_a_load() {
             loads: vec![expected("ds15-v1-0", 0.0, 0), expected("ds7-0", 1.0, 1_000)],
             observed_at_unix_ms: 2_000,
             ejections: vec![pb::PodEjection {
-                namespace: "default".into(),
-                pod: "ds7-0".into(),
                 until_unix_ms: 100,
-                reason: "5xx".into(),
-                ..Default::default()
+                ..builders::ejection("ds7-0")
             }],
             ..Default::default()
         }

@@ -140,24 +140,24 @@ impl DirFiles {
         let mut pods_seen: BTreeMap<(String, String), &str> = BTreeMap::new();
         for (name, file) in &self.files {
             let contribution = &file.contribution;
-            objects.routes.extend(contribution.routes.iter().cloned());
-            objects.servers.extend(contribution.servers.iter().cloned());
-            (objects.gateway_classes).extend(contribution.gateway_classes.iter().cloned());
-            (objects.gateways).extend(contribution.gateways.iter().cloned());
-            (objects.http_routes).extend(contribution.http_routes.iter().cloned());
-            (objects.inference_pools).extend(contribution.inference_pools.iter().cloned());
-            objects
-                .problems
-                .extend(contribution.problems.iter().cloned());
-            objects
-                .api_keys
-                .extend(contribution.api_keys.iter().cloned());
-            objects
-                .providers
-                .extend(contribution.providers.iter().cloned());
-            objects
-                .provider_secrets
-                .extend(contribution.provider_secrets.iter().cloned());
+            // Every kind but pods, which are checked for duplicates below.
+            macro_rules! gather {
+                ($($kind:ident),*) => {
+                    $(objects.$kind.extend(contribution.$kind.iter().cloned());)*
+                };
+            }
+            gather!(
+                routes,
+                servers,
+                gateway_classes,
+                gateways,
+                http_routes,
+                inference_pools,
+                problems,
+                api_keys,
+                providers,
+                provider_secrets
+            );
             for pod in &contribution.pods {
                 let namespace = namespace_of(&pod.metadata).to_owned();
                 let pod_name = pod.metadata.name.clone().unwrap_or_default();
@@ -307,6 +307,11 @@ mod tests {
         panic!("never used");
     }
 
+    /// A directory watched from now on.
+    fn watched_dir() -> (DirFiles, Instant) {
+        (DirFiles::new(settings()), clock::now())
+    }
+
     fn route_names(objects: &LocalObjects) -> Vec<&str> {
         objects
             .routes
@@ -317,8 +322,7 @@ mod tests {
 
     #[test]
     fn a_file_is_used_only_after_reading_the_same_on_two_more_polls() {
-        let start = clock::now();
-        let mut dir = DirFiles::new(settings());
+        let (mut dir, start) = watched_dir();
         let route = [("routes.yaml", read(ROUTE))];
         assert_eq!(dir.observe(scan(&route), start), None);
         assert_eq!(dir.observe(scan(&route), start + POLL), None);
@@ -338,8 +342,7 @@ mod tests {
     /// is never used, however long the pause within the stability window.
     #[test]
     fn a_file_written_in_two_halves_with_a_pause_is_never_read_half_way() {
-        let start = clock::now();
-        let mut dir = DirFiles::new(settings());
+        let (mut dir, start) = watched_dir();
         let old = format!("{SERVER}---\n{ROUTE}");
         let (objects, polls) = poll_until_used(&mut dir, &[("all.yaml", read(&old))], start, 0);
         assert_eq!(route_names(&objects), ["deepseek-simple"]);
@@ -365,8 +368,7 @@ mod tests {
 
     #[test]
     fn files_changed_in_one_burst_are_used_together() {
-        let start = clock::now();
-        let mut dir = DirFiles::new(settings());
+        let (mut dir, start) = watched_dir();
         let route = ("routes.yaml", read(ROUTE));
         let server = ("servers.yaml", read(SERVER));
         assert_eq!(dir.observe(scan(std::slice::from_ref(&route)), start), None);
@@ -382,8 +384,7 @@ mod tests {
 
     #[test]
     fn a_file_that_never_stops_changing_does_not_hold_back_the_others() {
-        let start = clock::now();
-        let mut dir = DirFiles::new(settings());
+        let (mut dir, start) = watched_dir();
         let mut objects = None;
         for poll in 0..10 {
             let churning = read(&format!("# edit {poll}\n{POD}"));
@@ -402,8 +403,7 @@ mod tests {
 
     #[test]
     fn a_file_that_stops_parsing_keeps_its_last_good_objects_until_fixed() {
-        let start = clock::now();
-        let mut dir = DirFiles::new(settings());
+        let (mut dir, start) = watched_dir();
         let good = format!("{SERVER}---\n{ROUTE}");
         let (_, polls) = poll_until_used(&mut dir, &[("all.yaml", read(&good))], start, 0);
 
@@ -462,8 +462,7 @@ mod tests {
 
     #[test]
     fn a_deleted_file_takes_its_objects_once_the_deletion_is_stable() {
-        let start = clock::now();
-        let mut dir = DirFiles::new(settings());
+        let (mut dir, start) = watched_dir();
         let files = [("routes.yaml", read(ROUTE)), ("pods.yaml", read(POD))];
         let (_, polls) = poll_until_used(&mut dir, &files, start, 0);
         // Gone for one poll only (rm, then write again): nothing changes.

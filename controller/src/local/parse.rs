@@ -175,6 +175,13 @@ fn labelled_secret(
 pub(super) mod tests {
     use super::*;
 
+    /// The one problem of `objects`.
+    #[track_caller]
+    fn only_problem(objects: &LocalObjects) -> &LoadProblem {
+        assert_eq!(objects.problems.len(), 1, "{:?}", objects.problems);
+        &objects.problems[0]
+    }
+
     pub(crate) const ROUTE: &str = r#"
 apiVersion: networking.serving.volcano.sh/v1alpha1
 kind: ModelRoute
@@ -266,8 +273,7 @@ status:
         assert_eq!(objects.routes.len(), 1);
         assert_eq!(objects.servers.len(), 0);
         assert_eq!(objects.pods.len(), 1);
-        assert_eq!(objects.problems.len(), 1, "{:?}", objects.problems);
-        let problem = &objects.problems[0];
+        let problem = only_problem(&objects);
         assert_eq!(problem.file, "test.yaml");
         assert_eq!(problem.document_index, Some(1));
         assert_eq!(problem.kind.as_deref(), Some("ModelServer"));
@@ -283,22 +289,19 @@ status:
         );
         let objects = parse(&text);
         assert!(objects.routes.is_empty());
-        assert_eq!(objects.problems.len(), 1);
+        let error = &only_problem(&objects).error;
         assert!(
-            objects.problems[0]
-                .error
-                .contains("networking.serving.volcano.sh/v1alpha1"),
-            "{}",
-            objects.problems[0].error
+            error.contains("networking.serving.volcano.sh/v1alpha1"),
+            "{error}"
         );
     }
 
     #[test]
     fn a_document_without_kind_is_reported() {
         let objects = parse("metadata:\n  name: orphan\n");
-        assert_eq!(objects.problems.len(), 1);
-        assert_eq!(objects.problems[0].name.as_deref(), Some("orphan"));
-        assert_eq!(objects.problems[0].error, "document has no `kind`");
+        let problem = only_problem(&objects);
+        assert_eq!(problem.name.as_deref(), Some("orphan"));
+        assert_eq!(problem.error, "document has no `kind`");
     }
 
     #[test]
@@ -306,14 +309,12 @@ status:
         let text = format!("{ROUTE}---\nkind: [unclosed\n---\n{POD}");
         let objects = parse(&text);
         assert_eq!(objects.routes.len(), 1);
-        assert_eq!(objects.problems.len(), 1, "{:?}", objects.problems);
-        assert_eq!(objects.problems[0].document_index, Some(1));
+        let problem = only_problem(&objects);
+        assert_eq!(problem.document_index, Some(1));
+        let error = &problem.error;
         assert!(
-            objects.problems[0]
-                .error
-                .ends_with("the rest of the file was not read"),
-            "{}",
-            objects.problems[0].error
+            error.ends_with("the rest of the file was not read"),
+            "{error}"
         );
     }
 
@@ -344,7 +345,6 @@ status:
         assert_eq!(objects.providers.len(), 1);
         assert_eq!(objects.provider_secrets.len(), 1, "only labelled Secrets");
         assert_eq!(objects.provider_secrets[0].name, "openai-key");
-        assert_eq!(objects.problems.len(), 1);
-        assert!(!objects.problems[0].error.contains("sk-not"));
+        assert!(!only_problem(&objects).error.contains("sk-not"));
     }
 }

@@ -300,11 +300,8 @@ mod tests {
         let base = set(vec![load("a", 1.0), load("b", 1.0), load("c", 1.0)], 1_000);
         let next = pb::EndpointLoads {
             ejections: vec![pb::PodEjection {
-                namespace: "default".into(),
-                pod: "c".into(),
                 until_unix_ms: 9_000,
-                reason: "5xx".into(),
-                ..Default::default()
+                ..switchyard_snapshot::test_builders::ejection("c")
             }],
             ..set(vec![load("b", 2.0), load("c", 1.0), load("d", 1.0)], 2_000)
         };
@@ -333,14 +330,16 @@ mod tests {
             loads
         };
 
-        let first = publisher.publish_endpoint_loads(all(1.0), 1);
-        assert!(
+        let has_update = || {
             publisher
                 .endpoint_loads()
                 .expect("published")
                 .update
-                .is_none()
-        );
+                .is_some()
+        };
+
+        let first = publisher.publish_endpoint_loads(all(1.0), 1);
+        assert!(!has_update());
         publisher.publish_endpoint_loads(one_changed, 2);
         let published = publisher.endpoint_loads().expect("published");
         let update = published
@@ -358,12 +357,6 @@ mod tests {
 
         // Every pod changed: the update would be as big as the set, so there is none.
         publisher.publish_endpoint_loads(all(9.0), 3);
-        assert!(
-            publisher
-                .endpoint_loads()
-                .expect("published")
-                .update
-                .is_none()
-        );
+        assert!(!has_update());
     }
 }

@@ -2,6 +2,8 @@
 //! controller, the objects tests seed, and reading the conditions of what
 //! the controller writes back.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use switchyard_controller::app::start_kubernetes;
 use switchyard_controller::cli::Args;
@@ -11,6 +13,15 @@ use super::fake_api::{DEADLINE, FakeApi};
 
 /// API version of the Kthena kinds.
 pub const API_VERSION: &str = "networking.serving.volcano.sh/v1alpha1";
+
+/// Test arguments for Kubernetes mode: engines scraped every 200 ms, so
+/// loads reach snapshots quickly.
+pub fn kubernetes_args() -> Args {
+    Args {
+        scrape_interval: Duration::from_millis(200),
+        ..Args::for_test()
+    }
+}
 
 /// The controller in Kubernetes mode against `fake`, started within [`DEADLINE`].
 pub async fn start(args: &Args, fake: &FakeApi) -> Controller {

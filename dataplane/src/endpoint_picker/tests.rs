@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap as EnvoyHeaders, Metada
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
 use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders};
 use switchyard_snapshot::pb;
-use switchyard_snapshot::test_builders::{pod, route_config};
+use switchyard_snapshot::test_builders::{inference_pool, route_config};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -22,18 +22,7 @@ const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hello"}
 
 fn store(endpoints: &[(&str, &str, u32)]) -> Arc<SnapshotStore> {
     let mut config = route_config(Vec::new(), Vec::new());
-    config.inference_pools = vec![pb::InferencePool {
-        namespace: "default".into(),
-        name: "pool".into(),
-        endpoints: endpoints
-            .iter()
-            .map(|(name, ip, port)| pb::Endpoint {
-                port: *port,
-                ..pod(name, ip)
-            })
-            .collect(),
-        generation: 1,
-    }];
+    config.inference_pools = vec![inference_pool("pool", endpoints)];
     let store = Arc::new(SnapshotStore::new());
     store
         .apply_route_config("v1", config)
@@ -318,16 +307,15 @@ async fn no_endpoint_is_503_and_every_endpoint_saturated_is_429() {
         observed_at_unix_ms: clock::unix_ms_now(),
         ..pb::EndpointLoad::default()
     };
-    store
-        .apply_endpoint_loads(
-            "l1",
-            pb::EndpointLoads {
-                loads: vec![load("a", 9.0, 0.1), load("b", 0.0, 0.95)],
-                observed_at_unix_ms: clock::unix_ms_now(),
-                ..pb::EndpointLoads::default()
-            },
-        )
-        .expect("loads");
+    let apply_loads = |version: &str, loads: Vec<pb::EndpointLoad>| {
+        let loads = pb::EndpointLoads {
+            loads,
+            observed_at_unix_ms: clock::unix_ms_now(),
+            ..pb::EndpointLoads::default()
+        };
+        store.apply_endpoint_loads(version, loads).expect("loads");
+    };
+    apply_loads("l1", vec![load("a", 9.0, 0.1), load("b", 0.0, 0.95)]);
     let (addr, _stop) = start(store.clone()).await;
     let mut stream = Stream::open(addr).await;
     stream.send(headers(false), None).await;
@@ -341,16 +329,7 @@ async fn no_endpoint_is_503_and_every_endpoint_saturated_is_429() {
     assert_eq!(error["error"]["code"], "request_dropped");
 
     // One endpoint with room: it takes the request.
-    store
-        .apply_endpoint_loads(
-            "l2",
-            pb::EndpointLoads {
-                loads: vec![load("a", 9.0, 0.1), load("b", 1.0, 0.2)],
-                observed_at_unix_ms: clock::unix_ms_now(),
-                ..pb::EndpointLoads::default()
-            },
-        )
-        .expect("loads");
+    apply_loads("l2", vec![load("a", 9.0, 0.1), load("b", 1.0, 0.2)]);
     let mut stream = Stream::open(addr).await;
     stream.send(headers(true), None).await;
     assert_eq!(endpoint_of(&stream.next().await), "127.0.0.11:8000");

@@ -806,14 +806,7 @@ mod tests {
     }
 
     fn pod(name: &str) -> Arc<PodState> {
-        Arc::new(
-            PodState::new(
-                format!("default/{name}"),
-                name.into(),
-                SocketAddr::from(([127, 0, 0, 1], 8000)),
-            )
-            .expect("pod"),
-        )
+        PodState::for_tests(name, SocketAddr::from(([127, 0, 0, 1], 8000)))
     }
 
     /// A queue for model `m` over `pods` pods.
@@ -882,13 +875,7 @@ mod tests {
     }
 
     fn counter(queue: &ModelQueue, user: &str) -> f64 {
-        queue
-            .view()
-            .users
-            .into_iter()
-            .find(|view| view.user == user)
-            .map(|view| view.counter)
-            .expect("user known")
+        user_view(queue, user).counter
     }
 
     #[tokio::test(start_paused = true)]
@@ -1154,26 +1141,22 @@ mod tests {
         let _running = queue.admit(ticket("a", 1)).await.expect("room");
         line.arrive("a1", ticket("a", 1)).await;
         line.arrive("a2", ticket("a", 1)).await;
-        let refused = queue
-            .admit(ticket("a", 1))
-            .await
-            .expect_err("a's share is full");
+        // a's share is full.
+        let refused = queue.admit(ticket("a", 1)).await;
         assert!(
-            matches!(refused, Refusal::Full { user_limit: true, retry_after } if retry_after >= Duration::from_secs(1)),
+            matches!(refused, Err(Refusal::Full { user_limit: true, retry_after }) if retry_after >= Duration::from_secs(1)),
             "{refused:?}"
         );
         line.arrive("b1", ticket("b", 1)).await;
-        let refused = queue
-            .admit(ticket("c", 1))
-            .await
-            .expect_err("the model's queue is full");
+        // The model's queue is full.
+        let refused = queue.admit(ticket("c", 1)).await;
         assert!(
             matches!(
                 refused,
-                Refusal::Full {
+                Err(Refusal::Full {
                     user_limit: false,
                     ..
-                }
+                })
             ),
             "{refused:?}"
         );

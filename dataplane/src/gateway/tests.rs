@@ -2,7 +2,7 @@ use std::collections::HashMap;
 
 use http::{HeaderMap, Method};
 use switchyard_snapshot::pb;
-use switchyard_snapshot::test_builders::{pod, route, route_config, server};
+use switchyard_snapshot::test_builders::{inference_pool as pool, route, route_config, server};
 
 use super::http_routes::HttpRequestFacts;
 use super::*;
@@ -29,21 +29,6 @@ fn listener_ref(gateway: &str, listener: &str) -> pb::ListenerRef {
     pb::ListenerRef {
         gateway: format!("gw/{gateway}"),
         listener: listener.into(),
-    }
-}
-
-fn pool(name: &str, endpoints: &[(&str, &str, u32)]) -> pb::InferencePool {
-    pb::InferencePool {
-        namespace: "default".into(),
-        name: name.into(),
-        endpoints: endpoints
-            .iter()
-            .map(|(pod_name, ip, port)| pb::Endpoint {
-                port: *port,
-                ..pod(pod_name, ip)
-            })
-            .collect(),
-        generation: 1,
     }
 }
 

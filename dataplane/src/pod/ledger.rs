@@ -85,14 +85,7 @@ mod tests {
     use super::*;
 
     fn pod(name: &str, port: u16) -> Arc<PodState> {
-        Arc::new(
-            PodState::new(
-                format!("default/{name}"),
-                name.into(),
-                SocketAddr::from(([127, 0, 0, 1], port)),
-            )
-            .expect("valid"),
-        )
+        PodState::for_tests(name, SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
     #[test]

@@ -55,6 +55,23 @@ impl PodState {
         Self::endpoint(key.clone(), key, name, addr)
     }
 
+    /// Pod `default/<name>` at `addr`, for tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str, addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self::new(format!("default/{name}"), name.to_owned(), addr).expect("valid pod"))
+    }
+
+    /// `count` pods `default/p0`, `default/p1`, ... at `addr(i)`, for tests.
+    #[cfg(test)]
+    pub(crate) fn numbered_for_tests(
+        count: usize,
+        addr: impl Fn(usize) -> SocketAddr,
+    ) -> Vec<Arc<Self>> {
+        (0..count)
+            .map(|i| Self::for_tests(&format!("p{i}"), addr(i)))
+            .collect()
+    }
+
     /// An endpoint `key` of the pod `load_key` (see [`PodState::key`]).
     pub fn endpoint(
         key: String,

@@ -433,18 +433,9 @@ mod tests {
     const BASE: Duration = Duration::from_secs(10);
 
     fn pods(count: u8) -> Vec<Arc<PodState>> {
-        (0..count)
-            .map(|i| {
-                Arc::new(
-                    PodState::new(
-                        format!("default/p{i}"),
-                        format!("p{i}"),
-                        SocketAddr::from(([127, 0, 0, i + 1], 8000)),
-                    )
-                    .expect("valid pod"),
-                )
-            })
-            .collect()
+        PodState::numbered_for_tests(count.into(), |i| {
+            SocketAddr::from(([127, 0, 0, i as u8 + 1], 8000))
+        })
     }
 
     fn detector(settings: OutlierSettings) -> (OutlierDetector, watch::Receiver<u64>) {

@@ -333,6 +333,7 @@ mod tests {
     use http::HeaderMap;
     use http_body_util::{BodyExt, Full};
     use switchyard_snapshot::pb;
+    use switchyard_snapshot::test_builders::pd_group;
 
     use super::testing::{
         self, Script, ScriptedBody, ScriptedUpstream, one_route_config, test_observer,
@@ -682,15 +683,21 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_limited_route_admits_its_budget_with_headers_then_refuses_with_429() {
+    /// The one route of model `m`, limited to `input` and `output` tokens per `unit`.
+    fn rate_limited_config(input: u32, output: u32, unit: &str) -> pb::RouteConfig {
         let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
         config.routes[0].rate_limit = Some(pb::RateLimit {
-            input_tokens_per_unit: 30,
-            output_tokens_per_unit: 100,
-            unit: "minute".into(),
+            input_tokens_per_unit: input,
+            output_tokens_per_unit: output,
+            unit: unit.into(),
             ..Default::default()
         });
+        config
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limited_route_admits_its_budget_with_headers_then_refuses_with_429() {
+        let config = rate_limited_config(30, 100, "minute");
         let h = harness_of(
             config,
             ScriptedUpstream::new((0..3).map(|_| Script::json(200, USAGE_BODY))),
@@ -722,12 +729,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn output_is_charged_in_full_when_the_response_ends() {
-        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
-        config.routes[0].rate_limit = Some(pb::RateLimit {
-            output_tokens_per_unit: 100,
-            unit: "minute".into(),
-            ..Default::default()
-        });
+        let config = rate_limited_config(0, 100, "minute");
         const LONG: &str =
             r#"{"choices":[{"text":"..."}],"usage":{"prompt_tokens":3,"completion_tokens":250}}"#;
         let h = harness_of(
@@ -757,12 +759,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stream_cut_by_its_client_is_charged_for_the_chunks_it_received() {
-        let mut config = one_route_config("m", &[], None, 1, pb::TrafficPolicy::default());
-        config.routes[0].rate_limit = Some(pb::RateLimit {
-            output_tokens_per_unit: 3,
-            unit: "hour".into(),
-            ..Default::default()
-        });
+        let config = rate_limited_config(0, 3, "hour");
         let frames = [
             "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
             "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n",
@@ -918,16 +915,8 @@ mod tests {
             kv_connector: pb::KvConnector::Nixl.into(),
             group_label: "group".into(),
             groups: vec![
-                pb::PdGroup {
-                    name: "g0".into(),
-                    prefill: vec!["p0".into()],
-                    decode: vec!["p1".into()],
-                },
-                pb::PdGroup {
-                    name: "g1".into(),
-                    prefill: vec!["p2".into()],
-                    decode: vec![],
-                },
+                pd_group("g0", &["p0"], &["p1"]),
+                pd_group("g1", &["p2"], &[]),
             ],
         });
         harness_of(config, ScriptedUpstream::per_pod(scripts))
@@ -1017,11 +1006,7 @@ mod tests {
         config.servers[0].prefill_decode = Some(pb::PrefillDecode {
             kv_connector: pb::KvConnector::Http.into(),
             group_label: "group".into(),
-            groups: vec![pb::PdGroup {
-                name: "g0".into(),
-                prefill: vec!["p0".into()],
-                decode: vec![],
-            }],
+            groups: vec![pd_group("g0", &["p0"], &[])],
         });
         h.store.apply_route_config("v2", config).expect("valid");
         let answer = h.post("/v1/completions", r#"{"model":"m"}"#).await;

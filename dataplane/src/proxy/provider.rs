@@ -68,8 +68,9 @@ pub async fn forward_to_provider<U: Upstream>(
         record.begin_upstream_attempt();
         match upstream.send_to_provider(provider, outbound).await {
             Ok(response) => {
-                return Ok(respond::respond_unheld(
+                return Ok(respond::respond_holding(
                     response,
+                    None,
                     request_id,
                     routed.hide_usage_chunk,
                     record,

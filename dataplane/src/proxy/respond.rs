@@ -29,20 +29,12 @@ pub fn respond<B: Body<Data = Bytes> + Unpin>(
     record: &mut RequestRecord,
 ) -> Response<ProxyBody<B>> {
     let Delivered { response, guard } = delivered;
-    respond_held(response, Some(guard), request_id, hide_usage_chunk, record)
+    respond_holding(response, Some(guard), request_id, hide_usage_chunk, record)
 }
 
-/// The response of an external provider: nothing is held in flight.
-pub fn respond_unheld<B: Body<Data = Bytes> + Unpin>(
-    response: Response<B>,
-    request_id: HeaderValue,
-    hide_usage_chunk: bool,
-    record: &mut RequestRecord,
-) -> Response<ProxyBody<B>> {
-    respond_held(response, None, request_id, hide_usage_chunk, record)
-}
-
-fn respond_held<B: Body<Data = Bytes> + Unpin>(
+/// The response of an upstream, holding `guard` until its body ends (none
+/// for an external provider: nothing is held in flight).
+pub fn respond_holding<B: Body<Data = Bytes> + Unpin>(
     response: Response<B>,
     guard: Option<InFlightGuard>,
     request_id: HeaderValue,

@@ -49,17 +49,7 @@ pub fn server_with_pods(
         timeout: timeout.unwrap_or(crate::routing::DEFAULT_RESPONSE_HEADER_TIMEOUT),
         retry_attempts,
         retry_interval,
-        ..Server::for_tests(
-            "default/s",
-            (0..pods)
-                .map(|i| {
-                    Arc::new(
-                        PodState::new(format!("default/p{i}"), format!("p{i}"), pod_addr(i))
-                            .expect("valid pod"),
-                    )
-                })
-                .collect(),
-        )
+        ..Server::for_tests("default/s", PodState::numbered_for_tests(pods, pod_addr))
     }
 }
 

@@ -346,7 +346,6 @@ impl Scheduler {
         hashes
     }
 
-    /// Ranks `server`'s pods for one request.
     /// `pod`'s engine load when it is recent enough to act on.
     pub fn fresh_load(&self, pod: &crate::pod::PodState) -> Option<Arc<pb::EndpointLoad>> {
         pod.load().filter(|load| {
@@ -358,25 +357,13 @@ impl Scheduler {
         })
     }
 
+    /// Ranks `server`'s pods for one request.
     pub fn schedule(
         &self,
         server: &Server,
         request: &ScheduleRequest<'_>,
     ) -> Result<Ranking, ScheduleError> {
-        if server.pods.is_empty() {
-            return Err(ScheduleError::NoPods(server.key.clone()));
-        }
-        self.rank(
-            server,
-            Pool::All(server.pods.len()),
-            &request.plugin_input(),
-            request,
-            Ranked {
-                role: None,
-                top_n: self.top_n,
-                record: true,
-            },
-        )
+        self.schedule_pool(server, Pool::All(server.pods.len()), request)
     }
 
     /// [`Scheduler::schedule`] among `server`'s pods at `indices` only (an
@@ -387,12 +374,22 @@ impl Scheduler {
         indices: &[usize],
         request: &ScheduleRequest<'_>,
     ) -> Result<Ranking, ScheduleError> {
-        if indices.is_empty() {
+        self.schedule_pool(server, Pool::Among(indices), request)
+    }
+
+    /// [`Scheduler::schedule`] among the pods of `pool`, none when it is empty.
+    fn schedule_pool(
+        &self,
+        server: &Server,
+        pool: Pool<'_>,
+        request: &ScheduleRequest<'_>,
+    ) -> Result<Ranking, ScheduleError> {
+        if pool.is_empty() {
             return Err(ScheduleError::NoPods(server.key.clone()));
         }
         self.rank(
             server,
-            Pool::Among(indices),
+            pool,
             &request.plugin_input(),
             request,
             Ranked {
@@ -763,18 +760,9 @@ mod tests {
     fn server(pods: usize) -> Server {
         Server::for_tests(
             "default/s",
-            (0..pods)
-                .map(|i| {
-                    Arc::new(
-                        PodState::new(
-                            format!("default/p{i}"),
-                            format!("p{i}"),
-                            SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
-                        )
-                        .expect("valid"),
-                    )
-                })
-                .collect(),
+            PodState::numbered_for_tests(pods, |i| {
+                SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))
+            }),
         )
     }
 

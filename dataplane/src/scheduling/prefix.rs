@@ -705,6 +705,21 @@ fn top_rendezvous(key: u64, pod_ids: &[u64], out: &mut Vec<usize>) {
     );
 }
 
+/// The in-flight bound of a pod: `factor` x the mean load of the eligible
+/// pods, counting this request, never below [`BOUNDED_LOAD_FLOOR`].
+pub fn load_bound(loads: &[f64], eligible: &[bool], factor: f64) -> f64 {
+    let count = eligible.iter().filter(|e| **e).count().max(1);
+    let total: f64 = loads
+        .iter()
+        .zip(eligible)
+        .filter(|(_, e)| **e)
+        .map(|(load, _)| *load)
+        .sum();
+    (factor * (total + 1.0) / count as f64)
+        .ceil()
+        .max(BOUNDED_LOAD_FLOOR)
+}
+
 /// Consistent hashing with bounded loads: the pod with the highest
 /// rendezvous weight for `key` among those whose load stays within
 /// `factor` x the mean (counting this request), never below
@@ -716,19 +731,10 @@ pub fn bounded_rendezvous(
     eligible: &[bool],
     factor: f64,
 ) -> Option<usize> {
-    let count = eligible.iter().filter(|e| **e).count();
-    if count == 0 {
+    if !eligible.contains(&true) {
         return None;
     }
-    let total: f64 = loads
-        .iter()
-        .zip(eligible)
-        .filter(|(_, e)| **e)
-        .map(|(load, _)| *load)
-        .sum();
-    let bound = (factor * (total + 1.0) / count as f64)
-        .ceil()
-        .max(BOUNDED_LOAD_FLOOR);
+    let bound = load_bound(loads, eligible, factor);
     let mut best: Option<(usize, u64)> = None;
     let mut best_any: Option<(usize, u64)> = None;
     for (index, (&id, &load)) in pod_ids.iter().zip(loads).enumerate() {

@@ -193,18 +193,9 @@ mod tests {
     use super::*;
 
     fn pods(count: usize) -> Vec<Arc<PodState>> {
-        (0..count)
-            .map(|i| {
-                Arc::new(
-                    PodState::new(
-                        format!("default/p{i}"),
-                        format!("p{i}"),
-                        SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
-                    )
-                    .expect("valid"),
-                )
-            })
-            .collect()
+        PodState::numbered_for_tests(count, |i| {
+            SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16))
+        })
     }
 
     #[test]

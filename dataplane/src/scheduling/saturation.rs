@@ -83,25 +83,35 @@ mod tests {
 
     #[test]
     fn a_queue_or_a_full_cache_saturates() {
-        assert_eq!(
-            is_saturated(Some(&engine(1.0, 0.0, 4096)), 300.0),
-            Some(true)
-        );
-        assert_eq!(
-            is_saturated(Some(&engine(0.0, 0.95, 4096)), 300.0),
-            Some(true),
-            "205 free tokens do not hold 300"
-        );
-        assert_eq!(
-            is_saturated(Some(&engine(0.0, 0.95, 4096)), 100.0),
-            Some(false)
-        );
-        assert_eq!(
-            is_saturated(Some(&engine(0.0, 0.95, 0)), 100.0),
-            Some(true),
-            "unknown capacity: 90% usage is full"
-        );
-        assert_eq!(is_saturated(Some(&engine(0.0, 0.5, 0)), 100.0), Some(false));
+        // (waiting, usage, capacity, tokens needed, saturated, why)
+        for (waiting, usage, capacity, needed, saturated, why) in [
+            (1.0, 0.0, 4096, 300.0, true, "a queue"),
+            (
+                0.0,
+                0.95,
+                4096,
+                300.0,
+                true,
+                "205 free tokens do not hold 300",
+            ),
+            (0.0, 0.95, 4096, 100.0, false, "205 free tokens hold 100"),
+            (
+                0.0,
+                0.95,
+                0,
+                100.0,
+                true,
+                "unknown capacity: 90% usage is full",
+            ),
+            (0.0, 0.5, 0, 100.0, false, "unknown capacity, half used"),
+        ] {
+            let engine = engine(waiting, usage, capacity);
+            assert_eq!(
+                is_saturated(Some(&engine), needed),
+                Some(saturated),
+                "{why}"
+            );
+        }
     }
 
     #[test]

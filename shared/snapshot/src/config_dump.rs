@@ -360,7 +360,7 @@ fn modelserver(server: &pb::ModelServer) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_builders::{header_exact, route, route_config, rule, server};
+    use crate::test_builders::{header_exact, pd_group, route, route_config, rule, server};
 
     fn config() -> pb::RouteConfig {
         let premium_llama = pb::ModelMatch {
@@ -466,11 +466,7 @@ mod tests {
         config.servers[0].prefill_decode = Some(pb::PrefillDecode {
             kv_connector: pb::KvConnector::Nixl.into(),
             group_label: "modelserving.volcano.sh/group-name".into(),
-            groups: vec![pb::PdGroup {
-                name: "group-0".into(),
-                prefill: vec!["p-0".into()],
-                decode: vec!["d-0".into(), "d-1".into()],
-            }],
+            groups: vec![pd_group("group-0", &["p-0"], &["d-0", "d-1"])],
         });
         let dump = modelservers(&config);
         let server = &dump["modelservers"][0];

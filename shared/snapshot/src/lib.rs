@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod scheduler;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_builders;
+pub mod wire;
 
 pub use protocol::{
     ENDPOINT_LOADS_TYPE_URL, MAX_KEY_ID_BYTES, MAX_UNKNOWN_KEY_IDS, NACK_INVALID_ARGUMENT, Nack,

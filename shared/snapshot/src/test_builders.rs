@@ -100,6 +100,43 @@ pub fn pod(name: &str, ip: &str) -> pb::Endpoint {
     }
 }
 
+/// InferencePool `default/<name>` of the endpoints (pod name, IP, target port).
+pub fn inference_pool(name: &str, endpoints: &[(&str, &str, u32)]) -> pb::InferencePool {
+    pb::InferencePool {
+        namespace: "default".into(),
+        name: name.into(),
+        endpoints: endpoints
+            .iter()
+            .map(|(pod_name, ip, port)| pb::Endpoint {
+                port: *port,
+                ..pod(pod_name, ip)
+            })
+            .collect(),
+        generation: 1,
+    }
+}
+
+/// An ejection of the pod `default/<pod>` for 5xx answers, to be given its
+/// `until_unix_ms` (the controller's) or `remaining_ms` (a dataplane's report).
+pub fn ejection(pod: &str) -> pb::PodEjection {
+    pb::PodEjection {
+        namespace: "default".into(),
+        pod: pod.into(),
+        reason: "5xx".into(),
+        ..Default::default()
+    }
+}
+
+/// A prefill/decode group `name` of the pods named in `prefill` and `decode`.
+pub fn pd_group(name: &str, prefill: &[&str], decode: &[&str]) -> pb::PdGroup {
+    let names = |pods: &[&str]| pods.iter().map(|pod| (*pod).to_owned()).collect();
+    pb::PdGroup {
+        name: name.into(),
+        prefill: names(prefill),
+        decode: names(decode),
+    }
+}
+
 /// A RouteConfig of `routes` and `servers`, with the default scheduler.
 pub fn route_config(routes: Vec<pb::ModelRoute>, servers: Vec<pb::ModelServer>) -> pb::RouteConfig {
     pb::RouteConfig {

@@ -573,6 +573,16 @@ fn compile_header_modifier(
     Ok(compiled)
 }
 
+/// The path of the field at `path`, which must be set for the modifier
+/// `type_` and start with `/`.
+fn absolute_path(value: Option<&str>, path: &str, type_: &str) -> Result<String, String> {
+    let value = value.ok_or_else(|| format!("{path}: must be set for {type_}"))?;
+    if !value.starts_with('/') {
+        return Err(format!("{path}: {value:?} does not start with \"/\""));
+    }
+    Ok(value.to_owned())
+}
+
 fn compile_url_rewrite(
     path: &str,
     rewrite: &HTTPURLRewriteFilter,
@@ -588,32 +598,22 @@ fn compile_url_rewrite(
     let path_rewrite = match &rewrite.path {
         None => None,
         Some(modifier) => Some(match modifier.type_.as_str() {
-            "ReplaceFullPath" => {
-                let value = modifier.replace_full_path.clone().ok_or_else(|| {
-                    format!("{path}.path.replaceFullPath: must be set for ReplaceFullPath")
-                })?;
-                if !value.starts_with('/') {
-                    return Err(format!(
-                        "{path}.path.replaceFullPath: {value:?} does not start with \"/\""
-                    ));
-                }
-                Path::ReplaceFullPath(value)
-            }
+            "ReplaceFullPath" => Path::ReplaceFullPath(absolute_path(
+                modifier.replace_full_path.as_deref(),
+                &format!("{path}.path.replaceFullPath"),
+                "ReplaceFullPath",
+            )?),
             "ReplacePrefixMatch" => {
                 if !all_prefix {
                     return Err(format!(
                         "{path}.path: ReplacePrefixMatch needs every match of the rule to be a PathPrefix match"
                     ));
                 }
-                let value = modifier.replace_prefix_match.clone().ok_or_else(|| {
-                    format!("{path}.path.replacePrefixMatch: must be set for ReplacePrefixMatch")
-                })?;
-                if !value.starts_with('/') {
-                    return Err(format!(
-                        "{path}.path.replacePrefixMatch: {value:?} does not start with \"/\""
-                    ));
-                }
-                Path::ReplacePrefixMatch(value)
+                Path::ReplacePrefixMatch(absolute_path(
+                    modifier.replace_prefix_match.as_deref(),
+                    &format!("{path}.path.replacePrefixMatch"),
+                    "ReplacePrefixMatch",
+                )?)
             }
             other => {
                 return Err(format!(

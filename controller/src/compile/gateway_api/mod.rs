@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use switchyard_crd::gateway_api::{GatewayStatusAddress, Listener, RouteGroupKind};
 use switchyard_crd::{GATEWAY_API_GROUP, Gateway, GatewayClass, ParentReference};
@@ -70,6 +71,24 @@ pub struct GatewayApiReports {
     /// Objects of Gateway API kinds read while their mode is off (local
     /// files): not compiled, and said so here.
     pub ignored: Vec<IgnoredObject>,
+}
+
+impl GatewayApiReports {
+    /// Lists the `kind` object of `metadata` as ignored for `reason`.
+    fn ignore(&mut self, kind: &'static str, metadata: &ObjectMeta, reason: &str) {
+        self.ignored.push(IgnoredObject {
+            kind,
+            namespace: metadata.namespace.clone(),
+            name: metadata.name.clone().unwrap_or_default(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Lists a `kind` object whose namespace and name came earlier as ignored.
+    fn ignore_duplicate(&mut self, kind: &'static str, metadata: &ObjectMeta) {
+        let reason = format!("another {kind} of this namespace and name came earlier in the input");
+        self.ignore(kind, metadata, &reason);
+    }
 }
 
 /// An object read but not compiled, and why.
@@ -718,34 +737,22 @@ pub(crate) fn compile(
     scrape_targets: &mut Vec<crate::scrape::ScrapeTarget>,
 ) -> Stage {
     let mut reports = GatewayApiReports::default();
-    let ignore = |kind: &'static str,
-                  metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-                  reason: &str| IgnoredObject {
-        kind,
-        namespace: metadata.namespace.clone(),
-        name: metadata.name.clone().unwrap_or_default(),
-        reason: reason.to_owned(),
-    };
 
     let mut inference_pools = Vec::new();
     let mut present: BTreeSet<(&str, &str)> = BTreeSet::new();
     let mut accepted: BTreeSet<(&str, &str)> = BTreeSet::new();
     for pool in objects.inference_pools {
         if !config.inference_extension {
-            reports.ignored.push(ignore(
+            reports.ignore(
                 "InferencePool",
                 &pool.metadata,
                 "Gateway API Inference Extension mode is off: start the controller with --enable-gateway-api-inference-extension",
-            ));
+            );
             continue;
         }
         let key = key_of(&pool.metadata);
         if !first_of_its_name(&mut present, key) {
-            reports.ignored.push(ignore(
-                "InferencePool",
-                &pool.metadata,
-                "another InferencePool of this namespace and name came earlier in the input",
-            ));
+            reports.ignore_duplicate("InferencePool", &pool.metadata);
             continue;
         }
         let (compiled, report) = inference_pools::compile_pool(pool, pods);
@@ -770,19 +777,13 @@ pub(crate) fn compile(
     if !config.enabled {
         let off = "Gateway API mode is off: start the controller with --enable-gateway-api";
         for class in objects.gateway_classes {
-            reports
-                .ignored
-                .push(ignore("GatewayClass", &class.metadata, off));
+            reports.ignore("GatewayClass", &class.metadata, off);
         }
         for gateway in objects.gateways {
-            reports
-                .ignored
-                .push(ignore("Gateway", &gateway.metadata, off));
+            reports.ignore("Gateway", &gateway.metadata, off);
         }
         for route in objects.http_routes {
-            reports
-                .ignored
-                .push(ignore("HTTPRoute", &route.metadata, off));
+            reports.ignore("HTTPRoute", &route.metadata, off);
         }
         return Stage {
             index: None,
@@ -809,11 +810,7 @@ pub(crate) fn compile(
     for route in objects.http_routes {
         let key = key_of(&route.metadata);
         if !first_of_its_name(&mut seen, key) {
-            reports.ignored.push(ignore(
-                "HTTPRoute",
-                &route.metadata,
-                "another HTTPRoute of this namespace and name came earlier in the input",
-            ));
+            reports.ignore_duplicate("HTTPRoute", &route.metadata);
             continue;
         }
         let compiled = http_routes::compile_http_route(route, &gateways.index, &known_pools);

@@ -138,20 +138,13 @@ fn kthena_gateway_examples_compile_as_published() {
 
     // The bound route serves on the default Gateway only; the simple route (no
     // parentRefs) on the default listener.
-    let bound = config
-        .routes
-        .iter()
-        .find(|route| route.name == "deepseek-binding-gateway")
-        .expect("bound route in the snapshot");
+    let in_snapshot = |name: &str| find_report(&config.routes, name, |route| route.name == name);
+    let bound = in_snapshot("deepseek-binding-gateway");
     assert_eq!(
         bound.listeners,
         [listener("kthena-system/default", "default")]
     );
-    let simple = config
-        .routes
-        .iter()
-        .find(|route| route.name == "deepseek-simple")
-        .expect("simple route in the snapshot");
+    let simple = in_snapshot("deepseek-simple");
     assert!(simple.listeners.is_empty());
     assert!(model_route_report(&compiled, "deepseek-binding-gateway").is_healthy());
 
@@ -313,23 +306,28 @@ fn parent_refs_attach_by_section_port_namespace_and_hostname() {
     );
 }
 
+/// Gateway `infra/<name>` of `class`, created at `created`, with `listeners`
+/// (YAML list items indented by two spaces).
+fn infra_gateway(name: &str, class: &str, created: &str, listeners: &str) -> Gateway {
+    yaml(&format!(
+        "metadata: {{ name: {name}, namespace: infra, creationTimestamp: \"{created}\" }}\n\
+         spec:\n  gatewayClassName: {class}\n  listeners:\n{listeners}\n"
+    ))
+}
+
 #[test]
 fn listeners_that_cannot_be_served_say_why_and_conflicts_go_to_the_younger() {
-    let older: Gateway = yaml(
-        r#"
-metadata: { name: older, namespace: infra, creationTimestamp: "2026-01-01T00:00:00Z" }
-spec:
-  gatewayClassName: kthena-router
-  listeners:
-  - { name: web, port: 9000, protocol: HTTP, hostname: api.example.com }
-"#,
+    let older = infra_gateway(
+        "older",
+        "kthena-router",
+        "2026-01-01T00:00:00Z",
+        "  - { name: web, port: 9000, protocol: HTTP, hostname: api.example.com }",
     );
-    let younger: Gateway = yaml(
+    let younger = infra_gateway(
+        "younger",
+        "kthena-router",
+        "2026-02-01T00:00:00Z",
         r#"
-metadata: { name: younger, namespace: infra, creationTimestamp: "2026-02-01T00:00:00Z" }
-spec:
-  gatewayClassName: kthena-router
-  listeners:
   - { name: web, port: 9000, protocol: HTTP, hostname: API.example.com }
   - { name: other-host, port: 9000, protocol: HTTP, hostname: "*.example.com" }
   - { name: tls, port: 9443, protocol: HTTPS }
@@ -344,8 +342,11 @@ spec:
     allowedRoutes: { kinds: [{ kind: GRPCRoute }, { kind: HTTPRoute }] }
 "#,
     );
-    let foreign: Gateway = yaml(
-        "metadata: { name: foreign, namespace: infra }\nspec:\n  gatewayClassName: envoy\n  listeners: [{ name: web, port: 9000, protocol: HTTP }]\n",
+    let foreign = infra_gateway(
+        "foreign",
+        "envoy",
+        "2026-01-01T00:00:00Z",
+        "  - { name: web, port: 9000, protocol: HTTP }",
     );
     let objects = with_defaults(ObjectSet {
         gateways: vec![younger, older, foreign],
@@ -733,11 +734,7 @@ fn model_route_parent_refs_bind_it_to_listeners() {
         &CompiledProviders::default(),
     );
     assert!(off.route_config.routes.is_empty());
-    let report = off
-        .reports
-        .iter()
-        .find(|r| r.name == "one-listener")
-        .expect("report");
+    let report = model_route_report(&off, "one-listener");
     assert!(
         report
             .resolved_refs

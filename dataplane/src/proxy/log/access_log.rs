@@ -851,13 +851,9 @@ mod tests {
     #[test]
     fn prefill_decode_lines_name_both_pods_and_time_both_legs() {
         let pod = |name: &str| {
-            Some(Arc::new(
-                PodState::new(
-                    format!("default/{name}"),
-                    name.into(),
-                    std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
-                )
-                .expect("valid"),
+            Some(PodState::for_tests(
+                name,
+                std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
             ))
         };
         let mut pd = entry(None);

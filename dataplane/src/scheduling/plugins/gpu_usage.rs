@@ -1,20 +1,11 @@
 //! `gpu-usage`: pods with free KV cache; score = (1 - usage) x 100.
 
-use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
+use switchyard_snapshot::scheduler;
 
-use super::{
-    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, fill_unknown,
-};
+use super::{Candidate, Implementation, MAX_SCORE, PluginInput, ScorePlugin, fill_unknown};
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::gpu_usage::SPEC,
-    filter: None,
-    score: Some(build_scorer),
-};
-
-fn build_scorer(_: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
-    Ok(Box::new(GpuUsage))
-}
+pub const IMPLEMENTATION: Implementation =
+    Implementation::scorer(&scheduler::gpu_usage::SPEC, |_| Ok(Box::new(GpuUsage)));
 
 #[derive(Debug)]
 struct GpuUsage;

@@ -22,11 +22,8 @@ use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
 use super::{Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin};
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::least_latency::SPEC,
-    filter: None,
-    score: Some(build_scorer),
-};
+pub const IMPLEMENTATION: Implementation =
+    Implementation::scorer(&scheduler::least_latency::SPEC, build_scorer);
 
 fn build_scorer(context: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
     let args: pb::LeastLatencyArgs = scheduler::plugin_args(context.config);

@@ -9,11 +9,10 @@ use super::{
     ScorePlugin,
 };
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::least_request::SPEC,
-    filter: Some(build_filter),
-    score: Some(build_scorer),
-};
+pub const IMPLEMENTATION: Implementation =
+    Implementation::filter_and_scorer(&scheduler::least_request::SPEC, build_filter, |_| {
+        Ok(Box::new(LeastRequestScorer))
+    });
 
 fn build_filter(
     context: &PluginContext<'_>,
@@ -22,10 +21,6 @@ fn build_filter(
     Ok(Box::new(LeastRequestFilter {
         max_waiting_requests: args.max_waiting_requests(),
     }))
-}
-
-fn build_scorer(_: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
-    Ok(Box::new(LeastRequestScorer))
 }
 
 #[derive(Debug)]

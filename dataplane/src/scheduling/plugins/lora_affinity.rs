@@ -1,19 +1,14 @@
 //! `lora-affinity`: only pods that report the requested model (base model or
 //! LoRA adapter) in their `/v1/models`, as scraped by the controller.
 
-use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
+use switchyard_snapshot::scheduler;
 
-use super::{Candidate, FilterError, FilterPlugin, Implementation, PluginContext, PluginInput};
+use super::{Candidate, FilterError, FilterPlugin, Implementation, PluginInput};
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::lora_affinity::SPEC,
-    filter: Some(build_filter),
-    score: None,
-};
-
-fn build_filter(_: &PluginContext<'_>) -> Result<Box<dyn FilterPlugin>, SchedulerConfigError> {
-    Ok(Box::new(LoraAffinity))
-}
+pub const IMPLEMENTATION: Implementation =
+    Implementation::filter(&scheduler::lora_affinity::SPEC, |_| {
+        Ok(Box::new(LoraAffinity))
+    });
 
 #[derive(Debug)]
 struct LoraAffinity;

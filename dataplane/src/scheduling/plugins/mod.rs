@@ -46,6 +46,39 @@ pub struct Implementation {
     pub score: Option<BuildScore>,
 }
 
+impl Implementation {
+    /// A plugin that only scores.
+    pub const fn scorer(spec: &'static PluginSpec, score: BuildScore) -> Self {
+        Self {
+            spec,
+            filter: None,
+            score: Some(score),
+        }
+    }
+
+    /// A plugin that only filters.
+    pub const fn filter(spec: &'static PluginSpec, filter: BuildFilter) -> Self {
+        Self {
+            spec,
+            filter: Some(filter),
+            score: None,
+        }
+    }
+
+    /// A plugin that filters and scores.
+    pub const fn filter_and_scorer(
+        spec: &'static PluginSpec,
+        filter: BuildFilter,
+        score: BuildScore,
+    ) -> Self {
+        Self {
+            spec,
+            filter: Some(filter),
+            score: Some(score),
+        }
+    }
+}
+
 /// Builds a filter from the snapshot's scheduler section.
 pub type BuildFilter =
     fn(&PluginContext<'_>) -> Result<Box<dyn FilterPlugin>, SchedulerConfigError>;

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
-use super::super::prefix::{PrefixIndex, nominate_rendezvous, rendezvous_weight};
+use super::super::prefix::{PrefixIndex, load_bound, nominate_rendezvous, rendezvous_weight};
 use super::super::sample::PoolIds;
 use super::super::saturation::{self, is_saturated};
 use super::{
@@ -42,11 +42,8 @@ use super::{
     ScorePlugin, with_scratch,
 };
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::prefix_cache::SPEC,
-    filter: None,
-    score: Some(build_scorer),
-};
+pub const IMPLEMENTATION: Implementation =
+    Implementation::scorer(&scheduler::prefix_cache::SPEC, build_scorer);
 
 /// Highest score of a pod that holds part of the prompt but is not the one
 /// chosen for its group: half, so that it ranks above pods holding nothing
@@ -217,22 +214,6 @@ pub fn group_share(groups: usize, pods: usize, factor: f64) -> usize {
     let pods = pods.max(1);
     let mean = groups as f64 / pods as f64;
     ((factor * mean).floor() as usize).max(groups.div_ceil(pods))
-}
-
-/// The in-flight bound of pods without fresh engine load: `factor` x the mean
-/// load of the eligible pods, counting this request, never below
-/// [`BOUNDED_LOAD_FLOOR`](super::super::prefix::BOUNDED_LOAD_FLOOR).
-pub fn load_bound(loads: &[f64], eligible: &[bool], factor: f64) -> f64 {
-    let count = eligible.iter().filter(|e| **e).count().max(1);
-    let total: f64 = loads
-        .iter()
-        .zip(eligible)
-        .filter(|(_, e)| **e)
-        .map(|(l, _)| *l)
-        .sum();
-    (factor * (total + 1.0) / count as f64)
-        .ceil()
-        .max(super::super::prefix::BOUNDED_LOAD_FLOOR)
 }
 
 #[cfg(test)]

@@ -1,19 +1,12 @@
 //! `random`: a uniform score, meant to be used alone.
 
 use rand::Rng;
-use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
+use switchyard_snapshot::scheduler;
 
-use super::{Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin};
+use super::{Candidate, Implementation, MAX_SCORE, PluginInput, ScorePlugin};
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::random::SPEC,
-    filter: None,
-    score: Some(build_scorer),
-};
-
-fn build_scorer(_: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
-    Ok(Box::new(Random))
-}
+pub const IMPLEMENTATION: Implementation =
+    Implementation::scorer(&scheduler::random::SPEC, |_| Ok(Box::new(Random)));
 
 #[derive(Debug)]
 struct Random;

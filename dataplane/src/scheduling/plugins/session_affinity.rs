@@ -15,11 +15,8 @@ use super::{
     Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, with_scratch,
 };
 
-pub const IMPLEMENTATION: Implementation = Implementation {
-    spec: &scheduler::session_affinity::SPEC,
-    filter: None,
-    score: Some(build_scorer),
-};
+pub const IMPLEMENTATION: Implementation =
+    Implementation::scorer(&scheduler::session_affinity::SPEC, build_scorer);
 
 fn build_scorer(context: &PluginContext<'_>) -> Result<Box<dyn ScorePlugin>, SchedulerConfigError> {
     let args: pb::SessionAffinityArgs = scheduler::plugin_args(context.config);

@@ -45,9 +45,9 @@ impl PluginArgs for pb::LeastLatencyArgs {
 
     fn merge_yaml(&mut self, yaml: &serde_yaml::Value, _: &mut Vec<String>) -> Result<(), String> {
         let args: YamlArgs = parse_yaml_args(yaml)?;
-        if let Some(factor) = args.ttft_tpot_weight_factor {
-            self.ttft_tpot_weight_factor = Some(factor);
-        }
+        self.ttft_tpot_weight_factor = args
+            .ttft_tpot_weight_factor
+            .or(self.ttft_tpot_weight_factor);
         Ok(())
     }
 }

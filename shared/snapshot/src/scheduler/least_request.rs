@@ -43,9 +43,10 @@ impl PluginArgs for pb::LeastRequestArgs {
 
     fn merge_yaml(&mut self, yaml: &serde_yaml::Value, _: &mut Vec<String>) -> Result<(), String> {
         let args: YamlArgs = parse_yaml_args(yaml)?;
-        if let Some(max) = args.max_waiting_requests.filter(|max| *max > 0) {
-            self.max_waiting_requests = Some(max);
-        }
+        self.max_waiting_requests = args
+            .max_waiting_requests
+            .filter(|max| *max > 0)
+            .or(self.max_waiting_requests);
         Ok(())
     }
 }

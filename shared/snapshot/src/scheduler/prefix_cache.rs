@@ -113,9 +113,7 @@ impl PluginArgs for pb::PrefixCacheArgs {
         merge(&mut self.max_blocks_to_match, args.max_blocks_to_match);
         merge(&mut self.max_hash_cache_size, args.max_hash_cache_size);
         merge(&mut self.affinity_blocks, args.affinity_blocks);
-        if let Some(factor) = args.load_bound_factor {
-            self.load_bound_factor = Some(factor);
-        }
+        self.load_bound_factor = args.load_bound_factor.or(self.load_bound_factor);
         if let Some(top_k) = positive(args.top_k_matches).filter(|k| *k != TOP_K_MATCHES) {
             warnings.push(format!(
                 "prefix-cache topKMatches {top_k} ignored: the {TOP_K_MATCHES} pods found first holding a prefix score"

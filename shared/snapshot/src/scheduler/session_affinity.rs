@@ -67,9 +67,7 @@ impl PluginArgs for pb::SessionAffinityArgs {
         if let Some(header) = args.header.filter(|header| !header.is_empty()) {
             self.header = Some(header.to_ascii_lowercase());
         }
-        if let Some(factor) = args.load_bound_factor {
-            self.load_bound_factor = Some(factor);
-        }
+        self.load_bound_factor = args.load_bound_factor.or(self.load_bound_factor);
         Ok(())
     }
 }

@@ -282,6 +282,9 @@ pub enum EngineBodyError {
     Provider(#[from] hyper::Error),
 }
 
+/// What polling an engine's response body gives.
+type PolledFrame = Poll<Option<Result<Frame<Bytes>, EngineBodyError>>>;
+
 /// The body of an answer: a pod's, read by this client, or an external
 /// provider's, read by hyper.
 #[derive(Debug)]
@@ -294,10 +297,7 @@ impl Body for EngineBody {
     type Data = Bytes;
     type Error = EngineBodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, EngineBodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PolledFrame {
         match self.get_mut() {
             Self::Pod(body) => Pin::new(body).poll_frame(cx),
             Self::Provider(body) => Pin::new(body)
@@ -346,10 +346,7 @@ impl PodBody {
         }
     }
 
-    fn fail(
-        &mut self,
-        error: EngineBodyError,
-    ) -> Poll<Option<Result<Frame<Bytes>, EngineBodyError>>> {
+    fn fail(&mut self, error: EngineBodyError) -> PolledFrame {
         self.connection = None;
         Poll::Ready(Some(Err(error)))
     }
@@ -359,10 +356,7 @@ impl Body for PodBody {
     type Data = Bytes;
     type Error = EngineBodyError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, EngineBodyError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PolledFrame {
         let this = self.get_mut();
         loop {
             let Some(connection) = &mut this.connection else {
