@@ -28,7 +28,7 @@ use super::plugins::{
     ScorePlugin,
 };
 use super::prefix::{SharedPrefixIndex, hash_prompt};
-use super::sample::{self, Pool, SAMPLED_CANDIDATES};
+use super::sample::{self, Pool, PoolIds, SAMPLED_CANDIDATES};
 use crate::pod::is_fresh;
 use crate::pod::outlier::EjectionClock;
 use crate::request::PromptField;
@@ -491,13 +491,18 @@ impl Scheduler {
                 sample,
             } = scratch;
             let mut sampled = pool.len() > self.sample_above && {
+                let all = server.pod_ids();
                 let ids = match pool {
-                    Pool::All(count) => server.pod_ids().get(..count).unwrap_or_default(),
+                    Pool::All(count) if count == all.ids().len() => PoolIds::whole(all),
+                    Pool::All(count) => PoolIds::among(all.ids().get(..count).unwrap_or_default()),
                     Pool::Among(indices) => {
-                        let all = server.pod_ids();
                         pod_ids.clear();
-                        pod_ids.extend(indices.iter().map(|i| all.get(*i).copied().unwrap_or(0)));
-                        &pod_ids[..]
+                        pod_ids.extend(
+                            indices
+                                .iter()
+                                .map(|i| all.ids().get(*i).copied().unwrap_or(0)),
+                        );
+                        PoolIds::among(pod_ids)
                     }
                 };
                 nominated.clear();

@@ -9,6 +9,7 @@
 //! names a whole prefix of one model.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use serde::de::{SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use super::sample::PoolIds;
 use crate::request::PromptField;
 
 /// Shards of the prefix index: requests for different prefixes rarely touch
@@ -526,11 +528,37 @@ impl PrefixIndex {
     /// Walks from the longest prefix back, as the Kthena router does.
     pub fn matches(&self, hashes: &[u64], pod_ids: &[u64], out: &mut [usize]) {
         out.fill(0);
-        let mut found = 0;
+        self.each_match(
+            hashes,
+            pod_ids.len(),
+            |owner| pod_ids.iter().position(|id| *id == owner),
+            |slot, blocks| {
+                let new = out[slot] == 0;
+                if new {
+                    out[slot] = blocks;
+                }
+                new
+            },
+        );
+    }
+
+    /// The pods of a pool of `pool_len` that [`PrefixIndex::matches`] gives
+    /// a match, without a slot per pod: `position` finds an owner in the
+    /// pool, `found(position, blocks)` records a match and says whether that
+    /// pod had none yet. Among many pods, zeroing a slot per pod cost more
+    /// than the rest of the search.
+    pub fn each_match(
+        &self,
+        hashes: &[u64],
+        pool_len: usize,
+        position: impl Fn(u64) -> Option<usize>,
+        mut found: impl FnMut(usize, usize) -> bool,
+    ) {
+        let mut count = 0;
         // Owners already looked for: the same pods hold most blocks of a
-        // prompt, and among many pods each search is a scan of `pod_ids`.
-        // A pod seen at a longer prefix keeps that match (or is not in
-        // `pod_ids`), so seeing it again changes nothing.
+        // prompt, and among many pods each search costs. A pod seen at a
+        // longer prefix keeps that match (or is not in the pool), so seeing
+        // it again changes nothing.
         let mut seen = [0u64; SEEN_OWNERS];
         let mut seen_len = 0;
         for (index, &hash) in hashes.iter().enumerate().rev() {
@@ -553,14 +581,13 @@ impl PrefixIndex {
                     seen[seen_len] = *owner;
                     seen_len += 1;
                 }
-                if let Some(slot) = pod_ids.iter().position(|id| id == owner)
-                    && out[slot] == 0
+                if let Some(slot) = position(*owner)
+                    && found(slot, index + 1)
                 {
-                    out[slot] = index + 1;
-                    found += 1;
+                    count += 1;
                 }
             }
-            if found >= TOP_K_MATCHES.min(pod_ids.len()) {
+            if count >= TOP_K_MATCHES.min(pool_len) {
                 return;
             }
         }
@@ -584,9 +611,84 @@ pub fn rendezvous_weight(key: u64, pod_id: u64) -> u64 {
 /// are unavailable.
 pub const RENDEZVOUS_NOMINEES: usize = 4;
 
-/// Appends to `out` the positions in `pod_ids` of the [`RENDEZVOUS_NOMINEES`]
-/// pods with the highest rendezvous weight for `key`.
-pub fn nominate_rendezvous(key: u64, pod_ids: &[u64], out: &mut Vec<usize>) {
+/// Slots of the per-thread cache of [`nominate_rendezvous`]: prefix groups
+/// and sessions in use at once on one worker before their nominees are
+/// computed again (40 bytes a slot: 10 KiB per thread).
+const RENDEZVOUS_CACHE_SLOTS: usize = 256;
+
+/// A group's (or session's) nominees among one pod list, by position.
+#[derive(Clone, Copy, Debug)]
+struct CachedNominees {
+    key: u64,
+    /// The list's [`PoolIds::generation`]; 0 = empty slot (generations start at 1).
+    generation: u64,
+    positions: [u32; RENDEZVOUS_NOMINEES],
+    len: u8,
+}
+
+const NO_NOMINEES: CachedNominees = CachedNominees {
+    key: 0,
+    generation: 0,
+    positions: [0; RENDEZVOUS_NOMINEES],
+    len: 0,
+};
+
+thread_local! {
+    /// Per worker: no lock, and each worker's own traffic warms it.
+    static RENDEZVOUS_CACHE: RefCell<[CachedNominees; RENDEZVOUS_CACHE_SLOTS]> =
+        const { RefCell::new([NO_NOMINEES; RENDEZVOUS_CACHE_SLOTS]) };
+}
+
+/// Appends to `out` the positions in `pool` of the [`RENDEZVOUS_NOMINEES`]
+/// pods with the highest rendezvous weight for `key`, best first.
+///
+/// That takes a weight per pod, the one pass over a large pool a sampled
+/// pick had left (22,000 instructions among 1,000 pods). The answer depends
+/// only on the key and the pod list, and the same few groups and sessions
+/// come again and again, so when the list has a generation (a server's whole
+/// pod list) each worker keeps the last answer per slot of a small
+/// direct-mapped cache: a request of a group seen before reads it.
+pub fn nominate_rendezvous(key: u64, pool: PoolIds<'_>, out: &mut Vec<usize>) {
+    let Some(generation) = pool.generation() else {
+        top_rendezvous(key, pool.ids(), out);
+        return;
+    };
+    // Keys are hashes; the generation is mixed in so that two servers'
+    // lists do not always evict each other's entries for one key.
+    let slot =
+        (key ^ generation.wrapping_mul(0x9e37_79b9_7f4a_7c15)) as usize % RENDEZVOUS_CACHE_SLOTS;
+    RENDEZVOUS_CACHE.with(|cache| {
+        let Ok(mut cache) = cache.try_borrow_mut() else {
+            // Not reentrant in practice; stay correct if it ever is.
+            top_rendezvous(key, pool.ids(), out);
+            return;
+        };
+        let entry = &mut cache[slot];
+        if entry.generation != generation || entry.key != key {
+            let start = out.len();
+            top_rendezvous(key, pool.ids(), out);
+            let mut positions = [0; RENDEZVOUS_NOMINEES];
+            for (cached, position) in positions.iter_mut().zip(&out[start..]) {
+                *cached = *position as u32;
+            }
+            *entry = CachedNominees {
+                key,
+                generation,
+                positions,
+                len: (out.len() - start) as u8,
+            };
+            return;
+        }
+        out.extend(
+            entry.positions[..usize::from(entry.len)]
+                .iter()
+                .map(|position| *position as usize),
+        );
+    });
+}
+
+/// [`nominate_rendezvous`] computed: one weight per pod.
+fn top_rendezvous(key: u64, pod_ids: &[u64], out: &mut Vec<usize>) {
     let mut top = [(0u64, usize::MAX); RENDEZVOUS_NOMINEES];
     for (position, &id) in pod_ids.iter().enumerate() {
         let weight = rendezvous_weight(key, id);
@@ -654,6 +756,7 @@ pub fn bounded_rendezvous(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::PodIds;
 
     fn hashes(field: PromptField, raw: &str) -> Vec<u64> {
         let mut out = Vec::new();
@@ -881,21 +984,41 @@ mod tests {
         let ids: Vec<u64> = (0..500)
             .map(|i| xxh3_64(format!("pod-{i}").as_bytes()))
             .collect();
-        for key in 0..100u64 {
+        let whole = PodIds::new(ids.clone().into());
+        let first_choices = |key: u64, ids: &[u64]| {
             let mut by_weight: Vec<usize> = (0..ids.len()).collect();
             by_weight.sort_by_key(|&i| std::cmp::Reverse(rendezvous_weight(key, ids[i])));
-            let mut nominated = vec![9999];
-            nominate_rendezvous(key, &ids, &mut nominated);
-            assert_eq!(nominated[0], 9999, "appends");
-            assert_eq!(
-                nominated[1..],
-                by_weight[..RENDEZVOUS_NOMINEES],
-                "key {key}"
-            );
+            by_weight.truncate(RENDEZVOUS_NOMINEES);
+            by_weight
+        };
+        // Twice over a server's list: computed, then read from the cache.
+        for _ in 0..2 {
+            for key in 0..100u64 {
+                for pool in [PoolIds::among(&ids), PoolIds::whole(&whole)] {
+                    let mut nominated = vec![9999];
+                    nominate_rendezvous(key, pool, &mut nominated);
+                    assert_eq!(nominated[0], 9999, "appends");
+                    assert_eq!(nominated[1..], first_choices(key, &ids), "key {key}");
+                }
+            }
+        }
+        // A new snapshot's list (one pod gone): its own nominees, not the
+        // cached ones of the old list.
+        let fewer = PodIds::new(ids[1..].into());
+        for key in 0..100u64 {
+            let mut nominated = Vec::new();
+            nominate_rendezvous(key, PoolIds::whole(&fewer), &mut nominated);
+            assert_eq!(nominated, first_choices(key, &ids[1..]), "key {key}");
         }
         let mut few = Vec::new();
-        nominate_rendezvous(1, &ids[..2], &mut few);
+        nominate_rendezvous(1, PoolIds::among(&ids[..2]), &mut few);
         assert_eq!(few.len(), 2);
+        let two = PodIds::new(ids[..2].into());
+        for _ in 0..2 {
+            few.clear();
+            nominate_rendezvous(1, PoolIds::whole(&two), &mut few);
+            assert_eq!(few, first_choices(1, &ids[..2]));
+        }
     }
 
     #[test]

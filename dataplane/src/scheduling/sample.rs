@@ -24,6 +24,7 @@ use switchyard_runtime::clock::Instant;
 
 use crate::pod::PodState;
 use crate::pod::outlier::EjectionClock;
+use crate::routing::PodIds;
 
 /// Candidates above which a pick scores a sample: the window's size. 64
 /// healthy pods hold a pod as idle as the idlest of 1,000 most of the time,
@@ -63,6 +64,50 @@ impl Pool<'_> {
     /// The server pod indices of the pool, in order.
     pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.len()).map(|position| self.index(position))
+    }
+}
+
+/// The ids of a pool's pods, as the scorers' `nominate` sees them: what
+/// they nominate are positions in it.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolIds<'a> {
+    ids: &'a [u64],
+    /// Set when the pool is a server's whole pod list.
+    whole: Option<&'a PodIds>,
+}
+
+impl<'a> PoolIds<'a> {
+    /// All of a server's pods.
+    pub fn whole(ids: &'a PodIds) -> Self {
+        Self {
+            ids: ids.ids(),
+            whole: Some(ids),
+        }
+    }
+
+    /// Any list of ids (a subset of a server's pods, gathered per pick).
+    pub fn among(ids: &'a [u64]) -> Self {
+        Self { ids, whole: None }
+    }
+
+    pub fn ids(&self) -> &'a [u64] {
+        self.ids
+    }
+
+    /// A number that names this exact list for the life of the process,
+    /// when it has one (a server's whole list): what a per-thread cache of
+    /// something computed from the ids keys it by.
+    pub fn generation(&self) -> Option<u64> {
+        self.whole.map(PodIds::generation)
+    }
+
+    /// The first position of the pod `id`: looked up in a server's whole
+    /// list, searched in a gathered one.
+    pub fn position(&self, id: u64) -> Option<usize> {
+        match self.whole {
+            Some(whole) => whole.position(id),
+            None => self.ids.iter().position(|each| *each == id),
+        }
     }
 }
 

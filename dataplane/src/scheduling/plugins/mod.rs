@@ -15,6 +15,7 @@ use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{PluginSpec, SchedulerConfigError};
 
 use super::prefix::SharedPrefixIndex;
+use super::sample::PoolIds;
 
 pub mod gpu_usage;
 pub mod least_latency;
@@ -144,10 +145,11 @@ pub trait ScorePlugin: Debug + Send + Sync {
 
     /// Pods this scorer must see when the pick scores a sample of many
     /// candidates (`scheduling::sample`): appends their positions in
-    /// `pod_ids`, the ids of every candidate. A scorer that prefers one
+    /// `pool`, the ids of every candidate. A scorer that prefers one
     /// particular pod for a request (an affinity) nominates it and the pods
-    /// it falls back to, so a sample never hides them.
-    fn nominate(&self, _pod_ids: &[u64], _request: &PluginInput<'_>, _out: &mut Vec<usize>) {}
+    /// it falls back to, so a sample never hides them. Runs once per pick
+    /// among many pods: it should not take a pass over them all.
+    fn nominate(&self, _pool: PoolIds<'_>, _request: &PluginInput<'_>, _out: &mut Vec<usize>) {}
 
     /// After a pod accepted the request (Kthena's PostSchedule).
     fn on_dispatched(&self, _pod_id: u64, _prompt_hashes: &[u64]) {}

@@ -35,6 +35,7 @@ use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
 use super::super::prefix::{PrefixIndex, load_bound, nominate_rendezvous, rendezvous_weight};
+use super::super::sample::PoolIds;
 use super::super::saturation::{self, is_saturated};
 use super::{
     Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, PluginScratch, PromptHashing,
@@ -87,23 +88,32 @@ impl ScorePlugin for PrefixCache {
 
     /// The group's first rendezvous choices (its home and where it goes
     /// next), its recorded first choice, and the pods holding the prompt.
-    fn nominate(&self, pod_ids: &[u64], request: &PluginInput<'_>, out: &mut Vec<usize>) {
+    fn nominate(&self, pool: PoolIds<'_>, request: &PluginInput<'_>, out: &mut Vec<usize>) {
         let hashes = request.prompt_hashes;
         let Some(key) = self.group_key(hashes) else {
             return;
         };
-        nominate_rendezvous(key, pod_ids, out);
+        nominate_rendezvous(key, pool, out);
         if let Some(first) = self.index.groups.first_choice(key)
-            && let Some(position) = pod_ids.iter().position(|id| *id == first)
+            && let Some(position) = pool.position(first)
         {
             out.push(position);
         }
-        with_scratch(|scratch| {
-            scratch.matched.clear();
-            scratch.matched.resize(pod_ids.len(), 0);
-            self.index.matches(hashes, pod_ids, &mut scratch.matched);
-            out.extend((0..pod_ids.len()).filter(|position| scratch.matched[*position] > 0));
-        });
+        // The pods holding the prompt: a handful, found by id, so no slot
+        // per pod to zero and no pass over them all.
+        let holders = out.len();
+        self.index.each_match(
+            hashes,
+            pool.ids().len(),
+            |owner| pool.position(owner),
+            |position, _| {
+                let new = !out[holders..].contains(&position);
+                if new {
+                    out.push(position);
+                }
+                new
+            },
+        );
     }
 
     /// Remembers where this prefix went (Kthena's PostSchedule).

@@ -10,6 +10,7 @@ use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
 use super::super::prefix::{bounded_rendezvous, nominate_rendezvous};
+use super::super::sample::PoolIds;
 use super::{
     Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, with_scratch,
 };
@@ -47,9 +48,9 @@ impl ScorePlugin for SessionAffinity {
         );
     }
 
-    fn nominate(&self, pod_ids: &[u64], request: &PluginInput<'_>, out: &mut Vec<usize>) {
+    fn nominate(&self, pool: PoolIds<'_>, request: &PluginInput<'_>, out: &mut Vec<usize>) {
         if let Some(key) = self.session_key(request) {
-            nominate_rendezvous(key, pod_ids, out);
+            nominate_rendezvous(key, pool, out);
         }
     }
 }
