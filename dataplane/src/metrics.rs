@@ -34,7 +34,7 @@ use crate::lazy_series::LazySeries;
 use crate::pod::outlier::Failure;
 use crate::rate_limit::LimitType;
 use crate::retired::Retired;
-use crate::snapshot::{RoutingTable, SnapshotStore};
+use crate::snapshot::{RoutingTable, SnapshotError, SnapshotStore};
 use crate::xds_client::{ControllerStatus, SnapshotSink};
 
 /// End-to-end, prefill and decode latency buckets (seconds), as documented for the router.
@@ -1084,12 +1084,16 @@ pub struct ObservedStore {
 
 impl SnapshotSink for ObservedStore {
     fn apply_route_config(&self, version: &str, config: bytes::Bytes) -> Result<(), Nack> {
-        SnapshotSink::apply_route_config(&*self.store, version, config)?;
-        if let Some(table) = self.store.table() {
-            self.metrics.resolve(&table);
-            self.metrics.health.resolve(&table);
-        }
-        Ok(())
+        // Resolved before the swap: a request routed by the new table in the
+        // moment after it would otherwise find no handles and go uncounted
+        // (the stream thread runs below the traffic workers, so that moment
+        // can be long on a busy machine).
+        self.store
+            .apply_encoded_route_config_then(version, config, |table| {
+                self.metrics.resolve(table);
+                self.metrics.health.resolve(table);
+            })
+            .map_err(SnapshotError::into_nack)
     }
 
     fn apply_endpoint_loads(&self, version: &str, loads: bytes::Bytes) -> Result<(), Nack> {

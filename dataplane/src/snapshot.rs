@@ -862,6 +862,18 @@ impl SnapshotStore {
         version: &str,
         encoded: Bytes,
     ) -> Result<(), SnapshotError> {
+        self.apply_encoded_route_config_then(version, encoded, |_| {})
+    }
+
+    /// [`SnapshotStore::apply_encoded_route_config`], calling `before_visible`
+    /// with the new table before any request can see it: what requests look
+    /// up by the table's names (metric handles) must exist when they arrive.
+    pub fn apply_encoded_route_config_then(
+        &self,
+        version: &str,
+        encoded: Bytes,
+        before_visible: impl FnOnce(&RoutingTable),
+    ) -> Result<(), SnapshotError> {
         let loads = self.loads.lock();
         let previous = self.table.load_full();
         let empty = HashMap::new();
@@ -882,6 +894,7 @@ impl SnapshotStore {
             apply_fleet_ejections(&table, &loads.ejections);
         }
         let ports = table.gateways.ports();
+        before_visible(&table);
         let replaced = self.table.swap(Some(Arc::new(table)));
         drop(loads);
         self.listener_ports.send_if_modified(|current| {
@@ -1077,6 +1090,33 @@ mod tests {
             vec![route("r", "m", "s")],
             vec![server("s", &[("p1", "127.0.0.11"), ("p2", "127.0.0.12")])],
         )
+    }
+
+    #[test]
+    fn what_must_exist_for_a_table_is_made_before_requests_see_it() {
+        let store = SnapshotStore::new();
+        let mut seen = None;
+        store
+            .apply_encoded_route_config_then("v1", config().encode_to_vec().into(), |table| {
+                seen = Some((table.version.clone(), store.table().is_none()));
+            })
+            .expect("valid");
+        assert_eq!(
+            seen,
+            Some(("v1".to_owned(), true)),
+            "called before the swap"
+        );
+        store
+            .apply_encoded_route_config_then("v2", config().encode_to_vec().into(), |_| {
+                seen = store.table().map(|table| (table.version.clone(), false));
+            })
+            .expect("valid");
+        assert_eq!(
+            seen,
+            Some(("v1".to_owned(), false)),
+            "the old table still served"
+        );
+        assert_eq!(store.table().expect("table").version, "v2");
     }
 
     #[test]
