@@ -25,8 +25,8 @@ use switchyard_runtime::clock;
 use switchyard_snapshot::pb;
 use tokio::sync::watch;
 
+use crate::report_limit::first_entries;
 use crate::router_config::RouterConfig;
-use crate::xds::first_entries;
 
 /// Entries read from one report: a dataplane tracks at most 10,000 users per
 /// model, and a faulty one cannot make us read more than this at once.

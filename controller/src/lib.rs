@@ -34,6 +34,7 @@ pub mod local;
 pub mod metrics;
 pub mod outlier;
 pub mod rate_limit;
+pub mod report_limit;
 pub mod router_config;
 pub mod scrape;
 pub mod status;

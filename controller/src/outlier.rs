@@ -15,9 +15,9 @@ use std::sync::Arc;
 use switchyard_snapshot::{object_key, pb};
 use tokio::sync::watch;
 
+use crate::report_limit::first_entries;
 use crate::router_config::MAX_EJECTION_TIME_LIMIT;
 use crate::scrape::PodKey;
-use crate::xds::first_entries;
 
 /// Entries read from one report: more pods than a dataplane ejects at once
 /// in any real fleet, and a bound on what a faulty one can make us hold.

@@ -193,7 +193,8 @@ impl RoutingTable {
     /// in-flight counts, loads and ejections survive the swap; its
     /// ModelServers wake `ejections` when they eject a pod.
     /// `encoded` is the RouteConfig as it came off the wire; its ModelServers
-    /// and InferencePools are decoded one at a time (see [`SERVERS_FIELD`]).
+    /// and InferencePools are decoded one at a time, so that the decoded
+    /// config and the table being built are never in memory whole at once.
     pub fn build(
         version: &str,
         encoded: Bytes,

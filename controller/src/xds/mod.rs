@@ -36,26 +36,6 @@ pub const XDS_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a PING may stay unanswered before the connection is dropped.
 pub const XDS_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The first `limit` entries of a dataplane's `report`: one that holds more
-/// (a broken or hostile dataplane) is logged, and the rest is not read.
-pub fn first_entries<'a, T>(
-    node: &str,
-    report: &'static str,
-    entries: &'a [T],
-    limit: usize,
-) -> &'a [T] {
-    if entries.len() > limit {
-        tracing::warn!(
-            node,
-            report,
-            reported = entries.len(),
-            read = limit,
-            "report too long; reading its first entries only"
-        );
-    }
-    &entries[..entries.len().min(limit)]
-}
-
 /// Serves `service` on `listener` (over TLS, with client authentication, as
 /// `security` says) until `shutdown` completes, then ends every open stream
 /// and returns once the connections are closed.
