@@ -455,6 +455,8 @@ async fn traffic_workers_keep_the_process_priority_and_other_threads_run_below_i
         let settled = nice_of("switchyard-data") == Some(lowered)
             && nice_of("access-log") == Some(lowered)
             && nice_of("controller-stre") == Some(lowered)
+            // A thread takes its name just after it starts: wait for both.
+            && nice_of("traffic-0").is_some()
             && nice_of("traffic-1").is_some();
         async move { settled.then_some(threads) }
     })
