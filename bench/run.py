@@ -3,7 +3,9 @@
 
 Starts, on loopback only: the fake backend (switchyard-bench-backend), the
 controller in local mode, one dataplane pinned to one core, and nginx (Debian)
-as a plain reverse proxy on the same core. For each case it drives the same
+as a plain reverse proxy on the same core (`access_log off`; a second nginx
+that writes a JSON access log, as the dataplane does, gives a like-for-like
+row for the ~1 KB chat). For each case it drives the same
 load at the backend directly, through the dataplane and through nginx with
 oha, and prints a Markdown table (also written to bench/results/).
 
@@ -49,6 +51,8 @@ DATAPLANE_PORT = 18080
 DATAPLANE_METRICS_PORT = 18090
 DATAPLANE_DEBUG_PORT = 18091
 NGINX_PORT = 18070
+# A second nginx that writes a JSON access log, for the like-for-like chat row.
+NGINX_LOGGED_PORT = 18071
 # The peer routers: traffic port and the Prometheus exporter each starts.
 VLLM_ROUTER_PORTS = (18060, 18061)
 SGLANG_ROUTER_PORTS = (18062, 18063)
@@ -410,18 +414,39 @@ status:
     (config_dir / "bench.yaml").write_text("---\n".join(docs))
 
 
-def write_nginx_config(workdir):
-    conf = workdir / "nginx.conf"
+# What the like-for-like nginx logs per request: the dataplane's access-log
+# fields nginx knows, as one JSON line of about the same size (~450 bytes),
+# buffered as the dataplane's writer thread batches its lines.
+NGINX_JSON_LOG_FORMAT = (
+    "log_format json escape=json '{"
+    '"start_time":"$time_iso8601","method":"$request_method","path":"$uri",'
+    '"protocol":"$server_protocol","status_code":$status,"request_id":"$request_id",'
+    '"client":"$remote_addr","user_agent":"$http_user_agent","upstream_host":"$upstream_addr",'
+    '"upstream_status":"$upstream_status","bytes_received":$request_length,"bytes_sent":$bytes_sent,'
+    '"duration_ms":"$request_time","upstream_connect_ms":"$upstream_connect_time",'
+    '"upstream_header_ms":"$upstream_header_time","upstream_response_ms":"$upstream_response_time",'
+    '"content_type":"$content_type","connection":"$connection","requests_on_connection":"$connection_requests"'
+    "}';"
+)
+
+
+def write_nginx_config(workdir, name="nginx", port=NGINX_PORT, access_log=False):
+    """nginx as a plain reverse proxy (`access_log off`), or with
+    `access_log` the same proxy writing NGINX_JSON_LOG_FORMAT to a file, as
+    the dataplane writes its JSON access log to stdout, a file in the bench."""
+    conf = workdir / f"{name}.conf"
     user = "user root;" if os.geteuid() == 0 else ""
+    logging = (f"{NGINX_JSON_LOG_FORMAT}\n  access_log {workdir}/{name}-access.log json buffer=64k flush=1s;"
+               if access_log else "access_log off;")
     conf.write_text(
         f"""{user}
 daemon off;
 worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log warn;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  {logging}
   client_body_temp_path {workdir}/nginx-body;
   proxy_temp_path {workdir}/nginx-proxy;
   fastcgi_temp_path {workdir}/nginx-fastcgi;
@@ -434,7 +459,7 @@ http {{
     keepalive 256;
   }}
   server {{
-    listen 127.0.0.1:{NGINX_PORT};
+    listen 127.0.0.1:{port};
     location / {{
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -611,7 +636,7 @@ def main():
             wait_for("redis", redis_ping)
         direct_url = f"http://{loopback_pod_ip(0)}:{BACKEND_PORT}/v1/chat/completions"
         wait_for("backend", lambda: http_post(direct_url, b'{"model":"bench-model"}')[0] == 200)
-        nginx_process = None
+        nginx_process = nginx_logged = None
         if nginx:
             conf = write_nginx_config(workdir)
             nginx_process = start("nginx", [nginx, "-c", str(conf)], workdir, core=PROXY_CORE)
@@ -619,8 +644,13 @@ def main():
                                                 b'{"model":"bench-model"}')[0] == 200)
             extra["nginx_idle_rss"] = sum(
                 vm_rss_bytes(pid) for pid in [nginx_process.pid] + children(nginx_process.pid))
+            conf = write_nginx_config(workdir, "nginx-logged", NGINX_LOGGED_PORT, access_log=True)
+            nginx_logged = start("nginx-logged", [nginx, "-c", str(conf)], workdir, core=PROXY_CORE)
+            wait_for("nginx-logged", lambda: http_post(f"http://127.0.0.1:{NGINX_LOGGED_PORT}/v1/chat/completions",
+                                                       b'{"model":"bench-model"}')[0] == 200)
         dp_url = f"http://127.0.0.1:{DATAPLANE_PORT}/v1/chat/completions"
         nginx_url = f"http://127.0.0.1:{NGINX_PORT}/v1/chat/completions"
+        nginx_logged_url = f"http://127.0.0.1:{NGINX_LOGGED_PORT}/v1/chat/completions"
         chat_cpu_per_request = None
         nginx_chat_cpu_per_request = None
         current_pods = None
@@ -644,6 +674,9 @@ def main():
             if nginx_process:
                 nginx_pids = [nginx_process.pid] + children(nginx_process.pid)
                 sat["nginx"] = saturation_with_cpu(nginx_pids, nginx_url, body, seconds, headers)
+                if label == LATENCY_CASE:
+                    logged_pids = [nginx_logged.pid] + children(nginx_logged.pid)
+                    sat["nginx_logged"] = saturation_with_cpu(logged_pids, nginx_logged_url, body, seconds, headers)
             # Latency is compared at half of nginx's saturation: the load a
             # plain proxy on one core carries comfortably.
             reference = sat.get("nginx", sat["dataplane"])["rps"]
@@ -976,6 +1009,14 @@ def render(rows, extra, seconds, note):
 
     calls, futex = chat.get("syscalls", (None, None))
     ng_calls, _ = chat.get("nginx_syscalls", (None, None))
+    chat_sat = chat.get("sat", {})
+    logged = chat_sat.get("nginx_logged", {})
+    dp_sat_cpu = chat_sat.get("dataplane", {}).get("cpu_us")
+    like_for_like = (
+        f"saturation {fmt(ratio(chat_sat.get('dataplane', {}).get('rps'), logged.get('rps')))}, "
+        f"CPU per request {fmt(ratio(dp_sat_cpu, logged.get('cpu_us')))} "
+        f"(saturation runs: dataplane {fmt(dp_sat_cpu, 1)} µs, this nginx {fmt(logged.get('cpu_us'), 1)} µs "
+        f"at {fmt(logged.get('rps'), 0)} req/s, nginx without a log {fmt(chat_sat.get('nginx', {}).get('cpu_us'), 1)} µs)")
     lines += [
         "",
         "Targets (each from this run):",
@@ -1000,6 +1041,8 @@ def render(rows, extra, seconds, note):
                    at_most(idle_mb, 15.0)),
         target_row(f"RSS with the {SCALE_PODS}-pod / 1000-route snapshot (peak)", f"{fmt(scale_peak, 1)} MiB",
                    "≤ 50 MiB", at_most(scale_peak, 50.0)),
+        target_row("~1 KB chat ÷ nginx writing a JSON access log as the dataplane does", like_for_like,
+                   "reported", None),
         target_row("~1 KB chat: system calls per request (futex)", f"{fmt(calls, 1)} ({fmt(futex, 2)}); "
                    f"nginx {fmt(ng_calls, 1)}", "reported", None),
     ]
