@@ -30,6 +30,7 @@ pub mod config_file;
 pub mod endpoint_picker;
 pub mod error;
 pub mod fairness;
+pub mod fast_map;
 pub mod gateway;
 pub mod health;
 pub mod json_members;

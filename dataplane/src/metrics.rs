@@ -17,6 +17,8 @@
 //! objects x every series".
 
 use std::collections::{HashMap, HashSet};
+
+use crate::fast_map::FastMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -190,17 +192,17 @@ pub struct RouterMetrics {
 /// server it serves, each filled on first use.
 #[derive(Debug, Default)]
 pub struct Resolved {
-    models: HashMap<String, Arc<ModelMetrics>>,
+    models: FastMap<String, Arc<ModelMetrics>>,
     /// route key -> server key -> the series of the pair.
-    upstream: HashMap<String, HashMap<String, Arc<TargetSeries>>>,
+    upstream: FastMap<String, FastMap<String, Arc<TargetSeries>>>,
     /// server key -> `upstream_connect_errors_total` counter.
-    connect_errors: HashMap<String, Arc<LazySeries<IntCounter>>>,
+    connect_errors: FastMap<String, Arc<LazySeries<IntCounter>>>,
     /// The families of the two maps above.
     upstream_family: Option<IntGaugeVec>,
     failovers_family: Option<IntCounterVec>,
     connect_errors_family: Option<IntCounterVec>,
     /// server key -> the handles of a prefill/decode ModelServer.
-    prefill_decode: HashMap<String, PdServerHandles>,
+    prefill_decode: FastMap<String, PdServerHandles>,
     /// Label values of the PD series above, so a later snapshot removes
     /// the series it no longer has.
     pd_series: PdSeries,
@@ -222,7 +224,7 @@ pub struct PdGroupHandles {
     /// `pd_group_routing_decisions{source_role="decode",target_role="prefill"}`.
     pub decisions: Option<IntCounter>,
     /// model -> `pd_group_requests_total` of roles `prefill` and `decode`.
-    pub requests: HashMap<String, [IntCounter; 2]>,
+    pub requests: FastMap<String, [IntCounter; 2]>,
 }
 
 /// Label values of the PD series of one snapshot.

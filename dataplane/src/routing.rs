@@ -2,7 +2,7 @@
 //! weighted ModelServer. Everything here is built once per snapshot, when
 //! it is applied; the request path only reads it.
 
-use std::collections::HashMap;
+use crate::fast_map::FastMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -509,8 +509,8 @@ pub struct RouteDecision {
 /// Routes indexed by the model names they serve, oldest route first.
 #[derive(Debug, Default)]
 pub struct RouteIndex {
-    by_model_name: HashMap<String, Vec<Arc<Route>>>,
-    by_lora_adapter: HashMap<String, Vec<Arc<Route>>>,
+    by_model_name: FastMap<String, Vec<Arc<Route>>>,
+    by_lora_adapter: FastMap<String, Vec<Arc<Route>>>,
 }
 
 impl RouteIndex {
@@ -583,6 +583,8 @@ impl RouteIndex {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn server(key: &str) -> Arc<Server> {

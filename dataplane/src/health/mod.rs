@@ -28,6 +28,8 @@ pub mod connections;
 pub mod debug;
 
 use std::collections::{BTreeMap, HashMap};
+
+use crate::fast_map::FastMap;
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -190,7 +192,7 @@ pub struct HealthMetrics {
 #[derive(Debug, Default)]
 struct DecisionHandles {
     algorithm: String,
-    models: HashMap<Box<str>, HashMap<u64, DecisionSlot>>,
+    models: FastMap<Box<str>, FastMap<u64, DecisionSlot>>,
 }
 
 #[derive(Debug)]
@@ -315,7 +317,7 @@ impl HealthMetrics {
         let same_algorithm = previous.algorithm == algorithm;
         let mut next = DecisionHandles {
             algorithm,
-            models: HashMap::new(),
+            models: FastMap::default(),
         };
         for route in &table.routes {
             let names = std::iter::once(&route.model_name)

@@ -45,7 +45,7 @@ pub fn respond_holding<B: Body<Data = Bytes> + Unpin>(
     // Most engine answers carry none of them: one pass over their few
     // headers costs less than a lookup per name.
     if parts.headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        for name in &HOP_BY_HOP {
+        for name in HOP_BY_HOP {
             parts.headers.remove(name);
         }
     }

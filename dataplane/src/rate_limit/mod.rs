@@ -23,6 +23,8 @@ pub mod lease;
 pub mod redis;
 
 use std::collections::{HashMap, HashSet};
+
+use crate::fast_map::FastMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
@@ -423,8 +425,8 @@ impl Default for RateLimiting {
 /// The limits of the applied snapshot.
 #[derive(Debug, Default)]
 pub struct RateLimits {
-    by_model: HashMap<String, Arc<ScopeBudgets>>,
-    tiers: HashMap<String, Arc<TierBudgets>>,
+    by_model: FastMap<String, Arc<ScopeBudgets>>,
+    tiers: FastMap<String, Arc<TierBudgets>>,
 }
 
 /// State shared by the limits of successive snapshots: the budgets in use,
@@ -481,7 +483,7 @@ impl RateLimiting {
     pub fn apply(&self, plan: RateLimitPlan) -> Arc<RateLimits> {
         let mut current = self.current.lock();
         let previous = current.clone();
-        let mut by_model = HashMap::new();
+        let mut by_model = FastMap::default();
         for (scope, names, spec) in plan.models {
             let old = names
                 .iter()
@@ -510,7 +512,7 @@ impl RateLimiting {
                 by_model.insert(name, budgets.clone());
             }
         }
-        let mut tiers = HashMap::new();
+        let mut tiers = FastMap::default();
         for (tier, spec) in plan.tiers {
             let reused = previous.tiers.get(&tier).filter(|old| {
                 let backends = |spec: &LimitSpec| {

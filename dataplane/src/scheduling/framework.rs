@@ -10,7 +10,8 @@
 //! decision log) lives in [`SchedulingShared`].
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+
+use crate::fast_map::FastMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -208,7 +209,7 @@ pub struct Scheduler {
     /// Set when a scorer reads the prompt's block hashes.
     prompt_hashing: Option<PromptHashing>,
     /// Per model, the plugin histograms, created by its first request.
-    handles: HashMap<String, OnceLock<Option<ModelHandles>>>,
+    handles: FastMap<String, OnceLock<Option<ModelHandles>>>,
     /// Filters then scorers, as (plugin, type) labels.
     plugin_labels: Vec<PluginLabels>,
     shared: Arc<SchedulingShared>,
@@ -741,6 +742,8 @@ fn with_framework_scratch<R>(f: impl FnOnce(&mut FrameworkScratch) -> R) -> R {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use std::collections::HashSet;
     use std::net::SocketAddr;
     use std::time::Duration;

@@ -34,9 +34,14 @@ use crate::rewrite::Rewrite;
 use crate::routing::Server;
 use crate::scheduling::Ranking;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection, not
-/// the message, so they never cross the proxy in either direction.
-pub const HOP_BY_HOP: [HeaderName; 7] = [
+/// Request headers that never reach an engine, in one list so that one
+/// pass over a request's headers finds them all:
+/// - the hop-by-hop ones (RFC 9110 §7.6.1), `Connection` first: they
+///   describe one connection, not the message;
+/// - `Proxy-Authorization`, addressed to the router itself: consumed here;
+/// - those the upstream connection sets itself: the pod's authority, and the
+///   length of the (possibly edited) body.
+static NEVER_FORWARDED: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -44,15 +49,14 @@ pub const HOP_BY_HOP: [HeaderName; 7] = [
     header::TE,
     header::TRAILER,
     header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::HOST,
+    header::CONTENT_LENGTH,
 ];
 
-/// Request headers addressed to the router itself: consumed here, never
-/// forwarded to an engine.
-pub const CONSUMED: [HeaderName; 1] = [header::PROXY_AUTHORIZATION];
-
-/// Request headers the upstream connection sets itself: the pod's authority,
-/// and the length of the (possibly edited) body.
-const RECOMPUTED: [HeaderName; 2] = [header::HOST, header::CONTENT_LENGTH];
+/// The hop-by-hop headers at the start of [`NEVER_FORWARDED`]: they never
+/// cross the proxy in either direction.
+pub static HOP_BY_HOP: &[HeaderName] = NEVER_FORWARDED.split_at(7).0;
 
 /// The request as every attempt sends it.
 #[derive(Debug)]
@@ -107,26 +111,42 @@ impl Outbound {
 /// carries: its headers less those that must not cross, plus the request id.
 fn upstream_head(head: Parts, request_id: &HeaderValue) -> (PathAndQuery, HeaderMap) {
     let mut headers = head.headers;
+    // One pass over the client's few headers finds which of the never
+    // forwarded ones it sent (nearly always just host and content-length):
+    // removing each listed name instead costs a hashed lookup per name,
+    // present or not.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        for (index, never) in NEVER_FORWARDED.iter().enumerate() {
+            if never == name {
+                present |= 1 << index;
+            }
+        }
+    }
     // Headers the client's `Connection` names are hop-by-hop too (RFC 9110
     // §7.6.1); `keep-alive` and `close`, the usual values, name nothing
     // more and allocate nothing.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
-        })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP
-        .iter()
-        .chain(&CONSUMED)
-        .chain(&RECOMPUTED)
-        .chain(&named)
-    {
+    let named: Vec<HeaderName> = if present & 1 == 0 {
+        Vec::new()
+    } else {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect()
+    };
+    for (index, name) in NEVER_FORWARDED.iter().enumerate() {
+        if present & (1 << index) != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in &named {
         headers.remove(name);
     }
     headers.insert(REQUEST_ID_HEADER, request_id.clone());
@@ -356,6 +376,12 @@ mod tests {
             .header(header::PROXY_AUTHORIZATION, "Basic cHJveHk6c2VjcmV0")
             .header(header::CONNECTION, "keep-alive, x-hop")
             .header("x-hop", "for the router only")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header(header::TE, "trailers")
+            .header(header::TRAILER, "x-checksum")
+            .header(header::UPGRADE, "h2c")
+            .header(header::TRANSFER_ENCODING, "identity")
             .header(header::HOST, "router")
             .header(header::CONTENT_LENGTH, "2")
             .body(())
@@ -396,6 +422,12 @@ mod tests {
         assert_eq!(request.headers["x-request-id"], "id-1");
         for gone in [
             "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "transfer-encoding",
             "host",
             "content-length",
             "proxy-authorization",

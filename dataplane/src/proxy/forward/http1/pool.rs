@@ -6,7 +6,7 @@
 //! closes connections that idled past [`UPSTREAM_POOL_IDLE_TIMEOUT`] or that
 //! the engine closed.
 
-use std::collections::HashMap;
+use crate::fast_map::FastMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -32,7 +32,7 @@ pub struct Pool {
 
 #[derive(Debug, Default)]
 struct Idle {
-    by_pod: HashMap<SocketAddr, Vec<IdleConnection>>,
+    by_pod: FastMap<SocketAddr, Vec<IdleConnection>>,
     reaper_running: bool,
 }
 
