@@ -74,6 +74,36 @@ pub fn top_level_members(
     }
 }
 
+/// Checks that `json[at..]`, which follows the value of one of an object's
+/// members, is the rest of that object up to the end of the text: more
+/// members (read, not kept), the closing brace, whitespace. Whether the
+/// object is the top-level one is for the caller to know; the text before
+/// `at` is not read.
+pub fn rest_of_object(json: &[u8], at: usize) -> Result<(), Refused> {
+    let mut scan = Scan { json, at };
+    loop {
+        scan.whitespace();
+        match scan.next()? {
+            b'}' => break,
+            b',' => {
+                scan.whitespace();
+                scan.string()?;
+                scan.whitespace();
+                scan.expect(b':')?;
+                scan.whitespace();
+                scan.value(1)?;
+            }
+            _ => return Err(Refused),
+        }
+    }
+    scan.whitespace();
+    if scan.at == json.len() {
+        Ok(())
+    } else {
+        Err(Refused)
+    }
+}
+
 struct Scan<'a> {
     json: &'a [u8],
     at: usize,
@@ -240,6 +270,29 @@ mod tests {
             .into_iter()
             .map(|span| span.map(|span| json[span].to_owned()))
             .collect())
+    }
+
+    #[test]
+    fn the_rest_of_an_object_is_members_and_its_closing_brace_to_the_end() {
+        let json = br#"{"a":1, "b":{"c":[2]}, "d":"}"} "#;
+        let after_a = 6;
+        assert_eq!(rest_of_object(json, after_a), Ok(()));
+        assert_eq!(rest_of_object(json, json.len() - 2), Ok(()));
+        // The end of an inner object is not the end of the text.
+        assert_eq!(rest_of_object(br#"{"a":{"b":1}}"#, 11), Err(Refused));
+        for bad in [
+            &br#"{"a":1,}"#[..],
+            br#"{"a":1 "b":2}"#,
+            br#"{"a":1"#,
+            br#"{"a":1}x"#,
+        ] {
+            assert_eq!(
+                rest_of_object(bad, 6),
+                Err(Refused),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,8 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::{IgnoredAny, SeqAccess, Visitor};
 
+use crate::json_members;
+
 /// A non-streamed body larger than this is passed through without reading its
 /// usage: engine JSON responses are far smaller, and accounting must not make
 /// the router hold a huge body in memory.
@@ -230,17 +232,16 @@ impl JsonObserver {
             return;
         };
         let rest = std::mem::take(&mut self.rest);
-        let usage = if rest.is_empty() {
-            usage_of(&first)
+        self.usage = if rest.is_empty() {
+            usage_of_answer(&first)
         } else {
             let mut whole = Vec::with_capacity(self.len);
             whole.extend_from_slice(&first);
             for frame in &rest {
                 whole.extend_from_slice(frame);
             }
-            usage_of(&whole)
+            usage_of_answer(&whole)
         };
-        self.usage = usage.map(|(usage, _)| usage);
     }
 }
 
@@ -361,11 +362,56 @@ fn data_payload(event: &[u8]) -> Option<&[u8]> {
         .map(|payload| payload.trim_ascii())
 }
 
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+static USAGE_KEY_FIRST: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(USAGE_KEY));
+
+static USAGE_KEY_LAST: std::sync::LazyLock<memchr::memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::FinderRev::new(USAGE_KEY));
+
 /// Cheap pre-check so only the chunk that carries usage is JSON-parsed.
 fn mentions_usage(payload: &[u8]) -> bool {
-    static USAGE_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
-    USAGE_KEY.find(payload).is_some()
+    USAGE_KEY_FIRST.find(payload).is_some()
+}
+
+/// The usage of a whole JSON answer. Engines write `usage` last or nearly
+/// last (vLLM adds a few members after it), so it is first looked for from
+/// the end ([`top_level_usage_at_the_end`]), which parses only the usage
+/// object and what follows it, not the choices before; anything else is
+/// read whole, as a stream chunk is.
+fn usage_of_answer(json: &[u8]) -> Option<Usage> {
+    top_level_usage_at_the_end(json).or_else(|| usage_of(json).map(|(usage, _)| usage))
+}
+
+/// The `usage` member of `json`'s top-level object when it is the only
+/// `"usage"` in the text, its quote is not escaped, and what follows its
+/// value is the rest of the object up to the end: a `usage` key inside a
+/// nested object or array is followed by that container's closing bracket,
+/// so it is refused, as are duplicate keys (which serde refuses). The text
+/// before the key is not read: an answer malformed there, which the whole
+/// read refuses, still has its usage counted.
+fn top_level_usage_at_the_end(json: &[u8]) -> Option<Usage> {
+    let key = USAGE_KEY_LAST.rfind(json)?;
+    if USAGE_KEY_FIRST.find(json) != Some(key)
+        || key.checked_sub(1).map(|at| json[at]) == Some(b'\\')
+    {
+        return None;
+    }
+    let after_key = key + USAGE_KEY.len();
+    let colon = after_key
+        + json[after_key..]
+            .iter()
+            .take_while(|byte| matches!(byte, b' ' | b'\n' | b'\r' | b'\t'))
+            .count();
+    if json.get(colon) != Some(&b':') {
+        return None;
+    }
+    let value = colon + 1;
+    let mut values = serde_json::Deserializer::from_slice(&json[value..]).into_iter::<Usage>();
+    let usage = values.next()?.ok()?;
+    json_members::rest_of_object(json, value + values.byte_offset()).ok()?;
+    Some(usage)
 }
 
 /// (usage, whether the chunk carries nothing but usage).
@@ -450,6 +496,74 @@ mod tests {
             out.extend_from_slice(&data);
         }
         out
+    }
+
+    #[test]
+    fn an_answers_usage_read_from_its_end_is_the_usage_a_whole_read_finds() {
+        let usage = |prompt, completion| {
+            Some(Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+            })
+        };
+        let cases: [(&str, Option<Usage>); 12] = [
+            (
+                r#"{"id":"c","choices":[{"message":{"content":"Hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#,
+                usage(9, 2),
+            ),
+            // vLLM: members after usage.
+            (
+                r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1} , "prompt_logprobs":null,"kv_transfer_params":{"a":[1,"}"]}}"#,
+                usage(3, 1),
+            ),
+            // Anthropic, cached input included.
+            (
+                r#"{"type":"message","content":[],"usage":{"input_tokens":3,"cache_read_input_tokens":4,"output_tokens":2}}"#,
+                usage(7, 2),
+            ),
+            // Nested: the Responses API's whole answer.
+            (
+                r#"{"response":{"usage":{"input_tokens":5,"output_tokens":6}}}"#,
+                usage(5, 6),
+            ),
+            // A usage key inside a choice, or inside an array, is not the answer's.
+            (r#"{"choices":[{"usage":{"prompt_tokens":1}}]}"#, None),
+            (r#"{"x":[{"usage":{"prompt_tokens":1}}],"y":1}"#, None),
+            // In a string, a quote is escaped.
+            (
+                r#"{"content":"\"usage\":{\"prompt_tokens\":8}","usage":{"prompt_tokens":2,"completion_tokens":1}}"#,
+                usage(2, 1),
+            ),
+            (r#"{"a\"usage":{"prompt_tokens":5}}"#, None),
+            (
+                r#"{"a\"usage":{"prompt_tokens":5},"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+                usage(1, 1),
+            ),
+            // Twice: refused by serde, so by both.
+            (
+                r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+                None,
+            ),
+            (r#"{"usage":null}"#, None),
+            (r#"{"usage":{"prompt_tokens":1}}}"#, None),
+        ];
+        for (answer, expected) in cases {
+            let whole = usage_of(answer.as_bytes()).map(|(usage, _)| usage);
+            assert_eq!(whole, expected, "whole read of {answer}");
+            assert_eq!(
+                usage_of_answer(answer.as_bytes()),
+                expected,
+                "read from the end: {answer}"
+            );
+            let mut observer = ResponseObserver::new(false, false);
+            run(&mut observer, &[answer.as_bytes()]);
+            assert_eq!(observer.usage(), expected, "observed: {answer}");
+        }
+        // Only the usage object and what follows are parsed from the end.
+        assert_eq!(
+            top_level_usage_at_the_end(br#"{"choices":[[[ not JSON"usage":{"prompt_tokens":4}}"#),
+            usage(4, 0)
+        );
     }
 
     const STREAM: &str = concat!(
