@@ -116,19 +116,26 @@ pub fn generate() -> HeaderValue {
     // Version 8 in bits 48..52, variant 0b10 in bits 64..66 (RFC 9562 §5.8).
     let high = (prefix & !0xf000) | 0x8000;
     let low = counter | (0b10 << COUNTER_BITS);
-    let id = (u128::from(high) << 64) | u128::from(low);
-    let mut text = [0u8; 36];
-    let mut nibble = 32;
-    for (i, byte) in text.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            *byte = b'-';
-            continue;
-        }
-        nibble -= 1;
-        *byte = b"0123456789abcdef"[((id >> (nibble * 4)) & 0xf) as usize];
-    }
+    let text = hyphenated((u128::from(high) << 64) | u128::from(low));
     // Hex digits and dashes are always a valid header value.
     HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid-id"))
+}
+
+/// `id` as a UUID's text: 32 lowercase hex digits in groups of 8-4-4-4-12.
+fn hyphenated(id: u128) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [b'-'; 36];
+    let mut at = 0;
+    for (index, byte) in id.to_be_bytes().into_iter().enumerate() {
+        // The dashes of 8-4-4-4-12.
+        if matches!(index, 4 | 6 | 8 | 10) {
+            at += 1;
+        }
+        text[at] = HEX[usize::from(byte >> 4)];
+        text[at + 1] = HEX[usize::from(byte & 0xf)];
+        at += 2;
+    }
+    text
 }
 
 #[cfg(test)]
@@ -171,6 +178,16 @@ mod tests {
             ClientRequestId::Absent
         );
         assert_eq!(judged(b""), ClientRequestId::Absent);
+    }
+
+    #[test]
+    fn ids_are_written_as_uuids_are() {
+        for id in [0, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210] {
+            assert_eq!(
+                std::str::from_utf8(&hyphenated(id)).expect("ascii"),
+                uuid::Uuid::from_u128(id).hyphenated().to_string()
+            );
+        }
     }
 
     #[test]

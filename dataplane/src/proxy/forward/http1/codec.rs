@@ -145,7 +145,9 @@ pub fn parse_response_head(
         if status.is_informational() {
             continue;
         }
-        let mut headers = HeaderMap::with_capacity(fields.len());
+        // Room for the request id the router adds: a full map would grow
+        // (and rehash) for that one header.
+        let mut headers = HeaderMap::with_capacity(fields.len() + 1);
         for field in fields.iter() {
             let (name, name_len) = field.name;
             let (value, value_len) = field.value;
