@@ -100,8 +100,13 @@ async fn a_controller_restarted_on_an_empty_directory_does_not_wipe_the_dataplan
     }
     stack.spawn_controller_with(&["--empty-source-grace-period", "1s"]);
     stack.http.wait_ok(&readyz).await;
-    let (_, objects) = get_json(&stack, &objects_url).await;
-    assert_eq!(objects["source"]["empty_after_grace"], true);
+    // The source's state is reported apart from readiness, and may follow it
+    // by a moment.
+    let objects = wait_for("the source to say the grace period ended", || async {
+        let (_, objects) = get_json(&stack, &objects_url).await;
+        (objects["source"]["empty_after_grace"] == true).then_some(objects)
+    })
+    .await;
     assert!(
         objects["source"]["message"]
             .as_str()
