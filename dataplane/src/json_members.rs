@@ -66,12 +66,7 @@ pub fn top_level_members(
             }
         }
     }
-    scan.whitespace();
-    if scan.at == json.len() {
-        Ok(())
-    } else {
-        Err(Refused)
-    }
+    scan.end()
 }
 
 /// Checks that `json[at..]`, which follows the value of one of an object's
@@ -96,12 +91,7 @@ pub fn rest_of_object(json: &[u8], at: usize) -> Result<(), Refused> {
             _ => return Err(Refused),
         }
     }
-    scan.whitespace();
-    if scan.at == json.len() {
-        Ok(())
-    } else {
-        Err(Refused)
-    }
+    scan.end()
 }
 
 struct Scan<'a> {
@@ -122,6 +112,16 @@ impl Scan<'_> {
 
     fn expect(&mut self, byte: u8) -> Result<(), Refused> {
         if self.next()? == byte {
+            Ok(())
+        } else {
+            Err(Refused)
+        }
+    }
+
+    /// Nothing but whitespace is left.
+    fn end(mut self) -> Result<(), Refused> {
+        self.whitespace();
+        if self.at == self.json.len() {
             Ok(())
         } else {
             Err(Refused)
