@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -184,14 +185,15 @@ fn upstream_request(
     Ok(request)
 }
 
-/// `sent`, bounded by the ModelServer's timeout.
-async fn within<T>(
+/// `sent`, bounded by the ModelServer's timeout. Not an `async fn`: its
+/// state would hold `sent` twice (as the argument and inside the timeout),
+/// and every request's future, moved as it goes, would carry both.
+fn within<T>(
     limit: Duration,
     sent: impl Future<Output = Result<T, UpstreamError>>,
-) -> Result<T, UpstreamError> {
+) -> impl Future<Output = Result<T, UpstreamError>> {
     tokio::time::timeout(limit, sent)
-        .await
-        .unwrap_or(Err(UpstreamError::Timeout(limit)))
+        .map(move |answered| answered.unwrap_or(Err(UpstreamError::Timeout(limit))))
 }
 
 /// Counts a failed attempt of `record`'s request against `pod` of
