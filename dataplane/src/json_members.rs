@@ -1,11 +1,13 @@
 //! The byte ranges of a few top-level members of a JSON object, found by one
-//! scan that steps over every other value without building anything.
+//! scan that steps over every other value without building anything; the
+//! same scan as a cursor ([`Scan`]) for a caller that walks one expected
+//! shape (the chat messages prefix hashing reads).
 //!
 //! It jumps from quote to quote inside strings (memchr), which pays where
 //! strings are long: a request body's prompt (~12% fewer instructions than
 //! serde for a ~1 KB chat body, 44% fewer for a 400 KB prompt). For short
-//! tokens it costs about what serde does, so responses and chat messages are
-//! still read by serde. It accepts only plainly valid JSON (keys without escapes or
+//! tokens it costs about what serde does, so responses are still read by
+//! serde. It accepts only plainly valid JSON (keys without escapes or
 //! non-ASCII bytes, each wanted member at most once, bounded nesting) and
 //! refuses everything else, so a caller that falls back to serde on a
 //! refusal gets exactly serde's answer for every input.
@@ -59,7 +61,7 @@ pub fn top_level_members(
                 spans[slot] = Some(start..scan.at);
             }
             scan.whitespace();
-            match scan.next()? {
+            match scan.take()? {
                 b',' => {}
                 b'}' => break,
                 _ => return Err(Refused),
@@ -78,7 +80,7 @@ pub fn rest_of_object(json: &[u8], at: usize) -> Result<(), Refused> {
     let mut scan = Scan { json, at };
     loop {
         scan.whitespace();
-        match scan.next()? {
+        match scan.take()? {
             b'}' => break,
             b',' => {
                 scan.whitespace();
@@ -94,24 +96,102 @@ pub fn rest_of_object(json: &[u8], at: usize) -> Result<(), Refused> {
     scan.end()
 }
 
-struct Scan<'a> {
+/// A cursor over JSON text for a caller that walks one expected shape and
+/// leaves everything else to serde: each step either reads what the shape
+/// says comes next or refuses. Steps over values it is not asked to read.
+pub struct Scan<'a> {
     json: &'a [u8],
     at: usize,
 }
 
-impl Scan<'_> {
-    fn peek(&self) -> Result<u8, Refused> {
+impl<'a> Scan<'a> {
+    pub fn new(json: &'a str) -> Self {
+        Self {
+            json: json.as_bytes(),
+            at: 0,
+        }
+    }
+
+    /// A string without escapes: its text between the quotes. One with
+    /// escapes is refused (its text differs from its bytes).
+    pub fn plain_string(&mut self) -> Result<&'a [u8], Refused> {
+        let text = &self.json[self.string()?];
+        if memchr::memchr(b'\\', text).is_some() {
+            return Err(Refused);
+        }
+        Ok(text)
+    }
+
+    /// Steps over one value of any kind.
+    pub fn skip_value(&mut self) -> Result<(), Refused> {
+        self.value(1)
+    }
+
+    /// Reads the list at the cursor, each element by `element` (which
+    /// starts at it and must step over all of it).
+    pub fn each_element(
+        &mut self,
+        mut element: impl FnMut(&mut Self) -> Result<(), Refused>,
+    ) -> Result<(), Refused> {
+        self.each_item(b'[', b']', |scan| element(scan))
+    }
+
+    /// Reads the object at the cursor, each member by `member`, given its
+    /// key (refused when it has escapes) and the cursor at its value.
+    pub fn each_member(
+        &mut self,
+        mut member: impl FnMut(&'a [u8], &mut Self) -> Result<(), Refused>,
+    ) -> Result<(), Refused> {
+        self.each_item(b'{', b'}', |scan| {
+            let key = scan.plain_string()?;
+            scan.whitespace();
+            scan.expect(b':')?;
+            scan.whitespace();
+            member(key, scan)
+        })
+    }
+
+    fn each_item(
+        &mut self,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Result<(), Refused>,
+    ) -> Result<(), Refused> {
+        self.expect(open)?;
+        self.whitespace();
+        if self.peek()? == close {
+            self.at += 1;
+            return Ok(());
+        }
+        loop {
+            self.whitespace();
+            item(self)?;
+            self.whitespace();
+            match self.take()? {
+                b',' => {}
+                byte if byte == close => return Ok(()),
+                _ => return Err(Refused),
+            }
+        }
+    }
+
+    /// Steps over `null`.
+    pub fn null(&mut self) -> Result<(), Refused> {
+        self.literal(b"null")
+    }
+
+    pub fn peek(&self) -> Result<u8, Refused> {
         self.json.get(self.at).copied().ok_or(Refused)
     }
 
-    fn next(&mut self) -> Result<u8, Refused> {
+    pub fn take(&mut self) -> Result<u8, Refused> {
         let byte = self.peek()?;
         self.at += 1;
         Ok(byte)
     }
 
-    fn expect(&mut self, byte: u8) -> Result<(), Refused> {
-        if self.next()? == byte {
+    pub fn expect(&mut self, byte: u8) -> Result<(), Refused> {
+        if self.take()? == byte {
             Ok(())
         } else {
             Err(Refused)
@@ -119,7 +199,7 @@ impl Scan<'_> {
     }
 
     /// Nothing but whitespace is left.
-    fn end(mut self) -> Result<(), Refused> {
+    pub fn end(mut self) -> Result<(), Refused> {
         self.whitespace();
         if self.at == self.json.len() {
             Ok(())
@@ -128,7 +208,7 @@ impl Scan<'_> {
         }
     }
 
-    fn whitespace(&mut self) {
+    pub fn whitespace(&mut self) {
         while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.json.get(self.at) {
             self.at += 1;
         }
@@ -152,11 +232,11 @@ impl Scan<'_> {
             if rest[stop] == b'"' {
                 return Ok(start..self.at - 1);
             }
-            match self.next()? {
+            match self.take()? {
                 b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
                 b'u' => {
                     for _ in 0..4 {
-                        if !self.next()?.is_ascii_hexdigit() {
+                        if !self.take()?.is_ascii_hexdigit() {
                             return Err(Refused);
                         }
                     }
@@ -184,28 +264,16 @@ impl Scan<'_> {
 
     /// An object's members or an array's elements, from the opening bracket.
     fn members(&mut self, close: u8, depth: usize, keyed: bool) -> Result<(), Refused> {
-        self.at += 1;
-        self.whitespace();
-        if self.peek()? == close {
-            self.at += 1;
-            return Ok(());
-        }
-        loop {
-            self.whitespace();
+        let open = self.peek()?;
+        self.each_item(open, close, |scan| {
             if keyed {
-                self.string()?;
-                self.whitespace();
-                self.expect(b':')?;
-                self.whitespace();
+                scan.string()?;
+                scan.whitespace();
+                scan.expect(b':')?;
+                scan.whitespace();
             }
-            self.value(depth + 1)?;
-            self.whitespace();
-            match self.next()? {
-                b',' => {}
-                byte if byte == close => return Ok(()),
-                _ => return Err(Refused),
-            }
-        }
+            scan.value(depth + 1)
+        })
     }
 
     fn literal(&mut self, word: &[u8]) -> Result<(), Refused> {
@@ -222,7 +290,7 @@ impl Scan<'_> {
         if self.peek()? == b'-' {
             self.at += 1;
         }
-        if self.next()? == b'0' {
+        if self.take()? == b'0' {
             if self.json.get(self.at).is_some_and(u8::is_ascii_digit) {
                 return Err(Refused);
             }

@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::sample::PoolIds;
+use crate::json_members::{Refused, Scan};
 use crate::request::PromptField;
 
 /// Shards of the prefix index: requests for different prefixes rarely touch
@@ -65,14 +66,19 @@ pub fn hash_prompt(
         match field {
             PromptField::Prompt => flatten_prompt(raw, &mut hasher),
             PromptField::Messages | PromptField::Input => {
-                // One pass over the common shapes; anything else (and any
-                // shape the pass refuses) takes the general path from the start.
-                let mut json = serde_json::Deserializer::from_str(raw);
-                let fed = serde::de::DeserializeSeed::deserialize(Messages(&mut hasher), &mut json)
-                    .and_then(|()| json.end());
-                if fed.is_err() {
+                // The most common shape by a scan, the common ones by one
+                // serde pass, anything else by the general path; each
+                // refusal starts the next from the beginning.
+                if feed_plain_messages(raw, &mut hasher).is_err() {
                     hasher.restart(seed);
-                    hash_messages_generally(raw, &mut hasher);
+                    let mut json = serde_json::Deserializer::from_str(raw);
+                    let fed =
+                        serde::de::DeserializeSeed::deserialize(Messages(&mut hasher), &mut json)
+                            .and_then(|()| json.end());
+                    if fed.is_err() {
+                        hasher.restart(seed);
+                        hash_messages_generally(raw, &mut hasher);
+                    }
                 }
             }
         }
@@ -110,6 +116,71 @@ struct Message<'a> {
     role: Cow<'a, str>,
     #[serde(borrow, default)]
     content: Option<&'a RawValue>,
+}
+
+/// The most common shape of chat messages, fed by a scan that jumps over
+/// string bytes with memchr instead of decoding them: a list of objects in
+/// which `role` (a string) comes before `content` (a string, `null` or a
+/// list of objects whose `text` is a string or `null`), with no escapes in
+/// those strings or in any key. Refuses every other shape, which
+/// [`Messages`] then reads; for the shapes this accepts both feed the same
+/// bytes.
+fn feed_plain_messages(raw: &str, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
+    let mut scan = Scan::new(raw);
+    scan.whitespace();
+    scan.each_element(|scan| feed_plain_message(scan, hasher))?;
+    scan.end()
+}
+
+/// One message of [`feed_plain_messages`].
+fn feed_plain_message(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
+    let (mut role, mut content) = (false, false);
+    scan.each_member(|key, scan| {
+        match key {
+            b"role" if !role && !content => {
+                role = true;
+                hasher.feed(scan.plain_string()?);
+                hasher.feed(b": ");
+            }
+            b"content" if !content && role => {
+                content = true;
+                match scan.peek()? {
+                    b'"' => hasher.feed(scan.plain_string()?),
+                    b'n' => scan.null()?,
+                    b'[' => scan.each_element(|part| feed_plain_part(part, hasher))?,
+                    _ => return Err(Refused),
+                }
+            }
+            b"role" | b"content" => return Err(Refused),
+            _ => scan.skip_value()?,
+        }
+        Ok(())
+    })?;
+    if !role {
+        hasher.feed(b": ");
+    }
+    hasher.feed(b"\n");
+    Ok(())
+}
+
+/// One text part of a message's content: its `text` is fed.
+fn feed_plain_part(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
+    let mut text = false;
+    scan.each_member(|key, scan| {
+        match key {
+            b"text" if !text => {
+                text = true;
+                if scan.peek()? == b'n' {
+                    scan.null()?;
+                } else {
+                    hasher.feed(scan.plain_string()?);
+                }
+            }
+            b"text" => return Err(Refused),
+            _ => scan.skip_value()?,
+        }
+        Ok(())
+    })
 }
 
 /// A list of messages whose contents are strings or lists of text parts,
@@ -809,8 +880,9 @@ mod tests {
         );
     }
 
-    /// The general reading of messages: each message read whole, then its content again.
-    fn hashed_generally(raw: &str) -> Vec<u64> {
+    /// What `feed` gives a fresh hasher (blocks of 4, seeded as for model
+    /// `m`), and the hashes it made.
+    fn fed_by<R>(feed: impl FnOnce(&mut BlockHasher<'_>) -> R) -> (R, Vec<u64>) {
         let (mut out, mut pending) = (Vec::new(), Vec::new());
         let mut hasher = BlockHasher {
             block_size: 4,
@@ -819,8 +891,13 @@ mod tests {
             previous: xxh3_64(b"m"),
             out: &mut out,
         };
-        hash_messages_generally(raw, &mut hasher);
-        out
+        let result = feed(&mut hasher);
+        (result, out)
+    }
+
+    /// The general reading of messages: each message read whole, then its content again.
+    fn hashed_generally(raw: &str) -> Vec<u64> {
+        fed_by(|hasher| hash_messages_generally(raw, hasher)).1
     }
 
     #[test]
@@ -855,19 +932,46 @@ mod tests {
             );
         }
         for raw in common {
-            let mut pending = Vec::new();
-            let mut out = Vec::new();
-            let mut hasher = BlockHasher {
-                block_size: 4,
-                max_blocks: 128,
-                pending: &mut pending,
-                previous: 0,
-                out: &mut out,
-            };
-            let mut json = serde_json::Deserializer::from_str(raw);
-            assert!(
-                serde::de::DeserializeSeed::deserialize(Messages(&mut hasher), &mut json).is_ok(),
-                "read in one pass: {raw}"
+            let (read, _) = fed_by(|hasher| {
+                let mut json = serde_json::Deserializer::from_str(raw);
+                serde::de::DeserializeSeed::deserialize(Messages(hasher), &mut json)
+            });
+            assert!(read.is_ok(), "read in one pass: {raw}");
+        }
+    }
+
+    #[test]
+    fn the_scan_takes_the_most_common_shape_and_leaves_the_rest_to_serde() {
+        let scan = |raw: &str| {
+            let (fed, out) = fed_by(|hasher| feed_plain_messages(raw, hasher));
+            fed.map(|()| out)
+        };
+        let taken = [
+            r#"[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"lorem ipsum dolor sit amet"}]"#,
+            r#" [ { "role" : "user" , "name":{"a":[1,null]}, "content" : [ {"type":"text","text":"be "}, {"type":"image_url"}, {"text":null}, {"text":"brief"} ] } ] "#,
+            r#"[{"role":"assistant","content":null,"tool_calls":[]},{"role":"tool"},{}]"#,
+            "[]",
+        ];
+        for raw in taken {
+            assert_eq!(scan(raw), Ok(hashed_generally(raw)), "{raw}");
+        }
+        let left = [
+            r#"[{"content":"hi","role":"user"}]"#,
+            r#"[{"role":"user","content":"caf\u00e9"}]"#,
+            r#"[{"r\u006fle":"user","content":"x"}]"#,
+            r#"[{"role":"user","role":"again","content":"x"}]"#,
+            r#"[{"role":"user","content":[{"text":"a","text":"b"}]}]"#,
+            r#"[{"role":"user","content":[["seq"]]}]"#,
+            r#"[["user","seq-form message"]]"#,
+            r#"[{"role":"user","content":"x"}] x"#,
+            r#"[{"role":"user","content":"x"},]"#,
+        ];
+        for raw in left {
+            assert_eq!(scan(raw), Err(Refused), "{raw}");
+            assert_eq!(
+                hashes(PromptField::Messages, raw),
+                hashed_generally(raw),
+                "{raw}"
             );
         }
     }
