@@ -55,7 +55,7 @@ static NEVER_FORWARDED: [HeaderName; 10] = [
     header::CONTENT_LENGTH,
 ];
 
-/// The hop-by-hop headers at the start of [`NEVER_FORWARDED`]: they never
+/// The hop-by-hop headers at the start of `NEVER_FORWARDED`: they never
 /// cross the proxy in either direction.
 pub static HOP_BY_HOP: &[HeaderName] = NEVER_FORWARDED.split_at(7).0;
 
