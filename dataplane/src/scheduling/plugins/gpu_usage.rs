@@ -2,7 +2,9 @@
 
 use switchyard_snapshot::scheduler;
 
-use super::{Candidate, Implementation, MAX_SCORE, PluginInput, ScorePlugin, fill_unknown};
+use super::{
+    Candidate, Implementation, MAX_SCORE, PluginInput, ScorePlugin, fill_unknown, round_score,
+};
 
 pub const IMPLEMENTATION: Implementation =
     Implementation::scorer(&scheduler::gpu_usage::SPEC, |_| Ok(Box::new(GpuUsage)));
@@ -19,7 +21,7 @@ impl ScorePlugin for GpuUsage {
 pub fn score(candidates: &[Candidate], out: &mut [u32]) {
     for (slot, candidate) in out.iter_mut().zip(candidates) {
         *slot = candidate.load.as_ref().map_or(0, |load| {
-            ((1.0 - load.kv_cache_usage.clamp(0.0, 1.0)) * f64::from(MAX_SCORE)).round() as u32
+            round_score((1.0 - load.kv_cache_usage.clamp(0.0, 1.0)) * f64::from(MAX_SCORE))
         });
     }
     fill_unknown(out, candidates, |c| c.load.is_some());

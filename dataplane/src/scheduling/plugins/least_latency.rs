@@ -20,7 +20,9 @@
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
-use super::{Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin};
+use super::{
+    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, round_score,
+};
 
 pub const IMPLEMENTATION: Implementation =
     Implementation::scorer(&scheduler::least_latency::SPEC, build_scorer);
@@ -96,7 +98,7 @@ pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
             _ => tpot_neutral,
         };
         let s = ttft_weight * ttft_score + (1.0 - ttft_weight) * tpot_score;
-        *slot = s.round().clamp(0.0, f64::from(MAX_SCORE)) as u32;
+        *slot = round_score(s).min(MAX_SCORE);
     }
 }
 

@@ -6,7 +6,7 @@ use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
 use super::{
     Candidate, FilterError, FilterPlugin, Implementation, MAX_SCORE, PluginContext, PluginInput,
-    ScorePlugin,
+    ScorePlugin, round_score,
 };
 
 pub const IMPLEMENTATION: Implementation =
@@ -97,7 +97,7 @@ pub fn score(candidates: &[Candidate], out: &mut [u32]) {
         .map(load_of)
         .fold(MIN_FULL_SCALE, f64::max);
     for (slot, candidate) in out.iter_mut().zip(candidates) {
-        *slot = ((scale - load_of(candidate)) / scale * f64::from(MAX_SCORE)).round() as u32;
+        *slot = round_score((scale - load_of(candidate)) / scale * f64::from(MAX_SCORE));
     }
 }
 
