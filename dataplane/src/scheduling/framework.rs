@@ -552,7 +552,7 @@ impl Scheduler {
             order.clear();
             order.extend(totals.iter().zip(candidates.iter()).enumerate().map(
                 |(i, (&total, candidate))| {
-                    rank_key(candidate.ejected, total, (i + count - start) % count)
+                    rank_key(candidate.ejected, total, rotate(i, count - start, count))
                 },
             ));
             // Only the top N are tried: select them in linear time, then
@@ -562,7 +562,7 @@ impl Scheduler {
                 order.select_nth_unstable(top - 1);
             }
             order[..top].sort_unstable();
-            let position = |key: &u64| (rotation_of(*key) + start) % count;
+            let position = |key: &u64| rotate(rotation_of(*key), start, count);
             let mut ranking = Ranking::default();
             for i in order[..top].iter().map(position) {
                 ranking.push(candidates[i].index);
@@ -701,6 +701,17 @@ fn rotation_of(key: u64) -> usize {
     (key & ((1 << ROTATION_BITS) - 1)) as usize
 }
 
+/// `(position + by) % count` for `position < count` and `by <= count`,
+/// without a division per candidate.
+fn rotate(position: usize, by: usize, count: usize) -> usize {
+    let rotated = position + by;
+    if rotated >= count {
+        rotated - count
+    } else {
+        rotated
+    }
+}
+
 fn observe(handle: Option<&Histogram>, started: Instant) {
     if let Some(handle) = handle {
         handle.observe(started.elapsed().as_secs_f64());
@@ -809,6 +820,21 @@ mod tests {
         keys.sort_unstable();
         let positions: Vec<usize> = keys.iter().map(|key| rotation_of(*key)).collect();
         assert_eq!(positions, [3, 1, 2, 4, 0]);
+    }
+
+    #[test]
+    fn rotate_is_the_remainder_it_replaces() {
+        for count in 1..20 {
+            for position in 0..count {
+                for by in 0..=count {
+                    assert_eq!(
+                        rotate(position, by, count),
+                        (position + by) % count,
+                        "{position} + {by} mod {count}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
