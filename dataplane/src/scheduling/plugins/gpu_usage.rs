@@ -19,12 +19,22 @@ impl ScorePlugin for GpuUsage {
 }
 
 pub fn score(candidates: &[Candidate], out: &mut [u32]) {
+    let mut unknown = false;
     for (slot, candidate) in out.iter_mut().zip(candidates) {
-        *slot = candidate.load.as_ref().map_or(0, |load| {
-            round_score((1.0 - load.kv_cache_usage.clamp(0.0, 1.0)) * f64::from(MAX_SCORE))
-        });
+        *slot = match &candidate.load {
+            Some(load) => {
+                round_score((1.0 - load.kv_cache_usage.clamp(0.0, 1.0)) * f64::from(MAX_SCORE))
+            }
+            None => {
+                unknown = true;
+                0
+            }
+        };
     }
-    fill_unknown(out, candidates, |c| c.load.is_some());
+    // Usually every pod has fresh load, and there is nothing to fill.
+    if unknown {
+        fill_unknown(out, candidates, |c| c.load.is_some());
+    }
 }
 
 #[cfg(test)]
