@@ -486,7 +486,6 @@ impl Scheduler {
                 candidates,
                 totals,
                 scores,
-                order,
                 pod_ids,
                 nominated,
                 sample,
@@ -550,22 +549,21 @@ impl Scheduler {
             // Ties rotate, so equal pods share the load: a sample's window
             // moves on every pick and its first pod wins ties.
             let start = if sampled { 0 } else { turn % count.max(1) };
-            order.clear();
-            order.extend(totals.iter().zip(candidates.iter()).enumerate().map(
-                |(i, (&total, candidate))| {
-                    rank_key(candidate.ejected, total, (i + count - start) % count)
-                },
-            ));
-            // Only the top N are tried: select them in linear time, then
-            // order just those (a full sort of 1000 candidates was most of a pick).
-            let top = ranked.top_n.min(count);
-            if top > 0 && top < count {
-                order.select_nth_unstable(top - 1);
+            // Only the top N are tried: keep just those, in order, as the
+            // keys go by (a full sort of 1000 candidates was most of a pick,
+            // and collecting every key to select among them most of the rest).
+            let mut best = TopKeys::new(ranked.top_n.min(count));
+            for (i, (&total, candidate)) in totals.iter().zip(candidates.iter()).enumerate() {
+                best.offer(rank_key(
+                    candidate.ejected,
+                    total,
+                    rotate(i, count - start, count),
+                ));
             }
-            order[..top].sort_unstable();
-            let position = |key: &u64| (rotation_of(*key) + start) % count;
+            let best = best.sorted();
+            let position = |key: &u64| rotate(rotation_of(*key), start, count);
             let mut ranking = Ranking::default();
-            for i in order[..top].iter().map(position) {
+            for i in best.iter().map(position) {
                 ranking.push(candidates[i].index);
             }
             if !ranked.record {
@@ -586,7 +584,7 @@ impl Scheduler {
                     .plugins
                     .extend(self.scorers.iter().map(|s| (s.name, s.weight)));
                 record.filters.extend(self.filters.iter().map(|f| f.name));
-                for i in order[..top].iter().map(position) {
+                for i in best.iter().map(position) {
                     let candidate = &candidates[i];
                     let plugin_scores = (0..self.scorers.len()).map(|p| scores[p * count + i]);
                     record.push_candidate(
@@ -702,6 +700,58 @@ fn rotation_of(key: u64) -> usize {
     (key & ((1 << ROTATION_BITS) - 1)) as usize
 }
 
+/// The smallest of the [`rank_key`]s offered, at most `limit` of them
+/// (a top N), kept sorted.
+#[derive(Debug)]
+struct TopKeys {
+    keys: [u64; MAX_TOP_N as usize],
+    len: usize,
+    limit: usize,
+}
+
+impl TopKeys {
+    fn new(limit: usize) -> Self {
+        Self {
+            keys: [0; MAX_TOP_N as usize],
+            len: 0,
+            limit: limit.min(MAX_TOP_N as usize),
+        }
+    }
+
+    /// Keeps `key` if it is among the smallest so far. Most candidates of a
+    /// large pick are not: one comparison with the last key kept.
+    fn offer(&mut self, key: u64) {
+        if self.len == self.limit {
+            match self.len.checked_sub(1).map(|last| self.keys[last]) {
+                Some(last) if key < last => self.len -= 1,
+                _ => return,
+            }
+        }
+        let mut at = self.len;
+        while at > 0 && self.keys[at - 1] > key {
+            self.keys[at] = self.keys[at - 1];
+            at -= 1;
+        }
+        self.keys[at] = key;
+        self.len += 1;
+    }
+
+    fn sorted(&self) -> &[u64] {
+        &self.keys[..self.len]
+    }
+}
+
+/// `(position + by) % count` for `position < count` and `by <= count`,
+/// without a division per candidate.
+fn rotate(position: usize, by: usize, count: usize) -> usize {
+    let rotated = position + by;
+    if rotated >= count {
+        rotated - count
+    } else {
+        rotated
+    }
+}
+
 fn observe(handle: Option<&Histogram>, started: Instant) {
     if let Some(handle) = handle {
         handle.observe(started.elapsed().as_secs_f64());
@@ -714,8 +764,6 @@ struct FrameworkScratch {
     candidates: Vec<Candidate>,
     totals: Vec<u32>,
     scores: Vec<u32>,
-    /// [`rank_key`]s of the candidates.
-    order: Vec<u64>,
     /// The ids of a sampled subset's pods, in pool order.
     pod_ids: Vec<u64>,
     /// Positions in the pool the scorers nominated for the sample.
@@ -812,6 +860,44 @@ mod tests {
         keys.sort_unstable();
         let positions: Vec<usize> = keys.iter().map(|key| rotation_of(*key)).collect();
         assert_eq!(positions, [3, 1, 2, 4, 0]);
+    }
+
+    #[test]
+    fn top_keys_are_the_smallest_sorted() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(13);
+        for round in 0..300 {
+            let count = rng.random_range(0..200);
+            // Few distinct values in some rounds: repeats must be kept too.
+            let range = if round % 3 == 0 { 8 } else { u64::MAX };
+            let keys: Vec<u64> = (0..count).map(|_| rng.random_range(0..range)).collect();
+            for limit in [0, 1, 5, MAX_TOP_N as usize] {
+                let mut top = TopKeys::new(limit);
+                for key in &keys {
+                    top.offer(*key);
+                }
+                let mut sorted = keys.clone();
+                sorted.sort_unstable();
+                sorted.truncate(limit);
+                assert_eq!(top.sorted(), sorted, "round {round}, limit {limit}");
+            }
+        }
+    }
+
+    #[test]
+    fn rotate_is_the_remainder_it_replaces() {
+        for count in 1..20 {
+            for position in 0..count {
+                for by in 0..=count {
+                    assert_eq!(
+                        rotate(position, by, count),
+                        (position + by) % count,
+                        "{position} + {by} mod {count}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -457,13 +457,20 @@ impl GroupTable {
     /// first seen, or `first_choice` for a group seen now for the first time
     /// (recorded). Keeps the group from ageing out while it is in use.
     pub fn observe(&self, key: u64, first_choice: u64) -> u64 {
+        self.observe_with(key, || first_choice)
+    }
+
+    /// [`GroupTable::observe`] with the first choice computed only for a
+    /// group not seen before: among many candidates it is a rendezvous
+    /// weight per candidate, and most requests are of known groups.
+    pub fn observe_with(&self, key: u64, first_choice: impl FnOnce() -> u64) -> u64 {
         let mut shard = self.shard(key).lock();
         if let Some(pod) = shard.current.get(&key) {
             return *pod;
         }
         let (pod, new) = match shard.previous.remove(&key) {
             Some(pod) => (pod, false),
-            None => (first_choice, true),
+            None => (first_choice(), true),
         };
         if shard.current.len() >= self.per_generation {
             let current = std::mem::take(&mut shard.current);
@@ -1081,6 +1088,9 @@ mod tests {
             (1, 1),
             "groups 7 (first seen), 1 and 2 aged out"
         );
+        // The first choice is computed for a new group only.
+        assert_eq!(groups.observe_with(7, || unreachable!("a known group")), 30);
+        assert_eq!(groups.observe_with(9, || 40), 40, "a new group");
     }
 
     #[test]

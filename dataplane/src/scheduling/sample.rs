@@ -113,7 +113,8 @@ impl<'a> PoolIds<'a> {
 
 /// Fills `sample` with the server pod indices a pick of `turn` scores: a
 /// window of up to [`SAMPLED_CANDIDATES`] pods of `pool` that are not
-/// ejected, then the `nominated` positions of `pool` not already in it.
+/// ejected, then the `nominated` positions of `pool` (sorted, no repeats)
+/// not already in it.
 /// Returns false, and leaves `sample` in no particular state, when the pool's
 /// healthy pods cannot fill a window: the pick then scores the whole pool,
 /// ejected pods included (they rank last).
@@ -133,9 +134,17 @@ pub fn fill(
     let start = window_start(turn, total);
     let now = EjectionClock::at(now);
     let mut position = start;
+    // The window walks positions upwards (wrapping once), so the next
+    // nominated position to skip is found by a cursor, not by a search of
+    // the nominated list per position.
+    let mut next_nominated = nominated.partition_point(|n| *n < start);
     for _ in 0..total {
         let index = pool.index(position);
-        if !nominated.contains(&position)
+        let is_nominated = nominated.get(next_nominated) == Some(&position);
+        if is_nominated {
+            next_nominated += 1;
+        }
+        if !is_nominated
             && pods
                 .get(index)
                 .is_some_and(|pod| !pod.health.is_ejected_at(now))
@@ -149,6 +158,7 @@ pub fn fill(
         position += 1;
         if position == total {
             position = 0;
+            next_nominated = 0;
         }
     }
     false
@@ -243,6 +253,33 @@ mod tests {
             assert!(!window.contains(&199), "nominated pods are not repeated");
             assert_eq!(nominated, [199, 198], "nominated, even if ejected");
             assert_eq!(window.iter().collect::<HashSet<_>>().len(), window.len());
+        }
+    }
+
+    #[test]
+    fn nominated_pods_anywhere_in_the_window_are_not_repeated() {
+        let pods = pods(100);
+        let now = clock::now();
+        let nominated: Vec<usize> = (0..100).step_by(7).collect();
+        let mut sample = Vec::new();
+        for turn in 0..100 {
+            // Windows start everywhere, so some wrap past the end of the pool.
+            assert!(fill(
+                &pods,
+                Pool::All(100),
+                &nominated,
+                turn,
+                now,
+                &mut sample
+            ));
+            let (window, tail) = sample.split_at(SAMPLED_CANDIDATES);
+            assert_eq!(tail, nominated, "turn {turn}");
+            assert!(window.iter().all(|i| i % 7 != 0), "turn {turn}: {window:?}");
+            assert_eq!(
+                sample.iter().collect::<HashSet<_>>().len(),
+                sample.len(),
+                "turn {turn}"
+            );
         }
     }
 

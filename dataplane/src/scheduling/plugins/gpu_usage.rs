@@ -2,7 +2,9 @@
 
 use switchyard_snapshot::scheduler;
 
-use super::{Candidate, Implementation, MAX_SCORE, PluginInput, ScorePlugin, fill_unknown};
+use super::{
+    Candidate, Implementation, MAX_SCORE, PluginInput, ScorePlugin, fill_unknown, round_score,
+};
 
 pub const IMPLEMENTATION: Implementation =
     Implementation::scorer(&scheduler::gpu_usage::SPEC, |_| Ok(Box::new(GpuUsage)));
@@ -17,12 +19,22 @@ impl ScorePlugin for GpuUsage {
 }
 
 pub fn score(candidates: &[Candidate], out: &mut [u32]) {
+    let mut unknown = false;
     for (slot, candidate) in out.iter_mut().zip(candidates) {
-        *slot = candidate.load.as_ref().map_or(0, |load| {
-            ((1.0 - load.kv_cache_usage.clamp(0.0, 1.0)) * f64::from(MAX_SCORE)).round() as u32
-        });
+        *slot = match &candidate.load {
+            Some(load) => {
+                round_score((1.0 - load.kv_cache_usage.clamp(0.0, 1.0)) * f64::from(MAX_SCORE))
+            }
+            None => {
+                unknown = true;
+                0
+            }
+        };
     }
-    fill_unknown(out, candidates, |c| c.load.is_some());
+    // Usually every pod has fresh load, and there is nothing to fill.
+    if unknown {
+        fill_unknown(out, candidates, |c| c.load.is_some());
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
-use super::{Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin};
+use super::{
+    Candidate, Implementation, MAX_SCORE, PluginContext, PluginInput, ScorePlugin, round_score,
+};
 
 pub const IMPLEMENTATION: Implementation =
     Implementation::scorer(&scheduler::least_latency::SPEC, build_scorer);
@@ -64,28 +66,53 @@ fn relative_score(value: f64, fastest: f64) -> f64 {
 pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
     let ttft = |c: &Candidate| c.load.as_ref().map(|l| l.ttft_seconds).filter(|v| *v > 0.0);
     let tpot = |c: &Candidate| c.load.as_ref().map(|l| l.tpot_seconds).filter(|v| *v > 0.0);
-    let fastest = |metric: &dyn Fn(&Candidate) -> Option<f64>| {
-        candidates.iter().filter_map(metric).reduce(f64::min)
-    };
-    let (fastest_ttft, fastest_tpot) = (fastest(&ttft), fastest(&tpot));
-    // Per metric: the mean score of the pods with data, for the pods without.
-    let neutral = |metric: &dyn Fn(&Candidate) -> Option<f64>, fastest: Option<f64>| {
-        let Some(fastest) = fastest else {
-            return NO_DATA_SCORE;
-        };
-        let (sum, count) = candidates
-            .iter()
-            .filter_map(metric)
-            .fold((0.0, 0.0), |(s, n), v| {
-                (s + relative_score(v, fastest), n + 1.0)
-            });
-        if count > 0.0 {
-            sum / count
-        } else {
-            NO_DATA_SCORE
+    // Both metrics in one pass: the fastest, and how many pods have data.
+    let (mut fastest_ttft, mut fastest_tpot) = (None, None);
+    let (mut with_ttft, mut with_tpot) = (0, 0);
+    let faster = |fastest: Option<f64>, value: f64| Some(fastest.map_or(value, |f| value.min(f)));
+    for candidate in candidates {
+        if let Some(value) = ttft(candidate) {
+            fastest_ttft = faster(fastest_ttft, value);
+            with_ttft += 1;
         }
-    };
-    let (ttft_neutral, tpot_neutral) = (neutral(&ttft, fastest_ttft), neutral(&tpot, fastest_tpot));
+        if let Some(value) = tpot(candidate) {
+            fastest_tpot = faster(fastest_tpot, value);
+            with_tpot += 1;
+        }
+    }
+    if fastest_ttft.is_none() && fastest_tpot.is_none() {
+        // No pod has data (engines that export no latency, or none yet):
+        // every pod scores the same.
+        let s = ttft_weight * NO_DATA_SCORE + (1.0 - ttft_weight) * NO_DATA_SCORE;
+        out.fill(round_score(s).min(MAX_SCORE));
+        return;
+    }
+    // Per metric: the mean score of the pods with data, for the pods without
+    // (not computed when every pod has data: no pod would use it).
+    let neutral =
+        |metric: &dyn Fn(&Candidate) -> Option<f64>, fastest: Option<f64>, with_data: usize| {
+            let Some(fastest) = fastest else {
+                return NO_DATA_SCORE;
+            };
+            if with_data == candidates.len() {
+                return NO_DATA_SCORE;
+            }
+            let (sum, count) = candidates
+                .iter()
+                .filter_map(metric)
+                .fold((0.0, 0.0), |(s, n), v| {
+                    (s + relative_score(v, fastest), n + 1.0)
+                });
+            if count > 0.0 {
+                sum / count
+            } else {
+                NO_DATA_SCORE
+            }
+        };
+    let (ttft_neutral, tpot_neutral) = (
+        neutral(&ttft, fastest_ttft, with_ttft),
+        neutral(&tpot, fastest_tpot, with_tpot),
+    );
     for (slot, candidate) in out.iter_mut().zip(candidates) {
         let ttft_score = match (ttft(candidate), fastest_ttft) {
             (Some(v), Some(fastest)) => relative_score(v, fastest),
@@ -96,7 +123,7 @@ pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
             _ => tpot_neutral,
         };
         let s = ttft_weight * ttft_score + (1.0 - ttft_weight) * tpot_score;
-        *slot = s.round().clamp(0.0, f64::from(MAX_SCORE)) as u32;
+        *slot = round_score(s).min(MAX_SCORE);
     }
 }
 
@@ -156,6 +183,18 @@ mod tests {
             [100, 56, 0],
             "50% slower: 40 points past the dead band out of 90"
         );
+    }
+
+    #[test]
+    fn without_any_data_every_pod_scores_the_middle() {
+        let pods = [
+            candidate(0, 0, None),
+            candidate(1, 3, latency(0.0, 0.0)),
+            candidate(2, 0, None),
+        ];
+        for weight in [0.0, 0.3, 1.0] {
+            assert_eq!(scores(&pods, weight), [50, 50, 50], "alpha {weight}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use switchyard_snapshot::scheduler::{self, SchedulerConfigError};
 
 use super::{
     Candidate, FilterError, FilterPlugin, Implementation, MAX_SCORE, PluginContext, PluginInput,
-    ScorePlugin,
+    ScorePlugin, round_score, with_scratch,
 };
 
 pub const IMPLEMENTATION: Implementation =
@@ -92,13 +92,16 @@ pub fn score(candidates: &[Candidate], out: &mut [u32]) {
         });
         (c.in_flight as f64).max(engine) + waiting
     };
-    let scale = candidates
-        .iter()
-        .map(load_of)
-        .fold(MIN_FULL_SCALE, f64::max);
-    for (slot, candidate) in out.iter_mut().zip(candidates) {
-        *slot = ((scale - load_of(candidate)) / scale * f64::from(MAX_SCORE)).round() as u32;
-    }
+    with_scratch(|scratch| {
+        // Each load once: read again per candidate it cost as much as the score.
+        let loads = &mut scratch.loads;
+        loads.clear();
+        loads.extend(candidates.iter().map(load_of));
+        let scale = loads.iter().copied().fold(MIN_FULL_SCALE, f64::max);
+        for (slot, load) in out.iter_mut().zip(loads.iter()) {
+            *slot = round_score((scale - load) / scale * f64::from(MAX_SCORE));
+        }
+    });
 }
 
 #[cfg(test)]

@@ -154,20 +154,28 @@ impl PrefixCache {
             }
             let room = &scratch.eligible;
             let matched = &scratch.matched;
-            let chosen = (0..candidates.len()).filter(|&i| room[i]).max_by_key(|&i| {
-                (
-                    Some(i) == home,
-                    matched[i] > key_block,
-                    matched[i],
-                    rendezvous_weight(key, scratch.ids[i]),
-                )
-            });
+            let chosen = match home {
+                // The home with room ranks first by the key below: no need
+                // to weigh every candidate.
+                Some(home) if room[home] => Some(home),
+                _ => (0..candidates.len()).filter(|&i| room[i]).max_by_key(|&i| {
+                    (
+                        Some(i) == home,
+                        matched[i] > key_block,
+                        matched[i],
+                        rendezvous_weight(key, scratch.ids[i]),
+                    )
+                }),
+            };
             for (i, slot) in out.iter_mut().enumerate() {
                 if !room[i] {
                     continue;
                 }
                 *slot = if Some(i) == chosen {
                     MAX_SCORE
+                } else if matched[i] == 0 {
+                    // Most candidates hold nothing: no division for them.
+                    0
                 } else {
                     (matched[i] * HOLDER_SCORE as usize / total) as u32
                 };
@@ -186,14 +194,33 @@ impl PrefixCache {
         let PluginScratch { ids, eligible, .. } = scratch;
         let choices = || (0..ids.len()).filter(|&i| eligible[i]);
         let weight = |i: usize| rendezvous_weight(key, ids[i]);
-        let current = choices().max_by_key(|&i| weight(i))?;
-        let recorded = self.index.groups.observe(key, ids[current]);
-        let first = choices().find(|&i| ids[i] == recorded).unwrap_or(current);
+        let best = || choices().max_by_key(|&i| weight(i));
+        // The rendezvous choice among the candidates is needed only for a
+        // group seen for the first time, or whose first choice is not a
+        // candidate now.
+        let mut current = None;
+        if !eligible.contains(&true) {
+            return None;
+        }
+        let recorded = self.index.groups.observe_with(key, || {
+            current = best();
+            current.map_or(0, |i| ids[i])
+        });
+        let first = choices()
+            .find(|&i| ids[i] == recorded)
+            .or(current)
+            .or_else(best)?;
+        let standing = self.index.groups.standing(key, ids[first]);
+        // The heaviest group of its pod (or its only one) stays whatever the
+        // share, which is at least 1 when the pod has a group: no need to
+        // count every candidate's groups (a lock and a lookup per candidate).
+        if standing.lighter + 1 >= standing.groups {
+            return Some(first);
+        }
         let (groups, pods) = choices().fold((0, 0), |(groups, pods), i| {
             (groups + self.index.groups.chosen_by_count(ids[i]), pods + 1)
         });
         let share = group_share(groups, pods, self.load_bound_factor);
-        let standing = self.index.groups.standing(key, ids[first]);
         if standing.lighter >= standing.groups.saturating_sub(share) {
             return Some(first);
         }
