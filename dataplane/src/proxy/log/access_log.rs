@@ -400,6 +400,14 @@ fn write_out(output: &mut Box<dyn Write + Send>, buffer: &mut Vec<u8>, failing: 
     }
 }
 
+/// `,"name":`, the start of a member of a [`JsonObject`], made at compile
+/// time.
+macro_rules! member {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":")
+    };
+}
+
 /// Writes the members of one JSON object: keys are this module's own
 /// (plain ASCII), string values are escaped as JSON requires. Written by
 /// hand rather than derived: a line per request is the writer thread's
@@ -414,25 +422,29 @@ impl<'a> JsonObject<'a> {
         Self { out, empty: true }
     }
 
-    fn key(&mut self, name: &str) -> &mut Vec<u8> {
-        self.out.push(if self.empty { b'{' } else { b',' });
-        self.empty = false;
-        self.out.push(b'"');
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.extend_from_slice(b"\":");
+    /// Starts the member `key` names (a [`member!`] fragment: separator,
+    /// quoted name, colon, written in one copy).
+    fn key(&mut self, key: &'static str) -> &mut Vec<u8> {
+        if self.empty {
+            self.empty = false;
+            self.out.push(b'{');
+            self.out.extend_from_slice(&key.as_bytes()[1..]);
+        } else {
+            self.out.extend_from_slice(key.as_bytes());
+        }
         self.out
     }
 
-    fn string(&mut self, name: &str, value: Option<&str>) {
-        let out = self.key(name);
+    fn string(&mut self, key: &'static str, value: Option<&str>) {
+        let out = self.key(key);
         match value {
             Some(value) => json_string(out, value),
             None => out.extend_from_slice(b"null"),
         }
     }
 
-    fn number(&mut self, name: &str, value: Option<u64>) {
-        let out = self.key(name);
+    fn number(&mut self, key: &'static str, value: Option<u64>) {
+        let out = self.key(key);
         match value {
             Some(value) => out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes()),
             None => out.extend_from_slice(b"null"),
@@ -576,56 +588,59 @@ pub fn format_line(entry: &AccessLogEntry, format: AccessLogFormat, out: &mut Ve
         AccessLogFormat::Json => {
             // Fields in the documented order.
             let mut line = JsonObject::new(&mut *out);
-            line.string("timestamp", Some(timestamp));
-            line.string("method", Some(entry.method.as_str()));
-            line.string("path", Some(&entry.path));
-            line.string("protocol", Some(protocol(entry.version)));
-            line.number("status_code", Some(u64::from(entry.status)));
-            line.string("model_name", entry.model_name.as_deref());
-            line.string("model_route", route);
-            line.string("model_server", server);
-            line.string("selected_pod", pod);
-            line.string("request_id", request_id);
-            line.string("backend_type", backend_type);
-            line.string("user_id", user_id);
-            line.string("tier", tier);
-            line.number("input_tokens", Some(entry.input_tokens));
-            line.number("output_tokens", Some(entry.output_tokens));
-            line.number("duration_total_ms", Some(millis(entry.total)));
-            line.number("duration_queue_ms", Some(millis(entry.queue)));
+            line.string(member!("timestamp"), Some(timestamp));
+            line.string(member!("method"), Some(entry.method.as_str()));
+            line.string(member!("path"), Some(&entry.path));
+            line.string(member!("protocol"), Some(protocol(entry.version)));
+            line.number(member!("status_code"), Some(u64::from(entry.status)));
+            line.string(member!("model_name"), entry.model_name.as_deref());
+            line.string(member!("model_route"), route);
+            line.string(member!("model_server"), server);
+            line.string(member!("selected_pod"), pod);
+            line.string(member!("request_id"), request_id);
+            line.string(member!("backend_type"), backend_type);
+            line.string(member!("user_id"), user_id);
+            line.string(member!("tier"), tier);
+            line.number(member!("input_tokens"), Some(entry.input_tokens));
+            line.number(member!("output_tokens"), Some(entry.output_tokens));
+            line.number(member!("duration_total_ms"), Some(millis(entry.total)));
+            line.number(member!("duration_queue_ms"), Some(millis(entry.queue)));
             line.number(
-                "duration_request_processing_ms",
+                member!("duration_request_processing_ms"),
                 Some(millis(entry.request_processing)),
             );
-            line.number("duration_upstream_ms", Some(millis(entry.upstream)));
             line.number(
-                "duration_response_processing_ms",
+                member!("duration_upstream_ms"),
+                Some(millis(entry.upstream)),
+            );
+            line.number(
+                member!("duration_response_processing_ms"),
                 Some(millis(entry.response_processing)),
             );
-            line.number("ttft_ms", entry.ttft.map(millis));
+            line.number(member!("ttft_ms"), entry.ttft.map(millis));
             line.number(
-                "upstream_attempts",
+                member!("upstream_attempts"),
                 Some(u64::from(entry.upstream_attempts)),
             );
-            line.string("failed_over_from", failed_over_from);
+            line.string(member!("failed_over_from"), failed_over_from);
             match &entry.error {
                 Some((kind, message)) => {
-                    let mut error = JsonObject::new(line.key("error"));
-                    error.string("type", Some(kind));
-                    error.string("message", Some(message));
+                    let mut error = JsonObject::new(line.key(member!("error")));
+                    error.string(member!("type"), Some(kind));
+                    error.string(member!("message"), Some(message));
                     error.end();
                 }
-                None => line.key("error").extend_from_slice(b"null"),
+                None => line.key(member!("error")).extend_from_slice(b"null"),
             }
             // Prefill/decode requests only.
             if prefill_pod.is_some() {
-                line.string("prefill_pod", prefill_pod);
+                line.string(member!("prefill_pod"), prefill_pod);
             }
             if let Some(prefill) = entry.prefill_leg {
-                line.number("duration_prefill_ms", Some(millis(prefill)));
+                line.number(member!("duration_prefill_ms"), Some(millis(prefill)));
             }
             if let Some(decode) = entry.decode_leg {
-                line.number("duration_decode_ms", Some(millis(decode)));
+                line.number(member!("duration_decode_ms"), Some(millis(decode)));
             }
             line.end();
             out.push(b'\n');
