@@ -127,6 +127,7 @@ fn upstream_head(head: Parts, request_id: &HeaderValue) -> (PathAndQuery, Header
     // Headers the client's `Connection` names are hop-by-hop too (RFC 9110
     // §7.6.1); `keep-alive` and `close`, the usual values, name nothing
     // more and allocate nothing.
+    // Bit 0: `Connection`, the list's first.
     let named: Vec<HeaderName> = if present & 1 == 0 {
         Vec::new()
     } else {
