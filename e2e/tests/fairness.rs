@@ -426,14 +426,17 @@ async fn light_share_on_the_shared_dataplane(router_config: &str) -> (u64, u64) 
 /// users share dataplane 3, where the light user sends twice the heavy
 /// user's requests. By dataplane 3's own counters the light user is the
 /// heavier one there and gets about half its turns; by the fleet's it is
-/// far lighter and goes first: at least 4 of every 5 requests dataplane 3
-/// served the two users are the light user's.
+/// far lighter and goes first: at least 2 of every 3 requests dataplane 3
+/// served the two users are the light user's (quiet runs: 24 against 2-4;
+/// with per-dataplane counters, 24 against 22). The margin is for the
+/// pushed counters' lag on a busy machine: a full CI run once saw 24
+/// against 8.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_heavy_elsewhere_is_heavy_on_every_dataplane() {
     let config = format!("{}  globalInterval: 100ms\n", router_config());
     let (light, heavy_shared) = light_share_on_the_shared_dataplane(&config).await;
     assert!(
-        light >= 4 * heavy_shared,
+        light >= 2 * heavy_shared,
         "light user served {light} times on the shared dataplane, the heavy user {heavy_shared}"
     );
 }
