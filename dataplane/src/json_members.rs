@@ -71,6 +71,19 @@ pub fn top_level_members(
     scan.end()
 }
 
+/// Where the value of a member starts, `after_key` being just past its key:
+/// whitespace, the colon, whitespace.
+pub fn value_after_key(json: &[u8], after_key: usize) -> Result<usize, Refused> {
+    let mut scan = Scan {
+        json,
+        at: after_key,
+    };
+    scan.whitespace();
+    scan.expect(b':')?;
+    scan.whitespace();
+    Ok(scan.at)
+}
+
 /// Checks that `json[at..]`, which follows the value of one of an object's
 /// members, is the rest of that object up to the end of the text: more
 /// members (read, not kept), the closing brace, whitespace. Whether the

@@ -17,8 +17,6 @@
 //! objects x every series".
 
 use std::collections::{HashMap, HashSet};
-
-use crate::fast_map::FastMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -31,6 +29,7 @@ use prometheus::{
 use switchyard_runtime::clock;
 use switchyard_snapshot::{Nack, pb};
 
+use crate::fast_map::FastMap;
 use crate::health::HealthMetrics;
 use crate::lazy_series::LazySeries;
 use crate::pod::outlier::Failure;

@@ -398,16 +398,7 @@ fn top_level_usage_at_the_end(json: &[u8]) -> Option<Usage> {
     {
         return None;
     }
-    let after_key = key + USAGE_KEY.len();
-    let colon = after_key
-        + json[after_key..]
-            .iter()
-            .take_while(|byte| matches!(byte, b' ' | b'\n' | b'\r' | b'\t'))
-            .count();
-    if json.get(colon) != Some(&b':') {
-        return None;
-    }
-    let value = colon + 1;
+    let value = json_members::value_after_key(json, key + USAGE_KEY.len()).ok()?;
     let mut values = serde_json::Deserializer::from_slice(&json[value..]).into_iter::<Usage>();
     let usage = values.next()?.ok()?;
     json_members::rest_of_object(json, value + values.byte_offset()).ok()?;

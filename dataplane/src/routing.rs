@@ -2,7 +2,6 @@
 //! weighted ModelServer. Everything here is built once per snapshot, when
 //! it is applied; the request path only reads it.
 
-use crate::fast_map::FastMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,6 +12,7 @@ use rand::Rng;
 use regex::Regex;
 use switchyard_runtime::clock::{self, Instant};
 
+use crate::fast_map::FastMap;
 use crate::per_worker::PerWorker;
 use crate::pod::PodState;
 use crate::pod::outlier::OutlierDetector;

@@ -10,15 +10,13 @@
 //! decision log) lives in [`SchedulingShared`].
 
 use std::cell::RefCell;
-
-use crate::fast_map::FastMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
-use switchyard_runtime::clock::{self, Instant, unix_ms_now};
 
 use http::HeaderMap;
 use prometheus::Histogram;
+use switchyard_runtime::clock::{self, Instant, unix_ms_now};
 use switchyard_snapshot::pb;
 use switchyard_snapshot::scheduler::{self, MAX_TOP_N, SchedulerConfigError};
 
@@ -30,6 +28,7 @@ use super::plugins::{
 };
 use super::prefix::{SharedPrefixIndex, hash_prompt};
 use super::sample::{self, Pool, PoolIds, SAMPLED_CANDIDATES};
+use crate::fast_map::FastMap;
 use crate::pod::is_fresh;
 use crate::pod::outlier::EjectionClock;
 use crate::request::PromptField;
@@ -790,9 +789,7 @@ fn with_framework_scratch<R>(f: impl FnOnce(&mut FrameworkScratch) -> R) -> R {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
     use std::net::SocketAddr;
     use std::time::Duration;
 
