@@ -36,7 +36,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (the stack helpers of `make bench`)
 
-CASES = [("~1 KB chat", "chat"), ("streaming, 64 chunks", "stream"), ("400 KB prompt", "large")]
+CASES = [("~1 KB chat", "chat"), ("streaming, 64 chunks", "stream"), ("400 KB prompt", "large"),
+         ("~1 KB chat, prompt with escapes", "escaped")]
+# Lines and non-ASCII text, which JSON encoders escape (`\n`, and `\u00e9` from
+# Python's json.dumps and the OpenAI SDK by default).
+ESCAPED_FILLER = "lorem ipsum dolor sit amet, caf\u00e9\n"
 # Few connections: the dataplane under valgrind is ~50x slower and serialised.
 CONNECTIONS = 4
 WARMUP_REQUESTS = 50
@@ -97,6 +101,7 @@ def main():
         "chat": bench.make_body(workdir / "chat.json", 800, False),
         "stream": bench.make_body(workdir / "stream.json", 800, True),
         "large": bench.make_body(workdir / "large.json", 400 * 1024, False),
+        "escaped": bench.make_body(workdir / "escaped.json", 800, False, filler=ESCAPED_FILLER),
     }
     config_dir = workdir / "config"
     bench.write_config(config_dir, args.pods, redis=False)
@@ -155,7 +160,7 @@ def main():
                 subprocess.run(["callgrind_control", "-i", "on", str(process.pid)], check=True,
                                capture_output=True)
                 oha_count(url, body, args.requests, headers)
-                dump = keep / f"callgrind-{label.split(',')[0].replace(' ', '-').replace('~', '')}"
+                dump = keep / ("callgrind-" + re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-"))
                 subprocess.run(["callgrind_control", "-i", "off", str(process.pid)], check=True,
                                capture_output=True)
                 subprocess.run(["callgrind_control", "-d", body_name, str(process.pid)], check=True,

@@ -520,8 +520,7 @@ def ttfb_ms(url, body_file, samples):
     return statistics.median(values)
 
 
-def make_body(path, prompt_bytes, stream, model="bench-model"):
-    filler = "lorem ipsum dolor sit amet "
+def make_body(path, prompt_bytes, stream, model="bench-model", filler="lorem ipsum dolor sit amet "):
     prompt = (filler * (prompt_bytes // len(filler) + 1))[:prompt_bytes]
     body = {
         "model": model,

@@ -112,27 +112,51 @@ pub fn rest_of_object(json: &[u8], at: usize) -> Result<(), Refused> {
 /// A cursor over JSON text for a caller that walks one expected shape and
 /// leaves everything else to serde: each step either reads what the shape
 /// says comes next or refuses. Steps over values it is not asked to read.
+#[derive(Clone)]
 pub struct Scan<'a> {
     json: &'a [u8],
     at: usize,
 }
 
 impl<'a> Scan<'a> {
-    pub fn new(json: &'a str) -> Self {
-        Self {
-            json: json.as_bytes(),
-            at: 0,
-        }
+    pub fn new(json: &'a [u8]) -> Self {
+        Self { json, at: 0 }
     }
 
     /// A string without escapes: its text between the quotes. One with
     /// escapes is refused (its text differs from its bytes).
-    pub fn plain_string(&mut self) -> Result<&'a [u8], Refused> {
+    fn plain_string(&mut self) -> Result<&'a [u8], Refused> {
         let text = &self.json[self.string()?];
         if memchr::memchr(b'\\', text).is_some() {
             return Err(Refused);
         }
         Ok(text)
+    }
+
+    /// A string's text: borrowed from the JSON when it has no escapes, else
+    /// decoded into `decoded` (cleared first).
+    pub fn text<'d>(&mut self, decoded: &'d mut Vec<u8>) -> Result<&'d [u8], Refused>
+    where
+        'a: 'd,
+    {
+        self.expect(b'"')?;
+        let (run, stop) = self.run()?;
+        if stop == b'"' {
+            return Ok(run);
+        }
+        decoded.clear();
+        decoded.extend_from_slice(run);
+        loop {
+            match self.escape()? {
+                ascii if ascii.is_ascii() => decoded.push(ascii as u8),
+                other => decoded.extend_from_slice(other.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+            let (run, stop) = self.run()?;
+            decoded.extend_from_slice(run);
+            if stop == b'"' {
+                return Ok(decoded);
+            }
+        }
     }
 
     /// Steps over one value of any kind.
@@ -231,32 +255,85 @@ impl<'a> Scan<'a> {
     fn string(&mut self) -> Result<Range<usize>, Refused> {
         self.expect(b'"')?;
         let start = self.at;
-        loop {
-            let rest = &self.json[self.at..];
-            let stop = memchr::memchr2(b'"', b'\\', rest).ok_or(Refused)?;
-            // Written as a reduction so that it vectorises.
-            if rest[..stop]
-                .iter()
-                .fold(false, |control, &byte| control | (byte < 0x20))
-            {
-                return Err(Refused);
-            }
-            self.at += stop + 1;
-            if rest[stop] == b'"' {
-                return Ok(start..self.at - 1);
-            }
-            match self.take()? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
-                b'u' => {
-                    for _ in 0..4 {
-                        if !self.take()?.is_ascii_hexdigit() {
-                            return Err(Refused);
-                        }
-                    }
-                }
-                _ => return Err(Refused),
-            }
+        while self.run()?.1 == b'\\' {
+            self.skip_escape()?;
         }
+        Ok(start..self.at - 1)
+    }
+
+    /// Steps over an escape, the cursor just past its backslash. Any four
+    /// hex digits will do, as for serde when it steps over a string: whether
+    /// they make a character matters only to a reader of the text.
+    fn skip_escape(&mut self) -> Result<(), Refused> {
+        match self.take()? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Ok(()),
+            b'u' => self.hex_unit().map(drop),
+            _ => Err(Refused),
+        }
+    }
+
+    /// The bytes up to the next quote or backslash of a string, which must
+    /// not be control characters, and that quote or backslash; the cursor
+    /// ends past it.
+    fn run(&mut self) -> Result<(&'a [u8], u8), Refused> {
+        let rest = &self.json[self.at..];
+        let stop = memchr::memchr2(b'"', b'\\', rest).ok_or(Refused)?;
+        let run = &rest[..stop];
+        // Written as a reduction so that it vectorises.
+        if run
+            .iter()
+            .fold(false, |control, &byte| control | (byte < 0x20))
+        {
+            return Err(Refused);
+        }
+        self.at += stop + 1;
+        Ok((run, rest[stop]))
+    }
+
+    /// The character an escape stands for, the cursor just past its
+    /// backslash. A UTF-16 surrogate must be half of an escaped pair: serde
+    /// refuses a lone one in a string it decodes.
+    fn escape(&mut self) -> Result<char, Refused> {
+        let unit = match self.take()? {
+            b'"' => return Ok('"'),
+            b'\\' => return Ok('\\'),
+            b'/' => return Ok('/'),
+            b'b' => return Ok('\u{8}'),
+            b'f' => return Ok('\u{c}'),
+            b'n' => return Ok('\n'),
+            b'r' => return Ok('\r'),
+            b't' => return Ok('\t'),
+            b'u' => self.hex_unit()?,
+            _ => return Err(Refused),
+        };
+        let code = match unit {
+            0xD800..=0xDBFF => {
+                self.expect(b'\\')?;
+                self.expect(b'u')?;
+                let low = self.hex_unit()?;
+                if !(0xDC00..=0xDFFF).contains(&low) {
+                    return Err(Refused);
+                }
+                0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)
+            }
+            code => code,
+        };
+        char::from_u32(code).ok_or(Refused)
+    }
+
+    /// The four hex digits of a `\u` escape.
+    fn hex_unit(&mut self) -> Result<u32, Refused> {
+        let mut unit = 0;
+        for _ in 0..4 {
+            let digit = match self.take()? {
+                byte @ b'0'..=b'9' => byte - b'0',
+                byte @ b'a'..=b'f' => byte - b'a' + 10,
+                byte @ b'A'..=b'F' => byte - b'A' + 10,
+                _ => return Err(Refused),
+            };
+            unit = (unit << 4) | u32::from(digit);
+        }
+        Ok(unit)
     }
 
     fn value(&mut self, depth: usize) -> Result<(), Refused> {

@@ -324,10 +324,7 @@ impl Scheduler {
         let Some((field, range)) = span else {
             return hashes;
         };
-        let Some(raw) = body
-            .get(range.clone())
-            .and_then(|b| std::str::from_utf8(b).ok())
-        else {
+        let Some(raw) = body.get(range.clone()) else {
             return hashes;
         };
         hashes.reserve_exact(

@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::Deserialize;
-use serde::de::{SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -45,15 +44,17 @@ pub const BOUNDED_LOAD_FLOOR: f64 = 2.0;
 const GROUP_COUNT_SHARDS: usize = 16;
 
 /// Chained block hashes of a prompt; appends to `out` (cleared first).
+/// `raw` is the JSON of the request's prompt field, from a body already
+/// checked to be UTF-8.
 pub fn hash_prompt(
     model: &str,
     field: PromptField,
-    raw: &str,
+    raw: &[u8],
     block_size: usize,
     max_blocks: usize,
     out: &mut Vec<u64>,
 ) {
-    PENDING_BLOCK.with_borrow_mut(|pending| {
+    SCRATCH.with_borrow_mut(|Scratch { pending, decoded }| {
         let seed = xxh3_64(model.as_bytes());
         let mut hasher = BlockHasher {
             block_size,
@@ -66,42 +67,50 @@ pub fn hash_prompt(
         match field {
             PromptField::Prompt => flatten_prompt(raw, &mut hasher),
             PromptField::Messages | PromptField::Input => {
-                // The most common shape by a scan, the common ones by one
-                // serde pass, anything else by the general path; each
-                // refusal starts the next from the beginning.
-                if feed_plain_messages(raw, &mut hasher).is_err() {
+                // The common shapes by a scan; anything else, from the
+                // beginning again, by the general path.
+                if feed_messages(raw, &mut hasher, decoded).is_err() {
                     hasher.restart(seed);
-                    let mut json = serde_json::Deserializer::from_str(raw);
-                    let fed =
-                        serde::de::DeserializeSeed::deserialize(Messages(&mut hasher), &mut json)
-                            .and_then(|()| json.end());
-                    if fed.is_err() {
-                        hasher.restart(seed);
-                        hash_messages_generally(raw, &mut hasher);
-                    }
+                    hash_messages_generally(raw, &mut hasher);
                 }
             }
         }
         hasher.pending.clear();
+        if decoded.capacity() > MAX_KEPT_DECODED_BYTES {
+            *decoded = Vec::new();
+        }
     });
 }
 
+/// What hashing a prompt writes down on the way, kept per thread so that it
+/// allocates nothing once it has held a block and a decoded string.
+#[derive(Default)]
+struct Scratch {
+    /// The start of a block whose end has not been fed yet.
+    pending: Vec<u8>,
+    /// The text of the string being fed when it has escapes.
+    decoded: Vec<u8>,
+}
+
+/// A decoded string larger than this (a long prompt with escapes) is not
+/// kept for the next request: that would hold the largest prompt ever seen
+/// per thread; most prompts fit.
+const MAX_KEPT_DECODED_BYTES: usize = 64 * 1024;
+
 thread_local! {
-    /// The start of a block whose end has not been fed yet; kept per thread
-    /// so hashing a prompt allocates nothing once it has held a block.
-    static PENDING_BLOCK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
 /// Chat `messages` (or `input` messages) of any shape: each message read
 /// whole, then each content decoded again ([`feed_text`]); not a list of
 /// messages: flattened as a prompt.
-fn hash_messages_generally(raw: &str, hasher: &mut BlockHasher<'_>) {
-    if let Ok(messages) = serde_json::from_str::<Vec<Message<'_>>>(raw) {
+fn hash_messages_generally(raw: &[u8], hasher: &mut BlockHasher<'_>) {
+    if let Ok(messages) = serde_json::from_slice::<Vec<Message<'_>>>(raw) {
         for message in &messages {
             hasher.feed(message.role.as_bytes());
             hasher.feed(b": ");
             if let Some(content) = message.content {
-                feed_text(content, hasher);
+                feed_text(content.get().as_bytes(), hasher);
             }
             hasher.feed(b"\n");
         }
@@ -118,37 +127,58 @@ struct Message<'a> {
     content: Option<&'a RawValue>,
 }
 
-/// The most common shape of chat messages, fed by a scan that jumps over
-/// string bytes with memchr instead of decoding them: a list of objects in
-/// which `role` (a string) comes before `content` (a string, `null` or a
-/// list of objects whose `text` is a string or `null`), with no escapes in
-/// those strings or in any key. Refuses every other shape, which
-/// [`Messages`] then reads; for the shapes this accepts both feed the same
-/// bytes.
-fn feed_plain_messages(raw: &str, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
+/// The common shapes of chat messages, fed by a scan that jumps over string
+/// bytes with memchr instead of building anything: a list of objects whose
+/// `role` is a string and whose `content` is a string, `null` or a list of
+/// objects whose `text` is a string or `null`. Refuses every other shape
+/// (and keys with escapes, which serde decodes before it compares them),
+/// which [`hash_messages_generally`] then reads; for the shapes this accepts
+/// both feed the same bytes.
+fn feed_messages(
+    raw: &[u8],
+    hasher: &mut BlockHasher<'_>,
+    decoded: &mut Vec<u8>,
+) -> Result<(), Refused> {
     let mut scan = Scan::new(raw);
     scan.whitespace();
-    scan.each_element(|scan| feed_plain_message(scan, hasher))?;
+    scan.each_element(|scan| feed_message(scan, hasher, decoded))?;
     scan.end()
 }
 
-/// One message of [`feed_plain_messages`].
-fn feed_plain_message(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
-    let (mut role, mut content) = (false, false);
+/// Where one message's content stands while its members are read.
+enum Content<'a> {
+    Absent,
+    /// Came before the role: read again once the role has been fed.
+    Waiting(Scan<'a>),
+    Fed,
+}
+
+/// One message of [`feed_messages`]: `role: content\n`.
+fn feed_message(
+    scan: &mut Scan<'_>,
+    hasher: &mut BlockHasher<'_>,
+    decoded: &mut Vec<u8>,
+) -> Result<(), Refused> {
+    let mut role = false;
+    let mut content = Content::Absent;
     scan.each_member(|key, scan| {
         match key {
-            b"role" if !role && !content => {
+            b"role" if !role => {
                 role = true;
-                hasher.feed(scan.plain_string()?);
+                hasher.feed(scan.text(decoded)?);
                 hasher.feed(b": ");
+                if let Content::Waiting(waiting) = &mut content {
+                    feed_content(waiting, hasher, decoded)?;
+                    content = Content::Fed;
+                }
             }
-            b"content" if !content && role => {
-                content = true;
-                match scan.peek()? {
-                    b'"' => hasher.feed(scan.plain_string()?),
-                    b'n' => scan.null()?,
-                    b'[' => scan.each_element(|part| feed_plain_part(part, hasher))?,
-                    _ => return Err(Refused),
+            b"content" if matches!(content, Content::Absent) => {
+                if role {
+                    feed_content(scan, hasher, decoded)?;
+                    content = Content::Fed;
+                } else {
+                    content = Content::Waiting(scan.clone());
+                    scan.skip_value()?;
                 }
             }
             b"role" | b"content" => return Err(Refused),
@@ -158,13 +188,37 @@ fn feed_plain_message(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Resu
     })?;
     if !role {
         hasher.feed(b": ");
+        if let Content::Waiting(mut waiting) = content {
+            feed_content(&mut waiting, hasher, decoded)?;
+        }
     }
     hasher.feed(b"\n");
     Ok(())
 }
 
+/// A message's content: a string, `null` or a list of text parts.
+fn feed_content(
+    scan: &mut Scan<'_>,
+    hasher: &mut BlockHasher<'_>,
+    decoded: &mut Vec<u8>,
+) -> Result<(), Refused> {
+    match scan.peek()? {
+        b'"' => {
+            hasher.feed(scan.text(decoded)?);
+            Ok(())
+        }
+        b'n' => scan.null(),
+        b'[' => scan.each_element(|part| feed_part(part, hasher, decoded)),
+        _ => Err(Refused),
+    }
+}
+
 /// One text part of a message's content: its `text` is fed.
-fn feed_plain_part(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
+fn feed_part(
+    scan: &mut Scan<'_>,
+    hasher: &mut BlockHasher<'_>,
+    decoded: &mut Vec<u8>,
+) -> Result<(), Refused> {
     let mut text = false;
     scan.each_member(|key, scan| {
         match key {
@@ -173,7 +227,7 @@ fn feed_plain_part(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<
                 if scan.peek()? == b'n' {
                     scan.null()?;
                 } else {
-                    hasher.feed(scan.plain_string()?);
+                    hasher.feed(scan.text(decoded)?);
                 }
             }
             b"text" => return Err(Refused),
@@ -181,85 +235,6 @@ fn feed_plain_part(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<
         }
         Ok(())
     })
-}
-
-/// A list of messages whose contents are strings or lists of text parts,
-/// fed in one pass over the JSON (the common case). Refuses every other
-/// shape, which [`hash_messages_generally`] then hashes: both feed the same
-/// bytes for the shapes this accepts.
-struct Messages<'h, 'o>(&'h mut BlockHasher<'o>);
-
-impl<'de> serde::de::DeserializeSeed<'de> for Messages<'_, '_> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Messages<'_, '_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a list of messages")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(message) = seq.next_element::<PlainMessage<'de>>()? {
-            self.0.feed(message.role.as_bytes());
-            self.0.feed(b": ");
-            match &message.content {
-                Some(PlainContent::Text(text)) => self.0.feed(text.as_bytes()),
-                Some(PlainContent::Parts(parts)) => {
-                    for text in parts.iter().filter_map(|part| part.text.as_deref()) {
-                        self.0.feed(text.as_bytes());
-                    }
-                }
-                None => {}
-            }
-            self.0.feed(b"\n");
-        }
-        Ok(())
-    }
-}
-
-/// [`Message`] with its content decoded as it is read.
-#[derive(Deserialize)]
-struct PlainMessage<'a> {
-    #[serde(borrow, default)]
-    role: Cow<'a, str>,
-    #[serde(borrow, default)]
-    content: Option<PlainContent<'a>>,
-}
-
-/// A message content [`feed_text`] would decode: a string, or a list of
-/// text parts. Any other JSON value is refused.
-enum PlainContent<'a> {
-    Text(Cow<'a, str>),
-    Parts(Vec<ContentPart<'a>>),
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for PlainContent<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Content;
-        impl<'de> Visitor<'de> for Content {
-            type Value = PlainContent<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string or a list of text parts")
-            }
-            fn visit_borrowed_str<E: serde::de::Error>(
-                self,
-                text: &'de str,
-            ) -> Result<Self::Value, E> {
-                Ok(PlainContent::Text(Cow::Borrowed(text)))
-            }
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
-                Ok(PlainContent::Text(Cow::Owned(text.to_owned())))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
-                    .map(PlainContent::Parts)
-            }
-        }
-        deserializer.deserialize_any(Content)
-    }
 }
 
 /// A JSON string, borrowed from the body unless it has escapes: serde's own
@@ -273,49 +248,30 @@ struct ContentPart<'a> {
     text: Option<Cow<'a, str>>,
 }
 
-fn flatten_prompt(raw: &str, hasher: &mut BlockHasher<'_>) {
-    if let Ok(parts) = serde_json::from_str::<Vec<Text<'_>>>(raw) {
+fn flatten_prompt(raw: &[u8], hasher: &mut BlockHasher<'_>) {
+    if let Ok(parts) = serde_json::from_slice::<Vec<Text<'_>>>(raw) {
         for Text(part) in parts {
             hasher.feed(part.as_bytes());
             hasher.feed(b"\n");
         }
     } else {
-        feed_text(&RawText(raw), hasher);
+        feed_text(raw, hasher);
     }
 }
 
 /// A JSON value's text: strings decoded, text parts concatenated, anything else as its JSON.
-fn feed_text(raw: &(impl AsRawJson + ?Sized), hasher: &mut BlockHasher<'_>) {
-    let json = raw.json();
-    if json.starts_with('"') {
-        match serde_json::from_str::<Text<'_>>(json) {
+fn feed_text(json: &[u8], hasher: &mut BlockHasher<'_>) {
+    if json.starts_with(b"\"") {
+        match serde_json::from_slice::<Text<'_>>(json) {
             Ok(Text(text)) => hasher.feed(text.as_bytes()),
-            Err(_) => hasher.feed(json.as_bytes()),
+            Err(_) => hasher.feed(json),
         }
-    } else if let Ok(parts) = serde_json::from_str::<Vec<ContentPart<'_>>>(json) {
+    } else if let Ok(parts) = serde_json::from_slice::<Vec<ContentPart<'_>>>(json) {
         for text in parts.iter().filter_map(|part| part.text.as_deref()) {
             hasher.feed(text.as_bytes());
         }
     } else {
-        hasher.feed(json.as_bytes());
-    }
-}
-
-trait AsRawJson {
-    fn json(&self) -> &str;
-}
-
-impl AsRawJson for RawValue {
-    fn json(&self) -> &str {
-        self.get()
-    }
-}
-
-struct RawText<'a>(&'a str);
-
-impl AsRawJson for RawText<'_> {
-    fn json(&self) -> &str {
-        self.0
+        hasher.feed(json);
     }
 }
 
@@ -838,7 +794,7 @@ mod tests {
 
     fn hashes(field: PromptField, raw: &str) -> Vec<u64> {
         let mut out = Vec::new();
-        hash_prompt("m", field, raw, 4, 128, &mut out);
+        hash_prompt("m", field, raw.as_bytes(), 4, 128, &mut out);
         out
     }
 
@@ -855,7 +811,7 @@ mod tests {
         hash_prompt(
             "n",
             PromptField::Prompt,
-            r#""aaaabbbbcccc""#,
+            br#""aaaabbbbcccc""#,
             4,
             128,
             &mut other_model,
@@ -904,22 +860,12 @@ mod tests {
 
     /// The general reading of messages: each message read whole, then its content again.
     fn hashed_generally(raw: &str) -> Vec<u64> {
-        fed_by(|hasher| hash_messages_generally(raw, hasher)).1
+        fed_by(|hasher| hash_messages_generally(raw.as_bytes(), hasher)).1
     }
 
     #[test]
-    fn the_one_pass_over_messages_hashes_what_the_general_reading_does() {
-        let common = [
-            r#"[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"lorem ipsum dolor sit amet"}]"#,
-            r#"[{"content":"hi","role":"user","name":"x"}]"#,
-            r#"[{"role":"user","content":"caf\u00e9 \"quoted\"\nline"}]"#,
-            r#"[{"role":"us\u0065r","r\u0063ntent":"ignored","c\u006fntent":"escaped names"}]"#,
-            r#"[{"role":"user","content":[{"type":"text","text":"be "},{"type":"image_url"},{"text":null},{"text":"brief"}]}]"#,
-            r#"[{"role":"assistant","content":null},{"content":"no role"},{"role":"tool"}]"#,
-            r#"[["user","seq-form message"]]"#,
-            "[]",
-        ];
-        let unusual = [
+    fn messages_of_any_shape_hash_as_the_general_reading_does() {
+        for raw in [
             r#"[{"role":"user","content":42}]"#,
             r#"[{"role":"user","content":{"text":"an object"}}]"#,
             r#"[{"role":"user","content":[1,2]}]"#,
@@ -927,49 +873,52 @@ mod tests {
             r#"[{"role":"user","role":"twice","content":"x"}]"#,
             r#"[{"role":3,"content":"x"}]"#,
             r#"[{"role":null,"content":"x"}]"#,
+            r#"[{"role":"us\u0065r","r\u0063ntent":"ignored","c\u006fntent":"escaped names"}]"#,
+            r#"[["user","seq-form message"]]"#,
+            r#"[{"role":"user","content":"lone \ud83d surrogate"}]"#,
             r#""a plain input string""#,
             r#"["a","list","of","strings"]"#,
             r#"{"not":"a list"}"#,
-        ];
-        for raw in common.iter().chain(&unusual) {
+        ] {
             assert_eq!(
                 hashes(PromptField::Messages, raw),
                 hashed_generally(raw),
                 "{raw}"
             );
         }
-        for raw in common {
-            let (read, _) = fed_by(|hasher| {
-                let mut json = serde_json::Deserializer::from_str(raw);
-                serde::de::DeserializeSeed::deserialize(Messages(hasher), &mut json)
-            });
-            assert!(read.is_ok(), "read in one pass: {raw}");
-        }
     }
 
     #[test]
-    fn the_scan_takes_the_most_common_shape_and_leaves_the_rest_to_serde() {
+    fn the_scan_takes_the_common_shapes_and_leaves_the_rest_to_serde() {
         let scan = |raw: &str| {
-            let (fed, out) = fed_by(|hasher| feed_plain_messages(raw, hasher));
+            let (fed, out) =
+                fed_by(|hasher| feed_messages(raw.as_bytes(), hasher, &mut Vec::new()));
             fed.map(|()| out)
         };
         let taken = [
             r#"[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"lorem ipsum dolor sit amet"}]"#,
             r#" [ { "role" : "user" , "name":{"a":[1,null]}, "content" : [ {"type":"text","text":"be "}, {"type":"image_url"}, {"text":null}, {"text":"brief"} ] } ] "#,
             r#"[{"role":"assistant","content":null,"tool_calls":[]},{"role":"tool"},{}]"#,
+            r#"[{"content":"hi","role":"user","name":"x"},{"content":[{"text":"parts first"}],"role":"user"}]"#,
+            r#"[{"content":"no role"},{"content":null}]"#,
+            r#"[{"role":"user","content":"caf\u00e9 \"quoted\"\nline\ttab \\ \/ \b\f\r"}]"#,
+            r#"[{"role":"us\u0065r","content":[{"text":"\ud83d\ude00 \u4e2d\u6587"}]}]"#,
             "[]",
         ];
         for raw in taken {
             assert_eq!(scan(raw), Ok(hashed_generally(raw)), "{raw}");
         }
         let left = [
-            r#"[{"content":"hi","role":"user"}]"#,
-            r#"[{"role":"user","content":"caf\u00e9"}]"#,
             r#"[{"r\u006fle":"user","content":"x"}]"#,
             r#"[{"role":"user","role":"again","content":"x"}]"#,
+            r#"[{"content":"x","content":"again","role":"user"}]"#,
             r#"[{"role":"user","content":[{"text":"a","text":"b"}]}]"#,
             r#"[{"role":"user","content":[["seq"]]}]"#,
+            r#"[{"content":42,"role":"user"}]"#,
             r#"[["user","seq-form message"]]"#,
+            r#"[{"role":"user","content":"lone \ud83d surrogate"}]"#,
+            r#"[{"role":"user","content":"lone \ude00 surrogate"}]"#,
+            r#"[{"role":"user","content":"bad \x escape"}]"#,
             r#"[{"role":"user","content":"x"}] x"#,
             r#"[{"role":"user","content":"x"},]"#,
         ];
@@ -987,7 +936,7 @@ mod tests {
     fn max_blocks_bounds_the_work() {
         let long = format!("\"{}\"", "x".repeat(10_000));
         let mut out = Vec::new();
-        hash_prompt("m", PromptField::Prompt, &long, 64, 128, &mut out);
+        hash_prompt("m", PromptField::Prompt, long.as_bytes(), 64, 128, &mut out);
         assert_eq!(out.len(), 128);
     }
 
