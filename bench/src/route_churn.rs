@@ -19,9 +19,8 @@ use switchyard_controller::local::{LocalObjects, parse_documents};
 use switchyard_controller::xds::{
     DataplaneRegistry, ResourceType, RoutingDiscoveryService, SnapshotPublisher, XdsMetrics,
 };
-use switchyard_dataplane::metrics::{ObservedStore, RouterMetrics};
+use switchyard_dataplane::metrics::RouterMetrics;
 use switchyard_dataplane::snapshot::SnapshotStore;
-use switchyard_dataplane::xds_client::SnapshotSink as _;
 use switchyard_runtime::clock::{self, Instant};
 use switchyard_snapshot::pb;
 
@@ -177,14 +176,19 @@ fn compile(objects: &LocalObjects) -> (pb::RouteConfig, Duration) {
     (compiled.route_config, started.elapsed())
 }
 
-/// The dataplane's apply of `config` onto `sink` (decoding included, as
+/// The dataplane's apply of `config` onto `store` (decoding included, as
 /// from the wire), timed.
-fn apply(sink: &ObservedStore, version: &str, config: pb::RouteConfig) -> Result<Duration, String> {
+fn apply(
+    store: &SnapshotStore,
+    version: &str,
+    config: pb::RouteConfig,
+) -> Result<Duration, String> {
     let encoded = config.encode_to_vec().into();
     let started = clock::now();
-    sink.apply_route_config(version, encoded)
-        .map_err(|nack| format!("in-process apply of {version} rejected: {}", nack.message))?;
-    sink.reclaim();
+    store
+        .apply_encoded_route_config(version, encoded)
+        .map_err(|error| format!("in-process apply of {version} rejected: {error}"))?;
+    store.reclaim();
     Ok(started.elapsed())
 }
 
@@ -308,14 +312,12 @@ pub async fn run(
     let started = clock::now();
     let decoded = pb::RouteConfig::decode(encoded.as_slice()).map_err(|e| e.to_string())?;
     let decode = started.elapsed();
-    let sink = ObservedStore {
-        store: Arc::new(SnapshotStore::new()),
-        metrics: RouterMetrics::new().map_err(|e| e.to_string())?,
-    };
-    apply(&sink, "one", config_one.clone())?;
-    let apply_add = apply(&sink, "all", decoded)?;
-    let apply_remove = apply(&sink, "one-again", config_one.clone())?;
-    drop(sink);
+    let store =
+        SnapshotStore::new().with_table_observer(RouterMetrics::new().map_err(|e| e.to_string())?);
+    apply(&store, "one", config_one.clone())?;
+    let apply_add = apply(&store, "all", decoded)?;
+    let apply_remove = apply(&store, "one-again", config_one.clone())?;
+    drop(store);
 
     // The real thing: a stream server here, a dataplane process, a prober.
     let prometheus = prometheus::Registry::new();

@@ -20,7 +20,7 @@ use crate::endpoint_picker::{EndpointPicker, serve_endpoint_picker};
 use crate::fairness::{Fairness, FairnessMetrics};
 use crate::limits::{ADMIN_MAX_CONNECTIONS, BodyBudget, BodyDeadline, ConnectionLimit};
 use crate::listener_ports::{PortSettings, PortStates, open_listener_ports};
-use crate::metrics::{ObservedStore, RouterMetrics};
+use crate::metrics::RouterMetrics;
 use crate::per_worker;
 use crate::providers::ProviderClients;
 use crate::proxy::forward::Http1Upstream;
@@ -164,7 +164,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
             .with_fairness(Arc::new(Fairness::new(FairnessMetrics {
                 queue_size: metrics.fairness_queue_size.clone(),
                 queue_duration: metrics.fairness_queue_duration_seconds.clone(),
-            }))),
+            })))
+            .with_table_observer(metrics.clone()),
     );
     let status = Arc::new(ControllerStatus::default());
     let access_log =
@@ -183,10 +184,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
     });
     let provider_clients = ProviderClients::new(args.provider_ca_bundle.as_deref())
         .map_err(|error| AppError::Config(error.to_string()))?;
-    let sink = Arc::new(ObservedStore {
-        store: store.clone(),
-        metrics: metrics.clone(),
-    });
 
     let traffic = bind_worker_listeners("traffic", traffic_addr, worker_count)?;
     let (metrics_listener, _) = bind("metrics", metrics_addr).await?;
@@ -195,6 +192,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AppError
 
     let mut tasks = TaskSet::new(shutdown);
     let unknown_keys = store.unknown_keys().clone();
+    let sink = store.clone();
     let xds_config = XdsClientConfig {
         security: stream_credentials(&args, &controller)?,
         controller,

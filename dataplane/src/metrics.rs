@@ -27,7 +27,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 use switchyard_runtime::clock;
-use switchyard_snapshot::{Nack, pb};
 
 use crate::fast_map::FastMap;
 use crate::health::HealthMetrics;
@@ -35,8 +34,8 @@ use crate::lazy_series::LazySeries;
 use crate::pod::outlier::Failure;
 use crate::rate_limit::LimitType;
 use crate::retired::Retired;
-use crate::snapshot::{RoutingTable, SnapshotError, SnapshotStore};
-use crate::xds_client::{ControllerStatus, SnapshotSink};
+use crate::snapshot::{RoutingTable, SnapshotStore, TableObserver};
+use crate::xds_client::ControllerStatus;
 
 /// End-to-end, prefill and decode latency buckets (seconds), as documented for the router.
 pub const REQUEST_DURATION_BUCKETS: [f64; 13] = [
@@ -632,13 +631,6 @@ impl RouterMetrics {
         self.retired.retire(previous);
     }
 
-    /// Frees replaced handles no request reads any more (on the calling
-    /// thread: the one that applies snapshots).
-    pub fn reclaim(&self) {
-        self.retired.reclaim();
-        self.health.reclaim();
-    }
-
     /// The PD handles of `table`'s prefill/decode ModelServers, for the
     /// models of the routes that target them; removes the PD series of
     /// `previous` that are gone.
@@ -1075,57 +1067,25 @@ impl ModelMetrics {
     }
 }
 
-/// A [`SnapshotSink`] that resolves the metric handles of every applied
-/// RouteConfig, so requests never look labels up.
-#[derive(Debug)]
-pub struct ObservedStore {
-    pub store: Arc<SnapshotStore>,
-    pub metrics: Arc<RouterMetrics>,
-}
-
-impl SnapshotSink for ObservedStore {
-    fn apply_route_config(&self, version: &str, config: bytes::Bytes) -> Result<(), Nack> {
-        // Resolved before the swap: a request routed by the new table in the
-        // moment after it would otherwise find no handles and go uncounted
-        // (the stream thread runs below the traffic workers, so that moment
-        // can be long on a busy machine).
-        self.store
-            .apply_encoded_route_config_then(version, config, |table| {
-                self.metrics.resolve(table);
-                self.metrics.health.resolve(table);
-            })
-            .map_err(SnapshotError::into_nack)
+/// The store resolves the handles of every table it applies, so requests
+/// never look labels up.
+impl TableObserver for RouterMetrics {
+    fn before_visible(&self, table: &RoutingTable) {
+        self.resolve(table);
+        self.health.resolve(table);
     }
 
-    fn apply_endpoint_loads(&self, version: &str, loads: bytes::Bytes) -> Result<(), Nack> {
-        SnapshotSink::apply_endpoint_loads(&*self.store, version, loads)
-    }
-
+    /// Frees replaced handles no request reads any more.
     fn reclaim(&self) {
-        self.store.reclaim();
-        self.metrics.reclaim();
-    }
-
-    fn ejections(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        Some(self.store.ejections())
-    }
-
-    fn outlier_report(&self) -> pb::OutlierReport {
-        self.store.outlier_report()
-    }
-
-    fn fairness_report_interval(&self) -> Option<std::time::Duration> {
-        self.store.fairness().report_interval()
-    }
-
-    fn fairness_usage_report(&self, everything: bool) -> Option<pb::FairnessUsageReport> {
-        self.store.fairness().usage_report(everything)
+        self.retired.reclaim();
+        self.health.reclaim();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_snapshot::pb;
     use switchyard_snapshot::test_builders::{route, route_config, server};
 
     fn value(metrics: &RouterMetrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -1151,7 +1111,11 @@ mod tests {
     }
 
     fn table(models: &[&str]) -> RoutingTable {
-        let config = route_config(
+        RoutingTable::standalone("v", config(models)).expect("valid table")
+    }
+
+    fn config(models: &[&str]) -> pb::RouteConfig {
+        route_config(
             models
                 .iter()
                 .map(|model| route(&format!("{model}-route"), model, &format!("{model}-server")))
@@ -1163,8 +1127,7 @@ mod tests {
                     server(&format!("{model}-server"), &[(&pod, "127.0.0.1")])
                 })
                 .collect(),
-        );
-        RoutingTable::standalone("v", config).expect("valid table")
+        )
     }
 
     /// Every series of `metrics` with `label` = `value`.
@@ -1308,6 +1271,33 @@ mod tests {
             series_with(&metrics, "model", "m"),
             0,
             "retired handles create nothing"
+        );
+    }
+
+    #[test]
+    fn the_store_resolves_handles_when_it_applies_a_table_and_reclaims_the_replaced() {
+        let metrics = RouterMetrics::new().expect("metrics");
+        let store = SnapshotStore::new().with_table_observer(metrics.clone());
+        store
+            .apply_route_config("v1", config(&["m"]))
+            .expect("valid");
+        // A request in flight holds the handles of v1 across the next apply.
+        let held: Arc<Resolved> = Arc::clone(&metrics.resolved());
+        assert!(
+            held.model("m").is_some(),
+            "resolved by the apply, not by a request"
+        );
+        let replaced = Arc::downgrade(&held);
+        store
+            .apply_route_config("v2", config(&["n"]))
+            .expect("valid");
+        assert!(metrics.resolved().model("n").is_some());
+        drop(held);
+        let kept_until_reclaim = replaced.upgrade().is_some();
+        store.reclaim();
+        assert!(
+            kept_until_reclaim && replaced.upgrade().is_none(),
+            "the replaced handles are kept until the store's reclaim frees them"
         );
     }
 

@@ -723,6 +723,19 @@ fn render_models(names: &[&str]) -> Bytes {
     Bytes::from(serde_json::json!({"object": "list", "data": data}).to_string())
 }
 
+/// What is kept per table outside the store (the request path's metric
+/// handles), told of every table the store swaps in. The store calls it
+/// itself, so no caller that applies a snapshot can forget it; a trait
+/// because its owner (`metrics`) depends on this module, not the reverse.
+pub trait TableObserver: std::fmt::Debug + Send + Sync {
+    /// Called with a new table before any request can see it: what
+    /// requests look up by the table's names must exist when they arrive.
+    fn before_visible(&self, table: &RoutingTable);
+    /// Frees what replaced tables left behind once no request reads it;
+    /// called by [`SnapshotStore::reclaim`], on the thread applying snapshots.
+    fn reclaim(&self);
+}
+
 /// The dataplane's current routing state: one atomically swapped table, plus
 /// the latest engine loads (applied onto the table's pods).
 #[derive(Debug, Default)]
@@ -748,6 +761,8 @@ pub struct SnapshotStore {
     retired: Retired<RoutingTable>,
     /// Fairness queues and counters that outlive tables.
     fairness: Arc<Fairness>,
+    /// Told of every table before requests see it (see [`TableObserver`]).
+    observer: Option<Arc<dyn TableObserver>>,
 }
 
 /// The latest EndpointLoads, kept so a later table gets them too and an
@@ -819,6 +834,14 @@ impl SnapshotStore {
         Self { fairness, ..self }
     }
 
+    /// The same store telling `observer` of every table it swaps in.
+    pub fn with_table_observer(self, observer: Arc<dyn TableObserver>) -> Self {
+        Self {
+            observer: Some(observer),
+            ..self
+        }
+    }
+
     pub fn fairness(&self) -> &Arc<Fairness> {
         &self.fairness
     }
@@ -857,23 +880,12 @@ impl SnapshotStore {
         self.apply_encoded_route_config(version, Bytes::from(config.encode_to_vec()))
     }
 
-    /// Applies a RouteConfig as it came off the wire (see [`RoutingTable::build`]).
+    /// Applies a RouteConfig as it came off the wire (see [`RoutingTable::build`]),
+    /// telling the [`TableObserver`] of the new table before the swap.
     pub fn apply_encoded_route_config(
         &self,
         version: &str,
         encoded: Bytes,
-    ) -> Result<(), SnapshotError> {
-        self.apply_encoded_route_config_then(version, encoded, |_| {})
-    }
-
-    /// [`SnapshotStore::apply_encoded_route_config`], calling `before_visible`
-    /// with the new table before any request can see it: what requests look
-    /// up by the table's names (metric handles) must exist when they arrive.
-    pub fn apply_encoded_route_config_then(
-        &self,
-        version: &str,
-        encoded: Bytes,
-        before_visible: impl FnOnce(&RoutingTable),
     ) -> Result<(), SnapshotError> {
         let loads = self.loads.lock();
         let previous = self.table.load_full();
@@ -895,7 +907,13 @@ impl SnapshotStore {
             apply_fleet_ejections(&table, &loads.ejections);
         }
         let ports = table.gateways.ports();
-        before_visible(&table);
+        // Before the swap: a request routed by the new table in the moment
+        // after it would otherwise find no metric handles and go uncounted
+        // (the stream thread runs below the traffic workers, so that moment
+        // can be long on a busy machine).
+        if let Some(observer) = &self.observer {
+            observer.before_visible(&table);
+        }
         let replaced = self.table.swap(Some(Arc::new(table)));
         drop(loads);
         self.listener_ports.send_if_modified(|current| {
@@ -907,7 +925,10 @@ impl SnapshotStore {
         if let Some(replaced) = replaced {
             self.retired.retire(replaced);
         }
-        self.reclaim();
+        // Tables only: the handles the observer just retired were kept
+        // because a request still reads them; the periodic reclaim
+        // (`SnapshotStore::reclaim`) frees them.
+        self.retired.reclaim();
         // The new pods' loads are known only now.
         self.fairness.wake_all();
         Ok(())
@@ -943,10 +964,14 @@ impl SnapshotStore {
         pb::OutlierReport { ejections }
     }
 
-    /// Frees the replaced tables no request uses any more (on the calling
-    /// thread: the one that applies snapshots).
+    /// Frees the replaced tables, and what the observer kept of them, that
+    /// no request uses any more (on the calling thread: the one that
+    /// applies snapshots).
     pub fn reclaim(&self) {
         self.retired.reclaim();
+        if let Some(observer) = &self.observer {
+            observer.reclaim();
+        }
     }
 
     /// Applies a whole EndpointLoads set, or an update of the one held
@@ -1093,31 +1118,52 @@ mod tests {
         )
     }
 
+    /// Notes, for every table it is told of, the version the store was
+    /// serving at that moment, and counts reclaims.
+    #[derive(Debug, Default)]
+    struct Watcher {
+        store: std::sync::OnceLock<std::sync::Weak<SnapshotStore>>,
+        seen: Mutex<Vec<(String, Option<String>)>>,
+        reclaims: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TableObserver for Watcher {
+        fn before_visible(&self, table: &RoutingTable) {
+            let serving = self
+                .store
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .and_then(|store| store.table())
+                .map(|table| table.version.clone());
+            self.seen.lock().push((table.version.clone(), serving));
+        }
+
+        fn reclaim(&self) {
+            self.reclaims
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     #[test]
     fn what_must_exist_for_a_table_is_made_before_requests_see_it() {
-        let store = SnapshotStore::new();
-        let mut seen = None;
-        store
-            .apply_encoded_route_config_then("v1", config().encode_to_vec().into(), |table| {
-                seen = Some((table.version.clone(), store.table().is_none()));
-            })
-            .expect("valid");
+        let watcher = Arc::new(Watcher::default());
+        let store = Arc::new(SnapshotStore::new().with_table_observer(watcher.clone()));
+        watcher.store.set(Arc::downgrade(&store)).expect("set once");
+        store.apply_route_config("v1", config()).expect("valid");
+        store.apply_route_config("v2", config()).expect("valid");
         assert_eq!(
-            seen,
-            Some(("v1".to_owned(), true)),
-            "called before the swap"
-        );
-        store
-            .apply_encoded_route_config_then("v2", config().encode_to_vec().into(), |_| {
-                seen = store.table().map(|table| (table.version.clone(), false));
-            })
-            .expect("valid");
-        assert_eq!(
-            seen,
-            Some(("v1".to_owned(), false)),
-            "the old table still served"
+            *watcher.seen.lock(),
+            [
+                ("v1".to_owned(), None),
+                ("v2".to_owned(), Some("v1".to_owned()))
+            ],
+            "told of each table before the swap, the old table still served"
         );
         assert_eq!(store.table().expect("table").version, "v2");
+        let reclaims = || watcher.reclaims.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(reclaims(), 0, "applying reclaims only tables");
+        SnapshotSink::reclaim(&*store);
+        assert_eq!(reclaims(), 1, "the periodic reclaim reaches the observer");
     }
 
     #[test]

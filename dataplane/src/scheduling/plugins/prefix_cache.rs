@@ -194,22 +194,31 @@ impl PrefixCache {
         let PluginScratch { ids, eligible, .. } = scratch;
         let choices = || (0..ids.len()).filter(|&i| eligible[i]);
         let weight = |i: usize| rendezvous_weight(key, ids[i]);
-        let best = || choices().max_by_key(|&i| weight(i));
-        // The rendezvous choice among the candidates is needed only for a
+        // No candidate, no home (and the group is not recorded).
+        let lowest = choices().next()?;
+        // The rendezvous choice among the candidates, needed only for a
         // group seen for the first time, or whose first choice is not a
-        // candidate now.
+        // candidate now. Folded from the candidate known to exist, so there
+        // is always one; of equal weights the last wins, as `max_by_key`.
+        let best = || {
+            choices()
+                .skip(1)
+                .map(|i| (weight(i), i))
+                .fold((weight(lowest), lowest), |best, next| {
+                    if next.0 >= best.0 { next } else { best }
+                })
+                .1
+        };
         let mut current = None;
-        if !eligible.contains(&true) {
-            return None;
-        }
         let recorded = self.index.groups.observe_with(key, || {
-            current = best();
-            current.map_or(0, |i| ids[i])
+            let chosen = best();
+            current = Some(chosen);
+            ids[chosen]
         });
         let first = choices()
             .find(|&i| ids[i] == recorded)
             .or(current)
-            .or_else(best)?;
+            .unwrap_or_else(best);
         let standing = self.index.groups.standing(key, ids[first]);
         // The heaviest group of its pod (or its only one) stays whatever the
         // share, which is at least 1 when the pod has a group: no need to
