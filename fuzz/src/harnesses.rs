@@ -11,7 +11,7 @@ use switchyard_controller::local::parse_documents;
 use switchyard_controller::outlier::ReportedEjections;
 use switchyard_controller::router_config::RouterConfig;
 use switchyard_controller::scrape::{prometheus_text, sglang, vllm};
-use switchyard_dataplane::json_members::top_level_members;
+use switchyard_dataplane::json_members::{Scan, top_level_members};
 use switchyard_dataplane::request::{MAX_MODEL_BYTES, apply_edits, parse_body};
 use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::snapshot::SnapshotStore;
@@ -24,6 +24,7 @@ pub fn all() -> Vec<Harness> {
     vec![
         request_body(),
         json_members(),
+        json_strings(),
         response_observer(),
         prometheus(),
         local_objects(),
@@ -120,6 +121,62 @@ fn check_json_members(input: &[u8]) {
                 "member {key}"
             );
         }
+    }
+}
+
+/// The string decoder prompt hashing reads message texts with: a string it
+/// accepts is one serde_json accepts, with the same text; one serde_json
+/// decodes it accepts too; the cursor ends just past the string.
+pub fn json_strings() -> Harness {
+    Harness {
+        name: "json-strings",
+        seeds: vec![
+            br#""plain text""#.to_vec(),
+            br#""caf\u00e9 \"quoted\"\nline\ttab \\ \/ \b\f\r""#.to_vec(),
+            br#""\ud83d\ude00 \u4e2d\u6587 \u0041""#.to_vec(),
+            "\"raw UTF-8: café, 中文\"".as_bytes().to_vec(),
+        ],
+        dictionary: vec![
+            b"\\u",
+            b"\\ud83d",
+            b"\\ude00",
+            b"\\udbff\\udfff",
+            b"\\u00",
+            b"\\",
+            b"\\n",
+            b"\\\"",
+            b"\"",
+            b"\x1f",
+            b"\x7f",
+            b"\xc3\xa9",
+            b"\xff",
+            b"DFFF",
+            b"g",
+        ],
+        check: check_json_strings,
+    }
+}
+
+fn check_json_strings(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    let mut scan = Scan::new(input);
+    scan.whitespace();
+    let mut decoded = Vec::new();
+    let scanned = scan.text(&mut decoded).map(<[u8]>::to_vec);
+    // serde_json reads a whole document: the string, then whitespace only.
+    let whole_document = scanned.is_ok() && scan.end().is_ok();
+    match serde_json::from_str::<String>(text) {
+        Ok(expected) => assert_eq!(
+            scanned.ok().as_deref(),
+            Some(expected.as_bytes()),
+            "a string serde_json decodes is decoded alike"
+        ),
+        Err(error) => assert!(
+            !whole_document,
+            "accepted a string serde_json refuses ({error})"
+        ),
     }
 }
 
