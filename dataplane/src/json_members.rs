@@ -119,6 +119,8 @@ pub struct Scan<'a> {
 }
 
 impl<'a> Scan<'a> {
+    /// A cursor at the start of `json`, which is UTF-8 (checked by the
+    /// caller; the scan only reads its ASCII bytes).
     pub fn new(json: &'a [u8]) -> Self {
         Self { json, at: 0 }
     }
