@@ -128,7 +128,8 @@ struct Message<'a> {
 }
 
 /// The common shapes of chat messages, fed by a scan that jumps over string
-/// bytes with memchr instead of building anything: a list of objects whose
+/// bytes with memchr instead of building values (a string with escapes is
+/// decoded into a reused buffer): a list of objects whose
 /// `role` is a string and whose `content` is a string, `null` or a list of
 /// objects whose `text` is a string or `null`. Refuses every other shape
 /// (and keys with escapes, which serde decodes before it compares them),
