@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (the stack helpers of `make bench`)
 
 CASES = [("~1 KB chat", "chat"), ("streaming, 64 chunks", "stream"), ("400 KB prompt", "large"),
-         ("~1 KB chat, prompt with escapes", "escaped")]
+         ("~1 KB chat, prompt with escapes", "escaped"),
+         ("~1 KB completion, prompt with escapes", "completion")]
+# The cases not sent to the chat API.
+PATHS = {"completion": "/v1/completions"}
 # Lines and non-ASCII text, which JSON encoders escape (`\n`, and `\u00e9` from
 # Python's json.dumps and the OpenAI SDK by default).
 ESCAPED_FILLER = "lorem ipsum dolor sit amet, caf\u00e9\n"
@@ -102,6 +105,8 @@ def main():
         "stream": bench.make_body(workdir / "stream.json", 800, True),
         "large": bench.make_body(workdir / "large.json", 400 * 1024, False),
         "escaped": bench.make_body(workdir / "escaped.json", 800, False, filler=ESCAPED_FILLER),
+        "completion": bench.make_body(workdir / "completion.json", 800, False, filler=ESCAPED_FILLER,
+                                      completion=True),
     }
     config_dir = workdir / "config"
     bench.write_config(config_dir, args.pods, redis=False)
@@ -134,13 +139,13 @@ def main():
         debug = f"http://127.0.0.1:{bench.DATAPLANE_DEBUG_PORT}/debug/routing/table"
         bench.wait_for(f"dataplane snapshot with {args.pods} pods",
                        lambda: bench.http_get(debug, timeout=30)[1].count(b"127.0.") >= args.pods, timeout=120)
-        url = base + "/v1/chat/completions"
         wanted = args.cases.split(",") if args.cases else (None if args.pods == 1 else ["chat"])
         cases = [case for case in CASES if wanted is None or case[1] in wanted]
         if args.paced:
             cases.append(("streaming, paced", "stream"))
         for label, body_name in cases:
             body = bodies[body_name]
+            url = base + PATHS.get(body_name, "/v1/chat/completions")
             headers = (f"{bench.PACED_HEADER}: {bench.PACED_CHUNK_INTERVAL_US}",) if "paced" in label else ()
             # Every pod served a few requests before counting: its pooled
             # connection is open, as in a long saturation run.

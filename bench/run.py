@@ -520,17 +520,19 @@ def ttfb_ms(url, body_file, samples):
     return statistics.median(values)
 
 
-def make_body(path, prompt_bytes, stream, model="bench-model", filler="lorem ipsum dolor sit amet "):
+def make_body(path, prompt_bytes, stream, model="bench-model", filler="lorem ipsum dolor sit amet ",
+              completion=False):
     prompt = (filler * (prompt_bytes // len(filler) + 1))[:prompt_bytes]
-    body = {
-        "model": model,
-        "messages": [
+    body = {"model": model}
+    if completion:
+        body["prompt"] = prompt
+    else:
+        body["messages"] = [
             {"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": prompt},
-        ],
-        "temperature": 0.7,
-        "max_tokens": 256,
-    }
+        ]
+    body["temperature"] = 0.7
+    body["max_tokens"] = 256
     if stream:
         body["stream"] = True
     path.write_text(json.dumps(body, separators=(",", ":")))

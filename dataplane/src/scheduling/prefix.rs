@@ -65,13 +65,23 @@ pub fn hash_prompt(
         };
         hasher.restart(seed);
         match field {
-            PromptField::Prompt => flatten_prompt(raw, &mut hasher),
-            PromptField::Messages | PromptField::Input => {
-                // The common shapes by a scan; anything else, from the
-                // beginning again, by the general path.
-                if feed_messages(raw, &mut hasher, decoded).is_err() {
+            // The common shapes by a scan; anything else, from the
+            // beginning again, by the general path.
+            PromptField::Prompt => {
+                if feed_prompt(raw, &mut hasher, decoded).is_err() {
                     hasher.restart(seed);
-                    hash_messages_generally(raw, &mut hasher);
+                    flatten_prompt(raw, &mut hasher);
+                }
+            }
+            PromptField::Messages | PromptField::Input => {
+                if feed_messages(raw, &mut hasher, decoded).is_err() {
+                    // A string or a list of strings (the Responses API's
+                    // `input`) reads as a prompt.
+                    hasher.restart(seed);
+                    if feed_prompt(raw, &mut hasher, decoded).is_err() {
+                        hasher.restart(seed);
+                        hash_messages_generally(raw, &mut hasher);
+                    }
                 }
             }
         }
@@ -249,6 +259,31 @@ struct ContentPart<'a> {
     text: Option<Cow<'a, str>>,
 }
 
+/// A completion prompt that is a string, or a list of strings (each
+/// followed by a line break), fed by the scan. Refuses every other shape
+/// (token ids, a value that does not start at `raw`'s first byte), which
+/// [`flatten_prompt`] then reads; for the shapes this accepts both feed the
+/// same bytes.
+fn feed_prompt(
+    raw: &[u8],
+    hasher: &mut BlockHasher<'_>,
+    decoded: &mut Vec<u8>,
+) -> Result<(), Refused> {
+    let mut scan = Scan::new(raw);
+    if scan.peek()? == b'[' {
+        scan.each_element(|part| {
+            hasher.feed(part.text(decoded)?);
+            hasher.feed(b"\n");
+            Ok(())
+        })?;
+    } else {
+        hasher.feed(scan.text(decoded)?);
+    }
+    scan.end()
+}
+
+/// A prompt of any shape: a list of strings, each followed by a line break;
+/// else its text ([`feed_text`]).
 fn flatten_prompt(raw: &[u8], hasher: &mut BlockHasher<'_>) {
     if let Ok(parts) = serde_json::from_slice::<Vec<Text<'_>>>(raw) {
         for Text(part) in parts {
@@ -862,6 +897,38 @@ mod tests {
     /// The general reading of messages: each message read whole, then its content again.
     fn hashed_generally(raw: &str) -> Vec<u64> {
         fed_by(|hasher| hash_messages_generally(raw.as_bytes(), hasher)).1
+    }
+
+    #[test]
+    fn the_prompt_scan_hashes_what_the_general_reading_does() {
+        let scan = |raw: &str| {
+            let (fed, out) = fed_by(|hasher| feed_prompt(raw.as_bytes(), hasher, &mut Vec::new()));
+            fed.map(|()| out)
+        };
+        let general = |raw: &str| fed_by(|hasher| flatten_prompt(raw.as_bytes(), hasher)).1;
+        for raw in [
+            r#""a plain prompt of some length""#,
+            r#""lines\nand caf\u00e9 \"quoted\" \ud83d\ude00" "#,
+            r#"["one","two\nlines",""]"#,
+            r#"[ "spaced" , "list" ]"#,
+            "[]",
+        ] {
+            assert_eq!(scan(raw), Ok(general(raw)), "{raw}");
+        }
+        for raw in [
+            "[1,2,3]",
+            r#"[["nested"]]"#,
+            r#"["a",1]"#,
+            r#" "leading space""#,
+            r#""lone \ud83d surrogate""#,
+            r#""unterminated"#,
+            r#""x" y"#,
+            "42",
+            "null",
+        ] {
+            assert_eq!(scan(raw), Err(Refused), "{raw}");
+            assert_eq!(hashes(PromptField::Prompt, raw), general(raw), "{raw}");
+        }
     }
 
     #[test]
