@@ -38,7 +38,8 @@ import run as bench  # noqa: E402  (the stack helpers of `make bench`)
 
 CASES = [("~1 KB chat", "chat"), ("streaming, 64 chunks", "stream"), ("400 KB prompt", "large"),
          ("~1 KB chat, prompt with escapes", "escaped"),
-         ("~1 KB completion, prompt with escapes", "completion")]
+         ("~1 KB completion, prompt with escapes", "completion"),
+         ("~1 KB chat, token rate limit (local budget)", "limited")]
 # The cases not sent to the chat API.
 PATHS = {"completion": "/v1/completions"}
 # Lines and non-ASCII text, which JSON encoders escape (`\n`, and `\u00e9` from
@@ -105,6 +106,7 @@ def main():
         "stream": bench.make_body(workdir / "stream.json", 800, True),
         "large": bench.make_body(workdir / "large.json", 400 * 1024, False),
         "escaped": bench.make_body(workdir / "escaped.json", 800, False, filler=ESCAPED_FILLER),
+        "limited": bench.make_body(workdir / "limited.json", 800, False, "bench-limited-local"),
         "completion": bench.make_body(workdir / "completion.json", 800, False, filler=ESCAPED_FILLER,
                                       completion=True),
     }

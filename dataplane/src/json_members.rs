@@ -161,6 +161,23 @@ impl<'a> Scan<'a> {
         }
     }
 
+    /// How many characters (Unicode scalar values) a string's text has,
+    /// counted without building it: an escape is one, a surrogate pair too.
+    pub fn text_characters(&mut self) -> Result<u64, Refused> {
+        self.expect(b'"')?;
+        let mut characters = 0;
+        loop {
+            let (run, stop) = self.run()?;
+            // UTF-8 continuation bytes (0b10xx_xxxx) do not start a character.
+            characters += run.iter().filter(|&&byte| (byte as i8) >= -0x40).count() as u64;
+            if stop == b'"' {
+                return Ok(characters);
+            }
+            self.escape()?;
+            characters += 1;
+        }
+    }
+
     /// Steps over one value of any kind.
     pub fn skip_value(&mut self) -> Result<(), Refused> {
         self.value(1)

@@ -8,14 +8,16 @@
 //! prompt costs ⌈characters / 4⌉ of its text; a prompt given as token ids
 //! costs one token per id.
 //!
-//! Computed only for requests a limit applies to: it decodes the prompt's
-//! strings, which routing alone never needs.
+//! Computed only for requests a limit applies to: it reads the prompt's
+//! strings, which routing alone never needs. The common shapes are counted
+//! by a scan that builds nothing; serde reads the rest.
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::json_members::{Refused, Scan};
 use crate::request::PromptField;
 
 /// Characters per estimated token.
@@ -28,6 +30,11 @@ const CHATML_FRAME_CHARACTERS: u64 = 12 + 1 + 10 + 1;
 /// Estimated input tokens of `prompt`, the raw JSON value of the body's
 /// prompt field (see [`crate::request::ParsedBody::prompt_span`]).
 pub fn estimate_input_tokens(field: PromptField, prompt: &[u8]) -> u64 {
+    scan_estimate(field, prompt).unwrap_or_else(|Refused| serde_estimate(field, prompt))
+}
+
+/// [`estimate_input_tokens`] for a prompt of any shape.
+fn serde_estimate(field: PromptField, prompt: &[u8]) -> u64 {
     let Ok(raw) = serde_json::from_slice::<&RawValue>(prompt) else {
         return 0;
     };
@@ -41,6 +48,96 @@ pub fn estimate_input_tokens(field: PromptField, prompt: &[u8]) -> u64 {
         },
     };
     characters.div_ceil(CHARACTERS_PER_TOKEN)
+}
+
+/// [`estimate_input_tokens`] for the common shapes, read by a scan that
+/// builds nothing: messages whose role is a string or `null` and whose
+/// content is a string, `null` or a list of parts whose `text` is a string
+/// or `null`; a prompt or input that is a string or a list of strings.
+/// Refuses every other shape, which serde then reads; for the shapes this
+/// accepts both count the same.
+fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
+    let mut scan = Scan::new(prompt);
+    let tokens = match (field, scan.peek()?) {
+        (PromptField::Prompt, b'"') => scan.text_characters()?.div_ceil(CHARACTERS_PER_TOKEN),
+        (PromptField::Prompt, _) => {
+            let mut tokens = 0;
+            scan.each_element(|text| {
+                tokens += text.text_characters()?.div_ceil(CHARACTERS_PER_TOKEN);
+                Ok(())
+            })?;
+            tokens
+        }
+        (PromptField::Input, b'"') => scan.text_characters()?.div_ceil(CHARACTERS_PER_TOKEN),
+        (PromptField::Messages | PromptField::Input, _) => {
+            let mut characters = 0;
+            scan.each_element(|message| {
+                characters += scan_message_characters(message)?;
+                Ok(())
+            })?;
+            characters.div_ceil(CHARACTERS_PER_TOKEN)
+        }
+    };
+    scan.end()?;
+    Ok(tokens)
+}
+
+/// One message of [`scan_estimate`]: its ChatML characters, 0 when its role
+/// is not a string (skipped, as Kthena does).
+fn scan_message_characters(scan: &mut Scan<'_>) -> Result<u64, Refused> {
+    // Each member at most once (serde refuses a second one).
+    let (mut role, mut content) = (None, None);
+    scan.each_member(|key, scan| {
+        match key {
+            b"role" if role.is_none() => {
+                role = Some(match scan.peek()? {
+                    b'n' => scan.null().map(|()| None)?,
+                    _ => Some(scan.text_characters()?),
+                });
+            }
+            b"content" if content.is_none() => {
+                content = Some(match scan.peek()? {
+                    b'"' => scan.text_characters()?,
+                    b'n' => scan.null().map(|()| 0)?,
+                    b'[' => {
+                        let mut characters = 0;
+                        scan.each_element(|part| {
+                            characters += scan_part_characters(part)?;
+                            Ok(())
+                        })?;
+                        characters
+                    }
+                    _ => return Err(Refused),
+                });
+            }
+            b"role" | b"content" => return Err(Refused),
+            _ => scan.skip_value()?,
+        }
+        Ok(())
+    })?;
+    Ok(match role.flatten() {
+        Some(role) => CHATML_FRAME_CHARACTERS + role + content.unwrap_or(0),
+        None => 0,
+    })
+}
+
+/// One part of a multi-part content: the characters of its `text`.
+fn scan_part_characters(scan: &mut Scan<'_>) -> Result<u64, Refused> {
+    let mut text = None;
+    scan.each_member(|key, scan| {
+        match key {
+            b"text" if text.is_none() => {
+                text = Some(match scan.peek()? {
+                    b'n' => scan.null().map(|()| 0)?,
+                    _ => scan.text_characters()?,
+                });
+            }
+            b"text" => return Err(Refused),
+            _ => scan.skip_value()?,
+        }
+        Ok(())
+    })?;
+    Ok(text.unwrap_or(0))
 }
 
 /// A chat message: only `role` and `content` are read.
@@ -127,6 +224,71 @@ mod tests {
         let parsed = parse_body(body.as_bytes()).expect("valid body");
         let (field, span) = parsed.prompt_span.expect("a prompt field");
         estimate_input_tokens(field, &body.as_bytes()[span])
+    }
+
+    #[test]
+    fn the_scan_counts_what_serde_counts_and_leaves_the_rest_to_it() {
+        let taken = [
+            (
+                PromptField::Messages,
+                r#"[{"role":"system","content":"be brief"},{"role":"user","content":"caf\u00e9 \ud83d\ude00 日本\n"}]"#,
+            ),
+            (
+                PromptField::Messages,
+                r#"[{"content":"no role"},{"role":null,"content":"x"},{"role":"user"}]"#,
+            ),
+            (
+                PromptField::Messages,
+                r#"[{"content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"u"}},{"text":null}],"role":"user","name":"n"}]"#,
+            ),
+            (
+                PromptField::Messages,
+                r#"[{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]"#,
+            ),
+            (PromptField::Messages, "[]"),
+            (PromptField::Input, r#""hello \"world\"""#),
+            (PromptField::Input, r#"[{"role":"user","content":"hi"}]"#),
+            (PromptField::Prompt, r#""hello world""#),
+            (PromptField::Prompt, r#"["hello","world!",""]"#),
+            (PromptField::Prompt, "[]"),
+        ];
+        for (field, raw) in taken {
+            assert_eq!(
+                scan_estimate(field, raw.as_bytes()),
+                Ok(serde_estimate(field, raw.as_bytes())),
+                "{raw}"
+            );
+        }
+        let left = [
+            (PromptField::Messages, r#"[{"role":3,"content":"x"}]"#),
+            (
+                PromptField::Messages,
+                r#"[{"role":"user","role":"again","content":"x"}]"#,
+            ),
+            (PromptField::Messages, r#"[{"role":"user","content":42}]"#),
+            (
+                PromptField::Messages,
+                r#"[{"role":"user","content":[{"text":7}]}]"#,
+            ),
+            (
+                PromptField::Messages,
+                r#"[{"role":"user","content":[["seq"]]}]"#,
+            ),
+            (PromptField::Messages, r#"[["user","seq-form message"]]"#),
+            (
+                PromptField::Messages,
+                r#"[{"role":"user","content":"lone \ud83d"}]"#,
+            ),
+            (PromptField::Messages, r#"{"not":"a list"}"#),
+            (PromptField::Input, "42"),
+            (PromptField::Prompt, "[1,2,3]"),
+            (PromptField::Prompt, "[[1,2],[3]]"),
+            (PromptField::Prompt, r#"["a",1]"#),
+            (PromptField::Prompt, r#"{"odd":1}"#),
+        ];
+        for (field, raw) in left {
+            assert_eq!(scan_estimate(field, raw.as_bytes()), Err(Refused), "{raw}");
+        }
     }
 
     #[test]

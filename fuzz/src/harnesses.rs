@@ -124,9 +124,10 @@ fn check_json_members(input: &[u8]) {
     }
 }
 
-/// The string decoder prompt hashing reads message texts with: a string it
-/// accepts is one serde_json accepts, with the same text; one serde_json
-/// decodes it accepts too; the cursor ends just past the string.
+/// The string decoder prompt hashing reads message texts with, and the
+/// character count token estimates use: a string it accepts is one
+/// serde_json accepts, with the same text and as many characters; one
+/// serde_json decodes it accepts too; the cursor ends just past the string.
 pub fn json_strings() -> Harness {
     Harness {
         name: "json-strings",
@@ -167,12 +168,22 @@ fn check_json_strings(input: &[u8]) {
     let scanned = scan.text(&mut decoded).map(<[u8]>::to_vec);
     // serde_json reads a whole document: the string, then whitespace only.
     let whole_document = scanned.is_ok() && scan.end().is_ok();
+    let mut counting = Scan::new(input);
+    counting.whitespace();
+    let counted = counting.text_characters();
     match serde_json::from_str::<String>(text) {
-        Ok(expected) => assert_eq!(
-            scanned.ok().as_deref(),
-            Some(expected.as_bytes()),
-            "a string serde_json decodes is decoded alike"
-        ),
+        Ok(expected) => {
+            assert_eq!(
+                scanned.ok().as_deref(),
+                Some(expected.as_bytes()),
+                "a string serde_json decodes is decoded alike"
+            );
+            assert_eq!(
+                counted.ok(),
+                Some(expected.chars().count() as u64),
+                "its characters are counted alike"
+            );
+        }
         Err(error) => assert!(
             !whole_document,
             "accepted a string serde_json refuses ({error})"
