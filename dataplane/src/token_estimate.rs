@@ -59,7 +59,9 @@ fn serde_estimate(field: PromptField, prompt: &[u8]) -> u64 {
 fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
     let mut scan = Scan::new(prompt);
     let tokens = match (field, scan.peek()?) {
-        (PromptField::Prompt, b'"') => scan.text_characters()?.div_ceil(CHARACTERS_PER_TOKEN),
+        (PromptField::Prompt | PromptField::Input, b'"') => {
+            scan.text_characters()?.div_ceil(CHARACTERS_PER_TOKEN)
+        }
         (PromptField::Prompt, _) => {
             let mut tokens = 0;
             scan.each_element(|text| {
@@ -68,7 +70,6 @@ fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
             })?;
             tokens
         }
-        (PromptField::Input, b'"') => scan.text_characters()?.div_ceil(CHARACTERS_PER_TOKEN),
         (PromptField::Messages | PromptField::Input, _) => {
             let mut characters = 0;
             scan.each_element(|message| {
