@@ -473,8 +473,16 @@ impl RequestRecord {
             total_seconds: total.as_secs_f64(),
             phases,
         };
+        // The in-flight gauges first: a scrape that sees the request counted
+        // sees it no longer in flight.
+        if let Some(gauge) = self.upstream_gauge.take() {
+            gauge.dec();
+        }
         match &self.model {
             Some(model) => {
+                if let Some(active) = model.active_downstream() {
+                    active.dec();
+                }
                 if self.status == 200 && error_type == OutcomeLabel::Success.as_str() {
                     model.observe_success(self.path, observation.total_seconds, phases);
                 } else {
@@ -484,14 +492,8 @@ impl RequestRecord {
                 if let Some((prefill, decode)) = stream_split {
                     model.observe_stream(prefill, decode, usage.completion_tokens);
                 }
-                if let Some(active) = model.active_downstream() {
-                    active.dec();
-                }
             }
             None => self.observer.metrics.observe_unknown(&observation),
-        }
-        if let Some(gauge) = self.upstream_gauge.take() {
-            gauge.dec();
         }
         if !self.observer.access_log.is_enabled() {
             return;
