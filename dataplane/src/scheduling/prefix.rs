@@ -60,6 +60,7 @@ pub fn hash_prompt(
             block_size,
             max_blocks,
             pending,
+            decoded,
             previous: seed,
             out,
         };
@@ -68,17 +69,17 @@ pub fn hash_prompt(
             // The common shapes by a scan; anything else, from the
             // beginning again, by the general path.
             PromptField::Prompt => {
-                if feed_prompt(raw, &mut hasher, decoded).is_err() {
+                if feed_prompt(raw, &mut hasher).is_err() {
                     hasher.restart(seed);
                     flatten_prompt(raw, &mut hasher);
                 }
             }
             PromptField::Messages | PromptField::Input => {
-                if feed_messages(raw, &mut hasher, decoded).is_err() {
+                if feed_messages(raw, &mut hasher).is_err() {
                     // A string or a list of strings (the Responses API's
                     // `input`) reads as a prompt.
                     hasher.restart(seed);
-                    if feed_prompt(raw, &mut hasher, decoded).is_err() {
+                    if feed_prompt(raw, &mut hasher).is_err() {
                         hasher.restart(seed);
                         hash_messages_generally(raw, &mut hasher);
                     }
@@ -86,8 +87,8 @@ pub fn hash_prompt(
             }
         }
         hasher.pending.clear();
-        if decoded.capacity() > MAX_KEPT_DECODED_BYTES {
-            *decoded = Vec::new();
+        if hasher.decoded.capacity() > MAX_KEPT_DECODED_BYTES {
+            *hasher.decoded = Vec::new();
         }
     });
 }
@@ -145,14 +146,10 @@ struct Message<'a> {
 /// (and keys with escapes, which serde decodes before it compares them),
 /// which [`hash_messages_generally`] then reads; for the shapes this accepts
 /// both feed the same bytes.
-fn feed_messages(
-    raw: &[u8],
-    hasher: &mut BlockHasher<'_>,
-    decoded: &mut Vec<u8>,
-) -> Result<(), Refused> {
+fn feed_messages(raw: &[u8], hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
     let mut scan = Scan::new(raw);
     scan.whitespace();
-    scan.each_element(|scan| feed_message(scan, hasher, decoded))?;
+    scan.each_element(|scan| feed_message(scan, hasher))?;
     scan.end()
 }
 
@@ -165,27 +162,23 @@ enum Content<'a> {
 }
 
 /// One message of [`feed_messages`]: `role: content\n`.
-fn feed_message(
-    scan: &mut Scan<'_>,
-    hasher: &mut BlockHasher<'_>,
-    decoded: &mut Vec<u8>,
-) -> Result<(), Refused> {
+fn feed_message(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
     let mut role = false;
     let mut content = Content::Absent;
     scan.each_member(|key, scan| {
         match key {
             b"role" if !role => {
                 role = true;
-                hasher.feed(scan.text(decoded)?);
+                hasher.feed_string(scan)?;
                 hasher.feed(b": ");
                 if let Content::Waiting(waiting) = &mut content {
-                    feed_content(waiting, hasher, decoded)?;
+                    feed_content(waiting, hasher)?;
                     content = Content::Fed;
                 }
             }
             b"content" if matches!(content, Content::Absent) => {
                 if role {
-                    feed_content(scan, hasher, decoded)?;
+                    feed_content(scan, hasher)?;
                     content = Content::Fed;
                 } else {
                     content = Content::Waiting(scan.clone());
@@ -200,7 +193,7 @@ fn feed_message(
     if !role {
         hasher.feed(b": ");
         if let Content::Waiting(mut waiting) = content {
-            feed_content(&mut waiting, hasher, decoded)?;
+            feed_content(&mut waiting, hasher)?;
         }
     }
     hasher.feed(b"\n");
@@ -208,28 +201,17 @@ fn feed_message(
 }
 
 /// A message's content: a string, `null` or a list of text parts.
-fn feed_content(
-    scan: &mut Scan<'_>,
-    hasher: &mut BlockHasher<'_>,
-    decoded: &mut Vec<u8>,
-) -> Result<(), Refused> {
+fn feed_content(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
     match scan.peek()? {
-        b'"' => {
-            hasher.feed(scan.text(decoded)?);
-            Ok(())
-        }
+        b'"' => hasher.feed_string(scan),
         b'n' => scan.null(),
-        b'[' => scan.each_element(|part| feed_part(part, hasher, decoded)),
+        b'[' => scan.each_element(|part| feed_part(part, hasher)),
         _ => Err(Refused),
     }
 }
 
 /// One text part of a message's content: its `text` is fed.
-fn feed_part(
-    scan: &mut Scan<'_>,
-    hasher: &mut BlockHasher<'_>,
-    decoded: &mut Vec<u8>,
-) -> Result<(), Refused> {
+fn feed_part(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
     let mut text = false;
     scan.each_member(|key, scan| {
         match key {
@@ -238,7 +220,7 @@ fn feed_part(
                 if scan.peek()? == b'n' {
                     scan.null()?;
                 } else {
-                    hasher.feed(scan.text(decoded)?);
+                    hasher.feed_string(scan)?;
                 }
             }
             b"text" => return Err(Refused),
@@ -264,20 +246,16 @@ struct ContentPart<'a> {
 /// (token ids, a value that does not start at `raw`'s first byte), which
 /// [`flatten_prompt`] then reads; for the shapes this accepts both feed the
 /// same bytes.
-fn feed_prompt(
-    raw: &[u8],
-    hasher: &mut BlockHasher<'_>,
-    decoded: &mut Vec<u8>,
-) -> Result<(), Refused> {
+fn feed_prompt(raw: &[u8], hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
     let mut scan = Scan::new(raw);
     if scan.peek()? == b'[' {
         scan.each_element(|part| {
-            hasher.feed(part.text(decoded)?);
+            hasher.feed_string(part)?;
             hasher.feed(b"\n");
             Ok(())
         })?;
     } else {
-        hasher.feed(scan.text(decoded)?);
+        hasher.feed_string(&mut scan)?;
     }
     scan.end()
 }
@@ -316,11 +294,22 @@ struct BlockHasher<'o> {
     block_size: usize,
     max_blocks: usize,
     pending: &'o mut Vec<u8>,
+    /// Where the text of a string with escapes is decoded before it is fed.
+    decoded: &'o mut Vec<u8>,
     previous: u64,
     out: &'o mut Vec<u64>,
 }
 
 impl BlockHasher<'_> {
+    /// Feeds the text of the string at `scan`.
+    fn feed_string(&mut self, scan: &mut Scan<'_>) -> Result<(), Refused> {
+        // Out of `self` for the call: the text may borrow it while it is fed.
+        let mut decoded = std::mem::take(self.decoded);
+        let fed = scan.text(&mut decoded).map(|text| self.feed(text));
+        *self.decoded = decoded;
+        fed
+    }
+
     /// Back to the first block, chained to `seed`.
     fn restart(&mut self, seed: u64) {
         self.pending.clear();
@@ -882,11 +871,12 @@ mod tests {
     /// What `feed` gives a fresh hasher (blocks of 4, seeded as for model
     /// `m`), and the hashes it made.
     fn fed_by<R>(feed: impl FnOnce(&mut BlockHasher<'_>) -> R) -> (R, Vec<u64>) {
-        let (mut out, mut pending) = (Vec::new(), Vec::new());
+        let (mut out, mut pending, mut decoded) = (Vec::new(), Vec::new(), Vec::new());
         let mut hasher = BlockHasher {
             block_size: 4,
             max_blocks: 128,
             pending: &mut pending,
+            decoded: &mut decoded,
             previous: xxh3_64(b"m"),
             out: &mut out,
         };
@@ -902,7 +892,7 @@ mod tests {
     #[test]
     fn the_prompt_scan_hashes_what_the_general_reading_does() {
         let scan = |raw: &str| {
-            let (fed, out) = fed_by(|hasher| feed_prompt(raw.as_bytes(), hasher, &mut Vec::new()));
+            let (fed, out) = fed_by(|hasher| feed_prompt(raw.as_bytes(), hasher));
             fed.map(|()| out)
         };
         let general = |raw: &str| fed_by(|hasher| flatten_prompt(raw.as_bytes(), hasher)).1;
@@ -959,8 +949,7 @@ mod tests {
     #[test]
     fn the_scan_takes_the_common_shapes_and_leaves_the_rest_to_serde() {
         let scan = |raw: &str| {
-            let (fed, out) =
-                fed_by(|hasher| feed_messages(raw.as_bytes(), hasher, &mut Vec::new()));
+            let (fed, out) = fed_by(|hasher| feed_messages(raw.as_bytes(), hasher));
             fed.map(|()| out)
         };
         let taken = [

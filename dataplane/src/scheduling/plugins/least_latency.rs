@@ -83,8 +83,7 @@ pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
     if fastest_ttft.is_none() && fastest_tpot.is_none() {
         // No pod has data (engines that export no latency, or none yet):
         // every pod scores the same.
-        let s = ttft_weight * NO_DATA_SCORE + (1.0 - ttft_weight) * NO_DATA_SCORE;
-        out.fill(round_score(s).min(MAX_SCORE));
+        out.fill(round_score(NO_DATA_SCORE).min(MAX_SCORE));
         return;
     }
     // Per metric: the mean score of the pods with data, for the pods without
