@@ -1255,6 +1255,62 @@ mod tests {
         assert!(whole_decision.get("podsSampledFrom").is_none());
     }
 
+    /// How well `scheduler` spreads a steady stream of requests of random
+    /// lengths over `pods` equal pods holding `per_pod` requests each on
+    /// average: per pick, how many more requests the chosen pod held than
+    /// the idlest pod (the mean, and the share of picks over by more than
+    /// one), and the most any pod held.
+    fn spread(scheduler: &Scheduler, pods: usize, per_pod: usize) -> (f64, f64, u64) {
+        let server = server(pods);
+        let headers = HeaderMap::new();
+        let concurrency = pods * per_pod;
+        // Lengths 1..2 x concurrency - 1 picks: `concurrency` requests held
+        // on average once the first of them could have ended.
+        let mut ending: Vec<Vec<crate::pod::InFlightGuard>> =
+            (0..2 * concurrency).map(|_| Vec::new()).collect();
+        let mut random = 0x9E37_79B9_7F4A_7C15_u64;
+        let (mut measured, mut excess, mut over_one, mut most) = (0, 0, 0, 0);
+        let slots = ending.len();
+        for step in 0..4 * concurrency {
+            ending[step % slots].clear();
+            let index = first(scheduler, &server, &request(&headers, &[]));
+            if step >= 2 * concurrency {
+                let held: Vec<u64> = server.pods.iter().map(|pod| pod.in_flight()).collect();
+                let idlest = held.iter().copied().min().unwrap_or(0);
+                let over = held[index] - idlest;
+                measured += 1;
+                excess += over;
+                over_one += u64::from(over > 1);
+                most = most.max(held.iter().copied().max().unwrap_or(0));
+            }
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            let length = 1 + (random % (2 * concurrency as u64 - 1)) as usize;
+            ending[(step + length) % slots].push(server.pods[index].begin_request());
+        }
+        (
+            excess as f64 / measured as f64,
+            over_one as f64 / measured as f64,
+            most,
+        )
+    }
+
+    #[test]
+    fn a_sampled_pick_spreads_load_nearly_as_evenly_as_ranking_every_pod() {
+        let (sampling, whole) = sampling_and_whole(&scheduler::default_config());
+        let (whole_excess, _, whole_most) = spread(&whole, 1000, 2);
+        assert_eq!(whole_excess, 0.0, "the whole pool: always the idlest");
+        // Measured: a window of 64 picks a pod 0.24 requests busier than
+        // the idlest on average and more than one busier 1.6 % of the time;
+        // a window of 32, 0.49 and 5.3 %. No pod holds more than with the
+        // whole pool.
+        let (excess, over_one, most) = spread(&sampling, 1000, 2);
+        assert!(excess < 0.35, "mean excess {excess}");
+        assert!(over_one < 0.04, "picks over by more than one: {over_one}");
+        assert!(most <= whole_most, "{most} against {whole_most}");
+    }
+
     #[test]
     fn a_sampled_pick_keeps_a_session_on_its_pod() {
         use switchyard_snapshot::scheduler::session_affinity::{
