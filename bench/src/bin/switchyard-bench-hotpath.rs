@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +17,8 @@ use switchyard_dataplane::response::ResponseObserver;
 use switchyard_dataplane::routing::{ArrivalFacts, RequestFacts};
 use switchyard_dataplane::scheduling::ScheduleRequest;
 use switchyard_dataplane::snapshot::RoutingTable;
-use switchyard_runtime::clock;
+use switchyard_runtime::clock::{self, unix_ms_now};
+use switchyard_snapshot::pb;
 
 /// Each measurement runs at least this long, so clock resolution does not matter.
 const MIN_RUN: Duration = Duration::from_millis(300);
@@ -135,6 +137,31 @@ fn pick(candidates: usize, headers: &HeaderMap, body: &Bytes) {
     // finds them among the candidates.
     let seen = ns_per_op(|| pick_once(true));
     println!("| the same, the prompt sent (and recorded) before | {seen:.0} | |");
+    // As in `make bench`, where the controller scrapes every fake engine:
+    // each candidate's engine load is read and scored.
+    if let Some(server) = table
+        .index
+        .lookup(&RequestFacts {
+            model: "bench-model",
+            path: "/v1/chat/completions",
+            headers,
+            arrival: ArrivalFacts::default(),
+        })
+        .map(|decision| decision.server)
+    {
+        for pod in &server.pods {
+            pod.set_load(Some(Arc::new(pb::EndpointLoad {
+                requests_running: 1.0,
+                kv_cache_usage: 0.1,
+                kv_cache_capacity_tokens: 100_000,
+                // Fresh for the whole run (a few seconds).
+                observed_at_unix_ms: unix_ms_now(),
+                ..Default::default()
+            })));
+        }
+    }
+    let loaded = ns_per_op(|| pick_once(true));
+    println!("| the same, every pod reporting an engine load | {loaded:.0} | |");
 }
 
 fn observe() {

@@ -610,10 +610,10 @@ impl Scheduler {
             let Some(pod) = server.pods.get(index) else {
                 continue;
             };
-            let any_load = pod.load();
-            let load = any_load
-                .clone()
-                .filter(|l| is_fresh(self.shared.observed_at(l), now_ms, self.max_load_age_ms));
+            let latest_load = pod.load();
+            let load_is_fresh = latest_load.as_ref().is_some_and(|load| {
+                is_fresh(self.shared.observed_at(load), now_ms, self.max_load_age_ms)
+            });
             candidates.push(Candidate {
                 index,
                 pod_id: pod.id,
@@ -621,8 +621,8 @@ impl Scheduler {
                 // flight: a pod that fails fast never looks idle.
                 in_flight: pod.in_flight() + pod.health.failure_load(),
                 ejected: pod.health.is_ejected_at(ejection_now),
-                load,
-                any_load,
+                latest_load,
+                load_is_fresh,
             });
         }
     }

@@ -28,18 +28,13 @@ impl FilterPlugin for LoraAffinity {
 /// still serves; pods known to lack it never get the request.
 pub fn filter(candidates: &mut Vec<Candidate>, model: &str) -> Result<(), FilterError> {
     let has = |c: &Candidate| {
-        c.any_load
-            .as_ref()
+        c.any_load()
             .map(|load| load.models.iter().any(|m| m == model))
     };
     if candidates.iter().any(|c| has(c) == Some(true)) {
         candidates.retain(|c| has(c) == Some(true));
     } else {
-        candidates.retain(|c| {
-            c.any_load
-                .as_ref()
-                .is_none_or(|load| load.models.is_empty())
-        });
+        candidates.retain(|c| c.any_load().is_none_or(|load| load.models.is_empty()));
     }
     if candidates.is_empty() {
         return Err(FilterError::ModelNotLoaded(model.to_owned()));

@@ -179,10 +179,25 @@ pub struct Candidate {
     pub in_flight: u64,
     /// Ejected by outlier detection: considered last.
     pub ejected: bool,
+    /// The latest engine load, whatever its age: one handle for both
+    /// readers below (each handle taken and dropped is two atomic
+    /// read-modify-writes on a counter shared with other threads, per
+    /// candidate of every pick).
+    pub latest_load: Option<Arc<pb::EndpointLoad>>,
+    /// Whether `latest_load` is recent enough to act on.
+    pub load_is_fresh: bool,
+}
+
+impl Candidate {
     /// The engine load, only if fresh.
-    pub load: Option<Arc<pb::EndpointLoad>>,
+    pub fn load(&self) -> Option<&pb::EndpointLoad> {
+        self.latest_load.as_deref().filter(|_| self.load_is_fresh)
+    }
+
     /// The engine load whatever its age (model lists change rarely).
-    pub any_load: Option<Arc<pb::EndpointLoad>>,
+    pub fn any_load(&self) -> Option<&pb::EndpointLoad> {
+        self.latest_load.as_deref()
+    }
 }
 
 /// Why filtering left no pod.
@@ -197,8 +212,7 @@ pub enum FilterError {
 pub fn bounded_load(candidate: &Candidate) -> f64 {
     candidate.in_flight as f64
         + candidate
-            .load
-            .as_ref()
+            .load()
             .map_or(0.0, |load| load.requests_waiting.max(0.0))
 }
 
@@ -293,14 +307,13 @@ pub(crate) mod testing {
 
     /// A candidate with a fresh load.
     pub fn candidate(index: usize, in_flight: u64, load: Option<pb::EndpointLoad>) -> Candidate {
-        let load = load.map(Arc::new);
         Candidate {
             index,
             pod_id: 1000 + index as u64,
             in_flight,
             ejected: false,
-            load: load.clone(),
-            any_load: load,
+            load_is_fresh: load.is_some(),
+            latest_load: load.map(Arc::new),
         }
     }
 

@@ -148,7 +148,7 @@ impl PrefixCache {
             let bound = load_bound(&scratch.loads, &scratch.eligible, self.load_bound_factor);
             // From here on `eligible` means "has room".
             for (i, candidate) in candidates.iter().enumerate() {
-                let saturated = is_saturated(candidate.load.as_deref(), request_tokens)
+                let saturated = is_saturated(candidate.load(), request_tokens)
                     .unwrap_or(scratch.loads[i] + 1.0 > bound);
                 scratch.eligible[i] &= !saturated;
             }
@@ -386,18 +386,18 @@ mod tests {
         // the third).
         let mut pods = idle.clone();
         pods[home].in_flight = 4;
-        pods[home].load = engine(0.0, 0.3).map(Arc::new);
+        pods[home].latest_load = engine(0.0, 0.3).map(Arc::new);
         assert_eq!(chosen(&scores(&scorer, &pods, &hashes)), home);
 
         // The engine queues: the group spills, and the pod it spills to learns it.
-        pods[home].load = engine(2.0, 0.6).map(Arc::new);
+        pods[home].latest_load = engine(2.0, 0.6).map(Arc::new);
         let out = scores(&scorer, &pods, &hashes);
         assert_eq!((out[home], out[away]), (0, MAX_SCORE));
         scorer.on_dispatched(pods[away].pod_id, &hashes);
 
         // The queue drained: back home, although the other pod now holds the
         // prefix too and was sent it last.
-        pods[home].load = engine(0.0, 0.3).map(Arc::new);
+        pods[home].latest_load = engine(0.0, 0.3).map(Arc::new);
         let out = scores(&scorer, &pods, &hashes);
         assert_eq!((out[home], out[away]), (MAX_SCORE, HOLDER_SCORE));
     }
@@ -409,9 +409,9 @@ mod tests {
         let hashes: Vec<u64> = (100..118).collect();
         let mut pods: Vec<_> = (0..2).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
         let home = chosen(&scores(&scorer, &pods, &hashes));
-        pods[home].load = engine(0.0, 0.95).map(Arc::new);
+        pods[home].latest_load = engine(0.0, 0.95).map(Arc::new);
         assert_eq!(scores(&scorer, &pods, &hashes)[home], 0, "205 tokens free");
-        pods[home].load = engine(0.0, 0.1).map(Arc::new);
+        pods[home].latest_load = engine(0.0, 0.1).map(Arc::new);
         pods[home].in_flight = 14;
         assert_eq!(
             scores(&scorer, &pods, &hashes)[home],
@@ -426,7 +426,7 @@ mod tests {
         let hashes = [5, 6, 7, 8];
         let mut pods: Vec<_> = (0..4).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
         let home = chosen(&scores(&scorer, &pods, &hashes));
-        pods[home].load = engine(1.0, 0.5).map(Arc::new);
+        pods[home].latest_load = engine(1.0, 0.5).map(Arc::new);
         let next = chosen(&scores(&scorer, &pods, &hashes));
         assert_ne!(next, home);
         assert_eq!(
