@@ -10,9 +10,11 @@ use arc_swap::ArcSwapOption;
 use switchyard_runtime::clock::Instant;
 use switchyard_snapshot::pb;
 
+pub mod figures;
 pub mod ledger;
 pub mod outlier;
 
+use self::figures::{EngineFigures, PublishedFigures};
 use self::ledger::InFlight;
 pub use self::ledger::InFlightGuard;
 use self::outlier::PodHealth;
@@ -36,6 +38,8 @@ pub struct PodState {
     in_flight: InFlight,
     /// Latest engine load pushed by the controller, if any.
     load: ArcSwapOption<pb::EndpointLoad>,
+    /// What a pick reads of `load`.
+    figures: PublishedFigures,
     /// The engine's requests (running + waiting) that were not this
     /// dataplane's when its latest load arrived: other dataplanes' share.
     load_from_elsewhere: AtomicU64,
@@ -89,6 +93,7 @@ impl PodState {
             authority,
             in_flight: InFlight::default(),
             load: ArcSwapOption::empty(),
+            figures: PublishedFigures::default(),
             load_from_elsewhere: AtomicU64::new(0),
             health: PodHealth::default(),
         })
@@ -110,7 +115,14 @@ impl PodState {
         // Engine counts are whole numbers; `as` saturates anything else.
         let elsewhere = (engine.round() as u64).saturating_sub(self.in_flight());
         self.load_from_elsewhere.store(elsewhere, Ordering::Relaxed);
+        self.figures
+            .publish(load.as_deref().map(EngineFigures::from));
         self.load.store(load);
+    }
+
+    /// The figures of the latest engine load, if any, whatever their age.
+    pub fn figures(&self) -> Option<EngineFigures> {
+        self.figures.read()
     }
 
     /// Requests on the pod's engine that this dataplane did not send, as of

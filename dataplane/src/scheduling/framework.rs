@@ -80,8 +80,14 @@ impl SchedulingShared {
 
     /// When `load` was observed (0 = unknown).
     pub fn observed_at(&self, load: &pb::EndpointLoad) -> i64 {
-        if load.observed_at_unix_ms != 0 {
-            load.observed_at_unix_ms
+        self.observed_at_or_latest(load.observed_at_unix_ms)
+    }
+
+    /// A load's own observation time, or that of the latest loads when it
+    /// has none (0).
+    fn observed_at_or_latest(&self, own_unix_ms: i64) -> i64 {
+        if own_unix_ms != 0 {
+            own_unix_ms
         } else {
             self.loads_observed_at_unix_ms.load(Ordering::Relaxed)
         }
@@ -207,6 +213,8 @@ pub struct Scheduler {
     sample_above: usize,
     /// Set when a scorer reads the prompt's block hashes.
     prompt_hashing: Option<PromptHashing>,
+    /// Whether a filter reads the candidates' model lists.
+    reads_model_lists: bool,
     /// Per model, the plugin histograms, created by its first request.
     handles: FastMap<String, OnceLock<Option<ModelHandles>>>,
     /// Filters then scorers, as (plugin, type) labels.
@@ -279,6 +287,9 @@ impl Scheduler {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let reads_model_lists = filters
+            .iter()
+            .any(|filtering| filtering.plugin.reads_model_lists());
         let prompt_hashing = scorers
             .iter()
             .find_map(|scoring| scoring.plugin.prompt_hashing());
@@ -301,6 +312,7 @@ impl Scheduler {
             filters,
             scorers,
             prompt_hashing,
+            reads_model_lists,
             handles,
             plugin_labels,
             shared: shared.clone(),
@@ -610,9 +622,11 @@ impl Scheduler {
             let Some(pod) = server.pods.get(index) else {
                 continue;
             };
-            let latest_load = pod.load();
-            let load_is_fresh = latest_load.as_ref().is_some_and(|load| {
-                is_fresh(self.shared.observed_at(load), now_ms, self.max_load_age_ms)
+            let load = pod.figures().filter(|figures| {
+                let observed_at = self
+                    .shared
+                    .observed_at_or_latest(figures.observed_at_unix_ms);
+                is_fresh(observed_at, now_ms, self.max_load_age_ms)
             });
             candidates.push(Candidate {
                 index,
@@ -621,8 +635,12 @@ impl Scheduler {
                 // flight: a pod that fails fast never looks idle.
                 in_flight: pod.in_flight() + pod.health.failure_load(),
                 ejected: pod.health.is_ejected_at(ejection_now),
-                latest_load,
-                load_is_fresh,
+                load,
+                any_load: if self.reads_model_lists {
+                    pod.load()
+                } else {
+                    None
+                },
             });
         }
     }

@@ -4,7 +4,7 @@
 //! many requests happen to be in flight (two concurrent requests of one
 //! prefix are normal, and an engine batches them).
 
-use switchyard_snapshot::pb;
+use crate::pod::figures::EngineFigures;
 
 /// Requests waiting at the engine, as a share of those running, at which a
 /// pod is saturated (and at least one). A short queue drains within a step or
@@ -35,11 +35,11 @@ pub const BYTES_PER_TOKEN: f64 = 4.0;
 /// full. The engine's usage counts a prefix shared by running requests once,
 /// which this dataplane's in-flight count cannot: many requests of one
 /// prefix in flight are the case affinity exists for, not a full cache.
-pub fn is_saturated(load: Option<&pb::EndpointLoad>, request_tokens: f64) -> Option<bool> {
+pub fn is_saturated(load: Option<&EngineFigures>, request_tokens: f64) -> Option<bool> {
     load.map(|load| engine_is_saturated(load, request_tokens))
 }
 
-fn engine_is_saturated(load: &pb::EndpointLoad, request_tokens: f64) -> bool {
+fn engine_is_saturated(load: &EngineFigures, request_tokens: f64) -> bool {
     let backlog = (load.requests_running * SATURATED_QUEUE_SHARE).max(1.0);
     if load.requests_waiting >= backlog {
         return true;
@@ -62,8 +62,8 @@ pub fn request_tokens(blocks: usize, block_bytes: usize) -> f64 {
 mod tests {
     use super::*;
 
-    fn engine(waiting: f64, usage: f64, capacity: u64) -> pb::EndpointLoad {
-        pb::EndpointLoad {
+    fn engine(waiting: f64, usage: f64, capacity: u64) -> EngineFigures {
+        EngineFigures {
             requests_waiting: waiting,
             kv_cache_usage: usage,
             kv_cache_capacity_tokens: capacity,
@@ -117,7 +117,7 @@ mod tests {
     #[test]
     fn a_short_queue_behind_a_full_batch_is_not_yet_a_backlog() {
         let batch = |running: f64, waiting: f64| {
-            let load = pb::EndpointLoad {
+            let load = EngineFigures {
                 requests_running: running,
                 requests_waiting: waiting,
                 kv_cache_capacity_tokens: 8192,

@@ -21,7 +21,7 @@ impl ScorePlugin for GpuUsage {
 pub fn score(candidates: &[Candidate], out: &mut [u32]) {
     let mut unknown = false;
     for (slot, candidate) in out.iter_mut().zip(candidates) {
-        *slot = match candidate.load() {
+        *slot = match &candidate.load {
             Some(load) => {
                 round_score((1.0 - load.kv_cache_usage.clamp(0.0, 1.0)) * f64::from(MAX_SCORE))
             }
@@ -33,7 +33,7 @@ pub fn score(candidates: &[Candidate], out: &mut [u32]) {
     }
     // Usually every pod has fresh load, and there is nothing to fill.
     if unknown {
-        fill_unknown(out, candidates, |c| c.load().is_some());
+        fill_unknown(out, candidates, |c| c.load.is_some());
     }
 }
 

@@ -64,8 +64,8 @@ fn relative_score(value: f64, fastest: f64) -> f64 {
 }
 
 pub fn score(candidates: &[Candidate], ttft_weight: f64, out: &mut [u32]) {
-    let ttft = |c: &Candidate| c.load().map(|l| l.ttft_seconds).filter(|v| *v > 0.0);
-    let tpot = |c: &Candidate| c.load().map(|l| l.tpot_seconds).filter(|v| *v > 0.0);
+    let ttft = |c: &Candidate| c.load.as_ref().map(|l| l.ttft_seconds).filter(|v| *v > 0.0);
+    let tpot = |c: &Candidate| c.load.as_ref().map(|l| l.tpot_seconds).filter(|v| *v > 0.0);
     // Both metrics in one pass: the fastest, and how many pods have data.
     let (mut fastest_ttft, mut fastest_tpot) = (None, None);
     let (mut with_ttft, mut with_tpot) = (0, 0);

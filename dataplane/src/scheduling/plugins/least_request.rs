@@ -61,7 +61,8 @@ impl ScorePlugin for LeastRequestScorer {
 /// while the queues drain on their own).
 pub fn filter(candidates: &mut Vec<Candidate>, max_waiting: u32) {
     let under = |c: &Candidate| {
-        c.load()
+        c.load
+            .as_ref()
             .is_none_or(|load| load.requests_waiting < f64::from(max_waiting))
     };
     if candidates.iter().any(under) {
@@ -85,7 +86,7 @@ pub const MIN_FULL_SCALE: f64 = 8.0;
 /// busiest pod's load but at least [`MIN_FULL_SCALE`]; all idle = 100.
 pub fn score(candidates: &[Candidate], out: &mut [u32]) {
     let load_of = |c: &Candidate| {
-        let (engine, waiting) = c.load().map_or((0.0, 0.0), |load| {
+        let (engine, waiting) = c.load.as_ref().map_or((0.0, 0.0), |load| {
             let waiting = load.requests_waiting.max(0.0);
             (load.requests_running.max(0.0) + waiting, waiting)
         });

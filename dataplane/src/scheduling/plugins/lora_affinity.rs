@@ -21,6 +21,10 @@ impl FilterPlugin for LoraAffinity {
     ) -> Result<(), FilterError> {
         filter(candidates, request.served_model)
     }
+
+    fn reads_model_lists(&self) -> bool {
+        true
+    }
 }
 
 /// Pods known to have `model` stay. Pods whose model list is unknown (never
@@ -28,13 +32,18 @@ impl FilterPlugin for LoraAffinity {
 /// still serves; pods known to lack it never get the request.
 pub fn filter(candidates: &mut Vec<Candidate>, model: &str) -> Result<(), FilterError> {
     let has = |c: &Candidate| {
-        c.any_load()
+        c.any_load
+            .as_ref()
             .map(|load| load.models.iter().any(|m| m == model))
     };
     if candidates.iter().any(|c| has(c) == Some(true)) {
         candidates.retain(|c| has(c) == Some(true));
     } else {
-        candidates.retain(|c| c.any_load().is_none_or(|load| load.models.is_empty()));
+        candidates.retain(|c| {
+            c.any_load
+                .as_ref()
+                .is_none_or(|load| load.models.is_empty())
+        });
     }
     if candidates.is_empty() {
         return Err(FilterError::ModelNotLoaded(model.to_owned()));

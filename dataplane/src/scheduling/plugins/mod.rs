@@ -16,6 +16,7 @@ use switchyard_snapshot::scheduler::{PluginSpec, SchedulerConfigError};
 
 use super::prefix::SharedPrefixIndex;
 use super::sample::PoolIds;
+use crate::pod::figures::EngineFigures;
 
 pub mod gpu_usage;
 pub mod least_latency;
@@ -130,6 +131,12 @@ pub trait FilterPlugin: Debug + Send + Sync {
     fn judges_each_pod_alone(&self) -> bool {
         false
     }
+
+    /// Whether the filter reads the candidates' model lists
+    /// ([`Candidate::any_load`], taken only for such a filter).
+    fn reads_model_lists(&self) -> bool {
+        false
+    }
 }
 
 /// A score plugin, built with its arguments.
@@ -179,25 +186,12 @@ pub struct Candidate {
     pub in_flight: u64,
     /// Ejected by outlier detection: considered last.
     pub ejected: bool,
-    /// The latest engine load, whatever its age: one handle for both
-    /// readers below (each handle taken and dropped is two atomic
-    /// read-modify-writes on a counter shared with other threads, per
-    /// candidate of every pick).
-    pub latest_load: Option<Arc<pb::EndpointLoad>>,
-    /// Whether `latest_load` is recent enough to act on.
-    pub load_is_fresh: bool,
-}
-
-impl Candidate {
-    /// The engine load, only if fresh.
-    pub fn load(&self) -> Option<&pb::EndpointLoad> {
-        self.latest_load.as_deref().filter(|_| self.load_is_fresh)
-    }
-
-    /// The engine load whatever its age (model lists change rarely).
-    pub fn any_load(&self) -> Option<&pb::EndpointLoad> {
-        self.latest_load.as_deref()
-    }
+    /// The engine's figures, only if fresh.
+    pub load: Option<EngineFigures>,
+    /// The engine load whatever its age (model lists change rarely), only
+    /// when a filter reads model lists ([`FilterPlugin::reads_model_lists`]):
+    /// a handle to it costs more than the rest of the candidate.
+    pub any_load: Option<Arc<pb::EndpointLoad>>,
 }
 
 /// Why filtering left no pod.
@@ -212,7 +206,8 @@ pub enum FilterError {
 pub fn bounded_load(candidate: &Candidate) -> f64 {
     candidate.in_flight as f64
         + candidate
-            .load()
+            .load
+            .as_ref()
             .map_or(0.0, |load| load.requests_waiting.max(0.0))
 }
 
@@ -312,8 +307,8 @@ pub(crate) mod testing {
             pod_id: 1000 + index as u64,
             in_flight,
             ejected: false,
-            load_is_fresh: load.is_some(),
-            latest_load: load.map(Arc::new),
+            load: load.as_ref().map(EngineFigures::from),
+            any_load: load.map(Arc::new),
         }
     }
 

@@ -148,7 +148,7 @@ impl PrefixCache {
             let bound = load_bound(&scratch.loads, &scratch.eligible, self.load_bound_factor);
             // From here on `eligible` means "has room".
             for (i, candidate) in candidates.iter().enumerate() {
-                let saturated = is_saturated(candidate.load(), request_tokens)
+                let saturated = is_saturated(candidate.load.as_ref(), request_tokens)
                     .unwrap_or(scratch.loads[i] + 1.0 > bound);
                 scratch.eligible[i] &= !saturated;
             }
@@ -259,6 +259,7 @@ mod tests {
     use super::super::super::prefix::SharedPrefixIndex;
     use super::super::testing::{candidate, input};
     use super::*;
+    use crate::pod::figures::EngineFigures;
 
     /// A scorer with its own index (one dataplane), 64-byte blocks, the
     /// group named by its first `affinity_blocks` blocks.
@@ -386,18 +387,18 @@ mod tests {
         // the third).
         let mut pods = idle.clone();
         pods[home].in_flight = 4;
-        pods[home].latest_load = engine(0.0, 0.3).map(Arc::new);
+        pods[home].load = engine(0.0, 0.3).as_ref().map(EngineFigures::from);
         assert_eq!(chosen(&scores(&scorer, &pods, &hashes)), home);
 
         // The engine queues: the group spills, and the pod it spills to learns it.
-        pods[home].latest_load = engine(2.0, 0.6).map(Arc::new);
+        pods[home].load = engine(2.0, 0.6).as_ref().map(EngineFigures::from);
         let out = scores(&scorer, &pods, &hashes);
         assert_eq!((out[home], out[away]), (0, MAX_SCORE));
         scorer.on_dispatched(pods[away].pod_id, &hashes);
 
         // The queue drained: back home, although the other pod now holds the
         // prefix too and was sent it last.
-        pods[home].latest_load = engine(0.0, 0.3).map(Arc::new);
+        pods[home].load = engine(0.0, 0.3).as_ref().map(EngineFigures::from);
         let out = scores(&scorer, &pods, &hashes);
         assert_eq!((out[home], out[away]), (MAX_SCORE, HOLDER_SCORE));
     }
@@ -409,9 +410,9 @@ mod tests {
         let hashes: Vec<u64> = (100..118).collect();
         let mut pods: Vec<_> = (0..2).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
         let home = chosen(&scores(&scorer, &pods, &hashes));
-        pods[home].latest_load = engine(0.0, 0.95).map(Arc::new);
+        pods[home].load = engine(0.0, 0.95).as_ref().map(EngineFigures::from);
         assert_eq!(scores(&scorer, &pods, &hashes)[home], 0, "205 tokens free");
-        pods[home].latest_load = engine(0.0, 0.1).map(Arc::new);
+        pods[home].load = engine(0.0, 0.1).as_ref().map(EngineFigures::from);
         pods[home].in_flight = 14;
         assert_eq!(
             scores(&scorer, &pods, &hashes)[home],
@@ -426,7 +427,7 @@ mod tests {
         let hashes = [5, 6, 7, 8];
         let mut pods: Vec<_> = (0..4).map(|i| candidate(i, 0, engine(0.0, 0.1))).collect();
         let home = chosen(&scores(&scorer, &pods, &hashes));
-        pods[home].latest_load = engine(1.0, 0.5).map(Arc::new);
+        pods[home].load = engine(1.0, 0.5).as_ref().map(EngineFigures::from);
         let next = chosen(&scores(&scorer, &pods, &hashes));
         assert_ne!(next, home);
         assert_eq!(
