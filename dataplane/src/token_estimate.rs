@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::chat_messages::{MessageVisitor, Role, walk_message};
 use crate::json_members::{Refused, Scan};
 use crate::request::PromptField;
 
@@ -73,7 +74,7 @@ fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
         (PromptField::Messages | PromptField::Input, _) => {
             let mut characters = 0;
             scan.each_element(|message| {
-                characters += scan_message_characters(message)?;
+                characters += MessageCharacters::of(message)?;
                 Ok(())
             })?;
             characters.div_ceil(CHARACTERS_PER_TOKEN)
@@ -84,61 +85,39 @@ fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
 }
 
 /// One message of [`scan_estimate`]: its ChatML characters, 0 when its role
-/// is not a string (skipped, as Kthena does).
-fn scan_message_characters(scan: &mut Scan<'_>) -> Result<u64, Refused> {
-    // Each member at most once (serde refuses a second one).
-    let (mut role, mut content) = (None, None);
-    scan.each_member(|key, scan| {
-        match key {
-            b"role" if role.is_none() => {
-                role = Some(match scan.peek()? {
-                    b'n' => scan.null().map(|()| None)?,
-                    _ => Some(scan.text_characters()?),
-                });
-            }
-            b"content" if content.is_none() => {
-                content = Some(match scan.peek()? {
-                    b'"' => scan.text_characters()?,
-                    b'n' => scan.null().map(|()| 0)?,
-                    b'[' => {
-                        let mut characters = 0;
-                        scan.each_element(|part| {
-                            characters += scan_part_characters(part)?;
-                            Ok(())
-                        })?;
-                        characters
-                    }
-                    _ => return Err(Refused),
-                });
-            }
-            b"role" | b"content" => return Err(Refused),
-            _ => scan.skip_value()?,
-        }
-        Ok(())
-    })?;
-    Ok(match role.flatten() {
-        Some(role) => CHATML_FRAME_CHARACTERS + role + content.unwrap_or(0),
-        None => 0,
-    })
+/// is not a string (skipped, as Kthena does, though its content is still
+/// read: the scan must refuse what serde would).
+#[derive(Default)]
+struct MessageCharacters {
+    role: Option<u64>,
+    content: u64,
 }
 
-/// One part of a multi-part content: the characters of its `text`.
-fn scan_part_characters(scan: &mut Scan<'_>) -> Result<u64, Refused> {
-    let mut text = None;
-    scan.each_member(|key, scan| {
-        match key {
-            b"text" if text.is_none() => {
-                text = Some(match scan.peek()? {
-                    b'n' => scan.null().map(|()| 0)?,
-                    _ => scan.text_characters()?,
-                });
-            }
-            b"text" => return Err(Refused),
-            _ => scan.skip_value()?,
+impl MessageCharacters {
+    fn of(scan: &mut Scan<'_>) -> Result<u64, Refused> {
+        let mut message = Self::default();
+        walk_message(scan, &mut message)?;
+        Ok(message
+            .role
+            .map_or(0, |role| CHATML_FRAME_CHARACTERS + role + message.content))
+    }
+}
+
+impl MessageVisitor for MessageCharacters {
+    // Sums: each content is counted once, where it is.
+    const ROLE_BEFORE_TEXT: bool = false;
+
+    fn role(&mut self, role: Role<'_, '_>) -> Result<(), Refused> {
+        if let Role::Text(role) = role {
+            self.role = Some(role.text_characters()?);
         }
         Ok(())
-    })?;
-    Ok(text.unwrap_or(0))
+    }
+
+    fn text(&mut self, text: &mut Scan<'_>) -> Result<(), Refused> {
+        self.content += text.text_characters()?;
+        Ok(())
+    }
 }
 
 /// A chat message: only `role` and `content` are read.
