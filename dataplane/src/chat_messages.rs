@@ -6,10 +6,10 @@
 //!
 //! A message is an object whose `role` is a string or `null` and whose
 //! `content` is a string, `null` or a list of parts, objects whose `text` is
-//! a string or `null`; other members are stepped over. Anything else, and a
+//! a string or `null`; other members are stepped over. Anything else, a
 //! `role`, `content` or `text` member twice (serde refuses a duplicate
-//! field, so the scan must too), is refused, and the reader falls back to
-//! serde.
+//! field) and a key with escapes (serde decodes keys before it compares
+//! them) is refused, and the reader falls back to serde.
 
 use crate::json_members::{Refused, Scan};
 
@@ -29,8 +29,9 @@ pub trait MessageVisitor {
     /// Whether every [`text`](Self::text) must come after the
     /// [`role`](Self::role), as for a reader that writes the role first:
     /// then a content that comes before its role is stepped over and read
-    /// again once the role has been seen. A reader whose sums do not depend
-    /// on the order says false, and each content is read once, where it is.
+    /// again once the role has been seen. A reader whose result does not
+    /// depend on the order (a sum) says false, and each content is read
+    /// once, where it is.
     const ROLE_BEFORE_TEXT: bool;
 
     /// The message's role; called exactly once per message.

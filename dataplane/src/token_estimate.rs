@@ -52,9 +52,8 @@ fn serde_estimate(field: PromptField, prompt: &[u8]) -> u64 {
 }
 
 /// [`estimate_input_tokens`] for the common shapes, read by a scan that
-/// builds nothing: messages whose role is a string or `null` and whose
-/// content is a string, `null` or a list of parts whose `text` is a string
-/// or `null`; a prompt or input that is a string or a list of strings.
+/// builds nothing: messages of the common shape ([`crate::chat_messages`]);
+/// a prompt or input that is a string or a list of strings.
 /// Refuses every other shape, which serde then reads; for the shapes this
 /// accepts both count the same.
 fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {

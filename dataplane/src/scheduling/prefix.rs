@@ -142,10 +142,9 @@ struct Message<'a> {
 /// The common shapes of chat messages ([`crate::chat_messages`]), fed by a
 /// scan that jumps over string bytes with memchr instead of building values
 /// (a string with escapes is decoded into a reused buffer): a list of
-/// messages whose `role` is a string (or absent: serde's default, an empty
-/// role). Refuses every other shape (a `null` role too, which serde refuses
-/// for a string), which [`hash_messages_generally`] then reads; for the
-/// shapes this accepts both feed the same bytes.
+/// messages whose `role` is a string or absent. Refuses every other shape,
+/// which [`hash_messages_generally`] then reads; for the shapes this accepts
+/// both feed the same bytes.
 fn feed_messages(raw: &[u8], hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
     let mut scan = Scan::new(raw);
     scan.whitespace();
@@ -164,7 +163,9 @@ impl MessageVisitor for BlockHasher<'_> {
     fn role(&mut self, role: Role<'_, '_>) -> Result<(), Refused> {
         match role {
             Role::Text(role) => self.feed_string(role)?,
+            // serde's default for a missing role: the empty string.
             Role::Absent => {}
+            // serde refuses null for a string.
             Role::Null => return Err(Refused),
         }
         self.feed(b": ");
