@@ -54,6 +54,10 @@ enum Content<'a> {
 
 /// Walks the message at the cursor (an object, stepped over whole) with
 /// `visitor`; refuses what is not of the common shape.
+// Inlined into each reader's loop over messages: as a call of its own it
+// cost prefix hashing ~70 instructions a message (callgrind), 3% of hashing
+// a 1 KB chat.
+#[inline]
 pub fn walk_message<V: MessageVisitor>(
     scan: &mut Scan<'_>,
     visitor: &mut V,

@@ -73,7 +73,9 @@ fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
         (PromptField::Messages | PromptField::Input, _) => {
             let mut characters = 0;
             scan.each_element(|message| {
-                characters += MessageCharacters::of(message)?;
+                let mut counted = MessageCharacters::default();
+                walk_message(message, &mut counted)?;
+                characters += counted.chatml_characters();
                 Ok(())
             })?;
             characters.div_ceil(CHARACTERS_PER_TOKEN)
@@ -93,12 +95,9 @@ struct MessageCharacters {
 }
 
 impl MessageCharacters {
-    fn of(scan: &mut Scan<'_>) -> Result<u64, Refused> {
-        let mut message = Self::default();
-        walk_message(scan, &mut message)?;
-        Ok(message
-            .role
-            .map_or(0, |role| CHATML_FRAME_CHARACTERS + role + message.content))
+    fn chatml_characters(&self) -> u64 {
+        self.role
+            .map_or(0, |role| CHATML_FRAME_CHARACTERS + role + self.content)
     }
 }
 
