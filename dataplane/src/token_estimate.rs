@@ -102,7 +102,7 @@ impl MessageCharacters {
 }
 
 impl MessageVisitor for MessageCharacters {
-    // Sums: each content is counted once, where it is.
+    // The counts add up in any order: each content is read once, where it is.
     const ROLE_BEFORE_TEXT: bool = false;
 
     fn role(&mut self, role: Role<'_, '_>) -> Result<(), Refused> {
