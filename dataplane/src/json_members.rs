@@ -1,7 +1,7 @@
 //! The byte ranges of a few top-level members of a JSON object, found by one
 //! scan that steps over every other value without building anything; the
 //! same scan as a cursor ([`Scan`]) for a caller that walks one expected
-//! shape (the chat messages prefix hashing reads).
+//! shape (the chat messages of [`crate::chat_messages`]).
 //!
 //! It jumps from quote to quote inside strings (memchr), which pays where
 //! strings are long: a request body's prompt (~12% fewer instructions than

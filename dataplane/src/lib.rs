@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod chat_messages;
 pub mod cli;
 pub mod config_file;
 pub mod endpoint_picker;

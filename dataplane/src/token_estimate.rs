@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::chat_messages::{MessageVisitor, Role, walk_message};
 use crate::json_members::{Refused, Scan};
 use crate::request::PromptField;
 
@@ -51,9 +52,8 @@ fn serde_estimate(field: PromptField, prompt: &[u8]) -> u64 {
 }
 
 /// [`estimate_input_tokens`] for the common shapes, read by a scan that
-/// builds nothing: messages whose role is a string or `null` and whose
-/// content is a string, `null` or a list of parts whose `text` is a string
-/// or `null`; a prompt or input that is a string or a list of strings.
+/// builds nothing: messages of the common shape ([`crate::chat_messages`]);
+/// a prompt or input that is a string or a list of strings.
 /// Refuses every other shape, which serde then reads; for the shapes this
 /// accepts both count the same.
 fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
@@ -73,7 +73,9 @@ fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
         (PromptField::Messages | PromptField::Input, _) => {
             let mut characters = 0;
             scan.each_element(|message| {
-                characters += scan_message_characters(message)?;
+                let mut counted = MessageCharacters::default();
+                walk_message(message, &mut counted)?;
+                characters += counted.chatml_characters();
                 Ok(())
             })?;
             characters.div_ceil(CHARACTERS_PER_TOKEN)
@@ -84,61 +86,36 @@ fn scan_estimate(field: PromptField, prompt: &[u8]) -> Result<u64, Refused> {
 }
 
 /// One message of [`scan_estimate`]: its ChatML characters, 0 when its role
-/// is not a string (skipped, as Kthena does).
-fn scan_message_characters(scan: &mut Scan<'_>) -> Result<u64, Refused> {
-    // Each member at most once (serde refuses a second one).
-    let (mut role, mut content) = (None, None);
-    scan.each_member(|key, scan| {
-        match key {
-            b"role" if role.is_none() => {
-                role = Some(match scan.peek()? {
-                    b'n' => scan.null().map(|()| None)?,
-                    _ => Some(scan.text_characters()?),
-                });
-            }
-            b"content" if content.is_none() => {
-                content = Some(match scan.peek()? {
-                    b'"' => scan.text_characters()?,
-                    b'n' => scan.null().map(|()| 0)?,
-                    b'[' => {
-                        let mut characters = 0;
-                        scan.each_element(|part| {
-                            characters += scan_part_characters(part)?;
-                            Ok(())
-                        })?;
-                        characters
-                    }
-                    _ => return Err(Refused),
-                });
-            }
-            b"role" | b"content" => return Err(Refused),
-            _ => scan.skip_value()?,
-        }
-        Ok(())
-    })?;
-    Ok(match role.flatten() {
-        Some(role) => CHATML_FRAME_CHARACTERS + role + content.unwrap_or(0),
-        None => 0,
-    })
+/// is not a string (skipped, as Kthena does, though its content is still
+/// read: the scan must refuse what serde would).
+#[derive(Default)]
+struct MessageCharacters {
+    role: Option<u64>,
+    content: u64,
 }
 
-/// One part of a multi-part content: the characters of its `text`.
-fn scan_part_characters(scan: &mut Scan<'_>) -> Result<u64, Refused> {
-    let mut text = None;
-    scan.each_member(|key, scan| {
-        match key {
-            b"text" if text.is_none() => {
-                text = Some(match scan.peek()? {
-                    b'n' => scan.null().map(|()| 0)?,
-                    _ => scan.text_characters()?,
-                });
-            }
-            b"text" => return Err(Refused),
-            _ => scan.skip_value()?,
+impl MessageCharacters {
+    fn chatml_characters(&self) -> u64 {
+        self.role
+            .map_or(0, |role| CHATML_FRAME_CHARACTERS + role + self.content)
+    }
+}
+
+impl MessageVisitor for MessageCharacters {
+    // The counts add up in any order: each content is read once, where it is.
+    const ROLE_BEFORE_TEXT: bool = false;
+
+    fn role(&mut self, role: Role<'_, '_>) -> Result<(), Refused> {
+        if let Role::Text(role) = role {
+            self.role = Some(role.text_characters()?);
         }
         Ok(())
-    })?;
-    Ok(text.unwrap_or(0))
+    }
+
+    fn text(&mut self, text: &mut Scan<'_>) -> Result<(), Refused> {
+        self.content += text.text_characters()?;
+        Ok(())
+    }
 }
 
 /// A chat message: only `role` and `content` are read.

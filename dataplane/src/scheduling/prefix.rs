@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::sample::PoolIds;
+use crate::chat_messages::{MessageVisitor, Role, walk_message};
 use crate::json_members::{Refused, Scan};
 use crate::request::PromptField;
 
@@ -138,96 +139,42 @@ struct Message<'a> {
     content: Option<&'a RawValue>,
 }
 
-/// The common shapes of chat messages, fed by a scan that jumps over string
-/// bytes with memchr instead of building values (a string with escapes is
-/// decoded into a reused buffer): a list of objects whose
-/// `role` is a string and whose `content` is a string, `null` or a list of
-/// objects whose `text` is a string or `null`. Refuses every other shape
-/// (and keys with escapes, which serde decodes before it compares them),
+/// The common shapes of chat messages ([`crate::chat_messages`]), fed by a
+/// scan that jumps over string bytes with memchr instead of building values
+/// (a string with escapes is decoded into a reused buffer): a list of
+/// messages whose `role` is a string or absent. Refuses every other shape,
 /// which [`hash_messages_generally`] then reads; for the shapes this accepts
 /// both feed the same bytes.
 fn feed_messages(raw: &[u8], hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
     let mut scan = Scan::new(raw);
     scan.whitespace();
-    scan.each_element(|scan| feed_message(scan, hasher))?;
+    scan.each_element(|message| {
+        walk_message(message, hasher)?;
+        hasher.feed(b"\n");
+        Ok(())
+    })?;
     scan.end()
 }
 
-/// Where one message's content stands while its members are read.
-enum Content<'a> {
-    Absent,
-    /// Came before the role: read again once the role has been fed.
-    Waiting(Scan<'a>),
-    Fed,
-}
+/// A message fed as `role: content`, the content's texts concatenated.
+impl MessageVisitor for BlockHasher<'_> {
+    const ROLE_BEFORE_TEXT: bool = true;
 
-/// One message of [`feed_messages`]: `role: content\n`.
-fn feed_message(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
-    let mut role = false;
-    let mut content = Content::Absent;
-    scan.each_member(|key, scan| {
-        match key {
-            b"role" if !role => {
-                role = true;
-                hasher.feed_string(scan)?;
-                hasher.feed(b": ");
-                if let Content::Waiting(waiting) = &mut content {
-                    feed_content(waiting, hasher)?;
-                    content = Content::Fed;
-                }
-            }
-            b"content" if matches!(content, Content::Absent) => {
-                if role {
-                    feed_content(scan, hasher)?;
-                    content = Content::Fed;
-                } else {
-                    content = Content::Waiting(scan.clone());
-                    scan.skip_value()?;
-                }
-            }
-            b"role" | b"content" => return Err(Refused),
-            _ => scan.skip_value()?,
+    fn role(&mut self, role: Role<'_, '_>) -> Result<(), Refused> {
+        match role {
+            Role::Text(role) => self.feed_string(role)?,
+            // serde's default for a missing role: the empty string.
+            Role::Absent => {}
+            // serde refuses null for a string.
+            Role::Null => return Err(Refused),
         }
+        self.feed(b": ");
         Ok(())
-    })?;
-    if !role {
-        hasher.feed(b": ");
-        if let Content::Waiting(mut waiting) = content {
-            feed_content(&mut waiting, hasher)?;
-        }
     }
-    hasher.feed(b"\n");
-    Ok(())
-}
 
-/// A message's content: a string, `null` or a list of text parts.
-fn feed_content(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
-    match scan.peek()? {
-        b'"' => hasher.feed_string(scan),
-        b'n' => scan.null(),
-        b'[' => scan.each_element(|part| feed_part(part, hasher)),
-        _ => Err(Refused),
+    fn text(&mut self, text: &mut Scan<'_>) -> Result<(), Refused> {
+        self.feed_string(text)
     }
-}
-
-/// One text part of a message's content: its `text` is fed.
-fn feed_part(scan: &mut Scan<'_>, hasher: &mut BlockHasher<'_>) -> Result<(), Refused> {
-    let mut text = false;
-    scan.each_member(|key, scan| {
-        match key {
-            b"text" if !text => {
-                text = true;
-                if scan.peek()? == b'n' {
-                    scan.null()?;
-                } else {
-                    hasher.feed_string(scan)?;
-                }
-            }
-            b"text" => return Err(Refused),
-            _ => scan.skip_value()?,
-        }
-        Ok(())
-    })
 }
 
 /// A JSON string, borrowed from the body unless it has escapes: serde's own
