@@ -74,11 +74,13 @@ impl PublishedFigures {
             .store(figures.kv_cache_capacity_tokens, Ordering::Relaxed);
         self.observed_at_unix_ms
             .store(figures.observed_at_unix_ms, Ordering::Relaxed);
-        self.present.store(true, Ordering::Relaxed);
+        // Release, with the reader's acquire: a reader that sees the pod's
+        // first figures present sees them, not the zeros before them.
+        self.present.store(true, Ordering::Release);
     }
 
     pub fn read(&self) -> Option<EngineFigures> {
-        if !self.present.load(Ordering::Relaxed) {
+        if !self.present.load(Ordering::Acquire) {
             return None;
         }
         let float = |cell: &AtomicU64| f64::from_bits(cell.load(Ordering::Relaxed));
