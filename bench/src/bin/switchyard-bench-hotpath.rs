@@ -100,14 +100,16 @@ fn pick(candidates: usize, headers: &HeaderMap, body: &Bytes) {
         table
             .scheduler
             .prompt_hashes(&parsed.model, body, parsed.prompt_span.as_ref());
-    let pick_once = |record: bool| {
-        let decision = table.index.lookup(&RequestFacts {
+    let lookup = || {
+        table.index.lookup(&RequestFacts {
             model: "bench-model",
             path: "/v1/chat/completions",
             headers,
             arrival: ArrivalFacts::default(),
-        });
-        if let Some(decision) = decision {
+        })
+    };
+    let pick_once = |record: bool| {
+        if let Some(decision) = lookup() {
             let ranking = table.scheduler.schedule(
                 &decision.server,
                 &ScheduleRequest {
@@ -139,17 +141,8 @@ fn pick(candidates: usize, headers: &HeaderMap, body: &Bytes) {
     println!("| the same, the prompt sent (and recorded) before | {seen:.0} | |");
     // As in `make bench`, where the controller scrapes every fake engine:
     // each candidate's engine load is read and scored.
-    if let Some(server) = table
-        .index
-        .lookup(&RequestFacts {
-            model: "bench-model",
-            path: "/v1/chat/completions",
-            headers,
-            arrival: ArrivalFacts::default(),
-        })
-        .map(|decision| decision.server)
-    {
-        for pod in &server.pods {
+    if let Some(decision) = lookup() {
+        for pod in &decision.server.pods {
             pod.set_load(Some(Arc::new(pb::EndpointLoad {
                 requests_running: 1.0,
                 kv_cache_usage: 0.1,
