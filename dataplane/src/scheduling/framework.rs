@@ -29,6 +29,7 @@ use super::plugins::{
 use super::prefix::{SharedPrefixIndex, hash_prompt};
 use super::sample::{self, Pool, PoolIds, SAMPLED_CANDIDATES};
 use crate::fast_map::FastMap;
+use crate::pod::figures::EngineFigures;
 use crate::pod::is_fresh;
 use crate::pod::outlier::EjectionClock;
 use crate::request::PromptField;
@@ -355,14 +356,18 @@ impl Scheduler {
         hashes
     }
 
-    /// `pod`'s engine load when it is recent enough to act on.
-    pub fn fresh_load(&self, pod: &crate::pod::PodState) -> Option<Arc<pb::EndpointLoad>> {
-        pod.load().filter(|load| {
-            is_fresh(
-                self.shared.observed_at(load),
-                unix_ms_now(),
-                self.max_load_age_ms,
-            )
+    /// `pod`'s engine figures when they are recent enough to act on.
+    pub fn fresh_load(&self, pod: &crate::pod::PodState) -> Option<EngineFigures> {
+        self.fresh_load_at(pod, unix_ms_now())
+    }
+
+    /// [`Scheduler::fresh_load`] at `now_ms` (a pick reads the clock once).
+    fn fresh_load_at(&self, pod: &crate::pod::PodState, now_ms: i64) -> Option<EngineFigures> {
+        pod.figures().filter(|figures| {
+            let observed_at = self
+                .shared
+                .observed_at_or_latest(figures.observed_at_unix_ms);
+            is_fresh(observed_at, now_ms, self.max_load_age_ms)
         })
     }
 
@@ -622,12 +627,7 @@ impl Scheduler {
             let Some(pod) = server.pods.get(index) else {
                 continue;
             };
-            let load = pod.figures().filter(|figures| {
-                let observed_at = self
-                    .shared
-                    .observed_at_or_latest(figures.observed_at_unix_ms);
-                is_fresh(observed_at, now_ms, self.max_load_age_ms)
-            });
+            let load = self.fresh_load_at(pod, now_ms);
             candidates.push(Candidate {
                 index,
                 pod_id: pod.id,
